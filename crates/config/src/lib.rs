@@ -1,1 +1,78 @@
 #![forbid(unsafe_code)]
+//! moatmq's configuration: the `broker.toml` schema, its defaults and its validation.
+//!
+//! Loading is two steps: serde parses the TOML (unknown keys are an error, so a typo
+//! never silently falls back to a default), then [`Config::validate`] checks what types
+//! cannot (non-zero limits, unique listener names, TLS settings that fit together).
+//! Every error names the file, the line where known, and the reason; errors never echo
+//! configuration values, which may be secrets.
+
+mod error;
+mod schema;
+
+pub use error::ConfigError;
+pub use schema::*;
+
+use std::path::{Path, PathBuf};
+
+impl Config {
+    /// Reads, parses and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            file: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(path, &text)
+    }
+
+    /// Parses and validates `text`; `file` is only used to name errors and to resolve
+    /// relative paths against the file's folder.
+    pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
+        let mut config: Config = toml::from_str(text).map_err(|e| {
+            let line = e.span().map(|span| line_of(text, span.start)).unwrap_or(0);
+            ConfigError::Syntax {
+                file: file.to_path_buf(),
+                line,
+                reason: e.message().to_string(),
+            }
+        })?;
+        config.source = Some(file.to_path_buf());
+        config.validate().map_err(|e| e.locate(file, text))
+    }
+
+    /// The built-in configuration used by `moatmq serve` without `-c`: one plaintext
+    /// listener on 127.0.0.1:1883 with anonymous access, like Mosquitto 2.x's local-only mode.
+    pub fn local_only() -> Config {
+        Config {
+            listener: vec![Listener {
+                name: "local".into(),
+                bind: "127.0.0.1:1883".into(),
+                protocol: Protocol::Mqtt,
+                tls: None,
+                allow_anonymous: Some(true),
+                trust_proxy_protocol: false,
+            }],
+            ..Config::default()
+        }
+    }
+
+    /// Resolves a path from the config file against the config file's folder.
+    pub fn resolve(&self, path: &Path) -> PathBuf {
+        match self.source.as_deref().and_then(Path::parent) {
+            Some(dir) if path.is_relative() => dir.join(path),
+            _ => path.to_path_buf(),
+        }
+    }
+}
+
+/// 1-based line number of byte offset `at` in `text`.
+pub fn line_of(text: &str, at: usize) -> usize {
+    text.as_bytes()[..at.min(text.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,321 @@
+//! The `broker.toml` schema. Defaults are named constants; `validate` checks the rest.
+
+use crate::error::Invalid;
+use serde::Deserialize;
+use std::path::PathBuf;
+
+pub const DEFAULT_MAX_PACKET_SIZE: usize = 1_048_576;
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+pub const DEFAULT_CONNECT_TIMEOUT: u64 = 5;
+pub const DEFAULT_MAX_INFLIGHT: u16 = 100;
+pub const DEFAULT_MAX_SUBSCRIPTIONS_PER_CLIENT: usize = 100;
+pub const DEFAULT_MAX_TOPIC_LEVELS: usize = 32;
+pub const DEFAULT_MAX_CLIENT_ID_LENGTH: usize = 128;
+pub const DEFAULT_MAX_QUEUED_BYTES: usize = 8 * 1_048_576;
+pub const DEFAULT_AUTOSAVE_INTERVAL: u64 = 1;
+pub const DEFAULT_RETAINED_MAX_MESSAGES: usize = 1_000_000;
+pub const DEFAULT_RETAINED_MAX_BYTES: u64 = 1_073_741_824;
+
+/// The whole `broker.toml`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// `[[listener]]` tables: where clients connect. At least one.
+    #[serde(default)]
+    pub listener: Vec<Listener>,
+    #[serde(default)]
+    pub auth: Auth,
+    #[serde(default)]
+    pub acl: Acl,
+    /// `[retained]`: the encrypted retained store; absent = retained messages in memory only.
+    #[serde(default)]
+    pub retained: Option<Retained>,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub log: Log,
+    /// The file this config was read from; relative paths resolve against its folder.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
+}
+
+/// One `[[listener]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listener {
+    /// Appears in logs, metrics and audit events; unique.
+    pub name: String,
+    /// `ip:port` to bind, e.g. `127.0.0.1:1883` or `0.0.0.0:8883`.
+    pub bind: String,
+    /// `mqtt` (MQTT over TCP) or `ws` (MQTT over WebSocket, path `/mqtt`).
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// `[listener.tls]`: absent = plaintext.
+    #[serde(default)]
+    pub tls: Option<Tls>,
+    /// Overrides `auth.allow_anonymous` for this listener.
+    #[serde(default)]
+    pub allow_anonymous: Option<bool>,
+    /// Read a PROXY protocol v1/v2 header before MQTT (only behind a trusted proxy).
+    #[serde(default)]
+    pub trust_proxy_protocol: bool,
+}
+
+/// Transport spoken on a listener.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    #[default]
+    Mqtt,
+    Ws,
+}
+
+/// `[listener.tls]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    /// PEM certificate chain, server certificate first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// PEM CA bundle that client certificates are verified against (mTLS).
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+    /// With `client_ca`: refuse clients without a valid certificate during the handshake.
+    #[serde(default = "default_true")]
+    pub require_client_cert: bool,
+    /// `cn`: the certificate's subject CN is the username; `none`: certificate only gates TLS.
+    #[serde(default)]
+    pub identity: CertIdentity,
+}
+
+/// How a client certificate maps to an identity.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CertIdentity {
+    Cn,
+    #[default]
+    None,
+}
+
+/// `[auth]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Auth {
+    /// Clients without credentials may connect. Off by default (fail closed).
+    #[serde(default)]
+    pub allow_anonymous: bool,
+    /// `username:PHC-hash` lines (Argon2id; mosquitto_passwd `$7$` lines accepted).
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+}
+
+/// `[acl]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Acl {
+    /// Mosquitto-syntax ACL file; absent = tenant isolation (`pattern readwrite %u/#`).
+    #[serde(default)]
+    pub file: Option<PathBuf>,
+}
+
+/// `[retained]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Retained {
+    /// Folder of the encrypted log, created if missing.
+    pub path: PathBuf,
+    /// 32-byte AES-256 key, hex; the environment variable `MOATMQ_RETAINED_KEY` wins.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// Seconds between saves; 0 = durable before the publish is acknowledged.
+    #[serde(default = "default_autosave_interval")]
+    pub autosave_interval: u64,
+    /// New retained topics past this count are refused.
+    #[serde(default = "default_retained_max_messages")]
+    pub max_messages: usize,
+    /// New retained topics past this many payload+topic bytes are refused.
+    #[serde(default = "default_retained_max_bytes")]
+    pub max_bytes: u64,
+}
+
+/// `[limits]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Largest packet accepted, in bytes (remaining length); larger closes the connection.
+    #[serde(default = "default_max_packet_size")]
+    pub max_packet_size: usize,
+    /// Connections served at once over all listeners; more are refused.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Seconds a new connection has to complete TLS and send CONNECT.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: u64,
+    /// QoS 1/2 messages a client may have unacknowledged towards the broker (receive maximum).
+    #[serde(default = "default_max_inflight")]
+    pub max_inflight: u16,
+    /// Subscriptions one client may hold.
+    #[serde(default = "default_max_subscriptions_per_client")]
+    pub max_subscriptions_per_client: usize,
+    /// Levels (`/`-separated) a topic or filter may have.
+    #[serde(default = "default_max_topic_levels")]
+    pub max_topic_levels: usize,
+    /// Bytes in a client id.
+    #[serde(default = "default_max_client_id_length")]
+    pub max_client_id_length: usize,
+    /// Bytes written to one client that may wait in its socket buffer before it is
+    /// disconnected as too slow.
+    #[serde(default = "default_max_queued_bytes")]
+    pub max_queued_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_packet_size: DEFAULT_MAX_PACKET_SIZE,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            max_inflight: DEFAULT_MAX_INFLIGHT,
+            max_subscriptions_per_client: DEFAULT_MAX_SUBSCRIPTIONS_PER_CLIENT,
+            max_topic_levels: DEFAULT_MAX_TOPIC_LEVELS,
+            max_client_id_length: DEFAULT_MAX_CLIENT_ID_LENGTH,
+            max_queued_bytes: DEFAULT_MAX_QUEUED_BYTES,
+        }
+    }
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Log {
+    /// `text` or `json`.
+    #[serde(default)]
+    pub format: LogFormat,
+    /// A tracing filter such as `info` or `moatmq_broker=debug`; `RUST_LOG` wins.
+    #[serde(default)]
+    pub level: Option<String>,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_autosave_interval() -> u64 {
+    DEFAULT_AUTOSAVE_INTERVAL
+}
+fn default_retained_max_messages() -> usize {
+    DEFAULT_RETAINED_MAX_MESSAGES
+}
+fn default_retained_max_bytes() -> u64 {
+    DEFAULT_RETAINED_MAX_BYTES
+}
+fn default_max_packet_size() -> usize {
+    DEFAULT_MAX_PACKET_SIZE
+}
+fn default_max_connections() -> usize {
+    DEFAULT_MAX_CONNECTIONS
+}
+fn default_connect_timeout() -> u64 {
+    DEFAULT_CONNECT_TIMEOUT
+}
+fn default_max_inflight() -> u16 {
+    DEFAULT_MAX_INFLIGHT
+}
+fn default_max_subscriptions_per_client() -> usize {
+    DEFAULT_MAX_SUBSCRIPTIONS_PER_CLIENT
+}
+fn default_max_topic_levels() -> usize {
+    DEFAULT_MAX_TOPIC_LEVELS
+}
+fn default_max_client_id_length() -> usize {
+    DEFAULT_MAX_CLIENT_ID_LENGTH
+}
+fn default_max_queued_bytes() -> usize {
+    DEFAULT_MAX_QUEUED_BYTES
+}
+
+impl Config {
+    /// Checks what the types cannot. Called by `load`/`parse`.
+    pub fn validate(self) -> Result<Config, Invalid> {
+        if self.listener.is_empty() {
+            return Err(Invalid::new(
+                "listener",
+                "at least one [[listener]] is required",
+            ));
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, l) in self.listener.iter().enumerate() {
+            if l.name.is_empty() || l.name.len() > 64 {
+                return Err(Invalid::new("name", "must be 1 to 64 characters").in_listener(i));
+            }
+            if !names.insert(l.name.as_str()) {
+                return Err(Invalid::new("name", "listener names must be unique").in_listener(i));
+            }
+            if l.bind.parse::<std::net::SocketAddr>().is_err() {
+                return Err(Invalid::new(
+                    "bind",
+                    "must be an ip:port address such as 127.0.0.1:1883",
+                )
+                .in_listener(i));
+            }
+            if let Some(tls) = &l.tls {
+                if tls.identity == CertIdentity::Cn && tls.client_ca.is_none() {
+                    return Err(Invalid::new(
+                        "identity",
+                        "identity = \"cn\" needs client_ca to verify client certificates",
+                    )
+                    .in_listener(i));
+                }
+            }
+        }
+        let lim = &self.limits;
+        for (key, value) in [
+            ("limits.max_packet_size", lim.max_packet_size),
+            ("limits.max_connections", lim.max_connections),
+            ("limits.connect_timeout", lim.connect_timeout as usize),
+            ("limits.max_inflight", lim.max_inflight as usize),
+            (
+                "limits.max_subscriptions_per_client",
+                lim.max_subscriptions_per_client,
+            ),
+            ("limits.max_topic_levels", lim.max_topic_levels),
+            ("limits.max_client_id_length", lim.max_client_id_length),
+            ("limits.max_queued_bytes", lim.max_queued_bytes),
+        ] {
+            if value == 0 {
+                return Err(Invalid::new(key, "must be greater than 0"));
+            }
+        }
+        if lim.max_packet_size > 268_435_455 {
+            return Err(Invalid::new(
+                "limits.max_packet_size",
+                "must be at most 268435455, the MQTT maximum",
+            ));
+        }
+        if let Some(r) = &self.retained {
+            if r.max_messages == 0 || r.max_bytes == 0 {
+                return Err(Invalid::new(
+                    "retained.max_messages",
+                    "limits must be greater than 0",
+                ));
+            }
+        }
+        Ok(self)
+    }
+
+    /// Whether anonymous clients may connect on `listener`.
+    pub fn anonymous_allowed(&self, listener: &Listener) -> bool {
+        listener
+            .allow_anonymous
+            .unwrap_or(self.auth.allow_anonymous)
+    }
+}
