@@ -1,0 +1,203 @@
+use super::*;
+use proptest::prelude::*;
+
+fn file() -> &'static Path {
+    Path::new("passwd")
+}
+
+/// Asserts that parsing fails on `line` with a reason containing `reason`.
+fn assert_parse_error(text: &str, line: usize, reason: &str) {
+    match PasswordFile::parse(file(), text) {
+        Err(AuthError::Parse {
+            file: f,
+            line: l,
+            reason: r,
+        }) => {
+            assert_eq!(f, file());
+            assert_eq!(l, line, "line for {text:?}: {r}");
+            assert!(r.contains(reason), "reason {r:?} should contain {reason:?}");
+        }
+        other => panic!("expected a parse error for {text:?}, got {other:?}"),
+    }
+}
+
+fn pbkdf2_line(user: &str, password: &[u8]) -> String {
+    format!(
+        "{user}:{}",
+        crate::legacy::tests::pbkdf2_vector(password, 101, b"0123456789ab")
+    )
+}
+
+#[test]
+fn parses_comments_blank_lines_and_users() {
+    let alice = hash_password(b"alice-pw").unwrap();
+    let text = format!(
+        "# moatmq users\n\n  # indented comment\nalice:{alice}\r\n{}\n   \n",
+        pbkdf2_line("bob", b"bob-pw")
+    );
+    let pf = PasswordFile::parse(file(), &text).unwrap();
+    assert_eq!(pf.len(), 2);
+    assert!(!pf.is_empty());
+    assert_eq!(pf.verify("alice", b"alice-pw"), Verdict::Accepted);
+    assert_eq!(pf.verify("bob", b"bob-pw"), Verdict::AcceptedLegacyHash);
+
+    let empty = PasswordFile::parse(file(), "# nobody\n").unwrap();
+    assert!(empty.is_empty());
+    assert_eq!(empty.verify("alice", b"alice-pw"), Verdict::Rejected);
+}
+
+#[test]
+fn bad_lines_are_reported_with_their_number() {
+    let good = hash_password(b"x").unwrap();
+    assert_parse_error(
+        &format!("# c\nalice:{good}\nno colon here\n"),
+        3,
+        "missing ':'",
+    );
+    assert_parse_error(&format!("\n\na/b:{good}\n"), 3, "not a valid identity");
+    assert_parse_error(&format!("+:{good}\n"), 1, "not a valid identity");
+    assert_parse_error(&format!(":{good}\n"), 1, "not a valid identity");
+    assert_parse_error(&format!("alice :{good}\n"), 1, "whitespace");
+    assert_parse_error("alice:\n", 1, "empty hash");
+    assert_parse_error("alice:plaintext\n", 1, "unsupported hash format");
+    assert_parse_error("alice:$argon2id$garbage\n", 1, "without salt or hash");
+    assert_parse_error("alice:$argon2id$$$$\n", 1, "malformed Argon2");
+    assert_parse_error(
+        "alice:$argon2x$v=19$m=8,t=1,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNo\n",
+        1,
+        "unknown Argon2 variant",
+    );
+    assert_parse_error(
+        &format!("alice:{good}\nbob:{good}\nalice:{good}\n"),
+        3,
+        "duplicate user \"alice\" (first defined on line 1)",
+    );
+    assert_parse_error("alice:$7$101$AAAA$AAAA\n", 1, "not 64 bytes");
+    // Absurd costs are refused rather than stalling a login.
+    let huge = good.replace("m=19456", "m=4000000");
+    assert_parse_error(&format!("alice:{huge}\n"), 1, "too expensive");
+}
+
+#[test]
+fn parse_errors_never_echo_the_hash() {
+    let secretish = "$argon2id$v=19$m=19456,t=2,p=1$c2VjcmV0c2FsdA$SECRETSECRET";
+    let err = PasswordFile::parse(file(), &format!("alice:{secretish}\n")).unwrap_err();
+    let shown = format!("{err} {err:?}");
+    assert!(!shown.contains("SECRET"), "{shown}");
+    let err = PasswordFile::parse(file(), "hunter2\n").unwrap_err();
+    assert!(!format!("{err} {err:?}").contains("hunter2"));
+    assert_eq!(
+        err.to_string(),
+        "passwd:1: missing ':' between username and hash"
+    );
+}
+
+#[test]
+fn debug_redacts_hashes() {
+    let hash = hash_password(b"pw").unwrap();
+    let pf = PasswordFile::parse(file(), &format!("alice:{hash}\n")).unwrap();
+    let shown = format!("{pf:?}");
+    assert!(!shown.contains("argon2"), "{shown}");
+    assert!(!shown.contains(&hash), "{shown}");
+    assert!(shown.contains("users: 1"), "{shown}");
+}
+
+#[test]
+fn verify_right_wrong_and_unknown() {
+    let hash = hash_password(b"correct horse").unwrap();
+    let pf = PasswordFile::parse(file(), &format!("alice:{hash}\n")).unwrap();
+    assert_eq!(pf.verify("alice", b"correct horse"), Verdict::Accepted);
+    assert_eq!(pf.verify("alice", b"correct horsf"), Verdict::Rejected);
+    assert_eq!(pf.verify("alice", b""), Verdict::Rejected);
+    assert_eq!(pf.verify("Alice", b"correct horse"), Verdict::Rejected);
+    assert_eq!(pf.verify("mallory", b"correct horse"), Verdict::Rejected);
+}
+
+#[test]
+fn hash_password_round_trip_and_parameters() {
+    let a = hash_password(b"pw").unwrap();
+    let b = hash_password(b"pw").unwrap();
+    assert!(a.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{a}");
+    assert_ne!(a, b, "salts are random");
+    assert!(verify_argon2(&a, b"pw"));
+    assert!(!verify_argon2(&a, b"pW"));
+}
+
+#[test]
+fn dummy_hash_costs_the_same_as_a_real_one() {
+    let dummy = PasswordHash::new(DUMMY_HASH).unwrap();
+    let real_text = hash_password(b"x").unwrap();
+    let real = PasswordHash::new(&real_text).unwrap();
+    assert_eq!(dummy.algorithm, real.algorithm);
+    assert_eq!(dummy.version, real.version);
+    assert_eq!(
+        Params::try_from(&dummy).unwrap(),
+        Params::try_from(&real).unwrap()
+    );
+    assert!(check_argon2(DUMMY_HASH).is_ok());
+}
+
+#[test]
+fn other_argon2_variants_are_accepted() {
+    let params = Params::new(1024, 1, 1, None).unwrap();
+    for alg in [Algorithm::Argon2i, Algorithm::Argon2d, Algorithm::Argon2id] {
+        let salt = SaltString::generate(&mut OsRng);
+        let phc = Argon2::new(alg, Version::V0x13, params.clone())
+            .hash_password(b"pw", &salt)
+            .unwrap()
+            .to_string();
+        let pf = PasswordFile::parse(file(), &format!("u:{phc}\n")).unwrap();
+        assert_eq!(pf.verify("u", b"pw"), Verdict::Accepted, "{alg:?}");
+        assert_eq!(pf.verify("u", b"px"), Verdict::Rejected, "{alg:?}");
+    }
+}
+
+#[test]
+fn mosquitto_7_computed_vector_is_legacy() {
+    let pf = PasswordFile::parse(file(), &pbkdf2_line("bob", b"hunter2")).unwrap();
+    assert_eq!(pf.verify("bob", b"hunter2"), Verdict::AcceptedLegacyHash);
+    assert_eq!(pf.verify("bob", b"hunter3"), Verdict::Rejected);
+}
+
+/// Written by the real `mosquitto_passwd` 2.0 (`-b`, and `-H sha512` for the `$6$` line).
+#[test]
+fn real_mosquitto_passwd_file() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/mosquitto_passwd.txt");
+    let pf = PasswordFile::load(&path).unwrap();
+    assert_eq!(pf.len(), 3);
+    assert_eq!(
+        pf.verify("alice", b"correct horse"),
+        Verdict::AcceptedLegacyHash
+    );
+    assert_eq!(pf.verify("bob", b"hunter2"), Verdict::AcceptedLegacyHash);
+    assert_eq!(
+        pf.verify("legacy6", b"s3cret!"),
+        Verdict::AcceptedLegacyHash
+    );
+    assert_eq!(pf.verify("alice", b"hunter2"), Verdict::Rejected);
+    assert_eq!(pf.verify("legacy6", b"s3cret"), Verdict::Rejected);
+    assert_eq!(pf.verify("carol", b"hunter2"), Verdict::Rejected);
+}
+
+#[test]
+fn load_missing_file_is_io_error() {
+    let err = PasswordFile::load(Path::new("/nonexistent/moatmq/passwd")).unwrap_err();
+    assert!(matches!(err, AuthError::Io { .. }), "{err:?}");
+    assert!(err.to_string().starts_with("/nonexistent/moatmq/passwd: "));
+}
+
+proptest! {
+    #[test]
+    fn parse_never_panics(text in "\\PC*") {
+        let _ = PasswordFile::parse(file(), &text);
+    }
+
+    #[test]
+    fn parse_never_panics_on_hash_like_lines(
+        user in "[a-z]{0,4}",
+        kind in prop_oneof![Just("$7$"), Just("$6$"), Just("$argon2id$"), Just("$argon2i$v=19$"), Just("")],
+        rest in "[A-Za-z0-9+/=$,.:vmtp]{0,120}",
+    ) {
+        let _ = PasswordFile::parse(file(), &format!("{user}:{kind}{rest}\n"));
+    }
+}
