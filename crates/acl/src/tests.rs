@@ -278,3 +278,23 @@ fn acl_is_shareable() {
     assert_send_sync::<Acl>();
     assert_send_sync::<AclError>();
 }
+
+/// Every file in `testdata/invalid` (a corpus of known-bad inputs) is rejected with a
+/// parse error naming a line, never accepted and never a panic.
+#[test]
+fn invalid_corpus_is_rejected() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/invalid");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        match Acl::load(&path) {
+            Err(AclError::Parse { file, line, .. }) => {
+                assert_eq!(file, path);
+                assert!(line >= 1, "{}", path.display());
+            }
+            other => panic!("{}: {other:?}", path.display()),
+        }
+        seen += 1;
+    }
+    assert!(seen >= 10);
+}
