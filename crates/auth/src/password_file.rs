@@ -8,7 +8,8 @@
 //!
 //! Verification is constant time in the password. An unknown username is verified
 //! against a dummy Argon2id hash with the default parameters, so the time taken does not
-//! reveal whether the user exists.
+//! reveal whether the user exists; a user with a (cheap) mosquitto hash also pays for
+//! that dummy verification, so timing does not single out accounts awaiting a re-hash.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -125,7 +126,14 @@ impl PasswordFile {
             path: path.to_path_buf(),
             source,
         })?;
-        Self::parse(path, &text)
+        let file = Self::parse(path, &text)?;
+        tracing::debug!(
+            path = %path.display(),
+            users = file.len(),
+            legacy = file.legacy_users(),
+            "password file loaded"
+        );
+        Ok(file)
     }
 
     /// Checks `password` for `username`.
@@ -144,6 +152,9 @@ impl PasswordFile {
                 }
             }
             Some(StoredHash::Legacy(legacy)) => {
+                // A mosquitto hash is far cheaper than Argon2id: spend the dummy cost as
+                // well so timing does not single out users that still need a re-hash.
+                let _ = verify_argon2(DUMMY_HASH, password);
                 if legacy.verify(password) {
                     Verdict::AcceptedLegacyHash
                 } else {
@@ -156,6 +167,15 @@ impl PasswordFile {
                 Verdict::Rejected
             }
         }
+    }
+
+    /// Number of users whose entry is a mosquitto `$7$` / `$6$` hash and should be
+    /// re-hashed with `moatmq passwd` (the broker can warn about it at start-up).
+    pub fn legacy_users(&self) -> usize {
+        self.users
+            .values()
+            .filter(|h| matches!(h, StoredHash::Legacy(_)))
+            .count()
     }
 
     /// Number of users in the file.

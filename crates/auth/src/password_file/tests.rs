@@ -113,6 +113,27 @@ fn verify_right_wrong_and_unknown() {
     assert_eq!(pf.verify("mallory", b"correct horse"), Verdict::Rejected);
 }
 
+/// Unknown users and legacy users must not answer measurably faster than a real
+/// Argon2id user (generous bound so the test is not flaky).
+#[test]
+fn unknown_and_legacy_users_cost_an_argon2_verification() {
+    let hash = hash_password(b"pw").unwrap();
+    let text = format!("alice:{hash}\n{}\n", pbkdf2_line("bob", b"pw"));
+    let pf = PasswordFile::parse(file(), &text).unwrap();
+    // Interleaved rounds, fastest of each: robust against other tests loading the CPU.
+    let mut best = [std::time::Duration::MAX; 3];
+    for _ in 0..6 {
+        for (i, user) in ["alice", "mallory", "bob"].into_iter().enumerate() {
+            let start = std::time::Instant::now();
+            pf.verify(user, b"wrong");
+            best[i] = best[i].min(start.elapsed());
+        }
+    }
+    let [real, unknown, legacy] = best;
+    assert!(unknown * 2 > real, "unknown {unknown:?} vs real {real:?}");
+    assert!(legacy * 2 > real, "legacy {legacy:?} vs real {real:?}");
+}
+
 #[test]
 fn hash_password_round_trip_and_parameters() {
     let a = hash_password(b"pw").unwrap();
@@ -165,6 +186,7 @@ fn real_mosquitto_passwd_file() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/mosquitto_passwd.txt");
     let pf = PasswordFile::load(&path).unwrap();
     assert_eq!(pf.len(), 3);
+    assert_eq!(pf.legacy_users(), 3);
     assert_eq!(
         pf.verify("alice", b"correct horse"),
         Verdict::AcceptedLegacyHash
@@ -200,4 +222,23 @@ proptest! {
     ) {
         let _ = PasswordFile::parse(file(), &format!("{user}:{kind}{rest}\n"));
     }
+}
+
+/// Every file in `testdata/bad/` must be refused with a parse error on a known line.
+#[test]
+fn corpus_of_bad_files_is_refused() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/bad");
+    let mut count = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        match PasswordFile::load(&path) {
+            Err(AuthError::Parse { file, line, .. }) => {
+                assert_eq!(file, path);
+                assert!(line >= 1, "{}", path.display());
+            }
+            other => panic!("{} should be refused, got {other:?}", path.display()),
+        }
+        count += 1;
+    }
+    assert!(count >= 10);
 }
