@@ -1,1 +1,143 @@
+//! moatmq's encrypted retained-message store: an append-only log of AES-256-GCM sealed
+//! records (`Set{message}` / `Clear{topic}`), one per changed topic per flush, so a save
+//! costs what changed, not the store's size. The log is rewritten (compacted) into a new
+//! file when it grows past about twice the live data.
+//!
+//! How it decides what to trust, on open:
+//! - the header's key-check block must decrypt, else [`StoreError::WrongKey`];
+//! - every record must authenticate with associated data binding it to this file's random
+//!   id and to its sequence number, so an altered, swapped, replayed (from another file)
+//!   or missing record is [`StoreError::WrongKeyOrTampered`] naming its index;
+//! - only a frame that runs past end-of-file (a crash mid-append) is "torn": it is cut
+//!   away with a warning and everything before it is kept. Anything else is an error:
+//!   the store never comes back silently empty.
+//!
+//! Topics, payloads and properties are all inside the ciphertext. The store is plain
+//! synchronous code with no MQTT library types; the broker owns the thread it runs on.
+
 #![forbid(unsafe_code)]
+
+mod compact;
+mod error;
+mod key;
+mod log;
+mod record;
+mod store;
+
+#[cfg(test)]
+mod tests;
+
+pub use compact::{rekey, CompactionJob};
+pub use error::StoreError;
+pub use key::{RetainedKey, KEY_LEN};
+pub use store::Store;
+
+use serde::{Deserialize, Serialize};
+
+/// MQTT 5 properties kept with a retained message (message expiry lives in
+/// [`RetainedMessage::expires_at`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct MessageProperties {
+    /// Payload format indicator (0 = bytes, 1 = UTF-8).
+    pub payload_format_indicator: Option<u8>,
+    /// Content type.
+    pub content_type: Option<String>,
+    /// Response topic.
+    pub response_topic: Option<String>,
+    /// Correlation data.
+    pub correlation_data: Option<Vec<u8>>,
+    /// User properties, in order, duplicates allowed.
+    pub user_properties: Vec<(String, String)>,
+}
+
+/// One retained message as the broker should replay it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetainedMessage {
+    /// The topic it was published to.
+    pub topic: String,
+    /// The payload (never empty: an empty payload clears the topic).
+    pub payload: Vec<u8>,
+    /// QoS 0, 1 or 2.
+    pub qos: u8,
+    /// `Some` for a message published with MQTT 5, `None` for 3.1.1.
+    pub properties: Option<MessageProperties>,
+    /// Absolute expiry in unix seconds (from MQTT 5 message expiry), if any.
+    pub expires_at: Option<u64>,
+}
+
+impl RetainedMessage {
+    /// Bytes of topic, payload and properties: what counts toward `max_bytes`.
+    pub fn data_bytes(&self) -> u64 {
+        let props = self.properties.as_ref().map_or(0, |p| {
+            1 + p.content_type.as_ref().map_or(0, String::len)
+                + p.response_topic.as_ref().map_or(0, String::len)
+                + p.correlation_data.as_ref().map_or(0, Vec::len)
+                + p.user_properties
+                    .iter()
+                    .map(|(k, v)| k.len() + v.len())
+                    .sum::<usize>()
+        });
+        (self.topic.len() + self.payload.len() + props) as u64
+    }
+
+    /// Whether the message has expired at `now` (unix seconds).
+    pub fn is_expired(&self, now: u64) -> bool {
+        self.expires_at.is_some_and(|t| t <= now)
+    }
+}
+
+/// Bounds on what `set` accepts for new topics; replacing an existing topic is always
+/// allowed, and a store loaded past lowered limits keeps everything it holds.
+#[derive(Debug, Clone, Copy)]
+pub struct StoreLimits {
+    /// Most retained topics.
+    pub max_messages: usize,
+    /// Most bytes of topics, payloads and properties ([`RetainedMessage::data_bytes`]).
+    pub max_bytes: u64,
+}
+
+impl StoreLimits {
+    /// No limits (used by offline tools such as rekey).
+    pub const UNLIMITED: StoreLimits = StoreLimits {
+        max_messages: usize::MAX,
+        max_bytes: u64::MAX,
+    };
+}
+
+/// What one [`Store::flush`] wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FlushStats {
+    /// Records appended.
+    pub records: usize,
+    /// Bytes appended.
+    pub bytes: u64,
+}
+
+/// Current time in unix seconds (0 if the clock is before 1970).
+pub(crate) fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// For fuzz and property harnesses: decode an in-memory log image under `key`, exactly as
+/// [`Store::open`] reads a file. Returns the live messages or the error open would give.
+#[doc(hidden)]
+pub fn decode_log_image(
+    key: &RetainedKey,
+    image: &[u8],
+) -> Result<Vec<RetainedMessage>, StoreError> {
+    let cipher = record::cipher(key);
+    let replay = log::read_log(
+        image,
+        image.len() as u64,
+        &cipher,
+        std::path::Path::new("<memory>"),
+        0,
+    )?;
+    Ok(replay
+        .live
+        .into_values()
+        .map(|e| (*e.msg).clone())
+        .collect())
+}

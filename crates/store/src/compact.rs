@@ -1,0 +1,170 @@
+//! Compaction and rekey: write the live set into a brand-new log (new file id, records
+//! numbered from 0) in a temporary file, fsync it, rename it over the log, fsync the
+//! directory. Until the rename the old log is untouched; after it the new one is
+//! complete, so a crash at any step loses nothing that was flushed.
+//!
+//! Compaction can run off the store's thread: [`Store::begin_compaction`] snapshots the
+//! live set (cheap `Arc` clones), [`CompactionJob::run`] does the heavy writing anywhere,
+//! and [`Store::finish_compaction`] appends the topics changed meanwhile before renaming.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use aes_gcm::Aes256Gcm;
+
+use crate::log::{self, Written};
+use crate::record::{self, RecordRef};
+use crate::store::{LOG_NAME, TMP_PREFIX};
+use crate::{now_unix, RetainedKey, RetainedMessage, Store, StoreError, StoreLimits};
+
+/// A compaction in progress: a snapshot of the live set to write into a new file.
+/// `Send`, so [`CompactionJob::run`] can go to another thread.
+pub struct CompactionJob {
+    id: u64,
+    tmp_path: PathBuf,
+    cipher: Aes256Gcm,
+    snapshot: Vec<Arc<RetainedMessage>>,
+    written: Option<Written>,
+}
+
+impl std::fmt::Debug for CompactionJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CompactionJob")
+            .field("id", &self.id)
+            .field("messages", &self.snapshot.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl CompactionJob {
+    /// Writes and fsyncs the temporary file. Safe to call on any thread; does not touch
+    /// the live log. After an error, finishing the job fails and cleans up.
+    pub fn run(&mut self) -> Result<(), StoreError> {
+        match log::write_fresh(
+            &self.tmp_path,
+            &self.cipher,
+            self.snapshot.iter().map(|m| &**m),
+        ) {
+            Ok(w) => {
+                self.written = Some(w);
+                Ok(())
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&self.tmp_path);
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Store {
+    /// Starts a compaction: snapshots the live, unexpired set. Only the latest job
+    /// started can be finished.
+    pub fn begin_compaction(&mut self) -> CompactionJob {
+        self.job_id += 1;
+        let now = now_unix();
+        self.since_snapshot = Some(HashSet::new());
+        CompactionJob {
+            id: self.job_id,
+            tmp_path: self.dir.join(format!("{TMP_PREFIX}-{}", self.job_id)),
+            cipher: self.cipher.clone(),
+            snapshot: self
+                .live
+                .values()
+                .filter(|e| !e.msg.is_expired(now))
+                .map(|e| e.msg.clone())
+                .collect(),
+            written: None,
+        }
+    }
+
+    /// Completes a job that has [`run`](CompactionJob::run): appends the current state
+    /// of topics changed since its snapshot, fsyncs, renames it over the log and fsyncs
+    /// the directory. On error the old log stays in use and nothing is lost.
+    pub fn finish_compaction(&mut self, job: CompactionJob) -> Result<(), StoreError> {
+        let tmp = job.tmp_path.clone();
+        let res = self.finish_inner(job);
+        if res.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        res
+    }
+
+    fn finish_inner(&mut self, job: CompactionJob) -> Result<(), StoreError> {
+        if job.id != self.job_id {
+            return Err(StoreError::StaleCompaction);
+        }
+        let since = self.since_snapshot.take().unwrap_or_default();
+        let Some(mut w) = job.written else {
+            return Err(StoreError::StaleCompaction);
+        };
+        // Bring the new file up to date with changes made while the job ran.
+        let mut buf = Vec::new();
+        let mut appended = Vec::new();
+        for topic in &since {
+            let rec = match self.live.get(topic) {
+                Some(e) => RecordRef::Set(&e.msg),
+                None => RecordRef::Clear(topic),
+            };
+            let frame = record::seal_record(&self.cipher, &w.file_id, w.next_seq, &rec)?;
+            appended.push((topic, frame.len() as u64));
+            buf.extend_from_slice(&frame);
+            w.next_seq += 1;
+        }
+        if !buf.is_empty() {
+            use std::os::unix::fs::FileExt;
+            w.file
+                .write_all_at(&buf, w.len)
+                .and_then(|()| w.file.sync_data())
+                .map_err(|e| StoreError::io(&w.tmp_path, e))?;
+            w.len += buf.len() as u64;
+        }
+        std::fs::rename(&w.tmp_path, &self.log_path)
+            .map_err(|e| StoreError::io(&self.log_path, e))?;
+        // The rename happened: from here on the new file is the log.
+        self.file = w.file;
+        self.file_id = w.file_id;
+        self.next_seq = w.next_seq;
+        self.committed_len = w.len;
+        self.dirty.clear();
+        for e in self.live.values_mut() {
+            e.frame_len = 0;
+        }
+        for (msg, len) in job.snapshot.iter().zip(&w.frame_lens) {
+            if let Some(e) = self.live.get_mut(&msg.topic) {
+                if Arc::ptr_eq(&e.msg, msg) {
+                    e.frame_len = *len;
+                }
+            }
+        }
+        for (topic, len) in appended {
+            if let Some(e) = self.live.get_mut(topic) {
+                e.frame_len = len;
+            }
+        }
+        self.live_frame_bytes = self.live.values().map(|e| e.frame_len).sum();
+        if let Err(e) = log::sync_dir(&self.dir) {
+            self.needs_dir_sync = true;
+            return Err(e);
+        }
+        Ok(())
+    }
+}
+
+/// Re-encrypts the store in directory `path` from `old` to `new` (verifying every record
+/// under `old` first) and returns the number of messages kept. Crash-safe: the new log is
+/// written to a temporary file and renamed over the old one.
+pub fn rekey(path: &Path, old: RetainedKey, new: &RetainedKey) -> Result<usize, StoreError> {
+    let (store, _) = Store::open(path, old, StoreLimits::UNLIMITED)?;
+    let cipher = record::cipher(new);
+    let tmp = path.join(format!("{TMP_PREFIX}-rekey"));
+    let w = log::write_fresh(&tmp, &cipher, store.messages())?;
+    let n = w.frame_lens.len();
+    drop(store);
+    if let Err(e) = log::install(&w.tmp_path, &path.join(LOG_NAME), path) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(n)
+}

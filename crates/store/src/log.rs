@@ -1,0 +1,249 @@
+//! Reading a log file back (verifying every frame, in order) and writing a fresh log
+//! file (header plus one `Set` per message) for creation, compaction and rekey.
+//! A frame is "torn" only when it runs past end-of-file, or when everything from its
+//! start to end-of-file is zero bytes (a file extended by a crash before its data
+//! landed); anything else that fails is an error naming the record or offset.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use aes_gcm::Aes256Gcm;
+
+use crate::record::{self, FileId, OpenError, Record, RecordRef, HEADER_LEN, NONCE_LEN};
+use crate::record::{HeaderError, MAX_CIPHERTEXT_LEN, PREFIX_LEN, TAG_LEN};
+use crate::{RetainedMessage, StoreError};
+
+/// A live message and the size of the frame holding it on disk (0 until flushed).
+#[derive(Debug, Clone)]
+pub(crate) struct Entry {
+    pub(crate) msg: Arc<RetainedMessage>,
+    pub(crate) frame_len: u64,
+}
+
+/// The result of reading a log.
+#[derive(Debug)]
+pub(crate) struct Replay {
+    pub(crate) live: HashMap<String, Entry>,
+    pub(crate) file_id: FileId,
+    pub(crate) next_seq: u64,
+    /// Length of the verified prefix of the file; less than its size if the tail was torn.
+    pub(crate) good_len: u64,
+}
+
+fn corrupt(file: &Path, offset: u64, reason: impl Into<String>) -> StoreError {
+    StoreError::Corrupt {
+        file: file.to_owned(),
+        offset,
+        reason: reason.into(),
+    }
+}
+
+/// Reads up to `buf.len()` bytes, fewer only at end of input.
+fn read_full(r: &mut impl Read, buf: &mut [u8], file: &Path) -> Result<usize, StoreError> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(StoreError::io(file, e)),
+        }
+    }
+    Ok(n)
+}
+
+/// Whether the rest of the input is all zero bytes.
+fn rest_is_zero(r: &mut impl Read, file: &Path) -> Result<bool, StoreError> {
+    let mut buf = [0u8; 8192];
+    loop {
+        let n = read_full(r, &mut buf, file)?;
+        if buf[..n].iter().any(|b| *b != 0) {
+            return Ok(false);
+        }
+        if n < buf.len() {
+            return Ok(true);
+        }
+    }
+}
+
+/// Reads and verifies a whole log of `file_len` bytes; messages expired at `now` are
+/// dropped. `file` only names the file in errors.
+pub(crate) fn read_log(
+    mut r: impl Read,
+    file_len: u64,
+    cipher: &Aes256Gcm,
+    file: &Path,
+    now: u64,
+) -> Result<Replay, StoreError> {
+    let mut header = [0u8; HEADER_LEN];
+    if read_full(&mut r, &mut header, file)? < HEADER_LEN {
+        return Err(corrupt(file, 0, "file is shorter than the store header"));
+    }
+    let file_id = record::open_header(cipher, &header).map_err(|e| match e {
+        HeaderError::Format(reason) => corrupt(file, 0, reason),
+        HeaderError::KeyCheck => StoreError::WrongKey {
+            file: file.to_owned(),
+        },
+    })?;
+    let mut live: HashMap<String, Entry> = HashMap::new();
+    let mut offset = HEADER_LEN as u64;
+    let mut seq = 0u64;
+    let mut body = Vec::new();
+    loop {
+        let mut prefix = [0u8; PREFIX_LEN];
+        let got = read_full(&mut r, &mut prefix, file)?;
+        if got == 0 {
+            break;
+        }
+        if got < PREFIX_LEN {
+            torn(file, offset, seq);
+            break;
+        }
+        let Some(len) = record::decode_prefix(&prefix) else {
+            if prefix.iter().all(|b| *b == 0) && rest_is_zero(&mut r, file)? {
+                torn(file, offset, seq);
+                break;
+            }
+            return Err(corrupt(
+                file,
+                offset,
+                format!("record {seq}: damaged length prefix"),
+            ));
+        };
+        let frame_len = (PREFIX_LEN + NONCE_LEN) as u64 + u64::from(len);
+        if offset.saturating_add(frame_len) > file_len {
+            torn(file, offset, seq);
+            break;
+        }
+        if len > MAX_CIPHERTEXT_LEN || (len as usize) < TAG_LEN {
+            return Err(corrupt(
+                file,
+                offset,
+                format!("record {seq}: impossible length {len}"),
+            ));
+        }
+        body.resize(NONCE_LEN + len as usize, 0);
+        if read_full(&mut r, &mut body, file)? < body.len() {
+            // The file shrank while we read it, or `file_len` was wrong: same as torn.
+            torn(file, offset, seq);
+            break;
+        }
+        match record::open_record(cipher, &file_id, seq, len, &body) {
+            Ok(Record::Set(msg)) => {
+                live.insert(
+                    msg.topic.clone(),
+                    Entry {
+                        msg: Arc::new(msg),
+                        frame_len,
+                    },
+                );
+            }
+            Ok(Record::Clear(topic)) => {
+                live.remove(&topic);
+            }
+            Err(OpenError::Auth) => {
+                return Err(StoreError::WrongKeyOrTampered {
+                    file: file.to_owned(),
+                    record: seq,
+                })
+            }
+            Err(OpenError::Decode(reason)) => {
+                return Err(corrupt(file, offset, format!("record {seq}: {reason}")))
+            }
+        }
+        offset += frame_len;
+        seq += 1;
+    }
+    live.retain(|_, e| !e.msg.is_expired(now));
+    Ok(Replay {
+        live,
+        file_id,
+        next_seq: seq,
+        good_len: offset,
+    })
+}
+
+fn torn(file: &Path, offset: u64, seq: u64) {
+    tracing::warn!(
+        file = %file.display(),
+        offset,
+        record = seq,
+        "retained store ends in a torn record (crash during a save); dropping it"
+    );
+}
+
+/// A freshly written, fsynced log file not yet renamed into place.
+#[derive(Debug)]
+pub(crate) struct Written {
+    pub(crate) file: File,
+    pub(crate) tmp_path: PathBuf,
+    pub(crate) file_id: FileId,
+    pub(crate) next_seq: u64,
+    pub(crate) len: u64,
+    /// Frame length of each message written, in input order.
+    pub(crate) frame_lens: Vec<u64>,
+}
+
+/// Writes `tmp_path` (replacing a stale one) with a new file id and one `Set` per
+/// message, then fsyncs it.
+pub(crate) fn write_fresh<'a>(
+    tmp_path: &Path,
+    cipher: &Aes256Gcm,
+    messages: impl Iterator<Item = &'a RetainedMessage>,
+) -> Result<Written, StoreError> {
+    let io = |e| StoreError::io(tmp_path, e);
+    match std::fs::remove_file(tmp_path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(e)),
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(tmp_path)
+        .map_err(io)?;
+    let file_id = record::random_file_id();
+    let mut w = BufWriter::with_capacity(1 << 20, &file);
+    let header = record::seal_header(cipher, &file_id)?;
+    w.write_all(&header).map_err(io)?;
+    let mut len = header.len() as u64;
+    let mut seq = 0u64;
+    let mut frame_lens = Vec::new();
+    for msg in messages {
+        let frame = record::seal_record(cipher, &file_id, seq, &RecordRef::Set(msg))?;
+        w.write_all(&frame).map_err(io)?;
+        len += frame.len() as u64;
+        frame_lens.push(frame.len() as u64);
+        seq += 1;
+    }
+    w.flush().map_err(io)?;
+    drop(w);
+    file.sync_all().map_err(io)?;
+    Ok(Written {
+        file,
+        tmp_path: tmp_path.to_owned(),
+        file_id,
+        next_seq: seq,
+        len,
+        frame_lens,
+    })
+}
+
+/// Renames `from` over `to` and fsyncs their directory so the rename survives a crash.
+pub(crate) fn install(from: &Path, to: &Path, dir: &Path) -> Result<(), StoreError> {
+    std::fs::rename(from, to).map_err(|e| StoreError::io(to, e))?;
+    sync_dir(dir)
+}
+
+/// Fsyncs a directory (makes creations and renames in it durable).
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| StoreError::io(dir, e))
+}

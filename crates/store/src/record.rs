@@ -1,0 +1,246 @@
+//! On-disk framing and sealing. A log file is a header followed by frames:
+//!
+//! ```text
+//! header: "MOATMQRS" | version u32 LE | file id [16] | nonce [12] | tag [16]   (56 bytes)
+//! frame:  len u32 LE | !len u32 LE | nonce [12] | ciphertext+tag [len]
+//! ```
+//!
+//! The header's tag seals an empty plaintext under the key with the magic, version and
+//! file id as associated data: if it fails the key is wrong (or the header was altered),
+//! which is reported before any record is looked at. A record's associated data is the
+//! file id, its sequence number (0-based, consecutive) and its length, so it only opens at
+//! its own position in its own file. The length is stored twice (plain and inverted) so a
+//! damaged length field is detected instead of being mistaken for a torn tail.
+//! Every encryption uses a fresh random 96-bit nonce.
+
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::{Aes256Gcm, Key, Nonce};
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+
+use crate::{RetainedKey, RetainedMessage, StoreError};
+
+/// File magic.
+pub(crate) const MAGIC: &[u8; 8] = b"MOATMQRS";
+/// Format version written and accepted.
+pub(crate) const VERSION: u32 = 1;
+/// Random per-file id length.
+pub(crate) const FILE_ID_LEN: usize = 16;
+/// AES-GCM nonce length.
+pub(crate) const NONCE_LEN: usize = 12;
+/// AES-GCM tag length.
+pub(crate) const TAG_LEN: usize = 16;
+/// Header length.
+pub(crate) const HEADER_LEN: usize = 8 + 4 + FILE_ID_LEN + NONCE_LEN + TAG_LEN;
+/// Frame prefix: length and inverted length.
+pub(crate) const PREFIX_LEN: usize = 8;
+/// Largest ciphertext accepted (MQTT packets top out at 256 MiB).
+pub(crate) const MAX_CIPHERTEXT_LEN: u32 = 512 << 20;
+
+/// A file's random identity, bound into every record of that file.
+pub(crate) type FileId = [u8; FILE_ID_LEN];
+
+/// Plaintext record as written (borrowing, so flushing does not clone messages).
+#[derive(Serialize)]
+pub(crate) enum RecordRef<'a> {
+    Set(&'a RetainedMessage),
+    Clear(&'a str),
+}
+
+/// Plaintext record as read back; same encoding as [`RecordRef`].
+#[derive(Deserialize, Debug)]
+pub(crate) enum Record {
+    Set(RetainedMessage),
+    Clear(String),
+}
+
+/// Why a frame failed to open.
+#[derive(Debug)]
+pub(crate) enum OpenError {
+    /// Authentication failed: tampered, misplaced, or another key.
+    Auth,
+    /// Authenticated, but the plaintext is not a valid record.
+    Decode(String),
+}
+
+/// Builds the cipher for a key.
+pub(crate) fn cipher(key: &RetainedKey) -> Aes256Gcm {
+    Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(key.expose_secret()))
+}
+
+pub(crate) fn random_file_id() -> FileId {
+    let mut id = [0u8; FILE_ID_LEN];
+    rand::rngs::OsRng.fill_bytes(&mut id);
+    id
+}
+
+fn random_nonce() -> [u8; NONCE_LEN] {
+    let mut n = [0u8; NONCE_LEN];
+    rand::rngs::OsRng.fill_bytes(&mut n);
+    n
+}
+
+fn header_aad(file_id: &FileId) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(32);
+    aad.extend_from_slice(b"moatmq-store-header");
+    aad.extend_from_slice(MAGIC);
+    aad.extend_from_slice(&VERSION.to_le_bytes());
+    aad.extend_from_slice(file_id);
+    aad
+}
+
+fn record_aad(file_id: &FileId, seq: u64, len: u32) -> [u8; 19 + FILE_ID_LEN + 12] {
+    let mut aad = [0u8; 19 + FILE_ID_LEN + 12];
+    aad[..19].copy_from_slice(b"moatmq-store-record");
+    aad[19..19 + FILE_ID_LEN].copy_from_slice(file_id);
+    aad[19 + FILE_ID_LEN..19 + FILE_ID_LEN + 8].copy_from_slice(&seq.to_le_bytes());
+    aad[19 + FILE_ID_LEN + 8..].copy_from_slice(&len.to_le_bytes());
+    aad
+}
+
+/// The header for a new file with id `file_id`.
+pub(crate) fn seal_header(cipher: &Aes256Gcm, file_id: &FileId) -> Result<Vec<u8>, StoreError> {
+    let nonce = random_nonce();
+    let tag = cipher
+        .encrypt(
+            Nonce::from_slice(&nonce),
+            Payload {
+                msg: &[],
+                aad: &header_aad(file_id),
+            },
+        )
+        .map_err(|_| StoreError::Encode("header encryption failed".to_owned()))?;
+    let mut out = Vec::with_capacity(HEADER_LEN);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(file_id);
+    out.extend_from_slice(&nonce);
+    out.extend_from_slice(&tag);
+    Ok(out)
+}
+
+/// Why a header was refused.
+#[derive(Debug)]
+pub(crate) enum HeaderError {
+    /// Not a store file or unknown version: the reason.
+    Format(&'static str),
+    /// The key check failed.
+    KeyCheck,
+}
+
+/// Checks a header and returns its file id.
+pub(crate) fn open_header(
+    cipher: &Aes256Gcm,
+    header: &[u8; HEADER_LEN],
+) -> Result<FileId, HeaderError> {
+    if &header[..8] != MAGIC {
+        return Err(HeaderError::Format(
+            "not a moatmq retained store (bad magic)",
+        ));
+    }
+    let mut version = [0u8; 4];
+    version.copy_from_slice(&header[8..12]);
+    if u32::from_le_bytes(version) != VERSION {
+        return Err(HeaderError::Format("unsupported store format version"));
+    }
+    let mut file_id = [0u8; FILE_ID_LEN];
+    file_id.copy_from_slice(&header[12..12 + FILE_ID_LEN]);
+    let nonce = &header[12 + FILE_ID_LEN..12 + FILE_ID_LEN + NONCE_LEN];
+    let tag = &header[12 + FILE_ID_LEN + NONCE_LEN..];
+    cipher
+        .decrypt(
+            Nonce::from_slice(nonce),
+            Payload {
+                msg: tag,
+                aad: &header_aad(&file_id),
+            },
+        )
+        .map_err(|_| HeaderError::KeyCheck)?;
+    Ok(file_id)
+}
+
+/// Serializes and seals one record as a complete frame at position `seq` of file `file_id`.
+pub(crate) fn seal_record(
+    cipher: &Aes256Gcm,
+    file_id: &FileId,
+    seq: u64,
+    record: &RecordRef<'_>,
+) -> Result<Vec<u8>, StoreError> {
+    let plain = zeroize::Zeroizing::new(
+        postcard::to_stdvec(record).map_err(|e| StoreError::Encode(e.to_string()))?,
+    );
+    let ct_len = plain.len() + TAG_LEN;
+    let len = u32::try_from(ct_len)
+        .ok()
+        .filter(|l| *l <= MAX_CIPHERTEXT_LEN)
+        .ok_or_else(|| StoreError::Encode(format!("record of {ct_len} bytes is too large")))?;
+    let nonce = random_nonce();
+    let ct = cipher
+        .encrypt(
+            Nonce::from_slice(&nonce),
+            Payload {
+                msg: &plain,
+                aad: &record_aad(file_id, seq, len),
+            },
+        )
+        .map_err(|_| StoreError::Encode("record encryption failed".to_owned()))?;
+    let mut out = Vec::with_capacity(PREFIX_LEN + NONCE_LEN + ct.len());
+    out.extend_from_slice(&encode_prefix(len));
+    out.extend_from_slice(&nonce);
+    out.extend_from_slice(&ct);
+    Ok(out)
+}
+
+/// The 8-byte frame prefix for a ciphertext of `len` bytes.
+pub(crate) fn encode_prefix(len: u32) -> [u8; PREFIX_LEN] {
+    let mut p = [0u8; PREFIX_LEN];
+    p[..4].copy_from_slice(&len.to_le_bytes());
+    p[4..].copy_from_slice(&(!len).to_le_bytes());
+    p
+}
+
+/// The ciphertext length a prefix announces, or `None` if the prefix is damaged.
+pub(crate) fn decode_prefix(p: &[u8; PREFIX_LEN]) -> Option<u32> {
+    let mut a = [0u8; 4];
+    let mut b = [0u8; 4];
+    a.copy_from_slice(&p[..4]);
+    b.copy_from_slice(&p[4..]);
+    let len = u32::from_le_bytes(a);
+    (len == !u32::from_le_bytes(b)).then_some(len)
+}
+
+/// Opens a frame body (`nonce | ciphertext`) read at position `seq`.
+pub(crate) fn open_record(
+    cipher: &Aes256Gcm,
+    file_id: &FileId,
+    seq: u64,
+    len: u32,
+    body: &[u8],
+) -> Result<Record, OpenError> {
+    if body.len() < NONCE_LEN + TAG_LEN {
+        return Err(OpenError::Auth);
+    }
+    let (nonce, ct) = body.split_at(NONCE_LEN);
+    let plain = zeroize::Zeroizing::new(
+        cipher
+            .decrypt(
+                Nonce::from_slice(nonce),
+                Payload {
+                    msg: ct,
+                    aad: &record_aad(file_id, seq, len),
+                },
+            )
+            .map_err(|_| OpenError::Auth)?,
+    );
+    let (record, rest): (Record, &[u8]) =
+        postcard::take_from_bytes(&plain).map_err(|e| OpenError::Decode(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(OpenError::Decode("trailing bytes after record".to_owned()));
+    }
+    if let Record::Set(m) = &record {
+        if m.qos > 2 {
+            return Err(OpenError::Decode(format!("invalid qos {}", m.qos)));
+        }
+    }
+    Ok(record)
+}

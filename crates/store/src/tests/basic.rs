@@ -1,0 +1,259 @@
+use super::*;
+use crate::{rekey, FlushStats};
+
+#[test]
+fn round_trip_with_properties() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut s, loaded) = open(dir.path()).unwrap();
+    assert!(loaded.is_empty() && s.is_empty());
+    let a = v5_msg("home/door", "locked");
+    let b = msg("home/light", "on");
+    s.set(a.clone()).unwrap();
+    s.set(b.clone()).unwrap();
+    s.set(msg("home/light", "first")).unwrap();
+    s.set(b.clone()).unwrap();
+    assert_eq!(s.flush().unwrap().records, 2);
+    assert_eq!(s.flush().unwrap(), FlushStats::default());
+    drop(s);
+    let (s, loaded) = open(dir.path()).unwrap();
+    assert_eq!(sorted(loaded), vec![a.clone(), b.clone()]);
+    assert_eq!(s.len(), 2);
+    assert_eq!(s.get("home/door"), Some(&a));
+    assert_eq!(s.live_bytes(), a.data_bytes() + b.data_bytes());
+}
+
+#[test]
+fn directory_created_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let sub = dir.path().join("a/b");
+    open(&sub).unwrap();
+    let mode = std::fs::metadata(&sub).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o700);
+    let mode = std::fs::metadata(log_path(&sub))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+}
+
+#[test]
+fn clear_removes_and_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut s, _) = open(dir.path()).unwrap();
+    s.set(msg("a", "1")).unwrap();
+    s.set(msg("b", "2")).unwrap();
+    s.flush().unwrap();
+    s.clear("a");
+    s.clear("never-set");
+    assert_eq!(s.flush().unwrap().records, 1);
+    drop(s);
+    let (_, loaded) = open(dir.path()).unwrap();
+    assert_eq!(loaded, vec![msg("b", "2")]);
+}
+
+#[test]
+fn expired_not_returned() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut s, _) = open(dir.path()).unwrap();
+    s.set(RetainedMessage {
+        expires_at: Some(1),
+        ..msg("old", "x")
+    })
+    .unwrap();
+    s.set(v5_msg("fresh", "y")).unwrap();
+    s.flush().unwrap();
+    assert_eq!(s.purge_expired(crate::now_unix()), 1);
+    drop(s);
+    let (_, loaded) = open(dir.path()).unwrap();
+    assert_eq!(loaded, vec![v5_msg("fresh", "y")]);
+}
+
+#[test]
+fn file_reveals_neither_topic_nor_payload() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut s, _) = open(dir.path()).unwrap();
+    s.set(v5_msg("patients/ward7/bed3/vitals", "heart-rate-72"))
+        .unwrap();
+    s.flush().unwrap();
+    s.compact().unwrap();
+    s.set(msg("doors/front", "unlocked-now")).unwrap();
+    s.flush().unwrap();
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+        for needle in [
+            &b"patients/ward7"[..],
+            b"heart-rate",
+            b"doors/front",
+            b"unlocked-now",
+            b"application/json",
+            b"reply/here",
+        ] {
+            assert!(!bytes.windows(needle.len()).any(|w| w == needle));
+        }
+    }
+}
+
+#[test]
+fn full_on_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = StoreLimits {
+        max_messages: 2,
+        max_bytes: 20,
+    };
+    let (mut s, _) = Store::open(dir.path(), key(), limits).unwrap();
+    s.set(msg("a", "1")).unwrap();
+    s.set(msg("b", "2")).unwrap();
+    assert!(matches!(s.set(msg("c", "3")), Err(StoreError::Full)));
+    // Replacing an existing topic is always allowed, even past max_bytes.
+    s.set(msg("a", "a much longer payload than before"))
+        .unwrap();
+    s.clear("b");
+    assert!(matches!(s.set(msg("c", "3")), Err(StoreError::Full)));
+    s.clear("a");
+    s.set(msg("c", "3")).unwrap();
+    assert_eq!(s.len(), 1);
+}
+
+#[test]
+fn compaction_keeps_exactly_the_live_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut s, _) = open(dir.path()).unwrap();
+    assert!(!s.maybe_compact().unwrap());
+    for round in 0..20 {
+        for i in 0..100 {
+            s.set(msg(&format!("t{i}"), &format!("{round:0>200}")))
+                .unwrap();
+        }
+        s.flush().unwrap();
+    }
+    for i in 50..100 {
+        s.clear(&format!("t{i}"));
+    }
+    s.flush().unwrap();
+    let before = s.file_bytes();
+    let live = sorted(s.messages().cloned().collect());
+    assert_eq!(live.len(), 50);
+    assert!(s.maybe_compact().unwrap());
+    assert!(s.file_bytes() * 10 < before);
+    assert!(!s.maybe_compact().unwrap());
+    // The compacted log keeps accepting appends.
+    s.set(msg("t0", "after")).unwrap();
+    s.flush().unwrap();
+    drop(s);
+    let (_, loaded) = open(dir.path()).unwrap();
+    let mut expect = live;
+    expect[0] = msg("t0", "after");
+    assert_eq!(sorted(loaded), expect);
+}
+
+#[test]
+fn background_compaction_includes_changes_made_meanwhile() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut s, _) = open(dir.path()).unwrap();
+    for i in 0..10 {
+        s.set(msg(&format!("t{i}"), "v1")).unwrap();
+    }
+    s.flush().unwrap();
+    let mut job = s.begin_compaction();
+    let job = std::thread::spawn(move || {
+        job.run().unwrap();
+        job
+    });
+    s.set(msg("t0", "v2")).unwrap();
+    s.clear("t1");
+    s.flush().unwrap();
+    s.set(msg("new", "v1")).unwrap();
+    s.finish_compaction(job.join().unwrap()).unwrap();
+    assert_eq!(s.pending(), 0);
+    let live = sorted(s.messages().cloned().collect());
+    drop(s);
+    let (_, loaded) = open(dir.path()).unwrap();
+    assert_eq!(sorted(loaded), live);
+    assert_eq!(live.len(), 10);
+    assert!(live.contains(&msg("t0", "v2")) && live.contains(&msg("new", "v1")));
+}
+
+#[test]
+fn stale_job_refused_and_tmp_removed_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut s, _) = open(dir.path()).unwrap();
+    s.set(msg("a", "1")).unwrap();
+    let old = s.begin_compaction();
+    let mut new = s.begin_compaction();
+    assert!(matches!(
+        s.finish_compaction(old),
+        Err(StoreError::StaleCompaction)
+    ));
+    new.run().unwrap();
+    drop(new); // abandoned after writing: a crash before the rename
+    drop(s);
+    assert!(std::fs::read_dir(dir.path()).unwrap().count() > 1);
+    let (_, loaded) = open(dir.path()).unwrap();
+    assert!(loaded.is_empty(), "the set was never flushed");
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+}
+
+#[test]
+fn flush_cost_is_proportional_to_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut s, _) = open(dir.path()).unwrap();
+    let payload = "x".repeat(100);
+    for i in 0..100_000 {
+        s.set(msg(&format!("sensors/{i}"), &payload)).unwrap();
+    }
+    s.flush().unwrap();
+    for i in 0..1000 {
+        s.set(msg(&format!("sensors/{}", i * 97), "changed"))
+            .unwrap();
+    }
+    let stats = s.flush().unwrap();
+    assert_eq!(stats.records, 1000);
+    assert!(
+        stats.bytes * 50 < s.file_bytes(),
+        "{stats:?} vs {}",
+        s.file_bytes()
+    );
+    drop(s);
+    let (s, loaded) = open(dir.path()).unwrap();
+    assert_eq!(loaded.len(), 100_000);
+    assert_eq!(s.get("sensors/97"), Some(&msg("sensors/97", "changed")));
+}
+
+#[test]
+fn failed_append_is_cut_back_before_retry() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut s, _) = open(dir.path()).unwrap();
+    s.set(msg("a", "1")).unwrap();
+    s.flush().unwrap();
+    // What a write that failed half-way would leave behind.
+    let mut bytes = std::fs::read(log_path(dir.path())).unwrap();
+    bytes.extend_from_slice(&[0xAB; 300]);
+    std::fs::write(log_path(dir.path()), &bytes).unwrap();
+    s.needs_truncate = true;
+    s.set(msg("b", "2")).unwrap();
+    s.flush().unwrap();
+    drop(s);
+    let (_, loaded) = open(dir.path()).unwrap();
+    assert_eq!(sorted(loaded), vec![msg("a", "1"), msg("b", "2")]);
+}
+
+#[test]
+fn rekey_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut s, _) = open(dir.path()).unwrap();
+    s.set(v5_msg("a", "1")).unwrap();
+    s.set(msg("b", "2")).unwrap();
+    s.flush().unwrap();
+    drop(s);
+    assert_eq!(rekey(dir.path(), key(), &other_key()).unwrap(), 2);
+    assert!(matches!(open(dir.path()), Err(StoreError::WrongKey { .. })));
+    let (_, loaded) = Store::open(dir.path(), other_key(), LIMITS).unwrap();
+    assert_eq!(sorted(loaded), vec![v5_msg("a", "1"), msg("b", "2")]);
+    // Rekey with a wrong "old" key changes nothing.
+    assert!(matches!(
+        rekey(dir.path(), key(), &key()),
+        Err(StoreError::WrongKey { .. })
+    ));
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+}
