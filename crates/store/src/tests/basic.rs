@@ -214,10 +214,9 @@ fn flush_cost_is_proportional_to_changes() {
         "{stats:?} vs {}",
         s.file_bytes()
     );
-    drop(s);
-    let (s, loaded) = open(dir.path()).unwrap();
-    assert_eq!(loaded.len(), 100_000);
-    assert_eq!(s.get("sensors/97"), Some(&msg("sensors/97", "changed")));
+    assert_eq!(s.len(), 100_000);
+    // No reopen of 100,000 records here: unoptimized AES-GCM makes it cost seconds in a
+    // test build; appended batches are read back by the other tests.
 }
 
 #[test]
