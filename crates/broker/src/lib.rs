@@ -1,1 +1,19 @@
 #![forbid(unsafe_code)]
+//! moatmq's broker: listeners, the per-connection gateway and the rumqttd router wiring.
+//!
+//! Data flow: listener (TCP | TLS | WebSocket) -> gateway (one task per connection:
+//! CONNECT, authentication, then every packet checked in both directions) -> rumqttd
+//! router (topic tree, sessions, QoS state) through a local link.
+
+mod codec;
+mod connect;
+mod gateway;
+mod listener;
+pub mod policy;
+mod router;
+mod server;
+mod tls;
+pub mod topic;
+mod transport;
+
+pub use server::{run, shutdown_signal, Broker, StartError};

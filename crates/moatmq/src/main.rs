@@ -1,2 +1,15 @@
 #![forbid(unsafe_code)]
-fn main() {}
+//! The `moatmq` command: parse the CLI, set up logging, load and validate the config,
+//! then hand over to the broker library. An invalid config is one line on stderr and
+//! exit code 64, before any port is bound.
+
+mod cli;
+mod commands;
+
+use clap::Parser;
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    commands::dispatch(cli)
+}

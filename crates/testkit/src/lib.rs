@@ -1,1 +1,109 @@
 #![forbid(unsafe_code)]
+//! Test support: a broker on 127.0.0.1 with ephemeral ports, a test CA that issues
+//! server and client certificates, and small client helpers. Used by integration tests
+//! only; nothing here is fixed-port or global.
+
+mod ca;
+mod client;
+
+pub use ca::TestCa;
+pub use client::*;
+
+use moatmq_broker::Broker;
+use moatmq_config::Config;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use tokio::sync::oneshot;
+
+/// A broker running on the test's runtime until dropped.
+pub struct TestBroker {
+    addrs: Vec<(String, SocketAddr)>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    /// Folder for files the test writes (config-relative paths resolve here).
+    pub dir: tempfile::TempDir,
+}
+
+/// Config text for one anonymous plaintext listener named `tcp`.
+pub const ANONYMOUS_TCP: &str = r#"
+[[listener]]
+name = "tcp"
+bind = "127.0.0.1:0"
+[auth]
+allow_anonymous = true
+"#;
+
+impl TestBroker {
+    /// Starts a broker with one anonymous TCP listener.
+    pub async fn start() -> TestBroker {
+        TestBroker::with_config(ANONYMOUS_TCP).await
+    }
+
+    /// Starts a broker from config text; relative paths resolve in a fresh temp folder.
+    pub async fn with_config(toml: &str) -> TestBroker {
+        let dir = tempfile::tempdir().expect("temp dir");
+        TestBroker::with_config_in(dir, toml).await
+    }
+
+    /// Like `with_config`, in a folder the test prepared (certificates, ACL files).
+    pub async fn with_config_in(dir: tempfile::TempDir, toml: &str) -> TestBroker {
+        let path = dir.path().join("broker.toml");
+        std::fs::write(&path, toml).expect("write config");
+        let config = Config::load(&path).unwrap_or_else(|e| panic!("test config: {e}"));
+        let broker = Broker::start(config).await.expect("broker starts");
+        let addrs = broker.local_addrs();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(broker.serve(async move {
+            let _ = stopped.await;
+        }));
+        TestBroker {
+            addrs,
+            stop: Some(stop),
+            task: Some(task),
+            dir,
+        }
+    }
+
+    /// Address of the listener called `name`.
+    pub fn addr(&self, name: &str) -> SocketAddr {
+        self.addrs
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, a)| *a)
+            .unwrap_or_else(|| panic!("no listener {name}"))
+    }
+
+    /// Address of the first listener.
+    pub fn first_addr(&self) -> SocketAddr {
+        self.addrs[0].1
+    }
+
+    pub fn path(&self, file: &str) -> PathBuf {
+        self.dir.path().join(file)
+    }
+
+    /// Stops the broker as SIGTERM would and waits for it.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for TestBroker {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// Writes `text` to `dir/name` and returns the path.
+pub fn write_file(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("write test file");
+    path
+}

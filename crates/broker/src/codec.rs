@@ -1,0 +1,154 @@
+//! MQTT framing helpers around `rumqttd::protocol`: which protocol version a CONNECT
+//! speaks, and the publish header fields (QoS, packet id) that rumqttd keeps private.
+//!
+//! rumqttd's `Publish` hides `qos`, `pkid` and `dup`; its `serialize`/`deserialize`
+//! pair is the public door. We read those fields from the wire bytes where we have them
+//! and build publishes through `Publish::deserialize`.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use rumqttd::protocol::{Publish, QoS};
+
+/// The MQTT version a connection speaks, from its CONNECT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    V4,
+    V5,
+}
+
+/// What the first bytes of a connection say.
+#[derive(Debug, PartialEq, Eq)]
+pub enum FirstPacket {
+    /// More bytes are needed.
+    Incomplete,
+    /// A CONNECT with this protocol level (4 = 3.1.1, 5 = 5.0, others unsupported).
+    Connect { level: u8 },
+    /// Not a CONNECT, or not MQTT at all.
+    NotConnect,
+}
+
+/// Reads the protocol level of a CONNECT at the start of `buf` without consuming it.
+pub fn first_packet(buf: &[u8]) -> FirstPacket {
+    let Some(&first) = buf.first() else {
+        return FirstPacket::Incomplete;
+    };
+    if first != 0x10 {
+        return FirstPacket::NotConnect;
+    }
+    // Remaining length: 1 to 4 bytes.
+    let mut i = 1;
+    loop {
+        match buf.get(i) {
+            None => return FirstPacket::Incomplete,
+            Some(b) if b & 0x80 == 0 => break,
+            Some(_) if i == 4 => return FirstPacket::NotConnect,
+            Some(_) => i += 1,
+        }
+    }
+    let header = i + 1;
+    // Protocol name (u16 length + bytes), then the level byte.
+    let (Some(&hi), Some(&lo)) = (buf.get(header), buf.get(header + 1)) else {
+        return FirstPacket::Incomplete;
+    };
+    let name_len = u16::from_be_bytes([hi, lo]) as usize;
+    if name_len > 6 {
+        return FirstPacket::NotConnect;
+    }
+    let name_end = header + 2 + name_len;
+    let (Some(name), Some(&level)) = (buf.get(header + 2..name_end), buf.get(name_end)) else {
+        return FirstPacket::Incomplete;
+    };
+    match name {
+        b"MQTT" | b"MQIsdp" => FirstPacket::Connect { level },
+        _ => FirstPacket::NotConnect,
+    }
+}
+
+/// QoS and packet id of a PUBLISH whose complete frame starts `frame`, read from the wire.
+/// `None` if `frame` is not a well-formed PUBLISH header.
+pub fn publish_header(frame: &[u8]) -> Option<(QoS, u16)> {
+    let first = *frame.first()?;
+    if first >> 4 != 3 {
+        return None;
+    }
+    let qos = match (first >> 1) & 0b11 {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        2 => QoS::ExactlyOnce,
+        _ => return None,
+    };
+    if qos == QoS::AtMostOnce {
+        return Some((qos, 0));
+    }
+    let mut i = 1;
+    while frame.get(i)? & 0x80 != 0 {
+        i += 1;
+        if i > 4 {
+            return None;
+        }
+    }
+    let topic_at = i + 1;
+    let topic_len = u16::from_be_bytes([*frame.get(topic_at)?, *frame.get(topic_at + 1)?]) as usize;
+    let pkid_at = topic_at + 2 + topic_len;
+    let pkid = u16::from_be_bytes([*frame.get(pkid_at)?, *frame.get(pkid_at + 1)?]);
+    Some((qos, pkid))
+}
+
+/// QoS and packet id of a decoded publish (rumqttd keeps them crate-private).
+/// Costs a copy of the publish: use only off the hot path.
+pub fn qos_and_pkid(publish: &Publish) -> (QoS, u16) {
+    let bytes = publish.serialize();
+    let qos = match (bytes[0] >> 1) & 0b11 {
+        1 => QoS::AtLeastOnce,
+        2 => QoS::ExactlyOnce,
+        _ => QoS::AtMostOnce,
+    };
+    (qos, u16::from_be_bytes([bytes[1], bytes[2]]))
+}
+
+/// Builds a publish with the given QoS and packet id.
+pub fn make_publish(topic: Bytes, payload: Bytes, qos: QoS, retain: bool, pkid: u16) -> Publish {
+    let mut o = BytesMut::with_capacity(5 + topic.len() + payload.len());
+    o.put_u8(0b0011_0000 | retain as u8 | ((qos as u8) << 1));
+    o.put_u16(pkid);
+    o.put_u16(topic.len() as u16);
+    o.extend_from_slice(&topic);
+    o.extend_from_slice(&payload);
+    Publish::deserialize(o.freeze())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn detects_v4_and_v5_connect() {
+        let v4 = [0x10, 0x0c, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 60];
+        assert_eq!(first_packet(&v4), FirstPacket::Connect { level: 4 });
+        let mut v5 = v4;
+        v5[8] = 5;
+        assert_eq!(first_packet(&v5), FirstPacket::Connect { level: 5 });
+        assert_eq!(first_packet(&v4[..5]), FirstPacket::Incomplete);
+        assert_eq!(first_packet(&[0x30, 0]), FirstPacket::NotConnect);
+        assert_eq!(first_packet(b"GET / HTTP/1.1"), FirstPacket::NotConnect);
+        assert_eq!(
+            first_packet(&[0x10, 0xff, 0xff, 0xff, 0xff, 0x01]),
+            FirstPacket::NotConnect
+        );
+    }
+
+    #[test]
+    fn publish_header_and_make_publish_agree() {
+        for qos in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce] {
+            let p = make_publish("a/b".into(), "xyz".into(), qos, true, 77);
+            let (q, id) = qos_and_pkid(&p);
+            assert_eq!(q, qos);
+            assert_eq!(id, if qos == QoS::AtMostOnce { 0 } else { 77 });
+            assert!(p.retain);
+        }
+        // QoS 1, topic "a", pkid 0x0102, payload "x"
+        let frame = [0x32, 6, 0, 1, b'a', 1, 2, b'x'];
+        assert_eq!(publish_header(&frame), Some((QoS::AtLeastOnce, 0x0102)));
+        assert_eq!(publish_header(&[0x36, 2]), None);
+        assert_eq!(publish_header(&[0x32, 6, 0, 9]), None);
+    }
+}

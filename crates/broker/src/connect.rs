@@ -1,0 +1,309 @@
+//! The first packet of a connection: read the CONNECT, decide who the client is, open
+//! its router link and answer with a CONNACK.
+//!
+//! Every refusal gets a CONNACK with the reason code of the client's protocol version
+//! (rumqttd's own listeners close without one) and then the connection is closed.
+
+use crate::codec::{first_packet, FirstPacket, Version};
+use crate::gateway::{Gateway, Will};
+use crate::policy::{AuthFailure, Identity};
+use crate::router::router_client_id;
+use crate::server::{ConnInfo, Shared};
+use crate::transport::{Reader, Writer};
+use bytes::BytesMut;
+use rumqttd::protocol::{
+    v4::V4, v5::V5, ConnAck, ConnAckProperties, ConnectReturnCode, Packet, Protocol,
+};
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::{debug, info};
+
+/// Why a connection ended before it was established.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectFailure {
+    #[error("no CONNECT within the connect timeout")]
+    Timeout,
+    #[error("connection closed before CONNECT")]
+    Closed,
+    #[error("first packet is not an MQTT CONNECT")]
+    NotConnect,
+    #[error("unsupported protocol level {0}")]
+    UnsupportedLevel(u8),
+    #[error("malformed CONNECT: {0}")]
+    Malformed(String),
+    #[error("refused: {0}")]
+    Refused(&'static str),
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Reads the CONNECT, authenticates and, on success, runs the gateway until the
+/// connection ends.
+pub async fn handle(
+    shared: Arc<Shared>,
+    info: ConnInfo,
+    mut reader: Reader,
+    mut writer: Writer,
+) -> Result<(), ConnectFailure> {
+    let timeout = Duration::from_secs(shared.config.limits.connect_timeout);
+    let mut buf = BytesMut::with_capacity(4096);
+    let (version, packet) = tokio::time::timeout(
+        timeout,
+        read_connect(&shared, &mut reader, &mut writer, &mut buf),
+    )
+    .await
+    .map_err(|_| ConnectFailure::Timeout)??;
+    let Packet::Connect(connect, props, will, will_props, login) = packet else {
+        return Err(ConnectFailure::NotConnect);
+    };
+
+    let limits = &shared.config.limits;
+    let mut client_id = connect.client_id.clone();
+    let mut assigned = None;
+    if client_id.is_empty() {
+        if version == Version::V4 && !connect.clean_session {
+            // MQTT-3.1.3-8: a zero-length id needs a clean session.
+            refuse(&mut writer, version, Refusal::ClientId).await;
+            return Err(ConnectFailure::Refused(
+                "empty client id without clean session",
+            ));
+        }
+        client_id = format!("auto-{:016x}", rand::random::<u64>());
+        assigned = Some(client_id.clone());
+    }
+    if client_id.len() > limits.max_client_id_length || client_id.contains('\0') {
+        refuse(&mut writer, version, Refusal::ClientId).await;
+        return Err(ConnectFailure::Refused("client id too long or invalid"));
+    }
+
+    let (username, password) = match &login {
+        Some(l) => (Some(l.username.as_str()), Some(l.password.as_str())),
+        None => (None, None),
+    };
+    let username = match shared
+        .policy
+        .authenticate(
+            &info.listener,
+            username,
+            password,
+            info.cert_identity.as_deref(),
+        )
+        .await
+    {
+        Ok(u) => u,
+        Err(failure) => {
+            let reason = match failure {
+                AuthFailure::BadCredentials => Refusal::BadCredentials,
+                AuthFailure::NotAuthorized => Refusal::NotAuthorized,
+            };
+            info!(listener = %info.listener.name, peer = %info.peer, client_id = %client_id, ?failure, "authentication failed");
+            refuse(&mut writer, version, reason).await;
+            return Err(ConnectFailure::Refused("authentication failed"));
+        }
+    };
+    let identity = Identity {
+        username,
+        client_id,
+    };
+
+    let will = match will {
+        None => None,
+        Some(w) => {
+            let topic = std::str::from_utf8(&w.topic).unwrap_or("");
+            if !crate::topic::valid_topic_name(topic, limits.max_topic_levels) {
+                refuse(&mut writer, version, Refusal::TopicInvalid).await;
+                return Err(ConnectFailure::Refused("invalid will topic"));
+            }
+            if !shared.policy.may_publish(&identity, topic) {
+                refuse(&mut writer, version, Refusal::NotAuthorized).await;
+                return Err(ConnectFailure::Refused("will topic not authorized"));
+            }
+            let delay = will_props
+                .as_ref()
+                .and_then(|p| p.delay_interval)
+                .unwrap_or(0);
+            Some(Will {
+                will: w,
+                delay: Duration::from_secs(delay.into()),
+            })
+        }
+    };
+
+    // MQTT 5: a session outlives the connection only with a session expiry interval.
+    let session_expiry = props
+        .as_ref()
+        .and_then(|p| p.session_expiry_interval)
+        .unwrap_or(0);
+    let clean = match version {
+        Version::V4 => connect.clean_session,
+        Version::V5 => connect.clean_session || session_expiry == 0,
+    };
+    let router_id = router_client_id(identity.username.as_deref(), &identity.client_id);
+    shared.cancel_delayed_will(&router_id);
+    let (tx, rx, ack) = match shared.router.connect(router_id.clone(), clean).await {
+        Ok(link) => link,
+        Err(e) => {
+            tracing::error!(error = %e, "router link failed");
+            refuse(&mut writer, version, Refusal::Unavailable).await;
+            return Err(ConnectFailure::Refused("router unavailable"));
+        }
+    };
+    let session_present = match Option::<Packet>::from(ack) {
+        Some(Packet::ConnAck(ack, _)) => ack.session_present && !connect.clean_session,
+        _ => false,
+    };
+    let connack_props = match version {
+        Version::V4 => None,
+        Version::V5 => Some(ConnAckProperties {
+            session_expiry_interval: None,
+            receive_max: Some(limits.max_inflight),
+            max_qos: None,
+            retain_available: Some(1),
+            max_packet_size: u32::try_from(limits.max_packet_size).ok(),
+            assigned_client_identifier: assigned,
+            topic_alias_max: Some(0),
+            reason_string: None,
+            user_properties: Vec::new(),
+            wildcard_subscription_available: Some(1),
+            subscription_identifiers_available: Some(0),
+            shared_subscription_available: Some(1),
+            server_keep_alive: None,
+            response_information: None,
+            server_reference: None,
+            authentication_method: None,
+            authentication_data: None,
+        }),
+    };
+    let connack = Packet::ConnAck(
+        ConnAck {
+            session_present,
+            code: ConnectReturnCode::Success,
+        },
+        connack_props,
+    );
+    let mut out = BytesMut::new();
+    codec_for(version)
+        .write(connack, &mut out)
+        .map_err(|e| ConnectFailure::Malformed(e.to_string()))?;
+    writer.write_all(&out).await?;
+    info!(listener = %info.listener.name, peer = %info.peer, client_id = %identity.client_id,
+          username = identity.username.as_deref().unwrap_or(""), ?version, "client connected");
+
+    let max_out = props.as_ref().and_then(|p| p.max_packet_size);
+    let gateway = Gateway::new(
+        shared,
+        info,
+        version,
+        identity,
+        router_id,
+        tx,
+        rx,
+        will,
+        connect.keep_alive,
+        max_out,
+    );
+    gateway.run(reader, writer, buf).await;
+    Ok(())
+}
+
+/// Reads until a whole CONNECT is buffered and decodes it with the right codec.
+async fn read_connect(
+    shared: &Shared,
+    reader: &mut Reader,
+    writer: &mut Writer,
+    buf: &mut BytesMut,
+) -> Result<(Version, Packet), ConnectFailure> {
+    let max = shared.config.limits.max_packet_size;
+    loop {
+        match first_packet(buf) {
+            FirstPacket::Incomplete => {}
+            FirstPacket::NotConnect => return Err(ConnectFailure::NotConnect),
+            FirstPacket::Connect { level } => {
+                let version = match level {
+                    4 => Version::V4,
+                    5 => Version::V5,
+                    other => {
+                        // MQTT-3.1.2-2: answer 0x01 in 3.1.1 form, which older clients read.
+                        refuse(writer, Version::V4, Refusal::ProtocolVersion).await;
+                        return Err(ConnectFailure::UnsupportedLevel(other));
+                    }
+                };
+                match codec_for(version).read_mut(buf, max) {
+                    Ok(packet) => return Ok((version, packet)),
+                    Err(rumqttd::protocol::Error::InsufficientBytes(_)) => {}
+                    Err(rumqttd::protocol::Error::PayloadSizeLimitExceeded(_)) => {
+                        refuse(writer, version, Refusal::TooLarge).await;
+                        return Err(ConnectFailure::Malformed("CONNECT too large".into()));
+                    }
+                    Err(e) => {
+                        refuse(writer, version, Refusal::Malformed).await;
+                        return Err(ConnectFailure::Malformed(e.to_string()));
+                    }
+                }
+            }
+        }
+        if reader.read(buf).await? == 0 {
+            return Err(ConnectFailure::Closed);
+        }
+    }
+}
+
+/// The codec for a protocol version.
+pub fn codec_for(version: Version) -> Box<dyn Protocol + Send> {
+    match version {
+        Version::V4 => Box::new(V4),
+        Version::V5 => Box::new(V5),
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Refusal {
+    ProtocolVersion,
+    ClientId,
+    BadCredentials,
+    NotAuthorized,
+    Unavailable,
+    TopicInvalid,
+    TooLarge,
+    Malformed,
+}
+
+/// Sends a refusing CONNACK (best effort) and closes.
+async fn refuse(writer: &mut Writer, version: Version, refusal: Refusal) {
+    use ConnectReturnCode as C;
+    let code = match (version, refusal) {
+        (Version::V4, Refusal::ProtocolVersion) | (_, Refusal::ProtocolVersion) => {
+            C::RefusedProtocolVersion
+        }
+        (Version::V4, Refusal::ClientId) => C::ClientIdentifierNotValid,
+        (Version::V4, Refusal::BadCredentials) => C::BadUserNamePassword,
+        (Version::V4, Refusal::NotAuthorized) => C::NotAuthorized,
+        (Version::V4, Refusal::Unavailable) => C::ServiceUnavailable,
+        // 3.1.1 has no code for these: close without a CONNACK (MQTT-3.2.2-4 allows it).
+        (Version::V4, Refusal::TopicInvalid | Refusal::TooLarge | Refusal::Malformed) => {
+            writer.shutdown().await;
+            return;
+        }
+        (Version::V5, Refusal::ClientId) => C::ClientIdentifierNotValid,
+        (Version::V5, Refusal::BadCredentials) => C::BadUserNamePassword,
+        (Version::V5, Refusal::NotAuthorized) => C::NotAuthorized,
+        (Version::V5, Refusal::Unavailable) => C::ServerUnavailable,
+        (Version::V5, Refusal::TopicInvalid) => C::TopicNameInvalid,
+        (Version::V5, Refusal::TooLarge) => C::PacketTooLarge,
+        (Version::V5, Refusal::Malformed) => C::MalformedPacket,
+    };
+    let props = (version == Version::V5).then(ConnAckProperties::default);
+    let packet = Packet::ConnAck(
+        ConnAck {
+            session_present: false,
+            code,
+        },
+        props,
+    );
+    let mut out = BytesMut::new();
+    if codec_for(version).write(packet, &mut out).is_ok() {
+        let _ = writer.write_all(&out).await;
+    }
+    debug!(?refusal, "connection refused");
+    writer.shutdown().await;
+}

@@ -1,0 +1,540 @@
+//! The per-connection gateway: our equivalent of rumqttd's remote link.
+//!
+//! It owns the socket. Every packet from the client passes [`Gateway::incoming`] before
+//! it may reach the router, and every notification from the router passes
+//! [`Gateway::outgoing`] before it may reach the socket: those two functions are where
+//! every check lives (topic validity, ACL write/subscribe/read, limits).
+//!
+//! Packet ids: the router numbers what it forwards (1..=100). When the gateway withholds a
+//! forwarded QoS 1/2 message (read ACL, client's maximum packet size) it acknowledges it to
+//! the router itself; when it refuses a client's QoS 2 publish it completes the
+//! PUBREC/PUBREL/PUBCOMP exchange itself.
+
+use crate::codec::{publish_header, qos_and_pkid, Version};
+use crate::connect::codec_for;
+use crate::policy::{unshare, Identity};
+use crate::server::{ConnInfo, Shared};
+use crate::topic::{valid_topic_filter, valid_topic_name};
+use crate::transport::{Reader, Writer};
+use bytes::BytesMut;
+use futures_util::FutureExt;
+use rumqttd::local::{LinkRx, LinkTx};
+use rumqttd::protocol::{
+    Disconnect, DisconnectReasonCode, LastWill, Packet, PingResp, Protocol, PubAck, PubAckReason,
+    PubComp, PubCompReason, PubRec, PubRecReason, QoS, SubAck, SubscribeReasonCode,
+};
+use rumqttd::Notification;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+/// Output gathered before one socket write.
+const WRITE_BATCH: usize = 64 * 1024;
+/// A write that cannot make progress for this long means the client stopped reading.
+const WRITE_STALL: Duration = Duration::from_secs(30);
+
+/// A client's last will, published by the gateway when the connection ends abnormally
+/// (rumqttd 0.20 only publishes wills on request of its own listeners).
+pub struct Will {
+    pub will: LastWill,
+    pub delay: Duration,
+}
+
+/// Why the connection loop stopped. The texts are read through `Debug` in the
+/// disconnect log line.
+#[derive(Debug)]
+#[allow(dead_code)] // fields are only read by Debug
+enum Close {
+    /// The client sent DISCONNECT (with reason 0x04 the will is still published).
+    ClientDisconnect { with_will: bool },
+    /// The socket closed or failed.
+    Network(String),
+    /// We close the connection; MQTT 5 clients get a DISCONNECT with this reason.
+    Protocol(DisconnectReasonCode, &'static str),
+    /// The router dropped the link (session taken over by a new connection).
+    TakenOver,
+    /// The broker is shutting down.
+    Shutdown,
+}
+
+pub struct Gateway {
+    shared: Arc<Shared>,
+    info: ConnInfo,
+    version: Version,
+    codec: Box<dyn Protocol + Send>,
+    identity: Identity,
+    router_id: String,
+    tx: LinkTx,
+    rx: LinkRx,
+    will: Option<Will>,
+    keep_alive: Option<Duration>,
+    max_out_packet: usize,
+    /// Filters held (for the subscription limit).
+    subscriptions: HashSet<String>,
+    /// SUBSCRIBEs partly refused here: reason codes of the refused positions.
+    pending_subacks: HashMap<u16, Vec<Option<SubscribeReasonCode>>>,
+    /// Client QoS 2 publishes we refused: we owe the PUBCOMP.
+    refused_qos2: HashSet<u16>,
+    /// Router QoS 2 forwards we withheld: we owe the router a PUBCOMP after its PUBREL.
+    withheld_qos2: HashSet<u16>,
+    out: BytesMut,
+}
+
+impl Gateway {
+    #[allow(clippy::too_many_arguments)] // one call site, in connect.rs; the fields are the state
+    pub fn new(
+        shared: Arc<Shared>,
+        info: ConnInfo,
+        version: Version,
+        identity: Identity,
+        router_id: String,
+        tx: LinkTx,
+        rx: LinkRx,
+        will: Option<Will>,
+        keep_alive: u16,
+        max_out_packet: Option<u32>,
+    ) -> Gateway {
+        Gateway {
+            shared,
+            info,
+            version,
+            codec: codec_for(version),
+            identity,
+            router_id,
+            tx,
+            rx,
+            will,
+            // MQTT-3.1.2-24: one and a half keep-alive periods; 0 disables it.
+            keep_alive: (keep_alive > 0)
+                .then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
+            max_out_packet: max_out_packet.map_or(usize::MAX, |m| m as usize),
+            subscriptions: HashSet::new(),
+            pending_subacks: HashMap::new(),
+            refused_qos2: HashSet::new(),
+            withheld_qos2: HashSet::new(),
+            out: BytesMut::with_capacity(4096),
+        }
+    }
+
+    /// Serves the connection until it ends, then tears down the link.
+    pub async fn run(mut self, mut reader: Reader, mut writer: Writer, mut buf: BytesMut) {
+        let mut shutdown = self.shared.shutdown.clone();
+        let close = self
+            .serve(&mut reader, &mut writer, &mut buf, &mut shutdown)
+            .await;
+        let reason = match &close {
+            Close::Protocol(code, _) => Some(*code),
+            Close::TakenOver => Some(DisconnectReasonCode::SessionTakenOver),
+            Close::Shutdown => Some(DisconnectReasonCode::ServerShuttingDown),
+            _ => None,
+        };
+        if let (Version::V5, Some(reason_code)) = (self.version, reason) {
+            self.out.clear();
+            let packet = Packet::Disconnect(Disconnect { reason_code }, None);
+            if self.codec.write(packet, &mut self.out).is_ok() {
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(1), writer.write_all(&self.out)).await;
+            }
+        }
+        writer.shutdown().await;
+        let publish_will = !matches!(
+            close,
+            Close::ClientDisconnect { with_will: false } | Close::Shutdown
+        );
+        if let (true, Some(will)) = (publish_will, self.will.take()) {
+            self.shared.publish_will(&self.router_id, will);
+        }
+        if !matches!(close, Close::TakenOver) {
+            // Tells the router the link is gone; it keeps a persistent session's state.
+            let bye = Packet::Disconnect(
+                Disconnect {
+                    reason_code: DisconnectReasonCode::NormalDisconnection,
+                },
+                None,
+            );
+            let _ = self.tx.send(bye).now_or_never();
+        }
+        info!(listener = %self.info.listener.name, peer = %self.info.peer,
+              client_id = %self.identity.client_id, reason = ?close, "client disconnected");
+    }
+
+    async fn serve(
+        &mut self,
+        reader: &mut Reader,
+        writer: &mut Writer,
+        buf: &mut BytesMut,
+        shutdown: &mut tokio::sync::watch::Receiver<bool>,
+    ) -> Close {
+        let max_packet = self.shared.config.limits.max_packet_size;
+        let far_future = Duration::from_secs(86400 * 365);
+        let mut deadline = Instant::now() + self.keep_alive.unwrap_or(far_future);
+        // Bytes already buffered after the CONNECT are packets too.
+        if let Err(close) = self.decode_all(buf, max_packet) {
+            return close;
+        }
+        loop {
+            if let Err(close) = self.flush(writer).await {
+                return close;
+            }
+            tokio::select! {
+                read = reader.read(buf) => {
+                    match read {
+                        Ok(0) => return Close::Network("closed by client".into()),
+                        Ok(_) => {}
+                        Err(e) => return Close::Network(e.to_string()),
+                    }
+                    deadline = Instant::now() + self.keep_alive.unwrap_or(far_future);
+                    if let Err(close) = self.decode_all(buf, max_packet) {
+                        return close;
+                    }
+                }
+                notification = self.rx.next() => {
+                    match notification {
+                        Ok(Some(n)) => {
+                            if let Err(close) = self.outgoing(n) {
+                                return close;
+                            }
+                            // Gather what else is ready into the same write.
+                            while self.out.len() < WRITE_BATCH {
+                                match self.rx.next().now_or_never() {
+                                    Some(Ok(Some(n))) => {
+                                        if let Err(close) = self.outgoing(n) {
+                                            return close;
+                                        }
+                                    }
+                                    Some(Ok(None)) => continue,
+                                    Some(Err(_)) => return Close::TakenOver,
+                                    None => break,
+                                }
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(_) => return Close::TakenOver,
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Close::Protocol(DisconnectReasonCode::KeepAliveTimeout, "keep alive timeout");
+                }
+                _ = shutdown.changed() => return Close::Shutdown,
+            }
+        }
+    }
+
+    /// Decodes and handles every complete packet in `buf`.
+    fn decode_all(&mut self, buf: &mut BytesMut, max_packet: usize) -> Result<(), Close> {
+        loop {
+            if buf.is_empty() {
+                return Ok(());
+            }
+            // QoS and packet id are private in rumqttd's Publish: read them off the wire.
+            let header = publish_header(buf);
+            match self.codec.read_mut(buf, max_packet) {
+                Ok(packet) => self.incoming(packet, header)?,
+                Err(rumqttd::protocol::Error::InsufficientBytes(_)) => return Ok(()),
+                Err(rumqttd::protocol::Error::PayloadSizeLimitExceeded(_)) => {
+                    return Err(Close::Protocol(
+                        DisconnectReasonCode::PacketTooLarge,
+                        "packet larger than limits.max_packet_size",
+                    ))
+                }
+                Err(e) => {
+                    debug!(error = %e, "malformed packet");
+                    return Err(Close::Protocol(
+                        DisconnectReasonCode::MalformedPacket,
+                        "malformed packet",
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Client to router: the one place every client packet passes.
+    fn incoming(&mut self, packet: Packet, header: Option<(QoS, u16)>) -> Result<(), Close> {
+        let limits = &self.shared.config.limits;
+        match packet {
+            Packet::Publish(publish, props) => {
+                let (qos, pkid) = header.unwrap_or((QoS::AtMostOnce, 0));
+                let Ok(topic) = std::str::from_utf8(&publish.topic) else {
+                    return Err(Close::Protocol(
+                        DisconnectReasonCode::TopicNameInvalid,
+                        "topic not UTF-8",
+                    ));
+                };
+                if props.as_ref().is_some_and(|p| p.topic_alias.is_some()) {
+                    // We announce topic_alias_max = 0 in the CONNACK.
+                    return Err(Close::Protocol(
+                        DisconnectReasonCode::TopicAliasInvalid,
+                        "topic alias not allowed",
+                    ));
+                }
+                if !valid_topic_name(topic, limits.max_topic_levels) {
+                    return Err(Close::Protocol(
+                        DisconnectReasonCode::TopicNameInvalid,
+                        "invalid topic name",
+                    ));
+                }
+                if !self.shared.policy.may_publish(&self.identity, topic) {
+                    debug!(topic, "publish denied");
+                    return self.refuse_publish(qos, pkid);
+                }
+                self.send_router(Packet::Publish(publish, props))
+            }
+            Packet::Subscribe(mut subscribe, props) => {
+                if props.as_ref().is_some_and(|p| p.id.is_some()) {
+                    return Err(Close::Protocol(
+                        DisconnectReasonCode::SubscriptionIdentifiersNotSupported,
+                        "subscription identifiers not supported",
+                    ));
+                }
+                let mut refused = Vec::with_capacity(subscribe.filters.len());
+                let mut kept = Vec::with_capacity(subscribe.filters.len());
+                for filter in subscribe.filters.drain(..) {
+                    let reason = self.check_filter(&filter.path);
+                    if reason.is_none() {
+                        self.subscriptions.insert(filter.path.clone());
+                        kept.push(filter);
+                    }
+                    refused.push(reason);
+                }
+                if kept.is_empty() {
+                    let codes = refused.into_iter().flatten().collect();
+                    return self.write(Packet::SubAck(
+                        SubAck {
+                            pkid: subscribe.pkid,
+                            return_codes: codes,
+                        },
+                        None,
+                    ));
+                }
+                if refused.iter().any(Option::is_some) {
+                    self.pending_subacks.insert(subscribe.pkid, refused);
+                }
+                subscribe.filters = kept;
+                self.send_router(Packet::Subscribe(subscribe, props))
+            }
+            Packet::Unsubscribe(unsubscribe, props) => {
+                for f in &unsubscribe.filters {
+                    self.subscriptions.remove(f);
+                }
+                self.send_router(Packet::Unsubscribe(unsubscribe, props))
+            }
+            Packet::PubRel(rel, props) => {
+                if self.refused_qos2.remove(&rel.pkid) {
+                    let comp = PubComp {
+                        pkid: rel.pkid,
+                        reason: PubCompReason::Success,
+                    };
+                    return self.write(Packet::PubComp(comp, None));
+                }
+                self.send_router(Packet::PubRel(rel, props))
+            }
+            p @ (Packet::PubAck(..) | Packet::PubRec(..) | Packet::PubComp(..)) => {
+                self.send_router(p)
+            }
+            Packet::PingReq(_) => self.write(Packet::PingResp(PingResp)),
+            Packet::Disconnect(d, _) => Err(Close::ClientDisconnect {
+                with_will: d.reason_code == DisconnectReasonCode::DisconnectWithWillMessage,
+            }),
+            Packet::Connect(..) => Err(Close::Protocol(
+                DisconnectReasonCode::ProtocolError,
+                "second CONNECT",
+            )),
+            _ => Err(Close::Protocol(
+                DisconnectReasonCode::ProtocolError,
+                "packet not allowed from a client",
+            )),
+        }
+    }
+
+    /// `None` if the filter may be subscribed, else the refusal code for its SUBACK slot.
+    fn check_filter(&self, path: &str) -> Option<SubscribeReasonCode> {
+        let limits = &self.shared.config.limits;
+        let v5 = self.version == Version::V5;
+        let code = |v5_code| {
+            if v5 {
+                v5_code
+            } else {
+                SubscribeReasonCode::Failure
+            }
+        };
+        if !valid_topic_filter(path, limits.max_topic_levels) {
+            return Some(code(SubscribeReasonCode::TopicFilterInvalid));
+        }
+        if !self.subscriptions.contains(path)
+            && self.subscriptions.len() >= limits.max_subscriptions_per_client
+        {
+            return Some(code(SubscribeReasonCode::QuotaExceeded));
+        }
+        // The router has no `$SYS` tree and disconnects clients that subscribe to one.
+        let inner = unshare(path);
+        if inner.starts_with('$') || !self.shared.policy.may_subscribe(&self.identity, inner) {
+            return Some(code(SubscribeReasonCode::NotAuthorized));
+        }
+        None
+    }
+
+    /// Drops a publish the client may not make, acknowledging it as the protocol needs.
+    fn refuse_publish(&mut self, qos: QoS, pkid: u16) -> Result<(), Close> {
+        let v5 = self.version == Version::V5;
+        match qos {
+            QoS::AtMostOnce => Ok(()),
+            QoS::AtLeastOnce => {
+                let reason = if v5 {
+                    PubAckReason::NotAuthorized
+                } else {
+                    PubAckReason::Success
+                };
+                self.write(Packet::PubAck(PubAck { pkid, reason }, None))
+            }
+            QoS::ExactlyOnce => {
+                let reason = if v5 {
+                    PubRecReason::NotAuthorized
+                } else {
+                    // 3.1.1 cannot say no: the exchange completes and the message is dropped.
+                    self.refused_qos2.insert(pkid);
+                    PubRecReason::Success
+                };
+                self.write(Packet::PubRec(PubRec { pkid, reason }, None))
+            }
+        }
+    }
+
+    /// Router to client: the one place every notification passes.
+    fn outgoing(&mut self, notification: Notification) -> Result<(), Close> {
+        match notification {
+            Notification::Forward(forward) => {
+                let topic = std::str::from_utf8(&forward.publish.topic).unwrap_or("");
+                if !self.shared.policy.may_read(&self.identity, topic) {
+                    debug!(topic, "delivery withheld by read ACL");
+                    let (qos, pkid) = qos_and_pkid(&forward.publish);
+                    return self.withhold(qos, pkid);
+                }
+                let mark = self.out.len();
+                self.write(Packet::Publish(forward.publish.clone(), forward.properties))?;
+                if self.out.len() - mark > self.max_out_packet {
+                    // MQTT-3.1.2-25: never send more than the client's maximum packet size.
+                    self.out.truncate(mark);
+                    let (qos, pkid) = qos_and_pkid(&forward.publish);
+                    return self.withhold(qos, pkid);
+                }
+                Ok(())
+            }
+            Notification::DeviceAck(ack) => match Packet::from(ack) {
+                Packet::ConnAck(..) => Ok(()),
+                Packet::SubAck(mut suback, props) => {
+                    if let Some(slots) = self.pending_subacks.remove(&suback.pkid) {
+                        let mut granted = suback.return_codes.into_iter();
+                        suback.return_codes = slots
+                            .into_iter()
+                            .map(|slot| {
+                                slot.or_else(|| granted.next())
+                                    .unwrap_or(SubscribeReasonCode::Failure)
+                            })
+                            .collect();
+                    }
+                    self.write(Packet::SubAck(suback, props))
+                }
+                Packet::PubRel(rel, props) => {
+                    if self.withheld_qos2.remove(&rel.pkid) {
+                        let comp = PubComp {
+                            pkid: rel.pkid,
+                            reason: PubCompReason::Success,
+                        };
+                        return self.send_router(Packet::PubComp(comp, None));
+                    }
+                    self.write(Packet::PubRel(rel, props))
+                }
+                Packet::PingResp(_) => Ok(()),
+                other => self.write(other),
+            },
+            Notification::Unschedule => {
+                // The router paused this link until we have drained its buffer.
+                let _ = self.rx.ready();
+                Ok(())
+            }
+            Notification::Disconnect(d, _) => {
+                warn!(reason = ?d.reason_code, "router closed the link");
+                Err(Close::Protocol(d.reason_code, "closed by the router"))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Acknowledges to the router a forward that the client will not get.
+    fn withhold(&mut self, qos: QoS, pkid: u16) -> Result<(), Close> {
+        match qos {
+            QoS::AtMostOnce => Ok(()),
+            QoS::AtLeastOnce => self.send_router(Packet::PubAck(
+                PubAck {
+                    pkid,
+                    reason: PubAckReason::Success,
+                },
+                None,
+            )),
+            QoS::ExactlyOnce => {
+                self.withheld_qos2.insert(pkid);
+                self.send_router(Packet::PubRec(
+                    PubRec {
+                        pkid,
+                        reason: PubRecReason::Success,
+                    },
+                    None,
+                ))
+            }
+        }
+    }
+
+    fn send_router(&mut self, packet: Packet) -> Result<(), Close> {
+        match self.tx.send(packet).now_or_never() {
+            Some(Ok(_)) => Ok(()),
+            _ => Err(Close::TakenOver),
+        }
+    }
+
+    /// Encodes a packet for this client's protocol version into the output buffer.
+    fn write(&mut self, packet: Packet) -> Result<(), Close> {
+        // rumqttd's 3.1.1 encoder panics on MQTT 5 properties: strip them for 3.1.1 clients.
+        let packet = match self.version {
+            Version::V5 => packet,
+            Version::V4 => strip_properties(packet),
+        };
+        self.codec
+            .write(packet, &mut self.out)
+            .map(drop)
+            .map_err(|_| Close::Protocol(DisconnectReasonCode::UnspecifiedError, "encode failed"))
+    }
+
+    async fn flush(&mut self, writer: &mut Writer) -> Result<(), Close> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        match tokio::time::timeout(WRITE_STALL, writer.write_all(&self.out)).await {
+            Ok(Ok(())) => {
+                self.out.clear();
+                if self.out.capacity() > 4 * WRITE_BATCH {
+                    self.out = BytesMut::with_capacity(4096);
+                }
+                Ok(())
+            }
+            Ok(Err(e)) => Err(Close::Network(e.to_string())),
+            Err(_) => Err(Close::Network("client stopped reading".into())),
+        }
+    }
+}
+
+fn strip_properties(packet: Packet) -> Packet {
+    match packet {
+        Packet::Publish(p, _) => Packet::Publish(p, None),
+        Packet::PubAck(p, _) => Packet::PubAck(p, None),
+        Packet::PubRec(p, _) => Packet::PubRec(p, None),
+        Packet::PubRel(p, _) => Packet::PubRel(p, None),
+        Packet::PubComp(p, _) => Packet::PubComp(p, None),
+        Packet::SubAck(p, _) => Packet::SubAck(p, None),
+        Packet::UnsubAck(p, _) => Packet::UnsubAck(p, None),
+        Packet::ConnAck(p, _) => Packet::ConnAck(p, None),
+        Packet::Disconnect(p, _) => Packet::Disconnect(p, None),
+        other => other,
+    }
+}

@@ -1,0 +1,169 @@
+//! Wiring: start the router, bind every listener, serve until SIGTERM/SIGINT.
+//!
+//! Shutdown: listeners stop accepting, every gateway is told (MQTT 5 clients receive
+//! DISCONNECT 0x8B), and `run` returns once connections have closed or a grace period
+//! has passed.
+
+use crate::gateway::Will;
+use crate::listener::{bind, Bound};
+use crate::policy::{ListenerPolicy, Policy};
+use crate::router::RouterHandle;
+use moatmq_config::Config;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::task::AbortHandle;
+use tracing::{info, warn};
+
+/// State shared by every connection.
+pub struct Shared {
+    pub config: Config,
+    pub router: RouterHandle,
+    pub policy: Policy,
+    /// Flips to `true` when the broker shuts down.
+    pub shutdown: watch::Receiver<bool>,
+    /// Wills waiting out their MQTT 5 delay, by router client id.
+    delayed_wills: Mutex<HashMap<String, AbortHandle>>,
+}
+
+/// What a gateway knows about its connection before CONNECT.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    pub listener: ListenerPolicy,
+    pub peer: SocketAddr,
+    /// Verified client-certificate CN, on listeners with `identity = "cn"`.
+    pub cert_identity: Option<String>,
+}
+
+impl Shared {
+    /// Publishes a will now or after its delay (MQTT 5 will delay interval).
+    pub fn publish_will(self: &Arc<Self>, router_id: &str, will: Will) {
+        let Will { will, delay, .. } = will;
+        if delay.is_zero() {
+            self.router
+                .publish(will.topic, will.message, will.qos, will.retain);
+            return;
+        }
+        let shared = self.clone();
+        let key = router_id.to_string();
+        let task = tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            if let Ok(mut wills) = shared.delayed_wills.lock() {
+                wills.remove(&key);
+            }
+            shared
+                .router
+                .publish(will.topic, will.message, will.qos, will.retain);
+        });
+        if let Ok(mut wills) = self.delayed_wills.lock() {
+            wills.insert(router_id.to_string(), task.abort_handle());
+        }
+    }
+
+    /// A client reconnected before its will delay ran out: the will is not sent.
+    pub fn cancel_delayed_will(&self, router_id: &str) {
+        if let Ok(mut wills) = self.delayed_wills.lock() {
+            if let Some(task) = wills.remove(router_id) {
+                task.abort();
+            }
+        }
+    }
+}
+
+/// A broker whose listeners are bound; `serve` runs it.
+pub struct Broker {
+    shared: Arc<Shared>,
+    listeners: Vec<Bound>,
+    shutdown_tx: watch::Sender<bool>,
+}
+
+/// Why the broker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A listener could not bind (address in use, permission).
+    #[error("listener {name}: cannot bind {addr}: {source}")]
+    Bind {
+        name: String,
+        addr: String,
+        source: std::io::Error,
+    },
+    /// TLS material could not be loaded.
+    #[error("listener {name}: {reason}")]
+    Tls { name: String, reason: String },
+}
+
+impl Broker {
+    /// Starts the router and binds every listener; nothing is accepted until `serve`.
+    pub async fn start(config: Config) -> Result<Broker, StartError> {
+        let router = RouterHandle::start(config.limits.max_connections);
+        let (shutdown_tx, shutdown) = watch::channel(false);
+        let mut listeners = Vec::new();
+        for l in &config.listener {
+            listeners.push(bind(&config, l).await?);
+        }
+        if config.listener.iter().any(|l| config.anonymous_allowed(l)) {
+            warn!("anonymous clients are allowed on at least one listener");
+        }
+        let shared = Arc::new(Shared {
+            config,
+            router,
+            policy: Policy::default(),
+            shutdown,
+            delayed_wills: Mutex::new(HashMap::new()),
+        });
+        Ok(Broker {
+            shared,
+            listeners,
+            shutdown_tx,
+        })
+    }
+
+    /// Addresses actually bound, by listener name (ephemeral ports resolved).
+    pub fn local_addrs(&self) -> Vec<(String, SocketAddr)> {
+        self.listeners
+            .iter()
+            .map(|l| (l.name().to_string(), l.local_addr()))
+            .collect()
+    }
+
+    /// Serves until `stop` resolves, then shuts down gracefully.
+    pub async fn serve(self, stop: impl std::future::Future<Output = ()>) {
+        let slots = Arc::new(tokio::sync::Semaphore::new(
+            self.shared.config.limits.max_connections,
+        ));
+        let mut tasks = tokio::task::JoinSet::new();
+        for l in self.listeners {
+            info!(listener = l.name(), addr = %l.local_addr(), "listening");
+            tasks.spawn(l.accept_loop(self.shared.clone(), slots.clone()));
+        }
+        stop.await;
+        info!("shutting down");
+        let _ = self.shutdown_tx.send(true);
+        tasks.abort_all();
+        // Let gateways say goodbye: wait until every connection slot is free again.
+        let all = self.shared.config.limits.max_connections as u32;
+        let _ = tokio::time::timeout(Duration::from_secs(5), slots.acquire_many(all)).await;
+    }
+}
+
+/// Runs the broker until SIGTERM or SIGINT.
+pub async fn run(config: Config) -> Result<(), StartError> {
+    let broker = Broker::start(config).await?;
+    broker.serve(shutdown_signal()).await;
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,102 @@
+//! Byte transports under the gateway: plain TCP, TLS and WebSocket all look the same
+//! to it, a reader that appends bytes to a buffer and a writer that writes them all.
+//!
+//! WebSocket frames are unwrapped here: binary messages carry MQTT bytes (a message may
+//! hold part of a packet or several packets, as RFC 6455 and MQTT 5 section 6 allow);
+//! text messages are a protocol error; pings are answered by tungstenite itself.
+
+use bytes::BytesMut;
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use std::io;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+/// Any byte stream a listener accepted: TCP or TLS over TCP.
+pub trait ByteStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> ByteStream for T {}
+
+pub type BoxStream = Box<dyn ByteStream>;
+
+/// Reading side of a connection.
+pub enum Reader {
+    Stream(ReadHalf<BoxStream>),
+    Ws(SplitStream<WebSocketStream<BoxStream>>),
+}
+
+/// Writing side of a connection.
+pub enum Writer {
+    Stream(WriteHalf<BoxStream>),
+    Ws(SplitSink<WebSocketStream<BoxStream>, Message>),
+}
+
+/// Splits a plain byte stream.
+pub fn split_stream(stream: BoxStream) -> (Reader, Writer) {
+    let (r, w) = tokio::io::split(stream);
+    (Reader::Stream(r), Writer::Stream(w))
+}
+
+/// Splits an accepted WebSocket.
+pub fn split_ws(ws: WebSocketStream<BoxStream>) -> (Reader, Writer) {
+    let (w, r) = ws.split();
+    (Reader::Ws(r), Writer::Ws(w))
+}
+
+impl Reader {
+    /// Appends what arrives to `buf`; `Ok(0)` is end of stream. Cancel-safe.
+    pub async fn read(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+        match self {
+            Reader::Stream(r) => r.read_buf(buf).await,
+            Reader::Ws(r) => loop {
+                match r.next().await {
+                    None => return Ok(0),
+                    Some(Err(e)) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
+                    Some(Ok(Message::Binary(data))) => {
+                        if data.is_empty() {
+                            continue;
+                        }
+                        buf.extend_from_slice(&data);
+                        return Ok(data.len());
+                    }
+                    Some(Ok(Message::Close(_))) => return Ok(0),
+                    Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
+                    Some(Ok(Message::Text(_))) => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            "text WebSocket message; MQTT needs binary messages",
+                        ))
+                    }
+                }
+            },
+        }
+    }
+}
+
+impl Writer {
+    /// Writes all of `data` and flushes it.
+    pub async fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
+        match self {
+            Writer::Stream(w) => {
+                w.write_all(data).await?;
+                w.flush().await
+            }
+            Writer::Ws(w) => w
+                .send(Message::Binary(data.to_vec()))
+                .await
+                .map_err(|e| io::Error::new(io::ErrorKind::BrokenPipe, e)),
+        }
+    }
+
+    /// Closes the connection politely (TLS close_notify, WebSocket close frame).
+    pub async fn shutdown(&mut self) {
+        match self {
+            Writer::Stream(w) => {
+                let _ = w.shutdown().await;
+            }
+            Writer::Ws(w) => {
+                let _ = w.close().await;
+            }
+        }
+    }
+}

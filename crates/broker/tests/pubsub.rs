@@ -1,0 +1,125 @@
+//! Publish/subscribe through the real broker over TCP with rumqttc, MQTT 3.1.1 and 5.
+
+use moatmq_testkit::{v4, v5, TestBroker, QUIET};
+use rumqttc::QoS;
+
+#[tokio::test]
+async fn v4_publish_subscribe_at_every_qos() {
+    let broker = TestBroker::start().await;
+    let addr = broker.first_addr();
+    let mut sub = v4::connected(addr, "sub").await;
+    sub.client.subscribe("a/+", QoS::ExactlyOnce).await.unwrap();
+    sub.incoming(|p| matches!(p, rumqttc::Packet::SubAck(_)).then_some(()))
+        .await
+        .expect("suback");
+    let publ = v4::connected(addr, "pub").await;
+    for qos in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce] {
+        publ.client
+            .publish("a/b", qos, false, format!("{qos:?}"))
+            .await
+            .unwrap();
+        let got = sub.next_publish().await;
+        assert_eq!(&got.topic, "a/b");
+        assert_eq!(got.payload, format!("{qos:?}").as_bytes());
+        // rumqttd delivers at the subscription's QoS (docs/compliance.md): never below
+        // what was published.
+        assert!(got.qos as u8 >= qos as u8, "{:?} < {qos:?}", got.qos);
+    }
+}
+
+#[tokio::test]
+async fn v5_publish_subscribe_with_properties() {
+    use rumqttc::v5::mqttbytes::v5::PublishProperties;
+    use rumqttc::v5::mqttbytes::QoS as Q5;
+    let broker = TestBroker::start().await;
+    let addr = broker.first_addr();
+    let mut sub = v5::connected(addr, "sub5").await;
+    sub.client.subscribe("x/#", Q5::AtLeastOnce).await.unwrap();
+    sub.incoming(|p| matches!(p, rumqttc::v5::mqttbytes::v5::Packet::SubAck(_)).then_some(()))
+        .await
+        .expect("suback");
+    let publ = v5::connected(addr, "pub5").await;
+    let props = PublishProperties {
+        content_type: Some("text/plain".into()),
+        user_properties: vec![("k".into(), "v".into())],
+        ..Default::default()
+    };
+    publ.client
+        .publish_with_properties("x/y/z", Q5::AtLeastOnce, false, "hello", props)
+        .await
+        .unwrap();
+    let got = sub.next_publish().await;
+    assert_eq!(&got.topic[..], b"x/y/z");
+    assert_eq!(&got.payload[..], b"hello");
+    let p = got.properties.expect("properties forwarded");
+    assert_eq!(p.content_type.as_deref(), Some("text/plain"));
+    assert_eq!(p.user_properties, vec![("k".to_string(), "v".to_string())]);
+}
+
+#[tokio::test]
+async fn v5_properties_are_stripped_for_v4_subscribers() {
+    use rumqttc::v5::mqttbytes::v5::PublishProperties;
+    use rumqttc::v5::mqttbytes::QoS as Q5;
+    let broker = TestBroker::start().await;
+    let addr = broker.first_addr();
+    let mut sub = v4::connected(addr, "old").await;
+    sub.client.subscribe("m", QoS::AtLeastOnce).await.unwrap();
+    sub.incoming(|p| matches!(p, rumqttc::Packet::SubAck(_)).then_some(()))
+        .await
+        .expect("suback");
+    let publ = v5::connected(addr, "new").await;
+    let props = PublishProperties {
+        content_type: Some("t".into()),
+        ..Default::default()
+    };
+    publ.client
+        .publish_with_properties("m", Q5::AtLeastOnce, false, "p", props)
+        .await
+        .unwrap();
+    assert_eq!(sub.next_publish().await.payload, "p".as_bytes());
+}
+
+#[tokio::test]
+async fn retained_message_reaches_late_subscriber() {
+    let broker = TestBroker::start().await;
+    let addr = broker.first_addr();
+    let publ = v4::connected(addr, "p").await;
+    publ.client
+        .publish("state/door", QoS::AtLeastOnce, true, "locked")
+        .await
+        .unwrap();
+    tokio::time::sleep(QUIET).await;
+    let mut late = v4::connected(addr, "late").await;
+    late.client
+        .subscribe("state/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let got = late.next_publish().await;
+    assert_eq!(got.payload, "locked".as_bytes());
+    assert!(
+        got.retain,
+        "retained flag set on delivery to a new subscriber"
+    );
+}
+
+#[tokio::test]
+async fn dollar_topics_are_not_matched_by_leading_wildcards() {
+    let broker = TestBroker::start().await;
+    let addr = broker.first_addr();
+    let mut sub = v4::connected(addr, "s").await;
+    sub.client.subscribe("#", QoS::AtMostOnce).await.unwrap();
+    sub.incoming(|p| matches!(p, rumqttc::Packet::SubAck(_)).then_some(()))
+        .await
+        .expect("suback");
+    let publ = v4::connected(addr, "p").await;
+    publ.client
+        .publish("$internal/x", QoS::AtMostOnce, false, "no")
+        .await
+        .unwrap();
+    publ.client
+        .publish("plain", QoS::AtMostOnce, false, "yes")
+        .await
+        .unwrap();
+    assert_eq!(sub.next_publish().await.payload, "yes".as_bytes());
+    assert!(sub.publish_within(QUIET).await.is_none());
+}
