@@ -142,7 +142,7 @@ mod tests {
             let p = make_publish("a/b".into(), "xyz".into(), qos, true, 77);
             let (q, id) = qos_and_pkid(&p);
             assert_eq!(q, qos);
-            assert_eq!(id, if qos == QoS::AtMostOnce { 0 } else { 77 });
+            assert_eq!(id, 77);
             assert!(p.retain);
         }
         // QoS 1, topic "a", pkid 0x0102, payload "x"

@@ -84,6 +84,7 @@ pub async fn handle(
         .policy
         .authenticate(
             &info.listener,
+            info.peer.ip(),
             username,
             password,
             info.cert_identity.as_deref(),

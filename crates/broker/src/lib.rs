@@ -16,4 +16,4 @@ mod tls;
 pub mod topic;
 mod transport;
 
-pub use server::{run, shutdown_signal, Broker, StartError};
+pub use server::{run, shutdown_signal, Broker, Reloader, StartError};

@@ -24,7 +24,7 @@ use tracing::{debug, warn};
 pub struct Bound {
     socket: TcpListener,
     protocol: Protocol,
-    tls: Option<TlsSetup>,
+    tls: Option<Arc<TlsSetup>>,
     policy: ListenerPolicy,
 }
 
@@ -32,10 +32,12 @@ pub struct Bound {
 pub async fn bind(config: &Config, l: &Listener) -> Result<Bound, StartError> {
     let tls = match &l.tls {
         None => None,
-        Some(t) => Some(TlsSetup::load(config, t).map_err(|reason| StartError::Tls {
-            name: l.name.clone(),
-            reason,
-        })?),
+        Some(t) => Some(Arc::new(TlsSetup::load(config, t).map_err(|reason| {
+            StartError::Tls {
+                name: l.name.clone(),
+                reason,
+            }
+        })?)),
     };
     let socket = TcpListener::bind(&l.bind)
         .await
@@ -56,6 +58,11 @@ pub async fn bind(config: &Config, l: &Listener) -> Result<Bound, StartError> {
 }
 
 impl Bound {
+    /// The listener's TLS setup, for reloads.
+    pub fn tls(&self) -> Option<Arc<TlsSetup>> {
+        self.tls.clone()
+    }
+
     pub fn name(&self) -> &str {
         &self.policy.name
     }

@@ -1,7 +1,22 @@
 //! The checks the gateway asks for: who a client is (authentication) and what it may do
 //! (authorization). The gateway calls these and nothing else decides access.
+//!
+//! Authentication: a verified certificate CN on `identity = "cn"` listeners; else a
+//! username/password checked against the Argon2id password file on a bounded blocking
+//! pool (one hash per core at a time), with a growing delay for addresses that keep
+//! failing; else anonymous, only where the listener allows it. Authorization: the ACL
+//! file, or the built-in rules (tenant isolation) when none is configured. Both are
+//! swapped whole on SIGHUP; a file that fails to load keeps the old one in force.
 
-use std::sync::Arc;
+use moatmq_acl::Acl;
+use moatmq_auth::{valid_identity, LoginThrottle, PasswordFile, Verdict};
+use moatmq_config::Config;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use tokio::sync::Semaphore;
+use tracing::{info, warn};
+use zeroize::Zeroizing;
 
 /// Who a connected client is.
 #[derive(Debug, Clone)]
@@ -10,6 +25,15 @@ pub struct Identity {
     pub username: Option<String>,
     /// The client id the client connected with (or was assigned).
     pub client_id: String,
+}
+
+impl Identity {
+    fn acl(&self) -> moatmq_acl::Identity<'_> {
+        moatmq_acl::Identity {
+            username: self.username.as_deref(),
+            client_id: &self.client_id,
+        }
+    }
 }
 
 /// Why a CONNECT was refused by authentication.
@@ -28,53 +52,192 @@ pub struct ListenerPolicy {
     pub allow_anonymous: bool,
 }
 
+/// Why the policy files could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error(transparent)]
+    Acl(#[from] moatmq_acl::AclError),
+    #[error(transparent)]
+    Auth(#[from] moatmq_auth::AuthError),
+}
+
 /// Authentication and authorization decisions.
-#[derive(Default)]
-pub struct Policy {}
+pub struct Policy {
+    password_path: Option<PathBuf>,
+    passwords: RwLock<Option<Arc<PasswordFile>>>,
+    acl_path: Option<PathBuf>,
+    acl: RwLock<Arc<Acl>>,
+    throttle: LoginThrottle,
+    hashing: Arc<Semaphore>,
+}
 
 impl Policy {
+    /// Loads the password and ACL files named in `config`.
+    pub fn load(config: &Config) -> Result<Policy, PolicyError> {
+        let password_path = config
+            .auth
+            .password_file
+            .as_ref()
+            .map(|p| config.resolve(p));
+        let passwords = match &password_path {
+            Some(p) => {
+                let file = PasswordFile::load(p)?;
+                if file.legacy_users() > 0 {
+                    warn!(users = file.legacy_users(), "password file has mosquitto_passwd hashes; re-hash them with `moatmq passwd`");
+                }
+                Some(Arc::new(file))
+            }
+            None => None,
+        };
+        let acl_path = config.acl.file.as_ref().map(|p| config.resolve(p));
+        let acl = match &acl_path {
+            Some(p) => Acl::load(p)?,
+            None => {
+                warn!("no ACL file: users may use only `<username>/#`; anonymous clients every topic except $-topics");
+                Acl::builtin_default()
+            }
+        };
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Ok(Policy {
+            password_path,
+            passwords: RwLock::new(passwords),
+            acl_path,
+            acl: RwLock::new(Arc::new(acl)),
+            throttle: LoginThrottle::new(),
+            hashing: Arc::new(Semaphore::new(cores)),
+        })
+    }
+
+    /// SIGHUP: re-reads the password and ACL files. A file that fails keeps the old one.
+    pub fn reload(&self) -> Vec<String> {
+        let mut errors = Vec::new();
+        if let Some(p) = &self.password_path {
+            match PasswordFile::load(p) {
+                Ok(file) => {
+                    info!(users = file.len(), "password file reloaded");
+                    if let Ok(mut slot) = self.passwords.write() {
+                        *slot = Some(Arc::new(file));
+                    }
+                }
+                Err(e) => errors.push(format!("{e} (previous password file stays in force)")),
+            }
+        }
+        if let Some(p) = &self.acl_path {
+            match Acl::load(p) {
+                Ok(acl) => {
+                    info!(rules = acl.rule_count(), "ACL file reloaded");
+                    if let Ok(mut slot) = self.acl.write() {
+                        *slot = Arc::new(acl);
+                    }
+                }
+                Err(e) => errors.push(format!("{e} (previous ACL stays in force)")),
+            }
+        }
+        errors
+    }
+
+    fn current_acl(&self) -> Arc<Acl> {
+        match self.acl.read() {
+            Ok(a) => a.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
     /// Decides who a CONNECT is. `cert_identity` is the verified certificate CN when the
     /// listener maps certificates to identities.
     pub async fn authenticate(
         &self,
         listener: &ListenerPolicy,
+        peer: IpAddr,
         username: Option<&str>,
-        _password: Option<&str>,
+        password: Option<&str>,
+        cert_identity: Option<&str>,
+    ) -> Result<Option<String>, AuthFailure> {
+        // Every answer waits out the address's failure delay, success or not, so the
+        // delay itself tells a guesser nothing.
+        let delay = self.throttle.delay_for(peer);
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        let result = self
+            .decide(listener, username, password, cert_identity)
+            .await;
+        match &result {
+            Ok(_) => self.throttle.record_success(peer),
+            Err(_) => self.throttle.record_failure(peer),
+        }
+        result
+    }
+
+    async fn decide(
+        &self,
+        listener: &ListenerPolicy,
+        username: Option<&str>,
+        password: Option<&str>,
         cert_identity: Option<&str>,
     ) -> Result<Option<String>, AuthFailure> {
         if let Some(cn) = cert_identity {
-            if username.is_some_and(|u| u != cn) {
+            // One name in logs and audit: a CONNECT username must be the CN.
+            if !valid_identity(cn) || username.is_some_and(|u| u != cn) {
                 return Err(AuthFailure::NotAuthorized);
             }
             return Ok(Some(cn.to_string()));
         }
-        match username {
-            Some(_) => Err(AuthFailure::BadCredentials),
-            None if listener.allow_anonymous => Ok(None),
-            None => Err(AuthFailure::NotAuthorized),
+        let passwords = match self.passwords.read() {
+            Ok(p) => p.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        match (username, passwords) {
+            (None, _) if listener.allow_anonymous => Ok(None),
+            (None, _) => Err(AuthFailure::NotAuthorized),
+            // Without a password file nobody can prove a name: where anonymous access is
+            // allowed the client is anonymous, whatever username it claims.
+            (Some(_), None) if listener.allow_anonymous => Ok(None),
+            (Some(_), None) => Err(AuthFailure::BadCredentials),
+            (Some(user), Some(file)) => {
+                if !valid_identity(user) {
+                    return Err(AuthFailure::NotAuthorized);
+                }
+                let password = Zeroizing::new(password.unwrap_or("").as_bytes().to_vec());
+                let user_owned = user.to_string();
+                let Ok(_permit) = self.hashing.clone().acquire_owned().await else {
+                    return Err(AuthFailure::BadCredentials);
+                };
+                let verdict =
+                    tokio::task::spawn_blocking(move || file.verify(&user_owned, &password))
+                        .await
+                        .unwrap_or(Verdict::Rejected);
+                match verdict {
+                    Verdict::Accepted => Ok(Some(user.to_string())),
+                    Verdict::AcceptedLegacyHash => {
+                        warn!(username = user, "password entry uses a mosquitto_passwd hash; re-hash it with `moatmq passwd`");
+                        Ok(Some(user.to_string()))
+                    }
+                    Verdict::Rejected => Err(AuthFailure::BadCredentials),
+                }
+            }
         }
     }
 
     /// May `who` publish to `topic`?
-    pub fn may_publish(&self, _who: &Identity, topic: &str) -> bool {
-        !topic.starts_with('$')
+    pub fn may_publish(&self, who: &Identity, topic: &str) -> bool {
+        self.current_acl().check_publish(&who.acl(), topic).allowed
     }
 
     /// May `who` subscribe to `filter` (a `$share/group/` prefix already removed)?
-    pub fn may_subscribe(&self, _who: &Identity, filter: &str) -> bool {
-        !filter.starts_with('$')
+    pub fn may_subscribe(&self, who: &Identity, filter: &str) -> bool {
+        self.current_acl()
+            .check_subscribe(&who.acl(), filter)
+            .allowed
     }
 
     /// May `who` receive a message on `topic`? Checked for every delivered message.
-    pub fn may_read(&self, _who: &Identity, _topic: &str) -> bool {
-        true
+    pub fn may_read(&self, who: &Identity, topic: &str) -> bool {
+        self.current_acl().check_read(&who.acl(), topic).allowed
     }
 }
 
 /// Strips a `$share/<group>/` prefix.
 pub fn unshare(filter: &str) -> &str {
-    filter
-        .strip_prefix("$share/")
-        .and_then(|rest| rest.split_once('/'))
-        .map_or(filter, |(_, f)| f)
+    moatmq_acl::strip_share(filter).unwrap_or(filter)
 }

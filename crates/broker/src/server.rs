@@ -6,8 +6,9 @@
 
 use crate::gateway::Will;
 use crate::listener::{bind, Bound};
-use crate::policy::{ListenerPolicy, Policy};
+use crate::policy::{ListenerPolicy, Policy, PolicyError};
 use crate::router::RouterHandle;
+use crate::tls::TlsSetup;
 use moatmq_config::Config;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -76,6 +77,7 @@ impl Shared {
 pub struct Broker {
     shared: Arc<Shared>,
     listeners: Vec<Bound>,
+    tls: Vec<Arc<TlsSetup>>,
     shutdown_tx: watch::Sender<bool>,
 }
 
@@ -92,11 +94,15 @@ pub enum StartError {
     /// TLS material could not be loaded.
     #[error("listener {name}: {reason}")]
     Tls { name: String, reason: String },
+    /// The password or ACL file could not be loaded.
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
 }
 
 impl Broker {
     /// Starts the router and binds every listener; nothing is accepted until `serve`.
     pub async fn start(config: Config) -> Result<Broker, StartError> {
+        let policy = Policy::load(&config)?;
         let router = RouterHandle::start(config.limits.max_connections);
         let (shutdown_tx, shutdown) = watch::channel(false);
         let mut listeners = Vec::new();
@@ -109,13 +115,15 @@ impl Broker {
         let shared = Arc::new(Shared {
             config,
             router,
-            policy: Policy::default(),
+            policy,
             shutdown,
             delayed_wills: Mutex::new(HashMap::new()),
         });
+        let tls = listeners.iter().filter_map(Bound::tls).collect();
         Ok(Broker {
             shared,
             listeners,
+            tls,
             shutdown_tx,
         })
     }
@@ -126,6 +134,14 @@ impl Broker {
             .iter()
             .map(|l| (l.name().to_string(), l.local_addr()))
             .collect()
+    }
+
+    /// A handle that reloads password file, ACL and TLS material (what SIGHUP does).
+    pub fn reloader(&self) -> Reloader {
+        Reloader {
+            shared: self.shared.clone(),
+            tls: self.tls.clone(),
+        }
     }
 
     /// Serves until `stop` resolves, then shuts down gracefully.
@@ -148,9 +164,44 @@ impl Broker {
     }
 }
 
-/// Runs the broker until SIGTERM or SIGINT.
+/// Reloads what SIGHUP reloads.
+#[derive(Clone)]
+pub struct Reloader {
+    shared: Arc<Shared>,
+    tls: Vec<Arc<TlsSetup>>,
+}
+
+impl Reloader {
+    /// Re-reads password file, ACL file and TLS certificates; returns the errors (the
+    /// previous version of each failed file stays in force).
+    pub fn reload(&self) -> Vec<String> {
+        let mut errors = self.shared.policy.reload();
+        for tls in &self.tls {
+            if let Err(e) = tls.reload() {
+                errors.push(format!("{e} (previous certificates stay in force)"));
+            }
+        }
+        for e in &errors {
+            tracing::error!("reload: {e}");
+        }
+        info!(errors = errors.len(), "configuration reloaded");
+        errors
+    }
+}
+
+/// Runs the broker until SIGTERM or SIGINT; SIGHUP reloads.
 pub async fn run(config: Config) -> Result<(), StartError> {
     let broker = Broker::start(config).await?;
+    let reloader = broker.reloader();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            reloader.reload();
+        }
+    });
     broker.serve(shutdown_signal()).await;
     Ok(())
 }

@@ -15,7 +15,6 @@ use std::sync::{Arc, RwLock};
 use tokio_rustls::TlsAcceptor;
 
 /// A listener's TLS settings and current acceptor.
-#[allow(dead_code)] // paths are kept for `reload`, wired to SIGHUP with the auth reload
 pub struct TlsSetup {
     cert: PathBuf,
     key: PathBuf,
@@ -43,7 +42,6 @@ impl TlsSetup {
     }
 
     /// Re-reads certificate, key and CA (SIGHUP); on error the old ones stay in force.
-    #[allow(dead_code)]
     pub fn reload(&self) -> Result<(), String> {
         let fresh = build(
             &self.cert,
