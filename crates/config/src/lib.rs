@@ -8,7 +8,10 @@
 //! configuration values, which may be secrets.
 
 mod error;
+mod import;
 mod schema;
+
+pub use import::{import_mosquitto, ImportReport};
 
 pub use error::ConfigError;
 pub use schema::*;
