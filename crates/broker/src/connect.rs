@@ -125,6 +125,7 @@ pub async fn handle(
                 .unwrap_or(0);
             Some(Will {
                 will: w,
+                v5: version == Version::V5,
                 delay: Duration::from_secs(delay.into()),
             })
         }

@@ -13,6 +13,7 @@
 use crate::codec::{publish_header, qos_and_pkid, Version};
 use crate::connect::codec_for;
 use crate::policy::{unshare, Identity};
+use crate::retained::Recorded;
 use crate::server::{ConnInfo, Shared};
 use crate::topic::{valid_topic_filter, valid_topic_name};
 use crate::transport::{Reader, Writer};
@@ -39,6 +40,8 @@ const WRITE_STALL: Duration = Duration::from_secs(30);
 /// (rumqttd 0.20 only publishes wills on request of its own listeners).
 pub struct Will {
     pub will: LastWill,
+    /// Whether the client spoke MQTT 5 (its will's properties are kept).
+    pub v5: bool,
     pub delay: Duration,
 }
 
@@ -80,6 +83,9 @@ pub struct Gateway {
     /// Router QoS 2 forwards we withheld: we owe the router a PUBCOMP after its PUBREL.
     withheld_qos2: HashSet<u16>,
     out: BytesMut,
+    /// Retained publishes recorded but not yet saved (`autosave_interval = 0`): they
+    /// reach the router only after the save.
+    awaiting_save: Vec<Packet>,
 }
 
 impl Gateway {
@@ -115,6 +121,7 @@ impl Gateway {
             refused_qos2: HashSet::new(),
             withheld_qos2: HashSet::new(),
             out: BytesMut::with_capacity(4096),
+            awaiting_save: Vec::new(),
         }
     }
 
@@ -175,6 +182,14 @@ impl Gateway {
             return close;
         }
         loop {
+            while !self.awaiting_save.is_empty() {
+                if let Err(close) = self.save_then_forward().await {
+                    return close;
+                }
+                if let Err(close) = self.decode_all(buf, max_packet) {
+                    return close;
+                }
+            }
             if let Err(close) = self.flush(writer).await {
                 return close;
             }
@@ -225,7 +240,7 @@ impl Gateway {
     /// Decodes and handles every complete packet in `buf`.
     fn decode_all(&mut self, buf: &mut BytesMut, max_packet: usize) -> Result<(), Close> {
         loop {
-            if buf.is_empty() {
+            if buf.is_empty() || !self.awaiting_save.is_empty() {
                 return Ok(());
             }
             // QoS and packet id are private in rumqttd's Publish: read them off the wire.
@@ -277,7 +292,24 @@ impl Gateway {
                 }
                 if !self.shared.policy.may_publish(&self.identity, topic) {
                     debug!(topic, "publish denied");
-                    return self.refuse_publish(qos, pkid);
+                    return self.refuse_publish(qos, pkid, Refused::NotAuthorized);
+                }
+                if let Some(store) = &self.shared.retained {
+                    let v5 = self.version == Version::V5;
+                    if publish.retain {
+                        match store.record(topic, &publish.payload, qos, props.as_ref(), v5) {
+                            Recorded::Buffered => {}
+                            Recorded::Full => {
+                                return self.refuse_publish(qos, pkid, Refused::Quota)
+                            }
+                            Recorded::NeedsSave => {
+                                self.awaiting_save.push(Packet::Publish(publish, props));
+                                return Ok(());
+                            }
+                        }
+                    } else if publish.payload.is_empty() {
+                        store.mirror_clear(topic);
+                    }
                 }
                 self.send_router(Packet::Publish(publish, props))
             }
@@ -376,13 +408,17 @@ impl Gateway {
     }
 
     /// Drops a publish the client may not make, acknowledging it as the protocol needs.
-    fn refuse_publish(&mut self, qos: QoS, pkid: u16) -> Result<(), Close> {
+    fn refuse_publish(&mut self, qos: QoS, pkid: u16, why: Refused) -> Result<(), Close> {
         let v5 = self.version == Version::V5;
+        let (ack_reason, rec_reason) = match why {
+            Refused::NotAuthorized => (PubAckReason::NotAuthorized, PubRecReason::NotAuthorized),
+            Refused::Quota => (PubAckReason::QuotaExceeded, PubRecReason::QuotaExceeded),
+        };
         match qos {
             QoS::AtMostOnce => Ok(()),
             QoS::AtLeastOnce => {
                 let reason = if v5 {
-                    PubAckReason::NotAuthorized
+                    ack_reason
                 } else {
                     PubAckReason::Success
                 };
@@ -390,7 +426,7 @@ impl Gateway {
             }
             QoS::ExactlyOnce => {
                 let reason = if v5 {
-                    PubRecReason::NotAuthorized
+                    rec_reason
                 } else {
                     // 3.1.1 cannot say no: the exchange completes and the message is dropped.
                     self.refused_qos2.insert(pkid);
@@ -399,6 +435,25 @@ impl Gateway {
                 self.write(Packet::PubRec(PubRec { pkid, reason }, None))
             }
         }
+    }
+
+    /// Saves the retained store, then lets the waiting publishes reach the router.
+    async fn save_then_forward(&mut self) -> Result<(), Close> {
+        if let Some(store) = self.shared.retained.clone() {
+            let saved = tokio::task::spawn_blocking(move || store.save_now()).await;
+            if !matches!(saved, Ok(Ok(()))) {
+                // Not durable: the client must not get an acknowledgement.
+                warn!("retained store save failed; closing the connection unacknowledged");
+                return Err(Close::Protocol(
+                    DisconnectReasonCode::UnspecifiedError,
+                    "retained save failed",
+                ));
+            }
+        }
+        for packet in std::mem::take(&mut self.awaiting_save) {
+            self.send_router(packet)?;
+        }
+        Ok(())
     }
 
     /// Router to client: the one place every notification passes.
@@ -522,6 +577,15 @@ impl Gateway {
             Err(_) => Err(Close::Network("client stopped reading".into())),
         }
     }
+}
+
+/// Why a client's publish is dropped.
+#[derive(Debug, Clone, Copy)]
+enum Refused {
+    /// No write access (MQTT 5 reason 0x87).
+    NotAuthorized,
+    /// The retained store is full (MQTT 5 reason 0x97).
+    Quota,
 }
 
 fn strip_properties(packet: Packet) -> Packet {

@@ -10,6 +10,7 @@ mod connect;
 mod gateway;
 mod listener;
 pub mod policy;
+pub mod retained;
 mod router;
 mod server;
 mod tls;

@@ -13,7 +13,7 @@ use crate::codec::make_publish;
 use bytes::Bytes;
 use futures_util::FutureExt;
 use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
-use rumqttd::protocol::{Packet, PubRel, PubRelReason, QoS};
+use rumqttd::protocol::{Packet, PubRel, PubRelReason, PublishProperties, QoS};
 use rumqttd::{Notification, Router, RouterConfig};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -101,7 +101,14 @@ impl RouterHandle {
     }
 
     /// Publishes a message as the broker itself (wills, retained replay).
-    pub fn publish(&self, topic: Bytes, payload: Bytes, qos: QoS, retain: bool) {
+    pub fn publish(
+        &self,
+        topic: Bytes,
+        payload: Bytes,
+        qos: QoS,
+        retain: bool,
+        properties: Option<PublishProperties>,
+    ) {
         let Ok(mut link) = self.internal.lock() else {
             return;
         };
@@ -113,7 +120,10 @@ impl RouterHandle {
             }
         };
         let publish = make_publish(topic, payload, qos, retain, pkid);
-        let _ = link.tx.send(Packet::Publish(publish, None)).now_or_never();
+        let _ = link
+            .tx
+            .send(Packet::Publish(publish, properties))
+            .now_or_never();
     }
 }
 

@@ -7,6 +7,7 @@
 use crate::gateway::Will;
 use crate::listener::{bind, Bound};
 use crate::policy::{ListenerPolicy, Policy, PolicyError};
+use crate::retained::{RetainedError, RetainedStore};
 use crate::router::RouterHandle;
 use crate::tls::TlsSetup;
 use moatmq_config::Config;
@@ -23,6 +24,8 @@ pub struct Shared {
     pub config: Config,
     pub router: RouterHandle,
     pub policy: Policy,
+    /// The encrypted retained store, when `[retained]` is configured.
+    pub retained: Option<Arc<RetainedStore>>,
     /// Flips to `true` when the broker shuts down.
     pub shutdown: watch::Receiver<bool>,
     /// Wills waiting out their MQTT 5 delay, by router client id.
@@ -41,10 +44,9 @@ pub struct ConnInfo {
 impl Shared {
     /// Publishes a will now or after its delay (MQTT 5 will delay interval).
     pub fn publish_will(self: &Arc<Self>, router_id: &str, will: Will) {
-        let Will { will, delay, .. } = will;
+        let Will { will, delay, v5 } = will;
         if delay.is_zero() {
-            self.router
-                .publish(will.topic, will.message, will.qos, will.retain);
+            self.publish_will_now(will, v5);
             return;
         }
         let shared = self.clone();
@@ -54,13 +56,28 @@ impl Shared {
             if let Ok(mut wills) = shared.delayed_wills.lock() {
                 wills.remove(&key);
             }
-            shared
-                .router
-                .publish(will.topic, will.message, will.qos, will.retain);
+            shared.publish_will_now(will, v5);
         });
         if let Ok(mut wills) = self.delayed_wills.lock() {
             wills.insert(router_id.to_string(), task.abort_handle());
         }
+    }
+
+    fn publish_will_now(&self, will: rumqttd::protocol::LastWill, v5: bool) {
+        if let (true, Some(store)) = (will.retain, &self.retained) {
+            if let Ok(topic) = std::str::from_utf8(&will.topic) {
+                if store.record(topic, &will.message, will.qos, None, v5)
+                    == crate::retained::Recorded::Full
+                {
+                    return;
+                }
+                // A will has no client waiting for an acknowledgement: the saver
+                // persists it on its next round even with autosave_interval = 0.
+                let _ = store.save_now();
+            }
+        }
+        self.router
+            .publish(will.topic, will.message, will.qos, will.retain, None);
     }
 
     /// A client reconnected before its will delay ran out: the will is not sent.
@@ -97,6 +114,9 @@ pub enum StartError {
     /// The password or ACL file could not be loaded.
     #[error(transparent)]
     Policy(#[from] PolicyError),
+    /// The retained store could not be opened (wrong key, tampering, permissions).
+    #[error(transparent)]
+    Retained(#[from] RetainedError),
 }
 
 impl Broker {
@@ -104,6 +124,12 @@ impl Broker {
     pub async fn start(config: Config) -> Result<Broker, StartError> {
         let policy = Policy::load(&config)?;
         let router = RouterHandle::start(config.limits.max_connections);
+        // The store loads before any listener binds: a broker that cannot read its
+        // retained messages does not start.
+        let retained = match &config.retained {
+            Some(r) => Some(RetainedStore::start(&config, r, &router)?),
+            None => None,
+        };
         let (shutdown_tx, shutdown) = watch::channel(false);
         let mut listeners = Vec::new();
         for l in &config.listener {
@@ -116,6 +142,7 @@ impl Broker {
             config,
             router,
             policy,
+            retained,
             shutdown,
             delayed_wills: Mutex::new(HashMap::new()),
         });
@@ -161,6 +188,10 @@ impl Broker {
         // Let gateways say goodbye: wait until every connection slot is free again.
         let all = self.shared.config.limits.max_connections as u32;
         let _ = tokio::time::timeout(Duration::from_secs(5), slots.acquire_many(all)).await;
+        if let Some(store) = &self.shared.retained {
+            let store = store.clone();
+            let _ = tokio::task::spawn_blocking(move || store.shutdown()).await;
+        }
     }
 }
 

@@ -19,9 +19,82 @@ pub enum Command {
         #[arg(short, long)]
         config: Option<PathBuf>,
     },
-    /// Validate a configuration file and exit (non-zero naming file, line and reason).
+    /// Validate a configuration file and the files it names, then exit
+    /// (non-zero naming file, line and reason).
     Check {
         #[arg(short, long)]
         config: PathBuf,
     },
+    /// Add or update a user in a password file (Argon2id), or delete one.
+    /// The password is prompted twice on a terminal, else read from stdin.
+    Passwd {
+        /// Remove the user instead.
+        #[arg(long)]
+        delete: bool,
+        file: PathBuf,
+        user: String,
+    },
+    /// Write a new random 256-bit key for the retained store (mode 0600).
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Retained-store maintenance (needs the key).
+    Retained {
+        #[command(subcommand)]
+        command: RetainedCommand,
+    },
+    /// ACL tools.
+    Acl {
+        #[command(subcommand)]
+        command: AclCommand,
+    },
+    /// Convert a mosquitto.conf into a broker.toml, warning about what cannot be carried over.
+    ImportMosquitto {
+        /// The mosquitto.conf to convert.
+        conf: PathBuf,
+        /// Where to write broker.toml (default: stdout).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RetainedCommand {
+    /// Print retained topics and their sizes.
+    List {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Re-encrypt the store under a new key (crash-safe); then point key_file at it.
+    Rekey {
+        #[arg(short, long)]
+        config: PathBuf,
+        /// Key file made by `moatmq keygen`.
+        #[arg(long)]
+        new_key: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AclCommand {
+    /// Print allow or deny for one request and the file line that decided it.
+    Check {
+        #[arg(long)]
+        acl: PathBuf,
+        #[arg(long)]
+        user: Option<String>,
+        #[arg(long, default_value = "")]
+        client_id: String,
+        /// read, write or subscribe
+        action: Action,
+        topic: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum Action {
+    Read,
+    Write,
+    Subscribe,
 }

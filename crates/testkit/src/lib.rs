@@ -82,14 +82,33 @@ impl TestBroker {
         self.dir.path().join(file)
     }
 
-    /// Stops the broker as SIGTERM would and waits for it.
-    pub async fn shutdown(mut self) {
+    /// Stops the broker as SIGTERM would, then starts it again on the same folder and
+    /// config (listener ports are new).
+    pub async fn restart(mut self) -> TestBroker {
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("temp dir"));
+        let toml = std::fs::read_to_string(dir.path().join("broker.toml")).expect("config");
+        self.stop_and_wait().await;
+        TestBroker::with_config_in(dir, &toml).await
+    }
+
+    async fn stop_and_wait(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
         if let Some(task) = self.task.take() {
             let _ = task.await;
         }
+    }
+
+    /// Stops the broker and hands back its folder (to inspect or tamper with its files).
+    pub async fn stop(mut self) -> tempfile::TempDir {
+        self.stop_and_wait().await;
+        std::mem::replace(&mut self.dir, tempfile::tempdir().expect("temp dir"))
+    }
+
+    /// Stops the broker as SIGTERM would and waits for it.
+    pub async fn shutdown(mut self) {
+        self.stop_and_wait().await;
     }
 }
 

@@ -1,0 +1,294 @@
+//! The encrypted retained store behind the gateway.
+//!
+//! The gateway records every retained PUBLISH that passed the ACL (set, replace, clear)
+//! in memory at once, so the store's limits answer synchronously; a saver thread appends
+//! what changed every `autosave_interval` seconds and compacts the log off the lock when
+//! it has grown. With `autosave_interval = 0` the gateway waits for the save before the
+//! publish reaches the router, so nothing acknowledged is lost. At start the store is
+//! read back and replayed into the router; at shutdown it is flushed.
+//!
+//! rumqttd deletes a topic's retained message on any empty-payload PUBLISH, retained or
+//! not: the store mirrors that so a restart never resurrects what the router dropped.
+
+use crate::router::RouterHandle;
+use bytes::Bytes;
+use moatmq_config::{Config, Retained};
+use moatmq_store::{
+    MessageProperties, RetainedKey, RetainedMessage, Store, StoreError, StoreLimits,
+};
+use rumqttd::protocol::{PublishProperties, QoS};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tracing::{error, info, warn};
+
+/// Environment variable that carries the key as hex; wins over `key_file`.
+pub const KEY_ENV: &str = "MOATMQ_RETAINED_KEY";
+
+/// Why the store could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum RetainedError {
+    /// Neither the environment variable nor `retained.key_file` gives a key.
+    #[error("[retained] needs a key: set {KEY_ENV} or retained.key_file (create one with `moatmq keygen --out FILE`)")]
+    NoKey,
+    /// The key or the store failed to load (wrong key, tampering, permissions).
+    #[error("retained store: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// Loads the key: `MOATMQ_RETAINED_KEY` first, else the key file.
+pub fn load_key(config: &Config, retained: &Retained) -> Result<RetainedKey, RetainedError> {
+    if let Ok(hex) = std::env::var(KEY_ENV) {
+        return Ok(RetainedKey::from_hex(&hex)?);
+    }
+    match &retained.key_file {
+        Some(path) => Ok(RetainedKey::load(&config.resolve(path))?),
+        None => Err(RetainedError::NoKey),
+    }
+}
+
+/// Opens the store named in `[retained]`: returns it with its live messages.
+pub fn open(
+    config: &Config,
+    retained: &Retained,
+) -> Result<(Store, Vec<RetainedMessage>), RetainedError> {
+    let key = load_key(config, retained)?;
+    let limits = StoreLimits {
+        max_messages: retained.max_messages,
+        max_bytes: retained.max_bytes,
+    };
+    Ok(Store::open(&config.resolve(&retained.path), key, limits)?)
+}
+
+/// The store shared by gateways and the saver thread.
+pub struct RetainedStore {
+    store: Mutex<Store>,
+    /// Wakes the saver early (shutdown) and lets `autosave_interval = 0` wait for saves.
+    saved: Condvar,
+    interval: Duration,
+    stop: Mutex<bool>,
+}
+
+/// Outcome of recording a retained publish.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Recorded {
+    /// Recorded; saved on the next autosave.
+    Buffered,
+    /// Recorded; the caller must `save_now` before acknowledging (`autosave_interval = 0`).
+    NeedsSave,
+    /// Refused: a new topic past `max_messages`/`max_bytes`.
+    Full,
+}
+
+impl RetainedStore {
+    /// Opens the store, replays it into the router and starts the saver thread.
+    pub fn start(
+        config: &Config,
+        retained: &Retained,
+        router: &RouterHandle,
+    ) -> Result<Arc<RetainedStore>, RetainedError> {
+        let (store, messages) = open(config, retained)?;
+        let now = unix_now();
+        for m in &messages {
+            let properties = m
+                .properties
+                .as_ref()
+                .map(|p| to_router_properties(p, m.expires_at, now));
+            router.publish(
+                Bytes::from(m.topic.clone()),
+                Bytes::from(m.payload.clone()),
+                qos_of(m.qos),
+                true,
+                properties,
+            );
+        }
+        info!(
+            messages = messages.len(),
+            bytes = store.live_bytes(),
+            "retained store loaded"
+        );
+        let this = Arc::new(RetainedStore {
+            store: Mutex::new(store),
+            saved: Condvar::new(),
+            interval: Duration::from_secs(retained.autosave_interval),
+            stop: Mutex::new(false),
+        });
+        if !this.interval.is_zero() {
+            let saver = this.clone();
+            std::thread::Builder::new()
+                .name("moatmq-retained-saver".into())
+                .spawn(move || saver.saver_loop())
+                .map_err(|e| StoreError::Io {
+                    path: "saver thread".into(),
+                    source: e,
+                })?;
+        }
+        Ok(this)
+    }
+
+    /// Records a retained publish (or its clearing by an empty payload).
+    pub fn record(
+        &self,
+        topic: &str,
+        payload: &Bytes,
+        qos: QoS,
+        properties: Option<&PublishProperties>,
+        v5: bool,
+    ) -> Recorded {
+        let Ok(mut store) = self.store.lock() else {
+            return Recorded::Full;
+        };
+        if payload.is_empty() {
+            store.clear(topic);
+        } else {
+            let now = unix_now();
+            let expires_at = properties
+                .and_then(|p| p.message_expiry_interval)
+                .map(|s| now + u64::from(s));
+            let message = RetainedMessage {
+                topic: topic.to_string(),
+                payload: payload.to_vec(),
+                qos: qos as u8,
+                properties: v5.then(|| from_router_properties(properties)),
+                expires_at,
+            };
+            if let Err(e) = store.set(message) {
+                if !matches!(e, StoreError::Full) {
+                    error!(error = %e, "retained store refused a message");
+                }
+                return Recorded::Full;
+            }
+        }
+        if self.interval.is_zero() {
+            Recorded::NeedsSave
+        } else {
+            Recorded::Buffered
+        }
+    }
+
+    /// Mirrors rumqttd dropping a retained message on an empty non-retained publish.
+    pub fn mirror_clear(&self, topic: &str) {
+        if let Ok(mut store) = self.store.lock() {
+            if store.get(topic).is_some() {
+                store.clear(topic);
+            }
+        }
+    }
+
+    /// Saves everything pending now; blocking (call from a blocking thread).
+    pub fn save_now(&self) -> Result<(), StoreError> {
+        let Ok(mut store) = self.store.lock() else {
+            return Ok(());
+        };
+        store.flush().map(drop)
+    }
+
+    /// Stops the saver and flushes (SIGTERM).
+    pub fn shutdown(&self) {
+        if let Ok(mut stop) = self.stop.lock() {
+            *stop = true;
+        }
+        self.saved.notify_all();
+        match self.save_now() {
+            Ok(()) => info!("retained store flushed"),
+            Err(e) => error!(error = %e, "retained store: final flush failed"),
+        }
+    }
+
+    /// Number of retained messages and their size, for metrics.
+    pub fn stats(&self) -> (usize, u64) {
+        self.store
+            .lock()
+            .map(|s| (s.len(), s.file_bytes()))
+            .unwrap_or((0, 0))
+    }
+
+    fn saver_loop(&self) {
+        loop {
+            {
+                let Ok(stop) = self.stop.lock() else { return };
+                let tick = self.interval.max(Duration::from_secs(1));
+                let Ok((stop, _)) = self.saved.wait_timeout(stop, tick) else {
+                    return;
+                };
+                if *stop {
+                    return;
+                }
+            }
+            let job = {
+                let Ok(mut store) = self.store.lock() else {
+                    return;
+                };
+                store.purge_expired(unix_now());
+                if let Err(e) = store.flush() {
+                    // Nothing pending is lost: the next round retries.
+                    warn!(error = %e, "retained store: save failed, will retry");
+                    continue;
+                }
+                store.needs_compaction().then(|| store.begin_compaction())
+            };
+            if let Some(mut job) = job {
+                // The rewrite runs without the lock; only the final swap takes it.
+                let ran = job.run();
+                let Ok(mut store) = self.store.lock() else {
+                    return;
+                };
+                match ran.and_then(|()| store.finish_compaction(job)) {
+                    Ok(()) => info!(
+                        messages = store.len(),
+                        bytes = store.file_bytes(),
+                        "retained store compacted"
+                    ),
+                    Err(e) => {
+                        warn!(error = %e, "retained store: compaction failed, the old log stays in use")
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn qos_of(q: u8) -> QoS {
+    match q {
+        1 => QoS::AtLeastOnce,
+        2 => QoS::ExactlyOnce,
+        _ => QoS::AtMostOnce,
+    }
+}
+
+fn from_router_properties(p: Option<&PublishProperties>) -> MessageProperties {
+    let Some(p) = p else {
+        return MessageProperties::default();
+    };
+    MessageProperties {
+        payload_format_indicator: p.payload_format_indicator,
+        content_type: p.content_type.clone(),
+        response_topic: p.response_topic.clone(),
+        correlation_data: p.correlation_data.as_ref().map(|b| b.to_vec()),
+        user_properties: p.user_properties.clone(),
+    }
+}
+
+fn to_router_properties(
+    p: &MessageProperties,
+    expires_at: Option<u64>,
+    now: u64,
+) -> PublishProperties {
+    PublishProperties {
+        payload_format_indicator: p.payload_format_indicator,
+        // MQTT-3.3.2-6: the forwarded interval is what remains of it.
+        message_expiry_interval: expires_at
+            .map(|e| u32::try_from(e.saturating_sub(now)).unwrap_or(u32::MAX)),
+        topic_alias: None,
+        response_topic: p.response_topic.clone(),
+        correlation_data: p.correlation_data.clone().map(Bytes::from),
+        user_properties: p.user_properties.clone(),
+        subscription_identifiers: Vec::new(),
+        content_type: p.content_type.clone(),
+    }
+}
