@@ -5,7 +5,8 @@
 //! CONNECT, authentication, then every packet checked in both directions) -> rumqttd
 //! router (topic tree, sessions, QoS state) through a local link.
 
-mod codec;
+#[doc(hidden)] // reachable for the fuzz harness (fuzz/): not a stable API
+pub mod codec;
 mod connect;
 mod gateway;
 mod listener;
