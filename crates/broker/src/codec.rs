@@ -63,6 +63,15 @@ pub fn first_packet(buf: &[u8]) -> FirstPacket {
     }
 }
 
+/// Refuses, before rumqttd sees them, packets its decoder would panic on. rumqttd 0.20's
+/// MQTT 5 decoder reaches `unreachable!()` for a CONNACK or UNSUBACK with a body (found by
+/// fuzz/, target mqtt_v5); a server never receives either, so both versions refuse them.
+/// `Some(packet type)` means close the connection as malformed.
+pub fn refuse_before_decode(buf: &[u8]) -> Option<u8> {
+    let kind = buf.first()? >> 4;
+    matches!(kind, 2 | 11).then_some(kind)
+}
+
 /// QoS and packet id of a PUBLISH whose complete frame starts `frame`, read from the wire.
 /// `None` if `frame` is not a well-formed PUBLISH header.
 pub fn publish_header(frame: &[u8]) -> Option<(QoS, u16)> {
@@ -150,5 +159,14 @@ mod tests {
         assert_eq!(publish_header(&frame), Some((QoS::AtLeastOnce, 0x0102)));
         assert_eq!(publish_header(&[0x36, 2]), None);
         assert_eq!(publish_header(&[0x32, 6, 0, 9]), None);
+    }
+
+    #[test]
+    fn server_only_packets_are_refused_before_rumqttd() {
+        // CONNACK and UNSUBACK with a body: rumqttd's v5 decoder panics on both.
+        assert_eq!(refuse_before_decode(&[0x20, 2, 0, 0]), Some(2));
+        assert_eq!(refuse_before_decode(&[0xB0, 2, 0, 1]), Some(11));
+        assert_eq!(refuse_before_decode(&[0x30, 0]), None);
+        assert_eq!(refuse_before_decode(&[]), None);
     }
 }

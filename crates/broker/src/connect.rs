@@ -56,6 +56,26 @@ pub async fn handle(
     let Packet::Connect(connect, props, will, will_props, login) = packet else {
         return Err(ConnectFailure::NotConnect);
     };
+    if let Some(audit) = &shared.audit {
+        let claimed = login.as_ref().map(|l| l.username.as_str());
+        let protocol = if version == Version::V5 { "5" } else { "3.1.1" };
+        audit.event(
+            "connect",
+            &info.who(Some(&connect.client_id), claimed),
+            &[("protocol", protocol.into())],
+        );
+    }
+    if info.rate_limited {
+        if let Some(audit) = &shared.audit {
+            audit.event(
+                "rate_limited",
+                &info.who(Some(&connect.client_id), None),
+                &[("limit", "connections_per_second".into())],
+            );
+        }
+        refuse(&mut writer, version, Refusal::RateLimited).await;
+        return Err(ConnectFailure::Refused("connection rate exceeded"));
+    }
 
     let limits = &shared.config.limits;
     let mut client_id = connect.client_id.clone();
@@ -98,6 +118,19 @@ pub async fn handle(
                 AuthFailure::NotAuthorized => Refusal::NotAuthorized,
             };
             info!(listener = %info.listener.name, peer = %info.peer, client_id = %client_id, ?failure, "authentication failed");
+            shared.metrics.auth_failure.inc();
+            if let Some(audit) = &shared.audit {
+                let reason = match failure {
+                    AuthFailure::BadCredentials => "bad username or password",
+                    AuthFailure::NotAuthorized => "not authorized",
+                };
+                let claimed = login.as_ref().map(|l| l.username.as_str());
+                audit.event(
+                    "auth_failure",
+                    &info.who(Some(&client_id), claimed),
+                    &[("reason", reason.into())],
+                );
+            }
             refuse(&mut writer, version, reason).await;
             return Err(ConnectFailure::Refused("authentication failed"));
         }
@@ -115,7 +148,9 @@ pub async fn handle(
                 refuse(&mut writer, version, Refusal::TopicInvalid).await;
                 return Err(ConnectFailure::Refused("invalid will topic"));
             }
-            if !shared.policy.may_publish(&identity, topic) {
+            let decision = shared.policy.may_publish(&identity, topic);
+            if !decision.allowed {
+                shared.denied(&info, &identity, "will", topic, decision.line);
                 refuse(&mut writer, version, Refusal::NotAuthorized).await;
                 return Err(ConnectFailure::Refused("will topic not authorized"));
             }
@@ -190,6 +225,19 @@ pub async fn handle(
     writer.write_all(&out).await?;
     info!(listener = %info.listener.name, peer = %info.peer, client_id = %identity.client_id,
           username = identity.username.as_deref().unwrap_or(""), ?version, "client connected");
+    shared.metrics.auth_success.inc();
+    if let Some(audit) = &shared.audit {
+        let method = match (&info.cert_identity, &identity.username) {
+            (Some(_), _) => "certificate",
+            (None, Some(_)) => "password",
+            (None, None) => "anonymous",
+        };
+        audit.event(
+            "auth_success",
+            &info.who(Some(&identity.client_id), identity.username.as_deref()),
+            &[("method", method.into())],
+        );
+    }
 
     let max_out = props.as_ref().and_then(|p| p.max_packet_size);
     let gateway = Gateway::new(
@@ -268,6 +316,7 @@ enum Refusal {
     TopicInvalid,
     TooLarge,
     Malformed,
+    RateLimited,
 }
 
 /// Sends a refusing CONNACK (best effort) and closes.
@@ -282,7 +331,10 @@ async fn refuse(writer: &mut Writer, version: Version, refusal: Refusal) {
         (Version::V4, Refusal::NotAuthorized) => C::NotAuthorized,
         (Version::V4, Refusal::Unavailable) => C::ServiceUnavailable,
         // 3.1.1 has no code for these: close without a CONNACK (MQTT-3.2.2-4 allows it).
-        (Version::V4, Refusal::TopicInvalid | Refusal::TooLarge | Refusal::Malformed) => {
+        (
+            Version::V4,
+            Refusal::TopicInvalid | Refusal::TooLarge | Refusal::Malformed | Refusal::RateLimited,
+        ) => {
             writer.shutdown().await;
             return;
         }
@@ -293,6 +345,7 @@ async fn refuse(writer: &mut Writer, version: Version, refusal: Refusal) {
         (Version::V5, Refusal::TopicInvalid) => C::TopicNameInvalid,
         (Version::V5, Refusal::TooLarge) => C::PacketTooLarge,
         (Version::V5, Refusal::Malformed) => C::MalformedPacket,
+        (Version::V5, Refusal::RateLimited) => C::ConnectionRateExceeded,
     };
     let props = (version == Version::V5).then(ConnAckProperties::default);
     let packet = Packet::ConnAck(

@@ -13,6 +13,7 @@
 use crate::codec::{publish_header, qos_and_pkid, Version};
 use crate::connect::codec_for;
 use crate::policy::{unshare, Identity};
+use crate::ratelimit::{Pace, PublishLimiter};
 use crate::retained::Recorded;
 use crate::server::{ConnInfo, Shared};
 use crate::topic::{valid_topic_filter, valid_topic_name};
@@ -86,6 +87,10 @@ pub struct Gateway {
     /// Retained publishes recorded but not yet saved (`autosave_interval = 0`): they
     /// reach the router only after the save.
     awaiting_save: Vec<Packet>,
+    /// `[rate_limit]` buckets for this client's publishes.
+    limiter: PublishLimiter,
+    /// Reading is paused until then (publish rate exceeded).
+    paused_until: Option<Instant>,
 }
 
 impl Gateway {
@@ -102,6 +107,7 @@ impl Gateway {
         keep_alive: u16,
         max_out_packet: Option<u32>,
     ) -> Gateway {
+        let limiter = PublishLimiter::new(&shared.config.rate_limit);
         Gateway {
             shared,
             info,
@@ -122,6 +128,8 @@ impl Gateway {
             withheld_qos2: HashSet::new(),
             out: BytesMut::with_capacity(4096),
             awaiting_save: Vec::new(),
+            limiter,
+            paused_until: None,
         }
     }
 
@@ -163,6 +171,16 @@ impl Gateway {
             );
             let _ = self.tx.send(bye).now_or_never();
         }
+        if let Some(audit) = &self.shared.audit {
+            audit.event(
+                "disconnect",
+                &self.info.who(
+                    Some(&self.identity.client_id),
+                    self.identity.username.as_deref(),
+                ),
+                &[("reason", format!("{close:?}").into())],
+            );
+        }
         info!(listener = %self.info.listener.name, peer = %self.info.peer,
               client_id = %self.identity.client_id, reason = ?close, "client disconnected");
     }
@@ -193,13 +211,21 @@ impl Gateway {
             if let Err(close) = self.flush(writer).await {
                 return close;
             }
+            // Over its publish rate the client is read more slowly: its own TCP window
+            // then slows it down (back-pressure) while deliveries to it continue.
+            let paused_until = self.paused_until;
             tokio::select! {
-                read = reader.read(buf) => {
+                _ = tokio::time::sleep_until(paused_until.unwrap_or_else(Instant::now)), if paused_until.is_some() => {
+                    self.paused_until = None;
+                    // A paused client cannot send its PINGREQ: the pause does not count.
+                    deadline = Instant::now() + self.keep_alive.unwrap_or(far_future);
+                }
+                read = reader.read(buf), if paused_until.is_none() => {
                     match read {
                         Ok(0) => return Close::Network("closed by client".into()),
-                        Ok(_) => {}
+                        Ok(n) => self.shared.metrics.bytes_in.inc_by(n as u64),
                         Err(e) => return Close::Network(e.to_string()),
-                    }
+                    };
                     deadline = Instant::now() + self.keep_alive.unwrap_or(far_future);
                     if let Err(close) = self.decode_all(buf, max_packet) {
                         return close;
@@ -290,8 +316,34 @@ impl Gateway {
                         "invalid topic name",
                     ));
                 }
-                if !self.shared.policy.may_publish(&self.identity, topic) {
-                    debug!(topic, "publish denied");
+                self.shared.metrics.messages_in.inc();
+                match self.limiter.publish(topic.len() + publish.payload.len()) {
+                    Pace::Go => {}
+                    Pace::SlowDown(wait) => {
+                        self.paused_until = Some(Instant::now() + wait);
+                    }
+                    Pace::Disconnect => {
+                        self.shared.metrics.rate_limited.inc();
+                        if let Some(audit) = &self.shared.audit {
+                            audit.event(
+                                "rate_limited",
+                                &self.info.who(
+                                    Some(&self.identity.client_id),
+                                    self.identity.username.as_deref(),
+                                ),
+                                &[("limit", "messages".into())],
+                            );
+                        }
+                        return Err(Close::Protocol(
+                            DisconnectReasonCode::MessageRateTooHigh,
+                            "publish rate limit exceeded",
+                        ));
+                    }
+                }
+                let decision = self.shared.policy.may_publish(&self.identity, topic);
+                if !decision.allowed {
+                    self.shared
+                        .denied(&self.info, &self.identity, "publish", topic, decision.line);
                     return self.refuse_publish(qos, pkid, Refused::NotAuthorized);
                 }
                 if let Some(store) = &self.shared.retained {
@@ -401,7 +453,10 @@ impl Gateway {
         }
         // The router has no `$SYS` tree and disconnects clients that subscribe to one.
         let inner = unshare(path);
-        if inner.starts_with('$') || !self.shared.policy.may_subscribe(&self.identity, inner) {
+        let decision = self.shared.policy.may_subscribe(&self.identity, inner);
+        if inner.starts_with('$') || !decision.allowed {
+            self.shared
+                .denied(&self.info, &self.identity, "subscribe", path, decision.line);
             return Some(code(SubscribeReasonCode::NotAuthorized));
         }
         None
@@ -461,12 +516,16 @@ impl Gateway {
         match notification {
             Notification::Forward(forward) => {
                 let topic = std::str::from_utf8(&forward.publish.topic).unwrap_or("");
-                if !self.shared.policy.may_read(&self.identity, topic) {
+                let decision = self.shared.policy.may_read(&self.identity, topic);
+                if !decision.allowed {
                     debug!(topic, "delivery withheld by read ACL");
+                    self.shared
+                        .denied(&self.info, &self.identity, "read", topic, decision.line);
                     let (qos, pkid) = qos_and_pkid(&forward.publish);
                     return self.withhold(qos, pkid);
                 }
                 let mark = self.out.len();
+                self.shared.metrics.messages_out.inc();
                 self.write(Packet::Publish(forward.publish.clone(), forward.properties))?;
                 if self.out.len() - mark > self.max_out_packet {
                     // MQTT-3.1.2-25: never send more than the client's maximum packet size.
@@ -567,6 +626,7 @@ impl Gateway {
         }
         match tokio::time::timeout(WRITE_STALL, writer.write_all(&self.out)).await {
             Ok(Ok(())) => {
+                self.shared.metrics.bytes_out.inc_by(self.out.len() as u64);
                 self.out.clear();
                 if self.out.capacity() > 4 * WRITE_BATCH {
                     self.out = BytesMut::with_capacity(4096);

@@ -5,12 +5,16 @@
 //! CONNECT, authentication, then every packet checked in both directions) -> rumqttd
 //! router (topic tree, sessions, QoS state) through a local link.
 
+mod audit;
 #[doc(hidden)] // reachable for the fuzz harness (fuzz/): not a stable API
 pub mod codec;
 mod connect;
 mod gateway;
 mod listener;
+mod metrics;
 pub mod policy;
+mod proxy;
+mod ratelimit;
 pub mod retained;
 mod router;
 mod server;

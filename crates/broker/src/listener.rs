@@ -26,6 +26,7 @@ pub struct Bound {
     protocol: Protocol,
     tls: Option<Arc<TlsSetup>>,
     policy: ListenerPolicy,
+    trust_proxy_protocol: bool,
 }
 
 /// Binds a configured listener and loads its TLS material.
@@ -50,6 +51,7 @@ pub async fn bind(config: &Config, l: &Listener) -> Result<Bound, StartError> {
         socket,
         protocol: l.protocol,
         tls,
+        trust_proxy_protocol: l.trust_proxy_protocol,
         policy: ListenerPolicy {
             name: l.name.as_str().into(),
             allow_anonymous: config.anonymous_allowed(l),
@@ -101,7 +103,45 @@ impl Bound {
         }
     }
 
-    async fn serve_one(&self, shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
+    async fn serve_one(&self, shared: Arc<Shared>, mut tcp: TcpStream, mut peer: SocketAddr) {
+        let timeout = Duration::from_secs(shared.config.limits.connect_timeout);
+        if self.trust_proxy_protocol {
+            match tokio::time::timeout(timeout, crate::proxy::read_header(&mut tcp)).await {
+                Ok(Ok(Some(source))) => peer = source,
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => {
+                    debug!(listener = self.name(), %peer, error = %e, "bad PROXY header");
+                    return;
+                }
+                Err(_) => return,
+            }
+        }
+        let rate_limited = !shared.conn_limiter.allow(peer.ip());
+        if rate_limited {
+            shared.metrics.rate_limited.inc();
+        }
+        let label = crate::metrics::ListenerLabel {
+            listener: self.policy.name.to_string(),
+        };
+        shared.metrics.connections_total.get_or_create(&label).inc();
+        let current = shared
+            .metrics
+            .connections_current
+            .get_or_create(&label)
+            .clone();
+        current.inc();
+        self.serve_checked(&shared, tcp, peer, rate_limited).await;
+        current.dec();
+    }
+
+    async fn serve_checked(
+        &self,
+        shared: &Arc<Shared>,
+        tcp: TcpStream,
+        peer: SocketAddr,
+        rate_limited: bool,
+    ) {
+        let shared = shared.clone();
         let timeout = Duration::from_secs(shared.config.limits.connect_timeout);
         let handshake = tokio::time::timeout(timeout, self.handshake(tcp)).await;
         let (reader, writer, cert_identity) = match handshake {
@@ -119,6 +159,7 @@ impl Bound {
             listener: self.policy.clone(),
             peer,
             cert_identity,
+            rate_limited,
         };
         if let Err(e) = crate::connect::handle(shared, info, reader, writer).await {
             debug!(listener = self.name(), %peer, error = %e, "connection ended before CONNACK");

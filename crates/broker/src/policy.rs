@@ -8,7 +8,7 @@
 //! file, or the built-in rules (tenant isolation) when none is configured. Both are
 //! swapped whole on SIGHUP; a file that fails to load keeps the old one in force.
 
-use moatmq_acl::Acl;
+use moatmq_acl::{Acl, Decision};
 use moatmq_auth::{valid_identity, LoginThrottle, PasswordFile, Verdict};
 use moatmq_config::Config;
 use std::net::IpAddr;
@@ -219,21 +219,19 @@ impl Policy {
         }
     }
 
-    /// May `who` publish to `topic`?
-    pub fn may_publish(&self, who: &Identity, topic: &str) -> bool {
-        self.current_acl().check_publish(&who.acl(), topic).allowed
+    /// May `who` publish to `topic`? The decision names the deciding ACL line.
+    pub fn may_publish(&self, who: &Identity, topic: &str) -> Decision {
+        self.current_acl().check_publish(&who.acl(), topic)
     }
 
     /// May `who` subscribe to `filter` (a `$share/group/` prefix already removed)?
-    pub fn may_subscribe(&self, who: &Identity, filter: &str) -> bool {
-        self.current_acl()
-            .check_subscribe(&who.acl(), filter)
-            .allowed
+    pub fn may_subscribe(&self, who: &Identity, filter: &str) -> Decision {
+        self.current_acl().check_subscribe(&who.acl(), filter)
     }
 
     /// May `who` receive a message on `topic`? Checked for every delivered message.
-    pub fn may_read(&self, who: &Identity, topic: &str) -> bool {
-        self.current_acl().check_read(&who.acl(), topic).allowed
+    pub fn may_read(&self, who: &Identity, topic: &str) -> Decision {
+        self.current_acl().check_read(&who.acl(), topic)
     }
 }
 

@@ -10,6 +10,7 @@
 //! rumqttd deletes a topic's retained message on any empty-payload PUBLISH, retained or
 //! not: the store mirrors that so a restart never resurrects what the router dropped.
 
+use crate::metrics::Metrics;
 use crate::router::RouterHandle;
 use bytes::Bytes;
 use moatmq_config::{Config, Retained};
@@ -66,6 +67,7 @@ pub struct RetainedStore {
     saved: Condvar,
     interval: Duration,
     stop: Mutex<bool>,
+    metrics: Arc<Metrics>,
 }
 
 /// Outcome of recording a retained publish.
@@ -85,6 +87,7 @@ impl RetainedStore {
         config: &Config,
         retained: &Retained,
         router: &RouterHandle,
+        metrics: Arc<Metrics>,
     ) -> Result<Arc<RetainedStore>, RetainedError> {
         let (store, messages) = open(config, retained)?;
         let now = unix_now();
@@ -111,7 +114,9 @@ impl RetainedStore {
             saved: Condvar::new(),
             interval: Duration::from_secs(retained.autosave_interval),
             stop: Mutex::new(false),
+            metrics,
         });
+        this.update_gauges(None);
         if !this.interval.is_zero() {
             let saver = this.clone();
             std::thread::Builder::new()
@@ -176,10 +181,33 @@ impl RetainedStore {
 
     /// Saves everything pending now; blocking (call from a blocking thread).
     pub fn save_now(&self) -> Result<(), StoreError> {
-        let Ok(mut store) = self.store.lock() else {
-            return Ok(());
-        };
-        store.flush().map(drop)
+        let started = std::time::Instant::now();
+        {
+            let Ok(mut store) = self.store.lock() else {
+                return Ok(());
+            };
+            if store.pending() == 0 {
+                return Ok(());
+            }
+            store.flush()?;
+        }
+        self.update_gauges(Some(started.elapsed()));
+        Ok(())
+    }
+
+    /// Mirrors the store's size (and the last save) into the metrics.
+    fn update_gauges(&self, save: Option<Duration>) {
+        let (count, bytes) = self.stats();
+        self.metrics.retained_messages.set(count as i64);
+        self.metrics.retained_store_bytes.set(bytes as i64);
+        if let Some(took) = save {
+            self.metrics
+                .retained_last_save_timestamp
+                .set(unix_now() as i64);
+            self.metrics
+                .retained_last_save_duration_ms
+                .set(took.as_millis() as i64);
+        }
     }
 
     /// Stops the saver and flushes (SIGTERM).
@@ -214,16 +242,18 @@ impl RetainedStore {
                     return;
                 }
             }
+            if let Ok(mut store) = self.store.lock() {
+                store.purge_expired(unix_now());
+            }
+            if let Err(e) = self.save_now() {
+                // Nothing pending is lost: the next round retries.
+                warn!(error = %e, "retained store: save failed, will retry");
+                continue;
+            }
             let job = {
                 let Ok(mut store) = self.store.lock() else {
                     return;
                 };
-                store.purge_expired(unix_now());
-                if let Err(e) = store.flush() {
-                    // Nothing pending is lost: the next round retries.
-                    warn!(error = %e, "retained store: save failed, will retry");
-                    continue;
-                }
                 store.needs_compaction().then(|| store.begin_compaction())
             };
             if let Some(mut job) = job {

@@ -4,9 +4,12 @@
 //! DISCONNECT 0x8B), and `run` returns once connections have closed or a grace period
 //! has passed.
 
+use crate::audit::{AuditLog, Who};
 use crate::gateway::Will;
 use crate::listener::{bind, Bound};
-use crate::policy::{ListenerPolicy, Policy, PolicyError};
+use crate::metrics::Metrics;
+use crate::policy::{Identity, ListenerPolicy, Policy, PolicyError};
+use crate::ratelimit::ConnectionLimiter;
 use crate::retained::{RetainedError, RetainedStore};
 use crate::router::RouterHandle;
 use crate::tls::TlsSetup;
@@ -24,6 +27,11 @@ pub struct Shared {
     pub config: Config,
     pub router: RouterHandle,
     pub policy: Policy,
+    pub metrics: Arc<Metrics>,
+    /// The audit log, when `[audit]` is configured.
+    pub audit: Option<AuditLog>,
+    /// New connections per source address (`[rate_limit]`).
+    pub conn_limiter: ConnectionLimiter,
     /// The encrypted retained store, when `[retained]` is configured.
     pub retained: Option<Arc<RetainedStore>>,
     /// Flips to `true` when the broker shuts down.
@@ -39,9 +47,50 @@ pub struct ConnInfo {
     pub peer: SocketAddr,
     /// Verified client-certificate CN, on listeners with `identity = "cn"`.
     pub cert_identity: Option<String>,
+    /// The source address is over `rate_limit.connections_per_second`.
+    pub rate_limited: bool,
+}
+
+impl ConnInfo {
+    /// The audit log's view of this connection.
+    pub fn who<'a>(&'a self, client_id: Option<&'a str>, username: Option<&'a str>) -> Who<'a> {
+        Who {
+            listener: &self.listener.name,
+            peer: self.peer,
+            client_id,
+            username,
+        }
+    }
 }
 
 impl Shared {
+    /// Counts and audits an ACL denial; `line` is the deciding ACL line, if any.
+    pub fn denied(
+        &self,
+        info: &ConnInfo,
+        who: &Identity,
+        action: &str,
+        topic: &str,
+        line: Option<usize>,
+    ) {
+        self.metrics.deny(action);
+        tracing::debug!(action, topic, ?line, "denied by ACL");
+        if let Some(audit) = &self.audit {
+            audit.event(
+                "authz_deny",
+                &info.who(Some(&who.client_id), who.username.as_deref()),
+                &[
+                    ("action", action.into()),
+                    ("topic", topic.into()),
+                    (
+                        "rule_line",
+                        line.map_or(serde_json::Value::Null, Into::into),
+                    ),
+                ],
+            );
+        }
+    }
+
     /// Publishes a will now or after its delay (MQTT 5 will delay interval).
     pub fn publish_will(self: &Arc<Self>, router_id: &str, will: Will) {
         let Will { will, delay, v5 } = will;
@@ -96,6 +145,8 @@ pub struct Broker {
     listeners: Vec<Bound>,
     tls: Vec<Arc<TlsSetup>>,
     shutdown_tx: watch::Sender<bool>,
+    metrics_addr: Option<SocketAddr>,
+    metrics_task: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// Why the broker could not start.
@@ -123,13 +174,45 @@ impl Broker {
     /// Starts the router and binds every listener; nothing is accepted until `serve`.
     pub async fn start(config: Config) -> Result<Broker, StartError> {
         let policy = Policy::load(&config)?;
+        let audit = match &config.audit {
+            Some(a) => Some(AuditLog::open(config.resolve(&a.path)).map_err(|source| {
+                StartError::Bind {
+                    name: "audit".into(),
+                    addr: a.path.display().to_string(),
+                    source,
+                }
+            })?),
+            None => None,
+        };
+        let metrics = Metrics::new();
+        // Health endpoints come up first so /readyz can say "not ready" while the
+        // retained store loads.
+        let mut metrics_addr = None;
+        let metrics_task = match &config.metrics {
+            Some(m) => {
+                let socket = tokio::net::TcpListener::bind(&m.bind)
+                    .await
+                    .map_err(|source| StartError::Bind {
+                        name: "metrics".into(),
+                        addr: m.bind.clone(),
+                        source,
+                    })?;
+                metrics_addr = socket.local_addr().ok();
+                Some(tokio::spawn(crate::metrics::serve(socket, metrics.clone())))
+            }
+            None => None,
+        };
         let router = RouterHandle::start(config.limits.max_connections);
         // The store loads before any listener binds: a broker that cannot read its
         // retained messages does not start.
         let retained = match &config.retained {
-            Some(r) => Some(RetainedStore::start(&config, r, &router)?),
+            Some(r) => Some(RetainedStore::start(&config, r, &router, metrics.clone())?),
             None => None,
         };
+        let conn_limiter = ConnectionLimiter::new(
+            config.rate_limit.connections_per_second,
+            config.rate_limit.connection_burst,
+        );
         let (shutdown_tx, shutdown) = watch::channel(false);
         let mut listeners = Vec::new();
         for l in &config.listener {
@@ -142,6 +225,9 @@ impl Broker {
             config,
             router,
             policy,
+            metrics,
+            audit,
+            conn_limiter,
             retained,
             shutdown,
             delayed_wills: Mutex::new(HashMap::new()),
@@ -152,7 +238,14 @@ impl Broker {
             listeners,
             tls,
             shutdown_tx,
+            metrics_addr,
+            metrics_task,
         })
+    }
+
+    /// Address of the metrics endpoint, when `[metrics]` is configured.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// Addresses actually bound, by listener name (ephemeral ports resolved).
@@ -181,8 +274,16 @@ impl Broker {
             info!(listener = l.name(), addr = %l.local_addr(), "listening");
             tasks.spawn(l.accept_loop(self.shared.clone(), slots.clone()));
         }
+        self.shared
+            .metrics
+            .ready
+            .store(true, std::sync::atomic::Ordering::Release);
         stop.await;
         info!("shutting down");
+        self.shared
+            .metrics
+            .ready
+            .store(false, std::sync::atomic::Ordering::Release);
         let _ = self.shutdown_tx.send(true);
         tasks.abort_all();
         // Let gateways say goodbye: wait until every connection slot is free again.
@@ -191,6 +292,9 @@ impl Broker {
         if let Some(store) = &self.shared.retained {
             let store = store.clone();
             let _ = tokio::task::spawn_blocking(move || store.shutdown()).await;
+        }
+        if let Some(task) = self.metrics_task {
+            task.abort();
         }
     }
 }
@@ -207,6 +311,11 @@ impl Reloader {
     /// previous version of each failed file stays in force).
     pub fn reload(&self) -> Vec<String> {
         let mut errors = self.shared.policy.reload();
+        if let Some(audit) = &self.shared.audit {
+            if let Err(e) = audit.reopen() {
+                errors.push(format!("audit log: {e}"));
+            }
+        }
         for tls in &self.tls {
             if let Err(e) = tls.reload() {
                 errors.push(format!("{e} (previous certificates stay in force)"));
@@ -214,6 +323,10 @@ impl Reloader {
         }
         for e in &errors {
             tracing::error!("reload: {e}");
+        }
+        if let Some(audit) = &self.shared.audit {
+            let errs: Vec<serde_json::Value> = errors.iter().map(|e| e.as_str().into()).collect();
+            audit.global("config_reload", &[("errors", errs.into())]);
         }
         info!(errors = errors.len(), "configuration reloaded");
         errors

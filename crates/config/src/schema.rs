@@ -13,6 +13,11 @@ pub const DEFAULT_MAX_TOPIC_LEVELS: usize = 32;
 pub const DEFAULT_MAX_CLIENT_ID_LENGTH: usize = 128;
 pub const DEFAULT_MAX_QUEUED_BYTES: usize = 8 * 1_048_576;
 pub const DEFAULT_AUTOSAVE_INTERVAL: u64 = 1;
+pub const DEFAULT_CONNECTIONS_PER_SECOND: u32 = 20;
+pub const DEFAULT_CONNECTION_BURST: u32 = 40;
+pub const DEFAULT_MESSAGES_PER_SECOND: u32 = 1000;
+pub const DEFAULT_MESSAGE_BURST: u32 = 2000;
+pub const DEFAULT_BYTES_PER_SECOND: u64 = 10_485_760;
 pub const DEFAULT_RETAINED_MAX_MESSAGES: usize = 1_000_000;
 pub const DEFAULT_RETAINED_MAX_BYTES: u64 = 1_073_741_824;
 
@@ -32,6 +37,14 @@ pub struct Config {
     pub retained: Option<Retained>,
     #[serde(default)]
     pub limits: Limits,
+    #[serde(default)]
+    pub rate_limit: RateLimit,
+    /// `[audit]`: JSON-lines security events; absent = no audit log.
+    #[serde(default)]
+    pub audit: Option<Audit>,
+    /// `[metrics]`: Prometheus metrics and health endpoints; absent = off.
+    #[serde(default)]
+    pub metrics: Option<Metrics>,
     #[serde(default)]
     pub log: Log,
     /// The file this config was read from; relative paths resolve against its folder.
@@ -185,6 +198,56 @@ impl Default for Limits {
     }
 }
 
+/// `[rate_limit]`: token buckets; 0 turns one off.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    /// New connections per second per source address.
+    #[serde(default = "default_connections_per_second")]
+    pub connections_per_second: u32,
+    /// Connections a source address may open at once before the rate applies.
+    #[serde(default = "default_connection_burst")]
+    pub connection_burst: u32,
+    /// PUBLISH packets per second per client; beyond it the client is read more slowly.
+    #[serde(default = "default_messages_per_second")]
+    pub messages_per_second: u32,
+    /// PUBLISH packets a client may send at once; a client that keeps exceeding it
+    /// is disconnected (MQTT 5: DISCONNECT 0x96).
+    #[serde(default = "default_message_burst")]
+    pub message_burst: u32,
+    /// PUBLISH bytes per second per client (burst: one second's worth).
+    #[serde(default = "default_bytes_per_second")]
+    pub bytes_per_second: u64,
+}
+
+impl Default for RateLimit {
+    fn default() -> RateLimit {
+        RateLimit {
+            connections_per_second: DEFAULT_CONNECTIONS_PER_SECOND,
+            connection_burst: DEFAULT_CONNECTION_BURST,
+            messages_per_second: DEFAULT_MESSAGES_PER_SECOND,
+            message_burst: DEFAULT_MESSAGE_BURST,
+            bytes_per_second: DEFAULT_BYTES_PER_SECOND,
+        }
+    }
+}
+
+/// `[audit]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Audit {
+    /// A file to append JSON lines to (reopened on SIGHUP for logrotate), or `-` for stdout.
+    pub path: PathBuf,
+}
+
+/// `[metrics]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metrics {
+    /// `ip:port` serving `GET /metrics`, `/healthz` and `/readyz`.
+    pub bind: String,
+}
+
 /// `[log]`.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -206,6 +269,21 @@ pub enum LogFormat {
     Json,
 }
 
+fn default_connections_per_second() -> u32 {
+    DEFAULT_CONNECTIONS_PER_SECOND
+}
+fn default_connection_burst() -> u32 {
+    DEFAULT_CONNECTION_BURST
+}
+fn default_messages_per_second() -> u32 {
+    DEFAULT_MESSAGES_PER_SECOND
+}
+fn default_message_burst() -> u32 {
+    DEFAULT_MESSAGE_BURST
+}
+fn default_bytes_per_second() -> u64 {
+    DEFAULT_BYTES_PER_SECOND
+}
 fn default_true() -> bool {
     true
 }
@@ -299,6 +377,27 @@ impl Config {
             return Err(Invalid::new(
                 "limits.max_packet_size",
                 "must be at most 268435455, the MQTT maximum",
+            ));
+        }
+        if let Some(m) = &self.metrics {
+            if m.bind.parse::<std::net::SocketAddr>().is_err() {
+                return Err(Invalid::new(
+                    "metrics.bind",
+                    "must be an ip:port address such as 127.0.0.1:9100",
+                ));
+            }
+        }
+        let rl = &self.rate_limit;
+        if rl.connections_per_second > 0 && rl.connection_burst == 0 {
+            return Err(Invalid::new(
+                "rate_limit.connection_burst",
+                "must be greater than 0 when connections_per_second is set",
+            ));
+        }
+        if rl.messages_per_second > 0 && rl.message_burst == 0 {
+            return Err(Invalid::new(
+                "rate_limit.message_burst",
+                "must be greater than 0 when messages_per_second is set",
             ));
         }
         if let Some(r) = &self.retained {

@@ -1,0 +1,192 @@
+//! Prometheus metrics and health endpoints (`[metrics] bind`): `GET /metrics`,
+//! `GET /healthz` (the process is alive) and `GET /readyz` (listeners bound and the
+//! retained store loaded).
+//!
+//! Hot-path counters are plain atomics held by each gateway; labelled families are only
+//! touched when a connection starts or ends.
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabel {
+    pub listener: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ActionLabel {
+    pub action: String,
+}
+
+/// Every metric the broker exports.
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    pub connections_total: Family<ListenerLabel, Counter>,
+    pub connections_current: Family<ListenerLabel, Gauge>,
+    pub messages_in: Counter,
+    pub messages_out: Counter,
+    pub bytes_in: Counter,
+    pub bytes_out: Counter,
+    pub auth_success: Counter,
+    pub auth_failure: Counter,
+    pub acl_denials: Family<ActionLabel, Counter>,
+    pub rate_limited: Counter,
+    pub retained_messages: Gauge,
+    pub retained_store_bytes: Gauge,
+    pub retained_last_save_timestamp: Gauge,
+    pub retained_last_save_duration_ms: Gauge,
+    /// Set once listeners are bound and the retained store is loaded.
+    pub ready: AtomicBool,
+    /// Saves counted by the store, mirrored into the gauges at scrape time.
+    pub saves: AtomicU64,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Metrics> {
+        let m = Metrics {
+            registry: Mutex::new(Registry::with_prefix("moatmq")),
+            connections_total: Family::default(),
+            connections_current: Family::default(),
+            messages_in: Counter::default(),
+            messages_out: Counter::default(),
+            bytes_in: Counter::default(),
+            bytes_out: Counter::default(),
+            auth_success: Counter::default(),
+            auth_failure: Counter::default(),
+            acl_denials: Family::default(),
+            rate_limited: Counter::default(),
+            retained_messages: Gauge::default(),
+            retained_store_bytes: Gauge::default(),
+            retained_last_save_timestamp: Gauge::default(),
+            retained_last_save_duration_ms: Gauge::default(),
+            ready: AtomicBool::new(false),
+            saves: AtomicU64::new(0),
+        };
+        if let Ok(mut r) = m.registry.lock() {
+            r.register(
+                "connections",
+                "Connections accepted, by listener",
+                m.connections_total.clone(),
+            );
+            r.register(
+                "connections_current",
+                "Connections open now, by listener",
+                m.connections_current.clone(),
+            );
+            r.register(
+                "messages_received",
+                "PUBLISH packets received from clients",
+                m.messages_in.clone(),
+            );
+            r.register(
+                "messages_sent",
+                "PUBLISH packets sent to clients",
+                m.messages_out.clone(),
+            );
+            r.register(
+                "bytes_received",
+                "Bytes received from clients",
+                m.bytes_in.clone(),
+            );
+            r.register("bytes_sent", "Bytes sent to clients", m.bytes_out.clone());
+            r.register(
+                "auth_successes",
+                "Successful authentications",
+                m.auth_success.clone(),
+            );
+            r.register(
+                "auth_failures",
+                "Failed authentications",
+                m.auth_failure.clone(),
+            );
+            r.register(
+                "acl_denials",
+                "ACL denials, by action",
+                m.acl_denials.clone(),
+            );
+            r.register(
+                "rate_limited",
+                "Connections or publishers limited",
+                m.rate_limited.clone(),
+            );
+            r.register(
+                "retained_messages",
+                "Retained messages in the store",
+                m.retained_messages.clone(),
+            );
+            r.register(
+                "retained_store_bytes",
+                "Size of the retained store on disk",
+                m.retained_store_bytes.clone(),
+            );
+            r.register(
+                "retained_last_save_timestamp_seconds",
+                "Unix time of the last retained save",
+                m.retained_last_save_timestamp.clone(),
+            );
+            r.register(
+                "retained_last_save_duration_milliseconds",
+                "Duration of the last retained save",
+                m.retained_last_save_duration_ms.clone(),
+            );
+        }
+        Arc::new(m)
+    }
+
+    pub fn deny(&self, action: &str) {
+        self.acl_denials
+            .get_or_create(&ActionLabel {
+                action: action.into(),
+            })
+            .inc();
+    }
+
+    fn render(&self) -> String {
+        let mut out = String::new();
+        if let Ok(r) = self.registry.lock() {
+            let _ = encode(&mut out, &r);
+        }
+        out
+    }
+}
+
+/// Serves the endpoints until the task is dropped.
+pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
+    let app = Router::new()
+        .route("/metrics", get(scrape))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .with_state(metrics);
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!(error = %e, "metrics endpoint stopped");
+    }
+}
+
+async fn scrape(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        m.render(),
+    )
+}
+
+async fn ready(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+    if m.ready.load(Ordering::Acquire) {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
+}

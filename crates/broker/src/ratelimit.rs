@@ -1,0 +1,200 @@
+//! Token buckets for `[rate_limit]`: new connections per source address, and PUBLISH
+//! messages and bytes per client.
+//!
+//! A bucket holds up to `burst` tokens and refills at `rate` per second. Connections
+//! over the limit are refused. Publishers over the limit are not refused: the gateway
+//! stops reading their socket until the bucket has refilled (back-pressure), and only a
+//! client whose debt grows past a whole burst is disconnected.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Addresses tracked at most; past it, full (idle) buckets are forgotten first.
+const MAX_TRACKED: usize = 100_000;
+
+/// One token bucket; `tokens` may go negative (a debt) for publishers.
+#[derive(Debug, Clone)]
+pub struct Bucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    pub fn new(rate: f64, burst: f64) -> Bucket {
+        Bucket {
+            rate,
+            burst,
+            tokens: burst,
+            last: Instant::now(),
+        }
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        self.last = now;
+    }
+
+    /// Takes `n` tokens if there are that many.
+    pub fn try_take(&mut self, n: f64, now: Instant) -> bool {
+        self.refill(now);
+        if self.tokens >= n {
+            self.tokens -= n;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Takes `n` tokens, going into debt if needed; returns the debt (0 if none).
+    pub fn take(&mut self, n: f64, now: Instant) -> f64 {
+        self.refill(now);
+        self.tokens -= n;
+        (-self.tokens).max(0.0)
+    }
+
+    /// How long until the debt is paid back.
+    pub fn wait(&self) -> Duration {
+        if self.tokens >= 0.0 || self.rate <= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-self.tokens / self.rate)
+        }
+    }
+
+    pub fn burst(&self) -> f64 {
+        self.burst
+    }
+}
+
+/// New-connection limits per source address.
+pub struct ConnectionLimiter {
+    rate: u32,
+    burst: u32,
+    buckets: Mutex<HashMap<IpAddr, Bucket>>,
+}
+
+impl ConnectionLimiter {
+    pub fn new(rate: u32, burst: u32) -> ConnectionLimiter {
+        ConnectionLimiter {
+            rate,
+            burst,
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Whether a new connection from `ip` is within the limit (0 = no limit).
+    pub fn allow(&self, ip: IpAddr) -> bool {
+        if self.rate == 0 {
+            return true;
+        }
+        let now = Instant::now();
+        let Ok(mut buckets) = self.buckets.lock() else {
+            return true;
+        };
+        if buckets.len() >= MAX_TRACKED && !buckets.contains_key(&ip) {
+            buckets.retain(|_, b| {
+                b.refill(now);
+                b.tokens < b.burst
+            });
+            if buckets.len() >= MAX_TRACKED {
+                buckets.clear();
+            }
+        }
+        buckets
+            .entry(ip)
+            .or_insert_with(|| Bucket::new(f64::from(self.rate), f64::from(self.burst)))
+            .try_take(1.0, now)
+    }
+}
+
+/// One client's PUBLISH limits.
+pub struct PublishLimiter {
+    messages: Option<Bucket>,
+    bytes: Option<Bucket>,
+}
+
+/// What the gateway should do after a PUBLISH.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Pace {
+    /// Within the limit.
+    Go,
+    /// Stop reading for this long.
+    SlowDown(Duration),
+    /// Debt beyond a whole burst: disconnect.
+    Disconnect,
+}
+
+impl PublishLimiter {
+    pub fn new(config: &moatmq_config::RateLimit) -> PublishLimiter {
+        PublishLimiter {
+            messages: (config.messages_per_second > 0).then(|| {
+                Bucket::new(
+                    f64::from(config.messages_per_second),
+                    f64::from(config.message_burst),
+                )
+            }),
+            bytes: (config.bytes_per_second > 0).then(|| {
+                let rate = config.bytes_per_second as f64;
+                Bucket::new(rate, rate)
+            }),
+        }
+    }
+
+    /// Accounts one PUBLISH of `len` bytes.
+    pub fn publish(&mut self, len: usize) -> Pace {
+        let now = Instant::now();
+        let mut wait = Duration::ZERO;
+        for (bucket, n) in [(&mut self.messages, 1.0), (&mut self.bytes, len as f64)] {
+            if let Some(b) = bucket {
+                if b.take(n, now) > b.burst() {
+                    return Pace::Disconnect;
+                }
+                wait = wait.max(b.wait());
+            }
+        }
+        if wait.is_zero() {
+            Pace::Go
+        } else {
+            Pace::SlowDown(wait)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_burst_then_refused_per_address() {
+        let l = ConnectionLimiter::new(1, 3);
+        let a: IpAddr = [10, 0, 0, 1].into();
+        let b: IpAddr = [10, 0, 0, 2].into();
+        assert!((0..3).all(|_| l.allow(a)));
+        assert!(!l.allow(a));
+        assert!(l.allow(b), "another address is not affected");
+        assert!(ConnectionLimiter::new(0, 0).allow(a), "0 = off");
+    }
+
+    #[test]
+    fn publisher_is_slowed_then_disconnected() {
+        let config = moatmq_config::RateLimit {
+            connections_per_second: 0,
+            connection_burst: 0,
+            messages_per_second: 10,
+            message_burst: 5,
+            bytes_per_second: 0,
+        };
+        let mut l = PublishLimiter::new(&config);
+        for _ in 0..5 {
+            assert_eq!(l.publish(10), Pace::Go);
+        }
+        assert!(matches!(l.publish(10), Pace::SlowDown(d) if d > Duration::ZERO));
+        let outcome = (0..10).map(|_| l.publish(10)).last();
+        assert_eq!(outcome, Some(Pace::Disconnect));
+    }
+}
