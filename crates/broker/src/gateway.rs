@@ -22,8 +22,9 @@ use bytes::BytesMut;
 use futures_util::FutureExt;
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{
-    Disconnect, DisconnectReasonCode, LastWill, Packet, PingResp, Protocol, PubAck, PubAckReason,
-    PubComp, PubCompReason, PubRec, PubRecReason, QoS, SubAck, SubscribeReasonCode,
+    Disconnect, DisconnectProperties, DisconnectReasonCode, LastWill, Packet, PingResp, Protocol,
+    PubAck, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason, QoS, SubAck,
+    SubscribeReasonCode,
 };
 use rumqttd::Notification;
 use std::collections::{HashMap, HashSet};
@@ -147,7 +148,17 @@ impl Gateway {
         };
         if let (Version::V5, Some(reason_code)) = (self.version, reason) {
             self.out.clear();
-            let packet = Packet::Disconnect(Disconnect { reason_code }, None);
+            // With no properties rumqttd 0.20 encodes a reason code as remaining length 1
+            // followed by two bytes (code and a property length 0): a malformed frame whose
+            // stray 0x00 clients read as a packet of reserved type 0. Empty properties
+            // make it encode remaining length 2, which is what it writes.
+            let props = DisconnectProperties {
+                session_expiry_interval: None,
+                reason_string: None,
+                user_properties: Vec::new(),
+                server_reference: None,
+            };
+            let packet = Packet::Disconnect(Disconnect { reason_code }, Some(props));
             if self.codec.write(packet, &mut self.out).is_ok() {
                 let _ =
                     tokio::time::timeout(Duration::from_secs(1), writer.write_all(&self.out)).await;
@@ -219,6 +230,9 @@ impl Gateway {
                     self.paused_until = None;
                     // A paused client cannot send its PINGREQ: the pause does not count.
                     deadline = Instant::now() + self.keep_alive.unwrap_or(far_future);
+                    if let Err(close) = self.decode_all(buf, max_packet) {
+                        return close;
+                    }
                 }
                 read = reader.read(buf), if paused_until.is_none() => {
                     match read {
@@ -266,7 +280,8 @@ impl Gateway {
     /// Decodes and handles every complete packet in `buf`.
     fn decode_all(&mut self, buf: &mut BytesMut, max_packet: usize) -> Result<(), Close> {
         loop {
-            if buf.is_empty() || !self.awaiting_save.is_empty() {
+            // A throttled publisher's remaining packets wait in the buffer.
+            if buf.is_empty() || !self.awaiting_save.is_empty() || self.paused_until.is_some() {
                 return Ok(());
             }
             // QoS and packet id are private in rumqttd's Publish: read them off the wire.

@@ -3,13 +3,16 @@
 //!
 //! A bucket holds up to `burst` tokens and refills at `rate` per second. Connections
 //! over the limit are refused. Publishers over the limit are not refused: the gateway
-//! stops reading their socket until the bucket has refilled (back-pressure), and only a
-//! client whose debt grows past a whole burst is disconnected.
+//! stops reading their socket until the bucket has refilled (back-pressure); only a
+//! client that stays over its limit for [`SUSTAINED`] without a break is disconnected.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+/// How long a publisher may stay over its limit, throttled, before it is disconnected.
+pub const SUSTAINED: Duration = Duration::from_secs(10);
 
 /// Addresses tracked at most; past it, full (idle) buckets are forgotten first.
 const MAX_TRACKED: usize = 100_000;
@@ -65,10 +68,6 @@ impl Bucket {
             Duration::from_secs_f64(-self.tokens / self.rate)
         }
     }
-
-    pub fn burst(&self) -> f64 {
-        self.burst
-    }
 }
 
 /// New-connection limits per source address.
@@ -116,6 +115,8 @@ impl ConnectionLimiter {
 pub struct PublishLimiter {
     messages: Option<Bucket>,
     bytes: Option<Bucket>,
+    /// Since when every publish has found the client over its limit.
+    throttled_since: Option<Instant>,
 }
 
 /// What the gateway should do after a PUBLISH.
@@ -125,7 +126,7 @@ pub enum Pace {
     Go,
     /// Stop reading for this long.
     SlowDown(Duration),
-    /// Debt beyond a whole burst: disconnect.
+    /// Over the limit without a break for [`SUSTAINED`]: disconnect.
     Disconnect,
 }
 
@@ -142,23 +143,30 @@ impl PublishLimiter {
                 let rate = config.bytes_per_second as f64;
                 Bucket::new(rate, rate)
             }),
+            throttled_since: None,
         }
     }
 
     /// Accounts one PUBLISH of `len` bytes.
     pub fn publish(&mut self, len: usize) -> Pace {
-        let now = Instant::now();
+        self.publish_at(len, Instant::now())
+    }
+
+    fn publish_at(&mut self, len: usize, now: Instant) -> Pace {
         let mut wait = Duration::ZERO;
         for (bucket, n) in [(&mut self.messages, 1.0), (&mut self.bytes, len as f64)] {
             if let Some(b) = bucket {
-                if b.take(n, now) > b.burst() {
-                    return Pace::Disconnect;
-                }
+                b.take(n, now);
                 wait = wait.max(b.wait());
             }
         }
         if wait.is_zero() {
-            Pace::Go
+            self.throttled_since = None;
+            return Pace::Go;
+        }
+        let since = *self.throttled_since.get_or_insert(now);
+        if now.saturating_duration_since(since) > SUSTAINED {
+            Pace::Disconnect
         } else {
             Pace::SlowDown(wait)
         }
@@ -190,11 +198,28 @@ mod tests {
             bytes_per_second: 0,
         };
         let mut l = PublishLimiter::new(&config);
+        let t0 = Instant::now();
         for _ in 0..5 {
-            assert_eq!(l.publish(10), Pace::Go);
+            assert_eq!(l.publish_at(10, t0), Pace::Go);
         }
-        assert!(matches!(l.publish(10), Pace::SlowDown(d) if d > Duration::ZERO));
-        let outcome = (0..10).map(|_| l.publish(10)).last();
-        assert_eq!(outcome, Some(Pace::Disconnect));
+        assert!(matches!(l.publish_at(10, t0), Pace::SlowDown(d) if d > Duration::ZERO));
+        // Still over the limit, every time, for longer than SUSTAINED.
+        let mut t = t0;
+        let mut outcome = Pace::Go;
+        while t < t0 + SUSTAINED + Duration::from_secs(1) {
+            t += Duration::from_millis(50);
+            outcome = l.publish_at(10, t);
+        }
+        assert_eq!(outcome, Pace::Disconnect);
+        // A client that slows down is forgiven.
+        let mut l = PublishLimiter::new(&config);
+        assert!(matches!(l.publish_at(10, t0), Pace::Go));
+        for _ in 0..10 {
+            l.publish_at(10, t0);
+        }
+        assert!(matches!(
+            l.publish_at(10, t0 + Duration::from_secs(5)),
+            Pace::Go
+        ));
     }
 }

@@ -211,8 +211,8 @@ pub struct RateLimit {
     /// PUBLISH packets per second per client; beyond it the client is read more slowly.
     #[serde(default = "default_messages_per_second")]
     pub messages_per_second: u32,
-    /// PUBLISH packets a client may send at once; a client that keeps exceeding it
-    /// is disconnected (MQTT 5: DISCONNECT 0x96).
+    /// PUBLISH packets a client may send at once; a client kept over its limit for
+    /// 10 seconds without a break is disconnected (MQTT 5: DISCONNECT 0x96).
     #[serde(default = "default_message_burst")]
     pub message_burst: u32,
     /// PUBLISH bytes per second per client (burst: one second's worth).

@@ -18,6 +18,8 @@ use tokio::sync::oneshot;
 /// A broker running on the test's runtime until dropped.
 pub struct TestBroker {
     addrs: Vec<(String, SocketAddr)>,
+    metrics: Option<SocketAddr>,
+    reloader: moatmq_broker::Reloader,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
     /// Folder for files the test writes (config-relative paths resolve here).
@@ -52,12 +54,16 @@ impl TestBroker {
         let config = Config::load(&path).unwrap_or_else(|e| panic!("test config: {e}"));
         let broker = Broker::start(config).await.expect("broker starts");
         let addrs = broker.local_addrs();
+        let metrics = broker.metrics_addr();
+        let reloader = broker.reloader();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(broker.serve(async move {
             let _ = stopped.await;
         }));
         TestBroker {
             addrs,
+            metrics,
+            reloader,
             stop: Some(stop),
             task: Some(task),
             dir,
@@ -71,6 +77,16 @@ impl TestBroker {
             .find(|(n, _)| n == name)
             .map(|(_, a)| *a)
             .unwrap_or_else(|| panic!("no listener {name}"))
+    }
+
+    /// Address of the metrics endpoint (`[metrics]` must be configured).
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics.expect("[metrics] configured")
+    }
+
+    /// Does what SIGHUP does; returns the reload errors.
+    pub fn reload(&self) -> Vec<String> {
+        self.reloader.reload()
     }
 
     /// Address of the first listener.

@@ -32,6 +32,14 @@ impl Raw {
         }
     }
 
+    /// Wraps a socket the test opened itself (bound source address, PROXY header sent).
+    pub fn from_stream(stream: TcpStream) -> Raw {
+        Raw {
+            stream,
+            buf: BytesMut::new(),
+        }
+    }
+
     /// Writes bytes; an error (connection already closed by the broker) is ignored.
     pub async fn send(&mut self, bytes: &[u8]) {
         let _ = self.stream.write_all(bytes).await;

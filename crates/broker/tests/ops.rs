@@ -1,0 +1,333 @@
+//! Operations: connection and publish rate limits, PROXY protocol, audit log, metrics
+//! and health endpoints, against the real broker over real sockets.
+
+mod common;
+
+use common::Raw;
+use moatmq_testkit::{v4, TestBroker, QUIET, WAIT};
+use rumqttc::v5::mqttbytes::v5 as m5;
+use rumqttc::QoS;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+/// A v5 CONNECT from `source` (a loopback address) and its CONNACK code.
+async fn connect_from(
+    source: [u8; 4],
+    addr: SocketAddr,
+    id: &str,
+) -> Option<m5::ConnectReturnCode> {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::from((source, 0))).unwrap();
+    let stream = socket.connect(addr).await.unwrap();
+    let mut raw = Raw::from_stream(stream);
+    raw.send5(m5::Packet::Connect(common::connect5(id), None, None))
+        .await;
+    match raw.next5(WAIT).await {
+        Some(m5::Packet::ConnAck(ack)) => Some(ack.code),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn a_connection_flood_is_limited_per_source_address() {
+    let broker = TestBroker::with_config(
+        r#"
+[[listener]]
+name = "tcp"
+bind = "127.0.0.1:0"
+[auth]
+allow_anonymous = true
+[rate_limit]
+connections_per_second = 1
+connection_burst = 5
+"#,
+    )
+    .await;
+    let addr = broker.first_addr();
+    let mut codes = Vec::new();
+    for i in 0..8 {
+        codes.push(connect_from([127, 0, 0, 1], addr, &format!("flood{i}")).await);
+    }
+    assert!(
+        codes[..5]
+            .iter()
+            .all(|c| *c == Some(m5::ConnectReturnCode::Success)),
+        "{codes:?}"
+    );
+    assert!(
+        codes[5..]
+            .iter()
+            .all(|c| *c == Some(m5::ConnectReturnCode::ConnectionRateExceeded)),
+        "{codes:?}"
+    );
+    // Another address is not affected.
+    assert_eq!(
+        connect_from([127, 0, 0, 2], addr, "other").await,
+        Some(m5::ConnectReturnCode::Success)
+    );
+}
+
+#[tokio::test]
+async fn proxy_protocol_source_is_what_limits_see() {
+    let broker = TestBroker::with_config(
+        r#"
+[[listener]]
+name = "tunnel"
+bind = "127.0.0.1:0"
+trust_proxy_protocol = true
+[auth]
+allow_anonymous = true
+[rate_limit]
+connections_per_second = 1
+connection_burst = 2
+"#,
+    )
+    .await;
+    let addr = broker.first_addr();
+    async fn via_proxy(addr: SocketAddr, client: &str, id: &str) -> Option<m5::ConnectReturnCode> {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let header = format!("PROXY TCP4 {client} 10.0.0.1 40000 1883\r\n");
+        stream.write_all(header.as_bytes()).await.unwrap();
+        let mut raw = Raw::from_stream(stream);
+        raw.send5(m5::Packet::Connect(common::connect5(id), None, None))
+            .await;
+        match raw.next5(WAIT).await {
+            Some(m5::Packet::ConnAck(ack)) => Some(ack.code),
+            _ => None,
+        }
+    }
+    let ok = Some(m5::ConnectReturnCode::Success);
+    assert_eq!(via_proxy(addr, "203.0.113.1", "a1").await, ok);
+    assert_eq!(via_proxy(addr, "203.0.113.1", "a2").await, ok);
+    assert_eq!(
+        via_proxy(addr, "203.0.113.1", "a3").await,
+        Some(m5::ConnectReturnCode::ConnectionRateExceeded)
+    );
+    // Same tunnel socket address, another client behind it.
+    assert_eq!(via_proxy(addr, "203.0.113.2", "b1").await, ok);
+    // Without a header the connection is refused outright.
+    let mut raw = Raw::tcp(addr).await;
+    raw.send5(m5::Packet::Connect(common::connect5("nohdr"), None, None))
+        .await;
+    assert!(raw.closed_within(WAIT).await);
+}
+
+#[tokio::test]
+async fn a_publish_flood_is_throttled_without_hurting_others() {
+    let broker = TestBroker::with_config(
+        r#"
+[[listener]]
+name = "tcp"
+bind = "127.0.0.1:0"
+[auth]
+allow_anonymous = true
+[rate_limit]
+messages_per_second = 50
+message_burst = 50
+"#,
+    )
+    .await;
+    let addr = broker.first_addr();
+    let mut sub = v4::connected(addr, "watch").await;
+    assert_eq!(
+        common::suback4(&mut sub, &["flood", "calm"]).await,
+        vec![common::V4_OK; 2]
+    );
+    let flooder = v4::connected(addr, "flooder").await;
+    let calm = v4::connected(addr, "calm").await;
+    let started = tokio::time::Instant::now();
+    for i in 0..150u32 {
+        flooder
+            .client
+            .try_publish("flood", QoS::AtMostOnce, false, i.to_be_bytes().to_vec())
+            .ok();
+    }
+    calm.client
+        .publish("calm", QoS::AtLeastOnce, false, "hello")
+        .await
+        .unwrap();
+    let mut flood_seen = 0;
+    let mut calm_seen = false;
+    let deadline = started + Duration::from_secs(4);
+    while let Some(p) = sub
+        .publish_within(deadline - tokio::time::Instant::now())
+        .await
+    {
+        match p.topic.as_str() {
+            "calm" => calm_seen = true,
+            _ => flood_seen += 1,
+        }
+        if flood_seen == 150 && calm_seen {
+            break;
+        }
+    }
+    assert!(calm_seen, "the well-behaved client's message was delivered");
+    assert_eq!(flood_seen, 150, "throttled, not dropped");
+    // 150 messages at 50/s after a burst of 50 take about two seconds.
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "not throttled: {:?}",
+        started.elapsed()
+    );
+}
+
+async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.unwrap();
+    let status = body
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, body)
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && !l.starts_with('#'))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{name} missing in\n{text}"))
+}
+
+const METRICS: &str = r#"
+[[listener]]
+name = "tcp"
+bind = "127.0.0.1:0"
+[auth]
+allow_anonymous = true
+[metrics]
+bind = "127.0.0.1:0"
+"#;
+
+#[tokio::test]
+async fn metrics_move_with_traffic_and_health_endpoints_answer() {
+    let broker = TestBroker::with_config(METRICS).await;
+    let m = broker.metrics_addr();
+    let (status, _) = http_get(m, "/healthz").await;
+    assert_eq!(status, 200);
+    let (status, _) = http_get(m, "/readyz").await;
+    assert_eq!(status, 200);
+    let (_, before) = http_get(m, "/metrics").await;
+    let received = metric(&before, "moatmq_messages_received_total");
+
+    let mut sub = v4::connected(broker.first_addr(), "s").await;
+    common::suback4(&mut sub, &["m/#"]).await;
+    let publ = v4::connected(broker.first_addr(), "p").await;
+    for _ in 0..3 {
+        publ.client
+            .publish("m/x", QoS::AtLeastOnce, false, "x")
+            .await
+            .unwrap();
+        sub.next_publish().await;
+    }
+    let (_, after) = http_get(m, "/metrics").await;
+    assert_eq!(
+        metric(&after, "moatmq_messages_received_total"),
+        received + 3.0
+    );
+    assert!(metric(&after, "moatmq_messages_sent_total") >= 3.0);
+    assert!(
+        after.contains("moatmq_connections_current{listener=\"tcp\"} 2"),
+        "{after}"
+    );
+    assert!(metric(&after, "moatmq_auth_successes_total") >= 2.0);
+}
+
+#[tokio::test]
+async fn readyz_is_not_ready_until_the_broker_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = moatmq_testkit::write_file(dir.path(), "broker.toml", METRICS);
+    let broker = moatmq_broker::Broker::start(moatmq_config::Config::load(&path).unwrap())
+        .await
+        .unwrap();
+    let m = broker.metrics_addr().unwrap();
+    assert_eq!(http_get(m, "/readyz").await.0, 503);
+    assert_eq!(http_get(m, "/healthz").await.0, 200);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(broker.serve(async move {
+        let _ = stopped.await;
+    }));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(http_get(m, "/readyz").await.0, 200);
+    let _ = stop.send(());
+    task.await.unwrap();
+}
+
+#[tokio::test]
+async fn audit_lines_for_each_event_never_carry_the_password() {
+    let dir = tempfile::tempdir().unwrap();
+    common::password_file(dir.path(), &[("alice", "s3cret-pw")]);
+    moatmq_testkit::write_file(
+        dir.path(),
+        "aclfile",
+        "user alice\ntopic readwrite alice/#\n",
+    );
+    let broker = TestBroker::with_config_in(
+        dir,
+        r#"
+[[listener]]
+name = "tcp"
+bind = "127.0.0.1:0"
+[auth]
+password_file = "passwd"
+[acl]
+file = "aclfile"
+[audit]
+path = "audit.log"
+"#,
+    )
+    .await;
+    let addr = broker.first_addr();
+    let refused = v4::connect(common::login4(addr, "bad", "alice", "wrong-pw")).await;
+    assert!(refused.is_err());
+    let mut alice = v4::connect(common::login4(addr, "a1", "alice", "s3cret-pw"))
+        .await
+        .unwrap();
+    assert_eq!(
+        common::suback4(&mut alice, &["bob/#"]).await,
+        vec![common::V4_NO]
+    );
+    alice.client.disconnect().await.unwrap();
+    tokio::time::sleep(QUIET).await;
+
+    // logrotate: move the file away, reload, and the broker writes a fresh one.
+    std::fs::rename(broker.path("audit.log"), broker.path("audit.log.1")).unwrap();
+    assert!(broker.reload().is_empty());
+    let text = std::fs::read_to_string(broker.path("audit.log.1")).unwrap();
+    let events: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect();
+    let kinds: Vec<&str> = events
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    for kind in [
+        "connect",
+        "auth_failure",
+        "auth_success",
+        "authz_deny",
+        "disconnect",
+    ] {
+        assert!(kinds.contains(&kind), "{kind} missing in {kinds:?}");
+    }
+    let deny = events.iter().find(|e| e["event"] == "authz_deny").unwrap();
+    assert_eq!(deny["action"], "subscribe");
+    assert_eq!(deny["topic"], "bob/#");
+    assert_eq!(deny["username"], "alice");
+    assert!(events
+        .iter()
+        .all(|e| e["ts"].as_str().is_some_and(|t| t.contains('T'))));
+    assert!(
+        !text.contains("s3cret-pw") && !text.contains("wrong-pw"),
+        "password in the audit log"
+    );
+    let reopened = std::fs::read_to_string(broker.path("audit.log")).unwrap();
+    assert!(reopened.contains("config_reload"), "{reopened}");
+}
