@@ -6,7 +6,7 @@
 //! and build publishes through `Publish::deserialize`.
 
 use bytes::{BufMut, Bytes, BytesMut};
-use rumqttd::protocol::{Publish, QoS};
+use rumqttd::protocol::{v5::V5, Disconnect, DisconnectReasonCode, Packet, Protocol, Publish, QoS};
 
 /// The MQTT version a connection speaks, from its CONNECT.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,9 +125,43 @@ pub fn make_publish(topic: Bytes, payload: Bytes, qos: QoS, retain: bool, pkid: 
     Publish::deserialize(o.freeze())
 }
 
+/// Appends an MQTT 5 DISCONNECT with `reason` and no properties to `out`.
+///
+/// rumqttd 0.20's encoder gets this wrong both ways: without properties it writes
+/// remaining length 1 followed by two bytes (reason and a property length 0), a malformed
+/// frame whose stray 0x00 clients read as a packet of reserved type 0; with empty
+/// properties it writes `E0 00`, dropping the reason. We take the reason byte from its
+/// output (its reason-to-byte table is private) and frame it ourselves.
+pub fn write_v5_disconnect(reason: DisconnectReasonCode, out: &mut BytesMut) {
+    let mut scratch = BytesMut::with_capacity(4);
+    let packet = Packet::Disconnect(
+        Disconnect {
+            reason_code: reason,
+        },
+        None,
+    );
+    match (V5.write(packet, &mut scratch), scratch.get(2)) {
+        (Ok(_), Some(&code)) => out.extend_from_slice(&[0xE0, 0x02, code, 0x00]),
+        // Normal disconnection: `E0 00`, which is well formed.
+        _ => out.extend_from_slice(&[0xE0, 0x00]),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn v5_disconnect_carries_its_reason_in_a_well_formed_frame() {
+        let mut out = BytesMut::new();
+        write_v5_disconnect(DisconnectReasonCode::SessionTakenOver, &mut out);
+        write_v5_disconnect(DisconnectReasonCode::ServerShuttingDown, &mut out);
+        write_v5_disconnect(DisconnectReasonCode::NormalDisconnection, &mut out);
+        assert_eq!(
+            &out[..],
+            &[0xE0, 0x02, 0x8E, 0x00, 0xE0, 0x02, 0x8B, 0x00, 0xE0, 0x00]
+        );
+    }
 
     #[test]
     fn detects_v4_and_v5_connect() {

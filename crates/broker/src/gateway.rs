@@ -22,9 +22,8 @@ use bytes::BytesMut;
 use futures_util::FutureExt;
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{
-    Disconnect, DisconnectProperties, DisconnectReasonCode, LastWill, Packet, PingResp, Protocol,
-    PubAck, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason, QoS, SubAck,
-    SubscribeReasonCode,
+    Disconnect, DisconnectReasonCode, LastWill, Packet, PingResp, Protocol, PubAck, PubAckReason,
+    PubComp, PubCompReason, PubRec, PubRecReason, QoS, SubAck, SubscribeReasonCode,
 };
 use rumqttd::Notification;
 use std::collections::{HashMap, HashSet};
@@ -148,21 +147,8 @@ impl Gateway {
         };
         if let (Version::V5, Some(reason_code)) = (self.version, reason) {
             self.out.clear();
-            // With no properties rumqttd 0.20 encodes a reason code as remaining length 1
-            // followed by two bytes (code and a property length 0): a malformed frame whose
-            // stray 0x00 clients read as a packet of reserved type 0. Empty properties
-            // make it encode remaining length 2, which is what it writes.
-            let props = DisconnectProperties {
-                session_expiry_interval: None,
-                reason_string: None,
-                user_properties: Vec::new(),
-                server_reference: None,
-            };
-            let packet = Packet::Disconnect(Disconnect { reason_code }, Some(props));
-            if self.codec.write(packet, &mut self.out).is_ok() {
-                let _ =
-                    tokio::time::timeout(Duration::from_secs(1), writer.write_all(&self.out)).await;
-            }
+            crate::codec::write_v5_disconnect(reason_code, &mut self.out);
+            let _ = tokio::time::timeout(Duration::from_secs(1), writer.write_all(&self.out)).await;
         }
         writer.shutdown().await;
         let publish_will = !matches!(
