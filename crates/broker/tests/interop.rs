@@ -1,0 +1,107 @@
+//! A second, independent MQTT implementation's view: libmosquitto's command-line
+//! clients (package mosquitto-clients, installed by .ci/run) against moatmq, MQTT 3.1.1
+//! and 5, including retained messages, QoS 2 and a refused login.
+
+use moatmq_testkit::TestBroker;
+use std::net::SocketAddr;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+fn tool(name: &str) -> Command {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {name}")])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(
+        found,
+        "{name} not found: install mosquitto-clients (.ci/run does)"
+    );
+    Command::new(name)
+}
+
+fn base(cmd: &mut Command, addr: SocketAddr, version: &str) {
+    cmd.args([
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &addr.port().to_string(),
+        "-V",
+        version,
+    ]);
+}
+
+async fn run(mut cmd: Command) -> Output {
+    tokio::task::spawn_blocking(move || cmd.stdin(Stdio::null()).output().expect("run"))
+        .await
+        .unwrap()
+}
+
+async fn pub_sub_round_trip(version: &str) {
+    let broker = TestBroker::start().await;
+    let addr = broker.first_addr();
+
+    // A retained message first, then a subscriber that must see it and a live one.
+    let mut retained = tool("mosquitto_pub");
+    base(&mut retained, addr, version);
+    retained.args([
+        "-t",
+        "interop/state",
+        "-m",
+        "retained-value",
+        "-r",
+        "-q",
+        "1",
+    ]);
+    assert!(run(retained).await.status.success());
+
+    let mut sub = tool("mosquitto_sub");
+    base(&mut sub, addr, version);
+    sub.args(["-t", "interop/#", "-q", "2", "-v", "-C", "2", "-W", "5"]);
+    let sub = tokio::task::spawn_blocking(move || sub.stdin(Stdio::null()).output().expect("sub"));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let mut live = tool("mosquitto_pub");
+    base(&mut live, addr, version);
+    live.args(["-t", "interop/live", "-m", "live-value", "-q", "2"]);
+    assert!(run(live).await.status.success());
+
+    let out = sub.await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "mosquitto_sub failed: {text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines,
+        vec!["interop/state retained-value", "interop/live live-value"]
+    );
+}
+
+#[tokio::test]
+async fn mosquitto_clients_v311() {
+    pub_sub_round_trip("mqttv311").await;
+}
+
+#[tokio::test]
+async fn mosquitto_clients_v5() {
+    pub_sub_round_trip("mqttv5").await;
+}
+
+#[tokio::test]
+async fn mosquitto_client_sees_a_refused_login() {
+    let broker =
+        TestBroker::with_config("[[listener]]\nname = \"tcp\"\nbind = \"127.0.0.1:0\"\n").await;
+    let mut publ = tool("mosquitto_pub");
+    base(&mut publ, broker.first_addr(), "mqttv5");
+    publ.args(["-t", "x", "-m", "y", "-u", "nobody", "-P", "nothing"]);
+    let out = run(publ).await;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
+    assert!(
+        err.contains("bad user name or password") || err.contains("not authorized"),
+        "{err}"
+    );
+}
