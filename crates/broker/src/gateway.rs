@@ -10,7 +10,7 @@
 //! the router itself; when it refuses a client's QoS 2 publish it completes the
 //! PUBREC/PUBREL/PUBCOMP exchange itself.
 
-use crate::codec::{publish_header, qos_and_pkid, Version};
+use crate::codec::{publish_header, qos_and_pkid, refuse_before_decode, Version};
 use crate::connect::codec_for;
 use crate::policy::{unshare, Identity};
 use crate::ratelimit::{Pace, PublishLimiter};
@@ -272,6 +272,14 @@ impl Gateway {
             }
             // QoS and packet id are private in rumqttd's Publish: read them off the wire.
             let header = publish_header(buf);
+            if let Some(kind) = refuse_before_decode(buf) {
+                // rumqttd's v5 decoder panics on these; a client never sends them.
+                debug!(kind, "server-only packet type from a client");
+                return Err(Close::Protocol(
+                    DisconnectReasonCode::ProtocolError,
+                    "packet not allowed from a client",
+                ));
+            }
             match self.codec.read_mut(buf, max_packet) {
                 Ok(packet) => self.incoming(packet, header)?,
                 Err(rumqttd::protocol::Error::InsufficientBytes(_)) => return Ok(()),
