@@ -12,7 +12,7 @@
 
 use crate::codec::{publish_header, qos_and_pkid, refuse_before_decode, Version};
 use crate::connect::codec_for;
-use crate::policy::{unshare, Identity};
+use crate::policy::{unshare, AclView, Identity};
 use crate::ratelimit::{Pace, PublishLimiter};
 use crate::retained::Recorded;
 use crate::server::{ConnInfo, Shared};
@@ -91,6 +91,10 @@ pub struct Gateway {
     limiter: PublishLimiter,
     /// Reading is paused until then (publish rate exceeded).
     paused_until: Option<Instant>,
+    /// Cached ACL for the per-message read check.
+    acl: AclView,
+    /// MQTT 5: QoS 1/2 publishes received and not yet acknowledged (receive maximum).
+    inflight_in: u16,
 }
 
 impl Gateway {
@@ -108,6 +112,7 @@ impl Gateway {
         max_out_packet: Option<u32>,
     ) -> Gateway {
         let limiter = PublishLimiter::new(&shared.config.rate_limit);
+        let acl = shared.policy.acl_view();
         Gateway {
             shared,
             info,
@@ -130,6 +135,8 @@ impl Gateway {
             awaiting_save: Vec::new(),
             limiter,
             paused_until: None,
+            acl,
+            inflight_in: 0,
         }
     }
 
@@ -326,6 +333,16 @@ impl Gateway {
                     ));
                 }
                 self.shared.metrics.messages_in.inc();
+                if qos != QoS::AtMostOnce && self.version == Version::V5 {
+                    // MQTT-3.3.4-7/8: we announced limits.max_inflight as receive maximum.
+                    if self.inflight_in >= self.shared.config.limits.max_inflight {
+                        return Err(Close::Protocol(
+                            DisconnectReasonCode::ReceiveMaximumExceeded,
+                            "receive maximum exceeded",
+                        ));
+                    }
+                    self.inflight_in += 1;
+                }
                 match self.limiter.publish(topic.len() + publish.payload.len()) {
                     Pace::Go => {}
                     Pace::SlowDown(wait) => {
@@ -525,7 +542,10 @@ impl Gateway {
         match notification {
             Notification::Forward(forward) => {
                 let topic = std::str::from_utf8(&forward.publish.topic).unwrap_or("");
-                let decision = self.shared.policy.may_read(&self.identity, topic);
+                let decision = self
+                    .shared
+                    .policy
+                    .may_read(&mut self.acl, &self.identity, topic);
                 if !decision.allowed {
                     debug!(topic, "delivery withheld by read ACL");
                     self.shared
@@ -618,6 +638,21 @@ impl Gateway {
 
     /// Encodes a packet for this client's protocol version into the output buffer.
     fn write(&mut self, packet: Packet) -> Result<(), Close> {
+        // The end of an incoming QoS 1/2 exchange frees a receive-maximum slot.
+        match &packet {
+            Packet::PubAck(..) | Packet::PubComp(..) => {
+                self.inflight_in = self.inflight_in.saturating_sub(1)
+            }
+            Packet::PubRec(rec, _)
+                if !matches!(
+                    rec.reason,
+                    PubRecReason::Success | PubRecReason::NoMatchingSubscribers
+                ) =>
+            {
+                self.inflight_in = self.inflight_in.saturating_sub(1)
+            }
+            _ => {}
+        }
         // rumqttd's 3.1.1 encoder panics on MQTT 5 properties: strip them for 3.1.1 clients.
         let packet = match self.version {
             Version::V5 => packet,

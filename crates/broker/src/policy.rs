@@ -13,6 +13,7 @@ use moatmq_auth::{valid_identity, LoginThrottle, PasswordFile, Verdict};
 use moatmq_config::Config;
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use tokio::sync::Semaphore;
 use tracing::{info, warn};
@@ -67,6 +68,8 @@ pub struct Policy {
     passwords: RwLock<Option<Arc<PasswordFile>>>,
     acl_path: Option<PathBuf>,
     acl: RwLock<Arc<Acl>>,
+    /// Bumped on every ACL reload, so connections know their cached view is stale.
+    acl_generation: AtomicU64,
     throttle: LoginThrottle,
     hashing: Arc<Semaphore>,
 }
@@ -103,6 +106,7 @@ impl Policy {
             passwords: RwLock::new(passwords),
             acl_path,
             acl: RwLock::new(Arc::new(acl)),
+            acl_generation: AtomicU64::new(0),
             throttle: LoginThrottle::new(),
             hashing: Arc::new(Semaphore::new(cores)),
         })
@@ -129,6 +133,7 @@ impl Policy {
                     if let Ok(mut slot) = self.acl.write() {
                         *slot = Arc::new(acl);
                     }
+                    self.acl_generation.fetch_add(1, Ordering::Release);
                 }
                 Err(e) => errors.push(format!("{e} (previous ACL stays in force)")),
             }
@@ -229,10 +234,30 @@ impl Policy {
         self.current_acl().check_subscribe(&who.acl(), filter)
     }
 
-    /// May `who` receive a message on `topic`? Checked for every delivered message.
-    pub fn may_read(&self, who: &Identity, topic: &str) -> Decision {
-        self.current_acl().check_read(&who.acl(), topic)
+    /// A connection's cached view of the ACL, for the per-message read check.
+    pub fn acl_view(&self) -> AclView {
+        let generation = self.acl_generation.load(Ordering::Acquire);
+        AclView {
+            generation,
+            acl: self.current_acl(),
+        }
     }
+
+    /// May `who` receive a message on `topic`? Checked for every delivered message,
+    /// against the connection's cached view, refreshed at once after a reload (so a
+    /// revoked subscription stops delivering with the next message).
+    pub fn may_read(&self, view: &mut AclView, who: &Identity, topic: &str) -> Decision {
+        if self.acl_generation.load(Ordering::Acquire) != view.generation {
+            *view = self.acl_view();
+        }
+        view.acl.check_read(&who.acl(), topic)
+    }
+}
+
+/// One connection's snapshot of the ACL: reading it costs no lock and no shared write.
+pub struct AclView {
+    generation: u64,
+    acl: Arc<Acl>,
 }
 
 /// Strips a `$share/<group>/` prefix.

@@ -331,3 +331,35 @@ path = "audit.log"
     let reopened = std::fs::read_to_string(broker.path("audit.log")).unwrap();
     assert!(reopened.contains("config_reload"), "{reopened}");
 }
+
+#[tokio::test]
+async fn mqtt5_receive_maximum_is_enforced() {
+    use bytes::BytesMut;
+    let broker = TestBroker::with_config(
+        "[[listener]]\nname = \"tcp\"\nbind = \"127.0.0.1:0\"\n[auth]\nallow_anonymous = true\n[limits]\nmax_inflight = 2\n",
+    )
+    .await;
+    let (mut raw, code) =
+        Raw::connect5(broker.first_addr(), common::connect5("eager"), None, None).await;
+    assert_eq!(code, Some(m5::ConnectReturnCode::Success));
+    // Three QoS 1 publishes in one write: the third exceeds the announced maximum of 2.
+    let mut out = BytesMut::new();
+    for pkid in 1..=3 {
+        let mut p = m5::Publish::new("rm/t", rumqttc::v5::mqttbytes::QoS::AtLeastOnce, "x", None);
+        p.pkid = pkid;
+        m5::Packet::Publish(p).write(&mut out).unwrap();
+    }
+    raw.send(&out).await;
+    let mut saw_disconnect = None;
+    while let Some(p) = raw.next5(WAIT).await {
+        if let m5::Packet::Disconnect(d) = p {
+            saw_disconnect = Some(d.reason_code);
+            break;
+        }
+    }
+    assert_eq!(
+        saw_disconnect,
+        Some(m5::DisconnectReasonCode::ReceiveMaximumExceeded)
+    );
+    common::assert_serving(broker.first_addr()).await;
+}
