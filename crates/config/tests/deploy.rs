@@ -1,11 +1,15 @@
 //! Checks on the files under `deploy/` that no Docker engine, Helm or systemd is needed
-//! for: the Dockerfile runs as a non-root user with a health check and bakes in no
-//! secret; the systemd unit has its sandboxing; the Helm chart and the plain manifests
-//! carry the securityContext; the broker.toml files shipped there load.
+//! for: the Dockerfile runs as a non-root user with a health check (run here against a
+//! stand-in HTTP server) and bakes in no secret; the systemd unit has its sandboxing; the
+//! Helm chart and the plain manifests carry the securityContext and probe /healthz and
+//! /readyz on the metrics port; the broker.toml files shipped there load and enable it.
 //! (.ci/run adds yamllint, kubernetes-validate and `systemd-analyze verify`.)
 
 use moatmq_config::Config;
+use std::io::{Read, Write};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -75,6 +79,89 @@ fn dockerfile_runs_as_non_root_with_a_healthcheck() {
     assert!(ins
         .iter()
         .any(|(op, a)| op == "CMD" && a.contains("/etc/moatmq/broker.toml")));
+}
+
+/// The strings of a JSON exec-form array such as `["bash", "-c", "..."]`
+/// (only the escapes a Dockerfile needs: `\\` and `\"`).
+fn exec_form(args: &str) -> Vec<String> {
+    let inner = args
+        .trim()
+        .strip_prefix('[')
+        .and_then(|a| a.strip_suffix(']'))
+        .expect("exec form");
+    let mut out = Vec::new();
+    let mut chars = inner.chars();
+    while let Some(c) = chars.next() {
+        if c != '"' {
+            continue;
+        }
+        let mut s = String::new();
+        loop {
+            match chars.next().expect("closed string") {
+                '"' => break,
+                '\\' => s.push(chars.next().expect("escaped char")),
+                c => s.push(c),
+            }
+        }
+        out.push(s);
+    }
+    out
+}
+
+/// Runs the image's HEALTHCHECK command against a one-shot HTTP server answering with
+/// `status` (None: nothing listens). Returns whether it passed and the request line.
+fn run_healthcheck(status: Option<&str>) -> (bool, String) {
+    let ins = dockerfile_instructions(&read("deploy/docker/Dockerfile"));
+    let hc = &ins.iter().find(|(op, _)| op == "HEALTHCHECK").unwrap().1;
+    let cmd = exec_form(&hc[hc.find("CMD").unwrap() + 3..]);
+    assert_eq!(&cmd[..2], ["bash", "-c"], "exec form, no curl needed");
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    // Without a status the listener is dropped here: nothing listens on the port.
+    let server = status.map(|status| {
+        let status = status.to_string();
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut req = Vec::new();
+            let mut buf = [0u8; 512];
+            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => req.extend_from_slice(&buf[..n]),
+                }
+            }
+            let _ = write!(
+                s,
+                "HTTP/1.1 {status}\r\ncontent-length: 3\r\nconnection: close\r\n\r\nok\n"
+            );
+            String::from_utf8_lossy(&req)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_string()
+        })
+    });
+    let ok = Command::new(&cmd[0])
+        .args(&cmd[1..])
+        .env("MOATMQ_METRICS_PORT", port.to_string())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("bash runs")
+        .success();
+    let request = server.map(|t| t.join().unwrap()).unwrap_or_default();
+    (ok, request)
+}
+
+#[test]
+fn dockerfile_healthcheck_gets_healthz() {
+    let text = read("deploy/docker/Dockerfile");
+    assert!(text.contains("ENV MOATMQ_METRICS_PORT=9100"));
+    let (ok, request) = run_healthcheck(Some("200 OK"));
+    assert!(ok, "200 is healthy");
+    assert_eq!(request, "GET /healthz HTTP/1.1");
+    assert!(!run_healthcheck(Some("503 Service Unavailable")).0);
+    assert!(!run_healthcheck(Some("404 Not Found")).0);
+    assert!(!run_healthcheck(None).0, "nothing listening is unhealthy");
 }
 
 #[test]
@@ -168,6 +255,32 @@ fn helm_chart_sets_the_security_context() {
     }
     assert!(read("deploy/helm/moatmq/templates/configmap.yaml").contains("broker.toml"));
     assert!(read("deploy/helm/moatmq/templates/service.yaml").contains("kind: Service"));
+    assert_http_probes(&sts, "helm statefulset template");
+    // The named container port (and Service port) comes from service.ports.
+    assert!(values.lines().any(|l| l.trim() == "metrics: 9100"));
+    assert!(!values.contains("probePort"), "TCP probes are gone");
+}
+
+/// Liveness is GET /healthz and readiness GET /readyz, on the port named `metrics`.
+fn assert_http_probes(sts: &str, what: &str) {
+    assert!(!sts.contains("tcpSocket"), "{what}: HTTP probes, not TCP");
+    for (probe, path) in [
+        ("livenessProbe:", "/healthz"),
+        ("readinessProbe:", "/readyz"),
+    ] {
+        let block: Vec<&str> = sts
+            .lines()
+            .skip_while(|l| l.trim() != probe)
+            .skip(1)
+            .take(4)
+            .map(str::trim)
+            .collect();
+        assert_eq!(
+            &block[..3],
+            ["httpGet:", &format!("path: {path}"), "port: metrics"],
+            "{what}: {probe}"
+        );
+    }
 }
 
 #[test]
@@ -187,6 +300,18 @@ fn kubernetes_manifests_set_the_security_context() {
     ] {
         assert!(sts.contains(needle), "statefulset.yaml: {needle}");
     }
+    assert_http_probes(&sts, "statefulset.yaml");
+    assert!(
+        sts.contains("- name: metrics\n              containerPort: 9100"),
+        "statefulset.yaml: a container port named metrics"
+    );
+    let svc = read("deploy/kubernetes/service.yaml");
+    assert_eq!(
+        svc.matches("- name: metrics\n      port: 9100\n      targetPort: 9100")
+            .count(),
+        2,
+        "service.yaml: metrics port on the Service and the headless Service"
+    );
 }
 
 /// The `broker.toml: |` block of a ConfigMap or values file, de-indented.
@@ -229,5 +354,9 @@ fn shipped_broker_tomls_load() {
             r.path.starts_with("/var/lib/moatmq"),
             "{name}: store on the data volume"
         );
+        // The health check and the probes need the metrics endpoint, reachable from
+        // outside the container (kubelet) on the port they use.
+        let m = c.metrics.as_ref().expect("[metrics] for the health checks");
+        assert_eq!(m.bind, "0.0.0.0:9100", "{name}");
     }
 }
