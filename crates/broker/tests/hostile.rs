@@ -1,0 +1,634 @@
+//! Hostile clients against the real broker over real sockets. Each test attacks one
+//! broker, then proves a well-behaved client on the same broker still gets its own
+//! publish back within [`LATENCY`], and, for the attacks that could make the broker
+//! buffer, that the process's resident memory grew by less than a stated bound.
+//!
+//! Limits are tight so attacks hit them fast: `connect_timeout = 1`,
+//! `max_packet_size = 65536`, `max_topic_levels = 8`, `max_subscriptions_per_client = 100`.
+//! Rate limits are off: every connection comes from 127.0.0.1, and the point here is the
+//! broker's own bounds, not the per-address throttle.
+//!
+//! Memory is the whole test process's VmRSS (the broker runs in-process, and tests run in
+//! parallel), so the bounds are generous: they catch growth with the attack's size, not
+//! noise.
+
+use moatmq_testkit::{v4, TestBroker, TestCa};
+use rumqttc::QoS;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// A well-behaved client's publish must come back within this, attack or not.
+const LATENCY: Duration = Duration::from_millis(500);
+/// A connection the broker must close "at once".
+const AT_ONCE: Duration = Duration::from_millis(500);
+
+const HOSTILE: &str = r#"
+[[listener]]
+name = "tcp"
+bind = "127.0.0.1:0"
+[auth]
+allow_anonymous = true
+[rate_limit]
+connections_per_second = 0
+messages_per_second = 0
+[limits]
+max_packet_size = 65536
+connect_timeout = 1
+max_topic_levels = 8
+max_subscriptions_per_client = 100
+max_client_id_length = 128
+max_connections = 2000
+"#;
+
+async fn broker() -> TestBroker {
+    TestBroker::with_config(HOSTILE).await
+}
+
+// ---- raw MQTT ---------------------------------------------------------------------
+
+fn varint(out: &mut Vec<u8>, mut v: usize) {
+    loop {
+        let mut b = (v % 128) as u8;
+        v /= 128;
+        if v > 0 {
+            b |= 0x80;
+        }
+        out.push(b);
+        if v == 0 {
+            break;
+        }
+    }
+}
+
+fn frame(first: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![first];
+    varint(&mut out, body.len());
+    out.extend_from_slice(body);
+    out
+}
+
+fn string(out: &mut Vec<u8>, s: &[u8]) {
+    out.extend_from_slice(&(s.len() as u16).to_be_bytes());
+    out.extend_from_slice(s);
+}
+
+/// A CONNECT (3.1.1, or 5 with an empty properties block), clean session, keep alive 30.
+fn connect_packet(v5: bool, id: &[u8], login: Option<(&[u8], &[u8])>) -> Vec<u8> {
+    let mut b = Vec::new();
+    string(&mut b, b"MQTT");
+    b.push(if v5 { 5 } else { 4 });
+    b.push(0x02 | if login.is_some() { 0xC0 } else { 0 });
+    b.extend_from_slice(&30u16.to_be_bytes());
+    if v5 {
+        b.push(0);
+    }
+    string(&mut b, id);
+    if let Some((u, p)) = login {
+        string(&mut b, u);
+        string(&mut b, p);
+    }
+    frame(0x10, &b)
+}
+
+fn publish_packet(topic: &[u8], qos: u8, pkid: u16, payload: &[u8]) -> Vec<u8> {
+    let mut b = Vec::new();
+    string(&mut b, topic);
+    if qos > 0 {
+        b.extend_from_slice(&pkid.to_be_bytes());
+    }
+    b.extend_from_slice(payload);
+    frame(0x30 | (qos << 1), &b)
+}
+
+fn subscribe_packet(pkid: u16, filters: &[Vec<u8>]) -> Vec<u8> {
+    let mut b = pkid.to_be_bytes().to_vec();
+    for f in filters {
+        string(&mut b, f);
+        b.push(0);
+    }
+    frame(0x82, &b)
+}
+
+/// A raw socket with a buffer of what the broker sent.
+struct Raw {
+    s: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Raw {
+    async fn open(addr: SocketAddr) -> Raw {
+        Raw {
+            s: TcpStream::connect(addr).await.expect("tcp connect"),
+            buf: Vec::new(),
+        }
+    }
+
+    /// Connects with a CONNECT and waits for a successful CONNACK.
+    async fn connected(addr: SocketAddr, v5: bool, id: &str) -> Raw {
+        let mut r = Raw::open(addr).await;
+        r.send(&connect_packet(v5, id.as_bytes(), None)).await;
+        let (first, body) = r.packet(Duration::from_secs(5)).await.expect("CONNACK");
+        assert_eq!(first, 0x20);
+        assert_eq!(body[1], 0, "CONNACK refused");
+        r
+    }
+
+    async fn send(&mut self, bytes: &[u8]) {
+        let _ = self.s.write_all(bytes).await;
+    }
+
+    /// The next whole packet (first byte, body), or `None` on close or timeout.
+    async fn packet(&mut self, wait: Duration) -> Option<(u8, Vec<u8>)> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            if self.buf.len() >= 2 {
+                let (mut len, mut i, mut shift) = (0usize, 1, 0);
+                while i < self.buf.len() && i <= 4 {
+                    len |= ((self.buf[i] & 0x7f) as usize) << shift;
+                    shift += 7;
+                    i += 1;
+                    if self.buf[i - 1] & 0x80 == 0 {
+                        break;
+                    }
+                }
+                if self.buf.len() >= i + len && self.buf[i - 1] & 0x80 == 0 {
+                    let first = self.buf[0];
+                    let body = self.buf[i..i + len].to_vec();
+                    self.buf.drain(..i + len);
+                    return Some((first, body));
+                }
+            }
+            let mut chunk = [0u8; 16384];
+            match tokio::time::timeout_at(deadline, self.s.read(&mut chunk)).await {
+                Ok(Ok(n)) if n > 0 => self.buf.extend_from_slice(&chunk[..n]),
+                _ => return None,
+            }
+        }
+    }
+
+    /// Whether the broker closes the connection within `wait` (whatever it sends first).
+    async fn closed_within(&mut self, wait: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut chunk = [0u8; 16384];
+        loop {
+            match tokio::time::timeout_at(deadline, self.s.read(&mut chunk)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return true,
+                Ok(Ok(_)) => continue,
+                Err(_) => return false,
+            }
+        }
+    }
+}
+
+// ---- health and memory ---------------------------------------------------------------
+
+/// A fresh well-behaved client subscribes, publishes QoS 1 and must get it back within
+/// [`LATENCY`]. Returns the latency.
+async fn assert_healthy(addr: SocketAddr, tag: &str) -> Duration {
+    let id = format!("good-{tag}-{}", rand_suffix());
+    let mut c = v4::connected(addr, &id).await;
+    let topic = format!("probe/{id}");
+    c.client.subscribe(&topic, QoS::AtLeastOnce).await.unwrap();
+    c.incoming(|p| matches!(p, rumqttc::Packet::SubAck(_)).then_some(()))
+        .await
+        .expect("suback for the well-behaved client");
+    let start = Instant::now();
+    c.client
+        .publish(&topic, QoS::AtLeastOnce, false, "ping")
+        .await
+        .unwrap();
+    let got = c.publish_within(LATENCY).await;
+    let took = start.elapsed();
+    assert!(
+        got.is_some(),
+        "{tag}: well-behaved client got no publish within {LATENCY:?}"
+    );
+    let _ = c.client.disconnect().await;
+    took
+}
+
+fn rand_suffix() -> u32 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Tests that measure memory hold this, so their attacks do not overlap.
+static MEMORY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Resident memory of this process (broker included), in MiB.
+fn rss_mib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .unwrap_or(0)
+        / 1024
+}
+
+// ---- the attacks ---------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slowloris_without_connect_is_closed_after_connect_timeout() {
+    let broker = broker().await;
+    let addr = broker.first_addr();
+    let mut idle = Vec::new();
+    for i in 0..100 {
+        let mut r = Raw::open(addr).await;
+        if i % 2 == 0 {
+            // Half of them start a CONNECT and stall.
+            r.send(&[0x10, 0x20, 0x00]).await;
+        }
+        idle.push(r);
+    }
+    assert_healthy(addr, "slowloris").await;
+    let start = Instant::now();
+    for r in &mut idle {
+        assert!(r.closed_within(Duration::from_secs(3)).await);
+    }
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(3), "closed after {took:?}");
+    assert_healthy(addr, "slowloris-after").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stalled_tls_handshake_is_closed_after_connect_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("hostile ca");
+    ca.server(dir.path(), "server");
+    let toml = format!(
+        "{HOSTILE}\n[[listener]]\nname = \"tls\"\nbind = \"127.0.0.1:0\"\n[listener.tls]\ncert = \"server.crt\"\nkey = \"server.key\"\n"
+    );
+    let broker = TestBroker::with_config_in(dir, &toml).await;
+    let mut stalled = Vec::new();
+    for i in 0..50 {
+        let mut r = Raw::open(broker.addr("tls")).await;
+        if i % 2 == 0 {
+            // A TLS record header announcing a ClientHello, then nothing.
+            r.send(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01]).await;
+        }
+        stalled.push(r);
+    }
+    assert_healthy(broker.addr("tcp"), "tls-stall").await;
+    for r in &mut stalled {
+        assert!(r.closed_within(Duration::from_secs(3)).await);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn connect_flood_is_served_and_cleaned_up() {
+    let _serial = MEMORY.lock().await;
+    let broker = broker().await;
+    let addr = broker.first_addr();
+    let before = rss_mib();
+    let mut tasks = Vec::new();
+    for i in 0..500 {
+        tasks.push(tokio::spawn(async move {
+            Raw::connected(addr, i % 2 == 0, &format!("flood-{i}")).await
+        }));
+    }
+    let mut conns = Vec::new();
+    for t in tasks {
+        conns.push(t.await.expect("flood client connects"));
+    }
+    let took = assert_healthy(addr, "flood").await;
+    let grown = rss_mib().saturating_sub(before);
+    assert!(grown < 200, "500 connections grew RSS by {grown} MiB");
+    drop(conns);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_healthy(addr, "flood-after").await;
+    eprintln!("flood: probe latency {took:?}, RSS +{grown} MiB");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn subscriber_that_never_reads_is_bounded() {
+    let _serial = MEMORY.lock().await;
+    let broker = broker().await;
+    let addr = broker.first_addr();
+    // Subscribes to the busy topic, then never reads a byte.
+    let mut lazy = Raw::connected(addr, false, "never-reads").await;
+    lazy.send(&subscribe_packet(1, &[b"busy/#".to_vec()])).await;
+    let (first, _) = lazy.packet(Duration::from_secs(5)).await.expect("suback");
+    assert_eq!(first, 0x90);
+    let before = rss_mib();
+    // Up to 8 s or 128 MiB of 16 KiB publishes, as fast as the broker takes them.
+    let mut publisher = Raw::connected(addr, false, "busy-publisher").await;
+    let payload = vec![b'x'; 16 * 1024];
+    let packet = publish_packet(b"busy/t", 0, 0, &payload);
+    let flood = tokio::spawn(async move {
+        let end = Instant::now() + Duration::from_secs(8);
+        let mut sent = 0u64;
+        while Instant::now() < end && sent < 128 << 20 {
+            if publisher.s.write_all(&packet).await.is_err() {
+                break;
+            }
+            sent += packet.len() as u64;
+        }
+        sent
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let during = assert_healthy(addr, "never-reads").await;
+    let sent = flood.await.unwrap();
+    let grown = rss_mib().saturating_sub(before);
+    eprintln!(
+        "never-reads: {} MiB published, RSS +{grown} MiB, probe latency {during:?}",
+        sent >> 20
+    );
+    assert!(sent > 32 << 20, "the flood only sent {} MiB", sent >> 20);
+    // rumqttd keeps every publish in its per-filter commit log (100 MiB segments, 10 of
+    // them: up to 1 GiB per filter) whoever reads it, so growth follows what was
+    // published up to that cap; the gateway itself holds at most one 64 KiB batch.
+    let bound = (sent >> 20) + 128;
+    assert!(grown < bound, "RSS grew by {grown} MiB (bound {bound} MiB)");
+    assert_healthy(addr, "never-reads-after").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn huge_remaining_length_is_closed_at_once() {
+    let broker = broker().await;
+    let addr = broker.first_addr();
+    // A CONNECT announcing 256 MiB - 1 (the largest remaining length), then nothing.
+    // Before CONNECT the broker waits for the protocol name before it checks the length,
+    // so this one ends at connect_timeout (1 s), having buffered 5 bytes.
+    let mut r = Raw::open(addr).await;
+    r.send(&[0x10, 0xff, 0xff, 0xff, 0x7f]).await;
+    assert!(
+        r.closed_within(Duration::from_millis(1500)).await,
+        "CONNECT"
+    );
+    // With the protocol name sent, at once.
+    let mut r = Raw::open(addr).await;
+    r.send(&[
+        0x10, 0xff, 0xff, 0xff, 0x7f, 0, 4, b'M', b'Q', b'T', b'T', 4,
+    ])
+    .await;
+    assert!(r.closed_within(AT_ONCE).await, "CONNECT with protocol name");
+    // The same after a good CONNECT, as a PUBLISH.
+    let mut r = Raw::connected(addr, false, "huge").await;
+    r.send(&[0x30, 0xff, 0xff, 0xff, 0x7f]).await;
+    assert!(r.closed_within(AT_ONCE).await, "PUBLISH");
+    let mut r = Raw::connected(addr, true, "huge5").await;
+    r.send(&[0x30, 0xff, 0xff, 0xff, 0x7f]).await;
+    let (first, body) = r.packet(AT_ONCE).await.expect("DISCONNECT");
+    assert_eq!(
+        (first, body[0]),
+        (0xE0, 0x95),
+        "v5 DISCONNECT packet too large"
+    );
+    assert_healthy(addr, "huge").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deep_and_long_topics_are_refused() {
+    let broker = broker().await;
+    let addr = broker.first_addr();
+    let deep = "a/".repeat(5000) + "z";
+    // A SUBSCRIBE past max_topic_levels: SUBACK failure, connection kept.
+    let mut r = Raw::connected(addr, false, "deep-sub").await;
+    r.send(&subscribe_packet(
+        1,
+        &[deep.clone().into_bytes(), b"ok/+".to_vec()],
+    ))
+    .await;
+    let (first, body) = r.packet(Duration::from_secs(2)).await.expect("suback");
+    assert_eq!(first, 0x90);
+    assert_eq!(&body[2..], &[0x80, 0x00]);
+    // A PUBLISH past it: disconnected.
+    r.send(&publish_packet(deep.as_bytes(), 0, 0, b"x")).await;
+    assert!(r.closed_within(AT_ONCE).await);
+    // One level of 60,000 bytes is within the limits: accepted, nothing breaks.
+    let mut r = Raw::connected(addr, false, "long").await;
+    let long = vec![b'l'; 60_000];
+    r.send(&publish_packet(&long, 1, 1, b"x")).await;
+    let (first, _) = r.packet(Duration::from_secs(2)).await.expect("puback");
+    assert_eq!(first, 0x40);
+    assert_healthy(addr, "deep").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ten_thousand_subscriptions_hit_the_limit() {
+    let _serial = MEMORY.lock().await;
+    let broker = broker().await;
+    let addr = broker.first_addr();
+    let before = rss_mib();
+    let mut r = Raw::connected(addr, false, "many-subs").await;
+    let (mut granted, mut refused) = (0, 0);
+    for batch in 0..100u16 {
+        let filters: Vec<Vec<u8>> = (0..100)
+            .map(|i| format!("s/{batch}/{i}").into_bytes())
+            .collect();
+        r.send(&subscribe_packet(batch + 1, &filters)).await;
+        let (first, body) = r.packet(Duration::from_secs(5)).await.expect("suback");
+        assert_eq!(first, 0x90);
+        for &code in &body[2..] {
+            if code == 0x80 {
+                refused += 1;
+            } else {
+                granted += 1;
+            }
+        }
+    }
+    assert_eq!((granted, refused), (100, 9900));
+    assert_healthy(addr, "many-subs").await;
+    let grown = rss_mib().saturating_sub(before);
+    assert!(grown < 64, "RSS grew by {grown} MiB");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn qos2_packet_id_exhaustion_and_unknown_pubrel() {
+    let _serial = MEMORY.lock().await;
+    let broker = broker().await;
+    let addr = broker.first_addr();
+    let before = rss_mib();
+    let mut r = Raw::connected(addr, false, "qos2-exhaust").await;
+    let mut reader_side = Vec::new();
+    // Every packet id once, never released; then every id again (duplicates).
+    for round in 0..2 {
+        let mut batch = Vec::new();
+        for pkid in 1..=u16::MAX {
+            batch.extend(publish_packet(b"q2/x", 2, pkid, b"p"));
+            if batch.len() > 64 * 1024 {
+                r.send(&batch).await;
+                batch.clear();
+                // Drain PUBRECs so our own socket buffer does not stall the broker.
+                while let Some(p) = r.packet(Duration::from_millis(1)).await {
+                    reader_side.push(p.0);
+                }
+            }
+        }
+        r.send(&batch).await;
+        let _ = round;
+    }
+    // PUBREL for ids the broker never saw from this connection.
+    let mut r2 = Raw::connected(addr, false, "unknown-pubrel").await;
+    let mut rels = Vec::new();
+    for pkid in [0u16, 1, 2, 777, 65535] {
+        rels.extend(frame(0x62, &pkid.to_be_bytes()));
+    }
+    r2.send(&rels).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_healthy(addr, "qos2").await;
+    let grown = rss_mib().saturating_sub(before);
+    assert!(grown < 128, "RSS grew by {grown} MiB");
+    eprintln!(
+        "qos2: {} acks read back, RSS +{grown} MiB",
+        reader_side.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn oversized_client_id_and_password() {
+    let broker = broker().await;
+    let addr = broker.first_addr();
+    // 64 KiB client id: the CONNECT is over max_packet_size, closed at once.
+    let mut r = Raw::open(addr).await;
+    r.send(&connect_packet(false, &vec![b'c'; 65535], None))
+        .await;
+    assert!(r.closed_within(AT_ONCE).await, "64 KiB client id");
+    // 60,000-byte client id fits in a packet: refused with 0x02 (max_client_id_length).
+    let mut r = Raw::open(addr).await;
+    r.send(&connect_packet(false, &vec![b'c'; 60_000], None))
+        .await;
+    let (first, body) = r.packet(AT_ONCE).await.expect("CONNACK");
+    assert_eq!((first, body[1]), (0x20, 0x02));
+    // A 1 MiB password (length field says 65535; the rest follows as junk): closed once
+    // the remaining length is over the limit, before the broker reads it all.
+    let mut r = Raw::open(addr).await;
+    let mut b = Vec::new();
+    string(&mut b, b"MQTT");
+    b.extend_from_slice(&[4, 0xC2, 0, 30]);
+    string(&mut b, b"pw");
+    string(&mut b, b"user");
+    b.extend_from_slice(&u16::MAX.to_be_bytes());
+    b.extend(std::iter::repeat_n(b'p', 1 << 20));
+    let packet = frame(0x10, &b);
+    let start = Instant::now();
+    r.send(&packet[..64]).await;
+    assert!(r.closed_within(AT_ONCE).await, "1 MiB password");
+    assert!(start.elapsed() < AT_ONCE);
+    assert_healthy(addr, "oversized").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn invalid_utf8_and_nul_in_string_fields() {
+    let broker = broker().await;
+    let addr = broker.first_addr();
+    let bad: [&[u8]; 3] = [b"a\xff\xfe", b"a\0b", b"\xed\xa0\x80"]; // last: a UTF-16 surrogate
+    for (i, s) in bad.iter().enumerate() {
+        // Client id, username, password (3.1.1 and 5): refused or closed, never accepted.
+        for v5 in [false, true] {
+            for field in 0..2 {
+                let mut r = Raw::open(addr).await;
+                let packet = match field {
+                    0 => connect_packet(v5, s, None),
+                    _ => connect_packet(v5, format!("u{i}").as_bytes(), Some((s, b"pw"))),
+                };
+                r.send(&packet).await;
+                // Known gap: a username with NUL (valid UTF-8) is accepted on a listener
+                // that allows anonymous clients (docs/security-testing.md). ACL `%u`
+                // never matches it, so it gains nothing.
+                let nul_username = field == 1 && s.contains(&0);
+                match r.packet(AT_ONCE).await {
+                    Some((0x20, body)) if nul_username => {
+                        let _ = body;
+                        continue;
+                    }
+                    Some((0x20, body)) => assert_ne!(body[1], 0, "accepted {s:?} in field {field}"),
+                    Some(other) => panic!("unexpected {other:?}"),
+                    None => {}
+                }
+                assert!(r.closed_within(AT_ONCE).await);
+            }
+        }
+        // Topic of a PUBLISH, filter of a SUBSCRIBE / UNSUBSCRIBE: closed or refused.
+        let mut r = Raw::connected(addr, false, &format!("bad-pub-{i}")).await;
+        r.send(&publish_packet(s, 0, 0, b"x")).await;
+        assert!(r.closed_within(AT_ONCE).await, "publish topic {s:?}");
+        let mut r = Raw::connected(addr, false, &format!("bad-sub-{i}")).await;
+        r.send(&subscribe_packet(1, &[s.to_vec()])).await;
+        match r.packet(AT_ONCE).await {
+            Some((0x90, body)) => assert_eq!(body[2], 0x80, "subscribe {s:?} granted"),
+            Some(other) => panic!("unexpected {other:?}"),
+            None => {}
+        }
+        let mut un = 5u16.to_be_bytes().to_vec();
+        string(&mut un, s);
+        r.send(&frame(0xA2, &un)).await;
+        let _ = r.packet(Duration::from_millis(200)).await;
+    }
+    // A will topic with a NUL.
+    let mut b = Vec::new();
+    string(&mut b, b"MQTT");
+    b.extend_from_slice(&[4, 0x06, 0, 30]);
+    string(&mut b, b"will-nul");
+    string(&mut b, b"w/\0");
+    string(&mut b, b"bye");
+    let mut r = Raw::open(addr).await;
+    r.send(&frame(0x10, &b)).await;
+    assert!(r.closed_within(AT_ONCE).await, "will topic with NUL");
+    assert_healthy(addr, "utf8").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn wildcard_publish_topic_is_refused_and_not_delivered() {
+    let broker = broker().await;
+    let addr = broker.first_addr();
+    let mut watcher = v4::connected(addr, "watcher").await;
+    watcher
+        .client
+        .subscribe("#", QoS::AtMostOnce)
+        .await
+        .unwrap();
+    watcher
+        .incoming(|p| matches!(p, rumqttc::Packet::SubAck(_)).then_some(()))
+        .await
+        .expect("suback");
+    for topic in [&b"a/#"[..], b"a/+", b"+", b"#"] {
+        let mut r = Raw::connected(addr, false, "wild").await;
+        r.send(&publish_packet(topic, 1, 1, b"wild")).await;
+        assert!(r.closed_within(AT_ONCE).await, "{topic:?}");
+    }
+    assert!(watcher
+        .publish_within(Duration::from_millis(300))
+        .await
+        .is_none());
+    assert_healthy(addr, "wildcard").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn repeated_connect_closes_the_connection() {
+    let broker = broker().await;
+    let addr = broker.first_addr();
+    for v5 in [false, true] {
+        let mut r = Raw::connected(addr, v5, "twice").await;
+        r.send(&connect_packet(v5, b"twice", None)).await;
+        assert!(r.closed_within(AT_ONCE).await);
+    }
+    assert_healthy(addr, "reconnect").await;
+}
+
+/// rumqttd 0.20's MQTT 5 decoder panics (`unreachable!`) on a CONNACK or UNSUBACK with a
+/// body (found by fuzz/, target mqtt_v5). The gateway refuses both before decoding:
+/// the connection closes with DISCONNECT 0x82 and the broker keeps serving. Many of them,
+/// with distinct client ids, so a leak of router links per attempt would show.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn server_only_packets_from_a_v5_client_do_not_crash_anything() {
+    let broker = broker().await;
+    let addr = broker.first_addr();
+    for i in 0..300 {
+        let mut r = Raw::connected(addr, true, &format!("rumqttd-panic-{i}")).await;
+        let packet: &[u8] = if i % 2 == 0 {
+            &[0x20, 0x02, 0x00, 0x00]
+        } else {
+            &[0xB0, 0x03, 0x00, 0x01, 0x00]
+        };
+        r.send(packet).await;
+        let (first, body) = r.packet(AT_ONCE).await.expect("DISCONNECT");
+        assert_eq!((first, body[0]), (0xE0, 0x82));
+        assert!(r.closed_within(AT_ONCE).await);
+    }
+    assert_healthy(addr, "v5-connack").await;
+}
