@@ -1,0 +1,367 @@
+//! The real `moatmq` binary: `check` exit codes, `serve` with and without a config,
+//! SIGTERM (MQTT 5 clients get DISCONNECT 0x8B, exit 0) and SIGHUP reloads of the
+//! password file, the ACL file and a rotated server certificate.
+//!
+//! The binary cannot report an ephemeral port, so each test picks a free one by binding
+//! 127.0.0.1:0 and releasing it, and waits for the "listening" log line.
+
+use moatmq_testkit::{v4, v5, TestCa, QUIET, WAIT};
+use rumqttc::QoS;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_moatmq");
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().unwrap().port()
+}
+
+/// A running `moatmq` with its stderr collected line by line.
+struct Moatmq {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    log: Arc<Mutex<String>>,
+}
+
+impl Moatmq {
+    fn spawn(args: &[&str], env: &[(&str, &str)]) -> Moatmq {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args)
+            .env_remove("RUST_LOG")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn moatmq");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        let log = Arc::new(Mutex::new(String::new()));
+        let all = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                all.lock().unwrap().push_str(&line);
+                all.lock().unwrap().push('\n');
+                let _ = tx.send(line);
+            }
+        });
+        Moatmq { child, lines, log }
+    }
+
+    /// Serves `config` (written to `dir/broker.toml`) and waits until it listens.
+    fn serve(dir: &Path, config: &str, env: &[(&str, &str)]) -> Moatmq {
+        let path = dir.join("broker.toml");
+        std::fs::write(&path, config).unwrap();
+        let m = Moatmq::spawn(&["serve", "-c", path.to_str().unwrap()], env);
+        m.wait_for("listening");
+        m
+    }
+
+    /// Waits for a stderr line containing `needle`.
+    fn wait_for(&self, needle: &str) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return,
+                Ok(_) => continue,
+                Err(_) => panic!(
+                    "no log line with {needle:?}; log so far:\n{}",
+                    self.log.lock().unwrap()
+                ),
+            }
+        }
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .expect("run kill")
+            .success();
+        assert!(ok, "kill {sig}");
+    }
+
+    fn exit_within(&mut self, wait: Duration) -> ExitStatus {
+        let deadline = Instant::now() + wait;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "moatmq did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Moatmq {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn run(args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run moatmq");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn listener(port: u16) -> String {
+    format!("[[listener]]\nname = \"tcp\"\nbind = \"127.0.0.1:{port}\"\n")
+}
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+fn passwd(dir: &Path, users: &[(&str, &str)]) {
+    let text: String = users
+        .iter()
+        .map(|(u, p)| {
+            format!(
+                "{u}:{}\n",
+                moatmq_auth::hash_password(p.as_bytes()).unwrap()
+            )
+        })
+        .collect();
+    std::fs::write(dir.join("passwd"), text).unwrap();
+}
+
+fn login(port: u16, id: &str, user: &str, pass: &str) -> v4::MqttOptions {
+    let mut o = v4::options(addr(port), id);
+    o.set_credentials(user, pass);
+    o
+}
+
+#[test]
+fn check_names_file_and_line_and_exits_64() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("broker.toml");
+    std::fs::write(
+        &path,
+        "[[listener]]\nname = \"tcp\"\nbind = \"127.0.0.1:1883\"\nlisten_everywhere = true\n",
+    )
+    .unwrap();
+    let (code, stderr) = run(&["check", "-c", path.to_str().unwrap()]);
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(stderr.contains("broker.toml:4"), "{stderr}");
+
+    std::fs::write(&path, listener(1883)).unwrap();
+    let (code, stderr) = run(&["check", "-c", path.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{stderr}");
+}
+
+#[test]
+fn serve_with_an_invalid_config_exits_64_before_binding() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let path = dir.path().join("broker.toml");
+    std::fs::write(
+        &path,
+        format!("{}[limits]\nmax_packet_size = \"big\"\n", listener(port)),
+    )
+    .unwrap();
+    let (code, stderr) = run(&["serve", "-c", path.to_str().unwrap()]);
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(stderr.contains("broker.toml:5"), "{stderr}");
+    assert!(
+        std::net::TcpListener::bind(addr(port)).is_ok(),
+        "port was bound"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_sends_v5_clients_0x8b_and_exits_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = format!("{}allow_anonymous = true\n", listener(port));
+    let mut m = Moatmq::serve(dir.path(), &config, &[]);
+    let mut c5 = v5::connected(addr(port), "c5").await;
+    let mut c4 = v4::connected(addr(port), "c4").await;
+    m.signal("-TERM");
+    let ended = c5
+        .closed_within(WAIT)
+        .await
+        .expect("v5 client disconnected");
+    assert!(ended.contains("ServerShuttingDown"), "{ended}");
+    assert!(c4.closed_within(WAIT).await.is_some());
+    assert!(m.exit_within(WAIT).success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_reloads_the_password_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    passwd(dir.path(), &[("alice", "alice-pw")]);
+    let config = format!("{}[auth]\npassword_file = \"passwd\"\n", listener(port));
+    let m = Moatmq::serve(dir.path(), &config, &[]);
+    assert!(v4::connect(login(port, "b", "bob", "bob-pw"))
+        .await
+        .is_err());
+    passwd(dir.path(), &[("alice", "alice-pw"), ("bob", "bob-pw")]);
+    m.signal("-HUP");
+    m.wait_for("configuration reloaded");
+    let bob = v4::connect(login(port, "b", "bob", "bob-pw")).await;
+    assert!(bob.is_ok(), "bob added by SIGHUP");
+    // A broken file keeps the previous one in force.
+    std::fs::write(dir.path().join("passwd"), "this is not a password file\n").unwrap();
+    m.signal("-HUP");
+    m.wait_for("configuration reloaded");
+    assert!(v4::connect(login(port, "a", "alice", "alice-pw"))
+        .await
+        .is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_acl_reload_revokes_a_live_subscription() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    passwd(
+        dir.path(),
+        &[("alice", "alice-pw"), ("feeder", "feeder-pw")],
+    );
+    let acl = "user alice\ntopic read feed/#\nuser feeder\ntopic write feed/#\n";
+    std::fs::write(dir.path().join("aclfile"), acl).unwrap();
+    let config = format!(
+        "{}[auth]\npassword_file = \"passwd\"\n[acl]\nfile = \"aclfile\"\n",
+        listener(port)
+    );
+    let m = Moatmq::serve(dir.path(), &config, &[]);
+    let mut alice = v4::connect(login(port, "a", "alice", "alice-pw"))
+        .await
+        .unwrap();
+    alice
+        .client
+        .subscribe("feed/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let feeder = v4::connect(login(port, "f", "feeder", "feeder-pw"))
+        .await
+        .unwrap();
+    tokio::time::sleep(QUIET).await;
+    feeder
+        .client
+        .publish("feed/1", QoS::AtLeastOnce, false, "before")
+        .await
+        .unwrap();
+    assert_eq!(alice.next_publish().await.payload, "before".as_bytes());
+
+    std::fs::write(
+        dir.path().join("aclfile"),
+        "user feeder\ntopic write feed/#\n",
+    )
+    .unwrap();
+    m.signal("-HUP");
+    m.wait_for("configuration reloaded");
+    feeder
+        .client
+        .publish("feed/2", QoS::AtLeastOnce, false, "after")
+        .await
+        .unwrap();
+    assert!(
+        alice.publish_within(QUIET).await.is_none(),
+        "still delivered"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_picks_up_a_rotated_server_certificate() {
+    use rumqttc::{TlsConfiguration, Transport};
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let old_ca = TestCa::new("old ca");
+    let new_ca = TestCa::new("new ca");
+    old_ca.server(dir.path(), "server");
+    let config = format!(
+        "{}allow_anonymous = true\n[listener.tls]\ncert = \"server.crt\"\nkey = \"server.key\"\n",
+        listener(port)
+    );
+    let m = Moatmq::serve(dir.path(), &config, &[]);
+    let trusting = |ca: &TestCa, id: &str| {
+        let mut o = v4::options(addr(port), id);
+        o.set_transport(Transport::Tls(TlsConfiguration::Simple {
+            ca: ca.pem().as_bytes().to_vec(),
+            alpn: None,
+            client_auth: None,
+        }));
+        o
+    };
+    assert!(v4::connect(trusting(&old_ca, "o1")).await.is_ok());
+    assert!(v4::connect(trusting(&new_ca, "n1")).await.is_err());
+    new_ca.server(dir.path(), "server");
+    m.signal("-HUP");
+    m.wait_for("configuration reloaded");
+    assert!(
+        v4::connect(trusting(&new_ca, "n2")).await.is_ok(),
+        "new certificate served"
+    );
+    assert!(v4::connect(trusting(&old_ca, "o2")).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn serve_without_config_listens_on_loopback_1883() {
+    if std::net::TcpListener::bind("127.0.0.1:1883").is_err() {
+        eprintln!("127.0.0.1:1883 is busy: skipped");
+        return;
+    }
+    let mut m = Moatmq::spawn(&["serve"], &[]);
+    m.wait_for("listening");
+    let mut sub = v4::connected(addr(1883), "sub").await;
+    sub.client
+        .subscribe("demo/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let publ = v4::connected(addr(1883), "pub").await;
+    tokio::time::sleep(QUIET).await;
+    publ.client
+        .publish("demo/hello", QoS::AtLeastOnce, false, "world")
+        .await
+        .unwrap();
+    assert_eq!(sub.next_publish().await.payload, "world".as_bytes());
+    assert!(
+        m.log.lock().unwrap().contains("anonymous"),
+        "warning logged"
+    );
+    m.signal("-TERM");
+    assert!(m.exit_within(WAIT).success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn passwords_never_reach_the_log_at_trace_level() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let good = "good-Sentinel-7f3a";
+    let bad = "bad-Sentinel-91c2";
+    passwd(dir.path(), &[("alice", good)]);
+    let config = format!("{}[auth]\npassword_file = \"passwd\"\n", listener(port));
+    let mut m = Moatmq::serve(dir.path(), &config, &[("RUST_LOG", "trace")]);
+    let ok = v4::connect(login(port, "a", "alice", good)).await;
+    assert!(ok.is_ok());
+    let mut o5 = v5::options(addr(port), "a5");
+    o5.set_credentials("alice", good);
+    assert!(v5::connect(o5).await.is_ok());
+    assert!(v4::connect(login(port, "b", "alice", bad)).await.is_err());
+    m.signal("-TERM");
+    assert!(m.exit_within(WAIT).success());
+    std::thread::sleep(Duration::from_millis(100));
+    let log = m.log.lock().unwrap().clone();
+    assert!(log.contains("authentication failed"), "trace log captured");
+    assert!(!log.contains("Sentinel"), "a password reached the log");
+}
