@@ -10,6 +10,7 @@
 //! the router itself; when it refuses a client's QoS 2 publish it completes the
 //! PUBREC/PUBREL/PUBCOMP exchange itself.
 
+use crate::acks::AckOrder;
 use crate::codec::{publish_header, qos_and_pkid, refuse_before_decode, Version};
 use crate::connect::codec_for;
 use crate::policy::{unshare, AclView, Identity};
@@ -95,6 +96,10 @@ pub struct Gateway {
     acl: AclView,
     /// MQTT 5: QoS 1/2 publishes received and not yet acknowledged (receive maximum).
     inflight_in: u16,
+    /// Acknowledgements to the router, held until their turn.
+    acks: AckOrder,
+    /// Scratch list of acknowledgements released by `acks`.
+    to_router: Vec<Packet>,
 }
 
 impl Gateway {
@@ -137,6 +142,8 @@ impl Gateway {
             paused_until: None,
             acl,
             inflight_in: 0,
+            acks: AckOrder::default(),
+            to_router: Vec::new(),
         }
     }
 
@@ -440,8 +447,24 @@ impl Gateway {
                 }
                 self.send_router(Packet::PubRel(rel, props))
             }
-            p @ (Packet::PubAck(..) | Packet::PubRec(..) | Packet::PubComp(..)) => {
-                self.send_router(p)
+            // Acknowledgements reach the router in the order it forwarded the messages.
+            Packet::PubAck(ack, props) => {
+                let pkid = ack.pkid;
+                self.acks
+                    .client_ack(pkid, Packet::PubAck(ack, props), &mut self.to_router);
+                self.flush_router()
+            }
+            Packet::PubRec(rec, props) => {
+                let pkid = rec.pkid;
+                self.acks
+                    .client_ack(pkid, Packet::PubRec(rec, props), &mut self.to_router);
+                self.flush_router()
+            }
+            Packet::PubComp(comp, props) => {
+                let pkid = comp.pkid;
+                self.acks
+                    .client_comp(pkid, Packet::PubComp(comp, props), &mut self.to_router);
+                self.flush_router()
             }
             Packet::PingReq(_) => self.write(Packet::PingResp(PingResp)),
             Packet::Disconnect(d, _) => Err(Close::ClientDisconnect {
@@ -554,13 +577,17 @@ impl Gateway {
                     return self.withhold(qos, pkid);
                 }
                 let mark = self.out.len();
-                self.shared.metrics.messages_out.inc();
-                self.write(Packet::Publish(forward.publish.clone(), forward.properties))?;
+                self.write(Packet::Publish(forward.publish, forward.properties))?;
+                // QoS and packet id, read back from the bytes just encoded.
+                let (qos, pkid) = publish_header(&self.out[mark..]).unwrap_or((QoS::AtMostOnce, 0));
                 if self.out.len() - mark > self.max_out_packet {
                     // MQTT-3.1.2-25: never send more than the client's maximum packet size.
                     self.out.truncate(mark);
-                    let (qos, pkid) = qos_and_pkid(&forward.publish);
                     return self.withhold(qos, pkid);
+                }
+                self.shared.metrics.messages_out.inc();
+                if qos != QoS::AtMostOnce {
+                    self.acks.delivered(pkid);
                 }
                 Ok(())
             }
@@ -585,8 +612,12 @@ impl Gateway {
                             pkid: rel.pkid,
                             reason: PubCompReason::Success,
                         };
-                        return self.send_router(Packet::PubComp(comp, None));
+                        let comp = Packet::PubComp(comp, None);
+                        self.acks
+                            .pubrel_withheld(rel.pkid, comp, &mut self.to_router);
+                        return self.flush_router();
                     }
+                    self.acks.pubrel_forwarded(rel.pkid);
                     self.write(Packet::PubRel(rel, props))
                 }
                 Packet::PingResp(_) => Ok(()),
@@ -605,28 +636,40 @@ impl Gateway {
         }
     }
 
-    /// Acknowledges to the router a forward that the client will not get.
+    /// Acknowledges to the router, in its turn, a forward that the client will not get.
     fn withhold(&mut self, qos: QoS, pkid: u16) -> Result<(), Close> {
-        match qos {
-            QoS::AtMostOnce => Ok(()),
-            QoS::AtLeastOnce => self.send_router(Packet::PubAck(
+        let ack = match qos {
+            QoS::AtMostOnce => return Ok(()),
+            QoS::AtLeastOnce => Packet::PubAck(
                 PubAck {
                     pkid,
                     reason: PubAckReason::Success,
                 },
                 None,
-            )),
+            ),
             QoS::ExactlyOnce => {
                 self.withheld_qos2.insert(pkid);
-                self.send_router(Packet::PubRec(
+                Packet::PubRec(
                     PubRec {
                         pkid,
                         reason: PubRecReason::Success,
                     },
                     None,
-                ))
+                )
             }
+        };
+        self.acks.withheld(pkid, ack, &mut self.to_router);
+        self.flush_router()
+    }
+
+    /// Sends the acknowledgements released by the ordering queue.
+    fn flush_router(&mut self) -> Result<(), Close> {
+        let mut ready = std::mem::take(&mut self.to_router);
+        for packet in ready.drain(..) {
+            self.send_router(packet)?;
         }
+        self.to_router = ready;
+        Ok(())
     }
 
     fn send_router(&mut self, packet: Packet) -> Result<(), Close> {

@@ -5,6 +5,7 @@
 //! CONNECT, authentication, then every packet checked in both directions) -> rumqttd
 //! router (topic tree, sessions, QoS state) through a local link.
 
+mod acks;
 mod audit;
 #[doc(hidden)] // reachable for the fuzz harness (fuzz/): not a stable API
 pub mod codec;

@@ -261,7 +261,6 @@ async fn deny_inside_a_grant_is_enforced_per_message_and_for_retained() {
 /// still waiting for the client's PUBACK, the router sees the acks out of order and
 /// drops the subscriber's link.
 #[tokio::test]
-#[ignore = "bug: the gateway acks withheld forwards out of order; rumqttd then drops the link"]
 async fn withheld_delivery_does_not_break_in_order_acks() {
     let broker = broker(WITH_ACL_FILE).await;
     let addr = broker.first_addr();

@@ -1,0 +1,146 @@
+//! Acknowledgements to the router, kept in the order it expects them.
+//!
+//! rumqttd 0.20 accepts PUBACK/PUBREC only for the oldest message it has in flight to a
+//! client, and PUBCOMP only for the oldest PUBREL; anything else drops the link. Clients
+//! acknowledge in order (MQTT-4.6.0-2), but the gateway also acknowledges messages it
+//! withholds (read ACL, the client's maximum packet size) and the PUBCOMPs of those, at
+//! the moment it withholds them. This queue holds such acknowledgements back until every
+//! older one has been sent, so the router always sees them in its own order.
+
+use rumqttd::protocol::Packet;
+use std::collections::VecDeque;
+
+/// One message in flight to the client, oldest first.
+struct Slot {
+    pkid: u16,
+    /// The acknowledgement for the router, once there is one.
+    ack: Option<Packet>,
+}
+
+/// The two ordered sequences the router checks: in-flight publishes (acknowledged by
+/// PUBACK or PUBREC) and PUBRELs (completed by PUBCOMP).
+#[derive(Default)]
+pub struct AckOrder {
+    inflight: VecDeque<Slot>,
+    pubrels: VecDeque<Slot>,
+}
+
+impl AckOrder {
+    /// A QoS 1/2 message was written to the client: its acknowledgement comes from it.
+    pub fn delivered(&mut self, pkid: u16) {
+        self.inflight.push_back(Slot { pkid, ack: None });
+    }
+
+    /// A QoS 1/2 message was withheld: `ack` is ours, to send in its turn.
+    pub fn withheld(&mut self, pkid: u16, ack: Packet, out: &mut Vec<Packet>) {
+        self.inflight.push_back(Slot {
+            pkid,
+            ack: Some(ack),
+        });
+        release(&mut self.inflight, out);
+    }
+
+    /// The client's PUBACK or PUBREC for `pkid`. An id we do not know is passed through
+    /// as it is (the router decides what an unsolicited acknowledgement means).
+    pub fn client_ack(&mut self, pkid: u16, ack: Packet, out: &mut Vec<Packet>) {
+        fill(&mut self.inflight, pkid, ack, out);
+    }
+
+    /// The router sent a PUBREL that was forwarded to the client.
+    pub fn pubrel_forwarded(&mut self, pkid: u16) {
+        self.pubrels.push_back(Slot { pkid, ack: None });
+    }
+
+    /// The router sent a PUBREL for a withheld message: `comp` is ours.
+    pub fn pubrel_withheld(&mut self, pkid: u16, comp: Packet, out: &mut Vec<Packet>) {
+        self.pubrels.push_back(Slot {
+            pkid,
+            ack: Some(comp),
+        });
+        release(&mut self.pubrels, out);
+    }
+
+    /// The client's PUBCOMP for `pkid`.
+    pub fn client_comp(&mut self, pkid: u16, comp: Packet, out: &mut Vec<Packet>) {
+        fill(&mut self.pubrels, pkid, comp, out);
+    }
+}
+
+fn fill(queue: &mut VecDeque<Slot>, pkid: u16, ack: Packet, out: &mut Vec<Packet>) {
+    match queue.iter_mut().find(|s| s.pkid == pkid && s.ack.is_none()) {
+        Some(slot) => slot.ack = Some(ack),
+        None => out.push(ack),
+    }
+    release(queue, out);
+}
+
+fn release(queue: &mut VecDeque<Slot>, out: &mut Vec<Packet>) {
+    while queue.front().is_some_and(|s| s.ack.is_some()) {
+        if let Some(Slot { ack: Some(ack), .. }) = queue.pop_front() {
+            out.push(ack);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rumqttd::protocol::{PubAck, PubAckReason, PubComp, PubCompReason};
+
+    fn ack(pkid: u16) -> Packet {
+        Packet::PubAck(
+            PubAck {
+                pkid,
+                reason: PubAckReason::Success,
+            },
+            None,
+        )
+    }
+    fn ids(out: &[Packet]) -> Vec<u16> {
+        out.iter()
+            .map(|p| match p {
+                Packet::PubAck(a, _) => a.pkid,
+                Packet::PubComp(c, _) => c.pkid,
+                _ => 0,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_withheld_ack_waits_for_older_deliveries() {
+        let mut q = AckOrder::default();
+        let mut out = Vec::new();
+        q.delivered(1);
+        q.withheld(2, ack(2), &mut out);
+        q.delivered(3);
+        assert!(out.is_empty(), "2 must wait for 1");
+        q.client_ack(1, ack(1), &mut out);
+        assert_eq!(ids(&out), vec![1, 2]);
+        out.clear();
+        q.client_ack(3, ack(3), &mut out);
+        assert_eq!(ids(&out), vec![3]);
+    }
+
+    #[test]
+    fn pubcomps_keep_pubrel_order_and_unknown_ids_pass_through() {
+        let mut q = AckOrder::default();
+        let mut out = Vec::new();
+        let comp = |pkid| {
+            Packet::PubComp(
+                PubComp {
+                    pkid,
+                    reason: PubCompReason::Success,
+                },
+                None,
+            )
+        };
+        q.pubrel_forwarded(7);
+        q.pubrel_withheld(8, comp(8), &mut out);
+        assert!(out.is_empty());
+        q.client_comp(7, comp(7), &mut out);
+        assert_eq!(ids(&out), vec![7, 8]);
+        out.clear();
+        q.client_ack(99, ack(99), &mut out);
+        assert_eq!(ids(&out), vec![99]);
+    }
+}
