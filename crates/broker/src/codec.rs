@@ -72,6 +72,18 @@ pub fn refuse_before_decode(buf: &[u8]) -> Option<u8> {
     matches!(kind, 2 | 11).then_some(kind)
 }
 
+/// The remaining length a packet's fixed header announces, once its bytes are there.
+pub fn announced_length(buf: &[u8]) -> Option<usize> {
+    let mut len = 0usize;
+    for (i, b) in buf.iter().skip(1).take(4).enumerate() {
+        len |= usize::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            return Some(len);
+        }
+    }
+    None
+}
+
 /// QoS and packet id of a PUBLISH whose complete frame starts `frame`, read from the wire.
 /// `None` if `frame` is not a well-formed PUBLISH header.
 pub fn publish_header(frame: &[u8]) -> Option<(QoS, u16)> {
@@ -177,6 +189,21 @@ mod tests {
             first_packet(&[0x10, 0xff, 0xff, 0xff, 0xff, 0x01]),
             FirstPacket::NotConnect
         );
+    }
+
+    #[test]
+    fn announced_lengths() {
+        assert_eq!(announced_length(&[0x10]), None);
+        assert_eq!(announced_length(&[0x10, 0x0c]), Some(12));
+        assert_eq!(
+            announced_length(&[0x10, 0x80, 0x80, 0x80, 0x01]),
+            Some(1 << 21)
+        );
+        assert_eq!(
+            announced_length(&[0x10, 0xff, 0xff, 0xff, 0x7f]),
+            Some(268_435_455)
+        );
+        assert_eq!(announced_length(&[0x10, 0xff, 0xff]), None);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! Every refusal gets a CONNACK with the reason code of the client's protocol version
 //! (rumqttd's own listeners close without one) and then the connection is closed.
 
-use crate::codec::{first_packet, FirstPacket, Version};
+use crate::codec::{announced_length, first_packet, FirstPacket, Version};
 use crate::gateway::{Gateway, Will};
 use crate::policy::{AuthFailure, Identity};
 use crate::router::router_client_id;
@@ -265,6 +265,12 @@ async fn read_connect(
 ) -> Result<(Version, Packet), ConnectFailure> {
     let max = shared.config.limits.max_packet_size;
     loop {
+        // An announced length over the limit is refused before waiting for its bytes.
+        if announced_length(buf).is_some_and(|len| len > max) {
+            return Err(ConnectFailure::Malformed(
+                "CONNECT larger than max_packet_size".into(),
+            ));
+        }
         match first_packet(buf) {
             FirstPacket::Incomplete => {}
             FirstPacket::NotConnect => return Err(ConnectFailure::NotConnect),

@@ -197,6 +197,8 @@ impl Policy {
             (None, _) => Err(AuthFailure::NotAuthorized),
             // Without a password file nobody can prove a name: where anonymous access is
             // allowed the client is anonymous, whatever username it claims.
+            // A name that could widen a `%u` pattern is refused whoever claims it.
+            (Some(user), _) if !valid_identity(user) => Err(AuthFailure::NotAuthorized),
             (Some(_), None) if listener.allow_anonymous => Ok(None),
             (Some(_), None) => Err(AuthFailure::BadCredentials),
             (Some(user), Some(file)) => {

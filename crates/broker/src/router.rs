@@ -40,12 +40,20 @@ struct InternalLink {
 impl RouterHandle {
     /// Starts the router thread. `max_connections` is our own limit; the router gets room
     /// for the overlap while old links are being torn down.
-    pub fn start(max_connections: usize) -> RouterHandle {
+    ///
+    /// The router keeps every message in an in-memory log per subscribed filter, for
+    /// subscribers that have not read it yet (offline persistent sessions, slow readers).
+    /// `max_queued_bytes` bounds that log: four segments of a quarter each (the active
+    /// segment comes on top); past it the oldest segment is dropped. rumqttd's own default
+    /// is ten segments of 100 MiB, about 1 GiB per filter.
+    pub fn start(max_connections: usize, max_queued_bytes: usize) -> RouterHandle {
+        const SEGMENTS: usize = 4;
         let config = RouterConfig {
             max_connections: max_connections.saturating_mul(2).saturating_add(64),
             max_outgoing_packet_count: 200,
-            max_segment_size: 100 * 1024 * 1024,
-            max_segment_count: 10,
+            // rumqttd refuses segments under 1 KiB.
+            max_segment_size: (max_queued_bytes / SEGMENTS).max(1024),
+            max_segment_count: SEGMENTS,
             custom_segment: None,
             initialized_filters: None,
             shared_subscriptions_strategy: Default::default(),

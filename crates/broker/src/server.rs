@@ -202,7 +202,10 @@ impl Broker {
             }
             None => None,
         };
-        let router = RouterHandle::start(config.limits.max_connections);
+        let router = RouterHandle::start(
+            config.limits.max_connections,
+            config.limits.max_queued_bytes,
+        );
         // The store loads before any listener binds: a broker that cannot read its
         // retained messages does not start.
         let retained = match &config.retained {

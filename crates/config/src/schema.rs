@@ -177,8 +177,9 @@ pub struct Limits {
     /// Bytes in a client id.
     #[serde(default = "default_max_client_id_length")]
     pub max_client_id_length: usize,
-    /// Bytes written to one client that may wait in its socket buffer before it is
-    /// disconnected as too slow.
+    /// Per subscribed filter, bytes of the newest messages kept for subscribers that
+    /// have not read them yet (offline persistent sessions, slow readers); older
+    /// messages are dropped past it.
     #[serde(default = "default_max_queued_bytes")]
     pub max_queued_bytes: usize,
 }
