@@ -100,6 +100,8 @@ pub struct Gateway {
     acks: AckOrder,
     /// Scratch list of acknowledgements released by `acks`.
     to_router: Vec<Packet>,
+    /// The newest packet for the router; older ones wait in the link's buffer.
+    held: Option<Packet>,
 }
 
 impl Gateway {
@@ -144,6 +146,7 @@ impl Gateway {
             inflight_in: 0,
             acks: AckOrder::default(),
             to_router: Vec::new(),
+            held: None,
         }
     }
 
@@ -173,6 +176,7 @@ impl Gateway {
             self.shared.publish_will(&self.router_id, will);
         }
         if !matches!(close, Close::TakenOver) {
+            let _ = self.commit_router();
             // Tells the router the link is gone; it keeps a persistent session's state.
             let bye = Packet::Disconnect(
                 Disconnect {
@@ -218,6 +222,9 @@ impl Gateway {
                 if let Err(close) = self.decode_all(buf, max_packet) {
                     return close;
                 }
+            }
+            if let Err(close) = self.commit_router() {
+                return close;
             }
             if let Err(close) = self.flush(writer).await {
                 return close;
@@ -543,6 +550,8 @@ impl Gateway {
 
     /// Saves the retained store, then lets the waiting publishes reach the router.
     async fn save_then_forward(&mut self) -> Result<(), Close> {
+        // What came before the retained publish need not wait for the save.
+        self.commit_router()?;
         if let Some(store) = self.shared.retained.clone() {
             let saved = tokio::task::spawn_blocking(move || store.save_now()).await;
             if !matches!(saved, Ok(Ok(()))) {
@@ -672,10 +681,24 @@ impl Gateway {
         Ok(())
     }
 
+    /// Queues a packet for the router. Packets of one read go to the router's buffer
+    /// together and wake it once (`commit_router`), as rumqttd's own link does: one
+    /// wake-up per packet costs more than the rest of the path.
     fn send_router(&mut self, packet: Packet) -> Result<(), Close> {
-        match self.tx.send(packet).now_or_never() {
-            Some(Ok(_)) => Ok(()),
-            _ => Err(Close::TakenOver),
+        if let Some(previous) = self.held.replace(packet) {
+            self.tx.buffer().push_back(previous);
+        }
+        Ok(())
+    }
+
+    /// Hands everything queued to the router with one wake-up.
+    fn commit_router(&mut self) -> Result<(), Close> {
+        match self.held.take() {
+            None => Ok(()),
+            Some(last) => match self.tx.send(last).now_or_never() {
+                Some(Ok(_)) => Ok(()),
+                _ => Err(Close::TakenOver),
+            },
         }
     }
 

@@ -9,7 +9,7 @@
 use crate::policy::ListenerPolicy;
 use crate::server::{ConnInfo, Shared, StartError};
 use crate::tls::TlsSetup;
-use crate::transport::{split_stream, split_ws, BoxStream, Reader, Writer};
+use crate::transport::{split_stream, split_tcp, split_ws, BoxStream, Reader, Writer};
 use moatmq_config::{Config, Listener, Protocol};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -169,6 +169,10 @@ impl Bound {
     /// TLS (if configured) then WebSocket (if configured).
     async fn handshake(&self, tcp: TcpStream) -> Result<(Reader, Writer, Option<String>), String> {
         let (stream, cert_identity): (BoxStream, Option<String>) = match &self.tls {
+            None if self.protocol == Protocol::Mqtt => {
+                let (r, w) = split_tcp(tcp);
+                return Ok((r, w, None));
+            }
             None => (Box::new(tcp), None),
             Some(tls) => {
                 let stream = tls

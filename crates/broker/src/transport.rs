@@ -10,6 +10,8 @@ use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use std::io;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
@@ -21,14 +23,23 @@ pub type BoxStream = Box<dyn ByteStream>;
 
 /// Reading side of a connection.
 pub enum Reader {
+    /// Plain TCP: owned halves, no lock per read (tokio::io::split takes one).
+    Tcp(OwnedReadHalf),
     Stream(ReadHalf<BoxStream>),
     Ws(SplitStream<WebSocketStream<BoxStream>>),
 }
 
 /// Writing side of a connection.
 pub enum Writer {
+    Tcp(OwnedWriteHalf),
     Stream(WriteHalf<BoxStream>),
     Ws(SplitSink<WebSocketStream<BoxStream>, Message>),
+}
+
+/// Splits a plain TCP connection.
+pub fn split_tcp(tcp: TcpStream) -> (Reader, Writer) {
+    let (r, w) = tcp.into_split();
+    (Reader::Tcp(r), Writer::Tcp(w))
 }
 
 /// Splits a plain byte stream.
@@ -47,6 +58,7 @@ impl Reader {
     /// Appends what arrives to `buf`; `Ok(0)` is end of stream. Cancel-safe.
     pub async fn read(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
         match self {
+            Reader::Tcp(r) => r.read_buf(buf).await,
             Reader::Stream(r) => r.read_buf(buf).await,
             Reader::Ws(r) => loop {
                 match r.next().await {
@@ -77,6 +89,7 @@ impl Writer {
     /// Writes all of `data` and flushes it.
     pub async fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
         match self {
+            Writer::Tcp(w) => w.write_all(data).await,
             Writer::Stream(w) => {
                 w.write_all(data).await?;
                 w.flush().await
@@ -91,6 +104,9 @@ impl Writer {
     /// Closes the connection politely (TLS close_notify, WebSocket close frame).
     pub async fn shutdown(&mut self) {
         match self {
+            Writer::Tcp(w) => {
+                let _ = w.shutdown().await;
+            }
             Writer::Stream(w) => {
                 let _ = w.shutdown().await;
             }

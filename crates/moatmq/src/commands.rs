@@ -97,16 +97,28 @@ fn serve(path: Option<&Path>) -> ExitCode {
 }
 
 fn init_tracing(config: &Config) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{filter::filter_fn, Layer};
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(config.log.level.as_deref().unwrap_or("info")))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match config.log.format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    // rumqttd's router opens an ERROR-level span for every packet; recording them cost a
+    // quarter of the broker's CPU (docs/benchmarks.md). Its events (warnings, errors)
+    // are kept.
+    let no_router_spans = filter_fn(|m| !(m.is_span() && m.target().starts_with("rumqttd")));
+    let layer = match config.log.format {
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(std::io::stderr)
+            .boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(layer.with_filter(filter).with_filter(no_router_spans))
+        .init();
 }
 
 fn passwd(file: &Path, user: &str, delete: bool) -> anyhow::Result<()> {
