@@ -72,6 +72,15 @@ pub fn refuse_before_decode(buf: &[u8]) -> Option<u8> {
     matches!(kind, 2 | 11).then_some(kind)
 }
 
+/// The reason code of an MQTT 5 DISCONNECT written without a property length
+/// (`E0 01 rc`), which the specification allows and rumqttd does not decode.
+pub fn short_v5_disconnect(buf: &[u8]) -> Option<u8> {
+    match buf {
+        [0xE0, 0x01, reason, ..] => Some(*reason),
+        _ => None,
+    }
+}
+
 /// The remaining length a packet's fixed header announces, once its bytes are there.
 pub fn announced_length(buf: &[u8]) -> Option<usize> {
     let mut len = 0usize;

@@ -13,6 +13,7 @@ use crate::transport::{Reader, Writer};
 use bytes::BytesMut;
 use rumqttd::protocol::{
     v4::V4, v5::V5, ConnAck, ConnAckProperties, ConnectReturnCode, Packet, Protocol,
+    PublishProperties,
 };
 use std::sync::Arc;
 use std::time::Duration;
@@ -158,9 +159,21 @@ pub async fn handle(
                 .as_ref()
                 .and_then(|p| p.delay_interval)
                 .unwrap_or(0);
+            // MQTT-3.1.3-9 and 3.1.3.2: the will's properties travel with the message.
+            let properties = will_props.map(|p| PublishProperties {
+                payload_format_indicator: p.payload_format_indicator,
+                message_expiry_interval: p.message_expiry_interval,
+                topic_alias: None,
+                response_topic: p.response_topic,
+                correlation_data: p.correlation_data,
+                user_properties: p.user_properties,
+                subscription_identifiers: Vec::new(),
+                content_type: p.content_type,
+            });
             Some(Will {
                 will: w,
                 v5: version == Version::V5,
+                properties,
                 delay: Duration::from_secs(delay.into()),
             })
         }

@@ -11,7 +11,9 @@
 //! PUBREC/PUBREL/PUBCOMP exchange itself.
 
 use crate::acks::AckOrder;
-use crate::codec::{publish_header, qos_and_pkid, refuse_before_decode, Version};
+use crate::codec::{
+    publish_header, qos_and_pkid, refuse_before_decode, short_v5_disconnect, Version,
+};
 use crate::connect::codec_for;
 use crate::policy::{unshare, AclView, Identity};
 use crate::ratelimit::{Pace, PublishLimiter};
@@ -44,6 +46,8 @@ pub struct Will {
     pub will: LastWill,
     /// Whether the client spoke MQTT 5 (its will's properties are kept).
     pub v5: bool,
+    /// MQTT 5 will properties, as the properties of the published message.
+    pub properties: Option<rumqttd::protocol::PublishProperties>,
     pub delay: Duration,
 }
 
@@ -301,6 +305,15 @@ impl Gateway {
                     "packet not allowed from a client",
                 ));
             }
+            if self.version == Version::V5 {
+                if let Some(reason) = short_v5_disconnect(buf) {
+                    // MQTT 5 3.14.2.2: with a remaining length of 1 the property length is
+                    // absent; rumqttd would wait for it forever.
+                    return Err(Close::ClientDisconnect {
+                        with_will: reason != 0x00,
+                    });
+                }
+            }
             match self.codec.read_mut(buf, max_packet) {
                 Ok(packet) => self.incoming(packet, header)?,
                 Err(rumqttd::protocol::Error::InsufficientBytes(_)) => return Ok(()),
@@ -474,8 +487,9 @@ impl Gateway {
                 self.flush_router()
             }
             Packet::PingReq(_) => self.write(Packet::PingResp(PingResp)),
+            // MQTT-3.14.4-3: only a normal disconnection (0x00) discards the will.
             Packet::Disconnect(d, _) => Err(Close::ClientDisconnect {
-                with_will: d.reason_code == DisconnectReasonCode::DisconnectWithWillMessage,
+                with_will: d.reason_code != DisconnectReasonCode::NormalDisconnection,
             }),
             Packet::Connect(..) => Err(Close::Protocol(
                 DisconnectReasonCode::ProtocolError,

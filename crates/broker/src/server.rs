@@ -93,9 +93,14 @@ impl Shared {
 
     /// Publishes a will now or after its delay (MQTT 5 will delay interval).
     pub fn publish_will(self: &Arc<Self>, router_id: &str, will: Will) {
-        let Will { will, delay, v5 } = will;
+        let Will {
+            will,
+            delay,
+            v5,
+            properties,
+        } = will;
         if delay.is_zero() {
-            self.publish_will_now(will, v5);
+            self.publish_will_now(will, v5, properties);
             return;
         }
         let shared = self.clone();
@@ -105,28 +110,32 @@ impl Shared {
             if let Ok(mut wills) = shared.delayed_wills.lock() {
                 wills.remove(&key);
             }
-            shared.publish_will_now(will, v5);
+            shared.publish_will_now(will, v5, properties);
         });
         if let Ok(mut wills) = self.delayed_wills.lock() {
             wills.insert(router_id.to_string(), task.abort_handle());
         }
     }
 
-    fn publish_will_now(&self, will: rumqttd::protocol::LastWill, v5: bool) {
+    fn publish_will_now(
+        &self,
+        will: rumqttd::protocol::LastWill,
+        v5: bool,
+        properties: Option<rumqttd::protocol::PublishProperties>,
+    ) {
         if let (true, Some(store)) = (will.retain, &self.retained) {
             if let Ok(topic) = std::str::from_utf8(&will.topic) {
-                if store.record(topic, &will.message, will.qos, None, v5)
-                    == crate::retained::Recorded::Full
-                {
+                // A will has no client waiting for an acknowledgement: the saver
+                // persists it on its next round, also with autosave_interval = 0.
+                let recorded =
+                    store.record(topic, &will.message, will.qos, properties.as_ref(), v5);
+                if recorded == crate::retained::Recorded::Full {
                     return;
                 }
-                // A will has no client waiting for an acknowledgement: the saver
-                // persists it on its next round even with autosave_interval = 0.
-                let _ = store.save_now();
             }
         }
         self.router
-            .publish(will.topic, will.message, will.qos, will.retain, None);
+            .publish(will.topic, will.message, will.qos, will.retain, properties);
     }
 
     /// A client reconnected before its will delay ran out: the will is not sent.

@@ -174,10 +174,8 @@ async fn will_is_published_after_v5_disconnect_with_will() {
 }
 
 /// MQTT 5 section 3.14.2.2.1: with remaining length 1 the property length is omitted.
-/// rumqttd 0.20's decoder then waits for more bytes, so the gateway never sees the
-/// DISCONNECT: a normal disconnection followed by closing the socket publishes the will.
+/// rumqttd 0.20's decoder would wait for more bytes; the gateway reads it itself.
 #[tokio::test]
-#[ignore = "bug: a v5 DISCONNECT without property length (E0 01 00) is not understood; the will is published"]
 async fn v5_disconnect_without_property_length_is_understood() {
     let broker = TestBroker::start().await;
     let addr = broker.first_addr();
@@ -189,6 +187,43 @@ async fn v5_disconnect_without_property_length_is_understood() {
         "the broker closes after DISCONNECT"
     );
     common::assert_quiet4(&mut w).await;
+}
+
+#[tokio::test]
+async fn v5_will_properties_travel_with_the_will() {
+    let broker = TestBroker::start().await;
+    let addr = broker.first_addr();
+    let mut w = moatmq_testkit::v5::connected(addr, "props-watcher").await;
+    common::subscribed5(&mut w, "wills/#").await;
+    let props = m5::LastWillProperties {
+        delay_interval: None,
+        payload_format_indicator: Some(1),
+        message_expiry_interval: None,
+        content_type: Some("text/plain".into()),
+        response_topic: Some("replies/x".into()),
+        correlation_data: None,
+        user_properties: vec![("device".into(), "d7".into())],
+    };
+    let will = m5::LastWill::new(
+        "wills/props",
+        "gone",
+        rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+        false,
+        Some(props),
+    );
+    let (mut raw, code) = Raw::connect5(addr, common::connect5("propwill"), Some(will), None).await;
+    assert_eq!(code, Some(m5::ConnectReturnCode::Success));
+    // DISCONNECT with reason 0x80 (unspecified error): not a normal one, so the will goes.
+    raw.send(&[0xE0, 0x01, 0x80]).await;
+    let got = w.next_publish().await;
+    assert_eq!(&got.topic[..], b"wills/props");
+    let p = got.properties.expect("will properties");
+    assert_eq!(p.content_type.as_deref(), Some("text/plain"));
+    assert_eq!(p.response_topic.as_deref(), Some("replies/x"));
+    assert_eq!(
+        p.user_properties,
+        vec![("device".to_string(), "d7".to_string())]
+    );
 }
 
 #[tokio::test]
