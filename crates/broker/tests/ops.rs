@@ -4,7 +4,7 @@
 mod common;
 
 use common::Raw;
-use moatmq_testkit::{v4, TestBroker, QUIET, WAIT};
+use moatmq_testkit::{v4, TestBroker, ANONYMOUS_TCP, QUIET, WAIT};
 use rumqttc::v5::mqttbytes::v5 as m5;
 use rumqttc::QoS;
 use std::net::SocketAddr;
@@ -21,6 +21,11 @@ async fn connect_from(
     let socket = TcpSocket::new_v4().unwrap();
     socket.bind(SocketAddr::from((source, 0))).unwrap();
     let stream = socket.connect(addr).await.unwrap();
+    connack_code(stream, id).await
+}
+
+/// Sends an MQTT 5 CONNECT on an open socket; the CONNACK's code, if one comes.
+async fn connack_code(stream: TcpStream, id: &str) -> Option<m5::ConnectReturnCode> {
     let mut raw = Raw::from_stream(stream);
     raw.send5(m5::Packet::Connect(common::connect5(id), None, None))
         .await;
@@ -32,18 +37,9 @@ async fn connect_from(
 
 #[tokio::test]
 async fn a_connection_flood_is_limited_per_source_address() {
-    let broker = TestBroker::with_config(
-        r#"
-[[listener]]
-name = "tcp"
-bind = "127.0.0.1:0"
-[auth]
-allow_anonymous = true
-[rate_limit]
-connections_per_second = 1
-connection_burst = 5
-"#,
-    )
+    let broker = TestBroker::with_config(&format!(
+        "{ANONYMOUS_TCP}[rate_limit]\nconnections_per_second = 1\nconnection_burst = 5\n"
+    ))
     .await;
     let addr = broker.first_addr();
     let mut codes = Vec::new();
@@ -90,13 +86,7 @@ connection_burst = 2
         let mut stream = TcpStream::connect(addr).await.unwrap();
         let header = format!("PROXY TCP4 {client} 10.0.0.1 40000 1883\r\n");
         stream.write_all(header.as_bytes()).await.unwrap();
-        let mut raw = Raw::from_stream(stream);
-        raw.send5(m5::Packet::Connect(common::connect5(id), None, None))
-            .await;
-        match raw.next5(WAIT).await {
-            Some(m5::Packet::ConnAck(ack)) => Some(ack.code),
-            _ => None,
-        }
+        connack_code(stream, id).await
     }
     let ok = Some(m5::ConnectReturnCode::Success);
     assert_eq!(via_proxy(addr, "203.0.113.1", "a1").await, ok);
@@ -116,18 +106,9 @@ connection_burst = 2
 
 #[tokio::test]
 async fn a_publish_flood_is_throttled_without_hurting_others() {
-    let broker = TestBroker::with_config(
-        r#"
-[[listener]]
-name = "tcp"
-bind = "127.0.0.1:0"
-[auth]
-allow_anonymous = true
-[rate_limit]
-messages_per_second = 50
-message_burst = 50
-"#,
-    )
+    let broker = TestBroker::with_config(&format!(
+        "{ANONYMOUS_TCP}[rate_limit]\nmessages_per_second = 50\nmessage_burst = 50\n"
+    ))
     .await;
     let addr = broker.first_addr();
     let mut sub = v4::connected(addr, "watch").await;
