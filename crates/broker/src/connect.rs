@@ -179,18 +179,25 @@ pub async fn handle(
         }
     };
 
-    // MQTT 5: a session outlives the connection only with a session expiry interval.
-    let session_expiry = props
-        .as_ref()
-        .and_then(|p| p.session_expiry_interval)
-        .unwrap_or(0);
-    let clean = match version {
-        Version::V4 => connect.clean_session,
-        Version::V5 => connect.clean_session || session_expiry == 0,
+    // How long the session outlives this connection. rumqttd keeps a persistent session
+    // forever and knows only "clean or not": the gateway expires sessions itself.
+    let requested = props.as_ref().and_then(|p| p.session_expiry_interval);
+    let max_expiry = limits.max_session_expiry;
+    let keep_for = match version {
+        Version::V4 => (!connect.clean_session).then_some(max_expiry),
+        // 0xFFFFFFFF means "never": capped like any other value.
+        Version::V5 => Some(u64::from(requested.unwrap_or(0)).min(max_expiry)),
     };
+    let keep_for = keep_for.filter(|&secs| secs > 0 || !connect.clean_session);
     let router_id = router_client_id(identity.username.as_deref(), &identity.client_id);
     shared.cancel_delayed_will(&router_id);
-    let (tx, rx, ack) = match shared.router.connect(router_id.clone(), clean).await {
+    shared.cancel_session_expiry(&router_id);
+    if connect.clean_session && keep_for.is_some() {
+        // MQTT 5 clean start with a session kept afterwards: discard the old one first.
+        shared.discard_session(&router_id).await;
+    }
+    let router_clean = keep_for.is_none();
+    let (tx, rx, ack) = match shared.router.connect(router_id.clone(), router_clean).await {
         Ok(link) => link,
         Err(e) => {
             tracing::error!(error = %e, "router link failed");
@@ -205,7 +212,10 @@ pub async fn handle(
     let connack_props = match version {
         Version::V4 => None,
         Version::V5 => Some(ConnAckProperties {
-            session_expiry_interval: None,
+            // Announce the cap when it shortens what the client asked for.
+            session_expiry_interval: requested
+                .filter(|&r| u64::from(r) > max_expiry)
+                .map(|_| u32::try_from(max_expiry).unwrap_or(u32::MAX)),
             receive_max: Some(limits.max_inflight),
             max_qos: None,
             retain_available: Some(1),
@@ -253,19 +263,23 @@ pub async fn handle(
     }
 
     let max_out = props.as_ref().and_then(|p| p.max_packet_size);
+    let keep_for = keep_for.map(Duration::from_secs);
     let gateway = Gateway::new(
-        shared,
+        shared.clone(),
         info,
         version,
         identity,
-        router_id,
+        router_id.clone(),
         tx,
         rx,
         will,
         connect.keep_alive,
         max_out,
     );
-    gateway.run(reader, writer, buf).await;
+    let still_ours = gateway.run(reader, writer, buf).await;
+    if let (true, Some(after)) = (still_ours, keep_for) {
+        shared.expire_session_after(&router_id, after);
+    }
     Ok(())
 }
 

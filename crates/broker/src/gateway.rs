@@ -154,8 +154,9 @@ impl Gateway {
         }
     }
 
-    /// Serves the connection until it ends, then tears down the link.
-    pub async fn run(mut self, mut reader: Reader, mut writer: Writer, mut buf: BytesMut) {
+    /// Serves the connection until it ends, then tears down the link. Returns whether
+    /// the session is still this connection's (not taken over by a new one).
+    pub async fn run(mut self, mut reader: Reader, mut writer: Writer, mut buf: BytesMut) -> bool {
         let mut shutdown = self.shared.shutdown.clone();
         let close = self
             .serve(&mut reader, &mut writer, &mut buf, &mut shutdown)
@@ -202,6 +203,7 @@ impl Gateway {
         }
         info!(listener = %self.info.listener.name, peer = %self.info.peer,
               client_id = %self.identity.client_id, reason = ?close, "client disconnected");
+        !matches!(close, Close::TakenOver)
     }
 
     async fn serve(

@@ -38,6 +38,8 @@ pub struct Shared {
     pub shutdown: watch::Receiver<bool>,
     /// Wills waiting out their MQTT 5 delay, by router client id.
     delayed_wills: Mutex<HashMap<String, AbortHandle>>,
+    /// Disconnected persistent sessions waiting to expire, by router client id.
+    session_timers: Mutex<HashMap<String, AbortHandle>>,
 }
 
 /// What a gateway knows about its connection before CONNECT.
@@ -136,6 +138,54 @@ impl Shared {
         }
         self.router
             .publish(will.topic, will.message, will.qos, will.retain, properties);
+    }
+
+    /// Drops a disconnected session's state in the router: a clean link under the same
+    /// router client id, closed at once.
+    pub async fn discard_session(&self, router_id: &str) {
+        if let Ok((mut tx, _rx, _ack)) = self.router.connect(router_id.to_string(), true).await {
+            let bye = rumqttd::protocol::Packet::Disconnect(
+                rumqttd::protocol::Disconnect {
+                    reason_code: rumqttd::protocol::DisconnectReasonCode::NormalDisconnection,
+                },
+                None,
+            );
+            let _ = futures_util::FutureExt::now_or_never(tx.send(bye));
+        }
+    }
+
+    /// Expires a disconnected session after `after` (MQTT 5 session expiry, capped by
+    /// `limits.max_session_expiry`; 3.1.1 persistent sessions after the cap).
+    pub fn expire_session_after(self: &Arc<Self>, router_id: &str, after: Duration) {
+        let shared = self.clone();
+        let key = router_id.to_string();
+        // The lock is held until the timer is registered, so even a zero delay finds it.
+        let Ok(mut timers) = self.session_timers.lock() else {
+            return;
+        };
+        let task = tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            let still_due = shared
+                .session_timers
+                .lock()
+                .map(|mut t| t.remove(&key).is_some())
+                .unwrap_or(false);
+            if still_due {
+                shared.discard_session(&key).await;
+            }
+        });
+        if let Some(old) = timers.insert(router_id.to_string(), task.abort_handle()) {
+            old.abort();
+        }
+    }
+
+    /// The session's client is back: its expiry is off.
+    pub fn cancel_session_expiry(&self, router_id: &str) {
+        if let Ok(mut timers) = self.session_timers.lock() {
+            if let Some(task) = timers.remove(router_id) {
+                task.abort();
+            }
+        }
     }
 
     /// A client reconnected before its will delay ran out: the will is not sent.
@@ -243,6 +293,7 @@ impl Broker {
             retained,
             shutdown,
             delayed_wills: Mutex::new(HashMap::new()),
+            session_timers: Mutex::new(HashMap::new()),
         });
         let tls = listeners.iter().filter_map(Bound::tls).collect();
         Ok(Broker {

@@ -12,6 +12,7 @@ pub const DEFAULT_MAX_SUBSCRIPTIONS_PER_CLIENT: usize = 100;
 pub const DEFAULT_MAX_TOPIC_LEVELS: usize = 32;
 pub const DEFAULT_MAX_CLIENT_ID_LENGTH: usize = 128;
 pub const DEFAULT_MAX_QUEUED_BYTES: usize = 8 * 1_048_576;
+pub const DEFAULT_MAX_SESSION_EXPIRY: u64 = 7 * 24 * 3600;
 pub const DEFAULT_AUTOSAVE_INTERVAL: u64 = 1;
 pub const DEFAULT_CONNECTIONS_PER_SECOND: u32 = 20;
 pub const DEFAULT_CONNECTION_BURST: u32 = 40;
@@ -182,6 +183,10 @@ pub struct Limits {
     /// messages are dropped past it.
     #[serde(default = "default_max_queued_bytes")]
     pub max_queued_bytes: usize,
+    /// Seconds a disconnected persistent session is kept at most: 3.1.1 sessions with
+    /// clean session off, and MQTT 5 session expiry intervals longer than this.
+    #[serde(default = "default_max_session_expiry")]
+    pub max_session_expiry: u64,
 }
 
 impl Default for Limits {
@@ -195,6 +200,7 @@ impl Default for Limits {
             max_topic_levels: DEFAULT_MAX_TOPIC_LEVELS,
             max_client_id_length: DEFAULT_MAX_CLIENT_ID_LENGTH,
             max_queued_bytes: DEFAULT_MAX_QUEUED_BYTES,
+            max_session_expiry: DEFAULT_MAX_SESSION_EXPIRY,
         }
     }
 }
@@ -321,6 +327,9 @@ fn default_max_client_id_length() -> usize {
 fn default_max_queued_bytes() -> usize {
     DEFAULT_MAX_QUEUED_BYTES
 }
+fn default_max_session_expiry() -> u64 {
+    DEFAULT_MAX_SESSION_EXPIRY
+}
 
 impl Config {
     /// Checks what the types cannot. Called by `load`/`parse`.
@@ -369,6 +378,7 @@ impl Config {
             ("limits.max_topic_levels", lim.max_topic_levels),
             ("limits.max_client_id_length", lim.max_client_id_length),
             ("limits.max_queued_bytes", lim.max_queued_bytes),
+            ("limits.max_session_expiry", lim.max_session_expiry as usize),
         ] {
             if value == 0 {
                 return Err(Invalid::new(key, "must be greater than 0"));

@@ -1,0 +1,119 @@
+//! Session expiry: rumqttd keeps persistent sessions forever; the gateway expires them
+//! after the MQTT 5 session expiry interval, capped by `limits.max_session_expiry`,
+//! which also bounds 3.1.1 persistent sessions.
+
+mod common;
+
+use common::Raw;
+use moatmq_testkit::{v4, TestBroker, ANONYMOUS_TCP, WAIT};
+use rumqttc::v5::mqttbytes::v5 as m5;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Connects (MQTT 5) and returns the socket and the CONNACK.
+async fn connect(
+    addr: SocketAddr,
+    id: &str,
+    clean: bool,
+    expiry: Option<u32>,
+) -> (Raw, m5::ConnAck) {
+    let mut raw = Raw::tcp(addr).await;
+    let mut connect = common::connect5(id);
+    connect.clean_start = clean;
+    connect.properties = expiry.map(|e| m5::ConnectProperties {
+        session_expiry_interval: Some(e),
+        ..m5::ConnectProperties::new()
+    });
+    raw.send5(m5::Packet::Connect(connect, None, None)).await;
+    match raw.next5(WAIT).await {
+        Some(m5::Packet::ConnAck(ack)) => (raw, ack),
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+}
+
+async fn disconnect(mut raw: Raw) {
+    raw.send(&[0xE0, 0x00]).await;
+    assert!(raw.closed_within(WAIT).await);
+}
+
+#[tokio::test]
+async fn mqtt5_session_lives_for_its_expiry_interval_then_goes() {
+    let broker = TestBroker::start().await;
+    let addr = broker.first_addr();
+    let (mut raw, ack) = connect(addr, "exp", false, Some(1)).await;
+    assert!(!ack.session_present);
+    let codes = raw.subscribe5(1, &["exp/t"]).await;
+    assert_eq!(codes.len(), 1);
+    disconnect(raw).await;
+
+    // Back within the interval: the session is there.
+    let (raw, ack) = connect(addr, "exp", false, Some(1)).await;
+    assert!(ack.session_present, "resumed within the expiry interval");
+    disconnect(raw).await;
+
+    // Back after it: gone, and so is its subscription.
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    let (mut raw, ack) = connect(addr, "exp", false, Some(1)).await;
+    assert!(
+        !ack.session_present,
+        "the session outlived its expiry interval"
+    );
+    let publ = v4::connected(addr, "exp-pub").await;
+    publ.client
+        .publish("exp/t", rumqttc::QoS::AtLeastOnce, false, "x")
+        .await
+        .unwrap();
+    assert!(raw
+        .publish5_within(Duration::from_millis(400))
+        .await
+        .is_none());
+}
+
+#[tokio::test]
+async fn mqtt5_expiry_zero_ends_the_session_with_the_connection() {
+    let broker = TestBroker::start().await;
+    let addr = broker.first_addr();
+    let (raw, _) = connect(addr, "zero", false, Some(60)).await;
+    disconnect(raw).await;
+    // Resumed (clean start off), but with expiry 0 this time...
+    let (raw, ack) = connect(addr, "zero", false, None).await;
+    assert!(ack.session_present);
+    disconnect(raw).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // ...so it ended with that connection.
+    let (_raw, ack) = connect(addr, "zero", false, None).await;
+    assert!(!ack.session_present);
+}
+
+#[tokio::test]
+async fn expiry_is_capped_and_the_cap_announced() {
+    let broker = TestBroker::with_config(&format!(
+        "{ANONYMOUS_TCP}[limits]\nmax_session_expiry = 1\n"
+    ))
+    .await;
+    let addr = broker.first_addr();
+    let (raw, ack) = connect(addr, "capped", false, Some(u32::MAX)).await;
+    let announced = ack.properties.and_then(|p| p.session_expiry_interval);
+    assert_eq!(
+        announced,
+        Some(1),
+        "MQTT 5 CONNACK announces the shorter interval"
+    );
+    disconnect(raw).await;
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    let (_raw, ack) = connect(addr, "capped", false, Some(u32::MAX)).await;
+    assert!(!ack.session_present, "\"never expire\" is capped too");
+
+    // 3.1.1 persistent sessions are bounded by the same cap.
+    let mut opts = v4::options(addr, "old-style");
+    opts.set_clean_session(false);
+    let c = v4::connect(opts.clone()).await.unwrap();
+    c.client.disconnect().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let c = v4::connect(opts.clone()).await.unwrap();
+    assert!(c.connack.session_present);
+    c.client.disconnect().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    let c = v4::connect(opts).await.unwrap();
+    assert!(!c.connack.session_present);
+}
