@@ -100,9 +100,11 @@ fn init_tracing(config: &Config) {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     use tracing_subscriber::{filter::filter_fn, Layer};
+    // rumqttd logs every connection at info level; ours already does, with more context.
+    const DEFAULT_FILTER: &str = "info,rumqttd=warn";
     let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(config.log.level.as_deref().unwrap_or("info")))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+        .or_else(|_| EnvFilter::try_new(config.log.level.as_deref().unwrap_or(DEFAULT_FILTER)))
+        .unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
     // rumqttd's router opens an ERROR-level span for every packet; recording them cost a
     // quarter of the broker's CPU (docs/benchmarks.md). Its events (warnings, errors)
     // are kept.
