@@ -26,7 +26,8 @@ use futures_util::FutureExt;
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{
     Disconnect, DisconnectReasonCode, LastWill, Packet, PingResp, Protocol, PubAck, PubAckReason,
-    PubComp, PubCompReason, PubRec, PubRecReason, QoS, SubAck, SubscribeReasonCode,
+    PubComp, PubCompReason, PubRec, PubRecReason, QoS, RetainForwardRule, SubAck,
+    SubscribeReasonCode,
 };
 use rumqttd::Notification;
 use std::collections::{HashMap, HashSet};
@@ -81,7 +82,9 @@ pub struct Gateway {
     keep_alive: Option<Duration>,
     max_out_packet: usize,
     /// Filters held (for the subscription limit).
-    subscriptions: HashSet<String>,
+    /// Filters held (for the subscription limit), each with whether it asked for no
+    /// retained messages (MQTT 5 retain handling 2).
+    subscriptions: HashMap<String, bool>,
     /// SUBSCRIBEs partly refused here: reason codes of the refused positions.
     pending_subacks: HashMap<u16, Vec<Option<SubscribeReasonCode>>>,
     /// Client QoS 2 publishes we refused: we owe the PUBCOMP.
@@ -138,7 +141,7 @@ impl Gateway {
             keep_alive: (keep_alive > 0)
                 .then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
             max_out_packet: max_out_packet.map_or(usize::MAX, |m| m as usize),
-            subscriptions: HashSet::new(),
+            subscriptions: HashMap::new(),
             pending_subacks: HashMap::new(),
             refused_qos2: HashSet::new(),
             withheld_qos2: HashSet::new(),
@@ -432,7 +435,9 @@ impl Gateway {
                 for filter in subscribe.filters.drain(..) {
                     let reason = self.check_filter(&filter.path);
                     if reason.is_none() {
-                        self.subscriptions.insert(filter.path.clone());
+                        let no_retained = filter.retain_forward_rule == RetainForwardRule::Never
+                            && self.version == Version::V5;
+                        self.subscriptions.insert(filter.path.clone(), no_retained);
                         kept.push(filter);
                     }
                     refused.push(reason);
@@ -518,7 +523,7 @@ impl Gateway {
         if !valid_topic_filter(path, limits.max_topic_levels) {
             return Some(code(SubscribeReasonCode::TopicFilterInvalid));
         }
-        if !self.subscriptions.contains(path)
+        if !self.subscriptions.contains_key(path)
             && self.subscriptions.len() >= limits.max_subscriptions_per_client
         {
             return Some(code(SubscribeReasonCode::QuotaExceeded));
@@ -532,6 +537,17 @@ impl Gateway {
             return Some(code(SubscribeReasonCode::NotAuthorized));
         }
         None
+    }
+
+    /// MQTT 5 retain handling 2: a retained message sent on subscribe is unwanted when
+    /// every filter of this client that matches it asked for none.
+    fn retained_unwanted(&self, topic: &str) -> bool {
+        let mut matching = self
+            .subscriptions
+            .iter()
+            .filter(|(filter, _)| moatmq_acl::topic_matches_filter(filter, topic))
+            .peekable();
+        matching.peek().is_some() && matching.all(|(_, &no_retained)| no_retained)
     }
 
     /// Drops a publish the client may not make, acknowledging it as the protocol needs.
@@ -590,6 +606,11 @@ impl Gateway {
         match notification {
             Notification::Forward(forward) => {
                 let topic = std::str::from_utf8(&forward.publish.topic).unwrap_or("");
+                if forward.publish.retain && self.retained_unwanted(topic) {
+                    // Only retained messages sent on subscribe carry the flag.
+                    let (qos, pkid) = qos_and_pkid(&forward.publish);
+                    return self.withhold(qos, pkid);
+                }
                 let decision = self
                     .shared
                     .policy

@@ -123,3 +123,46 @@ async fn dollar_topics_are_not_matched_by_leading_wildcards() {
     assert_eq!(sub.next_publish().await.payload, "yes".as_bytes());
     assert!(sub.publish_within(QUIET).await.is_none());
 }
+
+#[tokio::test]
+async fn v5_retain_handling_2_sends_no_retained_messages() {
+    use rumqttc::v5::mqttbytes::v5::{Filter, RetainForwardRule};
+    use rumqttc::v5::mqttbytes::QoS as Q5;
+    let broker = TestBroker::start().await;
+    let addr = broker.first_addr();
+    let publ = v4::connected(addr, "p").await;
+    publ.client
+        .publish("rh/state", QoS::AtLeastOnce, true, "old")
+        .await
+        .unwrap();
+    tokio::time::sleep(QUIET).await;
+
+    let filter = |rule| Filter {
+        path: "rh/#".into(),
+        qos: Q5::AtLeastOnce,
+        nolocal: false,
+        preserve_retain: false,
+        retain_forward_rule: rule,
+    };
+    let mut none = v5::connected(addr, "rh2").await;
+    none.client
+        .subscribe_many(vec![filter(RetainForwardRule::Never)])
+        .await
+        .unwrap();
+    let mut all = v5::connected(addr, "rh0").await;
+    all.client
+        .subscribe_many(vec![filter(RetainForwardRule::OnEverySubscribe)])
+        .await
+        .unwrap();
+    assert_eq!(&all.next_publish().await.payload[..], b"old");
+    assert!(
+        none.publish_within(QUIET).await.is_none(),
+        "retained message sent despite retain handling 2"
+    );
+    // Live messages still arrive.
+    publ.client
+        .publish("rh/state", QoS::AtLeastOnce, false, "new")
+        .await
+        .unwrap();
+    assert_eq!(&none.next_publish().await.payload[..], b"new");
+}
