@@ -1,0 +1,287 @@
+//! Client to router: every packet a client sends passes [`Gateway::incoming`], which
+//! validates it, asks the policy (ACL, limits) and the retained store, and forwards,
+//! refuses or answers it.
+
+use super::{Close, Gateway};
+use crate::codec::Version;
+use crate::policy::unshare;
+use crate::ratelimit::Pace;
+use crate::retained::Recorded;
+use crate::topic::{valid_topic_filter, valid_topic_name};
+use rumqttd::protocol::{
+    DisconnectReasonCode, Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec,
+    PubRecReason, QoS, RetainForwardRule, SubAck, SubscribeReasonCode,
+};
+use tokio::time::Instant;
+use tracing::warn;
+
+impl Gateway {
+    /// Client to router: the one place every client packet passes.
+    pub(super) fn incoming(
+        &mut self,
+        packet: Packet,
+        header: Option<(QoS, u16)>,
+    ) -> Result<(), Close> {
+        let limits = &self.shared.config.limits;
+        match packet {
+            Packet::Publish(publish, props) => {
+                let (qos, pkid) = header.unwrap_or((QoS::AtMostOnce, 0));
+                let Ok(topic) = std::str::from_utf8(&publish.topic) else {
+                    return Err(Close::Protocol(
+                        DisconnectReasonCode::TopicNameInvalid,
+                        "topic not UTF-8",
+                    ));
+                };
+                if props.as_ref().is_some_and(|p| p.topic_alias.is_some()) {
+                    // We announce topic_alias_max = 0 in the CONNACK.
+                    return Err(Close::Protocol(
+                        DisconnectReasonCode::TopicAliasInvalid,
+                        "topic alias not allowed",
+                    ));
+                }
+                if !valid_topic_name(topic, limits.max_topic_levels) {
+                    return Err(Close::Protocol(
+                        DisconnectReasonCode::TopicNameInvalid,
+                        "invalid topic name",
+                    ));
+                }
+                self.shared.metrics.messages_in.inc();
+                if qos != QoS::AtMostOnce && self.version == Version::V5 {
+                    // MQTT-3.3.4-7/8: we announced limits.max_inflight as receive maximum.
+                    if self.inflight_in >= self.shared.config.limits.max_inflight {
+                        return Err(Close::Protocol(
+                            DisconnectReasonCode::ReceiveMaximumExceeded,
+                            "receive maximum exceeded",
+                        ));
+                    }
+                    self.inflight_in += 1;
+                }
+                match self.limiter.publish(topic.len() + publish.payload.len()) {
+                    Pace::Go => {}
+                    Pace::SlowDown(wait) => {
+                        self.paused_until = Some(Instant::now() + wait);
+                    }
+                    Pace::Disconnect => {
+                        self.shared.metrics.rate_limited.inc();
+                        if let Some(audit) = &self.shared.audit {
+                            audit.event(
+                                "rate_limited",
+                                &self.info.who(
+                                    Some(&self.identity.client_id),
+                                    self.identity.username.as_deref(),
+                                ),
+                                &[("limit", "messages".into())],
+                            );
+                        }
+                        return Err(Close::Protocol(
+                            DisconnectReasonCode::MessageRateTooHigh,
+                            "publish rate limit exceeded",
+                        ));
+                    }
+                }
+                let decision = self.shared.policy.may_publish(&self.identity, topic);
+                if !decision.allowed {
+                    self.shared
+                        .denied(&self.info, &self.identity, "publish", topic, decision.line);
+                    return self.refuse_publish(qos, pkid, Refused::NotAuthorized);
+                }
+                if let Some(store) = &self.shared.retained {
+                    let v5 = self.version == Version::V5;
+                    if publish.retain {
+                        match store.record(topic, &publish.payload, qos, props.as_ref(), v5) {
+                            Recorded::Buffered => {}
+                            Recorded::Full => {
+                                return self.refuse_publish(qos, pkid, Refused::Quota)
+                            }
+                            Recorded::NeedsSave => {
+                                self.awaiting_save.push(Packet::Publish(publish, props));
+                                return Ok(());
+                            }
+                        }
+                    } else if publish.payload.is_empty() {
+                        store.mirror_clear(topic);
+                    }
+                }
+                self.send_router(Packet::Publish(publish, props))
+            }
+            Packet::Subscribe(mut subscribe, props) => {
+                if props.as_ref().is_some_and(|p| p.id.is_some()) {
+                    return Err(Close::Protocol(
+                        DisconnectReasonCode::SubscriptionIdentifiersNotSupported,
+                        "subscription identifiers not supported",
+                    ));
+                }
+                let mut refused = Vec::with_capacity(subscribe.filters.len());
+                let mut kept = Vec::with_capacity(subscribe.filters.len());
+                for filter in subscribe.filters.drain(..) {
+                    let reason = self.check_filter(&filter.path);
+                    if reason.is_none() {
+                        let no_retained = filter.retain_forward_rule == RetainForwardRule::Never
+                            && self.version == Version::V5;
+                        self.subscriptions.insert(filter.path.clone(), no_retained);
+                        kept.push(filter);
+                    }
+                    refused.push(reason);
+                }
+                if kept.is_empty() {
+                    let codes = refused.into_iter().flatten().collect();
+                    return self.write(Packet::SubAck(
+                        SubAck {
+                            pkid: subscribe.pkid,
+                            return_codes: codes,
+                        },
+                        None,
+                    ));
+                }
+                if refused.iter().any(Option::is_some) {
+                    self.pending_subacks.insert(subscribe.pkid, refused);
+                }
+                subscribe.filters = kept;
+                self.send_router(Packet::Subscribe(subscribe, props))
+            }
+            Packet::Unsubscribe(unsubscribe, props) => {
+                for f in &unsubscribe.filters {
+                    self.subscriptions.remove(f);
+                }
+                self.send_router(Packet::Unsubscribe(unsubscribe, props))
+            }
+            Packet::PubRel(rel, props) => {
+                if self.refused_qos2.remove(&rel.pkid) {
+                    let comp = PubComp {
+                        pkid: rel.pkid,
+                        reason: PubCompReason::Success,
+                    };
+                    return self.write(Packet::PubComp(comp, None));
+                }
+                self.send_router(Packet::PubRel(rel, props))
+            }
+            // Acknowledgements reach the router in the order it forwarded the messages.
+            Packet::PubAck(ack, props) => {
+                let pkid = ack.pkid;
+                self.acks
+                    .client_ack(pkid, Packet::PubAck(ack, props), &mut self.to_router);
+                self.flush_router()
+            }
+            Packet::PubRec(rec, props) => {
+                let pkid = rec.pkid;
+                self.acks
+                    .client_ack(pkid, Packet::PubRec(rec, props), &mut self.to_router);
+                self.flush_router()
+            }
+            Packet::PubComp(comp, props) => {
+                let pkid = comp.pkid;
+                self.acks
+                    .client_comp(pkid, Packet::PubComp(comp, props), &mut self.to_router);
+                self.flush_router()
+            }
+            Packet::PingReq(_) => self.write(Packet::PingResp(PingResp)),
+            // MQTT-3.14.4-3: only a normal disconnection (0x00) discards the will.
+            Packet::Disconnect(d, _) => Err(Close::ClientDisconnect {
+                with_will: d.reason_code != DisconnectReasonCode::NormalDisconnection,
+            }),
+            Packet::Connect(..) => Err(Close::Protocol(
+                DisconnectReasonCode::ProtocolError,
+                "second CONNECT",
+            )),
+            _ => Err(Close::Protocol(
+                DisconnectReasonCode::ProtocolError,
+                "packet not allowed from a client",
+            )),
+        }
+    }
+
+    /// `None` if the filter may be subscribed, else the refusal code for its SUBACK slot.
+    pub(super) fn check_filter(&self, path: &str) -> Option<SubscribeReasonCode> {
+        let limits = &self.shared.config.limits;
+        let v5 = self.version == Version::V5;
+        let code = |v5_code| {
+            if v5 {
+                v5_code
+            } else {
+                SubscribeReasonCode::Failure
+            }
+        };
+        if !valid_topic_filter(path, limits.max_topic_levels) {
+            return Some(code(SubscribeReasonCode::TopicFilterInvalid));
+        }
+        if !self.subscriptions.contains_key(path)
+            && self.subscriptions.len() >= limits.max_subscriptions_per_client
+        {
+            return Some(code(SubscribeReasonCode::QuotaExceeded));
+        }
+        // The router has no `$SYS` tree and disconnects clients that subscribe to one.
+        let inner = unshare(path);
+        let decision = self.shared.policy.may_subscribe(&self.identity, inner);
+        if inner.starts_with('$') || !decision.allowed {
+            self.shared
+                .denied(&self.info, &self.identity, "subscribe", path, decision.line);
+            return Some(code(SubscribeReasonCode::NotAuthorized));
+        }
+        None
+    }
+
+    /// Drops a publish the client may not make, acknowledging it as the protocol needs.
+    pub(super) fn refuse_publish(
+        &mut self,
+        qos: QoS,
+        pkid: u16,
+        why: Refused,
+    ) -> Result<(), Close> {
+        let v5 = self.version == Version::V5;
+        let (ack_reason, rec_reason) = match why {
+            Refused::NotAuthorized => (PubAckReason::NotAuthorized, PubRecReason::NotAuthorized),
+            Refused::Quota => (PubAckReason::QuotaExceeded, PubRecReason::QuotaExceeded),
+        };
+        match qos {
+            QoS::AtMostOnce => Ok(()),
+            QoS::AtLeastOnce => {
+                let reason = if v5 {
+                    ack_reason
+                } else {
+                    PubAckReason::Success
+                };
+                self.write(Packet::PubAck(PubAck { pkid, reason }, None))
+            }
+            QoS::ExactlyOnce => {
+                let reason = if v5 {
+                    rec_reason
+                } else {
+                    // 3.1.1 cannot say no: the exchange completes and the message is dropped.
+                    self.refused_qos2.insert(pkid);
+                    PubRecReason::Success
+                };
+                self.write(Packet::PubRec(PubRec { pkid, reason }, None))
+            }
+        }
+    }
+
+    /// Saves the retained store, then lets the waiting publishes reach the router.
+    pub(super) async fn save_then_forward(&mut self) -> Result<(), Close> {
+        // What came before the retained publish need not wait for the save.
+        self.commit_router()?;
+        if let Some(store) = self.shared.retained.clone() {
+            let saved = tokio::task::spawn_blocking(move || store.save_now()).await;
+            if !matches!(saved, Ok(Ok(()))) {
+                // Not durable: the client must not get an acknowledgement.
+                warn!("retained store save failed; closing the connection unacknowledged");
+                return Err(Close::Protocol(
+                    DisconnectReasonCode::UnspecifiedError,
+                    "retained save failed",
+                ));
+            }
+        }
+        for packet in std::mem::take(&mut self.awaiting_save) {
+            self.send_router(packet)?;
+        }
+        Ok(())
+    }
+}
+
+/// Why a client's publish is dropped.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Refused {
+    /// No write access (MQTT 5 reason 0x87).
+    NotAuthorized,
+    /// The retained store is full (MQTT 5 reason 0x97).
+    Quota,
+}
