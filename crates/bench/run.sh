@@ -117,6 +117,13 @@ bind = "127.0.0.1:$MOAT_PORT"
 protocol = "mqtt"
 allow_anonymous = true
 
+# Rate limits off (their defaults: 20 connections/s per address, 1000 msgs/s and
+# 10 MiB/s per client), or the limiter is what gets measured.
+[rate_limit]
+connections_per_second = 0
+messages_per_second = 0
+bytes_per_second = 0
+
 [log]
 level = "warn"
 EOF

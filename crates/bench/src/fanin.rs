@@ -59,6 +59,14 @@ pub struct FaninArgs {
     /// Give up after this many seconds of measuring and report what arrived.
     #[arg(long, default_value_t = 120)]
     timeout: u64,
+    /// Username (and --password) for every client; anonymous without.
+    #[arg(long)]
+    username: Option<String>,
+    #[arg(long)]
+    password: Option<String>,
+    /// Topics are `<prefix>/<run id>/<publisher>`; the subscriber holds `<prefix>/<run id>/+`.
+    #[arg(long, default_value = "moatmq-bench")]
+    prefix: String,
     /// Free text copied into the report (e.g. the broker's name).
     #[arg(long, default_value = "-")]
     label: String,
@@ -133,7 +141,7 @@ pub async fn run(args: FaninArgs) -> anyhow::Result<Report> {
     let per_publisher = args.messages.div_ceil(args.publishers);
     let total = per_publisher * args.publishers;
     let run_id = run_id();
-    let prefix = format!("moatmq-bench/{run_id}");
+    let prefix = format!("{}/{run_id}", args.prefix);
     let t0 = Instant::now();
     let progress = Arc::new(Progress {
         sent: AtomicU64::new(0),
@@ -328,6 +336,9 @@ fn options(args: &FaninArgs, client_id: String) -> MqttOptions {
     let mut opts = MqttOptions::new(client_id, args.host.clone(), args.port);
     opts.set_keep_alive(Duration::from_secs(60));
     opts.set_clean_session(true);
+    if let Some(user) = &args.username {
+        opts.set_credentials(user.clone(), args.password.clone().unwrap_or_default());
+    }
     let max = args.payload as usize + 1024;
     opts.set_max_packet_size(max, max);
     opts

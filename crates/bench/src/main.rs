@@ -1,12 +1,16 @@
-//! `moatmq-bench`: MQTT load generator for any broker at host:port (MQTT 3.1.1, rumqttc).
-//!
-//! One scenario for now, `fanin`: N publishers -> 1 subscriber. It prints one line of
-//! `key=value` fields that `run.sh` turns into the table in docs/benchmarks.md. Not a
-//! test: `cargo test` never runs it.
+//! `moatmq-bench`: MQTT load generators for any broker at host:port, and moatmq-store
+//! measured directly. Each subcommand prints one line of `key=value` fields that the
+//! scripts in crates/bench turn into the tables in docs/benchmarks.md. Not a test:
+//! `cargo test` never runs them.
 #![forbid(unsafe_code)]
 
+mod certs;
 mod fanin;
+mod login;
+mod retained;
 mod stats;
+mod storebench;
+mod wire;
 
 use clap::{Parser, Subcommand};
 
@@ -21,6 +25,16 @@ struct Cli {
 enum Command {
     /// N publishers -> 1 subscriber: delivered messages/s and latency p50/p99.
     Fanin(fanin::FaninArgs),
+    /// Login storm (connections/s, password or mTLS) with a publish-latency probe.
+    Login(login::LoginArgs),
+    /// Write a CA, a server certificate and client certificates for the login benchmark.
+    Certs(certs::CertsArgs),
+    /// moatmq-store directly: fill, reopen (load) time, bytes per save, compaction.
+    Store(storebench::StoreArgs),
+    /// Retained publishes: acknowledged messages/s and PUBACK latency.
+    RetainedPub(retained::PubArgs),
+    /// Start a broker; time to /readyz, first CONNACK, first and last retained delivery.
+    Startup(retained::StartupArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -28,11 +42,17 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    match cli.command {
-        Command::Fanin(args) => {
-            let report = runtime.block_on(fanin::run(args))?;
-            println!("{report}");
+    let report = match cli.command {
+        Command::Fanin(args) => runtime.block_on(fanin::run(args))?.to_string(),
+        Command::Login(args) => runtime.block_on(login::run(args))?,
+        Command::Certs(args) => {
+            certs::run(args)?;
+            return Ok(());
         }
-    }
+        Command::Store(args) => storebench::run(args)?,
+        Command::RetainedPub(args) => runtime.block_on(retained::publish(args))?,
+        Command::Startup(args) => runtime.block_on(retained::startup(args))?,
+    };
+    println!("{report}");
     Ok(())
 }

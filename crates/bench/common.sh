@@ -1,0 +1,128 @@
+# Shared by the benchmark scripts in crates/bench (sourced, not run): work folder,
+# cleanup of every server started, free ports, waiting for a port, release build,
+# mosquitto install. Expects ROOT to be set by the caller.
+
+BIN="$ROOT/target/release"
+MOATMQ=${MOATMQ_BIN:-$BIN/moatmq}
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/moatmq-bench.XXXXXX")
+PIDS=()
+
+cleanup() {
+    for pid in "${PIDS[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${PIDS[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+log() { echo "$(basename "$0"): $*" >&2; }
+
+# A loopback port nobody listens on (checked by connecting; the servers bind right after).
+free_port() {
+    local port
+    for _ in $(seq 1 100); do
+        port=$((20000 + RANDOM % 40000))
+        if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            echo "$port"
+            return
+        fi
+    done
+    log "no free port found"
+    exit 1
+}
+
+# wait_port NAME PORT PID [TRIES of 0.1 s]
+wait_port() {
+    local name=$1 port=$2 pid=$3 tries=${4:-100}
+    for _ in $(seq 1 "$tries"); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            return
+        fi
+        if ! kill -0 "$pid" 2>/dev/null; then
+            log "$name exited before listening; its log:"
+            cat "$WORK/$name.log" >&2
+            exit 1
+        fi
+        sleep 0.1
+    done
+    log "$name is not listening on 127.0.0.1:$port"
+    exit 1
+}
+
+# start NAME CMD...: runs a server in the background, logging to $WORK/NAME.log.
+start() {
+    local name=$1
+    shift
+    "$@" >"$WORK/$name.log" 2>&1 &
+    PIDS+=($!)
+}
+
+# stop PID: SIGTERM and wait (lets moatmq flush and mosquitto save).
+stop() {
+    kill "$1" 2>/dev/null || true
+    wait "$1" 2>/dev/null || true
+}
+
+build() {
+    if [[ "${SKIP_BUILD:-0}" != 1 ]]; then
+        log "building release binaries"
+        if [[ -n "${MOATMQ_BIN:-}" ]]; then
+            (cd "$ROOT" && cargo build --release -p moatmq-bench)
+        else
+            (cd "$ROOT" && cargo build --release -p moatmq -p moatmq-bench)
+        fi
+    fi
+}
+
+need_mosquitto() {
+    if ! command -v mosquitto >/dev/null && [[ ! -x /usr/sbin/mosquitto ]]; then
+        log "installing mosquitto"
+        apt-get install -y mosquitto >&2 || { apt-get update >&2 && apt-get install -y mosquitto >&2; }
+    fi
+    MOSQUITTO=$(command -v mosquitto || echo /usr/sbin/mosquitto)
+    MOSQUITTO_PASSWD=$(command -v mosquitto_passwd || echo /usr/bin/mosquitto_passwd)
+    # Started as root, mosquitto switches to the `mosquitto` user, which cannot read
+    # the files in $WORK: stay root then (loopback-only benchmark servers).
+    MOSQ_USER=""
+    if [[ $(id -u) == 0 ]]; then
+        MOSQ_USER="user root"
+    fi
+}
+
+# The rate-limit block every moatmq benchmark config needs: the defaults (20
+# connections/s per address, 1000 msgs/s and 10 MiB/s per client) would be measured.
+RATE_LIMIT_OFF='[rate_limit]
+connections_per_second = 0
+messages_per_second = 0
+bytes_per_second = 0'
+
+machine() {
+    echo "$(nproc) CPUs, load average $(cut -d' ' -f1-3 /proc/loadavg), $(date -u '+%Y-%m-%d %H:%M') UTC"
+}
+
+field() { tr ' ' '\n' <<<"$2" | sed -n "s/^$1=//p"; }
+
+# median_table KEYCOLS: stdin = lines "key... value rest..."; for each key (the first
+# KEYCOLS fields) keeps the line with the median value (field KEYCOLS+1), in first-seen
+# key order.
+median_table() {
+    awk -v k="$1" '
+        {
+            key = $1; for (i = 2; i <= k; i++) key = key " " $i
+            if (!(key in n)) order[++s] = key
+            n[key]++; line[key, n[key]] = $0; val[key, n[key]] = $(k + 1)
+        }
+        END {
+            for (j = 1; j <= s; j++) {
+                key = order[j]; m = n[key]
+                for (a = 1; a <= m; a++) idx[a] = a
+                for (a = 1; a <= m; a++) for (b = a + 1; b <= m; b++)
+                    if (val[key, idx[b]] + 0 < val[key, idx[a]] + 0) { t = idx[a]; idx[a] = idx[b]; idx[b] = t }
+                print line[key, idx[int((m + 1) / 2)]]
+            }
+        }'
+}
