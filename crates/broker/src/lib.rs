@@ -17,6 +17,7 @@ pub mod policy;
 mod proxy;
 mod ratelimit;
 pub mod retained;
+mod retained_index;
 mod router;
 mod server;
 mod tls;

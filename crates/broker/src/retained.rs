@@ -1,17 +1,15 @@
 //! The encrypted retained store behind the gateway.
 //!
 //! The gateway records every retained PUBLISH that passed the ACL (set, replace, clear)
-//! in memory at once, so the store's limits answer synchronously; a saver thread appends
-//! what changed every `autosave_interval` seconds and compacts the log off the lock when
-//! it has grown. With `autosave_interval = 0` the gateway waits for the save before the
-//! publish reaches the router, so nothing acknowledged is lost. At start the store is
-//! read back and replayed into the router; at shutdown it is flushed.
-//!
-//! rumqttd deletes a topic's retained message on any empty-payload PUBLISH, retained or
-//! not: the store mirrors that so a restart never resurrects what the router dropped.
+//! here as well as in the [`RetainedIndex`] it serves subscribers from; a saver thread
+//! appends what changed every `autosave_interval` seconds and compacts the log off the
+//! lock when it has grown. With `autosave_interval = 0` the gateway waits for the save
+//! before the publish is acknowledged, so nothing acknowledged is lost (the saver then
+//! runs every second to retry failed saves and to compact). At start the store is read
+//! back into the index; at shutdown it is flushed. Its bounds are the index's.
 
 use crate::metrics::Metrics;
-use crate::router::RouterHandle;
+use crate::retained_index::{RetainedEntry, RetainedIndex};
 use bytes::Bytes;
 use moatmq_config::{Config, Retained};
 use moatmq_store::{
@@ -53,11 +51,12 @@ pub fn open(
     retained: &Retained,
 ) -> Result<(Store, Vec<RetainedMessage>), RetainedError> {
     let key = load_key(config, retained)?;
-    let limits = StoreLimits {
-        max_messages: retained.max_messages,
-        max_bytes: retained.max_bytes,
-    };
-    Ok(Store::open(&config.resolve(&retained.path), key, limits)?)
+    // The index refuses new topics past the bounds before anything reaches the store.
+    Ok(Store::open(
+        &config.resolve(&retained.path),
+        key,
+        StoreLimits::UNLIMITED,
+    )?)
 }
 
 /// The store shared by gateways and the saver thread.
@@ -82,30 +81,28 @@ pub enum Recorded {
 }
 
 impl RetainedStore {
-    /// Opens the store, replays it into the router and starts the saver thread.
+    /// Opens the store, loads it into `index` and starts the saver thread.
     pub fn start(
         config: &Config,
         retained: &Retained,
-        router: &RouterHandle,
+        index: &RetainedIndex,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<RetainedStore>, RetainedError> {
         let (store, messages) = open(config, retained)?;
-        let now = unix_now();
-        for m in &messages {
-            let properties = m
-                .properties
-                .as_ref()
-                .map(|p| to_router_properties(p, m.expires_at, now));
-            router.publish(
-                Bytes::from(m.topic.clone()),
-                Bytes::from(m.payload.clone()),
-                qos_of(m.qos),
-                true,
-                properties,
-            );
+        let loaded = messages.len();
+        for m in messages {
+            let entry = RetainedEntry {
+                payload: Bytes::from(m.payload),
+                qos: qos_of(m.qos),
+                properties: m.properties.as_ref().map(to_router_properties),
+                expires_at: m.expires_at,
+            };
+            if index.set(&m.topic, entry).is_err() {
+                warn!(topic = %m.topic, "retained store holds more than [retained] max_messages/max_bytes; not served");
+            }
         }
         info!(
-            messages = messages.len(),
+            messages = loaded,
             bytes = store.live_bytes(),
             "retained store loaded"
         );
@@ -117,16 +114,14 @@ impl RetainedStore {
             metrics,
         });
         this.update_gauges(None);
-        if !this.interval.is_zero() {
-            let saver = this.clone();
-            std::thread::Builder::new()
-                .name("moatmq-retained-saver".into())
-                .spawn(move || saver.saver_loop())
-                .map_err(|e| StoreError::Io {
-                    path: "saver thread".into(),
-                    source: e,
-                })?;
-        }
+        let saver = this.clone();
+        std::thread::Builder::new()
+            .name("moatmq-retained-saver".into())
+            .spawn(move || saver.saver_loop())
+            .map_err(|e| StoreError::Io {
+                path: "saver thread".into(),
+                source: e,
+            })?;
         Ok(this)
     }
 
@@ -157,9 +152,8 @@ impl RetainedStore {
                 expires_at,
             };
             if let Err(e) = store.set(message) {
-                if !matches!(e, StoreError::Full) {
-                    error!(error = %e, "retained store refused a message");
-                }
+                // Unlimited store: only an encoding failure gets here.
+                error!(error = %e, "retained store refused a message");
                 return Recorded::Full;
             }
         }
@@ -167,15 +161,6 @@ impl RetainedStore {
             Recorded::NeedsSave
         } else {
             Recorded::Buffered
-        }
-    }
-
-    /// Mirrors rumqttd dropping a retained message on an empty non-retained publish.
-    pub fn mirror_clear(&self, topic: &str) {
-        if let Ok(mut store) = self.store.lock() {
-            if store.get(topic).is_some() {
-                store.clear(topic);
-            }
         }
     }
 
@@ -197,8 +182,7 @@ impl RetainedStore {
 
     /// Mirrors the store's size (and the last save) into the metrics.
     fn update_gauges(&self, save: Option<Duration>) {
-        let (count, bytes) = self.stats();
-        self.metrics.retained_messages.set(count as i64);
+        let (_, bytes) = self.stats();
         self.metrics.retained_store_bytes.set(bytes as i64);
         if let Some(took) = save {
             self.metrics
@@ -304,16 +288,11 @@ fn from_router_properties(p: Option<&PublishProperties>) -> MessageProperties {
     }
 }
 
-fn to_router_properties(
-    p: &MessageProperties,
-    expires_at: Option<u64>,
-    now: u64,
-) -> PublishProperties {
+fn to_router_properties(p: &MessageProperties) -> PublishProperties {
     PublishProperties {
         payload_format_indicator: p.payload_format_indicator,
-        // MQTT-3.3.2-6: the forwarded interval is what remains of it.
-        message_expiry_interval: expires_at
-            .map(|e| u32::try_from(e.saturating_sub(now)).unwrap_or(u32::MAX)),
+        // Kept as the entry's `expires_at`; the remaining interval is set when sent.
+        message_expiry_interval: None,
         topic_alias: None,
         response_topic: p.response_topic.clone(),
         correlation_data: p.correlation_data.clone().map(Bytes::from),

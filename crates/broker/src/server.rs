@@ -10,10 +10,13 @@ use crate::listener::{bind, Bound};
 use crate::metrics::Metrics;
 use crate::policy::{Identity, ListenerPolicy, Policy, PolicyError};
 use crate::ratelimit::ConnectionLimiter;
-use crate::retained::{RetainedError, RetainedStore};
+use crate::retained::{Recorded, RetainedError, RetainedStore};
+use crate::retained_index::{RetainedEntry, RetainedIndex};
 use crate::router::RouterHandle;
 use crate::tls::TlsSetup;
+use bytes::Bytes;
 use moatmq_config::Config;
+use rumqttd::protocol::{PublishProperties, QoS};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -34,6 +37,8 @@ pub struct Shared {
     pub conn_limiter: ConnectionLimiter,
     /// The encrypted retained store, when `[retained]` is configured.
     pub retained: Option<Arc<RetainedStore>>,
+    /// Every retained message, served by the gateways on SUBSCRIBE.
+    pub retained_index: RetainedIndex,
     /// Flips to `true` when the broker shuts down.
     pub shutdown: watch::Receiver<bool>,
     /// Wills waiting out their MQTT 5 delay, by router client id.
@@ -125,19 +130,63 @@ impl Shared {
         v5: bool,
         properties: Option<rumqttd::protocol::PublishProperties>,
     ) {
-        if let (true, Some(store)) = (will.retain, &self.retained) {
+        if will.retain {
             if let Ok(topic) = std::str::from_utf8(&will.topic) {
                 // A will has no client waiting for an acknowledgement: the saver
                 // persists it on its next round, also with autosave_interval = 0.
-                let recorded =
-                    store.record(topic, &will.message, will.qos, properties.as_ref(), v5);
-                if recorded == crate::retained::Recorded::Full {
+                if self.retain(topic, &will.message, will.qos, properties.as_ref(), v5)
+                    == Recorded::Full
+                {
                     return;
                 }
             }
         }
         self.router
-            .publish(will.topic, will.message, will.qos, will.retain, properties);
+            .publish(will.topic, will.message, will.qos, false, properties);
+    }
+
+    /// Records a retained PUBLISH (set, replace, or clear by an empty payload) in the
+    /// index subscribers are served from and in the encrypted store. The router never
+    /// sees the retain flag: moatmq serves retained messages itself.
+    pub fn retain(
+        &self,
+        topic: &str,
+        payload: &Bytes,
+        qos: QoS,
+        properties: Option<&PublishProperties>,
+        v5: bool,
+    ) -> Recorded {
+        if payload.is_empty() {
+            self.retained_index.clear(topic);
+        } else {
+            let expires_at = properties
+                .and_then(|p| p.message_expiry_interval)
+                .map(|secs| unix_now() + u64::from(secs));
+            let kept = v5
+                .then(|| properties.cloned().unwrap_or_default())
+                .map(|mut p| {
+                    p.message_expiry_interval = None;
+                    p.topic_alias = None;
+                    p.subscription_identifiers.clear();
+                    p
+                });
+            let entry = RetainedEntry {
+                payload: payload.clone(),
+                qos,
+                properties: kept,
+                expires_at,
+            };
+            if self.retained_index.set(topic, entry).is_err() {
+                return Recorded::Full;
+            }
+        }
+        self.metrics
+            .retained_messages
+            .set(self.retained_index.len() as i64);
+        match &self.retained {
+            Some(store) => store.record(topic, payload, qos, properties, v5),
+            None => Recorded::Buffered,
+        }
     }
 
     /// Drops a disconnected session's state in the router: a clean link under the same
@@ -196,6 +245,12 @@ impl Shared {
             }
         }
     }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// A broker whose listeners are bound; `serve` runs it.
@@ -265,12 +320,26 @@ impl Broker {
             config.limits.max_connections,
             config.limits.max_queued_bytes,
         );
+        let (max_messages, max_bytes) = config.retained.as_ref().map_or(
+            (
+                moatmq_config::DEFAULT_RETAINED_MAX_MESSAGES,
+                moatmq_config::DEFAULT_RETAINED_MAX_BYTES,
+            ),
+            |r| (r.max_messages, r.max_bytes),
+        );
+        let retained_index = RetainedIndex::new(max_messages, max_bytes);
         // The store loads before any listener binds: a broker that cannot read its
         // retained messages does not start.
         let retained = match &config.retained {
-            Some(r) => Some(RetainedStore::start(&config, r, &router, metrics.clone())?),
+            Some(r) => Some(RetainedStore::start(
+                &config,
+                r,
+                &retained_index,
+                metrics.clone(),
+            )?),
             None => None,
         };
+        metrics.retained_messages.set(retained_index.len() as i64);
         let conn_limiter = ConnectionLimiter::new(
             config.rate_limit.connections_per_second,
             config.rate_limit.connection_burst,
@@ -291,6 +360,7 @@ impl Broker {
             audit,
             conn_limiter,
             retained,
+            retained_index,
             shutdown,
             delayed_wills: Mutex::new(HashMap::new()),
             session_timers: Mutex::new(HashMap::new()),

@@ -166,3 +166,111 @@ async fn v5_retain_handling_2_sends_no_retained_messages() {
         .unwrap();
     assert_eq!(&none.next_publish().await.payload[..], b"new");
 }
+
+/// rumqttd alone sends at most its free in-flight slots (or 200) of the retained
+/// messages matching a new subscription; moatmq serves them itself, all of them.
+#[tokio::test]
+async fn every_retained_message_reaches_a_wildcard_subscriber() {
+    let broker = TestBroker::start().await;
+    let addr = broker.first_addr();
+    let publ = v4::connected(addr, "many").await;
+    const N: usize = 500;
+    for i in 0..N {
+        publ.client
+            .publish(
+                format!("fleet/{i:04}/state"),
+                QoS::ExactlyOnce,
+                true,
+                format!("s{i}"),
+            )
+            .await
+            .unwrap();
+    }
+    // Wait until the last one is in (the publisher's acks come in order).
+    let mut probe = v4::connected(addr, "probe").await;
+    probe
+        .client
+        .subscribe(format!("fleet/{:04}/state", N - 1), QoS::AtMostOnce)
+        .await
+        .unwrap();
+    assert_eq!(
+        probe.next_publish().await.payload,
+        format!("s{}", N - 1).as_bytes()
+    );
+
+    for (id, qos) in [("all-q1", QoS::AtLeastOnce), ("all-q2", QoS::ExactlyOnce)] {
+        let mut sub = v4::connected(addr, id).await;
+        sub.client.subscribe("fleet/#", qos).await.unwrap();
+        let mut seen = std::collections::BTreeSet::new();
+        while seen.len() < N {
+            let p = sub.next_publish().await;
+            assert!(p.retain, "retained flag set");
+            // min(message QoS 2, subscription QoS); QoS 2 deliveries only keep coming
+            // if their PUBREC/PUBREL/PUBCOMP exchanges complete.
+            assert_eq!(
+                p.qos,
+                qos,
+                "{id}: {} pkid {} after {}",
+                p.topic,
+                p.pkid,
+                seen.len()
+            );
+            seen.insert(p.topic.clone());
+        }
+        assert!(sub.publish_within(QUIET).await.is_none(), "no duplicates");
+    }
+    // An MQTT 5 client too.
+    let mut sub5 = v5::connected(addr, "all-v5").await;
+    sub5.client
+        .subscribe("fleet/+/state", rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let mut count = 0;
+    while count < N {
+        let p = sub5.next_publish().await;
+        assert!(p.retain);
+        count += 1;
+    }
+}
+
+#[tokio::test]
+async fn an_empty_live_publish_does_not_delete_the_retained_message() {
+    let broker = TestBroker::start().await;
+    let addr = broker.first_addr();
+    let publ = v4::connected(addr, "p").await;
+    publ.client
+        .publish("door", QoS::AtLeastOnce, true, "locked")
+        .await
+        .unwrap();
+    // Empty payload without the retain flag: a normal message, the retained one stays.
+    publ.client
+        .publish("door", QoS::AtLeastOnce, false, "")
+        .await
+        .unwrap();
+    tokio::time::sleep(QUIET).await;
+    let mut late = v4::connected(addr, "late").await;
+    late.client
+        .subscribe("door", QoS::AtMostOnce)
+        .await
+        .unwrap();
+    let got = late.next_publish().await;
+    assert_eq!(got.payload, "locked".as_bytes());
+    assert_eq!(
+        got.qos,
+        QoS::AtMostOnce,
+        "min(message QoS 1, subscription QoS 0)"
+    );
+    // Empty payload with the retain flag clears it.
+    publ.client
+        .publish("door", QoS::AtLeastOnce, true, "")
+        .await
+        .unwrap();
+    tokio::time::sleep(QUIET).await;
+    let mut later = v4::connected(addr, "later").await;
+    later
+        .client
+        .subscribe("door", QoS::AtMostOnce)
+        .await
+        .unwrap();
+    assert!(later.publish_within(QUIET).await.is_none());
+}

@@ -2,6 +2,7 @@
 //! validates it, asks the policy (ACL, limits) and the retained store, and forwards,
 //! refuses or answers it.
 
+use super::retained::RetainedJob;
 use super::{Close, Gateway};
 use crate::codec::Version;
 use crate::policy::unshare;
@@ -24,7 +25,7 @@ impl Gateway {
     ) -> Result<(), Close> {
         let limits = &self.shared.config.limits;
         match packet {
-            Packet::Publish(publish, props) => {
+            Packet::Publish(mut publish, props) => {
                 let (qos, pkid) = header.unwrap_or((QoS::AtMostOnce, 0));
                 let Ok(topic) = std::str::from_utf8(&publish.topic) else {
                     return Err(Close::Protocol(
@@ -85,22 +86,23 @@ impl Gateway {
                         .denied(&self.info, &self.identity, "publish", topic, decision.line);
                     return self.refuse_publish(qos, pkid, Refused::NotAuthorized);
                 }
-                if let Some(store) = &self.shared.retained {
+                if publish.retain {
                     let v5 = self.version == Version::V5;
-                    if publish.retain {
-                        match store.record(topic, &publish.payload, qos, props.as_ref(), v5) {
-                            Recorded::Buffered => {}
-                            Recorded::Full => {
-                                return self.refuse_publish(qos, pkid, Refused::Quota)
-                            }
-                            Recorded::NeedsSave => {
-                                self.awaiting_save.push(Packet::Publish(publish, props));
-                                return Ok(());
-                            }
+                    match self
+                        .shared
+                        .retain(topic, &publish.payload, qos, props.as_ref(), v5)
+                    {
+                        Recorded::Buffered => {}
+                        Recorded::Full => return self.refuse_publish(qos, pkid, Refused::Quota),
+                        Recorded::NeedsSave => {
+                            // It and everything after it wait for one save of this read.
+                            publish.retain = false;
+                            self.awaiting_save.push(Packet::Publish(publish, props));
+                            return Ok(());
                         }
-                    } else if publish.payload.is_empty() {
-                        store.mirror_clear(topic);
                     }
+                    // The router keeps no retained messages: moatmq serves them itself.
+                    publish.retain = false;
                 }
                 self.send_router(Packet::Publish(publish, props))
             }
@@ -111,14 +113,28 @@ impl Gateway {
                         "subscription identifiers not supported",
                     ));
                 }
+                let mut jobs = Vec::new();
                 let mut refused = Vec::with_capacity(subscribe.filters.len());
                 let mut kept = Vec::with_capacity(subscribe.filters.len());
                 for filter in subscribe.filters.drain(..) {
                     let reason = self.check_filter(&filter.path);
                     if reason.is_none() {
-                        let no_retained = filter.retain_forward_rule == RetainForwardRule::Never
-                            && self.version == Version::V5;
-                        self.subscriptions.insert(filter.path.clone(), no_retained);
+                        let is_new = self.subscriptions.insert(filter.path.clone());
+                        // MQTT 5 retain handling; 3.1.1 always sends them. Shared
+                        // subscriptions get none (MQTT 5 section 4.8.2).
+                        let wanted = match (self.version, &filter.retain_forward_rule) {
+                            (Version::V4, _) => true,
+                            (_, RetainForwardRule::OnEverySubscribe) => true,
+                            (_, RetainForwardRule::OnNewSubscribe) => is_new,
+                            (_, RetainForwardRule::Never) => false,
+                        };
+                        if wanted && !filter.path.starts_with("$share/") {
+                            jobs.push(RetainedJob {
+                                filter: filter.path.clone(),
+                                qos: filter.qos,
+                                after: None,
+                            });
+                        }
                         kept.push(filter);
                     }
                     refused.push(reason);
@@ -135,6 +151,9 @@ impl Gateway {
                 }
                 if refused.iter().any(Option::is_some) {
                     self.pending_subacks.insert(subscribe.pkid, refused);
+                }
+                if !jobs.is_empty() {
+                    self.retained_after_suback.insert(subscribe.pkid, jobs);
                 }
                 subscribe.filters = kept;
                 self.send_router(Packet::Subscribe(subscribe, props))
@@ -156,6 +175,11 @@ impl Gateway {
                 self.send_router(Packet::PubRel(rel, props))
             }
             // Acknowledgements reach the router in the order it forwarded the messages.
+            p @ (Packet::PubAck(..) | Packet::PubRec(..) | Packet::PubComp(..))
+                if self.own_ack(&p)? =>
+            {
+                Ok(())
+            }
             Packet::PubAck(ack, props) => {
                 let pkid = ack.pkid;
                 self.acks
@@ -204,7 +228,7 @@ impl Gateway {
         if !valid_topic_filter(path, limits.max_topic_levels) {
             return Some(code(SubscribeReasonCode::TopicFilterInvalid));
         }
-        if !self.subscriptions.contains_key(path)
+        if !self.subscriptions.contains(path)
             && self.subscriptions.len() >= limits.max_subscriptions_per_client
         {
             return Some(code(SubscribeReasonCode::QuotaExceeded));
@@ -257,7 +281,8 @@ impl Gateway {
 
     /// Saves the retained store, then lets the waiting publishes reach the router.
     pub(super) async fn save_then_forward(&mut self) -> Result<(), Close> {
-        // What came before the retained publish need not wait for the save.
+        let waiting = std::mem::take(&mut self.awaiting_save);
+        // What came before the retained publishes need not wait for the save.
         self.commit_router()?;
         if let Some(store) = self.shared.retained.clone() {
             let saved = tokio::task::spawn_blocking(move || store.save_now()).await;
@@ -270,7 +295,7 @@ impl Gateway {
                 ));
             }
         }
-        for packet in std::mem::take(&mut self.awaiting_save) {
+        for packet in waiting {
             self.send_router(packet)?;
         }
         Ok(())

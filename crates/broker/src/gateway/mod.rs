@@ -31,6 +31,9 @@ use tracing::{debug, info};
 
 mod incoming;
 mod outgoing;
+mod retained;
+
+use retained::{OwnState, RetainedJob};
 
 /// Output gathered before one socket write.
 const WRITE_BATCH: usize = 64 * 1024;
@@ -78,9 +81,16 @@ pub struct Gateway {
     keep_alive: Option<Duration>,
     max_out_packet: usize,
     /// Filters held (for the subscription limit).
-    /// Filters held (for the subscription limit), each with whether it asked for no
-    /// retained messages (MQTT 5 retain handling 2).
-    subscriptions: HashMap<String, bool>,
+    subscriptions: HashSet<String>,
+    /// Retained messages to send once the SUBACK of that packet id is out.
+    retained_after_suback: HashMap<u16, Vec<RetainedJob>>,
+    /// Retained messages being sent, oldest subscription first.
+    retained_jobs: std::collections::VecDeque<RetainedJob>,
+    /// Scratch space for one batch from the retained index.
+    retained_batch: Vec<(String, Arc<crate::retained_index::RetainedEntry>)>,
+    /// Our own QoS 1/2 deliveries (retained messages) in flight, by packet id.
+    own_inflight: HashMap<u16, OwnState>,
+    next_own_pkid: u16,
     /// SUBSCRIBEs partly refused here: reason codes of the refused positions.
     pending_subacks: HashMap<u16, Vec<Option<SubscribeReasonCode>>>,
     /// Client QoS 2 publishes we refused: we owe the PUBCOMP.
@@ -137,7 +147,12 @@ impl Gateway {
             keep_alive: (keep_alive > 0)
                 .then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
             max_out_packet: max_out_packet.map_or(usize::MAX, |m| m as usize),
-            subscriptions: HashMap::new(),
+            subscriptions: HashSet::new(),
+            retained_after_suback: HashMap::new(),
+            retained_jobs: std::collections::VecDeque::new(),
+            retained_batch: Vec::new(),
+            own_inflight: HashMap::new(),
+            next_own_pkid: 0,
             pending_subacks: HashMap::new(),
             refused_qos2: HashSet::new(),
             withheld_qos2: HashSet::new(),
@@ -220,11 +235,9 @@ impl Gateway {
             return close;
         }
         loop {
-            while !self.awaiting_save.is_empty() {
+            // One save (autosave_interval = 0) for all retained publishes of a read.
+            if !self.awaiting_save.is_empty() {
                 if let Err(close) = self.save_then_forward().await {
-                    return close;
-                }
-                if let Err(close) = self.decode_all(buf, max_packet) {
                     return close;
                 }
             }
@@ -285,6 +298,11 @@ impl Gateway {
                     return Close::Protocol(DisconnectReasonCode::KeepAliveTimeout, "keep alive timeout");
                 }
                 _ = shutdown.changed() => return Close::Shutdown,
+                _ = std::future::ready(()), if self.can_feed_retained() => {
+                    if let Err(close) = self.feed_retained() {
+                        return close;
+                    }
+                }
             }
         }
     }
@@ -293,7 +311,7 @@ impl Gateway {
     fn decode_all(&mut self, buf: &mut BytesMut, max_packet: usize) -> Result<(), Close> {
         loop {
             // A throttled publisher's remaining packets wait in the buffer.
-            if buf.is_empty() || !self.awaiting_save.is_empty() || self.paused_until.is_some() {
+            if buf.is_empty() || self.paused_until.is_some() {
                 return Ok(());
             }
             // QoS and packet id are private in rumqttd's Publish: read them off the wire.
@@ -339,6 +357,11 @@ impl Gateway {
     /// together and wake it once (`commit_router`), as rumqttd's own link does: one
     /// wake-up per packet costs more than the rest of the path.
     fn send_router(&mut self, packet: Packet) -> Result<(), Close> {
+        if !self.awaiting_save.is_empty() {
+            // Behind a retained publish that waits for its save: keep the order.
+            self.awaiting_save.push(packet);
+            return Ok(());
+        }
         if let Some(previous) = self.held.replace(packet) {
             self.tx.buffer().push_back(previous);
         }

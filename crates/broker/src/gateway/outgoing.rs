@@ -17,11 +17,6 @@ impl Gateway {
         match notification {
             Notification::Forward(forward) => {
                 let topic = std::str::from_utf8(&forward.publish.topic).unwrap_or("");
-                if forward.publish.retain && self.retained_unwanted(topic) {
-                    // Only retained messages sent on subscribe carry the flag.
-                    let (qos, pkid) = qos_and_pkid(&forward.publish);
-                    return self.withhold(qos, pkid);
-                }
                 let decision = self
                     .shared
                     .policy
@@ -60,6 +55,10 @@ impl Gateway {
                                     .unwrap_or(SubscribeReasonCode::Failure)
                             })
                             .collect();
+                    }
+                    // Retained messages follow the SUBACK (MQTT-3.3.1-9).
+                    if let Some(jobs) = self.retained_after_suback.remove(&suback.pkid) {
+                        self.retained_jobs.extend(jobs);
                     }
                     self.write(Packet::SubAck(suback, props))
                 }
@@ -127,16 +126,5 @@ impl Gateway {
         }
         self.to_router = ready;
         Ok(())
-    }
-
-    /// MQTT 5 retain handling 2: a retained message sent on subscribe is unwanted when
-    /// every filter of this client that matches it asked for none.
-    pub(super) fn retained_unwanted(&self, topic: &str) -> bool {
-        let mut matching = self
-            .subscriptions
-            .iter()
-            .filter(|(filter, _)| moatmq_acl::topic_matches_filter(filter, topic))
-            .peekable();
-        matching.peek().is_some() && matching.all(|(_, &no_retained)| no_retained)
     }
 }
