@@ -31,7 +31,7 @@ pub struct RouterHandle {
     internal: Arc<Mutex<InternalLink>>,
 }
 
-/// The broker's own link: publishes wills and replays the retained store.
+/// The broker's own link: publishes wills.
 struct InternalLink {
     tx: LinkTx,
     next_pkid: u16,
@@ -108,13 +108,13 @@ impl RouterHandle {
         }
     }
 
-    /// Publishes a message as the broker itself (wills, retained replay).
+    /// Publishes a message as the broker itself (wills). Never retained: the router
+    /// keeps no retained messages, moatmq serves them (`retained_index.rs`).
     pub fn publish(
         &self,
         topic: Bytes,
         payload: Bytes,
         qos: QoS,
-        retain: bool,
         properties: Option<PublishProperties>,
     ) {
         let Ok(mut link) = self.internal.lock() else {
@@ -127,7 +127,7 @@ impl RouterHandle {
                 link.next_pkid
             }
         };
-        let publish = make_publish(topic, payload, qos, retain, pkid);
+        let publish = make_publish(topic, payload, qos, false, pkid);
         let _ = link
             .tx
             .send(Packet::Publish(publish, properties))

@@ -142,7 +142,7 @@ impl Shared {
             }
         }
         self.router
-            .publish(will.topic, will.message, will.qos, false, properties);
+            .publish(will.topic, will.message, will.qos, properties);
     }
 
     /// Records a retained PUBLISH (set, replace, or clear by an empty payload) in the
