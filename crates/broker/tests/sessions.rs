@@ -260,3 +260,26 @@ async fn keep_alive_zero_is_accepted() {
         other => panic!("expected PUBLISH, got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn a_retained_will_is_served_to_later_subscribers() {
+    let broker = TestBroker::start().await;
+    let addr = broker.first_addr();
+    let mut c = connect4("lamp");
+    c.last_will = Some(rumqttc::LastWill::new(
+        "status/lamp",
+        "offline",
+        QoS::AtLeastOnce,
+        true,
+    ));
+    let (raw, code) = Raw::connect4(addr, c).await;
+    assert_eq!(code, Some(rumqttc::ConnectReturnCode::Success));
+    drop(raw); // abnormal close: the will goes out, retained
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let mut late = v4::connected(addr, "dashboard").await;
+    assert_eq!(suback4(&mut late, &["status/#"]).await, vec![V4_OK]);
+    let got = late.next_publish().await;
+    assert_eq!(got.topic, "status/lamp");
+    assert_eq!(got.payload, "offline".as_bytes());
+    assert!(got.retain);
+}
