@@ -54,7 +54,7 @@ pub async fn handle(
     )
     .await
     .map_err(|_| ConnectFailure::Timeout)??;
-    let Packet::Connect(connect, props, will, will_props, login) = packet else {
+    let Packet::Connect(connect, props, will, will_props, mut login) = packet else {
         return Err(ConnectFailure::NotConnect);
     };
     if let Some(audit) = &shared.audit {
@@ -101,7 +101,7 @@ pub async fn handle(
         Some(l) => (Some(l.username.as_str()), Some(l.password.as_str())),
         None => (None, None),
     };
-    let username = match shared
+    let verdict = shared
         .policy
         .authenticate(
             &info.listener,
@@ -110,8 +110,12 @@ pub async fn handle(
             password,
             info.cert_identity.as_deref(),
         )
-        .await
-    {
+        .await;
+    // The password is no longer needed: wipe the decoder's copy of it.
+    if let Some(l) = login.as_mut() {
+        zeroize::Zeroize::zeroize(&mut l.password);
+    }
+    let username = match verdict {
         Ok(u) => u,
         Err(failure) => {
             let reason = match failure {
