@@ -7,11 +7,13 @@
 //!
 //! `startup`: starts a broker (the command after `--`), then measures the time from the
 //! spawn to `/readyz` answering 200 (if `--readyz`), to the first accepted CONNECT, to
-//! the first and the last retained message delivered on a `--filter` subscription (until
-//! `--idle` seconds pass without one), and to the last of `--sample` exact topics spread
-//! over the `--expect` stored ones, subscribed at the same time: those show whether the
-//! whole store was replayed even where a broker sends only part of a wildcard's retained
-//! messages. The broker is killed (SIGKILL) at the end.
+//! the first and the last retained message delivered on a `--filter` subscription
+//! (counted until `--expect` distinct topics arrived, `--idle` seconds pass without one
+//! or `--timeout` seconds after the SUBSCRIBE; reported with the delivery rate from the
+//! SUBSCRIBE to the last one), and to the last of `--sample` exact topics spread over the
+//! `--expect` stored ones, subscribed at the same time on a second connection: those show
+//! whether the whole store was replayed even where a broker sends only part of a
+//! wildcard's retained messages. The broker is killed (SIGKILL) at the end.
 
 use crate::stats::percentile;
 use crate::storebench::topic;
@@ -210,6 +212,9 @@ pub struct StartupArgs {
     /// Stop counting after this many seconds without a delivery.
     #[arg(long, default_value_t = 5)]
     idle: u64,
+    /// Stop counting this many seconds after the SUBSCRIBE in any case.
+    #[arg(long, default_value_t = 120)]
+    timeout: u64,
     #[arg(long, default_value = "-")]
     label: String,
     /// The broker command line.
@@ -260,71 +265,107 @@ pub async fn startup(args: StartupArgs) -> anyhow::Result<String> {
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
     let connack = ms(Instant::now());
-    // One SUBSCRIBE for the wildcard filter, then one per sampled exact topic (spread
-    // over the whole range): the samples show whether every message was replayed,
-    // whatever the broker sends for the wildcard.
+    // The sampled exact topics (spread over the whole range) go on a second connection,
+    // so the first one counts only the wildcard's deliveries: the samples show whether
+    // every message was replayed, whatever the broker sends for the wildcard.
+    let mut sample_conn = wire::open(&target).await?;
+    if wire::login(&mut sample_conn, "bench-startup-sample", None, None).await? != 0 {
+        bail!("second CONNECT refused");
+    }
     let sampled: std::collections::HashSet<String> = (0..args.sample)
         .map(|k| topic(&args.prefix, k * args.expect / args.sample.max(1)))
         .collect();
     let subscribed = Instant::now();
     conn.write_all(&wire::subscribe_packet(1, &args.filter, 0))
         .await?;
+    conn.flush().await?;
     for (k, t) in sampled.iter().enumerate() {
-        conn.write_all(&wire::subscribe_packet(2 + k as u16, t, 0))
+        sample_conn
+            .write_all(&wire::subscribe_packet(1 + k as u16, t, 0))
             .await?;
     }
-    conn.flush().await?;
-    let mut body = Vec::new();
-    let mut seen = std::collections::HashSet::new();
-    let (mut received, mut first, mut last, mut all_sampled) = (0u64, None, None, None);
-    loop {
-        match tokio::time::timeout(
-            Duration::from_secs(args.idle),
-            wire::read_packet(&mut conn, &mut body),
-        )
-        .await
-        {
-            Ok(Ok(p)) => {
-                if let Some((t, _)) = wire::publish_parts(p, &body) {
-                    received += 1;
-                    let now = Instant::now();
-                    first.get_or_insert(now);
-                    last = Some(now);
-                    if let Ok(t) = std::str::from_utf8(t) {
-                        if sampled.contains(t)
-                            && seen.insert(t.to_string())
-                            && seen.len() == sampled.len()
-                        {
-                            all_sampled = Some(now);
+    sample_conn.flush().await?;
+    let idle = Duration::from_secs(args.idle);
+    let deadline = tokio::time::Instant::from_std(subscribed + Duration::from_secs(args.timeout));
+    // Wildcard: count until `--expect` distinct topics arrived, `--idle` s pass without
+    // a delivery, or `--timeout` s after the SUBSCRIBE.
+    let wildcard = async {
+        let mut body = Vec::new();
+        let mut topics = std::collections::HashSet::new();
+        let (mut received, mut first, mut last) = (0u64, None, None);
+        while (topics.len() as u64) < args.expect {
+            let read = tokio::time::timeout(idle, wire::read_packet(&mut conn, &mut body));
+            match tokio::time::timeout_at(deadline, read).await {
+                Ok(Ok(Ok(p))) => {
+                    if let Some((t, _)) = wire::publish_parts(p, &body) {
+                        received += 1;
+                        let now = Instant::now();
+                        first.get_or_insert(now);
+                        last = Some(now);
+                        topics.insert(t.to_vec());
+                    }
+                }
+                Ok(Ok(Err(e))) => {
+                    eprintln!("startup: wildcard connection ended: {e:#}");
+                    break;
+                }
+                Ok(Err(_)) | Err(_) => break,
+            }
+        }
+        (received, topics.len() as u64, first, last)
+    };
+    let samples = async {
+        let mut body = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut all_sampled = None;
+        while seen.len() < sampled.len() {
+            let read = tokio::time::timeout(idle, wire::read_packet(&mut sample_conn, &mut body));
+            match tokio::time::timeout_at(deadline, read).await {
+                Ok(Ok(Ok(p))) => {
+                    if let Some((t, _)) = wire::publish_parts(p, &body) {
+                        if let Ok(t) = std::str::from_utf8(t) {
+                            if sampled.contains(t)
+                                && seen.insert(t.to_string())
+                                && seen.len() == sampled.len()
+                            {
+                                all_sampled = Some(Instant::now());
+                            }
                         }
                     }
                 }
+                Ok(Ok(Err(e))) => {
+                    eprintln!("startup: sample connection ended: {e:#}");
+                    break;
+                }
+                Ok(Err(_)) | Err(_) => break,
             }
-            Ok(Err(e)) => {
-                eprintln!("startup: subscriber connection ended: {e:#}");
-                break;
-            }
-            Err(_) => break,
         }
-    }
+        (seen.len(), all_sampled)
+    };
+    let ((received, distinct, first, last), (sampled_found, all_sampled)) =
+        tokio::join!(wildcard, samples);
     let _ = child.kill().await;
+    let since_sub = |t: Instant| t.duration_since(subscribed).as_secs_f64();
     Ok(format!(
         "startup label={} ready_ms={} connack_ms={} first_retained_ms={} last_retained_ms={} \
-         received={} expected={} subscribe_to_first_ms={} sampled={} sampled_found={} \
-         all_sampled_ms={}",
+         received={} distinct={} expected={} subscribe_to_first_ms={} subscribe_to_last_ms={} \
+         wildcard_msgs_per_s={} sampled={} sampled_found={} all_sampled_ms={}",
         args.label,
         ready,
         connack,
         first.map_or("-".to_string(), ms),
         last.map_or("-".to_string(), ms),
         received,
+        distinct,
         args.expect,
-        first.map_or("-".to_string(), |f| format!(
+        first.map_or("-".to_string(), |f| format!("{:.0}", since_sub(f) * 1e3)),
+        last.map_or("-".to_string(), |l| format!("{:.0}", since_sub(l) * 1e3)),
+        last.map_or("-".to_string(), |l| format!(
             "{:.0}",
-            f.duration_since(subscribed).as_secs_f64() * 1e3
+            received as f64 / since_sub(l).max(1e-9)
         )),
         sampled.len(),
-        seen.len(),
+        sampled_found,
         all_sampled.map_or("-".to_string(), ms),
     ))
 }
