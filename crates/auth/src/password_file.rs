@@ -17,7 +17,8 @@ use std::path::{Path, PathBuf};
 
 use argon2::{Algorithm, Argon2, Params, Version};
 use password_hash::rand_core::OsRng;
-use password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use password_hash::{PasswordHash, PasswordHasher, SaltString};
+use subtle::ConstantTimeEq;
 
 use crate::legacy::LegacyHash;
 use crate::{valid_identity, AuthError};
@@ -257,14 +258,49 @@ fn check_argon2(phc: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
-/// Verifies against an Argon2 PHC string with the parameters it names.
+thread_local! {
+    /// Argon2's working memory (~19 MiB at the default cost), kept per thread. Allocating
+    /// and freeing it at every login left a freed block in each thread's malloc arena:
+    /// hundreds of MiB after a login storm. Reused, it costs one block per hashing thread.
+    static ARGON2_MEMORY: std::cell::RefCell<Vec<argon2::Block>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Verifies against an Argon2 PHC string with the algorithm, version and parameters it
+/// names; the outputs are compared in constant time.
 fn verify_argon2(phc: &str, password: &[u8]) -> bool {
-    match PasswordHash::new(phc) {
-        // Argon2's verifier takes algorithm, version and parameters from the hash and
-        // compares the outputs in constant time.
-        Ok(parsed) => Argon2::default().verify_password(password, &parsed).is_ok(),
-        Err(_) => false,
-    }
+    let Ok(parsed) = PasswordHash::new(phc) else {
+        return false;
+    };
+    let (Ok(algorithm), Ok(params)) = (
+        Algorithm::try_from(parsed.algorithm),
+        Params::try_from(&parsed),
+    ) else {
+        return false;
+    };
+    let version = match parsed.version.map(Version::try_from) {
+        None => Version::V0x13,
+        Some(Ok(v)) => v,
+        Some(Err(_)) => return false,
+    };
+    let (Some(salt), Some(expected)) = (parsed.salt, parsed.hash) else {
+        return false;
+    };
+    let mut salt_buf = [0u8; 64];
+    let Ok(salt) = salt.decode_b64(&mut salt_buf) else {
+        return false;
+    };
+    let mut out = zeroize::Zeroizing::new(vec![0u8; expected.len()]);
+    let blocks = params.block_count();
+    let argon2 = Argon2::new(algorithm, version, params);
+    let hashed = ARGON2_MEMORY.with(|memory| {
+        let mut memory = memory.borrow_mut();
+        if memory.len() < blocks {
+            memory.resize(blocks, argon2::Block::default());
+        }
+        argon2.hash_password_into_with_memory(password, salt, &mut out, &mut memory[..blocks])
+    });
+    hashed.is_ok() && bool::from(expected.as_bytes().ct_eq(&out))
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ mod audit;
 pub mod codec;
 mod connect;
 mod gateway;
+mod hashing;
 mod listener;
 mod metrics;
 pub mod policy;

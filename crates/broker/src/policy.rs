@@ -8,6 +8,7 @@
 //! file, or the built-in rules (tenant isolation) when none is configured. Both are
 //! swapped whole on SIGHUP; a file that fails to load keeps the old one in force.
 
+use crate::hashing::HashPool;
 use moatmq_acl::{Acl, Decision};
 use moatmq_auth::{valid_identity, LoginThrottle, PasswordFile, Verdict};
 use moatmq_config::Config;
@@ -15,7 +16,6 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use tokio::sync::Semaphore;
 use tracing::{info, warn};
 use zeroize::Zeroizing;
 
@@ -71,7 +71,7 @@ pub struct Policy {
     /// Bumped on every ACL reload, so connections know their cached view is stale.
     acl_generation: AtomicU64,
     throttle: LoginThrottle,
-    hashing: Arc<Semaphore>,
+    hashing: HashPool,
 }
 
 impl Policy {
@@ -108,7 +108,7 @@ impl Policy {
             acl: RwLock::new(Arc::new(acl)),
             acl_generation: AtomicU64::new(0),
             throttle: LoginThrottle::new(),
-            hashing: Arc::new(Semaphore::new(cores)),
+            hashing: HashPool::new(cores),
         })
     }
 
@@ -206,14 +206,7 @@ impl Policy {
                     return Err(AuthFailure::NotAuthorized);
                 }
                 let password = Zeroizing::new(password.unwrap_or("").as_bytes().to_vec());
-                let user_owned = user.to_string();
-                let Ok(_permit) = self.hashing.clone().acquire_owned().await else {
-                    return Err(AuthFailure::BadCredentials);
-                };
-                let verdict =
-                    tokio::task::spawn_blocking(move || file.verify(&user_owned, &password))
-                        .await
-                        .unwrap_or(Verdict::Rejected);
+                let verdict = self.hashing.verify(file, user, password).await;
                 match verdict {
                     Verdict::Accepted => Ok(Some(user.to_string())),
                     Verdict::AcceptedLegacyHash => {
