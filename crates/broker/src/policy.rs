@@ -2,8 +2,8 @@
 //! (authorization). The gateway calls these and nothing else decides access.
 //!
 //! Authentication: a verified certificate CN on `identity = "cn"` listeners; else a
-//! username/password checked against the Argon2id password file on a bounded blocking
-//! pool (one hash per core at a time), with a growing delay for addresses that keep
+//! username/password checked against the Argon2id password file on the hashing pool
+//! (`hashing.rs`: one thread per core), with a growing delay for addresses that keep
 //! failing; else anonymous, only where the listener allows it. Authorization: the ACL
 //! file, or the built-in rules (tenant isolation) when none is configured. Both are
 //! swapped whole on SIGHUP; a file that fails to load keeps the old one in force.
