@@ -46,7 +46,7 @@ impl RouterHandle {
     /// `max_queued_bytes` bounds that log: four segments of a quarter each (the active
     /// segment comes on top); past it the oldest segment is dropped. rumqttd's own default
     /// is ten segments of 100 MiB, about 1 GiB per filter.
-    pub fn start(max_connections: usize, max_queued_bytes: usize) -> RouterHandle {
+    pub fn start(max_connections: usize, max_queued_bytes: usize) -> Result<RouterHandle, String> {
         const SEGMENTS: usize = 4;
         let config = RouterConfig {
             max_connections: max_connections.saturating_mul(2).saturating_add(64),
@@ -68,8 +68,8 @@ impl RouterHandle {
                 .build()
                 .map_err(|e: LinkError| e.to_string())
         });
-        let (tx, mut rx, _ack) =
-            build("moatmq-internal", true).expect("the router accepts the broker's own link");
+        let (tx, mut rx, _ack) = build("moatmq-internal", true)
+            .map_err(|e| format!("the router refused the broker's own link: {e}"))?;
         // Drain the internal link's acks and finish QoS 2 handshakes it started.
         let internal = Arc::new(Mutex::new(InternalLink { tx, next_pkid: 0 }));
         let drain = internal.clone();
@@ -88,8 +88,8 @@ impl RouterHandle {
                     }
                 }
             })
-            .expect("spawn internal link thread");
-        RouterHandle { build, internal }
+            .map_err(|e| format!("cannot start the internal link thread: {e}"))?;
+        Ok(RouterHandle { build, internal })
     }
 
     /// Opens a link for a client; runs the blocking handshake off the async workers.

@@ -279,6 +279,9 @@ pub enum StartError {
     /// The password or ACL file could not be loaded.
     #[error(transparent)]
     Policy(#[from] PolicyError),
+    /// The router or its internal link could not start (out of threads or memory).
+    #[error("{0}")]
+    Router(String),
     /// The retained store could not be opened (wrong key, tampering, permissions).
     #[error(transparent)]
     Retained(#[from] RetainedError),
@@ -319,7 +322,8 @@ impl Broker {
         let router = RouterHandle::start(
             config.limits.max_connections,
             config.limits.max_queued_bytes,
-        );
+        )
+        .map_err(StartError::Router)?;
         let (max_messages, max_bytes) = config.retained.as_ref().map_or(
             (
                 moatmq_config::DEFAULT_RETAINED_MAX_MESSAGES,
