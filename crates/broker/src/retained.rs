@@ -9,7 +9,7 @@
 //! back into the index; at shutdown it is flushed. Its bounds are the index's.
 
 use crate::metrics::Metrics;
-use crate::retained_index::{RetainedEntry, RetainedIndex};
+use crate::retained_index::{unix_now, RetainedEntry, RetainedIndex};
 use bytes::Bytes;
 use moatmq_config::{Config, Retained};
 use moatmq_store::{
@@ -17,7 +17,7 @@ use moatmq_store::{
 };
 use rumqttd::protocol::{PublishProperties, QoS};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tracing::{error, info, warn};
 
 /// Environment variable that carries the key as hex; wins over `key_file`.
@@ -133,6 +133,7 @@ impl RetainedStore {
         qos: QoS,
         properties: Option<&PublishProperties>,
         v5: bool,
+        expires_at: Option<u64>,
     ) -> Recorded {
         let Ok(mut store) = self.store.lock() else {
             return Recorded::Full;
@@ -140,10 +141,6 @@ impl RetainedStore {
         if payload.is_empty() {
             store.clear(topic);
         } else {
-            let now = unix_now();
-            let expires_at = properties
-                .and_then(|p| p.message_expiry_interval)
-                .map(|s| now + u64::from(s));
             let message = RetainedMessage {
                 topic: topic.to_string(),
                 payload: payload.to_vec(),
@@ -259,12 +256,6 @@ impl RetainedStore {
             }
         }
     }
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 fn qos_of(q: u8) -> QoS {

@@ -11,7 +11,7 @@ use crate::metrics::Metrics;
 use crate::policy::{Identity, ListenerPolicy, Policy, PolicyError};
 use crate::ratelimit::ConnectionLimiter;
 use crate::retained::{Recorded, RetainedError, RetainedStore};
-use crate::retained_index::{RetainedEntry, RetainedIndex};
+use crate::retained_index::{unix_now, RetainedEntry, RetainedIndex};
 use crate::router::RouterHandle;
 use crate::tls::TlsSetup;
 use bytes::Bytes;
@@ -156,12 +156,12 @@ impl Shared {
         properties: Option<&PublishProperties>,
         v5: bool,
     ) -> Recorded {
+        let expires_at = properties
+            .and_then(|p| p.message_expiry_interval)
+            .map(|secs| unix_now() + u64::from(secs));
         if payload.is_empty() {
             self.retained_index.clear(topic);
         } else {
-            let expires_at = properties
-                .and_then(|p| p.message_expiry_interval)
-                .map(|secs| unix_now() + u64::from(secs));
             let kept = v5
                 .then(|| properties.cloned().unwrap_or_default())
                 .map(|mut p| {
@@ -184,7 +184,7 @@ impl Shared {
             .retained_messages
             .set(self.retained_index.len() as i64);
         match &self.retained {
-            Some(store) => store.record(topic, payload, qos, properties, v5),
+            Some(store) => store.record(topic, payload, qos, properties, v5, expires_at),
             None => Recorded::Buffered,
         }
     }
@@ -245,12 +245,6 @@ impl Shared {
             }
         }
     }
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 /// A broker whose listeners are bound; `serve` runs it.

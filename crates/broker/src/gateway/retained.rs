@@ -10,9 +10,9 @@
 
 use super::{Close, Gateway, WRITE_BATCH};
 use crate::codec::{make_publish, Version};
+use crate::retained_index::unix_now;
 use bytes::Bytes;
 use rumqttd::protocol::{Packet, PubRecReason, PubRel, PubRelReason, QoS};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 /// The router numbers its forwards 1..=100 (rumqttd's MAX_INFLIGHT).
 const ROUTER_MAX_PKID: u16 = 100;
@@ -171,10 +171,4 @@ impl Gateway {
         }
         Ok(true)
     }
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
