@@ -274,3 +274,41 @@ async fn an_empty_live_publish_does_not_delete_the_retained_message() {
         .unwrap();
     assert!(later.publish_within(QUIET).await.is_none());
 }
+
+#[tokio::test]
+async fn large_retained_messages_arrive_whole() {
+    let broker = TestBroker::start().await;
+    let addr = broker.first_addr();
+    let big = |id: &str| {
+        let mut o = v4::options(addr, id);
+        o.set_max_packet_size(1 << 20, 1 << 20);
+        o
+    };
+    let publ = v4::connect(big("big")).await.unwrap();
+    let body = vec![7u8; 200 * 1024];
+    for i in 0..40 {
+        publ.client
+            .publish(format!("big/{i:02}"), QoS::AtLeastOnce, true, body.clone())
+            .await
+            .unwrap();
+    }
+    let mut probe = v4::connect(big("probe")).await.unwrap();
+    probe
+        .client
+        .subscribe("big/39", QoS::AtMostOnce)
+        .await
+        .unwrap();
+    probe.next_publish().await;
+
+    let mut sub = v4::connect(big("reader")).await.unwrap();
+    sub.client
+        .subscribe("big/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    for _ in 0..40 {
+        let p = sub.next_publish().await;
+        assert_eq!(p.payload.len(), body.len());
+        assert!(p.retain);
+    }
+    assert!(sub.publish_within(QUIET).await.is_none());
+}

@@ -161,6 +161,7 @@ impl Gateway {
             Packet::Unsubscribe(unsubscribe, props) => {
                 for f in &unsubscribe.filters {
                     self.subscriptions.remove(f);
+                    self.cancel_retained(f);
                 }
                 self.send_router(Packet::Unsubscribe(unsubscribe, props))
             }

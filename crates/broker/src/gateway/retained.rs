@@ -60,8 +60,13 @@ impl Gateway {
                 .matching(&filter, job.after.as_deref(), BATCH, &mut batch);
         let now = unix_now();
         let mut last = None;
-        let mut window_full = false;
+        // Stopped early: the socket buffer or the in-flight window is full.
+        let mut stopped = false;
         for (topic, entry) in batch.drain(..) {
+            if self.out.len() >= WRITE_BATCH {
+                stopped = true;
+                break;
+            }
             // MQTT-3.8.4-8: the lower of the message's and the subscription's QoS.
             let qos = if (entry.qos as u8) < (sub_qos as u8) {
                 entry.qos
@@ -69,7 +74,7 @@ impl Gateway {
                 sub_qos
             };
             if qos != QoS::AtMostOnce && self.own_inflight.len() >= OWN_WINDOW {
-                window_full = true;
+                stopped = true;
                 break;
             }
             let decision = self
@@ -115,11 +120,19 @@ impl Gateway {
             if last.is_some() {
                 job.after = last;
             }
-            if !more && !window_full {
+            if !more && !stopped {
                 self.retained_jobs.pop_front();
             }
         }
         Ok(())
+    }
+
+    /// An unsubscribed filter gets no more retained messages.
+    pub(super) fn cancel_retained(&mut self, filter: &str) {
+        self.retained_jobs.retain(|job| job.filter != filter);
+        for jobs in self.retained_after_suback.values_mut() {
+            jobs.retain(|job| job.filter != filter);
+        }
     }
 
     /// A packet id of our own, not the router's and not in flight.
