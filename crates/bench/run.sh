@@ -22,70 +22,11 @@ REPEATS=${REPEATS:-3}
 WINDOW=${WINDOW:-2000}
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-BIN="$ROOT/target/release"
-MOATMQ=${MOATMQ_BIN:-$BIN/moatmq}
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/moatmq-bench.XXXXXX")
-PIDS=()
+# shellcheck source=common.sh
+source "$ROOT/crates/bench/common.sh"
 
-cleanup() {
-    for pid in "${PIDS[@]}"; do
-        kill "$pid" 2>/dev/null || true
-    done
-    for pid in "${PIDS[@]}"; do
-        wait "$pid" 2>/dev/null || true
-    done
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-log() { echo "run.sh: $*" >&2; }
-
-# A loopback port nobody listens on (checked by connecting; the servers bind right after).
-free_port() {
-    local port
-    for _ in $(seq 1 100); do
-        port=$((20000 + RANDOM % 40000))
-        if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-            echo "$port"
-            return
-        fi
-    done
-    log "no free port found"
-    exit 1
-}
-
-wait_port() {
-    local name=$1 port=$2 pid=$3
-    for _ in $(seq 1 100); do
-        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-            return
-        fi
-        if ! kill -0 "$pid" 2>/dev/null; then
-            log "$name exited before listening; its log:"
-            cat "$WORK/$name.log" >&2
-            exit 1
-        fi
-        sleep 0.1
-    done
-    log "$name is not listening on 127.0.0.1:$port"
-    exit 1
-}
-
-if [[ "${SKIP_BUILD:-0}" != 1 ]]; then
-    log "building release binaries"
-    if [[ -n "${MOATMQ_BIN:-}" ]]; then
-        (cd "$ROOT" && cargo build --release -p moatmq-bench)
-    else
-        (cd "$ROOT" && cargo build --release -p moatmq -p moatmq-bench)
-    fi
-fi
-
-if ! command -v mosquitto >/dev/null && [[ ! -x /usr/sbin/mosquitto ]]; then
-    log "installing mosquitto"
-    apt-get install -y mosquitto >&2
-fi
-MOSQUITTO=$(command -v mosquitto || echo /usr/sbin/mosquitto)
+build
+need_mosquitto
 
 # --- servers -------------------------------------------------------------------------
 MOSQ_PORT=$(free_port)
@@ -117,12 +58,7 @@ bind = "127.0.0.1:$MOAT_PORT"
 protocol = "mqtt"
 allow_anonymous = true
 
-# Rate limits off (their defaults: 20 connections/s per address, 1000 msgs/s and
-# 10 MiB/s per client), or the limiter is what gets measured.
-[rate_limit]
-connections_per_second = 0
-messages_per_second = 0
-bytes_per_second = 0
+$RATE_LIMIT_OFF
 
 [log]
 level = "warn"
@@ -151,8 +87,6 @@ log "mosquitto :$MOSQ_PORT, rumqttd-ref :$REF_PORT, moatmq :$MOAT_PORT"
 RESULTS="$WORK/results"
 : >"$RESULTS"
 SCENARIOS=("0 64" "0 1024" "1 64" "1 1024")
-
-field() { tr ' ' '\n' <<<"$2" | sed -n "s/^$1=//p"; }
 
 for round in $(seq 1 "$REPEATS"); do
     for scenario in "${SCENARIOS[@]}"; do
