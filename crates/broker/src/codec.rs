@@ -135,15 +135,94 @@ pub fn qos_and_pkid(publish: &Publish) -> (QoS, u16) {
     (qos, u16::from_be_bytes([bytes[1], bytes[2]]))
 }
 
+/// Builds a publish for the router, marked when it is QoS 0 (see [`QOS0_MARK`]).
+pub fn make_router_publish(topic: Bytes, payload: Bytes, qos: QoS, pkid: u16) -> Publish {
+    let mut header = [0b0011_0000 | ((qos as u8) << 1)];
+    mark_publish(&mut header);
+    publish_from(header[0], topic, payload, pkid)
+}
+
 /// Builds a publish with the given QoS and packet id.
 pub fn make_publish(topic: Bytes, payload: Bytes, qos: QoS, retain: bool, pkid: u16) -> Publish {
+    publish_from(
+        0b0011_0000 | retain as u8 | ((qos as u8) << 1),
+        topic,
+        payload,
+        pkid,
+    )
+}
+
+/// A publish from its first header byte, through rumqttd's public `deserialize`.
+fn publish_from(header: u8, topic: Bytes, payload: Bytes, pkid: u16) -> Publish {
     let mut o = BytesMut::with_capacity(5 + topic.len() + payload.len());
-    o.put_u8(0b0011_0000 | retain as u8 | ((qos as u8) << 1));
+    o.put_u8(header);
     o.put_u16(pkid);
     o.put_u16(topic.len() as u16);
     o.extend_from_slice(&topic);
     o.extend_from_slice(&payload);
     Publish::deserialize(o.freeze())
+}
+
+/// The DUP bit of a PUBLISH's first byte. rumqttd's router passes it through untouched
+/// and forwards every message at the subscription's QoS, so the gateway uses it as a
+/// marker between its two sides: set on ingress for messages published at QoS 0,
+/// cleared for QoS 1/2 (MQTT-3.3.1-3: DUP is not forwarded), read and cleared on egress.
+pub const QOS0_MARK: u8 = 0b1000;
+
+/// Marks the PUBLISH at the start of `buf` (a complete or partial frame) as published at
+/// QoS 0, or clears the mark for QoS 1/2. Other packets are left alone.
+pub fn mark_publish(buf: &mut [u8]) {
+    if let Some(first) = buf.first_mut() {
+        if *first >> 4 == 3 {
+            if (*first >> 1) & 0b11 == 0 {
+                *first |= QOS0_MARK;
+            } else {
+                *first &= !QOS0_MARK;
+            }
+        }
+    }
+}
+
+/// Rewrites the encoded QoS 1/2 PUBLISH at `out[mark..]` (the last frame in `out`) as
+/// QoS 0: the packet id goes, the remaining length shrinks by two, the DUP bit clears.
+/// Returns false (and leaves `out` alone) if the frame does not parse.
+pub fn downgrade_to_qos0(out: &mut BytesMut, mark: usize) -> bool {
+    let frame = &out[mark..];
+    let Some(&first) = frame.first() else {
+        return false;
+    };
+    let Some(remaining) = announced_length(frame) else {
+        return false;
+    };
+    let len_bytes = frame[1..].iter().take_while(|b| *b & 0x80 != 0).count() + 1;
+    let body = 1 + len_bytes;
+    let Some(topic_len) = frame
+        .get(body..body + 2)
+        .map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
+    else {
+        return false;
+    };
+    let pkid_at = body + 2 + topic_len;
+    if remaining < 2 + topic_len + 2 || frame.len() != body + remaining {
+        return false;
+    }
+    let mut rewritten = BytesMut::with_capacity(frame.len());
+    rewritten.put_u8(first & !(QOS0_MARK | 0b0110));
+    let mut len = remaining - 2;
+    loop {
+        let byte = (len % 128) as u8;
+        len /= 128;
+        if len == 0 {
+            rewritten.put_u8(byte);
+            break;
+        }
+        rewritten.put_u8(byte | 0x80);
+    }
+    rewritten.extend_from_slice(&frame[body..pkid_at]);
+    rewritten.extend_from_slice(&frame[pkid_at + 2..]);
+    out.truncate(mark);
+    out.extend_from_slice(&rewritten);
+    true
 }
 
 /// Appends an MQTT 5 DISCONNECT with `reason` and no properties to `out`.
@@ -198,6 +277,59 @@ mod tests {
             first_packet(&[0x10, 0xff, 0xff, 0xff, 0xff, 0x01]),
             FirstPacket::NotConnect
         );
+    }
+
+    #[test]
+    fn downgrade_keeps_topic_properties_and_payload() {
+        use rumqttd::protocol::{v4::V4, v5::V5, Packet, Protocol, PublishProperties};
+        for payload_len in [3usize, 200, 20_000] {
+            let payload = Bytes::from(vec![9u8; payload_len]);
+            let p = make_publish("a/b".into(), payload.clone(), QoS::AtLeastOnce, false, 7);
+            // 3.1.1
+            let mut out = BytesMut::from(&b"xx"[..]);
+            V4.write(Packet::Publish(p.clone(), None), &mut out)
+                .unwrap();
+            assert!(downgrade_to_qos0(&mut out, 2));
+            let mut frame = out.split_off(2);
+            match V4.read_mut(&mut frame, usize::MAX).unwrap() {
+                Packet::Publish(got, None) => {
+                    assert_eq!(qos_and_pkid(&got).0, QoS::AtMostOnce);
+                    assert_eq!(got.topic, "a/b");
+                    assert_eq!(got.payload, payload);
+                }
+                other => panic!("{other:?}"),
+            }
+            // 5, with properties
+            let props = PublishProperties {
+                content_type: Some("t".into()),
+                ..Default::default()
+            };
+            let mut out = BytesMut::new();
+            V5.write(Packet::Publish(p, Some(props.clone())), &mut out)
+                .unwrap();
+            assert!(downgrade_to_qos0(&mut out, 0));
+            match V5.read_mut(&mut out, usize::MAX).unwrap() {
+                Packet::Publish(got, Some(got_props)) => {
+                    assert_eq!(qos_and_pkid(&got).0, QoS::AtMostOnce);
+                    assert_eq!(got.payload, payload);
+                    assert_eq!(got_props.content_type, props.content_type);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn marks_qos0_publishes_only() {
+        let mut q0 = [0x30, 0];
+        mark_publish(&mut q0);
+        assert_eq!(q0[0], 0x38);
+        let mut q1_dup = [0x3A, 0];
+        mark_publish(&mut q1_dup);
+        assert_eq!(q1_dup[0], 0x32);
+        let mut sub = [0x82, 0];
+        mark_publish(&mut sub);
+        assert_eq!(sub[0], 0x82);
     }
 
     #[test]

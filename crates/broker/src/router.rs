@@ -9,7 +9,7 @@
 //! blocking pool under a timeout, and the gateway only hands it client ids it has encoded
 //! to be acceptable (see [`router_client_id`]).
 
-use crate::codec::make_publish;
+use crate::codec::make_router_publish;
 use bytes::Bytes;
 use futures_util::FutureExt;
 use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
@@ -127,7 +127,7 @@ impl RouterHandle {
                 link.next_pkid
             }
         };
-        let publish = make_publish(topic, payload, qos, false, pkid);
+        let publish = make_router_publish(topic, payload, qos, pkid);
         let _ = link
             .tx
             .send(Packet::Publish(publish, properties))

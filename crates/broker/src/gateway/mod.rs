@@ -11,7 +11,9 @@
 //! PUBREC/PUBREL/PUBCOMP exchange itself.
 
 use crate::acks::AckOrder;
-use crate::codec::{publish_header, refuse_before_decode, short_v5_disconnect, Version};
+use crate::codec::{
+    mark_publish, publish_header, refuse_before_decode, short_v5_disconnect, Version,
+};
 use crate::connect::codec_for;
 use crate::policy::{AclView, Identity};
 use crate::ratelimit::PublishLimiter;
@@ -316,6 +318,8 @@ impl Gateway {
             }
             // QoS and packet id are private in rumqttd's Publish: read them off the wire.
             let header = publish_header(buf);
+            // Tell the egress side what QoS the message was published at (codec.rs).
+            mark_publish(&mut buf[..]);
             if let Some(kind) = refuse_before_decode(buf) {
                 // rumqttd's v5 decoder panics on these; a client never sends them.
                 debug!(kind, "server-only packet type from a client");

@@ -3,7 +3,7 @@
 //! writes it or acknowledges it to the router in its turn.
 
 use super::{Close, Gateway};
-use crate::codec::{publish_header, qos_and_pkid};
+use crate::codec::{downgrade_to_qos0, publish_header, qos_and_pkid, QOS0_MARK};
 use rumqttd::protocol::{
     Packet, PubAck, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason, QoS,
     SubscribeReasonCode,
@@ -38,6 +38,16 @@ impl Gateway {
                     return self.withhold(qos, pkid);
                 }
                 self.shared.metrics.messages_out.inc();
+                if self.out[mark] & QOS0_MARK != 0 {
+                    if qos == QoS::AtMostOnce {
+                        self.out[mark] &= !QOS0_MARK;
+                    } else if downgrade_to_qos0(&mut self.out, mark) {
+                        // Published at QoS 0, so delivered at QoS 0 (MQTT-3.8.4-8), not at
+                        // the subscription's QoS as the router forwards it: the router's
+                        // copy is acknowledged here, in its turn.
+                        return self.withhold(qos, pkid);
+                    }
+                }
                 if qos != QoS::AtMostOnce {
                     self.acks.delivered(pkid);
                 }
