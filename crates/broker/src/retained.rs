@@ -179,7 +179,7 @@ impl RetainedStore {
 
     /// Mirrors the store's size (and the last save) into the metrics.
     fn update_gauges(&self, save: Option<Duration>) {
-        let (_, bytes) = self.stats();
+        let bytes = self.store.lock().map_or(0, |s| s.file_bytes());
         self.metrics.retained_store_bytes.set(bytes as i64);
         if let Some(took) = save {
             self.metrics
@@ -201,14 +201,6 @@ impl RetainedStore {
             Ok(()) => info!("retained store flushed"),
             Err(e) => error!(error = %e, "retained store: final flush failed"),
         }
-    }
-
-    /// Number of retained messages and their size, for metrics.
-    pub fn stats(&self) -> (usize, u64) {
-        self.store
-            .lock()
-            .map(|s| (s.len(), s.file_bytes()))
-            .unwrap_or((0, 0))
     }
 
     fn saver_loop(&self) {
