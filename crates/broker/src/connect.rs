@@ -153,9 +153,7 @@ pub async fn handle(
                 refuse(&mut writer, version, Refusal::TopicInvalid).await;
                 return Err(ConnectFailure::Refused("invalid will topic"));
             }
-            let decision = shared.policy.may_publish(&identity, topic);
-            if !decision.allowed {
-                shared.denied(&info, &identity, "will", topic, decision.line);
+            if !shared.may_write(&info, &identity, "will", topic) {
                 refuse(&mut writer, version, Refusal::NotAuthorized).await;
                 return Err(ConnectFailure::Refused("will topic not authorized"));
             }
@@ -179,6 +177,8 @@ pub async fn handle(
                 v5: version == Version::V5,
                 properties,
                 delay: Duration::from_secs(delay.into()),
+                owner: identity.clone(),
+                info: info.clone(),
             })
         }
     };

@@ -98,48 +98,61 @@ impl Shared {
         }
     }
 
+    /// The write check every message entering the broker passes (client publishes and
+    /// wills, at connect and again when published): the ACL in force at that moment. A
+    /// refusal is counted and audited as `action`.
+    pub fn may_write(&self, info: &ConnInfo, who: &Identity, action: &str, topic: &str) -> bool {
+        let decision = self.policy.may_publish(who, topic);
+        if !decision.allowed {
+            self.denied(info, who, action, topic, decision.line);
+        }
+        decision.allowed
+    }
+
     /// Publishes a will now or after its delay (MQTT 5 will delay interval).
     pub fn publish_will(self: &Arc<Self>, router_id: &str, will: Will) {
-        let Will {
-            will,
-            delay,
-            v5,
-            properties,
-        } = will;
-        if delay.is_zero() {
-            self.publish_will_now(will, v5, properties);
+        if will.delay.is_zero() {
+            self.publish_will_now(will);
             return;
         }
         let shared = self.clone();
         let key = router_id.to_string();
         let task = tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
+            tokio::time::sleep(will.delay).await;
             if let Ok(mut wills) = shared.delayed_wills.lock() {
                 wills.remove(&key);
             }
-            shared.publish_will_now(will, v5, properties);
+            shared.publish_will_now(will);
         });
         if let Ok(mut wills) = self.delayed_wills.lock() {
             wills.insert(router_id.to_string(), task.abort_handle());
         }
     }
 
-    fn publish_will_now(
-        &self,
-        will: rumqttd::protocol::LastWill,
-        v5: bool,
-        properties: Option<rumqttd::protocol::PublishProperties>,
-    ) {
-        if will.retain {
-            if let Ok(topic) = std::str::from_utf8(&will.topic) {
-                // A will has no client waiting for an acknowledgement: the saver
-                // persists it on its next round, also with autosave_interval = 0.
-                if self.retain(topic, &will.message, will.qos, properties.as_ref(), v5)
-                    == Recorded::Full
-                {
-                    return;
-                }
-            }
+    /// Publishes a will if its owner may still write its topic: the ACL may have been
+    /// reloaded since the CONNECT, or during the will delay.
+    fn publish_will_now(&self, will: Will) {
+        let Will {
+            will,
+            v5,
+            properties,
+            owner,
+            info,
+            ..
+        } = will;
+        let Ok(topic) = std::str::from_utf8(&will.topic) else {
+            return;
+        };
+        if !self.may_write(&info, &owner, "will", topic) {
+            return;
+        }
+        // A will has no client waiting for an acknowledgement: the saver persists it on
+        // its next round, also with autosave_interval = 0.
+        if will.retain
+            && self.retain(topic, &will.message, will.qos, properties.as_ref(), v5)
+                == Recorded::Full
+        {
+            return;
         }
         self.router
             .publish(will.topic, will.message, will.qos, properties);

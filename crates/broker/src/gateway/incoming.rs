@@ -80,10 +80,10 @@ impl Gateway {
                         ));
                     }
                 }
-                let decision = self.shared.policy.may_publish(&self.identity, topic);
-                if !decision.allowed {
-                    self.shared
-                        .denied(&self.info, &self.identity, "publish", topic, decision.line);
+                if !self
+                    .shared
+                    .may_write(&self.info, &self.identity, "publish", topic)
+                {
                     return self.refuse_publish(qos, pkid, Refused::NotAuthorized);
                 }
                 if publish.retain {

@@ -51,6 +51,10 @@ pub struct Will {
     /// MQTT 5 will properties, as the properties of the published message.
     pub properties: Option<rumqttd::protocol::PublishProperties>,
     pub delay: Duration,
+    /// Whose will it is: the write ACL is checked again when it is published.
+    pub owner: Identity,
+    /// The connection it came from, for the audit log.
+    pub info: ConnInfo,
 }
 
 /// Why the connection loop stopped. The texts are read through `Debug` in the
