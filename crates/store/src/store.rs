@@ -412,6 +412,12 @@ impl Store {
         Ok(stats)
     }
 
+    /// Forces the high-water mark to disk (saves write it without an fsync of its own).
+    /// Call at shutdown after the last [`Store::flush`]; dropping the store does it too.
+    pub fn sync_mark(&self) -> Result<(), StoreError> {
+        self.mark.sync()
+    }
+
     /// Whether the log holds more than about twice the live records (plus a small slack).
     pub fn needs_compaction(&self) -> bool {
         let useful = HEADER_LEN as u64 + self.live_frame_bytes;
