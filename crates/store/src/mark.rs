@@ -46,7 +46,7 @@ pub(crate) const MARK_NAME: &str = "retained.log.hwm";
 const MAGIC: &[u8; 8] = b"MOATMQHW";
 const VOUCH_LEN: usize = 1 + FILE_ID_LEN + 8 + 8;
 const PLAIN_LEN: usize = 8 + 2 * VOUCH_LEN;
-const SLOT_LEN: usize = MAGIC.len() + NONCE_LEN + PLAIN_LEN + TAG_LEN;
+pub(crate) const SLOT_LEN: usize = MAGIC.len() + NONCE_LEN + PLAIN_LEN + TAG_LEN;
 const SLOT_OFFSETS: [u64; 2] = [0, 4096];
 const FILE_LEN: u64 = 4096 + SLOT_LEN as u64;
 
