@@ -31,5 +31,6 @@ mod update;
 pub use error::AuthError;
 pub use identity::{certificate_common_name, valid_identity, MAX_IDENTITY_LEN};
 pub use password_file::{hash_password, PasswordFile, Verdict};
+pub use throttle::address_bucket;
 pub use throttle::LoginThrottle;
 pub use update::update_password_file;

@@ -13,7 +13,7 @@
 //! `record_failure` or `record_success` once the password has been checked.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -166,6 +166,21 @@ fn delay_after(failures: u32) -> Duration {
     BASE_DELAY
         .checked_mul(1u32 << doublings)
         .map_or(MAX_DELAY, |d| d.min(MAX_DELAY))
+}
+
+/// The address a limit counts against: IPv4 as is, IPv6 by its /64 (one subscriber's
+/// prefix), so rotating through a prefix does not buy fresh budgets.
+pub fn address_bucket(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+    }
 }
 
 /// The key failures are counted under.

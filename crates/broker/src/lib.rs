@@ -6,6 +6,7 @@
 //! router (topic tree, sessions, QoS state) through a local link.
 
 mod acks;
+mod admission;
 mod audit;
 #[doc(hidden)] // reachable for the fuzz harness (fuzz/): not a stable API
 pub mod codec;

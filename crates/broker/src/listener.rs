@@ -1,11 +1,15 @@
 //! Listeners: accept TCP, run TLS and WebSocket handshakes, hand each connection to
 //! the gateway on its own task.
 //!
-//! The accept loop only accepts: handshakes run on the connection's task under
-//! `limits.connect_timeout`, so one slow client never stalls a listener (rumqttd's own
-//! listener does its TLS handshake inline). A connection beyond `limits.max_connections`
-//! is closed at once.
+//! The accept loop only accepts: handshakes run on the connection's task, so one slow
+//! client never stalls a listener (rumqttd's own listener does its TLS handshake
+//! inline). `limits.connect_timeout` is one deadline from accept for PROXY header, TLS,
+//! WebSocket upgrade and CONNECT together. A connection beyond `limits.max_connections`,
+//! or beyond its address's share (see `admission`), is closed at once, before any
+//! handshake.
 
+use crate::admission::Slot;
+use crate::audit::Who;
 use crate::policy::ListenerPolicy;
 use crate::server::{ConnInfo, Shared, StartError};
 use crate::tls::TlsSetup;
@@ -16,6 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
 use tracing::{debug, warn};
@@ -104,9 +109,10 @@ impl Bound {
     }
 
     async fn serve_one(&self, shared: Arc<Shared>, mut tcp: TcpStream, mut peer: SocketAddr) {
-        let timeout = Duration::from_secs(shared.config.limits.connect_timeout);
+        // One deadline from accept for PROXY header, TLS, WebSocket upgrade and CONNECT.
+        let deadline = Instant::now() + Duration::from_secs(shared.config.limits.connect_timeout);
         if self.trust_proxy_protocol {
-            match tokio::time::timeout(timeout, crate::proxy::read_header(&mut tcp)).await {
+            match tokio::time::timeout_at(deadline, crate::proxy::read_header(&mut tcp)).await {
                 Ok(Ok(Some(source))) => peer = source,
                 Ok(Ok(None)) => {}
                 Ok(Err(e)) => {
@@ -116,6 +122,10 @@ impl Bound {
                 Err(_) => return,
             }
         }
+        // Refused here, before any handshake work is spent on the connection.
+        let Some(slot) = self.admit(&shared, peer) else {
+            return;
+        };
         let rate_limited = !shared.conn_limiter.allow(peer.ip());
         if rate_limited {
             shared.metrics.rate_limited.inc();
@@ -130,8 +140,31 @@ impl Bound {
             .get_or_create(&label)
             .clone();
         current.inc();
-        self.serve_checked(&shared, tcp, peer, rate_limited).await;
+        self.serve_checked(&shared, tcp, peer, rate_limited, deadline, slot)
+            .await;
         current.dec();
+    }
+
+    /// A connection slot for `peer`'s address, or `None` (counted, audited, closed) when
+    /// the address holds its share already.
+    fn admit(&self, shared: &Shared, peer: SocketAddr) -> Option<Arc<Slot>> {
+        match shared.admission.admit(peer.ip()) {
+            Ok(slot) => Some(Arc::new(slot)),
+            Err(full) => {
+                shared.metrics.rate_limited.inc();
+                debug!(listener = self.name(), %peer, limit = full.limit(), "connection refused");
+                if let Some(audit) = &shared.audit {
+                    let who = Who {
+                        listener: self.name(),
+                        peer,
+                        client_id: None,
+                        username: None,
+                    };
+                    audit.event("rate_limited", &who, &[("limit", full.limit().into())]);
+                }
+                None
+            }
+        }
     }
 
     async fn serve_checked(
@@ -140,10 +173,11 @@ impl Bound {
         tcp: TcpStream,
         peer: SocketAddr,
         rate_limited: bool,
+        deadline: Instant,
+        slot: Arc<Slot>,
     ) {
         let shared = shared.clone();
-        let timeout = Duration::from_secs(shared.config.limits.connect_timeout);
-        let handshake = tokio::time::timeout(timeout, self.handshake(tcp)).await;
+        let handshake = tokio::time::timeout_at(deadline, self.handshake(&shared, tcp)).await;
         let (reader, writer, cert_identity) = match handshake {
             Ok(Ok(done)) => done,
             Ok(Err(e)) => {
@@ -160,14 +194,21 @@ impl Bound {
             peer,
             cert_identity,
             rate_limited,
+            deadline,
+            slot: Arc::downgrade(&slot),
         };
         if let Err(e) = crate::connect::handle(shared, info, reader, writer).await {
             debug!(listener = self.name(), %peer, error = %e, "connection ended before CONNACK");
         }
+        drop(slot);
     }
 
     /// TLS (if configured) then WebSocket (if configured).
-    async fn handshake(&self, tcp: TcpStream) -> Result<(Reader, Writer, Option<String>), String> {
+    async fn handshake(
+        &self,
+        _shared: &Shared,
+        tcp: TcpStream,
+    ) -> Result<(Reader, Writer, Option<String>), String> {
         let (stream, cert_identity): (BoxStream, Option<String>) = match &self.tls {
             None if self.protocol == Protocol::Mqtt => {
                 let (r, w) = split_tcp(tcp);

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 pub const DEFAULT_MAX_PACKET_SIZE: usize = 1_048_576;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 pub const DEFAULT_CONNECT_TIMEOUT: u64 = 5;
+pub const DEFAULT_MAX_PENDING_PER_ADDRESS: usize = 32;
 pub const DEFAULT_MAX_INFLIGHT: u16 = 100;
 pub const DEFAULT_MAX_SUBSCRIPTIONS_PER_CLIENT: usize = 100;
 pub const DEFAULT_MAX_TOPIC_LEVELS: usize = 32;
@@ -163,7 +164,16 @@ pub struct Limits {
     /// Connections served at once over all listeners; more are refused.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
-    /// Seconds a new connection has to complete TLS and send CONNECT.
+    /// Connections one source address (IPv4 address, IPv6 /64) may hold at once, counted
+    /// from accept, before any TLS or WebSocket handshake; default `max_connections / 4`.
+    #[serde(default)]
+    pub max_connections_per_address: Option<usize>,
+    /// Connections one source address may have still in their PROXY header, TLS,
+    /// WebSocket or CONNECT phase (not yet answered with a CONNACK).
+    #[serde(default = "default_max_pending_per_address")]
+    pub max_pending_per_address: usize,
+    /// Seconds a new connection has for all of PROXY header, TLS, WebSocket upgrade and
+    /// CONNECT together: one deadline from accept.
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout: u64,
     /// QoS 1/2 messages a client may have unacknowledged towards the broker (receive maximum).
@@ -194,6 +204,8 @@ impl Default for Limits {
         Limits {
             max_packet_size: DEFAULT_MAX_PACKET_SIZE,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_address: None,
+            max_pending_per_address: DEFAULT_MAX_PENDING_PER_ADDRESS,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             max_inflight: DEFAULT_MAX_INFLIGHT,
             max_subscriptions_per_client: DEFAULT_MAX_SUBSCRIPTIONS_PER_CLIENT,
@@ -202,6 +214,14 @@ impl Default for Limits {
             max_queued_bytes: DEFAULT_MAX_QUEUED_BYTES,
             max_session_expiry: DEFAULT_MAX_SESSION_EXPIRY,
         }
+    }
+}
+
+impl Limits {
+    /// `max_connections_per_address`, or its default: a quarter of `max_connections`.
+    pub fn connections_per_address(&self) -> usize {
+        self.max_connections_per_address
+            .unwrap_or((self.max_connections / 4).max(1))
     }
 }
 
@@ -309,6 +329,9 @@ fn default_max_packet_size() -> usize {
 fn default_max_connections() -> usize {
     DEFAULT_MAX_CONNECTIONS
 }
+fn default_max_pending_per_address() -> usize {
+    DEFAULT_MAX_PENDING_PER_ADDRESS
+}
 fn default_connect_timeout() -> u64 {
     DEFAULT_CONNECT_TIMEOUT
 }
@@ -370,6 +393,14 @@ impl Config {
             ("limits.max_packet_size", lim.max_packet_size),
             ("limits.max_connections", lim.max_connections),
             ("limits.connect_timeout", lim.connect_timeout as usize),
+            (
+                "limits.max_connections_per_address",
+                lim.connections_per_address(),
+            ),
+            (
+                "limits.max_pending_per_address",
+                lim.max_pending_per_address,
+            ),
             ("limits.max_inflight", lim.max_inflight as usize),
             (
                 "limits.max_subscriptions_per_client",

@@ -104,3 +104,21 @@ fn relative_paths_resolve_against_the_config_folder() {
     );
     assert_eq!(c.resolve(Path::new("/abs")), Path::new("/abs"));
 }
+
+#[test]
+fn per_address_limits_default_from_max_connections() {
+    let c = parse(&format!("{MINIMAL}[limits]\nmax_connections = 200\n")).unwrap();
+    assert_eq!(c.limits.connections_per_address(), 50);
+    assert_eq!(c.limits.max_pending_per_address, 32);
+    let c = parse(&format!(
+        "{MINIMAL}[limits]\nmax_connections_per_address = 7\nmax_pending_per_address = 2\n"
+    ))
+    .unwrap();
+    assert_eq!(c.limits.connections_per_address(), 7);
+    assert_eq!(c.limits.max_pending_per_address, 2);
+    let err = parse(&format!("{MINIMAL}[limits]\nmax_pending_per_address = 0\n")).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "broker.toml:5: limits.max_pending_per_address: must be greater than 0"
+    );
+}
