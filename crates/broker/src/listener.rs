@@ -23,6 +23,7 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tracing::{debug, warn};
 
 /// A bound listener, not yet accepting.
@@ -206,7 +207,7 @@ impl Bound {
     /// TLS (if configured) then WebSocket (if configured).
     async fn handshake(
         &self,
-        _shared: &Shared,
+        shared: &Shared,
         tcp: TcpStream,
     ) -> Result<(Reader, Writer, Option<String>), String> {
         let (stream, cert_identity): (BoxStream, Option<String>) = match &self.tls {
@@ -231,13 +232,35 @@ impl Bound {
                 Ok((r, w, cert_identity))
             }
             Protocol::Ws => {
-                let ws = tokio_tungstenite::accept_hdr_async(stream, mqtt_subprotocol)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let config = ws_config(shared.config.limits.max_packet_size);
+                let ws = tokio_tungstenite::accept_hdr_async_with_config(
+                    stream,
+                    mqtt_subprotocol,
+                    Some(config),
+                )
+                .await
+                .map_err(|e| e.to_string())?;
                 let (r, w) = split_ws(ws);
                 Ok((r, w, cert_identity))
             }
         }
+    }
+}
+
+/// Room for the MQTT fixed header (up to 5 bytes) around a packet of `max_packet_size`
+/// remaining length, rounded up generously.
+const WS_OVERHEAD: usize = 1024;
+
+/// WebSocket limits from `max_packet_size`: tungstenite's defaults (16 MiB frames,
+/// 64 MiB messages) let one unauthenticated connection make the broker buffer 64 MiB.
+/// A message may carry several MQTT packets (MQTT 5 section 6), but a client that needs
+/// more than one packet's worth per message is sending what the broker would refuse.
+fn ws_config(max_packet_size: usize) -> WebSocketConfig {
+    let limit = max_packet_size.saturating_add(WS_OVERHEAD);
+    WebSocketConfig {
+        max_frame_size: Some(limit),
+        max_message_size: Some(limit),
+        ..WebSocketConfig::default()
     }
 }
 

@@ -193,3 +193,130 @@ fn ws_upgrade(path: &str, extra: &[&str]) -> Vec<u8> {
     req.push_str("\r\n");
     req.into_bytes()
 }
+
+/// Opens a WebSocket to `addr` on `path` from `source`; returns the socket after the
+/// broker's answer and the status line it sent.
+async fn ws_open(
+    source: [u8; 4],
+    addr: SocketAddr,
+    path: &str,
+    extra: &[&str],
+) -> (TcpStream, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tcp_from(source, addr).await;
+    tcp.write_all(&ws_upgrade(path, extra)).await.unwrap();
+    let mut answer = Vec::new();
+    let mut byte = [0u8; 1];
+    while !answer.ends_with(b"\r\n\r\n") {
+        match tokio::time::timeout(Duration::from_secs(3), tcp.read(&mut byte)).await {
+            Ok(Ok(1)) => answer.push(byte[0]),
+            _ => break,
+        }
+    }
+    let text = String::from_utf8_lossy(&answer);
+    let status = text.lines().next().unwrap_or("").to_string();
+    (tcp, status)
+}
+
+/// A masked (client-to-server) WebSocket frame header; the mask key is zero, so the
+/// payload goes as it is.
+fn ws_frame_header(fin: bool, opcode: u8, len: u64) -> Vec<u8> {
+    let mut out = vec![(u8::from(fin) << 7) | opcode];
+    match len {
+        0..=125 => out.push(0x80 | len as u8),
+        126..=0xffff => {
+            out.push(0x80 | 126);
+            out.extend((len as u16).to_be_bytes());
+        }
+        _ => {
+            out.push(0x80 | 127);
+            out.extend(len.to_be_bytes());
+        }
+    }
+    out.extend([0, 0, 0, 0]);
+    out
+}
+
+/// Whether the broker closes `tcp` within `wait` (what it sends first is discarded).
+async fn tcp_closed_within(tcp: &mut TcpStream, wait: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut buf = vec![0u8; 4096];
+    loop {
+        match tokio::time::timeout_at(deadline, tcp.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+const WS_SMALL: &str = r#"
+[[listener]]
+name = "ws"
+bind = "127.0.0.1:0"
+protocol = "ws"
+[auth]
+allow_anonymous = true
+[rate_limit]
+connections_per_second = 0
+[limits]
+max_packet_size = 65536
+connect_timeout = 10
+"#;
+
+#[tokio::test]
+async fn websocket_frames_and_messages_are_bounded_by_max_packet_size() {
+    use tokio::io::AsyncWriteExt;
+    let broker = TestBroker::with_config(WS_SMALL).await;
+    let addr = broker.addr("ws");
+    let source = [127, 0, 0, 25];
+
+    // One frame announcing 64 MiB: refused from its header, before any payload is
+    // buffered (tungstenite's default limit would have waited for all of it).
+    let (mut tcp, status) = ws_open(source, addr, "/mqtt", &[]).await;
+    assert!(status.contains(" 101 "), "{status}");
+    tcp.write_all(&ws_frame_header(true, 2, 64 << 20))
+        .await
+        .unwrap();
+    let _ = tcp.write_all(&[0u8; 4096]).await;
+    assert!(tcp_closed_within(&mut tcp, AT_ONCE).await, "closed at once");
+
+    // A message of small fragments that adds up past the limit.
+    let (mut tcp, status) = ws_open(source, addr, "/mqtt", &[]).await;
+    assert!(status.contains(" 101 "), "{status}");
+    let chunk = vec![0u8; 16 * 1024];
+    let mut first = true;
+    for _ in 0..8 {
+        let opcode = if first { 2 } else { 0 };
+        first = false;
+        let mut frame = ws_frame_header(false, opcode, chunk.len() as u64);
+        frame.extend(&chunk);
+        if tcp.write_all(&frame).await.is_err() {
+            break;
+        }
+    }
+    assert!(tcp_closed_within(&mut tcp, AT_ONCE).await, "closed at once");
+
+    // A CONNECT within the limits still works on the same listener.
+    let (mut tcp, _) = ws_open(source, addr, "/mqtt", &[]).await;
+    let connect = connect_bytes("ws-ok");
+    let mut frame = ws_frame_header(true, 2, connect.len() as u64);
+    frame.extend(&connect);
+    tcp.write_all(&frame).await.unwrap();
+    assert_eq!(read_ws_binary(&mut tcp).await, vec![0x20, 0x02, 0x00, 0x00]);
+}
+
+/// The payload of the next (unmasked, server-to-client) binary frame.
+async fn read_ws_binary(tcp: &mut TcpStream) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut head = [0u8; 2];
+    tokio::time::timeout(Duration::from_secs(3), tcp.read_exact(&mut head))
+        .await
+        .expect("a frame")
+        .expect("a frame");
+    assert_eq!(head[0] & 0x0f, 2, "binary frame");
+    let mut payload = vec![0u8; usize::from(head[1] & 0x7f)];
+    tcp.read_exact(&mut payload).await.expect("payload");
+    payload
+}
