@@ -33,6 +33,8 @@ pub struct Bound {
     tls: Option<Arc<TlsSetup>>,
     policy: ListenerPolicy,
     trust_proxy_protocol: bool,
+    /// `ws` listeners: paths upgrades are accepted on (`"*"` = any).
+    ws_paths: Vec<String>,
 }
 
 /// Binds a configured listener and loads its TLS material.
@@ -58,6 +60,7 @@ pub async fn bind(config: &Config, l: &Listener) -> Result<Bound, StartError> {
         protocol: l.protocol,
         tls,
         trust_proxy_protocol: l.trust_proxy_protocol,
+        ws_paths: l.ws_paths(),
         policy: ListenerPolicy {
             name: l.name.as_str().into(),
             allow_anonymous: config.anonymous_allowed(l),
@@ -233,13 +236,12 @@ impl Bound {
             }
             Protocol::Ws => {
                 let config = ws_config(shared.config.limits.max_packet_size);
-                let ws = tokio_tungstenite::accept_hdr_async_with_config(
-                    stream,
-                    mqtt_subprotocol,
-                    Some(config),
-                )
-                .await
-                .map_err(|e| e.to_string())?;
+                #[allow(clippy::result_large_err)] // tungstenite's callback signature
+                let callback = |req: &Request, resp| upgrade(&self.ws_paths, req, resp);
+                let ws =
+                    tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config))
+                        .await
+                        .map_err(|e| e.to_string())?;
                 let (r, w) = split_ws(ws);
                 Ok((r, w, cert_identity))
             }
@@ -264,12 +266,13 @@ fn ws_config(max_packet_size: usize) -> WebSocketConfig {
     }
 }
 
-/// WebSocket upgrade on path `/mqtt`, answering with the `mqtt` subprotocol
-/// (MQTT 5 section 6: the client must offer it).
+/// Accepts a WebSocket upgrade on one of `paths` (`"*"` = any), answering with the
+/// `mqtt` subprotocol (MQTT 5 section 6: the client must offer it).
 #[allow(clippy::result_large_err)] // the error type is tungstenite's callback signature
-fn mqtt_subprotocol(req: &Request, mut resp: Response) -> Result<Response, ErrorResponse> {
-    if req.uri().path() != "/mqtt" {
-        let mut err = ErrorResponse::new(Some("MQTT is served on /mqtt".into()));
+fn upgrade(paths: &[String], req: &Request, mut resp: Response) -> Result<Response, ErrorResponse> {
+    let path = req.uri().path();
+    if !paths.iter().any(|p| p == "*" || p == path) {
+        let mut err = ErrorResponse::new(Some("no MQTT on this path".into()));
         *err.status_mut() = StatusCode::NOT_FOUND;
         return Err(err);
     }

@@ -320,3 +320,63 @@ async fn read_ws_binary(tcp: &mut TcpStream) -> Vec<u8> {
     tcp.read_exact(&mut payload).await.expect("payload");
     payload
 }
+
+const WS_PATHS: &str = r#"
+[[listener]]
+name = "default"
+bind = "127.0.0.1:0"
+protocol = "ws"
+[[listener]]
+name = "listed"
+bind = "127.0.0.1:0"
+protocol = "ws"
+path = ["/", "/ws"]
+[[listener]]
+name = "any"
+bind = "127.0.0.1:0"
+protocol = "ws"
+path = ["*"]
+[auth]
+allow_anonymous = true
+[rate_limit]
+connections_per_second = 0
+"#;
+
+fn ws_client(addr: SocketAddr, path: &str, id: &str) -> moatmq_testkit::v4::MqttOptions {
+    let url = format!("ws://127.0.0.1:{}{path}", addr.port());
+    let mut o = moatmq_testkit::v4::MqttOptions::new(id, url, addr.port());
+    o.set_transport(rumqttc::Transport::Ws);
+    o
+}
+
+#[tokio::test]
+async fn websocket_paths_are_per_listener() {
+    let broker = TestBroker::with_config(WS_PATHS).await;
+    let source = [127, 0, 0, 26];
+    let status = |addr, path: &'static str| async move {
+        let (_, status) = ws_open(source, addr, path, &[]).await;
+        status
+    };
+    let default = broker.addr("default");
+    assert!(status(default, "/mqtt").await.contains(" 101 "));
+    assert!(status(default, "/").await.contains(" 404 "));
+    let listed = broker.addr("listed");
+    assert!(status(listed, "/").await.contains(" 101 "));
+    assert!(status(listed, "/ws").await.contains(" 101 "));
+    assert!(status(listed, "/mqtt").await.contains(" 404 "));
+    let any = broker.addr("any");
+    assert!(status(any, "/anything/at/all").await.contains(" 101 "));
+
+    // Real clients on / and /ws publish and receive.
+    for (addr, path) in [(listed, "/"), (listed, "/ws"), (any, "/ws")] {
+        let mut c = moatmq_testkit::v4::connect(ws_client(addr, path, "p"))
+            .await
+            .unwrap_or_else(|e| panic!("client on {path}: {e:?}"));
+        common::suback4(&mut c, &["p/t"]).await;
+        c.client
+            .publish("p/t", rumqttc::QoS::AtLeastOnce, false, path.as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(c.next_publish().await.payload, path.as_bytes());
+    }
+}

@@ -62,9 +62,13 @@ pub struct Listener {
     pub name: String,
     /// `ip:port` to bind, e.g. `127.0.0.1:1883` or `0.0.0.0:8883`.
     pub bind: String,
-    /// `mqtt` (MQTT over TCP) or `ws` (MQTT over WebSocket, path `/mqtt`).
+    /// `mqtt` (MQTT over TCP) or `ws` (MQTT over WebSocket).
     #[serde(default)]
     pub protocol: Protocol,
+    /// `ws` listeners: the HTTP paths WebSocket upgrades are accepted on; `"*"` = any.
+    /// Default `["/mqtt"]`.
+    #[serde(default)]
+    pub path: Option<Vec<String>>,
     /// `[listener.tls]`: absent = plaintext.
     #[serde(default)]
     pub tls: Option<Tls>,
@@ -74,6 +78,18 @@ pub struct Listener {
     /// Read a PROXY protocol v1/v2 header before MQTT (only behind a trusted proxy).
     #[serde(default)]
     pub trust_proxy_protocol: bool,
+}
+
+/// The WebSocket path a `ws` listener serves when `path` is not set.
+pub const DEFAULT_WS_PATH: &str = "/mqtt";
+
+impl Listener {
+    /// The paths a `ws` listener accepts upgrades on (`"*"` = any).
+    pub fn ws_paths(&self) -> Vec<String> {
+        self.path
+            .clone()
+            .unwrap_or_else(|| vec![DEFAULT_WS_PATH.to_string()])
+    }
 }
 
 /// Transport spoken on a listener.
@@ -354,6 +370,14 @@ fn default_max_session_expiry() -> u64 {
     DEFAULT_MAX_SESSION_EXPIRY
 }
 
+/// An HTTP request path as a client sends it: absolute, no query or fragment.
+fn valid_ws_path(p: &str) -> bool {
+    p.starts_with('/')
+        && !p
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || c == '?' || c == '#')
+}
+
 impl Config {
     /// Checks what the types cannot. Called by `load`/`parse`.
     pub fn validate(self) -> Result<Config, Invalid> {
@@ -377,6 +401,27 @@ impl Config {
                     "must be an ip:port address such as 127.0.0.1:1883",
                 )
                 .in_listener(i));
+            }
+            if let Some(paths) = &l.path {
+                if l.protocol != Protocol::Ws {
+                    return Err(
+                        Invalid::new("path", "applies only to protocol = \"ws\"").in_listener(i)
+                    );
+                }
+                if paths.is_empty() {
+                    return Err(Invalid::new(
+                        "path",
+                        "must list at least one path, e.g. [\"/mqtt\"], or [\"*\"] for any",
+                    )
+                    .in_listener(i));
+                }
+                if paths.iter().any(|p| p != "*" && !valid_ws_path(p)) {
+                    return Err(Invalid::new(
+                        "path",
+                        "each path must start with / and hold no spaces, ? or #, or be \"*\"",
+                    )
+                    .in_listener(i));
+                }
             }
             if let Some(tls) = &l.tls {
                 if tls.identity == CertIdentity::Cn && tls.client_ca.is_none() {

@@ -122,3 +122,29 @@ fn per_address_limits_default_from_max_connections() {
         "broker.toml:5: limits.max_pending_per_address: must be greater than 0"
     );
 }
+
+#[test]
+fn websocket_paths_default_to_mqtt_and_are_checked() {
+    let ws = "[[listener]]\nname = \"ws\"\nbind = \"127.0.0.1:8080\"\nprotocol = \"ws\"\n";
+    let c = parse(ws).unwrap();
+    assert_eq!(c.listener[0].ws_paths(), vec!["/mqtt".to_string()]);
+    let c = parse(&format!("{ws}path = [\"/\", \"/ws\", \"*\"]\n")).unwrap();
+    assert_eq!(c.listener[0].ws_paths(), vec!["/", "/ws", "*"]);
+    for (bad, reason) in [
+        ("path = []", "must list at least one path"),
+        ("path = [\"mqtt\"]", "must start with /"),
+        ("path = [\"/a b\"]", "must start with /"),
+    ] {
+        let err = parse(&format!("{ws}{bad}\n")).unwrap_err().to_string();
+        assert!(
+            err.starts_with("broker.toml:5: listener[0].path: "),
+            "{err}"
+        );
+        assert!(err.contains(reason), "{err}");
+    }
+    let err = parse(&format!("{MINIMAL}path = [\"/mqtt\"]\n")).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "broker.toml:4: listener[0].path: applies only to protocol = \"ws\""
+    );
+}
