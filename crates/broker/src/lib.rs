@@ -11,6 +11,7 @@ mod audit;
 #[doc(hidden)] // reachable for the fuzz harness (fuzz/): not a stable API
 pub mod codec;
 mod connect;
+mod forwarded;
 mod gateway;
 mod hashing;
 mod listener;

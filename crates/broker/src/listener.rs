@@ -10,12 +10,13 @@
 
 use crate::admission::Slot;
 use crate::audit::Who;
+use crate::forwarded::ForwardedPolicy;
 use crate::policy::ListenerPolicy;
 use crate::server::{ConnInfo, Shared, StartError};
 use crate::tls::TlsSetup;
 use crate::transport::{split_stream, split_tcp, split_ws, BoxStream, Reader, Writer};
 use moatmq_config::{Config, Listener, Protocol};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
@@ -35,6 +36,17 @@ pub struct Bound {
     trust_proxy_protocol: bool,
     /// `ws` listeners: paths upgrades are accepted on (`"*"` = any).
     ws_paths: Vec<String>,
+    /// `ws` listeners: client addresses named by a trusted proxy's header.
+    forwarded: Option<ForwardedPolicy>,
+}
+
+/// A connection after its TLS and WebSocket handshakes.
+struct Handshaken {
+    reader: Reader,
+    writer: Writer,
+    cert_identity: Option<String>,
+    /// The client address a trusted proxy's header named.
+    forwarded: Option<IpAddr>,
 }
 
 /// Binds a configured listener and loads its TLS material.
@@ -61,6 +73,7 @@ pub async fn bind(config: &Config, l: &Listener) -> Result<Bound, StartError> {
         tls,
         trust_proxy_protocol: l.trust_proxy_protocol,
         ws_paths: l.ws_paths(),
+        forwarded: l.forwarded.as_ref().map(ForwardedPolicy::new),
         policy: ListenerPolicy {
             name: l.name.as_str().into(),
             allow_anonymous: config.anonymous_allowed(l),
@@ -126,14 +139,16 @@ impl Bound {
                 Err(_) => return,
             }
         }
-        // Refused here, before any handshake work is spent on the connection.
-        let Some(slot) = self.admit(&shared, peer) else {
-            return;
+        // A trusted proxy's connections are counted once its header has named the client;
+        // every other connection is refused here, before any handshake work is spent.
+        let via_proxy = self.forwarded.as_ref().is_some_and(|f| f.trusts(peer.ip()));
+        let slot = match via_proxy {
+            true => None,
+            false => match self.admit(&shared, peer) {
+                Some(slot) => Some(slot),
+                None => return,
+            },
         };
-        let rate_limited = !shared.conn_limiter.allow(peer.ip());
-        if rate_limited {
-            shared.metrics.rate_limited.inc();
-        }
         let label = crate::metrics::ListenerLabel {
             listener: self.policy.name.to_string(),
         };
@@ -144,7 +159,7 @@ impl Bound {
             .get_or_create(&label)
             .clone();
         current.inc();
-        self.serve_checked(&shared, tcp, peer, rate_limited, deadline, slot)
+        self.serve_checked(&shared, tcp, peer, via_proxy, deadline, slot)
             .await;
         current.dec();
     }
@@ -175,14 +190,15 @@ impl Bound {
         &self,
         shared: &Arc<Shared>,
         tcp: TcpStream,
-        peer: SocketAddr,
-        rate_limited: bool,
+        mut peer: SocketAddr,
+        via_proxy: bool,
         deadline: Instant,
-        slot: Arc<Slot>,
+        slot: Option<Arc<Slot>>,
     ) {
         let shared = shared.clone();
-        let handshake = tokio::time::timeout_at(deadline, self.handshake(&shared, tcp)).await;
-        let (reader, writer, cert_identity) = match handshake {
+        let handshake =
+            tokio::time::timeout_at(deadline, self.handshake(&shared, tcp, via_proxy)).await;
+        let mut done = match handshake {
             Ok(Ok(done)) => done,
             Ok(Err(e)) => {
                 debug!(listener = self.name(), %peer, error = %e, "handshake failed");
@@ -193,30 +209,55 @@ impl Bound {
                 return;
             }
         };
+        if let Some(client) = done.forwarded {
+            // The proxy's connection port says nothing about the client: 0 = unknown.
+            peer = SocketAddr::new(client, 0);
+        }
+        let slot = match slot {
+            Some(slot) => slot,
+            None => match self.admit(&shared, peer) {
+                Some(slot) => slot,
+                None => {
+                    done.writer.shutdown().await;
+                    return;
+                }
+            },
+        };
+        let rate_limited = !shared.conn_limiter.allow(peer.ip());
+        if rate_limited {
+            shared.metrics.rate_limited.inc();
+        }
         let info = ConnInfo {
             listener: self.policy.clone(),
             peer,
-            cert_identity,
+            cert_identity: done.cert_identity,
             rate_limited,
             deadline,
             slot: Arc::downgrade(&slot),
         };
-        if let Err(e) = crate::connect::handle(shared, info, reader, writer).await {
+        if let Err(e) = crate::connect::handle(shared, info, done.reader, done.writer).await {
             debug!(listener = self.name(), %peer, error = %e, "connection ended before CONNACK");
         }
         drop(slot);
     }
 
-    /// TLS (if configured) then WebSocket (if configured).
+    /// TLS (if configured) then WebSocket (if configured). `via_proxy`: the peer is a
+    /// trusted proxy whose forwarded-address header is read.
     async fn handshake(
         &self,
         shared: &Shared,
         tcp: TcpStream,
-    ) -> Result<(Reader, Writer, Option<String>), String> {
+        via_proxy: bool,
+    ) -> Result<Handshaken, String> {
         let (stream, cert_identity): (BoxStream, Option<String>) = match &self.tls {
             None if self.protocol == Protocol::Mqtt => {
-                let (r, w) = split_tcp(tcp);
-                return Ok((r, w, None));
+                let (reader, writer) = split_tcp(tcp);
+                return Ok(Handshaken {
+                    reader,
+                    writer,
+                    cert_identity: None,
+                    forwarded: None,
+                });
             }
             None => (Box::new(tcp), None),
             Some(tls) => {
@@ -231,19 +272,34 @@ impl Bound {
         };
         match self.protocol {
             Protocol::Mqtt => {
-                let (r, w) = split_stream(stream);
-                Ok((r, w, cert_identity))
+                let (reader, writer) = split_stream(stream);
+                Ok(Handshaken {
+                    reader,
+                    writer,
+                    cert_identity,
+                    forwarded: None,
+                })
             }
             Protocol::Ws => {
                 let config = ws_config(shared.config.limits.max_packet_size);
+                let forwarded_by = self.forwarded.as_ref().filter(|_| via_proxy);
+                let mut forwarded = None;
                 #[allow(clippy::result_large_err)] // tungstenite's callback signature
-                let callback = |req: &Request, resp| upgrade(&self.ws_paths, req, resp);
+                let callback = |req: &Request, resp| {
+                    forwarded = forwarded_by.and_then(|f| f.client_address(req.headers()));
+                    upgrade(&self.ws_paths, req, resp)
+                };
                 let ws =
                     tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config))
                         .await
                         .map_err(|e| e.to_string())?;
-                let (r, w) = split_ws(ws);
-                Ok((r, w, cert_identity))
+                let (reader, writer) = split_ws(ws);
+                Ok(Handshaken {
+                    reader,
+                    writer,
+                    cert_identity,
+                    forwarded,
+                })
             }
         }
     }

@@ -304,21 +304,27 @@ async fn websocket_frames_and_messages_are_bounded_by_max_packet_size() {
     let mut frame = ws_frame_header(true, 2, connect.len() as u64);
     frame.extend(&connect);
     tcp.write_all(&frame).await.unwrap();
-    assert_eq!(read_ws_binary(&mut tcp).await, vec![0x20, 0x02, 0x00, 0x00]);
+    assert_eq!(
+        read_ws_binary(&mut tcp).await,
+        Some(vec![0x20, 0x02, 0x00, 0x00])
+    );
 }
 
-/// The payload of the next (unmasked, server-to-client) binary frame.
-async fn read_ws_binary(tcp: &mut TcpStream) -> Vec<u8> {
+/// The payload of the next (unmasked, server-to-client) frame if it is a small binary
+/// one; `None` for a close frame, a closed socket or nothing within 3 s.
+async fn read_ws_binary(tcp: &mut TcpStream) -> Option<Vec<u8>> {
     use tokio::io::AsyncReadExt;
     let mut head = [0u8; 2];
     tokio::time::timeout(Duration::from_secs(3), tcp.read_exact(&mut head))
         .await
-        .expect("a frame")
-        .expect("a frame");
-    assert_eq!(head[0] & 0x0f, 2, "binary frame");
+        .ok()?
+        .ok()?;
+    if head[0] & 0x0f != 2 {
+        return None;
+    }
     let mut payload = vec![0u8; usize::from(head[1] & 0x7f)];
-    tcp.read_exact(&mut payload).await.expect("payload");
-    payload
+    tcp.read_exact(&mut payload).await.ok()?;
+    Some(payload)
 }
 
 const WS_PATHS: &str = r#"
@@ -379,4 +385,106 @@ async fn websocket_paths_are_per_listener() {
             .unwrap();
         assert_eq!(c.next_publish().await.payload, path.as_bytes());
     }
+}
+
+/// A 3.1.1 client over a raw WebSocket from `source`; `Some` once its CONNACK accepted it.
+async fn ws_login(
+    source: [u8; 4],
+    addr: SocketAddr,
+    headers: &[&str],
+    id: &str,
+) -> Option<TcpStream> {
+    use tokio::io::AsyncWriteExt;
+    let (mut tcp, status) = ws_open(source, addr, "/mqtt", headers).await;
+    if !status.contains(" 101 ") {
+        return None;
+    }
+    let connect = connect_bytes(id);
+    let mut frame = ws_frame_header(true, 2, connect.len() as u64);
+    frame.extend(&connect);
+    tcp.write_all(&frame).await.ok()?;
+    let connack = read_ws_binary(&mut tcp).await;
+    (connack.as_deref() == Some(&[0x20, 0x02, 0x00, 0x00])).then_some(tcp)
+}
+
+/// The `peer` of the audit log's `connect` event for `client_id`.
+fn audited_peer(broker: &TestBroker, client_id: &str) -> Option<String> {
+    let log = std::fs::read_to_string(broker.path("audit.log")).unwrap_or_default();
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|e| e["event"] == "connect" && e["client_id"] == client_id)
+        .and_then(|e| e["peer"].as_str().map(str::to_string))
+}
+
+const TUNNEL: &str = r#"
+[[listener]]
+name = "cf"
+bind = "127.0.0.1:0"
+protocol = "ws"
+[listener.forwarded]
+header = "CF-Connecting-IP"
+trusted_proxies = ["127.0.0.31/32"]
+[[listener]]
+name = "xff"
+bind = "127.0.0.1:0"
+protocol = "ws"
+[listener.forwarded]
+header = "X-Forwarded-For"
+trusted_proxies = ["127.0.0.31"]
+[auth]
+allow_anonymous = true
+[audit]
+path = "audit.log"
+[rate_limit]
+connections_per_second = 0
+[limits]
+max_connections_per_address = 2
+"#;
+
+#[tokio::test]
+async fn a_trusted_proxy_names_the_client_address() {
+    let broker = TestBroker::with_config(TUNNEL).await;
+    let (cf, xff) = (broker.addr("cf"), broker.addr("xff"));
+    let proxy = [127, 0, 0, 31];
+
+    // Through the trusted proxy, limits count each client: three clients on one tunnel
+    // connection address, beyond max_connections_per_address = 2 for the tunnel itself.
+    let mut held = Vec::new();
+    for (i, client) in ["203.0.113.1", "203.0.113.2", "203.0.113.3"]
+        .iter()
+        .enumerate()
+    {
+        let header = format!("CF-Connecting-IP: {client}");
+        let id = format!("cf-{i}");
+        let c = ws_login(proxy, cf, &[&header], &id).await;
+        held.push(c.unwrap_or_else(|| panic!("{client} through the tunnel")));
+        assert_eq!(audited_peer(&broker, &id), Some(format!("{client}:0")));
+    }
+    // ... and one client address is still held to its own share.
+    let same = "CF-Connecting-IP: 203.0.113.1";
+    held.push(
+        ws_login(proxy, cf, &[same], "cf-same")
+            .await
+            .expect("second"),
+    );
+    assert!(ws_login(proxy, cf, &[same], "cf-third").await.is_none());
+
+    // X-Forwarded-For: the last hop, the one the proxy appended.
+    let header = "X-Forwarded-For: 198.51.100.66, 203.0.113.9";
+    held.push(ws_login(proxy, xff, &[header], "xff").await.expect("xff"));
+    assert_eq!(
+        audited_peer(&broker, "xff"),
+        Some("203.0.113.9:0".to_string())
+    );
+
+    // From anywhere else the header is ignored: a client cannot pick its address.
+    let stranger = [127, 0, 0, 32];
+    let forged = "CF-Connecting-IP: 192.0.2.200";
+    held.push(
+        ws_login(stranger, cf, &[forged], "forger")
+            .await
+            .expect("forger"),
+    );
+    let peer = audited_peer(&broker, "forger").expect("audited");
+    assert!(peer.starts_with("127.0.0.32:"), "{peer}");
 }

@@ -55,6 +55,7 @@ impl Config {
                 tls: None,
                 allow_anonymous: Some(true),
                 trust_proxy_protocol: false,
+                forwarded: None,
             }],
             ..Config::default()
         }

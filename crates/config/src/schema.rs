@@ -78,6 +78,42 @@ pub struct Listener {
     /// Read a PROXY protocol v1/v2 header before MQTT (only behind a trusted proxy).
     #[serde(default)]
     pub trust_proxy_protocol: bool,
+    /// `[listener.forwarded]` (`ws` listeners): take the client address from a header a
+    /// trusted proxy sets. Absent (default) = the TCP peer's address.
+    #[serde(default)]
+    pub forwarded: Option<Forwarded>,
+}
+
+/// `[listener.forwarded]`: for a WebSocket listener behind an HTTP proxy or tunnel
+/// (cloudflared, nginx) that cannot send the PROXY protocol.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Forwarded {
+    /// The header naming the client, e.g. `CF-Connecting-IP` (one address) or
+    /// `X-Forwarded-For` (its last hop, the one the trusted proxy appended).
+    pub header: String,
+    /// Addresses or CIDRs (`127.0.0.1/32`, `10.0.0.0/8`) of the proxies whose header is
+    /// believed; a connection from anywhere else keeps its TCP peer address.
+    pub trusted_proxies: Vec<String>,
+}
+
+impl Forwarded {
+    /// `trusted_proxies` as networks (a bare address is a /32 or /128).
+    pub fn proxies(&self) -> Vec<ipnet::IpNet> {
+        self.trusted_proxies
+            .iter()
+            .filter_map(|p| parse_net(p))
+            .collect()
+    }
+}
+
+fn parse_net(text: &str) -> Option<ipnet::IpNet> {
+    let text = text.trim();
+    text.parse::<ipnet::IpNet>().ok().or_else(|| {
+        text.parse::<std::net::IpAddr>()
+            .ok()
+            .map(ipnet::IpNet::from)
+    })
 }
 
 /// The WebSocket path a `ws` listener serves when `path` is not set.
@@ -419,6 +455,37 @@ impl Config {
                     return Err(Invalid::new(
                         "path",
                         "each path must start with / and hold no spaces, ? or #, or be \"*\"",
+                    )
+                    .in_listener(i));
+                }
+            }
+            if let Some(f) = &l.forwarded {
+                if l.protocol != Protocol::Ws {
+                    return Err(Invalid::new(
+                        "forwarded",
+                        "applies only to protocol = \"ws\" (use trust_proxy_protocol for mqtt)",
+                    )
+                    .in_listener(i));
+                }
+                let token = |c: char| c.is_ascii_alphanumeric() || "-_".contains(c);
+                if f.header.is_empty() || !f.header.chars().all(token) {
+                    return Err(Invalid::new(
+                        "forwarded.header",
+                        "must be an HTTP header name such as CF-Connecting-IP",
+                    )
+                    .in_listener(i));
+                }
+                if f.trusted_proxies.is_empty() {
+                    return Err(Invalid::new(
+                        "forwarded.trusted_proxies",
+                        "must list the proxies' addresses or CIDRs",
+                    )
+                    .in_listener(i));
+                }
+                if f.trusted_proxies.iter().any(|p| parse_net(p).is_none()) {
+                    return Err(Invalid::new(
+                        "forwarded.trusted_proxies",
+                        "each entry must be an IP address or CIDR such as 10.0.0.0/8",
                     )
                     .in_listener(i));
                 }

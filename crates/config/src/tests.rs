@@ -148,3 +148,46 @@ fn websocket_paths_default_to_mqtt_and_are_checked() {
         "broker.toml:4: listener[0].path: applies only to protocol = \"ws\""
     );
 }
+
+#[test]
+fn forwarded_header_settings_are_checked() {
+    let ws = "[[listener]]\nname = \"ws\"\nbind = \"127.0.0.1:8080\"\nprotocol = \"ws\"\n";
+    let ok = format!(
+        "{ws}[listener.forwarded]\nheader = \"CF-Connecting-IP\"\ntrusted_proxies = [\"127.0.0.1\", \"10.0.0.0/8\", \"::1/128\"]\n"
+    );
+    let c = parse(&ok).unwrap();
+    let proxies = c.listener[0].forwarded.as_ref().unwrap().proxies();
+    assert_eq!(proxies.len(), 3);
+    assert!(proxies[1].contains(&"10.1.2.3".parse::<std::net::IpAddr>().unwrap()));
+    for (bad, key, reason) in [
+        (
+            "header = \"CF-Connecting-IP\"\ntrusted_proxies = [\"10.0.0.0/33\"]",
+            "trusted_proxies",
+            "IP address or CIDR",
+        ),
+        (
+            "header = \"CF-Connecting-IP\"\ntrusted_proxies = []",
+            "trusted_proxies",
+            "must list",
+        ),
+        (
+            "header = \"X Forwarded\"\ntrusted_proxies = [\"10.0.0.1\"]",
+            "header",
+            "HTTP header name",
+        ),
+    ] {
+        let err = parse(&format!("{ws}[listener.forwarded]\n{bad}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&format!("listener[0].forwarded.{key}: ")) && err.contains(reason),
+            "{err}"
+        );
+    }
+    let err = parse(&format!(
+        "{MINIMAL}[listener.forwarded]\nheader = \"X-Forwarded-For\"\ntrusted_proxies = [\"10.0.0.1\"]\n"
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("applies only to protocol = \"ws\""), "{err}");
+}
