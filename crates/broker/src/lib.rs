@@ -13,6 +13,7 @@ pub mod codec;
 mod connect;
 mod forwarded;
 mod gateway;
+mod handshake_log;
 mod hashing;
 mod listener;
 mod metrics;

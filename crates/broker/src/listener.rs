@@ -11,6 +11,7 @@
 use crate::admission::Slot;
 use crate::audit::Who;
 use crate::forwarded::ForwardedPolicy;
+use crate::handshake_log::Verdict;
 use crate::policy::ListenerPolicy;
 use crate::server::{ConnInfo, Shared, StartError};
 use crate::tls::TlsSetup;
@@ -22,10 +23,11 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::error::{Error as WsError, ProtocolError};
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 /// A bound listener, not yet accepting.
 pub struct Bound {
@@ -38,6 +40,17 @@ pub struct Bound {
     ws_paths: Vec<String>,
     /// `ws` listeners: client addresses named by a trusted proxy's header.
     forwarded: Option<ForwardedPolicy>,
+}
+
+/// Why a TLS or WebSocket handshake failed.
+#[derive(Debug)]
+enum HandshakeError {
+    /// TLS refused: bad, expired or foreign client certificate, no common protocol.
+    Tls(String),
+    /// WebSocket upgrade refused: wrong path, no `mqtt` subprotocol, not an upgrade.
+    Upgrade(String),
+    /// The client left before saying anything (port scans, TCP health checks).
+    Silent(String),
 }
 
 /// A connection after its TLS and WebSocket handshakes.
@@ -201,7 +214,7 @@ impl Bound {
         let mut done = match handshake {
             Ok(Ok(done)) => done,
             Ok(Err(e)) => {
-                debug!(listener = self.name(), %peer, error = %e, "handshake failed");
+                self.log_failure(&shared, peer, e);
                 return;
             }
             Err(_) => {
@@ -241,6 +254,32 @@ impl Bound {
         drop(slot);
     }
 
+    /// Failed handshakes at INFO with peer and reason, at most a few per address and
+    /// minute (see `handshake_log`); the reason is escaped, it may quote the client.
+    fn log_failure(&self, shared: &Shared, peer: SocketAddr, e: HandshakeError) {
+        let (what, reason) = match e {
+            HandshakeError::Silent(reason) => {
+                debug!(listener = self.name(), %peer, reason, "client left during the handshake");
+                return;
+            }
+            HandshakeError::Tls(reason) => ("TLS handshake failed", reason),
+            HandshakeError::Upgrade(reason) => ("WebSocket upgrade refused", reason),
+        };
+        let reason = reason.escape_debug().to_string();
+        match shared.handshake_log.check(peer.ip()) {
+            Verdict::Log { suppressed: 0 } => {
+                info!(listener = self.name(), %peer, reason, "{what}");
+            }
+            Verdict::Log { suppressed } => {
+                info!(listener = self.name(), %peer, reason, suppressed, "{what} (earlier failures from this address suppressed)");
+            }
+            Verdict::StartSuppressing => {
+                info!(listener = self.name(), %peer, "{what}; further failed handshakes from this address are suppressed for 60 s");
+            }
+            Verdict::Quiet => debug!(listener = self.name(), %peer, reason, "{what}"),
+        }
+    }
+
     /// TLS (if configured) then WebSocket (if configured). `via_proxy`: the peer is a
     /// trusted proxy whose forwarded-address header is read.
     async fn handshake(
@@ -248,7 +287,7 @@ impl Bound {
         shared: &Shared,
         tcp: TcpStream,
         via_proxy: bool,
-    ) -> Result<Handshaken, String> {
+    ) -> Result<Handshaken, HandshakeError> {
         let (stream, cert_identity): (BoxStream, Option<String>) = match &self.tls {
             None if self.protocol == Protocol::Mqtt => {
                 let (reader, writer) = split_tcp(tcp);
@@ -261,12 +300,16 @@ impl Bound {
             }
             None => (Box::new(tcp), None),
             Some(tls) => {
-                let stream = tls
-                    .acceptor()
-                    .accept(tcp)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let identity = tls.identity_of(stream.get_ref().1)?;
+                let stream = tls.acceptor().accept(tcp).await.map_err(|e| {
+                    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                        HandshakeError::Silent(e.to_string())
+                    } else {
+                        HandshakeError::Tls(e.to_string())
+                    }
+                })?;
+                let identity = tls
+                    .identity_of(stream.get_ref().1)
+                    .map_err(HandshakeError::Tls)?;
                 (Box::new(stream), identity)
             }
         };
@@ -284,15 +327,20 @@ impl Bound {
                 let config = ws_config(shared.config.limits.max_packet_size);
                 let forwarded_by = self.forwarded.as_ref().filter(|_| via_proxy);
                 let mut forwarded = None;
+                let mut refused = None;
                 #[allow(clippy::result_large_err)] // tungstenite's callback signature
                 let callback = |req: &Request, resp| {
                     forwarded = forwarded_by.and_then(|f| f.client_address(req.headers()));
-                    upgrade(&self.ws_paths, req, resp)
+                    let answer = upgrade(&self.ws_paths, req, resp);
+                    if let Err(refusal) = &answer {
+                        refused = refusal.body().clone();
+                    }
+                    answer
                 };
                 let ws =
                     tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config))
                         .await
-                        .map_err(|e| e.to_string())?;
+                        .map_err(|e| ws_failure(refused.take(), e))?;
                 let (reader, writer) = split_ws(ws);
                 Ok(Handshaken {
                     reader,
@@ -302,6 +350,23 @@ impl Bound {
                 })
             }
         }
+    }
+}
+
+/// A failed WebSocket handshake: our own refusal, a client that left, or a request that
+/// is not a WebSocket upgrade.
+fn ws_failure(refused: Option<String>, e: WsError) -> HandshakeError {
+    if let Some(reason) = refused {
+        return HandshakeError::Upgrade(reason);
+    }
+    match &e {
+        WsError::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
+            HandshakeError::Silent(e.to_string())
+        }
+        WsError::Protocol(ProtocolError::HandshakeIncomplete) | WsError::ConnectionClosed => {
+            HandshakeError::Silent(e.to_string())
+        }
+        _ => HandshakeError::Upgrade(e.to_string()),
     }
 }
 

@@ -7,6 +7,7 @@
 use crate::admission::{Admission, Slot};
 use crate::audit::{AuditLog, Who};
 use crate::gateway::Will;
+use crate::handshake_log::HandshakeLog;
 use crate::listener::{bind, Bound};
 use crate::metrics::Metrics;
 use crate::policy::{Identity, ListenerPolicy, Policy, PolicyError};
@@ -38,6 +39,8 @@ pub struct Shared {
     pub conn_limiter: ConnectionLimiter,
     /// Connections held and pending per source address (`limits.max_*_per_address`).
     pub admission: Arc<Admission>,
+    /// Rate limit for the log lines about failed handshakes.
+    pub handshake_log: HandshakeLog,
     /// The encrypted retained store, when `[retained]` is configured.
     pub retained: Option<Arc<RetainedStore>>,
     /// Every retained message, served by the gateways on SUBSCRIBE.
@@ -390,6 +393,7 @@ impl Broker {
             audit,
             conn_limiter,
             admission,
+            handshake_log: HandshakeLog::default(),
             retained,
             retained_index,
             shutdown,

@@ -488,3 +488,140 @@ async fn a_trusted_proxy_names_the_client_address() {
     let peer = audited_peer(&broker, "forger").expect("audited");
     assert!(peer.starts_with("127.0.0.32:"), "{peer}");
 }
+
+/// Everything the broker logs in this test binary, at INFO and above, without colours.
+fn captured_log() -> &'static std::sync::Mutex<Vec<u8>> {
+    use std::sync::{Mutex, OnceLock};
+    static LOG: OnceLock<&'static Mutex<Vec<u8>>> = OnceLock::new();
+    LOG.get_or_init(|| {
+        let buf: &'static Mutex<Vec<u8>> = Box::leak(Box::new(Mutex::new(Vec::new())));
+        let writer = move || Capture(buf);
+        let _ = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::INFO)
+            .with_ansi(false)
+            .with_writer(writer)
+            .try_init();
+        buf
+    })
+}
+
+struct Capture(&'static std::sync::Mutex<Vec<u8>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(data);
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Captured log lines that mention `needle`.
+fn log_lines(needle: &str) -> Vec<String> {
+    let log = captured_log().lock().unwrap();
+    String::from_utf8_lossy(&log)
+        .lines()
+        .filter(|l| l.contains(needle))
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test]
+async fn refused_tls_clients_are_logged_at_info_rate_limited() {
+    captured_log();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("prelogin ca");
+    ca.server(dir.path(), "server");
+    ca.write_ca(dir.path(), "client-ca.crt");
+    let foreign = TestCa::new("someone else's ca");
+    let (crt, key) = foreign.valid_client(dir.path(), "foreign", "device-7");
+    let toml = r#"
+[[listener]]
+name = "mtls-log"
+bind = "127.0.0.1:0"
+[listener.tls]
+cert = "server.crt"
+key = "server.key"
+client_ca = "client-ca.crt"
+[auth]
+allow_anonymous = true
+[rate_limit]
+connections_per_second = 0
+"#;
+    let broker = TestBroker::with_config_in(dir, toml).await;
+    let addr = broker.addr("mtls-log");
+    let client_auth = Some((std::fs::read(crt).unwrap(), std::fs::read(key).unwrap()));
+    for i in 0..8 {
+        let mut o = moatmq_testkit::v4::options(addr, &format!("dev-{i}"));
+        o.set_transport(rumqttc::Transport::Tls(rumqttc::TlsConfiguration::Simple {
+            ca: ca.pem().as_bytes().to_vec(),
+            alpn: None,
+            client_auth: client_auth.clone(),
+        }));
+        assert!(moatmq_testkit::v4::connect(o).await.is_err(), "refused");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let lines = log_lines("mtls-log");
+    let failed: Vec<_> = lines
+        .iter()
+        .filter(|l| l.contains("TLS handshake failed"))
+        .collect();
+    assert_eq!(
+        failed.len(),
+        6,
+        "5 lines, then one saying the rest are suppressed: {lines:#?}"
+    );
+    for l in &failed[..5] {
+        assert!(l.contains(" INFO "), "{l}");
+        assert!(l.contains("peer=127.0.0.1:"), "{l}");
+        assert!(l.contains("UnknownIssuer"), "the reason: {l}");
+    }
+    assert!(failed[5].contains("suppressed"), "{}", failed[5]);
+}
+
+#[tokio::test]
+async fn refused_websocket_upgrades_are_logged_at_info_rate_limited() {
+    captured_log();
+    let toml = r#"
+[[listener]]
+name = "ws-log"
+bind = "127.0.0.1:0"
+protocol = "ws"
+[auth]
+allow_anonymous = true
+[rate_limit]
+connections_per_second = 0
+"#;
+    let broker = TestBroker::with_config(toml).await;
+    let addr = broker.addr("ws-log");
+    let source = [127, 0, 0, 42];
+    let (_, status) = ws_open(source, addr, "/wrong", &[]).await;
+    assert!(status.contains(" 404 "), "{status}");
+    // No subprotocol offered.
+    let mut tcp = tcp_from(source, addr).await;
+    let request = String::from_utf8(ws_upgrade("/mqtt", &[]))
+        .unwrap()
+        .replace("Sec-WebSocket-Protocol: mqtt\r\n", "");
+    tokio::io::AsyncWriteExt::write_all(&mut tcp, request.as_bytes())
+        .await
+        .unwrap();
+    assert!(tcp_closed_within(&mut tcp, Duration::from_secs(2)).await);
+    for _ in 0..6 {
+        let _ = ws_open(source, addr, "/scan", &[]).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let lines = log_lines("ws-log");
+    let refused: Vec<_> = lines
+        .iter()
+        .filter(|l| l.contains("WebSocket upgrade refused"))
+        .collect();
+    assert_eq!(refused.len(), 6, "{lines:#?}");
+    assert!(refused[0].contains("peer=127.0.0.42:") && refused[0].contains("no MQTT on this path"));
+    assert!(
+        refused[1].contains("Sec-WebSocket-Protocol: mqtt required"),
+        "{}",
+        refused[1]
+    );
+    assert!(refused[5].contains("suppressed"), "{}", refused[5]);
+}
