@@ -27,5 +27,6 @@ mod server;
 mod tls;
 pub mod topic;
 mod transport;
+mod ws_upgrade;
 
 pub use server::{run, shutdown_signal, Broker, Reloader, StartError};
