@@ -254,7 +254,8 @@ impl Bound {
     }
 
     /// Failed handshakes at INFO with peer and reason, at most a few per address and
-    /// minute (see `handshake_log`); the reason is escaped, it may quote the client.
+    /// minute (see `handshake_log`). The reason may quote the client: the log formatter
+    /// escapes control characters in every field.
     fn log_failure(&self, shared: &Shared, peer: SocketAddr, e: HandshakeError) {
         let (what, reason) = match e {
             HandshakeError::Silent(reason) => {
@@ -264,7 +265,6 @@ impl Bound {
             HandshakeError::Tls(reason) => ("TLS handshake failed", reason),
             HandshakeError::Upgrade(reason) => ("WebSocket upgrade refused", reason),
         };
-        let reason = reason.escape_debug().to_string();
         match shared.handshake_log.check(peer.ip()) {
             Verdict::Log { suppressed: 0 } => {
                 info!(listener = self.name(), %peer, reason, "{what}");
