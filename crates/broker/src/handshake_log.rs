@@ -1,6 +1,6 @@
 //! Rate limit for the INFO lines about failed handshakes (TLS refused, WebSocket upgrade
-//! refused), so a device with a bad certificate leaves a trace but a scan cannot flood
-//! the log.
+//! refused) and per-address refusals, so a device with a bad certificate or a client
+//! over its address's limit leaves a trace but a scan or flood cannot fill the log.
 //!
 //! Per source address (IPv6 by /64), at most [`PER_WINDOW`] lines in [`WINDOW`]; the
 //! first failure past that writes one line saying the rest are suppressed, and the first

@@ -176,14 +176,19 @@ impl Bound {
         current.dec();
     }
 
-    /// A connection slot for `peer`'s address, or `None` (counted, audited, closed) when
-    /// the address holds its share already.
+    /// A connection slot for `peer`'s address, or `None` (counted, closed) when the
+    /// address holds its share already. Refusals are logged and audited at most a few
+    /// times per address and minute: a flood of them must not flood the disk.
     fn admit(&self, shared: &Shared, peer: SocketAddr) -> Option<Arc<Slot>> {
-        match shared.admission.admit(peer.ip()) {
-            Ok(slot) => Some(Arc::new(slot)),
-            Err(full) => {
-                shared.metrics.rate_limited.inc();
-                debug!(listener = self.name(), %peer, limit = full.limit(), "connection refused");
+        let full = match shared.admission.admit(peer.ip()) {
+            Ok(slot) => return Some(Arc::new(slot)),
+            Err(full) => full,
+        };
+        shared.metrics.rate_limited.inc();
+        let limit = full.limit();
+        match shared.refusal_log.check(peer.ip()) {
+            Verdict::Log { suppressed } => {
+                info!(listener = self.name(), %peer, limit, suppressed, "connection refused");
                 if let Some(audit) = &shared.audit {
                     let who = Who {
                         listener: self.name(),
@@ -191,11 +196,15 @@ impl Bound {
                         client_id: None,
                         username: None,
                     };
-                    audit.event("rate_limited", &who, &[("limit", full.limit().into())]);
+                    audit.event("rate_limited", &who, &[("limit", limit.into())]);
                 }
-                None
             }
+            Verdict::StartSuppressing => {
+                info!(listener = self.name(), %peer, limit, "connection refused; further refusals of this address are suppressed for 60 s");
+            }
+            Verdict::Quiet => debug!(listener = self.name(), %peer, limit, "connection refused"),
         }
+        None
     }
 
     async fn serve_checked(

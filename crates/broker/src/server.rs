@@ -41,6 +41,8 @@ pub struct Shared {
     pub admission: Arc<Admission>,
     /// Rate limit for the log lines about failed handshakes.
     pub handshake_log: HandshakeLog,
+    /// Rate limit for the log lines and audit events about per-address refusals.
+    pub refusal_log: HandshakeLog,
     /// The encrypted retained store, when `[retained]` is configured.
     pub retained: Option<Arc<RetainedStore>>,
     /// Every retained message, served by the gateways on SUBSCRIBE.
@@ -394,6 +396,7 @@ impl Broker {
             conn_limiter,
             admission,
             handshake_log: HandshakeLog::default(),
+            refusal_log: HandshakeLog::default(),
             retained,
             retained_index,
             shutdown,

@@ -625,3 +625,41 @@ connections_per_second = 0
     );
     assert!(refused[5].contains("suppressed"), "{}", refused[5]);
 }
+
+#[tokio::test]
+async fn refusals_are_audited_but_cannot_flood_the_audit_log() {
+    let toml = r#"
+[[listener]]
+name = "tcp"
+bind = "127.0.0.1:0"
+[auth]
+allow_anonymous = true
+[audit]
+path = "audit.log"
+[rate_limit]
+connections_per_second = 0
+[limits]
+max_pending_per_address = 1
+"#;
+    let broker = TestBroker::with_config(toml).await;
+    let addr = broker.first_addr();
+    let source = [127, 0, 0, 27];
+    let _held = raw_from(source, addr).await;
+    for _ in 0..50 {
+        let mut refused = raw_from(source, addr).await;
+        assert!(refused.closed_within(AT_ONCE).await);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let log = std::fs::read_to_string(broker.path("audit.log")).unwrap_or_default();
+    let audited: Vec<_> = log
+        .lines()
+        .filter(|l| l.contains("max_pending_per_address"))
+        .collect();
+    assert_eq!(audited.len(), 5, "{audited:#?}");
+    assert!(
+        audited[0].contains("\"event\":\"rate_limited\""),
+        "{}",
+        audited[0]
+    );
+    assert!(audited[0].contains("127.0.0.27:"), "{}", audited[0]);
+}
