@@ -11,6 +11,7 @@
 use moatmq_auth::address_bucket;
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 /// Why a connection was refused a slot.
@@ -82,7 +83,7 @@ impl Admission {
         Ok(Slot {
             table: self.clone(),
             key,
-            pending: Mutex::new(true),
+            pending: AtomicBool::new(true),
         })
     }
 
@@ -111,15 +112,14 @@ impl Admission {
 pub struct Slot {
     table: Arc<Admission>,
     key: IpAddr,
-    pending: Mutex<bool>,
+    pending: AtomicBool,
 }
 
 impl Slot {
     /// The connection is logged in (CONNACK sent): it no longer counts as pending.
     /// Idempotent.
     pub fn established(&self) {
-        let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
-        if std::mem::take(&mut *pending) {
+        if self.pending.swap(false, Ordering::AcqRel) {
             self.table.end_pending(self.key);
         }
     }
@@ -127,8 +127,8 @@ impl Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let pending = *self.pending.lock().unwrap_or_else(PoisonError::into_inner);
-        self.table.release(self.key, pending);
+        self.table
+            .release(self.key, self.pending.load(Ordering::Acquire));
     }
 }
 
