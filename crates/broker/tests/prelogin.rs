@@ -536,6 +536,13 @@ async fn refused_tls_clients_are_logged_at_info_rate_limited() {
     ca.write_ca(dir.path(), "client-ca.crt");
     let foreign = TestCa::new("someone else's ca");
     let (crt, key) = foreign.valid_client(dir.path(), "foreign", "device-7");
+    let (old_crt, old_key) = ca.client(
+        dir.path(),
+        "expired",
+        "device-8",
+        time::Duration::days(-30),
+        time::Duration::days(-1),
+    );
     let toml = r#"
 [[listener]]
 name = "mtls-log"
@@ -551,8 +558,11 @@ connections_per_second = 0
 "#;
     let broker = TestBroker::with_config_in(dir, toml).await;
     let addr = broker.addr("mtls-log");
-    let client_auth = Some((std::fs::read(crt).unwrap(), std::fs::read(key).unwrap()));
+    let read = |crt, key| Some((std::fs::read(crt).unwrap(), std::fs::read(key).unwrap()));
+    let (foreign_auth, expired_auth) = (read(crt, key), read(old_crt, old_key));
     for i in 0..8 {
+        // First an expired certificate of the right CA, then a foreign CA's.
+        let client_auth = if i == 0 { &expired_auth } else { &foreign_auth };
         let mut o = moatmq_testkit::v4::options(addr, &format!("dev-{i}"));
         o.set_transport(rumqttc::Transport::Tls(rumqttc::TlsConfiguration::Simple {
             ca: ca.pem().as_bytes().to_vec(),
@@ -572,9 +582,16 @@ connections_per_second = 0
         6,
         "5 lines, then one saying the rest are suppressed: {lines:#?}"
     );
+    assert!(
+        failed[0].contains("certificate expired"),
+        "the reason: {}",
+        failed[0]
+    );
     for l in &failed[..5] {
         assert!(l.contains(" INFO "), "{l}");
         assert!(l.contains("peer=127.0.0.1:"), "{l}");
+    }
+    for l in &failed[1..5] {
         assert!(l.contains("UnknownIssuer"), "the reason: {l}");
     }
     assert!(failed[5].contains("suppressed"), "{}", failed[5]);
