@@ -13,6 +13,7 @@ mod connect;
 mod gateway;
 mod hashing;
 mod listener;
+mod login_gate;
 mod metrics;
 pub mod policy;
 mod proxy;
