@@ -181,6 +181,27 @@ fn worst_case_guesses_follow_the_schedule() {
     );
 }
 
+/// The table in docs/operating.md ("Login throttle").
+#[test]
+fn documented_worst_cases() {
+    let p = ThrottleParams::default();
+    let table = [
+        (1, 13),
+        (10, 17),
+        (60, 27),
+        (600, 135),
+        (3600, 735),
+        (86_400, 17_295),
+    ];
+    for (secs, guesses) in table {
+        assert_eq!(
+            max_checked_guesses(&p, Duration::from_secs(secs)),
+            guesses,
+            "{secs} s"
+        );
+    }
+}
+
 #[test]
 fn is_send_and_sync() {
     fn check<T: Send + Sync>() {}
