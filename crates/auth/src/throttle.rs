@@ -14,7 +14,7 @@
 //!
 //! The delay alone does not bound guessing: parallel attempts would each wait it once.
 //! The broker therefore lets at most [2] password logins per address be in progress
-//! (waiting out the delay or being hashed) and [4] more wait for a turn; the rest are
+//! (waiting out the delay or being hashed) and [16] more wait for a turn; the rest are
 //! answered "server busy". [`max_checked_guesses`] turns these parameters into the
 //! worst-case number of passwords one address gets checked in a time window.
 //!
@@ -62,7 +62,9 @@ pub struct ThrottleParams {
     /// Password logins from one address in progress at once (delay plus hash check).
     pub in_progress_per_address: usize,
     /// Password logins from one address waiting for an in-progress slot; more are
-    /// answered "server busy".
+    /// answered "server busy". Waiting costs no check, so this does not change
+    /// [`max_checked_guesses`]; it lets a burst of correct logins from one address (a
+    /// fleet behind one NAT, a login benchmark) queue instead of being refused.
     pub waiting_per_address: usize,
 }
 
@@ -74,7 +76,7 @@ impl Default for ThrottleParams {
             base_delay: Duration::from_millis(250),
             max_delay: Duration::from_secs(10),
             in_progress_per_address: 2,
-            waiting_per_address: 4,
+            waiting_per_address: 16,
         }
     }
 }

@@ -131,9 +131,9 @@ mod tests {
         let b = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2));
         let s1 = gate.enter(a).await.expect("slot 1");
         let s2 = gate.enter(a).await.expect("slot 2");
-        // The next four wait; the fifth is refused at once.
+        // The next ones wait; one more is refused at once.
         let mut waiters = Vec::new();
-        for _ in 0..4 {
+        for _ in 0..params.waiting_per_address {
             let mut w = Box::pin(gate.enter(a));
             assert!(futures_poll_once(&mut w).await.is_none(), "waits");
             waiters.push(w);
