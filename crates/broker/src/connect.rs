@@ -119,7 +119,7 @@ pub async fn handle(
         Ok(u) => u,
         Err(AuthFailure::Busy) => {
             // Not a failed login: the password was never checked.
-            info!(listener = %info.listener.name, peer = %info.peer, client_id = ?client_id, "login answered busy: no capacity to check the password");
+            debug!(listener = %info.listener.name, peer = %info.peer, client_id = ?client_id, "login answered busy: no capacity to check the password");
             shared.metrics.login_busy.inc();
             if let Some(audit) = &shared.audit {
                 let claimed = login.as_ref().map(|l| l.username.as_str());
