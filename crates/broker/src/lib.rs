@@ -16,7 +16,8 @@ mod listener;
 mod login_gate;
 mod metrics;
 pub mod policy;
-mod proxy;
+#[doc(hidden)] // reachable for the fuzz harness (fuzz/): not a stable API
+pub mod proxy;
 mod ratelimit;
 pub mod retained;
 mod retained_index;

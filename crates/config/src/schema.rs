@@ -358,7 +358,7 @@ impl Config {
             if let Some(tls) = &l.tls {
                 if tls.identity == CertIdentity::Cn && tls.client_ca.is_none() {
                     return Err(Invalid::new(
-                        "identity",
+                        "tls.identity",
                         "identity = \"cn\" needs client_ca to verify client certificates",
                     )
                     .in_listener(i));
@@ -412,11 +412,14 @@ impl Config {
             ));
         }
         if let Some(r) = &self.retained {
-            if r.max_messages == 0 || r.max_bytes == 0 {
+            if r.max_messages == 0 {
                 return Err(Invalid::new(
                     "retained.max_messages",
-                    "limits must be greater than 0",
+                    "must be greater than 0",
                 ));
+            }
+            if r.max_bytes == 0 {
+                return Err(Invalid::new("retained.max_bytes", "must be greater than 0"));
             }
         }
         Ok(self)
