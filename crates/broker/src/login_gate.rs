@@ -159,6 +159,22 @@ mod tests {
         assert_eq!(gate.tracked(), 0, "idle addresses are forgotten");
     }
 
+    #[tokio::test]
+    async fn an_ipv6_slash_64_shares_its_slots() {
+        use std::net::Ipv6Addr;
+        let params = ThrottleParams {
+            waiting_per_address: 0,
+            ..ThrottleParams::default()
+        };
+        let gate = LoginGate::new(&params);
+        let host = |i: u16| IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 1, 0, 0, 0, i));
+        let _a = gate.enter(host(1)).await.expect("slot 1");
+        let _b = gate.enter(host(2)).await.expect("slot 2");
+        assert!(matches!(gate.enter(host(3)).await, Err(GateFull)));
+        let other = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 2, 0, 0, 0, 1));
+        assert!(gate.enter(other).await.is_ok(), "another /64 has its own");
+    }
+
     /// Polls a future once: `Some` if it finished.
     async fn futures_poll_once<F: std::future::Future + Unpin>(f: &mut F) -> Option<F::Output> {
         tokio::time::timeout(std::time::Duration::from_millis(20), f)
