@@ -16,6 +16,7 @@ mod gateway;
 mod handshake_log;
 mod hashing;
 mod listener;
+mod login_gate;
 mod metrics;
 pub mod policy;
 #[doc(hidden)] // reachable for the fuzz harness (fuzz/): not a stable API

@@ -317,7 +317,8 @@ pub enum StartError {
 impl Broker {
     /// Starts the router and binds every listener; nothing is accepted until `serve`.
     pub async fn start(config: Config) -> Result<Broker, StartError> {
-        let policy = Policy::load(&config)?;
+        let metrics = Metrics::new();
+        let policy = Policy::load(&config, metrics.password_checks.clone())?;
         let audit = match &config.audit {
             Some(a) => Some(AuditLog::open(config.resolve(&a.path)).map_err(|source| {
                 StartError::Bind {
@@ -328,7 +329,6 @@ impl Broker {
             })?),
             None => None,
         };
-        let metrics = Metrics::new();
         // Health endpoints come up first so /readyz can say "not ready" while the
         // retained store loads.
         let mut metrics_addr = None;
