@@ -221,11 +221,13 @@ impl Store {
             next: None,
         };
         let mark = match found {
-            Found::Mark(mut mf, _) => {
+            Found::Mark(mut mf, _) if trust == Trust::Checked => {
                 mf.write(&cipher, &settled, true)?;
                 mf
             }
-            Found::Unreadable => MarkFile::create(path, &cipher, &settled)?,
+            // Accepting may lower what the mark vouches for: rewrite both slots, or a torn
+            // write later would fall back to the other slot's higher claim.
+            Found::Mark(..) | Found::Unreadable => MarkFile::create(path, &cipher, &settled)?,
             Found::Nothing => {
                 if trust == Trust::Checked {
                     tracing::warn!(

@@ -335,6 +335,17 @@ fn accept_takes_the_store_as_it_is_and_the_checks_resume() {
         Err(StoreError::Truncated { .. })
     ));
 
+    // Both slots were rewritten: a torn write to either later falls back to a claim the
+    // accepted log meets.
+    accept(dir.path(), key()).unwrap();
+    let mark = std::fs::read(mark_path(dir.path())).unwrap();
+    for slot in [0, 4096] {
+        let mut torn = mark.clone();
+        torn[slot + 30] ^= 1;
+        std::fs::write(mark_path(dir.path()), &torn).unwrap();
+        assert_eq!(open(dir.path()).unwrap().1.len(), 2, "slot at {slot} torn");
+    }
+
     // A deleted mark, a deleted log: accepted too (the latter as an empty store).
     accept(dir.path(), key()).unwrap();
     std::fs::remove_file(mark_path(dir.path())).unwrap();
