@@ -37,6 +37,9 @@ pub struct Invalid {
     pub needle: String,
     /// Index of the `[[listener]]` table the key belongs to, if any.
     pub listener: Option<usize>,
+    /// The array-of-tables header (e.g. `[[rate_limit.user]]`) and index of the table the
+    /// key belongs to, if it is not a listener's.
+    pub table: Option<(&'static str, usize)>,
     pub reason: String,
 }
 
@@ -48,6 +51,7 @@ impl Invalid {
             key,
             needle,
             listener: None,
+            table: None,
             reason: reason.into(),
         }
     }
@@ -58,9 +62,21 @@ impl Invalid {
         self
     }
 
+    /// The key belongs to the `index`th table under the array-of-tables `header`.
+    pub(crate) fn in_table(mut self, header: &'static str, index: usize) -> Invalid {
+        self.table = Some((header, index));
+        self.key = format!(
+            "{}[{index}].{}",
+            header.trim_matches(['[', ']']),
+            self.needle
+        );
+        self
+    }
+
     /// Ties the failure to `file`, finding the line of the key in `text` (0 if absent).
     pub fn locate(self, file: &Path, text: &str) -> ConfigError {
-        let line = find_key_line(text, &self.needle, self.listener);
+        let table = self.table.or(self.listener.map(|i| ("[[listener]]", i)));
+        let line = find_key_line(text, &self.needle, table);
         ConfigError::Invalid {
             file: file.to_path_buf(),
             line,
@@ -70,16 +86,26 @@ impl Invalid {
     }
 }
 
-/// Line of `key = ...`, searching only inside the `index`th `[[listener]]` when given.
-fn find_key_line(text: &str, key: &str, listener: Option<usize>) -> usize {
-    let mut seen_listener: Option<usize> = None;
+/// Line of `key = ...`, searching only inside the `index`th table under the given
+/// array-of-tables header (e.g. `[[listener]]`) when given.
+fn find_key_line(text: &str, key: &str, table: Option<(&str, usize)>) -> usize {
+    let mut seen: Option<usize> = None;
+    let mut inside = false;
     for (n, line) in text.lines().enumerate() {
         let t = line.trim_start();
-        if t.starts_with("[[listener]]") {
-            seen_listener = Some(seen_listener.map_or(0, |i| i + 1));
+        if let Some((header, _)) = table {
+            if t.starts_with(header) {
+                seen = Some(seen.map_or(0, |i| i + 1));
+                inside = true;
+            } else if t.starts_with('[') && !t.starts_with("[listener.") {
+                // Another table; `[listener.tls]` still belongs to its listener.
+                inside = false;
+            }
         }
-        if listener.is_some() && seen_listener != listener {
-            continue;
+        if let Some((_, index)) = table {
+            if !inside || seen != Some(index) {
+                continue;
+            }
         }
         if let Some(rest) = t.strip_prefix(key) {
             if rest.trim_start().starts_with('=') {

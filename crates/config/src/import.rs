@@ -40,6 +40,19 @@ pub fn import_mosquitto(conf_text: &str, conf_path: &Path) -> Result<ImportRepor
     Ok(st.finish())
 }
 
+/// Mosquitto limits neither connection nor publish rates: neither does the result, so
+/// clients that worked keep working.
+const RATE_LIMIT: &str = "
+[rate_limit]
+# Mosquitto has no rate limits, so they are off here (0) as they were. moatmq's defaults
+# (20 new connections/s per address, 1000 messages/s and 10 MiB/s per client, paced, never
+# disconnected) keep one client from taking the broker: once you know your clients' rates,
+# delete these lines and give fast clients their own limits with [[rate_limit.user]].
+connections_per_second = 0
+messages_per_second = 0
+bytes_per_second = 0
+";
+
 /// Options that only make sense inside a bridge (`connection ...`) section.
 const BRIDGE_OPTIONS: &[&str] = &[
     "address",
@@ -524,6 +537,7 @@ impl State {
 
         self.retained(&mut out);
         self.limits(&mut out, &limits_per_listener);
+        out.push_str(RATE_LIMIT);
 
         if self.relative_paths {
             self.warnings.push(

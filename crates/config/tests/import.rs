@@ -406,3 +406,22 @@ fn per_listener_settings_with_two_listeners() {
         );
     }
 }
+
+#[test]
+fn rate_limits_are_off_as_in_mosquitto_with_a_comment() {
+    let (c, r) = import("listener 1883\n");
+    let rl = &c.rate_limit;
+    assert_eq!(
+        (
+            rl.connections_per_second,
+            rl.messages_per_second,
+            rl.bytes_per_second
+        ),
+        (0, 0, 0)
+    );
+    assert!(
+        r.toml.contains("# Mosquitto has no rate limits"),
+        "{}",
+        r.toml
+    );
+}

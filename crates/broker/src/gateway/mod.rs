@@ -137,7 +137,7 @@ impl Gateway {
         keep_alive: u16,
         max_out_packet: Option<u32>,
     ) -> Gateway {
-        let limiter = PublishLimiter::new(&shared.config.rate_limit);
+        let limiter = PublishLimiter::new(&shared.config.rate_limit, identity.username.as_deref());
         let acl = shared.policy.acl_view();
         Gateway {
             shared,
