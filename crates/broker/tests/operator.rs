@@ -1,11 +1,13 @@
 //! Operator defaults against the real broker: publish rate limits pace a fast client
 //! without cutting it off, `[[rate_limit.user]]` lifts them for one user, and
-//! `disconnect_after` is the only way to get a paced client disconnected.
+//! `disconnect_after` is the only way to get a paced client disconnected; a payload over
+//! `max_payload_size` (Mosquitto's `message_size_limit`) is dropped, the client kept.
 
 mod common;
 
-use common::{login5, password_file};
-use moatmq_testkit::{v5, TestBroker};
+use common::{login5, password_file, Raw};
+use moatmq_testkit::{v5, TestBroker, QUIET, WAIT};
+use rumqttc::v5::mqttbytes::v5 as m5;
 use rumqttc::v5::mqttbytes::v5::Packet as P5;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::Event;
@@ -162,4 +164,35 @@ async fn an_overridden_user_is_unlimited_and_others_are_cut_off_by_disconnect_af
     let reason = sensor.closed_within(Duration::from_secs(5)).await;
     assert!(reason.is_some(), "sensor was not disconnected");
     flood.abort();
+}
+
+#[tokio::test]
+async fn a_publish_over_max_payload_size_is_dropped_and_the_client_stays() {
+    // What import-mosquitto makes of `message_size_limit 1000`.
+    let broker = TestBroker::with_config(&format!(
+        "{}[limits]\nmax_payload_size = 1000\n",
+        moatmq_testkit::ANONYMOUS_TCP
+    ))
+    .await;
+    let addr = broker.first_addr();
+    let mut sub = v5::connected(addr, "watch").await;
+    common::subscribed5(&mut sub, "size/#").await;
+    let (mut c, _) = Raw::connect5(addr, common::connect5("sizer"), None, None).await;
+    for (pkid, topic, len) in [(1, "size/big", 1001), (2, "size/ok", 1000)] {
+        let mut p = m5::Publish::new(topic, QoS::AtLeastOnce, vec![b'x'; len], None);
+        p.pkid = pkid;
+        c.send5(m5::Packet::Publish(p)).await;
+        let expected = if len > 1000 {
+            m5::PubAckReason::ImplementationSpecificError
+        } else {
+            m5::PubAckReason::Success
+        };
+        match c.next5(WAIT).await {
+            Some(m5::Packet::PubAck(ack)) => assert_eq!((ack.pkid, ack.reason), (pkid, expected)),
+            other => panic!("expected a PUBACK for {topic}, got {other:?}"),
+        }
+    }
+    let p = sub.next_publish().await;
+    assert_eq!(p.topic, "size/ok", "the large message was delivered");
+    assert!(!c.closed_within(QUIET).await, "the client was disconnected");
 }

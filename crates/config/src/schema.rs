@@ -161,6 +161,11 @@ pub struct Limits {
     /// Largest packet accepted, in bytes (remaining length); larger closes the connection.
     #[serde(default = "default_max_packet_size")]
     pub max_packet_size: usize,
+    /// Largest PUBLISH payload accepted, in bytes; a larger one is dropped and the
+    /// connection kept (Mosquitto's `message_size_limit`). Absent = only
+    /// `max_packet_size` applies.
+    #[serde(default)]
+    pub max_payload_size: Option<usize>,
     /// Connections served at once over all listeners; more are refused.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
@@ -194,6 +199,7 @@ impl Default for Limits {
     fn default() -> Limits {
         Limits {
             max_packet_size: DEFAULT_MAX_PACKET_SIZE,
+            max_payload_size: None,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             max_inflight: DEFAULT_MAX_INFLIGHT,
@@ -446,6 +452,12 @@ impl Config {
             return Err(Invalid::new(
                 "limits.max_packet_size",
                 "must be at most 268435455, the MQTT maximum",
+            ));
+        }
+        if lim.max_payload_size == Some(0) {
+            return Err(Invalid::new(
+                "limits.max_payload_size",
+                "must be greater than 0 (leave it out for no payload limit)",
             ));
         }
         if let Some(m) = &self.metrics {

@@ -53,9 +53,13 @@ pub enum Command {
     ImportMosquitto {
         /// The mosquitto.conf to convert.
         conf: PathBuf,
-        /// Where to write broker.toml (default: stdout).
+        /// Where to write broker.toml (default: stdout). An existing file is kept
+        /// unless --force is given.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Replace the --out file if it exists.
+        #[arg(long, requires = "out")]
+        force: bool,
     },
 }
 

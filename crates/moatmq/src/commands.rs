@@ -22,7 +22,7 @@ pub fn dispatch(cli: Cli) -> ExitCode {
             .map_err(Into::into),
         Command::Retained { command } => retained(command),
         Command::Acl { command } => acl(command),
-        Command::ImportMosquitto { conf, out } => import(&conf, out.as_deref()),
+        Command::ImportMosquitto { conf, out, force } => import(&conf, out.as_deref(), force),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -220,7 +220,7 @@ fn acl(command: AclCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn import(conf: &Path, out: Option<&Path>) -> anyhow::Result<()> {
+fn import(conf: &Path, out: Option<&Path>, force: bool) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(conf).with_context(|| conf.display().to_string())?;
     let report = moatmq_config::import_mosquitto(&text, conf)?;
     for w in &report.warnings {
@@ -228,7 +228,24 @@ fn import(conf: &Path, out: Option<&Path>) -> anyhow::Result<()> {
     }
     match out {
         Some(path) => {
-            std::fs::write(path, &report.toml).with_context(|| path.display().to_string())?;
+            use std::io::Write as _;
+            // create_new: an existing broker.toml is never replaced by accident, not
+            // even one created between a check and the write.
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .create_new(!force)
+                .open(path);
+            let mut file = match file {
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => bail!(
+                    "{} exists and was left unchanged; use --force to replace it",
+                    path.display()
+                ),
+                other => other.with_context(|| path.display().to_string())?,
+            };
+            file.write_all(report.toml.as_bytes())
+                .with_context(|| path.display().to_string())?;
             println!("wrote {}", path.display());
         }
         None => print!("{}", report.toml),

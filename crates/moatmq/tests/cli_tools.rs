@@ -630,3 +630,28 @@ async fn import_mosquitto_end_to_end() {
         "a client without a certificate got in"
     );
 }
+
+#[test]
+fn import_mosquitto_out_never_overwrites_without_force() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("mosquitto.conf");
+    std::fs::write(&conf, "listener 1883 127.0.0.1\nmessage_size_limit 1000\n").unwrap();
+    let out = dir.path().join("broker.toml");
+    std::fs::write(&out, "# my hand-tuned config\n").unwrap();
+    let (c, o) = (path_str(&conf), path_str(&out));
+    let run = moatmq(&["import-mosquitto", c, "--out", o]);
+    assert!(!run.status.success(), "an existing file was replaced");
+    let err = stderr(&run);
+    assert!(
+        err.contains("broker.toml exists") && err.contains("--force"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        "# my hand-tuned config\n"
+    );
+    ok(&["import-mosquitto", c, "--out", o, "--force"]);
+    let toml = std::fs::read_to_string(&out).unwrap();
+    assert!(toml.contains("max_payload_size = 1000"), "{toml}");
+    ok(&["check", "-c", o]);
+}
