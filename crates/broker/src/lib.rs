@@ -15,7 +15,8 @@ mod hashing;
 mod listener;
 mod metrics;
 pub mod policy;
-mod proxy;
+#[doc(hidden)] // reachable for the fuzz harness (fuzz/): not a stable API
+pub mod proxy;
 mod ratelimit;
 pub mod retained;
 mod retained_index;

@@ -36,7 +36,7 @@ impl Config {
             ConfigError::Syntax {
                 file: file.to_path_buf(),
                 line,
-                reason: e.message().to_string(),
+                reason: error::redact(e.message()),
             }
         })?;
         config.source = Some(file.to_path_buf());

@@ -422,7 +422,7 @@ impl Config {
             if let Some(tls) = &l.tls {
                 if tls.identity == CertIdentity::Cn && tls.client_ca.is_none() {
                     return Err(Invalid::new(
-                        "identity",
+                        "tls.identity",
                         "identity = \"cn\" needs client_ca to verify client certificates",
                     )
                     .in_listener(i));
@@ -482,33 +482,34 @@ impl Config {
             ));
         }
         let mut users = std::collections::HashSet::new();
-        const USER: &str = "[[rate_limit.user]]";
         for (i, u) in rl.user.iter().enumerate() {
+            let key = |k: &str| format!("rate_limit.user[{i}].{k}");
             if u.name.is_empty() {
-                return Err(Invalid::new("name", "must not be empty").in_table(USER, i));
+                return Err(Invalid::new(key("name"), "must not be empty"));
             }
             if !users.insert(u.name.as_str()) {
                 return Err(Invalid::new(
-                    "name",
+                    key("name"),
                     "each user may have one [[rate_limit.user]] table",
-                )
-                .in_table(USER, i));
+                ));
             }
             let rates = rl.publish_rates(Some(&u.name));
             if rates.messages_per_second > 0 && rates.message_burst == 0 {
                 return Err(Invalid::new(
-                    "message_burst",
+                    key("message_burst"),
                     "must be greater than 0 when messages_per_second is set",
-                )
-                .in_table(USER, i));
+                ));
             }
         }
         if let Some(r) = &self.retained {
-            if r.max_messages == 0 || r.max_bytes == 0 {
+            if r.max_messages == 0 {
                 return Err(Invalid::new(
                     "retained.max_messages",
-                    "limits must be greater than 0",
+                    "must be greater than 0",
                 ));
+            }
+            if r.max_bytes == 0 {
+                return Err(Invalid::new("retained.max_bytes", "must be greater than 0"));
             }
         }
         Ok(self)

@@ -157,3 +157,69 @@ fn rate_limit_user_errors_name_the_table_line() {
     .unwrap_err();
     assert!(matches!(err, ConfigError::Syntax { line: 6, .. }), "{err}");
 }
+
+/// One bad key per section, placed after decoys (the same key name in other sections,
+/// a value that is a "secret"): the error names the right key on the right line and
+/// never echoes the value.
+#[test]
+fn every_section_reports_the_right_line_without_the_value() {
+    const SECRET: &str = "hunter2-secret";
+    let listener = "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:1883\"\n";
+    let cases: &[(&str, &str, &str)] = &[
+        // (the sections after the listener, the bad line's text, the key in the message)
+        (
+            "[metrics]\nbind = \"hunter2-secret\"\n",
+            "bind = \"hunter2-secret\"",
+            "metrics.bind",
+        ),
+        (
+            "[[listener]]\nname = \"b\"\nbind = \"hunter2-secret\"\n",
+            "bind = \"hunter2-secret\"",
+            "listener[1].bind",
+        ),
+        (
+            "[[listener]]\nname = \"b\"\nbind = \"127.0.0.1:1\"\n[listener.tls]\ncert = \"c\"\n\
+             key = \"k\"\nidentity = \"cn\"\n",
+            "identity = \"cn\"",
+            "listener[1].tls.identity",
+        ),
+        (
+            "[retained]\npath = \"r\"\nmax_messages = 5\nmax_bytes = 0\n",
+            "max_bytes = 0",
+            "retained.max_bytes",
+        ),
+        (
+            "[limits]\nmax_packet_size = 5\nmax_inflight = 0\n",
+            "max_inflight = 0",
+            "limits.max_inflight",
+        ),
+        (
+            "[rate_limit]\nmessages_per_second = 5\nmessage_burst = 0\n",
+            "message_burst = 0",
+            "rate_limit.message_burst",
+        ),
+        (
+            "[auth]\nallow_anonymous = \"hunter2-secret\"\n",
+            "allow_anonymous",
+            "",
+        ),
+        ("[acl]\nfile = 5\n", "file = 5", ""),
+        ("[audit]\npath = [\"hunter2-secret\"]\n", "path =", ""),
+        ("[log]\nformat = \"hunter2-secret\"\n", "format =", ""),
+        (
+            "[limits]\nmax_connections = \"hunter2-secret\"\n",
+            "max_connections",
+            "",
+        ),
+    ];
+    for (sections, bad, key) in cases {
+        let text = format!("{listener}{sections}");
+        let line = text.lines().position(|l| l.starts_with(bad)).unwrap() + 1;
+        let err = parse(&text).expect_err(sections).to_string();
+        assert!(
+            err.starts_with(&format!("broker.toml:{line}: {key}")),
+            "{sections:?}: expected line {line} and key {key:?}, got {err}"
+        );
+        assert!(!err.contains(SECRET), "the value leaked: {err}");
+    }
+}

@@ -111,6 +111,7 @@ fn init_tracing(config: &Config) {
     let no_router_spans = filter_fn(|m| !(m.is_span() && m.target().starts_with("rumqttd")));
     let layer = match config.log.format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
+            .fmt_fields(crate::logfmt::escaped_fields())
             .with_writer(std::io::stderr)
             .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
