@@ -286,6 +286,19 @@ fn keygen_writes_a_private_key_and_never_overwrites() {
     assert!(stderr(&o).contains("retained.key"), "{}", stderr(&o));
     assert_eq!(std::fs::read_to_string(&key).unwrap(), text, "unchanged");
 
+    // `-` is stdout, not a file named `-`.
+    let o = Command::new(BIN)
+        .args(["keygen", "--out", "-"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let printed = stdout(&o);
+    assert_eq!(printed.trim_end().len(), 64, "{printed}");
+    assert!(printed.trim_end().bytes().all(|b| b.is_ascii_hexdigit()));
+    assert_ne!(printed, text);
+    assert!(!dir.path().join("-").exists(), "a file named - was written");
+
     // A second key is a different key.
     let other = dir.path().join("other.key");
     ok(&["keygen", "--out", path_str(&other)]);
@@ -426,7 +439,12 @@ fn acl_check_prints_the_decision_and_the_deciding_line() {
             args.extend(["--user", u]);
         }
         args.extend([action, topic]);
-        ok(&args).trim_end().to_string()
+        let o = moatmq(&args);
+        let out = stdout(&o).trim_end().to_string();
+        // Exit code 0 allow, 1 deny: scripts branch on it.
+        let expected = if out.starts_with("allow") { 0 } else { 1 };
+        assert_eq!(o.status.code(), Some(expected), "{args:?}: {out}");
+        out
     };
     assert_eq!(
         check(Some("alice"), "write", "alice/kitchen/temp"),
@@ -458,6 +476,32 @@ fn acl_check_prints_the_decision_and_the_deciding_line() {
         check(None, "write", "public/news"),
         "deny (no rule matched: default deny)"
     );
+    // MQTT's names for the actions are accepted too.
+    assert_eq!(
+        check(Some("alice"), "publish", "alice/kitchen/temp"),
+        format!("allow ({a}:5)")
+    );
+    assert_eq!(
+        check(Some("alice"), "publish", "alice/secret/pin"),
+        format!("deny ({a}:6)")
+    );
+
+    // Errors are 2 or more, never 0 or 1: a missing or invalid file, a bad action.
+    let missing = dir.path().join("missing");
+    let o = moatmq(&["acl", "check", "--acl", path_str(&missing), "read", "x"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("missing"), "{}", stderr(&o));
+    let typo = dir.path().join("typo");
+    std::fs::write(&typo, "user alice\ntopic readwrit alice/#\n").unwrap();
+    let o = moatmq(&["acl", "check", "--acl", path_str(&typo), "read", "x"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains(&format!("{}:2: unknown access word", path_str(&typo))),
+        "{}",
+        stderr(&o)
+    );
+    let o = moatmq(&["acl", "check", "--acl", a, "readwrite", "x"]);
+    assert!(o.status.code().is_some_and(|c| c >= 2), "{:?}", o.status);
 }
 
 /// mosquitto.conf with a password listener and an mTLS listener whose certificate CN is
@@ -654,4 +698,22 @@ fn import_mosquitto_out_never_overwrites_without_force() {
     let toml = std::fs::read_to_string(&out).unwrap();
     assert!(toml.contains("max_payload_size = 1000"), "{toml}");
     ok(&["check", "-c", o]);
+}
+
+#[test]
+fn passwd_explains_why_a_wildcard_username_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("passwd");
+    for user in ["team+1", "a/b", "x#"] {
+        let o = moatmq_with_stdin(&["passwd", path_str(&file), user], "pw\n");
+        assert!(!o.status.success(), "{user} was accepted");
+        let err = stderr(&o);
+        assert!(
+            err.contains("wildcards") && err.contains("%u/#") && err.contains("'-' or '_'"),
+            "{user}: {err}"
+        );
+    }
+    assert!(!file.exists(), "nothing was written");
+    let o = moatmq_with_stdin(&["passwd", path_str(&file), "team-1"], "pw\n");
+    assert!(o.status.success(), "{}", stderr(&o));
 }
