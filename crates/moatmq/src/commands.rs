@@ -118,7 +118,12 @@ fn init_tracing(config: &Config) {
             .boxed(),
     };
     tracing_subscriber::registry()
-        .with(layer.with_filter(filter).with_filter(no_router_spans))
+        .with(
+            layer
+                .with_filter(filter)
+                .with_filter(no_router_spans)
+                .with_filter(crate::lognoise::KnownNoise),
+        )
         .init();
 }
 

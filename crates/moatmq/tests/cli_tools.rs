@@ -717,3 +717,98 @@ fn passwd_explains_why_a_wildcard_username_is_refused() {
     let o = moatmq_with_stdin(&["passwd", path_str(&file), "team-1"], "pw\n");
     assert!(o.status.success(), "{}", stderr(&o));
 }
+
+/// At the default log level, ordinary traffic leaves only moatmq's own lines: no rustls
+/// WARN for a client sending an IP address as SNI (mosquitto_pub does when connecting
+/// by IP), no rumqttd ERROR for a link that already went away; disconnect reasons are
+/// stable words, not Rust debug text.
+#[tokio::test]
+async fn ordinary_traffic_logs_no_noise_and_plain_disconnect_reasons() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ca = TestCa::new("noise ca");
+    let (crt, key) = ca.server(d, "server");
+    let ca_file = ca.write_ca(d, "ca.crt");
+    let (port, tls_port) = (free_port(), free_port());
+    let config = d.join("broker.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[listener]]\nname = \"tcp\"\nbind = \"127.0.0.1:{port}\"\n\
+             [[listener]]\nname = \"tls\"\nbind = \"127.0.0.1:{tls_port}\"\n\
+             [listener.tls]\ncert = \"{}\"\nkey = \"{}\"\n\
+             [auth]\nallow_anonymous = true\n",
+            crt.display(),
+            key.display()
+        ),
+    )
+    .unwrap();
+    let served = Served::start(&config, port).await;
+    for i in 0..3 {
+        let c = v4::connected(addr(port), &format!("plain-{i}")).await;
+        c.client
+            .publish("t", QoS::AtLeastOnce, false, "x")
+            .await
+            .unwrap();
+        c.client.disconnect().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A client that goes away without DISCONNECT, and a session taken over.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut raw = tokio::net::TcpStream::connect(addr(port)).await.unwrap();
+        raw.write_all(b"\x10\x0f\x00\x04MQTT\x04\x02\x00\x3c\x00\x03raw")
+            .await
+            .unwrap();
+        let mut connack = [0u8; 4];
+        raw.read_exact(&mut connack).await.unwrap();
+    }
+    // CONNECT, publishes and DISCONNECT in one write, then gone.
+    for i in 0..5u8 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut raw = tokio::net::TcpStream::connect(addr(port)).await.unwrap();
+        let mut bytes = b"\x10\x0f\x00\x04MQTT\x04\x02\x00\x3c\x00\x03rw".to_vec();
+        bytes.push(b'0' + i);
+        for _ in 0..50 {
+            bytes.extend_from_slice(b"\x30\x04\x00\x01tx");
+        }
+        bytes.extend_from_slice(b"\xe0\x00");
+        raw.write_all(&bytes).await.unwrap();
+        let mut rest = Vec::new();
+        let _ = raw.read_to_end(&mut rest).await;
+    }
+    let first = v4::connected(addr(port), "twice").await;
+    let _second = v4::connected(addr(port), "twice").await;
+    drop(first);
+    let o = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &tls_port.to_string(), "--cafile"])
+        .arg(&ca_file)
+        .args([
+            "--insecure",
+            "-i",
+            "by-ip",
+            "-t",
+            "t",
+            "-m",
+            "over tls",
+            "-q",
+            "1",
+        ])
+        .output()
+        .expect("mosquitto_pub (package mosquitto-clients) is installed");
+    assert!(o.status.success(), "mosquitto_pub: {}", stderr(&o));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let log = served.log_text();
+    for noise in [
+        "Illegal SNI",
+        "already gone",
+        "ClientDisconnect",
+        "Network(",
+    ] {
+        assert!(!log.contains(noise), "{noise} in the log:\n{log}");
+    }
+    assert!(
+        log.contains("reason=\"client_disconnect\"") || log.contains("reason=client_disconnect"),
+        "{log}"
+    );
+}
