@@ -18,6 +18,7 @@ use moatmq_auth::{address_bucket, PasswordFile, Verdict};
 use prometheus_client::metrics::counter::Counter;
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use tokio::sync::oneshot;
 use zeroize::Zeroizing;
@@ -34,6 +35,9 @@ struct Job {
     username: String,
     password: Zeroizing<Vec<u8>>,
     reply: oneshot::Sender<Verdict>,
+    /// Set when a thread starts the check: from then on it runs to the end even if
+    /// the caller is gone, and the caller must count it.
+    started: Arc<AtomicBool>,
 }
 
 /// Waiting jobs, one FIFO per address, and the order in which addresses get a turn.
@@ -117,13 +121,15 @@ impl HashPool {
     }
 
     /// Verifies a password on the pool, queued behind `peer`'s address; `Busy` when the
-    /// queue is full or the pool has stopped.
+    /// queue is full or the pool has stopped. `started` is set once a thread begins the
+    /// check (a caller dropped before that costs nothing; after it, the check runs).
     pub async fn verify(
         &self,
         peer: IpAddr,
         file: Arc<PasswordFile>,
         username: &str,
         password: Zeroizing<Vec<u8>>,
+        started: Arc<AtomicBool>,
     ) -> Result<Verdict, Busy> {
         let (reply, verdict) = oneshot::channel();
         {
@@ -137,6 +143,7 @@ impl HashPool {
                 username: username.to_string(),
                 password,
                 reply,
+                started,
             };
             queue.push(address_bucket(peer), job);
         }
@@ -180,6 +187,7 @@ fn work(inner: &Inner) {
         if job.reply.is_closed() {
             continue;
         }
+        job.started.store(true, Ordering::Release);
         inner.checks.inc();
         let verdict = job.file.verify(&job.username, &job.password);
         let _ = job.reply.send(verdict);
@@ -199,6 +207,7 @@ mod tests {
             username: String::new(),
             password: Zeroizing::new(Vec::new()),
             reply,
+            started: Arc::default(),
         };
         (job, rx)
     }

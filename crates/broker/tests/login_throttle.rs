@@ -307,3 +307,38 @@ async fn busy_is_0x89_in_mqtt5_costs_no_strike_and_hanging_up_frees_the_slot() {
     let code = attempt(attacker, addr, "alice", "alice-pw", WAIT).await;
     assert_eq!(code, Some(C4::Success));
 }
+
+#[tokio::test]
+async fn hanging_up_during_the_check_still_counts_as_a_failure() {
+    let broker = broker().await;
+    let addr = broker.first_addr();
+    let metrics = broker.metrics_addr();
+    let attacker = from(13);
+    // Twelve guesses, each abandoned as soon as its hash check has started: they must
+    // use up the address's 10 free failures like answered ones would.
+    for n in 0..12 {
+        let before = metric(metrics, "moatmq_password_checks_total").await;
+        let mut connect = common::connect4("gone");
+        connect.login = Some(Login::new(format!("u{n}"), "guess"));
+        let mut raw = Raw::from_stream(dial(attacker, addr).await);
+        let mut out = BytesMut::new();
+        connect.write(&mut out).unwrap();
+        raw.send(&out).await;
+        let started = Instant::now();
+        while metric(metrics, "moatmq_password_checks_total").await == before {
+            assert!(started.elapsed() < WAIT, "guess {n} never checked");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        drop(raw);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The next guess waits out a delay (>= 250 ms) before it is answered.
+    let t = Instant::now();
+    let code = attempt(attacker, addr, "next", "guess", WAIT).await;
+    assert_eq!(code, Some(C4::BadUserNamePassword));
+    assert!(
+        t.elapsed() >= Duration::from_millis(240),
+        "abandoned checks were free: answered in {:?}",
+        t.elapsed()
+    );
+}
