@@ -219,13 +219,17 @@ mod tests {
         let peer = IpAddr::V4(Ipv4Addr::LOCALHOST);
         let full = HashPool::with_capacity(1, 0, checks.clone());
         let pw = Zeroizing::new(b"pw".to_vec());
-        assert_eq!(
-            full.verify(peer, j.file.clone(), "u", pw.clone()).await,
-            Err(Busy)
+        let started = Arc::new(AtomicBool::new(false));
+        let busy = full.verify(peer, j.file.clone(), "u", pw.clone(), started.clone());
+        assert_eq!(busy.await, Err(Busy));
+        assert!(
+            !started.load(Ordering::Acquire),
+            "a refused check never starts"
         );
         let pool = HashPool::new(1, checks.clone());
-        let verdict = pool.verify(peer, j.file.clone(), "u", pw).await;
-        assert_eq!(verdict, Ok(Verdict::Rejected));
+        let verdict = pool.verify(peer, j.file.clone(), "u", pw, started.clone());
+        assert_eq!(verdict.await, Ok(Verdict::Rejected));
+        assert!(started.load(Ordering::Acquire));
         assert_eq!(checks.get(), 1, "only the check that ran is counted");
     }
 
