@@ -142,7 +142,10 @@ pub async fn handle(
         Err(failure) => {
             let refusal = match failure {
                 AuthFailure::BadCredentials => Refusal::BadCredentials,
-                _ => Refusal::NotAuthorized,
+                AuthFailure::NotAuthorized | AuthFailure::UsernameNotCertificateCn { .. } => {
+                    Refusal::NotAuthorized
+                }
+                AuthFailure::Busy => Refusal::Busy,
             };
             let reason = failure.reason();
             info!(listener = %info.listener.name, peer = %info.peer, client_id = ?client_id, reason = %reason, "authentication failed");
