@@ -20,11 +20,15 @@ use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use zeroize::Zeroizing;
 
 /// Checks waiting for a hashing thread at most, all addresses together.
 pub const QUEUE: usize = 1024;
+
+/// How often "queue full" is logged at most.
+const WARN_EVERY: Duration = Duration::from_secs(10);
 
 /// The pool has no room for another check (or has stopped): answer "server busy".
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +52,8 @@ struct Queue {
     turns: VecDeque<IpAddr>,
     len: usize,
     stopped: bool,
+    /// When "queue full" was last logged.
+    warned: Option<Instant>,
 }
 
 impl Queue {
@@ -135,7 +141,13 @@ impl HashPool {
         {
             let mut queue = self.inner.lock();
             if queue.stopped || queue.len >= self.capacity {
-                tracing::warn!("password check queue full: login answered busy");
+                // Once per 10 s: a flood must not flood the log too (the login_busy
+                // metric and audit events count every one).
+                let now = Instant::now();
+                if queue.warned.map_or(true, |at| now - at >= WARN_EVERY) {
+                    queue.warned = Some(now);
+                    tracing::warn!("password check queue full: logins answered busy");
+                }
                 return Err(Busy);
             }
             let job = Job {
