@@ -46,10 +46,9 @@ pub async fn handle(
     mut reader: Reader,
     mut writer: Writer,
 ) -> Result<(), ConnectFailure> {
-    let timeout = Duration::from_secs(shared.config.limits.connect_timeout);
     let mut buf = BytesMut::with_capacity(4096);
-    let (version, packet) = tokio::time::timeout(
-        timeout,
+    let (version, packet) = tokio::time::timeout_at(
+        info.deadline,
         read_connect(&shared, &mut reader, &mut writer, &mut buf),
     )
     .await
@@ -272,6 +271,7 @@ pub async fn handle(
         .write(connack, &mut out)
         .map_err(|e| ConnectFailure::Malformed(e.to_string()))?;
     writer.write_all(&out).await?;
+    info.established();
     info!(listener = %info.listener.name, peer = %info.peer, client_id = %identity.client_id,
           username = identity.username.as_deref().unwrap_or(""), ?version, "client connected");
     shared.metrics.auth_success.inc();

@@ -6,11 +6,14 @@
 //! router (topic tree, sessions, QoS state) through a local link.
 
 mod acks;
+mod admission;
 mod audit;
 #[doc(hidden)] // reachable for the fuzz harness (fuzz/): not a stable API
 pub mod codec;
 mod connect;
+mod forwarded;
 mod gateway;
+mod handshake_log;
 mod hashing;
 mod listener;
 mod login_gate;
@@ -26,5 +29,6 @@ mod server;
 mod tls;
 pub mod topic;
 mod transport;
+mod ws_upgrade;
 
 pub use server::{run, shutdown_signal, Broker, Reloader, StartError};
