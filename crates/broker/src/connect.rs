@@ -6,7 +6,7 @@
 
 use crate::codec::{announced_length, first_packet, FirstPacket, Version};
 use crate::gateway::{Gateway, Will};
-use crate::policy::{AuthFailure, Identity};
+use crate::policy::Identity;
 use crate::router::router_client_id;
 use crate::server::{ConnInfo, Shared};
 use crate::transport::{Reader, Writer};
@@ -118,22 +118,20 @@ pub async fn handle(
     let username = match verdict {
         Ok(u) => u,
         Err(failure) => {
-            let reason = match failure {
-                AuthFailure::BadCredentials => Refusal::BadCredentials,
-                AuthFailure::NotAuthorized => Refusal::NotAuthorized,
+            let reason = if failure.is_bad_credentials() {
+                Refusal::BadCredentials
+            } else {
+                Refusal::NotAuthorized
             };
-            info!(listener = %info.listener.name, peer = %info.peer, client_id = %client_id, ?failure, "authentication failed");
+            info!(listener = %info.listener.name, peer = %info.peer, client_id = %client_id,
+                  reason = failure.as_str(), "authentication failed");
             shared.metrics.auth_failure.inc();
             if let Some(audit) = &shared.audit {
-                let reason = match failure {
-                    AuthFailure::BadCredentials => "bad username or password",
-                    AuthFailure::NotAuthorized => "not authorized",
-                };
                 let claimed = login.as_ref().map(|l| l.username.as_str());
                 audit.event(
                     "auth_failure",
                     &info.who(Some(&client_id), claimed),
-                    &[("reason", reason.into())],
+                    &[("reason", failure.as_str().into())],
                 );
             }
             refuse(&mut writer, version, reason).await;

@@ -37,13 +37,37 @@ impl Identity {
     }
 }
 
-/// Why a CONNECT was refused by authentication.
+/// Why a CONNECT was refused by authentication. The client only learns "bad
+/// credentials" or "not authorized"; logs and the audit log get the reason.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AuthFailure {
     /// Wrong or unknown username/password (3.1.1: 0x04, 5: 0x86).
     BadCredentials,
-    /// Anonymous refused, or the identity is not acceptable (3.1.1: 0x05, 5: 0x87).
-    NotAuthorized,
+    /// No username on a listener without anonymous access (3.1.1: 0x05, 5: 0x87).
+    AnonymousNotAllowed,
+    /// The username or certificate CN is empty, too long, or contains `/`, `+`, `#` or a
+    /// control character (3.1.1: 0x05, 5: 0x87).
+    InvalidIdentity,
+    /// `identity = "cn"`: the CONNECT carried a username other than the certificate's
+    /// CN (Mosquitto's use_identity_as_username ignores it; 3.1.1: 0x05, 5: 0x87).
+    UsernameNotCertificateCn,
+}
+
+impl AuthFailure {
+    /// The stable word logged and audited as the reason.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthFailure::BadCredentials => "bad_credentials",
+            AuthFailure::AnonymousNotAllowed => "anonymous_not_allowed",
+            AuthFailure::InvalidIdentity => "invalid_identity",
+            AuthFailure::UsernameNotCertificateCn => "username_not_certificate_cn",
+        }
+    }
+
+    /// Whether the client is told "bad username or password" rather than "not authorized".
+    pub fn is_bad_credentials(self) -> bool {
+        self == AuthFailure::BadCredentials
+    }
 }
 
 /// What a listener accepts.
@@ -183,8 +207,11 @@ impl Policy {
     ) -> Result<Option<String>, AuthFailure> {
         if let Some(cn) = cert_identity {
             // One name in logs and audit: a CONNECT username must be the CN.
-            if !valid_identity(cn) || username.is_some_and(|u| u != cn) {
-                return Err(AuthFailure::NotAuthorized);
+            if !valid_identity(cn) {
+                return Err(AuthFailure::InvalidIdentity);
+            }
+            if username.is_some_and(|u| u != cn) {
+                return Err(AuthFailure::UsernameNotCertificateCn);
             }
             return Ok(Some(cn.to_string()));
         }
@@ -194,16 +221,16 @@ impl Policy {
         };
         match (username, passwords) {
             (None, _) if listener.allow_anonymous => Ok(None),
-            (None, _) => Err(AuthFailure::NotAuthorized),
+            (None, _) => Err(AuthFailure::AnonymousNotAllowed),
             // Without a password file nobody can prove a name: where anonymous access is
             // allowed the client is anonymous, whatever username it claims.
             // A name that could widen a `%u` pattern is refused whoever claims it.
-            (Some(user), _) if !valid_identity(user) => Err(AuthFailure::NotAuthorized),
+            (Some(user), _) if !valid_identity(user) => Err(AuthFailure::InvalidIdentity),
             (Some(_), None) if listener.allow_anonymous => Ok(None),
             (Some(_), None) => Err(AuthFailure::BadCredentials),
             (Some(user), Some(file)) => {
                 if !valid_identity(user) {
-                    return Err(AuthFailure::NotAuthorized);
+                    return Err(AuthFailure::InvalidIdentity);
                 }
                 let password = Zeroizing::new(password.unwrap_or("").as_bytes().to_vec());
                 let verdict = self.hashing.verify(file, user, password).await;

@@ -32,6 +32,8 @@ key = "server.key"
 client_ca = "client-ca.crt"
 require_client_cert = true
 identity = "cn"
+[audit]
+path = "audit.log"
 "#;
 
 /// rumqttc TLS transport trusting `ca`, optionally presenting a client certificate.
@@ -338,6 +340,12 @@ async fn connect_username_must_equal_the_cn() {
         }
         other => panic!("expected CONNACK 0x05, got {:?}", other.err()),
     }
+    // The client only hears "not authorized"; the operator reads why.
+    let audit = std::fs::read_to_string(m.broker.path("audit.log")).unwrap();
+    assert!(
+        audit.contains(r#""reason":"username_not_certificate_cn""#),
+        "{audit}"
+    );
     let mut o = tls4(m.addr(), "a2", m.cert("alice2", "alice"));
     o.set_credentials("alice", "");
     let mut alice = v4::connect(o).await.expect("the CN as username is fine");
