@@ -3,6 +3,7 @@
 
 mod basic;
 mod fuzz;
+mod owner;
 mod tamper;
 
 use std::path::{Path, PathBuf};
@@ -30,6 +31,7 @@ pub(crate) fn msg(topic: &str, payload: &str) -> RetainedMessage {
         qos: 1,
         properties: None,
         expires_at: None,
+        owner: None,
     }
 }
 
