@@ -17,7 +17,7 @@
 
 use bytes::Bytes;
 use rumqttd::protocol::{PublishProperties, QoS};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Bound;
 use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -98,23 +98,46 @@ struct Inner {
     map: BTreeMap<String, Arc<RetainedEntry>>,
     bytes: u64,
     owners: HashMap<Arc<str>, Usage>,
+    /// Messages with an expiry, soonest first: expired ones stop counting at the next change.
+    expiry: BTreeSet<(u64, String)>,
 }
 
 impl Inner {
-    fn add(&mut self, entry: &RetainedEntry) {
+    fn add(&mut self, topic: &str, entry: &RetainedEntry) {
+        if let Some(at) = entry.expires_at {
+            self.expiry.insert((at, topic.to_string()));
+        }
         self.bytes = self.bytes.saturating_add(entry.stored_bytes);
         let u = self.owners.entry(entry.owner.clone()).or_default();
         u.messages += 1;
         u.bytes = u.bytes.saturating_add(entry.stored_bytes);
     }
 
-    fn remove(&mut self, entry: &RetainedEntry) {
+    fn remove(&mut self, topic: &str, entry: &RetainedEntry) {
+        if let Some(at) = entry.expires_at {
+            self.expiry.remove(&(at, topic.to_string()));
+        }
         self.bytes = self.bytes.saturating_sub(entry.stored_bytes);
         if let Some(u) = self.owners.get_mut(&entry.owner) {
             u.messages = u.messages.saturating_sub(1);
             u.bytes = u.bytes.saturating_sub(entry.stored_bytes);
             if u.messages == 0 {
                 self.owners.remove(&entry.owner);
+            }
+        }
+    }
+
+    /// Drops the messages expired at `now` (the store drops its copies on its own).
+    fn purge_expired(&mut self, now: u64) {
+        while let Some((at, _)) = self.expiry.first() {
+            if *at > now {
+                return;
+            }
+            let Some((_, topic)) = self.expiry.pop_first() else {
+                return;
+            };
+            if let Some(old) = self.map.remove(&topic) {
+                self.remove(&topic, &old);
             }
         }
     }
@@ -178,6 +201,7 @@ impl RetainedIndex {
                 map: BTreeMap::new(),
                 bytes: 0,
                 owners: HashMap::new(),
+                expiry: BTreeSet::new(),
             }),
             quota,
         }
@@ -200,6 +224,7 @@ impl RetainedIndex {
         let Ok(mut inner) = self.inner.write() else {
             return Err(Refusal::Store);
         };
+        inner.purge_expired(unix_now());
         if let Some(refused) = inner.refusal(&self.quota, topic, &entry, per_user) {
             return Err(refused);
         }
@@ -209,10 +234,10 @@ impl RetainedIndex {
             entry.owner = name.clone();
         }
         let entry = Arc::new(entry);
-        inner.add(&entry);
-        if let Some(old) = inner.map.insert(topic.to_string(), entry) {
-            inner.remove(&old);
+        if let Some(old) = inner.map.insert(topic.to_string(), entry.clone()) {
+            inner.remove(topic, &old);
         }
+        inner.add(topic, &entry);
         Ok(())
     }
 
@@ -220,7 +245,7 @@ impl RetainedIndex {
     pub fn clear(&self, topic: &str) {
         if let Ok(mut inner) = self.inner.write() {
             if let Some(old) = inner.map.remove(topic) {
-                inner.remove(&old);
+                inner.remove(topic, &old);
             }
         }
     }
@@ -479,5 +504,25 @@ mod tests {
         e.expires_at = Some(1);
         index.set("gone", e).unwrap();
         assert!(topics(&index, "#").is_empty());
+    }
+
+    #[test]
+    fn expired_messages_stop_counting() {
+        let index = RetainedIndex::new(Quota {
+            max_messages: 2,
+            max_bytes: 1 << 20,
+            max_messages_per_user: 1,
+            max_bytes_per_user: 0,
+        });
+        let mut e = entry("old");
+        e.expires_at = Some(unix_now() + 1000);
+        index.set("soon", e).unwrap();
+        assert_eq!(index.set("other", entry("v")), Err(Refusal::UserMessages));
+        let mut e = entry("old");
+        e.expires_at = Some(1);
+        index.set("soon", e).unwrap();
+        index.set("other", entry("v")).unwrap();
+        assert_eq!(index.usage("alice").messages, 1);
+        assert_eq!(index.len(), 1);
     }
 }
