@@ -9,7 +9,8 @@
 //! back into the index; at shutdown it is flushed. Its bounds are the index's.
 
 use crate::metrics::Metrics;
-use crate::retained_index::{legacy_owner, unix_now, Refusal, RetainedEntry, RetainedIndex};
+pub use crate::retained_index::legacy_owner;
+use crate::retained_index::{unix_now, Refusal, RetainedEntry, RetainedIndex};
 use bytes::Bytes;
 use moatmq_config::{Config, Retained};
 use moatmq_store::{

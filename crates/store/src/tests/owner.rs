@@ -12,7 +12,7 @@ fn owned(topic: &str, payload: &str, owner: &str) -> RetainedMessage {
 }
 
 #[test]
-fn owner_survives_reopen_and_compaction() {
+fn owner_survives_reopen_compaction_and_rekey() {
     let dir = tempfile::tempdir().unwrap();
     let (mut s, _) = open(dir.path()).unwrap();
     let a = owned("alice/x", "1", "alice");
@@ -26,6 +26,9 @@ fn owner_survives_reopen_and_compaction() {
     s.compact().unwrap();
     drop(s);
     let (_, loaded) = open(dir.path()).unwrap();
+    assert_eq!(sorted(loaded), vec![a.clone(), b.clone()]);
+    crate::rekey(dir.path(), key(), &other_key()).unwrap();
+    let (_, loaded) = Store::open(dir.path(), other_key(), LIMITS).unwrap();
     assert_eq!(sorted(loaded), vec![a, b]);
 }
 
