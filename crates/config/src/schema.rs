@@ -23,6 +23,10 @@ pub const DEFAULT_BYTES_PER_SECOND: u64 = 10_485_760;
 pub const DEFAULT_DISCONNECT_AFTER: u64 = 0;
 pub const DEFAULT_RETAINED_MAX_MESSAGES: usize = 1_000_000;
 pub const DEFAULT_RETAINED_MAX_BYTES: u64 = 1_073_741_824;
+/// A tenth of the global count, so no one user can fill the store for everyone.
+pub const DEFAULT_RETAINED_MAX_MESSAGES_PER_USER: usize = 100_000;
+/// About a tenth of the global bytes (100 MiB).
+pub const DEFAULT_RETAINED_MAX_BYTES_PER_USER: u64 = 104_857_600;
 
 /// The whole `broker.toml`.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -202,9 +206,16 @@ pub struct Retained {
     /// New retained topics past this count are refused.
     #[serde(default = "default_retained_max_messages")]
     pub max_messages: usize,
-    /// New retained topics past this many payload+topic bytes are refused.
+    /// Retained messages that would take the store past this many bytes (each counted
+    /// as its stored record: topic, payload, properties, expiry, owner) are refused.
     #[serde(default = "default_retained_max_bytes")]
     pub max_bytes: u64,
+    /// Most retained messages one user (publisher identity) may own; 0 = unlimited.
+    #[serde(default = "default_retained_max_messages_per_user")]
+    pub max_messages_per_user: usize,
+    /// Most stored bytes one user may own, counted like `max_bytes`; 0 = unlimited.
+    #[serde(default = "default_retained_max_bytes_per_user")]
+    pub max_bytes_per_user: u64,
 }
 
 /// `[limits]`.
@@ -438,6 +449,12 @@ fn default_retained_max_messages() -> usize {
 }
 fn default_retained_max_bytes() -> u64 {
     DEFAULT_RETAINED_MAX_BYTES
+}
+fn default_retained_max_messages_per_user() -> usize {
+    DEFAULT_RETAINED_MAX_MESSAGES_PER_USER
+}
+fn default_retained_max_bytes_per_user() -> u64 {
+    DEFAULT_RETAINED_MAX_BYTES_PER_USER
 }
 fn default_max_packet_size() -> usize {
     DEFAULT_MAX_PACKET_SIZE

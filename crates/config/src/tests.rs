@@ -310,3 +310,17 @@ fn every_section_reports_the_right_line_without_the_value() {
         assert!(!err.contains(SECRET), "the value leaked: {err}");
     }
 }
+
+#[test]
+fn retained_per_user_quotas_default_to_a_tenth_and_zero_is_unlimited() {
+    let c = parse(&format!("{MINIMAL}[retained]\npath = \"r\"\n")).unwrap();
+    let r = c.retained.unwrap();
+    assert_eq!(r.max_messages_per_user, r.max_messages / 10);
+    assert_eq!(r.max_bytes_per_user, DEFAULT_RETAINED_MAX_BYTES_PER_USER);
+    let c = parse(&format!(
+        "{MINIMAL}[retained]\npath = \"r\"\nmax_messages_per_user = 0\nmax_bytes_per_user = 7\n"
+    ))
+    .unwrap();
+    let r = c.retained.unwrap();
+    assert_eq!((r.max_messages_per_user, r.max_bytes_per_user), (0, 7));
+}

@@ -193,7 +193,17 @@ fn retained(command: RetainedCommand) -> anyhow::Result<()> {
                 .context("the config has no [retained] section")?;
             let (store, _) = moatmq_broker::retained::open(&config, &r)?;
             for m in store.messages() {
-                println!("{}\t{} bytes\tqos {}", m.topic, m.payload.len(), m.qos);
+                // Quota owner: as stored, or as derived for records from before owners.
+                let owner = m
+                    .owner
+                    .as_deref()
+                    .unwrap_or_else(|| moatmq_broker::retained::legacy_owner(&m.topic));
+                println!(
+                    "{}\t{} bytes\tqos {}\towner {owner}",
+                    m.topic,
+                    m.payload.len(),
+                    m.qos
+                );
             }
             println!(
                 "{} messages, {} bytes on disk",

@@ -361,6 +361,7 @@ async fn retained_survive_kill_9_list_and_rekey() {
             .find(|l| l.split('\t').next() == Some(topic))
             .unwrap_or_else(|| panic!("{topic} not listed:\n{listed}"));
         assert!(line.contains(&format!("{} bytes", payload.len())), "{line}");
+        assert!(line.ends_with("\towner /anonymous"), "{line}");
         assert!(!listed.contains(payload), "list shows sizes, not payloads");
     }
     assert!(listed.contains("3 messages"), "{listed}");

@@ -114,7 +114,7 @@ impl Store {
         let mut appended = Vec::new();
         for topic in &since {
             let rec = match self.live.get(topic) {
-                Some(e) => RecordRef::Set(&e.msg),
+                Some(e) => RecordRef::set(&e.msg),
                 None => RecordRef::Clear(topic),
             };
             let frame = record::seal_record(&self.cipher, &w.file_id, w.next_seq, &rec)?;

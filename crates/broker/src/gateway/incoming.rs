@@ -97,12 +97,27 @@ impl Gateway {
                 }
                 if publish.retain {
                     let v5 = self.version == Version::V5;
-                    match self
-                        .shared
-                        .retain(topic, &publish.payload, qos, props.as_ref(), v5)
-                    {
+                    match self.shared.retain(
+                        &self.info,
+                        &self.identity,
+                        topic,
+                        &publish.payload,
+                        qos,
+                        props.as_ref(),
+                        v5,
+                    ) {
                         Recorded::Buffered => {}
-                        Recorded::Full => return self.refuse_publish(qos, pkid, Refused::Quota),
+                        Recorded::Refused(_) if !v5 && qos != QoS::AtMostOnce => {
+                            // 3.1.1 has no "refused" acknowledgement, and a success one
+                            // would be a silent loss: close without acknowledging.
+                            return Err(Close::Protocol(
+                                DisconnectReasonCode::QuotaExceeded,
+                                "retained quota exceeded",
+                            ));
+                        }
+                        Recorded::Refused(_) => {
+                            return self.refuse_publish(qos, pkid, Refused::Quota)
+                        }
                         Recorded::NeedsSave => {
                             // It and everything after it wait for one save of this read.
                             publish.retain = false;
@@ -321,7 +336,7 @@ impl Gateway {
 pub(super) enum Refused {
     /// No write access (MQTT 5 reason 0x87).
     NotAuthorized,
-    /// The retained store is full (MQTT 5 reason 0x97).
+    /// A retained quota would be passed (MQTT 5 reason 0x97).
     Quota,
     /// The payload is over `limits.max_payload_size` (MQTT 5 reason 0x83: PUBACK has no
     /// "too large" code).

@@ -5,6 +5,7 @@
 mod basic;
 mod fuzz;
 mod rollback;
+mod owner;
 mod tamper;
 
 use std::path::{Path, PathBuf};
@@ -32,6 +33,7 @@ pub(crate) fn msg(topic: &str, payload: &str) -> RetainedMessage {
         qos: 1,
         properties: None,
         expires_at: None,
+        owner: None,
     }
 }
 
