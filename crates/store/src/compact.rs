@@ -154,17 +154,35 @@ impl Store {
 
 /// Re-encrypts the store in directory `path` from `old` to `new` (verifying every record
 /// under `old` first) and returns the number of messages kept. Crash-safe: the new log is
-/// written to a temporary file and renamed over the old one.
+/// written to a temporary file and renamed over the old one. The new log keeps the old
+/// one's owner and group: an operator running this as root must not leave a log the
+/// broker's own user cannot open.
 pub fn rekey(path: &Path, old: RetainedKey, new: &RetainedKey) -> Result<usize, StoreError> {
     let (store, _) = Store::open(path, old, StoreLimits::UNLIMITED)?;
+    let log_path = path.join(LOG_NAME);
+    let owner = std::fs::metadata(&log_path).map_err(|e| StoreError::io(&log_path, e))?;
     let cipher = record::cipher(new);
     let tmp = path.join(format!("{TMP_PREFIX}-rekey"));
     let w = log::write_fresh(&tmp, &cipher, store.messages())?;
     let n = w.frame_lens.len();
     drop(store);
-    if let Err(e) = log::install(&w.tmp_path, &path.join(LOG_NAME), path) {
+    let installed = keep_owner(&w.file, &owner)
+        .map_err(|e| StoreError::io(&log_path, e))
+        .and_then(|()| log::install(&w.tmp_path, &log_path, path));
+    if let Err(e) = installed {
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
     }
     Ok(n)
+}
+
+/// Gives `file` the owner and group of `old` (a no-op when they already match, so it
+/// needs root only when root runs the command on another user's store).
+fn keep_owner(file: &std::fs::File, old: &std::fs::Metadata) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let new = file.metadata()?;
+    if (new.uid(), new.gid()) == (old.uid(), old.gid()) {
+        return Ok(());
+    }
+    std::os::unix::fs::fchown(file, Some(old.uid()), Some(old.gid()))
 }

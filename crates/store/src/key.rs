@@ -55,8 +55,12 @@ impl RetainedKey {
 
     /// Reads a key file, refusing one whose mode lets group or others read or write it.
     pub fn load(path: &Path) -> Result<RetainedKey, StoreError> {
-        let mut file = std::fs::File::open(path).map_err(|e| StoreError::io(path, e))?;
-        let meta = file.metadata().map_err(|e| StoreError::io(path, e))?;
+        let io = |source| StoreError::KeyFile {
+            path: path.to_owned(),
+            source,
+        };
+        let mut file = std::fs::File::open(path).map_err(io)?;
+        let meta = file.metadata().map_err(io)?;
         if meta.permissions().mode() & 0o077 != 0 {
             return Err(StoreError::KeyPermissions {
                 path: path.to_owned(),
@@ -67,7 +71,7 @@ impl RetainedKey {
         (&mut file)
             .take(1024)
             .read_to_string(&mut text)
-            .map_err(|e| StoreError::io(path, e))?;
+            .map_err(io)?;
         RetainedKey::from_hex(&text)
     }
 
@@ -75,17 +79,21 @@ impl RetainedKey {
     /// hex and a newline, fsyncs it, and returns the key. Backs `moatmq keygen --out FILE`.
     pub fn write_new(path: &Path) -> Result<RetainedKey, StoreError> {
         let key = RetainedKey::generate();
+        let io = |source| StoreError::KeyFile {
+            path: path.to_owned(),
+            source,
+        };
         let mut file = OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
             .open(path)
-            .map_err(|e| StoreError::io(path, e))?;
+            .map_err(io)?;
         let mut text = Zeroizing::new(hex::encode(key.bytes.as_ref()));
         text.push('\n');
         file.write_all(text.as_bytes())
             .and_then(|()| file.sync_all())
-            .map_err(|e| StoreError::io(path, e))?;
+            .map_err(io)?;
         Ok(key)
     }
 
@@ -134,7 +142,7 @@ mod tests {
         // create_new: never overwrite an existing key.
         assert!(matches!(
             RetainedKey::write_new(&path),
-            Err(StoreError::Io { .. })
+            Err(StoreError::KeyFile { .. })
         ));
     }
 

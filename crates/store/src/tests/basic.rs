@@ -256,3 +256,25 @@ fn rekey_round_trip() {
     ));
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
 }
+
+/// `moatmq retained rekey` run as root on the broker user's store keeps the log's owner
+/// and group (as root the store is first given another owner; otherwise it checks that
+/// the caller's own ownership stays).
+#[test]
+fn rekey_keeps_the_logs_owner() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut s, _) = open(dir.path()).unwrap();
+    s.set(msg("a", "1")).unwrap();
+    s.flush().unwrap();
+    drop(s);
+    let log = log_path(dir.path());
+    if std::fs::metadata(&log).unwrap().uid() == 0 {
+        std::os::unix::fs::chown(&log, Some(4321), Some(8765)).unwrap();
+    }
+    let before = std::fs::metadata(&log).unwrap();
+    rekey(dir.path(), key(), &other_key()).unwrap();
+    let after = std::fs::metadata(&log).unwrap();
+    assert_eq!((after.uid(), after.gid()), (before.uid(), before.gid()));
+    assert_eq!(after.mode() & 0o777, 0o600);
+}
