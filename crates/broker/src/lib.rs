@@ -15,6 +15,7 @@ mod hashing;
 mod listener;
 mod metrics;
 pub mod policy;
+mod preflight;
 mod proxy;
 mod ratelimit;
 pub mod retained;
@@ -25,4 +26,5 @@ mod tls;
 pub mod topic;
 mod transport;
 
+pub use preflight::validate;
 pub use server::{run, shutdown_signal, Broker, Reloader, StartError};

@@ -60,7 +60,12 @@ impl Invalid {
 
     /// Ties the failure to `file`, finding the line of the key in `text` (0 if absent).
     pub fn locate(self, file: &Path, text: &str) -> ConfigError {
-        let line = find_key_line(text, &self.needle, self.listener);
+        // `limits.max_inflight` is looked for inside `[limits]` only.
+        let section = match self.listener {
+            None => self.key.rsplit_once('.').map(|(section, _)| section),
+            Some(_) => None,
+        };
+        let line = find_key_line(text, &self.needle, self.listener, section);
         ConfigError::Invalid {
             file: file.to_path_buf(),
             line,
@@ -70,15 +75,27 @@ impl Invalid {
     }
 }
 
-/// Line of `key = ...`, searching only inside the `index`th `[[listener]]` when given.
-fn find_key_line(text: &str, key: &str, listener: Option<usize>) -> usize {
+/// Line of `key = ...`, searching only inside the `index`th `[[listener]]` or inside
+/// `[section]` when given.
+fn find_key_line(text: &str, key: &str, listener: Option<usize>, section: Option<&str>) -> usize {
     let mut seen_listener: Option<usize> = None;
+    let mut in_section = false;
     for (n, line) in text.lines().enumerate() {
         let t = line.trim_start();
         if t.starts_with("[[listener]]") {
             seen_listener = Some(seen_listener.map_or(0, |i| i + 1));
         }
+        if t.starts_with('[') {
+            in_section = section.is_some_and(|s| {
+                t.strip_prefix('[')
+                    .and_then(|r| r.split_once(']'))
+                    .is_some_and(|(name, _)| name.trim() == s)
+            });
+        }
         if listener.is_some() && seen_listener != listener {
+            continue;
+        }
+        if section.is_some() && !in_section {
             continue;
         }
         if let Some(rest) = t.strip_prefix(key) {
