@@ -1,0 +1,120 @@
+//! The real `moatmq` binary's file errors: each names which file it is (configuration,
+//! password, ACL or key file) and its path, says the OS error once, and never shows the
+//! temporary file a rewrite goes through.
+
+use std::process::{Command, Stdio};
+
+const BIN: &str = env!("CARGO_BIN_EXE_moatmq");
+
+/// Runs `moatmq ARGS` with `input` on stdin; returns the exit code and stderr.
+fn run(args: &[&str], input: &str) -> (Option<i32>, String) {
+    use std::io::Write;
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env_remove("MOATMQ_RETAINED_KEY")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run moatmq");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(input.as_bytes()).unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The command fails with exactly one line that starts with `prefix` (the kind of file
+/// and its path) and names the OS error once.
+#[track_caller]
+fn fails_naming(args: &[&str], input: &str, prefix: &str, os_error: &str) {
+    let (code, err) = run(args, input);
+    assert!(code.is_some_and(|c| c != 0), "{args:?} succeeded: {err}");
+    let line = err.trim_end();
+    assert!(!line.contains('\n'), "one line: {err}");
+    let line = line.strip_prefix("error: ").unwrap_or(line);
+    assert!(line.starts_with(prefix), "{prefix:?} starts {line:?}");
+    assert_eq!(
+        line.matches(os_error).count(),
+        1,
+        "{os_error:?} once in {line:?}"
+    );
+    assert_eq!(line.matches("os error").count(), 1, "{line:?}");
+    assert!(!line.contains(".tmp."), "temporary file shown: {line:?}");
+}
+
+#[test]
+fn file_errors_name_the_file_and_say_the_os_error_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let missing_dir = d.join("nothere");
+    let passwd = missing_dir.join("passwd");
+    let passwd = passwd.to_str().unwrap();
+    // Adding to a file in a missing folder: the temporary file cannot be created.
+    fails_naming(
+        &["passwd", passwd, "alice"],
+        "pw\n",
+        &format!("password file {passwd}: "),
+        "No such file or directory",
+    );
+    fails_naming(
+        &["passwd", "--delete", passwd, "alice"],
+        "",
+        &format!("password file {passwd}: "),
+        "No such file or directory",
+    );
+    let acl = d.join("nothere.acl");
+    let acl = acl.to_str().unwrap();
+    fails_naming(
+        &["acl", "check", "--acl", acl, "--user", "a", "read", "a/b"],
+        "",
+        &format!("cannot read ACL file {acl}: "),
+        "No such file or directory",
+    );
+    let config = d.join("nothere.toml");
+    let config = config.to_str().unwrap();
+    fails_naming(
+        &["check", "-c", config],
+        "",
+        &format!("configuration file {config}: "),
+        "No such file or directory",
+    );
+    // keygen never overwrites: the key file exists.
+    let key = d.join("retained.key");
+    let key = key.to_str().unwrap();
+    let (code, err) = run(&["keygen", "--out", key], "");
+    assert_eq!(code, Some(0), "{err}");
+    fails_naming(
+        &["keygen", "--out", key],
+        "",
+        &format!("retained-store key file {key}: "),
+        "File exists",
+    );
+    let toml = d.join("broker.toml");
+    std::fs::write(
+        &toml,
+        format!(
+            "[[listener]]\nname = \"tcp\"\nbind = \"127.0.0.1:1883\"\n\
+             [retained]\npath = \"store\"\nkey_file = \"{key}\"\n"
+        ),
+    )
+    .unwrap();
+    let new_key = d.join("new.key");
+    let new_key = new_key.to_str().unwrap();
+    fails_naming(
+        &[
+            "retained",
+            "rekey",
+            "-c",
+            toml.to_str().unwrap(),
+            "--new-key",
+            new_key,
+        ],
+        "",
+        &format!("retained-store key file {new_key}: "),
+        "No such file or directory",
+    );
+}
