@@ -118,3 +118,71 @@ fn file_errors_name_the_file_and_say_the_os_error_once() {
         "No such file or directory",
     );
 }
+
+/// `moatmq acl check` on the top-level aclfile.example: prints `allow`/`deny` and the
+/// deciding line (stdout), whatever the exit code convention.
+fn decide(args: &[&str]) -> String {
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../aclfile.example");
+    let mut all = vec!["acl", "check", "--acl", example.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let out = Command::new(BIN)
+        .args(&all)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run moatmq");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.starts_with("allow") || stdout.starts_with("deny"),
+        "{all:?}: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout.split_whitespace().next().unwrap().to_string()
+}
+
+#[test]
+fn aclfile_example_loads_and_decides_as_its_comments_say() {
+    for (args, verdict) in [
+        // Tenants.
+        (&["--user", "alice", "write", "alice/lamp"][..], "allow"),
+        (&["--user", "alice", "read", "bob/lamp"], "deny"),
+        (&["--user", "alice", "subscribe", "#"], "deny"),
+        (
+            &[
+                "--user",
+                "alice",
+                "--client-id",
+                "d1",
+                "write",
+                "devices/d1/up",
+            ],
+            "allow",
+        ),
+        (
+            &[
+                "--user",
+                "alice",
+                "--client-id",
+                "d1",
+                "write",
+                "devices/d2/up",
+            ],
+            "deny",
+        ),
+        (&["--user", "alice", "read", "announcements/x"], "allow"),
+        (&["--user", "alice", "write", "announcements/x"], "deny"),
+        // The superuser, $SYS included.
+        (&["--user", "admin", "write", "bob/lamp"], "allow"),
+        (&["--user", "admin", "subscribe", "$SYS/#"], "allow"),
+        // The read-only ingestor.
+        (&["--user", "ingest", "read", "bob/telemetry/t"], "allow"),
+        (&["--user", "ingest", "write", "bob/telemetry/t"], "deny"),
+        // Deny wins; anonymous clients get nothing.
+        (
+            &["--user", "guest", "read", "announcements/internal/x"],
+            "deny",
+        ),
+        (&["read", "alice/lamp"], "deny"),
+    ] {
+        assert_eq!(decide(args), verdict, "{args:?}");
+    }
+}
