@@ -524,3 +524,12 @@ fn compose_mounts_do_not_nest_and_cover_the_config() {
         .iter()
         .any(|(src, dst, _)| src == "./secrets" && dst == "/etc/moatmq/secrets"));
 }
+
+/// The release binary (what the Dockerfile and `cargo install` build) is stripped.
+#[test]
+fn release_profile_strips_the_binary() {
+    let manifest: toml::Table = read("Cargo.toml").parse().unwrap();
+    let release = &manifest["profile"]["release"];
+    assert_eq!(release.get("strip"), Some(&toml::Value::Boolean(true)));
+    assert_eq!(release.get("debug"), None);
+}

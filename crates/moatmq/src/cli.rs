@@ -19,9 +19,13 @@ pub enum Command {
         #[arg(short, long)]
         config: Option<PathBuf>,
     },
-    /// Validate a configuration file and the files it names, then exit
-    /// (non-zero naming file, line and reason).
+    /// Validate a configuration file and every file it names, as `serve` does, then exit.
+    ///
+    /// Loads the password and ACL files, TLS certificates, keys and CAs and the
+    /// retained-store key, without binding a port. Exit code 0: ok; 64: the file, the
+    /// line where known and the reason on stderr (the same message and code as `serve`).
     Check {
+        /// Configuration file (broker.toml) to check.
         #[arg(short, long)]
         config: PathBuf,
     },
@@ -31,11 +35,15 @@ pub enum Command {
         /// Remove the user instead.
         #[arg(long)]
         delete: bool,
+        /// Password file to update (created with mode 0600 if missing; an existing
+        /// file keeps its owner, group and mode).
         file: PathBuf,
+        /// Username to add, update or delete.
         user: String,
     },
     /// Write a new random 256-bit key for the retained store (mode 0600).
     Keygen {
+        /// Where to write the key; the file must not exist yet.
         #[arg(long)]
         out: PathBuf,
     },
@@ -63,11 +71,13 @@ pub enum Command {
 pub enum RetainedCommand {
     /// Print retained topics and their sizes.
     List {
+        /// Configuration file whose [retained] store to read.
         #[arg(short, long)]
         config: PathBuf,
     },
     /// Re-encrypt the store under a new key (crash-safe); then point key_file at it.
     Rekey {
+        /// Configuration file whose [retained] store and key to use.
         #[arg(short, long)]
         config: PathBuf,
         /// Key file made by `moatmq keygen`.
@@ -80,21 +90,28 @@ pub enum RetainedCommand {
 pub enum AclCommand {
     /// Print allow or deny for one request and the file line that decided it.
     Check {
+        /// ACL file (Mosquitto syntax) to ask.
         #[arg(long)]
         acl: PathBuf,
+        /// Username of the client (omit for an anonymous client).
         #[arg(long)]
         user: Option<String>,
+        /// Client id of the client (for %c patterns).
         #[arg(long, default_value = "")]
         client_id: String,
         /// read, write or subscribe
         action: Action,
+        /// Topic (read, write) or topic filter (subscribe).
         topic: String,
     },
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum Action {
+    /// Receive messages published to the topic.
     Read,
+    /// Publish to the topic.
     Write,
+    /// Subscribe to the topic filter.
     Subscribe,
 }

@@ -186,3 +186,134 @@ fn aclfile_example_loads_and_decides_as_its_comments_say() {
         assert_eq!(decide(args), verdict, "{args:?}");
     }
 }
+
+/// `moatmq ARGS --help`: stdout, requiring success.
+fn help(args: &[&str]) -> String {
+    let out = Command::new(BIN)
+        .args(args)
+        .arg("--help")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run moatmq");
+    assert!(out.status.success(), "{args:?} --help");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The lines of a `Heading:` section of clap's help, up to the next blank line followed
+/// by a heading.
+fn section<'a>(text: &'a str, heading: &str) -> Vec<&'a str> {
+    text.lines()
+        .skip_while(|l| *l != heading)
+        .skip(1)
+        .take_while(|l| l.is_empty() || l.starts_with(' '))
+        .collect()
+}
+
+/// Every subcommand, argument and flag has a help text, found by walking `--help`.
+#[test]
+fn every_subcommand_and_flag_has_help() {
+    let mut todo: Vec<Vec<String>> = vec![vec![]];
+    let mut seen = 0;
+    while let Some(path) = todo.pop() {
+        let args: Vec<&str> = path.iter().map(String::as_str).collect();
+        let text = help(&args);
+        seen += 1;
+        for line in section(&text, "Commands:") {
+            let mut words = line.split_whitespace();
+            let Some(name) = words.next() else { continue };
+            assert!(words.next().is_some(), "{args:?}: {name} has no help");
+            if name != "help" {
+                let mut sub = path.clone();
+                sub.push(name.to_string());
+                todo.push(sub);
+            }
+        }
+        for heading in ["Arguments:", "Options:"] {
+            let lines = section(&text, heading);
+            // An entry is `<ARG>`, `-c, --config <CONFIG>` or `--delete`; other lines
+            // are help texts (the long form's, below the entry) or possible values (`- x`).
+            let is_entry = |l: &str| {
+                let t = l.trim_start();
+                t.starts_with('<') || (t.starts_with('-') && !t.starts_with("- "))
+            };
+            for (i, line) in lines.iter().enumerate() {
+                if !is_entry(line) {
+                    continue;
+                }
+                let entry = line.trim_start();
+                // Short form: the text on the same line after two spaces; long form: on
+                // the next line, which is then not an entry itself.
+                let inline = entry.split("  ").filter(|p| !p.trim().is_empty()).count() > 1;
+                let below = lines
+                    .get(i + 1)
+                    .is_some_and(|n| !n.trim().is_empty() && !is_entry(n));
+                assert!(inline || below, "{args:?}: {entry:?} has no help");
+            }
+        }
+    }
+    assert!(seen >= 10, "walked {seen} help pages");
+    // The ones the issue names.
+    for (command, needles) in [
+        (
+            "check",
+            &[
+                "-c, --config <CONFIG>",
+                "Configuration file (broker.toml) to check",
+                "64",
+            ][..],
+        ),
+        ("keygen", &["--out <OUT>", "Where to write the key"]),
+        ("passwd", &["<FILE>", "Password file", "<USER>", "Username"]),
+    ] {
+        let text = help(&[command]);
+        for needle in needles {
+            assert!(
+                text.contains(needle),
+                "{command} --help: {needle:?} in\n{text}"
+            );
+        }
+    }
+}
+
+/// The README names what a first-time user needs: installing the binary, the package
+/// the tests need, and every `[limits]` key in its table.
+#[test]
+fn readme_covers_first_contact() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    assert!(readme.contains("cargo install --path crates/moatmq --locked"));
+    assert!(readme.contains("mosquitto-clients"));
+    assert!(readme.contains("aclfile.example"));
+    let limits = readme
+        .lines()
+        .find(|l| l.starts_with("| `[limits]`"))
+        .expect("[limits] row");
+    for key in moatmq_config_keys(&root.join("broker.toml.example"), "[limits]") {
+        assert!(
+            limits.contains(&format!("`{key}`")),
+            "README [limits]: {key}"
+        );
+    }
+}
+
+/// The keys (commented or not) of `section` in broker.toml.example.
+fn moatmq_config_keys(example: &std::path::Path, section: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(example).unwrap();
+    text.lines()
+        .skip_while(|l| l.trim() != section)
+        .skip(1)
+        .take_while(|l| {
+            !l.trim_start()
+                .trim_start_matches('#')
+                .trim_start()
+                .starts_with('[')
+        })
+        .filter_map(|l| {
+            let l = l.trim_start().trim_start_matches('#').trim_start();
+            let (key, _) = l.split_once('=')?;
+            let key = key.trim();
+            (!key.is_empty() && key.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+                .then(|| key.to_string())
+        })
+        .collect()
+}
