@@ -1,8 +1,8 @@
 //! Preflight: everything `serve` refuses that can be found without binding a socket or
-//! opening the retained store: the password file, the ACL file, each listener's TLS
+//! replaying the retained store: the password file, the ACL file, each listener's TLS
 //! certificate, key and client CA (missing, unreadable, swapped, not matching each
-//! other), the retained-store key (missing, malformed, readable by group or others) and
-//! the audit log's folder. (The config itself, duplicate bind addresses included, is
+//! other), the retained-store key (missing, malformed, readable by group or others, not
+//! the key of the existing store's header) and the audit log's folder. (The config itself, duplicate bind addresses included, is
 //! checked when it is loaded.)
 //!
 //! `moatmq check` is this function; `moatmq serve` calls it before starting, so the
@@ -21,7 +21,10 @@ pub fn validate(config: &Config) -> Result<(), StartError> {
         TlsSetup::for_listener(config, l)?;
     }
     if let Some(r) = &config.retained {
-        crate::retained::load_key(config, r)?;
+        let key = crate::retained::load_key(config, r)?;
+        // The header only: a store written under another key is refused here too.
+        key.check_store(&config.resolve(&r.path))
+            .map_err(crate::retained::RetainedError::Store)?;
     }
     if let Some(a) = config.audit.as_ref().filter(|a| a.path.as_os_str() != "-") {
         let path = config.resolve(&a.path);

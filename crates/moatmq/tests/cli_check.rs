@@ -1,7 +1,7 @@
 //! `moatmq check` refuses what `moatmq serve` refuses, with the same message and the
 //! same exit code (64 for a configuration or file problem), before any port is bound:
-//! missing, swapped or mismatched TLS certificate and key, a missing or group-readable
-//! retained-store key, overlapping bind addresses, missing password or ACL files. A
+//! missing, swapped or mismatched TLS certificate and key, a missing, group-readable or
+//! wrong retained-store key, overlapping bind addresses, missing password or ACL files. A
 //! runtime failure (the port is taken) exits 1.
 
 use moatmq_testkit::TestCa;
@@ -189,6 +189,21 @@ fn retained_key_problems_are_found_by_check_as_by_serve() {
     );
     let (code, err) = run(&["check", "-c", &ok], &[]);
     assert_eq!(code, Some(0), "{err}");
+    // A store written under this key, then checked with another: the header says so.
+    let (code, err) = run(&["retained", "list", "-c", &ok], &[]);
+    assert_eq!(code, Some(0), "{err}");
+    let other = d.join("other.key");
+    let (code, err) = run(&["keygen", "--out", other.to_str().unwrap()], &[]);
+    assert_eq!(code, Some(0), "{err}");
+    both_refuse(
+        d,
+        &retained_config(port, store, Some("other.key")),
+        port,
+        &[
+            "retained store: wrong key for retained store ",
+            "retained.log",
+        ],
+    );
     // The key in the environment (as the Kubernetes manifests give it) is enough.
     let hex = std::fs::read_to_string(&key).unwrap();
     let env_only = write(d, "env.toml", &retained_config(port, store, None));

@@ -97,6 +97,37 @@ impl RetainedKey {
         Ok(key)
     }
 
+    /// Checks, reading only the log's header, that this key opens the store in `dir`
+    /// (`moatmq check`): [`StoreError::WrongKey`] if it was written under another key,
+    /// [`StoreError::Corrupt`] if the header is not a store header. A store that does
+    /// not exist yet is fine: `Store::open` creates it. Writes nothing, so it is safe
+    /// while a broker has the store open.
+    pub fn check_store(&self, dir: &Path) -> Result<(), StoreError> {
+        let log_path = dir.join(crate::store::LOG_NAME);
+        let mut file = match std::fs::File::open(&log_path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(StoreError::io(&log_path, e)),
+        };
+        let mut header = [0u8; crate::record::HEADER_LEN];
+        let corrupt = |reason: &str| StoreError::Corrupt {
+            file: log_path.clone(),
+            offset: 0,
+            reason: reason.to_owned(),
+        };
+        file.read_exact(&mut header).map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => corrupt("file is shorter than the store header"),
+            _ => StoreError::io(&log_path, e),
+        })?;
+        match crate::record::open_header(&crate::record::cipher(self), &header) {
+            Ok(_) => Ok(()),
+            Err(crate::record::HeaderError::Format(reason)) => Err(corrupt(reason)),
+            Err(crate::record::HeaderError::KeyCheck) => {
+                Err(StoreError::WrongKey { file: log_path })
+            }
+        }
+    }
+
     /// The raw key bytes. Call only to build a cipher; never log or persist them.
     pub fn expose_secret(&self) -> &[u8; KEY_LEN] {
         &self.bytes

@@ -278,3 +278,30 @@ fn rekey_keeps_the_logs_owner() {
     assert_eq!((after.uid(), after.gid()), (before.uid(), before.gid()));
     assert_eq!(after.mode() & 0o777, 0o600);
 }
+
+/// `check_store` reads the header only: the right key passes, another is `WrongKey`, a
+/// store not made yet passes, and nothing is written.
+#[test]
+fn check_store_reads_only_the_header() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    key().check_store(&store).unwrap();
+    assert!(!store.exists(), "nothing created");
+    let (mut s, _) = open(&store).unwrap();
+    s.set(msg("a", "1")).unwrap();
+    s.flush().unwrap();
+    drop(s);
+    let before = std::fs::read(log_path(&store)).unwrap();
+    key().check_store(&store).unwrap();
+    assert!(matches!(
+        other_key().check_store(&store),
+        Err(StoreError::WrongKey { .. })
+    ));
+    std::fs::write(log_path(&store), b"short").unwrap();
+    assert!(matches!(
+        key().check_store(&store),
+        Err(StoreError::Corrupt { offset: 0, .. })
+    ));
+    std::fs::write(log_path(&store), &before).unwrap();
+    assert_eq!(std::fs::read(log_path(&store)).unwrap(), before);
+}
