@@ -274,6 +274,12 @@ fn systemd_unit_does_not_restart_on_exit_64() {
     assert!(unit
         .lines()
         .any(|l| l.trim() == "RestartPreventExitStatus=64"));
+    // RestartPreventExitStatus applies to the main process only: the checks must run
+    // in `serve` itself (they do, see above), not in an ExecStartPre.
+    assert!(!unit.lines().any(|l| l.trim().starts_with("ExecStartPre=")));
+    assert!(unit
+        .lines()
+        .any(|l| l.trim() == "ExecStart=/usr/local/bin/moatmq serve -c /etc/moatmq/broker.toml"));
     let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
     assert!(
         readme.contains("exit code 64"),
