@@ -22,6 +22,24 @@ pub fn write_all(corpus: &Path) -> Result<usize, String> {
         Ok(())
     };
 
+    for (name, header) in [
+        (
+            "v1-tcp4.bin",
+            &b"PROXY TCP4 203.0.113.7 10.0.0.1 40000 1883\r\n"[..],
+        ),
+        ("v1-tcp6.bin", b"PROXY TCP6 2001:db8::7 ::1 40000 1883\r\n"),
+        ("v1-unknown.bin", b"PROXY UNKNOWN\r\n"),
+        (
+            "v2-tcp4.bin",
+            b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c\xc6\x33\x64\x09\x0a\x00\x00\x01\x9c\x40\x07\x5b",
+        ),
+        ("v2-local.bin", b"\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00"),
+    ] {
+        let mut bytes = header.to_vec();
+        bytes.extend(b"\x10\x0c\x00\x04MQTT\x04\x02\x00\x3c\x00\x00");
+        put("proxy_header", name, &bytes)?;
+    }
+
     for (target, v5) in [("mqtt_v4", false), ("mqtt_v5", true)] {
         let mut all = Vec::new();
         for (name, bytes) in mqtt::valid_packets(v5) {

@@ -61,6 +61,12 @@ pub const TARGETS: &[Target] = &[
         dict: CONFIG_DICT,
     },
     Target {
+        name: "proxy_header",
+        run: proxy_header,
+        generate: gen_proxy_header,
+        dict: PROXY_DICT,
+    },
+    Target {
         name: "store_records",
         run: store_records,
         generate: crate::store::generate,
@@ -496,4 +502,80 @@ fn store_records(data: &[u8]) -> bool {
             false
         }
     }
+}
+
+const PROXY_DICT: &[&[u8]] = &[
+    b"PROXY ",
+    b"TCP4 ",
+    b"TCP6 ",
+    b"UNKNOWN",
+    b"\r\n",
+    b"\r\n\r\n\0\r\nQUIT\n",
+    b"\x21\x11\x00\x0c",
+    b"\x21\x21\x00\x24",
+    b"\x20\x00\x00\x00",
+    b"255.255.255.255 ",
+    b"::ffff:1.2.3.4 ",
+    b"65535 ",
+];
+
+/// The PROXY protocol reader on a trusting listener, fed `data` as the socket's bytes.
+/// It must never read past the header it accepts (the TLS or MQTT bytes that follow stay
+/// in the socket), and the header alone must give the same answer.
+fn proxy_header(data: &[u8]) -> bool {
+    let mut rest = data;
+    let result = poll_ready(moatmq_broker::proxy::read_header(&mut rest));
+    let Ok(addr) = result else {
+        return false;
+    };
+    let header = &data[..data.len() - rest.len()];
+    assert!(
+        header.starts_with(b"PROXY ") || header.starts_with(b"\r\n\r\n\0\r\nQUIT\n"),
+        "accepted a header without a PROXY signature"
+    );
+    if header.starts_with(b"PROXY ") {
+        assert!(
+            header.ends_with(b"\r\n"),
+            "v1 header accepted without its CRLF"
+        );
+    }
+    let mut again = header;
+    let second = poll_ready(moatmq_broker::proxy::read_header(&mut again));
+    assert_eq!(second, Ok(addr), "the header alone reads differently");
+    assert!(again.is_empty(), "the header alone was not read to its end");
+    true
+}
+
+/// Runs a future over in-memory input, which is always ready: one poll must finish it.
+fn poll_ready<F: std::future::Future>(future: F) -> F::Output {
+    let mut future = std::pin::pin!(future);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match future.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(out) => out,
+        std::task::Poll::Pending => panic!("a read of in-memory bytes did not complete"),
+    }
+}
+
+fn gen_proxy_header(rng: &mut StdRng) -> Vec<u8> {
+    let mut out = if rng.gen_bool(0.5) {
+        let v6 = rng.gen_bool(0.5);
+        let (fam, src, dst) = if v6 {
+            ("TCP6", "2001:db8::7", "::1")
+        } else {
+            ("TCP4", "203.0.113.7", "10.0.0.1")
+        };
+        let fam = *[fam, "UNKNOWN", "TCP5"].choose(rng).unwrap_or(&fam);
+        format!("PROXY {fam} {src} {dst} {} 1883\r\n", rng.gen::<u16>()).into_bytes()
+    } else {
+        let mut v2 = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+        let v6 = rng.gen_bool(0.5);
+        let len: u16 = if v6 { 36 } else { 12 };
+        let cmd = *[0x21u8, 0x20, 0x11].choose(rng).unwrap_or(&0x21);
+        v2.extend([cmd, if v6 { 0x21 } else { 0x11 }]);
+        v2.extend(len.to_be_bytes());
+        v2.extend((0..len).map(|_| rng.gen::<u8>()));
+        v2
+    };
+    out.extend(b"\x10\x0c\x00\x04MQTT\x04\x02\x00\x3c\x00\x00");
+    out
 }

@@ -6,17 +6,22 @@
 //! router (topic tree, sessions, QoS state) through a local link.
 
 mod acks;
+mod admission;
 mod audit;
 #[doc(hidden)] // reachable for the fuzz harness (fuzz/): not a stable API
 pub mod codec;
 mod connect;
+mod forwarded;
 mod gateway;
+mod handshake_log;
 mod hashing;
 mod listener;
+mod login_gate;
 mod metrics;
 pub mod policy;
 mod preflight;
-mod proxy;
+#[doc(hidden)] // reachable for the fuzz harness (fuzz/): not a stable API
+pub mod proxy;
 mod ratelimit;
 pub mod retained;
 mod retained_index;
@@ -25,6 +30,7 @@ mod server;
 mod tls;
 pub mod topic;
 mod transport;
+mod ws_upgrade;
 
 pub use preflight::validate;
 pub use server::{run, shutdown_signal, Broker, Reloader, StartError};

@@ -91,6 +91,7 @@ impl ConnectionLimiter {
         if self.rate == 0 {
             return true;
         }
+        let ip = moatmq_auth::address_bucket(ip);
         let now = Instant::now();
         let Ok(mut buckets) = self.buckets.lock() else {
             return true;

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{login4, login5, password_file, suback4, Raw, V4_NO, V4_OK};
+use common::{assert_quiet4, login4, login5, password_file, suback4, Raw, V4_NO, V4_OK};
 use moatmq_testkit::{v4, v5, TestBroker, QUIET, WAIT};
 use rumqttc::v5::mqttbytes::v5 as m5;
 use rumqttc::v5::mqttbytes::QoS as Q5;
@@ -531,4 +531,56 @@ async fn same_user_same_client_id_takes_over() {
     let mut old4 = user4(addr, "mine4", "alice").await;
     let _new4 = user4(addr, "mine4", "alice").await;
     assert!(old4.closed_within(WAIT).await.is_some(), "v4 taken over");
+}
+
+/// A 3.1.1 connection of `user` with a retained will on `topic`, held open by the caller.
+async fn with_will(addr: SocketAddr, id: &str, user: &str, topic: &str) -> Raw {
+    let mut connect = common::connect4(id);
+    connect.login = Some(rumqttc::mqttbytes::v4::Login::new(user, pw(user)));
+    connect.last_will = Some(rumqttc::LastWill::new(
+        topic,
+        format!("{user} is gone"),
+        QoS::AtLeastOnce,
+        true,
+    ));
+    let (raw, code) = Raw::connect4(addr, connect).await;
+    assert_eq!(code, Some(rumqttc::ConnectReturnCode::Success), "{user}");
+    raw
+}
+
+#[tokio::test]
+async fn will_is_checked_against_the_acl_in_force_when_it_is_published() {
+    let broker = broker(WITH_ACL_FILE).await;
+    let addr = broker.first_addr();
+    let mut admin = user4(addr, "admin-watch", "admin").await;
+    assert_eq!(
+        suback4(&mut admin, &["alice/#", "bob/#"]).await,
+        vec![V4_OK, V4_OK]
+    );
+    let alice = with_will(addr, "alice-w", "alice", "alice/status").await;
+    let bob = with_will(addr, "bob-w", "bob", "bob/status").await;
+
+    // The operator takes alice's write access away and reloads (SIGHUP).
+    moatmq_testkit::write_file(
+        &broker.path(""),
+        "aclfile",
+        &ACL.replace("topic readwrite alice/#", "topic read alice/#"),
+    );
+    assert!(broker.reload().is_empty(), "reload succeeds");
+    drop(alice);
+    drop(bob);
+
+    // bob's will still goes out; alice's, written when she could, does not.
+    let p = admin.next_publish().await;
+    assert_eq!(p.topic, "bob/status");
+    assert_quiet4(&mut admin).await;
+    // Nor was it retained for later subscribers.
+    let mut late = user4(addr, "admin-late", "admin").await;
+    assert_eq!(
+        suback4(&mut late, &["alice/#", "bob/#"]).await,
+        vec![V4_OK, V4_OK]
+    );
+    let p = late.next_publish().await;
+    assert_eq!(p.topic, "bob/status");
+    assert_quiet4(&mut late).await;
 }

@@ -492,9 +492,11 @@ impl State {
             );
             if l.websockets {
                 out.push_str("protocol = \"ws\"\n");
-                self.warnings.push(format!(
-                    "{at}: moatmq serves MQTT over WebSocket on the path /mqtt only; Mosquitto accepted any path"
-                ));
+                out.push_str(
+                    "# Mosquitto accepts WebSocket clients on any path; narrow this to the paths\n\
+                     # your clients use (moatmq's default is [\"/mqtt\"]).\n\
+                     path = [\"*\"]\n",
+                );
             }
             if let Some(anon) = l.allow_anonymous {
                 let _ = writeln!(out, "allow_anonymous = {anon}");

@@ -36,7 +36,7 @@ impl Config {
             ConfigError::Syntax {
                 file: file.to_path_buf(),
                 line,
-                reason: e.message().to_string(),
+                reason: error::redact(e.message()),
             }
         })?;
         config.source = Some(file.to_path_buf());
@@ -51,9 +51,11 @@ impl Config {
                 name: "local".into(),
                 bind: "127.0.0.1:1883".into(),
                 protocol: Protocol::Mqtt,
+                path: None,
                 tls: None,
                 allow_anonymous: Some(true),
                 trust_proxy_protocol: false,
+                forwarded: None,
             }],
             ..Config::default()
         }

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 pub const DEFAULT_MAX_PACKET_SIZE: usize = 1_048_576;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 pub const DEFAULT_CONNECT_TIMEOUT: u64 = 5;
+pub const DEFAULT_MAX_PENDING_PER_ADDRESS: usize = 32;
 pub const DEFAULT_MAX_INFLIGHT: u16 = 100;
 pub const DEFAULT_MAX_SUBSCRIPTIONS_PER_CLIENT: usize = 100;
 pub const DEFAULT_MAX_TOPIC_LEVELS: usize = 32;
@@ -61,9 +62,13 @@ pub struct Listener {
     pub name: String,
     /// `ip:port` to bind, e.g. `127.0.0.1:1883` or `0.0.0.0:8883`.
     pub bind: String,
-    /// `mqtt` (MQTT over TCP) or `ws` (MQTT over WebSocket, path `/mqtt`).
+    /// `mqtt` (MQTT over TCP) or `ws` (MQTT over WebSocket).
     #[serde(default)]
     pub protocol: Protocol,
+    /// `ws` listeners: the HTTP paths WebSocket upgrades are accepted on; `"*"` = any.
+    /// Default `["/mqtt"]`.
+    #[serde(default)]
+    pub path: Option<Vec<String>>,
     /// `[listener.tls]`: absent = plaintext.
     #[serde(default)]
     pub tls: Option<Tls>,
@@ -73,6 +78,54 @@ pub struct Listener {
     /// Read a PROXY protocol v1/v2 header before MQTT (only behind a trusted proxy).
     #[serde(default)]
     pub trust_proxy_protocol: bool,
+    /// `[listener.forwarded]` (`ws` listeners): take the client address from a header a
+    /// trusted proxy sets. Absent (default) = the TCP peer's address.
+    #[serde(default)]
+    pub forwarded: Option<Forwarded>,
+}
+
+/// `[listener.forwarded]`: for a WebSocket listener behind an HTTP proxy or tunnel
+/// (cloudflared, nginx) that cannot send the PROXY protocol.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Forwarded {
+    /// The header naming the client, e.g. `CF-Connecting-IP` (one address) or
+    /// `X-Forwarded-For` (its last hop, the one the trusted proxy appended).
+    pub header: String,
+    /// Addresses or CIDRs (`127.0.0.1/32`, `10.0.0.0/8`) of the proxies whose header is
+    /// believed; a connection from anywhere else keeps its TCP peer address.
+    pub trusted_proxies: Vec<String>,
+}
+
+impl Forwarded {
+    /// `trusted_proxies` as networks (a bare address is a /32 or /128).
+    pub fn proxies(&self) -> Vec<ipnet::IpNet> {
+        self.trusted_proxies
+            .iter()
+            .filter_map(|p| parse_net(p))
+            .collect()
+    }
+}
+
+fn parse_net(text: &str) -> Option<ipnet::IpNet> {
+    let text = text.trim();
+    text.parse::<ipnet::IpNet>().ok().or_else(|| {
+        text.parse::<std::net::IpAddr>()
+            .ok()
+            .map(ipnet::IpNet::from)
+    })
+}
+
+/// The WebSocket path a `ws` listener serves when `path` is not set.
+pub const DEFAULT_WS_PATH: &str = "/mqtt";
+
+impl Listener {
+    /// The paths a `ws` listener accepts upgrades on (`"*"` = any).
+    pub fn ws_paths(&self) -> Vec<String> {
+        self.path
+            .clone()
+            .unwrap_or_else(|| vec![DEFAULT_WS_PATH.to_string()])
+    }
 }
 
 /// Transport spoken on a listener.
@@ -163,7 +216,16 @@ pub struct Limits {
     /// Connections served at once over all listeners; more are refused.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
-    /// Seconds a new connection has to complete TLS and send CONNECT.
+    /// Connections one source address (IPv4 address, IPv6 /64) may hold at once, counted
+    /// from accept, before any TLS or WebSocket handshake; default `max_connections / 4`.
+    #[serde(default)]
+    pub max_connections_per_address: Option<usize>,
+    /// Connections one source address may have still in their PROXY header, TLS,
+    /// WebSocket or CONNECT phase (not yet answered with a CONNACK).
+    #[serde(default = "default_max_pending_per_address")]
+    pub max_pending_per_address: usize,
+    /// Seconds a new connection has for all of PROXY header, TLS, WebSocket upgrade and
+    /// CONNECT together: one deadline from accept.
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout: u64,
     /// QoS 1/2 messages a client may have unacknowledged towards the broker (receive maximum).
@@ -194,6 +256,8 @@ impl Default for Limits {
         Limits {
             max_packet_size: DEFAULT_MAX_PACKET_SIZE,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_address: None,
+            max_pending_per_address: DEFAULT_MAX_PENDING_PER_ADDRESS,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             max_inflight: DEFAULT_MAX_INFLIGHT,
             max_subscriptions_per_client: DEFAULT_MAX_SUBSCRIPTIONS_PER_CLIENT,
@@ -202,6 +266,14 @@ impl Default for Limits {
             max_queued_bytes: DEFAULT_MAX_QUEUED_BYTES,
             max_session_expiry: DEFAULT_MAX_SESSION_EXPIRY,
         }
+    }
+}
+
+impl Limits {
+    /// `max_connections_per_address`, or its default: a quarter of `max_connections`.
+    pub fn connections_per_address(&self) -> usize {
+        self.max_connections_per_address
+            .unwrap_or((self.max_connections / 4).max(1))
     }
 }
 
@@ -309,6 +381,9 @@ fn default_max_packet_size() -> usize {
 fn default_max_connections() -> usize {
     DEFAULT_MAX_CONNECTIONS
 }
+fn default_max_pending_per_address() -> usize {
+    DEFAULT_MAX_PENDING_PER_ADDRESS
+}
 fn default_connect_timeout() -> u64 {
     DEFAULT_CONNECT_TIMEOUT
 }
@@ -341,6 +416,14 @@ fn addresses_overlap(a: std::net::SocketAddr, b: std::net::SocketAddr) -> bool {
     a.port() != 0 && a.port() == b.port() && (a.ip() == b.ip() || covers(a, b) || covers(b, a))
 }
 
+/// An HTTP request path as a client sends it: absolute, no query or fragment.
+fn valid_ws_path(p: &str) -> bool {
+    p.starts_with('/')
+        && !p
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || c == '?' || c == '#')
+}
+
 impl Config {
     /// Checks what the types cannot. Called by `load`/`parse`.
     pub fn validate(self) -> Result<Config, Invalid> {
@@ -365,10 +448,62 @@ impl Config {
                 )
                 .in_listener(i));
             }
+            if let Some(paths) = &l.path {
+                if l.protocol != Protocol::Ws {
+                    return Err(
+                        Invalid::new("path", "applies only to protocol = \"ws\"").in_listener(i)
+                    );
+                }
+                if paths.is_empty() {
+                    return Err(Invalid::new(
+                        "path",
+                        "must list at least one path, e.g. [\"/mqtt\"], or [\"*\"] for any",
+                    )
+                    .in_listener(i));
+                }
+                if paths.iter().any(|p| p != "*" && !valid_ws_path(p)) {
+                    return Err(Invalid::new(
+                        "path",
+                        "each path must start with / and hold no spaces, ? or #, or be \"*\"",
+                    )
+                    .in_listener(i));
+                }
+            }
+            if let Some(f) = &l.forwarded {
+                if l.protocol != Protocol::Ws {
+                    return Err(Invalid::new(
+                        "forwarded",
+                        "applies only to protocol = \"ws\" (use trust_proxy_protocol for mqtt)",
+                    )
+                    .in_listener(i));
+                }
+                let token = |c: char| c.is_ascii_alphanumeric() || "-_".contains(c);
+                if f.header.is_empty() || !f.header.chars().all(token) {
+                    return Err(Invalid::new(
+                        "forwarded.header",
+                        "must be an HTTP header name such as CF-Connecting-IP",
+                    )
+                    .in_listener(i));
+                }
+                if f.trusted_proxies.is_empty() {
+                    return Err(Invalid::new(
+                        "forwarded.trusted_proxies",
+                        "must list the proxies' addresses or CIDRs",
+                    )
+                    .in_listener(i));
+                }
+                if f.trusted_proxies.iter().any(|p| parse_net(p).is_none()) {
+                    return Err(Invalid::new(
+                        "forwarded.trusted_proxies",
+                        "each entry must be an IP address or CIDR such as 10.0.0.0/8",
+                    )
+                    .in_listener(i));
+                }
+            }
             if let Some(tls) = &l.tls {
                 if tls.identity == CertIdentity::Cn && tls.client_ca.is_none() {
                     return Err(Invalid::new(
-                        "identity",
+                        "tls.identity",
                         "identity = \"cn\" needs client_ca to verify client certificates",
                     )
                     .in_listener(i));
@@ -411,6 +546,14 @@ impl Config {
             ("limits.max_packet_size", lim.max_packet_size),
             ("limits.max_connections", lim.max_connections),
             ("limits.connect_timeout", lim.connect_timeout as usize),
+            (
+                "limits.max_connections_per_address",
+                lim.connections_per_address(),
+            ),
+            (
+                "limits.max_pending_per_address",
+                lim.max_pending_per_address,
+            ),
             ("limits.max_inflight", lim.max_inflight as usize),
             (
                 "limits.max_subscriptions_per_client",
@@ -453,11 +596,14 @@ impl Config {
             ));
         }
         if let Some(r) = &self.retained {
-            if r.max_messages == 0 || r.max_bytes == 0 {
+            if r.max_messages == 0 {
                 return Err(Invalid::new(
                     "retained.max_messages",
-                    "limits must be greater than 0",
+                    "must be greater than 0",
                 ));
+            }
+            if r.max_bytes == 0 {
+                return Err(Invalid::new("retained.max_bytes", "must be greater than 0"));
             }
         }
         Ok(self)

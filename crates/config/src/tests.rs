@@ -131,3 +131,156 @@ fn overlapping_binds_are_refused_with_the_line() {
         "{err}"
     );
 }
+
+#[test]
+fn per_address_limits_default_from_max_connections() {
+    let c = parse(&format!("{MINIMAL}[limits]\nmax_connections = 200\n")).unwrap();
+    assert_eq!(c.limits.connections_per_address(), 50);
+    assert_eq!(c.limits.max_pending_per_address, 32);
+    let c = parse(&format!(
+        "{MINIMAL}[limits]\nmax_connections_per_address = 7\nmax_pending_per_address = 2\n"
+    ))
+    .unwrap();
+    assert_eq!(c.limits.connections_per_address(), 7);
+    assert_eq!(c.limits.max_pending_per_address, 2);
+    let err = parse(&format!("{MINIMAL}[limits]\nmax_pending_per_address = 0\n")).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "broker.toml:5: limits.max_pending_per_address: must be greater than 0"
+    );
+}
+
+#[test]
+fn websocket_paths_default_to_mqtt_and_are_checked() {
+    let ws = "[[listener]]\nname = \"ws\"\nbind = \"127.0.0.1:8080\"\nprotocol = \"ws\"\n";
+    let c = parse(ws).unwrap();
+    assert_eq!(c.listener[0].ws_paths(), vec!["/mqtt".to_string()]);
+    let c = parse(&format!("{ws}path = [\"/\", \"/ws\", \"*\"]\n")).unwrap();
+    assert_eq!(c.listener[0].ws_paths(), vec!["/", "/ws", "*"]);
+    for (bad, reason) in [
+        ("path = []", "must list at least one path"),
+        ("path = [\"mqtt\"]", "must start with /"),
+        ("path = [\"/a b\"]", "must start with /"),
+    ] {
+        let err = parse(&format!("{ws}{bad}\n")).unwrap_err().to_string();
+        assert!(
+            err.starts_with("broker.toml:5: listener[0].path: "),
+            "{err}"
+        );
+        assert!(err.contains(reason), "{err}");
+    }
+    let err = parse(&format!("{MINIMAL}path = [\"/mqtt\"]\n")).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "broker.toml:4: listener[0].path: applies only to protocol = \"ws\""
+    );
+}
+
+#[test]
+fn forwarded_header_settings_are_checked() {
+    let ws = "[[listener]]\nname = \"ws\"\nbind = \"127.0.0.1:8080\"\nprotocol = \"ws\"\n";
+    let ok = format!(
+        "{ws}[listener.forwarded]\nheader = \"CF-Connecting-IP\"\ntrusted_proxies = [\"127.0.0.1\", \"10.0.0.0/8\", \"::1/128\"]\n"
+    );
+    let c = parse(&ok).unwrap();
+    let proxies = c.listener[0].forwarded.as_ref().unwrap().proxies();
+    assert_eq!(proxies.len(), 3);
+    assert!(proxies[1].contains(&"10.1.2.3".parse::<std::net::IpAddr>().unwrap()));
+    for (bad, key, reason) in [
+        (
+            "header = \"CF-Connecting-IP\"\ntrusted_proxies = [\"10.0.0.0/33\"]",
+            "trusted_proxies",
+            "IP address or CIDR",
+        ),
+        (
+            "header = \"CF-Connecting-IP\"\ntrusted_proxies = []",
+            "trusted_proxies",
+            "must list",
+        ),
+        (
+            "header = \"X Forwarded\"\ntrusted_proxies = [\"10.0.0.1\"]",
+            "header",
+            "HTTP header name",
+        ),
+    ] {
+        let err = parse(&format!("{ws}[listener.forwarded]\n{bad}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&format!("listener[0].forwarded.{key}: ")) && err.contains(reason),
+            "{err}"
+        );
+    }
+    let err = parse(&format!(
+        "{MINIMAL}[listener.forwarded]\nheader = \"X-Forwarded-For\"\ntrusted_proxies = [\"10.0.0.1\"]\n"
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("applies only to protocol = \"ws\""), "{err}");
+}
+
+/// One bad key per section, placed after decoys (the same key name in other sections,
+/// a value that is a "secret"): the error names the right key on the right line and
+/// never echoes the value.
+#[test]
+fn every_section_reports_the_right_line_without_the_value() {
+    const SECRET: &str = "hunter2-secret";
+    let listener = "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:1883\"\n";
+    let cases: &[(&str, &str, &str)] = &[
+        // (the sections after the listener, the bad line's text, the key in the message)
+        (
+            "[metrics]\nbind = \"hunter2-secret\"\n",
+            "bind = \"hunter2-secret\"",
+            "metrics.bind",
+        ),
+        (
+            "[[listener]]\nname = \"b\"\nbind = \"hunter2-secret\"\n",
+            "bind = \"hunter2-secret\"",
+            "listener[1].bind",
+        ),
+        (
+            "[[listener]]\nname = \"b\"\nbind = \"127.0.0.1:1\"\n[listener.tls]\ncert = \"c\"\n\
+             key = \"k\"\nidentity = \"cn\"\n",
+            "identity = \"cn\"",
+            "listener[1].tls.identity",
+        ),
+        (
+            "[retained]\npath = \"r\"\nmax_messages = 5\nmax_bytes = 0\n",
+            "max_bytes = 0",
+            "retained.max_bytes",
+        ),
+        (
+            "[limits]\nmax_packet_size = 5\nmax_inflight = 0\n",
+            "max_inflight = 0",
+            "limits.max_inflight",
+        ),
+        (
+            "[rate_limit]\nmessages_per_second = 5\nmessage_burst = 0\n",
+            "message_burst = 0",
+            "rate_limit.message_burst",
+        ),
+        (
+            "[auth]\nallow_anonymous = \"hunter2-secret\"\n",
+            "allow_anonymous",
+            "",
+        ),
+        ("[acl]\nfile = 5\n", "file = 5", ""),
+        ("[audit]\npath = [\"hunter2-secret\"]\n", "path =", ""),
+        ("[log]\nformat = \"hunter2-secret\"\n", "format =", ""),
+        (
+            "[limits]\nmax_connections = \"hunter2-secret\"\n",
+            "max_connections",
+            "",
+        ),
+    ];
+    for (sections, bad, key) in cases {
+        let text = format!("{listener}{sections}");
+        let line = text.lines().position(|l| l.starts_with(bad)).unwrap() + 1;
+        let err = parse(&text).expect_err(sections).to_string();
+        assert!(
+            err.starts_with(&format!("broker.toml:{line}: {key}")),
+            "{sections:?}: expected line {line} and key {key:?}, got {err}"
+        );
+        assert!(!err.contains(SECRET), "the value leaked: {err}");
+    }
+}

@@ -73,7 +73,9 @@ fn listener_names_are_unique() {
 fn protocol_websockets_becomes_ws() {
     let (c, r) = import("listener 9001 127.0.0.1\nprotocol websockets\n");
     assert_eq!(c.listener[0].protocol, Protocol::Ws);
-    assert!(warned(&r, "/mqtt"));
+    // Mosquitto accepts any path: clients on / or /ws keep working.
+    assert_eq!(c.listener[0].ws_paths(), vec!["*".to_string()]);
+    assert!(!warned(&r, "/mqtt"));
     let (c, _) = import("listener 1883 127.0.0.1\nprotocol mqtt\n");
     assert_eq!(c.listener[0].protocol, Protocol::Mqtt);
 }

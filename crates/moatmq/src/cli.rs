@@ -84,6 +84,14 @@ pub enum RetainedCommand {
         #[arg(long)]
         new_key: PathBuf,
     },
+    /// Keep the store as it is after the broker refused it as truncated, rolled back or
+    /// without its high-water mark: what is missing stays lost, tampered records are
+    /// still refused, and the high-water mark is rewritten to match.
+    Accept {
+        /// Configuration file whose [retained] store and key to use.
+        #[arg(short, long)]
+        config: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]

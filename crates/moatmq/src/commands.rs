@@ -3,6 +3,7 @@
 use crate::cli::{AclCommand, Action, Cli, Command, RetainedCommand};
 use anyhow::{bail, Context};
 use moatmq_config::{Config, LogFormat};
+use moatmq_store::StoreError;
 use std::io::{IsTerminal, Read};
 use std::path::Path;
 use std::process::ExitCode;
@@ -130,6 +131,7 @@ fn init_tracing(config: &Config) {
     let no_router_spans = filter_fn(|m| !(m.is_span() && m.target().starts_with("rumqttd")));
     let layer = match config.log.format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
+            .fmt_fields(crate::logfmt::escaped_fields())
             .with_writer(std::io::stderr)
             .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
@@ -208,6 +210,39 @@ fn retained(command: RetainedCommand) -> anyhow::Result<()> {
                 new_key.display().to_string(),
                 moatmq_broker::retained::KEY_ENV
             );
+            Ok(())
+        }
+        RetainedCommand::Accept { config } => {
+            let config = Config::load(&config)?;
+            let r = config
+                .retained
+                .clone()
+                .context("the config has no [retained] section")?;
+            let key = moatmq_broker::retained::load_key(&config, &r)?;
+            let path = config.resolve(&r.path);
+            match moatmq_store::Store::open(
+                &path,
+                key.clone(),
+                moatmq_store::StoreLimits::UNLIMITED,
+            ) {
+                Ok((store, _)) => {
+                    println!(
+                        "{} is consistent with its high-water mark ({} messages); nothing to accept",
+                        store.log_path().display(),
+                        store.len()
+                    );
+                    return Ok(());
+                }
+                Err(
+                    e @ (StoreError::Truncated { .. }
+                    | StoreError::RolledBack { .. }
+                    | StoreError::MarkMissing { .. }
+                    | StoreError::LogMissing { .. }),
+                ) => println!("accepting: {e}"),
+                Err(e) => return Err(e.into()),
+            }
+            let n = moatmq_store::accept(&path, key)?;
+            println!("accepted: {n} messages kept; the high-water mark now matches the log");
             Ok(())
         }
     }

@@ -5,6 +5,7 @@
 
 mod cli;
 mod commands;
+mod logfmt;
 
 use clap::Parser;
 use std::process::ExitCode;

@@ -365,3 +365,34 @@ async fn passwords_never_reach_the_log_at_trace_level() {
     assert!(log.contains("authentication failed"), "trace log captured");
     assert!(!log.contains("Sentinel"), "a password reached the log");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn client_strings_cannot_forge_text_log_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    passwd(dir.path(), &[("alice", "alice-pw")]);
+    let config = format!("{}[auth]\npassword_file = \"passwd\"\n", listener(port));
+    let mut m = Moatmq::serve(dir.path(), &config, &[]);
+    let forged = "FORGED INFO moatmq: admin logged in";
+    // A client id and a username each carrying a line break and a bidi override.
+    let id = format!("dev\n{forged}\u{202e}");
+    let ok = v4::connect(login(port, &id, "alice", "alice-pw")).await;
+    assert!(ok.is_ok(), "an odd but valid client id is accepted");
+    let user = format!("mallory\r\n{forged}");
+    assert!(v4::connect(login(port, "m", &user, "x")).await.is_err());
+    drop(ok);
+    m.signal("-TERM");
+    assert!(m.exit_within(WAIT).success());
+    std::thread::sleep(Duration::from_millis(100));
+    let log = m.log.lock().unwrap().clone();
+    assert!(
+        log.contains("dev\\nFORGED"),
+        "client id logged, escaped:\n{log}"
+    );
+    assert!(log.contains("\\u{202e}"), "bidi override escaped:\n{log}");
+    assert!(
+        !log.lines().any(|l| l.starts_with("FORGED")),
+        "a client string started a log line:\n{log}"
+    );
+    assert!(!log.contains('\u{202e}'), "raw bidi override in the log");
+}

@@ -1,5 +1,5 @@
 //! The `moatmq` binary's tools, run as an operator would: `passwd`, `keygen`,
-//! `retained list` / `rekey`, `acl check` and `import-mosquitto`, each followed through
+//! `retained list` / `rekey` / `accept`, `acl check` and `import-mosquitto`, each followed through
 //! to a real `moatmq serve` child process that clients connect to (over TCP and mTLS).
 //!
 //! Brokers listen on loopback ports found by binding port 0 and letting go of it; a
@@ -383,6 +383,47 @@ async fn retained_survive_kill_9_list_and_rekey() {
 
 /// `moatmq serve -c CONFIG` that should fail to start: its exit status and stderr.
 /// Panics (after killing it) if it is still running after 5 s.
+#[tokio::test]
+async fn truncated_store_refused_until_retained_accept() {
+    let dir = tempfile::tempdir().unwrap();
+    ok(&["keygen", "--out", path_str(&dir.path().join("k.key"))]);
+    let port = free_port();
+    let config = retained_config(dir.path(), port, "k.key");
+    let broker = Served::start(&config, port).await;
+    let mut c = v4::connected(addr(port), "device").await;
+    publish_retained_acked(&mut c, &[("door/front", "locked"), ("door/back", "open")]).await;
+    drop(broker);
+    drop(c);
+
+    // Cut down to its bare 56-byte header: every record gone, nothing damaged.
+    let log = dir.path().join("data/retained/retained.log");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&log)
+        .unwrap()
+        .set_len(56)
+        .unwrap();
+    let (status, err) = serve_expecting_exit(&config);
+    assert!(!status.success(), "{status}\n{err}");
+    assert!(
+        err.contains("retained.log: 2 records after offset 56 are missing")
+            && err.contains("moatmq retained accept"),
+        "{err}"
+    );
+    assert!(std::net::TcpStream::connect(addr(port)).is_err());
+
+    let out = ok(&["retained", "accept", "-c", path_str(&config)]);
+    assert!(
+        out.contains("accepting: ") && out.contains("accepted: 0 messages kept"),
+        "{out}"
+    );
+    let out = ok(&["retained", "accept", "-c", path_str(&config)]);
+    assert!(out.contains("nothing to accept"), "{out}");
+    let broker = Served::start(&config, port).await;
+    assert_eq!(retained_messages(port).await, vec![]);
+    drop(broker);
+}
+
 fn serve_expecting_exit(config: &Path) -> (std::process::ExitStatus, String) {
     let log = config.with_extension("failed.log");
     let file = std::fs::File::create(&log).expect("log file");
