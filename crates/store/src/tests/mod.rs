@@ -4,8 +4,8 @@
 
 mod basic;
 mod fuzz;
-mod rollback;
 mod owner;
+mod rollback;
 mod tamper;
 
 use std::path::{Path, PathBuf};
