@@ -106,6 +106,14 @@ impl LegacyHash {
         bool::from(computed.ct_eq(expected))
     }
 
+    /// PBKDF2 iterations a check of this hash runs (0 for `$6$`).
+    pub(crate) fn pbkdf2_iterations(&self) -> u32 {
+        match self {
+            Self::Pbkdf2Sha512 { iterations, .. } => *iterations,
+            Self::Sha512 { .. } => 0,
+        }
+    }
+
     /// Formats as mosquitto would (used by tests to build vectors).
     #[cfg(test)]
     pub(crate) fn to_mosquitto_string(&self) -> String {

@@ -15,7 +15,8 @@
 //! against one returns [`Verdict::AcceptedLegacyHash`] so the broker can ask for a
 //! re-hash. [`update_password_file`] backs `moatmq passwd`.
 //!
-//! [`LoginThrottle`] slows down online guessing from one source address.
+//! [`LoginThrottle`] slows down online guessing from one source address;
+//! [`max_checked_guesses`] states how far.
 //!
 //! This crate is pure: no async, no sockets. [`PasswordFile::verify`] is deliberately
 //! slow and memory hungry; callers run it on a bounded blocking pool.
@@ -31,5 +32,6 @@ mod update;
 pub use error::AuthError;
 pub use identity::{certificate_common_name, valid_identity, MAX_IDENTITY_LEN};
 pub use password_file::{hash_password, PasswordFile, Verdict};
-pub use throttle::LoginThrottle;
+pub use throttle::address_bucket;
+pub use throttle::{max_checked_guesses, LoginThrottle, ThrottleParams};
 pub use update::update_password_file;

@@ -6,10 +6,15 @@
 //! username, a duplicate user or out-of-range hash parameters make loading fail with
 //! the file name, the line number and a reason, so a broken file never half-loads.
 //!
-//! Verification is constant time in the password. An unknown username is verified
-//! against a dummy Argon2id hash with the default parameters, so the time taken does not
-//! reveal whether the user exists; a user with a (cheap) mosquitto hash also pays for
-//! that dummy verification, so timing does not single out accounts awaiting a re-hash.
+//! Verification is constant time in the password, and every check costs what the
+//! file's slowest entry costs, so timing reveals neither whether a user exists nor which
+//! accounts still await a re-hash: each check does one Argon2 computation at the most
+//! expensive parameters in the file (the user's own for an Argon2 entry; a dummy one,
+//! with those parameters, otherwise) plus PBKDF2-HMAC-SHA512 up to the highest `$7$`
+//! iteration count in the file (a `$7$` user's own iterations, padded with dummy ones).
+//! The padding is computed when the file is loaded, so a reload recomputes it. Only an
+//! Argon2 entry with cheaper parameters than the file's most expensive one answers
+//! faster; `moatmq passwd` writes every entry with the same parameters.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -38,11 +43,9 @@ const MAX_T_COST: u32 = 64;
 /// Largest Argon2 parallelism accepted from a file.
 const MAX_P_COST: u32 = 16;
 
-/// Argon2id hash of a random password that nobody knows, with the same parameters as
-/// [`hash_password`], verified when the username is unknown so that the answer takes as
-/// long as for a real user.
-const DUMMY_HASH: &str =
-    "$argon2id$v=19$m=19456,t=2,p=1$CcnMOHcpotwMV+clBdXgsg$MCLrG92TvaZFSC+Wzwqr9cf4BbVeNMaBIxooJ51PPWY";
+/// Salt of the dummy Argon2 and PBKDF2 computations that pad a check to the file's
+/// slowest entry (their results are thrown away).
+const DUMMY_SALT: &[u8; 16] = b"moatmq-dummy-slt";
 
 /// The outcome of a password check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,6 +73,27 @@ enum StoredHash {
 pub struct PasswordFile {
     source: PathBuf,
     users: HashMap<String, StoredHash>,
+    pad: Padding,
+}
+
+/// What one check costs in this file: the most expensive entry's work.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Padding {
+    /// The most expensive Argon2 parameters of the file (the defaults without any
+    /// Argon2 entry): every check computes one Argon2 hash with them.
+    argon2: Params,
+    /// The highest `$7$` iteration count of the file (0 without any): every check runs
+    /// this many PBKDF2-HMAC-SHA512 iterations.
+    pbkdf2_iterations: u32,
+}
+
+/// The work one check did, for tests that compare users.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Work {
+    /// Memory, passes and lanes of the Argon2 computation (`None` if none ran).
+    pub(crate) argon2: Option<(u32, u32, u32)>,
+    /// PBKDF2-HMAC-SHA512 iterations, real and dummy.
+    pub(crate) pbkdf2_iterations: u64,
 }
 
 impl fmt::Debug for PasswordFile {
@@ -115,9 +139,11 @@ impl PasswordFile {
             first_line.insert(username.to_owned(), number);
             users.insert(username.to_owned(), stored);
         }
+        let pad = Padding::of(&users);
         Ok(PasswordFile {
             source: file_name.to_path_buf(),
             users,
+            pad,
         })
     }
 
@@ -141,33 +167,57 @@ impl PasswordFile {
     ///
     /// Blocking and CPU/memory heavy (one Argon2 computation, about 19 MiB with the
     /// default parameters): call it on a bounded blocking pool. The comparison is
-    /// constant time, and an unknown user is verified against a dummy Argon2id hash with
-    /// the default parameters so timing does not reveal which usernames exist.
+    /// constant time, and every check (unknown users included) costs as much as the
+    /// file's slowest entry so timing does not reveal which usernames exist.
     pub fn verify(&self, username: &str, password: &[u8]) -> Verdict {
-        match self.users.get(username) {
+        self.verify_counted(username, password).0
+    }
+
+    /// [`PasswordFile::verify`], also saying what work was done.
+    pub(crate) fn verify_counted(&self, username: &str, password: &[u8]) -> (Verdict, Work) {
+        let pad = &self.pad;
+        let (verdict, argon2, pbkdf2) = match self.users.get(username) {
             Some(StoredHash::Argon2(phc)) => {
-                if verify_argon2(phc, password) {
+                let (ok, params) = verify_argon2_with(phc, password);
+                let verdict = if ok {
                     Verdict::Accepted
                 } else {
                     Verdict::Rejected
-                }
+                };
+                (verdict, params.as_ref().map(costs), 0)
             }
             Some(StoredHash::Legacy(legacy)) => {
                 // A mosquitto hash is far cheaper than Argon2id: spend the dummy cost as
                 // well so timing does not single out users that still need a re-hash.
-                let _ = verify_argon2(DUMMY_HASH, password);
-                if legacy.verify(password) {
+                dummy_argon2(&pad.argon2, password);
+                let verdict = if legacy.verify(password) {
                     Verdict::AcceptedLegacyHash
                 } else {
                     Verdict::Rejected
-                }
+                };
+                (
+                    verdict,
+                    Some(costs(&pad.argon2)),
+                    legacy.pbkdf2_iterations(),
+                )
             }
             None => {
                 // Spend the same time as for a real user; the result is irrelevant.
-                let _ = verify_argon2(DUMMY_HASH, password);
-                Verdict::Rejected
+                dummy_argon2(&pad.argon2, password);
+                (Verdict::Rejected, Some(costs(&pad.argon2)), 0)
             }
+        };
+        // Up to the slowest `$7$` entry's iterations (PBKDF2's cost is linear in them).
+        let missing = pad.pbkdf2_iterations.saturating_sub(pbkdf2);
+        if missing > 0 {
+            let mut out = zeroize::Zeroizing::new([0u8; 64]);
+            pbkdf2::pbkdf2_hmac::<sha2::Sha512>(password, DUMMY_SALT, missing, &mut out[..]);
         }
+        let work = Work {
+            argon2,
+            pbkdf2_iterations: u64::from(pbkdf2) + u64::from(missing),
+        };
+        (verdict, work)
     }
 
     /// Number of users whose entry is a mosquitto `$7$` / `$6$` hash and should be
@@ -195,6 +245,55 @@ impl PasswordFile {
     }
 }
 
+impl Padding {
+    /// The most expensive entry's work among `users`.
+    fn of(users: &HashMap<String, StoredHash>) -> Padding {
+        let mut argon2: Option<Params> = None;
+        let mut pbkdf2_iterations = 0;
+        for stored in users.values() {
+            match stored {
+                StoredHash::Argon2(phc) => {
+                    // Validated at load: the parse cannot fail here. The output length
+                    // is the dummy's own, whatever the entry's.
+                    let Some(params) = argon2_params(phc)
+                        .and_then(|p| Params::new(p.m_cost(), p.t_cost(), p.p_cost(), None).ok())
+                    else {
+                        continue;
+                    };
+                    // Work is memory blocks times passes; lanes run one after another.
+                    let cost = |p: &Params| u64::from(p.m_cost()) * u64::from(p.t_cost());
+                    if argon2.as_ref().map_or(true, |a| cost(&params) > cost(a)) {
+                        argon2 = Some(params);
+                    }
+                }
+                StoredHash::Legacy(legacy) => {
+                    pbkdf2_iterations = pbkdf2_iterations.max(legacy.pbkdf2_iterations());
+                }
+            }
+        }
+        Padding {
+            argon2: argon2.unwrap_or_else(default_params),
+            pbkdf2_iterations,
+        }
+    }
+}
+
+/// What an Argon2 computation costs: memory in KiB, passes, lanes.
+fn costs(p: &Params) -> (u32, u32, u32) {
+    (p.m_cost(), p.t_cost(), p.p_cost())
+}
+
+/// The parameters of new hashes.
+fn default_params() -> Params {
+    Params::new(ARGON2_M_COST_KIB, ARGON2_T_COST, ARGON2_P_COST, None).unwrap_or(Params::DEFAULT)
+}
+
+/// The parameters named in an Argon2 PHC string.
+fn argon2_params(phc: &str) -> Option<Params> {
+    let parsed = PasswordHash::new(phc).ok()?;
+    Params::try_from(&parsed).ok()
+}
+
 /// Hashes `password` as Argon2id (m=19456 KiB, t=2, p=1, random 16-byte salt) and
 /// returns the PHC string, e.g. `$argon2id$v=19$m=19456,t=2,p=1$<salt>$<hash>`.
 pub fn hash_password(password: &[u8]) -> Result<String, AuthError> {
@@ -215,9 +314,16 @@ pub(crate) fn check_username(username: &str) -> Result<(), &'static str> {
     if username.contains(':') {
         return Err("username contains ':'");
     }
+    if username.contains(['/', '+', '#']) {
+        // The ACL engine substitutes usernames into patterns (`%u/#`) and `user` lines:
+        // a wildcard or level separator there would widen what the user may reach.
+        return Err(
+            "username is not a valid identity: '/', '+' and '#' are MQTT's topic level separator and wildcards, and a username is put into ACL patterns such as %u/#, where one would widen the user's access; use another character such as '-' or '_'",
+        );
+    }
     if !valid_identity(username) {
         return Err(
-            "username is not a valid identity (empty, longer than 65535 bytes, or contains '/', '+', '#', NUL or a control character)",
+            "username is not a valid identity (empty, longer than 65535 bytes, or contains NUL or a control character)",
         );
     }
     Ok(())
@@ -268,39 +374,75 @@ thread_local! {
 
 /// Verifies against an Argon2 PHC string with the algorithm, version and parameters it
 /// names; the outputs are compared in constant time.
+#[cfg(test)]
 fn verify_argon2(phc: &str, password: &[u8]) -> bool {
+    verify_argon2_with(phc, password).0
+}
+
+/// [`verify_argon2`], also returning the parameters a hash was computed with (`None`
+/// if the string could not be used, which load-time validation rules out).
+fn verify_argon2_with(phc: &str, password: &[u8]) -> (bool, Option<Params>) {
     let Ok(parsed) = PasswordHash::new(phc) else {
-        return false;
+        return (false, None);
     };
     let (Ok(algorithm), Ok(params)) = (
         Algorithm::try_from(parsed.algorithm),
         Params::try_from(&parsed),
     ) else {
-        return false;
+        return (false, None);
     };
     let version = match parsed.version.map(Version::try_from) {
         None => Version::V0x13,
         Some(Ok(v)) => v,
-        Some(Err(_)) => return false,
+        Some(Err(_)) => return (false, None),
     };
     let (Some(salt), Some(expected)) = (parsed.salt, parsed.hash) else {
-        return false;
+        return (false, None);
     };
     let mut salt_buf = [0u8; 64];
     let Ok(salt) = salt.decode_b64(&mut salt_buf) else {
-        return false;
+        return (false, None);
     };
     let mut out = zeroize::Zeroizing::new(vec![0u8; expected.len()]);
+    let hashed = argon2_into(algorithm, version, params.clone(), password, salt, &mut out);
+    let ok = hashed && bool::from(expected.as_bytes().ct_eq(&out));
+    (ok, Some(params))
+}
+
+/// One Argon2id computation with `params` whose result is thrown away: the cost of a
+/// real check, for users without an Argon2 entry.
+fn dummy_argon2(params: &Params, password: &[u8]) {
+    let mut out = zeroize::Zeroizing::new([0u8; 32]);
+    let _ = argon2_into(
+        Algorithm::Argon2id,
+        Version::V0x13,
+        params.clone(),
+        password,
+        DUMMY_SALT,
+        &mut out[..],
+    );
+}
+
+/// Computes an Argon2 hash into `out`, in this thread's reused work area.
+fn argon2_into(
+    algorithm: Algorithm,
+    version: Version,
+    params: Params,
+    password: &[u8],
+    salt: &[u8],
+    out: &mut [u8],
+) -> bool {
     let blocks = params.block_count();
     let argon2 = Argon2::new(algorithm, version, params);
-    let hashed = ARGON2_MEMORY.with(|memory| {
+    ARGON2_MEMORY.with(|memory| {
         let mut memory = memory.borrow_mut();
         if memory.len() < blocks {
             memory.resize(blocks, argon2::Block::default());
         }
-        argon2.hash_password_into_with_memory(password, salt, &mut out, &mut memory[..blocks])
-    });
-    hashed.is_ok() && bool::from(expected.as_bytes().ct_eq(&out))
+        argon2
+            .hash_password_into_with_memory(password, salt, out, &mut memory[..blocks])
+            .is_ok()
+    })
 }
 
 #[cfg(test)]

@@ -46,10 +46,9 @@ pub async fn handle(
     mut reader: Reader,
     mut writer: Writer,
 ) -> Result<(), ConnectFailure> {
-    let timeout = Duration::from_secs(shared.config.limits.connect_timeout);
     let mut buf = BytesMut::with_capacity(4096);
-    let (version, packet) = tokio::time::timeout(
-        timeout,
+    let (version, packet) = tokio::time::timeout_at(
+        info.deadline,
         read_connect(&shared, &mut reader, &mut writer, &mut buf),
     )
     .await
@@ -101,34 +100,56 @@ pub async fn handle(
         Some(l) => (Some(l.username.as_str()), Some(l.password.as_str())),
         None => (None, None),
     };
-    let verdict = shared
-        .policy
-        .authenticate(
-            &info.listener,
-            info.peer.ip(),
-            username,
-            password,
-            info.cert_identity.as_deref(),
-        )
-        .await;
+    let authenticate = shared.policy.authenticate(
+        &info.listener,
+        info.peer.ip(),
+        username,
+        password,
+        info.cert_identity.as_deref(),
+    );
+    // A client that hangs up while its login waits (for its address's slot, its delay
+    // or the hashing pool) gives its place up: dropping the check frees the slot and
+    // the pool skips it. What it sent meanwhile stays in `buf` for the gateway.
+    let verdict = tokio::select! {
+        verdict = authenticate => verdict,
+        () = hung_up(&mut reader, &mut buf, limits.max_packet_size) => {
+            debug!(peer = %info.peer, "client closed the connection during its login");
+            return Err(ConnectFailure::Closed);
+        }
+    };
     // The password is no longer needed: wipe the decoder's copy of it.
     if let Some(l) = login.as_mut() {
         zeroize::Zeroize::zeroize(&mut l.password);
     }
     let username = match verdict {
         Ok(u) => u,
+        Err(AuthFailure::Busy) => {
+            // Not a failed login: the password was never checked.
+            debug!(listener = %info.listener.name, peer = %info.peer, client_id = ?client_id, "login answered busy: no capacity to check the password");
+            shared.metrics.login_busy.inc();
+            if let Some(audit) = &shared.audit {
+                let claimed = login.as_ref().map(|l| l.username.as_str());
+                audit.event(
+                    "login_busy",
+                    &info.who(Some(&client_id), claimed),
+                    &[("reason", AuthFailure::Busy.reason().into())],
+                );
+            }
+            refuse(&mut writer, version, Refusal::Busy).await;
+            return Err(ConnectFailure::Refused("server busy"));
+        }
         Err(failure) => {
-            let reason = match failure {
+            let refusal = match failure {
                 AuthFailure::BadCredentials => Refusal::BadCredentials,
-                AuthFailure::NotAuthorized => Refusal::NotAuthorized,
+                AuthFailure::NotAuthorized | AuthFailure::UsernameNotCertificateCn { .. } => {
+                    Refusal::NotAuthorized
+                }
+                AuthFailure::Busy => Refusal::Busy,
             };
-            info!(listener = %info.listener.name, peer = %info.peer, client_id = %client_id, ?failure, "authentication failed");
+            let reason = failure.reason();
+            info!(listener = %info.listener.name, peer = %info.peer, client_id = ?client_id, reason = %reason, "authentication failed");
             shared.metrics.auth_failure.inc();
             if let Some(audit) = &shared.audit {
-                let reason = match failure {
-                    AuthFailure::BadCredentials => "bad username or password",
-                    AuthFailure::NotAuthorized => "not authorized",
-                };
                 let claimed = login.as_ref().map(|l| l.username.as_str());
                 audit.event(
                     "auth_failure",
@@ -136,7 +157,7 @@ pub async fn handle(
                     &[("reason", reason.into())],
                 );
             }
-            refuse(&mut writer, version, reason).await;
+            refuse(&mut writer, version, refusal).await;
             return Err(ConnectFailure::Refused("authentication failed"));
         }
     };
@@ -250,6 +271,7 @@ pub async fn handle(
         .write(connack, &mut out)
         .map_err(|e| ConnectFailure::Malformed(e.to_string()))?;
     writer.write_all(&out).await?;
+    info.established();
     info!(listener = %info.listener.name, peer = %info.peer, client_id = %identity.client_id,
           username = identity.username.as_deref().unwrap_or(""), ?version, "client connected");
     shared.metrics.auth_success.inc();
@@ -285,6 +307,18 @@ pub async fn handle(
         shared.expire_session_after(&router_id, after);
     }
     Ok(())
+}
+
+/// Returns once the client has closed its side (or the connection failed). Reads into
+/// `buf` meanwhile, up to `max` bytes, then only waits.
+async fn hung_up(reader: &mut Reader, buf: &mut BytesMut, max: usize) {
+    while buf.len() < max {
+        match reader.read(buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+    std::future::pending::<()>().await;
 }
 
 /// Reads until a whole CONNECT is buffered and decodes it with the right codec.
@@ -350,6 +384,7 @@ enum Refusal {
     BadCredentials,
     NotAuthorized,
     Unavailable,
+    Busy,
     TopicInvalid,
     TooLarge,
     Malformed,
@@ -366,7 +401,7 @@ async fn refuse(writer: &mut Writer, version: Version, refusal: Refusal) {
         (Version::V4, Refusal::ClientId) => C::ClientIdentifierNotValid,
         (Version::V4, Refusal::BadCredentials) => C::BadUserNamePassword,
         (Version::V4, Refusal::NotAuthorized) => C::NotAuthorized,
-        (Version::V4, Refusal::Unavailable) => C::ServiceUnavailable,
+        (Version::V4, Refusal::Unavailable | Refusal::Busy) => C::ServiceUnavailable,
         // 3.1.1 has no code for these: close without a CONNACK (MQTT-3.2.2-4 allows it).
         (
             Version::V4,
@@ -379,6 +414,7 @@ async fn refuse(writer: &mut Writer, version: Version, refusal: Refusal) {
         (Version::V5, Refusal::BadCredentials) => C::BadUserNamePassword,
         (Version::V5, Refusal::NotAuthorized) => C::NotAuthorized,
         (Version::V5, Refusal::Unavailable) => C::ServerUnavailable,
+        (Version::V5, Refusal::Busy) => C::ServerBusy,
         (Version::V5, Refusal::TopicInvalid) => C::TopicNameInvalid,
         (Version::V5, Refusal::TooLarge) => C::PacketTooLarge,
         (Version::V5, Refusal::Malformed) => C::MalformedPacket,

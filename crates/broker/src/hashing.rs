@@ -1,79 +1,265 @@
-//! The password-hashing pool: one thread per core, started once.
+//! The password-hashing pool: one thread per core, started once, served fairly by
+//! source address.
 //!
 //! An Argon2id check takes ~19 MiB and ~30 ms of one core, by design. Running checks on
 //! tokio's blocking pool let every one of its (up to 512) threads keep its own malloc
 //! arena with a freed 19 MiB block in it (the soak run reached 756 MiB); a fixed pool
 //! bounds both the CPU a login storm takes from connected clients and the memory to
-//! about one block per core. Requests wait in a bounded queue; past it, logins fail.
+//! about one block per core.
+//!
+//! Waiting checks are queued per address ([`moatmq_auth::address_bucket`]) and the
+//! threads take one from each address in turn, so a flood from some addresses delays a
+//! login from another by one round, not by the whole backlog (with the login gate's 2
+//! logins in progress per address, a round is at most 2 checks per flooding address).
+//! Past [`QUEUE`] waiting checks in total there is truly no capacity: the caller answers
+//! "server busy", which is not a failed login.
 
-use moatmq_auth::{PasswordFile, Verdict};
-use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex};
+use moatmq_auth::{address_bucket, PasswordFile, Verdict};
+use prometheus_client::metrics::counter::Counter;
+use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use zeroize::Zeroizing;
 
-/// Logins waiting for a hashing thread at most.
-const QUEUE: usize = 1024;
+/// Checks waiting for a hashing thread at most, all addresses together.
+pub const QUEUE: usize = 1024;
+
+/// How often "queue full" is logged at most.
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// The pool has no room for another check (or has stopped): answer "server busy".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Busy;
 
 struct Job {
     file: Arc<PasswordFile>,
     username: String,
     password: Zeroizing<Vec<u8>>,
     reply: oneshot::Sender<Verdict>,
+    /// Set when a thread starts the check: from then on it runs to the end even if
+    /// the caller is gone, and the caller must count it.
+    started: Arc<AtomicBool>,
+}
+
+/// Waiting jobs, one FIFO per address, and the order in which addresses get a turn.
+#[derive(Default)]
+struct Queue {
+    by_address: HashMap<IpAddr, VecDeque<Job>>,
+    /// Each address with waiting jobs appears exactly once.
+    turns: VecDeque<IpAddr>,
+    len: usize,
+    stopped: bool,
+    /// When "queue full" was last logged.
+    warned: Option<Instant>,
+}
+
+impl Queue {
+    fn push(&mut self, address: IpAddr, job: Job) {
+        let jobs = self.by_address.entry(address).or_default();
+        if jobs.is_empty() {
+            self.turns.push_back(address);
+        }
+        jobs.push_back(job);
+        self.len += 1;
+    }
+
+    /// The next job: the first of the address whose turn it is.
+    fn pop(&mut self) -> Option<Job> {
+        let address = self.turns.pop_front()?;
+        let jobs = self.by_address.get_mut(&address)?;
+        let job = jobs.pop_front();
+        if jobs.is_empty() {
+            self.by_address.remove(&address);
+        } else {
+            self.turns.push_back(address);
+        }
+        self.len -= usize::from(job.is_some());
+        job
+    }
+}
+
+struct Inner {
+    queue: Mutex<Queue>,
+    work: Condvar,
+    /// Passwords actually checked (a job whose client is gone is skipped).
+    checks: Counter,
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        // Every statement leaves the queue consistent: carry on after a panic elsewhere.
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 /// A fixed set of threads that verify passwords.
 pub struct HashPool {
-    jobs: SyncSender<Job>,
+    inner: Arc<Inner>,
+    capacity: usize,
 }
 
 impl HashPool {
-    /// Starts `threads` hashing threads.
-    pub fn new(threads: usize) -> HashPool {
-        let (jobs, queue) = sync_channel::<Job>(QUEUE);
-        let queue = Arc::new(Mutex::new(queue));
+    /// Starts `threads` hashing threads; each check counts in `checks`.
+    pub fn new(threads: usize, checks: Counter) -> HashPool {
+        HashPool::with_capacity(threads, QUEUE, checks)
+    }
+
+    /// Like `new`, with at most `capacity` checks waiting.
+    fn with_capacity(threads: usize, capacity: usize, checks: Counter) -> HashPool {
+        let inner = Arc::new(Inner {
+            queue: Mutex::new(Queue::default()),
+            work: Condvar::new(),
+            checks,
+        });
         for i in 0..threads.max(1) {
-            let queue = queue.clone();
+            let inner = inner.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("moatmq-hash-{i}"))
-                .spawn(move || loop {
-                    // The lock is held only while waiting for the next job.
-                    let job = match queue.lock() {
-                        Ok(q) => q.recv(),
-                        Err(_) => return,
-                    };
-                    let Ok(job) = job else { return };
-                    let verdict = job.file.verify(&job.username, &job.password);
-                    let _ = job.reply.send(verdict);
-                });
+                .spawn(move || work(&inner));
             if let Err(e) = spawned {
                 tracing::error!(error = %e, "cannot start a password hashing thread");
             }
         }
-        HashPool { jobs }
+        HashPool { inner, capacity }
     }
 
-    /// Verifies a password on the pool; a full queue or a stopped pool rejects.
+    /// Verifies a password on the pool, queued behind `peer`'s address; `Busy` when the
+    /// queue is full or the pool has stopped. `started` is set once a thread begins the
+    /// check (a caller dropped before that costs nothing; after it, the check runs).
     pub async fn verify(
         &self,
+        peer: IpAddr,
         file: Arc<PasswordFile>,
         username: &str,
         password: Zeroizing<Vec<u8>>,
-    ) -> Verdict {
+        started: Arc<AtomicBool>,
+    ) -> Result<Verdict, Busy> {
         let (reply, verdict) = oneshot::channel();
-        let job = Job {
-            file,
-            username: username.to_string(),
-            password,
-            reply,
-        };
-        match self.jobs.try_send(job) {
-            Ok(()) => verdict.await.unwrap_or(Verdict::Rejected),
-            Err(TrySendError::Full(_)) => {
-                tracing::warn!("password check queue full: login refused");
-                Verdict::Rejected
+        {
+            let mut queue = self.inner.lock();
+            if queue.stopped || queue.len >= self.capacity {
+                // Once per 10 s: a flood must not flood the log too (the login_busy
+                // metric and audit events count every one).
+                let now = Instant::now();
+                if queue.warned.map_or(true, |at| now - at >= WARN_EVERY) {
+                    queue.warned = Some(now);
+                    tracing::warn!("password check queue full: logins answered busy");
+                }
+                return Err(Busy);
             }
-            Err(TrySendError::Disconnected(_)) => Verdict::Rejected,
+            let job = Job {
+                file,
+                username: username.to_string(),
+                password,
+                reply,
+                started,
+            };
+            queue.push(address_bucket(peer), job);
         }
+        self.inner.work.notify_one();
+        verdict.await.map_err(|_| Busy)
+    }
+}
+
+impl Drop for HashPool {
+    fn drop(&mut self) {
+        // Waiting jobs are dropped with their reply channels: their callers see `Busy`.
+        let mut queue = self.inner.lock();
+        queue.stopped = true;
+        queue.by_address.clear();
+        queue.turns.clear();
+        queue.len = 0;
+        drop(queue);
+        self.inner.work.notify_all();
+    }
+}
+
+/// One hashing thread: takes jobs in turn until the pool stops.
+fn work(inner: &Inner) {
+    loop {
+        let job = {
+            let mut queue = inner.lock();
+            loop {
+                if queue.stopped {
+                    return;
+                }
+                if let Some(job) = queue.pop() {
+                    break job;
+                }
+                queue = inner
+                    .work
+                    .wait(queue)
+                    .unwrap_or_else(PoisonError::into_inner);
+            }
+        };
+        // The client gave up (connection task ended): spend nothing on it.
+        if job.reply.is_closed() {
+            continue;
+        }
+        job.started.store(true, Ordering::Release);
+        inner.checks.inc();
+        let verdict = job.file.verify(&job.username, &job.password);
+        let _ = job.reply.send(verdict);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    fn job() -> (Job, oneshot::Receiver<Verdict>) {
+        let (reply, rx) = oneshot::channel();
+        let file = PasswordFile::parse(std::path::Path::new("p"), "").expect("empty file");
+        let job = Job {
+            file: Arc::new(file),
+            username: String::new(),
+            password: Zeroizing::new(Vec::new()),
+            reply,
+            started: Arc::default(),
+        };
+        (job, rx)
+    }
+
+    #[tokio::test]
+    async fn no_room_is_busy_not_rejected() {
+        let checks = Counter::default();
+        let (j, _rx) = job();
+        let peer = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let full = HashPool::with_capacity(1, 0, checks.clone());
+        let pw = Zeroizing::new(b"pw".to_vec());
+        let started = Arc::new(AtomicBool::new(false));
+        let busy = full.verify(peer, j.file.clone(), "u", pw.clone(), started.clone());
+        assert_eq!(busy.await, Err(Busy));
+        assert!(
+            !started.load(Ordering::Acquire),
+            "a refused check never starts"
+        );
+        let pool = HashPool::new(1, checks.clone());
+        let verdict = pool.verify(peer, j.file.clone(), "u", pw, started.clone());
+        assert_eq!(verdict.await, Ok(Verdict::Rejected));
+        assert!(started.load(Ordering::Acquire));
+        assert_eq!(checks.get(), 1, "only the check that ran is counted");
+    }
+
+    #[test]
+    fn addresses_take_turns() {
+        let a = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1));
+        let b = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2));
+        let mut q = Queue::default();
+        let mut names = Vec::new();
+        for (addr, name) in [(a, "a1"), (a, "a2"), (a, "a3"), (b, "b1")] {
+            let (mut j, rx) = job();
+            j.username = name.into();
+            names.push(rx);
+            q.push(addr, j);
+        }
+        let order: Vec<String> = std::iter::from_fn(|| q.pop()).map(|j| j.username).collect();
+        assert_eq!(order, ["a1", "b1", "a2", "a3"]);
+        assert_eq!(q.len, 0);
+        assert!(q.by_address.is_empty() && q.turns.is_empty());
     }
 }

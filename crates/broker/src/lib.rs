@@ -6,13 +6,17 @@
 //! router (topic tree, sessions, QoS state) through a local link.
 
 mod acks;
+mod admission;
 mod audit;
 #[doc(hidden)] // reachable for the fuzz harness (fuzz/): not a stable API
 pub mod codec;
 mod connect;
+mod forwarded;
 mod gateway;
+mod handshake_log;
 mod hashing;
 mod listener;
+mod login_gate;
 mod metrics;
 pub mod policy;
 #[doc(hidden)] // reachable for the fuzz harness (fuzz/): not a stable API
@@ -25,5 +29,6 @@ mod server;
 mod tls;
 pub mod topic;
 mod transport;
+mod ws_upgrade;
 
 pub use server::{run, shutdown_signal, Broker, Reloader, StartError};

@@ -45,6 +45,10 @@ pub struct Metrics {
     pub bytes_out: Counter,
     pub auth_success: Counter,
     pub auth_failure: Counter,
+    /// Passwords checked on the hashing pool (attempts that reached a hash check).
+    pub password_checks: Counter,
+    /// Password logins answered "server busy" (no capacity to check them).
+    pub login_busy: Counter,
     pub acl_denials: Family<ActionLabel, Counter>,
     pub rate_limited: Counter,
     pub retained_messages: Gauge,
@@ -71,6 +75,8 @@ impl Metrics {
             bytes_out: Counter::default(),
             auth_success: Counter::default(),
             auth_failure: Counter::default(),
+            password_checks: Counter::default(),
+            login_busy: Counter::default(),
             acl_denials: Family::default(),
             rate_limited: Counter::default(),
             retained_messages: Gauge::default(),
@@ -117,6 +123,16 @@ impl Metrics {
                 "auth_failures",
                 "Failed authentications",
                 m.auth_failure.clone(),
+            );
+            r.register(
+                "password_checks",
+                "Passwords checked against the password file (hash computations)",
+                m.password_checks.clone(),
+            );
+            r.register(
+                "login_busy",
+                "Password logins answered server busy",
+                m.login_busy.clone(),
             );
             r.register(
                 "acl_denials",

@@ -3,19 +3,24 @@
 //!
 //! Authentication: a verified certificate CN on `identity = "cn"` listeners; else a
 //! username/password checked against the Argon2id password file on the hashing pool
-//! (`hashing.rs`: one thread per core), with a growing delay for addresses that keep
-//! failing; else anonymous, only where the listener allows it. Authorization: the ACL
+//! (`hashing.rs`: one thread per core, addresses served in turn), with a growing delay
+//! for addresses and (address, username) pairs that keep failing and at most two
+//! password logins in progress per address (`login_gate.rs`); else anonymous, only where
+//! the listener allows it. No room to check a password is "busy", never a failure. Authorization: the ACL
 //! file, or the built-in rules (tenant isolation) when none is configured. Both are
 //! swapped whole on SIGHUP; a file that fails to load keeps the old one in force.
 
 use crate::hashing::HashPool;
+use crate::login_gate::LoginGate;
 use moatmq_acl::{Acl, Decision};
 use moatmq_auth::{valid_identity, LoginThrottle, PasswordFile, Verdict};
 use moatmq_config::Config;
+use prometheus_client::metrics::counter::Counter;
+use std::collections::HashSet;
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use tracing::{info, warn};
 use zeroize::Zeroizing;
 
@@ -38,12 +43,34 @@ impl Identity {
 }
 
 /// Why a CONNECT was refused by authentication.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AuthFailure {
     /// Wrong or unknown username/password (3.1.1: 0x04, 5: 0x86).
     BadCredentials,
     /// Anonymous refused, or the identity is not acceptable (3.1.1: 0x05, 5: 0x87).
     NotAuthorized,
+    /// On an `identity = "cn"` listener the CONNECT's username is not the certificate's
+    /// CN (3.1.1: 0x05, 5: 0x87). Mosquitto ignores the username there; moatmq refuses
+    /// so logs and ACLs never see two names for one client.
+    UsernameNotCertificateCn { username: String, cn: String },
+    /// No capacity to check the password now: the address has its logins in progress
+    /// and its queue full, or the hashing queue is full (3.1.1: 0x03, 5: 0x89). Not a
+    /// failed login: no strike, no `auth_failure`.
+    Busy,
+}
+
+impl AuthFailure {
+    /// The reason in words, for the log and the audit event.
+    pub fn reason(&self) -> String {
+        match self {
+            AuthFailure::BadCredentials => "bad username or password".into(),
+            AuthFailure::NotAuthorized => "not authorized".into(),
+            AuthFailure::UsernameNotCertificateCn { username, cn } => {
+                format!("username {username:?} differs from certificate CN {cn:?}")
+            }
+            AuthFailure::Busy => "server busy: no capacity to check the password".into(),
+        }
+    }
 }
 
 /// What a listener accepts.
@@ -71,12 +98,16 @@ pub struct Policy {
     /// Bumped on every ACL reload, so connections know their cached view is stale.
     acl_generation: AtomicU64,
     throttle: LoginThrottle,
+    gate: LoginGate,
     hashing: HashPool,
+    /// Users already warned about in this process for a mosquitto_passwd hash.
+    legacy_warned: Mutex<HashSet<String>>,
 }
 
 impl Policy {
-    /// Loads the password and ACL files named in `config`.
-    pub fn load(config: &Config) -> Result<Policy, PolicyError> {
+    /// Loads the password and ACL files named in `config`; each password actually
+    /// checked counts in `password_checks`.
+    pub fn load(config: &Config, password_checks: Counter) -> Result<Policy, PolicyError> {
         let password_path = config
             .auth
             .password_file
@@ -101,14 +132,17 @@ impl Policy {
             }
         };
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let throttle = LoginThrottle::new();
         Ok(Policy {
             password_path,
             passwords: RwLock::new(passwords),
             acl_path,
             acl: RwLock::new(Arc::new(acl)),
             acl_generation: AtomicU64::new(0),
-            throttle: LoginThrottle::new(),
-            hashing: HashPool::new(cores),
+            gate: LoginGate::new(throttle.params()),
+            throttle,
+            hashing: HashPool::new(cores, password_checks),
+            legacy_warned: Mutex::new(HashSet::new()),
         })
     }
 
@@ -158,18 +192,42 @@ impl Policy {
         password: Option<&str>,
         cert_identity: Option<&str>,
     ) -> Result<Option<String>, AuthFailure> {
-        // Every answer waits out the address's failure delay, success or not, so the
-        // delay itself tells a guesser nothing.
-        let delay = self.throttle.delay_for(peer);
+        let claimed = username.unwrap_or("");
+        // A password login holds one of its address's slots from before its delay until
+        // its check is done, so parallel attempts cannot wait out the delay together.
+        let checks_password = cert_identity.is_none() && username.is_some();
+        let _slot = if checks_password {
+            match self.gate.enter(peer).await {
+                Ok(slot) => Some(slot),
+                Err(_) => return Err(AuthFailure::Busy),
+            }
+        } else {
+            None
+        };
+        // Every answer waits out the failure delay, success or not, so the delay itself
+        // tells a guesser nothing.
+        let delay = self.throttle.delay_for(peer, claimed);
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
+        // A client that hangs up once its hash has started must not get checks for free
+        // (the pool finishes them): such a check counts as a failure when dropped.
+        let started = Arc::new(AtomicBool::new(false));
+        let mut abandoned = Abandoned {
+            throttle: &self.throttle,
+            peer,
+            username: claimed,
+            started: started.clone(),
+            armed: true,
+        };
         let result = self
-            .decide(listener, username, password, cert_identity)
+            .decide(listener, peer, username, password, cert_identity, started)
             .await;
+        abandoned.armed = false;
         match &result {
-            Ok(_) => self.throttle.record_success(peer),
-            Err(_) => self.throttle.record_failure(peer),
+            Ok(_) => self.throttle.record_success(peer, claimed),
+            Err(AuthFailure::Busy) => {}
+            Err(_) => self.throttle.record_failure(peer, claimed),
         }
         result
     }
@@ -177,14 +235,22 @@ impl Policy {
     async fn decide(
         &self,
         listener: &ListenerPolicy,
+        peer: IpAddr,
         username: Option<&str>,
         password: Option<&str>,
         cert_identity: Option<&str>,
+        started: Arc<AtomicBool>,
     ) -> Result<Option<String>, AuthFailure> {
         if let Some(cn) = cert_identity {
-            // One name in logs and audit: a CONNECT username must be the CN.
-            if !valid_identity(cn) || username.is_some_and(|u| u != cn) {
+            if !valid_identity(cn) {
                 return Err(AuthFailure::NotAuthorized);
+            }
+            // One name in logs and audit: a CONNECT username must be the CN.
+            if let Some(u) = username.filter(|&u| u != cn) {
+                return Err(AuthFailure::UsernameNotCertificateCn {
+                    username: u.to_string(),
+                    cn: cn.to_string(),
+                });
             }
             return Ok(Some(cn.to_string()));
         }
@@ -206,16 +272,28 @@ impl Policy {
                     return Err(AuthFailure::NotAuthorized);
                 }
                 let password = Zeroizing::new(password.unwrap_or("").as_bytes().to_vec());
-                let verdict = self.hashing.verify(file, user, password).await;
+                let verdict = self
+                    .hashing
+                    .verify(peer, file, user, password, started)
+                    .await;
                 match verdict {
-                    Verdict::Accepted => Ok(Some(user.to_string())),
-                    Verdict::AcceptedLegacyHash => {
-                        warn!(username = user, "password entry uses a mosquitto_passwd hash; re-hash it with `moatmq passwd`");
+                    Ok(Verdict::Accepted) => Ok(Some(user.to_string())),
+                    Ok(Verdict::AcceptedLegacyHash) => {
+                        self.warn_legacy_once(user);
                         Ok(Some(user.to_string()))
                     }
-                    Verdict::Rejected => Err(AuthFailure::BadCredentials),
+                    Ok(Verdict::Rejected) => Err(AuthFailure::BadCredentials),
+                    Err(_) => Err(AuthFailure::Busy),
                 }
             }
+        }
+    }
+
+    /// Warns that `user` logged in against a mosquitto_passwd hash, once per user per
+    /// process (a WARN on every login of a device drowns the log).
+    fn warn_legacy_once(&self, user: &str) {
+        if first_time(&self.legacy_warned, user) {
+            warn!(username = user, "password entry uses a mosquitto_passwd hash; re-hash it with `moatmq passwd` (logged once per user)");
         }
     }
 
@@ -249,13 +327,56 @@ impl Policy {
     }
 }
 
+/// Counts a login whose caller was dropped after its hash check started as a failure.
+struct Abandoned<'a> {
+    throttle: &'a LoginThrottle,
+    peer: IpAddr,
+    username: &'a str,
+    started: Arc<AtomicBool>,
+    armed: bool,
+}
+
+impl Drop for Abandoned<'_> {
+    fn drop(&mut self) {
+        if self.armed && self.started.load(Ordering::Acquire) {
+            self.throttle.record_failure(self.peer, self.username);
+        }
+    }
+}
+
 /// One connection's snapshot of the ACL: reading it costs no lock and no shared write.
 pub struct AclView {
     generation: u64,
     acl: Arc<Acl>,
 }
 
+/// Whether `user` is new to `seen` (and remembers it). Only users of the password file
+/// get here, so the set is bounded by the file.
+fn first_time(seen: &Mutex<HashSet<String>>, user: &str) -> bool {
+    let mut seen = seen
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if seen.contains(user) {
+        return false;
+    }
+    seen.insert(user.to_string())
+}
+
 /// Strips a `$share/<group>/` prefix.
 pub fn unshare(filter: &str) -> &str {
     moatmq_acl::strip_share(filter).unwrap_or(filter)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn legacy_hash_warning_is_once_per_user() {
+        let seen = Mutex::new(HashSet::new());
+        assert!(first_time(&seen, "alice"));
+        assert!(!first_time(&seen, "alice"));
+        assert!(first_time(&seen, "bob"));
+        assert!(!first_time(&seen, "alice"));
+    }
 }

@@ -193,6 +193,11 @@ impl RetainedStore {
             Ok(()) => info!("retained store flushed"),
             Err(e) => error!(error = %e, "retained store: final flush failed"),
         }
+        if let Ok(store) = self.store.lock() {
+            if let Err(e) = store.sync_mark() {
+                error!(error = %e, "retained store: high-water mark not synced");
+            }
+        }
     }
 
     fn saver_loop(&self) {

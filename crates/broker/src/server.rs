@@ -4,8 +4,10 @@
 //! DISCONNECT 0x8B), and `run` returns once connections have closed or a grace period
 //! has passed.
 
+use crate::admission::{Admission, Slot};
 use crate::audit::{AuditLog, Who};
 use crate::gateway::Will;
+use crate::handshake_log::HandshakeLog;
 use crate::listener::{bind, Bound};
 use crate::metrics::Metrics;
 use crate::policy::{Identity, ListenerPolicy, Policy, PolicyError};
@@ -19,7 +21,7 @@ use moatmq_config::Config;
 use rumqttd::protocol::{PublishProperties, QoS};
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
@@ -35,6 +37,12 @@ pub struct Shared {
     pub audit: Option<AuditLog>,
     /// New connections per source address (`[rate_limit]`).
     pub conn_limiter: ConnectionLimiter,
+    /// Connections held and pending per source address (`limits.max_*_per_address`).
+    pub admission: Arc<Admission>,
+    /// Rate limit for the log lines about failed handshakes.
+    pub handshake_log: HandshakeLog,
+    /// Rate limit for the log lines and audit events about per-address refusals.
+    pub refusal_log: HandshakeLog,
     /// The encrypted retained store, when `[retained]` is configured.
     pub retained: Option<Arc<RetainedStore>>,
     /// Every retained message, served by the gateways on SUBSCRIBE.
@@ -56,9 +64,21 @@ pub struct ConnInfo {
     pub cert_identity: Option<String>,
     /// The source address is over `rate_limit.connections_per_second`.
     pub rate_limited: bool,
+    /// When the connection must have sent its CONNECT (`limits.connect_timeout` from
+    /// accept, shared with the PROXY header, TLS and WebSocket steps).
+    pub deadline: tokio::time::Instant,
+    /// The connection's per-address slot, held by the listener for the connection's life.
+    pub slot: Weak<Slot>,
 }
 
 impl ConnInfo {
+    /// The CONNACK went out: the connection stops counting as pending for its address.
+    pub fn established(&self) {
+        if let Some(slot) = self.slot.upgrade() {
+            slot.established();
+        }
+    }
+
     /// The audit log's view of this connection.
     pub fn who<'a>(&'a self, client_id: Option<&'a str>, username: Option<&'a str>) -> Who<'a> {
         Who {
@@ -336,7 +356,8 @@ pub enum StartError {
 impl Broker {
     /// Starts the router and binds every listener; nothing is accepted until `serve`.
     pub async fn start(config: Config) -> Result<Broker, StartError> {
-        let policy = Policy::load(&config)?;
+        let metrics = Metrics::new();
+        let policy = Policy::load(&config, metrics.password_checks.clone())?;
         let audit = match &config.audit {
             Some(a) => Some(AuditLog::open(config.resolve(&a.path)).map_err(|source| {
                 StartError::Bind {
@@ -347,7 +368,6 @@ impl Broker {
             })?),
             None => None,
         };
-        let metrics = Metrics::new();
         // Health endpoints come up first so /readyz can say "not ready" while the
         // retained store loads.
         let mut metrics_addr = None;
@@ -401,6 +421,10 @@ impl Broker {
             config.rate_limit.connections_per_second,
             config.rate_limit.connection_burst,
         );
+        let admission = Admission::new(
+            config.limits.connections_per_address(),
+            config.limits.max_pending_per_address,
+        );
         let (shutdown_tx, shutdown) = watch::channel(false);
         let mut listeners = Vec::new();
         for l in &config.listener {
@@ -416,6 +440,9 @@ impl Broker {
             metrics,
             audit,
             conn_limiter,
+            admission,
+            handshake_log: HandshakeLog::default(),
+            refusal_log: HandshakeLog::default(),
             retained,
             retained_index,
             shutdown,

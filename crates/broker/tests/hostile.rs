@@ -5,8 +5,8 @@
 //!
 //! Limits are tight so attacks hit them fast: `connect_timeout = 1`,
 //! `max_packet_size = 65536`, `max_topic_levels = 8`, `max_subscriptions_per_client = 100`.
-//! Rate limits are off: every connection comes from 127.0.0.1, and the point here is the
-//! broker's own bounds, not the per-address throttle.
+//! Rate limits and per-address caps are off: every connection comes from 127.0.0.1, and
+//! the point here is the broker's own bounds, not the per-address limits (prelogin.rs).
 //!
 //! Memory is the whole test process's VmRSS (the broker runs in-process, and tests run in
 //! parallel), so the bounds are generous: they catch growth with the attack's size, not
@@ -40,6 +40,8 @@ max_topic_levels = 8
 max_subscriptions_per_client = 100
 max_client_id_length = 128
 max_connections = 2000
+max_connections_per_address = 2000
+max_pending_per_address = 2000
 "#;
 
 async fn broker() -> TestBroker {

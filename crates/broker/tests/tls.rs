@@ -32,6 +32,8 @@ key = "server.key"
 client_ca = "client-ca.crt"
 require_client_cert = true
 identity = "cn"
+[audit]
+path = "audit.log"
 "#;
 
 /// rumqttc TLS transport trusting `ca`, optionally presenting a client certificate.
@@ -338,6 +340,17 @@ async fn connect_username_must_equal_the_cn() {
         }
         other => panic!("expected CONNACK 0x05, got {:?}", other.err()),
     }
+    // The refusal says why in the audit log (and the text log), not just "not authorized".
+    let audit = std::fs::read_to_string(m.broker.path("audit.log")).expect("audit log");
+    let failure: serde_json::Value = audit
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("JSON line"))
+        .find(|e| e["event"] == "auth_failure")
+        .expect("an auth_failure event");
+    assert_eq!(
+        failure["reason"],
+        r#"username "bob" differs from certificate CN "alice""#
+    );
     let mut o = tls4(m.addr(), "a2", m.cert("alice2", "alice"));
     o.set_credentials("alice", "");
     let mut alice = v4::connect(o).await.expect("the CN as username is fine");

@@ -51,9 +51,11 @@ impl Config {
                 name: "local".into(),
                 bind: "127.0.0.1:1883".into(),
                 protocol: Protocol::Mqtt,
+                path: None,
                 tls: None,
                 allow_anonymous: Some(true),
                 trust_proxy_protocol: false,
+                forwarded: None,
             }],
             ..Config::default()
         }

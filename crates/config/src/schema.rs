@@ -7,6 +7,7 @@ use std::path::PathBuf;
 pub const DEFAULT_MAX_PACKET_SIZE: usize = 1_048_576;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 pub const DEFAULT_CONNECT_TIMEOUT: u64 = 5;
+pub const DEFAULT_MAX_PENDING_PER_ADDRESS: usize = 32;
 pub const DEFAULT_MAX_INFLIGHT: u16 = 100;
 pub const DEFAULT_MAX_SUBSCRIPTIONS_PER_CLIENT: usize = 100;
 pub const DEFAULT_MAX_TOPIC_LEVELS: usize = 32;
@@ -19,6 +20,7 @@ pub const DEFAULT_CONNECTION_BURST: u32 = 40;
 pub const DEFAULT_MESSAGES_PER_SECOND: u32 = 1000;
 pub const DEFAULT_MESSAGE_BURST: u32 = 2000;
 pub const DEFAULT_BYTES_PER_SECOND: u64 = 10_485_760;
+pub const DEFAULT_DISCONNECT_AFTER: u64 = 0;
 pub const DEFAULT_RETAINED_MAX_MESSAGES: usize = 1_000_000;
 pub const DEFAULT_RETAINED_MAX_BYTES: u64 = 1_073_741_824;
 /// A tenth of the global count, so no one user can fill the store for everyone.
@@ -65,9 +67,13 @@ pub struct Listener {
     pub name: String,
     /// `ip:port` to bind, e.g. `127.0.0.1:1883` or `0.0.0.0:8883`.
     pub bind: String,
-    /// `mqtt` (MQTT over TCP) or `ws` (MQTT over WebSocket, path `/mqtt`).
+    /// `mqtt` (MQTT over TCP) or `ws` (MQTT over WebSocket).
     #[serde(default)]
     pub protocol: Protocol,
+    /// `ws` listeners: the HTTP paths WebSocket upgrades are accepted on; `"*"` = any.
+    /// Default `["/mqtt"]`.
+    #[serde(default)]
+    pub path: Option<Vec<String>>,
     /// `[listener.tls]`: absent = plaintext.
     #[serde(default)]
     pub tls: Option<Tls>,
@@ -77,6 +83,54 @@ pub struct Listener {
     /// Read a PROXY protocol v1/v2 header before MQTT (only behind a trusted proxy).
     #[serde(default)]
     pub trust_proxy_protocol: bool,
+    /// `[listener.forwarded]` (`ws` listeners): take the client address from a header a
+    /// trusted proxy sets. Absent (default) = the TCP peer's address.
+    #[serde(default)]
+    pub forwarded: Option<Forwarded>,
+}
+
+/// `[listener.forwarded]`: for a WebSocket listener behind an HTTP proxy or tunnel
+/// (cloudflared, nginx) that cannot send the PROXY protocol.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Forwarded {
+    /// The header naming the client, e.g. `CF-Connecting-IP` (one address) or
+    /// `X-Forwarded-For` (its last hop, the one the trusted proxy appended).
+    pub header: String,
+    /// Addresses or CIDRs (`127.0.0.1/32`, `10.0.0.0/8`) of the proxies whose header is
+    /// believed; a connection from anywhere else keeps its TCP peer address.
+    pub trusted_proxies: Vec<String>,
+}
+
+impl Forwarded {
+    /// `trusted_proxies` as networks (a bare address is a /32 or /128).
+    pub fn proxies(&self) -> Vec<ipnet::IpNet> {
+        self.trusted_proxies
+            .iter()
+            .filter_map(|p| parse_net(p))
+            .collect()
+    }
+}
+
+fn parse_net(text: &str) -> Option<ipnet::IpNet> {
+    let text = text.trim();
+    text.parse::<ipnet::IpNet>().ok().or_else(|| {
+        text.parse::<std::net::IpAddr>()
+            .ok()
+            .map(ipnet::IpNet::from)
+    })
+}
+
+/// The WebSocket path a `ws` listener serves when `path` is not set.
+pub const DEFAULT_WS_PATH: &str = "/mqtt";
+
+impl Listener {
+    /// The paths a `ws` listener accepts upgrades on (`"*"` = any).
+    pub fn ws_paths(&self) -> Vec<String> {
+        self.path
+            .clone()
+            .unwrap_or_else(|| vec![DEFAULT_WS_PATH.to_string()])
+    }
 }
 
 /// Transport spoken on a listener.
@@ -171,10 +225,24 @@ pub struct Limits {
     /// Largest packet accepted, in bytes (remaining length); larger closes the connection.
     #[serde(default = "default_max_packet_size")]
     pub max_packet_size: usize,
+    /// Largest PUBLISH payload accepted, in bytes; a larger one is dropped and the
+    /// connection kept (Mosquitto's `message_size_limit`). Absent = only
+    /// `max_packet_size` applies.
+    #[serde(default)]
+    pub max_payload_size: Option<usize>,
     /// Connections served at once over all listeners; more are refused.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
-    /// Seconds a new connection has to complete TLS and send CONNECT.
+    /// Connections one source address (IPv4 address, IPv6 /64) may hold at once, counted
+    /// from accept, before any TLS or WebSocket handshake; default `max_connections / 4`.
+    #[serde(default)]
+    pub max_connections_per_address: Option<usize>,
+    /// Connections one source address may have still in their PROXY header, TLS,
+    /// WebSocket or CONNECT phase (not yet answered with a CONNACK).
+    #[serde(default = "default_max_pending_per_address")]
+    pub max_pending_per_address: usize,
+    /// Seconds a new connection has for all of PROXY header, TLS, WebSocket upgrade and
+    /// CONNECT together: one deadline from accept.
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout: u64,
     /// QoS 1/2 messages a client may have unacknowledged towards the broker (receive maximum).
@@ -204,7 +272,10 @@ impl Default for Limits {
     fn default() -> Limits {
         Limits {
             max_packet_size: DEFAULT_MAX_PACKET_SIZE,
+            max_payload_size: None,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_address: None,
+            max_pending_per_address: DEFAULT_MAX_PENDING_PER_ADDRESS,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             max_inflight: DEFAULT_MAX_INFLIGHT,
             max_subscriptions_per_client: DEFAULT_MAX_SUBSCRIPTIONS_PER_CLIENT,
@@ -213,6 +284,14 @@ impl Default for Limits {
             max_queued_bytes: DEFAULT_MAX_QUEUED_BYTES,
             max_session_expiry: DEFAULT_MAX_SESSION_EXPIRY,
         }
+    }
+}
+
+impl Limits {
+    /// `max_connections_per_address`, or its default: a quarter of `max_connections`.
+    pub fn connections_per_address(&self) -> usize {
+        self.max_connections_per_address
+            .unwrap_or((self.max_connections / 4).max(1))
     }
 }
 
@@ -229,13 +308,65 @@ pub struct RateLimit {
     /// PUBLISH packets per second per client; beyond it the client is read more slowly.
     #[serde(default = "default_messages_per_second")]
     pub messages_per_second: u32,
-    /// PUBLISH packets a client may send at once; a client kept over its limit for
-    /// 10 seconds without a break is disconnected (MQTT 5: DISCONNECT 0x96).
+    /// PUBLISH packets a client may send at once before the rate applies.
     #[serde(default = "default_message_burst")]
     pub message_burst: u32,
     /// PUBLISH bytes per second per client (burst: one second's worth).
     #[serde(default = "default_bytes_per_second")]
     pub bytes_per_second: u64,
+    /// Seconds a publisher may stay over its limit without a break, paced, before it is
+    /// disconnected (MQTT 5: DISCONNECT 0x96); 0 = never, pacing only.
+    #[serde(default = "default_disconnect_after")]
+    pub disconnect_after: u64,
+    /// `[[rate_limit.user]]`: other publish limits for one username.
+    #[serde(default)]
+    pub user: Vec<UserRateLimit>,
+}
+
+/// One `[[rate_limit.user]]`: publish limits for clients authenticated as `name`
+/// (password or certificate CN). A key left out keeps the `[rate_limit]` value.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserRateLimit {
+    /// The username these limits apply to; unique.
+    pub name: String,
+    /// PUBLISH packets per second per client of this user; 0 = unlimited.
+    #[serde(default)]
+    pub messages_per_second: Option<u32>,
+    /// PUBLISH packets a client of this user may send at once.
+    #[serde(default)]
+    pub message_burst: Option<u32>,
+    /// PUBLISH bytes per second per client of this user; 0 = unlimited.
+    #[serde(default)]
+    pub bytes_per_second: Option<u64>,
+}
+
+/// The publish limits that apply to one client, after `[[rate_limit.user]]` overrides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PublishRates {
+    /// PUBLISH packets per second; 0 = unlimited.
+    pub messages_per_second: u32,
+    pub message_burst: u32,
+    /// PUBLISH bytes per second; 0 = unlimited.
+    pub bytes_per_second: u64,
+}
+
+impl RateLimit {
+    /// The publish limits for a client authenticated as `username` (None: anonymous).
+    pub fn publish_rates(&self, username: Option<&str>) -> PublishRates {
+        let user = username.and_then(|u| self.user.iter().find(|o| o.name == u));
+        PublishRates {
+            messages_per_second: user
+                .and_then(|u| u.messages_per_second)
+                .unwrap_or(self.messages_per_second),
+            message_burst: user
+                .and_then(|u| u.message_burst)
+                .unwrap_or(self.message_burst),
+            bytes_per_second: user
+                .and_then(|u| u.bytes_per_second)
+                .unwrap_or(self.bytes_per_second),
+        }
+    }
 }
 
 impl Default for RateLimit {
@@ -246,6 +377,8 @@ impl Default for RateLimit {
             messages_per_second: DEFAULT_MESSAGES_PER_SECOND,
             message_burst: DEFAULT_MESSAGE_BURST,
             bytes_per_second: DEFAULT_BYTES_PER_SECOND,
+            disconnect_after: DEFAULT_DISCONNECT_AFTER,
+            user: Vec::new(),
         }
     }
 }
@@ -302,6 +435,9 @@ fn default_message_burst() -> u32 {
 fn default_bytes_per_second() -> u64 {
     DEFAULT_BYTES_PER_SECOND
 }
+fn default_disconnect_after() -> u64 {
+    DEFAULT_DISCONNECT_AFTER
+}
 fn default_true() -> bool {
     true
 }
@@ -326,6 +462,9 @@ fn default_max_packet_size() -> usize {
 fn default_max_connections() -> usize {
     DEFAULT_MAX_CONNECTIONS
 }
+fn default_max_pending_per_address() -> usize {
+    DEFAULT_MAX_PENDING_PER_ADDRESS
+}
 fn default_connect_timeout() -> u64 {
     DEFAULT_CONNECT_TIMEOUT
 }
@@ -346,6 +485,14 @@ fn default_max_queued_bytes() -> usize {
 }
 fn default_max_session_expiry() -> u64 {
     DEFAULT_MAX_SESSION_EXPIRY
+}
+
+/// An HTTP request path as a client sends it: absolute, no query or fragment.
+fn valid_ws_path(p: &str) -> bool {
+    p.starts_with('/')
+        && !p
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || c == '?' || c == '#')
 }
 
 impl Config {
@@ -372,6 +519,58 @@ impl Config {
                 )
                 .in_listener(i));
             }
+            if let Some(paths) = &l.path {
+                if l.protocol != Protocol::Ws {
+                    return Err(
+                        Invalid::new("path", "applies only to protocol = \"ws\"").in_listener(i)
+                    );
+                }
+                if paths.is_empty() {
+                    return Err(Invalid::new(
+                        "path",
+                        "must list at least one path, e.g. [\"/mqtt\"], or [\"*\"] for any",
+                    )
+                    .in_listener(i));
+                }
+                if paths.iter().any(|p| p != "*" && !valid_ws_path(p)) {
+                    return Err(Invalid::new(
+                        "path",
+                        "each path must start with / and hold no spaces, ? or #, or be \"*\"",
+                    )
+                    .in_listener(i));
+                }
+            }
+            if let Some(f) = &l.forwarded {
+                if l.protocol != Protocol::Ws {
+                    return Err(Invalid::new(
+                        "forwarded",
+                        "applies only to protocol = \"ws\" (use trust_proxy_protocol for mqtt)",
+                    )
+                    .in_listener(i));
+                }
+                let token = |c: char| c.is_ascii_alphanumeric() || "-_".contains(c);
+                if f.header.is_empty() || !f.header.chars().all(token) {
+                    return Err(Invalid::new(
+                        "forwarded.header",
+                        "must be an HTTP header name such as CF-Connecting-IP",
+                    )
+                    .in_listener(i));
+                }
+                if f.trusted_proxies.is_empty() {
+                    return Err(Invalid::new(
+                        "forwarded.trusted_proxies",
+                        "must list the proxies' addresses or CIDRs",
+                    )
+                    .in_listener(i));
+                }
+                if f.trusted_proxies.iter().any(|p| parse_net(p).is_none()) {
+                    return Err(Invalid::new(
+                        "forwarded.trusted_proxies",
+                        "each entry must be an IP address or CIDR such as 10.0.0.0/8",
+                    )
+                    .in_listener(i));
+                }
+            }
             if let Some(tls) = &l.tls {
                 if tls.identity == CertIdentity::Cn && tls.client_ca.is_none() {
                     return Err(Invalid::new(
@@ -387,6 +586,14 @@ impl Config {
             ("limits.max_packet_size", lim.max_packet_size),
             ("limits.max_connections", lim.max_connections),
             ("limits.connect_timeout", lim.connect_timeout as usize),
+            (
+                "limits.max_connections_per_address",
+                lim.connections_per_address(),
+            ),
+            (
+                "limits.max_pending_per_address",
+                lim.max_pending_per_address,
+            ),
             ("limits.max_inflight", lim.max_inflight as usize),
             (
                 "limits.max_subscriptions_per_client",
@@ -405,6 +612,12 @@ impl Config {
             return Err(Invalid::new(
                 "limits.max_packet_size",
                 "must be at most 268435455, the MQTT maximum",
+            ));
+        }
+        if lim.max_payload_size == Some(0) {
+            return Err(Invalid::new(
+                "limits.max_payload_size",
+                "must be greater than 0 (leave it out for no payload limit)",
             ));
         }
         if let Some(m) = &self.metrics {
@@ -427,6 +640,26 @@ impl Config {
                 "rate_limit.message_burst",
                 "must be greater than 0 when messages_per_second is set",
             ));
+        }
+        let mut users = std::collections::HashSet::new();
+        for (i, u) in rl.user.iter().enumerate() {
+            let key = |k: &str| format!("rate_limit.user[{i}].{k}");
+            if u.name.is_empty() {
+                return Err(Invalid::new(key("name"), "must not be empty"));
+            }
+            if !users.insert(u.name.as_str()) {
+                return Err(Invalid::new(
+                    key("name"),
+                    "each user may have one [[rate_limit.user]] table",
+                ));
+            }
+            let rates = rl.publish_rates(Some(&u.name));
+            if rates.messages_per_second > 0 && rates.message_burst == 0 {
+                return Err(Invalid::new(
+                    key("message_burst"),
+                    "must be greater than 0 when messages_per_second is set",
+                ));
+            }
         }
         if let Some(r) = &self.retained {
             if r.max_messages == 0 {

@@ -105,6 +105,146 @@ fn relative_paths_resolve_against_the_config_folder() {
     assert_eq!(c.resolve(Path::new("/abs")), Path::new("/abs"));
 }
 
+#[test]
+fn rate_limits_pace_by_default_and_users_override_them() {
+    let c = parse(MINIMAL).unwrap();
+    assert_eq!(c.rate_limit.disconnect_after, 0, "pace only by default");
+    let text = format!(
+        "{MINIMAL}[rate_limit]\nmessages_per_second = 50\nmessage_burst = 60\n\
+         [[rate_limit.user]]\nname = \"ingest\"\nmessages_per_second = 0\nbytes_per_second = 0\n\
+         [[rate_limit.user]]\nname = \"bridge\"\nmessages_per_second = 5000\n"
+    );
+    let rl = parse(&text).unwrap().rate_limit;
+    let ingest = rl.publish_rates(Some("ingest"));
+    assert_eq!(
+        (ingest.messages_per_second, ingest.bytes_per_second),
+        (0, 0)
+    );
+    let bridge = rl.publish_rates(Some("bridge"));
+    assert_eq!(
+        (bridge.messages_per_second, bridge.message_burst),
+        (5000, 60),
+        "a key left out keeps the [rate_limit] value"
+    );
+    assert_eq!(
+        bridge.bytes_per_second, DEFAULT_BYTES_PER_SECOND,
+        "a key left out keeps the [rate_limit] value"
+    );
+    assert_eq!(rl.publish_rates(None).messages_per_second, 50);
+    assert_eq!(rl.publish_rates(Some("other")).messages_per_second, 50);
+}
+
+#[test]
+fn rate_limit_user_errors_name_the_table_line() {
+    let text =
+        format!("{MINIMAL}[[rate_limit.user]]\nname = \"a\"\n[[rate_limit.user]]\nname = \"a\"\n");
+    let err = parse(&text).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "broker.toml:7: rate_limit.user[1].name: each user may have one [[rate_limit.user]] table"
+    );
+    let text = format!(
+        "{MINIMAL}[[rate_limit.user]]\nname = \"a\"\nmessages_per_second = 9\nmessage_burst = 0\n"
+    );
+    let err = parse(&text).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "broker.toml:7: rate_limit.user[0].message_burst: must be greater than 0 when messages_per_second is set"
+    );
+    let err = parse(&format!(
+        "{MINIMAL}[[rate_limit.user]]\nname = \"a\"\nrate = 1\n"
+    ))
+    .unwrap_err();
+    assert!(matches!(err, ConfigError::Syntax { line: 6, .. }), "{err}");
+}
+
+#[test]
+fn per_address_limits_default_from_max_connections() {
+    let c = parse(&format!("{MINIMAL}[limits]\nmax_connections = 200\n")).unwrap();
+    assert_eq!(c.limits.connections_per_address(), 50);
+    assert_eq!(c.limits.max_pending_per_address, 32);
+    let c = parse(&format!(
+        "{MINIMAL}[limits]\nmax_connections_per_address = 7\nmax_pending_per_address = 2\n"
+    ))
+    .unwrap();
+    assert_eq!(c.limits.connections_per_address(), 7);
+    assert_eq!(c.limits.max_pending_per_address, 2);
+    let err = parse(&format!("{MINIMAL}[limits]\nmax_pending_per_address = 0\n")).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "broker.toml:5: limits.max_pending_per_address: must be greater than 0"
+    );
+}
+
+#[test]
+fn websocket_paths_default_to_mqtt_and_are_checked() {
+    let ws = "[[listener]]\nname = \"ws\"\nbind = \"127.0.0.1:8080\"\nprotocol = \"ws\"\n";
+    let c = parse(ws).unwrap();
+    assert_eq!(c.listener[0].ws_paths(), vec!["/mqtt".to_string()]);
+    let c = parse(&format!("{ws}path = [\"/\", \"/ws\", \"*\"]\n")).unwrap();
+    assert_eq!(c.listener[0].ws_paths(), vec!["/", "/ws", "*"]);
+    for (bad, reason) in [
+        ("path = []", "must list at least one path"),
+        ("path = [\"mqtt\"]", "must start with /"),
+        ("path = [\"/a b\"]", "must start with /"),
+    ] {
+        let err = parse(&format!("{ws}{bad}\n")).unwrap_err().to_string();
+        assert!(
+            err.starts_with("broker.toml:5: listener[0].path: "),
+            "{err}"
+        );
+        assert!(err.contains(reason), "{err}");
+    }
+    let err = parse(&format!("{MINIMAL}path = [\"/mqtt\"]\n")).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "broker.toml:4: listener[0].path: applies only to protocol = \"ws\""
+    );
+}
+
+#[test]
+fn forwarded_header_settings_are_checked() {
+    let ws = "[[listener]]\nname = \"ws\"\nbind = \"127.0.0.1:8080\"\nprotocol = \"ws\"\n";
+    let ok = format!(
+        "{ws}[listener.forwarded]\nheader = \"CF-Connecting-IP\"\ntrusted_proxies = [\"127.0.0.1\", \"10.0.0.0/8\", \"::1/128\"]\n"
+    );
+    let c = parse(&ok).unwrap();
+    let proxies = c.listener[0].forwarded.as_ref().unwrap().proxies();
+    assert_eq!(proxies.len(), 3);
+    assert!(proxies[1].contains(&"10.1.2.3".parse::<std::net::IpAddr>().unwrap()));
+    for (bad, key, reason) in [
+        (
+            "header = \"CF-Connecting-IP\"\ntrusted_proxies = [\"10.0.0.0/33\"]",
+            "trusted_proxies",
+            "IP address or CIDR",
+        ),
+        (
+            "header = \"CF-Connecting-IP\"\ntrusted_proxies = []",
+            "trusted_proxies",
+            "must list",
+        ),
+        (
+            "header = \"X Forwarded\"\ntrusted_proxies = [\"10.0.0.1\"]",
+            "header",
+            "HTTP header name",
+        ),
+    ] {
+        let err = parse(&format!("{ws}[listener.forwarded]\n{bad}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&format!("listener[0].forwarded.{key}: ")) && err.contains(reason),
+            "{err}"
+        );
+    }
+    let err = parse(&format!(
+        "{MINIMAL}[listener.forwarded]\nheader = \"X-Forwarded-For\"\ntrusted_proxies = [\"10.0.0.1\"]\n"
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("applies only to protocol = \"ws\""), "{err}");
+}
+
 /// One bad key per section, placed after decoys (the same key name in other sections,
 /// a value that is a "secret"): the error names the right key on the right line and
 /// never echoes the value.

@@ -360,3 +360,27 @@ fn shipped_broker_tomls_load() {
         assert_eq!(m.bind, "0.0.0.0:9100", "{name}");
     }
 }
+
+#[test]
+fn compose_believes_the_client_address_only_from_cloudflared() {
+    let c = Config::parse(
+        Path::new("/etc/moatmq/broker.toml"),
+        &read("deploy/compose/config/broker.toml"),
+    )
+    .expect("compose config");
+    let f = c.listener[0]
+        .forwarded
+        .as_ref()
+        .expect("[listener.forwarded]");
+    assert_eq!(f.header, "CF-Connecting-IP");
+    assert_eq!(f.trusted_proxies, ["172.30.53.10/32"]);
+    let compose = read("deploy/compose/compose.yaml");
+    assert!(
+        compose.contains("ipv4_address: 172.30.53.10"),
+        "cloudflared's address"
+    );
+    assert!(
+        compose.contains("subnet: 172.30.53.0/24"),
+        "the tunnel network"
+    );
+}

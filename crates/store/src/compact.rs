@@ -1,7 +1,10 @@
 //! Compaction and rekey: write the live set into a brand-new log (new file id, records
 //! numbered from 0) in a temporary file, fsync it, rename it over the log, fsync the
 //! directory. Until the rename the old log is untouched; after it the new one is
-//! complete, so a crash at any step loses nothing that was flushed.
+//! complete, so a crash at any step loses nothing that was flushed. Before the rename the
+//! high-water mark names both files (fsynced), after the directory fsync the new one only,
+//! so either file loads after a crash, and once the mark names only the new one the old
+//! one is refused.
 //!
 //! Compaction can run off the store's thread: [`Store::begin_compaction`] snapshots the
 //! live set (cheap `Arc` clones), [`CompactionJob::run`] does the heavy writing anywhere,
@@ -14,8 +17,9 @@ use std::sync::Arc;
 use aes_gcm::Aes256Gcm;
 
 use crate::log::{self, Written};
+use crate::mark::{Mark, Vouch};
 use crate::record::{self, RecordRef};
-use crate::store::{LOG_NAME, TMP_PREFIX};
+use crate::store::{Trust, TMP_PREFIX};
 use crate::{now_unix, RetainedKey, RetainedMessage, Store, StoreError, StoreLimits};
 
 /// A compaction in progress: a snapshot of the live set to write into a new file.
@@ -95,6 +99,12 @@ impl Store {
         if job.id != self.job_id {
             return Err(StoreError::StaleCompaction);
         }
+        if self.needs_dir_sync {
+            // The last rename must be durable before the mark may forget the file before it.
+            log::sync_dir(&self.dir)?;
+            self.needs_dir_sync = false;
+            self.prev = None;
+        }
         let since = self.since_snapshot.take().unwrap_or_default();
         let Some(mut w) = job.written else {
             return Err(StoreError::StaleCompaction);
@@ -120,9 +130,26 @@ impl Store {
                 .map_err(|e| StoreError::io(&w.tmp_path, e))?;
             w.len += buf.len() as u64;
         }
+        // Before the rename the mark vouches for both files (and is fsynced): after a crash
+        // either may be in place.
+        let old = self.vouch();
+        let new = Vouch {
+            file_id: w.file_id,
+            records: w.next_seq,
+            len: w.len,
+        };
+        self.mark.write(
+            &self.cipher,
+            &Mark {
+                current: Some(old),
+                next: Some(new),
+            },
+            true,
+        )?;
         std::fs::rename(&w.tmp_path, &self.log_path)
             .map_err(|e| StoreError::io(&self.log_path, e))?;
         // The rename happened: from here on the new file is the log.
+        self.prev = Some(old);
         self.file = w.file;
         self.file_id = w.file_id;
         self.next_seq = w.next_seq;
@@ -148,7 +175,38 @@ impl Store {
             self.needs_dir_sync = true;
             return Err(e);
         }
+        self.prev = None;
+        self.update_mark();
         Ok(())
+    }
+
+    /// Rewrites the log under `new` (see [`rekey`]); the store must not be used after.
+    fn rekey_into(&mut self, new: &RetainedKey) -> Result<usize, StoreError> {
+        let cipher = record::cipher(new);
+        let tmp = self.dir.join(format!("{TMP_PREFIX}-rekey"));
+        let w = log::write_fresh(&tmp, &cipher, self.messages())?;
+        let n = w.frame_lens.len();
+        let mark = Mark {
+            current: Some(Vouch {
+                file_id: w.file_id,
+                records: w.next_seq,
+                len: w.len,
+            }),
+            next: None,
+        };
+        // The older slot gets the new file's mark under the new key; the newest one keeps
+        // the old file's under the old key until the rename is durable, so after a crash
+        // the mark matches whichever file and key are in place.
+        let res = self
+            .mark
+            .write(&cipher, &mark, true)
+            .and_then(|()| log::install(&w.tmp_path, &self.log_path, &self.dir));
+        if let Err(e) = res {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        self.mark.write(&cipher, &mark, true)?;
+        Ok(n)
     }
 }
 
@@ -156,15 +214,17 @@ impl Store {
 /// under `old` first) and returns the number of messages kept. Crash-safe: the new log is
 /// written to a temporary file and renamed over the old one.
 pub fn rekey(path: &Path, old: RetainedKey, new: &RetainedKey) -> Result<usize, StoreError> {
-    let (store, _) = Store::open(path, old, StoreLimits::UNLIMITED)?;
-    let cipher = record::cipher(new);
-    let tmp = path.join(format!("{TMP_PREFIX}-rekey"));
-    let w = log::write_fresh(&tmp, &cipher, store.messages())?;
-    let n = w.frame_lens.len();
+    let (mut store, _) = Store::open(path, old, StoreLimits::UNLIMITED)?;
+    store.rekey_into(new)
+}
+
+/// Takes the store in directory `path` as it is, for when [`Store::open`] refused it as
+/// truncated, rolled back or without its high-water mark and the operator wants it anyway
+/// (`moatmq retained accept`): every record present must still authenticate; a torn or
+/// zeroed tail is cut; the high-water mark is rewritten to vouch for what is there.
+/// Returns the number of live messages kept.
+pub fn accept(path: &Path, key: RetainedKey) -> Result<usize, StoreError> {
+    let (store, messages) = Store::open_with(path, key, StoreLimits::UNLIMITED, Trust::AsIs)?;
     drop(store);
-    if let Err(e) = log::install(&w.tmp_path, &path.join(LOG_NAME), path) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
-    Ok(n)
+    Ok(messages.len())
 }

@@ -54,6 +54,60 @@ pub enum StoreError {
         /// What was wrong.
         reason: String,
     },
+    /// The log holds fewer records than its high-water mark vouches for: it was cut (at a
+    /// record boundary or down to its header), its last records were zeroed, or an older
+    /// copy of the same file was put back. A torn record *past* the mark is a crash during
+    /// a save and is not this error. `moatmq retained accept` takes the log as it is.
+    #[error("retained store {file}: {missing} records after offset {offset} are missing (file ends at byte {file_len}; expected record {expected}, found {found}); its high-water mark {mark} requires {required} records. The file was cut, its last records zeroed, or an older copy restored; to keep it anyway run `moatmq retained accept -c CONFIG`")]
+    Truncated {
+        /// The log file.
+        file: PathBuf,
+        /// The high-water mark file.
+        mark: PathBuf,
+        /// How many records are missing.
+        missing: u64,
+        /// Byte offset where the first missing record should start.
+        offset: u64,
+        /// Length of the log file.
+        file_len: u64,
+        /// 0-based index of the first missing record.
+        expected: u64,
+        /// What is there instead: "end of file", "zero bytes" or "a torn record".
+        found: &'static str,
+        /// Records the mark requires.
+        required: u64,
+    },
+    /// The log is not the file its high-water mark was last written for: an older copy
+    /// (from before a compaction or rekey), or another store's log, was put in its place.
+    #[error("retained store {file} is not the file its high-water mark {mark} was written for: an older copy was restored or the file was replaced; to keep it anyway run `moatmq retained accept -c CONFIG`")]
+    RolledBack {
+        /// The log file.
+        file: PathBuf,
+        /// The high-water mark file.
+        mark: PathBuf,
+    },
+    /// The high-water mark is missing or unreadable although the log was written by a
+    /// version that always keeps one (deleted, damaged, or written under another key).
+    #[error("retained store {file}: its high-water mark {mark} is missing or unreadable ({reason}), so truncation and rollback cannot be ruled out; to keep the log anyway run `moatmq retained accept -c CONFIG`")]
+    MarkMissing {
+        /// The log file.
+        file: PathBuf,
+        /// The high-water mark file.
+        mark: PathBuf,
+        /// Why: missing, damaged, or another key.
+        reason: &'static str,
+    },
+    /// The log file is gone but its high-water mark says it held records: the store was
+    /// deleted (starting empty would silently lose every retained message).
+    #[error("retained store {file} is missing but its high-water mark {mark} says it held {records} records; to start with an empty store anyway run `moatmq retained accept -c CONFIG`")]
+    LogMissing {
+        /// The log file that should exist.
+        file: PathBuf,
+        /// The high-water mark file.
+        mark: PathBuf,
+        /// Records the mark vouches for.
+        records: u64,
+    },
     /// `set` of a new topic would exceed `max_messages` or `max_bytes`.
     #[error("retained store is full (max_messages or max_bytes reached)")]
     Full,

@@ -8,9 +8,18 @@
 //! - every record must authenticate with associated data binding it to this file's random
 //!   id and to its sequence number, so an altered, swapped, replayed (from another file)
 //!   or missing record is [`StoreError::WrongKeyOrTampered`] naming its index;
-//! - only a frame that runs past end-of-file (a crash mid-append) is "torn": it is cut
-//!   away with a warning and everything before it is kept. Anything else is an error:
-//!   the store never comes back silently empty.
+//! - a sealed high-water mark beside the log (`retained.log.hwm`, see `mark.rs`) names
+//!   the log file that must be there and how many records it must hold at least: a log
+//!   cut at a record boundary or to its header, with its last records zeroed, or put back
+//!   from an older copy is [`StoreError::Truncated`] or [`StoreError::RolledBack`]; a
+//!   missing mark is [`StoreError::MarkMissing`], a missing log [`StoreError::LogMissing`];
+//! - only a frame past the mark that runs past end-of-file or is all zeros (a crash
+//!   mid-append, never counted by the mark, which is written after the fsync) is "torn":
+//!   it is cut away with a warning and everything before it is kept. Anything else is an
+//!   error, so a store with records never comes back empty or shorter without an error
+//!   or an operator's [`accept`]. What stays undetectable: the log and its mark rolled
+//!   back or deleted together (a restored backup of the whole folder), and a version-1
+//!   log from before the mark existed put back with the mark deleted.
 //!
 //! Topics, payloads and properties are all inside the ciphertext. The store is plain
 //! synchronous code with no MQTT library types; the broker owns the thread it runs on.
@@ -21,13 +30,14 @@ mod compact;
 mod error;
 mod key;
 mod log;
+mod mark;
 mod record;
 mod store;
 
 #[cfg(test)]
 mod tests;
 
-pub use compact::{rekey, CompactionJob};
+pub use compact::{accept, rekey, CompactionJob};
 pub use error::StoreError;
 pub use key::{RetainedKey, KEY_LEN};
 pub use store::Store;
@@ -146,6 +156,7 @@ pub fn decode_log_image(
         &cipher,
         std::path::Path::new("<memory>"),
         0,
+        |_, _| Ok(None),
     )?;
     Ok(replay
         .live

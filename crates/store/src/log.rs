@@ -2,7 +2,9 @@
 //! file (header plus one `Set` per message) for creation, compaction and rekey.
 //! A frame is "torn" only when it runs past end-of-file, or when everything from its
 //! start to end-of-file is zero bytes (a file extended by a crash before its data
-//! landed); anything else that fails is an error naming the record or offset.
+//! landed), and only past the records the high-water mark requires: a torn frame, zero
+//! bytes or end-of-file before that is [`StoreError::Truncated`]. Anything else that fails
+//! is an error naming the record or offset.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -29,9 +31,19 @@ pub(crate) struct Entry {
 pub(crate) struct Replay {
     pub(crate) live: HashMap<String, Entry>,
     pub(crate) file_id: FileId,
+    /// Format version of the file's header.
+    pub(crate) version: u32,
     pub(crate) next_seq: u64,
     /// Length of the verified prefix of the file; less than its size if the tail was torn.
     pub(crate) good_len: u64,
+}
+
+/// What the high-water mark requires of a log: at least `records` records.
+#[derive(Debug)]
+pub(crate) struct Required {
+    pub(crate) records: u64,
+    /// The mark file, named in errors.
+    pub(crate) mark: PathBuf,
 }
 
 fn corrupt(file: &Path, offset: u64, reason: impl Into<String>) -> StoreError {
@@ -71,24 +83,47 @@ fn rest_is_zero(r: &mut impl Read, file: &Path) -> Result<bool, StoreError> {
 }
 
 /// Reads and verifies a whole log of `file_len` bytes; messages expired at `now` are
-/// dropped. `file` only names the file in errors.
+/// dropped. `file` only names the file in errors. Once the header is verified, `required`
+/// is asked (with the file id and version) how many records must be present; it may
+/// refuse the file instead.
 pub(crate) fn read_log(
     mut r: impl Read,
     file_len: u64,
     cipher: &Aes256Gcm,
     file: &Path,
     now: u64,
+    required: impl FnOnce(&FileId, u32) -> Result<Option<Required>, StoreError>,
 ) -> Result<Replay, StoreError> {
     let mut header = [0u8; HEADER_LEN];
     if read_full(&mut r, &mut header, file)? < HEADER_LEN {
         return Err(corrupt(file, 0, "file is shorter than the store header"));
     }
-    let file_id = record::open_header(cipher, &header).map_err(|e| match e {
+    let (file_id, version) = record::open_header(cipher, &header).map_err(|e| match e {
         HeaderError::Format(reason) => corrupt(file, 0, reason),
         HeaderError::KeyCheck => StoreError::WrongKey {
             file: file.to_owned(),
         },
     })?;
+    let required = required(&file_id, version)?;
+    // The end of the records: fine past what the mark requires, truncation before it.
+    let end = |seq: u64, offset: u64, found: &'static str| match &required {
+        Some(req) if seq < req.records => Err(StoreError::Truncated {
+            file: file.to_owned(),
+            mark: req.mark.clone(),
+            missing: req.records - seq,
+            offset,
+            file_len,
+            expected: seq,
+            found,
+            required: req.records,
+        }),
+        _ => {
+            if found != "end of file" {
+                torn(file, offset, seq);
+            }
+            Ok(())
+        }
+    };
     let mut live: HashMap<String, Entry> = HashMap::new();
     let mut offset = HEADER_LEN as u64;
     let mut seq = 0u64;
@@ -97,15 +132,16 @@ pub(crate) fn read_log(
         let mut prefix = [0u8; PREFIX_LEN];
         let got = read_full(&mut r, &mut prefix, file)?;
         if got == 0 {
+            end(seq, offset, "end of file")?;
             break;
         }
         if got < PREFIX_LEN {
-            torn(file, offset, seq);
+            end(seq, offset, "a torn record")?;
             break;
         }
         let Some(len) = record::decode_prefix(&prefix) else {
             if prefix.iter().all(|b| *b == 0) && rest_is_zero(&mut r, file)? {
-                torn(file, offset, seq);
+                end(seq, offset, "zero bytes")?;
                 break;
             }
             return Err(corrupt(
@@ -116,7 +152,7 @@ pub(crate) fn read_log(
         };
         let frame_len = (PREFIX_LEN + NONCE_LEN) as u64 + u64::from(len);
         if offset.saturating_add(frame_len) > file_len {
-            torn(file, offset, seq);
+            end(seq, offset, "a torn record")?;
             break;
         }
         if len > MAX_CIPHERTEXT_LEN || (len as usize) < TAG_LEN {
@@ -129,7 +165,7 @@ pub(crate) fn read_log(
         body.resize(NONCE_LEN + len as usize, 0);
         if read_full(&mut r, &mut body, file)? < body.len() {
             // The file shrank while we read it, or `file_len` was wrong: same as torn.
-            torn(file, offset, seq);
+            end(seq, offset, "a torn record")?;
             break;
         }
         match record::open_record(cipher, &file_id, seq, len, &body) {
@@ -164,6 +200,7 @@ pub(crate) fn read_log(
     Ok(Replay {
         live,
         file_id,
+        version,
         next_seq: seq,
         good_len: offset,
     })

@@ -22,8 +22,13 @@ use crate::{RetainedKey, RetainedMessage, StoreError};
 
 /// File magic.
 pub(crate) const MAGIC: &[u8; 8] = b"MOATMQRS";
-/// Format version written and accepted.
-pub(crate) const VERSION: u32 = 1;
+/// Format version written. Version 2 files are always paired with a high-water mark
+/// (`mark.rs`); version 1 files (written before it existed) are still read, and rewritten
+/// as version 2 on open. The version is bound into the header's tag, so it cannot be
+/// changed without the key.
+pub(crate) const VERSION: u32 = 2;
+/// Oldest format version still read.
+pub(crate) const MIN_VERSION: u32 = 1;
 /// Random per-file id length.
 pub(crate) const FILE_ID_LEN: usize = 16;
 /// AES-GCM nonce length.
@@ -116,11 +121,11 @@ fn random_nonce() -> [u8; NONCE_LEN] {
     n
 }
 
-fn header_aad(file_id: &FileId) -> Vec<u8> {
+pub(crate) fn header_aad(version: u32, file_id: &FileId) -> Vec<u8> {
     let mut aad = Vec::with_capacity(32);
     aad.extend_from_slice(b"moatmq-store-header");
     aad.extend_from_slice(MAGIC);
-    aad.extend_from_slice(&VERSION.to_le_bytes());
+    aad.extend_from_slice(&version.to_le_bytes());
     aad.extend_from_slice(file_id);
     aad
 }
@@ -142,7 +147,7 @@ pub(crate) fn seal_header(cipher: &Aes256Gcm, file_id: &FileId) -> Result<Vec<u8
             Nonce::from_slice(&nonce),
             Payload {
                 msg: &[],
-                aad: &header_aad(file_id),
+                aad: &header_aad(VERSION, file_id),
             },
         )
         .map_err(|_| StoreError::Encode("header encryption failed".to_owned()))?;
@@ -164,11 +169,11 @@ pub(crate) enum HeaderError {
     KeyCheck,
 }
 
-/// Checks a header and returns its file id.
+/// Checks a header and returns its file id and format version.
 pub(crate) fn open_header(
     cipher: &Aes256Gcm,
     header: &[u8; HEADER_LEN],
-) -> Result<FileId, HeaderError> {
+) -> Result<(FileId, u32), HeaderError> {
     if &header[..8] != MAGIC {
         return Err(HeaderError::Format(
             "not a moatmq retained store (bad magic)",
@@ -176,7 +181,8 @@ pub(crate) fn open_header(
     }
     let mut version = [0u8; 4];
     version.copy_from_slice(&header[8..12]);
-    if u32::from_le_bytes(version) != VERSION {
+    let version = u32::from_le_bytes(version);
+    if !(MIN_VERSION..=VERSION).contains(&version) {
         return Err(HeaderError::Format("unsupported store format version"));
     }
     let mut file_id = [0u8; FILE_ID_LEN];
@@ -188,11 +194,11 @@ pub(crate) fn open_header(
             Nonce::from_slice(nonce),
             Payload {
                 msg: tag,
-                aad: &header_aad(&file_id),
+                aad: &header_aad(version, &file_id),
             },
         )
         .map_err(|_| HeaderError::KeyCheck)?;
-    Ok(file_id)
+    Ok((file_id, version))
 }
 
 /// Serializes and seals one record as a complete frame at position `seq` of file `file_id`.

@@ -13,7 +13,8 @@ use std::sync::Arc;
 
 use aes_gcm::Aes256Gcm;
 
-use crate::log::{self, Entry};
+use crate::log::{self, Entry, Required};
+use crate::mark::{self, Found, Mark, MarkFile, Vouch, MARK_NAME};
 use crate::record::{self, FileId, RecordRef, HEADER_LEN};
 use crate::{now_unix, FlushStats, RetainedKey, RetainedMessage, StoreError, StoreLimits};
 
@@ -49,6 +50,20 @@ pub struct Store {
     pub(crate) since_snapshot: Option<HashSet<String>>,
     /// Identifies the latest compaction job started.
     pub(crate) job_id: u64,
+    /// The high-water mark beside the log.
+    pub(crate) mark: MarkFile,
+    /// The log a compaction replaced, while the rename's directory fsync is pending (the
+    /// mark must keep vouching for it: after a crash either file may be in place).
+    pub(crate) prev: Option<Vouch>,
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        // Saves write the mark without fsync; make the last one durable at shutdown.
+        if let Err(e) = self.mark.sync() {
+            tracing::warn!(error = %e, "retained store: high-water mark not synced");
+        }
+    }
 }
 
 impl std::fmt::Debug for Store {
@@ -61,14 +76,33 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// How [`Store::open`] treats what the high-water mark says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Trust {
+    /// Refuse a log the mark does not vouch for (normal start).
+    Checked,
+    /// Take the log as it is and rewrite the mark to match (`moatmq retained accept`).
+    AsIs,
+}
+
 impl Store {
     /// Opens (or creates, mode 0700) the store directory `path`, reads and verifies the
-    /// whole log, drops expired messages and returns the store with its live messages.
-    /// A torn last record is cut off with a warning; every other defect is an error.
+    /// whole log against its high-water mark (see `mark.rs`), drops expired messages and
+    /// returns the store with its live messages. A torn last record past the mark is cut
+    /// off with a warning; every other defect, missing records included, is an error.
     pub fn open(
         path: &Path,
         key: RetainedKey,
         limits: StoreLimits,
+    ) -> Result<(Store, Vec<RetainedMessage>), StoreError> {
+        Store::open_with(path, key, limits, Trust::Checked)
+    }
+
+    pub(crate) fn open_with(
+        path: &Path,
+        key: RetainedKey,
+        limits: StoreLimits,
+        trust: Trust,
     ) -> Result<(Store, Vec<RetainedMessage>), StoreError> {
         DirBuilder::new()
             .recursive(true)
@@ -79,6 +113,13 @@ impl Store {
         let cipher = record::cipher(&key);
         drop(key);
         let log_path = path.join(LOG_NAME);
+        let mark_path = path.join(MARK_NAME);
+        let mut found = mark::read(path, &cipher)?;
+        let unreadable = || StoreError::MarkMissing {
+            file: log_path.clone(),
+            mark: mark_path.clone(),
+            reason: "it is damaged or was written under another key",
+        };
         let (file, replay) = if log_path.exists() {
             let file = OpenOptions::new()
                 .read(true)
@@ -90,7 +131,32 @@ impl Store {
                 .map_err(|e| StoreError::io(&log_path, e))?
                 .len();
             let reader = BufReader::with_capacity(1 << 20, &file);
-            let replay = log::read_log(reader, file_len, &cipher, &log_path, now_unix())?;
+            let required = |file_id: &FileId, version: u32| {
+                if trust == Trust::AsIs {
+                    return Ok(None);
+                }
+                match &found {
+                    Found::Unreadable => Err(unreadable()),
+                    Found::Mark(_, mark) => match mark.vouch_for(file_id) {
+                        Some(v) => Ok(Some(Required {
+                            records: v.records,
+                            mark: mark_path.clone(),
+                        })),
+                        None => Err(StoreError::RolledBack {
+                            file: log_path.clone(),
+                            mark: mark_path.clone(),
+                        }),
+                    },
+                    // Written before marks existed: the first start after an upgrade.
+                    Found::Nothing if version < record::VERSION => Ok(None),
+                    Found::Nothing => Err(StoreError::MarkMissing {
+                        file: log_path.clone(),
+                        mark: mark_path.clone(),
+                        reason: "no such file",
+                    }),
+                }
+            };
+            let replay = log::read_log(reader, file_len, &cipher, &log_path, now_unix(), required)?;
             if replay.good_len < file_len {
                 file.set_len(replay.good_len)
                     .and_then(|()| file.sync_all())
@@ -98,21 +164,85 @@ impl Store {
             }
             (file, replay)
         } else {
+            match (trust, &found) {
+                (Trust::Checked, Found::Unreadable) => return Err(unreadable()),
+                (
+                    Trust::Checked,
+                    Found::Mark(
+                        _,
+                        Mark {
+                            current: Some(v), ..
+                        },
+                    ),
+                ) => {
+                    return Err(StoreError::LogMissing {
+                        file: log_path.clone(),
+                        mark: mark_path.clone(),
+                        records: v.records,
+                    })
+                }
+                _ => {}
+            }
+            tracing::info!(file = %log_path.display(), "creating a new, empty retained store");
             let tmp = path.join(format!("{TMP_PREFIX}-new"));
             let w = log::write_fresh(&tmp, &cipher, std::iter::empty())?;
+            // The mark names the new file before it is renamed into place, so a crash in
+            // between leaves no log without a mark.
+            let next = Vouch {
+                file_id: w.file_id,
+                records: w.next_seq,
+                len: w.len,
+            };
+            let mark = Mark {
+                current: None,
+                next: Some(next),
+            };
+            found = Found::Mark(MarkFile::create(path, &cipher, &mark)?, mark);
             log::install(&tmp, &log_path, path)?;
             let replay = log::Replay {
                 live: HashMap::new(),
                 file_id: w.file_id,
+                version: record::VERSION,
                 next_seq: w.next_seq,
                 good_len: w.len,
             };
             (w.file, replay)
         };
+        // The log in place may have been renamed there by a compaction whose directory
+        // fsync never ran: make that durable before the mark vouches for it alone.
+        log::sync_dir(path)?;
+        let here = Vouch {
+            file_id: replay.file_id,
+            records: replay.next_seq,
+            len: replay.good_len,
+        };
+        let settled = Mark {
+            current: Some(here),
+            next: None,
+        };
+        let mark = match found {
+            Found::Mark(mut mf, _) if trust == Trust::Checked => {
+                mf.write(&cipher, &settled, true)?;
+                mf
+            }
+            // Accepting may lower what the mark vouches for: rewrite both slots, or a torn
+            // write later would fall back to the other slot's higher claim.
+            Found::Mark(..) | Found::Unreadable => MarkFile::create(path, &cipher, &settled)?,
+            Found::Nothing => {
+                if trust == Trust::Checked {
+                    tracing::warn!(
+                        file = %log_path.display(),
+                        mark = %mark_path.display(),
+                        "retained store has no high-water mark yet (written by an older moatmq); creating it"
+                    );
+                }
+                MarkFile::create(path, &cipher, &settled)?
+            }
+        };
         let live_bytes = replay.live.values().map(|e| e.msg.data_bytes()).sum();
         let live_frame_bytes = replay.live.values().map(|e| e.frame_len).sum();
         let messages = replay.live.values().map(|e| (*e.msg).clone()).collect();
-        let store = Store {
+        let mut store = Store {
             dir: path.to_owned(),
             log_path,
             cipher,
@@ -129,8 +259,50 @@ impl Store {
             dirty: HashSet::new(),
             since_snapshot: None,
             job_id: 0,
+            mark,
+            prev: None,
         };
+        if replay.version < record::VERSION {
+            // A version-1 log without its mark would pass for one written before the
+            // upgrade: rewrite it as version 2 now, so a deleted mark is always noticed.
+            tracing::info!(file = %store.log_path.display(), "rewriting retained store in format version {}", record::VERSION);
+            store.compact()?;
+        }
         Ok((store, messages))
+    }
+
+    /// What the mark should say now: this log, or while a compaction's rename may not be
+    /// durable yet, the previous log and this one.
+    fn mark_now(&self) -> Mark {
+        let here = Some(self.vouch());
+        match self.prev {
+            Some(prev) => Mark {
+                current: Some(prev),
+                next: here,
+            },
+            None => Mark {
+                current: here,
+                next: None,
+            },
+        }
+    }
+
+    /// The committed state of the log, as the mark records it.
+    pub(crate) fn vouch(&self) -> Vouch {
+        Vouch {
+            file_id: self.file_id,
+            records: self.next_seq,
+            len: self.committed_len,
+        }
+    }
+
+    /// Writes the mark after a save. A failure costs no data (the log is already
+    /// durable), only protection until the next save writes it again: warn and go on.
+    pub(crate) fn update_mark(&mut self) {
+        let mark = self.mark_now();
+        if let Err(e) = self.mark.write(&self.cipher, &mark, false) {
+            tracing::warn!(error = %e, "retained store: high-water mark not updated; retrying at the next save");
+        }
     }
 
     /// Records a set or replace of `msg.topic` (kept in memory until [`Store::flush`]).
@@ -193,6 +365,8 @@ impl Store {
         if self.needs_dir_sync {
             log::sync_dir(&self.dir)?;
             self.needs_dir_sync = false;
+            self.prev = None;
+            self.update_mark();
         }
         if self.dirty.is_empty() {
             return Ok(FlushStats::default());
@@ -236,7 +410,14 @@ impl Store {
         self.committed_len += stats.bytes;
         self.next_seq = seq;
         self.dirty.clear();
+        self.update_mark();
         Ok(stats)
+    }
+
+    /// Forces the high-water mark to disk (saves write it without an fsync of its own).
+    /// Call at shutdown after the last [`Store::flush`]; dropping the store does it too.
+    pub fn sync_mark(&self) -> Result<(), StoreError> {
+        self.mark.sync()
     }
 
     /// Whether the log holds more than about twice the live records (plus a small slack).

@@ -114,24 +114,33 @@ fn verify_right_wrong_and_unknown() {
 }
 
 /// Unknown users and legacy users must not answer measurably faster than a real
-/// Argon2id user (generous bound so the test is not flaky).
+/// Argon2id user, nor faster than a `$7$` entry with a raised iteration count (generous
+/// bound so the test is not flaky).
 #[test]
-fn unknown_and_legacy_users_cost_an_argon2_verification() {
+fn unknown_and_legacy_users_cost_the_slowest_entry() {
     let hash = hash_password(b"pw").unwrap();
-    let text = format!("alice:{hash}\n{}\n", pbkdf2_line("bob", b"pw"));
+    let slow7 = crate::legacy::tests::pbkdf2_vector(b"pw", 20_000, b"0123456789ab");
+    let text = format!(
+        "alice:{hash}\n{}\ncarol:{slow7}\n",
+        pbkdf2_line("bob", b"pw")
+    );
     let pf = PasswordFile::parse(file(), &text).unwrap();
     // Interleaved rounds, fastest of each: robust against other tests loading the CPU.
-    let mut best = [std::time::Duration::MAX; 3];
-    for _ in 0..6 {
-        for (i, user) in ["alice", "mallory", "bob"].into_iter().enumerate() {
+    let mut best = [std::time::Duration::MAX; 4];
+    for _ in 0..4 {
+        for (i, user) in ["alice", "mallory", "bob", "carol"].into_iter().enumerate() {
             let start = std::time::Instant::now();
             pf.verify(user, b"wrong");
             best[i] = best[i].min(start.elapsed());
         }
     }
-    let [real, unknown, legacy] = best;
+    let [real, unknown, legacy, slow] = best;
     assert!(unknown * 2 > real, "unknown {unknown:?} vs real {real:?}");
     assert!(legacy * 2 > real, "legacy {legacy:?} vs real {real:?}");
+    assert!(
+        unknown * 2 > slow,
+        "unknown {unknown:?} vs slow $7$ {slow:?}"
+    );
 }
 
 #[test]
@@ -145,17 +154,81 @@ fn hash_password_round_trip_and_parameters() {
 }
 
 #[test]
-fn dummy_hash_costs_the_same_as_a_real_one() {
-    let dummy = PasswordHash::new(DUMMY_HASH).unwrap();
-    let real_text = hash_password(b"x").unwrap();
-    let real = PasswordHash::new(&real_text).unwrap();
-    assert_eq!(dummy.algorithm, real.algorithm);
-    assert_eq!(dummy.version, real.version);
-    assert_eq!(
-        Params::try_from(&dummy).unwrap(),
-        Params::try_from(&real).unwrap()
+fn dummy_work_uses_the_default_parameters_without_argon2_entries() {
+    let pf = PasswordFile::parse(file(), "").unwrap();
+    let (verdict, work) = pf.verify_counted("nobody", b"pw");
+    assert_eq!(verdict, Verdict::Rejected);
+    assert_eq!(work.argon2, Some((19_456, 2, 1)));
+    assert_eq!(work.pbkdf2_iterations, 0);
+    let real = PasswordHash::new(&hash_password(b"x").unwrap())
+        .map(|h| Params::try_from(&h).unwrap())
+        .unwrap();
+    assert_eq!(costs(&default_params()), costs(&real));
+}
+
+/// A `$7$` entry with a raised iteration count must not answer slower than an unknown
+/// user (issue 11): every check does the work of the file's slowest entry.
+#[test]
+fn every_check_costs_the_slowest_entry() {
+    let alice = hash_password(b"alice-pw").unwrap();
+    let slow7 = crate::legacy::tests::pbkdf2_vector(b"carol-pw", 5_000, b"0123456789ab");
+    let six = {
+        use sha2::Digest;
+        let mut d = sha2::Sha512::new();
+        d.update(b"dave-pw");
+        d.update(b"saltsaltsalt");
+        let hash: [u8; 64] = d.finalize().into();
+        crate::legacy::LegacyHash::Sha512 {
+            salt: b"saltsaltsalt".to_vec(),
+            hash,
+        }
+        .to_mosquitto_string()
+    };
+    let text = format!(
+        "alice:{alice}\n{}\ncarol:{slow7}\ndave:{six}\n",
+        pbkdf2_line("bob", b"bob-pw")
     );
-    assert!(check_argon2(DUMMY_HASH).is_ok());
+    let pf = PasswordFile::parse(file(), &text).unwrap();
+    let expected = Work {
+        argon2: Some((19_456, 2, 1)),
+        pbkdf2_iterations: 5_000,
+    };
+    for (user, right) in [
+        ("nobody", "x"),
+        ("alice", "alice-pw"),
+        ("bob", "bob-pw"),
+        ("carol", "carol-pw"),
+        ("dave", "dave-pw"),
+    ] {
+        for pw in [right, "wrong"] {
+            let (_, work) = pf.verify_counted(user, pw.as_bytes());
+            assert_eq!(work, expected, "{user} with {pw:?}");
+        }
+    }
+    assert_eq!(pf.verify("carol", b"carol-pw"), Verdict::AcceptedLegacyHash);
+    assert_eq!(pf.verify("dave", b"dave-pw"), Verdict::AcceptedLegacyHash);
+    assert_eq!(pf.verify("alice", b"alice-pw"), Verdict::Accepted);
+
+    // A raised Argon2 entry raises everyone's Argon2 work; a reload without the slow
+    // `$7$` entry (a new parse) lowers the PBKDF2 padding again.
+    let raised_params = Params::new(ARGON2_M_COST_KIB, ARGON2_T_COST + 1, 1, None).unwrap();
+    let raised = Argon2::new(Algorithm::Argon2id, Version::V0x13, raised_params.clone())
+        .hash_password(b"erin-pw", &SaltString::generate(&mut OsRng))
+        .unwrap()
+        .to_string();
+    let text = format!(
+        "alice:{alice}\nerin:{raised}\n{}\n",
+        pbkdf2_line("bob", b"bob-pw")
+    );
+    let pf = PasswordFile::parse(file(), &text).unwrap();
+    let expected = Work {
+        argon2: Some(costs(&raised_params)),
+        pbkdf2_iterations: 101,
+    };
+    for user in ["nobody", "bob", "erin"] {
+        assert_eq!(pf.verify_counted(user, b"wrong").1, expected, "{user}");
+    }
+    assert_eq!(pf.verify("erin", b"erin-pw"), Verdict::Accepted);
 }
 
 #[test]

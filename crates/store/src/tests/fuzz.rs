@@ -78,6 +78,50 @@ proptest! {
     }
 }
 
+fn valid_mark() -> Vec<u8> {
+    static MARK: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    MARK.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        store_with(dir.path(), 2);
+        std::fs::read(mark_path(dir.path())).unwrap()
+    })
+    .clone()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    /// The high-water mark is read from disk too: damaged or random, it never panics, and
+    /// a mark with both slots edited never passes for a valid one.
+    #[test]
+    fn mutated_marks_never_panic(
+        edits in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8),
+        cut in any::<usize>(),
+        random in proptest::collection::vec(any::<u8>(), 0..256),
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let cipher = record::cipher(&key());
+        let orig = valid_mark();
+        let mut m = orig.clone();
+        for (at, v) in &edits {
+            let i = at % m.len();
+            m[i] = *v;
+        }
+        let slot = crate::mark::SLOT_LEN;
+        let both = m[..slot] != orig[..slot] && m[4096..] != orig[4096..];
+        std::fs::write(mark_path(dir.path()), &m).unwrap();
+        let found = crate::mark::read(dir.path(), &cipher).unwrap();
+        if both {
+            prop_assert!(matches!(found, crate::mark::Found::Unreadable));
+        }
+        m.truncate(cut % (m.len() + 1));
+        std::fs::write(mark_path(dir.path()), &m).unwrap();
+        let _ = crate::mark::read(dir.path(), &cipher).unwrap();
+        std::fs::write(mark_path(dir.path()), &random).unwrap();
+        let _ = crate::mark::read(dir.path(), &cipher).unwrap();
+    }
+}
+
 #[test]
 fn valid_image_decodes() {
     assert_eq!(

@@ -1,9 +1,11 @@
 //! Unit tests of the store as a whole: round trips, limits, compaction, rekey
-//! (`basic`), and detection of every kind of damage to the file (`tamper`, `fuzz`).
+//! (`basic`), detection of every kind of damage to the file (`tamper`, `fuzz`), and of
+//! truncation and rollback against the high-water mark (`rollback`).
 
 mod basic;
 mod fuzz;
 mod owner;
+mod rollback;
 mod tamper;
 
 use std::path::{Path, PathBuf};
@@ -59,6 +61,10 @@ pub(crate) fn open(dir: &Path) -> Result<(Store, Vec<RetainedMessage>), StoreErr
 
 pub(crate) fn log_path(dir: &Path) -> PathBuf {
     dir.join("retained.log")
+}
+
+pub(crate) fn mark_path(dir: &Path) -> PathBuf {
+    dir.join("retained.log.hwm")
 }
 
 /// Byte ranges `(start, end)` of each frame in a log file.
