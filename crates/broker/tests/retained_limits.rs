@@ -166,6 +166,20 @@ async fn alice_filling_her_quota_does_not_stop_bob() {
         );
     }
     assert_eq!(retain5(&mut alice, 4, "alice/4", "v", None).await, full);
+    // QoS 2: PUBREC 0x97.
+    let mut p = m5::Publish::new("alice/4", Q5::ExactlyOnce, "v", None);
+    p.retain = true;
+    p.pkid = 40;
+    alice.send5(m5::Packet::Publish(p)).await;
+    match alice.next5(WAIT).await {
+        Some(m5::Packet::PubRec(rec)) => {
+            assert_eq!(
+                (rec.pkid, rec.reason),
+                (40, m5::PubRecReason::QuotaExceeded)
+            )
+        }
+        other => panic!("expected PUBREC, got {other:?}"),
+    }
     // Replacing her own message does not count twice.
     assert_eq!(retain5(&mut alice, 5, "alice/1", "v2", None).await, ok);
     let mut bob = login5(addr, "bob").await;
@@ -184,9 +198,9 @@ async fn alice_filling_her_quota_does_not_stop_bob() {
     );
     assert_eq!(retained_topics(addr, "bob").await.len(), 3);
 
-    assert_eq!(refused(&broker, "max_messages_per_user").await, 1);
+    assert_eq!(refused(&broker, "max_messages_per_user").await, 2);
     let audit = audit_refusals(&broker);
-    assert_eq!(audit.len(), 1, "{audit:?}");
+    assert_eq!(audit.len(), 2, "{audit:?}");
     assert_eq!(audit[0]["username"], "alice");
     assert_eq!(audit[0]["topic"], "alice/4");
     assert_eq!(audit[0]["reason"], "max_messages_per_user");
