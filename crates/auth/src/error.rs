@@ -8,9 +8,10 @@ use std::path::PathBuf;
 /// Everything that can go wrong while loading, verifying or writing credentials.
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
-    /// A password file (or its directory, or a temporary file beside it) could not be
-    /// read or written: usually a wrong path or missing permissions.
-    #[error("{}: {source}", path.display())]
+    /// A password file could not be read or written (nor the temporary file beside it
+    /// or its folder, reported under the file's name): usually a wrong path or missing
+    /// permissions.
+    #[error("password file {}: {source}", path.display())]
     Io {
         /// The file or directory that was being accessed.
         path: PathBuf,

@@ -4,8 +4,11 @@
 //! An existing user's line is replaced where it stands; a new user is appended. The
 //! result is parsed before it is written, so the command never leaves a file the broker
 //! would refuse to load. The file is replaced atomically: a temporary file with mode
-//! 0600 in the same directory, fsync, rename over the target, fsync of the directory.
-//! A symbolic link at `path` is replaced by a regular file.
+//! 0600 in the same directory, given the existing file's owner, group and mode, fsync,
+//! rename over the target, fsync of the directory. So a `root:moatmq 0640` file stays
+//! `root:moatmq 0640` (the broker, running as `moatmq`, can still read it on SIGHUP); a
+//! new file gets mode 0600 and the caller's user and group. A symbolic link at `path` is
+//! replaced by a regular file with the link target's owner, group and mode.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -22,7 +25,8 @@ use crate::AuthError;
 /// A missing file is created when adding; deleting from a missing file or deleting an
 /// unknown user is an error ([`AuthError::Io`] / [`AuthError::UnknownUser`]). The new
 /// password is hashed with [`hash_password`] (Argon2id), which also migrates a mosquitto
-/// entry. The file is written atomically with mode 0600.
+/// entry. The file is written atomically, keeping an existing file's owner, group and
+/// mode (a new file gets 0600).
 pub fn update_password_file(
     path: &Path,
     username: &str,
@@ -100,8 +104,10 @@ fn rewrite(old: &str, username: &str, new_line: Option<&str>) -> Option<String> 
     Some(out)
 }
 
-/// Writes `contents` to a 0600 temporary file beside `path`, syncs it and renames it over
-/// `path`, then syncs the directory so the rename itself survives a crash.
+/// Writes `contents` to a 0600 temporary file beside `path`, gives it the owner, group
+/// and mode of the file it replaces, syncs it and renames it over `path`, then syncs the
+/// directory so the rename itself survives a crash. Errors name `path`, never the
+/// temporary file; on error `path` is untouched and the temporary file removed.
 fn write_atomically(path: &Path, contents: &[u8]) -> Result<(), AuthError> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
@@ -116,25 +122,58 @@ fn write_atomically(path: &Path, contents: &[u8]) -> Result<(), AuthError> {
         std::process::id(),
         rand::thread_rng().gen::<u64>()
     ));
-    let tmp_err = |source: io::Error| AuthError::Io {
-        path: tmp.clone(),
+    let io_err = |source: io::Error| AuthError::Io {
+        path: path.to_path_buf(),
         source,
     };
+    // The file being replaced, if any: its owner, group and mode carry over.
+    let existing = match fs::metadata(path) {
+        Ok(m) => Some(m),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => return Err(io_err(e)),
+    };
     let result = (|| {
-        let mut file = open_private(&tmp).map_err(tmp_err)?;
-        file.write_all(contents).map_err(tmp_err)?;
-        file.sync_all().map_err(tmp_err)?;
+        let mut file = open_private(&tmp)?;
+        if let Some(old) = &existing {
+            keep_owner_and_mode(&file, old)?;
+        }
+        file.write_all(contents)?;
+        file.sync_all()?;
         drop(file);
-        fs::rename(&tmp, path).map_err(|source| AuthError::Io {
-            path: path.to_path_buf(),
-            source,
-        })
+        fs::rename(&tmp, path)
     })();
-    if result.is_err() {
+    if let Err(e) = result {
         let _ = fs::remove_file(&tmp);
-        return result;
+        return Err(io_err(e));
     }
-    sync_dir(&dir).map_err(|source| AuthError::Io { path: dir, source })
+    sync_dir(&dir).map_err(io_err)
+}
+
+/// Gives `file` the owner, group and permission bits of `old`. Changing the owner needs
+/// root (or being the owner already, for a group one belongs to): when that fails the
+/// error stops the update rather than leave a file the broker may not be able to read.
+#[cfg(unix)]
+fn keep_owner_and_mode(file: &File, old: &fs::Metadata) -> io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let new = file.metadata()?;
+    if (new.uid(), new.gid()) != (old.uid(), old.gid()) {
+        std::os::unix::fs::fchown(file, Some(old.uid()), Some(old.gid())).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "cannot keep its owner and group ({}:{}): {e}; run as root or as its owner",
+                    old.uid(),
+                    old.gid()
+                ),
+            )
+        })?;
+    }
+    file.set_permissions(fs::Permissions::from_mode(old.mode() & 0o7777))
+}
+
+#[cfg(not(unix))]
+fn keep_owner_and_mode(_file: &File, _old: &fs::Metadata) -> io::Result<()> {
+    Ok(())
 }
 
 #[cfg(unix)]
@@ -251,6 +290,52 @@ mod tests {
         // No temporary files are left behind.
         let names: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(names.len(), 1);
+    }
+
+    /// A `root:moatmq 0640` file stays so after an update; nothing else is left in the
+    /// folder. As root the file is first given another owner and group (the systemd
+    /// case: root edits a file the broker's user reads through its group).
+    #[cfg(unix)]
+    #[test]
+    fn update_keeps_owner_group_and_mode() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("passwd");
+        update_password_file(&path, "alice", Some(b"one")).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o640)).unwrap();
+        let mine = fs::metadata(&path).unwrap();
+        if mine.uid() == 0 {
+            std::os::unix::fs::chown(&path, Some(4321), Some(8765)).unwrap();
+        }
+        let before = fs::metadata(&path).unwrap();
+        update_password_file(&path, "bob", Some(b"two")).unwrap();
+        update_password_file(&path, "alice", None).unwrap();
+        let after = fs::metadata(&path).unwrap();
+        assert_eq!(mode(&path), 0o640);
+        assert_eq!((after.uid(), after.gid()), (before.uid(), before.gid()));
+        assert_eq!(PasswordFile::load(&path).unwrap().len(), 1);
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    /// Errors name the password file, never the temporary file beside it: here the
+    /// temporary file's name is too long for the file system (also refused to root).
+    #[test]
+    fn errors_name_the_password_file_not_the_temporary_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p".repeat(240));
+        let err = update_password_file(&path, "alice", Some(b"one")).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            matches!(&err, AuthError::Io { path: p, .. } if p == &path),
+            "{text}"
+        );
+        assert!(
+            text.starts_with(&format!("password file {}: ", path.display())),
+            "{text}"
+        );
+        assert!(!text.contains(".tmp."), "{text}");
+        assert!(!path.exists());
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 
     #[test]

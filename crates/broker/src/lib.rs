@@ -19,6 +19,7 @@ mod listener;
 mod login_gate;
 mod metrics;
 pub mod policy;
+mod preflight;
 #[doc(hidden)] // reachable for the fuzz harness (fuzz/): not a stable API
 pub mod proxy;
 mod ratelimit;
@@ -31,4 +32,5 @@ pub mod topic;
 mod transport;
 mod ws_upgrade;
 
+pub use preflight::validate;
 pub use server::{run, shutdown_signal, Broker, Reloader, StartError};

@@ -63,15 +63,7 @@ struct Handshaken {
 
 /// Binds a configured listener and loads its TLS material.
 pub async fn bind(config: &Config, l: &Listener) -> Result<Bound, StartError> {
-    let tls = match &l.tls {
-        None => None,
-        Some(t) => Some(Arc::new(TlsSetup::load(config, t).map_err(|reason| {
-            StartError::Tls {
-                name: l.name.clone(),
-                reason,
-            }
-        })?)),
-    };
+    let tls = TlsSetup::for_listener(config, l)?.map(Arc::new);
     let socket = TcpListener::bind(&l.bind)
         .await
         .map_err(|source| StartError::Bind {

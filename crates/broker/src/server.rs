@@ -351,6 +351,22 @@ pub enum StartError {
     /// The retained store could not be opened (wrong key, tampering, permissions).
     #[error(transparent)]
     Retained(#[from] RetainedError),
+    /// The audit log cannot be opened for appending (its folder is missing, permissions).
+    #[error("audit log {}: {source}", path.display())]
+    Audit {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl StartError {
+    /// Whether the configuration or a file it names is at fault, so that starting again
+    /// without changing them cannot help (`moatmq` exits 64, not 1, and systemd's
+    /// `RestartPreventExitStatus=64` does not restart it). A port in use or a router that
+    /// could not start is a runtime failure.
+    pub fn is_config(&self) -> bool {
+        !matches!(self, StartError::Bind { .. } | StartError::Router(_))
+    }
 }
 
 impl Broker {
@@ -359,13 +375,13 @@ impl Broker {
         let metrics = Metrics::new();
         let policy = Policy::load(&config, metrics.password_checks.clone())?;
         let audit = match &config.audit {
-            Some(a) => Some(AuditLog::open(config.resolve(&a.path)).map_err(|source| {
-                StartError::Bind {
-                    name: "audit".into(),
-                    addr: a.path.display().to_string(),
-                    source,
-                }
-            })?),
+            Some(a) => {
+                let path = config.resolve(&a.path);
+                Some(
+                    AuditLog::open(path.clone())
+                        .map_err(|source| StartError::Audit { path, source })?,
+                )
+            }
             None => None,
         };
         // Health endpoints come up first so /readyz can say "not ready" while the
@@ -430,8 +446,12 @@ impl Broker {
         for l in &config.listener {
             listeners.push(bind(&config, l).await?);
         }
-        if config.listener.iter().any(|l| config.anonymous_allowed(l)) {
-            warn!("anonymous clients are allowed on at least one listener");
+        for l in config
+            .listener
+            .iter()
+            .filter(|l| config.anonymous_allowed(l))
+        {
+            warn!(listener = %l.name, "{}", anonymous_warning(l));
         }
         let shared = Arc::new(Shared {
             config,
@@ -516,6 +536,25 @@ impl Broker {
     }
 }
 
+/// The start-up warning for a listener that lets anonymous clients in. A plaintext one
+/// on a non-loopback address (e.g. `0.0.0.0`) gets its own: anyone who reaches the
+/// address reads and writes without a password or certificate, in clear text.
+fn anonymous_warning(l: &moatmq_config::Listener) -> String {
+    let exposed = l
+        .bind
+        .parse::<SocketAddr>()
+        .is_ok_and(|a| !a.ip().is_loopback());
+    if exposed && l.tls.is_none() {
+        format!(
+            "listener {} on {} accepts anonymous clients without TLS on a non-loopback \
+             address: anyone who can reach it may publish and subscribe, in clear text",
+            l.name, l.bind
+        )
+    } else {
+        format!("anonymous clients are allowed on listener {}", l.name)
+    }
+}
+
 /// Reloads what SIGHUP reloads.
 #[derive(Clone)]
 pub struct Reloader {
@@ -577,5 +616,34 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::anonymous_warning;
+    use moatmq_config::Config;
+    use std::path::Path;
+
+    #[test]
+    fn exposed_plaintext_anonymous_listener_gets_its_own_warning() {
+        let config = Config::parse(
+            Path::new("broker.toml"),
+            "[[listener]]\nname = \"open\"\nbind = \"0.0.0.0:1883\"\nallow_anonymous = true\n\
+             [[listener]]\nname = \"v6\"\nbind = \"[::]:1884\"\nallow_anonymous = true\n\
+             [[listener]]\nname = \"local\"\nbind = \"127.0.0.1:1885\"\nallow_anonymous = true\n",
+        )
+        .unwrap();
+        let warnings: Vec<String> = config.listener.iter().map(anonymous_warning).collect();
+        assert_eq!(
+            warnings[0],
+            "listener open on 0.0.0.0:1883 accepts anonymous clients without TLS on a \
+             non-loopback address: anyone who can reach it may publish and subscribe, in clear text"
+        );
+        assert!(warnings[1].starts_with("listener v6 on [::]:1884 accepts anonymous"));
+        assert_eq!(
+            warnings[2],
+            "anonymous clients are allowed on listener local"
+        );
     }
 }

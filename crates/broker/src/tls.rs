@@ -5,7 +5,8 @@
 //! The acceptor sits behind a lock so SIGHUP can swap in rotated certificates; a load
 //! that fails keeps the old acceptor in force.
 
-use moatmq_config::{CertIdentity, Config, Tls};
+use crate::server::StartError;
+use moatmq_config::{CertIdentity, Config, Listener, Tls};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ServerConnection, WebPkiClientVerifier};
 use rustls::{RootCertStore, ServerConfig};
@@ -39,6 +40,19 @@ impl TlsSetup {
             identity: tls.identity,
             acceptor: RwLock::new(acceptor),
         })
+    }
+
+    /// Loads the TLS material of listener `l`, if it has a `[listener.tls]`.
+    pub fn for_listener(config: &Config, l: &Listener) -> Result<Option<TlsSetup>, StartError> {
+        let Some(tls) = &l.tls else {
+            return Ok(None);
+        };
+        TlsSetup::load(config, tls)
+            .map(Some)
+            .map_err(|reason| StartError::Tls {
+                name: l.name.clone(),
+                reason,
+            })
     }
 
     /// Re-reads certificate, key and CA (SIGHUP); on error the old ones stay in force.
@@ -85,7 +99,7 @@ fn build(
     require_client_cert: bool,
 ) -> Result<TlsAcceptor, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let chain = read_certs(cert)?;
+    let chain = read_certs(cert, "certificate")?;
     let key = read_key(key)?;
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
@@ -94,8 +108,10 @@ fn build(
         None => builder.with_no_client_auth(),
         Some(ca) => {
             let mut roots = RootCertStore::empty();
-            for c in read_certs(ca)? {
-                roots.add(c).map_err(|e| format!("{}: {e}", ca.display()))?;
+            for c in read_certs(ca, "client CA")? {
+                roots
+                    .add(c)
+                    .map_err(|e| format!("client CA {}: {e}", ca.display()))?;
             }
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
             let verifier = if require_client_cert {
@@ -112,20 +128,24 @@ fn build(
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
-fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+/// `what` names the file in errors: "certificate" or "client CA".
+fn read_certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    let fail = |e: &dyn std::fmt::Display| format!("{what} {}: {e}", path.display());
+    let file = std::fs::File::open(path).map_err(|e| fail(&e))?;
     let certs = rustls_pemfile::certs(&mut BufReader::new(file))
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+        .map_err(|e| fail(&e))?;
     if certs.is_empty() {
-        return Err(format!("{}: no PEM certificate found", path.display()));
+        // A private key given as `cert` (cert and key swapped) ends up here.
+        return Err(fail(&"no PEM certificate found"));
     }
     Ok(certs)
 }
 
 fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
-    let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let fail = |e: &dyn std::fmt::Display| format!("private key {}: {e}", path.display());
+    let file = std::fs::File::open(path).map_err(|e| fail(&e))?;
     rustls_pemfile::private_key(&mut BufReader::new(file))
-        .map_err(|e| format!("{}: {e}", path.display()))?
-        .ok_or_else(|| format!("{}: no PEM private key found", path.display()))
+        .map_err(|e| fail(&e))?
+        .ok_or_else(|| fail(&"no PEM private key found"))
 }

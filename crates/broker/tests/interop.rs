@@ -15,7 +15,8 @@ fn tool(name: &str) -> Command {
         .unwrap_or(false);
     assert!(
         found,
-        "{name} not found: install mosquitto-clients (.ci/run does)"
+        "{name} not found: install the package mosquitto-clients \
+         (e.g. `apt-get install mosquitto-clients`; .ci/run does)"
     );
     Command::new(name)
 }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read (missing, permissions).
-    #[error("{}: {source}", file.display())]
+    #[error("configuration file {}: {source}", file.display())]
     Io {
         file: PathBuf,
         source: std::io::Error,

@@ -487,6 +487,16 @@ fn default_max_session_expiry() -> u64 {
     DEFAULT_MAX_SESSION_EXPIRY
 }
 
+/// Whether two bind addresses cannot both be bound: the same port (not 0, which picks
+/// a free one) on the same address, or one of them a wildcard that covers the other
+/// (`0.0.0.0` covers IPv4 addresses; `[::]` is dual-stack on Linux and covers both).
+fn addresses_overlap(a: std::net::SocketAddr, b: std::net::SocketAddr) -> bool {
+    let covers = |w: std::net::SocketAddr, o: std::net::SocketAddr| {
+        w.ip().is_unspecified() && (w.is_ipv6() || o.is_ipv4())
+    };
+    a.port() != 0 && a.port() == b.port() && (a.ip() == b.ip() || covers(a, b) || covers(b, a))
+}
+
 /// An HTTP request path as a client sends it: absolute, no query or fragment.
 fn valid_ws_path(p: &str) -> bool {
     p.starts_with('/')
@@ -578,6 +588,37 @@ impl Config {
                         "identity = \"cn\" needs client_ca to verify client certificates",
                     )
                     .in_listener(i));
+                }
+            }
+        }
+        // Two sockets on one address: `serve` would fail on the second bind.
+        let binds: Vec<std::net::SocketAddr> = self
+            .listener
+            .iter()
+            .filter_map(|l| l.bind.parse().ok())
+            .collect();
+        for (i, addr) in binds.iter().enumerate() {
+            if let Some(j) = binds[..i].iter().position(|b| addresses_overlap(*b, *addr)) {
+                return Err(Invalid::new(
+                    "bind",
+                    format!(
+                        "overlaps the bind of listener \"{}\" (same port on the same or a wildcard address)",
+                        self.listener[j].name
+                    ),
+                )
+                .in_listener(i));
+            }
+        }
+        if let Some(m) = &self.metrics {
+            if let Ok(addr) = m.bind.parse::<std::net::SocketAddr>() {
+                if let Some(j) = binds.iter().position(|b| addresses_overlap(*b, addr)) {
+                    return Err(Invalid::new(
+                        "metrics.bind",
+                        format!(
+                            "overlaps the bind of listener \"{}\" (same port on the same or a wildcard address)",
+                            self.listener[j].name
+                        ),
+                    ));
                 }
             }
         }

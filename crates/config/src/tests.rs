@@ -159,6 +159,33 @@ fn rate_limit_user_errors_name_the_table_line() {
 }
 
 #[test]
+fn overlapping_binds_are_refused_with_the_line() {
+    let second = |bind: &str| format!("{MINIMAL}\n[[listener]]\nname = \"b\"\nbind = \"{bind}\"\n");
+    for bind in ["127.0.0.1:1883", "0.0.0.0:1883", "[::]:1883"] {
+        let err = parse(&second(bind)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "broker.toml:7: listener[1].bind: overlaps the bind of listener \"local\" \
+             (same port on the same or a wildcard address)",
+            "{bind}"
+        );
+    }
+    // Other port, other address, IPv6 loopback next to IPv4, or port 0 (a free one):
+    for bind in ["127.0.0.1:1884", "127.0.0.2:1883", "[::1]:1883"] {
+        parse(&second(bind)).unwrap_or_else(|e| panic!("{bind}: {e}"));
+    }
+    let zero = "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:0\"\n\
+                [[listener]]\nname = \"b\"\nbind = \"127.0.0.1:0\"\n";
+    parse(zero).unwrap();
+    let err = parse(&format!("{MINIMAL}[metrics]\nbind = \"0.0.0.0:1883\"\n")).unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("broker.toml:5: metrics.bind: overlaps the bind of listener \"local\""),
+        "{err}"
+    );
+}
+
+#[test]
 fn per_address_limits_default_from_max_connections() {
     let c = parse(&format!("{MINIMAL}[limits]\nmax_connections = 200\n")).unwrap();
     assert_eq!(c.limits.connections_per_address(), 50);

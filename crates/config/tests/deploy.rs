@@ -361,6 +361,179 @@ fn shipped_broker_tomls_load() {
     }
 }
 
+/// A YAML file parsed with yaml-rust2 (one document).
+fn yaml(rel: &str) -> yaml_rust2::Yaml {
+    let mut docs =
+        yaml_rust2::YamlLoader::load_from_str(&read(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"));
+    assert_eq!(docs.len(), 1, "{rel}: one document");
+    docs.remove(0)
+}
+
+/// The retained-store key reaches the broker as `MOATMQ_RETAINED_KEY` from the Secret,
+/// never as a mounted file: the kubelet makes Secret files group-readable under
+/// `fsGroup` (and `defaultMode: 0440` did the same), and moatmq refuses such a key file,
+/// so the default install crash-looped.
+#[test]
+fn kubernetes_key_reaches_the_broker_from_the_secret() {
+    let sts = yaml("deploy/kubernetes/statefulset.yaml");
+    let pod = &sts["spec"]["template"]["spec"];
+    assert_eq!(pod["securityContext"]["fsGroup"].as_i64(), Some(10001));
+    let container = &pod["containers"][0];
+    let env = container["env"].as_vec().expect("env");
+    let key_env = env
+        .iter()
+        .find(|e| e["name"].as_str() == Some(moatmq_broker::retained::KEY_ENV))
+        .expect("MOATMQ_RETAINED_KEY in env");
+    let secret = &key_env["valueFrom"]["secretKeyRef"];
+    assert_eq!(secret["name"].as_str(), Some("moatmq-retained-key"));
+    assert_eq!(secret["key"].as_str(), Some("retained.key"));
+    // The README makes the Secret with that name and key.
+    let readme = read("deploy/kubernetes/README.md");
+    assert!(readme
+        .contains("kubectl create secret generic moatmq-retained-key --from-file=retained.key"));
+    // No Secret or ConfigMap volume carries the key file any more.
+    for v in pod["volumes"].as_vec().unwrap() {
+        assert_ne!(
+            v["secret"]["secretName"].as_str(),
+            Some("moatmq-retained-key"),
+            "the key is not mounted as a file"
+        );
+    }
+    // The config names no key file, so the environment is the only source.
+    let k8s = embedded_toml(&read("deploy/kubernetes/configmap.yaml"), "broker.toml");
+    let config = Config::parse(Path::new("/etc/moatmq/config/broker.toml"), &k8s).unwrap();
+    let retained = config.retained.clone().expect("[retained]");
+    assert_eq!(retained.key_file, None);
+
+    // What the process gets: the Secret's bytes, i.e. the file `moatmq keygen` wrote
+    // (hex and a newline). The broker accepts that form and reads the same key.
+    let dir = tempfile::tempdir().unwrap();
+    let key_path = dir.path().join("retained.key");
+    let written = moatmq_store::RetainedKey::write_new(&key_path).unwrap();
+    let secret_value = std::fs::read_to_string(&key_path).unwrap();
+    std::env::set_var(moatmq_broker::retained::KEY_ENV, &secret_value);
+    let loaded = moatmq_broker::retained::load_key(&config, &retained);
+    std::env::remove_var(moatmq_broker::retained::KEY_ENV);
+    assert_eq!(
+        loaded
+            .expect("the key from the Secret loads")
+            .expose_secret(),
+        written.expose_secret()
+    );
+}
+
+/// The chart renders the same env entry from `secrets.retainedKey` (a template, so
+/// read as text; the values are YAML).
+#[test]
+fn helm_key_reaches_the_broker_from_the_secret() {
+    let values = yaml("deploy/helm/moatmq/values.yaml");
+    assert_eq!(
+        values["secrets"]["retainedKey"].as_str(),
+        Some("moatmq-retained-key")
+    );
+    let sts = read("deploy/helm/moatmq/templates/statefulset.yaml");
+    let env: Vec<&str> = sts
+        .lines()
+        .skip_while(|l| l.trim() != "env:")
+        .skip(1)
+        .take(5)
+        .map(str::trim)
+        .collect();
+    assert_eq!(
+        env,
+        [
+            "- name: MOATMQ_RETAINED_KEY",
+            "valueFrom:",
+            "secretKeyRef:",
+            "name: {{ required \"secrets.retainedKey is required\" .Values.secrets.retainedKey }}",
+            "key: retained.key",
+        ]
+    );
+    assert!(!sts.contains("retained-key"), "no key volume or mount");
+    let helm = embedded_toml(&read("deploy/helm/moatmq/values.yaml"), "config");
+    let config = Config::parse(Path::new("/etc/moatmq/config/broker.toml"), &helm).unwrap();
+    assert_eq!(config.retained.expect("[retained]").key_file, None);
+}
+
+/// Compose mounts: none lies inside a read-only bind mount (Docker cannot create the
+/// mount point there), and every file broker.toml names is on a mount.
+#[test]
+fn compose_mounts_do_not_nest_and_cover_the_config() {
+    let compose = yaml("deploy/compose/compose.yaml");
+    let svc = &compose["services"]["moatmq"];
+    let mounts: Vec<(String, String, bool)> = svc["volumes"]
+        .as_vec()
+        .expect("volumes")
+        .iter()
+        .map(|v| {
+            let spec = v.as_str().expect("short syntax");
+            let parts: Vec<&str> = spec.split(':').collect();
+            let ro = parts
+                .get(2)
+                .is_some_and(|o| o.split(',').any(|o| o == "ro"));
+            (parts[0].to_string(), parts[1].to_string(), ro)
+        })
+        .collect();
+    for (_, inner, _) in &mounts {
+        for (_, outer, ro) in &mounts {
+            let nested = Path::new(inner).starts_with(outer) && inner != outer;
+            assert!(
+                !(nested && *ro),
+                "{inner} is inside the read-only mount {outer}"
+            );
+        }
+    }
+    // The container path of a file, mapped back to the host folder it comes from.
+    let host_of = |target: &Path| {
+        mounts.iter().find_map(|(src, dst, _)| {
+            target
+                .strip_prefix(dst)
+                .ok()
+                .map(|rest| (src.clone(), rest.to_path_buf()))
+        })
+    };
+    let command: Vec<&str> = svc["command"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    let config_path = Path::new(command[command.iter().position(|c| *c == "-c").unwrap() + 1]);
+    let (src, rest) = host_of(config_path).expect("broker.toml is on a mount");
+    let host_config = repo().join("deploy/compose").join(&src).join(&rest);
+    let text = std::fs::read_to_string(&host_config)
+        .unwrap_or_else(|e| panic!("{}: {e}", host_config.display()));
+    let config = Config::parse(config_path, &text).unwrap();
+    let retained = config.retained.as_ref().unwrap();
+    for (what, path) in [
+        ("password file", config.auth.password_file.clone().unwrap()),
+        ("acl file", config.acl.file.clone().unwrap()),
+        ("key file", retained.key_file.clone().unwrap()),
+        ("retained store", retained.path.clone()),
+    ] {
+        let (src, rest) = host_of(&config.resolve(&path))
+            .unwrap_or_else(|| panic!("{what} {} is on no mount", path.display()));
+        if src.starts_with("./config") {
+            // Committed files must exist; secrets are made by the README's steps.
+            let host = repo().join("deploy/compose").join(&src).join(&rest);
+            assert!(host.exists(), "{what}: {}", host.display());
+        }
+    }
+    // The secrets folder the README makes is the one mounted.
+    assert!(mounts
+        .iter()
+        .any(|(src, dst, _)| src == "./secrets" && dst == "/etc/moatmq/secrets"));
+}
+
+/// The release binary (what the Dockerfile and `cargo install` build) is stripped.
+#[test]
+fn release_profile_strips_the_binary() {
+    let manifest: toml::Table = read("Cargo.toml").parse().unwrap();
+    let release = &manifest["profile"]["release"];
+    assert_eq!(release.get("strip"), Some(&toml::Value::Boolean(true)));
+    assert_eq!(release.get("debug"), None);
+}
+
 #[test]
 fn compose_believes_the_client_address_only_from_cloudflared() {
     let c = Config::parse(

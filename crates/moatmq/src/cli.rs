@@ -19,9 +19,13 @@ pub enum Command {
         #[arg(short, long)]
         config: Option<PathBuf>,
     },
-    /// Validate a configuration file and the files it names, then exit
-    /// (non-zero naming file, line and reason).
+    /// Validate a configuration file and every file it names, as `serve` does, then exit.
+    ///
+    /// Loads the password and ACL files, TLS certificates, keys and CAs and the
+    /// retained-store key, without binding a port. Exit code 0: ok; 64: the file, the
+    /// line where known and the reason on stderr (the same message and code as `serve`).
     Check {
+        /// Configuration file (broker.toml) to check.
         #[arg(short, long)]
         config: PathBuf,
     },
@@ -31,7 +35,10 @@ pub enum Command {
         /// Remove the user instead.
         #[arg(long)]
         delete: bool,
+        /// Password file to update (created with mode 0600 if missing; an existing
+        /// file keeps its owner, group and mode).
         file: PathBuf,
+        /// Username to add, update or delete.
         user: String,
     },
     /// Write a new random 256-bit key for the retained store (mode 0600).
@@ -69,11 +76,13 @@ pub enum Command {
 pub enum RetainedCommand {
     /// Print retained topics and their sizes.
     List {
+        /// Configuration file whose [retained] store to read.
         #[arg(short, long)]
         config: PathBuf,
     },
     /// Re-encrypt the store under a new key (crash-safe); then point key_file at it.
     Rekey {
+        /// Configuration file whose [retained] store and key to use.
         #[arg(short, long)]
         config: PathBuf,
         /// Key file made by `moatmq keygen`.
@@ -84,6 +93,7 @@ pub enum RetainedCommand {
     /// without its high-water mark: what is missing stays lost, tampered records are
     /// still refused, and the high-water mark is rewritten to match.
     Accept {
+        /// Configuration file whose [retained] store and key to use.
         #[arg(short, long)]
         config: PathBuf,
     },
@@ -95,14 +105,18 @@ pub enum AclCommand {
     /// Exit code: 0 allow, 1 deny, 2 or more an error (unreadable or invalid ACL file,
     /// bad arguments).
     Check {
+        /// ACL file (Mosquitto syntax) to ask.
         #[arg(long)]
         acl: PathBuf,
+        /// Username of the client (omit for an anonymous client).
         #[arg(long)]
         user: Option<String>,
+        /// Client id of the client (for %c patterns).
         #[arg(long, default_value = "")]
         client_id: String,
         /// read, write (or publish) or subscribe
         action: Action,
+        /// Topic (read, write) or topic filter (subscribe).
         topic: String,
     },
 }

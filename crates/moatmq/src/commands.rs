@@ -10,7 +10,10 @@ use std::process::ExitCode;
 use tracing_subscriber::EnvFilter;
 use zeroize::Zeroizing;
 
-/// Exit code for a configuration error (EX_USAGE in sysexits.h).
+/// Exit code of `check` and `serve` for a problem in the configuration or a file it
+/// names (EX_USAGE in sysexits.h): starting again without a change cannot help, so the
+/// systemd unit has `RestartPreventExitStatus=64`. A runtime failure (a port in use,
+/// the router failing) exits 1.
 const EXIT_CONFIG: u8 = 64;
 
 pub fn dispatch(cli: Cli) -> ExitCode {
@@ -26,10 +29,24 @@ pub fn dispatch(cli: Cli) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_text(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, each cause only if the text so far does not already say it
+/// (our error types print their OS error themselves: `{:#}` would repeat it).
+fn error_text(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
 }
 
 fn load_config(path: &Path) -> Result<Config, ExitCode> {
@@ -39,23 +56,16 @@ fn load_config(path: &Path) -> Result<Config, ExitCode> {
     })
 }
 
-/// Validates the config and the files it names (password file, ACL file).
+/// Validates the config and every file it names, as `serve` does before it binds:
+/// one shared function, so `check` passes exactly when `serve` would get past it.
 fn check(path: &Path) -> ExitCode {
     let config = match load_config(path) {
         Ok(c) => c,
         Err(code) => return code,
     };
-    if let Some(p) = &config.auth.password_file {
-        if let Err(e) = moatmq_auth::PasswordFile::load(&config.resolve(p)) {
-            eprintln!("{e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    }
-    if let Some(p) = &config.acl.file {
-        if let Err(e) = moatmq_acl::Acl::load(&config.resolve(p)) {
-            eprintln!("{e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
+    if let Err(e) = moatmq_broker::validate(&config) {
+        eprintln!("{e}");
+        return ExitCode::from(EXIT_CONFIG);
     }
     println!("{}: ok", path.display());
     ExitCode::SUCCESS
@@ -69,6 +79,11 @@ fn serve(path: Option<&Path>) -> ExitCode {
         },
         None => Config::local_only(),
     };
+    // Before logging starts, so the broker's own loading logs its warnings once.
+    if let Err(e) = moatmq_broker::validate(&config) {
+        eprintln!("{e}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
     init_tracing(&config);
     if path.is_none() {
         tracing::warn!(
@@ -90,7 +105,11 @@ fn serve(path: Option<&Path>) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("{e}");
-            ExitCode::FAILURE
+            if e.is_config() {
+                ExitCode::from(EXIT_CONFIG)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

@@ -208,6 +208,8 @@ async fn passwd_round_trip_then_the_broker_accepts_only_the_new_password() {
         "# users of the test broker\n\n# keep this comment too\n",
     )
     .unwrap();
+    // As a systemd install has it (root:moatmq 0640): the mode is kept by every update.
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o640)).unwrap();
 
     let add = |user: &str, pass: &str| {
         let o = moatmq_with_stdin(&["passwd", f, user], &format!("{pass}\n"));
@@ -237,7 +239,7 @@ async fn passwd_round_trip_then_the_broker_accepts_only_the_new_password() {
     assert!(text.contains("alice:$argon2id$"));
     assert!(text.starts_with("# users of the test broker\n"), "{text}");
     assert!(text.contains("# keep this comment too\n"), "{text}");
-    assert_eq!(mode(&file), 0o600);
+    assert_eq!(mode(&file), 0o640);
     // An empty password is refused, and the file is left as it was.
     let o = moatmq_with_stdin(&["passwd", f, "carol"], "\n");
     assert!(!o.status.success());

@@ -184,7 +184,13 @@ impl Store {
     fn rekey_into(&mut self, new: &RetainedKey) -> Result<usize, StoreError> {
         let cipher = record::cipher(new);
         let tmp = self.dir.join(format!("{TMP_PREFIX}-rekey"));
+        let owner =
+            std::fs::metadata(&self.log_path).map_err(|e| StoreError::io(&self.log_path, e))?;
         let w = log::write_fresh(&tmp, &cipher, self.messages())?;
+        if let Err(e) = keep_owner(&w.file, &owner) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(StoreError::io(&self.log_path, e));
+        }
         let n = w.frame_lens.len();
         let mark = Mark {
             current: Some(Vouch {
@@ -212,7 +218,9 @@ impl Store {
 
 /// Re-encrypts the store in directory `path` from `old` to `new` (verifying every record
 /// under `old` first) and returns the number of messages kept. Crash-safe: the new log is
-/// written to a temporary file and renamed over the old one.
+/// written to a temporary file and renamed over the old one. The new log keeps the old
+/// one's owner and group: an operator running this as root must not leave a log the
+/// broker's own user cannot open.
 pub fn rekey(path: &Path, old: RetainedKey, new: &RetainedKey) -> Result<usize, StoreError> {
     let (mut store, _) = Store::open(path, old, StoreLimits::UNLIMITED)?;
     store.rekey_into(new)
@@ -227,4 +235,15 @@ pub fn accept(path: &Path, key: RetainedKey) -> Result<usize, StoreError> {
     let (store, messages) = Store::open_with(path, key, StoreLimits::UNLIMITED, Trust::AsIs)?;
     drop(store);
     Ok(messages.len())
+}
+
+/// Gives `file` the owner and group of `old` (a no-op when they already match, so it
+/// needs root only when root runs the command on another user's store).
+fn keep_owner(file: &std::fs::File, old: &std::fs::Metadata) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let new = file.metadata()?;
+    if (new.uid(), new.gid()) == (old.uid(), old.gid()) {
+        return Ok(());
+    }
+    std::os::unix::fs::fchown(file, Some(old.uid()), Some(old.gid()))
 }

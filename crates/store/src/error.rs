@@ -17,6 +17,15 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    /// The key file could not be read (`retained.key_file`, `retained rekey --new-key`)
+    /// or written (`keygen --out`): a wrong path, permissions, or it already exists.
+    #[error("retained-store key file {}: {source}", path.display())]
+    KeyFile {
+        /// The key file.
+        path: PathBuf,
+        /// The operating system's error.
+        source: std::io::Error,
+    },
     /// The key file can be read by its group or by others; `chmod 600` it.
     #[error("key file {path} is readable by group or others; run `chmod 600` on it")]
     KeyPermissions {

@@ -55,8 +55,12 @@ impl RetainedKey {
 
     /// Reads a key file, refusing one whose mode lets group or others read or write it.
     pub fn load(path: &Path) -> Result<RetainedKey, StoreError> {
-        let mut file = std::fs::File::open(path).map_err(|e| StoreError::io(path, e))?;
-        let meta = file.metadata().map_err(|e| StoreError::io(path, e))?;
+        let io = |source| StoreError::KeyFile {
+            path: path.to_owned(),
+            source,
+        };
+        let mut file = std::fs::File::open(path).map_err(io)?;
+        let meta = file.metadata().map_err(io)?;
         if meta.permissions().mode() & 0o077 != 0 {
             return Err(StoreError::KeyPermissions {
                 path: path.to_owned(),
@@ -67,7 +71,7 @@ impl RetainedKey {
         (&mut file)
             .take(1024)
             .read_to_string(&mut text)
-            .map_err(|e| StoreError::io(path, e))?;
+            .map_err(io)?;
         RetainedKey::from_hex(&text)
     }
 
@@ -75,18 +79,53 @@ impl RetainedKey {
     /// hex and a newline, fsyncs it, and returns the key. Backs `moatmq keygen --out FILE`.
     pub fn write_new(path: &Path) -> Result<RetainedKey, StoreError> {
         let key = RetainedKey::generate();
+        let io = |source| StoreError::KeyFile {
+            path: path.to_owned(),
+            source,
+        };
         let mut file = OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
             .open(path)
-            .map_err(|e| StoreError::io(path, e))?;
+            .map_err(io)?;
         let mut text = Zeroizing::new(hex::encode(key.bytes.as_ref()));
         text.push('\n');
         file.write_all(text.as_bytes())
             .and_then(|()| file.sync_all())
-            .map_err(|e| StoreError::io(path, e))?;
+            .map_err(io)?;
         Ok(key)
+    }
+
+    /// Checks, reading only the log's header, that this key opens the store in `dir`
+    /// (`moatmq check`): [`StoreError::WrongKey`] if it was written under another key,
+    /// [`StoreError::Corrupt`] if the header is not a store header. A store that does
+    /// not exist yet is fine: `Store::open` creates it. Writes nothing, so it is safe
+    /// while a broker has the store open.
+    pub fn check_store(&self, dir: &Path) -> Result<(), StoreError> {
+        let log_path = dir.join(crate::store::LOG_NAME);
+        let mut file = match std::fs::File::open(&log_path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(StoreError::io(&log_path, e)),
+        };
+        let mut header = [0u8; crate::record::HEADER_LEN];
+        let corrupt = |reason: &str| StoreError::Corrupt {
+            file: log_path.clone(),
+            offset: 0,
+            reason: reason.to_owned(),
+        };
+        file.read_exact(&mut header).map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => corrupt("file is shorter than the store header"),
+            _ => StoreError::io(&log_path, e),
+        })?;
+        match crate::record::open_header(&crate::record::cipher(self), &header) {
+            Ok(_) => Ok(()),
+            Err(crate::record::HeaderError::Format(reason)) => Err(corrupt(reason)),
+            Err(crate::record::HeaderError::KeyCheck) => {
+                Err(StoreError::WrongKey { file: log_path })
+            }
+        }
     }
 
     /// The raw key bytes. Call only to build a cipher; never log or persist them.
@@ -134,7 +173,7 @@ mod tests {
         // create_new: never overwrite an existing key.
         assert!(matches!(
             RetainedKey::write_new(&path),
-            Err(StoreError::Io { .. })
+            Err(StoreError::KeyFile { .. })
         ));
     }
 

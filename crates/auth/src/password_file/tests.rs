@@ -278,7 +278,11 @@ fn real_mosquitto_passwd_file() {
 fn load_missing_file_is_io_error() {
     let err = PasswordFile::load(Path::new("/nonexistent/moatmq/passwd")).unwrap_err();
     assert!(matches!(err, AuthError::Io { .. }), "{err:?}");
-    assert!(err.to_string().starts_with("/nonexistent/moatmq/passwd: "));
+    assert!(
+        err.to_string()
+            .starts_with("password file /nonexistent/moatmq/passwd: "),
+        "{err}"
+    );
 }
 
 proptest! {

@@ -256,3 +256,52 @@ fn rekey_round_trip() {
     ));
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
 }
+
+/// `moatmq retained rekey` run as root on the broker user's store keeps the log's owner
+/// and group (as root the store is first given another owner; otherwise it checks that
+/// the caller's own ownership stays).
+#[test]
+fn rekey_keeps_the_logs_owner() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut s, _) = open(dir.path()).unwrap();
+    s.set(msg("a", "1")).unwrap();
+    s.flush().unwrap();
+    drop(s);
+    let log = log_path(dir.path());
+    if std::fs::metadata(&log).unwrap().uid() == 0 {
+        std::os::unix::fs::chown(&log, Some(4321), Some(8765)).unwrap();
+    }
+    let before = std::fs::metadata(&log).unwrap();
+    rekey(dir.path(), key(), &other_key()).unwrap();
+    let after = std::fs::metadata(&log).unwrap();
+    assert_eq!((after.uid(), after.gid()), (before.uid(), before.gid()));
+    assert_eq!(after.mode() & 0o777, 0o600);
+}
+
+/// `check_store` reads the header only: the right key passes, another is `WrongKey`, a
+/// store not made yet passes, and nothing is written.
+#[test]
+fn check_store_reads_only_the_header() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    key().check_store(&store).unwrap();
+    assert!(!store.exists(), "nothing created");
+    let (mut s, _) = open(&store).unwrap();
+    s.set(msg("a", "1")).unwrap();
+    s.flush().unwrap();
+    drop(s);
+    let before = std::fs::read(log_path(&store)).unwrap();
+    key().check_store(&store).unwrap();
+    assert!(matches!(
+        other_key().check_store(&store),
+        Err(StoreError::WrongKey { .. })
+    ));
+    std::fs::write(log_path(&store), b"short").unwrap();
+    assert!(matches!(
+        key().check_store(&store),
+        Err(StoreError::Corrupt { offset: 0, .. })
+    ));
+    std::fs::write(log_path(&store), &before).unwrap();
+    assert_eq!(std::fs::read(log_path(&store)).unwrap(), before);
+}

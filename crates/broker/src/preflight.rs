@@ -1,0 +1,48 @@
+//! Preflight: everything `serve` refuses that can be found without binding a socket or
+//! replaying the retained store: the password file, the ACL file, each listener's TLS
+//! certificate, key and client CA (missing, unreadable, swapped, not matching each
+//! other), the retained-store key (missing, malformed, readable by group or others, not
+//! the key of the existing store's header) and the audit log's folder. (The config itself, duplicate bind addresses included, is
+//! checked when it is loaded.)
+//!
+//! `moatmq check` is this function; `moatmq serve` calls it before starting, so the
+//! two refuse the same configuration with the same message, and `Broker::start` loads
+//! the same files through the same functions.
+
+use crate::policy::Policy;
+use crate::server::StartError;
+use crate::tls::TlsSetup;
+use moatmq_config::Config;
+
+/// Checks the files `config` names; the first problem is returned.
+pub fn validate(config: &Config) -> Result<(), StartError> {
+    // A throwaway counter: nothing is checked here.
+    Policy::load(config, Default::default())?;
+    for l in &config.listener {
+        TlsSetup::for_listener(config, l)?;
+    }
+    if let Some(r) = &config.retained {
+        let key = crate::retained::load_key(config, r)?;
+        // The header only: a store written under another key is refused here too.
+        key.check_store(&config.resolve(&r.path))
+            .map_err(crate::retained::RetainedError::Store)?;
+    }
+    if let Some(a) = config.audit.as_ref().filter(|a| a.path.as_os_str() != "-") {
+        let path = config.resolve(&a.path);
+        let folder = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => std::path::PathBuf::from("."),
+        };
+        match std::fs::metadata(&folder) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(StartError::Audit {
+                    path,
+                    source: std::io::Error::other(format!("{} is not a folder", folder.display())),
+                })
+            }
+            Err(source) => return Err(StartError::Audit { path, source }),
+        }
+    }
+    Ok(())
+}
