@@ -36,6 +36,8 @@ pub enum Command {
     },
     /// Write a new random 256-bit key for the retained store (mode 0600).
     Keygen {
+        /// The key file to create (never overwritten); `-` prints the key to stdout
+        /// instead, e.g. for MOATMQ_RETAINED_KEY in a Kubernetes Secret.
         #[arg(long)]
         out: PathBuf,
     },
@@ -53,9 +55,13 @@ pub enum Command {
     ImportMosquitto {
         /// The mosquitto.conf to convert.
         conf: PathBuf,
-        /// Where to write broker.toml (default: stdout).
+        /// Where to write broker.toml (default: stdout). An existing file is kept
+        /// unless --force is given.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Replace the --out file if it exists.
+        #[arg(long, requires = "out")]
+        force: bool,
     },
 }
 
@@ -86,6 +92,8 @@ pub enum RetainedCommand {
 #[derive(Debug, Subcommand)]
 pub enum AclCommand {
     /// Print allow or deny for one request and the file line that decided it.
+    /// Exit code: 0 allow, 1 deny, 2 or more an error (unreadable or invalid ACL file,
+    /// bad arguments).
     Check {
         #[arg(long)]
         acl: PathBuf,
@@ -93,7 +101,7 @@ pub enum AclCommand {
         user: Option<String>,
         #[arg(long, default_value = "")]
         client_id: String,
-        /// read, write or subscribe
+        /// read, write (or publish) or subscribe
         action: Action,
         topic: String,
     },
@@ -101,7 +109,11 @@ pub enum AclCommand {
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum Action {
+    /// Receive a message published on the topic.
     Read,
+    /// Publish on the topic.
+    #[value(alias = "publish")]
     Write,
+    /// Subscribe to the filter.
     Subscribe,
 }

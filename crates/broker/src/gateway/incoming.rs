@@ -14,7 +14,7 @@ use rumqttd::protocol::{
     PubRecReason, QoS, RetainForwardRule, SubAck, SubscribeReasonCode,
 };
 use tokio::time::Instant;
-use tracing::warn;
+use tracing::{debug, warn};
 
 impl Gateway {
     /// Client to router: the one place every client packet passes.
@@ -79,6 +79,15 @@ impl Gateway {
                             "publish rate limit exceeded",
                         ));
                     }
+                }
+                if limits
+                    .max_payload_size
+                    .is_some_and(|max| publish.payload.len() > max)
+                {
+                    // Like Mosquitto's message_size_limit: the message is dropped, the
+                    // client stays connected.
+                    debug!(client_id = %self.identity.client_id, "PUBLISH over max_payload_size dropped");
+                    return self.refuse_publish(qos, pkid, Refused::TooLarge);
                 }
                 if !self
                     .shared
@@ -256,6 +265,10 @@ impl Gateway {
         let (ack_reason, rec_reason) = match why {
             Refused::NotAuthorized => (PubAckReason::NotAuthorized, PubRecReason::NotAuthorized),
             Refused::Quota => (PubAckReason::QuotaExceeded, PubRecReason::QuotaExceeded),
+            Refused::TooLarge => (
+                PubAckReason::ImplementationSpecificError,
+                PubRecReason::ImplementationSpecificError,
+            ),
         };
         match qos {
             QoS::AtMostOnce => Ok(()),
@@ -310,4 +323,7 @@ pub(super) enum Refused {
     NotAuthorized,
     /// The retained store is full (MQTT 5 reason 0x97).
     Quota,
+    /// The payload is over `limits.max_payload_size` (MQTT 5 reason 0x83: PUBACK has no
+    /// "too large" code).
+    TooLarge,
 }
