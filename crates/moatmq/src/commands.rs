@@ -275,7 +275,8 @@ fn acl(command: AclCommand) -> anyhow::Result<()> {
 }
 
 fn import(conf: &Path, out: Option<&Path>) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(conf).with_context(|| conf.display().to_string())?;
+    let text = std::fs::read_to_string(conf)
+        .with_context(|| format!("Mosquitto configuration file {}", conf.display()))?;
     let report = moatmq_config::import_mosquitto(&text, conf)?;
     for w in &report.warnings {
         eprintln!("warning: {w}");

@@ -82,6 +82,14 @@ fn file_errors_name_the_file_and_say_the_os_error_once() {
         &format!("configuration file {config}: "),
         "No such file or directory",
     );
+    let conf = d.join("nothere.conf");
+    let conf = conf.to_str().unwrap();
+    fails_naming(
+        &["import-mosquitto", conf],
+        "",
+        &format!("Mosquitto configuration file {conf}: "),
+        "No such file or directory",
+    );
     // keygen never overwrites: the key file exists.
     let key = d.join("retained.key");
     let key = key.to_str().unwrap();
