@@ -35,6 +35,7 @@ pub fn message(rng: &mut StdRng) -> RetainedMessage {
         qos: rng.gen_range(0..3),
         properties,
         expires_at: rng.gen_bool(0.2).then_some(u64::MAX / 2),
+        owner: rng.gen_bool(0.5).then(|| "alice".into()),
     }
 }
 

@@ -12,7 +12,9 @@
 //! Blank lines and lines whose first non-blank character is `#` are ignored (a `#` after
 //! a keyword is a topic, never a comment). `topic` and `pattern` take an optional access
 //! word (`read`, `write`, `readwrite`, `deny`; default `readwrite`) and then the rest of
-//! the line as the topic, so topics may contain spaces. `topic` lines belong to the
+//! the line as the topic, so topics may contain spaces. A first word of letters followed
+//! by more text is taken as a misspelt access word and refused, so a topic with spaces
+//! needs an explicit access word. `topic` lines belong to the
 //! anonymous section until the first `user NAME` line, then to that user (repeated
 //! sections for one user are merged). `pattern` lines apply to every client wherever they
 //! appear. Anything else is an error naming the line: the file is rejected, never
@@ -75,6 +77,14 @@ pub(crate) fn parse(file: &Path, text: &str) -> Result<Rules, AclError> {
                     "write" => (Grant::Write, after),
                     "readwrite" => (Grant::ReadWrite, after),
                     "deny" => (Grant::Deny, after),
+                    // `topic readwrit foo/#` would otherwise grant read and write on the
+                    // topic "readwrit foo/#": a word of letters followed by more text is
+                    // a misspelt access word, and a topic with spaces needs one.
+                    _ if !after.is_empty() && word.chars().all(|c| c.is_ascii_alphabetic()) => {
+                        return Err(err(
+                            "unknown access word: expected `read`, `write`, `readwrite` or `deny` (a topic containing spaces needs one, e.g. `topic readwrite my room/#`)",
+                        ));
+                    }
                     _ => (Grant::ReadWrite, rest),
                 };
                 if let Some(reason) = invalid_rule_topic(topic) {
@@ -183,6 +193,26 @@ mod tests {
         assert_eq!(parse_err("topic a\0b").0, 1);
         assert_eq!(parse_err("topic $share/g/a").0, 1);
         assert_eq!(parse_err("Topic a").0, 1);
+        for typo in [
+            "topic readwrit foo/#",
+            "pattern Read %u/#",
+            "topic my room/#",
+        ] {
+            let (line, reason) = parse_err(&format!("topic ok\n{typo}\n"));
+            assert_eq!(line, 2, "{typo}");
+            assert!(
+                reason.starts_with("unknown access word"),
+                "{typo}: {reason}"
+            );
+        }
+        // Spaces after an access word, or in a topic that does not start with a plain
+        // word, remain topics.
+        let rules = parse(
+            Path::new("f"),
+            "topic write my room/#\ntopic a/b c\ntopic foo\n",
+        )
+        .unwrap();
+        assert_eq!(rules.anonymous.len(), 3);
     }
 
     #[test]

@@ -314,9 +314,16 @@ pub(crate) fn check_username(username: &str) -> Result<(), &'static str> {
     if username.contains(':') {
         return Err("username contains ':'");
     }
+    if username.contains(['/', '+', '#']) {
+        // The ACL engine substitutes usernames into patterns (`%u/#`) and `user` lines:
+        // a wildcard or level separator there would widen what the user may reach.
+        return Err(
+            "username is not a valid identity: '/', '+' and '#' are MQTT's topic level separator and wildcards, and a username is put into ACL patterns such as %u/#, where one would widen the user's access; use another character such as '-' or '_'",
+        );
+    }
     if !valid_identity(username) {
         return Err(
-            "username is not a valid identity (empty, longer than 65535 bytes, or contains '/', '+', '#', NUL or a control character)",
+            "username is not a valid identity (empty, longer than 65535 bytes, or contains NUL or a control character)",
         );
     }
     Ok(())

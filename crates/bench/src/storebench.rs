@@ -53,6 +53,7 @@ fn message(prefix: &str, i: u64, version: u64, len: usize) -> RetainedMessage {
         qos: 1,
         properties: None,
         expires_at: None,
+        owner: None,
     }
 }
 

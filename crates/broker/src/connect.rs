@@ -100,16 +100,23 @@ pub async fn handle(
         Some(l) => (Some(l.username.as_str()), Some(l.password.as_str())),
         None => (None, None),
     };
-    let verdict = shared
-        .policy
-        .authenticate(
-            &info.listener,
-            info.peer.ip(),
-            username,
-            password,
-            info.cert_identity.as_deref(),
-        )
-        .await;
+    let authenticate = shared.policy.authenticate(
+        &info.listener,
+        info.peer.ip(),
+        username,
+        password,
+        info.cert_identity.as_deref(),
+    );
+    // A client that hangs up while its login waits (for its address's slot, its delay
+    // or the hashing pool) gives its place up: dropping the check frees the slot and
+    // the pool skips it. What it sent meanwhile stays in `buf` for the gateway.
+    let verdict = tokio::select! {
+        verdict = authenticate => verdict,
+        () = hung_up(&mut reader, &mut buf, limits.max_packet_size) => {
+            debug!(peer = %info.peer, "client closed the connection during its login");
+            return Err(ConnectFailure::Closed);
+        }
+    };
     // The password is no longer needed: wipe the decoder's copy of it.
     if let Some(l) = login.as_mut() {
         zeroize::Zeroize::zeroize(&mut l.password);
@@ -134,7 +141,10 @@ pub async fn handle(
         Err(failure) => {
             let refusal = match failure {
                 AuthFailure::BadCredentials => Refusal::BadCredentials,
-                _ => Refusal::NotAuthorized,
+                AuthFailure::NotAuthorized | AuthFailure::UsernameNotCertificateCn { .. } => {
+                    Refusal::NotAuthorized
+                }
+                AuthFailure::Busy => Refusal::Busy,
             };
             let reason = failure.reason();
             info!(listener = %info.listener.name, peer = %info.peer, client_id = ?client_id, reason = %reason, "authentication failed");
@@ -297,6 +307,18 @@ pub async fn handle(
         shared.expire_session_after(&router_id, after);
     }
     Ok(())
+}
+
+/// Returns once the client has closed its side (or the connection failed). Reads into
+/// `buf` meanwhile, up to `max` bytes, then only waits.
+async fn hung_up(reader: &mut Reader, buf: &mut BytesMut, max: usize) {
+    while buf.len() < max {
+        match reader.read(buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+    std::future::pending::<()>().await;
 }
 
 /// Reads until a whole CONNECT is buffered and decodes it with the right codec.

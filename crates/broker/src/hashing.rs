@@ -18,12 +18,17 @@ use moatmq_auth::{address_bucket, PasswordFile, Verdict};
 use prometheus_client::metrics::counter::Counter;
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use zeroize::Zeroizing;
 
 /// Checks waiting for a hashing thread at most, all addresses together.
 pub const QUEUE: usize = 1024;
+
+/// How often "queue full" is logged at most.
+const WARN_EVERY: Duration = Duration::from_secs(10);
 
 /// The pool has no room for another check (or has stopped): answer "server busy".
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,6 +39,9 @@ struct Job {
     username: String,
     password: Zeroizing<Vec<u8>>,
     reply: oneshot::Sender<Verdict>,
+    /// Set when a thread starts the check: from then on it runs to the end even if
+    /// the caller is gone, and the caller must count it.
+    started: Arc<AtomicBool>,
 }
 
 /// Waiting jobs, one FIFO per address, and the order in which addresses get a turn.
@@ -44,6 +52,8 @@ struct Queue {
     turns: VecDeque<IpAddr>,
     len: usize,
     stopped: bool,
+    /// When "queue full" was last logged.
+    warned: Option<Instant>,
 }
 
 impl Queue {
@@ -117,19 +127,27 @@ impl HashPool {
     }
 
     /// Verifies a password on the pool, queued behind `peer`'s address; `Busy` when the
-    /// queue is full or the pool has stopped.
+    /// queue is full or the pool has stopped. `started` is set once a thread begins the
+    /// check (a caller dropped before that costs nothing; after it, the check runs).
     pub async fn verify(
         &self,
         peer: IpAddr,
         file: Arc<PasswordFile>,
         username: &str,
         password: Zeroizing<Vec<u8>>,
+        started: Arc<AtomicBool>,
     ) -> Result<Verdict, Busy> {
         let (reply, verdict) = oneshot::channel();
         {
             let mut queue = self.inner.lock();
             if queue.stopped || queue.len >= self.capacity {
-                tracing::warn!("password check queue full: login answered busy");
+                // Once per 10 s: a flood must not flood the log too (the login_busy
+                // metric and audit events count every one).
+                let now = Instant::now();
+                if queue.warned.map_or(true, |at| now - at >= WARN_EVERY) {
+                    queue.warned = Some(now);
+                    tracing::warn!("password check queue full: logins answered busy");
+                }
                 return Err(Busy);
             }
             let job = Job {
@@ -137,6 +155,7 @@ impl HashPool {
                 username: username.to_string(),
                 password,
                 reply,
+                started,
             };
             queue.push(address_bucket(peer), job);
         }
@@ -180,6 +199,7 @@ fn work(inner: &Inner) {
         if job.reply.is_closed() {
             continue;
         }
+        job.started.store(true, Ordering::Release);
         inner.checks.inc();
         let verdict = job.file.verify(&job.username, &job.password);
         let _ = job.reply.send(verdict);
@@ -199,6 +219,7 @@ mod tests {
             username: String::new(),
             password: Zeroizing::new(Vec::new()),
             reply,
+            started: Arc::default(),
         };
         (job, rx)
     }
@@ -210,13 +231,17 @@ mod tests {
         let peer = IpAddr::V4(Ipv4Addr::LOCALHOST);
         let full = HashPool::with_capacity(1, 0, checks.clone());
         let pw = Zeroizing::new(b"pw".to_vec());
-        assert_eq!(
-            full.verify(peer, j.file.clone(), "u", pw.clone()).await,
-            Err(Busy)
+        let started = Arc::new(AtomicBool::new(false));
+        let busy = full.verify(peer, j.file.clone(), "u", pw.clone(), started.clone());
+        assert_eq!(busy.await, Err(Busy));
+        assert!(
+            !started.load(Ordering::Acquire),
+            "a refused check never starts"
         );
         let pool = HashPool::new(1, checks.clone());
-        let verdict = pool.verify(peer, j.file.clone(), "u", pw).await;
-        assert_eq!(verdict, Ok(Verdict::Rejected));
+        let verdict = pool.verify(peer, j.file.clone(), "u", pw, started.clone());
+        assert_eq!(verdict.await, Ok(Verdict::Rejected));
+        assert!(started.load(Ordering::Acquire));
         assert_eq!(checks.get(), 1, "only the check that ran is counted");
     }
 

@@ -29,6 +29,11 @@ pub struct ActionLabel {
     pub action: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
 /// Every metric the broker exports.
 pub struct Metrics {
     registry: Mutex<Registry>,
@@ -47,6 +52,8 @@ pub struct Metrics {
     pub acl_denials: Family<ActionLabel, Counter>,
     pub rate_limited: Counter,
     pub retained_messages: Gauge,
+    /// Retained messages refused, by the quota they would have passed.
+    pub retained_refused: Family<ReasonLabel, Counter>,
     pub retained_store_bytes: Gauge,
     pub retained_last_save_timestamp: Gauge,
     pub retained_last_save_duration_ms: Gauge,
@@ -73,6 +80,7 @@ impl Metrics {
             acl_denials: Family::default(),
             rate_limited: Counter::default(),
             retained_messages: Gauge::default(),
+            retained_refused: Family::default(),
             retained_store_bytes: Gauge::default(),
             retained_last_save_timestamp: Gauge::default(),
             retained_last_save_duration_ms: Gauge::default(),
@@ -142,6 +150,11 @@ impl Metrics {
                 m.retained_messages.clone(),
             );
             r.register(
+                "retained_refused",
+                "Retained messages refused, by the quota they would pass",
+                m.retained_refused.clone(),
+            );
+            r.register(
                 "retained_store_bytes",
                 "Size of the retained store on disk",
                 m.retained_store_bytes.clone(),
@@ -164,6 +177,14 @@ impl Metrics {
         self.acl_denials
             .get_or_create(&ActionLabel {
                 action: action.into(),
+            })
+            .inc();
+    }
+
+    pub fn retained_refused(&self, reason: &str) {
+        self.retained_refused
+            .get_or_create(&ReasonLabel {
+                reason: reason.into(),
             })
             .inc();
     }

@@ -19,7 +19,7 @@ use prometheus_client::metrics::counter::Counter;
 use std::collections::HashSet;
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use tracing::{info, warn};
 use zeroize::Zeroizing;
@@ -210,9 +210,20 @@ impl Policy {
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
+        // A client that hangs up once its hash has started must not get checks for free
+        // (the pool finishes them): such a check counts as a failure when dropped.
+        let started = Arc::new(AtomicBool::new(false));
+        let mut abandoned = Abandoned {
+            throttle: &self.throttle,
+            peer,
+            username: claimed,
+            started: started.clone(),
+            armed: true,
+        };
         let result = self
-            .decide(listener, peer, username, password, cert_identity)
+            .decide(listener, peer, username, password, cert_identity, started)
             .await;
+        abandoned.armed = false;
         match &result {
             Ok(_) => self.throttle.record_success(peer, claimed),
             Err(AuthFailure::Busy) => {}
@@ -228,6 +239,7 @@ impl Policy {
         username: Option<&str>,
         password: Option<&str>,
         cert_identity: Option<&str>,
+        started: Arc<AtomicBool>,
     ) -> Result<Option<String>, AuthFailure> {
         if let Some(cn) = cert_identity {
             if !valid_identity(cn) {
@@ -260,7 +272,10 @@ impl Policy {
                     return Err(AuthFailure::NotAuthorized);
                 }
                 let password = Zeroizing::new(password.unwrap_or("").as_bytes().to_vec());
-                let verdict = self.hashing.verify(peer, file, user, password).await;
+                let verdict = self
+                    .hashing
+                    .verify(peer, file, user, password, started)
+                    .await;
                 match verdict {
                     Ok(Verdict::Accepted) => Ok(Some(user.to_string())),
                     Ok(Verdict::AcceptedLegacyHash) => {
@@ -309,6 +324,23 @@ impl Policy {
             *view = self.acl_view();
         }
         view.acl.check_read(&who.acl(), topic)
+    }
+}
+
+/// Counts a login whose caller was dropped after its hash check started as a failure.
+struct Abandoned<'a> {
+    throttle: &'a LoginThrottle,
+    peer: IpAddr,
+    username: &'a str,
+    started: Arc<AtomicBool>,
+    armed: bool,
+}
+
+impl Drop for Abandoned<'_> {
+    fn drop(&mut self) {
+        if self.armed && self.started.load(Ordering::Acquire) {
+            self.throttle.record_failure(self.peer, self.username);
+        }
     }
 }
 

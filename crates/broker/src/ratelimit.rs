@@ -3,16 +3,15 @@
 //!
 //! A bucket holds up to `burst` tokens and refills at `rate` per second. Connections
 //! over the limit are refused. Publishers over the limit are not refused: the gateway
-//! stops reading their socket until the bucket has refilled (back-pressure); only a
-//! client that stays over its limit for [`SUSTAINED`] without a break is disconnected.
+//! stops reading their socket until the bucket has refilled (back-pressure), so a client
+//! that waits for its acknowledgements is paced and never cut off. Only with
+//! `disconnect_after` set is a client that stays over its limit that long without a
+//! break disconnected. `[[rate_limit.user]]` gives one username other rates.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
-
-/// How long a publisher may stay over its limit, throttled, before it is disconnected.
-pub const SUSTAINED: Duration = Duration::from_secs(10);
 
 /// Addresses tracked at most; past it, full (idle) buckets are forgotten first.
 const MAX_TRACKED: usize = 100_000;
@@ -118,6 +117,8 @@ pub struct PublishLimiter {
     bytes: Option<Bucket>,
     /// Since when every publish has found the client over its limit.
     throttled_since: Option<Instant>,
+    /// How long it may stay there before it is disconnected; None = never.
+    disconnect_after: Option<Duration>,
 }
 
 /// What the gateway should do after a PUBLISH.
@@ -127,24 +128,28 @@ pub enum Pace {
     Go,
     /// Stop reading for this long.
     SlowDown(Duration),
-    /// Over the limit without a break for [`SUSTAINED`]: disconnect.
+    /// Over the limit without a break for `disconnect_after`: disconnect.
     Disconnect,
 }
 
 impl PublishLimiter {
-    pub fn new(config: &moatmq_config::RateLimit) -> PublishLimiter {
+    /// The limiter for a client authenticated as `username` (None: anonymous).
+    pub fn new(config: &moatmq_config::RateLimit, username: Option<&str>) -> PublishLimiter {
+        let rates = config.publish_rates(username);
         PublishLimiter {
-            messages: (config.messages_per_second > 0).then(|| {
+            messages: (rates.messages_per_second > 0).then(|| {
                 Bucket::new(
-                    f64::from(config.messages_per_second),
-                    f64::from(config.message_burst),
+                    f64::from(rates.messages_per_second),
+                    f64::from(rates.message_burst),
                 )
             }),
-            bytes: (config.bytes_per_second > 0).then(|| {
-                let rate = config.bytes_per_second as f64;
+            bytes: (rates.bytes_per_second > 0).then(|| {
+                let rate = rates.bytes_per_second as f64;
                 Bucket::new(rate, rate)
             }),
             throttled_since: None,
+            disconnect_after: (config.disconnect_after > 0)
+                .then(|| Duration::from_secs(config.disconnect_after)),
         }
     }
 
@@ -166,7 +171,10 @@ impl PublishLimiter {
             return Pace::Go;
         }
         let since = *self.throttled_since.get_or_insert(now);
-        if now.saturating_duration_since(since) > SUSTAINED {
+        if self
+            .disconnect_after
+            .is_some_and(|limit| now.saturating_duration_since(since) > limit)
+        {
             Pace::Disconnect
         } else {
             Pace::SlowDown(wait)
@@ -189,31 +197,45 @@ mod tests {
         assert!(ConnectionLimiter::new(0, 0).allow(a), "0 = off");
     }
 
-    #[test]
-    fn publisher_is_slowed_then_disconnected() {
-        let config = moatmq_config::RateLimit {
+    fn config(disconnect_after: u64) -> moatmq_config::RateLimit {
+        moatmq_config::RateLimit {
             connections_per_second: 0,
             connection_burst: 0,
             messages_per_second: 10,
             message_burst: 5,
             bytes_per_second: 0,
-        };
-        let mut l = PublishLimiter::new(&config);
+            disconnect_after,
+            user: Vec::new(),
+        }
+    }
+
+    /// Publishes every 50 ms, always over the limit, for `secs` seconds.
+    fn flood(l: &mut PublishLimiter, t0: Instant, secs: u64) -> Pace {
+        let mut t = t0;
+        let mut outcome = Pace::Go;
+        while t < t0 + Duration::from_secs(secs) {
+            t += Duration::from_millis(50);
+            outcome = l.publish_at(10, t);
+        }
+        outcome
+    }
+
+    #[test]
+    fn publisher_is_slowed_then_disconnected_after_disconnect_after() {
+        let config = config(10);
+        let mut l = PublishLimiter::new(&config, None);
         let t0 = Instant::now();
         for _ in 0..5 {
             assert_eq!(l.publish_at(10, t0), Pace::Go);
         }
         assert!(matches!(l.publish_at(10, t0), Pace::SlowDown(d) if d > Duration::ZERO));
-        // Still over the limit, every time, for longer than SUSTAINED.
-        let mut t = t0;
-        let mut outcome = Pace::Go;
-        while t < t0 + SUSTAINED + Duration::from_secs(1) {
-            t += Duration::from_millis(50);
-            outcome = l.publish_at(10, t);
-        }
-        assert_eq!(outcome, Pace::Disconnect);
+        assert!(matches!(flood(&mut l, t0, 9), Pace::SlowDown(_)));
+        assert_eq!(
+            flood(&mut l, t0 + Duration::from_secs(9), 2),
+            Pace::Disconnect
+        );
         // A client that slows down is forgiven.
-        let mut l = PublishLimiter::new(&config);
+        let mut l = PublishLimiter::new(&config, None);
         assert!(matches!(l.publish_at(10, t0), Pace::Go));
         for _ in 0..10 {
             l.publish_at(10, t0);
@@ -222,5 +244,30 @@ mod tests {
             l.publish_at(10, t0 + Duration::from_secs(5)),
             Pace::Go
         ));
+    }
+
+    #[test]
+    fn by_default_a_publisher_is_only_paced() {
+        let mut l = PublishLimiter::new(&config(0), None);
+        assert!(matches!(
+            flood(&mut l, Instant::now(), 60),
+            Pace::SlowDown(d) if d > Duration::ZERO
+        ));
+    }
+
+    #[test]
+    fn a_user_override_of_zero_is_unlimited() {
+        let mut config = config(1);
+        config.user.push(moatmq_config::UserRateLimit {
+            name: "ingest".into(),
+            messages_per_second: Some(0),
+            message_burst: None,
+            bytes_per_second: None,
+        });
+        let t0 = Instant::now();
+        let mut ingest = PublishLimiter::new(&config, Some("ingest"));
+        assert!((0..10_000).all(|_| ingest.publish_at(10, t0) == Pace::Go));
+        let mut other = PublishLimiter::new(&config, Some("other"));
+        assert!((0..10).any(|_| other.publish_at(10, t0) != Pace::Go));
     }
 }

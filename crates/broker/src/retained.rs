@@ -9,11 +9,12 @@
 //! back into the index; at shutdown it is flushed. Its bounds are the index's.
 
 use crate::metrics::Metrics;
-use crate::retained_index::{unix_now, RetainedEntry, RetainedIndex};
+pub use crate::retained_index::legacy_owner;
+use crate::retained_index::{unix_now, Refusal, RetainedEntry, RetainedIndex};
 use bytes::Bytes;
 use moatmq_config::{Config, Retained};
 use moatmq_store::{
-    MessageProperties, RetainedKey, RetainedMessage, Store, StoreError, StoreLimits,
+    stored_bytes, MessageProperties, RetainedKey, RetainedMessage, Store, StoreError, StoreLimits,
 };
 use rumqttd::protocol::{PublishProperties, QoS};
 use std::sync::{Arc, Condvar, Mutex};
@@ -76,8 +77,8 @@ pub enum Recorded {
     Buffered,
     /// Recorded; the caller must `save_now` before acknowledging (`autosave_interval = 0`).
     NeedsSave,
-    /// Refused: a new topic past `max_messages`/`max_bytes`.
-    Full,
+    /// Refused: it would pass a quota (or the store could not take it).
+    Refused(Refusal),
 }
 
 impl RetainedStore {
@@ -91,13 +92,18 @@ impl RetainedStore {
         let (store, messages) = open(config, retained)?;
         let loaded = messages.len();
         for m in messages {
+            let size = stored_bytes(&m);
+            // Records from before owners were kept count against their topic's first level.
+            let owner = m.owner.as_deref().unwrap_or_else(|| legacy_owner(&m.topic));
             let entry = RetainedEntry {
+                owner: owner.into(),
+                stored_bytes: size,
                 payload: Bytes::from(m.payload),
                 qos: qos_of(m.qos),
                 properties: m.properties.as_ref().map(to_router_properties),
                 expires_at: m.expires_at,
             };
-            if index.set(&m.topic, entry).is_err() {
+            if index.load(&m.topic, entry).is_err() {
                 warn!(topic = %m.topic, "retained store holds more than [retained] max_messages/max_bytes; not served");
             }
         }
@@ -125,33 +131,19 @@ impl RetainedStore {
         Ok(this)
     }
 
-    /// Records a retained publish (or its clearing by an empty payload).
-    pub fn record(
-        &self,
-        topic: &str,
-        payload: &Bytes,
-        qos: QoS,
-        properties: Option<&PublishProperties>,
-        v5: bool,
-        expires_at: Option<u64>,
-    ) -> Recorded {
+    /// Records a retained message, or the clearing of `topic` by an empty payload (`None`).
+    pub fn record(&self, topic: &str, message: Option<RetainedMessage>) -> Recorded {
         let Ok(mut store) = self.store.lock() else {
-            return Recorded::Full;
+            return Recorded::Refused(Refusal::Store);
         };
-        if payload.is_empty() {
-            store.clear(topic);
-        } else {
-            let message = RetainedMessage {
-                topic: topic.to_string(),
-                payload: payload.to_vec(),
-                qos: qos as u8,
-                properties: v5.then(|| from_router_properties(properties)),
-                expires_at,
-            };
-            if let Err(e) = store.set(message) {
-                // Unlimited store: only an encoding failure gets here.
-                error!(error = %e, "retained store refused a message");
-                return Recorded::Full;
+        match message {
+            None => store.clear(topic),
+            Some(message) => {
+                if let Err(e) = store.set(message) {
+                    // Unlimited store: only an encoding failure gets here.
+                    error!(error = %e, "retained store refused a message");
+                    return Recorded::Refused(Refusal::Store);
+                }
             }
         }
         if self.interval.is_zero() {
@@ -260,6 +252,26 @@ fn qos_of(q: u8) -> QoS {
         1 => QoS::AtLeastOnce,
         2 => QoS::ExactlyOnce,
         _ => QoS::AtMostOnce,
+    }
+}
+
+/// The stored form of a retained publish that passed the ACL; `owner` is its quota key.
+pub fn message(
+    topic: &str,
+    payload: &Bytes,
+    qos: QoS,
+    properties: Option<&PublishProperties>,
+    v5: bool,
+    expires_at: Option<u64>,
+    owner: &str,
+) -> RetainedMessage {
+    RetainedMessage {
+        topic: topic.to_string(),
+        payload: payload.to_vec(),
+        qos: qos as u8,
+        properties: v5.then(|| from_router_properties(properties)),
+        expires_at,
+        owner: Some(owner.to_string()),
     }
 }
 

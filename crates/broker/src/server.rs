@@ -13,7 +13,7 @@ use crate::metrics::Metrics;
 use crate::policy::{Identity, ListenerPolicy, Policy, PolicyError};
 use crate::ratelimit::ConnectionLimiter;
 use crate::retained::{Recorded, RetainedError, RetainedStore};
-use crate::retained_index::{unix_now, RetainedEntry, RetainedIndex};
+use crate::retained_index::{owner_of, unix_now, Quota, Refusal, RetainedEntry, RetainedIndex};
 use crate::router::RouterHandle;
 use crate::tls::TlsSetup;
 use bytes::Bytes;
@@ -169,8 +169,18 @@ impl Shared {
         // A will has no client waiting for an acknowledgement: the saver persists it on
         // its next round, also with autosave_interval = 0.
         if will.retain
-            && self.retain(topic, &will.message, will.qos, properties.as_ref(), v5)
-                == Recorded::Full
+            && matches!(
+                self.retain(
+                    &info,
+                    &owner,
+                    topic,
+                    &will.message,
+                    will.qos,
+                    properties.as_ref(),
+                    v5
+                ),
+                Recorded::Refused(_)
+            )
         {
             return;
         }
@@ -179,10 +189,14 @@ impl Shared {
     }
 
     /// Records a retained PUBLISH (set, replace, or clear by an empty payload) in the
-    /// index subscribers are served from and in the encrypted store. The router never
-    /// sees the retain flag: moatmq serves retained messages itself.
+    /// index subscribers are served from and in the encrypted store, counted against
+    /// `who`'s quota. The router never sees the retain flag: moatmq serves retained
+    /// messages itself. A refusal is counted and audited here.
+    #[allow(clippy::too_many_arguments)] // one call per publish path; a struct adds nothing
     pub fn retain(
         &self,
+        info: &ConnInfo,
+        who: &Identity,
         topic: &str,
         payload: &Bytes,
         qos: QoS,
@@ -192,9 +206,13 @@ impl Shared {
         let expires_at = properties
             .and_then(|p| p.message_expiry_interval)
             .map(|secs| unix_now() + u64::from(secs));
+        let mut message = None;
         if payload.is_empty() {
             self.retained_index.clear(topic);
         } else {
+            let owner = owner_of(who.username.as_deref());
+            let stored =
+                crate::retained::message(topic, payload, qos, properties, v5, expires_at, owner);
             let kept = v5
                 .then(|| properties.cloned().unwrap_or_default())
                 .map(|mut p| {
@@ -208,17 +226,38 @@ impl Shared {
                 qos,
                 properties: kept,
                 expires_at,
+                owner: owner.into(),
+                stored_bytes: moatmq_store::stored_bytes(&stored),
             };
-            if self.retained_index.set(topic, entry).is_err() {
-                return Recorded::Full;
+            if let Err(why) = self.retained_index.set(topic, entry) {
+                self.retained_refused(info, who, topic, why);
+                return Recorded::Refused(why);
             }
+            message = Some(stored);
         }
         self.metrics
             .retained_messages
             .set(self.retained_index.len() as i64);
-        match &self.retained {
-            Some(store) => store.record(topic, payload, qos, properties, v5, expires_at),
+        let recorded = match &self.retained {
+            Some(store) => store.record(topic, message),
             None => Recorded::Buffered,
+        };
+        if let Recorded::Refused(why) = recorded {
+            self.retained_refused(info, who, topic, why);
+        }
+        recorded
+    }
+
+    /// Counts and audits a refused retained message (`retained_refused`).
+    fn retained_refused(&self, info: &ConnInfo, who: &Identity, topic: &str, why: Refusal) {
+        self.metrics.retained_refused(why.label());
+        tracing::debug!(topic, reason = why.label(), "retained message refused");
+        if let Some(audit) = &self.audit {
+            audit.event(
+                "retained_refused",
+                &info.who(Some(&who.client_id), who.username.as_deref()),
+                &[("topic", topic.into()), ("reason", why.label().into())],
+            );
         }
     }
 
@@ -367,14 +406,21 @@ impl Broker {
             config.limits.max_queued_bytes,
         )
         .map_err(StartError::Router)?;
-        let (max_messages, max_bytes) = config.retained.as_ref().map_or(
-            (
-                moatmq_config::DEFAULT_RETAINED_MAX_MESSAGES,
-                moatmq_config::DEFAULT_RETAINED_MAX_BYTES,
-            ),
-            |r| (r.max_messages, r.max_bytes),
+        let quota = config.retained.as_ref().map_or(
+            Quota {
+                max_messages: moatmq_config::DEFAULT_RETAINED_MAX_MESSAGES,
+                max_bytes: moatmq_config::DEFAULT_RETAINED_MAX_BYTES,
+                max_messages_per_user: moatmq_config::DEFAULT_RETAINED_MAX_MESSAGES_PER_USER,
+                max_bytes_per_user: moatmq_config::DEFAULT_RETAINED_MAX_BYTES_PER_USER,
+            },
+            |r| Quota {
+                max_messages: r.max_messages,
+                max_bytes: r.max_bytes,
+                max_messages_per_user: r.max_messages_per_user,
+                max_bytes_per_user: r.max_bytes_per_user,
+            },
         );
-        let retained_index = RetainedIndex::new(max_messages, max_bytes);
+        let retained_index = RetainedIndex::new(quota);
         // The store loads before any listener binds: a broker that cannot read its
         // retained messages does not start.
         let retained = match &config.retained {

@@ -256,3 +256,89 @@ async fn a_flood_from_many_addresses_does_not_refuse_a_correct_password() {
         .all(|e| e["username"] != "alice"));
     assert!(audit_events(&broker, "login_busy").len() >= busy);
 }
+
+#[tokio::test]
+async fn busy_is_0x89_in_mqtt5_costs_no_strike_and_hanging_up_frees_the_slot() {
+    use rumqttc::v5::mqttbytes::v5 as m5;
+    let broker = broker().await;
+    let addr = broker.first_addr();
+    let attacker = from(12);
+    // Use up the address's free failures, so each further attempt waits >= 250 ms.
+    for n in 0..10 {
+        let code = attempt(attacker, addr, &format!("u{n}"), "guess", WAIT).await;
+        assert_eq!(code, Some(C4::BadUserNamePassword));
+    }
+    // 2 attempts in progress and 16 waiting hold the address's slots...
+    let mut held = Vec::new();
+    for n in 0..18 {
+        held.push(tokio::spawn(async move {
+            attempt(attacker, addr, &format!("w{n}"), "guess", WAIT * 3).await
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    // ...so an MQTT 5 login from there is answered "server busy" at once.
+    let stream = dial(attacker, addr).await;
+    let mut raw = Raw::from_stream(stream);
+    raw.send5(m5::Packet::Connect(
+        common::connect5("busy5"),
+        None,
+        Some(m5::Login::new("alice", "alice-pw")),
+    ))
+    .await;
+    match raw.next5(Duration::from_millis(200)).await {
+        Some(m5::Packet::ConnAck(ack)) => {
+            assert_eq!(ack.code, m5::ConnectReturnCode::ServerBusy)
+        }
+        other => panic!("expected CONNACK 0x89 at once, got {other:?}"),
+    }
+    let busy = audit_events(&broker, "login_busy");
+    assert_eq!(busy.len(), 1, "{busy:?}");
+    assert_eq!(busy[0]["username"], "alice");
+    // No failure, so no strike, was recorded for alice.
+    assert!(audit_events(&broker, "auth_failure")
+        .iter()
+        .all(|e| e["username"] != "alice"));
+    // The held attempts give up: hanging up frees their places, so alice's own login
+    // from that address waits only the address's delay, not behind 18 abandoned ones.
+    for h in held {
+        h.abort();
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let code = attempt(attacker, addr, "alice", "alice-pw", WAIT).await;
+    assert_eq!(code, Some(C4::Success));
+}
+
+#[tokio::test]
+async fn hanging_up_during_the_check_still_counts_as_a_failure() {
+    let broker = broker().await;
+    let addr = broker.first_addr();
+    let metrics = broker.metrics_addr();
+    let attacker = from(13);
+    // Twelve guesses, each abandoned as soon as its hash check has started: they must
+    // use up the address's 10 free failures like answered ones would.
+    for n in 0..12 {
+        let before = metric(metrics, "moatmq_password_checks_total").await;
+        let mut connect = common::connect4("gone");
+        connect.login = Some(Login::new(format!("u{n}"), "guess"));
+        let mut raw = Raw::from_stream(dial(attacker, addr).await);
+        let mut out = BytesMut::new();
+        connect.write(&mut out).unwrap();
+        raw.send(&out).await;
+        let started = Instant::now();
+        while metric(metrics, "moatmq_password_checks_total").await == before {
+            assert!(started.elapsed() < WAIT, "guess {n} never checked");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        drop(raw);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The next guess waits out a delay (>= 250 ms) before it is answered.
+    let t = Instant::now();
+    let code = attempt(attacker, addr, "next", "guess", WAIT).await;
+    assert_eq!(code, Some(C4::BadUserNamePassword));
+    assert!(
+        t.elapsed() >= Duration::from_millis(240),
+        "abandoned checks were free: answered in {:?}",
+        t.elapsed()
+    );
+}

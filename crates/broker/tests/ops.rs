@@ -302,6 +302,9 @@ path = "audit.log"
     assert_eq!(deny["action"], "subscribe");
     assert_eq!(deny["topic"], "bob/#");
     assert_eq!(deny["username"], "alice");
+    // A stable word (docs/operating.md), not Rust debug text.
+    let bye = events.iter().find(|e| e["event"] == "disconnect").unwrap();
+    assert_eq!(bye["reason"], "client_disconnect");
     assert!(events
         .iter()
         .all(|e| e["ts"].as_str().is_some_and(|t| t.contains('T'))));

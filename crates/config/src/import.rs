@@ -40,6 +40,19 @@ pub fn import_mosquitto(conf_text: &str, conf_path: &Path) -> Result<ImportRepor
     Ok(st.finish())
 }
 
+/// Mosquitto limits neither connection nor publish rates: neither does the result, so
+/// clients that worked keep working.
+const RATE_LIMIT: &str = "
+[rate_limit]
+# Mosquitto has no rate limits, so they are off here (0) as they were. moatmq's defaults
+# (20 new connections/s per address, 1000 messages/s and 10 MiB/s per client, paced, never
+# disconnected) keep one client from taking the broker: once you know your clients' rates,
+# delete these lines and give fast clients their own limits with [[rate_limit.user]].
+connections_per_second = 0
+messages_per_second = 0
+bytes_per_second = 0
+";
+
 /// Options that only make sense inside a bridge (`connection ...`) section.
 const BRIDGE_OPTIONS: &[&str] = &[
     "address",
@@ -92,14 +105,12 @@ fn unsupported_reason(option: &str) -> &'static str {
         "persistence_file" | "autosave_on_changes" => {
             "moatmq keeps retained messages in its own encrypted store, saved by time ([retained] autosave_interval)"
         }
-        "persistent_client_expiration" | "max_queued_messages" | "queue_qos0_messages" => {
+        "persistent_client_expiration" | "queue_qos0_messages" => {
             "sessions and their queues live in memory; they are not saved or expired by age"
         }
-        "max_queued_bytes" => "moatmq's [limits] max_queued_bytes counts socket output bytes, not queued messages; review it by hand",
         "max_inflight_messages" | "max_inflight_bytes" | "upgrade_outgoing_qos" => {
             "outgoing in-flight is fixed at 100 messages per client"
         }
-        "message_size_limit" => "deprecated in Mosquitto; set [limits] max_packet_size",
         "sys_interval" => "moatmq publishes no $SYS topics",
         "retain_available" => "retained messages are always available in moatmq",
         "max_keepalive" | "max_qos" | "max_topic_alias" | "check_retain_source"
@@ -170,6 +181,9 @@ struct State {
     persistence_location: Option<String>,
     autosave_interval: Option<i64>,
     max_packet_size: Option<i64>,
+    message_size_limit: Option<i64>,
+    max_queued_messages: Option<i64>,
+    max_queued_bytes: Option<i64>,
     in_bridge: bool,
     relative_paths: bool,
     warnings: Vec<String>,
@@ -220,6 +234,9 @@ impl State {
             persistence_location: None,
             autosave_interval: None,
             max_packet_size: None,
+            message_size_limit: None,
+            max_queued_messages: None,
+            max_queued_bytes: None,
             in_bridge: false,
             relative_paths: false,
             warnings: Vec::new(),
@@ -384,9 +401,18 @@ impl State {
                     need_value(value)?;
                     self.autosave_interval = Some(parse_int(value, file, line, opt)?);
                 }
-                "max_packet_size" => {
+                "max_packet_size"
+                | "message_size_limit"
+                | "max_queued_messages"
+                | "max_queued_bytes" => {
                     need_value(value)?;
-                    self.max_packet_size = Some(parse_int(value, file, line, opt)?);
+                    let v = Some(parse_int(value, file, line, opt)?);
+                    match opt {
+                        "max_packet_size" => self.max_packet_size = v,
+                        "message_size_limit" => self.message_size_limit = v,
+                        "max_queued_messages" => self.max_queued_messages = v,
+                        _ => self.max_queued_bytes = v,
+                    }
                 }
                 "include_dir" => {
                     need_value(value)?;
@@ -509,6 +535,27 @@ impl State {
             limits_per_listener.push(l.max_connections.filter(|&c| c > 0));
         }
 
+        if self.per_listener_settings && listeners.len() > 1 {
+            for (option, count) in [
+                (
+                    "password_file",
+                    listeners
+                        .iter()
+                        .filter(|l| l.password_file.is_some())
+                        .count(),
+                ),
+                (
+                    "acl_file",
+                    listeners.iter().filter(|l| l.acl_file.is_some()).count(),
+                ),
+            ] {
+                if count > 0 && count < listeners.len() {
+                    self.warnings.push(format!(
+                        "{option}: with per_listener_settings only some listeners had one; moatmq has one for all listeners, so it now applies to the others too"
+                    ));
+                }
+            }
+        }
         out.push_str("[auth]\n");
         let _ = writeln!(
             out,
@@ -526,6 +573,7 @@ impl State {
 
         self.retained(&mut out);
         self.limits(&mut out, &limits_per_listener);
+        out.push_str(RATE_LIMIT);
 
         if self.relative_paths {
             self.warnings.push(
@@ -593,6 +641,9 @@ impl State {
                 let _ = writeln!(out, "client_ca = {}\nrequire_client_cert = true", q(ca));
                 if l.use_identity_as_username {
                     out.push_str("identity = \"cn\"\n");
+                    self.warnings.push(format!(
+                        "{at}: use_identity_as_username: Mosquitto ignored the username a client sent; moatmq refuses a client whose username differs from its certificate CN (sending none, or the CN, is accepted)"
+                    ));
                 }
             }
             (None, true) => self.warnings.push(format!(
@@ -655,6 +706,42 @@ impl State {
         );
     }
 
+    /// Mosquitto bounds each client's queue in messages and/or bytes; moatmq bounds the
+    /// bytes queued per subscribed filter. The closest: Mosquitto's byte limit as is, and
+    /// its message limit at an assumed 1 KiB per message, whichever is smaller.
+    fn queue_limit(&mut self, lines: &mut String) {
+        const ASSUMED_MESSAGE_BYTES: i64 = 1024;
+        let messages = self
+            .max_queued_messages
+            .filter(|&n| n > 0)
+            .map(|n| n.saturating_mul(ASSUMED_MESSAGE_BYTES));
+        let bytes = self.max_queued_bytes.filter(|&n| n > 0);
+        let estimate = match (messages, bytes) {
+            (Some(m), Some(b)) => m.min(b),
+            (m, b) => match m.or(b) {
+                Some(v) => v,
+                None => {
+                    if self.max_queued_messages.is_some() || self.max_queued_bytes.is_some() {
+                        self.warnings.push("max_queued_messages/max_queued_bytes 0 (Mosquitto: no limit) has no equivalent; moatmq's default max_queued_bytes of 8388608 was kept".into());
+                    }
+                    return;
+                }
+            },
+        };
+        let _ = writeln!(
+            lines,
+            "# from max_queued_messages (at 1 KiB per message) / max_queued_bytes: moatmq counts\n\
+             # the bytes queued per subscribed filter, Mosquitto the messages or bytes per client\n\
+             max_queued_bytes = {estimate}"
+        );
+        self.warnings.push(
+            "max_queued_messages/max_queued_bytes: moatmq bounds the bytes queued per subscribed \
+             filter, not per client; [limits] max_queued_bytes was estimated (1 KiB per message): \
+             review it against your message sizes"
+                .into(),
+        );
+    }
+
     fn limits(&mut self, out: &mut String, per_listener: &[Option<i64>]) {
         let mut lines = String::new();
         if let Some(size) = self.max_packet_size {
@@ -665,6 +752,14 @@ impl State {
                 let _ = writeln!(lines, "max_packet_size = {}", size.min(MQTT_MAX));
             }
         }
+        match self.message_size_limit {
+            // Mosquitto drops a larger PUBLISH and keeps the client; so does max_payload_size.
+            Some(size) if size > 0 => {
+                let _ = writeln!(lines, "max_payload_size = {size}");
+            }
+            _ => {}
+        }
+        self.queue_limit(&mut lines);
         if per_listener.iter().any(Option::is_some) {
             let all = per_listener.iter().all(Option::is_some);
             if all {

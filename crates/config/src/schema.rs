@@ -20,8 +20,13 @@ pub const DEFAULT_CONNECTION_BURST: u32 = 40;
 pub const DEFAULT_MESSAGES_PER_SECOND: u32 = 1000;
 pub const DEFAULT_MESSAGE_BURST: u32 = 2000;
 pub const DEFAULT_BYTES_PER_SECOND: u64 = 10_485_760;
+pub const DEFAULT_DISCONNECT_AFTER: u64 = 0;
 pub const DEFAULT_RETAINED_MAX_MESSAGES: usize = 1_000_000;
 pub const DEFAULT_RETAINED_MAX_BYTES: u64 = 1_073_741_824;
+/// A tenth of the global count, so no one user can fill the store for everyone.
+pub const DEFAULT_RETAINED_MAX_MESSAGES_PER_USER: usize = 100_000;
+/// About a tenth of the global bytes (100 MiB).
+pub const DEFAULT_RETAINED_MAX_BYTES_PER_USER: u64 = 104_857_600;
 
 /// The whole `broker.toml`.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -201,9 +206,16 @@ pub struct Retained {
     /// New retained topics past this count are refused.
     #[serde(default = "default_retained_max_messages")]
     pub max_messages: usize,
-    /// New retained topics past this many payload+topic bytes are refused.
+    /// Retained messages that would take the store past this many bytes (each counted
+    /// as its stored record: topic, payload, properties, expiry, owner) are refused.
     #[serde(default = "default_retained_max_bytes")]
     pub max_bytes: u64,
+    /// Most retained messages one user (publisher identity) may own; 0 = unlimited.
+    #[serde(default = "default_retained_max_messages_per_user")]
+    pub max_messages_per_user: usize,
+    /// Most stored bytes one user may own, counted like `max_bytes`; 0 = unlimited.
+    #[serde(default = "default_retained_max_bytes_per_user")]
+    pub max_bytes_per_user: u64,
 }
 
 /// `[limits]`.
@@ -213,6 +225,11 @@ pub struct Limits {
     /// Largest packet accepted, in bytes (remaining length); larger closes the connection.
     #[serde(default = "default_max_packet_size")]
     pub max_packet_size: usize,
+    /// Largest PUBLISH payload accepted, in bytes; a larger one is dropped and the
+    /// connection kept (Mosquitto's `message_size_limit`). Absent = only
+    /// `max_packet_size` applies.
+    #[serde(default)]
+    pub max_payload_size: Option<usize>,
     /// Connections served at once over all listeners; more are refused.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
@@ -255,6 +272,7 @@ impl Default for Limits {
     fn default() -> Limits {
         Limits {
             max_packet_size: DEFAULT_MAX_PACKET_SIZE,
+            max_payload_size: None,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_connections_per_address: None,
             max_pending_per_address: DEFAULT_MAX_PENDING_PER_ADDRESS,
@@ -290,13 +308,65 @@ pub struct RateLimit {
     /// PUBLISH packets per second per client; beyond it the client is read more slowly.
     #[serde(default = "default_messages_per_second")]
     pub messages_per_second: u32,
-    /// PUBLISH packets a client may send at once; a client kept over its limit for
-    /// 10 seconds without a break is disconnected (MQTT 5: DISCONNECT 0x96).
+    /// PUBLISH packets a client may send at once before the rate applies.
     #[serde(default = "default_message_burst")]
     pub message_burst: u32,
     /// PUBLISH bytes per second per client (burst: one second's worth).
     #[serde(default = "default_bytes_per_second")]
     pub bytes_per_second: u64,
+    /// Seconds a publisher may stay over its limit without a break, paced, before it is
+    /// disconnected (MQTT 5: DISCONNECT 0x96); 0 = never, pacing only.
+    #[serde(default = "default_disconnect_after")]
+    pub disconnect_after: u64,
+    /// `[[rate_limit.user]]`: other publish limits for one username.
+    #[serde(default)]
+    pub user: Vec<UserRateLimit>,
+}
+
+/// One `[[rate_limit.user]]`: publish limits for clients authenticated as `name`
+/// (password or certificate CN). A key left out keeps the `[rate_limit]` value.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserRateLimit {
+    /// The username these limits apply to; unique.
+    pub name: String,
+    /// PUBLISH packets per second per client of this user; 0 = unlimited.
+    #[serde(default)]
+    pub messages_per_second: Option<u32>,
+    /// PUBLISH packets a client of this user may send at once.
+    #[serde(default)]
+    pub message_burst: Option<u32>,
+    /// PUBLISH bytes per second per client of this user; 0 = unlimited.
+    #[serde(default)]
+    pub bytes_per_second: Option<u64>,
+}
+
+/// The publish limits that apply to one client, after `[[rate_limit.user]]` overrides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PublishRates {
+    /// PUBLISH packets per second; 0 = unlimited.
+    pub messages_per_second: u32,
+    pub message_burst: u32,
+    /// PUBLISH bytes per second; 0 = unlimited.
+    pub bytes_per_second: u64,
+}
+
+impl RateLimit {
+    /// The publish limits for a client authenticated as `username` (None: anonymous).
+    pub fn publish_rates(&self, username: Option<&str>) -> PublishRates {
+        let user = username.and_then(|u| self.user.iter().find(|o| o.name == u));
+        PublishRates {
+            messages_per_second: user
+                .and_then(|u| u.messages_per_second)
+                .unwrap_or(self.messages_per_second),
+            message_burst: user
+                .and_then(|u| u.message_burst)
+                .unwrap_or(self.message_burst),
+            bytes_per_second: user
+                .and_then(|u| u.bytes_per_second)
+                .unwrap_or(self.bytes_per_second),
+        }
+    }
 }
 
 impl Default for RateLimit {
@@ -307,6 +377,8 @@ impl Default for RateLimit {
             messages_per_second: DEFAULT_MESSAGES_PER_SECOND,
             message_burst: DEFAULT_MESSAGE_BURST,
             bytes_per_second: DEFAULT_BYTES_PER_SECOND,
+            disconnect_after: DEFAULT_DISCONNECT_AFTER,
+            user: Vec::new(),
         }
     }
 }
@@ -363,6 +435,9 @@ fn default_message_burst() -> u32 {
 fn default_bytes_per_second() -> u64 {
     DEFAULT_BYTES_PER_SECOND
 }
+fn default_disconnect_after() -> u64 {
+    DEFAULT_DISCONNECT_AFTER
+}
 fn default_true() -> bool {
     true
 }
@@ -374,6 +449,12 @@ fn default_retained_max_messages() -> usize {
 }
 fn default_retained_max_bytes() -> u64 {
     DEFAULT_RETAINED_MAX_BYTES
+}
+fn default_retained_max_messages_per_user() -> usize {
+    DEFAULT_RETAINED_MAX_MESSAGES_PER_USER
+}
+fn default_retained_max_bytes_per_user() -> u64 {
+    DEFAULT_RETAINED_MAX_BYTES_PER_USER
 }
 fn default_max_packet_size() -> usize {
     DEFAULT_MAX_PACKET_SIZE
@@ -574,6 +655,12 @@ impl Config {
                 "must be at most 268435455, the MQTT maximum",
             ));
         }
+        if lim.max_payload_size == Some(0) {
+            return Err(Invalid::new(
+                "limits.max_payload_size",
+                "must be greater than 0 (leave it out for no payload limit)",
+            ));
+        }
         if let Some(m) = &self.metrics {
             if m.bind.parse::<std::net::SocketAddr>().is_err() {
                 return Err(Invalid::new(
@@ -594,6 +681,26 @@ impl Config {
                 "rate_limit.message_burst",
                 "must be greater than 0 when messages_per_second is set",
             ));
+        }
+        let mut users = std::collections::HashSet::new();
+        for (i, u) in rl.user.iter().enumerate() {
+            let key = |k: &str| format!("rate_limit.user[{i}].{k}");
+            if u.name.is_empty() {
+                return Err(Invalid::new(key("name"), "must not be empty"));
+            }
+            if !users.insert(u.name.as_str()) {
+                return Err(Invalid::new(
+                    key("name"),
+                    "each user may have one [[rate_limit.user]] table",
+                ));
+            }
+            let rates = rl.publish_rates(Some(&u.name));
+            if rates.messages_per_second > 0 && rates.message_burst == 0 {
+                return Err(Invalid::new(
+                    key("message_burst"),
+                    "must be greater than 0 when messages_per_second is set",
+                ));
+            }
         }
         if let Some(r) = &self.retained {
             if r.max_messages == 0 {

@@ -133,6 +133,59 @@ fn overlapping_binds_are_refused_with_the_line() {
 }
 
 #[test]
+fn rate_limits_pace_by_default_and_users_override_them() {
+    let c = parse(MINIMAL).unwrap();
+    assert_eq!(c.rate_limit.disconnect_after, 0, "pace only by default");
+    let text = format!(
+        "{MINIMAL}[rate_limit]\nmessages_per_second = 50\nmessage_burst = 60\n\
+         [[rate_limit.user]]\nname = \"ingest\"\nmessages_per_second = 0\nbytes_per_second = 0\n\
+         [[rate_limit.user]]\nname = \"bridge\"\nmessages_per_second = 5000\n"
+    );
+    let rl = parse(&text).unwrap().rate_limit;
+    let ingest = rl.publish_rates(Some("ingest"));
+    assert_eq!(
+        (ingest.messages_per_second, ingest.bytes_per_second),
+        (0, 0)
+    );
+    let bridge = rl.publish_rates(Some("bridge"));
+    assert_eq!(
+        (bridge.messages_per_second, bridge.message_burst),
+        (5000, 60),
+        "a key left out keeps the [rate_limit] value"
+    );
+    assert_eq!(
+        bridge.bytes_per_second, DEFAULT_BYTES_PER_SECOND,
+        "a key left out keeps the [rate_limit] value"
+    );
+    assert_eq!(rl.publish_rates(None).messages_per_second, 50);
+    assert_eq!(rl.publish_rates(Some("other")).messages_per_second, 50);
+}
+
+#[test]
+fn rate_limit_user_errors_name_the_table_line() {
+    let text =
+        format!("{MINIMAL}[[rate_limit.user]]\nname = \"a\"\n[[rate_limit.user]]\nname = \"a\"\n");
+    let err = parse(&text).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "broker.toml:7: rate_limit.user[1].name: each user may have one [[rate_limit.user]] table"
+    );
+    let text = format!(
+        "{MINIMAL}[[rate_limit.user]]\nname = \"a\"\nmessages_per_second = 9\nmessage_burst = 0\n"
+    );
+    let err = parse(&text).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "broker.toml:7: rate_limit.user[0].message_burst: must be greater than 0 when messages_per_second is set"
+    );
+    let err = parse(&format!(
+        "{MINIMAL}[[rate_limit.user]]\nname = \"a\"\nrate = 1\n"
+    ))
+    .unwrap_err();
+    assert!(matches!(err, ConfigError::Syntax { line: 6, .. }), "{err}");
+}
+
+#[test]
 fn per_address_limits_default_from_max_connections() {
     let c = parse(&format!("{MINIMAL}[limits]\nmax_connections = 200\n")).unwrap();
     assert_eq!(c.limits.connections_per_address(), 50);
@@ -283,4 +336,18 @@ fn every_section_reports_the_right_line_without_the_value() {
         );
         assert!(!err.contains(SECRET), "the value leaked: {err}");
     }
+}
+
+#[test]
+fn retained_per_user_quotas_default_to_a_tenth_and_zero_is_unlimited() {
+    let c = parse(&format!("{MINIMAL}[retained]\npath = \"r\"\n")).unwrap();
+    let r = c.retained.unwrap();
+    assert_eq!(r.max_messages_per_user, r.max_messages / 10);
+    assert_eq!(r.max_bytes_per_user, DEFAULT_RETAINED_MAX_BYTES_PER_USER);
+    let c = parse(&format!(
+        "{MINIMAL}[retained]\npath = \"r\"\nmax_messages_per_user = 0\nmax_bytes_per_user = 7\n"
+    ))
+    .unwrap();
+    let r = c.retained.unwrap();
+    assert_eq!((r.max_messages_per_user, r.max_bytes_per_user), (0, 7));
 }

@@ -408,3 +408,97 @@ fn per_listener_settings_with_two_listeners() {
         );
     }
 }
+
+#[test]
+fn rate_limits_are_off_as_in_mosquitto_with_a_comment() {
+    let (c, r) = import("listener 1883\n");
+    let rl = &c.rate_limit;
+    assert_eq!(
+        (
+            rl.connections_per_second,
+            rl.messages_per_second,
+            rl.bytes_per_second
+        ),
+        (0, 0, 0)
+    );
+    assert!(
+        r.toml.contains("# Mosquitto has no rate limits"),
+        "{}",
+        r.toml
+    );
+}
+
+#[test]
+fn message_size_limit_becomes_max_payload_size() {
+    let (c, r) = import("listener 1883\nmessage_size_limit 262144\n");
+    assert_eq!(c.limits.max_payload_size, Some(262_144));
+    assert_eq!(c.limits.max_packet_size, 1_048_576);
+    assert!(!warned(&r, "message_size_limit"), "{:?}", r.warnings);
+    let (c, _) = import("listener 1883\nmessage_size_limit 0\n");
+    assert_eq!(
+        c.limits.max_payload_size, None,
+        "0 = no limit, as in Mosquitto"
+    );
+}
+
+#[test]
+fn max_queued_messages_becomes_a_max_queued_bytes_estimate_with_a_comment() {
+    let (c, r) = import("listener 1883\nmax_queued_messages 5000\n");
+    assert_eq!(c.limits.max_queued_bytes, 5000 * 1024);
+    assert!(
+        warned(&r, "max_queued_bytes was estimated"),
+        "{:?}",
+        r.warnings
+    );
+    assert!(r.toml.contains("# from max_queued_messages"), "{}", r.toml);
+    // Both given: whichever Mosquitto would reach first.
+    let (c, _) = import("listener 1883\nmax_queued_messages 5000\nmax_queued_bytes 100000\n");
+    assert_eq!(c.limits.max_queued_bytes, 100_000);
+    let (c, r) = import("listener 1883\nmax_queued_messages 0\n");
+    assert_eq!(c.limits.max_queued_bytes, 8 * 1_048_576);
+    assert!(warned(&r, "no limit"), "{:?}", r.warnings);
+}
+
+#[test]
+fn one_listeners_acl_file_applying_to_all_is_warned() {
+    let (c, r) = import(
+        "per_listener_settings true\nlistener 1883 127.0.0.1\nallow_anonymous true\n\
+         listener 8883\nacl_file /etc/mosquitto/acl\npassword_file /etc/mosquitto/passwd\n",
+    );
+    assert_eq!(c.acl.file.as_deref(), Some(Path::new("/etc/mosquitto/acl")));
+    for option in ["acl_file", "password_file"] {
+        assert!(
+            warned(
+                &r,
+                &format!("{option}: with per_listener_settings only some listeners")
+            ),
+            "{:?}",
+            r.warnings
+        );
+    }
+    // Every listener with the same file: nothing changes, nothing to say.
+    let (_, r) = import(
+        "per_listener_settings true\nlistener 1883\nacl_file /a\nlistener 1884\nacl_file /a\n",
+    );
+    assert!(!warned(&r, "acl_file"), "{:?}", r.warnings);
+}
+
+#[test]
+fn identity_cn_warns_that_a_differing_username_is_refused() {
+    let (c, r) = import(
+        "listener 8883\ncertfile /c.pem\nkeyfile /k.pem\ncafile /ca.pem\n\
+         require_certificate true\nuse_identity_as_username true\n",
+    );
+    assert_eq!(
+        c.listener[0].tls.as_ref().unwrap().identity,
+        CertIdentity::Cn
+    );
+    assert!(
+        warned(
+            &r,
+            "refuses a client whose username differs from its certificate CN"
+        ),
+        "{:?}",
+        r.warnings
+    );
+}

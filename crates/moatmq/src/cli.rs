@@ -43,7 +43,8 @@ pub enum Command {
     },
     /// Write a new random 256-bit key for the retained store (mode 0600).
     Keygen {
-        /// Where to write the key; the file must not exist yet.
+        /// The key file to create (never overwritten); `-` prints the key to stdout
+        /// instead, e.g. for MOATMQ_RETAINED_KEY in a Kubernetes Secret.
         #[arg(long)]
         out: PathBuf,
     },
@@ -61,9 +62,13 @@ pub enum Command {
     ImportMosquitto {
         /// The mosquitto.conf to convert.
         conf: PathBuf,
-        /// Where to write broker.toml (default: stdout).
+        /// Where to write broker.toml (default: stdout). An existing file is kept
+        /// unless --force is given.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Replace the --out file if it exists.
+        #[arg(long, requires = "out")]
+        force: bool,
     },
 }
 
@@ -97,6 +102,8 @@ pub enum RetainedCommand {
 #[derive(Debug, Subcommand)]
 pub enum AclCommand {
     /// Print allow or deny for one request and the file line that decided it.
+    /// Exit code: 0 allow, 1 deny, 2 or more an error (unreadable or invalid ACL file,
+    /// bad arguments).
     Check {
         /// ACL file (Mosquitto syntax) to ask.
         #[arg(long)]
@@ -107,7 +114,7 @@ pub enum AclCommand {
         /// Client id of the client (for %c patterns).
         #[arg(long, default_value = "")]
         client_id: String,
-        /// read, write or subscribe
+        /// read, write (or publish) or subscribe
         action: Action,
         /// Topic (read, write) or topic filter (subscribe).
         topic: String,
@@ -116,10 +123,11 @@ pub enum AclCommand {
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum Action {
-    /// Receive messages published to the topic.
+    /// Receive a message published on the topic.
     Read,
-    /// Publish to the topic.
+    /// Publish on the topic.
+    #[value(alias = "publish")]
     Write,
-    /// Subscribe to the topic filter.
+    /// Subscribe to the filter.
     Subscribe,
 }

@@ -21,12 +21,10 @@ pub fn dispatch(cli: Cli) -> ExitCode {
         Command::Serve { config } => return serve(config.as_deref()),
         Command::Check { config } => return check(&config),
         Command::Passwd { delete, file, user } => passwd(&file, &user, delete),
-        Command::Keygen { out } => moatmq_store::RetainedKey::write_new(&out)
-            .map(|_| println!("wrote a new key to {}", out.display()))
-            .map_err(Into::into),
+        Command::Keygen { out } => keygen(&out),
         Command::Retained { command } => retained(command),
-        Command::Acl { command } => acl(command),
-        Command::ImportMosquitto { conf, out } => import(&conf, out.as_deref()),
+        Command::Acl { command } => return acl(command),
+        Command::ImportMosquitto { conf, out, force } => import(&conf, out.as_deref(), force),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -140,8 +138,35 @@ fn init_tracing(config: &Config) {
             .boxed(),
     };
     tracing_subscriber::registry()
-        .with(layer.with_filter(filter).with_filter(no_router_spans))
+        .with(
+            layer
+                .with_filter(filter)
+                .with_filter(no_router_spans)
+                .with_filter(crate::lognoise::KnownNoise),
+        )
         .init();
+}
+
+fn keygen(out: &Path) -> anyhow::Result<()> {
+    if out == Path::new("-") {
+        // `-` means stdout, as for most tools, never a file named `-`.
+        use std::fmt::Write as _;
+        use std::io::Write as _;
+        let key = moatmq_store::RetainedKey::generate();
+        let mut hex = Zeroizing::new(String::with_capacity(65));
+        // Exposed only to be printed, which is what was asked for.
+        for b in key.expose_secret() {
+            let _ = write!(hex, "{b:02x}");
+        }
+        hex.push('\n');
+        std::io::stdout()
+            .write_all(hex.as_bytes())
+            .context("stdout")?;
+        return Ok(());
+    }
+    moatmq_store::RetainedKey::write_new(out)?;
+    println!("wrote a new key to {}", out.display());
+    Ok(())
 }
 
 fn passwd(file: &Path, user: &str, delete: bool) -> anyhow::Result<()> {
@@ -187,7 +212,17 @@ fn retained(command: RetainedCommand) -> anyhow::Result<()> {
                 .context("the config has no [retained] section")?;
             let (store, _) = moatmq_broker::retained::open(&config, &r)?;
             for m in store.messages() {
-                println!("{}\t{} bytes\tqos {}", m.topic, m.payload.len(), m.qos);
+                // Quota owner: as stored, or as derived for records from before owners.
+                let owner = m
+                    .owner
+                    .as_deref()
+                    .unwrap_or_else(|| moatmq_broker::retained::legacy_owner(&m.topic));
+                println!(
+                    "{}\t{} bytes\tqos {}\towner {owner}",
+                    m.topic,
+                    m.payload.len(),
+                    m.qos
+                );
             }
             println!(
                 "{} messages, {} bytes on disk",
@@ -248,7 +283,10 @@ fn retained(command: RetainedCommand) -> anyhow::Result<()> {
     }
 }
 
-fn acl(command: AclCommand) -> anyhow::Result<()> {
+/// `acl check`: exit 0 allow, 1 deny, 2 error, so scripts can branch on the decision.
+fn acl(command: AclCommand) -> ExitCode {
+    const EXIT_DENY: u8 = 1;
+    const EXIT_ERROR: u8 = 2;
     let AclCommand::Check {
         acl,
         user,
@@ -256,7 +294,13 @@ fn acl(command: AclCommand) -> anyhow::Result<()> {
         action,
         topic,
     } = command;
-    let rules = moatmq_acl::Acl::load(&acl)?;
+    let rules = match moatmq_acl::Acl::load(&acl) {
+        Ok(rules) => rules,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_ERROR);
+        }
+    };
     let who = moatmq_acl::Identity {
         username: user.as_deref(),
         client_id: &client_id,
@@ -271,10 +315,14 @@ fn acl(command: AclCommand) -> anyhow::Result<()> {
         Some(line) => println!("{verdict} ({}:{line})", acl.display()),
         None => println!("{verdict} (no rule matched: default deny)"),
     }
-    Ok(())
+    if decision.allowed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_DENY)
+    }
 }
 
-fn import(conf: &Path, out: Option<&Path>) -> anyhow::Result<()> {
+fn import(conf: &Path, out: Option<&Path>, force: bool) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(conf)
         .with_context(|| format!("Mosquitto configuration file {}", conf.display()))?;
     let report = moatmq_config::import_mosquitto(&text, conf)?;
@@ -283,7 +331,24 @@ fn import(conf: &Path, out: Option<&Path>) -> anyhow::Result<()> {
     }
     match out {
         Some(path) => {
-            std::fs::write(path, &report.toml).with_context(|| path.display().to_string())?;
+            use std::io::Write as _;
+            // create_new: an existing broker.toml is never replaced by accident, not
+            // even one created between a check and the write.
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .create_new(!force)
+                .open(path);
+            let mut file = match file {
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => bail!(
+                    "{} exists and was left unchanged; use --force to replace it",
+                    path.display()
+                ),
+                other => other.with_context(|| path.display().to_string())?,
+            };
+            file.write_all(report.toml.as_bytes())
+                .with_context(|| path.display().to_string())?;
             println!("wrote {}", path.display());
         }
         None => print!("{}", report.toml),

@@ -6,6 +6,7 @@
 mod cli;
 mod commands;
 mod logfmt;
+mod lognoise;
 
 use clap::Parser;
 use std::process::ExitCode;

@@ -270,7 +270,7 @@ fn every_subcommand_and_flag_has_help() {
                 "64",
             ][..],
         ),
-        ("keygen", &["--out <OUT>", "Where to write the key"]),
+        ("keygen", &["--out <OUT>", "The key file to create"]),
         ("passwd", &["<FILE>", "Password file", "<USER>", "Username"]),
     ] {
         let text = help(&[command]);

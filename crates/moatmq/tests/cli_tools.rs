@@ -288,6 +288,19 @@ fn keygen_writes_a_private_key_and_never_overwrites() {
     assert!(stderr(&o).contains("retained.key"), "{}", stderr(&o));
     assert_eq!(std::fs::read_to_string(&key).unwrap(), text, "unchanged");
 
+    // `-` is stdout, not a file named `-`.
+    let o = Command::new(BIN)
+        .args(["keygen", "--out", "-"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let printed = stdout(&o);
+    assert_eq!(printed.trim_end().len(), 64, "{printed}");
+    assert!(printed.trim_end().bytes().all(|b| b.is_ascii_hexdigit()));
+    assert_ne!(printed, text);
+    assert!(!dir.path().join("-").exists(), "a file named - was written");
+
     // A second key is a different key.
     let other = dir.path().join("other.key");
     ok(&["keygen", "--out", path_str(&other)]);
@@ -350,6 +363,7 @@ async fn retained_survive_kill_9_list_and_rekey() {
             .find(|l| l.split('\t').next() == Some(topic))
             .unwrap_or_else(|| panic!("{topic} not listed:\n{listed}"));
         assert!(line.contains(&format!("{} bytes", payload.len())), "{line}");
+        assert!(line.ends_with("\towner /anonymous"), "{line}");
         assert!(!listed.contains(payload), "list shows sizes, not payloads");
     }
     assert!(listed.contains("3 messages"), "{listed}");
@@ -469,7 +483,12 @@ fn acl_check_prints_the_decision_and_the_deciding_line() {
             args.extend(["--user", u]);
         }
         args.extend([action, topic]);
-        ok(&args).trim_end().to_string()
+        let o = moatmq(&args);
+        let out = stdout(&o).trim_end().to_string();
+        // Exit code 0 allow, 1 deny: scripts branch on it.
+        let expected = if out.starts_with("allow") { 0 } else { 1 };
+        assert_eq!(o.status.code(), Some(expected), "{args:?}: {out}");
+        out
     };
     assert_eq!(
         check(Some("alice"), "write", "alice/kitchen/temp"),
@@ -501,6 +520,32 @@ fn acl_check_prints_the_decision_and_the_deciding_line() {
         check(None, "write", "public/news"),
         "deny (no rule matched: default deny)"
     );
+    // MQTT's names for the actions are accepted too.
+    assert_eq!(
+        check(Some("alice"), "publish", "alice/kitchen/temp"),
+        format!("allow ({a}:5)")
+    );
+    assert_eq!(
+        check(Some("alice"), "publish", "alice/secret/pin"),
+        format!("deny ({a}:6)")
+    );
+
+    // Errors are 2 or more, never 0 or 1: a missing or invalid file, a bad action.
+    let missing = dir.path().join("missing");
+    let o = moatmq(&["acl", "check", "--acl", path_str(&missing), "read", "x"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("missing"), "{}", stderr(&o));
+    let typo = dir.path().join("typo");
+    std::fs::write(&typo, "user alice\ntopic readwrit alice/#\n").unwrap();
+    let o = moatmq(&["acl", "check", "--acl", path_str(&typo), "read", "x"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains(&format!("{}:2: unknown access word", path_str(&typo))),
+        "{}",
+        stderr(&o)
+    );
+    let o = moatmq(&["acl", "check", "--acl", a, "readwrite", "x"]);
+    assert!(o.status.code().is_some_and(|c| c >= 2), "{:?}", o.status);
 }
 
 /// mosquitto.conf with a password listener and an mTLS listener whose certificate CN is
@@ -671,5 +716,143 @@ async fn import_mosquitto_end_to_end() {
             .await
             .map_or(true, |r| r.is_err()),
         "a client without a certificate got in"
+    );
+}
+
+#[test]
+fn import_mosquitto_out_never_overwrites_without_force() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("mosquitto.conf");
+    std::fs::write(&conf, "listener 1883 127.0.0.1\nmessage_size_limit 1000\n").unwrap();
+    let out = dir.path().join("broker.toml");
+    std::fs::write(&out, "# my hand-tuned config\n").unwrap();
+    let (c, o) = (path_str(&conf), path_str(&out));
+    let run = moatmq(&["import-mosquitto", c, "--out", o]);
+    assert!(!run.status.success(), "an existing file was replaced");
+    let err = stderr(&run);
+    assert!(
+        err.contains("broker.toml exists") && err.contains("--force"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        "# my hand-tuned config\n"
+    );
+    ok(&["import-mosquitto", c, "--out", o, "--force"]);
+    let toml = std::fs::read_to_string(&out).unwrap();
+    assert!(toml.contains("max_payload_size = 1000"), "{toml}");
+    ok(&["check", "-c", o]);
+}
+
+#[test]
+fn passwd_explains_why_a_wildcard_username_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("passwd");
+    for user in ["team+1", "a/b", "x#"] {
+        let o = moatmq_with_stdin(&["passwd", path_str(&file), user], "pw\n");
+        assert!(!o.status.success(), "{user} was accepted");
+        let err = stderr(&o);
+        assert!(
+            err.contains("wildcards") && err.contains("%u/#") && err.contains("'-' or '_'"),
+            "{user}: {err}"
+        );
+    }
+    assert!(!file.exists(), "nothing was written");
+    let o = moatmq_with_stdin(&["passwd", path_str(&file), "team-1"], "pw\n");
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+/// At the default log level, ordinary traffic leaves only moatmq's own lines: no rustls
+/// WARN for a client sending an IP address as SNI (mosquitto_pub does when connecting
+/// by IP), no rumqttd ERROR for a link that already went away; disconnect reasons are
+/// stable words, not Rust debug text.
+#[tokio::test]
+async fn ordinary_traffic_logs_no_noise_and_plain_disconnect_reasons() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ca = TestCa::new("noise ca");
+    let (crt, key) = ca.server(d, "server");
+    let ca_file = ca.write_ca(d, "ca.crt");
+    let (port, tls_port) = (free_port(), free_port());
+    let config = d.join("broker.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[listener]]\nname = \"tcp\"\nbind = \"127.0.0.1:{port}\"\n\
+             [[listener]]\nname = \"tls\"\nbind = \"127.0.0.1:{tls_port}\"\n\
+             [listener.tls]\ncert = \"{}\"\nkey = \"{}\"\n\
+             [auth]\nallow_anonymous = true\n",
+            crt.display(),
+            key.display()
+        ),
+    )
+    .unwrap();
+    let served = Served::start(&config, port).await;
+    for i in 0..3 {
+        let c = v4::connected(addr(port), &format!("plain-{i}")).await;
+        c.client
+            .publish("t", QoS::AtLeastOnce, false, "x")
+            .await
+            .unwrap();
+        c.client.disconnect().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A client that goes away without DISCONNECT, and a session taken over.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut raw = tokio::net::TcpStream::connect(addr(port)).await.unwrap();
+        raw.write_all(b"\x10\x0f\x00\x04MQTT\x04\x02\x00\x3c\x00\x03raw")
+            .await
+            .unwrap();
+        let mut connack = [0u8; 4];
+        raw.read_exact(&mut connack).await.unwrap();
+    }
+    // CONNECT, publishes and DISCONNECT in one write, then gone.
+    for i in 0..5u8 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut raw = tokio::net::TcpStream::connect(addr(port)).await.unwrap();
+        let mut bytes = b"\x10\x0f\x00\x04MQTT\x04\x02\x00\x3c\x00\x03rw".to_vec();
+        bytes.push(b'0' + i);
+        for _ in 0..50 {
+            bytes.extend_from_slice(b"\x30\x04\x00\x01tx");
+        }
+        bytes.extend_from_slice(b"\xe0\x00");
+        raw.write_all(&bytes).await.unwrap();
+        let mut rest = Vec::new();
+        let _ = raw.read_to_end(&mut rest).await;
+    }
+    let first = v4::connected(addr(port), "twice").await;
+    let _second = v4::connected(addr(port), "twice").await;
+    drop(first);
+    let o = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &tls_port.to_string(), "--cafile"])
+        .arg(&ca_file)
+        .args([
+            "--insecure",
+            "-i",
+            "by-ip",
+            "-t",
+            "t",
+            "-m",
+            "over tls",
+            "-q",
+            "1",
+        ])
+        .output()
+        .expect("mosquitto_pub (package mosquitto-clients) is installed");
+    assert!(o.status.success(), "mosquitto_pub: {}", stderr(&o));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let log = served.log_text();
+    for noise in [
+        "Illegal SNI",
+        "already gone",
+        "ClientDisconnect",
+        "Network(",
+    ] {
+        assert!(!log.contains(noise), "{noise} in the log:\n{log}");
+    }
+    assert!(
+        log.contains("reason=\"client_disconnect\"") || log.contains("reason=client_disconnect"),
+        "{log}"
     );
 }

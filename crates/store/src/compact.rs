@@ -1,7 +1,10 @@
 //! Compaction and rekey: write the live set into a brand-new log (new file id, records
 //! numbered from 0) in a temporary file, fsync it, rename it over the log, fsync the
 //! directory. Until the rename the old log is untouched; after it the new one is
-//! complete, so a crash at any step loses nothing that was flushed.
+//! complete, so a crash at any step loses nothing that was flushed. Before the rename the
+//! high-water mark names both files (fsynced), after the directory fsync the new one only,
+//! so either file loads after a crash, and once the mark names only the new one the old
+//! one is refused.
 //!
 //! Compaction can run off the store's thread: [`Store::begin_compaction`] snapshots the
 //! live set (cheap `Arc` clones), [`CompactionJob::run`] does the heavy writing anywhere,
@@ -111,7 +114,7 @@ impl Store {
         let mut appended = Vec::new();
         for topic in &since {
             let rec = match self.live.get(topic) {
-                Some(e) => RecordRef::Set(&e.msg),
+                Some(e) => RecordRef::set(&e.msg),
                 None => RecordRef::Clear(topic),
             };
             let frame = record::seal_record(&self.cipher, &w.file_id, w.next_seq, &rec)?;

@@ -73,6 +73,11 @@ pub struct RetainedMessage {
     pub properties: Option<MessageProperties>,
     /// Absolute expiry in unix seconds (from MQTT 5 message expiry), if any.
     pub expires_at: Option<u64>,
+    /// Who published it (the broker's per-user quota key); `None` in records written
+    /// before owners were kept. Stored in a record of its own kind, so files written
+    /// before it existed still load.
+    #[serde(skip)]
+    pub owner: Option<String>,
 }
 
 impl RetainedMessage {
@@ -94,6 +99,13 @@ impl RetainedMessage {
     pub fn is_expired(&self, now: u64) -> bool {
         self.expires_at.is_some_and(|t| t <= now)
     }
+}
+
+/// Bytes `msg` takes as one record in the log: topic, payload, properties, expiry and
+/// owner as encoded, plus the frame's length prefix, nonce and tag. What the broker
+/// counts toward `[retained] max_bytes`.
+pub fn stored_bytes(msg: &RetainedMessage) -> u64 {
+    record::frame_bytes(msg)
 }
 
 /// Bounds on what `set` accepts for new topics; replacing an existing topic is always

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use aes_gcm::Aes256Gcm;
 
-use crate::record::{self, FileId, OpenError, Record, RecordRef, HEADER_LEN, NONCE_LEN};
+use crate::record::{self, FileId, OpenError, RecordRef, HEADER_LEN, NONCE_LEN};
 use crate::record::{HeaderError, MAX_CIPHERTEXT_LEN, PREFIX_LEN, TAG_LEN};
 use crate::{RetainedMessage, StoreError};
 
@@ -169,18 +169,20 @@ pub(crate) fn read_log(
             break;
         }
         match record::open_record(cipher, &file_id, seq, len, &body) {
-            Ok(Record::Set(msg)) => {
-                live.insert(
-                    msg.topic.clone(),
-                    Entry {
-                        msg: Arc::new(msg),
-                        frame_len,
-                    },
-                );
-            }
-            Ok(Record::Clear(topic)) => {
-                live.remove(&topic);
-            }
+            Ok(record) => match record.into_change() {
+                Ok(msg) => {
+                    live.insert(
+                        msg.topic.clone(),
+                        Entry {
+                            msg: Arc::new(msg),
+                            frame_len,
+                        },
+                    );
+                }
+                Err(topic) => {
+                    live.remove(&topic);
+                }
+            },
             Err(OpenError::Auth) => {
                 return Err(StoreError::WrongKeyOrTampered {
                     file: file.to_owned(),
@@ -253,7 +255,7 @@ pub(crate) fn write_fresh<'a>(
     let mut seq = 0u64;
     let mut frame_lens = Vec::new();
     for msg in messages {
-        let frame = record::seal_record(cipher, &file_id, seq, &RecordRef::Set(msg))?;
+        let frame = record::seal_record(cipher, &file_id, seq, &RecordRef::set(msg))?;
         w.write_all(&frame).map_err(io)?;
         len += frame.len() as u64;
         frame_lens.push(frame.len() as u64);

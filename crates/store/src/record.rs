@@ -46,10 +46,24 @@ pub(crate) const MAX_CIPHERTEXT_LEN: u32 = 512 << 20;
 pub(crate) type FileId = [u8; FILE_ID_LEN];
 
 /// Plaintext record as written (borrowing, so flushing does not clone messages).
+/// Variants are encoded by position: new ones go at the end so older files still read.
 #[derive(Serialize)]
 pub(crate) enum RecordRef<'a> {
+    /// A message without an owner (written before owners were kept, or by tools).
     Set(&'a RetainedMessage),
     Clear(&'a str),
+    /// A message and the identity that published it (`RetainedMessage::owner`).
+    SetOwned(&'a RetainedMessage, &'a str),
+}
+
+impl<'a> RecordRef<'a> {
+    /// The record that stores `msg`, with its owner when it has one.
+    pub(crate) fn set(msg: &'a RetainedMessage) -> RecordRef<'a> {
+        match &msg.owner {
+            Some(owner) => RecordRef::SetOwned(msg, owner),
+            None => RecordRef::Set(msg),
+        }
+    }
 }
 
 /// Plaintext record as read back; same encoding as [`RecordRef`].
@@ -57,6 +71,28 @@ pub(crate) enum RecordRef<'a> {
 pub(crate) enum Record {
     Set(RetainedMessage),
     Clear(String),
+    SetOwned(RetainedMessage, String),
+}
+
+impl Record {
+    /// A `Set`/`SetOwned` as its message (owner filled in); `Clear` as its topic.
+    pub(crate) fn into_change(self) -> Result<RetainedMessage, String> {
+        match self {
+            Record::Set(m) => Ok(m),
+            Record::SetOwned(mut m, owner) => {
+                m.owner = Some(owner);
+                Ok(m)
+            }
+            Record::Clear(topic) => Err(topic),
+        }
+    }
+}
+
+/// Bytes one frame holding `msg` takes in the log: the encoded record (topic, payload,
+/// properties, expiry, owner) plus the frame's length prefix, nonce and tag.
+pub(crate) fn frame_bytes(msg: &RetainedMessage) -> u64 {
+    let plain = postcard::experimental::serialized_size(&RecordRef::set(msg)).unwrap_or(usize::MAX);
+    (plain as u64).saturating_add((PREFIX_LEN + NONCE_LEN + TAG_LEN) as u64)
 }
 
 /// Why a frame failed to open.
@@ -243,7 +279,7 @@ pub(crate) fn open_record(
     if !rest.is_empty() {
         return Err(OpenError::Decode("trailing bytes after record".to_owned()));
     }
-    if let Record::Set(m) = &record {
+    if let Record::Set(m) | Record::SetOwned(m, _) = &record {
         if m.qos > 2 {
             return Err(OpenError::Decode(format!("invalid qos {}", m.qos)));
         }

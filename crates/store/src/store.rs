@@ -381,7 +381,7 @@ impl Store {
         let mut seq = self.next_seq;
         for topic in &self.dirty {
             let rec = match self.live.get(topic) {
-                Some(e) => RecordRef::Set(&e.msg),
+                Some(e) => RecordRef::set(&e.msg),
                 None => RecordRef::Clear(topic),
             };
             let frame = record::seal_record(&self.cipher, &self.file_id, seq, &rec)?;

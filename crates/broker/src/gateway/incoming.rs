@@ -14,7 +14,7 @@ use rumqttd::protocol::{
     PubRecReason, QoS, RetainForwardRule, SubAck, SubscribeReasonCode,
 };
 use tokio::time::Instant;
-use tracing::warn;
+use tracing::{debug, warn};
 
 impl Gateway {
     /// Client to router: the one place every client packet passes.
@@ -80,6 +80,15 @@ impl Gateway {
                         ));
                     }
                 }
+                if limits
+                    .max_payload_size
+                    .is_some_and(|max| publish.payload.len() > max)
+                {
+                    // Like Mosquitto's message_size_limit: the message is dropped, the
+                    // client stays connected.
+                    debug!(client_id = %self.identity.client_id, "PUBLISH over max_payload_size dropped");
+                    return self.refuse_publish(qos, pkid, Refused::TooLarge);
+                }
                 if !self
                     .shared
                     .may_write(&self.info, &self.identity, "publish", topic)
@@ -88,12 +97,27 @@ impl Gateway {
                 }
                 if publish.retain {
                     let v5 = self.version == Version::V5;
-                    match self
-                        .shared
-                        .retain(topic, &publish.payload, qos, props.as_ref(), v5)
-                    {
+                    match self.shared.retain(
+                        &self.info,
+                        &self.identity,
+                        topic,
+                        &publish.payload,
+                        qos,
+                        props.as_ref(),
+                        v5,
+                    ) {
                         Recorded::Buffered => {}
-                        Recorded::Full => return self.refuse_publish(qos, pkid, Refused::Quota),
+                        Recorded::Refused(_) if !v5 && qos != QoS::AtMostOnce => {
+                            // 3.1.1 has no "refused" acknowledgement, and a success one
+                            // would be a silent loss: close without acknowledging.
+                            return Err(Close::Protocol(
+                                DisconnectReasonCode::QuotaExceeded,
+                                "retained quota exceeded",
+                            ));
+                        }
+                        Recorded::Refused(_) => {
+                            return self.refuse_publish(qos, pkid, Refused::Quota)
+                        }
                         Recorded::NeedsSave => {
                             // It and everything after it wait for one save of this read.
                             publish.retain = false;
@@ -256,6 +280,10 @@ impl Gateway {
         let (ack_reason, rec_reason) = match why {
             Refused::NotAuthorized => (PubAckReason::NotAuthorized, PubRecReason::NotAuthorized),
             Refused::Quota => (PubAckReason::QuotaExceeded, PubRecReason::QuotaExceeded),
+            Refused::TooLarge => (
+                PubAckReason::ImplementationSpecificError,
+                PubRecReason::ImplementationSpecificError,
+            ),
         };
         match qos {
             QoS::AtMostOnce => Ok(()),
@@ -308,6 +336,9 @@ impl Gateway {
 pub(super) enum Refused {
     /// No write access (MQTT 5 reason 0x87).
     NotAuthorized,
-    /// The retained store is full (MQTT 5 reason 0x97).
+    /// A retained quota would be passed (MQTT 5 reason 0x97).
     Quota,
+    /// The payload is over `limits.max_payload_size` (MQTT 5 reason 0x83: PUBACK has no
+    /// "too large" code).
+    TooLarge,
 }

@@ -31,10 +31,12 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tracing::{debug, info};
 
+mod close;
 mod incoming;
 mod outgoing;
 mod retained;
 
+use close::Close;
 use retained::{OwnState, RetainedJob};
 
 /// Output gathered before one socket write.
@@ -55,23 +57,6 @@ pub struct Will {
     pub owner: Identity,
     /// The connection it came from, for the audit log.
     pub info: ConnInfo,
-}
-
-/// Why the connection loop stopped. The texts are read through `Debug` in the
-/// disconnect log line.
-#[derive(Debug)]
-#[allow(dead_code)] // fields are only read by Debug
-enum Close {
-    /// The client sent DISCONNECT (with any reason but 0x00 the will is still published).
-    ClientDisconnect { with_will: bool },
-    /// The socket closed or failed.
-    Network(String),
-    /// We close the connection; MQTT 5 clients get a DISCONNECT with this reason.
-    Protocol(DisconnectReasonCode, &'static str),
-    /// The router dropped the link (session taken over by a new connection).
-    TakenOver,
-    /// The broker is shutting down.
-    Shutdown,
 }
 
 pub struct Gateway {
@@ -137,7 +122,7 @@ impl Gateway {
         keep_alive: u16,
         max_out_packet: Option<u32>,
     ) -> Gateway {
-        let limiter = PublishLimiter::new(&shared.config.rate_limit);
+        let limiter = PublishLimiter::new(&shared.config.rate_limit, identity.username.as_deref());
         let acl = shared.policy.acl_view();
         Gateway {
             shared,
@@ -218,11 +203,12 @@ impl Gateway {
                     Some(&self.identity.client_id),
                     self.identity.username.as_deref(),
                 ),
-                &[("reason", format!("{close:?}").into())],
+                &[("reason", close.as_str().into())],
             );
         }
         info!(listener = %self.info.listener.name, peer = %self.info.peer,
-              client_id = %self.identity.client_id, reason = ?close, "client disconnected");
+              client_id = %self.identity.client_id, reason = close.as_str(),
+              detail = close.detail(), "client disconnected");
         !matches!(close, Close::TakenOver)
     }
 
@@ -267,7 +253,7 @@ impl Gateway {
                 }
                 read = reader.read(buf), if paused_until.is_none() => {
                     match read {
-                        Ok(0) => return Close::Network("closed by client".into()),
+                        Ok(0) => return Close::ClientClosed,
                         Ok(n) => self.shared.metrics.bytes_in.inc_by(n as u64),
                         Err(e) => return Close::Network(e.to_string()),
                     };
@@ -429,7 +415,7 @@ impl Gateway {
                 Ok(())
             }
             Ok(Err(e)) => Err(Close::Network(e.to_string())),
-            Err(_) => Err(Close::Network("client stopped reading".into())),
+            Err(_) => Err(Close::WriteStalled),
         }
     }
 }

@@ -95,7 +95,10 @@ impl Gateway {
                 Ok(())
             }
             Notification::Disconnect(d, _) => {
-                warn!(reason = ?d.reason_code, "router closed the link");
+                warn!(
+                    reason = super::close::reason_code_name(d.reason_code),
+                    "router closed the link"
+                );
                 Err(Close::Protocol(d.reason_code, "closed by the router"))
             }
             _ => Ok(()),

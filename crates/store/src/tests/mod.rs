@@ -4,6 +4,7 @@
 
 mod basic;
 mod fuzz;
+mod owner;
 mod rollback;
 mod tamper;
 
@@ -32,6 +33,7 @@ pub(crate) fn msg(topic: &str, payload: &str) -> RetainedMessage {
         qos: 1,
         properties: None,
         expires_at: None,
+        owner: None,
     }
 }
 
