@@ -112,6 +112,20 @@ fn file_errors_name_the_file_and_say_the_os_error_once() {
     .unwrap();
     let new_key = d.join("new.key");
     let new_key = new_key.to_str().unwrap();
+    // Maintenance commands never create a store (it would belong to whoever ran them).
+    for args in [&["accept"][..], &["rekey", "--new-key", key]] {
+        let mut all = vec!["retained", args[0], "-c", toml.to_str().unwrap()];
+        all.extend_from_slice(&args[1..]);
+        let (code, err) = run(&all, "");
+        assert_eq!(code, Some(1), "{all:?}: {err}");
+        assert!(err.contains("no retained store at "), "{err}");
+    }
+    let (code, err) = run(&["retained", "list", "-c", toml.to_str().unwrap()], "");
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        !d.join("store").exists(),
+        "list, accept and rekey created a store"
+    );
     fails_naming(
         &[
             "retained",
