@@ -2,8 +2,8 @@
 //! replaying the retained store: the password file, the ACL file, each listener's TLS
 //! certificate, key and client CA (missing, unreadable, swapped, not matching each
 //! other), the retained-store key (missing, malformed, readable by group or others, not
-//! the key of the existing store's header) and the audit log's folder. (The config itself, duplicate bind addresses included, is
-//! checked when it is loaded.)
+//! the key of the existing store's header) and the audit log's folder. (The config
+//! itself, overlapping bind addresses included, is checked when it is loaded.)
 //!
 //! `moatmq check` is this function; `moatmq serve` calls it before starting, so the
 //! two refuse the same configuration with the same message, and `Broker::start` loads

@@ -210,6 +210,16 @@ fn retained(command: RetainedCommand) -> anyhow::Result<()> {
                 .retained
                 .clone()
                 .context("the config has no [retained] section")?;
+            let dir = config.resolve(&r.path);
+            if !dir.exists() {
+                // Opening would create it, owned by whoever runs this (often root), and
+                // the broker's own user could then not open it.
+                println!(
+                    "no retained store at {} yet (the broker creates it when it first starts)",
+                    dir.display()
+                );
+                return Ok(());
+            }
             let (store, _) = moatmq_broker::retained::open(&config, &r)?;
             for m in store.messages() {
                 // Quota owner: as stored, or as derived for records from before owners.
@@ -239,7 +249,10 @@ fn retained(command: RetainedCommand) -> anyhow::Result<()> {
                 .context("the config has no [retained] section")?;
             let old = moatmq_broker::retained::load_key(&config, &r)?;
             let new = moatmq_store::RetainedKey::load(&new_key)?;
-            let n = moatmq_store::rekey(&config.resolve(&r.path), old, &new)?;
+            let dir = config.resolve(&r.path);
+            // Opening a missing store would create one, owned by whoever runs this.
+            anyhow::ensure!(dir.exists(), "no retained store at {}", dir.display());
+            let n = moatmq_store::rekey(&dir, old, &new)?;
             println!(
                 "re-encrypted {n} messages; now set key_file = {:?} (or {})",
                 new_key.display().to_string(),
@@ -255,6 +268,7 @@ fn retained(command: RetainedCommand) -> anyhow::Result<()> {
                 .context("the config has no [retained] section")?;
             let key = moatmq_broker::retained::load_key(&config, &r)?;
             let path = config.resolve(&r.path);
+            anyhow::ensure!(path.exists(), "no retained store at {}", path.display());
             match moatmq_store::Store::open(
                 &path,
                 key.clone(),
@@ -323,7 +337,8 @@ fn acl(command: AclCommand) -> ExitCode {
 }
 
 fn import(conf: &Path, out: Option<&Path>, force: bool) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(conf).with_context(|| conf.display().to_string())?;
+    let text = std::fs::read_to_string(conf)
+        .with_context(|| format!("Mosquitto configuration file {}", conf.display()))?;
     let report = moatmq_config::import_mosquitto(&text, conf)?;
     for w in &report.warnings {
         eprintln!("warning: {w}");

@@ -192,6 +192,13 @@ fn retained_key_problems_are_found_by_check_as_by_serve() {
     // A store written under this key, then checked with another: the header says so.
     let (code, err) = run(&["retained", "list", "-c", &ok], &[]);
     assert_eq!(code, Some(0), "{err}");
+    assert!(!Path::new(store).exists(), "list creates no store");
+    moatmq_store::Store::open(
+        Path::new(store),
+        moatmq_store::RetainedKey::load(&key).unwrap(),
+        moatmq_store::StoreLimits::UNLIMITED,
+    )
+    .unwrap();
     let other = d.join("other.key");
     let (code, err) = run(&["keygen", "--out", other.to_str().unwrap()], &[]);
     assert_eq!(code, Some(0), "{err}");
