@@ -106,33 +106,6 @@ fn relative_paths_resolve_against_the_config_folder() {
 }
 
 #[test]
-fn overlapping_binds_are_refused_with_the_line() {
-    let second = |bind: &str| format!("{MINIMAL}\n[[listener]]\nname = \"b\"\nbind = \"{bind}\"\n");
-    for bind in ["127.0.0.1:1883", "0.0.0.0:1883", "[::]:1883"] {
-        let err = parse(&second(bind)).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "broker.toml:7: listener[1].bind: overlaps the bind of listener \"local\" \
-             (same port on the same or a wildcard address)",
-            "{bind}"
-        );
-    }
-    // Other port, other address, IPv6 loopback next to IPv4, or port 0 (a free one):
-    for bind in ["127.0.0.1:1884", "127.0.0.2:1883", "[::1]:1883"] {
-        parse(&second(bind)).unwrap_or_else(|e| panic!("{bind}: {e}"));
-    }
-    let zero = "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:0\"\n\
-                [[listener]]\nname = \"b\"\nbind = \"127.0.0.1:0\"\n";
-    parse(zero).unwrap();
-    let err = parse(&format!("{MINIMAL}[metrics]\nbind = \"0.0.0.0:1883\"\n")).unwrap_err();
-    assert!(
-        err.to_string()
-            .starts_with("broker.toml:5: metrics.bind: overlaps the bind of listener \"local\""),
-        "{err}"
-    );
-}
-
-#[test]
 fn rate_limits_pace_by_default_and_users_override_them() {
     let c = parse(MINIMAL).unwrap();
     assert_eq!(c.rate_limit.disconnect_after, 0, "pace only by default");
@@ -183,6 +156,33 @@ fn rate_limit_user_errors_name_the_table_line() {
     ))
     .unwrap_err();
     assert!(matches!(err, ConfigError::Syntax { line: 6, .. }), "{err}");
+}
+
+#[test]
+fn overlapping_binds_are_refused_with_the_line() {
+    let second = |bind: &str| format!("{MINIMAL}\n[[listener]]\nname = \"b\"\nbind = \"{bind}\"\n");
+    for bind in ["127.0.0.1:1883", "0.0.0.0:1883", "[::]:1883"] {
+        let err = parse(&second(bind)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "broker.toml:7: listener[1].bind: overlaps the bind of listener \"local\" \
+             (same port on the same or a wildcard address)",
+            "{bind}"
+        );
+    }
+    // Other port, other address, IPv6 loopback next to IPv4, or port 0 (a free one):
+    for bind in ["127.0.0.1:1884", "127.0.0.2:1883", "[::1]:1883"] {
+        parse(&second(bind)).unwrap_or_else(|e| panic!("{bind}: {e}"));
+    }
+    let zero = "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:0\"\n\
+                [[listener]]\nname = \"b\"\nbind = \"127.0.0.1:0\"\n";
+    parse(zero).unwrap();
+    let err = parse(&format!("{MINIMAL}[metrics]\nbind = \"0.0.0.0:1883\"\n")).unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("broker.toml:5: metrics.bind: overlaps the bind of listener \"local\""),
+        "{err}"
+    );
 }
 
 #[test]
