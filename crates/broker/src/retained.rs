@@ -17,6 +17,7 @@ use moatmq_store::{
     stored_bytes, MessageProperties, RetainedKey, RetainedMessage, Store, StoreError, StoreLimits,
 };
 use rumqttd::protocol::{PublishProperties, QoS};
+use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 use tracing::{error, info, warn};
@@ -91,12 +92,22 @@ impl RetainedStore {
     ) -> Result<Arc<RetainedStore>, RetainedError> {
         let (store, messages) = open(config, retained)?;
         let loaded = messages.len();
+        // One shared name per owner, not one allocation per message.
+        let mut owners: HashMap<String, Arc<str>> = HashMap::new();
         for m in messages {
             let size = stored_bytes(&m);
             // Records from before owners were kept count against their topic's first level.
-            let owner = m.owner.as_deref().unwrap_or_else(|| legacy_owner(&m.topic));
+            let name = m.owner.as_deref().unwrap_or_else(|| legacy_owner(&m.topic));
+            let owner = match owners.get(name) {
+                Some(o) => o.clone(),
+                None => {
+                    let o: Arc<str> = name.into();
+                    owners.insert(name.to_string(), o.clone());
+                    o
+                }
+            };
             let entry = RetainedEntry {
-                owner: owner.into(),
+                owner,
                 stored_bytes: size,
                 payload: Bytes::from(m.payload),
                 qos: qos_of(m.qos),

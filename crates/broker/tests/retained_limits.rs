@@ -18,8 +18,12 @@ const USERS: &[(&str, &str)] = &[("alice", "alice-pw"), ("bob", "bob-pw")];
 /// (`autosave_interval = 0`), metrics and audit, and `quota` added to `[retained]`.
 async fn broker(quota: &str) -> TestBroker {
     let dir = tempfile::tempdir().unwrap();
-    common::password_file(dir.path(), USERS);
     moatmq_store::RetainedKey::write_new(&dir.path().join("retained.key")).unwrap();
+    broker_in(dir, quota).await
+}
+
+async fn broker_in(dir: tempfile::TempDir, quota: &str) -> TestBroker {
+    common::password_file(dir.path(), USERS);
     let toml = format!(
         r#"
 [[listener]]
@@ -162,6 +166,20 @@ async fn alice_filling_her_quota_does_not_stop_bob() {
         );
     }
     assert_eq!(retain5(&mut alice, 4, "alice/4", "v", None).await, full);
+    // QoS 2: PUBREC 0x97.
+    let mut p = m5::Publish::new("alice/4", Q5::ExactlyOnce, "v", None);
+    p.retain = true;
+    p.pkid = 40;
+    alice.send5(m5::Packet::Publish(p)).await;
+    match alice.next5(WAIT).await {
+        Some(m5::Packet::PubRec(rec)) => {
+            assert_eq!(
+                (rec.pkid, rec.reason),
+                (40, m5::PubRecReason::QuotaExceeded)
+            )
+        }
+        other => panic!("expected PUBREC, got {other:?}"),
+    }
     // Replacing her own message does not count twice.
     assert_eq!(retain5(&mut alice, 5, "alice/1", "v2", None).await, ok);
     let mut bob = login5(addr, "bob").await;
@@ -180,9 +198,9 @@ async fn alice_filling_her_quota_does_not_stop_bob() {
     );
     assert_eq!(retained_topics(addr, "bob").await.len(), 3);
 
-    assert_eq!(refused(&broker, "max_messages_per_user").await, 1);
+    assert_eq!(refused(&broker, "max_messages_per_user").await, 2);
     let audit = audit_refusals(&broker);
-    assert_eq!(audit.len(), 1, "{audit:?}");
+    assert_eq!(audit.len(), 2, "{audit:?}");
     assert_eq!(audit[0]["username"], "alice");
     assert_eq!(audit[0]["topic"], "alice/4");
     assert_eq!(audit[0]["reason"], "max_messages_per_user");
@@ -262,4 +280,70 @@ async fn quota_and_owners_survive_a_restart() {
     assert_eq!(retain5(&mut alice, 3, "alice/2", "", None).await, ok);
     assert_eq!(retain5(&mut alice, 4, "alice/3", "v", None).await, ok);
     assert_eq!(retained_topics(addr, "alice").await, ["alice/1", "alice/3"]);
+}
+
+#[tokio::test]
+async fn records_from_before_owners_count_against_their_first_level() {
+    // A store written without owners (the record layout of earlier versions).
+    let dir = tempfile::tempdir().unwrap();
+    let key_path = dir.path().join("retained.key");
+    moatmq_store::RetainedKey::write_new(&key_path).unwrap();
+    let key = moatmq_store::RetainedKey::load(&key_path).unwrap();
+    let limits = moatmq_store::StoreLimits::UNLIMITED;
+    let (mut store, _) =
+        moatmq_store::Store::open(&dir.path().join("data/retained"), key, limits).unwrap();
+    for topic in ["alice/old1", "alice/old2", "/no-tenant"] {
+        store
+            .set(moatmq_store::RetainedMessage {
+                topic: topic.to_string(),
+                payload: b"v".to_vec(),
+                qos: 1,
+                properties: None,
+                expires_at: None,
+                owner: None,
+            })
+            .unwrap();
+    }
+    store.flush().unwrap();
+    drop(store);
+
+    let broker = broker_in(dir, "max_messages_per_user = 2").await;
+    let addr = broker.first_addr();
+    assert_eq!(
+        retained_topics(addr, "alice").await,
+        ["alice/old1", "alice/old2"]
+    );
+    let mut alice = login5(addr, "alice").await;
+    let full = m5::PubAckReason::QuotaExceeded;
+    let ok = m5::PubAckReason::Success;
+    assert_eq!(retain5(&mut alice, 1, "alice/new", "v", None).await, full);
+    assert_eq!(retain5(&mut alice, 2, "alice/old1", "", None).await, ok);
+    assert_eq!(retain5(&mut alice, 3, "alice/new", "v", None).await, ok);
+    let mut bob = login5(addr, "bob").await;
+    assert_eq!(retain5(&mut bob, 1, "bob/1", "v", None).await, ok);
+}
+
+#[tokio::test]
+async fn a_retained_will_past_the_quota_is_refused_counted_and_audited() {
+    let broker = broker("max_messages_per_user = 1").await;
+    let addr = broker.first_addr();
+    let mut alice = login5(addr, "alice").await;
+    let ok = m5::PubAckReason::Success;
+    assert_eq!(retain5(&mut alice, 1, "alice/1", "v", None).await, ok);
+    let will = m5::LastWill::new("alice/will", "gone", Q5::AtLeastOnce, true, None);
+    let (raw, code) = Raw::connect5(
+        addr,
+        common::connect5("alice-will"),
+        Some(will),
+        Some(m5::Login::new("alice", pass("alice"))),
+    )
+    .await;
+    assert_eq!(code, Some(m5::ConnectReturnCode::Success));
+    drop(raw); // no DISCONNECT: the will is published
+    tokio::time::sleep(QUIET).await;
+    assert_eq!(retained_topics(addr, "alice").await, ["alice/1"]);
+    assert_eq!(refused(&broker, "max_messages_per_user").await, 1);
+    let audit = audit_refusals(&broker);
+    assert_eq!(audit.len(), 1, "{audit:?}");
+    assert_eq!(audit[0]["topic"], "alice/will");
 }

@@ -284,7 +284,10 @@ fn every_subcommand_and_flag_has_help() {
                 "64",
             ][..],
         ),
-        ("keygen", &["--out <OUT>", "The key file to create"]),
+        (
+            "keygen",
+            &["--out <OUT>", "The key file to create", "stdout"],
+        ),
         ("passwd", &["<FILE>", "Password file", "<USER>", "Username"]),
     ] {
         let text = help(&[command]);

@@ -81,7 +81,8 @@ pub struct RetainedMessage {
 }
 
 impl RetainedMessage {
-    /// Bytes of topic, payload and properties: what counts toward `max_bytes`.
+    /// Bytes of topic, payload and properties: what [`StoreLimits::max_bytes`] counts (the
+    /// broker's `[retained] max_bytes` counts [`stored_bytes`], the whole record).
     pub fn data_bytes(&self) -> u64 {
         let props = self.properties.as_ref().map_or(0, |p| {
             1 + p.content_type.as_ref().map_or(0, String::len)

@@ -190,3 +190,55 @@ fn write_corpus(dir: &Path) {
         std::fs::write(dir.join(format!("{name}.bin")), bytes).unwrap();
     }
 }
+
+/// Known-bad high-water marks (key `11` * 32) in `testdata/mark/bad-*.bin`: none reads as
+/// a valid mark. Regenerate with `MOATMQ_WRITE_CORPUS=1 cargo test -p moatmq-store marks`.
+#[test]
+fn known_bad_marks_are_unreadable() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/mark");
+    if std::env::var_os("MOATMQ_WRITE_CORPUS").is_some() {
+        write_mark_corpus(&dir);
+    }
+    let store = tempfile::tempdir().unwrap();
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "bin") {
+            std::fs::copy(&path, mark_path(store.path())).unwrap();
+            let found = crate::mark::read(store.path(), &record::cipher(&key())).unwrap();
+            assert!(
+                matches!(found, crate::mark::Found::Unreadable),
+                "{} was read as {found:?}",
+                path.display()
+            );
+            seen += 1;
+        }
+    }
+    assert!(seen >= 4, "mark corpus missing");
+}
+
+fn write_mark_corpus(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let good = valid_mark();
+    let slot = crate::mark::SLOT_LEN;
+    let mut cases: Vec<(&str, Vec<u8>)> = Vec::new();
+    let mut b = good.clone();
+    b[30] ^= 1;
+    b[4096 + 30] ^= 1;
+    cases.push(("bad-both-slots-flipped", b));
+    let mut b = good.clone();
+    let (s0, s1) = (good[..slot].to_vec(), good[4096..4096 + slot].to_vec());
+    b[..slot].copy_from_slice(&s1);
+    b[4096..4096 + slot].copy_from_slice(&s0);
+    cases.push(("bad-slots-swapped", b));
+    cases.push(("bad-short", good[..4096 + slot - 1].to_vec()));
+    let other = tempfile::tempdir().unwrap();
+    Store::open(other.path(), other_key(), LIMITS).unwrap();
+    cases.push((
+        "bad-other-key",
+        std::fs::read(mark_path(other.path())).unwrap(),
+    ));
+    for (name, bytes) in cases {
+        std::fs::write(dir.join(format!("{name}.bin")), bytes).unwrap();
+    }
+}
