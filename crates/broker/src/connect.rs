@@ -194,6 +194,15 @@ pub async fn handle(
     };
     let keep_for = keep_for.filter(|&secs| secs > 0 || !connect.clean_session);
     let router_id = router_client_id(identity.username.as_deref(), &identity.client_id);
+    // A connection still holding this session closes first, tearing its link down in
+    // order: rumqttd's own takeover can panic the router (sessions.rs).
+    let Some(hold) = shared.sessions.hold(&router_id, TAKEOVER_WAIT).await else {
+        tracing::warn!(client_id = %identity.client_id, "previous connection did not close in time");
+        refuse(&mut writer, version, Refusal::Unavailable).await;
+        return Err(ConnectFailure::Refused(
+            "session still held by another connection",
+        ));
+    };
     shared.cancel_delayed_will(&router_id);
     shared.cancel_session_expiry(&router_id);
     if connect.clean_session && keep_for.is_some() {
@@ -230,7 +239,8 @@ pub async fn handle(
             user_properties: Vec::new(),
             wildcard_subscription_available: Some(1),
             subscription_identifiers_available: Some(0),
-            shared_subscription_available: Some(1),
+            // Not for persistent sessions: see Gateway::check_filter.
+            shared_subscription_available: Some(u8::from(router_clean)),
             server_keep_alive: None,
             response_information: None,
             server_reference: None,
@@ -279,13 +289,21 @@ pub async fn handle(
         will,
         connect.keep_alive,
         max_out,
+        !router_clean,
+        hold.kicked.clone(),
     );
     let still_ours = gateway.run(reader, writer, buf).await;
+    // The link is torn down: a connection waiting for this session may open its own
+    // (and the expiry below skips a session that is held again).
+    drop(hold);
     if let (true, Some(after)) = (still_ours, keep_for) {
         shared.expire_session_after(&router_id, after);
     }
     Ok(())
 }
+
+/// How long a new connection waits for the previous holder of its session to close.
+const TAKEOVER_WAIT: Duration = Duration::from_secs(10);
 
 /// Reads until a whole CONNECT is buffered and decodes it with the right codec.
 async fn read_connect(

@@ -21,8 +21,13 @@ pub mod retained;
 mod retained_index;
 mod router;
 mod server;
+mod sessions;
 mod tls;
 pub mod topic;
 mod transport;
 
+#[cfg(feature = "test-hooks")]
+#[doc(hidden)]
+pub use router::RouterFault;
+pub use router::{RouterFailure, WEDGED_AFTER};
 pub use server::{run, shutdown_signal, Broker, Reloader, StartError};

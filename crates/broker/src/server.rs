@@ -12,7 +12,8 @@ use crate::policy::{Identity, ListenerPolicy, Policy, PolicyError};
 use crate::ratelimit::ConnectionLimiter;
 use crate::retained::{Recorded, RetainedError, RetainedStore};
 use crate::retained_index::{unix_now, RetainedEntry, RetainedIndex};
-use crate::router::RouterHandle;
+use crate::router::{RouterFailure, RouterHandle};
+use crate::sessions::Sessions;
 use crate::tls::TlsSetup;
 use bytes::Bytes;
 use moatmq_config::Config;
@@ -45,6 +46,8 @@ pub struct Shared {
     delayed_wills: Mutex<HashMap<String, AbortHandle>>,
     /// Disconnected persistent sessions waiting to expire, by router client id.
     session_timers: Mutex<HashMap<String, AbortHandle>>,
+    /// The connection holding each router client id (no takeover inside the router).
+    pub sessions: Sessions,
 }
 
 /// What a gateway knows about its connection before CONNECT.
@@ -203,7 +206,8 @@ impl Shared {
     }
 
     /// Drops a disconnected session's state in the router: a clean link under the same
-    /// router client id, closed at once.
+    /// router client id, closed at once. The caller holds the router client id
+    /// (`sessions.rs`), so no live connection is taken over inside the router.
     pub async fn discard_session(&self, router_id: &str) {
         if let Ok((mut tx, _rx, _ack)) = self.router.connect(router_id.to_string(), true).await {
             let bye = rumqttd::protocol::Packet::Disconnect(
@@ -232,7 +236,8 @@ impl Shared {
                 .lock()
                 .map(|mut t| t.remove(&key).is_some())
                 .unwrap_or(false);
-            if still_due {
+            // A client that is back holds the id: its session is not expired.
+            if let (true, Some(_hold)) = (still_due, shared.sessions.try_hold(&key)) {
                 shared.discard_session(&key).await;
             }
         });
@@ -292,6 +297,10 @@ pub enum StartError {
     /// The retained store could not be opened (wrong key, tampering, permissions).
     #[error(transparent)]
     Retained(#[from] RetainedError),
+    /// The router died or stopped answering while serving (`run` only; see
+    /// [`Broker::serve`]): the process should exit so its supervisor restarts it.
+    #[error("{0}; exiting so the service manager restarts moatmq")]
+    RouterFailed(#[from] RouterFailure),
 }
 
 impl Broker {
@@ -375,6 +384,7 @@ impl Broker {
             shutdown,
             delayed_wills: Mutex::new(HashMap::new()),
             session_timers: Mutex::new(HashMap::new()),
+            sessions: Sessions::default(),
         });
         let tls = listeners.iter().filter_map(Bound::tls).collect();
         Ok(Broker {
@@ -408,8 +418,46 @@ impl Broker {
         }
     }
 
-    /// Serves until `stop` resolves, then shuts down gracefully.
-    pub async fn serve(self, stop: impl std::future::Future<Output = ()>) {
+    /// Serves until `stop` resolves, then shuts down gracefully. If the router dies or
+    /// stops answering first, health and readiness turn 503 at once and this returns the
+    /// failure after flushing the retained store (bounded), without waiting for clients.
+    pub async fn serve(
+        self,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> Result<(), RouterFailure> {
+        let failed = Arc::new(tokio::sync::Notify::new());
+        let failure = Arc::new(Mutex::new(None));
+        {
+            let (failed, failure, metrics) =
+                (failed.clone(), failure.clone(), self.shared.metrics.clone());
+            // Runs on the monitor thread: the async workers may be blocked by then.
+            self.shared.router.watch(move |why| {
+                metrics
+                    .router_ok
+                    .store(false, std::sync::atomic::Ordering::Release);
+                metrics
+                    .ready
+                    .store(false, std::sync::atomic::Ordering::Release);
+                tracing::error!(
+                    "router failed: {why}; exiting so the service manager restarts moatmq"
+                );
+                if let Ok(mut f) = failure.lock() {
+                    *f = Some(why);
+                }
+                failed.notify_one();
+            });
+        }
+        #[cfg(feature = "test-hooks")]
+        if let Ok(fault) = std::env::var("MOATMQ_TEST_ROUTER_FAULT") {
+            let fault = match fault.as_str() {
+                "kill" => Some(crate::router::RouterFault::Kill),
+                "wedge" => Some(crate::router::RouterFault::Wedge),
+                _ => None,
+            };
+            if let Some(fault) = fault {
+                self.shared.router.inject(fault);
+            }
+        }
         let slots = Arc::new(tokio::sync::Semaphore::new(
             self.shared.config.limits.max_connections,
         ));
@@ -418,11 +466,42 @@ impl Broker {
             info!(listener = l.name(), addr = %l.local_addr(), "listening");
             tasks.spawn(l.accept_loop(self.shared.clone(), slots.clone()));
         }
+        // Not ready if the router already failed (the monitor cleared both flags).
+        let router_ok = self
+            .shared
+            .metrics
+            .router_ok
+            .load(std::sync::atomic::Ordering::Acquire);
         self.shared
             .metrics
             .ready
-            .store(true, std::sync::atomic::Ordering::Release);
-        stop.await;
+            .store(router_ok, std::sync::atomic::Ordering::Release);
+        tokio::select! {
+            _ = stop => {}
+            _ = failed.notified() => {
+                let why = failure
+                    .lock()
+                    .ok()
+                    .and_then(|mut f| f.take())
+                    .unwrap_or(RouterFailure::Died);
+                let _ = self.shutdown_tx.send(true);
+                tasks.abort_all();
+                // Gateways are not awaited: their sends may block on a wedged router.
+                if let Some(store) = &self.shared.retained {
+                    let store = store.clone();
+                    let flush = tokio::task::spawn_blocking(move || store.shutdown());
+                    if tokio::time::timeout(FAILED_FLUSH_WAIT, flush).await.is_err() {
+                        warn!("retained store flush did not finish in time");
+                    }
+                }
+                if let Some(task) = self.metrics_task {
+                    // The endpoints keep answering 503 until the process exits.
+                    drop(task);
+                }
+                return Err(why);
+            }
+        }
+        self.shared.router.stop_watchdog();
         info!("shutting down");
         self.shared
             .metrics
@@ -440,8 +519,19 @@ impl Broker {
         if let Some(task) = self.metrics_task {
             task.abort();
         }
+        Ok(())
+    }
+
+    /// Injects a fault into the router (supervision tests).
+    #[cfg(feature = "test-hooks")]
+    #[doc(hidden)]
+    pub fn inject_router_fault(&self, fault: crate::router::RouterFault) {
+        self.shared.router.inject(fault);
     }
 }
+
+/// How long a failed broker waits for the retained store's final flush.
+const FAILED_FLUSH_WAIT: Duration = Duration::from_secs(2);
 
 /// Reloads what SIGHUP reloads.
 #[derive(Clone)]
@@ -490,7 +580,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
             reloader.reload();
         }
     });
-    broker.serve(shutdown_signal()).await;
+    broker.serve(shutdown_signal()).await?;
     Ok(())
 }
 

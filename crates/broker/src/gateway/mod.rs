@@ -28,6 +28,7 @@ use rumqttd::protocol::{
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::{debug, info};
 
@@ -68,8 +69,10 @@ enum Close {
     Network(String),
     /// We close the connection; MQTT 5 clients get a DISCONNECT with this reason.
     Protocol(DisconnectReasonCode, &'static str),
-    /// The router dropped the link (session taken over by a new connection).
+    /// The router dropped the link (it stopped, or a bug let it take the session over).
     TakenOver,
+    /// A new connection for the same session asked this one to close (`sessions.rs`).
+    Replaced,
     /// The broker is shutting down.
     Shutdown,
 }
@@ -121,6 +124,12 @@ pub struct Gateway {
     to_router: Vec<Packet>,
     /// The newest packet for the router; older ones wait in the link's buffer.
     held: Option<Packet>,
+    /// The router keeps this session after the connection (clean session 0, expiry).
+    persistent: bool,
+    /// Notified when a new connection takes this session over.
+    kicked: Arc<Notify>,
+    /// Client QoS 2 publishes the router holds until their PUBREL, by packet id.
+    qos2_in: HashSet<u16>,
 }
 
 impl Gateway {
@@ -136,6 +145,8 @@ impl Gateway {
         will: Option<Will>,
         keep_alive: u16,
         max_out_packet: Option<u32>,
+        persistent: bool,
+        kicked: Arc<Notify>,
     ) -> Gateway {
         let limiter = PublishLimiter::new(&shared.config.rate_limit);
         let acl = shared.policy.acl_view();
@@ -171,6 +182,9 @@ impl Gateway {
             acks: AckOrder::default(),
             to_router: Vec::new(),
             held: None,
+            persistent,
+            kicked,
+            qos2_in: HashSet::new(),
         }
     }
 
@@ -183,7 +197,7 @@ impl Gateway {
             .await;
         let reason = match &close {
             Close::Protocol(code, _) => Some(*code),
-            Close::TakenOver => Some(DisconnectReasonCode::SessionTakenOver),
+            Close::TakenOver | Close::Replaced => Some(DisconnectReasonCode::SessionTakenOver),
             Close::Shutdown => Some(DisconnectReasonCode::ServerShuttingDown),
             _ => None,
         };
@@ -223,7 +237,7 @@ impl Gateway {
         }
         info!(listener = %self.info.listener.name, peer = %self.info.peer,
               client_id = %self.identity.client_id, reason = ?close, "client disconnected");
-        !matches!(close, Close::TakenOver)
+        !matches!(close, Close::TakenOver | Close::Replaced)
     }
 
     async fn serve(
@@ -236,6 +250,7 @@ impl Gateway {
         let max_packet = self.shared.config.limits.max_packet_size;
         let far_future = Duration::from_secs(86400 * 365);
         let mut deadline = Instant::now() + self.keep_alive.unwrap_or(far_future);
+        let kicked = self.kicked.clone();
         // Bytes already buffered after the CONNECT are packets too.
         if let Err(close) = self.decode_all(buf, max_packet) {
             return close;
@@ -304,6 +319,7 @@ impl Gateway {
                     return Close::Protocol(DisconnectReasonCode::KeepAliveTimeout, "keep alive timeout");
                 }
                 _ = shutdown.changed() => return Close::Shutdown,
+                _ = kicked.notified() => return Close::Replaced,
                 _ = std::future::ready(()), if self.can_feed_retained() => {
                     if let Err(close) = self.feed_retained() {
                         return close;

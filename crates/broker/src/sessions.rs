@@ -1,0 +1,147 @@
+//! Which connection holds each router session (keyed by router client id) right now.
+//!
+//! rumqttd takes a session over by tearing the old link down inside the router
+//! (`Router::handle_disconnection`), which panics for a persistent session in a shared
+//! group ("group must exists"). So the router never does a takeover: a new connection
+//! for a router client id first asks the connection holding it to close, waits until
+//! that gateway has torn its link down in order (`gateway::Gateway::run`), and only then
+//! opens its own link. At most one connection holds a router client id at a time.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::sync::{watch, Notify};
+
+/// The holders of router client ids.
+#[derive(Default)]
+pub struct Sessions {
+    live: Arc<Mutex<HashMap<String, Holder>>>,
+    next_generation: std::sync::atomic::AtomicU64,
+}
+
+struct Holder {
+    generation: u64,
+    /// Asks the holder to close.
+    kick: Arc<Notify>,
+    /// Becomes `true` once the holder's link is torn down.
+    gone: watch::Receiver<bool>,
+}
+
+/// Holding a router client id; dropping it (after the link is torn down) frees it.
+pub struct SessionHold {
+    live: Arc<Mutex<HashMap<String, Holder>>>,
+    router_id: String,
+    generation: u64,
+    gone: watch::Sender<bool>,
+    /// Notified when a newer connection wants this session.
+    pub kicked: Arc<Notify>,
+}
+
+impl Sessions {
+    /// Takes `router_id`, closing the connection that holds it first. `None` if that
+    /// connection did not let go within `wait`.
+    pub async fn hold(&self, router_id: &str, wait: Duration) -> Option<SessionHold> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let (kick, mut gone) = {
+                let mut live = lock(&self.live);
+                match live.get(router_id) {
+                    None => return Some(self.insert(&mut live, router_id)),
+                    Some(h) => (h.kick.clone(), h.gone.clone()),
+                }
+            };
+            kick.notify_one();
+            // An error means the holder was dropped: it is gone too.
+            if tokio::time::timeout_at(deadline, gone.wait_for(|g| *g))
+                .await
+                .is_err()
+            {
+                return None;
+            }
+        }
+    }
+
+    /// Takes `router_id` only if no connection holds it (session expiry must not close a
+    /// client that came back).
+    pub fn try_hold(&self, router_id: &str) -> Option<SessionHold> {
+        let mut live = lock(&self.live);
+        if live.contains_key(router_id) {
+            return None;
+        }
+        Some(self.insert(&mut live, router_id))
+    }
+
+    fn insert(&self, live: &mut HashMap<String, Holder>, router_id: &str) -> SessionHold {
+        let generation = self
+            .next_generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let kick = Arc::new(Notify::new());
+        let (gone_tx, gone_rx) = watch::channel(false);
+        live.insert(
+            router_id.to_string(),
+            Holder {
+                generation,
+                kick: kick.clone(),
+                gone: gone_rx,
+            },
+        );
+        SessionHold {
+            live: self.live.clone(),
+            router_id: router_id.to_string(),
+            generation,
+            gone: gone_tx,
+            kicked: kick,
+        }
+    }
+}
+
+impl Drop for SessionHold {
+    fn drop(&mut self) {
+        let mut live = lock(&self.live);
+        if live
+            .get(&self.router_id)
+            .is_some_and(|h| h.generation == self.generation)
+        {
+            live.remove(&self.router_id);
+        }
+        drop(live);
+        let _ = self.gone.send(true);
+    }
+}
+
+/// The map stays consistent under a panic elsewhere (every change is one insert or
+/// remove), so a poisoned lock is used as it is.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_new_holder_waits_for_the_old_one_to_let_go() {
+        let sessions = Arc::new(Sessions::default());
+        let first = sessions.hold("a", Duration::from_secs(1)).await.unwrap();
+        assert!(sessions.try_hold("a").is_none());
+        let kicked = first.kicked.clone();
+        let s = sessions.clone();
+        let second = tokio::spawn(async move { s.hold("a", Duration::from_secs(5)).await });
+        kicked.notified().await;
+        drop(first);
+        let second = second.await.unwrap().expect("taken over");
+        assert!(sessions.try_hold("a").is_none());
+        drop(second);
+        assert!(sessions.try_hold("a").is_some());
+    }
+
+    #[tokio::test]
+    async fn a_holder_that_does_not_let_go_times_the_newcomer_out() {
+        let sessions = Sessions::default();
+        let _first = sessions.hold("a", Duration::from_secs(1)).await.unwrap();
+        assert!(sessions
+            .hold("a", Duration::from_millis(50))
+            .await
+            .is_none());
+    }
+}
