@@ -365,6 +365,19 @@ pub enum ConnectError {
 /// Characters the router refuses (`/ + # $`) and our separators are percent-escaped.
 pub fn router_client_id(username: Option<&str>, client_id: &str) -> String {
     let mut out = String::with_capacity(client_id.len() + 16);
+    push_identity(&mut out, username);
+    for c in client_id.chars() {
+        match c {
+            '%' | '/' | '+' | '#' | '$' | '.' => out.push_str(&format!("%{:02X}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// `-:` for anonymous clients, `u<hex of the username>:` otherwise: no two identities
+/// share a prefix, and the first `:` ends it.
+fn push_identity(out: &mut String, username: Option<&str>) {
     match username {
         None => out.push('-'),
         Some(u) => {
@@ -375,18 +388,52 @@ pub fn router_client_id(username: Option<&str>, client_id: &str) -> String {
         }
     }
     out.push(':');
-    for c in client_id.chars() {
-        match c {
-            '%' | '/' | '+' | '#' | '$' | '.' => out.push_str(&format!("%{:02X}", c as u32)),
-            c => out.push(c),
+}
+
+/// The filter the router sees. rumqttd keys shared-subscription groups by name alone, so
+/// `$share/workers/...` of two users would be one group (each stalling or taking the
+/// other's messages): the group name is namespaced by identity, as router client ids
+/// are. Other filters pass unchanged.
+pub fn router_filter(username: Option<&str>, filter: &str) -> String {
+    match filter
+        .strip_prefix("$share/")
+        .and_then(|rest| rest.split_once('/'))
+    {
+        Some((group, inner)) => {
+            let mut out = String::with_capacity(filter.len() + 16);
+            out.push_str("$share/");
+            push_identity(&mut out, username);
+            out.push_str(group);
+            out.push('/');
+            out.push_str(inner);
+            out
         }
+        None => filter.to_string(),
     }
-    out
 }
 
 #[cfg(test)]
 mod tests {
-    use super::router_client_id;
+    use super::{router_client_id, router_filter};
+
+    #[test]
+    fn shared_groups_are_namespaced_by_identity() {
+        assert_eq!(router_filter(Some("al"), "a/#"), "a/#");
+        assert_eq!(
+            router_filter(Some("al"), "$share/g/a/#"),
+            "$share/u616c:g/a/#"
+        );
+        assert_eq!(router_filter(None, "$share/g/a"), "$share/-:g/a");
+        assert_ne!(
+            router_filter(Some("a"), "$share/g/x"),
+            router_filter(Some("b"), "$share/g/x")
+        );
+        // A group name cannot forge another identity's prefix.
+        assert_ne!(
+            router_filter(Some("a"), "$share/u62:g/x"),
+            router_filter(Some("b"), "$share/g/x")
+        );
+    }
 
     #[test]
     fn router_ids_are_namespaced_and_safe() {

@@ -8,6 +8,7 @@ use crate::codec::Version;
 use crate::policy::unshare;
 use crate::ratelimit::Pace;
 use crate::retained::Recorded;
+use crate::router::router_filter;
 use crate::topic::{valid_topic_filter, valid_topic_name};
 use rumqttd::protocol::{
     DisconnectReasonCode, Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec,
@@ -181,13 +182,18 @@ impl Gateway {
                 if !jobs.is_empty() {
                     self.retained_after_suback.insert(subscribe.pkid, jobs);
                 }
+                let user = self.identity.username.as_deref();
+                for f in &mut kept {
+                    f.path = router_filter(user, &f.path);
+                }
                 subscribe.filters = kept;
                 self.send_router(Packet::Subscribe(subscribe, props))
             }
-            Packet::Unsubscribe(unsubscribe, props) => {
-                for f in &unsubscribe.filters {
-                    self.subscriptions.remove(f);
+            Packet::Unsubscribe(mut unsubscribe, props) => {
+                for f in &mut unsubscribe.filters {
+                    self.subscriptions.remove(f.as_str());
                     self.cancel_retained(f);
+                    *f = router_filter(self.identity.username.as_deref(), f);
                 }
                 self.send_router(Packet::Unsubscribe(unsubscribe, props))
             }
