@@ -9,12 +9,14 @@ use crate::gateway::{Gateway, Will};
 use crate::policy::{AuthFailure, Identity};
 use crate::router::router_client_id;
 use crate::server::{ConnInfo, Shared};
+use crate::sessions::SessionQuota;
 use crate::transport::{Reader, Writer};
 use bytes::BytesMut;
 use rumqttd::protocol::{
     v4::V4, v5::V5, ConnAck, ConnAckProperties, ConnectReturnCode, Packet, Protocol,
     PublishProperties,
 };
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 use tracing::{debug, info};
@@ -210,6 +212,32 @@ pub async fn handle(
         shared.discard_session(&router_id).await;
     }
     let router_clean = keep_for.is_none();
+    // What moatmq keeps of the session: a clean link makes the router drop it.
+    let kept_filters = if router_clean {
+        shared.sessions.forget(&router_id);
+        HashSet::new()
+    } else {
+        match shared.sessions.resume(
+            &router_id,
+            identity.username.as_deref(),
+            limits.max_sessions_per_user,
+        ) {
+            Ok(filters) => filters,
+            Err(SessionQuota) => {
+                info!(listener = %info.listener.name, peer = %info.peer, client_id = %identity.client_id,
+                      "persistent session refused: limits.max_sessions_per_user reached");
+                if let Some(audit) = &shared.audit {
+                    audit.event(
+                        "session_refused",
+                        &info.who(Some(&identity.client_id), identity.username.as_deref()),
+                        &[("limit", "max_sessions_per_user".into())],
+                    );
+                }
+                refuse(&mut writer, version, Refusal::SessionQuota).await;
+                return Err(ConnectFailure::Refused("too many persistent sessions"));
+            }
+        }
+    };
     let (tx, rx, ack) = match shared.router.connect(router_id.clone(), router_clean).await {
         Ok(link) => link,
         Err(e) => {
@@ -291,6 +319,11 @@ pub async fn handle(
         max_out,
         !router_clean,
         hold.kicked.clone(),
+        if session_present {
+            kept_filters
+        } else {
+            HashSet::new()
+        },
     );
     let still_ours = gateway.run(reader, writer, buf).await;
     // The link is torn down: a connection waiting for this session may open its own
@@ -372,6 +405,7 @@ enum Refusal {
     TooLarge,
     Malformed,
     RateLimited,
+    SessionQuota,
 }
 
 /// Sends a refusing CONNACK (best effort) and closes.
@@ -384,7 +418,7 @@ async fn refuse(writer: &mut Writer, version: Version, refusal: Refusal) {
         (Version::V4, Refusal::ClientId) => C::ClientIdentifierNotValid,
         (Version::V4, Refusal::BadCredentials) => C::BadUserNamePassword,
         (Version::V4, Refusal::NotAuthorized) => C::NotAuthorized,
-        (Version::V4, Refusal::Unavailable) => C::ServiceUnavailable,
+        (Version::V4, Refusal::Unavailable | Refusal::SessionQuota) => C::ServiceUnavailable,
         // 3.1.1 has no code for these: close without a CONNACK (MQTT-3.2.2-4 allows it).
         (
             Version::V4,
@@ -401,6 +435,7 @@ async fn refuse(writer: &mut Writer, version: Version, refusal: Refusal) {
         (Version::V5, Refusal::TooLarge) => C::PacketTooLarge,
         (Version::V5, Refusal::Malformed) => C::MalformedPacket,
         (Version::V5, Refusal::RateLimited) => C::ConnectionRateExceeded,
+        (Version::V5, Refusal::SessionQuota) => C::QuotaExceeded,
     };
     let props = (version == Version::V5).then(ConnAckProperties::default);
     let packet = Packet::ConnAck(

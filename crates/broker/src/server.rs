@@ -209,6 +209,7 @@ impl Shared {
     /// router client id, closed at once. The caller holds the router client id
     /// (`sessions.rs`), so no live connection is taken over inside the router.
     pub async fn discard_session(&self, router_id: &str) {
+        self.sessions.forget(router_id);
         if let Ok((mut tx, _rx, _ack)) = self.router.connect(router_id.to_string(), true).await {
             let bye = rumqttd::protocol::Packet::Disconnect(
                 rumqttd::protocol::Disconnect {

@@ -6,18 +6,41 @@
 //! for a router client id first asks the connection holding it to close, waits until
 //! that gateway has torn its link down in order (`gateway::Gateway::run`), and only then
 //! opens its own link. At most one connection holds a router client id at a time.
+//!
+//! It also keeps what moatmq knows of each persistent session while the router keeps it
+//! (until a clean connection or expiry discards it): whose it is, for
+//! `limits.max_sessions_per_user`, and its filters, so that
+//! `limits.max_subscriptions_per_client` counts per session, not per connection.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::{watch, Notify};
 
-/// The holders of router client ids.
+/// The holders of router client ids and the kept persistent sessions.
 #[derive(Default)]
 pub struct Sessions {
     live: Arc<Mutex<HashMap<String, Holder>>>,
     next_generation: std::sync::atomic::AtomicU64,
+    kept: Mutex<Kept>,
 }
+
+#[derive(Default)]
+struct Kept {
+    /// By router client id.
+    sessions: HashMap<String, KeptSession>,
+    /// Kept sessions per user (`None`: anonymous).
+    per_user: HashMap<Option<String>, usize>,
+}
+
+struct KeptSession {
+    user: Option<String>,
+    filters: HashSet<String>,
+}
+
+/// The user already has `limits.max_sessions_per_user` persistent sessions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionQuota;
 
 struct Holder {
     generation: u64,
@@ -95,6 +118,56 @@ impl Sessions {
     }
 }
 
+impl Sessions {
+    /// A persistent session is opened or resumed under `router_id`: the filters it held
+    /// (empty for a new one). A new one past `max_per_user` for `user` is refused.
+    pub fn resume(
+        &self,
+        router_id: &str,
+        user: Option<&str>,
+        max_per_user: usize,
+    ) -> Result<HashSet<String>, SessionQuota> {
+        let mut kept = lock(&self.kept);
+        if let Some(s) = kept.sessions.get(router_id) {
+            return Ok(s.filters.clone());
+        }
+        let user = user.map(str::to_string);
+        let count = kept.per_user.entry(user.clone()).or_insert(0);
+        if *count >= max_per_user {
+            return Err(SessionQuota);
+        }
+        *count += 1;
+        kept.sessions.insert(
+            router_id.to_string(),
+            KeptSession {
+                user,
+                filters: HashSet::new(),
+            },
+        );
+        Ok(HashSet::new())
+    }
+
+    /// A persistent session's connection ended: its filters as the router keeps them.
+    pub fn save(&self, router_id: &str, filters: &HashSet<String>) {
+        if let Some(s) = lock(&self.kept).sessions.get_mut(router_id) {
+            s.filters.clone_from(filters);
+        }
+    }
+
+    /// The router no longer keeps this session (clean connection, expiry).
+    pub fn forget(&self, router_id: &str) {
+        let mut kept = lock(&self.kept);
+        if let Some(s) = kept.sessions.remove(router_id) {
+            if let Some(n) = kept.per_user.get_mut(&s.user) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    kept.per_user.remove(&s.user);
+                }
+            }
+        }
+    }
+}
+
 impl Drop for SessionHold {
     fn drop(&mut self) {
         let mut live = lock(&self.live);
@@ -133,6 +206,20 @@ mod tests {
         assert!(sessions.try_hold("a").is_none());
         drop(second);
         assert!(sessions.try_hold("a").is_some());
+    }
+
+    #[test]
+    fn kept_sessions_are_counted_per_user_until_forgotten() {
+        let s = Sessions::default();
+        assert!(s.resume("a1", Some("a"), 2).unwrap().is_empty());
+        assert!(s.resume("a2", Some("a"), 2).is_ok());
+        assert_eq!(s.resume("a3", Some("a"), 2), Err(SessionQuota));
+        assert!(s.resume("b1", Some("b"), 2).is_ok(), "per user");
+        // Resuming a kept session is not a new one, and keeps its filters.
+        s.save("a1", &HashSet::from(["x/#".to_string()]));
+        assert_eq!(s.resume("a1", Some("a"), 2).unwrap().len(), 1);
+        s.forget("a1");
+        assert!(s.resume("a3", Some("a"), 2).unwrap().is_empty());
     }
 
     #[tokio::test]

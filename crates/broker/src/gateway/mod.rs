@@ -89,7 +89,8 @@ pub struct Gateway {
     will: Option<Will>,
     keep_alive: Option<Duration>,
     max_out_packet: usize,
-    /// Filters held (for the subscription limit).
+    /// Filters the session holds (for the subscription limit), as the client wrote
+    /// them; a resumed persistent session starts with the ones it kept.
     subscriptions: HashSet<String>,
     /// Retained messages to send once the SUBACK of that packet id is out.
     retained_after_suback: HashMap<u16, Vec<RetainedJob>>,
@@ -147,6 +148,7 @@ impl Gateway {
         max_out_packet: Option<u32>,
         persistent: bool,
         kicked: Arc<Notify>,
+        subscriptions: HashSet<String>,
     ) -> Gateway {
         let limiter = PublishLimiter::new(&shared.config.rate_limit);
         let acl = shared.policy.acl_view();
@@ -164,7 +166,7 @@ impl Gateway {
             keep_alive: (keep_alive > 0)
                 .then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
             max_out_packet: max_out_packet.map_or(usize::MAX, |m| m as usize),
-            subscriptions: HashSet::new(),
+            subscriptions,
             retained_after_suback: HashMap::new(),
             retained_jobs: std::collections::VecDeque::new(),
             retained_batch: Vec::new(),
@@ -224,6 +226,12 @@ impl Gateway {
                 None,
             );
             let _ = self.tx.send(bye).now_or_never();
+        }
+        if self.persistent {
+            // Before the session hold is released: a new connection resumes these.
+            self.shared
+                .sessions
+                .save(&self.router_id, &self.subscriptions);
         }
         if let Some(audit) = &self.shared.audit {
             audit.event(
