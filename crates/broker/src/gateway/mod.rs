@@ -208,7 +208,8 @@ impl Gateway {
             crate::codec::write_v5_disconnect(reason_code, &mut self.out);
             let _ = tokio::time::timeout(Duration::from_secs(1), writer.write_all(&self.out)).await;
         }
-        writer.shutdown().await;
+        // A client that reads nothing cannot hold up the teardown (TLS close_notify).
+        let _ = tokio::time::timeout(Duration::from_secs(1), writer.shutdown()).await;
         let publish_will = !matches!(
             close,
             Close::ClientDisconnect { with_will: false } | Close::Shutdown
@@ -443,7 +444,13 @@ impl Gateway {
         if self.out.is_empty() {
             return Ok(());
         }
-        match tokio::time::timeout(WRITE_STALL, writer.write_all(&self.out)).await {
+        // A new connection for this session need not wait out a stalled write.
+        let kicked = self.kicked.clone();
+        let written = tokio::select! {
+            w = tokio::time::timeout(WRITE_STALL, writer.write_all(&self.out)) => w,
+            _ = kicked.notified() => return Err(Close::Replaced),
+        };
+        match written {
             Ok(Ok(())) => {
                 self.shared.metrics.bytes_out.inc_by(self.out.len() as u64);
                 self.out.clear();
