@@ -426,6 +426,9 @@ impl Broker {
         self,
         stop: impl std::future::Future<Output = ()>,
     ) -> Result<(), RouterFailure> {
+        // The watchdog threads end with this future, however it ends (also when a
+        // caller drops it).
+        let _watchdog = StopWatchdog(self.shared.router.clone());
         let failed = Arc::new(tokio::sync::Notify::new());
         let failure = Arc::new(Mutex::new(None));
         {
@@ -502,7 +505,6 @@ impl Broker {
                 return Err(why);
             }
         }
-        self.shared.router.stop_watchdog();
         info!("shutting down");
         self.shared
             .metrics
@@ -528,6 +530,15 @@ impl Broker {
     #[doc(hidden)]
     pub fn inject_router_fault(&self, fault: crate::router::RouterFault) {
         self.shared.router.inject(fault);
+    }
+}
+
+/// Stops the router watchdog when dropped.
+struct StopWatchdog(RouterHandle);
+
+impl Drop for StopWatchdog {
+    fn drop(&mut self) {
+        self.0.stop_watchdog();
     }
 }
 
