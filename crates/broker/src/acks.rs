@@ -6,6 +6,10 @@
 //! withholds (read ACL, the client's maximum packet size) and the PUBCOMPs of those, at
 //! the moment it withholds them. This queue holds such acknowledgements back until every
 //! older one has been sent, so the router always sees them in its own order.
+//!
+//! An acknowledgement for nothing in flight (a duplicate, a made-up id) is dropped here:
+//! the router would drop the link itself, and the gateway keeps every link teardown in
+//! its own hands (docs/security.md, "Router panics").
 
 use rumqttd::protocol::Packet;
 use std::collections::VecDeque;
@@ -40,8 +44,7 @@ impl AckOrder {
         release(&mut self.inflight, out);
     }
 
-    /// The client's PUBACK or PUBREC for `pkid`. An id we do not know is passed through
-    /// as it is (the router decides what an unsolicited acknowledgement means).
+    /// The client's PUBACK or PUBREC for `pkid`. An id not in flight is dropped.
     pub fn client_ack(&mut self, pkid: u16, ack: Packet, out: &mut Vec<Packet>) {
         fill(&mut self.inflight, pkid, ack, out);
     }
@@ -69,7 +72,7 @@ impl AckOrder {
 fn fill(queue: &mut VecDeque<Slot>, pkid: u16, ack: Packet, out: &mut Vec<Packet>) {
     match queue.iter_mut().find(|s| s.pkid == pkid && s.ack.is_none()) {
         Some(slot) => slot.ack = Some(ack),
-        None => out.push(ack),
+        None => return,
     }
     release(queue, out);
 }
@@ -122,7 +125,7 @@ mod tests {
     }
 
     #[test]
-    fn pubcomps_keep_pubrel_order_and_unknown_ids_pass_through() {
+    fn pubcomps_keep_pubrel_order_and_unknown_ids_are_dropped() {
         let mut q = AckOrder::default();
         let mut out = Vec::new();
         let comp = |pkid| {
@@ -141,6 +144,7 @@ mod tests {
         assert_eq!(ids(&out), vec![7, 8]);
         out.clear();
         q.client_ack(99, ack(99), &mut out);
-        assert_eq!(ids(&out), vec![99]);
+        q.client_comp(7, comp(7), &mut out);
+        assert!(out.is_empty(), "nothing in flight: {:?}", ids(&out));
     }
 }

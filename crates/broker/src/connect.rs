@@ -9,12 +9,14 @@ use crate::gateway::{Gateway, Will};
 use crate::policy::{AuthFailure, Identity};
 use crate::router::router_client_id;
 use crate::server::{ConnInfo, Shared};
+use crate::sessions::SessionQuota;
 use crate::transport::{Reader, Writer};
 use bytes::BytesMut;
 use rumqttd::protocol::{
     v4::V4, v5::V5, ConnAck, ConnAckProperties, ConnectReturnCode, Packet, Protocol,
     PublishProperties,
 };
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 use tracing::{debug, info};
@@ -215,6 +217,15 @@ pub async fn handle(
     };
     let keep_for = keep_for.filter(|&secs| secs > 0 || !connect.clean_session);
     let router_id = router_client_id(identity.username.as_deref(), &identity.client_id);
+    // A connection still holding this session closes first, tearing its link down in
+    // order: rumqttd's own takeover can panic the router (sessions.rs).
+    let Some(hold) = shared.sessions.hold(&router_id, TAKEOVER_WAIT).await else {
+        tracing::warn!(client_id = %identity.client_id, "previous connection did not close in time");
+        refuse(&mut writer, version, Refusal::Unavailable).await;
+        return Err(ConnectFailure::Refused(
+            "session still held by another connection",
+        ));
+    };
     shared.cancel_delayed_will(&router_id);
     shared.cancel_session_expiry(&router_id);
     if connect.clean_session && keep_for.is_some() {
@@ -222,6 +233,32 @@ pub async fn handle(
         shared.discard_session(&router_id).await;
     }
     let router_clean = keep_for.is_none();
+    // What moatmq keeps of the session: a clean link makes the router drop it.
+    let kept_filters = if router_clean {
+        shared.sessions.forget(&router_id);
+        HashSet::new()
+    } else {
+        match shared.sessions.resume(
+            &router_id,
+            identity.username.as_deref(),
+            limits.max_sessions_per_user,
+        ) {
+            Ok(filters) => filters,
+            Err(SessionQuota) => {
+                info!(listener = %info.listener.name, peer = %info.peer, client_id = %identity.client_id,
+                      "persistent session refused: limits.max_sessions_per_user reached");
+                if let Some(audit) = &shared.audit {
+                    audit.event(
+                        "session_refused",
+                        &info.who(Some(&identity.client_id), identity.username.as_deref()),
+                        &[("limit", "max_sessions_per_user".into())],
+                    );
+                }
+                refuse(&mut writer, version, Refusal::SessionQuota).await;
+                return Err(ConnectFailure::Refused("too many persistent sessions"));
+            }
+        }
+    };
     let (tx, rx, ack) = match shared.router.connect(router_id.clone(), router_clean).await {
         Ok(link) => link,
         Err(e) => {
@@ -251,7 +288,8 @@ pub async fn handle(
             user_properties: Vec::new(),
             wildcard_subscription_available: Some(1),
             subscription_identifiers_available: Some(0),
-            shared_subscription_available: Some(1),
+            // Not for persistent sessions: see Gateway::check_filter.
+            shared_subscription_available: Some(u8::from(router_clean)),
             server_keep_alive: None,
             response_information: None,
             server_reference: None,
@@ -301,8 +339,18 @@ pub async fn handle(
         will,
         connect.keep_alive,
         max_out,
+        !router_clean,
+        hold.kicked.clone(),
+        if session_present {
+            kept_filters
+        } else {
+            HashSet::new()
+        },
     );
     let still_ours = gateway.run(reader, writer, buf).await;
+    // The link is torn down: a connection waiting for this session may open its own
+    // (and the expiry below skips a session that is held again).
+    drop(hold);
     if let (true, Some(after)) = (still_ours, keep_for) {
         shared.expire_session_after(&router_id, after);
     }
@@ -320,6 +368,9 @@ async fn hung_up(reader: &mut Reader, buf: &mut BytesMut, max: usize) {
     }
     std::future::pending::<()>().await;
 }
+
+/// How long a new connection waits for the previous holder of its session to close.
+const TAKEOVER_WAIT: Duration = Duration::from_secs(10);
 
 /// Reads until a whole CONNECT is buffered and decodes it with the right codec.
 async fn read_connect(
@@ -389,6 +440,7 @@ enum Refusal {
     TooLarge,
     Malformed,
     RateLimited,
+    SessionQuota,
 }
 
 /// Sends a refusing CONNACK (best effort) and closes.
@@ -401,7 +453,9 @@ async fn refuse(writer: &mut Writer, version: Version, refusal: Refusal) {
         (Version::V4, Refusal::ClientId) => C::ClientIdentifierNotValid,
         (Version::V4, Refusal::BadCredentials) => C::BadUserNamePassword,
         (Version::V4, Refusal::NotAuthorized) => C::NotAuthorized,
-        (Version::V4, Refusal::Unavailable | Refusal::Busy) => C::ServiceUnavailable,
+        (Version::V4, Refusal::Unavailable | Refusal::Busy | Refusal::SessionQuota) => {
+            C::ServiceUnavailable
+        }
         // 3.1.1 has no code for these: close without a CONNACK (MQTT-3.2.2-4 allows it).
         (
             Version::V4,
@@ -419,6 +473,7 @@ async fn refuse(writer: &mut Writer, version: Version, refusal: Refusal) {
         (Version::V5, Refusal::TooLarge) => C::PacketTooLarge,
         (Version::V5, Refusal::Malformed) => C::MalformedPacket,
         (Version::V5, Refusal::RateLimited) => C::ConnectionRateExceeded,
+        (Version::V5, Refusal::SessionQuota) => C::QuotaExceeded,
     };
     let props = (version == Version::V5).then(ConnAckProperties::default);
     let packet = Packet::ConnAck(

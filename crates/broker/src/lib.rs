@@ -27,10 +27,15 @@ pub mod retained;
 mod retained_index;
 mod router;
 mod server;
+mod sessions;
 mod tls;
 pub mod topic;
 mod transport;
 mod ws_upgrade;
 
 pub use preflight::validate;
+#[cfg(feature = "test-hooks")]
+#[doc(hidden)]
+pub use router::RouterFault;
+pub use router::{RouterFailure, WEDGED_AFTER};
 pub use server::{run, shutdown_signal, Broker, Reloader, StartError};

@@ -1,6 +1,7 @@
 //! Prometheus metrics and health endpoints (`[metrics] bind`): `GET /metrics`,
-//! `GET /healthz` (the process is alive) and `GET /readyz` (listeners bound and the
-//! retained store loaded).
+//! `GET /healthz` (the process is alive and its router answers) and `GET /readyz`
+//! (listeners bound, the retained store loaded and the router answering). Both answer 503
+//! as soon as the router watchdog finds the router dead or wedged (`router.rs`).
 //!
 //! Hot-path counters are plain atomics held by each gateway; labelled families are only
 //! touched when a connection starts or ends.
@@ -59,6 +60,8 @@ pub struct Metrics {
     pub retained_last_save_duration_ms: Gauge,
     /// Set once listeners are bound and the retained store is loaded.
     pub ready: AtomicBool,
+    /// Cleared for good when the router dies or stops answering.
+    pub router_ok: AtomicBool,
     /// Saves counted by the store, mirrored into the gauges at scrape time.
     pub saves: AtomicU64,
 }
@@ -85,6 +88,7 @@ impl Metrics {
             retained_last_save_timestamp: Gauge::default(),
             retained_last_save_duration_ms: Gauge::default(),
             ready: AtomicBool::new(false),
+            router_ok: AtomicBool::new(true),
             saves: AtomicU64::new(0),
         };
         if let Ok(mut r) = m.registry.lock() {
@@ -202,7 +206,7 @@ impl Metrics {
 pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
     let app = Router::new()
         .route("/metrics", get(scrape))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthy))
         .route("/readyz", get(ready))
         .with_state(metrics);
     if let Err(e) = axum::serve(listener, app).await {
@@ -220,8 +224,16 @@ async fn scrape(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
     )
 }
 
+async fn healthy(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+    if m.router_ok.load(Ordering::Acquire) {
+        (StatusCode::OK, "ok\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "router failed\n")
+    }
+}
+
 async fn ready(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
-    if m.ready.load(Ordering::Acquire) {
+    if m.ready.load(Ordering::Acquire) && m.router_ok.load(Ordering::Acquire) {
         (StatusCode::OK, "ready\n")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")

@@ -14,7 +14,8 @@ use crate::policy::{Identity, ListenerPolicy, Policy, PolicyError};
 use crate::ratelimit::ConnectionLimiter;
 use crate::retained::{Recorded, RetainedError, RetainedStore};
 use crate::retained_index::{owner_of, unix_now, Quota, Refusal, RetainedEntry, RetainedIndex};
-use crate::router::RouterHandle;
+use crate::router::{RouterFailure, RouterHandle};
+use crate::sessions::Sessions;
 use crate::tls::TlsSetup;
 use bytes::Bytes;
 use moatmq_config::Config;
@@ -53,6 +54,8 @@ pub struct Shared {
     delayed_wills: Mutex<HashMap<String, AbortHandle>>,
     /// Disconnected persistent sessions waiting to expire, by router client id.
     session_timers: Mutex<HashMap<String, AbortHandle>>,
+    /// The connection holding each router client id (no takeover inside the router).
+    pub sessions: Sessions,
 }
 
 /// What a gateway knows about its connection before CONNECT.
@@ -262,8 +265,10 @@ impl Shared {
     }
 
     /// Drops a disconnected session's state in the router: a clean link under the same
-    /// router client id, closed at once.
+    /// router client id, closed at once. The caller holds the router client id
+    /// (`sessions.rs`), so no live connection is taken over inside the router.
     pub async fn discard_session(&self, router_id: &str) {
+        self.sessions.forget(router_id);
         if let Ok((mut tx, _rx, _ack)) = self.router.connect(router_id.to_string(), true).await {
             let bye = rumqttd::protocol::Packet::Disconnect(
                 rumqttd::protocol::Disconnect {
@@ -291,7 +296,8 @@ impl Shared {
                 .lock()
                 .map(|mut t| t.remove(&key).is_some())
                 .unwrap_or(false);
-            if still_due {
+            // A client that is back holds the id: its session is not expired.
+            if let (true, Some(_hold)) = (still_due, shared.sessions.try_hold(&key)) {
                 shared.discard_session(&key).await;
             }
         });
@@ -357,6 +363,10 @@ pub enum StartError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    /// The router died or stopped answering while serving (`run` only; see
+    /// [`Broker::serve`]): the process should exit so its supervisor restarts it.
+    #[error("{0}; exiting so the service manager restarts moatmq")]
+    RouterFailed(#[from] RouterFailure),
 }
 
 impl StartError {
@@ -365,7 +375,10 @@ impl StartError {
     /// `RestartPreventExitStatus=64` does not restart it). A port in use or a router that
     /// could not start is a runtime failure.
     pub fn is_config(&self) -> bool {
-        !matches!(self, StartError::Bind { .. } | StartError::Router(_))
+        !matches!(
+            self,
+            StartError::Bind { .. } | StartError::Router(_) | StartError::RouterFailed(_)
+        )
     }
 }
 
@@ -468,6 +481,7 @@ impl Broker {
             shutdown,
             delayed_wills: Mutex::new(HashMap::new()),
             session_timers: Mutex::new(HashMap::new()),
+            sessions: Sessions::default(),
         });
         let tls = listeners.iter().filter_map(Bound::tls).collect();
         Ok(Broker {
@@ -501,8 +515,49 @@ impl Broker {
         }
     }
 
-    /// Serves until `stop` resolves, then shuts down gracefully.
-    pub async fn serve(self, stop: impl std::future::Future<Output = ()>) {
+    /// Serves until `stop` resolves, then shuts down gracefully. If the router dies or
+    /// stops answering first, health and readiness turn 503 at once and this returns the
+    /// failure after flushing the retained store (bounded), without waiting for clients.
+    pub async fn serve(
+        self,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> Result<(), RouterFailure> {
+        // The watchdog threads end with this future, however it ends (also when a
+        // caller drops it).
+        let _watchdog = StopWatchdog(self.shared.router.clone());
+        let failed = Arc::new(tokio::sync::Notify::new());
+        let failure = Arc::new(Mutex::new(None));
+        {
+            let (failed, failure, metrics) =
+                (failed.clone(), failure.clone(), self.shared.metrics.clone());
+            // Runs on the monitor thread: the async workers may be blocked by then.
+            self.shared.router.watch(move |why| {
+                metrics
+                    .router_ok
+                    .store(false, std::sync::atomic::Ordering::Release);
+                metrics
+                    .ready
+                    .store(false, std::sync::atomic::Ordering::Release);
+                tracing::error!(
+                    "router failed: {why}; exiting so the service manager restarts moatmq"
+                );
+                if let Ok(mut f) = failure.lock() {
+                    *f = Some(why);
+                }
+                failed.notify_one();
+            });
+        }
+        #[cfg(feature = "test-hooks")]
+        if let Ok(fault) = std::env::var("MOATMQ_TEST_ROUTER_FAULT") {
+            let fault = match fault.as_str() {
+                "kill" => Some(crate::router::RouterFault::Kill),
+                "wedge" => Some(crate::router::RouterFault::Wedge),
+                _ => None,
+            };
+            if let Some(fault) = fault {
+                self.shared.router.inject(fault);
+            }
+        }
         let slots = Arc::new(tokio::sync::Semaphore::new(
             self.shared.config.limits.max_connections,
         ));
@@ -511,11 +566,41 @@ impl Broker {
             info!(listener = l.name(), addr = %l.local_addr(), "listening");
             tasks.spawn(l.accept_loop(self.shared.clone(), slots.clone()));
         }
+        // Not ready if the router already failed (the monitor cleared both flags).
+        let router_ok = self
+            .shared
+            .metrics
+            .router_ok
+            .load(std::sync::atomic::Ordering::Acquire);
         self.shared
             .metrics
             .ready
-            .store(true, std::sync::atomic::Ordering::Release);
-        stop.await;
+            .store(router_ok, std::sync::atomic::Ordering::Release);
+        tokio::select! {
+            _ = stop => {}
+            _ = failed.notified() => {
+                let why = failure
+                    .lock()
+                    .ok()
+                    .and_then(|mut f| f.take())
+                    .unwrap_or(RouterFailure::Died);
+                let _ = self.shutdown_tx.send(true);
+                tasks.abort_all();
+                // Gateways are not awaited: their sends may block on a wedged router.
+                if let Some(store) = &self.shared.retained {
+                    let store = store.clone();
+                    let flush = tokio::task::spawn_blocking(move || store.shutdown());
+                    if tokio::time::timeout(FAILED_FLUSH_WAIT, flush).await.is_err() {
+                        warn!("retained store flush did not finish in time");
+                    }
+                }
+                if let Some(task) = self.metrics_task {
+                    // The endpoints keep answering 503 until the process exits.
+                    drop(task);
+                }
+                return Err(why);
+            }
+        }
         info!("shutting down");
         self.shared
             .metrics
@@ -533,6 +618,14 @@ impl Broker {
         if let Some(task) = self.metrics_task {
             task.abort();
         }
+        Ok(())
+    }
+
+    /// Injects a fault into the router (supervision tests).
+    #[cfg(feature = "test-hooks")]
+    #[doc(hidden)]
+    pub fn inject_router_fault(&self, fault: crate::router::RouterFault) {
+        self.shared.router.inject(fault);
     }
 }
 
@@ -554,6 +647,18 @@ fn anonymous_warning(l: &moatmq_config::Listener) -> String {
         format!("anonymous clients are allowed on listener {}", l.name)
     }
 }
+
+/// Stops the router watchdog when dropped.
+struct StopWatchdog(RouterHandle);
+
+impl Drop for StopWatchdog {
+    fn drop(&mut self) {
+        self.0.stop_watchdog();
+    }
+}
+
+/// How long a failed broker waits for the retained store's final flush.
+const FAILED_FLUSH_WAIT: Duration = Duration::from_secs(2);
 
 /// Reloads what SIGHUP reloads.
 #[derive(Clone)]
@@ -602,7 +707,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
             reloader.reload();
         }
     });
-    broker.serve(shutdown_signal()).await;
+    broker.serve(shutdown_signal()).await?;
     Ok(())
 }
 

@@ -237,7 +237,7 @@ async fn readyz_is_not_ready_until_the_broker_serves() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(http_get(m, "/readyz").await.0, 200);
     let _ = stop.send(());
-    task.await.unwrap();
+    task.await.unwrap().unwrap();
 }
 
 #[tokio::test]

@@ -14,6 +14,7 @@ pub const DEFAULT_MAX_TOPIC_LEVELS: usize = 32;
 pub const DEFAULT_MAX_CLIENT_ID_LENGTH: usize = 128;
 pub const DEFAULT_MAX_QUEUED_BYTES: usize = 8 * 1_048_576;
 pub const DEFAULT_MAX_SESSION_EXPIRY: u64 = 7 * 24 * 3600;
+pub const DEFAULT_MAX_SESSIONS_PER_USER: usize = 16;
 pub const DEFAULT_AUTOSAVE_INTERVAL: u64 = 1;
 pub const DEFAULT_CONNECTIONS_PER_SECOND: u32 = 20;
 pub const DEFAULT_CONNECTION_BURST: u32 = 40;
@@ -266,6 +267,10 @@ pub struct Limits {
     /// clean session off, and MQTT 5 session expiry intervals longer than this.
     #[serde(default = "default_max_session_expiry")]
     pub max_session_expiry: u64,
+    /// Persistent sessions one user (all anonymous clients count as one) may have kept
+    /// at once, connected or not; the CONNECT of one more is refused.
+    #[serde(default = "default_max_sessions_per_user")]
+    pub max_sessions_per_user: usize,
 }
 
 impl Default for Limits {
@@ -283,6 +288,7 @@ impl Default for Limits {
             max_client_id_length: DEFAULT_MAX_CLIENT_ID_LENGTH,
             max_queued_bytes: DEFAULT_MAX_QUEUED_BYTES,
             max_session_expiry: DEFAULT_MAX_SESSION_EXPIRY,
+            max_sessions_per_user: DEFAULT_MAX_SESSIONS_PER_USER,
         }
     }
 }
@@ -486,6 +492,9 @@ fn default_max_queued_bytes() -> usize {
 fn default_max_session_expiry() -> u64 {
     DEFAULT_MAX_SESSION_EXPIRY
 }
+fn default_max_sessions_per_user() -> usize {
+    DEFAULT_MAX_SESSIONS_PER_USER
+}
 
 /// Whether two bind addresses cannot both be bound: the same port (not 0, which picks
 /// a free one) on the same address, or one of them a wildcard that covers the other
@@ -644,6 +653,7 @@ impl Config {
             ("limits.max_client_id_length", lim.max_client_id_length),
             ("limits.max_queued_bytes", lim.max_queued_bytes),
             ("limits.max_session_expiry", lim.max_session_expiry as usize),
+            ("limits.max_sessions_per_user", lim.max_sessions_per_user),
         ] {
             if value == 0 {
                 return Err(Invalid::new(key, "must be greater than 0"));

@@ -60,6 +60,16 @@ fn zero_limits_are_refused() {
 }
 
 #[test]
+fn max_sessions_per_user_defaults_to_16_and_refuses_0() {
+    assert_eq!(parse(MINIMAL).unwrap().limits.max_sessions_per_user, 16);
+    let err = parse(&format!("{MINIMAL}[limits]\nmax_sessions_per_user = 0\n")).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "broker.toml:5: limits.max_sessions_per_user: must be greater than 0"
+    );
+}
+
+#[test]
 fn no_listener_is_refused() {
     let err = parse("[auth]\nallow_anonymous = true\n").unwrap_err();
     assert!(

@@ -15,6 +15,8 @@ use zeroize::Zeroizing;
 /// systemd unit has `RestartPreventExitStatus=64`. A runtime failure (a port in use,
 /// the router failing) exits 1.
 const EXIT_CONFIG: u8 = 64;
+/// Exit code when the router died or stopped answering (EX_SOFTWARE in sysexits.h).
+const EXIT_ROUTER_FAILED: u8 = 70;
 
 pub fn dispatch(cli: Cli) -> ExitCode {
     let result = match cli.command {
@@ -101,8 +103,13 @@ fn serve(path: Option<&Path>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(moatmq_broker::run(config)) {
+    let result = runtime.block_on(moatmq_broker::run(config));
+    // Blocking threads may be stuck on a failed router: do not wait for them.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(500));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
+        // Logged (one ERROR line) when it was detected.
+        Err(moatmq_broker::StartError::RouterFailed(_)) => ExitCode::from(EXIT_ROUTER_FAILED),
         Err(e) => {
             eprintln!("{e}");
             if e.is_config() {

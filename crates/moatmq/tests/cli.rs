@@ -396,3 +396,28 @@ async fn client_strings_cannot_forge_text_log_lines() {
     );
     assert!(!log.contains('\u{202e}'), "raw bidi override in the log");
 }
+
+/// A router that dies (a real panic, injected through the test-hooks feature the testkit
+/// enables) makes the binary exit 70 within 5 s, with one ERROR line saying why.
+#[test]
+fn a_dead_router_exits_non_zero_within_5_s() {
+    for fault in ["kill", "wedge"] {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let config = format!("{}allow_anonymous = true\n", listener(port));
+        let path = dir.path().join("broker.toml");
+        std::fs::write(&path, config).unwrap();
+        let mut m = Moatmq::spawn(
+            &["serve", "-c", path.to_str().unwrap()],
+            &[("MOATMQ_TEST_ROUTER_FAULT", fault)],
+        );
+        let status = m.exit_within(Duration::from_secs(5) + Duration::from_secs(2));
+        assert_eq!(status.code(), Some(70), "{fault}");
+        let log = m.log.lock().unwrap().clone();
+        let errors: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("ERROR") && l.contains("router failed"))
+            .collect();
+        assert_eq!(errors.len(), 1, "{fault}: one ERROR line:\n{log}");
+    }
+}

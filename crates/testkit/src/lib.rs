@@ -57,9 +57,13 @@ impl TestBroker {
         let metrics = broker.metrics_addr();
         let reloader = broker.reloader();
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(broker.serve(async move {
-            let _ = stopped.await;
-        }));
+        let task = tokio::spawn(async move {
+            let _ = broker
+                .serve(async move {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
         TestBroker {
             addrs,
             metrics,

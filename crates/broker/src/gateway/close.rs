@@ -20,8 +20,10 @@ pub(crate) enum Close {
     WriteStalled,
     /// We close the connection; MQTT 5 clients get a DISCONNECT with this reason.
     Protocol(DisconnectReasonCode, &'static str),
-    /// The router dropped the link (session taken over by a new connection).
+    /// The router dropped the link (it stopped, or a bug let it take the session over).
     TakenOver,
+    /// A new connection for the same session asked this one to close (`sessions.rs`).
+    Replaced,
     /// The broker is shutting down.
     Shutdown,
 }
@@ -36,7 +38,8 @@ impl Close {
             Close::Network(_) => "network_error",
             Close::WriteStalled => "client_not_reading",
             Close::Protocol(code, _) => reason_code_name(*code),
-            Close::TakenOver => "session_taken_over",
+            Close::TakenOver => "router_link_lost",
+            Close::Replaced => "session_taken_over",
             Close::Shutdown => "server_shutting_down",
         }
     }

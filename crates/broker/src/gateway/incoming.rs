@@ -8,6 +8,7 @@ use crate::codec::Version;
 use crate::policy::unshare;
 use crate::ratelimit::Pace;
 use crate::retained::Recorded;
+use crate::router::router_filter;
 use crate::topic::{valid_topic_filter, valid_topic_name};
 use rumqttd::protocol::{
     DisconnectReasonCode, Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec,
@@ -33,6 +34,26 @@ impl Gateway {
                         "topic not UTF-8",
                     ));
                 };
+                if props
+                    .as_ref()
+                    .is_some_and(|p| !p.subscription_identifiers.is_empty())
+                {
+                    // MQTT-3.3.4-6; the router would drop the link itself, and link
+                    // teardowns stay in the gateway's hands (docs/security.md).
+                    return Err(Close::Protocol(
+                        DisconnectReasonCode::ProtocolError,
+                        "subscription identifier in PUBLISH",
+                    ));
+                }
+                if qos == QoS::ExactlyOnce && self.qos2_in.contains(&pkid) {
+                    // A resend before PUBREL: the router has it already (MQTT-4.3.3-10:
+                    // not delivered twice). Its PUBREC is ours to repeat.
+                    let rec = PubRec {
+                        pkid,
+                        reason: PubRecReason::Success,
+                    };
+                    return self.write(Packet::PubRec(rec, None));
+                }
                 if props.as_ref().is_some_and(|p| p.topic_alias.is_some()) {
                     // We announce topic_alias_max = 0 in the CONNACK.
                     return Err(Close::Protocol(
@@ -121,12 +142,18 @@ impl Gateway {
                         Recorded::NeedsSave => {
                             // It and everything after it wait for one save of this read.
                             publish.retain = false;
+                            if qos == QoS::ExactlyOnce {
+                                self.qos2_in.insert(pkid);
+                            }
                             self.awaiting_save.push(Packet::Publish(publish, props));
                             return Ok(());
                         }
                     }
                     // The router keeps no retained messages: moatmq serves them itself.
                     publish.retain = false;
+                }
+                if qos == QoS::ExactlyOnce {
+                    self.qos2_in.insert(pkid);
                 }
                 self.send_router(Packet::Publish(publish, props))
             }
@@ -179,13 +206,18 @@ impl Gateway {
                 if !jobs.is_empty() {
                     self.retained_after_suback.insert(subscribe.pkid, jobs);
                 }
+                let user = self.identity.username.as_deref();
+                for f in &mut kept {
+                    f.path = router_filter(user, &f.path);
+                }
                 subscribe.filters = kept;
                 self.send_router(Packet::Subscribe(subscribe, props))
             }
-            Packet::Unsubscribe(unsubscribe, props) => {
-                for f in &unsubscribe.filters {
-                    self.subscriptions.remove(f);
+            Packet::Unsubscribe(mut unsubscribe, props) => {
+                for f in &mut unsubscribe.filters {
+                    self.subscriptions.remove(f.as_str());
                     self.cancel_retained(f);
+                    *f = router_filter(self.identity.username.as_deref(), f);
                 }
                 self.send_router(Packet::Unsubscribe(unsubscribe, props))
             }
@@ -197,7 +229,22 @@ impl Gateway {
                     };
                     return self.write(Packet::PubComp(comp, None));
                 }
-                self.send_router(Packet::PubRel(rel, props))
+                if self.qos2_in.remove(&rel.pkid) {
+                    return self.send_router(Packet::PubRel(rel, props));
+                }
+                // A PUBREL for nothing the router holds (a resend after a reconnect, or a
+                // made-up id): the router would drop the link, so it is answered here.
+                let reason = match self.version {
+                    Version::V5 => PubCompReason::PacketIdentifierNotFound,
+                    Version::V4 => PubCompReason::Success,
+                };
+                let comp = PubComp {
+                    pkid: rel.pkid,
+                    reason,
+                };
+                // Not counted against the receive maximum: nothing was in flight.
+                self.inflight_in = self.inflight_in.saturating_add(1);
+                self.write(Packet::PubComp(comp, None))
             }
             // Acknowledgements reach the router in the order it forwarded the messages.
             p @ (Packet::PubAck(..) | Packet::PubRec(..) | Packet::PubComp(..))
@@ -252,6 +299,12 @@ impl Gateway {
         };
         if !valid_topic_filter(path, limits.max_topic_levels) {
             return Some(code(SubscribeReasonCode::TopicFilterInvalid));
+        }
+        if self.persistent && path.starts_with("$share/") {
+            // rumqttd panics ("group must exists") when it saves a persistent session
+            // holding a shared subscription with a message in flight; the CONNACK of a
+            // persistent session announces shared subscriptions as unavailable.
+            return Some(code(SubscribeReasonCode::SharedSubscriptionsNotSupported));
         }
         if !self.subscriptions.contains(path)
             && self.subscriptions.len() >= limits.max_subscriptions_per_client

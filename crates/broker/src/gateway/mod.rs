@@ -28,6 +28,7 @@ use rumqttd::protocol::{
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::{debug, info};
 
@@ -71,7 +72,8 @@ pub struct Gateway {
     will: Option<Will>,
     keep_alive: Option<Duration>,
     max_out_packet: usize,
-    /// Filters held (for the subscription limit).
+    /// Filters the session holds (for the subscription limit), as the client wrote
+    /// them; a resumed persistent session starts with the ones it kept.
     subscriptions: HashSet<String>,
     /// Retained messages to send once the SUBACK of that packet id is out.
     retained_after_suback: HashMap<u16, Vec<RetainedJob>>,
@@ -106,6 +108,12 @@ pub struct Gateway {
     to_router: Vec<Packet>,
     /// The newest packet for the router; older ones wait in the link's buffer.
     held: Option<Packet>,
+    /// The router keeps this session after the connection (clean session 0, expiry).
+    persistent: bool,
+    /// Notified when a new connection takes this session over.
+    kicked: Arc<Notify>,
+    /// Client QoS 2 publishes the router holds until their PUBREL, by packet id.
+    qos2_in: HashSet<u16>,
 }
 
 impl Gateway {
@@ -121,6 +129,9 @@ impl Gateway {
         will: Option<Will>,
         keep_alive: u16,
         max_out_packet: Option<u32>,
+        persistent: bool,
+        kicked: Arc<Notify>,
+        subscriptions: HashSet<String>,
     ) -> Gateway {
         let limiter = PublishLimiter::new(&shared.config.rate_limit, identity.username.as_deref());
         let acl = shared.policy.acl_view();
@@ -138,7 +149,7 @@ impl Gateway {
             keep_alive: (keep_alive > 0)
                 .then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
             max_out_packet: max_out_packet.map_or(usize::MAX, |m| m as usize),
-            subscriptions: HashSet::new(),
+            subscriptions,
             retained_after_suback: HashMap::new(),
             retained_jobs: std::collections::VecDeque::new(),
             retained_batch: Vec::new(),
@@ -156,6 +167,9 @@ impl Gateway {
             acks: AckOrder::default(),
             to_router: Vec::new(),
             held: None,
+            persistent,
+            kicked,
+            qos2_in: HashSet::new(),
         }
     }
 
@@ -168,7 +182,7 @@ impl Gateway {
             .await;
         let reason = match &close {
             Close::Protocol(code, _) => Some(*code),
-            Close::TakenOver => Some(DisconnectReasonCode::SessionTakenOver),
+            Close::TakenOver | Close::Replaced => Some(DisconnectReasonCode::SessionTakenOver),
             Close::Shutdown => Some(DisconnectReasonCode::ServerShuttingDown),
             _ => None,
         };
@@ -177,7 +191,8 @@ impl Gateway {
             crate::codec::write_v5_disconnect(reason_code, &mut self.out);
             let _ = tokio::time::timeout(Duration::from_secs(1), writer.write_all(&self.out)).await;
         }
-        writer.shutdown().await;
+        // A client that reads nothing cannot hold up the teardown (TLS close_notify).
+        let _ = tokio::time::timeout(Duration::from_secs(1), writer.shutdown()).await;
         let publish_will = !matches!(
             close,
             Close::ClientDisconnect { with_will: false } | Close::Shutdown
@@ -196,6 +211,12 @@ impl Gateway {
             );
             let _ = self.tx.send(bye).now_or_never();
         }
+        if self.persistent {
+            // Before the session hold is released: a new connection resumes these.
+            self.shared
+                .sessions
+                .save(&self.router_id, &self.subscriptions);
+        }
         if let Some(audit) = &self.shared.audit {
             audit.event(
                 "disconnect",
@@ -209,7 +230,7 @@ impl Gateway {
         info!(listener = %self.info.listener.name, peer = %self.info.peer,
               client_id = %self.identity.client_id, reason = close.as_str(),
               detail = close.detail(), "client disconnected");
-        !matches!(close, Close::TakenOver)
+        !matches!(close, Close::TakenOver | Close::Replaced)
     }
 
     async fn serve(
@@ -222,6 +243,7 @@ impl Gateway {
         let max_packet = self.shared.config.limits.max_packet_size;
         let far_future = Duration::from_secs(86400 * 365);
         let mut deadline = Instant::now() + self.keep_alive.unwrap_or(far_future);
+        let kicked = self.kicked.clone();
         // Bytes already buffered after the CONNECT are packets too.
         if let Err(close) = self.decode_all(buf, max_packet) {
             return close;
@@ -290,6 +312,7 @@ impl Gateway {
                     return Close::Protocol(DisconnectReasonCode::KeepAliveTimeout, "keep alive timeout");
                 }
                 _ = shutdown.changed() => return Close::Shutdown,
+                _ = kicked.notified() => return Close::Replaced,
                 _ = std::future::ready(()), if self.can_feed_retained() => {
                     if let Err(close) = self.feed_retained() {
                         return close;
@@ -405,7 +428,13 @@ impl Gateway {
         if self.out.is_empty() {
             return Ok(());
         }
-        match tokio::time::timeout(WRITE_STALL, writer.write_all(&self.out)).await {
+        // A new connection for this session need not wait out a stalled write.
+        let kicked = self.kicked.clone();
+        let written = tokio::select! {
+            w = tokio::time::timeout(WRITE_STALL, writer.write_all(&self.out)) => w,
+            _ = kicked.notified() => return Err(Close::Replaced),
+        };
+        match written {
             Ok(Ok(())) => {
                 self.shared.metrics.bytes_out.inc_by(self.out.len() as u64);
                 self.out.clear();

@@ -1,0 +1,234 @@
+//! Which connection holds each router session (keyed by router client id) right now.
+//!
+//! rumqttd takes a session over by tearing the old link down inside the router
+//! (`Router::handle_disconnection`), which panics for a persistent session in a shared
+//! group ("group must exists"). So the router never does a takeover: a new connection
+//! for a router client id first asks the connection holding it to close, waits until
+//! that gateway has torn its link down in order (`gateway::Gateway::run`), and only then
+//! opens its own link. At most one connection holds a router client id at a time.
+//!
+//! It also keeps what moatmq knows of each persistent session while the router keeps it
+//! (until a clean connection or expiry discards it): whose it is, for
+//! `limits.max_sessions_per_user`, and its filters, so that
+//! `limits.max_subscriptions_per_client` counts per session, not per connection.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::sync::{watch, Notify};
+
+/// The holders of router client ids and the kept persistent sessions.
+#[derive(Default)]
+pub struct Sessions {
+    live: Arc<Mutex<HashMap<String, Holder>>>,
+    next_generation: std::sync::atomic::AtomicU64,
+    kept: Mutex<Kept>,
+}
+
+#[derive(Default)]
+struct Kept {
+    /// By router client id.
+    sessions: HashMap<String, KeptSession>,
+    /// Kept sessions per user (`None`: anonymous).
+    per_user: HashMap<Option<String>, usize>,
+}
+
+struct KeptSession {
+    user: Option<String>,
+    filters: HashSet<String>,
+}
+
+/// The user already has `limits.max_sessions_per_user` persistent sessions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionQuota;
+
+struct Holder {
+    generation: u64,
+    /// Asks the holder to close.
+    kick: Arc<Notify>,
+    /// Becomes `true` once the holder's link is torn down.
+    gone: watch::Receiver<bool>,
+}
+
+/// Holding a router client id; dropping it (after the link is torn down) frees it.
+pub struct SessionHold {
+    live: Arc<Mutex<HashMap<String, Holder>>>,
+    router_id: String,
+    generation: u64,
+    gone: watch::Sender<bool>,
+    /// Notified when a newer connection wants this session.
+    pub kicked: Arc<Notify>,
+}
+
+impl Sessions {
+    /// Takes `router_id`, closing the connection that holds it first. `None` if that
+    /// connection did not let go within `wait`.
+    pub async fn hold(&self, router_id: &str, wait: Duration) -> Option<SessionHold> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let (kick, mut gone) = {
+                let mut live = lock(&self.live);
+                match live.get(router_id) {
+                    None => return Some(self.insert(&mut live, router_id)),
+                    Some(h) => (h.kick.clone(), h.gone.clone()),
+                }
+            };
+            kick.notify_one();
+            // An error means the holder was dropped: it is gone too.
+            if tokio::time::timeout_at(deadline, gone.wait_for(|g| *g))
+                .await
+                .is_err()
+            {
+                return None;
+            }
+        }
+    }
+
+    /// Takes `router_id` only if no connection holds it (session expiry must not close a
+    /// client that came back).
+    pub fn try_hold(&self, router_id: &str) -> Option<SessionHold> {
+        let mut live = lock(&self.live);
+        if live.contains_key(router_id) {
+            return None;
+        }
+        Some(self.insert(&mut live, router_id))
+    }
+
+    fn insert(&self, live: &mut HashMap<String, Holder>, router_id: &str) -> SessionHold {
+        let generation = self
+            .next_generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let kick = Arc::new(Notify::new());
+        let (gone_tx, gone_rx) = watch::channel(false);
+        live.insert(
+            router_id.to_string(),
+            Holder {
+                generation,
+                kick: kick.clone(),
+                gone: gone_rx,
+            },
+        );
+        SessionHold {
+            live: self.live.clone(),
+            router_id: router_id.to_string(),
+            generation,
+            gone: gone_tx,
+            kicked: kick,
+        }
+    }
+}
+
+impl Sessions {
+    /// A persistent session is opened or resumed under `router_id`: the filters it held
+    /// (empty for a new one). A new one past `max_per_user` for `user` is refused.
+    pub fn resume(
+        &self,
+        router_id: &str,
+        user: Option<&str>,
+        max_per_user: usize,
+    ) -> Result<HashSet<String>, SessionQuota> {
+        let mut kept = lock(&self.kept);
+        if let Some(s) = kept.sessions.get(router_id) {
+            return Ok(s.filters.clone());
+        }
+        let user = user.map(str::to_string);
+        let count = kept.per_user.entry(user.clone()).or_insert(0);
+        if *count >= max_per_user {
+            return Err(SessionQuota);
+        }
+        *count += 1;
+        kept.sessions.insert(
+            router_id.to_string(),
+            KeptSession {
+                user,
+                filters: HashSet::new(),
+            },
+        );
+        Ok(HashSet::new())
+    }
+
+    /// A persistent session's connection ended: its filters as the router keeps them.
+    pub fn save(&self, router_id: &str, filters: &HashSet<String>) {
+        if let Some(s) = lock(&self.kept).sessions.get_mut(router_id) {
+            s.filters.clone_from(filters);
+        }
+    }
+
+    /// The router no longer keeps this session (clean connection, expiry).
+    pub fn forget(&self, router_id: &str) {
+        let mut kept = lock(&self.kept);
+        if let Some(s) = kept.sessions.remove(router_id) {
+            if let Some(n) = kept.per_user.get_mut(&s.user) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    kept.per_user.remove(&s.user);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for SessionHold {
+    fn drop(&mut self) {
+        let mut live = lock(&self.live);
+        if live
+            .get(&self.router_id)
+            .is_some_and(|h| h.generation == self.generation)
+        {
+            live.remove(&self.router_id);
+        }
+        drop(live);
+        let _ = self.gone.send(true);
+    }
+}
+
+/// The map stays consistent under a panic elsewhere (every change is one insert or
+/// remove), so a poisoned lock is used as it is.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_new_holder_waits_for_the_old_one_to_let_go() {
+        let sessions = Arc::new(Sessions::default());
+        let first = sessions.hold("a", Duration::from_secs(1)).await.unwrap();
+        assert!(sessions.try_hold("a").is_none());
+        let kicked = first.kicked.clone();
+        let s = sessions.clone();
+        let second = tokio::spawn(async move { s.hold("a", Duration::from_secs(5)).await });
+        kicked.notified().await;
+        drop(first);
+        let second = second.await.unwrap().expect("taken over");
+        assert!(sessions.try_hold("a").is_none());
+        drop(second);
+        assert!(sessions.try_hold("a").is_some());
+    }
+
+    #[test]
+    fn kept_sessions_are_counted_per_user_until_forgotten() {
+        let s = Sessions::default();
+        assert!(s.resume("a1", Some("a"), 2).unwrap().is_empty());
+        assert!(s.resume("a2", Some("a"), 2).is_ok());
+        assert_eq!(s.resume("a3", Some("a"), 2), Err(SessionQuota));
+        assert!(s.resume("b1", Some("b"), 2).is_ok(), "per user");
+        // Resuming a kept session is not a new one, and keeps its filters.
+        s.save("a1", &HashSet::from(["x/#".to_string()]));
+        assert_eq!(s.resume("a1", Some("a"), 2).unwrap().len(), 1);
+        s.forget("a1");
+        assert!(s.resume("a3", Some("a"), 2).unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_holder_that_does_not_let_go_times_the_newcomer_out() {
+        let sessions = Sessions::default();
+        let _first = sessions.hold("a", Duration::from_secs(1)).await.unwrap();
+        assert!(sessions
+            .hold("a", Duration::from_millis(50))
+            .await
+            .is_none());
+    }
+}
