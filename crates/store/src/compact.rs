@@ -239,7 +239,7 @@ pub fn accept(path: &Path, key: RetainedKey) -> Result<usize, StoreError> {
 
 /// Gives `file` the owner and group of `old` (a no-op when they already match, so it
 /// needs root only when root runs the command on another user's store).
-fn keep_owner(file: &std::fs::File, old: &std::fs::Metadata) -> std::io::Result<()> {
+pub(crate) fn keep_owner(file: &std::fs::File, old: &std::fs::Metadata) -> std::io::Result<()> {
     use std::os::unix::fs::MetadataExt;
     let new = file.metadata()?;
     if (new.uid(), new.gid()) == (old.uid(), old.gid()) {

@@ -5,23 +5,23 @@
 //! good length before the next attempt, so a half-written batch never stays in the middle.
 
 use std::collections::{HashMap, HashSet};
-use std::fs::{DirBuilder, File, OpenOptions};
-use std::io::BufReader;
-use std::os::unix::fs::{DirBuilderExt, FileExt};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use aes_gcm::Aes256Gcm;
 
-use crate::log::{self, Entry, Required};
-use crate::mark::{self, Found, Mark, MarkFile, Vouch, MARK_NAME};
+use crate::format::RETAINED;
+use crate::log::{self, Entry};
+use crate::logfile::LogFile;
+pub(crate) use crate::logfile::Trust;
+use crate::mark::{Mark, MarkFile, Vouch};
 use crate::record::{self, FileId, RecordRef, HEADER_LEN};
 use crate::{now_unix, FlushStats, RetainedKey, RetainedMessage, StoreError, StoreLimits};
 
-/// Name of the log inside the store directory.
-pub(crate) const LOG_NAME: &str = "retained.log";
 /// Prefix of compaction/rekey temporary files; stale ones are removed on open.
-pub(crate) const TMP_PREFIX: &str = "retained.log.tmp";
+pub(crate) const TMP_PREFIX: &str = RETAINED.tmp_prefix;
 /// Compaction waits until the garbage exceeds this too, so small stores are left alone.
 const COMPACT_SLACK_BYTES: u64 = 64 * 1024;
 
@@ -76,15 +76,6 @@ impl std::fmt::Debug for Store {
     }
 }
 
-/// How [`Store::open`] treats what the high-water mark says.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Trust {
-    /// Refuse a log the mark does not vouch for (normal start).
-    Checked,
-    /// Take the log as it is and rewrite the mark to match (`moatmq retained accept`).
-    AsIs,
-}
-
 impl Store {
     /// Opens (or creates, mode 0700) the store directory `path`, reads and verifies the
     /// whole log against its high-water mark (see `mark.rs`), drops expired messages and
@@ -104,165 +95,53 @@ impl Store {
         limits: StoreLimits,
         trust: Trust,
     ) -> Result<(Store, Vec<RetainedMessage>), StoreError> {
-        DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(path)
-            .map_err(|e| StoreError::io(path, e))?;
-        remove_stale_tmp(path)?;
         let cipher = record::cipher(&key);
         drop(key);
-        let log_path = path.join(LOG_NAME);
-        let mark_path = path.join(MARK_NAME);
-        let mut found = mark::read(path, &cipher)?;
-        let unreadable = || StoreError::MarkMissing {
-            file: log_path.clone(),
-            mark: mark_path.clone(),
-            reason: "it is damaged or was written under another key",
-        };
-        let (file, replay) = if log_path.exists() {
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&log_path)
-                .map_err(|e| StoreError::io(&log_path, e))?;
-            let file_len = file
-                .metadata()
-                .map_err(|e| StoreError::io(&log_path, e))?
-                .len();
-            let reader = BufReader::with_capacity(1 << 20, &file);
-            let required = |file_id: &FileId, version: u32| {
-                if trust == Trust::AsIs {
-                    return Ok(None);
-                }
-                match &found {
-                    Found::Unreadable => Err(unreadable()),
-                    Found::Mark(_, mark) => match mark.vouch_for(file_id) {
-                        Some(v) => Ok(Some(Required {
-                            records: v.records,
-                            mark: mark_path.clone(),
-                        })),
-                        None => Err(StoreError::RolledBack {
-                            file: log_path.clone(),
-                            mark: mark_path.clone(),
-                        }),
-                    },
-                    // Written before marks existed: the first start after an upgrade.
-                    Found::Nothing if version < record::VERSION => Ok(None),
-                    Found::Nothing => Err(StoreError::MarkMissing {
-                        file: log_path.clone(),
-                        mark: mark_path.clone(),
-                        reason: "no such file",
-                    }),
-                }
-            };
-            let replay = log::read_log(reader, file_len, &cipher, &log_path, now_unix(), required)?;
-            if replay.good_len < file_len {
-                file.set_len(replay.good_len)
-                    .and_then(|()| file.sync_all())
-                    .map_err(|e| StoreError::io(&log_path, e))?;
-            }
-            (file, replay)
-        } else {
-            match (trust, &found) {
-                (Trust::Checked, Found::Unreadable) => return Err(unreadable()),
-                (
-                    Trust::Checked,
-                    Found::Mark(
-                        _,
-                        Mark {
-                            current: Some(v), ..
+        let mut live: HashMap<String, Entry> = HashMap::new();
+        let log = LogFile::open(path, cipher, &RETAINED, trust, |plain, frame_len| {
+            match record::decode_record(plain)?.into_change() {
+                Ok(msg) => {
+                    live.insert(
+                        msg.topic.clone(),
+                        Entry {
+                            msg: Arc::new(msg),
+                            frame_len,
                         },
-                    ),
-                ) => {
-                    return Err(StoreError::LogMissing {
-                        file: log_path.clone(),
-                        mark: mark_path.clone(),
-                        records: v.records,
-                    })
-                }
-                _ => {}
-            }
-            tracing::info!(file = %log_path.display(), "creating a new, empty retained store");
-            let tmp = path.join(format!("{TMP_PREFIX}-new"));
-            let w = log::write_fresh(&tmp, &cipher, std::iter::empty())?;
-            // The mark names the new file before it is renamed into place, so a crash in
-            // between leaves no log without a mark.
-            let next = Vouch {
-                file_id: w.file_id,
-                records: w.next_seq,
-                len: w.len,
-            };
-            let mark = Mark {
-                current: None,
-                next: Some(next),
-            };
-            found = Found::Mark(MarkFile::create(path, &cipher, &mark)?, mark);
-            log::install(&tmp, &log_path, path)?;
-            let replay = log::Replay {
-                live: HashMap::new(),
-                file_id: w.file_id,
-                version: record::VERSION,
-                next_seq: w.next_seq,
-                good_len: w.len,
-            };
-            (w.file, replay)
-        };
-        // The log in place may have been renamed there by a compaction whose directory
-        // fsync never ran: make that durable before the mark vouches for it alone.
-        log::sync_dir(path)?;
-        let here = Vouch {
-            file_id: replay.file_id,
-            records: replay.next_seq,
-            len: replay.good_len,
-        };
-        let settled = Mark {
-            current: Some(here),
-            next: None,
-        };
-        let mark = match found {
-            Found::Mark(mut mf, _) if trust == Trust::Checked => {
-                mf.write(&cipher, &settled, true)?;
-                mf
-            }
-            // Accepting may lower what the mark vouches for: rewrite both slots, or a torn
-            // write later would fall back to the other slot's higher claim.
-            Found::Mark(..) | Found::Unreadable => MarkFile::create(path, &cipher, &settled)?,
-            Found::Nothing => {
-                if trust == Trust::Checked {
-                    tracing::warn!(
-                        file = %log_path.display(),
-                        mark = %mark_path.display(),
-                        "retained store has no high-water mark yet (written by an older moatmq); creating it"
                     );
                 }
-                MarkFile::create(path, &cipher, &settled)?
+                Err(topic) => {
+                    live.remove(&topic);
+                }
             }
-        };
-        let live_bytes = replay.live.values().map(|e| e.msg.data_bytes()).sum();
-        let live_frame_bytes = replay.live.values().map(|e| e.frame_len).sum();
-        let messages = replay.live.values().map(|e| (*e.msg).clone()).collect();
+            Ok(())
+        })?;
+        let now = now_unix();
+        live.retain(|_, e| !e.msg.is_expired(now));
+        let live_bytes = live.values().map(|e| e.msg.data_bytes()).sum();
+        let live_frame_bytes = live.values().map(|e| e.frame_len).sum();
+        let messages = live.values().map(|e| (*e.msg).clone()).collect();
+        let version = log.version;
         let mut store = Store {
-            dir: path.to_owned(),
-            log_path,
-            cipher,
+            dir: log.dir,
+            log_path: log.log_path,
+            cipher: log.cipher,
             limits,
-            file,
-            file_id: replay.file_id,
-            next_seq: replay.next_seq,
-            committed_len: replay.good_len,
+            file: log.file,
+            file_id: log.file_id,
+            next_seq: log.next_seq,
+            committed_len: log.committed_len,
             needs_truncate: false,
             needs_dir_sync: false,
-            live: replay.live,
+            live,
             live_bytes,
             live_frame_bytes,
             dirty: HashSet::new(),
             since_snapshot: None,
             job_id: 0,
-            mark,
+            mark: log.mark,
             prev: None,
         };
-        if replay.version < record::VERSION {
+        if version < record::VERSION {
             // A version-1 log without its mark would pass for one written before the
             // upgrade: rewrite it as version 2 now, so a deleted mark is always noticed.
             tracing::info!(file = %store.log_path.display(), "rewriting retained store in format version {}", record::VERSION);
@@ -486,19 +365,4 @@ impl Store {
     pub fn log_path(&self) -> &Path {
         &self.log_path
     }
-}
-
-/// Removes temporary files left by a compaction or rekey interrupted by a crash; the
-/// rename had not happened, so the log they were replacing is still complete.
-fn remove_stale_tmp(dir: &Path) -> Result<(), StoreError> {
-    let entries = std::fs::read_dir(dir).map_err(|e| StoreError::io(dir, e))?;
-    for entry in entries {
-        let entry = entry.map_err(|e| StoreError::io(dir, e))?;
-        if entry.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
-            let p = entry.path();
-            tracing::info!(file = %p.display(), "removing interrupted compaction file");
-            std::fs::remove_file(&p).map_err(|e| StoreError::io(&p, e))?;
-        }
-    }
-    Ok(())
 }
