@@ -137,7 +137,7 @@ fn init_tracing(config: &Config) {
     // Colours only for a person at a terminal: journald, `docker logs` and log files get
     // plain text (escape codes there are noise, and break grep). NO_COLOR turns them off.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
-        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+        && !std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
     let layer = match config.log.format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
             .fmt_fields(crate::logfmt::escaped_fields())
