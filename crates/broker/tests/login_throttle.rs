@@ -342,3 +342,63 @@ async fn hanging_up_during_the_check_still_counts_as_a_failure() {
         t.elapsed()
     );
 }
+
+/// A reconnect storm after a restart: a device that logged in a moment ago skips the
+/// Argon2id hash on its next login with the same password, while a wrong password is
+/// hashed every time, and a changed password file (SIGHUP) forgets the old password at
+/// once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_with_the_same_credentials_skips_the_hash_until_the_file_changes() {
+    let broker = broker().await;
+    let (addr, metrics) = (broker.first_addr(), broker.metrics_addr());
+    let checks = || metric(metrics, "moatmq_password_checks_total");
+
+    let first = attempt(from(1), addr, "alice", "alice-pw", WAIT).await;
+    assert_eq!(first, Some(C4::Success));
+    let after_first = checks().await;
+    assert!(after_first >= 1, "the first login is hashed");
+    for _ in 0..5 {
+        let again = attempt(from(1), addr, "alice", "alice-pw", WAIT).await;
+        assert_eq!(again, Some(C4::Success));
+    }
+    assert_eq!(checks().await, after_first, "reconnects were hashed again");
+
+    // A wrong password for a cached user is never answered from the cache.
+    let wrong = attempt(from(3), addr, "alice", "not-alice-pw", WAIT).await;
+    assert_eq!(wrong, Some(C4::BadUserNamePassword));
+    assert_eq!(
+        checks().await,
+        after_first + 1,
+        "a wrong password skipped the hash"
+    );
+
+    // The operator changes alice's password and reloads: the old one is refused at once.
+    common::password_file(
+        broker.path("").as_path(),
+        &[("alice", "new-alice-pw"), ("mallory", "mallory-pw")],
+    );
+    assert!(broker.reload().is_empty());
+    let old = attempt(from(1), addr, "alice", "alice-pw", WAIT).await;
+    assert_eq!(
+        old,
+        Some(C4::BadUserNamePassword),
+        "the old password still works"
+    );
+    let new = attempt(from(1), addr, "alice", "new-alice-pw", WAIT).await;
+    assert_eq!(new, Some(C4::Success));
+}
+
+/// With `credential_cache_ttl = 0` every login is hashed, as before the cache existed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zero_credential_cache_ttl_hashes_every_login() {
+    let dir = tempfile::tempdir().unwrap();
+    common::password_file(dir.path(), &[("alice", "alice-pw")]);
+    let config = CONFIG.replace("[auth]\n", "[auth]\ncredential_cache_ttl = 0\n");
+    let broker = TestBroker::with_config_in(dir, &config).await;
+    let (addr, metrics) = (broker.first_addr(), broker.metrics_addr());
+    for _ in 0..3 {
+        let ok = attempt(from(1), addr, "alice", "alice-pw", WAIT).await;
+        assert_eq!(ok, Some(C4::Success));
+    }
+    assert_eq!(metric(metrics, "moatmq_password_checks_total").await, 3);
+}
