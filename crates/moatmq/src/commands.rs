@@ -134,9 +134,14 @@ fn init_tracing(config: &Config) {
     // quarter of the broker's CPU (docs/benchmarks.md). Its events (warnings, errors)
     // are kept.
     let no_router_spans = filter_fn(|m| !(m.is_span() && m.target().starts_with("rumqttd")));
+    // Colours only for a person at a terminal: journald, `docker logs` and log files get
+    // plain text (escape codes there are noise, and break grep). NO_COLOR turns them off.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && !std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
     let layer = match config.log.format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
             .fmt_fields(crate::logfmt::escaped_fields())
+            .with_ansi(ansi)
             .with_writer(std::io::stderr)
             .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()

@@ -397,6 +397,47 @@ async fn client_strings_cannot_forge_text_log_lines() {
     assert!(!log.contains('\u{202e}'), "raw bidi override in the log");
 }
 
+/// journald, `docker logs` and log files are not terminals: the text log carries no
+/// colour escape codes there, with or without NO_COLOR.
+#[test]
+fn text_log_has_no_colour_codes_when_stderr_is_not_a_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    std::fs::write(dir.path().join("broker.toml"), listener(port)).unwrap();
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "-c",
+            dir.path().join("broker.toml").to_str().unwrap(),
+        ])
+        .env_remove("RUST_LOG")
+        .env_remove("NO_COLOR")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn moatmq");
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    while !seen.contains("listening") {
+        let mut line = String::new();
+        if stderr.read_line(&mut line).unwrap_or(0) == 0 {
+            break;
+        }
+        seen.push_str(&line);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        seen.contains("listening"),
+        "the broker did not start:\n{seen}"
+    );
+    assert!(
+        !seen.contains('\u{1b}'),
+        "colour escape codes in a piped log:\n{seen:?}"
+    );
+}
+
 /// A router that dies (a real panic, injected through the test-hooks feature the testkit
 /// enables) makes the binary exit 70 within 5 s, with one ERROR line saying why.
 #[test]
