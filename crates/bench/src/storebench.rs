@@ -2,7 +2,10 @@
 //! retained messages, time reopening it (read, decrypt and verify the whole log: what
 //! `moatmq serve` does before it replays), then measure `--saves` saves of `--changes`
 //! replaced topics each (log file size before/after `flush`), and one full compaction
-//! (the cost a whole-database save would have every time).
+//! (the cost a whole-database save would have every time). Through the saves and the
+//! compaction a reader thread walks `<prefix>/#` 64 messages at a time, as a subscribing
+//! gateway does, and reports its slowest step (`reader_max_ms`): a save's fsync or the
+//! compaction must not hold it up.
 //!
 //! Topics are `<prefix>/<i / 1000>/<i % 1000>`, the same names `retained-pub` uses, so a
 //! broker started on this store can be updated in place.
@@ -85,6 +88,33 @@ pub fn run(args: StoreArgs) -> anyhow::Result<String> {
     }
     drop(loaded);
 
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (set, stop, filter) = (
+            store.retained_set().clone(),
+            stop.clone(),
+            format!("{}/#", args.prefix),
+        );
+        std::thread::spawn(move || {
+            let (mut slowest, mut steps) = (0f64, 0u64);
+            let mut after: Option<String> = None;
+            let mut batch = Vec::with_capacity(64);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                batch.clear();
+                let t = Instant::now();
+                let more = set.matching(&filter, after.as_deref(), 64, &mut batch);
+                slowest = slowest.max(t.elapsed().as_secs_f64() * 1e3);
+                steps += 1;
+                after = if more {
+                    batch.last().map(|m| m.topic.clone())
+                } else {
+                    None
+                };
+            }
+            (slowest, steps)
+        })
+    };
+
     // Saves: `changes` distinct topics spread over the whole store each time.
     let mut per_save = Vec::new();
     let stride = (args.messages / args.changes.max(1)).max(1);
@@ -105,6 +135,10 @@ pub fn run(args: StoreArgs) -> anyhow::Result<String> {
     store.compact()?;
     let compact_secs = t.elapsed().as_secs_f64();
     let file_after_compact = store.file_bytes();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (reader_max_ms, reader_steps) = reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("reader panicked"))?;
 
     let bytes: Vec<String> = per_save.iter().map(|s| s.0.to_string()).collect();
     let ms: Vec<String> = per_save.iter().map(|s| format!("{:.1}", s.2)).collect();
@@ -113,7 +147,7 @@ pub fn run(args: StoreArgs) -> anyhow::Result<String> {
         "store messages={} payload={} set_secs={:.2} fill_flush_records={} fill_secs={:.2} \
          file_bytes={} open_secs={:.2} changes={} save_records={} save_bytes={} \
          save_bytes_per_change={:.0} save_ms={} file_before_compact={} compact_secs={:.2} \
-         file_after_compact={}",
+         file_after_compact={} reader_steps={} reader_max_ms={:.2}",
         args.messages,
         args.payload,
         set_secs,
@@ -130,5 +164,7 @@ pub fn run(args: StoreArgs) -> anyhow::Result<String> {
         file_before_compact,
         compact_secs,
         file_after_compact,
+        reader_steps,
+        reader_max_ms,
     ))
 }

@@ -22,7 +22,7 @@
 use std::borrow::Borrow;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::ops::Bound;
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::{now_unix, stored_bytes, RetainedMessage};
 
@@ -143,7 +143,9 @@ struct Inner {
     owners: HashMap<String, Usage>,
     /// Messages with an expiry, soonest first.
     expiry: BTreeSet<(u64, String)>,
-    pending: Option<Pending>,
+    /// Changes go here under the write lock (`get_mut`, no locking); the log takes them
+    /// under the read lock, so readers go on while it collects what to write.
+    pending: Mutex<Option<Pending>>,
 }
 
 /// The retained set: cheap to clone, every clone is a view of the same messages.
@@ -185,7 +187,7 @@ impl RetainedSet {
                 bytes: 0,
                 owners: HashMap::new(),
                 expiry: BTreeSet::new(),
-                pending: None,
+                pending: Mutex::new(None),
             })),
         }
     }
@@ -312,7 +314,7 @@ impl RetainedSet {
             inner.count(msg, stored_bytes(msg));
         }
         inner.items = items;
-        inner.pending = Some(Pending::default());
+        *inner.pending_mut() = Some(Pending::default());
         let limits = inner.limits;
         if inner.items.len() > limits.max_messages || inner.bytes > limits.max_bytes {
             tracing::warn!(
@@ -325,8 +327,8 @@ impl RetainedSet {
 
     /// Takes the changes not yet written, as they are now.
     pub(crate) fn take_dirty(&self) -> Vec<Change> {
-        let mut inner = self.write();
-        let dirty = match inner.pending.as_mut() {
+        let inner = self.read();
+        let dirty = match inner.pending().as_mut() {
             Some(p) => std::mem::take(&mut p.dirty),
             None => return Vec::new(),
         };
@@ -335,21 +337,22 @@ impl RetainedSet {
 
     /// Gives back changes taken by [`RetainedSet::take_dirty`] that were not written.
     pub(crate) fn restore_dirty(&self, topics: impl IntoIterator<Item = String>) {
-        if let Some(p) = self.write().pending.as_mut() {
+        if let Some(p) = self.read().pending().as_mut() {
             p.dirty.extend(topics);
         }
     }
 
     /// Topics changed and not yet written.
     pub(crate) fn pending(&self) -> usize {
-        self.read().pending.as_ref().map_or(0, |p| p.dirty.len())
+        self.read().pending().as_ref().map_or(0, |p| p.dirty.len())
     }
 
     /// The unexpired messages for a compaction, from which on changes are also recorded
-    /// for [`RetainedSet::end_snapshot`].
+    /// for [`RetainedSet::end_snapshot`]. Taken under the read lock: publishes wait for
+    /// it (a million `Arc` clones), subscribers do not.
     pub(crate) fn begin_snapshot(&self, now: u64) -> Vec<Arc<RetainedMessage>> {
-        let mut inner = self.write();
-        if let Some(p) = inner.pending.as_mut() {
+        let inner = self.read();
+        if let Some(p) = inner.pending().as_mut() {
             p.since_snapshot = Some(HashSet::new());
         }
         inner
@@ -364,25 +367,37 @@ impl RetainedSet {
     /// and the topics not yet written (taken: the compacted file will hold them; give
     /// them back with [`RetainedSet::restore_dirty`] if it is not installed).
     pub(crate) fn end_snapshot(&self) -> (Vec<Change>, HashSet<String>) {
-        let mut inner = self.write();
-        let Some(p) = inner.pending.as_mut() else {
-            return (Vec::new(), HashSet::new());
+        let inner = self.read();
+        let (since, dirty) = match inner.pending().as_mut() {
+            Some(p) => (
+                p.since_snapshot.take().unwrap_or_default(),
+                std::mem::take(&mut p.dirty),
+            ),
+            None => return (Vec::new(), HashSet::new()),
         };
-        let since = p.since_snapshot.take().unwrap_or_default();
-        let dirty = std::mem::take(&mut p.dirty);
         let changes = since.into_iter().map(|t| inner.change(t)).collect();
         (changes, dirty)
     }
 
     /// Drops a compaction's recording (the job failed).
     pub(crate) fn abort_snapshot(&self) {
-        if let Some(p) = self.write().pending.as_mut() {
+        if let Some(p) = self.read().pending().as_mut() {
             p.since_snapshot = None;
         }
     }
 }
 
 impl Inner {
+    /// The pending changes, with only the read lock held.
+    fn pending(&self) -> MutexGuard<'_, Option<Pending>> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The pending changes, with the write lock held.
+    fn pending_mut(&mut self) -> &mut Option<Pending> {
+        self.pending.get_mut().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn owner<'a>(&self, msg: &'a RetainedMessage) -> &'a str {
         match &msg.owner {
             Some(o) => o,
@@ -426,7 +441,7 @@ impl Inner {
     }
 
     fn touch(&mut self, topic: &str) {
-        if let Some(p) = self.pending.as_mut() {
+        if let Some(p) = self.pending_mut() {
             if let Some(s) = p.since_snapshot.as_mut() {
                 s.insert(topic.to_owned());
             }
