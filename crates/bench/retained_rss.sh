@@ -54,6 +54,8 @@ path = "$WORK/store-$name"
 key_file = "$WORK/retained.key"
 autosave_interval = 1
 max_messages = $((MESSAGES * 2))
+max_messages_per_user = 0
+max_bytes_per_user = 0
 
 [metrics]
 bind = "127.0.0.1:$mport"
@@ -89,8 +91,10 @@ CONF
     fill_rss=$(status_kb "$pid" VmRSS)
     fill_hwm=$(status_kb "$pid" VmHWM)
     stop "$pid"
+    # A new port: the filled broker's closed connections may still hold the old one.
+    sed "s/127.0.0.1:$port/127.0.0.1:$(free_port)/" "$WORK/$name.toml" >"$WORK/$name-load.toml"
     t0=$(date +%s%N)
-    start "$name-load" "$bin" serve -c "$WORK/$name.toml"
+    start "$name-load" "$bin" serve -c "$WORK/$name-load.toml"
     pid=${PIDS[-1]}
     until curl -sf -o /dev/null "http://127.0.0.1:$mport/readyz"; do
         kill -0 "$pid" 2>/dev/null || { log "$name exited while loading"; cat "$WORK/$name-load.log" >&2; exit 1; }
