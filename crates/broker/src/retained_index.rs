@@ -18,7 +18,7 @@ use bytes::Bytes;
 use moatmq_store::{MessageProperties, RetainedMessage, RetainedSet, StoreLimits};
 use rumqttd::protocol::{PublishProperties, QoS};
 
-pub use moatmq_store::Refusal;
+pub use moatmq_store::{Refusal, UNKNOWN_OWNER};
 
 /// A view of the retained set with the broker's owner rule for old records.
 #[derive(Debug, Clone)]
@@ -42,9 +42,6 @@ impl std::ops::Deref for RetainedIndex {
 /// The quota key of anonymous clients, all of them together. No username or certificate
 /// CN can contain `/`, so it is no one's name.
 pub const ANONYMOUS_OWNER: &str = "/anonymous";
-/// The quota key of a record stored before owners were kept whose topic's first level
-/// is not a possible username.
-pub const UNKNOWN_OWNER: &str = "/unknown";
 
 /// Whose quota a publish counts against: its username or certificate CN.
 pub fn owner_of(username: Option<&str>) -> &str {

@@ -41,7 +41,7 @@ mod tests;
 pub use compact::{accept, rekey, CompactionJob};
 pub use error::StoreError;
 pub use key::{RetainedKey, KEY_LEN};
-pub use set::{Refusal, RetainedSet, StoreLimits, Usage};
+pub use set::{Refusal, RetainedSet, StoreLimits, Usage, UNKNOWN_OWNER};
 pub use store::Store;
 
 use serde::{Deserialize, Serialize};

@@ -165,13 +165,17 @@ impl std::fmt::Debug for RetainedSet {
     }
 }
 
-/// The quota owner of records without one: nobody in particular.
+/// The quota key of a record stored without an owner when nothing better is known. No
+/// identity can contain `/`, so it is no one's name.
+pub const UNKNOWN_OWNER: &str = "/unknown";
+
 fn no_legacy_owner(_: &str) -> &str {
-    "/unknown"
+    UNKNOWN_OWNER
 }
 
 impl RetainedSet {
-    /// An empty set bounded by `limits`; messages without an owner count as `/unknown`'s.
+    /// An empty set bounded by `limits`; messages without an owner count as
+    /// [`UNKNOWN_OWNER`]'s.
     pub fn new(limits: StoreLimits) -> RetainedSet {
         RetainedSet::with_legacy_owner(limits, no_legacy_owner)
     }
