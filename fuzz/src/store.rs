@@ -61,7 +61,8 @@ pub fn generate(rng: &mut StdRng) -> Vec<u8> {
     let image = std::fs::read(store.log_path()).expect("read log");
     let expected: BTreeMap<String, RetainedMessage> = store
         .messages()
-        .map(|m| (m.topic.clone(), m.clone()))
+        .iter()
+        .map(|m| (m.topic.clone(), (**m).clone()))
         .collect();
     let decoded: BTreeMap<String, RetainedMessage> =
         moatmq_store::decode_log_image(&store_key(), &image)

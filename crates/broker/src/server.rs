@@ -13,7 +13,7 @@ use crate::metrics::Metrics;
 use crate::policy::{Identity, ListenerPolicy, Policy, PolicyError};
 use crate::ratelimit::ConnectionLimiter;
 use crate::retained::{Recorded, RetainedError, RetainedStore};
-use crate::retained_index::{owner_of, unix_now, Quota, Refusal, RetainedEntry, RetainedIndex};
+use crate::retained_index::{owner_of, Refusal, RetainedIndex};
 use crate::router::{RouterFailure, RouterHandle};
 use crate::sessions::Sessions;
 use crate::tls::TlsSetup;
@@ -46,7 +46,8 @@ pub struct Shared {
     pub refusal_log: HandshakeLog,
     /// The encrypted retained store, when `[retained]` is configured.
     pub retained: Option<Arc<RetainedStore>>,
-    /// Every retained message, served by the gateways on SUBSCRIBE.
+    /// Every retained message, served by the gateways on SUBSCRIBE (the set the
+    /// store, if any, persists).
     pub retained_index: RetainedIndex,
     /// Flips to `true` when the broker shuts down.
     pub shutdown: watch::Receiver<bool>,
@@ -192,7 +193,7 @@ impl Shared {
     }
 
     /// Records a retained PUBLISH (set, replace, or clear by an empty payload) in the
-    /// index subscribers are served from and in the encrypted store, counted against
+    /// set subscribers are served from and the encrypted store persists, counted against
     /// `who`'s quota. The router never sees the retain flag: moatmq serves retained
     /// messages itself. A refusal is counted and audited here.
     #[allow(clippy::too_many_arguments)] // one call per publish path; a struct adds nothing
@@ -208,47 +209,25 @@ impl Shared {
     ) -> Recorded {
         let expires_at = properties
             .and_then(|p| p.message_expiry_interval)
-            .map(|secs| unix_now() + u64::from(secs));
-        let mut message = None;
+            .map(|secs| moatmq_store::now_unix() + u64::from(secs));
         if payload.is_empty() {
             self.retained_index.clear(topic);
         } else {
             let owner = owner_of(who.username.as_deref());
-            let stored =
+            let message =
                 crate::retained::message(topic, payload, qos, properties, v5, expires_at, owner);
-            let kept = v5
-                .then(|| properties.cloned().unwrap_or_default())
-                .map(|mut p| {
-                    p.message_expiry_interval = None;
-                    p.topic_alias = None;
-                    p.subscription_identifiers.clear();
-                    p
-                });
-            let entry = RetainedEntry {
-                payload: payload.clone(),
-                qos,
-                properties: kept,
-                expires_at,
-                owner: owner.into(),
-                stored_bytes: moatmq_store::stored_bytes(&stored),
-            };
-            if let Err(why) = self.retained_index.set(topic, entry) {
+            if let Err(why) = self.retained_index.set(message) {
                 self.retained_refused(info, who, topic, why);
                 return Recorded::Refused(why);
             }
-            message = Some(stored);
         }
         self.metrics
             .retained_messages
             .set(self.retained_index.len() as i64);
-        let recorded = match &self.retained {
-            Some(store) => store.record(topic, message),
+        match &self.retained {
+            Some(store) => store.recorded(),
             None => Recorded::Buffered,
-        };
-        if let Recorded::Refused(why) = recorded {
-            self.retained_refused(info, who, topic, why);
         }
-        recorded
     }
 
     /// Counts and audits a refused retained message (`retained_refused`).
@@ -420,13 +399,13 @@ impl Broker {
         )
         .map_err(StartError::Router)?;
         let quota = config.retained.as_ref().map_or(
-            Quota {
+            moatmq_store::StoreLimits {
                 max_messages: moatmq_config::DEFAULT_RETAINED_MAX_MESSAGES,
                 max_bytes: moatmq_config::DEFAULT_RETAINED_MAX_BYTES,
                 max_messages_per_user: moatmq_config::DEFAULT_RETAINED_MAX_MESSAGES_PER_USER,
                 max_bytes_per_user: moatmq_config::DEFAULT_RETAINED_MAX_BYTES_PER_USER,
             },
-            |r| Quota {
+            |r| moatmq_store::StoreLimits {
                 max_messages: r.max_messages,
                 max_bytes: r.max_bytes,
                 max_messages_per_user: r.max_messages_per_user,

@@ -232,7 +232,7 @@ fn retained(command: RetainedCommand) -> anyhow::Result<()> {
                 );
                 return Ok(());
             }
-            let (store, _) = moatmq_broker::retained::open(&config, &r)?;
+            let store = moatmq_broker::retained::open(&config, &r)?;
             for m in store.messages() {
                 // Quota owner: as stored, or as derived for records from before owners.
                 let owner = m

@@ -10,7 +10,6 @@
 //! live set (cheap `Arc` clones), [`CompactionJob::run`] does the heavy writing anywhere,
 //! and [`Store::finish_compaction`] appends the topics changed meanwhile before renaming.
 
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -20,7 +19,7 @@ use crate::log::{self, Written};
 use crate::mark::{Mark, Vouch};
 use crate::record::{self, RecordRef};
 use crate::store::{Trust, TMP_PREFIX};
-use crate::{now_unix, RetainedKey, RetainedMessage, Store, StoreError, StoreLimits};
+use crate::{now_unix, RetainedKey, RetainedMessage, RetainedSet, Store, StoreError, StoreLimits};
 
 /// A compaction in progress: a snapshot of the live set to write into a new file.
 /// `Send`, so [`CompactionJob::run`] can go to another thread.
@@ -67,18 +66,11 @@ impl Store {
     /// started can be finished.
     pub fn begin_compaction(&mut self) -> CompactionJob {
         self.job_id += 1;
-        let now = now_unix();
-        self.since_snapshot = Some(HashSet::new());
         CompactionJob {
             id: self.job_id,
             tmp_path: self.dir.join(format!("{TMP_PREFIX}-{}", self.job_id)),
             cipher: self.cipher.clone(),
-            snapshot: self
-                .live
-                .values()
-                .filter(|e| !e.msg.is_expired(now))
-                .map(|e| e.msg.clone())
-                .collect(),
+            snapshot: self.set.begin_snapshot(now_unix()),
             written: None,
         }
     }
@@ -105,20 +97,33 @@ impl Store {
             self.needs_dir_sync = false;
             self.prev = None;
         }
-        let since = self.since_snapshot.take().unwrap_or_default();
-        let Some(mut w) = job.written else {
+        let Some(w) = job.written else {
+            self.set.abort_snapshot();
             return Err(StoreError::StaleCompaction);
         };
-        // Bring the new file up to date with changes made while the job ran.
+        // The changes made while the job ran, as they are now. Topics not yet flushed are
+        // taken too: the new file holds them (given back if it is not installed).
+        let (since, dirty) = self.set.end_snapshot();
+        let res = self.install_compacted(w, &since);
+        if res.is_err() {
+            self.set.restore_dirty(dirty);
+        }
+        res
+    }
+
+    /// Brings the new file up to date with `since`, then renames it over the log.
+    fn install_compacted(
+        &mut self,
+        mut w: Written,
+        since: &[crate::set::Change],
+    ) -> Result<(), StoreError> {
         let mut buf = Vec::new();
-        let mut appended = Vec::new();
-        for topic in &since {
-            let rec = match self.live.get(topic) {
-                Some(e) => RecordRef::set(&e.msg),
+        for (topic, msg) in since {
+            let rec = match msg {
+                Some(m) => RecordRef::set(m),
                 None => RecordRef::Clear(topic),
             };
             let frame = record::seal_record(&self.cipher, &w.file_id, w.next_seq, &rec)?;
-            appended.push((topic, frame.len() as u64));
             buf.extend_from_slice(&frame);
             w.next_seq += 1;
         }
@@ -154,23 +159,6 @@ impl Store {
         self.file_id = w.file_id;
         self.next_seq = w.next_seq;
         self.committed_len = w.len;
-        self.dirty.clear();
-        for e in self.live.values_mut() {
-            e.frame_len = 0;
-        }
-        for (msg, len) in job.snapshot.iter().zip(&w.frame_lens) {
-            if let Some(e) = self.live.get_mut(&msg.topic) {
-                if Arc::ptr_eq(&e.msg, msg) {
-                    e.frame_len = *len;
-                }
-            }
-        }
-        for (topic, len) in appended {
-            if let Some(e) = self.live.get_mut(topic) {
-                e.frame_len = len;
-            }
-        }
-        self.live_frame_bytes = self.live.values().map(|e| e.frame_len).sum();
         if let Err(e) = log::sync_dir(&self.dir) {
             self.needs_dir_sync = true;
             return Err(e);
@@ -186,7 +174,8 @@ impl Store {
         let tmp = self.dir.join(format!("{TMP_PREFIX}-rekey"));
         let owner =
             std::fs::metadata(&self.log_path).map_err(|e| StoreError::io(&self.log_path, e))?;
-        let w = log::write_fresh(&tmp, &cipher, self.messages())?;
+        let messages = self.messages();
+        let w = log::write_fresh(&tmp, &cipher, messages.iter().map(|m| &**m))?;
         if let Err(e) = keep_owner(&w.file, &owner) {
             let _ = std::fs::remove_file(&tmp);
             return Err(StoreError::io(&self.log_path, e));
@@ -232,9 +221,13 @@ pub fn rekey(path: &Path, old: RetainedKey, new: &RetainedKey) -> Result<usize, 
 /// zeroed tail is cut; the high-water mark is rewritten to vouch for what is there.
 /// Returns the number of live messages kept.
 pub fn accept(path: &Path, key: RetainedKey) -> Result<usize, StoreError> {
-    let (store, messages) = Store::open_with(path, key, StoreLimits::UNLIMITED, Trust::AsIs)?;
-    drop(store);
-    Ok(messages.len())
+    let store = Store::open_with(
+        path,
+        key,
+        RetainedSet::new(StoreLimits::UNLIMITED),
+        Trust::AsIs,
+    )?;
+    Ok(store.len())
 }
 
 /// Gives `file` the owner and group of `old` (a no-op when they already match, so it

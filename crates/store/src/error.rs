@@ -117,9 +117,9 @@ pub enum StoreError {
         /// Records the mark vouches for.
         records: u64,
     },
-    /// `set` of a new topic would exceed `max_messages` or `max_bytes`.
-    #[error("retained store is full (max_messages or max_bytes reached)")]
-    Full,
+    /// `set` would make a total grow past one of the [`crate::StoreLimits`].
+    #[error("retained store is full ({} reached)", .0.label())]
+    Full(crate::Refusal),
     /// A message could not be encoded (for example a field too large to frame).
     #[error("cannot encode retained record: {0}")]
     Encode(String),

@@ -32,6 +32,7 @@ mod key;
 mod log;
 mod mark;
 mod record;
+mod set;
 mod store;
 
 #[cfg(test)]
@@ -40,6 +41,7 @@ mod tests;
 pub use compact::{accept, rekey, CompactionJob};
 pub use error::StoreError;
 pub use key::{RetainedKey, KEY_LEN};
+pub use set::{Refusal, RetainedSet, StoreLimits, Usage, UNKNOWN_OWNER};
 pub use store::Store;
 
 use serde::{Deserialize, Serialize};
@@ -81,21 +83,6 @@ pub struct RetainedMessage {
 }
 
 impl RetainedMessage {
-    /// Bytes of topic, payload and properties: what [`StoreLimits::max_bytes`] counts (the
-    /// broker's `[retained] max_bytes` counts [`stored_bytes`], the whole record).
-    pub fn data_bytes(&self) -> u64 {
-        let props = self.properties.as_ref().map_or(0, |p| {
-            1 + p.content_type.as_ref().map_or(0, String::len)
-                + p.response_topic.as_ref().map_or(0, String::len)
-                + p.correlation_data.as_ref().map_or(0, Vec::len)
-                + p.user_properties
-                    .iter()
-                    .map(|(k, v)| k.len() + v.len())
-                    .sum::<usize>()
-        });
-        (self.topic.len() + self.payload.len() + props) as u64
-    }
-
     /// Whether the message has expired at `now` (unix seconds).
     pub fn is_expired(&self, now: u64) -> bool {
         self.expires_at.is_some_and(|t| t <= now)
@@ -103,28 +90,10 @@ impl RetainedMessage {
 }
 
 /// Bytes `msg` takes as one record in the log: topic, payload, properties, expiry and
-/// owner as encoded, plus the frame's length prefix, nonce and tag. What the broker
-/// counts toward `[retained] max_bytes`.
+/// owner as encoded, plus the frame's length prefix, nonce and tag. The one size measure:
+/// what [`StoreLimits`] count and what a flushed message takes in the file.
 pub fn stored_bytes(msg: &RetainedMessage) -> u64 {
     record::frame_bytes(msg)
-}
-
-/// Bounds on what `set` accepts for new topics; replacing an existing topic is always
-/// allowed, and a store loaded past lowered limits keeps everything it holds.
-#[derive(Debug, Clone, Copy)]
-pub struct StoreLimits {
-    /// Most retained topics.
-    pub max_messages: usize,
-    /// Most bytes of topics, payloads and properties ([`RetainedMessage::data_bytes`]).
-    pub max_bytes: u64,
-}
-
-impl StoreLimits {
-    /// No limits (used by offline tools such as rekey).
-    pub const UNLIMITED: StoreLimits = StoreLimits {
-        max_messages: usize::MAX,
-        max_bytes: u64::MAX,
-    };
 }
 
 /// What one [`Store::flush`] wrote.
@@ -136,8 +105,9 @@ pub struct FlushStats {
     pub bytes: u64,
 }
 
-/// Current time in unix seconds (0 if the clock is before 1970).
-pub(crate) fn now_unix() -> u64 {
+/// Current time in unix seconds (0 if the clock is before 1970): what message expiry is
+/// measured in.
+pub fn now_unix() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
@@ -161,7 +131,7 @@ pub fn decode_log_image(
     )?;
     Ok(replay
         .live
-        .into_values()
-        .map(|e| (*e.msg).clone())
+        .into_iter()
+        .map(|item| (*item.0).clone())
         .collect())
 }

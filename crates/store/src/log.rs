@@ -6,7 +6,6 @@
 //! bytes or end-of-file before that is [`StoreError::Truncated`]. Anything else that fails
 //! is an error naming the record or offset.
 
-use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
@@ -17,19 +16,13 @@ use aes_gcm::Aes256Gcm;
 
 use crate::record::{self, FileId, OpenError, RecordRef, HEADER_LEN, NONCE_LEN};
 use crate::record::{HeaderError, MAX_CIPHERTEXT_LEN, PREFIX_LEN, TAG_LEN};
+use crate::set::{Item, Items};
 use crate::{RetainedMessage, StoreError};
-
-/// A live message and the size of the frame holding it on disk (0 until flushed).
-#[derive(Debug, Clone)]
-pub(crate) struct Entry {
-    pub(crate) msg: Arc<RetainedMessage>,
-    pub(crate) frame_len: u64,
-}
 
 /// The result of reading a log.
 #[derive(Debug)]
 pub(crate) struct Replay {
-    pub(crate) live: HashMap<String, Entry>,
+    pub(crate) live: Items,
     pub(crate) file_id: FileId,
     /// Format version of the file's header.
     pub(crate) version: u32,
@@ -124,7 +117,7 @@ pub(crate) fn read_log(
             Ok(())
         }
     };
-    let mut live: HashMap<String, Entry> = HashMap::new();
+    let mut live = Items::new();
     let mut offset = HEADER_LEN as u64;
     let mut seq = 0u64;
     let mut body = Vec::new();
@@ -171,16 +164,10 @@ pub(crate) fn read_log(
         match record::open_record(cipher, &file_id, seq, len, &body) {
             Ok(record) => match record.into_change() {
                 Ok(msg) => {
-                    live.insert(
-                        msg.topic.clone(),
-                        Entry {
-                            msg: Arc::new(msg),
-                            frame_len,
-                        },
-                    );
+                    live.replace(Item(Arc::new(msg)));
                 }
                 Err(topic) => {
-                    live.remove(&topic);
+                    live.remove(topic.as_str());
                 }
             },
             Err(OpenError::Auth) => {
@@ -196,7 +183,7 @@ pub(crate) fn read_log(
         offset += frame_len;
         seq += 1;
     }
-    live.retain(|_, e| !e.msg.is_expired(now));
+    live.retain(|item| !item.0.is_expired(now));
     Ok(Replay {
         live,
         file_id,

@@ -1,21 +1,22 @@
-//! The live retained set plus the open log it is persisted in. `set`/`clear` change
-//! memory and mark the topic dirty; `flush` appends one sealed record per dirty topic
-//! (its current state) at the end of the verified log and fsyncs, so a save costs what
-//! changed. A failed flush keeps every dirty topic and cuts the file back to its last
-//! good length before the next attempt, so a half-written batch never stays in the middle.
+//! The open log a [`RetainedSet`] is persisted in. Changes to the set (through the
+//! store or any view of the set) mark their topic dirty; `flush` takes the dirty topics'
+//! current messages (`Arc` clones, under the set's lock only for that), appends one
+//! sealed record per topic at the end of the verified log and fsyncs with the set
+//! unlocked, so a save costs what changed and never blocks readers. A failed flush gives
+//! every taken topic back and cuts the file back to its last good length before the
+//! next attempt, so a half-written batch never stays in the middle.
 
-use std::collections::{HashMap, HashSet};
 use std::fs::{DirBuilder, File, OpenOptions};
 use std::io::BufReader;
 use std::os::unix::fs::{DirBuilderExt, FileExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use aes_gcm::Aes256Gcm;
 
-use crate::log::{self, Entry, Required};
+use crate::log::{self, Required};
 use crate::mark::{self, Found, Mark, MarkFile, Vouch, MARK_NAME};
 use crate::record::{self, FileId, RecordRef, HEADER_LEN};
+use crate::set::{Items, RetainedSet};
 use crate::{now_unix, FlushStats, RetainedKey, RetainedMessage, StoreError, StoreLimits};
 
 /// Name of the log inside the store directory.
@@ -25,13 +26,15 @@ pub(crate) const TMP_PREFIX: &str = "retained.log.tmp";
 /// Compaction waits until the garbage exceeds this too, so small stores are left alone.
 const COMPACT_SLACK_BYTES: u64 = 64 * 1024;
 
-/// An open retained store. Not thread-safe by itself (`&mut self`), but `Send`: the
-/// broker runs it on a thread of its own.
+/// An open retained store: the log of one [`RetainedSet`]. Saving takes `&mut self`
+/// (one saver at a time), but the set it persists is shared: views of it read and change
+/// it while a save or a compaction runs.
 pub struct Store {
+    /// The messages this log persists.
+    pub(crate) set: RetainedSet,
     pub(crate) dir: PathBuf,
     pub(crate) log_path: PathBuf,
     pub(crate) cipher: Aes256Gcm,
-    limits: StoreLimits,
     pub(crate) file: File,
     pub(crate) file_id: FileId,
     pub(crate) next_seq: u64,
@@ -41,13 +44,6 @@ pub struct Store {
     pub(crate) needs_truncate: bool,
     /// A rename was done but the directory fsync failed: retry it before appending.
     pub(crate) needs_dir_sync: bool,
-    pub(crate) live: HashMap<String, Entry>,
-    live_bytes: u64,
-    /// Sum of `frame_len` over live entries: the useful part of the file.
-    pub(crate) live_frame_bytes: u64,
-    pub(crate) dirty: HashSet<String>,
-    /// Topics changed since a background compaction took its snapshot.
-    pub(crate) since_snapshot: Option<HashSet<String>>,
     /// Identifies the latest compaction job started.
     pub(crate) job_id: u64,
     /// The high-water mark beside the log.
@@ -70,7 +66,7 @@ impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store")
             .field("log_path", &self.log_path)
-            .field("messages", &self.live.len())
+            .field("messages", &self.set.len())
             .field("file_bytes", &self.committed_len)
             .finish_non_exhaustive()
     }
@@ -88,22 +84,36 @@ pub(crate) enum Trust {
 impl Store {
     /// Opens (or creates, mode 0700) the store directory `path`, reads and verifies the
     /// whole log against its high-water mark (see `mark.rs`), drops expired messages and
-    /// returns the store with its live messages. A torn last record past the mark is cut
-    /// off with a warning; every other defect, missing records included, is an error.
+    /// returns the store (with a set of its own bounded by `limits`) and a copy of its
+    /// live messages. A torn last record past the mark is cut off with a warning; every
+    /// other defect, missing records included, is an error.
     pub fn open(
         path: &Path,
         key: RetainedKey,
         limits: StoreLimits,
     ) -> Result<(Store, Vec<RetainedMessage>), StoreError> {
-        Store::open_with(path, key, limits, Trust::Checked)
+        Store::open_with(path, key, RetainedSet::new(limits), Trust::Checked).map(|store| {
+            let messages = store.messages().iter().map(|m| (**m).clone()).collect();
+            (store, messages)
+        })
+    }
+
+    /// [`Store::open`] into `set` (its content is replaced by the log's), without a copy:
+    /// from then on the store persists the changes made through any view of `set`.
+    pub fn open_into(
+        path: &Path,
+        key: RetainedKey,
+        set: &RetainedSet,
+    ) -> Result<Store, StoreError> {
+        Store::open_with(path, key, set.clone(), Trust::Checked)
     }
 
     pub(crate) fn open_with(
         path: &Path,
         key: RetainedKey,
-        limits: StoreLimits,
+        set: RetainedSet,
         trust: Trust,
-    ) -> Result<(Store, Vec<RetainedMessage>), StoreError> {
+    ) -> Result<Store, StoreError> {
         DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -200,7 +210,7 @@ impl Store {
             found = Found::Mark(MarkFile::create(path, &cipher, &mark)?, mark);
             log::install(&tmp, &log_path, path)?;
             let replay = log::Replay {
-                live: HashMap::new(),
+                live: Items::new(),
                 file_id: w.file_id,
                 version: record::VERSION,
                 next_seq: w.next_seq,
@@ -239,25 +249,18 @@ impl Store {
                 MarkFile::create(path, &cipher, &settled)?
             }
         };
-        let live_bytes = replay.live.values().map(|e| e.msg.data_bytes()).sum();
-        let live_frame_bytes = replay.live.values().map(|e| e.frame_len).sum();
-        let messages = replay.live.values().map(|e| (*e.msg).clone()).collect();
+        set.load(replay.live);
         let mut store = Store {
+            set,
             dir: path.to_owned(),
             log_path,
             cipher,
-            limits,
             file,
             file_id: replay.file_id,
             next_seq: replay.next_seq,
             committed_len: replay.good_len,
             needs_truncate: false,
             needs_dir_sync: false,
-            live: replay.live,
-            live_bytes,
-            live_frame_bytes,
-            dirty: HashSet::new(),
-            since_snapshot: None,
             job_id: 0,
             mark,
             prev: None,
@@ -268,7 +271,7 @@ impl Store {
             tracing::info!(file = %store.log_path.display(), "rewriting retained store in format version {}", record::VERSION);
             store.compact()?;
         }
-        Ok((store, messages))
+        Ok(store)
     }
 
     /// What the mark should say now: this log, or while a compaction's rename may not be
@@ -306,57 +309,19 @@ impl Store {
     }
 
     /// Records a set or replace of `msg.topic` (kept in memory until [`Store::flush`]).
-    /// Fails with [`StoreError::Full`] only for a new topic past the limits.
+    /// Fails with [`StoreError::Full`] if a total would grow past the set's limits.
     pub fn set(&mut self, msg: RetainedMessage) -> Result<(), StoreError> {
-        let size = msg.data_bytes();
-        let old_size = self.live.get(&msg.topic).map(|e| e.msg.data_bytes());
-        if old_size.is_none()
-            && (self.live.len() >= self.limits.max_messages
-                || self.live_bytes.saturating_add(size) > self.limits.max_bytes)
-        {
-            return Err(StoreError::Full);
-        }
-        let topic = msg.topic.clone();
-        let entry = Entry {
-            msg: Arc::new(msg),
-            frame_len: 0,
-        };
-        if let Some(old) = self.live.insert(topic.clone(), entry) {
-            self.live_frame_bytes = self.live_frame_bytes.saturating_sub(old.frame_len);
-        }
-        self.live_bytes = self.live_bytes.saturating_sub(old_size.unwrap_or(0)) + size;
-        self.mark_dirty(topic);
-        Ok(())
+        self.set.set(msg).map_err(StoreError::Full)
     }
 
     /// Records that `topic`'s retained message was deleted (no-op if there is none).
     pub fn clear(&mut self, topic: &str) {
-        if let Some(old) = self.live.remove(topic) {
-            self.live_frame_bytes = self.live_frame_bytes.saturating_sub(old.frame_len);
-            self.live_bytes = self.live_bytes.saturating_sub(old.msg.data_bytes());
-            self.mark_dirty(topic.to_owned());
-        }
+        self.set.clear(topic);
     }
 
     /// Clears every message expired at `now` (unix seconds); returns how many.
     pub fn purge_expired(&mut self, now: u64) -> usize {
-        let expired: Vec<String> = self
-            .live
-            .values()
-            .filter(|e| e.msg.is_expired(now))
-            .map(|e| e.msg.topic.clone())
-            .collect();
-        for t in &expired {
-            self.clear(t);
-        }
-        expired.len()
-    }
-
-    fn mark_dirty(&mut self, topic: String) {
-        if let Some(s) = self.since_snapshot.as_mut() {
-            s.insert(topic.clone());
-        }
-        self.dirty.insert(topic);
+        self.set.purge_expired(now)
     }
 
     /// Appends one sealed record per topic changed since the last flush, then fsyncs.
@@ -368,25 +333,43 @@ impl Store {
             self.prev = None;
             self.update_mark();
         }
-        if self.dirty.is_empty() {
+        let changes = self.set.take_dirty();
+        if changes.is_empty() {
             return Ok(FlushStats::default());
         }
+        match self.append(&changes) {
+            Ok(stats) => {
+                self.update_mark();
+                Ok(stats)
+            }
+            Err(e) => {
+                self.set
+                    .restore_dirty(changes.into_iter().map(|(topic, _)| topic));
+                Err(e)
+            }
+        }
+    }
+
+    /// Appends one record per change at the end of the log and fsyncs.
+    fn append(&mut self, changes: &[crate::set::Change]) -> Result<FlushStats, StoreError> {
         let io = |e| StoreError::io(&self.log_path, e);
         if self.needs_truncate {
             self.file.set_len(self.committed_len).map_err(io)?;
             self.needs_truncate = false;
         }
         let mut buf = Vec::new();
-        let mut written: Vec<(&str, u64)> = Vec::with_capacity(self.dirty.len());
         let mut seq = self.next_seq;
-        for topic in &self.dirty {
-            let rec = match self.live.get(topic) {
-                Some(e) => RecordRef::set(&e.msg),
+        for (topic, msg) in changes {
+            let rec = match msg {
+                Some(m) => RecordRef::set(m),
                 None => RecordRef::Clear(topic),
             };
-            let frame = record::seal_record(&self.cipher, &self.file_id, seq, &rec)?;
-            written.push((topic, frame.len() as u64));
-            buf.extend_from_slice(&frame);
+            buf.extend_from_slice(&record::seal_record(
+                &self.cipher,
+                &self.file_id,
+                seq,
+                &rec,
+            )?);
             seq += 1;
         }
         let res = self
@@ -397,21 +380,12 @@ impl Store {
             self.needs_truncate = true;
             return Err(io(e));
         }
-        let stats = FlushStats {
-            records: written.len(),
-            bytes: buf.len() as u64,
-        };
-        for (topic, frame_len) in written {
-            if let Some(e) = self.live.get_mut(topic) {
-                e.frame_len = frame_len;
-                self.live_frame_bytes += frame_len;
-            }
-        }
-        self.committed_len += stats.bytes;
+        self.committed_len += buf.len() as u64;
         self.next_seq = seq;
-        self.dirty.clear();
-        self.update_mark();
-        Ok(stats)
+        Ok(FlushStats {
+            records: changes.len(),
+            bytes: buf.len() as u64,
+        })
     }
 
     /// Forces the high-water mark to disk (saves write it without an fsync of its own).
@@ -421,8 +395,10 @@ impl Store {
     }
 
     /// Whether the log holds more than about twice the live records (plus a small slack).
+    /// A live record takes [`stored_bytes`](crate::stored_bytes) once flushed, so the set's
+    /// byte total is the useful part of the file (right after a flush, when this is asked).
     pub fn needs_compaction(&self) -> bool {
-        let useful = HEADER_LEN as u64 + self.live_frame_bytes;
+        let useful = HEADER_LEN as u64 + self.set.bytes();
         self.committed_len > useful.saturating_mul(2).saturating_add(COMPACT_SLACK_BYTES)
     }
 
@@ -441,7 +417,7 @@ impl Store {
     pub fn compact(&mut self) -> Result<(), StoreError> {
         let mut job = self.begin_compaction();
         if let Err(e) = job.run() {
-            self.since_snapshot = None;
+            self.set.abort_snapshot();
             return Err(e);
         }
         self.finish_compaction(job)
@@ -449,17 +425,18 @@ impl Store {
 
     /// Number of live retained messages.
     pub fn len(&self) -> usize {
-        self.live.len()
+        self.set.len()
     }
 
     /// Whether there are no live retained messages.
     pub fn is_empty(&self) -> bool {
-        self.live.is_empty()
+        self.set.is_empty()
     }
 
-    /// Bytes of topics, payloads and properties of the live set (what `max_bytes` bounds).
+    /// Bytes of the live set's records ([`stored_bytes`](crate::stored_bytes), what
+    /// `max_bytes` bounds).
     pub fn live_bytes(&self) -> u64 {
-        self.live_bytes
+        self.set.bytes()
     }
 
     /// Size of the log file as verified and written so far.
@@ -469,17 +446,22 @@ impl Store {
 
     /// Topics changed since the last flush.
     pub fn pending(&self) -> usize {
-        self.dirty.len()
+        self.set.pending()
     }
 
-    /// The live messages, in no particular order.
-    pub fn messages(&self) -> impl Iterator<Item = &RetainedMessage> {
-        self.live.values().map(|e| &*e.msg)
+    /// The live messages, in topic order.
+    pub fn messages(&self) -> Vec<std::sync::Arc<RetainedMessage>> {
+        self.set.messages()
     }
 
     /// The live message of `topic`, if any.
-    pub fn get(&self, topic: &str) -> Option<&RetainedMessage> {
-        self.live.get(topic).map(|e| &*e.msg)
+    pub fn get(&self, topic: &str) -> Option<std::sync::Arc<RetainedMessage>> {
+        self.set.get(topic)
+    }
+
+    /// The set this store persists.
+    pub fn retained_set(&self) -> &RetainedSet {
+        &self.set
     }
 
     /// Path of the log file.

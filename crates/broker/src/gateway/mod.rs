@@ -80,7 +80,7 @@ pub struct Gateway {
     /// Retained messages being sent, oldest subscription first.
     retained_jobs: std::collections::VecDeque<RetainedJob>,
     /// Scratch space for one batch from the retained index.
-    retained_batch: Vec<(String, Arc<crate::retained_index::RetainedEntry>)>,
+    retained_batch: Vec<Arc<moatmq_store::RetainedMessage>>,
     /// Our own QoS 1/2 deliveries (retained messages) in flight, by packet id.
     own_inflight: HashMap<u16, OwnState>,
     next_own_pkid: u16,

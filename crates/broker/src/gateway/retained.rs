@@ -10,7 +10,7 @@
 
 use super::{Close, Gateway, WRITE_BATCH};
 use crate::codec::{make_publish, Version};
-use crate::retained_index::unix_now;
+use crate::retained_index::{properties_at, qos_of};
 use bytes::Bytes;
 use rumqttd::protocol::{Packet, PubRecReason, PubRel, PubRelReason, QoS};
 
@@ -58,18 +58,18 @@ impl Gateway {
             self.shared
                 .retained_index
                 .matching(&filter, job.after.as_deref(), BATCH, &mut batch);
-        let now = unix_now();
+        let now = moatmq_store::now_unix();
         let mut last = None;
         // Stopped early: the socket buffer or the in-flight window is full.
         let mut stopped = false;
-        for (topic, entry) in batch.drain(..) {
+        for msg in batch.drain(..) {
             if self.out.len() >= WRITE_BATCH {
                 stopped = true;
                 break;
             }
             // MQTT-3.8.4-8: the lower of the message's and the subscription's QoS.
-            let qos = if (entry.qos as u8) < (sub_qos as u8) {
-                entry.qos
+            let qos = if msg.qos < sub_qos as u8 {
+                qos_of(&msg)
             } else {
                 sub_qos
             };
@@ -80,11 +80,16 @@ impl Gateway {
             let decision = self
                 .shared
                 .policy
-                .may_read(&mut self.acl, &self.identity, &topic);
+                .may_read(&mut self.acl, &self.identity, &msg.topic);
             if !decision.allowed {
-                self.shared
-                    .denied(&self.info, &self.identity, "read", &topic, decision.line);
-                last = Some(topic);
+                self.shared.denied(
+                    &self.info,
+                    &self.identity,
+                    "read",
+                    &msg.topic,
+                    decision.line,
+                );
+                last = Some(msg.topic.clone());
                 continue;
             }
             let pkid = match qos {
@@ -92,12 +97,12 @@ impl Gateway {
                 _ => self.own_pkid(),
             };
             let properties = match self.version {
-                Version::V5 => entry.properties_at(now),
+                Version::V5 => properties_at(&msg, now),
                 Version::V4 => None,
             };
             let publish = make_publish(
-                Bytes::from(topic.clone()),
-                entry.payload.clone(),
+                Bytes::copy_from_slice(msg.topic.as_bytes()),
+                Bytes::copy_from_slice(&msg.payload),
                 qos,
                 true,
                 pkid,
@@ -113,7 +118,7 @@ impl Gateway {
                     self.own_inflight.insert(pkid, OwnState::Sent);
                 }
             }
-            last = Some(topic);
+            last = Some(msg.topic.clone());
         }
         self.retained_batch = batch;
         if let Some(job) = self.retained_jobs.front_mut() {
