@@ -198,15 +198,10 @@ async fn shared_subscription_on_own_topics_delivers() {
 async fn deny_inside_a_grant_is_enforced_per_message_and_for_retained() {
     let broker = broker(WITH_ACL_FILE).await;
     let addr = broker.first_addr();
-    let admin = user4(addr, "admin", "admin").await;
+    let mut admin = user4(addr, "admin", "admin").await;
     // Only the secret is retained: a withheld delivery must not race an unacknowledged
     // one (see withheld_delivery_does_not_break_in_order_acks).
-    admin
-        .client
-        .publish("alice/secrets/r", QoS::AtLeastOnce, true, "secret")
-        .await
-        .unwrap();
-    tokio::time::sleep(QUIET).await;
+    admin.publish_acked("alice/secrets/r", true, "secret").await;
 
     let mut alice = user4(addr, "alice-d", "alice").await;
     assert_eq!(
@@ -305,12 +300,8 @@ async fn withheld_delivery_does_not_break_in_order_acks() {
 async fn retained_message_of_bob_does_not_reach_alice() {
     let broker = broker(DEFAULT_RULES).await;
     let addr = broker.first_addr();
-    let bob = user4(addr, "bob-r", "bob").await;
-    bob.client
-        .publish("bob/state", QoS::AtLeastOnce, true, "bob's state")
-        .await
-        .unwrap();
-    tokio::time::sleep(QUIET).await;
+    let mut bob = user4(addr, "bob-r", "bob").await;
+    bob.publish_acked("bob/state", true, "bob's state").await;
     let mut alice = user4(addr, "alice-r", "alice").await;
     let codes = suback4(
         &mut alice,
@@ -459,12 +450,9 @@ async fn same_client_id_of_another_user_neither_takes_over_nor_inherits() {
     alice.client.disconnect().await.unwrap();
     assert!(alice.closed_within(WAIT).await.is_some());
 
-    let publ = user4(addr, "alice-pub", "alice").await;
-    publ.client
-        .publish("alice/q", QoS::AtLeastOnce, false, "queued for alice")
-        .await
-        .unwrap();
-    tokio::time::sleep(QUIET).await;
+    let mut publ = user4(addr, "alice-pub", "alice").await;
+    publ.publish_acked("alice/q", false, "queued for alice")
+        .await;
 
     // bob with the same client id: a fresh session, nothing of alice's.
     let mut ob = login4(addr, "shared-id", "bob", "bob-pw");

@@ -38,26 +38,18 @@ async fn older_copy_of_the_store_refuses_to_start_until_accepted() {
     let key_path = dir.path().join("retained.key");
     moatmq_store::RetainedKey::write_new(&key_path).unwrap();
     let broker = TestBroker::with_config_in(dir, CONFIG).await;
-    let p = v4::connected(broker.first_addr(), "dev").await;
+    let mut p = v4::connected(broker.first_addr(), "dev").await;
     for (topic, payload) in [("door/front", "locked"), ("door/back", "open")] {
-        p.client
-            .publish(topic, QoS::AtLeastOnce, true, payload)
-            .await
-            .unwrap();
+        p.publish_acked(topic, true, payload).await;
     }
-    tokio::time::sleep(QUIET).await;
     let dir = broker.stop().await;
     let log = dir.path().join("data/retained/retained.log");
     let backup = std::fs::read(&log).unwrap();
 
     // The client deletes its message.
     let broker = TestBroker::with_config_in(dir, CONFIG).await;
-    let p = v4::connected(broker.first_addr(), "dev").await;
-    p.client
-        .publish("door/back", QoS::AtLeastOnce, true, "")
-        .await
-        .unwrap();
-    tokio::time::sleep(QUIET).await;
+    let mut p = v4::connected(broker.first_addr(), "dev").await;
+    p.publish_acked("door/back", true, "").await;
     assert_eq!(
         retained_of(&broker).await,
         vec![("door/front".into(), b"locked".to_vec())]

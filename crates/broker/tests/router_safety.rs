@@ -54,12 +54,8 @@ async fn persistent4(
 
 /// Publishes one QoS 1 message from a fresh client.
 async fn publish_one(addr: SocketAddr, topic: &str) {
-    let publ = v4::connected(addr, "publisher").await;
-    publ.client
-        .publish(topic, QoS::AtLeastOnce, false, "m")
-        .await
-        .unwrap();
-    tokio::time::sleep(QUIET).await;
+    let mut publ = v4::connected(addr, "publisher").await;
+    publ.publish_acked(topic, false, "m").await;
 }
 
 /// Waits for a QoS 1 PUBLISH on a raw 3.1.1 client and leaves it unacknowledged.

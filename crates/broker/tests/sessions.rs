@@ -6,7 +6,7 @@ mod common;
 
 use bytes::BytesMut;
 use common::{connect4, suback4, Raw, V4_OK};
-use moatmq_testkit::{v4, v5, TestBroker, QUIET, WAIT};
+use moatmq_testkit::{v4, v5, TestBroker, WAIT};
 use rumqttc::v5::mqttbytes::v5 as m5;
 use rumqttc::QoS;
 use std::net::SocketAddr;
@@ -44,14 +44,11 @@ async fn persistent_session_gets_queued_messages_after_reconnect_v4() {
     sub.client.disconnect().await.unwrap();
     assert!(sub.closed_within(WAIT).await.is_some());
 
-    let publ = v4::connected(addr, "pub").await;
+    let mut publ = v4::connected(addr, "pub").await;
     for i in 0..3 {
-        publ.client
-            .publish(format!("q/{i}"), QoS::AtLeastOnce, false, format!("m{i}"))
-            .await
-            .unwrap();
+        publ.publish_acked(format!("q/{i}"), false, format!("m{i}"))
+            .await;
     }
-    tokio::time::sleep(QUIET).await;
 
     let mut sub = v4::connect(o).await.unwrap();
     assert!(sub.connack.session_present, "session kept");
@@ -75,7 +72,6 @@ async fn persistent_session_gets_queued_messages_after_reconnect_v4() {
 
 #[tokio::test]
 async fn persistent_session_v5_with_session_expiry() {
-    use rumqttc::v5::mqttbytes::QoS as Q5;
     let broker = TestBroker::start().await;
     let addr = broker.first_addr();
     let opts = || {
@@ -92,12 +88,8 @@ async fn persistent_session_v5_with_session_expiry() {
     common::subscribed5(&mut sub, "q5/#").await;
     sub.client.disconnect().await.unwrap();
     assert!(sub.closed_within(WAIT).await.is_some());
-    let publ = v5::connected(addr, "pub5").await;
-    publ.client
-        .publish("q5/a", Q5::AtLeastOnce, false, "kept")
-        .await
-        .unwrap();
-    tokio::time::sleep(QUIET).await;
+    let mut publ = v5::connected(addr, "pub5").await;
+    publ.publish_acked("q5/a", false, "kept").await;
     let mut sub = v5::connect(opts()).await.unwrap();
     assert!(sub.connack.session_present);
     assert_eq!(&sub.next_publish().await.payload[..], b"kept");

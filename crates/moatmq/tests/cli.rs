@@ -2,8 +2,8 @@
 //! SIGTERM (MQTT 5 clients get DISCONNECT 0x8B, exit 0) and SIGHUP reloads of the
 //! password file, the ACL file and a rotated server certificate.
 //!
-//! The binary cannot report an ephemeral port, so each test picks a free one by binding
-//! 127.0.0.1:0 and releasing it, and waits for the "listening" log line.
+//! Each test binds its listeners on 127.0.0.1:0 and reads the bound addresses from the
+//! broker's "listening" log lines.
 
 use moatmq_testkit::{v4, v5, TestCa, QUIET, WAIT};
 use rumqttc::QoS;
@@ -17,16 +17,15 @@ use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_moatmq");
 
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().unwrap().port()
-}
-
 /// A running `moatmq` with its stderr collected line by line.
 struct Moatmq {
     child: Child,
     lines: mpsc::Receiver<String>,
     log: Arc<Mutex<String>>,
+    /// Each listener's name and bound address, from the "listening" log lines.
+    addrs: Vec<(String, SocketAddr)>,
+    /// The thread collecting stderr; it ends when the process has closed stderr.
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Moatmq {
@@ -46,32 +45,67 @@ impl Moatmq {
         let (tx, lines) = mpsc::channel();
         let log = Arc::new(Mutex::new(String::new()));
         let all = log.clone();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 all.lock().unwrap().push_str(&line);
                 all.lock().unwrap().push('\n');
                 let _ = tx.send(line);
             }
         });
-        Moatmq { child, lines, log }
+        Moatmq {
+            child,
+            lines,
+            log,
+            addrs: Vec::new(),
+            reader: Some(reader),
+        }
     }
 
-    /// Serves `config` (written to `dir/broker.toml`) and waits until it listens.
+    /// The whole stderr of a process that has exited.
+    fn final_log(&mut self) -> String {
+        if let Some(reader) = self.reader.take() {
+            reader.join().expect("stderr reader");
+        }
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Serves `config` (written to `dir/broker.toml`) and waits until each of its
+    /// listeners has logged the address it bound.
     fn serve(dir: &Path, config: &str, env: &[(&str, &str)]) -> Moatmq {
         let path = dir.join("broker.toml");
         std::fs::write(&path, config).unwrap();
-        let m = Moatmq::spawn(&["serve", "-c", path.to_str().unwrap()], env);
-        m.wait_for("listening");
+        let mut m = Moatmq::spawn(&["serve", "-c", path.to_str().unwrap()], env);
+        for _ in 0..config.matches("[[listener]]").count() {
+            let line = m.wait_for("listening");
+            let field = |key: &str| {
+                line.split_whitespace()
+                    .find_map(|w| w.strip_prefix(key))
+                    .map(|v| v.trim_matches('"').to_string())
+                    .unwrap_or_else(|| panic!("no {key} in {line:?}"))
+            };
+            let addr = field("addr=").parse().expect("a socket address");
+            m.addrs.push((field("listener="), addr));
+        }
         m
     }
 
-    /// Waits for a stderr line containing `needle`.
-    fn wait_for(&self, needle: &str) {
+    /// The port the listener called `name` is bound to.
+    fn port(&self, name: &str) -> u16 {
+        self.addrs
+            .iter()
+            .find(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("no listener {name} in {:?}", self.addrs))
+            .1
+            .port()
+    }
+
+    /// Waits for a stderr line containing `needle` and returns it.
+    fn wait_for(&self, needle: &str) -> String {
         let deadline = Instant::now() + WAIT;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
-                Ok(line) if line.contains(needle) => return,
+                Ok(line) if line.contains(needle) => return line,
                 Ok(_) => continue,
                 Err(_) => panic!(
                     "no log line with {needle:?}; log so far:\n{}",
@@ -171,7 +205,10 @@ fn check_names_file_and_line_and_exits_64() {
 #[test]
 fn serve_with_an_invalid_config_exits_64_before_binding() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
+    // Held while `serve` runs: a broker that bound before refusing would exit 1 with
+    // "cannot bind" instead of 64.
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = held.local_addr().unwrap().port();
     let path = dir.path().join("broker.toml");
     std::fs::write(
         &path,
@@ -181,18 +218,15 @@ fn serve_with_an_invalid_config_exits_64_before_binding() {
     let (code, stderr) = run(&["serve", "-c", path.to_str().unwrap()]);
     assert_eq!(code, Some(64), "{stderr}");
     assert!(stderr.contains("broker.toml:5"), "{stderr}");
-    assert!(
-        std::net::TcpListener::bind(addr(port)).is_ok(),
-        "port was bound"
-    );
+    assert!(!stderr.contains("cannot bind"), "{stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_sends_v5_clients_0x8b_and_exits_0() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let config = format!("{}allow_anonymous = true\n", listener(port));
+    let config = format!("{}allow_anonymous = true\n", listener(0));
     let mut m = Moatmq::serve(dir.path(), &config, &[]);
+    let port = m.port("tcp");
     let mut c5 = v5::connected(addr(port), "c5").await;
     let mut c4 = v4::connected(addr(port), "c4").await;
     m.signal("-TERM");
@@ -208,10 +242,10 @@ async fn sigterm_sends_v5_clients_0x8b_and_exits_0() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sighup_reloads_the_password_file() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
     passwd(dir.path(), &[("alice", "alice-pw")]);
-    let config = format!("{}[auth]\npassword_file = \"passwd\"\n", listener(port));
+    let config = format!("{}[auth]\npassword_file = \"passwd\"\n", listener(0));
     let m = Moatmq::serve(dir.path(), &config, &[]);
+    let port = m.port("tcp");
     assert!(v4::connect(login(port, "b", "bob", "bob-pw"))
         .await
         .is_err());
@@ -232,7 +266,6 @@ async fn sighup_reloads_the_password_file() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sighup_acl_reload_revokes_a_live_subscription() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
     passwd(
         dir.path(),
         &[("alice", "alice-pw"), ("feeder", "feeder-pw")],
@@ -241,21 +274,17 @@ async fn sighup_acl_reload_revokes_a_live_subscription() {
     std::fs::write(dir.path().join("aclfile"), acl).unwrap();
     let config = format!(
         "{}[auth]\npassword_file = \"passwd\"\n[acl]\nfile = \"aclfile\"\n",
-        listener(port)
+        listener(0)
     );
     let m = Moatmq::serve(dir.path(), &config, &[]);
+    let port = m.port("tcp");
     let mut alice = v4::connect(login(port, "a", "alice", "alice-pw"))
         .await
         .unwrap();
-    alice
-        .client
-        .subscribe("feed/#", QoS::AtLeastOnce)
-        .await
-        .unwrap();
+    alice.subscribe_acked("feed/#").await;
     let feeder = v4::connect(login(port, "f", "feeder", "feeder-pw"))
         .await
         .unwrap();
-    tokio::time::sleep(QUIET).await;
     feeder
         .client
         .publish("feed/1", QoS::AtLeastOnce, false, "before")
@@ -285,15 +314,15 @@ async fn sighup_acl_reload_revokes_a_live_subscription() {
 async fn sighup_picks_up_a_rotated_server_certificate() {
     use rumqttc::{TlsConfiguration, Transport};
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
     let old_ca = TestCa::new("old ca");
     let new_ca = TestCa::new("new ca");
     old_ca.server(dir.path(), "server");
     let config = format!(
         "{}allow_anonymous = true\n[listener.tls]\ncert = \"server.crt\"\nkey = \"server.key\"\n",
-        listener(port)
+        listener(0)
     );
     let m = Moatmq::serve(dir.path(), &config, &[]);
+    let port = m.port("tcp");
     let trusting = |ca: &TestCa, id: &str| {
         let mut o = v4::options(addr(port), id);
         o.set_transport(Transport::Tls(TlsConfiguration::Simple {
@@ -317,19 +346,13 @@ async fn sighup_picks_up_a_rotated_server_certificate() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn serve_without_config_listens_on_loopback_1883() {
-    if std::net::TcpListener::bind("127.0.0.1:1883").is_err() {
-        eprintln!("127.0.0.1:1883 is busy: skipped");
-        return;
-    }
+    // Needs 127.0.0.1:1883 free: if it is taken the broker exits and this fails.
     let mut m = Moatmq::spawn(&["serve"], &[]);
-    m.wait_for("listening");
+    let line = m.wait_for("listening");
+    assert!(line.contains("addr=127.0.0.1:1883"), "{line}");
     let mut sub = v4::connected(addr(1883), "sub").await;
-    sub.client
-        .subscribe("demo/#", QoS::AtLeastOnce)
-        .await
-        .unwrap();
+    sub.subscribe_acked("demo/#").await;
     let publ = v4::connected(addr(1883), "pub").await;
-    tokio::time::sleep(QUIET).await;
     publ.client
         .publish("demo/hello", QoS::AtLeastOnce, false, "world")
         .await
@@ -346,12 +369,12 @@ async fn serve_without_config_listens_on_loopback_1883() {
 #[tokio::test(flavor = "multi_thread")]
 async fn passwords_never_reach_the_log_at_trace_level() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
     let good = "good-Sentinel-7f3a";
     let bad = "bad-Sentinel-91c2";
     passwd(dir.path(), &[("alice", good)]);
-    let config = format!("{}[auth]\npassword_file = \"passwd\"\n", listener(port));
+    let config = format!("{}[auth]\npassword_file = \"passwd\"\n", listener(0));
     let mut m = Moatmq::serve(dir.path(), &config, &[("RUST_LOG", "trace")]);
+    let port = m.port("tcp");
     let ok = v4::connect(login(port, "a", "alice", good)).await;
     assert!(ok.is_ok());
     let mut o5 = v5::options(addr(port), "a5");
@@ -360,8 +383,7 @@ async fn passwords_never_reach_the_log_at_trace_level() {
     assert!(v4::connect(login(port, "b", "alice", bad)).await.is_err());
     m.signal("-TERM");
     assert!(m.exit_within(WAIT).success());
-    std::thread::sleep(Duration::from_millis(100));
-    let log = m.log.lock().unwrap().clone();
+    let log = m.final_log();
     assert!(log.contains("authentication failed"), "trace log captured");
     assert!(!log.contains("Sentinel"), "a password reached the log");
 }
@@ -369,10 +391,10 @@ async fn passwords_never_reach_the_log_at_trace_level() {
 #[tokio::test(flavor = "multi_thread")]
 async fn client_strings_cannot_forge_text_log_lines() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
     passwd(dir.path(), &[("alice", "alice-pw")]);
-    let config = format!("{}[auth]\npassword_file = \"passwd\"\n", listener(port));
+    let config = format!("{}[auth]\npassword_file = \"passwd\"\n", listener(0));
     let mut m = Moatmq::serve(dir.path(), &config, &[]);
+    let port = m.port("tcp");
     let forged = "FORGED INFO moatmq: admin logged in";
     // A client id and a username each carrying a line break and a bidi override.
     let id = format!("dev\n{forged}\u{202e}");
@@ -383,8 +405,7 @@ async fn client_strings_cannot_forge_text_log_lines() {
     drop(ok);
     m.signal("-TERM");
     assert!(m.exit_within(WAIT).success());
-    std::thread::sleep(Duration::from_millis(100));
-    let log = m.log.lock().unwrap().clone();
+    let log = m.final_log();
     assert!(
         log.contains("dev\\nFORGED"),
         "client id logged, escaped:\n{log}"
@@ -444,8 +465,7 @@ fn text_log_has_no_colour_codes_when_stderr_is_not_a_terminal() {
 fn a_dead_router_exits_non_zero_within_5_s() {
     for fault in ["kill", "wedge"] {
         let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let config = format!("{}allow_anonymous = true\n", listener(port));
+        let config = format!("{}allow_anonymous = true\n", listener(0));
         let path = dir.path().join("broker.toml");
         std::fs::write(&path, config).unwrap();
         let mut m = Moatmq::spawn(
@@ -454,7 +474,7 @@ fn a_dead_router_exits_non_zero_within_5_s() {
         );
         let status = m.exit_within(Duration::from_secs(5) + Duration::from_secs(2));
         assert_eq!(status.code(), Some(70), "{fault}");
-        let log = m.log.lock().unwrap().clone();
+        let log = m.final_log();
         let errors: Vec<&str> = log
             .lines()
             .filter(|l| l.contains("ERROR") && l.contains("router failed"))

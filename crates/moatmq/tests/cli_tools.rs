@@ -8,7 +8,7 @@
 use moatmq_testkit::{v4, TestCa, QUIET, WAIT};
 use rumqttc::{ConnectReturnCode, ConnectionError, Packet, QoS, SubscribeReasonCode};
 use std::io::Write;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -16,10 +16,17 @@ use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_moatmq");
 
-/// A loopback port nothing listens on right now.
-fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind port 0");
-    l.local_addr().expect("local addr").port()
+/// The listener name and bound address of a "listening" log line.
+fn listening(line: &str) -> Option<(String, SocketAddr)> {
+    if !line.contains("listening") {
+        return None;
+    }
+    let field = |key: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .map(|v| v.trim_matches('"').to_string())
+    };
+    Some((field("listener=")?, field("addr=")?.parse().ok()?))
 }
 
 fn addr(port: u16) -> SocketAddr {
@@ -80,25 +87,41 @@ fn mode(p: &Path) -> u32 {
 struct Served {
     child: Child,
     log: PathBuf,
+    /// Each listener's name and bound address, from the "listening" log lines.
+    addrs: Vec<(String, SocketAddr)>,
 }
 
 impl Served {
-    /// Starts the broker and waits (at most ~5 s) until `port` accepts connections.
-    async fn start(config: &Path, port: u16) -> Served {
-        let log = config.with_extension(format!("{port}.log"));
+    /// Starts the broker and waits (at most ~5 s) until each listener of `config` has
+    /// logged the address it bound (configs here bind port 0).
+    async fn start(config: &Path) -> Served {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let log = config.with_extension(format!("{}.log", N.fetch_add(1, Ordering::Relaxed)));
         let file = std::fs::File::create(&log).expect("log file");
         let child = Command::new(BIN)
             .args(["serve", "-c", path_str(config)])
             .env_remove("MOATMQ_RETAINED_KEY")
+            .env_remove("RUST_LOG")
+            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(file.try_clone().expect("log file"))
             .stderr(file)
             .spawn()
             .expect("spawn moatmq serve");
-        let mut served = Served { child, log };
+        let listeners = std::fs::read_to_string(config)
+            .expect("config")
+            .matches("[[listener]]")
+            .count();
+        let mut served = Served {
+            child,
+            log,
+            addrs: Vec::new(),
+        };
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            if tokio::net::TcpStream::connect(addr(port)).await.is_ok() {
+            served.addrs = served.log_text().lines().filter_map(listening).collect();
+            if served.addrs.len() >= listeners {
                 return served;
             }
             if let Some(status) = served.child.try_wait().expect("try_wait") {
@@ -106,12 +129,22 @@ impl Served {
             }
             if Instant::now() > deadline {
                 panic!(
-                    "moatmq serve not listening on {port} within 5 s:\n{}",
+                    "moatmq serve not listening within 5 s:\n{}",
                     served.log_text()
                 );
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// The port the listener called `name` is bound to.
+    fn port(&self, name: &str) -> u16 {
+        self.addrs
+            .iter()
+            .find(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("no listener {name} in {:?}", self.addrs))
+            .1
+            .port()
     }
 
     fn log_text(&self) -> String {
@@ -245,18 +278,16 @@ async fn passwd_round_trip_then_the_broker_accepts_only_the_new_password() {
     assert!(!o.status.success());
     assert_eq!(std::fs::read_to_string(&file).unwrap(), text);
 
-    let port = free_port();
     let config = dir.path().join("broker.toml");
     std::fs::write(
         &config,
-        format!(
-            "[[listener]]\nname = \"tcp\"\nbind = \"127.0.0.1:{port}\"\n\
-             [auth]\nallow_anonymous = false\npassword_file = \"passwd\"\n"
-        ),
+        "[[listener]]\nname = \"tcp\"\nbind = \"127.0.0.1:0\"\n\
+         [auth]\nallow_anonymous = false\npassword_file = \"passwd\"\n",
     )
     .unwrap();
     ok(&["check", "-c", path_str(&config)]);
-    let _broker = Served::start(&config, port).await;
+    let broker = Served::start(&config).await;
+    let port = broker.port("tcp");
     let c = login(port, "alice-1", "alice", "new password")
         .await
         .expect("the new password is accepted");
@@ -307,13 +338,13 @@ fn keygen_writes_a_private_key_and_never_overwrites() {
     assert_ne!(std::fs::read_to_string(&other).unwrap(), text);
 }
 
-/// broker.toml for one anonymous listener on `port` and a durable retained store.
-fn retained_config(dir: &Path, port: u16, key_file: &str) -> PathBuf {
+/// broker.toml for one anonymous listener on port 0 and a durable retained store.
+fn retained_config(dir: &Path, key_file: &str) -> PathBuf {
     let config = dir.join("broker.toml");
     std::fs::write(
         &config,
         format!(
-            "[[listener]]\nname = \"tcp\"\nbind = \"127.0.0.1:{port}\"\n\
+            "[[listener]]\nname = \"tcp\"\nbind = \"127.0.0.1:0\"\n\
              [auth]\nallow_anonymous = true\n\
              [retained]\npath = \"data/retained\"\nkey_file = \"{key_file}\"\n\
              autosave_interval = 0\n"
@@ -341,18 +372,18 @@ async fn retained_survive_kill_9_list_and_rekey() {
         v
     };
 
-    let port = free_port();
-    let config = retained_config(dir.path(), port, "old.key");
-    let broker = Served::start(&config, port).await;
+    let config = retained_config(dir.path(), "old.key");
+    let broker = Served::start(&config).await;
+    let port = broker.port("tcp");
     let mut c = v4::connected(addr(port), "device").await;
     publish_retained_acked(&mut c, &messages).await;
     // Acknowledged with autosave_interval = 0 means on disk: SIGKILL loses nothing.
     broker.kill();
     drop(c);
 
-    let port = free_port();
-    let config = retained_config(dir.path(), port, "old.key");
-    let broker = Served::start(&config, port).await;
+    let config = retained_config(dir.path(), "old.key");
+    let broker = Served::start(&config).await;
+    let port = broker.port("tcp");
     assert_eq!(retained_messages(port).await, expected, "after kill -9");
     broker.kill();
 
@@ -380,19 +411,18 @@ async fn retained_survive_kill_9_list_and_rekey() {
     ]);
     assert!(out.contains("re-encrypted 3 messages"), "{out}");
 
-    let port = free_port();
-    let config = retained_config(dir.path(), port, "new.key");
-    let broker = Served::start(&config, port).await;
+    let config = retained_config(dir.path(), "new.key");
+    let broker = Served::start(&config).await;
+    let port = broker.port("tcp");
     assert_eq!(retained_messages(port).await, expected, "after rekey");
     drop(broker);
 
     // The old key no longer opens the store: the broker refuses to start, saying why.
-    let port = free_port();
-    let config = retained_config(dir.path(), port, "old.key");
+    let config = retained_config(dir.path(), "old.key");
     let (status, err) = serve_expecting_exit(&config);
     assert!(!status.success(), "old key: {status}\n{err}");
     assert!(err.contains("wrong key"), "{err}");
-    assert!(std::net::TcpStream::connect(addr(port)).is_err());
+    assert!(!err.contains("listening"), "{err}");
 }
 
 /// `moatmq serve -c CONFIG` that should fail to start: its exit status and stderr.
@@ -401,9 +431,9 @@ async fn retained_survive_kill_9_list_and_rekey() {
 async fn truncated_store_refused_until_retained_accept() {
     let dir = tempfile::tempdir().unwrap();
     ok(&["keygen", "--out", path_str(&dir.path().join("k.key"))]);
-    let port = free_port();
-    let config = retained_config(dir.path(), port, "k.key");
-    let broker = Served::start(&config, port).await;
+    let config = retained_config(dir.path(), "k.key");
+    let broker = Served::start(&config).await;
+    let port = broker.port("tcp");
     let mut c = v4::connected(addr(port), "device").await;
     publish_retained_acked(&mut c, &[("door/front", "locked"), ("door/back", "open")]).await;
     drop(broker);
@@ -424,7 +454,7 @@ async fn truncated_store_refused_until_retained_accept() {
             && err.contains("moatmq retained accept"),
         "{err}"
     );
-    assert!(std::net::TcpStream::connect(addr(port)).is_err());
+    assert!(!err.contains("listening"), "{err}");
 
     let out = ok(&["retained", "accept", "-c", path_str(&config)]);
     assert!(
@@ -433,7 +463,8 @@ async fn truncated_store_refused_until_retained_accept() {
     );
     let out = ok(&["retained", "accept", "-c", path_str(&config)]);
     assert!(out.contains("nothing to accept"), "{out}");
-    let broker = Served::start(&config, port).await;
+    let broker = Served::start(&config).await;
+    let port = broker.port("tcp");
     assert_eq!(retained_messages(port).await, vec![]);
     drop(broker);
 }
@@ -444,12 +475,17 @@ fn serve_expecting_exit(config: &Path) -> (std::process::ExitStatus, String) {
     let child = Command::new(BIN)
         .args(["serve", "-c", path_str(config)])
         .env_remove("MOATMQ_RETAINED_KEY")
+        .env_remove("RUST_LOG")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(file)
         .spawn()
         .expect("spawn moatmq serve");
-    let mut served = Served { child, log };
+    let mut served = Served {
+        child,
+        log,
+        addrs: Vec::new(),
+    };
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         if let Some(status) = served.child.try_wait().expect("try_wait") {
@@ -582,8 +618,8 @@ async fn import_mosquitto_end_to_end() {
     let ca_crt = client_ca.write_ca(d, "client-ca.crt");
     let (client_crt, client_key) = client_ca.valid_client(d, "sensor-7", "sensor-7");
 
-    let port = free_port();
-    let tls_port = free_port();
+    // Ports of the Mosquitto file, checked in the import; the broker then binds port 0.
+    let (port, tls_port) = (18830, 18831);
     let conf = d.join("mosquitto.conf");
     std::fs::write(
         &conf,
@@ -632,8 +668,16 @@ async fn import_mosquitto_end_to_end() {
         assert!(toml.contains(&needle), "{needle} missing in:\n{toml}");
     }
     ok(&["check", "-c", path_str(&config)]);
+    let toml = toml
+        .replace(&format!("127.0.0.1:{port}\""), "127.0.0.1:0\"")
+        .replace(&format!("127.0.0.1:{tls_port}\""), "127.0.0.1:0\"");
+    std::fs::write(&config, toml).unwrap();
 
-    let _broker = Served::start(&config, port).await;
+    let broker = Served::start(&config).await;
+    let (port, tls_port) = (
+        broker.port(&format!("port-{port}")),
+        broker.port(&format!("port-{tls_port}")),
+    );
     // Same users, same passwords (mosquitto's $7$ hashes), same ACL.
     let mut alice = login(port, "alice-1", "alice", "correct horse")
         .await
@@ -773,13 +817,12 @@ async fn ordinary_traffic_logs_no_noise_and_plain_disconnect_reasons() {
     let ca = TestCa::new("noise ca");
     let (crt, key) = ca.server(d, "server");
     let ca_file = ca.write_ca(d, "ca.crt");
-    let (port, tls_port) = (free_port(), free_port());
     let config = d.join("broker.toml");
     std::fs::write(
         &config,
         format!(
-            "[[listener]]\nname = \"tcp\"\nbind = \"127.0.0.1:{port}\"\n\
-             [[listener]]\nname = \"tls\"\nbind = \"127.0.0.1:{tls_port}\"\n\
+            "[[listener]]\nname = \"tcp\"\nbind = \"127.0.0.1:0\"\n\
+             [[listener]]\nname = \"tls\"\nbind = \"127.0.0.1:0\"\n\
              [listener.tls]\ncert = \"{}\"\nkey = \"{}\"\n\
              [auth]\nallow_anonymous = true\n",
             crt.display(),
@@ -787,15 +830,13 @@ async fn ordinary_traffic_logs_no_noise_and_plain_disconnect_reasons() {
         ),
     )
     .unwrap();
-    let served = Served::start(&config, port).await;
+    let served = Served::start(&config).await;
+    let (port, tls_port) = (served.port("tcp"), served.port("tls"));
     for i in 0..3 {
-        let c = v4::connected(addr(port), &format!("plain-{i}")).await;
-        c.client
-            .publish("t", QoS::AtLeastOnce, false, "x")
-            .await
-            .unwrap();
+        let mut c = v4::connected(addr(port), &format!("plain-{i}")).await;
+        c.publish_acked("t", false, "x").await;
         c.client.disconnect().await.unwrap();
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(c.closed_within(WAIT).await.is_some(), "plain-{i} closed");
     }
     // A client that goes away without DISCONNECT, and a session taken over.
     {
