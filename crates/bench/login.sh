@@ -56,6 +56,8 @@ identity = "cn"
 [auth]
 allow_anonymous = false
 password_file = "$WORK/passwd"
+# Every login hashed: this measures the first verification (fleet.sh measures reconnects).
+credential_cache_ttl = 0
 
 $RATE_LIMIT_OFF
 
