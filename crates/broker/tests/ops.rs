@@ -220,6 +220,27 @@ async fn metrics_move_with_traffic_and_health_endpoints_answer() {
     assert!(metric(&after, "moatmq_auth_successes_total") >= 2.0);
 }
 
+/// The gauges read at scrape time: the router's health and the process's memory, the
+/// figures the Grafana dashboard and alert rules under deploy/ are built on.
+#[tokio::test]
+async fn metrics_export_router_health_and_resident_memory() {
+    let broker = TestBroker::with_config(METRICS).await;
+    let (_, text) = http_get(broker.metrics_addr(), "/metrics").await;
+    assert_eq!(metric(&text, "moatmq_router_up"), 1.0);
+    assert!(text.contains("# TYPE moatmq_router_up gauge"), "{text}");
+    let rss = metric(&text, "process_resident_memory_bytes");
+    // This test process holds the broker and the test harness: more than 1 MiB, less
+    // than 4 GiB, a whole number of KiB.
+    assert!(rss > 1_048_576.0 && rss < 4_294_967_296.0, "{rss}");
+    assert_eq!(rss % 1024.0, 0.0);
+    assert!(
+        text.contains("# UNIT process_resident_memory_bytes bytes"),
+        "{text}"
+    );
+    assert!(text.ends_with("# EOF\n"), "one EOF, at the end");
+    assert_eq!(text.matches("# EOF").count(), 1);
+}
+
 #[tokio::test]
 async fn readyz_is_not_ready_until_the_broker_serves() {
     let dir = tempfile::tempdir().unwrap();
