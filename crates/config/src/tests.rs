@@ -175,8 +175,8 @@ fn overlapping_binds_are_refused_with_the_line() {
         let err = parse(&second(bind)).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "broker.toml:7: listener[1].bind: overlaps the bind of listener \"local\" \
-             (same port on the same or a wildcard address)",
+            "broker.toml:7: listener[1].bind: same port on the same or a wildcard address \
+             as listener[0].bind",
             "{bind}"
         );
     }
@@ -190,7 +190,7 @@ fn overlapping_binds_are_refused_with_the_line() {
     let err = parse(&format!("{MINIMAL}[metrics]\nbind = \"0.0.0.0:1883\"\n")).unwrap_err();
     assert!(
         err.to_string()
-            .starts_with("broker.toml:5: metrics.bind: overlaps the bind of listener \"local\""),
+            .starts_with("broker.toml:5: metrics.bind: same port on the same or a wildcard address as listener[0].bind"),
         "{err}"
     );
 }

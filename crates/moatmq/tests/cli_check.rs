@@ -234,7 +234,7 @@ fn file_and_bind_problems_are_found_by_check_as_by_serve() {
     both_refuse(
         d,
         &format!("{listener}allow_anonymous = true\n[[listener]]\nname = \"all\"\nbind = \"0.0.0.0:{port}\"\n"),
-        &["broker.toml:7: listener[1].bind: overlaps the bind of listener \"tcp\""],
+        &["broker.toml:7: listener[1].bind: same port on the same or a wildcard address as listener[0].bind"],
     );
     both_refuse(
         d,
