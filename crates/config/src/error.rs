@@ -65,22 +65,21 @@ impl ConfigError {
     ) -> ConfigError {
         let message = error.message();
         let at = error.span().map(|span| span.start);
-        let mut key = at.and_then(|at| positions.key_at(at));
+        let mut found = at.and_then(|at| positions.key_at(at));
         // A missing key's span is its table: name the key itself.
         if let Some(field) = message
             .strip_prefix("missing field `")
             .and_then(|m| m.strip_suffix('`'))
         {
-            key = Some(match key {
-                Some(table) => format!("{table}.{field}"),
-                None => field.to_string(),
+            found = Some(match found {
+                Some((table, line)) => (format!("{table}.{field}"), line),
+                None => (field.to_string(), at.map_or(0, |at| positions.line_at(at))),
             });
         }
-        let line = key
-            .as_deref()
-            .and_then(|k| positions.line_of_key(k))
-            .or(at.map(|at| positions.line_at(at)))
-            .unwrap_or(0);
+        let (key, line) = match found {
+            Some((key, line)) => (Some(key), line),
+            None => (None, at.map_or(0, |at| positions.line_at(at))),
+        };
         let reason = schema_reason(message);
         ConfigError::Syntax {
             file: file.to_path_buf(),

@@ -57,11 +57,24 @@ impl<'a> Positions<'a> {
         found.map(|span| self.line_at(span.start))
     }
 
-    /// The key path holding byte offset `at`: the innermost key whose name or value
-    /// spans it, else the innermost table whose header does. `None` at the top level.
-    pub(crate) fn key_at(&self, at: usize) -> Option<String> {
+    /// The key path holding byte offset `at`, with the line of its key: the innermost
+    /// key whose name or value spans it, else the innermost table whose header does.
+    /// `None` at the top level.
+    pub(crate) fn key_at(&self, at: usize) -> Option<(String, usize)> {
         let mut path = Vec::new();
-        key_in(self.doc.as_table(), at, &mut path).then(|| path.join("."))
+        let start = key_in(self.doc.as_table(), at, &mut path)?;
+        Some((path.join("."), self.line_at(start)))
+    }
+}
+
+/// A key as it appears in a key path: bare if TOML allows it bare, else quoted with its
+/// control characters escaped, so that a path stays one line.
+fn path_key(name: &str) -> String {
+    let bare = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
+    if !name.is_empty() && name.chars().all(bare) {
+        name.to_string()
+    } else {
+        format!("{name:?}")
     }
 }
 
@@ -77,33 +90,44 @@ fn holds(span: Option<Range<usize>>, at: usize) -> bool {
     span.is_some_and(|s| s.contains(&at) || (s.is_empty() && s.start == at))
 }
 
-/// Pushes onto `path` the key path under `table` that holds `at`; false if none does.
-fn key_in(table: &dyn TableLike, at: usize, path: &mut Vec<String>) -> bool {
+/// Pushes onto `path` the key path under `table` that holds `at` and returns where its
+/// key (or table header) starts; `None` if no key under `table` holds `at`.
+fn key_in(table: &dyn TableLike, at: usize, path: &mut Vec<String>) -> Option<usize> {
+    let start = |span: Option<Range<usize>>| span.map(|s| s.start);
     for (name, item) in table.iter() {
         let key_span = table.get_key_value(name).and_then(|(k, _)| k.span());
-        path.push(name.to_string());
+        path.push(path_key(name));
         let found = match item {
-            Item::None => false,
-            Item::Value(value) => {
-                // An inline table's own keys come first: the error may be in one of them.
-                let inner = value.as_inline_table().is_some_and(|t| key_in(t, at, path));
-                inner || holds(key_span, at) || holds(value.span(), at)
-            }
-            Item::Table(t) => key_in(t, at, path) || holds(t.span(), at) || holds(key_span, at),
+            Item::None => None,
+            // An inline table's own keys come first: the error may be in one of them.
+            Item::Value(value) => value
+                .as_inline_table()
+                .and_then(|t| key_in(t, at, path))
+                .or_else(|| {
+                    (holds(key_span.clone(), at) || holds(value.span(), at))
+                        .then(|| start(key_span.clone()).or(start(value.span())))
+                        .flatten()
+                }),
+            Item::Table(t) => key_in(t, at, path).or_else(|| {
+                (holds(t.span(), at) || holds(key_span.clone(), at))
+                    .then(|| start(t.span()).or(start(key_span.clone())))
+                    .flatten()
+            }),
             Item::ArrayOfTables(array) => {
                 let last = path.len() - 1;
-                array.iter().enumerate().any(|(i, t)| {
-                    path[last] = format!("{name}[{i}]");
-                    key_in(t, at, path) || holds(t.span(), at)
+                array.iter().enumerate().find_map(|(i, t)| {
+                    path[last] = format!("{}[{i}]", path_key(name));
+                    key_in(t, at, path)
+                        .or_else(|| holds(t.span(), at).then(|| start(t.span())).flatten())
                 })
             }
         };
-        if found {
-            return true;
+        if found.is_some() {
+            return found;
         }
         path.pop();
     }
-    false
+    None
 }
 
 #[cfg(test)]
@@ -132,7 +156,7 @@ mod tests {
     #[test]
     fn offsets_map_back_to_key_paths() {
         let p = Positions::parse(TEXT).unwrap();
-        let key_at = |needle: &str| p.key_at(TEXT.find(needle).unwrap());
+        let key_at = |needle: &str| p.key_at(TEXT.find(needle).unwrap()).map(|(key, _)| key);
         assert_eq!(key_at("\"x\"").as_deref(), Some("listener[0].bind"));
         assert_eq!(key_at("bind = \"y\"").as_deref(), Some("listener[1].bind"));
         assert_eq!(key_at("[listener.tls]").as_deref(), Some("listener[1].tls"));
@@ -142,5 +166,17 @@ mod tests {
         assert_eq!(key_at("3] }").as_deref(), Some("limits.rate.b"));
         assert_eq!(key_at("[[listener]]\nbind").as_deref(), Some("listener[1]"));
         assert_eq!(key_at("\n\n[[").as_deref(), None);
+        // The line is the key's, even for a value on a later line.
+        let at = TEXT.find("3] }").unwrap();
+        assert_eq!(p.key_at(at).map(|(_, line)| line), Some(13));
+    }
+
+    #[test]
+    fn odd_keys_are_quoted_in_paths() {
+        let text = "[\"a.b\"]\n\"c\\nd\" = 1\n\"\" = 2\n";
+        let p = Positions::parse(text).unwrap();
+        let key_at = |needle: &str| p.key_at(text.find(needle).unwrap());
+        assert_eq!(key_at("1"), Some(("\"a.b\".\"c\\nd\"".to_string(), 2)));
+        assert_eq!(key_at("2"), Some(("\"a.b\".\"\"".to_string(), 3)));
     }
 }
