@@ -537,6 +537,9 @@ fn addresses_overlap(a: std::net::SocketAddr, b: std::net::SocketAddr) -> bool {
     a.port() != 0 && a.port() == b.port() && (a.ip() == b.ip() || covers(a, b) || covers(b, a))
 }
 
+/// Why two binds cannot both be served; the other bind's key path follows.
+const OVERLAPS: &str = "same port on the same or a wildcard address as";
+
 /// An HTTP request path as a client sends it: absolute, no query or fragment.
 fn valid_ws_path(p: &str) -> bool {
     p.starts_with('/')
@@ -639,25 +642,19 @@ impl Config {
             .collect();
         for (i, addr) in binds.iter().enumerate() {
             if let Some(j) = binds[..i].iter().position(|b| addresses_overlap(*b, *addr)) {
-                return Err(Invalid::new(
-                    "bind",
-                    format!(
-                        "overlaps the bind of listener \"{}\" (same port on the same or a wildcard address)",
-                        self.listener[j].name
-                    ),
-                )
-                .in_listener(i));
+                return Err(
+                    Invalid::conflict("bind", &format!("listener[{j}].bind"), OVERLAPS)
+                        .in_listener(i),
+                );
             }
         }
         if let Some(m) = &self.metrics {
             if let Ok(addr) = m.bind.parse::<std::net::SocketAddr>() {
                 if let Some(j) = binds.iter().position(|b| addresses_overlap(*b, addr)) {
-                    return Err(Invalid::new(
+                    return Err(Invalid::conflict(
                         "metrics.bind",
-                        format!(
-                            "overlaps the bind of listener \"{}\" (same port on the same or a wildcard address)",
-                            self.listener[j].name
-                        ),
+                        &format!("listener[{j}].bind"),
+                        OVERLAPS,
                     ));
                 }
             }

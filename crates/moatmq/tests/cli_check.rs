@@ -66,7 +66,7 @@ fn write(dir: &Path, name: &str, text: &str) -> String {
 /// every one of `needles` and names no OS error twice. The callers hold the configured
 /// port (see [`held_port`]), so exit 64 also shows that nothing was bound first.
 #[track_caller]
-fn both_refuse(dir: &Path, config: &str, needles: &[&str]) {
+fn both_refuse(dir: &Path, config: &str, needles: &[&str]) -> String {
     let path = write(dir, "broker.toml", config);
     let (code, check_err) = run(&["check", "-c", &path], &[]);
     assert_eq!(code, Some(64), "check: {check_err}");
@@ -80,6 +80,7 @@ fn both_refuse(dir: &Path, config: &str, needles: &[&str]) {
     let (code, serve_err) = run(&["serve", "-c", &path], &[]);
     assert_eq!(code, Some(64), "serve: {serve_err}");
     assert_eq!(serve_err, check_err, "same message from serve and check");
+    check_err
 }
 
 fn tls_config(port: u16, cert: &str, key: &str) -> String {
@@ -234,13 +235,40 @@ fn file_and_bind_problems_are_found_by_check_as_by_serve() {
     both_refuse(
         d,
         &format!("{listener}allow_anonymous = true\n[[listener]]\nname = \"all\"\nbind = \"0.0.0.0:{port}\"\n"),
-        &["broker.toml:7: listener[1].bind: overlaps the bind of listener \"tcp\""],
+        &["broker.toml:7: listener[1].bind: same port on the same or a wildcard address as listener[0].bind"],
     );
     both_refuse(
         d,
         &format!("{listener}allow_anonymous = true\n[audit]\npath = \"nothere/audit.log\"\n"),
         &["audit log ", "nothere/audit.log", "No such file"],
     );
+}
+
+/// A config error names the line and key, the same from check and serve, and never the
+/// value, which may be a secret.
+#[test]
+fn config_errors_name_line_and_key_but_never_the_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (_held, port) = held_port();
+    let listener = format!("[[listener]]\nname = \"tcp\"\nbind = \"127.0.0.1:{port}\"\n");
+    for (config, needle) in [
+        (
+            format!("{listener}[metrics]\nbind = \"hunter2-secret\"\n"),
+            "broker.toml:5: metrics.bind: must be an ip:port address",
+        ),
+        (
+            format!("{listener}[limits]\nmax_connections = \"hunter2-secret\"\n"),
+            "broker.toml:5: limits.max_connections: invalid type: string, expected usize",
+        ),
+        (
+            format!("{listener}[log]\nformat = \"hunter2-secret\"\n"),
+            "broker.toml:5: log.format: unknown value, expected `text` or `json`",
+        ),
+    ] {
+        let err = both_refuse(d, &config, &[needle]);
+        assert!(!err.contains("hunter2"), "the value leaked: {err}");
+    }
 }
 
 /// A port already taken is a runtime failure: exit 1, which systemd retries.
