@@ -10,10 +10,12 @@
 
 use crate::admission::Slot;
 use crate::audit::Who;
+use crate::error::BrokerError;
+use crate::event::Event;
 use crate::forwarded::ForwardedPolicy;
 use crate::handshake_log::Verdict;
 use crate::policy::ListenerPolicy;
-use crate::server::{ConnInfo, Shared, StartError};
+use crate::shared::{ConnInfo, Shared};
 use crate::tls::TlsSetup;
 use crate::transport::{split_stream, split_tcp, split_ws, BoxStream, Reader, Writer};
 use crate::ws_upgrade;
@@ -62,11 +64,11 @@ struct Handshaken {
 }
 
 /// Binds a configured listener and loads its TLS material.
-pub async fn bind(config: &Config, l: &Listener) -> Result<Bound, StartError> {
+pub async fn bind(config: &Config, l: &Listener) -> Result<Bound, BrokerError> {
     let tls = TlsSetup::for_listener(config, l)?.map(Arc::new);
     let socket = TcpListener::bind(&l.bind)
         .await
-        .map_err(|source| StartError::Bind {
+        .map_err(|source| BrokerError::Bind {
             name: l.name.clone(),
             addr: l.bind.clone(),
             source,
@@ -176,26 +178,25 @@ impl Bound {
             Ok(slot) => return Some(Arc::new(slot)),
             Err(full) => full,
         };
-        shared.metrics.rate_limited.inc();
         let limit = full.limit();
-        match shared.refusal_log.check(peer.ip()) {
+        let verdict = shared.refusal_log.check(peer.ip());
+        match verdict {
             Verdict::Log { suppressed } => {
-                info!(listener = self.name(), %peer, limit, suppressed, "connection refused");
-                if let Some(audit) = &shared.audit {
-                    let who = Who {
-                        listener: self.name(),
-                        peer,
-                        client_id: None,
-                        username: None,
-                    };
-                    audit.event("rate_limited", &who, &[("limit", limit.into())]);
-                }
+                info!(listener = self.name(), %peer, limit, suppressed, "connection refused")
             }
             Verdict::StartSuppressing => {
                 info!(listener = self.name(), %peer, limit, "connection refused; further refusals of this address are suppressed for 60 s");
             }
             Verdict::Quiet => debug!(listener = self.name(), %peer, limit, "connection refused"),
         }
+        let who = Who {
+            listener: self.name(),
+            peer,
+            client_id: None,
+            username: None,
+        };
+        let audited = matches!(verdict, Verdict::Log { .. });
+        shared.emit(&who, Event::RateLimited { limit, audited });
         None
     }
 
@@ -236,10 +237,8 @@ impl Bound {
                 }
             },
         };
+        // Counted and audited with the client id once its CONNECT is read (connect.rs).
         let rate_limited = !shared.conn_limiter.allow(peer.ip());
-        if rate_limited {
-            shared.metrics.rate_limited.inc();
-        }
         let info = ConnInfo {
             listener: self.policy.clone(),
             peer,

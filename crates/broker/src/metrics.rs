@@ -220,7 +220,7 @@ impl Metrics {
             .inc();
     }
 
-    fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         self.router_up
             .set(i64::from(self.router_ok.load(Ordering::Acquire)));
         if let Some(rss) = resident_memory_bytes() {

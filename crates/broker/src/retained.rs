@@ -12,7 +12,7 @@
 
 use crate::metrics::Metrics;
 pub use crate::retained_index::legacy_owner;
-use crate::retained_index::{Refusal, RetainedIndex};
+use crate::retained_index::RetainedIndex;
 use bytes::Bytes;
 use moatmq_config::{Config, Retained};
 use moatmq_store::{
@@ -77,8 +77,6 @@ pub enum Recorded {
     Buffered,
     /// Recorded; the caller must `save_now` before acknowledging (`autosave_interval = 0`).
     NeedsSave,
-    /// Refused: it would pass a quota (or the store could not take it).
-    Refused(Refusal),
 }
 
 impl RetainedStore {

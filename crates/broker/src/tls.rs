@@ -5,7 +5,7 @@
 //! The acceptor sits behind a lock so SIGHUP can swap in rotated certificates; a load
 //! that fails keeps the old acceptor in force.
 
-use crate::server::StartError;
+use crate::error::BrokerError;
 use moatmq_config::{CertIdentity, Config, Listener, Tls};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ServerConnection, WebPkiClientVerifier};
@@ -43,13 +43,13 @@ impl TlsSetup {
     }
 
     /// Loads the TLS material of listener `l`, if it has a `[listener.tls]`.
-    pub fn for_listener(config: &Config, l: &Listener) -> Result<Option<TlsSetup>, StartError> {
+    pub fn for_listener(config: &Config, l: &Listener) -> Result<Option<TlsSetup>, BrokerError> {
         let Some(tls) = &l.tls else {
             return Ok(None);
         };
         TlsSetup::load(config, tls)
             .map(Some)
-            .map_err(|reason| StartError::Tls {
+            .map_err(|reason| BrokerError::Tls {
                 name: l.name.clone(),
                 reason,
             })

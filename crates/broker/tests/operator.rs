@@ -196,3 +196,35 @@ async fn a_publish_over_max_payload_size_is_dropped_and_the_client_stays() {
     assert_eq!(p.topic, "size/ok", "the large message was delivered");
     assert!(!c.closed_within(QUIET).await, "the client was disconnected");
 }
+
+#[tokio::test]
+async fn a_will_over_max_payload_size_is_not_published() {
+    // A will enters the broker like any publish: the same limit, the same step (admit).
+    let broker = TestBroker::with_config(&format!(
+        "{}[limits]\nmax_payload_size = 1000\n",
+        moatmq_testkit::ANONYMOUS_TCP
+    ))
+    .await;
+    let addr = broker.first_addr();
+    let mut sub = v5::connected(addr, "watch").await;
+    common::subscribed5(&mut sub, "gone/#").await;
+    for (id, len) in [("big", 1001), ("ok", 1000)] {
+        let will = m5::LastWill::new(
+            format!("gone/{id}"),
+            vec![b'x'; len],
+            QoS::AtLeastOnce,
+            false,
+            None,
+        );
+        let (c, code) = Raw::connect5(addr, common::connect5(id), Some(will), None).await;
+        assert_eq!(code, Some(m5::ConnectReturnCode::Success), "{id}");
+        // Gone without a DISCONNECT: the will is due.
+        drop(c);
+    }
+    let p = sub.next_publish().await;
+    assert_eq!(p.topic, "gone/ok", "the will over the limit went out");
+    assert!(
+        sub.publish_within(QUIET).await.is_none(),
+        "a second will arrived"
+    );
+}

@@ -109,7 +109,7 @@ fn serve(path: Option<&Path>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         // Logged (one ERROR line) when it was detected.
-        Err(moatmq_broker::StartError::RouterFailed(_)) => ExitCode::from(EXIT_ROUTER_FAILED),
+        Err(moatmq_broker::BrokerError::RouterFailed(_)) => ExitCode::from(EXIT_ROUTER_FAILED),
         Err(e) => {
             eprintln!("{e}");
             if e.is_config() {

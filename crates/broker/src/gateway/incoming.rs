@@ -4,10 +4,11 @@
 
 use super::retained::RetainedJob;
 use super::{Close, Gateway};
+use crate::admit::{admit, Admitted, Inbound, Refused, Source};
 use crate::codec::Version;
+use crate::event::Event;
 use crate::policy::unshare;
 use crate::ratelimit::Pace;
-use crate::retained::Recorded;
 use crate::router::router_filter;
 use crate::topic::{valid_topic_filter, valid_topic_name};
 use rumqttd::protocol::{
@@ -15,7 +16,7 @@ use rumqttd::protocol::{
     PubRecReason, QoS, RetainForwardRule, SubAck, SubscribeReasonCode,
 };
 use tokio::time::Instant;
-use tracing::{debug, warn};
+use tracing::warn;
 
 impl Gateway {
     /// Client to router: the one place every client packet passes.
@@ -84,73 +85,55 @@ impl Gateway {
                         self.paused_until = Some(Instant::now() + wait);
                     }
                     Pace::Disconnect => {
-                        self.shared.metrics.rate_limited.inc();
-                        if let Some(audit) = &self.shared.audit {
-                            audit.event(
-                                "rate_limited",
-                                &self.info.who(
-                                    Some(&self.identity.client_id),
-                                    self.identity.username.as_deref(),
-                                ),
-                                &[("limit", "messages".into())],
-                            );
-                        }
+                        self.shared.emit(
+                            &self.info.client(&self.identity),
+                            Event::RateLimited {
+                                limit: "messages",
+                                audited: true,
+                            },
+                        );
                         return Err(Close::Protocol(
                             DisconnectReasonCode::MessageRateTooHigh,
                             "publish rate limit exceeded",
                         ));
                     }
                 }
-                if limits
-                    .max_payload_size
-                    .is_some_and(|max| publish.payload.len() > max)
-                {
-                    // Like Mosquitto's message_size_limit: the message is dropped, the
-                    // client stays connected.
-                    debug!(client_id = %self.identity.client_id, "PUBLISH over max_payload_size dropped");
-                    return self.refuse_publish(qos, pkid, Refused::TooLarge);
-                }
-                if !self
-                    .shared
-                    .may_write(&self.info, &self.identity, "publish", topic)
-                {
-                    return self.refuse_publish(qos, pkid, Refused::NotAuthorized);
-                }
-                if publish.retain {
-                    let v5 = self.version == Version::V5;
-                    match self.shared.retain(
-                        &self.info,
-                        &self.identity,
-                        topic,
-                        &publish.payload,
-                        qos,
-                        props.as_ref(),
-                        v5,
-                    ) {
-                        Recorded::Buffered => {}
-                        Recorded::Refused(_) if !v5 && qos != QoS::AtMostOnce => {
-                            // 3.1.1 has no "refused" acknowledgement, and a success one
-                            // would be a silent loss: close without acknowledging.
-                            return Err(Close::Protocol(
-                                DisconnectReasonCode::QuotaExceeded,
-                                "retained quota exceeded",
-                            ));
+                let inbound = Inbound {
+                    topic,
+                    payload: &publish.payload,
+                    qos,
+                    retain: publish.retain,
+                    properties: props.as_ref(),
+                    v5: self.version == Version::V5,
+                };
+                let admitted = admit(
+                    &self.shared,
+                    &self.info,
+                    &self.identity,
+                    Source::Publish,
+                    inbound,
+                );
+                // The router keeps no retained messages: moatmq serves them itself.
+                publish.retain = false;
+                match admitted {
+                    Ok(Admitted::Now) => {}
+                    Ok(Admitted::AfterSave) => {
+                        // It and everything after it wait for one save of this read.
+                        if qos == QoS::ExactlyOnce {
+                            self.qos2_in.insert(pkid);
                         }
-                        Recorded::Refused(_) => {
-                            return self.refuse_publish(qos, pkid, Refused::Quota)
-                        }
-                        Recorded::NeedsSave => {
-                            // It and everything after it wait for one save of this read.
-                            publish.retain = false;
-                            if qos == QoS::ExactlyOnce {
-                                self.qos2_in.insert(pkid);
-                            }
-                            self.awaiting_save.push(Packet::Publish(publish, props));
-                            return Ok(());
-                        }
+                        self.awaiting_save.push(Packet::Publish(publish, props));
+                        return Ok(());
                     }
-                    // The router keeps no retained messages: moatmq serves them itself.
-                    publish.retain = false;
+                    Err(Refused::Quota) if !inbound.v5 && qos != QoS::AtMostOnce => {
+                        // 3.1.1 has no "refused" acknowledgement, and a success one
+                        // would be a silent loss: close without acknowledging.
+                        return Err(Close::Protocol(
+                            DisconnectReasonCode::QuotaExceeded,
+                            "retained quota exceeded",
+                        ));
+                    }
+                    Err(why) => return self.refuse_publish(qos, pkid, why),
                 }
                 if qos == QoS::ExactlyOnce {
                     self.qos2_in.insert(pkid);
@@ -315,8 +298,14 @@ impl Gateway {
         let inner = unshare(path);
         let decision = self.shared.policy.may_subscribe(&self.identity, inner);
         if inner.starts_with('$') || !decision.allowed {
-            self.shared
-                .denied(&self.info, &self.identity, "subscribe", path, decision.line);
+            self.shared.emit(
+                &self.info.client(&self.identity),
+                Event::AuthzDeny {
+                    action: "subscribe",
+                    topic: path,
+                    rule_line: decision.line,
+                },
+            );
             return Some(code(SubscribeReasonCode::NotAuthorized));
         }
         None
@@ -382,16 +371,4 @@ impl Gateway {
         }
         Ok(())
     }
-}
-
-/// Why a client's publish is dropped.
-#[derive(Debug, Clone, Copy)]
-pub(super) enum Refused {
-    /// No write access (MQTT 5 reason 0x87).
-    NotAuthorized,
-    /// A retained quota would be passed (MQTT 5 reason 0x97).
-    Quota,
-    /// The payload is over `limits.max_payload_size` (MQTT 5 reason 0x83: PUBACK has no
-    /// "too large" code).
-    TooLarge,
 }

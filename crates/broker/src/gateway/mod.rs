@@ -1,38 +1,46 @@
 //! The per-connection gateway: our equivalent of rumqttd's remote link.
 //!
-//! It owns the socket. Every packet from the client passes [`Gateway::incoming`] before
-//! it may reach the router, and every notification from the router passes
-//! [`Gateway::outgoing`] before it may reach the socket: those two functions are where
-//! every check lives (topic validity, ACL write/subscribe/read, limits).
+//! It owns the socket. Two steps hold every check, one per direction:
+//! - into the broker, [`crate::admit::admit`]: payload limit, write ACL in force, retained
+//!   record and quotas, for a client's PUBLISH ([`Gateway::incoming`]) and for a will
+//!   (`will.rs`) alike;
+//! - out to the client, [`Gateway::deliver`] (`deliver.rs`): read ACL, the client's
+//!   maximum packet size, QoS downgrade, for router forwards (`outgoing.rs`) and retained
+//!   messages (`retained.rs`) alike.
+//!
+//! `incoming.rs` keeps the checks on the connection's own protocol state (topic
+//! validity, aliases, receive maximum, QoS 2 duplicates, publish rate, subscription
+//! filters).
 //!
 //! Packet ids: the router numbers what it forwards (1..=100). When the gateway withholds a
-//! forwarded QoS 1/2 message (read ACL, client's maximum packet size) it acknowledges it to
-//! the router itself; when it refuses a client's QoS 2 publish it completes the
-//! PUBREC/PUBREL/PUBCOMP exchange itself.
+//! forwarded QoS 1/2 message it acknowledges it to the router itself; when it refuses a
+//! client's QoS 2 publish it completes the PUBREC/PUBREL/PUBCOMP exchange itself.
 
 use crate::acks::AckOrder;
 use crate::codec::{
-    mark_publish, publish_header, refuse_before_decode, short_v5_disconnect, Version,
+    codec_for, mark_publish, publish_header, refuse_before_decode, short_v5_disconnect, Version,
 };
-use crate::connect::codec_for;
+use crate::event::Event;
 use crate::policy::{AclView, Identity};
 use crate::ratelimit::PublishLimiter;
-use crate::server::{ConnInfo, Shared};
+use crate::shared::{ConnInfo, Shared};
 use crate::transport::{Reader, Writer};
+use crate::will::{self, Will};
 use bytes::BytesMut;
 use futures_util::FutureExt;
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{
-    Disconnect, DisconnectReasonCode, LastWill, Packet, Protocol, PubRecReason, SubscribeReasonCode,
+    Disconnect, DisconnectReasonCode, Packet, Protocol, PubRecReason, SubscribeReasonCode,
 };
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
-use tracing::{debug, info};
+use tracing::debug;
 
 mod close;
+mod deliver;
 mod incoming;
 mod outgoing;
 mod retained;
@@ -44,21 +52,6 @@ use retained::{OwnState, RetainedJob};
 const WRITE_BATCH: usize = 64 * 1024;
 /// A write that cannot make progress for this long means the client stopped reading.
 const WRITE_STALL: Duration = Duration::from_secs(30);
-
-/// A client's last will, published by the gateway when the connection ends abnormally
-/// (rumqttd 0.20 only publishes wills on request of its own listeners).
-pub struct Will {
-    pub will: LastWill,
-    /// Whether the client spoke MQTT 5 (its will's properties are kept).
-    pub v5: bool,
-    /// MQTT 5 will properties, as the properties of the published message.
-    pub properties: Option<rumqttd::protocol::PublishProperties>,
-    pub delay: Duration,
-    /// Whose will it is: the write ACL is checked again when it is published.
-    pub owner: Identity,
-    /// The connection it came from, for the audit log.
-    pub info: ConnInfo,
-}
 
 pub struct Gateway {
     shared: Arc<Shared>,
@@ -198,7 +191,7 @@ impl Gateway {
             Close::ClientDisconnect { with_will: false } | Close::Shutdown
         );
         if let (true, Some(will)) = (publish_will, self.will.take()) {
-            self.shared.publish_will(&self.router_id, will);
+            will::publish_will(&self.shared, &self.router_id, will);
         }
         if !matches!(close, Close::TakenOver) {
             let _ = self.commit_router();
@@ -217,19 +210,13 @@ impl Gateway {
                 .sessions
                 .save(&self.router_id, &self.subscriptions);
         }
-        if let Some(audit) = &self.shared.audit {
-            audit.event(
-                "disconnect",
-                &self.info.who(
-                    Some(&self.identity.client_id),
-                    self.identity.username.as_deref(),
-                ),
-                &[("reason", close.as_str().into())],
-            );
-        }
-        info!(listener = %self.info.listener.name, peer = %self.info.peer,
-              client_id = %self.identity.client_id, reason = close.as_str(),
-              detail = close.detail(), "client disconnected");
+        self.shared.emit(
+            &self.info.client(&self.identity),
+            Event::Disconnect {
+                reason: close.as_str(),
+                detail: close.detail(),
+            },
+        );
         !matches!(close, Close::TakenOver | Close::Replaced)
     }
 

@@ -8,6 +8,7 @@
 //! subscription QoS), with the retain flag set. QoS 1/2 ones use packet ids above the
 //! router's (which numbers 1..=100), and their acknowledgements stay here.
 
+use super::deliver::Delivery;
 use super::{Close, Gateway, WRITE_BATCH};
 use crate::codec::{make_publish, Version};
 use crate::retained_index::{properties_at, qos_of};
@@ -77,21 +78,6 @@ impl Gateway {
                 stopped = true;
                 break;
             }
-            let decision = self
-                .shared
-                .policy
-                .may_read(&mut self.acl, &self.identity, &msg.topic);
-            if !decision.allowed {
-                self.shared.denied(
-                    &self.info,
-                    &self.identity,
-                    "read",
-                    &msg.topic,
-                    decision.line,
-                );
-                last = Some(msg.topic.clone());
-                continue;
-            }
             let pkid = match qos {
                 QoS::AtMostOnce => 0,
                 _ => self.own_pkid(),
@@ -107,13 +93,7 @@ impl Gateway {
                 true,
                 pkid,
             );
-            let mark = self.out.len();
-            self.write(Packet::Publish(publish, properties))?;
-            if self.out.len() - mark > self.max_out_packet {
-                // MQTT-3.1.2-25: not sent at all rather than cut.
-                self.out.truncate(mark);
-            } else {
-                self.shared.metrics.messages_out.inc();
+            if let Delivery::Sent { qos, pkid } = self.deliver(publish, properties)? {
                 if qos != QoS::AtMostOnce {
                     self.own_inflight.insert(pkid, OwnState::Sent);
                 }
