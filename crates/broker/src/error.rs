@@ -18,14 +18,17 @@ pub enum BrokerError {
         source: std::io::Error,
     },
     /// TLS material could not be loaded.
-    #[error("listener {name}: {reason}")]
-    Tls { name: String, reason: String },
+    #[error("listener {name}: {source}")]
+    Tls {
+        name: String,
+        source: crate::tls::TlsError,
+    },
     /// The password or ACL file could not be loaded.
     #[error(transparent)]
     Policy(#[from] PolicyError),
     /// The router or its internal link could not start (out of threads or memory).
-    #[error("{0}")]
-    Router(String),
+    #[error(transparent)]
+    Router(#[from] crate::router::RouterError),
     /// The retained store could not be opened (wrong key, tampering, permissions).
     #[error(transparent)]
     Retained(#[from] RetainedError),

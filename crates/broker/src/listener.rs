@@ -308,7 +308,7 @@ impl Bound {
                 })?;
                 let identity = tls
                     .identity_of(stream.get_ref().1)
-                    .map_err(HandshakeError::Tls)?;
+                    .map_err(|e| HandshakeError::Tls(e.to_string()))?;
                 (Box::new(stream), identity)
             }
         };

@@ -70,8 +70,7 @@ impl Broker {
         let router = RouterHandle::start(
             config.limits.max_connections,
             config.limits.max_queued_bytes,
-        )
-        .map_err(BrokerError::Router)?;
+        )?;
         let quota = config.retained.as_ref().map_or(
             moatmq_store::StoreLimits {
                 max_messages: moatmq_config::DEFAULT_RETAINED_MAX_MESSAGES,
