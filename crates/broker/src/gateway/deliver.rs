@@ -10,7 +10,7 @@
 //! the router in its turn, a retained one is tracked in the feed's own window.
 
 use super::{Close, Gateway};
-use crate::codec::{downgrade_to_qos0, publish_header, qos_and_pkid, QOS0_MARK};
+use crate::codec::{publish_header, qos_and_pkid, QOS0_MARK};
 use crate::event::Event;
 use rumqttd::protocol::{Packet, Publish, PublishProperties, QoS};
 
@@ -49,18 +49,19 @@ impl Gateway {
             return Ok(Delivery::Settled { qos, pkid });
         }
         let mark = self.out.len();
-        self.write(Packet::Publish(publish, properties))?;
+        self.out.write(Packet::Publish(publish, properties))?;
+        let written = self.out.since(mark);
         // QoS and packet id, read back from the bytes just encoded.
-        let (qos, pkid) = publish_header(&self.out[mark..]).unwrap_or((QoS::AtMostOnce, 0));
-        if self.out.len() - mark > self.max_out_packet {
+        let (qos, pkid) = publish_header(written).unwrap_or((QoS::AtMostOnce, 0));
+        if written.len() > self.max_out_packet {
             self.out.truncate(mark);
             return Ok(Delivery::Settled { qos, pkid });
         }
         self.shared.metrics.messages_out.inc();
-        if self.out[mark] & QOS0_MARK != 0 {
+        if written[0] & QOS0_MARK != 0 {
             if qos == QoS::AtMostOnce {
-                self.out[mark] &= !QOS0_MARK;
-            } else if downgrade_to_qos0(&mut self.out, mark) {
+                written[0] &= !QOS0_MARK;
+            } else if self.out.downgrade_to_qos0(mark) {
                 // Published at QoS 0, so delivered at QoS 0, not at the subscription's
                 // QoS as the router forwards it.
                 return Ok(Delivery::Settled { qos, pkid });

@@ -2,6 +2,7 @@
 //! validates it, asks the policy (ACL, limits) and the retained store, and forwards,
 //! refuses or answers it.
 
+use super::ledger::Release;
 use super::retained::RetainedJob;
 use super::{Close, Gateway};
 use crate::admit::{admit, Admitted, Inbound, Refused, Source};
@@ -46,7 +47,7 @@ impl Gateway {
                         "subscription identifier in PUBLISH",
                     ));
                 }
-                if qos == QoS::ExactlyOnce && self.qos2_in.contains(&pkid) {
+                if self.ledger.is_resend(qos, pkid) {
                     // A resend before PUBREL: the router has it already (MQTT-4.3.3-10:
                     // not delivered twice). Its PUBREC is ours to repeat.
                     let rec = PubRec {
@@ -69,15 +70,11 @@ impl Gateway {
                     ));
                 }
                 self.shared.metrics.messages_in.inc();
-                if qos != QoS::AtMostOnce && self.version == Version::V5 {
-                    // MQTT-3.3.4-7/8: we announced limits.max_inflight as receive maximum.
-                    if self.inflight_in >= self.shared.config.limits.max_inflight {
-                        return Err(Close::Protocol(
-                            DisconnectReasonCode::ReceiveMaximumExceeded,
-                            "receive maximum exceeded",
-                        ));
-                    }
-                    self.inflight_in += 1;
+                if self.ledger.open(qos, pkid).is_err() {
+                    return Err(Close::Protocol(
+                        DisconnectReasonCode::ReceiveMaximumExceeded,
+                        "receive maximum exceeded",
+                    ));
                 }
                 match self.limiter.publish(topic.len() + publish.payload.len()) {
                     Pace::Go => {}
@@ -120,9 +117,9 @@ impl Gateway {
                     Ok(Admitted::AfterSave) => {
                         // It and everything after it wait for one save of this read.
                         if qos == QoS::ExactlyOnce {
-                            self.qos2_in.insert(pkid);
+                            self.ledger.held_by_router(pkid);
                         }
-                        self.awaiting_save.push(Packet::Publish(publish, props));
+                        self.to_router.after_save(Packet::Publish(publish, props));
                         return Ok(());
                     }
                     Err(Refused::Quota) if !inbound.v5 && qos != QoS::AtMostOnce => {
@@ -136,9 +133,10 @@ impl Gateway {
                     Err(why) => return self.refuse_publish(qos, pkid, why),
                 }
                 if qos == QoS::ExactlyOnce {
-                    self.qos2_in.insert(pkid);
+                    self.ledger.held_by_router(pkid);
                 }
-                self.send_router(Packet::Publish(publish, props))
+                self.to_router.send(Packet::Publish(publish, props));
+                Ok(())
             }
             Packet::Subscribe(mut subscribe, props) => {
                 if props.as_ref().is_some_and(|p| p.id.is_some()) {
@@ -186,72 +184,51 @@ impl Gateway {
                 if refused.iter().any(Option::is_some) {
                     self.pending_subacks.insert(subscribe.pkid, refused);
                 }
-                if !jobs.is_empty() {
-                    self.retained_after_suback.insert(subscribe.pkid, jobs);
-                }
+                self.retained.after_suback(subscribe.pkid, jobs);
                 let user = self.identity.username.as_deref();
                 for f in &mut kept {
                     f.path = router_filter(user, &f.path);
                 }
                 subscribe.filters = kept;
-                self.send_router(Packet::Subscribe(subscribe, props))
+                self.to_router.send(Packet::Subscribe(subscribe, props));
+                Ok(())
             }
             Packet::Unsubscribe(mut unsubscribe, props) => {
                 for f in &mut unsubscribe.filters {
                     self.subscriptions.remove(f.as_str());
-                    self.cancel_retained(f);
+                    self.retained.cancel(f);
                     *f = router_filter(self.identity.username.as_deref(), f);
                 }
-                self.send_router(Packet::Unsubscribe(unsubscribe, props))
+                self.to_router.send(Packet::Unsubscribe(unsubscribe, props));
+                Ok(())
             }
             Packet::PubRel(rel, props) => {
-                if self.refused_qos2.remove(&rel.pkid) {
-                    let comp = PubComp {
-                        pkid: rel.pkid,
-                        reason: PubCompReason::Success,
-                    };
-                    return self.write(Packet::PubComp(comp, None));
-                }
-                if self.qos2_in.remove(&rel.pkid) {
-                    return self.send_router(Packet::PubRel(rel, props));
-                }
-                // A PUBREL for nothing the router holds (a resend after a reconnect, or a
-                // made-up id): the router would drop the link, so it is answered here.
-                let reason = match self.version {
-                    Version::V5 => PubCompReason::PacketIdentifierNotFound,
-                    Version::V4 => PubCompReason::Success,
+                let reason = match self.ledger.release(rel.pkid) {
+                    Release::Router => {
+                        self.to_router.send(Packet::PubRel(rel, props));
+                        return Ok(());
+                    }
+                    Release::Refused => PubCompReason::Success,
+                    // A PUBREL for nothing the router holds (a resend after a reconnect,
+                    // or a made-up id): the router would drop the link, so it is
+                    // answered here.
+                    Release::Unknown => match self.version {
+                        Version::V5 => PubCompReason::PacketIdentifierNotFound,
+                        Version::V4 => PubCompReason::Success,
+                    },
                 };
                 let comp = PubComp {
                     pkid: rel.pkid,
                     reason,
                 };
-                // Not counted against the receive maximum: nothing was in flight.
-                self.inflight_in = self.inflight_in.saturating_add(1);
                 self.write(Packet::PubComp(comp, None))
             }
             // Acknowledgements reach the router in the order it forwarded the messages.
-            p @ (Packet::PubAck(..) | Packet::PubRec(..) | Packet::PubComp(..))
-                if self.own_ack(&p)? =>
-            {
+            p @ (Packet::PubAck(..) | Packet::PubRec(..) | Packet::PubComp(..)) => {
+                if !self.own_ack(&p)? {
+                    self.to_router.client_ack(p);
+                }
                 Ok(())
-            }
-            Packet::PubAck(ack, props) => {
-                let pkid = ack.pkid;
-                self.acks
-                    .client_ack(pkid, Packet::PubAck(ack, props), &mut self.to_router);
-                self.flush_router()
-            }
-            Packet::PubRec(rec, props) => {
-                let pkid = rec.pkid;
-                self.acks
-                    .client_ack(pkid, Packet::PubRec(rec, props), &mut self.to_router);
-                self.flush_router()
-            }
-            Packet::PubComp(comp, props) => {
-                let pkid = comp.pkid;
-                self.acks
-                    .client_comp(pkid, Packet::PubComp(comp, props), &mut self.to_router);
-                self.flush_router()
             }
             Packet::PingReq(_) => self.write(Packet::PingResp(PingResp)),
             // MQTT-3.14.4-3: only a normal disconnection (0x00) discards the will.
@@ -342,7 +319,7 @@ impl Gateway {
                     rec_reason
                 } else {
                     // 3.1.1 cannot say no: the exchange completes and the message is dropped.
-                    self.refused_qos2.insert(pkid);
+                    self.ledger.refuse(pkid);
                     PubRecReason::Success
                 };
                 self.write(Packet::PubRec(PubRec { pkid, reason }, None))
@@ -352,9 +329,8 @@ impl Gateway {
 
     /// Saves the retained store, then lets the waiting publishes reach the router.
     pub(super) async fn save_then_forward(&mut self) -> Result<(), Close> {
-        let waiting = std::mem::take(&mut self.awaiting_save);
         // What came before the retained publishes need not wait for the save.
-        self.commit_router()?;
+        self.link.commit(&mut self.to_router)?;
         if let Some(store) = self.shared.retained.clone() {
             let saved = tokio::task::spawn_blocking(move || store.save_now()).await;
             if !matches!(saved, Ok(Ok(()))) {
@@ -366,9 +342,7 @@ impl Gateway {
                 ));
             }
         }
-        for packet in waiting {
-            self.send_router(packet)?;
-        }
+        self.to_router.saved();
         Ok(())
     }
 }

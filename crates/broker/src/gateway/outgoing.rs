@@ -1,13 +1,10 @@
 //! Router to client: every notification the router sends passes [`Gateway::outgoing`].
 //! Forwarded messages go through the deliver step (`deliver.rs`); what the client will
-//! not acknowledge is acknowledged to the router here, in its turn.
+//! not acknowledge is acknowledged to the router in its turn (`link.rs`).
 
 use super::deliver::Delivery;
 use super::{Close, Gateway};
-use rumqttd::protocol::{
-    Packet, PubAck, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason, QoS,
-    SubscribeReasonCode,
-};
+use rumqttd::protocol::{Packet, QoS, SubscribeReasonCode};
 use rumqttd::Notification;
 use tracing::warn;
 
@@ -18,11 +15,11 @@ impl Gateway {
             Notification::Forward(forward) => {
                 match self.deliver(forward.publish, forward.properties)? {
                     Delivery::Sent { qos, pkid } if qos != QoS::AtMostOnce => {
-                        self.acks.delivered(pkid)
+                        self.to_router.delivered(pkid)
                     }
                     Delivery::Sent { .. } => {}
                     // The router's copy is acknowledged here, in its turn.
-                    Delivery::Settled { qos, pkid } => return self.withhold(qos, pkid),
+                    Delivery::Settled { qos, pkid } => self.to_router.withhold(qos, pkid),
                 }
                 Ok(())
             }
@@ -40,23 +37,14 @@ impl Gateway {
                             .collect();
                     }
                     // Retained messages follow the SUBACK (MQTT-3.3.1-9).
-                    if let Some(jobs) = self.retained_after_suback.remove(&suback.pkid) {
-                        self.retained_jobs.extend(jobs);
-                    }
+                    self.retained.suback_sent(suback.pkid);
                     self.write(Packet::SubAck(suback, props))
                 }
                 Packet::PubRel(rel, props) => {
-                    if self.withheld_qos2.remove(&rel.pkid) {
-                        let comp = PubComp {
-                            pkid: rel.pkid,
-                            reason: PubCompReason::Success,
-                        };
-                        let comp = Packet::PubComp(comp, None);
-                        self.acks
-                            .pubrel_withheld(rel.pkid, comp, &mut self.to_router);
-                        return self.flush_router();
+                    if self.to_router.router_pubrel(rel.pkid) {
+                        // Withheld from the client: we have answered it.
+                        return Ok(());
                     }
-                    self.acks.pubrel_forwarded(rel.pkid);
                     self.write(Packet::PubRel(rel, props))
                 }
                 Packet::PingResp(_) => Ok(()),
@@ -64,7 +52,7 @@ impl Gateway {
             },
             Notification::Unschedule => {
                 // The router paused this link until we have drained its buffer.
-                let _ = self.rx.ready();
+                self.link.ready();
                 Ok(())
             }
             Notification::Disconnect(d, _) => {
@@ -76,41 +64,5 @@ impl Gateway {
             }
             _ => Ok(()),
         }
-    }
-
-    /// Acknowledges to the router, in its turn, a forward that the client will not get.
-    pub(super) fn withhold(&mut self, qos: QoS, pkid: u16) -> Result<(), Close> {
-        let ack = match qos {
-            QoS::AtMostOnce => return Ok(()),
-            QoS::AtLeastOnce => Packet::PubAck(
-                PubAck {
-                    pkid,
-                    reason: PubAckReason::Success,
-                },
-                None,
-            ),
-            QoS::ExactlyOnce => {
-                self.withheld_qos2.insert(pkid);
-                Packet::PubRec(
-                    PubRec {
-                        pkid,
-                        reason: PubRecReason::Success,
-                    },
-                    None,
-                )
-            }
-        };
-        self.acks.withheld(pkid, ack, &mut self.to_router);
-        self.flush_router()
-    }
-
-    /// Sends the acknowledgements released by the ordering queue.
-    pub(super) fn flush_router(&mut self) -> Result<(), Close> {
-        let mut ready = std::mem::take(&mut self.to_router);
-        for packet in ready.drain(..) {
-            self.send_router(packet)?;
-        }
-        self.to_router = ready;
-        Ok(())
     }
 }
