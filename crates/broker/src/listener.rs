@@ -63,9 +63,22 @@ struct Handshaken {
     forwarded: Option<IpAddr>,
 }
 
+/// Loads the TLS material of listener `l`, if it has a `[listener.tls]`.
+pub fn tls_for(config: &Config, l: &Listener) -> Result<Option<TlsSetup>, BrokerError> {
+    let Some(tls) = &l.tls else {
+        return Ok(None);
+    };
+    TlsSetup::load(config, tls)
+        .map(Some)
+        .map_err(|source| BrokerError::Tls {
+            name: l.name.clone(),
+            source,
+        })
+}
+
 /// Binds a configured listener and loads its TLS material.
 pub async fn bind(config: &Config, l: &Listener) -> Result<Bound, BrokerError> {
-    let tls = TlsSetup::for_listener(config, l)?.map(Arc::new);
+    let tls = tls_for(config, l)?.map(Arc::new);
     let socket = TcpListener::bind(&l.bind)
         .await
         .map_err(|source| BrokerError::Bind {

@@ -11,7 +11,6 @@
 
 use crate::error::BrokerError;
 use crate::policy::Policy;
-use crate::tls::TlsSetup;
 use moatmq_config::Config;
 
 /// Checks the files `config` names; the first problem is returned.
@@ -19,7 +18,7 @@ pub fn validate(config: &Config) -> Result<(), BrokerError> {
     // A throwaway counter: nothing is checked here.
     Policy::load(config, Default::default())?;
     for l in &config.listener {
-        TlsSetup::for_listener(config, l)?;
+        crate::listener::tls_for(config, l)?;
     }
     if let Some(r) = &config.retained {
         let key = crate::retained::load_key(config, r)?;

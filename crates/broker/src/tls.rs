@@ -5,8 +5,7 @@
 //! The acceptor sits behind a lock so SIGHUP can swap in rotated certificates; a load
 //! that fails keeps the old acceptor in force.
 
-use crate::error::BrokerError;
-use moatmq_config::{CertIdentity, Config, Listener, Tls};
+use moatmq_config::{CertIdentity, Config, Tls};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ServerConnection, WebPkiClientVerifier};
 use rustls::{RootCertStore, ServerConfig};
@@ -78,19 +77,6 @@ impl TlsSetup {
             identity: tls.identity,
             acceptor: RwLock::new(acceptor),
         })
-    }
-
-    /// Loads the TLS material of listener `l`, if it has a `[listener.tls]`.
-    pub fn for_listener(config: &Config, l: &Listener) -> Result<Option<TlsSetup>, BrokerError> {
-        let Some(tls) = &l.tls else {
-            return Ok(None);
-        };
-        TlsSetup::load(config, tls)
-            .map(Some)
-            .map_err(|source| BrokerError::Tls {
-                name: l.name.clone(),
-                source,
-            })
     }
 
     /// Re-reads certificate, key and CA (SIGHUP); on error the old ones stay in force.
