@@ -45,6 +45,9 @@ pub enum Event<'a> {
         reason: &'static str,
         detail: Option<&'a str>,
     },
+    /// SIGHUP reloaded password file, ACL, TLS material and the audit log; these
+    /// failed (the previous version of each stays in force). About no connection.
+    ConfigReload { errors: &'a [String] },
 }
 
 impl Event<'_> {
@@ -60,6 +63,7 @@ impl Event<'_> {
             Event::RateLimited { .. } => "rate_limited",
             Event::SessionRefused { .. } => "session_refused",
             Event::Disconnect { .. } => "disconnect",
+            Event::ConfigReload { .. } => "config_reload",
         }
     }
 
@@ -86,6 +90,10 @@ impl Event<'_> {
             Event::RateLimited { limit, .. } => vec![("limit", limit.into())],
             Event::SessionRefused { limit } => vec![("limit", limit.into())],
             Event::Disconnect { reason, .. } => vec![("reason", reason.into())],
+            Event::ConfigReload { errors } => {
+                let errors: Vec<Value> = errors.iter().map(|e| e.as_str().into()).collect();
+                vec![("errors", errors.into())]
+            }
         }
     }
 
@@ -94,12 +102,26 @@ impl Event<'_> {
     }
 }
 
-/// Counts, traces and audits one event.
-pub fn emit(metrics: &Metrics, audit: Option<&AuditLog>, who: &Who<'_>, event: Event<'_>) {
+/// Counts, traces and audits one event about the connection `who`, or about none.
+pub fn emit(metrics: &Metrics, audit: Option<&AuditLog>, who: Option<&Who<'_>>, event: Event<'_>) {
     count(metrics, &event);
-    trace(who, &event);
-    if let (Some(audit), true) = (audit, event.audited()) {
-        audit.event(event.name(), who, &event.fields());
+    match who {
+        Some(who) => trace(who, &event),
+        None => trace_global(&event),
+    }
+    match (audit, who, event.audited()) {
+        (Some(audit), Some(who), true) => audit.event(event.name(), who, &event.fields()),
+        (Some(audit), None, true) => audit.global(event.name(), &event.fields()),
+        _ => {}
+    }
+}
+
+fn trace_global(event: &Event<'_>) {
+    if let Event::ConfigReload { errors } = *event {
+        for e in errors {
+            tracing::error!("reload: {e}");
+        }
+        info!(errors = errors.len(), "configuration reloaded");
     }
 }
 
@@ -119,7 +141,10 @@ fn count(metrics: &Metrics, event: &Event<'_>) {
         Event::RateLimited { .. } => {
             metrics.rate_limited.inc();
         }
-        Event::Connect { .. } | Event::SessionRefused { .. } | Event::Disconnect { .. } => {}
+        Event::Connect { .. }
+        | Event::SessionRefused { .. }
+        | Event::Disconnect { .. }
+        | Event::ConfigReload { .. } => {}
     }
 }
 
@@ -167,6 +192,7 @@ fn trace(who: &Who<'_>, event: &Event<'_>) {
         Event::Disconnect { reason, detail } => {
             info!(listener, %peer, client_id, reason, detail, "client disconnected")
         }
+        Event::ConfigReload { .. } => trace_global(event),
     }
 }
 
@@ -189,7 +215,7 @@ mod tests {
         let audit = AuditLog::open(path.clone()).unwrap();
         let metrics = Metrics::new();
         for e in events {
-            emit(&metrics, Some(&audit), &who(), *e);
+            emit(&metrics, Some(&audit), Some(&who()), *e);
         }
         let text = std::fs::read_to_string(path).unwrap();
         let lines = text
@@ -219,6 +245,25 @@ mod tests {
             scraped.contains("moatmq_acl_denials_total{action=\"publish\"} 1"),
             "{scraped}"
         );
+    }
+
+    #[test]
+    fn a_reload_is_audited_without_a_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let audit = AuditLog::open(path.clone()).unwrap();
+        let errors = ["password file: gone".to_string()];
+        emit(
+            &Metrics::new(),
+            Some(&audit),
+            None,
+            Event::ConfigReload { errors: &errors },
+        );
+        let line: serde_json::Value =
+            serde_json::from_str(std::fs::read_to_string(path).unwrap().trim()).unwrap();
+        assert_eq!(line["event"], "config_reload");
+        assert_eq!(line["errors"][0], "password file: gone");
+        assert!(line.get("client_id").is_none(), "{line}");
     }
 
     #[test]

@@ -7,6 +7,7 @@
 use crate::admission::Admission;
 use crate::audit::AuditLog;
 use crate::error::BrokerError;
+use crate::event::Event;
 use crate::handshake_log::HandshakeLog;
 use crate::listener::{bind, Bound};
 use crate::metrics::Metrics;
@@ -334,14 +335,8 @@ impl Reloader {
                 errors.push(format!("{e} (previous certificates stay in force)"));
             }
         }
-        for e in &errors {
-            tracing::error!("reload: {e}");
-        }
-        if let Some(audit) = &self.shared.audit {
-            let errs: Vec<serde_json::Value> = errors.iter().map(|e| e.as_str().into()).collect();
-            audit.global("config_reload", &[("errors", errs.into())]);
-        }
-        info!(errors = errors.len(), "configuration reloaded");
+        self.shared
+            .emit_global(Event::ConfigReload { errors: &errors });
         errors
     }
 }

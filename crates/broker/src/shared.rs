@@ -53,9 +53,15 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// Sends one security event to its metric, the trace log and the audit log.
+    /// Sends one security event about a connection to its metric, the trace log and
+    /// the audit log.
     pub fn emit(&self, who: &Who<'_>, event: Event<'_>) {
-        event::emit(&self.metrics, self.audit.as_ref(), who, event);
+        event::emit(&self.metrics, self.audit.as_ref(), Some(who), event);
+    }
+
+    /// The same for an event about no connection (a reload).
+    pub fn emit_global(&self, event: Event<'_>) {
+        event::emit(&self.metrics, self.audit.as_ref(), None, event);
     }
 }
 
