@@ -17,12 +17,10 @@
 # Hashing COUNT Argon2id entries takes ~COUNT/80 s on 2 cores; each moatmq first wave
 # about as long. Not a test.
 set -euo pipefail
-COUNT=${COUNT:-10000}
-SOURCES=${SOURCES:-50}
-REPEATS=${REPEATS:-1}
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 # shellcheck source=common.sh
 source "$ROOT/crates/bench/common.sh"
+knobs COUNT=10000 SOURCES=50 REPEATS=1
 
 need=$((COUNT * 2 + 1000))
 if (($(ulimit -n) < need)); then

@@ -17,13 +17,10 @@
 # Knobs: MESSAGES (1000000), PAYLOAD (100), PUBLISHERS (4), ROUNDS (1), BASE_BIN=path,
 # MOATMQ_BIN=path, SKIP_BUILD=1. About 1 GB of disk in $TMPDIR. Not a test.
 set -euo pipefail
-MESSAGES=${MESSAGES:-1000000}
-PAYLOAD=${PAYLOAD:-100}
-PUBLISHERS=${PUBLISHERS:-4}
-ROUNDS=${ROUNDS:-1}
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 # shellcheck source=common.sh
 source "$ROOT/crates/bench/common.sh"
+knobs MESSAGES=1000000 PAYLOAD=100 PUBLISHERS=4 ROUNDS=1
 
 build
 B="$BIN/moatmq-bench"

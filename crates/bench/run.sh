@@ -17,16 +17,10 @@
 # between separate runs (keys it does not know are left out of its config).
 # Not a test: nothing runs this from `cargo test` or CI.
 set -euo pipefail
-
-PUBLISHERS=${PUBLISHERS:-8}
-MESSAGES=${MESSAGES:-300000}
-TIMEOUT=${TIMEOUT:-15}
-REPEATS=${REPEATS:-3}
-WINDOW=${WINDOW:-2000}
-
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 # shellcheck source=common.sh
 source "$ROOT/crates/bench/common.sh"
+knobs PUBLISHERS=8 MESSAGES=300000 TIMEOUT=15 REPEATS=3 WINDOW=2000
 
 build
 need_mosquitto

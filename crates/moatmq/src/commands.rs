@@ -214,14 +214,20 @@ fn read_password() -> anyhow::Result<Zeroizing<String>> {
     Ok(password)
 }
 
+/// The config at `path` and its `[retained]` section, which the command needs.
+fn retained_config(path: &std::path::Path) -> anyhow::Result<(Config, moatmq_config::Retained)> {
+    let config = Config::load(path)?;
+    let r = config
+        .retained
+        .clone()
+        .context("the config has no [retained] section")?;
+    Ok((config, r))
+}
+
 fn retained(command: RetainedCommand) -> anyhow::Result<()> {
     match command {
         RetainedCommand::List { config } => {
-            let config = Config::load(&config)?;
-            let r = config
-                .retained
-                .clone()
-                .context("the config has no [retained] section")?;
+            let (config, r) = retained_config(&config)?;
             let dir = config.resolve(&r.path);
             if !dir.exists() {
                 // Opening would create it, owned by whoever runs this (often root), and
@@ -254,11 +260,7 @@ fn retained(command: RetainedCommand) -> anyhow::Result<()> {
             Ok(())
         }
         RetainedCommand::Rekey { config, new_key } => {
-            let config = Config::load(&config)?;
-            let r = config
-                .retained
-                .clone()
-                .context("the config has no [retained] section")?;
+            let (config, r) = retained_config(&config)?;
             let old = moatmq_broker::retained::load_key(&config, &r)?;
             let new = moatmq_store::RetainedKey::load(&new_key)?;
             let dir = config.resolve(&r.path);
@@ -273,11 +275,7 @@ fn retained(command: RetainedCommand) -> anyhow::Result<()> {
             Ok(())
         }
         RetainedCommand::Accept { config } => {
-            let config = Config::load(&config)?;
-            let r = config
-                .retained
-                .clone()
-                .context("the config has no [retained] section")?;
+            let (config, r) = retained_config(&config)?;
             let key = moatmq_broker::retained::load_key(&config, &r)?;
             let path = config.resolve(&r.path);
             anyhow::ensure!(path.exists(), "no retained store at {}", path.display());
