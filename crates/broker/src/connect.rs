@@ -11,7 +11,7 @@ use crate::gateway::Gateway;
 use crate::policy::{AuthFailure, Identity};
 use crate::router::router_client_id;
 use crate::session_expiry;
-use crate::sessions::SessionQuota;
+use crate::sessions::{SessionHold, SessionQuota};
 use crate::shared::{ConnInfo, Shared};
 use crate::transport::{Reader, Writer};
 use crate::will::Will;
@@ -46,9 +46,52 @@ pub enum ConnectFailure {
 pub async fn handle(
     shared: Arc<Shared>,
     info: ConnInfo,
+    reader: Reader,
+    writer: Writer,
+) -> Result<(), ConnectFailure> {
+    // The login's futures (CONNECT read, password check, router link) are large and
+    // needed only until the CONNACK: boxed, an idle connection does not keep their room
+    // in its task for the rest of its life (docs/benchmarks.md, idle connections).
+    let LoggedIn {
+        gateway,
+        reader,
+        writer,
+        buf,
+        hold,
+        router_id,
+        keep_for,
+    } = Box::pin(login(shared.clone(), info, reader, writer)).await?;
+    let still_ours = gateway.run(reader, writer, buf).await;
+    // The link is torn down: a connection waiting for this session may open its own
+    // (and the expiry below skips a session that is held again).
+    drop(hold);
+    if let (true, Some(after)) = (still_ours, keep_for) {
+        session_expiry::expire_after(&shared, &router_id, after);
+    }
+    Ok(())
+}
+
+/// A client past its CONNACK, ready to be served.
+struct LoggedIn {
+    gateway: Gateway,
+    reader: Reader,
+    writer: Writer,
+    /// What the client sent after its CONNECT.
+    buf: BytesMut,
+    /// The session's router client id, held for this connection.
+    hold: SessionHold,
+    router_id: String,
+    /// How long the session outlives the connection, if it does.
+    keep_for: Option<Duration>,
+}
+
+/// Everything up to and including the CONNACK.
+async fn login(
+    shared: Arc<Shared>,
+    info: ConnInfo,
     mut reader: Reader,
     mut writer: Writer,
-) -> Result<(), ConnectFailure> {
+) -> Result<LoggedIn, ConnectFailure> {
     let mut buf = BytesMut::with_capacity(4096);
     let (version, packet) = tokio::time::timeout_at(
         info.deadline,
@@ -327,14 +370,15 @@ pub async fn handle(
             HashSet::new()
         },
     );
-    let still_ours = gateway.run(reader, writer, buf).await;
-    // The link is torn down: a connection waiting for this session may open its own
-    // (and the expiry below skips a session that is held again).
-    drop(hold);
-    if let (true, Some(after)) = (still_ours, keep_for) {
-        session_expiry::expire_after(&shared, &router_id, after);
-    }
-    Ok(())
+    Ok(LoggedIn {
+        gateway,
+        reader,
+        writer,
+        buf,
+        hold,
+        router_id,
+        keep_for,
+    })
 }
 
 /// Returns once the client has closed its side (or the connection failed). Reads into

@@ -224,7 +224,10 @@ impl Bound {
     ) {
         let shared = shared.clone();
         let handshake =
-            tokio::time::timeout_at(deadline, self.handshake(&shared, tcp, via_proxy)).await;
+            // Boxed: the handshake's state (TLS, WebSocket upgrade) is needed only until it
+            // ends, not for the connection's life.
+            tokio::time::timeout_at(deadline, Box::pin(self.handshake(&shared, tcp, via_proxy)))
+                .await;
         let mut done = match handshake {
             Ok(Ok(done)) => done,
             Ok(Err(e)) => {

@@ -50,6 +50,10 @@ use link::{RouterLink, ToRouter};
 use output::Output;
 use retained::RetainedFeed;
 
+/// After this long without traffic a connection gives its buffers back: a fleet of
+/// idle devices keeps only what each must (docs/benchmarks.md, idle connections).
+const IDLE_TRIM: Duration = Duration::from_secs(5);
+
 /// One connection after its CONNACK: who it is, its session's view, and the parts
 /// that carry its traffic. Each part owns its state; this loop composes them.
 pub struct Gateway {
@@ -194,6 +198,8 @@ impl Gateway {
         let max_packet = self.shared.config.limits.max_packet_size;
         let far_future = Duration::from_secs(86400 * 365);
         let mut deadline = Instant::now() + self.keep_alive.unwrap_or(far_future);
+        // When the buffers go back if nothing happens until then; `None` once they have.
+        let mut idle_at = Some(Instant::now() + IDLE_TRIM);
         let kicked = self.kicked.clone();
         // Bytes already buffered after the CONNECT are packets too.
         if let Err(close) = self.decode_all(buf, max_packet) {
@@ -216,11 +222,15 @@ impl Gateway {
             // Over its publish rate the client is read more slowly: its own TCP window
             // then slows it down (back-pressure) while deliveries to it continue.
             let paused_until = self.paused_until;
+            // One timer for the keep-alive and for trimming an idle connection.
+            let wake = idle_at.map_or(deadline, |t| t.min(deadline));
             tokio::select! {
                 _ = tokio::time::sleep_until(paused_until.unwrap_or_else(Instant::now)), if paused_until.is_some() => {
                     self.paused_until = None;
                     // A paused client cannot send its PINGREQ: the pause does not count.
-                    deadline = Instant::now() + self.keep_alive.unwrap_or(far_future);
+                    let now = Instant::now();
+                    deadline = now + self.keep_alive.unwrap_or(far_future);
+                    idle_at = Some(now + IDLE_TRIM);
                     if let Err(close) = self.decode_all(buf, max_packet) {
                         return close;
                     }
@@ -231,18 +241,25 @@ impl Gateway {
                         Ok(n) => self.shared.metrics.bytes_in.inc_by(n as u64),
                         Err(e) => return Close::Network(e.to_string()),
                     };
-                    deadline = Instant::now() + self.keep_alive.unwrap_or(far_future);
+                    let now = Instant::now();
+                    deadline = now + self.keep_alive.unwrap_or(far_future);
+                    idle_at = Some(now + IDLE_TRIM);
                     if let Err(close) = self.decode_all(buf, max_packet) {
                         return close;
                     }
                 }
                 notification = self.link.next() => {
+                    idle_at = Some(Instant::now() + IDLE_TRIM);
                     if let Err(close) = self.on_router(notification) {
                         return close;
                     }
                 }
-                _ = tokio::time::sleep_until(deadline) => {
-                    return Close::Protocol(DisconnectReasonCode::KeepAliveTimeout, "keep alive timeout");
+                _ = tokio::time::sleep_until(wake) => {
+                    if Instant::now() >= deadline {
+                        return Close::Protocol(DisconnectReasonCode::KeepAliveTimeout, "keep alive timeout");
+                    }
+                    self.trim(buf);
+                    idle_at = None;
                 }
                 _ = shutdown.changed() => return Close::Shutdown,
                 _ = kicked.notified() => return Close::Replaced,
@@ -321,6 +338,16 @@ impl Gateway {
                 }
             }
         }
+    }
+
+    /// Gives back the memory an idle connection does not need: empty buffers are
+    /// dropped and grow again from nothing with the next packet.
+    fn trim(&mut self, buf: &mut BytesMut) {
+        if buf.is_empty() {
+            *buf = BytesMut::new();
+        }
+        self.out.trim();
+        self.retained.trim();
     }
 
     /// Writes a packet for the client; one that ends an incoming exchange frees its

@@ -104,6 +104,13 @@ impl Output {
         n
     }
 
+    /// An idle connection's buffer goes back if nothing waits in it.
+    pub(super) fn trim(&mut self) {
+        if self.buf.is_empty() {
+            self.buf = BytesMut::new();
+        }
+    }
+
     /// A last packet for the closing connection (its DISCONNECT), alone in the buffer.
     pub(super) fn last_words(&mut self, reason: DisconnectReasonCode) -> &[u8] {
         self.buf.clear();
@@ -154,6 +161,18 @@ mod tests {
         let bytes = v5.since(0).to_vec();
         assert_eq!(&bytes[..5], &[0x40, bytes[1], 0, 7, 0x87][..]);
         assert!(bytes.len() > 5, "the reason string is kept: {bytes:?}");
+    }
+
+    #[test]
+    fn an_idle_buffer_goes_back_and_grows_again() {
+        let mut out = Output::new(Version::V5);
+        out.trim();
+        assert_eq!(out.buf.capacity(), 0);
+        out.write(puback(false)).unwrap();
+        let waiting = out.len();
+        assert!(waiting > 0);
+        out.trim();
+        assert_eq!(out.len(), waiting, "waiting bytes are kept");
     }
 
     #[test]

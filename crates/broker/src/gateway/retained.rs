@@ -92,6 +92,13 @@ impl RetainedFeed {
         }
     }
 
+    /// An idle connection's scratch space goes back.
+    pub(super) fn trim(&mut self) {
+        if self.jobs.is_empty() {
+            self.batch = Vec::new();
+        }
+    }
+
     /// Whether there is work and room in the in-flight window for it.
     pub(super) fn wants_to_send(&self) -> bool {
         !self.jobs.is_empty() && self.window_open()
