@@ -4,6 +4,7 @@
 //! Only what the benchmarks need: CONNECT/CONNACK, SUBSCRIBE/SUBACK, QoS 0 PUBLISH.
 
 use anyhow::{bail, Context};
+use moatmq_testkit::wire;
 use rustls::pki_types::ServerName;
 use std::fs::File;
 use std::path::Path;
@@ -78,76 +79,24 @@ pub async fn open(target: &Target) -> anyhow::Result<Conn> {
     Ok(BufReader::with_capacity(64 * 1024, io))
 }
 
-fn put_len(buf: &mut Vec<u8>, mut len: usize) {
-    loop {
-        let mut byte = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
-            byte |= 0x80;
-        }
-        buf.push(byte);
-        if len == 0 {
-            return;
-        }
-    }
-}
-
-fn put_str(buf: &mut Vec<u8>, s: &[u8]) {
-    buf.extend_from_slice(&(s.len() as u16).to_be_bytes());
-    buf.extend_from_slice(s);
-}
-
-fn frame(first: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(body.len() + 5);
-    out.push(first);
-    put_len(&mut out, body.len());
-    out.extend_from_slice(body);
-    out
-}
-
-/// CONNECT, MQTT 3.1.1, clean session, keep alive 0 (no PINGREQ needed).
+/// CONNECT, MQTT 3.1.1, clean session, keep alive 0 (no PINGREQ needed). A username
+/// without a password logs in with an empty one.
 pub fn connect_packet(client_id: &str, username: Option<&str>, password: Option<&str>) -> Vec<u8> {
-    let mut body = Vec::with_capacity(64);
-    put_str(&mut body, b"MQTT");
-    body.push(4);
-    let mut flags = 0x02;
-    if username.is_some() {
-        flags |= 0x80;
-    }
-    if password.is_some() {
-        flags |= 0x40;
-    }
-    body.push(flags);
-    body.extend_from_slice(&0u16.to_be_bytes());
-    put_str(&mut body, client_id.as_bytes());
-    if let Some(u) = username {
-        put_str(&mut body, u.as_bytes());
-    }
-    if let Some(p) = password {
-        put_str(&mut body, p.as_bytes());
-    }
-    frame(0x10, &body)
+    let login = username.map(|u| (u.as_bytes(), password.unwrap_or("").as_bytes()));
+    wire::connect(false, client_id.as_bytes(), login, 0)
 }
 
 /// QoS 0 PUBLISH.
 pub fn publish_packet(topic: &str, payload: &[u8], retain: bool) -> Vec<u8> {
-    let mut body = Vec::with_capacity(topic.len() + payload.len() + 2);
-    put_str(&mut body, topic.as_bytes());
-    body.extend_from_slice(payload);
-    frame(0x30 | u8::from(retain), &body)
+    wire::publish(topic.as_bytes(), 0, 0, payload, retain)
 }
 
 /// SUBSCRIBE with one filter.
 pub fn subscribe_packet(pkid: u16, filter: &str, qos: u8) -> Vec<u8> {
-    let mut body = Vec::with_capacity(filter.len() + 5);
-    body.extend_from_slice(&pkid.to_be_bytes());
-    put_str(&mut body, filter.as_bytes());
-    body.push(qos);
-    frame(0x82, &body)
+    wire::subscribe(pkid, &[(filter.as_bytes(), qos)])
 }
 
-/// DISCONNECT.
-pub const DISCONNECT: [u8; 2] = [0xE0, 0x00];
+pub use wire::{publish_parts, DISCONNECT};
 
 /// Reads one packet: returns its first byte; `body` holds the rest.
 pub async fn read_packet(conn: &mut Conn, body: &mut Vec<u8>) -> anyhow::Result<u8> {
@@ -202,16 +151,4 @@ pub async fn subscribe(conn: &mut Conn, filter: &str, qos: u8) -> anyhow::Result
             return Ok(());
         }
     }
-}
-
-/// The topic and payload of a PUBLISH packet (`first` its first byte).
-pub fn publish_parts(first: u8, body: &[u8]) -> Option<(&[u8], &[u8])> {
-    if first >> 4 != 3 || body.len() < 2 {
-        return None;
-    }
-    let topic_len = usize::from(u16::from_be_bytes([body[0], body[1]]));
-    let qos = (first >> 1) & 3;
-    let payload_at = 2 + topic_len + if qos > 0 { 2 } else { 0 };
-    let topic = body.get(2..2 + topic_len)?;
-    Some((topic, body.get(payload_at..)?))
 }

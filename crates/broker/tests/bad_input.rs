@@ -92,27 +92,7 @@ fn publish5(topic: &[u8], payload: usize) -> m5::Packet {
 }
 
 fn publish4(topic: &[u8], payload: usize) -> Vec<u8> {
-    // Fixed header, topic, packet id (QoS 1), payload.
-    let mut body = Vec::new();
-    body.extend_from_slice(&(topic.len() as u16).to_be_bytes());
-    body.extend_from_slice(topic);
-    body.extend_from_slice(&[0, 1]);
-    body.extend(std::iter::repeat(b'x').take(payload));
-    let mut out = vec![0x32];
-    let mut len = body.len();
-    loop {
-        let mut byte = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
-            byte |= 0x80;
-        }
-        out.push(byte);
-        if len == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&body);
-    out
+    moatmq_testkit::wire::publish(topic, 1, 1, &vec![b'x'; payload], false)
 }
 
 #[tokio::test]

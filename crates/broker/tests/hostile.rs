@@ -12,6 +12,7 @@
 //! parallel), so the bounds are generous: they catch growth with the attack's size, not
 //! noise.
 
+use moatmq_testkit::wire::{self, frame};
 use moatmq_testkit::{v4, TestBroker, TestCa};
 use rumqttc::QoS;
 use std::net::SocketAddr;
@@ -50,67 +51,23 @@ async fn broker() -> TestBroker {
 
 // ---- raw MQTT ---------------------------------------------------------------------
 
-fn varint(out: &mut Vec<u8>, mut v: usize) {
-    loop {
-        let mut b = (v % 128) as u8;
-        v /= 128;
-        if v > 0 {
-            b |= 0x80;
-        }
-        out.push(b);
-        if v == 0 {
-            break;
-        }
-    }
-}
-
-fn frame(first: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = vec![first];
-    varint(&mut out, body.len());
-    out.extend_from_slice(body);
-    out
-}
-
 fn string(out: &mut Vec<u8>, s: &[u8]) {
-    out.extend_from_slice(&(s.len() as u16).to_be_bytes());
-    out.extend_from_slice(s);
+    out.extend_from_slice(&wire::Body::default().str(s).0);
 }
 
 /// A CONNECT (3.1.1, or 5 with an empty properties block), clean session, keep alive 30.
 fn connect_packet(v5: bool, id: &[u8], login: Option<(&[u8], &[u8])>) -> Vec<u8> {
-    let mut b = Vec::new();
-    string(&mut b, b"MQTT");
-    b.push(if v5 { 5 } else { 4 });
-    b.push(0x02 | if login.is_some() { 0xC0 } else { 0 });
-    b.extend_from_slice(&30u16.to_be_bytes());
-    if v5 {
-        b.push(0);
-    }
-    string(&mut b, id);
-    if let Some((u, p)) = login {
-        string(&mut b, u);
-        string(&mut b, p);
-    }
-    frame(0x10, &b)
+    wire::connect(v5, id, login, 30)
 }
 
 fn publish_packet(topic: &[u8], qos: u8, pkid: u16, payload: &[u8]) -> Vec<u8> {
-    let mut b = Vec::new();
-    string(&mut b, topic);
-    if qos > 0 {
-        b.extend_from_slice(&pkid.to_be_bytes());
-    }
-    b.extend_from_slice(payload);
-    frame(0x30 | (qos << 1), &b)
+    wire::publish(topic, qos, pkid, payload, false)
 }
 
+/// A SUBSCRIBE of `filters`, each at QoS 0.
 fn subscribe_packet(pkid: u16, filters: &[Vec<u8>]) -> Vec<u8> {
-    let mut b = pkid.to_be_bytes().to_vec();
-    for f in filters {
-        string(&mut b, f);
-        b.push(0);
-    }
-    frame(0x82, &b)
+    let filters: Vec<(&[u8], u8)> = filters.iter().map(|f| (&f[..], 0)).collect();
+    wire::subscribe(pkid, &filters)
 }
 
 /// A raw socket with a buffer of what the broker sent.

@@ -5,6 +5,7 @@
 
 mod ca;
 mod client;
+pub mod wire;
 
 pub use ca::TestCa;
 pub use client::*;
