@@ -201,6 +201,12 @@ impl Gateway {
         // When the buffers go back if nothing happens until then; `None` once they have.
         let mut idle_at = Some(Instant::now() + IDLE_TRIM);
         let kicked = self.kicked.clone();
+        // One waiter for the connection's life: creating one per loop turn takes the
+        // Notify's lock twice per turn on the hot path.
+        let replaced = kicked.notified();
+        tokio::pin!(replaced);
+        let shutting_down = shutdown.changed();
+        tokio::pin!(shutting_down);
         // Bytes already buffered after the CONNECT are packets too.
         if let Err(close) = self.decode_all(buf, max_packet) {
             return close;
@@ -215,7 +221,7 @@ impl Gateway {
             if let Err(close) = self.link.commit(&mut self.to_router) {
                 return close;
             }
-            match self.out.flush(writer, &kicked).await {
+            match self.out.flush(writer, replaced.as_mut()).await {
                 Ok(n) => self.shared.metrics.bytes_out.inc_by(n as u64),
                 Err(close) => return close,
             };
@@ -261,8 +267,8 @@ impl Gateway {
                     self.trim(buf);
                     idle_at = None;
                 }
-                _ = shutdown.changed() => return Close::Shutdown,
-                _ = kicked.notified() => return Close::Replaced,
+                _ = &mut shutting_down => return Close::Shutdown,
+                _ = &mut replaced => return Close::Replaced,
                 _ = std::future::ready(()), if self.can_feed_retained() => {
                     if let Err(close) = self.feed_retained() {
                         return close;

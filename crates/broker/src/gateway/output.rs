@@ -6,9 +6,9 @@ use crate::codec::{codec_for, Version};
 use crate::transport::Writer;
 use bytes::BytesMut;
 use rumqttd::protocol::{DisconnectReasonCode, Packet, Protocol};
-use std::sync::Arc;
+use std::pin::Pin;
 use std::time::Duration;
-use tokio::sync::Notify;
+use tokio::sync::futures::Notified;
 
 /// Output gathered before one socket write.
 pub(super) const WRITE_BATCH: usize = 64 * 1024;
@@ -73,19 +73,20 @@ impl Output {
     }
 
     /// Writes everything to the socket. Gives up if the client does not read for the
-    /// write-stall time, or at once if a new connection takes the session over.
+    /// write-stall time, or at once if a new connection takes the session over
+    /// (`replaced` completes).
     /// Returns the bytes written.
     pub(super) async fn flush(
         &mut self,
         writer: &mut Writer,
-        kicked: &Arc<Notify>,
+        replaced: Pin<&mut Notified<'_>>,
     ) -> Result<usize, Close> {
         if self.buf.is_empty() {
             return Ok(0);
         }
         let written = tokio::select! {
             w = tokio::time::timeout(WRITE_STALL, writer.write_all(&self.buf)) => w,
-            _ = kicked.notified() => return Err(Close::Replaced),
+            _ = replaced => return Err(Close::Replaced),
         };
         match written {
             Ok(Ok(())) => Ok(self.sent()),
