@@ -15,10 +15,10 @@ use std::sync::Arc;
 
 use aes_gcm::Aes256Gcm;
 
-use crate::log::{self, Written};
+use crate::log::{self, Written, TMP_PREFIX};
 use crate::mark::{Mark, Vouch};
 use crate::record::{self, RecordRef};
-use crate::store::{Trust, TMP_PREFIX};
+use crate::store::Trust;
 use crate::{now_unix, RetainedKey, RetainedMessage, RetainedSet, Store, StoreError, StoreLimits};
 
 /// A compaction in progress: a snapshot of the live set to write into a new file.

@@ -19,6 +19,9 @@ use crate::record::{HeaderError, MAX_CIPHERTEXT_LEN, PREFIX_LEN, TAG_LEN};
 use crate::set::{Item, Items};
 use crate::{RetainedMessage, StoreError};
 
+/// Prefix of compaction/rekey temporary files; stale ones are removed on open.
+pub(crate) const TMP_PREFIX: &str = "retained.log.tmp";
+
 /// The result of reading a log.
 #[derive(Debug)]
 pub(crate) struct Replay {

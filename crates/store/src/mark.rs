@@ -36,9 +36,8 @@ use aes_gcm::aead::{Aead, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use rand::RngCore;
 
-use crate::log;
+use crate::log::{self, TMP_PREFIX};
 use crate::record::{FileId, FILE_ID_LEN, NONCE_LEN, TAG_LEN};
-use crate::store::TMP_PREFIX;
 use crate::StoreError;
 
 /// Name of the mark inside the store directory.

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use aes_gcm::Aes256Gcm;
 
-use crate::log::{self, Required};
+use crate::log::{self, Required, TMP_PREFIX};
 use crate::mark::{self, Found, Mark, MarkFile, Vouch, MARK_NAME};
 use crate::record::{self, FileId, RecordRef, HEADER_LEN};
 use crate::set::{Items, RetainedSet};
@@ -21,8 +21,7 @@ use crate::{now_unix, FlushStats, RetainedKey, RetainedMessage, StoreError, Stor
 
 /// Name of the log inside the store directory.
 pub(crate) const LOG_NAME: &str = "retained.log";
-/// Prefix of compaction/rekey temporary files; stale ones are removed on open.
-pub(crate) const TMP_PREFIX: &str = "retained.log.tmp";
+
 /// Compaction waits until the garbage exceeds this too, so small stores are left alone.
 const COMPACT_SLACK_BYTES: u64 = 64 * 1024;
 
