@@ -27,17 +27,12 @@ impl TestBroker {
 
     /// Starts a broker with one anonymous TCP listener called `tcp`.
     pub async fn start() -> TestBroker {
-        TestBroker::with_config(crate::ANONYMOUS_TCP).await
+        TestBroker::builder().anonymous().start().await
     }
 
-    /// Starts a broker from config text; relative paths resolve in a fresh temp folder.
-    pub async fn with_config(toml: &str) -> TestBroker {
-        let dir = tempfile::tempdir().expect("temp dir");
-        TestBroker::with_config_in(dir, toml).await
-    }
-
-    /// Like `with_config`, in a folder the test prepared (certificates, ACL files).
-    pub async fn with_config_in(dir: tempfile::TempDir, toml: &str) -> TestBroker {
+    /// Writes `toml` as `dir/broker.toml` and starts a broker from it (relative paths
+    /// resolve in `dir`).
+    pub(crate) async fn with_config_in(dir: tempfile::TempDir, toml: &str) -> TestBroker {
         let path = dir.path().join("broker.toml");
         std::fs::write(&path, toml).expect("write config");
         let config = Config::load(&path).unwrap_or_else(|e| panic!("test config: {e}"));
@@ -93,10 +88,15 @@ impl TestBroker {
 
     /// Stops the broker as SIGTERM would, then starts it again on the same folder and
     /// config (listener ports are new).
-    pub async fn restart(mut self) -> TestBroker {
-        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("temp dir"));
+    pub async fn restart(self) -> TestBroker {
+        let dir = self.stop().await;
+        TestBroker::start_in(dir).await
+    }
+
+    /// Starts a broker on the folder a stopped one handed back ([`TestBroker::stop`]),
+    /// from the `broker.toml` there.
+    pub async fn start_in(dir: tempfile::TempDir) -> TestBroker {
         let toml = std::fs::read_to_string(dir.path().join("broker.toml")).expect("config");
-        self.stop_and_wait().await;
         TestBroker::with_config_in(dir, &toml).await
     }
 

@@ -158,15 +158,15 @@ impl TestBrokerBuilder {
         self.rate_limit("connections_per_second", 0)
     }
 
-    /// An encrypted retained store in `data/retained` with a fresh key `retained.key`.
-    pub fn retained_store(self, autosave_interval: i64) -> Self {
+    /// An encrypted retained store in `data/retained` with a fresh key `retained.key`
+    /// (other `[retained]` keys with [`Self::set`]).
+    pub fn retained_store(self) -> Self {
         let key = self.dir.path().join("retained.key");
         if !key.exists() {
             moatmq_store::RetainedKey::write_new(&key).expect("write retained key");
         }
         self.set("retained", "path", "data/retained")
             .set("retained", "key_file", "retained.key")
-            .set("retained", "autosave_interval", autosave_interval)
     }
 
     /// `[metrics]` on `127.0.0.1:0` ([`TestBroker::metrics_addr`]).
@@ -309,6 +309,9 @@ name = "x"
     #[test]
     fn the_default_listener_is_tcp() {
         let text = TestBrokerBuilder::new().anonymous().config_text();
-        assert_eq!(text, crate::ANONYMOUS_TCP.trim_start());
+        assert_eq!(
+            text,
+            "[[listener]]\nname = \"tcp\"\nbind = \"127.0.0.1:0\"\n[auth]\nallow_anonymous = true\n"
+        );
     }
 }

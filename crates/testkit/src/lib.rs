@@ -32,15 +32,6 @@ pub use ca::TestCa;
 #[cfg(feature = "broker")]
 pub use client::*;
 
-/// Config text for one anonymous plaintext listener named `tcp`.
-pub const ANONYMOUS_TCP: &str = r#"
-[[listener]]
-name = "tcp"
-bind = "127.0.0.1:0"
-[auth]
-allow_anonymous = true
-"#;
-
 /// Writes `text` to `dir/name` and returns the path.
 pub fn write_file(dir: &Path, name: &str, text: &str) -> PathBuf {
     let path = dir.join(name);
