@@ -32,6 +32,8 @@ pub struct Frame {
 pub struct Raw<S = TcpStream> {
     stream: S,
     buf: BytesMut,
+    /// How much room one read makes in `buf`.
+    read_size: usize,
 }
 
 impl Raw<TcpStream> {
@@ -102,10 +104,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Raw<S> {
     /// Wraps a stream opened elsewhere (a bound source address, a PROXY header already
     /// sent, TLS).
     pub fn new(stream: S) -> Raw<S> {
+        Raw::with_capacity(stream, 16 * 1024)
+    }
+
+    /// Like [`Raw::new`], reading up to `read_size` bytes at a time (small for many idle
+    /// connections, large for a stream of publishes).
+    pub fn with_capacity(stream: S, read_size: usize) -> Raw<S> {
         Raw {
             stream,
-            buf: BytesMut::with_capacity(16 * 1024),
+            buf: BytesMut::with_capacity(read_size),
+            read_size,
         }
+    }
+
+    /// Shuts the write side down (TCP FIN, TLS close_notify).
+    pub async fn shutdown(&mut self) -> io::Result<()> {
+        self.stream.shutdown().await
     }
 
     /// Writes and flushes `bytes`.
@@ -128,7 +142,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Raw<S> {
 
     /// Reads more bytes into the buffer; `Ok(false)` at the end of the stream.
     async fn fill(&mut self) -> io::Result<bool> {
-        self.buf.reserve(16 * 1024);
+        if self.buf.capacity() - self.buf.len() < self.read_size / 2 {
+            self.buf.reserve(self.read_size);
+        }
         Ok(self.stream.read_buf(&mut self.buf).await? > 0)
     }
 
