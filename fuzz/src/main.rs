@@ -22,10 +22,6 @@ mod mutate;
 mod seeds;
 mod store;
 mod targets;
-// The workspace's one MQTT frame writer, without the test kit's dependencies.
-#[allow(dead_code)] // the harness needs only part of it
-#[path = "../../crates/testkit/src/wire.rs"]
-mod wire;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

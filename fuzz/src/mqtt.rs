@@ -2,13 +2,12 @@
 //! well-formed, with hostile field values: invalid UTF-8, NUL, wildcards, huge ids, wrong
 //! lengths, unknown properties) and the well-formed packets of the seed corpus.
 //!
-//! Written independently of rumqttd's encoder, so the decoder is not only fed what its
-//! own encoder produces.
+//! The bytes are written with moatmq-testkit's `wire` module (written independently of
+//! rumqttd's encoder, so the decoder is not only fed what its own encoder produces).
 
+use moatmq_testkit::wire::{frame, varint, Body};
 use rand::rngs::StdRng;
 use rand::Rng;
-
-pub use crate::wire::{frame, varint, Body};
 
 /// Well-formed packets of every type a client sends, for the seed corpus, with a name.
 pub fn valid_packets(v5: bool) -> Vec<(&'static str, Vec<u8>)> {

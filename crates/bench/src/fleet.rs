@@ -23,7 +23,6 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::BufReader;
 use tokio::net::TcpSocket;
 
 /// Read buffer per device connection: CONNACKs only.
@@ -175,7 +174,7 @@ impl Fleet {
             Some((connector, name)) => Box::new(connector.connect(name.clone(), tcp).await?),
             None => Box::new(tcp),
         };
-        let mut conn = BufReader::with_capacity(DEVICE_BUFFER, io);
+        let mut conn = moatmq_testkit::Raw::with_capacity(io, DEVICE_BUFFER);
         let (u, p) = (user(device), password(device));
         let login = if self.passwords {
             (Some(u.as_str()), Some(p.as_str()))

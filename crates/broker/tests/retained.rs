@@ -4,26 +4,13 @@
 use moatmq_testkit::{v4, v5, TestBroker, QUIET};
 use rumqttc::QoS;
 
-fn config(interval: u64) -> String {
-    format!(
-        r#"
-[[listener]]
-name = "tcp"
-bind = "127.0.0.1:0"
-[auth]
-allow_anonymous = true
-[retained]
-path = "data/retained"
-key_file = "retained.key"
-autosave_interval = {interval}
-"#
-    )
-}
-
-async fn broker_with_store(interval: u64) -> TestBroker {
-    let dir = tempfile::tempdir().unwrap();
-    moatmq_store::RetainedKey::write_new(&dir.path().join("retained.key")).unwrap();
-    TestBroker::with_config_in(dir, &config(interval)).await
+async fn broker_with_store(autosave_interval: i64) -> TestBroker {
+    TestBroker::builder()
+        .anonymous()
+        .retained_store()
+        .set("retained", "autosave_interval", autosave_interval)
+        .start()
+        .await
 }
 
 async fn retained_of(broker: &TestBroker, filter: &str) -> Vec<(String, Vec<u8>)> {

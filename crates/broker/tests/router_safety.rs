@@ -4,8 +4,7 @@
 mod common;
 
 use bytes::BytesMut;
-use common::{connect4, connect5, Raw};
-use moatmq_testkit::{v4, TestBroker, QUIET, WAIT};
+use moatmq_testkit::{connect4, connect5, v4, Raw, TestBroker, QUIET, WAIT};
 use rumqttc::mqttbytes::v4 as m4;
 use rumqttc::v5::mqttbytes::v5 as m5;
 use rumqttc::v5::mqttbytes::QoS as Q5;

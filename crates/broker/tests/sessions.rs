@@ -5,8 +5,8 @@
 mod common;
 
 use bytes::BytesMut;
-use common::{connect4, suback4, Raw, V4_OK};
-use moatmq_testkit::{v4, v5, TestBroker, WAIT};
+use common::{suback4, V4_OK};
+use moatmq_testkit::{connect4, v4, v5, Raw, TestBroker, WAIT};
 use rumqttc::v5::mqttbytes::v5 as m5;
 use rumqttc::QoS;
 use std::net::SocketAddr;
@@ -142,7 +142,7 @@ async fn v5_with_will(addr: SocketAddr, id: &str, topic: &str) -> Raw {
         false,
         None,
     );
-    let (raw, code) = Raw::connect5(addr, common::connect5(id), Some(will), None).await;
+    let (raw, code) = Raw::connect5(addr, moatmq_testkit::connect5(id), Some(will), None).await;
     assert_eq!(code, Some(m5::ConnectReturnCode::Success));
     raw
 }
@@ -203,7 +203,8 @@ async fn v5_will_properties_travel_with_the_will() {
         false,
         Some(props),
     );
-    let (mut raw, code) = Raw::connect5(addr, common::connect5("propwill"), Some(will), None).await;
+    let (mut raw, code) =
+        Raw::connect5(addr, moatmq_testkit::connect5("propwill"), Some(will), None).await;
     assert_eq!(code, Some(m5::ConnectReturnCode::Success));
     // DISCONNECT with reason 0x80 (unspecified error): not a normal one, so the will goes.
     raw.send(&[0xE0, 0x01, 0x80]).await;
@@ -236,7 +237,7 @@ async fn keep_alive_zero_is_accepted() {
         Some(rumqttc::Packet::SubAck(_))
     ));
     // MQTT 5 with keep alive 0 too.
-    let mut c = common::connect5("ka0-5");
+    let mut c = moatmq_testkit::connect5("ka0-5");
     c.keep_alive = 0;
     let (mut publ, code) = Raw::connect5(addr, c, None, None).await;
     assert_eq!(code, Some(m5::ConnectReturnCode::Success));

@@ -206,28 +206,14 @@ fn exported(text: &str) -> BTreeMap<String, BTreeSet<String>> {
 /// the ACL denies (`action`) and a retained message over the `max_messages` quota
 /// (`reason`).
 async fn scrape() -> String {
-    let dir = tempfile::tempdir().unwrap();
-    moatmq_store::RetainedKey::write_new(&dir.path().join("retained.key")).unwrap();
-    std::fs::write(dir.path().join("aclfile"), "topic readwrite ok/#\n").unwrap();
-    let broker = moatmq_testkit::TestBroker::with_config_in(
-        dir,
-        r#"
-[[listener]]
-name = "tcp"
-bind = "127.0.0.1:0"
-[auth]
-allow_anonymous = true
-[acl]
-file = "aclfile"
-[retained]
-path = "data/retained"
-key_file = "retained.key"
-max_messages = 1
-[metrics]
-bind = "127.0.0.1:0"
-"#,
-    )
-    .await;
+    let broker = moatmq_testkit::TestBroker::builder()
+        .anonymous()
+        .acl("topic readwrite ok/#\n")
+        .retained_store()
+        .set("retained", "max_messages", 1)
+        .metrics()
+        .start()
+        .await;
     let c = v4::connected(broker.first_addr(), "monitoring").await;
     c.client
         .subscribe("secret/#", QoS::AtLeastOnce)
