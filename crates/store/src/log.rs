@@ -19,6 +19,24 @@ use crate::record::{HeaderError, MAX_CIPHERTEXT_LEN, PREFIX_LEN, TAG_LEN};
 use crate::set::{Item, Items};
 use crate::{RetainedMessage, StoreError};
 
+/// Creates `path` anew (a leftover from a crash is removed first), readable and
+/// writable by the owner only.
+pub(crate) fn fresh_private_file(path: &Path) -> Result<File, StoreError> {
+    let io = |e| StoreError::io(path, e);
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(e)),
+    }
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io)
+}
+
 /// Prefix of compaction/rekey temporary files; stale ones are removed on open.
 pub(crate) const TMP_PREFIX: &str = "retained.log.tmp";
 
@@ -225,18 +243,7 @@ pub(crate) fn write_fresh<'a>(
     messages: impl Iterator<Item = &'a RetainedMessage>,
 ) -> Result<Written, StoreError> {
     let io = |e| StoreError::io(tmp_path, e);
-    match std::fs::remove_file(tmp_path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io(e)),
-    }
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(tmp_path)
-        .map_err(io)?;
+    let file = fresh_private_file(tmp_path)?;
     let file_id = record::random_file_id();
     let mut w = BufWriter::with_capacity(1 << 20, &file);
     let header = record::seal_header(cipher, &file_id)?;
