@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+    moatmq_e2e::repo_root().to_path_buf()
 }
 
 fn read(rel: &str) -> String {

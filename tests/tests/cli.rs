@@ -15,8 +15,6 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_moatmq");
-
 /// A running `moatmq` with its stderr collected line by line.
 struct Moatmq {
     child: Child,
@@ -30,7 +28,7 @@ struct Moatmq {
 
 impl Moatmq {
     fn spawn(args: &[&str], env: &[(&str, &str)]) -> Moatmq {
-        let mut cmd = Command::new(BIN);
+        let mut cmd = Command::new(moatmq_e2e::moatmq());
         cmd.args(args)
             .env_remove("RUST_LOG")
             .env("NO_COLOR", "1")
@@ -146,7 +144,7 @@ impl Drop for Moatmq {
 }
 
 fn run(args: &[&str]) -> (Option<i32>, String) {
-    let out = Command::new(BIN)
+    let out = Command::new(moatmq_e2e::moatmq())
         .args(args)
         .stdin(Stdio::null())
         .output()
@@ -425,7 +423,7 @@ fn text_log_has_no_colour_codes_when_stderr_is_not_a_terminal() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("broker.toml"), listener(0)).unwrap();
 
-    let mut child = Command::new(BIN)
+    let mut child = Command::new(moatmq_e2e::moatmq())
         .args([
             "serve",
             "-c",

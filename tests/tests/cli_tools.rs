@@ -2,8 +2,9 @@
 //! `retained list` / `rekey` / `accept`, `acl check` and `import-mosquitto`, each followed through
 //! to a real `moatmq serve` child process that clients connect to (over TCP and mTLS).
 //!
-//! Brokers listen on loopback ports found by binding port 0 and letting go of it; a
-//! [`Served`] guard kills its child on drop, so a failing test leaves no broker behind.
+//! Brokers bind 127.0.0.1:0 and the tests read the bound addresses from the broker's
+//! "listening" log lines; a [`Served`] guard kills its child on drop, so a failing test
+//! leaves no broker behind.
 
 use moatmq_testkit::{v4, TestCa, QUIET, WAIT};
 use rumqttc::{ConnectReturnCode, ConnectionError, Packet, QoS, SubscribeReasonCode};
@@ -13,8 +14,6 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
-
-const BIN: &str = env!("CARGO_BIN_EXE_moatmq");
 
 /// The listener name and bound address of a "listening" log line.
 fn listening(line: &str) -> Option<(String, SocketAddr)> {
@@ -40,7 +39,7 @@ fn moatmq(args: &[&str]) -> Output {
 
 /// `moatmq ARGS` with `input` on stdin (a pipe, so never a terminal).
 fn moatmq_with_stdin(args: &[&str], input: &str) -> Output {
-    let mut child = Command::new(BIN)
+    let mut child = Command::new(moatmq_e2e::moatmq())
         .args(args)
         .env_remove("MOATMQ_RETAINED_KEY")
         .stdin(Stdio::piped())
@@ -99,7 +98,7 @@ impl Served {
         static N: AtomicU32 = AtomicU32::new(0);
         let log = config.with_extension(format!("{}.log", N.fetch_add(1, Ordering::Relaxed)));
         let file = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(BIN)
+        let child = Command::new(moatmq_e2e::moatmq())
             .args(["serve", "-c", path_str(config)])
             .env_remove("MOATMQ_RETAINED_KEY")
             .env_remove("RUST_LOG")
@@ -320,7 +319,7 @@ fn keygen_writes_a_private_key_and_never_overwrites() {
     assert_eq!(std::fs::read_to_string(&key).unwrap(), text, "unchanged");
 
     // `-` is stdout, not a file named `-`.
-    let o = Command::new(BIN)
+    let o = Command::new(moatmq_e2e::moatmq())
         .args(["keygen", "--out", "-"])
         .current_dir(dir.path())
         .output()
@@ -472,7 +471,7 @@ async fn truncated_store_refused_until_retained_accept() {
 fn serve_expecting_exit(config: &Path) -> (std::process::ExitStatus, String) {
     let log = config.with_extension("failed.log");
     let file = std::fs::File::create(&log).expect("log file");
-    let child = Command::new(BIN)
+    let child = Command::new(moatmq_e2e::moatmq())
         .args(["serve", "-c", path_str(config)])
         .env_remove("MOATMQ_RETAINED_KEY")
         .env_remove("RUST_LOG")
@@ -593,7 +592,7 @@ async fn import_mosquitto_end_to_end() {
     // Written by the real mosquitto_passwd ($7$): alice 'correct horse', bob 'hunter2'.
     let passwd = d.join("passwd");
     std::fs::copy(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../auth/testdata/mosquitto_passwd.txt"),
+        moatmq_e2e::repo_root().join("crates/auth/testdata/mosquitto_passwd.txt"),
         &passwd,
     )
     .unwrap();
