@@ -11,6 +11,10 @@
 //! suites lived in crates/moatmq, where the testkit dev-dependency turned it on, a test
 //! can make the router fail (`MOATMQ_TEST_ROUTER_FAULT`).
 
+mod process;
+
+pub use process::Moatmq;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
