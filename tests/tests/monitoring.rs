@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+    moatmq_e2e::repo_root().to_path_buf()
 }
 
 fn read(rel: &str) -> String {

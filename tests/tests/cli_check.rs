@@ -11,8 +11,6 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_moatmq");
-
 /// A port the test keeps bound while `serve` runs: a `serve` that bound its listeners
 /// before refusing would fail on this port with "address in use" (exit 1) instead of
 /// the refusal (exit 64) the tests expect.
@@ -27,7 +25,7 @@ fn held_port() -> (TcpListener, u16) {
 fn run(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
     let dir = tempfile::tempdir().unwrap();
     let err_path = dir.path().join("stderr");
-    let mut cmd = Command::new(BIN);
+    let mut cmd = Command::new(moatmq_e2e::moatmq());
     cmd.args(args)
         .env_remove("MOATMQ_RETAINED_KEY")
         .env_remove("RUST_LOG")
@@ -294,7 +292,7 @@ fn a_taken_port_exits_1() {
 /// The unit and the docs state the one rule.
 #[test]
 fn systemd_unit_does_not_restart_on_exit_64() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let root = moatmq_e2e::repo_root().to_path_buf();
     let unit = std::fs::read_to_string(root.join("deploy/systemd/moatmq.service")).unwrap();
     assert!(unit
         .lines()

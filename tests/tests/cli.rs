@@ -5,148 +5,24 @@
 //! Each test binds its listeners on 127.0.0.1:0 and reads the bound addresses from the
 //! broker's "listening" log lines.
 
+use moatmq_e2e::Moatmq;
 use moatmq_testkit::{v4, v5, TestCa, QUIET, WAIT};
 use rumqttc::QoS;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
-const BIN: &str = env!("CARGO_BIN_EXE_moatmq");
-
-/// A running `moatmq` with its stderr collected line by line.
-struct Moatmq {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    log: Arc<Mutex<String>>,
-    /// Each listener's name and bound address, from the "listening" log lines.
-    addrs: Vec<(String, SocketAddr)>,
-    /// The thread collecting stderr; it ends when the process has closed stderr.
-    reader: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Moatmq {
-    fn spawn(args: &[&str], env: &[(&str, &str)]) -> Moatmq {
-        let mut cmd = Command::new(BIN);
-        cmd.args(args)
-            .env_remove("RUST_LOG")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().expect("spawn moatmq");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        let log = Arc::new(Mutex::new(String::new()));
-        let all = log.clone();
-        let reader = std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                all.lock().unwrap().push_str(&line);
-                all.lock().unwrap().push('\n');
-                let _ = tx.send(line);
-            }
-        });
-        Moatmq {
-            child,
-            lines,
-            log,
-            addrs: Vec::new(),
-            reader: Some(reader),
-        }
-    }
-
-    /// The whole stderr of a process that has exited.
-    fn final_log(&mut self) -> String {
-        if let Some(reader) = self.reader.take() {
-            reader.join().expect("stderr reader");
-        }
-        self.log.lock().unwrap().clone()
-    }
-
-    /// Serves `config` (written to `dir/broker.toml`) and waits until each of its
-    /// listeners has logged the address it bound.
-    fn serve(dir: &Path, config: &str, env: &[(&str, &str)]) -> Moatmq {
-        let path = dir.join("broker.toml");
-        std::fs::write(&path, config).unwrap();
-        let mut m = Moatmq::spawn(&["serve", "-c", path.to_str().unwrap()], env);
-        for _ in 0..config.matches("[[listener]]").count() {
-            let line = m.wait_for("listening");
-            let field = |key: &str| {
-                line.split_whitespace()
-                    .find_map(|w| w.strip_prefix(key))
-                    .map(|v| v.trim_matches('"').to_string())
-                    .unwrap_or_else(|| panic!("no {key} in {line:?}"))
-            };
-            let addr = field("addr=").parse().expect("a socket address");
-            m.addrs.push((field("listener="), addr));
-        }
-        m
-    }
-
-    /// The port the listener called `name` is bound to.
-    fn port(&self, name: &str) -> u16 {
-        self.addrs
-            .iter()
-            .find(|(n, _)| n == name)
-            .unwrap_or_else(|| panic!("no listener {name} in {:?}", self.addrs))
-            .1
-            .port()
-    }
-
-    /// Waits for a stderr line containing `needle` and returns it.
-    fn wait_for(&self, needle: &str) -> String {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) if line.contains(needle) => return line,
-                Ok(_) => continue,
-                Err(_) => panic!(
-                    "no log line with {needle:?}; log so far:\n{}",
-                    self.log.lock().unwrap()
-                ),
-            }
-        }
-    }
-
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .expect("run kill")
-            .success();
-        assert!(ok, "kill {sig}");
-    }
-
-    fn exit_within(&mut self, wait: Duration) -> ExitStatus {
-        let deadline = Instant::now() + wait;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "moatmq did not exit");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Moatmq {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+/// `moatmq serve` on `config`, written to `dir/broker.toml`.
+fn serve(dir: &Path, config: &str, env: &[(&str, &str)]) -> Moatmq {
+    let path = dir.join("broker.toml");
+    std::fs::write(&path, config).unwrap();
+    Moatmq::serve(&path, env)
 }
 
 fn run(args: &[&str]) -> (Option<i32>, String) {
-    let out = Command::new(BIN)
+    let out = Command::new(moatmq_e2e::moatmq())
         .args(args)
         .stdin(Stdio::null())
         .output()
@@ -225,7 +101,7 @@ fn serve_with_an_invalid_config_exits_64_before_binding() {
 async fn sigterm_sends_v5_clients_0x8b_and_exits_0() {
     let dir = tempfile::tempdir().unwrap();
     let config = format!("{}allow_anonymous = true\n", listener(0));
-    let mut m = Moatmq::serve(dir.path(), &config, &[]);
+    let mut m = serve(dir.path(), &config, &[]);
     let port = m.port("tcp");
     let mut c5 = v5::connected(addr(port), "c5").await;
     let mut c4 = v4::connected(addr(port), "c4").await;
@@ -244,7 +120,7 @@ async fn sighup_reloads_the_password_file() {
     let dir = tempfile::tempdir().unwrap();
     passwd(dir.path(), &[("alice", "alice-pw")]);
     let config = format!("{}[auth]\npassword_file = \"passwd\"\n", listener(0));
-    let m = Moatmq::serve(dir.path(), &config, &[]);
+    let m = serve(dir.path(), &config, &[]);
     let port = m.port("tcp");
     assert!(v4::connect(login(port, "b", "bob", "bob-pw"))
         .await
@@ -276,7 +152,7 @@ async fn sighup_acl_reload_revokes_a_live_subscription() {
         "{}[auth]\npassword_file = \"passwd\"\n[acl]\nfile = \"aclfile\"\n",
         listener(0)
     );
-    let m = Moatmq::serve(dir.path(), &config, &[]);
+    let m = serve(dir.path(), &config, &[]);
     let port = m.port("tcp");
     let mut alice = v4::connect(login(port, "a", "alice", "alice-pw"))
         .await
@@ -321,7 +197,7 @@ async fn sighup_picks_up_a_rotated_server_certificate() {
         "{}allow_anonymous = true\n[listener.tls]\ncert = \"server.crt\"\nkey = \"server.key\"\n",
         listener(0)
     );
-    let m = Moatmq::serve(dir.path(), &config, &[]);
+    let m = serve(dir.path(), &config, &[]);
     let port = m.port("tcp");
     let trusting = |ca: &TestCa, id: &str| {
         let mut o = v4::options(addr(port), id);
@@ -346,7 +222,11 @@ async fn sighup_picks_up_a_rotated_server_certificate() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn serve_without_config_listens_on_loopback_1883() {
-    // Needs 127.0.0.1:1883 free: if it is taken the broker exits and this fails.
+    // Needs 127.0.0.1:1883 free: if it is taken the broker exits and this fails, saying
+    // so (it never passes against whatever else listens there).
+    if let Err(e) = std::net::TcpListener::bind("127.0.0.1:1883") {
+        panic!("127.0.0.1:1883 is taken ({e}): this test needs it free");
+    }
     let mut m = Moatmq::spawn(&["serve"], &[]);
     let line = m.wait_for("listening");
     assert!(line.contains("addr=127.0.0.1:1883"), "{line}");
@@ -358,10 +238,7 @@ async fn serve_without_config_listens_on_loopback_1883() {
         .await
         .unwrap();
     assert_eq!(sub.next_publish().await.payload, "world".as_bytes());
-    assert!(
-        m.log.lock().unwrap().contains("anonymous"),
-        "warning logged"
-    );
+    assert!(m.log().contains("anonymous"), "warning logged");
     m.signal("-TERM");
     assert!(m.exit_within(WAIT).success());
 }
@@ -373,7 +250,7 @@ async fn passwords_never_reach_the_log_at_trace_level() {
     let bad = "bad-Sentinel-91c2";
     passwd(dir.path(), &[("alice", good)]);
     let config = format!("{}[auth]\npassword_file = \"passwd\"\n", listener(0));
-    let mut m = Moatmq::serve(dir.path(), &config, &[("RUST_LOG", "trace")]);
+    let mut m = serve(dir.path(), &config, &[("RUST_LOG", "trace")]);
     let port = m.port("tcp");
     let ok = v4::connect(login(port, "a", "alice", good)).await;
     assert!(ok.is_ok());
@@ -393,7 +270,7 @@ async fn client_strings_cannot_forge_text_log_lines() {
     let dir = tempfile::tempdir().unwrap();
     passwd(dir.path(), &[("alice", "alice-pw")]);
     let config = format!("{}[auth]\npassword_file = \"passwd\"\n", listener(0));
-    let mut m = Moatmq::serve(dir.path(), &config, &[]);
+    let mut m = serve(dir.path(), &config, &[]);
     let port = m.port("tcp");
     let forged = "FORGED INFO moatmq: admin logged in";
     // A client id and a username each carrying a line break and a bidi override.
@@ -425,7 +302,7 @@ fn text_log_has_no_colour_codes_when_stderr_is_not_a_terminal() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("broker.toml"), listener(0)).unwrap();
 
-    let mut child = Command::new(BIN)
+    let mut child = Command::new(moatmq_e2e::moatmq())
         .args([
             "serve",
             "-c",
