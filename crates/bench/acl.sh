@@ -15,12 +15,10 @@
 # Knobs: MESSAGES (300000), REPEATS (5), PUBLISHERS (8), SKIP_BUILD=1, MOATMQ_BIN=path.
 # About 3 minutes. Not a test.
 set -euo pipefail
-MESSAGES=${MESSAGES:-300000}
-REPEATS=${REPEATS:-5}
-PUBLISHERS=${PUBLISHERS:-8}
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 # shellcheck source=common.sh
 source "$ROOT/crates/bench/common.sh"
+knobs MESSAGES=300000 REPEATS=5 PUBLISHERS=8
 
 build
 log "$(machine)"

@@ -21,6 +21,17 @@ trap 'exit 130' INT TERM
 
 log() { echo "$(basename "$0"): $*" >&2; }
 
+# knobs NAME=DEFAULT...: each NAME keeps its value from the environment, else DEFAULT.
+knobs() {
+    local kv name
+    for kv in "$@"; do
+        name=${kv%%=*}
+        if [[ -z "${!name:-}" ]]; then
+            printf -v "$name" '%s' "${kv#*=}"
+        fi
+    done
+}
+
 # A loopback port nobody listens on (checked by connecting; the servers bind right after).
 free_port() {
     local port

@@ -20,15 +20,10 @@
 # TIMEOUT (120), SKIP_BUILD=1, MOATMQ_BIN=path. About 4 minutes and 2 GB of disk in $TMPDIR.
 # Not a test.
 set -euo pipefail
-MESSAGES=${MESSAGES:-1000000}
-DURATION=${DURATION:-10}
-REPEATS=${REPEATS:-3}
-PUBLISHERS=${PUBLISHERS:-8}
-IDLE=${IDLE:-5}
-TIMEOUT=${TIMEOUT:-120}
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 # shellcheck source=common.sh
 source "$ROOT/crates/bench/common.sh"
+knobs MESSAGES=1000000 DURATION=10 REPEATS=3 PUBLISHERS=8 IDLE=5 TIMEOUT=120
 
 build
 need_mosquitto

@@ -11,19 +11,16 @@
 # WINDOW (2000; see crates/bench/src/fanin.rs), SKIP_BUILD=1 to reuse binaries,
 # MOATMQ_BIN=path to measure another moatmq build (e.g. one built from a clean checkout),
 # VARIANT_RUST_LOG=filter to also run a second moatmq ("moatmq-variant") with that RUST_LOG
-# (e.g. "warn,rumqttd=off": see docs/benchmarks.md, where the time goes).
+# (e.g. "warn,rumqttd=off": see docs/benchmarks.md, where the time goes),
+# BASELINE_BIN=path to also run an older moatmq build ("moatmq-base", e.g. built from the
+# commit before a change) in the same rounds, for a before/after ratio without noise
+# between separate runs (keys it does not know are left out of its config).
 # Not a test: nothing runs this from `cargo test` or CI.
 set -euo pipefail
-
-PUBLISHERS=${PUBLISHERS:-8}
-MESSAGES=${MESSAGES:-300000}
-TIMEOUT=${TIMEOUT:-15}
-REPEATS=${REPEATS:-3}
-WINDOW=${WINDOW:-2000}
-
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 # shellcheck source=common.sh
 source "$ROOT/crates/bench/common.sh"
+knobs PUBLISHERS=8 MESSAGES=300000 TIMEOUT=15 REPEATS=3 WINDOW=2000
 
 build
 need_mosquitto
@@ -81,6 +78,19 @@ if [[ -n "${VARIANT_RUST_LOG:-}" ]]; then
     log "moatmq-variant :$VAR_PORT with RUST_LOG=$VARIANT_RUST_LOG"
 fi
 
+if [[ -n "${BASELINE_BIN:-}" ]]; then
+    BASE_PORT=$(free_port)
+    sed -e "s/127.0.0.1:$MOAT_PORT/127.0.0.1:$BASE_PORT/" \
+        -e '/^max_connections_per_address/d' -e '/^max_pending_per_address/d' \
+        "$WORK/broker.toml" >"$WORK/base.toml"
+    "$BASELINE_BIN" serve -c "$WORK/base.toml" >"$WORK/moatmq-base.log" 2>&1 &
+    PIDS+=($!)
+    wait_port moatmq-base "$BASE_PORT" "${PIDS[-1]}"
+    BROKERS+=(moatmq-base)
+    PORT[moatmq-base]=$BASE_PORT
+    log "moatmq-base :$BASE_PORT is $BASELINE_BIN"
+fi
+
 log "mosquitto :$MOSQ_PORT, rumqttd-ref :$REF_PORT, moatmq :$MOAT_PORT"
 
 # --- runs ----------------------------------------------------------------------------
@@ -134,11 +144,16 @@ sort -k1,1n -k2,2n -k3,3 -k4,4n "$RESULTS" | awk -v repeats="$REPEATS" -v names=
             }
         }
         print ""
-        variant = (nb > 3)
+        variant = 0; base = 0
+        for (b = 1; b <= nb; b++) {
+            if (brokers[b] == "moatmq-variant") variant = 1
+            if (brokers[b] == "moatmq-base") base = 1
+        }
         printf "| QoS | payload | moatmq/mosquitto (target >= 2.5) | moatmq/rumqttd (target >= 0.8) |"
         if (variant) printf " variant/mosquitto | variant/rumqttd |"
+        if (base) printf " moatmq/moatmq-base |"
         print ""
-        print "|---|---|---:|---:|" (variant ? "---:|---:|" : "")
+        print "|---|---|---:|---:|" (variant ? "---:|---:|" : "") (base ? "---:|" : "")
         for (i = 1; i <= s; i++) {
             split(order[i], sc, " ")
             m = rate[order[i] " moatmq"]; q = rate[order[i] " mosquitto"]; r = rate[order[i] " rumqttd"]
@@ -146,6 +161,10 @@ sort -k1,1n -k2,2n -k3,3 -k4,4n "$RESULTS" | awk -v repeats="$REPEATS" -v names=
             if (variant) {
                 v = rate[order[i] " moatmq-variant"]
                 printf " %.2f | %.2f |", (q > 0 ? v / q : 0), (r > 0 ? v / r : 0)
+            }
+            if (base) {
+                o = rate[order[i] " moatmq-base"]
+                printf " %.2f |", (o > 0 ? m / o : 0)
             }
             print ""
         }

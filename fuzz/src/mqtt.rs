@@ -2,70 +2,12 @@
 //! well-formed, with hostile field values: invalid UTF-8, NUL, wildcards, huge ids, wrong
 //! lengths, unknown properties) and the well-formed packets of the seed corpus.
 //!
-//! Written independently of rumqttd's encoder, so the decoder is not only fed what its
-//! own encoder produces.
+//! The bytes are written with moatmq-testkit's `wire` module (written independently of
+//! rumqttd's encoder, so the decoder is not only fed what its own encoder produces).
 
+use moatmq_testkit::wire::{frame, varint, Body};
 use rand::rngs::StdRng;
 use rand::Rng;
-
-/// A packet body being written.
-#[derive(Default)]
-pub struct Body(pub Vec<u8>);
-
-impl Body {
-    pub fn u8(&mut self, v: u8) -> &mut Self {
-        self.0.push(v);
-        self
-    }
-    pub fn u16(&mut self, v: u16) -> &mut Self {
-        self.0.extend_from_slice(&v.to_be_bytes());
-        self
-    }
-    pub fn u32(&mut self, v: u32) -> &mut Self {
-        self.0.extend_from_slice(&v.to_be_bytes());
-        self
-    }
-    /// A u16-length-prefixed string or binary field.
-    pub fn str(&mut self, s: &[u8]) -> &mut Self {
-        self.u16(s.len().min(65535) as u16);
-        self.0.extend_from_slice(&s[..s.len().min(65535)]);
-        self
-    }
-    pub fn raw(&mut self, s: &[u8]) -> &mut Self {
-        self.0.extend_from_slice(s);
-        self
-    }
-    /// MQTT 5 properties block: variable-byte length then the properties.
-    pub fn props(&mut self, props: &[u8]) -> &mut Self {
-        varint(&mut self.0, props.len());
-        self.0.extend_from_slice(props);
-        self
-    }
-}
-
-/// Appends a variable byte integer (1 to 4 bytes; values past 268,435,455 get 5 bytes,
-/// which is malformed on purpose).
-pub fn varint(out: &mut Vec<u8>, mut v: usize) {
-    loop {
-        let mut b = (v % 128) as u8;
-        v /= 128;
-        if v > 0 {
-            b |= 0x80;
-        }
-        out.push(b);
-        if v == 0 {
-            break;
-        }
-    }
-}
-
-/// A whole packet: first byte, remaining length, body.
-pub fn frame(first: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = vec![first];
-    varint(&mut out, body.len());
-    out.extend_from_slice(body);
-    out
-}
 
 /// Well-formed packets of every type a client sends, for the seed corpus, with a name.
 pub fn valid_packets(v5: bool) -> Vec<(&'static str, Vec<u8>)> {

@@ -4,7 +4,7 @@
 //! fuzzing are added by hand as `corpus/<target>/bad-*` and are never rewritten.
 
 use crate::mqtt;
-use crate::targets::store_key;
+use crate::store::store_key;
 use bytes::BytesMut;
 use moatmq_store::{Store, StoreLimits};
 use rand::rngs::StdRng;

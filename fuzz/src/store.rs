@@ -2,11 +2,15 @@
 //! sets, clears, flushes and compactions), checked against the store's live set before
 //! the mutator damages them. Random bytes alone almost never pass the header's key check.
 
-use crate::targets::store_key;
 use moatmq_store::{MessageProperties, RetainedMessage, Store, StoreLimits};
 use rand::rngs::StdRng;
 use rand::Rng;
 use std::collections::BTreeMap;
+
+/// The key every store input is decoded with (the store crate's test key).
+pub fn store_key() -> moatmq_store::RetainedKey {
+    moatmq_store::RetainedKey::from_hex(&"11".repeat(32)).expect("fixed key")
+}
 
 /// A random retained message on one of a few topics (so replacements happen).
 pub fn message(rng: &mut StdRng) -> RetainedMessage {
@@ -61,7 +65,8 @@ pub fn generate(rng: &mut StdRng) -> Vec<u8> {
     let image = std::fs::read(store.log_path()).expect("read log");
     let expected: BTreeMap<String, RetainedMessage> = store
         .messages()
-        .map(|m| (m.topic.clone(), m.clone()))
+        .iter()
+        .map(|m| (m.topic.clone(), (**m).clone()))
         .collect();
     let decoded: BTreeMap<String, RetainedMessage> =
         moatmq_store::decode_log_image(&store_key(), &image)

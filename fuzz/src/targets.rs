@@ -4,6 +4,7 @@
 //! signal to keep structurally valid inputs in its pool.
 
 use crate::mqtt;
+use crate::store::store_key;
 use bytes::BytesMut;
 use moatmq_broker::codec::{first_packet, publish_header, qos_and_pkid};
 use rand::rngs::StdRng;
@@ -416,6 +417,10 @@ const CONFIG_DICT: &[&[u8]] = &[
     b"18446744073709551615",
     b"-1",
     b"true",
+    b"\"hunter2-secret\"",
+    b"[metrics]\n",
+    b"[rate_limit]\n",
+    b"[[rate_limit.user]]\n",
 ];
 
 /// Parses broker.toml text, and the same text as a mosquitto.conf for the importer.
@@ -430,12 +435,26 @@ fn config_parse(data: &[u8]) -> bool {
             true
         }
         Err(e) => {
-            // One line, no raw config text beyond what locates the error.
-            let _ = e.to_string();
+            // One line, and no configured value: a secret written only as a value
+            // (after `= "` or `= ["`) never reaches the message.
+            let msg = e.to_string();
+            assert!(
+                !msg.contains('\n'),
+                "config error over several lines: {msg:?}"
+            );
+            let only_values = text
+                .match_indices(CONFIG_SECRET)
+                .all(|(at, _)| text[..at].ends_with("= \"") || text[..at].ends_with("= [\""));
+            if only_values {
+                assert!(!msg.contains(CONFIG_SECRET), "config value echoed: {msg}");
+            }
             false
         }
     }
 }
+
+/// A value the config generator and dictionary write where secrets go.
+const CONFIG_SECRET: &str = "hunter2-secret";
 
 fn gen_config(rng: &mut StdRng) -> Vec<u8> {
     let sections = [
@@ -445,6 +464,8 @@ fn gen_config(rng: &mut StdRng) -> Vec<u8> {
         "[retained]",
         "[limits]",
         "[log]",
+        "[metrics]",
+        "[listener.tls]",
     ];
     let keys = [
         "name = \"tcp\"",
@@ -468,6 +489,11 @@ fn gen_config(rng: &mut StdRng) -> Vec<u8> {
         "level = \"debug\"",
         "unknown = 1",
         "max_connections = -1",
+        "bind = \"hunter2-secret\"",
+        "max_connections = \"hunter2-secret\"",
+        "format = \"hunter2-secret\"",
+        "path = [\"hunter2-secret\"]",
+        "name = \"hunter2-secret\"",
     ];
     let mut out = String::new();
     if rng.gen_bool(0.8) {
@@ -482,11 +508,6 @@ fn gen_config(rng: &mut StdRng) -> Vec<u8> {
         out.push('\n');
     }
     out.into_bytes()
-}
-
-/// The key every store input is decoded with (the store crate's test key).
-pub fn store_key() -> moatmq_store::RetainedKey {
-    moatmq_store::RetainedKey::from_hex(&"11".repeat(32)).expect("fixed key")
 }
 
 fn store_records(data: &[u8]) -> bool {
@@ -541,7 +562,11 @@ fn proxy_header(data: &[u8]) -> bool {
     }
     let mut again = header;
     let second = poll_ready(moatmq_broker::proxy::read_header(&mut again));
-    assert_eq!(second, Ok(addr), "the header alone reads differently");
+    assert_eq!(
+        second.ok(),
+        Some(addr),
+        "the header alone reads differently"
+    );
     assert!(again.is_empty(), "the header alone was not read to its end");
     true
 }

@@ -22,6 +22,7 @@
 //! slow and memory hungry; callers run it on a bounded blocking pool.
 #![forbid(unsafe_code)]
 
+mod cache;
 mod error;
 mod identity;
 mod legacy;
@@ -29,6 +30,7 @@ mod password_file;
 mod throttle;
 mod update;
 
+pub use cache::CredentialCache;
 pub use error::AuthError;
 pub use identity::{certificate_common_name, valid_identity, MAX_IDENTITY_LEN};
 pub use password_file::{hash_password, PasswordFile, Verdict};

@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 use argon2::{Algorithm, Argon2, Params, Version};
 use password_hash::rand_core::OsRng;
 use password_hash::{PasswordHash, PasswordHasher, SaltString};
+use sha2::Digest as _;
 use subtle::ConstantTimeEq;
 
 use crate::legacy::LegacyHash;
@@ -73,6 +74,9 @@ enum StoredHash {
 pub struct PasswordFile {
     source: PathBuf,
     users: HashMap<String, StoredHash>,
+    /// SHA-256 of each user's hash text: what the credential cache binds an entry to, so
+    /// a changed or deleted entry never matches what was cached for the old one.
+    stamps: HashMap<String, [u8; 32]>,
     pad: Padding,
 }
 
@@ -118,6 +122,7 @@ impl PasswordFile {
             reason,
         };
         let mut users: HashMap<String, StoredHash> = HashMap::new();
+        let mut stamps: HashMap<String, [u8; 32]> = HashMap::new();
         let mut first_line: HashMap<String, usize> = HashMap::new();
         for (index, raw) in text.lines().enumerate() {
             let number = index + 1;
@@ -137,12 +142,17 @@ impl PasswordFile {
             }
             let stored = parse_hash(hash).map_err(|r| err(number, r.into()))?;
             first_line.insert(username.to_owned(), number);
+            stamps.insert(
+                username.to_owned(),
+                sha2::Sha256::digest(hash.as_bytes()).into(),
+            );
             users.insert(username.to_owned(), stored);
         }
         let pad = Padding::of(&users);
         Ok(PasswordFile {
             source: file_name.to_path_buf(),
             users,
+            stamps,
             pad,
         })
     }
@@ -218,6 +228,11 @@ impl PasswordFile {
             pbkdf2_iterations: u64::from(pbkdf2) + u64::from(missing),
         };
         (verdict, work)
+    }
+
+    /// The stamp of `username`'s entry (a digest of its hash text), if the user exists.
+    pub(crate) fn stamp(&self, username: &str) -> Option<&[u8; 32]> {
+        self.stamps.get(username)
     }
 
     /// Number of users whose entry is a mosquitto `$7$` / `$6$` hash and should be

@@ -17,7 +17,6 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::AsyncWriteExt;
 
 const STAMP_LEN: usize = 8;
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -131,19 +130,14 @@ pub async fn run(args: LoginArgs) -> anyhow::Result<String> {
         let stop = probe_stop.clone();
         tokio::spawn(async move {
             let mut samples: Vec<(u64, u64)> = Vec::new();
-            let mut body = Vec::new();
             loop {
-                let read = tokio::time::timeout(
-                    Duration::from_millis(500),
-                    wire::read_packet(&mut sub, &mut body),
-                )
-                .await;
-                let first = match read {
+                let read = tokio::time::timeout(Duration::from_millis(500), sub.read()).await;
+                let packet = match read {
                     Ok(r) => r?,
                     Err(_) if stop.load(Ordering::Relaxed) => break,
                     Err(_) => continue,
                 };
-                if let Some((_, payload)) = wire::publish_parts(first, &body) {
+                if let Some((_, payload)) = wire::publish_parts(packet.first, &packet.body) {
                     if payload.len() >= STAMP_LEN {
                         let mut sent = [0u8; STAMP_LEN];
                         sent.copy_from_slice(&payload[..STAMP_LEN]);
@@ -167,9 +161,8 @@ pub async fn run(args: LoginArgs) -> anyhow::Result<String> {
                 tick.tick().await;
                 let mut payload = [0u8; 16];
                 payload[..STAMP_LEN].copy_from_slice(&stamp().to_le_bytes());
-                publ.write_all(&wire::publish_packet(&topic, &payload, false))
+                publ.write(&wire::publish_packet(&topic, &payload, false))
                     .await?;
-                publ.flush().await?;
                 sent += 1;
             }
             anyhow::Ok((sent, publ))
@@ -200,8 +193,7 @@ pub async fn run(args: LoginArgs) -> anyhow::Result<String> {
                     let mut conn = wire::open(&target).await?;
                     let rc = wire::login(&mut conn, &id, user.as_deref(), pass.as_deref()).await?;
                     if rc == 0 {
-                        conn.write_all(&wire::DISCONNECT).await?;
-                        conn.flush().await?;
+                        conn.write(&wire::DISCONNECT).await?;
                     }
                     let _ = conn.shutdown().await;
                     anyhow::Ok(rc)
@@ -247,7 +239,7 @@ pub async fn run(args: LoginArgs) -> anyhow::Result<String> {
     tokio::time::sleep(Duration::from_secs(1)).await;
     probe_stop.store(true, Ordering::Relaxed);
     let samples = receiver.await??;
-    let _ = publ.write_all(&wire::DISCONNECT).await;
+    let _ = publ.write(&wire::DISCONNECT).await;
 
     let (s0, s1) = (storm_start.as_nanos() as u64, storm_end.as_nanos() as u64);
     let mut base: Vec<u64> = samples.iter().filter(|s| s.0 < s0).map(|s| s.1).collect();

@@ -6,6 +6,7 @@
 
 mod certs;
 mod fanin;
+mod fleet;
 mod login;
 mod retained;
 mod stats;
@@ -27,6 +28,12 @@ enum Command {
     Fanin(fanin::FaninArgs),
     /// Login storm (connections/s, password or mTLS) with a publish-latency probe.
     Login(login::LoginArgs),
+    /// Password devices all logging in, dropped at once, all back: time per wave.
+    Reconnect(fleet::FleetArgs),
+    /// Idle devices: the broker's RSS before and with them (per connection).
+    Idle(fleet::IdleArgs),
+    /// Password files for `reconnect`/`idle`: Argon2id for moatmq, plain for mosquitto_passwd -U.
+    Passwords(fleet::PasswordsArgs),
     /// Write a CA, a server certificate and client certificates for the login benchmark.
     Certs(certs::CertsArgs),
     /// moatmq-store directly: fill, reopen (load) time, bytes per save, compaction.
@@ -45,6 +52,12 @@ fn main() -> anyhow::Result<()> {
     let report = match cli.command {
         Command::Fanin(args) => runtime.block_on(fanin::run(args))?.to_string(),
         Command::Login(args) => runtime.block_on(login::run(args))?,
+        Command::Reconnect(args) => runtime.block_on(fleet::reconnect(args))?,
+        Command::Idle(args) => runtime.block_on(fleet::idle(args))?,
+        Command::Passwords(args) => {
+            fleet::passwords(args)?;
+            return Ok(());
+        }
         Command::Certs(args) => {
             certs::run(args)?;
             return Ok(());

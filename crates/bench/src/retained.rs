@@ -276,28 +276,25 @@ pub async fn startup(args: StartupArgs) -> anyhow::Result<String> {
         .map(|k| topic(&args.prefix, k * args.expect / args.sample.max(1)))
         .collect();
     let subscribed = Instant::now();
-    conn.write_all(&wire::subscribe_packet(1, &args.filter, 0))
+    conn.write(&wire::subscribe_packet(1, &args.filter, 0))
         .await?;
-    conn.flush().await?;
     for (k, t) in sampled.iter().enumerate() {
         sample_conn
-            .write_all(&wire::subscribe_packet(1 + k as u16, t, 0))
+            .write(&wire::subscribe_packet(1 + k as u16, t, 0))
             .await?;
     }
-    sample_conn.flush().await?;
     let idle = Duration::from_secs(args.idle);
     let deadline = tokio::time::Instant::from_std(subscribed + Duration::from_secs(args.timeout));
     // Wildcard: count until `--expect` distinct topics arrived, `--idle` s pass without
     // a delivery, or `--timeout` s after the SUBSCRIBE.
     let wildcard = async {
-        let mut body = Vec::new();
         let mut topics = std::collections::HashSet::new();
         let (mut received, mut first, mut last) = (0u64, None, None);
         while (topics.len() as u64) < args.expect {
-            let read = tokio::time::timeout(idle, wire::read_packet(&mut conn, &mut body));
+            let read = tokio::time::timeout(idle, conn.read());
             match tokio::time::timeout_at(deadline, read).await {
                 Ok(Ok(Ok(p))) => {
-                    if let Some((t, _)) = wire::publish_parts(p, &body) {
+                    if let Some((t, _)) = wire::publish_parts(p.first, &p.body) {
                         received += 1;
                         let now = Instant::now();
                         first.get_or_insert(now);
@@ -315,14 +312,13 @@ pub async fn startup(args: StartupArgs) -> anyhow::Result<String> {
         (received, topics.len() as u64, first, last)
     };
     let samples = async {
-        let mut body = Vec::new();
         let mut seen = std::collections::HashSet::new();
         let mut all_sampled = None;
         while seen.len() < sampled.len() {
-            let read = tokio::time::timeout(idle, wire::read_packet(&mut sample_conn, &mut body));
+            let read = tokio::time::timeout(idle, sample_conn.read());
             match tokio::time::timeout_at(deadline, read).await {
                 Ok(Ok(Ok(p))) => {
-                    if let Some((t, _)) = wire::publish_parts(p, &body) {
+                    if let Some((t, _)) = wire::publish_parts(p.first, &p.body) {
                         if let Ok(t) = std::str::from_utf8(t) {
                             if sampled.contains(t)
                                 && seen.insert(t.to_string())

@@ -2,7 +2,12 @@
 //! retained messages, time reopening it (read, decrypt and verify the whole log: what
 //! `moatmq serve` does before it replays), then measure `--saves` saves of `--changes`
 //! replaced topics each (log file size before/after `flush`), and one full compaction
-//! (the cost a whole-database save would have every time).
+//! (the cost a whole-database save would have every time). Through the saves and the
+//! compaction a reader thread walks `<prefix>/#` 64 messages at a time, as a subscribing
+//! gateway does (without the socket writes between batches, so it competes for the lock
+//! all the time), and reports its slowest step in each phase (`reader_*_max_ms`: a quiet
+//! second, the `set`s before the saves, the `flush`es, the compaction): a save's fsync or
+//! the compaction must not hold it up.
 //!
 //! Topics are `<prefix>/<i / 1000>/<i % 1000>`, the same names `retained-pub` uses, so a
 //! broker started on this store can be updated in place.
@@ -10,6 +15,8 @@
 use anyhow::{bail, Context};
 use moatmq_store::{RetainedKey, RetainedMessage, Store, StoreLimits};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 #[derive(clap::Args, Debug)]
@@ -85,26 +92,65 @@ pub fn run(args: StoreArgs) -> anyhow::Result<String> {
     }
     drop(loaded);
 
+    // The reader's slowest step in nanoseconds, read and reset at each phase's end.
+    let slowest = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (set, stop, slowest, filter) = (
+            store.retained_set().clone(),
+            stop.clone(),
+            slowest.clone(),
+            format!("{}/#", args.prefix),
+        );
+        std::thread::spawn(move || {
+            let mut after: Option<String> = None;
+            let mut batch = Vec::with_capacity(64);
+            while !stop.load(Ordering::Relaxed) {
+                batch.clear();
+                let t = Instant::now();
+                let more = set.matching(&filter, after.as_deref(), 64, &mut batch);
+                slowest.fetch_max(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                after = if more {
+                    batch.last().map(|m| m.topic.clone())
+                } else {
+                    None
+                };
+            }
+        })
+    };
+    let phase_ms = || slowest.swap(0, Ordering::Relaxed) as f64 / 1e6;
+    // A quiet second first: what a step costs with nothing else touching the store.
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let reader_quiet_ms = phase_ms();
+
     // Saves: `changes` distinct topics spread over the whole store each time.
     let mut per_save = Vec::new();
+    let (mut reader_sets_ms, mut reader_flush_ms) = (0f64, 0f64);
     let stride = (args.messages / args.changes.max(1)).max(1);
     for s in 0..args.saves {
         for c in 0..args.changes {
             let i = (c * stride + s * 7919) % args.messages;
             store.set(message(&args.prefix, i, s + 1, args.payload))?;
         }
+        reader_sets_ms = reader_sets_ms.max(phase_ms());
         let before = std::fs::metadata(store.log_path())?.len();
         let t = Instant::now();
         let stats = store.flush()?;
         let ms = t.elapsed().as_secs_f64() * 1e3;
         let after = std::fs::metadata(store.log_path())?.len();
         per_save.push((after - before, stats.records, ms));
+        reader_flush_ms = reader_flush_ms.max(phase_ms());
     }
     let file_before_compact = store.file_bytes();
     let t = Instant::now();
     store.compact()?;
     let compact_secs = t.elapsed().as_secs_f64();
     let file_after_compact = store.file_bytes();
+    let reader_compact_ms = phase_ms();
+    stop.store(true, Ordering::Relaxed);
+    reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("reader panicked"))?;
 
     let bytes: Vec<String> = per_save.iter().map(|s| s.0.to_string()).collect();
     let ms: Vec<String> = per_save.iter().map(|s| format!("{:.1}", s.2)).collect();
@@ -113,7 +159,8 @@ pub fn run(args: StoreArgs) -> anyhow::Result<String> {
         "store messages={} payload={} set_secs={:.2} fill_flush_records={} fill_secs={:.2} \
          file_bytes={} open_secs={:.2} changes={} save_records={} save_bytes={} \
          save_bytes_per_change={:.0} save_ms={} file_before_compact={} compact_secs={:.2} \
-         file_after_compact={}",
+         file_after_compact={} reader_quiet_max_ms={:.2} reader_sets_max_ms={:.2} \
+         reader_flush_max_ms={:.2} reader_compact_max_ms={:.2}",
         args.messages,
         args.payload,
         set_secs,
@@ -130,5 +177,9 @@ pub fn run(args: StoreArgs) -> anyhow::Result<String> {
         file_before_compact,
         compact_secs,
         file_after_compact,
+        reader_quiet_ms,
+        reader_sets_ms,
+        reader_flush_ms,
+        reader_compact_ms,
     ))
 }

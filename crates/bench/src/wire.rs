@@ -1,23 +1,28 @@
-//! Hand-written MQTT 3.1.1 packets over plain TCP or TLS (rustls 0.23, optional client
-//! certificate), for the scenarios where rumqttc is too heavy (thousands of short-lived
-//! logins) or cannot carry our TLS setup (rumqttc 0.24 links rustls 0.22).
-//! Only what the benchmarks need: CONNECT/CONNACK, SUBSCRIBE/SUBACK, QoS 0 PUBLISH.
+//! Connections for the load tools, over plain TCP or TLS (rustls 0.23, optional client
+//! certificate), speaking MQTT 3.1.1 with moatmq-testkit's packet encoder and raw
+//! client: rumqttc is too heavy for thousands of short-lived logins and cannot carry
+//! our TLS setup (rumqttc 0.24 links rustls 0.22). Only what the benchmarks need:
+//! CONNECT/CONNACK, SUBSCRIBE/SUBACK, QoS 0 PUBLISH.
 
 use anyhow::{bail, Context};
+use moatmq_testkit::wire::{self, Version};
+use moatmq_testkit::Raw;
 use rustls::pki_types::ServerName;
 use std::fs::File;
 use std::path::Path;
 use std::sync::Arc;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
+
+pub use moatmq_testkit::wire::{publish_parts, DISCONNECT};
 
 /// A byte stream: plain TCP or TLS over TCP.
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 /// An open connection, buffered for reading.
-pub type Conn = BufReader<Box<dyn Io>>;
+pub type Conn = Raw<Box<dyn Io>>;
 
 /// Where to connect and how.
 #[derive(Clone)]
@@ -75,99 +80,27 @@ pub async fn open(target: &Target) -> anyhow::Result<Conn> {
         Some((connector, name)) => Box::new(connector.connect(name.clone(), tcp).await?),
         None => Box::new(tcp),
     };
-    Ok(BufReader::with_capacity(64 * 1024, io))
-}
-
-fn put_len(buf: &mut Vec<u8>, mut len: usize) {
-    loop {
-        let mut byte = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
-            byte |= 0x80;
-        }
-        buf.push(byte);
-        if len == 0 {
-            return;
-        }
-    }
-}
-
-fn put_str(buf: &mut Vec<u8>, s: &[u8]) {
-    buf.extend_from_slice(&(s.len() as u16).to_be_bytes());
-    buf.extend_from_slice(s);
-}
-
-fn frame(first: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(body.len() + 5);
-    out.push(first);
-    put_len(&mut out, body.len());
-    out.extend_from_slice(body);
-    out
+    Ok(Raw::with_capacity(io, 64 * 1024))
 }
 
 /// CONNECT, MQTT 3.1.1, clean session, keep alive 0 (no PINGREQ needed).
-pub fn connect_packet(client_id: &str, username: Option<&str>, password: Option<&str>) -> Vec<u8> {
-    let mut body = Vec::with_capacity(64);
-    put_str(&mut body, b"MQTT");
-    body.push(4);
-    let mut flags = 0x02;
-    if username.is_some() {
-        flags |= 0x80;
-    }
-    if password.is_some() {
-        flags |= 0x40;
-    }
-    body.push(flags);
-    body.extend_from_slice(&0u16.to_be_bytes());
-    put_str(&mut body, client_id.as_bytes());
-    if let Some(u) = username {
-        put_str(&mut body, u.as_bytes());
-    }
-    if let Some(p) = password {
-        put_str(&mut body, p.as_bytes());
-    }
-    frame(0x10, &body)
+fn connect_packet(client_id: &str, username: Option<&str>, password: Option<&str>) -> Vec<u8> {
+    let mut connect = wire::Connect::new(Version::V4, client_id).keep_alive(0);
+    connect.username = username.map(|u| u.as_bytes().to_vec());
+    connect.password = password.map(|p| p.as_bytes().to_vec());
+    connect.encode()
 }
 
 /// QoS 0 PUBLISH.
 pub fn publish_packet(topic: &str, payload: &[u8], retain: bool) -> Vec<u8> {
-    let mut body = Vec::with_capacity(topic.len() + payload.len() + 2);
-    put_str(&mut body, topic.as_bytes());
-    body.extend_from_slice(payload);
-    frame(0x30 | u8::from(retain), &body)
+    wire::Publish::new(Version::V4, topic.as_bytes(), payload)
+        .retain(retain)
+        .encode()
 }
 
 /// SUBSCRIBE with one filter.
 pub fn subscribe_packet(pkid: u16, filter: &str, qos: u8) -> Vec<u8> {
-    let mut body = Vec::with_capacity(filter.len() + 5);
-    body.extend_from_slice(&pkid.to_be_bytes());
-    put_str(&mut body, filter.as_bytes());
-    body.push(qos);
-    frame(0x82, &body)
-}
-
-/// DISCONNECT.
-pub const DISCONNECT: [u8; 2] = [0xE0, 0x00];
-
-/// Reads one packet: returns its first byte; `body` holds the rest.
-pub async fn read_packet(conn: &mut Conn, body: &mut Vec<u8>) -> anyhow::Result<u8> {
-    let first = conn.read_u8().await?;
-    let mut len = 0usize;
-    let mut shift = 0;
-    loop {
-        let byte = conn.read_u8().await?;
-        len |= usize::from(byte & 0x7f) << shift;
-        if byte & 0x80 == 0 {
-            break;
-        }
-        shift += 7;
-        if shift > 21 {
-            bail!("malformed remaining length");
-        }
-    }
-    body.resize(len, 0);
-    conn.read_exact(body).await?;
-    Ok(first)
+    wire::subscribe(Version::V4, pkid, &[(filter.as_bytes(), qos)])
 }
 
 /// Sends CONNECT and waits for the CONNACK; returns its return code (0 = accepted).
@@ -177,41 +110,25 @@ pub async fn login(
     username: Option<&str>,
     password: Option<&str>,
 ) -> anyhow::Result<u8> {
-    conn.write_all(&connect_packet(client_id, username, password))
+    conn.write(&connect_packet(client_id, username, password))
         .await?;
-    conn.flush().await?;
-    let mut body = Vec::new();
-    let first = read_packet(conn, &mut body).await?;
-    if first != 0x20 || body.len() < 2 {
-        bail!("expected CONNACK, got packet type {}", first >> 4);
+    let connack = conn.read().await?;
+    if connack.first != wire::first::CONNACK || connack.body.len() < 2 {
+        bail!("expected CONNACK, got packet type {}", connack.first >> 4);
     }
-    Ok(body[1])
+    Ok(connack.body[1])
 }
 
 /// Subscribes to one filter and waits for its SUBACK; fails if the broker refused it.
 pub async fn subscribe(conn: &mut Conn, filter: &str, qos: u8) -> anyhow::Result<()> {
-    conn.write_all(&subscribe_packet(1, filter, qos)).await?;
-    conn.flush().await?;
-    let mut body = Vec::new();
+    conn.write(&subscribe_packet(1, filter, qos)).await?;
     loop {
-        let first = read_packet(conn, &mut body).await?;
-        if first >> 4 == 9 {
-            if body.get(2).is_some_and(|&rc| rc >= 0x80) {
+        let packet = conn.read().await?;
+        if packet.first >> 4 == 9 {
+            if packet.body.get(2).is_some_and(|&rc| rc >= 0x80) {
                 bail!("subscription to {filter} refused");
             }
             return Ok(());
         }
     }
-}
-
-/// The topic and payload of a PUBLISH packet (`first` its first byte).
-pub fn publish_parts(first: u8, body: &[u8]) -> Option<(&[u8], &[u8])> {
-    if first >> 4 != 3 || body.len() < 2 {
-        return None;
-    }
-    let topic_len = usize::from(u16::from_be_bytes([body[0], body[1]]));
-    let qos = (first >> 1) & 3;
-    let payload_at = 2 + topic_len + if qos > 0 { 2 } else { 0 };
-    let topic = body.get(2..2 + topic_len)?;
-    Some((topic, body.get(payload_at..)?))
 }

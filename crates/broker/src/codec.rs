@@ -6,13 +6,33 @@
 //! and build publishes through `Publish::deserialize`.
 
 use bytes::{BufMut, Bytes, BytesMut};
-use rumqttd::protocol::{v5::V5, Disconnect, DisconnectReasonCode, Packet, Protocol, Publish, QoS};
+use rumqttd::protocol::{
+    v4::V4, v5::V5, Disconnect, DisconnectReasonCode, Packet, Protocol, Publish, QoS,
+};
 
 /// The MQTT version a connection speaks, from its CONNECT.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Version {
     V4,
     V5,
+}
+
+impl Version {
+    /// The version as people write it: "3.1.1" or "5".
+    pub fn name(self) -> &'static str {
+        match self {
+            Version::V4 => "3.1.1",
+            Version::V5 => "5",
+        }
+    }
+}
+
+/// The codec for a protocol version.
+pub fn codec_for(version: Version) -> Box<dyn Protocol + Send> {
+    match version {
+        Version::V4 => Box::new(V4),
+        Version::V5 => Box::new(V5),
+    }
 }
 
 /// What the first bytes of a connection say.

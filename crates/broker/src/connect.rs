@@ -4,22 +4,23 @@
 //! Every refusal gets a CONNACK with the reason code of the client's protocol version
 //! (rumqttd's own listeners close without one) and then the connection is closed.
 
-use crate::codec::{announced_length, first_packet, FirstPacket, Version};
-use crate::gateway::{Gateway, Will};
+use crate::admit::{may_write, Source};
+use crate::codec::{announced_length, codec_for, first_packet, FirstPacket, Version};
+use crate::event::Event;
+use crate::gateway::Gateway;
 use crate::policy::{AuthFailure, Identity};
 use crate::router::router_client_id;
-use crate::server::{ConnInfo, Shared};
-use crate::sessions::SessionQuota;
+use crate::session_expiry;
+use crate::sessions::{SessionHold, SessionQuota};
+use crate::shared::{ConnInfo, Shared};
 use crate::transport::{Reader, Writer};
+use crate::will::Will;
 use bytes::BytesMut;
-use rumqttd::protocol::{
-    v4::V4, v5::V5, ConnAck, ConnAckProperties, ConnectReturnCode, Packet, Protocol,
-    PublishProperties,
-};
+use rumqttd::protocol::{ConnAck, ConnAckProperties, ConnectReturnCode, Packet, PublishProperties};
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
-use tracing::{debug, info};
+use tracing::debug;
 
 /// Why a connection ended before it was established.
 #[derive(Debug, thiserror::Error)]
@@ -45,9 +46,52 @@ pub enum ConnectFailure {
 pub async fn handle(
     shared: Arc<Shared>,
     info: ConnInfo,
+    reader: Reader,
+    writer: Writer,
+) -> Result<(), ConnectFailure> {
+    // The login's futures (CONNECT read, password check, router link) are large and
+    // needed only until the CONNACK: boxed, an idle connection does not keep their room
+    // in its task for the rest of its life (docs/benchmarks.md, idle connections).
+    let LoggedIn {
+        gateway,
+        reader,
+        writer,
+        buf,
+        hold,
+        router_id,
+        keep_for,
+    } = Box::pin(login(shared.clone(), info, reader, writer)).await?;
+    let still_ours = gateway.run(reader, writer, buf).await;
+    // The link is torn down: a connection waiting for this session may open its own
+    // (and the expiry below skips a session that is held again).
+    drop(hold);
+    if let (true, Some(after)) = (still_ours, keep_for) {
+        session_expiry::expire_after(&shared, &router_id, after);
+    }
+    Ok(())
+}
+
+/// A client past its CONNACK, ready to be served.
+struct LoggedIn {
+    gateway: Gateway,
+    reader: Reader,
+    writer: Writer,
+    /// What the client sent after its CONNECT.
+    buf: BytesMut,
+    /// The session's router client id, held for this connection.
+    hold: SessionHold,
+    router_id: String,
+    /// How long the session outlives the connection, if it does.
+    keep_for: Option<Duration>,
+}
+
+/// Everything up to and including the CONNACK.
+async fn login(
+    shared: Arc<Shared>,
+    info: ConnInfo,
     mut reader: Reader,
     mut writer: Writer,
-) -> Result<(), ConnectFailure> {
+) -> Result<LoggedIn, ConnectFailure> {
     let mut buf = BytesMut::with_capacity(4096);
     let (version, packet) = tokio::time::timeout_at(
         info.deadline,
@@ -58,23 +102,20 @@ pub async fn handle(
     let Packet::Connect(connect, props, will, will_props, mut login) = packet else {
         return Err(ConnectFailure::NotConnect);
     };
-    if let Some(audit) = &shared.audit {
-        let claimed = login.as_ref().map(|l| l.username.as_str());
-        let protocol = if version == Version::V5 { "5" } else { "3.1.1" };
-        audit.event(
-            "connect",
-            &info.who(Some(&connect.client_id), claimed),
-            &[("protocol", protocol.into())],
-        );
-    }
+    let protocol = version.name();
+    let claimed = login.as_ref().map(|l| l.username.clone());
+    shared.emit(
+        &info.who(Some(&connect.client_id), claimed.as_deref()),
+        Event::Connect { protocol },
+    );
     if info.rate_limited {
-        if let Some(audit) = &shared.audit {
-            audit.event(
-                "rate_limited",
-                &info.who(Some(&connect.client_id), None),
-                &[("limit", "connections_per_second".into())],
-            );
-        }
+        shared.emit(
+            &info.who(Some(&connect.client_id), None),
+            Event::RateLimited {
+                limit: "connections_per_second",
+                audited: true,
+            },
+        );
         refuse(&mut writer, version, Refusal::RateLimited).await;
         return Err(ConnectFailure::Refused("connection rate exceeded"));
     }
@@ -127,16 +168,12 @@ pub async fn handle(
         Ok(u) => u,
         Err(AuthFailure::Busy) => {
             // Not a failed login: the password was never checked.
-            debug!(listener = %info.listener.name, peer = %info.peer, client_id = ?client_id, "login answered busy: no capacity to check the password");
-            shared.metrics.login_busy.inc();
-            if let Some(audit) = &shared.audit {
-                let claimed = login.as_ref().map(|l| l.username.as_str());
-                audit.event(
-                    "login_busy",
-                    &info.who(Some(&client_id), claimed),
-                    &[("reason", AuthFailure::Busy.reason().into())],
-                );
-            }
+            shared.emit(
+                &info.who(Some(&client_id), claimed.as_deref()),
+                Event::LoginBusy {
+                    reason: &AuthFailure::Busy.reason(),
+                },
+            );
             refuse(&mut writer, version, Refusal::Busy).await;
             return Err(ConnectFailure::Refused("server busy"));
         }
@@ -148,17 +185,12 @@ pub async fn handle(
                 }
                 AuthFailure::Busy => Refusal::Busy,
             };
-            let reason = failure.reason();
-            info!(listener = %info.listener.name, peer = %info.peer, client_id = ?client_id, reason = %reason, "authentication failed");
-            shared.metrics.auth_failure.inc();
-            if let Some(audit) = &shared.audit {
-                let claimed = login.as_ref().map(|l| l.username.as_str());
-                audit.event(
-                    "auth_failure",
-                    &info.who(Some(&client_id), claimed),
-                    &[("reason", reason.into())],
-                );
-            }
+            shared.emit(
+                &info.who(Some(&client_id), claimed.as_deref()),
+                Event::AuthFailure {
+                    reason: &failure.reason(),
+                },
+            );
             refuse(&mut writer, version, refusal).await;
             return Err(ConnectFailure::Refused("authentication failed"));
         }
@@ -176,7 +208,7 @@ pub async fn handle(
                 refuse(&mut writer, version, Refusal::TopicInvalid).await;
                 return Err(ConnectFailure::Refused("invalid will topic"));
             }
-            if !shared.may_write(&info, &identity, "will", topic) {
+            if !may_write(&shared, &info, &identity, Source::Will, topic) {
                 refuse(&mut writer, version, Refusal::NotAuthorized).await;
                 return Err(ConnectFailure::Refused("will topic not authorized"));
             }
@@ -226,11 +258,11 @@ pub async fn handle(
             "session still held by another connection",
         ));
     };
-    shared.cancel_delayed_will(&router_id);
-    shared.cancel_session_expiry(&router_id);
+    shared.delayed_wills.cancel(&router_id);
+    session_expiry::cancel(&shared, &router_id);
     if connect.clean_session && keep_for.is_some() {
         // MQTT 5 clean start with a session kept afterwards: discard the old one first.
-        shared.discard_session(&router_id).await;
+        session_expiry::discard(&shared, &router_id).await;
     }
     let router_clean = keep_for.is_none();
     // What moatmq keeps of the session: a clean link makes the router drop it.
@@ -245,15 +277,12 @@ pub async fn handle(
         ) {
             Ok(filters) => filters,
             Err(SessionQuota) => {
-                info!(listener = %info.listener.name, peer = %info.peer, client_id = %identity.client_id,
-                      "persistent session refused: limits.max_sessions_per_user reached");
-                if let Some(audit) = &shared.audit {
-                    audit.event(
-                        "session_refused",
-                        &info.who(Some(&identity.client_id), identity.username.as_deref()),
-                        &[("limit", "max_sessions_per_user".into())],
-                    );
-                }
+                shared.emit(
+                    &info.client(&identity),
+                    Event::SessionRefused {
+                        limit: "max_sessions_per_user",
+                    },
+                );
                 refuse(&mut writer, version, Refusal::SessionQuota).await;
                 return Err(ConnectFailure::Refused("too many persistent sessions"));
             }
@@ -310,21 +339,15 @@ pub async fn handle(
         .map_err(|e| ConnectFailure::Malformed(e.to_string()))?;
     writer.write_all(&out).await?;
     info.established();
-    info!(listener = %info.listener.name, peer = %info.peer, client_id = %identity.client_id,
-          username = identity.username.as_deref().unwrap_or(""), ?version, "client connected");
-    shared.metrics.auth_success.inc();
-    if let Some(audit) = &shared.audit {
-        let method = match (&info.cert_identity, &identity.username) {
-            (Some(_), _) => "certificate",
-            (None, Some(_)) => "password",
-            (None, None) => "anonymous",
-        };
-        audit.event(
-            "auth_success",
-            &info.who(Some(&identity.client_id), identity.username.as_deref()),
-            &[("method", method.into())],
-        );
-    }
+    let method = match (&info.cert_identity, &identity.username) {
+        (Some(_), _) => "certificate",
+        (None, Some(_)) => "password",
+        (None, None) => "anonymous",
+    };
+    shared.emit(
+        &info.client(&identity),
+        Event::AuthSuccess { method, protocol },
+    );
 
     let max_out = props.as_ref().and_then(|p| p.max_packet_size);
     let keep_for = keep_for.map(Duration::from_secs);
@@ -347,14 +370,15 @@ pub async fn handle(
             HashSet::new()
         },
     );
-    let still_ours = gateway.run(reader, writer, buf).await;
-    // The link is torn down: a connection waiting for this session may open its own
-    // (and the expiry below skips a session that is held again).
-    drop(hold);
-    if let (true, Some(after)) = (still_ours, keep_for) {
-        shared.expire_session_after(&router_id, after);
-    }
-    Ok(())
+    Ok(LoggedIn {
+        gateway,
+        reader,
+        writer,
+        buf,
+        hold,
+        router_id,
+        keep_for,
+    })
 }
 
 /// Returns once the client has closed its side (or the connection failed). Reads into
@@ -417,14 +441,6 @@ async fn read_connect(
         if reader.read(buf).await? == 0 {
             return Err(ConnectFailure::Closed);
         }
-    }
-}
-
-/// The codec for a protocol version.
-pub fn codec_for(version: Version) -> Box<dyn Protocol + Send> {
-    match version {
-        Version::V4 => Box::new(V4),
-        Version::V5 => Box::new(V5),
     }
 }
 

@@ -7,10 +7,13 @@
 
 mod acks;
 mod admission;
+mod admit;
 mod audit;
 #[doc(hidden)] // reachable for the fuzz harness (fuzz/): not a stable API
 pub mod codec;
 mod connect;
+mod error;
+mod event;
 mod forwarded;
 mod gateway;
 mod handshake_log;
@@ -27,15 +30,20 @@ pub mod retained;
 mod retained_index;
 mod router;
 mod server;
+mod session_expiry;
 mod sessions;
+mod shared;
+mod timers;
 mod tls;
 pub mod topic;
 mod transport;
+mod will;
 mod ws_upgrade;
 
+pub use error::BrokerError;
 pub use preflight::validate;
 #[cfg(feature = "test-hooks")]
 #[doc(hidden)]
 pub use router::RouterFault;
 pub use router::{RouterFailure, WEDGED_AFTER};
-pub use server::{run, shutdown_signal, Broker, Reloader, StartError};
+pub use server::{run, shutdown_signal, Broker, Reloader};

@@ -10,10 +10,12 @@
 
 use crate::admission::Slot;
 use crate::audit::Who;
+use crate::error::BrokerError;
+use crate::event::Event;
 use crate::forwarded::ForwardedPolicy;
 use crate::handshake_log::Verdict;
 use crate::policy::ListenerPolicy;
-use crate::server::{ConnInfo, Shared, StartError};
+use crate::shared::{ConnInfo, Shared};
 use crate::tls::TlsSetup;
 use crate::transport::{split_stream, split_tcp, split_ws, BoxStream, Reader, Writer};
 use crate::ws_upgrade;
@@ -61,12 +63,25 @@ struct Handshaken {
     forwarded: Option<IpAddr>,
 }
 
+/// Loads the TLS material of listener `l`, if it has a `[listener.tls]`.
+pub fn tls_for(config: &Config, l: &Listener) -> Result<Option<TlsSetup>, BrokerError> {
+    let Some(tls) = &l.tls else {
+        return Ok(None);
+    };
+    TlsSetup::load(config, tls)
+        .map(Some)
+        .map_err(|source| BrokerError::Tls {
+            name: l.name.clone(),
+            source,
+        })
+}
+
 /// Binds a configured listener and loads its TLS material.
-pub async fn bind(config: &Config, l: &Listener) -> Result<Bound, StartError> {
-    let tls = TlsSetup::for_listener(config, l)?.map(Arc::new);
+pub async fn bind(config: &Config, l: &Listener) -> Result<Bound, BrokerError> {
+    let tls = tls_for(config, l)?.map(Arc::new);
     let socket = TcpListener::bind(&l.bind)
         .await
-        .map_err(|source| StartError::Bind {
+        .map_err(|source| BrokerError::Bind {
             name: l.name.clone(),
             addr: l.bind.clone(),
             source,
@@ -176,26 +191,25 @@ impl Bound {
             Ok(slot) => return Some(Arc::new(slot)),
             Err(full) => full,
         };
-        shared.metrics.rate_limited.inc();
         let limit = full.limit();
-        match shared.refusal_log.check(peer.ip()) {
+        let verdict = shared.refusal_log.check(peer.ip());
+        match verdict {
             Verdict::Log { suppressed } => {
-                info!(listener = self.name(), %peer, limit, suppressed, "connection refused");
-                if let Some(audit) = &shared.audit {
-                    let who = Who {
-                        listener: self.name(),
-                        peer,
-                        client_id: None,
-                        username: None,
-                    };
-                    audit.event("rate_limited", &who, &[("limit", limit.into())]);
-                }
+                info!(listener = self.name(), %peer, limit, suppressed, "connection refused")
             }
             Verdict::StartSuppressing => {
                 info!(listener = self.name(), %peer, limit, "connection refused; further refusals of this address are suppressed for 60 s");
             }
             Verdict::Quiet => debug!(listener = self.name(), %peer, limit, "connection refused"),
         }
+        let who = Who {
+            listener: self.name(),
+            peer,
+            client_id: None,
+            username: None,
+        };
+        let audited = matches!(verdict, Verdict::Log { .. });
+        shared.emit(&who, Event::RateLimited { limit, audited });
         None
     }
 
@@ -210,7 +224,10 @@ impl Bound {
     ) {
         let shared = shared.clone();
         let handshake =
-            tokio::time::timeout_at(deadline, self.handshake(&shared, tcp, via_proxy)).await;
+            // Boxed: the handshake's state (TLS, WebSocket upgrade) is needed only until it
+            // ends, not for the connection's life.
+            tokio::time::timeout_at(deadline, Box::pin(self.handshake(&shared, tcp, via_proxy)))
+                .await;
         let mut done = match handshake {
             Ok(Ok(done)) => done,
             Ok(Err(e)) => {
@@ -236,10 +253,8 @@ impl Bound {
                 }
             },
         };
+        // Counted and audited with the client id once its CONNECT is read (connect.rs).
         let rate_limited = !shared.conn_limiter.allow(peer.ip());
-        if rate_limited {
-            shared.metrics.rate_limited.inc();
-        }
         let info = ConnInfo {
             listener: self.policy.clone(),
             peer,
@@ -309,7 +324,7 @@ impl Bound {
                 })?;
                 let identity = tls
                     .identity_of(stream.get_ref().1)
-                    .map_err(HandshakeError::Tls)?;
+                    .map_err(|e| HandshakeError::Tls(e.to_string()))?;
                 (Box::new(stream), identity)
             }
         };

@@ -4,19 +4,20 @@
 //! as soon as the router watchdog finds the router dead or wedged (`router.rs`).
 //!
 //! Hot-path counters are plain atomics held by each gateway; labelled families are only
-//! touched when a connection starts or ends.
+//! touched when a connection starts or ends. Gauges that mirror state owned elsewhere
+//! (`moatmq_router_up`, the process's resident memory) are read at scrape time.
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
-use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::text::{encode_eof, encode_registry};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Registry, Unit};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -38,6 +39,14 @@ pub struct ReasonLabel {
 /// Every metric the broker exports.
 pub struct Metrics {
     registry: Mutex<Registry>,
+    /// Metrics under their conventional unprefixed names (`process_*`), which
+    /// dashboards and alert rules written for any exporter already know.
+    process: Mutex<Registry>,
+    /// `process_resident_memory_bytes`, set from /proc at scrape time; not exported
+    /// where /proc/self/status cannot be read (not Linux).
+    resident_memory: Gauge,
+    /// `moatmq_router_up`: 1 while `router_ok`, set at scrape time.
+    router_up: Gauge,
     pub connections_total: Family<ListenerLabel, Counter>,
     pub connections_current: Family<ListenerLabel, Gauge>,
     pub messages_in: Counter,
@@ -70,6 +79,9 @@ impl Metrics {
     pub fn new() -> Arc<Metrics> {
         let m = Metrics {
             registry: Mutex::new(Registry::with_prefix("moatmq")),
+            process: Mutex::new(Registry::with_prefix("process")),
+            resident_memory: Gauge::default(),
+            router_up: Gauge::default(),
             connections_total: Family::default(),
             connections_current: Family::default(),
             messages_in: Counter::default(),
@@ -173,6 +185,21 @@ impl Metrics {
                 "Duration of the last retained save",
                 m.retained_last_save_duration_ms.clone(),
             );
+            r.register(
+                "router_up",
+                "1 while the router thread answers the watchdog, 0 once it failed",
+                m.router_up.clone(),
+            );
+        }
+        if resident_memory_bytes().is_some() {
+            if let Ok(mut r) = m.process.lock() {
+                r.register_with_unit(
+                    "resident_memory",
+                    "Resident memory size (VmRSS)",
+                    Unit::Bytes,
+                    m.resident_memory.clone(),
+                );
+            }
         }
         Arc::new(m)
     }
@@ -193,13 +220,33 @@ impl Metrics {
             .inc();
     }
 
-    fn render(&self) -> String {
-        let mut out = String::new();
-        if let Ok(r) = self.registry.lock() {
-            let _ = encode(&mut out, &r);
+    pub(crate) fn render(&self) -> String {
+        self.router_up
+            .set(i64::from(self.router_ok.load(Ordering::Acquire)));
+        if let Some(rss) = resident_memory_bytes() {
+            self.resident_memory.set(rss as i64);
         }
+        let mut out = String::new();
+        for registry in [&self.registry, &self.process] {
+            if let Ok(r) = registry.lock() {
+                let _ = encode_registry(&mut out, &r);
+            }
+        }
+        let _ = encode_eof(&mut out);
         out
     }
+}
+
+/// The process's resident set size from `/proc/self/status` (`VmRSS:  1234 kB`).
+fn resident_memory_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    vm_rss_bytes(&status)
+}
+
+fn vm_rss_bytes(status: &str) -> Option<u64> {
+    let line = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?;
+    let kib: u64 = line.trim().strip_suffix("kB")?.trim().parse().ok()?;
+    kib.checked_mul(1024)
 }
 
 /// Serves the endpoints until the task is dropped.
@@ -237,5 +284,18 @@ async fn ready(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
         (StatusCode::OK, "ready\n")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::vm_rss_bytes;
+
+    #[test]
+    fn vm_rss_is_read_in_bytes() {
+        let status = "Name:\tmoatmq\nVmPeak:\t  9000 kB\nVmRSS:\t    5120 kB\nThreads:\t4\n";
+        assert_eq!(vm_rss_bytes(status), Some(5 * 1024 * 1024));
+        assert_eq!(vm_rss_bytes("VmRSS:\t12 MB\n"), None);
+        assert_eq!(vm_rss_bytes("Name:\tx\n"), None);
     }
 }

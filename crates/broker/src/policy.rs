@@ -13,7 +13,7 @@
 use crate::hashing::HashPool;
 use crate::login_gate::LoginGate;
 use moatmq_acl::{Acl, Decision};
-use moatmq_auth::{valid_identity, LoginThrottle, PasswordFile, Verdict};
+use moatmq_auth::{valid_identity, CredentialCache, LoginThrottle, PasswordFile, Verdict};
 use moatmq_config::Config;
 use prometheus_client::metrics::counter::Counter;
 use std::collections::HashSet;
@@ -21,6 +21,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 use tracing::{info, warn};
 use zeroize::Zeroizing;
 
@@ -100,6 +101,9 @@ pub struct Policy {
     throttle: LoginThrottle,
     gate: LoginGate,
     hashing: HashPool,
+    /// Recent successful password checks (`auth.credential_cache_*`): a reconnecting
+    /// client skips the hash.
+    credentials: CredentialCache,
     /// Users already warned about in this process for a mosquitto_passwd hash.
     legacy_warned: Mutex<HashSet<String>>,
 }
@@ -142,6 +146,10 @@ impl Policy {
             gate: LoginGate::new(throttle.params()),
             throttle,
             hashing: HashPool::new(cores, password_checks),
+            credentials: CredentialCache::new(
+                config.auth.credential_cache_size,
+                Duration::from_secs(config.auth.credential_cache_ttl),
+            ),
             legacy_warned: Mutex::new(HashSet::new()),
         })
     }
@@ -153,6 +161,8 @@ impl Policy {
             match PasswordFile::load(p) {
                 Ok(file) => {
                     info!(users = file.len(), "password file reloaded");
+                    // Remembered logins of changed or deleted entries go now.
+                    self.credentials.retain_valid(&file);
                     if let Ok(mut slot) = self.passwords.write() {
                         *slot = Some(Arc::new(file));
                     }
@@ -272,10 +282,20 @@ impl Policy {
                     return Err(AuthFailure::NotAuthorized);
                 }
                 let password = Zeroizing::new(password.unwrap_or("").as_bytes().to_vec());
-                let verdict = self
-                    .hashing
-                    .verify(peer, file, user, password, started)
-                    .await;
+                // The same credentials verified a moment ago (a reconnect): no new hash.
+                let verdict = match self.credentials.lookup(&file, user, &password) {
+                    Some(verdict) => Ok(verdict),
+                    None => {
+                        let verdict = self
+                            .hashing
+                            .verify(peer, file.clone(), user, password.clone(), started)
+                            .await;
+                        if let Ok(v) = verdict {
+                            self.credentials.insert(&file, user, &password, v);
+                        }
+                        verdict
+                    }
+                };
                 match verdict {
                     Ok(Verdict::Accepted) => Ok(Some(user.to_string())),
                     Ok(Verdict::AcceptedLegacyHash) => {

@@ -9,17 +9,16 @@
 //! two refuse the same configuration with the same message, and `Broker::start` loads
 //! the same files through the same functions.
 
+use crate::error::BrokerError;
 use crate::policy::Policy;
-use crate::server::StartError;
-use crate::tls::TlsSetup;
 use moatmq_config::Config;
 
 /// Checks the files `config` names; the first problem is returned.
-pub fn validate(config: &Config) -> Result<(), StartError> {
+pub fn validate(config: &Config) -> Result<(), BrokerError> {
     // A throwaway counter: nothing is checked here.
     Policy::load(config, Default::default())?;
     for l in &config.listener {
-        TlsSetup::for_listener(config, l)?;
+        crate::listener::tls_for(config, l)?;
     }
     if let Some(r) = &config.retained {
         let key = crate::retained::load_key(config, r)?;
@@ -36,12 +35,12 @@ pub fn validate(config: &Config) -> Result<(), StartError> {
         match std::fs::metadata(&folder) {
             Ok(m) if m.is_dir() => {}
             Ok(_) => {
-                return Err(StartError::Audit {
+                return Err(BrokerError::Audit {
                     path,
                     source: std::io::Error::other(format!("{} is not a folder", folder.display())),
                 })
             }
-            Err(source) => return Err(StartError::Audit { path, source }),
+            Err(source) => return Err(BrokerError::Audit { path, source }),
         }
     }
     Ok(())

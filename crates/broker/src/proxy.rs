@@ -8,60 +8,82 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
+/// Why a PROXY header was refused (the connection is closed).
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("PROXY header: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("missing PROXY protocol header")]
+    Missing,
+    #[error("PROXY v1 header too long")]
+    TooLong,
+    #[error("malformed PROXY {0} header")]
+    Malformed(&'static str),
+    #[error("PROXY {0}: {1}")]
+    Field(&'static str, &'static str),
+}
+
 const V2_SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
 const V1_MAX: usize = 107;
 const V2_MAX_LEN: usize = 1024;
 
 /// Reads a PROXY header; returns the source address it names, `None` for a LOCAL/UNKNOWN
 /// header (health checks from the proxy itself): the socket's peer address applies then.
-pub async fn read_header<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<SocketAddr>, String> {
+pub async fn read_header<R: AsyncRead + Unpin>(
+    r: &mut R,
+) -> Result<Option<SocketAddr>, ProxyError> {
     let mut start = [0u8; 12];
-    r.read_exact(&mut start).await.map_err(|e| e.to_string())?;
+    r.read_exact(&mut start).await?;
     if start == V2_SIGNATURE {
         return read_v2(r).await;
     }
     if !start.starts_with(b"PROXY ") {
-        return Err("missing PROXY protocol header".into());
+        return Err(ProxyError::Missing);
     }
     let mut line = start.to_vec();
     while !line.ends_with(b"\r\n") {
         if line.len() >= V1_MAX {
-            return Err("PROXY v1 header too long".into());
+            return Err(ProxyError::TooLong);
         }
         let mut b = [0u8; 1];
-        r.read_exact(&mut b).await.map_err(|e| e.to_string())?;
+        r.read_exact(&mut b).await?;
         line.push(b[0]);
     }
     parse_v1(&line[..line.len() - 2])
 }
 
-fn parse_v1(line: &[u8]) -> Result<Option<SocketAddr>, String> {
-    let text = std::str::from_utf8(line).map_err(|_| "PROXY v1 header is not ASCII")?;
+fn parse_v1(line: &[u8]) -> Result<Option<SocketAddr>, ProxyError> {
+    let text =
+        std::str::from_utf8(line).map_err(|_| ProxyError::Field("v1", "header is not ASCII"))?;
     let parts: Vec<&str> = text.split(' ').collect();
     match parts.as_slice() {
         ["PROXY", "UNKNOWN", ..] => Ok(None),
         ["PROXY", fam @ ("TCP4" | "TCP6"), src, _dst, sport, _dport] => {
-            let ip: IpAddr = src.parse().map_err(|_| "PROXY v1: bad source address")?;
+            let ip: IpAddr = src
+                .parse()
+                .map_err(|_| ProxyError::Field("v1", "bad source address"))?;
             if (*fam == "TCP4") != ip.is_ipv4() {
-                return Err("PROXY v1: address family mismatch".into());
+                return Err(ProxyError::Field("v1", "address family mismatch"));
             }
-            let port: u16 = sport.parse().map_err(|_| "PROXY v1: bad source port")?;
+            let port: u16 = sport
+                .parse()
+                .map_err(|_| ProxyError::Field("v1", "bad source port"))?;
             Ok(Some(SocketAddr::new(ip, port)))
         }
-        _ => Err("malformed PROXY v1 header".into()),
+        _ => Err(ProxyError::Malformed("v1")),
     }
 }
 
-async fn read_v2<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<SocketAddr>, String> {
+async fn read_v2<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<SocketAddr>, ProxyError> {
     let mut head = [0u8; 4];
-    r.read_exact(&mut head).await.map_err(|e| e.to_string())?;
+    r.read_exact(&mut head).await?;
     let (ver_cmd, family) = (head[0], head[1]);
     let len = usize::from(u16::from_be_bytes([head[2], head[3]]));
     if ver_cmd >> 4 != 2 || len > V2_MAX_LEN {
-        return Err("malformed PROXY v2 header".into());
+        return Err(ProxyError::Malformed("v2"));
     }
     let mut body = vec![0u8; len];
-    r.read_exact(&mut body).await.map_err(|e| e.to_string())?;
+    r.read_exact(&mut body).await?;
     if ver_cmd & 0x0f == 0 {
         return Ok(None); // LOCAL
     }
@@ -78,7 +100,7 @@ async fn read_v2<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<SocketAddr>, 
             Ok(Some(SocketAddr::new(Ipv6Addr::from(octets).into(), port)))
         }
         0 => Ok(None),
-        _ => Err("PROXY v2: unsupported address family".into()),
+        _ => Err(ProxyError::Field("v2", "unsupported address family")),
     }
 }
 

@@ -1,23 +1,24 @@
 //! The encrypted retained store behind the gateway.
 //!
-//! The gateway records every retained PUBLISH that passed the ACL (set, replace, clear)
-//! here as well as in the [`RetainedIndex`] it serves subscribers from; a saver thread
-//! appends what changed every `autosave_interval` seconds and compacts the log off the
-//! lock when it has grown. With `autosave_interval = 0` the gateway waits for the save
+//! The store persists the retained set the gateways serve subscribers from
+//! ([`RetainedIndex`], a view of the same `moatmq_store::RetainedSet`): every retained
+//! PUBLISH that passed the ACL changes the set (set, replace, clear) and marks its topic
+//! dirty; a saver thread appends what changed every `autosave_interval` seconds and
+//! compacts the log off the lock when it has grown. Neither holds the set's lock across
+//! a write or an fsync. With `autosave_interval = 0` the gateway waits for the save
 //! before the publish is acknowledged, so nothing acknowledged is lost (the saver then
-//! runs every second to retry failed saves and to compact). At start the store is read
-//! back into the index; at shutdown it is flushed. Its bounds are the index's.
+//! runs every second to retry failed saves and to compact). At start the log is read
+//! into the set; at shutdown it is flushed.
 
 use crate::metrics::Metrics;
 pub use crate::retained_index::legacy_owner;
-use crate::retained_index::{unix_now, Refusal, RetainedEntry, RetainedIndex};
+use crate::retained_index::RetainedIndex;
 use bytes::Bytes;
 use moatmq_config::{Config, Retained};
 use moatmq_store::{
-    stored_bytes, MessageProperties, RetainedKey, RetainedMessage, Store, StoreError, StoreLimits,
+    now_unix, MessageProperties, RetainedKey, RetainedMessage, Store, StoreError, StoreLimits,
 };
 use rumqttd::protocol::{PublishProperties, QoS};
-use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 use tracing::{error, info, warn};
@@ -47,21 +48,19 @@ pub fn load_key(config: &Config, retained: &Retained) -> Result<RetainedKey, Ret
     }
 }
 
-/// Opens the store named in `[retained]`: returns it with its live messages.
-pub fn open(
-    config: &Config,
-    retained: &Retained,
-) -> Result<(Store, Vec<RetainedMessage>), RetainedError> {
+/// Opens the store named in `[retained]` into a set of its own, without bounds (tools).
+pub fn open(config: &Config, retained: &Retained) -> Result<Store, RetainedError> {
     let key = load_key(config, retained)?;
-    // The index refuses new topics past the bounds before anything reaches the store.
-    Ok(Store::open(
+    let set = RetainedIndex::new(StoreLimits::UNLIMITED);
+    Ok(Store::open_into(
         &config.resolve(&retained.path),
         key,
-        StoreLimits::UNLIMITED,
+        &set,
     )?)
 }
 
-/// The store shared by gateways and the saver thread.
+/// The log of the retained set, shared by gateways (`autosave_interval = 0` saves) and
+/// the saver thread.
 pub struct RetainedStore {
     store: Mutex<Store>,
     /// Wakes the saver early (shutdown) and lets `autosave_interval = 0` wait for saves.
@@ -78,48 +77,20 @@ pub enum Recorded {
     Buffered,
     /// Recorded; the caller must `save_now` before acknowledging (`autosave_interval = 0`).
     NeedsSave,
-    /// Refused: it would pass a quota (or the store could not take it).
-    Refused(Refusal),
 }
 
 impl RetainedStore {
-    /// Opens the store, loads it into `index` and starts the saver thread.
+    /// Opens the store into `index` (replacing its content) and starts the saver thread.
     pub fn start(
         config: &Config,
         retained: &Retained,
         index: &RetainedIndex,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<RetainedStore>, RetainedError> {
-        let (store, messages) = open(config, retained)?;
-        let loaded = messages.len();
-        // One shared name per owner, not one allocation per message.
-        let mut owners: HashMap<String, Arc<str>> = HashMap::new();
-        for m in messages {
-            let size = stored_bytes(&m);
-            // Records from before owners were kept count against their topic's first level.
-            let name = m.owner.as_deref().unwrap_or_else(|| legacy_owner(&m.topic));
-            let owner = match owners.get(name) {
-                Some(o) => o.clone(),
-                None => {
-                    let o: Arc<str> = name.into();
-                    owners.insert(name.to_string(), o.clone());
-                    o
-                }
-            };
-            let entry = RetainedEntry {
-                owner,
-                stored_bytes: size,
-                payload: Bytes::from(m.payload),
-                qos: qos_of(m.qos),
-                properties: m.properties.as_ref().map(to_router_properties),
-                expires_at: m.expires_at,
-            };
-            if index.load(&m.topic, entry).is_err() {
-                warn!(topic = %m.topic, "retained store holds more than [retained] max_messages/max_bytes; not served");
-            }
-        }
+        let key = load_key(config, retained)?;
+        let store = Store::open_into(&config.resolve(&retained.path), key, index)?;
         info!(
-            messages = loaded,
+            messages = store.len(),
             bytes = store.live_bytes(),
             "retained store loaded"
         );
@@ -142,21 +113,8 @@ impl RetainedStore {
         Ok(this)
     }
 
-    /// Records a retained message, or the clearing of `topic` by an empty payload (`None`).
-    pub fn record(&self, topic: &str, message: Option<RetainedMessage>) -> Recorded {
-        let Ok(mut store) = self.store.lock() else {
-            return Recorded::Refused(Refusal::Store);
-        };
-        match message {
-            None => store.clear(topic),
-            Some(message) => {
-                if let Err(e) = store.set(message) {
-                    // Unlimited store: only an encoding failure gets here.
-                    error!(error = %e, "retained store refused a message");
-                    return Recorded::Refused(Refusal::Store);
-                }
-            }
-        }
+    /// What a change just made to the set needs before it is acknowledged.
+    pub fn recorded(&self) -> Recorded {
         if self.interval.is_zero() {
             Recorded::NeedsSave
         } else {
@@ -187,7 +145,7 @@ impl RetainedStore {
         if let Some(took) = save {
             self.metrics
                 .retained_last_save_timestamp
-                .set(unix_now() as i64);
+                .set(now_unix() as i64);
             self.metrics
                 .retained_last_save_duration_ms
                 .set(took.as_millis() as i64);
@@ -224,7 +182,7 @@ impl RetainedStore {
                 }
             }
             if let Ok(mut store) = self.store.lock() {
-                store.purge_expired(unix_now());
+                store.purge_expired(now_unix());
             }
             if let Err(e) = self.save_now() {
                 // Nothing pending is lost: the next round retries.
@@ -258,14 +216,6 @@ impl RetainedStore {
     }
 }
 
-fn qos_of(q: u8) -> QoS {
-    match q {
-        1 => QoS::AtLeastOnce,
-        2 => QoS::ExactlyOnce,
-        _ => QoS::AtMostOnce,
-    }
-}
-
 /// The stored form of a retained publish that passed the ACL; `owner` is its quota key.
 pub fn message(
     topic: &str,
@@ -296,19 +246,5 @@ fn from_router_properties(p: Option<&PublishProperties>) -> MessageProperties {
         response_topic: p.response_topic.clone(),
         correlation_data: p.correlation_data.as_ref().map(|b| b.to_vec()),
         user_properties: p.user_properties.clone(),
-    }
-}
-
-fn to_router_properties(p: &MessageProperties) -> PublishProperties {
-    PublishProperties {
-        payload_format_indicator: p.payload_format_indicator,
-        // Kept as the entry's `expires_at`; the remaining interval is set when sent.
-        message_expiry_interval: None,
-        topic_alias: None,
-        response_topic: p.response_topic.clone(),
-        correlation_data: p.correlation_data.clone().map(Bytes::from),
-        user_properties: p.user_properties.clone(),
-        subscription_identifiers: Vec::new(),
-        content_type: p.content_type.clone(),
     }
 }

@@ -36,9 +36,9 @@ pub const PING_EVERY: Duration = Duration::from_millis(500);
 pub const WEDGED_AFTER: Duration = Duration::from_secs(3);
 /// How often the monitor looks.
 const MONITOR_EVERY: Duration = Duration::from_millis(100);
-// The error is rumqttd's LinkError as text: the type itself is large.
-
-type BuildLink = dyn Fn(&str, bool) -> Result<(LinkTx, LinkRx, Notification), String> + Send + Sync;
+// rumqttd's LinkError is boxed: the type itself is large.
+type BuildLink =
+    dyn Fn(&str, bool) -> Result<(LinkTx, LinkRx, Notification), Box<LinkError>> + Send + Sync;
 
 /// A running router.
 #[derive(Clone)]
@@ -87,7 +87,10 @@ impl RouterHandle {
     /// `max_queued_bytes` bounds that log: four segments of a quarter each (the active
     /// segment comes on top); past it the oldest segment is dropped. rumqttd's own default
     /// is ten segments of 100 MiB, about 1 GiB per filter.
-    pub fn start(max_connections: usize, max_queued_bytes: usize) -> Result<RouterHandle, String> {
+    pub fn start(
+        max_connections: usize,
+        max_queued_bytes: usize,
+    ) -> Result<RouterHandle, RouterError> {
         const SEGMENTS: usize = 4;
         let config = RouterConfig {
             max_connections: max_connections.saturating_mul(2).saturating_add(64),
@@ -122,10 +125,13 @@ impl RouterHandle {
                 .clean_session(clean)
                 .dynamic_filters(true)
                 .build()
-                .map_err(|e: LinkError| e.to_string())
+                .map_err(Box::new)
         });
-        let (tx, mut rx, _ack) = build("moatmq-internal", true)
-            .map_err(|e| format!("the router refused the broker's own link: {e}"))?;
+        let (tx, mut rx, _ack) =
+            build("moatmq-internal", true).map_err(|source| RouterError::Link {
+                which: "the broker's own link",
+                source,
+            })?;
         // Drain the internal link's acks and finish QoS 2 handshakes it started.
         let internal = Arc::new(Mutex::new(InternalLink { tx, next_pkid: 0 }));
         let drain = internal.clone();
@@ -144,14 +150,23 @@ impl RouterHandle {
                     }
                 }
             })
-            .map_err(|e| format!("cannot start the internal link thread: {e}"))?;
-        let (ping_tx, ping_rx, _ack) = build("moatmq-watchdog", true)
-            .map_err(|e| format!("the router refused the watchdog's link: {e}"))?;
+            .map_err(|source| RouterError::Thread {
+                which: "the internal link thread",
+                source,
+            })?;
+        let (ping_tx, ping_rx, _ack) =
+            build("moatmq-watchdog", true).map_err(|source| RouterError::Link {
+                which: "the watchdog's link",
+                source,
+            })?;
         let pinger = watch.clone();
         std::thread::Builder::new()
             .name("moatmq-router-ping".into())
             .spawn(move || ping_loop(ping_tx, ping_rx, &pinger))
-            .map_err(|e| format!("cannot start the router watchdog thread: {e}"))?;
+            .map_err(|source| RouterError::Thread {
+                which: "the router watchdog thread",
+                source,
+            })?;
         Ok(RouterHandle {
             build,
             internal,
@@ -211,7 +226,7 @@ impl RouterHandle {
         match tokio::time::timeout(LINK_TIMEOUT, job).await {
             Ok(Ok(Ok(link))) => Ok(link),
             Ok(Ok(Err(e))) => Err(ConnectError::Link(e)),
-            Ok(Err(_)) => Err(ConnectError::Link("link task failed".into())),
+            Ok(Err(_)) => Err(ConnectError::TaskFailed),
             Err(_) => Err(ConnectError::Timeout),
         }
     }
@@ -349,12 +364,32 @@ impl RouterHandle {
     }
 }
 
+/// Why the router could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RouterError {
+    /// The router refused one of the broker's own links.
+    #[error("the router refused {which}: {source}")]
+    Link {
+        which: &'static str,
+        source: Box<LinkError>,
+    },
+    /// A thread could not be started (out of threads or memory).
+    #[error("cannot start {which}: {source}")]
+    Thread {
+        which: &'static str,
+        source: std::io::Error,
+    },
+}
+
 /// Why a link could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
     /// The router refused or failed the link.
     #[error("router refused the link: {0}")]
-    Link(String),
+    Link(Box<LinkError>),
+    /// The blocking task opening the link failed (out of threads).
+    #[error("the task opening the link failed")]
+    TaskFailed,
     /// The router did not answer in time (it is overloaded or stuck).
     #[error("router did not answer in time")]
     Timeout,

@@ -4,326 +4,27 @@
 //! DISCONNECT 0x8B), and `run` returns once connections have closed or a grace period
 //! has passed.
 
-use crate::admission::{Admission, Slot};
-use crate::audit::{AuditLog, Who};
-use crate::gateway::Will;
+use crate::admission::Admission;
+use crate::audit::AuditLog;
+use crate::error::BrokerError;
+use crate::event::Event;
 use crate::handshake_log::HandshakeLog;
 use crate::listener::{bind, Bound};
 use crate::metrics::Metrics;
-use crate::policy::{Identity, ListenerPolicy, Policy, PolicyError};
+use crate::policy::Policy;
 use crate::ratelimit::ConnectionLimiter;
-use crate::retained::{Recorded, RetainedError, RetainedStore};
-use crate::retained_index::{owner_of, unix_now, Quota, Refusal, RetainedEntry, RetainedIndex};
+use crate::retained::RetainedStore;
+use crate::retained_index::RetainedIndex;
 use crate::router::{RouterFailure, RouterHandle};
 use crate::sessions::Sessions;
+use crate::shared::Shared;
 use crate::tls::TlsSetup;
-use bytes::Bytes;
 use moatmq_config::Config;
-use rumqttd::protocol::{PublishProperties, QoS};
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
-use tokio::task::AbortHandle;
 use tracing::{info, warn};
-
-/// State shared by every connection.
-pub struct Shared {
-    pub config: Config,
-    pub router: RouterHandle,
-    pub policy: Policy,
-    pub metrics: Arc<Metrics>,
-    /// The audit log, when `[audit]` is configured.
-    pub audit: Option<AuditLog>,
-    /// New connections per source address (`[rate_limit]`).
-    pub conn_limiter: ConnectionLimiter,
-    /// Connections held and pending per source address (`limits.max_*_per_address`).
-    pub admission: Arc<Admission>,
-    /// Rate limit for the log lines about failed handshakes.
-    pub handshake_log: HandshakeLog,
-    /// Rate limit for the log lines and audit events about per-address refusals.
-    pub refusal_log: HandshakeLog,
-    /// The encrypted retained store, when `[retained]` is configured.
-    pub retained: Option<Arc<RetainedStore>>,
-    /// Every retained message, served by the gateways on SUBSCRIBE.
-    pub retained_index: RetainedIndex,
-    /// Flips to `true` when the broker shuts down.
-    pub shutdown: watch::Receiver<bool>,
-    /// Wills waiting out their MQTT 5 delay, by router client id.
-    delayed_wills: Mutex<HashMap<String, AbortHandle>>,
-    /// Disconnected persistent sessions waiting to expire, by router client id.
-    session_timers: Mutex<HashMap<String, AbortHandle>>,
-    /// The connection holding each router client id (no takeover inside the router).
-    pub sessions: Sessions,
-}
-
-/// What a gateway knows about its connection before CONNECT.
-#[derive(Debug, Clone)]
-pub struct ConnInfo {
-    pub listener: ListenerPolicy,
-    pub peer: SocketAddr,
-    /// Verified client-certificate CN, on listeners with `identity = "cn"`.
-    pub cert_identity: Option<String>,
-    /// The source address is over `rate_limit.connections_per_second`.
-    pub rate_limited: bool,
-    /// When the connection must have sent its CONNECT (`limits.connect_timeout` from
-    /// accept, shared with the PROXY header, TLS and WebSocket steps).
-    pub deadline: tokio::time::Instant,
-    /// The connection's per-address slot, held by the listener for the connection's life.
-    pub slot: Weak<Slot>,
-}
-
-impl ConnInfo {
-    /// The CONNACK went out: the connection stops counting as pending for its address.
-    pub fn established(&self) {
-        if let Some(slot) = self.slot.upgrade() {
-            slot.established();
-        }
-    }
-
-    /// The audit log's view of this connection.
-    pub fn who<'a>(&'a self, client_id: Option<&'a str>, username: Option<&'a str>) -> Who<'a> {
-        Who {
-            listener: &self.listener.name,
-            peer: self.peer,
-            client_id,
-            username,
-        }
-    }
-}
-
-impl Shared {
-    /// Counts and audits an ACL denial; `line` is the deciding ACL line, if any.
-    pub fn denied(
-        &self,
-        info: &ConnInfo,
-        who: &Identity,
-        action: &str,
-        topic: &str,
-        line: Option<usize>,
-    ) {
-        self.metrics.deny(action);
-        tracing::debug!(action, topic, ?line, "denied by ACL");
-        if let Some(audit) = &self.audit {
-            audit.event(
-                "authz_deny",
-                &info.who(Some(&who.client_id), who.username.as_deref()),
-                &[
-                    ("action", action.into()),
-                    ("topic", topic.into()),
-                    (
-                        "rule_line",
-                        line.map_or(serde_json::Value::Null, Into::into),
-                    ),
-                ],
-            );
-        }
-    }
-
-    /// The write check every message entering the broker passes (client publishes and
-    /// wills, at connect and again when published): the ACL in force at that moment. A
-    /// refusal is counted and audited as `action`.
-    pub fn may_write(&self, info: &ConnInfo, who: &Identity, action: &str, topic: &str) -> bool {
-        let decision = self.policy.may_publish(who, topic);
-        if !decision.allowed {
-            self.denied(info, who, action, topic, decision.line);
-        }
-        decision.allowed
-    }
-
-    /// Publishes a will now or after its delay (MQTT 5 will delay interval).
-    pub fn publish_will(self: &Arc<Self>, router_id: &str, will: Will) {
-        if will.delay.is_zero() {
-            self.publish_will_now(will);
-            return;
-        }
-        let shared = self.clone();
-        let key = router_id.to_string();
-        let task = tokio::spawn(async move {
-            tokio::time::sleep(will.delay).await;
-            if let Ok(mut wills) = shared.delayed_wills.lock() {
-                wills.remove(&key);
-            }
-            shared.publish_will_now(will);
-        });
-        if let Ok(mut wills) = self.delayed_wills.lock() {
-            wills.insert(router_id.to_string(), task.abort_handle());
-        }
-    }
-
-    /// Publishes a will if its owner may still write its topic: the ACL may have been
-    /// reloaded since the CONNECT, or during the will delay.
-    fn publish_will_now(&self, will: Will) {
-        let Will {
-            will,
-            v5,
-            properties,
-            owner,
-            info,
-            ..
-        } = will;
-        let Ok(topic) = std::str::from_utf8(&will.topic) else {
-            return;
-        };
-        if !self.may_write(&info, &owner, "will", topic) {
-            return;
-        }
-        // A will has no client waiting for an acknowledgement: the saver persists it on
-        // its next round, also with autosave_interval = 0.
-        if will.retain
-            && matches!(
-                self.retain(
-                    &info,
-                    &owner,
-                    topic,
-                    &will.message,
-                    will.qos,
-                    properties.as_ref(),
-                    v5
-                ),
-                Recorded::Refused(_)
-            )
-        {
-            return;
-        }
-        self.router
-            .publish(will.topic, will.message, will.qos, properties);
-    }
-
-    /// Records a retained PUBLISH (set, replace, or clear by an empty payload) in the
-    /// index subscribers are served from and in the encrypted store, counted against
-    /// `who`'s quota. The router never sees the retain flag: moatmq serves retained
-    /// messages itself. A refusal is counted and audited here.
-    #[allow(clippy::too_many_arguments)] // one call per publish path; a struct adds nothing
-    pub fn retain(
-        &self,
-        info: &ConnInfo,
-        who: &Identity,
-        topic: &str,
-        payload: &Bytes,
-        qos: QoS,
-        properties: Option<&PublishProperties>,
-        v5: bool,
-    ) -> Recorded {
-        let expires_at = properties
-            .and_then(|p| p.message_expiry_interval)
-            .map(|secs| unix_now() + u64::from(secs));
-        let mut message = None;
-        if payload.is_empty() {
-            self.retained_index.clear(topic);
-        } else {
-            let owner = owner_of(who.username.as_deref());
-            let stored =
-                crate::retained::message(topic, payload, qos, properties, v5, expires_at, owner);
-            let kept = v5
-                .then(|| properties.cloned().unwrap_or_default())
-                .map(|mut p| {
-                    p.message_expiry_interval = None;
-                    p.topic_alias = None;
-                    p.subscription_identifiers.clear();
-                    p
-                });
-            let entry = RetainedEntry {
-                payload: payload.clone(),
-                qos,
-                properties: kept,
-                expires_at,
-                owner: owner.into(),
-                stored_bytes: moatmq_store::stored_bytes(&stored),
-            };
-            if let Err(why) = self.retained_index.set(topic, entry) {
-                self.retained_refused(info, who, topic, why);
-                return Recorded::Refused(why);
-            }
-            message = Some(stored);
-        }
-        self.metrics
-            .retained_messages
-            .set(self.retained_index.len() as i64);
-        let recorded = match &self.retained {
-            Some(store) => store.record(topic, message),
-            None => Recorded::Buffered,
-        };
-        if let Recorded::Refused(why) = recorded {
-            self.retained_refused(info, who, topic, why);
-        }
-        recorded
-    }
-
-    /// Counts and audits a refused retained message (`retained_refused`).
-    fn retained_refused(&self, info: &ConnInfo, who: &Identity, topic: &str, why: Refusal) {
-        self.metrics.retained_refused(why.label());
-        tracing::debug!(topic, reason = why.label(), "retained message refused");
-        if let Some(audit) = &self.audit {
-            audit.event(
-                "retained_refused",
-                &info.who(Some(&who.client_id), who.username.as_deref()),
-                &[("topic", topic.into()), ("reason", why.label().into())],
-            );
-        }
-    }
-
-    /// Drops a disconnected session's state in the router: a clean link under the same
-    /// router client id, closed at once. The caller holds the router client id
-    /// (`sessions.rs`), so no live connection is taken over inside the router.
-    pub async fn discard_session(&self, router_id: &str) {
-        self.sessions.forget(router_id);
-        if let Ok((mut tx, _rx, _ack)) = self.router.connect(router_id.to_string(), true).await {
-            let bye = rumqttd::protocol::Packet::Disconnect(
-                rumqttd::protocol::Disconnect {
-                    reason_code: rumqttd::protocol::DisconnectReasonCode::NormalDisconnection,
-                },
-                None,
-            );
-            let _ = futures_util::FutureExt::now_or_never(tx.send(bye));
-        }
-    }
-
-    /// Expires a disconnected session after `after` (MQTT 5 session expiry, capped by
-    /// `limits.max_session_expiry`; 3.1.1 persistent sessions after the cap).
-    pub fn expire_session_after(self: &Arc<Self>, router_id: &str, after: Duration) {
-        let shared = self.clone();
-        let key = router_id.to_string();
-        // The lock is held until the timer is registered, so even a zero delay finds it.
-        let Ok(mut timers) = self.session_timers.lock() else {
-            return;
-        };
-        let task = tokio::spawn(async move {
-            tokio::time::sleep(after).await;
-            let still_due = shared
-                .session_timers
-                .lock()
-                .map(|mut t| t.remove(&key).is_some())
-                .unwrap_or(false);
-            // A client that is back holds the id: its session is not expired.
-            if let (true, Some(_hold)) = (still_due, shared.sessions.try_hold(&key)) {
-                shared.discard_session(&key).await;
-            }
-        });
-        if let Some(old) = timers.insert(router_id.to_string(), task.abort_handle()) {
-            old.abort();
-        }
-    }
-
-    /// The session's client is back: its expiry is off.
-    pub fn cancel_session_expiry(&self, router_id: &str) {
-        if let Ok(mut timers) = self.session_timers.lock() {
-            if let Some(task) = timers.remove(router_id) {
-                task.abort();
-            }
-        }
-    }
-
-    /// A client reconnected before its will delay ran out: the will is not sent.
-    pub fn cancel_delayed_will(&self, router_id: &str) {
-        if let Ok(mut wills) = self.delayed_wills.lock() {
-            if let Some(task) = wills.remove(router_id) {
-                task.abort();
-            }
-        }
-    }
-}
 
 /// A broker whose listeners are bound; `serve` runs it.
 pub struct Broker {
@@ -335,56 +36,9 @@ pub struct Broker {
     metrics_task: Option<tokio::task::JoinHandle<()>>,
 }
 
-/// Why the broker could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    /// A listener could not bind (address in use, permission).
-    #[error("listener {name}: cannot bind {addr}: {source}")]
-    Bind {
-        name: String,
-        addr: String,
-        source: std::io::Error,
-    },
-    /// TLS material could not be loaded.
-    #[error("listener {name}: {reason}")]
-    Tls { name: String, reason: String },
-    /// The password or ACL file could not be loaded.
-    #[error(transparent)]
-    Policy(#[from] PolicyError),
-    /// The router or its internal link could not start (out of threads or memory).
-    #[error("{0}")]
-    Router(String),
-    /// The retained store could not be opened (wrong key, tampering, permissions).
-    #[error(transparent)]
-    Retained(#[from] RetainedError),
-    /// The audit log cannot be opened for appending (its folder is missing, permissions).
-    #[error("audit log {}: {source}", path.display())]
-    Audit {
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
-    /// The router died or stopped answering while serving (`run` only; see
-    /// [`Broker::serve`]): the process should exit so its supervisor restarts it.
-    #[error("{0}; exiting so the service manager restarts moatmq")]
-    RouterFailed(#[from] RouterFailure),
-}
-
-impl StartError {
-    /// Whether the configuration or a file it names is at fault, so that starting again
-    /// without changing them cannot help (`moatmq` exits 64, not 1, and systemd's
-    /// `RestartPreventExitStatus=64` does not restart it). A port in use or a router that
-    /// could not start is a runtime failure.
-    pub fn is_config(&self) -> bool {
-        !matches!(
-            self,
-            StartError::Bind { .. } | StartError::Router(_) | StartError::RouterFailed(_)
-        )
-    }
-}
-
 impl Broker {
     /// Starts the router and binds every listener; nothing is accepted until `serve`.
-    pub async fn start(config: Config) -> Result<Broker, StartError> {
+    pub async fn start(config: Config) -> Result<Broker, BrokerError> {
         let metrics = Metrics::new();
         let policy = Policy::load(&config, metrics.password_checks.clone())?;
         let audit = match &config.audit {
@@ -392,7 +46,7 @@ impl Broker {
                 let path = config.resolve(&a.path);
                 Some(
                     AuditLog::open(path.clone())
-                        .map_err(|source| StartError::Audit { path, source })?,
+                        .map_err(|source| BrokerError::Audit { path, source })?,
                 )
             }
             None => None,
@@ -404,7 +58,7 @@ impl Broker {
             Some(m) => {
                 let socket = tokio::net::TcpListener::bind(&m.bind)
                     .await
-                    .map_err(|source| StartError::Bind {
+                    .map_err(|source| BrokerError::Bind {
                         name: "metrics".into(),
                         addr: m.bind.clone(),
                         source,
@@ -417,16 +71,15 @@ impl Broker {
         let router = RouterHandle::start(
             config.limits.max_connections,
             config.limits.max_queued_bytes,
-        )
-        .map_err(StartError::Router)?;
+        )?;
         let quota = config.retained.as_ref().map_or(
-            Quota {
+            moatmq_store::StoreLimits {
                 max_messages: moatmq_config::DEFAULT_RETAINED_MAX_MESSAGES,
                 max_bytes: moatmq_config::DEFAULT_RETAINED_MAX_BYTES,
                 max_messages_per_user: moatmq_config::DEFAULT_RETAINED_MAX_MESSAGES_PER_USER,
                 max_bytes_per_user: moatmq_config::DEFAULT_RETAINED_MAX_BYTES_PER_USER,
             },
-            |r| Quota {
+            |r| moatmq_store::StoreLimits {
                 max_messages: r.max_messages,
                 max_bytes: r.max_bytes,
                 max_messages_per_user: r.max_messages_per_user,
@@ -479,8 +132,8 @@ impl Broker {
             retained,
             retained_index,
             shutdown,
-            delayed_wills: Mutex::new(HashMap::new()),
-            session_timers: Mutex::new(HashMap::new()),
+            delayed_wills: Default::default(),
+            session_timers: Default::default(),
             sessions: Sessions::default(),
         });
         let tls = listeners.iter().filter_map(Bound::tls).collect();
@@ -682,20 +335,14 @@ impl Reloader {
                 errors.push(format!("{e} (previous certificates stay in force)"));
             }
         }
-        for e in &errors {
-            tracing::error!("reload: {e}");
-        }
-        if let Some(audit) = &self.shared.audit {
-            let errs: Vec<serde_json::Value> = errors.iter().map(|e| e.as_str().into()).collect();
-            audit.global("config_reload", &[("errors", errs.into())]);
-        }
-        info!(errors = errors.len(), "configuration reloaded");
+        self.shared
+            .emit_global(Event::ConfigReload { errors: &errors });
         errors
     }
 }
 
 /// Runs the broker until SIGTERM or SIGINT; SIGHUP reloads.
-pub async fn run(config: Config) -> Result<(), StartError> {
+pub async fn run(config: Config) -> Result<(), BrokerError> {
     let broker = Broker::start(config).await?;
     let reloader = broker.reloader();
     tokio::spawn(async move {

@@ -5,8 +5,7 @@
 //! The acceptor sits behind a lock so SIGHUP can swap in rotated certificates; a load
 //! that fails keeps the old acceptor in force.
 
-use crate::server::StartError;
-use moatmq_config::{CertIdentity, Config, Listener, Tls};
+use moatmq_config::{CertIdentity, Config, Tls};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ServerConnection, WebPkiClientVerifier};
 use rustls::{RootCertStore, ServerConfig};
@@ -14,6 +13,44 @@ use std::io::BufReader;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use tokio_rustls::TlsAcceptor;
+
+/// Why TLS material could not be loaded; each names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A file is missing, unreadable or not PEM.
+    #[error("{what} {}: {source}", path.display())]
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// A PEM file without what it should hold (a key given as `cert`: cert and key
+    /// swapped).
+    #[error("{what} {}: no PEM {expected} found", path.display())]
+    Empty {
+        what: &'static str,
+        path: PathBuf,
+        expected: &'static str,
+    },
+    /// rustls refused the material.
+    #[error("{what}: {source}")]
+    Rustls {
+        what: &'static str,
+        source: rustls::Error,
+    },
+    /// A client CA certificate rustls cannot use.
+    #[error("client CA {}: {source}", path.display())]
+    BadCa {
+        path: PathBuf,
+        source: rustls::Error,
+    },
+    /// The client CA bundle gives no verifier.
+    #[error("client CA: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+    /// The client's certificate has no usable CN.
+    #[error(transparent)]
+    Identity(#[from] moatmq_auth::AuthError),
+}
 
 /// A listener's TLS settings and current acceptor.
 pub struct TlsSetup {
@@ -27,7 +64,7 @@ pub struct TlsSetup {
 
 impl TlsSetup {
     /// Loads certificates and key; errors name the file and what is wrong with it.
-    pub fn load(config: &Config, tls: &Tls) -> Result<TlsSetup, String> {
+    pub fn load(config: &Config, tls: &Tls) -> Result<TlsSetup, TlsError> {
         let cert = config.resolve(&tls.cert);
         let key = config.resolve(&tls.key);
         let client_ca = tls.client_ca.as_ref().map(|p| config.resolve(p));
@@ -42,21 +79,8 @@ impl TlsSetup {
         })
     }
 
-    /// Loads the TLS material of listener `l`, if it has a `[listener.tls]`.
-    pub fn for_listener(config: &Config, l: &Listener) -> Result<Option<TlsSetup>, StartError> {
-        let Some(tls) = &l.tls else {
-            return Ok(None);
-        };
-        TlsSetup::load(config, tls)
-            .map(Some)
-            .map_err(|reason| StartError::Tls {
-                name: l.name.clone(),
-                reason,
-            })
-    }
-
     /// Re-reads certificate, key and CA (SIGHUP); on error the old ones stay in force.
-    pub fn reload(&self) -> Result<(), String> {
+    pub fn reload(&self) -> Result<(), TlsError> {
         let fresh = build(
             &self.cert,
             &self.key,
@@ -77,7 +101,7 @@ impl TlsSetup {
     }
 
     /// The identity a verified client certificate gives, if the listener maps one.
-    pub fn identity_of(&self, conn: &ServerConnection) -> Result<Option<String>, String> {
+    pub fn identity_of(&self, conn: &ServerConnection) -> Result<Option<String>, TlsError> {
         if self.identity != CertIdentity::Cn {
             return Ok(None);
         }
@@ -86,9 +110,7 @@ impl TlsSetup {
             // client authenticates with a password instead.
             return Ok(None);
         };
-        moatmq_auth::certificate_common_name(leaf.as_ref())
-            .map(Some)
-            .map_err(|e| e.to_string())
+        Ok(Some(moatmq_auth::certificate_common_name(leaf.as_ref())?))
     }
 }
 
@@ -97,21 +119,25 @@ fn build(
     key: &Path,
     client_ca: Option<&Path>,
     require_client_cert: bool,
-) -> Result<TlsAcceptor, String> {
+) -> Result<TlsAcceptor, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let chain = read_certs(cert, "certificate")?;
     let key = read_key(key)?;
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| e.to_string())?;
+        .map_err(|source| TlsError::Rustls {
+            what: "TLS versions",
+            source,
+        })?;
     let builder = match client_ca {
         None => builder.with_no_client_auth(),
         Some(ca) => {
             let mut roots = RootCertStore::empty();
             for c in read_certs(ca, "client CA")? {
-                roots
-                    .add(c)
-                    .map_err(|e| format!("client CA {}: {e}", ca.display()))?;
+                roots.add(c).map_err(|source| TlsError::BadCa {
+                    path: ca.to_path_buf(),
+                    source,
+                })?;
             }
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
             let verifier = if require_client_cert {
@@ -119,33 +145,53 @@ fn build(
             } else {
                 verifier.allow_unauthenticated()
             };
-            builder.with_client_cert_verifier(verifier.build().map_err(|e| e.to_string())?)
+            builder.with_client_cert_verifier(verifier.build()?)
         }
     };
     let config = builder
         .with_single_cert(chain, key)
-        .map_err(|e| format!("certificate and key do not fit together: {e}"))?;
+        .map_err(|source| TlsError::Rustls {
+            what: "certificate and key do not fit together",
+            source,
+        })?;
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
 /// `what` names the file in errors: "certificate" or "client CA".
-fn read_certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>, String> {
-    let fail = |e: &dyn std::fmt::Display| format!("{what} {}: {e}", path.display());
-    let file = std::fs::File::open(path).map_err(|e| fail(&e))?;
+fn read_certs(path: &Path, what: &'static str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let fail = |source| TlsError::Read {
+        what,
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(fail)?;
     let certs = rustls_pemfile::certs(&mut BufReader::new(file))
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| fail(&e))?;
+        .map_err(fail)?;
     if certs.is_empty() {
         // A private key given as `cert` (cert and key swapped) ends up here.
-        return Err(fail(&"no PEM certificate found"));
+        return Err(TlsError::Empty {
+            what,
+            path: path.to_path_buf(),
+            expected: "certificate",
+        });
     }
     Ok(certs)
 }
 
-fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
-    let fail = |e: &dyn std::fmt::Display| format!("private key {}: {e}", path.display());
-    let file = std::fs::File::open(path).map_err(|e| fail(&e))?;
+fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let what = "private key";
+    let fail = |source| TlsError::Read {
+        what,
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(fail)?;
     rustls_pemfile::private_key(&mut BufReader::new(file))
-        .map_err(|e| fail(&e))?
-        .ok_or_else(|| fail(&"no PEM private key found"))
+        .map_err(fail)?
+        .ok_or_else(|| TlsError::Empty {
+            what,
+            path: path.to_path_buf(),
+            expected: "private key",
+        })
 }

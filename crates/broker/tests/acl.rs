@@ -5,8 +5,8 @@
 
 mod common;
 
-use common::{assert_quiet4, login4, login5, password_file, suback4, Raw, V4_NO, V4_OK};
-use moatmq_testkit::{v4, v5, TestBroker, QUIET, WAIT};
+use common::{assert_quiet4, login4, login5, suback4, V4_NO, V4_OK};
+use moatmq_testkit::{v4, v5, Raw, TestBroker, QUIET, WAIT};
 use rumqttc::v5::mqttbytes::v5 as m5;
 use rumqttc::v5::mqttbytes::QoS as Q5;
 use rumqttc::QoS;
@@ -18,23 +18,14 @@ const USERS: &[(&str, &str)] = &[
     ("admin", "admin-pw"),
 ];
 
-const DEFAULT_RULES: &str = r#"
-[[listener]]
-name = "tcp"
-bind = "127.0.0.1:0"
-[auth]
-password_file = "passwd"
-"#;
-
-const WITH_ACL_FILE: &str = r#"
-[[listener]]
-name = "tcp"
-bind = "127.0.0.1:0"
-[auth]
-password_file = "passwd"
-[acl]
-file = "aclfile"
-"#;
+/// Which rules the broker enforces.
+#[derive(Clone, Copy)]
+enum Rules {
+    /// No ACL file: tenant isolation, `%u/#`.
+    Default,
+    /// [`ACL`] as the ACL file.
+    AclFile,
+}
 
 const ACL: &str = "\
 # nothing for anonymous clients
@@ -51,11 +42,12 @@ topic readwrite #
 pattern read devices/%c/cmd
 ";
 
-async fn broker(config: &str) -> TestBroker {
-    let dir = tempfile::tempdir().unwrap();
-    password_file(dir.path(), USERS);
-    moatmq_testkit::write_file(dir.path(), "aclfile", ACL);
-    TestBroker::with_config_in(dir, config).await
+async fn broker(rules: Rules) -> TestBroker {
+    let broker = TestBroker::builder().users(USERS);
+    match rules {
+        Rules::Default => broker.start().await,
+        Rules::AclFile => broker.acl(ACL).start().await,
+    }
 }
 
 fn pw(user: &str) -> String {
@@ -90,8 +82,8 @@ const ESCAPES: &[(&str, bool)] = &[
     ("$share/g/alice/#", true),
 ];
 
-async fn wildcard_escapes_v4(config: &str) {
-    let broker = broker(config).await;
+async fn wildcard_escapes_v4(rules: Rules) {
+    let broker = broker(rules).await;
     let addr = broker.first_addr();
     let mut alice = user4(addr, "alice-1", "alice").await;
     let filters: Vec<&str> = ESCAPES.iter().map(|(f, _)| *f).collect();
@@ -124,16 +116,16 @@ async fn wildcard_escapes_v4(config: &str) {
 
 #[tokio::test]
 async fn wildcard_escapes_are_refused_v4_default_rules() {
-    wildcard_escapes_v4(DEFAULT_RULES).await;
+    wildcard_escapes_v4(Rules::Default).await;
 }
 
 #[tokio::test]
 async fn wildcard_escapes_are_refused_v4_acl_file() {
-    wildcard_escapes_v4(WITH_ACL_FILE).await;
+    wildcard_escapes_v4(Rules::AclFile).await;
 }
 
-async fn wildcard_escapes_v5(config: &str) {
-    let broker = broker(config).await;
+async fn wildcard_escapes_v5(rules: Rules) {
+    let broker = broker(rules).await;
     let addr = broker.first_addr();
     let mut alice = Raw::v5_login(addr, "alice-5", "alice", "alice-pw").await;
     let filters: Vec<&str> = ESCAPES.iter().map(|(f, _)| *f).collect();
@@ -159,17 +151,17 @@ async fn wildcard_escapes_v5(config: &str) {
 
 #[tokio::test]
 async fn wildcard_escapes_are_refused_v5_default_rules() {
-    wildcard_escapes_v5(DEFAULT_RULES).await;
+    wildcard_escapes_v5(Rules::Default).await;
 }
 
 #[tokio::test]
 async fn wildcard_escapes_are_refused_v5_acl_file() {
-    wildcard_escapes_v5(WITH_ACL_FILE).await;
+    wildcard_escapes_v5(Rules::AclFile).await;
 }
 
 #[tokio::test]
 async fn shared_subscription_on_own_topics_delivers() {
-    let broker = broker(DEFAULT_RULES).await;
+    let broker = broker(Rules::Default).await;
     let addr = broker.first_addr();
     let mut alice = user4(addr, "alice-s", "alice").await;
     assert_eq!(
@@ -196,17 +188,12 @@ async fn shared_subscription_on_own_topics_delivers() {
 
 #[tokio::test]
 async fn deny_inside_a_grant_is_enforced_per_message_and_for_retained() {
-    let broker = broker(WITH_ACL_FILE).await;
+    let broker = broker(Rules::AclFile).await;
     let addr = broker.first_addr();
-    let admin = user4(addr, "admin", "admin").await;
+    let mut admin = user4(addr, "admin", "admin").await;
     // Only the secret is retained: a withheld delivery must not race an unacknowledged
     // one (see withheld_delivery_does_not_break_in_order_acks).
-    admin
-        .client
-        .publish("alice/secrets/r", QoS::AtLeastOnce, true, "secret")
-        .await
-        .unwrap();
-    tokio::time::sleep(QUIET).await;
+    admin.publish_acked("alice/secrets/r", true, "secret").await;
 
     let mut alice = user4(addr, "alice-d", "alice").await;
     assert_eq!(
@@ -262,7 +249,7 @@ async fn deny_inside_a_grant_is_enforced_per_message_and_for_retained() {
 /// drops the subscriber's link.
 #[tokio::test]
 async fn withheld_delivery_does_not_break_in_order_acks() {
-    let broker = broker(WITH_ACL_FILE).await;
+    let broker = broker(Rules::AclFile).await;
     let addr = broker.first_addr();
     let mut alice = Raw::v5_login(addr, "alice-raw", "alice", "alice-pw").await;
     assert!(matches!(
@@ -303,14 +290,10 @@ async fn withheld_delivery_does_not_break_in_order_acks() {
 
 #[tokio::test]
 async fn retained_message_of_bob_does_not_reach_alice() {
-    let broker = broker(DEFAULT_RULES).await;
+    let broker = broker(Rules::Default).await;
     let addr = broker.first_addr();
-    let bob = user4(addr, "bob-r", "bob").await;
-    bob.client
-        .publish("bob/state", QoS::AtLeastOnce, true, "bob's state")
-        .await
-        .unwrap();
-    tokio::time::sleep(QUIET).await;
+    let mut bob = user4(addr, "bob-r", "bob").await;
+    bob.publish_acked("bob/state", true, "bob's state").await;
     let mut alice = user4(addr, "alice-r", "alice").await;
     let codes = suback4(
         &mut alice,
@@ -327,7 +310,7 @@ async fn retained_message_of_bob_does_not_reach_alice() {
 
 #[tokio::test]
 async fn will_to_a_forbidden_topic_is_refused_at_connect() {
-    let broker = broker(DEFAULT_RULES).await;
+    let broker = broker(Rules::Default).await;
     let addr = broker.first_addr();
     let mut o = login4(addr, "alice-w", "alice", "alice-pw");
     o.set_last_will(rumqttc::LastWill::new(
@@ -371,7 +354,7 @@ async fn will_to_a_forbidden_topic_is_refused_at_connect() {
 
 #[tokio::test]
 async fn client_id_with_wildcards_never_matches_a_pattern() {
-    let broker = broker(WITH_ACL_FILE).await;
+    let broker = broker(Rules::AclFile).await;
     let addr = broker.first_addr();
     let mut d1 = user4(addr, "d1", "alice").await;
     assert_eq!(
@@ -391,7 +374,7 @@ async fn client_id_with_wildcards_never_matches_a_pattern() {
 
 #[tokio::test]
 async fn publish_without_write_access_is_dropped() {
-    let broker = broker(DEFAULT_RULES).await;
+    let broker = broker(Rules::Default).await;
     let addr = broker.first_addr();
     let mut bob = user4(addr, "bob-l", "bob").await;
     assert_eq!(suback4(&mut bob, &["bob/#"]).await, vec![V4_OK]);
@@ -449,7 +432,7 @@ async fn publish_without_write_access_is_dropped() {
 
 #[tokio::test]
 async fn same_client_id_of_another_user_neither_takes_over_nor_inherits() {
-    let broker = broker(DEFAULT_RULES).await;
+    let broker = broker(Rules::Default).await;
     let addr = broker.first_addr();
     // alice leaves a persistent session with a subscription behind.
     let mut o = login4(addr, "shared-id", "alice", "alice-pw");
@@ -459,12 +442,9 @@ async fn same_client_id_of_another_user_neither_takes_over_nor_inherits() {
     alice.client.disconnect().await.unwrap();
     assert!(alice.closed_within(WAIT).await.is_some());
 
-    let publ = user4(addr, "alice-pub", "alice").await;
-    publ.client
-        .publish("alice/q", QoS::AtLeastOnce, false, "queued for alice")
-        .await
-        .unwrap();
-    tokio::time::sleep(QUIET).await;
+    let mut publ = user4(addr, "alice-pub", "alice").await;
+    publ.publish_acked("alice/q", false, "queued for alice")
+        .await;
 
     // bob with the same client id: a fresh session, nothing of alice's.
     let mut ob = login4(addr, "shared-id", "bob", "bob-pw");
@@ -492,7 +472,7 @@ async fn same_client_id_of_another_user_neither_takes_over_nor_inherits() {
 
 #[tokio::test]
 async fn same_client_id_of_another_user_does_not_close_the_first() {
-    let broker = broker(DEFAULT_RULES).await;
+    let broker = broker(Rules::Default).await;
     let addr = broker.first_addr();
     let mut alice = user5(addr, "dup", "alice").await;
     common::subscribed5(&mut alice, "alice/live").await;
@@ -511,7 +491,7 @@ async fn same_client_id_of_another_user_does_not_close_the_first() {
 
 #[tokio::test]
 async fn same_user_same_client_id_takes_over() {
-    let broker = broker(DEFAULT_RULES).await;
+    let broker = broker(Rules::Default).await;
     let addr = broker.first_addr();
     let mut first = user5(addr, "mine", "alice").await;
     let mut second = user5(addr, "mine", "alice").await;
@@ -535,7 +515,7 @@ async fn same_user_same_client_id_takes_over() {
 
 /// A 3.1.1 connection of `user` with a retained will on `topic`, held open by the caller.
 async fn with_will(addr: SocketAddr, id: &str, user: &str, topic: &str) -> Raw {
-    let mut connect = common::connect4(id);
+    let mut connect = moatmq_testkit::connect4(id);
     connect.login = Some(rumqttc::mqttbytes::v4::Login::new(user, pw(user)));
     connect.last_will = Some(rumqttc::LastWill::new(
         topic,
@@ -550,7 +530,7 @@ async fn with_will(addr: SocketAddr, id: &str, user: &str, topic: &str) -> Raw {
 
 #[tokio::test]
 async fn will_is_checked_against_the_acl_in_force_when_it_is_published() {
-    let broker = broker(WITH_ACL_FILE).await;
+    let broker = broker(Rules::AclFile).await;
     let addr = broker.first_addr();
     let mut admin = user4(addr, "admin-watch", "admin").await;
     assert_eq!(

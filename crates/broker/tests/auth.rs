@@ -4,23 +4,13 @@
 
 mod common;
 
-use common::{login4, login5, password_file};
+use common::{login4, login5};
 use moatmq_testkit::{v4, v5, TestBroker};
 use rumqttc::v5::mqttbytes::v5::ConnectReturnCode as C5;
 use rumqttc::ConnectReturnCode as C4;
 
-const PASSWORDS: &str = r#"
-[[listener]]
-name = "tcp"
-bind = "127.0.0.1:0"
-[auth]
-password_file = "passwd"
-"#;
-
 async fn broker_with_users(users: &[(&str, &str)]) -> TestBroker {
-    let dir = tempfile::tempdir().unwrap();
-    password_file(dir.path(), users);
-    TestBroker::with_config_in(dir, PASSWORDS).await
+    TestBroker::builder().users(users).start().await
 }
 
 fn refused4(r: Result<v4::Client, v4::ConnectionError>) -> C4 {
@@ -80,14 +70,7 @@ async fn anonymous_is_refused_by_default() {
 
 #[tokio::test]
 async fn anonymous_is_refused_without_any_auth_config() {
-    let broker = TestBroker::with_config(
-        r#"
-[[listener]]
-name = "tcp"
-bind = "127.0.0.1:0"
-"#,
-    )
-    .await;
+    let broker = TestBroker::builder().start().await;
     let addr = broker.first_addr();
     assert_eq!(
         refused4(v4::connect(v4::options(addr, "anon")).await),
@@ -97,13 +80,13 @@ bind = "127.0.0.1:0"
 
 #[tokio::test]
 async fn mosquitto_passwd_file_is_accepted() {
-    let dir = tempfile::tempdir().unwrap();
+    let builder = TestBroker::builder().set("auth", "password_file", "passwd");
     let src = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../auth/testdata/mosquitto_passwd.txt"
     );
-    std::fs::copy(src, dir.path().join("passwd")).unwrap();
-    let broker = TestBroker::with_config_in(dir, PASSWORDS).await;
+    std::fs::copy(src, builder.dir().join("passwd")).unwrap();
+    let broker = builder.start().await;
     let addr = broker.first_addr();
     // Passwords from crates/auth/testdata/README.md.
     let alice = v4::connect(login4(addr, "a", "alice", "correct horse")).await;
@@ -118,14 +101,14 @@ async fn mosquitto_passwd_file_is_accepted() {
 
 #[tokio::test]
 async fn password_file_with_a_bad_line_is_reported_with_its_line() {
-    let dir = tempfile::tempdir().unwrap();
     let hash = moatmq_auth::hash_password(b"pw").unwrap();
-    moatmq_testkit::write_file(
-        dir.path(),
-        "passwd",
-        &format!("# users\nalice:{hash}\nbob has no hash\n"),
-    );
-    let path = moatmq_testkit::write_file(dir.path(), "broker.toml", PASSWORDS);
+    let (_dir, path) = TestBroker::builder()
+        .file(
+            "passwd",
+            &format!("# users\nalice:{hash}\nbob has no hash\n"),
+        )
+        .set("auth", "password_file", "passwd")
+        .write();
     let config = moatmq_config::Config::load(&path).expect("the config itself is valid");
     let err = match moatmq_broker::Broker::start(config).await {
         Ok(_) => panic!("a broker started with a broken password file"),

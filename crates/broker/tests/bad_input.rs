@@ -5,23 +5,13 @@
 mod common;
 
 use bytes::BytesMut;
-use common::{connect4, connect5, suback4, Raw, V4_OK};
-use moatmq_testkit::{v4, TestBroker, WAIT};
+use common::{suback4, V4_OK};
+use moatmq_testkit::wire::{self, Version};
+use moatmq_testkit::{connect4, connect5, v4, Raw, TestBroker, WAIT};
 use rumqttc::v5::mqttbytes::v5 as m5;
 use rumqttc::v5::mqttbytes::QoS as Q5;
 use rumqttc::QoS;
 use std::time::Duration;
-
-const LIMITS: &str = r#"
-[[listener]]
-name = "tcp"
-bind = "127.0.0.1:0"
-[auth]
-allow_anonymous = true
-[limits]
-max_packet_size = 1024
-connect_timeout = 1
-"#;
 
 /// A broker and a subscriber connected before the bad input arrives.
 struct Scene {
@@ -31,7 +21,12 @@ struct Scene {
 
 impl Scene {
     async fn start() -> Scene {
-        let broker = TestBroker::with_config(LIMITS).await;
+        let broker = TestBroker::builder()
+            .anonymous()
+            .limit("max_packet_size", 1024)
+            .limit("connect_timeout", 1)
+            .start()
+            .await;
         let mut bystander = v4::connected(broker.first_addr(), "bystander").await;
         assert_eq!(suback4(&mut bystander, &["by/#"]).await, vec![V4_OK]);
         Scene { broker, bystander }
@@ -91,28 +86,12 @@ fn publish5(topic: &[u8], payload: usize) -> m5::Packet {
     })
 }
 
+/// A 3.1.1 QoS 1 PUBLISH, packet id 1, of `payload` bytes.
 fn publish4(topic: &[u8], payload: usize) -> Vec<u8> {
-    // Fixed header, topic, packet id (QoS 1), payload.
-    let mut body = Vec::new();
-    body.extend_from_slice(&(topic.len() as u16).to_be_bytes());
-    body.extend_from_slice(topic);
-    body.extend_from_slice(&[0, 1]);
-    body.extend(std::iter::repeat(b'x').take(payload));
-    let mut out = vec![0x32];
-    let mut len = body.len();
-    loop {
-        let mut byte = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
-            byte |= 0x80;
-        }
-        out.push(byte);
-        if len == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&body);
-    out
+    let payload = vec![b'x'; payload];
+    wire::Publish::new(Version::V4, topic, &payload)
+        .qos(1, 1)
+        .encode()
 }
 
 #[tokio::test]

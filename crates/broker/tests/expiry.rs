@@ -2,10 +2,7 @@
 //! after the MQTT 5 session expiry interval, capped by `limits.max_session_expiry`,
 //! which also bounds 3.1.1 persistent sessions.
 
-mod common;
-
-use common::Raw;
-use moatmq_testkit::{v4, TestBroker, ANONYMOUS_TCP, WAIT};
+use moatmq_testkit::{v4, Raw, TestBroker, WAIT};
 use rumqttc::v5::mqttbytes::v5 as m5;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -18,7 +15,7 @@ async fn connect(
     expiry: Option<u32>,
 ) -> (Raw, m5::ConnAck) {
     let mut raw = Raw::tcp(addr).await;
-    let mut connect = common::connect5(id);
+    let mut connect = moatmq_testkit::connect5(id);
     connect.clean_start = clean;
     connect.properties = expiry.map(|e| m5::ConnectProperties {
         session_expiry_interval: Some(e),
@@ -87,10 +84,11 @@ async fn mqtt5_expiry_zero_ends_the_session_with_the_connection() {
 
 #[tokio::test]
 async fn expiry_is_capped_and_the_cap_announced() {
-    let broker = TestBroker::with_config(&format!(
-        "{ANONYMOUS_TCP}[limits]\nmax_session_expiry = 1\n"
-    ))
-    .await;
+    let broker = TestBroker::builder()
+        .anonymous()
+        .limit("max_session_expiry", 1)
+        .start()
+        .await;
     let addr = broker.first_addr();
     let (raw, ack) = connect(addr, "capped", false, Some(u32::MAX)).await;
     let announced = ack.properties.and_then(|p| p.session_expiry_interval);

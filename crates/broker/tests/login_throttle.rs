@@ -6,12 +6,9 @@
 //! Attackers come from their own loopback addresses (127.0.0.2 and up, bound before
 //! connecting); rate limits are off so the throttle is what is measured.
 
-mod common;
-
 use bytes::BytesMut;
-use common::Raw;
 use moatmq_auth::{max_checked_guesses, ThrottleParams};
-use moatmq_testkit::{TestBroker, WAIT};
+use moatmq_testkit::{Raw, TestBroker, TestBrokerBuilder, WAIT};
 use rumqttc::mqttbytes::v4::Login;
 use rumqttc::ConnectReturnCode as C4;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -19,30 +16,21 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
-const CONFIG: &str = r#"
-[[listener]]
-name = "tcp"
-bind = "127.0.0.1:0"
-[auth]
-password_file = "passwd"
-[rate_limit]
-connections_per_second = 0
-messages_per_second = 0
-[limits]
-max_connections = 5000
-[metrics]
-bind = "127.0.0.1:0"
-[audit]
-path = "audit.log"
-"#;
+/// A broker with these users, rate limits off, metrics and audit.
+fn broker_of(users: &[(&str, &str)]) -> TestBrokerBuilder {
+    TestBroker::builder()
+        .users(users)
+        .no_connection_rate()
+        .rate_limit("messages_per_second", 0)
+        .limit("max_connections", 5000)
+        .metrics()
+        .audit()
+}
 
 async fn broker() -> TestBroker {
-    let dir = tempfile::tempdir().unwrap();
-    common::password_file(
-        dir.path(),
-        &[("alice", "alice-pw"), ("mallory", "mallory-pw")],
-    );
-    TestBroker::with_config_in(dir, CONFIG).await
+    broker_of(&[("alice", "alice-pw"), ("mallory", "mallory-pw")])
+        .start()
+        .await
 }
 
 fn from(last: u8) -> IpAddr {
@@ -65,9 +53,9 @@ async fn attempt(
     pass: &str,
     wait: Duration,
 ) -> Option<C4> {
-    let mut connect = common::connect4("guess");
+    let mut connect = moatmq_testkit::connect4("guess");
     connect.login = Some(Login::new(user, pass));
-    let mut raw = Raw::from_stream(dial(source, addr).await);
+    let mut raw = Raw::new(dial(source, addr).await);
     let mut out = BytesMut::new();
     connect.write(&mut out).unwrap();
     raw.send(&out).await;
@@ -278,9 +266,9 @@ async fn busy_is_0x89_in_mqtt5_costs_no_strike_and_hanging_up_frees_the_slot() {
     tokio::time::sleep(Duration::from_millis(150)).await;
     // ...so an MQTT 5 login from there is answered "server busy" at once.
     let stream = dial(attacker, addr).await;
-    let mut raw = Raw::from_stream(stream);
+    let mut raw = Raw::new(stream);
     raw.send5(m5::Packet::Connect(
-        common::connect5("busy5"),
+        moatmq_testkit::connect5("busy5"),
         None,
         Some(m5::Login::new("alice", "alice-pw")),
     ))
@@ -318,9 +306,9 @@ async fn hanging_up_during_the_check_still_counts_as_a_failure() {
     // use up the address's 10 free failures like answered ones would.
     for n in 0..12 {
         let before = metric(metrics, "moatmq_password_checks_total").await;
-        let mut connect = common::connect4("gone");
+        let mut connect = moatmq_testkit::connect4("gone");
         connect.login = Some(Login::new(format!("u{n}"), "guess"));
-        let mut raw = Raw::from_stream(dial(attacker, addr).await);
+        let mut raw = Raw::new(dial(attacker, addr).await);
         let mut out = BytesMut::new();
         connect.write(&mut out).unwrap();
         raw.send(&out).await;
@@ -341,4 +329,64 @@ async fn hanging_up_during_the_check_still_counts_as_a_failure() {
         "abandoned checks were free: answered in {:?}",
         t.elapsed()
     );
+}
+
+/// A reconnect storm after a restart: a device that logged in a moment ago skips the
+/// Argon2id hash on its next login with the same password, while a wrong password is
+/// hashed every time, and a changed password file (SIGHUP) forgets the old password at
+/// once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_with_the_same_credentials_skips_the_hash_until_the_file_changes() {
+    let broker = broker().await;
+    let (addr, metrics) = (broker.first_addr(), broker.metrics_addr());
+    let checks = || metric(metrics, "moatmq_password_checks_total");
+
+    let first = attempt(from(1), addr, "alice", "alice-pw", WAIT).await;
+    assert_eq!(first, Some(C4::Success));
+    let after_first = checks().await;
+    assert!(after_first >= 1, "the first login is hashed");
+    for _ in 0..5 {
+        let again = attempt(from(1), addr, "alice", "alice-pw", WAIT).await;
+        assert_eq!(again, Some(C4::Success));
+    }
+    assert_eq!(checks().await, after_first, "reconnects were hashed again");
+
+    // A wrong password for a cached user is never answered from the cache.
+    let wrong = attempt(from(3), addr, "alice", "not-alice-pw", WAIT).await;
+    assert_eq!(wrong, Some(C4::BadUserNamePassword));
+    assert_eq!(
+        checks().await,
+        after_first + 1,
+        "a wrong password skipped the hash"
+    );
+
+    // The operator changes alice's password and reloads: the old one is refused at once.
+    moatmq_testkit::write_password_file(
+        broker.path("").as_path(),
+        &[("alice", "new-alice-pw"), ("mallory", "mallory-pw")],
+    );
+    assert!(broker.reload().is_empty());
+    let old = attempt(from(1), addr, "alice", "alice-pw", WAIT).await;
+    assert_eq!(
+        old,
+        Some(C4::BadUserNamePassword),
+        "the old password still works"
+    );
+    let new = attempt(from(1), addr, "alice", "new-alice-pw", WAIT).await;
+    assert_eq!(new, Some(C4::Success));
+}
+
+/// With `credential_cache_ttl = 0` every login is hashed, as before the cache existed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zero_credential_cache_ttl_hashes_every_login() {
+    let broker = broker_of(&[("alice", "alice-pw")])
+        .set("auth", "credential_cache_ttl", 0)
+        .start()
+        .await;
+    let (addr, metrics) = (broker.first_addr(), broker.metrics_addr());
+    for _ in 0..3 {
+        let ok = attempt(from(1), addr, "alice", "alice-pw", WAIT).await;
+        assert_eq!(ok, Some(C4::Success));
+    }
+    assert_eq!(metric(metrics, "moatmq_password_checks_total").await, 3);
 }

@@ -5,8 +5,8 @@
 
 mod common;
 
-use common::{login5, password_file, Raw};
-use moatmq_testkit::{v5, TestBroker, QUIET, WAIT};
+use common::login5;
+use moatmq_testkit::{v5, Raw, TestBroker, QUIET, WAIT};
 use rumqttc::v5::mqttbytes::v5 as m5;
 use rumqttc::v5::mqttbytes::v5::Packet as P5;
 use rumqttc::v5::mqttbytes::QoS;
@@ -58,11 +58,12 @@ async fn publish_flood(
 async fn a_fast_publisher_is_paced_but_not_disconnected_by_default() {
     // Only the rate is lowered (so a debug build can exceed it); `disconnect_after` is
     // left at its default.
-    let broker = TestBroker::with_config(&format!(
-        "{}[rate_limit]\nmessages_per_second = 100\nmessage_burst = 100\n",
-        moatmq_testkit::ANONYMOUS_TCP
-    ))
-    .await;
+    let broker = TestBroker::builder()
+        .anonymous()
+        .rate_limit("messages_per_second", 100)
+        .rate_limit("message_burst", 100)
+        .start()
+        .await;
     let addr = broker.first_addr();
     let mut sub = v5::connected(addr, "watch").await;
     common::subscribed5(&mut sub, "flood").await;
@@ -102,30 +103,16 @@ async fn a_fast_publisher_is_paced_but_not_disconnected_by_default() {
     assert!(seen >= 500, "barely served: {seen} in {elapsed:.1} s");
 }
 
-const USERS: &str = r#"
-[[listener]]
-name = "tcp"
-bind = "127.0.0.1:0"
-[auth]
-password_file = "passwd"
-[rate_limit]
-messages_per_second = 20
-message_burst = 20
-disconnect_after = 1
-[[rate_limit.user]]
-name = "ingest"
-messages_per_second = 0
-bytes_per_second = 0
-"#;
-
 #[tokio::test]
 async fn an_overridden_user_is_unlimited_and_others_are_cut_off_by_disconnect_after() {
-    let dir = tempfile::tempdir().unwrap();
-    password_file(
-        dir.path(),
-        &[("ingest", "pw-ingest"), ("sensor", "pw-sensor")],
-    );
-    let broker = TestBroker::with_config_in(dir, USERS).await;
+    let broker = TestBroker::builder()
+        .users(&[("ingest", "pw-ingest"), ("sensor", "pw-sensor")])
+        .rate_limit("messages_per_second", 20)
+        .rate_limit("message_burst", 20)
+        .rate_limit("disconnect_after", 1)
+        .toml("[[rate_limit.user]]\nname = \"ingest\"\nmessages_per_second = 0\nbytes_per_second = 0\n")
+        .start()
+        .await;
     let addr = broker.first_addr();
 
     let mut ingest = v5::connect(login5(addr, "ingest-1", "ingest", "pw-ingest"))
@@ -169,15 +156,15 @@ async fn an_overridden_user_is_unlimited_and_others_are_cut_off_by_disconnect_af
 #[tokio::test]
 async fn a_publish_over_max_payload_size_is_dropped_and_the_client_stays() {
     // What import-mosquitto makes of `message_size_limit 1000`.
-    let broker = TestBroker::with_config(&format!(
-        "{}[limits]\nmax_payload_size = 1000\n",
-        moatmq_testkit::ANONYMOUS_TCP
-    ))
-    .await;
+    let broker = TestBroker::builder()
+        .anonymous()
+        .limit("max_payload_size", 1000)
+        .start()
+        .await;
     let addr = broker.first_addr();
     let mut sub = v5::connected(addr, "watch").await;
     common::subscribed5(&mut sub, "size/#").await;
-    let (mut c, _) = Raw::connect5(addr, common::connect5("sizer"), None, None).await;
+    let (mut c, _) = Raw::connect5(addr, moatmq_testkit::connect5("sizer"), None, None).await;
     for (pkid, topic, len) in [(1, "size/big", 1001), (2, "size/ok", 1000)] {
         let mut p = m5::Publish::new(topic, QoS::AtLeastOnce, vec![b'x'; len], None);
         p.pkid = pkid;
@@ -195,4 +182,36 @@ async fn a_publish_over_max_payload_size_is_dropped_and_the_client_stays() {
     let p = sub.next_publish().await;
     assert_eq!(p.topic, "size/ok", "the large message was delivered");
     assert!(!c.closed_within(QUIET).await, "the client was disconnected");
+}
+
+#[tokio::test]
+async fn a_will_over_max_payload_size_is_not_published() {
+    // A will enters the broker like any publish: the same limit, the same step (admit).
+    let broker = TestBroker::builder()
+        .anonymous()
+        .limit("max_payload_size", 1000)
+        .start()
+        .await;
+    let addr = broker.first_addr();
+    let mut sub = v5::connected(addr, "watch").await;
+    common::subscribed5(&mut sub, "gone/#").await;
+    for (id, len) in [("big", 1001), ("ok", 1000)] {
+        let will = m5::LastWill::new(
+            format!("gone/{id}"),
+            vec![b'x'; len],
+            QoS::AtLeastOnce,
+            false,
+            None,
+        );
+        let (c, code) = Raw::connect5(addr, moatmq_testkit::connect5(id), Some(will), None).await;
+        assert_eq!(code, Some(m5::ConnectReturnCode::Success), "{id}");
+        // Gone without a DISCONNECT: the will is due.
+        drop(c);
+    }
+    let p = sub.next_publish().await;
+    assert_eq!(p.topic, "gone/ok", "the will over the limit went out");
+    assert!(
+        sub.publish_within(QUIET).await.is_none(),
+        "a second will arrived"
+    );
 }

@@ -3,8 +3,7 @@
 
 mod common;
 
-use common::Raw;
-use moatmq_testkit::{v4, TestBroker, ANONYMOUS_TCP, QUIET, WAIT};
+use moatmq_testkit::{v4, Listener, Raw, TestBroker, TestBrokerBuilder, QUIET, WAIT};
 use rumqttc::v5::mqttbytes::v5 as m5;
 use rumqttc::QoS;
 use std::net::SocketAddr;
@@ -26,9 +25,13 @@ async fn connect_from(
 
 /// Sends an MQTT 5 CONNECT on an open socket; the CONNACK's code, if one comes.
 async fn connack_code(stream: TcpStream, id: &str) -> Option<m5::ConnectReturnCode> {
-    let mut raw = Raw::from_stream(stream);
-    raw.send5(m5::Packet::Connect(common::connect5(id), None, None))
-        .await;
+    let mut raw = Raw::new(stream);
+    raw.send5(m5::Packet::Connect(
+        moatmq_testkit::connect5(id),
+        None,
+        None,
+    ))
+    .await;
     match raw.next5(WAIT).await {
         Some(m5::Packet::ConnAck(ack)) => Some(ack.code),
         _ => None,
@@ -37,10 +40,12 @@ async fn connack_code(stream: TcpStream, id: &str) -> Option<m5::ConnectReturnCo
 
 #[tokio::test]
 async fn a_connection_flood_is_limited_per_source_address() {
-    let broker = TestBroker::with_config(&format!(
-        "{ANONYMOUS_TCP}[rate_limit]\nconnections_per_second = 1\nconnection_burst = 5\n"
-    ))
-    .await;
+    let broker = TestBroker::builder()
+        .anonymous()
+        .rate_limit("connections_per_second", 1)
+        .rate_limit("connection_burst", 5)
+        .start()
+        .await;
     let addr = broker.first_addr();
     let mut codes = Vec::new();
     for i in 0..8 {
@@ -67,20 +72,13 @@ async fn a_connection_flood_is_limited_per_source_address() {
 
 #[tokio::test]
 async fn proxy_protocol_source_is_what_limits_see() {
-    let broker = TestBroker::with_config(
-        r#"
-[[listener]]
-name = "tunnel"
-bind = "127.0.0.1:0"
-trust_proxy_protocol = true
-[auth]
-allow_anonymous = true
-[rate_limit]
-connections_per_second = 1
-connection_burst = 2
-"#,
-    )
-    .await;
+    let broker = TestBroker::builder()
+        .listener(Listener::tcp("tunnel").set("trust_proxy_protocol", true))
+        .anonymous()
+        .rate_limit("connections_per_second", 1)
+        .rate_limit("connection_burst", 2)
+        .start()
+        .await;
     let addr = broker.first_addr();
     async fn via_proxy(addr: SocketAddr, client: &str, id: &str) -> Option<m5::ConnectReturnCode> {
         let mut stream = TcpStream::connect(addr).await.unwrap();
@@ -99,17 +97,23 @@ connection_burst = 2
     assert_eq!(via_proxy(addr, "203.0.113.2", "b1").await, ok);
     // Without a header the connection is refused outright.
     let mut raw = Raw::tcp(addr).await;
-    raw.send5(m5::Packet::Connect(common::connect5("nohdr"), None, None))
-        .await;
+    raw.send5(m5::Packet::Connect(
+        moatmq_testkit::connect5("nohdr"),
+        None,
+        None,
+    ))
+    .await;
     assert!(raw.closed_within(WAIT).await);
 }
 
 #[tokio::test]
 async fn a_publish_flood_is_throttled_without_hurting_others() {
-    let broker = TestBroker::with_config(&format!(
-        "{ANONYMOUS_TCP}[rate_limit]\nmessages_per_second = 50\nmessage_burst = 50\n"
-    ))
-    .await;
+    let broker = TestBroker::builder()
+        .anonymous()
+        .rate_limit("messages_per_second", 50)
+        .rate_limit("message_burst", 50)
+        .start()
+        .await;
     let addr = broker.first_addr();
     let mut sub = v4::connected(addr, "watch").await;
     assert_eq!(
@@ -176,19 +180,14 @@ fn metric(text: &str, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("{name} missing in\n{text}"))
 }
 
-const METRICS: &str = r#"
-[[listener]]
-name = "tcp"
-bind = "127.0.0.1:0"
-[auth]
-allow_anonymous = true
-[metrics]
-bind = "127.0.0.1:0"
-"#;
+/// An anonymous broker with metrics.
+fn with_metrics() -> TestBrokerBuilder {
+    TestBroker::builder().anonymous().metrics()
+}
 
 #[tokio::test]
 async fn metrics_move_with_traffic_and_health_endpoints_answer() {
-    let broker = TestBroker::with_config(METRICS).await;
+    let broker = with_metrics().start().await;
     let m = broker.metrics_addr();
     let (status, _) = http_get(m, "/healthz").await;
     assert_eq!(status, 200);
@@ -220,10 +219,30 @@ async fn metrics_move_with_traffic_and_health_endpoints_answer() {
     assert!(metric(&after, "moatmq_auth_successes_total") >= 2.0);
 }
 
+/// The gauges read at scrape time: the router's health and the process's memory, the
+/// figures the Grafana dashboard and alert rules under deploy/ are built on.
+#[tokio::test]
+async fn metrics_export_router_health_and_resident_memory() {
+    let broker = with_metrics().start().await;
+    let (_, text) = http_get(broker.metrics_addr(), "/metrics").await;
+    assert_eq!(metric(&text, "moatmq_router_up"), 1.0);
+    assert!(text.contains("# TYPE moatmq_router_up gauge"), "{text}");
+    let rss = metric(&text, "process_resident_memory_bytes");
+    // This test process holds the broker and the test harness: more than 1 MiB, less
+    // than 4 GiB, a whole number of KiB.
+    assert!(rss > 1_048_576.0 && rss < 4_294_967_296.0, "{rss}");
+    assert_eq!(rss % 1024.0, 0.0);
+    assert!(
+        text.contains("# UNIT process_resident_memory_bytes bytes"),
+        "{text}"
+    );
+    assert!(text.ends_with("# EOF\n"), "one EOF, at the end");
+    assert_eq!(text.matches("# EOF").count(), 1);
+}
+
 #[tokio::test]
 async fn readyz_is_not_ready_until_the_broker_serves() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = moatmq_testkit::write_file(dir.path(), "broker.toml", METRICS);
+    let (_dir, path) = with_metrics().write();
     let broker = moatmq_broker::Broker::start(moatmq_config::Config::load(&path).unwrap())
         .await
         .unwrap();
@@ -242,28 +261,12 @@ async fn readyz_is_not_ready_until_the_broker_serves() {
 
 #[tokio::test]
 async fn audit_lines_for_each_event_never_carry_the_password() {
-    let dir = tempfile::tempdir().unwrap();
-    common::password_file(dir.path(), &[("alice", "s3cret-pw")]);
-    moatmq_testkit::write_file(
-        dir.path(),
-        "aclfile",
-        "user alice\ntopic readwrite alice/#\n",
-    );
-    let broker = TestBroker::with_config_in(
-        dir,
-        r#"
-[[listener]]
-name = "tcp"
-bind = "127.0.0.1:0"
-[auth]
-password_file = "passwd"
-[acl]
-file = "aclfile"
-[audit]
-path = "audit.log"
-"#,
-    )
-    .await;
+    let broker = TestBroker::builder()
+        .users(&[("alice", "s3cret-pw")])
+        .acl("user alice\ntopic readwrite alice/#\n")
+        .audit()
+        .start()
+        .await;
     let addr = broker.first_addr();
     let refused = v4::connect(common::login4(addr, "bad", "alice", "wrong-pw")).await;
     assert!(refused.is_err());
@@ -319,12 +322,18 @@ path = "audit.log"
 #[tokio::test]
 async fn mqtt5_receive_maximum_is_enforced() {
     use bytes::BytesMut;
-    let broker = TestBroker::with_config(
-        "[[listener]]\nname = \"tcp\"\nbind = \"127.0.0.1:0\"\n[auth]\nallow_anonymous = true\n[limits]\nmax_inflight = 2\n",
+    let broker = TestBroker::builder()
+        .anonymous()
+        .limit("max_inflight", 2)
+        .start()
+        .await;
+    let (mut raw, code) = Raw::connect5(
+        broker.first_addr(),
+        moatmq_testkit::connect5("eager"),
+        None,
+        None,
     )
     .await;
-    let (mut raw, code) =
-        Raw::connect5(broker.first_addr(), common::connect5("eager"), None, None).await;
     assert_eq!(code, Some(m5::ConnectReturnCode::Success));
     // Three QoS 1 publishes in one write: the third exceeds the announced maximum of 2.
     let mut out = BytesMut::new();

@@ -7,8 +7,7 @@
 
 mod common;
 
-use common::Raw;
-use moatmq_testkit::{TestBroker, TestCa};
+use moatmq_testkit::{Listener, Raw, TestBroker, TestBrokerBuilder, TestCa};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 use tokio::net::{TcpSocket, TcpStream};
@@ -26,7 +25,7 @@ async fn tcp_from(source: [u8; 4], addr: SocketAddr) -> TcpStream {
 }
 
 async fn raw_from(source: [u8; 4], addr: SocketAddr) -> Raw {
-    Raw::from_stream(tcp_from(source, addr).await)
+    Raw::new(tcp_from(source, addr).await)
 }
 
 /// An MQTT 3.1.1 CONNECT with a clean session.
@@ -50,24 +49,21 @@ async fn logged_in(source: [u8; 4], addr: SocketAddr, id: &str) -> Option<Raw> {
     }
 }
 
-const LIMITED: &str = r#"
-[[listener]]
-name = "tcp"
-bind = "127.0.0.1:0"
-[auth]
-allow_anonymous = true
-[rate_limit]
-connections_per_second = 0
-[limits]
-max_connections = 200
-max_connections_per_address = 4
-max_pending_per_address = 2
-connect_timeout = 3
-"#;
+/// Anonymous `tcp`, with per-address limits of 4 connections, 2 of them pending login.
+fn limited() -> TestBrokerBuilder {
+    TestBroker::builder()
+        .listener(Listener::tcp("tcp"))
+        .anonymous()
+        .no_connection_rate()
+        .limit("max_connections", 200)
+        .limit("max_connections_per_address", 4)
+        .limit("max_pending_per_address", 2)
+        .limit("connect_timeout", 3)
+}
 
 #[tokio::test]
 async fn idle_sockets_from_one_address_cannot_hold_the_slots() {
-    let broker = TestBroker::with_config(LIMITED).await;
+    let broker = limited().start().await;
     let addr = broker.first_addr();
     let attacker = [127, 0, 0, 21];
     // 20 idle sockets: only max_pending_per_address of them are kept waiting.
@@ -107,13 +103,12 @@ async fn idle_sockets_from_one_address_cannot_hold_the_slots() {
 
 #[tokio::test]
 async fn over_limit_tls_connections_are_closed_before_the_handshake() {
-    let dir = tempfile::tempdir().unwrap();
     let ca = TestCa::new("prelogin ca");
-    ca.server(dir.path(), "server");
-    let toml = format!(
-        "{LIMITED}\n[[listener]]\nname = \"tls\"\nbind = \"127.0.0.1:0\"\n[listener.tls]\ncert = \"server.crt\"\nkey = \"server.key\"\n"
-    );
-    let broker = TestBroker::with_config_in(dir, &toml).await;
+    let broker = limited()
+        .listener(Listener::tcp("tls").tls())
+        .server_cert(&ca)
+        .start()
+        .await;
     let addr = broker.addr("tls");
     let source = [127, 0, 0, 23];
     let mut held = vec![raw_from(source, addr).await, raw_from(source, addr).await];
@@ -132,23 +127,6 @@ async fn over_limit_tls_connections_are_closed_before_the_handshake() {
     }
 }
 
-const PROXIED: &str = r#"
-[[listener]]
-name = "proxied"
-bind = "127.0.0.1:0"
-trust_proxy_protocol = true
-[[listener]]
-name = "ws"
-bind = "127.0.0.1:0"
-protocol = "ws"
-[auth]
-allow_anonymous = true
-[rate_limit]
-connections_per_second = 0
-[limits]
-connect_timeout = 2
-"#;
-
 /// Seconds until the broker closes `raw`, or `None` if it is open after 6 s.
 async fn closes_after(mut raw: Raw, opened: Instant) -> Option<Duration> {
     raw.closed_within(Duration::from_secs(6))
@@ -158,7 +136,14 @@ async fn closes_after(mut raw: Raw, opened: Instant) -> Option<Duration> {
 
 #[tokio::test]
 async fn connect_timeout_is_one_deadline_for_all_steps() {
-    let broker = TestBroker::with_config(PROXIED).await;
+    let broker = TestBroker::builder()
+        .listener(Listener::tcp("proxied").set("trust_proxy_protocol", true))
+        .listener(Listener::ws("ws"))
+        .anonymous()
+        .no_connection_rate()
+        .limit("connect_timeout", 2)
+        .start()
+        .await;
 
     // PROXY header after 1.5 s, then no CONNECT: the CONNECT step gets what is left of
     // the 2 s, not 2 s of its own (3.5 s in all before the fix).
@@ -251,24 +236,17 @@ async fn tcp_closed_within(tcp: &mut TcpStream, wait: Duration) -> bool {
     }
 }
 
-const WS_SMALL: &str = r#"
-[[listener]]
-name = "ws"
-bind = "127.0.0.1:0"
-protocol = "ws"
-[auth]
-allow_anonymous = true
-[rate_limit]
-connections_per_second = 0
-[limits]
-max_packet_size = 65536
-connect_timeout = 10
-"#;
-
 #[tokio::test]
 async fn websocket_frames_and_messages_are_bounded_by_max_packet_size() {
     use tokio::io::AsyncWriteExt;
-    let broker = TestBroker::with_config(WS_SMALL).await;
+    let broker = TestBroker::builder()
+        .listener(Listener::ws("ws"))
+        .anonymous()
+        .no_connection_rate()
+        .limit("max_packet_size", 65536)
+        .limit("connect_timeout", 10)
+        .start()
+        .await;
     let addr = broker.addr("ws");
     let source = [127, 0, 0, 25];
 
@@ -327,27 +305,6 @@ async fn read_ws_binary(tcp: &mut TcpStream) -> Option<Vec<u8>> {
     Some(payload)
 }
 
-const WS_PATHS: &str = r#"
-[[listener]]
-name = "default"
-bind = "127.0.0.1:0"
-protocol = "ws"
-[[listener]]
-name = "listed"
-bind = "127.0.0.1:0"
-protocol = "ws"
-path = ["/", "/ws"]
-[[listener]]
-name = "any"
-bind = "127.0.0.1:0"
-protocol = "ws"
-path = ["*"]
-[auth]
-allow_anonymous = true
-[rate_limit]
-connections_per_second = 0
-"#;
-
 fn ws_client(addr: SocketAddr, path: &str, id: &str) -> moatmq_testkit::v4::MqttOptions {
     let url = format!("ws://127.0.0.1:{}{path}", addr.port());
     let mut o = moatmq_testkit::v4::MqttOptions::new(id, url, addr.port());
@@ -357,7 +314,14 @@ fn ws_client(addr: SocketAddr, path: &str, id: &str) -> moatmq_testkit::v4::Mqtt
 
 #[tokio::test]
 async fn websocket_paths_are_per_listener() {
-    let broker = TestBroker::with_config(WS_PATHS).await;
+    let broker = TestBroker::builder()
+        .listener(Listener::ws("default"))
+        .listener(Listener::ws("listed").set("path", vec!["/", "/ws"]))
+        .listener(Listener::ws("any").set("path", vec!["*"]))
+        .anonymous()
+        .no_connection_rate()
+        .start()
+        .await;
     let source = [127, 0, 0, 26];
     let status = |addr, path: &'static str| async move {
         let (_, status) = ws_open(source, addr, path, &[]).await;
@@ -416,34 +380,17 @@ fn audited_peer(broker: &TestBroker, client_id: &str) -> Option<String> {
         .and_then(|e| e["peer"].as_str().map(str::to_string))
 }
 
-const TUNNEL: &str = r#"
-[[listener]]
-name = "cf"
-bind = "127.0.0.1:0"
-protocol = "ws"
-[listener.forwarded]
-header = "CF-Connecting-IP"
-trusted_proxies = ["127.0.0.31/32"]
-[[listener]]
-name = "xff"
-bind = "127.0.0.1:0"
-protocol = "ws"
-[listener.forwarded]
-header = "X-Forwarded-For"
-trusted_proxies = ["127.0.0.31"]
-[auth]
-allow_anonymous = true
-[audit]
-path = "audit.log"
-[rate_limit]
-connections_per_second = 0
-[limits]
-max_connections_per_address = 2
-"#;
-
 #[tokio::test]
 async fn a_trusted_proxy_names_the_client_address() {
-    let broker = TestBroker::with_config(TUNNEL).await;
+    let broker = TestBroker::builder()
+        .listener(Listener::ws("cf").forwarded("CF-Connecting-IP", &["127.0.0.31/32"]))
+        .listener(Listener::ws("xff").forwarded("X-Forwarded-For", &["127.0.0.31"]))
+        .anonymous()
+        .audit()
+        .no_connection_rate()
+        .limit("max_connections_per_address", 2)
+        .start()
+        .await;
     let (cf, xff) = (broker.addr("cf"), broker.addr("xff"));
     let proxy = [127, 0, 0, 31];
 
@@ -530,33 +477,28 @@ fn log_lines(needle: &str) -> Vec<String> {
 #[tokio::test]
 async fn refused_tls_clients_are_logged_at_info_rate_limited() {
     captured_log();
-    let dir = tempfile::tempdir().unwrap();
     let ca = TestCa::new("prelogin ca");
-    ca.server(dir.path(), "server");
-    ca.write_ca(dir.path(), "client-ca.crt");
+    let builder = TestBroker::builder()
+        .listener(
+            Listener::tcp("mtls-log")
+                .tls()
+                .tls_set("client_ca", "client-ca.crt"),
+        )
+        .server_cert(&ca)
+        .client_ca(&ca)
+        .anonymous()
+        .no_connection_rate();
+    let dir = builder.dir();
     let foreign = TestCa::new("someone else's ca");
-    let (crt, key) = foreign.valid_client(dir.path(), "foreign", "device-7");
+    let (crt, key) = foreign.valid_client(dir, "foreign", "device-7");
     let (old_crt, old_key) = ca.client(
-        dir.path(),
+        dir,
         "expired",
         "device-8",
         time::Duration::days(-30),
         time::Duration::days(-1),
     );
-    let toml = r#"
-[[listener]]
-name = "mtls-log"
-bind = "127.0.0.1:0"
-[listener.tls]
-cert = "server.crt"
-key = "server.key"
-client_ca = "client-ca.crt"
-[auth]
-allow_anonymous = true
-[rate_limit]
-connections_per_second = 0
-"#;
-    let broker = TestBroker::with_config_in(dir, toml).await;
+    let broker = builder.start().await;
     let addr = broker.addr("mtls-log");
     let read = |crt, key| Some((std::fs::read(crt).unwrap(), std::fs::read(key).unwrap()));
     let (foreign_auth, expired_auth) = (read(crt, key), read(old_crt, old_key));
@@ -600,17 +542,12 @@ connections_per_second = 0
 #[tokio::test]
 async fn refused_websocket_upgrades_are_logged_at_info_rate_limited() {
     captured_log();
-    let toml = r#"
-[[listener]]
-name = "ws-log"
-bind = "127.0.0.1:0"
-protocol = "ws"
-[auth]
-allow_anonymous = true
-[rate_limit]
-connections_per_second = 0
-"#;
-    let broker = TestBroker::with_config(toml).await;
+    let broker = TestBroker::builder()
+        .listener(Listener::ws("ws-log"))
+        .anonymous()
+        .no_connection_rate()
+        .start()
+        .await;
     let addr = broker.addr("ws-log");
     let source = [127, 0, 0, 42];
     let (_, status) = ws_open(source, addr, "/wrong", &[]).await;
@@ -645,20 +582,13 @@ connections_per_second = 0
 
 #[tokio::test]
 async fn refusals_are_audited_but_cannot_flood_the_audit_log() {
-    let toml = r#"
-[[listener]]
-name = "tcp"
-bind = "127.0.0.1:0"
-[auth]
-allow_anonymous = true
-[audit]
-path = "audit.log"
-[rate_limit]
-connections_per_second = 0
-[limits]
-max_pending_per_address = 1
-"#;
-    let broker = TestBroker::with_config(toml).await;
+    let broker = TestBroker::builder()
+        .anonymous()
+        .audit()
+        .no_connection_rate()
+        .limit("max_pending_per_address", 1)
+        .start()
+        .await;
     let addr = broker.first_addr();
     let source = [127, 0, 0, 27];
     let _held = raw_from(source, addr).await;

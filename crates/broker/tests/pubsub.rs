@@ -100,12 +100,8 @@ async fn v5_properties_are_stripped_for_v4_subscribers() {
 async fn retained_message_reaches_late_subscriber() {
     let broker = TestBroker::start().await;
     let addr = broker.first_addr();
-    let publ = v4::connected(addr, "p").await;
-    publ.client
-        .publish("state/door", QoS::AtLeastOnce, true, "locked")
-        .await
-        .unwrap();
-    tokio::time::sleep(QUIET).await;
+    let mut publ = v4::connected(addr, "p").await;
+    publ.publish_acked("state/door", true, "locked").await;
     let mut late = v4::connected(addr, "late").await;
     late.client
         .subscribe("state/#", QoS::AtLeastOnce)
@@ -147,12 +143,8 @@ async fn v5_retain_handling_2_sends_no_retained_messages() {
     use rumqttc::v5::mqttbytes::QoS as Q5;
     let broker = TestBroker::start().await;
     let addr = broker.first_addr();
-    let publ = v4::connected(addr, "p").await;
-    publ.client
-        .publish("rh/state", QoS::AtLeastOnce, true, "old")
-        .await
-        .unwrap();
-    tokio::time::sleep(QUIET).await;
+    let mut publ = v4::connected(addr, "p").await;
+    publ.publish_acked("rh/state", true, "old").await;
 
     let filter = |rule| Filter {
         path: "rh/#".into(),
@@ -254,17 +246,13 @@ async fn every_retained_message_reaches_a_wildcard_subscriber() {
 async fn an_empty_live_publish_does_not_delete_the_retained_message() {
     let broker = TestBroker::start().await;
     let addr = broker.first_addr();
-    let publ = v4::connected(addr, "p").await;
+    let mut publ = v4::connected(addr, "p").await;
     publ.client
         .publish("door", QoS::AtLeastOnce, true, "locked")
         .await
         .unwrap();
     // Empty payload without the retain flag: a normal message, the retained one stays.
-    publ.client
-        .publish("door", QoS::AtLeastOnce, false, "")
-        .await
-        .unwrap();
-    tokio::time::sleep(QUIET).await;
+    publ.publish_acked("door", false, "").await;
     let mut late = v4::connected(addr, "late").await;
     late.client
         .subscribe("door", QoS::AtMostOnce)
@@ -278,11 +266,7 @@ async fn an_empty_live_publish_does_not_delete_the_retained_message() {
         "min(message QoS 1, subscription QoS 0)"
     );
     // Empty payload with the retain flag clears it.
-    publ.client
-        .publish("door", QoS::AtLeastOnce, true, "")
-        .await
-        .unwrap();
-    tokio::time::sleep(QUIET).await;
+    publ.publish_acked("door", true, "").await;
     let mut later = v4::connected(addr, "later").await;
     later
         .client

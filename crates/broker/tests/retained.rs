@@ -4,26 +4,13 @@
 use moatmq_testkit::{v4, v5, TestBroker, QUIET};
 use rumqttc::QoS;
 
-fn config(interval: u64) -> String {
-    format!(
-        r#"
-[[listener]]
-name = "tcp"
-bind = "127.0.0.1:0"
-[auth]
-allow_anonymous = true
-[retained]
-path = "data/retained"
-key_file = "retained.key"
-autosave_interval = {interval}
-"#
-    )
-}
-
-async fn broker_with_store(interval: u64) -> TestBroker {
-    let dir = tempfile::tempdir().unwrap();
-    moatmq_store::RetainedKey::write_new(&dir.path().join("retained.key")).unwrap();
-    TestBroker::with_config_in(dir, &config(interval)).await
+async fn broker_with_store(autosave_interval: i64) -> TestBroker {
+    TestBroker::builder()
+        .anonymous()
+        .retained_store()
+        .set("retained", "autosave_interval", autosave_interval)
+        .start()
+        .await
 }
 
 async fn retained_of(broker: &TestBroker, filter: &str) -> Vec<(String, Vec<u8>)> {
@@ -53,25 +40,12 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 #[tokio::test]
 async fn restart_keeps_retained_messages_encrypted_on_disk() {
     let broker = broker_with_store(0).await;
-    let p = v4::connected(broker.first_addr(), "dev").await;
-    p.client
-        .publish("ward7/bed3/vitals", QoS::AtLeastOnce, true, "pulse=61")
-        .await
-        .unwrap();
-    p.client
-        .publish("door/front", QoS::AtLeastOnce, true, "locked")
-        .await
-        .unwrap();
-    p.client
-        .publish("door/back", QoS::AtLeastOnce, true, "open")
-        .await
-        .unwrap();
+    let mut p = v4::connected(broker.first_addr(), "dev").await;
+    p.publish_acked("ward7/bed3/vitals", true, "pulse=61").await;
+    p.publish_acked("door/front", true, "locked").await;
+    p.publish_acked("door/back", true, "open").await;
     // An empty retained payload clears.
-    p.client
-        .publish("door/back", QoS::AtLeastOnce, true, "")
-        .await
-        .unwrap();
-    tokio::time::sleep(QUIET).await;
+    p.publish_acked("door/back", true, "").await;
 
     let disk = store_bytes(&broker);
     assert!(!disk.is_empty());
@@ -139,12 +113,8 @@ async fn v5_properties_survive_and_expired_messages_are_not_replayed() {
 #[tokio::test]
 async fn shutdown_flushes_what_the_autosave_had_not_saved() {
     let broker = broker_with_store(3600).await;
-    let p = v4::connected(broker.first_addr(), "dev").await;
-    p.client
-        .publish("late/state", QoS::AtLeastOnce, true, "on")
-        .await
-        .unwrap();
-    tokio::time::sleep(QUIET).await;
+    let mut p = v4::connected(broker.first_addr(), "dev").await;
+    p.publish_acked("late/state", true, "on").await;
     let broker = broker.restart().await;
     assert_eq!(
         retained_of(&broker, "late/#").await,
@@ -155,14 +125,10 @@ async fn shutdown_flushes_what_the_autosave_had_not_saved() {
 #[tokio::test]
 async fn wrong_key_or_tampering_refuses_to_start() {
     let broker = broker_with_store(0).await;
-    let p = v4::connected(broker.first_addr(), "dev").await;
+    let mut p = v4::connected(broker.first_addr(), "dev").await;
     for i in 0..5 {
-        p.client
-            .publish(format!("k/{i}"), QoS::AtLeastOnce, true, "v")
-            .await
-            .unwrap();
+        p.publish_acked(format!("k/{i}"), true, "v").await;
     }
-    tokio::time::sleep(QUIET).await;
     let dir = broker.stop().await;
     let config_path = dir.path().join("broker.toml");
     let log = dir.path().join("data/retained/retained.log");

@@ -2,11 +2,8 @@
 //! (properties included), each user has a quota of their own that survives a restart, and
 //! a refusal is never a silent loss (MQTT 5: 0x97; 3.1.1 QoS 1/2: closed unacknowledged).
 
-mod common;
-
 use bytes::BytesMut;
-use common::Raw;
-use moatmq_testkit::{TestBroker, QUIET, WAIT};
+use moatmq_testkit::{Raw, TestBroker, TestBrokerBuilder, QUIET, WAIT};
 use rumqttc::v5::mqttbytes::v5 as m5;
 use rumqttc::v5::mqttbytes::QoS as Q5;
 use std::net::SocketAddr;
@@ -15,34 +12,21 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const USERS: &[(&str, &str)] = &[("alice", "alice-pw"), ("bob", "bob-pw")];
 
 /// A broker with users alice and bob (tenant isolation: `<user>/#`), a durable store
-/// (`autosave_interval = 0`), metrics and audit, and `quota` added to `[retained]`.
-async fn broker(quota: &str) -> TestBroker {
-    let dir = tempfile::tempdir().unwrap();
-    moatmq_store::RetainedKey::write_new(&dir.path().join("retained.key")).unwrap();
-    broker_in(dir, quota).await
+/// (`autosave_interval = 0`), metrics and audit, and `quota` set in `[retained]`.
+fn broker_with(quota: &[(&str, i64)]) -> TestBrokerBuilder {
+    let mut broker =
+        TestBroker::builder()
+            .users(USERS)
+            .retained_store()
+            .set("retained", "autosave_interval", 0);
+    for (key, value) in quota {
+        broker = broker.set("retained", key, *value);
+    }
+    broker.metrics().audit()
 }
 
-async fn broker_in(dir: tempfile::TempDir, quota: &str) -> TestBroker {
-    common::password_file(dir.path(), USERS);
-    let toml = format!(
-        r#"
-[[listener]]
-name = "tcp"
-bind = "127.0.0.1:0"
-[auth]
-password_file = "passwd"
-[retained]
-path = "data/retained"
-key_file = "retained.key"
-autosave_interval = 0
-{quota}
-[metrics]
-bind = "127.0.0.1:0"
-[audit]
-path = "audit.log"
-"#
-    );
-    TestBroker::with_config_in(dir, &toml).await
+async fn broker(quota: &[(&str, i64)]) -> TestBroker {
+    broker_with(quota).start().await
 }
 
 fn pass(user: &str) -> &'static str {
@@ -131,7 +115,7 @@ fn audit_refusals(broker: &TestBroker) -> Vec<serde_json::Value> {
 #[tokio::test]
 async fn properties_count_toward_max_bytes() {
     // 0.1 MB for everyone; 20 KB of user properties per message on a 1-byte payload.
-    let broker = broker("max_bytes = 100000\nmax_bytes_per_user = 0").await;
+    let broker = broker(&[("max_bytes", 100000), ("max_bytes_per_user", 0)]).await;
     let addr = broker.first_addr();
     let mut alice = login5(addr, "alice").await;
     let mut reasons = Vec::new();
@@ -154,7 +138,7 @@ async fn properties_count_toward_max_bytes() {
 
 #[tokio::test]
 async fn alice_filling_her_quota_does_not_stop_bob() {
-    let broker = broker("max_messages_per_user = 3").await;
+    let broker = broker(&[("max_messages_per_user", 3)]).await;
     let addr = broker.first_addr();
     let ok = m5::PubAckReason::Success;
     let full = m5::PubAckReason::QuotaExceeded;
@@ -217,7 +201,7 @@ async fn retain4(c: &mut Raw, qos: rumqttc::QoS, pkid: u16, topic: &str) {
 }
 
 async fn login4(addr: SocketAddr, id: &str, user: &str) -> Raw {
-    let mut connect = common::connect4(id);
+    let mut connect = moatmq_testkit::connect4(id);
     connect.login = Some(rumqttc::mqttbytes::v4::Login::new(user, pass(user)));
     let (raw, code) = Raw::connect4(addr, connect).await;
     assert_eq!(code, Some(rumqttc::ConnectReturnCode::Success));
@@ -227,7 +211,7 @@ async fn login4(addr: SocketAddr, id: &str, user: &str) -> Raw {
 #[tokio::test]
 async fn mqtt311_refusal_is_never_acknowledged() {
     use rumqttc::QoS::{AtLeastOnce, AtMostOnce, ExactlyOnce};
-    let broker = broker("max_messages_per_user = 2").await;
+    let broker = broker(&[("max_messages_per_user", 2)]).await;
     let addr = broker.first_addr();
     let mut alice = login4(addr, "a4", "alice").await;
     for i in 1..=2 {
@@ -260,7 +244,7 @@ async fn mqtt311_refusal_is_never_acknowledged() {
 
 #[tokio::test]
 async fn quota_and_owners_survive_a_restart() {
-    let broker = broker("max_messages_per_user = 2").await;
+    let broker = broker(&[("max_messages_per_user", 2)]).await;
     let addr = broker.first_addr();
     let ok = m5::PubAckReason::Success;
     let full = m5::PubAckReason::QuotaExceeded;
@@ -285,13 +269,12 @@ async fn quota_and_owners_survive_a_restart() {
 #[tokio::test]
 async fn records_from_before_owners_count_against_their_first_level() {
     // A store written without owners (the record layout of earlier versions).
-    let dir = tempfile::tempdir().unwrap();
-    let key_path = dir.path().join("retained.key");
-    moatmq_store::RetainedKey::write_new(&key_path).unwrap();
-    let key = moatmq_store::RetainedKey::load(&key_path).unwrap();
+    let builder = broker_with(&[("max_messages_per_user", 2)]);
+    let dir = builder.dir();
+    let key = moatmq_store::RetainedKey::load(&dir.join("retained.key")).unwrap();
     let limits = moatmq_store::StoreLimits::UNLIMITED;
     let (mut store, _) =
-        moatmq_store::Store::open(&dir.path().join("data/retained"), key, limits).unwrap();
+        moatmq_store::Store::open(&dir.join("data/retained"), key, limits).unwrap();
     for topic in ["alice/old1", "alice/old2", "/no-tenant"] {
         store
             .set(moatmq_store::RetainedMessage {
@@ -307,7 +290,7 @@ async fn records_from_before_owners_count_against_their_first_level() {
     store.flush().unwrap();
     drop(store);
 
-    let broker = broker_in(dir, "max_messages_per_user = 2").await;
+    let broker = builder.start().await;
     let addr = broker.first_addr();
     assert_eq!(
         retained_topics(addr, "alice").await,
@@ -325,7 +308,7 @@ async fn records_from_before_owners_count_against_their_first_level() {
 
 #[tokio::test]
 async fn a_retained_will_past_the_quota_is_refused_counted_and_audited() {
-    let broker = broker("max_messages_per_user = 1").await;
+    let broker = broker(&[("max_messages_per_user", 1)]).await;
     let addr = broker.first_addr();
     let mut alice = login5(addr, "alice").await;
     let ok = m5::PubAckReason::Success;
@@ -333,7 +316,7 @@ async fn a_retained_will_past_the_quota_is_refused_counted_and_audited() {
     let will = m5::LastWill::new("alice/will", "gone", Q5::AtLeastOnce, true, None);
     let (raw, code) = Raw::connect5(
         addr,
-        common::connect5("alice-will"),
+        moatmq_testkit::connect5("alice-will"),
         Some(will),
         Some(m5::Login::new("alice", pass("alice"))),
     )

@@ -6,18 +6,6 @@
 use moatmq_testkit::{v4, TestBroker, QUIET};
 use rumqttc::QoS;
 
-const CONFIG: &str = r#"
-[[listener]]
-name = "tcp"
-bind = "127.0.0.1:0"
-[auth]
-allow_anonymous = true
-[retained]
-path = "data/retained"
-key_file = "retained.key"
-autosave_interval = 0
-"#;
-
 async fn retained_of(broker: &TestBroker) -> Vec<(String, Vec<u8>)> {
     let mut c = v4::connected(broker.first_addr(), "reader").await;
     c.client
@@ -34,30 +22,25 @@ async fn retained_of(broker: &TestBroker) -> Vec<(String, Vec<u8>)> {
 
 #[tokio::test]
 async fn older_copy_of_the_store_refuses_to_start_until_accepted() {
-    let dir = tempfile::tempdir().unwrap();
-    let key_path = dir.path().join("retained.key");
-    moatmq_store::RetainedKey::write_new(&key_path).unwrap();
-    let broker = TestBroker::with_config_in(dir, CONFIG).await;
-    let p = v4::connected(broker.first_addr(), "dev").await;
+    let broker = TestBroker::builder()
+        .anonymous()
+        .retained_store()
+        .set("retained", "autosave_interval", 0)
+        .start()
+        .await;
+    let key_path = broker.path("retained.key");
+    let mut p = v4::connected(broker.first_addr(), "dev").await;
     for (topic, payload) in [("door/front", "locked"), ("door/back", "open")] {
-        p.client
-            .publish(topic, QoS::AtLeastOnce, true, payload)
-            .await
-            .unwrap();
+        p.publish_acked(topic, true, payload).await;
     }
-    tokio::time::sleep(QUIET).await;
     let dir = broker.stop().await;
     let log = dir.path().join("data/retained/retained.log");
     let backup = std::fs::read(&log).unwrap();
 
     // The client deletes its message.
-    let broker = TestBroker::with_config_in(dir, CONFIG).await;
-    let p = v4::connected(broker.first_addr(), "dev").await;
-    p.client
-        .publish("door/back", QoS::AtLeastOnce, true, "")
-        .await
-        .unwrap();
-    tokio::time::sleep(QUIET).await;
+    let broker = TestBroker::start_in(dir).await;
+    let mut p = v4::connected(broker.first_addr(), "dev").await;
+    p.publish_acked("door/back", true, "").await;
     assert_eq!(
         retained_of(&broker).await,
         vec![("door/front".into(), b"locked".to_vec())]
@@ -86,7 +69,7 @@ async fn older_copy_of_the_store_refuses_to_start_until_accepted() {
         moatmq_store::accept(&dir.path().join("data/retained"), key).unwrap(),
         2
     );
-    let broker = TestBroker::with_config_in(dir, CONFIG).await;
+    let broker = TestBroker::start_in(dir).await;
     assert_eq!(
         retained_of(&broker).await,
         vec![

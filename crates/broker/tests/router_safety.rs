@@ -4,8 +4,7 @@
 mod common;
 
 use bytes::BytesMut;
-use common::{connect4, connect5, Raw};
-use moatmq_testkit::{v4, TestBroker, QUIET, WAIT};
+use moatmq_testkit::{connect4, connect5, v4, Raw, TestBroker, QUIET, WAIT};
 use rumqttc::mqttbytes::v4 as m4;
 use rumqttc::v5::mqttbytes::v5 as m5;
 use rumqttc::v5::mqttbytes::QoS as Q5;
@@ -54,12 +53,8 @@ async fn persistent4(
 
 /// Publishes one QoS 1 message from a fresh client.
 async fn publish_one(addr: SocketAddr, topic: &str) {
-    let publ = v4::connected(addr, "publisher").await;
-    publ.client
-        .publish(topic, QoS::AtLeastOnce, false, "m")
-        .await
-        .unwrap();
-    tokio::time::sleep(QUIET).await;
+    let mut publ = v4::connected(addr, "publisher").await;
+    publ.publish_acked(topic, false, "m").await;
 }
 
 /// Waits for a QoS 1 PUBLISH on a raw 3.1.1 client and leaves it unacknowledged.

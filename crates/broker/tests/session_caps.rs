@@ -4,23 +4,20 @@
 
 mod common;
 
-use common::{connect4, connect5, Raw, V4_NO, V4_OK};
-use moatmq_testkit::{v4, TestBroker, QUIET, WAIT};
+use common::{V4_NO, V4_OK};
+use moatmq_testkit::{connect4, connect5, v4, Raw, TestBroker, QUIET, WAIT};
 use rumqttc::v5::mqttbytes::v5 as m5;
 use std::net::SocketAddr;
 
-const CONFIG: &str = r#"
-[[listener]]
-name = "tcp"
-bind = "127.0.0.1:0"
-[auth]
-allow_anonymous = true
-[limits]
-max_subscriptions_per_client = 3
-max_sessions_per_user = 2
-[audit]
-path = "audit.log"
-"#;
+async fn broker() -> TestBroker {
+    TestBroker::builder()
+        .anonymous()
+        .limit("max_subscriptions_per_client", 3)
+        .limit("max_sessions_per_user", 2)
+        .audit()
+        .start()
+        .await
+}
 
 async fn persistent(addr: SocketAddr, id: &str) -> v4::Client {
     let mut o = v4::options(addr, id);
@@ -36,7 +33,7 @@ async fn bye(c: v4::Client) {
 
 #[tokio::test]
 async fn the_subscription_limit_counts_per_session() {
-    let broker = TestBroker::with_config(CONFIG).await;
+    let broker = broker().await;
     let addr = broker.first_addr();
     let mut c = persistent(addr, "subs").await;
     assert_eq!(
@@ -62,7 +59,7 @@ async fn the_subscription_limit_counts_per_session() {
 
 #[tokio::test]
 async fn persistent_sessions_per_user_are_capped() {
-    let broker = TestBroker::with_config(CONFIG).await;
+    let broker = broker().await;
     let addr = broker.first_addr();
     bye(persistent(addr, "p1").await).await;
     bye(persistent(addr, "p2").await).await;

@@ -5,8 +5,8 @@
 mod common;
 
 use bytes::BytesMut;
-use common::{connect4, suback4, Raw, V4_OK};
-use moatmq_testkit::{v4, v5, TestBroker, QUIET, WAIT};
+use common::{suback4, V4_OK};
+use moatmq_testkit::{connect4, v4, v5, Raw, TestBroker, WAIT};
 use rumqttc::v5::mqttbytes::v5 as m5;
 use rumqttc::QoS;
 use std::net::SocketAddr;
@@ -44,14 +44,11 @@ async fn persistent_session_gets_queued_messages_after_reconnect_v4() {
     sub.client.disconnect().await.unwrap();
     assert!(sub.closed_within(WAIT).await.is_some());
 
-    let publ = v4::connected(addr, "pub").await;
+    let mut publ = v4::connected(addr, "pub").await;
     for i in 0..3 {
-        publ.client
-            .publish(format!("q/{i}"), QoS::AtLeastOnce, false, format!("m{i}"))
-            .await
-            .unwrap();
+        publ.publish_acked(format!("q/{i}"), false, format!("m{i}"))
+            .await;
     }
-    tokio::time::sleep(QUIET).await;
 
     let mut sub = v4::connect(o).await.unwrap();
     assert!(sub.connack.session_present, "session kept");
@@ -75,7 +72,6 @@ async fn persistent_session_gets_queued_messages_after_reconnect_v4() {
 
 #[tokio::test]
 async fn persistent_session_v5_with_session_expiry() {
-    use rumqttc::v5::mqttbytes::QoS as Q5;
     let broker = TestBroker::start().await;
     let addr = broker.first_addr();
     let opts = || {
@@ -92,12 +88,8 @@ async fn persistent_session_v5_with_session_expiry() {
     common::subscribed5(&mut sub, "q5/#").await;
     sub.client.disconnect().await.unwrap();
     assert!(sub.closed_within(WAIT).await.is_some());
-    let publ = v5::connected(addr, "pub5").await;
-    publ.client
-        .publish("q5/a", Q5::AtLeastOnce, false, "kept")
-        .await
-        .unwrap();
-    tokio::time::sleep(QUIET).await;
+    let mut publ = v5::connected(addr, "pub5").await;
+    publ.publish_acked("q5/a", false, "kept").await;
     let mut sub = v5::connect(opts()).await.unwrap();
     assert!(sub.connack.session_present);
     assert_eq!(&sub.next_publish().await.payload[..], b"kept");
@@ -150,7 +142,7 @@ async fn v5_with_will(addr: SocketAddr, id: &str, topic: &str) -> Raw {
         false,
         None,
     );
-    let (raw, code) = Raw::connect5(addr, common::connect5(id), Some(will), None).await;
+    let (raw, code) = Raw::connect5(addr, moatmq_testkit::connect5(id), Some(will), None).await;
     assert_eq!(code, Some(m5::ConnectReturnCode::Success));
     raw
 }
@@ -211,7 +203,8 @@ async fn v5_will_properties_travel_with_the_will() {
         false,
         Some(props),
     );
-    let (mut raw, code) = Raw::connect5(addr, common::connect5("propwill"), Some(will), None).await;
+    let (mut raw, code) =
+        Raw::connect5(addr, moatmq_testkit::connect5("propwill"), Some(will), None).await;
     assert_eq!(code, Some(m5::ConnectReturnCode::Success));
     // DISCONNECT with reason 0x80 (unspecified error): not a normal one, so the will goes.
     raw.send(&[0xE0, 0x01, 0x80]).await;
@@ -244,7 +237,7 @@ async fn keep_alive_zero_is_accepted() {
         Some(rumqttc::Packet::SubAck(_))
     ));
     // MQTT 5 with keep alive 0 too.
-    let mut c = common::connect5("ka0-5");
+    let mut c = moatmq_testkit::connect5("ka0-5");
     c.keep_alive = 0;
     let (mut publ, code) = Raw::connect5(addr, c, None, None).await;
     assert_eq!(code, Some(m5::ConnectReturnCode::Success));

@@ -3,23 +3,16 @@
 
 mod common;
 
-use common::{login4, password_file, suback4, V4_OK};
+use common::{login4, suback4, V4_OK};
 use moatmq_testkit::{v4, TestBroker, QUIET};
 use rumqttc::QoS;
 use std::net::SocketAddr;
 
-const CONFIG: &str = r#"
-[[listener]]
-name = "tcp"
-bind = "127.0.0.1:0"
-[auth]
-password_file = "passwd"
-"#;
-
 async fn broker() -> TestBroker {
-    let dir = tempfile::tempdir().unwrap();
-    password_file(dir.path(), &[("alice", "alice-pw"), ("bob", "bob-pw")]);
-    TestBroker::with_config_in(dir, CONFIG).await
+    TestBroker::builder()
+        .users(&[("alice", "alice-pw"), ("bob", "bob-pw")])
+        .start()
+        .await
 }
 
 async fn member(addr: SocketAddr, id: &str, user: &str, filter: &str) -> v4::Client {

@@ -9,15 +9,14 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-const CONFIG: &str = r#"
-[[listener]]
-name = "tcp"
-bind = "127.0.0.1:0"
-[auth]
-allow_anonymous = true
-[metrics]
-bind = "127.0.0.1:0"
-"#;
+/// An anonymous broker with metrics, started by the test itself: its folder and config.
+fn config() -> (tempfile::TempDir, moatmq_config::Config) {
+    let (dir, path) = moatmq_testkit::TestBroker::builder()
+        .anonymous()
+        .metrics()
+        .write();
+    (dir, moatmq_config::Config::load(&path).unwrap())
+}
 
 async fn status(addr: SocketAddr, path: &str) -> u16 {
     let Ok(Ok(mut s)) =
@@ -36,11 +35,8 @@ async fn status(addr: SocketAddr, path: &str) -> u16 {
 }
 
 async fn supervised(fault: RouterFault) -> RouterFailure {
-    let dir = tempfile::tempdir().unwrap();
-    let path = moatmq_testkit::write_file(dir.path(), "broker.toml", CONFIG);
-    let broker = Broker::start(moatmq_config::Config::load(&path).unwrap())
-        .await
-        .unwrap();
+    let (_dir, config) = config();
+    let broker = Broker::start(config).await.unwrap();
     let m = broker.metrics_addr().unwrap();
     let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
     broker.inject_router_fault(fault);
@@ -73,11 +69,8 @@ async fn a_wedged_router_fails_health_and_ends_serve() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_healthy_router_stays_healthy() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = moatmq_testkit::write_file(dir.path(), "broker.toml", CONFIG);
-    let broker = Broker::start(moatmq_config::Config::load(&path).unwrap())
-        .await
-        .unwrap();
+    let (_dir, config) = config();
+    let broker = Broker::start(config).await.unwrap();
     let m = broker.metrics_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let serve = tokio::spawn(broker.serve(async move {

@@ -5,36 +5,12 @@
 mod common;
 
 use common::{suback4, V4_NO, V4_OK};
-use moatmq_testkit::{v4, v5, TestBroker, TestCa};
+use moatmq_testkit::{v4, v5, Listener, Raw, TestBroker, TestCa};
 use rumqttc::{QoS, TlsConfiguration, Transport};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use time::Duration;
-
-const TLS_ANONYMOUS: &str = r#"
-[[listener]]
-name = "tls"
-bind = "127.0.0.1:0"
-allow_anonymous = true
-[listener.tls]
-cert = "server.crt"
-key = "server.key"
-"#;
-
-const MTLS_CN: &str = r#"
-[[listener]]
-name = "mtls"
-bind = "127.0.0.1:0"
-[listener.tls]
-cert = "server.crt"
-key = "server.key"
-client_ca = "client-ca.crt"
-require_client_cert = true
-identity = "cn"
-[audit]
-path = "audit.log"
-"#;
 
 /// rumqttc TLS transport trusting `ca`, optionally presenting a client certificate.
 fn tls(ca: &TestCa, client: Option<&(PathBuf, PathBuf)>) -> Transport {
@@ -63,21 +39,19 @@ fn tls5(addr: SocketAddr, id: &str, t: Transport) -> v5::MqttOptions {
     o
 }
 
-/// A broker with a server certificate from `server_ca` and client certificates checked
-/// against `client_ca`, configured by `toml`.
-async fn tls_broker(toml: &str, server_ca: &TestCa, client_ca: Option<&TestCa>) -> TestBroker {
-    let dir = tempfile::tempdir().unwrap();
-    server_ca.server(dir.path(), "server");
-    if let Some(c) = client_ca {
-        c.write_ca(dir.path(), "client-ca.crt");
-    }
-    TestBroker::with_config_in(dir, toml).await
+/// A broker with one TLS listener `tls`, anonymous, its certificate from `ca`.
+async fn tls_anonymous(ca: &TestCa) -> TestBroker {
+    TestBroker::builder()
+        .listener(Listener::tcp("tls").set("allow_anonymous", true).tls())
+        .server_cert(ca)
+        .start()
+        .await
 }
 
 #[tokio::test]
 async fn tls_pubsub_v4_and_v5() {
     let ca = TestCa::new("server ca");
-    let broker = tls_broker(TLS_ANONYMOUS, &ca, None).await;
+    let broker = tls_anonymous(&ca).await;
     let addr = broker.addr("tls");
 
     let mut sub4 = v4::connect(tls4(addr, "sub4", tls(&ca, None)))
@@ -119,7 +93,7 @@ async fn tls_pubsub_v4_and_v5() {
 async fn server_certificate_from_another_ca_is_not_trusted() {
     let ca = TestCa::new("server ca");
     let other = TestCa::new("someone else");
-    let broker = tls_broker(TLS_ANONYMOUS, &ca, None).await;
+    let broker = tls_anonymous(&ca).await;
     let r = v4::connect(tls4(broker.addr("tls"), "c", tls(&other, None))).await;
     assert!(
         r.is_err(),
@@ -130,10 +104,10 @@ async fn server_certificate_from_another_ca_is_not_trusted() {
 #[tokio::test]
 async fn plaintext_client_on_a_tls_listener_gets_nothing() {
     let ca = TestCa::new("server ca");
-    let broker = tls_broker(TLS_ANONYMOUS, &ca, None).await;
-    let mut raw = common::Raw::tcp(broker.addr("tls")).await;
+    let broker = tls_anonymous(&ca).await;
+    let mut raw = Raw::tcp(broker.addr("tls")).await;
     let mut out = bytes::BytesMut::new();
-    common::connect4("plain").write(&mut out).unwrap();
+    moatmq_testkit::connect4("plain").write(&mut out).unwrap();
     raw.send(&out).await;
     let got = raw
         .bytes_until_closed(moatmq_testkit::WAIT)
@@ -172,7 +146,9 @@ async fn handshake_with(
     let mut tls = connector.connect(name, tcp).await.expect("handshake");
     let negotiated = tls.get_ref().1.protocol_version().expect("version");
     let mut out = bytes::BytesMut::new();
-    common::connect4("versioned").write(&mut out).unwrap();
+    moatmq_testkit::connect4("versioned")
+        .write(&mut out)
+        .unwrap();
     tls.write_all(&out).await.unwrap();
     let mut connack = [0u8; 4];
     tokio::time::timeout(moatmq_testkit::WAIT, tls.read_exact(&mut connack))
@@ -186,7 +162,7 @@ async fn handshake_with(
 #[tokio::test]
 async fn tls12_only_and_tls13_only_clients_both_connect() {
     let ca = TestCa::new("server ca");
-    let broker = tls_broker(TLS_ANONYMOUS, &ca, None).await;
+    let broker = tls_anonymous(&ca).await;
     let addr = broker.addr("tls");
     assert_eq!(
         handshake_with(addr, &ca, &rustls::version::TLS12).await,
@@ -209,7 +185,19 @@ impl Mtls {
     async fn start() -> Mtls {
         let server_ca = TestCa::new("server ca");
         let client_ca = TestCa::new("client ca");
-        let broker = tls_broker(MTLS_CN, &server_ca, Some(&client_ca)).await;
+        // The identity is the client certificate's CN; no password, no anonymous.
+        let mtls = Listener::tcp("mtls")
+            .tls()
+            .tls_set("client_ca", "client-ca.crt")
+            .tls_set("require_client_cert", true)
+            .tls_set("identity", "cn");
+        let broker = TestBroker::builder()
+            .listener(mtls)
+            .server_cert(&server_ca)
+            .client_ca(&client_ca)
+            .audit()
+            .start()
+            .await;
         Mtls {
             broker,
             server_ca,

@@ -4,33 +4,20 @@
 mod common;
 
 use common::{suback4, V4_OK};
-use moatmq_testkit::{v4, v5, TestBroker, TestCa};
+use moatmq_testkit::{v4, v5, Listener, TestBroker, TestCa};
 use rumqttc::v5::mqttbytes::QoS as Q5;
 use rumqttc::{QoS, TlsConfiguration, Transport};
 use std::net::SocketAddr;
 
-const WS_AND_TCP: &str = r#"
-[[listener]]
-name = "ws"
-bind = "127.0.0.1:0"
-protocol = "ws"
-[[listener]]
-name = "tcp"
-bind = "127.0.0.1:0"
-[auth]
-allow_anonymous = true
-"#;
-
-const WSS: &str = r#"
-[[listener]]
-name = "wss"
-bind = "127.0.0.1:0"
-protocol = "ws"
-allow_anonymous = true
-[listener.tls]
-cert = "server.crt"
-key = "server.key"
-"#;
+/// Anonymous listeners `ws` (WebSocket) and `tcp`.
+async fn ws_and_tcp() -> TestBroker {
+    TestBroker::builder()
+        .listener(Listener::ws("ws"))
+        .listener(Listener::tcp("tcp"))
+        .anonymous()
+        .start()
+        .await
+}
 
 fn ws4(addr: SocketAddr, id: &str, tls: Option<&TestCa>) -> v4::MqttOptions {
     let (scheme, transport) = transport(tls);
@@ -64,7 +51,7 @@ fn transport(tls: Option<&TestCa>) -> (&'static str, Transport) {
 
 #[tokio::test]
 async fn websocket_v4_and_v5_with_tcp_clients() {
-    let broker = TestBroker::with_config(WS_AND_TCP).await;
+    let broker = ws_and_tcp().await;
     let ws = broker.addr("ws");
     let tcp = broker.addr("tcp");
 
@@ -112,9 +99,12 @@ async fn websocket_v4_and_v5_with_tcp_clients() {
 #[tokio::test]
 async fn websocket_over_tls_v4_and_v5() {
     let ca = TestCa::new("server ca");
-    let dir = tempfile::tempdir().unwrap();
-    ca.server(dir.path(), "server");
-    let broker = TestBroker::with_config_in(dir, WSS).await;
+    let wss = Listener::ws("wss").set("allow_anonymous", true).tls();
+    let broker = TestBroker::builder()
+        .listener(wss)
+        .server_cert(&ca)
+        .start()
+        .await;
     let addr = broker.addr("wss");
 
     let mut sub = v4::connect(ws4(addr, "wss-sub", Some(&ca)))
@@ -160,7 +150,7 @@ async fn upgrade(addr: SocketAddr, path: &str, protocol: Option<&str>) -> String
 
 #[tokio::test]
 async fn websocket_upgrade_needs_path_mqtt_and_the_mqtt_subprotocol() {
-    let broker = TestBroker::with_config(WS_AND_TCP).await;
+    let broker = ws_and_tcp().await;
     let ws = broker.addr("ws");
     assert!(upgrade(ws, "/mqtt", Some("mqtt")).await.contains(" 101 "));
     assert!(upgrade(ws, "/other", Some("mqtt")).await.contains(" 404 "));

@@ -4,11 +4,12 @@
 //! Loading is two steps: serde parses the TOML (unknown keys are an error, so a typo
 //! never silently falls back to a default), then [`Config::validate`] checks what types
 //! cannot (non-zero limits, unique listener names, TLS settings that fit together).
-//! Every error names the file, the line where known, and the reason; errors never echo
-//! configuration values, which may be secrets.
+//! Every error names the file, the line and key path where known (from the TOML parser's
+//! spans), and the reason; errors never echo configuration values, which may be secrets.
 
 mod error;
 mod import;
+mod position;
 mod schema;
 
 pub use import::{import_mosquitto, ImportReport};
@@ -31,16 +32,14 @@ impl Config {
     /// Parses and validates `text`; `file` is only used to name errors and to resolve
     /// relative paths against the file's folder.
     pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
-        let mut config: Config = toml::from_str(text).map_err(|e| {
-            let line = e.span().map(|span| line_of(text, span.start)).unwrap_or(0);
-            ConfigError::Syntax {
-                file: file.to_path_buf(),
-                line,
-                reason: error::redact(e.message()),
-            }
-        })?;
+        // One parse: its spans place every error, its tree feeds serde.
+        let positions =
+            position::Positions::parse(text).map_err(|e| ConfigError::malformed(file, text, &e))?;
+        let de = toml_edit::de::Deserializer::from(positions.document().clone());
+        let mut config = <Config as serde::Deserialize>::deserialize(de)
+            .map_err(|e| ConfigError::schema(file, &positions, &e))?;
         config.source = Some(file.to_path_buf());
-        config.validate().map_err(|e| e.locate(file, text))
+        config.validate().map_err(|e| e.locate(file, &positions))
     }
 
     /// The built-in configuration used by `moatmq serve` without `-c`: one plaintext

@@ -172,7 +172,7 @@ pub enum CertIdentity {
 }
 
 /// `[auth]`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Auth {
     /// Clients without credentials may connect. Off by default (fail closed).
@@ -181,6 +181,37 @@ pub struct Auth {
     /// `username:PHC-hash` lines (Argon2id; mosquitto_passwd `$7$` lines accepted).
     #[serde(default)]
     pub password_file: Option<PathBuf>,
+    /// Seconds a successful password verification is remembered (keyed HMAC, memory
+    /// only), so a reconnecting client skips the slow hash; 0 = off.
+    #[serde(default = "default_credential_cache_ttl")]
+    pub credential_cache_ttl: u64,
+    /// Most remembered verifications; the oldest go first; 0 = off.
+    #[serde(default = "default_credential_cache_size")]
+    pub credential_cache_size: usize,
+}
+
+impl Default for Auth {
+    fn default() -> Auth {
+        Auth {
+            allow_anonymous: false,
+            password_file: None,
+            credential_cache_ttl: default_credential_cache_ttl(),
+            credential_cache_size: default_credential_cache_size(),
+        }
+    }
+}
+
+/// Default `auth.credential_cache_ttl`: ten minutes.
+pub const DEFAULT_CREDENTIAL_CACHE_TTL: u64 = 600;
+/// Default `auth.credential_cache_size`.
+pub const DEFAULT_CREDENTIAL_CACHE_SIZE: usize = 100_000;
+
+fn default_credential_cache_ttl() -> u64 {
+    DEFAULT_CREDENTIAL_CACHE_TTL
+}
+
+fn default_credential_cache_size() -> usize {
+    DEFAULT_CREDENTIAL_CACHE_SIZE
 }
 
 /// `[acl]`.
@@ -506,6 +537,9 @@ fn addresses_overlap(a: std::net::SocketAddr, b: std::net::SocketAddr) -> bool {
     a.port() != 0 && a.port() == b.port() && (a.ip() == b.ip() || covers(a, b) || covers(b, a))
 }
 
+/// Why two binds cannot both be served; the other bind's key path follows.
+const OVERLAPS: &str = "same port on the same or a wildcard address as";
+
 /// An HTTP request path as a client sends it: absolute, no query or fragment.
 fn valid_ws_path(p: &str) -> bool {
     p.starts_with('/')
@@ -608,25 +642,19 @@ impl Config {
             .collect();
         for (i, addr) in binds.iter().enumerate() {
             if let Some(j) = binds[..i].iter().position(|b| addresses_overlap(*b, *addr)) {
-                return Err(Invalid::new(
-                    "bind",
-                    format!(
-                        "overlaps the bind of listener \"{}\" (same port on the same or a wildcard address)",
-                        self.listener[j].name
-                    ),
-                )
-                .in_listener(i));
+                return Err(
+                    Invalid::conflict("bind", &format!("listener[{j}].bind"), OVERLAPS)
+                        .in_listener(i),
+                );
             }
         }
         if let Some(m) = &self.metrics {
             if let Ok(addr) = m.bind.parse::<std::net::SocketAddr>() {
                 if let Some(j) = binds.iter().position(|b| addresses_overlap(*b, addr)) {
-                    return Err(Invalid::new(
+                    return Err(Invalid::conflict(
                         "metrics.bind",
-                        format!(
-                            "overlaps the bind of listener \"{}\" (same port on the same or a wildcard address)",
-                            self.listener[j].name
-                        ),
+                        &format!("listener[{j}].bind"),
+                        OVERLAPS,
                     ));
                 }
             }

@@ -109,7 +109,7 @@ fn serve(path: Option<&Path>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         // Logged (one ERROR line) when it was detected.
-        Err(moatmq_broker::StartError::RouterFailed(_)) => ExitCode::from(EXIT_ROUTER_FAILED),
+        Err(moatmq_broker::BrokerError::RouterFailed(_)) => ExitCode::from(EXIT_ROUTER_FAILED),
         Err(e) => {
             eprintln!("{e}");
             if e.is_config() {
@@ -122,8 +122,14 @@ fn serve(path: Option<&Path>) -> ExitCode {
 }
 
 fn init_tracing(config: &Config) {
-    use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
+    log_subscriber(config).init();
+}
+
+/// The broker's log: `config.log` level and format, rumqttd's router spans never
+/// recorded, known-harmless dependency lines dropped.
+fn log_subscriber(config: &Config) -> impl tracing::Subscriber + Send + Sync {
+    use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::{filter::filter_fn, Layer};
     // rumqttd logs every connection at info level; ours already does, with more context.
     const DEFAULT_FILTER: &str = "info,rumqttd=warn";
@@ -134,9 +140,14 @@ fn init_tracing(config: &Config) {
     // quarter of the broker's CPU (docs/benchmarks.md). Its events (warnings, errors)
     // are kept.
     let no_router_spans = filter_fn(|m| !(m.is_span() && m.target().starts_with("rumqttd")));
+    // Colours only for a person at a terminal: journald, `docker logs` and log files get
+    // plain text (escape codes there are noise, and break grep). NO_COLOR turns them off.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && !std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
     let layer = match config.log.format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
             .fmt_fields(crate::logfmt::escaped_fields())
+            .with_ansi(ansi)
             .with_writer(std::io::stderr)
             .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
@@ -144,14 +155,16 @@ fn init_tracing(config: &Config) {
             .with_writer(std::io::stderr)
             .boxed(),
     };
-    tracing_subscriber::registry()
-        .with(
-            layer
-                .with_filter(filter)
-                .with_filter(no_router_spans)
-                .with_filter(crate::lognoise::KnownNoise),
-        )
-        .init();
+    // `no_router_spans` is the outermost filter: a span it refuses is never created in
+    // the registry. Under a filter that lets it through (KnownNoise passes every span),
+    // the registry records it even if an inner filter refuses it, and the router's
+    // per-packet spans cost a fifth of the QoS 1 throughput again (docs/benchmarks.md).
+    tracing_subscriber::registry().with(
+        layer
+            .with_filter(filter)
+            .with_filter(crate::lognoise::KnownNoise)
+            .with_filter(no_router_spans),
+    )
 }
 
 fn keygen(out: &Path) -> anyhow::Result<()> {
@@ -209,14 +222,20 @@ fn read_password() -> anyhow::Result<Zeroizing<String>> {
     Ok(password)
 }
 
+/// The config at `path` and its `[retained]` section, which the command needs.
+fn retained_config(path: &std::path::Path) -> anyhow::Result<(Config, moatmq_config::Retained)> {
+    let config = Config::load(path)?;
+    let r = config
+        .retained
+        .clone()
+        .context("the config has no [retained] section")?;
+    Ok((config, r))
+}
+
 fn retained(command: RetainedCommand) -> anyhow::Result<()> {
     match command {
         RetainedCommand::List { config } => {
-            let config = Config::load(&config)?;
-            let r = config
-                .retained
-                .clone()
-                .context("the config has no [retained] section")?;
+            let (config, r) = retained_config(&config)?;
             let dir = config.resolve(&r.path);
             if !dir.exists() {
                 // Opening would create it, owned by whoever runs this (often root), and
@@ -227,7 +246,7 @@ fn retained(command: RetainedCommand) -> anyhow::Result<()> {
                 );
                 return Ok(());
             }
-            let (store, _) = moatmq_broker::retained::open(&config, &r)?;
+            let store = moatmq_broker::retained::open(&config, &r)?;
             for m in store.messages() {
                 // Quota owner: as stored, or as derived for records from before owners.
                 let owner = m
@@ -249,11 +268,7 @@ fn retained(command: RetainedCommand) -> anyhow::Result<()> {
             Ok(())
         }
         RetainedCommand::Rekey { config, new_key } => {
-            let config = Config::load(&config)?;
-            let r = config
-                .retained
-                .clone()
-                .context("the config has no [retained] section")?;
+            let (config, r) = retained_config(&config)?;
             let old = moatmq_broker::retained::load_key(&config, &r)?;
             let new = moatmq_store::RetainedKey::load(&new_key)?;
             let dir = config.resolve(&r.path);
@@ -268,11 +283,7 @@ fn retained(command: RetainedCommand) -> anyhow::Result<()> {
             Ok(())
         }
         RetainedCommand::Accept { config } => {
-            let config = Config::load(&config)?;
-            let r = config
-                .retained
-                .clone()
-                .context("the config has no [retained] section")?;
+            let (config, r) = retained_config(&config)?;
             let key = moatmq_broker::retained::load_key(&config, &r)?;
             let path = config.resolve(&r.path);
             anyhow::ensure!(path.exists(), "no retained store at {}", path.display());
@@ -375,4 +386,23 @@ fn import(conf: &Path, out: Option<&Path>, force: bool) -> anyhow::Result<()> {
         None => print!("{}", report.toml),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_routers_per_packet_spans_are_never_recorded() {
+        let toml = "[[listener]]\nname = \"l\"\nbind = \"127.0.0.1:0\"\n";
+        let config = Config::parse(Path::new("broker.toml"), toml).unwrap();
+        let dispatch = tracing::Dispatch::new(log_subscriber(&config));
+        tracing::dispatcher::with_default(&dispatch, || {
+            // rumqttd opens one of these, at ERROR level, for every packet it routes.
+            let router = tracing::error_span!(target: "rumqttd::router::routing", "incoming");
+            assert!(router.is_disabled(), "a router span reaches the registry");
+            let ours = tracing::error_span!(target: "moatmq_broker::gateway", "ours");
+            assert!(!ours.is_disabled(), "the filter drops every span");
+        });
+    }
 }

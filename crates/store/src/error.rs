@@ -118,9 +118,9 @@ pub enum StoreError {
         /// Records the mark vouches for.
         records: u64,
     },
-    /// `set` of a new topic would exceed `max_messages` or `max_bytes`.
-    #[error("retained store is full (max_messages or max_bytes reached)")]
-    Full,
+    /// `set` would make a total grow past one of the [`crate::StoreLimits`].
+    #[error("retained store is full ({} reached)", .0.label())]
+    Full(crate::Refusal),
     /// A session-store call named a session that is not kept (enqueue before put).
     #[error("no such session")]
     UnknownSession,

@@ -41,6 +41,7 @@ mod mark;
 mod record;
 mod session;
 mod session_log;
+mod set;
 mod store;
 
 #[cfg(test)]
@@ -54,6 +55,7 @@ pub use session::{
     SessionKey, SessionLimits, SessionMeta, SessionStore, SubscriptionOptions,
 };
 pub use session_log::{accept_sessions, read_sessions, rekey_sessions, SessionLog};
+pub use set::{Refusal, RetainedSet, StoreLimits, Usage, UNKNOWN_OWNER};
 pub use store::Store;
 
 use serde::{Deserialize, Serialize};
@@ -95,21 +97,6 @@ pub struct RetainedMessage {
 }
 
 impl RetainedMessage {
-    /// Bytes of topic, payload and properties: what [`StoreLimits::max_bytes`] counts (the
-    /// broker's `[retained] max_bytes` counts [`stored_bytes`], the whole record).
-    pub fn data_bytes(&self) -> u64 {
-        let props = self.properties.as_ref().map_or(0, |p| {
-            1 + p.content_type.as_ref().map_or(0, String::len)
-                + p.response_topic.as_ref().map_or(0, String::len)
-                + p.correlation_data.as_ref().map_or(0, Vec::len)
-                + p.user_properties
-                    .iter()
-                    .map(|(k, v)| k.len() + v.len())
-                    .sum::<usize>()
-        });
-        (self.topic.len() + self.payload.len() + props) as u64
-    }
-
     /// Whether the message has expired at `now` (unix seconds).
     pub fn is_expired(&self, now: u64) -> bool {
         self.expires_at.is_some_and(|t| t <= now)
@@ -117,28 +104,10 @@ impl RetainedMessage {
 }
 
 /// Bytes `msg` takes as one record in the log: topic, payload, properties, expiry and
-/// owner as encoded, plus the frame's length prefix, nonce and tag. What the broker
-/// counts toward `[retained] max_bytes`.
+/// owner as encoded, plus the frame's length prefix, nonce and tag. The one size measure:
+/// what [`StoreLimits`] count and what a flushed message takes in the file.
 pub fn stored_bytes(msg: &RetainedMessage) -> u64 {
     record::frame_bytes(msg)
-}
-
-/// Bounds on what `set` accepts for new topics; replacing an existing topic is always
-/// allowed, and a store loaded past lowered limits keeps everything it holds.
-#[derive(Debug, Clone, Copy)]
-pub struct StoreLimits {
-    /// Most retained topics.
-    pub max_messages: usize,
-    /// Most bytes of topics, payloads and properties ([`RetainedMessage::data_bytes`]).
-    pub max_bytes: u64,
-}
-
-impl StoreLimits {
-    /// No limits (used by offline tools such as rekey).
-    pub const UNLIMITED: StoreLimits = StoreLimits {
-        max_messages: usize::MAX,
-        max_bytes: u64::MAX,
-    };
 }
 
 /// What one [`Store::flush`] wrote.
@@ -150,8 +119,9 @@ pub struct FlushStats {
     pub bytes: u64,
 }
 
-/// Current time in unix seconds (0 if the clock is before 1970).
-pub(crate) fn now_unix() -> u64 {
+/// Current time in unix seconds (0 if the clock is before 1970): what message expiry is
+/// measured in.
+pub fn now_unix() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
@@ -173,5 +143,5 @@ pub fn decode_log_image(
         0,
         |_, _| Ok(None),
     )?;
-    Ok(live.into_values().map(|e| (*e.msg).clone()).collect())
+    Ok(live.into_iter().map(|item| (*item.0).clone()).collect())
 }

@@ -7,7 +7,6 @@
 //! bytes or end-of-file before that is [`StoreError::Truncated`]. Anything else that fails
 //! is an error naming the record or offset.
 
-use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
@@ -20,13 +19,36 @@ use zeroize::Zeroizing;
 use crate::format::{Format, RETAINED};
 use crate::record::{self, FileId, OpenError, RecordRef, HEADER_LEN, NONCE_LEN};
 use crate::record::{HeaderError, MAX_CIPHERTEXT_LEN, PREFIX_LEN, TAG_LEN};
+use crate::set::{Item, Items};
 use crate::{RetainedMessage, StoreError};
 
-/// A live message and the size of the frame holding it on disk (0 until flushed).
-#[derive(Debug, Clone)]
-pub(crate) struct Entry {
-    pub(crate) msg: Arc<RetainedMessage>,
-    pub(crate) frame_len: u64,
+/// Creates `path` anew (a leftover from a crash is removed first), readable and
+/// writable by the owner only.
+pub(crate) fn fresh_private_file(path: &Path) -> Result<File, StoreError> {
+    let io = |e| StoreError::io(path, e);
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(e)),
+    }
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io)
+}
+
+/// What [`read_frames`] found besides the records.
+#[derive(Debug)]
+pub(crate) struct Frames {
+    pub(crate) file_id: FileId,
+    /// Format version of the file's header.
+    pub(crate) version: u32,
+    pub(crate) next_seq: u64,
+    /// Length of the verified prefix of the file; less than its size if the tail was torn.
+    pub(crate) good_len: u64,
 }
 
 /// What the high-water mark requires of a log: at least `records` records.
@@ -73,8 +95,21 @@ fn rest_is_zero(r: &mut impl Read, file: &Path) -> Result<bool, StoreError> {
     }
 }
 
+/// Replays one retained record into `live`.
+pub(crate) fn apply_retained(live: &mut Items, plain: &[u8]) -> Result<(), OpenError> {
+    match record::decode_record(plain)?.into_change() {
+        Ok(msg) => {
+            live.replace(Item(Arc::new(msg)));
+        }
+        Err(topic) => {
+            live.remove(topic.as_str());
+        }
+    }
+    Ok(())
+}
+
 /// Reads and verifies a whole retained log of `file_len` bytes and returns its live
-/// messages by topic; messages expired at `now` are dropped. See [`read_frames`].
+/// messages; messages expired at `now` are dropped. See [`read_frames`].
 pub(crate) fn read_log(
     r: impl Read,
     file_len: u64,
@@ -82,8 +117,8 @@ pub(crate) fn read_log(
     file: &Path,
     now: u64,
     required: impl FnOnce(&FileId, u32) -> Result<Option<Required>, StoreError>,
-) -> Result<HashMap<String, Entry>, StoreError> {
-    let mut live: HashMap<String, Entry> = HashMap::new();
+) -> Result<Items, StoreError> {
+    let mut live = Items::new();
     read_frames(
         r,
         file_len,
@@ -91,37 +126,10 @@ pub(crate) fn read_log(
         &RETAINED,
         file,
         required,
-        |plain, frame_len| {
-            match record::decode_record(plain)?.into_change() {
-                Ok(msg) => {
-                    live.insert(
-                        msg.topic.clone(),
-                        Entry {
-                            msg: Arc::new(msg),
-                            frame_len,
-                        },
-                    );
-                }
-                Err(topic) => {
-                    live.remove(&topic);
-                }
-            }
-            Ok(())
-        },
+        |plain, _| apply_retained(&mut live, plain),
     )?;
-    live.retain(|_, e| !e.msg.is_expired(now));
+    live.retain(|item| !item.0.is_expired(now));
     Ok(live)
-}
-
-/// What [`read_frames`] found besides the records.
-#[derive(Debug)]
-pub(crate) struct Frames {
-    pub(crate) file_id: FileId,
-    /// Format version of the file's header.
-    pub(crate) version: u32,
-    pub(crate) next_seq: u64,
-    /// Length of the verified prefix of the file; less than its size if the tail was torn.
-    pub(crate) good_len: u64,
 }
 
 /// Reads and verifies a whole `fmt` log of `file_len` bytes, handing each record's
@@ -257,8 +265,8 @@ pub(crate) struct Written {
     pub(crate) frame_lens: Vec<u64>,
 }
 
-/// Writes `tmp_path` (replacing a stale one) with a new file id and one `Set` per
-/// message, then fsyncs it.
+/// Writes `tmp_path` (replacing a stale one) as a retained log with a new file id and
+/// one `Set` per message, then fsyncs it.
 pub(crate) fn write_fresh<'a>(
     tmp_path: &Path,
     cipher: &Aes256Gcm,
@@ -281,18 +289,7 @@ pub(crate) fn write_fresh_plain(
     records: impl Iterator<Item = Result<Zeroizing<Vec<u8>>, StoreError>>,
 ) -> Result<Written, StoreError> {
     let io = |e| StoreError::io(tmp_path, e);
-    match std::fs::remove_file(tmp_path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io(e)),
-    }
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(tmp_path)
-        .map_err(io)?;
+    let file = fresh_private_file(tmp_path)?;
     let file_id = record::random_file_id();
     let mut w = BufWriter::with_capacity(1 << 20, &file);
     let header = record::seal_header(cipher, fmt, &file_id)?;

@@ -18,7 +18,7 @@ use aes_gcm::Aes256Gcm;
 use zeroize::Zeroizing;
 
 use crate::format::Format;
-use crate::log::{self, Frames, Required};
+use crate::log::{self, Frames, Required, Written};
 use crate::mark::{self, Found, Mark, MarkFile, Vouch};
 use crate::record::{self, FileId, OpenError};
 use crate::StoreError;
@@ -375,22 +375,19 @@ impl LogFile {
         Ok(lens)
     }
 
-    /// Replaces the log by a new file holding `records` (compaction): temporary file,
-    /// fsync, the mark naming both files (fsynced), rename, directory fsync, the mark
-    /// naming the new one. A crash at any step leaves either file complete and loadable.
-    /// Returns the frame length of each record. After an error past the rename the new
-    /// file is in use and the directory fsync is retried by the next append.
+    /// A temporary file name of this log's kind (`{tmp_prefix}-{what}`): removed on open
+    /// if a crash left it.
+    pub(crate) fn tmp_path(&self, what: impl std::fmt::Display) -> PathBuf {
+        self.dir.join(format!("{}-{what}", self.fmt.tmp_prefix))
+    }
+
+    /// Replaces the log by a new file holding `records` (compaction on this thread): see
+    /// [`LogFile::install`].
     pub(crate) fn rewrite(
         &mut self,
         records: impl Iterator<Item = Result<Zeroizing<Vec<u8>>, StoreError>>,
-    ) -> Result<Vec<u64>, StoreError> {
-        if self.needs_dir_sync {
-            // The last rename must be durable before the mark may forget the file before it.
-            log::sync_dir(&self.dir)?;
-            self.needs_dir_sync = false;
-            self.prev = None;
-        }
-        let tmp = self.dir.join(format!("{}-compact", self.fmt.tmp_prefix));
+    ) -> Result<(), StoreError> {
+        let tmp = self.tmp_path("compact");
         let w = match log::write_fresh_plain(&tmp, &self.cipher, self.fmt, records) {
             Ok(w) => w,
             Err(e) => {
@@ -398,6 +395,45 @@ impl LogFile {
                 return Err(e);
             }
         };
+        let res = self.install(w, &[]);
+        if res.is_err() {
+            // Gone already if the rename happened.
+            let _ = std::fs::remove_file(&tmp);
+        }
+        res
+    }
+
+    /// Puts `w` (a fresh log written by [`log::write_fresh_plain`], possibly on another
+    /// thread) in place of the log, after appending `since` to it (the changes made while
+    /// it was written): fsync, the mark naming both files (fsynced), rename, directory
+    /// fsync, the mark naming the new one. A crash at any step leaves either file complete
+    /// and loadable. Before the rename an error leaves the old log in use (the caller
+    /// removes the temporary file); after it the new file is in use and the directory
+    /// fsync is retried by the next append (`needs_dir_sync`).
+    pub(crate) fn install(
+        &mut self,
+        mut w: Written,
+        since: &[Zeroizing<Vec<u8>>],
+    ) -> Result<(), StoreError> {
+        if self.needs_dir_sync {
+            // The last rename must be durable before the mark may forget the file before it.
+            log::sync_dir(&self.dir)?;
+            self.needs_dir_sync = false;
+            self.prev = None;
+        }
+        let mut buf = Vec::new();
+        for plain in since {
+            let frame = record::seal_plain(&self.cipher, self.fmt, &w.file_id, w.next_seq, plain)?;
+            buf.extend_from_slice(&frame);
+            w.next_seq += 1;
+        }
+        if !buf.is_empty() {
+            w.file
+                .write_all_at(&buf, w.len)
+                .and_then(|()| w.file.sync_data())
+                .map_err(|e| StoreError::io(&w.tmp_path, e))?;
+            w.len += buf.len() as u64;
+        }
         let old = self.vouch();
         let new = Vouch {
             file_id: w.file_id,
@@ -408,14 +444,9 @@ impl LogFile {
             current: Some(old),
             next: Some(new),
         };
-        let renamed = self.mark.write(&self.cipher, &both, true).and_then(|()| {
-            std::fs::rename(&w.tmp_path, &self.log_path)
-                .map_err(|e| StoreError::io(&self.log_path, e))
-        });
-        if let Err(e) = renamed {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
-        }
+        self.mark.write(&self.cipher, &both, true)?;
+        std::fs::rename(&w.tmp_path, &self.log_path)
+            .map_err(|e| StoreError::io(&self.log_path, e))?;
         // The rename happened: from here on the new file is the log.
         self.prev = Some(old);
         self.file = w.file;
@@ -429,7 +460,7 @@ impl LogFile {
         }
         self.prev = None;
         self.update_mark();
-        Ok(w.frame_lens)
+        Ok(())
     }
 
     /// Rewrites the log holding `records` sealed under `new` (rekey); the log must not be
@@ -442,11 +473,11 @@ impl LogFile {
         new: &Aes256Gcm,
         records: impl Iterator<Item = Result<Zeroizing<Vec<u8>>, StoreError>>,
     ) -> Result<usize, StoreError> {
-        let tmp = self.dir.join(format!("{}-rekey", self.fmt.tmp_prefix));
+        let tmp = self.tmp_path("rekey");
         let owner =
             std::fs::metadata(&self.log_path).map_err(|e| StoreError::io(&self.log_path, e))?;
         let w = log::write_fresh_plain(&tmp, new, self.fmt, records)?;
-        if let Err(e) = crate::compact::keep_owner(&w.file, &owner) {
+        if let Err(e) = keep_owner(&w.file, &owner) {
             let _ = std::fs::remove_file(&tmp);
             return Err(StoreError::io(&self.log_path, e));
         }
@@ -488,4 +519,15 @@ pub(crate) fn remove_stale_tmp(dir: &Path, fmt: &Format) -> Result<(), StoreErro
         }
     }
     Ok(())
+}
+
+/// Gives `file` the owner and group of `old` (a no-op when they already match, so it
+/// needs root only when root runs the command on another user's store).
+fn keep_owner(file: &std::fs::File, old: &std::fs::Metadata) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let new = file.metadata()?;
+    if (new.uid(), new.gid()) == (old.uid(), old.gid()) {
+        return Ok(());
+    }
+    std::os::unix::fs::fchown(file, Some(old.uid()), Some(old.gid()))
 }

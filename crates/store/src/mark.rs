@@ -29,7 +29,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Read;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use aes_gcm::aead::{Aead, Payload};
@@ -258,18 +258,7 @@ impl MarkFile {
         let path = dir.join(fmt.mark_name);
         let tmp = dir.join(format!("{}-hwm", fmt.tmp_prefix));
         let io = |e| StoreError::io(&tmp, e);
-        match std::fs::remove_file(&tmp) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io(e)),
-        }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io)?;
+        let file = log::fresh_private_file(&tmp)?;
         file.set_len(FILE_LEN).map_err(io)?;
         for (slot, off) in SLOT_OFFSETS.iter().enumerate() {
             // Slot 1 gets the higher counter, so the next write goes to slot 0.

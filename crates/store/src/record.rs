@@ -215,17 +215,6 @@ pub(crate) fn open_header_in(
     Ok((file_id, version))
 }
 
-/// Serializes and seals one retained record as a complete frame at position `seq` of
-/// file `file_id`.
-pub(crate) fn seal_record(
-    cipher: &Aes256Gcm,
-    file_id: &FileId,
-    seq: u64,
-    record: &RecordRef<'_>,
-) -> Result<Vec<u8>, StoreError> {
-    seal_plain(cipher, &RETAINED, file_id, seq, &encode(record)?)
-}
-
 /// A record's plaintext (postcard), in memory that is zeroed on drop.
 pub(crate) fn encode(record: &impl Serialize) -> Result<zeroize::Zeroizing<Vec<u8>>, StoreError> {
     Ok(zeroize::Zeroizing::new(

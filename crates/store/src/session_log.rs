@@ -275,7 +275,7 @@ impl State {
                 key: Cow::Borrowed(&s.key),
                 meta: Cow::Borrowed(&s.meta),
             })
-            .chain(s.will.is_some().then(|| Rec::Will {
+            .chain(s.will.is_some().then_some(Rec::Will {
                 sid,
                 will: Cow::Borrowed(&s.will),
             }))

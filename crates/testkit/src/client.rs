@@ -90,6 +90,44 @@ macro_rules! client_module {
                     }
                 }
 
+                /// Publishes at QoS 1 and waits for the broker's PUBACK, so what the
+                /// broker does on acceptance (route, retain, queue) has happened.
+                pub async fn publish_acked(
+                    &mut self,
+                    topic: impl Into<String>,
+                    retain: bool,
+                    payload: impl AsRef<[u8]>,
+                ) {
+                    let topic = topic.into();
+                    self.client
+                        .publish(
+                            topic.clone(),
+                            mq::mqttbytes::QoS::AtLeastOnce,
+                            retain,
+                            payload.as_ref().to_vec(),
+                        )
+                        .await
+                        .expect("publish queued");
+                    let acked = self
+                        .incoming(|p| matches!(p, Incoming::PubAck(..)).then_some(()))
+                        .await;
+                    assert!(acked.is_some(), "no PUBACK for {topic} within {WAIT:?}");
+                }
+
+                /// Subscribes at QoS 1 and waits for the SUBACK, so what is published
+                /// from then on is routed to this client (granted or not: check the
+                /// codes with a raw client where that matters).
+                pub async fn subscribe_acked(&mut self, filter: &str) {
+                    self.client
+                        .subscribe(filter, mq::mqttbytes::QoS::AtLeastOnce)
+                        .await
+                        .expect("subscribe queued");
+                    let acked = self
+                        .incoming(|p| matches!(p, Incoming::SubAck(..)).then_some(()))
+                        .await;
+                    assert!(acked.is_some(), "no SUBACK for {filter} within {WAIT:?}");
+                }
+
                 /// The next PUBLISH, which must arrive within [`WAIT`].
                 pub async fn next_publish(&mut self) -> mq::mqttbytes::$name::Publish {
                     self.publish_within(WAIT)

@@ -1,144 +1,36 @@
 #![forbid(unsafe_code)]
-//! Test support: a broker on 127.0.0.1 with ephemeral ports, a test CA that issues
-//! server and client certificates, and small client helpers. Used by integration tests
-//! only; nothing here is fixed-port or global.
+//! Test support. Without features: [`wire`], MQTT packets written byte by byte and
+//! frames cut from a stream (std only: the fuzz harness uses it). Feature `raw`: the raw
+//! client [`Raw`] over any tokio stream (the benchmarks use it). Feature `broker` (the
+//! default): [`TestBroker`] and its builder, a test CA that issues server and client
+//! certificates, and rumqttc client helpers. Nothing here is fixed-port or global.
 
+pub mod wire;
+
+use std::path::{Path, PathBuf};
+
+#[cfg(feature = "raw")]
+mod raw;
+#[cfg(feature = "raw")]
+pub use raw::{connect4, connect5, Frame, Raw};
+
+#[cfg(feature = "broker")]
+mod broker;
+#[cfg(feature = "broker")]
+mod builder;
+#[cfg(feature = "broker")]
 mod ca;
+#[cfg(feature = "broker")]
 mod client;
 
+#[cfg(feature = "broker")]
+pub use broker::TestBroker;
+#[cfg(feature = "broker")]
+pub use builder::{write_password_file, Listener, TestBrokerBuilder};
+#[cfg(feature = "broker")]
 pub use ca::TestCa;
+#[cfg(feature = "broker")]
 pub use client::*;
-
-use moatmq_broker::Broker;
-use moatmq_config::Config;
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use tokio::sync::oneshot;
-
-/// A broker running on the test's runtime until dropped.
-pub struct TestBroker {
-    addrs: Vec<(String, SocketAddr)>,
-    metrics: Option<SocketAddr>,
-    reloader: moatmq_broker::Reloader,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
-    /// Folder for files the test writes (config-relative paths resolve here).
-    pub dir: tempfile::TempDir,
-}
-
-/// Config text for one anonymous plaintext listener named `tcp`.
-pub const ANONYMOUS_TCP: &str = r#"
-[[listener]]
-name = "tcp"
-bind = "127.0.0.1:0"
-[auth]
-allow_anonymous = true
-"#;
-
-impl TestBroker {
-    /// Starts a broker with one anonymous TCP listener.
-    pub async fn start() -> TestBroker {
-        TestBroker::with_config(ANONYMOUS_TCP).await
-    }
-
-    /// Starts a broker from config text; relative paths resolve in a fresh temp folder.
-    pub async fn with_config(toml: &str) -> TestBroker {
-        let dir = tempfile::tempdir().expect("temp dir");
-        TestBroker::with_config_in(dir, toml).await
-    }
-
-    /// Like `with_config`, in a folder the test prepared (certificates, ACL files).
-    pub async fn with_config_in(dir: tempfile::TempDir, toml: &str) -> TestBroker {
-        let path = dir.path().join("broker.toml");
-        std::fs::write(&path, toml).expect("write config");
-        let config = Config::load(&path).unwrap_or_else(|e| panic!("test config: {e}"));
-        let broker = Broker::start(config).await.expect("broker starts");
-        let addrs = broker.local_addrs();
-        let metrics = broker.metrics_addr();
-        let reloader = broker.reloader();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            let _ = broker
-                .serve(async move {
-                    let _ = stopped.await;
-                })
-                .await;
-        });
-        TestBroker {
-            addrs,
-            metrics,
-            reloader,
-            stop: Some(stop),
-            task: Some(task),
-            dir,
-        }
-    }
-
-    /// Address of the listener called `name`.
-    pub fn addr(&self, name: &str) -> SocketAddr {
-        self.addrs
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, a)| *a)
-            .unwrap_or_else(|| panic!("no listener {name}"))
-    }
-
-    /// Address of the metrics endpoint (`[metrics]` must be configured).
-    pub fn metrics_addr(&self) -> SocketAddr {
-        self.metrics.expect("[metrics] configured")
-    }
-
-    /// Does what SIGHUP does; returns the reload errors.
-    pub fn reload(&self) -> Vec<String> {
-        self.reloader.reload()
-    }
-
-    /// Address of the first listener.
-    pub fn first_addr(&self) -> SocketAddr {
-        self.addrs[0].1
-    }
-
-    pub fn path(&self, file: &str) -> PathBuf {
-        self.dir.path().join(file)
-    }
-
-    /// Stops the broker as SIGTERM would, then starts it again on the same folder and
-    /// config (listener ports are new).
-    pub async fn restart(mut self) -> TestBroker {
-        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("temp dir"));
-        let toml = std::fs::read_to_string(dir.path().join("broker.toml")).expect("config");
-        self.stop_and_wait().await;
-        TestBroker::with_config_in(dir, &toml).await
-    }
-
-    async fn stop_and_wait(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
-        }
-    }
-
-    /// Stops the broker and hands back its folder (to inspect or tamper with its files).
-    pub async fn stop(mut self) -> tempfile::TempDir {
-        self.stop_and_wait().await;
-        std::mem::replace(&mut self.dir, tempfile::tempdir().expect("temp dir"))
-    }
-
-    /// Stops the broker as SIGTERM would and waits for it.
-    pub async fn shutdown(mut self) {
-        self.stop_and_wait().await;
-    }
-}
-
-impl Drop for TestBroker {
-    fn drop(&mut self) {
-        if let Some(task) = self.task.take() {
-            task.abort();
-        }
-    }
-}
 
 /// Writes `text` to `dir/name` and returns the path.
 pub fn write_file(dir: &Path, name: &str, text: &str) -> PathBuf {

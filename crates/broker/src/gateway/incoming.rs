@@ -2,12 +2,14 @@
 //! validates it, asks the policy (ACL, limits) and the retained store, and forwards,
 //! refuses or answers it.
 
+use super::ledger::Release;
 use super::retained::RetainedJob;
 use super::{Close, Gateway};
+use crate::admit::{admit, Admitted, Inbound, Refused, Source};
 use crate::codec::Version;
+use crate::event::Event;
 use crate::policy::unshare;
 use crate::ratelimit::Pace;
-use crate::retained::Recorded;
 use crate::router::router_filter;
 use crate::topic::{valid_topic_filter, valid_topic_name};
 use rumqttd::protocol::{
@@ -15,7 +17,7 @@ use rumqttd::protocol::{
     PubRecReason, QoS, RetainForwardRule, SubAck, SubscribeReasonCode,
 };
 use tokio::time::Instant;
-use tracing::{debug, warn};
+use tracing::warn;
 
 impl Gateway {
     /// Client to router: the one place every client packet passes.
@@ -45,7 +47,7 @@ impl Gateway {
                         "subscription identifier in PUBLISH",
                     ));
                 }
-                if qos == QoS::ExactlyOnce && self.qos2_in.contains(&pkid) {
+                if self.ledger.is_resend(qos, pkid) {
                     // A resend before PUBREL: the router has it already (MQTT-4.3.3-10:
                     // not delivered twice). Its PUBREC is ours to repeat.
                     let rec = PubRec {
@@ -68,15 +70,11 @@ impl Gateway {
                     ));
                 }
                 self.shared.metrics.messages_in.inc();
-                if qos != QoS::AtMostOnce && self.version == Version::V5 {
-                    // MQTT-3.3.4-7/8: we announced limits.max_inflight as receive maximum.
-                    if self.inflight_in >= self.shared.config.limits.max_inflight {
-                        return Err(Close::Protocol(
-                            DisconnectReasonCode::ReceiveMaximumExceeded,
-                            "receive maximum exceeded",
-                        ));
-                    }
-                    self.inflight_in += 1;
+                if self.ledger.open(qos, pkid).is_err() {
+                    return Err(Close::Protocol(
+                        DisconnectReasonCode::ReceiveMaximumExceeded,
+                        "receive maximum exceeded",
+                    ));
                 }
                 match self.limiter.publish(topic.len() + publish.payload.len()) {
                     Pace::Go => {}
@@ -84,78 +82,61 @@ impl Gateway {
                         self.paused_until = Some(Instant::now() + wait);
                     }
                     Pace::Disconnect => {
-                        self.shared.metrics.rate_limited.inc();
-                        if let Some(audit) = &self.shared.audit {
-                            audit.event(
-                                "rate_limited",
-                                &self.info.who(
-                                    Some(&self.identity.client_id),
-                                    self.identity.username.as_deref(),
-                                ),
-                                &[("limit", "messages".into())],
-                            );
-                        }
+                        self.shared.emit(
+                            &self.info.client(&self.identity),
+                            Event::RateLimited {
+                                limit: "messages",
+                                audited: true,
+                            },
+                        );
                         return Err(Close::Protocol(
                             DisconnectReasonCode::MessageRateTooHigh,
                             "publish rate limit exceeded",
                         ));
                     }
                 }
-                if limits
-                    .max_payload_size
-                    .is_some_and(|max| publish.payload.len() > max)
-                {
-                    // Like Mosquitto's message_size_limit: the message is dropped, the
-                    // client stays connected.
-                    debug!(client_id = %self.identity.client_id, "PUBLISH over max_payload_size dropped");
-                    return self.refuse_publish(qos, pkid, Refused::TooLarge);
-                }
-                if !self
-                    .shared
-                    .may_write(&self.info, &self.identity, "publish", topic)
-                {
-                    return self.refuse_publish(qos, pkid, Refused::NotAuthorized);
-                }
-                if publish.retain {
-                    let v5 = self.version == Version::V5;
-                    match self.shared.retain(
-                        &self.info,
-                        &self.identity,
-                        topic,
-                        &publish.payload,
-                        qos,
-                        props.as_ref(),
-                        v5,
-                    ) {
-                        Recorded::Buffered => {}
-                        Recorded::Refused(_) if !v5 && qos != QoS::AtMostOnce => {
-                            // 3.1.1 has no "refused" acknowledgement, and a success one
-                            // would be a silent loss: close without acknowledging.
-                            return Err(Close::Protocol(
-                                DisconnectReasonCode::QuotaExceeded,
-                                "retained quota exceeded",
-                            ));
+                let inbound = Inbound {
+                    topic,
+                    payload: &publish.payload,
+                    qos,
+                    retain: publish.retain,
+                    properties: props.as_ref(),
+                    v5: self.version == Version::V5,
+                };
+                let admitted = admit(
+                    &self.shared,
+                    &self.info,
+                    &self.identity,
+                    Source::Publish,
+                    inbound,
+                );
+                // The router keeps no retained messages: moatmq serves them itself.
+                publish.retain = false;
+                match admitted {
+                    Ok(Admitted::Now) => {}
+                    Ok(Admitted::AfterSave) => {
+                        // It and everything after it wait for one save of this read.
+                        if qos == QoS::ExactlyOnce {
+                            self.ledger.held_by_router(pkid);
                         }
-                        Recorded::Refused(_) => {
-                            return self.refuse_publish(qos, pkid, Refused::Quota)
-                        }
-                        Recorded::NeedsSave => {
-                            // It and everything after it wait for one save of this read.
-                            publish.retain = false;
-                            if qos == QoS::ExactlyOnce {
-                                self.qos2_in.insert(pkid);
-                            }
-                            self.awaiting_save.push(Packet::Publish(publish, props));
-                            return Ok(());
-                        }
+                        self.to_router.after_save(Packet::Publish(publish, props));
+                        return Ok(());
                     }
-                    // The router keeps no retained messages: moatmq serves them itself.
-                    publish.retain = false;
+                    Err(Refused::Quota) if !inbound.v5 && qos != QoS::AtMostOnce => {
+                        // 3.1.1 has no "refused" acknowledgement, and a success one
+                        // would be a silent loss: close without acknowledging.
+                        return Err(Close::Protocol(
+                            DisconnectReasonCode::QuotaExceeded,
+                            "retained quota exceeded",
+                        ));
+                    }
+                    Err(why) => return self.refuse_publish(qos, pkid, why),
                 }
                 if qos == QoS::ExactlyOnce {
-                    self.qos2_in.insert(pkid);
+                    self.ledger.held_by_router(pkid);
                 }
-                self.send_router(Packet::Publish(publish, props))
+                self.to_router.send(Packet::Publish(publish, props));
+                Ok(())
             }
             Packet::Subscribe(mut subscribe, props) => {
                 if props.as_ref().is_some_and(|p| p.id.is_some()) {
@@ -203,72 +184,51 @@ impl Gateway {
                 if refused.iter().any(Option::is_some) {
                     self.pending_subacks.insert(subscribe.pkid, refused);
                 }
-                if !jobs.is_empty() {
-                    self.retained_after_suback.insert(subscribe.pkid, jobs);
-                }
+                self.retained.after_suback(subscribe.pkid, jobs);
                 let user = self.identity.username.as_deref();
                 for f in &mut kept {
                     f.path = router_filter(user, &f.path);
                 }
                 subscribe.filters = kept;
-                self.send_router(Packet::Subscribe(subscribe, props))
+                self.to_router.send(Packet::Subscribe(subscribe, props));
+                Ok(())
             }
             Packet::Unsubscribe(mut unsubscribe, props) => {
                 for f in &mut unsubscribe.filters {
                     self.subscriptions.remove(f.as_str());
-                    self.cancel_retained(f);
+                    self.retained.cancel(f);
                     *f = router_filter(self.identity.username.as_deref(), f);
                 }
-                self.send_router(Packet::Unsubscribe(unsubscribe, props))
+                self.to_router.send(Packet::Unsubscribe(unsubscribe, props));
+                Ok(())
             }
             Packet::PubRel(rel, props) => {
-                if self.refused_qos2.remove(&rel.pkid) {
-                    let comp = PubComp {
-                        pkid: rel.pkid,
-                        reason: PubCompReason::Success,
-                    };
-                    return self.write(Packet::PubComp(comp, None));
-                }
-                if self.qos2_in.remove(&rel.pkid) {
-                    return self.send_router(Packet::PubRel(rel, props));
-                }
-                // A PUBREL for nothing the router holds (a resend after a reconnect, or a
-                // made-up id): the router would drop the link, so it is answered here.
-                let reason = match self.version {
-                    Version::V5 => PubCompReason::PacketIdentifierNotFound,
-                    Version::V4 => PubCompReason::Success,
+                let reason = match self.ledger.release(rel.pkid) {
+                    Release::Router => {
+                        self.to_router.send(Packet::PubRel(rel, props));
+                        return Ok(());
+                    }
+                    Release::Refused => PubCompReason::Success,
+                    // A PUBREL for nothing the router holds (a resend after a reconnect,
+                    // or a made-up id): the router would drop the link, so it is
+                    // answered here.
+                    Release::Unknown => match self.version {
+                        Version::V5 => PubCompReason::PacketIdentifierNotFound,
+                        Version::V4 => PubCompReason::Success,
+                    },
                 };
                 let comp = PubComp {
                     pkid: rel.pkid,
                     reason,
                 };
-                // Not counted against the receive maximum: nothing was in flight.
-                self.inflight_in = self.inflight_in.saturating_add(1);
                 self.write(Packet::PubComp(comp, None))
             }
             // Acknowledgements reach the router in the order it forwarded the messages.
-            p @ (Packet::PubAck(..) | Packet::PubRec(..) | Packet::PubComp(..))
-                if self.own_ack(&p)? =>
-            {
+            p @ (Packet::PubAck(..) | Packet::PubRec(..) | Packet::PubComp(..)) => {
+                if !self.own_ack(&p)? {
+                    self.to_router.client_ack(p);
+                }
                 Ok(())
-            }
-            Packet::PubAck(ack, props) => {
-                let pkid = ack.pkid;
-                self.acks
-                    .client_ack(pkid, Packet::PubAck(ack, props), &mut self.to_router);
-                self.flush_router()
-            }
-            Packet::PubRec(rec, props) => {
-                let pkid = rec.pkid;
-                self.acks
-                    .client_ack(pkid, Packet::PubRec(rec, props), &mut self.to_router);
-                self.flush_router()
-            }
-            Packet::PubComp(comp, props) => {
-                let pkid = comp.pkid;
-                self.acks
-                    .client_comp(pkid, Packet::PubComp(comp, props), &mut self.to_router);
-                self.flush_router()
             }
             Packet::PingReq(_) => self.write(Packet::PingResp(PingResp)),
             // MQTT-3.14.4-3: only a normal disconnection (0x00) discards the will.
@@ -315,8 +275,14 @@ impl Gateway {
         let inner = unshare(path);
         let decision = self.shared.policy.may_subscribe(&self.identity, inner);
         if inner.starts_with('$') || !decision.allowed {
-            self.shared
-                .denied(&self.info, &self.identity, "subscribe", path, decision.line);
+            self.shared.emit(
+                &self.info.client(&self.identity),
+                Event::AuthzDeny {
+                    action: "subscribe",
+                    topic: path,
+                    rule_line: decision.line,
+                },
+            );
             return Some(code(SubscribeReasonCode::NotAuthorized));
         }
         None
@@ -353,7 +319,7 @@ impl Gateway {
                     rec_reason
                 } else {
                     // 3.1.1 cannot say no: the exchange completes and the message is dropped.
-                    self.refused_qos2.insert(pkid);
+                    self.ledger.refuse(pkid);
                     PubRecReason::Success
                 };
                 self.write(Packet::PubRec(PubRec { pkid, reason }, None))
@@ -363,9 +329,8 @@ impl Gateway {
 
     /// Saves the retained store, then lets the waiting publishes reach the router.
     pub(super) async fn save_then_forward(&mut self) -> Result<(), Close> {
-        let waiting = std::mem::take(&mut self.awaiting_save);
         // What came before the retained publishes need not wait for the save.
-        self.commit_router()?;
+        self.link.commit(&mut self.to_router)?;
         if let Some(store) = self.shared.retained.clone() {
             let saved = tokio::task::spawn_blocking(move || store.save_now()).await;
             if !matches!(saved, Ok(Ok(()))) {
@@ -377,21 +342,7 @@ impl Gateway {
                 ));
             }
         }
-        for packet in waiting {
-            self.send_router(packet)?;
-        }
+        self.to_router.saved();
         Ok(())
     }
-}
-
-/// Why a client's publish is dropped.
-#[derive(Debug, Clone, Copy)]
-pub(super) enum Refused {
-    /// No write access (MQTT 5 reason 0x87).
-    NotAuthorized,
-    /// A retained quota would be passed (MQTT 5 reason 0x97).
-    Quota,
-    /// The payload is over `limits.max_payload_size` (MQTT 5 reason 0x83: PUBACK has no
-    /// "too large" code).
-    TooLarge,
 }

@@ -1,119 +1,98 @@
 //! The per-connection gateway: our equivalent of rumqttd's remote link.
 //!
-//! It owns the socket. Every packet from the client passes [`Gateway::incoming`] before
-//! it may reach the router, and every notification from the router passes
-//! [`Gateway::outgoing`] before it may reach the socket: those two functions are where
-//! every check lives (topic validity, ACL write/subscribe/read, limits).
+//! It owns the socket. Two steps hold every check, one per direction:
+//! - into the broker, [`crate::admit::admit`]: payload limit, write ACL in force, retained
+//!   record and quotas, for a client's PUBLISH ([`Gateway::incoming`]) and for a will
+//!   (`will.rs`) alike;
+//! - out to the client, [`Gateway::deliver`] (`deliver.rs`): read ACL, the client's
+//!   maximum packet size, QoS downgrade, for router forwards (`outgoing.rs`) and retained
+//!   messages (`retained.rs`) alike.
+//!
+//! `incoming.rs` keeps the checks on the connection's own protocol state (topic
+//! validity, aliases, receive maximum, QoS 2 duplicates, publish rate, subscription
+//! filters).
 //!
 //! Packet ids: the router numbers what it forwards (1..=100). When the gateway withholds a
-//! forwarded QoS 1/2 message (read ACL, client's maximum packet size) it acknowledges it to
-//! the router itself; when it refuses a client's QoS 2 publish it completes the
-//! PUBREC/PUBREL/PUBCOMP exchange itself.
+//! forwarded QoS 1/2 message it acknowledges it to the router itself; when it refuses a
+//! client's QoS 2 publish it completes the PUBREC/PUBREL/PUBCOMP exchange itself.
 
-use crate::acks::AckOrder;
 use crate::codec::{
-    mark_publish, publish_header, refuse_before_decode, short_v5_disconnect, Version,
+    codec_for, mark_publish, publish_header, refuse_before_decode, short_v5_disconnect, Version,
 };
-use crate::connect::codec_for;
+use crate::event::Event;
 use crate::policy::{AclView, Identity};
 use crate::ratelimit::PublishLimiter;
-use crate::server::{ConnInfo, Shared};
+use crate::shared::{ConnInfo, Shared};
 use crate::transport::{Reader, Writer};
+use crate::will::{self, Will};
 use bytes::BytesMut;
-use futures_util::FutureExt;
 use rumqttd::local::{LinkRx, LinkTx};
-use rumqttd::protocol::{
-    Disconnect, DisconnectReasonCode, LastWill, Packet, Protocol, PubRecReason, SubscribeReasonCode,
-};
+use rumqttd::protocol::{DisconnectReasonCode, Packet, Protocol, SubscribeReasonCode};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
-use tracing::{debug, info};
+use tracing::debug;
 
 mod close;
+mod deliver;
 mod incoming;
+mod ledger;
+mod link;
 mod outgoing;
+mod output;
 mod retained;
 
 use close::Close;
-use retained::{OwnState, RetainedJob};
+use ledger::Ledger;
+use link::{RouterLink, ToRouter};
+use output::Output;
+use retained::RetainedFeed;
 
-/// Output gathered before one socket write.
-const WRITE_BATCH: usize = 64 * 1024;
-/// A write that cannot make progress for this long means the client stopped reading.
-const WRITE_STALL: Duration = Duration::from_secs(30);
+/// After this long without traffic a connection gives its buffers back: a fleet of
+/// idle devices keeps only what each must (docs/benchmarks.md, idle connections).
+const IDLE_TRIM: Duration = Duration::from_secs(5);
 
-/// A client's last will, published by the gateway when the connection ends abnormally
-/// (rumqttd 0.20 only publishes wills on request of its own listeners).
-pub struct Will {
-    pub will: LastWill,
-    /// Whether the client spoke MQTT 5 (its will's properties are kept).
-    pub v5: bool,
-    /// MQTT 5 will properties, as the properties of the published message.
-    pub properties: Option<rumqttd::protocol::PublishProperties>,
-    pub delay: Duration,
-    /// Whose will it is: the write ACL is checked again when it is published.
-    pub owner: Identity,
-    /// The connection it came from, for the audit log.
-    pub info: ConnInfo,
-}
-
+/// One connection after its CONNACK: who it is, its session's view, and the parts
+/// that carry its traffic. Each part owns its state; this loop composes them.
 pub struct Gateway {
     shared: Arc<Shared>,
     info: ConnInfo,
     version: Version,
-    codec: Box<dyn Protocol + Send>,
+    /// Reads the client's packets (its protocol version's codec).
+    decoder: Box<dyn Protocol + Send>,
     identity: Identity,
     router_id: String,
-    tx: LinkTx,
-    rx: LinkRx,
     will: Option<Will>,
     keep_alive: Option<Duration>,
+    /// The client's maximum packet size (MQTT-3.1.2-25).
     max_out_packet: usize,
     /// Filters the session holds (for the subscription limit), as the client wrote
     /// them; a resumed persistent session starts with the ones it kept.
     subscriptions: HashSet<String>,
-    /// Retained messages to send once the SUBACK of that packet id is out.
-    retained_after_suback: HashMap<u16, Vec<RetainedJob>>,
-    /// Retained messages being sent, oldest subscription first.
-    retained_jobs: std::collections::VecDeque<RetainedJob>,
-    /// Scratch space for one batch from the retained index.
-    retained_batch: Vec<(String, Arc<crate::retained_index::RetainedEntry>)>,
-    /// Our own QoS 1/2 deliveries (retained messages) in flight, by packet id.
-    own_inflight: HashMap<u16, OwnState>,
-    next_own_pkid: u16,
     /// SUBSCRIBEs partly refused here: reason codes of the refused positions.
     pending_subacks: HashMap<u16, Vec<Option<SubscribeReasonCode>>>,
-    /// Client QoS 2 publishes we refused: we owe the PUBCOMP.
-    refused_qos2: HashSet<u16>,
-    /// Router QoS 2 forwards we withheld: we owe the router a PUBCOMP after its PUBREL.
-    withheld_qos2: HashSet<u16>,
-    out: BytesMut,
-    /// Retained publishes recorded but not yet saved (`autosave_interval = 0`): they
-    /// reach the router only after the save.
-    awaiting_save: Vec<Packet>,
     /// `[rate_limit]` buckets for this client's publishes.
     limiter: PublishLimiter,
     /// Reading is paused until then (publish rate exceeded).
     paused_until: Option<Instant>,
     /// Cached ACL for the per-message read check.
     acl: AclView,
-    /// MQTT 5: QoS 1/2 publishes received and not yet acknowledged (receive maximum).
-    inflight_in: u16,
-    /// Acknowledgements to the router, held until their turn.
-    acks: AckOrder,
-    /// Scratch list of acknowledgements released by `acks`.
-    to_router: Vec<Packet>,
-    /// The newest packet for the router; older ones wait in the link's buffer.
-    held: Option<Packet>,
     /// The router keeps this session after the connection (clean session 0, expiry).
     persistent: bool,
     /// Notified when a new connection takes this session over.
     kicked: Arc<Notify>,
-    /// Client QoS 2 publishes the router holds until their PUBREL, by packet id.
-    qos2_in: HashSet<u16>,
+    /// Packets for the client, until the next socket write.
+    out: Output,
+    /// The router link.
+    link: RouterLink,
+    /// Packets for the router, in the order it must see them.
+    to_router: ToRouter,
+    /// The client's QoS 1/2 publishes on their way in.
+    ledger: Ledger,
+    /// Retained messages owed to the client.
+    retained: RetainedFeed,
 }
 
 impl Gateway {
@@ -135,41 +114,32 @@ impl Gateway {
     ) -> Gateway {
         let limiter = PublishLimiter::new(&shared.config.rate_limit, identity.username.as_deref());
         let acl = shared.policy.acl_view();
+        // MQTT-3.3.4-7/8: we announced limits.max_inflight as receive maximum.
+        let receive_max = (version == Version::V5).then_some(shared.config.limits.max_inflight);
         Gateway {
             shared,
             info,
             version,
-            codec: codec_for(version),
+            decoder: codec_for(version),
             identity,
             router_id,
-            tx,
-            rx,
             will,
             // MQTT-3.1.2-24: one and a half keep-alive periods; 0 disables it.
             keep_alive: (keep_alive > 0)
                 .then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
             max_out_packet: max_out_packet.map_or(usize::MAX, |m| m as usize),
             subscriptions,
-            retained_after_suback: HashMap::new(),
-            retained_jobs: std::collections::VecDeque::new(),
-            retained_batch: Vec::new(),
-            own_inflight: HashMap::new(),
-            next_own_pkid: 0,
             pending_subacks: HashMap::new(),
-            refused_qos2: HashSet::new(),
-            withheld_qos2: HashSet::new(),
-            out: BytesMut::with_capacity(4096),
-            awaiting_save: Vec::new(),
             limiter,
             paused_until: None,
             acl,
-            inflight_in: 0,
-            acks: AckOrder::default(),
-            to_router: Vec::new(),
-            held: None,
             persistent,
             kicked,
-            qos2_in: HashSet::new(),
+            out: Output::new(version),
+            link: RouterLink::new(tx, rx),
+            to_router: ToRouter::default(),
+            ledger: Ledger::new(receive_max),
+            retained: RetainedFeed::default(),
         }
     }
 
@@ -187,9 +157,8 @@ impl Gateway {
             _ => None,
         };
         if let (Version::V5, Some(reason_code)) = (self.version, reason) {
-            self.out.clear();
-            crate::codec::write_v5_disconnect(reason_code, &mut self.out);
-            let _ = tokio::time::timeout(Duration::from_secs(1), writer.write_all(&self.out)).await;
+            let bye = self.out.last_words(reason_code);
+            let _ = tokio::time::timeout(Duration::from_secs(1), writer.write_all(bye)).await;
         }
         // A client that reads nothing cannot hold up the teardown (TLS close_notify).
         let _ = tokio::time::timeout(Duration::from_secs(1), writer.shutdown()).await;
@@ -197,19 +166,11 @@ impl Gateway {
             close,
             Close::ClientDisconnect { with_will: false } | Close::Shutdown
         );
-        if let (true, Some(will)) = (publish_will, self.will.take()) {
-            self.shared.publish_will(&self.router_id, will);
+        if let (true, Some(w)) = (publish_will, self.will.take()) {
+            will::publish_will(&self.shared, &self.router_id, w);
         }
         if !matches!(close, Close::TakenOver) {
-            let _ = self.commit_router();
-            // Tells the router the link is gone; it keeps a persistent session's state.
-            let bye = Packet::Disconnect(
-                Disconnect {
-                    reason_code: DisconnectReasonCode::NormalDisconnection,
-                },
-                None,
-            );
-            let _ = self.tx.send(bye).now_or_never();
+            self.link.close(&mut self.to_router);
         }
         if self.persistent {
             // Before the session hold is released: a new connection resumes these.
@@ -217,19 +178,13 @@ impl Gateway {
                 .sessions
                 .save(&self.router_id, &self.subscriptions);
         }
-        if let Some(audit) = &self.shared.audit {
-            audit.event(
-                "disconnect",
-                &self.info.who(
-                    Some(&self.identity.client_id),
-                    self.identity.username.as_deref(),
-                ),
-                &[("reason", close.as_str().into())],
-            );
-        }
-        info!(listener = %self.info.listener.name, peer = %self.info.peer,
-              client_id = %self.identity.client_id, reason = close.as_str(),
-              detail = close.detail(), "client disconnected");
+        self.shared.emit(
+            &self.info.client(&self.identity),
+            Event::Disconnect {
+                reason: close.as_str(),
+                detail: close.detail(),
+            },
+        );
         !matches!(close, Close::TakenOver | Close::Replaced)
     }
 
@@ -243,32 +198,45 @@ impl Gateway {
         let max_packet = self.shared.config.limits.max_packet_size;
         let far_future = Duration::from_secs(86400 * 365);
         let mut deadline = Instant::now() + self.keep_alive.unwrap_or(far_future);
+        // When the buffers go back if nothing happens until then; `None` once they have.
+        let mut idle_at = Some(Instant::now() + IDLE_TRIM);
         let kicked = self.kicked.clone();
+        // One waiter for the connection's life: creating one per loop turn takes the
+        // Notify's lock twice per turn on the hot path.
+        let replaced = kicked.notified();
+        tokio::pin!(replaced);
+        let shutting_down = shutdown.changed();
+        tokio::pin!(shutting_down);
         // Bytes already buffered after the CONNECT are packets too.
         if let Err(close) = self.decode_all(buf, max_packet) {
             return close;
         }
         loop {
             // One save (autosave_interval = 0) for all retained publishes of a read.
-            if !self.awaiting_save.is_empty() {
+            if self.to_router.waits_for_save() {
                 if let Err(close) = self.save_then_forward().await {
                     return close;
                 }
             }
-            if let Err(close) = self.commit_router() {
+            if let Err(close) = self.link.commit(&mut self.to_router) {
                 return close;
             }
-            if let Err(close) = self.flush(writer).await {
-                return close;
-            }
+            match self.out.flush(writer, replaced.as_mut()).await {
+                Ok(n) => self.shared.metrics.bytes_out.inc_by(n as u64),
+                Err(close) => return close,
+            };
             // Over its publish rate the client is read more slowly: its own TCP window
             // then slows it down (back-pressure) while deliveries to it continue.
             let paused_until = self.paused_until;
+            // One timer for the keep-alive and for trimming an idle connection.
+            let wake = idle_at.map_or(deadline, |t| t.min(deadline));
             tokio::select! {
                 _ = tokio::time::sleep_until(paused_until.unwrap_or_else(Instant::now)), if paused_until.is_some() => {
                     self.paused_until = None;
                     // A paused client cannot send its PINGREQ: the pause does not count.
-                    deadline = Instant::now() + self.keep_alive.unwrap_or(far_future);
+                    let now = Instant::now();
+                    deadline = now + self.keep_alive.unwrap_or(far_future);
+                    idle_at = Some(now + IDLE_TRIM);
                     if let Err(close) = self.decode_all(buf, max_packet) {
                         return close;
                     }
@@ -279,40 +247,28 @@ impl Gateway {
                         Ok(n) => self.shared.metrics.bytes_in.inc_by(n as u64),
                         Err(e) => return Close::Network(e.to_string()),
                     };
-                    deadline = Instant::now() + self.keep_alive.unwrap_or(far_future);
+                    let now = Instant::now();
+                    deadline = now + self.keep_alive.unwrap_or(far_future);
+                    idle_at = Some(now + IDLE_TRIM);
                     if let Err(close) = self.decode_all(buf, max_packet) {
                         return close;
                     }
                 }
-                notification = self.rx.next() => {
-                    match notification {
-                        Ok(Some(n)) => {
-                            if let Err(close) = self.outgoing(n) {
-                                return close;
-                            }
-                            // Gather what else is ready into the same write.
-                            while self.out.len() < WRITE_BATCH {
-                                match self.rx.next().now_or_never() {
-                                    Some(Ok(Some(n))) => {
-                                        if let Err(close) = self.outgoing(n) {
-                                            return close;
-                                        }
-                                    }
-                                    Some(Ok(None)) => continue,
-                                    Some(Err(_)) => return Close::TakenOver,
-                                    None => break,
-                                }
-                            }
-                        }
-                        Ok(None) => {}
-                        Err(_) => return Close::TakenOver,
+                notification = self.link.next() => {
+                    idle_at = Some(Instant::now() + IDLE_TRIM);
+                    if let Err(close) = self.on_router(notification) {
+                        return close;
                     }
                 }
-                _ = tokio::time::sleep_until(deadline) => {
-                    return Close::Protocol(DisconnectReasonCode::KeepAliveTimeout, "keep alive timeout");
+                _ = tokio::time::sleep_until(wake) => {
+                    if Instant::now() >= deadline {
+                        return Close::Protocol(DisconnectReasonCode::KeepAliveTimeout, "keep alive timeout");
+                    }
+                    self.trim(buf);
+                    idle_at = None;
                 }
-                _ = shutdown.changed() => return Close::Shutdown,
-                _ = kicked.notified() => return Close::Replaced,
+                _ = &mut shutting_down => return Close::Shutdown,
+                _ = &mut replaced => return Close::Replaced,
                 _ = std::future::ready(()), if self.can_feed_retained() => {
                     if let Err(close) = self.feed_retained() {
                         return close;
@@ -320,6 +276,26 @@ impl Gateway {
                 }
             }
         }
+    }
+
+    /// Handles a notification and whatever else the router has ready, up to one
+    /// write's worth.
+    fn on_router(
+        &mut self,
+        notification: Result<Option<rumqttd::Notification>, Close>,
+    ) -> Result<(), Close> {
+        if let Some(n) = notification? {
+            self.outgoing(n)?;
+        }
+        while self.out.has_room() {
+            match self.link.try_next() {
+                Some(Ok(Some(n))) => self.outgoing(n)?,
+                Some(Ok(None)) => continue,
+                Some(Err(close)) => return Err(close),
+                None => break,
+            }
+        }
+        Ok(())
     }
 
     /// Decodes and handles every complete packet in `buf`.
@@ -350,7 +326,7 @@ impl Gateway {
                     });
                 }
             }
-            match self.codec.read_mut(buf, max_packet) {
+            match self.decoder.read_mut(buf, max_packet) {
                 Ok(packet) => self.incoming(packet, header)?,
                 Err(rumqttd::protocol::Error::InsufficientBytes(_)) => return Ok(()),
                 Err(rumqttd::protocol::Error::PayloadSizeLimitExceeded(_)) => {
@@ -370,96 +346,20 @@ impl Gateway {
         }
     }
 
-    /// Queues a packet for the router. Packets of one read go to the router's buffer
-    /// together and wake it once (`commit_router`), as rumqttd's own link does: one
-    /// wake-up per packet costs more than the rest of the path.
-    fn send_router(&mut self, packet: Packet) -> Result<(), Close> {
-        if !self.awaiting_save.is_empty() {
-            // Behind a retained publish that waits for its save: keep the order.
-            self.awaiting_save.push(packet);
-            return Ok(());
+    /// Gives back the memory an idle connection does not need: empty buffers are
+    /// dropped and grow again from nothing with the next packet.
+    fn trim(&mut self, buf: &mut BytesMut) {
+        if buf.is_empty() {
+            *buf = BytesMut::new();
         }
-        if let Some(previous) = self.held.replace(packet) {
-            self.tx.buffer().push_back(previous);
-        }
-        Ok(())
+        self.out.trim();
+        self.retained.trim();
     }
 
-    /// Hands everything queued to the router with one wake-up.
-    fn commit_router(&mut self) -> Result<(), Close> {
-        match self.held.take() {
-            None => Ok(()),
-            Some(last) => match self.tx.send(last).now_or_never() {
-                Some(Ok(_)) => Ok(()),
-                _ => Err(Close::TakenOver),
-            },
-        }
-    }
-
-    /// Encodes a packet for this client's protocol version into the output buffer.
+    /// Writes a packet for the client; one that ends an incoming exchange frees its
+    /// receive-maximum slot.
     fn write(&mut self, packet: Packet) -> Result<(), Close> {
-        // The end of an incoming QoS 1/2 exchange frees a receive-maximum slot.
-        match &packet {
-            Packet::PubAck(..) | Packet::PubComp(..) => {
-                self.inflight_in = self.inflight_in.saturating_sub(1)
-            }
-            Packet::PubRec(rec, _)
-                if !matches!(
-                    rec.reason,
-                    PubRecReason::Success | PubRecReason::NoMatchingSubscribers
-                ) =>
-            {
-                self.inflight_in = self.inflight_in.saturating_sub(1)
-            }
-            _ => {}
-        }
-        // rumqttd's 3.1.1 encoder panics on MQTT 5 properties: strip them for 3.1.1 clients.
-        let packet = match self.version {
-            Version::V5 => packet,
-            Version::V4 => strip_properties(packet),
-        };
-        self.codec
-            .write(packet, &mut self.out)
-            .map(drop)
-            .map_err(|_| Close::Protocol(DisconnectReasonCode::UnspecifiedError, "encode failed"))
-    }
-
-    async fn flush(&mut self, writer: &mut Writer) -> Result<(), Close> {
-        if self.out.is_empty() {
-            return Ok(());
-        }
-        // A new connection for this session need not wait out a stalled write.
-        let kicked = self.kicked.clone();
-        let written = tokio::select! {
-            w = tokio::time::timeout(WRITE_STALL, writer.write_all(&self.out)) => w,
-            _ = kicked.notified() => return Err(Close::Replaced),
-        };
-        match written {
-            Ok(Ok(())) => {
-                self.shared.metrics.bytes_out.inc_by(self.out.len() as u64);
-                self.out.clear();
-                if self.out.capacity() > 4 * WRITE_BATCH {
-                    self.out = BytesMut::with_capacity(4096);
-                }
-                Ok(())
-            }
-            Ok(Err(e)) => Err(Close::Network(e.to_string())),
-            Err(_) => Err(Close::WriteStalled),
-        }
-    }
-}
-
-fn strip_properties(packet: Packet) -> Packet {
-    match packet {
-        Packet::Publish(p, _) => Packet::Publish(p, None),
-        Packet::PubAck(p, _) => Packet::PubAck(p, None),
-        Packet::PubRec(p, _) => Packet::PubRec(p, None),
-        Packet::PubRel(p, _) => Packet::PubRel(p, None),
-        Packet::PubComp(p, _) => Packet::PubComp(p, None),
-        Packet::SubAck(p, _) => Packet::SubAck(p, None),
-        Packet::UnsubAck(p, _) => Packet::UnsubAck(p, None),
-        Packet::ConnAck(p, _) => Packet::ConnAck(p, None),
-        Packet::Disconnect(p, _) => Packet::Disconnect(p, None),
-        other => other,
+        self.ledger.answered(&packet);
+        self.out.write(packet)
     }
 }

@@ -1,55 +1,25 @@
-//! Router to client: every notification the router sends passes [`Gateway::outgoing`],
-//! which checks read access, the client's limits and retain handling, and either
-//! writes it or acknowledges it to the router in its turn.
+//! Router to client: every notification the router sends passes [`Gateway::outgoing`].
+//! Forwarded messages go through the deliver step (`deliver.rs`); what the client will
+//! not acknowledge is acknowledged to the router in its turn (`link.rs`).
 
+use super::deliver::Delivery;
 use super::{Close, Gateway};
-use crate::codec::{downgrade_to_qos0, publish_header, qos_and_pkid, QOS0_MARK};
-use rumqttd::protocol::{
-    Packet, PubAck, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason, QoS,
-    SubscribeReasonCode,
-};
+use rumqttd::protocol::{Packet, QoS, SubscribeReasonCode};
 use rumqttd::Notification;
-use tracing::{debug, warn};
+use tracing::warn;
 
 impl Gateway {
     /// Router to client: the one place every notification passes.
     pub(super) fn outgoing(&mut self, notification: Notification) -> Result<(), Close> {
         match notification {
             Notification::Forward(forward) => {
-                let topic = std::str::from_utf8(&forward.publish.topic).unwrap_or("");
-                let decision = self
-                    .shared
-                    .policy
-                    .may_read(&mut self.acl, &self.identity, topic);
-                if !decision.allowed {
-                    debug!(topic, "delivery withheld by read ACL");
-                    self.shared
-                        .denied(&self.info, &self.identity, "read", topic, decision.line);
-                    let (qos, pkid) = qos_and_pkid(&forward.publish);
-                    return self.withhold(qos, pkid);
-                }
-                let mark = self.out.len();
-                self.write(Packet::Publish(forward.publish, forward.properties))?;
-                // QoS and packet id, read back from the bytes just encoded.
-                let (qos, pkid) = publish_header(&self.out[mark..]).unwrap_or((QoS::AtMostOnce, 0));
-                if self.out.len() - mark > self.max_out_packet {
-                    // MQTT-3.1.2-25: never send more than the client's maximum packet size.
-                    self.out.truncate(mark);
-                    return self.withhold(qos, pkid);
-                }
-                self.shared.metrics.messages_out.inc();
-                if self.out[mark] & QOS0_MARK != 0 {
-                    if qos == QoS::AtMostOnce {
-                        self.out[mark] &= !QOS0_MARK;
-                    } else if downgrade_to_qos0(&mut self.out, mark) {
-                        // Published at QoS 0, so delivered at QoS 0 (MQTT-3.8.4-8), not at
-                        // the subscription's QoS as the router forwards it: the router's
-                        // copy is acknowledged here, in its turn.
-                        return self.withhold(qos, pkid);
+                match self.deliver(forward.publish, forward.properties)? {
+                    Delivery::Sent { qos, pkid } if qos != QoS::AtMostOnce => {
+                        self.to_router.delivered(pkid)
                     }
-                }
-                if qos != QoS::AtMostOnce {
-                    self.acks.delivered(pkid);
+                    Delivery::Sent { .. } => {}
+                    // The router's copy is acknowledged here, in its turn.
+                    Delivery::Settled { qos, pkid } => self.to_router.withhold(qos, pkid),
                 }
                 Ok(())
             }
@@ -67,23 +37,14 @@ impl Gateway {
                             .collect();
                     }
                     // Retained messages follow the SUBACK (MQTT-3.3.1-9).
-                    if let Some(jobs) = self.retained_after_suback.remove(&suback.pkid) {
-                        self.retained_jobs.extend(jobs);
-                    }
+                    self.retained.suback_sent(suback.pkid);
                     self.write(Packet::SubAck(suback, props))
                 }
                 Packet::PubRel(rel, props) => {
-                    if self.withheld_qos2.remove(&rel.pkid) {
-                        let comp = PubComp {
-                            pkid: rel.pkid,
-                            reason: PubCompReason::Success,
-                        };
-                        let comp = Packet::PubComp(comp, None);
-                        self.acks
-                            .pubrel_withheld(rel.pkid, comp, &mut self.to_router);
-                        return self.flush_router();
+                    if self.to_router.router_pubrel(rel.pkid) {
+                        // Withheld from the client: we have answered it.
+                        return Ok(());
                     }
-                    self.acks.pubrel_forwarded(rel.pkid);
                     self.write(Packet::PubRel(rel, props))
                 }
                 Packet::PingResp(_) => Ok(()),
@@ -91,7 +52,7 @@ impl Gateway {
             },
             Notification::Unschedule => {
                 // The router paused this link until we have drained its buffer.
-                let _ = self.rx.ready();
+                self.link.ready();
                 Ok(())
             }
             Notification::Disconnect(d, _) => {
@@ -103,41 +64,5 @@ impl Gateway {
             }
             _ => Ok(()),
         }
-    }
-
-    /// Acknowledges to the router, in its turn, a forward that the client will not get.
-    pub(super) fn withhold(&mut self, qos: QoS, pkid: u16) -> Result<(), Close> {
-        let ack = match qos {
-            QoS::AtMostOnce => return Ok(()),
-            QoS::AtLeastOnce => Packet::PubAck(
-                PubAck {
-                    pkid,
-                    reason: PubAckReason::Success,
-                },
-                None,
-            ),
-            QoS::ExactlyOnce => {
-                self.withheld_qos2.insert(pkid);
-                Packet::PubRec(
-                    PubRec {
-                        pkid,
-                        reason: PubRecReason::Success,
-                    },
-                    None,
-                )
-            }
-        };
-        self.acks.withheld(pkid, ack, &mut self.to_router);
-        self.flush_router()
-    }
-
-    /// Sends the acknowledgements released by the ordering queue.
-    pub(super) fn flush_router(&mut self) -> Result<(), Close> {
-        let mut ready = std::mem::take(&mut self.to_router);
-        for packet in ready.drain(..) {
-            self.send_router(packet)?;
-        }
-        self.to_router = ready;
-        Ok(())
     }
 }

@@ -8,11 +8,16 @@
 //! subscription QoS), with the retain flag set. QoS 1/2 ones use packet ids above the
 //! router's (which numbers 1..=100), and their acknowledgements stay here.
 
-use super::{Close, Gateway, WRITE_BATCH};
+use super::deliver::Delivery;
+use super::{Close, Gateway};
 use crate::codec::{make_publish, Version};
-use crate::retained_index::unix_now;
+use crate::retained_index::RetainedIndex;
+use crate::retained_index::{properties_at, qos_of};
 use bytes::Bytes;
+use moatmq_store::RetainedMessage;
 use rumqttd::protocol::{Packet, PubRecReason, PubRel, PubRelReason, QoS};
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 
 /// The router numbers its forwards 1..=100 (rumqttd's MAX_INFLIGHT).
 const ROUTER_MAX_PKID: u16 = 100;
@@ -38,150 +43,317 @@ pub(super) enum OwnState {
     Released,
 }
 
-impl Gateway {
-    /// Whether a retained batch can go out now.
-    pub(super) fn can_feed_retained(&self) -> bool {
-        !self.retained_jobs.is_empty()
-            && self.out.len() < WRITE_BATCH
-            && self.own_inflight.len() < OWN_WINDOW
+/// The retained messages owed to one connection, and its own QoS 1/2 deliveries of
+/// them in flight (packet ids above the router's).
+#[derive(Default)]
+pub(super) struct RetainedFeed {
+    /// Jobs to start once the SUBACK of that packet id is out (MQTT-3.3.1-9).
+    after_suback: HashMap<u16, Vec<RetainedJob>>,
+    /// Jobs being sent, oldest subscription first.
+    jobs: VecDeque<RetainedJob>,
+    /// Scratch space for one batch from the retained index.
+    batch: Vec<Arc<RetainedMessage>>,
+    /// Our own QoS 1/2 deliveries in flight, by packet id.
+    inflight: HashMap<u16, OwnState>,
+    next_pkid: u16,
+}
+
+/// How a client's acknowledgement for one of our own deliveries is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum OwnAck {
+    /// Not ours: it is for a router forward.
+    NotOurs,
+    /// Ours, and done with.
+    Done,
+    /// Ours: a PUBREC, to be answered with this PUBREL.
+    Release(u16),
+}
+
+impl RetainedFeed {
+    /// `jobs` start once the SUBACK for `pkid` is written.
+    pub(super) fn after_suback(&mut self, pkid: u16, jobs: Vec<RetainedJob>) {
+        if !jobs.is_empty() {
+            self.after_suback.insert(pkid, jobs);
+        }
     }
 
-    /// Writes the next batch of the oldest retained job.
-    pub(super) fn feed_retained(&mut self) -> Result<(), Close> {
-        let Some(job) = self.retained_jobs.front() else {
-            return Ok(());
-        };
-        let (filter, sub_qos) = (job.filter.clone(), job.qos);
-        let mut batch = std::mem::take(&mut self.retained_batch);
-        batch.clear();
-        let more =
-            self.shared
-                .retained_index
-                .matching(&filter, job.after.as_deref(), BATCH, &mut batch);
-        let now = unix_now();
-        let mut last = None;
-        // Stopped early: the socket buffer or the in-flight window is full.
-        let mut stopped = false;
-        for (topic, entry) in batch.drain(..) {
-            if self.out.len() >= WRITE_BATCH {
-                stopped = true;
-                break;
-            }
-            // MQTT-3.8.4-8: the lower of the message's and the subscription's QoS.
-            let qos = if (entry.qos as u8) < (sub_qos as u8) {
-                entry.qos
-            } else {
-                sub_qos
-            };
-            if qos != QoS::AtMostOnce && self.own_inflight.len() >= OWN_WINDOW {
-                stopped = true;
-                break;
-            }
-            let decision = self
-                .shared
-                .policy
-                .may_read(&mut self.acl, &self.identity, &topic);
-            if !decision.allowed {
-                self.shared
-                    .denied(&self.info, &self.identity, "read", &topic, decision.line);
-                last = Some(topic);
-                continue;
-            }
-            let pkid = match qos {
-                QoS::AtMostOnce => 0,
-                _ => self.own_pkid(),
-            };
-            let properties = match self.version {
-                Version::V5 => entry.properties_at(now),
-                Version::V4 => None,
-            };
-            let publish = make_publish(
-                Bytes::from(topic.clone()),
-                entry.payload.clone(),
-                qos,
-                true,
-                pkid,
-            );
-            let mark = self.out.len();
-            self.write(Packet::Publish(publish, properties))?;
-            if self.out.len() - mark > self.max_out_packet {
-                // MQTT-3.1.2-25: not sent at all rather than cut.
-                self.out.truncate(mark);
-            } else {
-                self.shared.metrics.messages_out.inc();
-                if qos != QoS::AtMostOnce {
-                    self.own_inflight.insert(pkid, OwnState::Sent);
-                }
-            }
-            last = Some(topic);
+    /// The SUBACK for `pkid` is written: its jobs start.
+    pub(super) fn suback_sent(&mut self, pkid: u16) {
+        if let Some(jobs) = self.after_suback.remove(&pkid) {
+            self.jobs.extend(jobs);
         }
-        self.retained_batch = batch;
-        if let Some(job) = self.retained_jobs.front_mut() {
-            if last.is_some() {
-                job.after = last;
-            }
-            if !more && !stopped {
-                self.retained_jobs.pop_front();
-            }
-        }
-        Ok(())
     }
 
     /// An unsubscribed filter gets no more retained messages.
-    pub(super) fn cancel_retained(&mut self, filter: &str) {
-        self.retained_jobs.retain(|job| job.filter != filter);
-        for jobs in self.retained_after_suback.values_mut() {
+    pub(super) fn cancel(&mut self, filter: &str) {
+        self.jobs.retain(|job| job.filter != filter);
+        for jobs in self.after_suback.values_mut() {
             jobs.retain(|job| job.filter != filter);
         }
     }
 
-    /// A packet id of our own, not the router's and not in flight.
-    fn own_pkid(&mut self) -> u16 {
-        loop {
-            self.next_own_pkid = match self.next_own_pkid {
-                u16::MAX | 0..=ROUTER_MAX_PKID => ROUTER_MAX_PKID + 1,
-                n => n + 1,
-            };
-            if !self.own_inflight.contains_key(&self.next_own_pkid) {
-                return self.next_own_pkid;
+    /// An idle connection's scratch space goes back.
+    pub(super) fn trim(&mut self) {
+        if self.jobs.is_empty() {
+            self.batch = Vec::new();
+        }
+    }
+
+    /// Whether there is work and room in the in-flight window for it.
+    pub(super) fn wants_to_send(&self) -> bool {
+        !self.jobs.is_empty() && self.window_open()
+    }
+
+    fn window_open(&self) -> bool {
+        self.inflight.len() < OWN_WINDOW
+    }
+
+    /// The next batch of the oldest job: its messages (to hand back through
+    /// [`RetainedFeed::batch_done`]), the subscription's QoS and whether more follow.
+    fn next_batch(
+        &mut self,
+        index: &RetainedIndex,
+    ) -> Option<(Vec<Arc<RetainedMessage>>, QoS, bool)> {
+        let job = self.jobs.front()?;
+        let mut batch = std::mem::take(&mut self.batch);
+        batch.clear();
+        let more = index.matching(&job.filter, job.after.as_deref(), BATCH, &mut batch);
+        Some((batch, job.qos, more))
+    }
+
+    /// The batch went out up to `last` (the last topic sent or skipped); `finished`:
+    /// nothing of the job is left.
+    fn batch_done(
+        &mut self,
+        batch: Vec<Arc<RetainedMessage>>,
+        last: Option<String>,
+        finished: bool,
+    ) {
+        self.batch = batch;
+        if let Some(job) = self.jobs.front_mut() {
+            if last.is_some() {
+                job.after = last;
+            }
+            if finished {
+                self.jobs.pop_front();
             }
         }
     }
 
-    /// Handles the client's PUBACK/PUBREC/PUBCOMP if it is for one of our own
-    /// deliveries; `false` means it is the router's.
-    pub(super) fn own_ack(&mut self, packet: &Packet) -> Result<bool, Close> {
-        let (pkid, kind) = match packet {
-            Packet::PubAck(a, _) => (a.pkid, 1),
-            Packet::PubRec(r, _) => (r.pkid, 2),
-            Packet::PubComp(c, _) => (c.pkid, 3),
-            _ => return Ok(false),
-        };
-        let Some(state) = self.own_inflight.get(&pkid).copied() else {
-            return Ok(false);
-        };
-        match (kind, state) {
-            (2, OwnState::Sent) => {
-                let success = matches!(
-                    packet,
-                    Packet::PubRec(r, _)
-                        if matches!(r.reason, PubRecReason::Success | PubRecReason::NoMatchingSubscribers)
-                );
-                if success {
-                    self.own_inflight.insert(pkid, OwnState::Released);
-                    let rel = PubRel {
-                        pkid,
-                        reason: PubRelReason::Success,
-                    };
-                    self.write(Packet::PubRel(rel, None))?;
-                } else {
-                    self.own_inflight.remove(&pkid);
-                }
-            }
-            _ => {
-                self.own_inflight.remove(&pkid);
+    /// A packet id of our own, not the router's and not in flight.
+    fn next_pkid(&mut self) -> u16 {
+        loop {
+            self.next_pkid = match self.next_pkid {
+                u16::MAX | 0..=ROUTER_MAX_PKID => ROUTER_MAX_PKID + 1,
+                n => n + 1,
+            };
+            if !self.inflight.contains_key(&self.next_pkid) {
+                return self.next_pkid;
             }
         }
-        Ok(true)
+    }
+
+    /// Our QoS 1/2 delivery `pkid` is written.
+    fn sent(&mut self, pkid: u16) {
+        self.inflight.insert(pkid, OwnState::Sent);
+    }
+
+    /// The client's PUBACK/PUBREC/PUBCOMP, if it is for one of our own deliveries.
+    pub(super) fn client_ack(&mut self, packet: &Packet) -> OwnAck {
+        let (pkid, rec_success) = match packet {
+            Packet::PubAck(a, _) => (a.pkid, None),
+            Packet::PubRec(r, _) => (
+                r.pkid,
+                Some(matches!(
+                    r.reason,
+                    PubRecReason::Success | PubRecReason::NoMatchingSubscribers
+                )),
+            ),
+            Packet::PubComp(c, _) => (c.pkid, None),
+            _ => return OwnAck::NotOurs,
+        };
+        let Some(state) = self.inflight.get(&pkid).copied() else {
+            return OwnAck::NotOurs;
+        };
+        if let (Some(true), OwnState::Sent) = (rec_success, state) {
+            self.inflight.insert(pkid, OwnState::Released);
+            return OwnAck::Release(pkid);
+        }
+        self.inflight.remove(&pkid);
+        OwnAck::Done
+    }
+}
+
+impl Gateway {
+    /// Whether a retained batch can go out now.
+    pub(super) fn can_feed_retained(&self) -> bool {
+        self.retained.wants_to_send() && self.out.has_room()
+    }
+
+    /// Writes the next batch of the oldest retained job, each message through
+    /// [`Gateway::deliver`].
+    pub(super) fn feed_retained(&mut self) -> Result<(), Close> {
+        let Some((mut batch, sub_qos, more)) =
+            self.retained.next_batch(&self.shared.retained_index)
+        else {
+            return Ok(());
+        };
+        let now = moatmq_store::now_unix();
+        let mut last = None;
+        // Stopped early: the socket buffer or the in-flight window is full.
+        let mut stopped = false;
+        for msg in batch.drain(..) {
+            if !self.out.has_room() {
+                stopped = true;
+                break;
+            }
+            // MQTT-3.8.4-8: the lower of the message's and the subscription's QoS.
+            let qos = if msg.qos < sub_qos as u8 {
+                qos_of(&msg)
+            } else {
+                sub_qos
+            };
+            if qos != QoS::AtMostOnce && !self.retained.window_open() {
+                stopped = true;
+                break;
+            }
+            let pkid = match qos {
+                QoS::AtMostOnce => 0,
+                _ => self.retained.next_pkid(),
+            };
+            let properties = match self.version {
+                Version::V5 => properties_at(&msg, now),
+                Version::V4 => None,
+            };
+            let publish = make_publish(
+                Bytes::copy_from_slice(msg.topic.as_bytes()),
+                Bytes::copy_from_slice(&msg.payload),
+                qos,
+                true,
+                pkid,
+            );
+            if let Delivery::Sent { qos, pkid } = self.deliver(publish, properties)? {
+                if qos != QoS::AtMostOnce {
+                    self.retained.sent(pkid);
+                }
+            }
+            last = Some(msg.topic.clone());
+        }
+        self.retained.batch_done(batch, last, !more && !stopped);
+        Ok(())
+    }
+
+    /// Answers the client's acknowledgement if it is for one of our own deliveries;
+    /// `false` means it is the router's.
+    pub(super) fn own_ack(&mut self, packet: &Packet) -> Result<bool, Close> {
+        match self.retained.client_ack(packet) {
+            OwnAck::NotOurs => Ok(false),
+            OwnAck::Done => Ok(true),
+            OwnAck::Release(pkid) => {
+                let rel = PubRel {
+                    pkid,
+                    reason: PubRelReason::Success,
+                };
+                self.write(Packet::PubRel(rel, None))?;
+                Ok(true)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rumqttd::protocol::{PubAck, PubAckReason, PubComp, PubCompReason, PubRec};
+
+    fn job(filter: &str) -> RetainedJob {
+        RetainedJob {
+            filter: filter.into(),
+            qos: QoS::AtLeastOnce,
+            after: None,
+        }
+    }
+
+    #[test]
+    fn own_packet_ids_stay_above_the_routers_and_skip_those_in_flight() {
+        let mut feed = RetainedFeed::default();
+        let first = feed.next_pkid();
+        assert_eq!(first, ROUTER_MAX_PKID + 1);
+        feed.sent(first);
+        feed.next_pkid = u16::MAX - 1;
+        assert_eq!(feed.next_pkid(), u16::MAX);
+        // Wraps past the router's range, and past the one still in flight.
+        assert_eq!(feed.next_pkid(), ROUTER_MAX_PKID + 2);
+        for _ in 0..100_000 {
+            let id = feed.next_pkid();
+            assert!(id > ROUTER_MAX_PKID && id != first, "{id}");
+        }
+    }
+
+    #[test]
+    fn the_window_closes_at_its_size_and_acks_reopen_it() {
+        let mut feed = RetainedFeed::default();
+        feed.after_suback(1, vec![job("a/#")]);
+        assert!(!feed.wants_to_send(), "nothing before the SUBACK");
+        feed.suback_sent(1);
+        assert!(feed.wants_to_send());
+        let ids: Vec<u16> = (0..OWN_WINDOW).map(|_| feed.next_pkid()).collect();
+        ids.iter().for_each(|&id| feed.sent(id));
+        assert!(!feed.wants_to_send(), "window full");
+        let ack = PubAck {
+            pkid: ids[0],
+            reason: PubAckReason::Success,
+        };
+        assert_eq!(feed.client_ack(&Packet::PubAck(ack, None)), OwnAck::Done);
+        assert!(feed.wants_to_send());
+        let router_ack = PubAck {
+            pkid: 7,
+            reason: PubAckReason::Success,
+        };
+        assert_eq!(
+            feed.client_ack(&Packet::PubAck(router_ack, None)),
+            OwnAck::NotOurs
+        );
+    }
+
+    #[test]
+    fn a_qos_2_delivery_is_released_then_completed() {
+        let mut feed = RetainedFeed::default();
+        let id = feed.next_pkid();
+        feed.sent(id);
+        let rec = PubRec {
+            pkid: id,
+            reason: PubRecReason::Success,
+        };
+        assert_eq!(
+            feed.client_ack(&Packet::PubRec(rec, None)),
+            OwnAck::Release(id)
+        );
+        let comp = PubComp {
+            pkid: id,
+            reason: PubCompReason::Success,
+        };
+        assert_eq!(
+            feed.client_ack(&Packet::PubComp(comp.clone(), None)),
+            OwnAck::Done
+        );
+        assert_eq!(
+            feed.client_ack(&Packet::PubComp(comp, None)),
+            OwnAck::NotOurs
+        );
+    }
+
+    #[test]
+    fn unsubscribing_cancels_waiting_and_running_jobs() {
+        let mut feed = RetainedFeed::default();
+        feed.after_suback(1, vec![job("a/#"), job("b/#")]);
+        feed.suback_sent(1);
+        feed.after_suback(2, vec![job("a/#")]);
+        feed.cancel("a/#");
+        assert_eq!(feed.jobs.len(), 1);
+        feed.suback_sent(2);
+        assert_eq!(feed.jobs.len(), 1, "the waiting one was cancelled too");
+        feed.cancel("b/#");
+        assert!(!feed.wants_to_send());
     }
 }

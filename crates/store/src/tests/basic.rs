@@ -18,8 +18,11 @@ fn round_trip_with_properties() {
     let (s, loaded) = open(dir.path()).unwrap();
     assert_eq!(sorted(loaded), vec![a.clone(), b.clone()]);
     assert_eq!(s.len(), 2);
-    assert_eq!(s.get("home/door"), Some(&a));
-    assert_eq!(s.live_bytes(), a.data_bytes() + b.data_bytes());
+    assert_eq!(s.get("home/door").as_deref(), Some(&a));
+    assert_eq!(
+        s.live_bytes(),
+        crate::stored_bytes(&a) + crate::stored_bytes(&b)
+    );
 }
 
 #[test]
@@ -56,12 +59,13 @@ fn clear_removes_and_survives_reopen() {
 fn expired_not_returned() {
     let dir = tempfile::tempdir().unwrap();
     let (mut s, _) = open(dir.path()).unwrap();
+    // (Set last: any change first clears what has expired.)
+    s.set(v5_msg("fresh", "y")).unwrap();
     s.set(RetainedMessage {
         expires_at: Some(1),
         ..msg("old", "x")
     })
     .unwrap();
-    s.set(v5_msg("fresh", "y")).unwrap();
     s.flush().unwrap();
     assert_eq!(s.purge_expired(crate::now_unix()), 1);
     drop(s);
@@ -97,19 +101,30 @@ fn file_reveals_neither_topic_nor_payload() {
 #[test]
 fn full_on_limits() {
     let dir = tempfile::tempdir().unwrap();
+    let one = crate::stored_bytes(&msg("a", "1"));
     let limits = StoreLimits {
         max_messages: 2,
-        max_bytes: 20,
+        max_bytes: 3 * one,
+        ..LIMITS
     };
     let (mut s, _) = Store::open(dir.path(), key(), limits).unwrap();
     s.set(msg("a", "1")).unwrap();
     s.set(msg("b", "2")).unwrap();
-    assert!(matches!(s.set(msg("c", "3")), Err(StoreError::Full)));
-    // Replacing an existing topic is always allowed, even past max_bytes.
-    s.set(msg("a", "a much longer payload than before"))
-        .unwrap();
+    assert!(matches!(
+        s.set(msg("c", "3")),
+        Err(StoreError::Full(crate::Refusal::Messages))
+    ));
+    // A replacement counts once: it may grow up to max_bytes, not past it.
+    s.set(msg("a", &"x".repeat(one as usize))).unwrap();
+    assert!(matches!(
+        s.set(msg("a", &"x".repeat(one as usize + 2))),
+        Err(StoreError::Full(crate::Refusal::Bytes))
+    ));
     s.clear("b");
-    assert!(matches!(s.set(msg("c", "3")), Err(StoreError::Full)));
+    assert!(matches!(
+        s.set(msg("c", &"x".repeat(one as usize))),
+        Err(StoreError::Full(crate::Refusal::Bytes))
+    ));
     s.clear("a");
     s.set(msg("c", "3")).unwrap();
     assert_eq!(s.len(), 1);
@@ -132,7 +147,7 @@ fn compaction_keeps_exactly_the_live_set() {
     }
     s.flush().unwrap();
     let before = s.file_bytes();
-    let live = sorted(s.messages().cloned().collect());
+    let live = sorted(s.messages().iter().map(|m| (**m).clone()).collect());
     assert_eq!(live.len(), 50);
     assert!(s.maybe_compact().unwrap());
     assert!(s.file_bytes() * 10 < before);
@@ -166,7 +181,7 @@ fn background_compaction_includes_changes_made_meanwhile() {
     s.set(msg("new", "v1")).unwrap();
     s.finish_compaction(job.join().unwrap()).unwrap();
     assert_eq!(s.pending(), 0);
-    let live = sorted(s.messages().cloned().collect());
+    let live = sorted(s.messages().iter().map(|m| (**m).clone()).collect());
     drop(s);
     let (_, loaded) = open(dir.path()).unwrap();
     assert_eq!(sorted(loaded), live);
@@ -229,7 +244,7 @@ fn failed_append_is_cut_back_before_retry() {
     let mut bytes = std::fs::read(log_path(dir.path())).unwrap();
     bytes.extend_from_slice(&[0xAB; 300]);
     std::fs::write(log_path(dir.path()), &bytes).unwrap();
-    s.needs_truncate = true;
+    s.log.needs_truncate = true;
     s.set(msg("b", "2")).unwrap();
     s.flush().unwrap();
     drop(s);

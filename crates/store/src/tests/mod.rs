@@ -18,6 +18,8 @@ use crate::{MessageProperties, RetainedKey, RetainedMessage, Store, StoreError, 
 pub(crate) const LIMITS: StoreLimits = StoreLimits {
     max_messages: 1_000_000,
     max_bytes: 1 << 30,
+    max_messages_per_user: 0,
+    max_bytes_per_user: 0,
 };
 
 pub(crate) fn key() -> RetainedKey {

@@ -21,9 +21,14 @@ fn copy_dir(src: &Path) -> tempfile::TempDir {
     dst
 }
 
+/// One change made to the store.
+type Step = Box<dyn FnMut(&mut SessionLog)>;
+/// The log's and the mark's bytes.
+type Files = (Vec<u8>, Vec<u8>);
+
 /// Runs a scenario committing in batches. Returns the state after each record (index =
 /// records in the log) and the log and mark bytes after each commit.
-fn scenario(dir: &Path) -> (Vec<Vec<Session>>, Vec<(Vec<u8>, Vec<u8>)>) {
+fn scenario(dir: &Path) -> (Vec<Vec<Session>>, Vec<Files>) {
     let mut s = open(dir).unwrap();
     let mut states = vec![all(&s)];
     let mut commits = vec![(
@@ -40,7 +45,7 @@ fn scenario(dir: &Path) -> (Vec<Vec<Session>>, Vec<(Vec<u8>, Vec<u8>)>) {
         );
         states.push(all(s));
     };
-    let mut batches: Vec<Vec<Box<dyn FnMut(&mut SessionLog)>>> = Vec::new();
+    let mut batches: Vec<Vec<Step>> = Vec::new();
     let (a1, a2, a3, b1) = (a.clone(), a.clone(), a.clone(), b.clone());
     batches.push(vec![
         Box::new(move |s| assert!(s.put_session(&a1, meta(&["a/#"])).unwrap())),

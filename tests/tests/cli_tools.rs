@@ -2,25 +2,20 @@
 //! `retained list` / `rekey` / `accept`, `acl check` and `import-mosquitto`, each followed through
 //! to a real `moatmq serve` child process that clients connect to (over TCP and mTLS).
 //!
-//! Brokers listen on loopback ports found by binding port 0 and letting go of it; a
-//! [`Served`] guard kills its child on drop, so a failing test leaves no broker behind.
+//! Brokers bind 127.0.0.1:0 and the tests read the bound addresses from the broker's
+//! "listening" log lines; a [`Moatmq`] guard kills its child on drop, so a failing test
+//! leaves no broker behind.
 
-use moatmq_testkit::{v4, TestCa, QUIET, WAIT};
+use moatmq_e2e::Moatmq;
+use moatmq_testkit::wire::{self, Connect, Publish, Version};
+use moatmq_testkit::{v4, Raw, TestCa, QUIET, WAIT};
 use rumqttc::{ConnectReturnCode, ConnectionError, Packet, QoS, SubscribeReasonCode};
 use std::io::Write;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
-
-const BIN: &str = env!("CARGO_BIN_EXE_moatmq");
-
-/// A loopback port nothing listens on right now.
-fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind port 0");
-    l.local_addr().expect("local addr").port()
-}
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
 fn addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
@@ -33,7 +28,7 @@ fn moatmq(args: &[&str]) -> Output {
 
 /// `moatmq ARGS` with `input` on stdin (a pipe, so never a terminal).
 fn moatmq_with_stdin(args: &[&str], input: &str) -> Output {
-    let mut child = Command::new(BIN)
+    let mut child = Command::new(moatmq_e2e::moatmq())
         .args(args)
         .env_remove("MOATMQ_RETAINED_KEY")
         .stdin(Stdio::piped())
@@ -74,62 +69,6 @@ fn path_str(p: &Path) -> &str {
 
 fn mode(p: &Path) -> u32 {
     std::fs::metadata(p).expect("metadata").permissions().mode() & 0o777
-}
-
-/// A `moatmq serve -c CONFIG` child, killed (SIGKILL) and reaped on drop.
-struct Served {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Served {
-    /// Starts the broker and waits (at most ~5 s) until `port` accepts connections.
-    async fn start(config: &Path, port: u16) -> Served {
-        let log = config.with_extension(format!("{port}.log"));
-        let file = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(BIN)
-            .args(["serve", "-c", path_str(config)])
-            .env_remove("MOATMQ_RETAINED_KEY")
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().expect("log file"))
-            .stderr(file)
-            .spawn()
-            .expect("spawn moatmq serve");
-        let mut served = Served { child, log };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            if tokio::net::TcpStream::connect(addr(port)).await.is_ok() {
-                return served;
-            }
-            if let Some(status) = served.child.try_wait().expect("try_wait") {
-                panic!("moatmq serve exited with {status}:\n{}", served.log_text());
-            }
-            if Instant::now() > deadline {
-                panic!(
-                    "moatmq serve not listening on {port} within 5 s:\n{}",
-                    served.log_text()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// SIGKILL: no flush, no goodbye, as in a crash or an OOM kill.
-    fn kill(mut self) {
-        self.child.kill().expect("kill -9");
-        self.child.wait().expect("reap");
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// A client with a username and password; `Err` is the refusal.
@@ -245,18 +184,16 @@ async fn passwd_round_trip_then_the_broker_accepts_only_the_new_password() {
     assert!(!o.status.success());
     assert_eq!(std::fs::read_to_string(&file).unwrap(), text);
 
-    let port = free_port();
     let config = dir.path().join("broker.toml");
     std::fs::write(
         &config,
-        format!(
-            "[[listener]]\nname = \"tcp\"\nbind = \"127.0.0.1:{port}\"\n\
-             [auth]\nallow_anonymous = false\npassword_file = \"passwd\"\n"
-        ),
+        "[[listener]]\nname = \"tcp\"\nbind = \"127.0.0.1:0\"\n\
+         [auth]\nallow_anonymous = false\npassword_file = \"passwd\"\n",
     )
     .unwrap();
     ok(&["check", "-c", path_str(&config)]);
-    let _broker = Served::start(&config, port).await;
+    let broker = Moatmq::serve(&config, &[]);
+    let port = broker.port("tcp");
     let c = login(port, "alice-1", "alice", "new password")
         .await
         .expect("the new password is accepted");
@@ -289,7 +226,7 @@ fn keygen_writes_a_private_key_and_never_overwrites() {
     assert_eq!(std::fs::read_to_string(&key).unwrap(), text, "unchanged");
 
     // `-` is stdout, not a file named `-`.
-    let o = Command::new(BIN)
+    let o = Command::new(moatmq_e2e::moatmq())
         .args(["keygen", "--out", "-"])
         .current_dir(dir.path())
         .output()
@@ -307,13 +244,13 @@ fn keygen_writes_a_private_key_and_never_overwrites() {
     assert_ne!(std::fs::read_to_string(&other).unwrap(), text);
 }
 
-/// broker.toml for one anonymous listener on `port` and a durable retained store.
-fn retained_config(dir: &Path, port: u16, key_file: &str) -> PathBuf {
+/// broker.toml for one anonymous listener on port 0 and a durable retained store.
+fn retained_config(dir: &Path, key_file: &str) -> PathBuf {
     let config = dir.join("broker.toml");
     std::fs::write(
         &config,
         format!(
-            "[[listener]]\nname = \"tcp\"\nbind = \"127.0.0.1:{port}\"\n\
+            "[[listener]]\nname = \"tcp\"\nbind = \"127.0.0.1:0\"\n\
              [auth]\nallow_anonymous = true\n\
              [retained]\npath = \"data/retained\"\nkey_file = \"{key_file}\"\n\
              autosave_interval = 0\n"
@@ -341,18 +278,18 @@ async fn retained_survive_kill_9_list_and_rekey() {
         v
     };
 
-    let port = free_port();
-    let config = retained_config(dir.path(), port, "old.key");
-    let broker = Served::start(&config, port).await;
+    let config = retained_config(dir.path(), "old.key");
+    let broker = Moatmq::serve(&config, &[]);
+    let port = broker.port("tcp");
     let mut c = v4::connected(addr(port), "device").await;
     publish_retained_acked(&mut c, &messages).await;
     // Acknowledged with autosave_interval = 0 means on disk: SIGKILL loses nothing.
     broker.kill();
     drop(c);
 
-    let port = free_port();
-    let config = retained_config(dir.path(), port, "old.key");
-    let broker = Served::start(&config, port).await;
+    let config = retained_config(dir.path(), "old.key");
+    let broker = Moatmq::serve(&config, &[]);
+    let port = broker.port("tcp");
     assert_eq!(retained_messages(port).await, expected, "after kill -9");
     broker.kill();
 
@@ -380,19 +317,18 @@ async fn retained_survive_kill_9_list_and_rekey() {
     ]);
     assert!(out.contains("re-encrypted 3 messages"), "{out}");
 
-    let port = free_port();
-    let config = retained_config(dir.path(), port, "new.key");
-    let broker = Served::start(&config, port).await;
+    let config = retained_config(dir.path(), "new.key");
+    let broker = Moatmq::serve(&config, &[]);
+    let port = broker.port("tcp");
     assert_eq!(retained_messages(port).await, expected, "after rekey");
     drop(broker);
 
     // The old key no longer opens the store: the broker refuses to start, saying why.
-    let port = free_port();
-    let config = retained_config(dir.path(), port, "old.key");
+    let config = retained_config(dir.path(), "old.key");
     let (status, err) = serve_expecting_exit(&config);
     assert!(!status.success(), "old key: {status}\n{err}");
     assert!(err.contains("wrong key"), "{err}");
-    assert!(std::net::TcpStream::connect(addr(port)).is_err());
+    assert!(!err.contains("listening"), "{err}");
 }
 
 /// `moatmq serve -c CONFIG` that should fail to start: its exit status and stderr.
@@ -401,9 +337,9 @@ async fn retained_survive_kill_9_list_and_rekey() {
 async fn truncated_store_refused_until_retained_accept() {
     let dir = tempfile::tempdir().unwrap();
     ok(&["keygen", "--out", path_str(&dir.path().join("k.key"))]);
-    let port = free_port();
-    let config = retained_config(dir.path(), port, "k.key");
-    let broker = Served::start(&config, port).await;
+    let config = retained_config(dir.path(), "k.key");
+    let broker = Moatmq::serve(&config, &[]);
+    let port = broker.port("tcp");
     let mut c = v4::connected(addr(port), "device").await;
     publish_retained_acked(&mut c, &[("door/front", "locked"), ("door/back", "open")]).await;
     drop(broker);
@@ -424,7 +360,7 @@ async fn truncated_store_refused_until_retained_accept() {
             && err.contains("moatmq retained accept"),
         "{err}"
     );
-    assert!(std::net::TcpStream::connect(addr(port)).is_err());
+    assert!(!err.contains("listening"), "{err}");
 
     let out = ok(&["retained", "accept", "-c", path_str(&config)]);
     assert!(
@@ -433,33 +369,16 @@ async fn truncated_store_refused_until_retained_accept() {
     );
     let out = ok(&["retained", "accept", "-c", path_str(&config)]);
     assert!(out.contains("nothing to accept"), "{out}");
-    let broker = Served::start(&config, port).await;
+    let broker = Moatmq::serve(&config, &[]);
+    let port = broker.port("tcp");
     assert_eq!(retained_messages(port).await, vec![]);
     drop(broker);
 }
 
 fn serve_expecting_exit(config: &Path) -> (std::process::ExitStatus, String) {
-    let log = config.with_extension("failed.log");
-    let file = std::fs::File::create(&log).expect("log file");
-    let child = Command::new(BIN)
-        .args(["serve", "-c", path_str(config)])
-        .env_remove("MOATMQ_RETAINED_KEY")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(file)
-        .spawn()
-        .expect("spawn moatmq serve");
-    let mut served = Served { child, log };
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        if let Some(status) = served.child.try_wait().expect("try_wait") {
-            return (status, served.log_text());
-        }
-        if Instant::now() > deadline {
-            panic!("moatmq serve kept running:\n{}", served.log_text());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut m = Moatmq::spawn(&["serve", "-c", path_str(config)], &[]);
+    let status = m.exit_within(Duration::from_secs(5));
+    (status, m.final_log())
 }
 
 #[test]
@@ -557,7 +476,7 @@ async fn import_mosquitto_end_to_end() {
     // Written by the real mosquitto_passwd ($7$): alice 'correct horse', bob 'hunter2'.
     let passwd = d.join("passwd");
     std::fs::copy(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../auth/testdata/mosquitto_passwd.txt"),
+        moatmq_e2e::repo_root().join("crates/auth/testdata/mosquitto_passwd.txt"),
         &passwd,
     )
     .unwrap();
@@ -582,8 +501,8 @@ async fn import_mosquitto_end_to_end() {
     let ca_crt = client_ca.write_ca(d, "client-ca.crt");
     let (client_crt, client_key) = client_ca.valid_client(d, "sensor-7", "sensor-7");
 
-    let port = free_port();
-    let tls_port = free_port();
+    // Ports of the Mosquitto file, checked in the import; the broker then binds port 0.
+    let (port, tls_port) = (18830, 18831);
     let conf = d.join("mosquitto.conf");
     std::fs::write(
         &conf,
@@ -632,8 +551,16 @@ async fn import_mosquitto_end_to_end() {
         assert!(toml.contains(&needle), "{needle} missing in:\n{toml}");
     }
     ok(&["check", "-c", path_str(&config)]);
+    let toml = toml
+        .replace(&format!("127.0.0.1:{port}\""), "127.0.0.1:0\"")
+        .replace(&format!("127.0.0.1:{tls_port}\""), "127.0.0.1:0\"");
+    std::fs::write(&config, toml).unwrap();
 
-    let _broker = Served::start(&config, port).await;
+    let broker = Moatmq::serve(&config, &[]);
+    let (port, tls_port) = (
+        broker.port(&format!("port-{port}")),
+        broker.port(&format!("port-{tls_port}")),
+    );
     // Same users, same passwords (mosquitto's $7$ hashes), same ACL.
     let mut alice = login(port, "alice-1", "alice", "correct horse")
         .await
@@ -773,13 +700,12 @@ async fn ordinary_traffic_logs_no_noise_and_plain_disconnect_reasons() {
     let ca = TestCa::new("noise ca");
     let (crt, key) = ca.server(d, "server");
     let ca_file = ca.write_ca(d, "ca.crt");
-    let (port, tls_port) = (free_port(), free_port());
     let config = d.join("broker.toml");
     std::fs::write(
         &config,
         format!(
-            "[[listener]]\nname = \"tcp\"\nbind = \"127.0.0.1:{port}\"\n\
-             [[listener]]\nname = \"tls\"\nbind = \"127.0.0.1:{tls_port}\"\n\
+            "[[listener]]\nname = \"tcp\"\nbind = \"127.0.0.1:0\"\n\
+             [[listener]]\nname = \"tls\"\nbind = \"127.0.0.1:0\"\n\
              [listener.tls]\ncert = \"{}\"\nkey = \"{}\"\n\
              [auth]\nallow_anonymous = true\n",
             crt.display(),
@@ -787,39 +713,33 @@ async fn ordinary_traffic_logs_no_noise_and_plain_disconnect_reasons() {
         ),
     )
     .unwrap();
-    let served = Served::start(&config, port).await;
+    let served = Moatmq::serve(&config, &[]);
+    let (port, tls_port) = (served.port("tcp"), served.port("tls"));
     for i in 0..3 {
-        let c = v4::connected(addr(port), &format!("plain-{i}")).await;
-        c.client
-            .publish("t", QoS::AtLeastOnce, false, "x")
-            .await
-            .unwrap();
+        let mut c = v4::connected(addr(port), &format!("plain-{i}")).await;
+        c.publish_acked("t", false, "x").await;
         c.client.disconnect().await.unwrap();
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(c.closed_within(WAIT).await.is_some(), "plain-{i} closed");
     }
     // A client that goes away without DISCONNECT, and a session taken over.
     {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut raw = tokio::net::TcpStream::connect(addr(port)).await.unwrap();
-        raw.write_all(b"\x10\x0f\x00\x04MQTT\x04\x02\x00\x3c\x00\x03raw")
-            .await
-            .unwrap();
-        let mut connack = [0u8; 4];
-        raw.read_exact(&mut connack).await.unwrap();
+        let mut raw = Raw::tcp(addr(port)).await;
+        raw.send(&Connect::new(Version::V4, "raw").keep_alive(60).encode())
+            .await;
+        raw.frame_within(WAIT).await.expect("CONNACK");
     }
     // CONNECT, publishes and DISCONNECT in one write, then gone.
-    for i in 0..5u8 {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut raw = tokio::net::TcpStream::connect(addr(port)).await.unwrap();
-        let mut bytes = b"\x10\x0f\x00\x04MQTT\x04\x02\x00\x3c\x00\x03rw".to_vec();
-        bytes.push(b'0' + i);
+    for i in 0..5 {
+        let mut raw = Raw::tcp(addr(port)).await;
+        let mut bytes = Connect::new(Version::V4, format!("rw{i}"))
+            .keep_alive(60)
+            .encode();
         for _ in 0..50 {
-            bytes.extend_from_slice(b"\x30\x04\x00\x01tx");
+            bytes.extend(Publish::new(Version::V4, b"t", b"x").encode());
         }
-        bytes.extend_from_slice(b"\xe0\x00");
-        raw.write_all(&bytes).await.unwrap();
-        let mut rest = Vec::new();
-        let _ = raw.read_to_end(&mut rest).await;
+        bytes.extend(wire::DISCONNECT);
+        raw.send(&bytes).await;
+        let _ = raw.bytes_until_closed(WAIT).await;
     }
     let first = v4::connected(addr(port), "twice").await;
     let _second = v4::connected(addr(port), "twice").await;
@@ -842,7 +762,7 @@ async fn ordinary_traffic_logs_no_noise_and_plain_disconnect_reasons() {
         .expect("mosquitto_pub (package mosquitto-clients) is installed");
     assert!(o.status.success(), "mosquitto_pub: {}", stderr(&o));
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let log = served.log_text();
+    let log = served.log();
     for noise in [
         "Illegal SNI",
         "already gone",

@@ -11,11 +11,13 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_moatmq");
-
-fn free_port() -> u16 {
+/// A port the test keeps bound while `serve` runs: a `serve` that bound its listeners
+/// before refusing would fail on this port with "address in use" (exit 1) instead of
+/// the refusal (exit 64) the tests expect.
+fn held_port() -> (TcpListener, u16) {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind port 0");
-    l.local_addr().expect("local addr").port()
+    let port = l.local_addr().expect("local addr").port();
+    (l, port)
 }
 
 /// Runs `moatmq ARGS` (no retained key in the environment unless given) and returns
@@ -23,7 +25,7 @@ fn free_port() -> u16 {
 fn run(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
     let dir = tempfile::tempdir().unwrap();
     let err_path = dir.path().join("stderr");
-    let mut cmd = Command::new(BIN);
+    let mut cmd = Command::new(moatmq_e2e::moatmq());
     cmd.args(args)
         .env_remove("MOATMQ_RETAINED_KEY")
         .env_remove("RUST_LOG")
@@ -59,9 +61,10 @@ fn write(dir: &Path, name: &str, text: &str) -> String {
 }
 
 /// `check` and `serve` on `config` both exit 64 with the same message, which contains
-/// every one of `needles`, names no OS error twice, and binds nothing.
+/// every one of `needles` and names no OS error twice. The callers hold the configured
+/// port (see [`held_port`]), so exit 64 also shows that nothing was bound first.
 #[track_caller]
-fn both_refuse(dir: &Path, config: &str, port: u16, needles: &[&str]) {
+fn both_refuse(dir: &Path, config: &str, needles: &[&str]) -> String {
     let path = write(dir, "broker.toml", config);
     let (code, check_err) = run(&["check", "-c", &path], &[]);
     assert_eq!(code, Some(64), "check: {check_err}");
@@ -75,10 +78,7 @@ fn both_refuse(dir: &Path, config: &str, port: u16, needles: &[&str]) {
     let (code, serve_err) = run(&["serve", "-c", &path], &[]);
     assert_eq!(code, Some(64), "serve: {serve_err}");
     assert_eq!(serve_err, check_err, "same message from serve and check");
-    assert!(
-        TcpListener::bind(("127.0.0.1", port)).is_ok(),
-        "serve bound its port"
-    );
+    check_err
 }
 
 fn tls_config(port: u16, cert: &str, key: &str) -> String {
@@ -92,7 +92,7 @@ fn tls_config(port: u16, cert: &str, key: &str) -> String {
 fn tls_problems_are_found_by_check_as_by_serve() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let port = free_port();
+    let (_held, port) = held_port();
     let (cert, key) = TestCa::new("ca").server(d, "server");
     let (_, other_key) = TestCa::new("other").server(d, "other");
     let (cert, key, other_key) = (
@@ -106,7 +106,6 @@ fn tls_problems_are_found_by_check_as_by_serve() {
     both_refuse(
         d,
         &tls_config(port, missing, key),
-        port,
         &[
             "listener secure: certificate ",
             "nothere.crt",
@@ -117,14 +116,12 @@ fn tls_problems_are_found_by_check_as_by_serve() {
     both_refuse(
         d,
         &tls_config(port, key, cert),
-        port,
         &["listener secure: certificate ", "no PEM certificate found"],
     );
     // A key that belongs to another certificate.
     both_refuse(
         d,
         &tls_config(port, cert, other_key),
-        port,
         &["listener secure: certificate and key do not fit together"],
     );
     let (code, err) = run(
@@ -150,20 +147,18 @@ fn retained_config(port: u16, store: &str, key_file: Option<&str>) -> String {
 fn retained_key_problems_are_found_by_check_as_by_serve() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let port = free_port();
+    let (_held, port) = held_port();
     let store = d.join("store");
     let store = store.to_str().unwrap();
 
     both_refuse(
         d,
         &retained_config(port, store, Some("nothere.key")),
-        port,
         &["retained-store key file ", "nothere.key", "No such file"],
     );
     both_refuse(
         d,
         &retained_config(port, store, None),
-        port,
         &["[retained] needs a key: set MOATMQ_RETAINED_KEY or retained.key_file"],
     );
     let key = d.join("retained.key");
@@ -173,7 +168,6 @@ fn retained_key_problems_are_found_by_check_as_by_serve() {
     both_refuse(
         d,
         &retained_config(port, store, Some("retained.key")),
-        port,
         &["retained.key is readable by group or others; run `chmod 600` on it"],
     );
     assert!(
@@ -205,7 +199,6 @@ fn retained_key_problems_are_found_by_check_as_by_serve() {
     both_refuse(
         d,
         &retained_config(port, store, Some("other.key")),
-        port,
         &[
             "retained store: wrong key for retained store ",
             "retained.log",
@@ -225,32 +218,55 @@ fn retained_key_problems_are_found_by_check_as_by_serve() {
 fn file_and_bind_problems_are_found_by_check_as_by_serve() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let port = free_port();
+    let (_held, port) = held_port();
     let listener = format!("[[listener]]\nname = \"tcp\"\nbind = \"127.0.0.1:{port}\"\n");
     both_refuse(
         d,
         &format!("{listener}[auth]\npassword_file = \"nothere\"\n"),
-        port,
         &["password file ", "nothere", "No such file"],
     );
     both_refuse(
         d,
         &format!("{listener}allow_anonymous = true\n[acl]\nfile = \"nothere\"\n"),
-        port,
         &["ACL file ", "nothere", "No such file"],
     );
     both_refuse(
         d,
         &format!("{listener}allow_anonymous = true\n[[listener]]\nname = \"all\"\nbind = \"0.0.0.0:{port}\"\n"),
-        port,
-        &["broker.toml:7: listener[1].bind: overlaps the bind of listener \"tcp\""],
+        &["broker.toml:7: listener[1].bind: same port on the same or a wildcard address as listener[0].bind"],
     );
     both_refuse(
         d,
         &format!("{listener}allow_anonymous = true\n[audit]\npath = \"nothere/audit.log\"\n"),
-        port,
         &["audit log ", "nothere/audit.log", "No such file"],
     );
+}
+
+/// A config error names the line and key, the same from check and serve, and never the
+/// value, which may be a secret.
+#[test]
+fn config_errors_name_line_and_key_but_never_the_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (_held, port) = held_port();
+    let listener = format!("[[listener]]\nname = \"tcp\"\nbind = \"127.0.0.1:{port}\"\n");
+    for (config, needle) in [
+        (
+            format!("{listener}[metrics]\nbind = \"hunter2-secret\"\n"),
+            "broker.toml:5: metrics.bind: must be an ip:port address",
+        ),
+        (
+            format!("{listener}[limits]\nmax_connections = \"hunter2-secret\"\n"),
+            "broker.toml:5: limits.max_connections: invalid type: string, expected usize",
+        ),
+        (
+            format!("{listener}[log]\nformat = \"hunter2-secret\"\n"),
+            "broker.toml:5: log.format: unknown value, expected `text` or `json`",
+        ),
+    ] {
+        let err = both_refuse(d, &config, &[needle]);
+        assert!(!err.contains("hunter2"), "the value leaked: {err}");
+    }
 }
 
 /// A port already taken is a runtime failure: exit 1, which systemd retries.
@@ -276,7 +292,7 @@ fn a_taken_port_exits_1() {
 /// The unit and the docs state the one rule.
 #[test]
 fn systemd_unit_does_not_restart_on_exit_64() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let root = moatmq_e2e::repo_root().to_path_buf();
     let unit = std::fs::read_to_string(root.join("deploy/systemd/moatmq.service")).unwrap();
     assert!(unit
         .lines()

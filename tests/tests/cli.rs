@@ -2,117 +2,27 @@
 //! SIGTERM (MQTT 5 clients get DISCONNECT 0x8B, exit 0) and SIGHUP reloads of the
 //! password file, the ACL file and a rotated server certificate.
 //!
-//! The binary cannot report an ephemeral port, so each test picks a free one by binding
-//! 127.0.0.1:0 and releasing it, and waits for the "listening" log line.
+//! Each test binds its listeners on 127.0.0.1:0 and reads the bound addresses from the
+//! broker's "listening" log lines.
 
+use moatmq_e2e::Moatmq;
 use moatmq_testkit::{v4, v5, TestCa, QUIET, WAIT};
 use rumqttc::QoS;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
-const BIN: &str = env!("CARGO_BIN_EXE_moatmq");
-
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().unwrap().port()
-}
-
-/// A running `moatmq` with its stderr collected line by line.
-struct Moatmq {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    log: Arc<Mutex<String>>,
-}
-
-impl Moatmq {
-    fn spawn(args: &[&str], env: &[(&str, &str)]) -> Moatmq {
-        let mut cmd = Command::new(BIN);
-        cmd.args(args)
-            .env_remove("RUST_LOG")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().expect("spawn moatmq");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        let log = Arc::new(Mutex::new(String::new()));
-        let all = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                all.lock().unwrap().push_str(&line);
-                all.lock().unwrap().push('\n');
-                let _ = tx.send(line);
-            }
-        });
-        Moatmq { child, lines, log }
-    }
-
-    /// Serves `config` (written to `dir/broker.toml`) and waits until it listens.
-    fn serve(dir: &Path, config: &str, env: &[(&str, &str)]) -> Moatmq {
-        let path = dir.join("broker.toml");
-        std::fs::write(&path, config).unwrap();
-        let m = Moatmq::spawn(&["serve", "-c", path.to_str().unwrap()], env);
-        m.wait_for("listening");
-        m
-    }
-
-    /// Waits for a stderr line containing `needle`.
-    fn wait_for(&self, needle: &str) {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) if line.contains(needle) => return,
-                Ok(_) => continue,
-                Err(_) => panic!(
-                    "no log line with {needle:?}; log so far:\n{}",
-                    self.log.lock().unwrap()
-                ),
-            }
-        }
-    }
-
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .expect("run kill")
-            .success();
-        assert!(ok, "kill {sig}");
-    }
-
-    fn exit_within(&mut self, wait: Duration) -> ExitStatus {
-        let deadline = Instant::now() + wait;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "moatmq did not exit");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Moatmq {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+/// `moatmq serve` on `config`, written to `dir/broker.toml`.
+fn serve(dir: &Path, config: &str, env: &[(&str, &str)]) -> Moatmq {
+    let path = dir.join("broker.toml");
+    std::fs::write(&path, config).unwrap();
+    Moatmq::serve(&path, env)
 }
 
 fn run(args: &[&str]) -> (Option<i32>, String) {
-    let out = Command::new(BIN)
+    let out = Command::new(moatmq_e2e::moatmq())
         .args(args)
         .stdin(Stdio::null())
         .output()
@@ -171,7 +81,10 @@ fn check_names_file_and_line_and_exits_64() {
 #[test]
 fn serve_with_an_invalid_config_exits_64_before_binding() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
+    // Held while `serve` runs: a broker that bound before refusing would exit 1 with
+    // "cannot bind" instead of 64.
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = held.local_addr().unwrap().port();
     let path = dir.path().join("broker.toml");
     std::fs::write(
         &path,
@@ -181,18 +94,15 @@ fn serve_with_an_invalid_config_exits_64_before_binding() {
     let (code, stderr) = run(&["serve", "-c", path.to_str().unwrap()]);
     assert_eq!(code, Some(64), "{stderr}");
     assert!(stderr.contains("broker.toml:5"), "{stderr}");
-    assert!(
-        std::net::TcpListener::bind(addr(port)).is_ok(),
-        "port was bound"
-    );
+    assert!(!stderr.contains("cannot bind"), "{stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_sends_v5_clients_0x8b_and_exits_0() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let config = format!("{}allow_anonymous = true\n", listener(port));
-    let mut m = Moatmq::serve(dir.path(), &config, &[]);
+    let config = format!("{}allow_anonymous = true\n", listener(0));
+    let mut m = serve(dir.path(), &config, &[]);
+    let port = m.port("tcp");
     let mut c5 = v5::connected(addr(port), "c5").await;
     let mut c4 = v4::connected(addr(port), "c4").await;
     m.signal("-TERM");
@@ -208,10 +118,10 @@ async fn sigterm_sends_v5_clients_0x8b_and_exits_0() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sighup_reloads_the_password_file() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
     passwd(dir.path(), &[("alice", "alice-pw")]);
-    let config = format!("{}[auth]\npassword_file = \"passwd\"\n", listener(port));
-    let m = Moatmq::serve(dir.path(), &config, &[]);
+    let config = format!("{}[auth]\npassword_file = \"passwd\"\n", listener(0));
+    let m = serve(dir.path(), &config, &[]);
+    let port = m.port("tcp");
     assert!(v4::connect(login(port, "b", "bob", "bob-pw"))
         .await
         .is_err());
@@ -232,7 +142,6 @@ async fn sighup_reloads_the_password_file() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sighup_acl_reload_revokes_a_live_subscription() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
     passwd(
         dir.path(),
         &[("alice", "alice-pw"), ("feeder", "feeder-pw")],
@@ -241,21 +150,17 @@ async fn sighup_acl_reload_revokes_a_live_subscription() {
     std::fs::write(dir.path().join("aclfile"), acl).unwrap();
     let config = format!(
         "{}[auth]\npassword_file = \"passwd\"\n[acl]\nfile = \"aclfile\"\n",
-        listener(port)
+        listener(0)
     );
-    let m = Moatmq::serve(dir.path(), &config, &[]);
+    let m = serve(dir.path(), &config, &[]);
+    let port = m.port("tcp");
     let mut alice = v4::connect(login(port, "a", "alice", "alice-pw"))
         .await
         .unwrap();
-    alice
-        .client
-        .subscribe("feed/#", QoS::AtLeastOnce)
-        .await
-        .unwrap();
+    alice.subscribe_acked("feed/#").await;
     let feeder = v4::connect(login(port, "f", "feeder", "feeder-pw"))
         .await
         .unwrap();
-    tokio::time::sleep(QUIET).await;
     feeder
         .client
         .publish("feed/1", QoS::AtLeastOnce, false, "before")
@@ -285,15 +190,15 @@ async fn sighup_acl_reload_revokes_a_live_subscription() {
 async fn sighup_picks_up_a_rotated_server_certificate() {
     use rumqttc::{TlsConfiguration, Transport};
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
     let old_ca = TestCa::new("old ca");
     let new_ca = TestCa::new("new ca");
     old_ca.server(dir.path(), "server");
     let config = format!(
         "{}allow_anonymous = true\n[listener.tls]\ncert = \"server.crt\"\nkey = \"server.key\"\n",
-        listener(port)
+        listener(0)
     );
-    let m = Moatmq::serve(dir.path(), &config, &[]);
+    let m = serve(dir.path(), &config, &[]);
+    let port = m.port("tcp");
     let trusting = |ca: &TestCa, id: &str| {
         let mut o = v4::options(addr(port), id);
         o.set_transport(Transport::Tls(TlsConfiguration::Simple {
@@ -317,28 +222,23 @@ async fn sighup_picks_up_a_rotated_server_certificate() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn serve_without_config_listens_on_loopback_1883() {
-    if std::net::TcpListener::bind("127.0.0.1:1883").is_err() {
-        eprintln!("127.0.0.1:1883 is busy: skipped");
-        return;
+    // Needs 127.0.0.1:1883 free: if it is taken the broker exits and this fails, saying
+    // so (it never passes against whatever else listens there).
+    if let Err(e) = std::net::TcpListener::bind("127.0.0.1:1883") {
+        panic!("127.0.0.1:1883 is taken ({e}): this test needs it free");
     }
     let mut m = Moatmq::spawn(&["serve"], &[]);
-    m.wait_for("listening");
+    let line = m.wait_for("listening");
+    assert!(line.contains("addr=127.0.0.1:1883"), "{line}");
     let mut sub = v4::connected(addr(1883), "sub").await;
-    sub.client
-        .subscribe("demo/#", QoS::AtLeastOnce)
-        .await
-        .unwrap();
+    sub.subscribe_acked("demo/#").await;
     let publ = v4::connected(addr(1883), "pub").await;
-    tokio::time::sleep(QUIET).await;
     publ.client
         .publish("demo/hello", QoS::AtLeastOnce, false, "world")
         .await
         .unwrap();
     assert_eq!(sub.next_publish().await.payload, "world".as_bytes());
-    assert!(
-        m.log.lock().unwrap().contains("anonymous"),
-        "warning logged"
-    );
+    assert!(m.log().contains("anonymous"), "warning logged");
     m.signal("-TERM");
     assert!(m.exit_within(WAIT).success());
 }
@@ -346,12 +246,12 @@ async fn serve_without_config_listens_on_loopback_1883() {
 #[tokio::test(flavor = "multi_thread")]
 async fn passwords_never_reach_the_log_at_trace_level() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
     let good = "good-Sentinel-7f3a";
     let bad = "bad-Sentinel-91c2";
     passwd(dir.path(), &[("alice", good)]);
-    let config = format!("{}[auth]\npassword_file = \"passwd\"\n", listener(port));
-    let mut m = Moatmq::serve(dir.path(), &config, &[("RUST_LOG", "trace")]);
+    let config = format!("{}[auth]\npassword_file = \"passwd\"\n", listener(0));
+    let mut m = serve(dir.path(), &config, &[("RUST_LOG", "trace")]);
+    let port = m.port("tcp");
     let ok = v4::connect(login(port, "a", "alice", good)).await;
     assert!(ok.is_ok());
     let mut o5 = v5::options(addr(port), "a5");
@@ -360,8 +260,7 @@ async fn passwords_never_reach_the_log_at_trace_level() {
     assert!(v4::connect(login(port, "b", "alice", bad)).await.is_err());
     m.signal("-TERM");
     assert!(m.exit_within(WAIT).success());
-    std::thread::sleep(Duration::from_millis(100));
-    let log = m.log.lock().unwrap().clone();
+    let log = m.final_log();
     assert!(log.contains("authentication failed"), "trace log captured");
     assert!(!log.contains("Sentinel"), "a password reached the log");
 }
@@ -369,10 +268,10 @@ async fn passwords_never_reach_the_log_at_trace_level() {
 #[tokio::test(flavor = "multi_thread")]
 async fn client_strings_cannot_forge_text_log_lines() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
     passwd(dir.path(), &[("alice", "alice-pw")]);
-    let config = format!("{}[auth]\npassword_file = \"passwd\"\n", listener(port));
-    let mut m = Moatmq::serve(dir.path(), &config, &[]);
+    let config = format!("{}[auth]\npassword_file = \"passwd\"\n", listener(0));
+    let mut m = serve(dir.path(), &config, &[]);
+    let port = m.port("tcp");
     let forged = "FORGED INFO moatmq: admin logged in";
     // A client id and a username each carrying a line break and a bidi override.
     let id = format!("dev\n{forged}\u{202e}");
@@ -383,8 +282,7 @@ async fn client_strings_cannot_forge_text_log_lines() {
     drop(ok);
     m.signal("-TERM");
     assert!(m.exit_within(WAIT).success());
-    std::thread::sleep(Duration::from_millis(100));
-    let log = m.log.lock().unwrap().clone();
+    let log = m.final_log();
     assert!(
         log.contains("dev\\nFORGED"),
         "client id logged, escaped:\n{log}"
@@ -397,14 +295,54 @@ async fn client_strings_cannot_forge_text_log_lines() {
     assert!(!log.contains('\u{202e}'), "raw bidi override in the log");
 }
 
+/// journald, `docker logs` and log files are not terminals: the text log carries no
+/// colour escape codes there, with or without NO_COLOR.
+#[test]
+fn text_log_has_no_colour_codes_when_stderr_is_not_a_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("broker.toml"), listener(0)).unwrap();
+
+    let mut child = Command::new(moatmq_e2e::moatmq())
+        .args([
+            "serve",
+            "-c",
+            dir.path().join("broker.toml").to_str().unwrap(),
+        ])
+        .env_remove("RUST_LOG")
+        .env_remove("NO_COLOR")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn moatmq");
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    while !seen.contains("listening") {
+        let mut line = String::new();
+        if stderr.read_line(&mut line).unwrap_or(0) == 0 {
+            break;
+        }
+        seen.push_str(&line);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        seen.contains("listening"),
+        "the broker did not start:\n{seen}"
+    );
+    assert!(
+        !seen.contains('\u{1b}'),
+        "colour escape codes in a piped log:\n{seen:?}"
+    );
+}
+
 /// A router that dies (a real panic, injected through the test-hooks feature the testkit
 /// enables) makes the binary exit 70 within 5 s, with one ERROR line saying why.
 #[test]
 fn a_dead_router_exits_non_zero_within_5_s() {
     for fault in ["kill", "wedge"] {
         let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let config = format!("{}allow_anonymous = true\n", listener(port));
+        let config = format!("{}allow_anonymous = true\n", listener(0));
         let path = dir.path().join("broker.toml");
         std::fs::write(&path, config).unwrap();
         let mut m = Moatmq::spawn(
@@ -413,7 +351,7 @@ fn a_dead_router_exits_non_zero_within_5_s() {
         );
         let status = m.exit_within(Duration::from_secs(5) + Duration::from_secs(2));
         assert_eq!(status.code(), Some(70), "{fault}");
-        let log = m.log.lock().unwrap().clone();
+        let log = m.final_log();
         let errors: Vec<&str> = log
             .lines()
             .filter(|l| l.contains("ERROR") && l.contains("router failed"))

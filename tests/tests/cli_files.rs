@@ -4,12 +4,10 @@
 
 use std::process::{Command, Stdio};
 
-const BIN: &str = env!("CARGO_BIN_EXE_moatmq");
-
 /// Runs `moatmq ARGS` with `input` on stdin; returns the exit code and stderr.
 fn run(args: &[&str], input: &str) -> (Option<i32>, String) {
     use std::io::Write;
-    let mut child = Command::new(BIN)
+    let mut child = Command::new(moatmq_e2e::moatmq())
         .args(args)
         .env_remove("MOATMQ_RETAINED_KEY")
         .stdin(Stdio::piped())
@@ -122,10 +120,10 @@ fn file_errors_name_the_file_and_say_the_os_error_once() {
 /// `moatmq acl check` on the top-level aclfile.example: prints `allow`/`deny` and the
 /// deciding line (stdout), whatever the exit code convention.
 fn decide(args: &[&str]) -> String {
-    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../aclfile.example");
+    let example = moatmq_e2e::repo_root().join("aclfile.example");
     let mut all = vec!["acl", "check", "--acl", example.to_str().unwrap()];
     all.extend_from_slice(args);
-    let out = Command::new(BIN)
+    let out = Command::new(moatmq_e2e::moatmq())
         .args(&all)
         .stdin(Stdio::null())
         .output()
@@ -189,7 +187,7 @@ fn aclfile_example_loads_and_decides_as_its_comments_say() {
 
 /// `moatmq ARGS --help`: stdout, requiring success.
 fn help(args: &[&str]) -> String {
-    let out = Command::new(BIN)
+    let out = Command::new(moatmq_e2e::moatmq())
         .args(args)
         .arg("--help")
         .stdin(Stdio::null())
@@ -282,7 +280,7 @@ fn every_subcommand_and_flag_has_help() {
 /// the tests need, and every `[limits]` key in its table.
 #[test]
 fn readme_covers_first_contact() {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let root = moatmq_e2e::repo_root().to_path_buf();
     let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
     assert!(readme.contains("cargo install --path crates/moatmq --locked"));
     assert!(readme.contains("mosquitto-clients"));

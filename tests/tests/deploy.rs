@@ -7,12 +7,12 @@
 
 use moatmq_config::Config;
 use std::io::{Read, Write};
-use std::net::TcpListener;
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+    moatmq_e2e::repo_root().to_path_buf()
 }
 
 fn read(rel: &str) -> String {
@@ -116,8 +116,17 @@ fn run_healthcheck(status: Option<&str>) -> (bool, String) {
     let cmd = exec_form(&hc[hc.find("CMD").unwrap() + 3..]);
     assert_eq!(&cmd[..2], ["bash", "-c"], "exec form, no curl needed");
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    // Without a status the listener is dropped here: nothing listens on the port.
+    let mut port = listener.local_addr().unwrap().port();
+    // Without a status, a socket that is bound but not listening holds a port instead:
+    // connections to it are refused, and nothing else can take the port while the check
+    // runs (as it could a port let go of, making "nothing listening" pass for another
+    // reason).
+    let _not_listening = status.is_none().then(|| {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+        port = socket.local_addr().unwrap().port();
+        socket
+    });
     let server = status.map(|status| {
         let status = status.to_string();
         std::thread::spawn(move || {

@@ -1,0 +1,161 @@
+#!/usr/bin/env bash
+# Issue 17 benchmark: a fleet of devices against moatmq and Mosquitto, in one invocation.
+#
+# - reconnect: COUNT password devices (users dev0.., moatmq: Argon2id at its own
+#   parameters from `moatmq-bench passwords`; Mosquitto: $7$ PBKDF2 from
+#   `mosquitto_passwd -U`) log in all at once and stay; then every connection drops at
+#   the same moment (the devices' network restarting, the broker still running) and all
+#   come back at once. Time until the last device has its CONNACK, per wave. moatmq's
+#   second wave is answered from its verified-credential cache ([auth]
+#   credential_cache_ttl); "moatmq-nocache" is the same broker with the cache off.
+# - idle: COUNT anonymous devices connect and stay idle, over plain TCP and over TLS;
+#   the broker's VmRSS before and with them, per connection.
+# Devices come from SOURCES loopback addresses (127.0.0.2 and up). Brokers take turns,
+# REPEATS rounds, the median round is kept.
+#
+# Knobs: COUNT (10000), SOURCES (50), REPEATS (1), SKIP_BUILD=1, MOATMQ_BIN=path.
+# Hashing COUNT Argon2id entries takes ~COUNT/80 s on 2 cores; each moatmq first wave
+# about as long. Not a test.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+# shellcheck source=common.sh
+source "$ROOT/crates/bench/common.sh"
+knobs COUNT=10000 SOURCES=50 REPEATS=1
+
+need=$((COUNT * 2 + 1000))
+if (($(ulimit -n) < need)); then
+    ulimit -n "$need" 2>/dev/null || { log "need $need open files (ulimit -n), have $(ulimit -n)"; exit 1; }
+fi
+
+build
+need_mosquitto
+C="$WORK/certs"
+"$BIN/moatmq-bench" certs --out "$C" --clients probe
+
+log "hashing $COUNT passwords"
+"$BIN/moatmq-bench" passwords --count "$COUNT" --out "$WORK/passwd" --plain "$WORK/mosquitto.passwd"
+"$MOSQUITTO_PASSWD" -U "$WORK/mosquitto.passwd"
+
+# --- servers ------------------------------------------------------------------------
+moatmq_config() { # NAME CACHE_TTL: writes $WORK/NAME.toml; sets PORTS_<NAME>
+    local name=$1 ttl=$2 pw open tls
+    pw=$(free_port)
+    open=$(free_port)
+    tls=$(free_port)
+    cat >"$WORK/$name.toml" <<CONF
+[[listener]]
+name = "password"
+bind = "127.0.0.1:$pw"
+
+[[listener]]
+name = "open"
+bind = "127.0.0.1:$open"
+allow_anonymous = true
+
+[[listener]]
+name = "tls"
+bind = "127.0.0.1:$tls"
+allow_anonymous = true
+[listener.tls]
+cert = "$C/server.crt"
+key = "$C/server.key"
+
+[auth]
+password_file = "$WORK/passwd"
+credential_cache_ttl = $ttl
+
+$RATE_LIMIT_OFF
+max_connections = $((COUNT * 2 + 100))
+
+[log]
+level = "warn"
+CONF
+    "$MOATMQ" check -c "$WORK/$name.toml" >&2
+    echo "$pw $open $tls"
+}
+
+declare -A PW_PORT OPEN_PORT TLS_PORT CMD
+read -r PW_PORT[moatmq] OPEN_PORT[moatmq] TLS_PORT[moatmq] < <(moatmq_config moatmq 600)
+read -r PW_PORT[moatmq-nocache] OPEN_PORT[moatmq-nocache] TLS_PORT[moatmq-nocache] \
+    < <(moatmq_config moatmq-nocache 0)
+CMD[moatmq]="$MOATMQ serve -c $WORK/moatmq.toml"
+CMD[moatmq-nocache]="$MOATMQ serve -c $WORK/moatmq-nocache.toml"
+
+PW_PORT[mosquitto]=$(free_port)
+OPEN_PORT[mosquitto]=$(free_port)
+TLS_PORT[mosquitto]=$(free_port)
+cat >"$WORK/mosquitto.conf" <<CONF
+$MOSQ_USER
+per_listener_settings true
+log_type error
+log_type warning
+set_tcp_nodelay true
+
+listener ${PW_PORT[mosquitto]} 127.0.0.1
+allow_anonymous false
+password_file $WORK/mosquitto.passwd
+
+listener ${OPEN_PORT[mosquitto]} 127.0.0.1
+allow_anonymous true
+
+listener ${TLS_PORT[mosquitto]} 127.0.0.1
+allow_anonymous true
+certfile $C/server.crt
+keyfile $C/server.key
+CONF
+CMD[mosquitto]="$MOSQUITTO -c $WORK/mosquitto.conf"
+
+# A fresh broker per measurement: nothing remembered, nothing allocated before.
+fresh() { # BROKER: starts it, sets PID
+    # shellcheck disable=SC2086
+    start "$1" ${CMD[$1]}
+    PID=${PIDS[-1]}
+    wait_port "$1" "${PW_PORT[$1]}" "$PID" 300
+    wait_port "$1" "${OPEN_PORT[$1]}" "$PID"
+    wait_port "$1" "${TLS_PORT[$1]}" "$PID"
+}
+
+RESULTS="$WORK/results"
+: >"$RESULTS"
+log "$COUNT devices from $SOURCES addresses; $(machine)"
+for round in $(seq 1 "$REPEATS"); do
+    for broker in moatmq moatmq-nocache mosquitto; do
+        fresh "$broker"
+        line=$("$BIN/moatmq-bench" reconnect --addr "127.0.0.1:${PW_PORT[$broker]}" --passwords \
+            --count "$COUNT" --sources "$SOURCES" --label "$broker")
+        log "round $round reconnect: $line"
+        echo "reconnect $broker $(field again_s "$line") $(field first_s "$line")" \
+            "$(field first_retries "$line") $(field again_retries "$line")" >>"$RESULTS"
+        stop "$PID"
+    done
+    for broker in moatmq mosquitto; do
+        for mode in tcp tls; do
+            fresh "$broker"
+            if [[ $mode == tcp ]]; then
+                args=(--addr "127.0.0.1:${OPEN_PORT[$broker]}")
+            else
+                args=(--addr "127.0.0.1:${TLS_PORT[$broker]}" --ca "$C/ca.crt")
+            fi
+            line=$("$BIN/moatmq-bench" idle "${args[@]}" --pid "$PID" --count "$COUNT" \
+                --sources "$SOURCES" --label "$broker")
+            log "round $round idle $mode: $line"
+            echo "idle-$mode $broker $(field per_conn_kib "$line") $(field rss_before_kib "$line")" \
+                "$(field rss_kib "$line")" >>"$RESULTS"
+            stop "$PID"
+        done
+    done
+done
+
+echo
+echo "Fleet of $COUNT devices from $SOURCES loopback addresses, median of $REPEATS rounds;" \
+    "$(machine) at the end."
+echo
+echo "| reconnect storm | all back after the drop, s | first login wave, s | retries first / again |"
+echo "|---|---:|---:|---:|"
+median_table 2 <"$RESULTS" | awk '$1 == "reconnect" {
+    printf "| %s | %.2f | %.2f | %s / %s |\n", $2, $3, $4, $5, $6 }'
+echo
+echo "| idle connections | broker | RSS per connection, KiB | RSS before, MiB | RSS with them, MiB |"
+echo "|---|---|---:|---:|---:|"
+median_table 2 <"$RESULTS" | awk '$1 ~ /^idle/ {
+    printf "| %s | %s | %.1f | %.0f | %.0f |\n", substr($1, 6), $2, $3, $4 / 1024, $5 / 1024 }'

@@ -1,0 +1,167 @@
+//! Admit: the one step every message entering the broker passes, whoever sends it (a
+//! client's PUBLISH, a will when it is published, anything later), before it may reach
+//! the router or the retained set.
+//!
+//! It holds the checks that do not depend on the connection's protocol state: the
+//! payload limit (`limits.max_payload_size`), the write ACL in force at this moment
+//! (the ACL may have been reloaded since a will's CONNECT), and the retained record with
+//! its quotas. Every refusal is counted and audited here, as one [`Event`]. What the
+//! sender is told (PUBACK code, CONNACK, nothing for a will) is the caller's business.
+//!
+//! The protocol checks of a client's PUBLISH (topic validity, aliases, receive maximum,
+//! QoS 2 duplicates, publish rate) stay in the gateway: they decide whether the
+//! connection itself is still valid, not whether one message may go in.
+
+use crate::event::Event;
+use crate::policy::Identity;
+use crate::retained::Recorded;
+use crate::retained_index::{owner_of, Refusal};
+use crate::shared::{ConnInfo, Shared};
+use bytes::Bytes;
+use rumqttd::protocol::{PublishProperties, QoS};
+
+/// Who is sending a message into the broker: the audit log's `action`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// A client's PUBLISH.
+    Publish,
+    /// A will, published when its connection ended (or its delay ran out).
+    Will,
+}
+
+impl Source {
+    fn action(self) -> &'static str {
+        match self {
+            Source::Publish => "publish",
+            Source::Will => "will",
+        }
+    }
+}
+
+/// A message asking to enter the broker.
+#[derive(Debug, Clone, Copy)]
+pub struct Inbound<'a> {
+    pub topic: &'a str,
+    pub payload: &'a Bytes,
+    pub qos: QoS,
+    pub retain: bool,
+    pub properties: Option<&'a PublishProperties>,
+    /// Sent by an MQTT 5 client (its properties are kept with a retained copy).
+    pub v5: bool,
+}
+
+/// The message may go to the router.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admitted {
+    /// Now.
+    Now,
+    /// Once the retained store has saved it (`autosave_interval = 0`): the sender's
+    /// acknowledgement must not come before the save.
+    AfterSave,
+}
+
+/// Why a message is not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// No write access (MQTT 5 reason 0x87).
+    NotAuthorized,
+    /// A retained quota would be passed (MQTT 5 reason 0x97).
+    Quota,
+    /// The payload is over `limits.max_payload_size` (MQTT 5 reason 0x83: PUBACK has no
+    /// "too large" code).
+    TooLarge,
+}
+
+/// Admits `msg` from `who` on connection `info`, or says why not. A retained message is
+/// recorded here (set, replaced, or cleared by an empty payload).
+pub fn admit(
+    shared: &Shared,
+    info: &ConnInfo,
+    who: &Identity,
+    source: Source,
+    msg: Inbound<'_>,
+) -> Result<Admitted, Refused> {
+    let limits = &shared.config.limits;
+    if limits
+        .max_payload_size
+        .is_some_and(|max| msg.payload.len() > max)
+    {
+        // Like Mosquitto's message_size_limit: the message is dropped, the sender stays.
+        tracing::debug!(client_id = %who.client_id, action = source.action(), "message over max_payload_size dropped");
+        return Err(Refused::TooLarge);
+    }
+    if !may_write(shared, info, who, source, msg.topic) {
+        return Err(Refused::NotAuthorized);
+    }
+    if !msg.retain {
+        return Ok(Admitted::Now);
+    }
+    match retain(shared, who, msg) {
+        Ok(Recorded::NeedsSave) => Ok(Admitted::AfterSave),
+        Ok(Recorded::Buffered) => Ok(Admitted::Now),
+        Err(why) => {
+            shared.emit(
+                &info.client(who),
+                Event::RetainedRefused {
+                    topic: msg.topic,
+                    reason: why.label(),
+                },
+            );
+            Err(Refused::Quota)
+        }
+    }
+}
+
+/// The write ACL in force now; a refusal is counted and audited. [`admit`] asks it of
+/// every message, and a CONNECT of its will (refused at once rather than dropped later).
+pub fn may_write(
+    shared: &Shared,
+    info: &ConnInfo,
+    who: &Identity,
+    source: Source,
+    topic: &str,
+) -> bool {
+    let decision = shared.policy.may_publish(who, topic);
+    if !decision.allowed {
+        shared.emit(
+            &info.client(who),
+            Event::AuthzDeny {
+                action: source.action(),
+                topic,
+                rule_line: decision.line,
+            },
+        );
+    }
+    decision.allowed
+}
+
+/// Records a retained PUBLISH in the set subscribers are served from and the encrypted
+/// store persists, counted against `who`'s quota. The router never sees the retain
+/// flag: moatmq serves retained messages itself.
+fn retain(shared: &Shared, who: &Identity, msg: Inbound<'_>) -> Result<Recorded, Refusal> {
+    let index = &shared.retained_index;
+    if msg.payload.is_empty() {
+        index.clear(msg.topic);
+    } else {
+        let expires_at = msg
+            .properties
+            .and_then(|p| p.message_expiry_interval)
+            .map(|secs| moatmq_store::now_unix() + u64::from(secs));
+        let owner = owner_of(who.username.as_deref());
+        let message = crate::retained::message(
+            msg.topic,
+            msg.payload,
+            msg.qos,
+            msg.properties,
+            msg.v5,
+            expires_at,
+            owner,
+        );
+        index.set(message)?;
+    }
+    shared.metrics.retained_messages.set(index.len() as i64);
+    Ok(match &shared.retained {
+        Some(store) => store.recorded(),
+        None => Recorded::Buffered,
+    })
+}

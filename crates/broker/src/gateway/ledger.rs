@@ -1,0 +1,176 @@
+//! The client's QoS 1/2 publishes on their way in: the receive maximum we announced
+//! (MQTT-3.3.4-7/8), QoS 2 exchanges the router holds until their PUBREL (a resend is
+//! not delivered twice, MQTT-4.3.3-10), and QoS 2 publishes we refused whose PUBCOMP we
+//! owe ourselves.
+
+use rumqttd::protocol::{Packet, PubRecReason, QoS};
+use std::collections::HashSet;
+
+/// The client sent more unacknowledged QoS 1/2 publishes than we allow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct ReceiveMaximumExceeded;
+
+/// Who answers a client's PUBREL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Release {
+    /// The router holds the message: the PUBREL goes to it.
+    Router,
+    /// We refused the message: our PUBCOMP ends the exchange.
+    Refused,
+    /// Nothing is held under that id (a resend after a reconnect, a made-up id): we
+    /// answer, without bothering the router (which would drop the link).
+    Unknown,
+}
+
+/// Incoming QoS 1/2 state of one connection.
+pub(super) struct Ledger {
+    /// Receive maximum; `None` for 3.1.1, which has none.
+    max: Option<u16>,
+    /// Packet ids received and not yet acknowledged to the end (MQTT 5 only).
+    open: HashSet<u16>,
+    /// QoS 2 publishes the router holds until their PUBREL.
+    at_router: HashSet<u16>,
+    /// QoS 2 publishes we refused (3.1.1, which cannot say no in its PUBREC).
+    refused: HashSet<u16>,
+}
+
+impl Ledger {
+    /// `receive_max`: what the CONNACK announced, enforced for MQTT 5 clients.
+    pub(super) fn new(receive_max: Option<u16>) -> Ledger {
+        Ledger {
+            max: receive_max,
+            open: HashSet::new(),
+            at_router: HashSet::new(),
+            refused: HashSet::new(),
+        }
+    }
+
+    /// A QoS 2 PUBLISH the router already holds, sent again before its PUBREL: its
+    /// PUBREC is ours to repeat, and it must not reach the router twice.
+    pub(super) fn is_resend(&self, qos: QoS, pkid: u16) -> bool {
+        qos == QoS::ExactlyOnce && self.at_router.contains(&pkid)
+    }
+
+    /// A QoS 1/2 PUBLISH arrives: it takes a receive-maximum slot until it is
+    /// acknowledged ([`Ledger::answered`]).
+    pub(super) fn open(&mut self, qos: QoS, pkid: u16) -> Result<(), ReceiveMaximumExceeded> {
+        let Some(max) = self.max else {
+            return Ok(());
+        };
+        if qos == QoS::AtMostOnce || self.open.contains(&pkid) {
+            return Ok(());
+        }
+        if self.open.len() >= usize::from(max) {
+            return Err(ReceiveMaximumExceeded);
+        }
+        self.open.insert(pkid);
+        Ok(())
+    }
+
+    /// The QoS 2 PUBLISH `pkid` went (or will go) to the router.
+    pub(super) fn held_by_router(&mut self, pkid: u16) {
+        self.at_router.insert(pkid);
+    }
+
+    /// We refused the QoS 2 PUBLISH `pkid` but acknowledged it with success (3.1.1).
+    pub(super) fn refuse(&mut self, pkid: u16) {
+        self.refused.insert(pkid);
+    }
+
+    /// The client's PUBREL for `pkid`: who answers it.
+    pub(super) fn release(&mut self, pkid: u16) -> Release {
+        if self.refused.remove(&pkid) {
+            Release::Refused
+        } else if self.at_router.remove(&pkid) {
+            Release::Router
+        } else {
+            Release::Unknown
+        }
+    }
+
+    /// A packet to the client: one that ends an incoming exchange frees its slot (a
+    /// PUBACK, a PUBCOMP, or a PUBREC refusing the message).
+    pub(super) fn answered(&mut self, packet: &Packet) {
+        let pkid = match packet {
+            Packet::PubAck(ack, _) => ack.pkid,
+            Packet::PubComp(comp, _) => comp.pkid,
+            Packet::PubRec(rec, _)
+                if !matches!(
+                    rec.reason,
+                    PubRecReason::Success | PubRecReason::NoMatchingSubscribers
+                ) =>
+            {
+                rec.pkid
+            }
+            _ => return,
+        };
+        self.open.remove(&pkid);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rumqttd::protocol::{PubAck, PubAckReason, PubComp, PubCompReason, PubRec};
+
+    fn puback(pkid: u16) -> Packet {
+        let reason = PubAckReason::Success;
+        Packet::PubAck(PubAck { pkid, reason }, None)
+    }
+
+    #[test]
+    fn the_receive_maximum_counts_open_exchanges_only() {
+        let mut l = Ledger::new(Some(2));
+        assert_eq!(l.open(QoS::AtLeastOnce, 1), Ok(()));
+        assert_eq!(l.open(QoS::ExactlyOnce, 2), Ok(()));
+        assert_eq!(l.open(QoS::AtMostOnce, 0), Ok(()), "QoS 0 takes no slot");
+        assert_eq!(l.open(QoS::AtLeastOnce, 3), Err(ReceiveMaximumExceeded));
+        l.answered(&puback(1));
+        assert_eq!(l.open(QoS::AtLeastOnce, 3), Ok(()));
+        // A PUBREC with success keeps a QoS 2 slot until the PUBCOMP.
+        let rec = PubRec {
+            pkid: 2,
+            reason: PubRecReason::Success,
+        };
+        l.answered(&Packet::PubRec(rec, None));
+        assert_eq!(l.open(QoS::AtLeastOnce, 4), Err(ReceiveMaximumExceeded));
+        let comp = PubComp {
+            pkid: 2,
+            reason: PubCompReason::Success,
+        };
+        l.answered(&Packet::PubComp(comp, None));
+        assert_eq!(l.open(QoS::AtLeastOnce, 4), Ok(()));
+        // A PUBCOMP for an id never opened (an unknown PUBREL's answer) frees nothing.
+        let stray = PubComp {
+            pkid: 9,
+            reason: PubCompReason::PacketIdentifierNotFound,
+        };
+        l.answered(&Packet::PubComp(stray, None));
+        assert_eq!(l.open(QoS::AtLeastOnce, 5), Err(ReceiveMaximumExceeded));
+    }
+
+    #[test]
+    fn a_3_1_1_client_has_no_receive_maximum() {
+        let mut l = Ledger::new(None);
+        for pkid in 1..1000 {
+            assert_eq!(l.open(QoS::AtLeastOnce, pkid), Ok(()));
+        }
+    }
+
+    #[test]
+    fn a_pubrel_goes_where_its_publish_went() {
+        let mut l = Ledger::new(Some(10));
+        l.held_by_router(1);
+        l.refuse(2);
+        assert!(l.is_resend(QoS::ExactlyOnce, 1));
+        assert!(
+            !l.is_resend(QoS::AtLeastOnce, 1),
+            "QoS 1 resends are delivered"
+        );
+        assert_eq!(l.release(1), Release::Router);
+        assert!(!l.is_resend(QoS::ExactlyOnce, 1), "released");
+        assert_eq!(l.release(1), Release::Unknown, "a second PUBREL");
+        assert_eq!(l.release(2), Release::Refused);
+        assert_eq!(l.release(3), Release::Unknown);
+    }
+}

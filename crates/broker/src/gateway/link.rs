@@ -1,0 +1,274 @@
+//! The connection's link to the router: packets for it gathered and handed over with
+//! one wake-up per read ([`RouterLink::commit`]), acknowledgements kept in the order
+//! rumqttd 0.20 demands (`acks.rs`), QoS 2 forwards the gateway withheld completed by
+//! the gateway, and packets held back until the retained store has saved
+//! (`autosave_interval = 0`).
+//!
+//! The ordering rules live in [`ToRouter`], which only produces packets; [`RouterLink`]
+//! moves them into rumqttd's link.
+
+use super::close::Close;
+use crate::acks::AckOrder;
+use futures_util::FutureExt;
+use rumqttd::local::{LinkRx, LinkTx};
+use rumqttd::protocol::{
+    Disconnect, DisconnectReasonCode, Packet, PubAck, PubAckReason, PubComp, PubCompReason, PubRec,
+    PubRecReason, QoS,
+};
+use rumqttd::Notification;
+use std::collections::HashSet;
+
+/// What goes to the router, in the order it must see it.
+#[derive(Default)]
+pub(super) struct ToRouter {
+    /// Acknowledgements held until their turn.
+    acks: AckOrder,
+    /// Scratch list of acknowledgements released by `acks`.
+    released: Vec<Packet>,
+    /// Router QoS 2 forwards we withheld: we owe the router a PUBCOMP after its PUBREL.
+    withheld_qos2: HashSet<u16>,
+    /// Waiting for the retained store's save; everything after them waits too.
+    awaiting_save: Vec<Packet>,
+    /// Ready for the router, oldest first.
+    ready: Vec<Packet>,
+}
+
+impl ToRouter {
+    /// Queues a packet for the router, behind any that wait for a save.
+    pub(super) fn send(&mut self, packet: Packet) {
+        if self.awaiting_save.is_empty() {
+            self.ready.push(packet);
+        } else {
+            self.awaiting_save.push(packet);
+        }
+    }
+
+    /// Queues a packet that may reach the router only after the next save.
+    pub(super) fn after_save(&mut self, packet: Packet) {
+        self.awaiting_save.push(packet);
+    }
+
+    /// Whether packets wait for a save.
+    pub(super) fn waits_for_save(&self) -> bool {
+        !self.awaiting_save.is_empty()
+    }
+
+    /// The save is done: what waited for it is ready.
+    pub(super) fn saved(&mut self) {
+        let waiting = std::mem::take(&mut self.awaiting_save);
+        self.ready.extend(waiting);
+    }
+
+    /// A router forward (QoS 1/2) was written to the client: the client acknowledges it.
+    pub(super) fn delivered(&mut self, pkid: u16) {
+        self.acks.delivered(pkid);
+    }
+
+    /// A router forward the client will not acknowledge (not written, or written at
+    /// QoS 0): we acknowledge it to the router, in its turn.
+    pub(super) fn withhold(&mut self, qos: QoS, pkid: u16) {
+        let ack = match qos {
+            QoS::AtMostOnce => return,
+            QoS::AtLeastOnce => Packet::PubAck(
+                PubAck {
+                    pkid,
+                    reason: PubAckReason::Success,
+                },
+                None,
+            ),
+            QoS::ExactlyOnce => {
+                self.withheld_qos2.insert(pkid);
+                Packet::PubRec(
+                    PubRec {
+                        pkid,
+                        reason: PubRecReason::Success,
+                    },
+                    None,
+                )
+            }
+        };
+        self.acks.withheld(pkid, ack, &mut self.released);
+        self.release();
+    }
+
+    /// The client's PUBACK, PUBREC or PUBCOMP for a router forward.
+    pub(super) fn client_ack(&mut self, packet: Packet) {
+        match &packet {
+            Packet::PubAck(ack, _) => {
+                let pkid = ack.pkid;
+                self.acks.client_ack(pkid, packet, &mut self.released)
+            }
+            Packet::PubRec(rec, _) => {
+                let pkid = rec.pkid;
+                self.acks.client_ack(pkid, packet, &mut self.released)
+            }
+            Packet::PubComp(comp, _) => {
+                let pkid = comp.pkid;
+                self.acks.client_comp(pkid, packet, &mut self.released)
+            }
+            _ => return,
+        }
+        self.release();
+    }
+
+    /// The router's PUBREL for `pkid`. `true`: the message was withheld and we have
+    /// answered the router ourselves; `false`: the PUBREL goes on to the client.
+    pub(super) fn router_pubrel(&mut self, pkid: u16) -> bool {
+        if self.withheld_qos2.remove(&pkid) {
+            let comp = PubComp {
+                pkid,
+                reason: PubCompReason::Success,
+            };
+            self.acks
+                .pubrel_withheld(pkid, Packet::PubComp(comp, None), &mut self.released);
+            self.release();
+            true
+        } else {
+            self.acks.pubrel_forwarded(pkid);
+            false
+        }
+    }
+
+    fn release(&mut self) {
+        let mut released = std::mem::take(&mut self.released);
+        for packet in released.drain(..) {
+            self.send(packet);
+        }
+        self.released = released;
+    }
+}
+
+/// rumqttd's link for one connection, fed through [`ToRouter`].
+pub(super) struct RouterLink {
+    tx: LinkTx,
+    rx: LinkRx,
+}
+
+impl RouterLink {
+    pub(super) fn new(tx: LinkTx, rx: LinkRx) -> RouterLink {
+        RouterLink { tx, rx }
+    }
+
+    /// Hands everything ready to the router with one wake-up, as rumqttd's own link
+    /// does: one wake-up per packet costs more than the rest of the path.
+    pub(super) fn commit(&mut self, queue: &mut ToRouter) -> Result<(), Close> {
+        let Some(last) = queue.ready.pop() else {
+            return Ok(());
+        };
+        if !queue.ready.is_empty() {
+            self.tx.buffer().extend(queue.ready.drain(..));
+        }
+        match self.tx.send(last).now_or_never() {
+            Some(Ok(_)) => Ok(()),
+            _ => Err(Close::TakenOver),
+        }
+    }
+
+    /// The next notification from the router.
+    pub(super) async fn next(&mut self) -> Result<Option<Notification>, Close> {
+        self.rx.next().await.map_err(|_| Close::TakenOver)
+    }
+
+    /// A notification that is already there, without waiting.
+    pub(super) fn try_next(&mut self) -> Option<Result<Option<Notification>, Close>> {
+        self.rx
+            .next()
+            .now_or_never()
+            .map(|n| n.map_err(|_| Close::TakenOver))
+    }
+
+    /// The router paused this link until its buffer is drained: say it is.
+    pub(super) fn ready(&self) {
+        let _ = self.rx.ready();
+    }
+
+    /// Tells the router the link is gone (it keeps a persistent session's state).
+    pub(super) fn close(&mut self, queue: &mut ToRouter) {
+        let _ = self.commit(queue);
+        let bye = Packet::Disconnect(
+            Disconnect {
+                reason_code: DisconnectReasonCode::NormalDisconnection,
+            },
+            None,
+        );
+        let _ = self.tx.send(bye).now_or_never();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rumqttd::protocol::{Publish, Subscribe};
+
+    fn kinds(q: &mut ToRouter) -> Vec<String> {
+        q.ready
+            .drain(..)
+            .map(|p| match p {
+                Packet::PubAck(a, _) => format!("puback {}", a.pkid),
+                Packet::PubRec(r, _) => format!("pubrec {}", r.pkid),
+                Packet::PubComp(c, _) => format!("pubcomp {}", c.pkid),
+                Packet::Publish(..) => "publish".into(),
+                Packet::Subscribe(..) => "subscribe".into(),
+                other => format!("{other:?}"),
+            })
+            .collect()
+    }
+
+    fn subscribe() -> Packet {
+        Packet::Subscribe(
+            Subscribe {
+                pkid: 1,
+                filters: Vec::new(),
+            },
+            None,
+        )
+    }
+
+    fn client_puback(pkid: u16) -> Packet {
+        let reason = PubAckReason::Success;
+        Packet::PubAck(PubAck { pkid, reason }, None)
+    }
+
+    #[test]
+    fn a_withheld_forward_is_acknowledged_after_the_older_ones() {
+        let mut q = ToRouter::default();
+        q.delivered(1);
+        q.withhold(QoS::AtLeastOnce, 2);
+        assert!(
+            kinds(&mut q).is_empty(),
+            "2 waits for the client's ack of 1"
+        );
+        q.client_ack(client_puback(1));
+        assert_eq!(kinds(&mut q), ["puback 1", "puback 2"]);
+        q.withhold(QoS::AtMostOnce, 0);
+        assert!(kinds(&mut q).is_empty(), "QoS 0 needs no acknowledgement");
+    }
+
+    #[test]
+    fn a_withheld_qos_2_forward_is_completed_by_us() {
+        let mut q = ToRouter::default();
+        q.withhold(QoS::ExactlyOnce, 5);
+        assert_eq!(kinds(&mut q), ["pubrec 5"]);
+        assert!(q.router_pubrel(5), "we answer the router's PUBREL");
+        assert_eq!(kinds(&mut q), ["pubcomp 5"]);
+        assert!(
+            !q.router_pubrel(6),
+            "a delivered one's PUBREL goes to the client"
+        );
+        assert!(kinds(&mut q).is_empty());
+    }
+
+    #[test]
+    fn everything_after_a_retained_publish_waits_for_its_save() {
+        let mut q = ToRouter::default();
+        q.send(subscribe());
+        let publish = Publish::new("t", "x", false);
+        q.after_save(Packet::Publish(publish, None));
+        q.send(subscribe());
+        assert!(q.waits_for_save());
+        assert_eq!(kinds(&mut q), ["subscribe"], "what came before goes now");
+        q.saved();
+        assert!(!q.waits_for_save());
+        assert_eq!(kinds(&mut q), ["publish", "subscribe"]);
+    }
+}

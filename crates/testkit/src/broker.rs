@@ -1,0 +1,130 @@
+//! [`TestBroker`]: the real broker on the test's runtime, its listeners on 127.0.0.1
+//! with ports the system chose, in a temp folder of its own, stopped when dropped.
+
+use crate::TestBrokerBuilder;
+use moatmq_broker::Broker;
+use moatmq_config::Config;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use tokio::sync::oneshot;
+
+/// A broker running on the test's runtime until dropped.
+pub struct TestBroker {
+    addrs: Vec<(String, SocketAddr)>,
+    metrics: Option<SocketAddr>,
+    reloader: moatmq_broker::Reloader,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    /// Folder for files the test writes (config-relative paths resolve here).
+    pub dir: tempfile::TempDir,
+}
+
+impl TestBroker {
+    /// A broker to configure: `TestBroker::builder().users(..).acl(..).start()`.
+    pub fn builder() -> TestBrokerBuilder {
+        TestBrokerBuilder::new()
+    }
+
+    /// Starts a broker with one anonymous TCP listener called `tcp`.
+    pub async fn start() -> TestBroker {
+        TestBroker::builder().anonymous().start().await
+    }
+
+    /// Writes `toml` as `dir/broker.toml` and starts a broker from it (relative paths
+    /// resolve in `dir`).
+    pub(crate) async fn with_config_in(dir: tempfile::TempDir, toml: &str) -> TestBroker {
+        let path = dir.path().join("broker.toml");
+        std::fs::write(&path, toml).expect("write config");
+        let config = Config::load(&path).unwrap_or_else(|e| panic!("test config: {e}"));
+        let broker = Broker::start(config).await.expect("broker starts");
+        let addrs = broker.local_addrs();
+        let metrics = broker.metrics_addr();
+        let reloader = broker.reloader();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let _ = broker
+                .serve(async move {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        TestBroker {
+            addrs,
+            metrics,
+            reloader,
+            stop: Some(stop),
+            task: Some(task),
+            dir,
+        }
+    }
+
+    /// Address of the listener called `name`.
+    pub fn addr(&self, name: &str) -> SocketAddr {
+        self.addrs
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, a)| *a)
+            .unwrap_or_else(|| panic!("no listener {name}"))
+    }
+
+    /// Address of the metrics endpoint (`[metrics]` must be configured).
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics.expect("[metrics] configured")
+    }
+
+    /// Does what SIGHUP does; returns the reload errors.
+    pub fn reload(&self) -> Vec<String> {
+        self.reloader.reload()
+    }
+
+    /// Address of the first listener.
+    pub fn first_addr(&self) -> SocketAddr {
+        self.addrs[0].1
+    }
+
+    pub fn path(&self, file: &str) -> PathBuf {
+        self.dir.path().join(file)
+    }
+
+    /// Stops the broker as SIGTERM would, then starts it again on the same folder and
+    /// config (listener ports are new).
+    pub async fn restart(self) -> TestBroker {
+        let dir = self.stop().await;
+        TestBroker::start_in(dir).await
+    }
+
+    /// Starts a broker on the folder a stopped one handed back ([`TestBroker::stop`]),
+    /// from the `broker.toml` there.
+    pub async fn start_in(dir: tempfile::TempDir) -> TestBroker {
+        let toml = std::fs::read_to_string(dir.path().join("broker.toml")).expect("config");
+        TestBroker::with_config_in(dir, &toml).await
+    }
+
+    async fn stop_and_wait(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+
+    /// Stops the broker and hands back its folder (to inspect or tamper with its files).
+    pub async fn stop(mut self) -> tempfile::TempDir {
+        self.stop_and_wait().await;
+        std::mem::replace(&mut self.dir, tempfile::tempdir().expect("temp dir"))
+    }
+
+    /// Stops the broker as SIGTERM would and waits for it.
+    pub async fn shutdown(mut self) {
+        self.stop_and_wait().await;
+    }
+}
+
+impl Drop for TestBroker {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
