@@ -14,7 +14,7 @@
 
 use crate::event::Event;
 use crate::policy::Identity;
-use crate::retained::Recorded;
+use crate::retained::{from_router_properties, Recorded};
 use crate::retained_index::{owner_of, Refusal};
 use crate::shared::{ConnInfo, Shared};
 use bytes::Bytes;
@@ -55,8 +55,9 @@ pub struct Inbound<'a> {
 pub enum Admitted {
     /// Now.
     Now,
-    /// Once the retained store has saved it (`autosave_interval = 0`): the sender's
-    /// acknowledgement must not come before the save.
+    /// Once the retained store has saved it, or the session store has committed the
+    /// copies queued for offline sessions (`autosave_interval = 0`): the sender's
+    /// acknowledgement must not come before.
     AfterSave,
 }
 
@@ -93,23 +94,46 @@ pub fn admit(
     if !may_write(shared, info, who, source, msg.topic) {
         return Err(Refused::NotAuthorized);
     }
-    if !msg.retain {
-        return Ok(Admitted::Now);
-    }
-    match retain(shared, who, msg) {
-        Ok(Recorded::NeedsSave) => Ok(Admitted::AfterSave),
-        Ok(Recorded::Buffered) => Ok(Admitted::Now),
-        Err(why) => {
-            shared.emit(
-                &info.client(who),
-                Event::RetainedRefused {
-                    topic: msg.topic,
-                    reason: why.label(),
-                },
-            );
-            Err(Refused::Quota)
+    let mut admitted = Admitted::Now;
+    if msg.retain {
+        match retain(shared, who, msg) {
+            Ok(Recorded::NeedsSave) => admitted = Admitted::AfterSave,
+            Ok(Recorded::Buffered) => {}
+            Err(why) => {
+                shared.emit(
+                    &info.client(who),
+                    Event::RetainedRefused {
+                        topic: msg.topic,
+                        reason: why.label(),
+                    },
+                );
+                return Err(Refused::Quota);
+            }
         }
     }
+    if let Some(book) = &shared.durable {
+        let properties = msg.v5.then(|| from_router_properties(msg.properties));
+        let queued = book.enqueue(
+            msg.topic,
+            msg.payload,
+            msg.qos as u8,
+            properties,
+            expires_at(msg.properties),
+        );
+        if queued && book.is_sync() {
+            // A copy for an offline persistent session is durable before the
+            // acknowledgement (`autosave_interval = 0`).
+            admitted = Admitted::AfterSave;
+        }
+    }
+    Ok(admitted)
+}
+
+/// The absolute expiry of a message with an MQTT 5 message expiry interval.
+fn expires_at(properties: Option<&PublishProperties>) -> Option<u64> {
+    properties
+        .and_then(|p| p.message_expiry_interval)
+        .map(|secs| moatmq_store::now_unix() + u64::from(secs))
 }
 
 /// The write ACL in force now; a refusal is counted and audited. [`admit`] asks it of
@@ -143,10 +167,7 @@ fn retain(shared: &Shared, who: &Identity, msg: Inbound<'_>) -> Result<Recorded,
     if msg.payload.is_empty() {
         index.clear(msg.topic);
     } else {
-        let expires_at = msg
-            .properties
-            .and_then(|p| p.message_expiry_interval)
-            .map(|secs| moatmq_store::now_unix() + u64::from(secs));
+        let expires_at = expires_at(msg.properties);
         let owner = owner_of(who.username.as_deref());
         let message = crate::retained::message(
             msg.topic,

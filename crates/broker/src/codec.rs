@@ -164,8 +164,20 @@ pub fn make_router_publish(topic: Bytes, payload: Bytes, qos: QoS, pkid: u16) ->
 
 /// Builds a publish with the given QoS and packet id.
 pub fn make_publish(topic: Bytes, payload: Bytes, qos: QoS, retain: bool, pkid: u16) -> Publish {
+    make_publish_dup(topic, payload, qos, retain, pkid, false)
+}
+
+/// [`make_publish`] with the DUP flag: a message sent again after a reconnect.
+pub fn make_publish_dup(
+    topic: Bytes,
+    payload: Bytes,
+    qos: QoS,
+    retain: bool,
+    pkid: u16,
+    dup: bool,
+) -> Publish {
     publish_from(
-        0b0011_0000 | retain as u8 | ((qos as u8) << 1),
+        0b0011_0000 | (u8::from(dup) << 3) | retain as u8 | ((qos as u8) << 1),
         topic,
         payload,
         pkid,

@@ -7,17 +7,17 @@
 use crate::admit::{may_write, Source};
 use crate::codec::{announced_length, codec_for, first_packet, FirstPacket, Version};
 use crate::event::Event;
-use crate::gateway::Gateway;
+use crate::gateway::{Gateway, SessionPart};
 use crate::policy::{AuthFailure, Identity};
 use crate::router::router_client_id;
 use crate::session_expiry;
-use crate::sessions::{SessionHold, SessionQuota};
+use crate::sessions::{Filters, SessionHold, SessionQuota};
 use crate::shared::{ConnInfo, Shared};
 use crate::transport::{Reader, Writer};
 use crate::will::Will;
 use bytes::BytesMut;
+use moatmq_store::SessionKey;
 use rumqttd::protocol::{ConnAck, ConnAckProperties, ConnectReturnCode, Packet, PublishProperties};
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 use tracing::debug;
@@ -65,8 +65,8 @@ pub async fn handle(
     // The link is torn down: a connection waiting for this session may open its own
     // (and the expiry below skips a session that is held again).
     drop(hold);
-    if let (true, Some(after)) = (still_ours, keep_for) {
-        session_expiry::expire_after(&shared, &router_id, after);
+    if let (true, Some((after, key))) = (still_ours, keep_for) {
+        session_expiry::expire_after(&shared, &router_id, key, after);
     }
     Ok(())
 }
@@ -81,8 +81,8 @@ struct LoggedIn {
     /// The session's router client id, held for this connection.
     hold: SessionHold,
     router_id: String,
-    /// How long the session outlives the connection, if it does.
-    keep_for: Option<Duration>,
+    /// How long the session outlives the connection, if it does, and its key.
+    keep_for: Option<(Duration, SessionKey)>,
 }
 
 /// Everything up to and including the CONNACK.
@@ -260,15 +260,22 @@ async fn login(
     };
     shared.delayed_wills.cancel(&router_id);
     session_expiry::cancel(&shared, &router_id);
+    let session_key = SessionKey {
+        owner: identity.username.clone(),
+        client_id: identity.client_id.clone(),
+    };
     if connect.clean_session && keep_for.is_some() {
         // MQTT 5 clean start with a session kept afterwards: discard the old one first.
-        session_expiry::discard(&shared, &router_id).await;
+        session_expiry::discard(&shared, &router_id, &session_key).await;
     }
     let router_clean = keep_for.is_none();
     // What moatmq keeps of the session: a clean link makes the router drop it.
     let kept_filters = if router_clean {
         shared.sessions.forget(&router_id);
-        HashSet::new()
+        if let Some(book) = &shared.durable {
+            book.remove(&session_key);
+        }
+        Filters::new()
     } else {
         match shared.sessions.resume(
             &router_id,
@@ -299,6 +306,26 @@ async fn login(
     let session_present = match Option::<Packet>::from(ack) {
         Some(Packet::ConnAck(ack, _)) => ack.session_present && !connect.clean_session,
         _ => false,
+    };
+    let session = SessionPart {
+        persistent: !router_clean,
+        kicked: hold.kicked.clone(),
+        subscriptions: if session_present {
+            kept_filters
+        } else {
+            Filters::new()
+        },
+        expiry: keep_for.unwrap_or(0),
+        key: shared
+            .durable
+            .as_ref()
+            .and(keep_for)
+            .map(|_| session_key.clone()),
+    };
+    // A persistent session's stored messages from before a restart are replayed first.
+    let replay = match (&shared.durable, &session.key) {
+        (Some(book), Some(key)) => book.resume(key, session.meta(version)).await,
+        _ => Vec::new(),
     };
     let connack_props = match version {
         Version::V4 => None,
@@ -350,7 +377,7 @@ async fn login(
     );
 
     let max_out = props.as_ref().and_then(|p| p.max_packet_size);
-    let keep_for = keep_for.map(Duration::from_secs);
+    let keep_for = keep_for.map(|secs| (Duration::from_secs(secs), session_key));
     let gateway = Gateway::new(
         shared.clone(),
         info,
@@ -362,13 +389,8 @@ async fn login(
         will,
         connect.keep_alive,
         max_out,
-        !router_clean,
-        hold.kicked.clone(),
-        if session_present {
-            kept_filters
-        } else {
-            HashSet::new()
-        },
+        session,
+        replay,
     );
     Ok(LoggedIn {
         gateway,

@@ -40,6 +40,14 @@ pub enum Event<'a> {
     RateLimited { limit: &'a str, audited: bool },
     /// A persistent session was refused (`limits.max_sessions_per_user`).
     SessionRefused { limit: &'static str },
+    /// A message for an offline persistent session was dropped: its queue is full
+    /// (`limit`: `max_queued_messages` or `max_queued_bytes`). About the session, not a
+    /// connection.
+    SessionQueueFull {
+        owner: Option<&'a str>,
+        client_id: &'a str,
+        limit: &'static str,
+    },
     /// The connection ended; `reason` is a stable word (gateway/close.rs).
     Disconnect {
         reason: &'static str,
@@ -62,6 +70,7 @@ impl Event<'_> {
             Event::RetainedRefused { .. } => "retained_refused",
             Event::RateLimited { .. } => "rate_limited",
             Event::SessionRefused { .. } => "session_refused",
+            Event::SessionQueueFull { .. } => "session_queue_full",
             Event::Disconnect { .. } => "disconnect",
             Event::ConfigReload { .. } => "config_reload",
         }
@@ -89,6 +98,15 @@ impl Event<'_> {
             }
             Event::RateLimited { limit, .. } => vec![("limit", limit.into())],
             Event::SessionRefused { limit } => vec![("limit", limit.into())],
+            Event::SessionQueueFull {
+                owner,
+                client_id,
+                limit,
+            } => vec![
+                ("owner", owner.map_or(Value::Null, Into::into)),
+                ("client_id", client_id.into()),
+                ("limit", limit.into()),
+            ],
             Event::Disconnect { reason, .. } => vec![("reason", reason.into())],
             Event::ConfigReload { errors } => {
                 let errors: Vec<Value> = errors.iter().map(|e| e.as_str().into()).collect();
@@ -117,6 +135,17 @@ pub fn emit(metrics: &Metrics, audit: Option<&AuditLog>, who: Option<&Who<'_>>, 
 }
 
 fn trace_global(event: &Event<'_>) {
+    if let Event::SessionQueueFull {
+        owner,
+        client_id,
+        limit,
+    } = *event
+    {
+        debug!(
+            owner,
+            client_id, limit, "queue of an offline session full: message dropped"
+        );
+    }
     if let Event::ConfigReload { errors } = *event {
         for e in errors {
             tracing::error!("reload: {e}");
@@ -140,6 +169,9 @@ fn count(metrics: &Metrics, event: &Event<'_>) {
         Event::RetainedRefused { reason, .. } => metrics.retained_refused(reason),
         Event::RateLimited { .. } => {
             metrics.rate_limited.inc();
+        }
+        Event::SessionQueueFull { .. } => {
+            metrics.session_messages_dropped.inc();
         }
         Event::Connect { .. }
         | Event::SessionRefused { .. }
@@ -192,7 +224,7 @@ fn trace(who: &Who<'_>, event: &Event<'_>) {
         Event::Disconnect { reason, detail } => {
             info!(listener, %peer, client_id, reason, detail, "client disconnected")
         }
-        Event::ConfigReload { .. } => trace_global(event),
+        Event::ConfigReload { .. } | Event::SessionQueueFull { .. } => trace_global(event),
     }
 }
 

@@ -12,6 +12,7 @@ mod audit;
 #[doc(hidden)] // reachable for the fuzz harness (fuzz/): not a stable API
 pub mod codec;
 mod connect;
+mod durable;
 mod error;
 mod event;
 mod forwarded;

@@ -64,6 +64,11 @@ pub struct Metrics {
     pub retained_messages: Gauge,
     /// Retained messages refused, by the quota they would have passed.
     pub retained_refused: Family<ReasonLabel, Counter>,
+    /// Messages for offline persistent sessions dropped because their queue was full.
+    pub session_messages_dropped: Counter,
+    /// Persistent sessions whose client is away, and their subscriptions.
+    pub sessions_offline: Gauge,
+    pub sessions_offline_subscriptions: Gauge,
     pub retained_store_bytes: Gauge,
     pub retained_last_save_timestamp: Gauge,
     pub retained_last_save_duration_ms: Gauge,
@@ -96,6 +101,9 @@ impl Metrics {
             rate_limited: Counter::default(),
             retained_messages: Gauge::default(),
             retained_refused: Family::default(),
+            session_messages_dropped: Counter::default(),
+            sessions_offline: Gauge::default(),
+            sessions_offline_subscriptions: Gauge::default(),
             retained_store_bytes: Gauge::default(),
             retained_last_save_timestamp: Gauge::default(),
             retained_last_save_duration_ms: Gauge::default(),
@@ -169,6 +177,21 @@ impl Metrics {
                 "retained_refused",
                 "Retained messages refused, by the quota they would pass",
                 m.retained_refused.clone(),
+            );
+            r.register(
+                "session_messages_dropped",
+                "Messages for offline persistent sessions dropped: the session's queue was full",
+                m.session_messages_dropped.clone(),
+            );
+            r.register(
+                "sessions_offline",
+                "Persistent sessions whose client is away (their messages are queued)",
+                m.sessions_offline.clone(),
+            );
+            r.register(
+                "sessions_offline_subscriptions",
+                "Subscriptions of persistent sessions whose client is away",
+                m.sessions_offline_subscriptions.clone(),
             );
             r.register(
                 "retained_store_bytes",

@@ -236,7 +236,7 @@ pub fn message(
     }
 }
 
-fn from_router_properties(p: Option<&PublishProperties>) -> MessageProperties {
+pub(crate) fn from_router_properties(p: Option<&PublishProperties>) -> MessageProperties {
     let Some(p) = p else {
         return MessageProperties::default();
     };

@@ -62,7 +62,12 @@ pub fn legacy_owner(topic: &str) -> &str {
 
 /// The QoS a retained message was published with.
 pub fn qos_of(msg: &RetainedMessage) -> QoS {
-    match msg.qos {
+    qos_from(msg.qos)
+}
+
+/// A stored QoS number as the router's QoS (anything unknown as QoS 0).
+pub fn qos_from(qos: u8) -> QoS {
+    match qos {
         1 => QoS::AtLeastOnce,
         2 => QoS::ExactlyOnce,
         _ => QoS::AtMostOnce,
@@ -72,8 +77,18 @@ pub fn qos_of(msg: &RetainedMessage) -> QoS {
 /// MQTT 5 properties to send `msg` with now: the stored ones, and the expiry interval as
 /// what remains of it (MQTT-3.3.2-6).
 pub fn properties_at(msg: &RetainedMessage, now: u64) -> Option<PublishProperties> {
-    let mut props = msg.properties.as_ref().map(to_router_properties);
-    if let Some(at) = msg.expires_at {
+    stored_properties(msg.properties.as_ref(), msg.expires_at, now)
+}
+
+/// The properties a stored message (retained, or queued for a session) is sent with at
+/// `now`: its own, and the message expiry interval still left.
+pub fn stored_properties(
+    properties: Option<&MessageProperties>,
+    expires_at: Option<u64>,
+    now: u64,
+) -> Option<PublishProperties> {
+    let mut props = properties.map(to_router_properties);
+    if let Some(at) = expires_at {
         let p = props.get_or_insert_with(PublishProperties::default);
         p.message_expiry_interval = Some(u32::try_from(at.saturating_sub(now)).unwrap_or(u32::MAX));
     }

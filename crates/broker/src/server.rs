@@ -99,6 +99,11 @@ impl Broker {
             None => None,
         };
         metrics.retained_messages.set(retained_index.len() as i64);
+        // So does the session store: a broker that cannot read its sessions does not start.
+        let (durable, loaded) = match crate::durable::open(&config, &metrics)? {
+            Some((book, loaded)) => (Some(book), loaded),
+            None => (None, Vec::new()),
+        };
         let conn_limiter = ConnectionLimiter::new(
             config.rate_limit.connections_per_second,
             config.rate_limit.connection_burst,
@@ -135,7 +140,9 @@ impl Broker {
             delayed_wills: Default::default(),
             session_timers: Default::default(),
             sessions: Sessions::default(),
+            durable,
         });
+        crate::durable::restore(&shared, loaded).await;
         let tls = listeners.iter().filter_map(Bound::tls).collect();
         Ok(Broker {
             shared,
@@ -247,6 +254,11 @@ impl Broker {
                         warn!("retained store flush did not finish in time");
                     }
                 }
+                if let Some(book) = &self.shared.durable {
+                    if tokio::time::timeout(FAILED_FLUSH_WAIT, book.stop()).await.is_err() {
+                        warn!("session store flush did not finish in time");
+                    }
+                }
                 if let Some(task) = self.metrics_task {
                     // The endpoints keep answering 503 until the process exits.
                     drop(task);
@@ -267,6 +279,10 @@ impl Broker {
         if let Some(store) = &self.shared.retained {
             let store = store.clone();
             let _ = tokio::task::spawn_blocking(move || store.shutdown()).await;
+        }
+        // After the gateways: each stored its session as disconnected.
+        if let Some(book) = &self.shared.durable {
+            book.stop().await;
         }
         if let Some(task) = self.metrics_task {
             task.abort();

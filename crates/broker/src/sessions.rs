@@ -12,7 +12,8 @@
 //! `limits.max_sessions_per_user`, and its filters, so that
 //! `limits.max_subscriptions_per_client` counts per session, not per connection.
 
-use std::collections::{HashMap, HashSet};
+use moatmq_store::SubscriptionOptions;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::{watch, Notify};
@@ -35,8 +36,11 @@ struct Kept {
 
 struct KeptSession {
     user: Option<String>,
-    filters: HashSet<String>,
+    filters: Filters,
 }
+
+/// A session's subscriptions: filter as the client wrote it, and its options.
+pub type Filters = BTreeMap<String, SubscriptionOptions>;
 
 /// The user already has `limits.max_sessions_per_user` persistent sessions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,7 +130,7 @@ impl Sessions {
         router_id: &str,
         user: Option<&str>,
         max_per_user: usize,
-    ) -> Result<HashSet<String>, SessionQuota> {
+    ) -> Result<Filters, SessionQuota> {
         let mut kept = lock(&self.kept);
         if let Some(s) = kept.sessions.get(router_id) {
             return Ok(s.filters.clone());
@@ -141,14 +145,14 @@ impl Sessions {
             router_id.to_string(),
             KeptSession {
                 user,
-                filters: HashSet::new(),
+                filters: Filters::new(),
             },
         );
-        Ok(HashSet::new())
+        Ok(Filters::new())
     }
 
     /// A persistent session's connection ended: its filters as the router keeps them.
-    pub fn save(&self, router_id: &str, filters: &HashSet<String>) {
+    pub fn save(&self, router_id: &str, filters: &Filters) {
         if let Some(s) = lock(&self.kept).sessions.get_mut(router_id) {
             s.filters.clone_from(filters);
         }
@@ -216,7 +220,10 @@ mod tests {
         assert_eq!(s.resume("a3", Some("a"), 2), Err(SessionQuota));
         assert!(s.resume("b1", Some("b"), 2).is_ok(), "per user");
         // Resuming a kept session is not a new one, and keeps its filters.
-        s.save("a1", &HashSet::from(["x/#".to_string()]));
+        s.save(
+            "a1",
+            &Filters::from([("x/#".to_string(), Default::default())]),
+        );
         assert_eq!(s.resume("a1", Some("a"), 2).unwrap().len(), 1);
         s.forget("a1");
         assert!(s.resume("a3", Some("a"), 2).unwrap().is_empty());

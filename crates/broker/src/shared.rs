@@ -6,6 +6,7 @@
 
 use crate::admission::{Admission, Slot};
 use crate::audit::{AuditLog, Who};
+use crate::durable::SessionBook;
 use crate::event::{self, Event};
 use crate::handshake_log::HandshakeLog;
 use crate::metrics::Metrics;
@@ -50,6 +51,8 @@ pub struct Shared {
     pub session_timers: Timers,
     /// The connection holding each router client id (no takeover inside the router).
     pub sessions: Sessions,
+    /// The durable copy of persistent sessions, when the session store is on.
+    pub durable: Option<SessionBook>,
 }
 
 impl Shared {

@@ -15,10 +15,9 @@ use std::sync::Arc;
 
 use aes_gcm::Aes256Gcm;
 
-use crate::log::{self, Written, TMP_PREFIX};
-use crate::mark::{Mark, Vouch};
+use crate::log::{self, Written};
 use crate::record::{self, RecordRef};
-use crate::store::Trust;
+use crate::store::{encode_changes, Trust};
 use crate::{now_unix, RetainedKey, RetainedMessage, RetainedSet, Store, StoreError, StoreLimits};
 
 /// A compaction in progress: a snapshot of the live set to write into a new file.
@@ -68,8 +67,8 @@ impl Store {
         self.job_id += 1;
         CompactionJob {
             id: self.job_id,
-            tmp_path: self.dir.join(format!("{TMP_PREFIX}-{}", self.job_id)),
-            cipher: self.cipher.clone(),
+            tmp_path: self.log.tmp_path(self.job_id),
+            cipher: self.log.cipher.clone(),
             snapshot: self.set.begin_snapshot(now_unix()),
             written: None,
         }
@@ -91,12 +90,6 @@ impl Store {
         if job.id != self.job_id {
             return Err(StoreError::StaleCompaction);
         }
-        if self.needs_dir_sync {
-            // The last rename must be durable before the mark may forget the file before it.
-            log::sync_dir(&self.dir)?;
-            self.needs_dir_sync = false;
-            self.prev = None;
-        }
         let Some(w) = job.written else {
             self.set.abort_snapshot();
             return Err(StoreError::StaleCompaction);
@@ -104,104 +97,18 @@ impl Store {
         // The changes made while the job ran, as they are now. Topics not yet flushed are
         // taken too: the new file holds them (given back if it is not installed).
         let (since, dirty) = self.set.end_snapshot();
-        let res = self.install_compacted(w, &since);
+        let res = encode_changes(&since).and_then(|since| self.log.install(w, &since));
         if res.is_err() {
             self.set.restore_dirty(dirty);
         }
         res
     }
 
-    /// Brings the new file up to date with `since`, then renames it over the log.
-    fn install_compacted(
-        &mut self,
-        mut w: Written,
-        since: &[crate::set::Change],
-    ) -> Result<(), StoreError> {
-        let mut buf = Vec::new();
-        for (topic, msg) in since {
-            let rec = match msg {
-                Some(m) => RecordRef::set(m),
-                None => RecordRef::Clear(topic),
-            };
-            let frame = record::seal_record(&self.cipher, &w.file_id, w.next_seq, &rec)?;
-            buf.extend_from_slice(&frame);
-            w.next_seq += 1;
-        }
-        if !buf.is_empty() {
-            use std::os::unix::fs::FileExt;
-            w.file
-                .write_all_at(&buf, w.len)
-                .and_then(|()| w.file.sync_data())
-                .map_err(|e| StoreError::io(&w.tmp_path, e))?;
-            w.len += buf.len() as u64;
-        }
-        // Before the rename the mark vouches for both files (and is fsynced): after a crash
-        // either may be in place.
-        let old = self.vouch();
-        let new = Vouch {
-            file_id: w.file_id,
-            records: w.next_seq,
-            len: w.len,
-        };
-        self.mark.write(
-            &self.cipher,
-            &Mark {
-                current: Some(old),
-                next: Some(new),
-            },
-            true,
-        )?;
-        std::fs::rename(&w.tmp_path, &self.log_path)
-            .map_err(|e| StoreError::io(&self.log_path, e))?;
-        // The rename happened: from here on the new file is the log.
-        self.prev = Some(old);
-        self.file = w.file;
-        self.file_id = w.file_id;
-        self.next_seq = w.next_seq;
-        self.committed_len = w.len;
-        if let Err(e) = log::sync_dir(&self.dir) {
-            self.needs_dir_sync = true;
-            return Err(e);
-        }
-        self.prev = None;
-        self.update_mark();
-        Ok(())
-    }
-
     /// Rewrites the log under `new` (see [`rekey`]); the store must not be used after.
     fn rekey_into(&mut self, new: &RetainedKey) -> Result<usize, StoreError> {
-        let cipher = record::cipher(new);
-        let tmp = self.dir.join(format!("{TMP_PREFIX}-rekey"));
-        let owner =
-            std::fs::metadata(&self.log_path).map_err(|e| StoreError::io(&self.log_path, e))?;
         let messages = self.messages();
-        let w = log::write_fresh(&tmp, &cipher, messages.iter().map(|m| &**m))?;
-        if let Err(e) = keep_owner(&w.file, &owner) {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(StoreError::io(&self.log_path, e));
-        }
-        let n = w.frame_lens.len();
-        let mark = Mark {
-            current: Some(Vouch {
-                file_id: w.file_id,
-                records: w.next_seq,
-                len: w.len,
-            }),
-            next: None,
-        };
-        // The older slot gets the new file's mark under the new key; the newest one keeps
-        // the old file's under the old key until the rename is durable, so after a crash
-        // the mark matches whichever file and key are in place.
-        let res = self
-            .mark
-            .write(&cipher, &mark, true)
-            .and_then(|()| log::install(&w.tmp_path, &self.log_path, &self.dir));
-        if let Err(e) = res {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
-        }
-        self.mark.write(&cipher, &mark, true)?;
-        Ok(n)
+        let records = messages.iter().map(|m| record::encode(&RecordRef::set(m)));
+        self.log.rekey_into(&record::cipher(new), records)
     }
 }
 
@@ -228,15 +135,4 @@ pub fn accept(path: &Path, key: RetainedKey) -> Result<usize, StoreError> {
         Trust::AsIs,
     )?;
     Ok(store.len())
-}
-
-/// Gives `file` the owner and group of `old` (a no-op when they already match, so it
-/// needs root only when root runs the command on another user's store).
-fn keep_owner(file: &std::fs::File, old: &std::fs::Metadata) -> std::io::Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    let new = file.metadata()?;
-    if (new.uid(), new.gid()) == (old.uid(), old.gid()) {
-        return Ok(());
-    }
-    std::os::unix::fs::fchown(file, Some(old.uid()), Some(old.gid()))
 }

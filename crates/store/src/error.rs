@@ -1,8 +1,9 @@
 //! The one error type of the store. Every variant that concerns a file names it, and
 //! every variant that concerns a record names its index or byte offset, so an operator
-//! can tell "wrong key" from "record 17 was altered" from "disk full".
+//! can tell "wrong key" from "record 17 was altered" from "disk full". Messages about a
+//! log or its mark say which store it is (retained or sessions) by the file's name.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Everything that can go wrong opening, writing, compacting or rekeying a store.
 #[derive(Debug, thiserror::Error)]
@@ -37,7 +38,7 @@ pub enum StoreError {
     BadKey(String),
     /// The key-check block in the file header does not decrypt: the store was written
     /// under another key (or its header was altered).
-    #[error("wrong key for retained store {file}: the header's key check failed")]
+    #[error("wrong key for {} {file}: the header's key check failed", what(file))]
     WrongKey {
         /// The log file.
         file: PathBuf,
@@ -45,7 +46,7 @@ pub enum StoreError {
     /// The header decrypted under this key but record `record` (0-based) did not
     /// authenticate: it was altered, swapped, replayed from another file, or records
     /// before it were removed.
-    #[error("retained store {file}: record {record} failed authentication (tampered, reordered, replayed or records removed before it)")]
+    #[error("{} {file}: record {record} failed authentication (tampered, reordered, replayed or records removed before it)", what(file))]
     WrongKeyOrTampered {
         /// The log file.
         file: PathBuf,
@@ -54,7 +55,7 @@ pub enum StoreError {
     },
     /// The file's structure is broken: bad magic or version, a malformed length prefix,
     /// an oversized record, or a record that authenticated but does not decode.
-    #[error("retained store {file} is corrupt at byte offset {offset}: {reason}")]
+    #[error("{} {file} is corrupt at byte offset {offset}: {reason}", what(file))]
     Corrupt {
         /// The log file.
         file: PathBuf,
@@ -67,7 +68,7 @@ pub enum StoreError {
     /// record boundary or down to its header), its last records were zeroed, or an older
     /// copy of the same file was put back. A torn record *past* the mark is a crash during
     /// a save and is not this error. `moatmq retained accept` takes the log as it is.
-    #[error("retained store {file}: {missing} records after offset {offset} are missing (file ends at byte {file_len}; expected record {expected}, found {found}); its high-water mark {mark} requires {required} records. The file was cut, its last records zeroed, or an older copy restored; to keep it anyway run `moatmq retained accept -c CONFIG`")]
+    #[error("{} {file}: {missing} records after offset {offset} are missing (file ends at byte {file_len}; expected record {expected}, found {found}); its high-water mark {mark} requires {required} records. The file was cut, its last records zeroed, or an older copy restored; to keep it anyway run `{} -c CONFIG`", what(file), accept(file))]
     Truncated {
         /// The log file.
         file: PathBuf,
@@ -88,7 +89,7 @@ pub enum StoreError {
     },
     /// The log is not the file its high-water mark was last written for: an older copy
     /// (from before a compaction or rekey), or another store's log, was put in its place.
-    #[error("retained store {file} is not the file its high-water mark {mark} was written for: an older copy was restored or the file was replaced; to keep it anyway run `moatmq retained accept -c CONFIG`")]
+    #[error("{} {file} is not the file its high-water mark {mark} was written for: an older copy was restored or the file was replaced; to keep it anyway run `{} -c CONFIG`", what(file), accept(file))]
     RolledBack {
         /// The log file.
         file: PathBuf,
@@ -97,7 +98,7 @@ pub enum StoreError {
     },
     /// The high-water mark is missing or unreadable although the log was written by a
     /// version that always keeps one (deleted, damaged, or written under another key).
-    #[error("retained store {file}: its high-water mark {mark} is missing or unreadable ({reason}), so truncation and rollback cannot be ruled out; to keep the log anyway run `moatmq retained accept -c CONFIG`")]
+    #[error("{} {file}: its high-water mark {mark} is missing or unreadable ({reason}), so truncation and rollback cannot be ruled out; to keep the log anyway run `{} -c CONFIG`", what(file), accept(file))]
     MarkMissing {
         /// The log file.
         file: PathBuf,
@@ -108,7 +109,7 @@ pub enum StoreError {
     },
     /// The log file is gone but its high-water mark says it held records: the store was
     /// deleted (starting empty would silently lose every retained message).
-    #[error("retained store {file} is missing but its high-water mark {mark} says it held {records} records; to start with an empty store anyway run `moatmq retained accept -c CONFIG`")]
+    #[error("{} {file} is missing but its high-water mark {mark} says it held {records} records; to start with an empty store anyway run `{} -c CONFIG`", what(file), accept(file))]
     LogMissing {
         /// The log file that should exist.
         file: PathBuf,
@@ -120,6 +121,9 @@ pub enum StoreError {
     /// `set` would make a total grow past one of the [`crate::StoreLimits`].
     #[error("retained store is full ({} reached)", .0.label())]
     Full(crate::Refusal),
+    /// A session-store call named a session that is not kept (enqueue before put).
+    #[error("no such session")]
+    UnknownSession,
     /// A message could not be encoded (for example a field too large to frame).
     #[error("cannot encode retained record: {0}")]
     Encode(String),
@@ -127,6 +131,16 @@ pub enum StoreError {
     /// the latest one started on this store.
     #[error("compaction job not run, failed, or superseded by a later one")]
     StaleCompaction,
+}
+
+/// "retained store" or "session store", by the file's name.
+fn what(file: &Path) -> &'static str {
+    crate::format::of_file(file).what
+}
+
+/// The command that accepts a damaged log of `file`'s kind.
+fn accept(file: &Path) -> &'static str {
+    crate::format::of_file(file).accept
 }
 
 impl StoreError {

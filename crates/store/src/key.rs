@@ -103,7 +103,16 @@ impl RetainedKey {
     /// not exist yet is fine: `Store::open` creates it. Writes nothing, so it is safe
     /// while a broker has the store open.
     pub fn check_store(&self, dir: &Path) -> Result<(), StoreError> {
-        let log_path = dir.join(crate::store::LOG_NAME);
+        self.check_log(dir, &crate::format::RETAINED)
+    }
+
+    /// [`RetainedKey::check_store`] for the session store in `dir` (`sessions.log`).
+    pub fn check_session_store(&self, dir: &Path) -> Result<(), StoreError> {
+        self.check_log(dir, &crate::format::SESSIONS)
+    }
+
+    fn check_log(&self, dir: &Path, fmt: &crate::format::Format) -> Result<(), StoreError> {
+        let log_path = dir.join(fmt.log_name);
         let mut file = match std::fs::File::open(&log_path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -119,7 +128,7 @@ impl RetainedKey {
             std::io::ErrorKind::UnexpectedEof => corrupt("file is shorter than the store header"),
             _ => StoreError::io(&log_path, e),
         })?;
-        match crate::record::open_header(&crate::record::cipher(self), &header) {
+        match crate::record::open_header_in(&crate::record::cipher(self), fmt, &header) {
             Ok(_) => Ok(()),
             Err(crate::record::HeaderError::Format(reason)) => Err(corrupt(reason)),
             Err(crate::record::HeaderError::KeyCheck) => {

@@ -23,15 +23,24 @@
 //!
 //! Topics, payloads and properties are all inside the ciphertext. The store is plain
 //! synchronous code with no MQTT library types; the broker owns the thread it runs on.
+//!
+//! The same file format, checks and high-water mark keep durable MQTT sessions
+//! ([`SessionLog`] behind the [`SessionStore`] trait, `sessions.log`; see
+//! docs/sessions.md), with a magic and associated-data domains of their own so neither
+//! kind of file or record ever opens as the other.
 
 #![forbid(unsafe_code)]
 
 mod compact;
 mod error;
+mod format;
 mod key;
 mod log;
+mod logfile;
 mod mark;
 mod record;
+mod session;
+mod session_log;
 mod set;
 mod store;
 
@@ -41,6 +50,11 @@ mod tests;
 pub use compact::{accept, rekey, CompactionJob};
 pub use error::StoreError;
 pub use key::{RetainedKey, KEY_LEN};
+pub use session::{
+    CommitStats, Delivery, Enqueued, HeldMessage, PendingWill, Purged, QueuedMessage, Session,
+    SessionKey, SessionLimits, SessionMeta, SessionStore, SubscriptionOptions,
+};
+pub use session_log::{accept_sessions, read_sessions, rekey_sessions, SessionLog};
 pub use set::{Refusal, RetainedSet, StoreLimits, Usage, UNKNOWN_OWNER};
 pub use store::Store;
 
@@ -121,7 +135,7 @@ pub fn decode_log_image(
     image: &[u8],
 ) -> Result<Vec<RetainedMessage>, StoreError> {
     let cipher = record::cipher(key);
-    let replay = log::read_log(
+    let live = log::read_log(
         image,
         image.len() as u64,
         &cipher,
@@ -129,9 +143,5 @@ pub fn decode_log_image(
         0,
         |_, _| Ok(None),
     )?;
-    Ok(replay
-        .live
-        .into_iter()
-        .map(|item| (*item.0).clone())
-        .collect())
+    Ok(live.into_iter().map(|item| (*item.0).clone()).collect())
 }

@@ -1,5 +1,6 @@
 //! Reading a log file back (verifying every frame, in order) and writing a fresh log
-//! file (header plus one `Set` per message) for creation, compaction and rekey.
+//! file (header plus one record per live item) for creation, compaction and rekey; the
+//! same code for every kind of log (`format.rs`), with the retained store's wrappers.
 //! A frame is "torn" only when it runs past end-of-file, or when everything from its
 //! start to end-of-file is zero bytes (a file extended by a crash before its data
 //! landed), and only past the records the high-water mark requires: a torn frame, zero
@@ -13,7 +14,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use aes_gcm::Aes256Gcm;
+use zeroize::Zeroizing;
 
+use crate::format::{Format, RETAINED};
 use crate::record::{self, FileId, OpenError, RecordRef, HEADER_LEN, NONCE_LEN};
 use crate::record::{HeaderError, MAX_CIPHERTEXT_LEN, PREFIX_LEN, TAG_LEN};
 use crate::set::{Item, Items};
@@ -37,13 +40,9 @@ pub(crate) fn fresh_private_file(path: &Path) -> Result<File, StoreError> {
         .map_err(io)
 }
 
-/// Prefix of compaction/rekey temporary files; stale ones are removed on open.
-pub(crate) const TMP_PREFIX: &str = "retained.log.tmp";
-
-/// The result of reading a log.
+/// What [`read_frames`] found besides the records.
 #[derive(Debug)]
-pub(crate) struct Replay {
-    pub(crate) live: Items,
+pub(crate) struct Frames {
     pub(crate) file_id: FileId,
     /// Format version of the file's header.
     pub(crate) version: u32,
@@ -96,23 +95,61 @@ fn rest_is_zero(r: &mut impl Read, file: &Path) -> Result<bool, StoreError> {
     }
 }
 
-/// Reads and verifies a whole log of `file_len` bytes; messages expired at `now` are
-/// dropped. `file` only names the file in errors. Once the header is verified, `required`
-/// is asked (with the file id and version) how many records must be present; it may
-/// refuse the file instead.
+/// Replays one retained record into `live`.
+pub(crate) fn apply_retained(live: &mut Items, plain: &[u8]) -> Result<(), OpenError> {
+    match record::decode_record(plain)?.into_change() {
+        Ok(msg) => {
+            live.replace(Item(Arc::new(msg)));
+        }
+        Err(topic) => {
+            live.remove(topic.as_str());
+        }
+    }
+    Ok(())
+}
+
+/// Reads and verifies a whole retained log of `file_len` bytes and returns its live
+/// messages; messages expired at `now` are dropped. See [`read_frames`].
 pub(crate) fn read_log(
-    mut r: impl Read,
+    r: impl Read,
     file_len: u64,
     cipher: &Aes256Gcm,
     file: &Path,
     now: u64,
     required: impl FnOnce(&FileId, u32) -> Result<Option<Required>, StoreError>,
-) -> Result<Replay, StoreError> {
+) -> Result<Items, StoreError> {
+    let mut live = Items::new();
+    read_frames(
+        r,
+        file_len,
+        cipher,
+        &RETAINED,
+        file,
+        required,
+        |plain, _| apply_retained(&mut live, plain),
+    )?;
+    live.retain(|item| !item.0.is_expired(now));
+    Ok(live)
+}
+
+/// Reads and verifies a whole `fmt` log of `file_len` bytes, handing each record's
+/// plaintext (and its frame's length) to `on_record` in order. `file` only names the file
+/// in errors. Once the header is verified, `required` is asked (with the file id and
+/// version) how many records must be present; it may refuse the file instead.
+pub(crate) fn read_frames(
+    mut r: impl Read,
+    file_len: u64,
+    cipher: &Aes256Gcm,
+    fmt: &Format,
+    file: &Path,
+    required: impl FnOnce(&FileId, u32) -> Result<Option<Required>, StoreError>,
+    mut on_record: impl FnMut(&[u8], u64) -> Result<(), OpenError>,
+) -> Result<Frames, StoreError> {
     let mut header = [0u8; HEADER_LEN];
     if read_full(&mut r, &mut header, file)? < HEADER_LEN {
         return Err(corrupt(file, 0, "file is shorter than the store header"));
     }
-    let (file_id, version) = record::open_header(cipher, &header).map_err(|e| match e {
+    let (file_id, version) = record::open_header_in(cipher, fmt, &header).map_err(|e| match e {
         HeaderError::Format(reason) => corrupt(file, 0, reason),
         HeaderError::KeyCheck => StoreError::WrongKey {
             file: file.to_owned(),
@@ -133,12 +170,11 @@ pub(crate) fn read_log(
         }),
         _ => {
             if found != "end of file" {
-                torn(file, offset, seq);
+                torn(fmt, file, offset, seq);
             }
             Ok(())
         }
     };
-    let mut live = Items::new();
     let mut offset = HEADER_LEN as u64;
     let mut seq = 0u64;
     let mut body = Vec::new();
@@ -182,15 +218,10 @@ pub(crate) fn read_log(
             end(seq, offset, "a torn record")?;
             break;
         }
-        match record::open_record(cipher, &file_id, seq, len, &body) {
-            Ok(record) => match record.into_change() {
-                Ok(msg) => {
-                    live.replace(Item(Arc::new(msg)));
-                }
-                Err(topic) => {
-                    live.remove(topic.as_str());
-                }
-            },
+        let opened = record::open_plain(cipher, fmt, &file_id, seq, len, &body)
+            .and_then(|plain| on_record(&plain, frame_len));
+        match opened {
+            Ok(()) => {}
             Err(OpenError::Auth) => {
                 return Err(StoreError::WrongKeyOrTampered {
                     file: file.to_owned(),
@@ -204,9 +235,7 @@ pub(crate) fn read_log(
         offset += frame_len;
         seq += 1;
     }
-    live.retain(|item| !item.0.is_expired(now));
-    Ok(Replay {
-        live,
+    Ok(Frames {
         file_id,
         version,
         next_seq: seq,
@@ -214,12 +243,13 @@ pub(crate) fn read_log(
     })
 }
 
-fn torn(file: &Path, offset: u64, seq: u64) {
+fn torn(fmt: &Format, file: &Path, offset: u64, seq: u64) {
     tracing::warn!(
         file = %file.display(),
         offset,
         record = seq,
-        "retained store ends in a torn record (crash during a save); dropping it"
+        "{} ends in a torn record (crash during a save); dropping it",
+        fmt.what
     );
 }
 
@@ -235,24 +265,40 @@ pub(crate) struct Written {
     pub(crate) frame_lens: Vec<u64>,
 }
 
-/// Writes `tmp_path` (replacing a stale one) with a new file id and one `Set` per
-/// message, then fsyncs it.
+/// Writes `tmp_path` (replacing a stale one) as a retained log with a new file id and
+/// one `Set` per message, then fsyncs it.
 pub(crate) fn write_fresh<'a>(
     tmp_path: &Path,
     cipher: &Aes256Gcm,
     messages: impl Iterator<Item = &'a RetainedMessage>,
 ) -> Result<Written, StoreError> {
+    write_fresh_plain(
+        tmp_path,
+        cipher,
+        &RETAINED,
+        messages.map(|m| record::encode(&RecordRef::set(m))),
+    )
+}
+
+/// Writes `tmp_path` (replacing a stale one) as a `fmt` log with a new file id holding
+/// the given record plaintexts, then fsyncs it.
+pub(crate) fn write_fresh_plain(
+    tmp_path: &Path,
+    cipher: &Aes256Gcm,
+    fmt: &Format,
+    records: impl Iterator<Item = Result<Zeroizing<Vec<u8>>, StoreError>>,
+) -> Result<Written, StoreError> {
     let io = |e| StoreError::io(tmp_path, e);
     let file = fresh_private_file(tmp_path)?;
     let file_id = record::random_file_id();
     let mut w = BufWriter::with_capacity(1 << 20, &file);
-    let header = record::seal_header(cipher, &file_id)?;
+    let header = record::seal_header(cipher, fmt, &file_id)?;
     w.write_all(&header).map_err(io)?;
     let mut len = header.len() as u64;
     let mut seq = 0u64;
     let mut frame_lens = Vec::new();
-    for msg in messages {
-        let frame = record::seal_record(cipher, &file_id, seq, &RecordRef::set(msg))?;
+    for plain in records {
+        let frame = record::seal_plain(cipher, fmt, &file_id, seq, &plain?)?;
         w.write_all(&frame).map_err(io)?;
         len += frame.len() as u64;
         frame_lens.push(frame.len() as u64);

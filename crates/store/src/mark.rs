@@ -36,12 +36,16 @@ use aes_gcm::aead::{Aead, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use rand::RngCore;
 
-use crate::log::{self, TMP_PREFIX};
+use crate::format::Format;
+#[cfg(test)]
+use crate::format::RETAINED;
+use crate::log;
 use crate::record::{FileId, FILE_ID_LEN, NONCE_LEN, TAG_LEN};
 use crate::StoreError;
 
-/// Name of the mark inside the store directory.
-pub(crate) const MARK_NAME: &str = "retained.log.hwm";
+/// Name of the retained store's mark inside its directory.
+#[cfg(test)]
+pub(crate) const MARK_NAME: &str = RETAINED.mark_name;
 const MAGIC: &[u8; 8] = b"MOATMQHW";
 const VOUCH_LEN: usize = 1 + FILE_ID_LEN + 8 + 8;
 const PLAIN_LEN: usize = 8 + 2 * VOUCH_LEN;
@@ -78,16 +82,19 @@ impl Mark {
 #[derive(Debug)]
 pub(crate) struct MarkFile {
     pub(crate) path: PathBuf,
+    fmt: &'static Format,
     file: File,
     counter: u64,
     /// Slot holding the newest valid mark; writes go to the other one.
     newest: usize,
 }
 
-fn aad(slot: usize) -> [u8; 17] {
-    let mut a = [0u8; 17];
-    a[..16].copy_from_slice(b"moatmq-store-hwm");
-    a[16] = slot as u8;
+/// A slot's associated data: the format's mark domain and the slot index (for the
+/// retained store `moatmq-store-hwm | slot`).
+fn aad(fmt: &Format, slot: usize) -> Vec<u8> {
+    let mut a = Vec::with_capacity(fmt.mark_domain.len() + 1);
+    a.extend_from_slice(fmt.mark_domain);
+    a.push(slot as u8);
     a
 }
 
@@ -124,6 +131,7 @@ fn decode_vouch(b: &[u8]) -> Option<Option<Vouch>> {
 
 fn seal_slot(
     cipher: &Aes256Gcm,
+    fmt: &Format,
     slot: usize,
     counter: u64,
     mark: &Mark,
@@ -139,7 +147,7 @@ fn seal_slot(
             Nonce::from_slice(&nonce),
             Payload {
                 msg: &plain,
-                aad: &aad(slot),
+                aad: &aad(fmt, slot),
             },
         )
         .map_err(|_| StoreError::Encode("high-water mark encryption failed".to_owned()))?;
@@ -150,7 +158,7 @@ fn seal_slot(
     Ok(out)
 }
 
-fn open_slot(cipher: &Aes256Gcm, slot: usize, bytes: &[u8]) -> Option<(u64, Mark)> {
+fn open_slot(cipher: &Aes256Gcm, fmt: &Format, slot: usize, bytes: &[u8]) -> Option<(u64, Mark)> {
     if bytes.len() < SLOT_LEN || &bytes[..MAGIC.len()] != MAGIC {
         return None;
     }
@@ -160,7 +168,7 @@ fn open_slot(cipher: &Aes256Gcm, slot: usize, bytes: &[u8]) -> Option<(u64, Mark
             Nonce::from_slice(nonce),
             Payload {
                 msg: &bytes[MAGIC.len() + NONCE_LEN..SLOT_LEN],
-                aad: &aad(slot),
+                aad: &aad(fmt, slot),
             },
         )
         .ok()?;
@@ -186,10 +194,21 @@ pub(crate) enum Found {
     Mark(MarkFile, Mark),
 }
 
-/// Reads the mark in `dir`.
+/// Reads the retained store's mark in `dir`.
+#[cfg(test)]
 pub(crate) fn read(dir: &Path, cipher: &Aes256Gcm) -> Result<Found, StoreError> {
-    let path = dir.join(MARK_NAME);
-    let file = match OpenOptions::new().read(true).write(true).open(&path) {
+    read_in(dir, cipher, &RETAINED, true)
+}
+
+/// Reads the mark of a `fmt` log in `dir`, opened for writing too if `writable`.
+pub(crate) fn read_in(
+    dir: &Path,
+    cipher: &Aes256Gcm,
+    fmt: &'static Format,
+    writable: bool,
+) -> Result<Found, StoreError> {
+    let path = dir.join(fmt.mark_name);
+    let file = match OpenOptions::new().read(true).write(writable).open(&path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Found::Nothing),
         Err(e) => return Err(StoreError::io(&path, e)),
@@ -204,7 +223,8 @@ pub(crate) fn read(dir: &Path, cipher: &Aes256Gcm) -> Result<Found, StoreError> 
     if bytes.len() as u64 == FILE_LEN {
         for (slot, off) in SLOT_OFFSETS.iter().enumerate() {
             let off = *off as usize;
-            if let Some((counter, mark)) = open_slot(cipher, slot, &bytes[off..off + SLOT_LEN]) {
+            if let Some((counter, mark)) = open_slot(cipher, fmt, slot, &bytes[off..off + SLOT_LEN])
+            {
                 if !matches!(&best, Some((_, c, _)) if *c >= counter) {
                     best = Some((slot, counter, mark));
                 }
@@ -217,6 +237,7 @@ pub(crate) fn read(dir: &Path, cipher: &Aes256Gcm) -> Result<Found, StoreError> 
     Ok(Found::Mark(
         MarkFile {
             path,
+            fmt,
             file,
             counter,
             newest,
@@ -231,16 +252,17 @@ impl MarkFile {
     pub(crate) fn create(
         dir: &Path,
         cipher: &Aes256Gcm,
+        fmt: &'static Format,
         mark: &Mark,
     ) -> Result<MarkFile, StoreError> {
-        let path = dir.join(MARK_NAME);
-        let tmp = dir.join(format!("{TMP_PREFIX}-hwm"));
+        let path = dir.join(fmt.mark_name);
+        let tmp = dir.join(format!("{}-hwm", fmt.tmp_prefix));
         let io = |e| StoreError::io(&tmp, e);
         let file = log::fresh_private_file(&tmp)?;
         file.set_len(FILE_LEN).map_err(io)?;
         for (slot, off) in SLOT_OFFSETS.iter().enumerate() {
             // Slot 1 gets the higher counter, so the next write goes to slot 0.
-            let bytes = seal_slot(cipher, slot, slot as u64, mark)?;
+            let bytes = seal_slot(cipher, fmt, slot, slot as u64, mark)?;
             file.write_all_at(&bytes, *off).map_err(io)?;
         }
         file.sync_all().map_err(io)?;
@@ -250,6 +272,7 @@ impl MarkFile {
         }
         Ok(MarkFile {
             path,
+            fmt,
             file,
             counter: 1,
             newest: 1,
@@ -267,7 +290,7 @@ impl MarkFile {
     ) -> Result<(), StoreError> {
         let slot = 1 - self.newest;
         let counter = self.counter + 1;
-        let bytes = seal_slot(cipher, slot, counter, mark)?;
+        let bytes = seal_slot(cipher, self.fmt, slot, counter, mark)?;
         self.file
             .write_all_at(&bytes, SLOT_OFFSETS[slot])
             .and_then(|()| if sync { self.file.sync_data() } else { Ok(()) })

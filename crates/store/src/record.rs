@@ -18,17 +18,16 @@ use aes_gcm::{Aes256Gcm, Key, Nonce};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
+use crate::format::{Format, RETAINED};
 use crate::{RetainedKey, RetainedMessage, StoreError};
 
-/// File magic.
-pub(crate) const MAGIC: &[u8; 8] = b"MOATMQRS";
+/// File magic of the retained store.
+pub(crate) const MAGIC: &[u8; 8] = RETAINED.magic;
 /// Format version written. Version 2 files are always paired with a high-water mark
 /// (`mark.rs`); version 1 files (written before it existed) are still read, and rewritten
 /// as version 2 on open. The version is bound into the header's tag, so it cannot be
 /// changed without the key.
-pub(crate) const VERSION: u32 = 2;
-/// Oldest format version still read.
-pub(crate) const MIN_VERSION: u32 = 1;
+pub(crate) const VERSION: u32 = RETAINED.version;
 /// Random per-file id length.
 pub(crate) const FILE_ID_LEN: usize = 16;
 /// AES-GCM nonce length.
@@ -121,39 +120,51 @@ fn random_nonce() -> [u8; NONCE_LEN] {
     n
 }
 
+#[cfg(test)]
 pub(crate) fn header_aad(version: u32, file_id: &FileId) -> Vec<u8> {
+    header_aad_in(&RETAINED, version, file_id)
+}
+
+/// The header's associated data; the magic tells the kinds of log apart.
+fn header_aad_in(fmt: &Format, version: u32, file_id: &FileId) -> Vec<u8> {
     let mut aad = Vec::with_capacity(32);
     aad.extend_from_slice(b"moatmq-store-header");
-    aad.extend_from_slice(MAGIC);
+    aad.extend_from_slice(fmt.magic);
     aad.extend_from_slice(&version.to_le_bytes());
     aad.extend_from_slice(file_id);
     aad
 }
 
-fn record_aad(file_id: &FileId, seq: u64, len: u32) -> [u8; 19 + FILE_ID_LEN + 12] {
-    let mut aad = [0u8; 19 + FILE_ID_LEN + 12];
-    aad[..19].copy_from_slice(b"moatmq-store-record");
-    aad[19..19 + FILE_ID_LEN].copy_from_slice(file_id);
-    aad[19 + FILE_ID_LEN..19 + FILE_ID_LEN + 8].copy_from_slice(&seq.to_le_bytes());
-    aad[19 + FILE_ID_LEN + 8..].copy_from_slice(&len.to_le_bytes());
+/// A record's associated data: the format's domain, the file id, its sequence number and
+/// its length (for the retained store: `moatmq-store-record | id | seq | len`).
+fn record_aad(fmt: &Format, file_id: &FileId, seq: u64, len: u32) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(fmt.record_domain.len() + FILE_ID_LEN + 12);
+    aad.extend_from_slice(fmt.record_domain);
+    aad.extend_from_slice(file_id);
+    aad.extend_from_slice(&seq.to_le_bytes());
+    aad.extend_from_slice(&len.to_le_bytes());
     aad
 }
 
 /// The header for a new file with id `file_id`.
-pub(crate) fn seal_header(cipher: &Aes256Gcm, file_id: &FileId) -> Result<Vec<u8>, StoreError> {
+pub(crate) fn seal_header(
+    cipher: &Aes256Gcm,
+    fmt: &Format,
+    file_id: &FileId,
+) -> Result<Vec<u8>, StoreError> {
     let nonce = random_nonce();
     let tag = cipher
         .encrypt(
             Nonce::from_slice(&nonce),
             Payload {
                 msg: &[],
-                aad: &header_aad(VERSION, file_id),
+                aad: &header_aad_in(fmt, fmt.version, file_id),
             },
         )
         .map_err(|_| StoreError::Encode("header encryption failed".to_owned()))?;
     let mut out = Vec::with_capacity(HEADER_LEN);
-    out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(fmt.magic);
+    out.extend_from_slice(&fmt.version.to_le_bytes());
     out.extend_from_slice(file_id);
     out.extend_from_slice(&nonce);
     out.extend_from_slice(&tag);
@@ -169,20 +180,23 @@ pub(crate) enum HeaderError {
     KeyCheck,
 }
 
-/// Checks a header and returns its file id and format version.
-pub(crate) fn open_header(
+/// Checks a header of a `fmt` log and returns its file id and format version.
+pub(crate) fn open_header_in(
     cipher: &Aes256Gcm,
+    fmt: &Format,
     header: &[u8; HEADER_LEN],
 ) -> Result<(FileId, u32), HeaderError> {
-    if &header[..8] != MAGIC {
-        return Err(HeaderError::Format(
-            "not a moatmq retained store (bad magic)",
-        ));
+    if &header[..8] != fmt.magic {
+        return Err(HeaderError::Format(if fmt.magic == MAGIC {
+            "not a moatmq retained store (bad magic)"
+        } else {
+            "not a moatmq session store (bad magic)"
+        }));
     }
     let mut version = [0u8; 4];
     version.copy_from_slice(&header[8..12]);
     let version = u32::from_le_bytes(version);
-    if !(MIN_VERSION..=VERSION).contains(&version) {
+    if !(fmt.min_version..=fmt.version).contains(&version) {
         return Err(HeaderError::Format("unsupported store format version"));
     }
     let mut file_id = [0u8; FILE_ID_LEN];
@@ -194,23 +208,28 @@ pub(crate) fn open_header(
             Nonce::from_slice(nonce),
             Payload {
                 msg: tag,
-                aad: &header_aad(version, &file_id),
+                aad: &header_aad_in(fmt, version, &file_id),
             },
         )
         .map_err(|_| HeaderError::KeyCheck)?;
     Ok((file_id, version))
 }
 
-/// Serializes and seals one record as a complete frame at position `seq` of file `file_id`.
-pub(crate) fn seal_record(
+/// A record's plaintext (postcard), in memory that is zeroed on drop.
+pub(crate) fn encode(record: &impl Serialize) -> Result<zeroize::Zeroizing<Vec<u8>>, StoreError> {
+    Ok(zeroize::Zeroizing::new(
+        postcard::to_stdvec(record).map_err(|e| StoreError::Encode(e.to_string()))?,
+    ))
+}
+
+/// Seals a record's plaintext as a complete frame at position `seq` of a `fmt` file.
+pub(crate) fn seal_plain(
     cipher: &Aes256Gcm,
+    fmt: &Format,
     file_id: &FileId,
     seq: u64,
-    record: &RecordRef<'_>,
+    plain: &[u8],
 ) -> Result<Vec<u8>, StoreError> {
-    let plain = zeroize::Zeroizing::new(
-        postcard::to_stdvec(record).map_err(|e| StoreError::Encode(e.to_string()))?,
-    );
     let ct_len = plain.len() + TAG_LEN;
     let len = u32::try_from(ct_len)
         .ok()
@@ -221,8 +240,8 @@ pub(crate) fn seal_record(
         .encrypt(
             Nonce::from_slice(&nonce),
             Payload {
-                msg: &plain,
-                aad: &record_aad(file_id, seq, len),
+                msg: plain,
+                aad: &record_aad(fmt, file_id, seq, len),
             },
         )
         .map_err(|_| StoreError::Encode("record encryption failed".to_owned()))?;
@@ -251,7 +270,8 @@ pub(crate) fn decode_prefix(p: &[u8; PREFIX_LEN]) -> Option<u32> {
     (len == !u32::from_le_bytes(b)).then_some(len)
 }
 
-/// Opens a frame body (`nonce | ciphertext`) read at position `seq`.
+/// Opens a retained frame body (`nonce | ciphertext`) read at position `seq`.
+#[cfg(test)]
 pub(crate) fn open_record(
     cipher: &Aes256Gcm,
     file_id: &FileId,
@@ -259,26 +279,50 @@ pub(crate) fn open_record(
     len: u32,
     body: &[u8],
 ) -> Result<Record, OpenError> {
+    let plain = open_plain(cipher, &RETAINED, file_id, seq, len, body)?;
+    decode_record(&plain)
+}
+
+/// Opens a frame body (`nonce | ciphertext`) read at position `seq` of a `fmt` file and
+/// returns its plaintext.
+pub(crate) fn open_plain(
+    cipher: &Aes256Gcm,
+    fmt: &Format,
+    file_id: &FileId,
+    seq: u64,
+    len: u32,
+    body: &[u8],
+) -> Result<zeroize::Zeroizing<Vec<u8>>, OpenError> {
     if body.len() < NONCE_LEN + TAG_LEN {
         return Err(OpenError::Auth);
     }
     let (nonce, ct) = body.split_at(NONCE_LEN);
-    let plain = zeroize::Zeroizing::new(
+    Ok(zeroize::Zeroizing::new(
         cipher
             .decrypt(
                 Nonce::from_slice(nonce),
                 Payload {
                     msg: ct,
-                    aad: &record_aad(file_id, seq, len),
+                    aad: &record_aad(fmt, file_id, seq, len),
                 },
             )
             .map_err(|_| OpenError::Auth)?,
-    );
-    let (record, rest): (Record, &[u8]) =
-        postcard::take_from_bytes(&plain).map_err(|e| OpenError::Decode(e.to_string()))?;
+    ))
+}
+
+/// Decodes a whole plaintext as one value; trailing bytes are an error.
+pub(crate) fn decode_exact<'de, T: Deserialize<'de>>(plain: &'de [u8]) -> Result<T, OpenError> {
+    let (value, rest): (T, &[u8]) =
+        postcard::take_from_bytes(plain).map_err(|e| OpenError::Decode(e.to_string()))?;
     if !rest.is_empty() {
         return Err(OpenError::Decode("trailing bytes after record".to_owned()));
     }
+    Ok(value)
+}
+
+/// Decodes a retained record's plaintext.
+pub(crate) fn decode_record(plain: &[u8]) -> Result<Record, OpenError> {
+    let record: Record = decode_exact(plain)?;
     if let Record::Set(m) | Record::SetOwned(m, _) = &record {
         if m.qos > 2 {
             return Err(OpenError::Decode(format!("invalid qos {}", m.qos)));

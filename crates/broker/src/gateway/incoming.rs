@@ -12,6 +12,7 @@ use crate::policy::unshare;
 use crate::ratelimit::Pace;
 use crate::router::router_filter;
 use crate::topic::{valid_topic_filter, valid_topic_name};
+use moatmq_store::SubscriptionOptions;
 use rumqttd::protocol::{
     DisconnectReasonCode, Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec,
     PubRecReason, QoS, RetainForwardRule, SubAck, SubscribeReasonCode,
@@ -151,7 +152,22 @@ impl Gateway {
                 for filter in subscribe.filters.drain(..) {
                     let reason = self.check_filter(&filter.path);
                     if reason.is_none() {
-                        let is_new = self.subscriptions.insert(filter.path.clone());
+                        let options = SubscriptionOptions {
+                            qos: filter.qos as u8,
+                            no_local: filter.nolocal,
+                            retain_as_published: filter.preserve_retain,
+                            retain_handling: match filter.retain_forward_rule {
+                                RetainForwardRule::OnEverySubscribe => 0,
+                                RetainForwardRule::OnNewSubscribe => 1,
+                                RetainForwardRule::Never => 2,
+                            },
+                            subscription_id: None,
+                        };
+                        let is_new = self
+                            .session
+                            .subscriptions
+                            .insert(filter.path.clone(), options)
+                            .is_none();
                         // MQTT 5 retain handling; 3.1.1 always sends them. Shared
                         // subscriptions get none (MQTT 5 section 4.8.2).
                         let wanted = match (self.version, &filter.retain_forward_rule) {
@@ -185,6 +201,7 @@ impl Gateway {
                     self.pending_subacks.insert(subscribe.pkid, refused);
                 }
                 self.retained.after_suback(subscribe.pkid, jobs);
+                self.session_changed();
                 let user = self.identity.username.as_deref();
                 for f in &mut kept {
                     f.path = router_filter(user, &f.path);
@@ -195,10 +212,11 @@ impl Gateway {
             }
             Packet::Unsubscribe(mut unsubscribe, props) => {
                 for f in &mut unsubscribe.filters {
-                    self.subscriptions.remove(f.as_str());
+                    self.session.subscriptions.remove(f.as_str());
                     self.retained.cancel(f);
                     *f = router_filter(self.identity.username.as_deref(), f);
                 }
+                self.session_changed();
                 self.to_router.send(Packet::Unsubscribe(unsubscribe, props));
                 Ok(())
             }
@@ -260,14 +278,14 @@ impl Gateway {
         if !valid_topic_filter(path, limits.max_topic_levels) {
             return Some(code(SubscribeReasonCode::TopicFilterInvalid));
         }
-        if self.persistent && path.starts_with("$share/") {
+        if self.session.persistent && path.starts_with("$share/") {
             // rumqttd panics ("group must exists") when it saves a persistent session
             // holding a shared subscription with a message in flight; the CONNACK of a
             // persistent session announces shared subscriptions as unavailable.
             return Some(code(SubscribeReasonCode::SharedSubscriptionsNotSupported));
         }
-        if !self.subscriptions.contains(path)
-            && self.subscriptions.len() >= limits.max_subscriptions_per_client
+        if !self.session.subscriptions.contains_key(path)
+            && self.session.subscriptions.len() >= limits.max_subscriptions_per_client
         {
             return Some(code(SubscribeReasonCode::QuotaExceeded));
         }
@@ -286,6 +304,14 @@ impl Gateway {
             return Some(code(SubscribeReasonCode::NotAuthorized));
         }
         None
+    }
+
+    /// A persistent session's subscriptions changed: the session store keeps them, so a
+    /// crash does not lose them.
+    fn session_changed(&self) {
+        if let (Some(book), Some(key)) = (&self.shared.durable, &self.session.key) {
+            book.update(key, self.session.meta(self.version));
+        }
     }
 
     /// Drops a publish the client may not make, acknowledging it as the protocol needs.
@@ -327,7 +353,8 @@ impl Gateway {
         }
     }
 
-    /// Saves the retained store, then lets the waiting publishes reach the router.
+    /// Saves the retained store and commits the session store, then lets the waiting
+    /// publishes reach the router.
     pub(super) async fn save_then_forward(&mut self) -> Result<(), Close> {
         // What came before the retained publishes need not wait for the save.
         self.link.commit(&mut self.to_router)?;
@@ -339,6 +366,15 @@ impl Gateway {
                 return Err(Close::Protocol(
                     DisconnectReasonCode::UnspecifiedError,
                     "retained save failed",
+                ));
+            }
+        }
+        if let Some(book) = self.shared.durable.as_ref().filter(|b| b.is_sync()) {
+            if !book.commit().await {
+                warn!("session store commit failed; closing the connection unacknowledged");
+                return Err(Close::Protocol(
+                    DisconnectReasonCode::UnspecifiedError,
+                    "session store commit failed",
                 ));
             }
         }

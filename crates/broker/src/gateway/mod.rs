@@ -19,16 +19,19 @@
 use crate::codec::{
     codec_for, mark_publish, publish_header, refuse_before_decode, short_v5_disconnect, Version,
 };
+use crate::durable::Replay;
 use crate::event::Event;
 use crate::policy::{AclView, Identity};
 use crate::ratelimit::PublishLimiter;
+use crate::sessions::Filters;
 use crate::shared::{ConnInfo, Shared};
 use crate::transport::{Reader, Writer};
 use crate::will::{self, Will};
 use bytes::BytesMut;
+use moatmq_store::{SessionKey, SessionMeta};
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{DisconnectReasonCode, Packet, Protocol, SubscribeReasonCode};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -54,6 +57,37 @@ use retained::RetainedFeed;
 /// idle devices keeps only what each must (docs/benchmarks.md, idle connections).
 const IDLE_TRIM: Duration = Duration::from_secs(5);
 
+/// The session a connection serves: whether it outlives the connection, what it is
+/// subscribed to, and its key in the durable session store.
+pub struct SessionPart {
+    /// The session is kept after the connection (clean session 0, expiry).
+    pub persistent: bool,
+    /// Notified when a new connection takes this session over.
+    pub kicked: Arc<Notify>,
+    /// Filters the session holds (for the subscription limit and the session store), as
+    /// the client wrote them; a resumed persistent session starts with the ones it kept.
+    pub subscriptions: Filters,
+    /// Seconds the session is kept after the connection.
+    pub expiry: u64,
+    /// Its key in the durable session store, when that is on and the session persistent.
+    pub key: Option<SessionKey>,
+}
+
+impl SessionPart {
+    /// What the session store keeps of it while it is connected.
+    pub(crate) fn meta(&self, version: Version) -> SessionMeta {
+        SessionMeta {
+            protocol: match version {
+                Version::V4 => 4,
+                Version::V5 => 5,
+            },
+            expiry_interval: self.expiry,
+            disconnected_at: None,
+            subscriptions: self.subscriptions.clone(),
+        }
+    }
+}
+
 /// One connection after its CONNACK: who it is, its session's view, and the parts
 /// that carry its traffic. Each part owns its state; this loop composes them.
 pub struct Gateway {
@@ -68,9 +102,6 @@ pub struct Gateway {
     keep_alive: Option<Duration>,
     /// The client's maximum packet size (MQTT-3.1.2-25).
     max_out_packet: usize,
-    /// Filters the session holds (for the subscription limit), as the client wrote
-    /// them; a resumed persistent session starts with the ones it kept.
-    subscriptions: HashSet<String>,
     /// SUBSCRIBEs partly refused here: reason codes of the refused positions.
     pending_subacks: HashMap<u16, Vec<Option<SubscribeReasonCode>>>,
     /// `[rate_limit]` buckets for this client's publishes.
@@ -79,10 +110,8 @@ pub struct Gateway {
     paused_until: Option<Instant>,
     /// Cached ACL for the per-message read check.
     acl: AclView,
-    /// The router keeps this session after the connection (clean session 0, expiry).
-    persistent: bool,
-    /// Notified when a new connection takes this session over.
-    kicked: Arc<Notify>,
+    /// The connection's session.
+    session: SessionPart,
     /// Packets for the client, until the next socket write.
     out: Output,
     /// The router link.
@@ -108,14 +137,15 @@ impl Gateway {
         will: Option<Will>,
         keep_alive: u16,
         max_out_packet: Option<u32>,
-        persistent: bool,
-        kicked: Arc<Notify>,
-        subscriptions: HashSet<String>,
+        session: SessionPart,
+        replay: Vec<Replay>,
     ) -> Gateway {
         let limiter = PublishLimiter::new(&shared.config.rate_limit, identity.username.as_deref());
         let acl = shared.policy.acl_view();
         // MQTT-3.3.4-7/8: we announced limits.max_inflight as receive maximum.
         let receive_max = (version == Version::V5).then_some(shared.config.limits.max_inflight);
+        let mut retained = RetainedFeed::default();
+        retained.replay(replay);
         Gateway {
             shared,
             info,
@@ -128,18 +158,16 @@ impl Gateway {
             keep_alive: (keep_alive > 0)
                 .then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
             max_out_packet: max_out_packet.map_or(usize::MAX, |m| m as usize),
-            subscriptions,
             pending_subacks: HashMap::new(),
             limiter,
             paused_until: None,
             acl,
-            persistent,
-            kicked,
+            session,
             out: Output::new(version),
             link: RouterLink::new(tx, rx),
             to_router: ToRouter::default(),
             ledger: Ledger::new(receive_max),
-            retained: RetainedFeed::default(),
+            retained,
         }
     }
 
@@ -169,14 +197,18 @@ impl Gateway {
         if let (true, Some(w)) = (publish_will, self.will.take()) {
             will::publish_will(&self.shared, &self.router_id, w);
         }
+        if let (Some(book), Some(key)) = (&self.shared.durable, &self.session.key) {
+            // Before the link closes: from now on the session's messages are stored.
+            book.offline(key, self.session.meta(self.version));
+        }
         if !matches!(close, Close::TakenOver) {
             self.link.close(&mut self.to_router);
         }
-        if self.persistent {
+        if self.session.persistent {
             // Before the session hold is released: a new connection resumes these.
             self.shared
                 .sessions
-                .save(&self.router_id, &self.subscriptions);
+                .save(&self.router_id, &self.session.subscriptions);
         }
         self.shared.emit(
             &self.info.client(&self.identity),
@@ -200,7 +232,7 @@ impl Gateway {
         let mut deadline = Instant::now() + self.keep_alive.unwrap_or(far_future);
         // When the buffers go back if nothing happens until then; `None` once they have.
         let mut idle_at = Some(Instant::now() + IDLE_TRIM);
-        let kicked = self.kicked.clone();
+        let kicked = self.session.kicked.clone();
         // One waiter for the connection's life: creating one per loop turn takes the
         // Notify's lock twice per turn on the hot path.
         let replaced = kicked.notified();
@@ -254,7 +286,8 @@ impl Gateway {
                         return close;
                     }
                 }
-                notification = self.link.next() => {
+                // A resumed session's stored messages go first (`retained.rs`).
+                notification = self.link.next(), if !self.retained.replaying() => {
                     idle_at = Some(Instant::now() + IDLE_TRIM);
                     if let Err(close) = self.on_router(notification) {
                         return close;

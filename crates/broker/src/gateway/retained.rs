@@ -1,4 +1,6 @@
-//! Retained messages served by the gateway itself, after the SUBACK.
+//! Retained messages served by the gateway itself, after the SUBACK, and a resumed
+//! persistent session's messages from before a restart (`durable/`), before anything
+//! the router forwards.
 //!
 //! Each granted filter that wants retained messages (retain handling 0, or 1 on a new
 //! subscription; never for shared subscriptions) becomes a job that walks the retained
@@ -10,9 +12,10 @@
 
 use super::deliver::Delivery;
 use super::{Close, Gateway};
-use crate::codec::{make_publish, Version};
+use crate::codec::{make_publish, make_publish_dup, Version};
+use crate::durable::Replay;
 use crate::retained_index::RetainedIndex;
-use crate::retained_index::{properties_at, qos_of};
+use crate::retained_index::{properties_at, qos_from, qos_of, stored_properties};
 use bytes::Bytes;
 use moatmq_store::RetainedMessage;
 use rumqttd::protocol::{Packet, PubRecReason, PubRel, PubRelReason, QoS};
@@ -53,8 +56,11 @@ pub(super) struct RetainedFeed {
     jobs: VecDeque<RetainedJob>,
     /// Scratch space for one batch from the retained index.
     batch: Vec<Arc<RetainedMessage>>,
-    /// Our own QoS 1/2 deliveries in flight, by packet id.
-    inflight: HashMap<u16, OwnState>,
+    /// Stored messages of a resumed session, oldest first: they go before anything else.
+    stored: VecDeque<Replay>,
+    /// Our own QoS 1/2 deliveries in flight, by packet id, with the session store's id
+    /// of a stored one.
+    inflight: HashMap<u16, (OwnState, Option<u64>)>,
     next_pkid: u16,
 }
 
@@ -63,8 +69,8 @@ pub(super) struct RetainedFeed {
 pub(super) enum OwnAck {
     /// Not ours: it is for a router forward.
     NotOurs,
-    /// Ours, and done with.
-    Done,
+    /// Ours, and done with (a stored message: this id in the session store).
+    Done(Option<u64>),
     /// Ours: a PUBREC, to be answered with this PUBREL.
     Release(u16),
 }
@@ -101,7 +107,17 @@ impl RetainedFeed {
 
     /// Whether there is work and room in the in-flight window for it.
     pub(super) fn wants_to_send(&self) -> bool {
-        !self.jobs.is_empty() && self.window_open()
+        (!self.jobs.is_empty() || !self.stored.is_empty()) && self.window_open()
+    }
+
+    /// A resumed session's stored messages, sent before anything else.
+    pub(super) fn replay(&mut self, messages: Vec<Replay>) {
+        self.stored.extend(messages);
+    }
+
+    /// Whether stored messages are still to be sent: router forwards wait until they are.
+    pub(super) fn replaying(&self) -> bool {
+        !self.stored.is_empty()
     }
 
     fn window_open(&self) -> bool {
@@ -154,8 +170,8 @@ impl RetainedFeed {
     }
 
     /// Our QoS 1/2 delivery `pkid` is written.
-    fn sent(&mut self, pkid: u16) {
-        self.inflight.insert(pkid, OwnState::Sent);
+    fn sent(&mut self, pkid: u16, stored: Option<u64>) {
+        self.inflight.insert(pkid, (OwnState::Sent, stored));
     }
 
     /// The client's PUBACK/PUBREC/PUBCOMP, if it is for one of our own deliveries.
@@ -172,15 +188,15 @@ impl RetainedFeed {
             Packet::PubComp(c, _) => (c.pkid, None),
             _ => return OwnAck::NotOurs,
         };
-        let Some(state) = self.inflight.get(&pkid).copied() else {
+        let Some((state, stored)) = self.inflight.get(&pkid).copied() else {
             return OwnAck::NotOurs;
         };
         if let (Some(true), OwnState::Sent) = (rec_success, state) {
-            self.inflight.insert(pkid, OwnState::Released);
+            self.inflight.insert(pkid, (OwnState::Released, stored));
             return OwnAck::Release(pkid);
         }
         self.inflight.remove(&pkid);
-        OwnAck::Done
+        OwnAck::Done(stored)
     }
 }
 
@@ -193,6 +209,9 @@ impl Gateway {
     /// Writes the next batch of the oldest retained job, each message through
     /// [`Gateway::deliver`].
     pub(super) fn feed_retained(&mut self) -> Result<(), Close> {
+        if self.retained.replaying() {
+            return self.feed_stored();
+        }
         let Some((mut batch, sub_qos, more)) =
             self.retained.next_batch(&self.shared.retained_index)
         else {
@@ -234,7 +253,7 @@ impl Gateway {
             );
             if let Delivery::Sent { qos, pkid } = self.deliver(publish, properties)? {
                 if qos != QoS::AtMostOnce {
-                    self.retained.sent(pkid);
+                    self.retained.sent(pkid, None);
                 }
             }
             last = Some(msg.topic.clone());
@@ -243,12 +262,73 @@ impl Gateway {
         Ok(())
     }
 
+    /// Writes a resumed session's stored messages, each through [`Gateway::deliver`], as
+    /// far as the socket buffer and the in-flight window allow. One the client will
+    /// not acknowledge (QoS 0, refused by the read ACL, too large, expired) is done with
+    /// at once.
+    fn feed_stored(&mut self) -> Result<(), Close> {
+        let now = moatmq_store::now_unix();
+        while self.out.has_room() {
+            let Some(next) = self.retained.stored.front() else {
+                break;
+            };
+            let qos = qos_from(next.message.qos);
+            if qos != QoS::AtMostOnce && !self.retained.window_open() {
+                break;
+            }
+            let Some(r) = self.retained.stored.pop_front() else {
+                break;
+            };
+            if r.message.is_expired(now) {
+                self.stored_done(r.id);
+                continue;
+            }
+            let pkid = match qos {
+                QoS::AtMostOnce => 0,
+                _ => self.retained.next_pkid(),
+            };
+            let properties = match self.version {
+                Version::V5 => {
+                    stored_properties(r.message.properties.as_ref(), r.message.expires_at, now)
+                }
+                Version::V4 => None,
+            };
+            let publish = make_publish_dup(
+                Bytes::from(r.message.topic.into_bytes()),
+                Bytes::from(r.message.payload),
+                qos,
+                r.message.retain,
+                pkid,
+                r.dup,
+            );
+            match self.deliver(publish, properties)? {
+                Delivery::Sent { qos, pkid } if qos != QoS::AtMostOnce => {
+                    self.retained.sent(pkid, Some(r.id))
+                }
+                _ => self.stored_done(r.id),
+            }
+        }
+        Ok(())
+    }
+
+    /// A stored message is delivered (or never will be): the session store forgets it.
+    fn stored_done(&self, id: u64) {
+        if let (Some(book), Some(key)) = (&self.shared.durable, &self.session.key) {
+            book.complete(key, id);
+        }
+    }
+
     /// Answers the client's acknowledgement if it is for one of our own deliveries;
     /// `false` means it is the router's.
     pub(super) fn own_ack(&mut self, packet: &Packet) -> Result<bool, Close> {
         match self.retained.client_ack(packet) {
             OwnAck::NotOurs => Ok(false),
-            OwnAck::Done => Ok(true),
+            OwnAck::Done(stored) => {
+                if let Some(id) = stored {
+                    self.stored_done(id);
+                }
+                Ok(true)
+            }
             OwnAck::Release(pkid) => {
                 let rel = PubRel {
                     pkid,
@@ -279,7 +359,7 @@ mod tests {
         let mut feed = RetainedFeed::default();
         let first = feed.next_pkid();
         assert_eq!(first, ROUTER_MAX_PKID + 1);
-        feed.sent(first);
+        feed.sent(first, None);
         feed.next_pkid = u16::MAX - 1;
         assert_eq!(feed.next_pkid(), u16::MAX);
         // Wraps past the router's range, and past the one still in flight.
@@ -298,13 +378,16 @@ mod tests {
         feed.suback_sent(1);
         assert!(feed.wants_to_send());
         let ids: Vec<u16> = (0..OWN_WINDOW).map(|_| feed.next_pkid()).collect();
-        ids.iter().for_each(|&id| feed.sent(id));
+        ids.iter().for_each(|&id| feed.sent(id, None));
         assert!(!feed.wants_to_send(), "window full");
         let ack = PubAck {
             pkid: ids[0],
             reason: PubAckReason::Success,
         };
-        assert_eq!(feed.client_ack(&Packet::PubAck(ack, None)), OwnAck::Done);
+        assert_eq!(
+            feed.client_ack(&Packet::PubAck(ack, None)),
+            OwnAck::Done(None)
+        );
         assert!(feed.wants_to_send());
         let router_ack = PubAck {
             pkid: 7,
@@ -320,7 +403,7 @@ mod tests {
     fn a_qos_2_delivery_is_released_then_completed() {
         let mut feed = RetainedFeed::default();
         let id = feed.next_pkid();
-        feed.sent(id);
+        feed.sent(id, None);
         let rec = PubRec {
             pkid: id,
             reason: PubRecReason::Success,
@@ -335,7 +418,7 @@ mod tests {
         };
         assert_eq!(
             feed.client_ack(&Packet::PubComp(comp.clone(), None)),
-            OwnAck::Done
+            OwnAck::Done(None)
         );
         assert_eq!(
             feed.client_ack(&Packet::PubComp(comp, None)),

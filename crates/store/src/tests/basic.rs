@@ -244,7 +244,7 @@ fn failed_append_is_cut_back_before_retry() {
     let mut bytes = std::fs::read(log_path(dir.path())).unwrap();
     bytes.extend_from_slice(&[0xAB; 300]);
     std::fs::write(log_path(dir.path()), &bytes).unwrap();
-    s.needs_truncate = true;
+    s.log.needs_truncate = true;
     s.set(msg("b", "2")).unwrap();
     s.flush().unwrap();
     drop(s);

@@ -1,11 +1,13 @@
 //! Unit tests of the store as a whole: round trips, limits, compaction, rekey
 //! (`basic`), detection of every kind of damage to the file (`tamper`, `fuzz`), and of
-//! truncation and rollback against the high-water mark (`rollback`).
+//! truncation and rollback against the high-water mark (`rollback`); the session store
+//! (`sessions`).
 
 mod basic;
 mod fuzz;
 mod owner;
 mod rollback;
+mod sessions;
 mod tamper;
 
 use std::path::{Path, PathBuf};

@@ -174,16 +174,19 @@ fn crash_inside_a_compaction_loads_either_file() {
     store_with(dir.path(), 3);
     let old_log = std::fs::read(log_path(dir.path())).unwrap();
     let (mut s, _) = open(dir.path()).unwrap();
-    let old = s.vouch();
+    let old = s.log.vouch();
     s.clear("t0");
     s.compact().unwrap();
-    let new = s.vouch();
+    let new = s.log.vouch();
     // The state just before the rename: the mark names both files, fsynced.
     let both = Mark {
         current: Some(old),
         next: Some(new),
     };
-    s.mark.write(&s.cipher.clone(), &both, true).unwrap();
+    s.log
+        .mark
+        .write(&s.log.cipher.clone(), &both, true)
+        .unwrap();
     drop(s);
     let new_log = std::fs::read(log_path(dir.path())).unwrap();
     let mark = std::fs::read(mark_path(dir.path())).unwrap();
@@ -398,10 +401,11 @@ fn crash_inside_a_rekey_before_the_rename_keeps_the_old_key_working() {
     let (mut s, _) = open(dir.path()).unwrap();
     // What rekey does before its rename: the older slot gets the new key's mark.
     let new_mark = Mark {
-        current: Some(s.vouch()),
+        current: Some(s.log.vouch()),
         next: None,
     };
-    s.mark
+    s.log
+        .mark
         .write(&record::cipher(&other_key()), &new_mark, true)
         .unwrap();
     drop(s);

@@ -1,0 +1,582 @@
+//! Durable persistent sessions: moatmq's own copy of every persistent session (its
+//! subscriptions and the messages queued for it while offline) in the encrypted session
+//! store, so that a restart or a crash loses nothing the broker acknowledged.
+//!
+//! rumqttd keeps sessions in memory only. While the broker runs it still queues an
+//! offline session's messages and delivers them on reconnect; this book keeps the
+//! durable shadow of that queue and replays it only where rumqttd has nothing:
+//! - admit (`admit.rs`) enqueues each admitted message for every *offline* persistent
+//!   session whose subscription it matches ([`SessionBook::enqueue`], matched here in a
+//!   filter tree), at min(published QoS, granted QoS); with `autosave_interval = 0` the
+//!   publisher's acknowledgement waits for the commit that holds it.
+//! - At start-up every stored session is offline: its subscriptions are made again in
+//!   the router (which then queues what arrives while the client is away) and its
+//!   stored messages are *carried over*: rumqttd never saw them.
+//! - On reconnect ([`SessionBook::resume`]) the carried-over messages are replayed by
+//!   the gateway (through `deliver`, so the read ACL in force applies) before anything
+//!   the router forwards; the messages queued during this run are dropped from the store,
+//!   because the router delivers them itself.
+//! - On disconnect ([`SessionBook::offline`]) the session's subscriptions go back into
+//!   the filter tree *before* the router link is closed, so no message falls between
+//!   the two.
+//!
+//! One writer thread owns the store and applies changes in the order they were sent;
+//! with `autosave_interval = 0` it commits after each batch it drains (one fsync for
+//! all publishers that waited meanwhile), otherwise every `autosave_interval` seconds
+//! and at shutdown.
+
+mod matcher;
+
+use crate::event::Event;
+use crate::metrics::Metrics;
+use crate::retained::{load_key, RetainedError};
+use crate::retained_index::qos_from;
+use crate::router::{router_client_id, router_filter};
+use crate::shared::Shared;
+use matcher::Matcher;
+use moatmq_config::Config;
+use moatmq_store::{
+    now_unix, Delivery, Enqueued, MessageProperties, QueuedMessage, SessionKey, SessionLimits,
+    SessionLog, SessionMeta, SessionStore, SubscriptionOptions,
+};
+use rumqttd::protocol::{
+    Disconnect, DisconnectReasonCode, Filter, Packet, RetainForwardRule, Subscribe,
+};
+use rumqttd::Notification;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+use tracing::{error, info, warn};
+
+/// A message the gateway replays to a resumed session, in id order.
+#[derive(Debug, Clone)]
+pub struct Replay {
+    /// The store's id of the message: the gateway reports it done with it.
+    pub id: u64,
+    pub message: QueuedMessage,
+    /// Sent before without an acknowledgement: sent again with DUP.
+    pub dup: bool,
+}
+
+/// A stored session as it was loaded, for the start-up work in `server.rs`.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub key: SessionKey,
+    pub meta: SessionMeta,
+}
+
+/// One offline subscription in the filter tree.
+struct Sub {
+    key: Arc<SessionKey>,
+    qos: u8,
+}
+
+#[derive(Default)]
+struct Offline {
+    tree: Matcher<Sub>,
+    /// Each offline session's filters, to take them out again.
+    sessions: HashMap<Arc<SessionKey>, Vec<String>>,
+}
+
+/// The broker's side of the session store.
+pub struct SessionBook {
+    jobs: Mutex<mpsc::Sender<Job>>,
+    offline: Mutex<Offline>,
+    /// `autosave_interval = 0`: publishes wait for their commit.
+    sync: bool,
+    queue_qos0: bool,
+    writer: Mutex<Option<Writer>>,
+    metrics: Arc<Metrics>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+enum Job {
+    Put(SessionKey, SessionMeta),
+    Remove(SessionKey),
+    Enqueue(Vec<(Arc<SessionKey>, u8)>, QueuedMessage),
+    Resume(SessionKey, oneshot::Sender<Vec<Replay>>),
+    Complete(SessionKey, u64),
+    Commit(oneshot::Sender<bool>),
+    Stop(oneshot::Sender<()>),
+}
+
+impl SessionBook {
+    /// Takes over an opened store: every session in it is offline, its messages carried
+    /// over from the previous run. Sessions whose expiry passed while the broker was
+    /// down are removed first. The writer starts with [`SessionBook::run`].
+    pub fn new(
+        mut store: Box<dyn SessionStore>,
+        autosave_interval: Duration,
+        queue_qos0: bool,
+        metrics: Arc<Metrics>,
+    ) -> Result<(SessionBook, Vec<Loaded>), moatmq_store::StoreError> {
+        let purged = store.purge_expired(now_unix())?;
+        if !purged.sessions.is_empty() || purged.messages > 0 {
+            info!(
+                sessions = purged.sessions.len(),
+                messages = purged.messages,
+                "expired while the broker was down"
+            );
+        }
+        let mut offline = Offline::default();
+        let mut carried = HashMap::new();
+        let mut loaded = Vec::new();
+        for s in store.sessions() {
+            let ids: BTreeSet<u64> = s.messages.keys().copied().collect();
+            carried.insert(s.key.clone(), ids);
+            offline.add(&s.key, &s.meta.subscriptions);
+            loaded.push(Loaded {
+                key: s.key.clone(),
+                meta: s.meta.clone(),
+            });
+        }
+        store.commit()?;
+        let (tx, rx) = mpsc::channel();
+        let book = SessionBook {
+            jobs: Mutex::new(tx),
+            offline: Mutex::new(offline),
+            sync: autosave_interval.is_zero(),
+            queue_qos0,
+            writer: Mutex::new(Some(Writer {
+                store,
+                carried,
+                rx,
+                interval: autosave_interval,
+                shared: Weak::new(),
+            })),
+            thread: Mutex::new(None),
+            metrics,
+        };
+        book.offline_changed(|_| {});
+        Ok((book, loaded))
+    }
+
+    /// Starts the writer thread; events about dropped messages go to `shared`.
+    pub fn run(&self, shared: Weak<Shared>) {
+        let Some(mut writer) = lock(&self.writer).take() else {
+            return;
+        };
+        writer.shared = shared;
+        let thread = std::thread::Builder::new()
+            .name("moatmq-sessions".into())
+            .spawn(move || writer.run());
+        match thread {
+            Ok(t) => *lock(&self.thread) = Some(t),
+            Err(e) => error!(error = %e, "session writer thread failed to start"),
+        }
+    }
+
+    fn send(&self, job: Job) {
+        if lock(&self.jobs).send(job).is_err() {
+            warn!("session writer is gone; change not stored");
+        }
+    }
+
+    /// Whether publishes must wait for [`SessionBook::commit`] before their
+    /// acknowledgement (`autosave_interval = 0`).
+    pub fn is_sync(&self) -> bool {
+        self.sync
+    }
+
+    /// Queues an admitted message for every offline session it matches. Returns whether
+    /// anything was queued (with `autosave_interval = 0` the caller then commits before
+    /// acknowledging).
+    pub fn enqueue(
+        &self,
+        topic: &str,
+        payload: &[u8],
+        qos: u8,
+        props: Option<MessageProperties>,
+        expires_at: Option<u64>,
+    ) -> bool {
+        if qos == 0 && !self.queue_qos0 {
+            return false;
+        }
+        let mut targets: Vec<(Arc<SessionKey>, u8)> = Vec::new();
+        {
+            let offline = lock(&self.offline);
+            if offline.sessions.is_empty() {
+                return false;
+            }
+            offline.tree.for_each_match(topic, |sub| {
+                let q = qos.min(sub.qos);
+                // A session subscribed by two matching filters gets one copy, at the
+                // higher QoS (MQTT-3.3.4-2 allows either).
+                match targets.iter_mut().find(|(k, _)| Arc::ptr_eq(k, &sub.key)) {
+                    Some(t) => t.1 = t.1.max(q),
+                    None => targets.push((sub.key.clone(), q)),
+                }
+            });
+        }
+        targets.retain(|&(_, q)| q > 0 || self.queue_qos0);
+        if targets.is_empty() {
+            return false;
+        }
+        let message = QueuedMessage {
+            topic: topic.to_string(),
+            payload: payload.to_vec(),
+            qos,
+            retain: false,
+            properties: props,
+            expires_at,
+        };
+        self.send(Job::Enqueue(targets, message));
+        true
+    }
+
+    /// Waits until every change sent so far is durable; `false` if the commit failed.
+    pub async fn commit(&self) -> bool {
+        let (tx, rx) = oneshot::channel();
+        self.send(Job::Commit(tx));
+        rx.await.unwrap_or(false)
+    }
+
+    /// The client of `key` is back (or a new persistent session starts): its
+    /// subscriptions leave the offline tree, its meta is stored as connected, the
+    /// messages queued during this run are dropped from the store (the router delivers
+    /// them) and the carried-over ones are returned for replay.
+    pub async fn resume(&self, key: &SessionKey, meta: SessionMeta) -> Vec<Replay> {
+        self.offline_changed(|o| o.remove(key));
+        self.send(Job::Put(key.clone(), meta));
+        let (tx, rx) = oneshot::channel();
+        self.send(Job::Resume(key.clone(), tx));
+        rx.await.unwrap_or_default()
+    }
+
+    /// The session's subscriptions or expiry changed while it is connected.
+    pub fn update(&self, key: &SessionKey, meta: SessionMeta) {
+        self.send(Job::Put(key.clone(), meta));
+    }
+
+    /// The client of `key` went away: from now on its messages are queued here. Call
+    /// before the router link is closed.
+    pub fn offline(&self, key: &SessionKey, mut meta: SessionMeta) {
+        meta.disconnected_at = Some(now_unix());
+        self.offline_changed(|o| o.add(key, &meta.subscriptions));
+        self.send(Job::Put(key.clone(), meta));
+    }
+
+    /// The session is gone (clean start, clean connection, expiry).
+    pub fn remove(&self, key: &SessionKey) {
+        self.offline_changed(|o| o.remove(key));
+        self.send(Job::Remove(key.clone()));
+    }
+
+    /// A replayed message was acknowledged (or will never be: ACL, size, QoS 0).
+    pub fn complete(&self, key: &SessionKey, id: u64) {
+        self.send(Job::Complete(key.clone(), id));
+    }
+
+    /// Changes the offline sessions and mirrors their numbers into the metrics.
+    fn offline_changed(&self, change: impl FnOnce(&mut Offline)) {
+        let mut offline = lock(&self.offline);
+        change(&mut offline);
+        self.metrics
+            .sessions_offline
+            .set(offline.sessions.len() as i64);
+        self.metrics
+            .sessions_offline_subscriptions
+            .set(offline.tree.len() as i64);
+    }
+
+    /// Commits what is left and stops the writer (shutdown).
+    pub async fn stop(&self) {
+        let (tx, rx) = oneshot::channel();
+        self.send(Job::Stop(tx));
+        let _ = rx.await;
+        let thread = lock(&self.thread).take();
+        if let Some(t) = thread {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+    }
+}
+
+impl Offline {
+    fn add(&mut self, key: &SessionKey, subs: &BTreeMap<String, SubscriptionOptions>) {
+        self.remove(key);
+        let key = Arc::new(key.clone());
+        for (filter, opts) in subs {
+            self.tree.insert(
+                filter,
+                Sub {
+                    key: key.clone(),
+                    qos: opts.qos,
+                },
+            );
+        }
+        self.sessions.insert(key, subs.keys().cloned().collect());
+    }
+
+    fn remove(&mut self, key: &SessionKey) {
+        if let Some(filters) = self.sessions.remove(key) {
+            for f in filters {
+                self.tree.remove(&f, |sub| *sub.key == *key);
+            }
+        }
+    }
+}
+
+/// The writer thread's state: the store and which messages came from the last run.
+struct Writer {
+    store: Box<dyn SessionStore>,
+    /// Per session, the ids of the messages loaded at start-up (not in the router).
+    carried: HashMap<SessionKey, BTreeSet<u64>>,
+    rx: mpsc::Receiver<Job>,
+    interval: Duration,
+    shared: Weak<Shared>,
+}
+
+impl Writer {
+    fn run(mut self) {
+        let sync = self.interval.is_zero();
+        let mut next_save = Instant::now() + self.interval;
+        let mut waiters = Vec::new();
+        loop {
+            let first = if sync {
+                self.rx
+                    .recv()
+                    .map_err(|_| mpsc::RecvTimeoutError::Disconnected)
+            } else {
+                self.rx
+                    .recv_timeout(next_save.saturating_duration_since(Instant::now()))
+            };
+            let mut stop = None;
+            match first {
+                Ok(job) => {
+                    let jobs =
+                        std::iter::once(job).chain(std::iter::from_fn(|| self.rx.try_recv().ok()));
+                    for job in jobs.collect::<Vec<_>>() {
+                        match job {
+                            Job::Commit(w) => waiters.push(w),
+                            Job::Stop(s) => stop = Some(s),
+                            job => self.apply(job),
+                        }
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    self.commit();
+                    return;
+                }
+            }
+            let due = sync || Instant::now() >= next_save || stop.is_some() || !waiters.is_empty();
+            if due {
+                let ok = self.commit();
+                for w in waiters.drain(..) {
+                    let _ = w.send(ok);
+                }
+                next_save = Instant::now() + self.interval;
+            }
+            if let Some(s) = stop {
+                let _ = s.send(());
+                return;
+            }
+        }
+    }
+
+    fn commit(&mut self) -> bool {
+        if self.store.pending() == 0 {
+            return true;
+        }
+        match self.store.commit() {
+            Ok(_) => true,
+            Err(e) => {
+                error!(error = %e, "session store commit failed");
+                false
+            }
+        }
+    }
+
+    fn apply(&mut self, job: Job) {
+        let result = match job {
+            Job::Put(key, meta) => self.store.put_session(&key, meta).map(drop),
+            Job::Remove(key) => {
+                self.carried.remove(&key);
+                self.store.remove_session(&key).map(drop)
+            }
+            Job::Enqueue(targets, message) => {
+                for (key, qos) in targets {
+                    let mut m = message.clone();
+                    m.qos = qos;
+                    match self.store.enqueue(&key, m) {
+                        Ok(Enqueued::Queued(_)) => {}
+                        Ok(Enqueued::DroppedMessages) => self.dropped(&key, "max_queued_messages"),
+                        Ok(Enqueued::DroppedBytes) => self.dropped(&key, "max_queued_bytes"),
+                        Err(e) => warn!(error = %e, "message not queued for an offline session"),
+                    }
+                }
+                Ok(())
+            }
+            Job::Resume(key, reply) => {
+                let replay = self.resume(&key);
+                let _ = reply.send(replay);
+                Ok(())
+            }
+            Job::Complete(key, id) => {
+                if let Some(ids) = self.carried.get_mut(&key) {
+                    ids.remove(&id);
+                }
+                self.store.complete(&key, id).map(drop)
+            }
+            Job::Commit(_) | Job::Stop(_) => Ok(()),
+        };
+        if let Err(e) = result {
+            warn!(error = %e, "session store change failed");
+        }
+    }
+
+    /// What a resumed session gets replayed; drops this run's copies.
+    fn resume(&mut self, key: &SessionKey) -> Vec<Replay> {
+        let carried = self.carried.get(key).cloned().unwrap_or_default();
+        let Some(session) = self.store.session(key) else {
+            return Vec::new();
+        };
+        let now = now_unix();
+        let mut replay = Vec::new();
+        let mut done = Vec::new();
+        for (&id, held) in &session.messages {
+            if carried.contains(&id) && !held.message.is_expired(now) {
+                replay.push(Replay {
+                    id,
+                    message: held.message.clone(),
+                    dup: held.delivery != Delivery::Queued,
+                });
+            } else {
+                done.push(id);
+            }
+        }
+        for id in done {
+            if let Err(e) = self.store.complete(key, id) {
+                warn!(error = %e, "session store change failed");
+            }
+        }
+        replay
+    }
+
+    fn dropped(&self, key: &SessionKey, limit: &'static str) {
+        if let Some(shared) = self.shared.upgrade() {
+            shared.emit_global(Event::SessionQueueFull {
+                owner: key.owner.as_deref(),
+                client_id: &key.client_id,
+                limit,
+            });
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Opens the session store when it is on: beside the retained store, with its key and
+/// autosave interval (`[sessions]` overrides). `None`: sessions stay in memory.
+pub fn open(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+) -> Result<Option<(SessionBook, Vec<Loaded>)>, RetainedError> {
+    let Some(retained) = &config.retained else {
+        info!("no [retained] store: persistent sessions are kept in memory only and do not survive a restart");
+        return Ok(None);
+    };
+    let key = load_key(config, retained)?;
+    let limits = SessionLimits {
+        max_queued_messages: 1000,
+        max_queued_bytes: config.limits.max_queued_bytes as u64,
+    };
+    let store = SessionLog::open(&config.resolve(&retained.path), key, limits)?;
+    let (book, loaded) = SessionBook::new(
+        Box::new(store),
+        Duration::from_secs(retained.autosave_interval),
+        false,
+        metrics.clone(),
+    )?;
+    info!(sessions = loaded.len(), "session store loaded");
+    Ok(Some((book, loaded)))
+}
+
+/// Brings the stored sessions back before the listeners open: each one's subscriptions
+/// are made again in the router (which then queues what arrives while its client is
+/// away), counted against its owner's `max_sessions_per_user`, and its expiry counts on
+/// from its disconnection (from now for one that was connected when the broker stopped).
+pub async fn restore(shared: &Arc<Shared>, loaded: Vec<Loaded>) {
+    let Some(book) = &shared.durable else {
+        return;
+    };
+    book.run(Arc::downgrade(shared));
+    let now = now_unix();
+    for Loaded { key, mut meta } in loaded {
+        let owner = key.owner.as_deref();
+        let router_id = router_client_id(owner, &key.client_id);
+        if let Err(e) = resubscribe(shared, &router_id, owner, &meta.subscriptions).await {
+            warn!(client_id = %key.client_id, error = %e, "stored session not restored in the router");
+        }
+        if shared
+            .sessions
+            .resume(&router_id, owner, usize::MAX)
+            .is_ok()
+        {
+            shared.sessions.save(&router_id, &meta.subscriptions);
+        }
+        let since = *meta.disconnected_at.get_or_insert(now);
+        book.update(&key, meta.clone());
+        let left = since
+            .saturating_add(meta.expiry_interval)
+            .saturating_sub(now);
+        crate::session_expiry::expire_after(shared, &router_id, key, Duration::from_secs(left));
+    }
+}
+
+/// Makes a stored session's subscriptions again under its router client id, then
+/// leaves it disconnected: the router keeps it as a persistent session.
+async fn resubscribe(
+    shared: &Shared,
+    router_id: &str,
+    owner: Option<&str>,
+    subscriptions: &BTreeMap<String, SubscriptionOptions>,
+) -> Result<(), RestoreError> {
+    let (mut tx, mut rx, _ack) = shared.router.connect(router_id.to_string(), false).await?;
+    if !subscriptions.is_empty() {
+        let filters = subscriptions
+            .iter()
+            .map(|(f, o)| Filter {
+                path: router_filter(owner, f),
+                qos: qos_from(o.qos),
+                nolocal: o.no_local,
+                preserve_retain: o.retain_as_published,
+                retain_forward_rule: RetainForwardRule::Never,
+            })
+            .collect();
+        let subscribe = Packet::Subscribe(Subscribe { pkid: 1, filters }, None);
+        tx.send(subscribe).await.map_err(Box::new)?;
+        let acked = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                if let Some(Notification::DeviceAck(_)) = rx.next().await.map_err(Box::new)? {
+                    return Ok::<(), RestoreError>(());
+                }
+            }
+        })
+        .await;
+        acked.map_err(|_| RestoreError::NoSubAck)??;
+    }
+    let bye = Packet::Disconnect(
+        Disconnect {
+            reason_code: DisconnectReasonCode::NormalDisconnection,
+        },
+        None,
+    );
+    tx.send(bye).await.map_err(Box::new)?;
+    Ok(())
+}
+
+/// Why a stored session could not be made again in the router.
+#[derive(Debug, thiserror::Error)]
+enum RestoreError {
+    #[error("router link: {0}")]
+    Connect(#[from] crate::router::ConnectError),
+    #[error("router link: {0}")]
+    Link(#[from] Box<rumqttd::local::LinkError>),
+    #[error("no SUBACK from the router")]
+    NoSubAck,
+}

@@ -1,0 +1,253 @@
+//! Durable sessions: a persistent session, its subscriptions and the messages queued
+//! for it while offline survive a broker restart, encrypted on disk, and stay their
+//! owner's.
+
+mod common;
+use common::{assert_quiet4, login4, suback4, V4_OK};
+use moatmq_testkit::{v4, v5, TestBroker, WAIT};
+use rumqttc::v5::mqttbytes::v5 as m5;
+use rumqttc::QoS;
+use std::net::SocketAddr;
+
+async fn broker_with_store(autosave_interval: i64) -> TestBroker {
+    TestBroker::builder()
+        .anonymous()
+        .retained_store()
+        .set("retained", "autosave_interval", autosave_interval)
+        .start()
+        .await
+}
+
+fn persistent4(addr: SocketAddr, id: &str) -> v4::MqttOptions {
+    let mut o = v4::options(addr, id);
+    o.set_clean_session(false);
+    o
+}
+
+/// A persistent 3.1.1 session subscribed to `filter` at QoS 1, then disconnected.
+async fn leave_subscribed(addr: SocketAddr, id: &str, filter: &str) {
+    let mut sub = v4::connect(persistent4(addr, id)).await.unwrap();
+    assert_eq!(suback4(&mut sub, &[filter]).await, vec![V4_OK]);
+    sub.client.disconnect().await.unwrap();
+    assert!(sub.closed_within(WAIT).await.is_some());
+}
+
+async fn publish_n(addr: SocketAddr, topic: &str, n: usize) {
+    let mut publ = v4::connected(addr, "publisher").await;
+    for i in 0..n {
+        publ.publish_acked(topic, false, format!("m{i}")).await;
+    }
+    publ.client.disconnect().await.unwrap();
+}
+
+fn session_log(broker: &TestBroker) -> Vec<u8> {
+    std::fs::read(broker.path("data/retained/sessions.log")).expect("sessions.log")
+}
+
+#[tokio::test]
+async fn queued_messages_and_subscriptions_survive_a_restart() {
+    let broker = broker_with_store(0).await;
+    leave_subscribed(broker.first_addr(), "fleet-7", "plant/+/alarm").await;
+    publish_n(broker.first_addr(), "plant/3/alarm", 5).await;
+
+    let broker = broker.restart().await;
+    let addr = broker.first_addr();
+    let mut sub = v4::connect(persistent4(addr, "fleet-7")).await.unwrap();
+    assert!(sub.connack.session_present, "session lost in the restart");
+    for i in 0..5 {
+        let p = sub.next_publish().await;
+        assert_eq!(
+            (p.topic.as_str(), &p.payload[..]),
+            ("plant/3/alarm", format!("m{i}").as_bytes())
+        );
+        assert_eq!(p.qos, QoS::AtLeastOnce);
+    }
+    // The subscription itself came back: a message published now arrives live.
+    publish_n(addr, "plant/9/alarm", 1).await;
+    assert_eq!(sub.next_publish().await.topic, "plant/9/alarm");
+    sub.client.disconnect().await.unwrap();
+    assert!(sub.closed_within(WAIT).await.is_some());
+
+    // Acknowledged messages are gone from the store: nothing comes twice.
+    let broker = broker.restart().await;
+    let mut sub = v4::connect(persistent4(broker.first_addr(), "fleet-7"))
+        .await
+        .unwrap();
+    assert!(sub.connack.session_present);
+    assert_quiet4(&mut sub).await;
+}
+
+#[tokio::test]
+async fn messages_queued_after_a_restart_come_after_those_from_before() {
+    let broker = broker_with_store(5).await;
+    leave_subscribed(broker.first_addr(), "ordered", "o/#").await;
+    publish_n(broker.first_addr(), "o/before", 3).await;
+    let broker = broker.restart().await;
+    let addr = broker.first_addr();
+    let mut publ = v4::connected(addr, "publisher").await;
+    publ.publish_acked("o/after", false, "a0").await;
+    let mut sub = v4::connect(persistent4(addr, "ordered")).await.unwrap();
+    assert!(sub.connack.session_present);
+    let mut got = Vec::new();
+    for _ in 0..4 {
+        let p = sub.next_publish().await;
+        got.push(format!(
+            "{}={}",
+            p.topic,
+            String::from_utf8_lossy(&p.payload)
+        ));
+    }
+    assert_eq!(
+        got,
+        ["o/before=m0", "o/before=m1", "o/before=m2", "o/after=a0"]
+    );
+    assert_quiet4(&mut sub).await;
+}
+
+#[tokio::test]
+async fn the_session_file_holds_no_client_id_topic_or_payload_in_clear() {
+    let broker = broker_with_store(0).await;
+    leave_subscribed(broker.first_addr(), "ward7-monitor", "ward7/#").await;
+    let mut publ = v4::connected(broker.first_addr(), "publisher").await;
+    publ.publish_acked("ward7/bed3/vitals", false, "pulse=61")
+        .await;
+    let broker = broker.restart().await;
+    let disk = session_log(&broker);
+    assert!(!disk.is_empty());
+    for secret in [&b"ward7-monitor"[..], b"ward7/", b"pulse=61"] {
+        assert!(
+            !disk.windows(secret.len()).any(|w| w == secret),
+            "{:?} in clear in sessions.log",
+            String::from_utf8_lossy(secret)
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_session_that_expired_while_the_broker_was_down_is_gone() {
+    let broker = broker_with_store(0).await;
+    let addr = broker.first_addr();
+    let mut o = v5::options(addr, "short");
+    o.set_clean_start(false);
+    o.set_connect_properties(m5::ConnectProperties {
+        session_expiry_interval: Some(1),
+        ..m5::ConnectProperties::new()
+    });
+    let mut sub = v5::connect(o).await.unwrap();
+    common::subscribed5(&mut sub, "s/#").await;
+    sub.client.disconnect().await.unwrap();
+    assert!(sub.closed_within(WAIT).await.is_some());
+    let dir = broker.stop().await;
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    let broker = TestBroker::start_in(dir).await;
+    let mut o = v5::options(broker.first_addr(), "short");
+    o.set_clean_start(false);
+    o.set_connect_properties(m5::ConnectProperties {
+        session_expiry_interval: Some(60),
+        ..m5::ConnectProperties::new()
+    });
+    let sub = v5::connect(o).await.unwrap();
+    assert!(!sub.connack.session_present, "expired session came back");
+}
+
+#[tokio::test]
+async fn a_restored_session_stays_its_owners() {
+    let broker = TestBroker::builder()
+        .users(&[("alice", "alice-pw"), ("bob", "bob-pw")])
+        .retained_store()
+        .start()
+        .await;
+    let addr = broker.first_addr();
+    let mut o = login4(addr, "shared-id", "alice", "alice-pw");
+    o.set_clean_session(false);
+    let mut alice = v4::connect(o).await.unwrap();
+    assert_eq!(suback4(&mut alice, &["alice/q"]).await, vec![V4_OK]);
+    alice.client.disconnect().await.unwrap();
+    assert!(alice.closed_within(WAIT).await.is_some());
+    let mut publ = v4::connect(login4(addr, "alice-pub", "alice", "alice-pw"))
+        .await
+        .unwrap();
+    publ.publish_acked("alice/q", false, "for alice only").await;
+
+    let broker = broker.restart().await;
+    let addr = broker.first_addr();
+    // bob with alice's client id after the restart: nothing of hers.
+    let mut ob = login4(addr, "shared-id", "bob", "bob-pw");
+    ob.set_clean_session(false);
+    let mut bob = v4::connect(ob).await.unwrap();
+    assert!(
+        !bob.connack.session_present,
+        "bob inherited alice's session"
+    );
+    assert_quiet4(&mut bob).await;
+    bob.client.disconnect().await.unwrap();
+    assert!(bob.closed_within(WAIT).await.is_some());
+
+    let mut o = login4(addr, "shared-id", "alice", "alice-pw");
+    o.set_clean_session(false);
+    let mut alice = v4::connect(o).await.unwrap();
+    assert!(alice.connack.session_present);
+    assert_eq!(
+        alice.next_publish().await.payload,
+        "for alice only".as_bytes()
+    );
+}
+
+#[tokio::test]
+async fn an_acl_tightened_across_the_restart_applies_to_queued_messages() {
+    let broker = TestBroker::builder()
+        .users(&[("alice", "alice-pw")])
+        .acl("user alice\ntopic readwrite alice/#\n")
+        .retained_store()
+        .start()
+        .await;
+    let addr = broker.first_addr();
+    let mut o = login4(addr, "reader", "alice", "alice-pw");
+    o.set_clean_session(false);
+    let mut alice = v4::connect(o.clone()).await.unwrap();
+    assert_eq!(suback4(&mut alice, &["alice/#"]).await, vec![V4_OK]);
+    alice.client.disconnect().await.unwrap();
+    assert!(alice.closed_within(WAIT).await.is_some());
+    let mut publ = v4::connect(login4(addr, "writer", "alice", "alice-pw"))
+        .await
+        .unwrap();
+    publ.publish_acked("alice/secret/plan", false, "hidden")
+        .await;
+    publ.publish_acked("alice/open", false, "visible").await;
+
+    let dir = broker.stop().await;
+    std::fs::write(
+        dir.path().join("aclfile"),
+        "user alice\ntopic deny alice/secret/#\ntopic readwrite alice/#\n",
+    )
+    .unwrap();
+    let broker = TestBroker::start_in(dir).await;
+    let mut o = login4(broker.first_addr(), "reader", "alice", "alice-pw");
+    o.set_clean_session(false);
+    let mut alice = v4::connect(o).await.unwrap();
+    assert!(alice.connack.session_present);
+    let p = alice.next_publish().await;
+    assert_eq!(p.topic, "alice/open", "the denied message was delivered");
+    assert_quiet4(&mut alice).await;
+}
+
+#[tokio::test]
+async fn a_clean_session_discards_the_stored_one() {
+    let broker = broker_with_store(0).await;
+    leave_subscribed(broker.first_addr(), "cleaner", "c/#").await;
+    publish_n(broker.first_addr(), "c/x", 2).await;
+    let mut o = v4::options(broker.first_addr(), "cleaner");
+    o.set_clean_session(true);
+    let clean = v4::connect(o).await.unwrap();
+    assert!(!clean.connack.session_present);
+    clean.client.disconnect().await.unwrap();
+    let broker = broker.restart().await;
+    let mut sub = v4::connect(persistent4(broker.first_addr(), "cleaner"))
+        .await
+        .unwrap();
+    assert!(
+        !sub.connack.session_present,
+        "a discarded session came back"
+    );
+    assert_quiet4(&mut sub).await;
+}

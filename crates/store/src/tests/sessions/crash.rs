@@ -1,0 +1,243 @@
+//! Each crash point of docs/sessions.md, by cutting the files where a crash would leave
+//! them: before a commit's write, in the middle of it (at every record boundary and in
+//! the middle of every record), after its fsync but before the mark caught up, and in a
+//! compaction before and after its rename. Every one must load a state the running store
+//! went through, at least everything committed before.
+
+use super::*;
+use crate::format::SESSIONS;
+use crate::mark::{Mark, Vouch};
+use crate::record::{self, HEADER_LEN};
+use crate::tests::frames;
+use crate::{log, Enqueued, PendingWill};
+
+/// Copies the files of store folder `src` into a new folder.
+fn copy_dir(src: &Path) -> tempfile::TempDir {
+    let dst = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dst.path().join(e.file_name())).unwrap();
+    }
+    dst
+}
+
+/// One change made to the store.
+type Step = Box<dyn FnMut(&mut SessionLog)>;
+/// The log's and the mark's bytes.
+type Files = (Vec<u8>, Vec<u8>);
+
+/// Runs a scenario committing in batches. Returns the state after each record (index =
+/// records in the log) and the log and mark bytes after each commit.
+fn scenario(dir: &Path) -> (Vec<Vec<Session>>, Vec<Files>) {
+    let mut s = open(dir).unwrap();
+    let mut states = vec![all(&s)];
+    let mut commits = vec![(
+        std::fs::read(log_path(dir)).unwrap(),
+        std::fs::read(mark_path(dir)).unwrap(),
+    )];
+    let (a, b) = (skey(Some("a"), "c"), skey(None, "c"));
+    let mut step = |s: &mut SessionLog, f: &mut dyn FnMut(&mut SessionLog)| {
+        f(s);
+        assert_eq!(
+            s.log.next_seq as usize + s.pending(),
+            states.len(),
+            "one record per change"
+        );
+        states.push(all(s));
+    };
+    let mut batches: Vec<Vec<Step>> = Vec::new();
+    let (a1, a2, a3, b1) = (a.clone(), a.clone(), a.clone(), b.clone());
+    batches.push(vec![
+        Box::new(move |s| assert!(s.put_session(&a1, meta(&["a/#"])).unwrap())),
+        Box::new(move |s| assert!(s.put_session(&b1, meta(&["#"])).unwrap())),
+    ]);
+    let (a1, b1) = (a.clone(), b.clone());
+    batches.push(vec![
+        Box::new(move |s| {
+            assert!(matches!(
+                s.enqueue(&a1, qmsg("a/1", "one")).unwrap(),
+                Enqueued::Queued(0)
+            ))
+        }),
+        Box::new(move |s| {
+            assert!(matches!(
+                s.enqueue(&a2, qmsg("a/2", "two")).unwrap(),
+                Enqueued::Queued(1)
+            ))
+        }),
+        Box::new(move |s| assert!(s.mark_sent(&a3, 0, 5).unwrap())),
+        Box::new(move |s| assert!(s.qos2_in(&b1, 9).unwrap())),
+    ]);
+    let (a1, a2, a3, b1) = (a.clone(), a.clone(), a.clone(), b.clone());
+    batches.push(vec![
+        Box::new(move |s| assert!(s.complete(&a1, 0).unwrap())),
+        Box::new(move |s| {
+            let will = PendingWill {
+                message: qmsg("a/will", "bye"),
+                publish_at: 99,
+            };
+            assert!(s.set_will(&a2, Some(will)).unwrap())
+        }),
+        Box::new(move |s| {
+            let mut m = meta(&["a/#", "a/x"]);
+            m.disconnected_at = Some(50);
+            assert!(!s.put_session(&a3, m).unwrap())
+        }),
+        Box::new(move |s| assert!(s.remove_session(&b1).unwrap())),
+    ]);
+    for batch in batches {
+        for mut change in batch {
+            step(&mut s, &mut *change);
+        }
+        s.commit().unwrap();
+        commits.push((
+            std::fs::read(log_path(dir)).unwrap(),
+            std::fs::read(mark_path(dir)).unwrap(),
+        ));
+    }
+    (states, commits)
+}
+
+#[test]
+fn every_cut_of_every_commit_loads_a_state_it_went_through() {
+    let dir = tempfile::tempdir().unwrap();
+    let (states, commits) = scenario(dir.path());
+    let mut tried = 0;
+    for i in 1..commits.len() {
+        let (prev_log, prev_mark) = &commits[i - 1];
+        let (log, _) = &commits[i];
+        let fr = frames(log);
+        let first = frames(prev_log).len();
+        // Every length the log can have had while commit `i` was being written (with the
+        // mark still as commit `i - 1` left it): its old end, every record boundary, the
+        // middle of every record, a cut inside a length prefix, and the whole batch
+        // written but the mark not yet updated.
+        let mut cuts: Vec<(usize, usize)> = vec![(prev_log.len(), first)];
+        for (n, (start, end)) in fr.iter().enumerate().skip(first) {
+            cuts.push((start + 3, n));
+            cuts.push(((start + end) / 2, n));
+            cuts.push((end - 1, n));
+            cuts.push((*end, n + 1));
+        }
+        for (cut, records) in cuts {
+            let d = tempfile::tempdir().unwrap();
+            std::fs::write(log_path(d.path()), &log[..cut]).unwrap();
+            std::fs::write(mark_path(d.path()), prev_mark).unwrap();
+            let s = open(d.path()).unwrap_or_else(|e| panic!("commit {i}, cut at {cut}: {e}"));
+            assert_eq!(all(&s), states[records], "commit {i}, cut at {cut}");
+            // A torn tail is cut away so the next append follows the last good record.
+            let good = if records == 0 {
+                HEADER_LEN
+            } else {
+                fr[records - 1].1
+            };
+            assert_eq!(s.file_bytes(), good as u64);
+            assert_eq!(
+                std::fs::metadata(log_path(d.path())).unwrap().len(),
+                good as u64
+            );
+            tried += 1;
+        }
+        // And a zero-filled tail (the file grew, its data never landed).
+        let d = tempfile::tempdir().unwrap();
+        let mut zeroed = log.clone();
+        zeroed[prev_log.len()..].fill(0);
+        std::fs::write(log_path(d.path()), &zeroed).unwrap();
+        std::fs::write(mark_path(d.path()), prev_mark).unwrap();
+        assert_eq!(all(&open(d.path()).unwrap()), states[first]);
+    }
+    assert!(tried > 30, "{tried}");
+    // Reopened state after a cut keeps working: appends follow the good prefix.
+    let (log, _) = &commits[2];
+    let (_, prev_mark) = &commits[1];
+    let d = tempfile::tempdir().unwrap();
+    let f = frames(log);
+    std::fs::write(log_path(d.path()), &log[..f[f.len() - 1].0 + 5]).unwrap();
+    std::fs::write(mark_path(d.path()), prev_mark).unwrap();
+    let mut s = open(d.path()).unwrap();
+    s.put_session(&skey(None, "new"), meta(&[])).unwrap();
+    s.commit().unwrap();
+    let expect = all(&s);
+    drop(s);
+    assert_eq!(all(&open(d.path()).unwrap()), expect);
+}
+
+#[test]
+fn crash_inside_a_compaction_loads_either_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (states, _) = scenario(dir.path());
+    let before = states.last().unwrap().clone();
+    let mut s = open(dir.path()).unwrap();
+    assert_eq!(all(&s), before);
+    // The compaction's steps, stopped where a crash could stop them.
+    let tmp = dir.path().join(format!("{}-compact", SESSIONS.tmp_prefix));
+    let records = s.state.snapshot_records();
+    let w = log::write_fresh_plain(&tmp, &s.log.cipher, &SESSIONS, records).unwrap();
+    // 1. The new file written (even half written), the mark not yet touched.
+    let half = copy_dir(dir.path());
+    let len = std::fs::metadata(half.path().join(tmp.file_name().unwrap()))
+        .unwrap()
+        .len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(half.path().join(tmp.file_name().unwrap()))
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    assert_eq!(all(&open(half.path()).unwrap()), before);
+    assert!(!half.path().join(tmp.file_name().unwrap()).exists());
+    // 2. The mark names both files, the rename not done.
+    let both = Mark {
+        current: Some(s.log.vouch()),
+        next: Some(Vouch {
+            file_id: w.file_id,
+            records: w.next_seq,
+            len: w.len,
+        }),
+    };
+    s.log.mark.write(&s.log.cipher, &both, true).unwrap();
+    drop(s);
+    let unrenamed = copy_dir(dir.path());
+    assert_eq!(all(&open(unrenamed.path()).unwrap()), before);
+    // 3. Renamed, but neither the directory fsync nor the mark update happened.
+    std::fs::rename(&tmp, log_path(dir.path())).unwrap();
+    let renamed = copy_dir(dir.path());
+    assert_eq!(all(&open(renamed.path()).unwrap()), before);
+    // Once a start has settled on the new file, the old one is a rollback.
+    let old = std::fs::read(log_path(unrenamed.path())).unwrap();
+    std::fs::write(log_path(renamed.path()), old).unwrap();
+    assert!(matches!(
+        open(renamed.path()).unwrap_err(),
+        StoreError::RolledBack { .. }
+    ));
+}
+
+#[test]
+fn crash_inside_a_rekey_keeps_the_old_key_working() {
+    let dir = tempfile::tempdir().unwrap();
+    let before = store_with(dir.path(), 2);
+    let mut s = open(dir.path()).unwrap();
+    let new = record::cipher(&super::super::other_key());
+    let tmp = dir.path().join(format!("{}-rekey", SESSIONS.tmp_prefix));
+    let records = s.state.snapshot_records();
+    let w = log::write_fresh_plain(&tmp, &new, &SESSIONS, records).unwrap();
+    // The older slot holds the new file's mark under the new key; no rename yet.
+    s.log
+        .mark
+        .write(
+            &new,
+            &Mark {
+                current: Some(Vouch {
+                    file_id: w.file_id,
+                    records: w.next_seq,
+                    len: w.len,
+                }),
+                next: None,
+            },
+            true,
+        )
+        .unwrap();
+    drop(s);
+    assert_eq!(all(&open(dir.path()).unwrap()), before);
+    assert!(!tmp.exists());
+}
