@@ -145,6 +145,8 @@ impl SessionBook {
                 rx,
                 interval: autosave_interval,
                 shared: Weak::new(),
+                fail_commits: cfg!(feature = "test-hooks")
+                    && std::env::var_os("MOATMQ_TEST_SESSION_COMMIT_FAIL").is_some(),
             })),
             thread: Mutex::new(None),
             metrics,
@@ -326,6 +328,9 @@ struct Writer {
     rx: mpsc::Receiver<Job>,
     interval: Duration,
     shared: Weak<Shared>,
+    /// Test hook (`test-hooks` and `MOATMQ_TEST_SESSION_COMMIT_FAIL`): every commit fails,
+    /// as on a full or read-only disk.
+    fail_commits: bool,
 }
 
 impl Writer {
@@ -379,6 +384,10 @@ impl Writer {
     fn commit(&mut self) -> bool {
         if self.store.pending() == 0 {
             return true;
+        }
+        if self.fail_commits {
+            error!("session store commit failed (test hook)");
+            return false;
         }
         match self.store.commit() {
             Ok(_) => true,
