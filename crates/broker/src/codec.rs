@@ -155,6 +155,20 @@ pub fn qos_and_pkid(publish: &Publish) -> (QoS, u16) {
     (qos, u16::from_be_bytes([bytes[1], bytes[2]]))
 }
 
+/// The QoS a router forward reaches its subscriber at: `None` for one published at
+/// QoS 0 (marked, [`QOS0_MARK`]), else the router's. Costs a copy: off the hot path.
+pub fn forwarded_qos(publish: &Publish) -> Option<QoS> {
+    let bytes = publish.serialize();
+    if bytes[0] & QOS0_MARK != 0 {
+        return None;
+    }
+    match (bytes[0] >> 1) & 0b11 {
+        1 => Some(QoS::AtLeastOnce),
+        2 => Some(QoS::ExactlyOnce),
+        _ => None,
+    }
+}
+
 /// Builds a publish for the router, marked when it is QoS 0 (see [`QOS0_MARK`]).
 pub fn make_router_publish(topic: Bytes, payload: Bytes, qos: QoS, pkid: u16) -> Publish {
     let mut header = [0b0011_0000 | ((qos as u8) << 1)];

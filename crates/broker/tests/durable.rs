@@ -251,3 +251,60 @@ async fn a_clean_session_discards_the_stored_one() {
     );
     assert_quiet4(&mut sub).await;
 }
+
+/// A persistent subscriber that never acknowledges (rumqttc with manual acks).
+async fn unacking(addr: SocketAddr, id: &str) -> v4::Client {
+    let mut o = persistent4(addr, id);
+    o.set_manual_acks(true);
+    v4::connect(o).await.unwrap()
+}
+
+#[tokio::test]
+async fn a_message_sent_but_not_acknowledged_is_sent_again_with_dup_after_a_restart() {
+    let broker = broker_with_store(0).await;
+    let addr = broker.first_addr();
+    let mut sub = unacking(addr, "forgetful").await;
+    sub.subscribe_acked("inbox/#").await;
+    publish_n(addr, "inbox/a", 1).await;
+    let first = sub.next_publish().await;
+    assert!(!first.dup);
+    // Still connected, message unacknowledged: the broker restarts (SIGTERM).
+    let broker = broker.restart().await;
+    drop(sub);
+    let mut sub = v4::connect(persistent4(broker.first_addr(), "forgetful"))
+        .await
+        .unwrap();
+    assert!(sub.connack.session_present);
+    let again = sub.next_publish().await;
+    assert_eq!(
+        (again.topic.as_str(), &again.payload[..]),
+        ("inbox/a", &b"m0"[..])
+    );
+    assert!(again.dup, "a message sent before is sent again with DUP");
+    assert_quiet4(&mut sub).await;
+}
+
+#[tokio::test]
+async fn an_unacknowledged_message_is_not_duplicated_by_a_reconnect_without_restart() {
+    let broker = broker_with_store(0).await;
+    let addr = broker.first_addr();
+    let mut sub = unacking(addr, "flaky").await;
+    sub.subscribe_acked("inbox/#").await;
+    publish_n(addr, "inbox/b", 1).await;
+    sub.next_publish().await;
+    sub.client.disconnect().await.unwrap();
+    assert!(sub.closed_within(WAIT).await.is_some());
+    let mut sub = v4::connect(persistent4(addr, "flaky")).await.unwrap();
+    assert!(sub.connack.session_present);
+    assert_eq!(sub.next_publish().await.topic, "inbox/b");
+    assert_quiet4(&mut sub).await;
+    // Acknowledged now: a restart brings nothing back.
+    sub.client.disconnect().await.unwrap();
+    assert!(sub.closed_within(WAIT).await.is_some());
+    let broker = broker.restart().await;
+    let mut sub = v4::connect(persistent4(broker.first_addr(), "flaky"))
+        .await
+        .unwrap();
+    assert!(sub.connack.session_present);
+    assert_quiet4(&mut sub).await;
+}

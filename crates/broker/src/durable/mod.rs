@@ -96,6 +96,7 @@ enum Job {
     Put(SessionKey, SessionMeta),
     Remove(SessionKey),
     Enqueue(Vec<(Arc<SessionKey>, u8)>, QueuedMessage),
+    Hold(SessionKey, Vec<QueuedMessage>),
     Resume(SessionKey, oneshot::Sender<Vec<Replay>>),
     Complete(SessionKey, u64),
     Commit(oneshot::Sender<bool>),
@@ -250,6 +251,14 @@ impl SessionBook {
     /// The session's subscriptions or expiry changed while it is connected.
     pub fn update(&self, key: &SessionKey, meta: SessionMeta) {
         self.send(Job::Put(key.clone(), meta));
+    }
+
+    /// Messages the client of `key` was sent but did not acknowledge, oldest first: they
+    /// are replayed with DUP after a restart (the router redelivers them otherwise).
+    pub fn hold(&self, key: &SessionKey, messages: Vec<QueuedMessage>) {
+        if !messages.is_empty() {
+            self.send(Job::Hold(key.clone(), messages));
+        }
     }
 
     /// The client of `key` went away: from now on its messages are queued here. Call
@@ -414,6 +423,21 @@ impl Writer {
                         Ok(Enqueued::DroppedMessages) => self.dropped(&key, "max_queued_messages"),
                         Ok(Enqueued::DroppedBytes) => self.dropped(&key, "max_queued_bytes"),
                         Err(e) => warn!(error = %e, "message not queued for an offline session"),
+                    }
+                }
+                Ok(())
+            }
+            Job::Hold(key, messages) => {
+                for m in messages {
+                    match self.store.enqueue(&key, m) {
+                        Ok(Enqueued::Queued(id)) => {
+                            if let Err(e) = self.store.mark_sent(&key, id, 0) {
+                                warn!(error = %e, "session store change failed");
+                            }
+                        }
+                        Ok(Enqueued::DroppedMessages) => self.dropped(&key, "max_queued_messages"),
+                        Ok(Enqueued::DroppedBytes) => self.dropped(&key, "max_queued_bytes"),
+                        Err(e) => warn!(error = %e, "unacknowledged message not stored"),
                     }
                 }
                 Ok(())

@@ -14,6 +14,14 @@ use crate::codec::{publish_header, qos_and_pkid, QOS0_MARK};
 use crate::event::Event;
 use rumqttd::protocol::{Packet, Publish, PublishProperties, QoS};
 
+/// Where a message comes from: the router's forwards carry the QoS 0 mark in their
+/// DUP bit ([`QOS0_MARK`]); the gateway's own (retained, stored) carry a real DUP bit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Origin {
+    Router,
+    Gateway,
+}
+
 /// What became of one message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Delivery {
@@ -30,6 +38,7 @@ impl Gateway {
         &mut self,
         publish: Publish,
         properties: Option<PublishProperties>,
+        origin: Origin,
     ) -> Result<Delivery, Close> {
         let topic = std::str::from_utf8(&publish.topic).unwrap_or("");
         let decision = self
@@ -58,7 +67,7 @@ impl Gateway {
             return Ok(Delivery::Settled { qos, pkid });
         }
         self.shared.metrics.messages_out.inc();
-        if written[0] & QOS0_MARK != 0 {
+        if origin == Origin::Router && written[0] & QOS0_MARK != 0 {
             if qos == QoS::AtMostOnce {
                 written[0] &= !QOS0_MARK;
             } else if self.out.downgrade_to_qos0(mark) {

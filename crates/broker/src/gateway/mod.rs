@@ -46,12 +46,14 @@ mod link;
 mod outgoing;
 mod output;
 mod retained;
+mod unacked;
 
 use close::Close;
 use ledger::Ledger;
 use link::{RouterLink, ToRouter};
 use output::Output;
 use retained::RetainedFeed;
+use unacked::Unacked;
 
 /// After this long without traffic a connection gives its buffers back: a fleet of
 /// idle devices keeps only what each must (docs/benchmarks.md, idle connections).
@@ -122,6 +124,8 @@ pub struct Gateway {
     ledger: Ledger,
     /// Retained messages owed to the client.
     retained: RetainedFeed,
+    /// A persistent session's forwards the client has not acknowledged yet.
+    unacked: Unacked,
 }
 
 impl Gateway {
@@ -168,6 +172,7 @@ impl Gateway {
             to_router: ToRouter::default(),
             ledger: Ledger::new(receive_max),
             retained,
+            unacked: Unacked::default(),
         }
     }
 
@@ -197,9 +202,18 @@ impl Gateway {
         if let (true, Some(w)) = (publish_will, self.will.take()) {
             will::publish_will(&self.shared, &self.router_id, w);
         }
-        if let (Some(book), Some(key)) = (&self.shared.durable, &self.session.key) {
-            // Before the link closes: from now on the session's messages are stored.
-            book.offline(key, self.session.meta(self.version));
+        if self.shared.durable.is_some() && self.session.key.is_some() {
+            // What the client has not acknowledged, and at shutdown what the router has
+            // ready for it, is stored first (older than anything queued from now on).
+            let mut held = self.unacked.take();
+            if matches!(close, Close::Shutdown) {
+                self.drain_router(&mut held);
+            }
+            if let (Some(book), Some(key)) = (&self.shared.durable, &self.session.key) {
+                book.hold(key, held);
+                // Before the link closes: from now on the session's messages are stored.
+                book.offline(key, self.session.meta(self.version));
+            }
         }
         if !matches!(close, Close::TakenOver) {
             self.link.close(&mut self.to_router);
@@ -329,6 +343,21 @@ impl Gateway {
             }
         }
         Ok(())
+    }
+
+    /// At shutdown: the forwards the router has ready for a persistent session, which
+    /// would die with the process, go to the session store instead.
+    fn drain_router(&mut self, held: &mut Vec<moatmq_store::QueuedMessage>) {
+        while let Some(Ok(Some(n))) = self.link.try_next() {
+            if let rumqttd::Notification::Forward(f) = n {
+                if let Some(qos) = crate::codec::forwarded_qos(&f.publish) {
+                    let topic = f.publish.topic.clone();
+                    let payload = f.publish.payload.clone();
+                    self.unacked.sent(0, topic, payload, qos, f.properties);
+                    held.extend(self.unacked.take());
+                }
+            }
+        }
     }
 
     /// Decodes and handles every complete packet in `buf`.

@@ -2,7 +2,7 @@
 //! Forwarded messages go through the deliver step (`deliver.rs`); what the client will
 //! not acknowledge is acknowledged to the router in its turn (`link.rs`).
 
-use super::deliver::Delivery;
+use super::deliver::{Delivery, Origin};
 use super::{Close, Gateway};
 use rumqttd::protocol::{Packet, QoS, SubscribeReasonCode};
 use rumqttd::Notification;
@@ -13,8 +13,20 @@ impl Gateway {
     pub(super) fn outgoing(&mut self, notification: Notification) -> Result<(), Close> {
         match notification {
             Notification::Forward(forward) => {
-                match self.deliver(forward.publish, forward.properties)? {
+                // A persistent session keeps a copy until the client acknowledges it.
+                let copy = self.session.key.is_some().then(|| {
+                    let p = &forward.publish;
+                    (
+                        p.topic.clone(),
+                        p.payload.clone(),
+                        forward.properties.clone(),
+                    )
+                });
+                match self.deliver(forward.publish, forward.properties, Origin::Router)? {
                     Delivery::Sent { qos, pkid } if qos != QoS::AtMostOnce => {
+                        if let Some((topic, payload, properties)) = copy {
+                            self.unacked.sent(pkid, topic, payload, qos, properties);
+                        }
                         self.to_router.delivered(pkid)
                     }
                     Delivery::Sent { .. } => {}

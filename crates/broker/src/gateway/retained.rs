@@ -10,7 +10,7 @@
 //! subscription QoS), with the retain flag set. QoS 1/2 ones use packet ids above the
 //! router's (which numbers 1..=100), and their acknowledgements stay here.
 
-use super::deliver::Delivery;
+use super::deliver::{Delivery, Origin};
 use super::{Close, Gateway};
 use crate::codec::{make_publish, make_publish_dup, Version};
 use crate::durable::Replay;
@@ -251,7 +251,9 @@ impl Gateway {
                 true,
                 pkid,
             );
-            if let Delivery::Sent { qos, pkid } = self.deliver(publish, properties)? {
+            if let Delivery::Sent { qos, pkid } =
+                self.deliver(publish, properties, Origin::Gateway)?
+            {
                 if qos != QoS::AtMostOnce {
                     self.retained.sent(pkid, None);
                 }
@@ -301,7 +303,7 @@ impl Gateway {
                 pkid,
                 r.dup,
             );
-            match self.deliver(publish, properties)? {
+            match self.deliver(publish, properties, Origin::Gateway)? {
                 Delivery::Sent { qos, pkid } if qos != QoS::AtMostOnce => {
                     self.retained.sent(pkid, Some(r.id))
                 }
