@@ -103,10 +103,8 @@ fn unsupported_reason(option: &str) -> &'static str {
             "moatmq logs to stderr; choose [log] format and level instead"
         }
         "persistence_file" | "autosave_on_changes" => {
-            "moatmq keeps retained messages in its own encrypted store, saved by time ([retained] autosave_interval)"
-        }
-        "persistent_client_expiration" | "queue_qos0_messages" => {
-            "sessions and their queues live in memory; they are not saved or expired by age"
+            "moatmq keeps retained messages and persistent sessions in its own encrypted files \
+             (retained.log, sessions.log in the [retained] path), saved by time (autosave_interval)"
         }
         "max_inflight_messages" | "max_inflight_bytes" | "upgrade_outgoing_qos" => {
             "outgoing in-flight is fixed at 100 messages per client"
@@ -184,6 +182,9 @@ struct State {
     message_size_limit: Option<i64>,
     max_queued_messages: Option<i64>,
     max_queued_bytes: Option<i64>,
+    queue_qos0_messages: bool,
+    /// `persistent_client_expiration` in seconds.
+    client_expiration: Option<u64>,
     in_bridge: bool,
     relative_paths: bool,
     warnings: Vec<String>,
@@ -212,6 +213,31 @@ fn parse_int(v: &str, file: &Path, line: usize, opt: &str) -> Result<i64, Config
         .map_err(|_| syntax(file, line, format!("{opt}: expected a whole number")))
 }
 
+/// Mosquitto's `persistent_client_expiration`: a whole number and a unit, `h` hours,
+/// `d` days, `w` weeks, `m` months (30 days) or `y` years (365 days).
+fn parse_duration(v: &str, file: &Path, line: usize, opt: &str) -> Result<u64, ConfigError> {
+    let bad = || {
+        syntax(
+            file,
+            line,
+            format!("{opt}: expected a whole number and h, d, w, m or y"),
+        )
+    };
+    let (n, unit) = v.split_at(v.len().saturating_sub(1));
+    let hours = match unit {
+        "h" => 1,
+        "d" => 24,
+        "w" => 24 * 7,
+        "m" => 24 * 30,
+        "y" => 24 * 365,
+        _ => return Err(bad()),
+    };
+    let n: u64 = n.parse().map_err(|_| bad())?;
+    n.checked_mul(hours * 3600)
+        .filter(|&s| s > 0)
+        .ok_or_else(bad)
+}
+
 fn parse_port(v: &str, file: &Path, line: usize, opt: &str) -> Result<u16, ConfigError> {
     v.parse()
         .map_err(|_| syntax(file, line, format!("{opt}: expected a port number 0-65535")))
@@ -237,6 +263,8 @@ impl State {
             message_size_limit: None,
             max_queued_messages: None,
             max_queued_bytes: None,
+            queue_qos0_messages: false,
+            client_expiration: None,
             in_bridge: false,
             relative_paths: false,
             warnings: Vec::new(),
@@ -393,6 +421,13 @@ impl State {
                     *target = p;
                 }
                 "persistence" => self.persistence = parse_bool(value, file, line, opt)?,
+                "queue_qos0_messages" => {
+                    self.queue_qos0_messages = parse_bool(value, file, line, opt)?;
+                }
+                "persistent_client_expiration" => {
+                    need_value(value)?;
+                    self.client_expiration = Some(parse_duration(value, file, line, opt)?);
+                }
                 "persistence_location" => {
                     need_value(value)?;
                     self.persistence_location = Some(self.path(value));
@@ -572,6 +607,7 @@ impl State {
         out.push('\n');
 
         self.retained(&mut out);
+        self.sessions(&mut out);
         self.limits(&mut out, &limits_per_listener);
         out.push_str(RATE_LIMIT);
 
@@ -685,7 +721,8 @@ impl State {
         let path = dir.join("moatmq-retained").to_string_lossy().into_owned();
         let _ = writeln!(
             out,
-            "[retained]\npath = {}\nkey_file = \"retained.key\"",
+            "# persistence: retained messages, and persistent sessions beside them (sessions.log)\n\
+             [retained]\npath = {}\nkey_file = \"retained.key\"",
             q(&path)
         );
         match self.autosave_interval {
@@ -698,52 +735,85 @@ impl State {
             None => {}
         }
         out.push('\n');
+        if self.persistence_location.is_some() {
+            self.warnings.push(format!(
+                "persistence_location: moatmq writes its own files (retained.log, sessions.log) into {}; \
+                 mosquitto.db there is neither read nor changed",
+                q(&path)
+            ));
+        }
         self.warnings.push(
-            "persistence: the retained store is encrypted and needs a key: generate it with \
-             `moatmq keygen --out retained.key` next to broker.toml (or set MOATMQ_RETAINED_KEY). \
-             Mosquitto's database (mosquitto.db) is not migrated: retained messages must be published again"
+            "persistence: the retained store and the persistent sessions stored beside it are \
+             encrypted and need a key: generate it with `moatmq keygen --out retained.key` next to \
+             broker.toml (or set MOATMQ_RETAINED_KEY). Mosquitto's database (mosquitto.db) is not \
+             migrated: retained messages must be published again, and persistent sessions start \
+             over (their clients subscribe again)"
                 .into(),
         );
     }
 
-    /// Mosquitto bounds each client's queue in messages and/or bytes; moatmq bounds the
-    /// bytes queued per subscribed filter. The closest: Mosquitto's byte limit as is, and
-    /// its message limit at an assumed 1 KiB per message, whichever is smaller.
+    /// `queue_qos0_messages` is Mosquitto's option with Mosquitto's meaning; it applies to
+    /// sessions in memory too.
+    fn sessions(&mut self, out: &mut String) {
+        if self.queue_qos0_messages {
+            out.push_str("[sessions]\nqueue_qos0_messages = true\n\n");
+        }
+    }
+
+    /// Mosquitto bounds each client's queue in messages and/or bytes. moatmq has the same
+    /// `max_queued_messages` per session; its `max_queued_bytes` bounds the bytes queued
+    /// per subscribed filter (and a session's queue). A byte bound is carried as is; with
+    /// only a message bound, the byte bound is raised if it would cut such a queue first
+    /// (at an assumed 1 KiB per message).
     fn queue_limit(&mut self, lines: &mut String) {
         const ASSUMED_MESSAGE_BYTES: i64 = 1024;
-        let messages = self
-            .max_queued_messages
-            .filter(|&n| n > 0)
-            .map(|n| n.saturating_mul(ASSUMED_MESSAGE_BYTES));
-        let bytes = self.max_queued_bytes.filter(|&n| n > 0);
-        let estimate = match (messages, bytes) {
-            (Some(m), Some(b)) => m.min(b),
-            (m, b) => match m.or(b) {
-                Some(v) => v,
-                None => {
-                    if self.max_queued_messages.is_some() || self.max_queued_bytes.is_some() {
-                        self.warnings.push("max_queued_messages/max_queued_bytes 0 (Mosquitto: no limit) has no equivalent; moatmq's default max_queued_bytes of 8388608 was kept".into());
-                    }
-                    return;
+        const DEFAULT_BYTES: i64 = crate::DEFAULT_MAX_QUEUED_BYTES as i64;
+        if let Some(n) = self.max_queued_messages {
+            // Mosquitto's 0 means no limit, and so does moatmq's.
+            let _ = writeln!(lines, "max_queued_messages = {}", n.max(0));
+        }
+        match self.max_queued_bytes {
+            Some(b) if b > 0 => {
+                let _ = writeln!(lines, "max_queued_bytes = {b}");
+                self.warnings.push(
+                    "max_queued_bytes: Mosquitto bounds the bytes queued per client, moatmq per \
+                     subscribed filter and per session; review [limits] max_queued_bytes"
+                        .into(),
+                );
+            }
+            Some(_) => self.warnings.push(
+                "max_queued_bytes 0 (Mosquitto: no limit) has no equivalent; moatmq's default \
+                 max_queued_bytes of 8388608 was kept"
+                    .into(),
+            ),
+            None => {
+                let estimate = self
+                    .max_queued_messages
+                    .filter(|&n| n > 0)
+                    .map_or(0, |n| n.saturating_mul(ASSUMED_MESSAGE_BYTES));
+                if estimate > DEFAULT_BYTES {
+                    let _ = writeln!(
+                        lines,
+                        "# from max_queued_messages at 1 KiB per message, so the byte bound does not\n\
+                         # cut a queue before the message bound does\n\
+                         max_queued_bytes = {estimate}"
+                    );
+                    self.warnings.push(
+                        "max_queued_messages: [limits] max_queued_bytes was raised to hold that many \
+                         messages of 1 KiB (it also bounds each session's queue): review it against \
+                         your message sizes"
+                            .into(),
+                    );
                 }
-            },
-        };
-        let _ = writeln!(
-            lines,
-            "# from max_queued_messages (at 1 KiB per message) / max_queued_bytes: moatmq counts\n\
-             # the bytes queued per subscribed filter, Mosquitto the messages or bytes per client\n\
-             max_queued_bytes = {estimate}"
-        );
-        self.warnings.push(
-            "max_queued_messages/max_queued_bytes: moatmq bounds the bytes queued per subscribed \
-             filter, not per client; [limits] max_queued_bytes was estimated (1 KiB per message): \
-             review it against your message sizes"
-                .into(),
-        );
+            }
+        }
     }
 
     fn limits(&mut self, out: &mut String, per_listener: &[Option<i64>]) {
         let mut lines = String::new();
+        if let Some(seconds) = self.client_expiration {
+            let _ = writeln!(lines, "max_session_expiry = {seconds}");
+        }
         if let Some(size) = self.max_packet_size {
             const MQTT_MAX: i64 = 268_435_455;
             if size <= 0 {

@@ -13,6 +13,8 @@ pub const DEFAULT_MAX_SUBSCRIPTIONS_PER_CLIENT: usize = 100;
 pub const DEFAULT_MAX_TOPIC_LEVELS: usize = 32;
 pub const DEFAULT_MAX_CLIENT_ID_LENGTH: usize = 128;
 pub const DEFAULT_MAX_QUEUED_BYTES: usize = 8 * 1_048_576;
+/// Mosquitto's default for `max_queued_messages`.
+pub const DEFAULT_MAX_QUEUED_MESSAGES: usize = 1000;
 pub const DEFAULT_MAX_SESSION_EXPIRY: u64 = 7 * 24 * 3600;
 pub const DEFAULT_MAX_SESSIONS_PER_USER: usize = 16;
 pub const DEFAULT_AUTOSAVE_INTERVAL: u64 = 1;
@@ -43,6 +45,9 @@ pub struct Config {
     /// `[retained]`: the encrypted retained store; absent = retained messages in memory only.
     #[serde(default)]
     pub retained: Option<Retained>,
+    /// `[sessions]`: where persistent sessions are kept; see [`Config::sessions`].
+    #[serde(default)]
+    pub sessions: Sessions,
     #[serde(default)]
     pub limits: Limits,
     #[serde(default)]
@@ -250,6 +255,46 @@ pub struct Retained {
     pub max_bytes_per_user: u64,
 }
 
+/// `[sessions]`: persistent sessions (3.1.1 clean session off, MQTT 5 session expiry
+/// above 0) with their subscriptions, queued and in-flight messages. Durable (stored
+/// encrypted under the `[retained]` key) when a `[retained]` store is configured, unless
+/// turned off here; in memory otherwise. Every key is optional.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sessions {
+    /// Store sessions durably; default: on when `[retained]` is configured, off
+    /// otherwise. `true` without a `[retained]` section is an error (its key is needed).
+    #[serde(default)]
+    pub enabled: Option<bool>,
+    /// Folder of `sessions.log` and its high-water mark, created if missing; default the
+    /// `[retained]` path (the two logs sit side by side).
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// Seconds between commits; 0 = a publish queued for an offline session is durable
+    /// before it is acknowledged. Default: `[retained] autosave_interval`.
+    #[serde(default)]
+    pub autosave_interval: Option<u64>,
+    /// Queue QoS 0 messages for offline persistent sessions too (Mosquitto's
+    /// `queue_qos0_messages`); default off: only QoS 1 and 2 are queued.
+    #[serde(default)]
+    pub queue_qos0_messages: bool,
+}
+
+/// Durable sessions as they apply after defaults: what [`Config::sessions`] returns.
+/// Paths are as written in the file: resolve them with [`Config::resolve`], like the
+/// `[retained]` ones.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionsConfig {
+    /// Folder of `sessions.log` (default: the retained store's folder).
+    pub path: PathBuf,
+    /// The retained store's key file (`MOATMQ_RETAINED_KEY` wins, as for the store).
+    pub key_file: Option<PathBuf>,
+    /// Seconds between commits; 0 = durable before the acknowledgement.
+    pub autosave_interval: u64,
+    /// Whether QoS 0 messages are queued for offline sessions.
+    pub queue_qos0_messages: bool,
+}
+
 /// `[limits]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -294,6 +339,12 @@ pub struct Limits {
     /// messages are dropped past it.
     #[serde(default = "default_max_queued_bytes")]
     pub max_queued_bytes: usize,
+    /// QoS 1 and 2 messages (and QoS 0 with `[sessions] queue_qos0_messages`) queued for
+    /// one persistent session beyond those in flight, as in Mosquitto; past it the newest
+    /// message is dropped for that session. 0 = no limit (Mosquitto's meaning; the
+    /// session's `max_queued_bytes` still applies).
+    #[serde(default = "default_max_queued_messages")]
+    pub max_queued_messages: usize,
     /// Seconds a disconnected persistent session is kept at most: 3.1.1 sessions with
     /// clean session off, and MQTT 5 session expiry intervals longer than this.
     #[serde(default = "default_max_session_expiry")]
@@ -318,6 +369,7 @@ impl Default for Limits {
             max_topic_levels: DEFAULT_MAX_TOPIC_LEVELS,
             max_client_id_length: DEFAULT_MAX_CLIENT_ID_LENGTH,
             max_queued_bytes: DEFAULT_MAX_QUEUED_BYTES,
+            max_queued_messages: DEFAULT_MAX_QUEUED_MESSAGES,
             max_session_expiry: DEFAULT_MAX_SESSION_EXPIRY,
             max_sessions_per_user: DEFAULT_MAX_SESSIONS_PER_USER,
         }
@@ -325,6 +377,14 @@ impl Default for Limits {
 }
 
 impl Limits {
+    /// `max_queued_messages` as a bound: 0 (no limit) is `usize::MAX`.
+    pub fn queued_messages_bound(&self) -> usize {
+        match self.max_queued_messages {
+            0 => usize::MAX,
+            n => n,
+        }
+    }
+
     /// `max_connections_per_address`, or its default: a quarter of `max_connections`.
     pub fn connections_per_address(&self) -> usize {
         self.max_connections_per_address
@@ -516,6 +576,9 @@ fn default_max_topic_levels() -> usize {
 }
 fn default_max_client_id_length() -> usize {
     DEFAULT_MAX_CLIENT_ID_LENGTH
+}
+fn default_max_queued_messages() -> usize {
+    DEFAULT_MAX_QUEUED_MESSAGES
 }
 fn default_max_queued_bytes() -> usize {
     DEFAULT_MAX_QUEUED_BYTES
@@ -751,7 +814,38 @@ impl Config {
                 return Err(Invalid::new("retained.max_bytes", "must be greater than 0"));
             }
         }
+        if self.retained.is_none() {
+            let s = &self.sessions;
+            for (key, set) in [
+                ("sessions.enabled", s.enabled == Some(true)),
+                ("sessions.path", s.path.is_some()),
+                ("sessions.autosave_interval", s.autosave_interval.is_some()),
+            ] {
+                if set {
+                    return Err(Invalid::new(
+                        key,
+                        "durable sessions need a [retained] section: its key encrypts them",
+                    ));
+                }
+            }
+        }
         Ok(self)
+    }
+
+    /// Where and how persistent sessions are stored durably, defaults applied; `None`
+    /// when they stay in memory (no `[retained]` store, or `[sessions] enabled = false`).
+    pub fn sessions(&self) -> Option<SessionsConfig> {
+        let retained = self.retained.as_ref()?;
+        let s = &self.sessions;
+        if s.enabled == Some(false) {
+            return None;
+        }
+        Some(SessionsConfig {
+            path: s.path.clone().unwrap_or_else(|| retained.path.clone()),
+            key_file: retained.key_file.clone(),
+            autosave_interval: s.autosave_interval.unwrap_or(retained.autosave_interval),
+            queue_qos0_messages: s.queue_qos0_messages,
+        })
     }
 
     /// Whether anonymous clients may connect on `listener`.

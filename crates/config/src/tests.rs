@@ -295,3 +295,63 @@ fn retained_per_user_quotas_default_to_a_tenth_and_zero_is_unlimited() {
     let r = c.retained.unwrap();
     assert_eq!((r.max_messages_per_user, r.max_bytes_per_user), (0, 7));
 }
+
+#[test]
+fn max_queued_messages_defaults_to_1000_and_zero_is_unlimited() {
+    let c = parse(MINIMAL).unwrap();
+    assert_eq!(c.limits.max_queued_messages, 1000);
+    assert_eq!(c.limits.queued_messages_bound(), 1000);
+    let c = parse(&format!("{MINIMAL}[limits]\nmax_queued_messages = 0\n")).unwrap();
+    assert_eq!(c.limits.queued_messages_bound(), usize::MAX);
+}
+
+#[test]
+fn sessions_are_durable_beside_the_retained_store_by_default() {
+    // No store: sessions stay in memory, QoS 0 queueing still configurable.
+    let c = parse(&format!(
+        "{MINIMAL}[sessions]\nqueue_qos0_messages = true\n"
+    ))
+    .unwrap();
+    assert_eq!(c.sessions(), None);
+    assert!(c.sessions.queue_qos0_messages);
+    // A store: same folder, key and interval.
+    let retained = "[retained]\npath = \"r\"\nkey_file = \"k\"\nautosave_interval = 7\n";
+    let c = parse(&format!("{MINIMAL}{retained}")).unwrap();
+    assert_eq!(
+        c.sessions(),
+        Some(SessionsConfig {
+            path: "r".into(),
+            key_file: Some("k".into()),
+            autosave_interval: 7,
+            queue_qos0_messages: false,
+        })
+    );
+    // [sessions] overrides path and interval, or turns it off.
+    let c = parse(&format!(
+        "{MINIMAL}{retained}[sessions]\npath = \"s\"\nautosave_interval = 0\nqueue_qos0_messages = true\n"
+    ))
+    .unwrap();
+    let s = c.sessions().unwrap();
+    assert_eq!(
+        (s.path.as_path(), s.autosave_interval, s.queue_qos0_messages),
+        (Path::new("s"), 0, true)
+    );
+    let c = parse(&format!("{MINIMAL}{retained}[sessions]\nenabled = false\n")).unwrap();
+    assert_eq!(c.sessions(), None);
+}
+
+#[test]
+fn durable_sessions_without_a_retained_store_are_refused() {
+    for (key, value) in [
+        ("enabled", "true"),
+        ("path", "\"s\""),
+        ("autosave_interval", "0"),
+    ] {
+        let err = parse(&format!("{MINIMAL}[sessions]\n{key} = {value}\n")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("broker.toml:5: sessions.{key}: durable sessions need a [retained] section: its key encrypts them")
+        );
+    }
+    parse(&format!("{MINIMAL}[sessions]\nenabled = false\n")).unwrap();
+}

@@ -267,6 +267,32 @@ fn retained() {
 }
 
 #[test]
+fn sessions() {
+    // enabled = true without [retained]; `path` in [audit] before it.
+    assert_points_at(
+        &format!("{FIRST}[audit]\npath = \"a\"\n[sessions]\nqueue_qos0_messages = true\nenabled = true {MARK}\n"),
+        "sessions.enabled",
+    );
+    // path without [retained]: not [audit]'s path.
+    assert_points_at(
+        &format!("{FIRST}[audit]\npath = \"hunter2-secret\"\n[sessions]\npath = \"hunter2-secret\" {MARK}\n"),
+        "sessions.path",
+    );
+    // autosave_interval: wrong type, after [retained]'s own.
+    assert_points_at(
+        &format!(
+            "{FIRST}[retained]\npath = \"r\"\nautosave_interval = 1\n\
+             [sessions]\nautosave_interval = \"hunter2-secret\" {MARK}\n"
+        ),
+        "sessions.autosave_interval",
+    );
+    assert_points_at(
+        &format!("{FIRST}[sessions]\nqueue_qos0_messages = \"hunter2-secret\" {MARK}\n"),
+        "sessions.queue_qos0_messages",
+    );
+}
+
+#[test]
 fn limits() {
     assert_points_at(
         &format!(
@@ -282,6 +308,10 @@ fn limits() {
     assert_points_at(
         &format!("{FIRST}[limits]\nmax_inflight = 70000 {MARK}\n"),
         "limits.max_inflight",
+    );
+    assert_points_at(
+        &format!("{FIRST}[limits]\nmax_queued_bytes = 5\nmax_queued_messages = -1 {MARK}\n"),
+        "limits.max_queued_messages",
     );
     assert_points_at(
         &format!("{FIRST}[limits]\nmax_pakcet_size = 5 {MARK}\n"),
@@ -483,10 +513,21 @@ fn sections() -> Vec<Section> {
             ],
         ),
         table(
+            "[sessions]",
+            "sessions",
+            vec![
+                ("enabled", "true".into(), secret.clone()),
+                ("path", q(SECRET), "1".into()),
+                ("autosave_interval", "0".into(), secret.clone()),
+                ("queue_qos0_messages", "true".into(), secret.clone()),
+            ],
+        ),
+        table(
             "[limits]",
             "limits",
             vec![
                 ("max_packet_size", "500".into(), "0".into()),
+                ("max_queued_messages", "0".into(), "-1".into()),
                 ("max_inflight", "5".into(), "0".into()),
                 ("max_connections", "5".into(), secret.clone()),
             ],

@@ -190,6 +190,23 @@ fn persistence_becomes_an_encrypted_retained_store() {
     assert_eq!(ret.autosave_interval, 30);
     assert!(warned(&r, "moatmq keygen --out"), "{:?}", r.warnings);
     assert!(warned(&r, "not migrated"));
+    assert!(warned(&r, "persistent sessions start over"));
+    // Persistent sessions are durable beside the retained store, with its interval.
+    let s = c.sessions().unwrap();
+    assert_eq!(s.path, ret.path);
+    assert_eq!(s.autosave_interval, 30);
+    // The folder named holds moatmq's own files, not mosquitto.db.
+    assert!(warned(
+        &r,
+        "persistence_location: moatmq writes its own files"
+    ));
+    // persistence_file has no equivalent.
+    let (_, r) = import("persistence true\npersistence_file m.db\n");
+    assert!(
+        warned(&r, "persistence_file: not carried over"),
+        "{:?}",
+        r.warnings
+    );
 }
 
 #[test]
@@ -442,21 +459,82 @@ fn message_size_limit_becomes_max_payload_size() {
 }
 
 #[test]
-fn max_queued_messages_becomes_a_max_queued_bytes_estimate_with_a_comment() {
+fn max_queued_messages_is_carried_with_its_meaning() {
     let (c, r) = import("listener 1883\nmax_queued_messages 5000\n");
-    assert_eq!(c.limits.max_queued_bytes, 5000 * 1024);
+    assert_eq!(c.limits.max_queued_messages, 5000);
+    // 5000 messages of 1 KiB fit the default byte bound: left alone, nothing to review.
+    assert_eq!(c.limits.max_queued_bytes, 8 * 1_048_576);
+    assert!(!warned(&r, "max_queued"), "{:?}", r.warnings);
+    // 0 is no limit in both.
+    let (c, _) = import("listener 1883\nmax_queued_messages 0\n");
+    assert_eq!(c.limits.max_queued_messages, 0);
+    assert_eq!(c.limits.queued_messages_bound(), usize::MAX);
+}
+
+#[test]
+fn a_large_message_bound_raises_the_byte_bound_with_a_comment() {
+    let (c, r) = import("listener 1883\nmax_queued_messages 50000\n");
+    assert_eq!(c.limits.max_queued_messages, 50000);
+    assert_eq!(c.limits.max_queued_bytes, 50000 * 1024);
     assert!(
-        warned(&r, "max_queued_bytes was estimated"),
+        warned(&r, "max_queued_bytes was raised"),
         "{:?}",
         r.warnings
     );
     assert!(r.toml.contains("# from max_queued_messages"), "{}", r.toml);
-    // Both given: whichever Mosquitto would reach first.
-    let (c, _) = import("listener 1883\nmax_queued_messages 5000\nmax_queued_bytes 100000\n");
+    // A byte bound given is carried as is.
+    let (c, r) = import("listener 1883\nmax_queued_messages 50000\nmax_queued_bytes 100000\n");
     assert_eq!(c.limits.max_queued_bytes, 100_000);
-    let (c, r) = import("listener 1883\nmax_queued_messages 0\n");
+    assert!(warned(&r, "per subscribed filter"), "{:?}", r.warnings);
+    let (c, r) = import("listener 1883\nmax_queued_bytes 0\n");
     assert_eq!(c.limits.max_queued_bytes, 8 * 1_048_576);
     assert!(warned(&r, "no limit"), "{:?}", r.warnings);
+}
+
+#[test]
+fn queue_qos0_messages_becomes_the_sessions_option() {
+    let (c, r) = import("listener 1883\nqueue_qos0_messages true\n");
+    assert!(c.sessions.queue_qos0_messages);
+    assert!(!warned(&r, "queue_qos0_messages"), "{:?}", r.warnings);
+    let (c, _) = import("listener 1883\nqueue_qos0_messages false\n");
+    assert!(!c.sessions.queue_qos0_messages);
+    let err = import_mosquitto("queue_qos0_messages yes\n", Path::new(CONF)).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!("{CONF}:1: queue_qos0_messages: expected true or false")
+    );
+}
+
+#[test]
+fn persistent_client_expiration_becomes_max_session_expiry() {
+    for (value, seconds) in [
+        ("2h", 7200),
+        ("1d", 86_400),
+        ("2w", 1_209_600),
+        ("1m", 2_592_000),
+        ("1y", 31_536_000),
+    ] {
+        let (c, r) = import(&format!("persistent_client_expiration {value}\n"));
+        assert_eq!(c.limits.max_session_expiry, seconds, "{value}");
+        assert!(
+            !warned(&r, "persistent_client_expiration"),
+            "{:?}",
+            r.warnings
+        );
+    }
+    for bad in ["1", "d", "0d", "1s", "-1d", "hunter2"] {
+        let err = import_mosquitto(
+            &format!("persistent_client_expiration {bad}\n"),
+            Path::new(CONF),
+        )
+        .unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with(&format!("{CONF}:1: persistent_client_expiration: ")),
+            "{msg}"
+        );
+        assert!(!msg.contains("hunter2"), "{msg}");
+    }
 }
 
 #[test]

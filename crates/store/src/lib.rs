@@ -27,7 +27,8 @@
 //! The same file format, checks and high-water mark keep durable MQTT sessions
 //! ([`SessionLog`] behind the [`SessionStore`] trait, `sessions.log`; see
 //! docs/sessions.md), with a magic and associated-data domains of their own so neither
-//! kind of file or record ever opens as the other.
+//! kind of file or record ever opens as the other. [`MemorySessions`] is the same
+//! session state machine without a file, for brokers without a store.
 
 #![forbid(unsafe_code)]
 
@@ -41,6 +42,8 @@ mod mark;
 mod record;
 mod session;
 mod session_log;
+mod session_state;
+mod sessions;
 mod set;
 mod store;
 
@@ -52,9 +55,10 @@ pub use error::StoreError;
 pub use key::{RetainedKey, KEY_LEN};
 pub use session::{
     CommitStats, Delivery, Enqueued, HeldMessage, PendingWill, Purged, QueuedMessage, Session,
-    SessionKey, SessionLimits, SessionMeta, SessionStore, SubscriptionOptions,
+    SessionKey, SessionLimits, SessionMeta, SessionStats, SessionStore, SubscriptionOptions,
 };
 pub use session_log::{accept_sessions, read_sessions, rekey_sessions, SessionLog};
+pub use sessions::{MemorySessions, Sessions};
 pub use set::{Refusal, RetainedSet, StoreLimits, Usage, UNKNOWN_OWNER};
 pub use store::Store;
 

@@ -1,7 +1,8 @@
 //! Durable MQTT sessions: what a persistent session is made of, and the
 //! [`SessionStore`] trait the broker keeps them behind. The embedded backend is
 //! [`SessionLog`](crate::SessionLog) (an encrypted append-only log beside the retained
-//! store); a clustered one (NATS JetStream) implements the same trait later. Nothing here
+//! store), [`MemorySessions`](crate::MemorySessions) keeps them in memory only (no
+//! store configured); a clustered one (NATS JetStream) implements the same trait later. Nothing here
 //! is tied to a file or to one process: sessions are named by [`SessionKey`] (identity
 //! and client id), messages by an id the store assigns per session.
 //!
@@ -199,6 +200,20 @@ pub struct CommitStats {
     pub compacted: bool,
 }
 
+/// Totals over every kept session (for metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SessionStats {
+    /// Sessions kept.
+    pub sessions: usize,
+    /// Messages held, queued and in flight.
+    pub held_messages: usize,
+    /// Messages queued, not sent yet (what `max_queued_messages` bounds per session).
+    pub queued_messages: usize,
+    /// Bytes of topics and payloads of the queued messages (what `max_queued_bytes`
+    /// bounds per session).
+    pub queued_bytes: u64,
+}
+
 /// Where persistent sessions are kept. Changes apply to memory at once and are durable
 /// once [`commit`](SessionStore::commit) returns; a crash loses the uncommitted ones.
 /// Calls naming a session that does not exist change nothing and return `false` (or
@@ -237,4 +252,6 @@ pub trait SessionStore: Send {
     fn commit(&mut self) -> Result<CommitStats, StoreError>;
     /// Changes not yet committed.
     fn pending(&self) -> usize;
+    /// Totals over every kept session.
+    fn stats(&self) -> SessionStats;
 }

@@ -305,3 +305,36 @@ fn sits_beside_the_retained_store_in_one_folder() {
     drop(r);
     assert_eq!(all(&open(dir.path()).unwrap()), before);
 }
+
+/// `stats` counts sessions, held and queued messages and queued bytes, the same for the
+/// log and the memory backend; a sent message is held but no longer queued.
+#[test]
+fn stats_count_sessions_and_queues_in_both_backends() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = open(dir.path()).unwrap();
+    let mut mem = crate::MemorySessions::new(LIMITS);
+    for s in [&mut log as &mut dyn SessionStore, &mut mem] {
+        let (a, b) = (skey(Some("a"), "c"), skey(None, "c"));
+        s.put_session(&a, meta(&["a/#"])).unwrap();
+        s.put_session(&b, meta(&["#"])).unwrap();
+        let Enqueued::Queued(id) = s.enqueue(&a, qmsg("a/1", "12345")).unwrap() else {
+            panic!("queue is empty")
+        };
+        s.enqueue(&a, qmsg("a/2", "1")).unwrap();
+        s.enqueue(&b, qmsg("b", "")).unwrap();
+        s.mark_sent(&a, id, 1).unwrap();
+        assert_eq!(
+            s.stats(),
+            crate::SessionStats {
+                sessions: 2,
+                held_messages: 3,
+                queued_messages: 2,
+                queued_bytes: 4 + 1,
+            }
+        );
+    }
+    assert_eq!(mem.commit().unwrap(), crate::CommitStats::default());
+    log.commit().unwrap();
+    drop(log);
+    assert_eq!(open(dir.path()).unwrap().stats(), mem.stats());
+}

@@ -39,7 +39,7 @@ fn scenario(dir: &Path) -> (Vec<Vec<Session>>, Vec<Files>) {
     let mut step = |s: &mut SessionLog, f: &mut dyn FnMut(&mut SessionLog)| {
         f(s);
         assert_eq!(
-            s.log.next_seq as usize + s.pending(),
+            s.journal.log.next_seq as usize + s.pending(),
             states.len(),
             "one record per change"
         );
@@ -172,7 +172,7 @@ fn crash_inside_a_compaction_loads_either_file() {
     // The compaction's steps, stopped where a crash could stop them.
     let tmp = dir.path().join(format!("{}-compact", SESSIONS.tmp_prefix));
     let records = s.state.snapshot_records();
-    let w = log::write_fresh_plain(&tmp, &s.log.cipher, &SESSIONS, records).unwrap();
+    let w = log::write_fresh_plain(&tmp, &s.journal.log.cipher, &SESSIONS, records).unwrap();
     // 1. The new file written (even half written), the mark not yet touched.
     let half = copy_dir(dir.path());
     let len = std::fs::metadata(half.path().join(tmp.file_name().unwrap()))
@@ -188,14 +188,18 @@ fn crash_inside_a_compaction_loads_either_file() {
     assert!(!half.path().join(tmp.file_name().unwrap()).exists());
     // 2. The mark names both files, the rename not done.
     let both = Mark {
-        current: Some(s.log.vouch()),
+        current: Some(s.journal.log.vouch()),
         next: Some(Vouch {
             file_id: w.file_id,
             records: w.next_seq,
             len: w.len,
         }),
     };
-    s.log.mark.write(&s.log.cipher, &both, true).unwrap();
+    s.journal
+        .log
+        .mark
+        .write(&s.journal.log.cipher, &both, true)
+        .unwrap();
     drop(s);
     let unrenamed = copy_dir(dir.path());
     assert_eq!(all(&open(unrenamed.path()).unwrap()), before);
@@ -222,7 +226,8 @@ fn crash_inside_a_rekey_keeps_the_old_key_working() {
     let records = s.state.snapshot_records();
     let w = log::write_fresh_plain(&tmp, &new, &SESSIONS, records).unwrap();
     // The older slot holds the new file's mark under the new key; no rename yet.
-    s.log
+    s.journal
+        .log
         .mark
         .write(
             &new,

@@ -83,7 +83,7 @@ struct MSession {
 
 type Model = BTreeMap<SessionKey, MSession>;
 
-fn view(store: &SessionLog) -> Model {
+fn view(store: &dyn SessionStore) -> Model {
     store
         .sessions()
         .map(|s| {
@@ -105,13 +105,144 @@ fn view(store: &SessionLog) -> Model {
 }
 
 /// The id of the `i`th held message (modulo their number), if any.
-fn nth_id(store: &SessionLog, k: &SessionKey, i: usize) -> Option<(usize, u64)> {
+fn nth_id(store: &dyn SessionStore, k: &SessionKey, i: usize) -> Option<(usize, u64)> {
     let s = store.session(k)?;
     let n = s.messages.len();
     (n > 0).then(|| {
         let at = i % n;
         (at, *s.messages.keys().nth(at).unwrap())
     })
+}
+
+/// Applies one state operation (not a commit, compaction, reopen or crash) to the store
+/// and the model, checking what the store answers; `false` for the other operations.
+fn step(store: &mut dyn SessionStore, model: &mut Model, op: &Op) -> Result<bool, TestCaseError> {
+    match *op {
+        Op::Put(k, v) => {
+            let created = store.put_session(&key_of(k), meta_of(v)).unwrap();
+            prop_assert_eq!(created, !model.contains_key(&key_of(k)));
+            model.entry(key_of(k)).or_default().meta = meta_of(v);
+        }
+        Op::Remove(k) => {
+            let removed = store.remove_session(&key_of(k)).unwrap();
+            prop_assert_eq!(removed, model.remove(&key_of(k)).is_some());
+        }
+        Op::Enqueue(k, t, n, qos, expires) => {
+            let msg = QueuedMessage {
+                qos,
+                expires_at: expires.then_some(150),
+                ..qmsg(["a/1", "b", "a/2/3"][t as usize], &"x".repeat(n))
+            };
+            let got = store.enqueue(&key_of(k), msg.clone());
+            match model.get_mut(&key_of(k)) {
+                None => prop_assert!(matches!(got, Err(StoreError::UnknownSession))),
+                Some(m) => {
+                    let queued: Vec<&QueuedMessage> = m
+                        .messages
+                        .iter()
+                        .filter(|(_, d)| *d == Delivery::Queued)
+                        .map(|(m, _)| m)
+                        .collect();
+                    let bytes: u64 = queued.iter().map(|m| m.queued_bytes()).sum();
+                    let got = got.unwrap();
+                    if queued.len() >= SMALL.max_queued_messages {
+                        prop_assert_eq!(got, Enqueued::DroppedMessages);
+                    } else if bytes + msg.queued_bytes() > SMALL.max_queued_bytes {
+                        prop_assert_eq!(got, Enqueued::DroppedBytes);
+                    } else {
+                        prop_assert!(matches!(got, Enqueued::Queued(_)));
+                        m.messages.push((msg, Delivery::Queued));
+                    }
+                }
+            }
+        }
+        Op::Sent(k, i, pkid) => {
+            let key = key_of(k);
+            let target = nth_id(store, &key, i);
+            let id = target.map_or(u64::MAX, |t| t.1);
+            prop_assert_eq!(store.mark_sent(&key, id, pkid).unwrap(), target.is_some());
+            if let Some((at, _)) = target {
+                model.get_mut(&key).unwrap().messages[at].1 = Delivery::Sent { pkid };
+            }
+        }
+        Op::Released(k, i) => {
+            let key = key_of(k);
+            let target = nth_id(store, &key, i);
+            let id = target.map_or(u64::MAX, |t| t.1);
+            let done = store.mark_released(&key, id).unwrap();
+            let mut expect = false;
+            if let Some((at, _)) = target {
+                let d = &mut model.get_mut(&key).unwrap().messages[at].1;
+                if let Delivery::Sent { pkid } | Delivery::Released { pkid } = *d {
+                    *d = Delivery::Released { pkid };
+                    expect = true;
+                }
+            }
+            prop_assert_eq!(done, expect);
+        }
+        Op::Done(k, i) => {
+            let key = key_of(k);
+            let target = nth_id(store, &key, i);
+            let id = target.map_or(u64::MAX, |t| t.1);
+            prop_assert_eq!(store.complete(&key, id).unwrap(), target.is_some());
+            if let Some((at, _)) = target {
+                model.get_mut(&key).unwrap().messages.remove(at);
+            }
+        }
+        Op::Qos2In(k, pkid) => {
+            let got = store.qos2_in(&key_of(k), pkid).unwrap();
+            let expect = model
+                .get_mut(&key_of(k))
+                .is_some_and(|m| m.qos2.insert(pkid));
+            prop_assert_eq!(got, expect);
+        }
+        Op::Qos2InDone(k, pkid) => {
+            let got = store.qos2_in_done(&key_of(k), pkid).unwrap();
+            let expect = model
+                .get_mut(&key_of(k))
+                .is_some_and(|m| m.qos2.remove(&pkid));
+            prop_assert_eq!(got, expect);
+        }
+        Op::Will(k, set) => {
+            let will = set.then(|| PendingWill {
+                message: qmsg("w", "bye"),
+                publish_at: 7,
+            });
+            let got = store.set_will(&key_of(k), will.clone()).unwrap();
+            let m = model.get_mut(&key_of(k));
+            prop_assert_eq!(got, m.is_some());
+            if let Some(m) = m {
+                m.will = will;
+            }
+        }
+        Op::Purge(now) => {
+            let purged = store.purge_expired(now).unwrap();
+            let gone: Vec<SessionKey> = model
+                .iter()
+                .filter(|(_, s)| {
+                    s.meta
+                        .disconnected_at
+                        .is_some_and(|t| t + s.meta.expiry_interval <= now)
+                })
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in &gone {
+                model.remove(k);
+            }
+            prop_assert_eq!(&purged.sessions, &gone);
+            let mut n = 0;
+            for s in model.values_mut() {
+                let before = s.messages.len();
+                s.messages.retain(|(m, d)| {
+                    !(*d == Delivery::Queued && m.expires_at.is_some_and(|t| t <= now))
+                });
+                n += before - s.messages.len();
+            }
+            prop_assert_eq!(purged.messages, n);
+        }
+        Op::Commit | Op::Compact | Op::Reopen | Op::Crash => return Ok(false),
+    }
+    Ok(true)
 }
 
 fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
@@ -121,129 +252,11 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
     let mut model = Model::new();
     let mut committed = Model::new();
     for op in ops {
+        if step(&mut store, &mut model, &op)? {
+            prop_assert_eq!(&view(&store), &model);
+            continue;
+        }
         match op {
-            Op::Put(k, v) => {
-                let created = store.put_session(&key_of(k), meta_of(v)).unwrap();
-                prop_assert_eq!(created, !model.contains_key(&key_of(k)));
-                model.entry(key_of(k)).or_default().meta = meta_of(v);
-            }
-            Op::Remove(k) => {
-                let removed = store.remove_session(&key_of(k)).unwrap();
-                prop_assert_eq!(removed, model.remove(&key_of(k)).is_some());
-            }
-            Op::Enqueue(k, t, n, qos, expires) => {
-                let msg = QueuedMessage {
-                    qos,
-                    expires_at: expires.then_some(150),
-                    ..qmsg(["a/1", "b", "a/2/3"][t as usize], &"x".repeat(n))
-                };
-                let got = store.enqueue(&key_of(k), msg.clone());
-                match model.get_mut(&key_of(k)) {
-                    None => prop_assert!(matches!(got, Err(StoreError::UnknownSession))),
-                    Some(m) => {
-                        let queued: Vec<&QueuedMessage> = m
-                            .messages
-                            .iter()
-                            .filter(|(_, d)| *d == Delivery::Queued)
-                            .map(|(m, _)| m)
-                            .collect();
-                        let bytes: u64 = queued.iter().map(|m| m.queued_bytes()).sum();
-                        let got = got.unwrap();
-                        if queued.len() >= SMALL.max_queued_messages {
-                            prop_assert_eq!(got, Enqueued::DroppedMessages);
-                        } else if bytes + msg.queued_bytes() > SMALL.max_queued_bytes {
-                            prop_assert_eq!(got, Enqueued::DroppedBytes);
-                        } else {
-                            prop_assert!(matches!(got, Enqueued::Queued(_)));
-                            m.messages.push((msg, Delivery::Queued));
-                        }
-                    }
-                }
-            }
-            Op::Sent(k, i, pkid) => {
-                let key = key_of(k);
-                let target = nth_id(&store, &key, i);
-                let id = target.map_or(u64::MAX, |t| t.1);
-                prop_assert_eq!(store.mark_sent(&key, id, pkid).unwrap(), target.is_some());
-                if let Some((at, _)) = target {
-                    model.get_mut(&key).unwrap().messages[at].1 = Delivery::Sent { pkid };
-                }
-            }
-            Op::Released(k, i) => {
-                let key = key_of(k);
-                let target = nth_id(&store, &key, i);
-                let id = target.map_or(u64::MAX, |t| t.1);
-                let done = store.mark_released(&key, id).unwrap();
-                let mut expect = false;
-                if let Some((at, _)) = target {
-                    let d = &mut model.get_mut(&key).unwrap().messages[at].1;
-                    if let Delivery::Sent { pkid } | Delivery::Released { pkid } = *d {
-                        *d = Delivery::Released { pkid };
-                        expect = true;
-                    }
-                }
-                prop_assert_eq!(done, expect);
-            }
-            Op::Done(k, i) => {
-                let key = key_of(k);
-                let target = nth_id(&store, &key, i);
-                let id = target.map_or(u64::MAX, |t| t.1);
-                prop_assert_eq!(store.complete(&key, id).unwrap(), target.is_some());
-                if let Some((at, _)) = target {
-                    model.get_mut(&key).unwrap().messages.remove(at);
-                }
-            }
-            Op::Qos2In(k, pkid) => {
-                let got = store.qos2_in(&key_of(k), pkid).unwrap();
-                let expect = model
-                    .get_mut(&key_of(k))
-                    .is_some_and(|m| m.qos2.insert(pkid));
-                prop_assert_eq!(got, expect);
-            }
-            Op::Qos2InDone(k, pkid) => {
-                let got = store.qos2_in_done(&key_of(k), pkid).unwrap();
-                let expect = model
-                    .get_mut(&key_of(k))
-                    .is_some_and(|m| m.qos2.remove(&pkid));
-                prop_assert_eq!(got, expect);
-            }
-            Op::Will(k, set) => {
-                let will = set.then(|| PendingWill {
-                    message: qmsg("w", "bye"),
-                    publish_at: 7,
-                });
-                let got = store.set_will(&key_of(k), will.clone()).unwrap();
-                let m = model.get_mut(&key_of(k));
-                prop_assert_eq!(got, m.is_some());
-                if let Some(m) = m {
-                    m.will = will;
-                }
-            }
-            Op::Purge(now) => {
-                let purged = store.purge_expired(now).unwrap();
-                let gone: Vec<SessionKey> = model
-                    .iter()
-                    .filter(|(_, s)| {
-                        s.meta
-                            .disconnected_at
-                            .is_some_and(|t| t + s.meta.expiry_interval <= now)
-                    })
-                    .map(|(k, _)| k.clone())
-                    .collect();
-                for k in &gone {
-                    model.remove(k);
-                }
-                prop_assert_eq!(&purged.sessions, &gone);
-                let mut n = 0;
-                for s in model.values_mut() {
-                    let before = s.messages.len();
-                    s.messages.retain(|(m, d)| {
-                        !(*d == Delivery::Queued && m.expires_at.is_some_and(|t| t <= now))
-                    });
-                    n += before - s.messages.len();
-                }
-                prop_assert_eq!(purged.messages, n);
-            }
             Op::Commit => {
                 store.commit().unwrap();
                 committed = model.clone();
@@ -263,6 +276,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 store = reopen();
                 model = committed.clone();
             }
+            _ => unreachable!("state operations are stepped above"),
         }
         prop_assert_eq!(&view(&store), &model);
     }
@@ -278,11 +292,30 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
     Ok(())
 }
 
+/// The in-memory backend follows the same model; its commits write nothing.
+fn run_memory(ops: Vec<Op>) -> Result<(), TestCaseError> {
+    let mut store = crate::MemorySessions::new(SMALL);
+    let mut model = Model::new();
+    for op in ops {
+        if !step(&mut store, &mut model, &op)? {
+            prop_assert_eq!(store.commit().unwrap(), crate::CommitStats::default());
+        }
+        prop_assert_eq!(store.pending(), 0);
+        prop_assert_eq!(&view(&store), &model);
+    }
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
     #[test]
     fn random_operations_reopen_to_the_model(ops in proptest::collection::vec(op(), 1..60)) {
         run(ops)?;
+    }
+
+    #[test]
+    fn memory_backend_follows_the_model(ops in proptest::collection::vec(op(), 1..60)) {
+        run_memory(ops)?;
     }
 }
 
@@ -296,7 +329,7 @@ fn authentic_but_inconsistent_record_is_refused() {
     s.put_session(&k, meta(&[])).unwrap();
     s.commit().unwrap();
     // Append a `Done` for a message that was never queued, sealed like any record.
-    s.pending.push(
+    s.journal.pending.push(
         crate::record::encode(&(5u32, 0u64, 99u64)).unwrap(), // Rec::Done { sid: 0, id: 99 }
     );
     s.commit().unwrap();

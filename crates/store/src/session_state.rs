@@ -1,0 +1,315 @@
+//! The state machine of the session store: every session, rebuilt by applying changes
+//! ([`Rec`]) in order. Each change goes through [`State::apply`] both when it is made and
+//! when it is read back from a log, so what a reopened store holds is what the running
+//! one held at its last commit. A change that does not fit the state before it (a
+//! message for a session that does not exist, an acknowledgement of an unknown message)
+//! is refused: read back from a log it is corruption, since only a bug or the key's
+//! holder could have written it.
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use crate::record::{self, OpenError};
+use crate::session::{
+    Delivery, HeldMessage, PendingWill, QueuedMessage, Session, SessionKey, SessionMeta,
+    SessionStats,
+};
+use crate::StoreError;
+
+/// One change. Encoded by position (postcard): new kinds go at the end only. `sid` is the
+/// session's number in this log, given by its first `Put`.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Rec<'a> {
+    Put {
+        sid: u64,
+        key: Cow<'a, SessionKey>,
+        meta: Cow<'a, SessionMeta>,
+    },
+    Remove {
+        sid: u64,
+    },
+    Message {
+        sid: u64,
+        id: u64,
+        message: Cow<'a, QueuedMessage>,
+        delivery: Delivery,
+    },
+    Sent {
+        sid: u64,
+        id: u64,
+        pkid: u16,
+    },
+    Released {
+        sid: u64,
+        id: u64,
+    },
+    Done {
+        sid: u64,
+        id: u64,
+    },
+    Qos2In {
+        sid: u64,
+        pkid: u16,
+    },
+    Qos2InDone {
+        sid: u64,
+        pkid: u16,
+    },
+    Will {
+        sid: u64,
+        will: Cow<'a, Option<PendingWill>>,
+    },
+}
+
+/// A session and what the log needs to know about it.
+#[derive(Debug)]
+pub(crate) struct Slot {
+    pub(crate) sid: u64,
+    pub(crate) session: Session,
+    pub(crate) next_id: u64,
+    /// Messages in `Delivery::Queued` and their `queued_bytes`.
+    pub(crate) queued: usize,
+    pub(crate) queued_bytes: u64,
+    /// Frame bytes of the live records of this session, by what they hold.
+    put_frame: u64,
+    will_frame: u64,
+    message_frames: HashMap<u64, u64>,
+    qos2_frames: HashMap<u16, u64>,
+}
+
+impl Slot {
+    fn frames(&self) -> u64 {
+        self.put_frame
+            + self.will_frame
+            + self.message_frames.values().sum::<u64>()
+            + self.qos2_frames.values().sum::<u64>()
+    }
+}
+
+/// Every session, by key and by number.
+#[derive(Debug, Default)]
+pub struct State {
+    pub(crate) slots: HashMap<SessionKey, Slot>,
+    by_sid: HashMap<u64, SessionKey>,
+    pub(crate) next_sid: u64,
+    /// Frame bytes of all live records: what a compacted log would hold.
+    pub(crate) live_frame_bytes: u64,
+}
+
+impl State {
+    fn slot(&mut self, sid: u64) -> Result<&mut Slot, String> {
+        let key = self
+            .by_sid
+            .get(&sid)
+            .ok_or_else(|| format!("refers to unknown session {sid}"))?;
+        Ok(self.slots.get_mut(key).expect("by_sid and slots agree"))
+    }
+
+    /// Applies one change; `frame` is the size of the frame holding it.
+    pub(crate) fn apply(&mut self, rec: Rec<'_>, frame: u64) -> Result<(), String> {
+        match rec {
+            Rec::Put { sid, key, meta } => {
+                let key = key.into_owned();
+                let meta = meta.into_owned();
+                if let Some(slot) = self.slots.get_mut(&key) {
+                    if slot.sid != sid {
+                        return Err(format!("session {sid} put over session {}", slot.sid));
+                    }
+                    self.live_frame_bytes = self.live_frame_bytes - slot.put_frame + frame;
+                    slot.put_frame = frame;
+                    slot.session.meta = meta;
+                    return Ok(());
+                }
+                if self.by_sid.contains_key(&sid) {
+                    return Err(format!("session {sid} put under another key"));
+                }
+                self.next_sid = self.next_sid.max(sid + 1);
+                self.by_sid.insert(sid, key.clone());
+                self.live_frame_bytes += frame;
+                self.slots.insert(
+                    key.clone(),
+                    Slot {
+                        sid,
+                        session: Session {
+                            key,
+                            meta,
+                            will: None,
+                            messages: BTreeMap::new(),
+                            qos2_in: Default::default(),
+                        },
+                        next_id: 0,
+                        queued: 0,
+                        queued_bytes: 0,
+                        put_frame: frame,
+                        will_frame: 0,
+                        message_frames: HashMap::new(),
+                        qos2_frames: HashMap::new(),
+                    },
+                );
+            }
+            Rec::Remove { sid } => {
+                let key = self
+                    .by_sid
+                    .remove(&sid)
+                    .ok_or_else(|| format!("removes unknown session {sid}"))?;
+                let slot = self.slots.remove(&key).expect("by_sid and slots agree");
+                self.live_frame_bytes -= slot.frames();
+            }
+            Rec::Message {
+                sid,
+                id,
+                message,
+                delivery,
+            } => {
+                let message = message.into_owned();
+                if message.qos > 2 {
+                    return Err(format!("invalid qos {}", message.qos));
+                }
+                let slot = self.slot(sid)?;
+                if slot.session.messages.contains_key(&id) {
+                    return Err(format!("message {id} of session {sid} queued twice"));
+                }
+                if delivery == Delivery::Queued {
+                    slot.queued += 1;
+                    slot.queued_bytes += message.queued_bytes();
+                }
+                slot.next_id = slot.next_id.max(id + 1);
+                slot.message_frames.insert(id, frame);
+                slot.session
+                    .messages
+                    .insert(id, HeldMessage { message, delivery });
+                self.live_frame_bytes += frame;
+            }
+            Rec::Sent { sid, id, pkid } => {
+                let slot = self.slot(sid)?;
+                let held = slot
+                    .session
+                    .messages
+                    .get_mut(&id)
+                    .ok_or_else(|| format!("sends unknown message {id} of session {sid}"))?;
+                if held.delivery == Delivery::Queued {
+                    slot.queued -= 1;
+                    slot.queued_bytes -= held.message.queued_bytes();
+                }
+                held.delivery = Delivery::Sent { pkid };
+            }
+            Rec::Released { sid, id } => {
+                let slot = self.slot(sid)?;
+                let held = slot
+                    .session
+                    .messages
+                    .get_mut(&id)
+                    .ok_or_else(|| format!("releases unknown message {id} of session {sid}"))?;
+                held.delivery = match held.delivery {
+                    Delivery::Sent { pkid } | Delivery::Released { pkid } => {
+                        Delivery::Released { pkid }
+                    }
+                    Delivery::Queued => {
+                        return Err(format!("releases unsent message {id} of session {sid}"))
+                    }
+                };
+            }
+            Rec::Done { sid, id } => {
+                let slot = self.slot(sid)?;
+                let held =
+                    slot.session.messages.remove(&id).ok_or_else(|| {
+                        format!("completes unknown message {id} of session {sid}")
+                    })?;
+                if held.delivery == Delivery::Queued {
+                    slot.queued -= 1;
+                    slot.queued_bytes -= held.message.queued_bytes();
+                }
+                let f = slot.message_frames.remove(&id).unwrap_or(0);
+                self.live_frame_bytes -= f;
+            }
+            Rec::Qos2In { sid, pkid } => {
+                let slot = self.slot(sid)?;
+                if !slot.session.qos2_in.insert(pkid) {
+                    return Err(format!("incoming pkid {pkid} of session {sid} twice"));
+                }
+                slot.qos2_frames.insert(pkid, frame);
+                self.live_frame_bytes += frame;
+            }
+            Rec::Qos2InDone { sid, pkid } => {
+                let slot = self.slot(sid)?;
+                if !slot.session.qos2_in.remove(&pkid) {
+                    return Err(format!("releases unknown pkid {pkid} of session {sid}"));
+                }
+                let f = slot.qos2_frames.remove(&pkid).unwrap_or(0);
+                self.live_frame_bytes -= f;
+            }
+            Rec::Will { sid, will } => {
+                let slot = self.slot(sid)?;
+                let will = will.into_owned();
+                let old = slot.will_frame;
+                slot.will_frame = if will.is_some() { frame } else { 0 };
+                let new = slot.will_frame;
+                slot.session.will = will;
+                self.live_frame_bytes = self.live_frame_bytes - old + new;
+            }
+        }
+        Ok(())
+    }
+
+    /// Totals over every session.
+    pub(crate) fn stats(&self) -> SessionStats {
+        let mut stats = SessionStats {
+            sessions: self.slots.len(),
+            ..SessionStats::default()
+        };
+        for slot in self.slots.values() {
+            stats.held_messages += slot.session.messages.len();
+            stats.queued_messages += slot.queued;
+            stats.queued_bytes += slot.queued_bytes;
+        }
+        stats
+    }
+
+    /// The records that rebuild this state, session by session in number order.
+    fn snapshot(&self) -> impl Iterator<Item = Rec<'_>> {
+        let mut slots: Vec<&Slot> = self.slots.values().collect();
+        slots.sort_by_key(|s| s.sid);
+        slots.into_iter().flat_map(|slot| {
+            let sid = slot.sid;
+            let s = &slot.session;
+            std::iter::once(Rec::Put {
+                sid,
+                key: Cow::Borrowed(&s.key),
+                meta: Cow::Borrowed(&s.meta),
+            })
+            .chain(s.will.is_some().then_some(Rec::Will {
+                sid,
+                will: Cow::Borrowed(&s.will),
+            }))
+            .chain(s.messages.iter().map(move |(id, held)| Rec::Message {
+                sid,
+                id: *id,
+                message: Cow::Borrowed(&held.message),
+                delivery: held.delivery,
+            }))
+            .chain(
+                s.qos2_in
+                    .iter()
+                    .map(move |pkid| Rec::Qos2In { sid, pkid: *pkid }),
+            )
+        })
+    }
+
+    /// [`State::snapshot`] encoded, ready to be sealed into a fresh log.
+    pub(crate) fn snapshot_records(
+        &self,
+    ) -> impl Iterator<Item = Result<Zeroizing<Vec<u8>>, StoreError>> + '_ {
+        self.snapshot().map(|r| record::encode(&r))
+    }
+}
+
+/// Reads a log's records into a state.
+pub(crate) fn replayer(state: &mut State) -> impl FnMut(&[u8], u64) -> Result<(), OpenError> + '_ {
+    |plain, frame| {
+        let rec: Rec<'static> = record::decode_exact(plain)?;
+        state.apply(rec, frame).map_err(OpenError::Decode)
+    }
+}
