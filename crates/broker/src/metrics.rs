@@ -69,6 +69,9 @@ pub struct Metrics {
     /// Persistent sessions whose client is away, and their subscriptions.
     pub sessions_offline: Gauge,
     pub sessions_offline_subscriptions: Gauge,
+    /// Persistent sessions in the session store, and the messages it holds for them.
+    pub sessions_stored: Gauge,
+    pub session_messages_held: Gauge,
     pub retained_store_bytes: Gauge,
     pub retained_last_save_timestamp: Gauge,
     pub retained_last_save_duration_ms: Gauge,
@@ -104,6 +107,8 @@ impl Metrics {
             session_messages_dropped: Counter::default(),
             sessions_offline: Gauge::default(),
             sessions_offline_subscriptions: Gauge::default(),
+            sessions_stored: Gauge::default(),
+            session_messages_held: Gauge::default(),
             retained_store_bytes: Gauge::default(),
             retained_last_save_timestamp: Gauge::default(),
             retained_last_save_duration_ms: Gauge::default(),
@@ -192,6 +197,16 @@ impl Metrics {
                 "sessions_offline_subscriptions",
                 "Subscriptions of persistent sessions whose client is away",
                 m.sessions_offline_subscriptions.clone(),
+            );
+            r.register(
+                "sessions_stored",
+                "Persistent sessions in the durable session store (as of its last commit)",
+                m.sessions_stored.clone(),
+            );
+            r.register(
+                "session_messages_held",
+                "Messages the session store holds for persistent sessions, queued or in flight",
+                m.session_messages_held.clone(),
             );
             r.register(
                 "retained_store_bytes",

@@ -308,3 +308,95 @@ async fn an_unacknowledged_message_is_not_duplicated_by_a_reconnect_without_rest
     assert!(sub.connack.session_present);
     assert_quiet4(&mut sub).await;
 }
+
+#[tokio::test]
+async fn a_full_queue_drops_the_newest_counted_and_audited() {
+    let broker = TestBroker::builder()
+        .anonymous()
+        .retained_store()
+        .limit("max_queued_messages", 3)
+        .metrics()
+        .audit()
+        .start()
+        .await;
+    let addr = broker.first_addr();
+    leave_subscribed(addr, "small-queue", "q/#").await;
+    publish_n(addr, "q/x", 5).await;
+    // The publisher is never held up by a full queue; the drops are counted.
+    let mut dropped = 0.0;
+    for _ in 0..50 {
+        dropped = broker.metric("moatmq_session_messages_dropped_total").await;
+        if dropped >= 2.0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(dropped, 2.0);
+    let audit = std::fs::read_to_string(broker.path("audit.log")).unwrap();
+    let full: Vec<&str> = audit
+        .lines()
+        .filter(|l| l.contains("\"session_queue_full\""))
+        .collect();
+    assert_eq!(full.len(), 2, "{audit}");
+    assert!(full[0].contains("\"small-queue\"") && full[0].contains("max_queued_messages"));
+
+    let broker = broker.restart().await;
+    let mut sub = v4::connect(persistent4(broker.first_addr(), "small-queue"))
+        .await
+        .unwrap();
+    for i in 0..3 {
+        assert_eq!(sub.next_publish().await.payload, format!("m{i}").as_bytes());
+    }
+    assert_quiet4(&mut sub).await;
+}
+
+#[tokio::test]
+async fn qos_0_messages_are_kept_for_offline_sessions_only_when_configured() {
+    for queue_qos0 in [false, true] {
+        let broker = TestBroker::builder()
+            .anonymous()
+            .retained_store()
+            .set("sessions", "queue_qos0_messages", queue_qos0)
+            .start()
+            .await;
+        let addr = broker.first_addr();
+        leave_subscribed(addr, "qos0-sink", "z/#").await;
+        let mut publ = v4::connected(addr, "publisher").await;
+        publ.client
+            .publish("z/0", QoS::AtMostOnce, false, "best effort")
+            .await
+            .unwrap();
+        publ.publish_acked("z/1", false, "sure").await;
+        let broker = broker.restart().await;
+        let mut sub = v4::connect(persistent4(broker.first_addr(), "qos0-sink"))
+            .await
+            .unwrap();
+        if queue_qos0 {
+            assert_eq!(sub.next_publish().await.topic, "z/0");
+        }
+        assert_eq!(
+            sub.next_publish().await.topic,
+            "z/1",
+            "queue_qos0 {queue_qos0}"
+        );
+        assert_quiet4(&mut sub).await;
+    }
+}
+
+#[tokio::test]
+async fn sessions_enabled_false_keeps_them_in_memory() {
+    let broker = TestBroker::builder()
+        .anonymous()
+        .retained_store()
+        .set("sessions", "enabled", false)
+        .start()
+        .await;
+    leave_subscribed(broker.first_addr(), "volatile", "v/#").await;
+    publish_n(broker.first_addr(), "v/x", 1).await;
+    let broker = broker.restart().await;
+    assert!(!broker.path("data/retained/sessions.log").exists());
+    let sub = v4::connect(persistent4(broker.first_addr(), "volatile"))
+        .await
+        .unwrap();
+    assert!(!sub.connack.session_present);
+}

@@ -72,6 +72,22 @@ impl TestBroker {
         self.metrics.expect("[metrics] configured")
     }
 
+    /// The value of the metric line starting with `name` (`[metrics]` must be
+    /// configured); 0 when it is absent.
+    pub async fn metric(&self, name: &str) -> f64 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(self.metrics_addr())
+            .await
+            .expect("metrics endpoint");
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).await.unwrap();
+        text.lines()
+            .find(|l| l.split([' ', '{']).next() == Some(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .map_or(0.0, |v| v.parse().expect("a number"))
+    }
+
     /// Does what SIGHUP does; returns the reload errors.
     pub fn reload(&self) -> Vec<String> {
         self.reloader.reload()

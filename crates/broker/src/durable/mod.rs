@@ -399,7 +399,15 @@ impl Writer {
             return false;
         }
         match self.store.commit() {
-            Ok(_) => true,
+            Ok(_) => {
+                if let Some(shared) = self.shared.upgrade() {
+                    let stats = self.store.stats();
+                    let m = &shared.metrics;
+                    m.sessions_stored.set(stats.sessions as i64);
+                    m.session_messages_held.set(stats.held_messages as i64);
+                }
+                true
+            }
             Err(e) => {
                 error!(error = %e, "session store commit failed");
                 false
@@ -509,20 +517,24 @@ pub fn open(
     config: &Config,
     metrics: &Arc<Metrics>,
 ) -> Result<Option<(SessionBook, Vec<Loaded>)>, RetainedError> {
-    let Some(retained) = &config.retained else {
-        info!("no [retained] store: persistent sessions are kept in memory only and do not survive a restart");
+    let (Some(sessions), Some(retained)) = (config.sessions(), &config.retained) else {
+        info!("persistent sessions are kept in memory only and do not survive a restart (no [retained] store, or [sessions] enabled = false)");
         return Ok(None);
     };
     let key = load_key(config, retained)?;
     let limits = SessionLimits {
-        max_queued_messages: 1000,
+        // Mosquitto's meaning: 0 is no limit.
+        max_queued_messages: match config.limits.max_queued_messages {
+            0 => usize::MAX,
+            n => n,
+        },
         max_queued_bytes: config.limits.max_queued_bytes as u64,
     };
-    let store = SessionLog::open(&config.resolve(&retained.path), key, limits)?;
+    let store = SessionLog::open(&config.resolve(&sessions.path), key, limits)?;
     let (book, loaded) = SessionBook::new(
         Box::new(store),
-        Duration::from_secs(retained.autosave_interval),
-        false,
+        Duration::from_secs(sessions.autosave_interval),
+        sessions.queue_qos0_messages,
         metrics.clone(),
     )?;
     info!(sessions = loaded.len(), "session store loaded");
