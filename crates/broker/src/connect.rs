@@ -323,9 +323,9 @@ async fn login(
             .map(|_| session_key.clone()),
     };
     // A persistent session's stored messages from before a restart are replayed first.
-    let replay = match (&shared.durable, &session.key) {
+    let resumed = match (&shared.durable, &session.key) {
         (Some(book), Some(key)) => book.resume(key, session.meta(version)).await,
-        _ => Vec::new(),
+        _ => Default::default(),
     };
     let connack_props = match version {
         Version::V4 => None,
@@ -390,7 +390,7 @@ async fn login(
         connect.keep_alive,
         max_out,
         session,
-        replay,
+        resumed,
     );
     Ok(LoggedIn {
         gateway,

@@ -4,7 +4,8 @@
 
 mod common;
 use common::{assert_quiet4, login4, suback4, V4_OK};
-use moatmq_testkit::{v4, v5, TestBroker, WAIT};
+use moatmq_testkit::wire::{self, Version};
+use moatmq_testkit::{v4, v5, Raw, TestBroker, QUIET, WAIT};
 use rumqttc::v5::mqttbytes::v5 as m5;
 use rumqttc::QoS;
 use std::net::SocketAddr;
@@ -399,4 +400,59 @@ async fn sessions_enabled_false_keeps_them_in_memory() {
         .await
         .unwrap();
     assert!(!sub.connack.session_present);
+}
+
+/// A raw 3.1.1 client resuming a persistent session.
+async fn raw_persistent(addr: SocketAddr, id: &str) -> Raw {
+    let mut raw = Raw::tcp(addr).await;
+    let mut connect = wire::Connect::new(Version::V4, id);
+    connect.clean = false;
+    raw.send(&connect.encode()).await;
+    let connack = raw.frame_within(WAIT).await.expect("CONNACK");
+    assert_eq!((connack.first, connack.body[1]), (wire::first::CONNACK, 0));
+    raw
+}
+
+#[tokio::test]
+async fn an_incoming_qos_2_exchange_completes_exactly_once_across_a_restart() {
+    let broker = broker_with_store(0).await;
+    let addr = broker.first_addr();
+    let mut watcher = v4::connected(addr, "watcher").await;
+    watcher.subscribe_acked("pay/#").await;
+    let mut payer = raw_persistent(addr, "payer").await;
+    let publish = wire::Publish::new(Version::V4, b"pay/1", b"100 EUR")
+        .qos(2, 7)
+        .encode();
+    payer.send(&publish).await;
+    let rec = payer.frame_within(WAIT).await.expect("PUBREC");
+    assert_eq!(
+        (rec.first, &rec.body[..2]),
+        (wire::first::PUBREC, &[0, 7][..])
+    );
+    assert_eq!(&watcher.next_publish().await.payload[..], b"100 EUR");
+
+    let broker = broker.restart().await;
+    let addr = broker.first_addr();
+    let mut watcher = v4::connected(addr, "watcher").await;
+    watcher.subscribe_acked("pay/#").await;
+    let mut payer = raw_persistent(addr, "payer").await;
+    // The payer never saw its PUBREC: it sends the PUBLISH again, with DUP.
+    let mut again = publish.clone();
+    again[0] |= 0x08;
+    payer.send(&again).await;
+    let rec = payer.frame_within(WAIT).await.expect("PUBREC");
+    assert_eq!(
+        (rec.first, &rec.body[..2]),
+        (wire::first::PUBREC, &[0, 7][..])
+    );
+    payer.send(&wire::ack(wire::first::PUBREL, 7)).await;
+    let comp = payer.frame_within(WAIT).await.expect("PUBCOMP");
+    assert_eq!(
+        (comp.first, &comp.body[..2]),
+        (wire::first::PUBCOMP, &[0, 7][..])
+    );
+    assert!(
+        watcher.publish_within(QUIET).await.is_none(),
+        "paid twice: the resent QoS 2 PUBLISH was admitted again"
+    );
 }

@@ -60,6 +60,15 @@ pub struct Replay {
     pub dup: bool,
 }
 
+/// What a resumed session brings back from the store.
+#[derive(Debug, Clone, Default)]
+pub struct Resumed {
+    /// Messages from before a restart, oldest first.
+    pub replay: Vec<Replay>,
+    /// Incoming QoS 2 exchanges admitted, PUBREL not yet received.
+    pub qos2_in: Vec<u16>,
+}
+
 /// A stored session as it was loaded, for the start-up work in `server.rs`.
 #[derive(Debug, Clone)]
 pub struct Loaded {
@@ -97,7 +106,9 @@ enum Job {
     Remove(SessionKey),
     Enqueue(Vec<(Arc<SessionKey>, u8)>, QueuedMessage),
     Hold(SessionKey, Vec<QueuedMessage>),
-    Resume(SessionKey, oneshot::Sender<Vec<Replay>>),
+    Resume(SessionKey, oneshot::Sender<Resumed>),
+    Qos2In(SessionKey, u16),
+    Qos2InDone(SessionKey, u16),
     Complete(SessionKey, u64),
     Commit(oneshot::Sender<bool>),
     Stop(oneshot::Sender<()>),
@@ -240,12 +251,22 @@ impl SessionBook {
     /// subscriptions leave the offline tree, its meta is stored as connected, the
     /// messages queued during this run are dropped from the store (the router delivers
     /// them) and the carried-over ones are returned for replay.
-    pub async fn resume(&self, key: &SessionKey, meta: SessionMeta) -> Vec<Replay> {
+    pub async fn resume(&self, key: &SessionKey, meta: SessionMeta) -> Resumed {
         self.offline_changed(|o| o.remove(key));
         self.send(Job::Put(key.clone(), meta));
         let (tx, rx) = oneshot::channel();
         self.send(Job::Resume(key.clone(), tx));
         rx.await.unwrap_or_default()
+    }
+
+    /// An incoming QoS 2 PUBLISH `pkid` was admitted for the session of `key`.
+    pub fn qos2_in(&self, key: &SessionKey, pkid: u16) {
+        self.send(Job::Qos2In(key.clone(), pkid));
+    }
+
+    /// Its PUBREL arrived.
+    pub fn qos2_in_done(&self, key: &SessionKey, pkid: u16) {
+        self.send(Job::Qos2InDone(key.clone(), pkid));
     }
 
     /// The session's subscriptions or expiry changed while it is connected.
@@ -455,6 +476,8 @@ impl Writer {
                 let _ = reply.send(replay);
                 Ok(())
             }
+            Job::Qos2In(key, pkid) => self.store.qos2_in(&key, pkid).map(drop),
+            Job::Qos2InDone(key, pkid) => self.store.qos2_in_done(&key, pkid).map(drop),
             Job::Complete(key, id) => {
                 if let Some(ids) = self.carried.get_mut(&key) {
                     ids.remove(&id);
@@ -469,11 +492,12 @@ impl Writer {
     }
 
     /// What a resumed session gets replayed; drops this run's copies.
-    fn resume(&mut self, key: &SessionKey) -> Vec<Replay> {
+    fn resume(&mut self, key: &SessionKey) -> Resumed {
         let carried = self.carried.get(key).cloned().unwrap_or_default();
         let Some(session) = self.store.session(key) else {
-            return Vec::new();
+            return Resumed::default();
         };
+        let qos2_in = session.qos2_in.iter().copied().collect();
         let now = now_unix();
         let mut replay = Vec::new();
         let mut done = Vec::new();
@@ -493,7 +517,7 @@ impl Writer {
                 warn!(error = %e, "session store change failed");
             }
         }
-        replay
+        Resumed { replay, qos2_in }
     }
 
     fn dropped(&self, key: &SessionKey, limit: &'static str) {

@@ -6,7 +6,7 @@ use super::ledger::Release;
 use super::retained::RetainedJob;
 use super::{Close, Gateway};
 use crate::admit::{admit, Admitted, Inbound, Refused, Source};
-use crate::codec::Version;
+use crate::codec::{make_router_publish, Version};
 use crate::event::Event;
 use crate::policy::unshare;
 use crate::ratelimit::Pace;
@@ -113,6 +113,27 @@ impl Gateway {
                 );
                 // The router keeps no retained messages: moatmq serves them itself.
                 publish.retain = false;
+                let admitted = match admitted {
+                    Ok(a) if qos == QoS::ExactlyOnce && self.session.key.is_some() => {
+                        // A durable session's QoS 2 PUBLISH goes in now, exactly once:
+                        // the router gets it as QoS 1 (rumqttd would hold it in memory
+                        // until the PUBREL, and a restart would lose it), its PUBACK
+                        // becomes our PUBREC, the PUBREL is answered here, and the
+                        // session store remembers the packet id until then.
+                        let (topic, payload) = (publish.topic, publish.payload);
+                        publish = make_router_publish(topic, payload, QoS::AtLeastOnce, pkid);
+                        self.ledger.restore(pkid);
+                        let a = self.qos2_in(pkid, a);
+                        match a {
+                            Admitted::Now => self.to_router.send(Packet::Publish(publish, props)),
+                            Admitted::AfterSave => {
+                                self.to_router.after_save(Packet::Publish(publish, props))
+                            }
+                        }
+                        return Ok(());
+                    }
+                    other => other,
+                };
                 match admitted {
                     Ok(Admitted::Now) => {}
                     Ok(Admitted::AfterSave) => {
@@ -221,12 +242,15 @@ impl Gateway {
                 Ok(())
             }
             Packet::PubRel(rel, props) => {
+                if let (Some(book), Some(key)) = (&self.shared.durable, &self.session.key) {
+                    book.qos2_in_done(key, rel.pkid);
+                }
                 let reason = match self.ledger.release(rel.pkid) {
                     Release::Router => {
                         self.to_router.send(Packet::PubRel(rel, props));
                         return Ok(());
                     }
-                    Release::Refused => PubCompReason::Success,
+                    Release::Ours => PubCompReason::Success,
                     // A PUBREL for nothing the router holds (a resend after a reconnect,
                     // or a made-up id): the router would drop the link, so it is
                     // answered here.
@@ -309,6 +333,21 @@ impl Gateway {
             return Some(code(SubscribeReasonCode::NotAuthorized));
         }
         None
+    }
+
+    /// A persistent session's incoming QoS 2 exchange `pkid` is stored until its PUBREL,
+    /// so that after a restart a resend is not admitted twice; with
+    /// `autosave_interval = 0` it is durable before the message reaches the router.
+    fn qos2_in(&self, pkid: u16, admitted: Admitted) -> Admitted {
+        let (Some(book), Some(key)) = (&self.shared.durable, &self.session.key) else {
+            return admitted;
+        };
+        book.qos2_in(key, pkid);
+        if book.is_sync() {
+            Admitted::AfterSave
+        } else {
+            admitted
+        }
     }
 
     /// A persistent session's subscriptions changed: the session store keeps them, so a

@@ -1,6 +1,7 @@
 //! The client's QoS 1/2 publishes on their way in: the receive maximum we announced
 //! (MQTT-3.3.4-7/8), QoS 2 exchanges the router holds until their PUBREL (a resend is
-//! not delivered twice, MQTT-4.3.3-10), and QoS 2 publishes we refused whose PUBCOMP we
+//! not delivered twice, MQTT-4.3.3-10), and QoS 2 publishes we refused, or that went in
+//! before a reconnect or restart (the session store remembers them), whose PUBCOMP we
 //! owe ourselves.
 
 use rumqttd::protocol::{Packet, PubRecReason, QoS};
@@ -15,8 +16,9 @@ pub(super) struct ReceiveMaximumExceeded;
 pub(super) enum Release {
     /// The router holds the message: the PUBREL goes to it.
     Router,
-    /// We refused the message: our PUBCOMP ends the exchange.
-    Refused,
+    /// We refused the message, or it went in before a reconnect or restart: our PUBCOMP
+    /// ends the exchange.
+    Ours,
     /// Nothing is held under that id (a resend after a reconnect, a made-up id): we
     /// answer, without bothering the router (which would drop the link).
     Unknown,
@@ -32,6 +34,10 @@ pub(super) struct Ledger {
     at_router: HashSet<u16>,
     /// QoS 2 publishes we refused (3.1.1, which cannot say no in its PUBREC).
     refused: HashSet<u16>,
+    /// QoS 2 publishes of a durable session, given to the router at once (as QoS 1) so
+    /// that none waits in the router's memory for its PUBREL, or admitted before a
+    /// reconnect or restart: PUBREL not yet received, our PUBCOMP owed.
+    restored: HashSet<u16>,
 }
 
 impl Ledger {
@@ -42,13 +48,26 @@ impl Ledger {
             open: HashSet::new(),
             at_router: HashSet::new(),
             refused: HashSet::new(),
+            restored: HashSet::new(),
         }
     }
 
     /// A QoS 2 PUBLISH the router already holds, sent again before its PUBREL: its
     /// PUBREC is ours to repeat, and it must not reach the router twice.
     pub(super) fn is_resend(&self, qos: QoS, pkid: u16) -> bool {
-        qos == QoS::ExactlyOnce && self.at_router.contains(&pkid)
+        qos == QoS::ExactlyOnce && (self.at_router.contains(&pkid) || self.restored.contains(&pkid))
+    }
+
+    /// The QoS 2 PUBLISH `pkid` of this session went in (now, or before it reconnected
+    /// or the broker restarted): a resend is not admitted again, and its PUBREL is ours.
+    pub(super) fn restore(&mut self, pkid: u16) {
+        self.restored.insert(pkid);
+    }
+
+    /// Whether the router's PUBACK for `pkid` is the PUBREC we owe for a QoS 2 PUBLISH
+    /// we gave it as QoS 1.
+    pub(super) fn is_ours(&self, pkid: u16) -> bool {
+        self.restored.contains(&pkid)
     }
 
     /// A QoS 1/2 PUBLISH arrives: it takes a receive-maximum slot until it is
@@ -79,8 +98,8 @@ impl Ledger {
 
     /// The client's PUBREL for `pkid`: who answers it.
     pub(super) fn release(&mut self, pkid: u16) -> Release {
-        if self.refused.remove(&pkid) {
-            Release::Refused
+        if self.refused.remove(&pkid) || self.restored.remove(&pkid) {
+            Release::Ours
         } else if self.at_router.remove(&pkid) {
             Release::Router
         } else {
@@ -170,7 +189,20 @@ mod tests {
         assert_eq!(l.release(1), Release::Router);
         assert!(!l.is_resend(QoS::ExactlyOnce, 1), "released");
         assert_eq!(l.release(1), Release::Unknown, "a second PUBREL");
-        assert_eq!(l.release(2), Release::Refused);
+        assert_eq!(l.release(2), Release::Ours);
         assert_eq!(l.release(3), Release::Unknown);
+    }
+
+    #[test]
+    fn a_restored_exchange_is_not_admitted_again_and_completed_by_us() {
+        let mut l = Ledger::new(None);
+        l.restore(9);
+        assert!(
+            l.is_resend(QoS::ExactlyOnce, 9),
+            "a resent PUBLISH gets PUBREC only"
+        );
+        assert_eq!(l.release(9), Release::Ours);
+        assert!(!l.is_resend(QoS::ExactlyOnce, 9));
+        assert_eq!(l.release(9), Release::Unknown);
     }
 }

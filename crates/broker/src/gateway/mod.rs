@@ -19,7 +19,7 @@
 use crate::codec::{
     codec_for, mark_publish, publish_header, refuse_before_decode, short_v5_disconnect, Version,
 };
-use crate::durable::Replay;
+use crate::durable::Resumed;
 use crate::event::Event;
 use crate::policy::{AclView, Identity};
 use crate::ratelimit::PublishLimiter;
@@ -142,14 +142,18 @@ impl Gateway {
         keep_alive: u16,
         max_out_packet: Option<u32>,
         session: SessionPart,
-        replay: Vec<Replay>,
+        resumed: Resumed,
     ) -> Gateway {
         let limiter = PublishLimiter::new(&shared.config.rate_limit, identity.username.as_deref());
         let acl = shared.policy.acl_view();
         // MQTT-3.3.4-7/8: we announced limits.max_inflight as receive maximum.
         let receive_max = (version == Version::V5).then_some(shared.config.limits.max_inflight);
         let mut retained = RetainedFeed::default();
-        retained.replay(replay);
+        retained.replay(resumed.replay);
+        let mut ledger = Ledger::new(receive_max);
+        for pkid in resumed.qos2_in {
+            ledger.restore(pkid);
+        }
         Gateway {
             shared,
             info,
@@ -170,7 +174,7 @@ impl Gateway {
             out: Output::new(version),
             link: RouterLink::new(tx, rx),
             to_router: ToRouter::default(),
-            ledger: Ledger::new(receive_max),
+            ledger,
             retained,
             unacked: Unacked::default(),
         }

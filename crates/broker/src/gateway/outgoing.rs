@@ -4,7 +4,7 @@
 
 use super::deliver::{Delivery, Origin};
 use super::{Close, Gateway};
-use rumqttd::protocol::{Packet, QoS, SubscribeReasonCode};
+use rumqttd::protocol::{Packet, PubAckReason, PubRec, PubRecReason, QoS, SubscribeReasonCode};
 use rumqttd::Notification;
 use tracing::warn;
 
@@ -60,6 +60,16 @@ impl Gateway {
                     self.write(Packet::PubRel(rel, props))
                 }
                 Packet::PingResp(_) => Ok(()),
+                // A durable session's QoS 2 PUBLISH went to the router as QoS 1: its
+                // PUBACK is the client's PUBREC (`incoming.rs`).
+                Packet::PubAck(ack, _) if self.ledger.is_ours(ack.pkid) => {
+                    let reason = match ack.reason {
+                        PubAckReason::NoMatchingSubscribers => PubRecReason::NoMatchingSubscribers,
+                        _ => PubRecReason::Success,
+                    };
+                    let pkid = ack.pkid;
+                    self.write(Packet::PubRec(PubRec { pkid, reason }, None))
+                }
                 other => self.write(other),
             },
             Notification::Unschedule => {
