@@ -144,6 +144,12 @@ impl SessionLog {
         Ok(Sessions::with(state, limits, journal))
     }
 
+    /// Whether folder `dir` holds a session store (its log or its high-water mark):
+    /// tools check this rather than let [`SessionLog::open`] create one.
+    pub fn exists_in(dir: &Path) -> bool {
+        dir.join(SESSIONS.log_name).exists() || dir.join(SESSIONS.mark_name).exists()
+    }
+
     /// Opens the store taking the log as it is (tests of what a later open refuses).
     #[cfg(test)]
     pub(crate) fn open_for_test_as_is(dir: &Path) -> SessionLog {
