@@ -53,6 +53,16 @@ pub enum Command {
         #[command(subcommand)]
         command: RetainedCommand,
     },
+    /// Durable-session maintenance (needs the [retained] key).
+    Sessions {
+        #[command(subcommand)]
+        command: SessionsCommand,
+    },
+    /// Maintenance of both stores: the retained store and the session log.
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
+    },
     /// ACL tools.
     Acl {
         #[command(subcommand)]
@@ -80,15 +90,9 @@ pub enum RetainedCommand {
         #[arg(short, long)]
         config: PathBuf,
     },
-    /// Re-encrypt the store under a new key (crash-safe); then point key_file at it.
-    Rekey {
-        /// Configuration file whose [retained] store and key to use.
-        #[arg(short, long)]
-        config: PathBuf,
-        /// Key file made by `moatmq keygen`.
-        #[arg(long)]
-        new_key: PathBuf,
-    },
+    /// The same as `moatmq store rekey`: re-encrypts the retained store and the session
+    /// log (they share the key).
+    Rekey(RekeyArgs),
     /// Keep the store as it is after the broker refused it as truncated, rolled back or
     /// without its high-water mark: what is missing stays lost, tampered records are
     /// still refused, and the high-water mark is rewritten to match.
@@ -97,6 +101,46 @@ pub enum RetainedCommand {
         #[arg(short, long)]
         config: PathBuf,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SessionsCommand {
+    /// Print the stored persistent sessions: client id, owner, subscriptions, queued
+    /// messages and expiry. Reads the files only, so it is safe while the broker runs
+    /// (it shows the last commit).
+    List {
+        /// Configuration file whose session store and key to read.
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Keep the session log as it is after the broker refused it as truncated, rolled
+    /// back or without its high-water mark: what is missing stays lost, tampered records
+    /// are still refused, and the high-water mark is rewritten to match. Run it with the
+    /// broker stopped.
+    Accept {
+        /// Configuration file whose session store and key to use.
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StoreCommand {
+    /// Re-encrypt the retained store and the session log under a new key (each
+    /// crash-safe; run it again after a failure: a store already under the new key is
+    /// left as it is); then point key_file at the new key. Run it with the broker stopped.
+    Rekey(RekeyArgs),
+}
+
+/// Arguments of `store rekey` (and `retained rekey`).
+#[derive(Debug, clap::Args)]
+pub struct RekeyArgs {
+    /// Configuration file whose stores and key to use.
+    #[arg(short, long)]
+    pub config: PathBuf,
+    /// Key file made by `moatmq keygen`.
+    #[arg(long)]
+    pub new_key: PathBuf,
 }
 
 #[derive(Debug, Subcommand)]

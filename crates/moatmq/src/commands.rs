@@ -1,9 +1,9 @@
 //! What each subcommand does.
 
-use crate::cli::{AclCommand, Action, Cli, Command, RetainedCommand};
+use crate::cli::{AclCommand, Action, Cli, Command};
+use crate::stores;
 use anyhow::{bail, Context};
 use moatmq_config::{Config, LogFormat};
-use moatmq_store::StoreError;
 use std::io::{IsTerminal, Read};
 use std::path::Path;
 use std::process::ExitCode;
@@ -24,7 +24,9 @@ pub fn dispatch(cli: Cli) -> ExitCode {
         Command::Check { config } => return check(&config),
         Command::Passwd { delete, file, user } => passwd(&file, &user, delete),
         Command::Keygen { out } => keygen(&out),
-        Command::Retained { command } => retained(command),
+        Command::Retained { command } => stores::retained(command),
+        Command::Sessions { command } => stores::sessions(command),
+        Command::Store { command } => stores::store(command),
         Command::Acl { command } => return acl(command),
         Command::ImportMosquitto { conf, out, force } => import(&conf, out.as_deref(), force),
     };
@@ -220,99 +222,6 @@ fn read_password() -> anyhow::Result<Zeroizing<String>> {
         bail!("empty password");
     }
     Ok(password)
-}
-
-/// The config at `path` and its `[retained]` section, which the command needs.
-fn retained_config(path: &std::path::Path) -> anyhow::Result<(Config, moatmq_config::Retained)> {
-    let config = Config::load(path)?;
-    let r = config
-        .retained
-        .clone()
-        .context("the config has no [retained] section")?;
-    Ok((config, r))
-}
-
-fn retained(command: RetainedCommand) -> anyhow::Result<()> {
-    match command {
-        RetainedCommand::List { config } => {
-            let (config, r) = retained_config(&config)?;
-            let dir = config.resolve(&r.path);
-            if !dir.exists() {
-                // Opening would create it, owned by whoever runs this (often root), and
-                // the broker's own user could then not open it.
-                println!(
-                    "no retained store at {} yet (the broker creates it when it first starts)",
-                    dir.display()
-                );
-                return Ok(());
-            }
-            let store = moatmq_broker::retained::open(&config, &r)?;
-            for m in store.messages() {
-                // Quota owner: as stored, or as derived for records from before owners.
-                let owner = m
-                    .owner
-                    .as_deref()
-                    .unwrap_or_else(|| moatmq_broker::retained::legacy_owner(&m.topic));
-                println!(
-                    "{}\t{} bytes\tqos {}\towner {owner}",
-                    m.topic,
-                    m.payload.len(),
-                    m.qos
-                );
-            }
-            println!(
-                "{} messages, {} bytes on disk",
-                store.len(),
-                store.file_bytes()
-            );
-            Ok(())
-        }
-        RetainedCommand::Rekey { config, new_key } => {
-            let (config, r) = retained_config(&config)?;
-            let old = moatmq_broker::retained::load_key(&config, &r)?;
-            let new = moatmq_store::RetainedKey::load(&new_key)?;
-            let dir = config.resolve(&r.path);
-            // Opening a missing store would create one, owned by whoever runs this.
-            anyhow::ensure!(dir.exists(), "no retained store at {}", dir.display());
-            let n = moatmq_store::rekey(&dir, old, &new)?;
-            println!(
-                "re-encrypted {n} messages; now set key_file = {:?} (or {})",
-                new_key.display().to_string(),
-                moatmq_broker::retained::KEY_ENV
-            );
-            Ok(())
-        }
-        RetainedCommand::Accept { config } => {
-            let (config, r) = retained_config(&config)?;
-            let key = moatmq_broker::retained::load_key(&config, &r)?;
-            let path = config.resolve(&r.path);
-            anyhow::ensure!(path.exists(), "no retained store at {}", path.display());
-            match moatmq_store::Store::open(
-                &path,
-                key.clone(),
-                moatmq_store::StoreLimits::UNLIMITED,
-            ) {
-                Ok((store, _)) => {
-                    println!(
-                        "{} is consistent with its high-water mark ({} messages); nothing to accept",
-                        store.log_path().display(),
-                        store.len()
-                    );
-                    return Ok(());
-                }
-                Err(
-                    e @ (StoreError::Truncated { .. }
-                    | StoreError::RolledBack { .. }
-                    | StoreError::MarkMissing { .. }
-                    | StoreError::LogMissing { .. }),
-                ) => println!("accepting: {e}"),
-                Err(e) => return Err(e.into()),
-            }
-            let n = moatmq_store::accept(&path, key)?;
-            println!("accepted: {n} messages kept; the high-water mark now matches the log");
-            Ok(())
-        }
-    }
 }
 
 /// `acl check`: exit 0 allow, 1 deny, 2 error, so scripts can branch on the decision.

@@ -7,6 +7,7 @@ mod cli;
 mod commands;
 mod logfmt;
 mod lognoise;
+mod stores;
 
 use clap::Parser;
 use std::process::ExitCode;

@@ -144,6 +144,12 @@ impl SessionLog {
         Ok(Sessions::with(state, limits, journal))
     }
 
+    /// Whether folder `dir` holds a session store (its log or its high-water mark):
+    /// tools check this rather than let [`SessionLog::open`] create one.
+    pub fn exists_in(dir: &Path) -> bool {
+        dir.join(SESSIONS.log_name).exists() || dir.join(SESSIONS.mark_name).exists()
+    }
+
     /// Opens the store taking the log as it is (tests of what a later open refuses).
     #[cfg(test)]
     pub(crate) fn open_for_test_as_is(dir: &Path) -> SessionLog {
@@ -184,8 +190,17 @@ impl SessionLog {
 /// like [`SessionLog::open`]. A folder without a session store reads as empty.
 pub fn read_sessions(dir: &Path, key: &RetainedKey) -> Result<Vec<Session>, StoreError> {
     let cipher = record::cipher(key);
-    let mut state = State::default();
-    LogFile::inspect(dir, &cipher, &SESSIONS, replayer(&mut state))?;
+    let mut attempts = 0;
+    let state = loop {
+        let mut state = State::default();
+        match LogFile::inspect(dir, &cipher, &SESSIONS, replayer(&mut state)) {
+            Ok(()) => break state,
+            // A compaction can rename its new log into place between our reading the
+            // mark and opening the log: read both again before calling it a rollback.
+            Err(StoreError::RolledBack { .. }) if attempts < 2 => attempts += 1,
+            Err(e) => return Err(e),
+        }
+    };
     let mut out: Vec<Session> = state.slots.into_values().map(|s| s.session).collect();
     out.sort_by(|a, b| a.key.cmp(&b.key));
     Ok(out)
