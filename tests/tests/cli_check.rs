@@ -204,6 +204,20 @@ fn retained_key_problems_are_found_by_check_as_by_serve() {
             "retained.log",
         ],
     );
+    // A session log written under another key is refused the same way.
+    drop(
+        moatmq_store::SessionLog::open(
+            &d.join("sess"),
+            moatmq_store::RetainedKey::load(&other).unwrap(),
+            moatmq_store::SessionLimits::UNLIMITED,
+        )
+        .unwrap(),
+    );
+    let with_sessions = format!(
+        "{}[sessions]\npath = \"sess\"\n",
+        retained_config(port, store, Some("retained.key"))
+    );
+    both_refuse(d, &with_sessions, &["wrong key", "sessions.log"]);
     // The key in the environment (as the Kubernetes manifests give it) is enough.
     let hex = std::fs::read_to_string(&key).unwrap();
     let env_only = write(d, "env.toml", &retained_config(port, store, None));

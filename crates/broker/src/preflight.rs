@@ -2,7 +2,7 @@
 //! replaying the retained store: the password file, the ACL file, each listener's TLS
 //! certificate, key and client CA (missing, unreadable, swapped, not matching each
 //! other), the retained-store key (missing, malformed, readable by group or others, not
-//! the key of the existing store's header) and the audit log's folder. (The config
+//! the key of the existing store's or session log's header) and the audit log's folder. (The config
 //! itself, overlapping bind addresses included, is checked when it is loaded.)
 //!
 //! `moatmq check` is this function; `moatmq serve` calls it before starting, so the
@@ -25,6 +25,11 @@ pub fn validate(config: &Config) -> Result<(), BrokerError> {
         // The header only: a store written under another key is refused here too.
         key.check_store(&config.resolve(&r.path))
             .map_err(crate::retained::RetainedError::Store)?;
+        // And the session log's, where durable sessions are on.
+        if let Some(s) = config.sessions() {
+            key.check_session_store(&config.resolve(&s.path))
+                .map_err(crate::retained::RetainedError::Store)?;
+        }
     }
     if let Some(a) = config.audit.as_ref().filter(|a| a.path.as_os_str() != "-") {
         let path = config.resolve(&a.path);

@@ -547,11 +547,7 @@ pub fn open(
     };
     let key = load_key(config, retained)?;
     let limits = SessionLimits {
-        // Mosquitto's meaning: 0 is no limit.
-        max_queued_messages: match config.limits.max_queued_messages {
-            0 => usize::MAX,
-            n => n,
-        },
+        max_queued_messages: config.limits.queued_messages_bound(),
         max_queued_bytes: config.limits.max_queued_bytes as u64,
     };
     let store = SessionLog::open(&config.resolve(&sessions.path), key, limits)?;
