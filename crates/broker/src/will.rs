@@ -5,7 +5,11 @@
 
 use crate::admit::{admit, Admitted, Inbound, Source};
 use crate::policy::Identity;
+use crate::retained::from_router_properties;
+use crate::retained_index::{qos_from, stored_properties};
 use crate::shared::{ConnInfo, Shared};
+use bytes::Bytes;
+use moatmq_store::{now_unix, PendingWill, QueuedMessage, SessionKey};
 use rumqttd::protocol::{LastWill, PublishProperties};
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,20 +29,67 @@ pub struct Will {
 }
 
 /// Publishes a will now or after its delay (MQTT 5 will delay interval); a client
-/// that reconnects first cancels it (`shared.delayed_wills`).
-pub fn publish_will(shared: &Arc<Shared>, router_id: &str, will: Will) {
+/// that reconnects first cancels it (`shared.delayed_wills`). The will of a durable
+/// session (`key`) waits in the session store, so a restart does not lose it.
+pub fn publish_will(shared: &Arc<Shared>, router_id: &str, key: Option<&SessionKey>, will: Will) {
     if will.delay.is_zero() {
         publish_now(shared, will);
         return;
     }
-    let (s, id) = (shared.clone(), router_id.to_string());
+    let book = shared.durable.as_ref().zip(key);
+    if let Some((book, key)) = book {
+        let publish_at = now_unix().saturating_add(will.delay.as_secs());
+        book.set_will(key, Some(pending(&will, publish_at)));
+    }
+    let (s, id, key) = (shared.clone(), router_id.to_string(), key.cloned());
     shared
         .delayed_wills
         .start(router_id, will.delay, move || async move {
             if s.delayed_wills.fire(&id) {
+                if let (Some(book), Some(key)) = (&s.durable, &key) {
+                    book.set_will(key, None);
+                }
                 publish_now(&s, will);
             }
         });
+}
+
+/// A will as the session store keeps it.
+fn pending(will: &Will, publish_at: u64) -> PendingWill {
+    let w = &will.will;
+    PendingWill {
+        message: QueuedMessage {
+            topic: String::from_utf8_lossy(&w.topic).into_owned(),
+            payload: w.message.to_vec(),
+            qos: w.qos as u8,
+            retain: w.retain,
+            properties: will
+                .v5
+                .then(|| from_router_properties(will.properties.as_ref())),
+            expires_at: None,
+        },
+        publish_at,
+    }
+}
+
+/// A will the session store kept, back as the will of `owner`'s session; it is
+/// published when its time comes (at once if that passed while the broker was down).
+pub fn restored(stored: PendingWill, owner: Identity, info: ConnInfo) -> Will {
+    let m = stored.message;
+    let v5 = m.properties.is_some();
+    Will {
+        will: LastWill {
+            topic: Bytes::from(m.topic),
+            message: Bytes::from(m.payload),
+            qos: qos_from(m.qos),
+            retain: m.retain,
+        },
+        v5,
+        properties: stored_properties(m.properties.as_ref(), None, 0),
+        delay: Duration::from_secs(stored.publish_at.saturating_sub(now_unix())),
+        owner,
+        info,
+    }
 }
 
 /// Publishes a will if [`admit`] lets it in.

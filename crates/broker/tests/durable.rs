@@ -456,3 +456,67 @@ async fn an_incoming_qos_2_exchange_completes_exactly_once_across_a_restart() {
         "paid twice: the resent QoS 2 PUBLISH was admitted again"
     );
 }
+
+/// A v5 persistent session (expiry 60 s) with a will delayed by `delay` seconds.
+async fn with_delayed_will(addr: SocketAddr, id: &str, delay: u32) -> Raw {
+    let mut connect = moatmq_testkit::connect5(id);
+    connect.clean_start = false;
+    connect.properties = Some(m5::ConnectProperties {
+        session_expiry_interval: Some(60),
+        ..m5::ConnectProperties::new()
+    });
+    let props = m5::LastWillProperties {
+        delay_interval: Some(delay),
+        payload_format_indicator: None,
+        message_expiry_interval: None,
+        content_type: Some("text/plain".into()),
+        response_topic: None,
+        correlation_data: None,
+        user_properties: Vec::new(),
+    };
+    let will = m5::LastWill::new(
+        format!("wills/{id}"),
+        "gone",
+        rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+        false,
+        Some(props),
+    );
+    let (raw, code) = Raw::connect5(addr, connect, Some(will), None).await;
+    assert_eq!(code, Some(m5::ConnectReturnCode::Success));
+    raw
+}
+
+#[tokio::test]
+async fn a_delayed_will_survives_a_restart_unless_its_client_comes_back() {
+    let broker = broker_with_store(0).await;
+    let addr = broker.first_addr();
+    // Both drop their sockets: each has a will due in 2 s.
+    drop(with_delayed_will(addr, "dies", 2).await);
+    drop(with_delayed_will(addr, "returns", 2).await);
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let broker = broker.restart().await;
+    let addr = broker.first_addr();
+    let mut watcher = v5::connected(addr, "watcher").await;
+    common::subscribed5(&mut watcher, "wills/#").await;
+    // "returns" is back before its delay ran out: its will is cancelled.
+    let mut back = v5::options(addr, "returns");
+    back.set_clean_start(false);
+    back.set_connect_properties(m5::ConnectProperties {
+        session_expiry_interval: Some(60),
+        ..m5::ConnectProperties::new()
+    });
+    let back = v5::connect(back).await.unwrap();
+    assert!(back.connack.session_present);
+    let will = watcher.next_publish().await;
+    assert_eq!(
+        (&will.topic[..], &will.payload[..]),
+        (&b"wills/dies"[..], &b"gone"[..])
+    );
+    assert!(
+        watcher
+            .publish_within(std::time::Duration::from_secs(3))
+            .await
+            .is_none(),
+        "the will of a client that came back was published"
+    );
+}

@@ -29,15 +29,16 @@ mod matcher;
 
 use crate::event::Event;
 use crate::metrics::Metrics;
+use crate::policy::{Identity, ListenerPolicy};
 use crate::retained::{load_key, RetainedError};
 use crate::retained_index::qos_from;
 use crate::router::{router_client_id, router_filter};
-use crate::shared::Shared;
+use crate::shared::{ConnInfo, Shared};
 use matcher::Matcher;
 use moatmq_config::Config;
 use moatmq_store::{
-    now_unix, Delivery, Enqueued, MessageProperties, QueuedMessage, SessionKey, SessionLimits,
-    SessionLog, SessionMeta, SessionStore, SubscriptionOptions,
+    now_unix, Delivery, Enqueued, MessageProperties, PendingWill, QueuedMessage, SessionKey,
+    SessionLimits, SessionLog, SessionMeta, SessionStore, SubscriptionOptions,
 };
 use rumqttd::protocol::{
     Disconnect, DisconnectReasonCode, Filter, Packet, RetainForwardRule, Subscribe,
@@ -74,6 +75,8 @@ pub struct Resumed {
 pub struct Loaded {
     pub key: SessionKey,
     pub meta: SessionMeta,
+    /// A will waiting out its delay when the broker stopped.
+    pub will: Option<PendingWill>,
 }
 
 /// One offline subscription in the filter tree.
@@ -108,6 +111,7 @@ enum Job {
     Hold(SessionKey, Vec<QueuedMessage>),
     Resume(SessionKey, oneshot::Sender<Resumed>),
     Qos2In(SessionKey, u16),
+    Will(SessionKey, Option<PendingWill>),
     Qos2InDone(SessionKey, u16),
     Complete(SessionKey, u64),
     Commit(oneshot::Sender<bool>),
@@ -142,6 +146,7 @@ impl SessionBook {
             loaded.push(Loaded {
                 key: s.key.clone(),
                 meta: s.meta.clone(),
+                will: s.will.clone(),
             });
         }
         store.commit()?;
@@ -267,6 +272,12 @@ impl SessionBook {
     /// Its PUBREL arrived.
     pub fn qos2_in_done(&self, key: &SessionKey, pkid: u16) {
         self.send(Job::Qos2InDone(key.clone(), pkid));
+    }
+
+    /// Sets (the session's client went away with a delayed will) or clears (the will
+    /// was published) the session's pending will.
+    pub fn set_will(&self, key: &SessionKey, will: Option<PendingWill>) {
+        self.send(Job::Will(key.clone(), will));
     }
 
     /// The session's subscriptions or expiry changed while it is connected.
@@ -477,6 +488,7 @@ impl Writer {
                 Ok(())
             }
             Job::Qos2In(key, pkid) => self.store.qos2_in(&key, pkid).map(drop),
+            Job::Will(key, will) => self.store.set_will(&key, will).map(drop),
             Job::Qos2InDone(key, pkid) => self.store.qos2_in_done(&key, pkid).map(drop),
             Job::Complete(key, id) => {
                 if let Some(ids) = self.carried.get_mut(&key) {
@@ -498,6 +510,8 @@ impl Writer {
             return Resumed::default();
         };
         let qos2_in = session.qos2_in.iter().copied().collect();
+        // The client is back before its will's delay ran out: no will.
+        let had_will = session.will.is_some();
         let now = now_unix();
         let mut replay = Vec::new();
         let mut done = Vec::new();
@@ -514,6 +528,11 @@ impl Writer {
         }
         for id in done {
             if let Err(e) = self.store.complete(key, id) {
+                warn!(error = %e, "session store change failed");
+            }
+        }
+        if had_will {
+            if let Err(e) = self.store.set_will(key, None) {
                 warn!(error = %e, "session store change failed");
             }
         }
@@ -571,9 +590,22 @@ pub async fn restore(shared: &Arc<Shared>, loaded: Vec<Loaded>) {
     };
     book.run(Arc::downgrade(shared));
     let now = now_unix();
-    for Loaded { key, mut meta } in loaded {
+    for Loaded {
+        key,
+        mut meta,
+        will,
+    } in loaded
+    {
         let owner = key.owner.as_deref();
         let router_id = router_client_id(owner, &key.client_id);
+        if let Some(w) = will {
+            let identity = Identity {
+                username: key.owner.clone(),
+                client_id: key.client_id.clone(),
+            };
+            let w = crate::will::restored(w, identity, restored_connection());
+            crate::will::publish_will(shared, &router_id, Some(&key), w);
+        }
         if let Err(e) = resubscribe(shared, &router_id, owner, &meta.subscriptions).await {
             warn!(client_id = %key.client_id, error = %e, "stored session not restored in the router");
         }
@@ -590,6 +622,22 @@ pub async fn restore(shared: &Arc<Shared>, loaded: Vec<Loaded>) {
             .saturating_add(meta.expiry_interval)
             .saturating_sub(now);
         crate::session_expiry::expire_after(shared, &router_id, key, Duration::from_secs(left));
+    }
+}
+
+/// The connection a restored session's will is audited as coming from: none, the
+/// session store.
+fn restored_connection() -> ConnInfo {
+    ConnInfo {
+        listener: ListenerPolicy {
+            name: "session-store".into(),
+            allow_anonymous: false,
+        },
+        peer: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
+        cert_identity: None,
+        rate_limited: false,
+        deadline: tokio::time::Instant::now(),
+        slot: Weak::new(),
     }
 }
 

@@ -204,7 +204,7 @@ impl Gateway {
             Close::ClientDisconnect { with_will: false } | Close::Shutdown
         );
         if let (true, Some(w)) = (publish_will, self.will.take()) {
-            will::publish_will(&self.shared, &self.router_id, w);
+            will::publish_will(&self.shared, &self.router_id, self.session.key.as_ref(), w);
         }
         if self.shared.durable.is_some() && self.session.key.is_some() {
             // What the client has not acknowledged, and at shutdown what the router has
