@@ -520,3 +520,76 @@ async fn a_delayed_will_survives_a_restart_unless_its_client_comes_back() {
         "the will of a client that came back was published"
     );
 }
+
+#[tokio::test]
+async fn message_expiry_keeps_counting_across_a_restart() {
+    let broker = broker_with_store(0).await;
+    let addr = broker.first_addr();
+    let mut o = v5::options(addr, "expiring");
+    o.set_clean_start(false);
+    o.set_connect_properties(m5::ConnectProperties {
+        session_expiry_interval: Some(600),
+        ..m5::ConnectProperties::new()
+    });
+    let mut sub = v5::connect(o.clone()).await.unwrap();
+    common::subscribed5(&mut sub, "e/#").await;
+    sub.client.disconnect().await.unwrap();
+    assert!(sub.closed_within(WAIT).await.is_some());
+    let publ = v5::connected(addr, "publisher").await;
+    for (topic, expiry) in [("e/short", 1), ("e/long", 600)] {
+        let props = m5::PublishProperties {
+            message_expiry_interval: Some(expiry),
+            ..Default::default()
+        };
+        publ.client
+            .publish_with_properties(
+                topic,
+                rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                false,
+                "x",
+                props,
+            )
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let dir = broker.stop().await;
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let broker = TestBroker::start_in(dir).await;
+    let mut o = v5::options(broker.first_addr(), "expiring");
+    o.set_clean_start(false);
+    let mut sub = v5::connect(o).await.unwrap();
+    assert!(sub.connack.session_present);
+    let p = sub.next_publish().await;
+    assert_eq!(&p.topic[..], b"e/long", "an expired message was delivered");
+    let left = p
+        .properties
+        .and_then(|p| p.message_expiry_interval)
+        .unwrap();
+    assert!((1..=599).contains(&left), "expiry left: {left}");
+    assert!(sub.publish_within(QUIET).await.is_none());
+}
+
+#[tokio::test]
+async fn stored_sessions_count_against_max_sessions_per_user_after_a_restart() {
+    let broker = TestBroker::builder()
+        .users(&[("alice", "alice-pw")])
+        .retained_store()
+        .limit("max_sessions_per_user", 1)
+        .start()
+        .await;
+    let mut o = login4(broker.first_addr(), "first", "alice", "alice-pw");
+    o.set_clean_session(false);
+    let first = v4::connect(o).await.unwrap();
+    first.client.disconnect().await.unwrap();
+    let broker = broker.restart().await;
+    let mut o = login4(broker.first_addr(), "second", "alice", "alice-pw");
+    o.set_clean_session(false);
+    assert!(
+        v4::connect(o).await.is_err(),
+        "a second persistent session past the cap"
+    );
+    let mut o = login4(broker.first_addr(), "first", "alice", "alice-pw");
+    o.set_clean_session(false);
+    assert!(v4::connect(o).await.unwrap().connack.session_present);
+}
