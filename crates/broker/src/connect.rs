@@ -8,7 +8,7 @@ use crate::admit::{may_write, Source};
 use crate::codec::{announced_length, codec_for, first_packet, FirstPacket, Version};
 use crate::event::Event;
 use crate::gateway::Gateway;
-use crate::policy::{AuthFailure, Identity};
+use crate::policy::{Attempt, AuthFailure, Identity};
 use crate::router::router_client_id;
 use crate::session_expiry;
 use crate::sessions::{SessionHold, SessionQuota};
@@ -139,17 +139,14 @@ async fn login(
         return Err(ConnectFailure::Refused("client id too long or invalid"));
     }
 
-    let (username, password) = match &login {
-        Some(l) => (Some(l.username.as_str()), Some(l.password.as_str())),
-        None => (None, None),
+    let attempt = Attempt {
+        listener: &info.listener,
+        peer: info.peer.ip(),
+        username: login.as_ref().map(|l| l.username.as_str()),
+        password: login.as_ref().map(|l| l.password.as_str()),
+        cert_identity: info.cert_identity.as_deref(),
     };
-    let authenticate = shared.policy.authenticate(
-        &info.listener,
-        info.peer.ip(),
-        username,
-        password,
-        info.cert_identity.as_deref(),
-    );
+    let authenticate = shared.policy.authenticate(&attempt);
     // A client that hangs up while its login waits (for its address's slot, its delay
     // or the hashing pool) gives its place up: dropping the check frees the slot and
     // the pool skips it. What it sent meanwhile stays in `buf` for the gateway.
