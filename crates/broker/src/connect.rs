@@ -52,22 +52,8 @@ pub async fn handle(
     // The login's futures (CONNECT read, password check, router link) are large and
     // needed only until the CONNACK: boxed, an idle connection does not keep their room
     // in its task for the rest of its life (docs/benchmarks.md, idle connections).
-    let LoggedIn {
-        gateway,
-        reader,
-        writer,
-        buf,
-        hold,
-        router_id,
-        keep_for,
-    } = Box::pin(login(shared.clone(), info, reader, writer)).await?;
-    let still_ours = gateway.run(reader, writer, buf).await;
-    // The link is torn down: a connection waiting for this session may open its own
-    // (and the expiry below skips a session that is held again).
-    drop(hold);
-    if let (true, Some(after)) = (still_ours, keep_for) {
-        session_expiry::expire_after(&shared, &router_id, after);
-    }
+    let client = Box::pin(login(shared.clone(), info, reader, writer)).await?;
+    client.serve(&shared).await;
     Ok(())
 }
 
@@ -83,6 +69,19 @@ struct LoggedIn {
     router_id: String,
     /// How long the session outlives the connection, if it does.
     keep_for: Option<Duration>,
+}
+
+impl LoggedIn {
+    /// Runs the gateway until the connection ends, then lets the session go.
+    async fn serve(self, shared: &Arc<Shared>) {
+        let still_ours = self.gateway.run(self.reader, self.writer, self.buf).await;
+        // The link is torn down: a connection waiting for this session may open its own
+        // (and the expiry below skips a session that is held again).
+        drop(self.hold);
+        if let (true, Some(after)) = (still_ours, self.keep_for) {
+            session_expiry::expire_after(shared, &self.router_id, after);
+        }
+    }
 }
 
 /// Everything up to and including the CONNACK.
