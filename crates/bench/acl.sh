@@ -15,9 +15,8 @@
 # Knobs: MESSAGES (300000), REPEATS (5), PUBLISHERS (8), SKIP_BUILD=1, MOATMQ_BIN=path.
 # About 3 minutes. Not a test.
 set -euo pipefail
-ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 # shellcheck source=common.sh
-source "$ROOT/crates/bench/common.sh"
+source "$(dirname "$0")/common.sh"
 knobs MESSAGES=300000 REPEATS=5 PUBLISHERS=8
 
 build
@@ -29,7 +28,7 @@ log "$MICRO"
 printf 'tenant42-secret\n' | "$MOATMQ" passwd "$WORK/passwd" tenant42 >&2
 
 moat_conf() { # NAME PORT ACL_LINE
-    cat >"$WORK/$1.toml" <<CONF
+    moatmq_config "$1" <<CONF
 [[listener]]
 name = "bench"
 bind = "127.0.0.1:$2"
@@ -40,13 +39,7 @@ password_file = "$WORK/passwd"
 
 [acl]
 $3
-
-$RATE_LIMIT_OFF
-
-[log]
-level = "warn"
 CONF
-    "$MOATMQ" check -c "$WORK/$1.toml" >&2
 }
 P_BUILTIN=$(free_port)
 moat_conf builtin "$P_BUILTIN" ""
@@ -61,8 +54,6 @@ start rumqttd "$BIN/rumqttd-ref" --bind "127.0.0.1:$P_REF"
 wait_port rumqttd "$P_REF" "${PIDS[-1]}"
 
 declare -A PORT=([moatmq-builtin]=$P_BUILTIN [moatmq-aclfile]=$P_FILE [rumqttd]=$P_REF)
-RESULTS="$WORK/results"
-: >"$RESULTS"
 for round in $(seq 1 "$REPEATS"); do
     for qos in 0 1; do
         for broker in moatmq-builtin moatmq-aclfile rumqttd; do
@@ -72,8 +63,7 @@ for round in $(seq 1 "$REPEATS"); do
                 --prefix tenant42/app --publishers "$PUBLISHERS" --qos "$qos" --payload 64 \
                 --messages "$MESSAGES" --timeout 15 --label "$broker")
             log "round $round: $line"
-            echo "$qos $broker $(field msgs_per_s "$line") $(field p50_us "$line")" \
-                "$(field p99_us "$line") $(field lost "$line")" >>"$RESULTS"
+            record "$qos $broker" "$line" msgs_per_s p50_us p99_us lost
         done
     done
 done

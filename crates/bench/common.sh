@@ -1,11 +1,16 @@
-# Shared by the benchmark scripts in crates/bench (sourced, not run): work folder,
-# cleanup of every server started, free ports, waiting for a port, release build,
-# mosquitto install. Expects ROOT to be set by the caller.
+# Shared by the benchmark scripts in crates/bench (sourced, not run, after
+# `set -euo pipefail`): the repository root, work folder, cleanup of every server
+# started, free ports, waiting for a port, release build, mosquitto install, moatmq
+# configs, the results file.
 
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 BIN="$ROOT/target/release"
 MOATMQ=${MOATMQ_BIN:-$BIN/moatmq}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/moatmq-bench.XXXXXX")
 PIDS=()
+# One line per run, "KEY... VALUE...", for median_table.
+RESULTS="$WORK/results"
+: >"$RESULTS"
 
 cleanup() {
     for pid in "${PIDS[@]}"; do
@@ -104,16 +109,47 @@ need_mosquitto() {
     fi
 }
 
-# The rate-limit block every moatmq benchmark config needs: the defaults (20
-# connections/s per address, 1000 msgs/s and 10 MiB/s per client, 32 connections per
-# address still logging in) would be measured, since every bench client is 127.0.0.1.
-RATE_LIMIT_OFF='[rate_limit]
+# moatmq_config NAME [LIMIT...]: writes $WORK/NAME.toml, the TOML on stdin followed by
+# what every benchmark config needs, and checks it with `moatmq check`. The rate limits
+# are off: the defaults (20 connections/s per address, 1000 msgs/s and 10 MiB/s per
+# client, 32 connections per address still logging in) would be measured, since every
+# bench client is 127.0.0.1. Each LIMIT is one more line of [limits].
+moatmq_config() {
+    local file="$WORK/$1.toml" limit
+    shift
+    {
+        cat
+        cat <<'CONF'
+
+[log]
+level = "warn"
+
+[rate_limit]
 connections_per_second = 0
 messages_per_second = 0
 bytes_per_second = 0
+
 [limits]
 max_connections_per_address = 1000000
-max_pending_per_address = 1000000'
+max_pending_per_address = 1000000
+CONF
+        for limit in "$@"; do
+            echo "$limit"
+        done
+    } >"$file"
+    "$MOATMQ" check -c "$file" >&2
+}
+
+# record KEY LINE FIELD...: appends "KEY VALUE..." to $RESULTS, each VALUE the FIELD of
+# LINE (a moatmq-bench report, `name=value` words).
+record() {
+    local key=$1 line=$2 name values=()
+    shift 2
+    for name in "$@"; do
+        values+=("$(field "$name" "$line")")
+    done
+    echo "$key ${values[*]}" >>"$RESULTS"
+}
 
 machine() {
     echo "$(nproc) CPUs, load average $(cut -d' ' -f1-3 /proc/loadavg), $(date -u '+%Y-%m-%d %H:%M') UTC"

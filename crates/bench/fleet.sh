@@ -17,9 +17,8 @@
 # Hashing COUNT Argon2id entries takes ~COUNT/80 s on 2 cores; each moatmq first wave
 # about as long. Not a test.
 set -euo pipefail
-ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 # shellcheck source=common.sh
-source "$ROOT/crates/bench/common.sh"
+source "$(dirname "$0")/common.sh"
 knobs COUNT=10000 SOURCES=50 REPEATS=1
 
 need=$((COUNT * 2 + 1000))
@@ -37,12 +36,12 @@ log "hashing $COUNT passwords"
 "$MOSQUITTO_PASSWD" -U "$WORK/mosquitto.passwd"
 
 # --- servers ------------------------------------------------------------------------
-moatmq_config() { # NAME CACHE_TTL: writes $WORK/NAME.toml; sets PORTS_<NAME>
+moat_conf() { # NAME CACHE_TTL: writes $WORK/NAME.toml; prints its three ports
     local name=$1 ttl=$2 pw open tls
     pw=$(free_port)
     open=$(free_port)
     tls=$(free_port)
-    cat >"$WORK/$name.toml" <<CONF
+    moatmq_config "$name" "max_connections = $((COUNT * 2 + 100))" <<CONF
 [[listener]]
 name = "password"
 bind = "127.0.0.1:$pw"
@@ -63,21 +62,14 @@ key = "$C/server.key"
 [auth]
 password_file = "$WORK/passwd"
 credential_cache_ttl = $ttl
-
-$RATE_LIMIT_OFF
-max_connections = $((COUNT * 2 + 100))
-
-[log]
-level = "warn"
 CONF
-    "$MOATMQ" check -c "$WORK/$name.toml" >&2
     echo "$pw $open $tls"
 }
 
 declare -A PW_PORT OPEN_PORT TLS_PORT CMD
-read -r PW_PORT[moatmq] OPEN_PORT[moatmq] TLS_PORT[moatmq] < <(moatmq_config moatmq 600)
+read -r PW_PORT[moatmq] OPEN_PORT[moatmq] TLS_PORT[moatmq] < <(moat_conf moatmq 600)
 read -r PW_PORT[moatmq-nocache] OPEN_PORT[moatmq-nocache] TLS_PORT[moatmq-nocache] \
-    < <(moatmq_config moatmq-nocache 0)
+    < <(moat_conf moatmq-nocache 0)
 CMD[moatmq]="$MOATMQ serve -c $WORK/moatmq.toml"
 CMD[moatmq-nocache]="$MOATMQ serve -c $WORK/moatmq-nocache.toml"
 
@@ -115,8 +107,6 @@ fresh() { # BROKER: starts it, sets PID
     wait_port "$1" "${TLS_PORT[$1]}" "$PID"
 }
 
-RESULTS="$WORK/results"
-: >"$RESULTS"
 log "$COUNT devices from $SOURCES addresses; $(machine)"
 for round in $(seq 1 "$REPEATS"); do
     for broker in moatmq moatmq-nocache mosquitto; do
@@ -124,8 +114,7 @@ for round in $(seq 1 "$REPEATS"); do
         line=$("$BIN/moatmq-bench" reconnect --addr "127.0.0.1:${PW_PORT[$broker]}" --passwords \
             --count "$COUNT" --sources "$SOURCES" --label "$broker")
         log "round $round reconnect: $line"
-        echo "reconnect $broker $(field again_s "$line") $(field first_s "$line")" \
-            "$(field first_retries "$line") $(field again_retries "$line")" >>"$RESULTS"
+        record "reconnect $broker" "$line" again_s first_s first_retries again_retries
         stop "$PID"
     done
     for broker in moatmq mosquitto; do
@@ -139,8 +128,7 @@ for round in $(seq 1 "$REPEATS"); do
             line=$("$BIN/moatmq-bench" idle "${args[@]}" --pid "$PID" --count "$COUNT" \
                 --sources "$SOURCES" --label "$broker")
             log "round $round idle $mode: $line"
-            echo "idle-$mode $broker $(field per_conn_kib "$line") $(field rss_before_kib "$line")" \
-                "$(field rss_kib "$line")" >>"$RESULTS"
+            record "idle-$mode $broker" "$line" per_conn_kib rss_before_kib rss_kib
             stop "$PID"
         done
     done

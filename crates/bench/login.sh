@@ -14,9 +14,8 @@
 # Knobs: CONCURRENCY (16), DURATION (10), BASELINE (3), PROBE_RATE (200), REPEATS (3),
 # SKIP_BUILD=1, MOATMQ_BIN=path. About 4 minutes. Not a test.
 set -euo pipefail
-ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 # shellcheck source=common.sh
-source "$ROOT/crates/bench/common.sh"
+source "$(dirname "$0")/common.sh"
 knobs CONCURRENCY=16 DURATION=10 BASELINE=3 PROBE_RATE=200 REPEATS=3
 
 build
@@ -34,7 +33,7 @@ log "moatmq hash: $(grep '^storm:' "$WORK/passwd" | cut -d'$' -f2-3), mosquitto 
 # --- servers ------------------------------------------------------------------------
 M_PW=$(free_port)
 M_TLS=$(free_port)
-cat >"$WORK/broker.toml" <<CONF
+moatmq_config broker <<CONF
 [[listener]]
 name = "password"
 bind = "127.0.0.1:$M_PW"
@@ -54,13 +53,7 @@ allow_anonymous = false
 password_file = "$WORK/passwd"
 # Every login hashed: this measures the first verification (fleet.sh measures reconnects).
 credential_cache_ttl = 0
-
-$RATE_LIMIT_OFF
-
-[log]
-level = "warn"
 CONF
-"$MOATMQ" check -c "$WORK/broker.toml" >&2
 start moatmq "$MOATMQ" serve -c "$WORK/broker.toml"
 wait_port moatmq "$M_PW" "${PIDS[-1]}"
 wait_port moatmq "$M_TLS" "${PIDS[-1]}"
@@ -91,8 +84,6 @@ wait_port mosquitto "$Q_TLS" "${PIDS[-1]}"
 log "moatmq :$M_PW/:$M_TLS, mosquitto :$Q_PW/:$Q_TLS; $(machine)"
 
 # --- runs ---------------------------------------------------------------------------
-RESULTS="$WORK/results"
-: >"$RESULTS"
 declare -A PW_PORT=([moatmq]=$M_PW [mosquitto]=$Q_PW)
 declare -A TLS_PORT=([moatmq]=$M_TLS [mosquitto]=$Q_TLS)
 COMMON=(--concurrency "$CONCURRENCY" --duration "$DURATION" --baseline "$BASELINE"
@@ -110,10 +101,8 @@ for round in $(seq 1 "$REPEATS"); do
             fi
             line=$("$BIN/moatmq-bench" login "${args[@]}" "${COMMON[@]}" --label "$broker")
             log "round $round $mode: $line"
-            echo "$mode $broker $(field logins_per_s "$line") $(field failed "$line")" \
-                "$(field login_p50_ms "$line") $(field login_p99_ms "$line")" \
-                "$(field probe_base_p50_us "$line") $(field probe_base_p99_us "$line")" \
-                "$(field probe_storm_p50_us "$line") $(field probe_storm_p99_us "$line")" >>"$RESULTS"
+            record "$mode $broker" "$line" logins_per_s failed login_p50_ms login_p99_ms \
+                probe_base_p50_us probe_base_p99_us probe_storm_p50_us probe_storm_p99_us
         done
     done
 done

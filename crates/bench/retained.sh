@@ -20,9 +20,8 @@
 # TIMEOUT (120), SKIP_BUILD=1, MOATMQ_BIN=path. About 4 minutes and 2 GB of disk in $TMPDIR.
 # Not a test.
 set -euo pipefail
-ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 # shellcheck source=common.sh
-source "$ROOT/crates/bench/common.sh"
+source "$(dirname "$0")/common.sh"
 knobs MESSAGES=1000000 DURATION=10 REPEATS=3 PUBLISHERS=8 IDLE=5 TIMEOUT=120
 
 build
@@ -39,7 +38,7 @@ cp -a "$WORK/store-1s" "$WORK/store-0s"
 
 # --- 2. start and replay --------------------------------------------------------------
 moat_conf() { # NAME PORT METRICS_PORT STORE INTERVAL
-    cat >"$WORK/$1.toml" <<CONF
+    moatmq_config "$1" <<CONF
 [[listener]]
 name = "bench"
 bind = "127.0.0.1:$2"
@@ -53,13 +52,7 @@ max_messages = $((MESSAGES * 2))
 
 [metrics]
 bind = "127.0.0.1:$3"
-
-$RATE_LIMIT_OFF
-
-[log]
-level = "warn"
 CONF
-    "$MOATMQ" check -c "$WORK/$1.toml" >&2
 }
 M1=$(free_port)
 M1_METRICS=$(free_port)
@@ -108,15 +101,12 @@ start moatmq-0s "$MOATMQ" serve -c "$WORK/moatmq-0s.toml"
 wait_port moatmq-0s "$M0" "${PIDS[-1]}" 600
 sleep 2
 declare -A PORT=([mosquitto-autosave-1]=$Q [moatmq-autosave-1]=$M1 [moatmq-autosave-0]=$M0)
-RESULTS="$WORK/results"
-: >"$RESULTS"
 for round in $(seq 1 "$REPEATS"); do
     for broker in moatmq-autosave-1 moatmq-autosave-0 mosquitto-autosave-1; do
         line=$("$B" retained-pub --port "${PORT[$broker]}" --publishers "$PUBLISHERS" \
             --topics 10000 --payload 100 --duration "$DURATION" --label "$broker")
         log "round $round: $line"
-        echo "$broker $(field msgs_per_s "$line") $(field ack_p50_ms "$line")" \
-            "$(field ack_p99_ms "$line") $(field ack_max_ms "$line")" >>"$RESULTS"
+        record "$broker" "$line" msgs_per_s ack_p50_ms ack_p99_ms ack_max_ms
     done
 done
 

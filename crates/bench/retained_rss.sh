@@ -17,9 +17,8 @@
 # Knobs: MESSAGES (1000000), PAYLOAD (100), PUBLISHERS (4), ROUNDS (1), BASE_BIN=path,
 # MOATMQ_BIN=path, SKIP_BUILD=1. About 1 GB of disk in $TMPDIR. Not a test.
 set -euo pipefail
-ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 # shellcheck source=common.sh
-source "$ROOT/crates/bench/common.sh"
+source "$(dirname "$0")/common.sh"
 knobs MESSAGES=1000000 PAYLOAD=100 PUBLISHERS=4 ROUNDS=1
 
 build
@@ -40,7 +39,7 @@ measure() { # LABEL BIN ROUND
     local name="$label-$round" port mport pid t0 n size last_size stable
     port=$(free_port)
     mport=$(free_port)
-    cat >"$WORK/$name.toml" <<CONF
+    moatmq_config "$name" <<CONF
 [[listener]]
 name = "bench"
 bind = "127.0.0.1:$port"
@@ -56,11 +55,6 @@ max_bytes_per_user = 0
 
 [metrics]
 bind = "127.0.0.1:$mport"
-
-$RATE_LIMIT_OFF
-
-[log]
-level = "warn"
 CONF
     start "$name" "$bin" serve -c "$WORK/$name.toml"
     pid=${PIDS[-1]}
@@ -105,8 +99,6 @@ CONF
     rm -rf "$WORK/store-$name"
 }
 
-RESULTS="$WORK/results"
-: >"$RESULTS"
 for round in $(seq 1 "$ROUNDS"); do
     if [[ -n "${BASE_BIN:-}" ]]; then
         measure before "$BASE_BIN" "$round" >>"$RESULTS"

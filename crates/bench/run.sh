@@ -17,9 +17,8 @@
 # between separate runs (keys it does not know are left out of its config).
 # Not a test: nothing runs this from `cargo test` or CI.
 set -euo pipefail
-ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 # shellcheck source=common.sh
-source "$ROOT/crates/bench/common.sh"
+source "$(dirname "$0")/common.sh"
 knobs PUBLISHERS=8 MESSAGES=300000 TIMEOUT=15 REPEATS=3 WINDOW=2000
 
 build
@@ -38,31 +37,22 @@ max_queued_messages 0
 log_type error
 log_type warning
 EOF
-"$MOSQUITTO" -c "$WORK/mosquitto.conf" >"$WORK/mosquitto.log" 2>&1 &
-PIDS+=($!)
+start mosquitto "$MOSQUITTO" -c "$WORK/mosquitto.conf"
 wait_port mosquitto "$MOSQ_PORT" "${PIDS[-1]}"
 
 REF_PORT=$(free_port)
-"$BIN/rumqttd-ref" --bind "127.0.0.1:$REF_PORT" >"$WORK/rumqttd.log" 2>&1 &
-PIDS+=($!)
+start rumqttd "$BIN/rumqttd-ref" --bind "127.0.0.1:$REF_PORT"
 wait_port rumqttd "$REF_PORT" "${PIDS[-1]}"
 
 MOAT_PORT=$(free_port)
-cat >"$WORK/broker.toml" <<EOF
+moatmq_config broker <<EOF
 [[listener]]
 name = "bench"
 bind = "127.0.0.1:$MOAT_PORT"
 protocol = "mqtt"
 allow_anonymous = true
-
-$RATE_LIMIT_OFF
-
-[log]
-level = "warn"
 EOF
-"$MOATMQ" check -c "$WORK/broker.toml" >&2
-"$MOATMQ" serve -c "$WORK/broker.toml" >"$WORK/moatmq.log" 2>&1 &
-PIDS+=($!)
+start moatmq "$MOATMQ" serve -c "$WORK/broker.toml"
 wait_port moatmq "$MOAT_PORT" "${PIDS[-1]}"
 
 BROKERS=(mosquitto rumqttd moatmq)
@@ -70,8 +60,7 @@ declare -A PORT=([mosquitto]=$MOSQ_PORT [rumqttd]=$REF_PORT [moatmq]=$MOAT_PORT)
 if [[ -n "${VARIANT_RUST_LOG:-}" ]]; then
     VAR_PORT=$(free_port)
     sed "s/127.0.0.1:$MOAT_PORT/127.0.0.1:$VAR_PORT/" "$WORK/broker.toml" >"$WORK/variant.toml"
-    RUST_LOG="$VARIANT_RUST_LOG" "$MOATMQ" serve -c "$WORK/variant.toml" >"$WORK/moatmq-variant.log" 2>&1 &
-    PIDS+=($!)
+    start moatmq-variant env RUST_LOG="$VARIANT_RUST_LOG" "$MOATMQ" serve -c "$WORK/variant.toml"
     wait_port moatmq-variant "$VAR_PORT" "${PIDS[-1]}"
     BROKERS+=(moatmq-variant)
     PORT[moatmq-variant]=$VAR_PORT
@@ -83,8 +72,7 @@ if [[ -n "${BASELINE_BIN:-}" ]]; then
     sed -e "s/127.0.0.1:$MOAT_PORT/127.0.0.1:$BASE_PORT/" \
         -e '/^max_connections_per_address/d' -e '/^max_pending_per_address/d' \
         "$WORK/broker.toml" >"$WORK/base.toml"
-    "$BASELINE_BIN" serve -c "$WORK/base.toml" >"$WORK/moatmq-base.log" 2>&1 &
-    PIDS+=($!)
+    start moatmq-base "$BASELINE_BIN" serve -c "$WORK/base.toml"
     wait_port moatmq-base "$BASE_PORT" "${PIDS[-1]}"
     BROKERS+=(moatmq-base)
     PORT[moatmq-base]=$BASE_PORT
@@ -94,8 +82,6 @@ fi
 log "mosquitto :$MOSQ_PORT, rumqttd-ref :$REF_PORT, moatmq :$MOAT_PORT"
 
 # --- runs ----------------------------------------------------------------------------
-RESULTS="$WORK/results"
-: >"$RESULTS"
 SCENARIOS=("0 64" "0 1024" "1 64" "1 1024")
 
 for round in $(seq 1 "$REPEATS"); do

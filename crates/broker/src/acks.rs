@@ -21,67 +21,86 @@ struct Slot {
     ack: Option<Packet>,
 }
 
+/// One sequence the router checks, oldest first. Its acknowledgements come from the
+/// client or from the gateway, and leave in order.
+#[derive(Default)]
+struct Sequence(VecDeque<Slot>);
+
+impl Sequence {
+    /// `pkid` went to the client: its acknowledgement comes from it.
+    fn sent(&mut self, pkid: u16) {
+        self.0.push_back(Slot { pkid, ack: None });
+    }
+
+    /// `pkid` was withheld from the client: `ack` is ours, to send in its turn.
+    fn ours(&mut self, pkid: u16, ack: Packet, out: &mut Vec<Packet>) {
+        self.0.push_back(Slot {
+            pkid,
+            ack: Some(ack),
+        });
+        self.release(out);
+    }
+
+    /// The client acknowledged `pkid`. An id not waiting for one is dropped.
+    fn answered(&mut self, pkid: u16, ack: Packet, out: &mut Vec<Packet>) {
+        match self
+            .0
+            .iter_mut()
+            .find(|s| s.pkid == pkid && s.ack.is_none())
+        {
+            Some(slot) => slot.ack = Some(ack),
+            None => return,
+        }
+        self.release(out);
+    }
+
+    /// Moves the acknowledgements at the front, up to the first still missing, to `out`.
+    fn release(&mut self, out: &mut Vec<Packet>) {
+        while self.0.front().is_some_and(|s| s.ack.is_some()) {
+            if let Some(Slot { ack: Some(ack), .. }) = self.0.pop_front() {
+                out.push(ack);
+            }
+        }
+    }
+}
+
 /// The two ordered sequences the router checks: in-flight publishes (acknowledged by
 /// PUBACK or PUBREC) and PUBRELs (completed by PUBCOMP).
 #[derive(Default)]
 pub struct AckOrder {
-    inflight: VecDeque<Slot>,
-    pubrels: VecDeque<Slot>,
+    inflight: Sequence,
+    pubrels: Sequence,
 }
 
 impl AckOrder {
     /// A QoS 1/2 message was written to the client: its acknowledgement comes from it.
     pub fn delivered(&mut self, pkid: u16) {
-        self.inflight.push_back(Slot { pkid, ack: None });
+        self.inflight.sent(pkid);
     }
 
     /// A QoS 1/2 message was withheld: `ack` is ours, to send in its turn.
     pub fn withheld(&mut self, pkid: u16, ack: Packet, out: &mut Vec<Packet>) {
-        self.inflight.push_back(Slot {
-            pkid,
-            ack: Some(ack),
-        });
-        release(&mut self.inflight, out);
+        self.inflight.ours(pkid, ack, out);
     }
 
     /// The client's PUBACK or PUBREC for `pkid`. An id not in flight is dropped.
     pub fn client_ack(&mut self, pkid: u16, ack: Packet, out: &mut Vec<Packet>) {
-        fill(&mut self.inflight, pkid, ack, out);
+        self.inflight.answered(pkid, ack, out);
     }
 
     /// The router sent a PUBREL that was forwarded to the client.
     pub fn pubrel_forwarded(&mut self, pkid: u16) {
-        self.pubrels.push_back(Slot { pkid, ack: None });
+        self.pubrels.sent(pkid);
     }
 
     /// The router sent a PUBREL for a withheld message: `comp` is ours.
     pub fn pubrel_withheld(&mut self, pkid: u16, comp: Packet, out: &mut Vec<Packet>) {
-        self.pubrels.push_back(Slot {
-            pkid,
-            ack: Some(comp),
-        });
-        release(&mut self.pubrels, out);
+        self.pubrels.ours(pkid, comp, out);
     }
 
     /// The client's PUBCOMP for `pkid`.
     pub fn client_comp(&mut self, pkid: u16, comp: Packet, out: &mut Vec<Packet>) {
-        fill(&mut self.pubrels, pkid, comp, out);
-    }
-}
-
-fn fill(queue: &mut VecDeque<Slot>, pkid: u16, ack: Packet, out: &mut Vec<Packet>) {
-    match queue.iter_mut().find(|s| s.pkid == pkid && s.ack.is_none()) {
-        Some(slot) => slot.ack = Some(ack),
-        None => return,
-    }
-    release(queue, out);
-}
-
-fn release(queue: &mut VecDeque<Slot>, out: &mut Vec<Packet>) {
-    while queue.front().is_some_and(|s| s.ack.is_some()) {
-        if let Some(Slot { ack: Some(ack), .. }) = queue.pop_front() {
-            out.push(ack);
-        }
+        self.pubrels.answered(pkid, comp, out);
     }
 }
 

@@ -8,7 +8,7 @@ use crate::admit::{may_write, Source};
 use crate::codec::{announced_length, codec_for, first_packet, FirstPacket, Version};
 use crate::event::Event;
 use crate::gateway::{Gateway, SessionPart};
-use crate::policy::{AuthFailure, Identity};
+use crate::policy::{Attempt, AuthFailure, Identity};
 use crate::router::router_client_id;
 use crate::session_expiry;
 use crate::sessions::{Filters, SessionHold, SessionQuota};
@@ -52,22 +52,8 @@ pub async fn handle(
     // The login's futures (CONNECT read, password check, router link) are large and
     // needed only until the CONNACK: boxed, an idle connection does not keep their room
     // in its task for the rest of its life (docs/benchmarks.md, idle connections).
-    let LoggedIn {
-        gateway,
-        reader,
-        writer,
-        buf,
-        hold,
-        router_id,
-        keep_for,
-    } = Box::pin(login(shared.clone(), info, reader, writer)).await?;
-    let still_ours = gateway.run(reader, writer, buf).await;
-    // The link is torn down: a connection waiting for this session may open its own
-    // (and the expiry below skips a session that is held again).
-    drop(hold);
-    if let (true, Some((after, key))) = (still_ours, keep_for) {
-        session_expiry::expire_after(&shared, &router_id, key, after);
-    }
+    let client = Box::pin(login(shared.clone(), info, reader, writer)).await?;
+    client.serve(&shared).await;
     Ok(())
 }
 
@@ -83,6 +69,19 @@ struct LoggedIn {
     router_id: String,
     /// How long the session outlives the connection, if it does, and its key.
     keep_for: Option<(Duration, SessionKey)>,
+}
+
+impl LoggedIn {
+    /// Runs the gateway until the connection ends, then lets the session go.
+    async fn serve(self, shared: &Arc<Shared>) {
+        let still_ours = self.gateway.run(self.reader, self.writer, self.buf).await;
+        // The link is torn down: a connection waiting for this session may open its own
+        // (and the expiry below skips a session that is held again).
+        drop(self.hold);
+        if let (true, Some((after, key))) = (still_ours, self.keep_for) {
+            session_expiry::expire_after(shared, &self.router_id, key, after);
+        }
+    }
 }
 
 /// Everything up to and including the CONNACK.
@@ -139,17 +138,14 @@ async fn login(
         return Err(ConnectFailure::Refused("client id too long or invalid"));
     }
 
-    let (username, password) = match &login {
-        Some(l) => (Some(l.username.as_str()), Some(l.password.as_str())),
-        None => (None, None),
+    let attempt = Attempt {
+        listener: &info.listener,
+        peer: info.peer.ip(),
+        username: login.as_ref().map(|l| l.username.as_str()),
+        password: login.as_ref().map(|l| l.password.as_str()),
+        cert_identity: info.cert_identity.as_deref(),
     };
-    let authenticate = shared.policy.authenticate(
-        &info.listener,
-        info.peer.ip(),
-        username,
-        password,
-        info.cert_identity.as_deref(),
-    );
+    let authenticate = shared.policy.authenticate(&attempt);
     // A client that hangs up while its login waits (for its address's slot, its delay
     // or the hashing pool) gives its place up: dropping the check frees the slot and
     // the pool skips it. What it sent meanwhile stays in `buf` for the gateway.

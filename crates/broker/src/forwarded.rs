@@ -75,7 +75,10 @@ mod tests {
         })
     }
 
-    fn headers(lines: &[(&'static str, &'static str)]) -> HeaderMap {
+    /// Header lines as received, name and value.
+    type Lines<'a> = &'a [(&'static str, &'static str)];
+
+    fn headers(lines: Lines<'_>) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in lines {
             h.append(*k, HeaderValue::from_static(v));
@@ -93,45 +96,57 @@ mod tests {
         assert!(!p.trusts("192.0.2.1".parse().unwrap()));
     }
 
+    /// Checks what a policy for `header` reads from each set of header lines.
+    fn reads(header: &str, cases: &[(Lines<'_>, Option<&str>)]) {
+        let p = policy(header);
+        for (lines, expected) in cases {
+            let expected = expected.map(|ip| ip.parse::<IpAddr>().unwrap());
+            assert_eq!(p.client_address(&headers(lines)), expected, "{lines:?}");
+        }
+    }
+
     #[test]
     fn single_value_header() {
-        let p = policy("CF-Connecting-IP");
-        let ip = |h: &[(&'static str, &'static str)]| p.client_address(&headers(h));
-        assert_eq!(
-            ip(&[("cf-connecting-ip", " 203.0.113.7 ")]),
-            Some("203.0.113.7".parse().unwrap())
-        );
-        assert_eq!(
-            ip(&[("CF-Connecting-IP", "2001:db8::1")]),
-            Some("2001:db8::1".parse().unwrap())
-        );
-        assert_eq!(ip(&[]), None);
-        assert_eq!(ip(&[("cf-connecting-ip", "nonsense")]), None);
-        assert_eq!(ip(&[("cf-connecting-ip", "1.2.3.4, 5.6.7.8")]), None);
-        assert_eq!(
-            ip(&[
-                ("cf-connecting-ip", "1.2.3.4"),
-                ("cf-connecting-ip", "5.6.7.8")
-            ]),
-            None
+        reads(
+            "CF-Connecting-IP",
+            &[
+                (
+                    &[("cf-connecting-ip", " 203.0.113.7 ")],
+                    Some("203.0.113.7"),
+                ),
+                (&[("CF-Connecting-IP", "2001:db8::1")], Some("2001:db8::1")),
+                (&[], None),
+                (&[("cf-connecting-ip", "nonsense")], None),
+                (&[("cf-connecting-ip", "1.2.3.4, 5.6.7.8")], None),
+                (
+                    &[
+                        ("cf-connecting-ip", "1.2.3.4"),
+                        ("cf-connecting-ip", "5.6.7.8"),
+                    ],
+                    None,
+                ),
+            ],
         );
     }
 
     #[test]
     fn x_forwarded_for_uses_the_last_hop() {
-        let p = policy("X-Forwarded-For");
-        let ip = |h: &[(&'static str, &'static str)]| p.client_address(&headers(h));
-        assert_eq!(
-            ip(&[("x-forwarded-for", "198.51.100.1, 203.0.113.7")]),
-            Some("203.0.113.7".parse().unwrap())
+        reads(
+            "X-Forwarded-For",
+            &[
+                (
+                    &[("x-forwarded-for", "198.51.100.1, 203.0.113.7")],
+                    Some("203.0.113.7"),
+                ),
+                (
+                    &[
+                        ("x-forwarded-for", "198.51.100.1"),
+                        ("x-forwarded-for", "203.0.113.8:4711"),
+                    ],
+                    Some("203.0.113.8"),
+                ),
+                (&[("x-forwarded-for", "1.2.3.4, garbage")], None),
+            ],
         );
-        assert_eq!(
-            ip(&[
-                ("x-forwarded-for", "198.51.100.1"),
-                ("x-forwarded-for", "203.0.113.8:4711")
-            ]),
-            Some("203.0.113.8".parse().unwrap())
-        );
-        assert_eq!(ip(&[("x-forwarded-for", "1.2.3.4, garbage")]), None);
     }
 }

@@ -74,6 +74,21 @@ impl AuthFailure {
     }
 }
 
+/// One login attempt: where it comes from and what it presents. No `Debug`: it holds the
+/// password.
+pub struct Attempt<'a> {
+    /// The listener the client connected to.
+    pub listener: &'a ListenerPolicy,
+    /// The client's address (after PROXY protocol or a trusted forwarding header).
+    pub peer: IpAddr,
+    /// The CONNECT's username, if any.
+    pub username: Option<&'a str>,
+    /// The CONNECT's password, if any.
+    pub password: Option<&'a str>,
+    /// The verified certificate CN when the listener maps certificates to identities.
+    pub cert_identity: Option<&'a str>,
+}
+
 /// What a listener accepts.
 #[derive(Debug, Clone)]
 pub struct ListenerPolicy {
@@ -192,20 +207,13 @@ impl Policy {
         }
     }
 
-    /// Decides who a CONNECT is. `cert_identity` is the verified certificate CN when the
-    /// listener maps certificates to identities.
-    pub async fn authenticate(
-        &self,
-        listener: &ListenerPolicy,
-        peer: IpAddr,
-        username: Option<&str>,
-        password: Option<&str>,
-        cert_identity: Option<&str>,
-    ) -> Result<Option<String>, AuthFailure> {
-        let claimed = username.unwrap_or("");
+    /// Decides who a CONNECT is.
+    pub async fn authenticate(&self, attempt: &Attempt<'_>) -> Result<Option<String>, AuthFailure> {
+        let peer = attempt.peer;
+        let claimed = attempt.username.unwrap_or("");
         // A password login holds one of its address's slots from before its delay until
         // its check is done, so parallel attempts cannot wait out the delay together.
-        let checks_password = cert_identity.is_none() && username.is_some();
+        let checks_password = attempt.cert_identity.is_none() && attempt.username.is_some();
         let _slot = if checks_password {
             match self.gate.enter(peer).await {
                 Ok(slot) => Some(slot),
@@ -230,9 +238,7 @@ impl Policy {
             started: started.clone(),
             armed: true,
         };
-        let result = self
-            .decide(listener, peer, username, password, cert_identity, started)
-            .await;
+        let result = self.decide(attempt, started).await;
         abandoned.armed = false;
         match &result {
             Ok(_) => self.throttle.record_success(peer, claimed),
@@ -244,13 +250,16 @@ impl Policy {
 
     async fn decide(
         &self,
-        listener: &ListenerPolicy,
-        peer: IpAddr,
-        username: Option<&str>,
-        password: Option<&str>,
-        cert_identity: Option<&str>,
+        attempt: &Attempt<'_>,
         started: Arc<AtomicBool>,
     ) -> Result<Option<String>, AuthFailure> {
+        let Attempt {
+            listener,
+            peer,
+            username,
+            password,
+            cert_identity,
+        } = *attempt;
         if let Some(cn) = cert_identity {
             if !valid_identity(cn) {
                 return Err(AuthFailure::NotAuthorized);
