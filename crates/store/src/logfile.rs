@@ -21,7 +21,7 @@ use crate::format::Format;
 use crate::log::{self, Frames, Required, Written};
 use crate::mark::{self, Found, Mark, MarkFile, Vouch};
 use crate::record::{self, FileId, OpenError};
-use crate::StoreError;
+use crate::{RetainedKey, StoreError};
 
 /// How [`LogFile::open`] treats what the high-water mark says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,11 +116,14 @@ impl LogFile {
     /// `on_record` in order; then the mark is settled to vouch for exactly this log.
     pub(crate) fn open(
         dir: &Path,
-        cipher: Aes256Gcm,
+        key: RetainedKey,
         fmt: &'static Format,
         trust: Trust,
         on_record: impl FnMut(&[u8], u64) -> Result<(), OpenError>,
     ) -> Result<LogFile, StoreError> {
+        // The key's bytes go as soon as the cipher holds its schedule.
+        let cipher = record::cipher(&key);
+        drop(key);
         DirBuilder::new()
             .recursive(true)
             .mode(0o700)

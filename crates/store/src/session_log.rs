@@ -132,10 +132,8 @@ impl SessionLog {
         limits: SessionLimits,
         trust: Trust,
     ) -> Result<SessionLog, StoreError> {
-        let cipher = record::cipher(&key);
-        drop(key);
         let mut state = State::default();
-        let log = LogFile::open(dir, cipher, &SESSIONS, trust, replayer(&mut state))?;
+        let log = LogFile::open(dir, key, &SESSIONS, trust, replayer(&mut state))?;
         let journal = LogJournal {
             log,
             pending: Vec::new(),

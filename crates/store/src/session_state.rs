@@ -108,6 +108,24 @@ impl State {
         Ok(self.slots.get_mut(key).expect("by_sid and slots agree"))
     }
 
+    /// The slot of session `sid` that holds message `id`, with the message's delivery
+    /// state and queued bytes; `what` names the record in the error.
+    fn held(
+        &mut self,
+        sid: u64,
+        id: u64,
+        what: &str,
+    ) -> Result<(&mut Slot, Delivery, u64), String> {
+        let slot = self.slot(sid)?;
+        let held = slot
+            .session
+            .messages
+            .get(&id)
+            .ok_or_else(|| format!("{what} unknown message {id} of session {sid}"))?;
+        let (delivery, bytes) = (held.delivery, held.message.queued_bytes());
+        Ok((slot, delivery, bytes))
+    }
+
     /// Applies one change; `frame` is the size of the frame holding it.
     pub(crate) fn apply(&mut self, rec: Rec<'_>, frame: u64) -> Result<(), String> {
         match rec {
@@ -184,25 +202,20 @@ impl State {
                 self.live_frame_bytes += frame;
             }
             Rec::Sent { sid, id, pkid } => {
-                let slot = self.slot(sid)?;
-                let held = slot
-                    .session
-                    .messages
-                    .get_mut(&id)
-                    .ok_or_else(|| format!("sends unknown message {id} of session {sid}"))?;
-                if held.delivery == Delivery::Queued {
+                let (slot, delivery, bytes) = self.held(sid, id, "sends")?;
+                if delivery == Delivery::Queued {
                     slot.queued -= 1;
-                    slot.queued_bytes -= held.message.queued_bytes();
+                    slot.queued_bytes -= bytes;
                 }
-                held.delivery = Delivery::Sent { pkid };
+                if let Some(held) = slot.session.messages.get_mut(&id) {
+                    held.delivery = Delivery::Sent { pkid };
+                }
             }
             Rec::Released { sid, id } => {
-                let slot = self.slot(sid)?;
-                let held = slot
-                    .session
-                    .messages
-                    .get_mut(&id)
-                    .ok_or_else(|| format!("releases unknown message {id} of session {sid}"))?;
+                let (slot, _, _) = self.held(sid, id, "releases")?;
+                let Some(held) = slot.session.messages.get_mut(&id) else {
+                    return Ok(());
+                };
                 held.delivery = match held.delivery {
                     Delivery::Sent { pkid } | Delivery::Released { pkid } => {
                         Delivery::Released { pkid }

@@ -85,10 +85,8 @@ impl Store {
         set: RetainedSet,
         trust: Trust,
     ) -> Result<Store, StoreError> {
-        let cipher = record::cipher(&key);
-        drop(key);
         let mut live = Items::new();
-        let log = LogFile::open(path, cipher, &RETAINED, trust, |plain, _| {
+        let log = LogFile::open(path, key, &RETAINED, trust, |plain, _| {
             log::apply_retained(&mut live, plain)
         })?;
         let now = now_unix();

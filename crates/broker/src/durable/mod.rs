@@ -45,6 +45,7 @@ use rumqttd::protocol::{
 };
 use rumqttd::Notification;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
@@ -96,6 +97,8 @@ struct Offline {
 pub struct SessionBook {
     jobs: Mutex<mpsc::Sender<Job>>,
     offline: Mutex<Offline>,
+    /// How many sessions are offline: with none, admitting a message takes no lock.
+    offline_sessions: AtomicUsize,
     /// `autosave_interval = 0`: publishes wait for their commit.
     sync: bool,
     queue_qos0: bool,
@@ -154,6 +157,7 @@ impl SessionBook {
         let book = SessionBook {
             jobs: Mutex::new(tx),
             offline: Mutex::new(offline),
+            offline_sessions: AtomicUsize::new(0),
             sync: autosave_interval.is_zero(),
             queue_qos0,
             writer: Mutex::new(Some(Writer {
@@ -210,7 +214,7 @@ impl SessionBook {
         props: Option<MessageProperties>,
         expires_at: Option<u64>,
     ) -> bool {
-        if qos == 0 && !self.queue_qos0 {
+        if (qos == 0 && !self.queue_qos0) || self.offline_sessions.load(Ordering::Relaxed) == 0 {
             return false;
         }
         let mut targets: Vec<(Arc<SessionKey>, u8)> = Vec::new();
@@ -316,6 +320,8 @@ impl SessionBook {
     fn offline_changed(&self, change: impl FnOnce(&mut Offline)) {
         let mut offline = lock(&self.offline);
         change(&mut offline);
+        self.offline_sessions
+            .store(offline.sessions.len(), Ordering::Relaxed);
         self.metrics
             .sessions_offline
             .set(offline.sessions.len() as i64);

@@ -137,6 +137,10 @@ mod tests {
         Packet::PubAck(PubAck { pkid, reason }, None)
     }
 
+    fn pubcomp(pkid: u16, reason: PubCompReason) -> Packet {
+        Packet::PubComp(PubComp { pkid, reason }, None)
+    }
+
     #[test]
     fn the_receive_maximum_counts_open_exchanges_only() {
         let mut l = Ledger::new(Some(2));
@@ -153,18 +157,10 @@ mod tests {
         };
         l.answered(&Packet::PubRec(rec, None));
         assert_eq!(l.open(QoS::AtLeastOnce, 4), Err(ReceiveMaximumExceeded));
-        let comp = PubComp {
-            pkid: 2,
-            reason: PubCompReason::Success,
-        };
-        l.answered(&Packet::PubComp(comp, None));
+        l.answered(&pubcomp(2, PubCompReason::Success));
         assert_eq!(l.open(QoS::AtLeastOnce, 4), Ok(()));
         // A PUBCOMP for an id never opened (an unknown PUBREL's answer) frees nothing.
-        let stray = PubComp {
-            pkid: 9,
-            reason: PubCompReason::PacketIdentifierNotFound,
-        };
-        l.answered(&Packet::PubComp(stray, None));
+        l.answered(&pubcomp(9, PubCompReason::PacketIdentifierNotFound));
         assert_eq!(l.open(QoS::AtLeastOnce, 5), Err(ReceiveMaximumExceeded));
     }
 

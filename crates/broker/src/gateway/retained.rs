@@ -414,18 +414,12 @@ mod tests {
             feed.client_ack(&Packet::PubRec(rec, None)),
             OwnAck::Release(id)
         );
-        let comp = PubComp {
-            pkid: id,
-            reason: PubCompReason::Success,
+        let comp = || {
+            let reason = PubCompReason::Success;
+            Packet::PubComp(PubComp { pkid: id, reason }, None)
         };
-        assert_eq!(
-            feed.client_ack(&Packet::PubComp(comp.clone(), None)),
-            OwnAck::Done(None)
-        );
-        assert_eq!(
-            feed.client_ack(&Packet::PubComp(comp, None)),
-            OwnAck::NotOurs
-        );
+        let acks = [feed.client_ack(&comp()), feed.client_ack(&comp())];
+        assert_eq!(acks, [OwnAck::Done(None), OwnAck::NotOurs]);
     }
 
     #[test]
