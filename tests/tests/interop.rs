@@ -106,3 +106,59 @@ async fn mosquitto_client_sees_a_refused_login() {
         "{err}"
     );
 }
+
+/// Mosquitto's `persistence true` migration case with libmosquitto's clients: a
+/// persistent subscriber leaves, five QoS 1 messages are published, the broker restarts
+/// (SIGTERM), and the subscriber comes back to all five.
+async fn persistent_session_survives_a_restart(version: &str) {
+    let broker = TestBroker::builder()
+        .anonymous()
+        .retained_store()
+        .start()
+        .await;
+    let persistent = |addr: SocketAddr, more: &[&str]| {
+        let mut sub = tool("mosquitto_sub");
+        base(&mut sub, addr, version);
+        sub.args(["-c", "-i", "migrated", "-q", "1", "-t", "mig/#", "-v"]);
+        if version == "mqttv5" {
+            sub.args(["-x", "300"]);
+        }
+        sub.args(more);
+        sub
+    };
+    let out = run(persistent(broker.first_addr(), &["-E"])).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for i in 0..5 {
+        let mut publ = tool("mosquitto_pub");
+        base(&mut publ, broker.first_addr(), version);
+        publ.args(["-t", &format!("mig/{i}"), "-m", &format!("m{i}"), "-q", "1"]);
+        assert!(run(publ).await.status.success());
+    }
+    let broker = broker.restart().await;
+    let out = run(persistent(broker.first_addr(), &["-C", "5", "-W", "10"])).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines,
+        ["mig/0 m0", "mig/1 m1", "mig/2 m2", "mig/3 m3", "mig/4 m4"]
+    );
+}
+
+#[tokio::test]
+async fn mosquitto_persistent_session_survives_a_restart_v311() {
+    persistent_session_survives_a_restart("mqttv311").await;
+}
+
+#[tokio::test]
+async fn mosquitto_persistent_session_survives_a_restart_v5() {
+    persistent_session_survives_a_restart("mqttv5").await;
+}

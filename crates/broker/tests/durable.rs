@@ -593,3 +593,42 @@ async fn stored_sessions_count_against_max_sessions_per_user_after_a_restart() {
     o.set_clean_session(false);
     assert!(v4::connect(o).await.unwrap().connack.session_present);
 }
+
+/// Starts a broker on `dir` expecting it to refuse; returns the error.
+async fn refused_start(dir: &tempfile::TempDir) -> String {
+    let config = moatmq_config::Config::load(&dir.path().join("broker.toml")).unwrap();
+    match moatmq_broker::Broker::start(config).await {
+        Ok(_) => panic!("the broker started on a damaged session log"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[tokio::test]
+async fn a_tampered_or_truncated_session_log_refuses_the_start_naming_the_file() {
+    let broker = broker_with_store(0).await;
+    leave_subscribed(broker.first_addr(), "victim", "t/#").await;
+    publish_n(broker.first_addr(), "t/x", 20).await;
+    let dir = broker.stop().await;
+    let log = dir.path().join("data/retained/sessions.log");
+    let good = std::fs::read(&log).unwrap();
+
+    let mut tampered = good.clone();
+    let at = good.len() / 2;
+    tampered[at] ^= 0x40;
+    std::fs::write(&log, &tampered).unwrap();
+    let err = refused_start(&dir).await;
+    assert!(err.contains("sessions.log"), "{err}");
+
+    std::fs::write(&log, &good[..good.len() / 2]).unwrap();
+    let err = refused_start(&dir).await;
+    assert!(err.contains("sessions.log"), "{err}");
+
+    // The intact file starts again, with the session and its messages.
+    std::fs::write(&log, &good).unwrap();
+    let broker = TestBroker::start_in(dir).await;
+    let mut sub = v4::connect(persistent4(broker.first_addr(), "victim"))
+        .await
+        .unwrap();
+    assert!(sub.connack.session_present);
+    assert_eq!(sub.next_publish().await.payload, "m0".as_bytes());
+}
