@@ -34,6 +34,7 @@ use crate::retained::{load_key, RetainedError};
 use crate::retained_index::qos_from;
 use crate::router::{router_client_id, router_filter};
 use crate::shared::{ConnInfo, Shared};
+use futures_util::StreamExt;
 use matcher::Matcher;
 use moatmq_config::Config;
 use moatmq_store::{
@@ -595,12 +596,32 @@ pub async fn restore(shared: &Arc<Shared>, loaded: Vec<Loaded>) {
         return;
     };
     book.run(Arc::downgrade(shared));
-    let now = now_unix();
-    for Loaded {
+    let started = Instant::now();
+    let count = loaded.len();
+    // Each session's router link is a round trip through the router thread: many at
+    // once keep it busy while each waits for its SUBACK.
+    futures_util::stream::iter(loaded)
+        .for_each_concurrent(RESTORE_AT_ONCE, |l| restore_one(shared, book, l))
+        .await;
+    if count > 0 {
+        info!(
+            sessions = count,
+            took_ms = started.elapsed().as_millis() as u64,
+            "persistent sessions restored"
+        );
+    }
+}
+
+/// How many stored sessions are made again in the router at a time at start-up.
+const RESTORE_AT_ONCE: usize = 64;
+
+async fn restore_one(shared: &Arc<Shared>, book: &SessionBook, loaded: Loaded) {
+    let Loaded {
         key,
         mut meta,
         will,
-    } in loaded
+    } = loaded;
+    let now = now_unix();
     {
         let owner = key.owner.as_deref();
         let router_id = router_client_id(owner, &key.client_id);
