@@ -32,6 +32,7 @@ mod retained_index;
 mod router;
 mod server;
 mod session_expiry;
+mod session_restore;
 mod sessions;
 mod shared;
 mod timers;

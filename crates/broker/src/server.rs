@@ -142,7 +142,7 @@ impl Broker {
             sessions: Sessions::default(),
             durable,
         });
-        crate::durable::restore(&shared, loaded).await;
+        crate::session_restore::restore(&shared, loaded).await;
         let tls = listeners.iter().filter_map(Bound::tls).collect();
         Ok(Broker {
             shared,

@@ -27,31 +27,25 @@
 
 mod matcher;
 
-use crate::event::Event;
 use crate::metrics::Metrics;
-use crate::policy::{Identity, ListenerPolicy};
 use crate::retained::{load_key, RetainedError};
-use crate::retained_index::qos_from;
-use crate::router::{router_client_id, router_filter};
-use crate::shared::{ConnInfo, Shared};
-use futures_util::StreamExt;
 use matcher::Matcher;
 use moatmq_config::Config;
 use moatmq_store::{
     now_unix, Delivery, Enqueued, MessageProperties, PendingWill, QueuedMessage, SessionKey,
     SessionLimits, SessionLog, SessionMeta, SessionStore, SubscriptionOptions,
 };
-use rumqttd::protocol::{
-    Disconnect, DisconnectReasonCode, Filter, Packet, RetainForwardRule, Subscribe,
-};
-use rumqttd::Notification;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use tracing::{error, info, warn};
+
+/// Told of each message dropped because a session's queue was full, and why
+/// (`max_queued_messages` or `max_queued_bytes`): the broker counts and audits it.
+pub type OnDrop = Box<dyn Fn(&SessionKey, &'static str) + Send>;
 
 /// A message the gateway replays to a resumed session, in id order.
 #[derive(Debug, Clone)]
@@ -166,7 +160,8 @@ impl SessionBook {
                 carried,
                 rx,
                 interval: autosave_interval,
-                shared: Weak::new(),
+                on_drop: Box::new(|_, _| {}),
+                metrics: metrics.clone(),
                 fail_commits: cfg!(feature = "test-hooks")
                     && std::env::var_os("MOATMQ_TEST_SESSION_COMMIT_FAIL").is_some(),
             })),
@@ -177,12 +172,12 @@ impl SessionBook {
         Ok((book, loaded))
     }
 
-    /// Starts the writer thread; events about dropped messages go to `shared`.
-    pub fn run(&self, shared: Weak<Shared>) {
+    /// Starts the writer thread; dropped messages are reported to `on_drop`.
+    pub fn run(&self, on_drop: OnDrop) {
         let Some(mut writer) = lock(&self.writer).take() else {
             return;
         };
-        writer.shared = shared;
+        writer.on_drop = on_drop;
         let thread = std::thread::Builder::new()
             .name("moatmq-sessions".into())
             .spawn(move || writer.run());
@@ -375,7 +370,8 @@ struct Writer {
     carried: HashMap<SessionKey, BTreeSet<u64>>,
     rx: mpsc::Receiver<Job>,
     interval: Duration,
-    shared: Weak<Shared>,
+    on_drop: OnDrop,
+    metrics: Arc<Metrics>,
     /// Test hook (`test-hooks` and `MOATMQ_TEST_SESSION_COMMIT_FAIL`): every commit fails,
     /// as on a full or read-only disk.
     fail_commits: bool,
@@ -439,12 +435,11 @@ impl Writer {
         }
         match self.store.commit() {
             Ok(_) => {
-                if let Some(shared) = self.shared.upgrade() {
-                    let stats = self.store.stats();
-                    let m = &shared.metrics;
-                    m.sessions_stored.set(stats.sessions as i64);
-                    m.session_messages_held.set(stats.held_messages as i64);
-                }
+                let stats = self.store.stats();
+                self.metrics.sessions_stored.set(stats.sessions as i64);
+                self.metrics
+                    .session_messages_held
+                    .set(stats.held_messages as i64);
                 true
             }
             Err(e) => {
@@ -547,13 +542,7 @@ impl Writer {
     }
 
     fn dropped(&self, key: &SessionKey, limit: &'static str) {
-        if let Some(shared) = self.shared.upgrade() {
-            shared.emit_global(Event::SessionQueueFull {
-                owner: key.owner.as_deref(),
-                client_id: &key.client_id,
-                limit,
-            });
-        }
+        (self.on_drop)(key, limit);
     }
 }
 
@@ -585,138 +574,4 @@ pub fn open(
     )?;
     info!(sessions = loaded.len(), "session store loaded");
     Ok(Some((book, loaded)))
-}
-
-/// Brings the stored sessions back before the listeners open: each one's subscriptions
-/// are made again in the router (which then queues what arrives while its client is
-/// away), counted against its owner's `max_sessions_per_user`, and its expiry counts on
-/// from its disconnection (from now for one that was connected when the broker stopped).
-pub async fn restore(shared: &Arc<Shared>, loaded: Vec<Loaded>) {
-    let Some(book) = &shared.durable else {
-        return;
-    };
-    book.run(Arc::downgrade(shared));
-    let started = Instant::now();
-    let count = loaded.len();
-    // Each session's router link is a round trip through the router thread: many at
-    // once keep it busy while each waits for its SUBACK.
-    futures_util::stream::iter(loaded)
-        .for_each_concurrent(RESTORE_AT_ONCE, |l| restore_one(shared, book, l))
-        .await;
-    if count > 0 {
-        info!(
-            sessions = count,
-            took_ms = started.elapsed().as_millis() as u64,
-            "persistent sessions restored"
-        );
-    }
-}
-
-/// How many stored sessions are made again in the router at a time at start-up.
-const RESTORE_AT_ONCE: usize = 64;
-
-async fn restore_one(shared: &Arc<Shared>, book: &SessionBook, loaded: Loaded) {
-    let Loaded {
-        key,
-        mut meta,
-        will,
-    } = loaded;
-    let now = now_unix();
-    {
-        let owner = key.owner.as_deref();
-        let router_id = router_client_id(owner, &key.client_id);
-        if let Some(w) = will {
-            let identity = Identity {
-                username: key.owner.clone(),
-                client_id: key.client_id.clone(),
-            };
-            let w = crate::will::restored(w, identity, restored_connection());
-            crate::will::publish_will(shared, &router_id, Some(&key), w);
-        }
-        if let Err(e) = resubscribe(shared, &router_id, owner, &meta.subscriptions).await {
-            warn!(client_id = %key.client_id, error = %e, "stored session not restored in the router");
-        }
-        if shared
-            .sessions
-            .resume(&router_id, owner, usize::MAX)
-            .is_ok()
-        {
-            shared.sessions.save(&router_id, &meta.subscriptions);
-        }
-        let since = *meta.disconnected_at.get_or_insert(now);
-        book.update(&key, meta.clone());
-        let left = since
-            .saturating_add(meta.expiry_interval)
-            .saturating_sub(now);
-        crate::session_expiry::expire_after(shared, &router_id, key, Duration::from_secs(left));
-    }
-}
-
-/// The connection a restored session's will is audited as coming from: none, the
-/// session store.
-fn restored_connection() -> ConnInfo {
-    ConnInfo {
-        listener: ListenerPolicy {
-            name: "session-store".into(),
-            allow_anonymous: false,
-        },
-        peer: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
-        cert_identity: None,
-        rate_limited: false,
-        deadline: tokio::time::Instant::now(),
-        slot: Weak::new(),
-    }
-}
-
-/// Makes a stored session's subscriptions again under its router client id, then
-/// leaves it disconnected: the router keeps it as a persistent session.
-async fn resubscribe(
-    shared: &Shared,
-    router_id: &str,
-    owner: Option<&str>,
-    subscriptions: &BTreeMap<String, SubscriptionOptions>,
-) -> Result<(), RestoreError> {
-    let (mut tx, mut rx, _ack) = shared.router.connect(router_id.to_string(), false).await?;
-    if !subscriptions.is_empty() {
-        let filters = subscriptions
-            .iter()
-            .map(|(f, o)| Filter {
-                path: router_filter(owner, f),
-                qos: qos_from(o.qos),
-                nolocal: o.no_local,
-                preserve_retain: o.retain_as_published,
-                retain_forward_rule: RetainForwardRule::Never,
-            })
-            .collect();
-        let subscribe = Packet::Subscribe(Subscribe { pkid: 1, filters }, None);
-        tx.send(subscribe).await.map_err(Box::new)?;
-        let acked = tokio::time::timeout(Duration::from_secs(5), async {
-            loop {
-                if let Some(Notification::DeviceAck(_)) = rx.next().await.map_err(Box::new)? {
-                    return Ok::<(), RestoreError>(());
-                }
-            }
-        })
-        .await;
-        acked.map_err(|_| RestoreError::NoSubAck)??;
-    }
-    let bye = Packet::Disconnect(
-        Disconnect {
-            reason_code: DisconnectReasonCode::NormalDisconnection,
-        },
-        None,
-    );
-    tx.send(bye).await.map_err(Box::new)?;
-    Ok(())
-}
-
-/// Why a stored session could not be made again in the router.
-#[derive(Debug, thiserror::Error)]
-enum RestoreError {
-    #[error("router link: {0}")]
-    Connect(#[from] crate::router::ConnectError),
-    #[error("router link: {0}")]
-    Link(#[from] Box<rumqttd::local::LinkError>),
-    #[error("no SUBACK from the router")]
-    NoSubAck,
 }
