@@ -67,18 +67,18 @@ struct LoggedIn {
     /// The session's router client id, held for this connection.
     hold: SessionHold,
     router_id: String,
-    /// How long the session outlives the connection, if it does, and its key.
-    keep_for: Option<(Duration, SessionKey)>,
+    /// The session's key if it outlives the connection (the gateway says how long).
+    key: Option<SessionKey>,
 }
 
 impl LoggedIn {
     /// Runs the gateway until the connection ends, then lets the session go.
     async fn serve(self, shared: &Arc<Shared>) {
-        let still_ours = self.gateway.run(self.reader, self.writer, self.buf).await;
+        let kept_for = self.gateway.run(self.reader, self.writer, self.buf).await;
         // The link is torn down: a connection waiting for this session may open its own
         // (and the expiry below skips a session that is held again).
         drop(self.hold);
-        if let (true, Some((after, key))) = (still_ours, self.keep_for) {
+        if let (Some(after), Some(key)) = (kept_for, self.key) {
             session_expiry::expire_after(shared, &self.router_id, key, after);
         }
     }
@@ -137,6 +137,22 @@ async fn login(
         refuse(&mut writer, version, Refusal::ClientId).await;
         return Err(ConnectFailure::Refused("client id too long or invalid"));
     }
+    // limits.max_keepalive (Mosquitto's max_keepalive): MQTT 5 clients are told the
+    // server keep alive (3.2.2.3.14); 3.1.1 cannot be told, so it is refused (0x02).
+    let max_keepalive = limits.max_keepalive;
+    let over_max =
+        max_keepalive < u16::MAX && (connect.keep_alive == 0 || connect.keep_alive > max_keepalive);
+    let server_keep_alive = match (over_max, version) {
+        (false, _) => None,
+        (true, Version::V5) => Some(max_keepalive),
+        (true, Version::V4) => {
+            refuse(&mut writer, version, Refusal::ClientId).await;
+            return Err(ConnectFailure::Refused(
+                "keep alive over limits.max_keepalive",
+            ));
+        }
+    };
+    let keep_alive = server_keep_alive.unwrap_or(connect.keep_alive);
 
     let attempt = Attempt {
         listener: &info.listener,
@@ -342,7 +358,7 @@ async fn login(
             subscription_identifiers_available: Some(0),
             // Not for persistent sessions: see Gateway::check_filter.
             shared_subscription_available: Some(u8::from(router_clean)),
-            server_keep_alive: None,
+            server_keep_alive,
             response_information: None,
             server_reference: None,
             authentication_method: None,
@@ -373,7 +389,7 @@ async fn login(
     );
 
     let max_out = props.as_ref().and_then(|p| p.max_packet_size);
-    let keep_for = keep_for.map(|secs| (Duration::from_secs(secs), session_key));
+    let key = keep_for.map(|_| session_key);
     let gateway = Gateway::new(
         shared.clone(),
         info,
@@ -383,7 +399,7 @@ async fn login(
         tx,
         rx,
         will,
-        connect.keep_alive,
+        keep_alive,
         max_out,
         session,
         resumed,
@@ -395,7 +411,7 @@ async fn login(
         buf,
         hold,
         router_id,
-        keep_for,
+        key,
     })
 }
 

@@ -115,3 +115,36 @@ async fn expiry_is_capped_and_the_cap_announced() {
     let c = v4::connect(opts).await.unwrap();
     assert!(!c.connack.session_present);
 }
+
+/// A v5 client with session expiry `expiry` that sends DISCONNECT with `props` (the
+/// raw property bytes after the reason code).
+async fn disconnect_with(addr: SocketAddr, id: &str, expiry: u32, props: &[u8]) -> Raw {
+    let (mut raw, ack) = connect(addr, id, false, Some(expiry)).await;
+    assert_eq!(ack.code, m5::ConnectReturnCode::Success);
+    let mut body = vec![0x00, props.len() as u8];
+    body.extend_from_slice(props);
+    let mut frame = vec![0xE0, body.len() as u8];
+    frame.extend_from_slice(&body);
+    raw.send(&frame).await;
+    raw
+}
+
+#[tokio::test]
+async fn a_disconnect_sets_a_new_session_expiry() {
+    let broker = TestBroker::start().await;
+    let addr = broker.first_addr();
+    // Kept for 300 s by its CONNECT, ended at once by its DISCONNECT (0x11 = 0).
+    let mut raw = disconnect_with(addr, "shortened", 300, &[0x11, 0, 0, 0, 0]).await;
+    assert!(raw.closed_within(WAIT).await);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let (_, ack) = connect(addr, "shortened", false, Some(300)).await;
+    assert!(!ack.session_present, "the DISCONNECT's 0 ended the session");
+    // 0 in the CONNECT cannot be raised by the DISCONNECT: protocol error 0x82.
+    let mut raw = disconnect_with(addr, "raised", 0, &[0x11, 0, 0, 0, 60]).await;
+    match raw.next5(WAIT).await {
+        Some(m5::Packet::Disconnect(d)) => {
+            assert_eq!(d.reason_code, m5::DisconnectReasonCode::ProtocolError)
+        }
+        other => panic!("expected DISCONNECT 0x82, got {other:?}"),
+    }
+}

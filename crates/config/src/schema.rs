@@ -12,6 +12,8 @@ pub const DEFAULT_MAX_INFLIGHT: u16 = 100;
 pub const DEFAULT_MAX_SUBSCRIPTIONS_PER_CLIENT: usize = 100;
 pub const DEFAULT_MAX_TOPIC_LEVELS: usize = 32;
 pub const DEFAULT_MAX_CLIENT_ID_LENGTH: usize = 128;
+/// Mosquitto's default for `max_keepalive`: the MQTT maximum, nothing is capped.
+pub const DEFAULT_MAX_KEEPALIVE: u16 = 65535;
 pub const DEFAULT_MAX_QUEUED_BYTES: usize = 8 * 1_048_576;
 /// Mosquitto's default for `max_queued_messages`.
 pub const DEFAULT_MAX_QUEUED_MESSAGES: usize = 1000;
@@ -334,6 +336,12 @@ pub struct Limits {
     /// Bytes in a client id.
     #[serde(default = "default_max_client_id_length")]
     pub max_client_id_length: usize,
+    /// Longest keep alive a client may use, in seconds (Mosquitto's `max_keepalive`):
+    /// an MQTT 5 client asking for 0 or more is told this one (server keep alive); a
+    /// 3.1.1 client asking for 0 or more is refused, as 3.1.1 cannot be told. 65535 (the
+    /// default) caps nothing.
+    #[serde(default = "default_max_keepalive")]
+    pub max_keepalive: u16,
     /// Per subscribed filter, bytes of the newest messages kept for subscribers that
     /// have not read them yet (offline persistent sessions, slow readers); older
     /// messages are dropped past it.
@@ -368,6 +376,7 @@ impl Default for Limits {
             max_subscriptions_per_client: DEFAULT_MAX_SUBSCRIPTIONS_PER_CLIENT,
             max_topic_levels: DEFAULT_MAX_TOPIC_LEVELS,
             max_client_id_length: DEFAULT_MAX_CLIENT_ID_LENGTH,
+            max_keepalive: DEFAULT_MAX_KEEPALIVE,
             max_queued_bytes: DEFAULT_MAX_QUEUED_BYTES,
             max_queued_messages: DEFAULT_MAX_QUEUED_MESSAGES,
             max_session_expiry: DEFAULT_MAX_SESSION_EXPIRY,
@@ -577,6 +586,9 @@ fn default_max_topic_levels() -> usize {
 fn default_max_client_id_length() -> usize {
     DEFAULT_MAX_CLIENT_ID_LENGTH
 }
+fn default_max_keepalive() -> u16 {
+    DEFAULT_MAX_KEEPALIVE
+}
 fn default_max_queued_messages() -> usize {
     DEFAULT_MAX_QUEUED_MESSAGES
 }
@@ -742,6 +754,7 @@ impl Config {
             ),
             ("limits.max_topic_levels", lim.max_topic_levels),
             ("limits.max_client_id_length", lim.max_client_id_length),
+            ("limits.max_keepalive", lim.max_keepalive as usize),
             ("limits.max_queued_bytes", lim.max_queued_bytes),
             ("limits.max_session_expiry", lim.max_session_expiry as usize),
             ("limits.max_sessions_per_user", lim.max_sessions_per_user),

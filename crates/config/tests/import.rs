@@ -580,3 +580,12 @@ fn identity_cn_warns_that_a_differing_username_is_refused() {
         r.warnings
     );
 }
+
+#[test]
+fn max_keepalive_is_carried() {
+    let (c, r) = import("max_keepalive 120\n");
+    assert_eq!(c.limits.max_keepalive, 120);
+    assert!(!warned(&r, "max_keepalive"), "{:?}", r.warnings);
+    let (c, _) = import("");
+    assert_eq!(c.limits.max_keepalive, 65535, "caps nothing by default");
+}

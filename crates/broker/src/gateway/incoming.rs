@@ -279,9 +279,22 @@ impl Gateway {
             }
             Packet::PingReq(_) => self.write(Packet::PingResp(PingResp)),
             // MQTT-3.14.4-3: only a normal disconnection (0x00) discards the will.
-            Packet::Disconnect(d, _) => Err(Close::ClientDisconnect {
-                with_will: d.reason_code != DisconnectReasonCode::NormalDisconnection,
-            }),
+            Packet::Disconnect(d, props) => {
+                // MQTT 5 3.14.2.2.2: a new session expiry interval; raising 0 (no session
+                // kept) to more is a protocol error.
+                if let Some(secs) = props.and_then(|p| p.session_expiry_interval) {
+                    if self.session.expiry == 0 && secs > 0 {
+                        return Err(Close::Protocol(
+                            DisconnectReasonCode::ProtocolError,
+                            "session expiry raised from 0 in DISCONNECT",
+                        ));
+                    }
+                    self.session.expiry = u64::from(secs).min(limits.max_session_expiry);
+                }
+                Err(Close::ClientDisconnect {
+                    with_will: d.reason_code != DisconnectReasonCode::NormalDisconnection,
+                })
+            }
             Packet::Connect(..) => Err(Close::Protocol(
                 DisconnectReasonCode::ProtocolError,
                 "second CONNECT",

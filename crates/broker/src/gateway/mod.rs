@@ -180,9 +180,15 @@ impl Gateway {
         }
     }
 
-    /// Serves the connection until it ends, then tears down the link. Returns whether
-    /// the session is still this connection's (not taken over by a new one).
-    pub async fn run(mut self, mut reader: Reader, mut writer: Writer, mut buf: BytesMut) -> bool {
+    /// Serves the connection until it ends, then tears down the link. Returns how long
+    /// the session outlives the connection (its expiry, which an MQTT 5 DISCONNECT may
+    /// have changed), or `None` when a new connection took it over.
+    pub async fn run(
+        mut self,
+        mut reader: Reader,
+        mut writer: Writer,
+        mut buf: BytesMut,
+    ) -> Option<Duration> {
         let mut shutdown = self.shared.shutdown.clone();
         let close = self
             .serve(&mut reader, &mut writer, &mut buf, &mut shutdown)
@@ -235,7 +241,8 @@ impl Gateway {
                 detail: close.detail(),
             },
         );
-        !matches!(close, Close::TakenOver | Close::Replaced)
+        (!matches!(close, Close::TakenOver | Close::Replaced))
+            .then(|| Duration::from_secs(self.session.expiry))
     }
 
     async fn serve(
