@@ -98,3 +98,33 @@ async fn sigterm_keeps_sessions_with_an_autosave_interval() {
     assert!(sub.connack.session_present);
     assert_eq!(&sub.next_publish().await.payload[..], b"queued");
 }
+
+#[tokio::test]
+async fn a_message_in_flight_to_a_connected_client_survives_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Moatmq::serve(&config(dir.path(), 0), &[]);
+    let port = broker.port("tcp");
+    let mut o = persistent(port, "slow-acker");
+    o.set_manual_acks(true);
+    let mut sub = v4::connect(o).await.unwrap();
+    sub.subscribe_acked("orders/#").await;
+    let mut publ = v4::connected(addr(port), "shop").await;
+    publ.publish_acked("orders/17", false, "2 x widget").await;
+    let got = sub.next_publish().await;
+    assert!(!got.dup);
+    // Never acknowledged: the crash comes first (after the writer's next commit).
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    broker.kill();
+    drop((sub, publ));
+
+    let broker = Moatmq::serve(&config(dir.path(), 0), &[]);
+    let port = broker.port("tcp");
+    let mut sub = v4::connect(persistent(port, "slow-acker")).await.unwrap();
+    assert!(sub.connack.session_present);
+    let again = sub.next_publish().await;
+    assert_eq!(
+        (again.topic.as_str(), &again.payload[..], again.dup),
+        ("orders/17", &b"2 x widget"[..], true)
+    );
+    assert!(sub.publish_within(QUIET).await.is_none(), "delivered twice");
+}

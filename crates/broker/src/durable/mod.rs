@@ -107,6 +107,8 @@ enum Job {
     Remove(SessionKey),
     Enqueue(Vec<(Arc<SessionKey>, u8)>, QueuedMessage),
     Hold(SessionKey, Vec<QueuedMessage>),
+    Sent(SessionKey, u16, QueuedMessage),
+    Acked(SessionKey, u16),
     Resume(SessionKey, oneshot::Sender<Resumed>),
     Qos2In(SessionKey, u16),
     Will(SessionKey, Option<PendingWill>),
@@ -158,6 +160,7 @@ impl SessionBook {
             writer: Mutex::new(Some(Writer {
                 store,
                 carried,
+                inflight: HashMap::new(),
                 rx,
                 interval: autosave_interval,
                 on_drop: Box::new(|_, _| {}),
@@ -293,6 +296,18 @@ impl SessionBook {
         }
     }
 
+    /// A router forward was written to the connected client of `key` with packet id
+    /// `pkid`: stored as sent until [`SessionBook::acked`], so a restart or crash
+    /// redelivers it with DUP.
+    pub fn sent(&self, key: &SessionKey, pkid: u16, message: QueuedMessage) {
+        self.send(Job::Sent(key.clone(), pkid, message));
+    }
+
+    /// The client acknowledged the forward `pkid` (PUBACK, or PUBREC for QoS 2).
+    pub fn acked(&self, key: &SessionKey, pkid: u16) {
+        self.send(Job::Acked(key.clone(), pkid));
+    }
+
     /// The client of `key` went away: from now on its messages are queued here. Call
     /// before the router link is closed.
     pub fn offline(&self, key: &SessionKey, mut meta: SessionMeta) {
@@ -368,6 +383,8 @@ struct Writer {
     store: Box<dyn SessionStore>,
     /// Per session, the ids of the messages loaded at start-up (not in the router).
     carried: HashMap<SessionKey, BTreeSet<u64>>,
+    /// Per connected session, the store id of each forward in flight, by packet id.
+    inflight: HashMap<SessionKey, HashMap<u16, u64>>,
     rx: mpsc::Receiver<Job>,
     interval: Duration,
     on_drop: OnDrop,
@@ -484,6 +501,32 @@ impl Writer {
                 }
                 Ok(())
             }
+            Job::Sent(key, pkid, message) => match self.store.enqueue(&key, message) {
+                Ok(Enqueued::Queued(id)) => {
+                    let inflight = self.inflight.entry(key.clone()).or_default();
+                    if let Some(old) = inflight.insert(pkid, id) {
+                        // The router reused the packet id: the old one was answered.
+                        let _ = self.store.complete(&key, old);
+                    }
+                    self.store.mark_sent(&key, id, pkid).map(drop)
+                }
+                Ok(Enqueued::DroppedMessages) => {
+                    self.dropped(&key, "max_queued_messages");
+                    Ok(())
+                }
+                Ok(Enqueued::DroppedBytes) => {
+                    self.dropped(&key, "max_queued_bytes");
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            },
+            Job::Acked(key, pkid) => {
+                let id = self.inflight.get_mut(&key).and_then(|m| m.remove(&pkid));
+                match id {
+                    Some(id) => self.store.complete(&key, id).map(drop),
+                    None => Ok(()),
+                }
+            }
             Job::Resume(key, reply) => {
                 let replay = self.resume(&key);
                 let _ = reply.send(replay);
@@ -507,6 +550,8 @@ impl Writer {
 
     /// What a resumed session gets replayed; drops this run's copies.
     fn resume(&mut self, key: &SessionKey) -> Resumed {
+        // The previous connection's forwards in flight are this run's: the router has them.
+        self.inflight.remove(key);
         let carried = self.carried.get(key).cloned().unwrap_or_default();
         let Some(session) = self.store.session(key) else {
             return Resumed::default();

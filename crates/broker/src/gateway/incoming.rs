@@ -268,10 +268,12 @@ impl Gateway {
             // Acknowledgements reach the router in the order it forwarded the messages.
             p @ (Packet::PubAck(..) | Packet::PubRec(..) | Packet::PubComp(..)) => {
                 if !self.own_ack(&p)? {
-                    match &p {
-                        Packet::PubAck(a, _) => self.unacked.acked(a.pkid),
-                        Packet::PubRec(r, _) => self.unacked.acked(r.pkid),
-                        _ => {}
+                    if let (Some(book), Some(key)) = (&self.shared.durable, &self.session.key) {
+                        match &p {
+                            Packet::PubAck(a, _) => book.acked(key, a.pkid),
+                            Packet::PubRec(r, _) => book.acked(key, r.pkid),
+                            _ => {}
+                        }
                     }
                     self.to_router.client_ack(p);
                 }

@@ -53,7 +53,6 @@ use ledger::Ledger;
 use link::{RouterLink, ToRouter};
 use output::Output;
 use retained::RetainedFeed;
-use unacked::Unacked;
 
 /// After this long without traffic a connection gives its buffers back: a fleet of
 /// idle devices keeps only what each must (docs/benchmarks.md, idle connections).
@@ -124,8 +123,6 @@ pub struct Gateway {
     ledger: Ledger,
     /// Retained messages owed to the client.
     retained: RetainedFeed,
-    /// A persistent session's forwards the client has not acknowledged yet.
-    unacked: Unacked,
 }
 
 impl Gateway {
@@ -176,7 +173,6 @@ impl Gateway {
             to_router: ToRouter::default(),
             ledger,
             retained,
-            unacked: Unacked::default(),
         }
     }
 
@@ -213,9 +209,9 @@ impl Gateway {
             will::publish_will(&self.shared, &self.router_id, self.session.key.as_ref(), w);
         }
         if self.shared.durable.is_some() && self.session.key.is_some() {
-            // What the client has not acknowledged, and at shutdown what the router has
-            // ready for it, is stored first (older than anything queued from now on).
-            let mut held = self.unacked.take();
+            // At shutdown what the router has ready for it is stored first (older than
+            // anything queued from now on); what it was sent is stored already.
+            let mut held = Vec::new();
             if matches!(close, Close::Shutdown) {
                 self.drain_router(&mut held);
             }
@@ -362,10 +358,13 @@ impl Gateway {
         while let Some(Ok(Some(n))) = self.link.try_next() {
             if let rumqttd::Notification::Forward(f) = n {
                 if let Some(qos) = crate::codec::forwarded_qos(&f.publish) {
-                    let topic = f.publish.topic.clone();
-                    let payload = f.publish.payload.clone();
-                    self.unacked.sent(0, topic, payload, qos, f.properties);
-                    held.extend(self.unacked.take());
+                    let p = &f.publish;
+                    held.push(unacked::as_queued(
+                        &p.topic,
+                        &p.payload,
+                        qos,
+                        f.properties.as_ref(),
+                    ));
                 }
             }
         }

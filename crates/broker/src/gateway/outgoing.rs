@@ -3,6 +3,7 @@
 //! not acknowledge is acknowledged to the router in its turn (`link.rs`).
 
 use super::deliver::{Delivery, Origin};
+use super::unacked::as_queued;
 use super::{Close, Gateway};
 use rumqttd::protocol::{Packet, PubAckReason, PubRec, PubRecReason, QoS, SubscribeReasonCode};
 use rumqttd::Notification;
@@ -13,7 +14,7 @@ impl Gateway {
     pub(super) fn outgoing(&mut self, notification: Notification) -> Result<(), Close> {
         match notification {
             Notification::Forward(forward) => {
-                // A persistent session keeps a copy until the client acknowledges it.
+                // A durable session stores what it was sent until the client acknowledges it.
                 let copy = self.session.key.is_some().then(|| {
                     let p = &forward.publish;
                     (
@@ -24,8 +25,10 @@ impl Gateway {
                 });
                 match self.deliver(forward.publish, forward.properties, Origin::Router)? {
                     Delivery::Sent { qos, pkid } if qos != QoS::AtMostOnce => {
-                        if let Some((topic, payload, properties)) = copy {
-                            self.unacked.sent(pkid, topic, payload, qos, properties);
+                        if let (Some((topic, payload, props)), Some(book), Some(key)) =
+                            (copy, &self.shared.durable, &self.session.key)
+                        {
+                            book.sent(key, pkid, as_queued(&topic, &payload, qos, props.as_ref()));
                         }
                         self.to_router.delivered(pkid)
                     }
