@@ -380,6 +380,15 @@ async fn dashboard_and_alerts_use_only_exported_metrics() {
         "moatmq_retained_messages",
         "moatmq_retained_store_bytes",
         "moatmq_retained_refused_total",
+        "moatmq_login_throttled_addresses",
+        "moatmq_max_connections",
+        "moatmq_retained_bytes",
+        "moatmq_retained_max_messages",
+        "moatmq_retained_max_bytes",
+        "moatmq_sessions_stored",
+        "moatmq_sessions_offline",
+        "moatmq_session_messages_held",
+        "moatmq_session_messages_dropped_total",
     ] {
         assert!(used.contains(m), "{m} is not shown");
     }

@@ -12,6 +12,11 @@
 //! one whose last failure is oldest is forgotten. Usernames are kept as keyed 64-bit
 //! hashes, so a long name costs no memory.
 //!
+//! An address is *throttled* while its next attempt would wait for at least one
+//! username: its own count, or one of its (address, username) counts, is past its free
+//! failures and not yet forgotten ([`LoginThrottle::throttled_addresses`], the
+//! `moatmq_login_throttled_addresses` gauge).
+//!
 //! The delay alone does not bound guessing: parallel attempts would each wait it once.
 //! The broker therefore lets at most [2] password logins per address be in progress
 //! (waiting out the delay or being hashed) and [16] more wait for a turn; the rest are
@@ -22,7 +27,7 @@
 //! *every* CONNECT (success or not, so the delay itself reveals nothing), then
 //! `record_failure` or `record_success` once the password has been checked.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{BuildHasher, Hash, RandomState};
 use std::net::{IpAddr, Ipv6Addr};
 use std::sync::{Mutex, PoisonError};
@@ -177,13 +182,20 @@ struct Entry {
     seq: u64,
 }
 
+impl Entry {
+    /// Whether its failures no longer count at `now` ([`FORGET_AFTER`] of quiet).
+    fn forgotten_at(&self, now: Instant) -> bool {
+        now.saturating_duration_since(self.last_failure) >= FORGET_AFTER
+    }
+}
+
 impl<K: Hash + Eq + Copy> Table<K> {
     /// Failures recorded for `key` that still count at `now`.
     fn failures(&mut self, key: K, now: Instant) -> u32 {
         let Some(entry) = self.entries.get(&key) else {
             return 0;
         };
-        if now.saturating_duration_since(entry.last_failure) >= FORGET_AFTER {
+        if entry.forgotten_at(now) {
             self.remove(key);
             return 0;
         }
@@ -194,7 +206,7 @@ impl<K: Hash + Eq + Copy> Table<K> {
         let seq = self.next_seq;
         self.next_seq += 1;
         if let Some(entry) = self.entries.get_mut(&key) {
-            if now.saturating_duration_since(entry.last_failure) >= FORGET_AFTER {
+            if entry.forgotten_at(now) {
                 entry.failures = 0;
             }
             entry.failures = entry.failures.saturating_add(1);
@@ -219,6 +231,15 @@ impl<K: Hash + Eq + Copy> Table<K> {
             },
         );
         self.by_age.insert(seq, key);
+    }
+
+    /// Keys whose failures still count at `now`, with their counts; forgotten entries
+    /// are skipped, not removed (a read-only walk).
+    fn live(&self, now: Instant) -> impl Iterator<Item = (&K, u32)> {
+        self.entries
+            .iter()
+            .filter(move |(_, e)| !e.forgotten_at(now))
+            .map(|(k, e)| (k, e.failures))
     }
 
     fn remove(&mut self, key: K) {
@@ -292,6 +313,37 @@ impl LoginThrottle {
     pub fn tracked(&self) -> usize {
         let state = self.lock();
         state.by_address.entries.len() + state.by_user.entries.len()
+    }
+
+    /// Addresses (IPv4, IPv6 /64) whose next login attempt waits for at least one
+    /// username: see the module doc.
+    ///
+    /// Walks both tables under the lock that logins take, so it is meant for a scrape,
+    /// not a hot path. Measured with both tables full ([`MAX_TRACKED`] keys each, release
+    /// build, 2 shared cores): 1.5 ms with no address throttled, 7 ms with all 100,000
+    /// throttled: a login waits at most that long once per scrape.
+    pub fn throttled_addresses(&self) -> usize {
+        self.throttled_at(Instant::now())
+    }
+
+    fn throttled_at(&self, now: Instant) -> usize {
+        let p = &self.params;
+        let state = self.lock();
+        // The delay decides, as for a login: no second copy of the "past free" rule.
+        let mut throttled: HashSet<IpAddr> = state
+            .by_address
+            .live(now)
+            .filter(|&(_, failures)| !p.delay_after(failures, p.free_per_address).is_zero())
+            .map(|(&address, _)| address)
+            .collect();
+        throttled.extend(
+            state
+                .by_user
+                .live(now)
+                .filter(|&(_, failures)| !p.delay_after(failures, p.free_per_user).is_zero())
+                .map(|(&(address, _), _)| address),
+        );
+        throttled.len()
     }
 
     fn user_key(&self, ip: IpAddr, username: &str) -> (IpAddr, u64) {

@@ -180,7 +180,6 @@ fn retain(shared: &Shared, who: &Identity, msg: Inbound<'_>) -> Result<Recorded,
         );
         index.set(message)?;
     }
-    shared.metrics.retained_messages.set(index.len() as i64);
     Ok(match &shared.retained {
         Some(store) => store.recorded(),
         None => Recorded::Buffered,

@@ -5,13 +5,20 @@
 //!
 //! Hot-path counters are plain atomics held by each gateway; labelled families are only
 //! touched when a connection starts or ends. Gauges that mirror state owned elsewhere
-//! (`moatmq_router_up`, the process's resident memory) are read at scrape time.
+//! (`moatmq_router_up`, the process's resident memory, the login throttle's throttled
+//! addresses, the retained set's size) are read at scrape time, so they are never stale
+//! (retained messages expire and throttled addresses are forgotten without an event).
+//! The configured bounds (`moatmq_max_connections`, `moatmq_retained_max_*`) are
+//! exported beside the figures they bound, so a dashboard or alert can show use as a
+//! fraction.
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
+use moatmq_auth::LoginThrottle;
+use moatmq_store::{RetainedSet, StoreLimits};
 use prometheus_client::encoding::text::{encode_eof, encode_registry};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -19,7 +26,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::{Registry, Unit};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ListenerLabel {
@@ -36,6 +43,14 @@ pub struct ReasonLabel {
     pub reason: String,
 }
 
+/// State owned elsewhere that the gauges mirror at scrape time.
+pub struct Observed {
+    /// `moatmq_login_throttled_addresses`.
+    pub throttle: Arc<LoginThrottle>,
+    /// `moatmq_retained_messages` and `moatmq_retained_bytes`.
+    pub retained: RetainedSet,
+}
+
 /// Every metric the broker exports.
 pub struct Metrics {
     registry: Mutex<Registry>,
@@ -47,6 +62,15 @@ pub struct Metrics {
     resident_memory: Gauge,
     /// `moatmq_router_up`: 1 while `router_ok`, set at scrape time.
     router_up: Gauge,
+    /// What the scrape-time gauges below read, once the broker has made it.
+    observed: OnceLock<Observed>,
+    login_throttled_addresses: Gauge,
+    retained_messages: Gauge,
+    retained_bytes: Gauge,
+    /// Configured bounds, set once at start.
+    max_connections: Gauge,
+    retained_max_messages: Gauge,
+    retained_max_bytes: Gauge,
     pub connections_total: Family<ListenerLabel, Counter>,
     pub connections_current: Family<ListenerLabel, Gauge>,
     pub messages_in: Counter,
@@ -61,7 +85,6 @@ pub struct Metrics {
     pub login_busy: Counter,
     pub acl_denials: Family<ActionLabel, Counter>,
     pub rate_limited: Counter,
-    pub retained_messages: Gauge,
     /// Retained messages refused, by the quota they would have passed.
     pub retained_refused: Family<ReasonLabel, Counter>,
     /// Messages for offline persistent sessions dropped because their queue was full.
@@ -90,6 +113,13 @@ impl Metrics {
             process: Mutex::new(Registry::with_prefix("process")),
             resident_memory: Gauge::default(),
             router_up: Gauge::default(),
+            observed: OnceLock::new(),
+            login_throttled_addresses: Gauge::default(),
+            retained_messages: Gauge::default(),
+            retained_bytes: Gauge::default(),
+            max_connections: Gauge::default(),
+            retained_max_messages: Gauge::default(),
+            retained_max_bytes: Gauge::default(),
             connections_total: Family::default(),
             connections_current: Family::default(),
             messages_in: Counter::default(),
@@ -102,7 +132,6 @@ impl Metrics {
             login_busy: Counter::default(),
             acl_denials: Family::default(),
             rate_limited: Counter::default(),
-            retained_messages: Gauge::default(),
             retained_refused: Family::default(),
             session_messages_dropped: Counter::default(),
             sessions_offline: Gauge::default(),
@@ -126,6 +155,11 @@ impl Metrics {
                 "connections_current",
                 "Connections open now, by listener",
                 m.connections_current.clone(),
+            );
+            r.register(
+                "max_connections",
+                "The [limits] max_connections bound, over all listeners",
+                m.max_connections.clone(),
             );
             r.register(
                 "messages_received",
@@ -164,6 +198,11 @@ impl Metrics {
                 m.login_busy.clone(),
             );
             r.register(
+                "login_throttled_addresses",
+                "Source addresses (IPv6 by /64) whose next login attempt waits out the failed-login throttle's delay",
+                m.login_throttled_addresses.clone(),
+            );
+            r.register(
                 "acl_denials",
                 "ACL denials, by action",
                 m.acl_denials.clone(),
@@ -175,8 +214,23 @@ impl Metrics {
             );
             r.register(
                 "retained_messages",
-                "Retained messages in the store",
+                "Retained messages held (the set subscribers are served from)",
                 m.retained_messages.clone(),
+            );
+            r.register(
+                "retained_bytes",
+                "Bytes of retained messages as the max_bytes quota counts them (each message's stored record)",
+                m.retained_bytes.clone(),
+            );
+            r.register(
+                "retained_max_messages",
+                "The [retained] max_messages quota",
+                m.retained_max_messages.clone(),
+            );
+            r.register(
+                "retained_max_bytes",
+                "The [retained] max_bytes quota",
+                m.retained_max_bytes.clone(),
             );
             r.register(
                 "retained_refused",
@@ -242,6 +296,20 @@ impl Metrics {
         Arc::new(m)
     }
 
+    /// Gives the scrape-time gauges their sources; only the first call counts.
+    pub fn observe(&self, observed: Observed) {
+        let _ = self.observed.set(observed);
+    }
+
+    /// Exports the configured bounds that use is measured against.
+    pub fn set_bounds(&self, max_connections: usize, retained: &StoreLimits) {
+        self.max_connections.set(saturating_i64(max_connections));
+        self.retained_max_messages
+            .set(saturating_i64(retained.max_messages));
+        self.retained_max_bytes
+            .set(saturating_i64(retained.max_bytes));
+    }
+
     pub fn deny(&self, action: &str) {
         self.acl_denials
             .get_or_create(&ActionLabel {
@@ -264,6 +332,12 @@ impl Metrics {
         if let Some(rss) = resident_memory_bytes() {
             self.resident_memory.set(rss as i64);
         }
+        if let Some(o) = self.observed.get() {
+            self.login_throttled_addresses
+                .set(saturating_i64(o.throttle.throttled_addresses()));
+            self.retained_messages.set(saturating_i64(o.retained.len()));
+            self.retained_bytes.set(saturating_i64(o.retained.bytes()));
+        }
         let mut out = String::new();
         for registry in [&self.registry, &self.process] {
             if let Ok(r) = registry.lock() {
@@ -273,6 +347,11 @@ impl Metrics {
         let _ = encode_eof(&mut out);
         out
     }
+}
+
+/// A count or configured bound as a gauge value (a bound past `i64::MAX` as `i64::MAX`).
+fn saturating_i64(n: impl TryInto<i64>) -> i64 {
+    n.try_into().unwrap_or(i64::MAX)
 }
 
 /// The process's resident set size from `/proc/self/status` (`VmRSS:  1234 kB`).
@@ -327,7 +406,7 @@ async fn ready(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
 
 #[cfg(test)]
 mod tests {
-    use super::vm_rss_bytes;
+    use super::*;
 
     #[test]
     fn vm_rss_is_read_in_bytes() {
@@ -335,5 +414,48 @@ mod tests {
         assert_eq!(vm_rss_bytes(status), Some(5 * 1024 * 1024));
         assert_eq!(vm_rss_bytes("VmRSS:\t12 MB\n"), None);
         assert_eq!(vm_rss_bytes("Name:\tx\n"), None);
+    }
+
+    #[test]
+    fn observed_state_and_bounds_are_read_at_scrape() {
+        let m = Metrics::new();
+        let limits = StoreLimits {
+            max_messages: 10,
+            max_bytes: u64::MAX,
+            max_messages_per_user: 0,
+            max_bytes_per_user: 0,
+        };
+        m.set_bounds(500, &limits);
+        let retained = RetainedSet::new(limits);
+        let throttle = Arc::new(LoginThrottle::new());
+        m.observe(Observed {
+            throttle: throttle.clone(),
+            retained: retained.clone(),
+        });
+        let ip = std::net::IpAddr::from([192, 0, 2, 1]);
+        for _ in 0..3 {
+            throttle.record_failure(ip, "alice");
+        }
+        let msg = moatmq_store::RetainedMessage {
+            topic: "a/b".into(),
+            payload: b"hello".to_vec(),
+            qos: 0,
+            properties: None,
+            expires_at: None,
+            owner: Some("alice".into()),
+        };
+        let size = moatmq_store::stored_bytes(&msg);
+        retained.set(msg).unwrap();
+        let text = m.render();
+        for line in [
+            "moatmq_max_connections 500".to_string(),
+            "moatmq_retained_max_messages 10".to_string(),
+            format!("moatmq_retained_max_bytes {}", i64::MAX),
+            "moatmq_login_throttled_addresses 1".to_string(),
+            "moatmq_retained_messages 1".to_string(),
+            format!("moatmq_retained_bytes {size}"),
+        ] {
+            assert!(text.contains(&format!("\n{line}\n")), "{line} in\n{text}");
+        }
     }
 }

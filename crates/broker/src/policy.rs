@@ -113,7 +113,8 @@ pub struct Policy {
     acl: RwLock<Arc<Acl>>,
     /// Bumped on every ACL reload, so connections know their cached view is stale.
     acl_generation: AtomicU64,
-    throttle: LoginThrottle,
+    /// Shared with the metrics, which count its throttled addresses at each scrape.
+    throttle: Arc<LoginThrottle>,
     gate: LoginGate,
     hashing: HashPool,
     /// Recent successful password checks (`auth.credential_cache_*`): a reconnecting
@@ -151,7 +152,7 @@ impl Policy {
             }
         };
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let throttle = LoginThrottle::new();
+        let throttle = Arc::new(LoginThrottle::new());
         Ok(Policy {
             password_path,
             passwords: RwLock::new(passwords),
@@ -167,6 +168,11 @@ impl Policy {
             ),
             legacy_warned: Mutex::new(HashSet::new()),
         })
+    }
+
+    /// The failed-login throttle, for the metrics to read at scrape time.
+    pub fn throttle(&self) -> Arc<LoginThrottle> {
+        self.throttle.clone()
     }
 
     /// SIGHUP: re-reads the password and ACL files. A file that fails keeps the old one.

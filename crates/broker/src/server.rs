@@ -10,7 +10,7 @@ use crate::error::BrokerError;
 use crate::event::Event;
 use crate::handshake_log::HandshakeLog;
 use crate::listener::{bind, Bound};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Observed};
 use crate::policy::Policy;
 use crate::ratelimit::ConnectionLimiter;
 use crate::retained::RetainedStore;
@@ -20,6 +20,7 @@ use crate::sessions::Sessions;
 use crate::shared::Shared;
 use crate::tls::TlsSetup;
 use moatmq_config::Config;
+use moatmq_store::RetainedSet;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -98,12 +99,17 @@ impl Broker {
             )?),
             None => None,
         };
-        metrics.retained_messages.set(retained_index.len() as i64);
         // So does the session store: a broker that cannot read its sessions does not start.
         let (durable, loaded) = match crate::durable::open(&config, &metrics)? {
             Some((book, loaded)) => (Some(book), loaded),
             None => (None, Vec::new()),
         };
+        // The gauges of state owned elsewhere are read at each scrape; the bounds are fixed.
+        metrics.observe(Observed {
+            throttle: policy.throttle(),
+            retained: RetainedSet::clone(&retained_index),
+        });
+        metrics.set_bounds(config.limits.max_connections, &quota);
         let conn_limiter = ConnectionLimiter::new(
             config.rate_limit.connections_per_second,
             config.rate_limit.connection_burst,

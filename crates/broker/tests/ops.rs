@@ -240,6 +240,59 @@ async fn metrics_export_router_health_and_resident_memory() {
     assert_eq!(text.matches("# EOF").count(), 1);
 }
 
+/// The bounds use is measured against, and the gauges read at scrape time from state
+/// other parts own: the login throttle's throttled addresses and the retained set's size.
+#[tokio::test]
+async fn metrics_export_bounds_retained_use_and_throttled_addresses() {
+    let broker = TestBroker::builder()
+        .users(&[("alice", "alice-pw")])
+        .no_connection_rate()
+        .limit("max_connections", 50)
+        .retained_store()
+        .set("retained", "max_messages", 7)
+        .set("retained", "max_bytes", 4096)
+        .metrics()
+        .start()
+        .await;
+    let (addr, m) = (broker.first_addr(), broker.metrics_addr());
+    let (_, text) = http_get(m, "/metrics").await;
+    assert_eq!(metric(&text, "moatmq_max_connections"), 50.0);
+    assert_eq!(metric(&text, "moatmq_retained_max_messages"), 7.0);
+    assert_eq!(metric(&text, "moatmq_retained_max_bytes"), 4096.0);
+    assert_eq!(metric(&text, "moatmq_retained_bytes"), 0.0);
+    assert_eq!(metric(&text, "moatmq_login_throttled_addresses"), 0.0);
+
+    let alice = v4::connect(common::login4(addr, "a1", "alice", "alice-pw"))
+        .await
+        .unwrap();
+    alice
+        .client
+        .publish("alice/state", QoS::AtLeastOnce, true, "on")
+        .await
+        .unwrap();
+    alice.client.disconnect().await.unwrap();
+    // Three wrong passwords for alice from this address use up its free failures: the
+    // next attempt would wait.
+    for i in 0..3 {
+        let id = format!("bad{i}");
+        assert!(v4::connect(common::login4(addr, &id, "alice", "wrong-pw"))
+            .await
+            .is_err());
+    }
+    let (_, text) = http_get(m, "/metrics").await;
+    assert_eq!(metric(&text, "moatmq_login_throttled_addresses"), 1.0);
+    assert_eq!(metric(&text, "moatmq_retained_messages"), 1.0);
+    let bytes = metric(&text, "moatmq_retained_bytes");
+    assert!(bytes > 2.0 && bytes < 4096.0, "{bytes}");
+    // Her correct login clears her count from this address: no longer held back.
+    let again = v4::connect(common::login4(addr, "a2", "alice", "alice-pw"))
+        .await
+        .unwrap();
+    let (_, text) = http_get(m, "/metrics").await;
+    assert_eq!(metric(&text, "moatmq_login_throttled_addresses"), 0.0);
+    drop(again);
+}
+
 #[tokio::test]
 async fn readyz_is_not_ready_until_the_broker_serves() {
     let (_dir, path) = with_metrics().write();

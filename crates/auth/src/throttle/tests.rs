@@ -90,6 +90,49 @@ fn quiet_period_forgets() {
 }
 
 #[test]
+fn throttled_addresses_are_those_whose_next_attempt_waits() {
+    let t = LoginThrottle::new();
+    let start = Instant::now();
+    // Two failures for alice from A: still free, nobody waits.
+    for _ in 0..2 {
+        t.failure_at(A, "alice", start);
+    }
+    assert_eq!(t.throttled_at(start), 0);
+    // The third uses up alice's free failures from A: A waits (for alice).
+    t.failure_at(A, "alice", start);
+    assert_eq!(t.throttled_at(start), 1);
+    // B sprays usernames, one failure each: throttled once its address count is used up.
+    for i in 0..10 {
+        assert_eq!(t.throttled_at(start), 1, "B after {i} failures");
+        t.failure_at(B, &format!("user{i}"), start);
+    }
+    assert_eq!(t.throttled_at(start), 2);
+    // Two hosts of one IPv6 /64 are one address.
+    let host = |i: u16| IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 1, 0, 0, 0, i));
+    for i in 1..=3 {
+        t.failure_at(host(i), "bob", start);
+    }
+    assert_eq!(t.throttled_at(start), 3);
+    // Alice logging in from A clears only A's count for her: A is not held back any more.
+    t.record_success(A, "alice");
+    assert_eq!(t.throttled_at(start), 2);
+    // Quiet time forgets the rest, without a login to look them up.
+    assert_eq!(t.throttled_at(start + FORGET_AFTER), 0);
+    // Without a delay nobody is held back, whatever the counts.
+    let no_delay = LoginThrottle::with_params(
+        ThrottleParams {
+            base_delay: Duration::ZERO,
+            ..ThrottleParams::default()
+        },
+        MAX_TRACKED,
+    );
+    for _ in 0..20 {
+        no_delay.failure_at(A, "alice", start);
+    }
+    assert_eq!(no_delay.throttled_at(start), 0);
+}
+
+#[test]
 fn bounded_memory_evicts_oldest() {
     let t = LoginThrottle::with_capacity(3);
     let now = Instant::now();
