@@ -138,7 +138,8 @@ if [[ " $PARTS " == *" 1 "* ]]; then
             log "round $round: $drain"
             echo "$b $(field msgs_per_s "$pub") $(field drain_msgs_per_s "$drain")" \
                 "$(field ack_p50_ms "$pub") $(field ack_p99_ms "$pub") $(field ack_max_ms "$pub")" \
-                "$(field received "$drain") $(field dup "$drain") $cpu" >>"$THROUGHPUT"
+                "$(field received "$drain") $(field dup "$drain") $cpu" \
+                "$(field connack_ms "$drain") $(field last_ms "$drain")" >>"$THROUGHPUT"
         done
     done
     for pid in "${PIDS[@]}"; do
@@ -219,20 +220,23 @@ if [[ -s "$THROUGHPUT" ]]; then
     echo
     echo "Offline queue: $MESSAGES QoS 1 messages of $PAYLOAD B from $PUBLISHERS publishers" \
         "($INFLIGHT in flight each) to one offline persistent subscriber, then drained;" \
-        "median of $REPEATS rounds (publish and drain medians taken separately)."
+        "median of $REPEATS rounds (each column's median on its own; PUBACK latencies from" \
+        "the round with the median publish rate)."
     echo
-    echo "| broker | publish msgs/s | drain msgs/s | PUBACK p50 ms | p99 ms | max ms | drained | DUP | broker CPU µs/msg (publish) |"
-    echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
-    pubs=$(median_table 1 <"$THROUGHPUT")
-    drains=$(awk '{ print $1, $3 }' "$THROUGHPUT" | median_table 1)
-    cpus=$(awk '{ print $1, $9 }' "$THROUGHPUT" | median_table 1)
+    echo "| broker | publish msgs/s | PUBACK p50 ms | p99 ms | max ms | broker CPU µs/msg (publish) | reconnect → CONNACK ms | reconnect → last ms | drain msgs/s (from CONNACK) | drained | DUP |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    med() { awk -v c="$1" '{ print $1, $c }' "$THROUGHPUT" | median_table 1; }
+    drains=$(med 3)
+    cpus=$(med 9)
+    connacks=$(med 10)
+    lasts=$(med 11)
+    pick() { awk -v b="$1" '$1 == b { print $2 }' <<<"$2"; }
     while read -r b p _ p50 p99 pmax recv dup _; do
-        d=$(awk -v b="$b" '$1 == b { print $2 }' <<<"$drains")
-        c=$(awk -v b="$b" '$1 == b { print $2 }' <<<"$cpus")
-        echo "| $b | $p | $d | $p50 | $p99 | $pmax | $recv | $dup | $c |"
-    done <<<"$pubs"
+        echo "| $b | $p | $p50 | $p99 | $pmax | $(pick "$b" "$cpus") | $(pick "$b" "$connacks") |" \
+            "$(pick "$b" "$lasts") | $(pick "$b" "$drains") | $recv | $dup |"
+    done < <(median_table 1 <"$THROUGHPUT")
     echo
-    echo "All rounds (broker publish drain p50 p99 max drained dup cpu_us_per_msg):"
+    echo "All rounds (broker publish drain p50 p99 max drained dup cpu_us_per_msg connack_ms last_ms):"
     sed 's/^/    /' "$THROUGHPUT"
 fi
 if [[ -s "$RESTART" ]]; then
