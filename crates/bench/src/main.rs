@@ -9,6 +9,7 @@ mod fanin;
 mod fleet;
 mod login;
 mod retained;
+mod sessions;
 mod stats;
 mod storebench;
 mod wire;
@@ -42,6 +43,11 @@ enum Command {
     RetainedPub(retained::PubArgs),
     /// Start a broker; time to /readyz, first CONNACK, first and last retained delivery.
     Startup(retained::StartupArgs),
+    /// Leave persistent sessions (clean session 0) subscribed and offline.
+    SessionSetup(sessions::SetupArgs),
+    /// Reconnect one persistent session (optionally starting the broker first) and take
+    /// its queue: CONNACK time, session present, drain rate.
+    SessionDrain(sessions::DrainArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -65,6 +71,8 @@ fn main() -> anyhow::Result<()> {
         Command::Store(args) => storebench::run(args)?,
         Command::RetainedPub(args) => runtime.block_on(retained::publish(args))?,
         Command::Startup(args) => runtime.block_on(retained::startup(args))?,
+        Command::SessionSetup(args) => runtime.block_on(sessions::setup(args))?,
+        Command::SessionDrain(args) => runtime.block_on(sessions::drain(args))?,
     };
     println!("{report}");
     Ok(())

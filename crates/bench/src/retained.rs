@@ -1,9 +1,10 @@
 //! Retained messages over MQTT.
 //!
-//! `retained-pub`: N publishers send retained QoS 1 (or 0) messages, each to its own
-//! share of `--topics` topics (`<prefix>/<i / 1000>/<i % 1000>`, as `store` writes them),
-//! for `--duration` seconds or `--messages` in total. Reported: acknowledged messages
-//! per second and the PUBLISH-written to PUBACK latency p50/p99/max.
+//! `retained-pub`: N publishers send retained (or, with `--retain false`, plain) QoS 1
+//! (or 0) messages, each to its own share of `--topics` topics
+//! (`<prefix>/<i / 1000>/<i % 1000>`, as `store` writes them), for `--duration` seconds
+//! or `--messages` in total. Reported: acknowledged messages per second and the
+//! PUBLISH-written to PUBACK latency p50/p99/max.
 //!
 //! `startup`: starts a broker (the command after `--`), then measures the time from the
 //! spawn to `/readyz` answering 200 (if `--readyz`), to the first accepted CONNECT, to
@@ -42,6 +43,9 @@ pub struct PubArgs {
     payload: usize,
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
     qos: u8,
+    /// Set the retain flag (`--retain false`: plain messages, e.g. for offline sessions).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    retain: bool,
     /// Unacknowledged QoS 1 publishes per publisher.
     #[arg(long, default_value_t = 100)]
     inflight: u16,
@@ -117,7 +121,7 @@ pub async fn publish(args: PubArgs) -> anyhow::Result<String> {
             }
         }));
         let (prefix, topics, publishers) = (args.prefix.clone(), args.topics, args.publishers);
-        let (payload_len, count) = (args.payload, per_pub);
+        let (payload_len, count, retain) = (args.payload, per_pub, args.retain);
         let mut start = start_rx.clone();
         producers.push(tokio::spawn(async move {
             start.wait_for(|s| *s).await?;
@@ -130,7 +134,7 @@ pub async fn publish(args: PubArgs) -> anyhow::Result<String> {
                 let mut payload = vec![(k % 251) as u8; payload_len];
                 payload[0] = p as u8;
                 client
-                    .publish(topic(&prefix, i), qos, true, payload)
+                    .publish(topic(&prefix, i), qos, retain, payload)
                     .await?;
                 k += 1;
             }
@@ -173,12 +177,13 @@ pub async fn publish(args: PubArgs) -> anyhow::Result<String> {
         d.map_or("-".to_string(), |d| format!("{:.2}", d.as_secs_f64() * 1e3))
     };
     Ok(format!(
-        "retained-pub label={} target={}:{} qos={} publishers={} topics={} payload={} secs={:.2} \
+        "retained-pub label={} target={}:{} qos={} retain={} publishers={} topics={} payload={} secs={:.2} \
          acked={} msgs_per_s={:.0} ack_p50_ms={} ack_p99_ms={} ack_max_ms={}",
         args.label,
         args.host,
         args.port,
         args.qos,
+        args.retain,
         args.publishers,
         args.topics,
         args.payload,
