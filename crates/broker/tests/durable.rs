@@ -632,3 +632,38 @@ async fn a_tampered_or_truncated_session_log_refuses_the_start_naming_the_file()
     assert!(sub.connack.session_present);
     assert_eq!(sub.next_publish().await.payload, "m0".as_bytes());
 }
+
+#[tokio::test]
+async fn a_long_absence_across_a_restart_delivers_everything_once_in_order() {
+    let broker = broker_with_store(0).await;
+    leave_subscribed(broker.first_addr(), "away", "a/#").await;
+    publish_n(broker.first_addr(), "a/before", 2).await;
+    let broker = broker.restart().await;
+    let addr = broker.first_addr();
+    // Many more messages queue up in this run than were carried over.
+    publish_n(addr, "a/after", 12).await;
+    let mut sub = v4::connect(persistent4(addr, "away")).await.unwrap();
+    assert!(sub.connack.session_present);
+    let mut got = Vec::new();
+    for _ in 0..14 {
+        let p = sub.next_publish().await;
+        got.push(format!(
+            "{}={}",
+            p.topic,
+            String::from_utf8_lossy(&p.payload)
+        ));
+    }
+    let mut want: Vec<String> = (0..2).map(|i| format!("a/before=m{i}")).collect();
+    want.extend((0..12).map(|i| format!("a/after=m{i}")));
+    assert_eq!(got, want);
+    assert_quiet4(&mut sub).await;
+    sub.client.disconnect().await.unwrap();
+    assert!(sub.closed_within(WAIT).await.is_some());
+    // All acknowledged: another restart brings nothing back.
+    let broker = broker.restart().await;
+    let mut sub = v4::connect(persistent4(broker.first_addr(), "away"))
+        .await
+        .unwrap();
+    assert!(sub.connack.session_present);
+    assert_quiet4(&mut sub).await;
+}

@@ -556,7 +556,8 @@ impl Writer {
         let Some(session) = self.store.session(key) else {
             return Resumed::default();
         };
-        let qos2_in = session.qos2_in.iter().copied().collect();
+        let qos2_in: Vec<u16> = session.qos2_in.iter().copied().collect();
+        let meta = session.meta.clone();
         // The client is back before its will's delay ran out: no will.
         let had_will = session.will.is_some();
         let now = now_unix();
@@ -573,6 +574,13 @@ impl Writer {
                 done.push(id);
             }
         }
+        if done.len() > replay.len() + qos2_in.len() + 2 {
+            // Mostly this run's messages (a long absence): writing the session afresh
+            // with what it keeps costs less than one record per dropped message, and
+            // the CONNACK waits for it.
+            replay = self.rebuild(key, meta, replay, &qos2_in);
+            return Resumed { replay, qos2_in };
+        }
         for id in done {
             if let Err(e) = self.store.complete(key, id) {
                 warn!(error = %e, "session store change failed");
@@ -584,6 +592,41 @@ impl Writer {
             }
         }
         Resumed { replay, qos2_in }
+    }
+
+    /// Writes the session of `key` again with only `meta`, the carried-over `replay`
+    /// messages (new ids, same delivery state) and its incoming QoS 2 exchanges.
+    fn rebuild(
+        &mut self,
+        key: &SessionKey,
+        meta: SessionMeta,
+        replay: Vec<Replay>,
+        qos2_in: &[u16],
+    ) -> Vec<Replay> {
+        let mut kept = Vec::with_capacity(replay.len());
+        let mut carried = BTreeSet::new();
+        let result = (|| {
+            self.store.remove_session(key)?;
+            self.store.put_session(key, meta)?;
+            for &pkid in qos2_in {
+                self.store.qos2_in(key, pkid)?;
+            }
+            for r in replay {
+                if let Enqueued::Queued(id) = self.store.enqueue(key, r.message.clone())? {
+                    if r.dup {
+                        self.store.mark_sent(key, id, 0)?;
+                    }
+                    carried.insert(id);
+                    kept.push(Replay { id, ..r });
+                }
+            }
+            Ok::<(), moatmq_store::StoreError>(())
+        })();
+        if let Err(e) = result {
+            warn!(error = %e, "session store change failed");
+        }
+        self.carried.insert(key.clone(), carried);
+        kept
     }
 
     fn dropped(&self, key: &SessionKey, limit: &'static str) {
