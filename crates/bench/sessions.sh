@@ -47,7 +47,9 @@ log "$(machine)"
 
 # moat_conf NAME PORT SESSIONS_TOML QUEUED: $WORK/NAME.toml, store in $WORK/NAME/.
 moat_conf() {
-    cat >"$WORK/$1.toml" <<CONF
+    moatmq_config "$1" "max_connections = $((SESSIONS + 1000))" \
+        "max_sessions_per_user = $((SESSIONS + 1000))" "max_queued_messages = $4" \
+        "max_queued_bytes = 1073741824" <<CONF
 [[listener]]
 name = "bench"
 bind = "127.0.0.1:$2"
@@ -59,17 +61,7 @@ key_file = "$WORK/retained.key"
 
 [sessions]
 $3
-
-$RATE_LIMIT_OFF
-max_connections = $((SESSIONS + 1000))
-max_sessions_per_user = $((SESSIONS + 1000))
-max_queued_messages = $4
-max_queued_bytes = 1073741824
-
-[log]
-level = "warn"
 CONF
-    "$MOATMQ" check -c "$WORK/$1.toml" >&2
 }
 
 # mosq_conf NAME PORT QUEUED: $WORK/NAME.conf, mosquitto.db in $WORK/NAME/.
