@@ -52,7 +52,12 @@ pub(crate) struct LogFile {
     pub(crate) mark: MarkFile,
     /// The log a rewrite replaced, while the rename's directory fsync is pending.
     pub(crate) prev: Option<Vouch>,
+    /// The last commit's buffer, kept for the next one (up to [`KEEP_WRITE_BUF`]).
+    pub(crate) write_buf: Vec<u8>,
 }
+
+/// A commit buffer larger than this (a burst) is given back after the commit.
+const KEEP_WRITE_BUF: usize = 4 << 20;
 
 impl std::fmt::Debug for LogFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -249,6 +254,7 @@ impl LogFile {
             needs_dir_sync: false,
             mark,
             prev: None,
+            write_buf: Vec::new(),
         })
     }
 
@@ -355,13 +361,18 @@ impl LogFile {
             self.file.set_len(self.committed_len).map_err(io)?;
             self.needs_truncate = false;
         }
-        let mut buf = Vec::new();
+        // One buffer for every commit (ciphertext only): growing a fresh one each time
+        // costs page faults and mprotect calls per commit.
+        let mut buf = std::mem::take(&mut self.write_buf);
+        buf.clear();
+        let overhead = record::PREFIX_LEN + record::NONCE_LEN + record::TAG_LEN;
+        buf.reserve(records.iter().map(|r| r.len() + overhead).sum());
         let mut lens = Vec::with_capacity(records.len());
         let mut seq = self.next_seq;
         for plain in records {
-            let frame = record::seal_plain(&self.cipher, self.fmt, &self.file_id, seq, plain)?;
-            lens.push(frame.len() as u64);
-            buf.extend_from_slice(&frame);
+            let before = buf.len();
+            record::seal_plain_into(&self.cipher, self.fmt, &self.file_id, seq, plain, &mut buf)?;
+            lens.push((buf.len() - before) as u64);
             seq += 1;
         }
         let res = self
@@ -375,6 +386,9 @@ impl LogFile {
         self.committed_len += buf.len() as u64;
         self.next_seq = seq;
         self.update_mark();
+        if buf.capacity() <= KEEP_WRITE_BUF {
+            self.write_buf = buf;
+        }
         Ok(lens)
     }
 

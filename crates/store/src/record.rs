@@ -13,7 +13,7 @@
 //! damaged length field is detected instead of being mistaken for a torn tail.
 //! Every encryption uses a fresh random 96-bit nonce.
 
-use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::aead::{Aead, AeadInPlace, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Key, Nonce};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
@@ -254,26 +254,37 @@ pub(crate) fn seal_plain(
     seq: u64,
     plain: &[u8],
 ) -> Result<Vec<u8>, StoreError> {
+    let mut out = Vec::with_capacity(PREFIX_LEN + NONCE_LEN + plain.len() + TAG_LEN);
+    seal_plain_into(cipher, fmt, file_id, seq, plain, &mut out)?;
+    Ok(out)
+}
+
+/// [`seal_plain`] appending the frame to `out`, sealed in place: a commit seals all its
+/// records into one buffer without a buffer per record.
+pub(crate) fn seal_plain_into(
+    cipher: &Aes256Gcm,
+    fmt: &Format,
+    file_id: &FileId,
+    seq: u64,
+    plain: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), StoreError> {
     let ct_len = plain.len() + TAG_LEN;
     let len = u32::try_from(ct_len)
         .ok()
         .filter(|l| *l <= MAX_CIPHERTEXT_LEN)
         .ok_or_else(|| StoreError::Encode(format!("record of {ct_len} bytes is too large")))?;
     let nonce = fresh_nonce();
-    let ct = cipher
-        .encrypt(
-            Nonce::from_slice(&nonce),
-            Payload {
-                msg: plain,
-                aad: &record_aad(fmt, file_id, seq, len),
-            },
-        )
-        .map_err(|_| StoreError::Encode("record encryption failed".to_owned()))?;
-    let mut out = Vec::with_capacity(PREFIX_LEN + NONCE_LEN + ct.len());
     out.extend_from_slice(&encode_prefix(len));
     out.extend_from_slice(&nonce);
-    out.extend_from_slice(&ct);
-    Ok(out)
+    let start = out.len();
+    out.extend_from_slice(plain);
+    let aad = record_aad(fmt, file_id, seq, len);
+    let tag = cipher
+        .encrypt_in_place_detached(Nonce::from_slice(&nonce), &aad, &mut out[start..])
+        .map_err(|_| StoreError::Encode("record encryption failed".to_owned()))?;
+    out.extend_from_slice(&tag);
+    Ok(())
 }
 
 /// The 8-byte frame prefix for a ciphertext of `len` bytes.
