@@ -205,7 +205,14 @@ impl Gateway {
             close,
             Close::ClientDisconnect { with_will: false } | Close::Shutdown
         );
-        if let (true, Some(w)) = (publish_will, self.will.take()) {
+        if let (true, Some(mut w)) = (publish_will, self.will.take()) {
+            // MQTT-3.1.3.2.2: the will waits for its delay or the end of the session,
+            // whichever comes first (at once when no session is kept).
+            let session_ends = match close {
+                Close::TakenOver | Close::Replaced => w.delay,
+                _ => Duration::from_secs(self.session.expiry),
+            };
+            w.delay = w.delay.min(session_ends);
             will::publish_will(&self.shared, &self.router_id, self.session.key.as_ref(), w);
         }
         if self.shared.durable.is_some() && self.session.key.is_some() {
