@@ -351,7 +351,7 @@ async fn login(
             retain_available: Some(1),
             max_packet_size: u32::try_from(limits.max_packet_size).ok(),
             assigned_client_identifier: assigned,
-            topic_alias_max: Some(0),
+            topic_alias_max: Some(limits.max_topic_alias),
             reason_string: None,
             user_properties: Vec::new(),
             wildcard_subscription_available: Some(1),

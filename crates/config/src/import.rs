@@ -111,7 +111,7 @@ fn unsupported_reason(option: &str) -> &'static str {
         }
         "sys_interval" => "moatmq publishes no $SYS topics",
         "retain_available" => "retained messages are always available in moatmq",
-        "max_qos" | "max_topic_alias" | "check_retain_source"
+        "max_qos" | "check_retain_source"
         | "allow_zero_length_clientid" | "auto_id_prefix" | "clientid_prefixes"
         | "use_username_as_clientid" | "set_tcp_nodelay" | "memory_limit"
         | "allow_duplicate_messages" | "websockets_headers_size" | "accept_protocol_versions" => {
@@ -182,6 +182,7 @@ struct State {
     message_size_limit: Option<i64>,
     max_queued_messages: Option<i64>,
     max_keepalive: Option<i64>,
+    max_topic_alias: Option<i64>,
     max_queued_bytes: Option<i64>,
     queue_qos0_messages: bool,
     /// `persistent_client_expiration` in seconds.
@@ -264,6 +265,7 @@ impl State {
             message_size_limit: None,
             max_queued_messages: None,
             max_keepalive: None,
+            max_topic_alias: None,
             max_queued_bytes: None,
             queue_qos0_messages: false,
             client_expiration: None,
@@ -441,6 +443,10 @@ impl State {
                 "max_keepalive" => {
                     need_value(value)?;
                     self.max_keepalive = Some(parse_int(value, file, line, opt)?);
+                }
+                "max_topic_alias" => {
+                    need_value(value)?;
+                    self.max_topic_alias = Some(parse_int(value, file, line, opt)?);
                 }
                 "max_packet_size"
                 | "message_size_limit"
@@ -823,6 +829,9 @@ impl State {
         if let Some(seconds) = self.max_keepalive {
             // Mosquitto takes 10..=65535; below 10 it refuses to start.
             let _ = writeln!(lines, "max_keepalive = {}", seconds.clamp(10, 65535));
+        }
+        if let Some(n) = self.max_topic_alias {
+            let _ = writeln!(lines, "max_topic_alias = {}", n.clamp(0, 65535));
         }
         if let Some(size) = self.max_packet_size {
             const MQTT_MAX: i64 = 268_435_455;

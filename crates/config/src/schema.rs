@@ -14,6 +14,8 @@ pub const DEFAULT_MAX_TOPIC_LEVELS: usize = 32;
 pub const DEFAULT_MAX_CLIENT_ID_LENGTH: usize = 128;
 /// Mosquitto's default for `max_keepalive`: the MQTT maximum, nothing is capped.
 pub const DEFAULT_MAX_KEEPALIVE: u16 = 65535;
+/// Mosquitto's default for `max_topic_alias`.
+pub const DEFAULT_MAX_TOPIC_ALIAS: u16 = 10;
 pub const DEFAULT_MAX_QUEUED_BYTES: usize = 8 * 1_048_576;
 /// Mosquitto's default for `max_queued_messages`.
 pub const DEFAULT_MAX_QUEUED_MESSAGES: usize = 1000;
@@ -342,6 +344,10 @@ pub struct Limits {
     /// default) caps nothing.
     #[serde(default = "default_max_keepalive")]
     pub max_keepalive: u16,
+    /// Topic aliases an MQTT 5 client may set (Mosquitto's `max_topic_alias`),
+    /// announced in the CONNACK; 0 allows none.
+    #[serde(default = "default_max_topic_alias")]
+    pub max_topic_alias: u16,
     /// Per subscribed filter, bytes of the newest messages kept for subscribers that
     /// have not read them yet (offline persistent sessions, slow readers); older
     /// messages are dropped past it.
@@ -377,6 +383,7 @@ impl Default for Limits {
             max_topic_levels: DEFAULT_MAX_TOPIC_LEVELS,
             max_client_id_length: DEFAULT_MAX_CLIENT_ID_LENGTH,
             max_keepalive: DEFAULT_MAX_KEEPALIVE,
+            max_topic_alias: DEFAULT_MAX_TOPIC_ALIAS,
             max_queued_bytes: DEFAULT_MAX_QUEUED_BYTES,
             max_queued_messages: DEFAULT_MAX_QUEUED_MESSAGES,
             max_session_expiry: DEFAULT_MAX_SESSION_EXPIRY,
@@ -588,6 +595,9 @@ fn default_max_client_id_length() -> usize {
 }
 fn default_max_keepalive() -> u16 {
     DEFAULT_MAX_KEEPALIVE
+}
+fn default_max_topic_alias() -> u16 {
+    DEFAULT_MAX_TOPIC_ALIAS
 }
 fn default_max_queued_messages() -> usize {
     DEFAULT_MAX_QUEUED_MESSAGES

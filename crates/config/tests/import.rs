@@ -583,8 +583,10 @@ fn identity_cn_warns_that_a_differing_username_is_refused() {
 
 #[test]
 fn max_keepalive_is_carried() {
-    let (c, r) = import("max_keepalive 120\n");
+    let (c, r) = import("max_keepalive 120\nmax_topic_alias 4\n");
     assert_eq!(c.limits.max_keepalive, 120);
+    assert_eq!(c.limits.max_topic_alias, 4);
+    assert!(!warned(&r, "max_topic_alias"), "{:?}", r.warnings);
     assert!(!warned(&r, "max_keepalive"), "{:?}", r.warnings);
     let (c, _) = import("");
     assert_eq!(c.limits.max_keepalive, 65535, "caps nothing by default");

@@ -29,8 +29,10 @@ impl Gateway {
     ) -> Result<(), Close> {
         let limits = &self.shared.config.limits;
         match packet {
-            Packet::Publish(mut publish, props) => {
+            Packet::Publish(mut publish, mut props) => {
                 let (qos, pkid) = header.unwrap_or((QoS::AtMostOnce, 0));
+                self.resolve_alias(&mut publish, &mut props)?;
+                let limits = &self.shared.config.limits;
                 let Ok(topic) = std::str::from_utf8(&publish.topic) else {
                     return Err(Close::Protocol(
                         DisconnectReasonCode::TopicNameInvalid,
@@ -56,13 +58,6 @@ impl Gateway {
                         reason: PubRecReason::Success,
                     };
                     return self.write(Packet::PubRec(rec, None));
-                }
-                if props.as_ref().is_some_and(|p| p.topic_alias.is_some()) {
-                    // We announce topic_alias_max = 0 in the CONNACK.
-                    return Err(Close::Protocol(
-                        DisconnectReasonCode::TopicAliasInvalid,
-                        "topic alias not allowed",
-                    ));
                 }
                 if !valid_topic_name(topic, limits.max_topic_levels) {
                     return Err(Close::Protocol(
@@ -306,6 +301,41 @@ impl Gateway {
                 "packet not allowed from a client",
             )),
         }
+    }
+
+    /// MQTT 5 client topic aliases (3.3.2.3.4): a PUBLISH with a topic and an alias sets
+    /// the alias, one with an empty topic uses it; the topic is known before any check
+    /// (ACL included) and the router never sees the alias. An alias of 0 or above
+    /// `limits.max_topic_alias` (announced in the CONNACK) is 0x94; one used before it
+    /// was set is a protocol error (0x82).
+    fn resolve_alias(
+        &mut self,
+        publish: &mut rumqttd::protocol::Publish,
+        props: &mut Option<rumqttd::protocol::PublishProperties>,
+    ) -> Result<(), Close> {
+        let Some(alias) = props.as_mut().and_then(|p| p.topic_alias.take()) else {
+            return Ok(());
+        };
+        if alias == 0 || alias > self.shared.config.limits.max_topic_alias {
+            return Err(Close::Protocol(
+                DisconnectReasonCode::TopicAliasInvalid,
+                "topic alias out of range",
+            ));
+        }
+        if publish.topic.is_empty() {
+            match self.aliases.get(&alias) {
+                Some(topic) => publish.topic = topic.clone(),
+                None => {
+                    return Err(Close::Protocol(
+                        DisconnectReasonCode::ProtocolError,
+                        "topic alias used before it was set",
+                    ))
+                }
+            }
+        } else {
+            self.aliases.insert(alias, publish.topic.clone());
+        }
+        Ok(())
     }
 
     /// `None` if the filter may be subscribed, else the refusal code for its SUBACK slot.

@@ -103,6 +103,8 @@ pub struct Gateway {
     keep_alive: Option<Duration>,
     /// The client's maximum packet size (MQTT-3.1.2-25).
     max_out_packet: usize,
+    /// MQTT 5 topic aliases the client set (`incoming.rs`).
+    aliases: HashMap<u16, bytes::Bytes>,
     /// SUBSCRIBEs partly refused here: reason codes of the refused positions.
     pending_subacks: HashMap<u16, Vec<Option<SubscribeReasonCode>>>,
     /// `[rate_limit]` buckets for this client's publishes.
@@ -163,6 +165,7 @@ impl Gateway {
             keep_alive: (keep_alive > 0)
                 .then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
             max_out_packet: max_out_packet.map_or(usize::MAX, |m| m as usize),
+            aliases: HashMap::new(),
             pending_subacks: HashMap::new(),
             limiter,
             paused_until: None,
