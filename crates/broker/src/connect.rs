@@ -7,7 +7,7 @@
 use crate::admit::{may_write, Source};
 use crate::codec::{announced_length, codec_for, first_packet, FirstPacket, Version};
 use crate::event::Event;
-use crate::gateway::{Gateway, SessionPart};
+use crate::gateway::{ClientLimits, Gateway, SessionPart};
 use crate::policy::{Attempt, AuthFailure, Identity};
 use crate::router::router_client_id;
 use crate::session_expiry;
@@ -388,7 +388,10 @@ async fn login(
         Event::AuthSuccess { method, protocol },
     );
 
-    let max_out = props.as_ref().and_then(|p| p.max_packet_size);
+    let client = ClientLimits {
+        max_packet_size: props.as_ref().and_then(|p| p.max_packet_size),
+        receive_maximum: props.as_ref().and_then(|p| p.receive_maximum),
+    };
     let key = keep_for.map(|_| session_key);
     let gateway = Gateway::new(
         shared.clone(),
@@ -400,7 +403,7 @@ async fn login(
         rx,
         will,
         keep_alive,
-        max_out,
+        client,
         session,
         resumed,
     );

@@ -262,6 +262,20 @@ impl Gateway {
             }
             // Acknowledgements reach the router in the order it forwarded the messages.
             p @ (Packet::PubAck(..) | Packet::PubRec(..) | Packet::PubComp(..)) => {
+                // A PUBACK, a PUBCOMP or a PUBREC refusing the message ends a delivery.
+                match &p {
+                    Packet::PubAck(a, _) => self.window.done(a.pkid),
+                    Packet::PubComp(c, _) => self.window.done(c.pkid),
+                    Packet::PubRec(r, _)
+                        if !matches!(
+                            r.reason,
+                            PubRecReason::Success | PubRecReason::NoMatchingSubscribers
+                        ) =>
+                    {
+                        self.window.done(r.pkid)
+                    }
+                    _ => {}
+                }
                 if !self.own_ack(&p)? {
                     if let (Some(book), Some(key)) = (&self.shared.durable, &self.session.key) {
                         match &p {
@@ -272,7 +286,7 @@ impl Gateway {
                     }
                     self.to_router.client_ack(p);
                 }
-                Ok(())
+                self.release_held()
             }
             Packet::PingReq(_) => self.write(Packet::PingResp(PingResp)),
             // MQTT-3.14.4-3: only a normal disconnection (0x00) discards the will.

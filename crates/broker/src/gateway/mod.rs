@@ -47,16 +47,27 @@ mod outgoing;
 mod output;
 mod retained;
 mod unacked;
+mod window;
 
 use close::Close;
 use ledger::Ledger;
 use link::{RouterLink, ToRouter};
 use output::Output;
 use retained::RetainedFeed;
+use window::OutWindow;
 
 /// After this long without traffic a connection gives its buffers back: a fleet of
 /// idle devices keeps only what each must (docs/benchmarks.md, idle connections).
 const IDLE_TRIM: Duration = Duration::from_secs(5);
+
+/// What the client's CONNECT asked of the broker's side (MQTT 5 properties).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ClientLimits {
+    /// The largest packet the client takes (MQTT-3.1.2-25).
+    pub max_packet_size: Option<u32>,
+    /// QoS 1/2 PUBLISHes the client takes in flight at once (3.3.4).
+    pub receive_maximum: Option<u16>,
+}
 
 /// The session a connection serves: whether it outlives the connection, what it is
 /// subscribed to, and its key in the durable session store.
@@ -103,6 +114,8 @@ pub struct Gateway {
     keep_alive: Option<Duration>,
     /// The client's maximum packet size (MQTT-3.1.2-25).
     max_out_packet: usize,
+    /// The client's Receive Maximum: QoS 1/2 deliveries in flight to it.
+    window: OutWindow,
     /// MQTT 5 topic aliases the client set (`incoming.rs`).
     aliases: HashMap<u16, bytes::Bytes>,
     /// SUBSCRIBEs partly refused here: reason codes of the refused positions.
@@ -139,7 +152,7 @@ impl Gateway {
         rx: LinkRx,
         will: Option<Will>,
         keep_alive: u16,
-        max_out_packet: Option<u32>,
+        client: ClientLimits,
         session: SessionPart,
         resumed: Resumed,
     ) -> Gateway {
@@ -164,7 +177,8 @@ impl Gateway {
             // MQTT-3.1.2-24: one and a half keep-alive periods; 0 disables it.
             keep_alive: (keep_alive > 0)
                 .then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
-            max_out_packet: max_out_packet.map_or(usize::MAX, |m| m as usize),
+            max_out_packet: client.max_packet_size.map_or(usize::MAX, |m| m as usize),
+            window: OutWindow::new(client.receive_maximum),
             aliases: HashMap::new(),
             pending_subacks: HashMap::new(),
             limiter,

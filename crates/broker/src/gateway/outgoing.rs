@@ -10,33 +10,53 @@ use rumqttd::Notification;
 use tracing::warn;
 
 impl Gateway {
+    /// Sends the forwards that waited for the client's window, as far as it has room.
+    pub(super) fn release_held(&mut self) -> Result<(), Close> {
+        while let Some(f) = self.window.next_held(self.retained.in_flight()) {
+            self.forward(f)?;
+        }
+        Ok(())
+    }
+
+    /// A router forward through the deliver step, settled with the router.
+    fn forward(&mut self, forward: rumqttd::Forward) -> Result<(), Close> {
+        // A durable session stores what it was sent until the client acknowledges it.
+        let copy = self.session.key.is_some().then(|| {
+            let p = &forward.publish;
+            (
+                p.topic.clone(),
+                p.payload.clone(),
+                forward.properties.clone(),
+            )
+        });
+        match self.deliver(forward.publish, forward.properties, Origin::Router)? {
+            Delivery::Sent { qos, pkid } if qos != QoS::AtMostOnce => {
+                self.window.sent(pkid);
+                if let (Some((topic, payload, props)), Some(book), Some(key)) =
+                    (copy, &self.shared.durable, &self.session.key)
+                {
+                    book.sent(key, pkid, as_queued(&topic, &payload, qos, props.as_ref()));
+                }
+                self.to_router.delivered(pkid)
+            }
+            Delivery::Sent { .. } => {}
+            // The router's copy is acknowledged here, in its turn.
+            Delivery::Settled { qos, pkid } => self.to_router.withhold(qos, pkid),
+        }
+        Ok(())
+    }
+
     /// Router to client: the one place every notification passes.
     pub(super) fn outgoing(&mut self, notification: Notification) -> Result<(), Close> {
         match notification {
             Notification::Forward(forward) => {
-                // A durable session stores what it was sent until the client acknowledges it.
-                let copy = self.session.key.is_some().then(|| {
-                    let p = &forward.publish;
-                    (
-                        p.topic.clone(),
-                        p.payload.clone(),
-                        forward.properties.clone(),
-                    )
-                });
-                match self.deliver(forward.publish, forward.properties, Origin::Router)? {
-                    Delivery::Sent { qos, pkid } if qos != QoS::AtMostOnce => {
-                        if let (Some((topic, payload, props)), Some(book), Some(key)) =
-                            (copy, &self.shared.durable, &self.session.key)
-                        {
-                            book.sent(key, pkid, as_queued(&topic, &payload, qos, props.as_ref()));
-                        }
-                        self.to_router.delivered(pkid)
-                    }
-                    Delivery::Sent { .. } => {}
-                    // The router's copy is acknowledged here, in its turn.
-                    Delivery::Settled { qos, pkid } => self.to_router.withhold(qos, pkid),
+                // With the client's Receive Maximum reached, forwards wait (`window.rs`),
+                // in order (QoS 0 ones too: reading their QoS costs a copy here).
+                if self.window.is_holding() || !self.window.has_room(self.retained.in_flight()) {
+                    self.window.hold(forward);
+                    return Ok(());
                 }
-                Ok(())
+                self.forward(forward)
             }
             Notification::DeviceAck(ack) => match Packet::from(ack) {
                 Packet::ConnAck(..) => Ok(()),

@@ -124,6 +124,11 @@ impl RetainedFeed {
         self.inflight.len() < OWN_WINDOW
     }
 
+    /// Our own QoS 1/2 deliveries in flight (they count against the client's window).
+    pub(super) fn in_flight(&self) -> usize {
+        self.inflight.len()
+    }
+
     /// The next batch of the oldest job: its messages (to hand back through
     /// [`RetainedFeed::batch_done`]), the subscription's QoS and whether more follow.
     fn next_batch(
@@ -203,7 +208,9 @@ impl RetainedFeed {
 impl Gateway {
     /// Whether a retained batch can go out now.
     pub(super) fn can_feed_retained(&self) -> bool {
-        self.retained.wants_to_send() && self.out.has_room()
+        self.retained.wants_to_send()
+            && self.out.has_room()
+            && self.window.has_room(self.retained.in_flight())
     }
 
     /// Writes the next batch of the oldest retained job, each message through
@@ -232,7 +239,9 @@ impl Gateway {
             } else {
                 sub_qos
             };
-            if qos != QoS::AtMostOnce && !self.retained.window_open() {
+            if qos != QoS::AtMostOnce
+                && !(self.retained.window_open() && self.window.has_room(self.retained.in_flight()))
+            {
                 stopped = true;
                 break;
             }
@@ -275,7 +284,9 @@ impl Gateway {
                 break;
             };
             let qos = qos_from(next.message.qos);
-            if qos != QoS::AtMostOnce && !self.retained.window_open() {
+            if qos != QoS::AtMostOnce
+                && !(self.retained.window_open() && self.window.has_room(self.retained.in_flight()))
+            {
                 break;
             }
             let Some(r) = self.retained.stored.pop_front() else {
@@ -329,6 +340,7 @@ impl Gateway {
                 if let Some(id) = stored {
                     self.stored_done(id);
                 }
+                self.release_held()?;
                 Ok(true)
             }
             OwnAck::Release(pkid) => {
