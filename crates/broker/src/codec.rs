@@ -120,12 +120,7 @@ pub fn publish_header(frame: &[u8]) -> Option<(QoS, u16)> {
     if first >> 4 != 3 {
         return None;
     }
-    let qos = match (first >> 1) & 0b11 {
-        0 => QoS::AtMostOnce,
-        1 => QoS::AtLeastOnce,
-        2 => QoS::ExactlyOnce,
-        _ => return None,
-    };
+    let qos = qos_bits(first)?;
     if qos == QoS::AtMostOnce {
         return Some((qos, 0));
     }
@@ -147,25 +142,28 @@ pub fn publish_header(frame: &[u8]) -> Option<(QoS, u16)> {
 /// Costs a copy of the publish: use only off the hot path.
 pub fn qos_and_pkid(publish: &Publish) -> (QoS, u16) {
     let bytes = publish.serialize();
-    let qos = match (bytes[0] >> 1) & 0b11 {
-        1 => QoS::AtLeastOnce,
-        2 => QoS::ExactlyOnce,
-        _ => QoS::AtMostOnce,
-    };
+    let qos = qos_bits(bytes[0]).unwrap_or(QoS::AtMostOnce);
     (qos, u16::from_be_bytes([bytes[1], bytes[2]]))
+}
+
+/// The QoS bits of a PUBLISH's first byte; `None` for the invalid value 3.
+fn qos_bits(first: u8) -> Option<QoS> {
+    match (first >> 1) & 0b11 {
+        0 => Some(QoS::AtMostOnce),
+        1 => Some(QoS::AtLeastOnce),
+        2 => Some(QoS::ExactlyOnce),
+        _ => None,
+    }
 }
 
 /// The QoS a router forward reaches its subscriber at: `None` for one published at
 /// QoS 0 (marked, [`QOS0_MARK`]), else the router's. Costs a copy: off the hot path.
 pub fn forwarded_qos(publish: &Publish) -> Option<QoS> {
-    let bytes = publish.serialize();
-    if bytes[0] & QOS0_MARK != 0 {
-        return None;
-    }
-    match (bytes[0] >> 1) & 0b11 {
-        1 => Some(QoS::AtLeastOnce),
-        2 => Some(QoS::ExactlyOnce),
-        _ => None,
+    let first = publish.serialize()[0];
+    match qos_bits(first)? {
+        _ if first & QOS0_MARK != 0 => None,
+        QoS::AtMostOnce => None,
+        qos => Some(qos),
     }
 }
 

@@ -3,21 +3,12 @@
 //! owner's.
 
 mod common;
-use common::{assert_quiet4, login4, suback4, V4_OK};
+use common::{assert_quiet4, broker_with_store, login4, suback4, with_delayed_will, V4_OK};
 use moatmq_testkit::wire::{self, Version};
 use moatmq_testkit::{v4, v5, Raw, TestBroker, QUIET, WAIT};
 use rumqttc::v5::mqttbytes::v5 as m5;
 use rumqttc::QoS;
 use std::net::SocketAddr;
-
-async fn broker_with_store(autosave_interval: i64) -> TestBroker {
-    TestBroker::builder()
-        .anonymous()
-        .retained_store()
-        .set("retained", "autosave_interval", autosave_interval)
-        .start()
-        .await
-}
 
 fn persistent4(addr: SocketAddr, id: &str) -> v4::MqttOptions {
     let mut o = v4::options(addr, id);
@@ -457,42 +448,13 @@ async fn an_incoming_qos_2_exchange_completes_exactly_once_across_a_restart() {
     );
 }
 
-/// A v5 persistent session (expiry 60 s) with a will delayed by `delay` seconds.
-async fn with_delayed_will(addr: SocketAddr, id: &str, delay: u32) -> Raw {
-    let mut connect = moatmq_testkit::connect5(id);
-    connect.clean_start = false;
-    connect.properties = Some(m5::ConnectProperties {
-        session_expiry_interval: Some(60),
-        ..m5::ConnectProperties::new()
-    });
-    let props = m5::LastWillProperties {
-        delay_interval: Some(delay),
-        payload_format_indicator: None,
-        message_expiry_interval: None,
-        content_type: Some("text/plain".into()),
-        response_topic: None,
-        correlation_data: None,
-        user_properties: Vec::new(),
-    };
-    let will = m5::LastWill::new(
-        format!("wills/{id}"),
-        "gone",
-        rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
-        false,
-        Some(props),
-    );
-    let (raw, code) = Raw::connect5(addr, connect, Some(will), None).await;
-    assert_eq!(code, Some(m5::ConnectReturnCode::Success));
-    raw
-}
-
 #[tokio::test]
 async fn a_delayed_will_survives_a_restart_unless_its_client_comes_back() {
     let broker = broker_with_store(0).await;
     let addr = broker.first_addr();
     // Both drop their sockets: each has a will due in 2 s.
-    drop(with_delayed_will(addr, "dies", 2).await);
-    drop(with_delayed_will(addr, "returns", 2).await);
+    drop(with_delayed_will(addr, "dies", 2, 60).await);
+    drop(with_delayed_will(addr, "returns", 2, 60).await);
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     let broker = broker.restart().await;
     let addr = broker.first_addr();

@@ -1,17 +1,10 @@
 //! The encrypted retained store, end to end: what a client retained survives a restart,
 //! encrypted on disk, and a wrong key or tampering stops the broker from starting.
 
+mod common;
+use common::broker_with_store;
 use moatmq_testkit::{v4, v5, TestBroker, QUIET};
 use rumqttc::QoS;
-
-async fn broker_with_store(autosave_interval: i64) -> TestBroker {
-    TestBroker::builder()
-        .anonymous()
-        .retained_store()
-        .set("retained", "autosave_interval", autosave_interval)
-        .start()
-        .await
-}
 
 async fn retained_of(broker: &TestBroker, filter: &str) -> Vec<(String, Vec<u8>)> {
     let mut c = v4::connected(broker.first_addr(), "reader").await;

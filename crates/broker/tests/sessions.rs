@@ -277,46 +277,16 @@ async fn a_retained_will_is_served_to_later_subscribers() {
     assert!(got.retain);
 }
 
-/// A v5 client with a will delayed by `delay` s and a session expiry of `expiry` s,
-/// whose socket is then dropped.
-async fn drop_with_delayed_will(addr: SocketAddr, id: &str, delay: u32, expiry: u32) {
-    let mut connect = moatmq_testkit::connect5(id);
-    connect.clean_start = false;
-    connect.properties = Some(m5::ConnectProperties {
-        session_expiry_interval: Some(expiry),
-        ..m5::ConnectProperties::new()
-    });
-    let props = m5::LastWillProperties {
-        delay_interval: Some(delay),
-        payload_format_indicator: None,
-        message_expiry_interval: None,
-        content_type: None,
-        response_topic: None,
-        correlation_data: None,
-        user_properties: Vec::new(),
-    };
-    let will = m5::LastWill::new(
-        format!("wills/{id}"),
-        "gone",
-        rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
-        false,
-        Some(props),
-    );
-    let (raw, code) = Raw::connect5(addr, connect, Some(will), None).await;
-    assert_eq!(code, Some(m5::ConnectReturnCode::Success));
-    drop(raw);
-}
-
 #[tokio::test]
 async fn a_delayed_will_goes_when_the_session_ends_if_that_is_sooner() {
     let broker = TestBroker::start().await;
     let addr = broker.first_addr();
     let mut w = watcher(addr, "wills/#").await;
     // Will delay 60 s, but the session ends with the connection: the will goes at once.
-    drop_with_delayed_will(addr, "no-session", 60, 0).await;
+    drop(common::with_delayed_will(addr, "no-session", 60, 0).await);
     assert_eq!(w.next_publish().await.topic, "wills/no-session");
     // Will delay 60 s, session expiry 1 s: the will goes when the session ends.
-    drop_with_delayed_will(addr, "short-session", 60, 1).await;
+    drop(common::with_delayed_will(addr, "short-session", 60, 1).await);
     assert!(w
         .publish_within(std::time::Duration::from_millis(500))
         .await

@@ -477,49 +477,28 @@ impl Writer {
                 for (key, qos) in targets {
                     let mut m = message.clone();
                     m.qos = qos;
-                    match self.store.enqueue(&key, m) {
-                        Ok(Enqueued::Queued(_)) => {}
-                        Ok(Enqueued::DroppedMessages) => self.dropped(&key, "max_queued_messages"),
-                        Ok(Enqueued::DroppedBytes) => self.dropped(&key, "max_queued_bytes"),
-                        Err(e) => warn!(error = %e, "message not queued for an offline session"),
+                    if let Err(e) = self.queue(&key, m) {
+                        warn!(error = %e, "message not queued for an offline session");
                     }
                 }
                 Ok(())
             }
             Job::Hold(key, messages) => {
                 for m in messages {
-                    match self.store.enqueue(&key, m) {
-                        Ok(Enqueued::Queued(id)) => {
-                            if let Err(e) = self.store.mark_sent(&key, id, 0) {
-                                warn!(error = %e, "session store change failed");
-                            }
-                        }
-                        Ok(Enqueued::DroppedMessages) => self.dropped(&key, "max_queued_messages"),
-                        Ok(Enqueued::DroppedBytes) => self.dropped(&key, "max_queued_bytes"),
-                        Err(e) => warn!(error = %e, "unacknowledged message not stored"),
+                    if let Err(e) = self.queue_sent(&key, 0, m) {
+                        warn!(error = %e, "unacknowledged message not stored");
                     }
                 }
                 Ok(())
             }
-            Job::Sent(key, pkid, message) => match self.store.enqueue(&key, message) {
-                Ok(Enqueued::Queued(id)) => {
-                    let inflight = self.inflight.entry(key.clone()).or_default();
-                    if let Some(old) = inflight.insert(pkid, id) {
-                        // The router reused the packet id: the old one was answered.
-                        let _ = self.store.complete(&key, old);
-                    }
-                    self.store.mark_sent(&key, id, pkid).map(drop)
+            Job::Sent(key, pkid, message) => self.queue_sent(&key, pkid, message).map(|id| {
+                let Some(id) = id else { return };
+                let inflight = self.inflight.entry(key.clone()).or_default();
+                if let Some(old) = inflight.insert(pkid, id) {
+                    // The router reused the packet id: the old one was answered.
+                    let _ = self.store.complete(&key, old);
                 }
-                Ok(Enqueued::DroppedMessages) => {
-                    self.dropped(&key, "max_queued_messages");
-                    Ok(())
-                }
-                Ok(Enqueued::DroppedBytes) => {
-                    self.dropped(&key, "max_queued_bytes");
-                    Ok(())
-                }
-                Err(e) => Err(e),
-            },
+            }),
             Job::Acked(key, pkid) => {
                 let id = self.inflight.get_mut(&key).and_then(|m| m.remove(&pkid));
                 match id {
@@ -546,6 +525,40 @@ impl Writer {
         if let Err(e) = result {
             warn!(error = %e, "session store change failed");
         }
+    }
+
+    /// Holds `message` for the session of `key`: `Some(id)`, or `None` when its full
+    /// queue dropped it (reported).
+    fn queue(
+        &mut self,
+        key: &SessionKey,
+        message: QueuedMessage,
+    ) -> Result<Option<u64>, moatmq_store::StoreError> {
+        Ok(match self.store.enqueue(key, message)? {
+            Enqueued::Queued(id) => Some(id),
+            Enqueued::DroppedMessages => {
+                self.dropped(key, "max_queued_messages");
+                None
+            }
+            Enqueued::DroppedBytes => {
+                self.dropped(key, "max_queued_bytes");
+                None
+            }
+        })
+    }
+
+    /// [`Writer::queue`] for a message the client was sent with `pkid`: replayed with DUP.
+    fn queue_sent(
+        &mut self,
+        key: &SessionKey,
+        pkid: u16,
+        message: QueuedMessage,
+    ) -> Result<Option<u64>, moatmq_store::StoreError> {
+        let id = self.queue(key, message)?;
+        if let Some(id) = id {
+            self.store.mark_sent(key, id, pkid)?;
+        }
+        Ok(id)
     }
 
     /// What a resumed session gets replayed; drops this run's copies.
@@ -612,10 +625,11 @@ impl Writer {
                 self.store.qos2_in(key, pkid)?;
             }
             for r in replay {
-                if let Enqueued::Queued(id) = self.store.enqueue(key, r.message.clone())? {
-                    if r.dup {
-                        self.store.mark_sent(key, id, 0)?;
-                    }
+                let id = match r.dup {
+                    true => self.queue_sent(key, 0, r.message.clone())?,
+                    false => self.queue(key, r.message.clone())?,
+                };
+                if let Some(id) = id {
                     carried.insert(id);
                     kept.push(Replay { id, ..r });
                 }

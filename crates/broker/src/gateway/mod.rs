@@ -232,18 +232,16 @@ impl Gateway {
             w.delay = w.delay.min(session_ends);
             will::publish_will(&self.shared, &self.router_id, self.session.key.as_ref(), w);
         }
-        if self.shared.durable.is_some() && self.session.key.is_some() {
-            // At shutdown what the router has ready for it is stored first (older than
-            // anything queued from now on); what it was sent is stored already.
-            let mut held = Vec::new();
-            if matches!(close, Close::Shutdown) {
-                self.drain_router(&mut held);
-            }
-            if let (Some(book), Some(key)) = (&self.shared.durable, &self.session.key) {
-                book.hold(key, held);
-                // Before the link closes: from now on the session's messages are stored.
-                book.offline(key, self.session.meta(self.version));
-            }
+        // A durable session: at shutdown what the router has ready for it is stored
+        // first (older than anything queued from now on; what it was sent is stored
+        // already), then, before the link closes, its messages are queued in the store.
+        let held = match (&close, &self.session.key) {
+            (Close::Shutdown, Some(_)) => self.drain_router(),
+            _ => Vec::new(),
+        };
+        if let (Some(book), Some(key)) = (&self.shared.durable, &self.session.key) {
+            book.hold(key, held);
+            book.offline(key, self.session.meta(self.version));
         }
         if !matches!(close, Close::TakenOver) {
             self.link.close(&mut self.to_router);
@@ -378,20 +376,27 @@ impl Gateway {
 
     /// At shutdown: the forwards the router has ready for a persistent session, which
     /// would die with the process, go to the session store instead.
-    fn drain_router(&mut self, held: &mut Vec<moatmq_store::QueuedMessage>) {
+    fn drain_router(&mut self) -> Vec<moatmq_store::QueuedMessage> {
+        // Those waiting for the client's window are older than the link's.
+        let mut forwards = self.window.take_held();
         while let Some(Ok(Some(n))) = self.link.try_next() {
             if let rumqttd::Notification::Forward(f) = n {
-                if let Some(qos) = crate::codec::forwarded_qos(&f.publish) {
-                    let p = &f.publish;
-                    held.push(unacked::as_queued(
-                        &p.topic,
-                        &p.payload,
-                        qos,
-                        f.properties.as_ref(),
-                    ));
-                }
+                forwards.push(f);
             }
         }
+        forwards
+            .into_iter()
+            .filter_map(|f| {
+                let qos = crate::codec::forwarded_qos(&f.publish)?;
+                let p = &f.publish;
+                Some(unacked::as_queued(
+                    &p.topic,
+                    &p.payload,
+                    qos,
+                    f.properties.as_ref(),
+                ))
+            })
+            .collect()
     }
 
     /// Decodes and handles every complete packet in `buf`.

@@ -208,9 +208,12 @@ impl RetainedFeed {
 impl Gateway {
     /// Whether a retained batch can go out now.
     pub(super) fn can_feed_retained(&self) -> bool {
-        self.retained.wants_to_send()
-            && self.out.has_room()
-            && self.window.has_room(self.retained.in_flight())
+        self.retained.wants_to_send() && self.out.has_room() && self.own_room()
+    }
+
+    /// Room for one more of our own QoS 1/2 deliveries: in our window and the client's.
+    fn own_room(&self) -> bool {
+        self.retained.window_open() && self.window.has_room(self.retained.in_flight())
     }
 
     /// Writes the next batch of the oldest retained job, each message through
@@ -239,9 +242,7 @@ impl Gateway {
             } else {
                 sub_qos
             };
-            if qos != QoS::AtMostOnce
-                && !(self.retained.window_open() && self.window.has_room(self.retained.in_flight()))
-            {
+            if qos != QoS::AtMostOnce && !self.own_room() {
                 stopped = true;
                 break;
             }
@@ -284,9 +285,7 @@ impl Gateway {
                 break;
             };
             let qos = qos_from(next.message.qos);
-            if qos != QoS::AtMostOnce
-                && !(self.retained.window_open() && self.window.has_room(self.retained.in_flight()))
-            {
+            if qos != QoS::AtMostOnce && !self.own_room() {
                 break;
             }
             let Some(r) = self.retained.stored.pop_front() else {

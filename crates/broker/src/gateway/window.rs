@@ -53,6 +53,11 @@ impl OutWindow {
         !self.held.is_empty()
     }
 
+    /// Every waiting forward, oldest first (shutdown: they go to the session store).
+    pub(super) fn take_held(&mut self) -> Vec<Forward> {
+        self.held.drain(..).collect()
+    }
+
     /// The oldest waiting forward, if there is room for it.
     pub(super) fn next_held(&mut self, own: usize) -> Option<Forward> {
         if self.has_room(own) {

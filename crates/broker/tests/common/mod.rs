@@ -5,7 +5,7 @@
 //! Each test binary uses a different subset of these helpers.
 #![allow(dead_code)]
 
-use moatmq_testkit::{v4, v5, QUIET};
+use moatmq_testkit::{v4, v5, Raw, TestBroker, QUIET};
 use rumqttc::v5::mqttbytes::v5 as m5;
 use rumqttc::v5::mqttbytes::QoS as Q5;
 use rumqttc::QoS;
@@ -78,4 +78,45 @@ pub async fn assert_quiet4(c: &mut v4::Client) {
     if let Some(p) = c.publish_within(QUIET).await {
         panic!("unexpected delivery on {}: {:?}", p.topic, p.payload);
     }
+}
+
+/// An anonymous broker with an encrypted retained store (and so durable sessions),
+/// saved every `autosave_interval` seconds.
+pub async fn broker_with_store(autosave_interval: i64) -> TestBroker {
+    TestBroker::builder()
+        .anonymous()
+        .retained_store()
+        .set("retained", "autosave_interval", autosave_interval)
+        .start()
+        .await
+}
+
+/// A connected v5 client with session expiry `expiry` s (clean start off) and a QoS 1
+/// will "gone" on `wills/<id>` delayed by `delay` s.
+pub async fn with_delayed_will(addr: SocketAddr, id: &str, delay: u32, expiry: u32) -> Raw {
+    let mut connect = moatmq_testkit::connect5(id);
+    connect.clean_start = false;
+    connect.properties = Some(m5::ConnectProperties {
+        session_expiry_interval: Some(expiry),
+        ..m5::ConnectProperties::new()
+    });
+    let props = m5::LastWillProperties {
+        delay_interval: Some(delay),
+        payload_format_indicator: None,
+        message_expiry_interval: None,
+        content_type: None,
+        response_topic: None,
+        correlation_data: None,
+        user_properties: Vec::new(),
+    };
+    let will = m5::LastWill::new(
+        format!("wills/{id}"),
+        "gone",
+        Q5::AtLeastOnce,
+        false,
+        Some(props),
+    );
+    let (raw, code) = Raw::connect5(addr, connect, Some(will), None).await;
+    assert_eq!(code, Some(m5::ConnectReturnCode::Success));
+    raw
 }
