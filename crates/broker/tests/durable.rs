@@ -629,3 +629,43 @@ async fn a_long_absence_across_a_restart_delivers_everything_once_in_order() {
     assert!(sub.connack.session_present);
     assert_quiet4(&mut sub).await;
 }
+
+#[tokio::test]
+async fn forwards_waiting_for_a_full_receive_window_survive_a_restart() {
+    let broker = broker_with_store(0).await;
+    let addr = broker.first_addr();
+    // A durable v5 session that takes one message in flight and never acknowledges it.
+    let mut connect = moatmq_testkit::connect5("narrow");
+    connect.clean_start = false;
+    connect.properties = Some(m5::ConnectProperties {
+        session_expiry_interval: Some(600),
+        receive_maximum: Some(1),
+        ..m5::ConnectProperties::new()
+    });
+    let (mut sub, code) = Raw::connect5(addr, connect, None, None).await;
+    assert_eq!(code, Some(m5::ConnectReturnCode::Success));
+    sub.subscribe5(1, &["w/#"]).await;
+    publish_n(addr, "w/x", 3).await;
+    match sub.next5(WAIT).await {
+        Some(m5::Packet::Publish(p)) => assert_eq!(&p.payload[..], b"m0"),
+        other => panic!("expected the first PUBLISH, got {other:?}"),
+    }
+    // m1 and m2 wait in the gateway for the window when the broker stops.
+    let broker = broker.restart().await;
+    drop(sub);
+    let mut o = v5::options(broker.first_addr(), "narrow");
+    o.set_clean_start(false);
+    o.set_connect_properties(m5::ConnectProperties {
+        session_expiry_interval: Some(600),
+        ..m5::ConnectProperties::new()
+    });
+    let mut sub = v5::connect(o).await.unwrap();
+    assert!(sub.connack.session_present);
+    for i in 0..3 {
+        assert_eq!(
+            &sub.next_publish().await.payload[..],
+            format!("m{i}").as_bytes()
+        );
+    }
+    assert!(sub.publish_within(QUIET).await.is_none());
+}
