@@ -343,9 +343,9 @@ impl LogFile {
     /// Seals `records` at the end of the log, fsyncs, then updates the mark; returns the
     /// frame length of each. On error nothing counts as written and the next append
     /// first cuts the file back to its last good length.
-    pub(crate) fn append(
+    pub(crate) fn append<'r>(
         &mut self,
-        records: &[Zeroizing<Vec<u8>>],
+        records: impl ExactSizeIterator<Item = &'r [u8]>,
     ) -> Result<Vec<u64>, StoreError> {
         if self.needs_dir_sync {
             log::sync_dir(&self.dir)?;
@@ -353,7 +353,7 @@ impl LogFile {
             self.prev = None;
             self.update_mark();
         }
-        if records.is_empty() {
+        if records.len() == 0 {
             return Ok(Vec::new());
         }
         let io = |e| StoreError::io(&self.log_path, e);
@@ -365,8 +365,6 @@ impl LogFile {
         // costs page faults and mprotect calls per commit.
         let mut buf = std::mem::take(&mut self.write_buf);
         buf.clear();
-        let overhead = record::PREFIX_LEN + record::NONCE_LEN + record::TAG_LEN;
-        buf.reserve(records.iter().map(|r| r.len() + overhead).sum());
         let mut lens = Vec::with_capacity(records.len());
         let mut seq = self.next_seq;
         for plain in records {

@@ -246,6 +246,70 @@ pub(crate) fn encode(record: &impl Serialize) -> Result<zeroize::Zeroizing<Vec<u
     ))
 }
 
+/// Plaintexts of records not yet written, back to back in one buffer that is zeroed
+/// when cleared or dropped: encoding a record allocates nothing once the buffer has
+/// grown to a commit's size.
+#[derive(Default)]
+pub(crate) struct Pending {
+    buf: zeroize::Zeroizing<Vec<u8>>,
+    /// Where each record ends in `buf`.
+    ends: Vec<usize>,
+}
+
+/// Lets postcard encode into the end of a borrowed buffer.
+struct Tail<'a>(&'a mut Vec<u8>);
+
+impl Extend<u8> for Tail<'_> {
+    fn extend<I: IntoIterator<Item = u8>>(&mut self, iter: I) {
+        self.0.extend(iter);
+    }
+}
+
+impl Pending {
+    /// Encodes `record` after the others; returns its plaintext length.
+    pub(crate) fn push(&mut self, record: &impl Serialize) -> Result<usize, StoreError> {
+        let start = self.buf.len();
+        if let Err(e) = postcard::to_extend(record, Tail(&mut self.buf)) {
+            self.buf.truncate(start);
+            return Err(StoreError::Encode(e.to_string()));
+        }
+        self.ends.push(self.buf.len());
+        Ok(self.buf.len() - start)
+    }
+
+    /// Takes back the last record pushed.
+    pub(crate) fn pop(&mut self) {
+        if self.ends.pop().is_some() {
+            let end = self.ends.last().copied().unwrap_or(0);
+            zeroize::Zeroize::zeroize(&mut self.buf[end..]);
+            self.buf.truncate(end);
+        }
+    }
+
+    /// The plaintexts in order.
+    pub(crate) fn records(&self) -> impl ExactSizeIterator<Item = &[u8]> + '_ {
+        (0..self.ends.len()).map(|i| {
+            let start = i.checked_sub(1).map_or(0, |p| self.ends[p]);
+            &self.buf[start..self.ends[i]]
+        })
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    /// Forgets every record, zeroing their plaintext (the buffer's capacity is kept).
+    pub(crate) fn clear(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.buf[..]);
+        self.buf.clear();
+        self.ends.clear();
+    }
+}
+
 /// Seals a record's plaintext as a complete frame at position `seq` of a `fmt` file.
 pub(crate) fn seal_plain(
     cipher: &Aes256Gcm,
@@ -364,4 +428,26 @@ pub(crate) fn decode_record(plain: &[u8]) -> Result<Record, OpenError> {
         }
     }
     Ok(record)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Pending;
+
+    #[test]
+    fn pending_keeps_records_in_order_and_takes_back_the_last() {
+        let mut p = Pending::default();
+        assert_eq!(p.push(&(1u8, "a".to_owned())).unwrap(), 3);
+        p.push(&vec![7u8; 300]).unwrap();
+        p.push(&"gone").unwrap();
+        p.pop();
+        let records: Vec<Vec<u8>> = p.records().map(<[u8]>::to_vec).collect();
+        assert_eq!(records.len(), p.len());
+        assert_eq!(records[0], postcard::to_stdvec(&(1u8, "a")).unwrap());
+        assert_eq!(records[1], postcard::to_stdvec(&vec![7u8; 300]).unwrap());
+        p.clear();
+        assert!(p.is_empty() && p.records().next().is_none());
+        p.pop();
+        assert!(p.is_empty());
+    }
 }

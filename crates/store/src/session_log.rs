@@ -7,11 +7,9 @@
 
 use std::path::Path;
 
-use zeroize::Zeroizing;
-
 use crate::format::SESSIONS;
 use crate::logfile::{LogFile, Trust};
-use crate::record::{self, HEADER_LEN, NONCE_LEN, PREFIX_LEN, TAG_LEN};
+use crate::record::{self, Pending, HEADER_LEN, NONCE_LEN, PREFIX_LEN, TAG_LEN};
 use crate::session::{CommitStats, Session, SessionLimits};
 use crate::session_state::{replayer, Rec, State};
 use crate::sessions::{Journal, Sessions};
@@ -25,7 +23,7 @@ const FRAME_OVERHEAD: u64 = (PREFIX_LEN + NONCE_LEN + TAG_LEN) as u64;
 pub struct LogJournal {
     pub(crate) log: LogFile,
     /// Plaintexts of changes not yet committed, in order.
-    pub(crate) pending: Vec<Zeroizing<Vec<u8>>>,
+    pub(crate) pending: Pending,
     pending_bytes: u64,
 }
 
@@ -75,17 +73,17 @@ impl LogJournal {
 }
 
 impl Journal for LogJournal {
-    type Entry = Zeroizing<Vec<u8>>;
-
-    fn encode(&self, rec: &Rec<'_>) -> Result<(Self::Entry, u64), StoreError> {
-        let plain = record::encode(rec)?;
-        let frame = plain.len() as u64 + FRAME_OVERHEAD;
-        Ok((plain, frame))
+    fn record(&mut self, rec: &Rec<'_>) -> Result<u64, StoreError> {
+        let frame = self.pending.push(rec)? as u64 + FRAME_OVERHEAD;
+        self.pending_bytes += frame;
+        Ok(frame)
     }
 
-    fn push(&mut self, entry: Self::Entry, frame: u64) {
-        self.pending_bytes += frame;
-        self.pending.push(entry);
+    fn unrecord(&mut self) {
+        if let Some(last) = self.pending.records().last() {
+            self.pending_bytes -= last.len() as u64 + FRAME_OVERHEAD;
+        }
+        self.pending.pop();
     }
 
     fn commit(&mut self, state: &mut State) -> Result<CommitStats, StoreError> {
@@ -95,7 +93,7 @@ impl Journal for LogJournal {
         if self.needs_compaction(state) {
             return self.compact(state);
         }
-        let lens = self.log.append(&self.pending)?;
+        let lens = self.log.append(self.pending.records())?;
         self.pending.clear();
         self.pending_bytes = 0;
         Ok(CommitStats {
@@ -136,7 +134,7 @@ impl SessionLog {
         let log = LogFile::open(dir, key, &SESSIONS, trust, replayer(&mut state))?;
         let journal = LogJournal {
             log,
-            pending: Vec::new(),
+            pending: Pending::default(),
             pending_bytes: 0,
         };
         Ok(Sessions::with(state, limits, journal))

@@ -76,7 +76,7 @@ pub(crate) struct Slot {
     /// Frame bytes of the live records of this session, by what they hold.
     put_frame: u64,
     will_frame: u64,
-    message_frames: HashMap<u64, u64>,
+    message_frames: BTreeMap<u64, u64>,
     qos2_frames: HashMap<u16, u64>,
 }
 
@@ -163,7 +163,7 @@ impl State {
                         queued_bytes: 0,
                         put_frame: frame,
                         will_frame: 0,
-                        message_frames: HashMap::new(),
+                        message_frames: BTreeMap::new(),
                         qos2_frames: HashMap::new(),
                     },
                 );

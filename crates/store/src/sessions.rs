@@ -21,12 +21,11 @@ use crate::StoreError;
 /// Where a session store's changes go besides memory. Implemented only in this crate
 /// (the log and the memory backend).
 pub trait Journal: Send {
-    /// A change ready to be written.
-    type Entry;
-    /// Encodes `rec`; returns it and the bytes it will take in the file (0 without one).
-    fn encode(&self, rec: &Rec<'_>) -> Result<(Self::Entry, u64), StoreError>;
-    /// Keeps an encoded change, already applied to the state, for the next commit.
-    fn push(&mut self, entry: Self::Entry, frame: u64);
+    /// Keeps `rec` for the next commit; returns the bytes it will take in the file (0
+    /// without one).
+    fn record(&mut self, rec: &Rec<'_>) -> Result<u64, StoreError>;
+    /// Takes back the change just recorded (the state refused it).
+    fn unrecord(&mut self);
     /// Makes every change pushed so far durable.
     fn commit(&mut self, state: &mut State) -> Result<CommitStats, StoreError>;
     /// Changes pushed and not yet committed.
@@ -57,13 +56,11 @@ impl<J> std::fmt::Debug for Sessions<J> {
 pub struct NoJournal;
 
 impl Journal for NoJournal {
-    type Entry = ();
-
-    fn encode(&self, _: &Rec<'_>) -> Result<((), u64), StoreError> {
-        Ok(((), 0))
+    fn record(&mut self, _: &Rec<'_>) -> Result<u64, StoreError> {
+        Ok(0)
     }
 
-    fn push(&mut self, (): (), _: u64) {}
+    fn unrecord(&mut self) {}
 
     fn commit(&mut self, _: &mut State) -> Result<CommitStats, StoreError> {
         Ok(CommitStats::default())
@@ -111,12 +108,11 @@ impl<J: Journal> Sessions<J> {
 
     /// Records a change: applied to memory now, written by the next commit.
     fn change(&mut self, rec: Rec<'_>) -> Result<(), StoreError> {
-        let (entry, frame) = self.journal.encode(&rec)?;
-        self.state
-            .apply(rec, frame)
-            .map_err(|e| StoreError::Encode(format!("inconsistent session change: {e}")))?;
-        self.journal.push(entry, frame);
-        Ok(())
+        let frame = self.journal.record(&rec)?;
+        self.state.apply(rec, frame).map_err(|e| {
+            self.journal.unrecord();
+            StoreError::Encode(format!("inconsistent session change: {e}"))
+        })
     }
 
     fn sid(&self, key: &SessionKey) -> Option<u64> {

@@ -127,7 +127,8 @@ impl Store {
     /// On error nothing pending is lost; call again later.
     pub fn flush(&mut self) -> Result<FlushStats, StoreError> {
         let changes = self.set.take_dirty();
-        let res = encode_changes(&changes).and_then(|records| self.log.append(&records));
+        let res = encode_changes(&changes)
+            .and_then(|records| self.log.append(records.iter().map(|r| r.as_slice())));
         match res {
             Ok(lens) => Ok(FlushStats {
                 records: lens.len(),

@@ -77,9 +77,8 @@ impl<V> Matcher<V> {
 
     /// Calls `found` with the value of every subscription matching `topic`.
     pub(crate) fn for_each_match<'a>(&'a self, topic: &str, mut found: impl FnMut(&'a V)) {
-        let levels: Vec<&str> = topic.split('/').collect();
         let dollar = topic.starts_with('$');
-        walk(&self.root, &levels, !dollar, &mut found);
+        walk(&self.root, topic.split('/'), !dollar, &mut found);
     }
 
     /// How many subscriptions it holds.
@@ -122,19 +121,25 @@ fn remove_at<V>(node: &mut Node<V>, levels: &[&str], is: &impl Fn(&V) -> bool) -
     }
 }
 
-fn walk<'a, V>(node: &'a Node<V>, levels: &[&str], wildcards: bool, found: &mut impl FnMut(&'a V)) {
+/// `levels` is the rest of the topic (an iterator, so matching allocates nothing).
+fn walk<'a, V>(
+    node: &'a Node<V>,
+    mut levels: std::str::Split<'_, char>,
+    wildcards: bool,
+    found: &mut impl FnMut(&'a V),
+) {
     if wildcards {
         node.rest.iter().for_each(&mut *found);
     }
-    let Some((first, rest)) = levels.split_first() else {
+    let Some(first) = levels.next() else {
         node.here.iter().for_each(found);
         return;
     };
-    if let Some(child) = node.levels.get(*first) {
-        walk(child, rest, true, found);
+    if let Some(child) = node.levels.get(first) {
+        walk(child, levels.clone(), true, found);
     }
     if let (true, Some(child)) = (wildcards, node.plus.as_deref()) {
-        walk(child, rest, true, found);
+        walk(child, levels, true, found);
     }
 }
 

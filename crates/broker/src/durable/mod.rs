@@ -410,15 +410,19 @@ impl Writer {
             };
             let mut stop = None;
             match first {
-                Ok(job) => {
-                    let jobs =
-                        std::iter::once(job).chain(std::iter::from_fn(|| self.rx.try_recv().ok()));
-                    for job in jobs.collect::<Vec<_>>() {
+                Ok(first) => {
+                    let mut next = Some(first);
+                    while let Some(job) = next.take().or_else(|| self.rx.try_recv().ok()) {
                         match job {
                             Job::Commit(w) => waiters.push(w),
                             Job::Stop(s) => stop = Some(s),
                             job => self.apply(job),
                         }
+                    }
+                    if !sync && stop.is_none() && waiters.is_empty() {
+                        // Let the next changes gather rather than be woken for each:
+                        // a sender wakes the writer only while it waits in `recv`.
+                        std::thread::sleep(GATHER);
                     }
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
@@ -473,9 +477,13 @@ impl Writer {
                 self.carried.remove(&key);
                 self.store.remove_session(&key).map(drop)
             }
-            Job::Enqueue(targets, message) => {
-                for (key, qos) in targets {
-                    let mut m = message.clone();
+            Job::Enqueue(mut targets, message) => {
+                // The last one takes the message itself: one copy less for the common case.
+                let last = targets.pop();
+                let mut copies: Vec<_> =
+                    targets.into_iter().map(|t| (t, message.clone())).collect();
+                copies.extend(last.map(|t| (t, message)));
+                for ((key, qos), mut m) in copies {
                     m.qos = qos;
                     if let Err(e) = self.queue(&key, m) {
                         warn!(error = %e, "message not queued for an offline session");
@@ -647,6 +655,11 @@ impl Writer {
         (self.on_drop)(key, limit);
     }
 }
+
+/// With `autosave_interval` > 0, how long the writer lets changes gather after a batch.
+/// Nothing waits on it but a resuming client (its CONNACK), which this delays at most
+/// once by as much.
+const GATHER: Duration = Duration::from_millis(1);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())

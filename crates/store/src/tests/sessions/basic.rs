@@ -338,3 +338,39 @@ fn stats_count_sessions_and_queues_in_both_backends() {
     drop(log);
     assert_eq!(open(dir.path()).unwrap().stats(), mem.stats());
 }
+
+#[test]
+fn payload_encoding_reads_like_the_byte_sequence_logs_were_written_with() {
+    // Logs written before payloads were serialized as one byte string encoded them as a
+    // sequence of bytes: both must give the same record, both ways.
+    #[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
+    struct Before {
+        topic: String,
+        payload: Vec<u8>,
+        qos: u8,
+        retain: bool,
+        properties: Option<MessageProperties>,
+        expires_at: Option<u64>,
+    }
+    let payload: Vec<u8> = (0..=255).chain(0..40).collect();
+    let now = qmsg("alice/t", "");
+    let now = QueuedMessage {
+        payload: payload.clone(),
+        ..now
+    };
+    let before = Before {
+        topic: now.topic.clone(),
+        payload,
+        qos: now.qos,
+        retain: now.retain,
+        properties: now.properties.clone(),
+        expires_at: now.expires_at,
+    };
+    let new_bytes = postcard::to_stdvec(&now).unwrap();
+    assert_eq!(new_bytes, postcard::to_stdvec(&before).unwrap());
+    assert_eq!(
+        postcard::from_bytes::<QueuedMessage>(&new_bytes).unwrap(),
+        now
+    );
+    assert_eq!(postcard::from_bytes::<Before>(&new_bytes).unwrap(), before);
+}

@@ -329,9 +329,7 @@ fn authentic_but_inconsistent_record_is_refused() {
     s.put_session(&k, meta(&[])).unwrap();
     s.commit().unwrap();
     // Append a `Done` for a message that was never queued, sealed like any record.
-    s.journal.pending.push(
-        crate::record::encode(&(5u32, 0u64, 99u64)).unwrap(), // Rec::Done { sid: 0, id: 99 }
-    );
+    s.journal.pending.push(&(5u32, 0u64, 99u64)).unwrap(); // Rec::Done { sid: 0, id: 99 }
     s.commit().unwrap();
     drop(s);
     match open(dir.path()).unwrap_err() {
