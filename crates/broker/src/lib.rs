@@ -35,6 +35,7 @@ mod session_expiry;
 mod session_restore;
 mod sessions;
 mod shared;
+mod sys;
 mod timers;
 mod tls;
 pub mod topic;

@@ -95,6 +95,9 @@ pub struct Metrics {
     /// Persistent sessions in the session store, and the messages it holds for them.
     pub sessions_stored: Gauge,
     pub session_messages_held: Gauge,
+    /// Subscriptions of connected clients (changed on SUBSCRIBE, UNSUBSCRIBE and when a
+    /// connection ends, never per message).
+    pub subscriptions: Gauge,
     pub retained_store_bytes: Gauge,
     pub retained_last_save_timestamp: Gauge,
     pub retained_last_save_duration_ms: Gauge,
@@ -138,6 +141,7 @@ impl Metrics {
             sessions_offline_subscriptions: Gauge::default(),
             sessions_stored: Gauge::default(),
             session_messages_held: Gauge::default(),
+            subscriptions: Gauge::default(),
             retained_store_bytes: Gauge::default(),
             retained_last_save_timestamp: Gauge::default(),
             retained_last_save_duration_ms: Gauge::default(),
@@ -263,6 +267,11 @@ impl Metrics {
                 m.session_messages_held.clone(),
             );
             r.register(
+                "subscriptions",
+                "Subscriptions of connected clients",
+                m.subscriptions.clone(),
+            );
+            r.register(
                 "retained_store_bytes",
                 "Size of the retained store on disk",
                 m.retained_store_bytes.clone(),
@@ -355,7 +364,7 @@ fn saturating_i64(n: impl TryInto<i64>) -> i64 {
 }
 
 /// The process's resident set size from `/proc/self/status` (`VmRSS:  1234 kB`).
-fn resident_memory_bytes() -> Option<u64> {
+pub(crate) fn resident_memory_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     vm_rss_bytes(&status)
 }

@@ -27,7 +27,11 @@ pub struct RetainedIndex(RetainedSet);
 impl RetainedIndex {
     /// An empty set bounded by `limits`.
     pub fn new(limits: StoreLimits) -> RetainedIndex {
-        RetainedIndex(RetainedSet::with_legacy_owner(limits, legacy_owner))
+        // The broker's `$SYS` tree is served from the set but never persisted (`sys.rs`).
+        RetainedIndex(
+            RetainedSet::with_legacy_owner(limits, legacy_owner)
+                .with_memory_only(crate::sys::is_sys),
+        )
     }
 }
 

@@ -147,6 +147,7 @@ impl Broker {
             session_timers: Default::default(),
             sessions: Sessions::default(),
             durable,
+            sys: Default::default(),
         });
         crate::session_restore::restore(&shared, loaded).await;
         let tls = listeners.iter().filter_map(Bound::tls).collect();
@@ -232,6 +233,7 @@ impl Broker {
             info!(listener = l.name(), addr = %l.local_addr(), "listening");
             tasks.spawn(l.accept_loop(self.shared.clone(), slots.clone()));
         }
+        tasks.spawn(crate::sys::run(self.shared.clone()));
         // Not ready if the router already failed (the monitor cleared both flags).
         let router_ok = self
             .shared

@@ -119,9 +119,14 @@ async fn resubscribe(
     subscriptions: &BTreeMap<String, SubscriptionOptions>,
 ) -> Result<(), RestoreError> {
     let (mut tx, mut rx, _ack) = shared.router.connect(router_id.to_string(), false).await?;
-    if !subscriptions.is_empty() {
-        let filters = subscriptions
-            .iter()
+    // `$SYS/...` subscriptions are the gateway's own (`sys.rs`): the router refuses them.
+    let routed: Vec<_> = subscriptions
+        .iter()
+        .filter(|(f, _)| !crate::sys::is_sys(f))
+        .collect();
+    if !routed.is_empty() {
+        let filters = routed
+            .into_iter()
             .map(|(f, o)| Filter {
                 path: router_filter(owner, f),
                 qos: qos_from(o.qos),

@@ -151,6 +151,21 @@ impl Sessions {
         Ok(Filters::new())
     }
 
+    /// Connected clients, persistent sessions whose client is away, and those sessions'
+    /// subscriptions (the `$SYS` tree's aggregates; counted, never listed).
+    pub fn counts(&self) -> (usize, usize, u64) {
+        let kept = lock(&self.kept);
+        let live = lock(&self.live);
+        let (mut away, mut filters) = (0, 0u64);
+        for (id, s) in &kept.sessions {
+            if !live.contains_key(id) {
+                away += 1;
+                filters += s.filters.len() as u64;
+            }
+        }
+        (live.len(), away, filters)
+    }
+
     /// A persistent session's connection ended: its filters as the router keeps them.
     pub fn save(&self, router_id: &str, filters: &Filters) {
         if let Some(s) = lock(&self.kept).sessions.get_mut(router_id) {

@@ -16,6 +16,7 @@ use crate::retained::RetainedStore;
 use crate::retained_index::RetainedIndex;
 use crate::router::RouterHandle;
 use crate::sessions::Sessions;
+use crate::sys::SysTree;
 use crate::timers::Timers;
 use moatmq_config::Config;
 use std::net::SocketAddr;
@@ -53,6 +54,8 @@ pub struct Shared {
     pub sessions: Sessions,
     /// The durable copy of persistent sessions, when the session store is on.
     pub durable: Option<SessionBook>,
+    /// Live updates of the `$SYS` tree, for gateways holding `$SYS/...` subscriptions.
+    pub sys: SysTree,
 }
 
 impl Shared {

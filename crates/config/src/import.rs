@@ -109,7 +109,6 @@ fn unsupported_reason(option: &str) -> &'static str {
         "max_inflight_messages" | "max_inflight_bytes" | "upgrade_outgoing_qos" => {
             "outgoing in-flight is fixed at 100 messages per client"
         }
-        "sys_interval" => "moatmq publishes no $SYS topics",
         "retain_available" => "retained messages are always available in moatmq",
         "max_qos" | "check_retain_source"
         | "allow_zero_length_clientid" | "auto_id_prefix" | "clientid_prefixes"
@@ -183,6 +182,7 @@ struct State {
     max_queued_messages: Option<i64>,
     max_keepalive: Option<i64>,
     max_topic_alias: Option<i64>,
+    sys_interval: Option<i64>,
     max_queued_bytes: Option<i64>,
     queue_qos0_messages: bool,
     /// `persistent_client_expiration` in seconds.
@@ -266,6 +266,7 @@ impl State {
             max_queued_messages: None,
             max_keepalive: None,
             max_topic_alias: None,
+            sys_interval: None,
             max_queued_bytes: None,
             queue_qos0_messages: false,
             client_expiration: None,
@@ -448,6 +449,10 @@ impl State {
                     need_value(value)?;
                     self.max_topic_alias = Some(parse_int(value, file, line, opt)?);
                 }
+                "sys_interval" => {
+                    need_value(value)?;
+                    self.sys_interval = Some(parse_int(value, file, line, opt)?);
+                }
                 "max_packet_size"
                 | "message_size_limit"
                 | "max_queued_messages"
@@ -621,6 +626,7 @@ impl State {
         self.retained(&mut out);
         self.sessions(&mut out);
         self.limits(&mut out, &limits_per_listener);
+        self.sys(&mut out);
         out.push_str(RATE_LIMIT);
 
         if self.relative_paths {
@@ -818,6 +824,14 @@ impl State {
                     );
                 }
             }
+        }
+    }
+
+    /// Mosquitto's `sys_interval` is `[sys] interval`, same seconds, same 0 = off (Mosquitto
+    /// takes 0..=65535).
+    fn sys(&mut self, out: &mut String) {
+        if let Some(seconds) = self.sys_interval {
+            let _ = writeln!(out, "\n[sys]\ninterval = {}", seconds.clamp(0, 65535));
         }
     }
 

@@ -22,6 +22,10 @@ pub const DEFAULT_MAX_QUEUED_MESSAGES: usize = 1000;
 pub const DEFAULT_MAX_SESSION_EXPIRY: u64 = 7 * 24 * 3600;
 pub const DEFAULT_MAX_SESSIONS_PER_USER: usize = 16;
 pub const DEFAULT_AUTOSAVE_INTERVAL: u64 = 1;
+/// Seconds between `$SYS` updates (Mosquitto's `sys_interval` default).
+pub const DEFAULT_SYS_INTERVAL: u64 = 10;
+/// The largest `sys.interval` (Mosquitto's bound for `sys_interval`).
+pub const MAX_SYS_INTERVAL: u64 = 65_535;
 pub const DEFAULT_CONNECTIONS_PER_SECOND: u32 = 20;
 pub const DEFAULT_CONNECTION_BURST: u32 = 40;
 pub const DEFAULT_MESSAGES_PER_SECOND: u32 = 1000;
@@ -62,6 +66,9 @@ pub struct Config {
     /// `[metrics]`: Prometheus metrics and health endpoints; absent = off.
     #[serde(default)]
     pub metrics: Option<Metrics>,
+    /// `[sys]`: the `$SYS/broker/...` tree.
+    #[serde(default)]
+    pub sys: Sys,
     #[serde(default)]
     pub log: Log,
     /// The file this config was read from; relative paths resolve against its folder.
@@ -512,6 +519,23 @@ pub struct Metrics {
     pub bind: String,
 }
 
+/// `[sys]`: the `$SYS/broker/...` tree of broker statistics, under Mosquitto's names.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sys {
+    /// Seconds between updates (Mosquitto's `sys_interval`); 0 = no `$SYS` tree.
+    #[serde(default = "default_sys_interval")]
+    pub interval: u64,
+}
+
+impl Default for Sys {
+    fn default() -> Sys {
+        Sys {
+            interval: DEFAULT_SYS_INTERVAL,
+        }
+    }
+}
+
 /// `[log]`.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -550,6 +574,9 @@ fn default_bytes_per_second() -> u64 {
 }
 fn default_disconnect_after() -> u64 {
     DEFAULT_DISCONNECT_AFTER
+}
+fn default_sys_interval() -> u64 {
+    DEFAULT_SYS_INTERVAL
 }
 fn default_true() -> bool {
     true
@@ -792,6 +819,12 @@ impl Config {
                     "must be an ip:port address such as 127.0.0.1:9100",
                 ));
             }
+        }
+        if self.sys.interval > MAX_SYS_INTERVAL {
+            return Err(Invalid::new(
+                "sys.interval",
+                "must be at most 65535 seconds (0 turns the $SYS tree off)",
+            ));
         }
         let rl = &self.rate_limit;
         if rl.connections_per_second > 0 && rl.connection_burst == 0 {

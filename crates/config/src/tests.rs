@@ -355,3 +355,17 @@ fn durable_sessions_without_a_retained_store_are_refused() {
     }
     parse(&format!("{MINIMAL}[sessions]\nenabled = false\n")).unwrap();
 }
+
+#[test]
+fn sys_interval_defaults_to_ten_seconds_and_is_bounded() {
+    assert_eq!(parse(MINIMAL).unwrap().sys.interval, 10);
+    let off = parse(&format!("{MINIMAL}[sys]\ninterval = 0\n")).unwrap();
+    assert_eq!(off.sys.interval, 0);
+    let err = parse(&format!("{MINIMAL}[sys]\ninterval = 65536\n")).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "broker.toml:5: sys.interval: must be at most 65535 seconds (0 turns the $SYS tree off)"
+    );
+    let err = parse(&format!("{MINIMAL}[sys]\ninterval = -1\n")).unwrap_err();
+    assert!(matches!(err, ConfigError::Syntax { line: 5, .. }), "{err}");
+}

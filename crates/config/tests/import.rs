@@ -249,14 +249,13 @@ fn max_connections_per_listener_is_summed() {
 #[test]
 fn every_other_option_is_named_once_with_a_reason() {
     let (_, r) = import(
-        "pid_file /run/m.pid\nuser mosquitto\nlog_dest stderr\nlog_dest syslog\nsys_interval 10\n\
+        "pid_file /run/m.pid\nuser mosquitto\nlog_dest stderr\nlog_dest syslog\n\
          listener 1883\nmount_point tenant/\npsk_hint x\nauth_plugin /x.so\nauth_opt_host db\nfrobnicate 1\n",
     );
     for (opt, why) in [
         ("pid_file", "pid file"),
         ("user", "unprivileged"),
         ("log_dest", "[log]"),
-        ("sys_interval", "$SYS"),
         ("mount_point", "ACLs"),
         ("psk_hint", "pre-shared"),
         ("auth_plugin", "plugins"),
@@ -590,4 +589,17 @@ fn max_keepalive_is_carried() {
     assert!(!warned(&r, "max_keepalive"), "{:?}", r.warnings);
     let (c, _) = import("");
     assert_eq!(c.limits.max_keepalive, 65535, "caps nothing by default");
+}
+
+#[test]
+fn sys_interval_is_carried_over() {
+    let (c, r) = import("listener 1883\nsys_interval 30\n");
+    assert_eq!(c.sys.interval, 30);
+    assert!(!warned(&r, "sys_interval"), "{:?}", r.warnings);
+    let (c, _) = import("listener 1883\nsys_interval 0\n");
+    assert_eq!(c.sys.interval, 0, "0 turns the tree off in both");
+    let (c, _) = import("listener 1883\n");
+    assert_eq!(c.sys.interval, moatmq_config::DEFAULT_SYS_INTERVAL);
+    let (c, _) = import("listener 1883\nsys_interval 100000\n");
+    assert_eq!(c.sys.interval, 65535);
 }

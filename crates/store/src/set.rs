@@ -17,6 +17,11 @@
 //! back from the log are all kept, past lowered bounds too (new ones are refused until
 //! under them again). An expired message stops counting at the next change.
 //!
+//! Topics the owner marks memory-only ([`RetainedSet::with_memory_only`]: the broker's
+//! `$SYS` tree) are served like any other but never reach the log (not marked for a
+//! flush, left out of compactions) and count toward no bound or total: they are the
+//! broker's own, rewritten every few seconds, and lost on purpose at a restart.
+//!
 //! [`Store`]: crate::Store
 
 use std::borrow::Borrow;
@@ -139,6 +144,10 @@ struct Inner {
     items: Items,
     limits: StoreLimits,
     legacy_owner: fn(&str) -> &str,
+    /// Topics kept in memory only, outside the bounds and totals.
+    memory_only: fn(&str) -> bool,
+    /// How many of `items` are memory-only.
+    memory_only_count: usize,
     bytes: u64,
     owners: HashMap<String, Usage>,
     /// Messages with an expiry, soonest first.
@@ -173,6 +182,10 @@ fn no_legacy_owner(_: &str) -> &str {
     UNKNOWN_OWNER
 }
 
+fn never(_: &str) -> bool {
+    false
+}
+
 impl RetainedSet {
     /// An empty set bounded by `limits`; messages without an owner count as
     /// [`UNKNOWN_OWNER`]'s.
@@ -188,12 +201,22 @@ impl RetainedSet {
                 items: Items::new(),
                 limits,
                 legacy_owner,
+                memory_only: never,
+                memory_only_count: 0,
                 bytes: 0,
                 owners: HashMap::new(),
                 expiry: BTreeSet::new(),
                 pending: Mutex::new(None),
             })),
         }
+    }
+
+    /// The same set, whose topics for which `memory_only` holds are never persisted and
+    /// count toward no bound or total (the broker's `$SYS` tree). Set before any message
+    /// is added.
+    pub fn with_memory_only(self, memory_only: fn(&str) -> bool) -> RetainedSet {
+        self.write().memory_only = memory_only;
+        self
     }
 
     // A panic elsewhere while holding the lock leaves the set consistent (every change
@@ -239,14 +262,15 @@ impl RetainedSet {
         self.read().owners.get(owner).copied().unwrap_or_default()
     }
 
-    /// Number of messages.
+    /// Number of messages, memory-only ones left out (what `max_messages` bounds).
     pub fn len(&self) -> usize {
-        self.read().items.len()
+        let inner = self.read();
+        inner.items.len() - inner.memory_only_count
     }
 
-    /// Whether there are no messages.
+    /// Whether there are no messages (memory-only ones left out).
     pub fn is_empty(&self) -> bool {
-        self.read().items.is_empty()
+        self.len() == 0
     }
 
     /// Bytes of all records ([`stored_bytes`]): what `max_bytes` bounds.
@@ -320,7 +344,9 @@ impl RetainedSet {
         inner.items = items;
         *inner.pending_mut() = Some(Pending::default());
         let limits = inner.limits;
-        if inner.items.len() > limits.max_messages || inner.bytes > limits.max_bytes {
+        if inner.items.len() - inner.memory_only_count > limits.max_messages
+            || inner.bytes > limits.max_bytes
+        {
             tracing::warn!(
                 messages = inner.items.len(),
                 bytes = inner.bytes,
@@ -362,7 +388,7 @@ impl RetainedSet {
         inner
             .items
             .iter()
-            .filter(|i| !i.0.is_expired(now))
+            .filter(|i| !i.0.is_expired(now) && !(inner.memory_only)(&i.0.topic))
             .map(|i| i.0.clone())
             .collect()
     }
@@ -415,6 +441,10 @@ impl Inner {
     }
 
     fn count(&mut self, msg: &RetainedMessage, size: u64) {
+        if (self.memory_only)(&msg.topic) {
+            self.memory_only_count += 1;
+            return;
+        }
         if let Some(at) = msg.expires_at {
             self.expiry.insert((at, msg.topic.clone()));
         }
@@ -429,6 +459,10 @@ impl Inner {
     }
 
     fn uncount(&mut self, msg: &RetainedMessage) {
+        if (self.memory_only)(&msg.topic) {
+            self.memory_only_count = self.memory_only_count.saturating_sub(1);
+            return;
+        }
         let size = stored_bytes(msg);
         if let Some(at) = msg.expires_at {
             self.expiry.remove(&(at, msg.topic.clone()));
@@ -445,6 +479,9 @@ impl Inner {
     }
 
     fn touch(&mut self, topic: &str) {
+        if (self.memory_only)(topic) {
+            return;
+        }
         if let Some(p) = self.pending_mut() {
             if let Some(s) = p.since_snapshot.as_mut() {
                 s.insert(topic.to_owned());
@@ -480,13 +517,17 @@ impl Inner {
     /// any. A total is only checked where it grows, so a set already past lowered bounds
     /// can still replace and shrink.
     fn refusal(&self, msg: &RetainedMessage, size: u64) -> Option<Refusal> {
+        if (self.memory_only)(&msg.topic) {
+            return None;
+        }
         let limits = &self.limits;
         let old = self.items.get(msg.topic.as_str()).map(|i| &*i.0);
         let old_bytes = old.map_or(0, stored_bytes);
         if size == u64::MAX {
             return Some(Refusal::Store);
         }
-        if old.is_none() && self.items.len() >= limits.max_messages {
+        let counted = self.items.len() - self.memory_only_count;
+        if old.is_none() && counted >= limits.max_messages {
             return Some(Refusal::Messages);
         }
         if size > old_bytes

@@ -11,11 +11,12 @@ use crate::event::Event;
 use crate::policy::unshare;
 use crate::ratelimit::Pace;
 use crate::router::router_filter;
+use crate::sys::is_sys;
 use crate::topic::{valid_topic_filter, valid_topic_name};
 use moatmq_store::SubscriptionOptions;
 use rumqttd::protocol::{
     DisconnectReasonCode, Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec,
-    PubRecReason, QoS, RetainForwardRule, SubAck, SubscribeReasonCode,
+    PubRecReason, QoS, RetainForwardRule, SubAck, SubscribeReasonCode, UnsubAck, UnsubAckReason,
 };
 use tokio::time::Instant;
 use tracing::warn;
@@ -166,7 +167,7 @@ impl Gateway {
                 let mut refused = Vec::with_capacity(subscribe.filters.len());
                 let mut kept = Vec::with_capacity(subscribe.filters.len());
                 for filter in subscribe.filters.drain(..) {
-                    let reason = self.check_filter(&filter.path);
+                    let mut reason = self.check_filter(&filter.path);
                     if reason.is_none() {
                         let options = SubscriptionOptions {
                             qos: filter.qos as u8,
@@ -199,19 +200,28 @@ impl Gateway {
                                 after: None,
                             });
                         }
-                        kept.push(filter);
+                        if is_sys(&filter.path) {
+                            // The gateway's own (`sys.rs`): its slot is answered here.
+                            reason = Some(SubscribeReasonCode::Success(filter.qos));
+                        } else {
+                            kept.push(filter);
+                        }
                     }
                     refused.push(reason);
                 }
+                self.subscriptions_changed();
                 if kept.is_empty() {
                     let codes = refused.into_iter().flatten().collect();
-                    return self.write(Packet::SubAck(
+                    self.write(Packet::SubAck(
                         SubAck {
                             pkid: subscribe.pkid,
                             return_codes: codes,
                         },
                         None,
-                    ));
+                    ))?;
+                    self.retained.start(jobs);
+                    self.session_changed();
+                    return Ok(());
                 }
                 if refused.iter().any(Option::is_some) {
                     self.pending_subacks.insert(subscribe.pkid, refused);
@@ -227,12 +237,25 @@ impl Gateway {
                 Ok(())
             }
             Packet::Unsubscribe(mut unsubscribe, props) => {
-                for f in &mut unsubscribe.filters {
+                for f in &unsubscribe.filters {
                     self.session.subscriptions.remove(f.as_str());
                     self.retained.cancel(f);
+                }
+                self.subscriptions_changed();
+                self.session_changed();
+                // `$SYS/...` filters are the gateway's own: the router never had them.
+                let all = unsubscribe.filters.len();
+                unsubscribe.filters.retain(|f| !is_sys(f));
+                if unsubscribe.filters.is_empty() && all > 0 {
+                    let unsuback = UnsubAck {
+                        pkid: unsubscribe.pkid,
+                        reasons: vec![UnsubAckReason::Success; all],
+                    };
+                    return self.write(Packet::UnsubAck(unsuback, None));
+                }
+                for f in &mut unsubscribe.filters {
                     *f = router_filter(self.identity.username.as_deref(), f);
                 }
-                self.session_changed();
                 self.to_router.send(Packet::Unsubscribe(unsubscribe, props));
                 Ok(())
             }
@@ -377,10 +400,12 @@ impl Gateway {
         {
             return Some(code(SubscribeReasonCode::QuotaExceeded));
         }
-        // The router has no `$SYS` tree and disconnects clients that subscribe to one.
+        // The router disconnects clients that subscribe to a `$` filter: the `$SYS` tree
+        // (not shared) is served by the gateway itself, any other is refused.
         let inner = unshare(path);
         let decision = self.shared.policy.may_subscribe(&self.identity, inner);
-        if inner.starts_with('$') || !decision.allowed {
+        let own_tree = is_sys(path);
+        if (inner.starts_with('$') && !own_tree) || !decision.allowed {
             self.shared.emit(
                 &self.info.client(&self.identity),
                 Event::AuthzDeny {

@@ -46,6 +46,7 @@ mod link;
 mod outgoing;
 mod output;
 mod retained;
+mod sys;
 mod unacked;
 mod window;
 
@@ -138,6 +139,10 @@ pub struct Gateway {
     ledger: Ledger,
     /// Retained messages owed to the client.
     retained: RetainedFeed,
+    /// Updates of the `$SYS` tree, while the session holds a `$SYS/...` filter.
+    sys: Option<tokio::sync::broadcast::Receiver<crate::sys::Update>>,
+    /// The session's subscriptions in the `moatmq_subscriptions` gauge.
+    counted: sys::Counted,
 }
 
 impl Gateway {
@@ -166,6 +171,14 @@ impl Gateway {
         for pkid in resumed.qos2_in {
             ledger.restore(pkid);
         }
+        let counted = sys::Counted::new(
+            shared.metrics.subscriptions.clone(),
+            session.subscriptions.len(),
+        );
+        let sys = sys::sys_filters(&session.subscriptions)
+            .next()
+            .is_some()
+            .then(|| shared.sys.subscribe());
         Gateway {
             shared,
             info,
@@ -190,6 +203,8 @@ impl Gateway {
             to_router: ToRouter::default(),
             ledger,
             retained,
+            sys,
+            counted,
         }
     }
 
@@ -342,6 +357,11 @@ impl Gateway {
                     }
                     self.trim(buf);
                     idle_at = None;
+                }
+                update = sys::next_update(&mut self.sys), if self.sys.is_some() => {
+                    if let Err(close) = self.on_sys(update) {
+                        return close;
+                    }
                 }
                 _ = &mut shutting_down => return Close::Shutdown,
                 _ = &mut replaced => return Close::Replaced,

@@ -90,6 +90,11 @@ impl RetainedFeed {
         }
     }
 
+    /// `jobs` start now (their SUBACK is out, or was answered without the router).
+    pub(super) fn start(&mut self, jobs: Vec<RetainedJob>) {
+        self.jobs.extend(jobs);
+    }
+
     /// An unsubscribed filter gets no more retained messages.
     pub(super) fn cancel(&mut self, filter: &str) {
         self.jobs.retain(|job| job.filter != filter);

@@ -260,3 +260,39 @@ fn a_reader_gets_its_batch_while_changes_are_taken() {
             .unwrap()
     ));
 }
+
+/// The broker's `$SYS` tree: served from the set, never written, outside every bound.
+#[test]
+fn memory_only_topics_are_served_but_never_logged_or_counted() {
+    let sys = |t: &str| t.starts_with("$SYS/");
+    let set = RetainedSet::new(limits(1, unit())).with_memory_only(sys);
+    set.load(Items::new());
+    set.set(entry("a")).unwrap();
+    assert_eq!(set.take_dirty().len(), 1);
+    // The set is full (one message, all its bytes), yet the tree goes in.
+    set.set(sized_base("$SYS/broker/uptime", "/broker"))
+        .unwrap();
+    set.set(sized_base("$SYS/broker/version", "/broker"))
+        .unwrap();
+    assert_eq!(set.len(), 1);
+    assert_eq!(set.bytes(), unit());
+    assert_eq!(set.usage("/broker"), Usage::default());
+    assert_eq!(set.pending(), 0, "not marked for the log");
+    assert!(set.take_dirty().is_empty());
+    assert_eq!(
+        topics(&set, "$SYS/#"),
+        ["$SYS/broker/uptime", "$SYS/broker/version"]
+    );
+    let snapshot: Vec<_> = set
+        .begin_snapshot(0)
+        .iter()
+        .map(|m| m.topic.clone())
+        .collect();
+    assert_eq!(snapshot, ["a"], "left out of compactions");
+    set.abort_snapshot();
+    set.clear("$SYS/broker/uptime");
+    assert_eq!(set.pending(), 0);
+    assert_eq!(topics(&set, "$SYS/#"), ["$SYS/broker/version"]);
+    // Still full for everyone else.
+    assert_eq!(set.set(entry("b")), Err(Refusal::Messages));
+}
