@@ -355,7 +355,7 @@ async fn login(
             reason_string: None,
             user_properties: Vec::new(),
             wildcard_subscription_available: Some(1),
-            subscription_identifiers_available: Some(0),
+            subscription_identifiers_available: Some(1),
             // Not for persistent sessions: see Gateway::check_filter.
             shared_subscription_available: Some(u8::from(router_clean)),
             server_keep_alive,

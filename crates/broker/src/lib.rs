@@ -22,6 +22,7 @@ mod hashing;
 mod listener;
 mod login_gate;
 mod metrics;
+mod origin;
 pub mod policy;
 mod preflight;
 #[doc(hidden)] // reachable for the fuzz harness (fuzz/): not a stable API

@@ -231,15 +231,23 @@ impl RouterHandle {
         }
     }
 
-    /// Publishes a message as the broker itself (wills). Never retained: the router
-    /// keeps no retained messages, moatmq serves them (`retained_index.rs`).
+    /// Publishes a message as the broker itself (wills). The router keeps no retained
+    /// messages, moatmq serves them (`retained_index.rs`): `retain` only reaches
+    /// Retain As Published subscribers (`origin.rs`).
     pub fn publish(
         &self,
         topic: Bytes,
         payload: Bytes,
         qos: QoS,
-        properties: Option<PublishProperties>,
+        retain: bool,
+        mut properties: Option<PublishProperties>,
     ) {
+        let published = crate::origin::Published {
+            qos,
+            retain,
+            connection: None,
+        };
+        crate::origin::mark(&mut properties, &published);
         let Ok(mut link) = self.internal.lock() else {
             return;
         };

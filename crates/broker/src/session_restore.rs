@@ -13,6 +13,7 @@ use futures_util::StreamExt;
 use moatmq_store::{now_unix, SubscriptionOptions};
 use rumqttd::protocol::{
     Disconnect, DisconnectReasonCode, Filter, Packet, RetainForwardRule, Subscribe,
+    SubscribeProperties,
 };
 use rumqttd::Notification;
 use std::collections::BTreeMap;
@@ -120,22 +121,24 @@ async fn resubscribe(
 ) -> Result<(), RestoreError> {
     let (mut tx, mut rx, _ack) = shared.router.connect(router_id.to_string(), false).await?;
     // `$SYS/...` subscriptions are the gateway's own (`sys.rs`): the router refuses them.
-    let routed: Vec<_> = subscriptions
-        .iter()
-        .filter(|(f, _)| !crate::sys::is_sys(f))
-        .collect();
-    if !routed.is_empty() {
-        let filters = routed
-            .into_iter()
-            .map(|(f, o)| Filter {
-                path: router_filter(owner, f),
-                qos: qos_from(o.qos),
-                nolocal: o.no_local,
-                preserve_retain: o.retain_as_published,
-                retain_forward_rule: RetainForwardRule::Never,
-            })
-            .collect();
-        let subscribe = Packet::Subscribe(Subscribe { pkid: 1, filters }, None);
+    // One SUBSCRIBE per subscription identifier: the router keeps a packet's one
+    // identifier for each of its filters.
+    let mut by_id: BTreeMap<Option<u32>, Vec<Filter>> = BTreeMap::new();
+    for (f, o) in subscriptions.iter().filter(|(f, _)| !crate::sys::is_sys(f)) {
+        by_id.entry(o.subscription_id).or_default().push(Filter {
+            path: router_filter(owner, f),
+            qos: qos_from(o.qos),
+            nolocal: o.no_local,
+            preserve_retain: o.retain_as_published,
+            retain_forward_rule: RetainForwardRule::Never,
+        });
+    }
+    for (id, filters) in by_id {
+        let props = id.map(|id| SubscribeProperties {
+            id: Some(id as usize),
+            user_properties: Vec::new(),
+        });
+        let subscribe = Packet::Subscribe(Subscribe { pkid: 1, filters }, props);
         tx.send(subscribe).await.map_err(Box::new)?;
         let acked = tokio::time::timeout(Duration::from_secs(5), async {
             loop {

@@ -119,7 +119,7 @@ fn publish_now(shared: &Shared, will: Will) {
         Ok(Admitted::Now | Admitted::AfterSave) => {
             shared
                 .router
-                .publish(will.topic, will.message, will.qos, properties)
+                .publish(will.topic, will.message, will.qos, will.retain, properties)
         }
         Err(why) => tracing::debug!(topic, ?why, "will not published"),
     }

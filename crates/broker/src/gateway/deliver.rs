@@ -12,13 +12,15 @@
 use super::{Close, Gateway};
 use crate::codec::{publish_header, qos_and_pkid, QOS0_MARK};
 use crate::event::Event;
+use crate::origin::Published;
 use rumqttd::protocol::{Packet, Publish, PublishProperties, QoS};
 
 /// Where a message comes from: the router's forwards carry the QoS 0 mark in their
-/// DUP bit ([`QOS0_MARK`]); the gateway's own (retained, stored) carry a real DUP bit.
+/// DUP bit ([`QOS0_MARK`]) and what their publisher sent, taken out of their properties
+/// (`origin.rs`); the gateway's own (retained, stored) carry a real DUP bit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Origin {
-    Router,
+    Router(Option<Published>),
     Gateway,
 }
 
@@ -36,11 +38,26 @@ impl Gateway {
     /// Writes `publish` for the client if it may have it, in the form it may have it.
     pub(super) fn deliver(
         &mut self,
-        publish: Publish,
-        properties: Option<PublishProperties>,
+        mut publish: Publish,
+        mut properties: Option<PublishProperties>,
         origin: Origin,
     ) -> Result<Delivery, Close> {
+        let published = match origin {
+            Origin::Router(p) => p,
+            Origin::Gateway => None,
+        };
         let topic = std::str::from_utf8(&publish.topic).unwrap_or("");
+        let subs = &self.session.subscriptions;
+        if let Some(from) = &published {
+            if self.options.is_own(subs, topic, from) {
+                // No Local (MQTT-3.8.3-3): never sent, settled with the router.
+                let (qos, pkid) = qos_and_pkid(&publish);
+                return Ok(Delivery::Settled { qos, pkid });
+            }
+            // Retain As Published (MQTT-3.3.1-12/13); the router clears the flag.
+            publish.retain = self.options.keeps_retain(subs, topic, from);
+        }
+        self.options.check_identifiers(subs, topic, &mut properties);
         let decision = self
             .shared
             .policy
@@ -67,7 +84,17 @@ impl Gateway {
             return Ok(Delivery::Settled { qos, pkid });
         }
         self.shared.metrics.messages_out.inc();
-        if origin == Origin::Router && written[0] & QOS0_MARK != 0 {
+        if qos == QoS::ExactlyOnce && published.is_some_and(|p| p.qos == QoS::AtLeastOnce) {
+            // Published at QoS 1: delivered at QoS 1, not at the subscription's 2
+            // (MQTT-3.8.4-8). Same frame with the QoS bits changed; the client's
+            // PUBACK settles it with the router like a PUBREC would.
+            written[0] = (written[0] & !0b0110) | ((QoS::AtLeastOnce as u8) << 1);
+            return Ok(Delivery::Sent {
+                qos: QoS::AtLeastOnce,
+                pkid,
+            });
+        }
+        if matches!(origin, Origin::Router(_)) && written[0] & QOS0_MARK != 0 {
             if qos == QoS::AtMostOnce {
                 written[0] &= !QOS0_MARK;
             } else if self.out.downgrade_to_qos0(mark) {

@@ -107,6 +107,11 @@ impl Gateway {
                     Source::Publish,
                     inbound,
                 );
+                // What the subscribers' gateways need of this publish (`origin.rs`).
+                let published =
+                    self.options
+                        .published(&self.session.subscriptions, topic, qos, publish.retain);
+                crate::origin::mark(&mut props, &published);
                 // The router keeps no retained messages: moatmq serves them itself.
                 publish.retain = false;
                 let admitted = match admitted {
@@ -140,7 +145,9 @@ impl Gateway {
                         self.to_router.after_save(Packet::Publish(publish, props));
                         return Ok(());
                     }
-                    Err(Refused::Quota) if !inbound.v5 && qos != QoS::AtMostOnce => {
+                    Err(Refused::Quota)
+                        if self.version != Version::V5 && qos != QoS::AtMostOnce =>
+                    {
                         // 3.1.1 has no "refused" acknowledgement, and a success one
                         // would be a silent loss: close without acknowledging.
                         return Err(Close::Protocol(
@@ -157,12 +164,19 @@ impl Gateway {
                 Ok(())
             }
             Packet::Subscribe(mut subscribe, props) => {
-                if props.as_ref().is_some_and(|p| p.id.is_some()) {
-                    return Err(Close::Protocol(
-                        DisconnectReasonCode::SubscriptionIdentifiersNotSupported,
-                        "subscription identifiers not supported",
-                    ));
-                }
+                // MQTT 5 subscription identifier (3.8.2.1.2): kept with each filter and
+                // given to the router, which adds it to the forwards (`options.rs`).
+                let id = props.as_ref().and_then(|p| p.id);
+                let subscription_id = match id.map(u32::try_from) {
+                    None => None,
+                    Some(Ok(id)) if id > 0 => Some(id),
+                    Some(_) => {
+                        return Err(Close::Protocol(
+                            DisconnectReasonCode::ProtocolError,
+                            "subscription identifier 0",
+                        ))
+                    }
+                };
                 let mut jobs = Vec::new();
                 let mut refused = Vec::with_capacity(subscribe.filters.len());
                 let mut kept = Vec::with_capacity(subscribe.filters.len());
@@ -178,7 +192,7 @@ impl Gateway {
                                 RetainForwardRule::OnNewSubscribe => 1,
                                 RetainForwardRule::Never => 2,
                             },
-                            subscription_id: None,
+                            subscription_id,
                         };
                         let is_new = self
                             .session
@@ -197,6 +211,7 @@ impl Gateway {
                             jobs.push(RetainedJob {
                                 filter: filter.path.clone(),
                                 qos: filter.qos,
+                                subscription_id,
                                 after: None,
                             });
                         }
@@ -436,7 +451,8 @@ impl Gateway {
 
     /// A persistent session's subscriptions changed: the session store keeps them, so a
     /// crash does not lose them.
-    fn session_changed(&self) {
+    fn session_changed(&mut self) {
+        self.options.refresh(&self.session.subscriptions);
         if let (Some(book), Some(key)) = (&self.shared.durable, &self.session.key) {
             book.update(key, self.session.meta(self.version));
         }

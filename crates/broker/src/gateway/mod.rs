@@ -43,6 +43,7 @@ mod deliver;
 mod incoming;
 mod ledger;
 mod link;
+mod options;
 mod outgoing;
 mod output;
 mod retained;
@@ -143,6 +144,8 @@ pub struct Gateway {
     sys: Option<tokio::sync::broadcast::Receiver<crate::sys::Update>>,
     /// The session's subscriptions in the `moatmq_subscriptions` gauge.
     counted: sys::Counted,
+    /// MQTT 5 subscription options the router ignores (`options.rs`).
+    options: options::SubOptions,
 }
 
 impl Gateway {
@@ -175,6 +178,7 @@ impl Gateway {
             shared.metrics.subscriptions.clone(),
             session.subscriptions.len(),
         );
+        let options = options::SubOptions::new(&session.subscriptions);
         let sys = sys::sys_filters(&session.subscriptions)
             .next()
             .is_some()
@@ -205,6 +209,7 @@ impl Gateway {
             retained,
             sys,
             counted,
+            options,
         }
     }
 
@@ -406,9 +411,21 @@ impl Gateway {
         }
         forwards
             .into_iter()
-            .filter_map(|f| {
-                let qos = crate::codec::forwarded_qos(&f.publish)?;
+            .filter_map(|mut f| {
+                let mut qos = crate::codec::forwarded_qos(&f.publish)?;
                 let p = &f.publish;
+                if let Some(from) = crate::origin::take(&mut f.properties) {
+                    let topic = std::str::from_utf8(&p.topic).unwrap_or("");
+                    if self
+                        .options
+                        .is_own(&self.session.subscriptions, topic, &from)
+                    {
+                        return None;
+                    }
+                    if (from.qos as u8) < (qos as u8) {
+                        qos = from.qos;
+                    }
+                }
                 Some(unacked::as_queued(
                     &p.topic,
                     &p.payload,

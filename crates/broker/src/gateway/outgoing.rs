@@ -19,7 +19,9 @@ impl Gateway {
     }
 
     /// A router forward through the deliver step, settled with the router.
-    fn forward(&mut self, forward: rumqttd::Forward) -> Result<(), Close> {
+    fn forward(&mut self, mut forward: rumqttd::Forward) -> Result<(), Close> {
+        // What the publisher sent, out of the properties before anything copies them.
+        let published = crate::origin::take(&mut forward.properties);
         // A durable session stores what it was sent until the client acknowledges it.
         let copy = self.session.key.is_some().then(|| {
             let p = &forward.publish;
@@ -29,7 +31,11 @@ impl Gateway {
                 forward.properties.clone(),
             )
         });
-        match self.deliver(forward.publish, forward.properties, Origin::Router)? {
+        match self.deliver(
+            forward.publish,
+            forward.properties,
+            Origin::Router(published),
+        )? {
             Delivery::Sent { qos, pkid } if qos != QoS::AtMostOnce => {
                 self.window.sent(pkid);
                 if let (Some((topic, payload, props)), Some(book), Some(key)) =

@@ -18,7 +18,7 @@ use crate::retained_index::RetainedIndex;
 use crate::retained_index::{properties_at, qos_from, qos_of, stored_properties};
 use bytes::Bytes;
 use moatmq_store::RetainedMessage;
-use rumqttd::protocol::{Packet, PubRecReason, PubRel, PubRelReason, QoS};
+use rumqttd::protocol::{Packet, PubRecReason, PubRel, PubRelReason, PublishProperties, QoS};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
@@ -33,8 +33,19 @@ const BATCH: usize = 64;
 pub(super) struct RetainedJob {
     pub filter: String,
     pub qos: QoS,
+    /// The MQTT 5 subscription identifier of the subscription, sent with each message.
+    pub subscription_id: Option<u32>,
     /// The last topic sent (or skipped); the walk goes on after it.
     pub after: Option<String>,
+}
+
+/// The next retained messages of the current job, with its subscription's QoS and
+/// identifier; `more`: the job has more after them.
+struct Batch {
+    messages: Vec<Arc<RetainedMessage>>,
+    qos: QoS,
+    subscription_id: Option<u32>,
+    more: bool,
 }
 
 /// Where one of our own QoS 1/2 deliveries stands.
@@ -136,15 +147,17 @@ impl RetainedFeed {
 
     /// The next batch of the oldest job: its messages (to hand back through
     /// [`RetainedFeed::batch_done`]), the subscription's QoS and whether more follow.
-    fn next_batch(
-        &mut self,
-        index: &RetainedIndex,
-    ) -> Option<(Vec<Arc<RetainedMessage>>, QoS, bool)> {
+    fn next_batch(&mut self, index: &RetainedIndex) -> Option<Batch> {
         let job = self.jobs.front()?;
-        let mut batch = std::mem::take(&mut self.batch);
-        batch.clear();
-        let more = index.matching(&job.filter, job.after.as_deref(), BATCH, &mut batch);
-        Some((batch, job.qos, more))
+        let mut messages = std::mem::take(&mut self.batch);
+        messages.clear();
+        let more = index.matching(&job.filter, job.after.as_deref(), BATCH, &mut messages);
+        Some(Batch {
+            messages,
+            qos: job.qos,
+            subscription_id: job.subscription_id,
+            more,
+        })
     }
 
     /// The batch went out up to `last` (the last topic sent or skipped); `finished`:
@@ -227,8 +240,12 @@ impl Gateway {
         if self.retained.replaying() {
             return self.feed_stored();
         }
-        let Some((mut batch, sub_qos, more)) =
-            self.retained.next_batch(&self.shared.retained_index)
+        let Some(Batch {
+            messages: mut batch,
+            qos: sub_qos,
+            subscription_id: sub_id,
+            more,
+        }) = self.retained.next_batch(&self.shared.retained_index)
         else {
             return Ok(());
         };
@@ -256,7 +273,7 @@ impl Gateway {
                 _ => self.retained.next_pkid(),
             };
             let properties = match self.version {
-                Version::V5 => properties_at(&msg, now),
+                Version::V5 => with_identifier(properties_at(&msg, now), sub_id),
                 Version::V4 => None,
             };
             let publish = make_publish(
@@ -359,6 +376,18 @@ impl Gateway {
     }
 }
 
+/// `props` with the subscription identifier `id` (MQTT-3.3.4-3).
+fn with_identifier(
+    mut props: Option<PublishProperties>,
+    id: Option<u32>,
+) -> Option<PublishProperties> {
+    if let Some(id) = id {
+        let p = props.get_or_insert_with(PublishProperties::default);
+        p.subscription_identifiers.push(id as usize);
+    }
+    props
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -368,6 +397,7 @@ mod tests {
         RetainedJob {
             filter: filter.into(),
             qos: QoS::AtLeastOnce,
+            subscription_id: None,
             after: None,
         }
     }

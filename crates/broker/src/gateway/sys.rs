@@ -87,6 +87,7 @@ impl Gateway {
                     .map(|f| RetainedJob {
                         filter: f.clone(),
                         qos: QoS::AtMostOnce,
+                        subscription_id: None,
                         after: None,
                     })
                     .collect();
