@@ -162,3 +162,56 @@ async fn mosquitto_persistent_session_survives_a_restart_v311() {
 async fn mosquitto_persistent_session_survives_a_restart_v5() {
     persistent_session_survives_a_restart("mqttv5").await;
 }
+
+/// libmosquitto's view of QoS = min(published, granted) (MQTT 3.8.4): subscribed at
+/// QoS 2, each message arrives at the QoS it was published with; with Retain As
+/// Published (MQTT 5) a live message published retained keeps the flag.
+async fn delivered_qos(version: &str) {
+    let broker = TestBroker::start().await;
+    let addr = broker.first_addr();
+    let mut sub = tool("mosquitto_sub");
+    base(&mut sub, addr, version);
+    sub.args([
+        "-t", "qos/#", "-q", "2", "-F", "%t %q %r", "-C", "4", "-W", "5",
+    ]);
+    if version == "mqttv5" {
+        sub.arg("--retain-as-published");
+    }
+    let sub = tokio::task::spawn_blocking(move || sub.stdin(Stdio::null()).output().expect("sub"));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (topic, qos, retain) in [
+        ("qos/0", "0", false),
+        ("qos/1", "1", false),
+        ("qos/2", "2", false),
+        ("qos/r", "1", true),
+    ] {
+        let mut publ = tool("mosquitto_pub");
+        base(&mut publ, addr, version);
+        publ.args(["-t", topic, "-m", "x", "-q", qos]);
+        if retain {
+            publ.arg("-r");
+        }
+        assert!(run(publ).await.status.success());
+    }
+    let out = sub.await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "mosquitto_sub failed: {text}");
+    let kept = if version == "mqttv5" { "1" } else { "0" };
+    let expected = [
+        "qos/0 0 0",
+        "qos/1 1 0",
+        "qos/2 2 0",
+        &format!("qos/r 1 {kept}"),
+    ];
+    assert_eq!(text.lines().collect::<Vec<_>>(), expected);
+}
+
+#[tokio::test]
+async fn mosquitto_client_gets_the_published_qos_v311() {
+    delivered_qos("mqttv311").await;
+}
+
+#[tokio::test]
+async fn mosquitto_client_gets_the_published_qos_and_retain_as_published_v5() {
+    delivered_qos("mqttv5").await;
+}
