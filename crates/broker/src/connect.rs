@@ -75,12 +75,21 @@ impl LoggedIn {
     /// Runs the gateway until the connection ends, then lets the session go.
     async fn serve(self, shared: &Arc<Shared>) {
         let kept_for = self.gateway.run(self.reader, self.writer, self.buf).await;
-        // The link is torn down: a connection waiting for this session may open its own
-        // (and the expiry below skips a session that is held again).
-        drop(self.hold);
-        if let (Some(after), Some(key)) = (kept_for, self.key) {
-            session_expiry::expire_after(shared, &self.router_id, key, after);
+        // The link is torn down. The session's end is settled while this connection
+        // still holds its client id, so a client waiting to come back (the hold) finds
+        // it as it is: gone if it ended with the connection (an MQTT 5 DISCONNECT with
+        // expiry 0), else kept with its expiry running, which a held id skips and the
+        // returning client cancels.
+        match (kept_for, self.key) {
+            (Some(after), Some(key)) if after.is_zero() => {
+                session_expiry::discard(shared, &self.router_id, &key).await;
+            }
+            (Some(after), Some(key)) => {
+                session_expiry::expire_after(shared, &self.router_id, key, after);
+            }
+            _ => {}
         }
+        drop(self.hold);
     }
 }
 

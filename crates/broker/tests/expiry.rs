@@ -148,3 +148,21 @@ async fn a_disconnect_sets_a_new_session_expiry() {
         other => panic!("expected DISCONNECT 0x82, got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn a_session_ended_by_its_disconnect_is_gone_for_a_client_back_at_once() {
+    // Paho's test_session_expiry reconnects right after a DISCONNECT with expiry 0: the
+    // session must already be gone then, not some time later.
+    let broker = TestBroker::start().await;
+    let addr = broker.first_addr();
+    for round in 0..20 {
+        let (mut raw, _) = connect(addr, "at-once", true, Some(300)).await;
+        assert_eq!(raw.subscribe5(1, &["at-once/t"]).await.len(), 1);
+        raw.send(&[0xE0, 0x07, 0x00, 0x05, 0x11, 0, 0, 0, 0]).await;
+        let (_, ack) = connect(addr, "at-once", false, Some(300)).await;
+        assert!(
+            !ack.session_present,
+            "round {round}: the session outlived its end"
+        );
+    }
+}
