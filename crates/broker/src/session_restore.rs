@@ -6,15 +6,11 @@
 use crate::durable::{Loaded, SessionBook};
 use crate::event::Event;
 use crate::policy::{Identity, ListenerPolicy};
-use crate::retained_index::qos_from;
-use crate::router::{router_client_id, router_filter};
+use crate::router::{router_client_id, router_subscribes};
 use crate::shared::{ConnInfo, Shared};
 use futures_util::StreamExt;
 use moatmq_store::{now_unix, SubscriptionOptions};
-use rumqttd::protocol::{
-    Disconnect, DisconnectReasonCode, Filter, Packet, RetainForwardRule, Subscribe,
-    SubscribeProperties,
-};
+use rumqttd::protocol::{Disconnect, DisconnectReasonCode, Packet};
 use rumqttd::Notification;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Weak};
@@ -120,25 +116,7 @@ async fn resubscribe(
     subscriptions: &BTreeMap<String, SubscriptionOptions>,
 ) -> Result<(), RestoreError> {
     let (mut tx, mut rx, _ack) = shared.router.connect(router_id.to_string(), false).await?;
-    // `$SYS/...` subscriptions are the gateway's own (`sys.rs`): the router refuses them.
-    // One SUBSCRIBE per subscription identifier: the router keeps a packet's one
-    // identifier for each of its filters.
-    let mut by_id: BTreeMap<Option<u32>, Vec<Filter>> = BTreeMap::new();
-    for (f, o) in subscriptions.iter().filter(|(f, _)| !crate::sys::is_sys(f)) {
-        by_id.entry(o.subscription_id).or_default().push(Filter {
-            path: router_filter(owner, f),
-            qos: qos_from(o.qos),
-            nolocal: o.no_local,
-            preserve_retain: o.retain_as_published,
-            retain_forward_rule: RetainForwardRule::Never,
-        });
-    }
-    for (id, filters) in by_id {
-        let props = id.map(|id| SubscribeProperties {
-            id: Some(id as usize),
-            user_properties: Vec::new(),
-        });
-        let subscribe = Packet::Subscribe(Subscribe { pkid: 1, filters }, props);
+    for subscribe in router_subscribes(owner, subscriptions, |_| true) {
         tx.send(subscribe).await.map_err(Box::new)?;
         let acked = tokio::time::timeout(Duration::from_secs(5), async {
             loop {

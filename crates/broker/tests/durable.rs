@@ -669,3 +669,70 @@ async fn forwards_waiting_for_a_full_receive_window_survive_a_restart() {
     }
     assert!(sub.publish_within(QUIET).await.is_none());
 }
+
+/// A persistent MQTT 5 session (expiry 300 s, clean start `clean`) and its CONNACK.
+async fn persistent5(addr: SocketAddr, id: &str, clean: bool) -> (Raw, m5::ConnAck) {
+    let mut raw = Raw::tcp(addr).await;
+    let mut connect = moatmq_testkit::connect5(id);
+    connect.clean_start = clean;
+    connect.properties = Some(m5::ConnectProperties {
+        session_expiry_interval: Some(300),
+        ..m5::ConnectProperties::new()
+    });
+    raw.send5(m5::Packet::Connect(connect, None, None)).await;
+    match raw.next5(WAIT).await {
+        Some(m5::Packet::ConnAck(ack)) => (raw, ack),
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn subscription_identifiers_and_no_local_survive_a_restart() {
+    let broker = broker_with_store(1).await;
+    let addr = broker.first_addr();
+    let (mut dev, _) = persistent5(addr, "dev", true).await;
+    let mut sub = m5::Subscribe::new(
+        m5::Filter {
+            path: "cmd/#".into(),
+            qos: rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            nolocal: true,
+            preserve_retain: false,
+            retain_forward_rule: m5::RetainForwardRule::Never,
+        },
+        Some(m5::SubscribeProperties {
+            id: Some(42),
+            user_properties: Vec::new(),
+        }),
+    );
+    sub.pkid = 1;
+    dev.send5(m5::Packet::Subscribe(sub)).await;
+    assert!(matches!(dev.next5(WAIT).await, Some(m5::Packet::SubAck(_))));
+    dev.send(&[0xE0, 0x00]).await;
+    assert!(dev.closed_within(WAIT).await);
+    publish_n(addr, "cmd/before", 1).await;
+
+    let broker = broker.restart().await;
+    let addr = broker.first_addr();
+    let (mut dev, ack) = persistent5(addr, "dev", false).await;
+    assert!(ack.session_present);
+    // Queued before the restart (replayed by the gateway) and routed after it (by the
+    // re-created router subscription): both with the identifier.
+    publish_n(addr, "cmd/after", 1).await;
+    for topic in [&b"cmd/before"[..], b"cmd/after"] {
+        let p = dev.publish5_within(WAIT).await.expect("PUBLISH");
+        assert_eq!(&p.topic[..], topic);
+        let ids = p.properties.map(|p| p.subscription_identifiers);
+        assert_eq!(ids, Some(vec![42]), "{topic:?}");
+    }
+    // Its own publish does not come back: No Local was kept too.
+    let own = m5::Publish::new(
+        "cmd/own",
+        rumqttc::v5::mqttbytes::QoS::AtMostOnce,
+        "x",
+        None,
+    );
+    dev.send5(m5::Packet::Publish(own)).await;
+    publish_n(addr, "cmd/other", 1).await;
+    let p = dev.publish5_within(WAIT).await.expect("PUBLISH");
+    assert_eq!(&p.topic[..], b"cmd/other");
+}

@@ -368,3 +368,46 @@ async fn request_and_response_pass_response_topic_and_correlation_data_unchanged
         "its own response"
     );
 }
+
+#[tokio::test]
+async fn a_resumed_session_keeps_its_subscription_identifiers() {
+    // rumqttd forgets them when a persistent session's client goes; moatmq gives them
+    // again on resume, without a second copy of anything or a stray SUBACK.
+    let broker = TestBroker::start().await;
+    let addr = broker.first_addr();
+    let resume = |clean: bool| async move {
+        let mut raw = Raw::tcp(addr).await;
+        let mut connect = moatmq_testkit::connect5("resumer");
+        connect.clean_start = clean;
+        connect.properties = Some(m5::ConnectProperties {
+            session_expiry_interval: Some(60),
+            ..m5::ConnectProperties::new()
+        });
+        raw.send5(m5::Packet::Connect(connect, None, None)).await;
+        match raw.next5(WAIT).await {
+            Some(m5::Packet::ConnAck(ack)) => assert_eq!(ack.session_present, !clean),
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+        raw
+    };
+    let mut c = resume(true).await;
+    subscribe(
+        &mut c,
+        1,
+        "res/#",
+        Opts {
+            id: Some(9),
+            ..PLAIN
+        },
+    )
+    .await;
+    c.send(&[0xE0, 0x00]).await;
+    assert!(c.closed_within(WAIT).await);
+    let mut c = resume(false).await;
+    subscribe(&mut c, 2, "other/#", PLAIN).await;
+    let (mut publ, _) = client(addr, "publisher").await;
+    publish(&mut publ, 1, "res/1", QoS::AtLeastOnce, false).await;
+    let p = received(&mut c).await;
+    assert_eq!(ids(&p), [9]);
+    assert!(receive(&mut c, QUIET).await.is_none(), "one copy");
+}

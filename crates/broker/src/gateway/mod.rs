@@ -146,6 +146,8 @@ pub struct Gateway {
     counted: sys::Counted,
     /// MQTT 5 subscription options the router ignores (`options.rs`).
     options: options::SubOptions,
+    /// SUBACKs the router owes for SUBSCRIBEs of our own (not the client's).
+    own_subacks: usize,
 }
 
 impl Gateway {
@@ -179,6 +181,18 @@ impl Gateway {
             session.subscriptions.len(),
         );
         let options = options::SubOptions::new(&session.subscriptions);
+        // rumqttd forgets a persistent session's subscription identifiers when its client
+        // goes (it keeps the filters): given again before anything the client sends.
+        let mut to_router = ToRouter::default();
+        let again = crate::router::router_subscribes(
+            identity.username.as_deref(),
+            &session.subscriptions,
+            |o| o.subscription_id.is_some(),
+        );
+        let own_subacks = again.len();
+        for subscribe in again {
+            to_router.send(subscribe);
+        }
         let sys = sys::sys_filters(&session.subscriptions)
             .next()
             .is_some()
@@ -204,12 +218,13 @@ impl Gateway {
             session,
             out: Output::new(version),
             link: RouterLink::new(tx, rx),
-            to_router: ToRouter::default(),
+            to_router,
             ledger,
             retained,
             sys,
             counted,
             options,
+            own_subacks,
         }
     }
 

@@ -83,6 +83,17 @@ impl SubOptions {
             && matching(subscriptions, topic).any(|o| o.retain_as_published)
     }
 
+    /// The identifiers of the client's subscriptions matching `topic`, for a message the
+    /// gateway sends itself (one copy for all of them).
+    pub(super) fn identifiers<'a>(
+        &self,
+        subscriptions: &'a Filters,
+        topic: &'a str,
+    ) -> impl Iterator<Item = u32> + 'a {
+        let any = self.identifiers;
+        matching(subscriptions, topic).filter_map(move |o| o.subscription_id.filter(|_| any))
+    }
+
     /// Keeps in `props` only the subscription identifiers of the client's current
     /// subscriptions matching `topic` (the router adds the one it stored per filter,
     /// even after the client subscribed again without one).

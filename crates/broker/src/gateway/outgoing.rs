@@ -66,6 +66,11 @@ impl Gateway {
             }
             Notification::DeviceAck(ack) => match Packet::from(ack) {
                 Packet::ConnAck(..) => Ok(()),
+                Packet::SubAck(..) if self.own_subacks > 0 => {
+                    // Ours (`Gateway::new`), answered before any of the client's.
+                    self.own_subacks -= 1;
+                    Ok(())
+                }
                 Packet::SubAck(mut suback, props) => {
                     if let Some(slots) = self.pending_subacks.remove(&suback.pkid) {
                         let mut granted = suback.return_codes.into_iter();

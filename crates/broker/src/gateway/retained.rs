@@ -323,7 +323,14 @@ impl Gateway {
             };
             let properties = match self.version {
                 Version::V5 => {
-                    stored_properties(r.message.properties.as_ref(), r.message.expires_at, now)
+                    let mut p =
+                        stored_properties(r.message.properties.as_ref(), r.message.expires_at, now);
+                    // One copy: the identifiers of every matching subscription (3.3.4).
+                    let subs = &self.session.subscriptions;
+                    for id in self.options.identifiers(subs, &r.message.topic) {
+                        p = with_identifier(p, Some(id));
+                    }
+                    p
                 }
                 Version::V4 => None,
             };
