@@ -10,16 +10,21 @@
 #   credential_cache_ttl); "moatmq-nocache" is the same broker with the cache off.
 # - idle: COUNT anonymous devices connect and stay idle, over plain TCP and over TLS;
 #   the broker's VmRSS before and with them, per connection.
+# - latency: one QoS 1 publisher at each of RATES messages/s to one QoS 1 subscriber
+#   (`moatmq-bench latency`, LATENCY_SECS seconds, the first not counted), p50/p99 from
+#   the publisher's write to the subscriber's read; Mosquitto with set_tcp_nodelay.
 # Devices come from SOURCES loopback addresses (127.0.0.2 and up). Brokers take turns,
 # REPEATS rounds, the median round is kept.
 #
-# Knobs: COUNT (10000), SOURCES (50), REPEATS (1), SKIP_BUILD=1, MOATMQ_BIN=path.
+# Knobs: COUNT (10000), SOURCES (50), REPEATS (1), PARTS ("reconnect idle latency"),
+# RATES ("1000 10000"), LATENCY_SECS (10), SKIP_BUILD=1, MOATMQ_BIN=path.
 # Hashing COUNT Argon2id entries takes ~COUNT/80 s on 2 cores; each moatmq first wave
 # about as long. Not a test.
 set -euo pipefail
 # shellcheck source=common.sh
 source "$(dirname "$0")/common.sh"
-knobs COUNT=10000 SOURCES=50 REPEATS=1
+knobs COUNT=10000 SOURCES=50 REPEATS=1 PARTS="reconnect idle latency" RATES="1000 10000" \
+    LATENCY_SECS=10
 
 need=$((COUNT * 2 + 1000))
 if (($(ulimit -n) < need)); then
@@ -31,9 +36,14 @@ need_mosquitto
 C="$WORK/certs"
 "$BIN/moatmq-bench" certs --out "$C" --clients probe
 
-log "hashing $COUNT passwords"
-"$BIN/moatmq-bench" passwords --count "$COUNT" --out "$WORK/passwd" --plain "$WORK/mosquitto.passwd"
-"$MOSQUITTO_PASSWD" -U "$WORK/mosquitto.passwd"
+if [[ " $PARTS " == *" reconnect "* ]]; then
+    log "hashing $COUNT passwords"
+    "$BIN/moatmq-bench" passwords --count "$COUNT" --out "$WORK/passwd" --plain "$WORK/mosquitto.passwd"
+    "$MOSQUITTO_PASSWD" -U "$WORK/mosquitto.passwd"
+else
+    : >"$WORK/passwd"
+    : >"$WORK/mosquitto.passwd"
+fi
 
 # --- servers ------------------------------------------------------------------------
 moat_conf() { # NAME CACHE_TTL: writes $WORK/NAME.toml; prints its three ports
@@ -109,6 +119,7 @@ fresh() { # BROKER: starts it, sets PID
 
 log "$COUNT devices from $SOURCES addresses; $(machine)"
 for round in $(seq 1 "$REPEATS"); do
+    [[ " $PARTS " == *" reconnect "* ]] || break
     for broker in moatmq moatmq-nocache mosquitto; do
         fresh "$broker"
         line=$("$BIN/moatmq-bench" reconnect --addr "127.0.0.1:${PW_PORT[$broker]}" --passwords \
@@ -117,6 +128,9 @@ for round in $(seq 1 "$REPEATS"); do
         record "reconnect $broker" "$line" again_s first_s first_retries again_retries
         stop "$PID"
     done
+done
+for round in $(seq 1 "$REPEATS"); do
+    [[ " $PARTS " == *" idle "* ]] || break
     for broker in moatmq mosquitto; do
         for mode in tcp tls; do
             fresh "$broker"
@@ -133,17 +147,39 @@ for round in $(seq 1 "$REPEATS"); do
         done
     done
 done
+for round in $(seq 1 "$REPEATS"); do
+    [[ " $PARTS " == *" latency "* ]] || break
+    for broker in moatmq mosquitto; do
+        fresh "$broker"
+        for rate in $RATES; do
+            line=$("$BIN/moatmq-bench" latency --mqtt "127.0.0.1:${OPEN_PORT[$broker]}" \
+                --rate "$rate" --secs "$LATENCY_SECS" --label "$broker")
+            log "round $round latency: $line"
+            record "latency-$rate $broker" "$line" p50_us p99_us max_us received sent
+        done
+        stop "$PID"
+    done
+done
 
 echo
 echo "Fleet of $COUNT devices from $SOURCES loopback addresses, median of $REPEATS rounds;" \
     "$(machine) at the end."
+if [[ " $PARTS " == *" reconnect "* ]]; then
+    echo
+    echo "| reconnect storm | all back after the drop, s | first login wave, s | retries first / again |"
+    echo "|---|---:|---:|---:|"
+    median_table 2 <"$RESULTS" | awk '$1 == "reconnect" {
+        printf "| %s | %.2f | %.2f | %s / %s |\n", $2, $3, $4, $5, $6 }'
+fi
+if [[ " $PARTS " == *" idle "* ]]; then
+    echo
+    echo "| idle connections | broker | RSS per connection, KiB | RSS before, MiB | RSS with them, MiB |"
+    echo "|---|---|---:|---:|---:|"
+    median_table 2 <"$RESULTS" | awk '$1 ~ /^idle/ {
+        printf "| %s | %s | %.1f | %.0f | %.0f |\n", substr($1, 6), $2, $3, $4 / 1024, $5 / 1024 }'
+fi
 echo
-echo "| reconnect storm | all back after the drop, s | first login wave, s | retries first / again |"
-echo "|---|---:|---:|---:|"
-median_table 2 <"$RESULTS" | awk '$1 == "reconnect" {
-    printf "| %s | %.2f | %.2f | %s / %s |\n", $2, $3, $4, $5, $6 }'
-echo
-echo "| idle connections | broker | RSS per connection, KiB | RSS before, MiB | RSS with them, MiB |"
-echo "|---|---|---:|---:|---:|"
-median_table 2 <"$RESULTS" | awk '$1 ~ /^idle/ {
-    printf "| %s | %s | %.1f | %.0f | %.0f |\n", substr($1, 6), $2, $3, $4 / 1024, $5 / 1024 }'
+echo "| QoS 1 latency | broker | p50 µs | p99 µs | max µs | received / sent |"
+echo "|---|---|---:|---:|---:|---:|"
+median_table 2 <"$RESULTS" | awk '$1 ~ /^latency/ {
+    printf "| %s msgs/s | %s | %s | %s | %s | %s / %s |\n", substr($1, 9), $2, $3, $4, $5, $6, $7 }'

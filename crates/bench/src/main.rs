@@ -7,6 +7,7 @@
 mod certs;
 mod fanin;
 mod fleet;
+mod latency;
 mod login;
 mod retained;
 mod sessions;
@@ -48,6 +49,8 @@ enum Command {
     /// Reconnect one persistent session (optionally starting the broker first) and take
     /// its queue: CONNACK time, session present, drain rate.
     SessionDrain(sessions::DrainArgs),
+    /// One QoS 1 publisher at a fixed rate -> one subscriber: latency p50/p99/max.
+    Latency(latency::LatencyArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -73,6 +76,7 @@ fn main() -> anyhow::Result<()> {
         Command::Startup(args) => runtime.block_on(retained::startup(args))?,
         Command::SessionSetup(args) => runtime.block_on(sessions::setup(args))?,
         Command::SessionDrain(args) => runtime.block_on(sessions::drain(args))?,
+        Command::Latency(args) => runtime.block_on(latency::run(args))?,
     };
     println!("{report}");
     Ok(())
