@@ -392,6 +392,27 @@ def case_maximum_packet_size():
     small.disconnect()
 
 
+def case_server_topic_aliases():
+    topic = unique("alias")
+    c = Client("aliased")
+    c.connect(properties=props(PacketTypes.CONNECT, TopicAliasMaximum=5))
+    c.subscribe(topic)
+    for i in range(3):
+        c.publish(topic, f"m{i}")
+    got = c.received(3)
+    # paho-mqtt hands aliases to the application, which resolves them (3.3.2.3.4).
+    aliases, resolved = {}, []
+    for m in got:
+        alias = getattr(m.properties, "TopicAlias", None)
+        if m.topic:
+            aliases[alias] = m.topic
+        resolved.append(m.topic or aliases.get(alias))
+    assert resolved == [topic] * 3, resolved
+    assert [m.topic for m in got][1:] == ["", ""], "the alias replaces the topic"
+    assert [m.payload for m in got] == [b"m0", b"m1", b"m2"]
+    c.disconnect()
+
+
 def case_assigned_client_id():
     c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="", protocol=mqtt.MQTTv5)
     seen = {}

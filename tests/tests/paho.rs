@@ -2,7 +2,7 @@
 //! PyPI, installed by .ci/run) runs the MQTT 5 cases of tests/paho/mqtt5.py (QoS
 //! downgrade, No Local, Retain As Published, retain handling, subscription identifiers,
 //! request/response, properties, message and session expiry, wills and will delay, flow
-//! control, server keep alive, maximum packet size, assigned client ids, shared
+//! control, server keep alive, maximum packet size, server topic aliases, assigned client ids, shared
 //! subscriptions, `$` topics) against the real broker.
 
 use moatmq_testkit::TestBroker;

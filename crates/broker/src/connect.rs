@@ -400,6 +400,7 @@ async fn login(
     let client = ClientLimits {
         max_packet_size: props.as_ref().and_then(|p| p.max_packet_size),
         receive_maximum: props.as_ref().and_then(|p| p.receive_maximum),
+        topic_alias_max: props.as_ref().and_then(|p| p.topic_alias_max),
     };
     let key = keep_for.map(|_| session_key);
     let gateway = Gateway::new(

@@ -118,3 +118,69 @@ async fn an_alias_cannot_get_around_the_acl() {
         .await
         .is_none());
 }
+
+#[tokio::test]
+async fn a_client_that_allows_aliases_gets_them_for_up_to_its_maximum_topics() {
+    let broker = TestBroker::start().await;
+    let addr = broker.first_addr();
+    let mut sub = Raw::tcp(addr).await;
+    let mut connect = moatmq_testkit::connect5("aliased-sub");
+    connect.properties = Some(m5::ConnectProperties {
+        topic_alias_max: Some(2),
+        ..m5::ConnectProperties::new()
+    });
+    sub.send5(m5::Packet::Connect(connect, None, None)).await;
+    assert!(matches!(
+        sub.next5(WAIT).await,
+        Some(m5::Packet::ConnAck(_))
+    ));
+    assert_eq!(sub.subscribe5(1, &["al/#"]).await.len(), 1);
+    let plain = v5::connected(addr, "plain-sub").await;
+    let mut plain = plain;
+    common::subscribed5(&mut plain, "al/#").await;
+
+    let (mut publ, _) = publisher(addr, "publisher").await;
+    let topics = ["al/1", "al/1", "al/2", "al/3", "al/2", "al/1"];
+    for t in topics {
+        publ.send5(m5::Packet::Publish(m5::Publish::new(
+            t,
+            QoS::AtMostOnce,
+            t,
+            None,
+        )))
+        .await;
+    }
+    let mut got = Vec::new();
+    for _ in topics {
+        let p = sub.publish5_within(WAIT).await.expect("PUBLISH");
+        let alias = p.properties.as_ref().and_then(|p| p.topic_alias);
+        got.push((
+            String::from_utf8(p.topic.to_vec()).unwrap(),
+            alias,
+            p.payload,
+        ));
+    }
+    let expected = [
+        ("al/1", Some(1)),
+        ("", Some(1)),
+        ("al/2", Some(2)),
+        ("al/3", None),
+        ("", Some(2)),
+        ("", Some(1)),
+    ];
+    for ((topic, alias, payload), (want_topic, want_alias), sent) in got
+        .iter()
+        .zip(expected)
+        .zip(topics)
+        .map(|((g, e), t)| (g, e, t))
+    {
+        assert_eq!((topic.as_str(), *alias), (want_topic, want_alias));
+        assert_eq!(&payload[..], sent.as_bytes());
+    }
+    // A client that did not allow them gets every topic in full.
+    for t in topics {
+        let p = plain.next_publish().await;
+        assert_eq!(&p.topic[..], t.as_bytes());
+        assert!(p.properties.and_then(|p| p.topic_alias).is_none());
+    }
+}

@@ -74,6 +74,7 @@ impl Gateway {
             let (qos, pkid) = qos_and_pkid(&publish);
             return Ok(Delivery::Settled { qos, pkid });
         }
+        let alias = self.out_aliases.apply(&mut publish, &mut properties);
         let mark = self.out.len();
         self.out.write(Packet::Publish(publish, properties))?;
         let written = self.out.since(mark);
@@ -81,8 +82,10 @@ impl Gateway {
         let (qos, pkid) = publish_header(written).unwrap_or((QoS::AtMostOnce, 0));
         if written.len() > self.max_out_packet {
             self.out.truncate(mark);
+            self.out_aliases.undo(alias);
             return Ok(Delivery::Settled { qos, pkid });
         }
+        alias.keep();
         self.shared.metrics.messages_out.inc();
         if qos == QoS::ExactlyOnce && published.is_some_and(|p| p.qos == QoS::AtLeastOnce) {
             // Published at QoS 1: delivered at QoS 1, not at the subscription's 2

@@ -44,6 +44,7 @@ mod incoming;
 mod ledger;
 mod link;
 mod options;
+mod out_alias;
 mod outgoing;
 mod output;
 mod retained;
@@ -69,6 +70,8 @@ pub struct ClientLimits {
     pub max_packet_size: Option<u32>,
     /// QoS 1/2 PUBLISHes the client takes in flight at once (3.3.4).
     pub receive_maximum: Option<u16>,
+    /// Topic aliases the client takes from us (3.3.2.3.4; 0 or none: none).
+    pub topic_alias_max: Option<u16>,
 }
 
 /// The session a connection serves: whether it outlives the connection, what it is
@@ -148,6 +151,8 @@ pub struct Gateway {
     options: options::SubOptions,
     /// SUBACKs the router owes for SUBSCRIBEs of our own (not the client's).
     own_subacks: usize,
+    /// Topic aliases we give the client (`out_alias.rs`).
+    out_aliases: out_alias::OutAliases,
 }
 
 impl Gateway {
@@ -225,6 +230,7 @@ impl Gateway {
             counted,
             options,
             own_subacks,
+            out_aliases: out_alias::OutAliases::new(client.topic_alias_max.unwrap_or(0)),
         }
     }
 
