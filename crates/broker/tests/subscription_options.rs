@@ -411,3 +411,23 @@ async fn a_resumed_session_keeps_its_subscription_identifiers() {
     assert_eq!(ids(&p), [9]);
     assert!(receive(&mut c, QUIET).await.is_none(), "one copy");
 }
+
+#[tokio::test]
+async fn no_local_on_a_shared_subscription_is_a_protocol_error() {
+    let broker = TestBroker::start().await;
+    let (mut c, _) = client(broker.first_addr(), "sharer").await;
+    let mut filter = m5::Filter::new("$share/g/t", QoS::AtLeastOnce);
+    filter.nolocal = true;
+    c.send5(m5::Packet::Subscribe(m5::Subscribe {
+        pkid: 1,
+        filters: vec![filter],
+        properties: None,
+    }))
+    .await;
+    match c.next5(WAIT).await {
+        Some(m5::Packet::Disconnect(d)) => {
+            assert_eq!(d.reason_code, m5::DisconnectReasonCode::ProtocolError)
+        }
+        other => panic!("expected DISCONNECT 0x82, got {other:?}"),
+    }
+}

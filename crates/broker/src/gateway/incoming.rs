@@ -177,6 +177,17 @@ impl Gateway {
                         ))
                     }
                 };
+                if subscribe
+                    .filters
+                    .iter()
+                    .any(|f| f.nolocal && f.path.starts_with("$share/"))
+                {
+                    // MQTT-3.8.3-4: a client's own messages are not its to skip in a group.
+                    return Err(Close::Protocol(
+                        DisconnectReasonCode::ProtocolError,
+                        "No Local on a shared subscription",
+                    ));
+                }
                 let mut jobs = Vec::new();
                 let mut refused = Vec::with_capacity(subscribe.filters.len());
                 let mut kept = Vec::with_capacity(subscribe.filters.len());
