@@ -290,9 +290,14 @@ async fn login(
         session_expiry::discard(&shared, &router_id, &session_key).await;
     }
     let router_clean = keep_for.is_none();
+    // A clean session whose id the router keeps nothing under opens its link only when
+    // it first sends the router something (`gateway/link.rs`): until then the router has
+    // nothing to give it (no subscriptions, no queue) and nothing to take from it.
+    let mut lazy = router_clean;
     // What moatmq keeps of the session: a clean link makes the router drop it.
     let kept_filters = if router_clean {
-        shared.sessions.forget(&router_id);
+        // A persistent session kept under this id is dropped by a clean link, now.
+        lazy = !shared.sessions.forget(&router_id);
         if let Some(book) = &shared.durable {
             book.remove(&session_key);
         }
@@ -316,17 +321,23 @@ async fn login(
             }
         }
     };
-    let (tx, rx, ack) = match shared.router.connect(router_id.clone(), router_clean).await {
-        Ok(link) => link,
-        Err(e) => {
-            tracing::error!(error = %e, "router link failed");
-            refuse(&mut writer, version, Refusal::Unavailable).await;
-            return Err(ConnectFailure::Refused("router unavailable"));
-        }
-    };
-    let session_present = match Option::<Packet>::from(ack) {
-        Some(Packet::ConnAck(ack, _)) => ack.session_present && !connect.clean_session,
-        _ => false,
+    let (link, session_present) = if lazy {
+        // A clean session is never present (MQTT-3.2.2-2, MQTT 5 3.2.2.1.1).
+        (None, false)
+    } else {
+        let (tx, rx, ack) = match shared.router.connect(router_id.clone(), router_clean).await {
+            Ok(link) => link,
+            Err(e) => {
+                tracing::error!(error = %e, "router link failed");
+                refuse(&mut writer, version, Refusal::Unavailable).await;
+                return Err(ConnectFailure::Refused("router unavailable"));
+            }
+        };
+        let present = match Option::<Packet>::from(ack) {
+            Some(Packet::ConnAck(ack, _)) => ack.session_present && !connect.clean_session,
+            _ => false,
+        };
+        (Some((tx, rx)), present)
     };
     let session = SessionPart {
         persistent: !router_clean,
@@ -409,8 +420,7 @@ async fn login(
         version,
         identity,
         router_id.clone(),
-        tx,
-        rx,
+        link,
         will,
         keep_alive,
         client,

@@ -98,6 +98,9 @@ pub struct Metrics {
     /// Subscriptions of connected clients (changed on SUBSCRIBE, UNSUBSCRIBE and when a
     /// connection ends, never per message).
     pub subscriptions: Gauge,
+    /// Router links held by client connections: a clean session opens its link only
+    /// when it first sends the router something (`gateway/link.rs`).
+    pub router_links: Gauge,
     pub retained_store_bytes: Gauge,
     pub retained_last_save_timestamp: Gauge,
     pub retained_last_save_duration_ms: Gauge,
@@ -142,6 +145,7 @@ impl Metrics {
             sessions_stored: Gauge::default(),
             session_messages_held: Gauge::default(),
             subscriptions: Gauge::default(),
+            router_links: Gauge::default(),
             retained_store_bytes: Gauge::default(),
             retained_last_save_timestamp: Gauge::default(),
             retained_last_save_duration_ms: Gauge::default(),
@@ -270,6 +274,11 @@ impl Metrics {
                 "subscriptions",
                 "Subscriptions of connected clients",
                 m.subscriptions.clone(),
+            );
+            r.register(
+                "router_links",
+                "Router links held by client connections (idle clean sessions hold none)",
+                m.router_links.clone(),
             );
             r.register(
                 "retained_store_bytes",

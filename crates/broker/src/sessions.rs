@@ -173,17 +173,20 @@ impl Sessions {
         }
     }
 
-    /// The router no longer keeps this session (clean connection, expiry).
-    pub fn forget(&self, router_id: &str) {
+    /// The router no longer keeps this session (clean connection, expiry). `true` if
+    /// it was kept: the router still holds it until a clean link under its id.
+    pub fn forget(&self, router_id: &str) -> bool {
         let mut kept = lock(&self.kept);
-        if let Some(s) = kept.sessions.remove(router_id) {
-            if let Some(n) = kept.per_user.get_mut(&s.user) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    kept.per_user.remove(&s.user);
-                }
+        let Some(s) = kept.sessions.remove(router_id) else {
+            return false;
+        };
+        if let Some(n) = kept.per_user.get_mut(&s.user) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                kept.per_user.remove(&s.user);
             }
         }
+        true
     }
 }
 

@@ -6,10 +6,17 @@
 //!
 //! The ordering rules live in [`ToRouter`], which only produces packets; [`RouterLink`]
 //! moves them into rumqttd's link.
+//!
+//! Lazy links: a clean session the router keeps nothing of logs in without a link
+//! (`connect.rs`). Its packets for the router wait in [`ToRouter`] until the gateway has
+//! opened one (`Gateway::open_link`): rumqttd allocates about 150 KiB of queues per link
+//! up front, which a fleet of idle devices would otherwise hold for nothing
+//! (docs/benchmarks.md, idle connections).
 
 use super::close::Close;
 use crate::acks::AckOrder;
 use futures_util::FutureExt;
+use prometheus_client::metrics::gauge::Gauge;
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{
     Disconnect, DisconnectReasonCode, Packet, PubAck, PubAckReason, PubComp, PubCompReason, PubRec,
@@ -46,6 +53,16 @@ impl ToRouter {
     /// Queues a packet that may reach the router only after the next save.
     pub(super) fn after_save(&mut self, packet: Packet) {
         self.awaiting_save.push(packet);
+    }
+
+    /// Whether packets are ready for the router.
+    pub(super) fn has_ready(&self) -> bool {
+        !self.ready.is_empty()
+    }
+
+    /// The router cannot be reached: nothing queued will reach it.
+    pub(super) fn discard(&mut self) {
+        *self = ToRouter::default();
     }
 
     /// Whether packets wait for a save.
@@ -138,60 +155,97 @@ impl ToRouter {
     }
 }
 
-/// rumqttd's link for one connection, fed through [`ToRouter`].
+/// rumqttd's link for one connection, fed through [`ToRouter`]; absent until the
+/// connection needs the router (lazy links, above).
 pub(super) struct RouterLink {
-    tx: LinkTx,
-    rx: LinkRx,
+    open: Option<(LinkTx, LinkRx)>,
+    /// `moatmq_router_links`: one while the link exists.
+    gauge: Gauge,
 }
 
 impl RouterLink {
-    pub(super) fn new(tx: LinkTx, rx: LinkRx) -> RouterLink {
-        RouterLink { tx, rx }
+    pub(super) fn new(open: Option<(LinkTx, LinkRx)>, gauge: Gauge) -> RouterLink {
+        if open.is_some() {
+            gauge.inc();
+        }
+        RouterLink { open, gauge }
+    }
+
+    /// Whether the link exists.
+    pub(super) fn is_open(&self) -> bool {
+        self.open.is_some()
+    }
+
+    /// The link was opened after the login.
+    pub(super) fn opened(&mut self, tx: LinkTx, rx: LinkRx) {
+        if self.open.replace((tx, rx)).is_none() {
+            self.gauge.inc();
+        }
     }
 
     /// Hands everything ready to the router with one wake-up, as rumqttd's own link
-    /// does: one wake-up per packet costs more than the rest of the path.
+    /// does: one wake-up per packet costs more than the rest of the path. Without a
+    /// link the packets stay queued.
     pub(super) fn commit(&mut self, queue: &mut ToRouter) -> Result<(), Close> {
+        let Some((tx, _)) = &mut self.open else {
+            return Ok(());
+        };
         let Some(last) = queue.ready.pop() else {
             return Ok(());
         };
         if !queue.ready.is_empty() {
-            self.tx.buffer().extend(queue.ready.drain(..));
+            tx.buffer().extend(queue.ready.drain(..));
         }
-        match self.tx.send(last).now_or_never() {
+        match tx.send(last).now_or_never() {
             Some(Ok(_)) => Ok(()),
             _ => Err(Close::TakenOver),
         }
     }
 
-    /// The next notification from the router.
+    /// The next notification from the router; never, without a link.
     pub(super) async fn next(&mut self) -> Result<Option<Notification>, Close> {
-        self.rx.next().await.map_err(|_| Close::TakenOver)
+        match &mut self.open {
+            Some((_, rx)) => rx.next().await.map_err(|_| Close::TakenOver),
+            None => std::future::pending().await,
+        }
     }
 
     /// A notification that is already there, without waiting.
     pub(super) fn try_next(&mut self) -> Option<Result<Option<Notification>, Close>> {
-        self.rx
-            .next()
+        let (_, rx) = self.open.as_mut()?;
+        rx.next()
             .now_or_never()
             .map(|n| n.map_err(|_| Close::TakenOver))
     }
 
     /// The router paused this link until its buffer is drained: say it is.
     pub(super) fn ready(&self) {
-        let _ = self.rx.ready();
+        if let Some((_, rx)) = &self.open {
+            let _ = rx.ready();
+        }
     }
 
     /// Tells the router the link is gone (it keeps a persistent session's state).
     pub(super) fn close(&mut self, queue: &mut ToRouter) {
         let _ = self.commit(queue);
+        let Some((tx, _)) = &mut self.open else {
+            return;
+        };
         let bye = Packet::Disconnect(
             Disconnect {
                 reason_code: DisconnectReasonCode::NormalDisconnection,
             },
             None,
         );
-        let _ = self.tx.send(bye).now_or_never();
+        let _ = tx.send(bye).now_or_never();
+    }
+}
+
+impl Drop for RouterLink {
+    fn drop(&mut self) {
+        if self.open.is_some() {
+            self.gauge.dec();
+        }
     }
 }
 

@@ -163,14 +163,14 @@ impl Gateway {
         version: Version,
         identity: Identity,
         router_id: String,
-        tx: LinkTx,
-        rx: LinkRx,
+        link: Option<(LinkTx, LinkRx)>,
         will: Option<Will>,
         keep_alive: u16,
         client: ClientLimits,
         session: SessionPart,
         resumed: Resumed,
     ) -> Gateway {
+        let link = RouterLink::new(link, shared.metrics.router_links.clone());
         let limiter = PublishLimiter::new(&shared.config.rate_limit, identity.username.as_deref());
         let acl = shared.policy.acl_view();
         // MQTT-3.3.4-7/8: we announced limits.max_inflight as receive maximum.
@@ -222,7 +222,7 @@ impl Gateway {
             acl,
             session,
             out: Output::new(version),
-            link: RouterLink::new(tx, rx),
+            link,
             to_router,
             ledger,
             retained,
@@ -285,6 +285,9 @@ impl Gateway {
             book.offline(key, self.session.meta(self.version));
         }
         if !matches!(close, Close::TakenOver) {
+            // What a lazy connection sent just before it ended (a QoS 0 PUBLISH and
+            // its DISCONNECT in one read) still reaches the router, as with a link.
+            let _ = self.open_link().await;
             self.link.close(&mut self.to_router);
         }
         if self.session.persistent {
@@ -333,6 +336,12 @@ impl Gateway {
                 if let Err(close) = self.save_then_forward().await {
                     return close;
                 }
+            }
+            match self.open_link().await {
+                // The client was not read meanwhile: its keep-alive starts again.
+                Ok(true) => deadline = Instant::now() + self.keep_alive.unwrap_or(far_future),
+                Ok(false) => {}
+                Err(close) => return close,
             }
             if let Err(close) = self.link.commit(&mut self.to_router) {
                 return close;
@@ -396,6 +405,38 @@ impl Gateway {
                         return close;
                     }
                 }
+            }
+        }
+    }
+
+    /// Opens the router link of a connection that logged in without one (lazy links,
+    /// `link.rs`) once packets wait for the router; `true` if it did. Awaited in place,
+    /// like a retained save: the router answers in well under a millisecond, and within
+    /// the router's link timeout in any case. Never abandoned for a takeover or a
+    /// shutdown: rumqttd would still build the link, with nobody to close it.
+    async fn open_link(&mut self) -> Result<bool, Close> {
+        if self.link.is_open() || !self.to_router.has_ready() {
+            return Ok(false);
+        }
+        match self
+            .shared
+            .router
+            .connect(self.router_id.clone(), true)
+            .await
+        {
+            Ok((tx, rx, _connack)) => {
+                self.link.opened(tx, rx);
+                Ok(true)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "router link failed");
+                // Nothing queued is acknowledged: the client sends it again elsewhere.
+                self.to_router.discard();
+                // 0x88 "server unavailable" is a CONNACK code only; DISCONNECT has 0x89.
+                Err(Close::Protocol(
+                    DisconnectReasonCode::ServerBusy,
+                    "router link failed",
+                ))
             }
         }
     }

@@ -27,7 +27,9 @@ pub(super) struct Output {
 impl Output {
     pub(super) fn new(version: Version) -> Output {
         Output {
-            buf: BytesMut::with_capacity(IDLE_CAPACITY),
+            // Allocated by the first packet: a device that stays idle never needs it, and
+            // a buffer given back later stays resident in the allocator's free lists.
+            buf: BytesMut::new(),
             codec: codec_for(version),
             version,
         }
