@@ -28,6 +28,7 @@ mod preflight;
 #[doc(hidden)] // reachable for the fuzz harness (fuzz/): not a stable API
 pub mod proxy;
 mod ratelimit;
+mod resubscribe;
 pub mod retained;
 mod retained_index;
 mod router;
@@ -37,6 +38,7 @@ mod session_restore;
 mod sessions;
 mod shared;
 mod sys;
+mod sys_tree;
 mod timers;
 mod tls;
 pub mod topic;

@@ -336,7 +336,7 @@ impl Policy {
     /// broker's `$SYS/...` tree is written by the broker only, whatever the ACL grants
     /// (built-in refusal, no line).
     pub fn may_publish(&self, who: &Identity, topic: &str) -> Decision {
-        if crate::sys::is_sys(topic) {
+        if crate::topic::is_sys(topic) {
             return Decision::NO_MATCH;
         }
         self.current_acl().check_publish(&who.acl(), topic)

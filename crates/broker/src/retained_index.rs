@@ -30,7 +30,7 @@ impl RetainedIndex {
         // The broker's `$SYS` tree is served from the set but never persisted (`sys.rs`).
         RetainedIndex(
             RetainedSet::with_legacy_owner(limits, legacy_owner)
-                .with_memory_only(crate::sys::is_sys),
+                .with_memory_only(crate::topic::is_sys),
         )
     }
 }

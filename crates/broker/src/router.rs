@@ -437,41 +437,6 @@ fn push_identity(out: &mut String, username: Option<&str>) {
 /// `$share/workers/...` of two users would be one group (each stalling or taking the
 /// other's messages): the group name is namespaced by identity, as router client ids
 /// are. Other filters pass unchanged.
-/// SUBSCRIBEs that make `subscriptions` (those `which` picks) again in the router under
-/// their owner's namespace: one per subscription identifier, since the router keeps a
-/// packet's one identifier for each of its filters. `$SYS/...` filters are the
-/// gateway's own (`sys.rs`): the router refuses them.
-pub fn router_subscribes(
-    owner: Option<&str>,
-    subscriptions: &crate::sessions::Filters,
-    which: impl Fn(&moatmq_store::SubscriptionOptions) -> bool,
-) -> Vec<Packet> {
-    use rumqttd::protocol::{Filter, RetainForwardRule, Subscribe, SubscribeProperties};
-    let mut by_id: std::collections::BTreeMap<Option<u32>, Vec<Filter>> = Default::default();
-    for (f, o) in subscriptions.iter() {
-        if crate::sys::is_sys(f) || !which(o) {
-            continue;
-        }
-        by_id.entry(o.subscription_id).or_default().push(Filter {
-            path: router_filter(owner, f),
-            qos: crate::retained_index::qos_from(o.qos),
-            nolocal: o.no_local,
-            preserve_retain: o.retain_as_published,
-            retain_forward_rule: RetainForwardRule::Never,
-        });
-    }
-    by_id
-        .into_iter()
-        .map(|(id, filters)| {
-            let props = id.map(|id| SubscribeProperties {
-                id: Some(id as usize),
-                user_properties: Vec::new(),
-            });
-            Packet::Subscribe(Subscribe { pkid: 1, filters }, props)
-        })
-        .collect()
-}
-
 pub fn router_filter(username: Option<&str>, filter: &str) -> String {
     match filter
         .strip_prefix("$share/")

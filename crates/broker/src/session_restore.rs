@@ -6,7 +6,8 @@
 use crate::durable::{Loaded, SessionBook};
 use crate::event::Event;
 use crate::policy::{Identity, ListenerPolicy};
-use crate::router::{router_client_id, router_subscribes};
+use crate::resubscribe::router_subscribes;
+use crate::router::router_client_id;
 use crate::shared::{ConnInfo, Shared};
 use futures_util::StreamExt;
 use moatmq_store::{now_unix, SubscriptionOptions};

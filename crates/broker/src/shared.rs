@@ -16,7 +16,7 @@ use crate::retained::RetainedStore;
 use crate::retained_index::RetainedIndex;
 use crate::router::RouterHandle;
 use crate::sessions::Sessions;
-use crate::sys::SysTree;
+use crate::sys_tree::SysTree;
 use crate::timers::Timers;
 use moatmq_config::Config;
 use std::net::SocketAddr;

@@ -26,45 +26,13 @@ use moatmq_store::RetainedMessage;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::broadcast;
 
+pub use crate::sys_tree::Update;
 /// What every topic of the tree starts with.
-pub const PREFIX: &str = "$SYS/";
+pub use crate::topic::{is_sys, SYS_PREFIX as PREFIX};
 
 /// The quota owner of the tree's messages (no identity contains `/`).
 const OWNER: &str = "/broker";
-
-/// Updates a slow subscriber may fall behind before it gets the current values again
-/// from the retained set instead.
-const BACKLOG: usize = 4;
-
-/// Whether `topic` (or filter) is in the broker's own tree.
-pub fn is_sys(topic: &str) -> bool {
-    topic.starts_with(PREFIX)
-}
-
-/// One update: the messages whose values changed.
-pub type Update = Arc<Vec<Arc<RetainedMessage>>>;
-
-/// The broadcast side of the tree, held in [`Shared`].
-pub struct SysTree {
-    updates: broadcast::Sender<Update>,
-}
-
-impl Default for SysTree {
-    fn default() -> SysTree {
-        SysTree {
-            updates: broadcast::channel(BACKLOG).0,
-        }
-    }
-}
-
-impl SysTree {
-    /// Live updates from now on, for a gateway holding a `$SYS/...` subscription.
-    pub fn subscribe(&self) -> broadcast::Receiver<Update> {
-        self.updates.subscribe()
-    }
-}
 
 /// Publishes the tree every `sys.interval` seconds until the task is dropped.
 pub async fn run(shared: Arc<Shared>) {
@@ -104,7 +72,7 @@ fn publish(shared: &Shared, values: Vec<(String, String)>) {
         }
     }
     // No receiver (nobody subscribed) is not an error.
-    let _ = shared.sys.updates.send(Arc::new(changed));
+    shared.sys.send(Arc::new(changed));
 }
 
 /// The counters a load average follows, read at one tick.

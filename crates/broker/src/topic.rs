@@ -1,6 +1,14 @@
 //! Topic name and filter checks applied at the gateway (rumqttd validates neither):
 //! the ACL crate's syntax rules plus the configured level limit.
 
+/// The start of every topic of the broker's own `$SYS` tree (`sys.rs`).
+pub const SYS_PREFIX: &str = "$SYS/";
+
+/// Whether `topic` (or filter) is in the broker's own `$SYS` tree.
+pub fn is_sys(topic: &str) -> bool {
+    topic.starts_with(SYS_PREFIX)
+}
+
 /// A PUBLISH topic: valid MQTT topic name with at most `max_levels` levels.
 pub fn valid_topic_name(topic: &str, max_levels: usize) -> bool {
     moatmq_acl::valid_topic_name(topic) && topic.split('/').count() <= max_levels

@@ -189,7 +189,7 @@ impl Gateway {
         // rumqttd forgets a persistent session's subscription identifiers when its client
         // goes (it keeps the filters): given again before anything the client sends.
         let mut to_router = ToRouter::default();
-        let again = crate::router::router_subscribes(
+        let again = crate::resubscribe::router_subscribes(
             identity.username.as_deref(),
             &session.subscriptions,
             |o| o.subscription_id.is_some(),
