@@ -672,18 +672,13 @@ async fn forwards_waiting_for_a_full_receive_window_survive_a_restart() {
 
 /// A persistent MQTT 5 session (expiry 300 s, clean start `clean`) and its CONNACK.
 async fn persistent5(addr: SocketAddr, id: &str, clean: bool) -> (Raw, m5::ConnAck) {
-    let mut raw = Raw::tcp(addr).await;
     let mut connect = moatmq_testkit::connect5(id);
     connect.clean_start = clean;
     connect.properties = Some(m5::ConnectProperties {
         session_expiry_interval: Some(300),
         ..m5::ConnectProperties::new()
     });
-    raw.send5(m5::Packet::Connect(connect, None, None)).await;
-    match raw.next5(WAIT).await {
-        Some(m5::Packet::ConnAck(ack)) => (raw, ack),
-        other => panic!("expected CONNACK, got {other:?}"),
-    }
+    Raw::connack5(addr, connect).await
 }
 
 #[tokio::test]

@@ -14,18 +14,13 @@ async fn connect(
     clean: bool,
     expiry: Option<u32>,
 ) -> (Raw, m5::ConnAck) {
-    let mut raw = Raw::tcp(addr).await;
     let mut connect = moatmq_testkit::connect5(id);
     connect.clean_start = clean;
     connect.properties = expiry.map(|e| m5::ConnectProperties {
         session_expiry_interval: Some(e),
         ..m5::ConnectProperties::new()
     });
-    raw.send5(m5::Packet::Connect(connect, None, None)).await;
-    match raw.next5(WAIT).await {
-        Some(m5::Packet::ConnAck(ack)) => (raw, ack),
-        other => panic!("expected CONNACK, got {other:?}"),
-    }
+    Raw::connack5(addr, connect).await
 }
 
 async fn disconnect(mut raw: Raw) {

@@ -9,17 +9,7 @@ use rumqttc::v5::mqttbytes::QoS;
 use std::net::SocketAddr;
 
 async fn client(addr: SocketAddr, id: &str) -> (Raw, m5::ConnAck) {
-    let mut raw = Raw::tcp(addr).await;
-    raw.send5(m5::Packet::Connect(
-        moatmq_testkit::connect5(id),
-        None,
-        None,
-    ))
-    .await;
-    match raw.next5(WAIT).await {
-        Some(m5::Packet::ConnAck(ack)) => (raw, ack),
-        other => panic!("expected CONNACK, got {other:?}"),
-    }
+    Raw::connack5(addr, moatmq_testkit::connect5(id)).await
 }
 
 /// What a SUBSCRIBE asks for besides its filter.
@@ -376,18 +366,14 @@ async fn a_resumed_session_keeps_its_subscription_identifiers() {
     let broker = TestBroker::start().await;
     let addr = broker.first_addr();
     let resume = |clean: bool| async move {
-        let mut raw = Raw::tcp(addr).await;
         let mut connect = moatmq_testkit::connect5("resumer");
         connect.clean_start = clean;
         connect.properties = Some(m5::ConnectProperties {
             session_expiry_interval: Some(60),
             ..m5::ConnectProperties::new()
         });
-        raw.send5(m5::Packet::Connect(connect, None, None)).await;
-        match raw.next5(WAIT).await {
-            Some(m5::Packet::ConnAck(ack)) => assert_eq!(ack.session_present, !clean),
-            other => panic!("expected CONNACK, got {other:?}"),
-        }
+        let (raw, ack) = Raw::connack5(addr, connect).await;
+        assert_eq!(ack.session_present, !clean);
         raw
     };
     let mut c = resume(true).await;

@@ -22,17 +22,8 @@ fn aliased(topic: &str, alias: u16, payload: &str) -> m5::Packet {
 }
 
 async fn publisher(addr: std::net::SocketAddr, id: &str) -> (Raw, Option<u16>) {
-    let mut raw = Raw::tcp(addr).await;
-    raw.send5(m5::Packet::Connect(
-        moatmq_testkit::connect5(id),
-        None,
-        None,
-    ))
-    .await;
-    match raw.next5(WAIT).await {
-        Some(m5::Packet::ConnAck(ack)) => (raw, ack.properties.and_then(|p| p.topic_alias_max)),
-        other => panic!("expected CONNACK, got {other:?}"),
-    }
+    let (raw, ack) = Raw::connack5(addr, moatmq_testkit::connect5(id)).await;
+    (raw, ack.properties.and_then(|p| p.topic_alias_max))
 }
 
 async fn closed_with(raw: &mut Raw) -> m5::DisconnectReasonCode {
@@ -123,17 +114,12 @@ async fn an_alias_cannot_get_around_the_acl() {
 async fn a_client_that_allows_aliases_gets_them_for_up_to_its_maximum_topics() {
     let broker = TestBroker::start().await;
     let addr = broker.first_addr();
-    let mut sub = Raw::tcp(addr).await;
     let mut connect = moatmq_testkit::connect5("aliased-sub");
     connect.properties = Some(m5::ConnectProperties {
         topic_alias_max: Some(2),
         ..m5::ConnectProperties::new()
     });
-    sub.send5(m5::Packet::Connect(connect, None, None)).await;
-    assert!(matches!(
-        sub.next5(WAIT).await,
-        Some(m5::Packet::ConnAck(_))
-    ));
+    let (mut sub, _) = Raw::connack5(addr, connect).await;
     assert_eq!(sub.subscribe5(1, &["al/#"]).await.len(), 1);
     let plain = v5::connected(addr, "plain-sub").await;
     let mut plain = plain;

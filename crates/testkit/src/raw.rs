@@ -87,6 +87,17 @@ impl Raw<TcpStream> {
         (raw, code)
     }
 
+    /// Sends an MQTT 5 CONNECT and returns the connection with its CONNACK; panics if
+    /// none comes.
+    pub async fn connack5(addr: SocketAddr, connect: m5::Connect) -> (Raw, m5::ConnAck) {
+        let mut raw = Raw::tcp(addr).await;
+        raw.send5(m5::Packet::Connect(connect, None, None)).await;
+        match raw.next5(ANSWER).await {
+            Some(m5::Packet::ConnAck(ack)) => (raw, ack),
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    }
+
     /// An accepted MQTT 5 connection with a username and password.
     pub async fn v5_login(addr: SocketAddr, id: &str, user: &str, pass: &str) -> Raw {
         let login = Some(m5::Login::new(user, pass));
