@@ -277,13 +277,13 @@ impl Pending {
         Ok(self.buf.len() - start)
     }
 
-    /// Takes back the last record pushed.
-    pub(crate) fn pop(&mut self) {
-        if self.ends.pop().is_some() {
-            let end = self.ends.last().copied().unwrap_or(0);
-            zeroize::Zeroize::zeroize(&mut self.buf[end..]);
-            self.buf.truncate(end);
-        }
+    /// Takes back the last record pushed; returns its plaintext length.
+    pub(crate) fn pop(&mut self) -> Option<usize> {
+        let last = self.ends.pop()?;
+        let end = self.ends.last().copied().unwrap_or(0);
+        zeroize::Zeroize::zeroize(&mut self.buf[end..]);
+        self.buf.truncate(end);
+        Some(last - end)
     }
 
     /// The plaintexts in order.
@@ -439,15 +439,15 @@ mod tests {
         let mut p = Pending::default();
         assert_eq!(p.push(&(1u8, "a".to_owned())).unwrap(), 3);
         p.push(&vec![7u8; 300]).unwrap();
-        p.push(&"gone").unwrap();
-        p.pop();
+        let gone = p.push(&"gone").unwrap();
+        assert_eq!(p.pop(), Some(gone));
         let records: Vec<Vec<u8>> = p.records().map(<[u8]>::to_vec).collect();
         assert_eq!(records.len(), p.len());
         assert_eq!(records[0], postcard::to_stdvec(&(1u8, "a")).unwrap());
         assert_eq!(records[1], postcard::to_stdvec(&vec![7u8; 300]).unwrap());
         p.clear();
         assert!(p.is_empty() && p.records().next().is_none());
-        p.pop();
+        assert_eq!(p.pop(), None);
         assert!(p.is_empty());
     }
 }

@@ -80,10 +80,9 @@ impl Journal for LogJournal {
     }
 
     fn unrecord(&mut self) {
-        if let Some(last) = self.pending.records().last() {
-            self.pending_bytes -= last.len() as u64 + FRAME_OVERHEAD;
+        if let Some(len) = self.pending.pop() {
+            self.pending_bytes -= len as u64 + FRAME_OVERHEAD;
         }
-        self.pending.pop();
     }
 
     fn commit(&mut self, state: &mut State) -> Result<CommitStats, StoreError> {

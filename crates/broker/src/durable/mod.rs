@@ -477,13 +477,16 @@ impl Writer {
                 self.carried.remove(&key);
                 self.store.remove_session(&key).map(drop)
             }
-            Job::Enqueue(mut targets, message) => {
-                // The last one takes the message itself: one copy less for the common case.
-                let last = targets.pop();
-                let mut copies: Vec<_> =
-                    targets.into_iter().map(|t| (t, message.clone())).collect();
-                copies.extend(last.map(|t| (t, message)));
-                for ((key, qos), mut m) in copies {
+            Job::Enqueue(targets, message) => {
+                // The last one takes the message itself: no copy for the common case.
+                let mut message = Some(message);
+                let mut targets = targets.into_iter().peekable();
+                while let Some((key, qos)) = targets.next() {
+                    let next = match targets.peek() {
+                        Some(_) => message.clone(),
+                        None => message.take(),
+                    };
+                    let Some(mut m) = next else { break };
                     m.qos = qos;
                     if let Err(e) = self.queue(&key, m) {
                         warn!(error = %e, "message not queued for an offline session");

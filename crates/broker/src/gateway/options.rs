@@ -90,8 +90,9 @@ impl SubOptions {
         subscriptions: &'a Filters,
         topic: &'a str,
     ) -> impl Iterator<Item = u32> + 'a {
-        let any = self.identifiers;
-        matching(subscriptions, topic).filter_map(move |o| o.subscription_id.filter(|_| any))
+        // Without any identifier, no walk over the subscriptions.
+        let walk = self.identifiers.then(|| matching(subscriptions, topic));
+        walk.into_iter().flatten().filter_map(|o| o.subscription_id)
     }
 
     /// Keeps in `props` only the subscription identifiers of the client's current

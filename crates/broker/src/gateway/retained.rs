@@ -273,7 +273,7 @@ impl Gateway {
                 _ => self.retained.next_pkid(),
             };
             let properties = match self.version {
-                Version::V5 => with_identifier(properties_at(&msg, now), sub_id),
+                Version::V5 => with_identifiers(properties_at(&msg, now), sub_id),
                 Version::V4 => None,
             };
             let publish = make_publish(
@@ -323,14 +323,11 @@ impl Gateway {
             };
             let properties = match self.version {
                 Version::V5 => {
-                    let mut p =
+                    let p =
                         stored_properties(r.message.properties.as_ref(), r.message.expires_at, now);
                     // One copy: the identifiers of every matching subscription (3.3.4).
                     let subs = &self.session.subscriptions;
-                    for id in self.options.identifiers(subs, &r.message.topic) {
-                        p = with_identifier(p, Some(id));
-                    }
-                    p
+                    with_identifiers(p, self.options.identifiers(subs, &r.message.topic))
                 }
                 Version::V4 => None,
             };
@@ -383,12 +380,12 @@ impl Gateway {
     }
 }
 
-/// `props` with the subscription identifier `id` (MQTT-3.3.4-3).
-fn with_identifier(
+/// `props` with the subscription identifiers `ids` (MQTT-3.3.4-3).
+fn with_identifiers(
     mut props: Option<PublishProperties>,
-    id: Option<u32>,
+    ids: impl IntoIterator<Item = u32>,
 ) -> Option<PublishProperties> {
-    if let Some(id) = id {
+    for id in ids {
         let p = props.get_or_insert_with(PublishProperties::default);
         p.subscription_identifiers.push(id as usize);
     }
