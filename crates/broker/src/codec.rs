@@ -156,22 +156,9 @@ fn qos_bits(first: u8) -> Option<QoS> {
     }
 }
 
-/// The QoS a router forward reaches its subscriber at: `None` for one published at
-/// QoS 0 (marked, [`QOS0_MARK`]), else the router's. Costs a copy: off the hot path.
-pub fn forwarded_qos(publish: &Publish) -> Option<QoS> {
-    let first = publish.serialize()[0];
-    match qos_bits(first)? {
-        _ if first & QOS0_MARK != 0 => None,
-        QoS::AtMostOnce => None,
-        qos => Some(qos),
-    }
-}
-
-/// Builds a publish for the router, marked when it is QoS 0 (see [`QOS0_MARK`]).
+/// Builds a publish for the router (no DUP, not retained: see [`clear_dup`]).
 pub fn make_router_publish(topic: Bytes, payload: Bytes, qos: QoS, pkid: u16) -> Publish {
-    let mut header = [0b0011_0000 | ((qos as u8) << 1)];
-    mark_publish(&mut header);
-    publish_from(header[0], topic, payload, pkid)
+    publish_from(0b0011_0000 | ((qos as u8) << 1), topic, payload, pkid)
 }
 
 /// Builds a publish with the given QoS and packet id.
@@ -207,22 +194,17 @@ fn publish_from(header: u8, topic: Bytes, payload: Bytes, pkid: u16) -> Publish 
     Publish::deserialize(o.freeze())
 }
 
-/// The DUP bit of a PUBLISH's first byte. rumqttd's router passes it through untouched
-/// and forwards every message at the subscription's QoS, so the gateway uses it as a
-/// marker between its two sides: set on ingress for messages published at QoS 0,
-/// cleared for QoS 1/2 (MQTT-3.3.1-3: DUP is not forwarded), read and cleared on egress.
-pub const QOS0_MARK: u8 = 0b1000;
+/// The DUP bit of a PUBLISH's first byte.
+pub const DUP: u8 = 0b1000;
 
-/// Marks the PUBLISH at the start of `buf` (a complete or partial frame) as published at
-/// QoS 0, or clears the mark for QoS 1/2. Other packets are left alone.
-pub fn mark_publish(buf: &mut [u8]) {
+/// Clears the DUP bit of the PUBLISH at the start of `buf` (a complete or partial
+/// frame): rumqttd's router keeps it and passes it to every forward, and a client's DUP
+/// is not forwarded (MQTT-3.3.1-3). Other packets are left alone. (The QoS a message was
+/// published at travels in its properties: `origin.rs`.)
+pub fn clear_dup(buf: &mut [u8]) {
     if let Some(first) = buf.first_mut() {
         if *first >> 4 == 3 {
-            if (*first >> 1) & 0b11 == 0 {
-                *first |= QOS0_MARK;
-            } else {
-                *first &= !QOS0_MARK;
-            }
+            *first &= !DUP;
         }
     }
 }
@@ -251,7 +233,7 @@ pub fn downgrade_to_qos0(out: &mut BytesMut, mark: usize) -> bool {
         return false;
     }
     let mut rewritten = BytesMut::with_capacity(frame.len());
-    rewritten.put_u8(first & !(QOS0_MARK | 0b0110));
+    rewritten.put_u8(first & !(DUP | 0b0110));
     let mut len = remaining - 2;
     loop {
         let byte = (len % 128) as u8;
@@ -364,16 +346,12 @@ mod tests {
     }
 
     #[test]
-    fn marks_qos0_publishes_only() {
-        let mut q0 = [0x30, 0];
-        mark_publish(&mut q0);
-        assert_eq!(q0[0], 0x38);
-        let mut q1_dup = [0x3A, 0];
-        mark_publish(&mut q1_dup);
-        assert_eq!(q1_dup[0], 0x32);
-        let mut sub = [0x82, 0];
-        mark_publish(&mut sub);
-        assert_eq!(sub[0], 0x82);
+    fn clears_the_dup_bit_of_publishes_only() {
+        for (before, after) in [(0x30, 0x30), (0x3A, 0x32), (0x3D, 0x35), (0x8A, 0x8A)] {
+            let mut frame = [before, 0];
+            clear_dup(&mut frame);
+            assert_eq!(frame[0], after, "{before:#x}");
+        }
     }
 
     #[test]

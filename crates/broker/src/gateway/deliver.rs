@@ -10,14 +10,13 @@
 //! the router in its turn, a retained one is tracked in the feed's own window.
 
 use super::{Close, Gateway};
-use crate::codec::{publish_header, qos_and_pkid, QOS0_MARK};
+use crate::codec::{publish_header, qos_and_pkid};
 use crate::event::Event;
 use crate::origin::Published;
 use rumqttd::protocol::{Packet, Publish, PublishProperties, QoS};
 
-/// Where a message comes from: the router's forwards carry the QoS 0 mark in their
-/// DUP bit ([`QOS0_MARK`]) and what their publisher sent, taken out of their properties
-/// (`origin.rs`); the gateway's own (retained, stored) carry a real DUP bit.
+/// Where a message comes from: the router's forwards, with what their publisher sent
+/// taken out of their properties (`origin.rs`); the gateway's own (retained, stored).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Origin {
     Router(Option<Published>),
@@ -87,24 +86,21 @@ impl Gateway {
         }
         alias.keep();
         self.shared.metrics.messages_out.inc();
-        if qos == QoS::ExactlyOnce && published.is_some_and(|p| p.qos == QoS::AtLeastOnce) {
-            // Published at QoS 1: delivered at QoS 1, not at the subscription's 2
-            // (MQTT-3.8.4-8). Same frame with the QoS bits changed; the client's
-            // PUBACK settles it with the router like a PUBREC would.
-            written[0] = (written[0] & !0b0110) | ((QoS::AtLeastOnce as u8) << 1);
-            return Ok(Delivery::Sent {
-                qos: QoS::AtLeastOnce,
-                pkid,
-            });
-        }
-        if matches!(origin, Origin::Router(_)) && written[0] & QOS0_MARK != 0 {
-            if qos == QoS::AtMostOnce {
-                written[0] &= !QOS0_MARK;
-            } else if self.out.downgrade_to_qos0(mark) {
+        match published.map(|p| p.qos) {
+            Some(QoS::AtLeastOnce) if qos == QoS::ExactlyOnce => {
+                // Published at QoS 1: delivered at QoS 1, not at the subscription's 2
+                // (MQTT-3.8.4-8). Same frame with the QoS bits changed; the client's
+                // PUBACK settles it with the router like a PUBREC would.
+                written[0] = (written[0] & !0b0110) | ((QoS::AtLeastOnce as u8) << 1);
+                let qos = QoS::AtLeastOnce;
+                return Ok(Delivery::Sent { qos, pkid });
+            }
+            Some(QoS::AtMostOnce) if qos != QoS::AtMostOnce && self.out.downgrade_to_qos0(mark) => {
                 // Published at QoS 0, so delivered at QoS 0, not at the subscription's
-                // QoS as the router forwards it.
+                // QoS as the router forwards it; the router's copy is settled here.
                 return Ok(Delivery::Settled { qos, pkid });
             }
+            _ => {}
         }
         Ok(Delivery::Sent { qos, pkid })
     }

@@ -17,7 +17,7 @@
 //! client's QoS 2 publish it completes the PUBREC/PUBREL/PUBCOMP exchange itself.
 
 use crate::codec::{
-    codec_for, mark_publish, publish_header, refuse_before_decode, short_v5_disconnect, Version,
+    clear_dup, codec_for, publish_header, refuse_before_decode, short_v5_disconnect, Version,
 };
 use crate::durable::Resumed;
 use crate::event::Event;
@@ -474,7 +474,8 @@ impl Gateway {
         forwards
             .into_iter()
             .filter_map(|mut f| {
-                let mut qos = crate::codec::forwarded_qos(&f.publish)?;
+                // At the lower of the published and the forwarded QoS; QoS 0 is not kept.
+                let (mut qos, _) = crate::codec::qos_and_pkid(&f.publish);
                 let p = &f.publish;
                 if let Some(from) = crate::origin::take(&mut f.properties) {
                     let topic = std::str::from_utf8(&p.topic).unwrap_or("");
@@ -487,6 +488,9 @@ impl Gateway {
                     if (from.qos as u8) < (qos as u8) {
                         qos = from.qos;
                     }
+                }
+                if qos == rumqttd::protocol::QoS::AtMostOnce {
+                    return None;
                 }
                 Some(unacked::as_queued(
                     &p.topic,
@@ -507,8 +511,8 @@ impl Gateway {
             }
             // QoS and packet id are private in rumqttd's Publish: read them off the wire.
             let header = publish_header(buf);
-            // Tell the egress side what QoS the message was published at (codec.rs).
-            mark_publish(&mut buf[..]);
+            // A client's DUP stays with it (codec.rs).
+            clear_dup(&mut buf[..]);
             if let Some(kind) = refuse_before_decode(buf) {
                 // rumqttd's v5 decoder panics on these; a client never sends them.
                 debug!(kind, "server-only packet type from a client");
