@@ -54,14 +54,24 @@ fn build_moatmq() -> PathBuf {
         .current_dir(repo_root())
         .output()
         .expect("run cargo build -p moatmq");
+    let messages: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    // With --message-format=json the compiler's own errors (and a failed link's reason)
+    // arrive on stdout as JSON: show them, not only cargo's one-line summary.
     assert!(
         out.status.success(),
-        "cargo build -p moatmq failed:\n{}",
+        "cargo build -p moatmq failed:\n{}\n{}",
+        messages
+            .iter()
+            .filter(|m| m["reason"] == "compiler-message")
+            .filter_map(|m| m["message"]["rendered"].as_str())
+            .collect::<String>(),
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+    messages
+        .iter()
         .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "moatmq")
         .find_map(|m| m["executable"].as_str().map(PathBuf::from))
         .expect("cargo build -p moatmq names the moatmq executable")

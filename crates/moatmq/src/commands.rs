@@ -303,6 +303,9 @@ mod tests {
 
     #[test]
     fn the_routers_per_packet_spans_are_never_recorded() {
+        let _one_at_a_time = crate::DISPATCHER_TESTS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let toml = "[[listener]]\nname = \"l\"\nbind = \"127.0.0.1:0\"\n";
         let config = Config::parse(Path::new("broker.toml"), toml).unwrap();
         let dispatch = tracing::Dispatch::new(log_subscriber(&config));

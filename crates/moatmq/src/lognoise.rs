@@ -109,6 +109,9 @@ mod tests {
 
     #[test]
     fn known_noise_is_dropped_and_everything_else_kept() {
+        let _one_at_a_time = crate::DISPATCHER_TESTS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let buf = Buf::default();
         let writer = buf.clone();
         let layer = tracing_subscriber::fmt::layer()

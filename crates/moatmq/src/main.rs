@@ -9,6 +9,12 @@ mod logfmt;
 mod lognoise;
 mod stores;
 
+/// Tests that install a scoped tracing dispatcher take this first: tracing caches each
+/// call site's interest across every live dispatcher, so two such tests on two threads
+/// can see each other's interest and a span one filter drops is recorded (a flaky test).
+#[cfg(test)]
+static DISPATCHER_TESTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 use clap::Parser;
 use std::process::ExitCode;
 
