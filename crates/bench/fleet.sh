@@ -13,19 +13,24 @@
 # - latency: one QoS 1 publisher at each of RATES messages/s to one QoS 1 subscriber
 #   (`moatmq-bench latency`, LATENCY_SECS seconds, the first not counted), p50/p99 from
 #   the publisher's write to the subscriber's read; Mosquitto with set_tcp_nodelay.
+# - retained: RETAINED retained QoS 1 messages of 100 B on as many topics (8 publishers,
+#   each acknowledged), the broker's VmRSS before and 3 s after, per message. Both keep
+#   them in memory only (moatmq without a [retained] store, Mosquitto without
+#   persistence), as a default install does.
 # Devices come from SOURCES loopback addresses (127.0.0.2 and up). Brokers take turns,
 # REPEATS rounds, the median round is kept.
 #
 # Knobs: COUNT (10000), SOURCES (50), REPEATS (1), PARTS ("reconnect idle latency"),
 # SETTLE (8 s between the last idle device's CONNACK and the RSS reading: past moatmq's
-# 5 s idle trim), RATES ("1000 10000"), LATENCY_SECS (10), SKIP_BUILD=1, MOATMQ_BIN=path.
+# 5 s idle trim), RATES ("1000 10000"), LATENCY_SECS (10), RETAINED (100000), SKIP_BUILD=1,
+# MOATMQ_BIN=path.
 # Hashing COUNT Argon2id entries takes ~COUNT/80 s on 2 cores; each moatmq first wave
 # about as long. Not a test.
 set -euo pipefail
 # shellcheck source=common.sh
 source "$(dirname "$0")/common.sh"
-knobs COUNT=10000 SOURCES=50 REPEATS=1 PARTS="reconnect idle latency" SETTLE=8 \
-    RATES="1000 10000" LATENCY_SECS=10
+knobs COUNT=10000 SOURCES=50 REPEATS=1 PARTS="reconnect idle latency retained" SETTLE=8 \
+    RATES="1000 10000" LATENCY_SECS=10 RETAINED=100000
 part() { [[ " $PARTS " == *" $1 "* ]]; }
 
 # Per process: the broker holds COUNT sockets, the client holds COUNT more.
@@ -161,6 +166,22 @@ for round in $(seq 1 "$REPEATS"); do
         stop "$PID"
     done
 done
+for round in $(seq 1 "$REPEATS"); do
+    part retained || break
+    for broker in moatmq mosquitto; do
+        fresh "$broker"
+        before=$(awk '$1 == "VmRSS:" { print $2 }' "/proc/$PID/status")
+        "$BIN/moatmq-bench" retained-pub --port "${OPEN_PORT[$broker]}" --publishers 8 \
+            --topics "$RETAINED" --messages "$RETAINED" --payload 100 --qos 1 \
+            --prefix fleet/r --label "$broker" >&2
+        sleep 3
+        after=$(awk '$1 == "VmRSS:" { print $2 }' "/proc/$PID/status")
+        line="per_msg_b=$(((after - before) * 1024 / RETAINED)) rss_before_kib=$before rss_kib=$after"
+        log "round $round retained $broker: $line"
+        record "retained $broker" "$line" per_msg_b rss_before_kib rss_kib
+        stop "$PID"
+    done
+done
 
 echo
 echo "Fleet of $COUNT devices from $SOURCES loopback addresses, median of $REPEATS rounds;" \
@@ -185,4 +206,11 @@ if part latency; then
     echo "|---|---|---:|---:|---:|---:|"
     median_table 2 <"$RESULTS" | awk '$1 ~ /^latency/ {
         printf "| %s msgs/s | %s | %s | %s | %s | %s / %s |\n", substr($1, 9), $2, $3, $4, $5, $6, $7 }'
+fi
+if part retained; then
+    echo
+    echo "| $RETAINED retained messages, 100 B | broker | RSS per message, B | RSS before, MiB | RSS with them, MiB |"
+    echo "|---|---|---:|---:|---:|"
+    median_table 2 <"$RESULTS" | awk '$1 == "retained" {
+        printf "| in memory | %s | %s | %.0f | %.0f |\n", $2, $3, $4 / 1024, $5 / 1024 }'
 fi

@@ -59,7 +59,7 @@ pub async fn handle(
 
 /// A client past its CONNACK, ready to be served.
 struct LoggedIn {
-    gateway: Gateway,
+    gateway: Box<Gateway>,
     reader: Reader,
     writer: Writer,
     /// What the client sent after its CONNECT.
@@ -100,7 +100,7 @@ async fn login(
     mut reader: Reader,
     mut writer: Writer,
 ) -> Result<LoggedIn, ConnectFailure> {
-    let mut buf = BytesMut::with_capacity(4096);
+    let mut buf = BytesMut::with_capacity(1024);
     let (version, packet) = tokio::time::timeout_at(
         info.deadline,
         read_connect(&shared, &mut reader, &mut writer, &mut buf),
@@ -414,7 +414,7 @@ async fn login(
         topic_alias_max: props.as_ref().and_then(|p| p.topic_alias_max),
     };
     let key = keep_for.map(|_| session_key);
-    let gateway = Gateway::new(
+    let gateway = Box::new(Gateway::new(
         shared.clone(),
         info,
         version,
@@ -426,7 +426,13 @@ async fn login(
         client,
         session,
         resumed,
-    );
+    ));
+    if buf.is_empty() {
+        // Nothing followed the CONNECT: the buffer goes back now, to be taken by the
+        // next login, rather than after the idle trim, when a fleet's worth of them
+        // would stay resident (docs/benchmarks.md, idle connections).
+        buf = BytesMut::new();
+    }
     Ok(LoggedIn {
         gateway,
         reader,

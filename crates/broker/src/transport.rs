@@ -54,12 +54,40 @@ pub fn split_ws(ws: WebSocketStream<BoxStream>) -> (Reader, Writer) {
     (Reader::Ws(r), Writer::Ws(w))
 }
 
+/// The room a read gets: a busy client is read at least this much at a time, and a
+/// buffer that fills with one large packet grows to twice its size.
+const READ_ROOM: usize = 4096;
+
+/// Gives `buf` room for the next read when little is left.
+fn make_room(buf: &mut BytesMut) {
+    if buf.capacity() - buf.len() < READ_ROOM / 4 {
+        buf.reserve(READ_ROOM.max(buf.len()));
+    }
+}
+
 impl Reader {
     /// Appends what arrives to `buf`; `Ok(0)` is end of stream. Cancel-safe.
+    ///
+    /// An idle connection waits without a buffer: plain TCP waits for the socket to be
+    /// readable and only then gives an empty buffer its room; a TLS stream whose buffer
+    /// was given back reads its first bytes into the few `read_buf` reserves, and gets
+    /// its room from the next read on (docs/benchmarks.md, idle connections).
     pub async fn read(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
         match self {
-            Reader::Tcp(r) => r.read_buf(buf).await,
-            Reader::Stream(r) => r.read_buf(buf).await,
+            Reader::Tcp(r) => loop {
+                r.readable().await?;
+                make_room(buf);
+                match r.try_read_buf(buf) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    read => return read,
+                }
+            },
+            Reader::Stream(r) => {
+                if buf.capacity() > 0 {
+                    make_room(buf);
+                }
+                r.read_buf(buf).await
+            }
             Reader::Ws(r) => loop {
                 match r.next().await {
                     None => return Ok(0),

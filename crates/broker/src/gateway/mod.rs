@@ -115,7 +115,8 @@ pub struct Gateway {
     decoder: Box<dyn Protocol + Send>,
     identity: Identity,
     router_id: String,
-    will: Option<Will>,
+    /// Boxed: most devices have none, and the room of one is 400 bytes.
+    will: Option<Box<Will>>,
     keep_alive: Option<Duration>,
     /// The client's maximum packet size (MQTT-3.1.2-25).
     max_out_packet: usize,
@@ -209,7 +210,7 @@ impl Gateway {
             decoder: codec_for(version),
             identity,
             router_id,
-            will,
+            will: will.map(Box::new),
             // MQTT-3.1.2-24: one and a half keep-alive periods; 0 disables it.
             keep_alive: (keep_alive > 0)
                 .then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
@@ -237,8 +238,12 @@ impl Gateway {
     /// Serves the connection until it ends, then tears down the link. Returns how long
     /// the session outlives the connection (its expiry, which an MQTT 5 DISCONNECT may
     /// have changed), or `None` when a new connection took it over.
+    ///
+    /// Boxed: the gateway is the bulk of an idle connection's memory, and a future that
+    /// takes it by value keeps its room twice (the argument and the moved local), as does
+    /// every async caller that holds it before the call (docs/benchmarks.md).
     pub async fn run(
-        mut self,
+        mut self: Box<Self>,
         mut reader: Reader,
         mut writer: Writer,
         mut buf: BytesMut,
@@ -271,7 +276,7 @@ impl Gateway {
                 _ => Duration::from_secs(self.session.expiry),
             };
             w.delay = w.delay.min(session_ends);
-            will::publish_will(&self.shared, &self.router_id, self.session.key.as_ref(), w);
+            will::publish_will(&self.shared, &self.router_id, self.session.key.as_ref(), *w);
         }
         // A durable session: at shutdown what the router has ready for it is stored
         // first (older than anything queued from now on; what it was sent is stored
