@@ -18,7 +18,6 @@ use moatmq_auth::{address_bucket, PasswordFile, Verdict};
 use prometheus_client::metrics::counter::Counter;
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
@@ -34,14 +33,16 @@ const WARN_EVERY: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Busy;
 
+/// Run on the hashing thread with the verdict of a check it ran, before the caller
+/// hears it and whether or not the caller is still there.
+pub type Settle = Box<dyn FnOnce(Verdict) + Send>;
+
 struct Job {
     file: Arc<PasswordFile>,
     username: String,
     password: Zeroizing<Vec<u8>>,
     reply: oneshot::Sender<Verdict>,
-    /// Set when a thread starts the check: from then on it runs to the end even if
-    /// the caller is gone, and the caller must count it.
-    started: Arc<AtomicBool>,
+    settle: Settle,
 }
 
 /// Waiting jobs, one FIFO per address, and the order in which addresses get a turn.
@@ -127,15 +128,18 @@ impl HashPool {
     }
 
     /// Verifies a password on the pool, queued behind `peer`'s address; `Busy` when the
-    /// queue is full or the pool has stopped. `started` is set once a thread begins the
-    /// check (a caller dropped before that costs nothing; after it, the check runs).
+    /// queue is full or the pool has stopped. A caller dropped before a thread takes the
+    /// check costs nothing; once taken, the check runs to the end and `settle` gets its
+    /// verdict even if the caller is gone (a client that hung up while its hash ran):
+    /// the verdict's consequences (a failure counted, a success remembered) never depend
+    /// on whether the client waited for it.
     pub async fn verify(
         &self,
         peer: IpAddr,
         file: Arc<PasswordFile>,
         username: &str,
         password: Zeroizing<Vec<u8>>,
-        started: Arc<AtomicBool>,
+        settle: Settle,
     ) -> Result<Verdict, Busy> {
         let (reply, verdict) = oneshot::channel();
         {
@@ -155,7 +159,7 @@ impl HashPool {
                 username: username.to_string(),
                 password,
                 reply,
-                started,
+                settle,
             };
             queue.push(address_bucket(peer), job);
         }
@@ -199,9 +203,9 @@ fn work(inner: &Inner) {
         if job.reply.is_closed() {
             continue;
         }
-        job.started.store(true, Ordering::Release);
         inner.checks.inc();
         let verdict = job.file.verify(&job.username, &job.password);
+        (job.settle)(verdict);
         let _ = job.reply.send(verdict);
     }
 }
@@ -219,7 +223,7 @@ mod tests {
             username: String::new(),
             password: Zeroizing::new(Vec::new()),
             reply,
-            started: Arc::default(),
+            settle: Box::new(|_| {}),
         };
         (job, rx)
     }
@@ -231,17 +235,21 @@ mod tests {
         let peer = IpAddr::V4(Ipv4Addr::LOCALHOST);
         let full = HashPool::with_capacity(1, 0, checks.clone());
         let pw = Zeroizing::new(b"pw".to_vec());
-        let started = Arc::new(AtomicBool::new(false));
-        let busy = full.verify(peer, j.file.clone(), "u", pw.clone(), started.clone());
+        let settled = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let recorder = |settled: &Arc<std::sync::Mutex<Vec<Verdict>>>| -> Settle {
+            let settled = settled.clone();
+            Box::new(move |v| settled.lock().unwrap().push(v))
+        };
+        let busy = full.verify(peer, j.file.clone(), "u", pw.clone(), recorder(&settled));
         assert_eq!(busy.await, Err(Busy));
         assert!(
-            !started.load(Ordering::Acquire),
-            "a refused check never starts"
+            settled.lock().unwrap().is_empty(),
+            "a refused check never runs"
         );
         let pool = HashPool::new(1, checks.clone());
-        let verdict = pool.verify(peer, j.file.clone(), "u", pw, started.clone());
+        let verdict = pool.verify(peer, j.file.clone(), "u", pw, recorder(&settled));
         assert_eq!(verdict.await, Ok(Verdict::Rejected));
-        assert!(started.load(Ordering::Acquire));
+        assert_eq!(*settled.lock().unwrap(), vec![Verdict::Rejected]);
         assert_eq!(checks.get(), 1, "only the check that ran is counted");
     }
 

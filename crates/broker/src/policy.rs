@@ -10,7 +10,7 @@
 //! file, or the built-in rules (tenant isolation) when none is configured. Both are
 //! swapped whole on SIGHUP; a file that fails to load keeps the old one in force.
 
-use crate::hashing::HashPool;
+use crate::hashing::{HashPool, Settle};
 use crate::login_gate::LoginGate;
 use moatmq_acl::{Acl, Decision};
 use moatmq_auth::{valid_identity, CredentialCache, LoginThrottle, PasswordFile, Verdict};
@@ -19,7 +19,7 @@ use prometheus_client::metrics::counter::Counter;
 use std::collections::HashSet;
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tracing::{info, warn};
@@ -119,7 +119,7 @@ pub struct Policy {
     hashing: HashPool,
     /// Recent successful password checks (`auth.credential_cache_*`): a reconnecting
     /// client skips the hash.
-    credentials: CredentialCache,
+    credentials: Arc<CredentialCache>,
     /// Users already warned about in this process for a mosquitto_passwd hash.
     legacy_warned: Mutex<HashSet<String>>,
 }
@@ -162,10 +162,10 @@ impl Policy {
             gate: LoginGate::new(throttle.params()),
             throttle,
             hashing: HashPool::new(cores, password_checks),
-            credentials: CredentialCache::new(
+            credentials: Arc::new(CredentialCache::new(
                 config.auth.credential_cache_size,
                 Duration::from_secs(config.auth.credential_cache_ttl),
-            ),
+            )),
             legacy_warned: Mutex::new(HashSet::new()),
         })
     }
@@ -234,31 +234,23 @@ impl Policy {
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
-        // A client that hangs up once its hash has started must not get checks for free
-        // (the pool finishes them): such a check counts as a failure when dropped.
-        let started = Arc::new(AtomicBool::new(false));
-        let mut abandoned = Abandoned {
-            throttle: &self.throttle,
-            peer,
-            username: claimed,
-            started: started.clone(),
-            armed: true,
-        };
-        let result = self.decide(attempt, started).await;
-        abandoned.armed = false;
-        match &result {
-            Ok(_) => self.throttle.record_success(peer, claimed),
-            Err(AuthFailure::Busy) => {}
-            Err(_) => self.throttle.record_failure(peer, claimed),
+        // A check the hashing pool runs is settled there (failure counted, success
+        // remembered) whether or not the client waits for it: hanging up gets no free
+        // guesses, and a device that gave up during a storm finds its retry in the
+        // credential cache instead of being throttled for it.
+        let (result, settled) = self.decide(attempt).await;
+        if !settled {
+            match &result {
+                Ok(_) => self.throttle.record_success(peer, claimed),
+                Err(AuthFailure::Busy) => {}
+                Err(_) => self.throttle.record_failure(peer, claimed),
+            }
         }
         result
     }
 
-    async fn decide(
-        &self,
-        attempt: &Attempt<'_>,
-        started: Arc<AtomicBool>,
-    ) -> Result<Option<String>, AuthFailure> {
+    /// The verdict, and whether the hashing pool has already settled it.
+    async fn decide(&self, attempt: &Attempt<'_>) -> (Result<Option<String>, AuthFailure>, bool) {
         let Attempt {
             listener,
             peer,
@@ -268,60 +260,82 @@ impl Policy {
         } = *attempt;
         if let Some(cn) = cert_identity {
             if !valid_identity(cn) {
-                return Err(AuthFailure::NotAuthorized);
+                return (Err(AuthFailure::NotAuthorized), false);
             }
             // One name in logs and audit: a CONNECT username must be the CN.
             if let Some(u) = username.filter(|&u| u != cn) {
-                return Err(AuthFailure::UsernameNotCertificateCn {
+                let mismatch = AuthFailure::UsernameNotCertificateCn {
                     username: u.to_string(),
                     cn: cn.to_string(),
-                });
+                };
+                return (Err(mismatch), false);
             }
-            return Ok(Some(cn.to_string()));
+            return (Ok(Some(cn.to_string())), false);
         }
         let passwords = match self.passwords.read() {
             Ok(p) => p.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
         };
-        match (username, passwords) {
-            (None, _) if listener.allow_anonymous => Ok(None),
-            (None, _) => Err(AuthFailure::NotAuthorized),
+        let (user, file) = match (username, passwords) {
+            (None, _) if listener.allow_anonymous => return (Ok(None), false),
+            (None, _) => return (Err(AuthFailure::NotAuthorized), false),
+            // A name that could widen a `%u` pattern is refused whoever claims it.
+            (Some(user), _) if !valid_identity(user) => {
+                return (Err(AuthFailure::NotAuthorized), false)
+            }
             // Without a password file nobody can prove a name: where anonymous access is
             // allowed the client is anonymous, whatever username it claims.
-            // A name that could widen a `%u` pattern is refused whoever claims it.
-            (Some(user), _) if !valid_identity(user) => Err(AuthFailure::NotAuthorized),
-            (Some(_), None) if listener.allow_anonymous => Ok(None),
-            (Some(_), None) => Err(AuthFailure::BadCredentials),
-            (Some(user), Some(file)) => {
-                if !valid_identity(user) {
-                    return Err(AuthFailure::NotAuthorized);
-                }
-                let password = Zeroizing::new(password.unwrap_or("").as_bytes().to_vec());
-                // The same credentials verified a moment ago (a reconnect): no new hash.
-                let verdict = match self.credentials.lookup(&file, user, &password) {
-                    Some(verdict) => Ok(verdict),
-                    None => {
-                        let verdict = self
-                            .hashing
-                            .verify(peer, file.clone(), user, password.clone(), started)
-                            .await;
-                        if let Ok(v) = verdict {
-                            self.credentials.insert(&file, user, &password, v);
-                        }
-                        verdict
-                    }
-                };
-                match verdict {
-                    Ok(Verdict::Accepted) => Ok(Some(user.to_string())),
-                    Ok(Verdict::AcceptedLegacyHash) => {
-                        self.warn_legacy_once(user);
-                        Ok(Some(user.to_string()))
-                    }
-                    Ok(Verdict::Rejected) => Err(AuthFailure::BadCredentials),
-                    Err(_) => Err(AuthFailure::Busy),
+            (Some(_), None) if listener.allow_anonymous => return (Ok(None), false),
+            (Some(_), None) => return (Err(AuthFailure::BadCredentials), false),
+            (Some(user), Some(file)) => (user, file),
+        };
+        let password = Zeroizing::new(password.unwrap_or("").as_bytes().to_vec());
+        // The same credentials verified a moment ago (a reconnect): no new hash.
+        let (verdict, settled) = match self.credentials.lookup(&file, user, &password) {
+            Some(verdict) => (Ok(verdict), false),
+            None => {
+                let settle = self.settle(peer, &file, user, &password);
+                let verdict = self
+                    .hashing
+                    .verify(peer, file.clone(), user, password, settle)
+                    .await;
+                (verdict, true)
+            }
+        };
+        let result = match verdict {
+            Ok(Verdict::Accepted) => Ok(Some(user.to_string())),
+            Ok(Verdict::AcceptedLegacyHash) => {
+                self.warn_legacy_once(user);
+                Ok(Some(user.to_string()))
+            }
+            Ok(Verdict::Rejected) => Err(AuthFailure::BadCredentials),
+            // Never checked: nothing to settle.
+            Err(_) => return (Err(AuthFailure::Busy), false),
+        };
+        (result, settled)
+    }
+
+    /// What a finished password check leaves behind, done on the hashing thread: a
+    /// rejection counts as a failure, an acceptance clears its (address, username) count
+    /// and is remembered in the credential cache.
+    fn settle(
+        &self,
+        peer: IpAddr,
+        file: &Arc<PasswordFile>,
+        user: &str,
+        password: &Zeroizing<Vec<u8>>,
+    ) -> Settle {
+        let (throttle, credentials) = (self.throttle.clone(), self.credentials.clone());
+        let (file, user, password) = (file.clone(), user.to_string(), password.clone());
+        Box::new(move |verdict| {
+            match verdict {
+                Verdict::Rejected => throttle.record_failure(peer, &user),
+                Verdict::Accepted | Verdict::AcceptedLegacyHash => {
+                    throttle.record_success(peer, &user)
                 }
             }
-        }
+            credentials.insert(&file, &user, &password, verdict);
+        })
     }
 
     /// Warns that `user` logged in against a mosquitto_passwd hash, once per user per
@@ -364,23 +378,6 @@ impl Policy {
             *view = self.acl_view();
         }
         view.acl.check_read(&who.acl(), topic)
-    }
-}
-
-/// Counts a login whose caller was dropped after its hash check started as a failure.
-struct Abandoned<'a> {
-    throttle: &'a LoginThrottle,
-    peer: IpAddr,
-    username: &'a str,
-    started: Arc<AtomicBool>,
-    armed: bool,
-}
-
-impl Drop for Abandoned<'_> {
-    fn drop(&mut self) {
-        if self.armed && self.started.load(Ordering::Acquire) {
-            self.throttle.record_failure(self.peer, self.username);
-        }
     }
 }
 

@@ -331,6 +331,64 @@ async fn hanging_up_during_the_check_still_counts_as_a_failure() {
     );
 }
 
+/// A reconnect storm: devices give up on logins that wait too long (their connect
+/// timeout) and retry. A device that hung up while its *correct* password was being
+/// hashed is not a guesser: the check is settled as the success it was (remembered in
+/// the credential cache, so the retry costs no second hash) instead of as a failure.
+/// Counted as failures, a few dozen timed-out devices behind one address throttled it,
+/// every later attempt then waited out a delay longer than the devices' timeout, and
+/// the address was locked out for 10 minutes (seen with 5,000 devices in fleet.sh).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_gives_up_during_its_check_is_not_throttled_for_it() {
+    let users: Vec<(String, String)> = (0..12)
+        .map(|i| (format!("dev{i}"), format!("pw-{i}")))
+        .collect();
+    let pairs: Vec<(&str, &str)> = users
+        .iter()
+        .map(|(u, p)| (u.as_str(), p.as_str()))
+        .collect();
+    let broker = broker_of(&pairs).start().await;
+    let (addr, metrics) = (broker.first_addr(), broker.metrics_addr());
+    let nat = from(14);
+    // Twelve devices behind one address, each gone as soon as its check has started:
+    // more than the address's 10 free failures, were they counted as failures.
+    for (user, pass) in &users {
+        let before = metric(metrics, "moatmq_password_checks_total").await;
+        let mut connect = moatmq_testkit::connect4(user);
+        connect.login = Some(Login::new(user.as_str(), pass.as_str()));
+        let mut raw = Raw::new(dial(nat, addr).await);
+        let mut out = BytesMut::new();
+        connect.write(&mut out).unwrap();
+        raw.send(&out).await;
+        let started = Instant::now();
+        while metric(metrics, "moatmq_password_checks_total").await == before {
+            assert!(started.elapsed() < WAIT, "{user}'s login never checked");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        drop(raw);
+    }
+    let checked = metric(metrics, "moatmq_password_checks_total").await;
+    // The abandoned checks finish on the pool; then the address is not throttled.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        metric(metrics, "moatmq_login_throttled_addresses").await,
+        0,
+        "correct passwords whose clients hung up were counted as failed logins"
+    );
+    // Each device's retry is answered from what its abandoned check found.
+    for (user, pass) in &users {
+        assert_eq!(
+            attempt(nat, addr, user, pass, WAIT).await,
+            Some(C4::Success)
+        );
+    }
+    assert_eq!(
+        metric(metrics, "moatmq_password_checks_total").await,
+        checked,
+        "the retries were hashed again"
+    );
+}
+
 /// A reconnect storm after a restart: a device that logged in a moment ago skips the
 /// Argon2id hash on its next login with the same password, while a wrong password is
 /// hashed every time, and a changed password file (SIGHUP) forgets the old password at
