@@ -36,11 +36,19 @@ topic write nats-in/#
 struct Nats {
     port: u16,
     dir: tempfile::TempDir,
+    /// Options after the defaults (TLS).
+    extra: Vec<String>,
     child: Option<Child>,
 }
 
 impl Nats {
     async fn start() -> Nats {
+        Nats::start_with(tempfile::tempdir().expect("temp dir"), Vec::new()).await
+    }
+
+    /// A server with `extra` options; `dir` holds its JetStream store and any files
+    /// the options name.
+    async fn start_with(dir: tempfile::TempDir, extra: Vec<String>) -> Nats {
         let found = Command::new("sh")
             .args(["-c", "command -v nats-server"])
             .output()
@@ -58,7 +66,8 @@ impl Nats {
             .port();
         let mut nats = Nats {
             port,
-            dir: tempfile::tempdir().expect("temp dir"),
+            dir,
+            extra,
             child: None,
         };
         nats.restart().await;
@@ -76,7 +85,8 @@ impl Nats {
                 &self.port.to_string(),
                 "-sd",
             ])
-            .arg(self.dir.path())
+            .arg(self.dir.path().join("js"))
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -121,7 +131,17 @@ impl Drop for Nats {
 /// A moatmq node joined to `nats` as `name`, with `extra` keys in `[cluster]`; ready
 /// (connected to NATS and subscribed) when this returns.
 async fn node(nats: &Nats, name: &str, extra: &str) -> TestBroker {
-    let broker = TestBroker::builder()
+    node_with(nats, name, extra, |b| b).await
+}
+
+/// [`node`], with more set up on its builder (files in its folder).
+async fn node_with(
+    nats: &Nats,
+    name: &str,
+    extra: &str,
+    more: impl FnOnce(moatmq_testkit::TestBrokerBuilder) -> moatmq_testkit::TestBrokerBuilder,
+) -> TestBroker {
+    let broker = more(TestBroker::builder())
         .users(USERS)
         .acl(ACL)
         .metrics()
@@ -350,7 +370,7 @@ async fn nats_clients_and_mqtt_clients_exchange_messages_where_the_acl_allows() 
     nc.publish("moatmq.nats-in.temp//c", "21.5".into())
         .await
         .unwrap();
-    nc.flush().await.unwrap();
+    assert!(moatmq_broker::cluster::round_trip(&nc).await);
     let got = on_a.next_publish().await;
     assert_eq!(
         (got.topic.as_str(), &got.payload[..]),
@@ -367,7 +387,7 @@ async fn nats_clients_and_mqtt_clients_exchange_messages_where_the_acl_allows() 
 
     // MQTT -> NATS: the subject of nats-server's MQTT mapping, under the prefix.
     let mut nsub = nc.subscribe("moatmq.alice.>").await.unwrap();
-    nc.flush().await.unwrap();
+    assert!(moatmq_broker::cluster::round_trip(&nc).await);
     let publ = login(b.first_addr(), "alice-pub", "alice").await;
     publish(&publ, "alice/a.b//c", QoS::AtLeastOnce, true, "hello").await;
     let m = tokio::time::timeout(WAIT, nsub.next())
@@ -384,7 +404,7 @@ async fn nats_clients_and_mqtt_clients_exchange_messages_where_the_acl_allows() 
     assert_eq!(h("Moatmq-User").as_deref(), Some("alice"));
     // A message refused by admit (alice may not write bob/#) never reaches NATS.
     let mut all = nc.subscribe("moatmq.>").await.unwrap();
-    nc.flush().await.unwrap();
+    assert!(moatmq_broker::cluster::round_trip(&nc).await);
     publish(&publ, "bob/x", QoS::AtLeastOnce, false, "no").await;
     publish(&publ, "alice/after", QoS::AtLeastOnce, false, "yes").await;
     let m = tokio::time::timeout(WAIT, all.next())
@@ -419,5 +439,103 @@ async fn readyz_follows_nats_and_routing_resumes_after_a_nats_restart() {
     assert_eq!(
         (p.topic.as_str(), &p.payload[..]),
         ("alice/again", &b"x"[..])
+    );
+}
+
+#[tokio::test]
+async fn nodes_reach_nats_over_mutual_tls() {
+    let ca = moatmq_testkit::TestCa::new("nats test CA");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (cert, key) = ca.server(dir.path(), "nats");
+    let ca_file = ca.write_ca(dir.path(), "ca.crt");
+    let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
+    let tls = vec![
+        "--tlsverify".to_string(),
+        "--tlscert".into(),
+        path(&cert),
+        "--tlskey".into(),
+        path(&key),
+        "--tlscacert".into(),
+        path(&ca_file),
+    ];
+    let nats = Nats::start_with(dir, tls).await;
+    let with_tls = |b: moatmq_testkit::TestBrokerBuilder| {
+        ca.write_ca(b.dir(), "nats-ca.crt");
+        ca.valid_client(b.dir(), "node", "moatmq-node");
+        b
+    };
+    let section = "[cluster.tls]\nca = \"nats-ca.crt\"\ncert = \"node.crt\"\nkey = \"node.key\"\n";
+    let a = node_with(&nats, "node-a", section, with_tls).await;
+    let b = node_with(&nats, "node-b", section, with_tls).await;
+    let mut sub = login(b.first_addr(), "alice-sub", "alice").await;
+    assert!(subscribe(&mut sub, "alice/#", QoS::AtLeastOnce).await);
+    let publ = login(a.first_addr(), "alice-pub", "alice").await;
+    publish(&publ, "alice/tls", QoS::AtLeastOnce, false, "sealed").await;
+    assert_eq!(&sub.next_publish().await.payload[..], b"sealed");
+
+    // Without the client certificate the NATS server refuses the node: never ready.
+    let plain = TestBroker::builder()
+        .users(USERS)
+        .metrics()
+        .toml(&format!(
+            "[cluster]\nservers = [\"{}\"]\nnode_name = \"node-c\"\n",
+            nats.url()
+        ))
+        .start()
+        .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!ready(&plain).await, "a node NATS refused is not ready");
+}
+
+#[test]
+fn check_refuses_a_missing_credentials_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("broker.toml");
+    std::fs::write(
+        &path,
+        "[[listener]]\nname = \"tcp\"\nbind = \"127.0.0.1:0\"\n\
+         [cluster]\nservers = [\"nats://127.0.0.1:4222\"]\nnode_name = \"n\"\n\
+         credentials = \"nats.creds\"\n",
+    )
+    .unwrap();
+    let config = moatmq_config::Config::load(&path).unwrap();
+    let err = moatmq_broker::validate(&config).unwrap_err().to_string();
+    let expected = format!(
+        "cluster: credentials {}: ",
+        dir.path().join("nats.creds").display()
+    );
+    assert!(err.starts_with(&expected), "{err}");
+}
+
+#[tokio::test]
+async fn a_node_starts_unready_while_nats_is_away_and_joins_when_it_comes() {
+    let mut nats = Nats::start().await;
+    let a = node(&nats, "node-a", "").await;
+    nats.kill();
+    // The broker starts (its clients are served locally) but says it is not ready.
+    let b = TestBroker::builder()
+        .users(USERS)
+        .acl(ACL)
+        .metrics()
+        .no_connection_rate()
+        .toml(&format!(
+            "[cluster]\nservers = [\"{}\"]\nnode_name = \"node-b\"\n",
+            nats.url()
+        ))
+        .start()
+        .await;
+    let mut sub = login(b.first_addr(), "alice-sub", "alice").await;
+    assert!(subscribe(&mut sub, "alice/#", QoS::AtLeastOnce).await);
+    assert!(!ready(&b).await, "not ready without NATS");
+
+    nats.restart().await;
+    wait_ready(&a, true).await;
+    wait_ready(&b, true).await;
+    let publ = login(a.first_addr(), "alice-pub", "alice").await;
+    publish(&publ, "alice/joined", QoS::AtLeastOnce, false, "j").await;
+    let p = sub.next_publish().await;
+    assert_eq!(
+        (p.topic.as_str(), &p.payload[..]),
+        ("alice/joined", &b"j"[..])
     );
 }

@@ -208,8 +208,9 @@ impl Cluster {
 }
 
 /// Ready once connected and subscribed: after each (re)connection the client sends its
-/// subscriptions before anything else, so a PING answered after the connection means
-/// the server has them and this node receives what the others publish.
+/// subscriptions before anything else, and the server handles one connection's
+/// operations in order, so an answer to a request sent after them means the server has
+/// them and this node receives what the others publish.
 async fn watch_connection(
     client: async_nats::Client,
     connected: Arc<Notify>,
@@ -221,13 +222,23 @@ async fn watch_connection(
         if stopped.load(Ordering::Acquire) {
             return;
         }
-        let flushed = client.flush().await.is_ok();
+        let answered = round_trip(&client).await;
         let Some(metrics) = metrics.upgrade() else {
             return;
         };
-        if flushed && client.connection_state() == async_nats::connection::State::Connected {
+        if answered && client.connection_state() == async_nats::connection::State::Connected {
             metrics.cluster_ok.store(true, Ordering::Release);
         }
+    }
+}
+
+/// A request to an inbox nobody listens on: the server answers "no responders" once it
+/// has handled everything this connection sent before. (`Client::flush` only writes
+/// the socket, and with `no_echo` a node cannot hear its own publish.)
+pub async fn round_trip(client: &async_nats::Client) -> bool {
+    match client.request(client.new_inbox(), Bytes::new()).await {
+        Ok(_) => true,
+        Err(e) => e.kind() == async_nats::RequestErrorKind::NoResponders,
     }
 }
 
