@@ -92,7 +92,8 @@ pub struct Metrics {
     /// `[cluster]`: messages taken in from other nodes and NATS clients.
     pub cluster_received: Counter,
     /// `[cluster]`: messages not forwarded (queue to NATS full) or not taken in (from a
-    /// NATS client without `native_user`).
+    /// NATS client without `native_user`; each time the input fell behind and NATS
+    /// dropped messages for this node, counted once).
     pub cluster_dropped: Counter,
     /// Persistent sessions whose client is away, and their subscriptions.
     pub sessions_offline: Gauge,

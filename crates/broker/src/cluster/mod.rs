@@ -125,6 +125,11 @@ impl Cluster {
                         tracing::warn!("cluster: NATS connection lost; reconnecting");
                         metrics.cluster_ok.store(false, Ordering::Release);
                     }
+                    async_nats::Event::SlowConsumer(_) => {
+                        // The input fell behind: NATS dropped messages for this node.
+                        tracing::warn!("cluster: messages from NATS dropped (slow consumer)");
+                        metrics.cluster_dropped.inc();
+                    }
                     other => tracing::debug!("cluster: NATS {other}"),
                 }
             }
