@@ -539,3 +539,60 @@ async fn a_node_starts_unready_while_nats_is_away_and_joins_when_it_comes() {
         ("alice/joined", &b"j"[..])
     );
 }
+
+#[tokio::test]
+async fn mqtt5_properties_cross_nodes() {
+    use moatmq_testkit::v5;
+    use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
+    use rumqttc::v5::mqttbytes::QoS as Q5;
+    let login5 = |addr: SocketAddr, id: &str| {
+        let mut o = v5::options(addr, id);
+        o.set_credentials("alice", "alice-pw");
+        async move { v5::connect(o).await.expect("login") }
+    };
+    let nats = Nats::start().await;
+    let a = node(&nats, "node-a", "").await;
+    let b = node(&nats, "node-b", "").await;
+    let mut sub = login5(b.first_addr(), "alice-sub5").await;
+    sub.client
+        .subscribe("alice/#", Q5::AtLeastOnce)
+        .await
+        .unwrap();
+    sub.incoming(|p| matches!(p, Packet::SubAck(_)).then_some(()))
+        .await
+        .expect("SUBACK");
+    let publ = login5(a.first_addr(), "alice-pub5").await;
+    let props = PublishProperties {
+        content_type: Some("text/plain".into()),
+        response_topic: Some("alice/reply".into()),
+        correlation_data: Some(vec![1, 2, 0xff].into()),
+        user_properties: vec![("k".into(), "v".into()), ("k".into(), "w".into())],
+        ..Default::default()
+    };
+    publ.client
+        .publish_with_properties("alice/props", Q5::AtLeastOnce, true, "hello", props)
+        .await
+        .unwrap();
+    let got = sub.next_publish().await;
+    assert_eq!(&got.payload[..], b"hello");
+    let check = |p: Option<PublishProperties>| {
+        let p = p.expect("properties crossed the nodes");
+        assert_eq!(p.content_type.as_deref(), Some("text/plain"));
+        assert_eq!(p.response_topic.as_deref(), Some("alice/reply"));
+        assert_eq!(p.correlation_data.as_deref(), Some(&[1u8, 2, 0xff][..]));
+        assert_eq!(
+            p.user_properties,
+            [("k".to_string(), "v".to_string()), ("k".into(), "w".into())]
+        );
+    };
+    check(got.properties);
+    // The retained copy on node B keeps them too.
+    let mut late = login5(b.first_addr(), "alice-late5").await;
+    late.client
+        .subscribe("alice/props", Q5::AtLeastOnce)
+        .await
+        .unwrap();
+    let got = late.next_publish().await;
+    assert!(got.retain);
+    check(got.properties);
+}

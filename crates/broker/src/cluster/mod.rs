@@ -2,7 +2,8 @@
 //!
 //! Out: [`Cluster::forward`] is called by `admit` for every message it lets in, except
 //! cluster input itself, and hands it to one task that publishes it on
-//! `<prefix>.<subject>` with the origin node, QoS, retain flag and publisher in headers.
+//! `<prefix>.<subject>` with the origin node, QoS, retain flag, publisher and MQTT 5
+//! properties in headers.
 //! In: one subscription on `<prefix>.>`; a message from another node, or from a
 //! NATS-native client when `native_user` is set, goes through `admit` as
 //! [`Source::Cluster`] and then into the router on the broker's own link, so every
@@ -10,6 +11,7 @@
 //! received (the source decides), NATS does not echo a node's own publishes back
 //! (`no_echo`), and a message naming this node as origin is dropped.
 
+mod properties;
 mod subject;
 
 pub use subject::{to_subject, to_topic};
@@ -38,6 +40,8 @@ pub const RETAIN: &str = "Moatmq-Retain";
 pub const USER: &str = "Moatmq-User";
 /// Header with the publisher's client id (ACL rules may name it, `%c`).
 pub const CLIENT: &str = "Moatmq-Client";
+/// Header with the MQTT 5 publish properties, JSON (`properties.rs`); absent when none.
+pub const PROPERTIES: &str = "Moatmq-Properties";
 /// The client id NATS-native messages are admitted under, with `native_user`.
 pub const NATIVE_CLIENT_ID: &str = "nats";
 
@@ -191,6 +195,9 @@ impl Cluster {
             return;
         }
         headers.insert(CLIENT, who.client_id.as_str());
+        if let Some(props) = msg.properties.and_then(properties::encode) {
+            headers.insert(PROPERTIES, props.as_str());
+        }
         let out = Outgoing {
             subject,
             headers,
@@ -322,13 +329,15 @@ fn receive(shared: &Shared, cluster: &Cluster, info: &ConnInfo, message: async_n
         _ => QoS::AtMostOnce,
     };
     let retain = header(RETAIN).as_deref() == Some("1");
+    // Properties mean an MQTT 5 publisher: a retained copy keeps them, as on one node.
+    let props = header(PROPERTIES).and_then(|p| properties::decode(&p));
     let inbound = Inbound {
         topic: &topic,
         payload: &message.payload,
         qos,
         retain,
-        properties: None,
-        v5: false,
+        properties: props.as_ref(),
+        v5: props.is_some(),
     };
     match admit(shared, info, &who, Source::Cluster, inbound) {
         Ok(Admitted::Now | Admitted::AfterSave) => {
@@ -338,7 +347,7 @@ fn receive(shared: &Shared, cluster: &Cluster, info: &ConnInfo, message: async_n
                 message.payload.clone(),
                 qos,
                 retain,
-                None,
+                props,
             );
         }
         Err(why) => tracing::debug!(topic, ?why, "cluster: message not admitted"),
