@@ -115,7 +115,7 @@ pub struct Metrics {
     /// Cleared for good when the router dies or stops answering.
     pub router_ok: AtomicBool,
     /// `[cluster]`: false while NATS is unreachable or the subscription not yet in
-    /// place (`/readyz` answers 503); always true without a cluster.
+    /// place (`/readyz` answers 503, CONNECTs are refused); always true without a cluster.
     pub cluster_ok: AtomicBool,
     /// Saves counted by the store, mirrored into the gauges at scrape time.
     pub saves: AtomicU64,

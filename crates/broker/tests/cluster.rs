@@ -193,6 +193,19 @@ async fn login(addr: SocketAddr, id: &str, user: &str) -> v4::Client {
     v4::connect(o).await.expect("login")
 }
 
+/// A login at `addr` is refused with "server unavailable" (3.1.1 code 3).
+async fn assert_refused(addr: SocketAddr) {
+    let mut o = v4::options(addr, "refused");
+    o.set_credentials("alice", "alice-pw");
+    match v4::connect(o).await {
+        Err(rumqttc::ConnectionError::ConnectionRefused(
+            rumqttc::ConnectReturnCode::ServiceUnavailable,
+        )) => {}
+        Err(other) => panic!("refused otherwise: {other}"),
+        Ok(_) => panic!("a node without NATS accepted a client"),
+    }
+}
+
 /// Subscribes at `qos` and waits for the SUBACK; returns whether it was granted.
 async fn subscribe(c: &mut v4::Client, filter: &str, qos: QoS) -> bool {
     c.client
@@ -419,15 +432,17 @@ async fn readyz_follows_nats_and_routing_resumes_after_a_nats_restart() {
     let mut nats = Nats::start().await;
     let a = node(&nats, "node-a", "").await;
     let b = node(&nats, "node-b", "").await;
-    nats.kill();
-    wait_ready(&a, false).await;
-    wait_ready(&b, false).await;
-    // Local routing goes on while NATS is away.
     let mut sub_a = login(a.first_addr(), "alice-sub-a", "alice").await;
     assert!(subscribe(&mut sub_a, "alice/#", QoS::AtLeastOnce).await);
     let publ = login(a.first_addr(), "alice-pub", "alice").await;
+    nats.kill();
+    wait_ready(&a, false).await;
+    wait_ready(&b, false).await;
+    // Clients already connected are served locally while NATS is away; new ones are
+    // refused (server unavailable), to connect to a node that can route them.
     publish(&publ, "alice/local", QoS::AtLeastOnce, false, "l").await;
     assert_eq!(&sub_a.next_publish().await.payload[..], b"l");
+    assert_refused(b.first_addr()).await;
 
     nats.restart().await;
     wait_ready(&a, true).await;
@@ -508,7 +523,7 @@ fn check_refuses_a_missing_credentials_file() {
 }
 
 #[tokio::test]
-async fn a_node_starts_unready_while_nats_is_away_and_joins_when_it_comes() {
+async fn a_node_starts_unready_and_refusing_while_nats_is_away_and_joins_when_it_comes() {
     let mut nats = Nats::start().await;
     let a = node(&nats, "node-a", "").await;
     nats.kill();
@@ -524,13 +539,14 @@ async fn a_node_starts_unready_while_nats_is_away_and_joins_when_it_comes() {
         ))
         .start()
         .await;
-    let mut sub = login(b.first_addr(), "alice-sub", "alice").await;
-    assert!(subscribe(&mut sub, "alice/#", QoS::AtLeastOnce).await);
     assert!(!ready(&b).await, "not ready without NATS");
+    assert_refused(b.first_addr()).await;
 
     nats.restart().await;
     wait_ready(&a, true).await;
     wait_ready(&b, true).await;
+    let mut sub = login(b.first_addr(), "alice-sub", "alice").await;
+    assert!(subscribe(&mut sub, "alice/#", QoS::AtLeastOnce).await);
     let publ = login(a.first_addr(), "alice-pub", "alice").await;
     publish(&publ, "alice/joined", QoS::AtLeastOnce, false, "j").await;
     let p = sub.next_publish().await;
