@@ -239,7 +239,7 @@ async fn drain(c: &mut v4::Client) -> Vec<rumqttc::Publish> {
 }
 
 #[tokio::test]
-async fn publish_on_one_node_reaches_subscribers_on_another_at_qos_0_and_1() {
+async fn publish_on_one_node_reaches_subscribers_on_another_at_qos_0_1_and_2() {
     let nats = Nats::start().await;
     let a = node(&nats, "node-a", "").await;
     let b = node(&nats, "node-b", "").await;
@@ -265,6 +265,16 @@ async fn publish_on_one_node_reaches_subscribers_on_another_at_qos_0_and_1() {
     assert!(!p.retain);
     assert!(drain(&mut sub).await.is_empty(), "each message once");
     assert!(b.metric("moatmq_cluster_messages_received_total").await >= 2.0);
+
+    // QoS 2 arrives at QoS 2 for a QoS 2 subscription, once; at QoS 1 for the other.
+    let mut sub2 = login(b.first_addr(), "alice-sub2", "alice").await;
+    assert!(subscribe(&mut sub2, "alice/q2", QoS::ExactlyOnce).await);
+    publish(&publ, "alice/q2", QoS::ExactlyOnce, false, "two").await;
+    let p = sub2.next_publish().await;
+    assert_eq!((p.topic.as_str(), p.qos), ("alice/q2", QoS::ExactlyOnce));
+    assert!(drain(&mut sub2).await.is_empty(), "QoS 2 once");
+    let p = sub.next_publish().await;
+    assert_eq!((p.topic.as_str(), p.qos), ("alice/q2", QoS::AtLeastOnce));
 }
 
 #[tokio::test]
