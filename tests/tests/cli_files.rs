@@ -276,7 +276,7 @@ fn every_subcommand_and_flag_has_help() {
     }
 }
 
-/// The README names what a first-time user needs: installing the binary, the package
+/// The README names what a first-time user needs: installing the binary, the packages
 /// the tests need, and every `[limits]` key in its table.
 #[test]
 fn readme_covers_first_contact() {
@@ -284,6 +284,10 @@ fn readme_covers_first_contact() {
     let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
     assert!(readme.contains("cargo install --path crates/moatmq --locked"));
     assert!(readme.contains("mosquitto-clients"));
+    assert!(
+        readme.contains("`nats-server`"),
+        "the cluster tests' package"
+    );
     assert!(readme.contains("aclfile.example"));
     let limits = readme
         .lines()

@@ -1,6 +1,7 @@
 //! Admit: the one step every message entering the broker passes, whoever sends it (a
-//! client's PUBLISH, a will when it is published, anything later), before it may reach
-//! the router or the retained set.
+//! client's PUBLISH, a will when it is published, cluster input), before it may reach
+//! the router or the retained set. What it lets in from this node's own clients is
+//! also handed to the cluster, when there is one (`cluster/`).
 //!
 //! It holds the checks that do not depend on the connection's protocol state: the
 //! payload limit (`limits.max_payload_size`), the write ACL in force at this moment
@@ -27,6 +28,9 @@ pub enum Source {
     Publish,
     /// A will, published when its connection ended (or its delay ran out).
     Will,
+    /// A message from another cluster node or a NATS client (`cluster/`): checked like
+    /// any other, never forwarded to the cluster again.
+    Cluster,
 }
 
 impl Source {
@@ -34,6 +38,7 @@ impl Source {
         match self {
             Source::Publish => "publish",
             Source::Will => "will",
+            Source::Cluster => "cluster",
         }
     }
 }
@@ -125,6 +130,13 @@ pub fn admit(
             // acknowledgement (`autosave_interval = 0`).
             admitted = Admitted::AfterSave;
         }
+    }
+    if let Some(cluster) = shared
+        .cluster
+        .as_ref()
+        .filter(|_| source != Source::Cluster)
+    {
+        cluster.forward(who, &msg);
     }
     Ok(admitted)
 }

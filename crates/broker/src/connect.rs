@@ -18,6 +18,7 @@ use crate::will::Will;
 use bytes::BytesMut;
 use moatmq_store::SessionKey;
 use rumqttd::protocol::{ConnAck, ConnAckProperties, ConnectReturnCode, Packet, PublishProperties};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tracing::debug;
@@ -163,6 +164,12 @@ async fn login(
     };
     let keep_alive = server_keep_alive.unwrap_or(connect.keep_alive);
 
+    // A cluster node that cannot reach NATS could not route this client's messages to
+    // the other nodes, nor theirs to it: the client is better served by another node.
+    if shared.cluster.is_some() && !shared.metrics.cluster_ok.load(Ordering::Acquire) {
+        refuse(&mut writer, version, Refusal::Unavailable).await;
+        return Err(ConnectFailure::Refused("cluster: NATS is unreachable"));
+    }
     let attempt = Attempt {
         listener: &info.listener,
         peer: info.peer.ip(),

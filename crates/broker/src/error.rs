@@ -38,6 +38,10 @@ pub enum BrokerError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    /// The NATS connection of `[cluster]` could not be set up (credentials file
+    /// unreadable, TLS files unusable, a server URL NATS refuses).
+    #[error("cluster: {reason}")]
+    Cluster { reason: String },
     /// The router died or stopped answering while serving (`run` only; see
     /// [`Broker::serve`]): the process should exit so its supervisor restarts it.
     #[error("{0}; exiting so the service manager restarts moatmq")]

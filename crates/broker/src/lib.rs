@@ -9,6 +9,8 @@ mod acks;
 mod admission;
 mod admit;
 mod audit;
+#[doc(hidden)] // the subject mapping, for the cluster tests: not a stable API
+pub mod cluster;
 #[doc(hidden)] // reachable for the fuzz harness (fuzz/): not a stable API
 pub mod codec;
 mod connect;

@@ -89,6 +89,12 @@ pub struct Metrics {
     pub retained_refused: Family<ReasonLabel, Counter>,
     /// Messages for offline persistent sessions dropped because their queue was full.
     pub session_messages_dropped: Counter,
+    /// `[cluster]`: messages taken in from other nodes and NATS clients.
+    pub cluster_received: Counter,
+    /// `[cluster]`: messages not forwarded (queue to NATS full) or not taken in (from a
+    /// NATS client without `native_user`; each time the input fell behind and NATS
+    /// dropped messages for this node, counted once).
+    pub cluster_dropped: Counter,
     /// Persistent sessions whose client is away, and their subscriptions.
     pub sessions_offline: Gauge,
     pub sessions_offline_subscriptions: Gauge,
@@ -108,6 +114,9 @@ pub struct Metrics {
     pub ready: AtomicBool,
     /// Cleared for good when the router dies or stops answering.
     pub router_ok: AtomicBool,
+    /// `[cluster]`: false while NATS is unreachable or the subscription not yet in
+    /// place (`/readyz` answers 503, CONNECTs are refused); always true without a cluster.
+    pub cluster_ok: AtomicBool,
     /// Saves counted by the store, mirrored into the gauges at scrape time.
     pub saves: AtomicU64,
 }
@@ -140,6 +149,8 @@ impl Metrics {
             rate_limited: Counter::default(),
             retained_refused: Family::default(),
             session_messages_dropped: Counter::default(),
+            cluster_received: Counter::default(),
+            cluster_dropped: Counter::default(),
             sessions_offline: Gauge::default(),
             sessions_offline_subscriptions: Gauge::default(),
             sessions_stored: Gauge::default(),
@@ -151,6 +162,7 @@ impl Metrics {
             retained_last_save_duration_ms: Gauge::default(),
             ready: AtomicBool::new(false),
             router_ok: AtomicBool::new(true),
+            cluster_ok: AtomicBool::new(true),
             saves: AtomicU64::new(0),
         };
         if let Ok(mut r) = m.registry.lock() {
@@ -249,6 +261,16 @@ impl Metrics {
                 "session_messages_dropped",
                 "Messages for offline persistent sessions dropped: the session's queue was full",
                 m.session_messages_dropped.clone(),
+            );
+            r.register(
+                "cluster_messages_received",
+                "Messages taken in from other cluster nodes and NATS clients",
+                m.cluster_received.clone(),
+            );
+            r.register(
+                "cluster_messages_dropped",
+                "Messages not forwarded to NATS (queue full) or from NATS clients without native_user",
+                m.cluster_dropped.clone(),
             );
             r.register(
                 "sessions_offline",
@@ -415,7 +437,10 @@ async fn healthy(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
 }
 
 async fn ready(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
-    if m.ready.load(Ordering::Acquire) && m.router_ok.load(Ordering::Acquire) {
+    if m.ready.load(Ordering::Acquire)
+        && m.router_ok.load(Ordering::Acquire)
+        && m.cluster_ok.load(Ordering::Acquire)
+    {
         (StatusCode::OK, "ready\n")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")

@@ -2,7 +2,8 @@
 //! replaying the retained store: the password file, the ACL file, each listener's TLS
 //! certificate, key and client CA (missing, unreadable, swapped, not matching each
 //! other), the retained-store key (missing, malformed, readable by group or others, not
-//! the key of the existing store's or session log's header) and the audit log's folder. (The config
+//! the key of the existing store's or session log's header), the `[cluster]` credentials
+//! and TLS files, and the audit log's folder. (The config
 //! itself, overlapping bind addresses included, is checked when it is loaded.)
 //!
 //! `moatmq check` is this function; `moatmq serve` calls it before starting, so the
@@ -31,6 +32,9 @@ pub fn validate(config: &Config) -> Result<(), BrokerError> {
                 .map_err(crate::retained::RetainedError::Store)?;
         }
     }
+    if let Some(c) = &config.cluster {
+        cluster_files(config, c)?;
+    }
     if let Some(a) = config.audit.as_ref().filter(|a| a.path.as_os_str() != "-") {
         let path = config.resolve(&a.path);
         let folder = match path.parent() {
@@ -46,6 +50,28 @@ pub fn validate(config: &Config) -> Result<(), BrokerError> {
                 })
             }
             Err(source) => return Err(BrokerError::Audit { path, source }),
+        }
+    }
+    Ok(())
+}
+
+/// The `[cluster]` credentials file and TLS files exist and can be read (NATS itself is
+/// not contacted: `check` must work where NATS is not reachable).
+fn cluster_files(config: &Config, c: &moatmq_config::Cluster) -> Result<(), BrokerError> {
+    let tls = c.tls.as_ref();
+    let files = [
+        ("credentials", c.credentials.as_ref()),
+        ("tls.ca", tls.and_then(|t| t.ca.as_ref())),
+        ("tls.cert", tls.and_then(|t| t.cert.as_ref())),
+        ("tls.key", tls.and_then(|t| t.key.as_ref())),
+    ];
+    for (key, path) in files {
+        let Some(path) = path else { continue };
+        let path = config.resolve(path);
+        if let Err(e) = std::fs::File::open(&path) {
+            return Err(BrokerError::Cluster {
+                reason: format!("{key} {}: {e}", path.display()),
+            });
         }
     }
     Ok(())

@@ -30,6 +30,8 @@ use tracing::{info, warn};
 /// A broker whose listeners are bound; `serve` runs it.
 pub struct Broker {
     shared: Arc<Shared>,
+    /// The cluster subscription, taken in by `serve`.
+    cluster_input: Option<crate::cluster::Input>,
     listeners: Vec<Bound>,
     tls: Vec<Arc<TlsSetup>>,
     shutdown_tx: watch::Sender<bool>,
@@ -118,6 +120,15 @@ impl Broker {
             config.limits.connections_per_address(),
             config.limits.max_pending_per_address,
         );
+        // NATS is connected in the background: a node starts (not ready) while it is away.
+        let (cluster, cluster_input) = match &config.cluster {
+            Some(c) => {
+                let (cluster, input) =
+                    crate::cluster::Cluster::connect(&config, c, metrics.clone()).await?;
+                (Some(cluster), Some(input))
+            }
+            None => (None, None),
+        };
         let (shutdown_tx, shutdown) = watch::channel(false);
         let mut listeners = Vec::new();
         for l in &config.listener {
@@ -147,12 +158,14 @@ impl Broker {
             session_timers: Default::default(),
             sessions: Sessions::default(),
             durable,
+            cluster,
             sys: Default::default(),
         });
         crate::session_restore::restore(&shared, loaded).await;
         let tls = listeners.iter().filter_map(Bound::tls).collect();
         Ok(Broker {
             shared,
+            cluster_input,
             listeners,
             tls,
             shutdown_tx,
@@ -234,6 +247,9 @@ impl Broker {
             tasks.spawn(l.accept_loop(self.shared.clone(), slots.clone()));
         }
         tasks.spawn(crate::sys::run(self.shared.clone()));
+        if let Some(input) = self.cluster_input {
+            tasks.spawn(crate::cluster::run_input(self.shared.clone(), input));
+        }
         // Not ready if the router already failed (the monitor cleared both flags).
         let router_ok = self
             .shared

@@ -54,6 +54,8 @@ pub struct Shared {
     pub sessions: Sessions,
     /// The durable copy of persistent sessions, when the session store is on.
     pub durable: Option<SessionBook>,
+    /// This node's link to the other nodes, when `[cluster]` is configured.
+    pub cluster: Option<crate::cluster::Cluster>,
     /// Live updates of the `$SYS` tree, for gateways holding `$SYS/...` subscriptions.
     pub sys: SysTree,
 }

@@ -71,6 +71,9 @@ pub struct Config {
     pub sys: Sys,
     #[serde(default)]
     pub log: Log,
+    /// `[cluster]`: several nodes sharing one NATS (docs/cluster.md); absent = one node.
+    #[serde(default)]
+    pub cluster: Option<Cluster>,
     /// The file this config was read from; relative paths resolve against its folder.
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -176,6 +179,125 @@ pub struct Tls {
     /// `cn`: the certificate's subject CN is the username; `none`: certificate only gates TLS.
     #[serde(default)]
     pub identity: CertIdentity,
+}
+
+/// The subject prefix when `[cluster] subject_prefix` is not set.
+pub const DEFAULT_SUBJECT_PREFIX: &str = "moatmq";
+
+/// `[cluster]`: this node's link to the NATS that joins the cluster's nodes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cluster {
+    /// NATS server URLs (`nats://host:4222`, `tls://host:4222`); at least one.
+    pub servers: Vec<String>,
+    /// This node's name, unique in the cluster: messages carry it so no node takes its
+    /// own back. Letters, digits, `-` and `_`, 1 to 64 characters.
+    pub node_name: String,
+    /// First subject token(s) of every message the cluster exchanges; default "moatmq".
+    #[serde(default = "default_subject_prefix")]
+    pub subject_prefix: String,
+    /// NATS credentials file (JWT and nkey seed), when the NATS server requires one.
+    #[serde(default)]
+    pub credentials: Option<PathBuf>,
+    /// Username whose ACL decides what messages from NATS-native clients (no moatmq
+    /// headers) may be written; absent = such messages are dropped.
+    #[serde(default)]
+    pub native_user: Option<String>,
+    /// `[cluster.tls]`: TLS to NATS; absent = what the URLs say (`tls://` uses the
+    /// system roots).
+    #[serde(default)]
+    pub tls: Option<ClusterTls>,
+}
+
+/// `[cluster.tls]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterTls {
+    /// PEM CA bundle the NATS servers' certificates are verified against.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// PEM client certificate chain, for NATS servers that verify clients (with `key`).
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    /// PEM private key of `cert`.
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+}
+
+fn default_subject_prefix() -> String {
+    DEFAULT_SUBJECT_PREFIX.to_string()
+}
+
+/// A NATS subject of literal tokens: no wildcard, whitespace or empty token.
+fn valid_subject_prefix(prefix: &str) -> bool {
+    prefix.len() <= 128
+        && prefix.split('.').all(|token| {
+            !token.is_empty()
+                && token != "*"
+                && token != ">"
+                && token
+                    .chars()
+                    .all(|c| c.is_ascii_graphic() && c != '*' && c != '>')
+        })
+}
+
+/// A `nats://` or `tls://` URL with a host.
+fn valid_nats_url(url: &str) -> bool {
+    let rest = url
+        .strip_prefix("nats://")
+        .or_else(|| url.strip_prefix("tls://"));
+    rest.is_some_and(|r| {
+        let host = r.rsplit('@').next().unwrap_or(r);
+        !host.is_empty() && !host.starts_with(':') && !host.contains(char::is_whitespace)
+    })
+}
+
+impl Cluster {
+    fn validate(&self) -> Result<(), Invalid> {
+        if self.servers.is_empty() {
+            return Err(Invalid::new(
+                "cluster.servers",
+                "must list at least one NATS server such as \"nats://127.0.0.1:4222\"",
+            ));
+        }
+        if !self.servers.iter().all(|s| valid_nats_url(s)) {
+            return Err(Invalid::new(
+                "cluster.servers",
+                "each server must be a nats:// or tls:// URL such as \"nats://host:4222\"",
+            ));
+        }
+        let name_char = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+        if self.node_name.is_empty()
+            || self.node_name.len() > 64
+            || !self.node_name.chars().all(name_char)
+        {
+            return Err(Invalid::new(
+                "cluster.node_name",
+                "must be 1 to 64 letters, digits, - or _ (unique per node)",
+            ));
+        }
+        if !valid_subject_prefix(&self.subject_prefix) {
+            return Err(Invalid::new(
+                "cluster.subject_prefix",
+                "must be a NATS subject of literal tokens (no *, >, spaces or empty tokens)",
+            ));
+        }
+        if self.native_user.as_deref() == Some("") {
+            return Err(Invalid::new(
+                "cluster.native_user",
+                "must not be empty (leave it out to drop messages from NATS clients)",
+            ));
+        }
+        if let Some(tls) = &self.tls {
+            if tls.cert.is_some() != tls.key.is_some() {
+                return Err(Invalid::new(
+                    "cluster.tls.cert",
+                    "cert and key go together: set both or neither",
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// How a client certificate maps to an identity.
@@ -869,6 +991,9 @@ impl Config {
             if r.max_bytes == 0 {
                 return Err(Invalid::new("retained.max_bytes", "must be greater than 0"));
             }
+        }
+        if let Some(c) = &self.cluster {
+            c.validate()?;
         }
         if self.retained.is_none() {
             let s = &self.sessions;

@@ -369,3 +369,81 @@ fn sys_interval_defaults_to_ten_seconds_and_is_bounded() {
     let err = parse(&format!("{MINIMAL}[sys]\ninterval = -1\n")).unwrap_err();
     assert!(matches!(err, ConfigError::Syntax { line: 5, .. }), "{err}");
 }
+
+const CLUSTER: &str =
+    "[cluster]\nservers = [\"nats://127.0.0.1:4222\"]\nnode_name = \"moatmq-0\"\n";
+
+#[test]
+fn cluster_is_absent_by_default_and_parses_with_defaults() {
+    assert!(parse(MINIMAL).unwrap().cluster.is_none());
+    let c = parse(&format!("{MINIMAL}{CLUSTER}")).unwrap();
+    let cluster = c.cluster.unwrap();
+    assert_eq!(cluster.servers, ["nats://127.0.0.1:4222"]);
+    assert_eq!(cluster.node_name, "moatmq-0");
+    assert_eq!(cluster.subject_prefix, DEFAULT_SUBJECT_PREFIX);
+    assert!(cluster.tls.is_none() && cluster.credentials.is_none());
+    assert!(cluster.native_user.is_none());
+}
+
+#[test]
+fn cluster_tls_and_credentials_parse() {
+    let text = format!(
+        "{MINIMAL}{CLUSTER}subject_prefix = \"site.a\"\ncredentials = \"n.creds\"\n\
+         native_user = \"bridge\"\n[cluster.tls]\nca = \"ca.crt\"\ncert = \"c.crt\"\nkey = \"c.key\"\n"
+    );
+    let cluster = parse(&text).unwrap().cluster.unwrap();
+    assert_eq!(cluster.subject_prefix, "site.a");
+    assert_eq!(cluster.native_user.as_deref(), Some("bridge"));
+    let tls = cluster.tls.unwrap();
+    assert_eq!(tls.ca.unwrap(), Path::new("ca.crt"));
+    assert_eq!(tls.key.unwrap(), Path::new("c.key"));
+}
+
+#[test]
+fn cluster_rejections_name_key_and_line() {
+    let cases = [
+        (
+            "[cluster]\nservers = []\nnode_name = \"a\"\n",
+            "broker.toml:5: cluster.servers: must list at least one NATS server such as \"nats://127.0.0.1:4222\"",
+        ),
+        (
+            "[cluster]\nservers = [\"http://x:4222\"]\nnode_name = \"a\"\n",
+            "broker.toml:5: cluster.servers: each server must be a nats:// or tls:// URL such as \"nats://host:4222\"",
+        ),
+        (
+            "[cluster]\nservers = [\"nats://x:4222\"]\nnode_name = \"a b\"\n",
+            "broker.toml:6: cluster.node_name: must be 1 to 64 letters, digits, - or _ (unique per node)",
+        ),
+        (
+            "[cluster]\nservers = [\"nats://x:4222\"]\nnode_name = \"a\"\nsubject_prefix = \"a.>\"\n",
+            "broker.toml:7: cluster.subject_prefix: must be a NATS subject of literal tokens (no *, >, spaces or empty tokens)",
+        ),
+        (
+            "[cluster]\nservers = [\"nats://x:4222\"]\nnode_name = \"a\"\nsubject_prefix = \"a..b\"\n",
+            "broker.toml:7: cluster.subject_prefix: must be a NATS subject of literal tokens (no *, >, spaces or empty tokens)",
+        ),
+        (
+            "[cluster]\nservers = [\"nats://x:4222\"]\nnode_name = \"a\"\nnative_user = \"\"\n",
+            "broker.toml:7: cluster.native_user: must not be empty (leave it out to drop messages from NATS clients)",
+        ),
+        (
+            "[cluster]\nservers = [\"nats://x:4222\"]\nnode_name = \"a\"\n[cluster.tls]\ncert = \"c.crt\"\n",
+            "broker.toml:8: cluster.tls.cert: cert and key go together: set both or neither",
+        ),
+    ];
+    for (section, expected) in cases {
+        let err = parse(&format!("{MINIMAL}{section}")).unwrap_err();
+        assert_eq!(err.to_string(), expected, "{section}");
+    }
+}
+
+#[test]
+fn cluster_without_node_name_or_with_unknown_key_is_refused() {
+    let err = parse(&format!(
+        "{MINIMAL}[cluster]\nservers = [\"nats://x:4222\"]\n"
+    ))
+    .unwrap_err();
+    assert!(err.to_string().contains("node_name"), "{err}");
+    let err = parse(&format!("{MINIMAL}{CLUSTER}node = \"x\"\n")).unwrap_err();
+    assert!(matches!(err, ConfigError::Syntax { line: 7, .. }), "{err}");
+}

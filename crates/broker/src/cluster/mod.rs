@@ -1,0 +1,370 @@
+//! Cluster: live routing between moatmq nodes over core NATS (docs/cluster.md).
+//!
+//! Out: [`Cluster::forward`] is called by `admit` for every message it lets in, except
+//! cluster input itself, and hands it to one task that publishes it on
+//! `<prefix>.<subject>` with the origin node, QoS, retain flag, publisher and MQTT 5
+//! properties in headers.
+//! In: one subscription on `<prefix>.>`; a message from another node, or from a
+//! NATS-native client when `native_user` is set, goes through `admit` as
+//! [`Source::Cluster`] and then into the router on the broker's own link, so every
+//! delivery passes the receiving node's `deliver`. A node never re-publishes what it
+//! received (the source decides), NATS does not echo a node's own publishes back
+//! (`no_echo`), and a message naming this node as origin is dropped.
+
+mod properties;
+mod subject;
+
+pub use subject::{to_subject, to_topic};
+
+use crate::admit::{admit, Admitted, Inbound, Source};
+use crate::error::BrokerError;
+use crate::metrics::Metrics;
+use crate::policy::{Identity, ListenerPolicy};
+use crate::shared::{ConnInfo, Shared};
+use async_nats::{HeaderMap, Subscriber};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use moatmq_config::{Cluster as ClusterConfig, Config};
+use rumqttd::protocol::QoS;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+use tokio::sync::{mpsc, Notify};
+
+/// Header naming the node that admitted the message; absent on NATS-native messages.
+pub const NODE: &str = "Moatmq-Node";
+/// Header with the published QoS (`0`, `1`, `2`).
+pub const QOS: &str = "Moatmq-Qos";
+/// Header with the publisher's retain flag (`0`, `1`).
+pub const RETAIN: &str = "Moatmq-Retain";
+/// Header with the publisher's username or certificate CN; absent for anonymous.
+pub const USER: &str = "Moatmq-User";
+/// Header with the publisher's client id (ACL rules may name it, `%c`).
+pub const CLIENT: &str = "Moatmq-Client";
+/// Header with the MQTT 5 publish properties, JSON (`properties.rs`); absent when none.
+pub const PROPERTIES: &str = "Moatmq-Properties";
+/// The client id NATS-native messages are admitted under, with `native_user`.
+pub const NATIVE_CLIENT_ID: &str = "nats";
+
+/// Messages waiting for the NATS connection: past this, new ones are not forwarded
+/// (counted) rather than holding up the publishers' gateways.
+const FORWARD_QUEUE: usize = 16_384;
+
+/// This node's link to the cluster.
+pub struct Cluster {
+    node: String,
+    prefix: String,
+    native_user: Option<String>,
+    forward: mpsc::Sender<Outgoing>,
+    metrics: Arc<Metrics>,
+    /// Wakes `watch_connection`; with `stopped`, ends it (and its NATS client) on drop.
+    connected: Arc<Notify>,
+    stopped: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stopped.store(true, Ordering::Release);
+        self.connected.notify_one();
+    }
+}
+
+/// A message on its way to NATS.
+struct Outgoing {
+    subject: String,
+    headers: HeaderMap,
+    payload: Bytes,
+}
+
+/// The subscription that feeds [`run_input`], taken once by `serve`.
+pub struct Input(Subscriber);
+
+impl Cluster {
+    /// Connects to NATS (in the background: the broker starts while NATS is away, not
+    /// ready until it is reachable) and subscribes to the cluster's subjects.
+    pub async fn connect(
+        config: &Config,
+        cluster: &ClusterConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<(Cluster, Input), BrokerError> {
+        let failed = |reason: String| BrokerError::Cluster { reason };
+        let mut options = async_nats::ConnectOptions::new()
+            .name(format!("moatmq {}", cluster.node_name))
+            .no_echo()
+            .retry_on_initial_connect()
+            .max_reconnects(None);
+        if let Some(path) = &cluster.credentials {
+            let path = config.resolve(path);
+            options = options
+                .credentials_file(&path)
+                .await
+                .map_err(|e| failed(format!("credentials file {}: {e}", path.display())))?;
+        }
+        if let Some(tls) = &cluster.tls {
+            options = options.require_tls(true);
+            if let Some(ca) = &tls.ca {
+                options = options.add_root_certificates(config.resolve(ca));
+            }
+            if let (Some(cert), Some(key)) = (&tls.cert, &tls.key) {
+                options = options.add_client_certificate(config.resolve(cert), config.resolve(key));
+            }
+        }
+        // Not ready until connected and subscribed (`watch_connection` says so).
+        metrics.cluster_ok.store(false, Ordering::Release);
+        let events = Arc::downgrade(&metrics);
+        let connected = Arc::new(Notify::new());
+        let on_connect = connected.clone();
+        options = options.event_callback(move |event| {
+            let events: Weak<Metrics> = events.clone();
+            let on_connect = on_connect.clone();
+            async move {
+                let Some(metrics) = events.upgrade() else {
+                    return;
+                };
+                match event {
+                    async_nats::Event::Connected => {
+                        tracing::info!("cluster: connected to NATS");
+                        on_connect.notify_one();
+                    }
+                    async_nats::Event::Disconnected | async_nats::Event::Closed => {
+                        tracing::warn!("cluster: NATS connection lost; reconnecting");
+                        metrics.cluster_ok.store(false, Ordering::Release);
+                    }
+                    async_nats::Event::SlowConsumer(_) => {
+                        // The input fell behind: NATS dropped messages for this node.
+                        tracing::warn!("cluster: messages from NATS dropped (slow consumer)");
+                        metrics.cluster_dropped.inc();
+                    }
+                    other => tracing::debug!("cluster: NATS {other}"),
+                }
+            }
+        });
+        let client = options
+            .connect(cluster.servers.as_slice())
+            .await
+            .map_err(|e| failed(format!("NATS connection: {e}")))?;
+        let subscriber = client
+            .subscribe(format!("{}.>", cluster.subject_prefix))
+            .await
+            .map_err(|e| failed(format!("NATS subscription: {e}")))?;
+        let (forward, queue) = mpsc::channel(FORWARD_QUEUE);
+        tokio::spawn(run_output(client.clone(), queue));
+        let stopped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        tokio::spawn(watch_connection(
+            client,
+            connected.clone(),
+            stopped.clone(),
+            Arc::downgrade(&metrics),
+        ));
+        Ok((
+            Cluster {
+                node: cluster.node_name.clone(),
+                prefix: cluster.subject_prefix.clone(),
+                native_user: cluster.native_user.clone(),
+                forward,
+                metrics,
+                connected,
+                stopped,
+            },
+            Input(subscriber),
+        ))
+    }
+
+    /// Hands a message `admit` let in to NATS for the other nodes (and NATS clients).
+    /// Never blocks: with NATS slow or away, what does not fit the queue is dropped.
+    pub fn forward(&self, who: &Identity, msg: &Inbound<'_>) {
+        let Some(subject) = self.subject_of(msg.topic) else {
+            tracing::debug!(
+                topic = msg.topic,
+                "cluster: topic has no NATS subject; kept local"
+            );
+            return;
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert(NODE, self.node.as_str());
+        headers.insert(QOS, (msg.qos as u8).to_string().as_str());
+        headers.insert(RETAIN, if msg.retain { "1" } else { "0" });
+        // A header value cannot hold a line break: such an identity stays local.
+        let printable = |s: &str| !s.chars().any(char::is_control);
+        if let Some(user) = &who.username {
+            if !printable(user) {
+                return;
+            }
+            headers.insert(USER, user.as_str());
+        }
+        if !printable(&who.client_id) {
+            return;
+        }
+        headers.insert(CLIENT, who.client_id.as_str());
+        if let Some(props) = msg.properties.and_then(properties::encode) {
+            headers.insert(PROPERTIES, props.as_str());
+        }
+        let out = Outgoing {
+            subject,
+            headers,
+            payload: msg.payload.clone(),
+        };
+        if self.forward.try_send(out).is_err() {
+            self.metrics.cluster_dropped.inc();
+            tracing::debug!("cluster: forwarding queue full; message kept local");
+        }
+    }
+
+    /// `<prefix>.<subject of topic>`; `None` for `$` topics (per node) and topics
+    /// nats-server cannot map.
+    fn subject_of(&self, topic: &str) -> Option<String> {
+        if topic.starts_with('$') {
+            return None;
+        }
+        to_subject(topic).map(|s| format!("{}.{s}", self.prefix))
+    }
+}
+
+/// Ready once connected and subscribed: after each (re)connection the client sends its
+/// subscriptions before anything else, and the server handles one connection's
+/// operations in order, so an answer to a request sent after them means the server has
+/// them and this node receives what the others publish.
+async fn watch_connection(
+    client: async_nats::Client,
+    connected: Arc<Notify>,
+    stopped: Arc<std::sync::atomic::AtomicBool>,
+    metrics: Weak<Metrics>,
+) {
+    loop {
+        connected.notified().await;
+        if stopped.load(Ordering::Acquire) {
+            return;
+        }
+        let answered = round_trip(&client).await;
+        let Some(metrics) = metrics.upgrade() else {
+            return;
+        };
+        if answered && client.connection_state() == async_nats::connection::State::Connected {
+            metrics.cluster_ok.store(true, Ordering::Release);
+        }
+    }
+}
+
+/// A request to an inbox nobody listens on: the server answers "no responders" once it
+/// has handled everything this connection sent before. (`Client::flush` only writes
+/// the socket, and with `no_echo` a node cannot hear its own publish.)
+pub async fn round_trip(client: &async_nats::Client) -> bool {
+    match client.request(client.new_inbox(), Bytes::new()).await {
+        Ok(_) => true,
+        Err(e) => e.kind() == async_nats::RequestErrorKind::NoResponders,
+    }
+}
+
+/// Publishes forwarded messages in the order `admit` let them in.
+async fn run_output(client: async_nats::Client, mut queue: mpsc::Receiver<Outgoing>) {
+    while let Some(out) = queue.recv().await {
+        if let Err(e) = client
+            .publish_with_headers(out.subject, out.headers, out.payload)
+            .await
+        {
+            tracing::debug!("cluster: publish to NATS failed: {e}");
+        }
+    }
+}
+
+/// Takes every message of the cluster's subjects into this node until shutdown.
+pub async fn run_input(shared: Arc<Shared>, input: Input) {
+    let Some(cluster) = shared.cluster.as_ref() else {
+        return;
+    };
+    let mut subscriber = input.0;
+    let info = cluster_connection();
+    while let Some(message) = subscriber.next().await {
+        receive(&shared, cluster, &info, message);
+    }
+}
+
+/// One message from NATS: admitted as cluster input, then into the router.
+fn receive(shared: &Shared, cluster: &Cluster, info: &ConnInfo, message: async_nats::Message) {
+    let header = |name: &str| {
+        message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(name))
+            .map(|v| v.as_str().to_string())
+    };
+    let Some(rest) = message
+        .subject
+        .as_str()
+        .strip_prefix(cluster.prefix.as_str())
+        .and_then(|s| s.strip_prefix('.'))
+    else {
+        return;
+    };
+    let topic = to_topic(rest);
+    if !crate::topic::valid_topic_name(&topic, shared.config.limits.max_topic_levels)
+        || topic.starts_with('$')
+    {
+        tracing::debug!("cluster: message on a subject with no valid topic dropped");
+        return;
+    }
+    let who = match header(NODE) {
+        Some(node) if node == cluster.node => return,
+        Some(_) => Identity {
+            username: header(USER),
+            client_id: header(CLIENT).unwrap_or_default(),
+        },
+        None => match &cluster.native_user {
+            Some(user) => Identity {
+                username: Some(user.clone()),
+                client_id: NATIVE_CLIENT_ID.to_string(),
+            },
+            None => {
+                shared.metrics.cluster_dropped.inc();
+                tracing::debug!(
+                    topic,
+                    "cluster: message from a NATS client dropped (no native_user)"
+                );
+                return;
+            }
+        },
+    };
+    let qos = match header(QOS).as_deref() {
+        Some("1") => QoS::AtLeastOnce,
+        Some("2") => QoS::ExactlyOnce,
+        _ => QoS::AtMostOnce,
+    };
+    let retain = header(RETAIN).as_deref() == Some("1");
+    // Properties mean an MQTT 5 publisher: a retained copy keeps them, as on one node.
+    let props = header(PROPERTIES).and_then(|p| properties::decode(&p));
+    let inbound = Inbound {
+        topic: &topic,
+        payload: &message.payload,
+        qos,
+        retain,
+        properties: props.as_ref(),
+        v5: props.is_some(),
+    };
+    match admit(shared, info, &who, Source::Cluster, inbound) {
+        Ok(Admitted::Now | Admitted::AfterSave) => {
+            shared.metrics.cluster_received.inc();
+            shared.router.publish(
+                Bytes::from(topic.into_bytes()),
+                message.payload.clone(),
+                qos,
+                retain,
+                props,
+            );
+        }
+        Err(why) => tracing::debug!(topic, ?why, "cluster: message not admitted"),
+    }
+}
+
+/// The connection cluster input is audited as coming from.
+fn cluster_connection() -> ConnInfo {
+    ConnInfo {
+        listener: ListenerPolicy {
+            name: "cluster".into(),
+            allow_anonymous: false,
+        },
+        peer: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
+        cert_identity: None,
+        rate_limited: false,
+        deadline: tokio::time::Instant::now(),
+        slot: Weak::new(),
+    }
+}

@@ -1,0 +1,624 @@
+//! Cluster live routing (docs/cluster.md) with real components on loopback: a
+//! `nats-server -js` (Debian package nats-server, installed by .ci/run) started by each
+//! test on a port of its own, two or three in-process moatmq nodes joined through it,
+//! rumqttc clients on the nodes and an async-nats client for NATS-native traffic.
+
+use futures_util::StreamExt;
+use moatmq_testkit::{v4, TestBroker, QUIET, WAIT};
+use rumqttc::QoS;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+const USERS: &[(&str, &str)] = &[
+    ("alice", "alice-pw"),
+    ("bob", "bob-pw"),
+    ("admin", "admin-pw"),
+];
+
+const ACL: &str = "\
+user alice
+topic readwrite alice/#
+topic write feed/#
+
+user bob
+topic read feed/#
+topic deny feed/secret/#
+
+user admin
+topic readwrite #
+
+user natsbridge
+topic write nats-in/#
+";
+
+/// A nats-server with JetStream on 127.0.0.1, killed when dropped.
+struct Nats {
+    port: u16,
+    dir: tempfile::TempDir,
+    /// Options after the defaults (TLS).
+    extra: Vec<String>,
+    child: Option<Child>,
+}
+
+impl Nats {
+    async fn start() -> Nats {
+        Nats::start_with(tempfile::tempdir().expect("temp dir"), Vec::new()).await
+    }
+
+    /// A server with `extra` options; `dir` holds its JetStream store and any files
+    /// the options name.
+    async fn start_with(dir: tempfile::TempDir, extra: Vec<String>) -> Nats {
+        let found = Command::new("sh")
+            .args(["-c", "command -v nats-server"])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        assert!(
+            found,
+            "nats-server not found: install the package nats-server \
+             (e.g. `apt-get install nats-server`; .ci/run does)"
+        );
+        // A free port, chosen by the system, for this server (and its restarts).
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let mut nats = Nats {
+            port,
+            dir,
+            extra,
+            child: None,
+        };
+        nats.restart().await;
+        nats
+    }
+
+    /// Starts the server (again) on its port and waits until it accepts connections.
+    async fn restart(&mut self) {
+        let child = Command::new("nats-server")
+            .args([
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-sd",
+            ])
+            .arg(self.dir.path().join("js"))
+            .args(&self.extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server starts");
+        self.child = Some(child);
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .is_err()
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "nats-server did not listen"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Kills the server (SIGKILL) and waits for it.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    async fn client(&self) -> async_nats::Client {
+        async_nats::connect(self.url()).await.expect("NATS client")
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A moatmq node joined to `nats` as `name`, with `extra` keys in `[cluster]`; ready
+/// (connected to NATS and subscribed) when this returns.
+async fn node(nats: &Nats, name: &str, extra: &str) -> TestBroker {
+    node_with(nats, name, extra, |b| b).await
+}
+
+/// [`node`], with more set up on its builder (files in its folder).
+async fn node_with(
+    nats: &Nats,
+    name: &str,
+    extra: &str,
+    more: impl FnOnce(moatmq_testkit::TestBrokerBuilder) -> moatmq_testkit::TestBrokerBuilder,
+) -> TestBroker {
+    let broker = more(TestBroker::builder())
+        .users(USERS)
+        .acl(ACL)
+        .metrics()
+        .no_connection_rate()
+        .toml(&format!(
+            "[cluster]\nservers = [\"{}\"]\nnode_name = \"{name}\"\n{extra}",
+            nats.url()
+        ))
+        .start()
+        .await;
+    wait_ready(&broker, true).await;
+    broker
+}
+
+/// `/readyz`'s answer is 200.
+async fn ready(broker: &TestBroker) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(broker.metrics_addr()).await else {
+        return false;
+    };
+    if s.write_all(b"GET /readyz HTTP/1.0\r\n\r\n").await.is_err() {
+        return false;
+    }
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text).await;
+    text.starts_with("HTTP/1.0 200") || text.starts_with("HTTP/1.1 200")
+}
+
+async fn wait_ready(broker: &TestBroker, want: bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while ready(broker).await != want {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "/readyz did not become {}",
+            if want { "200" } else { "503" }
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn login(addr: SocketAddr, id: &str, user: &str) -> v4::Client {
+    let mut o = v4::options(addr, id);
+    let password = USERS
+        .iter()
+        .find(|(u, _)| *u == user)
+        .map(|(_, p)| *p)
+        .expect("a test user");
+    o.set_credentials(user, password);
+    v4::connect(o).await.expect("login")
+}
+
+/// A login at `addr` is refused with "server unavailable" (3.1.1 code 3).
+async fn assert_refused(addr: SocketAddr) {
+    let mut o = v4::options(addr, "refused");
+    o.set_credentials("alice", "alice-pw");
+    match v4::connect(o).await {
+        Err(rumqttc::ConnectionError::ConnectionRefused(
+            rumqttc::ConnectReturnCode::ServiceUnavailable,
+        )) => {}
+        Err(other) => panic!("refused otherwise: {other}"),
+        Ok(_) => panic!("a node without NATS accepted a client"),
+    }
+}
+
+/// Subscribes at `qos` and waits for the SUBACK; returns whether it was granted.
+async fn subscribe(c: &mut v4::Client, filter: &str, qos: QoS) -> bool {
+    c.client
+        .subscribe(filter, qos)
+        .await
+        .expect("subscribe queued");
+    let codes = c
+        .incoming(|p| match p {
+            rumqttc::Packet::SubAck(ack) => Some(ack.return_codes.clone()),
+            _ => None,
+        })
+        .await
+        .expect("SUBACK");
+    matches!(codes[..], [rumqttc::SubscribeReasonCode::Success(_)])
+}
+
+async fn publish(c: &v4::Client, topic: &str, qos: QoS, retain: bool, payload: &str) {
+    c.client
+        .publish(topic, qos, retain, payload.as_bytes().to_vec())
+        .await
+        .expect("publish queued");
+}
+
+/// Every PUBLISH received until nothing more arrives for [`QUIET`].
+async fn drain(c: &mut v4::Client) -> Vec<rumqttc::Publish> {
+    let mut got = Vec::new();
+    while let Some(p) = c.publish_within(QUIET).await {
+        got.push(p);
+    }
+    got
+}
+
+#[tokio::test]
+async fn publish_on_one_node_reaches_subscribers_on_another_at_qos_0_1_and_2() {
+    let nats = Nats::start().await;
+    let a = node(&nats, "node-a", "").await;
+    let b = node(&nats, "node-b", "").await;
+    let mut sub = login(b.first_addr(), "alice-sub", "alice").await;
+    assert!(subscribe(&mut sub, "alice/#", QoS::AtLeastOnce).await);
+    let publ = login(a.first_addr(), "alice-pub", "alice").await;
+
+    publish(&publ, "alice/q0", QoS::AtMostOnce, false, "zero").await;
+    let p = sub.next_publish().await;
+    assert_eq!(
+        (p.topic.as_str(), &p.payload[..]),
+        ("alice/q0", &b"zero"[..])
+    );
+    assert_eq!(p.qos, QoS::AtMostOnce, "QoS 0 stays QoS 0");
+
+    publish(&publ, "alice/q1", QoS::AtLeastOnce, false, "one").await;
+    let p = sub.next_publish().await;
+    assert_eq!(
+        (p.topic.as_str(), &p.payload[..]),
+        ("alice/q1", &b"one"[..])
+    );
+    assert_eq!(p.qos, QoS::AtLeastOnce, "QoS 1 arrives at QoS 1");
+    assert!(!p.retain);
+    assert!(drain(&mut sub).await.is_empty(), "each message once");
+    assert!(b.metric("moatmq_cluster_messages_received_total").await >= 2.0);
+
+    // QoS 2 arrives at QoS 2 for a QoS 2 subscription, once; at QoS 1 for the other.
+    let mut sub2 = login(b.first_addr(), "alice-sub2", "alice").await;
+    assert!(subscribe(&mut sub2, "alice/q2", QoS::ExactlyOnce).await);
+    publish(&publ, "alice/q2", QoS::ExactlyOnce, false, "two").await;
+    let p = sub2.next_publish().await;
+    assert_eq!((p.topic.as_str(), p.qos), ("alice/q2", QoS::ExactlyOnce));
+    assert!(drain(&mut sub2).await.is_empty(), "QoS 2 once");
+    let p = sub.next_publish().await;
+    assert_eq!((p.topic.as_str(), p.qos), ("alice/q2", QoS::AtLeastOnce));
+}
+
+#[tokio::test]
+async fn retained_flag_and_qos_cross_nodes_as_mqtt_requires() {
+    let nats = Nats::start().await;
+    let a = node(&nats, "node-a", "").await;
+    let b = node(&nats, "node-b", "").await;
+    let mut live = login(b.first_addr(), "alice-live", "alice").await;
+    assert!(subscribe(&mut live, "alice/#", QoS::AtLeastOnce).await);
+    let publ = login(a.first_addr(), "alice-pub", "alice").await;
+    publish(&publ, "alice/state", QoS::AtLeastOnce, true, "on").await;
+
+    // A live forward of a retained publish has retain = 0 (MQTT-3.3.1-9).
+    let p = live.next_publish().await;
+    assert_eq!(&p.payload[..], b"on");
+    assert!(!p.retain, "live forward carries retain 0");
+    assert_eq!(p.qos, QoS::AtLeastOnce);
+
+    // A new subscriber on the other node gets the retained copy, retain = 1, at the
+    // lower of the published and granted QoS.
+    let mut late = login(b.first_addr(), "alice-late", "alice").await;
+    assert!(subscribe(&mut late, "alice/state", QoS::AtMostOnce).await);
+    let p = late.next_publish().await;
+    assert_eq!(
+        (p.topic.as_str(), &p.payload[..]),
+        ("alice/state", &b"on"[..])
+    );
+    assert!(p.retain, "retained copy carries retain 1");
+    assert_eq!(p.qos, QoS::AtMostOnce);
+
+    // Clearing it on node A clears it on node B.
+    publish(&publ, "alice/state", QoS::AtLeastOnce, true, "").await;
+    assert_eq!(live.next_publish().await.payload.len(), 0);
+    let mut later = login(b.first_addr(), "alice-later", "alice").await;
+    assert!(subscribe(&mut later, "alice/state", QoS::AtLeastOnce).await);
+    assert!(
+        drain(&mut later).await.is_empty(),
+        "retained message cleared"
+    );
+}
+
+#[tokio::test]
+async fn read_acl_applies_on_the_receiving_node() {
+    let nats = Nats::start().await;
+    let a = node(&nats, "node-a", "").await;
+    let b = node(&nats, "node-b", "").await;
+    let mut admin = login(b.first_addr(), "admin-sub", "admin").await;
+    assert!(subscribe(&mut admin, "feed/#", QoS::AtLeastOnce).await);
+    // bob may subscribe to feed/# but not read feed/secret/#: checked per delivery.
+    let mut bob = login(b.first_addr(), "bob-sub", "bob").await;
+    assert!(subscribe(&mut bob, "feed/#", QoS::AtLeastOnce).await);
+    let publ = login(a.first_addr(), "alice-pub", "alice").await;
+    publish(&publ, "feed/secret/1", QoS::AtLeastOnce, false, "s").await;
+    publish(&publ, "feed/open/1", QoS::AtLeastOnce, false, "o").await;
+
+    let topics = |got: Vec<rumqttc::Publish>| got.into_iter().map(|p| p.topic).collect::<Vec<_>>();
+    // node B has both (the reader allowed everything gets both)...
+    let mut seen = vec![admin.next_publish().await.topic];
+    seen.extend(topics(drain(&mut admin).await));
+    assert_eq!(seen, ["feed/secret/1", "feed/open/1"]);
+    // ...and bob only what his ACL lets him read.
+    assert_eq!(topics(drain(&mut bob).await), ["feed/open/1"]);
+}
+
+#[tokio::test]
+async fn three_nodes_deliver_each_message_once_in_order() {
+    let nats = Nats::start().await;
+    let nodes = [
+        node(&nats, "node-a", "").await,
+        node(&nats, "node-b", "").await,
+        node(&nats, "node-c", "").await,
+    ];
+    let mut subs = Vec::new();
+    for (i, n) in nodes.iter().enumerate() {
+        let mut s = login(n.first_addr(), &format!("alice-sub-{i}"), "alice").await;
+        assert!(subscribe(&mut s, "alice/#", QoS::AtLeastOnce).await);
+        subs.push(s);
+    }
+    // Publishers on two nodes: nothing may come back around to either.
+    let on_a = login(nodes[0].first_addr(), "alice-pub-a", "alice").await;
+    let on_c = login(nodes[2].first_addr(), "alice-pub-c", "alice").await;
+    for i in 0..20 {
+        publish(&on_a, "alice/a", QoS::AtLeastOnce, false, &i.to_string()).await;
+        publish(&on_c, "alice/c", QoS::AtMostOnce, false, &i.to_string()).await;
+    }
+    let expected: Vec<String> = (0..20).map(|i| i.to_string()).collect();
+    for (i, s) in subs.iter_mut().enumerate() {
+        let mut got = vec![s.next_publish().await];
+        got.extend(drain(s).await);
+        for topic in ["alice/a", "alice/c"] {
+            let payloads: Vec<String> = got
+                .iter()
+                .filter(|p| p.topic == topic)
+                .map(|p| String::from_utf8_lossy(&p.payload).into_owned())
+                .collect();
+            assert_eq!(payloads, expected, "node {i}, {topic}: once each, in order");
+        }
+        assert_eq!(got.len(), 40, "node {i}: nothing else");
+    }
+}
+
+#[tokio::test]
+async fn nats_clients_and_mqtt_clients_exchange_messages_where_the_acl_allows() {
+    let nats = Nats::start().await;
+    // Node A admits NATS-native messages as natsbridge; node B has no native_user.
+    let a = node(&nats, "node-a", "native_user = \"natsbridge\"\n").await;
+    let b = node(&nats, "node-b", "").await;
+    let mut on_a = login(a.first_addr(), "admin-a", "admin").await;
+    assert!(subscribe(&mut on_a, "#", QoS::AtLeastOnce).await);
+    let mut on_b = login(b.first_addr(), "admin-b", "admin").await;
+    assert!(subscribe(&mut on_b, "#", QoS::AtLeastOnce).await);
+    let nc = nats.client().await;
+
+    // natsbridge may not write alice/#: refused; nats-in/# is allowed.
+    nc.publish("moatmq.alice.forged", "x".into()).await.unwrap();
+    nc.publish("moatmq.nats-in.temp//c", "21.5".into())
+        .await
+        .unwrap();
+    assert!(moatmq_broker::cluster::round_trip(&nc).await);
+    let got = on_a.next_publish().await;
+    assert_eq!(
+        (got.topic.as_str(), &got.payload[..]),
+        ("nats-in/temp.c", &b"21.5"[..])
+    );
+    assert_eq!(got.qos, QoS::AtMostOnce, "no QoS header: QoS 0");
+    assert!(
+        drain(&mut on_a).await.is_empty(),
+        "the forged one was refused"
+    );
+    // Without native_user, node B drops NATS-native messages (default deny).
+    assert!(drain(&mut on_b).await.is_empty());
+    assert!(b.metric("moatmq_cluster_messages_dropped_total").await >= 2.0);
+
+    // MQTT -> NATS: the subject of nats-server's MQTT mapping, under the prefix.
+    let mut nsub = nc.subscribe("moatmq.alice.>").await.unwrap();
+    assert!(moatmq_broker::cluster::round_trip(&nc).await);
+    let publ = login(b.first_addr(), "alice-pub", "alice").await;
+    publish(&publ, "alice/a.b//c", QoS::AtLeastOnce, true, "hello").await;
+    let m = tokio::time::timeout(WAIT, nsub.next())
+        .await
+        .expect("a NATS message in time")
+        .expect("subscription open");
+    assert_eq!(m.subject.as_str(), "moatmq.alice.a//b./.c");
+    assert_eq!(&m.payload[..], b"hello");
+    let headers = m.headers.expect("moatmq headers");
+    let h = |name: &str| headers.get(name).map(|v| v.as_str().to_string());
+    assert_eq!(h("Moatmq-Node").as_deref(), Some("node-b"));
+    assert_eq!(h("Moatmq-Qos").as_deref(), Some("1"));
+    assert_eq!(h("Moatmq-Retain").as_deref(), Some("1"));
+    assert_eq!(h("Moatmq-User").as_deref(), Some("alice"));
+    // A message refused by admit (alice may not write bob/#) never reaches NATS.
+    let mut all = nc.subscribe("moatmq.>").await.unwrap();
+    assert!(moatmq_broker::cluster::round_trip(&nc).await);
+    publish(&publ, "bob/x", QoS::AtLeastOnce, false, "no").await;
+    publish(&publ, "alice/after", QoS::AtLeastOnce, false, "yes").await;
+    let m = tokio::time::timeout(WAIT, all.next())
+        .await
+        .expect("a NATS message in time")
+        .expect("subscription open");
+    assert_eq!(m.subject.as_str(), "moatmq.alice.after");
+}
+
+#[tokio::test]
+async fn readyz_follows_nats_and_routing_resumes_after_a_nats_restart() {
+    let mut nats = Nats::start().await;
+    let a = node(&nats, "node-a", "").await;
+    let b = node(&nats, "node-b", "").await;
+    let mut sub_a = login(a.first_addr(), "alice-sub-a", "alice").await;
+    assert!(subscribe(&mut sub_a, "alice/#", QoS::AtLeastOnce).await);
+    let publ = login(a.first_addr(), "alice-pub", "alice").await;
+    nats.kill();
+    wait_ready(&a, false).await;
+    wait_ready(&b, false).await;
+    // Clients already connected are served locally while NATS is away; new ones are
+    // refused (server unavailable), to connect to a node that can route them.
+    publish(&publ, "alice/local", QoS::AtLeastOnce, false, "l").await;
+    assert_eq!(&sub_a.next_publish().await.payload[..], b"l");
+    assert_refused(b.first_addr()).await;
+
+    nats.restart().await;
+    wait_ready(&a, true).await;
+    wait_ready(&b, true).await;
+    let mut sub_b = login(b.first_addr(), "alice-sub-b", "alice").await;
+    assert!(subscribe(&mut sub_b, "alice/#", QoS::AtLeastOnce).await);
+    publish(&publ, "alice/again", QoS::AtLeastOnce, false, "x").await;
+    let p = sub_b.next_publish().await;
+    assert_eq!(
+        (p.topic.as_str(), &p.payload[..]),
+        ("alice/again", &b"x"[..])
+    );
+}
+
+#[tokio::test]
+async fn nodes_reach_nats_over_mutual_tls() {
+    let ca = moatmq_testkit::TestCa::new("nats test CA");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (cert, key) = ca.server(dir.path(), "nats");
+    let ca_file = ca.write_ca(dir.path(), "ca.crt");
+    let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
+    let tls = vec![
+        "--tlsverify".to_string(),
+        "--tlscert".into(),
+        path(&cert),
+        "--tlskey".into(),
+        path(&key),
+        "--tlscacert".into(),
+        path(&ca_file),
+    ];
+    let nats = Nats::start_with(dir, tls).await;
+    let with_tls = |b: moatmq_testkit::TestBrokerBuilder| {
+        ca.write_ca(b.dir(), "nats-ca.crt");
+        ca.valid_client(b.dir(), "node", "moatmq-node");
+        b
+    };
+    let section = "[cluster.tls]\nca = \"nats-ca.crt\"\ncert = \"node.crt\"\nkey = \"node.key\"\n";
+    let a = node_with(&nats, "node-a", section, with_tls).await;
+    let b = node_with(&nats, "node-b", section, with_tls).await;
+    let mut sub = login(b.first_addr(), "alice-sub", "alice").await;
+    assert!(subscribe(&mut sub, "alice/#", QoS::AtLeastOnce).await);
+    let publ = login(a.first_addr(), "alice-pub", "alice").await;
+    publish(&publ, "alice/tls", QoS::AtLeastOnce, false, "sealed").await;
+    assert_eq!(&sub.next_publish().await.payload[..], b"sealed");
+
+    // Without the client certificate the NATS server refuses the node: never ready.
+    let plain = TestBroker::builder()
+        .users(USERS)
+        .metrics()
+        .toml(&format!(
+            "[cluster]\nservers = [\"{}\"]\nnode_name = \"node-c\"\n",
+            nats.url()
+        ))
+        .start()
+        .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!ready(&plain).await, "a node NATS refused is not ready");
+}
+
+#[test]
+fn check_refuses_a_missing_credentials_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("broker.toml");
+    std::fs::write(
+        &path,
+        "[[listener]]\nname = \"tcp\"\nbind = \"127.0.0.1:0\"\n\
+         [cluster]\nservers = [\"nats://127.0.0.1:4222\"]\nnode_name = \"n\"\n\
+         credentials = \"nats.creds\"\n",
+    )
+    .unwrap();
+    let config = moatmq_config::Config::load(&path).unwrap();
+    let err = moatmq_broker::validate(&config).unwrap_err().to_string();
+    let expected = format!(
+        "cluster: credentials {}: ",
+        dir.path().join("nats.creds").display()
+    );
+    assert!(err.starts_with(&expected), "{err}");
+}
+
+#[tokio::test]
+async fn a_node_starts_unready_and_refusing_while_nats_is_away_and_joins_when_it_comes() {
+    let mut nats = Nats::start().await;
+    let a = node(&nats, "node-a", "").await;
+    nats.kill();
+    // The broker starts (its clients are served locally) but says it is not ready.
+    let b = TestBroker::builder()
+        .users(USERS)
+        .acl(ACL)
+        .metrics()
+        .no_connection_rate()
+        .toml(&format!(
+            "[cluster]\nservers = [\"{}\"]\nnode_name = \"node-b\"\n",
+            nats.url()
+        ))
+        .start()
+        .await;
+    assert!(!ready(&b).await, "not ready without NATS");
+    assert_refused(b.first_addr()).await;
+
+    nats.restart().await;
+    wait_ready(&a, true).await;
+    wait_ready(&b, true).await;
+    let mut sub = login(b.first_addr(), "alice-sub", "alice").await;
+    assert!(subscribe(&mut sub, "alice/#", QoS::AtLeastOnce).await);
+    let publ = login(a.first_addr(), "alice-pub", "alice").await;
+    publish(&publ, "alice/joined", QoS::AtLeastOnce, false, "j").await;
+    let p = sub.next_publish().await;
+    assert_eq!(
+        (p.topic.as_str(), &p.payload[..]),
+        ("alice/joined", &b"j"[..])
+    );
+}
+
+#[tokio::test]
+async fn mqtt5_properties_cross_nodes() {
+    use moatmq_testkit::v5;
+    use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
+    use rumqttc::v5::mqttbytes::QoS as Q5;
+    let login5 = |addr: SocketAddr, id: &str| {
+        let mut o = v5::options(addr, id);
+        o.set_credentials("alice", "alice-pw");
+        async move { v5::connect(o).await.expect("login") }
+    };
+    let nats = Nats::start().await;
+    let a = node(&nats, "node-a", "").await;
+    let b = node(&nats, "node-b", "").await;
+    let mut sub = login5(b.first_addr(), "alice-sub5").await;
+    sub.client
+        .subscribe("alice/#", Q5::AtLeastOnce)
+        .await
+        .unwrap();
+    sub.incoming(|p| matches!(p, Packet::SubAck(_)).then_some(()))
+        .await
+        .expect("SUBACK");
+    let publ = login5(a.first_addr(), "alice-pub5").await;
+    let props = PublishProperties {
+        content_type: Some("text/plain".into()),
+        response_topic: Some("alice/reply".into()),
+        correlation_data: Some(vec![1, 2, 0xff].into()),
+        user_properties: vec![("k".into(), "v".into()), ("k".into(), "w".into())],
+        ..Default::default()
+    };
+    publ.client
+        .publish_with_properties("alice/props", Q5::AtLeastOnce, true, "hello", props)
+        .await
+        .unwrap();
+    let got = sub.next_publish().await;
+    assert_eq!(&got.payload[..], b"hello");
+    let check = |p: Option<PublishProperties>| {
+        let p = p.expect("properties crossed the nodes");
+        assert_eq!(p.content_type.as_deref(), Some("text/plain"));
+        assert_eq!(p.response_topic.as_deref(), Some("alice/reply"));
+        assert_eq!(p.correlation_data.as_deref(), Some(&[1u8, 2, 0xff][..]));
+        assert_eq!(
+            p.user_properties,
+            [("k".to_string(), "v".to_string()), ("k".into(), "w".into())]
+        );
+    };
+    check(got.properties);
+    // The retained copy on node B keeps them too.
+    let mut late = login5(b.first_addr(), "alice-late5").await;
+    late.client
+        .subscribe("alice/props", Q5::AtLeastOnce)
+        .await
+        .unwrap();
+    let got = late.next_publish().await;
+    assert!(got.retain);
+    check(got.properties);
+}
