@@ -14,12 +14,12 @@
 //! connection itself is still valid, not whether one message may go in.
 
 use crate::event::Event;
+pub use crate::inbound::Inbound;
 use crate::policy::Identity;
 use crate::retained::{from_router_properties, Recorded};
 use crate::retained_index::{owner_of, Refusal};
 use crate::shared::{ConnInfo, Shared};
-use bytes::Bytes;
-use rumqttd::protocol::{PublishProperties, QoS};
+use rumqttd::protocol::PublishProperties;
 
 /// Who is sending a message into the broker: the audit log's `action`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,18 +41,6 @@ impl Source {
             Source::Cluster => "cluster",
         }
     }
-}
-
-/// A message asking to enter the broker.
-#[derive(Debug, Clone, Copy)]
-pub struct Inbound<'a> {
-    pub topic: &'a str,
-    pub payload: &'a Bytes,
-    pub qos: QoS,
-    pub retain: bool,
-    pub properties: Option<&'a PublishProperties>,
-    /// Sent by an MQTT 5 client (its properties are kept with a retained copy).
-    pub v5: bool,
 }
 
 /// The message may go to the router.

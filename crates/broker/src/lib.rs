@@ -11,6 +11,7 @@ mod admit;
 mod audit;
 #[doc(hidden)] // the subject mapping, for the cluster tests: not a stable API
 pub mod cluster;
+mod cluster_input;
 #[doc(hidden)] // reachable for the fuzz harness (fuzz/): not a stable API
 pub mod codec;
 mod connect;
@@ -21,6 +22,7 @@ mod forwarded;
 mod gateway;
 mod handshake_log;
 mod hashing;
+mod inbound;
 mod listener;
 mod login_gate;
 mod metrics;

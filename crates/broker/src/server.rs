@@ -248,7 +248,7 @@ impl Broker {
         }
         tasks.spawn(crate::sys::run(self.shared.clone()));
         if let Some(input) = self.cluster_input {
-            tasks.spawn(crate::cluster::run_input(self.shared.clone(), input));
+            tasks.spawn(crate::cluster_input::run_input(self.shared.clone(), input));
         }
         // Not ready if the router already failed (the monitor cleared both flags).
         let router_ok = self
