@@ -6,12 +6,12 @@
 use crate::admit::{admit, Admitted, Source};
 use crate::cluster::*;
 use crate::inbound::Inbound;
-use crate::policy::{Identity, ListenerPolicy};
+use crate::policy::Identity;
 use crate::shared::{ConnInfo, Shared};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use rumqttd::protocol::QoS;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 
 /// Takes every message of the cluster's subjects into this node until shutdown.
 pub async fn run_input(shared: Arc<Shared>, input: Input) {
@@ -103,15 +103,5 @@ fn receive(shared: &Shared, cluster: &Cluster, info: &ConnInfo, message: async_n
 
 /// The connection cluster input is audited as coming from.
 fn cluster_connection() -> ConnInfo {
-    ConnInfo {
-        listener: ListenerPolicy {
-            name: "cluster".into(),
-            allow_anonymous: false,
-        },
-        peer: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
-        cert_identity: None,
-        rate_limited: false,
-        deadline: tokio::time::Instant::now(),
-        slot: Weak::new(),
-    }
+    ConnInfo::internal("cluster")
 }

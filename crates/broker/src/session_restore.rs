@@ -5,7 +5,7 @@
 
 use crate::durable::{Loaded, SessionBook};
 use crate::event::Event;
-use crate::policy::{Identity, ListenerPolicy};
+use crate::policy::Identity;
 use crate::resubscribe::router_subscribes;
 use crate::router::router_client_id;
 use crate::shared::{ConnInfo, Shared};
@@ -95,17 +95,7 @@ async fn restore_one(shared: &Arc<Shared>, book: &SessionBook, loaded: Loaded) {
 /// The connection a restored session's will is audited as coming from: none, the
 /// session store.
 fn restored_connection() -> ConnInfo {
-    ConnInfo {
-        listener: ListenerPolicy {
-            name: "session-store".into(),
-            allow_anonymous: false,
-        },
-        peer: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
-        cert_identity: None,
-        rate_limited: false,
-        deadline: tokio::time::Instant::now(),
-        slot: Weak::new(),
-    }
+    ConnInfo::internal("session-store")
 }
 
 /// Makes a stored session's subscriptions again under its router client id, then

@@ -90,6 +90,22 @@ pub struct ConnInfo {
 }
 
 impl ConnInfo {
+    /// The connection of what the broker admits on nobody's socket (a restored
+    /// session's will, cluster input): audited under the listener name `source`.
+    pub fn internal(source: &str) -> ConnInfo {
+        ConnInfo {
+            listener: ListenerPolicy {
+                name: source.into(),
+                allow_anonymous: false,
+            },
+            peer: SocketAddr::from(([0, 0, 0, 0], 0)),
+            cert_identity: None,
+            rate_limited: false,
+            deadline: tokio::time::Instant::now(),
+            slot: Weak::new(),
+        }
+    }
+
     /// The CONNACK went out: the connection stops counting as pending for its address.
     pub fn established(&self) {
         if let Some(slot) = self.slot.upgrade() {
