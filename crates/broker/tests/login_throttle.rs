@@ -66,6 +66,31 @@ async fn attempt(
     }
 }
 
+/// A 3.1.1 login from `source` that hangs up as soon as the broker has started checking
+/// its password (`moatmq_password_checks_total` went up).
+async fn abandon_once_checked(
+    source: IpAddr,
+    addr: SocketAddr,
+    metrics: SocketAddr,
+    client_id: &str,
+    user: &str,
+    pass: &str,
+) {
+    let before = metric(metrics, "moatmq_password_checks_total").await;
+    let mut connect = moatmq_testkit::connect4(client_id);
+    connect.login = Some(Login::new(user, pass));
+    let mut raw = Raw::new(dial(source, addr).await);
+    let mut out = BytesMut::new();
+    connect.write(&mut out).unwrap();
+    raw.send(&out).await;
+    let started = Instant::now();
+    while metric(metrics, "moatmq_password_checks_total").await == before {
+        assert!(started.elapsed() < WAIT, "{user}'s login never checked");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    drop(raw);
+}
+
 async fn metric(addr: SocketAddr, name: &str) -> u64 {
     let mut s = TcpStream::connect(addr).await.unwrap();
     let req = "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
@@ -305,19 +330,7 @@ async fn hanging_up_during_the_check_still_counts_as_a_failure() {
     // Twelve guesses, each abandoned as soon as its hash check has started: they must
     // use up the address's 10 free failures like answered ones would.
     for n in 0..12 {
-        let before = metric(metrics, "moatmq_password_checks_total").await;
-        let mut connect = moatmq_testkit::connect4("gone");
-        connect.login = Some(Login::new(format!("u{n}"), "guess"));
-        let mut raw = Raw::new(dial(attacker, addr).await);
-        let mut out = BytesMut::new();
-        connect.write(&mut out).unwrap();
-        raw.send(&out).await;
-        let started = Instant::now();
-        while metric(metrics, "moatmq_password_checks_total").await == before {
-            assert!(started.elapsed() < WAIT, "guess {n} never checked");
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        drop(raw);
+        abandon_once_checked(attacker, addr, metrics, "gone", &format!("u{n}"), "guess").await;
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     // The next guess waits out a delay (>= 250 ms) before it is answered.
@@ -353,19 +366,7 @@ async fn a_device_that_gives_up_during_its_check_is_not_throttled_for_it() {
     // Twelve devices behind one address, each gone as soon as its check has started:
     // more than the address's 10 free failures, were they counted as failures.
     for (user, pass) in &users {
-        let before = metric(metrics, "moatmq_password_checks_total").await;
-        let mut connect = moatmq_testkit::connect4(user);
-        connect.login = Some(Login::new(user.as_str(), pass.as_str()));
-        let mut raw = Raw::new(dial(nat, addr).await);
-        let mut out = BytesMut::new();
-        connect.write(&mut out).unwrap();
-        raw.send(&out).await;
-        let started = Instant::now();
-        while metric(metrics, "moatmq_password_checks_total").await == before {
-            assert!(started.elapsed() < WAIT, "{user}'s login never checked");
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        drop(raw);
+        abandon_once_checked(nat, addr, metrics, user, user, pass).await;
     }
     let checked = metric(metrics, "moatmq_password_checks_total").await;
     // The abandoned checks finish on the pool; then the address is not throttled.
