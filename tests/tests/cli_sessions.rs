@@ -70,7 +70,7 @@ fn key_of(owner: Option<&str>, client_id: &str) -> SessionKey {
 fn message(topic: &str, payload: &str) -> QueuedMessage {
     QueuedMessage {
         topic: topic.into(),
-        payload: payload.into(),
+        payload: payload.to_owned().into(),
         qos: 1,
         retain: false,
         properties: None,

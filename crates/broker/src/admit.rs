@@ -105,12 +105,11 @@ pub fn admit(
         }
     }
     if let Some(book) = &shared.durable {
-        let properties = msg.v5.then(|| from_router_properties(msg.properties));
         let queued = book.enqueue(
             msg.topic,
             msg.payload,
             msg.qos as u8,
-            properties,
+            || msg.v5.then(|| from_router_properties(msg.properties)),
             expires_at(msg.properties),
         );
         if queued && book.is_sync() {

@@ -60,12 +60,12 @@ fn pending(will: &Will, publish_at: u64) -> PendingWill {
     PendingWill {
         message: QueuedMessage {
             topic: String::from_utf8_lossy(&w.topic).into_owned(),
-            payload: w.message.to_vec(),
+            payload: w.message.clone(),
             qos: w.qos as u8,
             retain: w.retain,
             properties: will
                 .v5
-                .then(|| from_router_properties(will.properties.as_ref())),
+                .then(|| Box::new(from_router_properties(will.properties.as_ref()))),
             expires_at: None,
         },
         publish_at,
@@ -80,12 +80,12 @@ pub fn restored(stored: PendingWill, owner: Identity, info: ConnInfo) -> Will {
     Will {
         will: LastWill {
             topic: Bytes::from(m.topic),
-            message: Bytes::from(m.payload),
+            message: m.payload,
             qos: qos_from(m.qos),
             retain: m.retain,
         },
         v5,
-        properties: stored_properties(m.properties.as_ref(), None, 0),
+        properties: stored_properties(m.properties.as_deref(), None, 0),
         delay: Duration::from_secs(stored.publish_at.saturating_sub(now_unix())),
         owner,
         info,

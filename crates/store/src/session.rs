@@ -14,6 +14,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::{MessageProperties, StoreError};
@@ -61,24 +62,18 @@ pub struct SessionMeta {
 pub struct QueuedMessage {
     /// Topic it was published to.
     pub topic: String,
-    /// Payload.
-    #[serde(serialize_with = "as_bytes")]
-    pub payload: Vec<u8>,
+    /// Payload: shared, not copied, with the router's copy of the same message while
+    /// the broker runs (serialized as one byte string, postcard's length and bytes).
+    pub payload: Bytes,
     /// QoS it is delivered with (0, 1, 2).
     pub qos: u8,
     /// Retain flag as delivered.
     pub retain: bool,
-    /// `Some` for MQTT 5 properties.
-    pub properties: Option<MessageProperties>,
+    /// `Some` for MQTT 5 properties (boxed: most messages have none, and the store holds
+    /// every queued message in memory).
+    pub properties: Option<Box<MessageProperties>>,
     /// Absolute message expiry (unix seconds), if any: it keeps counting across restarts.
     pub expires_at: Option<u64>,
-}
-
-/// Serializes a payload as one byte string rather than a sequence of bytes: the same
-/// postcard encoding (length, then the bytes), so logs written either way read alike,
-/// but one copy instead of a call per byte.
-fn as_bytes<S: serde::Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_bytes(bytes)
 }
 
 impl QueuedMessage {

@@ -29,6 +29,7 @@ mod matcher;
 
 use crate::metrics::Metrics;
 use crate::retained::{load_key, RetainedError};
+use bytes::Bytes;
 use matcher::Matcher;
 use moatmq_config::Config;
 use moatmq_store::{
@@ -90,7 +91,7 @@ struct Offline {
 
 /// The broker's side of the session store.
 pub struct SessionBook {
-    jobs: Mutex<mpsc::Sender<Job>>,
+    jobs: mpsc::Sender<Job>,
     offline: Mutex<Offline>,
     /// How many sessions are offline: with none, admitting a message takes no lock.
     offline_sessions: AtomicUsize,
@@ -152,7 +153,7 @@ impl SessionBook {
         store.commit()?;
         let (tx, rx) = mpsc::channel();
         let book = SessionBook {
-            jobs: Mutex::new(tx),
+            jobs: tx,
             offline: Mutex::new(offline),
             offline_sessions: AtomicUsize::new(0),
             sync: autosave_interval.is_zero(),
@@ -191,7 +192,7 @@ impl SessionBook {
     }
 
     fn send(&self, job: Job) {
-        if lock(&self.jobs).send(job).is_err() {
+        if self.jobs.send(job).is_err() {
             warn!("session writer is gone; change not stored");
         }
     }
@@ -208,9 +209,9 @@ impl SessionBook {
     pub fn enqueue(
         &self,
         topic: &str,
-        payload: &[u8],
+        payload: &Bytes,
         qos: u8,
-        props: Option<MessageProperties>,
+        props: impl FnOnce() -> Option<MessageProperties>,
         expires_at: Option<u64>,
     ) -> bool {
         if (qos == 0 && !self.queue_qos0) || self.offline_sessions.load(Ordering::Relaxed) == 0 {
@@ -238,10 +239,11 @@ impl SessionBook {
         }
         let message = QueuedMessage {
             topic: topic.to_string(),
-            payload: payload.to_vec(),
+            // Shared with the router's copy: no second copy of the payload in memory.
+            payload: payload.clone(),
             qos,
             retain: false,
-            properties: props,
+            properties: props().map(Box::new),
             expires_at,
         };
         self.send(Job::Enqueue(targets, message));

@@ -323,8 +323,11 @@ impl Gateway {
             };
             let properties = match self.version {
                 Version::V5 => {
-                    let p =
-                        stored_properties(r.message.properties.as_ref(), r.message.expires_at, now);
+                    let p = stored_properties(
+                        r.message.properties.as_deref(),
+                        r.message.expires_at,
+                        now,
+                    );
                     // One copy: the identifiers of every matching subscription (3.3.4).
                     let subs = &self.session.subscriptions;
                     with_identifiers(p, self.options.identifiers(subs, &r.message.topic))
@@ -333,7 +336,7 @@ impl Gateway {
             };
             let publish = make_publish_dup(
                 Bytes::from(r.message.topic.into_bytes()),
-                Bytes::from(r.message.payload),
+                r.message.payload,
                 qos,
                 r.message.retain,
                 pkid,

@@ -17,16 +17,18 @@ pub(super) fn as_queued(
 ) -> QueuedMessage {
     QueuedMessage {
         topic: String::from_utf8_lossy(topic).into_owned(),
-        payload: payload.to_vec(),
+        payload: payload.clone(),
         qos: qos as u8,
         retain: false,
         expires_at: None,
-        properties: properties.map(|p| MessageProperties {
-            payload_format_indicator: p.payload_format_indicator,
-            content_type: p.content_type.clone(),
-            response_topic: p.response_topic.clone(),
-            correlation_data: p.correlation_data.as_ref().map(|b| b.to_vec()),
-            user_properties: p.user_properties.clone(),
+        properties: properties.map(|p| {
+            Box::new(MessageProperties {
+                payload_format_indicator: p.payload_format_indicator,
+                content_type: p.content_type.clone(),
+                response_topic: p.response_topic.clone(),
+                correlation_data: p.correlation_data.as_ref().map(|b| b.to_vec()),
+                user_properties: p.user_properties.clone(),
+            })
         }),
     }
 }

@@ -20,11 +20,11 @@ fn everything_survives_reopen() {
                 QueuedMessage {
                     qos: 2,
                     retain: true,
-                    properties: Some(MessageProperties {
+                    properties: Some(Box::new(MessageProperties {
                         content_type: Some("text/plain".into()),
                         user_properties: vec![("k".into(), "v".into())],
                         ..Default::default()
-                    }),
+                    })),
                     expires_at: Some(u64::MAX / 2),
                     ..qmsg("alice/b", "2")
                 },
@@ -149,7 +149,7 @@ fn queue_bounds_drop_the_newest_per_session() {
         .unwrap()
         .messages
         .values()
-        .map(|h| String::from_utf8(h.message.payload.clone()).unwrap())
+        .map(|h| String::from_utf8(h.message.payload.to_vec()).unwrap())
         .collect();
     assert_eq!(held, ["1", "2", "4"]);
 }
@@ -355,7 +355,7 @@ fn payload_encoding_reads_like_the_byte_sequence_logs_were_written_with() {
     let payload: Vec<u8> = (0..=255).chain(0..40).collect();
     let now = qmsg("alice/t", "");
     let now = QueuedMessage {
-        payload: payload.clone(),
+        payload: payload.clone().into(),
         ..now
     };
     let before = Before {
@@ -363,7 +363,7 @@ fn payload_encoding_reads_like_the_byte_sequence_logs_were_written_with() {
         payload,
         qos: now.qos,
         retain: now.retain,
-        properties: now.properties.clone(),
+        properties: now.properties.as_deref().cloned(),
         expires_at: now.expires_at,
     };
     let new_bytes = postcard::to_stdvec(&now).unwrap();

@@ -7,6 +7,7 @@ mod crash;
 mod props;
 mod tamper;
 
+use bytes::Bytes;
 use std::path::{Path, PathBuf};
 
 use super::key;
@@ -62,7 +63,7 @@ pub(crate) fn meta(filters: &[&str]) -> SessionMeta {
 pub(crate) fn qmsg(topic: &str, payload: &str) -> QueuedMessage {
     QueuedMessage {
         topic: topic.to_owned(),
-        payload: payload.as_bytes().to_vec(),
+        payload: Bytes::copy_from_slice(payload.as_bytes()),
         qos: 1,
         retain: false,
         properties: None,
