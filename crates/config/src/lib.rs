@@ -32,6 +32,16 @@ impl Config {
     /// Parses and validates `text`; `file` is only used to name errors and to resolve
     /// relative paths against the file's folder.
     pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
+        Config::parse_with(file, text, std::env::var(NODE_NAME_ENV).ok())
+    }
+
+    /// [`Config::parse`] with the value of [`NODE_NAME_ENV`] given (it names this node
+    /// in `[cluster]`, winning over `node_name`).
+    pub fn parse_with(
+        file: &Path,
+        text: &str,
+        node_name: Option<String>,
+    ) -> Result<Config, ConfigError> {
         // One parse: its spans place every error, its tree feeds serde.
         let positions =
             position::Positions::parse(text).map_err(|e| ConfigError::malformed(file, text, &e))?;
@@ -39,6 +49,9 @@ impl Config {
         let mut config = <Config as serde::Deserialize>::deserialize(de)
             .map_err(|e| ConfigError::schema(file, &positions, &e))?;
         config.source = Some(file.to_path_buf());
+        if let (Some(cluster), Some(name)) = (&mut config.cluster, node_name) {
+            cluster.node_name = name;
+        }
         config.validate().map_err(|e| e.locate(file, &positions))
     }
 

@@ -181,6 +181,9 @@ pub struct Tls {
     pub identity: CertIdentity,
 }
 
+/// Environment variable that names this node, winning over `[cluster] node_name`.
+pub const NODE_NAME_ENV: &str = "MOATMQ_NODE_NAME";
+
 /// The subject prefix when `[cluster] subject_prefix` is not set.
 pub const DEFAULT_SUBJECT_PREFIX: &str = "moatmq";
 
@@ -191,7 +194,10 @@ pub struct Cluster {
     /// NATS server URLs (`nats://host:4222`, `tls://host:4222`); at least one.
     pub servers: Vec<String>,
     /// This node's name, unique in the cluster: messages carry it so no node takes its
-    /// own back. Letters, digits, `-` and `_`, 1 to 64 characters.
+    /// own back. Letters, digits, `-` and `_`, 1 to 64 characters. The environment
+    /// variable [`NODE_NAME_ENV`] wins (one config for every pod of a StatefulSet, each
+    /// named by its pod); required when that is not set.
+    #[serde(default)]
     pub node_name: String,
     /// First subject token(s) of every message the cluster exchanges; default "moatmq".
     #[serde(default = "default_subject_prefix")]
@@ -273,7 +279,7 @@ impl Cluster {
         {
             return Err(Invalid::new(
                 "cluster.node_name",
-                "must be 1 to 64 letters, digits, - or _ (unique per node)",
+                "must be 1 to 64 letters, digits, - or _ (unique per node; or set MOATMQ_NODE_NAME)",
             ));
         }
         if !valid_subject_prefix(&self.subject_prefix) {

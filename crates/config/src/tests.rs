@@ -2,7 +2,7 @@ use super::*;
 use std::path::Path;
 
 fn parse(text: &str) -> Result<Config, ConfigError> {
-    Config::parse(Path::new("broker.toml"), text)
+    Config::parse_with(Path::new("broker.toml"), text, None)
 }
 
 const MINIMAL: &str = "[[listener]]\nname = \"local\"\nbind = \"127.0.0.1:1883\"\n";
@@ -412,7 +412,7 @@ fn cluster_rejections_name_key_and_line() {
         ),
         (
             "[cluster]\nservers = [\"nats://x:4222\"]\nnode_name = \"a b\"\n",
-            "broker.toml:6: cluster.node_name: must be 1 to 64 letters, digits, - or _ (unique per node)",
+            "broker.toml:6: cluster.node_name: must be 1 to 64 letters, digits, - or _ (unique per node; or set MOATMQ_NODE_NAME)",
         ),
         (
             "[cluster]\nservers = [\"nats://x:4222\"]\nnode_name = \"a\"\nsubject_prefix = \"a.>\"\n",
@@ -444,6 +444,34 @@ fn cluster_without_node_name_or_with_unknown_key_is_refused() {
     ))
     .unwrap_err();
     assert!(err.to_string().contains("node_name"), "{err}");
+    assert!(err.to_string().contains("MOATMQ_NODE_NAME"), "{err}");
     let err = parse(&format!("{MINIMAL}{CLUSTER}node = \"x\"\n")).unwrap_err();
     assert!(matches!(err, ConfigError::Syntax { line: 7, .. }), "{err}");
+}
+
+#[test]
+fn the_node_name_from_the_environment_wins_and_is_checked_like_the_key() {
+    let file = Path::new("broker.toml");
+    let servers = "[cluster]\nservers = [\"nats://x:4222\"]\n";
+    // One config for every pod: the name comes from the environment.
+    let c = Config::parse_with(
+        file,
+        &format!("{MINIMAL}{servers}"),
+        Some("moatmq-2".into()),
+    )
+    .unwrap();
+    assert_eq!(c.cluster.unwrap().node_name, "moatmq-2");
+    let c = Config::parse_with(
+        file,
+        &format!("{MINIMAL}{servers}node_name = \"from-file\"\n"),
+        Some("moatmq-1".into()),
+    )
+    .unwrap();
+    assert_eq!(c.cluster.unwrap().node_name, "moatmq-1");
+    let err =
+        Config::parse_with(file, &format!("{MINIMAL}{servers}"), Some("a b".into())).unwrap_err();
+    assert!(err.to_string().contains("cluster.node_name"), "{err}");
+    // Without [cluster] the variable changes nothing.
+    let c = Config::parse_with(file, MINIMAL, Some("moatmq-0".into())).unwrap();
+    assert!(c.cluster.is_none());
 }
