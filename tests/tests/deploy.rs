@@ -566,3 +566,74 @@ fn compose_believes_the_client_address_only_from_cloudflared() {
         "the tunnel network"
     );
 }
+
+/// Three pods joined through NATS (issue 16): the overlay's broker.toml is the plain one
+/// plus a `[cluster]` section and loads once MOATMQ_NODE_NAME names the pod, which the
+/// StatefulSet sets from the pod's own name, in the overlay as in the chart.
+#[test]
+fn cluster_deployments_name_each_pod_and_keep_one_config() {
+    let base = embedded_toml(&read("deploy/kubernetes/configmap.yaml"), "broker.toml");
+    let cluster = embedded_toml(
+        &read("deploy/kubernetes-cluster/configmap.yaml"),
+        "broker.toml",
+    );
+    assert!(
+        cluster.starts_with(base.trim_end()),
+        "the overlay's broker.toml extends the plain one"
+    );
+    let file = Path::new("/etc/moatmq/config/broker.toml");
+    let c = Config::parse_with(file, &cluster, Some("moatmq-1".into())).unwrap();
+    let section = c.cluster.expect("[cluster]");
+    assert_eq!(section.node_name, "moatmq-1");
+    assert!(!section.servers.is_empty());
+    assert!(c.retained.is_some(), "every node seals with the shared key");
+    // Without the pod's name the config is refused rather than run unnamed.
+    assert!(Config::parse_with(file, &cluster, None).is_err());
+
+    let patch = yaml("deploy/kubernetes-cluster/statefulset-patch.yaml");
+    let spec = &patch["spec"];
+    assert_eq!(spec["replicas"].as_i64(), Some(3));
+    let env = &spec["template"]["spec"]["containers"][0]["env"][0];
+    assert_eq!(env["name"].as_str(), Some("MOATMQ_NODE_NAME"));
+    assert_eq!(
+        env["valueFrom"]["fieldRef"]["fieldPath"].as_str(),
+        Some("metadata.name")
+    );
+    let kustomization = read("deploy/kubernetes-cluster/kustomization.yaml");
+    for part in [
+        "../kubernetes",
+        "poddisruptionbudget.yaml",
+        "statefulset-patch.yaml",
+    ] {
+        assert!(kustomization.contains(part), "kustomization.yaml: {part}");
+    }
+
+    let sts = read("deploy/helm/moatmq/templates/statefulset.yaml");
+    assert!(sts.contains("MOATMQ_NODE_NAME") && sts.contains("fieldPath: metadata.name"));
+    assert!(
+        sts.contains("replicaCount > 1 needs cluster.enabled"),
+        "more than one unjoined pod is refused"
+    );
+    let cm = read("deploy/helm/moatmq/templates/configmap.yaml");
+    assert!(cm.contains("[cluster]") && cm.contains(".Values.cluster.servers"));
+    let pdb = read("deploy/helm/moatmq/templates/poddisruptionbudget.yaml");
+    assert!(pdb.contains("kind: PodDisruptionBudget") && pdb.contains("maxUnavailable"));
+    // Compose: three nodes, one config, each named by its service.
+    let compose = yaml("deploy/compose/cluster.yaml");
+    let toml = read("deploy/compose/config/cluster.toml");
+    for n in 1..=3 {
+        let node = &compose["services"][format!("moatmq-{n}").as_str()];
+        let name = node["environment"]["MOATMQ_NODE_NAME"]
+            .as_str()
+            .expect("node name");
+        assert_eq!(name, format!("moatmq-{n}"));
+        let c = Config::parse_with(file, &toml, Some(name.into())).unwrap();
+        assert_eq!(c.cluster.expect("[cluster]").servers, ["nats://nats:4222"]);
+    }
+    assert!(compose["services"]["nats"]["command"]
+        .as_vec()
+        .is_some_and(|c| c.iter().any(|a| a.as_str() == Some("-js"))));
+    let values = yaml("deploy/helm/moatmq/values.yaml");
+    assert_eq!(values["replicaCount"].as_i64(), Some(1));
+    assert_eq!(values["cluster"]["enabled"].as_bool(), Some(false));
+}
