@@ -310,7 +310,7 @@ mod tests {
         let a = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1));
         let b = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2));
         let mut q = Queue::default();
-        let mut push = |q: &mut Queue, addr, name: &str| {
+        let push = |q: &mut Queue, addr, name: &str| {
             let (mut j, rx) = job();
             j.username = name.into();
             (q.push(addr, j, 3).map(|e| e.username), rx)
