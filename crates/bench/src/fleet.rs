@@ -30,7 +30,7 @@ const DEVICE_BUFFER: usize = 256;
 /// How long one login attempt may take before the device gives up and retries.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 /// A wave that is not complete after this long is reported as failed.
-const WAVE_TIMEOUT: Duration = Duration::from_secs(300);
+const WAVE_TIMEOUT: Duration = Duration::from_secs(900);
 
 #[derive(clap::Args, Debug)]
 pub struct FleetArgs {
