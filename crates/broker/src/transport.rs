@@ -9,6 +9,7 @@ use bytes::BytesMut;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use std::io;
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
@@ -110,6 +111,27 @@ impl Reader {
                 }
             },
         }
+    }
+
+    /// Reads and drops what the client still sends after the broker closed its side,
+    /// until the client closes too, `limit` bytes have come or `time` has passed.
+    ///
+    /// A TCP socket closed before the peer's last writes arrive (or with bytes unread)
+    /// answers them with a reset (RFC 1122 4.2.2.13), and the peer's next write fails,
+    /// possibly before it has read what was sent last.
+    pub async fn drain(mut self, time: Duration, limit: usize) {
+        let mut buf = BytesMut::new();
+        let mut total = 0;
+        let _ = tokio::time::timeout(time, async {
+            while total < limit {
+                buf.clear();
+                match self.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => total += n,
+                }
+            }
+        })
+        .await;
     }
 }
 

@@ -3,6 +3,7 @@
 
 use moatmq_testkit::{connect5, v4, Raw, TestBroker, QUIET, WAIT};
 use rumqttc::v5::mqttbytes::v5 as m5;
+use std::time::Duration;
 
 #[tokio::test]
 async fn a_client_gets_no_more_in_flight_than_its_receive_maximum() {
@@ -44,4 +45,63 @@ async fn a_client_gets_no_more_in_flight_than_its_receive_maximum() {
         }
     }
     assert_eq!(got, ["m0", "m1", "m2", "m3", "m4", "m5"]);
+}
+
+/// MQTT 5 3.3.4, 4.13: a client that sent more QoS 2 PUBLISHes than the broker's Receive
+/// Maximum, and is still answering the PUBRECs ahead of the DISCONNECT 0x93 when the
+/// broker has closed its side, can write its PUBRELs and reads the DISCONNECT: the
+/// broker reads on for a while instead of answering them with a reset (the Paho
+/// interoperability suite's test_flow_control2 does this).
+#[tokio::test]
+async fn a_client_still_acknowledging_reads_the_disconnect() {
+    let broker = TestBroker::builder()
+        .anonymous()
+        .limit("max_inflight", 2)
+        .start()
+        .await;
+    let (mut raw, code) =
+        Raw::connect5(broker.first_addr(), connect5("still-acking"), None, None).await;
+    assert_eq!(code, Some(m5::ConnectReturnCode::Success));
+    let publish = |pkid| {
+        let mut p = m5::Publish::new(
+            "fc/late",
+            rumqttc::v5::mqttbytes::QoS::ExactlyOnce,
+            "x",
+            None,
+        );
+        p.pkid = pkid;
+        m5::Packet::Publish(p)
+    };
+    // Two within the window, their PUBRECs left unread; then one too many.
+    raw.send5(publish(1)).await;
+    raw.send5(publish(2)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    raw.send5(publish(3)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut pubrecs = 0;
+    loop {
+        match raw.next5(WAIT).await {
+            Some(m5::Packet::PubRec(rec)) => {
+                pubrecs += 1;
+                let mut rel = bytes::BytesMut::new();
+                m5::Packet::PubRel(m5::PubRel::new(rec.pkid, None))
+                    .write(&mut rel)
+                    .unwrap();
+                raw.write(&rel)
+                    .await
+                    .expect("a PUBREL written after the broker closed its side");
+                // A slow client: whatever the broker answers to it has arrived.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Some(m5::Packet::Disconnect(d)) => {
+                assert_eq!(
+                    d.reason_code,
+                    m5::DisconnectReasonCode::ReceiveMaximumExceeded
+                );
+                break;
+            }
+            other => panic!("expected PUBREC or DISCONNECT, got {other:?}"),
+        }
+    }
+    assert_eq!(pubrecs, 2);
 }

@@ -63,6 +63,11 @@ use window::OutWindow;
 /// idle devices keeps only what each must (docs/benchmarks.md, idle connections).
 const IDLE_TRIM: Duration = Duration::from_secs(5);
 
+/// How long, and for how many bytes at most, what a client still sends after its MQTT 5
+/// DISCONNECT is read and dropped before the socket closes (`Reader::drain`).
+const LINGER: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 64 * 1024;
+
 /// What the client's CONNECT asked of the broker's side (MQTT 5 properties).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ClientLimits {
@@ -264,6 +269,16 @@ impl Gateway {
         }
         // A client that reads nothing cannot hold up the teardown (TLS close_notify).
         let _ = tokio::time::timeout(Duration::from_secs(1), writer.shutdown()).await;
+        if let (Version::V5, Some(_), false) =
+            (self.version, reason, matches!(close, Close::Shutdown))
+        {
+            // The client may still be answering what it had not read yet (PUBRELs for
+            // the PUBRECs before a DISCONNECT 0x93). Dropping the socket now would answer
+            // those writes with a reset, and the client's next write would fail before
+            // it reads the DISCONNECT and its reason code. Bounded (LINGER, LINGER_BYTES);
+            // the connection no longer counts against the limits meanwhile.
+            tokio::spawn(reader.drain(LINGER, LINGER_BYTES));
+        }
         let publish_will = !matches!(
             close,
             Close::ClientDisconnect { with_will: false } | Close::Shutdown
