@@ -72,16 +72,16 @@ pub fn bucket_base(prefix: &str) -> String {
 
 /// The task keeping this node's retained set and the cluster's bucket in step.
 pub struct StateSync {
-    pub client: async_nats::Client,
-    pub seal: ClusterSeal,
-    pub base: String,
-    pub prefix: String,
+    client: async_nats::Client,
+    seal: ClusterSeal,
+    base: String,
+    prefix: String,
     /// Where the key came from (key file or environment variable), for the error.
-    pub key_source: String,
-    pub index: RetainedIndex,
-    pub metrics: Weak<Metrics>,
-    pub changes: mpsc::Receiver<Change>,
-    pub checked: watch::Sender<KeyCheck>,
+    key_source: String,
+    index: RetainedIndex,
+    metrics: Weak<Metrics>,
+    changes: mpsc::Receiver<Change>,
+    checked: watch::Sender<KeyCheck>,
     /// The topic of every KV key applied or written, to apply deletes (which carry
     /// the key only).
     topics: HashMap<String, String>,
