@@ -19,7 +19,6 @@ use crate::policy::Identity;
 use crate::retained::{from_router_properties, Recorded};
 use crate::retained_index::{owner_of, Refusal};
 use crate::shared::{ConnInfo, Shared};
-use rumqttd::protocol::PublishProperties;
 
 /// Who is sending a message into the broker: the audit log's `action`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,7 +109,7 @@ pub fn admit(
             msg.payload,
             msg.qos as u8,
             || msg.v5.then(|| from_router_properties(msg.properties)),
-            expires_at(msg.properties),
+            msg.expires_at(),
         );
         if queued && book.is_sync() {
             // A copy for an offline persistent session is durable before the
@@ -126,13 +125,6 @@ pub fn admit(
         cluster.forward(who, &msg);
     }
     Ok(admitted)
-}
-
-/// The absolute expiry of a message with an MQTT 5 message expiry interval.
-fn expires_at(properties: Option<&PublishProperties>) -> Option<u64> {
-    properties
-        .and_then(|p| p.message_expiry_interval)
-        .map(|secs| moatmq_store::now_unix() + u64::from(secs))
 }
 
 /// The write ACL in force now; a refusal is counted and audited. [`admit`] asks it of
@@ -166,7 +158,7 @@ fn retain(shared: &Shared, who: &Identity, msg: Inbound<'_>) -> Result<Recorded,
     if msg.payload.is_empty() {
         index.clear(msg.topic);
     } else {
-        let expires_at = expires_at(msg.properties);
+        let expires_at = msg.expires_at();
         let owner = owner_of(who.username.as_deref());
         let message = crate::retained::message(
             msg.topic,

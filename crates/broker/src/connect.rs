@@ -18,7 +18,6 @@ use crate::will::Will;
 use bytes::BytesMut;
 use moatmq_store::SessionKey;
 use rumqttd::protocol::{ConnAck, ConnAckProperties, ConnectReturnCode, Packet, PublishProperties};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tracing::debug;
@@ -166,9 +165,11 @@ async fn login(
 
     // A cluster node that cannot reach NATS could not route this client's messages to
     // the other nodes, nor theirs to it: the client is better served by another node.
-    if shared.cluster.is_some() && !shared.metrics.cluster_ok.load(Ordering::Acquire) {
+    if shared.cluster.is_some() && !shared.metrics.cluster_ready() {
         refuse(&mut writer, version, Refusal::Unavailable).await;
-        return Err(ConnectFailure::Refused("cluster: NATS is unreachable"));
+        return Err(ConnectFailure::Refused(
+            "cluster: NATS is unreachable or its state not loaded",
+        ));
     }
     let attempt = Attempt {
         listener: &info.listener,

@@ -95,6 +95,9 @@ pub struct Metrics {
     /// NATS client without `native_user`; each time the input fell behind and NATS
     /// dropped messages for this node, counted once).
     pub cluster_dropped: Counter,
+    /// `[cluster]`: values of the shared state in NATS refused (not authenticating under
+    /// this node's key at their bucket and key: altered, moved or foreign).
+    pub cluster_state_rejected: Counter,
     /// Persistent sessions whose client is away, and their subscriptions.
     pub sessions_offline: Gauge,
     pub sessions_offline_subscriptions: Gauge,
@@ -117,11 +120,21 @@ pub struct Metrics {
     /// `[cluster]`: false while NATS is unreachable or the subscription not yet in
     /// place (`/readyz` answers 503, CONNECTs are refused); always true without a cluster.
     pub cluster_ok: AtomicBool,
+    /// `[cluster]`: false until the retained messages in NATS are loaded (and for good
+    /// when this node's key does not open the cluster's key marker); always true
+    /// without a cluster.
+    pub cluster_state_ok: AtomicBool,
     /// Saves counted by the store, mirrored into the gauges at scrape time.
     pub saves: AtomicU64,
 }
 
 impl Metrics {
+    /// With `[cluster]`: connected and subscribed to NATS, and the shared retained
+    /// messages loaded (always true without a cluster).
+    pub fn cluster_ready(&self) -> bool {
+        self.cluster_ok.load(Ordering::Acquire) && self.cluster_state_ok.load(Ordering::Acquire)
+    }
+
     pub fn new() -> Arc<Metrics> {
         let m = Metrics {
             registry: Mutex::new(Registry::with_prefix("moatmq")),
@@ -151,6 +164,7 @@ impl Metrics {
             session_messages_dropped: Counter::default(),
             cluster_received: Counter::default(),
             cluster_dropped: Counter::default(),
+            cluster_state_rejected: Counter::default(),
             sessions_offline: Gauge::default(),
             sessions_offline_subscriptions: Gauge::default(),
             sessions_stored: Gauge::default(),
@@ -163,6 +177,7 @@ impl Metrics {
             ready: AtomicBool::new(false),
             router_ok: AtomicBool::new(true),
             cluster_ok: AtomicBool::new(true),
+            cluster_state_ok: AtomicBool::new(true),
             saves: AtomicU64::new(0),
         };
         if let Ok(mut r) = m.registry.lock() {
@@ -271,6 +286,11 @@ impl Metrics {
                 "cluster_messages_dropped",
                 "Messages not forwarded to NATS (queue full) or from NATS clients without native_user",
                 m.cluster_dropped.clone(),
+            );
+            r.register(
+                "cluster_state_rejected",
+                "Values of the cluster's shared state in NATS refused (tampered, moved or sealed under another key)",
+                m.cluster_state_rejected.clone(),
             );
             r.register(
                 "sessions_offline",
@@ -437,10 +457,7 @@ async fn healthy(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
 }
 
 async fn ready(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
-    if m.ready.load(Ordering::Acquire)
-        && m.router_ok.load(Ordering::Acquire)
-        && m.cluster_ok.load(Ordering::Acquire)
-    {
+    if m.ready.load(Ordering::Acquire) && m.router_ok.load(Ordering::Acquire) && m.cluster_ready() {
         (StatusCode::OK, "ready\n")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")

@@ -124,7 +124,10 @@ impl Broker {
         let (cluster, cluster_input) = match &config.cluster {
             Some(c) => {
                 let (cluster, input) =
-                    crate::cluster::Cluster::connect(&config, c, metrics.clone()).await?;
+                    crate::cluster::Cluster::connect(&config, c, metrics.clone(), &retained_index)
+                        .await?;
+                // A node whose key does not open the cluster's state does not start.
+                cluster.check_key(KEY_CHECK_WAIT).await?;
                 (Some(cluster), Some(input))
             }
             None => (None, None),
@@ -349,6 +352,10 @@ impl Drop for StopWatchdog {
         self.0.stop_watchdog();
     }
 }
+
+/// How long start waits for NATS to say whether this node's key opens the cluster's
+/// key marker; past it the node starts (unready) and the check goes on in the background.
+const KEY_CHECK_WAIT: Duration = Duration::from_secs(5);
 
 /// How long a failed broker waits for the retained store's final flush.
 const FAILED_FLUSH_WAIT: Duration = Duration::from_secs(2);

@@ -1,7 +1,8 @@
 //! Cluster live routing (docs/cluster.md) with real components on loopback: a
 //! `nats-server -js` (Debian package nats-server, installed by .ci/run) started by each
 //! test on a port of its own, two or three in-process moatmq nodes joined through it,
-//! rumqttc clients on the nodes and an async-nats client for NATS-native traffic.
+//! rumqttc clients on the nodes and an async-nats client for NATS-native traffic (and
+//! to read and tamper with the cluster's JetStream KV buckets).
 
 use futures_util::StreamExt;
 use moatmq_testkit::{v4, TestBroker, QUIET, WAIT};
@@ -31,6 +32,24 @@ topic readwrite #
 user natsbridge
 topic write nats-in/#
 ";
+
+/// The `[retained]` key every node of the test cluster shares (hex).
+const CLUSTER_KEY: &str = "5ea1ed0c1a55e7a11c0ffee0ddba11d0decade5eedfacade0b5e55edc0de1234";
+
+/// `[retained]` with the key `hex` in `retained.key` (mode 0600): a cluster's state in
+/// NATS is sealed with it.
+fn with_key(b: moatmq_testkit::TestBrokerBuilder, hex: &str) -> moatmq_testkit::TestBrokerBuilder {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(b.dir().join("retained.key"))
+        .expect("write retained.key");
+    std::io::Write::write_all(&mut file, format!("{hex}\n").as_bytes()).expect("key");
+    b.set("retained", "path", "data/retained")
+        .set("retained", "key_file", "retained.key")
+}
 
 /// A nats-server with JetStream on 127.0.0.1, killed when dropped.
 struct Nats {
@@ -141,7 +160,7 @@ async fn node_with(
     extra: &str,
     more: impl FnOnce(moatmq_testkit::TestBrokerBuilder) -> moatmq_testkit::TestBrokerBuilder,
 ) -> TestBroker {
-    let broker = more(TestBroker::builder())
+    let broker = more(with_key(TestBroker::builder(), CLUSTER_KEY))
         .users(USERS)
         .acl(ACL)
         .metrics()
@@ -499,7 +518,7 @@ async fn nodes_reach_nats_over_mutual_tls() {
     assert_eq!(&sub.next_publish().await.payload[..], b"sealed");
 
     // Without the client certificate the NATS server refuses the node: never ready.
-    let plain = TestBroker::builder()
+    let plain = with_key(TestBroker::builder(), CLUSTER_KEY)
         .users(USERS)
         .metrics()
         .toml(&format!(
@@ -520,9 +539,10 @@ fn check_refuses_a_missing_credentials_file() {
         &path,
         "[[listener]]\nname = \"tcp\"\nbind = \"127.0.0.1:0\"\n\
          [cluster]\nservers = [\"nats://127.0.0.1:4222\"]\nnode_name = \"n\"\n\
-         credentials = \"nats.creds\"\n",
+         credentials = \"nats.creds\"\n[retained]\npath = \"data\"\nkey_file = \"retained.key\"\n",
     )
     .unwrap();
+    moatmq_store::RetainedKey::write_new(&dir.path().join("retained.key")).unwrap();
     let config = moatmq_config::Config::load(&path).unwrap();
     let err = moatmq_broker::validate(&config).unwrap_err().to_string();
     let expected = format!(
@@ -538,7 +558,7 @@ async fn a_node_starts_unready_and_refusing_while_nats_is_away_and_joins_when_it
     let a = node(&nats, "node-a", "").await;
     nats.kill();
     // The broker starts (its clients are served locally) but says it is not ready.
-    let b = TestBroker::builder()
+    let b = with_key(TestBroker::builder(), CLUSTER_KEY)
         .users(USERS)
         .acl(ACL)
         .metrics()
@@ -621,4 +641,199 @@ async fn mqtt5_properties_cross_nodes() {
     let got = late.next_publish().await;
     assert!(got.retain);
     check(got.properties);
+}
+
+/// The cluster's retained bucket, read with a plain NATS client.
+async fn retained_bucket(nats: &Nats) -> async_nats::jetstream::kv::Store {
+    async_nats::jetstream::new(nats.client().await)
+        .get_key_value("moatmq_retained")
+        .await
+        .expect("the retained bucket exists")
+}
+
+/// Waits until the bucket holds `n` values (deletes not counted) and returns them by key.
+async fn bucket_values(kv: &async_nats::jetstream::kv::Store, n: usize) -> Vec<(String, Vec<u8>)> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        // `keys()` never ends on a bucket that has held nothing yet: bounded.
+        let listed = kv.keys().await.expect("keys").map(|k| k.expect("key"));
+        let mut keys: Vec<String> = tokio::time::timeout(QUIET, listed.collect())
+            .await
+            .unwrap_or_default();
+        keys.sort();
+        let mut values = Vec::new();
+        for key in keys {
+            if let Some(v) = kv.get(&key).await.expect("get") {
+                values.push((key, v.to_vec()));
+            }
+        }
+        if values.len() == n {
+            return values;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "bucket holds {} values, not {n}",
+            values.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The cluster key's seal, as the nodes derive it (to forge values in the tests).
+fn cluster_seal(hex: &str) -> moatmq_store::ClusterSeal {
+    moatmq_store::ClusterSeal::new(&moatmq_store::RetainedKey::from_hex(hex).unwrap())
+}
+
+#[tokio::test]
+async fn retained_messages_are_shared_sealed_through_the_kv_bucket_and_cleared_from_any_node() {
+    let nats = Nats::start().await;
+    let a = node(&nats, "node-a", "").await;
+    let b = node(&nats, "node-b", "").await;
+    let on_a = login(a.first_addr(), "alice-pub-a", "alice").await;
+    publish(
+        &on_a,
+        "alice/secret-topic",
+        QoS::AtLeastOnce,
+        true,
+        "secret-payload",
+    )
+    .await;
+    let kv = retained_bucket(&nats).await;
+    let values = bucket_values(&kv, 1).await;
+
+    // NATS holds a keyed hash and ciphertext: neither the topic nor the payload.
+    let (key, value) = &values[0];
+    assert_eq!(key, &cluster_seal(CLUSTER_KEY).key_of("alice/secret-topic"));
+    let holds = |needle: &[u8]| value.windows(needle.len()).any(|w| w == needle);
+    assert!(
+        !holds(b"secret") && !holds(b"alice"),
+        "no plaintext in the bucket"
+    );
+
+    let mut sub = login(b.first_addr(), "alice-sub-b", "alice").await;
+    assert!(subscribe(&mut sub, "alice/#", QoS::AtLeastOnce).await);
+    let p = sub.next_publish().await;
+    assert_eq!(
+        (p.topic.as_str(), &p.payload[..], p.retain),
+        ("alice/secret-topic", &b"secret-payload"[..], true)
+    );
+
+    // Cleared on B: gone from the bucket and from A.
+    let on_b = login(b.first_addr(), "alice-pub-b", "alice").await;
+    publish(&on_b, "alice/secret-topic", QoS::AtLeastOnce, true, "").await;
+    bucket_values(&kv, 0).await;
+    let mut late = login(a.first_addr(), "alice-late-a", "alice").await;
+    assert!(subscribe(&mut late, "alice/#", QoS::AtLeastOnce).await);
+    assert!(drain(&mut late).await.is_empty(), "cleared on A too");
+}
+
+#[tokio::test]
+async fn a_node_started_after_a_retained_publish_serves_it_at_once() {
+    let nats = Nats::start().await;
+    let a = node(&nats, "node-a", "").await;
+    let publ = login(a.first_addr(), "alice-pub", "alice").await;
+    publish(
+        &publ,
+        "alice/early",
+        QoS::AtLeastOnce,
+        true,
+        "before you came",
+    )
+    .await;
+    bucket_values(&retained_bucket(&nats).await, 1).await;
+
+    // Ready means loaded: the first subscriber gets it with no wait.
+    let b = node(&nats, "node-b", "").await;
+    let mut sub = login(b.first_addr(), "alice-sub", "alice").await;
+    assert!(subscribe(&mut sub, "alice/#", QoS::AtLeastOnce).await);
+    let p = sub.next_publish().await;
+    assert_eq!(
+        (p.topic.as_str(), &p.payload[..], p.retain, p.qos),
+        (
+            "alice/early",
+            &b"before you came"[..],
+            true,
+            QoS::AtLeastOnce
+        )
+    );
+}
+
+#[tokio::test]
+async fn a_node_with_another_key_refuses_to_start_and_says_why() {
+    let nats = Nats::start().await;
+    let _a = node(&nats, "node-a", "").await;
+    let other = "0".repeat(63) + "1";
+    let (dir, path) = with_key(TestBroker::builder(), &other)
+        .users(USERS)
+        .toml(&format!(
+            "[cluster]\nservers = [\"{}\"]\nnode_name = \"node-b\"\n",
+            nats.url()
+        ))
+        .write();
+    let config = moatmq_config::Config::load(&path).unwrap();
+    let err = match moatmq_broker::Broker::start(config).await {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("a node with another key started"),
+    };
+    assert_eq!(
+        err,
+        format!(
+            "cluster: the [retained] key (key file {}) does not open the key marker of \
+             cluster \"moatmq\" (NATS KV moatmq_meta/key-check): every node of a cluster \
+             must use the same [retained] key",
+            dir.path().join("retained.key").display()
+        )
+    );
+}
+
+#[tokio::test]
+async fn altered_moved_or_foreign_values_in_the_bucket_are_refused() {
+    let nats = Nats::start().await;
+    let a = node(&nats, "node-a", "").await;
+    let publ = login(a.first_addr(), "alice-pub", "alice").await;
+    publish(&publ, "alice/t", QoS::AtLeastOnce, true, "genuine").await;
+    let kv = retained_bucket(&nats).await;
+    let (key, value) = bucket_values(&kv, 1).await.remove(0);
+
+    // Altered in place; the genuine value copied to another topic's key; a value sealed
+    // under another key.
+    let mut altered = value.clone();
+    *altered.last_mut().unwrap() ^= 1;
+    kv.put(&key, altered.into()).await.unwrap();
+    let seal = cluster_seal(CLUSTER_KEY);
+    kv.put(seal.key_of("alice/moved"), value.into())
+        .await
+        .unwrap();
+    let foreign = cluster_seal(&"0".repeat(64));
+    let msg = moatmq_store::RetainedMessage {
+        topic: "alice/foreign".into(),
+        payload: b"forged".to_vec(),
+        qos: 0,
+        properties: None,
+        expires_at: None,
+        owner: Some("alice".into()),
+    };
+    let (_, forged) = foreign.seal_retained("moatmq_retained", &msg).unwrap();
+    kv.put(seal.key_of("alice/foreign"), forged.into())
+        .await
+        .unwrap();
+
+    // A node joining now, and node A (which dropped its copy of alice/t), serve none.
+    let b = node(&nats, "node-b", "").await;
+    for (n, id) in [(&a, "alice-a"), (&b, "alice-b")] {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while n.metric("moatmq_cluster_state_rejected_total").await < 3.0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{id}: three values refused"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let mut sub = login(n.first_addr(), id, "alice").await;
+        assert!(subscribe(&mut sub, "alice/#", QoS::AtLeastOnce).await);
+        assert!(
+            drain(&mut sub).await.is_empty(),
+            "{id}: nothing refused is delivered"
+        );
+    }
 }

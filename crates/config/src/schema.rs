@@ -1000,6 +1000,13 @@ impl Config {
         }
         if let Some(c) = &self.cluster {
             c.validate()?;
+            if self.retained.is_none() {
+                // Without a key the cluster's state in NATS would be plaintext.
+                return Err(Invalid::new(
+                    "cluster",
+                    "a cluster needs a [retained] section: its key seals the state the nodes share in NATS (every node uses the same key)",
+                ));
+            }
         }
         if self.retained.is_none() {
             let s = &self.sessions;

@@ -372,11 +372,13 @@ fn sys_interval_defaults_to_ten_seconds_and_is_bounded() {
 
 const CLUSTER: &str =
     "[cluster]\nservers = [\"nats://127.0.0.1:4222\"]\nnode_name = \"moatmq-0\"\n";
+/// What a cluster needs beside `[cluster]`: the key that seals its shared state.
+const CLUSTER_KEY: &str = "[retained]\npath = \"data\"\nkey_file = \"retained.key\"\n";
 
 #[test]
 fn cluster_is_absent_by_default_and_parses_with_defaults() {
     assert!(parse(MINIMAL).unwrap().cluster.is_none());
-    let c = parse(&format!("{MINIMAL}{CLUSTER}")).unwrap();
+    let c = parse(&format!("{MINIMAL}{CLUSTER}{CLUSTER_KEY}")).unwrap();
     let cluster = c.cluster.unwrap();
     assert_eq!(cluster.servers, ["nats://127.0.0.1:4222"]);
     assert_eq!(cluster.node_name, "moatmq-0");
@@ -389,7 +391,7 @@ fn cluster_is_absent_by_default_and_parses_with_defaults() {
 fn cluster_tls_and_credentials_parse() {
     let text = format!(
         "{MINIMAL}{CLUSTER}subject_prefix = \"site.a\"\ncredentials = \"n.creds\"\n\
-         native_user = \"bridge\"\n[cluster.tls]\nca = \"ca.crt\"\ncert = \"c.crt\"\nkey = \"c.key\"\n"
+         native_user = \"bridge\"\n[cluster.tls]\nca = \"ca.crt\"\ncert = \"c.crt\"\nkey = \"c.key\"\n{CLUSTER_KEY}"
     );
     let cluster = parse(&text).unwrap().cluster.unwrap();
     assert_eq!(cluster.subject_prefix, "site.a");
@@ -438,6 +440,15 @@ fn cluster_rejections_name_key_and_line() {
 }
 
 #[test]
+fn cluster_without_a_retained_key_is_refused() {
+    let err = parse(&format!("{MINIMAL}{CLUSTER}")).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "broker.toml:4: cluster: a cluster needs a [retained] section: its key seals the state the nodes share in NATS (every node uses the same key)"
+    );
+}
+
+#[test]
 fn cluster_without_node_name_or_with_unknown_key_is_refused() {
     let err = parse(&format!(
         "{MINIMAL}[cluster]\nservers = [\"nats://x:4222\"]\n"
@@ -452,7 +463,7 @@ fn cluster_without_node_name_or_with_unknown_key_is_refused() {
 #[test]
 fn the_node_name_from_the_environment_wins_and_is_checked_like_the_key() {
     let file = Path::new("broker.toml");
-    let servers = "[cluster]\nservers = [\"nats://x:4222\"]\n";
+    let servers = "[retained]\npath = \"r\"\n[cluster]\nservers = [\"nats://x:4222\"]\n";
     // One config for every pod: the name comes from the environment.
     let c = Config::parse_with(
         file,

@@ -127,6 +127,18 @@ pub enum StoreError {
     /// A message could not be encoded (for example a field too large to frame).
     #[error("cannot encode retained record: {0}")]
     Encode(String),
+    /// A value of the cluster's shared state in NATS (`cluster.rs`) was refused: it does
+    /// not authenticate under this node's key at its bucket and key (altered, moved, or
+    /// written by a node with another key), or does not hold what that key names.
+    #[error("cluster value {bucket}/{key} refused: {reason}")]
+    SealedValue {
+        /// The KV bucket.
+        bucket: String,
+        /// The KV key (a keyed hash, not the topic).
+        key: String,
+        /// What was wrong.
+        reason: String,
+    },
     /// `finish_compaction` was given a job that did not run successfully, or that is not
     /// the latest one started on this store.
     #[error("compaction job not run, failed, or superseded by a later one")]

@@ -29,9 +29,14 @@
 //! docs/sessions.md), with a magic and associated-data domains of their own so neither
 //! kind of file or record ever opens as the other. [`MemorySessions`] is the same
 //! session state machine without a file, for brokers without a store.
+//!
+//! [`ClusterSeal`] seals the values a cluster of brokers shares in NATS JetStream KV
+//! (retained messages, the key marker) under keys derived from the same key, and hashes
+//! topics into KV keys (`cluster.rs`).
 
 #![forbid(unsafe_code)]
 
+mod cluster;
 mod compact;
 mod error;
 mod format;
@@ -50,6 +55,7 @@ mod store;
 #[cfg(test)]
 mod tests;
 
+pub use cluster::ClusterSeal;
 pub use compact::{accept, rekey, CompactionJob};
 pub use error::StoreError;
 pub use key::{RetainedKey, KEY_LEN};

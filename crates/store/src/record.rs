@@ -120,7 +120,7 @@ pub(crate) fn random_file_id() -> FileId {
 /// per record it costs no system call, and it has no birthday bound: random 96-bit
 /// nonces are good for about 2^32 records per key (NIST SP 800-38D), which a busy
 /// session log would pass within days.
-fn fresh_nonce() -> [u8; NONCE_LEN] {
+pub(crate) fn fresh_nonce() -> [u8; NONCE_LEN] {
     static BASE: std::sync::OnceLock<[u8; NONCE_LEN]> = std::sync::OnceLock::new();
     static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let mut n = *BASE.get_or_init(|| {

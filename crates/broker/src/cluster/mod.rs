@@ -10,23 +10,30 @@
 //! delivery passes the receiving node's `deliver`. A node never re-publishes what it
 //! received (the source decides), NATS does not echo a node's own publishes back
 //! (`no_echo`), and a message naming this node as origin is dropped.
+//! Retained messages are also kept, sealed, in a JetStream KV bucket (`state.rs`), so
+//! a node that joins late serves them too.
 
 mod properties;
+mod state;
 mod subject;
 
 pub(crate) use properties::decode as decode_properties;
+pub use state::{bucket_base, KeyCheck, MARKER_KEY};
 pub use subject::{to_subject, to_topic};
 
 use crate::error::BrokerError;
 use crate::inbound::Inbound;
 use crate::metrics::Metrics;
 use crate::policy::Identity;
+use crate::retained_index::{owner_of, RetainedIndex};
 use async_nats::{HeaderMap, Subscriber};
 use bytes::Bytes;
 use moatmq_config::{Cluster as ClusterConfig, Config};
+use state::{Change, StateSync};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
-use tokio::sync::{mpsc, Notify};
+use std::time::Duration;
+use tokio::sync::{mpsc, watch, Notify};
 
 /// Header naming the node that admitted the message; absent on NATS-native messages.
 pub const NODE: &str = "Moatmq-Node";
@@ -47,12 +54,20 @@ pub const NATIVE_CLIENT_ID: &str = "nats";
 /// (counted) rather than holding up the publishers' gateways.
 const FORWARD_QUEUE: usize = 16_384;
 
+/// Retained changes waiting for the KV bucket; past this they are not stored in NATS
+/// (counted with the messages not forwarded).
+const STATE_QUEUE: usize = 16_384;
+
 /// This node's link to the cluster.
 pub struct Cluster {
     pub(crate) node: String,
     pub(crate) prefix: String,
     pub(crate) native_user: Option<String>,
     forward: mpsc::Sender<Outgoing>,
+    /// This node's retained changes for the KV bucket (`state.rs`); dropping it ends
+    /// that task.
+    changes: mpsc::Sender<Change>,
+    key_check: watch::Receiver<KeyCheck>,
     pub(crate) metrics: Arc<Metrics>,
     /// Wakes `watch_connection`; with `stopped`, ends it (and its NATS client) on drop.
     connected: Arc<Notify>,
@@ -78,13 +93,28 @@ pub struct Input(pub(crate) Subscriber);
 
 impl Cluster {
     /// Connects to NATS (in the background: the broker starts while NATS is away, not
-    /// ready until it is reachable) and subscribes to the cluster's subjects.
+    /// ready until it is reachable), subscribes to the cluster's subjects and starts
+    /// keeping `index` and the cluster's retained bucket in step.
     pub async fn connect(
         config: &Config,
         cluster: &ClusterConfig,
         metrics: Arc<Metrics>,
+        index: &RetainedIndex,
     ) -> Result<(Cluster, Input), BrokerError> {
         let failed = |reason: String| BrokerError::Cluster { reason };
+        // The config refuses a cluster without [retained]: its state would be plaintext.
+        let Some(retained) = &config.retained else {
+            return Err(failed("a cluster needs a [retained] key".into()));
+        };
+        let seal = moatmq_store::ClusterSeal::new(&crate::retained::load_key(config, retained)?);
+        let key_source = match (
+            &retained.key_file,
+            std::env::var_os(crate::retained::KEY_ENV),
+        ) {
+            (_, Some(_)) => crate::retained::KEY_ENV.to_string(),
+            (Some(path), None) => format!("key file {}", config.resolve(path).display()),
+            (None, None) => "no key".to_string(),
+        };
         let mut options = async_nats::ConnectOptions::new()
             .name(format!("moatmq {}", cluster.node_name))
             .no_echo()
@@ -146,6 +176,19 @@ impl Cluster {
             .map_err(|e| failed(format!("NATS subscription: {e}")))?;
         let (forward, queue) = mpsc::channel(FORWARD_QUEUE);
         tokio::spawn(run_output(client.clone(), queue));
+        let (changes, queue) = mpsc::channel(STATE_QUEUE);
+        let (checked, key_check) = watch::channel(KeyCheck::Pending);
+        let sync = StateSync::new(
+            client.clone(),
+            seal,
+            &cluster.subject_prefix,
+            key_source,
+            index.clone(),
+            Arc::downgrade(&metrics),
+            queue,
+            checked,
+        );
+        tokio::spawn(sync.run());
         let stopped = Arc::new(std::sync::atomic::AtomicBool::new(false));
         tokio::spawn(watch_connection(
             client,
@@ -159,6 +202,8 @@ impl Cluster {
                 prefix: cluster.subject_prefix.clone(),
                 native_user: cluster.native_user.clone(),
                 forward,
+                changes,
+                key_check,
                 metrics,
                 connected,
                 stopped,
@@ -167,7 +212,24 @@ impl Cluster {
         ))
     }
 
-    /// Hands a message `admit` let in to NATS for the other nodes (and NATS clients).
+    /// Waits up to `wait` for the key marker's verdict: an error if this node's key
+    /// does not open it; `Ok` if it does or NATS was not reached in time (then a wrong
+    /// key is found later, and keeps the node unready).
+    pub async fn check_key(&self, wait: Duration) -> Result<(), BrokerError> {
+        let mut checked = self.key_check.clone();
+        let verdict = tokio::time::timeout(wait, checked.wait_for(|c| *c != KeyCheck::Pending))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .map(|c| c.clone());
+        match verdict {
+            Some(KeyCheck::Failed(reason)) => Err(BrokerError::Cluster { reason }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Hands a message `admit` let in to NATS for the other nodes (and NATS clients);
+    /// a retained one also to the cluster's retained bucket.
     /// Never blocks: with NATS slow or away, what does not fit the queue is dropped.
     pub fn forward(&self, who: &Identity, msg: &Inbound<'_>) {
         let Some(subject) = self.subject_of(msg.topic) else {
@@ -204,6 +266,31 @@ impl Cluster {
         if self.forward.try_send(out).is_err() {
             self.metrics.cluster_dropped.inc();
             tracing::debug!("cluster: forwarding queue full; message kept local");
+        }
+        if msg.retain {
+            self.store_retained(who, msg);
+        }
+    }
+
+    /// Queues a retained publish for the cluster's bucket: set, or cleared by an empty
+    /// payload.
+    fn store_retained(&self, who: &Identity, msg: &Inbound<'_>) {
+        let change = if msg.payload.is_empty() {
+            Change::Delete(msg.topic.to_string())
+        } else {
+            Change::Put(crate::retained::message(
+                msg.topic,
+                msg.payload,
+                msg.qos,
+                msg.properties,
+                msg.v5,
+                msg.expires_at(),
+                owner_of(who.username.as_deref()),
+            ))
+        };
+        if self.changes.try_send(change).is_err() {
+            self.metrics.cluster_dropped.inc();
+            tracing::debug!("cluster: retained queue full; change not stored in NATS");
         }
     }
 

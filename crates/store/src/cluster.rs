@@ -1,0 +1,242 @@
+//! Sealing for cluster state kept in NATS JetStream key-value buckets (docs/cluster.md,
+//! "Stored state"): what a NATS operator or a copy of the JetStream volume sees is keyed
+//! hashes and ciphertext, never a topic or a payload.
+//!
+//! Two keys are derived from the retained-store key, never the key itself:
+//! `HMAC-SHA-256(retained key, "moatmq cluster seal v1")` seals values with AES-256-GCM,
+//! `HMAC-SHA-256(retained key, "moatmq cluster key v1")` hashes topics into KV keys
+//! (64 hex characters, a valid NATS subject token). The retained key is 32 random bytes,
+//! so one HMAC block each is a sound key derivation (HKDF's expand step with one block).
+//!
+//! A value is `version 1 | nonce [12] | ciphertext+tag`; its associated data names the
+//! version, the bucket and the KV key, so a value only opens under the key it was put
+//! at in the bucket it was put in: copied to another topic's key, or into another bucket
+//! or cluster prefix, it fails. Retained values hold one record of the store's log
+//! encoding (`SetOwned`: topic, payload, QoS, properties, expiry, owner), and a value
+//! also fails unless its topic hashes to the key it sits at.
+
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::{Aes256Gcm, Key, Nonce};
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use zeroize::Zeroizing;
+
+use crate::record::{self, RecordRef, NONCE_LEN, TAG_LEN};
+use crate::{RetainedKey, RetainedMessage, StoreError};
+
+/// First byte of every sealed value (also bound into its associated data).
+const VERSION: u8 = 1;
+/// What the key marker holds: any node with the cluster's key opens it.
+const MARKER_TEXT: &[u8] = b"moatmq cluster key check v1";
+
+/// The keys a cluster node seals and hashes its shared state with.
+pub struct ClusterSeal {
+    cipher: Aes256Gcm,
+    hash_key: Zeroizing<[u8; 32]>,
+}
+
+impl std::fmt::Debug for ClusterSeal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClusterSeal(<redacted>)")
+    }
+}
+
+/// `HMAC-SHA-256(key, label)`, in memory zeroed on drop.
+fn derive(key: &[u8], label: &[u8]) -> Zeroizing<[u8; 32]> {
+    let mut out = Zeroizing::new([0u8; 32]);
+    // HMAC takes a key of any length: this cannot fail.
+    if let Ok(mut mac) = <Hmac<Sha256> as Mac>::new_from_slice(key) {
+        mac.update(label);
+        out.copy_from_slice(&mac.finalize().into_bytes());
+    }
+    out
+}
+
+impl ClusterSeal {
+    /// The cluster keys derived from the retained-store key.
+    pub fn new(key: &RetainedKey) -> ClusterSeal {
+        // Exposed only to derive the two cluster keys.
+        let raw = key.expose_secret();
+        let seal = derive(raw, b"moatmq cluster seal v1");
+        ClusterSeal {
+            cipher: Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(seal.as_ref())),
+            hash_key: derive(raw, b"moatmq cluster key v1"),
+        }
+    }
+
+    /// The KV key of `name` (a topic): its keyed hash, as 64 lowercase hex characters.
+    pub fn key_of(&self, name: &str) -> String {
+        hex::encode(derive(self.hash_key.as_ref(), name.as_bytes()).as_ref())
+    }
+
+    /// The value of the key marker at `bucket`/`key`.
+    pub fn seal_marker(&self, bucket: &str, key: &str) -> Result<Vec<u8>, StoreError> {
+        self.seal(bucket, key, MARKER_TEXT)
+    }
+
+    /// Whether `value` is the key marker at `bucket`/`key` sealed under these keys.
+    pub fn opens_marker(&self, bucket: &str, key: &str, value: &[u8]) -> bool {
+        self.open(bucket, key, value)
+            .is_ok_and(|plain| plain.as_slice() == MARKER_TEXT)
+    }
+
+    /// The KV key and sealed value of a retained message in `bucket`.
+    pub fn seal_retained(
+        &self,
+        bucket: &str,
+        msg: &RetainedMessage,
+    ) -> Result<(String, Vec<u8>), StoreError> {
+        let key = self.key_of(&msg.topic);
+        let plain = record::encode(&RecordRef::set(msg))?;
+        Ok((key.clone(), self.seal(bucket, &key, &plain)?))
+    }
+
+    /// The retained message sealed at `bucket`/`key`; an error if the value does not
+    /// authenticate there (altered, moved from another key or bucket, another key) or
+    /// does not hold a message of the topic `key` is the hash of.
+    pub fn open_retained(
+        &self,
+        bucket: &str,
+        key: &str,
+        value: &[u8],
+    ) -> Result<RetainedMessage, StoreError> {
+        let refused = |reason: &str| StoreError::SealedValue {
+            bucket: bucket.to_owned(),
+            key: key.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let plain = self.open(bucket, key, value).map_err(|()| {
+            refused("failed authentication (altered, moved from another key, or sealed under another key)")
+        })?;
+        let msg = record::decode_record(&plain)
+            .map_err(|_| refused("authenticated but not a retained record"))?
+            .into_change()
+            .map_err(|_| refused("authenticated but not a retained message"))?;
+        if msg.payload.is_empty() || self.key_of(&msg.topic) != key {
+            return Err(refused("its topic does not belong at this key"));
+        }
+        Ok(msg)
+    }
+
+    fn seal(&self, bucket: &str, key: &str, plain: &[u8]) -> Result<Vec<u8>, StoreError> {
+        let nonce = record::fresh_nonce();
+        let sealed = self
+            .cipher
+            .encrypt(
+                Nonce::from_slice(&nonce),
+                Payload {
+                    msg: plain,
+                    aad: &aad(bucket, key),
+                },
+            )
+            .map_err(|_| StoreError::Encode("cluster value encryption failed".to_owned()))?;
+        let mut out = Vec::with_capacity(1 + NONCE_LEN + sealed.len());
+        out.push(VERSION);
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&sealed);
+        Ok(out)
+    }
+
+    fn open(&self, bucket: &str, key: &str, value: &[u8]) -> Result<Zeroizing<Vec<u8>>, ()> {
+        let Some((&VERSION, rest)) = value.split_first() else {
+            return Err(());
+        };
+        if rest.len() < NONCE_LEN + TAG_LEN {
+            return Err(());
+        }
+        let (nonce, sealed) = rest.split_at(NONCE_LEN);
+        self.cipher
+            .decrypt(
+                Nonce::from_slice(nonce),
+                Payload {
+                    msg: sealed,
+                    aad: &aad(bucket, key),
+                },
+            )
+            .map(Zeroizing::new)
+            .map_err(|_| ())
+    }
+}
+
+/// `moatmq-cluster-kv | version | len(bucket) u32 LE | bucket | key`.
+fn aad(bucket: &str, key: &str) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(32 + bucket.len() + key.len());
+    aad.extend_from_slice(b"moatmq-cluster-kv");
+    aad.push(VERSION);
+    aad.extend_from_slice(&(bucket.len() as u32).to_le_bytes());
+    aad.extend_from_slice(bucket.as_bytes());
+    aad.extend_from_slice(key.as_bytes());
+    aad
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seal(byte: u8) -> ClusterSeal {
+        ClusterSeal::new(&RetainedKey::from_hex(&format!("{byte:02x}").repeat(32)).unwrap())
+    }
+
+    fn message(topic: &str) -> RetainedMessage {
+        RetainedMessage {
+            topic: topic.to_owned(),
+            payload: b"payload".to_vec(),
+            qos: 1,
+            properties: None,
+            expires_at: Some(99),
+            owner: Some("alice".to_owned()),
+        }
+    }
+
+    #[test]
+    fn retained_values_round_trip_without_plaintext() {
+        let s = seal(1);
+        let (key, value) = s.seal_retained("p_retained", &message("alice/x")).unwrap();
+        assert_eq!(key.len(), 64);
+        assert!(key.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_ne!(key, seal(2).key_of("alice/x"), "the hash is keyed");
+        let find = |needle: &[u8]| value.windows(needle.len()).any(|w| w == needle);
+        assert!(!find(b"alice") && !find(b"payload"));
+        assert_eq!(
+            s.open_retained("p_retained", &key, &value).unwrap(),
+            message("alice/x")
+        );
+    }
+
+    #[test]
+    fn altered_moved_or_foreign_values_are_refused() {
+        let s = seal(1);
+        let (key, value) = s.seal_retained("p_retained", &message("alice/x")).unwrap();
+        let other = s.key_of("alice/y");
+        let refused = |r: Result<RetainedMessage, StoreError>| {
+            assert!(matches!(r, Err(StoreError::SealedValue { .. })), "{r:?}")
+        };
+        for i in [0, 5, value.len() - 1] {
+            let mut bad = value.clone();
+            bad[i] ^= 1;
+            refused(s.open_retained("p_retained", &key, &bad));
+        }
+        refused(s.open_retained("p_retained", &other, &value));
+        refused(s.open_retained("q_retained", &key, &value));
+        refused(seal(2).open_retained("p_retained", &key, &value));
+        refused(s.open_retained("p_retained", &key, &value[..10]));
+        refused(s.open_retained("p_retained", &key, b""));
+        // A value sealed for its key, but holding another topic.
+        let moved = s
+            .seal(
+                "p_retained",
+                &other,
+                &record::encode(&RecordRef::set(&message("alice/x"))).unwrap(),
+            )
+            .unwrap();
+        refused(s.open_retained("p_retained", &other, &moved));
+    }
+
+    #[test]
+    fn the_marker_opens_only_under_the_same_key() {
+        let value = seal(1).seal_marker("p_meta", "key-check").unwrap();
+        assert!(seal(1).opens_marker("p_meta", "key-check", &value));
+        assert!(!seal(2).opens_marker("p_meta", "key-check", &value));
+        assert!(!seal(1).opens_marker("q_meta", "key-check", &value));
+    }
+}
