@@ -4,8 +4,9 @@
 //! (`SessionBook::acked`), so a restart or a crash (within the autosave rule) redelivers
 //! it with DUP. The router keeps its own copy only in memory.
 
+use crate::retained::from_router_properties;
 use bytes::Bytes;
-use moatmq_store::{MessageProperties, QueuedMessage};
+use moatmq_store::QueuedMessage;
 use rumqttd::protocol::{PublishProperties, QoS};
 
 /// A forward as the session store keeps it (its remaining expiry is not known here).
@@ -21,15 +22,7 @@ pub(super) fn as_queued(
         qos: qos as u8,
         retain: false,
         expires_at: None,
-        properties: properties.map(|p| {
-            Box::new(MessageProperties {
-                payload_format_indicator: p.payload_format_indicator,
-                content_type: p.content_type.clone(),
-                response_topic: p.response_topic.clone(),
-                correlation_data: p.correlation_data.as_ref().map(|b| b.to_vec()),
-                user_properties: p.user_properties.clone(),
-            })
-        }),
+        properties: properties.map(|p| Box::new(from_router_properties(Some(p)))),
     }
 }
 
