@@ -1,7 +1,10 @@
-//! Fan-in: N publishers -> 1 subscriber over MQTT 3.1.1.
+//! Fan-in: N publishers -> 1 subscriber over MQTT 3.1.1 (or, with `--subscribers`,
+//! N publishers -> M subscribers: fan-out).
 //!
 //! Every publisher sends `messages / publishers` messages to its own topic under a
-//! per-run prefix; the subscriber holds `<prefix>/+`. The first 8 payload bytes are the
+//! per-run prefix; every subscriber holds `<prefix>/+`, so each message is delivered M
+//! times. `--pub-ports` and `--sub-ports` spread the clients over several brokers (the
+//! nodes of a cluster), round robin. The first 8 payload bytes are the
 //! send time (nanoseconds since the run started, little endian), stamped just before
 //! the message is handed to rumqttc, so latency covers client queueing, both hops
 //! through the broker and the subscriber's decoding.
@@ -41,6 +44,15 @@ pub struct FaninArgs {
     /// Broker port (plain TCP, MQTT 3.1.1).
     #[arg(long, default_value_t = 1883)]
     port: u16,
+    /// Ports the publishers connect to, round robin (comma separated); default `--port`.
+    #[arg(long, value_delimiter = ',')]
+    pub_ports: Vec<u16>,
+    /// Ports the subscribers connect to, round robin (comma separated); default `--port`.
+    #[arg(long, value_delimiter = ',')]
+    sub_ports: Vec<u16>,
+    /// Number of subscribing clients, each holding every publisher's topic.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1_000))]
+    subscribers: u64,
     /// Number of publishing clients.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     publishers: u64,
@@ -53,7 +65,8 @@ pub struct FaninArgs {
     /// Messages in total, spread evenly over the publishers (rounded up).
     #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
     messages: u64,
-    /// Most messages published but not yet delivered, over all publishers; 0 = no limit.
+    /// Most messages published but not yet delivered to every subscriber, over all
+    /// publishers; 0 = no limit.
     #[arg(long, default_value_t = 2000)]
     window: u64,
     /// Give up after this many seconds of measuring and report what arrived.
@@ -97,7 +110,7 @@ impl fmt::Display for Report {
         let us = |d: Option<Duration>| d.map_or("-".to_string(), |d| d.as_micros().to_string());
         write!(
             f,
-            "fanin label={} target={}:{} qos={} payload={} publishers={} window={} \
+            "fanin label={} target={}:{} qos={} payload={} publishers={} subscribers={} window={} \
              complete={} sent={} received={} lost={} secs={:.3} msgs_per_s={:.0} p50_us={} p99_us={} \
              max_us={}",
             a.label,
@@ -106,6 +119,7 @@ impl fmt::Display for Report {
             a.qos,
             a.payload,
             a.publishers,
+            a.subscribers,
             a.window,
             if self.timed_out { "no(timeout)" } else { "yes" },
             self.sent,
@@ -114,7 +128,9 @@ impl fmt::Display for Report {
             if self.timed_out {
                 "-".to_string()
             } else {
-                self.sent.saturating_sub(self.received).to_string()
+                (self.sent * a.subscribers)
+                    .saturating_sub(self.received)
+                    .to_string()
             },
             secs,
             rate,
@@ -149,15 +165,23 @@ pub async fn run(args: FaninArgs) -> anyhow::Result<Report> {
         delivered: Notify::new(),
     });
 
-    // Subscriber first, and wait for its SUBACK: nothing published is missed.
-    let (sub, mut sub_loop) = AsyncClient::new(options(&args, format!("bench-{run_id}-sub")), 64);
-    connect(&mut sub_loop).await.context("subscriber")?;
-    sub.subscribe(format!("{prefix}/+"), qos).await?;
-    wait_for(&mut sub_loop, |e| {
-        matches!(e, Event::Incoming(Packet::SubAck(_)))
-    })
-    .await
-    .context("subscriber: waiting for SUBACK")?;
+    // Subscribers first, and wait for their SUBACKs: nothing published is missed.
+    let mut subs = Vec::new();
+    for j in 0..args.subscribers {
+        let port = round_robin(&args.sub_ports, args.port, j);
+        let (sub, mut sub_loop) =
+            AsyncClient::new(options(&args, format!("bench-{run_id}-sub-{j}"), port), 64);
+        connect(&mut sub_loop)
+            .await
+            .with_context(|| format!("subscriber {j}"))?;
+        sub.subscribe(format!("{prefix}/+"), qos).await?;
+        wait_for(&mut sub_loop, |e| {
+            matches!(e, Event::Incoming(Packet::SubAck(_)))
+        })
+        .await
+        .with_context(|| format!("subscriber {j}: waiting for SUBACK"))?;
+        subs.push((sub, sub_loop));
+    }
 
     // Publishers: connect them all before the clock starts.
     let (start_tx, start_rx) = watch::channel(false);
@@ -166,8 +190,9 @@ pub async fn run(args: FaninArgs) -> anyhow::Result<Report> {
     let mut tasks: Vec<JoinHandle<anyhow::Result<()>>> = Vec::new();
     let mut loops: Vec<JoinHandle<()>> = Vec::new();
     for i in 0..args.publishers {
+        let port = round_robin(&args.pub_ports, args.port, i);
         let (client, mut eventloop) =
-            AsyncClient::new(options(&args, format!("bench-{run_id}-pub-{i}")), 64);
+            AsyncClient::new(options(&args, format!("bench-{run_id}-pub-{i}"), port), 64);
         connect(&mut eventloop)
             .await
             .with_context(|| format!("publisher {i}"))?;
@@ -183,12 +208,13 @@ pub async fn run(args: FaninArgs) -> anyhow::Result<Report> {
         let topic = format!("{prefix}/{i}");
         let mut start = start_rx.clone();
         let progress = progress.clone();
-        let (payload_len, window) = (args.payload as usize, args.window);
+        let (payload_len, window, subscribers) =
+            (args.payload as usize, args.window, args.subscribers);
         tasks.push(tokio::spawn(async move {
             start.wait_for(|s| *s).await?;
             for _ in 0..per_publisher {
                 if window > 0 {
-                    wait_window(&progress, window).await;
+                    wait_window(&progress, window, subscribers).await;
                 }
                 let mut payload = vec![0u8; payload_len];
                 payload[..STAMP_LEN].copy_from_slice(&stamp(t0).to_le_bytes());
@@ -201,17 +227,28 @@ pub async fn run(args: FaninArgs) -> anyhow::Result<Report> {
 
     let started = Instant::now();
     let deadline = started + Duration::from_secs(args.timeout);
-    let receiver = tokio::spawn(receive(
-        sub_loop,
-        total,
-        args.publishers,
-        t0,
-        deadline,
-        progress.clone(),
-        publishers_done_rx,
-    ));
+    let mut receivers = Vec::new();
+    let mut clients = Vec::new();
+    for (sub, sub_loop) in subs {
+        clients.push(sub);
+        receivers.push(tokio::spawn(receive(
+            sub_loop,
+            total,
+            args.publishers,
+            t0,
+            deadline,
+            progress.clone(),
+            publishers_done_rx.clone(),
+        )));
+    }
     start_tx.send(true)?;
-    let (mut latencies, last, received) = receiver.await??;
+    let (mut latencies, mut last, mut received) = (Vec::new(), None, 0);
+    for r in receivers {
+        let (l, at, n) = r.await??;
+        latencies.extend(l);
+        last = last.max(at);
+        received += n;
+    }
     let timed_out = Instant::now() >= deadline;
 
     for t in &tasks {
@@ -226,7 +263,9 @@ pub async fn run(args: FaninArgs) -> anyhow::Result<Report> {
             bail!("publisher failed: {e:#}");
         }
     }
-    let _ = sub.try_disconnect();
+    for sub in clients {
+        let _ = sub.try_disconnect();
+    }
     let elapsed = last.map_or(Duration::ZERO, |l| l.saturating_duration_since(started));
     Ok(Report {
         sent: progress.sent.load(Ordering::Relaxed),
@@ -273,7 +312,7 @@ async fn receive(
             }
             received += 1;
             last = Some(Instant::now());
-            progress.received.store(received, Ordering::Relaxed);
+            progress.received.fetch_add(1, Ordering::Relaxed);
             if received % 16 == 0 {
                 progress.delivered.notify_waiters();
             }
@@ -312,13 +351,14 @@ async fn drive_publisher(
 /// Waits until fewer than `window` messages are on their way. If nothing at all is
 /// delivered for a while, the broker dropped what is missing: go on, or the run would
 /// stall until its timeout.
-async fn wait_window(progress: &Progress, window: u64) {
+async fn wait_window(progress: &Progress, window: u64, subscribers: u64) {
     let mut seen = progress.received.load(Ordering::Relaxed);
     loop {
         // Created before the check, so a wake-up between check and await is not lost.
         let delivered = progress.delivered.notified();
         let sent = progress.sent.load(Ordering::Relaxed);
-        let received = progress.received.load(Ordering::Relaxed);
+        // Delivered to every subscriber (the slowest lags at most a little behind).
+        let received = progress.received.load(Ordering::Relaxed) / subscribers;
         if sent.saturating_sub(received) < window {
             return;
         }
@@ -332,8 +372,16 @@ async fn wait_window(progress: &Progress, window: u64) {
     }
 }
 
-fn options(args: &FaninArgs, client_id: String) -> MqttOptions {
-    let mut opts = MqttOptions::new(client_id, args.host.clone(), args.port);
+/// The `i`th client's port: `ports` round robin, `default` without any.
+fn round_robin(ports: &[u16], default: u16, i: u64) -> u16 {
+    match ports.len() {
+        0 => default,
+        n => ports[(i % n as u64) as usize],
+    }
+}
+
+fn options(args: &FaninArgs, client_id: String, port: u16) -> MqttOptions {
+    let mut opts = MqttOptions::new(client_id, args.host.clone(), port);
     opts.set_keep_alive(Duration::from_secs(60));
     opts.set_clean_session(true);
     if let Some(user) = &args.username {

@@ -15,6 +15,10 @@ pub struct LatencyArgs {
     /// Broker address, host:port.
     #[arg(long)]
     pub mqtt: String,
+    /// The subscriber's broker address, host:port, if not `--mqtt` (e.g. another node of
+    /// a cluster).
+    #[arg(long)]
+    pub sub_mqtt: Option<String>,
     /// Messages per second.
     #[arg(long, default_value_t = 1000)]
     pub rate: u64,
@@ -34,7 +38,8 @@ pub struct LatencyArgs {
 
 pub async fn run(args: LatencyArgs) -> anyhow::Result<String> {
     let target = Target::plain(&args.mqtt);
-    let mut sub = wire::open(&target).await.context("subscriber")?;
+    let sub_target = Target::plain(args.sub_mqtt.as_deref().unwrap_or(&args.mqtt));
+    let mut sub = wire::open(&sub_target).await.context("subscriber")?;
     if wire::login(&mut sub, "bench-latency-sub", None, None).await? != 0 {
         bail!("subscriber refused");
     }
