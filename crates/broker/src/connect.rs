@@ -74,7 +74,8 @@ struct LoggedIn {
 impl LoggedIn {
     /// Runs the gateway until the connection ends, then lets the session go.
     async fn serve(self, shared: &Arc<Shared>) {
-        let kept_for = self.gateway.run(self.reader, self.writer, self.buf).await;
+        let ended = self.gateway.run(self.reader, self.writer, self.buf).await;
+        let kept_for = ended.kept_for;
         // The link is torn down. The session's end is settled while this connection
         // still holds its client id, so a client waiting to come back (the hold) finds
         // it as it is: gone if it ended with the connection (an MQTT 5 DISCONNECT with
@@ -90,6 +91,11 @@ impl LoggedIn {
             _ => {}
         }
         drop(self.hold);
+        // After the session is settled (a returning client need not wait), before the
+        // connection's slots are released (returning ends `serve_one`, which holds them).
+        if let Some(reader) = ended.linger {
+            crate::gateway::linger(reader).await;
+        }
     }
 }
 

@@ -8,6 +8,7 @@
 mod common;
 
 use moatmq_testkit::{Listener, Raw, TestBroker, TestBrokerBuilder, TestCa};
+use rumqttc::v5::mqttbytes::v5 as m5;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 use tokio::net::{TcpSocket, TcpStream};
@@ -99,6 +100,48 @@ async fn idle_sockets_from_one_address_cannot_hold_the_slots() {
     drop(clients.pop());
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(logged_in(attacker, addr, "again").await.is_some());
+}
+
+/// After an MQTT 5 DISCONNECT the broker reads on for a while (so a client still
+/// acknowledging gets to read the reason code). That socket is still open: it must keep
+/// counting against the address's limit, or an address could hold more sockets than
+/// `max_connections_per_address` by provoking DISCONNECTs and never closing.
+#[tokio::test]
+async fn a_socket_read_after_its_disconnect_still_holds_its_slot() {
+    let broker = limited()
+        .limit("max_connections_per_address", 1)
+        .start()
+        .await;
+    let addr = broker.first_addr();
+    let attacker = [127, 0, 0, 24];
+    let mut held = raw_from(attacker, addr).await;
+    let mut connect = bytes::BytesMut::new();
+    m5::Packet::Connect(moatmq_testkit::connect5("provoker"), None, None)
+        .write(&mut connect)
+        .expect("encode connect");
+    held.send(&connect).await;
+    assert!(matches!(
+        held.next5(Duration::from_secs(2)).await,
+        Some(m5::Packet::ConnAck(_))
+    ));
+    // A second CONNECT is a protocol error: DISCONNECT 0x82, and the attacker keeps
+    // its socket open.
+    held.send(&connect).await;
+    match held.next5(Duration::from_secs(2)).await {
+        Some(m5::Packet::Disconnect(d)) => {
+            assert_eq!(d.reason_code, m5::DisconnectReasonCode::ProtocolError)
+        }
+        other => panic!("expected DISCONNECT, got {other:?}"),
+    }
+    let mut second = raw_from(attacker, addr).await;
+    assert!(
+        second.closed_within(AT_ONCE).await,
+        "a second socket while the first is still open is over the limit"
+    );
+    // A client that closes its side after the DISCONNECT frees the slot at once.
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(logged_in(attacker, addr, "after").await.is_some());
 }
 
 #[tokio::test]

@@ -68,6 +68,21 @@ const IDLE_TRIM: Duration = Duration::from_secs(5);
 const LINGER: Duration = Duration::from_secs(2);
 const LINGER_BYTES: usize = 64 * 1024;
 
+/// How a connection ended, for [`Gateway::run`]'s caller.
+pub struct Ended {
+    /// How long the session outlives the connection, `None` when it was taken over.
+    pub kept_for: Option<Duration>,
+    /// The read side of a socket the broker sent an MQTT 5 DISCONNECT on: [`linger`] on
+    /// it before the connection lets go of its slots.
+    pub linger: Option<Reader>,
+}
+
+/// Reads and drops what a client still sends after its DISCONNECT until it closes, for
+/// at most `LINGER` and `LINGER_BYTES`.
+pub async fn linger(reader: Reader) {
+    reader.drain(LINGER, LINGER_BYTES).await;
+}
+
 /// What the client's CONNECT asked of the broker's side (MQTT 5 properties).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ClientLimits {
@@ -242,7 +257,8 @@ impl Gateway {
 
     /// Serves the connection until it ends, then tears down the link. Returns how long
     /// the session outlives the connection (its expiry, which an MQTT 5 DISCONNECT may
-    /// have changed), or `None` when a new connection took it over.
+    /// have changed), or `None` when a new connection took it over, and the socket's
+    /// read side if the caller should [`linger`] on it before closing.
     ///
     /// Boxed: the gateway is the bulk of an idle connection's memory, and a future that
     /// takes it by value keeps its room twice (the argument and the moved local), as does
@@ -252,7 +268,7 @@ impl Gateway {
         mut reader: Reader,
         mut writer: Writer,
         mut buf: BytesMut,
-    ) -> Option<Duration> {
+    ) -> Ended {
         let mut shutdown = self.shared.shutdown.clone();
         let close = self
             .serve(&mut reader, &mut writer, &mut buf, &mut shutdown)
@@ -269,16 +285,16 @@ impl Gateway {
         }
         // A client that reads nothing cannot hold up the teardown (TLS close_notify).
         let _ = tokio::time::timeout(Duration::from_secs(1), writer.shutdown()).await;
-        if let (Version::V5, Some(_), false) =
-            (self.version, reason, matches!(close, Close::Shutdown))
-        {
-            // The client may still be answering what it had not read yet (PUBRELs for
-            // the PUBRECs before a DISCONNECT 0x93). Dropping the socket now would answer
-            // those writes with a reset, and the client's next write would fail before
-            // it reads the DISCONNECT and its reason code. Bounded (LINGER, LINGER_BYTES);
-            // the connection no longer counts against the limits meanwhile.
-            tokio::spawn(reader.drain(LINGER, LINGER_BYTES));
-        }
+        // The client may still be answering what it had not read yet (PUBRELs for the
+        // PUBRECs before a DISCONNECT 0x93). Dropping the socket now would answer those
+        // writes with a reset, and the client's next write would fail before it reads the
+        // DISCONNECT and its reason code: the caller lingers once the session is settled,
+        // still holding the connection's slots (an open socket counts against the limits).
+        let linger = matches!(
+            (self.version, reason, &close),
+            (Version::V5, Some(_), c) if !matches!(c, Close::Shutdown)
+        )
+        .then_some(reader);
         let publish_will = !matches!(
             close,
             Close::ClientDisconnect { with_will: false } | Close::Shutdown
@@ -323,8 +339,11 @@ impl Gateway {
                 detail: close.detail(),
             },
         );
-        (!matches!(close, Close::TakenOver | Close::Replaced))
-            .then(|| Duration::from_secs(self.session.expiry))
+        Ended {
+            kept_for: (!matches!(close, Close::TakenOver | Close::Replaced))
+                .then(|| Duration::from_secs(self.session.expiry)),
+            linger,
+        }
     }
 
     async fn serve(
