@@ -50,6 +50,10 @@ pub struct FaninArgs {
     /// Ports the subscribers connect to, round robin (comma separated); default `--port`.
     #[arg(long, value_delimiter = ',')]
     sub_ports: Vec<u16>,
+    /// Subscribers keep a persistent session (clean session 0): with a durable session
+    /// store, every message forwarded to them is in the store until acknowledged.
+    #[arg(long)]
+    persistent_subscribers: bool,
     /// Number of subscribing clients, each holding every publisher's topic.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1_000))]
     subscribers: u64,
@@ -169,8 +173,9 @@ pub async fn run(args: FaninArgs) -> anyhow::Result<Report> {
     let mut subs = Vec::new();
     for j in 0..args.subscribers {
         let port = round_robin(&args.sub_ports, args.port, j);
-        let (sub, mut sub_loop) =
-            AsyncClient::new(options(&args, format!("bench-{run_id}-sub-{j}"), port), 64);
+        let mut opts = options(&args, format!("bench-{run_id}-sub-{j}"), port);
+        opts.set_clean_session(!args.persistent_subscribers);
+        let (sub, mut sub_loop) = AsyncClient::new(opts, 64);
         connect(&mut sub_loop)
             .await
             .with_context(|| format!("subscriber {j}"))?;

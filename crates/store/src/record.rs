@@ -254,6 +254,10 @@ pub(crate) struct Pending {
     buf: zeroize::Zeroizing<Vec<u8>>,
     /// Where each record ends in `buf`.
     ends: Vec<usize>,
+    /// Records taken back before their commit ([`Pending::kill`]): not written.
+    dead: Vec<bool>,
+    /// Records not dead.
+    live: usize,
 }
 
 /// Lets postcard encode into the end of a borrowed buffer.
@@ -274,32 +278,65 @@ impl Pending {
             return Err(StoreError::Encode(e.to_string()));
         }
         self.ends.push(self.buf.len());
+        self.dead.push(false);
+        self.live += 1;
         Ok(self.buf.len() - start)
     }
 
-    /// Takes back the last record pushed; returns its plaintext length.
+    /// Where record `i` is in `buf`.
+    fn span(&self, i: usize) -> std::ops::Range<usize> {
+        let start = i.checked_sub(1).map_or(0, |p| self.ends[p]);
+        start..self.ends[i]
+    }
+
+    /// Takes back the last record pushed; returns its plaintext length (0 if it was
+    /// dead already).
     pub(crate) fn pop(&mut self) -> Option<usize> {
-        let last = self.ends.pop()?;
-        let end = self.ends.last().copied().unwrap_or(0);
-        zeroize::Zeroize::zeroize(&mut self.buf[end..]);
-        self.buf.truncate(end);
-        Some(last - end)
+        let span = self.span(self.ends.len().checked_sub(1)?);
+        self.ends.pop();
+        if self.dead.pop() == Some(false) {
+            self.live -= 1;
+        }
+        zeroize::Zeroize::zeroize(&mut self.buf[span.start..]);
+        self.buf.truncate(span.start);
+        Some(span.len())
     }
 
-    /// The plaintexts in order.
-    pub(crate) fn records(&self) -> impl ExactSizeIterator<Item = &[u8]> + '_ {
-        (0..self.ends.len()).map(|i| {
-            let start = i.checked_sub(1).map_or(0, |p| self.ends[p]);
-            &self.buf[start..self.ends[i]]
-        })
-    }
-
-    pub(crate) fn len(&self) -> usize {
+    /// Index the next record pushed will have.
+    pub(crate) fn next_index(&self) -> usize {
         self.ends.len()
     }
 
+    /// Drops record `i` (a change undone before it was written: a message acknowledged
+    /// within the commit that would have stored it), zeroing its plaintext; returns its
+    /// plaintext length, or `None` if there is no such record or it was dropped already.
+    pub(crate) fn kill(&mut self, i: usize) -> Option<usize> {
+        if !std::mem::replace(self.dead.get_mut(i)?, true) {
+            self.live -= 1;
+            let span = self.span(i);
+            let len = span.len();
+            zeroize::Zeroize::zeroize(&mut self.buf[span]);
+            return Some(len);
+        }
+        None
+    }
+
+    /// The plaintexts of the records not dropped, in order.
+    pub(crate) fn records(&self) -> impl ExactSizeIterator<Item = &[u8]> + '_ {
+        Live {
+            pending: self,
+            next: 0,
+            left: self.live,
+        }
+    }
+
+    /// Records not dropped.
+    pub(crate) fn len(&self) -> usize {
+        self.live
+    }
+
     pub(crate) fn is_empty(&self) -> bool {
-        self.ends.is_empty()
+        self.live == 0
     }
 
     /// Forgets every record, zeroing their plaintext (the buffer's capacity is kept).
@@ -307,8 +344,40 @@ impl Pending {
         zeroize::Zeroize::zeroize(&mut self.buf[..]);
         self.buf.clear();
         self.ends.clear();
+        self.dead.clear();
+        self.live = 0;
     }
 }
+
+/// [`Pending::records`]: the live records, in order.
+struct Live<'a> {
+    pending: &'a Pending,
+    next: usize,
+    left: usize,
+}
+
+impl<'a> Iterator for Live<'a> {
+    type Item = &'a [u8];
+
+    fn next(&mut self) -> Option<&'a [u8]> {
+        let p = self.pending;
+        while self.next < p.ends.len() {
+            let i = self.next;
+            self.next += 1;
+            if !p.dead[i] {
+                self.left -= 1;
+                return Some(&p.buf[p.span(i)]);
+            }
+        }
+        None
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.left, Some(self.left))
+    }
+}
+
+impl ExactSizeIterator for Live<'_> {}
 
 /// Seals a record's plaintext as a complete frame at position `seq` of a `fmt` file.
 pub(crate) fn seal_plain(

@@ -5,6 +5,7 @@
 //! appends the changes made since the last one with one fsync, or, when the log has
 //! grown past about twice its live records, rewrites it (compaction).
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use crate::format::SESSIONS;
@@ -25,6 +26,34 @@ pub struct LogJournal {
     /// Plaintexts of changes not yet committed, in order.
     pub(crate) pending: Pending,
     pending_bytes: u64,
+    /// Forwards to a connected client whose records are all still pending, by (session,
+    /// message): the indexes of their `Message`, `Sent` (and `Released`) records. If the
+    /// client acknowledges before the commit, none of them is written, nor the `Done`
+    /// ([`Journal::forget`]): with `autosave_interval` > 0 a subscriber that keeps up
+    /// costs the log nothing.
+    unwritten: HashMap<(u64, u64), Unwritten>,
+    /// The last `Message` record pending, with its index: a `Sent` for it right after
+    /// makes it a forward ([`LogJournal::unwritten`]).
+    last_message: Option<(u64, u64, usize)>,
+    /// The forward whose record was pushed last, for [`Journal::unrecord`].
+    last_tracked: Option<(u64, u64)>,
+}
+
+/// The pending records of one forward (at most [`Unwritten::MAX`]).
+#[derive(Debug, Clone, Copy)]
+struct Unwritten {
+    records: [usize; Unwritten::MAX],
+    len: usize,
+}
+
+impl Unwritten {
+    /// `Message`, `Sent`, `Released` and one more (a resend): a forward with more
+    /// records than that is written as usual.
+    const MAX: usize = 4;
+
+    fn indexes(&self) -> &[usize] {
+        &self.records[..self.len]
+    }
 }
 
 impl std::fmt::Debug for LogJournal {
@@ -60,8 +89,7 @@ impl LogJournal {
             res?;
             return Ok(CommitStats::default());
         }
-        self.pending.clear();
-        self.pending_bytes = 0;
+        self.clear_pending();
         state.live_frame_bytes = self.log.committed_len - HEADER_LEN as u64;
         res?;
         Ok(CommitStats {
@@ -72,17 +100,90 @@ impl LogJournal {
     }
 }
 
+impl LogJournal {
+    fn clear_pending(&mut self) {
+        self.pending.clear();
+        self.pending_bytes = 0;
+        self.unwritten.clear();
+        self.last_message = None;
+        self.last_tracked = None;
+    }
+
+    /// Notes where the records of a forward are while they are pending.
+    fn track(&mut self, rec: &Rec<'_>, index: usize) {
+        self.last_tracked = None;
+        match *rec {
+            Rec::Message { sid, id, .. } => self.last_message = Some((sid, id, index)),
+            Rec::Sent { sid, id, .. }
+                if self.last_message.is_some_and(|m| (m.0, m.1) == (sid, id)) =>
+            {
+                let message = self.last_message.take().map_or(0, |m| m.2);
+                let mut records = [0; Unwritten::MAX];
+                records[..2].copy_from_slice(&[message, index]);
+                self.unwritten
+                    .insert((sid, id), Unwritten { records, len: 2 });
+                self.last_tracked = Some((sid, id));
+            }
+            Rec::Sent { sid, id, .. } | Rec::Released { sid, id } => {
+                if let Some(u) = self.unwritten.get_mut(&(sid, id)) {
+                    if u.len < Unwritten::MAX {
+                        u.records[u.len] = index;
+                        u.len += 1;
+                        self.last_tracked = Some((sid, id));
+                    } else {
+                        // Too many to follow: every record of it is written, and so is
+                        // its `Done`.
+                        self.unwritten.remove(&(sid, id));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
 impl Journal for LogJournal {
     fn record(&mut self, rec: &Rec<'_>) -> Result<u64, StoreError> {
+        let index = self.pending.next_index();
         let frame = self.pending.push(rec)? as u64 + FRAME_OVERHEAD;
         self.pending_bytes += frame;
+        self.track(rec, index);
         Ok(frame)
     }
 
     fn unrecord(&mut self) {
+        let index = self.pending.next_index().checked_sub(1);
         if let Some(len) = self.pending.pop() {
             self.pending_bytes -= len as u64 + FRAME_OVERHEAD;
         }
+        if self.last_message.is_some_and(|m| Some(m.2) == index) {
+            self.last_message = None;
+        }
+        if let Some(key) = self.last_tracked.take() {
+            if let Some(u) = self.unwritten.get_mut(&key) {
+                if u.len > 0 && Some(u.records[u.len - 1]) == index {
+                    u.len -= 1;
+                }
+                if u.len < 2 {
+                    self.unwritten.remove(&key);
+                }
+            }
+        }
+    }
+
+    fn forget(&mut self, sid: u64, id: u64) -> bool {
+        let Some(u) = self.unwritten.remove(&(sid, id)) else {
+            return false;
+        };
+        for &i in u.indexes() {
+            if let Some(len) = self.pending.kill(i) {
+                self.pending_bytes -= len as u64 + FRAME_OVERHEAD;
+            }
+        }
+        if self.last_message.is_some_and(|m| (m.0, m.1) == (sid, id)) {
+            self.last_message = None;
+        }
+        true
     }
 
     fn commit(&mut self, state: &mut State) -> Result<CommitStats, StoreError> {
@@ -93,8 +194,7 @@ impl Journal for LogJournal {
             return self.compact(state);
         }
         let lens = self.log.append(self.pending.records())?;
-        self.pending.clear();
-        self.pending_bytes = 0;
+        self.clear_pending();
         Ok(CommitStats {
             records: lens.len(),
             bytes: lens.iter().sum(),
@@ -135,6 +235,9 @@ impl SessionLog {
             log,
             pending: Pending::default(),
             pending_bytes: 0,
+            unwritten: HashMap::new(),
+            last_message: None,
+            last_tracked: None,
         };
         Ok(Sessions::with(state, limits, journal))
     }

@@ -30,6 +30,12 @@ pub trait Journal: Send {
     fn commit(&mut self, state: &mut State) -> Result<CommitStats, StoreError>;
     /// Changes pushed and not yet committed.
     fn pending(&self) -> usize;
+    /// Message `id` of session `sid` is done. If it was a forward whose records are all
+    /// still pending, they are dropped and `true` returned: its `Done` need not be
+    /// recorded either (the message was acknowledged before it was ever written).
+    fn forget(&mut self, _sid: u64, _id: u64) -> bool {
+        false
+    }
 }
 
 /// Persistent sessions in memory and, through its journal `J`, wherever they are kept.
@@ -108,6 +114,14 @@ impl<J: Journal> Sessions<J> {
 
     /// Records a change: applied to memory now, written by the next commit.
     fn change(&mut self, rec: Rec<'_>) -> Result<(), StoreError> {
+        if let Rec::Done { sid, id } = rec {
+            if self.journal.forget(sid, id) {
+                return self
+                    .state
+                    .apply(rec, 0)
+                    .map_err(|e| StoreError::Encode(format!("inconsistent session change: {e}")));
+            }
+        }
         let frame = self.journal.record(&rec)?;
         self.state.apply(rec, frame).map_err(|e| {
             self.journal.unrecord();

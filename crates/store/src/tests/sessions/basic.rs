@@ -67,6 +67,55 @@ fn everything_survives_reopen() {
     assert_eq!(all(&s), before);
 }
 
+/// A forward (queued and marked sent at once, as the broker does for a connected
+/// client) that is acknowledged before the next commit is never written, nor is its
+/// `Done`; one acknowledged after the commit, or not at all, is written as usual.
+#[test]
+fn a_forward_acknowledged_before_the_commit_is_never_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = skey(Some("alice"), "c1");
+    let mut s = open(dir.path()).unwrap();
+    s.put_session(&k, meta(&["alice/#"])).unwrap();
+    s.commit().unwrap();
+    let empty = s.file_bytes();
+    let forward = |s: &mut SessionLog, topic: &str, pkid: u16| {
+        let Enqueued::Queued(id) = s.enqueue(&k, qmsg(topic, "payload")).unwrap() else {
+            panic!("queued")
+        };
+        assert!(s.mark_sent(&k, id, pkid).unwrap());
+        id
+    };
+    // Acknowledged within the commit: nothing at all reaches the file.
+    for pkid in 1..=50 {
+        let id = forward(&mut s, "alice/fast", pkid);
+        assert!(s.complete(&k, id).unwrap());
+    }
+    assert_eq!(s.pending(), 0);
+    s.commit().unwrap();
+    assert_eq!(s.file_bytes(), empty);
+    // Still unacknowledged at the commit: written, then its Done.
+    let late = forward(&mut s, "alice/late", 7);
+    // Never acknowledged: written and kept, redelivered after a restart.
+    let open_one = forward(&mut s, "alice/open", 8);
+    // Acknowledged in the same commit as two others that are not: only it is dropped.
+    let fast = forward(&mut s, "alice/fast", 9);
+    assert!(s.complete(&k, fast).unwrap());
+    assert_eq!(s.pending(), 4, "Message and Sent of each of the two others");
+    s.commit().unwrap();
+    assert!(s.complete(&k, late).unwrap());
+    assert_eq!(s.pending(), 1, "the Done of a written forward");
+    s.commit().unwrap();
+    drop(s);
+    let s = open(dir.path()).unwrap();
+    let sess = s.session(&k).unwrap();
+    let held: Vec<(u64, &str, Delivery)> = sess
+        .messages
+        .iter()
+        .map(|(id, h)| (*id, h.message.topic.as_str(), h.delivery))
+        .collect();
+    assert_eq!(held, [(open_one, "alice/open", Delivery::Sent { pkid: 8 })]);
+}
+
 #[test]
 fn uncommitted_changes_are_lost_committed_ones_kept() {
     let dir = tempfile::tempdir().unwrap();

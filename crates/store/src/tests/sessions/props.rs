@@ -21,6 +21,9 @@ enum Op {
     Put(usize, u8),
     Remove(usize),
     Enqueue(usize, u8, usize, u8, bool),
+    /// A message forwarded to a connected client: queued and marked sent at once (the
+    /// broker's `sent`), which the log may drop again if it is done before the commit.
+    Forward(usize, usize, u16),
     Sent(usize, usize, u16),
     Released(usize, usize),
     Done(usize, usize),
@@ -41,9 +44,10 @@ fn op() -> impl Strategy<Value = Op> {
         1 => k.clone().prop_map(Op::Remove),
         6 => (k.clone(), 0u8..3, 0usize..20, 0u8..3, any::<bool>())
             .prop_map(|(k, t, n, q, e)| Op::Enqueue(k, t, n, q, e)),
+        4 => (k.clone(), 0usize..10, 1u16..5).prop_map(|(k, n, p)| Op::Forward(k, n, p)),
         3 => (k.clone(), 0usize..8, 1u16..5).prop_map(|(k, i, p)| Op::Sent(k, i, p)),
         1 => (k.clone(), 0usize..8).prop_map(|(k, i)| Op::Released(k, i)),
-        3 => (k.clone(), 0usize..8).prop_map(|(k, i)| Op::Done(k, i)),
+        5 => (k.clone(), 0usize..8).prop_map(|(k, i)| Op::Done(k, i)),
         2 => (k.clone(), 1u16..4).prop_map(|(k, p)| Op::Qos2In(k, p)),
         1 => (k.clone(), 1u16..4).prop_map(|(k, p)| Op::Qos2InDone(k, p)),
         1 => (k, any::<bool>()).prop_map(|(k, w)| Op::Will(k, w)),
@@ -152,6 +156,24 @@ fn step(store: &mut dyn SessionStore, model: &mut Model, op: &Op) -> Result<bool
                     } else {
                         prop_assert!(matches!(got, Enqueued::Queued(_)));
                         m.messages.push((msg, Delivery::Queued));
+                    }
+                }
+            }
+        }
+        Op::Forward(k, n, pkid) => {
+            let key = key_of(k);
+            let msg = QueuedMessage {
+                qos: 1,
+                ..qmsg("a/f", &"f".repeat(n))
+            };
+            let got = store.enqueue(&key, msg.clone());
+            match model.get_mut(&key) {
+                None => prop_assert!(matches!(got, Err(StoreError::UnknownSession))),
+                Some(m) => {
+                    // Dropped by the queue bounds (checked in `Enqueue`) or queued.
+                    if let Enqueued::Queued(id) = got.unwrap() {
+                        prop_assert!(store.mark_sent(&key, id, pkid).unwrap());
+                        m.messages.push((msg, Delivery::Sent { pkid }));
                     }
                 }
             }
