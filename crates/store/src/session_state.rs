@@ -92,8 +92,10 @@ impl Slot {
 /// Every session, by key and by number.
 #[derive(Debug, Default)]
 pub struct State {
-    pub(crate) slots: HashMap<SessionKey, Slot>,
-    by_sid: HashMap<u64, SessionKey>,
+    /// By session number: every record names one, so replaying a log hashes a `u64`
+    /// per record, not the identity and client id.
+    pub(crate) slots: HashMap<u64, Slot>,
+    by_key: HashMap<SessionKey, u64>,
     pub(crate) next_sid: u64,
     /// Frame bytes of all live records: what a compacted log would hold.
     pub(crate) live_frame_bytes: u64,
@@ -101,11 +103,14 @@ pub struct State {
 
 impl State {
     fn slot(&mut self, sid: u64) -> Result<&mut Slot, String> {
-        let key = self
-            .by_sid
-            .get(&sid)
-            .ok_or_else(|| format!("refers to unknown session {sid}"))?;
-        Ok(self.slots.get_mut(key).expect("by_sid and slots agree"))
+        self.slots
+            .get_mut(&sid)
+            .ok_or_else(|| format!("refers to unknown session {sid}"))
+    }
+
+    /// The slot of the session of `key`.
+    pub(crate) fn get(&self, key: &SessionKey) -> Option<&Slot> {
+        self.slots.get(self.by_key.get(key)?)
     }
 
     /// The slot of session `sid` that holds message `id`, with the message's delivery
@@ -132,23 +137,24 @@ impl State {
             Rec::Put { sid, key, meta } => {
                 let key = key.into_owned();
                 let meta = meta.into_owned();
-                if let Some(slot) = self.slots.get_mut(&key) {
-                    if slot.sid != sid {
-                        return Err(format!("session {sid} put over session {}", slot.sid));
+                if let Some(&known) = self.by_key.get(&key) {
+                    if known != sid {
+                        return Err(format!("session {sid} put over session {known}"));
                     }
+                    let slot = self.slots.get_mut(&sid).expect("by_key and slots agree");
                     self.live_frame_bytes = self.live_frame_bytes - slot.put_frame + frame;
                     slot.put_frame = frame;
                     slot.session.meta = meta;
                     return Ok(());
                 }
-                if self.by_sid.contains_key(&sid) {
+                if self.slots.contains_key(&sid) {
                     return Err(format!("session {sid} put under another key"));
                 }
                 self.next_sid = self.next_sid.max(sid + 1);
-                self.by_sid.insert(sid, key.clone());
+                self.by_key.insert(key.clone(), sid);
                 self.live_frame_bytes += frame;
                 self.slots.insert(
-                    key.clone(),
+                    sid,
                     Slot {
                         sid,
                         session: Session {
@@ -169,11 +175,11 @@ impl State {
                 );
             }
             Rec::Remove { sid } => {
-                let key = self
-                    .by_sid
+                let slot = self
+                    .slots
                     .remove(&sid)
                     .ok_or_else(|| format!("removes unknown session {sid}"))?;
-                let slot = self.slots.remove(&key).expect("by_sid and slots agree");
+                self.by_key.remove(&slot.session.key);
                 self.live_frame_bytes -= slot.frames();
             }
             Rec::Message {

@@ -130,18 +130,18 @@ impl<J: Journal> Sessions<J> {
     }
 
     fn sid(&self, key: &SessionKey) -> Option<u64> {
-        self.state.slots.get(key).map(|s| s.sid)
+        self.state.get(key).map(|s| s.sid)
     }
 
     fn held(&self, key: &SessionKey, id: u64) -> Option<(u64, &HeldMessage)> {
-        let slot = self.state.slots.get(key)?;
+        let slot = self.state.get(key)?;
         Some((slot.sid, slot.session.messages.get(&id)?))
     }
 }
 
 impl<J: Journal> SessionStore for Sessions<J> {
     fn session(&self, key: &SessionKey) -> Option<&Session> {
-        self.state.slots.get(key).map(|s| &s.session)
+        self.state.get(key).map(|s| &s.session)
     }
 
     fn sessions(&self) -> Box<dyn Iterator<Item = &Session> + '_> {
@@ -174,11 +174,7 @@ impl<J: Journal> SessionStore for Sessions<J> {
         key: &SessionKey,
         message: QueuedMessage,
     ) -> Result<Enqueued, StoreError> {
-        let slot = self
-            .state
-            .slots
-            .get(key)
-            .ok_or(StoreError::UnknownSession)?;
+        let slot = self.state.get(key).ok_or(StoreError::UnknownSession)?;
         if slot.queued >= self.limits.max_queued_messages {
             return Ok(Enqueued::DroppedMessages);
         }
@@ -222,7 +218,7 @@ impl<J: Journal> SessionStore for Sessions<J> {
     }
 
     fn qos2_in(&mut self, key: &SessionKey, pkid: u16) -> Result<bool, StoreError> {
-        match self.state.slots.get(key) {
+        match self.state.get(key) {
             Some(slot) if !slot.session.qos2_in.contains(&pkid) => {
                 let sid = slot.sid;
                 self.change(Rec::Qos2In { sid, pkid })?;
@@ -233,7 +229,7 @@ impl<J: Journal> SessionStore for Sessions<J> {
     }
 
     fn qos2_in_done(&mut self, key: &SessionKey, pkid: u16) -> Result<bool, StoreError> {
-        match self.state.slots.get(key) {
+        match self.state.get(key) {
             Some(slot) if slot.session.qos2_in.contains(&pkid) => {
                 let sid = slot.sid;
                 self.change(Rec::Qos2InDone { sid, pkid })?;

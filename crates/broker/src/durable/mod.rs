@@ -36,7 +36,7 @@ use moatmq_store::{
     now_unix, Delivery, Enqueued, MessageProperties, PendingWill, QueuedMessage, SessionKey,
     SessionLimits, SessionLog, SessionMeta, SessionStore, SubscriptionOptions,
 };
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -141,8 +141,9 @@ impl SessionBook {
         let mut carried = HashMap::new();
         let mut loaded = Vec::new();
         for s in store.sessions() {
-            let ids: BTreeSet<u64> = s.messages.keys().copied().collect();
-            carried.insert(s.key.clone(), ids);
+            // Every message held now is from the last run; ids only grow.
+            let below = s.messages.keys().next_back().map_or(0, |id| id + 1);
+            carried.insert(s.key.clone(), below);
             offline.add(&s.key, &s.meta.subscriptions);
             loaded.push(Loaded {
                 key: s.key.clone(),
@@ -383,8 +384,10 @@ impl Offline {
 /// The writer thread's state: the store and which messages came from the last run.
 struct Writer {
     store: Box<dyn SessionStore>,
-    /// Per session, the ids of the messages loaded at start-up (not in the router).
-    carried: HashMap<SessionKey, BTreeSet<u64>>,
+    /// Per session, the id below which its messages are carried over: loaded at start-up
+    /// (or rewritten by a resume), so not in the router. Ids grow as messages are queued,
+    /// so every message queued in this run has an id at or above it.
+    carried: HashMap<SessionKey, u64>,
     /// Per connected session, the store id of each forward in flight, by packet id.
     inflight: HashMap<SessionKey, HashMap<u16, u64>>,
     rx: mpsc::Receiver<Job>,
@@ -527,12 +530,7 @@ impl Writer {
             Job::Qos2In(key, pkid) => self.store.qos2_in(&key, pkid).map(drop),
             Job::Will(key, will) => self.store.set_will(&key, will).map(drop),
             Job::Qos2InDone(key, pkid) => self.store.qos2_in_done(&key, pkid).map(drop),
-            Job::Complete(key, id) => {
-                if let Some(ids) = self.carried.get_mut(&key) {
-                    ids.remove(&id);
-                }
-                self.store.complete(&key, id).map(drop)
-            }
+            Job::Complete(key, id) => self.store.complete(&key, id).map(drop),
             Job::Commit(_) | Job::Stop(_) => Ok(()),
         };
         if let Err(e) = result {
@@ -578,7 +576,7 @@ impl Writer {
     fn resume(&mut self, key: &SessionKey) -> Resumed {
         // The previous connection's forwards in flight are this run's: the router has them.
         self.inflight.remove(key);
-        let carried = self.carried.get(key).cloned().unwrap_or_default();
+        let carried = self.carried.get(key).copied().unwrap_or(0);
         let Some(session) = self.store.session(key) else {
             return Resumed::default();
         };
@@ -590,7 +588,7 @@ impl Writer {
         let mut replay = Vec::new();
         let mut done = Vec::new();
         for (&id, held) in &session.messages {
-            if carried.contains(&id) && !held.message.is_expired(now) {
+            if id < carried && !held.message.is_expired(now) {
                 replay.push(Replay {
                     id,
                     message: held.message.clone(),
@@ -630,7 +628,7 @@ impl Writer {
         qos2_in: &[u16],
     ) -> Vec<Replay> {
         let mut kept = Vec::with_capacity(replay.len());
-        let mut carried = BTreeSet::new();
+        let mut carried = 0;
         let result = (|| {
             self.store.remove_session(key)?;
             self.store.put_session(key, meta)?;
@@ -643,7 +641,7 @@ impl Writer {
                     false => self.queue(key, r.message.clone())?,
                 };
                 if let Some(id) = id {
-                    carried.insert(id);
+                    carried = id + 1;
                     kept.push(Replay { id, ..r });
                 }
             }
