@@ -7,6 +7,7 @@
 //! holder could have written it.
 
 use std::borrow::Cow;
+use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
@@ -193,18 +194,21 @@ impl State {
                     return Err(format!("invalid qos {}", message.qos));
                 }
                 let slot = self.slot(sid)?;
-                if slot.session.messages.contains_key(&id) {
-                    return Err(format!("message {id} of session {sid} queued twice"));
-                }
+                let bytes = message.queued_bytes();
+                // One search of the session's messages, not two: replaying a log is
+                // mostly this, and each session's map is a cache miss away.
+                match slot.session.messages.entry(id) {
+                    Entry::Occupied(_) => {
+                        return Err(format!("message {id} of session {sid} queued twice"))
+                    }
+                    Entry::Vacant(v) => v.insert(HeldMessage { message, delivery }),
+                };
                 if delivery == Delivery::Queued {
                     slot.queued += 1;
-                    slot.queued_bytes += message.queued_bytes();
+                    slot.queued_bytes += bytes;
                 }
                 slot.next_id = slot.next_id.max(id + 1);
                 slot.message_frames.insert(id, frame);
-                slot.session
-                    .messages
-                    .insert(id, HeldMessage { message, delivery });
                 self.live_frame_bytes += frame;
             }
             Rec::Sent { sid, id, pkid } => {
