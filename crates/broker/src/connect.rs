@@ -134,6 +134,17 @@ async fn login(
         return Err(ConnectFailure::Refused("connection rate exceeded"));
     }
 
+    // Enhanced authentication (4.12) is not supported: a client that asked for it must
+    // not be let in on some other basis (MQTT-4.12.0-1: 0x8C and close).
+    if let Some(method) = props
+        .as_ref()
+        .and_then(|p| p.authentication_method.as_ref())
+    {
+        debug!(method, "enhanced authentication asked for");
+        refuse(&mut writer, version, Refusal::AuthMethod).await;
+        return Err(ConnectFailure::Refused("unsupported authentication method"));
+    }
+
     let limits = &shared.config.limits;
     let mut client_id = connect.client_id.clone();
     let mut assigned = None;
@@ -534,6 +545,7 @@ enum Refusal {
     Malformed,
     RateLimited,
     SessionQuota,
+    AuthMethod,
 }
 
 /// Sends a refusing CONNACK (best effort) and closes.
@@ -552,7 +564,11 @@ async fn refuse(writer: &mut Writer, version: Version, refusal: Refusal) {
         // 3.1.1 has no code for these: close without a CONNACK (MQTT-3.2.2-4 allows it).
         (
             Version::V4,
-            Refusal::TopicInvalid | Refusal::TooLarge | Refusal::Malformed | Refusal::RateLimited,
+            Refusal::TopicInvalid
+            | Refusal::TooLarge
+            | Refusal::Malformed
+            | Refusal::RateLimited
+            | Refusal::AuthMethod,
         ) => {
             writer.shutdown().await;
             return;
@@ -567,6 +583,7 @@ async fn refuse(writer: &mut Writer, version: Version, refusal: Refusal) {
         (Version::V5, Refusal::Malformed) => C::MalformedPacket,
         (Version::V5, Refusal::RateLimited) => C::ConnectionRateExceeded,
         (Version::V5, Refusal::SessionQuota) => C::QuotaExceeded,
+        (Version::V5, Refusal::AuthMethod) => C::BadAuthenticationMethod,
     };
     let props = (version == Version::V5).then(ConnAckProperties::default);
     let packet = Packet::ConnAck(

@@ -247,3 +247,30 @@ async fn unsupported_protocol_level_gets_connack_0x01() {
     );
     scene.everyone_else_is_fine().await;
 }
+
+/// Enhanced authentication (4.12) is not supported: a CONNECT naming an authentication
+/// method is refused with 0x8C rather than let in by username, password or anonymity
+/// (MQTT-4.12.0-1), and an AUTH packet from a client that agreed no method is a
+/// protocol error (0x82), not a malformed packet.
+#[tokio::test]
+async fn enhanced_authentication_is_refused_not_ignored() {
+    let scene = Scene::start().await;
+    let mut connect = connect5("scram");
+    connect.properties = Some(m5::ConnectProperties {
+        authentication_method: Some("SCRAM-SHA-256".into()),
+        authentication_data: Some(bytes::Bytes::from_static(b"n,,n=user,r=nonce")),
+        ..m5::ConnectProperties::new()
+    });
+    let (mut raw, ack) = Raw::connack5(scene.addr(), connect).await;
+    assert_eq!(ack.code, m5::ConnectReturnCode::BadAuthenticationMethod);
+    assert!(raw.closed_within(WAIT).await, "closed after the CONNACK");
+
+    let mut raw = scene.v5().await;
+    // AUTH, reason 0x18 (continue authentication), no properties.
+    raw.send(&[0xF0, 0x02, 0x18, 0x00]).await;
+    assert_eq!(
+        disconnect_reason(&mut raw).await,
+        Some(m5::DisconnectReasonCode::ProtocolError)
+    );
+    scene.everyone_else_is_fine().await;
+}

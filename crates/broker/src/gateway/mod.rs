@@ -561,6 +561,14 @@ impl Gateway {
                 ));
             }
             if self.version == Version::V5 {
+                if buf[0] >> 4 == 15 {
+                    // AUTH: no authentication method was agreed at CONNECT (a CONNECT
+                    // naming one is refused), so any AUTH is a protocol error (4.12).
+                    return Err(Close::Protocol(
+                        DisconnectReasonCode::ProtocolError,
+                        "AUTH without enhanced authentication",
+                    ));
+                }
                 if let Some(reason) = short_v5_disconnect(buf) {
                     // MQTT 5 3.14.2.2: with a remaining length of 1 the property length is
                     // absent; rumqttd would wait for it forever.
