@@ -145,6 +145,18 @@ async fn login(
         return Err(ConnectFailure::Refused("unsupported authentication method"));
     }
 
+    // 3.1.2.11.3, 3.1.2.11.4: zero is not a Receive Maximum or a Maximum Packet Size
+    // (taken at its word, the latter would drop every message to the client).
+    if props
+        .as_ref()
+        .is_some_and(|p| p.receive_maximum == Some(0) || p.max_packet_size == Some(0))
+    {
+        refuse(&mut writer, version, Refusal::Protocol).await;
+        return Err(ConnectFailure::Refused(
+            "receive maximum or maximum packet size of 0",
+        ));
+    }
+
     let limits = &shared.config.limits;
     let mut client_id = connect.client_id.clone();
     let mut assigned = None;
@@ -546,6 +558,7 @@ enum Refusal {
     RateLimited,
     SessionQuota,
     AuthMethod,
+    Protocol,
 }
 
 /// Sends a refusing CONNACK (best effort) and closes.
@@ -568,7 +581,8 @@ async fn refuse(writer: &mut Writer, version: Version, refusal: Refusal) {
             | Refusal::TooLarge
             | Refusal::Malformed
             | Refusal::RateLimited
-            | Refusal::AuthMethod,
+            | Refusal::AuthMethod
+            | Refusal::Protocol,
         ) => {
             writer.shutdown().await;
             return;
@@ -584,6 +598,7 @@ async fn refuse(writer: &mut Writer, version: Version, refusal: Refusal) {
         (Version::V5, Refusal::RateLimited) => C::ConnectionRateExceeded,
         (Version::V5, Refusal::SessionQuota) => C::QuotaExceeded,
         (Version::V5, Refusal::AuthMethod) => C::BadAuthenticationMethod,
+        (Version::V5, Refusal::Protocol) => C::ProtocolError,
     };
     let props = (version == Version::V5).then(ConnAckProperties::default);
     let packet = Packet::ConnAck(

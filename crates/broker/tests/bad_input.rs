@@ -274,3 +274,27 @@ async fn enhanced_authentication_is_refused_not_ignored() {
     );
     scene.everyone_else_is_fine().await;
 }
+
+/// A Receive Maximum or Maximum Packet Size of 0 in a CONNECT is a protocol error
+/// (3.1.2.11.3, 3.1.2.11.4): refused with CONNACK 0x82. Taken at its word, a maximum
+/// packet size of 0 would have every message to that client dropped as too large.
+#[tokio::test]
+async fn a_zero_receive_maximum_or_maximum_packet_size_is_refused() {
+    let scene = Scene::start().await;
+    for (receive_maximum, max_packet_size) in [(Some(0), None), (None, Some(0))] {
+        let mut connect = connect5("zero");
+        connect.properties = Some(m5::ConnectProperties {
+            receive_maximum,
+            max_packet_size,
+            ..m5::ConnectProperties::new()
+        });
+        let (mut raw, ack) = Raw::connack5(scene.addr(), connect).await;
+        assert_eq!(
+            ack.code,
+            m5::ConnectReturnCode::ProtocolError,
+            "receive maximum {receive_maximum:?}, maximum packet size {max_packet_size:?}"
+        );
+        assert!(raw.closed_within(WAIT).await, "closed after the CONNACK");
+    }
+    scene.everyone_else_is_fine().await;
+}
