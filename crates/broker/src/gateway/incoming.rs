@@ -155,6 +155,13 @@ impl Gateway {
                             "retained quota exceeded",
                         ));
                     }
+                    Err(Refused::Unavailable) => {
+                        // Not acknowledged: the client sends it again, here or elsewhere.
+                        return Err(Close::Protocol(
+                            DisconnectReasonCode::ServerBusy,
+                            "cluster forwarding queue full",
+                        ));
+                    }
                     Err(why) => return self.refuse_publish(qos, pkid, why),
                 }
                 if qos == QoS::ExactlyOnce {
@@ -480,7 +487,7 @@ impl Gateway {
         let (ack_reason, rec_reason) = match why {
             Refused::NotAuthorized => (PubAckReason::NotAuthorized, PubRecReason::NotAuthorized),
             Refused::Quota => (PubAckReason::QuotaExceeded, PubRecReason::QuotaExceeded),
-            Refused::TooLarge => (
+            Refused::TooLarge | Refused::Unavailable => (
                 PubAckReason::ImplementationSpecificError,
                 PubRecReason::ImplementationSpecificError,
             ),
@@ -508,8 +515,8 @@ impl Gateway {
         }
     }
 
-    /// Saves the retained store and commits the session store, then lets the waiting
-    /// publishes reach the router.
+    /// Saves the retained store, commits the session store and waits for the cluster's
+    /// transfer stream, then lets the waiting publishes reach the router.
     pub(super) async fn save_then_forward(&mut self) -> Result<(), Close> {
         // What came before the retained publishes need not wait for the save.
         self.link.commit(&mut self.to_router)?;
@@ -530,6 +537,15 @@ impl Gateway {
                 return Err(Close::Protocol(
                     DisconnectReasonCode::UnspecifiedError,
                     "session store commit failed",
+                ));
+            }
+        }
+        if let Some(cluster) = &self.shared.cluster {
+            // QoS 1/2 publishes are acknowledged once the transfer stream holds them.
+            if !cluster.transferred().await {
+                return Err(Close::Protocol(
+                    DisconnectReasonCode::UnspecifiedError,
+                    "cluster transfer stopped",
                 ));
             }
         }
