@@ -48,11 +48,15 @@ impl Source {
 pub enum Admitted {
     /// Now.
     Now,
-    /// Once the retained store has saved it, the session store has committed the
-    /// copies queued for offline sessions (`autosave_interval = 0`), or the cluster's
-    /// transfer stream holds it (QoS 1/2): the sender's acknowledgement must not come
-    /// before.
+    /// Once the retained store has saved it, or the session store has committed the
+    /// copies queued for offline sessions (`autosave_interval = 0`), and, with
+    /// `[cluster]`, the transfer stream holds what this node forwarded so far: the
+    /// sender's acknowledgement must not come before.
     AfterSave,
+    /// Once the cluster's transfer stream holds it (a QoS 1/2 message with
+    /// `[cluster]`), with no save to wait for: the sender's acknowledgement must not
+    /// come before.
+    AfterTransfer,
 }
 
 /// Why a message is not admitted.
@@ -130,7 +134,10 @@ pub fn admit(
         match cluster.forward(who, &msg) {
             Forwarded::Sent => {}
             // Acknowledged once the transfer stream holds it (docs/cluster.md).
-            Forwarded::Awaiting => admitted = Admitted::AfterSave,
+            Forwarded::Awaiting if admitted == Admitted::Now => {
+                admitted = Admitted::AfterTransfer;
+            }
+            Forwarded::Awaiting => {}
             Forwarded::Full => return Err(Refused::Unavailable),
         }
     }

@@ -246,7 +246,7 @@ fn take_in(
         v5: props.is_some(),
     };
     match admit(shared, info, who, Source::Cluster, inbound) {
-        Ok(Admitted::Now | Admitted::AfterSave) => {
+        Ok(Admitted::Now | Admitted::AfterSave | Admitted::AfterTransfer) => {
             shared.metrics.cluster_received.inc();
             shared
                 .router

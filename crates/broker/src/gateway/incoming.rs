@@ -130,6 +130,9 @@ impl Gateway {
                             Admitted::AfterSave => {
                                 self.to_router.after_save(Packet::Publish(publish, props))
                             }
+                            Admitted::AfterTransfer => self
+                                .to_router
+                                .after_transfer(Packet::Publish(publish, props)),
                         }
                         return Ok(());
                     }
@@ -137,12 +140,18 @@ impl Gateway {
                 };
                 match admitted {
                     Ok(Admitted::Now) => {}
-                    Ok(Admitted::AfterSave) => {
-                        // It and everything after it wait for one save of this read.
+                    Ok(a @ (Admitted::AfterSave | Admitted::AfterTransfer)) => {
+                        // It and everything after it wait for one save of this read
+                        // (and the cluster's transfer stream).
                         if qos == QoS::ExactlyOnce {
                             self.ledger.held_by_router(pkid);
                         }
-                        self.to_router.after_save(Packet::Publish(publish, props));
+                        let packet = Packet::Publish(publish, props);
+                        if a == Admitted::AfterSave {
+                            self.to_router.after_save(packet);
+                        } else {
+                            self.to_router.after_transfer(packet);
+                        }
                         return Ok(());
                     }
                     Err(Refused::Quota)
@@ -520,7 +529,8 @@ impl Gateway {
     pub(super) async fn save_then_forward(&mut self) -> Result<(), Close> {
         // What came before the retained publishes need not wait for the save.
         self.link.commit(&mut self.to_router)?;
-        if let Some(store) = self.shared.retained.clone() {
+        let needs_save = self.to_router.needs_save();
+        if let Some(store) = self.shared.retained.clone().filter(|_| needs_save) {
             let saved = tokio::task::spawn_blocking(move || store.save_now()).await;
             if !matches!(saved, Ok(Ok(()))) {
                 // Not durable: the client must not get an acknowledgement.
@@ -531,7 +541,12 @@ impl Gateway {
                 ));
             }
         }
-        if let Some(book) = self.shared.durable.as_ref().filter(|b| b.is_sync()) {
+        if let Some(book) = self
+            .shared
+            .durable
+            .as_ref()
+            .filter(|b| needs_save && b.is_sync())
+        {
             if !book.commit().await {
                 warn!("session store commit failed; closing the connection unacknowledged");
                 return Err(Close::Protocol(
