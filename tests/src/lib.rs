@@ -2,7 +2,9 @@
 //! End-to-end suites that span crates, in `tests/tests/`: the `moatmq` command run as a
 //! process (`cli*.rs`), other MQTT implementations against the broker (`interop.rs`),
 //! the deploy files (`deploy.rs`) and the monitoring files against a running broker
-//! (`monitoring.rs`). Each crate's own `tests/` keeps that crate's integration tests.
+//! (`monitoring.rs`), and cluster failures with one process per node (`cluster.rs`,
+//! with nats-servers from [`Nats`]). Each crate's own `tests/` keeps that crate's
+//! integration tests.
 //!
 //! The CLI suites run the `moatmq` binary. Cargo builds a binary for the integration
 //! tests of its own package only, so [`moatmq`] builds it once per test process with
@@ -11,8 +13,10 @@
 //! suites lived in crates/moatmq, where the testkit dev-dependency turned it on, a test
 //! can make the router fail (`MOATMQ_TEST_ROUTER_FAULT`).
 
+mod nats;
 mod process;
 
+pub use nats::Nats;
 pub use process::Moatmq;
 
 use std::path::{Path, PathBuf};

@@ -13,6 +13,7 @@
 //! QoS 2 duplicates, publish rate) stay in the gateway: they decide whether the
 //! connection itself is still valid, not whether one message may go in.
 
+use crate::cluster::Forwarded;
 use crate::event::Event;
 pub use crate::inbound::Inbound;
 use crate::policy::Identity;
@@ -48,9 +49,14 @@ pub enum Admitted {
     /// Now.
     Now,
     /// Once the retained store has saved it, or the session store has committed the
-    /// copies queued for offline sessions (`autosave_interval = 0`): the sender's
-    /// acknowledgement must not come before.
+    /// copies queued for offline sessions (`autosave_interval = 0`), and, with
+    /// `[cluster]`, the transfer stream holds what this node forwarded so far: the
+    /// sender's acknowledgement must not come before.
     AfterSave,
+    /// Once the cluster's transfer stream holds it (a QoS 1/2 message with
+    /// `[cluster]`), with no save to wait for: the sender's acknowledgement must not
+    /// come before.
+    AfterTransfer,
 }
 
 /// Why a message is not admitted.
@@ -63,6 +69,9 @@ pub enum Refused {
     /// The payload is over `limits.max_payload_size` (MQTT 5 reason 0x83: PUBACK has no
     /// "too large" code).
     TooLarge,
+    /// A QoS 1/2 message the cluster cannot take now (its queue to NATS is full): not
+    /// to be acknowledged, the sender sends it again.
+    Unavailable,
 }
 
 /// Admits `msg` from `who` on connection `info`, or says why not. A retained message is
@@ -122,7 +131,15 @@ pub fn admit(
         .as_ref()
         .filter(|_| source != Source::Cluster)
     {
-        cluster.forward(who, &msg);
+        match cluster.forward(who, &msg) {
+            Forwarded::Sent => {}
+            // Acknowledged once the transfer stream holds it (docs/cluster.md).
+            Forwarded::Awaiting if admitted == Admitted::Now => {
+                admitted = Admitted::AfterTransfer;
+            }
+            Forwarded::Awaiting => {}
+            Forwarded::Full => return Err(Refused::Unavailable),
+        }
     }
     Ok(admitted)
 }

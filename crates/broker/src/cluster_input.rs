@@ -1,9 +1,14 @@
-//! Cluster input (docs/cluster.md): every message on the cluster's subjects, from
-//! another node or a NATS-native client, is admitted here as [`Source::Cluster`] and
-//! handed to the router on the broker's own link. Apart from `cluster/` (the way out,
+//! Cluster input (docs/cluster.md): every message of another node, from this node's
+//! durable consumer of the transfer stream, and every message of a NATS-native client
+//! on the live subjects (those without `Moatmq-Node`; the live copies of the nodes'
+//! messages are for NATS services), is admitted here as [`Source::Cluster`] and handed
+//! to the router on the broker's own link. A stream message is acknowledged once,
+//! after that; one whose id was already taken in (a redelivery) is only acknowledged;
+//! one that does not open is refused and counted. Apart from `cluster/` (the way out,
 //! which `Shared` holds) so that the way in can use `admit` and `Shared` freely.
 
 use crate::admit::{admit, Admitted, Source};
+use crate::cluster::xfer::{self, Rejected, Seen};
 use crate::cluster::*;
 use crate::inbound::Inbound;
 use crate::policy::Identity;
@@ -11,21 +16,154 @@ use crate::shared::{ConnInfo, Shared};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use rumqttd::protocol::QoS;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Takes every message of the cluster's subjects into this node until shutdown.
 pub async fn run_input(shared: Arc<Shared>, input: Input) {
     let Some(cluster) = shared.cluster.as_ref() else {
         return;
     };
-    let mut subscriber = input.0;
+    let Input { live, client, seal } = input;
+    let mut subscriber = live;
     let info = cluster_connection();
-    while let Some(message) = subscriber.next().await {
-        receive(&shared, cluster, &info, message);
+    let live = async {
+        while let Some(message) = subscriber.next().await {
+            receive(&shared, cluster, &info, message);
+        }
+    };
+    // Both end with this task (aborted at shutdown).
+    tokio::select! {
+        _ = live => {}
+        _ = run_transfer(&shared, client, seal) => {}
     }
 }
 
-/// One message from NATS: admitted as cluster input, then into the router.
+/// Reads this node's consumer of the transfer stream until shutdown, setting it up
+/// again after each failure.
+async fn run_transfer(
+    shared: &Shared,
+    client: async_nats::Client,
+    seal: Arc<moatmq_store::ClusterSeal>,
+) {
+    let Some(cluster) = shared.cluster.as_ref() else {
+        return;
+    };
+    let js = async_nats::jetstream::new(client.clone());
+    let stream = xfer::stream_name(&cluster.prefix);
+    let info = cluster_connection();
+    let mut seen = Seen::default();
+    let set_ok = |ok: bool| shared.metrics.cluster_xfer_ok.store(ok, Ordering::Release);
+    loop {
+        if client.connection_state() != async_nats::connection::State::Connected {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
+        let consumer = match xfer::consumer(&js, &cluster.prefix, &cluster.node).await {
+            Ok(c) => c,
+            Err(e) => {
+                set_ok(false);
+                tracing::warn!("cluster: transfer stream: {e}; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let mut messages = match consumer.messages().await {
+            Ok(m) => m,
+            Err(e) => {
+                set_ok(false);
+                tracing::warn!("cluster: transfer stream: {e}; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        set_ok(true);
+        while let Some(message) = messages.next().await {
+            match message {
+                Ok(message) => {
+                    let id = message
+                        .headers
+                        .as_ref()
+                        .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
+                        .map(|v| v.as_str().to_string());
+                    let opened = xfer::open(
+                        &seal,
+                        &stream,
+                        &cluster.node,
+                        message.subject.as_str(),
+                        id.as_deref(),
+                        &message.payload,
+                    );
+                    match opened {
+                        Ok((envelope, payload)) => {
+                            if id.as_deref().is_some_and(|id| seen.first(id)) {
+                                transferred(shared, &info, envelope, payload);
+                            }
+                        }
+                        Err(Rejected::Own) => {}
+                        Err(Rejected::Refused(why)) => {
+                            tracing::error!(
+                                subject = message.subject.as_str(),
+                                "cluster: transfer message refused: {why}"
+                            );
+                            shared.metrics.cluster_state_rejected.inc();
+                        }
+                    }
+                    if let Err(e) = message.ack().await {
+                        tracing::debug!("cluster: transfer message not acknowledged: {e}");
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!("cluster: transfer stream: {e}");
+                    if client.connection_state() != async_nats::connection::State::Connected {
+                        break;
+                    }
+                }
+            }
+        }
+        set_ok(false);
+    }
+}
+
+/// One message of another node from the transfer stream.
+fn transferred(shared: &Shared, info: &ConnInfo, envelope: xfer::Envelope, payload: Bytes) {
+    let topic = envelope.topic;
+    if !crate::topic::valid_topic_name(&topic, shared.config.limits.max_topic_levels)
+        || topic.starts_with('$')
+    {
+        tracing::debug!("cluster: transfer message with no valid topic dropped");
+        return;
+    }
+    let who = Identity {
+        username: envelope.user,
+        client_id: envelope.client,
+    };
+    let props = envelope
+        .properties
+        .and_then(|p| crate::cluster::decode_properties(&p));
+    take_in(
+        shared,
+        info,
+        &who,
+        topic,
+        payload,
+        qos_of(envelope.qos),
+        envelope.retain,
+        props,
+    );
+}
+
+fn qos_of(n: u8) -> QoS {
+    match n {
+        1 => QoS::AtLeastOnce,
+        2 => QoS::ExactlyOnce,
+        _ => QoS::AtMostOnce,
+    }
+}
+
+/// One message from NATS on a live subject: a NATS-native client's is admitted as
+/// cluster input, then into the router; a node's is left to the transfer stream.
 fn receive(shared: &Shared, cluster: &Cluster, info: &ConnInfo, message: async_nats::Message) {
     let header = |name: &str| {
         message
@@ -50,11 +188,8 @@ fn receive(shared: &Shared, cluster: &Cluster, info: &ConnInfo, message: async_n
         return;
     }
     let who = match header(NODE) {
-        Some(node) if node == cluster.node => return,
-        Some(_) => Identity {
-            username: header(USER),
-            client_id: header(CLIENT).unwrap_or_default(),
-        },
+        // Another node's message: it arrives, authenticated, through the stream.
+        Some(_) => return,
         None => match &cluster.native_user {
             Some(user) => Identity {
                 username: Some(user.clone()),
@@ -76,26 +211,46 @@ fn receive(shared: &Shared, cluster: &Cluster, info: &ConnInfo, message: async_n
         _ => QoS::AtMostOnce,
     };
     let retain = header(RETAIN).as_deref() == Some("1");
-    // Properties mean an MQTT 5 publisher: a retained copy keeps them, as on one node.
     let props = header(PROPERTIES).and_then(|p| crate::cluster::decode_properties(&p));
+    take_in(
+        shared,
+        info,
+        &who,
+        topic,
+        message.payload.clone(),
+        qos,
+        retain,
+        props,
+    );
+}
+
+/// Admits a message from the cluster and hands it to the router.
+#[allow(clippy::too_many_arguments)] // reason: the fields of one message, each named once
+fn take_in(
+    shared: &Shared,
+    info: &ConnInfo,
+    who: &Identity,
+    topic: String,
+    payload: Bytes,
+    qos: QoS,
+    retain: bool,
+    props: Option<rumqttd::protocol::PublishProperties>,
+) {
+    // Properties mean an MQTT 5 publisher: a retained copy keeps them, as on one node.
     let inbound = Inbound {
         topic: &topic,
-        payload: &message.payload,
+        payload: &payload,
         qos,
         retain,
         properties: props.as_ref(),
         v5: props.is_some(),
     };
-    match admit(shared, info, &who, Source::Cluster, inbound) {
-        Ok(Admitted::Now | Admitted::AfterSave) => {
+    match admit(shared, info, who, Source::Cluster, inbound) {
+        Ok(Admitted::Now | Admitted::AfterSave | Admitted::AfterTransfer) => {
             shared.metrics.cluster_received.inc();
-            shared.router.publish(
-                Bytes::from(topic.into_bytes()),
-                message.payload.clone(),
-                qos,
-                retain,
-                props,
-            );
+            shared
+                .router
+                .publish(Bytes::from(topic.into_bytes()), payload, qos, retain, props);
         }
         Err(why) => tracing::debug!(topic, ?why, "cluster: message not admitted"),
     }

@@ -95,8 +95,9 @@ pub struct Metrics {
     /// NATS client without `native_user`; each time the input fell behind and NATS
     /// dropped messages for this node, counted once).
     pub cluster_dropped: Counter,
-    /// `[cluster]`: values of the shared state in NATS refused (not authenticating under
-    /// this node's key at their bucket and key: altered, moved or foreign).
+    /// `[cluster]`: values of the shared state in NATS and messages of the transfer
+    /// stream refused (not authenticating under this node's key at their bucket and key,
+    /// or stream and message id: altered, moved or foreign).
     pub cluster_state_rejected: Counter,
     /// Persistent sessions whose client is away, and their subscriptions.
     pub sessions_offline: Gauge,
@@ -124,15 +125,20 @@ pub struct Metrics {
     /// when this node's key does not open the cluster's key marker); always true
     /// without a cluster.
     pub cluster_state_ok: AtomicBool,
+    /// `[cluster]`: false until this node's consumer of the transfer stream is in place
+    /// (and while it is set up again after a failure); always true without a cluster.
+    pub cluster_xfer_ok: AtomicBool,
     /// Saves counted by the store, mirrored into the gauges at scrape time.
     pub saves: AtomicU64,
 }
 
 impl Metrics {
-    /// With `[cluster]`: connected and subscribed to NATS, and the shared retained
-    /// messages loaded (always true without a cluster).
+    /// With `[cluster]`: connected and subscribed to NATS, reading the transfer stream,
+    /// and the shared retained messages loaded (always true without a cluster).
     pub fn cluster_ready(&self) -> bool {
-        self.cluster_ok.load(Ordering::Acquire) && self.cluster_state_ok.load(Ordering::Acquire)
+        self.cluster_ok.load(Ordering::Acquire)
+            && self.cluster_state_ok.load(Ordering::Acquire)
+            && self.cluster_xfer_ok.load(Ordering::Acquire)
     }
 
     pub fn new() -> Arc<Metrics> {
@@ -178,6 +184,7 @@ impl Metrics {
             router_ok: AtomicBool::new(true),
             cluster_ok: AtomicBool::new(true),
             cluster_state_ok: AtomicBool::new(true),
+            cluster_xfer_ok: AtomicBool::new(true),
             saves: AtomicU64::new(0),
         };
         if let Ok(mut r) = m.registry.lock() {
@@ -289,7 +296,7 @@ impl Metrics {
             );
             r.register(
                 "cluster_state_rejected",
-                "Values of the cluster's shared state in NATS refused (tampered, moved or sealed under another key)",
+                "Values of the cluster's shared state and transfer messages in NATS refused (tampered, moved or sealed under another key)",
                 m.cluster_state_rejected.clone(),
             );
             r.register(

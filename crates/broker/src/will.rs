@@ -116,7 +116,7 @@ fn publish_now(shared: &Shared, will: Will) {
     match admit(shared, &info, &owner, Source::Will, inbound) {
         // A will has no client waiting for an acknowledgement: the saver persists a
         // retained one on its next round, also with autosave_interval = 0.
-        Ok(Admitted::Now | Admitted::AfterSave) => {
+        Ok(Admitted::Now | Admitted::AfterSave | Admitted::AfterTransfer) => {
             shared
                 .router
                 .publish(will.topic, will.message, will.qos, will.retain, properties)

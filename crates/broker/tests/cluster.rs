@@ -467,9 +467,10 @@ async fn readyz_follows_nats_and_routing_resumes_after_a_nats_restart() {
     nats.kill();
     wait_ready(&a, false).await;
     wait_ready(&b, false).await;
-    // Clients already connected are served locally while NATS is away; new ones are
-    // refused (server unavailable), to connect to a node that can route them.
-    publish(&publ, "alice/local", QoS::AtLeastOnce, false, "l").await;
+    // Clients already connected are served locally while NATS is away (QoS 0; QoS 1
+    // waits for the transfer stream, below); new ones are refused (server
+    // unavailable), to connect to a node that can route them.
+    publish(&publ, "alice/local", QoS::AtMostOnce, false, "l").await;
     assert_eq!(&sub_a.next_publish().await.payload[..], b"l");
     assert_refused(b.first_addr()).await;
 
@@ -484,6 +485,157 @@ async fn readyz_follows_nats_and_routing_resumes_after_a_nats_restart() {
         (p.topic.as_str(), &p.payload[..]),
         ("alice/again", &b"x"[..])
     );
+}
+
+/// Whether a PUBACK arrives within `wait`.
+async fn puback_within(c: &mut v4::Client, wait: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match tokio::time::timeout_at(deadline, c.rx.recv()).await {
+            Ok(Some(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))) => return true,
+            Ok(Some(_)) => continue,
+            Ok(None) | Err(_) => return false,
+        }
+    }
+}
+
+/// The transfer stream of the default prefix, as a NATS client sees it.
+async fn transfer_stream(nats: &Nats) -> async_nats::jetstream::stream::Stream {
+    async_nats::jetstream::new(nats.client().await)
+        .get_stream("moatmq_xfer")
+        .await
+        .expect("the transfer stream exists")
+}
+
+#[tokio::test]
+async fn a_qos_1_puback_waits_for_the_transfer_stream_across_a_nats_restart() {
+    let mut nats = Nats::start().await;
+    let a = node(&nats, "node-a", "").await;
+    let b = node(&nats, "node-b", "").await;
+    let mut sub = login(b.first_addr(), "alice-sub", "alice").await;
+    assert!(subscribe(&mut sub, "alice/#", QoS::AtLeastOnce).await);
+    let mut publ = login(a.first_addr(), "alice-pub", "alice").await;
+    publish(&publ, "alice/before", QoS::AtLeastOnce, false, "1").await;
+    assert!(puback_within(&mut publ, WAIT).await);
+    assert_eq!(&sub.next_publish().await.payload[..], b"1");
+
+    // NATS away: the publish is not acknowledged, and reaches nobody yet.
+    nats.kill();
+    wait_ready(&a, false).await;
+    publish(&publ, "alice/held", QoS::AtLeastOnce, false, "2").await;
+    assert!(
+        !puback_within(&mut publ, Duration::from_secs(2)).await,
+        "PUBACK before JetStream had the message"
+    );
+    assert!(sub.publish_within(QUIET).await.is_none());
+
+    // NATS back: the PUBACK comes, node B delivers it, once.
+    nats.restart().await;
+    assert!(
+        puback_within(&mut publ, Duration::from_secs(20)).await,
+        "no PUBACK after NATS came back"
+    );
+    let p = sub
+        .publish_within(Duration::from_secs(20))
+        .await
+        .expect("delivered on B");
+    assert_eq!(
+        (p.topic.as_str(), &p.payload[..]),
+        ("alice/held", &b"2"[..])
+    );
+    assert!(
+        sub.publish_within(Duration::from_secs(2)).await.is_none(),
+        "delivered twice"
+    );
+    // Sent again after the reconnection, stored once (duplicate window).
+    let mut stream = transfer_stream(&nats).await;
+    let state = stream.info().await.expect("stream info").state.clone();
+    assert_eq!(state.messages, 2);
+    let last = stream
+        .get_raw_message(state.last_sequence)
+        .await
+        .expect("last message");
+    let find = |needle: &[u8]| last.payload.windows(needle.len()).any(|w| w == needle);
+    assert!(!find(b"alice"), "the topic is sealed in the stream");
+}
+
+/// `len u32 BE | header JSON | payload`, as nodes put it in the transfer stream.
+fn transfer_plaintext(topic: &str, payload: &[u8]) -> Vec<u8> {
+    let header = format!(
+        "{{\"topic\":\"{topic}\",\"qos\":1,\"retain\":false,\"user\":\"alice\",\"client\":\"x\"}}"
+    );
+    let mut out = (header.len() as u32).to_be_bytes().to_vec();
+    out.extend_from_slice(header.as_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+#[tokio::test]
+async fn tampered_moved_or_foreign_transfer_messages_are_refused_and_counted() {
+    let nats = Nats::start().await;
+    let _a = node(&nats, "node-a", "").await;
+    let b = node(&nats, "node-b", "").await;
+    let mut sub = login(b.first_addr(), "alice-sub", "alice").await;
+    assert!(subscribe(&mut sub, "alice/#", QoS::AtLeastOnce).await);
+    let js = async_nats::jetstream::new(nats.client().await);
+    let put = |id: &str, value: Vec<u8>| {
+        let js = js.clone();
+        let id = id.to_string();
+        async move {
+            let message = async_nats::jetstream::message::PublishMessage::build()
+                .message_id(id)
+                .payload(value.into());
+            js.send_publish("moatmq_xfer.node-a", message)
+                .await
+                .expect("published")
+                .await
+                .expect("stored");
+        }
+    };
+    let ours = cluster_seal(CLUSTER_KEY);
+    let theirs = cluster_seal(&"ab".repeat(32));
+    let plain = transfer_plaintext("alice/t", b"evil");
+    let mut altered = ours
+        .seal_transfer("moatmq_xfer", "node-a:9:1", &plain)
+        .unwrap();
+    let last = altered.len() - 1;
+    altered[last] ^= 1;
+    put("node-a:9:1", altered).await;
+    let moved = ours
+        .seal_transfer("moatmq_xfer", "node-a:9:2", &plain)
+        .unwrap();
+    put("node-a:9:3", moved).await;
+    put(
+        "node-a:9:4",
+        theirs
+            .seal_transfer("moatmq_xfer", "node-a:9:4", &plain)
+            .unwrap(),
+    )
+    .await;
+    put("node-a:9:5", b"plain text".to_vec()).await;
+    // Sealed right, but for node-c while on node-a's subject.
+    put(
+        "node-c:9:6",
+        ours.seal_transfer("moatmq_xfer", "node-c:9:6", &plain)
+            .unwrap(),
+    )
+    .await;
+    // The control: sealed right under its id, it is taken in.
+    let good = transfer_plaintext("alice/t", b"good");
+    put(
+        "node-a:9:7",
+        ours.seal_transfer("moatmq_xfer", "node-a:9:7", &good)
+            .unwrap(),
+    )
+    .await;
+    let p = sub.next_publish().await;
+    assert_eq!(
+        &p.payload[..],
+        b"good",
+        "only the well sealed one is delivered"
+    );
+    assert!(sub.publish_within(QUIET).await.is_none());
+    assert_eq!(b.metric("moatmq_cluster_state_rejected_total").await, 5.0);
 }
 
 #[tokio::test]

@@ -14,6 +14,10 @@
 //! or cluster prefix, it fails. Retained values hold one record of the store's log
 //! encoding (`SetOwned`: topic, payload, QoS, properties, expiry, owner), and a value
 //! also fails unless its topic hashes to the key it sits at.
+//!
+//! Messages in the transfer stream (`<prefix>_xfer`) are sealed the same way, with
+//! associated data of their own kind naming the stream and the message id
+//! (`<node>:<epoch>:<sequence>`), so one opens only as the message it was published as.
 
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Key, Nonce};
@@ -118,17 +122,42 @@ impl ClusterSeal {
         Ok(msg)
     }
 
+    /// A message forwarded to other nodes, sealed for the transfer stream `stream` under
+    /// its message id (`<node>:<epoch>:<sequence>`): it opens only there, under that id.
+    pub fn seal_transfer(
+        &self,
+        stream: &str,
+        msg_id: &str,
+        plain: &[u8],
+    ) -> Result<Vec<u8>, StoreError> {
+        self.seal_with(&transfer_aad(stream, msg_id), plain)
+    }
+
+    /// The plaintext of a transfer message; an error if it does not authenticate as
+    /// sealed for `stream` under `msg_id` with this cluster's key.
+    pub fn open_transfer(
+        &self,
+        stream: &str,
+        msg_id: &str,
+        value: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, StoreError> {
+        self.open_with(&transfer_aad(stream, msg_id), value)
+            .map_err(|()| StoreError::SealedValue {
+                bucket: stream.to_owned(),
+                key: msg_id.to_owned(),
+                reason: "failed authentication (altered, moved from another message id, or sealed under another key)".to_owned(),
+            })
+    }
+
     fn seal(&self, bucket: &str, key: &str, plain: &[u8]) -> Result<Vec<u8>, StoreError> {
+        self.seal_with(&aad(bucket, key), plain)
+    }
+
+    fn seal_with(&self, aad: &[u8], plain: &[u8]) -> Result<Vec<u8>, StoreError> {
         let nonce = record::fresh_nonce();
         let sealed = self
             .cipher
-            .encrypt(
-                Nonce::from_slice(&nonce),
-                Payload {
-                    msg: plain,
-                    aad: &aad(bucket, key),
-                },
-            )
+            .encrypt(Nonce::from_slice(&nonce), Payload { msg: plain, aad })
             .map_err(|_| StoreError::Encode("cluster value encryption failed".to_owned()))?;
         let mut out = Vec::with_capacity(1 + NONCE_LEN + sealed.len());
         out.push(VERSION);
@@ -138,6 +167,10 @@ impl ClusterSeal {
     }
 
     fn open(&self, bucket: &str, key: &str, value: &[u8]) -> Result<Zeroizing<Vec<u8>>, ()> {
+        self.open_with(&aad(bucket, key), value)
+    }
+
+    fn open_with(&self, aad: &[u8], value: &[u8]) -> Result<Zeroizing<Vec<u8>>, ()> {
         let Some((&VERSION, rest)) = value.split_first() else {
             return Err(());
         };
@@ -146,13 +179,7 @@ impl ClusterSeal {
         }
         let (nonce, sealed) = rest.split_at(NONCE_LEN);
         self.cipher
-            .decrypt(
-                Nonce::from_slice(nonce),
-                Payload {
-                    msg: sealed,
-                    aad: &aad(bucket, key),
-                },
-            )
+            .decrypt(Nonce::from_slice(nonce), Payload { msg: sealed, aad })
             .map(Zeroizing::new)
             .map_err(|_| ())
     }
@@ -166,6 +193,18 @@ fn aad(bucket: &str, key: &str) -> Vec<u8> {
     aad.extend_from_slice(&(bucket.len() as u32).to_le_bytes());
     aad.extend_from_slice(bucket.as_bytes());
     aad.extend_from_slice(key.as_bytes());
+    aad
+}
+
+/// `moatmq-cluster-xfer | version | len(stream) u32 LE | stream | message id`: a
+/// transfer message never opens as a KV value, nor the reverse.
+fn transfer_aad(stream: &str, msg_id: &str) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(32 + stream.len() + msg_id.len());
+    aad.extend_from_slice(b"moatmq-cluster-xfer");
+    aad.push(VERSION);
+    aad.extend_from_slice(&(stream.len() as u32).to_le_bytes());
+    aad.extend_from_slice(stream.as_bytes());
+    aad.extend_from_slice(msg_id.as_bytes());
     aad
 }
 
@@ -238,5 +277,34 @@ mod tests {
         assert!(seal(1).opens_marker("p_meta", "key-check", &value));
         assert!(!seal(2).opens_marker("p_meta", "key-check", &value));
         assert!(!seal(1).opens_marker("q_meta", "key-check", &value));
+    }
+
+    #[test]
+    fn transfer_messages_open_only_under_their_stream_and_id() {
+        let s = seal(1);
+        let value = s
+            .seal_transfer("p_xfer", "a:1:7", b"topic and payload")
+            .unwrap();
+        let find = |needle: &[u8]| value.windows(needle.len()).any(|w| w == needle);
+        assert!(!find(b"topic") && !find(b"payload"));
+        assert_eq!(
+            s.open_transfer("p_xfer", "a:1:7", &value)
+                .unwrap()
+                .as_slice(),
+            b"topic and payload"
+        );
+        let refused = |r: Result<Zeroizing<Vec<u8>>, StoreError>| {
+            assert!(matches!(r, Err(StoreError::SealedValue { .. })), "{r:?}")
+        };
+        let mut bad = value.clone();
+        bad[20] ^= 1;
+        refused(s.open_transfer("p_xfer", "a:1:7", &bad));
+        refused(s.open_transfer("p_xfer", "a:1:8", &value));
+        refused(s.open_transfer("q_xfer", "a:1:7", &value));
+        refused(seal(2).open_transfer("p_xfer", "a:1:7", &value));
+        refused(s.open_transfer("p_xfer", "a:1:7", b""));
+        // A KV value never opens as a transfer message.
+        let kv = s.seal("p_xfer", "a:1:7", b"x").unwrap();
+        refused(s.open_transfer("p_xfer", "a:1:7", &kv));
     }
 }

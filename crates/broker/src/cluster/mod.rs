@@ -1,21 +1,25 @@
-//! Cluster: live routing between moatmq nodes over core NATS (docs/cluster.md).
+//! Cluster: routing between moatmq nodes over NATS and JetStream (docs/cluster.md).
 //!
 //! Out: [`Cluster::forward`] is called by `admit` for every message it lets in, except
-//! cluster input itself, and hands it to one task that publishes it on
+//! cluster input itself, and hands it to one task that publishes it in plaintext on
 //! `<prefix>.<subject>` with the origin node, QoS, retain flag, publisher and MQTT 5
-//! properties in headers.
-//! In: one subscription on `<prefix>.>`; a message from another node, or from a
-//! NATS-native client when `native_user` is set, goes through `admit` as
-//! [`Source::Cluster`] and then into the router on the broker's own link, so every
-//! delivery passes the receiving node's `deliver`. A node never re-publishes what it
-//! received (the source decides), NATS does not echo a node's own publishes back
-//! (`no_echo`), and a message naming this node as origin is dropped.
+//! properties in headers (for NATS services), and sealed to the transfer stream
+//! (`xfer.rs`) for the other nodes. A QoS 1/2 publish is acknowledged to its publisher
+//! only once JetStream has acknowledged everything numbered up to it
+//! ([`Cluster::transferred`]).
+//! In: the other nodes' messages come from this node's durable consumer on the
+//! transfer stream; the subscription on `<prefix>.>` takes only messages without
+//! `Moatmq-Node` (NATS-native clients, when `native_user` is set). Both go through
+//! `admit` as [`Source::Cluster`] and then into the router on the broker's own link,
+//! so every delivery passes the receiving node's `deliver`. A node never re-publishes
+//! what it received (the source decides) and skips its own messages in the stream.
 //! Retained messages are also kept, sealed, in a JetStream KV bucket (`state.rs`), so
 //! a node that joins late serves them too.
 
 mod properties;
 mod state;
 mod subject;
+pub(crate) mod xfer;
 
 pub(crate) use properties::decode as decode_properties;
 pub use state::{bucket_base, KeyCheck, MARKER_KEY};
@@ -63,7 +67,7 @@ pub struct Cluster {
     pub(crate) node: String,
     pub(crate) prefix: String,
     pub(crate) native_user: Option<String>,
-    forward: mpsc::Sender<Outgoing>,
+    forward: xfer::Sequencer,
     /// This node's retained changes for the KV bucket (`state.rs`); dropping it ends
     /// that task.
     changes: mpsc::Sender<Change>,
@@ -81,15 +85,24 @@ impl Drop for Cluster {
     }
 }
 
-/// A message on its way to NATS.
-struct Outgoing {
-    subject: String,
-    headers: HeaderMap,
-    payload: Bytes,
+/// What `cluster_input` reads, taken once by `serve`: the live subjects (NATS-native
+/// messages) and this node's consumer of the transfer stream.
+pub struct Input {
+    pub(crate) live: Subscriber,
+    pub(crate) client: async_nats::Client,
+    pub(crate) seal: Arc<moatmq_store::ClusterSeal>,
 }
 
-/// The subscription that feeds `cluster_input::run_input`, taken once by `serve`.
-pub struct Input(pub(crate) Subscriber);
+/// Whether a message `admit` let in waits for the transfer stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Forwarded {
+    /// Queued (or kept local): nothing to wait for.
+    Sent,
+    /// Queued: its QoS 1/2 acknowledgement waits for [`Cluster::transferred`].
+    Awaiting,
+    /// The queue is full: a QoS 1/2 message must not be acknowledged.
+    Full,
+}
 
 impl Cluster {
     /// Connects to NATS (in the background: the broker starts while NATS is away, not
@@ -106,7 +119,10 @@ impl Cluster {
         let Some(retained) = &config.retained else {
             return Err(failed("a cluster needs a [retained] key".into()));
         };
-        let seal = moatmq_store::ClusterSeal::new(&crate::retained::load_key(config, retained)?);
+        let key = crate::retained::load_key(config, retained)?;
+        let seal = moatmq_store::ClusterSeal::new(&key);
+        let transfer_seal = Arc::new(moatmq_store::ClusterSeal::new(&key));
+        drop(key);
         let key_source = match (
             &retained.key_file,
             std::env::var_os(crate::retained::KEY_ENV),
@@ -138,6 +154,7 @@ impl Cluster {
         }
         // Not ready until connected and subscribed (`watch_connection` says so).
         metrics.cluster_ok.store(false, Ordering::Release);
+        metrics.cluster_xfer_ok.store(false, Ordering::Release);
         let events = Arc::downgrade(&metrics);
         let connected = Arc::new(Notify::new());
         let on_connect = connected.clone();
@@ -174,8 +191,15 @@ impl Cluster {
             .subscribe(format!("{}.>", cluster.subject_prefix))
             .await
             .map_err(|e| failed(format!("NATS subscription: {e}")))?;
-        let (forward, queue) = mpsc::channel(FORWARD_QUEUE);
-        tokio::spawn(run_output(client.clone(), queue));
+        let (forward, output, queue) = xfer::output(
+            client.clone(),
+            transfer_seal.clone(),
+            &cluster.subject_prefix,
+            &cluster.node_name,
+            FORWARD_QUEUE,
+            Arc::downgrade(&metrics),
+        );
+        tokio::spawn(output.run(queue));
         let (changes, queue) = mpsc::channel(STATE_QUEUE);
         let (checked, key_check) = watch::channel(KeyCheck::Pending);
         let sync = StateSync::new(
@@ -191,7 +215,7 @@ impl Cluster {
         tokio::spawn(sync.run());
         let stopped = Arc::new(std::sync::atomic::AtomicBool::new(false));
         tokio::spawn(watch_connection(
-            client,
+            client.clone(),
             connected.clone(),
             stopped.clone(),
             Arc::downgrade(&metrics),
@@ -208,7 +232,11 @@ impl Cluster {
                 connected,
                 stopped,
             },
-            Input(subscriber),
+            Input {
+                live: subscriber,
+                client,
+                seal: transfer_seal,
+            },
         ))
     }
 
@@ -230,15 +258,39 @@ impl Cluster {
 
     /// Hands a message `admit` let in to NATS for the other nodes (and NATS clients);
     /// a retained one also to the cluster's retained bucket.
-    /// Never blocks: with NATS slow or away, what does not fit the queue is dropped.
-    pub fn forward(&self, who: &Identity, msg: &Inbound<'_>) {
+    /// Never blocks: with NATS slow or away, a QoS 0 message that does not fit the
+    /// queue is dropped (counted), a QoS 1/2 one is reported [`Forwarded::Full`].
+    pub fn forward(&self, who: &Identity, msg: &Inbound<'_>) -> Forwarded {
         let Some(subject) = self.subject_of(msg.topic) else {
             tracing::debug!(
                 topic = msg.topic,
                 "cluster: topic has no NATS subject; kept local"
             );
-            return;
+            return Forwarded::Sent;
         };
+        let sent = self.queue(subject, who, msg);
+        if msg.retain {
+            self.store_retained(who, msg);
+        }
+        match (sent, msg.qos) {
+            (Forwarded::Full, rumqttd::protocol::QoS::AtMostOnce) => {
+                self.metrics.cluster_dropped.inc();
+                tracing::debug!("cluster: forwarding queue full; message kept local");
+                Forwarded::Sent
+            }
+            (Forwarded::Sent, rumqttd::protocol::QoS::AtMostOnce) => Forwarded::Sent,
+            (Forwarded::Sent, _) => Forwarded::Awaiting,
+            (other, _) => other,
+        }
+    }
+
+    /// Waits until JetStream holds every message this node has forwarded so far (so
+    /// also the caller's); `false` if it never will.
+    pub async fn transferred(&self) -> bool {
+        self.forward.acked_all().await
+    }
+
+    fn queue(&self, subject: String, who: &Identity, msg: &Inbound<'_>) -> Forwarded {
         let mut headers = HeaderMap::new();
         headers.insert(NODE, self.node.as_str());
         headers.insert(QOS, (msg.qos as u8).to_string().as_str());
@@ -247,28 +299,36 @@ impl Cluster {
         let printable = |s: &str| !s.chars().any(char::is_control);
         if let Some(user) = &who.username {
             if !printable(user) {
-                return;
+                return Forwarded::Sent;
             }
             headers.insert(USER, user.as_str());
         }
         if !printable(&who.client_id) {
-            return;
+            return Forwarded::Sent;
         }
         headers.insert(CLIENT, who.client_id.as_str());
-        if let Some(props) = msg.properties.and_then(properties::encode) {
+        let props = msg.properties.and_then(properties::encode);
+        if let Some(props) = &props {
             headers.insert(PROPERTIES, props.as_str());
         }
-        let out = Outgoing {
+        let envelope = xfer::Envelope {
+            topic: msg.topic.to_string(),
+            qos: msg.qos as u8,
+            retain: msg.retain,
+            user: who.username.clone(),
+            client: who.client_id.clone(),
+            properties: props,
+        };
+        let sent = self.forward.send(|seq| xfer::Outgoing {
+            seq,
             subject,
             headers,
             payload: msg.payload.clone(),
-        };
-        if self.forward.try_send(out).is_err() {
-            self.metrics.cluster_dropped.inc();
-            tracing::debug!("cluster: forwarding queue full; message kept local");
-        }
-        if msg.retain {
-            self.store_retained(who, msg);
+            envelope,
+        });
+        match sent {
+            Some(_) => Forwarded::Sent,
+            None => Forwarded::Full,
         }
     }
 
@@ -336,17 +396,5 @@ pub async fn round_trip(client: &async_nats::Client) -> bool {
     match client.request(client.new_inbox(), Bytes::new()).await {
         Ok(_) => true,
         Err(e) => e.kind() == async_nats::RequestErrorKind::NoResponders,
-    }
-}
-
-/// Publishes forwarded messages in the order `admit` let them in.
-async fn run_output(client: async_nats::Client, mut queue: mpsc::Receiver<Outgoing>) {
-    while let Some(out) = queue.recv().await {
-        if let Err(e) = client
-            .publish_with_headers(out.subject, out.headers, out.payload)
-            .await
-        {
-            tracing::debug!("cluster: publish to NATS failed: {e}");
-        }
     }
 }

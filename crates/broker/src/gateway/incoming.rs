@@ -130,6 +130,9 @@ impl Gateway {
                             Admitted::AfterSave => {
                                 self.to_router.after_save(Packet::Publish(publish, props))
                             }
+                            Admitted::AfterTransfer => self
+                                .to_router
+                                .after_transfer(Packet::Publish(publish, props)),
                         }
                         return Ok(());
                     }
@@ -137,12 +140,18 @@ impl Gateway {
                 };
                 match admitted {
                     Ok(Admitted::Now) => {}
-                    Ok(Admitted::AfterSave) => {
-                        // It and everything after it wait for one save of this read.
+                    Ok(a @ (Admitted::AfterSave | Admitted::AfterTransfer)) => {
+                        // It and everything after it wait for one save of this read
+                        // (and the cluster's transfer stream).
                         if qos == QoS::ExactlyOnce {
                             self.ledger.held_by_router(pkid);
                         }
-                        self.to_router.after_save(Packet::Publish(publish, props));
+                        let packet = Packet::Publish(publish, props);
+                        if a == Admitted::AfterSave {
+                            self.to_router.after_save(packet);
+                        } else {
+                            self.to_router.after_transfer(packet);
+                        }
                         return Ok(());
                     }
                     Err(Refused::Quota)
@@ -153,6 +162,13 @@ impl Gateway {
                         return Err(Close::Protocol(
                             DisconnectReasonCode::QuotaExceeded,
                             "retained quota exceeded",
+                        ));
+                    }
+                    Err(Refused::Unavailable) => {
+                        // Not acknowledged: the client sends it again, here or elsewhere.
+                        return Err(Close::Protocol(
+                            DisconnectReasonCode::ServerBusy,
+                            "cluster forwarding queue full",
                         ));
                     }
                     Err(why) => return self.refuse_publish(qos, pkid, why),
@@ -480,7 +496,7 @@ impl Gateway {
         let (ack_reason, rec_reason) = match why {
             Refused::NotAuthorized => (PubAckReason::NotAuthorized, PubRecReason::NotAuthorized),
             Refused::Quota => (PubAckReason::QuotaExceeded, PubRecReason::QuotaExceeded),
-            Refused::TooLarge => (
+            Refused::TooLarge | Refused::Unavailable => (
                 PubAckReason::ImplementationSpecificError,
                 PubRecReason::ImplementationSpecificError,
             ),
@@ -508,12 +524,13 @@ impl Gateway {
         }
     }
 
-    /// Saves the retained store and commits the session store, then lets the waiting
-    /// publishes reach the router.
+    /// Saves the retained store, commits the session store and waits for the cluster's
+    /// transfer stream, then lets the waiting publishes reach the router.
     pub(super) async fn save_then_forward(&mut self) -> Result<(), Close> {
         // What came before the retained publishes need not wait for the save.
         self.link.commit(&mut self.to_router)?;
-        if let Some(store) = self.shared.retained.clone() {
+        let needs_save = self.to_router.needs_save();
+        if let Some(store) = self.shared.retained.clone().filter(|_| needs_save) {
             let saved = tokio::task::spawn_blocking(move || store.save_now()).await;
             if !matches!(saved, Ok(Ok(()))) {
                 // Not durable: the client must not get an acknowledgement.
@@ -524,12 +541,26 @@ impl Gateway {
                 ));
             }
         }
-        if let Some(book) = self.shared.durable.as_ref().filter(|b| b.is_sync()) {
+        if let Some(book) = self
+            .shared
+            .durable
+            .as_ref()
+            .filter(|b| needs_save && b.is_sync())
+        {
             if !book.commit().await {
                 warn!("session store commit failed; closing the connection unacknowledged");
                 return Err(Close::Protocol(
                     DisconnectReasonCode::UnspecifiedError,
                     "session store commit failed",
+                ));
+            }
+        }
+        if let Some(cluster) = &self.shared.cluster {
+            // QoS 1/2 publishes are acknowledged once the transfer stream holds them.
+            if !cluster.transferred().await {
+                return Err(Close::Protocol(
+                    DisconnectReasonCode::UnspecifiedError,
+                    "cluster transfer stopped",
                 ));
             }
         }

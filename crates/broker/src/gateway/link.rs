@@ -34,8 +34,11 @@ pub(super) struct ToRouter {
     released: Vec<Packet>,
     /// Router QoS 2 forwards we withheld: we owe the router a PUBCOMP after its PUBREL.
     withheld_qos2: HashSet<u16>,
-    /// Waiting for the retained store's save; everything after them waits too.
+    /// Waiting for the retained store's save (or only the cluster's transfer stream);
+    /// everything after them waits too.
     awaiting_save: Vec<Packet>,
+    /// Some of `awaiting_save` wait for the stores' save, not only for the transfer.
+    needs_save: bool,
     /// Ready for the router, oldest first.
     ready: Vec<Packet>,
 }
@@ -52,7 +55,19 @@ impl ToRouter {
 
     /// Queues a packet that may reach the router only after the next save.
     pub(super) fn after_save(&mut self, packet: Packet) {
+        self.needs_save = true;
         self.awaiting_save.push(packet);
+    }
+
+    /// Queues a packet that may reach the router only once the cluster's transfer
+    /// stream holds what this node forwarded so far (no store save needed for it).
+    pub(super) fn after_transfer(&mut self, packet: Packet) {
+        self.awaiting_save.push(packet);
+    }
+
+    /// Whether what waits needs the stores' save, not only the transfer stream.
+    pub(super) fn needs_save(&self) -> bool {
+        self.needs_save
     }
 
     /// Whether packets are ready for the router.
@@ -73,6 +88,7 @@ impl ToRouter {
     /// The save is done: what waited for it is ready.
     pub(super) fn saved(&mut self) {
         let waiting = std::mem::take(&mut self.awaiting_save);
+        self.needs_save = false;
         self.ready.extend(waiting);
     }
 
@@ -324,5 +340,17 @@ mod tests {
         q.saved();
         assert!(!q.waits_for_save());
         assert_eq!(kinds(&mut q), ["publish", "subscribe"]);
+    }
+
+    #[test]
+    fn a_publish_waiting_for_the_transfer_only_needs_no_store_save() {
+        let mut q = ToRouter::default();
+        q.after_transfer(Packet::Publish(Publish::new("t", "x", false), None));
+        assert!(q.waits_for_save() && !q.needs_save());
+        q.after_save(Packet::Publish(Publish::new("r", "x", true), None));
+        assert!(q.needs_save());
+        q.saved();
+        assert!(!q.waits_for_save() && !q.needs_save());
+        assert_eq!(kinds(&mut q), ["publish", "publish"]);
     }
 }

@@ -370,9 +370,16 @@ impl Gateway {
             return close;
         }
         loop {
-            // One save (autosave_interval = 0) for all retained publishes of a read.
+            // One save (autosave_interval = 0) for all retained publishes of a read, and
+            // one wait for the cluster's transfer stream; NATS may be away for long, so
+            // a takeover or shutdown still ends the connection (nothing acknowledged).
             if self.to_router.waits_for_save() {
-                if let Err(close) = self.save_then_forward().await {
+                let saved = tokio::select! {
+                    saved = self.save_then_forward() => saved,
+                    _ = &mut shutting_down => return Close::Shutdown,
+                    _ = &mut replaced => return Close::Replaced,
+                };
+                if let Err(close) = saved {
                     return close;
                 }
             }

@@ -1,0 +1,464 @@
+//! The cross-node hop through JetStream (docs/cluster.md, "Stored state"): every
+//! message this node forwards is also published, sealed, to `<base>_xfer.<node>` in
+//! the stream `<base>_xfer`, with `Nats-Msg-Id` `<node>:<epoch>:<sequence>` so the
+//! stream's duplicate window drops a republish; the other nodes read that stream, not
+//! the live subjects, for what moatmq nodes forward.
+//!
+//! Out: one task publishes in admit order without waiting for one acknowledgement
+//! before sending the next (at most [`WINDOW`] unacknowledged), and advances
+//! [`Sequencer::acked`] over the acknowledgements in order. A failed acknowledgement
+//! (timeout, NATS away, stream missing) sends every unacknowledged message again, same
+//! ids, once NATS is back: a gateway holding a QoS 1/2 PUBACK until its sequence is
+//! acknowledged never acknowledges what JetStream does not hold.
+//! In: [`open`] authenticates a message of the stream (its AAD names the stream and
+//! the message id, whose node must be the subject's) and decodes it; [`Seen`] drops a
+//! message id already handed to the router (a redelivery after a lost ack).
+//!
+//! A message is `len u32 BE | header JSON | payload` before sealing; the header holds
+//! the topic, QoS, retain flag, publisher and MQTT 5 properties (`properties.rs`).
+
+use crate::metrics::Metrics;
+use async_nats::jetstream::{self, message::PublishMessage};
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use futures_util::stream::FuturesOrdered;
+use futures_util::StreamExt;
+use moatmq_store::ClusterSeal;
+use serde::{Deserialize, Serialize};
+use std::collections::{HashSet, VecDeque};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+
+/// How long the stream keeps a message: a node away longer misses it.
+const MAX_AGE: Duration = Duration::from_secs(300);
+/// Republishes of one id within this are dropped by the stream.
+const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+/// The stream's size limit; past it the oldest messages go.
+const MAX_BYTES: i64 = 1 << 30;
+/// Messages published and not yet acknowledged, at most.
+const WINDOW: usize = 4096;
+/// How long to wait for one acknowledgement before sending again.
+const ACK_TIMEOUT: Duration = Duration::from_secs(3);
+/// Message ids remembered on the way in, to drop redeliveries.
+const SEEN: usize = 65_536;
+/// Pause before sending the unacknowledged messages again.
+const RETRY: Duration = Duration::from_millis(250);
+
+/// The stream of one cluster (`<base>` as for the KV buckets).
+pub fn stream_name(prefix: &str) -> String {
+    format!("{}_xfer", super::bucket_base(prefix))
+}
+
+/// What travels sealed with the payload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    pub topic: String,
+    pub qos: u8,
+    pub retain: bool,
+    #[serde(default)]
+    pub user: Option<String>,
+    pub client: String,
+    /// The `Moatmq-Properties` JSON, when the message has MQTT 5 properties.
+    #[serde(default)]
+    pub properties: Option<String>,
+}
+
+/// `len u32 BE | header JSON | payload`.
+pub fn encode(envelope: &Envelope, payload: &[u8]) -> Vec<u8> {
+    // Serialising a struct of strings and integers cannot fail.
+    let header = serde_json::to_vec(envelope).unwrap_or_default();
+    let mut out = Vec::with_capacity(4 + header.len() + payload.len());
+    out.extend_from_slice(&(header.len() as u32).to_be_bytes());
+    out.extend_from_slice(&header);
+    out.extend_from_slice(payload);
+    out
+}
+
+/// The envelope and payload of an opened message; `None` if malformed.
+pub fn decode(plain: &[u8]) -> Option<(Envelope, &[u8])> {
+    let len = u32::from_be_bytes(plain.get(..4)?.try_into().ok()?) as usize;
+    let header = plain.get(4..4usize.checked_add(len)?)?;
+    let envelope = serde_json::from_slice(header).ok()?;
+    Some((envelope, &plain[4 + len..]))
+}
+
+/// Why a message of the stream is not taken in.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Rejected {
+    /// Sent by this node: nothing to do.
+    Own,
+    /// Not sealed by a node of this cluster for this stream and id, or malformed.
+    Refused(String),
+}
+
+/// Opens the stream message on `subject` with message id `msg_id`.
+pub fn open(
+    seal: &ClusterSeal,
+    stream: &str,
+    node: &str,
+    subject: &str,
+    msg_id: Option<&str>,
+    value: &[u8],
+) -> Result<(Envelope, Bytes), Rejected> {
+    let origin = subject
+        .strip_prefix(stream)
+        .and_then(|s| s.strip_prefix('.'))
+        .ok_or_else(|| Rejected::Refused("not on a node's subject".into()))?;
+    if origin == node {
+        return Err(Rejected::Own);
+    }
+    let msg_id = msg_id.ok_or_else(|| Rejected::Refused("no message id".into()))?;
+    if msg_id.split(':').next() != Some(origin) {
+        return Err(Rejected::Refused(
+            "message id of another node than its subject".into(),
+        ));
+    }
+    let plain = seal
+        .open_transfer(stream, msg_id, value)
+        .map_err(|e| Rejected::Refused(e.to_string()))?;
+    let (envelope, payload) =
+        decode(&plain).ok_or_else(|| Rejected::Refused("authenticated but malformed".into()))?;
+    Ok((envelope.clone(), Bytes::copy_from_slice(payload)))
+}
+
+/// Message ids already taken in, the latest [`SEEN`].
+#[derive(Default)]
+pub struct Seen {
+    order: VecDeque<String>,
+    ids: HashSet<String>,
+}
+
+impl Seen {
+    /// `true` the first time `id` is seen.
+    pub fn first(&mut self, id: &str) -> bool {
+        if self.ids.contains(id) {
+            return false;
+        }
+        if self.order.len() == SEEN {
+            if let Some(old) = self.order.pop_front() {
+                self.ids.remove(&old);
+            }
+        }
+        self.order.push_back(id.to_string());
+        self.ids.insert(id.to_string());
+        true
+    }
+}
+
+/// The stream, created as nats-server 2.9 accepts it (limits retention, file storage).
+pub async fn ensure_stream(js: &jetstream::Context, prefix: &str) -> Result<(), String> {
+    let name = stream_name(prefix);
+    let config = jetstream::stream::Config {
+        subjects: vec![format!("{name}.>")],
+        name: name.clone(),
+        retention: jetstream::stream::RetentionPolicy::Limits,
+        storage: jetstream::stream::StorageType::File,
+        max_age: MAX_AGE,
+        max_bytes: MAX_BYTES,
+        duplicate_window: DUPLICATE_WINDOW,
+        discard: jetstream::stream::DiscardPolicy::Old,
+        num_replicas: 1,
+        ..Default::default()
+    };
+    // Another node may create it meanwhile: the same config is no error.
+    js.get_or_create_stream(config)
+        .await
+        .map(|_| ())
+        .map_err(|e| format!("stream {name}: {e}"))
+}
+
+/// The durable consumer of `node` on the stream, from the messages published after
+/// its creation on; removed by the server after [`MAX_AGE`] without this node.
+pub async fn consumer(
+    js: &jetstream::Context,
+    prefix: &str,
+    node: &str,
+) -> Result<jetstream::consumer::PullConsumer, String> {
+    ensure_stream(js, prefix).await?;
+    let name = stream_name(prefix);
+    let stream = js
+        .get_stream(&name)
+        .await
+        .map_err(|e| format!("stream {name}: {e}"))?;
+    let config = jetstream::consumer::pull::Config {
+        durable_name: Some(node.to_string()),
+        deliver_policy: jetstream::consumer::DeliverPolicy::New,
+        ack_policy: jetstream::consumer::AckPolicy::Explicit,
+        ack_wait: Duration::from_secs(30),
+        max_ack_pending: 65_536,
+        inactive_threshold: MAX_AGE,
+        ..Default::default()
+    };
+    stream
+        .get_or_create_consumer(node, config)
+        .await
+        .map_err(|e| format!("consumer {node} on {name}: {e}"))
+}
+
+/// Numbers forwarded messages in admit order and tells how far JetStream has
+/// acknowledged them.
+pub struct Sequencer {
+    /// The last number handed out, and the queue it went into under the same lock, so
+    /// queue order is number order.
+    last: Mutex<(u64, mpsc::Sender<Outgoing>)>,
+    acked: watch::Receiver<u64>,
+}
+
+/// A message on its way to NATS: plaintext on its live subject, sealed in the stream.
+pub struct Outgoing {
+    pub seq: u64,
+    pub subject: String,
+    pub headers: async_nats::HeaderMap,
+    pub payload: Bytes,
+    pub envelope: Envelope,
+}
+
+impl Sequencer {
+    /// Queues `make(sequence)`; `None` when the queue is full.
+    pub fn send(&self, make: impl FnOnce(u64) -> Outgoing) -> Option<u64> {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let seq = last.0 + 1;
+        last.1.try_send(make(seq)).ok()?;
+        last.0 = seq;
+        Some(seq)
+    }
+
+    /// Waits until JetStream has acknowledged every message numbered so far; `false`
+    /// if it never will (the broker is stopping).
+    pub async fn acked_all(&self) -> bool {
+        let target = self.last.lock().unwrap_or_else(|e| e.into_inner()).0;
+        let mut acked = self.acked.clone();
+        let done = acked.wait_for(|&a| a >= target).await.is_ok();
+        done
+    }
+}
+
+/// One published message waiting for its acknowledgement.
+struct Pending {
+    seq: u64,
+    msg_id: String,
+    /// `None`: it could not be sealed or sent (counted); it is not waited for.
+    sealed: Option<Bytes>,
+}
+
+/// The output task's state.
+pub struct Output {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    seal: Arc<ClusterSeal>,
+    prefix: String,
+    stream: String,
+    subject: String,
+    id_prefix: String,
+    metrics: Weak<Metrics>,
+    acked: watch::Sender<u64>,
+    pending: VecDeque<Pending>,
+    acks: FuturesOrdered<BoxFuture<'static, Result<(), String>>>,
+}
+
+/// The sequencer `Cluster::forward` uses and the task that publishes its messages.
+pub fn output(
+    client: async_nats::Client,
+    seal: Arc<ClusterSeal>,
+    prefix: &str,
+    node: &str,
+    capacity: usize,
+    metrics: Weak<Metrics>,
+) -> (Sequencer, Output, mpsc::Receiver<Outgoing>) {
+    let (tx, rx) = mpsc::channel(capacity);
+    let (acked, watching) = watch::channel(0);
+    // A restarted node numbers from 1 again: the epoch keeps its ids new.
+    let epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros());
+    let js = jetstream::ContextBuilder::new()
+        .ack_timeout(ACK_TIMEOUT)
+        .build(client.clone());
+    let stream = stream_name(prefix);
+    let output = Output {
+        client,
+        js,
+        seal,
+        prefix: prefix.to_string(),
+        subject: format!("{stream}.{node}"),
+        stream,
+        id_prefix: format!("{node}:{epoch}"),
+        metrics,
+        acked,
+        pending: VecDeque::new(),
+        acks: FuturesOrdered::new(),
+    };
+    let sequencer = Sequencer {
+        last: Mutex::new((0, tx)),
+        acked: watching,
+    };
+    (sequencer, output, rx)
+}
+
+impl Output {
+    /// Publishes until the broker drops the sequencer.
+    pub async fn run(mut self, mut queue: mpsc::Receiver<Outgoing>) {
+        if let Err(e) = ensure_stream(&self.js, &self.prefix).await {
+            tracing::debug!("cluster: {e}; created on the next attempt");
+        }
+        loop {
+            tokio::select! {
+                out = queue.recv(), if self.pending.len() < WINDOW => match out {
+                    Some(out) => self.send(out).await,
+                    None => return,
+                },
+                Some(acked) = self.acks.next(), if !self.acks.is_empty() => match acked {
+                    Ok(()) => {
+                        if let Some(done) = self.pending.pop_front() {
+                            self.acked.send_replace(done.seq);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(
+                            unacknowledged = self.pending.len(),
+                            "cluster: transfer stream: {e}; sending again"
+                        );
+                        self.resend().await;
+                    }
+                },
+            }
+        }
+    }
+
+    /// Publishes one message on its live subject (core NATS, once) and, sealed, to
+    /// the stream.
+    async fn send(&mut self, out: Outgoing) {
+        if let Err(e) = self
+            .client
+            .publish_with_headers(out.subject, out.headers, out.payload.clone())
+            .await
+        {
+            tracing::debug!("cluster: publish to NATS failed: {e}");
+        }
+        let msg_id = format!("{}:{}", self.id_prefix, out.seq);
+        let plain = zeroize::Zeroizing::new(encode(&out.envelope, &out.payload));
+        let sealed = match self.seal.seal_transfer(&self.stream, &msg_id, &plain) {
+            Ok(v) => Some(Bytes::from(v)),
+            Err(e) => {
+                tracing::warn!("cluster: transfer message not sealed: {e}");
+                self.dropped();
+                None
+            }
+        };
+        let mut pending = Pending {
+            seq: out.seq,
+            msg_id,
+            sealed,
+        };
+        let ack = self.publish(&mut pending).await;
+        self.pending.push_back(pending);
+        self.acks.push_back(ack);
+    }
+
+    /// Sends one message to the stream; its acknowledgement as a future.
+    async fn publish(&mut self, p: &mut Pending) -> BoxFuture<'static, Result<(), String>> {
+        let Some(sealed) = p.sealed.clone() else {
+            return Box::pin(async { Ok(()) });
+        };
+        let message = PublishMessage::build()
+            .message_id(&p.msg_id)
+            .payload(sealed);
+        match self.js.send_publish(self.subject.clone(), message).await {
+            Ok(ack) => Box::pin(async move { ack.await.map(|_| ()).map_err(|e| e.to_string()) }),
+            Err(e) => {
+                // Refused by the client itself (over the server's max_payload) or the
+                // client is gone: sending again would not help.
+                tracing::warn!("cluster: transfer message not sent: {e}");
+                self.dropped();
+                p.sealed = None;
+                Box::pin(async { Ok(()) })
+            }
+        }
+    }
+
+    /// Every unacknowledged message again, in order, once NATS is back.
+    async fn resend(&mut self) {
+        self.acks = FuturesOrdered::new();
+        tokio::time::sleep(RETRY).await;
+        while self.client.connection_state() != async_nats::connection::State::Connected {
+            tokio::time::sleep(RETRY).await;
+        }
+        if let Err(e) = ensure_stream(&self.js, &self.prefix).await {
+            tracing::debug!("cluster: {e}");
+        }
+        let mut pending = std::mem::take(&mut self.pending);
+        for p in pending.iter_mut() {
+            let ack = self.publish(p).await;
+            self.acks.push_back(ack);
+        }
+        self.pending = pending;
+    }
+
+    fn dropped(&self) {
+        if let Some(m) = self.metrics.upgrade() {
+            m.cluster_dropped.inc();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn envelope() -> Envelope {
+        Envelope {
+            topic: "a/b".into(),
+            qos: 1,
+            retain: true,
+            user: Some("alice".into()),
+            client: "c1".into(),
+            properties: Some("{\"content_type\":\"x\"}".into()),
+        }
+    }
+
+    #[test]
+    fn envelopes_round_trip_and_malformed_ones_are_refused() {
+        let plain = encode(&envelope(), b"payload");
+        assert_eq!(decode(&plain), Some((envelope(), &b"payload"[..])));
+        assert_eq!(decode(&plain[..3]), None);
+        assert_eq!(decode(&[0xff, 0xff, 0xff, 0xff, b'{']), None);
+        assert_eq!(decode(&[0, 0, 0, 2, b'{', b'}']), None, "fields missing");
+    }
+
+    #[test]
+    fn messages_open_only_from_the_node_their_subject_names() {
+        let key = moatmq_store::RetainedKey::from_hex(&"01".repeat(32)).unwrap();
+        let seal = ClusterSeal::new(&key);
+        let plain = encode(&envelope(), b"p");
+        let value = seal.seal_transfer("m_xfer", "a:1:1", &plain).unwrap();
+        let opened = open(&seal, "m_xfer", "b", "m_xfer.a", Some("a:1:1"), &value);
+        assert_eq!(opened, Ok((envelope(), Bytes::from_static(b"p"))));
+        assert_eq!(
+            open(&seal, "m_xfer", "a", "m_xfer.a", Some("a:1:1"), &value),
+            Err(Rejected::Own)
+        );
+        for (subject, id) in [
+            ("m_xfer.c", Some("a:1:1")),
+            ("m_xfer.a", Some("a:1:2")),
+            ("m_xfer.a", None),
+            ("other.a", Some("a:1:1")),
+        ] {
+            assert!(
+                matches!(
+                    open(&seal, "m_xfer", "b", subject, id, &value),
+                    Err(Rejected::Refused(_))
+                ),
+                "{subject} {id:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn seen_ids_are_dropped_once_each() {
+        let mut seen = Seen::default();
+        assert!(seen.first("a:1:1"));
+        assert!(!seen.first("a:1:1"));
+        assert!(seen.first("a:1:2"));
+    }
+}

@@ -1,0 +1,220 @@
+//! Cluster failures with one `moatmq serve` process per node (docs/cluster.md, "What
+//! each failure costs"): nats-servers with JetStream started by the test on loopback
+//! ports ([`Nats`]), every node with the same `[retained]` key, anonymous clients on
+//! loopback (no ACL file: everything allowed to them). A node is ready (accepts
+//! CONNECTs) once its NATS connection, transfer stream consumer and retained bucket
+//! are in place; clients retry their CONNECT until then, as real ones do.
+
+use moatmq_e2e::{Moatmq, Nats};
+use moatmq_testkit::v4;
+use rumqttc::{Event, Outgoing, Packet, QoS};
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// How long a node may take to become ready (a NATS cluster elects its JetStream
+/// leader first).
+const READY: Duration = Duration::from_secs(30);
+
+/// `moatmq serve` as cluster node `name` of `nats_url`, in `dir/name`, with the key at
+/// `key` (copied, mode kept).
+fn start_node(dir: &Path, key: &Path, name: &str, nats_url: &str) -> Moatmq {
+    let home = dir.join(name);
+    std::fs::create_dir_all(&home).unwrap();
+    std::fs::copy(key, home.join("store.key")).unwrap();
+    let config = home.join("broker.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[listener]]\nname = \"tcp\"\nbind = \"127.0.0.1:0\"\n\
+             [auth]\nallow_anonymous = true\n\
+             [retained]\npath = \"data\"\nkey_file = \"store.key\"\n\
+             [cluster]\nservers = [\"{nats_url}\"]\nnode_name = \"{name}\"\n"
+        ),
+    )
+    .unwrap();
+    Moatmq::serve(&config, &[])
+}
+
+fn addr(node: &Moatmq) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], node.port("tcp")))
+}
+
+/// A clean-session client of `node`, once the node accepts it.
+async fn connect_ready(node: &Moatmq, id: &str) -> v4::Client {
+    let deadline = Instant::now() + READY;
+    loop {
+        match v4::connect(v4::options(addr(node), id)).await {
+            Ok(c) => return c,
+            Err(e) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "node not ready within {READY:?}: {e}\n{}",
+                    node.log()
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+/// Publishes `indices` at QoS 1 on `topic` (payload: the index) and records which
+/// ones the broker acknowledged, until the connection ends or all are acknowledged;
+/// `on_acked` is called with the count after each PUBACK.
+async fn publish_tracked(
+    c: &mut v4::Client,
+    topic: &str,
+    indices: Vec<usize>,
+    mut on_acked: impl FnMut(usize),
+) -> BTreeSet<usize> {
+    let total = indices.len();
+    let client = c.client.clone();
+    let order = indices.clone();
+    let topic = topic.to_string();
+    tokio::spawn(async move {
+        for i in indices {
+            if client
+                .publish(topic.as_str(), QoS::AtLeastOnce, false, i.to_string())
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    // rumqttc writes requests in order: the n-th outgoing PUBLISH is order[n].
+    let mut next = order.into_iter();
+    let mut inflight: HashMap<u16, usize> = HashMap::new();
+    let mut acked = BTreeSet::new();
+    while acked.len() < total {
+        match tokio::time::timeout(READY, c.rx.recv()).await {
+            Ok(Some(Event::Outgoing(Outgoing::Publish(pkid)))) => {
+                if let Some(i) = next.next() {
+                    inflight.insert(pkid, i);
+                }
+            }
+            Ok(Some(Event::Incoming(Packet::PubAck(ack)))) => {
+                if let Some(i) = inflight.remove(&ack.pkid) {
+                    acked.insert(i);
+                    on_acked(acked.len());
+                }
+            }
+            Ok(Some(_)) => {}
+            // The connection ended (its event loop is gone), or nothing for too long.
+            Ok(None) | Err(_) => break,
+        }
+    }
+    acked
+}
+
+/// The payload indices `sub` receives until it has all of `want` or nothing arrives
+/// for `quiet`; and how many arrived twice.
+async fn receive_until(
+    sub: &mut v4::Client,
+    want: &BTreeSet<usize>,
+    quiet: Duration,
+) -> (BTreeSet<usize>, usize) {
+    let mut got = BTreeSet::new();
+    let mut twice = 0;
+    while !want.is_subset(&got) {
+        let Some(p) = sub.publish_within(quiet).await else {
+            break;
+        };
+        let i: usize = std::str::from_utf8(&p.payload)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .expect("an index");
+        if !got.insert(i) {
+            twice += 1;
+        }
+    }
+    (got, twice)
+}
+
+#[tokio::test]
+async fn kill_9_of_a_node_loses_no_message_any_node_acknowledged() {
+    const N: usize = 2000;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("cluster.key");
+    moatmq_store::RetainedKey::write_new(&key).unwrap();
+    let nats = Nats::single(dir.path());
+    let a = start_node(dir.path(), &key, "node-a", &nats.url(0));
+    let b = start_node(dir.path(), &key, "node-b", &nats.url(0));
+    let c = start_node(dir.path(), &key, "node-c", &nats.url(0));
+
+    // The subscriber: a clean session on node C, connected throughout.
+    let mut sub = connect_ready(&c, "sink").await;
+    sub.subscribe_acked("kill/#").await;
+
+    // The publisher on node A; node A is killed (SIGKILL) once a quarter is acknowledged.
+    let mut publ = connect_ready(&a, "source").await;
+    let _b_ready = connect_ready(&b, "probe").await;
+    let mut a = Some(a);
+    let acked_by_a = publish_tracked(&mut publ, "kill/t", (0..N).collect(), |n| {
+        if n == N / 4 {
+            if let Some(a) = a.take() {
+                a.kill();
+            }
+        }
+    })
+    .await;
+    assert!(a.is_none(), "node A was not killed mid-stream");
+    assert!(
+        acked_by_a.len() >= N / 4 && acked_by_a.len() < N,
+        "node A acknowledged {} of {N}",
+        acked_by_a.len()
+    );
+
+    // The publisher reconnects to node B and sends again what A did not acknowledge.
+    let mut publ = connect_ready(&b, "source").await;
+    let resend: Vec<usize> = (0..N).filter(|i| !acked_by_a.contains(i)).collect();
+    let started = Instant::now();
+    let acked_by_b = publish_tracked(&mut publ, "kill/t", resend.clone(), |_| {}).await;
+    let took = started.elapsed();
+    assert_eq!(
+        acked_by_b.len(),
+        resend.len(),
+        "node B acknowledged them all"
+    );
+
+    // Node C delivers every message any node acknowledged (QoS 1: some twice).
+    let all: BTreeSet<usize> = acked_by_a.union(&acked_by_b).copied().collect();
+    let (got, twice) = receive_until(&mut sub, &all, Duration::from_secs(10)).await;
+    let lost: Vec<usize> = all.difference(&got).copied().collect();
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged messages lost (first {:?}); node A acknowledged {}",
+        lost.len(),
+        &lost[..lost.len().min(10)],
+        acked_by_a.len()
+    );
+    eprintln!(
+        "node A acknowledged {} of {N} before SIGKILL, node B {} resent in {took:?}; \
+         node C received {} distinct, {twice} twice",
+        acked_by_a.len(),
+        acked_by_b.len(),
+        got.len()
+    );
+}
+
+#[tokio::test]
+async fn a_qos_1_message_crosses_nodes_on_different_servers_of_a_nats_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("cluster.key");
+    moatmq_store::RetainedKey::write_new(&key).unwrap();
+    let nats = Nats::cluster(dir.path(), 3);
+    let a = start_node(dir.path(), &key, "node-a", &nats.url(0));
+    let b = start_node(dir.path(), &key, "node-b", &nats.url(2));
+    let mut sub = connect_ready(&b, "sink").await;
+    sub.subscribe_acked("far/#").await;
+    let mut publ = connect_ready(&a, "source").await;
+    publ.publish_acked("far/away", false, "hello").await;
+    let p = sub.next_publish().await;
+    assert_eq!(
+        (p.topic.as_str(), &p.payload[..], p.qos),
+        ("far/away", &b"hello"[..], QoS::AtLeastOnce)
+    );
+    assert!(sub.publish_within(Duration::from_secs(1)).await.is_none());
+}
