@@ -382,6 +382,9 @@ impl Gateway {
                 if let Err(close) = saved {
                     return close;
                 }
+                // The client was not read meanwhile: the wait does not count against
+                // its keep-alive.
+                deadline = Instant::now() + self.keep_alive.unwrap_or(far_future);
             }
             match self.open_link().await {
                 // The client was not read meanwhile: its keep-alive starts again.
