@@ -15,6 +15,7 @@
 
 use super::close::Close;
 use crate::acks::AckOrder;
+use crate::spare_links::LinkName;
 use futures_util::FutureExt;
 use prometheus_client::metrics::gauge::Gauge;
 use rumqttd::local::{LinkRx, LinkTx};
@@ -159,6 +160,9 @@ impl ToRouter {
 /// connection needs the router (lazy links, above).
 pub(super) struct RouterLink {
     open: Option<(LinkTx, LinkRx)>,
+    /// The pool name of a link opened after the login, given back when this is dropped
+    /// (after `close`: `spare_links.rs`).
+    name: Option<LinkName>,
     /// `moatmq_router_links`: one while the link exists.
     gauge: Gauge,
 }
@@ -168,7 +172,11 @@ impl RouterLink {
         if open.is_some() {
             gauge.inc();
         }
-        RouterLink { open, gauge }
+        RouterLink {
+            open,
+            name: None,
+            gauge,
+        }
     }
 
     /// Whether the link exists.
@@ -176,11 +184,12 @@ impl RouterLink {
         self.open.is_some()
     }
 
-    /// The link was opened after the login.
-    pub(super) fn opened(&mut self, tx: LinkTx, rx: LinkRx) {
+    /// The link was opened after the login, under a pool name.
+    pub(super) fn opened(&mut self, tx: LinkTx, rx: LinkRx, name: LinkName) {
         if self.open.replace((tx, rx)).is_none() {
             self.gauge.inc();
         }
+        self.name = Some(name);
     }
 
     /// Hands everything ready to the router with one wake-up, as rumqttd's own link

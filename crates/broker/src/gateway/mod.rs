@@ -430,22 +430,19 @@ impl Gateway {
     }
 
     /// Opens the router link of a connection that logged in without one (lazy links,
-    /// `link.rs`) once packets wait for the router; `true` if it did. Awaited in place,
-    /// like a retained save: the router answers in well under a millisecond, and within
-    /// the router's link timeout in any case. Never abandoned for a takeover or a
-    /// shutdown: rumqttd would still build the link, with nobody to close it.
+    /// `link.rs`) once packets wait for the router; `true` if it did. A spare link is
+    /// taken at once (`spare_links.rs`), so what was read goes to the router in this same
+    /// turn. Without one the link is built and awaited in place, like a retained save:
+    /// the router answers in well under a millisecond, and within the router's link
+    /// timeout in any case. Never abandoned for a takeover or a shutdown: rumqttd would
+    /// still build the link, with nobody to close it.
     async fn open_link(&mut self) -> Result<bool, Close> {
         if self.link.is_open() || !self.to_router.has_ready() {
             return Ok(false);
         }
-        match self
-            .shared
-            .router
-            .connect(self.router_id.clone(), true)
-            .await
-        {
-            Ok((tx, rx, _connack)) => {
-                self.link.opened(tx, rx);
+        match self.shared.router.lazy_link().await {
+            Ok((tx, rx, name)) => {
+                self.link.opened(tx, rx, name);
                 Ok(true)
             }
             Err(e) => {
