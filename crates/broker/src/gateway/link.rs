@@ -61,6 +61,11 @@ impl ToRouter {
         !self.ready.is_empty()
     }
 
+    /// Whether a client's PUBLISH is among them.
+    pub(super) fn has_publish(&self) -> bool {
+        self.ready.iter().any(|p| matches!(p, Packet::Publish(..)))
+    }
+
     /// The router cannot be reached: nothing queued will reach it.
     pub(super) fn discard(&mut self) {
         *self = ToRouter::default();
