@@ -218,7 +218,7 @@ impl RouterHandle {
         }
     }
 
-    /// Ends the watchdog threads (the broker is stopping).
+    /// Ends the watchdog threads and the spare links' (the broker is stopping).
     pub fn stop_watchdog(&self) {
         self.watch.stop.store(true, Ordering::Release);
         self.spares.stop();

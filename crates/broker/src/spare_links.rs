@@ -111,6 +111,8 @@ impl SpareLinks {
     }
 
     fn fill(&self, build: &Build) {
+        // One warning per run of failures: a dead router fails the broker anyway.
+        let mut failing = false;
         loop {
             let n = {
                 let mut state = self.lock();
@@ -125,10 +127,15 @@ impl SpareLinks {
             // Blocks until the router answers; a router that never does fails the broker
             // through the watchdog (`router.rs`).
             match build(&router_name(n), true) {
-                Ok((tx, rx, _connack)) => self.lock().ready.push((tx, rx, n)),
+                Ok((tx, rx, _connack)) => {
+                    failing = false;
+                    self.lock().ready.push((tx, rx, n));
+                }
                 Err(e) => {
                     self.lock().free.push(n);
-                    tracing::warn!(error = %e, "cannot build a spare router link");
+                    if !std::mem::replace(&mut failing, true) {
+                        tracing::warn!(error = %e, "cannot build a spare router link");
+                    }
                     std::thread::sleep(RETRY_AFTER);
                 }
             }
