@@ -41,6 +41,7 @@ mod session_expiry;
 mod session_restore;
 mod sessions;
 mod shared;
+mod spare_links;
 mod sys;
 mod sys_tree;
 mod timers;

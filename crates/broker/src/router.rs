@@ -18,6 +18,7 @@
 //! router blocks every `LinkTx::send` once its channel is full, async workers included.
 
 use crate::codec::make_router_publish;
+use crate::spare_links::{LinkName, SpareLinks};
 use bytes::Bytes;
 use futures_util::FutureExt;
 use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
@@ -44,6 +45,8 @@ type BuildLink =
 #[derive(Clone)]
 pub struct RouterHandle {
     build: Arc<BuildLink>,
+    /// Clean links built ahead for connections that logged in without one.
+    spares: Arc<SpareLinks>,
     internal: Arc<Mutex<InternalLink>>,
     watch: Arc<Watch>,
     #[cfg(feature = "test-hooks")]
@@ -167,8 +170,13 @@ impl RouterHandle {
                 which: "the router watchdog thread",
                 source,
             })?;
+        let spares = SpareLinks::start(build.clone()).map_err(|source| RouterError::Thread {
+            which: "the spare links thread",
+            source,
+        })?;
         Ok(RouterHandle {
             build,
+            spares,
             internal,
             watch,
             #[cfg(feature = "test-hooks")]
@@ -210,9 +218,10 @@ impl RouterHandle {
         }
     }
 
-    /// Ends the watchdog threads (the broker is stopping).
+    /// Ends the watchdog threads and the spare links' (the broker is stopping).
     pub fn stop_watchdog(&self) {
         self.watch.stop.store(true, Ordering::Release);
+        self.spares.stop();
     }
 
     /// Opens a link for a client; runs the blocking handshake off the async workers.
@@ -229,6 +238,17 @@ impl RouterHandle {
             Ok(Err(_)) => Err(ConnectError::TaskFailed),
             Err(_) => Err(ConnectError::Timeout),
         }
+    }
+
+    /// A clean link under a pool name, for a connection that logged in without one: a
+    /// spare at once if one is ready, else built now (`spare_links.rs`).
+    pub async fn lazy_link(&self) -> Result<(LinkTx, LinkRx, LinkName), ConnectError> {
+        if let Some(spare) = self.spares.take() {
+            return Ok(spare);
+        }
+        let (name, held) = self.spares.new_name();
+        let (tx, rx, _connack) = self.connect(name, true).await?;
+        Ok((tx, rx, held))
     }
 
     /// Publishes a message as the broker itself (wills). The router keeps no retained

@@ -15,6 +15,7 @@
 
 use super::close::Close;
 use crate::acks::AckOrder;
+use crate::spare_links::LinkName;
 use futures_util::FutureExt;
 use prometheus_client::metrics::gauge::Gauge;
 use rumqttd::local::{LinkRx, LinkTx};
@@ -73,6 +74,11 @@ impl ToRouter {
     /// Whether packets are ready for the router.
     pub(super) fn has_ready(&self) -> bool {
         !self.ready.is_empty()
+    }
+
+    /// Whether a client's PUBLISH is among them.
+    pub(super) fn has_publish(&self) -> bool {
+        self.ready.iter().any(|p| matches!(p, Packet::Publish(..)))
     }
 
     /// The router cannot be reached: nothing queued will reach it.
@@ -175,6 +181,9 @@ impl ToRouter {
 /// connection needs the router (lazy links, above).
 pub(super) struct RouterLink {
     open: Option<(LinkTx, LinkRx)>,
+    /// The pool name of a link opened after the login, given back when this is dropped
+    /// (after `close`: `spare_links.rs`).
+    name: Option<LinkName>,
     /// `moatmq_router_links`: one while the link exists.
     gauge: Gauge,
 }
@@ -184,7 +193,11 @@ impl RouterLink {
         if open.is_some() {
             gauge.inc();
         }
-        RouterLink { open, gauge }
+        RouterLink {
+            open,
+            name: None,
+            gauge,
+        }
     }
 
     /// Whether the link exists.
@@ -192,11 +205,12 @@ impl RouterLink {
         self.open.is_some()
     }
 
-    /// The link was opened after the login.
-    pub(super) fn opened(&mut self, tx: LinkTx, rx: LinkRx) {
+    /// The link was opened after the login, under a pool name.
+    pub(super) fn opened(&mut self, tx: LinkTx, rx: LinkRx, name: LinkName) {
         if self.open.replace((tx, rx)).is_none() {
             self.gauge.inc();
         }
+        self.name = Some(name);
     }
 
     /// Hands everything ready to the router with one wake-up, as rumqttd's own link
