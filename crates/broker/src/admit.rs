@@ -95,6 +95,17 @@ pub fn admit(
     if !may_write(shared, info, who, source, msg.topic) {
         return Err(Refused::NotAuthorized);
     }
+    if let Some(cluster) = shared
+        .cluster
+        .as_ref()
+        .filter(|c| source != Source::Cluster && !c.fits(who, &msg))
+    {
+        // The other nodes could not get it: refused here too, before anything is
+        // recorded, rather than delivered on this node only.
+        cluster.metrics.cluster_dropped.inc();
+        tracing::debug!(client_id = %who.client_id, "message too large for the cluster's transfer stream refused");
+        return Err(Refused::TooLarge);
+    }
     let mut admitted = Admitted::Now;
     if msg.retain {
         match retain(shared, who, msg) {

@@ -989,3 +989,49 @@ async fn altered_moved_or_foreign_values_in_the_bucket_are_refused() {
         );
     }
 }
+
+/// A publish too large for one NATS message (nats-server's default `max_payload` is
+/// 1 MiB; the node allows 2 MB packets) cannot reach the other nodes through the
+/// transfer stream: it is refused on the publishing node too (MQTT 5: PUBACK 0x83),
+/// rather than delivered there only and acknowledged as if every node had it.
+#[tokio::test]
+async fn a_publish_too_large_for_nats_is_refused_not_acknowledged_and_kept_local() {
+    use moatmq_testkit::Raw;
+    use rumqttc::v5::mqttbytes::v5 as m5;
+    let nats = Nats::start().await;
+    let big = |b: moatmq_testkit::TestBrokerBuilder| b.limit("max_packet_size", 2_000_000);
+    let a = node_with(&nats, "node-a", "", big).await;
+    let b = node_with(&nats, "node-b", "", big).await;
+    let mut here = login(a.first_addr(), "sub-a", "alice").await;
+    let mut there = login(b.first_addr(), "sub-b", "alice").await;
+    assert!(subscribe(&mut here, "alice/#", QoS::AtLeastOnce).await);
+    assert!(subscribe(&mut there, "alice/#", QoS::AtLeastOnce).await);
+    let mut publ = Raw::v5_login(a.first_addr(), "big-pub", "alice", "alice-pw").await;
+    let publish = |pkid: u16, size: usize| {
+        let mut p = m5::Publish::new(
+            "alice/big",
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            vec![b'x'; size],
+            None,
+        );
+        p.pkid = pkid;
+        m5::Packet::Publish(p)
+    };
+    publ.send5(publish(1, 1_100_000)).await;
+    match publ.next5(WAIT).await {
+        Some(m5::Packet::PubAck(ack)) => {
+            assert_eq!(ack.reason, m5::PubAckReason::ImplementationSpecificError)
+        }
+        other => panic!("expected a PUBACK, got {other:?}"),
+    }
+    // A message that fits crosses as usual, and nothing of the large one went anywhere.
+    publ.send5(publish(2, 1_000)).await;
+    match publ.next5(WAIT).await {
+        Some(m5::Packet::PubAck(ack)) => assert_eq!(ack.reason, m5::PubAckReason::Success),
+        other => panic!("expected a PUBACK, got {other:?}"),
+    }
+    for c in [&mut here, &mut there] {
+        let sizes: Vec<usize> = drain(c).await.iter().map(|p| p.payload.len()).collect();
+        assert_eq!(sizes, [1_000]);
+    }
+}

@@ -34,7 +34,7 @@ use async_nats::{HeaderMap, Subscriber};
 use bytes::Bytes;
 use moatmq_config::{Cluster as ClusterConfig, Config};
 use state::{Change, StateSync};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch, Notify};
@@ -54,6 +54,9 @@ pub const PROPERTIES: &str = "Moatmq-Properties";
 /// The client id NATS-native messages are admitted under, with `native_user`.
 pub const NATIVE_CLIENT_ID: &str = "nats";
 
+/// nats-server's `max_payload` unless configured otherwise (1 MiB).
+const NATS_DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;
+
 /// Messages waiting for the NATS connection: past this, new ones are not forwarded
 /// (counted) rather than holding up the publishers' gateways.
 const FORWARD_QUEUE: usize = 16_384;
@@ -61,6 +64,11 @@ const FORWARD_QUEUE: usize = 16_384;
 /// Retained changes waiting for the KV bucket; past this they are not stored in NATS
 /// (counted with the messages not forwarded).
 const STATE_QUEUE: usize = 16_384;
+
+/// What a message adds to its payload on the transfer stream at most, besides its
+/// topic, identity and properties: the envelope's JSON framing, the seal (version,
+/// nonce, tag), the message id header and the protocol line.
+const TRANSFER_OVERHEAD: usize = 512;
 
 /// This node's link to the cluster.
 pub struct Cluster {
@@ -76,6 +84,8 @@ pub struct Cluster {
     /// Wakes `watch_connection`; with `stopped`, ends it (and its NATS client) on drop.
     connected: Arc<Notify>,
     stopped: Arc<std::sync::atomic::AtomicBool>,
+    /// The NATS server's `max_payload` (its default until connected).
+    max_payload: Arc<AtomicUsize>,
 }
 
 impl Drop for Cluster {
@@ -214,11 +224,14 @@ impl Cluster {
         );
         tokio::spawn(sync.run());
         let stopped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let max_payload = Arc::new(AtomicUsize::new(NATS_DEFAULT_MAX_PAYLOAD));
         tokio::spawn(watch_connection(
             client.clone(),
             connected.clone(),
             stopped.clone(),
             Arc::downgrade(&metrics),
+            max_payload.clone(),
+            config.limits.max_packet_size,
         ));
         Ok((
             Cluster {
@@ -231,6 +244,7 @@ impl Cluster {
                 metrics,
                 connected,
                 stopped,
+                max_payload,
             },
             Input {
                 live: subscriber,
@@ -282,6 +296,29 @@ impl Cluster {
             (Forwarded::Sent, _) => Forwarded::Awaiting,
             (other, _) => other,
         }
+    }
+
+    /// Whether `msg` from `who` fits in one NATS message on the transfer stream. One
+    /// that does not is refused everywhere (like one over `limits.max_payload_size`),
+    /// not delivered on this node only and acknowledged as if the others had it.
+    pub fn fits(&self, who: &Identity, msg: &Inbound<'_>) -> bool {
+        let props = msg.properties.map_or(0, |p| {
+            p.user_properties
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + 8)
+                .sum::<usize>()
+                + p.response_topic.as_ref().map_or(0, String::len)
+                + 2 * p.correlation_data.as_ref().map_or(0, |c| c.len())
+                + p.content_type.as_ref().map_or(0, String::len)
+                + 128
+        });
+        let size = msg.payload.len()
+            + 2 * msg.topic.len()
+            + who.username.as_ref().map_or(0, String::len)
+            + who.client_id.len()
+            + props
+            + TRANSFER_OVERHEAD;
+        size <= self.max_payload.load(Ordering::Relaxed)
     }
 
     /// Waits until JetStream holds every message this node has forwarded so far (so
@@ -373,11 +410,31 @@ async fn watch_connection(
     connected: Arc<Notify>,
     stopped: Arc<std::sync::atomic::AtomicBool>,
     metrics: Weak<Metrics>,
+    max_payload: Arc<AtomicUsize>,
+    max_packet_size: usize,
 ) {
+    let mut warned = None;
     loop {
         connected.notified().await;
         if stopped.load(Ordering::Acquire) {
             return;
+        }
+        let server_max = client.server_info().max_payload;
+        if server_max > 0 {
+            max_payload.store(server_max, Ordering::Relaxed);
+            if max_packet_size.saturating_add(TRANSFER_OVERHEAD) > server_max
+                && warned != Some(server_max)
+            {
+                warned = Some(server_max);
+                tracing::warn!(
+                    max_packet_size,
+                    nats_max_payload = server_max,
+                    "cluster: limits.max_packet_size is more than NATS carries in one message; \
+                     publishes too large for the transfer stream are refused (MQTT 5: PUBACK \
+                     0x83; 3.1.1: dropped, as over max_payload_size): raise max_payload in \
+                     the NATS server configuration or lower max_packet_size"
+                );
+            }
         }
         let answered = round_trip(&client).await;
         let Some(metrics) = metrics.upgrade() else {
