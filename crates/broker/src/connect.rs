@@ -66,6 +66,8 @@ struct LoggedIn {
     buf: BytesMut,
     /// The session's router client id, held for this connection.
     hold: SessionHold,
+    /// The cluster's record that this node holds the session (released with `hold`).
+    owner: Option<crate::cluster::OwnerClaim>,
     router_id: String,
     /// The session's key if it outlives the connection (the gateway says how long).
     key: Option<SessionKey>,
@@ -80,7 +82,12 @@ impl LoggedIn {
         // it as it is: gone if it ended with the connection (an MQTT 5 DISCONNECT with
         // expiry 0), else kept with its expiry running, which a held id skips and the
         // returning client cancels.
+        // Taken over by another node: the session lives there now (cluster/owner.rs).
+        let moved = self.owner.as_ref().is_some_and(|o| o.moved());
         match (kept_for, self.key) {
+            (_, Some(key)) if moved => {
+                session_expiry::discard(shared, &self.router_id, &key).await;
+            }
             (Some(after), Some(key)) if after.is_zero() => {
                 session_expiry::discard(shared, &self.router_id, &key).await;
             }
@@ -89,6 +96,7 @@ impl LoggedIn {
             }
             _ => {}
         }
+        drop(self.owner);
         drop(self.hold);
     }
 }
@@ -287,6 +295,19 @@ async fn login(
             "session still held by another connection",
         ));
     };
+    // In a cluster, the node holding the session's connection elsewhere closes it when
+    // it sees this claim (cluster/owner.rs); without the claim, no CONNACK.
+    let owner = match &shared.cluster {
+        None => None,
+        Some(cluster) => match cluster.claim(&router_id, hold.kicked.clone()).await {
+            Ok(claim) => Some(claim),
+            Err(e) => {
+                tracing::warn!(client_id = %identity.client_id, reason = %e.0, "session ownership not recorded");
+                refuse(&mut writer, version, Refusal::Unavailable).await;
+                return Err(ConnectFailure::Refused("session ownership not recorded"));
+            }
+        },
+    };
     shared.delayed_wills.cancel(&router_id);
     session_expiry::cancel(&shared, &router_id);
     let session_key = SessionKey {
@@ -447,6 +468,7 @@ async fn login(
         writer,
         buf,
         hold,
+        owner,
         router_id,
         key,
     })

@@ -13,10 +13,12 @@
 //! Retained messages are also kept, sealed, in a JetStream KV bucket (`state.rs`), so
 //! a node that joins late serves them too.
 
+mod owner;
 mod properties;
 mod state;
 mod subject;
 
+pub use owner::{ClaimFailed, OwnerClaim};
 pub(crate) use properties::decode as decode_properties;
 pub use state::{bucket_base, KeyCheck, MARKER_KEY};
 pub use subject::{to_subject, to_topic};
@@ -67,6 +69,8 @@ pub struct Cluster {
     /// This node's retained changes for the KV bucket (`state.rs`); dropping it ends
     /// that task.
     changes: mpsc::Sender<Change>,
+    /// Session ownership across nodes (`owner.rs`).
+    owners: owner::Owners,
     key_check: watch::Receiver<KeyCheck>,
     pub(crate) metrics: Arc<Metrics>,
     /// Wakes `watch_connection`; with `stopped`, ends it (and its NATS client) on drop.
@@ -106,7 +110,8 @@ impl Cluster {
         let Some(retained) = &config.retained else {
             return Err(failed("a cluster needs a [retained] key".into()));
         };
-        let seal = moatmq_store::ClusterSeal::new(&crate::retained::load_key(config, retained)?);
+        let key = crate::retained::load_key(config, retained)?;
+        let seal = moatmq_store::ClusterSeal::new(&key);
         let key_source = match (
             &retained.key_file,
             std::env::var_os(crate::retained::KEY_ENV),
@@ -189,6 +194,14 @@ impl Cluster {
             checked,
         );
         tokio::spawn(sync.run());
+        let owners = owner::Owners::start(
+            client.clone(),
+            &cluster.node_name,
+            &bucket_base(&cluster.subject_prefix),
+            Arc::new(moatmq_store::ClusterSeal::new(&key)),
+            key_check.clone(),
+            Arc::downgrade(&metrics),
+        );
         let stopped = Arc::new(std::sync::atomic::AtomicBool::new(false));
         tokio::spawn(watch_connection(
             client,
@@ -203,6 +216,7 @@ impl Cluster {
                 native_user: cluster.native_user.clone(),
                 forward,
                 changes,
+                owners,
                 key_check,
                 metrics,
                 connected,
@@ -226,6 +240,12 @@ impl Cluster {
             Some(KeyCheck::Failed(reason)) => Err(BrokerError::Cluster { reason }),
             _ => Ok(()),
         }
+    }
+
+    /// Records this node as the holder of `session` (a router client id); a later claim
+    /// from another node notifies `kick`, closing the connection as taken over.
+    pub async fn claim(&self, session: &str, kick: Arc<Notify>) -> Result<OwnerClaim, ClaimFailed> {
+        self.owners.claim(session, kick).await
     }
 
     /// Hands a message `admit` let in to NATS for the other nodes (and NATS clients);

@@ -1,0 +1,313 @@
+//! Session ownership across nodes (docs/cluster.md, "Session ownership and takeover"):
+//! which node holds each session's connection, in the KV bucket `<base>_owner`.
+//!
+//! - Key: the keyed hash of the session's router client id (identity and client id, so
+//!   another user's client id of the same name is another key: nothing is taken over
+//!   across identities). Value, sealed: the node name and the node's connection epoch.
+//! - Claim: a node accepting a CONNECT writes its value with a compare-and-set on the
+//!   revision it read (create if absent). On a race the write that lands last wins: a
+//!   claim that lost the compare-and-set reads again and writes over the winner, so of
+//!   two simultaneous connections the later one stays and the other is taken over, as
+//!   on one node (the newest connection wins). A claim that fails for another reason
+//!   (NATS away, the bucket not set up yet, every retry lost) refuses the CONNECT: a
+//!   node that cannot record ownership cannot have the old connection closed.
+//! - Takeover: every node watches the bucket; a value naming another node (or an
+//!   unreadable one) at a key this node holds a connection for, newer than this node's
+//!   claim, kicks that connection as a local takeover does (MQTT 5: DISCONNECT 0x8E;
+//!   3.1.1: the socket is closed). After its claim a node reads the key once more, so a
+//!   newer claim the watch delivered before the connection was registered is not missed.
+//! - The node that lost the session discards its copy of it (subscriptions, queue): the
+//!   session lives where its owner is; it is not handed over yet (docs/cluster.md).
+//! - Values that do not open are refused (logged, `moatmq_cluster_state_rejected_total`),
+//!   and treat the key as no longer this node's: a forged value can close a connection
+//!   (NATS write access can always cut traffic) but never hands anyone a session.
+
+use super::state::bucket;
+use super::KeyCheck;
+use crate::metrics::Metrics;
+use async_nats::jetstream::{self, kv};
+use futures_util::StreamExt;
+use moatmq_store::{ClusterSeal, Owner};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+use tokio::sync::{watch, Notify};
+
+/// How often a claim retries after losing the compare-and-set to another node.
+const CLAIM_TRIES: usize = 5;
+
+/// How long to wait before setting the bucket up again after a failure.
+const RETRY: Duration = Duration::from_secs(1);
+
+/// Why a session could not be claimed for this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimFailed(pub String);
+
+/// This node's side of the ownership bucket.
+pub struct Owners {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    node: String,
+    seal: Arc<ClusterSeal>,
+    bucket_name: String,
+    /// The bucket, once set up (`None` while NATS is away or before the key check).
+    store: watch::Receiver<Option<kv::Store>>,
+    /// The connections of this node holding a session, by KV key.
+    claims: Mutex<HashMap<String, Claimed>>,
+    next_epoch: AtomicU64,
+    next_id: AtomicU64,
+    metrics: Weak<Metrics>,
+}
+
+struct Claimed {
+    /// Which claim (a later one of the same key replaces it).
+    id: u64,
+    /// The revision this node's value was written at.
+    revision: u64,
+    /// Closes the connection as taken over.
+    kick: Arc<Notify>,
+    /// Set before `kick` when another node took the session.
+    moved: Arc<AtomicBool>,
+}
+
+/// A connection's claim of its session; dropping it stops watching for a takeover (the
+/// value stays in the bucket: the session was last held here).
+pub struct OwnerClaim {
+    inner: Weak<Inner>,
+    key: String,
+    id: u64,
+    moved: Arc<AtomicBool>,
+}
+
+impl OwnerClaim {
+    /// Whether another node took the session over (this node's copy is stale then).
+    pub fn moved(&self) -> bool {
+        self.moved.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for OwnerClaim {
+    fn drop(&mut self) {
+        if let Some(inner) = self.inner.upgrade() {
+            let mut claims = lock(&inner.claims);
+            if claims.get(&self.key).is_some_and(|c| c.id == self.id) {
+                claims.remove(&self.key);
+            }
+        }
+    }
+}
+
+impl Owners {
+    /// Starts watching the ownership bucket of the cluster `base` once the key check
+    /// has passed (and again after every NATS failure).
+    pub fn start(
+        client: async_nats::Client,
+        node: &str,
+        base: &str,
+        seal: Arc<ClusterSeal>,
+        key_check: watch::Receiver<KeyCheck>,
+        metrics: Weak<Metrics>,
+    ) -> Owners {
+        let (set_store, store) = watch::channel(None);
+        // Epochs only grow, across restarts too: the clock at start, then one a claim.
+        let start = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX / 2))
+            .unwrap_or(0);
+        let inner = Arc::new(Inner {
+            node: node.to_string(),
+            seal,
+            bucket_name: format!("{base}_owner"),
+            store,
+            claims: Mutex::new(HashMap::new()),
+            next_epoch: AtomicU64::new(start),
+            next_id: AtomicU64::new(0),
+            metrics,
+        });
+        tokio::spawn(run(client, Arc::downgrade(&inner), set_store, key_check));
+        Owners { inner }
+    }
+
+    /// Records this node as the holder of `session` (a router client id) for the
+    /// connection that `kick` closes; from then on a newer claim from another node
+    /// closes it.
+    pub async fn claim(&self, session: &str, kick: Arc<Notify>) -> Result<OwnerClaim, ClaimFailed> {
+        let inner = &self.inner;
+        let Some(store) = inner.store.borrow().clone() else {
+            return Err(ClaimFailed(
+                "ownership bucket not set up (NATS away?)".into(),
+            ));
+        };
+        let key = inner.seal.session_key_of(session);
+        let owner = Owner {
+            node: inner.node.clone(),
+            epoch: inner.next_epoch.fetch_add(1, Ordering::Relaxed),
+        };
+        let value = inner
+            .seal
+            .seal_owner(&inner.bucket_name, &key, &owner)
+            .map_err(|e| ClaimFailed(e.to_string()))?;
+        let mut revision = None;
+        for _ in 0..CLAIM_TRIES {
+            let current = store
+                .entry(key.clone())
+                .await
+                .map_err(|e| ClaimFailed(format!("reading {}: {e}", inner.bucket_name)))?;
+            let written = match current {
+                Some(entry) => store
+                    .update(&key, value.clone().into(), entry.revision)
+                    .await
+                    .map_err(|e| e.to_string()),
+                None => store
+                    .create(&key, value.clone().into())
+                    .await
+                    .map_err(|e| e.to_string()),
+            };
+            match written {
+                Ok(r) => {
+                    revision = Some(r);
+                    break;
+                }
+                // Another node wrote in between: read its revision and write over it.
+                Err(e) => tracing::debug!("cluster: ownership claim raced: {e}"),
+            }
+        }
+        let Some(revision) = revision else {
+            return Err(ClaimFailed(format!(
+                "{} compare-and-set lost {CLAIM_TRIES} times",
+                inner.bucket_name
+            )));
+        };
+        let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let moved = Arc::new(AtomicBool::new(false));
+        lock(&inner.claims).insert(
+            key.clone(),
+            Claimed {
+                id,
+                revision,
+                kick: kick.clone(),
+                moved: moved.clone(),
+            },
+        );
+        let claim = OwnerClaim {
+            inner: Arc::downgrade(inner),
+            key: key.clone(),
+            id,
+            moved,
+        };
+        // A newer claim may have reached the watch before this one was registered.
+        if let Ok(Some(entry)) = store.entry(key.clone()).await {
+            if entry.revision > revision {
+                inner.observe(&entry);
+            }
+        }
+        Ok(claim)
+    }
+}
+
+impl Inner {
+    /// One value of the bucket, from the watch (or the re-read after a claim): kicks
+    /// this node's connection of that key if another node claimed it after it.
+    fn observe(&self, entry: &kv::Entry) {
+        let mut claims = lock(&self.claims);
+        let Some(held) = claims.get(&entry.key) else {
+            return;
+        };
+        if entry.revision <= held.revision {
+            return;
+        }
+        let other = match entry.operation {
+            kv::Operation::Put => {
+                match self
+                    .seal
+                    .open_owner(&self.bucket_name, &entry.key, &entry.value)
+                {
+                    Ok(owner) => owner.node != self.node,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cluster: ownership value refused");
+                        if let Some(m) = self.metrics.upgrade() {
+                            m.cluster_state_rejected.inc();
+                        }
+                        true
+                    }
+                }
+            }
+            // Nobody deletes ownership values: whoever did, this node no longer holds it.
+            kv::Operation::Delete | kv::Operation::Purge => true,
+        };
+        if other {
+            if let Some(held) = claims.remove(&entry.key) {
+                tracing::info!("cluster: session taken over by another node");
+                held.moved.store(true, Ordering::Release);
+                held.kick.notify_one();
+            }
+        }
+    }
+}
+
+/// Sets the bucket up after the key check, then applies the watch until NATS fails or
+/// the broker is gone.
+async fn run(
+    client: async_nats::Client,
+    inner: Weak<Inner>,
+    set_store: watch::Sender<Option<kv::Store>>,
+    mut key_check: watch::Receiver<KeyCheck>,
+) {
+    // Nothing of the cluster's state is touched before this node's key is known good.
+    let passed = tokio::select! {
+        c = key_check.wait_for(|c| *c != KeyCheck::Pending) => {
+            matches!(c.as_deref(), Ok(KeyCheck::Passed))
+        }
+        () = set_store.closed() => false,
+    };
+    if !passed {
+        return;
+    }
+    loop {
+        let Some(name) = inner.upgrade().map(|i| i.bucket_name.clone()) else {
+            return;
+        };
+        if client.connection_state() != async_nats::connection::State::Connected {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
+        let js = jetstream::new(client.clone());
+        let why = match bucket(&js, &name).await {
+            Err(why) => why,
+            Ok(store) => match store.watch_all().await {
+                Err(e) => format!("watching {name}: {e}"),
+                Ok(mut entries) => {
+                    set_store.send_replace(Some(store));
+                    loop {
+                        let entry = tokio::select! {
+                            entry = entries.next() => entry,
+                            // The broker is gone (its `Owners` dropped the receiver).
+                            () = set_store.closed() => return,
+                        };
+                        match entry {
+                            Some(Ok(entry)) => match inner.upgrade() {
+                                Some(inner) => inner.observe(&entry),
+                                None => return,
+                            },
+                            Some(Err(e)) => break format!("watch: {e}"),
+                            None => break "watch ended".to_string(),
+                        }
+                    }
+                }
+            },
+        };
+        set_store.send_replace(None);
+        if inner.strong_count() == 0 {
+            return;
+        }
+        tracing::warn!("cluster: session ownership: {why}; retrying");
+        tokio::time::sleep(RETRY).await;
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
