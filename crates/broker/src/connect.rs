@@ -82,11 +82,27 @@ impl LoggedIn {
         // it as it is: gone if it ended with the connection (an MQTT 5 DISCONNECT with
         // expiry 0), else kept with its expiry running, which a held id skips and the
         // returning client cancels.
-        // Taken over by another node: the session lives there now (cluster/owner.rs).
-        let moved = self.owner.as_ref().is_some_and(|o| o.moved());
+        // Taken over by another node: the session goes on there (cluster/handoff.rs).
+        let moved = self.owner.as_ref().and_then(|o| o.moved().map(|r| (o, r)));
         match (kept_for, self.key) {
-            (_, Some(key)) if moved => {
-                session_expiry::discard(shared, &self.router_id, &key).await;
+            (_, Some(key)) if moved.is_some() => {
+                if let (Some(cluster), Some((claim, revision))) = (&shared.cluster, moved) {
+                    crate::cluster::handoff::give(
+                        shared,
+                        cluster.owners.seal(),
+                        &claim.buckets,
+                        &self.router_id,
+                        &key,
+                        revision,
+                    )
+                    .await;
+                }
+            }
+            (Some(after), Some(key)) if !after.is_zero() && self.owner.is_some() => {
+                if let Some(cluster) = &shared.cluster {
+                    cluster.kept_offline(&self.router_id, key.clone());
+                }
+                session_expiry::expire_after(shared, &self.router_id, key, after);
             }
             (Some(after), Some(key)) if after.is_zero() => {
                 session_expiry::discard(shared, &self.router_id, &key).await;
@@ -299,7 +315,10 @@ async fn login(
     // it sees this claim (cluster/owner.rs); without the claim, no CONNACK.
     let owner = match &shared.cluster {
         None => None,
-        Some(cluster) => match cluster.claim(&router_id, hold.kicked.clone()).await {
+        Some(cluster) => match cluster
+            .claim(&router_id, keep_for.is_some(), hold.kicked.clone())
+            .await
+        {
             Ok(claim) => Some(claim),
             Err(e) => {
                 tracing::warn!(client_id = %identity.client_id, reason = %e.0, "session ownership not recorded");
@@ -314,6 +333,13 @@ async fn login(
         owner: identity.username.clone(),
         client_id: identity.client_id.clone(),
     };
+    // A persistent session last held on another node: that node hands it over first.
+    if let (Some(cluster), Some(claim)) = (&shared.cluster, &owner) {
+        if claim.from_elsewhere && keep_for.is_some() && !connect.clean_session {
+            let seal = cluster.owners.seal();
+            crate::cluster::handoff::receive(&shared, seal, claim, &router_id, &session_key).await;
+        }
+    }
     if connect.clean_session && keep_for.is_some() {
         // MQTT 5 clean start with a session kept afterwards: discard the old one first.
         session_expiry::discard(&shared, &router_id, &session_key).await;

@@ -86,24 +86,25 @@ async fn a_3_1_1_client_id_connected_on_another_node_takes_over_and_the_new_one_
 }
 
 #[tokio::test]
-async fn the_node_that_lost_a_session_keeps_no_stale_copy_of_it() {
+async fn a_connected_persistent_session_taken_over_moves_and_leaves_no_stale_copy() {
     let nats = Nats::start().await;
     let a = node(&nats, "node-a").await;
     let b = node(&nats, "node-b").await;
     let mut first = persistent4(a.first_addr(), "keeper", "alice").await;
     first.subscribe_acked("alice/k").await;
-    first.client.disconnect().await.unwrap();
-    first.closed_within(WAIT).await;
-    let again = persistent4(a.first_addr(), "keeper", "alice").await;
-    assert!(again.connack.session_present, "kept on node A");
     let mut moved = persistent4(b.first_addr(), "keeper", "alice").await;
-    let mut again = again;
-    assert!(again.closed_within(WAIT).await.is_some(), "taken over");
+    assert!(first.closed_within(WAIT).await.is_some(), "taken over");
+    assert!(moved.connack.session_present, "handed over while connected");
+    publish_acked(a.first_addr(), "alice", "alice/k", 1).await;
+    assert_eq!(drain(&mut moved).await, vec!["m0"], "once, on node B");
     moved.client.disconnect().await.unwrap();
     moved.closed_within(WAIT).await;
-    // Node A discarded its copy: no session there that went on queuing meanwhile.
-    let back = persistent4(a.first_addr(), "keeper", "alice").await;
-    assert!(!back.connack.session_present, "a stale session on node A");
+    publish_acked(b.first_addr(), "alice", "alice/k", 1).await;
+    tokio::time::sleep(QUIET).await;
+    // Node A kept no copy that went on queuing: what it hands back is node B's queue.
+    let mut back = persistent4(a.first_addr(), "keeper", "alice").await;
+    assert!(back.connack.session_present);
+    assert_eq!(drain(&mut back).await, vec!["m0"]);
 }
 
 #[tokio::test]
@@ -166,4 +167,120 @@ async fn the_ownership_bucket_holds_no_plaintext_and_a_forged_owner_closes_but_h
     assert!(again.closed_within(QUIET).await.is_none());
     let entry = kv.entry(key.clone()).await.unwrap().unwrap();
     assert!(seal.open_owner("moatmq_owner", &key, &entry.value).is_ok());
+}
+
+/// Publishes `n` QoS 1 messages `m0`.. to `topic` as `user` on `addr`, each acknowledged.
+async fn publish_acked(addr: SocketAddr, user: &str, topic: &str, n: usize) {
+    let mut publ = login4(addr, &format!("{user}-pub"), user).await;
+    for i in 0..n {
+        publ.publish_acked(topic, false, format!("m{i}")).await;
+    }
+}
+
+/// Every PUBLISH `c` receives until nothing more arrives for [`QUIET`]: payloads.
+async fn drain(c: &mut v4::Client) -> Vec<String> {
+    let mut got = Vec::new();
+    while let Some(p) = c.publish_within(QUIET).await {
+        got.push(String::from_utf8_lossy(&p.payload).into_owned());
+    }
+    got
+}
+
+#[tokio::test]
+async fn a_persistent_session_moves_to_another_node_with_what_was_queued_for_it() {
+    let nats = Nats::start().await;
+    let a = node(&nats, "node-a").await;
+    let b = node(&nats, "node-b").await;
+    let mut first = persistent4(a.first_addr(), "mover", "alice").await;
+    assert!(!first.connack.session_present);
+    first.subscribe_acked("alice/q").await;
+    first.client.disconnect().await.unwrap();
+    first.closed_within(WAIT).await;
+    // Queued on node A while the client is away, from node A and from node B.
+    publish_acked(a.first_addr(), "alice", "alice/q", 3).await;
+    publish_acked(b.first_addr(), "admin", "alice/q", 2).await;
+    tokio::time::sleep(QUIET).await;
+
+    let mut moved = persistent4(b.first_addr(), "mover", "alice").await;
+    assert!(moved.connack.session_present, "the session came along");
+    let mut got = drain(&mut moved).await;
+    got.sort();
+    assert_eq!(
+        got,
+        vec!["m0", "m0", "m1", "m1", "m2"],
+        "each queued message once"
+    );
+    // Its subscription is on node B now.
+    publish_acked(a.first_addr(), "alice", "alice/q", 1).await;
+    assert_eq!(drain(&mut moved).await, vec!["m0"]);
+    moved.client.disconnect().await.unwrap();
+    moved.closed_within(WAIT).await;
+    // And back to node A, offline on B meanwhile.
+    publish_acked(b.first_addr(), "alice", "alice/q", 2).await;
+    tokio::time::sleep(QUIET).await;
+    let mut back = persistent4(a.first_addr(), "mover", "alice").await;
+    assert!(back.connack.session_present);
+    assert_eq!(drain(&mut back).await, vec!["m0", "m1"]);
+}
+
+#[tokio::test]
+async fn another_user_with_the_client_id_gets_nothing_of_the_session() {
+    let nats = Nats::start().await;
+    let a = node(&nats, "node-a").await;
+    let b = node(&nats, "node-b").await;
+    let mut alice = persistent4(a.first_addr(), "mover", "alice").await;
+    alice.subscribe_acked("alice/q").await;
+    alice.client.disconnect().await.unwrap();
+    alice.closed_within(WAIT).await;
+    publish_acked(a.first_addr(), "alice", "alice/q", 2).await;
+
+    let mut bob = persistent4(b.first_addr(), "mover", "bob").await;
+    assert!(!bob.connack.session_present, "bob got alice's session");
+    assert!(drain(&mut bob).await.is_empty());
+    // alice's session is where it was, whole.
+    let mut alice = persistent4(b.first_addr(), "mover", "alice").await;
+    assert!(alice.connack.session_present);
+    assert_eq!(drain(&mut alice).await, vec!["m0", "m1"]);
+}
+
+#[tokio::test]
+async fn a_tampered_handoff_is_refused_and_a_dead_node_costs_the_session_after_the_wait() {
+    let nats = Nats::start().await;
+    let a = node(&nats, "node-a").await;
+    let b = node(&nats, "node-b").await;
+    let mut alice = persistent4(a.first_addr(), "mover", "alice").await;
+    alice.subscribe_acked("alice/q").await;
+    alice.client.disconnect().await.unwrap();
+    alice.closed_within(WAIT).await;
+    publish_acked(a.first_addr(), "alice", "alice/q", 1).await;
+    // Node A goes away without handing anything over.
+    a.shutdown().await;
+
+    // A handoff value sealed for bob's session, moved to alice's key.
+    let seal = cluster_seal();
+    let key = seal.session_key_of("u616c696365:mover");
+    let bobs = seal.session_key_of("u626f62:mover");
+    let moved = seal
+        .seal_handoff("moatmq_handoff", &bobs, b"anything")
+        .unwrap();
+    let js = async_nats::jetstream::new(nats.client().await);
+    let kv = js
+        .get_key_value("moatmq_handoff")
+        .await
+        .expect("the bucket");
+    kv.put(&key, moved.into()).await.unwrap();
+    let rejected = b.metric("moatmq_cluster_state_rejected_total").await;
+
+    let started = std::time::Instant::now();
+    let mut alice = persistent4(b.first_addr(), "mover", "alice").await;
+    assert!(
+        started.elapsed() >= std::time::Duration::from_secs(2),
+        "the CONNACK waited for the old node"
+    );
+    assert!(!alice.connack.session_present, "nothing trustworthy came");
+    assert!(drain(&mut alice).await.is_empty());
+    assert_eq!(
+        b.metric("moatmq_cluster_state_rejected_total").await,
+        rejected + 1.0
+    );
 }

@@ -13,6 +13,7 @@
 //! Retained messages are also kept, sealed, in a JetStream KV bucket (`state.rs`), so
 //! a node that joins late serves them too.
 
+pub(crate) mod handoff;
 mod owner;
 mod properties;
 mod state;
@@ -70,7 +71,9 @@ pub struct Cluster {
     /// that task.
     changes: mpsc::Sender<Change>,
     /// Session ownership across nodes (`owner.rs`).
-    owners: owner::Owners,
+    pub(crate) owners: owner::Owners,
+    /// Offline sessions other nodes claimed, for `handoff::run` (taken by `serve`).
+    handoffs: std::sync::Mutex<Option<mpsc::UnboundedReceiver<(moatmq_store::SessionKey, u64)>>>,
     key_check: watch::Receiver<KeyCheck>,
     pub(crate) metrics: Arc<Metrics>,
     /// Wakes `watch_connection`; with `stopped`, ends it (and its NATS client) on drop.
@@ -194,6 +197,7 @@ impl Cluster {
             checked,
         );
         tokio::spawn(sync.run());
+        let (handoff_tx, handoffs) = mpsc::unbounded_channel();
         let owners = owner::Owners::start(
             client.clone(),
             &cluster.node_name,
@@ -201,6 +205,7 @@ impl Cluster {
             Arc::new(moatmq_store::ClusterSeal::new(&key)),
             key_check.clone(),
             Arc::downgrade(&metrics),
+            handoff_tx,
         );
         let stopped = Arc::new(std::sync::atomic::AtomicBool::new(false));
         tokio::spawn(watch_connection(
@@ -217,6 +222,7 @@ impl Cluster {
                 forward,
                 changes,
                 owners,
+                handoffs: std::sync::Mutex::new(Some(handoffs)),
                 key_check,
                 metrics,
                 connected,
@@ -244,8 +250,29 @@ impl Cluster {
 
     /// Records this node as the holder of `session` (a router client id); a later claim
     /// from another node notifies `kick`, closing the connection as taken over.
-    pub async fn claim(&self, session: &str, kick: Arc<Notify>) -> Result<OwnerClaim, ClaimFailed> {
-        self.owners.claim(session, kick).await
+    pub async fn claim(
+        &self,
+        session: &str,
+        persistent: bool,
+        kick: Arc<Notify>,
+    ) -> Result<OwnerClaim, ClaimFailed> {
+        self.owners.claim(session, persistent, kick).await
+    }
+
+    /// The persistent session `key` (router client id `session`) stays on this node
+    /// offline: handed over if another node claims it.
+    pub fn kept_offline(&self, session: &str, key: moatmq_store::SessionKey) {
+        self.owners.kept_offline(session, key);
+    }
+
+    /// The queue of offline sessions to hand over, once (for `handoff::run`).
+    pub(crate) fn take_handoffs(
+        &self,
+    ) -> Option<mpsc::UnboundedReceiver<(moatmq_store::SessionKey, u64)>> {
+        self.handoffs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
     }
 
     /// Hands a message `admit` let in to NATS for the other nodes (and NATS clients);

@@ -16,8 +16,9 @@
 //!   claim, kicks that connection as a local takeover does (MQTT 5: DISCONNECT 0x8E;
 //!   3.1.1: the socket is closed). After its claim a node reads the key once more, so a
 //!   newer claim the watch delivered before the connection was registered is not missed.
-//! - The node that lost the session discards its copy of it (subscriptions, queue): the
-//!   session lives where its owner is; it is not handed over yet (docs/cluster.md).
+//! - The node that lost a persistent session (connected there, or kept offline there)
+//!   hands it to the claiming node (`handoff.rs`) and discards its copy: the session
+//!   lives where its owner is.
 //! - Values that do not open are refused (logged, `moatmq_cluster_state_rejected_total`),
 //!   and treat the key as no longer this node's: a forged value can close a connection
 //!   (NATS write access can always cut traffic) but never hands anyone a session.
@@ -27,12 +28,12 @@ use super::KeyCheck;
 use crate::metrics::Metrics;
 use async_nats::jetstream::{self, kv};
 use futures_util::StreamExt;
-use moatmq_store::{ClusterSeal, Owner};
+use moatmq_store::{ClusterSeal, Owner, SessionKey};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
-use tokio::sync::{watch, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 
 /// How often a claim retries after losing the compare-and-set to another node.
 const CLAIM_TRIES: usize = 5;
@@ -53,10 +54,16 @@ struct Inner {
     node: String,
     seal: Arc<ClusterSeal>,
     bucket_name: String,
-    /// The bucket, once set up (`None` while NATS is away or before the key check).
-    store: watch::Receiver<Option<kv::Store>>,
+    /// The ownership and handoff buckets, once set up (`None` while NATS is away or
+    /// before the key check).
+    store: watch::Receiver<Option<Buckets>>,
     /// The connections of this node holding a session, by KV key.
     claims: Mutex<HashMap<String, Claimed>>,
+    /// Persistent sessions this node keeps offline (last held here), by KV key: handed
+    /// over when another node claims one.
+    offline: Mutex<HashMap<String, SessionKey>>,
+    /// Offline sessions to hand over (`handoff.rs`), with the claim's revision.
+    handoffs: mpsc::UnboundedSender<(SessionKey, u64)>,
     next_epoch: AtomicU64,
     next_id: AtomicU64,
     metrics: Weak<Metrics>,
@@ -69,23 +76,41 @@ struct Claimed {
     revision: u64,
     /// Closes the connection as taken over.
     kick: Arc<Notify>,
-    /// Set before `kick` when another node took the session.
-    moved: Arc<AtomicBool>,
+    /// The revision of the other node's claim, set before `kick` (0: none).
+    moved: Arc<AtomicU64>,
+}
+
+/// The ownership bucket and the bucket sessions are handed over in.
+#[derive(Clone)]
+pub struct Buckets {
+    pub owner: kv::Store,
+    pub handoff: kv::Store,
+    /// The handoff bucket's name (bound into its values).
+    pub handoff_name: String,
 }
 
 /// A connection's claim of its session; dropping it stops watching for a takeover (the
 /// value stays in the bucket: the session was last held here).
 pub struct OwnerClaim {
     inner: Weak<Inner>,
-    key: String,
+    /// The session's KV key (in both buckets).
+    pub key: String,
     id: u64,
-    moved: Arc<AtomicBool>,
+    moved: Arc<AtomicU64>,
+    /// The revision this claim was written at (a handoff for it names it).
+    pub revision: u64,
+    /// The value this claim replaced named another node holding a persistent session:
+    /// that node hands it over.
+    pub from_elsewhere: bool,
+    /// The buckets the claim was made in.
+    pub buckets: Buckets,
 }
 
 impl OwnerClaim {
-    /// Whether another node took the session over (this node's copy is stale then).
-    pub fn moved(&self) -> bool {
-        self.moved.load(Ordering::Acquire)
+    /// The revision of another node's claim that took the session over, if one did
+    /// (this node's copy is stale then, and handed over).
+    pub fn moved(&self) -> Option<u64> {
+        Some(self.moved.load(Ordering::Acquire)).filter(|&r| r != 0)
     }
 }
 
@@ -110,6 +135,7 @@ impl Owners {
         seal: Arc<ClusterSeal>,
         key_check: watch::Receiver<KeyCheck>,
         metrics: Weak<Metrics>,
+        handoffs: mpsc::UnboundedSender<(SessionKey, u64)>,
     ) -> Owners {
         let (set_store, store) = watch::channel(None);
         // Epochs only grow, across restarts too: the clock at start, then one a claim.
@@ -123,39 +149,64 @@ impl Owners {
             bucket_name: format!("{base}_owner"),
             store,
             claims: Mutex::new(HashMap::new()),
+            offline: Mutex::new(HashMap::new()),
+            handoffs,
             next_epoch: AtomicU64::new(start),
             next_id: AtomicU64::new(0),
             metrics,
         });
-        tokio::spawn(run(client, Arc::downgrade(&inner), set_store, key_check));
+        tokio::spawn(run(
+            client,
+            Arc::downgrade(&inner),
+            format!("{base}_handoff"),
+            set_store,
+            key_check,
+        ));
         Owners { inner }
     }
 
     /// Records this node as the holder of `session` (a router client id) for the
     /// connection that `kick` closes; from then on a newer claim from another node
     /// closes it.
-    pub async fn claim(&self, session: &str, kick: Arc<Notify>) -> Result<OwnerClaim, ClaimFailed> {
+    pub async fn claim(
+        &self,
+        session: &str,
+        persistent: bool,
+        kick: Arc<Notify>,
+    ) -> Result<OwnerClaim, ClaimFailed> {
         let inner = &self.inner;
-        let Some(store) = inner.store.borrow().clone() else {
+        let Some(buckets) = inner.store.borrow().clone() else {
             return Err(ClaimFailed(
                 "ownership bucket not set up (NATS away?)".into(),
             ));
         };
+        let store = &buckets.owner;
         let key = inner.seal.session_key_of(session);
+        // A session claimed here again is connected here, not offline.
+        lock(&inner.offline).remove(&key);
         let owner = Owner {
             node: inner.node.clone(),
             epoch: inner.next_epoch.fetch_add(1, Ordering::Relaxed),
+            persistent,
         };
         let value = inner
             .seal
             .seal_owner(&inner.bucket_name, &key, &owner)
             .map_err(|e| ClaimFailed(e.to_string()))?;
         let mut revision = None;
+        let mut from_elsewhere = false;
         for _ in 0..CLAIM_TRIES {
             let current = store
                 .entry(key.clone())
                 .await
                 .map_err(|e| ClaimFailed(format!("reading {}: {e}", inner.bucket_name)))?;
+            from_elsewhere = current.as_ref().is_some_and(|entry| {
+                entry.operation == kv::Operation::Put
+                    && inner
+                        .seal
+                        .open_owner(&inner.bucket_name, &entry.key, &entry.value)
+                        .is_ok_and(|o| o.node != inner.node && o.persistent)
+            });
             let written = match current {
                 Some(entry) => store
                     .update(&key, value.clone().into(), entry.revision)
@@ -182,7 +233,7 @@ impl Owners {
             )));
         };
         let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let moved = Arc::new(AtomicBool::new(false));
+        let moved = Arc::new(AtomicU64::new(0));
         lock(&inner.claims).insert(
             key.clone(),
             Claimed {
@@ -197,6 +248,9 @@ impl Owners {
             key: key.clone(),
             id,
             moved,
+            revision,
+            from_elsewhere,
+            buckets: buckets.clone(),
         };
         // A newer claim may have reached the watch before this one was registered.
         if let Ok(Some(entry)) = store.entry(key.clone()).await {
@@ -206,6 +260,23 @@ impl Owners {
         }
         Ok(claim)
     }
+
+    /// The persistent session `key` (router client id `session`) stays here after its
+    /// connection ended: if another node claims it, it is handed over.
+    pub fn kept_offline(&self, session: &str, key: SessionKey) {
+        let kv_key = self.inner.seal.session_key_of(session);
+        lock(&self.inner.offline).insert(kv_key, key);
+    }
+
+    /// The KV key of `session` (a router client id) and this node's seal.
+    pub fn seal(&self) -> &ClusterSeal {
+        &self.inner.seal
+    }
+
+    /// The buckets, once set up.
+    pub fn buckets(&self) -> Option<Buckets> {
+        self.inner.store.borrow().clone()
+    }
 }
 
 impl Inner {
@@ -214,6 +285,8 @@ impl Inner {
     fn observe(&self, entry: &kv::Entry) {
         let mut claims = lock(&self.claims);
         let Some(held) = claims.get(&entry.key) else {
+            drop(claims);
+            self.observe_offline(entry);
             return;
         };
         if entry.revision <= held.revision {
@@ -241,10 +314,32 @@ impl Inner {
         if other {
             if let Some(held) = claims.remove(&entry.key) {
                 tracing::info!("cluster: session taken over by another node");
-                held.moved.store(true, Ordering::Release);
+                held.moved.store(entry.revision, Ordering::Release);
                 held.kick.notify_one();
             }
         }
+    }
+
+    /// A claim of a key this node holds no connection for: an offline session kept
+    /// here is handed over to the claiming node.
+    fn observe_offline(&self, entry: &kv::Entry) {
+        if entry.operation != kv::Operation::Put {
+            return;
+        }
+        let Ok(owner) = self
+            .seal
+            .open_owner(&self.bucket_name, &entry.key, &entry.value)
+        else {
+            return;
+        };
+        if owner.node == self.node {
+            return;
+        }
+        let Some(key) = lock(&self.offline).remove(&entry.key) else {
+            return;
+        };
+        tracing::info!("cluster: offline session claimed by another node; handing it over");
+        let _ = self.handoffs.send((key, entry.revision));
     }
 }
 
@@ -253,7 +348,8 @@ impl Inner {
 async fn run(
     client: async_nats::Client,
     inner: Weak<Inner>,
-    set_store: watch::Sender<Option<kv::Store>>,
+    handoff_name: String,
+    set_store: watch::Sender<Option<Buckets>>,
     mut key_check: watch::Receiver<KeyCheck>,
 ) {
     // Nothing of the cluster's state is touched before this node's key is known good.
@@ -275,12 +371,20 @@ async fn run(
             continue;
         }
         let js = jetstream::new(client.clone());
-        let why = match bucket(&js, &name).await {
+        let buckets = match (bucket(&js, &name).await, bucket(&js, &handoff_name).await) {
+            (Ok(owner), Ok(handoff)) => Ok(Buckets {
+                owner,
+                handoff,
+                handoff_name: handoff_name.clone(),
+            }),
+            (Err(why), _) | (_, Err(why)) => Err(why),
+        };
+        let why = match buckets {
             Err(why) => why,
-            Ok(store) => match store.watch_all().await {
+            Ok(buckets) => match buckets.owner.watch_all().await {
                 Err(e) => format!("watching {name}: {e}"),
                 Ok(mut entries) => {
-                    set_store.send_replace(Some(store));
+                    set_store.send_replace(Some(buckets));
                     loop {
                         let entry = tokio::select! {
                             entry = entries.next() => entry,
