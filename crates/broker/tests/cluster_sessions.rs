@@ -284,3 +284,46 @@ async fn a_tampered_handoff_is_refused_and_a_dead_node_costs_the_session_after_t
         rejected + 1.0
     );
 }
+
+/// An MQTT 5 login resuming its session (clean start 0, expiry 60 s).
+fn persistent5(addr: SocketAddr, id: &str, user: &str) -> v5::MqttOptions {
+    use rumqttc::v5::mqttbytes::v5::ConnectProperties;
+    let mut o = v5::options(addr, id);
+    o.set_credentials(user, password(user));
+    o.set_clean_start(false);
+    o.set_connect_properties(ConnectProperties {
+        session_expiry_interval: Some(60),
+        ..ConnectProperties::new()
+    });
+    o
+}
+
+#[tokio::test]
+async fn mqtt5_messages_in_flight_unacknowledged_move_with_dup() {
+    let nats = Nats::start().await;
+    let a = node(&nats, "node-a").await;
+    let b = node(&nats, "node-b").await;
+    let mut o = persistent5(a.first_addr(), "inflight", "alice");
+    o.set_manual_acks(true);
+    let mut first = v5::connect(o).await.expect("login");
+    cluster_support::subscribed5(&mut first, "alice/d").await;
+    publish_acked(a.first_addr(), "alice", "alice/d", 2).await;
+    // Received, never acknowledged.
+    for _ in 0..2 {
+        let p = first.next_publish().await;
+        assert!(!p.dup);
+    }
+
+    let mut moved = v5::connect(persistent5(b.first_addr(), "inflight", "alice"))
+        .await
+        .expect("login");
+    assert!(moved.connack.session_present);
+    let ended = first.closed_within(WAIT).await.expect("taken over");
+    assert!(ended.contains("SessionTakenOver"), "{ended}");
+    let mut got = Vec::new();
+    while let Some(p) = moved.publish_within(QUIET).await {
+        assert!(p.dup, "resent with DUP");
+        got.push(String::from_utf8_lossy(&p.payload).into_owned());
+    }
+    assert_eq!(got, vec!["m0", "m1"], "each once, in order");
+}

@@ -155,3 +155,15 @@ pub fn cluster_seal() -> moatmq_store::ClusterSeal {
         &moatmq_store::RetainedKey::from_hex(CLUSTER_KEY).expect("a key"),
     )
 }
+
+/// Subscribes an MQTT 5 client at QoS 1 and waits for the SUBACK.
+pub async fn subscribed5(c: &mut moatmq_testkit::v5::Client, filter: &str) {
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    c.client
+        .subscribe(filter, rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
+        .await
+        .expect("subscribe queued");
+    c.incoming(|p| matches!(p, Packet::SubAck(_)).then_some(()))
+        .await
+        .expect("SUBACK");
+}
