@@ -82,28 +82,18 @@ impl LoggedIn {
         // it as it is: gone if it ended with the connection (an MQTT 5 DISCONNECT with
         // expiry 0), else kept with its expiry running, which a held id skips and the
         // returning client cancels.
-        // Taken over by another node: the session goes on there (cluster/handoff.rs).
-        let moved = self.owner.as_ref().and_then(|o| o.moved().map(|r| (o, r)));
+        // In a cluster a persistent session taken over by another node goes on there,
+        // and one kept here is handed over at a later claim (cluster/handoff.rs).
+        let handed = match (&self.owner, &self.key) {
+            (Some(claim), Some(key))
+                if claim.moved().is_some() || kept_for.is_some_and(|a| !a.is_zero()) =>
+            {
+                crate::cluster::handoff::settle(shared, claim, &self.router_id, key).await
+            }
+            _ => false,
+        };
         match (kept_for, self.key) {
-            (_, Some(key)) if moved.is_some() => {
-                if let (Some(cluster), Some((claim, revision))) = (&shared.cluster, moved) {
-                    crate::cluster::handoff::give(
-                        shared,
-                        cluster.owners.seal(),
-                        &claim.buckets,
-                        &self.router_id,
-                        &key,
-                        revision,
-                    )
-                    .await;
-                }
-            }
-            (Some(after), Some(key)) if !after.is_zero() && self.owner.is_some() => {
-                if let Some(cluster) = &shared.cluster {
-                    cluster.kept_offline(&self.router_id, key.clone());
-                }
-                session_expiry::expire_after(shared, &self.router_id, key, after);
-            }
+            _ if handed => {}
             (Some(after), Some(key)) if after.is_zero() => {
                 session_expiry::discard(shared, &self.router_id, &key).await;
             }

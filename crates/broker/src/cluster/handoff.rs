@@ -162,30 +162,87 @@ pub async fn receive(
     }
 }
 
+/// A connection of the persistent session `key` ended on this node (the caller still
+/// holds `router_id`): if another node claimed the session meanwhile it is handed over
+/// now (`true`); otherwise it stays here, offline, to be handed over at a later claim.
+pub async fn settle(
+    shared: &Shared,
+    claim: &OwnerClaim,
+    router_id: &str,
+    key: &SessionKey,
+) -> bool {
+    let Some(cluster) = &shared.cluster else {
+        return false;
+    };
+    if claim.moved().is_none() {
+        cluster.kept_offline(router_id, key.clone());
+    }
+    // A claim that reached the watch before the line above went to this connection.
+    let Some(revision) = claim.moved() else {
+        return false;
+    };
+    cluster.owners.forget_offline(router_id);
+    give(
+        shared,
+        cluster.owners.seal(),
+        &claim.buckets,
+        router_id,
+        key,
+        revision,
+    )
+    .await;
+    true
+}
+
+/// How long an offline session claimed elsewhere waits for the connection that last
+/// held it here to let its client id go.
+const RELEASE_WAIT: Duration = Duration::from_secs(2);
+
 /// Hands over the offline sessions other nodes claim (`owner.rs` sends them), each
 /// while holding its router client id: a client connecting here meanwhile claims it
 /// back, and wins as the newer claim.
 pub async fn run(shared: Arc<Shared>, mut claimed: mpsc::UnboundedReceiver<(SessionKey, u64)>) {
     while let Some((key, revision)) = claimed.recv().await {
-        let Some(cluster) = &shared.cluster else {
-            return;
-        };
-        let router_id = router_client_id(key.owner.as_deref(), &key.client_id);
-        let Some(_hold) = shared.sessions.try_hold(&router_id) else {
-            continue;
-        };
-        let Some(buckets) = cluster.owners.buckets() else {
-            tracing::warn!("cluster: session not handed over: NATS away");
-            continue;
-        };
-        give(
-            &shared,
-            cluster.owners.seal(),
-            &buckets,
-            &router_id,
-            &key,
-            revision,
-        )
-        .await;
+        tokio::spawn(hand_over(shared.clone(), key, revision));
     }
+}
+
+/// Hands one offline session over, once its client id is free here: the connection
+/// that last held it may still be settling its end. If a new connection holds it
+/// instead, that one claims the session after the other node and keeps it.
+async fn hand_over(shared: Arc<Shared>, key: SessionKey, revision: u64) {
+    let Some(cluster) = &shared.cluster else {
+        return;
+    };
+    let router_id = router_client_id(key.owner.as_deref(), &key.client_id);
+    let deadline = tokio::time::Instant::now() + RELEASE_WAIT;
+    let hold = loop {
+        if let Some(hold) = shared.sessions.try_hold(&router_id) {
+            break hold;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let Some(buckets) = cluster.owners.buckets() else {
+        tracing::warn!("cluster: session not handed over: NATS away");
+        return;
+    };
+    // A client that connected here meanwhile claimed the session back: it stays. A
+    // newer claim from another node gets it instead.
+    let Some(current) = cluster.owners.claimed_elsewhere(&router_id).await else {
+        return;
+    };
+    let revision = revision.max(current);
+    give(
+        &shared,
+        cluster.owners.seal(),
+        &buckets,
+        &router_id,
+        &key,
+        revision,
+    )
+    .await;
+    drop(hold);
 }

@@ -268,7 +268,28 @@ impl Owners {
         lock(&self.inner.offline).insert(kv_key, key);
     }
 
-    /// The KV key of `session` (a router client id) and this node's seal.
+    /// The revision of the current claim of `session` (a router client id) if it is
+    /// another node's; `None` if this node claimed it last (or it cannot be read).
+    pub async fn claimed_elsewhere(&self, session: &str) -> Option<u64> {
+        let inner = &self.inner;
+        let buckets = inner.store.borrow().clone()?;
+        let key = inner.seal.session_key_of(session);
+        let entry = buckets.owner.entry(key).await.ok()??;
+        let ours = entry.operation == kv::Operation::Put
+            && inner
+                .seal
+                .open_owner(&inner.bucket_name, &entry.key, &entry.value)
+                .is_ok_and(|o| o.node == inner.node);
+        (!ours).then_some(entry.revision)
+    }
+
+    /// The session `session` (a router client id) is no longer kept here.
+    pub fn forget_offline(&self, session: &str) {
+        let kv_key = self.inner.seal.session_key_of(session);
+        lock(&self.inner.offline).remove(&kv_key);
+    }
+
+    /// This node's seal.
     pub fn seal(&self) -> &ClusterSeal {
         &self.inner.seal
     }
