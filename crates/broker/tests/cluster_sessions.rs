@@ -327,3 +327,31 @@ async fn mqtt5_messages_in_flight_unacknowledged_move_with_dup() {
     }
     assert_eq!(got, vec!["m0", "m1"], "each once, in order");
 }
+
+#[tokio::test]
+async fn a_node_restarted_after_its_client_moved_drops_the_stale_session() {
+    let nats = Nats::start().await;
+    let a = node(&nats, "node-a").await;
+    let b = node(&nats, "node-b").await;
+    let mut alice = persistent4(a.first_addr(), "mover", "alice").await;
+    alice.subscribe_acked("alice/q").await;
+    alice.client.disconnect().await.unwrap();
+    alice.closed_within(WAIT).await;
+    publish_acked(a.first_addr(), "alice", "alice/q", 1).await;
+    let dir = a.stop().await;
+    // Node A is away: the session starts new on node B after the wait.
+    let alice = persistent4(b.first_addr(), "mover", "alice").await;
+    assert!(!alice.connack.session_present);
+    // Node A comes back with the session in its store, sees it is node B's now, and
+    // does not keep it (nor queue for it).
+    let a = moatmq_testkit::TestBroker::start_in(dir).await;
+    cluster_support::wait_ready(&a).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while a.metric("moatmq_sessions_offline").await != 0.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node A kept a session node B holds"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

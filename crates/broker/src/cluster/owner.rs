@@ -11,7 +11,8 @@
 //!   on one node (the newest connection wins). A claim that fails for another reason
 //!   (NATS away, the bucket not set up yet, every retry lost) refuses the CONNECT: a
 //!   node that cannot record ownership cannot have the old connection closed.
-//! - Takeover: every node watches the bucket; a value naming another node (or an
+//! - Takeover: every node watches the bucket (from the current value of each key on);
+//!   a value naming another node (or an
 //!   unreadable one) at a key this node holds a connection for, newer than this node's
 //!   claim, kicks that connection as a local takeover does (MQTT 5: DISCONNECT 0x8E;
 //!   3.1.1: the socket is closed). After its claim a node reads the key once more, so a
@@ -402,7 +403,10 @@ async fn run(
         };
         let why = match buckets {
             Err(why) => why,
-            Ok(buckets) => match buckets.owner.watch_all().await {
+            // From the current value of each key on: a session restored here at start
+            // (or kept here while NATS was away) that another node claimed meanwhile is
+            // handed over (nobody may wait for it) rather than kept stale.
+            Ok(buckets) => match buckets.owner.watch_with_history(">").await {
                 Err(e) => format!("watching {name}: {e}"),
                 Ok(mut entries) => {
                     set_store.send_replace(Some(buckets));
