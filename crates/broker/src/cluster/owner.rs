@@ -3,7 +3,8 @@
 //!
 //! - Key: the keyed hash of the session's router client id (identity and client id, so
 //!   another user's client id of the same name is another key: nothing is taken over
-//!   across identities). Value, sealed: the node name and the node's connection epoch.
+//!   across identities). Value, sealed: the node name, the node's connection epoch and
+//!   whether the session is persistent (only then does a new holder wait for it).
 //! - Claim: a node accepting a CONNECT writes its value with a compare-and-set on the
 //!   revision it read (create if absent). On a race the write that lands last wins: a
 //!   claim that lost the compare-and-set reads again and writes over the winner, so of
@@ -12,10 +13,9 @@
 //!   (NATS away, the bucket not set up yet, every retry lost) refuses the CONNECT: a
 //!   node that cannot record ownership cannot have the old connection closed.
 //! - Takeover: every node watches the bucket (from the current value of each key on);
-//!   a value naming another node (or an
-//!   unreadable one) at a key this node holds a connection for, newer than this node's
-//!   claim, kicks that connection as a local takeover does (MQTT 5: DISCONNECT 0x8E;
-//!   3.1.1: the socket is closed). After its claim a node reads the key once more, so a
+//!   a value naming another node (or an unreadable one) at a key this node holds a
+//!   connection for, newer than this node's claim, kicks that connection as a local
+//!   takeover does (MQTT 5: DISCONNECT 0x8E; 3.1.1: the socket is closed). After its claim a node reads the key once more, so a
 //!   newer claim the watch delivered before the connection was registered is not missed.
 //! - The node that lost a persistent session (connected there, or kept offline there)
 //!   hands it to the claiming node (`handoff.rs`) and discards its copy: the session
