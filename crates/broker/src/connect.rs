@@ -66,6 +66,8 @@ struct LoggedIn {
     buf: BytesMut,
     /// The session's router client id, held for this connection.
     hold: SessionHold,
+    /// The cluster's record that this node holds the session (released with `hold`).
+    owner: Option<crate::cluster::OwnerClaim>,
     router_id: String,
     /// The session's key if it outlives the connection (the gateway says how long).
     key: Option<SessionKey>,
@@ -81,7 +83,18 @@ impl LoggedIn {
         // it as it is: gone if it ended with the connection (an MQTT 5 DISCONNECT with
         // expiry 0), else kept with its expiry running, which a held id skips and the
         // returning client cancels.
+        // In a cluster a persistent session taken over by another node goes on there,
+        // and one kept here is handed over at a later claim (cluster/handoff.rs).
+        let handed = match (&self.owner, &self.key) {
+            (Some(claim), Some(key))
+                if claim.moved().is_some() || kept_for.is_some_and(|a| !a.is_zero()) =>
+            {
+                crate::cluster::handoff::settle(shared, claim, &self.router_id, key).await
+            }
+            _ => false,
+        };
         match (kept_for, self.key) {
+            _ if handed => {}
             (Some(after), Some(key)) if after.is_zero() => {
                 session_expiry::discard(shared, &self.router_id, &key).await;
             }
@@ -90,6 +103,7 @@ impl LoggedIn {
             }
             _ => {}
         }
+        drop(self.owner);
         drop(self.hold);
         // After the session is settled (a returning client need not wait), before the
         // connection's slots are released (returning ends `serve_one`, which holds them).
@@ -316,12 +330,35 @@ async fn login(
             "session still held by another connection",
         ));
     };
+    // In a cluster, the node holding the session's connection elsewhere closes it when
+    // it sees this claim (cluster/owner.rs); without the claim, no CONNACK.
+    let owner = match &shared.cluster {
+        None => None,
+        Some(cluster) => match cluster
+            .claim(&router_id, keep_for.is_some(), hold.kicked.clone())
+            .await
+        {
+            Ok(claim) => Some(claim),
+            Err(e) => {
+                tracing::warn!(client_id = %identity.client_id, reason = %e.0, "session ownership not recorded");
+                refuse(&mut writer, version, Refusal::Unavailable).await;
+                return Err(ConnectFailure::Refused("session ownership not recorded"));
+            }
+        },
+    };
     shared.delayed_wills.cancel(&router_id);
     session_expiry::cancel(&shared, &router_id);
     let session_key = SessionKey {
         owner: identity.username.clone(),
         client_id: identity.client_id.clone(),
     };
+    // A persistent session last held on another node: that node hands it over first.
+    if let (Some(cluster), Some(claim)) = (&shared.cluster, &owner) {
+        if claim.from_elsewhere && keep_for.is_some() && !connect.clean_session {
+            let seal = cluster.owners.seal();
+            crate::cluster::handoff::receive(&shared, seal, claim, &router_id, &session_key).await;
+        }
+    }
     if connect.clean_session && keep_for.is_some() {
         // MQTT 5 clean start with a session kept afterwards: discard the old one first.
         session_expiry::discard(&shared, &router_id, &session_key).await;
@@ -476,6 +513,7 @@ async fn login(
         writer,
         buf,
         hold,
+        owner,
         router_id,
         key,
     })

@@ -253,6 +253,9 @@ impl Broker {
         if let Some(input) = self.cluster_input {
             tasks.spawn(crate::cluster_input::run_input(self.shared.clone(), input));
         }
+        if let Some(handoffs) = self.shared.cluster.as_ref().and_then(|c| c.take_handoffs()) {
+            tasks.spawn(crate::cluster::handoff::run(self.shared.clone(), handoffs));
+        }
         // Not ready if the router already failed (the monitor cleared both flags).
         let router_ok = self
             .shared

@@ -83,6 +83,10 @@ async fn restore_one(shared: &Arc<Shared>, book: &SessionBook, loaded: Loaded) {
         {
             shared.sessions.save(&router_id, &meta.subscriptions);
         }
+        if let Some(cluster) = &shared.cluster {
+            // Last held here: handed over if another node claims it.
+            cluster.kept_offline(&router_id, key.clone());
+        }
         let since = *meta.disconnected_at.get_or_insert(now);
         book.update(&key, meta.clone());
         let left = since
@@ -100,7 +104,7 @@ fn restored_connection() -> ConnInfo {
 
 /// Makes a stored session's subscriptions again under its router client id, then
 /// leaves it disconnected: the router keeps it as a persistent session.
-async fn resubscribe(
+pub(crate) async fn resubscribe(
     shared: &Shared,
     router_id: &str,
     owner: Option<&str>,
@@ -131,7 +135,7 @@ async fn resubscribe(
 
 /// Why a stored session could not be made again in the router.
 #[derive(Debug, thiserror::Error)]
-enum RestoreError {
+pub(crate) enum RestoreError {
     #[error("router link: {0}")]
     Connect(#[from] crate::router::ConnectError),
     #[error("router link: {0}")]

@@ -18,6 +18,9 @@
 //! Messages in the transfer stream (`<prefix>_xfer`) are sealed the same way, with
 //! associated data of their own kind naming the stream and the message id
 //! (`<node>:<epoch>:<sequence>`), so one opens only as the message it was published as.
+//! Session ownership values ([`Owner`]) hold the owning node's name and its connection
+//! epoch, at the keyed hash of the session ([`ClusterSeal::session_key_of`]: the
+//! identity-qualified client id, domain-separated from topics).
 
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Key, Nonce};
@@ -32,6 +35,25 @@ use crate::{RetainedKey, RetainedMessage, StoreError};
 const VERSION: u8 = 1;
 /// What the key marker holds: any node with the cluster's key opens it.
 const MARKER_TEXT: &[u8] = b"moatmq cluster key check v1";
+
+/// Which node holds a session, and which of its connections (docs/cluster.md, session
+/// ownership).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner {
+    /// The `node_name` of the node that accepted the connection.
+    pub node: String,
+    /// That node's number for the connection, unique on the node across restarts.
+    pub epoch: u64,
+    /// Whether the session outlives the connection (a node taking it over waits for
+    /// the old node to hand it over only then).
+    pub persistent: bool,
+}
+
+/// First bytes of an ownership value's plaintext (before epoch and node name).
+const OWNER_TAG: &[u8] = b"owner1";
+
+/// First bytes of a session handoff value's plaintext.
+const HANDOFF_TAG: &[u8] = b"handoff1";
 
 /// The keys a cluster node seals and hashes its shared state with.
 pub struct ClusterSeal {
@@ -71,6 +93,97 @@ impl ClusterSeal {
     /// The KV key of `name` (a topic): its keyed hash, as 64 lowercase hex characters.
     pub fn key_of(&self, name: &str) -> String {
         hex::encode(derive(self.hash_key.as_ref(), name.as_bytes()).as_ref())
+    }
+
+    /// The KV key of a session: the keyed hash of `session` (a client id qualified by
+    /// its identity, one string per identity and client id), kept apart from topics.
+    pub fn session_key_of(&self, session: &str) -> String {
+        self.key_of(&format!("session\0{session}"))
+    }
+
+    /// The sealed ownership value at `bucket`/`key`.
+    pub fn seal_owner(
+        &self,
+        bucket: &str,
+        key: &str,
+        owner: &Owner,
+    ) -> Result<Vec<u8>, StoreError> {
+        let mut plain = Vec::with_capacity(OWNER_TAG.len() + 9 + owner.node.len());
+        plain.extend_from_slice(OWNER_TAG);
+        plain.extend_from_slice(&owner.epoch.to_be_bytes());
+        plain.push(u8::from(owner.persistent));
+        plain.extend_from_slice(owner.node.as_bytes());
+        self.seal(bucket, key, &plain)
+    }
+
+    /// The ownership value sealed at `bucket`/`key`; an error if it does not
+    /// authenticate there or is not an ownership value.
+    pub fn open_owner(&self, bucket: &str, key: &str, value: &[u8]) -> Result<Owner, StoreError> {
+        let refused = |reason: &str| StoreError::SealedValue {
+            bucket: bucket.to_owned(),
+            key: key.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let plain = self.open(bucket, key, value).map_err(|()| {
+            refused("failed authentication (altered, moved from another key, or sealed under another key)")
+        })?;
+        let rest = plain
+            .strip_prefix(OWNER_TAG)
+            .ok_or_else(|| refused("authenticated but not an ownership value"))?;
+        if rest.len() < 9 {
+            return Err(refused("authenticated but not an ownership value"));
+        }
+        let (epoch, rest) = rest.split_at(8);
+        let mut bytes = [0u8; 8];
+        bytes.copy_from_slice(epoch);
+        let persistent = match rest[0] {
+            0 => false,
+            1 => true,
+            _ => return Err(refused("authenticated but not an ownership value")),
+        };
+        let node = std::str::from_utf8(&rest[1..])
+            .map_err(|_| refused("authenticated but its node name is not UTF-8"))?;
+        Ok(Owner {
+            node: node.to_owned(),
+            epoch: u64::from_be_bytes(bytes),
+            persistent,
+        })
+    }
+
+    /// A session handed to another node (`plain`, the broker's encoding), sealed at
+    /// `bucket`/`key` (the session's key).
+    pub fn seal_handoff(
+        &self,
+        bucket: &str,
+        key: &str,
+        plain: &[u8],
+    ) -> Result<Vec<u8>, StoreError> {
+        let mut tagged = Zeroizing::new(Vec::with_capacity(HANDOFF_TAG.len() + plain.len()));
+        tagged.extend_from_slice(HANDOFF_TAG);
+        tagged.extend_from_slice(plain);
+        self.seal(bucket, key, &tagged)
+    }
+
+    /// The handed-off session sealed at `bucket`/`key`; an error if it does not
+    /// authenticate there or is no handoff value.
+    pub fn open_handoff(
+        &self,
+        bucket: &str,
+        key: &str,
+        value: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, StoreError> {
+        let refused = |reason: &str| StoreError::SealedValue {
+            bucket: bucket.to_owned(),
+            key: key.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let plain = self.open(bucket, key, value).map_err(|()| {
+            refused("failed authentication (altered, moved from another key, or sealed under another key)")
+        })?;
+        match plain.strip_prefix(HANDOFF_TAG) {
+            Some(rest) => Ok(Zeroizing::new(rest.to_vec())),
+            None => Err(refused("authenticated but not a handoff value")),
+        }
     }
 
     /// The value of the key marker at `bucket`/`key`.
@@ -269,6 +382,69 @@ mod tests {
             )
             .unwrap();
         refused(s.open_retained("p_retained", &other, &moved));
+    }
+
+    #[test]
+    fn owner_values_round_trip_and_refuse_tampering() {
+        let s = seal(1);
+        let key = s.session_key_of("ualice:dev1");
+        assert_ne!(
+            key,
+            s.key_of("ualice:dev1"),
+            "sessions and topics hash apart"
+        );
+        assert_ne!(key, s.session_key_of("ubob:dev1"));
+        let owner = Owner {
+            node: "node-a".into(),
+            epoch: 7,
+            persistent: true,
+        };
+        let value = s.seal_owner("p_owner", &key, &owner).unwrap();
+        assert!(!value.windows(6).any(|w| w == b"node-a"));
+        assert_eq!(s.open_owner("p_owner", &key, &value).unwrap(), owner);
+        let refused = |r: Result<Owner, StoreError>| {
+            assert!(matches!(r, Err(StoreError::SealedValue { .. })), "{r:?}")
+        };
+        let mut bad = value.clone();
+        bad[20] ^= 1;
+        refused(s.open_owner("p_owner", &key, &bad));
+        refused(s.open_owner("p_owner", &s.session_key_of("ubob:dev1"), &value));
+        refused(s.open_owner("q_owner", &key, &value));
+        refused(seal(2).open_owner("p_owner", &key, &value));
+        // The key marker is no ownership value, even where it authenticates.
+        let marker = s.seal_marker("p_owner", &key).unwrap();
+        refused(s.open_owner("p_owner", &key, &marker));
+    }
+
+    #[test]
+    fn handoff_values_open_only_where_they_were_sealed() {
+        let s = seal(1);
+        let key = s.session_key_of("ualice:dev1");
+        let value = s.seal_handoff("p_handoff", &key, b"session").unwrap();
+        assert_eq!(
+            s.open_handoff("p_handoff", &key, &value)
+                .unwrap()
+                .as_slice(),
+            b"session"
+        );
+        let refused = |r: Result<Zeroizing<Vec<u8>>, StoreError>| {
+            assert!(matches!(r, Err(StoreError::SealedValue { .. })))
+        };
+        refused(s.open_handoff("p_handoff", &s.session_key_of("ubob:dev1"), &value));
+        refused(s.open_handoff("p_owner", &key, &value));
+        refused(seal(2).open_handoff("p_handoff", &key, &value));
+        let owner = s
+            .seal_owner(
+                "p_handoff",
+                &key,
+                &Owner {
+                    node: "a".into(),
+                    epoch: 1,
+                    persistent: false,
+                },
+            )
+            .unwrap();
+        refused(s.open_handoff("p_handoff", &key, &owner));
     }
 
     #[test]

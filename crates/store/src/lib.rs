@@ -55,7 +55,7 @@ mod store;
 #[cfg(test)]
 mod tests;
 
-pub use cluster::ClusterSeal;
+pub use cluster::{ClusterSeal, Owner};
 pub use compact::{accept, rekey, CompactionJob};
 pub use error::StoreError;
 pub use key::{RetainedKey, KEY_LEN};

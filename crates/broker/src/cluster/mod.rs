@@ -16,11 +16,14 @@
 //! Retained messages are also kept, sealed, in a JetStream KV bucket (`state.rs`), so
 //! a node that joins late serves them too.
 
+pub(crate) mod handoff;
+mod owner;
 mod properties;
 mod state;
 mod subject;
 pub(crate) mod xfer;
 
+pub use owner::{ClaimFailed, OwnerClaim};
 pub(crate) use properties::decode as decode_properties;
 pub use state::{bucket_base, KeyCheck, MARKER_KEY};
 pub use subject::{to_subject, to_topic};
@@ -79,6 +82,10 @@ pub struct Cluster {
     /// This node's retained changes for the KV bucket (`state.rs`); dropping it ends
     /// that task.
     changes: mpsc::Sender<Change>,
+    /// Session ownership across nodes (`owner.rs`).
+    pub(crate) owners: owner::Owners,
+    /// Offline sessions other nodes claimed, for `handoff::run` (taken by `serve`).
+    handoffs: std::sync::Mutex<Option<mpsc::UnboundedReceiver<(moatmq_store::SessionKey, u64)>>>,
     key_check: watch::Receiver<KeyCheck>,
     pub(crate) metrics: Arc<Metrics>,
     /// Wakes `watch_connection`; with `stopped`, ends it (and its NATS client) on drop.
@@ -132,6 +139,7 @@ impl Cluster {
         let key = crate::retained::load_key(config, retained)?;
         let seal = moatmq_store::ClusterSeal::new(&key);
         let transfer_seal = Arc::new(moatmq_store::ClusterSeal::new(&key));
+        let owner_seal = Arc::new(moatmq_store::ClusterSeal::new(&key));
         drop(key);
         let key_source = match (
             &retained.key_file,
@@ -223,6 +231,16 @@ impl Cluster {
             checked,
         );
         tokio::spawn(sync.run());
+        let (handoff_tx, handoffs) = mpsc::unbounded_channel();
+        let owners = owner::Owners::start(
+            client.clone(),
+            &cluster.node_name,
+            &bucket_base(&cluster.subject_prefix),
+            owner_seal,
+            key_check.clone(),
+            Arc::downgrade(&metrics),
+            handoff_tx,
+        );
         let stopped = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let max_payload = Arc::new(AtomicUsize::new(NATS_DEFAULT_MAX_PAYLOAD));
         tokio::spawn(watch_connection(
@@ -240,6 +258,8 @@ impl Cluster {
                 native_user: cluster.native_user.clone(),
                 forward,
                 changes,
+                owners,
+                handoffs: std::sync::Mutex::new(Some(handoffs)),
                 key_check,
                 metrics,
                 connected,
@@ -268,6 +288,33 @@ impl Cluster {
             Some(KeyCheck::Failed(reason)) => Err(BrokerError::Cluster { reason }),
             _ => Ok(()),
         }
+    }
+
+    /// Records this node as the holder of `session` (a router client id); a later claim
+    /// from another node notifies `kick`, closing the connection as taken over.
+    pub async fn claim(
+        &self,
+        session: &str,
+        persistent: bool,
+        kick: Arc<Notify>,
+    ) -> Result<OwnerClaim, ClaimFailed> {
+        self.owners.claim(session, persistent, kick).await
+    }
+
+    /// The persistent session `key` (router client id `session`) stays on this node
+    /// offline: handed over if another node claims it.
+    pub fn kept_offline(&self, session: &str, key: moatmq_store::SessionKey) {
+        self.owners.kept_offline(session, key);
+    }
+
+    /// The queue of offline sessions to hand over, once (for `handoff::run`).
+    pub(crate) fn take_handoffs(
+        &self,
+    ) -> Option<mpsc::UnboundedReceiver<(moatmq_store::SessionKey, u64)>> {
+        self.handoffs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
     }
 
     /// Hands a message `admit` let in to NATS for the other nodes (and NATS clients);

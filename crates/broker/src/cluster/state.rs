@@ -342,7 +342,7 @@ impl StateSync {
 /// is created here as async-nats's `create_key_value` would, without that call's
 /// account-info request: the reply of nats-server 2.9 lacks fields (`reserved_memory`)
 /// async-nats 0.46 requires.
-async fn bucket(js: &jetstream::Context, name: &str) -> Result<kv::Store, String> {
+pub(super) async fn bucket(js: &jetstream::Context, name: &str) -> Result<kv::Store, String> {
     if let Ok(store) = js.get_key_value(name).await {
         return Ok(store);
     }

@@ -115,8 +115,20 @@ enum Job {
     Will(SessionKey, Option<PendingWill>),
     Qos2InDone(SessionKey, u16),
     Complete(SessionKey, u64),
+    Take(SessionKey, oneshot::Sender<Option<Taken>>),
+    Adopt(SessionKey, SessionMeta, Vec<(QueuedMessage, bool)>),
     Commit(oneshot::Sender<bool>),
     Stop(oneshot::Sender<()>),
+}
+
+/// A session taken out of this node's store to be handed to another node
+/// (`cluster/handoff.rs`).
+#[derive(Debug, Clone)]
+pub struct Taken {
+    pub meta: SessionMeta,
+    /// Its messages, oldest first; `true` for one sent before without an
+    /// acknowledgement (sent again with DUP).
+    pub messages: Vec<(QueuedMessage, bool)>,
 }
 
 impl SessionBook {
@@ -325,6 +337,21 @@ impl SessionBook {
         self.send(Job::Remove(key.clone()));
     }
 
+    /// Takes the session of `key` out of the store (another node holds it now): no
+    /// message is queued for it here from now on. `None` if there is none.
+    pub async fn take(&self, key: &SessionKey) -> Option<Taken> {
+        self.offline_changed(|o| o.remove(key));
+        let (tx, rx) = oneshot::channel();
+        self.send(Job::Take(key.clone(), tx));
+        rx.await.ok().flatten()
+    }
+
+    /// Stores a session handed over by another node as offline, its messages carried
+    /// over (replayed by the next [`SessionBook::resume`], as after a restart).
+    pub fn adopt(&self, key: &SessionKey, meta: SessionMeta, messages: Vec<(QueuedMessage, bool)>) {
+        self.send(Job::Adopt(key.clone(), meta, messages));
+    }
+
     /// A replayed message was acknowledged (or will never be: ACL, size, QoS 0).
     pub fn complete(&self, key: &SessionKey, id: u64) {
         self.send(Job::Complete(key.clone(), id));
@@ -531,6 +558,52 @@ impl Writer {
             Job::Will(key, will) => self.store.set_will(&key, will).map(drop),
             Job::Qos2InDone(key, pkid) => self.store.qos2_in_done(&key, pkid).map(drop),
             Job::Complete(key, id) => self.store.complete(&key, id).map(drop),
+            Job::Take(key, reply) => {
+                self.carried.remove(&key);
+                self.inflight.remove(&key);
+                let taken = self.store.session(&key).map(|session| Taken {
+                    meta: session.meta.clone(),
+                    messages: session
+                        .messages
+                        .values()
+                        .filter_map(|held| match held.delivery {
+                            Delivery::Queued => Some((held.message.clone(), false)),
+                            Delivery::Sent { .. } => Some((held.message.clone(), true)),
+                            // The client has it (PUBREC): only the PUBREL was left.
+                            Delivery::Released { .. } => None,
+                        })
+                        .collect(),
+                });
+                let _ = reply.send(taken);
+                self.store.remove_session(&key).map(drop)
+            }
+            Job::Adopt(key, meta, messages) => {
+                self.carried.remove(&key);
+                let _ = self.store.remove_session(&key);
+                match self.store.put_session(&key, meta) {
+                    Ok(_) => {
+                        // Every message of the adopted session is carried over: the
+                        // router here never saw them.
+                        let mut below = 0;
+                        for (m, sent) in messages {
+                            // Packet id 0: a stored `Sent` is only ever resent with DUP.
+                            let queued = if sent {
+                                self.queue_sent(&key, 0, m)
+                            } else {
+                                self.queue(&key, m)
+                            };
+                            match queued {
+                                Ok(Some(id)) => below = id + 1,
+                                Ok(None) => {}
+                                Err(e) => warn!(error = %e, "handed-over message not stored"),
+                            }
+                        }
+                        self.carried.insert(key, below);
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
+                }
+            }
             Job::Commit(_) | Job::Stop(_) => Ok(()),
         };
         if let Err(e) = result {

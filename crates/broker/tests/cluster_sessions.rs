@@ -1,0 +1,357 @@
+//! Sessions across cluster nodes (docs/cluster.md, "Session ownership and takeover"):
+//! a `nats-server -js` on loopback, two in-process nodes, rumqttc clients. A client id
+//! connected on one node and again on another is taken over (MQTT 5: DISCONNECT 0x8E;
+//! 3.1.1: closed), only by the same identity; the ownership bucket holds hashes and
+//! sealed values only, and a forged value hands nobody a session.
+
+mod cluster_support;
+
+use cluster_support::{cluster_seal, node, password, Nats};
+use futures_util::StreamExt;
+use moatmq_testkit::{v4, v5, QUIET, WAIT};
+use rumqttc::QoS;
+use std::net::SocketAddr;
+
+async fn login4(addr: SocketAddr, id: &str, user: &str) -> v4::Client {
+    let mut o = v4::options(addr, id);
+    o.set_credentials(user, password(user));
+    v4::connect(o).await.expect("login")
+}
+
+/// A 3.1.1 login keeping its session (clean session 0).
+async fn persistent4(addr: SocketAddr, id: &str, user: &str) -> v4::Client {
+    let mut o = v4::options(addr, id);
+    o.set_credentials(user, password(user));
+    o.set_clean_session(false);
+    v4::connect(o).await.expect("login")
+}
+
+async fn login5(addr: SocketAddr, id: &str, user: &str) -> v5::Client {
+    let mut o = v5::options(addr, id);
+    o.set_credentials(user, password(user));
+    v5::connect(o).await.expect("login")
+}
+
+/// `c` (3.1.1) still gets what `user` publishes to `topic` on node `addr`.
+async fn still_served4(c: &mut v4::Client, addr: SocketAddr, user: &str, topic: &str) {
+    c.subscribe_acked(topic).await;
+    let publ = login4(addr, &format!("{user}-pub"), user).await;
+    publ.client
+        .publish(topic, QoS::AtLeastOnce, false, "still here")
+        .await
+        .expect("publish queued");
+    assert_eq!(&c.next_publish().await.payload[..], b"still here");
+}
+
+#[tokio::test]
+async fn an_mqtt5_client_id_connected_on_another_node_takes_over_with_0x8e() {
+    let nats = Nats::start().await;
+    let a = node(&nats, "node-a").await;
+    let b = node(&nats, "node-b").await;
+    let mut old = login5(a.first_addr(), "dev1", "alice").await;
+    let _new = login5(b.first_addr(), "dev1", "alice").await;
+    let ended = old
+        .closed_within(WAIT)
+        .await
+        .expect("the connection on node A is closed");
+    assert!(ended.contains("SessionTakenOver"), "{ended}");
+
+    // And back: the client id moves to node A again, node B's connection goes.
+    let mut on_b = login5(b.first_addr(), "dev2", "alice").await;
+    let mut on_a = login5(a.first_addr(), "dev2", "alice").await;
+    let ended = on_b.closed_within(WAIT).await.expect("node B's closed");
+    assert!(ended.contains("SessionTakenOver"), "{ended}");
+    assert!(
+        on_a.closed_within(QUIET).await.is_none(),
+        "the newest connection stays"
+    );
+}
+
+#[tokio::test]
+async fn a_3_1_1_client_id_connected_on_another_node_takes_over_and_the_new_one_is_served() {
+    let nats = Nats::start().await;
+    let a = node(&nats, "node-a").await;
+    let b = node(&nats, "node-b").await;
+    let mut old = login4(a.first_addr(), "dev1", "alice").await;
+    let mut new = login4(b.first_addr(), "dev1", "alice").await;
+    assert!(
+        old.closed_within(WAIT).await.is_some(),
+        "the 3.1.1 connection on node A is closed"
+    );
+    assert!(
+        new.closed_within(QUIET).await.is_none(),
+        "the new one stays"
+    );
+    still_served4(&mut new, b.first_addr(), "alice", "alice/t").await;
+}
+
+#[tokio::test]
+async fn a_connected_persistent_session_taken_over_moves_and_leaves_no_stale_copy() {
+    let nats = Nats::start().await;
+    let a = node(&nats, "node-a").await;
+    let b = node(&nats, "node-b").await;
+    let mut first = persistent4(a.first_addr(), "keeper", "alice").await;
+    first.subscribe_acked("alice/k").await;
+    let mut moved = persistent4(b.first_addr(), "keeper", "alice").await;
+    assert!(first.closed_within(WAIT).await.is_some(), "taken over");
+    assert!(moved.connack.session_present, "handed over while connected");
+    publish_acked(a.first_addr(), "alice", "alice/k", 1).await;
+    assert_eq!(drain(&mut moved).await, vec!["m0"], "once, on node B");
+    moved.client.disconnect().await.unwrap();
+    moved.closed_within(WAIT).await;
+    publish_acked(b.first_addr(), "alice", "alice/k", 1).await;
+    tokio::time::sleep(QUIET).await;
+    // Node A kept no copy that went on queuing: what it hands back is node B's queue.
+    let mut back = persistent4(a.first_addr(), "keeper", "alice").await;
+    assert!(back.connack.session_present);
+    assert_eq!(drain(&mut back).await, vec!["m0"]);
+}
+
+#[tokio::test]
+async fn another_user_with_the_same_client_id_takes_nothing_over() {
+    let nats = Nats::start().await;
+    let a = node(&nats, "node-a").await;
+    let b = node(&nats, "node-b").await;
+    let mut alice = login4(a.first_addr(), "shared-id", "alice").await;
+    let mut alice5 = login5(a.first_addr(), "shared-id5", "alice").await;
+    let mut bob = login4(b.first_addr(), "shared-id", "bob").await;
+    let _bob5 = login5(b.first_addr(), "shared-id5", "bob").await;
+    assert!(
+        alice.closed_within(QUIET).await.is_none(),
+        "bob took over alice's connection on another node"
+    );
+    assert!(
+        alice5.closed_within(QUIET).await.is_none(),
+        "bob took over alice's MQTT 5 connection on another node"
+    );
+    still_served4(&mut alice, a.first_addr(), "alice", "alice/t").await;
+    still_served4(&mut bob, b.first_addr(), "bob", "bob/t").await;
+}
+
+#[tokio::test]
+async fn the_ownership_bucket_holds_no_plaintext_and_a_forged_owner_closes_but_hands_nothing() {
+    let nats = Nats::start().await;
+    let a = node(&nats, "node-a").await;
+    let mut alice = login4(a.first_addr(), "dev-secret", "alice").await;
+    let js = async_nats::jetstream::new(nats.client().await);
+    let kv = js.get_key_value("moatmq_owner").await.expect("the bucket");
+    let seal = cluster_seal();
+    // alice's router client id: identity as hex, then the client id.
+    let key = seal.session_key_of("u616c696365:dev-secret");
+    let entry = kv.entry(key.clone()).await.unwrap().expect("alice's claim");
+    let keys: Vec<String> = kv.keys().await.unwrap().map(|k| k.unwrap()).collect().await;
+    assert_eq!(keys, vec![key.clone()]);
+    let find = |needle: &[u8]| entry.value.windows(needle.len()).any(|w| w == needle);
+    assert!(!find(b"dev-secret") && !find(b"alice") && !find(b"node-a"));
+    let owner = seal
+        .open_owner("moatmq_owner", &key, &entry.value)
+        .expect("sealed for its key");
+    assert_eq!(owner.node, "node-a");
+
+    // A value sealed for another key, moved here: refused (counted), and the key is no
+    // longer this node's, so the connection is closed; nothing else is touched.
+    let rejected = a.metric("moatmq_cluster_state_rejected_total").await;
+    let other = seal.session_key_of("u626f62:dev-secret");
+    let forged = seal.seal_owner("moatmq_owner", &other, &owner).unwrap();
+    kv.put(&key, forged.into()).await.unwrap();
+    assert!(
+        alice.closed_within(WAIT).await.is_some(),
+        "a value this node cannot trust releases the session"
+    );
+    assert_eq!(
+        a.metric("moatmq_cluster_state_rejected_total").await,
+        rejected + 1.0
+    );
+    // The client comes back and claims it again.
+    let mut again = login4(a.first_addr(), "dev-secret", "alice").await;
+    assert!(again.closed_within(QUIET).await.is_none());
+    let entry = kv.entry(key.clone()).await.unwrap().unwrap();
+    assert!(seal.open_owner("moatmq_owner", &key, &entry.value).is_ok());
+}
+
+/// Publishes `n` QoS 1 messages `m0`.. to `topic` as `user` on `addr`, each acknowledged.
+async fn publish_acked(addr: SocketAddr, user: &str, topic: &str, n: usize) {
+    let mut publ = login4(addr, &format!("{user}-pub"), user).await;
+    for i in 0..n {
+        publ.publish_acked(topic, false, format!("m{i}")).await;
+    }
+}
+
+/// Every PUBLISH `c` receives until nothing more arrives for [`QUIET`]: payloads.
+async fn drain(c: &mut v4::Client) -> Vec<String> {
+    let mut got = Vec::new();
+    while let Some(p) = c.publish_within(QUIET).await {
+        got.push(String::from_utf8_lossy(&p.payload).into_owned());
+    }
+    got
+}
+
+#[tokio::test]
+async fn a_persistent_session_moves_to_another_node_with_what_was_queued_for_it() {
+    let nats = Nats::start().await;
+    let a = node(&nats, "node-a").await;
+    let b = node(&nats, "node-b").await;
+    let mut first = persistent4(a.first_addr(), "mover", "alice").await;
+    assert!(!first.connack.session_present);
+    first.subscribe_acked("alice/q").await;
+    first.client.disconnect().await.unwrap();
+    first.closed_within(WAIT).await;
+    // Queued on node A while the client is away, from node A and from node B.
+    publish_acked(a.first_addr(), "alice", "alice/q", 3).await;
+    publish_acked(b.first_addr(), "admin", "alice/q", 2).await;
+    tokio::time::sleep(QUIET).await;
+
+    let mut moved = persistent4(b.first_addr(), "mover", "alice").await;
+    assert!(moved.connack.session_present, "the session came along");
+    let mut got = drain(&mut moved).await;
+    got.sort();
+    assert_eq!(
+        got,
+        vec!["m0", "m0", "m1", "m1", "m2"],
+        "each queued message once"
+    );
+    // Its subscription is on node B now.
+    publish_acked(a.first_addr(), "alice", "alice/q", 1).await;
+    assert_eq!(drain(&mut moved).await, vec!["m0"]);
+    moved.client.disconnect().await.unwrap();
+    moved.closed_within(WAIT).await;
+    // And back to node A, offline on B meanwhile.
+    publish_acked(b.first_addr(), "alice", "alice/q", 2).await;
+    tokio::time::sleep(QUIET).await;
+    let mut back = persistent4(a.first_addr(), "mover", "alice").await;
+    assert!(back.connack.session_present);
+    assert_eq!(drain(&mut back).await, vec!["m0", "m1"]);
+}
+
+#[tokio::test]
+async fn another_user_with_the_client_id_gets_nothing_of_the_session() {
+    let nats = Nats::start().await;
+    let a = node(&nats, "node-a").await;
+    let b = node(&nats, "node-b").await;
+    let mut alice = persistent4(a.first_addr(), "mover", "alice").await;
+    alice.subscribe_acked("alice/q").await;
+    alice.client.disconnect().await.unwrap();
+    alice.closed_within(WAIT).await;
+    publish_acked(a.first_addr(), "alice", "alice/q", 2).await;
+
+    let mut bob = persistent4(b.first_addr(), "mover", "bob").await;
+    assert!(!bob.connack.session_present, "bob got alice's session");
+    assert!(drain(&mut bob).await.is_empty());
+    // alice's session is where it was, whole.
+    let mut alice = persistent4(b.first_addr(), "mover", "alice").await;
+    assert!(alice.connack.session_present);
+    assert_eq!(drain(&mut alice).await, vec!["m0", "m1"]);
+}
+
+#[tokio::test]
+async fn a_tampered_handoff_is_refused_and_a_dead_node_costs_the_session_after_the_wait() {
+    let nats = Nats::start().await;
+    let a = node(&nats, "node-a").await;
+    let b = node(&nats, "node-b").await;
+    let mut alice = persistent4(a.first_addr(), "mover", "alice").await;
+    alice.subscribe_acked("alice/q").await;
+    alice.client.disconnect().await.unwrap();
+    alice.closed_within(WAIT).await;
+    publish_acked(a.first_addr(), "alice", "alice/q", 1).await;
+    // Node A goes away without handing anything over.
+    a.shutdown().await;
+
+    // A handoff value sealed for bob's session, moved to alice's key.
+    let seal = cluster_seal();
+    let key = seal.session_key_of("u616c696365:mover");
+    let bobs = seal.session_key_of("u626f62:mover");
+    let moved = seal
+        .seal_handoff("moatmq_handoff", &bobs, b"anything")
+        .unwrap();
+    let js = async_nats::jetstream::new(nats.client().await);
+    let kv = js
+        .get_key_value("moatmq_handoff")
+        .await
+        .expect("the bucket");
+    kv.put(&key, moved.into()).await.unwrap();
+    let rejected = b.metric("moatmq_cluster_state_rejected_total").await;
+
+    let started = std::time::Instant::now();
+    let mut alice = persistent4(b.first_addr(), "mover", "alice").await;
+    assert!(
+        started.elapsed() >= std::time::Duration::from_secs(2),
+        "the CONNACK waited for the old node"
+    );
+    assert!(!alice.connack.session_present, "nothing trustworthy came");
+    assert!(drain(&mut alice).await.is_empty());
+    assert_eq!(
+        b.metric("moatmq_cluster_state_rejected_total").await,
+        rejected + 1.0
+    );
+}
+
+/// An MQTT 5 login resuming its session (clean start 0, expiry 60 s).
+fn persistent5(addr: SocketAddr, id: &str, user: &str) -> v5::MqttOptions {
+    use rumqttc::v5::mqttbytes::v5::ConnectProperties;
+    let mut o = v5::options(addr, id);
+    o.set_credentials(user, password(user));
+    o.set_clean_start(false);
+    o.set_connect_properties(ConnectProperties {
+        session_expiry_interval: Some(60),
+        ..ConnectProperties::new()
+    });
+    o
+}
+
+#[tokio::test]
+async fn mqtt5_messages_in_flight_unacknowledged_move_with_dup() {
+    let nats = Nats::start().await;
+    let a = node(&nats, "node-a").await;
+    let b = node(&nats, "node-b").await;
+    let mut o = persistent5(a.first_addr(), "inflight", "alice");
+    o.set_manual_acks(true);
+    let mut first = v5::connect(o).await.expect("login");
+    cluster_support::subscribed5(&mut first, "alice/d").await;
+    publish_acked(a.first_addr(), "alice", "alice/d", 2).await;
+    // Received, never acknowledged.
+    for _ in 0..2 {
+        let p = first.next_publish().await;
+        assert!(!p.dup);
+    }
+
+    let mut moved = v5::connect(persistent5(b.first_addr(), "inflight", "alice"))
+        .await
+        .expect("login");
+    assert!(moved.connack.session_present);
+    let ended = first.closed_within(WAIT).await.expect("taken over");
+    assert!(ended.contains("SessionTakenOver"), "{ended}");
+    let mut got = Vec::new();
+    while let Some(p) = moved.publish_within(QUIET).await {
+        assert!(p.dup, "resent with DUP");
+        got.push(String::from_utf8_lossy(&p.payload).into_owned());
+    }
+    assert_eq!(got, vec!["m0", "m1"], "each once, in order");
+}
+
+#[tokio::test]
+async fn a_node_restarted_after_its_client_moved_drops_the_stale_session() {
+    let nats = Nats::start().await;
+    let a = node(&nats, "node-a").await;
+    let b = node(&nats, "node-b").await;
+    let mut alice = persistent4(a.first_addr(), "mover", "alice").await;
+    alice.subscribe_acked("alice/q").await;
+    alice.client.disconnect().await.unwrap();
+    alice.closed_within(WAIT).await;
+    publish_acked(a.first_addr(), "alice", "alice/q", 1).await;
+    let dir = a.stop().await;
+    // Node A is away: the session starts new on node B after the wait.
+    let alice = persistent4(b.first_addr(), "mover", "alice").await;
+    assert!(!alice.connack.session_present);
+    // Node A comes back with the session in its store, sees it is node B's now, and
+    // does not keep it (nor queue for it).
+    let a = moatmq_testkit::TestBroker::start_in(dir).await;
+    cluster_support::wait_ready(&a).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while a.metric("moatmq_sessions_offline").await != 0.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node A kept a session node B holds"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

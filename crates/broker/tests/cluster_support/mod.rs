@@ -1,0 +1,169 @@
+//! What the cluster tests share: a `nats-server -js` on a loopback port of its own,
+//! killed when dropped, and moatmq nodes joined through it with one cluster key.
+//! (Copied from tests/cluster.rs's helpers, which can move here when both meet.)
+#![allow(dead_code)]
+
+use moatmq_testkit::{TestBroker, TestBrokerBuilder, WAIT};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+pub const USERS: &[(&str, &str)] = &[
+    ("alice", "alice-pw"),
+    ("bob", "bob-pw"),
+    ("admin", "admin-pw"),
+];
+
+pub const ACL: &str = "\
+user alice
+topic readwrite alice/#
+
+user bob
+topic readwrite bob/#
+
+user admin
+topic readwrite #
+";
+
+/// The `[retained]` key every node of the test cluster shares (hex).
+pub const CLUSTER_KEY: &str = "5ea1ed0c1a55e7a11c0ffee0ddba11d0decade5eedfacade0b5e55edc0de1234";
+
+/// The password of a test user.
+pub fn password(user: &str) -> &'static str {
+    USERS
+        .iter()
+        .find(|(u, _)| *u == user)
+        .map(|(_, p)| *p)
+        .expect("a test user")
+}
+
+/// `[retained]` with the key `hex` in `retained.key` (mode 0600).
+pub fn with_key(b: TestBrokerBuilder, hex: &str) -> TestBrokerBuilder {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(b.dir().join("retained.key"))
+        .expect("write retained.key");
+    std::io::Write::write_all(&mut file, format!("{hex}\n").as_bytes()).expect("key");
+    b.set("retained", "path", "data/retained")
+        .set("retained", "key_file", "retained.key")
+}
+
+/// A nats-server with JetStream on 127.0.0.1, killed when dropped.
+pub struct Nats {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Nats {
+    pub async fn start() -> Nats {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let child = Command::new("nats-server")
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+            .arg(dir.path().join("js"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server starts (install the package nats-server)");
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "nats-server did not listen"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Nats {
+            port,
+            dir,
+            child: Some(child),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub async fn client(&self) -> async_nats::Client {
+        async_nats::connect(self.url()).await.expect("NATS client")
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A moatmq node joined to `nats` as `name`; ready when this returns.
+pub async fn node(nats: &Nats, name: &str) -> TestBroker {
+    let broker = with_key(TestBroker::builder(), CLUSTER_KEY)
+        .users(USERS)
+        .acl(ACL)
+        .metrics()
+        .no_connection_rate()
+        .toml(&format!(
+            "[cluster]\nservers = [\"{}\"]\nnode_name = \"{name}\"\n",
+            nats.url()
+        ))
+        .start()
+        .await;
+    wait_ready(&broker).await;
+    broker
+}
+
+/// `/readyz`'s answer is 200.
+async fn ready(broker: &TestBroker) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(broker.metrics_addr()).await else {
+        return false;
+    };
+    if s.write_all(b"GET /readyz HTTP/1.0\r\n\r\n").await.is_err() {
+        return false;
+    }
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text).await;
+    text.starts_with("HTTP/1.0 200") || text.starts_with("HTTP/1.1 200")
+}
+
+pub async fn wait_ready(broker: &TestBroker) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !ready(broker).await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "/readyz did not become 200"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The cluster's seal, as the nodes derive it, to read and forge bucket values.
+pub fn cluster_seal() -> moatmq_store::ClusterSeal {
+    moatmq_store::ClusterSeal::new(
+        &moatmq_store::RetainedKey::from_hex(CLUSTER_KEY).expect("a key"),
+    )
+}
+
+/// Subscribes an MQTT 5 client at QoS 1 and waits for the SUBACK.
+pub async fn subscribed5(c: &mut moatmq_testkit::v5::Client, filter: &str) {
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    c.client
+        .subscribe(filter, rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
+        .await
+        .expect("subscribe queued");
+    c.incoming(|p| matches!(p, Packet::SubAck(_)).then_some(()))
+        .await
+        .expect("SUBACK");
+}
