@@ -330,6 +330,25 @@ async fn login(
             "session still held by another connection",
         ));
     };
+    // A persistent session must fit the user's cap on this node before it is claimed:
+    // a claim takes it from the node holding it (cluster/handoff.rs), and a session
+    // moved in past the cap would go around `limits.max_sessions_per_user`.
+    if keep_for.is_some()
+        && !shared.sessions.within_quota(
+            &router_id,
+            identity.username.as_deref(),
+            shared.config.limits.max_sessions_per_user,
+        )
+    {
+        shared.emit(
+            &info.client(&identity),
+            Event::SessionRefused {
+                limit: "max_sessions_per_user",
+            },
+        );
+        refuse(&mut writer, version, Refusal::SessionQuota).await;
+        return Err(ConnectFailure::Refused("too many persistent sessions"));
+    }
     // In a cluster, the node holding the session's connection elsewhere closes it when
     // it sees this claim (cluster/owner.rs); without the claim, no CONNACK.
     let owner = match &shared.cluster {

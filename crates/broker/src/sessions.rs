@@ -123,6 +123,17 @@ impl Sessions {
 }
 
 impl Sessions {
+    /// Whether [`Sessions::resume`] would let `user` open or resume `router_id` now: it
+    /// is kept here already, or `user` has fewer than `max_per_user`.
+    pub fn within_quota(&self, router_id: &str, user: Option<&str>, max_per_user: usize) -> bool {
+        let kept = lock(&self.kept);
+        kept.sessions.contains_key(router_id)
+            || kept
+                .per_user
+                .get(&user.map(str::to_string))
+                .is_none_or(|n| *n < max_per_user)
+    }
+
     /// A persistent session is opened or resumed under `router_id`: the filters it held
     /// (empty for a new one). A new one past `max_per_user` for `user` is refused.
     pub fn resume(

@@ -6,7 +6,7 @@
 
 mod cluster_support;
 
-use cluster_support::{cluster_seal, node, password, Nats};
+use cluster_support::{cluster_seal, node, node_with, password, Nats};
 use futures_util::StreamExt;
 use moatmq_testkit::{v4, v5, QUIET, WAIT};
 use rumqttc::QoS;
@@ -354,4 +354,39 @@ async fn a_node_restarted_after_its_client_moved_drops_the_stale_session() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+}
+
+/// `limits.max_sessions_per_user` holds on the node a session would move to: a user at
+/// its cap there cannot bring one more from another node, and the session stays where
+/// it was, with what was queued for it.
+#[tokio::test]
+async fn a_session_moving_in_counts_against_the_users_cap_on_the_new_node() {
+    let nats = Nats::start().await;
+    let cap = |b: moatmq_testkit::TestBrokerBuilder| b.limit("max_sessions_per_user", 1);
+    let a = node_with(&nats, "node-a", cap).await;
+    let b = node_with(&nats, "node-b", cap).await;
+    // alice's one session on each node, both offline.
+    for (addr, id) in [(a.first_addr(), "on-a"), (b.first_addr(), "on-b")] {
+        let mut c = persistent4(addr, id, "alice").await;
+        c.subscribe_acked(&format!("alice/{id}")).await;
+        c.client.disconnect().await.unwrap();
+        c.closed_within(WAIT).await;
+    }
+    publish_acked(a.first_addr(), "alice", "alice/on-a", 1).await;
+    tokio::time::sleep(QUIET).await;
+    // Moving "on-a" to node B would give alice two sessions there.
+    let mut o = v4::options(b.first_addr(), "on-a");
+    o.set_credentials("alice", password("alice"));
+    o.set_clean_session(false);
+    match v4::connect(o).await {
+        Err(rumqttc::ConnectionError::ConnectionRefused(
+            rumqttc::ConnectReturnCode::ServiceUnavailable,
+        )) => {}
+        Err(other) => panic!("refused otherwise: {other}"),
+        Ok(_) => panic!("a session moved in past max_sessions_per_user"),
+    }
+    // It is still on node A, whole.
+    let mut back = persistent4(a.first_addr(), "on-a", "alice").await;
+    assert!(back.connack.session_present, "the session stayed on node A");
+    assert_eq!(drain(&mut back).await, vec!["m0"]);
 }

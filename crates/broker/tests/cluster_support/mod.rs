@@ -109,7 +109,17 @@ impl Drop for Nats {
 
 /// A moatmq node joined to `nats` as `name`; ready when this returns.
 pub async fn node(nats: &Nats, name: &str) -> TestBroker {
-    let broker = with_key(TestBroker::builder(), CLUSTER_KEY)
+    node_with(nats, name, |b| b).await
+}
+
+/// [`node`], with more set up on its builder (limits).
+#[allow(dead_code)] // not every test file that includes this module uses it
+pub async fn node_with(
+    nats: &Nats,
+    name: &str,
+    more: impl FnOnce(moatmq_testkit::TestBrokerBuilder) -> moatmq_testkit::TestBrokerBuilder,
+) -> TestBroker {
+    let broker = more(with_key(TestBroker::builder(), CLUSTER_KEY))
         .users(USERS)
         .acl(ACL)
         .metrics()
