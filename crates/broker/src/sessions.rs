@@ -131,7 +131,7 @@ impl Sessions {
             || kept
                 .per_user
                 .get(&user.map(str::to_string))
-                .is_none_or(|n| *n < max_per_user)
+                .map_or(true, |n| *n < max_per_user)
     }
 
     /// A persistent session is opened or resumed under `router_id`: the filters it held
