@@ -17,9 +17,9 @@
 //! events in order, so it has let go of the old link before a new one takes the name.
 //!
 //! [`SPARES`] links wait at most; a thread of their own builds a new one after each is
-//! taken. rumqttd allocates its queues per link up front: the four spares add 0.55 MiB
-//! to an idle broker's RSS (10.4 MiB before), once; idle connections still hold no link
-//! (docs/benchmarks.md).
+//! taken. rumqttd allocates its queues per link up front: the four spares add about
+//! 545 KiB to an idle broker's RSS (10.2 MiB before), once; idle connections still hold
+//! no link (docs/benchmarks.md).
 
 use rumqttd::local::{LinkError, LinkRx, LinkTx};
 use rumqttd::Notification;
