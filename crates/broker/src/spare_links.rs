@@ -6,20 +6,22 @@
 //! blocking-pool hop, the router's answer, waking the connection again) was 210 µs of the
 //! 270 µs between reading the SUBSCRIBE and the router holding its filter (median of 30
 //! on loopback, release build, docs/compliance.md); with a spare the SUBSCRIBE reaches the
-//! router in the same turn it is read, like a connection that has its link. A publish
-//! from another client sent right after the SUBSCRIBE then no longer overtakes it.
+//! router in the same turn it is read, like a connection that has its link, and a
+//! publish from another client read after it can no longer overtake it on the way
+//! (that the SUBSCRIBE is read first is `gateway/mod.rs`'s part: `others_first`).
 //!
 //! The spares are named from a pool, not after their clients: only clean sessions the
 //! router keeps nothing of are lazy (`connect.rs`), and for those the router's name is
 //! of no use to anyone. Names are reused, because rumqttd keeps a record under every
-//! client id it has seen (its graveyard, never expired): a name goes back to the pool
+//! client id it has seen (its graveyard, never expired; so it no longer grows with every
+//! clean client id that ever subscribed or published): a name goes back to the pool
 //! when its link is dropped, after the link's DISCONNECT was sent, and the router handles
 //! events in order, so it has let go of the old link before a new one takes the name.
 //!
 //! [`SPARES`] links wait at most; a thread of their own builds a new one after each is
-//! taken. rumqttd allocates its queues per link up front: the four spares add 0.55 MiB
-//! to an idle broker's RSS (10.4 MiB before), once; idle connections still hold no link
-//! (docs/benchmarks.md).
+//! taken. rumqttd allocates its queues per link up front: the four spares add about
+//! 545 KiB to an idle broker's RSS (10.2 MiB before), once; idle connections still hold
+//! no link (docs/benchmarks.md).
 
 use rumqttd::local::{LinkError, LinkRx, LinkTx};
 use rumqttd::Notification;
@@ -27,8 +29,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
-/// How many spare links wait. Two clients subscribing at the same moment both get one;
-/// beyond that, links are built on demand as before.
+/// How many spare links wait: up to four connections needing a link at the same moment
+/// get one at once; beyond that, links are built on demand as before.
 pub const SPARES: usize = 4;
 /// After a failed build (the router gone or full), the next try waits this long.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
