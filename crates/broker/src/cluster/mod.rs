@@ -368,10 +368,17 @@ impl Cluster {
         size <= self.max_payload.load(Ordering::Relaxed)
     }
 
-    /// Waits until JetStream holds every message this node has forwarded so far (so
-    /// also the caller's); `false` if it never will.
-    pub async fn transferred(&self) -> bool {
-        self.forward.acked_all().await
+    /// The number of the last message this node forwarded: a connection that had one
+    /// admitted waits for [`Cluster::transferred_through`] that number, not for what
+    /// other connections forward meanwhile.
+    pub fn last_forwarded(&self) -> u64 {
+        self.forward.last()
+    }
+
+    /// Waits until JetStream holds every message this node forwarded up to number
+    /// `seq`; `false` if it never will.
+    pub async fn transferred_through(&self, seq: u64) -> bool {
+        self.forward.acked_through(seq).await
     }
 
     fn queue(&self, subject: String, who: &Identity, msg: &Inbound<'_>) -> Forwarded {

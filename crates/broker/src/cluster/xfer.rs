@@ -224,10 +224,15 @@ impl Sequencer {
         Some(seq)
     }
 
-    /// Waits until JetStream has acknowledged every message numbered so far; `false`
-    /// if it never will (the broker is stopping).
-    pub async fn acked_all(&self) -> bool {
-        let target = self.last.lock().unwrap_or_else(|e| e.into_inner()).0;
+    /// The last number handed out.
+    pub fn last(&self) -> u64 {
+        self.last.lock().unwrap_or_else(|e| e.into_inner()).0
+    }
+
+    /// Waits until JetStream has acknowledged every message numbered up to `target`
+    /// (acknowledgements come in number order); `false` if it never will (the broker is
+    /// stopping).
+    pub async fn acked_through(&self, target: u64) -> bool {
         let mut acked = self.acked.clone();
         let done = acked.wait_for(|&a| a >= target).await.is_ok();
         done

@@ -125,6 +125,7 @@ impl Gateway {
                         publish = make_router_publish(topic, payload, QoS::AtLeastOnce, pkid);
                         self.ledger.restore(pkid);
                         let a = self.qos2_in(pkid, a);
+                        self.note_transfer(a);
                         match a {
                             Admitted::Now => self.to_router.send(Packet::Publish(publish, props)),
                             Admitted::AfterSave => {
@@ -143,6 +144,7 @@ impl Gateway {
                     Ok(a @ (Admitted::AfterSave | Admitted::AfterTransfer)) => {
                         // It and everything after it wait for one save of this read
                         // (and the cluster's transfer stream).
+                        self.note_transfer(a);
                         if qos == QoS::ExactlyOnce {
                             self.ledger.held_by_router(pkid);
                         }
@@ -524,6 +526,17 @@ impl Gateway {
         }
     }
 
+    /// A publish that waits was admitted: with `[cluster]`, what waits must also be in
+    /// the transfer stream up to the last message this node forwarded (its own, or a
+    /// later one of another connection: never an earlier one).
+    fn note_transfer(&mut self, admitted: Admitted) {
+        if let (Some(cluster), Admitted::AfterSave | Admitted::AfterTransfer) =
+            (&self.shared.cluster, admitted)
+        {
+            self.to_router.transfer_through(cluster.last_forwarded());
+        }
+    }
+
     /// Saves the retained store, commits the session store and waits for the cluster's
     /// transfer stream, then lets the waiting publishes reach the router.
     pub(super) async fn save_then_forward(&mut self) -> Result<(), Close> {
@@ -556,8 +569,12 @@ impl Gateway {
             }
         }
         if let Some(cluster) = &self.shared.cluster {
-            // QoS 1/2 publishes are acknowledged once the transfer stream holds them.
-            if !cluster.transferred().await {
+            // QoS 1/2 publishes are acknowledged once the transfer stream holds them
+            // (not waiting for what other connections forwarded since).
+            if !cluster
+                .transferred_through(self.to_router.transfer_target())
+                .await
+            {
                 return Err(Close::Protocol(
                     DisconnectReasonCode::UnspecifiedError,
                     "cluster transfer stopped",

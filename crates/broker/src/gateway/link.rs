@@ -40,6 +40,9 @@ pub(super) struct ToRouter {
     awaiting_save: Vec<Packet>,
     /// Some of `awaiting_save` wait for the stores' save, not only for the transfer.
     needs_save: bool,
+    /// The cluster's number of the last message among them forwarded to the other
+    /// nodes: they wait until the transfer stream holds it (0: none).
+    transfer_through: u64,
     /// Ready for the router, oldest first.
     ready: Vec<Packet>,
 }
@@ -95,7 +98,18 @@ impl ToRouter {
     pub(super) fn saved(&mut self) {
         let waiting = std::mem::take(&mut self.awaiting_save);
         self.needs_save = false;
+        self.transfer_through = 0;
         self.ready.extend(waiting);
+    }
+
+    /// What waits includes the cluster's message number `seq` (or earlier ones).
+    pub(super) fn transfer_through(&mut self, seq: u64) {
+        self.transfer_through = self.transfer_through.max(seq);
+    }
+
+    /// The number the transfer stream must hold before what waits goes on.
+    pub(super) fn transfer_target(&self) -> u64 {
+        self.transfer_through
     }
 
     /// A router forward (QoS 1/2) was written to the client: the client acknowledges it.
