@@ -4,11 +4,13 @@
 //! rumqttc clients on the nodes and an async-nats client for NATS-native traffic (and
 //! to read and tamper with the cluster's JetStream KV buckets).
 
+mod cluster_support;
+
+use cluster_support::Nats;
 use futures_util::StreamExt;
 use moatmq_testkit::{v4, TestBroker, QUIET, WAIT};
 use rumqttc::QoS;
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 const USERS: &[(&str, &str)] = &[
@@ -49,102 +51,6 @@ fn with_key(b: moatmq_testkit::TestBrokerBuilder, hex: &str) -> moatmq_testkit::
     std::io::Write::write_all(&mut file, format!("{hex}\n").as_bytes()).expect("key");
     b.set("retained", "path", "data/retained")
         .set("retained", "key_file", "retained.key")
-}
-
-/// A nats-server with JetStream on 127.0.0.1, killed when dropped.
-struct Nats {
-    port: u16,
-    dir: tempfile::TempDir,
-    /// Options after the defaults (TLS).
-    extra: Vec<String>,
-    child: Option<Child>,
-}
-
-impl Nats {
-    async fn start() -> Nats {
-        Nats::start_with(tempfile::tempdir().expect("temp dir"), Vec::new()).await
-    }
-
-    /// A server with `extra` options; `dir` holds its JetStream store and any files
-    /// the options name.
-    async fn start_with(dir: tempfile::TempDir, extra: Vec<String>) -> Nats {
-        let found = Command::new("sh")
-            .args(["-c", "command -v nats-server"])
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false);
-        assert!(
-            found,
-            "nats-server not found: install the package nats-server \
-             (e.g. `apt-get install nats-server`; .ci/run does)"
-        );
-        // A free port, chosen by the system, for this server (and its restarts).
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let mut nats = Nats {
-            port,
-            dir,
-            extra,
-            child: None,
-        };
-        nats.restart().await;
-        nats
-    }
-
-    /// Starts the server (again) on its port and waits until it accepts connections.
-    async fn restart(&mut self) {
-        let child = Command::new("nats-server")
-            .args([
-                "-js",
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-sd",
-            ])
-            .arg(self.dir.path().join("js"))
-            .args(&self.extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nats-server starts");
-        self.child = Some(child);
-        let deadline = tokio::time::Instant::now() + WAIT;
-        while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-            .await
-            .is_err()
-        {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "nats-server did not listen"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// Kills the server (SIGKILL) and waits for it.
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-
-    async fn client(&self) -> async_nats::Client {
-        async_nats::connect(self.url()).await.expect("NATS client")
-    }
-}
-
-impl Drop for Nats {
-    fn drop(&mut self) {
-        self.kill();
-    }
 }
 
 /// A moatmq node joined to `nats` as `name`, with `extra` keys in `[cluster]`; ready

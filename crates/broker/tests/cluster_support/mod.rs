@@ -1,6 +1,6 @@
 //! What the cluster tests share: a `nats-server -js` on a loopback port of its own,
 //! killed when dropped, and moatmq nodes joined through it with one cluster key.
-//! (Copied from tests/cluster.rs's helpers, which can move here when both meet.)
+//! tests/cluster.rs takes its `Nats` from here too.
 #![allow(dead_code)]
 
 use moatmq_testkit::{TestBroker, TestBrokerBuilder, WAIT};
@@ -54,25 +54,64 @@ pub fn with_key(b: TestBrokerBuilder, hex: &str) -> TestBrokerBuilder {
 pub struct Nats {
     pub port: u16,
     dir: tempfile::TempDir,
+    /// Options after the defaults (TLS).
+    extra: Vec<String>,
     child: Option<Child>,
 }
 
 impl Nats {
     pub async fn start() -> Nats {
+        Nats::start_with(tempfile::tempdir().expect("temp dir"), Vec::new()).await
+    }
+
+    /// A server with `extra` options; `dir` holds its JetStream store and any files
+    /// the options name.
+    pub async fn start_with(dir: tempfile::TempDir, extra: Vec<String>) -> Nats {
+        let found = Command::new("sh")
+            .args(["-c", "command -v nats-server"])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        assert!(
+            found,
+            "nats-server not found: install the package nats-server \
+             (e.g. `apt-get install nats-server`; .ci/run does)"
+        );
+        // A free port, chosen by the system, for this server (and its restarts).
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
             .port();
-        let dir = tempfile::tempdir().expect("temp dir");
+        let mut nats = Nats {
+            port,
+            dir,
+            extra,
+            child: None,
+        };
+        nats.restart().await;
+        nats
+    }
+
+    /// Starts the server (again) on its port and waits until it accepts connections.
+    pub async fn restart(&mut self) {
         let child = Command::new("nats-server")
-            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-            .arg(dir.path().join("js"))
+            .args([
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-sd",
+            ])
+            .arg(self.dir.path().join("js"))
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("nats-server starts (install the package nats-server)");
+            .expect("nats-server starts");
+        self.child = Some(child);
         let deadline = tokio::time::Instant::now() + WAIT;
-        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
             .await
             .is_err()
         {
@@ -82,10 +121,13 @@ impl Nats {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Nats {
-            port,
-            dir,
-            child: Some(child),
+    }
+
+    /// Kills the server (SIGKILL) and waits for it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
         }
     }
 
@@ -100,10 +142,7 @@ impl Nats {
 
 impl Drop for Nats {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.kill();
     }
 }
 
