@@ -26,6 +26,15 @@ async fn persistent4(addr: SocketAddr, id: &str, user: &str) -> v4::Client {
     v4::connect(o).await.expect("login")
 }
 
+/// A persistent 3.1.1 session of `user` with client id `id` on `addr`, subscribed to
+/// `topic` at QoS 1, its client gone: what is published there is queued for it.
+async fn offline4(addr: SocketAddr, id: &str, user: &str, topic: &str) {
+    let mut c = persistent4(addr, id, user).await;
+    c.subscribe_acked(topic).await;
+    c.client.disconnect().await.unwrap();
+    c.closed_within(WAIT).await;
+}
+
 async fn login5(addr: SocketAddr, id: &str, user: &str) -> v5::Client {
     let mut o = v5::options(addr, id);
     o.set_credentials(user, password(user));
@@ -228,10 +237,7 @@ async fn another_user_with_the_client_id_gets_nothing_of_the_session() {
     let nats = Nats::start().await;
     let a = node(&nats, "node-a").await;
     let b = node(&nats, "node-b").await;
-    let mut alice = persistent4(a.first_addr(), "mover", "alice").await;
-    alice.subscribe_acked("alice/q").await;
-    alice.client.disconnect().await.unwrap();
-    alice.closed_within(WAIT).await;
+    offline4(a.first_addr(), "mover", "alice", "alice/q").await;
     publish_acked(a.first_addr(), "alice", "alice/q", 2).await;
 
     let mut bob = persistent4(b.first_addr(), "mover", "bob").await;
@@ -248,10 +254,7 @@ async fn a_tampered_handoff_is_refused_and_a_dead_node_costs_the_session_after_t
     let nats = Nats::start().await;
     let a = node(&nats, "node-a").await;
     let b = node(&nats, "node-b").await;
-    let mut alice = persistent4(a.first_addr(), "mover", "alice").await;
-    alice.subscribe_acked("alice/q").await;
-    alice.client.disconnect().await.unwrap();
-    alice.closed_within(WAIT).await;
+    offline4(a.first_addr(), "mover", "alice", "alice/q").await;
     publish_acked(a.first_addr(), "alice", "alice/q", 1).await;
     // Node A goes away without handing anything over.
     a.shutdown().await;
@@ -333,10 +336,7 @@ async fn a_node_restarted_after_its_client_moved_drops_the_stale_session() {
     let nats = Nats::start().await;
     let a = node(&nats, "node-a").await;
     let b = node(&nats, "node-b").await;
-    let mut alice = persistent4(a.first_addr(), "mover", "alice").await;
-    alice.subscribe_acked("alice/q").await;
-    alice.client.disconnect().await.unwrap();
-    alice.closed_within(WAIT).await;
+    offline4(a.first_addr(), "mover", "alice", "alice/q").await;
     publish_acked(a.first_addr(), "alice", "alice/q", 1).await;
     let dir = a.stop().await;
     // Node A is away: the session starts new on node B after the wait.
