@@ -119,14 +119,8 @@ impl ClusterSeal {
     /// The ownership value sealed at `bucket`/`key`; an error if it does not
     /// authenticate there or is not an ownership value.
     pub fn open_owner(&self, bucket: &str, key: &str, value: &[u8]) -> Result<Owner, StoreError> {
-        let refused = |reason: &str| StoreError::SealedValue {
-            bucket: bucket.to_owned(),
-            key: key.to_owned(),
-            reason: reason.to_owned(),
-        };
-        let plain = self.open(bucket, key, value).map_err(|()| {
-            refused("failed authentication (altered, moved from another key, or sealed under another key)")
-        })?;
+        let refused = |reason: &str| refused(bucket, key, reason);
+        let plain = self.open(bucket, key, value)?;
         let rest = plain
             .strip_prefix(OWNER_TAG)
             .ok_or_else(|| refused("authenticated but not an ownership value"))?;
@@ -172,14 +166,8 @@ impl ClusterSeal {
         key: &str,
         value: &[u8],
     ) -> Result<Zeroizing<Vec<u8>>, StoreError> {
-        let refused = |reason: &str| StoreError::SealedValue {
-            bucket: bucket.to_owned(),
-            key: key.to_owned(),
-            reason: reason.to_owned(),
-        };
-        let plain = self.open(bucket, key, value).map_err(|()| {
-            refused("failed authentication (altered, moved from another key, or sealed under another key)")
-        })?;
+        let refused = |reason: &str| refused(bucket, key, reason);
+        let plain = self.open(bucket, key, value)?;
         match plain.strip_prefix(HANDOFF_TAG) {
             Some(rest) => Ok(Zeroizing::new(rest.to_vec())),
             None => Err(refused("authenticated but not a handoff value")),
@@ -217,14 +205,8 @@ impl ClusterSeal {
         key: &str,
         value: &[u8],
     ) -> Result<RetainedMessage, StoreError> {
-        let refused = |reason: &str| StoreError::SealedValue {
-            bucket: bucket.to_owned(),
-            key: key.to_owned(),
-            reason: reason.to_owned(),
-        };
-        let plain = self.open(bucket, key, value).map_err(|()| {
-            refused("failed authentication (altered, moved from another key, or sealed under another key)")
-        })?;
+        let refused = |reason: &str| refused(bucket, key, reason);
+        let plain = self.open(bucket, key, value)?;
         let msg = record::decode_record(&plain)
             .map_err(|_| refused("authenticated but not a retained record"))?
             .into_change()
@@ -255,10 +237,12 @@ impl ClusterSeal {
         value: &[u8],
     ) -> Result<Zeroizing<Vec<u8>>, StoreError> {
         self.open_with(&transfer_aad(stream, msg_id), value)
-            .map_err(|()| StoreError::SealedValue {
-                bucket: stream.to_owned(),
-                key: msg_id.to_owned(),
-                reason: "failed authentication (altered, moved from another message id, or sealed under another key)".to_owned(),
+            .map_err(|()| {
+                refused(
+                    stream,
+                    msg_id,
+                    "failed authentication (altered, moved from another message id, or sealed under another key)",
+                )
             })
     }
 
@@ -279,8 +263,21 @@ impl ClusterSeal {
         Ok(out)
     }
 
-    fn open(&self, bucket: &str, key: &str, value: &[u8]) -> Result<Zeroizing<Vec<u8>>, ()> {
-        self.open_with(&aad(bucket, key), value)
+    /// The plaintext sealed at `bucket`/`key`; the error a value that does not
+    /// authenticate there gets.
+    fn open(
+        &self,
+        bucket: &str,
+        key: &str,
+        value: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, StoreError> {
+        self.open_with(&aad(bucket, key), value).map_err(|()| {
+            refused(
+                bucket,
+                key,
+                "failed authentication (altered, moved from another key, or sealed under another key)",
+            )
+        })
     }
 
     fn open_with(&self, aad: &[u8], value: &[u8]) -> Result<Zeroizing<Vec<u8>>, ()> {
@@ -295,6 +292,15 @@ impl ClusterSeal {
             .decrypt(Nonce::from_slice(nonce), Payload { msg: sealed, aad })
             .map(Zeroizing::new)
             .map_err(|_| ())
+    }
+}
+
+/// A value at `bucket`/`key` refused for `reason`.
+fn refused(bucket: &str, key: &str, reason: &str) -> StoreError {
+    StoreError::SealedValue {
+        bucket: bucket.to_owned(),
+        key: key.to_owned(),
+        reason: reason.to_owned(),
     }
 }
 

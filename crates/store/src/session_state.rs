@@ -142,7 +142,10 @@ impl State {
                     if known != sid {
                         return Err(format!("session {sid} put over session {known}"));
                     }
-                    let slot = self.slots.get_mut(&sid).expect("by_key and slots agree");
+                    let slot = self
+                        .slots
+                        .get_mut(&sid)
+                        .ok_or_else(|| format!("session {sid} has a key but no slot"))?;
                     self.live_frame_bytes = self.live_frame_bytes - slot.put_frame + frame;
                     slot.put_frame = frame;
                     slot.session.meta = meta;
