@@ -6,7 +6,7 @@
 
 mod cluster_support;
 
-use cluster_support::Nats;
+use cluster_support::{ready, wait_ready, with_key, Nats};
 use futures_util::StreamExt;
 use moatmq_testkit::{v4, TestBroker, QUIET, WAIT};
 use rumqttc::QoS;
@@ -38,21 +38,6 @@ topic write nats-in/#
 /// The `[retained]` key every node of the test cluster shares (hex).
 const CLUSTER_KEY: &str = "5ea1ed0c1a55e7a11c0ffee0ddba11d0decade5eedfacade0b5e55edc0de1234";
 
-/// `[retained]` with the key `hex` in `retained.key` (mode 0600): a cluster's state in
-/// NATS is sealed with it.
-fn with_key(b: moatmq_testkit::TestBrokerBuilder, hex: &str) -> moatmq_testkit::TestBrokerBuilder {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(b.dir().join("retained.key"))
-        .expect("write retained.key");
-    std::io::Write::write_all(&mut file, format!("{hex}\n").as_bytes()).expect("key");
-    b.set("retained", "path", "data/retained")
-        .set("retained", "key_file", "retained.key")
-}
-
 /// A moatmq node joined to `nats` as `name`, with `extra` keys in `[cluster]`; ready
 /// (connected to NATS and subscribed) when this returns.
 async fn node(nats: &Nats, name: &str, extra: &str) -> TestBroker {
@@ -79,32 +64,6 @@ async fn node_with(
         .await;
     wait_ready(&broker, true).await;
     broker
-}
-
-/// `/readyz`'s answer is 200.
-async fn ready(broker: &TestBroker) -> bool {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut s) = tokio::net::TcpStream::connect(broker.metrics_addr()).await else {
-        return false;
-    };
-    if s.write_all(b"GET /readyz HTTP/1.0\r\n\r\n").await.is_err() {
-        return false;
-    }
-    let mut text = String::new();
-    let _ = s.read_to_string(&mut text).await;
-    text.starts_with("HTTP/1.0 200") || text.starts_with("HTTP/1.1 200")
-}
-
-async fn wait_ready(broker: &TestBroker, want: bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while ready(broker).await != want {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "/readyz did not become {}",
-            if want { "200" } else { "503" }
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 async fn login(addr: SocketAddr, id: &str, user: &str) -> v4::Client {

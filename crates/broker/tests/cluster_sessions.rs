@@ -345,7 +345,7 @@ async fn a_node_restarted_after_its_client_moved_drops_the_stale_session() {
     // Node A comes back with the session in its store, sees it is node B's now, and
     // does not keep it (nor queue for it).
     let a = moatmq_testkit::TestBroker::start_in(dir).await;
-    cluster_support::wait_ready(&a).await;
+    cluster_support::wait_ready(&a, true).await;
     let deadline = tokio::time::Instant::now() + WAIT;
     while a.metric("moatmq_sessions_offline").await != 0.0 {
         assert!(

@@ -169,12 +169,12 @@ pub async fn node_with(
         ))
         .start()
         .await;
-    wait_ready(&broker).await;
+    wait_ready(&broker, true).await;
     broker
 }
 
 /// `/readyz`'s answer is 200.
-async fn ready(broker: &TestBroker) -> bool {
+pub async fn ready(broker: &TestBroker) -> bool {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let Ok(mut s) = tokio::net::TcpStream::connect(broker.metrics_addr()).await else {
         return false;
@@ -187,12 +187,14 @@ async fn ready(broker: &TestBroker) -> bool {
     text.starts_with("HTTP/1.0 200") || text.starts_with("HTTP/1.1 200")
 }
 
-pub async fn wait_ready(broker: &TestBroker) {
+/// Waits until `/readyz` answers 200 (`want`) or not.
+pub async fn wait_ready(broker: &TestBroker, want: bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while !ready(broker).await {
+    while ready(broker).await != want {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "/readyz did not become 200"
+            "/readyz did not become {}",
+            if want { "200" } else { "503" }
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
