@@ -340,14 +340,7 @@ async fn login(
             shared.config.limits.max_sessions_per_user,
         )
     {
-        shared.emit(
-            &info.client(&identity),
-            Event::SessionRefused {
-                limit: "max_sessions_per_user",
-            },
-        );
-        refuse(&mut writer, version, Refusal::SessionQuota).await;
-        return Err(ConnectFailure::Refused("too many persistent sessions"));
+        return Err(refuse_session_quota(&shared, &info, &identity, &mut writer, version).await);
     }
     // In a cluster, the node holding the session's connection elsewhere closes it when
     // it sees this claim (cluster/owner.rs); without the claim, no CONNACK.
@@ -403,14 +396,9 @@ async fn login(
         ) {
             Ok(filters) => filters,
             Err(SessionQuota) => {
-                shared.emit(
-                    &info.client(&identity),
-                    Event::SessionRefused {
-                        limit: "max_sessions_per_user",
-                    },
+                return Err(
+                    refuse_session_quota(&shared, &info, &identity, &mut writer, version).await,
                 );
-                refuse(&mut writer, version, Refusal::SessionQuota).await;
-                return Err(ConnectFailure::Refused("too many persistent sessions"));
             }
         }
     };
@@ -616,6 +604,24 @@ enum Refusal {
     SessionQuota,
     AuthMethod,
     Protocol,
+}
+
+/// A persistent session over `limits.max_sessions_per_user`: audited, refused.
+async fn refuse_session_quota(
+    shared: &Shared,
+    info: &ConnInfo,
+    identity: &Identity,
+    writer: &mut Writer,
+    version: Version,
+) -> ConnectFailure {
+    shared.emit(
+        &info.client(identity),
+        Event::SessionRefused {
+            limit: "max_sessions_per_user",
+        },
+    );
+    refuse(writer, version, Refusal::SessionQuota).await;
+    ConnectFailure::Refused("too many persistent sessions")
 }
 
 /// Sends a refusing CONNACK (best effort) and closes.
