@@ -128,3 +128,58 @@ async fn a_message_in_flight_to_a_connected_client_survives_kill_9() {
     );
     assert!(sub.publish_within(QUIET).await.is_none(), "delivered twice");
 }
+
+/// A persistent session back with a backlog stored while it was offline: until the
+/// client has acknowledged each message, the message stays on disk, so a crash in the
+/// middle of the drain loses none of them (they were acknowledged to the publisher).
+#[tokio::test]
+async fn a_backlog_being_drained_survives_kill_9() {
+    const QUEUED: usize = 300;
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Moatmq::serve(&config(dir.path(), 0), &[]);
+    let port = broker.port("tcp");
+    let mut sub = v4::connect(persistent(port, "backlog")).await.unwrap();
+    sub.subscribe_acked("orders/#").await;
+    sub.client.disconnect().await.unwrap();
+    assert!(sub.closed_within(WAIT).await.is_some());
+    let mut publ = v4::connected(addr(port), "shop").await;
+    for i in 0..QUEUED {
+        publ.publish_acked(format!("orders/{i}"), false, format!("order {i}"))
+            .await;
+    }
+
+    // Back, it reads what the broker sends and acknowledges only the first ten.
+    let mut o = persistent(port, "backlog");
+    o.set_manual_acks(true);
+    let mut sub = v4::connect(o).await.unwrap();
+    assert!(sub.connack.session_present);
+    let mut acked = std::collections::BTreeSet::new();
+    for _ in 0..10 {
+        let p = sub.next_publish().await;
+        sub.client.ack(&p).await.unwrap();
+        acked.insert(String::from_utf8(p.payload.to_vec()).unwrap());
+    }
+    // The acknowledgements reach the broker and its writer commits; then the crash.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    broker.kill();
+    drop((sub, publ));
+
+    let broker = Moatmq::serve(&config(dir.path(), 0), &[]);
+    let port = broker.port("tcp");
+    let mut sub = v4::connect(persistent(port, "backlog")).await.unwrap();
+    assert!(sub.connack.session_present);
+    let mut again = std::collections::BTreeSet::new();
+    while let Some(p) = sub.publish_within(QUIET).await {
+        let text = String::from_utf8(p.payload.to_vec()).unwrap();
+        assert!(again.insert(text.clone()), "{text} delivered twice");
+    }
+    let lost: Vec<String> = (0..QUEUED)
+        .map(|i| format!("order {i}"))
+        .filter(|m| !acked.contains(m) && !again.contains(m))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {QUEUED} lost in the crash: {lost:?}",
+        lost.len()
+    );
+}

@@ -14,8 +14,9 @@
 //!   stored messages are *carried over*: rumqttd never saw them.
 //! - On reconnect ([`SessionBook::resume`]) the carried-over messages are replayed by
 //!   the gateway (through `deliver`, so the read ACL in force applies) before anything
-//!   the router forwards; the messages queued during this run are dropped from the store,
-//!   because the router delivers them itself.
+//!   the router forwards; the messages queued during this run, which the router
+//!   delivers itself, stay stored as the session's backlog until the client
+//!   acknowledges them (`backlog.rs`), so a crash in the middle of the drain loses none.
 //! - On disconnect ([`SessionBook::offline`]) the session's subscriptions go back into
 //!   the filter tree *before* the router link is closed, so no message falls between
 //!   the two.
@@ -25,10 +26,12 @@
 //! all publishers that waited meanwhile), otherwise every `autosave_interval` seconds
 //! and at shutdown.
 
+mod backlog;
 mod matcher;
 
 use crate::metrics::Metrics;
 use crate::retained::{load_key, RetainedError};
+use backlog::Backlog;
 use bytes::Bytes;
 use matcher::Matcher;
 use moatmq_config::Config;
@@ -175,6 +178,7 @@ impl SessionBook {
                 store,
                 carried,
                 inflight: HashMap::new(),
+                backlogs: HashMap::new(),
                 rx,
                 interval: autosave_interval,
                 on_drop: Box::new(|_, _| {}),
@@ -271,9 +275,9 @@ impl SessionBook {
     }
 
     /// The client of `key` is back (or a new persistent session starts): its
-    /// subscriptions leave the offline tree, its meta is stored as connected, the
-    /// messages queued during this run are dropped from the store (the router delivers
-    /// them) and the carried-over ones are returned for replay.
+    /// subscriptions leave the offline tree, its meta is stored as connected and the
+    /// carried-over messages are returned for replay. The messages queued during this
+    /// run stay stored until the client acknowledges the router's forwards of them.
     pub async fn resume(&self, key: &SessionKey, meta: SessionMeta) -> Resumed {
         self.offline_changed(|o| o.remove(key));
         self.send(Job::Put(key.clone(), meta));
@@ -417,6 +421,9 @@ struct Writer {
     carried: HashMap<SessionKey, u64>,
     /// Per connected session, the store id of each forward in flight, by packet id.
     inflight: HashMap<SessionKey, HashMap<u16, u64>>,
+    /// Per resumed session, what was queued for it in this run and the router has not
+    /// forwarded yet: kept stored until acknowledged (`backlog.rs`).
+    backlogs: HashMap<SessionKey, Backlog>,
     rx: mpsc::Receiver<Job>,
     interval: Duration,
     on_drop: OnDrop,
@@ -507,6 +514,7 @@ impl Writer {
             Job::Put(key, meta) => self.store.put_session(&key, meta).map(drop),
             Job::Remove(key) => {
                 self.carried.remove(&key);
+                self.backlogs.remove(&key);
                 self.store.remove_session(&key).map(drop)
             }
             Job::Enqueue(targets, message) => {
@@ -528,20 +536,30 @@ impl Writer {
             }
             Job::Hold(key, messages) => {
                 for m in messages {
+                    // Still stored as queued, from before the reconnect.
+                    if self.take_backlog(&key, &m).is_some() {
+                        continue;
+                    }
                     if let Err(e) = self.queue_sent(&key, 0, m) {
                         warn!(error = %e, "unacknowledged message not stored");
                     }
                 }
                 Ok(())
             }
-            Job::Sent(key, pkid, message) => self.queue_sent(&key, pkid, message).map(|id| {
-                let Some(id) = id else { return };
-                let inflight = self.inflight.entry(key.clone()).or_default();
-                if let Some(old) = inflight.insert(pkid, id) {
-                    // The router reused the packet id: the old one was answered.
-                    let _ = self.store.complete(&key, old);
-                }
-            }),
+            Job::Sent(key, pkid, message) => {
+                let stored = match self.take_backlog(&key, &message) {
+                    Some(id) => self.store.mark_sent(&key, id, pkid).map(|_| Some(id)),
+                    None => self.queue_sent(&key, pkid, message),
+                };
+                stored.map(|id| {
+                    let Some(id) = id else { return };
+                    let inflight = self.inflight.entry(key.clone()).or_default();
+                    if let Some(old) = inflight.insert(pkid, id) {
+                        // The router reused the packet id: the old one was answered.
+                        let _ = self.store.complete(&key, old);
+                    }
+                })
+            }
             Job::Acked(key, pkid) => {
                 let id = self.inflight.get_mut(&key).and_then(|m| m.remove(&pkid));
                 match id {
@@ -561,6 +579,7 @@ impl Writer {
             Job::Take(key, reply) => {
                 self.carried.remove(&key);
                 self.inflight.remove(&key);
+                self.backlogs.remove(&key);
                 let taken = self.store.session(&key).map(|session| Taken {
                     meta: session.meta.clone(),
                     messages: session
@@ -579,6 +598,7 @@ impl Writer {
             }
             Job::Adopt(key, meta, messages) => {
                 self.carried.remove(&key);
+                self.backlogs.remove(&key);
                 let _ = self.store.remove_session(&key);
                 match self.store.put_session(&key, meta) {
                     Ok(_) => {
@@ -645,10 +665,13 @@ impl Writer {
         Ok(id)
     }
 
-    /// What a resumed session gets replayed; drops this run's copies.
+    /// What a resumed session gets replayed. This run's messages stay stored as its
+    /// backlog until the router's forwards of them are acknowledged.
     fn resume(&mut self, key: &SessionKey) -> Resumed {
-        // The previous connection's forwards in flight are this run's: the router has them.
+        // The previous connection's forwards in flight are this run's: the router sends
+        // them again, and they are found in the backlog.
         self.inflight.remove(key);
+        self.backlogs.remove(key);
         let carried = self.carried.get(key).copied().unwrap_or(0);
         let Some(session) = self.store.session(key) else {
             return Resumed::default();
@@ -659,24 +682,34 @@ impl Writer {
         let had_will = session.will.is_some();
         let now = now_unix();
         let mut replay = Vec::new();
+        let mut backlog = Backlog::default();
         let mut done = Vec::new();
         for (&id, held) in &session.messages {
-            if id < carried && !held.message.is_expired(now) {
+            if held.message.is_expired(now) {
+                done.push(id);
+            } else if id < carried {
                 replay.push(Replay {
                     id,
                     message: held.message.clone(),
                     dup: held.delivery != Delivery::Queued,
                 });
-            } else {
+            } else if held.message.qos == 0 || matches!(held.delivery, Delivery::Released { .. }) {
+                // QoS 0 (`queue_qos0_messages`): forwarded once, never acknowledged, so
+                // not kept for a crash (at most once). Released: the client has it
+                // (PUBREC) and the router holds the rest of the exchange.
                 done.push(id);
+            } else {
+                backlog.push(id, &held.message);
             }
         }
-        if done.len() > replay.len() + qos2_in.len() + 2 {
-            // Mostly this run's messages (a long absence): writing the session afresh
-            // with what it keeps costs less than one record per dropped message, and
-            // the CONNACK waits for it.
+        if backlog.is_empty() && done.len() > replay.len() + qos2_in.len() + 2 {
+            // Mostly expired messages: writing the session afresh with what it keeps
+            // costs less than one record per dropped message.
             replay = self.rebuild(key, meta, replay, &qos2_in);
             return Resumed { replay, qos2_in };
+        }
+        if !backlog.is_empty() {
+            self.backlogs.insert(key.clone(), backlog);
         }
         for id in done {
             if let Err(e) = self.store.complete(key, id) {
@@ -689,6 +722,25 @@ impl Writer {
             }
         }
         Resumed { replay, qos2_in }
+    }
+
+    /// The stored id of `forward` if it is in the backlog of the session of `key`, taken
+    /// out of it; what the drain has passed by for good is completed.
+    fn take_backlog(&mut self, key: &SessionKey, forward: &QueuedMessage) -> Option<u64> {
+        let backlog = self.backlogs.get_mut(key)?;
+        let session = self.store.session(key)?;
+        let (id, skipped) = backlog.take(forward, |id| {
+            session.messages.get(&id).map(|held| &held.message)
+        });
+        if backlog.is_empty() {
+            self.backlogs.remove(key);
+        }
+        for id in skipped {
+            if let Err(e) = self.store.complete(key, id) {
+                warn!(error = %e, "session store change failed");
+            }
+        }
+        id
     }
 
     /// Writes the session of `key` again with only `meta`, the carried-over `replay`
