@@ -511,7 +511,14 @@ impl Writer {
 
     fn apply(&mut self, job: Job) {
         let result = match job {
-            Job::Put(key, meta) => self.store.put_session(&key, meta).map(drop),
+            Job::Put(key, meta) => {
+                if meta.disconnected_at.is_some() {
+                    // Offline again: what is left of its backlog is queued, as stored,
+                    // and found again at the next resume.
+                    self.backlogs.remove(&key);
+                }
+                self.store.put_session(&key, meta).map(drop)
+            }
             Job::Remove(key) => {
                 self.carried.remove(&key);
                 self.backlogs.remove(&key);
