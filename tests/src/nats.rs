@@ -80,6 +80,17 @@ impl Nats {
     pub fn url(&self, i: usize) -> String {
         format!("nats://127.0.0.1:{}", self.ports[i])
     }
+
+    /// Every server's URL.
+    pub fn urls(&self) -> Vec<String> {
+        (0..self.ports.len()).map(|i| self.url(i)).collect()
+    }
+
+    /// Kills server `i` (named `n{i}` in its cluster), as a crash would.
+    pub fn kill(&mut self, i: usize) {
+        let _ = self.children[i].kill();
+        let _ = self.children[i].wait();
+    }
 }
 
 impl Drop for Nats {

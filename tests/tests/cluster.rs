@@ -21,6 +21,11 @@ const READY: Duration = Duration::from_secs(30);
 /// `moatmq serve` as cluster node `name` of `nats_url`, in `dir/name`, with the key at
 /// `key` (copied, mode kept).
 fn start_node(dir: &Path, key: &Path, name: &str, nats_url: &str) -> Moatmq {
+    start_node_with(dir, key, name, &[nats_url.to_string()], "")
+}
+
+/// [`start_node`] with every server of `servers` and `extra` lines in `[cluster]`.
+fn start_node_with(dir: &Path, key: &Path, name: &str, servers: &[String], extra: &str) -> Moatmq {
     let home = dir.join(name);
     std::fs::create_dir_all(&home).unwrap();
     std::fs::copy(key, home.join("store.key")).unwrap();
@@ -31,7 +36,7 @@ fn start_node(dir: &Path, key: &Path, name: &str, nats_url: &str) -> Moatmq {
             "[[listener]]\nname = \"tcp\"\nbind = \"127.0.0.1:0\"\n\
              [auth]\nallow_anonymous = true\n\
              [retained]\npath = \"data\"\nkey_file = \"store.key\"\n\
-             [cluster]\nservers = [\"{nats_url}\"]\nnode_name = \"{name}\"\n"
+             [cluster]\nservers = {servers:?}\nnode_name = \"{name}\"\n{extra}"
         ),
     )
     .unwrap();
@@ -44,9 +49,14 @@ fn addr(node: &Moatmq) -> SocketAddr {
 
 /// A clean-session client of `node`, once the node accepts it.
 async fn connect_ready(node: &Moatmq, id: &str) -> v4::Client {
+    connect_ready_with(node, v4::options(addr(node), id)).await
+}
+
+/// [`connect_ready`] with `options`.
+async fn connect_ready_with(node: &Moatmq, options: rumqttc::MqttOptions) -> v4::Client {
     let deadline = Instant::now() + READY;
     loop {
-        match v4::connect(v4::options(addr(node), id)).await {
+        match v4::connect(options.clone()).await {
             Ok(c) => return c,
             Err(e) => {
                 assert!(
@@ -217,4 +227,79 @@ async fn a_qos_1_message_crosses_nodes_on_different_servers_of_a_nats_cluster() 
         ("far/away", &b"hello"[..], QoS::AtLeastOnce)
     );
     assert!(sub.publish_within(Duration::from_secs(1)).await.is_none());
+}
+
+/// With `replicas = 3` on a NATS cluster of three, the server leading the transfer
+/// stream can die: its copies on the other two take over, the nodes reconnect to the
+/// servers left, and every QoS 1 message acknowledged before or after reaches the
+/// subscriber on the other node (with one copy the stream is gone with its server and
+/// the publisher is held).
+#[tokio::test]
+async fn losing_a_nats_server_loses_nothing_with_three_replicas() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("cluster.key");
+    moatmq_store::RetainedKey::write_new(&key).unwrap();
+    let mut nats = Nats::cluster(dir.path(), 3);
+    let servers = nats.urls();
+    let a = start_node_with(dir.path(), &key, "node-a", &servers, "replicas = 3\n");
+    let b = start_node_with(dir.path(), &key, "node-b", &servers, "replicas = 3\n");
+    let mut sub = connect_ready(&b, "sink").await;
+    sub.subscribe_acked("ha/#").await;
+    // A publish is held while JetStream elects the stream's new leader, and the node
+    // reads nothing from its client meanwhile (docs/cluster.md): a keep-alive longer
+    // than the election.
+    let mut options = v4::options(addr(&a), "source");
+    options.set_keep_alive(Duration::from_secs(60));
+    let mut publ = connect_ready_with(&a, options).await;
+    let before = publish_tracked(&mut publ, "ha/before", (0..20).collect(), |_| {}).await;
+    assert_eq!(
+        before.len(),
+        20,
+        "acknowledged before the loss\n{}",
+        a.log()
+    );
+
+    // Every stream and bucket of the cluster keeps three copies; find the transfer
+    // stream's leader and kill it.
+    let client = async_nats::connect(servers.as_slice()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    for name in [
+        "moatmq_xfer",
+        "KV_moatmq_meta",
+        "KV_moatmq_retained",
+        "KV_moatmq_owner",
+    ] {
+        let info = js
+            .get_stream(name)
+            .await
+            .unwrap()
+            .info()
+            .await
+            .unwrap()
+            .clone();
+        assert_eq!(info.config.num_replicas, 3, "{name}");
+    }
+    let info = js
+        .get_stream("moatmq_xfer")
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .clone();
+    let leader = info.cluster.and_then(|c| c.leader).expect("a leader");
+    let i: usize = leader.trim_start_matches('n').parse().expect("server n<i>");
+    drop(js);
+    nats.kill(i);
+
+    let after = publish_tracked(&mut publ, "ha/after", (20..60).collect(), |_| {}).await;
+    assert_eq!(after.len(), 40, "acknowledged after the loss\n{}", a.log());
+    let want: BTreeSet<usize> = (0..60).collect();
+    let (got, twice) = receive_until(&mut sub, &want, READY).await;
+    let lost: Vec<usize> = want.difference(&got).copied().collect();
+    assert!(
+        lost.is_empty(),
+        "lost {lost:?} ({twice} twice)\n{}",
+        b.log()
+    );
 }

@@ -60,15 +60,16 @@ async fn run_transfer(
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         }
-        let consumer = match xfer::consumer(&js, &cluster.prefix, &cluster.node).await {
-            Ok(c) => c,
-            Err(e) => {
-                set_ok(false);
-                tracing::warn!("cluster: transfer stream: {e}; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            }
-        };
+        let consumer =
+            match xfer::consumer(&js, &cluster.prefix, &cluster.node, &cluster.keeping).await {
+                Ok(c) => c,
+                Err(e) => {
+                    set_ok(false);
+                    tracing::warn!("cluster: transfer stream: {e}; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
         let mut messages = match consumer.messages().await {
             Ok(m) => m,
             Err(e) => {

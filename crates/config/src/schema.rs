@@ -213,6 +213,32 @@ pub struct Cluster {
     /// system roots).
     #[serde(default)]
     pub tls: Option<ClusterTls>,
+    /// Copies JetStream keeps of the cluster's streams and buckets (1 to 5): 3 on a NATS
+    /// cluster of three or more servers, so losing one of them loses nothing.
+    #[serde(default = "default_replicas")]
+    pub replicas: usize,
+    /// Seconds a message stays in the transfer stream (at least 120, the stream's
+    /// duplicate window): how long a node may be away and still get what it missed.
+    #[serde(default = "default_transfer_max_age")]
+    pub transfer_max_age: u64,
+    /// Bytes the transfer stream may hold (at least 1 MiB); past it the oldest go.
+    #[serde(default = "default_transfer_max_bytes")]
+    pub transfer_max_bytes: u64,
+}
+
+/// The transfer stream's duplicate window, which its max age may not be under.
+pub const TRANSFER_DUPLICATE_WINDOW_SECS: u64 = 120;
+
+fn default_replicas() -> usize {
+    1
+}
+
+fn default_transfer_max_age() -> u64 {
+    300
+}
+
+fn default_transfer_max_bytes() -> u64 {
+    1 << 30
 }
 
 /// `[cluster.tls]`.
@@ -292,6 +318,24 @@ impl Cluster {
             return Err(Invalid::new(
                 "cluster.native_user",
                 "must not be empty (leave it out to drop messages from NATS clients)",
+            ));
+        }
+        if !(1..=5).contains(&self.replicas) {
+            return Err(Invalid::new(
+                "cluster.replicas",
+                "must be 1 to 5 (JetStream keeps at most 5 copies; 3 for a NATS cluster of three)",
+            ));
+        }
+        if self.transfer_max_age < TRANSFER_DUPLICATE_WINDOW_SECS {
+            return Err(Invalid::new(
+                "cluster.transfer_max_age",
+                "must be at least 120 seconds (the transfer stream's duplicate window)",
+            ));
+        }
+        if self.transfer_max_bytes < 1 << 20 || self.transfer_max_bytes > i64::MAX as u64 {
+            return Err(Invalid::new(
+                "cluster.transfer_max_bytes",
+                "must be at least 1048576 (1 MiB)",
             ));
         }
         if let Some(tls) = &self.tls {

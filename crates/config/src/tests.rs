@@ -385,6 +385,27 @@ fn cluster_is_absent_by_default_and_parses_with_defaults() {
     assert_eq!(cluster.subject_prefix, DEFAULT_SUBJECT_PREFIX);
     assert!(cluster.tls.is_none() && cluster.credentials.is_none());
     assert!(cluster.native_user.is_none());
+    assert_eq!(
+        (
+            cluster.replicas,
+            cluster.transfer_max_age,
+            cluster.transfer_max_bytes
+        ),
+        (1, 300, 1 << 30)
+    );
+    let c = parse(&format!(
+        "{MINIMAL}{CLUSTER}replicas = 3\ntransfer_max_age = 3600\ntransfer_max_bytes = 1048576\n{CLUSTER_KEY}"
+    ))
+    .unwrap();
+    let cluster = c.cluster.unwrap();
+    assert_eq!(
+        (
+            cluster.replicas,
+            cluster.transfer_max_age,
+            cluster.transfer_max_bytes
+        ),
+        (3, 3600, 1 << 20)
+    );
 }
 
 #[test]
@@ -427,6 +448,18 @@ fn cluster_rejections_name_key_and_line() {
         (
             "[cluster]\nservers = [\"nats://x:4222\"]\nnode_name = \"a\"\nnative_user = \"\"\n",
             "broker.toml:7: cluster.native_user: must not be empty (leave it out to drop messages from NATS clients)",
+        ),
+        (
+            "[cluster]\nservers = [\"nats://x:4222\"]\nnode_name = \"a\"\nreplicas = 0\n",
+            "broker.toml:7: cluster.replicas: must be 1 to 5 (JetStream keeps at most 5 copies; 3 for a NATS cluster of three)",
+        ),
+        (
+            "[cluster]\nservers = [\"nats://x:4222\"]\nnode_name = \"a\"\ntransfer_max_age = 60\n",
+            "broker.toml:7: cluster.transfer_max_age: must be at least 120 seconds (the transfer stream's duplicate window)",
+        ),
+        (
+            "[cluster]\nservers = [\"nats://x:4222\"]\nnode_name = \"a\"\ntransfer_max_bytes = 1000\n",
+            "broker.toml:7: cluster.transfer_max_bytes: must be at least 1048576 (1 MiB)",
         ),
         (
             "[cluster]\nservers = [\"nats://x:4222\"]\nnode_name = \"a\"\n[cluster.tls]\ncert = \"c.crt\"\n",

@@ -25,7 +25,7 @@ pub(crate) mod xfer;
 
 pub use owner::{ClaimFailed, OwnerClaim};
 pub(crate) use properties::decode as decode_properties;
-pub use state::{bucket_base, KeyCheck, MARKER_KEY};
+pub use state::{bucket_base, Keeping, KeyCheck, MARKER_KEY};
 pub use subject::{to_subject, to_topic};
 
 use crate::error::BrokerError;
@@ -77,6 +77,8 @@ const TRANSFER_OVERHEAD: usize = 512;
 pub struct Cluster {
     pub(crate) node: String,
     pub(crate) prefix: String,
+    /// Copies and limits of the streams and buckets in NATS.
+    pub(crate) keeping: Keeping,
     pub(crate) native_user: Option<String>,
     forward: xfer::Sequencer,
     /// This node's retained changes for the KV bucket (`state.rs`); dropping it ends
@@ -132,6 +134,7 @@ impl Cluster {
         index: &RetainedIndex,
     ) -> Result<(Cluster, Input), BrokerError> {
         let failed = |reason: String| BrokerError::Cluster { reason };
+        let keeping = Keeping::of(cluster);
         // The config refuses a cluster without [retained]: its state would be plaintext.
         let Some(retained) = &config.retained else {
             return Err(failed("a cluster needs a [retained] key".into()));
@@ -214,6 +217,7 @@ impl Cluster {
             transfer_seal.clone(),
             &cluster.subject_prefix,
             &cluster.node_name,
+            keeping,
             FORWARD_QUEUE,
             Arc::downgrade(&metrics),
         );
@@ -229,13 +233,17 @@ impl Cluster {
             Arc::downgrade(&metrics),
             queue,
             checked,
+            keeping.replicas,
         );
         tokio::spawn(sync.run());
         let (handoff_tx, handoffs) = mpsc::unbounded_channel();
         let owners = owner::Owners::start(
             client.clone(),
             &cluster.node_name,
-            &bucket_base(&cluster.subject_prefix),
+            owner::BucketSpec {
+                base: &bucket_base(&cluster.subject_prefix),
+                replicas: keeping.replicas,
+            },
             owner_seal,
             key_check.clone(),
             Arc::downgrade(&metrics),
@@ -255,6 +263,7 @@ impl Cluster {
             Cluster {
                 node: cluster.node_name.clone(),
                 prefix: cluster.subject_prefix.clone(),
+                keeping,
                 native_user: cluster.native_user.clone(),
                 forward,
                 changes,

@@ -55,6 +55,8 @@ struct Inner {
     node: String,
     seal: Arc<ClusterSeal>,
     bucket_name: String,
+    /// Copies of the two buckets (`[cluster] replicas`).
+    replicas: usize,
     /// The ownership and handoff buckets, once set up (`None` while NATS is away or
     /// before the key check).
     store: watch::Receiver<Option<Buckets>>,
@@ -126,18 +128,26 @@ impl Drop for OwnerClaim {
     }
 }
 
+/// Which buckets the owners keep: the cluster's bucket name base and their copies.
+#[derive(Debug, Clone, Copy)]
+pub struct BucketSpec<'a> {
+    pub base: &'a str,
+    pub replicas: usize,
+}
+
 impl Owners {
     /// Starts watching the ownership bucket of the cluster `base` once the key check
     /// has passed (and again after every NATS failure).
     pub fn start(
         client: async_nats::Client,
         node: &str,
-        base: &str,
+        buckets: BucketSpec<'_>,
         seal: Arc<ClusterSeal>,
         key_check: watch::Receiver<KeyCheck>,
         metrics: Weak<Metrics>,
         handoffs: mpsc::UnboundedSender<(SessionKey, u64)>,
     ) -> Owners {
+        let BucketSpec { base, replicas } = buckets;
         let (set_store, store) = watch::channel(None);
         // Epochs only grow, across restarts too: the clock at start, then one a claim.
         let start = std::time::SystemTime::now()
@@ -148,6 +158,7 @@ impl Owners {
             node: node.to_string(),
             seal,
             bucket_name: format!("{base}_owner"),
+            replicas,
             store,
             claims: Mutex::new(HashMap::new()),
             offline: Mutex::new(HashMap::new()),
@@ -385,7 +396,8 @@ async fn run(
         return;
     }
     loop {
-        let Some(name) = inner.upgrade().map(|i| i.bucket_name.clone()) else {
+        let Some((name, replicas)) = inner.upgrade().map(|i| (i.bucket_name.clone(), i.replicas))
+        else {
             return;
         };
         if client.connection_state() != async_nats::connection::State::Connected {
@@ -393,7 +405,10 @@ async fn run(
             continue;
         }
         let js = jetstream::new(client.clone());
-        let buckets = match (bucket(&js, &name).await, bucket(&js, &handoff_name).await) {
+        let buckets = match (
+            bucket(&js, &name, replicas).await,
+            bucket(&js, &handoff_name, replicas).await,
+        ) {
             (Ok(owner), Ok(handoff)) => Ok(Buckets {
                 owner,
                 handoff,

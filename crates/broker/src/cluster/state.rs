@@ -74,6 +74,8 @@ pub fn bucket_base(prefix: &str) -> String {
 pub struct StateSync {
     client: async_nats::Client,
     seal: ClusterSeal,
+    /// Copies of its buckets (`[cluster] replicas`).
+    replicas: usize,
     base: String,
     prefix: String,
     /// Where the key came from (key file or environment variable), for the error.
@@ -111,10 +113,12 @@ impl StateSync {
         metrics: Weak<Metrics>,
         changes: mpsc::Receiver<Change>,
         checked: watch::Sender<KeyCheck>,
+        replicas: usize,
     ) -> StateSync {
         StateSync {
             client,
             seal,
+            replicas,
             base: bucket_base(prefix),
             prefix: prefix.to_string(),
             key_source,
@@ -172,7 +176,7 @@ impl StateSync {
     /// node's changes until something fails.
     async fn sync(&mut self) -> Ended {
         let js = jetstream::new(self.client.clone());
-        let meta = match bucket(&js, &self.meta_bucket()).await {
+        let meta = match bucket(&js, &self.meta_bucket(), self.replicas).await {
             Ok(b) => b,
             Err(why) => return Ended::Retry(why),
         };
@@ -180,7 +184,7 @@ impl StateSync {
             return ended;
         }
         self.checked.send_replace(KeyCheck::Passed);
-        let store = match bucket(&js, &self.retained_bucket()).await {
+        let store = match bucket(&js, &self.retained_bucket(), self.replicas).await {
             Ok(b) => b,
             Err(why) => return Ended::Retry(why),
         };
@@ -338,11 +342,50 @@ impl StateSync {
     }
 }
 
-/// The bucket `name` (history 1), created by the first node that needs it. Its stream
-/// is created here as async-nats's `create_key_value` would, without that call's
-/// account-info request: the reply of nats-server 2.9 lacks fields (`reserved_memory`)
-/// async-nats 0.46 requires.
-pub(super) async fn bucket(js: &jetstream::Context, name: &str) -> Result<kv::Store, String> {
+/// How JetStream keeps what the cluster stores: `[cluster]` `replicas`,
+/// `transfer_max_age` and `transfer_max_bytes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keeping {
+    pub replicas: usize,
+    pub transfer_max_age: Duration,
+    pub transfer_max_bytes: i64,
+}
+
+impl Keeping {
+    pub fn of(cluster: &moatmq_config::Cluster) -> Keeping {
+        Keeping {
+            replicas: cluster.replicas,
+            transfer_max_age: Duration::from_secs(cluster.transfer_max_age),
+            transfer_max_bytes: i64::try_from(cluster.transfer_max_bytes).unwrap_or(i64::MAX),
+        }
+    }
+}
+
+/// Warns when the stream `name` found in NATS keeps another number of copies than
+/// configured: an existing stream is not changed by a node (`nats stream edit` does).
+pub(super) fn check_replicas(name: &str, found: usize, replicas: usize) {
+    if found != replicas {
+        tracing::warn!(
+            "cluster: stream {name} keeps {found} replica(s), [cluster] replicas = {replicas}; \
+             nodes do not change an existing stream (nats stream edit {name} --replicas {replicas})"
+        );
+    }
+}
+
+/// The bucket `name` (history 1, `replicas` copies), created by the first node that
+/// needs it. Its stream is created here as async-nats's `create_key_value` would,
+/// without that call's account-info request: the reply of nats-server 2.9 lacks fields
+/// (`reserved_memory`) async-nats 0.46 requires.
+pub(super) async fn bucket(
+    js: &jetstream::Context,
+    name: &str,
+    replicas: usize,
+) -> Result<kv::Store, String> {
+    if let Ok(mut stream) = js.get_stream(format!("KV_{name}")).await {
+        if let Ok(info) = stream.info().await {
+            check_replicas(&info.config.name, info.config.num_replicas, replicas);
+        }
+    }
     if let Ok(store) = js.get_key_value(name).await {
         return Ok(store);
     }
@@ -354,7 +397,7 @@ pub(super) async fn bucket(js: &jetstream::Context, name: &str) -> Result<kv::St
         deny_delete: true,
         allow_direct: true,
         discard: jetstream::stream::DiscardPolicy::New,
-        num_replicas: 1,
+        num_replicas: replicas,
         ..Default::default()
     };
     // Another node may create it meanwhile: the same config is no error.

@@ -17,6 +17,7 @@
 //! A message is `len u32 BE | header JSON | payload` before sealing; the header holds
 //! the topic, QoS, retain flag, publisher and MQTT 5 properties (`properties.rs`).
 
+use super::state::{check_replicas, Keeping};
 use crate::metrics::Metrics;
 use async_nats::jetstream::{self, message::PublishMessage};
 use bytes::Bytes;
@@ -30,12 +31,10 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
-/// How long the stream keeps a message: a node away longer misses it.
-const MAX_AGE: Duration = Duration::from_secs(300);
-/// Republishes of one id within this are dropped by the stream.
-const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
-/// The stream's size limit; past it the oldest messages go.
-const MAX_BYTES: i64 = 1 << 30;
+/// Republishes of one id within this are dropped by the stream (the stream's max age,
+/// `[cluster] transfer_max_age`, is never under it).
+const DUPLICATE_WINDOW: Duration =
+    Duration::from_secs(moatmq_config::TRANSFER_DUPLICATE_WINDOW_SECS);
 /// Messages published and not yet acknowledged, at most.
 const WINDOW: usize = 4096;
 /// How long to wait for one acknowledgement before sending again.
@@ -146,36 +145,45 @@ impl Seen {
     }
 }
 
-/// The stream, created as nats-server 2.9 accepts it (limits retention, file storage).
-pub async fn ensure_stream(js: &jetstream::Context, prefix: &str) -> Result<(), String> {
+/// The stream, created as nats-server 2.9 accepts it (limits retention, file storage),
+/// with the configured copies, max age and size.
+pub async fn ensure_stream(
+    js: &jetstream::Context,
+    prefix: &str,
+    keeping: &Keeping,
+) -> Result<(), String> {
     let name = stream_name(prefix);
     let config = jetstream::stream::Config {
         subjects: vec![format!("{name}.>")],
         name: name.clone(),
         retention: jetstream::stream::RetentionPolicy::Limits,
         storage: jetstream::stream::StorageType::File,
-        max_age: MAX_AGE,
-        max_bytes: MAX_BYTES,
+        max_age: keeping.transfer_max_age,
+        max_bytes: keeping.transfer_max_bytes,
         duplicate_window: DUPLICATE_WINDOW,
         discard: jetstream::stream::DiscardPolicy::Old,
-        num_replicas: 1,
+        num_replicas: keeping.replicas,
         ..Default::default()
     };
     // Another node may create it meanwhile: the same config is no error.
-    js.get_or_create_stream(config)
+    let stream = js
+        .get_or_create_stream(config)
         .await
-        .map(|_| ())
-        .map_err(|e| format!("stream {name}: {e}"))
+        .map_err(|e| format!("stream {name}: {e}"))?;
+    let found = stream.cached_info().config.num_replicas;
+    check_replicas(&name, found, keeping.replicas);
+    Ok(())
 }
 
 /// The durable consumer of `node` on the stream, from the messages published after
-/// its creation on; removed by the server after [`MAX_AGE`] without this node.
+/// its creation on; removed by the server after the stream's max age without this node.
 pub async fn consumer(
     js: &jetstream::Context,
     prefix: &str,
     node: &str,
+    keeping: &Keeping,
 ) -> Result<jetstream::consumer::PullConsumer, String> {
-    ensure_stream(js, prefix).await?;
+    ensure_stream(js, prefix, keeping).await?;
     let name = stream_name(prefix);
     let stream = js
         .get_stream(&name)
@@ -187,7 +195,7 @@ pub async fn consumer(
         ack_policy: jetstream::consumer::AckPolicy::Explicit,
         ack_wait: Duration::from_secs(30),
         max_ack_pending: 65_536,
-        inactive_threshold: MAX_AGE,
+        inactive_threshold: keeping.transfer_max_age,
         ..Default::default()
     };
     stream
@@ -253,6 +261,7 @@ pub struct Output {
     js: jetstream::Context,
     seal: Arc<ClusterSeal>,
     prefix: String,
+    keeping: Keeping,
     stream: String,
     subject: String,
     id_prefix: String,
@@ -268,6 +277,7 @@ pub fn output(
     seal: Arc<ClusterSeal>,
     prefix: &str,
     node: &str,
+    keeping: Keeping,
     capacity: usize,
     metrics: Weak<Metrics>,
 ) -> (Sequencer, Output, mpsc::Receiver<Outgoing>) {
@@ -286,6 +296,7 @@ pub fn output(
         js,
         seal,
         prefix: prefix.to_string(),
+        keeping,
         subject: format!("{stream}.{node}"),
         stream,
         id_prefix: format!("{node}:{epoch}"),
@@ -304,7 +315,7 @@ pub fn output(
 impl Output {
     /// Publishes until the broker drops the sequencer.
     pub async fn run(mut self, mut queue: mpsc::Receiver<Outgoing>) {
-        if let Err(e) = ensure_stream(&self.js, &self.prefix).await {
+        if let Err(e) = ensure_stream(&self.js, &self.prefix, &self.keeping).await {
             tracing::debug!("cluster: {e}; created on the next attempt");
         }
         loop {
@@ -389,7 +400,7 @@ impl Output {
         while self.client.connection_state() != async_nats::connection::State::Connected {
             tokio::time::sleep(RETRY).await;
         }
-        if let Err(e) = ensure_stream(&self.js, &self.prefix).await {
+        if let Err(e) = ensure_stream(&self.js, &self.prefix, &self.keeping).await {
             tracing::debug!("cluster: {e}");
         }
         let mut pending = std::mem::take(&mut self.pending);
