@@ -2,6 +2,7 @@
 //! sessions (`session_restore.rs`) and when a persistent session resumes with
 //! subscription identifiers, which rumqttd forgets when its client goes (`gateway`).
 
+use crate::cluster::Groups;
 use crate::retained_index::qos_from;
 use crate::router::router_filter;
 use crate::sessions::Filters;
@@ -12,8 +13,9 @@ use rumqttd::protocol::{Filter, Packet, RetainForwardRule, Subscribe, SubscribeP
 /// SUBSCRIBEs that make `subscriptions` (those `which` picks) again in the router under
 /// their owner's namespace: one per subscription identifier, since the router keeps a
 /// packet's one identifier for each of its filters. `$SYS/...` filters are the
-/// gateway's own (`sys.rs`): the router refuses them.
+/// gateway's own (`sys.rs`): the router refuses them. `groups`: the cluster's, if any.
 pub fn router_subscribes(
+    groups: Option<&Groups>,
     owner: Option<&str>,
     subscriptions: &Filters,
     which: impl Fn(&SubscriptionOptions) -> bool,
@@ -24,7 +26,7 @@ pub fn router_subscribes(
             continue;
         }
         by_id.entry(o.subscription_id).or_default().push(Filter {
-            path: router_filter(owner, f),
+            path: router_filter(groups, owner, f),
             qos: qos_from(o.qos),
             nolocal: o.no_local,
             preserve_retain: o.retain_as_published,

@@ -21,6 +21,9 @@ use rumqttd::protocol::{
 use tokio::time::Instant;
 use tracing::warn;
 
+/// How long a SUBSCRIBE joining a shared group waits for the group's consumer.
+const GROUP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl Gateway {
     /// Client to router: the one place every client packet passes.
     pub(super) fn incoming(
@@ -273,17 +276,34 @@ impl Gateway {
                 self.retained.after_suback(subscribe.pkid, jobs);
                 self.session_changed();
                 let user = self.identity.username.as_deref();
+                let groups = self.shared.cluster.as_ref().map(|c| &c.groups);
+                let mut joined = false;
                 for f in &mut kept {
-                    f.path = router_filter(user, &f.path);
+                    if let Some(ready) = self.groups.as_mut().and_then(|m| m.join(&f.path)) {
+                        self.group_waits.push(ready);
+                        joined = true;
+                    }
+                    f.path = router_filter(groups, user, &f.path);
                 }
                 subscribe.filters = kept;
-                self.to_router.send(Packet::Subscribe(subscribe, props));
+                let packet = Packet::Subscribe(subscribe, props);
+                if joined {
+                    // A group new to this connection: the SUBACK waits until the
+                    // group's consumer exists (docs/cluster.md), or a message published
+                    // right after it could be missed by a consumer created later.
+                    self.to_router.after_transfer(packet);
+                } else {
+                    self.to_router.send(packet);
+                }
                 Ok(())
             }
             Packet::Unsubscribe(mut unsubscribe, props) => {
                 for f in &unsubscribe.filters {
                     self.session.subscriptions.remove(f.as_str());
                     self.retained.cancel(f);
+                    if let Some(m) = &mut self.groups {
+                        m.leave(f);
+                    }
                 }
                 self.subscriptions_changed();
                 self.session_changed();
@@ -297,8 +317,9 @@ impl Gateway {
                     };
                     return self.write(Packet::UnsubAck(unsuback, None));
                 }
+                let groups = self.shared.cluster.as_ref().map(|c| &c.groups);
                 for f in &mut unsubscribe.filters {
-                    *f = router_filter(self.identity.username.as_deref(), f);
+                    *f = router_filter(groups, self.identity.username.as_deref(), f);
                 }
                 self.to_router.send(Packet::Unsubscribe(unsubscribe, props));
                 Ok(())
@@ -579,6 +600,12 @@ impl Gateway {
                     DisconnectReasonCode::UnspecifiedError,
                     "cluster transfer stopped",
                 ));
+            }
+        }
+        for mut ready in std::mem::take(&mut self.group_waits) {
+            let waited = tokio::time::timeout(GROUP_WAIT, ready.wait_for(|r| *r)).await;
+            if !matches!(waited, Ok(Ok(_))) {
+                warn!("cluster: a shared group's consumer is not in place; subscribed anyway");
             }
         }
         self.to_router.saved();

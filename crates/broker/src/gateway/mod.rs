@@ -174,6 +174,12 @@ pub struct Gateway {
     own_subacks: usize,
     /// Topic aliases we give the client (`out_alias.rs`).
     out_aliases: out_alias::OutAliases,
+    /// With `[cluster]`, the shared groups this connection is a member of on this node
+    /// (`cluster/groups.rs`); boxed, as single nodes have none.
+    groups: Option<Box<crate::cluster::groups::Membership>>,
+    /// Groups joined by a SUBSCRIBE whose consumer may not exist yet: the SUBSCRIBE
+    /// waits for them with what waits for a save.
+    group_waits: Vec<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl Gateway {
@@ -210,7 +216,9 @@ impl Gateway {
         // rumqttd forgets a persistent session's subscription identifiers when its client
         // goes (it keeps the filters): given again before anything the client sends.
         let mut to_router = ToRouter::default();
+        let groups = shared.cluster.as_ref().map(|c| &c.groups);
         let again = crate::resubscribe::router_subscribes(
+            groups,
             identity.username.as_deref(),
             &session.subscriptions,
             |o| o.subscription_id.is_some(),
@@ -219,6 +227,15 @@ impl Gateway {
         for subscribe in again {
             to_router.send(subscribe);
         }
+        // A resumed session's shared subscriptions count here again (no waiting: the
+        // router had them all along).
+        let groups = shared.cluster.as_ref().map(|c| {
+            let mut m = c.groups.membership(identity.username.as_deref());
+            for f in session.subscriptions.keys() {
+                m.join(f);
+            }
+            Box::new(m)
+        });
         let sys = sys::sys_filters(&session.subscriptions)
             .next()
             .is_some()
@@ -252,6 +269,8 @@ impl Gateway {
             options,
             own_subacks,
             out_aliases: out_alias::OutAliases::new(client.topic_alias_max.unwrap_or(0)),
+            groups,
+            group_waits: Vec::new(),
         }
     }
 
@@ -532,6 +551,9 @@ impl Gateway {
         forwards
             .into_iter()
             .filter_map(|mut f| {
+                if !self.group_copy(&mut f.publish) {
+                    return None;
+                }
                 // At the lower of the published and the forwarded QoS; QoS 0 is not kept.
                 let (mut qos, _) = crate::codec::qos_and_pkid(&f.publish);
                 let p = &f.publish;

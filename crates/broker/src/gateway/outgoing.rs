@@ -5,7 +5,9 @@
 use super::deliver::{Delivery, Origin};
 use super::unacked::as_queued;
 use super::{Close, Gateway};
-use rumqttd::protocol::{Packet, PubAckReason, PubRec, PubRecReason, QoS, SubscribeReasonCode};
+use rumqttd::protocol::{
+    Packet, PubAckReason, PubRec, PubRecReason, Publish, QoS, SubscribeReasonCode,
+};
 use rumqttd::Notification;
 use tracing::warn;
 
@@ -18,10 +20,36 @@ impl Gateway {
         Ok(())
     }
 
+    /// A copy for a shared group across nodes (`cluster/groups.rs`) gets its real
+    /// topic back if this connection is a member of that group; `false` if it is not
+    /// (a `#` subscription matches every copy): it is never written.
+    pub(super) fn group_copy(&self, publish: &mut Publish) -> bool {
+        if !crate::cluster::groups::is_copy(&publish.topic) {
+            return true;
+        }
+        let real = self
+            .groups
+            .as_ref()
+            .and_then(|m| m.topic_of(&publish.topic).flatten())
+            .map(<[u8]>::len);
+        match real {
+            Some(len) => {
+                publish.topic = publish.topic.slice(publish.topic.len() - len..);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// A router forward through the deliver step, settled with the router.
     fn forward(&mut self, mut forward: rumqttd::Forward) -> Result<(), Close> {
         // What the publisher sent, out of the properties before anything copies them.
         let published = crate::origin::take(&mut forward.properties);
+        if !self.group_copy(&mut forward.publish) {
+            let (qos, pkid) = crate::codec::qos_and_pkid(&forward.publish);
+            self.to_router.withhold(qos, pkid);
+            return Ok(());
+        }
         // A durable session stores what it was sent until the client acknowledges it.
         let copy = self.session.key.is_some().then(|| {
             let p = &forward.publish;

@@ -1,0 +1,259 @@
+//! Shared subscriptions across nodes (docs/cluster.md, "Shared subscriptions across
+//! nodes"): their names and this node's membership.
+//!
+//! A group (its identity-namespaced name and its inner filter) is known on every node by
+//! its gid, a keyed hash. With `[cluster]` a member's subscription enters the router as
+//! `$share/<gid>/\0share/<gid>/<filter>`, so only copies published on
+//! `\0share/<gid>/<topic>` reach the group, never a client's publish (no topic name
+//! holds NUL): the node that pulled the message from the group's consumer publishes
+//! that copy (`cluster_groups.rs`), or [`Groups::deliver_here`] does for a message that
+//! never reaches the transfer stream. [`Membership`] is one connection's share: the
+//! first member of a group on this node starts its puller, the last one leaving stops
+//! it.
+
+use crate::router::{namespaced_group, split_shared, RouterHandle};
+use bytes::Bytes;
+use moatmq_store::ClusterSeal;
+use rumqttd::protocol::{PublishProperties, QoS};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use tokio::sync::{mpsc, watch};
+
+/// The first level of every group copy's topic: NUL, which no client's topic holds.
+pub const TOPIC_PREFIX: &str = "\0share/";
+
+/// Hex characters of a gid: 128 bits of the keyed hash.
+const GID_LEN: usize = 32;
+
+/// A group this node now has a member of: its puller starts (`cluster_groups.rs`).
+pub struct Start {
+    pub gid: String,
+    /// The group's inner filter.
+    pub filter: String,
+    /// Set by the puller once the group's consumer exists.
+    pub ready: watch::Sender<bool>,
+    /// Set when the last member on this node left.
+    pub stop: watch::Receiver<bool>,
+}
+
+/// A group with members on this node.
+struct Local {
+    filter: String,
+    members: usize,
+    ready: watch::Receiver<bool>,
+    stop: watch::Sender<bool>,
+}
+
+/// This node's groups.
+#[derive(Clone)]
+pub struct Groups {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    seal: Arc<ClusterSeal>,
+    router: RouterHandle,
+    local: Mutex<HashMap<String, Local>>,
+    starts: mpsc::UnboundedSender<Start>,
+}
+
+impl Groups {
+    /// The groups of a node and the queue of pullers to start.
+    pub fn new(
+        seal: Arc<ClusterSeal>,
+        router: RouterHandle,
+    ) -> (Groups, mpsc::UnboundedReceiver<Start>) {
+        let (starts, queue) = mpsc::unbounded_channel();
+        let inner = Inner {
+            seal,
+            router,
+            local: Mutex::new(HashMap::new()),
+            starts,
+        };
+        (
+            Groups {
+                inner: Arc::new(inner),
+            },
+            queue,
+        )
+    }
+
+    /// The gid of the namespaced `group` with inner filter `filter`.
+    pub fn id(&self, group: &str, filter: &str) -> String {
+        let mut gid = self.inner.seal.key_of(&format!("share\0{group}\0{filter}"));
+        gid.truncate(GID_LEN);
+        gid
+    }
+
+    /// The router's filter for a member of the namespaced `group` on `filter`: the gid
+    /// is rumqttd's group name (one per identity, name and filter) and the topic level
+    /// before the filter.
+    pub fn router_filter(&self, group: &str, filter: &str) -> String {
+        let gid = self.id(group, filter);
+        format!("$share/{gid}/{TOPIC_PREFIX}{gid}/{filter}")
+    }
+
+    /// A connection's share of the groups, empty.
+    pub fn membership(&self, username: Option<&str>) -> Membership {
+        Membership {
+            groups: self.clone(),
+            username: username.map(str::to_string),
+            held: HashMap::new(),
+        }
+    }
+
+    /// Gives a message that never reaches the transfer stream (no NATS subject, queue
+    /// full, a NATS-native message) to this node's members of each group it matches.
+    pub fn deliver_here(
+        &self,
+        topic: &str,
+        payload: &Bytes,
+        qos: QoS,
+        retain: bool,
+        props: Option<&PublishProperties>,
+    ) {
+        let matching: Vec<String> = self
+            .local()
+            .iter()
+            .filter(|(_, g)| moatmq_acl::topic_matches_filter(&g.filter, topic))
+            .map(|(gid, _)| gid.clone())
+            .collect();
+        for gid in matching {
+            self.publish_copy(&gid, topic, payload.clone(), qos, retain, props.cloned());
+        }
+    }
+
+    /// Publishes the copy of a message for group `gid` into this node's router: one of
+    /// the node's members gets it.
+    pub fn publish_copy(
+        &self,
+        gid: &str,
+        topic: &str,
+        payload: Bytes,
+        qos: QoS,
+        retain: bool,
+        props: Option<PublishProperties>,
+    ) {
+        let topic = Bytes::from(format!("{TOPIC_PREFIX}{gid}/{topic}"));
+        self.inner
+            .router
+            .publish(topic, payload, qos, retain, props);
+    }
+
+    /// Whether this node still has a member of `gid`.
+    pub fn has_members(&self, gid: &str) -> bool {
+        self.local().contains_key(gid)
+    }
+
+    fn local(&self) -> MutexGuard<'_, HashMap<String, Local>> {
+        self.inner
+            .local
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// One more member of `gid` here; the first starts its puller.
+    fn join(&self, gid: &str, filter: &str) -> watch::Receiver<bool> {
+        let mut local = self.local();
+        if let Some(group) = local.get_mut(gid) {
+            group.members += 1;
+            return group.ready.clone();
+        }
+        let (ready_tx, ready) = watch::channel(false);
+        let (stop, stop_rx) = watch::channel(false);
+        let start = Start {
+            gid: gid.to_string(),
+            filter: filter.to_string(),
+            ready: ready_tx,
+            stop: stop_rx,
+        };
+        // The receiver lives as long as the cluster input; after it, nothing pulls.
+        let _ = self.inner.starts.send(start);
+        local.insert(
+            gid.to_string(),
+            Local {
+                filter: filter.to_string(),
+                members: 1,
+                ready: ready.clone(),
+                stop,
+            },
+        );
+        ready
+    }
+
+    /// One member of `gid` fewer here; the last stops its puller.
+    fn leave(&self, gid: &str) {
+        let mut local = self.local();
+        let Some(group) = local.get_mut(gid) else {
+            return;
+        };
+        group.members = group.members.saturating_sub(1);
+        if group.members == 0 {
+            if let Some(group) = local.remove(gid) {
+                group.stop.send_replace(true);
+            }
+        }
+    }
+}
+
+/// One connection's shared subscriptions with `[cluster]`; it leaves their groups when
+/// dropped (the connection ended).
+pub struct Membership {
+    groups: Groups,
+    username: Option<String>,
+    /// The client's filter (`$share/<group>/<filter>`) and its gid.
+    held: HashMap<String, String>,
+}
+
+impl Membership {
+    /// The connection holds `filter`: if it is a shared subscription it did not hold
+    /// yet, it joins the group, and the answer says when the group's consumer exists.
+    pub fn join(&mut self, filter: &str) -> Option<watch::Receiver<bool>> {
+        let (group, inner) = split_shared(filter)?;
+        if self.held.contains_key(filter) {
+            return None;
+        }
+        let gid = self
+            .groups
+            .id(&namespaced_group(self.username.as_deref(), group), inner);
+        let ready = self.groups.join(&gid, inner);
+        self.held.insert(filter.to_string(), gid);
+        Some(ready)
+    }
+
+    /// The connection no longer holds `filter`.
+    pub fn leave(&mut self, filter: &str) {
+        if let Some(gid) = self.held.remove(filter) {
+            self.groups.leave(&gid);
+        }
+    }
+
+    /// The topic of a group copy (`\0share/<gid>/<topic>`) for this connection: `None`
+    /// if `topic` is not a group copy; `Some(None)` if it is one of a group this
+    /// connection is not a member of (a `#` subscription matches it too).
+    pub fn topic_of<'a>(&self, topic: &'a [u8]) -> Option<Option<&'a [u8]>> {
+        let rest = topic.strip_prefix(TOPIC_PREFIX.as_bytes())?;
+        let slash = rest.iter().position(|&b| b == b'/');
+        let mine = slash.and_then(|at| {
+            let gid = &rest[..at];
+            self.held
+                .values()
+                .any(|g| g.as_bytes() == gid)
+                .then(|| &rest[at + 1..])
+        });
+        Some(mine)
+    }
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        for gid in self.held.values() {
+            self.groups.leave(gid);
+        }
+    }
+}
+
+/// Whether `topic` is a group copy: never one of a client's messages.
+pub fn is_copy(topic: &[u8]) -> bool {
+    topic.starts_with(TOPIC_PREFIX.as_bytes())
+}

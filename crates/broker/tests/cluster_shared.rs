@@ -1,0 +1,186 @@
+//! Shared subscriptions across cluster nodes (docs/cluster.md, "Shared subscriptions
+//! across nodes"): a `nats-server -js` on loopback, three in-process nodes, rumqttc
+//! clients. A group with members on several nodes gets each message once, on one of
+//! them, and every node with members gets some; a member leaving leaves the rest
+//! everything; two identities' same-named groups stay apart; the read ACL still
+//! decides on the node that delivers.
+
+mod cluster_support;
+
+use cluster_support::{node, password, Nats};
+use moatmq_testkit::{v4, QUIET};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+async fn login(addr: SocketAddr, id: &str, user: &str) -> v4::Client {
+    let mut o = v4::options(addr, id);
+    o.set_credentials(user, password(user));
+    v4::connect(o).await.expect("login")
+}
+
+/// A member of `filter` (`$share/...`) on `addr`, subscribed at QoS 1.
+async fn member(addr: SocketAddr, id: &str, user: &str, filter: &str) -> v4::Client {
+    let mut c = login(addr, id, user).await;
+    c.subscribe_acked(filter).await;
+    c
+}
+
+/// Publishes `0..n` (prefixed with `tag`) to `topic` at QoS 1, each acknowledged.
+async fn publish_n(c: &mut v4::Client, topic: &str, tag: &str, n: usize) {
+    for i in 0..n {
+        c.publish_acked(topic, false, format!("{tag}{i}")).await;
+    }
+}
+
+/// Every payload a client gets until nothing arrives for a while (the group's copies
+/// cross NATS twice: a little more than [`QUIET`]).
+async fn drain(c: &mut v4::Client) -> Vec<String> {
+    let mut got = Vec::new();
+    while let Some(p) = c.publish_within(QUIET * 3).await {
+        got.push(String::from_utf8_lossy(&p.payload).into_owned());
+    }
+    got
+}
+
+/// How often each payload arrived across `members`, and how many each member got.
+async fn tally(members: &mut [&mut v4::Client]) -> (BTreeMap<String, usize>, Vec<usize>) {
+    let mut seen = BTreeMap::new();
+    let mut per_member = Vec::new();
+    for m in members.iter_mut() {
+        let got = drain(m).await;
+        per_member.push(got.len());
+        for p in got {
+            *seen.entry(p).or_insert(0) += 1;
+        }
+    }
+    (seen, per_member)
+}
+
+/// Each of `0..n` (prefixed with `tag`) exactly once.
+fn assert_once(seen: &BTreeMap<String, usize>, tag: &str, n: usize) {
+    let want: BTreeMap<String, usize> = (0..n).map(|i| (format!("{tag}{i}"), 1)).collect();
+    assert_eq!(seen, &want, "every message exactly once across the group");
+}
+
+#[tokio::test]
+async fn a_group_on_two_nodes_gets_each_message_once_and_both_nodes_get_some() {
+    let nats = Nats::start().await;
+    let a = node(&nats, "node-a").await;
+    let b = node(&nats, "node-b").await;
+    let c = node(&nats, "node-c").await;
+    let filter = "$share/workers/alice/jobs";
+    let mut on_b = member(b.first_addr(), "w-b", "alice", filter).await;
+    let mut on_c = member(c.first_addr(), "w-c", "alice", filter).await;
+    let mut publisher = login(a.first_addr(), "pub", "alice").await;
+    publish_n(&mut publisher, "alice/jobs", "j", 40).await;
+    let (seen, per_member) = tally(&mut [&mut on_b, &mut on_c]).await;
+    assert_once(&seen, "j", 40);
+    assert!(
+        per_member.iter().all(|&n| n > 0),
+        "both nodes' members get some: {per_member:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_group_with_a_member_on_the_publishing_node_too_gets_each_message_once() {
+    let nats = Nats::start().await;
+    let a = node(&nats, "node-a").await;
+    let b = node(&nats, "node-b").await;
+    let c = node(&nats, "node-c").await;
+    let filter = "$share/workers/alice/+";
+    let mut on_a = member(a.first_addr(), "w-a", "alice", filter).await;
+    let mut on_b = member(b.first_addr(), "w-b", "alice", filter).await;
+    let mut on_c = member(c.first_addr(), "w-c", "alice", filter).await;
+    let mut publisher = login(a.first_addr(), "pub", "alice").await;
+    publish_n(&mut publisher, "alice/jobs", "j", 30).await;
+    let (seen, per_member) = tally(&mut [&mut on_a, &mut on_b, &mut on_c]).await;
+    assert_once(&seen, "j", 30);
+    assert_eq!(per_member.iter().sum::<usize>(), 30, "{per_member:?}");
+}
+
+#[tokio::test]
+async fn members_leaving_leave_the_rest_of_the_group_everything() {
+    let nats = Nats::start().await;
+    let a = node(&nats, "node-a").await;
+    let b = node(&nats, "node-b").await;
+    let c = node(&nats, "node-c").await;
+    let filter = "$share/workers/alice/jobs";
+    let mut b1 = member(b.first_addr(), "w-b1", "alice", filter).await;
+    let mut b2 = member(b.first_addr(), "w-b2", "alice", filter).await;
+    let mut c1 = member(c.first_addr(), "w-c1", "alice", filter).await;
+    let mut publisher = login(a.first_addr(), "pub", "alice").await;
+    publish_n(&mut publisher, "alice/jobs", "x", 10).await;
+    let (seen, _) = tally(&mut [&mut b1, &mut b2, &mut c1]).await;
+    assert_once(&seen, "x", 10);
+
+    // One of node B's two members goes: B and C still share the group.
+    b1.client.disconnect().await.unwrap();
+    b1.closed_within(moatmq_testkit::WAIT).await;
+    publish_n(&mut publisher, "alice/jobs", "y", 10).await;
+    let (seen, _) = tally(&mut [&mut b2, &mut c1]).await;
+    assert_once(&seen, "y", 10);
+
+    // Node B's last member unsubscribes: node C's member gets everything.
+    b2.client.unsubscribe(filter).await.unwrap();
+    let unsubscribed = b2
+        .incoming(|p| matches!(p, rumqttc::Packet::UnsubAck(_)).then_some(()))
+        .await;
+    assert!(unsubscribed.is_some(), "UNSUBACK");
+    publish_n(&mut publisher, "alice/jobs", "z", 10).await;
+    let (seen, per_member) = tally(&mut [&mut b2, &mut c1]).await;
+    assert_once(&seen, "z", 10);
+    assert_eq!(per_member, vec![0, 10], "all on node C");
+}
+
+#[tokio::test]
+async fn two_tenants_same_named_groups_on_the_same_filter_stay_apart() {
+    let nats = Nats::start().await;
+    let a = node(&nats, "node-a").await;
+    let b = node(&nats, "node-b").await;
+    let c = node(&nats, "node-c").await;
+    // Both may read and write common/#: one group name, one filter, two identities.
+    let filter = "$share/workers/common/jobs";
+    let mut alice_b = member(b.first_addr(), "aw-b", "alice", filter).await;
+    let mut alice_c = member(c.first_addr(), "aw-c", "alice", filter).await;
+    let mut bob_b = member(b.first_addr(), "bw-b", "bob", filter).await;
+    let mut bob_c = member(c.first_addr(), "bw-c", "bob", filter).await;
+    let mut admin = login(a.first_addr(), "admin-pub", "admin").await;
+    publish_n(&mut admin, "common/jobs", "j", 20).await;
+    // Each identity's group gets every message once: neither takes the other's turns.
+    let (seen, _) = tally(&mut [&mut alice_b, &mut alice_c]).await;
+    assert_once(&seen, "j", 20);
+    let (seen, _) = tally(&mut [&mut bob_b, &mut bob_c]).await;
+    assert_once(&seen, "j", 20);
+}
+
+#[tokio::test]
+async fn the_read_acl_still_decides_on_the_node_that_delivers() {
+    let nats = Nats::start().await;
+    let a = node(&nats, "node-a").await;
+    let b = node(&nats, "node-b").await;
+    let c = node(&nats, "node-c").await;
+    // alice may read alice/# but not alice/secret/#; admin may write anything.
+    let filter = "$share/workers/alice/#";
+    let mut on_b = member(b.first_addr(), "w-b", "alice", filter).await;
+    let mut on_c = member(c.first_addr(), "w-c", "alice", filter).await;
+    let mut admin = login(a.first_addr(), "admin-pub", "admin").await;
+    for i in 0..10 {
+        admin
+            .publish_acked("alice/secret/x", false, format!("s{i}"))
+            .await;
+        admin
+            .publish_acked("alice/ok", false, format!("k{i}"))
+            .await;
+    }
+    let (seen, _) = tally(&mut [&mut on_b, &mut on_c]).await;
+    assert_once(&seen, "k", 10);
+    // A `#` subscriber of another identity sees its own messages only, never a copy.
+    let mut watcher = member(b.first_addr(), "watch", "admin", "#").await;
+    admin.publish_acked("alice/ok", false, "late").await;
+    let got = drain(&mut watcher).await;
+    assert_eq!(
+        got,
+        vec!["late".to_string()],
+        "one copy, under its real topic"
+    );
+}
