@@ -80,17 +80,12 @@ impl Groups {
 
     /// The gid of the namespaced `group` with inner filter `filter`.
     pub fn id(&self, group: &str, filter: &str) -> String {
-        let mut gid = self.inner.seal.key_of(&format!("share\0{group}\0{filter}"));
-        gid.truncate(GID_LEN);
-        gid
+        gid(&self.inner.seal, group, filter)
     }
 
-    /// The router's filter for a member of the namespaced `group` on `filter`: the gid
-    /// is rumqttd's group name (one per identity, name and filter) and the topic level
-    /// before the filter.
+    /// The router's filter for a member of the namespaced `group` on `filter`.
     pub fn router_filter(&self, group: &str, filter: &str) -> String {
-        let gid = self.id(group, filter);
-        format!("$share/{gid}/{TOPIC_PREFIX}{gid}/{filter}")
+        member_filter(&self.id(group, filter), filter)
     }
 
     /// A connection's share of the groups, empty.
@@ -232,16 +227,7 @@ impl Membership {
     /// if `topic` is not a group copy; `Some(None)` if it is one of a group this
     /// connection is not a member of (a `#` subscription matches it too).
     pub fn topic_of<'a>(&self, topic: &'a [u8]) -> Option<Option<&'a [u8]>> {
-        let rest = topic.strip_prefix(TOPIC_PREFIX.as_bytes())?;
-        let slash = rest.iter().position(|&b| b == b'/');
-        let mine = slash.and_then(|at| {
-            let gid = &rest[..at];
-            self.held
-                .values()
-                .any(|g| g.as_bytes() == gid)
-                .then(|| &rest[at + 1..])
-        });
-        Some(mine)
+        copy_topic(self.held.values().map(String::as_str), topic)
     }
 }
 
@@ -256,4 +242,79 @@ impl Drop for Membership {
 /// Whether `topic` is a group copy: never one of a client's messages.
 pub fn is_copy(topic: &[u8]) -> bool {
     topic.starts_with(TOPIC_PREFIX.as_bytes())
+}
+
+/// The gid of the namespaced `group` with inner filter `filter`: a keyed hash, so
+/// neither NATS nor anyone without the cluster key learns the group or the filter.
+fn gid(seal: &ClusterSeal, group: &str, filter: &str) -> String {
+    let mut gid = seal.key_of(&format!("share\0{group}\0{filter}"));
+    gid.truncate(GID_LEN);
+    gid
+}
+
+/// The router filter of a member of group `gid` on `filter`: the gid is rumqttd's group
+/// name (one group per identity, name and filter) and the level before the filter.
+fn member_filter(gid: &str, filter: &str) -> String {
+    format!("$share/{gid}/{TOPIC_PREFIX}{gid}/{filter}")
+}
+
+/// The real topic of the group copy `topic` if its gid is one of `held`; see
+/// [`Membership::topic_of`].
+fn copy_topic<'a, 'h>(
+    mut held: impl Iterator<Item = &'h str>,
+    topic: &'a [u8],
+) -> Option<Option<&'a [u8]>> {
+    let rest = topic.strip_prefix(TOPIC_PREFIX.as_bytes())?;
+    let mine = rest.iter().position(|&b| b == b'/').and_then(|at| {
+        let gid = &rest[..at];
+        held.any(|g| g.as_bytes() == gid).then(|| &rest[at + 1..])
+    });
+    Some(mine)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::router::namespaced_group;
+
+    fn seal() -> ClusterSeal {
+        ClusterSeal::new(&moatmq_store::RetainedKey::from_hex(&"07".repeat(32)).unwrap())
+    }
+
+    #[test]
+    fn gids_are_per_identity_group_and_filter_and_hold_no_plaintext() {
+        let seal = seal();
+        let alice = namespaced_group(Some("alice"), "workers");
+        let bob = namespaced_group(Some("bob"), "workers");
+        let g = gid(&seal, &alice, "jobs/#");
+        assert_eq!(g.len(), GID_LEN);
+        assert!(g.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_eq!(g, gid(&seal, &alice, "jobs/#"), "the same on every node");
+        assert_ne!(g, gid(&seal, &bob, "jobs/#"), "another identity's group");
+        assert_ne!(g, gid(&seal, &alice, "jobs/+"), "another filter");
+        assert_ne!(g, gid(&seal, &namespaced_group(None, "workers"), "jobs/#"));
+        let other =
+            ClusterSeal::new(&moatmq_store::RetainedKey::from_hex(&"08".repeat(32)).unwrap());
+        assert_ne!(g, gid(&other, &alice, "jobs/#"), "another cluster key");
+        let filter = member_filter(&g, "jobs/#");
+        assert_eq!(filter, format!("$share/{g}/\0share/{g}/jobs/#"));
+        assert!(!filter.contains("workers") && !filter.contains("alice"));
+    }
+
+    #[test]
+    fn copies_are_for_their_group_only_and_no_client_can_make_one() {
+        fn copy(t: &[u8]) -> Option<Option<&[u8]>> {
+            copy_topic(["aa", "bb"].into_iter(), t)
+        }
+        assert_eq!(copy(b"\0share/bb/jobs/1"), Some(Some(&b"jobs/1"[..])));
+        assert_eq!(copy(b"\0share/cc/jobs/1"), Some(None), "another group's");
+        assert_eq!(copy(b"\0share/b/jobs/1"), Some(None), "a prefix of a gid");
+        assert_eq!(copy(b"\0share/bb"), Some(None), "no topic");
+        assert_eq!(copy(b"jobs/1"), None, "not a copy");
+        assert!(!is_copy(b"share/bb/jobs"));
+        // NUL is in no client's topic name or filter, nor in cluster input's.
+        assert!(!moatmq_acl::valid_topic_name("\0share/bb/jobs"));
+        assert!(!moatmq_acl::valid_topic_filter("\0share/#"));
+        assert!(!moatmq_acl::valid_topic_filter("$share/g/\0share/#"));
+    }
 }

@@ -524,6 +524,23 @@ mod tests {
     }
 
     #[test]
+    fn a_group_consumer_opens_its_own_nodes_messages_with_the_same_checks() {
+        let key = moatmq_store::RetainedKey::from_hex(&"01".repeat(32)).unwrap();
+        let seal = ClusterSeal::new(&key);
+        let value = seal
+            .seal_transfer("m_xfer", "a:1:1", &encode(&envelope(), b"p"))
+            .unwrap();
+        let opened = open_any(&seal, "m_xfer", "m_xfer.a", Some("a:1:1"), &value);
+        assert_eq!(opened, Ok((envelope(), Bytes::from_static(b"p"))));
+        for (subject, id) in [("m_xfer.c", Some("a:1:1")), ("m_xfer.a", None)] {
+            assert!(matches!(
+                open_any(&seal, "m_xfer", subject, id, &value),
+                Err(Rejected::Refused(_))
+            ));
+        }
+    }
+
+    #[test]
     fn seen_ids_are_dropped_once_each() {
         let mut seen = Seen::default();
         assert!(seen.first("a:1:1"));
