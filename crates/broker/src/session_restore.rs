@@ -112,7 +112,7 @@ pub(crate) async fn resubscribe(
 ) -> Result<(), RestoreError> {
     let (mut tx, mut rx, _ack) = shared.router.connect(router_id.to_string(), false).await?;
     let groups = shared.cluster.as_ref().map(|c| &c.groups);
-    for subscribe in router_subscribes(groups, owner, subscriptions, |_| true) {
+    for subscribe in router_subscribes(groups, owner, subscriptions, |_, _| true) {
         tx.send(subscribe).await.map_err(Box::new)?;
         let acked = tokio::time::timeout(Duration::from_secs(5), async {
             loop {

@@ -184,3 +184,69 @@ async fn the_read_acl_still_decides_on_the_node_that_delivers() {
         "one copy, under its real topic"
     );
 }
+
+#[tokio::test]
+async fn a_member_also_subscribed_to_everything_gets_each_group_message_once() {
+    let nats = Nats::start().await;
+    let a = node(&nats, "node-a").await;
+    let b = node(&nats, "node-b").await;
+    let c = node(&nats, "node-c").await;
+    let filter = "$share/workers/common/jobs";
+    // `#` matches the router topic of the group's copies too: only the group's own
+    // forward of a copy may reach a member.
+    let mut wide = member(b.first_addr(), "w-wide", "admin", filter).await;
+    wide.subscribe_acked("#").await;
+    let mut on_b = member(b.first_addr(), "w-b", "admin", filter).await;
+    let mut on_c = member(c.first_addr(), "w-c", "admin", filter).await;
+    let mut publisher = login(a.first_addr(), "pub", "alice").await;
+    publish_n(&mut publisher, "common/jobs", "j", 30).await;
+    let (seen, per_member) = tally(&mut [&mut wide, &mut on_b, &mut on_c]).await;
+    // Once through `#`, once through the group.
+    let want: BTreeMap<String, usize> = (0..30).map(|i| (format!("j{i}"), 2)).collect();
+    assert_eq!(seen, want, "{per_member:?}");
+}
+
+#[tokio::test]
+async fn an_mqtt5_member_gets_its_own_subscription_identifier_on_the_groups_messages() {
+    use rumqttc::v5::mqttbytes::v5::{Packet, SubscribeProperties};
+    use rumqttc::v5::mqttbytes::QoS;
+    let nats = Nats::start().await;
+    let a = node(&nats, "node-a").await;
+    let b = node(&nats, "node-b").await;
+    let c = node(&nats, "node-c").await;
+    let filter = "$share/workers/alice/jobs";
+    let mut members = Vec::new();
+    for (addr, id) in [(b.first_addr(), "m5-b"), (c.first_addr(), "m5-c")] {
+        let mut o = moatmq_testkit::v5::options(addr, id);
+        o.set_credentials("alice", password("alice"));
+        let mut m = moatmq_testkit::v5::connect(o).await.expect("login");
+        let props = SubscribeProperties {
+            id: Some(7),
+            user_properties: Vec::new(),
+        };
+        m.client
+            .subscribe_with_properties(filter, QoS::AtLeastOnce, props)
+            .await
+            .expect("subscribe queued");
+        m.incoming(|p| matches!(p, Packet::SubAck(_)).then_some(()))
+            .await
+            .expect("SUBACK");
+        members.push(m);
+    }
+    let mut publisher = login(a.first_addr(), "pub", "alice").await;
+    publish_n(&mut publisher, "alice/jobs", "j", 10).await;
+    let mut got = 0;
+    for m in &mut members {
+        while let Some(p) = m.publish_within(QUIET * 3).await {
+            got += 1;
+            assert_eq!(&p.topic[..], b"alice/jobs");
+            let ids = p.properties.map(|p| p.subscription_identifiers);
+            assert_eq!(
+                ids,
+                Some(vec![7]),
+                "the member's own identifier, not the mark"
+            );
+        }
+    }
+    assert_eq!(got, 10, "each message once");
+}

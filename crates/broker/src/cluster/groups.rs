@@ -10,6 +10,11 @@
 //! never reaches the transfer stream. [`Membership`] is one connection's share: the
 //! first member of a group on this node starts its puller, the last one leaving stops
 //! it.
+//!
+//! A `#` (or `+/...`) subscription matches a copy's topic too. Its forwards of copies are
+//! dropped at the gateway, told apart from the group's own by [`MARK`]: the router
+//! subscription of a group member carries that subscription identifier, which the
+//! router adds to every forward through it, and which no client can use.
 
 use crate::router::{namespaced_group, split_shared, RouterHandle};
 use bytes::Bytes;
@@ -21,6 +26,11 @@ use tokio::sync::{mpsc, watch};
 
 /// The first level of every group copy's topic: NUL, which no client's topic holds.
 pub const TOPIC_PREFIX: &str = "\0share/";
+
+/// The subscription identifier of every group member's router subscription: one past
+/// MQTT's largest (268,435,455), so no client's, and rumqttd stores any `usize`. The
+/// gateway takes it out of each forward before anything encodes it.
+pub const MARK: usize = 0x1000_0000;
 
 /// Hex characters of a gid: 128 bits of the keyed hash.
 const GID_LEN: usize = 32;
@@ -107,6 +117,10 @@ impl Groups {
         retain: bool,
         props: Option<&PublishProperties>,
     ) {
+        if topic.starts_with('$') {
+            // rumqttd matches no filter to a `$` topic: no group gets one on one node.
+            return;
+        }
         let matching: Vec<String> = self
             .local()
             .iter()
@@ -223,11 +237,14 @@ impl Membership {
         }
     }
 
-    /// The topic of a group copy (`\0share/<gid>/<topic>`) for this connection: `None`
-    /// if `topic` is not a group copy; `Some(None)` if it is one of a group this
-    /// connection is not a member of (a `#` subscription matches it too).
-    pub fn topic_of<'a>(&self, topic: &'a [u8]) -> Option<Option<&'a [u8]>> {
-        copy_topic(self.held.values().map(String::as_str), topic)
+    /// The group copy `topic` (`\0share/<gid>/<topic>`) for this connection: the
+    /// client's filter of that group and the real topic; `None` if it is one of a group
+    /// this connection is not a member of.
+    pub fn copy_of<'a, 'm>(&'m self, topic: &'a [u8]) -> Option<(&'m str, &'a [u8])> {
+        copy_topic(
+            self.held.iter().map(|(f, g)| (f.as_str(), g.as_str())),
+            topic,
+        )
     }
 }
 
@@ -258,18 +275,17 @@ fn member_filter(gid: &str, filter: &str) -> String {
     format!("$share/{gid}/{TOPIC_PREFIX}{gid}/{filter}")
 }
 
-/// The real topic of the group copy `topic` if its gid is one of `held`; see
-/// [`Membership::topic_of`].
+/// The filter (of `held`: filter and gid) and the real topic of the group copy `topic`,
+/// if its gid is held; see [`Membership::copy_of`].
 fn copy_topic<'a, 'h>(
-    mut held: impl Iterator<Item = &'h str>,
+    mut held: impl Iterator<Item = (&'h str, &'h str)>,
     topic: &'a [u8],
-) -> Option<Option<&'a [u8]>> {
+) -> Option<(&'h str, &'a [u8])> {
     let rest = topic.strip_prefix(TOPIC_PREFIX.as_bytes())?;
-    let mine = rest.iter().position(|&b| b == b'/').and_then(|at| {
-        let gid = &rest[..at];
-        held.any(|g| g.as_bytes() == gid).then(|| &rest[at + 1..])
-    });
-    Some(mine)
+    let at = rest.iter().position(|&b| b == b'/')?;
+    let gid = &rest[..at];
+    let (filter, _) = held.find(|(_, g)| g.as_bytes() == gid)?;
+    Some((filter, &rest[at + 1..]))
 }
 
 #[cfg(test)]
@@ -303,13 +319,16 @@ mod tests {
 
     #[test]
     fn copies_are_for_their_group_only_and_no_client_can_make_one() {
-        fn copy(t: &[u8]) -> Option<Option<&[u8]>> {
-            copy_topic(["aa", "bb"].into_iter(), t)
+        fn copy(t: &[u8]) -> Option<(&'static str, &[u8])> {
+            copy_topic([("$share/a/#", "aa"), ("$share/b/#", "bb")].into_iter(), t)
         }
-        assert_eq!(copy(b"\0share/bb/jobs/1"), Some(Some(&b"jobs/1"[..])));
-        assert_eq!(copy(b"\0share/cc/jobs/1"), Some(None), "another group's");
-        assert_eq!(copy(b"\0share/b/jobs/1"), Some(None), "a prefix of a gid");
-        assert_eq!(copy(b"\0share/bb"), Some(None), "no topic");
+        assert_eq!(
+            copy(b"\0share/bb/jobs/1"),
+            Some(("$share/b/#", &b"jobs/1"[..]))
+        );
+        assert_eq!(copy(b"\0share/cc/jobs/1"), None, "another group's");
+        assert_eq!(copy(b"\0share/b/jobs/1"), None, "a prefix of a gid");
+        assert_eq!(copy(b"\0share/bb"), None, "no topic");
         assert_eq!(copy(b"jobs/1"), None, "not a copy");
         assert!(!is_copy(b"share/bb/jobs"));
         // NUL is in no client's topic name or filter, nor in cluster input's.

@@ -16,7 +16,8 @@ use crate::topic::{valid_topic_filter, valid_topic_name};
 use moatmq_store::SubscriptionOptions;
 use rumqttd::protocol::{
     DisconnectReasonCode, Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec,
-    PubRecReason, QoS, RetainForwardRule, SubAck, SubscribeReasonCode, UnsubAck, UnsubAckReason,
+    PubRecReason, QoS, RetainForwardRule, SubAck, Subscribe, SubscribeProperties,
+    SubscribeReasonCode, UnsubAck, UnsubAckReason,
 };
 use tokio::time::Instant;
 use tracing::warn;
@@ -212,6 +213,9 @@ impl Gateway {
                 let mut jobs = Vec::new();
                 let mut refused = Vec::with_capacity(subscribe.filters.len());
                 let mut kept = Vec::with_capacity(subscribe.filters.len());
+                // With `[cluster]`, shared subscriptions go to the router in a SUBSCRIBE
+                // of their own, marked (`cluster/groups.rs`); their slots are answered here.
+                let mut members = Vec::new();
                 for filter in subscribe.filters.drain(..) {
                     let mut reason = self.check_filter(&filter.path);
                     if reason.is_none() {
@@ -250,6 +254,10 @@ impl Gateway {
                         if is_sys(&filter.path) {
                             // The gateway's own (`sys.rs`): its slot is answered here.
                             reason = Some(SubscribeReasonCode::Success(filter.qos));
+                        } else if self.groups.is_some() && filter.path.starts_with("$share/") {
+                            // rumqttd grants the QoS asked for, as it would have here.
+                            reason = Some(SubscribeReasonCode::Success(filter.qos));
+                            members.push(filter);
                         } else {
                             kept.push(filter);
                         }
@@ -257,7 +265,7 @@ impl Gateway {
                     refused.push(reason);
                 }
                 self.subscriptions_changed();
-                if kept.is_empty() {
+                if kept.is_empty() && members.is_empty() {
                     let codes = refused.into_iter().flatten().collect();
                     self.write(Packet::SubAck(
                         SubAck {
@@ -277,24 +285,37 @@ impl Gateway {
                 self.session_changed();
                 let user = self.identity.username.as_deref();
                 let groups = self.shared.cluster.as_ref().map(|c| &c.groups);
-                let mut joined = false;
                 for f in &mut kept {
-                    if let Some(ready) = self.groups.as_mut().and_then(|m| m.join(&f.path)) {
-                        self.group_waits.push(ready);
-                        joined = true;
-                    }
                     f.path = router_filter(groups, user, &f.path);
                 }
                 subscribe.filters = kept;
                 let packet = Packet::Subscribe(subscribe, props);
-                if joined {
-                    // A group new to this connection: the SUBACK waits until the
-                    // group's consumer exists (docs/cluster.md), or a message published
-                    // right after it could be missed by a consumer created later.
-                    self.to_router.after_transfer(packet);
-                } else {
+                if members.is_empty() {
                     self.to_router.send(packet);
+                    return Ok(());
                 }
+                for f in &mut members {
+                    if let Some(ready) = self.groups.as_mut().and_then(|m| m.join(&f.path)) {
+                        self.group_waits.push(ready);
+                    }
+                    f.path = router_filter(groups, user, &f.path);
+                }
+                let marked = Subscribe {
+                    pkid: super::GROUP_SUBSCRIBE,
+                    filters: members,
+                };
+                let mark = SubscribeProperties {
+                    id: Some(crate::cluster::groups::MARK),
+                    user_properties: Vec::new(),
+                };
+                // Both wait until the groups' consumers exist (docs/cluster.md), or a
+                // message published right after the SUBACK could be missed by a consumer
+                // created later. The client's SUBSCRIBE follows, with what is left of
+                // it (maybe nothing): the router's SUBACK to it comes after the groups'.
+                self.group_subacks += 1;
+                self.to_router
+                    .after_transfer(Packet::Subscribe(marked, Some(mark)));
+                self.to_router.after_transfer(packet);
                 Ok(())
             }
             Packet::Unsubscribe(mut unsubscribe, props) => {

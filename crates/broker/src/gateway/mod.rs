@@ -63,6 +63,13 @@ use window::OutWindow;
 /// idle devices keeps only what each must (docs/benchmarks.md, idle connections).
 const IDLE_TRIM: Duration = Duration::from_secs(5);
 
+/// The packet id of the gateway's SUBSCRIBEs of shared-group members (`[cluster]`):
+/// none of a valid client's (MQTT packet ids start at 1). The router answers in order,
+/// and each is followed by the client's own SUBSCRIBE, so the first SUBACK with this id
+/// while one is owed is ours (unless the client broke the protocol twice over: sent id
+/// 0, and twice before an answer).
+const GROUP_SUBSCRIBE: u16 = 0;
+
 /// How long, and for how many bytes at most, what a client still sends after its MQTT 5
 /// DISCONNECT is read and dropped before the socket closes (`Reader::drain`).
 const LINGER: Duration = Duration::from_secs(2);
@@ -180,6 +187,8 @@ pub struct Gateway {
     /// Groups joined by a SUBSCRIBE whose consumer may not exist yet: the SUBSCRIBE
     /// waits for them with what waits for a save.
     group_waits: Vec<tokio::sync::watch::Receiver<bool>>,
+    /// SUBACKs the router owes for the group members' SUBSCRIBEs ([`GROUP_SUBSCRIBE`]).
+    group_subacks: u32,
 }
 
 impl Gateway {
@@ -221,7 +230,8 @@ impl Gateway {
             groups,
             identity.username.as_deref(),
             &session.subscriptions,
-            |o| o.subscription_id.is_some(),
+            // With `[cluster]`, a group member's subscription carries the group's mark.
+            |f, o| o.subscription_id.is_some() || (groups.is_some() && f.starts_with("$share/")),
         );
         let own_subacks = again.len();
         for subscribe in again {
@@ -271,6 +281,7 @@ impl Gateway {
             out_aliases: out_alias::OutAliases::new(client.topic_alias_max.unwrap_or(0)),
             groups,
             group_waits: Vec::new(),
+            group_subacks: 0,
         }
     }
 
@@ -551,7 +562,7 @@ impl Gateway {
         forwards
             .into_iter()
             .filter_map(|mut f| {
-                if !self.group_copy(&mut f.publish) {
+                if !self.group_copy(&mut f.publish, &mut f.properties) {
                     return None;
                 }
                 // At the lower of the published and the forwarded QoS; QoS 0 is not kept.
