@@ -8,6 +8,7 @@
 mod cluster_support;
 
 use cluster_support::{node, password, Nats};
+use futures_util::StreamExt;
 use moatmq_testkit::{v4, QUIET};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -79,6 +80,43 @@ async fn a_group_on_two_nodes_gets_each_message_once_and_both_nodes_get_some() {
         per_member.iter().all(|&n| n > 0),
         "both nodes' members get some: {per_member:?}"
     );
+    // One consumer for the group, named by a keyed hash: no group name, user or topic.
+    let stream = async_nats::jetstream::new(nats.client().await)
+        .get_stream("moatmq_xfer")
+        .await
+        .expect("the transfer stream");
+    let names: Vec<String> = stream
+        .consumer_names()
+        .map(|n| n.expect("a consumer name"))
+        .collect()
+        .await;
+    let groups: Vec<&String> = names.iter().filter(|n| !n.starts_with("node-")).collect();
+    assert_eq!(groups.len(), 1, "{names:?}");
+    let hash = groups[0].strip_prefix("share_").expect("a group consumer");
+    assert!(hash.len() == 32 && hash.bytes().all(|b| b.is_ascii_hexdigit()));
+    for plain in ["workers", "alice", "jobs"] {
+        assert!(!names.iter().any(|n| n.contains(plain)), "{names:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_message_that_stays_on_its_node_reaches_the_groups_members_there_once() {
+    let nats = Nats::start().await;
+    let a = node(&nats, "node-a").await;
+    let b = node(&nats, "node-b").await;
+    let filter = "$share/workers/alice/+";
+    let mut on_a = member(a.first_addr(), "w-a", "alice", filter).await;
+    let mut on_b = member(b.first_addr(), "w-b", "alice", filter).await;
+    // A space has no NATS subject: the topic stays on node A (docs/cluster.md).
+    let mut publisher = login(a.first_addr(), "pub", "alice").await;
+    publish_n(&mut publisher, "alice/local topic", "l", 5).await;
+    let (seen, per_member) = tally(&mut [&mut on_a, &mut on_b]).await;
+    assert_once(&seen, "l", 5);
+    assert_eq!(per_member, vec![5, 0], "only node A has them");
+    // The group's other messages still cross.
+    publish_n(&mut publisher, "alice/jobs", "j", 10).await;
+    let (seen, _) = tally(&mut [&mut on_a, &mut on_b]).await;
+    assert_once(&seen, "j", 10);
 }
 
 #[tokio::test]
