@@ -288,3 +288,57 @@ async fn an_mqtt5_member_gets_its_own_subscription_identifier_on_the_groups_mess
     }
     assert_eq!(got, 10, "each message once");
 }
+
+#[tokio::test]
+async fn what_a_node_pulled_and_never_acknowledged_reaches_a_member_after_the_ack_wait() {
+    let nats = Nats::start().await;
+    let a = node(&nats, "node-a").await;
+    let b = node(&nats, "node-b").await;
+    let mut on_b = member(b.first_addr(), "w-b", "alice", "$share/workers/alice/jobs").await;
+    // A node that pulls from the group's consumer and dies before acknowledging: a NATS
+    // client taking turns with node B, acknowledging nothing.
+    let gid =
+        &cluster_support::cluster_seal().key_of("share\0u616c696365:workers\0alice/jobs")[..32];
+    let consumer: async_nats::jetstream::consumer::PullConsumer =
+        async_nats::jetstream::new(nats.client().await)
+            .get_stream("moatmq_xfer")
+            .await
+            .expect("the transfer stream")
+            .get_consumer(&format!("share_{gid}"))
+            .await
+            .expect("the group's consumer");
+    let mut dying = consumer
+        .batch()
+        .max_messages(5)
+        .expires(std::time::Duration::from_secs(5))
+        .messages()
+        .await
+        .expect("a pull request");
+    let mut publisher = login(a.first_addr(), "pub", "alice").await;
+    publish_n(&mut publisher, "alice/jobs", "j", 10).await;
+    let mut taken = 0;
+    while let Ok(Some(Ok(_))) =
+        tokio::time::timeout(std::time::Duration::from_secs(2), dying.next()).await
+    {
+        taken += 1;
+    }
+    assert!(taken > 0, "the dying puller took its turns");
+    drop(dying);
+    // After the ack wait (10 s) JetStream hands those to node B.
+    let mut got = BTreeMap::new();
+    while let Some(p) = on_b
+        .publish_within(std::time::Duration::from_secs(15))
+        .await
+    {
+        *got.entry(String::from_utf8_lossy(&p.payload).into_owned())
+            .or_insert(0) += 1;
+        if got.len() == 10 {
+            break;
+        }
+    }
+    // And nothing twice.
+    for (payload, n) in tally(&mut [&mut on_b]).await.0 {
+        *got.entry(payload).or_insert(0) += n;
+    }
+    assert_once(&got, "j", 10);
+}
