@@ -25,7 +25,13 @@ pub async fn run_input(shared: Arc<Shared>, input: Input) {
     let Some(cluster) = shared.cluster.as_ref() else {
         return;
     };
-    let Input { live, client, seal } = input;
+    let Input {
+        live,
+        client,
+        seal,
+        groups,
+    } = input;
+    let pullers = crate::cluster_groups::run(shared.clone(), client.clone(), seal.clone(), groups);
     let mut subscriber = live;
     let info = cluster_connection();
     let live = async {
@@ -37,6 +43,7 @@ pub async fn run_input(shared: Arc<Shared>, input: Input) {
     tokio::select! {
         _ = live => {}
         _ = run_transfer(&shared, client, seal) => {}
+        _ = pullers => {}
     }
 }
 
@@ -155,7 +162,8 @@ fn transferred(shared: &Shared, info: &ConnInfo, envelope: xfer::Envelope, paylo
     );
 }
 
-fn qos_of(n: u8) -> QoS {
+/// The QoS a transfer message names.
+pub(crate) fn qos_of(n: u8) -> QoS {
     match n {
         1 => QoS::AtLeastOnce,
         2 => QoS::ExactlyOnce,
@@ -213,7 +221,10 @@ fn receive(shared: &Shared, cluster: &Cluster, info: &ConnInfo, message: async_n
     };
     let retain = header(RETAIN).as_deref() == Some("1");
     let props = header(PROPERTIES).and_then(|p| crate::cluster::decode_properties(&p));
-    take_in(
+    // Not in the transfer stream, so no group consumer has it: this node's own members
+    // of the shared groups it matches get it (every node's: not balanced yet).
+    let copy = (topic.clone(), props.clone());
+    if take_in(
         shared,
         info,
         &who,
@@ -222,10 +233,16 @@ fn receive(shared: &Shared, cluster: &Cluster, info: &ConnInfo, message: async_n
         qos,
         retain,
         props,
-    );
+    ) {
+        let (topic, props) = copy;
+        cluster
+            .groups
+            .deliver_here(&topic, &message.payload, qos, retain, props.as_ref());
+    }
 }
 
-/// Admits a message from the cluster and hands it to the router.
+/// Admits a message from the cluster and hands it to the router; `false` if it was not
+/// admitted.
 #[allow(clippy::too_many_arguments)] // reason: the fields of one message, each named once
 fn take_in(
     shared: &Shared,
@@ -236,7 +253,7 @@ fn take_in(
     qos: QoS,
     retain: bool,
     props: Option<rumqttd::protocol::PublishProperties>,
-) {
+) -> bool {
     // Properties mean an MQTT 5 publisher: a retained copy keeps them, as on one node.
     let inbound = Inbound {
         topic: &topic,
@@ -252,8 +269,12 @@ fn take_in(
             shared
                 .router
                 .publish(Bytes::from(topic.into_bytes()), payload, qos, retain, props);
+            true
         }
-        Err(why) => tracing::debug!(topic, ?why, "cluster: message not admitted"),
+        Err(why) => {
+            tracing::debug!(topic, ?why, "cluster: message not admitted");
+            false
+        }
     }
 }
 

@@ -11,6 +11,7 @@ mod admit;
 mod audit;
 #[doc(hidden)] // the subject mapping, for the cluster tests: not a stable API
 pub mod cluster;
+mod cluster_groups;
 mod cluster_input;
 #[doc(hidden)] // reachable for the fuzz harness (fuzz/): not a stable API
 pub mod codec;

@@ -2,6 +2,7 @@
 //! sessions (`session_restore.rs`) and when a persistent session resumes with
 //! subscription identifiers, which rumqttd forgets when its client goes (`gateway`).
 
+use crate::cluster::Groups;
 use crate::retained_index::qos_from;
 use crate::router::router_filter;
 use crate::sessions::Filters;
@@ -12,19 +13,26 @@ use rumqttd::protocol::{Filter, Packet, RetainForwardRule, Subscribe, SubscribeP
 /// SUBSCRIBEs that make `subscriptions` (those `which` picks) again in the router under
 /// their owner's namespace: one per subscription identifier, since the router keeps a
 /// packet's one identifier for each of its filters. `$SYS/...` filters are the
-/// gateway's own (`sys.rs`): the router refuses them.
+/// gateway's own (`sys.rs`): the router refuses them. With the cluster's `groups`,
+/// shared subscriptions are made as group members, with the groups' mark for identifier
+/// (`cluster/groups.rs`).
 pub fn router_subscribes(
+    groups: Option<&Groups>,
     owner: Option<&str>,
     subscriptions: &Filters,
-    which: impl Fn(&SubscriptionOptions) -> bool,
+    which: impl Fn(&str, &SubscriptionOptions) -> bool,
 ) -> Vec<Packet> {
-    let mut by_id: std::collections::BTreeMap<Option<u32>, Vec<Filter>> = Default::default();
+    let mut by_id: std::collections::BTreeMap<Option<usize>, Vec<Filter>> = Default::default();
     for (f, o) in subscriptions.iter() {
-        if is_sys(f) || !which(o) {
+        if is_sys(f) || !which(f, o) {
             continue;
         }
-        by_id.entry(o.subscription_id).or_default().push(Filter {
-            path: router_filter(owner, f),
+        let id = match groups {
+            Some(_) if f.starts_with("$share/") => Some(crate::cluster::groups::MARK),
+            _ => o.subscription_id.map(|id| id as usize),
+        };
+        by_id.entry(id).or_default().push(Filter {
+            path: router_filter(groups, owner, f),
             qos: qos_from(o.qos),
             nolocal: o.no_local,
             preserve_retain: o.retain_as_published,
@@ -35,7 +43,7 @@ pub fn router_subscribes(
         .into_iter()
         .map(|(id, filters)| {
             let props = id.map(|id| SubscribeProperties {
-                id: Some(id as usize),
+                id: Some(id),
                 user_properties: Vec::new(),
             });
             Packet::Subscribe(Subscribe { pkid: 1, filters }, props)

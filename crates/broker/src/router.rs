@@ -17,6 +17,7 @@
 //! `Broker::serve` returns an error (see `server.rs`). Threads, not tasks: a wedged
 //! router blocks every `LinkTx::send` once its channel is full, async workers included.
 
+use crate::cluster::Groups;
 use crate::codec::make_router_publish;
 use crate::spare_links::{LinkName, SpareLinks};
 use bytes::Bytes;
@@ -456,28 +457,44 @@ fn push_identity(out: &mut String, username: Option<&str>) {
 /// The filter the router sees. rumqttd keys shared-subscription groups by name alone, so
 /// `$share/workers/...` of two users would be one group (each stalling or taking the
 /// other's messages): the group name is namespaced by identity, as router client ids
-/// are. Other filters pass unchanged.
-pub fn router_filter(username: Option<&str>, filter: &str) -> String {
-    match filter
-        .strip_prefix("$share/")
-        .and_then(|rest| rest.split_once('/'))
-    {
+/// are. With `[cluster]` (`groups`), a shared subscription gets the cluster's form
+/// instead (`cluster/groups.rs`), which only the group's own copies reach. Other
+/// filters pass unchanged.
+pub fn router_filter(groups: Option<&Groups>, username: Option<&str>, filter: &str) -> String {
+    match split_shared(filter) {
         Some((group, inner)) => {
-            let mut out = String::with_capacity(filter.len() + 16);
-            out.push_str("$share/");
-            push_identity(&mut out, username);
-            out.push_str(group);
-            out.push('/');
-            out.push_str(inner);
-            out
+            let group = namespaced_group(username, group);
+            match groups {
+                Some(groups) => groups.router_filter(&group, inner),
+                None => format!("$share/{group}/{inner}"),
+            }
         }
         None => filter.to_string(),
     }
 }
 
+/// The group name and inner filter of `$share/<group>/<filter>`.
+pub fn split_shared(filter: &str) -> Option<(&str, &str)> {
+    filter
+        .strip_prefix("$share/")
+        .and_then(|rest| rest.split_once('/'))
+}
+
+/// A shared group's name qualified by its identity: no two identities share one.
+pub fn namespaced_group(username: Option<&str>, group: &str) -> String {
+    let mut out = String::with_capacity(group.len() + 16);
+    push_identity(&mut out, username);
+    out.push_str(group);
+    out
+}
+
 #[cfg(test)]
 mod tests {
-    use super::{router_client_id, router_filter};
+    use super::{router_client_id, router_filter as cluster_filter};
+
+    fn router_filter(user: Option<&str>, filter: &str) -> String {
+        cluster_filter(None, user, filter)
+    }
 
     #[test]
     fn shared_groups_are_namespaced_by_identity() {

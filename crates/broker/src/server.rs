@@ -123,9 +123,14 @@ impl Broker {
         // NATS is connected in the background: a node starts (not ready) while it is away.
         let (cluster, cluster_input) = match &config.cluster {
             Some(c) => {
-                let (cluster, input) =
-                    crate::cluster::Cluster::connect(&config, c, metrics.clone(), &retained_index)
-                        .await?;
+                let (cluster, input) = crate::cluster::Cluster::connect(
+                    &config,
+                    c,
+                    metrics.clone(),
+                    &retained_index,
+                    router.clone(),
+                )
+                .await?;
                 // A node whose key does not open the cluster's state does not start.
                 cluster.check_key(KEY_CHECK_WAIT).await?;
                 (Some(cluster), Some(input))

@@ -111,7 +111,8 @@ pub(crate) async fn resubscribe(
     subscriptions: &BTreeMap<String, SubscriptionOptions>,
 ) -> Result<(), RestoreError> {
     let (mut tx, mut rx, _ack) = shared.router.connect(router_id.to_string(), false).await?;
-    for subscribe in router_subscribes(owner, subscriptions, |_| true) {
+    let groups = shared.cluster.as_ref().map(|c| &c.groups);
+    for subscribe in router_subscribes(groups, owner, subscriptions, |_, _| true) {
         tx.send(subscribe).await.map_err(Box::new)?;
         let acked = tokio::time::timeout(Duration::from_secs(5), async {
             loop {

@@ -16,6 +16,7 @@
 //! Retained messages are also kept, sealed, in a JetStream KV bucket (`state.rs`), so
 //! a node that joins late serves them too.
 
+pub(crate) mod groups;
 pub(crate) mod handoff;
 mod owner;
 mod properties;
@@ -23,6 +24,7 @@ mod state;
 mod subject;
 pub(crate) mod xfer;
 
+pub(crate) use groups::Groups;
 pub use owner::{ClaimFailed, OwnerClaim};
 pub(crate) use properties::decode as decode_properties;
 pub use state::{bucket_base, Keeping, KeyCheck, MARKER_KEY};
@@ -86,6 +88,8 @@ pub struct Cluster {
     changes: mpsc::Sender<Change>,
     /// Session ownership across nodes (`owner.rs`).
     pub(crate) owners: owner::Owners,
+    /// Shared subscriptions with members on this node (`groups.rs`).
+    pub(crate) groups: Groups,
     /// Offline sessions other nodes claimed, for `handoff::run` (taken by `serve`).
     handoffs: std::sync::Mutex<Option<mpsc::UnboundedReceiver<(moatmq_store::SessionKey, u64)>>>,
     key_check: watch::Receiver<KeyCheck>,
@@ -110,6 +114,8 @@ pub struct Input {
     pub(crate) live: Subscriber,
     pub(crate) client: async_nats::Client,
     pub(crate) seal: Arc<moatmq_store::ClusterSeal>,
+    /// The groups this node starts pulling for (`cluster_groups.rs`).
+    pub(crate) groups: mpsc::UnboundedReceiver<groups::Start>,
 }
 
 /// Whether a message `admit` let in waits for the transfer stream.
@@ -132,6 +138,7 @@ impl Cluster {
         cluster: &ClusterConfig,
         metrics: Arc<Metrics>,
         index: &RetainedIndex,
+        router: crate::router::RouterHandle,
     ) -> Result<(Cluster, Input), BrokerError> {
         let failed = |reason: String| BrokerError::Cluster { reason };
         let keeping = Keeping::of(cluster);
@@ -143,6 +150,8 @@ impl Cluster {
         let seal = moatmq_store::ClusterSeal::new(&key);
         let transfer_seal = Arc::new(moatmq_store::ClusterSeal::new(&key));
         let owner_seal = Arc::new(moatmq_store::ClusterSeal::new(&key));
+        let (groups, group_starts) =
+            Groups::new(Arc::new(moatmq_store::ClusterSeal::new(&key)), router);
         drop(key);
         let key_source = match (
             &retained.key_file,
@@ -268,6 +277,7 @@ impl Cluster {
                 forward,
                 changes,
                 owners,
+                groups,
                 handoffs: std::sync::Mutex::new(Some(handoffs)),
                 key_check,
                 metrics,
@@ -279,6 +289,7 @@ impl Cluster {
                 live: subscriber,
                 client,
                 seal: transfer_seal,
+                groups: group_starts,
             },
         ))
     }
@@ -336,6 +347,7 @@ impl Cluster {
                 topic = msg.topic,
                 "cluster: topic has no NATS subject; kept local"
             );
+            self.kept_local(msg);
             return Forwarded::Sent;
         };
         let sent = self.queue(subject, who, msg);
@@ -346,12 +358,20 @@ impl Cluster {
             (Forwarded::Full, rumqttd::protocol::QoS::AtMostOnce) => {
                 self.metrics.cluster_dropped.inc();
                 tracing::debug!("cluster: forwarding queue full; message kept local");
+                self.kept_local(msg);
                 Forwarded::Sent
             }
             (Forwarded::Sent, rumqttd::protocol::QoS::AtMostOnce) => Forwarded::Sent,
             (Forwarded::Sent, _) => Forwarded::Awaiting,
             (other, _) => other,
         }
+    }
+
+    /// A message that stays on this node still reaches its shared groups' members here
+    /// (no other node has it).
+    fn kept_local(&self, msg: &Inbound<'_>) {
+        self.groups
+            .deliver_here(msg.topic, msg.payload, msg.qos, msg.retain, msg.properties);
     }
 
     /// Whether `msg` from `who` fits in one NATS message on the transfer stream. One
@@ -399,11 +419,13 @@ impl Cluster {
         let printable = |s: &str| !s.chars().any(char::is_control);
         if let Some(user) = &who.username {
             if !printable(user) {
+                self.kept_local(msg);
                 return Forwarded::Sent;
             }
             headers.insert(USER, user.as_str());
         }
         if !printable(&who.client_id) {
+            self.kept_local(msg);
             return Forwarded::Sent;
         }
         headers.insert(CLIENT, who.client_id.as_str());

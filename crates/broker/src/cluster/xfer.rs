@@ -107,6 +107,33 @@ pub fn open(
     if origin == node {
         return Err(Rejected::Own);
     }
+    open_from(seal, stream, origin, msg_id, value)
+}
+
+/// Opens the stream message of node `origin` (its subject's last token) with message
+/// id `msg_id`, this node's own messages included (a shared group's consumer reads
+/// them too).
+pub fn open_any(
+    seal: &ClusterSeal,
+    stream: &str,
+    subject: &str,
+    msg_id: Option<&str>,
+    value: &[u8],
+) -> Result<(Envelope, Bytes), Rejected> {
+    let origin = subject
+        .strip_prefix(stream)
+        .and_then(|s| s.strip_prefix('.'))
+        .ok_or_else(|| Rejected::Refused("not on a node's subject".into()))?;
+    open_from(seal, stream, origin, msg_id, value)
+}
+
+fn open_from(
+    seal: &ClusterSeal,
+    stream: &str,
+    origin: &str,
+    msg_id: Option<&str>,
+    value: &[u8],
+) -> Result<(Envelope, Bytes), Rejected> {
     let msg_id = msg_id.ok_or_else(|| Rejected::Refused("no message id".into()))?;
     if msg_id.split(':').next() != Some(origin) {
         return Err(Rejected::Refused(
@@ -202,6 +229,44 @@ pub async fn consumer(
         .get_or_create_consumer(node, config)
         .await
         .map_err(|e| format!("consumer {node} on {name}: {e}"))
+}
+
+/// How long a shared group's consumer waits for an acknowledgement before handing the
+/// message to another node: a node that pulled it and died.
+const GROUP_ACK_WAIT: Duration = Duration::from_secs(10);
+/// A shared group's consumer is removed this long after its last pull (no node has
+/// members of the group).
+const GROUP_INACTIVE: Duration = Duration::from_secs(60);
+
+/// The durable consumer of shared group `gid` (a keyed hash: docs/cluster.md), pulled
+/// by every node with members of the group, from the messages published after its
+/// creation on.
+pub async fn group_consumer(
+    js: &jetstream::Context,
+    prefix: &str,
+    gid: &str,
+    keeping: &Keeping,
+) -> Result<jetstream::consumer::PullConsumer, String> {
+    ensure_stream(js, prefix, keeping).await?;
+    let name = stream_name(prefix);
+    let stream = js
+        .get_stream(&name)
+        .await
+        .map_err(|e| format!("stream {name}: {e}"))?;
+    let durable = format!("share_{gid}");
+    let config = jetstream::consumer::pull::Config {
+        durable_name: Some(durable.clone()),
+        deliver_policy: jetstream::consumer::DeliverPolicy::New,
+        ack_policy: jetstream::consumer::AckPolicy::Explicit,
+        ack_wait: GROUP_ACK_WAIT,
+        max_ack_pending: 4096,
+        inactive_threshold: GROUP_INACTIVE,
+        ..Default::default()
+    };
+    stream
+        .get_or_create_consumer(&durable, config)
+        .await
+        .map_err(|e| format!("consumer {durable} on {name}: {e}"))
 }
 
 /// Numbers forwarded messages in admit order and tells how far JetStream has
@@ -467,6 +532,23 @@ mod tests {
                 ),
                 "{subject} {id:?}"
             );
+        }
+    }
+
+    #[test]
+    fn a_group_consumer_opens_its_own_nodes_messages_with_the_same_checks() {
+        let key = moatmq_store::RetainedKey::from_hex(&"01".repeat(32)).unwrap();
+        let seal = ClusterSeal::new(&key);
+        let value = seal
+            .seal_transfer("m_xfer", "a:1:1", &encode(&envelope(), b"p"))
+            .unwrap();
+        let opened = open_any(&seal, "m_xfer", "m_xfer.a", Some("a:1:1"), &value);
+        assert_eq!(opened, Ok((envelope(), Bytes::from_static(b"p"))));
+        for (subject, id) in [("m_xfer.c", Some("a:1:1")), ("m_xfer.a", None)] {
+            assert!(matches!(
+                open_any(&seal, "m_xfer", subject, id, &value),
+                Err(Rejected::Refused(_))
+            ));
         }
     }
 

@@ -16,10 +16,14 @@ use crate::topic::{valid_topic_filter, valid_topic_name};
 use moatmq_store::SubscriptionOptions;
 use rumqttd::protocol::{
     DisconnectReasonCode, Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec,
-    PubRecReason, QoS, RetainForwardRule, SubAck, SubscribeReasonCode, UnsubAck, UnsubAckReason,
+    PubRecReason, QoS, RetainForwardRule, SubAck, Subscribe, SubscribeProperties,
+    SubscribeReasonCode, UnsubAck, UnsubAckReason,
 };
 use tokio::time::Instant;
 use tracing::warn;
+
+/// How long a SUBSCRIBE joining a shared group waits for the group's consumer.
+const GROUP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Gateway {
     /// Client to router: the one place every client packet passes.
@@ -209,6 +213,9 @@ impl Gateway {
                 let mut jobs = Vec::new();
                 let mut refused = Vec::with_capacity(subscribe.filters.len());
                 let mut kept = Vec::with_capacity(subscribe.filters.len());
+                // With `[cluster]`, shared subscriptions go to the router in a SUBSCRIBE
+                // of their own, marked (`cluster/groups.rs`); their slots are answered here.
+                let mut members = Vec::new();
                 for filter in subscribe.filters.drain(..) {
                     let mut reason = self.check_filter(&filter.path);
                     if reason.is_none() {
@@ -247,6 +254,10 @@ impl Gateway {
                         if is_sys(&filter.path) {
                             // The gateway's own (`sys.rs`): its slot is answered here.
                             reason = Some(SubscribeReasonCode::Success(filter.qos));
+                        } else if self.groups.is_some() && filter.path.starts_with("$share/") {
+                            // rumqttd grants the QoS asked for, as it would have here.
+                            reason = Some(SubscribeReasonCode::Success(filter.qos));
+                            members.push(filter);
                         } else {
                             kept.push(filter);
                         }
@@ -254,7 +265,7 @@ impl Gateway {
                     refused.push(reason);
                 }
                 self.subscriptions_changed();
-                if kept.is_empty() {
+                if kept.is_empty() && members.is_empty() {
                     let codes = refused.into_iter().flatten().collect();
                     self.write(Packet::SubAck(
                         SubAck {
@@ -273,17 +284,47 @@ impl Gateway {
                 self.retained.after_suback(subscribe.pkid, jobs);
                 self.session_changed();
                 let user = self.identity.username.as_deref();
+                let groups = self.shared.cluster.as_ref().map(|c| &c.groups);
                 for f in &mut kept {
-                    f.path = router_filter(user, &f.path);
+                    f.path = router_filter(groups, user, &f.path);
                 }
                 subscribe.filters = kept;
-                self.to_router.send(Packet::Subscribe(subscribe, props));
+                let packet = Packet::Subscribe(subscribe, props);
+                if members.is_empty() {
+                    self.to_router.send(packet);
+                    return Ok(());
+                }
+                for f in &mut members {
+                    if let Some(ready) = self.groups.as_mut().and_then(|m| m.join(&f.path)) {
+                        self.group_waits.push(ready);
+                    }
+                    f.path = router_filter(groups, user, &f.path);
+                }
+                let marked = Subscribe {
+                    pkid: super::GROUP_SUBSCRIBE,
+                    filters: members,
+                };
+                let mark = SubscribeProperties {
+                    id: Some(crate::cluster::groups::MARK),
+                    user_properties: Vec::new(),
+                };
+                // Both wait until the groups' consumers exist (docs/cluster.md), or a
+                // message published right after the SUBACK could be missed by a consumer
+                // created later. The client's SUBSCRIBE follows, with what is left of
+                // it (maybe nothing): the router's SUBACK to it comes after the groups'.
+                self.group_subacks += 1;
+                self.to_router
+                    .after_transfer(Packet::Subscribe(marked, Some(mark)));
+                self.to_router.after_transfer(packet);
                 Ok(())
             }
             Packet::Unsubscribe(mut unsubscribe, props) => {
                 for f in &unsubscribe.filters {
                     self.session.subscriptions.remove(f.as_str());
                     self.retained.cancel(f);
+                    if let Some(m) = &mut self.groups {
+                        m.leave(f);
+                    }
                 }
                 self.subscriptions_changed();
                 self.session_changed();
@@ -297,8 +338,9 @@ impl Gateway {
                     };
                     return self.write(Packet::UnsubAck(unsuback, None));
                 }
+                let groups = self.shared.cluster.as_ref().map(|c| &c.groups);
                 for f in &mut unsubscribe.filters {
-                    *f = router_filter(self.identity.username.as_deref(), f);
+                    *f = router_filter(groups, self.identity.username.as_deref(), f);
                 }
                 self.to_router.send(Packet::Unsubscribe(unsubscribe, props));
                 Ok(())
@@ -579,6 +621,12 @@ impl Gateway {
                     DisconnectReasonCode::UnspecifiedError,
                     "cluster transfer stopped",
                 ));
+            }
+        }
+        for mut ready in std::mem::take(&mut self.group_waits) {
+            let waited = tokio::time::timeout(GROUP_WAIT, ready.wait_for(|r| *r)).await;
+            if !matches!(waited, Ok(Ok(_))) {
+                warn!("cluster: a shared group's consumer is not in place; subscribed anyway");
             }
         }
         self.to_router.saved();

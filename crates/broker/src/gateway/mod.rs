@@ -63,6 +63,13 @@ use window::OutWindow;
 /// idle devices keeps only what each must (docs/benchmarks.md, idle connections).
 const IDLE_TRIM: Duration = Duration::from_secs(5);
 
+/// The packet id of the gateway's SUBSCRIBEs of shared-group members (`[cluster]`):
+/// none of a valid client's (MQTT packet ids start at 1). The router answers in order,
+/// and each is followed by the client's own SUBSCRIBE, so the first SUBACK with this id
+/// while one is owed is ours (unless the client broke the protocol twice over: sent id
+/// 0, and twice before an answer).
+const GROUP_SUBSCRIBE: u16 = 0;
+
 /// How long, and for how many bytes at most, what a client still sends after its MQTT 5
 /// DISCONNECT is read and dropped before the socket closes (`Reader::drain`).
 const LINGER: Duration = Duration::from_secs(2);
@@ -174,6 +181,14 @@ pub struct Gateway {
     own_subacks: usize,
     /// Topic aliases we give the client (`out_alias.rs`).
     out_aliases: out_alias::OutAliases,
+    /// With `[cluster]`, the shared groups this connection is a member of on this node
+    /// (`cluster/groups.rs`); boxed, as single nodes have none.
+    groups: Option<Box<crate::cluster::groups::Membership>>,
+    /// Groups joined by a SUBSCRIBE whose consumer may not exist yet: the SUBSCRIBE
+    /// waits for them with what waits for a save.
+    group_waits: Vec<tokio::sync::watch::Receiver<bool>>,
+    /// SUBACKs the router owes for the group members' SUBSCRIBEs ([`GROUP_SUBSCRIBE`]).
+    group_subacks: u32,
 }
 
 impl Gateway {
@@ -210,15 +225,27 @@ impl Gateway {
         // rumqttd forgets a persistent session's subscription identifiers when its client
         // goes (it keeps the filters): given again before anything the client sends.
         let mut to_router = ToRouter::default();
+        let groups = shared.cluster.as_ref().map(|c| &c.groups);
         let again = crate::resubscribe::router_subscribes(
+            groups,
             identity.username.as_deref(),
             &session.subscriptions,
-            |o| o.subscription_id.is_some(),
+            // With `[cluster]`, a group member's subscription carries the group's mark.
+            |f, o| o.subscription_id.is_some() || (groups.is_some() && f.starts_with("$share/")),
         );
         let own_subacks = again.len();
         for subscribe in again {
             to_router.send(subscribe);
         }
+        // A resumed session's shared subscriptions count here again (no waiting: the
+        // router had them all along).
+        let groups = shared.cluster.as_ref().map(|c| {
+            let mut m = c.groups.membership(identity.username.as_deref());
+            for f in session.subscriptions.keys() {
+                m.join(f);
+            }
+            Box::new(m)
+        });
         let sys = sys::sys_filters(&session.subscriptions)
             .next()
             .is_some()
@@ -252,6 +279,9 @@ impl Gateway {
             options,
             own_subacks,
             out_aliases: out_alias::OutAliases::new(client.topic_alias_max.unwrap_or(0)),
+            groups,
+            group_waits: Vec::new(),
+            group_subacks: 0,
         }
     }
 
@@ -532,6 +562,9 @@ impl Gateway {
         forwards
             .into_iter()
             .filter_map(|mut f| {
+                if !self.group_copy(&mut f.publish, &mut f.properties) {
+                    return None;
+                }
                 // At the lower of the published and the forwarded QoS; QoS 0 is not kept.
                 let (mut qos, _) = crate::codec::qos_and_pkid(&f.publish);
                 let p = &f.publish;

@@ -5,7 +5,10 @@
 use super::deliver::{Delivery, Origin};
 use super::unacked::as_queued;
 use super::{Close, Gateway};
-use rumqttd::protocol::{Packet, PubAckReason, PubRec, PubRecReason, QoS, SubscribeReasonCode};
+use rumqttd::protocol::{
+    Packet, PubAckReason, PubRec, PubRecReason, Publish, PublishProperties, QoS,
+    SubscribeReasonCode,
+};
 use rumqttd::Notification;
 use tracing::warn;
 
@@ -18,10 +21,58 @@ impl Gateway {
         Ok(())
     }
 
+    /// A copy for a shared group across nodes (`cluster/groups.rs`) gets its real
+    /// topic back, and the client's own subscription identifier for the group in place
+    /// of the group's mark, if it reached this connection through its membership of
+    /// that group; `false` if not (a `#` subscription matches every copy): it is never
+    /// written.
+    pub(super) fn group_copy(
+        &self,
+        publish: &mut Publish,
+        props: &mut Option<PublishProperties>,
+    ) -> bool {
+        use crate::cluster::groups::{is_copy, MARK};
+        if !is_copy(&publish.topic) {
+            return true;
+        }
+        let Some(p) = props.as_mut() else {
+            return false;
+        };
+        let ids = p.subscription_identifiers.len();
+        p.subscription_identifiers.retain(|&id| id != MARK);
+        if p.subscription_identifiers.len() == ids {
+            // Not through the group's subscription.
+            return false;
+        }
+        let Some((filter, real)) = self.groups.as_ref().and_then(|m| m.copy_of(&publish.topic))
+        else {
+            return false;
+        };
+        if let Some(id) = self
+            .session
+            .subscriptions
+            .get(filter)
+            .and_then(|o| o.subscription_id)
+        {
+            p.subscription_identifiers.push(id as usize);
+        }
+        if *p == PublishProperties::default() {
+            *props = None;
+        }
+        let len = real.len();
+        publish.topic = publish.topic.slice(publish.topic.len() - len..);
+        true
+    }
+
     /// A router forward through the deliver step, settled with the router.
     fn forward(&mut self, mut forward: rumqttd::Forward) -> Result<(), Close> {
         // What the publisher sent, out of the properties before anything copies them.
         let published = crate::origin::take(&mut forward.properties);
+        if !self.group_copy(&mut forward.publish, &mut forward.properties) {
+            let (qos, pkid) = crate::codec::qos_and_pkid(&forward.publish);
+            self.to_router.withhold(qos, pkid);
+            return Ok(());
+        }
         // A durable session stores what it was sent until the client acknowledges it.
         let copy = self.session.key.is_some().then(|| {
             let p = &forward.publish;
@@ -66,6 +117,13 @@ impl Gateway {
             }
             Notification::DeviceAck(ack) => match Packet::from(ack) {
                 Packet::ConnAck(..) => Ok(()),
+                // For a SUBSCRIBE of the group members' filters (`incoming.rs`).
+                Packet::SubAck(ack, _)
+                    if ack.pkid == super::GROUP_SUBSCRIBE && self.group_subacks > 0 =>
+                {
+                    self.group_subacks -= 1;
+                    Ok(())
+                }
                 Packet::SubAck(..) if self.own_subacks > 0 => {
                     // Ours (`Gateway::new`), answered before any of the client's.
                     self.own_subacks -= 1;

@@ -16,9 +16,12 @@ pub const USERS: &[(&str, &str)] = &[
 pub const ACL: &str = "\
 user alice
 topic readwrite alice/#
+topic deny alice/secret/#
+topic readwrite common/#
 
 user bob
 topic readwrite bob/#
+topic readwrite common/#
 
 user admin
 topic readwrite #
