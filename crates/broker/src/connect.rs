@@ -103,6 +103,13 @@ impl LoggedIn {
             }
             _ => {}
         }
+        // A session that ended with its connection leaves the cluster's ownership bucket
+        // (one kept here stays there until it expires: `session_expiry::discard`).
+        if let (Some(claim), false, Some(after)) = (&self.owner, handed, kept_for) {
+            if after.is_zero() {
+                claim.release().await;
+            }
+        }
         drop(self.owner);
         drop(self.hold);
         // After the session is settled (a returning client need not wait), before the

@@ -35,6 +35,11 @@ pub async fn discard(shared: &Shared, router_id: &str, key: &SessionKey) {
     if let Some(book) = &shared.durable {
         book.remove(key);
     }
+    if let Some(cluster) = &shared.cluster {
+        // Ended here: its entry leaves the ownership bucket if this node wrote it last.
+        cluster.owners.release(router_id).await;
+        cluster.owners.forget_offline(router_id);
+    }
     if let Ok((mut tx, _rx, _ack)) = shared.router.connect(router_id.to_string(), true).await {
         let bye = Packet::Disconnect(
             Disconnect {

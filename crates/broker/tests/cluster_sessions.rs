@@ -11,6 +11,7 @@ use futures_util::StreamExt;
 use moatmq_testkit::{v4, v5, QUIET, WAIT};
 use rumqttc::QoS;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 async fn login4(addr: SocketAddr, id: &str, user: &str) -> v4::Client {
     let mut o = v4::options(addr, id);
@@ -389,4 +390,45 @@ async fn a_session_moving_in_counts_against_the_users_cap_on_the_new_node() {
     let mut back = persistent4(a.first_addr(), "on-a", "alice").await;
     assert!(back.connack.session_present, "the session stayed on node A");
     assert_eq!(drain(&mut back).await, vec!["m0"]);
+}
+
+/// The messages of the ownership bucket's stream, once they settle at `want` (or what
+/// they are after the wait).
+async fn owner_messages(js: &async_nats::jetstream::Context, want: u64) -> u64 {
+    let mut stream = js.get_stream("KV_moatmq_owner").await.expect("the bucket");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let n = stream.info().await.expect("stream info").state.messages;
+        if n == want || tokio::time::Instant::now() >= deadline {
+            return n;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Client ids churned through a node (a new id per connection, as a fleet or an
+/// attacker may) leave nothing in the ownership bucket once their sessions end: it
+/// held a value (and after a delete, a marker) per id for good. A persistent session
+/// stays while it lives, and goes when it ends.
+#[tokio::test]
+async fn ended_sessions_leave_nothing_in_the_ownership_bucket() {
+    let nats = Nats::start().await;
+    let a = node(&nats, "node-a").await;
+    let js = async_nats::jetstream::new(nats.client().await);
+    for i in 0..20 {
+        let mut c = login4(a.first_addr(), &format!("churn-{i}"), "alice").await;
+        c.client.disconnect().await.unwrap();
+        assert!(c.closed_within(WAIT).await.is_some());
+    }
+    offline4(a.first_addr(), "keeps", "bob", "bob/jobs").await;
+    assert_eq!(owner_messages(&js, 1).await, 1, "only bob's kept session");
+    // bob comes back with a clean session: his stored one ends, and so does this one.
+    let mut bob = login4(a.first_addr(), "keeps", "bob").await;
+    bob.client.disconnect().await.unwrap();
+    assert!(bob.closed_within(WAIT).await.is_some());
+    assert_eq!(owner_messages(&js, 0).await, 0);
+    // Ids are claimed again as before.
+    let mut again = login4(a.first_addr(), "churn-3", "alice").await;
+    assert!(again.closed_within(QUIET).await.is_none());
+    assert_eq!(owner_messages(&js, 1).await, 1);
 }

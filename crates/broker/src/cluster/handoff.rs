@@ -139,8 +139,8 @@ pub async fn receive(
             // An older handoff of this session, for a claim since superseded.
             continue;
         }
-        // Taken: nobody else may take it again.
-        let _ = buckets.handoff.purge(&claim.key).await;
+        // Taken: nobody else may take it again (nothing left of it in the bucket).
+        super::owner::remove_up_to(&buckets.handoff, &claim.key, entry.revision).await;
         let Some((meta, messages)) = handoff.session else {
             return false;
         };

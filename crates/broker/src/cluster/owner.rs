@@ -93,7 +93,8 @@ pub struct Buckets {
 }
 
 /// A connection's claim of its session; dropping it stops watching for a takeover (the
-/// value stays in the bucket: the session was last held here).
+/// value stays in the bucket while the session lives: it was last held here; a session
+/// that ended is released, [`OwnerClaim::release`], [`Owners::release`]).
 pub struct OwnerClaim {
     inner: Weak<Inner>,
     /// The session's KV key (in both buckets).
@@ -109,7 +110,33 @@ pub struct OwnerClaim {
     pub buckets: Buckets,
 }
 
+/// Removes `key`'s messages up to `revision` from `bucket`'s stream: its value and any
+/// older one, never a newer claim (a compare-and-set in the stream). Nothing is left
+/// (a KV delete or purge would leave a marker per key for good, so client ids churned
+/// through the cluster would grow the bucket without bound). Watches see nothing: a
+/// node holding a newer claim keeps it.
+pub(super) async fn remove_up_to(bucket: &kv::Store, key: &str, revision: u64) {
+    let subject = format!("{}{key}", bucket.prefix);
+    if let Err(e) = bucket
+        .stream
+        .purge()
+        .filter(subject)
+        .sequence(revision.saturating_add(1))
+        .await
+    {
+        tracing::debug!("cluster: {} entry not removed: {e}", bucket.name);
+    }
+}
+
 impl OwnerClaim {
+    /// The session ended with this connection (not kept, not taken over): its entry
+    /// leaves the bucket unless a newer claim replaced it.
+    pub async fn release(&self) {
+        if self.moved().is_none() {
+            remove_up_to(&self.buckets.owner, &self.key, self.revision).await;
+        }
+    }
+
     /// The revision of another node's claim that took the session over, if one did
     /// (this node's copy is stale then, and handed over).
     pub fn moved(&self) -> Option<u64> {
@@ -293,6 +320,27 @@ impl Owners {
                 .open_owner(&inner.bucket_name, &entry.key, &entry.value)
                 .is_ok_and(|o| o.node == inner.node);
         (!ours).then_some(entry.revision)
+    }
+
+    /// The session `session` (a router client id) ended here (expired or removed while
+    /// offline): its entry leaves the bucket if this node wrote it last.
+    pub async fn release(&self, session: &str) {
+        let inner = &self.inner;
+        let Some(buckets) = inner.store.borrow().clone() else {
+            return;
+        };
+        let key = inner.seal.session_key_of(session);
+        let Ok(Some(entry)) = buckets.owner.entry(key.clone()).await else {
+            return;
+        };
+        let ours = entry.operation == kv::Operation::Put
+            && inner
+                .seal
+                .open_owner(&inner.bucket_name, &entry.key, &entry.value)
+                .is_ok_and(|o| o.node == inner.node);
+        if ours && !lock(&inner.claims).contains_key(&key) {
+            remove_up_to(&buckets.owner, &key, entry.revision).await;
+        }
     }
 
     /// The session `session` (a router client id) is no longer kept here.
