@@ -49,14 +49,9 @@ fn addr(node: &Moatmq) -> SocketAddr {
 
 /// A clean-session client of `node`, once the node accepts it.
 async fn connect_ready(node: &Moatmq, id: &str) -> v4::Client {
-    connect_ready_with(node, v4::options(addr(node), id)).await
-}
-
-/// [`connect_ready`] with `options`.
-async fn connect_ready_with(node: &Moatmq, options: rumqttc::MqttOptions) -> v4::Client {
     let deadline = Instant::now() + READY;
     loop {
-        match v4::connect(options.clone()).await {
+        match v4::connect(v4::options(addr(node), id)).await {
             Ok(c) => return c,
             Err(e) => {
                 assert!(
@@ -245,12 +240,9 @@ async fn losing_a_nats_server_loses_nothing_with_three_replicas() {
     let b = start_node_with(dir.path(), &key, "node-b", &servers, "replicas = 3\n");
     let mut sub = connect_ready(&b, "sink").await;
     sub.subscribe_acked("ha/#").await;
-    // A publish is held while JetStream elects the stream's new leader, and the node
-    // reads nothing from its client meanwhile (docs/cluster.md): a keep-alive longer
-    // than the election.
-    let mut options = v4::options(addr(&a), "source");
-    options.set_keep_alive(Duration::from_secs(60));
-    let mut publ = connect_ready_with(&a, options).await;
+    // Its publishes are held while JetStream elects the stream's new leader (longer than
+    // its keep-alive: the node answers its PINGREQs meanwhile).
+    let mut publ = connect_ready(&a, "source").await;
     let before = publish_tracked(&mut publ, "ha/before", (0..20).collect(), |_| {}).await;
     assert_eq!(
         before.len(),

@@ -900,3 +900,29 @@ async fn a_publish_too_large_for_nats_is_refused_not_acknowledged_and_kept_local
         assert_eq!(sizes, [1_000]);
     }
 }
+
+/// A QoS 1 publisher held while NATS is away keeps its connection: its PINGREQs are
+/// answered meanwhile (keep-alive 1 s, held 4 s), and its PUBACK comes once NATS is
+/// back. (Before, the held connection read nothing, the client got no PINGRESP and
+/// closed it after two keep-alive periods.)
+#[tokio::test]
+async fn a_held_publisher_with_a_short_keep_alive_stays_connected() {
+    let mut nats = Nats::start().await;
+    let a = node(&nats, "node-a", "").await;
+    let mut o = v4::options(a.first_addr(), "alice-pinger");
+    o.set_credentials("alice", "alice-pw");
+    o.set_keep_alive(Duration::from_secs(1));
+    let mut publ = v4::connect(o).await.expect("login");
+    nats.kill();
+    wait_ready(&a, false).await;
+    publish(&publ, "alice/held", QoS::AtLeastOnce, false, "x").await;
+    assert!(
+        !puback_within(&mut publ, Duration::from_secs(4)).await,
+        "PUBACK before JetStream had the message"
+    );
+    nats.restart().await;
+    assert!(
+        puback_within(&mut publ, Duration::from_secs(20)).await,
+        "no PUBACK after NATS came back: the held connection was lost"
+    );
+}

@@ -40,6 +40,7 @@ use tracing::debug;
 
 mod close;
 mod deliver;
+mod held;
 mod incoming;
 mod ledger;
 mod link;
@@ -415,17 +416,48 @@ impl Gateway {
             // one wait for the cluster's transfer stream; NATS may be away for long, so
             // a takeover or shutdown still ends the connection (nothing acknowledged).
             if self.to_router.waits_for_save() {
-                let saved = tokio::select! {
-                    saved = self.save_then_forward() => saved,
-                    _ = &mut shutting_down => return Close::Shutdown,
-                    _ = &mut replaced => return Close::Replaced,
+                // Read meanwhile, for its PINGREQs only (`held.rs`).
+                let metrics = self.shared.metrics.clone();
+                let read_before = buf.len();
+                let mut scanned = 0;
+                let saved = {
+                    let save = self.save_then_forward();
+                    tokio::pin!(save);
+                    loop {
+                        tokio::select! {
+                            saved = &mut save => break saved,
+                            _ = &mut shutting_down => return Close::Shutdown,
+                            _ = &mut replaced => return Close::Replaced,
+                            read = reader.read(buf), if buf.len() < held::HELD_READ => {
+                                match read {
+                                    Ok(0) => return Close::ClientClosed,
+                                    Ok(n) => {
+                                        metrics.bytes_in.inc_by(n as u64);
+                                    }
+                                    Err(e) => return Close::Network(e.to_string()),
+                                }
+                                for _ in 0..held::take_pingreqs(buf, &mut scanned) {
+                                    if let Err(e) = writer.write_all(&held::PINGRESP).await {
+                                        return Close::Network(e.to_string());
+                                    }
+                                }
+                            }
+                        }
+                    }
                 };
                 if let Err(close) = saved {
                     return close;
                 }
-                // The client was not read meanwhile: the wait does not count against
-                // its keep-alive.
+                // The wait does not count against the client's keep-alive.
                 deadline = Instant::now() + self.keep_alive.unwrap_or(far_future);
+                if buf.len() != read_before {
+                    // What it sent meanwhile, in order, now.
+                    if let Err(close) = self.decode_all(buf, max_packet) {
+                        return close;
+                    }
+                    others_first = self.to_router.has_publish();
+                    continue;
+                }
             }
             match self.open_link().await {
                 // The client was not read meanwhile: its keep-alive starts again.
