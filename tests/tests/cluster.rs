@@ -43,6 +43,35 @@ fn start_node_with(dir: &Path, key: &Path, name: &str, servers: &[String], extra
     Moatmq::serve(&config, &[])
 }
 
+/// Waits until the NATS cluster's JetStream places a stream of `replicas` copies (its
+/// leaders elected, which takes seconds after the servers start): a node checks the
+/// cluster's key marker in a bucket before it listens, within `Moatmq::serve`'s wait.
+async fn jetstream_ready(nats: &Nats, replicas: usize) {
+    let client = async_nats::connect(nats.urls().as_slice()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let deadline = Instant::now() + READY;
+    loop {
+        let made = js
+            .get_or_create_stream(async_nats::jetstream::stream::Config {
+                name: "ready-check".into(),
+                subjects: vec!["ready-check".into()],
+                storage: async_nats::jetstream::stream::StorageType::Memory,
+                num_replicas: replicas,
+                ..Default::default()
+            })
+            .await;
+        if made.is_ok() {
+            let _ = js.delete_stream("ready-check").await;
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "JetStream not ready within {READY:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 fn addr(node: &Moatmq) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], node.port("tcp")))
 }
@@ -210,6 +239,7 @@ async fn a_qos_1_message_crosses_nodes_on_different_servers_of_a_nats_cluster() 
     let key = dir.path().join("cluster.key");
     moatmq_store::RetainedKey::write_new(&key).unwrap();
     let nats = Nats::cluster(dir.path(), 3);
+    jetstream_ready(&nats, 1).await;
     let a = start_node(dir.path(), &key, "node-a", &nats.url(0));
     let b = start_node(dir.path(), &key, "node-b", &nats.url(2));
     let mut sub = connect_ready(&b, "sink").await;
@@ -235,6 +265,7 @@ async fn losing_a_nats_server_loses_nothing_with_three_replicas() {
     let key = dir.path().join("cluster.key");
     moatmq_store::RetainedKey::write_new(&key).unwrap();
     let mut nats = Nats::cluster(dir.path(), 3);
+    jetstream_ready(&nats, 3).await;
     let servers = nats.urls();
     let a = start_node_with(dir.path(), &key, "node-a", &servers, "replicas = 3\n");
     let b = start_node_with(dir.path(), &key, "node-b", &servers, "replicas = 3\n");
