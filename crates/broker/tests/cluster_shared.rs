@@ -342,3 +342,45 @@ async fn what_a_node_pulled_and_never_acknowledged_reaches_a_member_after_the_ac
     }
     assert_once(&got, "j", 10);
 }
+
+/// A NATS-native message enters the cluster once (the nodes with `native_user` share a
+/// NATS queue group; the one that takes it forwards it through the transfer stream):
+/// every node's subscriber gets it once, also on a node without `native_user`, and a
+/// group with members on two nodes that both take NATS messages in gets it once in
+/// all. What `native_user` may not write reaches nobody.
+#[tokio::test]
+async fn a_nats_native_message_reaches_every_node_once_and_a_group_once() {
+    let nats = Nats::start().await;
+    let a = cluster_support::native_node(&nats, "node-a").await;
+    let b = cluster_support::native_node(&nats, "node-b").await;
+    let c = node(&nats, "node-c").await;
+    let mut everything = Vec::new();
+    for (i, n) in [&a, &b, &c].into_iter().enumerate() {
+        everything.push(member(n.first_addr(), &format!("all-{i}"), "admin", "#").await);
+    }
+    let filter = "$share/workers/alice/from-nats/jobs";
+    let mut on_a = member(a.first_addr(), "w-a", "alice", filter).await;
+    let mut on_b = member(b.first_addr(), "w-b", "alice", filter).await;
+    let nc = nats.client().await;
+    let n = 30;
+    for i in 0..n {
+        nc.publish("moatmq.alice.from-nats.jobs", format!("n{i}").into())
+            .await
+            .unwrap();
+        // natsbridge may write alice/from-nats/# only.
+        nc.publish("moatmq.alice.jobs", format!("forged{i}").into())
+            .await
+            .unwrap();
+    }
+    assert!(moatmq_broker::cluster::round_trip(&nc).await);
+    let (seen, per_member) = tally(&mut [&mut on_a, &mut on_b]).await;
+    assert_once(&seen, "n", n);
+    assert!(
+        per_member.iter().all(|&m| m > 0),
+        "both nodes' members get some: {per_member:?}"
+    );
+    for all in &mut everything {
+        let (seen, _) = tally(&mut [all]).await;
+        assert_once(&seen, "n", n);
+    }
+}

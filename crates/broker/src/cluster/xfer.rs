@@ -281,8 +281,8 @@ pub struct Sequencer {
 /// A message on its way to NATS: plaintext on its live subject, sealed in the stream.
 pub struct Outgoing {
     pub seq: u64,
-    pub subject: String,
-    pub headers: async_nats::HeaderMap,
+    /// Its live subject and headers; `None` for a NATS-native message (on it already).
+    pub live: Option<(String, async_nats::HeaderMap)>,
     pub payload: Bytes,
     pub envelope: Envelope,
 }
@@ -410,12 +410,14 @@ impl Output {
     /// Publishes one message on its live subject (core NATS, once) and, sealed, to
     /// the stream.
     async fn send(&mut self, out: Outgoing) {
-        if let Err(e) = self
-            .client
-            .publish_with_headers(out.subject, out.headers, out.payload.clone())
-            .await
-        {
-            tracing::debug!("cluster: publish to NATS failed: {e}");
+        if let Some((subject, headers)) = out.live {
+            if let Err(e) = self
+                .client
+                .publish_with_headers(subject, headers, out.payload.clone())
+                .await
+            {
+                tracing::debug!("cluster: publish to NATS failed: {e}");
+            }
         }
         let msg_id = format!("{}:{}", self.id_prefix, out.seq);
         let plain = zeroize::Zeroizing::new(encode(&out.envelope, &out.payload));

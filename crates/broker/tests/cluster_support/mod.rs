@@ -25,6 +25,10 @@ topic readwrite common/#
 
 user admin
 topic readwrite #
+
+user natsbridge
+topic write alice/from-nats/#
+topic write common/#
 ";
 
 /// The `[retained]` key every node of the test cluster shares (hex).
@@ -161,13 +165,28 @@ pub async fn node_with(
     name: &str,
     more: impl FnOnce(moatmq_testkit::TestBrokerBuilder) -> moatmq_testkit::TestBrokerBuilder,
 ) -> TestBroker {
+    node_joined(nats, name, "", more).await
+}
+
+/// [`node`] taking NATS-native messages in as `natsbridge` (`native_user`).
+pub async fn native_node(nats: &Nats, name: &str) -> TestBroker {
+    node_joined(nats, name, "native_user = \"natsbridge\"\n", |b| b).await
+}
+
+/// [`node_with`], with `cluster_keys` (TOML lines) added to its `[cluster]` section.
+pub async fn node_joined(
+    nats: &Nats,
+    name: &str,
+    cluster_keys: &str,
+    more: impl FnOnce(moatmq_testkit::TestBrokerBuilder) -> moatmq_testkit::TestBrokerBuilder,
+) -> TestBroker {
     let broker = more(with_key(TestBroker::builder(), CLUSTER_KEY))
         .users(USERS)
         .acl(ACL)
         .metrics()
         .no_connection_rate()
         .toml(&format!(
-            "[cluster]\nservers = [\"{}\"]\nnode_name = \"{name}\"\n",
+            "[cluster]\nservers = [\"{}\"]\nnode_name = \"{name}\"\n{cluster_keys}",
             nats.url()
         ))
         .start()
