@@ -2,7 +2,9 @@
 //! durable consumer of the transfer stream, is admitted here as [`Source::Cluster`] and
 //! handed to the router on the broker's own link. A stream message is acknowledged
 //! once, after that; one whose id was already taken in (a redelivery) is only
-//! acknowledged; one that does not open is refused and counted.
+//! acknowledged; one that does not open is refused and counted; one whose MQTT 5
+//! message expiry ran out while it waited in the stream (counted from the time
+//! JetStream stored it) is dropped, and the others carry what is left of it.
 //! A NATS-native message (no `Moatmq-Node`) reaches one node of the cluster (a queue
 //! subscription, `native_user` set): admitted here as [`Source::Native`], which also
 //! forwards it to the transfer stream for the other nodes and the shared groups. The
@@ -112,7 +114,8 @@ async fn run_transfer(
                     match opened {
                         Ok((envelope, payload)) => {
                             if id.as_deref().is_some_and(|id| seen.first(id)) {
-                                transferred(shared, &info, envelope, payload);
+                                let waited = xfer::time_in_stream(&message);
+                                transferred(shared, &info, envelope, payload, waited);
                             }
                         }
                         Err(Rejected::Own) => {}
@@ -140,8 +143,14 @@ async fn run_transfer(
     }
 }
 
-/// One message of another node from the transfer stream.
-fn transferred(shared: &Shared, info: &ConnInfo, envelope: xfer::Envelope, payload: Bytes) {
+/// One message of another node from the transfer stream, stored there `waited` ago.
+fn transferred(
+    shared: &Shared,
+    info: &ConnInfo,
+    envelope: xfer::Envelope,
+    payload: Bytes,
+    waited: Duration,
+) {
     let topic = envelope.topic;
     if !crate::topic::valid_topic_name(&topic, shared.config.limits.max_topic_levels)
         || topic.starts_with('$')
@@ -153,9 +162,13 @@ fn transferred(shared: &Shared, info: &ConnInfo, envelope: xfer::Envelope, paylo
         username: envelope.user,
         client_id: envelope.client,
     };
-    let props = envelope
-        .properties
-        .and_then(|p| crate::cluster::decode_properties(&p));
+    let Ok(props) = properties_now(envelope.properties.as_deref(), waited) else {
+        tracing::debug!(
+            topic,
+            "cluster: transfer message expired in the stream dropped"
+        );
+        return;
+    };
     take_in(
         shared,
         info,
@@ -168,6 +181,27 @@ fn transferred(shared: &Shared, info: &ConnInfo, envelope: xfer::Envelope, paylo
         props,
     );
 }
+
+/// The MQTT 5 properties of a transfer message (its `Moatmq-Properties` JSON) as they
+/// are `waited` after JetStream stored it: the message expiry interval counts down by
+/// the time spent in the stream (whole seconds left, rounded up, as a retained copy's
+/// does). `Err` if it ran out: the message is not delivered.
+pub(crate) fn properties_now(
+    json: Option<&str>,
+    waited: Duration,
+) -> Result<Option<rumqttd::protocol::PublishProperties>, Expired> {
+    let Some(mut props) = json.and_then(crate::cluster::decode_properties) else {
+        return Ok(None);
+    };
+    if let Some(interval) = props.message_expiry_interval {
+        props.message_expiry_interval = Some(xfer::expiry_left(interval, waited).ok_or(Expired)?);
+    }
+    Ok(Some(props))
+}
+
+/// A message whose expiry interval ran out before it was taken in.
+#[derive(Debug)]
+pub(crate) struct Expired;
 
 /// The QoS a transfer message names.
 pub(crate) fn qos_of(n: u8) -> QoS {

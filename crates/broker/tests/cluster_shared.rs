@@ -384,3 +384,41 @@ async fn a_nats_native_message_reaches_every_node_once_and_a_group_once() {
         assert_once(&seen, "n", n);
     }
 }
+
+/// The message expiry interval counts the time a message spent in the transfer stream
+/// (JetStream's own timestamp): a group's consumer read 3 s late (its only member
+/// left and came back) drops a message with 2 s and delivers one with 60 s with what
+/// is left of it.
+#[tokio::test]
+async fn a_groups_consumer_read_late_drops_expired_messages_and_counts_down_the_rest() {
+    use cluster_support::{expiring5, publish_expiring5, subscribed5};
+    let nats = Nats::start().await;
+    let a = node(&nats, "node-a").await;
+    let b = node(&nats, "node-b").await;
+    let filter = "$share/late/alice/exp";
+    let login5 = |addr, id: &'static str| async move {
+        let mut o = moatmq_testkit::v5::options(addr, id);
+        o.set_credentials("alice", password("alice"));
+        moatmq_testkit::v5::connect(o).await.expect("login")
+    };
+    let mut m = login5(b.first_addr(), "late-member").await;
+    subscribed5(&mut m, filter).await;
+    m.client.disconnect().await.unwrap();
+    m.closed_within(moatmq_testkit::WAIT).await;
+    // Nobody pulls now; the group's consumer keeps its place (60 s).
+    let mut publisher = login5(a.first_addr(), "pub5").await;
+    publish_expiring5(&mut publisher, "alice/exp", "short", 2).await;
+    publish_expiring5(&mut publisher, "alice/exp", "long", 60).await;
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let mut m = login5(b.first_addr(), "late-member").await;
+    subscribed5(&mut m, filter).await;
+    let got = expiring5(&mut m, QUIET * 3).await;
+    assert_eq!(got.len(), 1, "only the message still alive: {got:?}");
+    let (payload, left) = &got[0];
+    assert_eq!(payload, "long");
+    let left = left.expect("an expiry interval");
+    assert!(
+        (50..=57).contains(&left),
+        "3 s in the stream counted: {left}"
+    );
+}

@@ -240,3 +240,45 @@ pub async fn subscribed5(c: &mut moatmq_testkit::v5::Client, filter: &str) {
         .await
         .expect("SUBACK");
 }
+
+/// Publishes `payload` to `topic` at QoS 1 with an MQTT 5 message expiry interval of
+/// `secs` and waits for the PUBACK.
+pub async fn publish_expiring5(
+    c: &mut moatmq_testkit::v5::Client,
+    topic: &str,
+    payload: &str,
+    secs: u32,
+) {
+    use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
+    let props = PublishProperties {
+        message_expiry_interval: Some(secs),
+        ..PublishProperties::default()
+    };
+    c.client
+        .publish_with_properties(
+            topic,
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            false,
+            payload.as_bytes().to_vec(),
+            props,
+        )
+        .await
+        .expect("publish queued");
+    c.incoming(|p| matches!(p, Packet::PubAck(_)).then_some(()))
+        .await
+        .expect("PUBACK");
+}
+
+/// Every PUBLISH an MQTT 5 client gets until nothing arrives for `quiet`: payload and
+/// message expiry interval.
+pub async fn expiring5(
+    c: &mut moatmq_testkit::v5::Client,
+    quiet: Duration,
+) -> Vec<(String, Option<u32>)> {
+    let mut got = Vec::new();
+    while let Some(p) = c.publish_within(quiet).await {
+        let left = p.properties.and_then(|p| p.message_expiry_interval);
+        got.push((String::from_utf8_lossy(&p.payload).into_owned(), left));
+    }
+    got
+}
