@@ -43,8 +43,8 @@ impl Source {
         match self {
             Source::Publish => "publish",
             Source::Will => "will",
-            // As before native messages entered the transfer stream: one label for
-            // what comes from NATS.
+            // One audit label for everything that comes from NATS, as before native
+            // messages had a source of their own.
             Source::Cluster | Source::Native => "cluster",
         }
     }
