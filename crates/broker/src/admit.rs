@@ -1,7 +1,8 @@
 //! Admit: the one step every message entering the broker passes, whoever sends it (a
 //! client's PUBLISH, a will when it is published, cluster input), before it may reach
-//! the router or the retained set. What it lets in from this node's own clients is
-//! also handed to the cluster, when there is one (`cluster/`).
+//! the router or the retained set. What it lets in from this node's own clients, and
+//! from the NATS-native clients this node took in, is also handed to the cluster, when
+//! there is one (`cluster/`).
 //!
 //! It holds the checks that do not depend on the connection's protocol state: the
 //! payload limit (`limits.max_payload_size`), the write ACL in force at this moment
@@ -28,9 +29,13 @@ pub enum Source {
     Publish,
     /// A will, published when its connection ended (or its delay ran out).
     Will,
-    /// A message from another cluster node or a NATS client (`cluster/`): checked like
-    /// any other, never forwarded to the cluster again.
+    /// A message from another cluster node (`cluster/`): checked like any other, never
+    /// forwarded to the cluster again.
     Cluster,
+    /// A message of a NATS-native client, taken from the live subjects by this node
+    /// alone (as `native_user`): checked like any other and forwarded to the other
+    /// nodes through the transfer stream, not to its live subject again.
+    Native,
 }
 
 impl Source {
@@ -38,7 +43,9 @@ impl Source {
         match self {
             Source::Publish => "publish",
             Source::Will => "will",
-            Source::Cluster => "cluster",
+            // One audit label for everything that comes from NATS, as before native
+            // messages had a source of their own.
+            Source::Cluster | Source::Native => "cluster",
         }
     }
 }
@@ -142,7 +149,7 @@ pub fn admit(
         .as_ref()
         .filter(|_| source != Source::Cluster)
     {
-        match cluster.forward(who, &msg) {
+        match cluster.forward(who, &msg, source != Source::Native) {
             Forwarded::Sent => {}
             // Acknowledged once the transfer stream holds it (docs/cluster.md).
             Forwarded::Awaiting if admitted == Admitted::Now => {

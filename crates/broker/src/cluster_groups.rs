@@ -131,7 +131,8 @@ async fn pull(
                 match opened {
                     Ok((envelope, payload)) => {
                         if id.as_deref().is_some_and(|id| seen.first(id)) {
-                            hand_on(&shared, &gid, &filter, envelope, payload);
+                            let waited = xfer::time_in_stream(&message);
+                            hand_on(&shared, &gid, &filter, envelope, payload, waited);
                         }
                     }
                     // Counted by this node's own consumer of the stream, which reads
@@ -146,14 +147,16 @@ async fn pull(
     }
 }
 
-/// One message of the stream for group `gid` (inner filter `filter`): into the router
-/// as the group's copy if it is the group's.
+/// One message of the stream for group `gid` (inner filter `filter`), stored there
+/// `waited` ago: into the router as the group's copy if it is the group's and its
+/// message expiry has not run out (what is left of it goes with it).
 fn hand_on(
     shared: &Shared,
     gid: &str,
     filter: &str,
     envelope: xfer::Envelope,
     payload: bytes::Bytes,
+    waited: Duration,
 ) {
     let Some(cluster) = shared.cluster.as_ref() else {
         return;
@@ -174,9 +177,14 @@ fn hand_on(
         return;
     }
     let qos = crate::cluster_input::qos_of(envelope.qos);
-    let props = envelope
-        .properties
-        .and_then(|p| crate::cluster::decode_properties(&p));
+    let Ok(props) = crate::cluster_input::properties_now(envelope.properties.as_deref(), waited)
+    else {
+        tracing::debug!(
+            topic,
+            "cluster: shared group message expired in the stream dropped"
+        );
+        return;
+    };
     cluster
         .groups
         .publish_copy(gid, &topic, payload, qos, envelope.retain, props);

@@ -1,13 +1,18 @@
 //! Cluster input (docs/cluster.md): every message of another node, from this node's
-//! durable consumer of the transfer stream, and every message of a NATS-native client
-//! on the live subjects (those without `Moatmq-Node`; the live copies of the nodes'
-//! messages are for NATS services), is admitted here as [`Source::Cluster`] and handed
-//! to the router on the broker's own link. A stream message is acknowledged once,
-//! after that; one whose id was already taken in (a redelivery) is only acknowledged;
-//! one that does not open is refused and counted. Apart from `cluster/` (the way out,
-//! which `Shared` holds) so that the way in can use `admit` and `Shared` freely.
+//! durable consumer of the transfer stream, is admitted here as [`Source::Cluster`] and
+//! handed to the router on the broker's own link. A stream message is acknowledged
+//! once, after that; one whose id was already taken in (a redelivery) is only
+//! acknowledged; one that does not open is refused and counted; one whose MQTT 5
+//! message expiry ran out while it waited in the stream (counted from the time
+//! JetStream stored it) is dropped, and the others carry what is left of it.
+//! A NATS-native message (no `Moatmq-Node`) reaches one node of the cluster (a queue
+//! subscription, `native_user` set): admitted here as [`Source::Native`], which also
+//! forwards it to the transfer stream for the other nodes and the shared groups. The
+//! live copies of the nodes' own messages, which the queue hands to some node too, are
+//! ignored (for NATS services). Apart from `cluster/` (the way out, which `Shared`
+//! holds) so that the way in can use `admit` and `Shared` freely.
 
-use crate::admit::{admit, Admitted, Source};
+use crate::admit::{admit, Admitted, Refused, Source};
 use crate::cluster::xfer::{self, Rejected, Seen};
 use crate::cluster::*;
 use crate::inbound::Inbound;
@@ -32,9 +37,12 @@ pub async fn run_input(shared: Arc<Shared>, input: Input) {
         groups,
     } = input;
     let pullers = crate::cluster_groups::run(shared.clone(), client.clone(), seal.clone(), groups);
-    let mut subscriber = live;
     let info = cluster_connection();
     let live = async {
+        let Some(mut subscriber) = live else {
+            // No native_user: nothing to take from the live subjects.
+            return std::future::pending().await;
+        };
         while let Some(message) = subscriber.next().await {
             receive(&shared, cluster, &info, message);
         }
@@ -106,7 +114,8 @@ async fn run_transfer(
                     match opened {
                         Ok((envelope, payload)) => {
                             if id.as_deref().is_some_and(|id| seen.first(id)) {
-                                transferred(shared, &info, envelope, payload);
+                                let waited = xfer::time_in_stream(&message);
+                                transferred(shared, &info, envelope, payload, waited);
                             }
                         }
                         Err(Rejected::Own) => {}
@@ -134,8 +143,14 @@ async fn run_transfer(
     }
 }
 
-/// One message of another node from the transfer stream.
-fn transferred(shared: &Shared, info: &ConnInfo, envelope: xfer::Envelope, payload: Bytes) {
+/// One message of another node from the transfer stream, stored there `waited` ago.
+fn transferred(
+    shared: &Shared,
+    info: &ConnInfo,
+    envelope: xfer::Envelope,
+    payload: Bytes,
+    waited: Duration,
+) {
     let topic = envelope.topic;
     if !crate::topic::valid_topic_name(&topic, shared.config.limits.max_topic_levels)
         || topic.starts_with('$')
@@ -147,13 +162,18 @@ fn transferred(shared: &Shared, info: &ConnInfo, envelope: xfer::Envelope, paylo
         username: envelope.user,
         client_id: envelope.client,
     };
-    let props = envelope
-        .properties
-        .and_then(|p| crate::cluster::decode_properties(&p));
+    let Ok(props) = properties_now(envelope.properties.as_deref(), waited) else {
+        tracing::debug!(
+            topic,
+            "cluster: transfer message expired in the stream dropped"
+        );
+        return;
+    };
     take_in(
         shared,
         info,
         &who,
+        Source::Cluster,
         topic,
         payload,
         qos_of(envelope.qos),
@@ -161,6 +181,27 @@ fn transferred(shared: &Shared, info: &ConnInfo, envelope: xfer::Envelope, paylo
         props,
     );
 }
+
+/// The MQTT 5 properties of a transfer message (its `Moatmq-Properties` JSON) as they
+/// are `waited` after JetStream stored it: the message expiry interval counts down by
+/// the time spent in the stream (whole seconds left, rounded up, as a retained copy's
+/// does). `Err` if it ran out: the message is not delivered.
+pub(crate) fn properties_now(
+    json: Option<&str>,
+    waited: Duration,
+) -> Result<Option<rumqttd::protocol::PublishProperties>, Expired> {
+    let Some(mut props) = json.and_then(crate::cluster::decode_properties) else {
+        return Ok(None);
+    };
+    if let Some(interval) = props.message_expiry_interval {
+        props.message_expiry_interval = Some(xfer::expiry_left(interval, waited).ok_or(Expired)?);
+    }
+    Ok(Some(props))
+}
+
+/// A message whose expiry interval ran out before it was taken in.
+#[derive(Debug)]
+pub(crate) struct Expired;
 
 /// The QoS a transfer message names.
 pub(crate) fn qos_of(n: u8) -> QoS {
@@ -171,8 +212,9 @@ pub(crate) fn qos_of(n: u8) -> QoS {
     }
 }
 
-/// One message from NATS on a live subject: a NATS-native client's is admitted as
-/// cluster input, then into the router; a node's is left to the transfer stream.
+/// One message from NATS on a live subject, which the queue gave to this node alone: a
+/// NATS-native client's is admitted as [`Source::Native`], then into the router; a
+/// node's live copy is ignored (the nodes have it from the transfer stream).
 fn receive(shared: &Shared, cluster: &Cluster, info: &ConnInfo, message: async_nats::Message) {
     let header = |name: &str| {
         message
@@ -181,6 +223,9 @@ fn receive(shared: &Shared, cluster: &Cluster, info: &ConnInfo, message: async_n
             .and_then(|h| h.get(name))
             .map(|v| v.as_str().to_string())
     };
+    if header(NODE).is_some() {
+        return;
+    }
     let Some(rest) = message
         .subject
         .as_str()
@@ -196,23 +241,13 @@ fn receive(shared: &Shared, cluster: &Cluster, info: &ConnInfo, message: async_n
         tracing::debug!("cluster: message on a subject with no valid topic dropped");
         return;
     }
-    let who = match header(NODE) {
-        // Another node's message: it arrives, authenticated, through the stream.
-        Some(_) => return,
-        None => match &cluster.native_user {
-            Some(user) => Identity {
-                username: Some(user.clone()),
-                client_id: NATIVE_CLIENT_ID.to_string(),
-            },
-            None => {
-                shared.metrics.cluster_dropped.inc();
-                tracing::debug!(
-                    topic,
-                    "cluster: message from a NATS client dropped (no native_user)"
-                );
-                return;
-            }
-        },
+    let Some(user) = &cluster.native_user else {
+        // Only nodes with native_user subscribe.
+        return;
+    };
+    let who = Identity {
+        username: Some(user.clone()),
+        client_id: NATIVE_CLIENT_ID.to_string(),
     };
     let qos = match header(QOS).as_deref() {
         Some("1") => QoS::AtLeastOnce,
@@ -221,39 +256,34 @@ fn receive(shared: &Shared, cluster: &Cluster, info: &ConnInfo, message: async_n
     };
     let retain = header(RETAIN).as_deref() == Some("1");
     let props = header(PROPERTIES).and_then(|p| crate::cluster::decode_properties(&p));
-    // Not in the transfer stream, so no group consumer has it: this node's own members
-    // of the shared groups it matches get it (every node's: not balanced yet).
-    let copy = (topic.clone(), props.clone());
-    if take_in(
+    // Admitted as this node's own client's would be: forwarded through the transfer
+    // stream, which brings it to the other nodes and to the shared groups' consumers.
+    take_in(
         shared,
         info,
         &who,
+        Source::Native,
         topic,
-        message.payload.clone(),
+        message.payload,
         qos,
         retain,
         props,
-    ) {
-        let (topic, props) = copy;
-        cluster
-            .groups
-            .deliver_here(&topic, &message.payload, qos, retain, props.as_ref());
-    }
+    );
 }
 
-/// Admits a message from the cluster and hands it to the router; `false` if it was not
-/// admitted.
+/// Admits a message from the cluster and hands it to the router.
 #[allow(clippy::too_many_arguments)] // reason: the fields of one message, each named once
 fn take_in(
     shared: &Shared,
     info: &ConnInfo,
     who: &Identity,
+    source: Source,
     topic: String,
     payload: Bytes,
     qos: QoS,
     retain: bool,
     props: Option<rumqttd::protocol::PublishProperties>,
-) -> bool {
+) {
     // Properties mean an MQTT 5 publisher: a retained copy keeps them, as on one node.
     let inbound = Inbound {
         topic: &topic,
@@ -263,17 +293,26 @@ fn take_in(
         properties: props.as_ref(),
         v5: props.is_some(),
     };
-    match admit(shared, info, who, Source::Cluster, inbound) {
+    // Nothing waits for the transfer of a NATS-native message: core NATS gave it at
+    // most once, and nobody is owed an acknowledgement.
+    match admit(shared, info, who, source, inbound) {
         Ok(Admitted::Now | Admitted::AfterSave | Admitted::AfterTransfer) => {
             shared.metrics.cluster_received.inc();
             shared
                 .router
                 .publish(Bytes::from(topic.into_bytes()), payload, qos, retain, props);
-            true
+        }
+        Err(Refused::Unavailable) => {
+            // A NATS-native QoS 1/2 message with the forwarding queue full: delivered
+            // nowhere rather than on this node only.
+            shared.metrics.cluster_dropped.inc();
+            tracing::debug!(
+                topic,
+                "cluster: forwarding queue full; NATS message dropped"
+            );
         }
         Err(why) => {
             tracing::debug!(topic, ?why, "cluster: message not admitted");
-            false
         }
     }
 }

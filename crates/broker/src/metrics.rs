@@ -91,9 +91,9 @@ pub struct Metrics {
     pub session_messages_dropped: Counter,
     /// `[cluster]`: messages taken in from other nodes and NATS clients.
     pub cluster_received: Counter,
-    /// `[cluster]`: messages not forwarded (queue to NATS full) or not taken in (from a
-    /// NATS client without `native_user`; each time the input fell behind and NATS
-    /// dropped messages for this node, counted once).
+    /// `[cluster]`: messages not forwarded (queue to NATS full; a NATS-native QoS 1/2
+    /// message then reaches no node) or not taken in (each time the input fell behind
+    /// and NATS dropped messages for this node, counted once).
     pub cluster_dropped: Counter,
     /// `[cluster]`: values of the shared state in NATS and messages of the transfer
     /// stream refused (not authenticating under this node's key at their bucket and key,
@@ -291,7 +291,7 @@ impl Metrics {
             );
             r.register(
                 "cluster_messages_dropped",
-                "Messages not forwarded to NATS (queue full) or from NATS clients without native_user",
+                "Messages not forwarded to NATS (queue full) or dropped by NATS for this node (slow)",
                 m.cluster_dropped.clone(),
             );
             r.register(

@@ -263,34 +263,49 @@ async fn three_nodes_deliver_each_message_once_in_order() {
 #[tokio::test]
 async fn nats_clients_and_mqtt_clients_exchange_messages_where_the_acl_allows() {
     let nats = Nats::start().await;
-    // Node A admits NATS-native messages as natsbridge; node B has no native_user.
-    let a = node(&nats, "node-a", "native_user = \"natsbridge\"\n").await;
+    // Node B has no native_user: alone, it takes nothing from NATS clients (default
+    // deny).
     let b = node(&nats, "node-b", "").await;
-    let mut on_a = login(a.first_addr(), "admin-a", "admin").await;
-    assert!(subscribe(&mut on_a, "#", QoS::AtLeastOnce).await);
     let mut on_b = login(b.first_addr(), "admin-b", "admin").await;
     assert!(subscribe(&mut on_b, "#", QoS::AtLeastOnce).await);
     let nc = nats.client().await;
+    nc.publish("moatmq.nats-in.early", "x".into())
+        .await
+        .unwrap();
+    assert!(moatmq_broker::cluster::round_trip(&nc).await);
+    assert!(drain(&mut on_b).await.is_empty());
 
+    // Node A takes NATS-native messages in as natsbridge and forwards them: node B
+    // delivers them too, once.
+    let a = node(&nats, "node-a", "native_user = \"natsbridge\"\n").await;
+    let mut on_a = login(a.first_addr(), "admin-a", "admin").await;
+    assert!(subscribe(&mut on_a, "#", QoS::AtLeastOnce).await);
+    let watcher = nats.client().await;
+    let mut watched = watcher.subscribe("moatmq.nats-in.>").await.unwrap();
+    assert!(moatmq_broker::cluster::round_trip(&watcher).await);
     // natsbridge may not write alice/#: refused; nats-in/# is allowed.
     nc.publish("moatmq.alice.forged", "x".into()).await.unwrap();
     nc.publish("moatmq.nats-in.temp//c", "21.5".into())
         .await
         .unwrap();
     assert!(moatmq_broker::cluster::round_trip(&nc).await);
-    let got = on_a.next_publish().await;
-    assert_eq!(
-        (got.topic.as_str(), &got.payload[..]),
-        ("nats-in/temp.c", &b"21.5"[..])
-    );
-    assert_eq!(got.qos, QoS::AtMostOnce, "no QoS header: QoS 0");
+    for on in [&mut on_a, &mut on_b] {
+        let got = on.next_publish().await;
+        assert_eq!(
+            (got.topic.as_str(), &got.payload[..]),
+            ("nats-in/temp.c", &b"21.5"[..])
+        );
+        assert_eq!(got.qos, QoS::AtMostOnce, "no QoS header: QoS 0");
+        assert!(drain(on).await.is_empty(), "once; the forged one refused");
+    }
+    // Node A forwards it through the transfer stream only: NATS services see it once,
+    // as its publisher sent it.
+    let m = watched.next().await.expect("the NATS client's message");
+    assert!(m.headers.map_or(true, |h| h.get("Moatmq-Node").is_none()));
     assert!(
-        drain(&mut on_a).await.is_empty(),
-        "the forged one was refused"
+        tokio::time::timeout(QUIET, watched.next()).await.is_err(),
+        "not published again on its subject"
     );
-    // Without native_user, node B drops NATS-native messages (default deny).
-    assert!(drain(&mut on_b).await.is_empty());
-    assert!(b.metric("moatmq_cluster_messages_dropped_total").await >= 2.0);
 
     // MQTT -> NATS: the subject of nats-server's MQTT mapping, under the prefix.
     let mut nsub = nc.subscribe("moatmq.alice.>").await.unwrap();
@@ -319,6 +334,21 @@ async fn nats_clients_and_mqtt_clients_exchange_messages_where_the_acl_allows() 
         .expect("a NATS message in time")
         .expect("subscription open");
     assert_eq!(m.subject.as_str(), "moatmq.alice.after");
+
+    // A retained NATS-native message reaches the cluster's retained bucket too: a node
+    // started afterwards serves it.
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Moatmq-Retain", "1");
+    nc.publish_with_headers("moatmq.nats-in.kept", headers, "k".into())
+        .await
+        .unwrap();
+    assert!(moatmq_broker::cluster::round_trip(&nc).await);
+    tokio::time::sleep(QUIET).await;
+    let c = node(&nats, "node-c", "").await;
+    let mut on_c = login(c.first_addr(), "admin-c", "admin").await;
+    assert!(subscribe(&mut on_c, "nats-in/kept", QoS::AtLeastOnce).await);
+    let kept = on_c.next_publish().await;
+    assert_eq!((&kept.payload[..], kept.retain), (&b"k"[..], true));
 }
 
 #[tokio::test]

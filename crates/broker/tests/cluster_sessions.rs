@@ -432,3 +432,42 @@ async fn ended_sessions_leave_nothing_in_the_ownership_bucket() {
     assert!(again.closed_within(QUIET).await.is_none());
     assert_eq!(owner_messages(&js, 1).await, 1);
 }
+
+/// A node away while messages for its offline session were published reads them late
+/// from its durable consumer: the MQTT 5 message expiry interval counts from the time
+/// JetStream stored each message (the NATS server's timestamp), so one with 2 s is
+/// never delivered after 3 s away and one with 60 s arrives with what is left of it.
+#[tokio::test]
+async fn a_node_reading_the_transfer_stream_late_drops_expired_messages_and_counts_down_the_rest() {
+    use cluster_support::{expiring5, publish_expiring5, subscribed5};
+    let nats = Nats::start().await;
+    let a = node(&nats, "node-a").await;
+    let b = node(&nats, "node-b").await;
+    let mut sub = v5::connect(persistent5(b.first_addr(), "late", "alice"))
+        .await
+        .expect("login");
+    subscribed5(&mut sub, "alice/exp").await;
+    sub.client.disconnect().await.unwrap();
+    sub.closed_within(WAIT).await;
+    let dir = b.stop().await;
+    let mut publisher = login5(a.first_addr(), "pub5", "alice").await;
+    publish_expiring5(&mut publisher, "alice/exp", "short", 2).await;
+    publish_expiring5(&mut publisher, "alice/exp", "long", 60).await;
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    // Node B comes back with the session; its consumer brings what it missed.
+    let b = moatmq_testkit::TestBroker::start_in(dir).await;
+    cluster_support::wait_ready(&b, true).await;
+    let mut sub = v5::connect(persistent5(b.first_addr(), "late", "alice"))
+        .await
+        .expect("login");
+    assert!(sub.connack.session_present);
+    let got = expiring5(&mut sub, QUIET * 3).await;
+    assert_eq!(got.len(), 1, "only the message still alive: {got:?}");
+    let (payload, left) = &got[0];
+    assert_eq!(payload, "long");
+    let left = left.expect("an expiry interval");
+    assert!(
+        (50..=57).contains(&left),
+        "3 s in the stream counted: {left}"
+    );
+}

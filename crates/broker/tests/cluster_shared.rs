@@ -342,3 +342,83 @@ async fn what_a_node_pulled_and_never_acknowledged_reaches_a_member_after_the_ac
     }
     assert_once(&got, "j", 10);
 }
+
+/// A NATS-native message enters the cluster once (the nodes with `native_user` share a
+/// NATS queue group; the one that takes it forwards it through the transfer stream):
+/// every node's subscriber gets it once, also on a node without `native_user`, and a
+/// group with members on two nodes that both take NATS messages in gets it once in
+/// all. What `native_user` may not write reaches nobody.
+#[tokio::test]
+async fn a_nats_native_message_reaches_every_node_once_and_a_group_once() {
+    let nats = Nats::start().await;
+    let a = cluster_support::native_node(&nats, "node-a").await;
+    let b = cluster_support::native_node(&nats, "node-b").await;
+    let c = node(&nats, "node-c").await;
+    let mut everything = Vec::new();
+    for (i, n) in [&a, &b, &c].into_iter().enumerate() {
+        everything.push(member(n.first_addr(), &format!("all-{i}"), "admin", "#").await);
+    }
+    let filter = "$share/workers/alice/from-nats/jobs";
+    let mut on_a = member(a.first_addr(), "w-a", "alice", filter).await;
+    let mut on_b = member(b.first_addr(), "w-b", "alice", filter).await;
+    let nc = nats.client().await;
+    let n = 30;
+    for i in 0..n {
+        nc.publish("moatmq.alice.from-nats.jobs", format!("n{i}").into())
+            .await
+            .unwrap();
+        // natsbridge may write alice/from-nats/# only.
+        nc.publish("moatmq.alice.jobs", format!("forged{i}").into())
+            .await
+            .unwrap();
+    }
+    assert!(moatmq_broker::cluster::round_trip(&nc).await);
+    let (seen, per_member) = tally(&mut [&mut on_a, &mut on_b]).await;
+    assert_once(&seen, "n", n);
+    assert!(
+        per_member.iter().all(|&m| m > 0),
+        "both nodes' members get some: {per_member:?}"
+    );
+    for all in &mut everything {
+        let (seen, _) = tally(&mut [all]).await;
+        assert_once(&seen, "n", n);
+    }
+}
+
+/// The message expiry interval counts the time a message spent in the transfer stream
+/// (JetStream's own timestamp): a group's consumer read 3 s late (its only member
+/// left and came back) drops a message with 2 s and delivers one with 60 s with what
+/// is left of it.
+#[tokio::test]
+async fn a_groups_consumer_read_late_drops_expired_messages_and_counts_down_the_rest() {
+    use cluster_support::{expiring5, publish_expiring5, subscribed5};
+    let nats = Nats::start().await;
+    let a = node(&nats, "node-a").await;
+    let b = node(&nats, "node-b").await;
+    let filter = "$share/late/alice/exp";
+    let login5 = |addr, id: &'static str| async move {
+        let mut o = moatmq_testkit::v5::options(addr, id);
+        o.set_credentials("alice", password("alice"));
+        moatmq_testkit::v5::connect(o).await.expect("login")
+    };
+    let mut m = login5(b.first_addr(), "late-member").await;
+    subscribed5(&mut m, filter).await;
+    m.client.disconnect().await.unwrap();
+    m.closed_within(moatmq_testkit::WAIT).await;
+    // Nobody pulls now; the group's consumer keeps its place (60 s).
+    let mut publisher = login5(a.first_addr(), "pub5").await;
+    publish_expiring5(&mut publisher, "alice/exp", "short", 2).await;
+    publish_expiring5(&mut publisher, "alice/exp", "long", 60).await;
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let mut m = login5(b.first_addr(), "late-member").await;
+    subscribed5(&mut m, filter).await;
+    let got = expiring5(&mut m, QUIET * 3).await;
+    assert_eq!(got.len(), 1, "only the message still alive: {got:?}");
+    let (payload, left) = &got[0];
+    assert_eq!(payload, "long");
+    let left = left.expect("an expiry interval");
+    assert!(
+        (50..=57).contains(&left),
+        "3 s in the stream counted: {left}"
+    );
+}

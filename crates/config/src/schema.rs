@@ -206,7 +206,8 @@ pub struct Cluster {
     #[serde(default)]
     pub credentials: Option<PathBuf>,
     /// Username whose ACL decides what messages from NATS-native clients (no moatmq
-    /// headers) may be written; absent = such messages are dropped.
+    /// headers) may be written; absent = this node does not take such messages in (set
+    /// it alike on every node: each message is taken in by one node with it).
     #[serde(default)]
     pub native_user: Option<String>,
     /// `[cluster.tls]`: TLS to NATS; absent = what the URLs say (`tls://` uses the

@@ -8,11 +8,14 @@
 //! only once JetStream has acknowledged everything numbered up to it
 //! ([`Cluster::transferred`]).
 //! In: the other nodes' messages come from this node's durable consumer on the
-//! transfer stream; the subscription on `<prefix>.>` takes only messages without
-//! `Moatmq-Node` (NATS-native clients, when `native_user` is set). Both go through
-//! `admit` as [`Source::Cluster`] and then into the router on the broker's own link,
-//! so every delivery passes the receiving node's `deliver`. A node never re-publishes
-//! what it received (the source decides) and skips its own messages in the stream.
+//! transfer stream, through `admit` as [`Source::Cluster`], never forwarded again.
+//! NATS-native messages (no `Moatmq-Node`) come from a queue subscription on
+//! `<prefix>.>` in the group `<base>_native`, which only nodes with `native_user` join,
+//! so one node of the cluster receives each: it admits it as [`Source::Native`] and
+//! forwards it to the transfer stream (not to its live subject again), so the other
+//! nodes and the shared groups' consumers get it from there, once. Everything enters
+//! the router on the broker's own link, so every delivery passes the receiving node's
+//! `deliver`. A node skips its own messages in the stream.
 //! Retained messages are also kept, sealed, in a JetStream KV bucket (`state.rs`), so
 //! a node that joins late serves them too.
 
@@ -111,7 +114,8 @@ impl Drop for Cluster {
 /// What `cluster_input` reads, taken once by `serve`: the live subjects (NATS-native
 /// messages) and this node's consumer of the transfer stream.
 pub struct Input {
-    pub(crate) live: Subscriber,
+    /// The queue subscription for NATS-native messages; `None` without `native_user`.
+    pub(crate) live: Option<Subscriber>,
     pub(crate) client: async_nats::Client,
     pub(crate) seal: Arc<moatmq_store::ClusterSeal>,
     /// The groups this node starts pulling for (`cluster_groups.rs`).
@@ -217,10 +221,29 @@ impl Cluster {
             .connect(cluster.servers.as_slice())
             .await
             .map_err(|e| failed(format!("NATS connection: {e}")))?;
-        let subscriber = client
-            .subscribe(format!("{}.>", cluster.subject_prefix))
-            .await
-            .map_err(|e| failed(format!("NATS subscription: {e}")))?;
+        // One queue group per cluster: each NATS-native message reaches one node with
+        // `native_user` (the live copies of the nodes' own messages too, which it
+        // ignores; `no_echo` keeps a node's own from it). A node without `native_user`
+        // takes nothing from the live subjects.
+        let subscriber = match &cluster.native_user {
+            Some(_) => Some(
+                client
+                    .queue_subscribe(
+                        format!("{}.>", cluster.subject_prefix),
+                        native_queue(&cluster.subject_prefix),
+                    )
+                    .await
+                    .map_err(|e| failed(format!("NATS subscription: {e}")))?,
+            ),
+            None => {
+                tracing::info!(
+                    "cluster: no native_user: messages NATS clients publish on {}.> are not \
+                     taken in by this node",
+                    cluster.subject_prefix
+                );
+                None
+            }
+        };
         let (forward, output, queue) = xfer::output(
             client.clone(),
             transfer_seal.clone(),
@@ -341,7 +364,9 @@ impl Cluster {
     /// a retained one also to the cluster's retained bucket.
     /// Never blocks: with NATS slow or away, a QoS 0 message that does not fit the
     /// queue is dropped (counted), a QoS 1/2 one is reported [`Forwarded::Full`].
-    pub fn forward(&self, who: &Identity, msg: &Inbound<'_>) -> Forwarded {
+    /// `live`: also publish it on its live subject (not for a NATS-native message,
+    /// which is there already).
+    pub fn forward(&self, who: &Identity, msg: &Inbound<'_>, live: bool) -> Forwarded {
         let Some(subject) = self.subject_of(msg.topic) else {
             tracing::debug!(
                 topic = msg.topic,
@@ -350,7 +375,7 @@ impl Cluster {
             self.kept_local(msg);
             return Forwarded::Sent;
         };
-        let sent = self.queue(subject, who, msg);
+        let sent = self.queue(subject, who, msg, live);
         if msg.retain {
             self.store_retained(who, msg);
         }
@@ -410,7 +435,7 @@ impl Cluster {
         self.forward.acked_through(seq).await
     }
 
-    fn queue(&self, subject: String, who: &Identity, msg: &Inbound<'_>) -> Forwarded {
+    fn queue(&self, subject: String, who: &Identity, msg: &Inbound<'_>, live: bool) -> Forwarded {
         let mut headers = HeaderMap::new();
         headers.insert(NODE, self.node.as_str());
         headers.insert(QOS, (msg.qos as u8).to_string().as_str());
@@ -443,8 +468,7 @@ impl Cluster {
         };
         let sent = self.forward.send(|seq| xfer::Outgoing {
             seq,
-            subject,
-            headers,
+            live: live.then_some((subject, headers)),
             payload: msg.payload.clone(),
             envelope,
         });
@@ -484,6 +508,13 @@ impl Cluster {
         }
         to_subject(topic).map(|s| format!("{}.{s}", self.prefix))
     }
+}
+
+/// The queue group of the nodes taking NATS-native messages in. NATS makes one group of
+/// every subscription with that queue name matching a message, whatever its subject:
+/// the name holds the prefix, so clusters with nested prefixes (`a`, `a.b`) stay apart.
+pub fn native_queue(prefix: &str) -> String {
+    format!("{}_native", bucket_base(prefix))
 }
 
 /// Ready once connected and subscribed: after each (re)connection the client sends its

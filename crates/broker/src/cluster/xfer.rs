@@ -148,6 +148,36 @@ fn open_from(
     Ok((envelope.clone(), Bytes::copy_from_slice(payload)))
 }
 
+/// How long ago JetStream stored `message`, by the NATS server's own timestamp (not the
+/// sending node's clock); zero if the message names none or the local clock is behind.
+pub fn time_in_stream(message: &jetstream::Message) -> Duration {
+    let Ok(info) = message.info() else {
+        return Duration::ZERO;
+    };
+    let stored = info.published.unix_timestamp_nanos();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let now = i128::try_from(now).unwrap_or(i128::MAX);
+    let waited = now.saturating_sub(stored).max(0);
+    Duration::from_nanos(u64::try_from(waited).unwrap_or(u64::MAX))
+}
+
+/// What is left of a message expiry interval of `interval` seconds after `waited`, in
+/// whole seconds rounded up (so at least 1); `None` once it ran out. An interval of 0
+/// stays 0, as the publishing node's own subscribers get it.
+pub fn expiry_left(interval: u32, waited: Duration) -> Option<u32> {
+    if interval == 0 {
+        return Some(0);
+    }
+    let left = Duration::from_secs(u64::from(interval)).checked_sub(waited)?;
+    if left.is_zero() {
+        return None;
+    }
+    let secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
+    Some(u32::try_from(secs).unwrap_or(interval))
+}
+
 /// Message ids already taken in, the latest [`SEEN`].
 #[derive(Default)]
 pub struct Seen {
@@ -281,8 +311,8 @@ pub struct Sequencer {
 /// A message on its way to NATS: plaintext on its live subject, sealed in the stream.
 pub struct Outgoing {
     pub seq: u64,
-    pub subject: String,
-    pub headers: async_nats::HeaderMap,
+    /// Its live subject and headers; `None` for a NATS-native message (on it already).
+    pub live: Option<(String, async_nats::HeaderMap)>,
     pub payload: Bytes,
     pub envelope: Envelope,
 }
@@ -410,12 +440,14 @@ impl Output {
     /// Publishes one message on its live subject (core NATS, once) and, sealed, to
     /// the stream.
     async fn send(&mut self, out: Outgoing) {
-        if let Err(e) = self
-            .client
-            .publish_with_headers(out.subject, out.headers, out.payload.clone())
-            .await
-        {
-            tracing::debug!("cluster: publish to NATS failed: {e}");
+        if let Some((subject, headers)) = out.live {
+            if let Err(e) = self
+                .client
+                .publish_with_headers(subject, headers, out.payload.clone())
+                .await
+            {
+                tracing::debug!("cluster: publish to NATS failed: {e}");
+            }
         }
         let msg_id = format!("{}:{}", self.id_prefix, out.seq);
         let plain = zeroize::Zeroizing::new(encode(&out.envelope, &out.payload));
@@ -550,6 +582,19 @@ mod tests {
                 Err(Rejected::Refused(_))
             ));
         }
+    }
+
+    #[test]
+    fn the_expiry_interval_counts_down_by_the_time_in_the_stream() {
+        let ms = Duration::from_millis;
+        assert_eq!(expiry_left(60, Duration::ZERO), Some(60));
+        assert_eq!(expiry_left(60, ms(100)), Some(60), "rounded up");
+        assert_eq!(expiry_left(60, ms(3_100)), Some(57));
+        assert_eq!(expiry_left(60, ms(59_001)), Some(1));
+        assert_eq!(expiry_left(2, ms(2_000)), None, "ran out");
+        assert_eq!(expiry_left(2, ms(3_000)), None);
+        assert_eq!(expiry_left(0, ms(5_000)), Some(0), "as published");
+        assert_eq!(expiry_left(u32::MAX, ms(1)), Some(u32::MAX));
     }
 
     #[test]

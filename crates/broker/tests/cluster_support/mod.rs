@@ -25,6 +25,10 @@ topic readwrite common/#
 
 user admin
 topic readwrite #
+
+user natsbridge
+topic write alice/from-nats/#
+topic write common/#
 ";
 
 /// The `[retained]` key every node of the test cluster shares (hex).
@@ -161,13 +165,28 @@ pub async fn node_with(
     name: &str,
     more: impl FnOnce(moatmq_testkit::TestBrokerBuilder) -> moatmq_testkit::TestBrokerBuilder,
 ) -> TestBroker {
+    node_joined(nats, name, "", more).await
+}
+
+/// [`node`] taking NATS-native messages in as `natsbridge` (`native_user`).
+pub async fn native_node(nats: &Nats, name: &str) -> TestBroker {
+    node_joined(nats, name, "native_user = \"natsbridge\"\n", |b| b).await
+}
+
+/// [`node_with`], with `cluster_keys` (TOML lines) added to its `[cluster]` section.
+pub async fn node_joined(
+    nats: &Nats,
+    name: &str,
+    cluster_keys: &str,
+    more: impl FnOnce(moatmq_testkit::TestBrokerBuilder) -> moatmq_testkit::TestBrokerBuilder,
+) -> TestBroker {
     let broker = more(with_key(TestBroker::builder(), CLUSTER_KEY))
         .users(USERS)
         .acl(ACL)
         .metrics()
         .no_connection_rate()
         .toml(&format!(
-            "[cluster]\nservers = [\"{}\"]\nnode_name = \"{name}\"\n",
+            "[cluster]\nservers = [\"{}\"]\nnode_name = \"{name}\"\n{cluster_keys}",
             nats.url()
         ))
         .start()
@@ -220,4 +239,46 @@ pub async fn subscribed5(c: &mut moatmq_testkit::v5::Client, filter: &str) {
     c.incoming(|p| matches!(p, Packet::SubAck(_)).then_some(()))
         .await
         .expect("SUBACK");
+}
+
+/// Publishes `payload` to `topic` at QoS 1 with an MQTT 5 message expiry interval of
+/// `secs` and waits for the PUBACK.
+pub async fn publish_expiring5(
+    c: &mut moatmq_testkit::v5::Client,
+    topic: &str,
+    payload: &str,
+    secs: u32,
+) {
+    use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
+    let props = PublishProperties {
+        message_expiry_interval: Some(secs),
+        ..PublishProperties::default()
+    };
+    c.client
+        .publish_with_properties(
+            topic,
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            false,
+            payload.as_bytes().to_vec(),
+            props,
+        )
+        .await
+        .expect("publish queued");
+    c.incoming(|p| matches!(p, Packet::PubAck(_)).then_some(()))
+        .await
+        .expect("PUBACK");
+}
+
+/// Every PUBLISH an MQTT 5 client gets until nothing arrives for `quiet`: payload and
+/// message expiry interval.
+pub async fn expiring5(
+    c: &mut moatmq_testkit::v5::Client,
+    quiet: Duration,
+) -> Vec<(String, Option<u32>)> {
+    let mut got = Vec::new();
+    while let Some(p) = c.publish_within(quiet).await {
+        let left = p.properties.and_then(|p| p.message_expiry_interval);
+        got.push((String::from_utf8_lossy(&p.payload).into_owned(), left));
+    }
+    got
 }
