@@ -286,30 +286,27 @@ async fn losing_a_nats_server_loses_nothing_with_three_replicas() {
     // stream's leader and kill it.
     let client = async_nats::connect(servers.as_slice()).await.unwrap();
     let js = async_nats::jetstream::new(client);
+    let info = |name: &'static str| {
+        let js = js.clone();
+        async move {
+            js.get_stream(name)
+                .await
+                .unwrap()
+                .info()
+                .await
+                .unwrap()
+                .clone()
+        }
+    };
     for name in [
         "moatmq_xfer",
         "KV_moatmq_meta",
         "KV_moatmq_retained",
         "KV_moatmq_owner",
     ] {
-        let info = js
-            .get_stream(name)
-            .await
-            .unwrap()
-            .info()
-            .await
-            .unwrap()
-            .clone();
-        assert_eq!(info.config.num_replicas, 3, "{name}");
+        assert_eq!(info(name).await.config.num_replicas, 3, "{name}");
     }
-    let info = js
-        .get_stream("moatmq_xfer")
-        .await
-        .unwrap()
-        .info()
-        .await
-        .unwrap()
-        .clone();
+    let info = info("moatmq_xfer").await;
     let leader = info.cluster.and_then(|c| c.leader).expect("a leader");
     let i: usize = leader.trim_start_matches('n').parse().expect("server n<i>");
     drop(js);

@@ -116,11 +116,7 @@ async fn pull(
                     let _ = message.ack_with(AckKind::Nak(None)).await;
                     continue;
                 }
-                let id = message
-                    .headers
-                    .as_ref()
-                    .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
-                    .map(|v| v.as_str().to_string());
+                let id = xfer::message_id(&message);
                 let opened = xfer::open_any(
                     &seal,
                     &stream,

@@ -98,11 +98,7 @@ async fn run_transfer(
         while let Some(message) = messages.next().await {
             match message {
                 Ok(message) => {
-                    let id = message
-                        .headers
-                        .as_ref()
-                        .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
-                        .map(|v| v.as_str().to_string());
+                    let id = xfer::message_id(&message);
                     let opened = xfer::open(
                         &seal,
                         &stream,

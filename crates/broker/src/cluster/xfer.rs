@@ -100,14 +100,19 @@ pub fn open(
     msg_id: Option<&str>,
     value: &[u8],
 ) -> Result<(Envelope, Bytes), Rejected> {
-    let origin = subject
-        .strip_prefix(stream)
-        .and_then(|s| s.strip_prefix('.'))
-        .ok_or_else(|| Rejected::Refused("not on a node's subject".into()))?;
+    let origin = origin(stream, subject)?;
     if origin == node {
         return Err(Rejected::Own);
     }
     open_from(seal, stream, origin, msg_id, value)
+}
+
+/// The node a stream message's subject names (its last token).
+fn origin<'s>(stream: &str, subject: &'s str) -> Result<&'s str, Rejected> {
+    subject
+        .strip_prefix(stream)
+        .and_then(|s| s.strip_prefix('.'))
+        .ok_or_else(|| Rejected::Refused("not on a node's subject".into()))
 }
 
 /// Opens the stream message of node `origin` (its subject's last token) with message
@@ -120,11 +125,7 @@ pub fn open_any(
     msg_id: Option<&str>,
     value: &[u8],
 ) -> Result<(Envelope, Bytes), Rejected> {
-    let origin = subject
-        .strip_prefix(stream)
-        .and_then(|s| s.strip_prefix('.'))
-        .ok_or_else(|| Rejected::Refused("not on a node's subject".into()))?;
-    open_from(seal, stream, origin, msg_id, value)
+    open_from(seal, stream, origin(stream, subject)?, msg_id, value)
 }
 
 fn open_from(
@@ -240,25 +241,13 @@ pub async fn consumer(
     node: &str,
     keeping: &Keeping,
 ) -> Result<jetstream::consumer::PullConsumer, String> {
-    ensure_stream(js, prefix, keeping).await?;
-    let name = stream_name(prefix);
-    let stream = js
-        .get_stream(&name)
-        .await
-        .map_err(|e| format!("stream {name}: {e}"))?;
-    let config = jetstream::consumer::pull::Config {
-        durable_name: Some(node.to_string()),
-        deliver_policy: jetstream::consumer::DeliverPolicy::New,
-        ack_policy: jetstream::consumer::AckPolicy::Explicit,
+    let consumer = Durable {
+        name: node.to_string(),
         ack_wait: Duration::from_secs(30),
         max_ack_pending: 65_536,
-        inactive_threshold: keeping.transfer_max_age,
-        ..Default::default()
+        inactive: keeping.transfer_max_age,
     };
-    stream
-        .get_or_create_consumer(node, config)
-        .await
-        .map_err(|e| format!("consumer {node} on {name}: {e}"))
+    consumer.get_or_create(js, prefix, keeping).await
 }
 
 /// How long a shared group's consumer waits for an acknowledgement before handing the
@@ -277,26 +266,61 @@ pub async fn group_consumer(
     gid: &str,
     keeping: &Keeping,
 ) -> Result<jetstream::consumer::PullConsumer, String> {
-    ensure_stream(js, prefix, keeping).await?;
-    let name = stream_name(prefix);
-    let stream = js
-        .get_stream(&name)
-        .await
-        .map_err(|e| format!("stream {name}: {e}"))?;
-    let durable = format!("share_{gid}");
-    let config = jetstream::consumer::pull::Config {
-        durable_name: Some(durable.clone()),
-        deliver_policy: jetstream::consumer::DeliverPolicy::New,
-        ack_policy: jetstream::consumer::AckPolicy::Explicit,
+    let consumer = Durable {
+        name: format!("share_{gid}"),
         ack_wait: GROUP_ACK_WAIT,
         max_ack_pending: 4096,
-        inactive_threshold: GROUP_INACTIVE,
-        ..Default::default()
+        inactive: GROUP_INACTIVE,
     };
-    stream
-        .get_or_create_consumer(&durable, config)
-        .await
-        .map_err(|e| format!("consumer {durable} on {name}: {e}"))
+    consumer.get_or_create(js, prefix, keeping).await
+}
+
+/// A durable pull consumer of the stream: new messages only, explicit acknowledgements.
+struct Durable {
+    name: String,
+    ack_wait: Duration,
+    max_ack_pending: i64,
+    /// Removed by the server this long after its last pull.
+    inactive: Duration,
+}
+
+impl Durable {
+    /// The consumer, and the stream first when it is missing.
+    async fn get_or_create(
+        self,
+        js: &jetstream::Context,
+        prefix: &str,
+        keeping: &Keeping,
+    ) -> Result<jetstream::consumer::PullConsumer, String> {
+        ensure_stream(js, prefix, keeping).await?;
+        let stream_name = stream_name(prefix);
+        let stream = js
+            .get_stream(&stream_name)
+            .await
+            .map_err(|e| format!("stream {stream_name}: {e}"))?;
+        let config = jetstream::consumer::pull::Config {
+            durable_name: Some(self.name.clone()),
+            deliver_policy: jetstream::consumer::DeliverPolicy::New,
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ack_wait: self.ack_wait,
+            max_ack_pending: self.max_ack_pending,
+            inactive_threshold: self.inactive,
+            ..Default::default()
+        };
+        stream
+            .get_or_create_consumer(&self.name, config)
+            .await
+            .map_err(|e| format!("consumer {} on {stream_name}: {e}", self.name))
+    }
+}
+
+/// The `Nats-Msg-Id` of a message read from the stream.
+pub fn message_id(message: &jetstream::Message) -> Option<String> {
+    message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
+        .map(|v| v.as_str().to_string())
 }
 
 /// Numbers forwarded messages in admit order and tells how far JetStream has

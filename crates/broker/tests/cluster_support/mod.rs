@@ -282,3 +282,17 @@ pub async fn expiring5(
     }
     got
 }
+
+/// What [`expiring5`] received of a "short" (2 s) and a "long" (60 s) message that
+/// spent about 3 s in the transfer stream before it was read: only the long one, its
+/// interval counted down by that time.
+pub fn only_the_long_one_counted_down(got: &[(String, Option<u32>)]) {
+    assert_eq!(got.len(), 1, "only the message still alive: {got:?}");
+    let (payload, left) = &got[0];
+    assert_eq!(payload, "long");
+    let left = left.expect("an expiry interval");
+    assert!(
+        (50..=57).contains(&left),
+        "3 s in the stream counted: {left}"
+    );
+}
