@@ -172,9 +172,8 @@ fn hand_on(
     if !shared.policy.may_publish(&who, &topic).allowed {
         return;
     }
-    let qos = crate::cluster_input::qos_of(envelope.qos);
-    let Ok(props) = crate::cluster_input::properties_now(envelope.properties.as_deref(), waited)
-    else {
+    let qos = xfer::qos_of(envelope.qos);
+    let Ok(props) = xfer::properties_now(envelope.properties.as_deref(), waited) else {
         tracing::debug!(
             topic,
             "cluster: shared group message expired in the stream dropped"

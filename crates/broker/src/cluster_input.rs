@@ -158,7 +158,7 @@ fn transferred(
         username: envelope.user,
         client_id: envelope.client,
     };
-    let Ok(props) = properties_now(envelope.properties.as_deref(), waited) else {
+    let Ok(props) = xfer::properties_now(envelope.properties.as_deref(), waited) else {
         tracing::debug!(
             topic,
             "cluster: transfer message expired in the stream dropped"
@@ -172,40 +172,10 @@ fn transferred(
         Source::Cluster,
         topic,
         payload,
-        qos_of(envelope.qos),
+        xfer::qos_of(envelope.qos),
         envelope.retain,
         props,
     );
-}
-
-/// The MQTT 5 properties of a transfer message (its `Moatmq-Properties` JSON) as they
-/// are `waited` after JetStream stored it: the message expiry interval counts down by
-/// the time spent in the stream (whole seconds left, rounded up, as a retained copy's
-/// does). `Err` if it ran out: the message is not delivered.
-pub(crate) fn properties_now(
-    json: Option<&str>,
-    waited: Duration,
-) -> Result<Option<rumqttd::protocol::PublishProperties>, Expired> {
-    let Some(mut props) = json.and_then(crate::cluster::decode_properties) else {
-        return Ok(None);
-    };
-    if let Some(interval) = props.message_expiry_interval {
-        props.message_expiry_interval = Some(xfer::expiry_left(interval, waited).ok_or(Expired)?);
-    }
-    Ok(Some(props))
-}
-
-/// A message whose expiry interval ran out before it was taken in.
-#[derive(Debug)]
-pub(crate) struct Expired;
-
-/// The QoS a transfer message names.
-pub(crate) fn qos_of(n: u8) -> QoS {
-    match n {
-        1 => QoS::AtLeastOnce,
-        2 => QoS::ExactlyOnce,
-        _ => QoS::AtMostOnce,
-    }
 }
 
 /// One message from NATS on a live subject, which the queue gave to this node alone: a

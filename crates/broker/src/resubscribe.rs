@@ -4,7 +4,7 @@
 
 use crate::cluster::Groups;
 use crate::retained_index::qos_from;
-use crate::router::router_filter;
+use crate::router::{router_filter, GroupFilters};
 use crate::sessions::Filters;
 use crate::topic::is_sys;
 use moatmq_store::SubscriptionOptions;
@@ -32,7 +32,7 @@ pub fn router_subscribes(
             _ => o.subscription_id.map(|id| id as usize),
         };
         by_id.entry(id).or_default().push(Filter {
-            path: router_filter(groups, owner, f),
+            path: router_filter(groups.map(|g| g as &dyn GroupFilters), owner, f),
             qos: qos_from(o.qos),
             nolocal: o.no_local,
             preserve_retain: o.retain_as_published,

@@ -17,7 +17,6 @@
 //! `Broker::serve` returns an error (see `server.rs`). Threads, not tasks: a wedged
 //! router blocks every `LinkTx::send` once its channel is full, async workers included.
 
-use crate::cluster::Groups;
 use crate::codec::make_router_publish;
 use crate::spare_links::{LinkName, SpareLinks};
 use bytes::Bytes;
@@ -460,7 +459,11 @@ fn push_identity(out: &mut String, username: Option<&str>) {
 /// are. With `[cluster]` (`groups`), a shared subscription gets the cluster's form
 /// instead (`cluster/groups.rs`), which only the group's own copies reach. Other
 /// filters pass unchanged.
-pub fn router_filter(groups: Option<&Groups>, username: Option<&str>, filter: &str) -> String {
+pub fn router_filter(
+    groups: Option<&dyn GroupFilters>,
+    username: Option<&str>,
+    filter: &str,
+) -> String {
     match split_shared(filter) {
         Some((group, inner)) => {
             let group = namespaced_group(username, group);
@@ -471,6 +474,13 @@ pub fn router_filter(groups: Option<&Groups>, username: Option<&str>, filter: &s
         }
         None => filter.to_string(),
     }
+}
+
+/// How shared subscriptions enter the router when groups span the nodes of a cluster
+/// (`cluster/groups.rs`).
+pub trait GroupFilters {
+    /// The router's filter for a member of the namespaced `group` on `filter`.
+    fn router_filter(&self, group: &str, filter: &str) -> String;
 }
 
 /// The group name and inner filter of `$share/<group>/<filter>`.

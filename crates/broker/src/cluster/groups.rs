@@ -16,7 +16,7 @@
 //! subscription of a group member carries that subscription identifier, which the
 //! router adds to every forward through it, and which no client can use.
 
-use crate::router::{namespaced_group, split_shared, RouterHandle};
+use crate::router::{namespaced_group, split_shared, GroupFilters, RouterHandle};
 use bytes::Bytes;
 use moatmq_store::ClusterSeal;
 use rumqttd::protocol::{PublishProperties, QoS};
@@ -91,11 +91,6 @@ impl Groups {
     /// The gid of the namespaced `group` with inner filter `filter`.
     pub fn id(&self, group: &str, filter: &str) -> String {
         gid(&self.inner.seal, group, filter)
-    }
-
-    /// The router's filter for a member of the namespaced `group` on `filter`.
-    pub fn router_filter(&self, group: &str, filter: &str) -> String {
-        member_filter(&self.id(group, filter), filter)
     }
 
     /// A connection's share of the groups, empty.
@@ -286,6 +281,12 @@ fn copy_topic<'a, 'h>(
     let gid = &rest[..at];
     let (filter, _) = held.find(|(_, g)| g.as_bytes() == gid)?;
     Some((filter, &rest[at + 1..]))
+}
+
+impl GroupFilters for Groups {
+    fn router_filter(&self, group: &str, filter: &str) -> String {
+        member_filter(&self.id(group, filter), filter)
+    }
 }
 
 #[cfg(test)]

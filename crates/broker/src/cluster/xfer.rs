@@ -539,6 +539,37 @@ impl Output {
     }
 }
 
+/// The MQTT 5 properties of a transfer message (its `Moatmq-Properties` JSON) as they
+/// are `waited` after JetStream stored it: the message expiry interval counts down by
+/// the time spent in the stream (whole seconds left, rounded up, as a retained copy's
+/// does). `Err` if it ran out: the message is not delivered.
+pub fn properties_now(
+    json: Option<&str>,
+    waited: Duration,
+) -> Result<Option<rumqttd::protocol::PublishProperties>, Expired> {
+    let Some(mut props) = json.and_then(super::properties::decode) else {
+        return Ok(None);
+    };
+    if let Some(interval) = props.message_expiry_interval {
+        props.message_expiry_interval = Some(expiry_left(interval, waited).ok_or(Expired)?);
+    }
+    Ok(Some(props))
+}
+
+/// A message whose expiry interval ran out before it was taken in.
+#[derive(Debug)]
+pub struct Expired;
+
+/// The QoS a transfer message names.
+pub fn qos_of(n: u8) -> rumqttd::protocol::QoS {
+    use rumqttd::protocol::QoS;
+    match n {
+        1 => QoS::AtLeastOnce,
+        2 => QoS::ExactlyOnce,
+        _ => QoS::AtMostOnce,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -284,7 +284,11 @@ impl Gateway {
                 self.retained.after_suback(subscribe.pkid, jobs);
                 self.session_changed();
                 let user = self.identity.username.as_deref();
-                let groups = self.shared.cluster.as_ref().map(|c| &c.groups);
+                let groups = self
+                    .shared
+                    .cluster
+                    .as_ref()
+                    .map(|c| &c.groups as &dyn crate::router::GroupFilters);
                 for f in &mut kept {
                     f.path = router_filter(groups, user, &f.path);
                 }
@@ -338,7 +342,11 @@ impl Gateway {
                     };
                     return self.write(Packet::UnsubAck(unsuback, None));
                 }
-                let groups = self.shared.cluster.as_ref().map(|c| &c.groups);
+                let groups = self
+                    .shared
+                    .cluster
+                    .as_ref()
+                    .map(|c| &c.groups as &dyn crate::router::GroupFilters);
                 for f in &mut unsubscribe.filters {
                     *f = router_filter(groups, self.identity.username.as_deref(), f);
                 }
