@@ -956,3 +956,143 @@ async fn a_held_publisher_with_a_short_keep_alive_stays_connected() {
         "no PUBACK after NATS came back: the held connection was lost"
     );
 }
+
+#[tokio::test]
+async fn retained_changes_made_while_nats_is_away_reach_the_bucket_and_a_node_started_later() {
+    let mut nats = Nats::start().await;
+    let a = node(&nats, "node-a", "").await;
+    let mut publ = login(a.first_addr(), "alice-pub", "alice").await;
+    publish(&publ, "alice/cleared", QoS::AtLeastOnce, true, "old").await;
+    assert!(puback_within(&mut publ, WAIT).await);
+    publish(&publ, "alice/changed", QoS::AtLeastOnce, true, "first").await;
+    assert!(puback_within(&mut publ, WAIT).await);
+    bucket_values(&retained_bucket(&nats).await, 2).await;
+
+    // NATS away: one topic cleared and one changed twice at QoS 0 (admitted at once,
+    // so the node tries to write the first while NATS is away: that write times out),
+    // one set at QoS 1 (its
+    // PUBACK waits for the transfer stream); the bucket gets each topic's last change
+    // once NATS is back.
+    nats.kill();
+    wait_ready(&a, false).await;
+    publish(&publ, "alice/cleared", QoS::AtMostOnce, true, "").await;
+    publish(&publ, "alice/changed", QoS::AtMostOnce, true, "second").await;
+    publish(&publ, "alice/changed", QoS::AtMostOnce, true, "third").await;
+    publish(&publ, "alice/kept", QoS::AtLeastOnce, true, "while away").await;
+    // Long enough for a put tried meanwhile to fail (JetStream's 5 s request timeout).
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    nats.restart().await;
+    assert!(
+        puback_within(&mut publ, Duration::from_secs(20)).await,
+        "no PUBACK after NATS came back"
+    );
+    wait_ready(&a, true).await;
+    let kv = retained_bucket(&nats).await;
+    let seal = cluster_seal(CLUSTER_KEY);
+    // The bucket may still hold the cleared topic's old value a moment: wait for it.
+    let mut want = [seal.key_of("alice/changed"), seal.key_of("alice/kept")];
+    want.sort();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let values = bucket_values(&kv, 2).await;
+        let keys: Vec<&String> = values.iter().map(|(k, _)| k).collect();
+        if keys == want.iter().collect::<Vec<_>>() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the bucket holds other keys"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // A node started now reads the bucket: the last change of each topic, nothing cleared.
+    let c = node(&nats, "node-c", "").await;
+    let mut sub = login(c.first_addr(), "alice-sub", "alice").await;
+    assert!(subscribe(&mut sub, "alice/#", QoS::AtLeastOnce).await);
+    let mut got: Vec<(String, Vec<u8>)> = drain(&mut sub)
+        .await
+        .into_iter()
+        .map(|p| (p.topic, p.payload.to_vec()))
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            ("alice/changed".to_string(), b"third".to_vec()),
+            ("alice/kept".to_string(), b"while away".to_vec()),
+        ]
+    );
+}
+
+/// Caps the retained bucket's stream at `max` messages (discard new, as every KV
+/// bucket): JetStream refuses puts and deletes past it; `-1` lifts the cap.
+async fn cap_retained_stream(nats: &Nats, max: i64) {
+    let js = async_nats::jetstream::new(nats.client().await);
+    let mut stream = js
+        .get_stream("KV_moatmq_retained")
+        .await
+        .expect("the bucket's stream");
+    let mut config = stream.info().await.expect("stream info").config.clone();
+    config.max_messages = max;
+    js.update_stream(config).await.expect("stream updated");
+}
+
+#[tokio::test]
+async fn retained_changes_jetstream_refused_are_written_once_it_takes_them() {
+    let nats = Nats::start().await;
+    let a = node(&nats, "node-a", "").await;
+    let mut publ = login(a.first_addr(), "alice-pub", "alice").await;
+    publish(&publ, "alice/cleared", QoS::AtLeastOnce, true, "old").await;
+    assert!(puback_within(&mut publ, WAIT).await);
+    let kv = retained_bucket(&nats).await;
+    bucket_values(&kv, 1).await;
+
+    // The bucket full (an account or stream limit reached): JetStream refuses a new
+    // topic and a clear; NATS itself answers, so the node stays ready.
+    cap_retained_stream(&nats, 1).await;
+    publish(&publ, "alice/kept", QoS::AtLeastOnce, true, "first").await;
+    assert!(puback_within(&mut publ, WAIT).await);
+    publish(&publ, "alice/kept", QoS::AtLeastOnce, true, "second").await;
+    assert!(puback_within(&mut publ, WAIT).await);
+    publish(&publ, "alice/cleared", QoS::AtLeastOnce, true, "").await;
+    assert!(puback_within(&mut publ, WAIT).await);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let seal = cluster_seal(CLUSTER_KEY);
+    let values = bucket_values(&kv, 1).await;
+    assert_eq!(
+        values[0].0,
+        seal.key_of("alice/cleared"),
+        "nothing taken yet"
+    );
+    assert!(ready(&a).await);
+
+    // Room again: the last change of each topic is written, nothing older after it.
+    cap_retained_stream(&nats, -1).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while bucket_values(&kv, 1).await[0].0 != seal.key_of("alice/kept") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the waiting changes were not written"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let c = node(&nats, "node-c", "").await;
+    let mut sub = login(c.first_addr(), "alice-sub", "alice").await;
+    assert!(subscribe(&mut sub, "alice/#", QoS::AtLeastOnce).await);
+    let got: Vec<(String, Vec<u8>)> = drain(&mut sub)
+        .await
+        .into_iter()
+        .map(|p| (p.topic, p.payload.to_vec()))
+        .collect();
+    assert_eq!(got, vec![("alice/kept".to_string(), b"second".to_vec())]);
+    // Node A too: the bucket's old value of the cleared topic was not applied there.
+    let mut on_a = login(a.first_addr(), "alice-sub-a", "alice").await;
+    assert!(subscribe(&mut on_a, "alice/#", QoS::AtLeastOnce).await);
+    let got: Vec<String> = drain(&mut on_a)
+        .await
+        .into_iter()
+        .map(|p| p.topic)
+        .collect();
+    assert_eq!(got, vec!["alice/kept".to_string()]);
+}

@@ -69,8 +69,9 @@ const NATS_DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;
 /// (counted) rather than holding up the publishers' gateways.
 const FORWARD_QUEUE: usize = 16_384;
 
-/// Retained changes waiting for the KV bucket; past this they are not stored in NATS
-/// (counted with the messages not forwarded).
+/// Retained changes waiting for the KV bucket, on their way to its task and, once
+/// there, topics whose latest change JetStream has not taken yet (`state.rs`); past
+/// this they are not stored in NATS (counted with the messages not forwarded).
 const STATE_QUEUE: usize = 16_384;
 
 /// What a message adds to its payload on the transfer stream at most, besides its
@@ -266,6 +267,7 @@ impl Cluster {
             queue,
             checked,
             keeping.replicas,
+            STATE_QUEUE,
         );
         tokio::spawn(sync.run());
         let (handoff_tx, handoffs) = mpsc::unbounded_channel();

@@ -8,7 +8,13 @@
 //!   was away at start, the node stays unready and logs why.
 //! - Out: every retained publish `admit` lets in from this node ([`Change`]) is put
 //!   into `<base>_retained` at the keyed hash of its topic by one task, in admit order;
-//!   an empty payload deletes the key.
+//!   an empty payload deletes the key. A change JetStream does not take (NATS away, a
+//!   leader election, a limit) waits in [`Pending`] and is written again every
+//!   [`RETRY`] (and after each reconnection) until it is: one change per topic, the
+//!   latest (a later change of a topic replaces the waiting one in place, so an older
+//!   one is never written after it), at most `STATE_QUEUE` topics; past that a change
+//!   of another topic is lost for nodes that start later (counted). While a topic's
+//!   change waits, the bucket's values of it are not applied here: they are older.
 //! - In: the same task watches the whole bucket from the last value of each key on and
 //!   applies every value to the local retained set (which the local store persists),
 //!   never through `admit`, so nothing applied is put back; values older than one this
@@ -24,7 +30,7 @@ use crate::retained_index::RetainedIndex;
 use async_nats::jetstream::{self, kv};
 use futures_util::StreamExt;
 use moatmq_store::{now_unix, ClusterSeal, RetainedMessage};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Weak;
 use std::time::Duration;
@@ -90,6 +96,64 @@ pub struct StateSync {
     /// The revision of each key this node put and has not seen back from the watch yet:
     /// older values of it still on their way are not applied over this node's newer one.
     written: HashMap<String, u64>,
+    /// This node's changes not stored in the bucket yet.
+    pending: Pending,
+    /// Whether the last write failed (warn once per run of failures, not per retry).
+    failing: bool,
+}
+
+/// Changes waiting for the bucket: the latest one of each KV key, in the order their
+/// keys first waited, at most `cap` keys.
+struct Pending {
+    order: VecDeque<String>,
+    changes: HashMap<String, Change>,
+    cap: usize,
+}
+
+impl Pending {
+    fn new(cap: usize) -> Pending {
+        Pending {
+            order: VecDeque::new(),
+            changes: HashMap::new(),
+            cap,
+        }
+    }
+
+    /// Keeps `change` for `key`, replacing an older change of it in place; `false`
+    /// (not kept) when `cap` other keys wait already.
+    fn push(&mut self, key: String, change: Change) -> bool {
+        if let Some(waiting) = self.changes.get_mut(&key) {
+            *waiting = change;
+            return true;
+        }
+        if self.changes.len() >= self.cap {
+            return false;
+        }
+        self.order.push_back(key.clone());
+        self.changes.insert(key, change);
+        true
+    }
+
+    /// The change waiting longest, with its key, left in place until [`Pending::done`].
+    fn first(&self) -> Option<(&String, &Change)> {
+        let key = self.order.front()?;
+        self.changes.get(key).map(|c| (key, c))
+    }
+
+    /// The first change is stored.
+    fn done(&mut self) {
+        if let Some(key) = self.order.pop_front() {
+            self.changes.remove(&key);
+        }
+    }
+
+    fn holds(&self, key: &str) -> bool {
+        self.changes.contains_key(key)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
 }
 
 /// How one round of [`StateSync::sync`] ended.
@@ -114,6 +178,7 @@ impl StateSync {
         changes: mpsc::Receiver<Change>,
         checked: watch::Sender<KeyCheck>,
         replicas: usize,
+        queue: usize,
     ) -> StateSync {
         StateSync {
             client,
@@ -128,6 +193,8 @@ impl StateSync {
             checked,
             topics: HashMap::new(),
             written: HashMap::new(),
+            pending: Pending::new(queue),
+            failing: false,
         }
     }
 
@@ -150,8 +217,13 @@ impl StateSync {
         self.set_loaded(false);
         loop {
             while self.client.connection_state() != async_nats::connection::State::Connected {
-                if self.changes.is_closed() {
-                    return;
+                // Kept (and coalesced) meanwhile, so the queue stays free for more.
+                loop {
+                    match self.changes.try_recv() {
+                        Ok(change) => self.keep(change),
+                        Err(mpsc::error::TryRecvError::Empty) => break,
+                        Err(mpsc::error::TryRecvError::Disconnected) => return,
+                    }
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
@@ -201,18 +273,36 @@ impl StateSync {
         };
         // Anything put after the watch started is delivered to it: an empty bucket now
         // means nothing is left to load.
+        let mut loaded = false;
         match store.status().await {
-            Ok(status) if status.values() == 0 => self.set_loaded(true),
+            Ok(status) if status.values() == 0 => loaded = true,
             Ok(_) => {}
             Err(e) => return Ended::Retry(format!("{}: {e}", self.retained_bucket())),
         }
+        if loaded {
+            self.set_loaded(true);
+        }
+        // Waiting changes are written once what the bucket held is applied (their keys'
+        // older values skipped), then as they come; after a failure, every RETRY.
+        let mut retry_at: Option<tokio::time::Instant> = None;
         loop {
+            if loaded && retry_at.is_none() && !self.pending.is_empty() && !self.flush(&store).await
+            {
+                retry_at = Some(tokio::time::Instant::now() + RETRY);
+            }
+            let retry = async {
+                match retry_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 entry = entries.next() => match entry {
                     Some(Ok(entry)) => {
                         let current = entry.delta == 0;
                         self.apply(entry);
-                        if current {
+                        if current && !loaded {
+                            loaded = true;
                             self.set_loaded(true);
                         }
                     }
@@ -220,9 +310,10 @@ impl StateSync {
                     None => return Ended::Retry("watch ended".into()),
                 },
                 change = self.changes.recv() => match change {
-                    Some(change) => self.write(&store, change).await,
+                    Some(change) => self.keep(change),
                     None => return Ended::Stopped,
                 },
+                () = retry => retry_at = None,
             }
         }
     }
@@ -257,6 +348,10 @@ impl StateSync {
 
     /// Applies one value of the bucket to the local retained set.
     fn apply(&mut self, entry: kv::Entry) {
+        if self.pending.holds(&entry.key) {
+            // This node's later change of the key waits to be written over it.
+            return;
+        }
         if let Some(&written) = self.written.get(&entry.key) {
             if entry.revision < written {
                 return;
@@ -311,34 +406,69 @@ impl StateSync {
         }
     }
 
-    /// Puts (or deletes) one change of this node; a failure loses it for the other
-    /// nodes (counted with the messages not forwarded) but never blocks the task.
-    async fn write(&mut self, store: &kv::Store, change: Change) {
-        let written = match change {
-            Change::Put(msg) => match self.seal.seal_retained(&self.retained_bucket(), &msg) {
-                Ok((key, value)) => {
-                    self.topics.insert(key.clone(), msg.topic);
-                    match store.put(&key, value.into()).await {
+    /// Queues one change of this node for the bucket (see [`Pending`]).
+    fn keep(&mut self, change: Change) {
+        let key = match &change {
+            Change::Put(msg) => {
+                let key = self.seal.key_of(&msg.topic);
+                self.topics.insert(key.clone(), msg.topic.clone());
+                key
+            }
+            Change::Delete(topic) => self.seal.key_of(topic),
+        };
+        if !self.pending.push(key, change) {
+            tracing::debug!("cluster: retained changes waiting for NATS full; change not stored");
+            if let Some(m) = self.metrics.upgrade() {
+                m.cluster_dropped.inc();
+            }
+        }
+    }
+
+    /// Writes the waiting changes in order; `false` when one failed (it stays first).
+    async fn flush(&mut self, store: &kv::Store) -> bool {
+        while let Some((key, change)) = self.pending.first() {
+            let key = key.clone();
+            let written = match change {
+                Change::Put(msg) => match self.seal.seal_retained(&self.retained_bucket(), msg) {
+                    Ok((_, value)) => match store.put(&key, value.into()).await {
                         Ok(revision) => {
                             self.written.insert(key, revision);
                             Ok(())
                         }
                         Err(e) => Err(e.to_string()),
+                    },
+                    Err(e) => {
+                        // Never sealable: not kept (counted, as before the retries).
+                        tracing::warn!("cluster: retained change not stored in NATS: {e}");
+                        if let Some(m) = self.metrics.upgrade() {
+                            m.cluster_dropped.inc();
+                        }
+                        Ok(())
+                    }
+                },
+                Change::Delete(_) => store.delete(&key).await.map_err(|e| e.to_string()),
+            };
+            match written {
+                Ok(()) => {
+                    self.pending.done();
+                    if self.failing {
+                        self.failing = false;
+                        tracing::info!("cluster: retained changes stored in NATS again");
                     }
                 }
-                Err(e) => Err(e.to_string()),
-            },
-            Change::Delete(topic) => store
-                .delete(self.seal.key_of(&topic))
-                .await
-                .map_err(|e| e.to_string()),
-        };
-        if let Err(e) = written {
-            tracing::warn!("cluster: retained change not stored in NATS: {e}");
-            if let Some(m) = self.metrics.upgrade() {
-                m.cluster_dropped.inc();
+                Err(e) => {
+                    if !self.failing {
+                        self.failing = true;
+                        tracing::warn!(
+                            "cluster: retained change not stored in NATS yet: {e}; kept, \
+                             written again when JetStream takes it"
+                        );
+                    }
+                    return false;
+                }
             }
         }
+        true
     }
 }
 
@@ -411,7 +541,33 @@ pub(super) async fn bucket(
 
 #[cfg(test)]
 mod tests {
-    use super::bucket_base;
+    use super::{bucket_base, Change, Pending};
+
+    fn deleted(p: &Pending, key: &str) -> Option<String> {
+        match p.changes.get(key) {
+            Some(Change::Delete(topic)) => Some(topic.clone()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn a_later_change_of_a_key_replaces_the_waiting_one_in_place_within_the_cap() {
+        let mut p = Pending::new(2);
+        assert!(p.push("k1".into(), Change::Delete("first".into())));
+        assert!(p.push("k2".into(), Change::Delete("other".into())));
+        // Replacing never counts against the cap nor moves the key back.
+        assert!(p.push("k1".into(), Change::Delete("second".into())));
+        assert!(!p.push("k3".into(), Change::Delete("over".into())));
+        assert!(p.holds("k1") && p.holds("k2") && !p.holds("k3"));
+        assert_eq!(p.first().map(|(k, _)| k.as_str()), Some("k1"));
+        assert_eq!(deleted(&p, "k1").as_deref(), Some("second"));
+        p.done();
+        assert_eq!(p.first().map(|(k, _)| k.as_str()), Some("k2"));
+        assert!(!p.holds("k1"));
+        p.done();
+        assert!(p.is_empty() && p.first().is_none());
+        assert!(p.push("k3".into(), Change::Delete("room again".into())));
+    }
 
     #[test]
     fn bucket_names_hold_only_what_jetstream_allows() {
