@@ -116,21 +116,9 @@ async fn pull(
                     let _ = message.ack_with(AckKind::Nak(None)).await;
                     continue;
                 }
-                let id = xfer::message_id(&message);
-                let opened = xfer::open_any(
-                    &seal,
-                    &stream,
-                    message.subject.as_str(),
-                    id.as_deref(),
-                    &message.payload,
-                );
-                match opened {
-                    Ok((envelope, payload)) => {
-                        if id.as_deref().is_some_and(|id| seen.first(id)) {
-                            let waited = xfer::time_in_stream(&message);
-                            hand_on(&shared, &gid, &filter, envelope, payload, waited);
-                        }
-                    }
+                match xfer::take_in(&seal, &stream, None, &mut seen, &message) {
+                    Ok(Some(m)) => hand_on(&shared, &gid, &filter, m.envelope, m.payload, m.waited),
+                    Ok(None) => {}
                     // Counted by this node's own consumer of the stream, which reads
                     // every message too.
                     Err(why) => tracing::debug!("cluster: shared group: {why:?}"),

@@ -98,23 +98,10 @@ async fn run_transfer(
         while let Some(message) = messages.next().await {
             match message {
                 Ok(message) => {
-                    let id = xfer::message_id(&message);
-                    let opened = xfer::open(
-                        &seal,
-                        &stream,
-                        &cluster.node,
-                        message.subject.as_str(),
-                        id.as_deref(),
-                        &message.payload,
-                    );
-                    match opened {
-                        Ok((envelope, payload)) => {
-                            if id.as_deref().is_some_and(|id| seen.first(id)) {
-                                let waited = xfer::time_in_stream(&message);
-                                transferred(shared, &info, envelope, payload, waited);
-                            }
-                        }
-                        Err(Rejected::Own) => {}
+                    let own = Some(cluster.node.as_str());
+                    match xfer::take_in(&seal, &stream, own, &mut seen, &message) {
+                        Ok(Some(m)) => transferred(shared, &info, m.envelope, m.payload, m.waited),
+                        Ok(None) | Err(Rejected::Own) => {}
                         Err(Rejected::Refused(why)) => {
                             tracing::error!(
                                 subject = message.subject.as_str(),

@@ -149,6 +149,39 @@ fn open_from(
     Ok((envelope.clone(), Bytes::copy_from_slice(payload)))
 }
 
+/// A message of the stream taken in: what it carries and how long it waited there.
+pub struct Arrived {
+    pub envelope: Envelope,
+    pub payload: Bytes,
+    pub waited: Duration,
+}
+
+/// Opens a message read from the stream: `Ok(None)` for one already taken in (a
+/// redelivery, by its message id). With `own` (this node), this node's own messages
+/// are [`Rejected::Own`]; without, they open too (a shared group's consumer).
+pub fn take_in(
+    seal: &ClusterSeal,
+    stream: &str,
+    own: Option<&str>,
+    seen: &mut Seen,
+    message: &jetstream::Message,
+) -> Result<Option<Arrived>, Rejected> {
+    let id = message_id(message);
+    let subject = message.subject.as_str();
+    let (envelope, payload) = match own {
+        Some(node) => open(seal, stream, node, subject, id.as_deref(), &message.payload)?,
+        None => open_any(seal, stream, subject, id.as_deref(), &message.payload)?,
+    };
+    if !id.as_deref().is_some_and(|id| seen.first(id)) {
+        return Ok(None);
+    }
+    Ok(Some(Arrived {
+        envelope,
+        payload,
+        waited: time_in_stream(message),
+    }))
+}
+
 /// How long ago JetStream stored `message`, by the NATS server's own timestamp (not the
 /// sending node's clock); zero if the message names none or the local clock is behind.
 pub fn time_in_stream(message: &jetstream::Message) -> Duration {
