@@ -80,3 +80,21 @@ fn build_moatmq() -> PathBuf {
         .find_map(|m| m["executable"].as_str().map(PathBuf::from))
         .expect("cargo build -p moatmq names the moatmq executable")
 }
+
+/// Writes `dir/broker.toml` for a `moatmq serve` process: one TCP listener on a free
+/// loopback port (`tcp`), anonymous clients, the store in `dir/data` with the key
+/// `dir/store.key` (the caller puts it there), then `more` (lines of `[retained]`,
+/// further sections). Returns its path.
+pub fn store_config(dir: &Path, more: &str) -> std::path::PathBuf {
+    let config = dir.join("broker.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[listener]]\nname = \"tcp\"\nbind = \"127.0.0.1:0\"\n\
+             [auth]\nallow_anonymous = true\n\
+             [retained]\npath = \"data\"\nkey_file = \"store.key\"\n{more}"
+        ),
+    )
+    .expect("write broker.toml");
+    config
+}

@@ -5,7 +5,7 @@
 //! CONNECTs) once its NATS connection, transfer stream consumer and retained bucket
 //! are in place; clients retry their CONNECT until then, as real ones do.
 
-use moatmq_e2e::{Moatmq, Nats};
+use moatmq_e2e::{store_config, Moatmq, Nats};
 use moatmq_testkit::v4;
 use rumqttc::{Event, Outgoing, Packet, QoS};
 use std::collections::{BTreeSet, HashMap};
@@ -29,17 +29,10 @@ fn start_node_with(dir: &Path, key: &Path, name: &str, servers: &[String], extra
     let home = dir.join(name);
     std::fs::create_dir_all(&home).unwrap();
     std::fs::copy(key, home.join("store.key")).unwrap();
-    let config = home.join("broker.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[[listener]]\nname = \"tcp\"\nbind = \"127.0.0.1:0\"\n\
-             [auth]\nallow_anonymous = true\n\
-             [retained]\npath = \"data\"\nkey_file = \"store.key\"\n\
-             [cluster]\nservers = {servers:?}\nnode_name = \"{name}\"\n{extra}"
-        ),
-    )
-    .unwrap();
+    let config = store_config(
+        &home,
+        &format!("[cluster]\nservers = {servers:?}\nnode_name = \"{name}\"\n{extra}"),
+    );
     Moatmq::serve(&config, &[])
 }
 

@@ -3,7 +3,7 @@
 //! session it was queued for, so SIGKILL loses none of them (Mosquitto's `persistence
 //! true` migration case: session present, 5 of 5 delivered).
 
-use moatmq_e2e::Moatmq;
+use moatmq_e2e::{store_config, Moatmq};
 use moatmq_testkit::{v4, QUIET, WAIT};
 use rumqttc::QoS;
 use std::net::SocketAddr;
@@ -18,18 +18,7 @@ fn config(dir: &Path, autosave_interval: u64) -> PathBuf {
     if !key.exists() {
         moatmq_store::RetainedKey::write_new(&key).unwrap();
     }
-    let config = dir.join("broker.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[[listener]]\nname = \"tcp\"\nbind = \"127.0.0.1:0\"\n\
-             [auth]\nallow_anonymous = true\n\
-             [retained]\npath = \"data\"\nkey_file = \"store.key\"\n\
-             autosave_interval = {autosave_interval}\n"
-        ),
-    )
-    .unwrap();
-    config
+    store_config(dir, &format!("autosave_interval = {autosave_interval}\n"))
 }
 
 fn persistent(port: u16, id: &str) -> v4::MqttOptions {

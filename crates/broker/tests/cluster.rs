@@ -6,18 +6,14 @@
 
 mod cluster_support;
 
-use cluster_support::{ready, wait_ready, with_key, Nats};
+use cluster_support::{
+    node_with_acl, password, ready, wait_ready, with_key, Nats, CLUSTER_KEY, USERS,
+};
 use futures_util::StreamExt;
 use moatmq_testkit::{v4, TestBroker, QUIET, WAIT};
 use rumqttc::QoS;
 use std::net::SocketAddr;
 use std::time::Duration;
-
-const USERS: &[(&str, &str)] = &[
-    ("alice", "alice-pw"),
-    ("bob", "bob-pw"),
-    ("admin", "admin-pw"),
-];
 
 const ACL: &str = "\
 user alice
@@ -35,9 +31,6 @@ user natsbridge
 topic write nats-in/#
 ";
 
-/// The `[retained]` key every node of the test cluster shares (hex).
-const CLUSTER_KEY: &str = "5ea1ed0c1a55e7a11c0ffee0ddba11d0decade5eedfacade0b5e55edc0de1234";
-
 /// A moatmq node joined to `nats` as `name`, with `extra` keys in `[cluster]`; ready
 /// (connected to NATS and subscribed) when this returns.
 async fn node(nats: &Nats, name: &str, extra: &str) -> TestBroker {
@@ -51,29 +44,12 @@ async fn node_with(
     extra: &str,
     more: impl FnOnce(moatmq_testkit::TestBrokerBuilder) -> moatmq_testkit::TestBrokerBuilder,
 ) -> TestBroker {
-    let broker = more(with_key(TestBroker::builder(), CLUSTER_KEY))
-        .users(USERS)
-        .acl(ACL)
-        .metrics()
-        .no_connection_rate()
-        .toml(&format!(
-            "[cluster]\nservers = [\"{}\"]\nnode_name = \"{name}\"\n{extra}",
-            nats.url()
-        ))
-        .start()
-        .await;
-    wait_ready(&broker, true).await;
-    broker
+    node_with_acl(nats, name, ACL, extra, more).await
 }
 
 async fn login(addr: SocketAddr, id: &str, user: &str) -> v4::Client {
     let mut o = v4::options(addr, id);
-    let password = USERS
-        .iter()
-        .find(|(u, _)| *u == user)
-        .map(|(_, p)| *p)
-        .expect("a test user");
-    o.set_credentials(user, password);
+    o.set_credentials(user, password(user));
     v4::connect(o).await.expect("login")
 }
 

@@ -113,9 +113,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn forwards_are_matched_by_shared_payload_in_any_order() {
-        let stored: Vec<QueuedMessage> = (0..5)
+    /// `n` stored messages, ids 0.., and a backlog of all of them.
+    fn stored(n: usize) -> (Vec<QueuedMessage>, Backlog) {
+        let stored: Vec<QueuedMessage> = (0..n)
             .map(|i| message("t", &Bytes::from(format!("m{i}"))))
             .collect();
         let mut b = Backlog::default();
@@ -123,6 +123,12 @@ mod tests {
             .iter()
             .enumerate()
             .for_each(|(i, m)| b.push(i as u64, m));
+        (stored, b)
+    }
+
+    #[test]
+    fn forwards_are_matched_by_shared_payload_in_any_order() {
+        let (stored, mut b) = stored(5);
         let get = |id: u64| stored.get(id as usize);
         for i in [2, 0, 4, 1, 3] {
             assert_eq!(b.take(&stored[i].clone(), get), (Some(i as u64), vec![]));
@@ -146,15 +152,7 @@ mod tests {
 
     #[test]
     fn what_the_drain_passes_by_far_is_given_up() {
-        let n = SKIP_AFTER as usize + 3;
-        let stored: Vec<QueuedMessage> = (0..n)
-            .map(|i| message("t", &Bytes::from(format!("m{i}"))))
-            .collect();
-        let mut b = Backlog::default();
-        stored
-            .iter()
-            .enumerate()
-            .for_each(|(i, m)| b.push(i as u64, m));
+        let (stored, mut b) = stored(SKIP_AFTER as usize + 3);
         let get = |id: u64| stored.get(id as usize);
         // 0 and 1 never come (refused at delivery); 2.. do.
         let mut skipped = Vec::new();

@@ -180,9 +180,20 @@ pub async fn node_joined(
     cluster_keys: &str,
     more: impl FnOnce(moatmq_testkit::TestBrokerBuilder) -> moatmq_testkit::TestBrokerBuilder,
 ) -> TestBroker {
+    node_with_acl(nats, name, ACL, cluster_keys, more).await
+}
+
+/// [`node_joined`] with the ACL `acl` instead of [`ACL`] (the users are [`USERS`]).
+pub async fn node_with_acl(
+    nats: &Nats,
+    name: &str,
+    acl: &str,
+    cluster_keys: &str,
+    more: impl FnOnce(moatmq_testkit::TestBrokerBuilder) -> moatmq_testkit::TestBrokerBuilder,
+) -> TestBroker {
     let broker = more(with_key(TestBroker::builder(), CLUSTER_KEY))
         .users(USERS)
-        .acl(ACL)
+        .acl(acl)
         .metrics()
         .no_connection_rate()
         .toml(&format!(
