@@ -44,20 +44,7 @@ f() {
 # wait_ready NAME METRICS_PORT PID: until /readyz answers 200 (a cluster node is ready
 # once it is subscribed in NATS and has loaded the retained bucket).
 wait_ready() {
-    local name=$1 port=$2 pid=$3
-    for _ in $(seq 1 200); do
-        if curl -fsS "http://127.0.0.1:$port/readyz" >/dev/null 2>&1; then
-            return
-        fi
-        if ! kill -0 "$pid" 2>/dev/null; then
-            log "$name exited; its log:"
-            cat "$WORK/$name.log" >&2
-            exit 1
-        fi
-        sleep 0.1
-    done
-    log "$name is not ready"
-    exit 1
+    wait_for "$1" "$3" 200 "ready" curl -fsS -o /dev/null "http://127.0.0.1:$2/readyz"
 }
 
 # --- servers -------------------------------------------------------------------------

@@ -51,22 +51,35 @@ free_port() {
     exit 1
 }
 
-# wait_port NAME PORT PID [TRIES of 0.1 s]
-wait_port() {
-    local name=$1 port=$2 pid=$3 tries=${4:-100}
+# wait_for NAME PID TRIES WHAT CHECK...: runs CHECK every 0.1 s until it succeeds;
+# stops the script with NAME's log if its process PID ends first, or after TRIES tries
+# (NAME not WHAT).
+wait_for() {
+    local name=$1 pid=$2 tries=$3 what=$4
+    shift 4
     for _ in $(seq 1 "$tries"); do
-        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+        if "$@" 2>/dev/null; then
             return
         fi
         if ! kill -0 "$pid" 2>/dev/null; then
-            log "$name exited before listening; its log:"
+            log "$name exited before $what; its log:"
             cat "$WORK/$name.log" >&2
             exit 1
         fi
         sleep 0.1
     done
-    log "$name is not listening on 127.0.0.1:$port"
+    log "$name is not $what"
     exit 1
+}
+
+# port_open PORT: something listens on 127.0.0.1:PORT.
+port_open() {
+    (exec 3<>"/dev/tcp/127.0.0.1/$1")
+}
+
+# wait_port NAME PORT PID [TRIES of 0.1 s]
+wait_port() {
+    wait_for "$1" "$3" "${4:-100}" "listening on 127.0.0.1:$2" port_open "$2"
 }
 
 # start NAME CMD...: runs a server in the background, logging to $WORK/NAME.log.
