@@ -95,9 +95,13 @@ async fn run_transfer(
             }
         };
         set_ok(true);
+        if consumer.cached_info().num_pending == 0 {
+            cluster.input_caught_up();
+        }
         while let Some(message) = messages.next().await {
             match message {
                 Ok(message) => {
+                    let last = message.info().is_ok_and(|i| i.pending == 0);
                     let own = Some(cluster.node.as_str());
                     match xfer::take_in(&seal, &stream, own, &mut seen, &message) {
                         Ok(Some(m)) => transferred(shared, &info, m.envelope, m.payload, m.waited),
@@ -112,6 +116,9 @@ async fn run_transfer(
                     }
                     if let Err(e) = message.ack().await {
                         tracing::debug!("cluster: transfer message not acknowledged: {e}");
+                    }
+                    if last {
+                        cluster.input_caught_up();
                     }
                 }
                 Err(e) => {

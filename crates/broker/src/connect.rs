@@ -375,7 +375,14 @@ async fn login(
     if let (Some(cluster), Some(claim)) = (&shared.cluster, &owner) {
         if claim.from_elsewhere && keep_for.is_some() && !connect.clean_session {
             let seal = cluster.owners.seal();
-            crate::cluster::handoff::receive(&shared, seal, claim, &router_id, &session_key).await;
+            let received =
+                crate::cluster::handoff::receive(&shared, seal, claim, &router_id, &session_key)
+                    .await;
+            if received == crate::cluster::handoff::Received::TimedOut && shared.durable.is_some() {
+                cluster
+                    .late
+                    .wait(&claim.key, &router_id, &session_key, claim.revision);
+            }
         }
     }
     if connect.clean_session && keep_for.is_some() {
@@ -430,6 +437,7 @@ async fn login(
     let session = SessionPart {
         persistent: !router_clean,
         kicked: hold.kicked.clone(),
+        late: hold.late.clone(),
         subscriptions: if session_present {
             kept_filters
         } else {

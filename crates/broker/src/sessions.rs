@@ -12,6 +12,7 @@
 //! `limits.max_sessions_per_user`, and its filters, so that
 //! `limits.max_subscriptions_per_client` counts per session, not per connection.
 
+use crate::durable::Replay;
 use moatmq_store::SubscriptionOptions;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -50,6 +51,8 @@ struct Holder {
     generation: u64,
     /// Asks the holder to close.
     kick: Arc<Notify>,
+    /// Stored messages for the holder to replay (handed over late by another node).
+    late: Arc<LateMail>,
     /// Becomes `true` once the holder's link is torn down.
     gone: watch::Receiver<bool>,
 }
@@ -62,6 +65,29 @@ pub struct SessionHold {
     gone: watch::Sender<bool>,
     /// Notified when a newer connection wants this session.
     pub kicked: Arc<Notify>,
+    /// Stored messages handed to this connection to replay.
+    pub late: Arc<LateMail>,
+}
+
+/// Messages another node handed over late for a connection's session, already stored
+/// (`durable::SessionBook::late`): the connection replays them. Dropped with the
+/// connection, the store still has them for the next resume.
+#[derive(Default)]
+pub struct LateMail {
+    notify: Notify,
+    messages: Mutex<Vec<Replay>>,
+}
+
+impl LateMail {
+    /// Waits for mail (a permit is kept if it came while nobody waited).
+    pub async fn arrived(&self) {
+        self.notify.notified().await
+    }
+
+    /// The mail so far.
+    pub fn take(&self) -> Vec<Replay> {
+        std::mem::take(&mut *lock(&self.messages))
+    }
 }
 
 impl Sessions {
@@ -103,12 +129,14 @@ impl Sessions {
             .next_generation
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let kick = Arc::new(Notify::new());
+        let late = Arc::new(LateMail::default());
         let (gone_tx, gone_rx) = watch::channel(false);
         live.insert(
             router_id.to_string(),
             Holder {
                 generation,
                 kick: kick.clone(),
+                late: late.clone(),
                 gone: gone_rx,
             },
         );
@@ -118,7 +146,20 @@ impl Sessions {
             generation,
             gone: gone_tx,
             kicked: kick,
+            late,
         }
+    }
+
+    /// Hands `messages` to the connection holding `router_id` to replay; `false` if none
+    /// does (the store keeps them for the next resume).
+    pub fn mail_late(&self, router_id: &str, messages: Vec<Replay>) -> bool {
+        let live = lock(&self.live);
+        let Some(holder) = live.get(router_id) else {
+            return false;
+        };
+        lock(&holder.late.messages).extend(messages);
+        holder.late.notify.notify_one();
+        true
     }
 }
 

@@ -332,21 +332,53 @@ async fn mqtt5_messages_in_flight_unacknowledged_move_with_dup() {
     assert_eq!(got, vec!["m0", "m1"], "each once, in order");
 }
 
+/// Node A stops holding two offline persistent sessions with messages queued; one more
+/// is published on node B while A is away. Their clients come back on node B (sessions
+/// started new after the wait), one staying connected, one going away again. When A
+/// comes back (a restarted pod on its volume) it reads what it missed from its transfer
+/// consumer and hands both sessions over late: B delivers the connected one's messages
+/// at once and the other's at its next resume, each once, and A keeps no stale copy.
 #[tokio::test]
-async fn a_node_restarted_after_its_client_moved_drops_the_stale_session() {
+async fn a_node_back_after_its_clients_moved_hands_their_sessions_over_late() {
+    const AWAY: usize = 50;
     let nats = Nats::start().await;
     let a = node(&nats, "node-a").await;
     let b = node(&nats, "node-b").await;
     offline4(a.first_addr(), "mover", "alice", "alice/q").await;
-    publish_acked(a.first_addr(), "alice", "alice/q", 1).await;
+    offline4(a.first_addr(), "sleeper", "alice", "alice/s").await;
+    publish_acked(a.first_addr(), "alice", "alice/q", 2).await;
+    publish_acked(a.first_addr(), "alice", "alice/s", 1).await;
     let dir = a.stop().await;
-    // Node A is away: the session starts new on node B after the wait.
-    let alice = persistent4(b.first_addr(), "mover", "alice").await;
-    assert!(!alice.connack.session_present);
-    // Node A comes back with the session in its store, sees it is node B's now, and
-    // does not keep it (nor queue for it).
+    // Enough that node A takes a while to read them when it is back.
+    let mut publ = login4(b.first_addr(), "alice-pub", "alice").await;
+    for i in 0..AWAY {
+        publ.publish_acked("alice/q", false, format!("away {i}"))
+            .await;
+    }
+    // Node A is away: the sessions start new on node B after the wait.
+    let mut mover = persistent4(b.first_addr(), "mover", "alice").await;
+    assert!(!mover.connack.session_present);
+    let mut sleeper = persistent4(b.first_addr(), "sleeper", "alice").await;
+    assert!(!sleeper.connack.session_present);
+    sleeper.client.disconnect().await.unwrap();
+    sleeper.closed_within(WAIT).await;
+    assert!(drain(&mut mover).await.is_empty(), "nothing yet");
+
     let a = moatmq_testkit::TestBroker::start_in(dir).await;
     cluster_support::wait_ready(&a, true).await;
+    // The connected client gets what node A kept for it, without reconnecting.
+    let mut got = vec![mover.next_publish().await];
+    while let Some(p) = mover.publish_within(QUIET).await {
+        got.push(p);
+    }
+    let got: Vec<_> = got
+        .iter()
+        .map(|p| format!("{} {}", p.topic, String::from_utf8_lossy(&p.payload)))
+        .collect();
+    let mut want = vec!["alice/q m0".to_string(), "alice/q m1".to_string()];
+    want.extend((0..AWAY).map(|i| format!("alice/q away {i}")));
+    assert_eq!(got, want, "each once, in order");
+    // The offline one finds its message at its next resume on node B.
     let deadline = tokio::time::Instant::now() + WAIT;
     while a.metric("moatmq_sessions_offline").await != 0.0 {
         assert!(
@@ -355,6 +387,17 @@ async fn a_node_restarted_after_its_client_moved_drops_the_stale_session() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+    let mut back = persistent4(b.first_addr(), "sleeper", "alice").await;
+    assert!(back.connack.session_present);
+    assert_eq!(drain(&mut back).await, vec!["m0"]);
+    back.client.disconnect().await.unwrap();
+    back.closed_within(WAIT).await;
+    let mut again = persistent4(b.first_addr(), "sleeper", "alice").await;
+    assert!(again.connack.session_present);
+    assert!(
+        drain(&mut again).await.is_empty(),
+        "acknowledged: not again"
+    );
 }
 
 /// `limits.max_sessions_per_user` holds on the node a session would move to: a user at

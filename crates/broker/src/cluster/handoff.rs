@@ -30,13 +30,44 @@ pub const HANDOFF_WAIT: Duration = Duration::from_secs(3);
 
 /// What one node hands another (postcard, then sealed).
 #[derive(Serialize, Deserialize)]
-struct Handoff {
+pub(super) struct Handoff {
     /// The revision of the claim this answers: an older handoff is never taken.
-    revision: u64,
+    pub(super) revision: u64,
     /// Whose session it is; must be the claiming connection's.
     key: SessionKey,
     /// `None`: the old node had nothing left (expired, or removed meanwhile).
-    session: Option<(SessionMeta, Vec<(QueuedMessage, bool)>)>,
+    pub(super) session: Option<(SessionMeta, Vec<(QueuedMessage, bool)>)>,
+}
+
+/// Opens the handoff value at `kv_key` for the session `key`: it must open there (not
+/// altered, not moved from another key, this cluster's key) and hold that session.
+pub(super) fn open(
+    seal: &ClusterSeal,
+    handoff_bucket: &str,
+    kv_key: &str,
+    value: &[u8],
+    key: &SessionKey,
+) -> Result<Handoff, String> {
+    let plain = seal
+        .open_handoff(handoff_bucket, kv_key, value)
+        .map_err(|e| e.to_string())?;
+    let handoff = postcard::from_bytes::<Handoff>(&plain).map_err(|e| e.to_string())?;
+    if handoff.key != *key {
+        return Err("it holds another session".to_string());
+    }
+    Ok(handoff)
+}
+
+/// What [`receive`] got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Received {
+    /// The session was handed over and installed here.
+    Installed,
+    /// Nothing to install: the old node had nothing left, or it could not be installed.
+    Nothing,
+    /// The old node did not answer within [`HANDOFF_WAIT`] (dead, or cut off): the
+    /// session starts new, and what that node kept may still come later (`late.rs`).
+    TimedOut,
 }
 
 /// Hands the session `key` (router client id `router_id`) to the node whose claim was
@@ -80,21 +111,21 @@ pub async fn give(
 }
 
 /// Waits (up to [`HANDOFF_WAIT`]) for the session `key` the node that held it hands
-/// over for `claim`, and installs it here. `true` if a session was installed.
+/// over for `claim`, and installs it here.
 pub async fn receive(
     shared: &Shared,
     seal: &ClusterSeal,
     claim: &OwnerClaim,
     router_id: &str,
     key: &SessionKey,
-) -> bool {
+) -> Received {
     let buckets = &claim.buckets;
     let deadline = tokio::time::Instant::now() + HANDOFF_WAIT;
     let mut values = match buckets.handoff.watch_with_history(&claim.key).await {
         Ok(w) => w,
         Err(e) => {
             tracing::warn!("cluster: session handoff not received: {e}");
-            return false;
+            return Received::TimedOut;
         }
     };
     loop {
@@ -102,31 +133,21 @@ pub async fn receive(
             Ok(Some(Ok(entry))) => entry,
             Ok(Some(Err(e))) => {
                 tracing::warn!("cluster: session handoff not received: {e}");
-                return false;
+                return Received::TimedOut;
             }
-            Ok(None) => return false,
+            Ok(None) => return Received::TimedOut,
             Err(_) => {
                 tracing::warn!(
                     client_id = %key.client_id,
-                    "cluster: the session's previous node did not hand it over in time; starting it new"
+                    "cluster: the session's previous node did not hand it over in time; starting it new (what it kept is taken if it hands it over later)"
                 );
-                return false;
+                return Received::TimedOut;
             }
         };
         if entry.operation != async_nats::jetstream::kv::Operation::Put {
             continue;
         }
-        let opened = seal
-            .open_handoff(&buckets.handoff_name, &claim.key, &entry.value)
-            .map_err(|e| e.to_string())
-            .and_then(|plain| postcard::from_bytes::<Handoff>(&plain).map_err(|e| e.to_string()))
-            .and_then(|h| {
-                if h.key == *key {
-                    Ok(h)
-                } else {
-                    Err("it holds another session".to_string())
-                }
-            });
+        let opened = open(seal, &buckets.handoff_name, &claim.key, &entry.value, key);
         let handoff = match opened {
             Ok(h) => h,
             Err(e) => {
@@ -142,10 +163,10 @@ pub async fn receive(
         // Taken: nobody else may take it again (nothing left of it in the bucket).
         super::owner::remove_up_to(&buckets.handoff, &claim.key, entry.revision).await;
         let Some((meta, messages)) = handoff.session else {
-            return false;
+            return Received::Nothing;
         };
         let Some(book) = &shared.durable else {
-            return false;
+            return Received::Nothing;
         };
         book.adopt(key, meta.clone(), messages);
         let owner = key.owner.as_deref();
@@ -153,12 +174,12 @@ pub async fn receive(
             crate::session_restore::resubscribe(shared, router_id, owner, &meta.subscriptions).await
         {
             tracing::warn!(error = %e, "cluster: handed-over session not made in the router");
-            return false;
+            return Received::Nothing;
         }
         if shared.sessions.resume(router_id, owner, usize::MAX).is_ok() {
             shared.sessions.save(router_id, &meta.subscriptions);
         }
-        return true;
+        return Received::Installed;
     }
 }
 
@@ -194,6 +215,10 @@ pub async fn settle(
     true
 }
 
+/// How long handing over waits at most for this node's transfer consumer to read what
+/// was published while the node was away.
+const CATCH_UP_WAIT: Duration = Duration::from_secs(30);
+
 /// How long an offline session claimed elsewhere waits for the connection that last
 /// held it here to let its client id go.
 const RELEASE_WAIT: Duration = Duration::from_secs(2);
@@ -214,6 +239,9 @@ async fn hand_over(shared: Arc<Shared>, key: SessionKey, revision: u64) {
     let Some(cluster) = &shared.cluster else {
         return;
     };
+    // A session restored at start-up takes along what was published for it while this
+    // node was away, which its transfer consumer is still reading.
+    cluster.input_ready(CATCH_UP_WAIT).await;
     let router_id = router_client_id(key.owner.as_deref(), &key.client_id);
     let deadline = tokio::time::Instant::now() + RELEASE_WAIT;
     let hold = loop {

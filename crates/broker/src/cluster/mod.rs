@@ -21,6 +21,7 @@
 
 pub(crate) mod groups;
 pub(crate) mod handoff;
+pub(crate) mod late;
 mod owner;
 mod properties;
 mod state;
@@ -94,6 +95,13 @@ pub struct Cluster {
     pub(crate) owners: owner::Owners,
     /// Shared subscriptions with members on this node (`groups.rs`).
     pub(crate) groups: Groups,
+    /// Sessions started new after their old node did not hand them over in time, still
+    /// taking what it hands over late (`late.rs`).
+    pub(crate) late: late::LateWaits,
+    /// Becomes `true` once this node's transfer consumer has read what waited for it at
+    /// start-up (what was published while the node was away): only then are sessions it
+    /// restored handed over, with those messages (`handoff.rs`).
+    input_caught_up: watch::Sender<bool>,
     /// Offline sessions other nodes claimed, for `handoff::run` (taken by `serve`).
     handoffs: std::sync::Mutex<Option<mpsc::UnboundedReceiver<(moatmq_store::SessionKey, u64)>>>,
     key_check: watch::Receiver<KeyCheck>,
@@ -303,6 +311,8 @@ impl Cluster {
                 changes,
                 owners,
                 groups,
+                late: late::LateWaits::default(),
+                input_caught_up: watch::Sender::new(false),
                 handoffs: std::sync::Mutex::new(Some(handoffs)),
                 key_check,
                 metrics,
@@ -350,6 +360,19 @@ impl Cluster {
     /// offline: handed over if another node claims it.
     pub fn kept_offline(&self, session: &str, key: moatmq_store::SessionKey) {
         self.owners.kept_offline(session, key);
+    }
+
+    /// The transfer consumer has read everything that waited for it at start-up.
+    pub(crate) fn input_caught_up(&self) {
+        self.input_caught_up
+            .send_if_modified(|c| !std::mem::replace(c, true));
+    }
+
+    /// Waits (at most `wait`) until the transfer consumer has read what waited for it
+    /// at start-up.
+    pub(crate) async fn input_ready(&self, wait: Duration) {
+        let mut caught_up = self.input_caught_up.subscribe();
+        let _ = tokio::time::timeout(wait, caught_up.wait_for(|c| *c)).await;
     }
 
     /// The queue of offline sessions to hand over, once (for `handoff::run`).

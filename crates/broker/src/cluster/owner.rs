@@ -358,6 +358,11 @@ impl Owners {
     pub fn buckets(&self) -> Option<Buckets> {
         self.inner.store.borrow().clone()
     }
+
+    /// The buckets as they are set up, again after each NATS failure.
+    pub fn buckets_changes(&self) -> watch::Receiver<Option<Buckets>> {
+        self.inner.store.clone()
+    }
 }
 
 impl Inner {

@@ -39,7 +39,7 @@ use moatmq_store::{
     now_unix, Delivery, Enqueued, MessageProperties, PendingWill, QueuedMessage, SessionKey,
     SessionLimits, SessionLog, SessionMeta, SessionStore, SubscriptionOptions,
 };
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -120,6 +120,11 @@ enum Job {
     Complete(SessionKey, u64),
     Take(SessionKey, oneshot::Sender<Option<Taken>>),
     Adopt(SessionKey, SessionMeta, Vec<(QueuedMessage, bool)>),
+    Late(
+        SessionKey,
+        Vec<(QueuedMessage, bool)>,
+        oneshot::Sender<Option<Vec<Replay>>>,
+    ),
     Commit(oneshot::Sender<bool>),
     Stop(oneshot::Sender<()>),
 }
@@ -153,12 +158,12 @@ impl SessionBook {
             );
         }
         let mut offline = Offline::default();
-        let mut carried = HashMap::new();
+        let mut carried: HashMap<SessionKey, Carried> = HashMap::new();
         let mut loaded = Vec::new();
         for s in store.sessions() {
             // Every message held now is from the last run; ids only grow.
             let below = s.messages.keys().next_back().map_or(0, |id| id + 1);
-            carried.insert(s.key.clone(), below);
+            carried.insert(s.key.clone(), Carried::below(below));
             offline.add(&s.key, &s.meta.subscriptions);
             loaded.push(Loaded {
                 key: s.key.clone(),
@@ -356,6 +361,20 @@ impl SessionBook {
         self.send(Job::Adopt(key.clone(), meta, messages));
     }
 
+    /// Adds messages another node handed over late (after this node started the session
+    /// new, `cluster/late.rs`) to the session of `key`, carried over like an adopted
+    /// session's: returned for the connection to replay now, and replayed by the next
+    /// [`SessionBook::resume`] until acknowledged. `None` if the session is not kept here.
+    pub async fn late(
+        &self,
+        key: &SessionKey,
+        messages: Vec<(QueuedMessage, bool)>,
+    ) -> Option<Vec<Replay>> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Job::Late(key.clone(), messages, tx));
+        rx.await.ok().flatten()
+    }
+
     /// A replayed message was acknowledged (or will never be: ACL, size, QoS 0).
     pub fn complete(&self, key: &SessionKey, id: u64) {
         self.send(Job::Complete(key.clone(), id));
@@ -415,10 +434,9 @@ impl Offline {
 /// The writer thread's state: the store and which messages came from the last run.
 struct Writer {
     store: Box<dyn SessionStore>,
-    /// Per session, the id below which its messages are carried over: loaded at start-up
-    /// (or rewritten by a resume), so not in the router. Ids grow as messages are queued,
-    /// so every message queued in this run has an id at or above it.
-    carried: HashMap<SessionKey, u64>,
+    /// Per session, which of its messages are carried over: loaded at start-up (or
+    /// rewritten by a resume), adopted, or handed over late, so not in the router.
+    carried: HashMap<SessionKey, Carried>,
     /// Per connected session, the store id of each forward in flight, by packet id.
     inflight: HashMap<SessionKey, HashMap<u16, u64>>,
     /// Per resumed session, what was queued for it in this run and the router has not
@@ -582,7 +600,12 @@ impl Writer {
             Job::Qos2In(key, pkid) => self.store.qos2_in(&key, pkid).map(drop),
             Job::Will(key, will) => self.store.set_will(&key, will).map(drop),
             Job::Qos2InDone(key, pkid) => self.store.qos2_in_done(&key, pkid).map(drop),
-            Job::Complete(key, id) => self.store.complete(&key, id).map(drop),
+            Job::Complete(key, id) => {
+                if let Some(carried) = self.carried.get_mut(&key) {
+                    carried.late.remove(&id);
+                }
+                self.store.complete(&key, id).map(drop)
+            }
             Job::Take(key, reply) => {
                 self.carried.remove(&key);
                 self.inflight.remove(&key);
@@ -625,11 +648,15 @@ impl Writer {
                                 Err(e) => warn!(error = %e, "handed-over message not stored"),
                             }
                         }
-                        self.carried.insert(key, below);
+                        self.carried.insert(key, Carried::below(below));
                         Ok(())
                     }
                     Err(e) => Err(e),
                 }
+            }
+            Job::Late(key, messages, reply) => {
+                let _ = reply.send(self.add_late(&key, messages));
+                Ok(())
             }
             Job::Commit(_) | Job::Stop(_) => Ok(()),
         };
@@ -679,7 +706,7 @@ impl Writer {
         // them again, and they are found in the backlog.
         self.inflight.remove(key);
         self.backlogs.remove(key);
-        let carried = self.carried.get(key).copied().unwrap_or(0);
+        let carried = self.carried.get(key).cloned().unwrap_or_default();
         let Some(session) = self.store.session(key) else {
             return Resumed::default();
         };
@@ -694,7 +721,7 @@ impl Writer {
         for (&id, held) in &session.messages {
             if held.message.is_expired(now) {
                 done.push(id);
-            } else if id < carried {
+            } else if carried.holds(id) {
                 replay.push(Replay {
                     id,
                     message: held.message.clone(),
@@ -782,12 +809,60 @@ impl Writer {
         if let Err(e) = result {
             warn!(error = %e, "session store change failed");
         }
-        self.carried.insert(key.clone(), carried);
+        self.carried.insert(key.clone(), Carried::below(carried));
         kept
+    }
+
+    /// [`SessionBook::late`]: each message stored (one sent before with DUP), its id
+    /// marked carried over.
+    fn add_late(
+        &mut self,
+        key: &SessionKey,
+        messages: Vec<(QueuedMessage, bool)>,
+    ) -> Option<Vec<Replay>> {
+        self.store.session(key)?;
+        let mut replay = Vec::with_capacity(messages.len());
+        for (message, dup) in messages {
+            let queued = match dup {
+                true => self.queue_sent(key, 0, message.clone()),
+                false => self.queue(key, message.clone()),
+            };
+            match queued {
+                Ok(Some(id)) => {
+                    self.carried.entry(key.clone()).or_default().late.insert(id);
+                    replay.push(Replay { id, message, dup });
+                }
+                Ok(None) => {}
+                Err(e) => warn!(error = %e, "message handed over late not stored"),
+            }
+        }
+        Some(replay)
     }
 
     fn dropped(&self, key: &SessionKey, limit: &'static str) {
         (self.on_drop)(key, limit);
+    }
+}
+
+/// Which messages of a session are carried over (the router here never saw them): ids
+/// below `below` (from before a restart, or adopted; ids grow as messages are queued,
+/// so every message queued in this run is at or above it) and those handed over late.
+#[derive(Debug, Clone, Default)]
+struct Carried {
+    below: u64,
+    late: BTreeSet<u64>,
+}
+
+impl Carried {
+    fn below(below: u64) -> Carried {
+        Carried {
+            below,
+            late: BTreeSet::new(),
+        }
+    }
+
+    fn holds(&self, id: u64) -> bool {
+        id < self.below || self.late.contains(&id)
     }
 }
 

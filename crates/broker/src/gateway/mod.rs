@@ -109,6 +109,8 @@ pub struct SessionPart {
     pub persistent: bool,
     /// Notified when a new connection takes this session over.
     pub kicked: Arc<Notify>,
+    /// Stored messages another node handed over late, to replay (`cluster/late.rs`).
+    pub late: Arc<crate::sessions::LateMail>,
     /// Filters the session holds (for the subscription limit and the session store), as
     /// the client wrote them; a resumed persistent session starts with the ones it kept.
     pub subscriptions: Filters,
@@ -394,6 +396,9 @@ impl Gateway {
         // Notify's lock twice per turn on the hot path.
         let replaced = kicked.notified();
         tokio::pin!(replaced);
+        let late = self.session.late.clone();
+        let late_mail = late.arrived();
+        tokio::pin!(late_mail);
         let shutting_down = shutdown.changed();
         tokio::pin!(shutting_down);
         // Bytes already buffered after the CONNECT are packets too.
@@ -523,6 +528,10 @@ impl Gateway {
                 }
                 _ = &mut shutting_down => return Close::Shutdown,
                 _ = &mut replaced => return Close::Replaced,
+                _ = &mut late_mail => {
+                    late_mail.set(late.arrived());
+                    self.retained.replay(late.take());
+                }
                 _ = std::future::ready(()), if self.can_feed_retained() => {
                     if let Err(close) = self.feed_retained() {
                         return close;

@@ -1,0 +1,208 @@
+//! Sessions handed over late (docs/cluster.md, "Session handoff").
+//!
+//! When the node that held a persistent session does not hand it over within
+//! [`HANDOFF_WAIT`](super::handoff::HANDOFF_WAIT) (it died, or lost NATS), the claiming
+//! node starts the session new. What the old node kept for it (queued and
+//! unacknowledged messages) is still in its session store: a node that comes back (a
+//! Kubernetes pod restarted on its volume) sees the claim and hands the session over
+//! then (`handoff.rs`), to nobody waiting. This node keeps waiting for such a late
+//! handoff, per session, for [`LATE_WAIT`], with one watch of the handoff bucket for
+//! all of them; a late handoff it takes is checked as in `handoff::receive`, and its
+//! messages are added to the session as carried over: the connection replays them at
+//! once (through `deliver`, so the read ACL applies), or the next resume does. The
+//! session's subscriptions are not taken: its client was told the session was not
+//! present and made its own.
+
+use super::handoff;
+use super::owner::{remove_up_to, Buckets};
+use crate::shared::Shared;
+use futures_util::StreamExt;
+use moatmq_store::SessionKey;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// How long a session started new after the handoff wait still takes what its previous
+/// node hands over late: long enough for a restarted pod, bounded so that the waits of
+/// a dead node's sessions do not pile up.
+pub const LATE_WAIT: Duration = Duration::from_secs(600);
+
+/// Sessions waiting for a late handoff, by KV key.
+#[derive(Default)]
+pub struct LateWaits {
+    waiting: Mutex<HashMap<String, Waiting>>,
+}
+
+struct Waiting {
+    router_id: String,
+    key: SessionKey,
+    /// The revision of this node's claim: a handoff for an older claim is not taken.
+    revision: u64,
+    until: Instant,
+}
+
+impl LateWaits {
+    /// The session `key` (KV key `kv_key`) was started new for the claim at `revision`
+    /// after the old node did not answer.
+    pub fn wait(&self, kv_key: &str, router_id: &str, key: &SessionKey, revision: u64) {
+        let now = Instant::now();
+        let mut waiting = lock(&self.waiting);
+        waiting.retain(|_, w| w.until > now);
+        waiting.insert(
+            kv_key.to_string(),
+            Waiting {
+                router_id: router_id.to_string(),
+                key: key.clone(),
+                revision,
+                until: now + LATE_WAIT,
+            },
+        );
+    }
+
+    /// Takes the wait for `kv_key` if it is still on.
+    fn take(&self, kv_key: &str) -> Option<Waiting> {
+        let mut waiting = lock(&self.waiting);
+        let w = waiting.remove(kv_key)?;
+        (w.until > Instant::now()).then_some(w)
+    }
+
+    fn keys(&self) -> Vec<String> {
+        lock(&self.waiting).keys().cloned().collect()
+    }
+}
+
+/// Watches the handoff bucket for late handoffs, again after each NATS failure (the
+/// bucket is set up anew then); ends with the cluster.
+pub async fn run(shared: Arc<Shared>) {
+    let Some(cluster) = &shared.cluster else {
+        return;
+    };
+    let mut buckets_changed = cluster.owners.buckets_changes();
+    loop {
+        let buckets = buckets_changed.borrow_and_update().clone();
+        if let Some(buckets) = buckets {
+            watch(&shared, &buckets, &mut buckets_changed).await;
+        }
+        if buckets_changed.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// One watch of the bucket, until it fails or the buckets change.
+async fn watch(
+    shared: &Shared,
+    buckets: &Buckets,
+    buckets_changed: &mut tokio::sync::watch::Receiver<Option<Buckets>>,
+) {
+    let mut values = match buckets.handoff.watch_all().await {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::debug!("cluster: late handoffs not watched: {e}");
+            return;
+        }
+    };
+    let Some(cluster) = &shared.cluster else {
+        return;
+    };
+    // What was handed over while nothing watched.
+    for kv_key in cluster.late.keys() {
+        if let Ok(Some(entry)) = buckets.handoff.entry(&kv_key).await {
+            take(shared, buckets, entry).await;
+        }
+    }
+    loop {
+        tokio::select! {
+            entry = values.next() => match entry {
+                Some(Ok(entry)) => take(shared, buckets, entry).await,
+                Some(Err(e)) => {
+                    tracing::debug!("cluster: late handoff watch failed: {e}");
+                    return;
+                }
+                None => return,
+            },
+            changed = buckets_changed.changed() => {
+                // Marked unseen again so that `run` sees the change.
+                if changed.is_ok() {
+                    buckets_changed.mark_changed();
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// A handoff value: taken if a session here waits for it and it is the right one.
+async fn take(shared: &Shared, buckets: &Buckets, entry: async_nats::jetstream::kv::Entry) {
+    let Some(cluster) = &shared.cluster else {
+        return;
+    };
+    if entry.operation != async_nats::jetstream::kv::Operation::Put {
+        return;
+    }
+    let Some(waiting) = cluster.late.take(&entry.key) else {
+        return;
+    };
+    let opened = handoff::open(
+        cluster.owners.seal(),
+        &buckets.handoff_name,
+        &entry.key,
+        &entry.value,
+        &waiting.key,
+    );
+    let handed = match opened {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::error!(error = %e, "cluster: late session handoff refused");
+            shared.metrics.cluster_state_rejected.inc();
+            // Still waiting for the right one.
+            put_back(cluster, &entry.key, waiting);
+            return;
+        }
+    };
+    // For this node's claim, or a newer one of this node's (the client came back here).
+    let ours = cluster
+        .owners
+        .claimed_elsewhere(&waiting.router_id)
+        .await
+        .is_none();
+    if handed.revision < waiting.revision || !ours {
+        if ours {
+            put_back(cluster, &entry.key, waiting);
+        }
+        return;
+    }
+    // Taken: nobody else may take it again.
+    remove_up_to(&buckets.handoff, &entry.key, entry.revision).await;
+    let Some((_, messages)) = handed.session else {
+        return;
+    };
+    let count = messages.len();
+    let Some(book) = &shared.durable else {
+        return;
+    };
+    match book.late(&waiting.key, messages).await {
+        Some(replay) => {
+            tracing::info!(
+                client_id = %waiting.key.client_id,
+                messages = count,
+                "cluster: session handed over late; its messages are delivered"
+            );
+            shared.sessions.mail_late(&waiting.router_id, replay);
+        }
+        None => tracing::warn!(
+            client_id = %waiting.key.client_id,
+            messages = count,
+            "cluster: session handed over late, but it is no longer kept here; its messages are lost"
+        ),
+    }
+}
+
+fn put_back(cluster: &super::Cluster, kv_key: &str, waiting: Waiting) {
+    lock(&cluster.late.waiting).insert(kv_key.to_string(), waiting);
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
