@@ -316,3 +316,93 @@ async fn losing_a_nats_server_loses_nothing_with_three_replicas() {
         b.log()
     );
 }
+
+/// A persistent (clean session 0) client of `node`, once the node accepts it.
+async fn persistent_ready(node: &Moatmq, id: &str) -> v4::Client {
+    let deadline = Instant::now() + READY;
+    loop {
+        let mut o = v4::options(addr(node), id);
+        o.set_clean_session(false);
+        match v4::connect(o).await {
+            Ok(c) => return c,
+            Err(e) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "node not ready within {READY:?}: {e}\n{}",
+                    node.log()
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+/// The failure case from a persistent subscriber's side: its session is
+/// offline on node A, a publisher on node B; node A is killed (SIGKILL) mid-stream
+/// while it queues for the session, the subscriber comes back on node B (its session
+/// starts new after the handoff wait: node A is dead), and node A restarts on its store
+/// (a StatefulSet pod) and hands over late what it held: what it had queued, and what
+/// was published while it was away (from its transfer consumer). Every message node B
+/// acknowledged reaches the subscriber (QoS 1: some twice). At `autosave_interval = 0`
+/// node A acknowledges a transfer message only once what it queued is committed.
+#[tokio::test]
+async fn kill_9_of_an_offline_subscribers_node_loses_nothing_once_it_is_back() {
+    // Under `limits.max_queued_messages` (1,000): past it the newest are dropped.
+    const N: usize = 900;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("cluster.key");
+    moatmq_store::RetainedKey::write_new(&key).unwrap();
+    let nats = Nats::single(dir.path());
+    let servers = [nats.url(0)];
+    // Interval 0: what a node queues for a session is on disk before it is acknowledged.
+    let node = |name: &str| {
+        let home = dir.path().join(name);
+        std::fs::create_dir_all(&home).unwrap();
+        std::fs::copy(&key, home.join("store.key")).unwrap();
+        let config = store_config(
+            &home,
+            &format!(
+                "autosave_interval = 0\n[cluster]\nservers = {servers:?}\nnode_name = \"{name}\"\n"
+            ),
+        );
+        Moatmq::serve(&config, &[])
+    };
+    let a = node("node-a");
+    let b = node("node-b");
+
+    let mut sub = persistent_ready(&a, "sink").await;
+    sub.subscribe_acked("kill/#").await;
+    sub.client.disconnect().await.unwrap();
+    sub.closed_within(READY).await;
+    let mut publ = connect_ready(&b, "source").await;
+    let mut a = Some(a);
+    let acked = publish_tracked(&mut publ, "kill/t", (0..N).collect(), |n| {
+        if n == N / 3 {
+            if let Some(a) = a.take() {
+                a.kill();
+            }
+        }
+    })
+    .await;
+    assert!(a.is_none(), "node A was not killed mid-stream");
+    assert_eq!(acked.len(), N, "node B acknowledged every message");
+
+    // The subscriber is back on node B: a new session after the wait (node A is dead).
+    let mut sub = persistent_ready(&b, "sink").await;
+    assert!(!sub.connack.session_present);
+    // Node A comes back on its store and hands the session over late.
+    let a_again = node("node-a");
+    // What node A's previous process had been sent comes again after the consumer's
+    // ack wait (30 s): node A hands the session over after that.
+    let (got, twice) = receive_until(&mut sub, &acked, Duration::from_secs(60)).await;
+    let lost: Vec<usize> = acked.difference(&got).copied().collect();
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged messages lost (first {:?})\nnode A:\n{}\nnode B:\n{}",
+        lost.len(),
+        &lost[..lost.len().min(10)],
+        a_again.log(),
+        b.log()
+    );
+    eprintln!("{} received ({twice} twice)", got.len());
+}

@@ -58,7 +58,7 @@ pub async fn run_input(shared: Arc<Shared>, input: Input) {
 /// Reads this node's consumer of the transfer stream until shutdown, setting it up
 /// again after each failure.
 async fn run_transfer(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     client: async_nats::Client,
     seal: Arc<moatmq_store::ClusterSeal>,
 ) {
@@ -95,30 +95,29 @@ async fn run_transfer(
             }
         };
         set_ok(true);
-        if consumer.cached_info().num_pending == 0 {
-            cluster.input_caught_up();
+        if !cluster.is_input_caught_up() {
+            tokio::spawn(catch_up(shared.clone(), consumer.clone()));
         }
         while let Some(message) = messages.next().await {
             match message {
                 Ok(message) => {
-                    let last = message.info().is_ok_and(|i| i.pending == 0);
                     let own = Some(cluster.node.as_str());
-                    match xfer::take_in(&seal, &stream, own, &mut seen, &message) {
+                    let save = match xfer::take_in(&seal, &stream, own, &mut seen, &message) {
                         Ok(Some(m)) => transferred(shared, &info, m.envelope, m.payload, m.waited),
-                        Ok(None) | Err(Rejected::Own) => {}
+                        Ok(None) | Err(Rejected::Own) => false,
                         Err(Rejected::Refused(why)) => {
                             tracing::error!(
                                 subject = message.subject.as_str(),
                                 "cluster: transfer message refused: {why}"
                             );
                             shared.metrics.cluster_state_rejected.inc();
+                            false
                         }
-                    }
-                    if let Err(e) = message.ack().await {
+                    };
+                    if save {
+                        ack_once_saved(shared.clone(), message);
+                    } else if let Err(e) = message.ack().await {
                         tracing::debug!("cluster: transfer message not acknowledged: {e}");
-                    }
-                    if last {
-                        cluster.input_caught_up();
                     }
                 }
                 Err(e) => {
@@ -133,20 +132,69 @@ async fn run_transfer(
     }
 }
 
-/// One message of another node from the transfer stream, stored there `waited` ago.
+/// Marks the transfer input caught up once this node's consumer has nothing left that
+/// waited for it at start-up: nothing undelivered, nothing delivered and unacknowledged
+/// (what the server had sent to this node's previous process comes again after the
+/// consumer's ack wait). Gives up with the connection.
+async fn catch_up(
+    shared: Arc<Shared>,
+    mut consumer: async_nats::jetstream::consumer::PullConsumer,
+) {
+    let Some(cluster) = shared.cluster.as_ref() else {
+        return;
+    };
+    while !cluster.is_input_caught_up() {
+        match consumer.info().await {
+            Ok(info) if info.num_pending == 0 && info.num_ack_pending == 0 => {
+                cluster.input_caught_up();
+            }
+            Ok(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+            Err(e) => {
+                tracing::debug!("cluster: transfer consumer not read: {e}");
+                return;
+            }
+        }
+    }
+}
+
+/// Acknowledges a transfer message once the session store has committed what admitting
+/// it queued for offline persistent sessions (`autosave_interval = 0`), as a
+/// publisher's PUBACK waits for it: a node killed before the commit reads it again.
+/// The messages after it go on meanwhile, so commits still gather many.
+fn ack_once_saved(shared: Arc<Shared>, message: async_nats::jetstream::Message) {
+    tokio::spawn(async move {
+        let saved = match &shared.durable {
+            Some(book) => book.commit().await,
+            None => true,
+        };
+        if !saved {
+            // Not acknowledged: JetStream sends it again after the ack wait.
+            tracing::error!(
+                "cluster: transfer message not acknowledged: session store commit failed"
+            );
+            return;
+        }
+        if let Err(e) = message.ack().await {
+            tracing::debug!("cluster: transfer message not acknowledged: {e}");
+        }
+    });
+}
+
+/// One message of another node from the transfer stream, stored there `waited` ago;
+/// `true` if its acknowledgement must wait for a save ([`Admitted::AfterSave`]).
 fn transferred(
     shared: &Shared,
     info: &ConnInfo,
     envelope: xfer::Envelope,
     payload: Bytes,
     waited: Duration,
-) {
+) -> bool {
     let topic = envelope.topic;
     if !crate::topic::valid_topic_name(&topic, shared.config.limits.max_topic_levels)
         || topic.starts_with('$')
     {
         tracing::debug!("cluster: transfer message with no valid topic dropped");
-        return;
+        return false;
     }
     let who = Identity {
         username: envelope.user,
@@ -157,7 +205,7 @@ fn transferred(
             topic,
             "cluster: transfer message expired in the stream dropped"
         );
-        return;
+        return false;
     };
     take_in(
         shared,
@@ -169,7 +217,7 @@ fn transferred(
         xfer::qos_of(envelope.qos),
         envelope.retain,
         props,
-    );
+    )
 }
 
 /// One message from NATS on a live subject, which the queue gave to this node alone: a
@@ -218,7 +266,8 @@ fn receive(shared: &Shared, cluster: &Cluster, info: &ConnInfo, message: async_n
     let props = header(PROPERTIES).and_then(|p| crate::cluster::decode_properties(&p));
     // Admitted as this node's own client's would be: forwarded through the transfer
     // stream, which brings it to the other nodes and to the shared groups' consumers.
-    take_in(
+    // Nobody waits for its acknowledgement (core NATS gave it at most once).
+    let _ = take_in(
         shared,
         info,
         &who,
@@ -231,7 +280,9 @@ fn receive(shared: &Shared, cluster: &Cluster, info: &ConnInfo, message: async_n
     );
 }
 
-/// Admits a message from the cluster and hands it to the router.
+/// Admits a message from the cluster and hands it to the router; `true` if what it
+/// queued for offline sessions (or the retained store) is to be saved before the
+/// message is acknowledged.
 #[allow(clippy::too_many_arguments)] // reason: the fields of one message, each named once
 fn take_in(
     shared: &Shared,
@@ -243,7 +294,7 @@ fn take_in(
     qos: QoS,
     retain: bool,
     props: Option<rumqttd::protocol::PublishProperties>,
-) {
+) -> bool {
     // Properties mean an MQTT 5 publisher: a retained copy keeps them, as on one node.
     let inbound = Inbound {
         topic: &topic,
@@ -256,11 +307,12 @@ fn take_in(
     // Nothing waits for the transfer of a NATS-native message: core NATS gave it at
     // most once, and nobody is owed an acknowledgement.
     match admit(shared, info, who, source, inbound) {
-        Ok(Admitted::Now | Admitted::AfterSave | Admitted::AfterTransfer) => {
+        Ok(admitted @ (Admitted::Now | Admitted::AfterSave | Admitted::AfterTransfer)) => {
             shared.metrics.cluster_received.inc();
             shared
                 .router
                 .publish(Bytes::from(topic.into_bytes()), payload, qos, retain, props);
+            admitted == Admitted::AfterSave
         }
         Err(Refused::Unavailable) => {
             // A NATS-native QoS 1/2 message with the forwarding queue full: delivered
@@ -270,9 +322,11 @@ fn take_in(
                 topic,
                 "cluster: forwarding queue full; NATS message dropped"
             );
+            false
         }
         Err(why) => {
             tracing::debug!(topic, ?why, "cluster: message not admitted");
+            false
         }
     }
 }

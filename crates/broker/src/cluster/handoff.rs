@@ -216,8 +216,9 @@ pub async fn settle(
 }
 
 /// How long handing over waits at most for this node's transfer consumer to read what
-/// was published while the node was away.
-const CATCH_UP_WAIT: Duration = Duration::from_secs(30);
+/// was published while the node was away: longer than the consumer's ack wait (30 s),
+/// after which what the server had sent to the node's previous process comes again.
+const CATCH_UP_WAIT: Duration = Duration::from_secs(45);
 
 /// How long an offline session claimed elsewhere waits for the connection that last
 /// held it here to let its client id go.

@@ -362,6 +362,11 @@ impl Cluster {
         self.owners.kept_offline(session, key);
     }
 
+    /// Whether [`Cluster::input_caught_up`] was called.
+    pub(crate) fn is_input_caught_up(&self) -> bool {
+        *self.input_caught_up.borrow()
+    }
+
     /// The transfer consumer has read everything that waited for it at start-up.
     pub(crate) fn input_caught_up(&self) {
         self.input_caught_up
