@@ -135,7 +135,8 @@ async fn run_transfer(
 /// Marks the transfer input caught up once this node's consumer has nothing left that
 /// waited for it at start-up: nothing undelivered, nothing delivered and unacknowledged
 /// (what the server had sent to this node's previous process comes again after the
-/// consumer's ack wait). Gives up with the connection.
+/// consumer's ack wait). Gives up with the connection, and after [`CATCH_UP_WAIT`]
+/// (nobody waits longer: under steady traffic something is always pending).
 async fn catch_up(
     shared: Arc<Shared>,
     mut consumer: async_nats::jetstream::consumer::PullConsumer,
@@ -143,7 +144,12 @@ async fn catch_up(
     let Some(cluster) = shared.cluster.as_ref() else {
         return;
     };
+    let deadline = tokio::time::Instant::now() + CATCH_UP_WAIT;
     while !cluster.is_input_caught_up() {
+        if tokio::time::Instant::now() >= deadline {
+            cluster.input_caught_up();
+            return;
+        }
         match consumer.info().await {
             Ok(info) if info.num_pending == 0 && info.num_ack_pending == 0 => {
                 cluster.input_caught_up();

@@ -215,11 +215,6 @@ pub async fn settle(
     true
 }
 
-/// How long handing over waits at most for this node's transfer consumer to read what
-/// was published while the node was away: longer than the consumer's ack wait (30 s),
-/// after which what the server had sent to the node's previous process comes again.
-const CATCH_UP_WAIT: Duration = Duration::from_secs(45);
-
 /// How long an offline session claimed elsewhere waits for the connection that last
 /// held it here to let its client id go.
 const RELEASE_WAIT: Duration = Duration::from_secs(2);
@@ -242,7 +237,7 @@ async fn hand_over(shared: Arc<Shared>, key: SessionKey, revision: u64) {
     };
     // A session restored at start-up takes along what was published for it while this
     // node was away, which its transfer consumer is still reading.
-    cluster.input_ready(CATCH_UP_WAIT).await;
+    cluster.input_ready().await;
     let router_id = router_client_id(key.owner.as_deref(), &key.client_id);
     let deadline = tokio::time::Instant::now() + RELEASE_WAIT;
     let hold = loop {

@@ -48,6 +48,12 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch, Notify};
 
+/// How long sessions restored at start-up wait at most, before they are handed over,
+/// for this node's transfer consumer to read what was published while the node was
+/// away: longer than the consumer's ack wait (30 s), after which what the server had
+/// sent to the node's previous process comes again.
+pub(crate) const CATCH_UP_WAIT: Duration = Duration::from_secs(45);
+
 /// Header naming the node that admitted the message; absent on NATS-native messages.
 pub const NODE: &str = "Moatmq-Node";
 /// Header with the published QoS (`0`, `1`, `2`).
@@ -373,11 +379,11 @@ impl Cluster {
             .send_if_modified(|c| !std::mem::replace(c, true));
     }
 
-    /// Waits (at most `wait`) until the transfer consumer has read what waited for it
-    /// at start-up.
-    pub(crate) async fn input_ready(&self, wait: Duration) {
+    /// Waits (at most [`CATCH_UP_WAIT`]) until the transfer consumer has read what
+    /// waited for it at start-up.
+    pub(crate) async fn input_ready(&self) {
         let mut caught_up = self.input_caught_up.subscribe();
-        let _ = tokio::time::timeout(wait, caught_up.wait_for(|c| *c)).await;
+        let _ = tokio::time::timeout(CATCH_UP_WAIT, caught_up.wait_for(|c| *c)).await;
     }
 
     /// The queue of offline sessions to hand over, once (for `handoff::run`).
