@@ -70,6 +70,12 @@ async fn run_transfer(
     let info = cluster_connection();
     let mut seen = Seen::default();
     let set_ok = |ok: bool| shared.metrics.cluster_xfer_ok.store(ok, Ordering::Release);
+    // Ends with this task (the JoinHandle is dropped, the task aborted).
+    let _catching_up = AbortOnDrop(tokio::spawn(catch_up(
+        shared.clone(),
+        js.clone(),
+        stream.clone(),
+    )));
     loop {
         if client.connection_state() != async_nats::connection::State::Connected {
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -95,9 +101,6 @@ async fn run_transfer(
             }
         };
         set_ok(true);
-        if !cluster.is_input_caught_up() {
-            tokio::spawn(catch_up(shared.clone(), consumer.clone()));
-        }
         while let Some(message) = messages.next().await {
             match message {
                 Ok(message) => {
@@ -132,34 +135,58 @@ async fn run_transfer(
     }
 }
 
-/// Marks the transfer input caught up once this node's consumer has nothing left that
-/// waited for it at start-up: nothing undelivered, nothing delivered and unacknowledged
-/// (what the server had sent to this node's previous process comes again after the
-/// consumer's ack wait). Gives up with the connection, and after [`CATCH_UP_WAIT`]
-/// (nobody waits longer: under steady traffic something is always pending).
-async fn catch_up(
-    shared: Arc<Shared>,
-    mut consumer: async_nats::jetstream::consumer::PullConsumer,
-) {
+/// Marks the transfer input caught up whenever it is behind (at start-up, after each
+/// loss of NATS) and this node's consumer has nothing left that waited for it: nothing
+/// undelivered, nothing delivered and unacknowledged (what the server had sent to this
+/// node's previous process comes again after the consumer's ack wait). Gives up
+/// waiting [`CATCH_UP_WAIT`] after the consumer is first read (nobody waits longer:
+/// under steady traffic something is always pending).
+async fn catch_up(shared: Arc<Shared>, js: async_nats::jetstream::Context, stream: String) {
     let Some(cluster) = shared.cluster.as_ref() else {
         return;
     };
-    let deadline = tokio::time::Instant::now() + CATCH_UP_WAIT;
-    while !cluster.is_input_caught_up() {
-        if tokio::time::Instant::now() >= deadline {
-            cluster.input_caught_up();
+    let mut behind = cluster.input_progress();
+    loop {
+        if behind.wait_for(|caught_up| !*caught_up).await.is_err() {
             return;
         }
-        match consumer.info().await {
-            Ok(info) if info.num_pending == 0 && info.num_ack_pending == 0 => {
-                cluster.input_caught_up();
+        let mut deadline = None;
+        while !cluster.is_input_caught_up() {
+            let consumer = js
+                .get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>(
+                    cluster.node.as_str(),
+                    stream.as_str(),
+                )
+                .await;
+            let info = match consumer {
+                Ok(mut c) => c
+                    .info()
+                    .await
+                    .map(|i| (i.num_pending, i.num_ack_pending))
+                    .ok(),
+                Err(_) => None,
+            };
+            let now = tokio::time::Instant::now();
+            match info {
+                Some((0, 0)) => cluster.input_caught_up(),
+                // NATS away, or the consumer not made yet: the wait starts once it reads.
+                None => deadline = None,
+                Some(_) if *deadline.get_or_insert(now + CATCH_UP_WAIT) <= now => {
+                    cluster.input_caught_up()
+                }
+                Some(_) => {}
             }
-            Ok(_) => tokio::time::sleep(Duration::from_millis(250)).await,
-            Err(e) => {
-                tracing::debug!("cluster: transfer consumer not read: {e}");
-                return;
-            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
         }
+    }
+}
+
+/// Aborts the task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -317,6 +317,14 @@ impl Broker {
             let _ = tokio::task::spawn_blocking(move || store.shutdown()).await;
         }
         // After the gateways: each stored its session as disconnected.
+        if self.shared.cluster.is_some() {
+            match tokio::time::timeout(PARK_WAIT, crate::cluster::handoff::park(&self.shared)).await
+            {
+                Ok(0) => {}
+                Ok(n) => info!(sessions = n, "cluster: sessions parked for other nodes"),
+                Err(_) => warn!("cluster: parking sessions did not finish in time"),
+            }
+        }
         if let Some(book) = &self.shared.durable {
             book.stop().await;
         }
@@ -365,6 +373,10 @@ impl Drop for StopWatchdog {
 /// How long start waits for NATS to say whether this node's key opens the cluster's
 /// key marker; past it the node starts (unready) and the check goes on in the background.
 const KEY_CHECK_WAIT: Duration = Duration::from_secs(5);
+
+/// How long a cluster node shutting down takes at most to park its persistent sessions
+/// for other nodes (`cluster::handoff::park`), within Kubernetes' default 30 s grace.
+const PARK_WAIT: Duration = Duration::from_secs(10);
 
 /// How long a failed broker waits for the retained store's final flush.
 const FAILED_FLUSH_WAIT: Duration = Duration::from_secs(2);

@@ -84,8 +84,10 @@ async fn restore_one(shared: &Arc<Shared>, book: &SessionBook, loaded: Loaded) {
             shared.sessions.save(&router_id, &meta.subscriptions);
         }
         if let Some(cluster) = &shared.cluster {
-            // Last held here: handed over if another node claims it.
+            // Last held here: handed over if another node claims it; what this node
+            // parked of it when it stopped is stale now.
             cluster.kept_offline(&router_id, key.clone());
+            cluster.owners.unpark(&router_id);
         }
         let since = *meta.disconnected_at.get_or_insert(now);
         book.update(&key, meta.clone());

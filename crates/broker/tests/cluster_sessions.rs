@@ -6,7 +6,7 @@
 
 mod cluster_support;
 
-use cluster_support::{cluster_seal, node, node_with, password, Nats};
+use cluster_support::{cluster_seal, node, node_at, node_with, password, Nats, NatsLink, ACL};
 use futures_util::StreamExt;
 use moatmq_testkit::{v4, v5, QUIET, WAIT};
 use rumqttc::QoS;
@@ -332,23 +332,26 @@ async fn mqtt5_messages_in_flight_unacknowledged_move_with_dup() {
     assert_eq!(got, vec!["m0", "m1"], "each once, in order");
 }
 
-/// Node A stops holding two offline persistent sessions with messages queued; one more
-/// is published on node B while A is away. Their clients come back on node B (sessions
-/// started new after the wait), one staying connected, one going away again. When A
-/// comes back (a restarted pod on its volume) it reads what it missed from its transfer
-/// consumer and hands both sessions over late: B delivers the connected one's messages
-/// at once and the other's at its next resume, each once, and A keeps no stale copy.
+/// Node A holds two offline persistent sessions with messages queued and is cut off
+/// from NATS (a partition: no handoff, no parking); more is published on node B
+/// meanwhile. Their clients come back on node B (sessions started new after the wait),
+/// one staying connected, one going away again. When A reaches NATS again it reads what
+/// it missed from its transfer consumer and hands both sessions over late: B delivers
+/// the connected one's messages at once and the other's at its next resume, each once,
+/// and A keeps no stale copy.
 #[tokio::test]
 async fn a_node_back_after_its_clients_moved_hands_their_sessions_over_late() {
     const AWAY: usize = 50;
     let nats = Nats::start().await;
-    let a = node(&nats, "node-a").await;
+    let mut link = NatsLink::start(&nats).await;
+    let a = node_at(&link.url(), "node-a", ACL, "", |b| b).await;
     let b = node(&nats, "node-b").await;
     offline4(a.first_addr(), "mover", "alice", "alice/q").await;
     offline4(a.first_addr(), "sleeper", "alice", "alice/s").await;
     publish_acked(a.first_addr(), "alice", "alice/q", 2).await;
     publish_acked(a.first_addr(), "alice", "alice/s", 1).await;
-    let dir = a.stop().await;
+    link.cut().await;
+    cluster_support::wait_ready(&a, false).await;
     // Enough that node A takes a while to read them when it is back.
     let mut publ = login4(b.first_addr(), "alice-pub", "alice").await;
     for i in 0..AWAY {
@@ -364,8 +367,7 @@ async fn a_node_back_after_its_clients_moved_hands_their_sessions_over_late() {
     sleeper.closed_within(WAIT).await;
     assert!(drain(&mut mover).await.is_empty(), "nothing yet");
 
-    let a = moatmq_testkit::TestBroker::start_in(dir).await;
-    cluster_support::wait_ready(&a, true).await;
+    link.restore().await;
     // The connected client gets what node A kept for it, without reconnecting.
     let mut got = vec![mover.next_publish().await];
     while let Some(p) = mover.publish_within(QUIET).await {
@@ -398,6 +400,51 @@ async fn a_node_back_after_its_clients_moved_hands_their_sessions_over_late() {
         drain(&mut again).await.is_empty(),
         "acknowledged: not again"
     );
+}
+
+/// Node A shuts down (a rolling upgrade, a scale-down) holding an offline persistent
+/// session with messages queued: it parks the session in the handoff bucket, so its
+/// client reconnecting to node B finds it at once, present, with its messages and
+/// subscription. Node A coming back later does not deliver them again, and what it
+/// parks of a session it goes on with is not taken.
+#[tokio::test]
+async fn a_node_shutting_down_parks_its_sessions_for_the_other_nodes() {
+    let nats = Nats::start().await;
+    let a = node(&nats, "node-a").await;
+    let b = node(&nats, "node-b").await;
+    offline4(a.first_addr(), "mover", "alice", "alice/q").await;
+    offline4(a.first_addr(), "stayer", "alice", "alice/s").await;
+    publish_acked(a.first_addr(), "alice", "alice/q", 2).await;
+    publish_acked(a.first_addr(), "alice", "alice/s", 1).await;
+    let dir = a.stop().await;
+
+    let mut mover = persistent4(b.first_addr(), "mover", "alice").await;
+    assert!(mover.connack.session_present, "the parked session");
+    assert_eq!(drain(&mut mover).await, vec!["m0", "m1"]);
+    // Its subscription came along.
+    publish_acked(b.first_addr(), "alice", "alice/q", 1).await;
+    assert_eq!(drain(&mut mover).await, vec!["m0"]);
+
+    // Node A comes back: it hands its stale copy of mover's session to nobody, and goes
+    // on with stayer's, removing what it parked of it.
+    let a = moatmq_testkit::TestBroker::start_in(dir).await;
+    cluster_support::wait_ready(&a, true).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while a.metric("moatmq_sessions_offline").await != 1.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node A kept mover's session"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(drain(&mut mover).await.is_empty(), "nothing twice");
+    publish_acked(b.first_addr(), "alice", "alice/s", 2).await;
+    tokio::time::sleep(QUIET).await;
+    // stayer's client reconnects to node B: node A hands over its current session (the
+    // parked one, without the two messages since, is gone).
+    let mut stayer = persistent4(b.first_addr(), "stayer", "alice").await;
+    assert!(stayer.connack.session_present);
+    assert_eq!(drain(&mut stayer).await, vec!["m0", "m0", "m1"]);
 }
 
 /// `limits.max_sessions_per_user` holds on the node a session would move to: a user at

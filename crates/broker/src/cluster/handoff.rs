@@ -92,22 +92,69 @@ pub async fn give(
         key: key.clone(),
         session,
     };
-    let kv_key = seal.session_key_of(router_id);
-    let sealed = postcard::to_allocvec(&handoff)
-        .map_err(|e| e.to_string())
-        .and_then(|plain| {
-            seal.seal_handoff(&buckets.handoff_name, &kv_key, &plain)
-                .map_err(|e| e.to_string())
-        });
-    match sealed {
-        Ok(value) => {
-            if let Err(e) = buckets.handoff.put(&kv_key, value.into()).await {
-                tracing::warn!("cluster: session not handed over: {e}");
-            }
-        }
-        Err(e) => tracing::warn!("cluster: session not handed over: {e}"),
+    if let Err(e) = put(seal, buckets, router_id, &handoff).await {
+        tracing::warn!("cluster: session not handed over: {e}");
     }
     crate::session_expiry::discard(shared, router_id, key).await;
+}
+
+/// Puts `handoff`, sealed, at the key of the session `router_id`.
+async fn put(
+    seal: &ClusterSeal,
+    buckets: &Buckets,
+    router_id: &str,
+    handoff: &Handoff,
+) -> Result<(), String> {
+    let kv_key = seal.session_key_of(router_id);
+    let plain = postcard::to_allocvec(handoff).map_err(|e| e.to_string())?;
+    let value = seal
+        .seal_handoff(&buckets.handoff_name, &kv_key, &plain)
+        .map_err(|e| e.to_string())?;
+    buckets
+        .handoff
+        .put(&kv_key, value.into())
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// At shutdown: every persistent session this node keeps whose latest claim is its
+/// own is parked in the handoff bucket at that claim's revision, so a client that
+/// reconnects to another node meanwhile (a rolling upgrade, a scale-down) finds its
+/// session there at once: that node's claim replaces this revision and takes it
+/// ([`receive`]). The local store keeps them: a node that comes back first removes
+/// what it parked (`Owners::unpark`) and goes on with them. Returns how many.
+pub async fn park(shared: &Shared) -> usize {
+    let (Some(cluster), Some(book)) = (&shared.cluster, &shared.durable) else {
+        return 0;
+    };
+    let Some(buckets) = cluster.owners.buckets() else {
+        return 0;
+    };
+    let parked = std::sync::atomic::AtomicUsize::new(0);
+    futures_util::stream::iter(book.snapshot().await)
+        .for_each_concurrent(32, |(key, taken)| {
+            let (buckets, parked) = (&buckets, &parked);
+            async move {
+                let router_id = router_client_id(key.owner.as_deref(), &key.client_id);
+                let Some(revision) = cluster.owners.claimed_here(&router_id).await else {
+                    return;
+                };
+                let handoff = Handoff {
+                    revision,
+                    key,
+                    session: Some((taken.meta, taken.messages)),
+                };
+                match put(cluster.owners.seal(), buckets, &router_id, &handoff).await {
+                    Ok(()) => {
+                        parked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Err(e) => tracing::warn!("cluster: session not parked: {e}"),
+                }
+            }
+        })
+        .await;
+    parked.into_inner()
 }
 
 /// Waits (up to [`HANDOFF_WAIT`]) for the session `key` the node that held it hands
@@ -156,7 +203,9 @@ pub async fn receive(
                 continue;
             }
         };
-        if handoff.revision != claim.revision {
+        // For this claim, or parked by the node whose claim this one replaced when it
+        // shut down.
+        if handoff.revision != claim.revision && Some(handoff.revision) != claim.replaced {
             // An older handoff of this session, for a claim since superseded.
             continue;
         }
@@ -235,8 +284,8 @@ async fn hand_over(shared: Arc<Shared>, key: SessionKey, revision: u64) {
     let Some(cluster) = &shared.cluster else {
         return;
     };
-    // A session restored at start-up takes along what was published for it while this
-    // node was away, which its transfer consumer is still reading.
+    // The session takes along what was published for it while this node was away
+    // (restarted) or cut off from NATS, which its transfer consumer may still be reading.
     cluster.input_ready().await;
     let router_id = router_client_id(key.owner.as_deref(), &key.client_id);
     let deadline = tokio::time::Instant::now() + RELEASE_WAIT;

@@ -105,9 +105,10 @@ pub struct Cluster {
     /// taking what it hands over late (`late.rs`).
     pub(crate) late: late::LateWaits,
     /// Becomes `true` once this node's transfer consumer has read what waited for it at
-    /// start-up (what was published while the node was away): only then are sessions it
-    /// restored handed over, with those messages (`handoff.rs`).
-    input_caught_up: watch::Sender<bool>,
+    /// start-up and after each loss of NATS (what was published while the node was away
+    /// or cut off): only then are offline sessions handed over, with those messages
+    /// (`handoff.rs`).
+    input_caught_up: Arc<watch::Sender<bool>>,
     /// Offline sessions other nodes claimed, for `handoff::run` (taken by `serve`).
     handoffs: std::sync::Mutex<Option<mpsc::UnboundedReceiver<(moatmq_store::SessionKey, u64)>>>,
     key_check: watch::Receiver<KeyCheck>,
@@ -207,9 +208,12 @@ impl Cluster {
         let events = Arc::downgrade(&metrics);
         let connected = Arc::new(Notify::new());
         let on_connect = connected.clone();
+        let input_caught_up = Arc::new(watch::Sender::new(false));
+        let behind = input_caught_up.clone();
         options = options.event_callback(move |event| {
             let events: Weak<Metrics> = events.clone();
             let on_connect = on_connect.clone();
+            let behind = behind.clone();
             async move {
                 let Some(metrics) = events.upgrade() else {
                     return;
@@ -222,6 +226,9 @@ impl Cluster {
                     async_nats::Event::Disconnected | async_nats::Event::Closed => {
                         tracing::warn!("cluster: NATS connection lost; reconnecting");
                         metrics.cluster_ok.store(false, Ordering::Release);
+                        // What is published meanwhile waits in the transfer consumer:
+                        // sessions claimed elsewhere are handed over once it is read.
+                        behind.send_replace(false);
                     }
                     async_nats::Event::SlowConsumer(_) => {
                         // The input fell behind: NATS dropped messages for this node.
@@ -318,7 +325,7 @@ impl Cluster {
                 owners,
                 groups,
                 late: late::LateWaits::default(),
-                input_caught_up: watch::Sender::new(false),
+                input_caught_up,
                 handoffs: std::sync::Mutex::new(Some(handoffs)),
                 key_check,
                 metrics,
@@ -366,6 +373,11 @@ impl Cluster {
     /// offline: handed over if another node claims it.
     pub fn kept_offline(&self, session: &str, key: moatmq_store::SessionKey) {
         self.owners.kept_offline(session, key);
+    }
+
+    /// Follows whether the transfer input is caught up.
+    pub(crate) fn input_progress(&self) -> watch::Receiver<bool> {
+        self.input_caught_up.subscribe()
     }
 
     /// Whether [`Cluster::input_caught_up`] was called.

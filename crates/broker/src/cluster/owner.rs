@@ -65,6 +65,9 @@ struct Inner {
     /// Persistent sessions this node keeps offline (last held here), by KV key: handed
     /// over when another node claims one.
     offline: Mutex<HashMap<String, SessionKey>>,
+    /// KV keys of sessions restored here whose parked handoffs (from this node's last
+    /// shutdown) are still to be removed once the buckets are set up.
+    unpark: Mutex<Vec<String>>,
     /// Offline sessions to hand over (`handoff.rs`), with the claim's revision.
     handoffs: mpsc::UnboundedSender<(SessionKey, u64)>,
     next_epoch: AtomicU64,
@@ -103,6 +106,9 @@ pub struct OwnerClaim {
     moved: Arc<AtomicU64>,
     /// The revision this claim was written at (a handoff for it names it).
     pub revision: u64,
+    /// The revision of the other node's claim this one replaced (with
+    /// `from_elsewhere`): that node parked the session at it when it shut down.
+    pub replaced: Option<u64>,
     /// The value this claim replaced named another node holding a persistent session:
     /// that node hands it over.
     pub from_elsewhere: bool,
@@ -189,6 +195,7 @@ impl Owners {
             store,
             claims: Mutex::new(HashMap::new()),
             offline: Mutex::new(HashMap::new()),
+            unpark: Mutex::new(Vec::new()),
             handoffs,
             next_epoch: AtomicU64::new(start),
             next_id: AtomicU64::new(0),
@@ -234,6 +241,7 @@ impl Owners {
             .map_err(|e| ClaimFailed(e.to_string()))?;
         let mut revision = None;
         let mut from_elsewhere = false;
+        let mut replaced = None;
         for _ in 0..CLAIM_TRIES {
             let current = store
                 .entry(key.clone())
@@ -246,6 +254,10 @@ impl Owners {
                         .open_owner(&inner.bucket_name, &entry.key, &entry.value)
                         .is_ok_and(|o| o.node != inner.node && o.persistent)
             });
+            replaced = current
+                .as_ref()
+                .filter(|_| from_elsewhere)
+                .map(|e| e.revision);
             let written = match current {
                 Some(entry) => store
                     .update(&key, value.clone().into(), entry.revision)
@@ -288,6 +300,7 @@ impl Owners {
             id,
             moved,
             revision,
+            replaced,
             from_elsewhere,
             buckets: buckets.clone(),
         };
@@ -305,6 +318,34 @@ impl Owners {
     pub fn kept_offline(&self, session: &str, key: SessionKey) {
         let kv_key = self.inner.seal.session_key_of(session);
         lock(&self.inner.offline).insert(kv_key, key);
+    }
+
+    /// The session `session` (a router client id) was restored here at start-up: what
+    /// this node parked of it at its last shutdown (`handoff::park`) is stale from now
+    /// on and leaves the handoff bucket (now, or once the bucket is set up).
+    pub fn unpark(&self, session: &str) {
+        let kv_key = self.inner.seal.session_key_of(session);
+        match self.inner.store.borrow().clone() {
+            Some(buckets) => {
+                tokio::spawn(async move { purge(&buckets.handoff, &kv_key).await });
+            }
+            None => lock(&self.inner.unpark).push(kv_key),
+        }
+    }
+
+    /// The revision of this node's claim of `session` (a router client id) if it
+    /// claimed it last; `None` otherwise (or if it cannot be read).
+    pub async fn claimed_here(&self, session: &str) -> Option<u64> {
+        let inner = &self.inner;
+        let buckets = inner.store.borrow().clone()?;
+        let key = inner.seal.session_key_of(session);
+        let entry = buckets.owner.entry(key).await.ok()??;
+        let ours = entry.operation == kv::Operation::Put
+            && inner
+                .seal
+                .open_owner(&inner.bucket_name, &entry.key, &entry.value)
+                .is_ok_and(|o| o.node == inner.node);
+        ours.then_some(entry.revision)
     }
 
     /// The revision of the current claim of `session` (a router client id) if it is
@@ -477,6 +518,16 @@ async fn run(
             Ok(buckets) => match buckets.owner.watch_with_history(">").await {
                 Err(e) => format!("watching {name}: {e}"),
                 Ok(mut entries) => {
+                    let stale = inner
+                        .upgrade()
+                        .map(|i| std::mem::take(&mut *lock(&i.unpark)))
+                        .unwrap_or_default();
+                    futures_util::stream::iter(stale)
+                        .for_each_concurrent(64, |key| {
+                            let handoff = &buckets.handoff;
+                            async move { purge(handoff, &key).await }
+                        })
+                        .await;
                     set_store.send_replace(Some(buckets));
                     loop {
                         let entry = tokio::select! {
@@ -502,6 +553,14 @@ async fn run(
         }
         tracing::warn!("cluster: session ownership: {why}; retrying");
         tokio::time::sleep(RETRY).await;
+    }
+}
+
+/// Removes every value of `key` from `bucket`'s stream (no marker left).
+async fn purge(bucket: &kv::Store, key: &str) {
+    let subject = format!("{}{key}", bucket.prefix);
+    if let Err(e) = bucket.stream.purge().filter(subject).await {
+        tracing::debug!("cluster: {} entry not removed: {e}", bucket.name);
     }
 }
 

@@ -120,6 +120,7 @@ enum Job {
     Complete(SessionKey, u64),
     Take(SessionKey, oneshot::Sender<Option<Taken>>),
     Adopt(SessionKey, SessionMeta, Vec<(QueuedMessage, bool)>),
+    Snapshot(oneshot::Sender<Vec<(SessionKey, Taken)>>),
     Late(
         SessionKey,
         Vec<(QueuedMessage, bool)>,
@@ -137,6 +138,25 @@ pub struct Taken {
     /// Its messages, oldest first; `true` for one sent before without an
     /// acknowledgement (sent again with DUP).
     pub messages: Vec<(QueuedMessage, bool)>,
+}
+
+impl Taken {
+    /// What of `session` goes to another node.
+    fn of(session: &moatmq_store::Session) -> Taken {
+        Taken {
+            meta: session.meta.clone(),
+            messages: session
+                .messages
+                .values()
+                .filter_map(|held| match held.delivery {
+                    Delivery::Queued => Some((held.message.clone(), false)),
+                    Delivery::Sent { .. } => Some((held.message.clone(), true)),
+                    // The client has it (PUBREC): only the PUBREL was left.
+                    Delivery::Released { .. } => None,
+                })
+                .collect(),
+        }
+    }
 }
 
 impl SessionBook {
@@ -359,6 +379,14 @@ impl SessionBook {
     /// over (replayed by the next [`SessionBook::resume`], as after a restart).
     pub fn adopt(&self, key: &SessionKey, meta: SessionMeta, messages: Vec<(QueuedMessage, bool)>) {
         self.send(Job::Adopt(key.clone(), meta, messages));
+    }
+
+    /// Every stored session as [`SessionBook::take`] would hand it over, left in the
+    /// store (a node shutting down parks them for other nodes, `cluster/handoff.rs`).
+    pub async fn snapshot(&self) -> Vec<(SessionKey, Taken)> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Job::Snapshot(tx));
+        rx.await.unwrap_or_default()
     }
 
     /// Adds messages another node handed over late (after this node started the session
@@ -610,19 +638,7 @@ impl Writer {
                 self.carried.remove(&key);
                 self.inflight.remove(&key);
                 self.backlogs.remove(&key);
-                let taken = self.store.session(&key).map(|session| Taken {
-                    meta: session.meta.clone(),
-                    messages: session
-                        .messages
-                        .values()
-                        .filter_map(|held| match held.delivery {
-                            Delivery::Queued => Some((held.message.clone(), false)),
-                            Delivery::Sent { .. } => Some((held.message.clone(), true)),
-                            // The client has it (PUBREC): only the PUBREL was left.
-                            Delivery::Released { .. } => None,
-                        })
-                        .collect(),
-                });
+                let taken = self.store.session(&key).map(Taken::of);
                 let _ = reply.send(taken);
                 self.store.remove_session(&key).map(drop)
             }
@@ -653,6 +669,15 @@ impl Writer {
                     }
                     Err(e) => Err(e),
                 }
+            }
+            Job::Snapshot(reply) => {
+                let all = self
+                    .store
+                    .sessions()
+                    .map(|s| (s.key.clone(), Taken::of(s)))
+                    .collect();
+                let _ = reply.send(all);
+                Ok(())
             }
             Job::Late(key, messages, reply) => {
                 let _ = reply.send(self.add_late(&key, messages));

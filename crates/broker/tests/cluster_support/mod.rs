@@ -191,19 +191,83 @@ pub async fn node_with_acl(
     cluster_keys: &str,
     more: impl FnOnce(moatmq_testkit::TestBrokerBuilder) -> moatmq_testkit::TestBrokerBuilder,
 ) -> TestBroker {
+    node_at(&nats.url(), name, acl, cluster_keys, more).await
+}
+
+/// A node of [`node_with_acl`] reaching NATS at `url` (a [`NatsLink`]).
+pub async fn node_at(
+    url: &str,
+    name: &str,
+    acl: &str,
+    cluster_keys: &str,
+    more: impl FnOnce(moatmq_testkit::TestBrokerBuilder) -> moatmq_testkit::TestBrokerBuilder,
+) -> TestBroker {
     let broker = more(with_key(TestBroker::builder(), CLUSTER_KEY))
         .users(USERS)
         .acl(acl)
         .metrics()
         .no_connection_rate()
         .toml(&format!(
-            "[cluster]\nservers = [\"{}\"]\nnode_name = \"{name}\"\n{cluster_keys}",
-            nats.url()
+            "[cluster]\nservers = [\"{url}\"]\nnode_name = \"{name}\"\n{cluster_keys}"
         ))
         .start()
         .await;
     wait_ready(&broker, true).await;
     broker
+}
+
+/// One node's way to NATS through a TCP relay on a loopback port of its own: cut, the
+/// node is up but cut off from NATS (as in a partition) until it is restored.
+pub struct NatsLink {
+    port: u16,
+    nats: u16,
+    relay: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl NatsLink {
+    pub async fn start(nats: &Nats) -> NatsLink {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mut link = NatsLink {
+            port,
+            nats: nats.port,
+            relay: None,
+        };
+        link.relay = Some(tokio::spawn(relay(listener, nats.port)));
+        link
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Closes every connection through the link and refuses new ones.
+    pub async fn cut(&mut self) {
+        if let Some(relay) = self.relay.take() {
+            relay.abort();
+            let _ = relay.await;
+        }
+    }
+
+    /// Lets the node reach NATS again (it reconnects by itself).
+    pub async fn restore(&mut self) {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port))
+            .await
+            .unwrap();
+        self.relay = Some(tokio::spawn(relay(listener, self.nats)));
+    }
+}
+
+/// Relays each connection to `listener` to NATS on `nats`; aborted, all of them end.
+async fn relay(listener: tokio::net::TcpListener, nats: u16) {
+    let mut pipes = tokio::task::JoinSet::new();
+    while let Ok((mut inbound, _)) = listener.accept().await {
+        pipes.spawn(async move {
+            if let Ok(mut out) = tokio::net::TcpStream::connect(("127.0.0.1", nats)).await {
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+            }
+        });
+    }
 }
 
 /// `/readyz`'s answer is 200.
