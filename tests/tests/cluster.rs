@@ -26,12 +26,24 @@ fn start_node(dir: &Path, key: &Path, name: &str, nats_url: &str) -> Moatmq {
 
 /// [`start_node`] with every server of `servers` and `extra` lines in `[cluster]`.
 fn start_node_with(dir: &Path, key: &Path, name: &str, servers: &[String], extra: &str) -> Moatmq {
+    start_node_in(dir, key, name, servers, "", extra)
+}
+
+/// [`start_node_with`] with `retained` lines in `[retained]` too.
+fn start_node_in(
+    dir: &Path,
+    key: &Path,
+    name: &str,
+    servers: &[String],
+    retained: &str,
+    extra: &str,
+) -> Moatmq {
     let home = dir.join(name);
     std::fs::create_dir_all(&home).unwrap();
     std::fs::copy(key, home.join("store.key")).unwrap();
     let config = store_config(
         &home,
-        &format!("[cluster]\nservers = {servers:?}\nnode_name = \"{name}\"\n{extra}"),
+        &format!("{retained}[cluster]\nservers = {servers:?}\nnode_name = \"{name}\"\n{extra}"),
     );
     Moatmq::serve(&config, &[])
 }
@@ -71,9 +83,20 @@ fn addr(node: &Moatmq) -> SocketAddr {
 
 /// A clean-session client of `node`, once the node accepts it.
 async fn connect_ready(node: &Moatmq, id: &str) -> v4::Client {
+    connect_ready_as(node, id, true).await
+}
+
+/// A persistent (clean session 0) client of `node`, once the node accepts it.
+async fn persistent_ready(node: &Moatmq, id: &str) -> v4::Client {
+    connect_ready_as(node, id, false).await
+}
+
+async fn connect_ready_as(node: &Moatmq, id: &str, clean: bool) -> v4::Client {
     let deadline = Instant::now() + READY;
     loop {
-        match v4::connect(v4::options(addr(node), id)).await {
+        let mut o = v4::options(addr(node), id);
+        o.set_clean_session(clean);
+        match v4::connect(o).await {
             Ok(c) => return c,
             Err(e) => {
                 assert!(
@@ -136,6 +159,27 @@ async fn publish_tracked(
     acked
 }
 
+/// Publishes `0..n` on `kill/t` ([`publish_tracked`]) and kills `victim` (SIGKILL)
+/// once `at` are acknowledged; the indices acknowledged.
+async fn publish_killing(
+    c: &mut v4::Client,
+    n: usize,
+    at: usize,
+    victim: Moatmq,
+) -> BTreeSet<usize> {
+    let mut victim = Some(victim);
+    let acked = publish_tracked(c, "kill/t", (0..n).collect(), |count| {
+        if count == at {
+            if let Some(v) = victim.take() {
+                v.kill();
+            }
+        }
+    })
+    .await;
+    assert!(victim.is_none(), "the node was not killed mid-stream");
+    acked
+}
+
 /// The payload indices `sub` receives until it has all of `want` or nothing arrives
 /// for `quiet`; and how many arrived twice.
 async fn receive_until(
@@ -178,16 +222,7 @@ async fn kill_9_of_a_node_loses_no_message_any_node_acknowledged() {
     // The publisher on node A; node A is killed (SIGKILL) once a quarter is acknowledged.
     let mut publ = connect_ready(&a, "source").await;
     let _b_ready = connect_ready(&b, "probe").await;
-    let mut a = Some(a);
-    let acked_by_a = publish_tracked(&mut publ, "kill/t", (0..N).collect(), |n| {
-        if n == N / 4 {
-            if let Some(a) = a.take() {
-                a.kill();
-            }
-        }
-    })
-    .await;
-    assert!(a.is_none(), "node A was not killed mid-stream");
+    let acked_by_a = publish_killing(&mut publ, N, N / 4, a).await;
     assert!(
         acked_by_a.len() >= N / 4 && acked_by_a.len() < N,
         "node A acknowledged {} of {N}",
@@ -317,26 +352,6 @@ async fn losing_a_nats_server_loses_nothing_with_three_replicas() {
     );
 }
 
-/// A persistent (clean session 0) client of `node`, once the node accepts it.
-async fn persistent_ready(node: &Moatmq, id: &str) -> v4::Client {
-    let deadline = Instant::now() + READY;
-    loop {
-        let mut o = v4::options(addr(node), id);
-        o.set_clean_session(false);
-        match v4::connect(o).await {
-            Ok(c) => return c,
-            Err(e) => {
-                assert!(
-                    Instant::now() < deadline,
-                    "node not ready within {READY:?}: {e}\n{}",
-                    node.log()
-                );
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    }
-}
-
 /// The failure case from a persistent subscriber's side: its session is
 /// offline on node A, a publisher on node B; node A is killed (SIGKILL) mid-stream
 /// while it queues for the session, the subscriber comes back on node B (its session
@@ -356,16 +371,14 @@ async fn kill_9_of_an_offline_subscribers_node_loses_nothing_once_it_is_back() {
     let servers = [nats.url(0)];
     // Interval 0: what a node queues for a session is on disk before it is acknowledged.
     let node = |name: &str| {
-        let home = dir.path().join(name);
-        std::fs::create_dir_all(&home).unwrap();
-        std::fs::copy(&key, home.join("store.key")).unwrap();
-        let config = store_config(
-            &home,
-            &format!(
-                "autosave_interval = 0\n[cluster]\nservers = {servers:?}\nnode_name = \"{name}\"\n"
-            ),
-        );
-        Moatmq::serve(&config, &[])
+        start_node_in(
+            dir.path(),
+            &key,
+            name,
+            &servers,
+            "autosave_interval = 0\n",
+            "",
+        )
     };
     let a = node("node-a");
     let b = node("node-b");
@@ -375,16 +388,7 @@ async fn kill_9_of_an_offline_subscribers_node_loses_nothing_once_it_is_back() {
     sub.client.disconnect().await.unwrap();
     sub.closed_within(READY).await;
     let mut publ = connect_ready(&b, "source").await;
-    let mut a = Some(a);
-    let acked = publish_tracked(&mut publ, "kill/t", (0..N).collect(), |n| {
-        if n == N / 3 {
-            if let Some(a) = a.take() {
-                a.kill();
-            }
-        }
-    })
-    .await;
-    assert!(a.is_none(), "node A was not killed mid-stream");
+    let acked = publish_killing(&mut publ, N, N / 3, a).await;
     assert_eq!(acked.len(), N, "node B acknowledged every message");
 
     // The subscriber is back on node B: a new session after the wait (node A is dead).

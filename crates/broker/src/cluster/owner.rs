@@ -336,21 +336,20 @@ impl Owners {
     /// The revision of this node's claim of `session` (a router client id) if it
     /// claimed it last; `None` otherwise (or if it cannot be read).
     pub async fn claimed_here(&self, session: &str) -> Option<u64> {
-        let inner = &self.inner;
-        let buckets = inner.store.borrow().clone()?;
-        let key = inner.seal.session_key_of(session);
-        let entry = buckets.owner.entry(key).await.ok()??;
-        let ours = entry.operation == kv::Operation::Put
-            && inner
-                .seal
-                .open_owner(&inner.bucket_name, &entry.key, &entry.value)
-                .is_ok_and(|o| o.node == inner.node);
-        ours.then_some(entry.revision)
+        let (ours, revision) = self.current_claim(session).await?;
+        ours.then_some(revision)
     }
 
     /// The revision of the current claim of `session` (a router client id) if it is
     /// another node's; `None` if this node claimed it last (or it cannot be read).
     pub async fn claimed_elsewhere(&self, session: &str) -> Option<u64> {
+        let (ours, revision) = self.current_claim(session).await?;
+        (!ours).then_some(revision)
+    }
+
+    /// Whether this node wrote the current claim of `session`, and its revision; `None`
+    /// if there is none or it cannot be read.
+    async fn current_claim(&self, session: &str) -> Option<(bool, u64)> {
         let inner = &self.inner;
         let buckets = inner.store.borrow().clone()?;
         let key = inner.seal.session_key_of(session);
@@ -360,7 +359,7 @@ impl Owners {
                 .seal
                 .open_owner(&inner.bucket_name, &entry.key, &entry.value)
                 .is_ok_and(|o| o.node == inner.node);
-        (!ours).then_some(entry.revision)
+        Some((ours, entry.revision))
     }
 
     /// The session `session` (a router client id) ended here (expired or removed while
