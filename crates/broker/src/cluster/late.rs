@@ -17,60 +17,7 @@ use super::handoff;
 use super::owner::{remove_up_to, Buckets};
 use crate::shared::Shared;
 use futures_util::StreamExt;
-use moatmq_store::SessionKey;
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
-use tokio::time::Instant;
-
-/// How long a session started new after the handoff wait still takes what its previous
-/// node hands over late: long enough for a restarted pod, bounded so that the waits of
-/// a dead node's sessions do not pile up.
-pub const LATE_WAIT: Duration = Duration::from_secs(600);
-
-/// Sessions waiting for a late handoff, by KV key.
-#[derive(Default)]
-pub struct LateWaits {
-    waiting: Mutex<HashMap<String, Waiting>>,
-}
-
-struct Waiting {
-    router_id: String,
-    key: SessionKey,
-    /// The revision of this node's claim: a handoff for an older claim is not taken.
-    revision: u64,
-    until: Instant,
-}
-
-impl LateWaits {
-    /// The session `key` (KV key `kv_key`) was started new for the claim at `revision`
-    /// after the old node did not answer.
-    pub fn wait(&self, kv_key: &str, router_id: &str, key: &SessionKey, revision: u64) {
-        let now = Instant::now();
-        let mut waiting = lock(&self.waiting);
-        waiting.retain(|_, w| w.until > now);
-        waiting.insert(
-            kv_key.to_string(),
-            Waiting {
-                router_id: router_id.to_string(),
-                key: key.clone(),
-                revision,
-                until: now + LATE_WAIT,
-            },
-        );
-    }
-
-    /// Takes the wait for `kv_key` if it is still on.
-    fn take(&self, kv_key: &str) -> Option<Waiting> {
-        let mut waiting = lock(&self.waiting);
-        let w = waiting.remove(kv_key)?;
-        (w.until > Instant::now()).then_some(w)
-    }
-
-    fn keys(&self) -> Vec<String> {
-        lock(&self.waiting).keys().cloned().collect()
-    }
-}
+use std::sync::Arc;
 
 /// Watches the handoff bucket for late handoffs, again after each NATS failure (the
 /// bucket is set up anew then); ends with the cluster.
@@ -157,7 +104,7 @@ async fn take(shared: &Shared, buckets: &Buckets, entry: async_nats::jetstream::
             tracing::error!(error = %e, "cluster: late session handoff refused");
             shared.metrics.cluster_state_rejected.inc();
             // Still waiting for the right one.
-            put_back(cluster, &entry.key, waiting);
+            cluster.late.put_back(&entry.key, waiting);
             return;
         }
     };
@@ -169,7 +116,7 @@ async fn take(shared: &Shared, buckets: &Buckets, entry: async_nats::jetstream::
         .is_none();
     if handed.revision < waiting.revision || !ours {
         if ours {
-            put_back(cluster, &entry.key, waiting);
+            cluster.late.put_back(&entry.key, waiting);
         }
         return;
     }
@@ -197,12 +144,4 @@ async fn take(shared: &Shared, buckets: &Buckets, entry: async_nats::jetstream::
             "cluster: session handed over late, but it is no longer kept here; its messages are lost"
         ),
     }
-}
-
-fn put_back(cluster: &super::Cluster, kv_key: &str, waiting: Waiting) {
-    lock(&cluster.late.waiting).insert(kv_key.to_string(), waiting);
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }

@@ -22,6 +22,7 @@
 pub(crate) mod groups;
 pub(crate) mod handoff;
 pub(crate) mod late;
+mod late_waits;
 mod owner;
 mod properties;
 mod state;
@@ -103,7 +104,7 @@ pub struct Cluster {
     pub(crate) groups: Groups,
     /// Sessions started new after their old node did not hand them over in time, still
     /// taking what it hands over late (`late.rs`).
-    pub(crate) late: late::LateWaits,
+    pub(crate) late: late_waits::LateWaits,
     /// Becomes `true` once this node's transfer consumer has read what waited for it at
     /// start-up and after each loss of NATS (what was published while the node was away
     /// or cut off): only then are offline sessions handed over, with those messages
@@ -324,7 +325,7 @@ impl Cluster {
                 changes,
                 owners,
                 groups,
-                late: late::LateWaits::default(),
+                late: late_waits::LateWaits::default(),
                 input_caught_up,
                 handoffs: std::sync::Mutex::new(Some(handoffs)),
                 key_check,

@@ -1,0 +1,68 @@
+//! The sessions of this node waiting for a late handoff (`late.rs`): kept apart from
+//! the task that takes them, which needs the broker's shared state.
+
+use moatmq_store::SessionKey;
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// How long a session started new after the handoff wait still takes what its previous
+/// node hands over late: long enough for a restarted pod, bounded so that the waits of
+/// a dead node's sessions do not pile up.
+pub const LATE_WAIT: Duration = Duration::from_secs(600);
+
+/// Sessions waiting for a late handoff, by KV key.
+#[derive(Default)]
+pub struct LateWaits {
+    waiting: Mutex<HashMap<String, Waiting>>,
+}
+
+pub(super) struct Waiting {
+    pub(super) router_id: String,
+    pub(super) key: SessionKey,
+    /// The revision of this node's claim: a handoff for an older claim is not taken.
+    pub(super) revision: u64,
+    until: Instant,
+}
+
+impl LateWaits {
+    /// The session `key` (KV key `kv_key`) was started new for the claim at `revision`
+    /// after the old node did not answer.
+    pub fn wait(&self, kv_key: &str, router_id: &str, key: &SessionKey, revision: u64) {
+        let now = Instant::now();
+        let mut waiting = lock(&self.waiting);
+        waiting.retain(|_, w| w.until > now);
+        waiting.insert(
+            kv_key.to_string(),
+            Waiting {
+                router_id: router_id.to_string(),
+                key: key.clone(),
+                revision,
+                until: now + LATE_WAIT,
+            },
+        );
+    }
+
+    /// Takes the wait for `kv_key` if it is still on.
+    pub(super) fn take(&self, kv_key: &str) -> Option<Waiting> {
+        let mut waiting = lock(&self.waiting);
+        let w = waiting.remove(kv_key)?;
+        (w.until > Instant::now()).then_some(w)
+    }
+
+    pub(super) fn keys(&self) -> Vec<String> {
+        lock(&self.waiting).keys().cloned().collect()
+    }
+}
+
+impl LateWaits {
+    /// A wait taken for a value that was not the right one goes on.
+    pub(super) fn put_back(&self, kv_key: &str, waiting: Waiting) {
+        lock(&self.waiting).insert(kv_key.to_string(), waiting);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
