@@ -158,14 +158,11 @@ async fn catch_up(shared: Arc<Shared>, js: async_nats::jetstream::Context, strea
                     stream.as_str(),
                 )
                 .await;
-            let info = match consumer {
-                Ok(mut c) => c
-                    .info()
-                    .await
-                    .map(|i| (i.num_pending, i.num_ack_pending))
-                    .ok(),
-                Err(_) => None,
-            };
+            // The lookup is itself a consumer info request: its answer is current.
+            let info = consumer.ok().map(|c| {
+                let i = c.cached_info();
+                (i.num_pending, i.num_ack_pending)
+            });
             let now = tokio::time::Instant::now();
             match info {
                 Some((0, 0)) => cluster.input_caught_up(),
