@@ -233,6 +233,109 @@ async fn a_persistent_session_moves_to_another_node_with_what_was_queued_for_it(
     assert_eq!(drain(&mut back).await, vec!["m0", "m1"]);
 }
 
+/// A session holding more than one NATS message can carry (nats-server's `max_payload`,
+/// 1 MiB by default) moves whole, by handoff and by parking: the node handing it over
+/// splits it into parts instead of failing the put and dropping what it had taken out of
+/// its store.
+#[tokio::test]
+async fn a_session_larger_than_one_nats_message_moves_whole() {
+    const BIG: usize = 100 * 1024;
+    const COUNT: usize = 24; // 2.4 MB queued: more than two NATS messages' worth
+    let big4 = |addr: SocketAddr, id: &str, user: &str, persistent: bool| {
+        let mut o = v4::options(addr, id);
+        o.set_credentials(user, password(user));
+        o.set_clean_session(!persistent);
+        o.set_max_packet_size(2 * BIG, 2 * BIG);
+        o
+    };
+    let drain_big = |mut c: v4::Client| async move {
+        let mut got = Vec::new();
+        while let Some(p) = c.publish_within(QUIET).await {
+            assert_eq!(p.payload.len(), BIG);
+            got.push(p.payload[0]);
+        }
+        (c, got)
+    };
+    let nats = Nats::start().await;
+    let a = node(&nats, "node-a").await;
+    let b = node(&nats, "node-b").await;
+    for id in ["mover", "parked"] {
+        let mut c = v4::connect(big4(a.first_addr(), id, "alice", true))
+            .await
+            .expect("login");
+        c.subscribe_acked(&format!("alice/{id}")).await;
+        c.client.disconnect().await.unwrap();
+        c.closed_within(WAIT).await;
+    }
+    let mut publ = v4::connect(big4(a.first_addr(), "alice-pub", "alice", false))
+        .await
+        .expect("login");
+    for i in 0..COUNT {
+        publ.publish_acked("alice/mover", false, vec![i as u8; BIG])
+            .await;
+        publ.publish_acked("alice/parked", false, vec![i as u8; BIG])
+            .await;
+    }
+    let want: Vec<u8> = (0..COUNT as u8).collect();
+
+    // Handed over by a live node A.
+    let moved = v4::connect(big4(b.first_addr(), "mover", "alice", true))
+        .await
+        .expect("login");
+    assert!(moved.connack.session_present, "the session came along");
+    let (_moved, got) = drain_big(moved).await;
+    assert_eq!(got, want, "every queued message, once, in order");
+
+    // Parked by node A at its shutdown.
+    drop(publ);
+    let _dir = a.stop().await;
+    let parked = v4::connect(big4(b.first_addr(), "parked", "alice", true))
+        .await
+        .expect("login");
+    assert!(parked.connack.session_present, "the parked session");
+    let (_parked, got) = drain_big(parked).await;
+    assert_eq!(got, want, "every parked message, once, in order");
+}
+
+/// A handoff JetStream refuses (here the bucket takes no value that large; a full bucket
+/// or a NATS failure at that moment does the same) loses nothing: the old node keeps the
+/// session stored and hands it over again, and the new node takes it late.
+#[tokio::test]
+async fn a_handoff_jetstream_refuses_is_kept_and_handed_over_again() {
+    let nats = Nats::start().await;
+    let a = node(&nats, "node-a").await;
+    let b = node(&nats, "node-b").await;
+    offline4(a.first_addr(), "mover", "alice", "alice/q").await;
+    publish_acked(a.first_addr(), "alice", "alice/q", 3).await;
+    let js = async_nats::jetstream::new(nats.client().await);
+    let mut stream = js
+        .get_stream("KV_moatmq_handoff")
+        .await
+        .expect("the bucket");
+    let mut config = stream.info().await.expect("stream info").config.clone();
+    let normal = config.max_message_size;
+    config.max_message_size = 64;
+    js.update_stream(&config).await.expect("limit set");
+
+    let mut moved = persistent4(b.first_addr(), "mover", "alice").await;
+    assert!(
+        !moved.connack.session_present,
+        "nothing could be handed over within the wait"
+    );
+    config.max_message_size = normal;
+    js.update_stream(&config).await.expect("limit lifted");
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        let p = moved
+            .publish_within(Duration::from_secs(15))
+            .await
+            .expect("handed over again, late");
+        got.push(String::from_utf8_lossy(&p.payload).into_owned());
+    }
+    assert_eq!(got, vec!["m0", "m1", "m2"]);
+    assert!(drain(&mut moved).await.is_empty(), "each once");
+}
+
 #[tokio::test]
 async fn another_user_with_the_client_id_gets_nothing_of_the_session() {
     let nats = Nats::start().await;

@@ -17,6 +17,7 @@
 use super::owner::{Buckets, OwnerClaim};
 use crate::router::router_client_id;
 use crate::shared::Shared;
+use async_nats::jetstream::kv;
 use futures_util::StreamExt;
 use moatmq_store::{ClusterSeal, QueuedMessage, SessionKey, SessionMeta};
 use serde::{Deserialize, Serialize};
@@ -28,7 +29,9 @@ use tokio::sync::mpsc;
 /// to hand it over; after it the session starts new (the old node is dead, or cut off).
 pub const HANDOFF_WAIT: Duration = Duration::from_secs(3);
 
-/// What one node hands another (postcard, then sealed).
+/// What one node hands another (postcard, then sealed), at the session's key. A session
+/// too large for one NATS message (the server's `max_payload`) brings the rest of its
+/// messages in `parts` values at `<key>.<n>` ([`Part`]), put before this one.
 #[derive(Serialize, Deserialize)]
 pub(super) struct Handoff {
     /// The revision of the claim this answers: an older handoff is never taken.
@@ -37,25 +40,106 @@ pub(super) struct Handoff {
     key: SessionKey,
     /// `None`: the old node had nothing left (expired, or removed meanwhile).
     pub(super) session: Option<(SessionMeta, Vec<(QueuedMessage, bool)>)>,
+    /// Values at `<key>.1` to `<key>.<parts>` holding the session's later messages.
+    parts: u32,
+}
+
+/// A handoff as releases before parts wrote it: still read, so that sessions move
+/// both ways during a rolling upgrade.
+#[derive(Deserialize)]
+struct HandoffV1 {
+    revision: u64,
+    key: SessionKey,
+    session: Option<(SessionMeta, Vec<(QueuedMessage, bool)>)>,
+}
+
+/// More of a handoff's messages, at `<key>.<index>`, sealed for that key.
+#[derive(Serialize, Deserialize)]
+struct Part {
+    /// The handoff's revision: a part left by another handoff of the session is refused.
+    revision: u64,
+    index: u32,
+    messages: Vec<(QueuedMessage, bool)>,
+}
+
+/// What a handoff value or part may take of `max_payload`: the rest is for sealing and
+/// the encoding's lengths.
+const PART_OVERHEAD: usize = 1024;
+
+/// The KV key of part `index` of the handoff at `kv_key`.
+fn part_key(kv_key: &str, index: u32) -> String {
+    format!("{kv_key}.{index}")
 }
 
 /// Opens the handoff value at `kv_key` for the session `key`: it must open there (not
-/// altered, not moved from another key, this cluster's key) and hold that session.
-pub(super) fn open(
+/// altered, not moved from another key, this cluster's key) and hold that session. Its
+/// parts, if any, are read and checked the same way and their messages appended in
+/// order; what [`Opened::remove`] purges is returned with it.
+pub(super) async fn open(
     seal: &ClusterSeal,
-    handoff_bucket: &str,
+    buckets: &Buckets,
     kv_key: &str,
     value: &[u8],
     key: &SessionKey,
-) -> Result<Handoff, String> {
+) -> Result<Opened, String> {
     let plain = seal
-        .open_handoff(handoff_bucket, kv_key, value)
+        .open_handoff(&buckets.handoff_name, kv_key, value)
         .map_err(|e| e.to_string())?;
-    let handoff = postcard::from_bytes::<Handoff>(&plain).map_err(|e| e.to_string())?;
+    let mut handoff = match postcard::from_bytes::<Handoff>(&plain) {
+        Ok(h) => h,
+        Err(e) => match postcard::from_bytes::<HandoffV1>(&plain) {
+            Ok(v1) => Handoff {
+                revision: v1.revision,
+                key: v1.key,
+                session: v1.session,
+                parts: 0,
+            },
+            Err(_) => return Err(e.to_string()),
+        },
+    };
     if handoff.key != *key {
         return Err("it holds another session".to_string());
     }
-    Ok(handoff)
+    let mut parts = Vec::new();
+    for index in 1..=handoff.parts {
+        let part_key = part_key(kv_key, index);
+        let entry = match buckets.handoff.entry(&part_key).await {
+            Ok(Some(e)) if e.operation == kv::Operation::Put => e,
+            Ok(_) => return Err(format!("its part {index} is missing")),
+            Err(e) => return Err(format!("its part {index} cannot be read: {e}")),
+        };
+        let plain = seal
+            .open_handoff(&buckets.handoff_name, &part_key, &entry.value)
+            .map_err(|e| format!("its part {index}: {e}"))?;
+        let part = postcard::from_bytes::<Part>(&plain).map_err(|e| e.to_string())?;
+        if part.revision != handoff.revision || part.index != index {
+            return Err(format!("its part {index} belongs to another handoff"));
+        }
+        let Some((_, messages)) = &mut handoff.session else {
+            return Err("parts without a session".to_string());
+        };
+        messages.extend(part.messages);
+        parts.push((part_key, entry.revision));
+    }
+    Ok(Opened { handoff, parts })
+}
+
+/// A handoff opened with its parts.
+pub(super) struct Opened {
+    pub(super) handoff: Handoff,
+    /// Each part's KV key and revision.
+    parts: Vec<(String, u64)>,
+}
+
+impl Opened {
+    /// Taken: the value at `kv_key` (up to `revision`) and its parts leave the bucket,
+    /// so nobody takes the session again; a newer handoff of it survives.
+    pub(super) async fn remove(&self, buckets: &Buckets, kv_key: &str, revision: u64) {
+        super::owner::remove_up_to(&buckets.handoff, kv_key, revision).await;
+        for (part_key, revision) in &self.parts {
+            super::owner::remove_up_to(&buckets.handoff, part_key, *revision).await;
+        }
+    }
 }
 
 /// What [`receive`] got.
@@ -72,6 +156,8 @@ pub enum Received {
 
 /// Hands the session `key` (router client id `router_id`) to the node whose claim was
 /// written at `revision`, and discards this node's copy. The caller holds `router_id`.
+/// If the handoff cannot be put (NATS failing), the session's store copy stays here,
+/// offline, and is handed over again after [`RETRY_WAIT`] or the next NATS reconnect.
 pub async fn give(
     shared: &Shared,
     seal: &ClusterSeal,
@@ -91,28 +177,122 @@ pub async fn give(
         revision,
         key: key.clone(),
         session,
+        parts: 0,
     };
-    if let Err(e) = put(seal, buckets, router_id, &handoff).await {
-        tracing::warn!("cluster: session not handed over: {e}");
-    }
+    let max_payload = shared.cluster.as_ref().map(|c| c.max_payload());
+    let failed = put(seal, buckets, router_id, &handoff, max_payload.unwrap_or(0))
+        .await
+        .err();
     crate::session_expiry::discard(shared, router_id, key).await;
+    let Some(e) = failed else {
+        return;
+    };
+    match (&shared.durable, &shared.cluster, handoff.session) {
+        (Some(book), Some(cluster), Some((meta, messages))) => {
+            tracing::warn!(
+                client_id = %key.client_id,
+                "cluster: session not handed over ({e}); kept here to hand over again"
+            );
+            // Nothing more is queued for it here (its router state is gone); what it
+            // held waits, stored, for the next try.
+            book.adopt(key, meta, messages);
+            cluster.kept_offline(router_id, key.clone());
+            cluster.owners.recheck_later(router_id, RETRY_WAIT);
+        }
+        _ => tracing::warn!("cluster: session not handed over: {e}"),
+    }
 }
 
-/// Puts `handoff`, sealed, at the key of the session `router_id`.
+/// How long a session whose handoff could not be put waits before the next try.
+const RETRY_WAIT: Duration = Duration::from_secs(5);
+
+/// Puts `handoff`, sealed, at the key of the session `router_id`: in one value if it
+/// fits in `max_payload`, otherwise its later messages in parts put first.
 async fn put(
     seal: &ClusterSeal,
     buckets: &Buckets,
     router_id: &str,
     handoff: &Handoff,
+    max_payload: usize,
 ) -> Result<(), String> {
     let kv_key = seal.session_key_of(router_id);
-    let plain = postcard::to_allocvec(handoff).map_err(|e| e.to_string())?;
+    let budget = max_payload.saturating_sub(PART_OVERHEAD);
+    let whole = postcard::to_allocvec(handoff).map_err(|e| e.to_string())?;
+    let head = if whole.len() <= budget {
+        whole
+    } else {
+        let (head, parts) = split(handoff, budget)?;
+        for part in &parts {
+            let plain = postcard::to_allocvec(part).map_err(|e| e.to_string())?;
+            put_value(seal, buckets, &part_key(&kv_key, part.index), &plain).await?;
+        }
+        postcard::to_allocvec(&head).map_err(|e| e.to_string())?
+    };
+    put_value(seal, buckets, &kv_key, &head).await
+}
+
+/// `handoff` as a head holding what of its messages fits in `budget` bytes, and parts
+/// of at most `budget` bytes each holding the rest, in order.
+fn split(handoff: &Handoff, budget: usize) -> Result<(Handoff, Vec<Part>), String> {
+    let Some((meta, messages)) = &handoff.session else {
+        return Err("an empty handoff larger than one NATS message".to_string());
+    };
+    let mut head = Handoff {
+        revision: handoff.revision,
+        key: handoff.key.clone(),
+        session: Some((meta.clone(), Vec::new())),
+        parts: 0,
+    };
+    let mut room = budget
+        .checked_sub(encoded_len(&head)?)
+        .ok_or("the session's subscriptions alone exceed one NATS message")?;
+    let mut first = Vec::new();
+    let mut parts: Vec<Part> = Vec::new();
+    for message in messages {
+        let need = encoded_len(message)?;
+        if need > room {
+            if need > budget {
+                return Err("a queued message larger than one NATS message".to_string());
+            }
+            let index = u32::try_from(parts.len() + 1).map_err(|e| e.to_string())?;
+            parts.push(Part {
+                revision: handoff.revision,
+                index,
+                messages: Vec::new(),
+            });
+            room = budget;
+        }
+        room -= need;
+        match parts.last_mut() {
+            Some(part) => part.messages.push(message.clone()),
+            None => first.push(message.clone()),
+        }
+    }
+    head.session = Some((meta.clone(), first));
+    head.parts = u32::try_from(parts.len()).map_err(|e| e.to_string())?;
+    Ok((head, parts))
+}
+
+/// The length of `value` postcard-encoded.
+fn encoded_len<T: Serialize>(value: &T) -> Result<usize, String> {
+    postcard::to_allocvec(value)
+        .map(|v| v.len())
+        .map_err(|e| e.to_string())
+}
+
+/// Seals `plain` for `kv_key` and puts it there.
+async fn put_value(
+    seal: &ClusterSeal,
+    buckets: &Buckets,
+    kv_key: &str,
+    plain: &[u8],
+) -> Result<(), String> {
     let value = seal
-        .seal_handoff(&buckets.handoff_name, &kv_key, &plain)
+        .seal_handoff(&buckets.handoff_name, kv_key, plain)
         .map_err(|e| e.to_string())?;
     buckets
         .handoff
-        .put(&kv_key, value.into())
+        .put(kv_key, value.into())
         .await
         .map_err(|e| e.to_string())?;
     Ok(())
@@ -144,8 +324,18 @@ pub async fn park(shared: &Shared) -> usize {
                     revision,
                     key,
                     session: Some((taken.meta, taken.messages)),
+                    parts: 0,
                 };
-                match put(cluster.owners.seal(), buckets, &router_id, &handoff).await {
+                let max_payload = cluster.max_payload();
+                match put(
+                    cluster.owners.seal(),
+                    buckets,
+                    &router_id,
+                    &handoff,
+                    max_payload,
+                )
+                .await
+                {
                     Ok(()) => {
                         parked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
@@ -191,11 +381,11 @@ pub async fn receive(
                 return Received::TimedOut;
             }
         };
-        if entry.operation != async_nats::jetstream::kv::Operation::Put {
+        if entry.operation != kv::Operation::Put {
             continue;
         }
-        let opened = open(seal, &buckets.handoff_name, &claim.key, &entry.value, key);
-        let handoff = match opened {
+        let opened = open(seal, buckets, &claim.key, &entry.value, key).await;
+        let opened = match opened {
             Ok(h) => h,
             Err(e) => {
                 tracing::error!(error = %e, "cluster: session handoff refused");
@@ -205,13 +395,14 @@ pub async fn receive(
         };
         // For this claim, or parked by the node whose claim this one replaced when it
         // shut down.
+        let handoff = &opened.handoff;
         if handoff.revision != claim.revision && Some(handoff.revision) != claim.replaced {
             // An older handoff of this session, for a claim since superseded.
             continue;
         }
         // Taken: nobody else may take it again (nothing left of it in the bucket).
-        super::owner::remove_up_to(&buckets.handoff, &claim.key, entry.revision).await;
-        let Some((meta, messages)) = handoff.session else {
+        opened.remove(buckets, &claim.key, entry.revision).await;
+        let Some((meta, messages)) = opened.handoff.session else {
             return Received::Nothing;
         };
         let Some(book) = &shared.durable else {
@@ -299,12 +490,18 @@ async fn hand_over(shared: Arc<Shared>, key: SessionKey, revision: u64) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let Some(buckets) = cluster.owners.buckets() else {
-        tracing::warn!("cluster: session not handed over: NATS away");
+        tracing::warn!("cluster: session not handed over yet: NATS away");
+        // The ownership watch, back with NATS, sees the claim again.
+        cluster.kept_offline(&router_id, key);
         return;
     };
-    // A client that connected here meanwhile claimed the session back: it stays. A
-    // newer claim from another node gets it instead.
+    // A client that connected here meanwhile claimed the session back: it stays,
+    // offline once that connection ended. A newer claim from another node gets it
+    // instead.
     let Some(current) = cluster.owners.claimed_elsewhere(&router_id).await else {
+        // Or the claim could not be read: looked at again.
+        cluster.kept_offline(&router_id, key);
+        cluster.owners.recheck_later(&router_id, RETRY_WAIT);
         return;
     };
     let revision = revision.max(current);
@@ -318,4 +515,81 @@ async fn hand_over(shared: Arc<Shared>, key: SessionKey, revision: u64) {
     )
     .await;
     drop(hold);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn handoff(sizes: &[usize]) -> Handoff {
+        let messages = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                let message = QueuedMessage {
+                    topic: format!("alice/{i}"),
+                    payload: vec![i as u8; n].into(),
+                    qos: 1,
+                    retain: false,
+                    properties: None,
+                    expires_at: None,
+                };
+                (message, i % 2 == 0)
+            })
+            .collect();
+        Handoff {
+            revision: 7,
+            key: SessionKey {
+                owner: Some("alice".into()),
+                client_id: "dev1".into(),
+            },
+            session: Some((SessionMeta::default(), messages)),
+            parts: 0,
+        }
+    }
+
+    #[test]
+    fn a_large_handoff_splits_into_parts_within_the_budget_in_order() {
+        let whole = handoff(&[300, 10, 700, 500, 900, 5, 5, 800]);
+        let (head, parts) = split(&whole, 1000).expect("split");
+        assert_eq!(head.parts as usize, parts.len());
+        assert!(parts.len() >= 3);
+        assert!(postcard::to_allocvec(&head).unwrap().len() <= 1000 + 8);
+        let mut joined = head.session.clone().unwrap().1;
+        for (i, part) in parts.iter().enumerate() {
+            assert_eq!((part.revision, part.index as usize), (7, i + 1));
+            assert!(postcard::to_allocvec(part).unwrap().len() <= 1000 + 8);
+            joined.extend(part.messages.clone());
+        }
+        assert_eq!(
+            joined,
+            whole.session.unwrap().1,
+            "every message once, in order"
+        );
+    }
+
+    #[test]
+    fn a_message_larger_than_a_part_is_refused_not_dropped() {
+        assert!(split(&handoff(&[10, 2000]), 1000).is_err());
+    }
+
+    #[test]
+    fn a_handoff_from_a_release_without_parts_still_reads() {
+        #[derive(Serialize)]
+        struct Before {
+            revision: u64,
+            key: SessionKey,
+            session: Option<(SessionMeta, Vec<(QueuedMessage, bool)>)>,
+        }
+        let now = handoff(&[3, 4]);
+        let before = Before {
+            revision: now.revision,
+            key: now.key.clone(),
+            session: now.session.clone(),
+        };
+        let plain = postcard::to_allocvec(&before).unwrap();
+        assert!(postcard::from_bytes::<Handoff>(&plain).is_err());
+        let read = postcard::from_bytes::<HandoffV1>(&plain).unwrap();
+        assert_eq!(read.session, now.session);
+    }
 }

@@ -14,7 +14,7 @@
 //! present and made its own.
 
 use super::handoff;
-use super::owner::{remove_up_to, Buckets};
+use super::owner::Buckets;
 use crate::shared::Shared;
 use futures_util::StreamExt;
 use std::sync::Arc;
@@ -93,12 +93,13 @@ async fn take(shared: &Shared, buckets: &Buckets, entry: async_nats::jetstream::
     };
     let opened = handoff::open(
         cluster.owners.seal(),
-        &buckets.handoff_name,
+        buckets,
         &entry.key,
         &entry.value,
         &waiting.key,
-    );
-    let handed = match opened {
+    )
+    .await;
+    let opened = match opened {
         Ok(h) => h,
         Err(e) => {
             tracing::error!(error = %e, "cluster: late session handoff refused");
@@ -114,15 +115,15 @@ async fn take(shared: &Shared, buckets: &Buckets, entry: async_nats::jetstream::
         .claimed_elsewhere(&waiting.router_id)
         .await
         .is_none();
-    if handed.revision < waiting.revision || !ours {
+    if opened.handoff.revision < waiting.revision || !ours {
         if ours {
             cluster.late.put_back(&entry.key, waiting);
         }
         return;
     }
     // Taken: nobody else may take it again.
-    remove_up_to(&buckets.handoff, &entry.key, entry.revision).await;
-    let Some((_, messages)) = handed.session else {
+    opened.remove(buckets, &entry.key, entry.revision).await;
+    let Some((_, messages)) = opened.handoff.session else {
         return;
     };
     let count = messages.len();

@@ -471,6 +471,11 @@ impl Cluster {
         size <= self.max_payload.load(Ordering::Relaxed)
     }
 
+    /// The NATS server's `max_payload`: the most one NATS message can carry.
+    pub fn max_payload(&self) -> usize {
+        self.max_payload.load(Ordering::Relaxed)
+    }
+
     /// The number of the last message this node forwarded: a connection that had one
     /// admitted waits for [`Cluster::transferred_through`] that number, not for what
     /// other connections forward meanwhile.

@@ -320,6 +320,26 @@ impl Owners {
         lock(&self.inner.offline).insert(kv_key, key);
     }
 
+    /// Looks at the claim of `session` (a router client id) again after `after`: if
+    /// the session is still kept offline here and another node claims it, it is handed
+    /// over (again). Without NATS meanwhile, the watch's reload looks at it instead.
+    pub fn recheck_later(&self, session: &str, after: std::time::Duration) {
+        let kv_key = self.inner.seal.session_key_of(session);
+        let inner = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            let Some(inner) = inner.upgrade() else {
+                return;
+            };
+            let Some(buckets) = inner.store.borrow().clone() else {
+                return;
+            };
+            if let Ok(Some(entry)) = buckets.owner.entry(&kv_key).await {
+                inner.observe_offline(&entry);
+            }
+        });
+    }
+
     /// The session `session` (a router client id) was restored here at start-up: what
     /// this node parked of it at its last shutdown (`handoff::park`) is stale from now
     /// on and leaves the handoff bucket (now, or once the bucket is set up).
@@ -556,10 +576,15 @@ async fn run(
 }
 
 /// Removes every value of `key` from `bucket`'s stream (no marker left).
+/// Removes the handoff at `key` and its parts (`<key>.<n>`, `handoff.rs`).
 async fn purge(bucket: &kv::Store, key: &str) {
-    let subject = format!("{}{key}", bucket.prefix);
-    if let Err(e) = bucket.stream.purge().filter(subject).await {
-        tracing::debug!("cluster: {} entry not removed: {e}", bucket.name);
+    for subject in [
+        format!("{}{key}", bucket.prefix),
+        format!("{}{key}.>", bucket.prefix),
+    ] {
+        if let Err(e) = bucket.stream.purge().filter(subject).await {
+            tracing::debug!("cluster: {} entry not removed: {e}", bucket.name);
+        }
     }
 }
 
