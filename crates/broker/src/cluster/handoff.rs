@@ -385,7 +385,7 @@ pub async fn receive(
             continue;
         }
         let opened = open(seal, buckets, &claim.key, &entry.value, key).await;
-        let opened = match opened {
+        let mut opened = match opened {
             Ok(h) => h,
             Err(e) => {
                 tracing::error!(error = %e, "cluster: session handoff refused");
@@ -400,15 +400,22 @@ pub async fn receive(
             // An older handoff of this session, for a claim since superseded.
             continue;
         }
-        // Taken: nobody else may take it again (nothing left of it in the bucket).
-        opened.remove(buckets, &claim.key, entry.revision).await;
-        let Some((meta, messages)) = opened.handoff.session else {
+        // Stored here before it leaves the bucket: a crash in between loses nothing.
+        let adopted = match (opened.handoff.session.take(), &shared.durable) {
+            (Some((meta, messages)), Some(book)) => {
+                book.adopt(key, meta.clone(), messages);
+                Some((meta, book.commit().await))
+            }
+            _ => None,
+        };
+        // Taken: nobody else may take it again (nothing left of it in the bucket). If
+        // it could not be saved here, the bucket keeps the only durable copy.
+        if !matches!(adopted, Some((_, false))) {
+            opened.remove(buckets, &claim.key, entry.revision).await;
+        }
+        let Some((meta, _)) = adopted else {
             return Received::Nothing;
         };
-        let Some(book) = &shared.durable else {
-            return Received::Nothing;
-        };
-        book.adopt(key, meta.clone(), messages);
         let owner = key.owner.as_deref();
         if let Err(e) =
             crate::session_restore::resubscribe(shared, router_id, owner, &meta.subscriptions).await

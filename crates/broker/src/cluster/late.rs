@@ -99,7 +99,7 @@ async fn take(shared: &Shared, buckets: &Buckets, entry: async_nats::jetstream::
         &waiting.key,
     )
     .await;
-    let opened = match opened {
+    let mut opened = match opened {
         Ok(h) => h,
         Err(e) => {
             tracing::error!(error = %e, "cluster: late session handoff refused");
@@ -121,16 +121,19 @@ async fn take(shared: &Shared, buckets: &Buckets, entry: async_nats::jetstream::
         }
         return;
     }
-    // Taken: nobody else may take it again.
-    opened.remove(buckets, &entry.key, entry.revision).await;
-    let Some((_, messages)) = opened.handoff.session else {
+    let (Some((_, messages)), Some(book)) = (opened.handoff.session.take(), &shared.durable) else {
+        // Nothing to keep: taken, so nobody takes it again.
+        opened.remove(buckets, &entry.key, entry.revision).await;
         return;
     };
     let count = messages.len();
-    let Some(book) = &shared.durable else {
-        return;
-    };
-    match book.late(&waiting.key, messages).await {
+    let replay = book.late(&waiting.key, messages).await;
+    // Stored here before it leaves the bucket (a crash in between loses nothing); if it
+    // could not be saved, the bucket keeps the only durable copy.
+    if replay.is_none() || book.commit().await {
+        opened.remove(buckets, &entry.key, entry.revision).await;
+    }
+    match replay {
         Some(replay) => {
             tracing::info!(
                 client_id = %waiting.key.client_id,
