@@ -354,8 +354,9 @@ async fn losing_a_nats_server_loses_nothing_with_three_replicas() {
 
 /// The failure case from a persistent subscriber's side: its session is
 /// offline on node A, a publisher on node B; node A is killed (SIGKILL) mid-stream
-/// while it queues for the session, the subscriber comes back on node B (its session
-/// starts new after the handoff wait: node A is dead), and node A restarts on its store
+/// while it queues for the session, the subscriber comes back on node B (after the
+/// handoff wait its session resumes from node A's park: node A is dead), and node A
+/// restarts on its store
 /// (a StatefulSet pod) and hands over late what it held: what it had queued, and what
 /// was published while it was away (from its transfer consumer). Every message node B
 /// acknowledged reaches the subscriber (QoS 1: some twice). At `autosave_interval = 0`
@@ -391,9 +392,10 @@ async fn kill_9_of_an_offline_subscribers_node_loses_nothing_once_it_is_back() {
     let acked = publish_killing(&mut publ, N, N / 3, a).await;
     assert_eq!(acked.len(), N, "node B acknowledged every message");
 
-    // The subscriber is back on node B: a new session after the wait (node A is dead).
+    // The subscriber is back on node B: after the wait (node A is dead) its session
+    // resumes from what node A had parked of it.
     let mut sub = persistent_ready(&b, "sink").await;
-    assert!(!sub.connack.session_present);
+    assert!(sub.connack.session_present, "resumed from node A's park");
     // Node A comes back on its store and hands the session over late.
     let a_again = node("node-a");
     // What node A's previous process had been sent comes again after the consumer's

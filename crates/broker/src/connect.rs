@@ -378,10 +378,19 @@ async fn login(
             let received =
                 crate::cluster::handoff::receive(&shared, seal, claim, &router_id, &session_key)
                     .await;
-            if received == crate::cluster::handoff::Received::TimedOut && shared.durable.is_some() {
-                cluster
-                    .late
-                    .wait(&claim.key, &router_id, &session_key, claim.revision);
+            let parked_through = match received {
+                crate::cluster::handoff::Received::TimedOut => Some(None),
+                crate::cluster::handoff::Received::Parked(through) => Some(Some(through)),
+                _ => None,
+            };
+            if let (Some(parked_through), Some(_)) = (parked_through, &shared.durable) {
+                cluster.late.wait(
+                    &claim.key,
+                    &router_id,
+                    &session_key,
+                    claim.revision,
+                    parked_through,
+                );
             }
         }
     }

@@ -27,6 +27,12 @@ pub async fn restore(shared: &Arc<Shared>, loaded: Vec<Loaded>) {
         return;
     };
     let weak: Weak<Shared> = Arc::downgrade(shared);
+    if shared.cluster.is_some() {
+        // Offline sessions stay parked in NATS as they change (`cluster/park.rs`).
+        if let Some(feed) = book.park_feed() {
+            tokio::spawn(crate::cluster::park::run(weak.clone(), feed));
+        }
+    }
     book.run(Box::new(move |key, limit| {
         if let Some(shared) = weak.upgrade() {
             shared.emit_global(Event::SessionQueueFull {
@@ -84,10 +90,9 @@ async fn restore_one(shared: &Arc<Shared>, book: &SessionBook, loaded: Loaded) {
             shared.sessions.save(&router_id, &meta.subscriptions);
         }
         if let Some(cluster) = &shared.cluster {
-            // Last held here: handed over if another node claims it; what this node
-            // parked of it when it stopped is stale now.
+            // Last held here: handed over if another node claims it; parked anew from
+            // the store meanwhile (`cluster/park.rs`).
             cluster.kept_offline(&router_id, key.clone());
-            cluster.owners.unpark(&router_id);
         }
         let since = *meta.disconnected_at.get_or_insert(now);
         book.update(&key, meta.clone());

@@ -8,6 +8,7 @@
 mod cluster_support;
 
 use cluster_support::{node, node_with, password, Nats};
+use futures_util::StreamExt;
 use moatmq_testkit::{v4, QUIET, WAIT};
 
 /// The commit-failure hook is read when a node opens its store: one test at a time.
@@ -84,11 +85,19 @@ async fn a_handoff_stays_in_the_bucket_until_the_new_node_saved_the_session() {
     tokio::time::sleep(QUIET).await;
 
     let js = async_nats::jetstream::new(nats.client().await);
-    let mut bucket = js
-        .get_stream("KV_moatmq_handoff")
+    let bucket = js
+        .get_key_value("moatmq_handoff")
         .await
         .expect("the handoff bucket");
-    let kept = bucket.info().await.expect("stream info").state.messages;
+    let keys: Vec<String> = bucket
+        .keys()
+        .await
+        .expect("keys")
+        .filter_map(|k| async move { k.ok() })
+        .collect()
+        .await;
+    // Values at sessions' keys; parts are at `<key>.<n>`.
+    let kept = keys.iter().filter(|k| !k.contains('.')).count();
     assert_eq!(
         kept, 1,
         "node B removed the only durable copy of the session it could not save"

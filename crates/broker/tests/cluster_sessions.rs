@@ -299,14 +299,13 @@ async fn a_session_larger_than_one_nats_message_moves_whole() {
 
 /// A handoff JetStream refuses (here the bucket takes no value that large; a full bucket
 /// or a NATS failure at that moment does the same) loses nothing: the old node keeps the
-/// session stored and hands it over again, and the new node takes it late.
+/// session stored and hands it over again, and the new node takes it late. (The bucket
+/// refuses from before the session went offline, so node A could not park it either.)
 #[tokio::test]
 async fn a_handoff_jetstream_refuses_is_kept_and_handed_over_again() {
     let nats = Nats::start().await;
     let a = node(&nats, "node-a").await;
     let b = node(&nats, "node-b").await;
-    offline4(a.first_addr(), "mover", "alice", "alice/q").await;
-    publish_acked(a.first_addr(), "alice", "alice/q", 3).await;
     let js = async_nats::jetstream::new(nats.client().await);
     let mut stream = js
         .get_stream("KV_moatmq_handoff")
@@ -316,6 +315,8 @@ async fn a_handoff_jetstream_refuses_is_kept_and_handed_over_again() {
     let normal = config.max_message_size;
     config.max_message_size = 64;
     js.update_stream(&config).await.expect("limit set");
+    offline4(a.first_addr(), "mover", "alice", "alice/q").await;
+    publish_acked(a.first_addr(), "alice", "alice/q", 3).await;
 
     let mut moved = persistent4(b.first_addr(), "mover", "alice").await;
     assert!(
@@ -436,12 +437,13 @@ async fn mqtt5_messages_in_flight_unacknowledged_move_with_dup() {
 }
 
 /// Node A holds two offline persistent sessions with messages queued and is cut off
-/// from NATS (a partition: no handoff, no parking); more is published on node B
-/// meanwhile. Their clients come back on node B (sessions started new after the wait),
-/// one staying connected, one going away again. When A reaches NATS again it reads what
-/// it missed from its transfer consumer and hands both sessions over late: B delivers
-/// the connected one's messages at once and the other's at its next resume, each once,
-/// and A keeps no stale copy.
+/// from NATS (a partition: no handoff); more is published on node B meanwhile. Their
+/// clients come back on node B: after the wait their sessions resume from what node A
+/// had parked while it ran (its live parks), one client staying connected, one going
+/// away again. When A reaches NATS again it reads what it missed from its transfer
+/// consumer and hands both sessions over late: B delivers what the parks did not hold,
+/// the connected one's at once and the other's at its next resume, each once, and A
+/// keeps no stale copy.
 #[tokio::test]
 async fn a_node_back_after_its_clients_moved_hands_their_sessions_over_late() {
     const AWAY: usize = 50;
@@ -453,6 +455,10 @@ async fn a_node_back_after_its_clients_moved_hands_their_sessions_over_late() {
     offline4(a.first_addr(), "sleeper", "alice", "alice/s").await;
     publish_acked(a.first_addr(), "alice", "alice/q", 2).await;
     publish_acked(a.first_addr(), "alice", "alice/s", 1).await;
+    // Parked once committed (`autosave_interval` 1 s): both sessions' values, and a
+    // part each at least (one more round, if any, within QUIET).
+    parked_values(&nats, 4).await;
+    tokio::time::sleep(QUIET).await;
     link.cut().await;
     cluster_support::wait_ready(&a, false).await;
     // Enough that node A takes a while to read them when it is back.
@@ -461,17 +467,19 @@ async fn a_node_back_after_its_clients_moved_hands_their_sessions_over_late() {
         publ.publish_acked("alice/q", false, format!("away {i}"))
             .await;
     }
-    // Node A is away: the sessions start new on node B after the wait.
+    publ.publish_acked("alice/s", false, "away s").await;
+    // Node A is away: after the wait the sessions resume from its parks.
     let mut mover = persistent4(b.first_addr(), "mover", "alice").await;
-    assert!(!mover.connack.session_present);
+    assert!(mover.connack.session_present, "resumed from node A's park");
+    assert_eq!(drain(&mut mover).await, vec!["m0", "m1"]);
     let mut sleeper = persistent4(b.first_addr(), "sleeper", "alice").await;
-    assert!(!sleeper.connack.session_present);
+    assert!(sleeper.connack.session_present);
+    assert_eq!(drain(&mut sleeper).await, vec!["m0"]);
     sleeper.client.disconnect().await.unwrap();
     sleeper.closed_within(WAIT).await;
-    assert!(drain(&mut mover).await.is_empty(), "nothing yet");
 
     link.restore().await;
-    // The connected client gets what node A kept for it, without reconnecting.
+    // The connected client gets what node A kept beyond its park, without reconnecting.
     let mut got = vec![mover.next_publish().await];
     while let Some(p) = mover.publish_within(QUIET).await {
         got.push(p);
@@ -480,9 +488,8 @@ async fn a_node_back_after_its_clients_moved_hands_their_sessions_over_late() {
         .iter()
         .map(|p| format!("{} {}", p.topic, String::from_utf8_lossy(&p.payload)))
         .collect();
-    let mut want = vec!["alice/q m0".to_string(), "alice/q m1".to_string()];
-    want.extend((0..AWAY).map(|i| format!("alice/q away {i}")));
-    assert_eq!(got, want, "each once, in order");
+    let want: Vec<_> = (0..AWAY).map(|i| format!("alice/q away {i}")).collect();
+    assert_eq!(got, want, "each once, in order, none of the park's again");
     // The offline one finds its message at its next resume on node B.
     let deadline = tokio::time::Instant::now() + WAIT;
     while a.metric("moatmq_sessions_offline").await != 0.0 {
@@ -494,7 +501,7 @@ async fn a_node_back_after_its_clients_moved_hands_their_sessions_over_late() {
     }
     let mut back = persistent4(b.first_addr(), "sleeper", "alice").await;
     assert!(back.connack.session_present);
-    assert_eq!(drain(&mut back).await, vec!["m0"]);
+    assert_eq!(drain(&mut back).await, vec!["away s"]);
     back.client.disconnect().await.unwrap();
     back.closed_within(WAIT).await;
     let mut again = persistent4(b.first_addr(), "sleeper", "alice").await;
@@ -656,4 +663,31 @@ async fn a_node_reading_the_transfer_stream_late_drops_expired_messages_and_coun
     assert!(sub.connack.session_present);
     let got = expiring5(&mut sub, QUIET * 3).await;
     cluster_support::only_the_long_one_counted_down(&got);
+}
+
+/// Waits until the handoff bucket holds `want` values (sessions' values and parts).
+async fn parked_values(nats: &Nats, want: usize) {
+    let js = async_nats::jetstream::new(nats.client().await);
+    let bucket = js
+        .get_key_value("moatmq_handoff")
+        .await
+        .expect("the bucket");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let keys: Vec<String> = bucket
+            .keys()
+            .await
+            .expect("keys")
+            .filter_map(|k| async move { k.ok() })
+            .collect()
+            .await;
+        if keys.len() >= want {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "parked: {keys:?}, want {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

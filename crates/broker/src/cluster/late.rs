@@ -13,7 +13,7 @@
 //! session's subscriptions are not taken: its client was told the session was not
 //! present and made its own.
 
-use super::handoff;
+use super::handoff_value as value;
 use super::owner::Buckets;
 use crate::shared::Shared;
 use futures_util::StreamExt;
@@ -91,7 +91,7 @@ async fn take(shared: &Shared, buckets: &Buckets, entry: async_nats::jetstream::
     let Some(waiting) = cluster.late.take(&entry.key) else {
         return;
     };
-    let opened = handoff::open(
+    let opened = value::open(
         cluster.owners.seal(),
         buckets,
         &entry.key,
@@ -99,7 +99,7 @@ async fn take(shared: &Shared, buckets: &Buckets, entry: async_nats::jetstream::
         &waiting.key,
     )
     .await;
-    let mut opened = match opened {
+    let mut handed = match opened {
         Ok(h) => h,
         Err(e) => {
             tracing::error!(error = %e, "cluster: late session handoff refused");
@@ -115,23 +115,32 @@ async fn take(shared: &Shared, buckets: &Buckets, entry: async_nats::jetstream::
         .claimed_elsewhere(&waiting.router_id)
         .await
         .is_none();
-    if opened.handoff.revision < waiting.revision || !ours {
+    // A live park (`park.rs`) is taken only at the claim, never late: the node that
+    // wrote it is running and hands the session over itself.
+    if handed.revision < waiting.revision || handed.live || !ours {
         if ours {
             cluster.late.put_back(&entry.key, waiting);
         }
         return;
     }
-    let (Some((_, messages)), Some(book)) = (opened.handoff.session.take(), &shared.durable) else {
+    let (Some((_, mut messages)), Some(book)) = (handed.session.take(), &shared.durable) else {
         // Nothing to keep: taken, so nobody takes it again.
-        opened.remove(buckets, &entry.key, entry.revision).await;
+        value::remove(buckets, &entry.key, entry.revision).await;
         return;
     };
+    if let Some(through) = waiting.parked_through {
+        // What the node's live park brought at the claim is here already.
+        if handed.ids.len() == messages.len() {
+            let mut ids = handed.ids.iter();
+            messages.retain(|_| ids.next().is_some_and(|&id| id > through));
+        }
+    }
     let count = messages.len();
     let replay = book.late(&waiting.key, messages).await;
     // Stored here before it leaves the bucket (a crash in between loses nothing); if it
     // could not be saved, the bucket keeps the only durable copy.
     if replay.is_none() || book.commit().await {
-        opened.remove(buckets, &entry.key, entry.revision).await;
+        value::remove(buckets, &entry.key, entry.revision).await;
     }
     match replay {
         Some(replay) => {

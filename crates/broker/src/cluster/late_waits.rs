@@ -23,13 +23,24 @@ pub(super) struct Waiting {
     pub(super) key: SessionKey,
     /// The revision of this node's claim: a handoff for an older claim is not taken.
     pub(super) revision: u64,
+    /// The session was resumed from the old node's live park (`park.rs`) holding its
+    /// messages up to this id: those are left out of a late handoff.
+    pub(super) parked_through: Option<u64>,
     until: Instant,
 }
 
 impl LateWaits {
-    /// The session `key` (KV key `kv_key`) was started new for the claim at `revision`
-    /// after the old node did not answer.
-    pub fn wait(&self, kv_key: &str, router_id: &str, key: &SessionKey, revision: u64) {
+    /// The session `key` (KV key `kv_key`) was started new (or resumed from the old
+    /// node's live park, up to `parked_through`) for the claim at `revision` after the
+    /// old node did not answer.
+    pub fn wait(
+        &self,
+        kv_key: &str,
+        router_id: &str,
+        key: &SessionKey,
+        revision: u64,
+        parked_through: Option<u64>,
+    ) {
         let now = Instant::now();
         let mut waiting = lock(&self.waiting);
         waiting.retain(|_, w| w.until > now);
@@ -39,6 +50,7 @@ impl LateWaits {
                 router_id: router_id.to_string(),
                 key: key.clone(),
                 revision,
+                parked_through,
                 until: now + LATE_WAIT,
             },
         );

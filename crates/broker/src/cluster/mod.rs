@@ -21,9 +21,11 @@
 
 pub(crate) mod groups;
 pub(crate) mod handoff;
+mod handoff_value;
 pub(crate) mod late;
 mod late_waits;
 mod owner;
+pub(crate) mod park;
 mod properties;
 mod state;
 mod subject;

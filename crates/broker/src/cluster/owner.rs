@@ -65,9 +65,6 @@ struct Inner {
     /// Persistent sessions this node keeps offline (last held here), by KV key: handed
     /// over when another node claims one.
     offline: Mutex<HashMap<String, SessionKey>>,
-    /// KV keys of sessions restored here whose parked handoffs (from this node's last
-    /// shutdown) are still to be removed once the buckets are set up.
-    unpark: Mutex<Vec<String>>,
     /// Offline sessions to hand over (`handoff.rs`), with the claim's revision.
     handoffs: mpsc::UnboundedSender<(SessionKey, u64)>,
     next_epoch: AtomicU64,
@@ -195,7 +192,6 @@ impl Owners {
             store,
             claims: Mutex::new(HashMap::new()),
             offline: Mutex::new(HashMap::new()),
-            unpark: Mutex::new(Vec::new()),
             handoffs,
             next_epoch: AtomicU64::new(start),
             next_id: AtomicU64::new(0),
@@ -338,19 +334,6 @@ impl Owners {
                 inner.observe_offline(&entry);
             }
         });
-    }
-
-    /// The session `session` (a router client id) was restored here at start-up: what
-    /// this node parked of it at its last shutdown (`handoff::park`) is stale from now
-    /// on and leaves the handoff bucket (now, or once the bucket is set up).
-    pub fn unpark(&self, session: &str) {
-        let kv_key = self.inner.seal.session_key_of(session);
-        match self.inner.store.borrow().clone() {
-            Some(buckets) => {
-                tokio::spawn(async move { purge(&buckets.handoff, &kv_key).await });
-            }
-            None => lock(&self.inner.unpark).push(kv_key),
-        }
     }
 
     /// The revision of this node's claim of `session` (a router client id) if it
@@ -537,16 +520,6 @@ async fn run(
             Ok(buckets) => match buckets.owner.watch_with_history(">").await {
                 Err(e) => format!("watching {name}: {e}"),
                 Ok(mut entries) => {
-                    let stale = inner
-                        .upgrade()
-                        .map(|i| std::mem::take(&mut *lock(&i.unpark)))
-                        .unwrap_or_default();
-                    futures_util::stream::iter(stale)
-                        .for_each_concurrent(64, |key| {
-                            let handoff = &buckets.handoff;
-                            async move { purge(handoff, &key).await }
-                        })
-                        .await;
                     set_store.send_replace(Some(buckets));
                     loop {
                         let entry = tokio::select! {
@@ -576,18 +549,6 @@ async fn run(
 }
 
 /// Removes every value of `key` from `bucket`'s stream (no marker left).
-/// Removes the handoff at `key` and its parts (`<key>.<n>`, `handoff.rs`).
-async fn purge(bucket: &kv::Store, key: &str) {
-    for subject in [
-        format!("{}{key}", bucket.prefix),
-        format!("{}{key}.>", bucket.prefix),
-    ] {
-        if let Err(e) = bucket.stream.purge().filter(subject).await {
-            tracing::debug!("cluster: {} entry not removed: {e}", bucket.name);
-        }
-    }
-}
-
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

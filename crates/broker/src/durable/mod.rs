@@ -120,13 +120,14 @@ enum Job {
     Complete(SessionKey, u64),
     Take(SessionKey, oneshot::Sender<Option<Taken>>),
     Adopt(SessionKey, SessionMeta, Vec<(QueuedMessage, bool)>),
-    Snapshot(oneshot::Sender<Vec<(SessionKey, Taken)>>),
     Late(
         SessionKey,
         Vec<(QueuedMessage, bool)>,
         oneshot::Sender<Option<Vec<Replay>>>,
     ),
     Commit(oneshot::Sender<bool>),
+    ParkBarrier(oneshot::Sender<()>),
+    ParkFinal(oneshot::Sender<usize>),
     Stop(oneshot::Sender<()>),
 }
 
@@ -138,25 +139,51 @@ pub struct Taken {
     /// Its messages, oldest first; `true` for one sent before without an
     /// acknowledgement (sent again with DUP).
     pub messages: Vec<(QueuedMessage, bool)>,
+    /// Each message's id in this node's store (they only grow), in the same order.
+    pub ids: Vec<u64>,
 }
 
 impl Taken {
     /// What of `session` goes to another node.
     fn of(session: &moatmq_store::Session) -> Taken {
+        let (ids, messages) = session
+            .messages
+            .iter()
+            .filter_map(|(&id, held)| match held.delivery {
+                Delivery::Queued => Some((id, (held.message.clone(), false))),
+                Delivery::Sent { .. } => Some((id, (held.message.clone(), true))),
+                // The client has it (PUBREC): only the PUBREL was left.
+                Delivery::Released { .. } => None,
+            })
+            .unzip();
         Taken {
             meta: session.meta.clone(),
-            messages: session
-                .messages
-                .values()
-                .filter_map(|held| match held.delivery {
-                    Delivery::Queued => Some((held.message.clone(), false)),
-                    Delivery::Sent { .. } => Some((held.message.clone(), true)),
-                    // The client has it (PUBREC): only the PUBREL was left.
-                    Delivery::Released { .. } => None,
-                })
-                .collect(),
+            messages,
+            ids,
         }
     }
+}
+
+/// What the session writer tells a cluster node's park task (`cluster/park.rs`) about
+/// the sessions it keeps offline, in the order of the changes, so that the node's
+/// handoff values follow its store ([`SessionBook::park_feed`]).
+#[derive(Debug)]
+pub enum ParkEvent {
+    /// The session is offline here now (its connection ended, or restored at start-up).
+    Offline(SessionKey, Taken),
+    /// Messages queued for an offline session: `(id, message)`.
+    Queued(SessionKey, Vec<(u64, QueuedMessage)>),
+    /// The session is no longer offline here (resumed, removed or expired).
+    Gone(SessionKey),
+    /// Taken out of the store to be handed over (`cluster/handoff.rs` writes it).
+    Taken(SessionKey),
+    /// Every change before this one is in the store's commit: `bool` whether it
+    /// succeeded; the senders wait for the park as well (`autosave_interval = 0`).
+    Committed(Vec<oneshot::Sender<bool>>, bool),
+    /// Answered once every event before it is written.
+    Barrier(oneshot::Sender<()>),
+    /// At shutdown: every park made final, how many answered; the park task ends.
+    Final(oneshot::Sender<usize>),
 }
 
 impl SessionBook {
@@ -210,6 +237,8 @@ impl SessionBook {
                 metrics: metrics.clone(),
                 fail_commits: cfg!(feature = "test-hooks")
                     && std::env::var_os("MOATMQ_TEST_SESSION_COMMIT_FAIL").is_some(),
+                park: None,
+                unparked: Vec::new(),
             })),
             thread: Mutex::new(None),
             metrics,
@@ -231,6 +260,33 @@ impl SessionBook {
             Ok(t) => *lock(&self.thread) = Some(t),
             Err(e) => error!(error = %e, "session writer thread failed to start"),
         }
+    }
+
+    /// A cluster node keeps its offline sessions parked in NATS as they change
+    /// (`cluster/park.rs`): the writer reports each change of them, in order, on the
+    /// returned feed. Called before [`SessionBook::run`]; `None` after it.
+    pub fn park_feed(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<ParkEvent>> {
+        let mut writer = lock(&self.writer);
+        let writer = writer.as_mut()?;
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        writer.park = Some(tx);
+        Some(rx)
+    }
+
+    /// Waits until the park task has written every change the writer reported before
+    /// this call (at once without one).
+    pub async fn parked(&self) {
+        let (tx, rx) = oneshot::channel();
+        self.send(Job::ParkBarrier(tx));
+        let _ = rx.await;
+    }
+
+    /// At shutdown: every offline session parked so far is marked final in the handoff
+    /// bucket (taken at once by a node claiming it); the park task ends. How many.
+    pub async fn park_final(&self) -> usize {
+        let (tx, rx) = oneshot::channel();
+        self.send(Job::ParkFinal(tx));
+        rx.await.unwrap_or(0)
     }
 
     fn send(&self, job: Job) {
@@ -381,14 +437,6 @@ impl SessionBook {
         self.send(Job::Adopt(key.clone(), meta, messages));
     }
 
-    /// Every stored session as [`SessionBook::take`] would hand it over, left in the
-    /// store (a node shutting down parks them for other nodes, `cluster/handoff.rs`).
-    pub async fn snapshot(&self) -> Vec<(SessionKey, Taken)> {
-        let (tx, rx) = oneshot::channel();
-        self.send(Job::Snapshot(tx));
-        rx.await.unwrap_or_default()
-    }
-
     /// Adds messages another node handed over late (after this node started the session
     /// new, `cluster/late.rs`) to the session of `key`, carried over like an adopted
     /// session's: returned for the connection to replay now, and replayed by the next
@@ -477,13 +525,29 @@ struct Writer {
     /// Test hook (`test-hooks` and `MOATMQ_TEST_SESSION_COMMIT_FAIL`): every commit fails,
     /// as on a full or read-only disk.
     fail_commits: bool,
+    /// A cluster node's park task ([`SessionBook::park_feed`]).
+    park: Option<tokio::sync::mpsc::UnboundedSender<ParkEvent>>,
+    /// Changes for the park task waiting for the commit that makes them durable.
+    unparked: Vec<ParkEvent>,
 }
 
 impl Writer {
     fn run(mut self) {
+        // The sessions restored from the store are offline here.
+        if self.park.is_some() {
+            let restored: Vec<ParkEvent> = self
+                .store
+                .sessions()
+                .filter(|s| s.meta.disconnected_at.is_some())
+                .map(|s| ParkEvent::Offline(s.key.clone(), Taken::of(s)))
+                .collect();
+            self.unparked.extend(restored);
+        }
         let sync = self.interval.is_zero();
         let mut next_save = Instant::now() + self.interval;
         let mut waiters = Vec::new();
+        let mut barriers: Vec<oneshot::Sender<()>> = Vec::new();
+        let mut last_park: Option<oneshot::Sender<usize>> = None;
         loop {
             let first = if sync {
                 self.rx
@@ -500,11 +564,14 @@ impl Writer {
                     while let Some(job) = next.take().or_else(|| self.rx.try_recv().ok()) {
                         match job {
                             Job::Commit(w) => waiters.push(w),
+                            Job::ParkBarrier(b) => barriers.push(b),
+                            Job::ParkFinal(f) => last_park = Some(f),
                             Job::Stop(s) => stop = Some(s),
                             job => self.apply(job),
                         }
                     }
-                    if !sync && stop.is_none() && waiters.is_empty() {
+                    let park_asks = !barriers.is_empty() || last_park.is_some();
+                    if !sync && stop.is_none() && waiters.is_empty() && !park_asks {
                         // Let the next changes gather rather than be woken for each:
                         // a sender wakes the writer only while it waits in `recv`.
                         std::thread::sleep(GATHER);
@@ -516,11 +583,45 @@ impl Writer {
                     return;
                 }
             }
-            let due = sync || Instant::now() >= next_save || stop.is_some() || !waiters.is_empty();
+            let due = sync
+                || Instant::now() >= next_save
+                || stop.is_some()
+                || !waiters.is_empty()
+                || !barriers.is_empty()
+                || last_park.is_some();
             if due {
                 let ok = self.commit();
-                for w in waiters.drain(..) {
-                    let _ = w.send(ok);
+                match &self.park {
+                    Some(park) => {
+                        // Parked only once committed: the ids a park names are never
+                        // given to other messages after a crash.
+                        if ok {
+                            for event in self.unparked.drain(..) {
+                                let _ = park.send(event);
+                            }
+                        }
+                        // What the commit wrote is safe once parked too.
+                        if !waiters.is_empty() {
+                            let _ =
+                                park.send(ParkEvent::Committed(std::mem::take(&mut waiters), ok));
+                        }
+                        for b in barriers.drain(..) {
+                            let _ = park.send(ParkEvent::Barrier(b));
+                        }
+                        if let Some(f) = last_park.take() {
+                            let _ = park.send(ParkEvent::Final(f));
+                            self.park = None;
+                        }
+                    }
+                    None => {
+                        for w in waiters.drain(..) {
+                            let _ = w.send(ok);
+                        }
+                        barriers.clear();
+                        if let Some(f) = last_park.take() {
+                            let _ = f.send(0);
+                        }
+                    }
                 }
                 next_save = Instant::now() + self.interval;
             }
@@ -558,16 +659,27 @@ impl Writer {
     fn apply(&mut self, job: Job) {
         let result = match job {
             Job::Put(key, meta) => {
-                if meta.disconnected_at.is_some() {
+                let offline = meta.disconnected_at.is_some();
+                if offline {
                     // Offline again: what is left of its backlog is queued, as stored,
                     // and found again at the next resume.
                     self.backlogs.remove(&key);
                 }
-                self.store.put_session(&key, meta).map(drop)
+                let was_offline = self.is_offline(&key);
+                let put = self.store.put_session(&key, meta).map(drop);
+                if offline && !was_offline {
+                    if let Some(taken) = self.store.session(&key).map(Taken::of) {
+                        self.tell_park(ParkEvent::Offline(key, taken));
+                    }
+                } else if !offline && was_offline {
+                    self.tell_park(ParkEvent::Gone(key));
+                }
+                put
             }
             Job::Remove(key) => {
                 self.carried.remove(&key);
                 self.backlogs.remove(&key);
+                self.tell_park(ParkEvent::Gone(key.clone()));
                 self.store.remove_session(&key).map(drop)
             }
             Job::Enqueue(targets, message) => {
@@ -640,6 +752,7 @@ impl Writer {
                 self.backlogs.remove(&key);
                 let taken = self.store.session(&key).map(Taken::of);
                 let _ = reply.send(taken);
+                self.tell_park(ParkEvent::Taken(key.clone()));
                 self.store.remove_session(&key).map(drop)
             }
             Job::Adopt(key, meta, messages) => {
@@ -670,20 +783,11 @@ impl Writer {
                     Err(e) => Err(e),
                 }
             }
-            Job::Snapshot(reply) => {
-                let all = self
-                    .store
-                    .sessions()
-                    .map(|s| (s.key.clone(), Taken::of(s)))
-                    .collect();
-                let _ = reply.send(all);
-                Ok(())
-            }
             Job::Late(key, messages, reply) => {
                 let _ = reply.send(self.add_late(&key, messages));
                 Ok(())
             }
-            Job::Commit(_) | Job::Stop(_) => Ok(()),
+            Job::Commit(_) | Job::ParkBarrier(_) | Job::ParkFinal(_) | Job::Stop(_) => Ok(()),
         };
         if let Err(e) = result {
             warn!(error = %e, "session store change failed");
@@ -697,8 +801,15 @@ impl Writer {
         key: &SessionKey,
         message: QueuedMessage,
     ) -> Result<Option<u64>, moatmq_store::StoreError> {
+        let parked = self.park.is_some() && self.is_offline(key);
+        let copy = parked.then(|| message.clone());
         Ok(match self.store.enqueue(key, message)? {
-            Enqueued::Queued(id) => Some(id),
+            Enqueued::Queued(id) => {
+                if let Some(copy) = copy {
+                    self.tell_park(ParkEvent::Queued(key.clone(), vec![(id, copy)]));
+                }
+                Some(id)
+            }
             Enqueued::DroppedMessages => {
                 self.dropped(key, "max_queued_messages");
                 None
@@ -866,6 +977,20 @@ impl Writer {
 
     fn dropped(&self, key: &SessionKey, limit: &'static str) {
         (self.on_drop)(key, limit);
+    }
+
+    /// Whether the session of `key` is kept here offline.
+    fn is_offline(&self, key: &SessionKey) -> bool {
+        self.store
+            .session(key)
+            .is_some_and(|s| s.meta.disconnected_at.is_some())
+    }
+
+    /// Reports `event` to the park task after the next successful commit.
+    fn tell_park(&mut self, event: ParkEvent) {
+        if self.park.is_some() {
+            self.unparked.push(event);
+        }
     }
 }
 

@@ -1,0 +1,334 @@
+//! The values of the handoff bucket `<base>_handoff` (docs/cluster.md, "Session
+//! handoff"): a session, postcard-encoded and sealed at its key (associated data: bucket
+//! and key). A session too large for one NATS message (the server's `max_payload`)
+//! brings the rest of its messages in parts at `<key>.<n>`, each sealed at its own key
+//! and naming the value's revision and its index, put before the value that names them.
+
+use super::owner::Buckets;
+use async_nats::jetstream::kv;
+use moatmq_store::{ClusterSeal, QueuedMessage, SessionKey, SessionMeta};
+use serde::{Deserialize, Serialize};
+
+/// A session's messages: `true` for one sent before without an acknowledgement.
+pub(super) type Messages = Vec<(QueuedMessage, bool)>;
+
+/// What one node hands another, at the session's key.
+#[derive(Serialize, Deserialize)]
+pub(super) struct Handoff {
+    /// The revision of the claim this answers: an older handoff is never taken.
+    pub(super) revision: u64,
+    /// Whose session it is; must be the claiming connection's.
+    pub(super) key: SessionKey,
+    /// `None`: the old node had nothing left (expired, or removed meanwhile).
+    pub(super) session: Option<(SessionMeta, Messages)>,
+    /// Values at `<key>.1` to `<key>.<parts>` holding the session's later messages.
+    pub(super) parts: u32,
+    /// The messages' ids in the writing node's store (ids only grow), this value's then
+    /// each part's; empty if unknown.
+    pub(super) ids: Vec<u64>,
+    /// Kept up to date by a running node for a session it keeps offline (`park.rs`):
+    /// taken only if that node does not hand the session over itself in time.
+    pub(super) live: bool,
+}
+
+/// A handoff as releases before parts wrote it: still read, so that sessions move
+/// both ways during a rolling upgrade.
+#[derive(Deserialize)]
+struct HandoffV1 {
+    revision: u64,
+    key: SessionKey,
+    session: Option<(SessionMeta, Messages)>,
+}
+
+/// More of a handoff's messages, at `<key>.<index>`, sealed for that key.
+#[derive(Serialize, Deserialize)]
+pub(super) struct Part {
+    /// The handoff's revision: a part left by another handoff of the session is refused.
+    pub(super) revision: u64,
+    pub(super) index: u32,
+    pub(super) messages: Messages,
+    pub(super) ids: Vec<u64>,
+}
+
+/// What a handoff value or part may take of `max_payload`: the rest is for sealing and
+/// the encoding's lengths.
+const PART_OVERHEAD: usize = 1024;
+
+/// The KV key of part `index` of the handoff at `kv_key`.
+pub(super) fn part_key(kv_key: &str, index: u32) -> String {
+    format!("{kv_key}.{index}")
+}
+
+/// Opens the handoff value at `kv_key` for the session `key`: it must open there (not
+/// altered, not moved from another key, this cluster's key) and hold that session. Its
+/// parts, if any, are read and checked the same way and their messages appended in
+/// order.
+pub(super) async fn open(
+    seal: &ClusterSeal,
+    buckets: &Buckets,
+    kv_key: &str,
+    value: &[u8],
+    key: &SessionKey,
+) -> Result<Handoff, String> {
+    let plain = seal
+        .open_handoff(&buckets.handoff_name, kv_key, value)
+        .map_err(|e| e.to_string())?;
+    let mut handoff = match postcard::from_bytes::<Handoff>(&plain) {
+        Ok(h) => h,
+        Err(e) => match postcard::from_bytes::<HandoffV1>(&plain) {
+            Ok(v1) => Handoff {
+                revision: v1.revision,
+                key: v1.key,
+                session: v1.session,
+                parts: 0,
+                ids: Vec::new(),
+                live: false,
+            },
+            Err(_) => return Err(e.to_string()),
+        },
+    };
+    if handoff.key != *key {
+        return Err("it holds another session".to_string());
+    }
+    for index in 1..=handoff.parts {
+        let part_key = part_key(kv_key, index);
+        let entry = match buckets.handoff.entry(&part_key).await {
+            Ok(Some(e)) if e.operation == kv::Operation::Put => e,
+            Ok(_) => return Err(format!("its part {index} is missing")),
+            Err(e) => return Err(format!("its part {index} cannot be read: {e}")),
+        };
+        let plain = seal
+            .open_handoff(&buckets.handoff_name, &part_key, &entry.value)
+            .map_err(|e| format!("its part {index}: {e}"))?;
+        let part = postcard::from_bytes::<Part>(&plain).map_err(|e| e.to_string())?;
+        if part.revision != handoff.revision || part.index != index {
+            return Err(format!("its part {index} belongs to another handoff"));
+        }
+        let Some((_, messages)) = &mut handoff.session else {
+            return Err("parts without a session".to_string());
+        };
+        messages.extend(part.messages);
+        handoff.ids.extend(part.ids);
+    }
+    Ok(handoff)
+}
+
+/// Taken: the value at `kv_key` up to `revision` leaves the bucket, with every part
+/// put before it, so nobody takes the session again; a newer handoff survives.
+pub(super) async fn remove(buckets: &Buckets, kv_key: &str, revision: u64) {
+    super::owner::remove_up_to(&buckets.handoff, kv_key, revision).await;
+    super::owner::remove_up_to(&buckets.handoff, &format!("{kv_key}.>"), revision).await;
+}
+
+/// Puts `handoff`, sealed, at `kv_key`: in one value if it fits in `max_payload`,
+/// otherwise its later messages in parts put first. Returns the value's revision.
+pub(super) async fn put(
+    seal: &ClusterSeal,
+    buckets: &Buckets,
+    kv_key: &str,
+    handoff: &Handoff,
+    max_payload: usize,
+) -> Result<u64, String> {
+    let budget = budget(max_payload);
+    let whole = postcard::to_allocvec(handoff).map_err(|e| e.to_string())?;
+    let head = if whole.len() <= budget {
+        whole
+    } else {
+        let (head, parts) = split(handoff, budget)?;
+        for part in &parts {
+            put_part(seal, buckets, kv_key, part).await?;
+        }
+        postcard::to_allocvec(&head).map_err(|e| e.to_string())?
+    };
+    put_value(seal, buckets, kv_key, &head).await
+}
+
+/// What a value or part may hold of `max_payload`.
+pub(super) fn budget(max_payload: usize) -> usize {
+    max_payload.saturating_sub(PART_OVERHEAD)
+}
+
+/// Puts `part` of the handoff at `kv_key`.
+pub(super) async fn put_part(
+    seal: &ClusterSeal,
+    buckets: &Buckets,
+    kv_key: &str,
+    part: &Part,
+) -> Result<u64, String> {
+    let plain = postcard::to_allocvec(part).map_err(|e| e.to_string())?;
+    put_value(seal, buckets, &part_key(kv_key, part.index), &plain).await
+}
+
+/// `handoff` as a value holding what of its messages fits in `budget` bytes, and parts
+/// of at most `budget` bytes each holding the rest, in order.
+fn split(handoff: &Handoff, budget: usize) -> Result<(Handoff, Vec<Part>), String> {
+    let Some((meta, messages)) = &handoff.session else {
+        return Err("an empty handoff larger than one NATS message".to_string());
+    };
+    let mut head = Handoff {
+        revision: handoff.revision,
+        key: handoff.key.clone(),
+        session: Some((meta.clone(), Vec::new())),
+        parts: 0,
+        ids: Vec::new(),
+        live: handoff.live,
+    };
+    let room = budget
+        .checked_sub(encoded_len(&head)?)
+        .ok_or("the session's subscriptions alone exceed one NATS message")?;
+    let mut runs = runs(messages.clone(), handoff.ids.clone(), room, budget)?.into_iter();
+    let (first, first_ids) = runs.next().unwrap_or_default();
+    head.session = Some((meta.clone(), first));
+    head.ids = first_ids;
+    let parts = runs
+        .enumerate()
+        .map(|(i, (messages, ids))| {
+            Ok(Part {
+                revision: handoff.revision,
+                index: u32::try_from(i + 1).map_err(|e| e.to_string())?,
+                messages,
+                ids,
+            })
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    head.parts = u32::try_from(parts.len()).map_err(|e| e.to_string())?;
+    Ok((head, parts))
+}
+
+/// `messages` (with their `ids`, if as many) in runs, in order: the first of at most
+/// `first_room` encoded bytes (possibly empty), each other of at most `budget`.
+pub(super) fn runs(
+    messages: Messages,
+    ids: Vec<u64>,
+    first_room: usize,
+    budget: usize,
+) -> Result<Vec<(Messages, Vec<u64>)>, String> {
+    let with_ids = ids.len() == messages.len();
+    let mut ids = ids.into_iter();
+    let mut runs: Vec<(Messages, Vec<u64>)> = vec![(Vec::new(), Vec::new())];
+    let mut room = first_room;
+    for message in messages {
+        let need = encoded_len(&message)? + 10;
+        if need > room {
+            if need > budget {
+                return Err("a queued message larger than one NATS message".to_string());
+            }
+            runs.push((Vec::new(), Vec::new()));
+            room = budget;
+        }
+        room -= need;
+        if let Some(run) = runs.last_mut() {
+            run.0.push(message);
+            if with_ids {
+                run.1.extend(ids.next());
+            }
+        }
+    }
+    Ok(runs)
+}
+
+/// The length of `value` postcard-encoded.
+pub(super) fn encoded_len<T: Serialize>(value: &T) -> Result<usize, String> {
+    postcard::to_allocvec(value)
+        .map(|v| v.len())
+        .map_err(|e| e.to_string())
+}
+
+/// Seals `plain` for `kv_key` and puts it there; returns its revision.
+pub(super) async fn put_value(
+    seal: &ClusterSeal,
+    buckets: &Buckets,
+    kv_key: &str,
+    plain: &[u8],
+) -> Result<u64, String> {
+    let value = seal
+        .seal_handoff(&buckets.handoff_name, kv_key, plain)
+        .map_err(|e| e.to_string())?;
+    buckets
+        .handoff
+        .put(kv_key, value.into())
+        .await
+        .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn handoff(sizes: &[usize]) -> Handoff {
+        let messages: Messages = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                let message = QueuedMessage {
+                    topic: format!("alice/{i}"),
+                    payload: vec![i as u8; n].into(),
+                    qos: 1,
+                    retain: false,
+                    properties: None,
+                    expires_at: None,
+                };
+                (message, i % 2 == 0)
+            })
+            .collect();
+        Handoff {
+            revision: 7,
+            key: SessionKey {
+                owner: Some("alice".into()),
+                client_id: "dev1".into(),
+            },
+            ids: (100..100 + messages.len() as u64).collect(),
+            session: Some((SessionMeta::default(), messages)),
+            parts: 0,
+            live: false,
+        }
+    }
+
+    #[test]
+    fn a_large_handoff_splits_into_parts_within_the_budget_in_order() {
+        let whole = handoff(&[300, 10, 700, 500, 900, 5, 5, 800]);
+        let (head, parts) = split(&whole, 1000).expect("split");
+        assert_eq!(head.parts as usize, parts.len());
+        assert!(parts.len() >= 3);
+        assert!(postcard::to_allocvec(&head).unwrap().len() <= 1000);
+        let mut joined = head.session.clone().unwrap().1;
+        let mut ids = head.ids.clone();
+        for (i, part) in parts.iter().enumerate() {
+            assert_eq!((part.revision, part.index as usize), (7, i + 1));
+            assert!(postcard::to_allocvec(part).unwrap().len() <= 1000);
+            joined.extend(part.messages.clone());
+            ids.extend(part.ids.clone());
+        }
+        assert_eq!(
+            joined,
+            whole.session.unwrap().1,
+            "every message once, in order"
+        );
+        assert_eq!(ids, whole.ids, "each with its id");
+    }
+
+    #[test]
+    fn a_message_larger_than_a_part_is_refused_not_dropped() {
+        assert!(split(&handoff(&[10, 2000]), 1000).is_err());
+    }
+
+    #[test]
+    fn a_handoff_from_a_release_without_parts_still_reads() {
+        #[derive(Serialize)]
+        struct Before {
+            revision: u64,
+            key: SessionKey,
+            session: Option<(SessionMeta, Messages)>,
+        }
+        let now = handoff(&[3, 4]);
+        let before = Before {
+            revision: now.revision,
+            key: now.key.clone(),
+            session: now.session.clone(),
+        };
+        let plain = postcard::to_allocvec(&before).unwrap();
+        assert!(postcard::from_bytes::<Handoff>(&plain).is_err());
+        let read = postcard::from_bytes::<HandoffV1>(&plain).unwrap();
+        assert_eq!(read.session, now.session);
+    }
+}

@@ -1,0 +1,397 @@
+//! Live parks (docs/cluster.md, "Session handoff"): while this node keeps a persistent
+//! session offline, it keeps the session parked in the handoff bucket too, at the
+//! revision of its own claim, marked live: the value at the session's key holds the
+//! session's meta and names its parts; the parts hold its messages, the first ones
+//! written when the session went offline here (or was restored at start-up), one more
+//! part for what each round of changes queued for it. A node that claims the session
+//! takes a live park only if this node does not hand the session over itself within
+//! [`HANDOFF_WAIT`](super::handoff::HANDOFF_WAIT) (`handoff::receive`): so a node killed
+//! or lost for good costs its offline sessions nothing that was parked.
+//!
+//! The session writer reports every change of its offline sessions in order
+//! ([`ParkEvent`]); this task writes them a round at a time, the sessions of a round
+//! concurrently. The commit waiters of a round (publishers held for the commit at
+//! `autosave_interval = 0`) are answered after the round's writes, so what they wait
+//! for is parked too; a round that fails answers them `false` (not acknowledged) and
+//! is tried again.
+
+use super::handoff_value::{self as value, Handoff, Messages, Part};
+use super::owner::Buckets;
+use crate::durable::{ParkEvent, Taken};
+use crate::router::router_client_id;
+use crate::shared::Shared;
+use futures_util::StreamExt;
+use moatmq_store::{QueuedMessage, SessionKey, SessionMeta};
+use std::collections::HashMap;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// Changes of a round, at most.
+const ROUND: usize = 4096;
+/// How long a round that failed waits before it is tried again.
+const RETRY: Duration = Duration::from_secs(1);
+/// Sessions written at once.
+const AT_ONCE: usize = 32;
+
+/// A session parked by this node.
+struct Parked {
+    key: SessionKey,
+    kv_key: String,
+    /// The revision of this node's claim, which the value names.
+    revision: u64,
+    meta: SessionMeta,
+    /// Parts written and named by the value.
+    parts: u32,
+    /// The revision of the value last written.
+    written: u64,
+}
+
+/// What is left to write of one session.
+#[derive(Default)]
+struct Pending {
+    /// Park it anew with these.
+    fresh: Option<(SessionMeta, Messages, Vec<u64>)>,
+    /// Add these messages (with their ids).
+    append: Vec<(u64, QueuedMessage)>,
+    /// It left this node's offline sessions: remove its park.
+    gone: bool,
+}
+
+impl Pending {
+    fn apply(&mut self, event: Change) {
+        match event {
+            Change::Offline(taken) => {
+                *self = Pending {
+                    fresh: Some((taken.meta, taken.messages, taken.ids)),
+                    ..Pending::default()
+                };
+            }
+            Change::Queued(messages) => match &mut self.fresh {
+                Some((_, fresh, ids)) => {
+                    for (id, m) in messages {
+                        fresh.push((m, false));
+                        ids.push(id);
+                    }
+                }
+                None => self.append.extend(messages),
+            },
+            Change::Gone => {
+                *self = Pending {
+                    gone: true,
+                    ..Pending::default()
+                };
+            }
+        }
+    }
+}
+
+enum Change {
+    Offline(Taken),
+    Queued(Vec<(u64, QueuedMessage)>),
+    Gone,
+}
+
+/// Writes the live parks of this node's offline sessions from `feed` until it closes
+/// or [`ParkEvent::Final`] ends it.
+pub async fn run(shared: Weak<Shared>, mut feed: mpsc::UnboundedReceiver<ParkEvent>) {
+    let Some(mut buckets_changed) = shared
+        .upgrade()
+        .and_then(|s| s.cluster.as_ref().map(|c| c.owners.buckets_changes()))
+    else {
+        return;
+    };
+    let mut parked: HashMap<SessionKey, Parked> = HashMap::new();
+    let mut pending: HashMap<SessionKey, Pending> = HashMap::new();
+    loop {
+        // The next change, or (`None`) a retry of what failed.
+        let first = if pending.is_empty() {
+            match feed.recv().await {
+                Some(event) => Some(event),
+                None => return,
+            }
+        } else {
+            match tokio::time::timeout(RETRY, feed.recv()).await {
+                Ok(Some(event)) => Some(event),
+                Ok(None) => return,
+                Err(_) => None,
+            }
+        };
+        let mut waiters = Vec::new();
+        let mut barriers = Vec::new();
+        let mut last = None;
+        let mut next = first;
+        let mut taken = 0;
+        while let Some(event) = next.take() {
+            taken += 1;
+            match event {
+                ParkEvent::Offline(key, t) => {
+                    pending.entry(key).or_default().apply(Change::Offline(t));
+                }
+                ParkEvent::Queued(key, m) => {
+                    pending.entry(key).or_default().apply(Change::Queued(m));
+                }
+                ParkEvent::Gone(key) => pending.entry(key).or_default().apply(Change::Gone),
+                ParkEvent::Taken(key) => {
+                    // Handed over by `handoff::give`, which writes over the park.
+                    pending.remove(&key);
+                    parked.remove(&key);
+                }
+                ParkEvent::Committed(w, ok) => waiters.push((w, ok)),
+                ParkEvent::Barrier(b) => barriers.push(b),
+                ParkEvent::Final(reply) => last = Some(reply),
+            }
+            if last.is_some() || taken >= ROUND {
+                break;
+            }
+            next = feed.try_recv().ok();
+        }
+        // Without NATS nothing is written: the round waits (publishers held for their
+        // commit at `autosave_interval = 0` are held for NATS anyway in a cluster).
+        let buckets = loop {
+            if let Some(b) = buckets_changed.borrow_and_update().clone() {
+                break Some(b);
+            }
+            if last.is_some() {
+                break None;
+            }
+            if buckets_changed.changed().await.is_err() {
+                return;
+            }
+        };
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let ok = match &buckets {
+            Some(buckets) => round(&shared, buckets, &mut parked, &mut pending).await,
+            None => false,
+        };
+        for (w, committed) in waiters {
+            for w in w {
+                let _ = w.send(committed && ok);
+            }
+        }
+        for b in barriers {
+            let _ = b.send(());
+        }
+        if let Some(reply) = last {
+            let n = match &buckets {
+                Some(buckets) => finish(&shared, buckets, &parked).await,
+                None => 0,
+            };
+            let _ = reply.send(n);
+            return;
+        }
+    }
+}
+
+/// Writes what is pending, the sessions concurrently; `false` if any write failed (it
+/// stays pending).
+async fn round(
+    shared: &Arc<Shared>,
+    buckets: &Buckets,
+    parked: &mut HashMap<SessionKey, Parked>,
+    pending: &mut HashMap<SessionKey, Pending>,
+) -> bool {
+    let work: Vec<(SessionKey, Pending, Option<Parked>)> = pending
+        .drain()
+        .map(|(key, p)| {
+            let was = parked.remove(&key);
+            (key, p, was)
+        })
+        .collect();
+    let done: Vec<(SessionKey, Written)> = futures_util::stream::iter(work)
+        .map(|(key, p, was)| {
+            // Owned: the futures are polled together, apart from this frame.
+            let (shared, buckets) = (shared.clone(), buckets.clone());
+            async move {
+                let result = write(&shared, &buckets, &key, p, was).await;
+                (key, result)
+            }
+        })
+        .buffer_unordered(AT_ONCE)
+        .collect()
+        .await;
+    let mut ok = true;
+    for (key, result) in done {
+        match result {
+            Ok(Some(p)) => {
+                parked.insert(key, p);
+            }
+            Ok(None) => {}
+            Err((p, was)) => {
+                ok = false;
+                if let Some(was) = was {
+                    parked.insert(key.clone(), was);
+                }
+                pending.insert(key, p);
+            }
+        }
+    }
+    ok
+}
+
+/// What [`write`] made of a session: its park now, or what to try again (and its park
+/// as it was).
+type Written = Result<Option<Parked>, (Pending, Option<Parked>)>;
+
+/// Writes what is pending of the session `key`, parked as `was` (if it is): its park
+/// now, or what to try again.
+async fn write(
+    shared: &Shared,
+    buckets: &Buckets,
+    key: &SessionKey,
+    mut p: Pending,
+    was: Option<Parked>,
+) -> Written {
+    let Some(cluster) = &shared.cluster else {
+        return Ok(None);
+    };
+    let seal = cluster.owners.seal();
+    let budget = value::budget(cluster.max_payload());
+    if p.gone {
+        if let Some(was) = was {
+            value::remove(buckets, &was.kv_key, was.written).await;
+        }
+        return Ok(None);
+    }
+    let mut now = was;
+    if let Some((meta, messages, ids)) = p.fresh.take() {
+        let router_id = router_client_id(key.owner.as_deref(), &key.client_id);
+        // Parked at this node's claim; a session another node claimed meanwhile is
+        // handed over (`handoff.rs`), not parked.
+        let Some(revision) = cluster.owners.claimed_here(&router_id).await else {
+            return Ok(None);
+        };
+        let fresh = Parked {
+            key: key.clone(),
+            kv_key: seal.session_key_of(&router_id),
+            revision,
+            meta,
+            parts: 0,
+            written: 0,
+        };
+        match extend(shared, buckets, budget, fresh, messages, ids).await {
+            Ok(parked) => now = Some(parked),
+            Err((parked, messages, ids)) => {
+                p.fresh = Some((parked.meta, messages, ids));
+                return Err((p, None));
+            }
+        }
+    }
+    if !p.append.is_empty() {
+        let Some(parked) = now else {
+            // Not parked here (another node's claim): nothing to add to.
+            return Ok(None);
+        };
+        let (ids, messages): (Vec<u64>, Messages) =
+            p.append.drain(..).map(|(id, m)| (id, (m, false))).unzip();
+        match extend(shared, buckets, budget, parked, messages, ids).await {
+            Ok(parked) => now = Some(parked),
+            Err((parked, messages, ids)) => {
+                p.append = ids
+                    .into_iter()
+                    .zip(messages)
+                    .map(|(id, (m, _))| (id, m))
+                    .collect();
+                return Err((p, Some(parked)));
+            }
+        }
+    }
+    Ok(now)
+}
+
+/// Adds `messages` to the park in new parts, then writes the value naming them. On a
+/// failure the park is as it was (parts written are named by no value yet).
+async fn extend(
+    shared: &Shared,
+    buckets: &Buckets,
+    budget: usize,
+    parked: Parked,
+    messages: Messages,
+    ids: Vec<u64>,
+) -> Result<Parked, (Parked, Messages, Vec<u64>)> {
+    let Some(cluster) = &shared.cluster else {
+        return Err((parked, messages, ids));
+    };
+    let seal = cluster.owners.seal();
+    let runs = match value::runs(messages.clone(), ids.clone(), 0, budget) {
+        Ok(runs) => runs,
+        Err(e) => {
+            tracing::warn!("cluster: session not parked: {e}");
+            return Err((parked, messages, ids));
+        }
+    };
+    let mut parts = parked.parts;
+    for (run, run_ids) in runs.into_iter().filter(|(m, _)| !m.is_empty()) {
+        parts += 1;
+        let part = Part {
+            revision: parked.revision,
+            index: parts,
+            messages: run,
+            ids: run_ids,
+        };
+        if let Err(e) = value::put_part(seal, buckets, &parked.kv_key, &part).await {
+            tracing::debug!("cluster: session park not written: {e}");
+            return Err((parked, messages, ids));
+        }
+    }
+    if parts == parked.parts && parked.written != 0 {
+        return Ok(parked);
+    }
+    let head = head(&parked, parts, true);
+    match value::put(seal, buckets, &parked.kv_key, &head, cluster.max_payload()).await {
+        Ok(written) => Ok(Parked {
+            parts,
+            written,
+            ..parked
+        }),
+        Err(e) => {
+            tracing::debug!("cluster: session park not written: {e}");
+            Err((parked, messages, ids))
+        }
+    }
+}
+
+/// The value of `parked` naming `parts` parts.
+fn head(parked: &Parked, parts: u32, live: bool) -> Handoff {
+    Handoff {
+        revision: parked.revision,
+        key: parked.key.clone(),
+        session: Some((parked.meta.clone(), Vec::new())),
+        parts,
+        ids: Vec::new(),
+        live,
+    }
+}
+
+/// At shutdown: every park is marked final (not live), so a node claiming one of these
+/// sessions while this node is stopped takes it at once. Returns how many.
+async fn finish(
+    shared: &Arc<Shared>,
+    buckets: &Buckets,
+    parked: &HashMap<SessionKey, Parked>,
+) -> usize {
+    let finals: Vec<(String, Handoff)> = parked
+        .values()
+        .map(|p| (p.kv_key.clone(), head(p, p.parts, false)))
+        .collect();
+    futures_util::stream::iter(finals)
+        .map(|(kv_key, head)| {
+            let (shared, buckets) = (shared.clone(), buckets.clone());
+            async move {
+                let Some(cluster) = &shared.cluster else {
+                    return false;
+                };
+                let seal = cluster.owners.seal();
+                value::put(seal, &buckets, &kv_key, &head, cluster.max_payload())
+                    .await
+                    .map_err(|e| tracing::warn!("cluster: session not parked: {e}"))
+                    .is_ok()
+            }
+        })
+        .buffer_unordered(AT_ONCE)
+        .filter(|ok| std::future::ready(*ok))
+        .count()
+        .await
+}
