@@ -412,3 +412,51 @@ async fn kill_9_of_an_offline_subscribers_node_loses_nothing_once_it_is_back() {
     );
     eprintln!("{} received ({twice} twice)", got.len());
 }
+
+/// The same with node A lost for good (its disk gone: it never comes back): the
+/// subscriber's session resumes on node B from what node A had parked in NATS, and node
+/// B reads on node A's behalf what node A's transfer consumer still held for it (what
+/// node A had not acknowledged, and everything published after it died). Every message
+/// node B acknowledged reaches the subscriber, none from node A's store.
+#[tokio::test]
+async fn kill_9_of_an_offline_subscribers_node_loses_nothing_even_if_it_never_comes_back() {
+    const N: usize = 900;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("cluster.key");
+    moatmq_store::RetainedKey::write_new(&key).unwrap();
+    let nats = Nats::single(dir.path());
+    let servers = [nats.url(0)];
+    let node = |name: &str| {
+        start_node_in(
+            dir.path(),
+            &key,
+            name,
+            &servers,
+            "autosave_interval = 0\n",
+            "",
+        )
+    };
+    let a = node("node-a");
+    let b = node("node-b");
+
+    let mut sub = persistent_ready(&a, "sink").await;
+    sub.subscribe_acked("kill/#").await;
+    sub.client.disconnect().await.unwrap();
+    sub.closed_within(READY).await;
+    let mut publ = connect_ready(&b, "source").await;
+    let acked = publish_killing(&mut publ, N, N / 3, a).await;
+    assert_eq!(acked.len(), N, "node B acknowledged every message");
+
+    let mut sub = persistent_ready(&b, "sink").await;
+    assert!(sub.connack.session_present, "resumed from node A's park");
+    let (got, twice) = receive_until(&mut sub, &acked, Duration::from_secs(10)).await;
+    let lost: Vec<usize> = acked.difference(&got).copied().collect();
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged messages lost (first {:?})\nnode B:\n{}",
+        lost.len(),
+        &lost[..lost.len().min(10)],
+        b.log()
+    );
+    eprintln!("{} received ({twice} twice)", got.len());
+}

@@ -174,7 +174,16 @@ pub async fn receive(
             parked = true;
             continue;
         }
-        return install(shared, claim, router_id, key, handoff, entry.revision).await;
+        return install(
+            shared,
+            claim,
+            router_id,
+            key,
+            handoff,
+            entry.revision,
+            false,
+        )
+        .await;
     }
     if parked {
         // Read again: the park may have grown since the watch delivered it.
@@ -192,9 +201,9 @@ pub async fn receive(
                         client_id = %key.client_id,
                         "cluster: the session's previous node did not hand it over in time; resuming what it parked (what it kept beyond is taken if it hands it over later)"
                     );
-                    return match install(shared, claim, router_id, key, handoff, entry.revision)
-                        .await
-                    {
+                    let installed =
+                        install(shared, claim, router_id, key, handoff, entry.revision, true).await;
+                    return match installed {
                         Received::Installed => Received::Parked(through),
                         other => other,
                     };
@@ -212,7 +221,9 @@ pub async fn receive(
 }
 
 /// Installs the session `handoff` brought (value at revision `revision`): stored here
-/// and committed, then removed from the bucket, subscribed in the router.
+/// and committed, then removed from the bucket, subscribed in the router. From the
+/// live park of a node that did not answer (`parked`), what that node left unread in
+/// the transfer stream for the session is added (`unread.rs`).
 async fn install(
     shared: &Shared,
     claim: &OwnerClaim,
@@ -220,6 +231,7 @@ async fn install(
     key: &SessionKey,
     mut handoff: Handoff,
     revision: u64,
+    parked: bool,
 ) -> Received {
     let buckets = &claim.buckets;
     // Stored here before it leaves the bucket: a crash in between loses nothing.
@@ -247,6 +259,36 @@ async fn install(
     }
     if shared.sessions.resume(router_id, owner, usize::MAX).is_ok() {
         shared.sessions.save(router_id, &meta.subscriptions);
+    }
+    if let (true, Some(node), Some(cluster), Some(book)) = (
+        parked,
+        claim.previous.as_deref(),
+        &shared.cluster,
+        &shared.durable,
+    ) {
+        // Subscribed here now: what the stream gets from here on comes through this
+        // node's own consumer.
+        let unread = super::unread::read(super::unread::ReadFor {
+            seal: cluster.owners.seal(),
+            buckets,
+            prefix: &cluster.prefix,
+            node,
+            key,
+            meta: &meta,
+            queue_qos0: book.queues_qos0(),
+            max_topic_levels: shared.config.limits.max_topic_levels,
+        })
+        .await;
+        if !unread.is_empty() {
+            tracing::info!(
+                client_id = %key.client_id,
+                node,
+                messages = unread.len(),
+                "cluster: messages the previous node left unread added to the session"
+            );
+            // Replayed by the resume that follows, as carried over.
+            let _ = book.late(key, unread).await;
+        }
     }
     Received::Installed
 }

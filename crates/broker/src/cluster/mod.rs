@@ -29,6 +29,7 @@ pub(crate) mod park;
 mod properties;
 mod state;
 mod subject;
+mod unread;
 pub(crate) mod xfer;
 
 pub(crate) use groups::Groups;

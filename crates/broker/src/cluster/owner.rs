@@ -90,6 +90,8 @@ pub struct Buckets {
     pub handoff: kv::Store,
     /// The handoff bucket's name (bound into its values).
     pub handoff_name: String,
+    /// JetStream, as the buckets were set up with.
+    pub js: jetstream::Context,
 }
 
 /// A connection's claim of its session; dropping it stops watching for a takeover (the
@@ -109,6 +111,8 @@ pub struct OwnerClaim {
     /// The value this claim replaced named another node holding a persistent session:
     /// that node hands it over.
     pub from_elsewhere: bool,
+    /// That node's name.
+    pub previous: Option<String>,
     /// The buckets the claim was made in.
     pub buckets: Buckets,
 }
@@ -238,18 +242,24 @@ impl Owners {
         let mut revision = None;
         let mut from_elsewhere = false;
         let mut replaced = None;
+        let mut previous = None;
         for _ in 0..CLAIM_TRIES {
             let current = store
                 .entry(key.clone())
                 .await
                 .map_err(|e| ClaimFailed(format!("reading {}: {e}", inner.bucket_name)))?;
-            from_elsewhere = current.as_ref().is_some_and(|entry| {
-                entry.operation == kv::Operation::Put
-                    && inner
+            previous = current
+                .as_ref()
+                .filter(|entry| entry.operation == kv::Operation::Put)
+                .and_then(|entry| {
+                    inner
                         .seal
                         .open_owner(&inner.bucket_name, &entry.key, &entry.value)
-                        .is_ok_and(|o| o.node != inner.node && o.persistent)
-            });
+                        .ok()
+                })
+                .filter(|o| o.node != inner.node && o.persistent)
+                .map(|o| o.node);
+            from_elsewhere = previous.is_some();
             replaced = current
                 .as_ref()
                 .filter(|_| from_elsewhere)
@@ -297,6 +307,7 @@ impl Owners {
             moved,
             revision,
             replaced,
+            previous,
             from_elsewhere,
             buckets: buckets.clone(),
         };
@@ -509,6 +520,7 @@ async fn run(
                 owner,
                 handoff,
                 handoff_name: handoff_name.clone(),
+                js: js.clone(),
             }),
             (Err(why), _) | (_, Err(why)) => Err(why),
         };

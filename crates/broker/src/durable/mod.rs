@@ -295,6 +295,11 @@ impl SessionBook {
         }
     }
 
+    /// Whether QoS 0 messages are queued for offline sessions (`queue_qos0_messages`).
+    pub fn queues_qos0(&self) -> bool {
+        self.queue_qos0
+    }
+
     /// Whether publishes must wait for [`SessionBook::commit`] before their
     /// acknowledgement (`autosave_interval = 0`).
     pub fn is_sync(&self) -> bool {

@@ -1,0 +1,195 @@
+//! What a node that did not answer left unread for a session resumed from its park
+//! (docs/cluster.md, "Session handoff"): messages other nodes published for the session
+//! reach its node through that node's consumer of the transfer stream, which matches
+//! them against the session's subscriptions there. What that node had not acknowledged
+//! when it died is still in the stream, read by nobody; the node resuming the session
+//! reads it on the dead node's behalf, from the consumer's acknowledgement floor to the
+//! stream's end (its own subscriptions for the session are in place by then), and adds
+//! what matches to the session.
+
+use super::owner::Buckets;
+use super::xfer;
+use crate::retained::from_router_properties;
+use futures_util::StreamExt;
+use moatmq_store::{ClusterSeal, QueuedMessage, SessionKey, SessionMeta};
+use std::time::Duration;
+
+/// How long a resume reads on a dead node's behalf, at most.
+const READ_WAIT: Duration = Duration::from_secs(10);
+
+/// Where to read and what for.
+pub struct ReadFor<'a> {
+    pub seal: &'a ClusterSeal,
+    pub buckets: &'a Buckets,
+    pub prefix: &'a str,
+    /// The node that did not answer (its consumer is named after it).
+    pub node: &'a str,
+    pub key: &'a SessionKey,
+    pub meta: &'a SessionMeta,
+    pub queue_qos0: bool,
+    pub max_topic_levels: usize,
+}
+
+/// The messages of other nodes in the transfer stream after `node`'s acknowledgement
+/// floor that match the session's subscriptions (shared ones aside: their groups have
+/// consumers of their own), at the QoS granted, their expiry counted down by their time
+/// in the stream, in order. Empty if the node's consumer is gone (removed after the
+/// stream's `transfer_max_age` without the node) or cannot be read.
+pub async fn read(r: ReadFor<'_>) -> Vec<(QueuedMessage, bool)> {
+    let stream_name = xfer::stream_name(r.prefix);
+    let js = &r.buckets.js;
+    let consumer: Result<async_nats::jetstream::consumer::PullConsumer, _> =
+        js.get_consumer_from_stream(r.node, &stream_name).await;
+    let mut consumer = match consumer {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!("cluster: no transfer consumer of {} to read: {e}", r.node);
+            return Vec::new();
+        }
+    };
+    let from = match consumer.info().await {
+        Ok(info) => info.ack_floor.stream_sequence + 1,
+        Err(e) => {
+            tracing::warn!("cluster: transfer consumer of {} not read: {e}", r.node);
+            return Vec::new();
+        }
+    };
+    let mut stream = match js.get_stream(&stream_name).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("cluster: transfer stream not read: {e}");
+            return Vec::new();
+        }
+    };
+    let last = match stream.info().await {
+        Ok(info) => info.state.last_sequence,
+        Err(e) => {
+            tracing::warn!("cluster: transfer stream not read: {e}");
+            return Vec::new();
+        }
+    };
+    if from > last {
+        return Vec::new();
+    }
+    let reader = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+            deliver_policy: async_nats::jetstream::consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: from,
+            },
+            ..Default::default()
+        })
+        .await;
+    let mut messages = match reader {
+        Ok(reader) => match reader.messages().await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!("cluster: transfer stream not read: {e}");
+                return Vec::new();
+            }
+        },
+        Err(e) => {
+            tracing::warn!("cluster: transfer stream not read: {e}");
+            return Vec::new();
+        }
+    };
+    let own_subject = format!("{stream_name}.{}", r.node);
+    let deadline = tokio::time::Instant::now() + READ_WAIT;
+    let mut found = Vec::new();
+    loop {
+        let message = match tokio::time::timeout_at(deadline, messages.next()).await {
+            Ok(Some(Ok(m))) => m,
+            Ok(Some(Err(e))) => {
+                tracing::warn!("cluster: transfer stream read cut short: {e}");
+                break;
+            }
+            Ok(None) => break,
+            Err(_) => {
+                tracing::warn!(
+                    node = r.node,
+                    "cluster: reading the transfer stream on a dead node's behalf took too long; the rest is lost for the session"
+                );
+                break;
+            }
+        };
+        let Ok(info) = message.info() else {
+            continue;
+        };
+        let sequence = info.stream_sequence;
+        if sequence > last {
+            break;
+        }
+        // Its own publishes it matched itself, before forwarding: in its park if it
+        // acknowledged them.
+        if message.subject.as_str() == own_subject {
+            if sequence == last {
+                break;
+            }
+            continue;
+        }
+        if let Some(m) = matching(&r, &stream_name, &message) {
+            found.push((m, false));
+        }
+        if sequence == last {
+            break;
+        }
+    }
+    found
+}
+
+/// `message` as queued for the session, if one of its subscriptions takes it.
+fn matching(
+    r: &ReadFor<'_>,
+    stream_name: &str,
+    message: &async_nats::jetstream::Message,
+) -> Option<QueuedMessage> {
+    let id = xfer::message_id(message);
+    let (envelope, payload) = match xfer::open_any(
+        r.seal,
+        stream_name,
+        message.subject.as_str(),
+        id.as_deref(),
+        &message.payload,
+    ) {
+        Ok(opened) => opened,
+        Err(e) => {
+            tracing::debug!("cluster: transfer message not taken on a dead node's behalf: {e:?}");
+            return None;
+        }
+    };
+    let topic = envelope.topic.as_str();
+    if !crate::topic::valid_topic_name(topic, r.max_topic_levels) || topic.starts_with('$') {
+        return None;
+    }
+    let own = envelope.client == r.key.client_id && envelope.user == r.key.owner;
+    let granted = r
+        .meta
+        .subscriptions
+        .iter()
+        .filter(|(filter, options)| {
+            let shared = filter.starts_with("$share/");
+            let skipped = options.no_local && own;
+            !shared && !skipped && moatmq_acl::topic_matches_filter(filter, topic)
+        })
+        .map(|(_, options)| options.qos.min(envelope.qos))
+        .max()?;
+    if granted == 0 && !r.queue_qos0 {
+        return None;
+    }
+    let props = xfer::properties_now(
+        envelope.properties.as_deref(),
+        xfer::time_in_stream(message),
+    )
+    .ok()?;
+    let expires_at = props
+        .as_ref()
+        .and_then(|p| p.message_expiry_interval)
+        .map(|secs| moatmq_store::now_unix() + u64::from(secs));
+    Some(QueuedMessage {
+        topic: envelope.topic.clone(),
+        payload,
+        qos: granted,
+        retain: false,
+        properties: props.map(|p| Box::new(from_router_properties(Some(&p)))),
+        expires_at,
+    })
+}
