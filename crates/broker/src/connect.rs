@@ -378,19 +378,15 @@ async fn login(
             let received =
                 crate::cluster::handoff::receive(&shared, seal, claim, &router_id, &session_key)
                     .await;
-            let parked_through = match received {
+            let parked = match received {
                 crate::cluster::handoff::Received::TimedOut => Some(None),
-                crate::cluster::handoff::Received::Parked(through) => Some(Some(through)),
+                crate::cluster::handoff::Received::Parked(parked) => Some(Some(parked)),
                 _ => None,
             };
-            if let (Some(parked_through), Some(_)) = (parked_through, &shared.durable) {
-                cluster.late.wait(
-                    &claim.key,
-                    &router_id,
-                    &session_key,
-                    claim.revision,
-                    parked_through,
-                );
+            if let (Some(parked), Some(_)) = (parked, &shared.durable) {
+                cluster
+                    .late
+                    .wait(&claim.key, &router_id, &session_key, claim.revision, parked);
             }
         }
     }

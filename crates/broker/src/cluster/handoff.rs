@@ -15,6 +15,7 @@
 //! counted; after the wait B starts the session new (session present 0).
 
 use super::handoff_value::{self as value, Handoff};
+use super::late_waits::{ParkedResume, ReadOnBehalf};
 use super::owner::{Buckets, OwnerClaim};
 use crate::router::router_client_id;
 use crate::shared::Shared;
@@ -30,17 +31,17 @@ use tokio::sync::mpsc;
 pub const HANDOFF_WAIT: Duration = Duration::from_secs(3);
 
 /// What [`receive`] got.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Received {
     /// The session was handed over and installed here.
     Installed,
     /// Nothing to install: the old node had nothing left, or it could not be installed.
     Nothing,
     /// The old node did not answer within [`HANDOFF_WAIT`] (dead, or cut off), and
-    /// what it last parked of the session while it ran (`park.rs`) was installed:
-    /// messages up to this id in that node's store. What it kept beyond may still come
-    /// later (`late.rs`).
-    Parked(u64),
+    /// what it last parked of the session while it ran (`park.rs`) was installed,
+    /// with what it left unread in the transfer stream (`unread.rs`). What it kept
+    /// beyond may still come later (`late.rs`).
+    Parked(ParkedResume),
     /// The old node did not answer within [`HANDOFF_WAIT`] (dead, or cut off) and had
     /// parked nothing: the session starts new, and what that node kept may still come
     /// later (`late.rs`).
@@ -174,16 +175,7 @@ pub async fn receive(
             parked = true;
             continue;
         }
-        return install(
-            shared,
-            claim,
-            router_id,
-            key,
-            handoff,
-            entry.revision,
-            false,
-        )
-        .await;
+        return install(shared, claim, router_id, key, handoff, entry.revision, None).await;
     }
     if parked {
         // Read again: the park may have grown since the watch delivered it.
@@ -201,12 +193,17 @@ pub async fn receive(
                         client_id = %key.client_id,
                         "cluster: the session's previous node did not hand it over in time; resuming what it parked (what it kept beyond is taken if it hands it over later)"
                     );
-                    let installed =
-                        install(shared, claim, router_id, key, handoff, entry.revision, true).await;
-                    return match installed {
-                        Received::Installed => Received::Parked(through),
-                        other => other,
-                    };
+                    let revision = entry.revision;
+                    return install(
+                        shared,
+                        claim,
+                        router_id,
+                        key,
+                        handoff,
+                        revision,
+                        Some(through),
+                    )
+                    .await;
                 }
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "cluster: parked session not taken"),
@@ -222,8 +219,9 @@ pub async fn receive(
 
 /// Installs the session `handoff` brought (value at revision `revision`): stored here
 /// and committed, then removed from the bucket, subscribed in the router. From the
-/// live park of a node that did not answer (`parked`), what that node left unread in
-/// the transfer stream for the session is added (`unread.rs`).
+/// live park of a node that did not answer (holding its messages up to id
+/// `parked_through`), what that node left unread in the transfer stream for the
+/// session is added (`unread.rs`): [`Received::Parked`].
 async fn install(
     shared: &Shared,
     claim: &OwnerClaim,
@@ -231,7 +229,7 @@ async fn install(
     key: &SessionKey,
     mut handoff: Handoff,
     revision: u64,
-    parked: bool,
+    parked_through: Option<u64>,
 ) -> Received {
     let buckets = &claim.buckets;
     // Stored here before it leaves the bucket: a crash in between loses nothing.
@@ -260,12 +258,13 @@ async fn install(
     if shared.sessions.resume(router_id, owner, usize::MAX).is_ok() {
         shared.sessions.save(router_id, &meta.subscriptions);
     }
-    if let (true, Some(node), Some(cluster), Some(book)) = (
-        parked,
-        claim.previous.as_deref(),
-        &shared.cluster,
-        &shared.durable,
-    ) {
+    let Some(through) = parked_through else {
+        return Received::Installed;
+    };
+    let mut read = ReadOnBehalf::default();
+    if let (Some(node), Some(cluster), Some(book)) =
+        (claim.previous.as_deref(), &shared.cluster, &shared.durable)
+    {
         // Subscribed here now: what the stream gets from here on comes through this
         // node's own consumer.
         let unread = super::unread::read(super::unread::ReadFor {
@@ -286,11 +285,12 @@ async fn install(
                 messages = unread.len(),
                 "cluster: messages the previous node left unread added to the session"
             );
+            read = ReadOnBehalf::of(unread.iter().map(|(m, _)| m));
             // Replayed by the resume that follows, as carried over.
             let _ = book.late(key, unread).await;
         }
     }
-    Received::Installed
+    Received::Parked(ParkedResume { through, read })
 }
 
 /// A connection of the persistent session `key` ended on this node (the caller still

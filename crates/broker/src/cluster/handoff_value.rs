@@ -251,6 +251,25 @@ pub(super) async fn put_value(
         .map_err(|e| e.to_string())
 }
 
+/// Puts `plain`, sealed, at `kv_key` only if the key's value is still the one at
+/// `revision` (nobody took or replaced it meanwhile).
+pub(super) async fn update_value(
+    seal: &ClusterSeal,
+    buckets: &Buckets,
+    kv_key: &str,
+    plain: &[u8],
+    revision: u64,
+) -> Result<u64, String> {
+    let value = seal
+        .seal_handoff(&buckets.handoff_name, kv_key, plain)
+        .map_err(|e| e.to_string())?;
+    buckets
+        .handoff
+        .update(kv_key, value.into(), revision)
+        .await
+        .map_err(|e| e.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

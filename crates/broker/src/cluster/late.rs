@@ -88,7 +88,7 @@ async fn take(shared: &Shared, buckets: &Buckets, entry: async_nats::jetstream::
     if entry.operation != async_nats::jetstream::kv::Operation::Put {
         return;
     }
-    let Some(waiting) = cluster.late.take(&entry.key) else {
+    let Some(mut waiting) = cluster.late.take(&entry.key) else {
         return;
     };
     let opened = value::open(
@@ -128,12 +128,14 @@ async fn take(shared: &Shared, buckets: &Buckets, entry: async_nats::jetstream::
         value::remove(buckets, &entry.key, entry.revision).await;
         return;
     };
-    if let Some(through) = waiting.parked_through {
-        // What the node's live park brought at the claim is here already.
+    if let Some(parked) = waiting.parked.as_mut() {
+        // What the node's live park brought at the claim is here already, and what was
+        // read on its behalf from its transfer consumer.
         if handed.ids.len() == messages.len() {
             let mut ids = handed.ids.iter();
-            messages.retain(|_| ids.next().is_some_and(|&id| id > through));
+            messages.retain(|_| ids.next().is_some_and(|&id| id > parked.through));
         }
+        messages.retain(|(m, _)| !parked.read.take(m));
     }
     let count = messages.len();
     let replay = book.late(&waiting.key, messages).await;

@@ -1,8 +1,9 @@
 //! The sessions of this node waiting for a late handoff (`late.rs`): kept apart from
 //! the task that takes them, which needs the broker's shared state.
 
-use moatmq_store::SessionKey;
+use moatmq_store::{QueuedMessage, SessionKey};
 use std::collections::HashMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -23,23 +24,71 @@ pub(super) struct Waiting {
     pub(super) key: SessionKey,
     /// The revision of this node's claim: a handoff for an older claim is not taken.
     pub(super) revision: u64,
-    /// The session was resumed from the old node's live park (`park.rs`) holding its
-    /// messages up to this id: those are left out of a late handoff.
-    pub(super) parked_through: Option<u64>,
+    /// The session was resumed from the old node's live park (`park.rs`): what that
+    /// brought is left out of a late handoff.
+    pub(super) parked: Option<ParkedResume>,
     until: Instant,
+}
+
+/// A session resumed from its old node's live park.
+#[derive(Debug)]
+pub struct ParkedResume {
+    /// The park held the old node's messages up to this id in its store.
+    pub through: u64,
+    /// What was read on the old node's behalf from its transfer consumer (`unread.rs`).
+    pub read: ReadOnBehalf,
+}
+
+/// The messages read on a node's behalf, by digest of topic and payload, counted: the
+/// same messages reach that node through its consumer when it comes back, and are then
+/// in its late handoff beyond its park, under ids of its own store. Each one read
+/// leaves one equal message out of the handoff (two equal messages published are two
+/// read, and two in the handoff).
+#[derive(Debug, Default)]
+pub struct ReadOnBehalf {
+    counts: HashMap<u64, u32>,
+}
+
+impl ReadOnBehalf {
+    pub fn of<'a>(messages: impl Iterator<Item = &'a QueuedMessage>) -> Self {
+        let mut read = Self::default();
+        for m in messages {
+            *read.counts.entry(digest(m)).or_default() += 1;
+        }
+        read
+    }
+
+    /// Whether `m` was read already (and counts it off).
+    pub(super) fn take(&mut self, m: &QueuedMessage) -> bool {
+        match self.counts.get_mut(&digest(m)) {
+            Some(n) if *n > 0 => {
+                *n -= 1;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Process-local (never stored or sent): topic and payload of a message.
+fn digest(m: &QueuedMessage) -> u64 {
+    let mut h = DefaultHasher::new();
+    m.topic.hash(&mut h);
+    m.payload.hash(&mut h);
+    h.finish()
 }
 
 impl LateWaits {
     /// The session `key` (KV key `kv_key`) was started new (or resumed from the old
-    /// node's live park, up to `parked_through`) for the claim at `revision` after the
-    /// old node did not answer.
+    /// node's live park: `parked`) for the claim at `revision` after the old node did
+    /// not answer.
     pub fn wait(
         &self,
         kv_key: &str,
         router_id: &str,
         key: &SessionKey,
         revision: u64,
-        parked_through: Option<u64>,
+        parked: Option<ParkedResume>,
     ) {
         let now = Instant::now();
         let mut waiting = lock(&self.waiting);
@@ -50,7 +99,7 @@ impl LateWaits {
                 router_id: router_id.to_string(),
                 key: key.clone(),
                 revision,
-                parked_through,
+                parked,
                 until: now + LATE_WAIT,
             },
         );

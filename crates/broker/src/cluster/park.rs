@@ -284,6 +284,12 @@ async fn write(
             // Not parked here (another node's claim): nothing to add to.
             return Ok(None);
         };
+        if parked.written != 0 && !still_there(buckets, &parked).await {
+            // Taken by the node that claimed the session (this node was cut off, or
+            // slow): what it queued since goes in its late handoff, not in a park
+            // nobody would take.
+            return Ok(None);
+        }
         let (ids, messages): (Vec<u64>, Messages) =
             p.append.drain(..).map(|(id, m)| (id, (m, false))).unzip();
         match extend(shared, buckets, budget, parked, messages, ids).await {
@@ -340,7 +346,14 @@ async fn extend(
         return Ok(parked);
     }
     let head = head(&parked, parts, true);
-    match value::put(seal, buckets, &parked.kv_key, &head, cluster.max_payload()).await {
+    let written = match postcard::to_allocvec(&head) {
+        // Only over the value this node wrote last: a park taken meanwhile stays taken.
+        Ok(plain) if parked.written != 0 && plain.len() <= budget => {
+            value::update_value(seal, buckets, &parked.kv_key, &plain, parked.written).await
+        }
+        _ => value::put(seal, buckets, &parked.kv_key, &head, cluster.max_payload()).await,
+    };
+    match written {
         Ok(written) => Ok(Parked {
             parts,
             written,
@@ -350,6 +363,20 @@ async fn extend(
             tracing::debug!("cluster: session park not written: {e}");
             Err((parked, messages, ids))
         }
+    }
+}
+
+/// Whether the park's value is still the one this node wrote last (not taken by a node
+/// that claimed the session, nor replaced by a handoff); if it cannot be read, it is
+/// taken to be (the write then fails or not as NATS decides).
+async fn still_there(buckets: &Buckets, parked: &Parked) -> bool {
+    match buckets.handoff.entry(&parked.kv_key).await {
+        Ok(Some(entry)) => {
+            entry.operation == async_nats::jetstream::kv::Operation::Put
+                && entry.revision == parked.written
+        }
+        Ok(None) => false,
+        Err(_) => true,
     }
 }
 
