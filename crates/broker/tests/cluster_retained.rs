@@ -7,7 +7,8 @@
 mod cluster_support;
 
 use cluster_support::{
-    cluster_seal, node_at, node_joined, wait_ready, with_key, Nats, ACL, CLUSTER_KEY, USERS,
+    cluster_seal, node_at, node_joined, wait_ready, with_key, Nats, NatsLink, ACL, CLUSTER_KEY,
+    USERS,
 };
 use moatmq_testkit::{v4, TestBroker, QUIET, WAIT};
 use std::net::SocketAddr;
@@ -335,4 +336,86 @@ async fn a_put_after_a_marker_survives_the_markers_compaction() {
         served(b.first_addr(), "b-again", "alice/#").await,
         vec![("alice/again".to_string(), "second".to_string())]
     );
+}
+
+/// Caps the retained bucket's stream at `max` messages (discard new, as every KV
+/// bucket): JetStream refuses puts past it; `-1` lifts the cap.
+async fn cap_retained_stream(nats: &Nats, max: i64) {
+    let js = async_nats::jetstream::new(nats.client().await);
+    let mut stream = bucket_stream(nats).await;
+    let mut config = stream.info().await.expect("stream info").config.clone();
+    config.max_messages = max;
+    js.update_stream(config).await.expect("stream updated");
+}
+
+#[tokio::test]
+async fn a_reload_leaves_a_topic_set_through_the_transfer_stream_whose_put_is_held_up() {
+    // Relayed topics are left for half the marker age at most (120 s by default).
+    const LONG: &str = "retained_marker_age = 60\n";
+    let nats = Nats::start().await;
+    let a = node_joined(&nats, "node-a", LONG, |b| b).await;
+    let mut link = NatsLink::start(&nats).await;
+    let b = node_at(&link.url(), "node-b", ACL, LONG, |b| b).await;
+    let mut publ = login(a.first_addr(), "pub").await;
+    publ.publish_acked("alice/base", true, "in the bucket")
+        .await;
+    assert!(stream_holds(&nats, 1, WAIT).await);
+    // The bucket full: A's put of a new topic waits, B has it from the transfer stream.
+    cap_retained_stream(&nats, 1).await;
+    publ.publish_acked("alice/waiting", true, "put held up")
+        .await;
+    let both = vec![
+        ("alice/base".to_string(), "in the bucket".to_string()),
+        ("alice/waiting".to_string(), "put held up".to_string()),
+    ];
+    assert_eq!(served(b.first_addr(), "b-before", "alice/#").await, both);
+
+    // B loses NATS and loads the bucket again: it does not name the new topic, but its
+    // origin's put is on its way, so the sweep leaves it (before: cleared on B until
+    // the put arrived).
+    link.cut().await;
+    wait_ready(&b, false).await;
+    link.restore().await;
+    wait_ready(&b, true).await;
+    assert_eq!(served(b.first_addr(), "b-after", "alice/#").await, both);
+
+    // Room again: the put lands and everything agrees.
+    cap_retained_stream(&nats, -1).await;
+    assert!(stream_holds(&nats, 2, WAIT).await);
+    assert_eq!(served(b.first_addr(), "b-last", "alice/#").await, both);
+}
+
+#[tokio::test]
+async fn a_node_cut_off_while_a_topic_was_cleared_and_its_marker_compacted_drops_it_when_back() {
+    let nats = Nats::start().await;
+    let a = node_joined(&nats, "node-a", AGE, |b| b).await;
+    let mut link = NatsLink::start(&nats).await;
+    let b = node_at(&link.url(), "node-b", ACL, AGE, |b| b).await;
+    let mut publ = login(a.first_addr(), "pub").await;
+    publ.publish_acked("alice/stale", true, "cleared while b was cut off")
+        .await;
+    assert_eq!(served(b.first_addr(), "b-before", "alice/#").await.len(), 1);
+
+    link.cut().await;
+    wait_ready(&b, false).await;
+    publ.publish_acked("alice/stale", true, "").await;
+    assert!(
+        stream_holds(&nats, 0, Duration::from_secs(10)).await,
+        "marker compacted"
+    );
+    // Cut off longer than the transfer stream keeps messages.
+    async_nats::jetstream::new(nats.client().await)
+        .get_stream("moatmq_xfer")
+        .await
+        .expect("the transfer stream")
+        .purge()
+        .await
+        .expect("purged");
+    // Back, B loads the bucket again (its watch alone would resume past the marker
+    // compacted meanwhile) and sweeps the cleared topic (before: served on B).
+    link.restore().await;
+    wait_ready(&b, true).await;
+    assert!(served(b.first_addr(), "b-after", "alice/#")
+        .await
+        .is_empty());
 }

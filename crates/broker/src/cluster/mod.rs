@@ -219,10 +219,14 @@ impl Cluster {
         let on_connect = connected.clone();
         let input_caught_up = Arc::new(watch::Sender::new(false));
         let behind = input_caught_up.clone();
+        // Counts lost connections, for the retained task to load the bucket again.
+        let (lost_tx, lost) = watch::channel(0u64);
+        let lost_tx = Arc::new(lost_tx);
         options = options.event_callback(move |event| {
             let events: Weak<Metrics> = events.clone();
             let on_connect = on_connect.clone();
             let behind = behind.clone();
+            let lost_tx = lost_tx.clone();
             async move {
                 let Some(metrics) = events.upgrade() else {
                     return;
@@ -238,6 +242,7 @@ impl Cluster {
                         // What is published meanwhile waits in the transfer consumer:
                         // sessions claimed elsewhere are handed over once it is read.
                         behind.send_replace(false);
+                        lost_tx.send_modify(|n| *n += 1);
                     }
                     async_nats::Event::SlowConsumer(_) => {
                         // The input fell behind: NATS dropped messages for this node.
@@ -303,6 +308,7 @@ impl Cluster {
                 store_dir: config.resolve(&retained.path),
                 marker_age: keeping.retained_marker_age,
                 relayed: relayed.clone(),
+                lost,
             },
         );
         tokio::spawn(sync.run());

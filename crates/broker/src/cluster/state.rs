@@ -111,6 +111,8 @@ pub struct StateSync {
     failing: bool,
     /// Delete markers seen in the bucket, compacted once `retained_marker_age` old.
     markers: Markers,
+    /// `retained_marker_age`.
+    marker_age: Duration,
     /// Where this node records that it joined the bucket (`sweep.rs`).
     join: JoinRecord,
     /// The bucket's stream and creation time this node joined (its topics held before
@@ -124,6 +126,9 @@ pub struct StateSync {
     seed: Vec<String>,
     /// Topics set through the transfer stream lately (kept from the sweep).
     relayed: Relayed,
+    /// Changes with every lost NATS connection: the watch resumes by itself after one,
+    /// past markers compacted meanwhile, so the task loads the bucket again instead.
+    lost: watch::Receiver<u64>,
 }
 
 /// Changes waiting for the bucket: the latest one of each KV key, in the order their
@@ -193,6 +198,8 @@ pub(super) struct Local {
     pub(super) marker_age: Duration,
     /// Topics `admit` set through the transfer stream lately.
     pub(super) relayed: Relayed,
+    /// Changes with every lost NATS connection.
+    pub(super) lost: watch::Receiver<u64>,
 }
 
 /// How one round of [`StateSync::sync`] ended.
@@ -236,12 +243,14 @@ impl StateSync {
             pending: Pending::new(queue),
             failing: false,
             markers: Markers::new(local.marker_age),
+            marker_age: local.marker_age,
             join: JoinRecord::in_dir(&local.store_dir),
             joined: None,
             loading: None,
             unnamed: Unnamed::Seed,
             seed: Vec::new(),
             relayed: local.relayed,
+            lost: local.lost,
         }
     }
 
@@ -314,6 +323,8 @@ impl StateSync {
                     .insert(self.seal.key_of(&msg.topic), msg.topic.clone());
             }
         }
+        // A connection lost from now on ends this load (see `lost`).
+        self.lost.borrow_and_update();
         let mut entries = match store.watch_with_history(">").await {
             Ok(w) => w,
             Err(e) => return Ended::Retry(format!("watching {}: {e}", self.retained_bucket())),
@@ -376,6 +387,9 @@ impl StateSync {
                 },
                 () = retry => retry_at = None,
                 () = compact => self.compact(&store).await,
+                Ok(()) = self.lost.changed() => {
+                    return Ended::Retry("NATS connection lost; loading the bucket again".into());
+                }
                 // A marker compacted by another node before this watch reached it may
                 // have been the last value: the watch then never says it is current.
                 () = tokio::time::sleep(RETRY), if !loaded => {
@@ -513,11 +527,12 @@ impl StateSync {
             self.keep(change);
         }
         let held = self.index.messages();
+        let window = super::sweep::relayed_window(self.marker_age);
         let unnamed = super::sweep::unnamed(
             held.iter().map(|m| m.topic.as_str()),
             |topic| self.seal.key_of(topic),
             delivered,
-            |key, topic| self.pending.holds(key) || self.relayed.recent(topic),
+            |key, topic| self.pending.holds(key) || self.relayed.recent(topic, window),
         );
         match self.unnamed {
             Unnamed::Clear => {

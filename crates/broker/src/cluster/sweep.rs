@@ -8,8 +8,8 @@
 //! therefore clears every shareable topic of its set whose key the load did not
 //! deliver, except:
 //! - topics with a change of this node waiting for the bucket (`Pending`): newer;
-//! - topics set through the transfer stream within [`RELAYED_FOR`] ([`Relayed`]): their
-//!   origin's put may not have reached the bucket yet.
+//! - topics set through the transfer stream lately ([`Relayed`], [`relayed_window`]):
+//!   their origin's put may not have reached the bucket yet.
 //!
 //! A node that never joined this bucket holds what it had before joining (served by
 //! that node only until now): instead of clearing those topics it puts them into the
@@ -22,10 +22,19 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// How long a topic set through the transfer stream is kept from the sweep: its
-/// origin's bucket put follows the transfer copy within a round trip unless NATS or
+/// How long a topic set through the transfer stream is kept from the sweep at most:
+/// its origin's bucket put follows the transfer copy within a round trip unless NATS or
 /// JetStream fails, and the transfer stream's duplicate window is as long.
 pub(crate) const RELAYED_FOR: Duration = Duration::from_secs(120);
+
+/// How long a topic set through the transfer stream is kept from the sweep with
+/// markers compacted after `marker_age`: [`RELAYED_FOR`], but less than the age. A
+/// clear of the topic after the relay leaves a marker no node compacts before the age
+/// has passed since the relay, so within it a load still delivers that marker, and the
+/// skip never keeps a cleared copy (half the age: room for clocks apart).
+pub(super) fn relayed_window(marker_age: Duration) -> Duration {
+    RELAYED_FOR.min(marker_age / 2)
+}
 
 /// The join record's file name, in the `[retained]` store's folder.
 pub(crate) const JOIN_RECORD: &str = "cluster-joined";
@@ -82,12 +91,16 @@ impl Relayed {
         inner.order.push_back((now, topic.to_string()));
     }
 
-    /// Whether `topic` was set from the transfer stream within [`RELAYED_FOR`].
-    pub(super) fn recent(&self, topic: &str) -> bool {
+    /// Whether `topic` was set from the transfer stream within `window` (at most
+    /// [`RELAYED_FOR`]).
+    pub(super) fn recent(&self, topic: &str, window: Duration) -> bool {
         let now = Instant::now();
         let mut inner = self.lock();
         inner.forget_before(now);
-        inner.at.contains_key(topic)
+        inner
+            .at
+            .get(topic)
+            .is_some_and(|at| now.duration_since(*at) < window)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, RelayedInner> {
@@ -161,8 +174,9 @@ impl JoinRecord {
 
 #[cfg(test)]
 mod tests {
-    use super::{shareable, unnamed, JoinRecord, Relayed};
+    use super::{relayed_window, shareable, unnamed, JoinRecord, Relayed, RELAYED_FOR};
     use std::collections::HashSet;
+    use std::time::Duration;
 
     #[test]
     fn only_shareable_topics_the_load_did_not_name_and_nothing_kept_are_unnamed() {
@@ -182,7 +196,13 @@ mod tests {
     fn relayed_topics_are_remembered() {
         let r = Relayed::default();
         r.note("a/b");
-        assert!(r.recent("a/b") && !r.recent("a/c"));
+        assert!(r.recent("a/b", RELAYED_FOR) && !r.recent("a/c", RELAYED_FOR));
+        assert!(!r.recent("a/b", Duration::ZERO));
+        assert_eq!(relayed_window(Duration::from_secs(3600)), RELAYED_FOR);
+        assert_eq!(
+            relayed_window(Duration::from_secs(2)),
+            Duration::from_secs(1)
+        );
     }
 
     #[test]
