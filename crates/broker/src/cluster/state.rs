@@ -543,7 +543,8 @@ impl StateSync {
                 if !unnamed.is_empty() {
                     tracing::info!(
                         cleared = unnamed.len(),
-                        "cluster: retained topics the bucket no longer names cleared                          (cleared elsewhere while this node was away)"
+                        "cluster: retained topics the bucket no longer names cleared \
+                         (cleared elsewhere while this node was away)"
                     );
                 }
             }
