@@ -116,8 +116,18 @@ pub fn admit(
     let mut admitted = Admitted::Now;
     if msg.retain {
         match retain(shared, who, msg) {
-            Ok(Recorded::NeedsSave) => admitted = Admitted::AfterSave,
-            Ok(Recorded::Buffered) => {}
+            Ok(recorded) => {
+                if recorded == Recorded::NeedsSave {
+                    admitted = Admitted::AfterSave;
+                }
+                if let Some(cluster) = shared
+                    .cluster
+                    .as_ref()
+                    .filter(|_| source == Source::Cluster && !msg.payload.is_empty())
+                {
+                    cluster.relayed_retained(msg.topic);
+                }
+            }
             Err(why) => {
                 shared.emit(
                     &info.client(who),

@@ -225,6 +225,11 @@ pub struct Cluster {
     /// Bytes the transfer stream may hold (at least 1 MiB); past it the oldest go.
     #[serde(default = "default_transfer_max_bytes")]
     pub transfer_max_bytes: u64,
+    /// Seconds a delete marker stays in the retained bucket before any node compacts it
+    /// (at least 1): longer than any node's watch of the bucket may stall without a
+    /// reload (docs/cluster.md, "Compacting the retained bucket's delete markers").
+    #[serde(default = "default_retained_marker_age")]
+    pub retained_marker_age: u64,
 }
 
 /// The transfer stream's duplicate window, which its max age may not be under.
@@ -240,6 +245,10 @@ fn default_transfer_max_age() -> u64 {
 
 fn default_transfer_max_bytes() -> u64 {
     1 << 30
+}
+
+fn default_retained_marker_age() -> u64 {
+    3600
 }
 
 /// `[cluster.tls]`.
@@ -337,6 +346,12 @@ impl Cluster {
             return Err(Invalid::new(
                 "cluster.transfer_max_bytes",
                 "must be at least 1048576 (1 MiB)",
+            ));
+        }
+        if self.retained_marker_age == 0 {
+            return Err(Invalid::new(
+                "cluster.retained_marker_age",
+                "must be at least 1 second (a delete marker younger than that is never compacted)",
             ));
         }
         if let Some(tls) = &self.tls {

@@ -389,12 +389,14 @@ fn cluster_is_absent_by_default_and_parses_with_defaults() {
         (
             cluster.replicas,
             cluster.transfer_max_age,
-            cluster.transfer_max_bytes
+            cluster.transfer_max_bytes,
+            cluster.retained_marker_age
         ),
-        (1, 300, 1 << 30)
+        (1, 300, 1 << 30, 3600)
     );
     let c = parse(&format!(
-        "{MINIMAL}{CLUSTER}replicas = 3\ntransfer_max_age = 3600\ntransfer_max_bytes = 1048576\n{CLUSTER_KEY}"
+        "{MINIMAL}{CLUSTER}replicas = 3\ntransfer_max_age = 3600\ntransfer_max_bytes = 1048576\n\
+         retained_marker_age = 1\n{CLUSTER_KEY}"
     ))
     .unwrap();
     let cluster = c.cluster.unwrap();
@@ -402,9 +404,10 @@ fn cluster_is_absent_by_default_and_parses_with_defaults() {
         (
             cluster.replicas,
             cluster.transfer_max_age,
-            cluster.transfer_max_bytes
+            cluster.transfer_max_bytes,
+            cluster.retained_marker_age
         ),
-        (3, 3600, 1 << 20)
+        (3, 3600, 1 << 20, 1)
     );
 }
 
@@ -460,6 +463,10 @@ fn cluster_rejections_name_key_and_line() {
         (
             "[cluster]\nservers = [\"nats://x:4222\"]\nnode_name = \"a\"\ntransfer_max_bytes = 1000\n",
             "broker.toml:7: cluster.transfer_max_bytes: must be at least 1048576 (1 MiB)",
+        ),
+        (
+            "[cluster]\nservers = [\"nats://x:4222\"]\nnode_name = \"a\"\nretained_marker_age = 0\n",
+            "broker.toml:7: cluster.retained_marker_age: must be at least 1 second (a delete marker younger than that is never compacted)",
         ),
         (
             "[cluster]\nservers = [\"nats://x:4222\"]\nnode_name = \"a\"\n[cluster.tls]\ncert = \"c.crt\"\n",

@@ -24,11 +24,13 @@ pub(crate) mod handoff;
 mod handoff_value;
 pub(crate) mod late;
 mod late_waits;
+mod markers;
 mod owner;
 pub(crate) mod park;
 mod properties;
 mod state;
 mod subject;
+mod sweep;
 mod unread;
 pub(crate) mod xfer;
 
@@ -116,6 +118,9 @@ pub struct Cluster {
     /// Offline sessions other nodes claimed, for `handoff::run` (taken by `serve`).
     handoffs: std::sync::Mutex<Option<mpsc::UnboundedReceiver<(moatmq_store::SessionKey, u64)>>>,
     key_check: watch::Receiver<KeyCheck>,
+    /// Retained topics set here through the transfer stream lately, which the sweep
+    /// after a load of the retained bucket leaves alone (`sweep.rs`).
+    relayed: sweep::Relayed,
     pub(crate) metrics: Arc<Metrics>,
     /// Wakes `watch_connection`; with `stopped`, ends it (and its NATS client) on drop.
     connected: Arc<Notify>,
@@ -214,10 +219,14 @@ impl Cluster {
         let on_connect = connected.clone();
         let input_caught_up = Arc::new(watch::Sender::new(false));
         let behind = input_caught_up.clone();
+        // Counts lost connections, for the retained task to load the bucket again.
+        let (lost_tx, lost) = watch::channel(0u64);
+        let lost_tx = Arc::new(lost_tx);
         options = options.event_callback(move |event| {
             let events: Weak<Metrics> = events.clone();
             let on_connect = on_connect.clone();
             let behind = behind.clone();
+            let lost_tx = lost_tx.clone();
             async move {
                 let Some(metrics) = events.upgrade() else {
                     return;
@@ -233,6 +242,7 @@ impl Cluster {
                         // What is published meanwhile waits in the transfer consumer:
                         // sessions claimed elsewhere are handed over once it is read.
                         behind.send_replace(false);
+                        lost_tx.send_modify(|n| *n += 1);
                     }
                     async_nats::Event::SlowConsumer(_) => {
                         // The input fell behind: NATS dropped messages for this node.
@@ -282,6 +292,7 @@ impl Cluster {
         tokio::spawn(output.run(queue));
         let (changes, queue) = mpsc::channel(STATE_QUEUE);
         let (checked, key_check) = watch::channel(KeyCheck::Pending);
+        let relayed = sweep::Relayed::default();
         let sync = StateSync::new(
             client.clone(),
             seal,
@@ -293,6 +304,12 @@ impl Cluster {
             checked,
             keeping.replicas,
             STATE_QUEUE,
+            state::Local {
+                store_dir: config.resolve(&retained.path),
+                marker_age: keeping.retained_marker_age,
+                relayed: relayed.clone(),
+                lost,
+            },
         );
         tokio::spawn(sync.run());
         let (handoff_tx, handoffs) = mpsc::unbounded_channel();
@@ -332,6 +349,7 @@ impl Cluster {
                 input_caught_up,
                 handoffs: std::sync::Mutex::new(Some(handoffs)),
                 key_check,
+                relayed,
                 metrics,
                 connected,
                 stopped,
@@ -533,6 +551,12 @@ impl Cluster {
             Some(_) => Forwarded::Sent,
             None => Forwarded::Full,
         }
+    }
+
+    /// A retained message from another node was set here through the transfer stream:
+    /// its origin's bucket put may still be on its way, so the next sweep leaves it.
+    pub fn relayed_retained(&self, topic: &str) {
+        self.relayed.note(topic);
     }
 
     /// Queues a retained publish for the cluster's bucket: set, or cleared by an empty

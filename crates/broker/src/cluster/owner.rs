@@ -121,17 +121,21 @@ pub struct OwnerClaim {
 /// older one, never a newer claim (a compare-and-set in the stream). Nothing is left
 /// (a KV delete or purge would leave a marker per key for good, so client ids churned
 /// through the cluster would grow the bucket without bound). Watches see nothing: a
-/// node holding a newer claim keeps it.
-pub(super) async fn remove_up_to(bucket: &kv::Store, key: &str, revision: u64) {
+/// node holding a newer claim keeps it. `false` when JetStream did not take the purge.
+pub(super) async fn remove_up_to(bucket: &kv::Store, key: &str, revision: u64) -> bool {
     let subject = format!("{}{key}", bucket.prefix);
-    if let Err(e) = bucket
+    match bucket
         .stream
         .purge()
         .filter(subject)
         .sequence(revision.saturating_add(1))
         .await
     {
-        tracing::debug!("cluster: {} entry not removed: {e}", bucket.name);
+        Ok(_) => true,
+        Err(e) => {
+            tracing::debug!("cluster: {} entry not removed: {e}", bucket.name);
+            false
+        }
     }
 }
 

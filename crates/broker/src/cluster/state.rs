@@ -24,13 +24,19 @@
 //!   this node can trust.
 //! - Ready: the node is not ready (`cluster_state_ok`) until the values present when the
 //!   watch started are applied, so a node that joins late serves them at once.
+//! - Sweep: then the shareable topics of the local set the load did not name are cleared
+//!   (or, at the first load of a bucket this node never joined, put into it), because
+//!   delete markers older than `retained_marker_age` are compacted (`markers.rs`,
+//!   `sweep.rs`).
 
+use super::markers::{unix_nanos, until, Markers};
+use super::sweep::{JoinRecord, Relayed, Unnamed};
 use crate::metrics::Metrics;
 use crate::retained_index::RetainedIndex;
 use async_nats::jetstream::{self, kv};
 use futures_util::StreamExt;
 use moatmq_store::{now_unix, ClusterSeal, RetainedMessage};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Weak;
 use std::time::Duration;
@@ -41,6 +47,9 @@ pub const MARKER_KEY: &str = "key-check";
 
 /// How long to wait before setting the buckets up again after a failure.
 const RETRY: Duration = Duration::from_secs(1);
+
+/// Markers compacted in one go before the task turns to its watch and changes again.
+const COMPACT_BATCH: usize = 64;
 
 /// A retained change `admit` let in on this node, on its way to the bucket.
 pub enum Change {
@@ -100,6 +109,26 @@ pub struct StateSync {
     pending: Pending,
     /// Whether the last write failed (warn once per run of failures, not per retry).
     failing: bool,
+    /// Delete markers seen in the bucket, compacted once `retained_marker_age` old.
+    markers: Markers,
+    /// `retained_marker_age`.
+    marker_age: Duration,
+    /// Where this node records that it joined the bucket (`sweep.rs`).
+    join: JoinRecord,
+    /// The bucket's stream and creation time this node joined (its topics held before
+    /// joining are in it), once known in this run.
+    joined: Option<(String, i128)>,
+    /// The stream and creation time of the bucket loaded now.
+    loading: Option<(String, i128)>,
+    /// What the current load does with the local topics it did not name.
+    unnamed: Unnamed,
+    /// Topics held before joining still to be put into the bucket.
+    seed: Vec<String>,
+    /// Topics set through the transfer stream lately (kept from the sweep).
+    relayed: Relayed,
+    /// Changes with every lost NATS connection: the watch resumes by itself after one,
+    /// past markers compacted meanwhile, so the task loads the bucket again instead.
+    lost: watch::Receiver<u64>,
 }
 
 /// Changes waiting for the bucket: the latest one of each KV key, in the order their
@@ -154,6 +183,23 @@ impl Pending {
     fn is_empty(&self) -> bool {
         self.order.is_empty()
     }
+
+    /// Whether a change of another key would be kept.
+    fn has_room(&self) -> bool {
+        self.changes.len() < self.cap
+    }
+}
+
+/// What [`StateSync`] needs beside NATS, the seal and its queues, from the config.
+pub(super) struct Local {
+    /// Where the join record lives: the `[retained]` store's folder.
+    pub(super) store_dir: std::path::PathBuf,
+    /// `[cluster] retained_marker_age`.
+    pub(super) marker_age: Duration,
+    /// Topics `admit` set through the transfer stream lately.
+    pub(super) relayed: Relayed,
+    /// Changes with every lost NATS connection.
+    pub(super) lost: watch::Receiver<u64>,
 }
 
 /// How one round of [`StateSync::sync`] ended.
@@ -179,6 +225,7 @@ impl StateSync {
         checked: watch::Sender<KeyCheck>,
         replicas: usize,
         queue: usize,
+        local: Local,
     ) -> StateSync {
         StateSync {
             client,
@@ -195,6 +242,15 @@ impl StateSync {
             written: HashMap::new(),
             pending: Pending::new(queue),
             failing: false,
+            markers: Markers::new(local.marker_age),
+            marker_age: local.marker_age,
+            join: JoinRecord::in_dir(&local.store_dir),
+            joined: None,
+            loading: None,
+            unnamed: Unnamed::Seed,
+            seed: Vec::new(),
+            relayed: local.relayed,
+            lost: local.lost,
         }
     }
 
@@ -267,28 +323,38 @@ impl StateSync {
                     .insert(self.seal.key_of(&msg.topic), msg.topic.clone());
             }
         }
+        // A connection lost from now on ends this load (see `lost`).
+        self.lost.borrow_and_update();
         let mut entries = match store.watch_with_history(">").await {
             Ok(w) => w,
             Err(e) => return Ended::Retry(format!("watching {}: {e}", self.retained_bucket())),
         };
         // Anything put after the watch started is delivered to it: an empty bucket now
         // means nothing is left to load.
-        let mut loaded = false;
-        match store.status().await {
-            Ok(status) if status.values() == 0 => loaded = true,
-            Ok(_) => {}
+        let status = match store.status().await {
+            Ok(status) => status,
             Err(e) => return Ended::Retry(format!("{}: {e}", self.retained_bucket())),
-        }
+        };
+        let mut loaded = status.values() == 0;
+        self.begin_load(&status.info);
+        // The keys the load delivered, and the last revision it did.
+        let mut delivered = HashSet::new();
+        let mut last_revision = 0;
         if loaded {
+            self.after_load(&delivered);
             self.set_loaded(true);
         }
         // Waiting changes are written once what the bucket held is applied (their keys'
         // older values skipped), then as they come; after a failure, every RETRY.
         let mut retry_at: Option<tokio::time::Instant> = None;
         loop {
-            if loaded && retry_at.is_none() && !self.pending.is_empty() && !self.flush(&store).await
-            {
-                retry_at = Some(tokio::time::Instant::now() + RETRY);
+            if loaded && retry_at.is_none() {
+                self.feed_seed();
+                if !self.pending.is_empty() && !self.flush(&store).await {
+                    retry_at = Some(tokio::time::Instant::now() + RETRY);
+                } else {
+                    self.seeded();
+                }
             }
             let retry = async {
                 match retry_at {
@@ -296,13 +362,19 @@ impl StateSync {
                     None => std::future::pending().await,
                 }
             };
+            let compact = self.next_compaction();
             tokio::select! {
                 entry = entries.next() => match entry {
                     Some(Ok(entry)) => {
                         let current = entry.delta == 0;
+                        if !loaded {
+                            delivered.insert(entry.key.clone());
+                            last_revision = last_revision.max(entry.revision);
+                        }
                         self.apply(entry);
                         if current && !loaded {
                             loaded = true;
+                            self.after_load(&delivered);
                             self.set_loaded(true);
                         }
                     }
@@ -314,6 +386,19 @@ impl StateSync {
                     None => return Ended::Stopped,
                 },
                 () = retry => retry_at = None,
+                () = compact => self.compact(&store).await,
+                Ok(()) = self.lost.changed() => {
+                    return Ended::Retry("NATS connection lost; loading the bucket again".into());
+                }
+                // A marker compacted by another node before this watch reached it may
+                // have been the last value: the watch then never says it is current.
+                () = tokio::time::sleep(RETRY), if !loaded => {
+                    if nothing_after(&store, last_revision).await {
+                        loaded = true;
+                        self.after_load(&delivered);
+                        self.set_loaded(true);
+                    }
+                }
             }
         }
     }
@@ -348,6 +433,15 @@ impl StateSync {
 
     /// Applies one value of the bucket to the local retained set.
     fn apply(&mut self, entry: kv::Entry) {
+        // Whoever wrote it, a marker left in the bucket is this node's to compact too.
+        match entry.operation {
+            kv::Operation::Put => self.markers.seen_put(&entry.key),
+            kv::Operation::Delete | kv::Operation::Purge => self.markers.seen_marker(
+                &entry.key,
+                entry.revision,
+                entry.created.unix_timestamp_nanos(),
+            ),
+        }
         if self.pending.holds(&entry.key) {
             // This node's later change of the key waits to be written over it.
             return;
@@ -404,6 +498,140 @@ impl StateSync {
                 }
             }
         }
+    }
+
+    /// A load of the bucket whose stream is `info` starts: it sweeps if this node
+    /// joined that bucket before, else it seeds it.
+    fn begin_load(&mut self, info: &jetstream::stream::Info) {
+        let bucket = (
+            info.config.name.clone(),
+            info.created.unix_timestamp_nanos(),
+        );
+        let joined = self.joined.as_ref() == Some(&bucket) || self.join.names(&bucket.0, bucket.1);
+        self.unnamed = if joined {
+            self.joined = Some(bucket.clone());
+            Unnamed::Clear
+        } else {
+            Unnamed::Seed
+        };
+        self.loading = Some(bucket);
+        self.seed.clear();
+    }
+
+    /// The values present when the watch started are applied (`delivered` names their
+    /// keys): the shareable topics of the local set the load did not name are cleared,
+    /// or put into the bucket at the first load of it (`sweep.rs`).
+    fn after_load(&mut self, delivered: &HashSet<String>) {
+        // Changes admitted so far are newer than the load: keep them from the sweep.
+        while let Ok(change) = self.changes.try_recv() {
+            self.keep(change);
+        }
+        let held = self.index.messages();
+        let window = super::sweep::relayed_window(self.marker_age);
+        let unnamed = super::sweep::unnamed(
+            held.iter().map(|m| m.topic.as_str()),
+            |topic| self.seal.key_of(topic),
+            delivered,
+            |key, topic| self.pending.holds(key) || self.relayed.recent(topic, window),
+        );
+        match self.unnamed {
+            Unnamed::Clear => {
+                for (key, topic) in &unnamed {
+                    self.topics.remove(key);
+                    self.index.clear(topic);
+                }
+                if !unnamed.is_empty() {
+                    tracing::info!(
+                        cleared = unnamed.len(),
+                        "cluster: retained topics the bucket no longer names cleared \
+                         (cleared elsewhere while this node was away)"
+                    );
+                }
+            }
+            Unnamed::Seed => {
+                if !unnamed.is_empty() {
+                    tracing::info!(
+                        topics = unnamed.len(),
+                        "cluster: first load of this retained bucket: putting the retained \
+                         messages this node held before joining into it"
+                    );
+                }
+                self.seed = unnamed.into_iter().map(|(_, topic)| topic).collect();
+            }
+        }
+    }
+
+    /// Moves topics held before joining into the waiting changes, as room allows.
+    fn feed_seed(&mut self) {
+        while self.pending.has_room() {
+            let Some(topic) = self.seed.pop() else {
+                return;
+            };
+            let Some(msg) = self.index.get(&topic) else {
+                continue; // cleared meanwhile
+            };
+            let key = self.seal.key_of(&topic);
+            if self.pending.holds(&key) || msg.is_expired(now_unix()) {
+                continue;
+            }
+            self.topics.insert(key.clone(), topic);
+            self.pending
+                .push(key, Change::Put(RetainedMessage::clone(&msg)));
+        }
+    }
+
+    /// Once everything held before joining is in the bucket, records the join: later
+    /// loads of this bucket sweep.
+    fn seeded(&mut self) {
+        if self.unnamed != Unnamed::Seed || !self.seed.is_empty() || !self.pending.is_empty() {
+            return;
+        }
+        let Some(bucket) = self.loading.clone() else {
+            return;
+        };
+        match self.join.write(&bucket.0, bucket.1) {
+            Ok(()) => tracing::info!(stream = bucket.0, "cluster: joined the retained bucket"),
+            // This run sweeps from now on all the same; the next start puts what it
+            // holds into the bucket again, which loses nothing.
+            Err(e) => tracing::warn!("cluster: join record not written: {e}"),
+        }
+        self.joined = Some(bucket);
+        self.unnamed = Unnamed::Clear;
+    }
+
+    /// Resolves when the oldest marker waiting reaches `retained_marker_age`.
+    fn next_compaction(&mut self) -> impl std::future::Future<Output = ()> {
+        let due = self.markers.next_due();
+        async move {
+            match due {
+                Some(due) => {
+                    tokio::time::sleep(until(due, unix_nanos(std::time::SystemTime::now()))).await
+                }
+                None => std::future::pending().await,
+            }
+        }
+    }
+
+    /// Purges the markers due, each up to its own revision: a newer put of its key
+    /// survives. One not purged (NATS away) is tried again after [`RETRY`].
+    async fn compact(&mut self, store: &kv::Store) {
+        let now = unix_nanos(std::time::SystemTime::now());
+        let due = self.markers.take_due(now, COMPACT_BATCH);
+        let mut compacted = 0;
+        for (key, revision) in due {
+            if super::owner::remove_up_to(store, &key, revision).await {
+                compacted += 1;
+            } else {
+                let retry = i128::try_from(RETRY.as_nanos()).unwrap_or(i128::MAX);
+                self.markers
+                    .retry(&key, revision, now.saturating_add(retry));
+            }
+        }
+        tracing::debug!(
+            compacted,
+            waiting = self.markers.len(),
+            "cluster: retained delete markers compacted"
+        );
     }
 
     /// Queues one change of this node for the bucket (see [`Pending`]).
@@ -472,6 +700,16 @@ impl StateSync {
     }
 }
 
+/// Whether the bucket's stream holds nothing after `revision`: what the watch has
+/// delivered is all the load is (values compacted meanwhile are gone).
+async fn nothing_after(store: &kv::Store, revision: u64) -> bool {
+    let next = store
+        .stream
+        .direct_get_next_for_subject(format!("{}>", store.prefix), Some(revision + 1))
+        .await;
+    matches!(next, Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound)
+}
+
 /// How JetStream keeps what the cluster stores: `[cluster]` `replicas`,
 /// `transfer_max_age` and `transfer_max_bytes`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -479,6 +717,8 @@ pub struct Keeping {
     pub replicas: usize,
     pub transfer_max_age: Duration,
     pub transfer_max_bytes: i64,
+    /// How old a delete marker of the retained bucket gets before it is compacted.
+    pub retained_marker_age: Duration,
 }
 
 impl Keeping {
@@ -487,6 +727,7 @@ impl Keeping {
             replicas: cluster.replicas,
             transfer_max_age: Duration::from_secs(cluster.transfer_max_age),
             transfer_max_bytes: i64::try_from(cluster.transfer_max_bytes).unwrap_or(i64::MAX),
+            retained_marker_age: Duration::from_secs(cluster.retained_marker_age),
         }
     }
 }
