@@ -116,8 +116,8 @@ pub(super) async fn open(
 /// Taken: the value at `kv_key` up to `revision` leaves the bucket, with every part
 /// put before it, so nobody takes the session again; a newer handoff survives.
 pub(super) async fn remove(buckets: &Buckets, kv_key: &str, revision: u64) {
-    super::owner::remove_up_to(&buckets.handoff, kv_key, revision).await;
-    super::owner::remove_up_to(&buckets.handoff, &format!("{kv_key}.>"), revision).await;
+    super::state::remove_up_to(&buckets.handoff, kv_key, revision).await;
+    super::state::remove_up_to(&buckets.handoff, &format!("{kv_key}.>"), revision).await;
 }
 
 /// Puts `handoff`, sealed, at `kv_key`: in one value if it fits in `max_payload`,

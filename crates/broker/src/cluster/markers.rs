@@ -5,7 +5,7 @@
 //! purge`) in `<base>_retained`. Every node's watch sees each marker with its revision
 //! and JetStream's timestamp of it, the initial load included; once a marker is older
 //! than `[cluster] retained_marker_age` the node purges the key's subject up to the
-//! marker's own revision (`owner::remove_up_to`): a newer put of the key, at a higher
+//! marker's own revision (`state::remove_up_to`): a newer put of the key, at a higher
 //! revision, survives, and several nodes purging the same marker is harmless. A marker
 //! younger than the age waits here until it reaches it (a timer in `state.rs`), so
 //! set/clear churn does not grow the stream forever.

@@ -24,7 +24,7 @@
 //!   and treat the key as no longer this node's: a forged value can close a connection
 //!   (NATS write access can always cut traffic) but never hands anyone a session.
 
-use super::state::bucket;
+use super::state::{bucket, remove_up_to};
 use super::KeyCheck;
 use crate::metrics::Metrics;
 use async_nats::jetstream::{self, kv};
@@ -115,28 +115,6 @@ pub struct OwnerClaim {
     pub previous: Option<String>,
     /// The buckets the claim was made in.
     pub buckets: Buckets,
-}
-
-/// Removes `key`'s messages up to `revision` from `bucket`'s stream: its value and any
-/// older one, never a newer claim (a compare-and-set in the stream). Nothing is left
-/// (a KV delete or purge would leave a marker per key for good, so client ids churned
-/// through the cluster would grow the bucket without bound). Watches see nothing: a
-/// node holding a newer claim keeps it. `false` when JetStream did not take the purge.
-pub(super) async fn remove_up_to(bucket: &kv::Store, key: &str, revision: u64) -> bool {
-    let subject = format!("{}{key}", bucket.prefix);
-    match bucket
-        .stream
-        .purge()
-        .filter(subject)
-        .sequence(revision.saturating_add(1))
-        .await
-    {
-        Ok(_) => true,
-        Err(e) => {
-            tracing::debug!("cluster: {} entry not removed: {e}", bucket.name);
-            false
-        }
-    }
 }
 
 impl OwnerClaim {

@@ -619,7 +619,7 @@ impl StateSync {
         let due = self.markers.take_due(now, COMPACT_BATCH);
         let mut compacted = 0;
         for (key, revision) in due {
-            if super::owner::remove_up_to(store, &key, revision).await {
+            if remove_up_to(store, &key, revision).await {
                 compacted += 1;
             } else {
                 let retry = i128::try_from(RETRY.as_nanos()).unwrap_or(i128::MAX);
@@ -740,6 +740,29 @@ pub(super) fn check_replicas(name: &str, found: usize, replicas: usize) {
             "cluster: stream {name} keeps {found} replica(s), [cluster] replicas = {replicas}; \
              nodes do not change an existing stream (nats stream edit {name} --replicas {replicas})"
         );
+    }
+}
+
+/// Removes `key`'s messages up to `revision` from `bucket`'s stream: its value and any
+/// older one, never a newer claim (a compare-and-set in the stream). Nothing is left
+/// (a KV delete or purge would leave a marker per key for good: client ids churned
+/// through the cluster, or topics set and cleared, would grow the bucket without
+/// bound). Watches see nothing: a
+/// node holding a newer claim keeps it. `false` when JetStream did not take the purge.
+pub(super) async fn remove_up_to(bucket: &kv::Store, key: &str, revision: u64) -> bool {
+    let subject = format!("{}{key}", bucket.prefix);
+    match bucket
+        .stream
+        .purge()
+        .filter(subject)
+        .sequence(revision.saturating_add(1))
+        .await
+    {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::debug!("cluster: {} entry not removed: {e}", bucket.name);
+            false
+        }
     }
 }
 
