@@ -241,13 +241,23 @@ pub(super) async fn put_value(
     kv_key: &str,
     plain: &[u8],
 ) -> Result<u64, String> {
-    let value = seal
-        .seal_handoff(&buckets.handoff_name, kv_key, plain)
-        .map_err(|e| e.to_string())?;
+    let value = sealed(seal, buckets, kv_key, plain)?;
     buckets
         .handoff
-        .put(kv_key, value.into())
+        .put(kv_key, value)
         .await
+        .map_err(|e| e.to_string())
+}
+
+/// `plain` sealed for `kv_key` of the handoff bucket.
+fn sealed(
+    seal: &ClusterSeal,
+    buckets: &Buckets,
+    kv_key: &str,
+    plain: &[u8],
+) -> Result<bytes::Bytes, String> {
+    seal.seal_handoff(&buckets.handoff_name, kv_key, plain)
+        .map(Into::into)
         .map_err(|e| e.to_string())
 }
 
@@ -260,12 +270,10 @@ pub(super) async fn update_value(
     plain: &[u8],
     revision: u64,
 ) -> Result<u64, String> {
-    let value = seal
-        .seal_handoff(&buckets.handoff_name, kv_key, plain)
-        .map_err(|e| e.to_string())?;
+    let value = sealed(seal, buckets, kv_key, plain)?;
     buckets
         .handoff
-        .update(kv_key, value.into(), revision)
+        .update(kv_key, value, revision)
         .await
         .map_err(|e| e.to_string())
 }
