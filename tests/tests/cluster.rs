@@ -352,64 +352,90 @@ async fn losing_a_nats_server_loses_nothing_with_three_replicas() {
     );
 }
 
-/// The failure case from a persistent subscriber's side: its session is
-/// offline on node A, a publisher on node B; node A is killed (SIGKILL) mid-stream
-/// while it queues for the session, the subscriber comes back on node B (after the
-/// handoff wait its session resumes from node A's park: node A is dead), and node A
-/// restarts on its store
-/// (a StatefulSet pod) and hands over late what it held: what it had queued, and what
-/// was published while it was away (from its transfer consumer). Every message node B
-/// acknowledged reaches the subscriber (QoS 1: some twice). At `autosave_interval = 0`
-/// node A acknowledges a transfer message only once what it queued is committed.
-#[tokio::test]
-async fn kill_9_of_an_offline_subscribers_node_loses_nothing_once_it_is_back() {
+/// Two nodes at `autosave_interval = 0` (what a node queues for a session is on disk
+/// before it is acknowledged) on one NATS; a persistent subscriber of `kill/#` offline
+/// on node A while a publisher on node B sends `0..N`, node A killed (SIGKILL) a third
+/// of the way. What is left: node B, the indices node B acknowledged, and what restarts
+/// node A on its store.
+struct OfflineSubscriberKilled {
+    dir: tempfile::TempDir,
+    key: std::path::PathBuf,
+    nats: Nats,
+    b: Moatmq,
+    acked: BTreeSet<usize>,
+}
+
+impl OfflineSubscriberKilled {
     // Under `limits.max_queued_messages` (1,000): past it the newest are dropped.
     const N: usize = 900;
-    let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("cluster.key");
-    moatmq_store::RetainedKey::write_new(&key).unwrap();
-    let nats = Nats::single(dir.path());
-    let servers = [nats.url(0)];
-    // Interval 0: what a node queues for a session is on disk before it is acknowledged.
-    let node = |name: &str| {
-        start_node_in(
-            dir.path(),
-            &key,
-            name,
-            &servers,
-            "autosave_interval = 0\n",
-            "",
-        )
-    };
-    let a = node("node-a");
-    let b = node("node-b");
 
-    let mut sub = persistent_ready(&a, "sink").await;
-    sub.subscribe_acked("kill/#").await;
-    sub.client.disconnect().await.unwrap();
-    sub.closed_within(READY).await;
-    let mut publ = connect_ready(&b, "source").await;
-    let acked = publish_killing(&mut publ, N, N / 3, a).await;
-    assert_eq!(acked.len(), N, "node B acknowledged every message");
+    async fn run() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("cluster.key");
+        moatmq_store::RetainedKey::write_new(&key).unwrap();
+        let nats = Nats::single(dir.path());
+        let a = Self::node_in(dir.path(), &key, &nats, "node-a");
+        let b = Self::node_in(dir.path(), &key, &nats, "node-b");
+        let mut sub = persistent_ready(&a, "sink").await;
+        sub.subscribe_acked("kill/#").await;
+        sub.client.disconnect().await.unwrap();
+        sub.closed_within(READY).await;
+        let mut publ = connect_ready(&b, "source").await;
+        let acked = publish_killing(&mut publ, Self::N, Self::N / 3, a).await;
+        assert_eq!(acked.len(), Self::N, "node B acknowledged every message");
+        OfflineSubscriberKilled {
+            dir,
+            key,
+            nats,
+            b,
+            acked,
+        }
+    }
 
+    fn node(&self, name: &str) -> Moatmq {
+        Self::node_in(self.dir.path(), &self.key, &self.nats, name)
+    }
+
+    fn node_in(dir: &Path, key: &Path, nats: &Nats, name: &str) -> Moatmq {
+        let servers = [nats.url(0)];
+        start_node_in(dir, key, name, &servers, "autosave_interval = 0\n", "")
+    }
+
+    /// `got` holds every index node B acknowledged (`logs` shown otherwise).
+    fn assert_none_lost(&self, got: &BTreeSet<usize>, logs: &[&Moatmq]) {
+        let lost: Vec<usize> = self.acked.difference(got).copied().collect();
+        let logs: Vec<String> = logs.iter().map(|n| n.log()).collect();
+        assert!(
+            lost.is_empty(),
+            "{} acknowledged messages lost (first {:?})\n{}",
+            lost.len(),
+            &lost[..lost.len().min(10)],
+            logs.join("\n----\n")
+        );
+    }
+}
+
+/// The failure case from a persistent subscriber's side
+/// ([`OfflineSubscriberKilled`]): the subscriber comes back on node B (after the
+/// handoff wait its session resumes from node A's park: node A is dead), and node A
+/// restarts on its store (a StatefulSet pod) and hands over late what it held: what it
+/// had queued, and what was published while it was away (from its transfer consumer).
+/// Every message node B acknowledged reaches the subscriber (QoS 1: some twice). At
+/// `autosave_interval = 0` node A acknowledges a transfer message only once what it
+/// queued is committed.
+#[tokio::test]
+async fn kill_9_of_an_offline_subscribers_node_loses_nothing_once_it_is_back() {
+    let killed = OfflineSubscriberKilled::run().await;
     // The subscriber is back on node B: after the wait (node A is dead) its session
     // resumes from what node A had parked of it.
-    let mut sub = persistent_ready(&b, "sink").await;
+    let mut sub = persistent_ready(&killed.b, "sink").await;
     assert!(sub.connack.session_present, "resumed from node A's park");
     // Node A comes back on its store and hands the session over late.
-    let a_again = node("node-a");
+    let a_again = killed.node("node-a");
     // What node A's previous process had been sent comes again after the consumer's
     // ack wait (30 s): node A hands the session over after that.
-    let (got, twice) = receive_until(&mut sub, &acked, Duration::from_secs(60)).await;
-    let lost: Vec<usize> = acked.difference(&got).copied().collect();
-    assert!(
-        lost.is_empty(),
-        "{} acknowledged messages lost (first {:?})\nnode A:\n{}\nnode B:\n{}",
-        lost.len(),
-        &lost[..lost.len().min(10)],
-        a_again.log(),
-        b.log()
-    );
+    let (got, twice) = receive_until(&mut sub, &killed.acked, Duration::from_secs(60)).await;
+    killed.assert_none_lost(&got, &[&a_again, &killed.b]);
     eprintln!("{} received ({twice} twice)", got.len());
 }
 
@@ -420,43 +446,10 @@ async fn kill_9_of_an_offline_subscribers_node_loses_nothing_once_it_is_back() {
 /// node B acknowledged reaches the subscriber, none from node A's store.
 #[tokio::test]
 async fn kill_9_of_an_offline_subscribers_node_loses_nothing_even_if_it_never_comes_back() {
-    const N: usize = 900;
-    let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("cluster.key");
-    moatmq_store::RetainedKey::write_new(&key).unwrap();
-    let nats = Nats::single(dir.path());
-    let servers = [nats.url(0)];
-    let node = |name: &str| {
-        start_node_in(
-            dir.path(),
-            &key,
-            name,
-            &servers,
-            "autosave_interval = 0\n",
-            "",
-        )
-    };
-    let a = node("node-a");
-    let b = node("node-b");
-
-    let mut sub = persistent_ready(&a, "sink").await;
-    sub.subscribe_acked("kill/#").await;
-    sub.client.disconnect().await.unwrap();
-    sub.closed_within(READY).await;
-    let mut publ = connect_ready(&b, "source").await;
-    let acked = publish_killing(&mut publ, N, N / 3, a).await;
-    assert_eq!(acked.len(), N, "node B acknowledged every message");
-
-    let mut sub = persistent_ready(&b, "sink").await;
+    let killed = OfflineSubscriberKilled::run().await;
+    let mut sub = persistent_ready(&killed.b, "sink").await;
     assert!(sub.connack.session_present, "resumed from node A's park");
-    let (got, twice) = receive_until(&mut sub, &acked, Duration::from_secs(10)).await;
-    let lost: Vec<usize> = acked.difference(&got).copied().collect();
-    assert!(
-        lost.is_empty(),
-        "{} acknowledged messages lost (first {:?})\nnode B:\n{}",
-        lost.len(),
-        &lost[..lost.len().min(10)],
-        b.log()
-    );
+    let (got, twice) = receive_until(&mut sub, &killed.acked, Duration::from_secs(10)).await;
+    killed.assert_none_lost(&got, &[&killed.b]);
     eprintln!("{} received ({twice} twice)", got.len());
 }

@@ -117,8 +117,12 @@ async fn pull(
                     continue;
                 }
                 match xfer::take_in(&seal, &stream, None, &mut seen, &message) {
-                    Ok(Some(m)) => hand_on(&shared, &gid, &filter, m.envelope, m.payload, m.waited),
-                    Ok(None) => {}
+                    // A batch goes to this node's members whole (balance per batch).
+                    Ok(arrived) => {
+                        for m in arrived {
+                            hand_on(&shared, &gid, &filter, m.envelope, m.payload, m.waited);
+                        }
+                    }
                     // Counted by this node's own consumer of the stream, which reads
                     // every message too.
                     Err(why) => tracing::debug!("cluster: shared group: {why:?}"),

@@ -1,7 +1,7 @@
 //! Cluster input (docs/cluster.md): every message of another node, from this node's
 //! durable consumer of the transfer stream, is admitted here as [`Source::Cluster`] and
-//! handed to the router on the broker's own link. A stream message is acknowledged
-//! once, after that; one whose id was already taken in (a redelivery) is only
+//! handed to the router on the broker's own link. A stream message (one MQTT message,
+//! or a batch of them, taken in order) is acknowledged once, after that; one whose id was already taken in (a redelivery) is only
 //! acknowledged; one that does not open is refused and counted; one whose MQTT 5
 //! message expiry ran out while it waited in the stream (counted from the time
 //! JetStream stored it) is dropped, and the others carry what is left of it.
@@ -106,8 +106,15 @@ async fn run_transfer(
                 Ok(message) => {
                     let own = Some(cluster.node.as_str());
                     let save = match xfer::take_in(&seal, &stream, own, &mut seen, &message) {
-                        Ok(Some(m)) => transferred(shared, &info, m.envelope, m.payload, m.waited),
-                        Ok(None) | Err(Rejected::Own) => false,
+                        // Each of a batch's messages in order; one acknowledgement.
+                        Ok(arrived) => {
+                            let mut save = false;
+                            for m in arrived {
+                                save |= transferred(shared, &info, m.envelope, m.payload, m.waited);
+                            }
+                            save
+                        }
+                        Err(Rejected::Own) => false,
                         Err(Rejected::Refused(why)) => {
                             tracing::error!(
                                 subject = message.subject.as_str(),

@@ -509,6 +509,182 @@ async fn tampered_moved_or_foreign_transfer_messages_are_refused_and_counted() {
     assert_eq!(b.metric("moatmq_cluster_state_rejected_total").await, 5.0);
 }
 
+/// A batch as nodes put it in the transfer stream: `count u32 BE | (len u32 BE |
+/// message)*`.
+fn transfer_batch_plaintext(messages: &[Vec<u8>]) -> Vec<u8> {
+    let mut out = (messages.len() as u32).to_be_bytes().to_vec();
+    for m in messages {
+        out.extend_from_slice(&(m.len() as u32).to_be_bytes());
+        out.extend_from_slice(m);
+    }
+    out
+}
+
+#[tokio::test]
+async fn transfer_batches_deliver_their_messages_in_order_and_open_only_as_sealed() {
+    let nats = Nats::start().await;
+    let _a = node(&nats, "node-a", "").await;
+    let b = node(&nats, "node-b", "").await;
+    let mut sub = login(b.first_addr(), "alice-sub", "alice").await;
+    assert!(subscribe(&mut sub, "alice/#", QoS::AtLeastOnce).await);
+    let js = async_nats::jetstream::new(nats.client().await);
+    let put = |id: &str, batch: bool, value: Vec<u8>| {
+        let js = js.clone();
+        let id = id.to_string();
+        async move {
+            let mut message = async_nats::jetstream::message::PublishMessage::build()
+                .message_id(id)
+                .payload(value.into());
+            if batch {
+                message = message.header("Moatmq-Batch", "2");
+            }
+            js.send_publish("moatmq_xfer.node-a", message)
+                .await
+                .expect("published")
+                .await
+                .expect("stored");
+        }
+    };
+    let ours = cluster_seal(CLUSTER_KEY);
+    let evil = transfer_batch_plaintext(&[
+        transfer_plaintext("alice/t", b"evil-1"),
+        transfer_plaintext("alice/t", b"evil-2"),
+    ]);
+    // Sealed as one message, named a batch: refused.
+    let single = ours
+        .seal_transfer("moatmq_xfer", "node-a:9:1", &evil)
+        .unwrap();
+    put("node-a:9:1", true, single).await;
+    // Sealed as a batch, not named one (what a node before batching sees): refused.
+    let unnamed = ours
+        .seal_transfer_batch("moatmq_xfer", "node-a:9:2", &evil)
+        .unwrap();
+    put("node-a:9:2", false, unnamed).await;
+    // Altered, or moved to another id.
+    let mut altered = ours
+        .seal_transfer_batch("moatmq_xfer", "node-a:9:3", &evil)
+        .unwrap();
+    altered[20] ^= 1;
+    put("node-a:9:3", true, altered).await;
+    let moved = ours
+        .seal_transfer_batch("moatmq_xfer", "node-a:9:4", &evil)
+        .unwrap();
+    put("node-a:9:5", true, moved).await;
+    // Authenticated, but its count says more than it holds: refused whole.
+    let mut short = evil.clone();
+    short[3] = 3;
+    put(
+        "node-a:9:6",
+        true,
+        ours.seal_transfer_batch("moatmq_xfer", "node-a:9:6", &short)
+            .unwrap(),
+    )
+    .await;
+    // The control: a well sealed batch, its messages delivered in order.
+    let good = transfer_batch_plaintext(&[
+        transfer_plaintext("alice/t", b"good-1"),
+        transfer_plaintext("alice/u", b"good-2"),
+        transfer_plaintext("alice/t", b"good-3"),
+    ]);
+    put(
+        "node-a:9:7",
+        true,
+        ours.seal_transfer_batch("moatmq_xfer", "node-a:9:7", &good)
+            .unwrap(),
+    )
+    .await;
+    let mut got = vec![sub.next_publish().await];
+    got.extend(drain(&mut sub).await);
+    let got: Vec<(String, String)> = got
+        .iter()
+        .map(|p| (p.topic.clone(), String::from_utf8_lossy(&p.payload).into()))
+        .collect();
+    let want = [
+        ("alice/t", "good-1"),
+        ("alice/u", "good-2"),
+        ("alice/t", "good-3"),
+    ]
+    .map(|(t, p)| (t.to_string(), p.to_string()));
+    assert_eq!(got, want, "only the good batch, in order");
+    assert_eq!(b.metric("moatmq_cluster_state_rejected_total").await, 5.0);
+}
+
+/// What each node put in the transfer stream: `(subject, named a batch)` per stream
+/// message, in order.
+async fn stream_messages(nats: &Nats) -> Vec<(String, bool)> {
+    let mut stream = transfer_stream(nats).await;
+    let last = stream
+        .info()
+        .await
+        .expect("stream info")
+        .state
+        .last_sequence;
+    let mut out = Vec::new();
+    for seq in 1..=last {
+        let m = stream.get_raw_message(seq).await.expect("stream message");
+        let batch = m.headers.get("Moatmq-Batch").is_some();
+        out.push((m.subject.to_string(), batch));
+    }
+    out
+}
+
+/// A rolling upgrade from a release that reads no batches: nodes with `transfer_batch
+/// = 1` write one message per stream message, unnamed (what that release reads), and
+/// read the batches of upgraded nodes; nodes without it batch what is queued.
+#[tokio::test]
+async fn nodes_batching_and_nodes_sending_one_by_one_exchange_every_message() {
+    let nats = Nats::start().await;
+    let one = node(&nats, "node-one", "transfer_batch = 1").await;
+    let batching = node(&nats, "node-batching", "").await;
+    let mut sub_one = login(one.first_addr(), "alice-sub-one", "alice").await;
+    assert!(subscribe(&mut sub_one, "alice/#", QoS::AtLeastOnce).await);
+    let mut sub_batching = login(batching.first_addr(), "alice-sub-b", "alice").await;
+    assert!(subscribe(&mut sub_batching, "alice/#", QoS::AtLeastOnce).await);
+    const N: usize = 300;
+    for (node, topic) in [(&one, "alice/from-one"), (&batching, "alice/from-batching")] {
+        let publ = login(node.first_addr(), &format!("pub-{topic}"), "alice").await;
+        // QoS 0 in a burst: the node's output finds many queued at once.
+        for i in 0..N {
+            publish(&publ, topic, QoS::AtMostOnce, false, &i.to_string()).await;
+        }
+    }
+    let expected: Vec<String> = (0..N).map(|i| i.to_string()).collect();
+    for (name, sub) in [
+        ("node-one", &mut sub_one),
+        ("node-batching", &mut sub_batching),
+    ] {
+        let mut got = vec![sub.next_publish().await];
+        got.extend(drain(sub).await);
+        for topic in ["alice/from-one", "alice/from-batching"] {
+            let payloads: Vec<String> = got
+                .iter()
+                .filter(|p| p.topic == topic)
+                .map(|p| String::from_utf8_lossy(&p.payload).into_owned())
+                .collect();
+            assert_eq!(payloads, expected, "{name}, {topic}: every one, in order");
+        }
+    }
+    let stream = stream_messages(&nats).await;
+    let from_one: Vec<bool> = stream
+        .iter()
+        .filter(|(s, _)| s == "moatmq_xfer.node-one")
+        .map(|(_, batch)| *batch)
+        .collect();
+    assert_eq!(from_one, vec![false; N], "one unnamed stream message each");
+    let from_batching: Vec<bool> = stream
+        .iter()
+        .filter(|(s, _)| s == "moatmq_xfer.node-batching")
+        .map(|(_, batch)| *batch)
+        .collect();
+    assert!(from_batching.iter().all(|b| *b), "all named batches");
+    eprintln!("{N} messages in {} batches", from_batching.len());
+    assert!(
+        from_batching.len() < N / 2,
+        "{} stream messages for {N} messages: not batched",
+        from_batching.len()
+    );
+}
+
 #[tokio::test]
 async fn nodes_reach_nats_over_mutual_tls() {
     let ca = moatmq_testkit::TestCa::new("nats test CA");

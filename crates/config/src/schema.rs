@@ -230,6 +230,12 @@ pub struct Cluster {
     /// reload (docs/cluster.md, "Compacting the retained bucket's delete markers").
     #[serde(default = "default_retained_marker_age")]
     pub retained_marker_age: u64,
+    /// Messages sealed into one transfer stream message at most (1 to 4096): what is
+    /// queued when the node sends goes as one batch (never waiting for more); 1 = one
+    /// message each, which every moatmq release reads (docs/cluster.md, "Batching
+    /// transfer messages": a rolling upgrade from a release that does not read batches).
+    #[serde(default = "default_transfer_batch")]
+    pub transfer_batch: usize,
 }
 
 /// The transfer stream's duplicate window, which its max age may not be under.
@@ -249,6 +255,10 @@ fn default_transfer_max_bytes() -> u64 {
 
 fn default_retained_marker_age() -> u64 {
     3600
+}
+
+fn default_transfer_batch() -> usize {
+    128
 }
 
 /// `[cluster.tls]`.
@@ -346,6 +356,12 @@ impl Cluster {
             return Err(Invalid::new(
                 "cluster.transfer_max_bytes",
                 "must be at least 1048576 (1 MiB)",
+            ));
+        }
+        if !(1..=4096).contains(&self.transfer_batch) {
+            return Err(Invalid::new(
+                "cluster.transfer_batch",
+                "must be 1 to 4096 (1 = one message per transfer stream message)",
             ));
         }
         if self.retained_marker_age == 0 {

@@ -469,6 +469,10 @@ fn cluster_rejections_name_key_and_line() {
             "broker.toml:7: cluster.retained_marker_age: must be at least 1 second (a delete marker younger than that is never compacted)",
         ),
         (
+            "[cluster]\nservers = [\"nats://x:4222\"]\nnode_name = \"a\"\ntransfer_batch = 0\n",
+            "broker.toml:7: cluster.transfer_batch: must be 1 to 4096 (1 = one message per transfer stream message)",
+        ),
+        (
             "[cluster]\nservers = [\"nats://x:4222\"]\nnode_name = \"a\"\n[cluster.tls]\ncert = \"c.crt\"\n",
             "broker.toml:8: cluster.tls.cert: cert and key go together: set both or neither",
         ),

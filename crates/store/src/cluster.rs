@@ -237,13 +237,32 @@ impl ClusterSeal {
         value: &[u8],
     ) -> Result<Zeroizing<Vec<u8>>, StoreError> {
         self.open_with(&transfer_aad(stream, msg_id), value)
-            .map_err(|()| {
-                refused(
-                    stream,
-                    msg_id,
-                    "failed authentication (altered, moved from another message id, or sealed under another key)",
-                )
-            })
+            .map_err(|()| transfer_refused(stream, msg_id))
+    }
+
+    /// A batch of messages forwarded to other nodes (`count u32 | (len u32 | message)*`
+    /// before sealing), sealed for the transfer stream `stream` under the batch's message
+    /// id (`<node>:<epoch>:<first sequence>`), with associated data of its own kind: a
+    /// batch never opens as one message, nor one message as a batch.
+    pub fn seal_transfer_batch(
+        &self,
+        stream: &str,
+        msg_id: &str,
+        plain: &[u8],
+    ) -> Result<Vec<u8>, StoreError> {
+        self.seal_with(&transfer_batch_aad(stream, msg_id), plain)
+    }
+
+    /// The plaintext of a transfer batch; an error if it does not authenticate as a
+    /// batch sealed for `stream` under `msg_id` with this cluster's key.
+    pub fn open_transfer_batch(
+        &self,
+        stream: &str,
+        msg_id: &str,
+        value: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, StoreError> {
+        self.open_with(&transfer_batch_aad(stream, msg_id), value)
+            .map_err(|()| transfer_refused(stream, msg_id))
     }
 
     fn seal(&self, bucket: &str, key: &str, plain: &[u8]) -> Result<Vec<u8>, StoreError> {
@@ -295,6 +314,15 @@ impl ClusterSeal {
     }
 }
 
+/// A transfer message or batch that does not authenticate.
+fn transfer_refused(stream: &str, msg_id: &str) -> StoreError {
+    refused(
+        stream,
+        msg_id,
+        "failed authentication (altered, moved from another message id, or sealed under another key)",
+    )
+}
+
 /// A value at `bucket`/`key` refused for `reason`.
 fn refused(bucket: &str, key: &str, reason: &str) -> StoreError {
     StoreError::SealedValue {
@@ -318,9 +346,18 @@ fn aad(bucket: &str, key: &str) -> Vec<u8> {
 /// `moatmq-cluster-xfer | version | len(stream) u32 LE | stream | message id`: a
 /// transfer message never opens as a KV value, nor the reverse.
 fn transfer_aad(stream: &str, msg_id: &str) -> Vec<u8> {
-    let mut aad = Vec::with_capacity(32 + stream.len() + msg_id.len());
-    aad.extend_from_slice(b"moatmq-cluster-xfer");
-    aad.push(VERSION);
+    stream_aad(b"moatmq-cluster-xfer", VERSION, stream, msg_id)
+}
+
+/// `moatmq-cluster-xfer-batch | 2 | len(stream) u32 LE | stream | message id`.
+fn transfer_batch_aad(stream: &str, msg_id: &str) -> Vec<u8> {
+    stream_aad(b"moatmq-cluster-xfer-batch", 2, stream, msg_id)
+}
+
+fn stream_aad(kind: &[u8], version: u8, stream: &str, msg_id: &str) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(kind.len() + 5 + stream.len() + msg_id.len());
+    aad.extend_from_slice(kind);
+    aad.push(version);
     aad.extend_from_slice(&(stream.len() as u32).to_le_bytes());
     aad.extend_from_slice(stream.as_bytes());
     aad.extend_from_slice(msg_id.as_bytes());
@@ -488,5 +525,26 @@ mod tests {
         // A KV value never opens as a transfer message.
         let kv = s.seal("p_xfer", "a:1:7", b"x").unwrap();
         refused(s.open_transfer("p_xfer", "a:1:7", &kv));
+    }
+
+    #[test]
+    fn batches_and_single_messages_never_open_as_each_other() {
+        let s = seal(1);
+        let batch = s.seal_transfer_batch("p_xfer", "a:1:7", b"batch").unwrap();
+        assert_eq!(
+            s.open_transfer_batch("p_xfer", "a:1:7", &batch)
+                .unwrap()
+                .as_slice(),
+            b"batch"
+        );
+        let refused = |r: Result<Zeroizing<Vec<u8>>, StoreError>| {
+            assert!(matches!(r, Err(StoreError::SealedValue { .. })), "{r:?}")
+        };
+        refused(s.open_transfer("p_xfer", "a:1:7", &batch));
+        refused(s.open_transfer_batch("p_xfer", "a:1:8", &batch));
+        refused(s.open_transfer_batch("q_xfer", "a:1:7", &batch));
+        refused(seal(2).open_transfer_batch("p_xfer", "a:1:7", &batch));
+        let single = s.seal_transfer("p_xfer", "a:1:7", b"batch").unwrap();
+        refused(s.open_transfer_batch("p_xfer", "a:1:7", &single));
     }
 }

@@ -341,8 +341,7 @@ impl StateSync {
         let mut delivered = HashSet::new();
         let mut last_revision = 0;
         if loaded {
-            self.after_load(&delivered);
-            self.set_loaded(true);
+            self.loaded(&delivered);
         }
         // Waiting changes are written once what the bucket held is applied (their keys'
         // older values skipped), then as they come; after a failure, every RETRY.
@@ -374,8 +373,7 @@ impl StateSync {
                         self.apply(entry);
                         if current && !loaded {
                             loaded = true;
-                            self.after_load(&delivered);
-                            self.set_loaded(true);
+                            self.loaded(&delivered);
                         }
                     }
                     Some(Err(e)) => return Ended::Retry(format!("watch: {e}")),
@@ -395,8 +393,7 @@ impl StateSync {
                 () = tokio::time::sleep(RETRY), if !loaded => {
                     if nothing_after(&store, last_revision).await {
                         loaded = true;
-                        self.after_load(&delivered);
-                        self.set_loaded(true);
+                        self.loaded(&delivered);
                     }
                 }
             }
@@ -519,8 +516,14 @@ impl StateSync {
     }
 
     /// The values present when the watch started are applied (`delivered` names their
-    /// keys): the shareable topics of the local set the load did not name are cleared,
-    /// or put into the bucket at the first load of it (`sweep.rs`).
+    /// keys): the node sweeps (`after_load`) and is ready.
+    fn loaded(&mut self, delivered: &HashSet<String>) {
+        self.after_load(delivered);
+        self.set_loaded(true);
+    }
+
+    /// The shareable topics of the local set the load did not name (`delivered`) are
+    /// cleared, or put into the bucket at the first load of it (`sweep.rs`).
     fn after_load(&mut self, delivered: &HashSet<String>) {
         // Changes admitted so far are newer than the load: keep them from the sweep.
         while let Ok(change) = self.changes.try_recv() {
@@ -719,6 +722,8 @@ pub struct Keeping {
     pub transfer_max_bytes: i64,
     /// How old a delete marker of the retained bucket gets before it is compacted.
     pub retained_marker_age: Duration,
+    /// Messages in one transfer stream message at most.
+    pub transfer_batch: usize,
 }
 
 impl Keeping {
@@ -728,6 +733,7 @@ impl Keeping {
             transfer_max_age: Duration::from_secs(cluster.transfer_max_age),
             transfer_max_bytes: i64::try_from(cluster.transfer_max_bytes).unwrap_or(i64::MAX),
             retained_marker_age: Duration::from_secs(cluster.retained_marker_age),
+            transfer_batch: cluster.transfer_batch,
         }
     }
 }
@@ -747,8 +753,8 @@ pub(super) fn check_replicas(name: &str, found: usize, replicas: usize) {
 /// older one, never a newer claim (a compare-and-set in the stream). Nothing is left
 /// (a KV delete or purge would leave a marker per key for good: client ids churned
 /// through the cluster, or topics set and cleared, would grow the bucket without
-/// bound). Watches see nothing: a
-/// node holding a newer claim keeps it. `false` when JetStream did not take the purge.
+/// bound). Watches see nothing: a node holding a newer value keeps it. `false` when
+/// JetStream did not take the purge.
 pub(super) async fn remove_up_to(bucket: &kv::Store, key: &str, revision: u64) -> bool {
     let subject = format!("{}{key}", bucket.prefix);
     match bucket

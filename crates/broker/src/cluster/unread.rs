@@ -47,48 +47,11 @@ pub async fn read(r: ReadFor<'_>) -> Vec<(QueuedMessage, bool)> {
             return Vec::new();
         }
     };
-    let from = match consumer.info().await {
-        Ok(info) => info.ack_floor.stream_sequence + 1,
+    let (mut messages, last) = match unread_messages(js, &stream_name, &mut consumer).await {
+        Ok(Some(read)) => read,
+        Ok(None) => return Vec::new(),
         Err(e) => {
-            tracing::warn!("cluster: transfer consumer of {} not read: {e}", r.node);
-            return Vec::new();
-        }
-    };
-    let mut stream = match js.get_stream(&stream_name).await {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!("cluster: transfer stream not read: {e}");
-            return Vec::new();
-        }
-    };
-    let last = match stream.info().await {
-        Ok(info) => info.state.last_sequence,
-        Err(e) => {
-            tracing::warn!("cluster: transfer stream not read: {e}");
-            return Vec::new();
-        }
-    };
-    if from > last {
-        return Vec::new();
-    }
-    let reader = stream
-        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
-            deliver_policy: async_nats::jetstream::consumer::DeliverPolicy::ByStartSequence {
-                start_sequence: from,
-            },
-            ..Default::default()
-        })
-        .await;
-    let mut messages = match reader {
-        Ok(reader) => match reader.messages().await {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!("cluster: transfer stream not read: {e}");
-                return Vec::new();
-            }
-        },
-        Err(e) => {
-            tracing::warn!("cluster: transfer stream not read: {e}");
+            tracing::warn!("cluster: transfer stream not read for {}: {e}", r.node);
             return Vec::new();
         }
     };
@@ -126,9 +89,11 @@ pub async fn read(r: ReadFor<'_>) -> Vec<(QueuedMessage, bool)> {
             }
             continue;
         }
-        if let Some(m) = matching(&r, &stream_name, &message) {
-            found.push((m, false));
-        }
+        found.extend(
+            matching(&r, &stream_name, &message)
+                .into_iter()
+                .map(|m| (m, false)),
+        );
         if sequence == last {
             break;
         }
@@ -136,26 +101,80 @@ pub async fn read(r: ReadFor<'_>) -> Vec<(QueuedMessage, bool)> {
     found
 }
 
-/// `message` as queued for the session, if one of its subscriptions takes it.
+/// The stream from `consumer`'s acknowledgement floor on, read by an ordered consumer
+/// of its own, and the stream's last sequence now; `None` when nothing is unread.
+async fn unread_messages(
+    js: &async_nats::jetstream::Context,
+    stream_name: &str,
+    consumer: &mut async_nats::jetstream::consumer::PullConsumer,
+) -> Result<Option<(async_nats::jetstream::consumer::pull::Ordered, u64)>, String> {
+    let from = consumer
+        .info()
+        .await
+        .map_err(|e| e.to_string())?
+        .ack_floor
+        .stream_sequence
+        + 1;
+    let mut stream = js
+        .get_stream(stream_name)
+        .await
+        .map_err(|e| e.to_string())?;
+    let last = stream
+        .info()
+        .await
+        .map_err(|e| e.to_string())?
+        .state
+        .last_sequence;
+    if from > last {
+        return Ok(None);
+    }
+    let reader = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+            deliver_policy: async_nats::jetstream::consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: from,
+            },
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    let messages = reader.messages().await.map_err(|e| e.to_string())?;
+    Ok(Some((messages, last)))
+}
+
+/// What of `message` (one MQTT message, or a batch of them) the session's
+/// subscriptions take, as queued for it, in order.
 fn matching(
     r: &ReadFor<'_>,
     stream_name: &str,
     message: &async_nats::jetstream::Message,
-) -> Option<QueuedMessage> {
+) -> Vec<QueuedMessage> {
     let id = xfer::message_id(message);
-    let (envelope, payload) = match xfer::open_any(
+    let opened = xfer::open_any(
         r.seal,
         stream_name,
-        message.subject.as_str(),
-        id.as_deref(),
-        &message.payload,
-    ) {
+        xfer::Sealed::of(message, id.as_deref()),
+    );
+    let opened = match opened {
         Ok(opened) => opened,
         Err(e) => {
             tracing::debug!("cluster: transfer message not taken on a dead node's behalf: {e:?}");
-            return None;
+            return Vec::new();
         }
     };
+    let waited = xfer::time_in_stream(message);
+    opened
+        .into_iter()
+        .filter_map(|(envelope, payload)| queued_for(r, envelope, payload, waited))
+        .collect()
+}
+
+/// One message as queued for the session, if one of its subscriptions takes it.
+fn queued_for(
+    r: &ReadFor<'_>,
+    envelope: xfer::Envelope,
+    payload: bytes::Bytes,
+    waited: Duration,
+) -> Option<QueuedMessage> {
     let topic = envelope.topic.as_str();
     if !crate::topic::valid_topic_name(topic, r.max_topic_levels) || topic.starts_with('$') {
         return None;
@@ -175,11 +194,7 @@ fn matching(
     if granted == 0 && !r.queue_qos0 {
         return None;
     }
-    let props = xfer::properties_now(
-        envelope.properties.as_deref(),
-        xfer::time_in_stream(message),
-    )
-    .ok()?;
+    let props = xfer::properties_now(envelope.properties.as_deref(), waited).ok()?;
     let expires_at = props
         .as_ref()
         .and_then(|p| p.message_expiry_interval)

@@ -1,21 +1,28 @@
 //! The cross-node hop through JetStream (docs/cluster.md, "Stored state"): every
 //! message this node forwards is also published, sealed, to `<base>_xfer.<node>` in
-//! the stream `<base>_xfer`, with `Nats-Msg-Id` `<node>:<epoch>:<sequence>` so the
-//! stream's duplicate window drops a republish; the other nodes read that stream, not
-//! the live subjects, for what moatmq nodes forward.
+//! the stream `<base>_xfer`; the other nodes read that stream, not the live subjects,
+//! for what moatmq nodes forward.
 //!
-//! Out: one task publishes in admit order without waiting for one acknowledgement
-//! before sending the next (at most [`WINDOW`] unacknowledged), and advances
-//! [`Sequencer::acked`] over the acknowledgements in order. A failed acknowledgement
-//! (timeout, NATS away, stream missing) sends every unacknowledged message again, same
-//! ids, once NATS is back: a gateway holding a QoS 1/2 PUBACK until its sequence is
-//! acknowledged never acknowledges what JetStream does not hold.
-//! In: [`open`] authenticates a message of the stream (its AAD names the stream and
-//! the message id, whose node must be the subject's) and decodes it; [`Seen`] drops a
-//! message id already handed to the router (a redelivery after a lost ack).
+//! Out: one task takes what is queued when it is ready to send (up to `[cluster]
+//! transfer_batch` messages and the server's `max_payload`, never waiting for more)
+//! and publishes it as one stream message, a batch ([`BATCH`] header), with
+//! `Nats-Msg-Id` `<node>:<epoch>:<number of its first message>` so the stream's
+//! duplicate window drops a republish; with `transfer_batch = 1`, one message each
+//! (no header), as releases before batching read. It does not wait for one
+//! acknowledgement before sending the next (at most [`WINDOW`] messages
+//! unacknowledged) and advances [`Sequencer::acked`] over the acknowledgements in
+//! order, each to its batch's last number. A failed acknowledgement (timeout, NATS
+//! away, stream missing) sends every unacknowledged batch again, byte for byte, once
+//! NATS is back: a gateway holding a QoS 1/2 PUBACK until its number is acknowledged
+//! never acknowledges what JetStream does not hold.
+//! In: [`open`] authenticates a message of the stream (its AAD names the stream, the
+//! message id, whose node must be the subject's, and whether it is a batch) and decodes
+//! it into its messages; [`Seen`] drops a message id already handed to the router (a
+//! redelivery after a lost ack).
 //!
 //! A message is `len u32 BE | header JSON | payload` before sealing; the header holds
-//! the topic, QoS, retain flag, publisher and MQTT 5 properties (`properties.rs`).
+//! the topic, QoS, retain flag, publisher and MQTT 5 properties (`properties.rs`). A
+//! batch is `count u32 BE | (len u32 BE | message)*`.
 
 use super::state::{check_replicas, Keeping};
 use crate::metrics::Metrics;
@@ -35,7 +42,7 @@ use tokio::sync::{mpsc, watch};
 /// `[cluster] transfer_max_age`, is never under it).
 const DUPLICATE_WINDOW: Duration =
     Duration::from_secs(moatmq_config::TRANSFER_DUPLICATE_WINDOW_SECS);
-/// Messages published and not yet acknowledged, at most.
+/// Messages (not batches) published and not yet acknowledged, at most.
 const WINDOW: usize = 4096;
 /// How long to wait for one acknowledgement before sending again.
 const ACK_TIMEOUT: Duration = Duration::from_secs(3);
@@ -82,6 +89,70 @@ pub fn decode(plain: &[u8]) -> Option<(Envelope, &[u8])> {
     Some((envelope, &plain[4 + len..]))
 }
 
+/// The NATS header that names a transfer stream message a batch (its value: how many
+/// messages it holds). It only chooses how the message is opened: a batch
+/// authenticates only as one, under its own associated data.
+pub const BATCH: &str = "Moatmq-Batch";
+
+/// Messages being gathered into one transfer stream message: `count u32 BE | (len u32
+/// BE | message)*` before sealing, each message as [`encode`] makes it.
+pub struct Batch {
+    plain: zeroize::Zeroizing<Vec<u8>>,
+    count: u32,
+}
+
+impl Batch {
+    pub fn new() -> Batch {
+        Batch {
+            plain: zeroize::Zeroizing::new(vec![0; 4]),
+            count: 0,
+        }
+    }
+
+    /// Adds one message, as [`encode`] made it.
+    pub fn push(&mut self, message: &[u8]) {
+        self.plain
+            .extend_from_slice(&(message.len() as u32).to_be_bytes());
+        self.plain.extend_from_slice(message);
+        self.count += 1;
+        self.plain[..4].copy_from_slice(&self.count.to_be_bytes());
+    }
+
+    /// Bytes so far.
+    pub fn len(&self) -> usize {
+        self.plain.len()
+    }
+
+    pub fn count(&self) -> u32 {
+        self.count
+    }
+
+    pub fn plain(&self) -> &[u8] {
+        &self.plain
+    }
+}
+
+/// The messages of an opened batch, in order; `None` if malformed (a count that does
+/// not match, a length past the end, a message that does not decode).
+pub fn decode_batch(plain: &[u8]) -> Option<Vec<(Envelope, std::ops::Range<usize>)>> {
+    let count = u32::from_be_bytes(plain.get(..4)?.try_into().ok()?) as usize;
+    // Each message takes at least its two length prefixes.
+    if count > plain.len() / 8 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(count);
+    let mut at = 4usize;
+    for _ in 0..count {
+        let len = u32::from_be_bytes(plain.get(at..at + 4)?.try_into().ok()?) as usize;
+        let start = at + 4;
+        let end = start.checked_add(len)?;
+        let (envelope, payload) = decode(plain.get(start..end)?)?;
+        out.push((envelope, end - payload.len()..end));
+        at = end;
+    }
+    (at == plain.len()).then_some(out)
+}
+
 /// Why a message of the stream is not taken in.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Rejected {
@@ -91,20 +162,44 @@ pub enum Rejected {
     Refused(String),
 }
 
-/// Opens the stream message on `subject` with message id `msg_id`.
+/// The messages of the stream message on `subject` with message id `msg_id` (one, or
+/// a `batch`'s), in order.
 pub fn open(
     seal: &ClusterSeal,
     stream: &str,
     node: &str,
-    subject: &str,
-    msg_id: Option<&str>,
-    value: &[u8],
-) -> Result<(Envelope, Bytes), Rejected> {
-    let origin = origin(stream, subject)?;
+    at: Sealed<'_>,
+) -> Result<Vec<(Envelope, Bytes)>, Rejected> {
+    let origin = origin(stream, at.subject)?;
     if origin == node {
         return Err(Rejected::Own);
     }
-    open_from(seal, stream, origin, msg_id, value)
+    open_from(seal, stream, origin, at)
+}
+
+/// A message as read from the stream.
+#[derive(Clone, Copy)]
+pub struct Sealed<'a> {
+    pub subject: &'a str,
+    pub msg_id: Option<&'a str>,
+    /// It names itself a batch ([`BATCH`]).
+    pub batch: bool,
+    pub value: &'a [u8],
+}
+
+impl<'a> Sealed<'a> {
+    /// `message` with its id (from [`message_id`]).
+    pub fn of(message: &'a jetstream::Message, msg_id: Option<&'a str>) -> Sealed<'a> {
+        Sealed {
+            subject: message.subject.as_str(),
+            msg_id,
+            batch: message
+                .headers
+                .as_ref()
+                .is_some_and(|h| h.get(BATCH).is_some()),
+            value: &message.payload,
+        }
+    }
 }
 
 /// The node a stream message's subject names (its last token).
@@ -115,38 +210,49 @@ fn origin<'s>(stream: &str, subject: &'s str) -> Result<&'s str, Rejected> {
         .ok_or_else(|| Rejected::Refused("not on a node's subject".into()))
 }
 
-/// Opens the stream message of node `origin` (its subject's last token) with message
-/// id `msg_id`, this node's own messages included (a shared group's consumer reads
-/// them too).
+/// Opens the stream message of node `origin` (its subject's last token), this node's
+/// own messages included (a shared group's consumer reads them too).
 pub fn open_any(
     seal: &ClusterSeal,
     stream: &str,
-    subject: &str,
-    msg_id: Option<&str>,
-    value: &[u8],
-) -> Result<(Envelope, Bytes), Rejected> {
-    open_from(seal, stream, origin(stream, subject)?, msg_id, value)
+    at: Sealed<'_>,
+) -> Result<Vec<(Envelope, Bytes)>, Rejected> {
+    open_from(seal, stream, origin(stream, at.subject)?, at)
 }
 
 fn open_from(
     seal: &ClusterSeal,
     stream: &str,
     origin: &str,
-    msg_id: Option<&str>,
-    value: &[u8],
-) -> Result<(Envelope, Bytes), Rejected> {
-    let msg_id = msg_id.ok_or_else(|| Rejected::Refused("no message id".into()))?;
+    at: Sealed<'_>,
+) -> Result<Vec<(Envelope, Bytes)>, Rejected> {
+    let msg_id = at
+        .msg_id
+        .ok_or_else(|| Rejected::Refused("no message id".into()))?;
     if msg_id.split(':').next() != Some(origin) {
         return Err(Rejected::Refused(
             "message id of another node than its subject".into(),
         ));
     }
+    let refused = |e: moatmq_store::StoreError| Rejected::Refused(e.to_string());
+    let malformed = || Rejected::Refused("authenticated but malformed".into());
+    if !at.batch {
+        let plain = seal
+            .open_transfer(stream, msg_id, at.value)
+            .map_err(refused)?;
+        let (envelope, payload) = decode(&plain).ok_or_else(malformed)?;
+        return Ok(vec![(envelope, Bytes::copy_from_slice(payload))]);
+    }
     let plain = seal
-        .open_transfer(stream, msg_id, value)
-        .map_err(|e| Rejected::Refused(e.to_string()))?;
-    let (envelope, payload) =
-        decode(&plain).ok_or_else(|| Rejected::Refused("authenticated but malformed".into()))?;
-    Ok((envelope.clone(), Bytes::copy_from_slice(payload)))
+        .open_transfer_batch(stream, msg_id, at.value)
+        .map_err(refused)?;
+    let messages = decode_batch(&plain).ok_or_else(malformed)?;
+    // One copy of the batch; each payload a slice of it.
+    let all = Bytes::copy_from_slice(&plain);
+    Ok(messages
+        .into_iter()
+        .map(|(envelope, range)| (envelope, all.slice(range)))
+        .collect())
 }
 
 /// A message of the stream taken in: what it carries and how long it waited there.
@@ -156,30 +262,35 @@ pub struct Arrived {
     pub waited: Duration,
 }
 
-/// Opens a message read from the stream: `Ok(None)` for one already taken in (a
-/// redelivery, by its message id). With `own` (this node), this node's own messages
-/// are [`Rejected::Own`]; without, they open too (a shared group's consumer).
+/// Opens a message read from the stream into the messages it carries (one, or a
+/// batch's), in order: none for one already taken in (a redelivery, by its message
+/// id). With `own` (this node), this node's own messages are [`Rejected::Own`];
+/// without, they open too (a shared group's consumer).
 pub fn take_in(
     seal: &ClusterSeal,
     stream: &str,
     own: Option<&str>,
     seen: &mut Seen,
     message: &jetstream::Message,
-) -> Result<Option<Arrived>, Rejected> {
+) -> Result<Vec<Arrived>, Rejected> {
     let id = message_id(message);
-    let subject = message.subject.as_str();
-    let (envelope, payload) = match own {
-        Some(node) => open(seal, stream, node, subject, id.as_deref(), &message.payload)?,
-        None => open_any(seal, stream, subject, id.as_deref(), &message.payload)?,
+    let at = Sealed::of(message, id.as_deref());
+    let opened = match own {
+        Some(node) => open(seal, stream, node, at)?,
+        None => open_any(seal, stream, at)?,
     };
     if !id.as_deref().is_some_and(|id| seen.first(id)) {
-        return Ok(None);
+        return Ok(Vec::new());
     }
-    Ok(Some(Arrived {
-        envelope,
-        payload,
-        waited: time_in_stream(message),
-    }))
+    let waited = time_in_stream(message);
+    Ok(opened
+        .into_iter()
+        .map(|(envelope, payload)| Arrived {
+            envelope,
+            payload,
+            waited,
+        })
+        .collect())
 }
 
 /// How long ago JetStream stored `message`, by the NATS server's own timestamp (not the
@@ -399,13 +510,22 @@ impl Sequencer {
     }
 }
 
-/// One published message waiting for its acknowledgement.
+/// One published stream message (one MQTT message, or a batch of them) waiting for its
+/// acknowledgement.
 struct Pending {
-    seq: u64,
+    /// The number of its last message.
+    last: u64,
+    /// How many messages it holds.
+    count: usize,
     msg_id: String,
     /// `None`: it could not be sealed or sent (counted); it is not waited for.
     sealed: Option<Bytes>,
+    batch: bool,
 }
+
+/// What a batch leaves of the server's `max_payload` for its messages: the seal,
+/// the headers and the protocol line.
+const BATCH_OVERHEAD: usize = 512;
 
 /// The output task's state.
 pub struct Output {
@@ -420,6 +540,10 @@ pub struct Output {
     metrics: Weak<Metrics>,
     acked: watch::Sender<u64>,
     pending: VecDeque<Pending>,
+    /// Messages in `pending`.
+    in_flight: usize,
+    /// Taken from the queue for a batch it did not fit in: the next batch's first.
+    carry: Option<Outgoing>,
     acks: FuturesOrdered<BoxFuture<'static, Result<(), String>>>,
 }
 
@@ -455,6 +579,8 @@ pub fn output(
         metrics,
         acked,
         pending: VecDeque::new(),
+        in_flight: 0,
+        carry: None,
         acks: FuturesOrdered::new(),
     };
     let sequencer = Sequencer {
@@ -471,20 +597,27 @@ impl Output {
             tracing::debug!("cluster: {e}; created on the next attempt");
         }
         loop {
+            if self.in_flight < WINDOW {
+                if let Some(first) = self.carry.take() {
+                    self.send(first, &mut queue).await;
+                    continue;
+                }
+            }
             tokio::select! {
-                out = queue.recv(), if self.pending.len() < WINDOW => match out {
-                    Some(out) => self.send(out).await,
+                out = queue.recv(), if self.in_flight < WINDOW => match out {
+                    Some(first) => self.send(first, &mut queue).await,
                     None => return,
                 },
                 Some(acked) = self.acks.next(), if !self.acks.is_empty() => match acked {
                     Ok(()) => {
                         if let Some(done) = self.pending.pop_front() {
-                            self.acked.send_replace(done.seq);
+                            self.in_flight -= done.count;
+                            self.acked.send_replace(done.last);
                         }
                     }
                     Err(e) => {
                         tracing::warn!(
-                            unacknowledged = self.pending.len(),
+                            unacknowledged = self.in_flight,
                             "cluster: transfer stream: {e}; sending again"
                         );
                         self.resend().await;
@@ -494,21 +627,26 @@ impl Output {
         }
     }
 
-    /// Publishes one message on its live subject (core NATS, once) and, sealed, to
-    /// the stream.
-    async fn send(&mut self, out: Outgoing) {
-        if let Some((subject, headers)) = out.live {
-            if let Err(e) = self
-                .client
-                .publish_with_headers(subject, headers, out.payload.clone())
-                .await
-            {
-                tracing::debug!("cluster: publish to NATS failed: {e}");
-            }
-        }
-        let msg_id = format!("{}:{}", self.id_prefix, out.seq);
-        let plain = zeroize::Zeroizing::new(encode(&out.envelope, &out.payload));
-        let sealed = match self.seal.seal_transfer(&self.stream, &msg_id, &plain) {
+    /// Publishes `first` and what else is queued now, up to `[cluster] transfer_batch`
+    /// messages and the server's `max_payload` (never waiting for more), each on its
+    /// live subject (core NATS, once) and together, sealed, as one message of the
+    /// stream with the first one's number in its id.
+    async fn send(&mut self, first: Outgoing, queue: &mut mpsc::Receiver<Outgoing>) {
+        let msg_id = format!("{}:{}", self.id_prefix, first.seq);
+        let batch = self.keeping.transfer_batch > 1;
+        let (count, last, sealed) = if batch {
+            let (gathered, last) = self.gather(first, queue).await;
+            let sealed = self
+                .seal
+                .seal_transfer_batch(&self.stream, &msg_id, gathered.plain());
+            (gathered.count() as usize, last, sealed)
+        } else {
+            self.live(&first).await;
+            let plain = zeroize::Zeroizing::new(encode(&first.envelope, &first.payload));
+            let sealed = self.seal.seal_transfer(&self.stream, &msg_id, &plain);
+            (1, first.seq, sealed)
+        };
+        let sealed = match sealed {
             Ok(v) => Some(Bytes::from(v)),
             Err(e) => {
                 tracing::warn!("cluster: transfer message not sealed: {e}");
@@ -517,13 +655,63 @@ impl Output {
             }
         };
         let mut pending = Pending {
-            seq: out.seq,
+            last,
+            count,
             msg_id,
             sealed,
+            batch,
         };
         let ack = self.publish(&mut pending).await;
+        self.in_flight += count;
         self.pending.push_back(pending);
         self.acks.push_back(ack);
+    }
+
+    /// `first` and what follows it in the queue now, as one batch, with the number of
+    /// its last message; a message that would take the batch past `max_payload` is
+    /// kept for the next one.
+    async fn gather(
+        &mut self,
+        first: Outgoing,
+        queue: &mut mpsc::Receiver<Outgoing>,
+    ) -> (Batch, u64) {
+        let room = self
+            .client
+            .server_info()
+            .max_payload
+            .saturating_sub(BATCH_OVERHEAD);
+        let most = self.keeping.transfer_batch;
+        let mut batch = Batch::new();
+        let mut last = first.seq;
+        let mut next = Some(first);
+        while let Some(out) = next.take() {
+            let message = zeroize::Zeroizing::new(encode(&out.envelope, &out.payload));
+            // The first always goes: `Cluster::fits` let it in alone.
+            if batch.count() > 0 && batch.len() + 4 + message.len() > room {
+                self.carry = Some(out);
+                break;
+            }
+            self.live(&out).await;
+            batch.push(&message);
+            last = out.seq;
+            if (batch.count() as usize) < most {
+                next = queue.try_recv().ok();
+            }
+        }
+        (batch, last)
+    }
+
+    /// Publishes `out` on its live subject (core NATS, at most once), if it has one.
+    async fn live(&mut self, out: &Outgoing) {
+        if let Some((subject, headers)) = &out.live {
+            if let Err(e) = self
+                .client
+                .publish_with_headers(subject.clone(), headers.clone(), out.payload.clone())
+                .await
+            {
+                tracing::debug!("cluster: publish to NATS failed: {e}");
+            }
+        }
     }
 
     /// Sends one message to the stream; its acknowledgement as a future.
@@ -531,9 +719,12 @@ impl Output {
         let Some(sealed) = p.sealed.clone() else {
             return Box::pin(async { Ok(()) });
         };
-        let message = PublishMessage::build()
+        let mut message = PublishMessage::build()
             .message_id(&p.msg_id)
             .payload(sealed);
+        if p.batch {
+            message = message.header(BATCH, p.count.to_string().as_str());
+        }
         match self.js.send_publish(self.subject.clone(), message).await {
             Ok(ack) => Box::pin(async move { ack.await.map(|_| ()).map_err(|e| e.to_string()) }),
             Err(e) => {
@@ -547,7 +738,8 @@ impl Output {
         }
     }
 
-    /// Every unacknowledged message again, in order, once NATS is back.
+    /// Every unacknowledged stream message again, byte for byte (the same ids: the
+    /// stream drops what it has), in order, once NATS is back.
     async fn resend(&mut self) {
         self.acks = FuturesOrdered::new();
         tokio::time::sleep(RETRY).await;
@@ -627,18 +819,25 @@ mod tests {
         assert_eq!(decode(&[0, 0, 0, 2, b'{', b'}']), None, "fields missing");
     }
 
+    fn sealed<'a>(subject: &'a str, msg_id: Option<&'a str>, value: &'a [u8]) -> Sealed<'a> {
+        Sealed {
+            subject,
+            msg_id,
+            batch: false,
+            value,
+        }
+    }
+
     #[test]
     fn messages_open_only_from_the_node_their_subject_names() {
         let key = moatmq_store::RetainedKey::from_hex(&"01".repeat(32)).unwrap();
         let seal = ClusterSeal::new(&key);
         let plain = encode(&envelope(), b"p");
         let value = seal.seal_transfer("m_xfer", "a:1:1", &plain).unwrap();
-        let opened = open(&seal, "m_xfer", "b", "m_xfer.a", Some("a:1:1"), &value);
-        assert_eq!(opened, Ok((envelope(), Bytes::from_static(b"p"))));
-        assert_eq!(
-            open(&seal, "m_xfer", "a", "m_xfer.a", Some("a:1:1"), &value),
-            Err(Rejected::Own)
-        );
+        let at = sealed("m_xfer.a", Some("a:1:1"), &value);
+        let opened = open(&seal, "m_xfer", "b", at);
+        assert_eq!(opened, Ok(vec![(envelope(), Bytes::from_static(b"p"))]));
+        assert_eq!(open(&seal, "m_xfer", "a", at), Err(Rejected::Own));
         for (subject, id) in [
             ("m_xfer.c", Some("a:1:1")),
             ("m_xfer.a", Some("a:1:2")),
@@ -647,12 +846,18 @@ mod tests {
         ] {
             assert!(
                 matches!(
-                    open(&seal, "m_xfer", "b", subject, id, &value),
+                    open(&seal, "m_xfer", "b", sealed(subject, id, &value)),
                     Err(Rejected::Refused(_))
                 ),
                 "{subject} {id:?}"
             );
         }
+        // Named a batch, a single message does not open.
+        let as_batch = Sealed { batch: true, ..at };
+        assert!(matches!(
+            open(&seal, "m_xfer", "b", as_batch),
+            Err(Rejected::Refused(_))
+        ));
     }
 
     #[test]
@@ -662,14 +867,75 @@ mod tests {
         let value = seal
             .seal_transfer("m_xfer", "a:1:1", &encode(&envelope(), b"p"))
             .unwrap();
-        let opened = open_any(&seal, "m_xfer", "m_xfer.a", Some("a:1:1"), &value);
-        assert_eq!(opened, Ok((envelope(), Bytes::from_static(b"p"))));
+        let opened = open_any(&seal, "m_xfer", sealed("m_xfer.a", Some("a:1:1"), &value));
+        assert_eq!(opened, Ok(vec![(envelope(), Bytes::from_static(b"p"))]));
         for (subject, id) in [("m_xfer.c", Some("a:1:1")), ("m_xfer.a", None)] {
             assert!(matches!(
-                open_any(&seal, "m_xfer", subject, id, &value),
+                open_any(&seal, "m_xfer", sealed(subject, id, &value)),
                 Err(Rejected::Refused(_))
             ));
         }
+    }
+
+    #[test]
+    fn batches_open_into_their_messages_in_order_and_only_as_batches() {
+        let key = moatmq_store::RetainedKey::from_hex(&"01".repeat(32)).unwrap();
+        let seal = ClusterSeal::new(&key);
+        let mut batch = Batch::new();
+        let second = Envelope {
+            topic: "c".into(),
+            properties: None,
+            ..envelope()
+        };
+        batch.push(&encode(&envelope(), b"one"));
+        batch.push(&encode(&second, b""));
+        batch.push(&encode(&envelope(), b"three"));
+        assert_eq!(batch.count(), 3);
+        let value = seal
+            .seal_transfer_batch("m_xfer", "a:1:5", batch.plain())
+            .unwrap();
+        let at = Sealed {
+            batch: true,
+            ..sealed("m_xfer.a", Some("a:1:5"), &value)
+        };
+        assert_eq!(
+            open(&seal, "m_xfer", "b", at),
+            Ok(vec![
+                (envelope(), Bytes::from_static(b"one")),
+                (second, Bytes::new()),
+                (envelope(), Bytes::from_static(b"three")),
+            ])
+        );
+        assert_eq!(open(&seal, "m_xfer", "a", at), Err(Rejected::Own));
+        // Not named a batch (what a node before batching does), it does not open.
+        let single = Sealed { batch: false, ..at };
+        assert!(matches!(
+            open(&seal, "m_xfer", "b", single),
+            Err(Rejected::Refused(_))
+        ));
+    }
+
+    #[test]
+    fn malformed_batches_are_refused() {
+        let mut batch = Batch::new();
+        batch.push(&encode(&envelope(), b"one"));
+        batch.push(&encode(&envelope(), b"two"));
+        let plain = batch.plain().to_vec();
+        assert_eq!(decode_batch(&plain).map(|m| m.len()), Some(2));
+        assert_eq!(decode_batch(&plain[..plain.len() - 1]), None, "cut short");
+        let mut longer = plain.clone();
+        longer.push(0);
+        assert_eq!(decode_batch(&longer), None, "bytes after the last");
+        let mut miscounted = plain.clone();
+        miscounted[3] = 3;
+        assert_eq!(decode_batch(&miscounted), None, "count past the end");
+        miscounted[..4].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert_eq!(decode_batch(&miscounted), None, "huge count");
+        let mut overlong = plain.clone();
+        overlong[4..8].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert_eq!(decode_batch(&overlong), None, "length past the end");
+        assert_eq!(decode_batch(&[]), None);
+        assert_eq!(decode_batch(&[0, 0, 0, 0]), Some(vec![]));
     }
 
     #[test]
