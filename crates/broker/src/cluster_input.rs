@@ -124,6 +124,9 @@ async fn run_transfer(
                             false
                         }
                     };
+                    if let Ok(info) = message.info() {
+                        cluster.took_in(info.stream_sequence);
+                    }
                     if save {
                         ack_once_saved(shared.clone(), message);
                     } else if let Err(e) = message.ack().await {

@@ -516,10 +516,13 @@ async fn a_node_shutting_down_parks_its_sessions_for_the_other_nodes() {
     publish_acked(a.first_addr(), "alice", "alice/q", 2).await;
     publish_acked(a.first_addr(), "alice", "alice/s", 1).await;
     let dir = a.stop().await;
+    // Published while node A is stopped, before the client is back on node B: read
+    // from the transfer stream after node A's final cut (lost without).
+    publish_acked(b.first_addr(), "admin", "alice/q", 1).await;
 
     let mut mover = persistent4(b.first_addr(), "mover", "alice").await;
     assert!(mover.connack.session_present, "the parked session");
-    assert_eq!(drain(&mut mover).await, vec!["m0", "m1"]);
+    assert_eq!(drain(&mut mover).await, vec!["m0", "m1", "m0"]);
     // Its subscription came along.
     publish_acked(b.first_addr(), "alice", "alice/q", 1).await;
     assert_eq!(drain(&mut mover).await, vec!["m0"]);
@@ -688,4 +691,66 @@ async fn handoff_keys(nats: &Nats, enough: impl Fn(usize) -> bool) {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A persistent QoS 1 session offline on node A while publishers on node A and node B
+/// keep sending, resumed by its client on node B mid-stream: every message either node
+/// acknowledged reaches it once it is back (QoS 1: some may come twice), those queued on
+/// A in the handoff, and those published between A letting the session go and B
+/// subscribing it too (read from the transfer stream after A's cut; lost without).
+#[tokio::test]
+async fn an_offline_session_moving_under_traffic_loses_nothing_acknowledged() {
+    let nats = Nats::start().await;
+    let a = node(&nats, "node-a").await;
+    let b = node(&nats, "node-b").await;
+    offline4(a.first_addr(), "mover", "alice", "alice/flow/#").await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut publishers = Vec::new();
+    for (name, addr) in [("a", a.first_addr()), ("b", b.first_addr())] {
+        let stop = stop.clone();
+        publishers.push(tokio::spawn(async move {
+            let mut publ = login4(addr, &format!("pub-{name}"), "admin").await;
+            let mut acked = Vec::new();
+            let mut i = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                publ.publish_acked(format!("alice/flow/{name}"), false, format!("{name}{i}"))
+                    .await;
+                acked.push(format!("{name}{i}"));
+                i += 1;
+                // Under `limits.max_queued_messages` (1,000) while the session is away.
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            acked
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut moved = persistent4(b.first_addr(), "mover", "alice").await;
+    assert!(moved.connack.session_present, "the session came along");
+    let mut got = std::collections::HashMap::<String, usize>::new();
+    let until = tokio::time::Instant::now() + Duration::from_millis(700);
+    while tokio::time::Instant::now() < until {
+        if let Some(p) = moved.publish_within(Duration::from_millis(50)).await {
+            *got.entry(String::from_utf8_lossy(&p.payload).into_owned())
+                .or_default() += 1;
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut acked = Vec::new();
+    for p in publishers {
+        acked.extend(p.await.unwrap());
+    }
+    while let Some(p) = moved.publish_within(Duration::from_secs(2)).await {
+        *got.entry(String::from_utf8_lossy(&p.payload).into_owned())
+            .or_default() += 1;
+    }
+    let lost: Vec<&String> = acked.iter().filter(|m| !got.contains_key(*m)).collect();
+    let twice = got.values().filter(|n| **n > 1).count();
+    assert!(
+        lost.is_empty(),
+        "{} of {} acknowledged messages lost ({twice} twice): {:?}",
+        lost.len(),
+        acked.len(),
+        &lost[..lost.len().min(40)]
+    );
+    eprintln!("{} acknowledged, {twice} twice", acked.len());
 }

@@ -63,6 +63,9 @@ pub async fn give(
     crate::session_expiry::cancel(shared, router_id);
     // The session goes on elsewhere: its client is not gone for good.
     shared.delayed_wills.cancel(router_id);
+    // Read before the session leaves the offline sessions `admit` queues for: what it
+    // names is in what is taken; the taking node reads what came after (`unread.rs`).
+    let cut = shared.cluster.as_ref().map(|c| c.cut());
     let (session, ids) = match &shared.durable {
         Some(book) => match book.take(key).await {
             Some(t) => (Some((t.meta, t.messages)), t.ids),
@@ -82,6 +85,7 @@ pub async fn give(
         parts: 0,
         ids,
         live: false,
+        cut,
     };
     let max_payload = shared.cluster.as_ref().map(|c| c.max_payload());
     let kv_key = seal.session_key_of(router_id);
@@ -119,7 +123,14 @@ const RETRY_WAIT: Duration = Duration::from_secs(5);
 /// anew, live, and goes on with them. Returns how many.
 pub async fn park(shared: &Shared) -> usize {
     match (&shared.cluster, &shared.durable) {
-        (Some(_), Some(book)) => book.park_final().await,
+        (Some(cluster), Some(book)) => {
+            // Read before the final parks are ordered: what it names is in them; the
+            // node taking one reads what came after (`unread.rs`), published while this
+            // node stops and until the session is subscribed there.
+            let cut = cluster.cut();
+            *cluster.final_cut.lock().unwrap_or_else(|e| e.into_inner()) = Some(cut);
+            book.park_final().await
+        }
         _ => 0,
     }
 }
@@ -232,6 +243,7 @@ async fn install(
     parked_through: Option<u64>,
 ) -> Received {
     let buckets = &claim.buckets;
+    let cut = handoff.cut.take();
     // Stored here before it leaves the bucket: a crash in between loses nothing.
     let adopted = match (handoff.session.take(), &shared.durable) {
         (Some((meta, messages)), Some(book)) => {
@@ -259,6 +271,9 @@ async fn install(
         shared.sessions.save(router_id, &meta.subscriptions);
     }
     let Some(through) = parked_through else {
+        if let Some(cut) = cut {
+            read_after_cut(shared, claim, key, &meta, &cut).await;
+        }
         return Received::Installed;
     };
     let mut read = ReadOnBehalf::default();
@@ -291,6 +306,58 @@ async fn install(
         }
     }
     Received::Parked(ParkedResume { through, read })
+}
+
+/// What was published for the session `key` (subscribed here now) between its old node
+/// letting it go (`cut`) and this node subscribing it, read from the transfer stream and
+/// added to it (`unread.rs`), replayed by the resume that follows as carried over.
+async fn read_after_cut(
+    shared: &Shared,
+    claim: &OwnerClaim,
+    key: &SessionKey,
+    meta: &moatmq_store::SessionMeta,
+    cut: &super::Cut,
+) {
+    let (Some(cluster), Some(book)) = (&shared.cluster, &shared.durable) else {
+        return;
+    };
+    let here = cluster.cut();
+    // This node's own messages up to `here` are read from the stream: once it has them.
+    let stored = tokio::time::timeout(
+        super::unread::READ_WAIT,
+        cluster.transferred_through(here.forwarded),
+    )
+    .await;
+    if !matches!(stored, Ok(true)) {
+        tracing::warn!(
+            client_id = %key.client_id,
+            "cluster: this node's messages not yet in the transfer stream; the session may miss some of them"
+        );
+    }
+    let node = claim.previous.as_deref().unwrap_or(cut.origin.as_str());
+    let missed = super::unread::after_cut(
+        super::unread::ReadFor {
+            seal: cluster.owners.seal(),
+            buckets: &claim.buckets,
+            prefix: &cluster.prefix,
+            node,
+            key,
+            meta,
+            queue_qos0: book.queues_qos0(),
+            max_topic_levels: shared.config.limits.max_topic_levels,
+        },
+        cut,
+        &here,
+    )
+    .await;
+    if !missed.is_empty() {
+        tracing::debug!(
+            client_id = %key.client_id,
+            messages = missed.len(),
+            "cluster: messages published while the session moved added to it"
+        );
+        let _ = book.late(key, missed).await;
+    }
 }
 
 /// A connection of the persistent session `key` ended on this node (the caller still

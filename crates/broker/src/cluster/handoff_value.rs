@@ -29,6 +29,21 @@ pub(super) struct Handoff {
     /// Kept up to date by a running node for a session it keeps offline (`park.rs`):
     /// taken only if that node does not hand the session over itself in time.
     pub(super) live: bool,
+    /// Where the writing node's traffic stood when the session stopped being queued
+    /// for there: the taking node reads what came after from the transfer stream
+    /// (`unread.rs`). `None` from releases before it, and in parks.
+    pub(super) cut: Option<super::Cut>,
+}
+
+/// A handoff as releases before the cut wrote it.
+#[derive(Deserialize)]
+struct HandoffV2 {
+    revision: u64,
+    key: SessionKey,
+    session: Option<(SessionMeta, Messages)>,
+    parts: u32,
+    ids: Vec<u64>,
+    live: bool,
 }
 
 /// A handoff as releases before parts wrote it: still read, so that sessions move
@@ -75,16 +90,28 @@ pub(super) async fn open(
         .map_err(|e| e.to_string())?;
     let mut handoff = match postcard::from_bytes::<Handoff>(&plain) {
         Ok(h) => h,
-        Err(e) => match postcard::from_bytes::<HandoffV1>(&plain) {
-            Ok(v1) => Handoff {
-                revision: v1.revision,
-                key: v1.key,
-                session: v1.session,
-                parts: 0,
-                ids: Vec::new(),
-                live: false,
+        Err(e) => match postcard::from_bytes::<HandoffV2>(&plain) {
+            Ok(v2) => Handoff {
+                revision: v2.revision,
+                key: v2.key,
+                session: v2.session,
+                parts: v2.parts,
+                ids: v2.ids,
+                live: v2.live,
+                cut: None,
             },
-            Err(_) => return Err(e.to_string()),
+            Err(_) => match postcard::from_bytes::<HandoffV1>(&plain) {
+                Ok(v1) => Handoff {
+                    revision: v1.revision,
+                    key: v1.key,
+                    session: v1.session,
+                    parts: 0,
+                    ids: Vec::new(),
+                    live: false,
+                    cut: None,
+                },
+                Err(_) => return Err(e.to_string()),
+            },
         },
     };
     if handoff.key != *key {
@@ -172,6 +199,7 @@ fn split(handoff: &Handoff, budget: usize) -> Result<(Handoff, Vec<Part>), Strin
         parts: 0,
         ids: Vec::new(),
         live: handoff.live,
+        cut: handoff.cut.clone(),
     };
     let room = budget
         .checked_sub(encoded_len(&head)?)
@@ -308,6 +336,11 @@ mod tests {
             session: Some((SessionMeta::default(), messages)),
             parts: 0,
             live: false,
+            cut: Some(crate::cluster::Cut {
+                stream: 41,
+                origin: "node-a:1700000000".into(),
+                forwarded: 9,
+            }),
         }
     }
 
@@ -357,5 +390,39 @@ mod tests {
         assert!(postcard::from_bytes::<Handoff>(&plain).is_err());
         let read = postcard::from_bytes::<HandoffV1>(&plain).unwrap();
         assert_eq!(read.session, now.session);
+    }
+
+    #[test]
+    fn handoffs_with_and_without_a_cut_read_both_ways() {
+        let now = handoff(&[3]);
+        let plain = postcard::to_allocvec(&now).unwrap();
+        let read = postcard::from_bytes::<Handoff>(&plain).unwrap();
+        assert_eq!(read.cut, now.cut);
+        // A release before the cut reads the new value (the cut is left over at its end).
+        let old = postcard::from_bytes::<HandoffV2>(&plain).unwrap();
+        assert_eq!((old.revision, old.parts, old.live), (7, 0, false));
+        // And its values read here, without a cut.
+        #[derive(Serialize)]
+        struct Before<'a> {
+            revision: u64,
+            key: &'a SessionKey,
+            session: &'a Option<(SessionMeta, Messages)>,
+            parts: u32,
+            ids: &'a Vec<u64>,
+            live: bool,
+        }
+        let before = Before {
+            revision: now.revision,
+            key: &now.key,
+            session: &now.session,
+            parts: 0,
+            ids: &now.ids,
+            live: true,
+        };
+        let plain = postcard::to_allocvec(&before).unwrap();
+        assert!(postcard::from_bytes::<Handoff>(&plain).is_err());
+        let read = postcard::from_bytes::<HandoffV2>(&plain).unwrap();
+        assert!(read.live);
+        assert_eq!(read.ids, now.ids);
     }
 }

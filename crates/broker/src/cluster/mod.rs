@@ -127,6 +127,12 @@ pub struct Cluster {
     stopped: Arc<std::sync::atomic::AtomicBool>,
     /// The NATS server's `max_payload` (its default until connected).
     max_payload: Arc<AtomicUsize>,
+    /// The transfer stream's sequence of the last message this node's consumer took in
+    /// (`cluster_input`): every message of other nodes up to it was admitted here.
+    input_through: std::sync::atomic::AtomicU64,
+    /// Where this node's traffic stood when it made its parks final at shutdown
+    /// (`handoff::park`), for the parks' values (`park.rs`).
+    pub(crate) final_cut: std::sync::Mutex<Option<Cut>>,
 }
 
 impl Drop for Cluster {
@@ -354,6 +360,8 @@ impl Cluster {
                 connected,
                 stopped,
                 max_payload,
+                input_through: std::sync::atomic::AtomicU64::new(0),
+                final_cut: std::sync::Mutex::new(None),
             },
             Input {
                 live: subscriber,
@@ -497,6 +505,21 @@ impl Cluster {
         self.max_payload.load(Ordering::Relaxed)
     }
 
+    /// Where this node's traffic stands now (see [`Cut`]). Read before a session leaves
+    /// the offline sessions `admit` queues for: what it names was queued for it here.
+    pub(crate) fn cut(&self) -> Cut {
+        Cut {
+            stream: self.input_through.load(Ordering::Acquire),
+            origin: self.forward.id_prefix().to_string(),
+            forwarded: self.forward.last(),
+        }
+    }
+
+    /// This node's consumer took in the transfer stream message at `sequence`.
+    pub(crate) fn took_in(&self, sequence: u64) {
+        self.input_through.fetch_max(sequence, Ordering::Release);
+    }
+
     /// The number of the last message this node forwarded: a connection that had one
     /// admitted waits for [`Cluster::transferred_through`] that number, not for what
     /// other connections forward meanwhile.
@@ -589,6 +612,17 @@ impl Cluster {
         }
         to_subject(topic).map(|s| format!("{}.{s}", self.prefix))
     }
+}
+
+/// Where a node's traffic stood at one moment, to find in the transfer stream what
+/// came after: every message of other nodes up to stream sequence `stream` had been
+/// admitted on the node, and its own messages numbered up to `forwarded` (ids
+/// `<origin>:<number>`, `origin` being `<node>:<epoch>`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Cut {
+    pub stream: u64,
+    pub origin: String,
+    pub forwarded: u64,
 }
 
 /// The queue group of the nodes taking NATS-native messages in. NATS makes one group of

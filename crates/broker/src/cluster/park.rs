@@ -389,6 +389,7 @@ fn head(parked: &Parked, parts: u32, live: bool) -> Handoff {
         parts,
         ids: Vec::new(),
         live,
+        cut: None,
     }
 }
 
@@ -399,9 +400,19 @@ async fn finish(
     buckets: &Buckets,
     parked: &HashMap<SessionKey, Parked>,
 ) -> usize {
+    let cut = shared.cluster.as_ref().and_then(|c| {
+        c.final_cut
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    });
     let finals: Vec<(String, Handoff)> = parked
         .values()
-        .map(|p| (p.kv_key.clone(), head(p, p.parts, false)))
+        .map(|p| {
+            let mut head = head(p, p.parts, false);
+            head.cut = cut.clone();
+            (p.kv_key.clone(), head)
+        })
         .collect();
     futures_util::stream::iter(finals)
         .map(|(kv_key, head)| {

@@ -9,13 +9,14 @@
 
 use super::owner::Buckets;
 use super::xfer;
+use super::Cut;
 use crate::retained::from_router_properties;
 use futures_util::StreamExt;
 use moatmq_store::{ClusterSeal, QueuedMessage, SessionKey, SessionMeta};
 use std::time::Duration;
 
 /// How long a resume reads on a dead node's behalf, at most.
-const READ_WAIT: Duration = Duration::from_secs(10);
+pub(super) const READ_WAIT: Duration = Duration::from_secs(10);
 
 /// Where to read and what for.
 pub struct ReadFor<'a> {
@@ -47,7 +48,72 @@ pub async fn read(r: ReadFor<'_>) -> Vec<(QueuedMessage, bool)> {
             return Vec::new();
         }
     };
-    let (mut messages, last) = match unread_messages(js, &stream_name, &mut consumer).await {
+    let from = match consumer.info().await {
+        Ok(info) => info.ack_floor.stream_sequence + 1,
+        Err(e) => {
+            tracing::warn!("cluster: transfer stream not read for {}: {e}", r.node);
+            return Vec::new();
+        }
+    };
+    // Its own publishes it matched itself, before forwarding: in its park if it
+    // acknowledged them.
+    let dead = r.node.to_string();
+    read_from(&r, &stream_name, from, |origin, _, _| {
+        node_of(origin) != dead
+    })
+    .await
+}
+
+/// What a session handed over with `cut` (where its old node's traffic stood when the
+/// session stopped being queued for there) lacks, read from the transfer stream once it
+/// is subscribed here, where this node's traffic stands at `here`: messages of the old
+/// node numbered after the cut and of other nodes stored after it, up to what this node
+/// had taken in or sent itself before the session was subscribed here (what came later
+/// reached the session through the router). Matched as [`read`] matches; empty if the
+/// stream cannot be read (logged).
+pub async fn after_cut(r: ReadFor<'_>, cut: &Cut, here: &Cut) -> Vec<(QueuedMessage, bool)> {
+    let stream_name = xfer::stream_name(r.prefix);
+    let old_node = node_of(&cut.origin).to_string();
+    let this_node = node_of(&here.origin).to_string();
+    read_from(
+        &r,
+        &stream_name,
+        cut.stream + 1,
+        |origin, number, sequence| {
+            if origin == cut.origin {
+                // The old node's own, admitted there after the session left.
+                number > cut.forwarded && sequence <= here.stream
+            } else if origin == here.origin {
+                // This node's own, admitted here before the session was subscribed.
+                number <= here.forwarded
+            } else if node_of(origin) == old_node {
+                // An earlier process of the old node: matched there when admitted.
+                false
+            } else {
+                // Another node's (an earlier process of this one's included).
+                sequence <= here.stream || node_of(origin) == this_node
+            }
+        },
+    )
+    .await
+}
+
+/// `<node>` of an id origin `<node>:<epoch>`.
+fn node_of(origin: &str) -> &str {
+    origin.split(':').next().unwrap_or(origin)
+}
+
+/// The stream from sequence `from` to its last message now, each MQTT message taken if
+/// `wanted(origin, number, stream sequence)` (origin `<node>:<epoch>` and number from
+/// its id) and the session's subscriptions take it, in order, for at most
+/// [`READ_WAIT`].
+async fn read_from(
+    r: &ReadFor<'_>,
+    stream_name: &str,
+    from: u64,
+    wanted: impl Fn(&str, u64, u64) -> bool,
+) -> Vec<(QueuedMessage, bool)> {
+    let (mut messages, last) = match stream_from(&r.buckets.js, stream_name, from).await {
         Ok(Some(read)) => read,
         Ok(None) => return Vec::new(),
         Err(e) => {
@@ -55,7 +121,6 @@ pub async fn read(r: ReadFor<'_>) -> Vec<(QueuedMessage, bool)> {
             return Vec::new();
         }
     };
-    let own_subject = format!("{stream_name}.{}", r.node);
     let deadline = tokio::time::Instant::now() + READ_WAIT;
     let mut found = Vec::new();
     loop {
@@ -69,7 +134,7 @@ pub async fn read(r: ReadFor<'_>) -> Vec<(QueuedMessage, bool)> {
             Err(_) => {
                 tracing::warn!(
                     node = r.node,
-                    "cluster: reading the transfer stream on a dead node's behalf took too long; the rest is lost for the session"
+                    "cluster: reading the transfer stream for a session took too long; the rest is lost for the session"
                 );
                 break;
             }
@@ -81,19 +146,20 @@ pub async fn read(r: ReadFor<'_>) -> Vec<(QueuedMessage, bool)> {
         if sequence > last {
             break;
         }
-        // Its own publishes it matched itself, before forwarding: in its park if it
-        // acknowledged them.
-        if message.subject.as_str() == own_subject {
-            if sequence == last {
-                break;
-            }
-            continue;
-        }
-        found.extend(
-            matching(&r, &stream_name, &message)
+        let id = xfer::message_id(&message);
+        let origin = id
+            .as_deref()
+            .and_then(|id| id.rsplit_once(':'))
+            .and_then(|(origin, first)| Some((origin.to_string(), first.parse::<u64>().ok()?)));
+        if let Some((origin, first)) = origin {
+            found.extend(
+                matching(r, stream_name, &message, |i| {
+                    wanted(&origin, first + i as u64, sequence)
+                })
                 .into_iter()
                 .map(|m| (m, false)),
-        );
+            );
+        }
         if sequence == last {
             break;
         }
@@ -101,20 +167,13 @@ pub async fn read(r: ReadFor<'_>) -> Vec<(QueuedMessage, bool)> {
     found
 }
 
-/// The stream from `consumer`'s acknowledgement floor on, read by an ordered consumer
-/// of its own, and the stream's last sequence now; `None` when nothing is unread.
-async fn unread_messages(
+/// The stream from sequence `from` on, read by an ordered consumer of its own, and the
+/// stream's last sequence now; `None` when nothing is there.
+async fn stream_from(
     js: &async_nats::jetstream::Context,
     stream_name: &str,
-    consumer: &mut async_nats::jetstream::consumer::PullConsumer,
+    from: u64,
 ) -> Result<Option<(async_nats::jetstream::consumer::pull::Ordered, u64)>, String> {
-    let from = consumer
-        .info()
-        .await
-        .map_err(|e| e.to_string())?
-        .ack_floor
-        .stream_sequence
-        + 1;
     let mut stream = js
         .get_stream(stream_name)
         .await
@@ -147,6 +206,7 @@ fn matching(
     r: &ReadFor<'_>,
     stream_name: &str,
     message: &async_nats::jetstream::Message,
+    wanted: impl Fn(usize) -> bool,
 ) -> Vec<QueuedMessage> {
     let id = xfer::message_id(message);
     let opened = xfer::open_any(
@@ -164,7 +224,9 @@ fn matching(
     let waited = xfer::time_in_stream(message);
     opened
         .into_iter()
-        .filter_map(|(envelope, payload)| queued_for(r, envelope, payload, waited))
+        .enumerate()
+        .filter(|(i, _)| wanted(*i))
+        .filter_map(|(_, (envelope, payload))| queued_for(r, envelope, payload, waited))
         .collect()
 }
 

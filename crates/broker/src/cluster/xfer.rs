@@ -474,6 +474,8 @@ pub struct Sequencer {
     /// queue order is number order.
     last: Mutex<(u64, mpsc::Sender<Outgoing>)>,
     acked: watch::Receiver<u64>,
+    /// `<node>:<epoch>`: the ids of this process's messages are `<id_prefix>:<number>`.
+    id_prefix: String,
 }
 
 /// A message on its way to NATS: plaintext on its live subject, sealed in the stream.
@@ -493,6 +495,11 @@ impl Sequencer {
         last.1.try_send(make(seq)).ok()?;
         last.0 = seq;
         Some(seq)
+    }
+
+    /// `<node>:<epoch>` of this process's message ids.
+    pub fn id_prefix(&self) -> &str {
+        &self.id_prefix
     }
 
     /// The last number handed out.
@@ -567,6 +574,7 @@ pub fn output(
         .ack_timeout(ACK_TIMEOUT)
         .build(client.clone());
     let stream = stream_name(prefix);
+    let id_prefix = format!("{node}:{epoch}");
     let output = Output {
         client,
         js,
@@ -575,7 +583,7 @@ pub fn output(
         keeping,
         subject: format!("{stream}.{node}"),
         stream,
-        id_prefix: format!("{node}:{epoch}"),
+        id_prefix: id_prefix.clone(),
         metrics,
         acked,
         pending: VecDeque::new(),
@@ -586,6 +594,7 @@ pub fn output(
     let sequencer = Sequencer {
         last: Mutex::new((0, tx)),
         acked: watching,
+        id_prefix,
     };
     (sequencer, output, rx)
 }
