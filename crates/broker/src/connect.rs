@@ -454,6 +454,7 @@ async fn login(
             .as_ref()
             .and(keep_for)
             .map(|_| session_key.clone()),
+        moved: owner.as_ref().map(|claim| claim.moved_flag()),
     };
     // A persistent session's stored messages from before a restart are replayed first.
     let resumed = match (&shared.durable, &session.key) {

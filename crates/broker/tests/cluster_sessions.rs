@@ -754,3 +754,77 @@ async fn an_offline_session_moving_under_traffic_loses_nothing_acknowledged() {
     );
     eprintln!("{} acknowledged, {twice} twice", acked.len());
 }
+
+/// A persistent QoS 1 subscriber connected on node A while publishers on node A and
+/// node B keep sending, taken over by its client connecting to node B mid-stream:
+/// every message either node acknowledged reaches it, on A before the takeover or on B
+/// after (QoS 1: some may come twice): what A had written to it unacknowledged, what
+/// A's router had ready for it and what came while the session moved.
+#[tokio::test]
+async fn a_connected_session_taken_over_under_traffic_loses_nothing_acknowledged() {
+    let nats = Nats::start().await;
+    let a = node(&nats, "node-a").await;
+    let b = node(&nats, "node-b").await;
+    let mut first = persistent4(a.first_addr(), "mover", "alice").await;
+    first.subscribe_acked("alice/flow/#").await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut publishers = Vec::new();
+    for (name, addr) in [("a", a.first_addr()), ("b", b.first_addr())] {
+        let stop = stop.clone();
+        publishers.push(tokio::spawn(async move {
+            let mut publ = login4(addr, &format!("pub-{name}"), "admin").await;
+            let mut acked = Vec::new();
+            let mut i = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                publ.publish_acked(format!("alice/flow/{name}"), false, format!("{name}{i}"))
+                    .await;
+                acked.push(format!("{name}{i}"));
+                i += 1;
+            }
+            acked
+        }));
+    }
+    let mut got = std::collections::HashMap::<String, usize>::new();
+    let mut take = |p: rumqttc::Publish| {
+        *got.entry(String::from_utf8_lossy(&p.payload).into_owned())
+            .or_default() += 1;
+    };
+    let until = tokio::time::Instant::now() + Duration::from_millis(500);
+    while tokio::time::Instant::now() < until {
+        // rumqttc acknowledges each PUBLISH as it reads it.
+        if let Some(p) = first.publish_within(Duration::from_millis(50)).await {
+            take(p);
+        }
+    }
+    let mut moved = persistent4(b.first_addr(), "mover", "alice").await;
+    assert!(moved.connack.session_present, "the session came along");
+    // What node A wrote to the first connection until it closed it (acknowledged by
+    // rumqttc as it read them): read until the connection is gone.
+    while let Some(p) = first.publish_within(WAIT).await {
+        take(p);
+    }
+    let until = tokio::time::Instant::now() + Duration::from_millis(500);
+    while tokio::time::Instant::now() < until {
+        if let Some(p) = moved.publish_within(Duration::from_millis(50)).await {
+            take(p);
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut acked = Vec::new();
+    for p in publishers {
+        acked.extend(p.await.unwrap());
+    }
+    while let Some(p) = moved.publish_within(Duration::from_secs(2)).await {
+        take(p);
+    }
+    let lost: Vec<&String> = acked.iter().filter(|m| !got.contains_key(*m)).collect();
+    let twice = got.values().filter(|n| **n > 1).count();
+    assert!(
+        lost.is_empty(),
+        "{} of {} acknowledged messages lost ({twice} twice): {:?}",
+        lost.len(),
+        acked.len(),
+        &lost[..lost.len().min(40)]
+    );
+    eprintln!("{} acknowledged, {twice} twice", acked.len());
+}

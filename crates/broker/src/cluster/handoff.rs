@@ -65,7 +65,7 @@ pub async fn give(
     shared.delayed_wills.cancel(router_id);
     // Read before the session leaves the offline sessions `admit` queues for: what it
     // names is in what is taken; the taking node reads what came after (`unread.rs`).
-    let cut = shared.cluster.as_ref().map(|c| c.cut());
+    let cut = shared.cluster.as_ref().map(|c| c.cut_for(router_id));
     let (session, ids) = match &shared.durable {
         Some(book) => match book.take(key).await {
             Some(t) => (Some((t.meta, t.messages)), t.ids),

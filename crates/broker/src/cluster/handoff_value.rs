@@ -340,6 +340,7 @@ mod tests {
                 stream: 41,
                 origin: "node-a:1700000000".into(),
                 forwarded: 9,
+                own_from: 40,
             }),
         }
     }

@@ -133,6 +133,14 @@ pub struct Cluster {
     /// Where this node's traffic stood when it made its parks final at shutdown
     /// (`handoff::park`), for the parks' values (`park.rs`).
     pub(crate) final_cut: std::sync::Mutex<Option<Cut>>,
+    /// Connections that may hold publishes this node numbered back from the router
+    /// until the transfer stream has them, with the lowest number they may hold and
+    /// where this node's input stood then.
+    held_back: std::sync::Mutex<std::collections::HashMap<u64, (u64, u64)>>,
+    /// Where this node's traffic stood when a connection whose session moved to
+    /// another node collected what the router had for it, by router client id: the
+    /// handoff's cut is never later (`handoff::give`).
+    closed_cuts: std::sync::Mutex<std::collections::HashMap<String, Cut>>,
 }
 
 impl Drop for Cluster {
@@ -362,6 +370,8 @@ impl Cluster {
                 max_payload,
                 input_through: std::sync::atomic::AtomicU64::new(0),
                 final_cut: std::sync::Mutex::new(None),
+                held_back: std::sync::Mutex::new(std::collections::HashMap::new()),
+                closed_cuts: std::sync::Mutex::new(std::collections::HashMap::new()),
             },
             Input {
                 live: subscriber,
@@ -508,11 +518,65 @@ impl Cluster {
     /// Where this node's traffic stands now (see [`Cut`]). Read before a session leaves
     /// the offline sessions `admit` queues for: what it names was queued for it here.
     pub(crate) fn cut(&self) -> Cut {
+        let held = self.held_back.lock().unwrap_or_else(|e| e.into_inner());
+        let stream = self.input_through.load(Ordering::Acquire);
+        // This node's own messages are in its router once no connection holds them
+        // back: the cut names only those. One held back may be anywhere in the stream
+        // after where this node's input stood when it was numbered.
+        let (forwarded, own_from) = match held.values().min() {
+            Some(&(lowest, from)) => (lowest.saturating_sub(1).min(self.forward.last()), from),
+            None => (self.forward.last(), stream),
+        };
         Cut {
-            stream: self.input_through.load(Ordering::Acquire),
+            stream,
             origin: self.forward.id_prefix().to_string(),
-            forwarded: self.forward.last(),
+            forwarded,
+            own_from: own_from.min(stream),
         }
+    }
+
+    /// The connection of session `router_id`, which moved to another node, collects
+    /// what the router has for it now: what came later is the handoff's to read.
+    pub(crate) fn closing_moved(&self, router_id: &str) {
+        let cut = self.cut();
+        self.closed_cuts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(router_id.to_string(), cut);
+    }
+
+    /// [`Cluster::cut`] for the handoff of session `router_id`: not later than where
+    /// its moved connection collected the router's messages.
+    pub(crate) fn cut_for(&self, router_id: &str) -> Cut {
+        let mut cut = self.cut();
+        let closed = self
+            .closed_cuts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(router_id);
+        if let Some(closed) = closed {
+            cut.stream = cut.stream.min(closed.stream);
+            cut.forwarded = cut.forwarded.min(closed.forwarded);
+            cut.own_from = cut.own_from.min(closed.own_from);
+        }
+        cut
+    }
+
+    /// Connection `conn` is about to admit a publish it may hold back from the router
+    /// until the transfer stream has it (before the publish is numbered).
+    pub(crate) fn hold_back(&self, conn: u64) {
+        let mut held = self.held_back.lock().unwrap_or_else(|e| e.into_inner());
+        let next = self.forward.last() + 1;
+        let stream = self.input_through.load(Ordering::Acquire);
+        held.entry(conn).or_insert((next, stream));
+    }
+
+    /// Connection `conn` handed what it held back to the router (or dropped it).
+    pub(crate) fn released(&self, conn: u64) {
+        self.held_back
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&conn);
     }
 
     /// This node's consumer took in the transfer stream message at `sequence`.
@@ -617,12 +681,14 @@ impl Cluster {
 /// Where a node's traffic stood at one moment, to find in the transfer stream what
 /// came after: every message of other nodes up to stream sequence `stream` had been
 /// admitted on the node, and its own messages numbered up to `forwarded` (ids
-/// `<origin>:<number>`, `origin` being `<node>:<epoch>`).
+/// `<origin>:<number>`, `origin` being `<node>:<epoch>`) were in its router; its own
+/// numbered later are in the stream after `own_from`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Cut {
     pub stream: u64,
     pub origin: String,
     pub forwarded: u64,
+    pub own_from: u64,
 }
 
 /// The queue group of the nodes taking NATS-native messages in. NATS makes one group of

@@ -131,6 +131,11 @@ impl OwnerClaim {
     pub fn moved(&self) -> Option<u64> {
         Some(self.moved.load(Ordering::Acquire)).filter(|&r| r != 0)
     }
+
+    /// What [`OwnerClaim::moved`] reads (non-zero once another node took the session).
+    pub fn moved_flag(&self) -> Arc<AtomicU64> {
+        self.moved.clone()
+    }
 }
 
 impl Drop for OwnerClaim {

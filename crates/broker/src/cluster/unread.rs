@@ -75,26 +75,23 @@ pub async fn after_cut(r: ReadFor<'_>, cut: &Cut, here: &Cut) -> Vec<(QueuedMess
     let stream_name = xfer::stream_name(r.prefix);
     let old_node = node_of(&cut.origin).to_string();
     let this_node = node_of(&here.origin).to_string();
-    read_from(
-        &r,
-        &stream_name,
-        cut.stream + 1,
-        |origin, number, sequence| {
-            if origin == cut.origin {
-                // The old node's own, admitted there after the session left.
-                number > cut.forwarded && sequence <= here.stream
-            } else if origin == here.origin {
-                // This node's own, admitted here before the session was subscribed.
-                number <= here.forwarded
-            } else if node_of(origin) == old_node {
-                // An earlier process of the old node: matched there when admitted.
-                false
-            } else {
-                // Another node's (an earlier process of this one's included).
-                sequence <= here.stream || node_of(origin) == this_node
-            }
-        },
-    )
+    let from = cut.stream.min(cut.own_from) + 1;
+    read_from(&r, &stream_name, from, |origin, number, sequence| {
+        if origin == cut.origin {
+            // The old node's own, not in its router when the session left.
+            number > cut.forwarded && sequence <= here.stream
+        } else if sequence <= cut.stream || node_of(origin) == old_node {
+            // Admitted on the old node before the session left; or an earlier process
+            // of the old node's own, matched there when admitted.
+            false
+        } else if origin == here.origin {
+            // This node's own, admitted here before the session was subscribed.
+            number <= here.forwarded
+        } else {
+            // Another node's (an earlier process of this one's included).
+            sequence <= here.stream || node_of(origin) == this_node
+        }
+    })
     .await
 }
 

@@ -104,6 +104,13 @@ impl Gateway {
                     properties: props.as_ref(),
                     v5: self.version == Version::V5,
                 };
+                if let (Some(cluster), QoS::AtLeastOnce | QoS::ExactlyOnce) =
+                    (&self.shared.cluster, qos)
+                {
+                    // Before `admit` numbers it: held back from the router until the
+                    // transfer stream has it.
+                    cluster.hold_back(self.hold_id);
+                }
                 let admitted = admit(
                     &self.shared,
                     &self.info,
@@ -638,6 +645,15 @@ impl Gateway {
             }
         }
         self.to_router.saved();
+        if self.shared.cluster.is_some() {
+            // In the router now (a lazy connection opens its link for it), before
+            // anything else of this connection's.
+            self.open_link().await?;
+            self.link.commit(&mut self.to_router)?;
+            if let (Some(cluster), false) = (&self.shared.cluster, self.to_router.has_ready()) {
+                cluster.released(self.hold_id);
+            }
+        }
         Ok(())
     }
 }

@@ -38,6 +38,10 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::debug;
 
+/// How long a connection whose session moved to another node waits for each of the
+/// router's answers while collecting what it had not forwarded yet.
+const ROUTER_SETTLE_WAIT: Duration = Duration::from_millis(200);
+
 mod close;
 mod deliver;
 mod held;
@@ -118,6 +122,8 @@ pub struct SessionPart {
     pub expiry: u64,
     /// Its key in the durable session store, when that is on and the session persistent.
     pub key: Option<SessionKey>,
+    /// Non-zero once another node of the cluster took the session over (`owner.rs`).
+    pub moved: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 impl SessionPart {
@@ -139,6 +145,9 @@ impl SessionPart {
 /// that carry its traffic. Each part owns its state; this loop composes them.
 pub struct Gateway {
     shared: Arc<Shared>,
+    /// This connection's number in the cluster's record of publishes held back from
+    /// the router (`Cluster::hold_back`).
+    hold_id: u64,
     info: ConnInfo,
     version: Version,
     /// Reads the client's packets (its protocol version's codec).
@@ -254,6 +263,7 @@ impl Gateway {
             .is_some()
             .then(|| shared.sys.subscribe());
         Gateway {
+            hold_id: crate::origin::next_connection(),
             shared,
             info,
             version,
@@ -346,18 +356,46 @@ impl Gateway {
         // first (older than anything queued from now on; what it was sent is stored
         // already), then, before the link closes, its messages are queued in the store.
         let held = match (&close, &self.session.key) {
-            (Close::Shutdown, Some(_)) => self.drain_router(),
+            (Close::Shutdown, Some(_)) => {
+                let forwards = self.router_ready();
+                self.as_queued(forwards)
+            }
             _ => Vec::new(),
         };
         if let (Some(book), Some(key)) = (&self.shared.durable, &self.session.key) {
             book.hold(key, held);
             book.offline(key, self.session.meta(self.version));
         }
+        let moved = self
+            .session
+            .moved
+            .as_ref()
+            .is_some_and(|m| m.load(std::sync::atomic::Ordering::Acquire) != 0);
+        let shared = self.shared.clone();
+        if let (Close::Replaced, true, Some(book), Some(key)) =
+            (&close, moved, &shared.durable, self.session.key.clone())
+        {
+            // Another node took the session over: it goes there, and this router's copy
+            // of it is discarded. What was admitted before the line above (from then
+            // on it is queued in the store) and the router has not forwarded yet is
+            // collected first, so it goes along.
+            if let Some(cluster) = &shared.cluster {
+                // Publishes this node admitted and had not handed to its router yet are
+                // not collected: the handoff's cut is before them.
+                cluster.closing_moved(&self.router_id);
+            }
+            let forwards = self.router_settled().await;
+            let held = self.as_queued(forwards);
+            book.hold(&key, held);
+        }
         if !matches!(close, Close::TakenOver) {
             // What a lazy connection sent just before it ended (a QoS 0 PUBLISH and
             // its DISCONNECT in one read) still reaches the router, as with a link.
             let _ = self.open_link().await;
             self.link.close(&mut self.to_router);
+        }
+        if let Some(cluster) = &self.shared.cluster {
+            cluster.released(self.hold_id);
         }
         if self.session.persistent {
             // Before the session hold is released: a new connection resumes these.
@@ -592,7 +630,9 @@ impl Gateway {
 
     /// At shutdown: the forwards the router has ready for a persistent session, which
     /// would die with the process, go to the session store instead.
-    fn drain_router(&mut self) -> Vec<moatmq_store::QueuedMessage> {
+    /// What the router has forwarded for the session and the client has not been sent
+    /// yet, oldest first.
+    fn router_ready(&mut self) -> Vec<rumqttd::Forward> {
         // Those waiting for the client's window are older than the link's.
         let mut forwards = self.window.take_held();
         while let Some(Ok(Some(n))) = self.link.try_next() {
@@ -600,6 +640,49 @@ impl Gateway {
                 forwards.push(f);
             }
         }
+        forwards
+    }
+
+    /// [`Gateway::router_ready`], once the router has handled everything sent to it
+    /// before: two round trips (a PINGREQ on the link, answered before the data the
+    /// same pass forwards; the second answered after it), each waited for at most
+    /// [`ROUTER_SETTLE_WAIT`].
+    async fn router_settled(&mut self) -> Vec<rumqttd::Forward> {
+        let mut forwards = self.window.take_held();
+        if self.link.is_open() {
+            'rounds: for _ in 0..2 {
+                // Whatever paused the link (its buffer read or not), it is read now.
+                self.link.ready();
+                self.to_router
+                    .send(Packet::PingReq(rumqttd::protocol::PingReq));
+                if self.link.commit(&mut self.to_router).is_err() {
+                    break;
+                }
+                let deadline = Instant::now() + ROUTER_SETTLE_WAIT;
+                loop {
+                    match tokio::time::timeout_at(deadline, self.link.next()).await {
+                        Ok(Ok(Some(rumqttd::Notification::Forward(f)))) => forwards.push(f),
+                        Ok(Ok(Some(n @ rumqttd::Notification::DeviceAck(_)))) => {
+                            let packet: Option<Packet> = n.into();
+                            if matches!(packet, Some(Packet::PingResp(_))) {
+                                break;
+                            }
+                        }
+                        // The router paused the link until its buffer is read.
+                        Ok(Ok(Some(rumqttd::Notification::Unschedule))) => self.link.ready(),
+                        Ok(Ok(Some(_))) => {}
+                        _ => break 'rounds,
+                    }
+                }
+            }
+        }
+        forwards.extend(self.router_ready());
+        forwards
+    }
+
+    /// `forwards` as the session store keeps them (not sent to this client: QoS 0 and
+    /// group copies of other sessions left out).
+    fn as_queued(&mut self, forwards: Vec<rumqttd::Forward>) -> Vec<moatmq_store::QueuedMessage> {
         forwards
             .into_iter()
             .filter_map(|mut f| {
