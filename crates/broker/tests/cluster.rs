@@ -89,6 +89,14 @@ async fn publish(c: &v4::Client, topic: &str, qos: QoS, retain: bool, payload: &
         .expect("publish queued");
 }
 
+/// The payloads of what `got` holds on `topic`, in order.
+fn payloads_on(got: &[rumqttc::Publish], topic: &str) -> Vec<String> {
+    got.iter()
+        .filter(|p| p.topic == topic)
+        .map(|p| String::from_utf8_lossy(&p.payload).into_owned())
+        .collect()
+}
+
 /// Every PUBLISH received until nothing more arrives for [`QUIET`].
 async fn drain(c: &mut v4::Client) -> Vec<rumqttc::Publish> {
     let mut got = Vec::new();
@@ -225,11 +233,7 @@ async fn three_nodes_deliver_each_message_once_in_order() {
         let mut got = vec![s.next_publish().await];
         got.extend(drain(s).await);
         for topic in ["alice/a", "alice/c"] {
-            let payloads: Vec<String> = got
-                .iter()
-                .filter(|p| p.topic == topic)
-                .map(|p| String::from_utf8_lossy(&p.payload).into_owned())
-                .collect();
+            let payloads = payloads_on(&got, topic);
             assert_eq!(payloads, expected, "node {i}, {topic}: once each, in order");
         }
         assert_eq!(got.len(), 40, "node {i}: nothing else");
@@ -656,11 +660,7 @@ async fn nodes_batching_and_nodes_sending_one_by_one_exchange_every_message() {
         let mut got = vec![sub.next_publish().await];
         got.extend(drain(sub).await);
         for topic in ["alice/from-one", "alice/from-batching"] {
-            let payloads: Vec<String> = got
-                .iter()
-                .filter(|p| p.topic == topic)
-                .map(|p| String::from_utf8_lossy(&p.payload).into_owned())
-                .collect();
+            let payloads = payloads_on(&got, topic);
             assert_eq!(payloads, expected, "{name}, {topic}: every one, in order");
         }
     }

@@ -693,6 +693,90 @@ async fn handoff_keys(nats: &Nats, enough: impl Fn(usize) -> bool) {
     }
 }
 
+/// QoS 1 publishers on two nodes (`admin`, to `alice/flow/<name>`, payloads
+/// `<name><i>`) until stopped, each waiting for its PUBACK, with a pause of `pause`
+/// between publishes.
+struct Traffic {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    publishers: Vec<tokio::task::JoinHandle<Vec<String>>>,
+}
+
+impl Traffic {
+    fn start(on: [(&'static str, SocketAddr); 2], pause: Duration) -> Traffic {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let publishers = on
+            .into_iter()
+            .map(|(name, addr)| {
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    let mut publ = login4(addr, &format!("pub-{name}"), "admin").await;
+                    let mut acked = Vec::new();
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let payload = format!("{name}{}", acked.len());
+                        publ.publish_acked(format!("alice/flow/{name}"), false, &payload)
+                            .await;
+                        acked.push(payload);
+                        tokio::time::sleep(pause).await;
+                    }
+                    acked
+                })
+            })
+            .collect();
+        Traffic { stop, publishers }
+    }
+
+    /// Stops the publishers: what they had acknowledged.
+    async fn stop(self) -> Vec<String> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut acked = Vec::new();
+        for p in self.publishers {
+            acked.extend(p.await.unwrap());
+        }
+        acked
+    }
+}
+
+/// Payloads received, with how many times each.
+#[derive(Default)]
+struct Received(std::collections::HashMap<String, usize>);
+
+impl Received {
+    /// What `c` receives within `wait` (each PUBLISH within 50 ms of the last, or
+    /// `quiet` once `wait` is over).
+    async fn from(&mut self, c: &mut v4::Client, wait: Duration, quiet: Duration) {
+        let until = tokio::time::Instant::now() + wait;
+        while tokio::time::Instant::now() < until {
+            if let Some(p) = c.publish_within(Duration::from_millis(50)).await {
+                self.take(p);
+            }
+        }
+        while let Some(p) = c.publish_within(quiet).await {
+            self.take(p);
+        }
+    }
+
+    fn take(&mut self, p: rumqttc::Publish) {
+        *self
+            .0
+            .entry(String::from_utf8_lossy(&p.payload).into_owned())
+            .or_default() += 1;
+    }
+
+    /// Every payload of `acked` was received (some may have come twice).
+    fn assert_none_lost(&self, acked: &[String]) {
+        let lost: Vec<&String> = acked.iter().filter(|m| !self.0.contains_key(*m)).collect();
+        let twice = self.0.values().filter(|n| **n > 1).count();
+        assert!(
+            lost.is_empty(),
+            "{} of {} acknowledged messages lost ({twice} twice): {:?}",
+            lost.len(),
+            acked.len(),
+            &lost[..lost.len().min(40)]
+        );
+        eprintln!("{} acknowledged, {twice} twice", acked.len());
+    }
+}
+
 /// A persistent QoS 1 session offline on node A while publishers on node A and node B
 /// keep sending, resumed by its client on node B mid-stream: every message either node
 /// acknowledged reaches it once it is back (QoS 1: some may come twice), those queued on
@@ -704,55 +788,19 @@ async fn an_offline_session_moving_under_traffic_loses_nothing_acknowledged() {
     let a = node(&nats, "node-a").await;
     let b = node(&nats, "node-b").await;
     offline4(a.first_addr(), "mover", "alice", "alice/flow/#").await;
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut publishers = Vec::new();
-    for (name, addr) in [("a", a.first_addr()), ("b", b.first_addr())] {
-        let stop = stop.clone();
-        publishers.push(tokio::spawn(async move {
-            let mut publ = login4(addr, &format!("pub-{name}"), "admin").await;
-            let mut acked = Vec::new();
-            let mut i = 0usize;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                publ.publish_acked(format!("alice/flow/{name}"), false, format!("{name}{i}"))
-                    .await;
-                acked.push(format!("{name}{i}"));
-                i += 1;
-                // Under `limits.max_queued_messages` (1,000) while the session is away.
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-            acked
-        }));
-    }
+    // Paced under `limits.max_queued_messages` (1,000) while the session is away.
+    let on = [("a", a.first_addr()), ("b", b.first_addr())];
+    let traffic = Traffic::start(on, Duration::from_millis(1));
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut moved = persistent4(b.first_addr(), "mover", "alice").await;
     assert!(moved.connack.session_present, "the session came along");
-    let mut got = std::collections::HashMap::<String, usize>::new();
-    let until = tokio::time::Instant::now() + Duration::from_millis(700);
-    while tokio::time::Instant::now() < until {
-        if let Some(p) = moved.publish_within(Duration::from_millis(50)).await {
-            *got.entry(String::from_utf8_lossy(&p.payload).into_owned())
-                .or_default() += 1;
-        }
-    }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let mut acked = Vec::new();
-    for p in publishers {
-        acked.extend(p.await.unwrap());
-    }
-    while let Some(p) = moved.publish_within(Duration::from_secs(2)).await {
-        *got.entry(String::from_utf8_lossy(&p.payload).into_owned())
-            .or_default() += 1;
-    }
-    let lost: Vec<&String> = acked.iter().filter(|m| !got.contains_key(*m)).collect();
-    let twice = got.values().filter(|n| **n > 1).count();
-    assert!(
-        lost.is_empty(),
-        "{} of {} acknowledged messages lost ({twice} twice): {:?}",
-        lost.len(),
-        acked.len(),
-        &lost[..lost.len().min(40)]
-    );
-    eprintln!("{} acknowledged, {twice} twice", acked.len());
+    let mut got = Received::default();
+    got.from(&mut moved, Duration::from_millis(700), Duration::ZERO)
+        .await;
+    let acked = traffic.stop().await;
+    got.from(&mut moved, Duration::ZERO, Duration::from_secs(2))
+        .await;
+    got.assert_none_lost(&acked);
 }
 
 /// A persistent QoS 1 subscriber connected on node A while publishers on node A and
@@ -767,64 +815,21 @@ async fn a_connected_session_taken_over_under_traffic_loses_nothing_acknowledged
     let b = node(&nats, "node-b").await;
     let mut first = persistent4(a.first_addr(), "mover", "alice").await;
     first.subscribe_acked("alice/flow/#").await;
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut publishers = Vec::new();
-    for (name, addr) in [("a", a.first_addr()), ("b", b.first_addr())] {
-        let stop = stop.clone();
-        publishers.push(tokio::spawn(async move {
-            let mut publ = login4(addr, &format!("pub-{name}"), "admin").await;
-            let mut acked = Vec::new();
-            let mut i = 0usize;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                publ.publish_acked(format!("alice/flow/{name}"), false, format!("{name}{i}"))
-                    .await;
-                acked.push(format!("{name}{i}"));
-                i += 1;
-            }
-            acked
-        }));
-    }
-    let mut got = std::collections::HashMap::<String, usize>::new();
-    let mut take = |p: rumqttc::Publish| {
-        *got.entry(String::from_utf8_lossy(&p.payload).into_owned())
-            .or_default() += 1;
-    };
-    let until = tokio::time::Instant::now() + Duration::from_millis(500);
-    while tokio::time::Instant::now() < until {
-        // rumqttc acknowledges each PUBLISH as it reads it.
-        if let Some(p) = first.publish_within(Duration::from_millis(50)).await {
-            take(p);
-        }
-    }
+    let on = [("a", a.first_addr()), ("b", b.first_addr())];
+    let traffic = Traffic::start(on, Duration::ZERO);
+    let mut got = Received::default();
+    // rumqttc acknowledges each PUBLISH as it reads it.
+    got.from(&mut first, Duration::from_millis(500), Duration::ZERO)
+        .await;
     let mut moved = persistent4(b.first_addr(), "mover", "alice").await;
     assert!(moved.connack.session_present, "the session came along");
-    // What node A wrote to the first connection until it closed it (acknowledged by
-    // rumqttc as it read them): read until the connection is gone.
-    while let Some(p) = first.publish_within(WAIT).await {
-        take(p);
-    }
-    let until = tokio::time::Instant::now() + Duration::from_millis(500);
-    while tokio::time::Instant::now() < until {
-        if let Some(p) = moved.publish_within(Duration::from_millis(50)).await {
-            take(p);
-        }
-    }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let mut acked = Vec::new();
-    for p in publishers {
-        acked.extend(p.await.unwrap());
-    }
-    while let Some(p) = moved.publish_within(Duration::from_secs(2)).await {
-        take(p);
-    }
-    let lost: Vec<&String> = acked.iter().filter(|m| !got.contains_key(*m)).collect();
-    let twice = got.values().filter(|n| **n > 1).count();
-    assert!(
-        lost.is_empty(),
-        "{} of {} acknowledged messages lost ({twice} twice): {:?}",
-        lost.len(),
-        acked.len(),
-        &lost[..lost.len().min(40)]
-    );
-    eprintln!("{} acknowledged, {twice} twice", acked.len());
+    // What node A wrote to the first connection until it closed it: read until the
+    // connection is gone.
+    got.from(&mut first, Duration::ZERO, WAIT).await;
+    got.from(&mut moved, Duration::from_millis(500), Duration::ZERO)
+        .await;
+    let acked = traffic.stop().await;
+    got.from(&mut moved, Duration::ZERO, Duration::from_secs(2))
+        .await;
+    got.assert_none_lost(&acked);
 }
