@@ -118,6 +118,14 @@ impl Gateway {
                     Source::Publish,
                     inbound,
                 );
+                if let Some(cluster) = &self.shared.cluster {
+                    let held =
+                        matches!(admitted, Ok(Admitted::AfterSave | Admitted::AfterTransfer));
+                    if !held && !self.to_router.waits_for_save() {
+                        // Refused, or kept on this node: nothing held back.
+                        cluster.released(self.hold_id);
+                    }
+                }
                 // What the subscribers' gateways need of this publish (`origin.rs`).
                 let published =
                     self.options
