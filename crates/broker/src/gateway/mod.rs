@@ -628,10 +628,9 @@ impl Gateway {
         Ok(())
     }
 
-    /// At shutdown: the forwards the router has ready for a persistent session, which
-    /// would die with the process, go to the session store instead.
     /// What the router has forwarded for the session and the client has not been sent
-    /// yet, oldest first.
+    /// yet, oldest first: at shutdown they would die with the process, so they go to
+    /// the session store instead.
     fn router_ready(&mut self) -> Vec<rumqttd::Forward> {
         // Those waiting for the client's window are older than the link's.
         let mut forwards = self.window.take_held();
