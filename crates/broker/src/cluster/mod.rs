@@ -523,15 +523,17 @@ impl Cluster {
         // This node's own messages are in its router once no connection holds them
         // back: the cut names only those. One held back may be anywhere in the stream
         // after where this node's input stood when it was numbered.
-        let (forwarded, own_from) = match held.values().min() {
-            Some(&(lowest, from)) => (lowest.saturating_sub(1).min(self.forward.last()), from),
-            None => (self.forward.last(), stream),
-        };
+        let last = self.forward.last();
+        let forwarded = held
+            .values()
+            .map(|&(lowest, _)| lowest.saturating_sub(1))
+            .fold(last, u64::min);
+        let own_from = held.values().map(|&(_, from)| from).fold(stream, u64::min);
         Cut {
             stream,
             origin: self.forward.id_prefix().to_string(),
             forwarded,
-            own_from: own_from.min(stream),
+            own_from,
         }
     }
 
