@@ -102,6 +102,26 @@ impl AckOrder {
     pub fn client_comp(&mut self, pkid: u16, comp: Packet, out: &mut Vec<Packet>) {
         self.pubrels.answered(pkid, comp, out);
     }
+
+    /// Every message in flight acknowledged now, in order (the session leaves this
+    /// router, and what the client was sent is in the session store): ours where there
+    /// is one, a PUBACK otherwise, which frees the router's slot whatever the QoS.
+    pub fn settle_all(&mut self, out: &mut Vec<Packet>) {
+        for slot in self.inflight.0.drain(..) {
+            out.push(slot.ack.unwrap_or_else(|| puback(slot.pkid)));
+        }
+    }
+}
+
+/// A successful PUBACK for `pkid`, to the router.
+pub fn puback(pkid: u16) -> Packet {
+    Packet::PubAck(
+        rumqttd::protocol::PubAck {
+            pkid,
+            reason: rumqttd::protocol::PubAckReason::Success,
+        },
+        None,
+    )
 }
 
 #[cfg(test)]
@@ -165,5 +185,22 @@ mod tests {
         q.client_ack(99, ack(99), &mut out);
         q.client_comp(7, comp(7), &mut out);
         assert!(out.is_empty(), "nothing in flight: {:?}", ids(&out));
+    }
+
+    #[test]
+    fn settling_all_acknowledges_every_message_in_flight_in_order() {
+        let mut order = AckOrder::default();
+        let mut out = Vec::new();
+        order.delivered(1);
+        order.delivered(2);
+        order.withheld(3, ack(3), &mut out);
+        order.delivered(4);
+        assert!(out.is_empty(), "held behind 1");
+        order.settle_all(&mut out);
+        assert_eq!(ids(&out), vec![1, 2, 3, 4]);
+        // Nothing is left to acknowledge twice.
+        out.clear();
+        order.client_ack(4, ack(4), &mut out);
+        assert!(out.is_empty());
     }
 }

@@ -833,3 +833,36 @@ async fn a_connected_session_taken_over_under_traffic_loses_nothing_acknowledged
         .await;
     got.assert_none_lost(&acked);
 }
+
+/// A persistent QoS 1 subscriber on node A that stopped acknowledging (a slow device)
+/// while 300 messages were published for it, more than the router keeps in flight to
+/// one connection, taken over by its client on node B: every message arrives on B,
+/// those A had sent unacknowledged with DUP, those still in A's router too.
+#[tokio::test]
+async fn a_slow_subscriber_taken_over_brings_everything_its_router_held() {
+    let nats = Nats::start().await;
+    let a = node(&nats, "node-a").await;
+    let b = node(&nats, "node-b").await;
+    let mut o = v4::options(a.first_addr(), "slow");
+    o.set_credentials("alice", password("alice"));
+    o.set_clean_session(false);
+    o.set_manual_acks(true);
+    let mut slow = v4::connect(o).await.expect("login");
+    slow.subscribe_acked("alice/slow").await;
+    const N: usize = 300;
+    let mut publ = login4(a.first_addr(), "slow-pub", "admin").await;
+    for i in 0..N {
+        publ.publish_acked("alice/slow", false, format!("m{i}"))
+            .await;
+    }
+    // Read (never acknowledged) what node A sends it.
+    let mut first = Received::default();
+    first.from(&mut slow, Duration::ZERO, QUIET).await;
+    let mut moved = persistent4(b.first_addr(), "slow", "alice").await;
+    assert!(moved.connack.session_present, "the session came along");
+    let mut got = Received::default();
+    got.from(&mut moved, Duration::ZERO, Duration::from_secs(2))
+        .await;
+    let acked: Vec<String> = (0..N).map(|i| format!("m{i}")).collect();
+    got.assert_none_lost(&acked);
+}

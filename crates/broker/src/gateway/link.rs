@@ -182,6 +182,22 @@ impl ToRouter {
         }
     }
 
+    /// The session leaves this router: every forward in flight to the client is
+    /// acknowledged to the router now, so it forwards what it still holds.
+    pub(super) fn settle_all(&mut self) {
+        self.acks.settle_all(&mut self.released);
+        self.release();
+    }
+
+    /// A forward the router sent while the session leaves (kept in the session store):
+    /// acknowledged to the router at once.
+    pub(super) fn settle(&mut self, publish: &rumqttd::protocol::Publish) {
+        let (qos, pkid) = crate::codec::qos_and_pkid(publish);
+        if qos != QoS::AtMostOnce {
+            self.send(crate::acks::puback(pkid));
+        }
+    }
+
     fn release(&mut self) {
         let mut released = std::mem::take(&mut self.released);
         for packet in released.drain(..) {

@@ -643,24 +643,39 @@ impl Gateway {
     }
 
     /// [`Gateway::router_ready`], once the router has handled everything sent to it
-    /// before: two round trips (a PINGREQ on the link, answered before the data the
-    /// same pass forwards; the second answered after it), each waited for at most
-    /// [`ROUTER_SETTLE_WAIT`].
+    /// before, and everything it still held for the session: what the client was sent
+    /// and what the router forwards meanwhile is acknowledged to it (the session store
+    /// keeps them), so a router stopped at its in-flight limit goes on; then rounds of
+    /// two PINGREQs on the link (the first answered before the data the same pass
+    /// forwards, the second after it) until a round brings nothing, each answer waited
+    /// for at most [`ROUTER_SETTLE_WAIT`].
     async fn router_settled(&mut self) -> Vec<rumqttd::Forward> {
         let mut forwards = self.window.take_held();
-        if self.link.is_open() {
-            'rounds: for _ in 0..2 {
+        if !self.link.is_open() {
+            forwards.extend(self.router_ready());
+            return forwards;
+        }
+        self.to_router.settle_all();
+        for f in &forwards {
+            self.to_router.settle(&f.publish);
+        }
+        'rounds: loop {
+            let before = forwards.len();
+            for _ in 0..2 {
                 // Whatever paused the link (its buffer read or not), it is read now.
                 self.link.ready();
                 self.to_router
                     .send(Packet::PingReq(rumqttd::protocol::PingReq));
                 if self.link.commit(&mut self.to_router).is_err() {
-                    break;
+                    break 'rounds;
                 }
                 let deadline = Instant::now() + ROUTER_SETTLE_WAIT;
                 loop {
                     match tokio::time::timeout_at(deadline, self.link.next()).await {
-                        Ok(Ok(Some(rumqttd::Notification::Forward(f)))) => forwards.push(f),
+                        Ok(Ok(Some(rumqttd::Notification::Forward(f)))) => {
+                            self.to_router.settle(&f.publish);
+                            forwards.push(f);
+                        }
                         Ok(Ok(Some(n @ rumqttd::Notification::DeviceAck(_)))) => {
                             let packet: Option<Packet> = n.into();
                             if matches!(packet, Some(Packet::PingResp(_))) {
@@ -669,10 +684,14 @@ impl Gateway {
                         }
                         // The router paused the link until its buffer is read.
                         Ok(Ok(Some(rumqttd::Notification::Unschedule))) => self.link.ready(),
-                        Ok(Ok(Some(_))) => {}
+                        // A wake-up whose notifications an earlier read took.
+                        Ok(Ok(Some(_) | None)) => {}
                         _ => break 'rounds,
                     }
                 }
+            }
+            if forwards.len() == before {
+                break;
             }
         }
         forwards.extend(self.router_ready());
