@@ -840,6 +840,17 @@ async fn a_connected_session_taken_over_under_traffic_loses_nothing_acknowledged
 /// those A had sent unacknowledged with DUP, those still in A's router too.
 #[tokio::test]
 async fn a_slow_subscriber_taken_over_brings_everything_its_router_held() {
+    slow_subscriber_moves(false).await;
+}
+
+/// The same with the slow client disconnecting from node A first, its session kept
+/// there offline, then resumed on node B.
+#[tokio::test]
+async fn a_slow_subscriber_gone_then_back_elsewhere_finds_everything_its_router_held() {
+    slow_subscriber_moves(true).await;
+}
+
+async fn slow_subscriber_moves(disconnect_first: bool) {
     let nats = Nats::start().await;
     let a = node(&nats, "node-a").await;
     let b = node(&nats, "node-b").await;
@@ -858,6 +869,10 @@ async fn a_slow_subscriber_taken_over_brings_everything_its_router_held() {
     // Read (never acknowledged) what node A sends it.
     let mut first = Received::default();
     first.from(&mut slow, Duration::ZERO, QUIET).await;
+    if disconnect_first {
+        slow.client.disconnect().await.unwrap();
+        slow.closed_within(WAIT).await;
+    }
     let mut moved = persistent4(b.first_addr(), "slow", "alice").await;
     assert!(moved.connack.session_present, "the session came along");
     let mut got = Received::default();

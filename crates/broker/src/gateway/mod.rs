@@ -355,8 +355,10 @@ impl Gateway {
         // A durable session: at shutdown what the router has ready for it is stored
         // first (older than anything queued from now on; what it was sent is stored
         // already), then, before the link closes, its messages are queued in the store.
+        let clustered = self.shared.cluster.is_some();
         let held = match (&close, &self.session.key) {
-            (Close::Shutdown, Some(_)) => {
+            // With `[cluster]`, collected below, whatever the close.
+            (Close::Shutdown, Some(_)) if !clustered => {
                 let forwards = self.router_ready();
                 self.as_queued(forwards)
             }
@@ -372,21 +374,24 @@ impl Gateway {
             .as_ref()
             .is_some_and(|m| m.load(std::sync::atomic::Ordering::Acquire) != 0);
         let shared = self.shared.clone();
-        if let (Close::Replaced, true, Some(book), Some(key)) =
-            (&close, moved, &shared.durable, self.session.key.clone())
+        if let (Some(cluster), Some(book), Some(key)) =
+            (&shared.cluster, &shared.durable, self.session.key.clone())
         {
-            // Another node took the session over: it goes there, and this router's copy
-            // of it is discarded. What was admitted before the line above (from then
-            // on it is queued in the store) and the router has not forwarded yet is
-            // collected first, so it goes along.
-            if let Some(cluster) = &shared.cluster {
-                // Publishes this node admitted and had not handed to its router yet are
-                // not collected: the handoff's cut is before them.
-                cluster.closing_moved(&self.router_id);
+            // With `[cluster]` the session may go on on another node (taken over now,
+            // or resumed there later), where this router's copy of it is discarded:
+            // what was admitted before the line above (from then on it is queued in
+            // the store) and the router has not forwarded yet is collected and stored.
+            // Not when the router dropped the link (nothing to ask).
+            if !matches!(close, Close::TakenOver) {
+                if moved && matches!(close, Close::Replaced) {
+                    // Publishes this node admitted and had not handed to its router yet
+                    // are not collected: the handoff's cut is before them.
+                    cluster.closing_moved(&self.router_id);
+                }
+                let forwards = self.router_settled().await;
+                let held = self.as_queued(forwards);
+                book.hold(&key, held);
             }
-            let forwards = self.router_settled().await;
-            let held = self.as_queued(forwards);
-            book.hold(&key, held);
         }
         if !matches!(close, Close::TakenOver) {
             // What a lazy connection sent just before it ended (a QoS 0 PUBLISH and
@@ -673,8 +678,13 @@ impl Gateway {
                 loop {
                     match tokio::time::timeout_at(deadline, self.link.next()).await {
                         Ok(Ok(Some(rumqttd::Notification::Forward(f)))) => {
+                            // Acknowledged at once: a router at its in-flight limit
+                            // answers nothing more, the PINGREQ included, until then.
                             self.to_router.settle(&f.publish);
                             forwards.push(f);
+                            if self.link.commit(&mut self.to_router).is_err() {
+                                break 'rounds;
+                            }
                         }
                         Ok(Ok(Some(n @ rumqttd::Notification::DeviceAck(_)))) => {
                             let packet: Option<Packet> = n.into();
