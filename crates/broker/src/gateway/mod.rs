@@ -355,10 +355,8 @@ impl Gateway {
         // A durable session: at shutdown what the router has ready for it is stored
         // first (older than anything queued from now on; what it was sent is stored
         // already), then, before the link closes, its messages are queued in the store.
-        let clustered = self.shared.cluster.is_some();
         let held = match (&close, &self.session.key) {
-            // With `[cluster]`, collected below, whatever the close.
-            (Close::Shutdown, Some(_)) if !clustered => {
+            (Close::Shutdown, Some(_)) => {
                 let forwards = self.router_ready();
                 self.as_queued(forwards)
             }
@@ -374,24 +372,24 @@ impl Gateway {
             .as_ref()
             .is_some_and(|m| m.load(std::sync::atomic::Ordering::Acquire) != 0);
         let shared = self.shared.clone();
-        if let (Some(cluster), Some(book), Some(key)) =
-            (&shared.cluster, &shared.durable, self.session.key.clone())
-        {
-            // With `[cluster]` the session may go on on another node (taken over now,
-            // or resumed there later), where this router's copy of it is discarded:
-            // what was admitted before the line above (from then on it is queued in
-            // the store) and the router has not forwarded yet is collected and stored.
-            // Not when the router dropped the link (nothing to ask).
-            if !matches!(close, Close::TakenOver) {
-                if moved && matches!(close, Close::Replaced) {
-                    // Publishes this node admitted and had not handed to its router yet
-                    // are not collected: the handoff's cut is before them.
-                    cluster.closing_moved(&self.router_id);
-                }
-                let forwards = self.router_settled().await;
-                let held = self.as_queued(forwards);
-                book.hold(&key, held);
-            }
+        if let (Close::Replaced, true, Some(cluster), Some(book), Some(key)) = (
+            &close,
+            moved,
+            &shared.cluster,
+            &shared.durable,
+            self.session.key.clone(),
+        ) {
+            // Another node took the session over: it goes there, and this router's copy
+            // of it is discarded. What was admitted before the line above (from then
+            // on it is queued in the store) and the router has not forwarded yet is
+            // collected and stored, so it goes along. (Not at other ends: a client
+            // back on this node gets what the router held from the router.)
+            // Publishes this node admitted and had not handed to its router yet are
+            // not collected: the handoff's cut is before them.
+            cluster.closing_moved(&self.router_id);
+            let forwards = self.router_settled().await;
+            let held = self.as_queued(forwards);
+            book.hold(&key, held);
         }
         if !matches!(close, Close::TakenOver) {
             // What a lazy connection sent just before it ended (a QoS 0 PUBLISH and
