@@ -834,13 +834,50 @@ async fn a_connected_session_taken_over_under_traffic_loses_nothing_acknowledged
     got.assert_none_lost(&acked);
 }
 
-/// A persistent QoS 1 subscriber on node A that stopped acknowledging (a slow device)
-/// while 300 messages were published for it, more than the router keeps in flight to
-/// one connection, taken over by its client on node B: every message arrives on B,
-/// those A had sent unacknowledged with DUP, those still in A's router too.
+/// More messages than rumqttd keeps in flight to one connection (100).
+const SLOW_N: usize = 300;
+
+/// A persistent QoS 1 subscriber `slow` of `alice/slow` on `addr` that stopped
+/// acknowledging (a slow device), with [`SLOW_N`] messages published for it (each
+/// acknowledged to the publisher) and what it was sent read (never acknowledged).
+async fn slow_subscriber(addr: SocketAddr) -> v4::Client {
+    let mut o = v4::options(addr, "slow");
+    o.set_credentials("alice", password("alice"));
+    o.set_clean_session(false);
+    o.set_manual_acks(true);
+    let mut slow = v4::connect(o).await.expect("login");
+    slow.subscribe_acked("alice/slow").await;
+    let mut publ = login4(addr, "slow-pub", "admin").await;
+    for i in 0..SLOW_N {
+        publ.publish_acked("alice/slow", false, format!("m{i}"))
+            .await;
+    }
+    Received::default()
+        .from(&mut slow, Duration::ZERO, QUIET)
+        .await;
+    slow
+}
+
+/// `c`, the session of the slow subscriber resumed, gets every one of its messages.
+async fn slow_subscriber_resumed(mut c: v4::Client) {
+    assert!(c.connack.session_present, "the session is there");
+    let mut got = Received::default();
+    got.from(&mut c, Duration::ZERO, Duration::from_secs(2))
+        .await;
+    let acked: Vec<String> = (0..SLOW_N).map(|i| format!("m{i}")).collect();
+    got.assert_none_lost(&acked);
+}
+
+/// A slow subscriber on node A ([`slow_subscriber`]) taken over by its client on node
+/// B: every message arrives on B, those A had sent unacknowledged with DUP, those still
+/// in A's router too.
 #[tokio::test]
 async fn a_slow_subscriber_taken_over_brings_everything_its_router_held() {
-    slow_subscriber_moves().await;
+    let nats = Nats::start().await;
+    let a = node(&nats, "node-a").await;
+    let b = node(&nats, "node-b").await;
+    let _slow = slow_subscriber(a.first_addr()).await;
+    slow_subscriber_resumed(persistent4(b.first_addr(), "slow", "alice").await).await;
 }
 
 /// The same client gone and back on node A itself: what the router held for it, the
@@ -849,55 +886,8 @@ async fn a_slow_subscriber_taken_over_brings_everything_its_router_held() {
 async fn a_slow_subscriber_back_on_the_same_node_finds_everything() {
     let nats = Nats::start().await;
     let a = node(&nats, "node-a").await;
-    let mut o = v4::options(a.first_addr(), "slow");
-    o.set_credentials("alice", password("alice"));
-    o.set_clean_session(false);
-    o.set_manual_acks(true);
-    let mut slow = v4::connect(o).await.expect("login");
-    slow.subscribe_acked("alice/slow").await;
-    const N: usize = 300;
-    let mut publ = login4(a.first_addr(), "slow-pub", "admin").await;
-    for i in 0..N {
-        publ.publish_acked("alice/slow", false, format!("m{i}"))
-            .await;
-    }
-    let mut first = Received::default();
-    first.from(&mut slow, Duration::ZERO, QUIET).await;
+    let mut slow = slow_subscriber(a.first_addr()).await;
     slow.client.disconnect().await.unwrap();
     slow.closed_within(WAIT).await;
-    let mut back = persistent4(a.first_addr(), "slow", "alice").await;
-    assert!(back.connack.session_present);
-    let mut got = Received::default();
-    got.from(&mut back, Duration::ZERO, Duration::from_secs(2))
-        .await;
-    let acked: Vec<String> = (0..N).map(|i| format!("m{i}")).collect();
-    got.assert_none_lost(&acked);
-}
-
-async fn slow_subscriber_moves() {
-    let nats = Nats::start().await;
-    let a = node(&nats, "node-a").await;
-    let b = node(&nats, "node-b").await;
-    let mut o = v4::options(a.first_addr(), "slow");
-    o.set_credentials("alice", password("alice"));
-    o.set_clean_session(false);
-    o.set_manual_acks(true);
-    let mut slow = v4::connect(o).await.expect("login");
-    slow.subscribe_acked("alice/slow").await;
-    const N: usize = 300;
-    let mut publ = login4(a.first_addr(), "slow-pub", "admin").await;
-    for i in 0..N {
-        publ.publish_acked("alice/slow", false, format!("m{i}"))
-            .await;
-    }
-    // Read (never acknowledged) what node A sends it.
-    let mut first = Received::default();
-    first.from(&mut slow, Duration::ZERO, QUIET).await;
-    let mut moved = persistent4(b.first_addr(), "slow", "alice").await;
-    assert!(moved.connack.session_present, "the session came along");
-    let mut got = Received::default();
-    got.from(&mut moved, Duration::ZERO, Duration::from_secs(2))
-        .await;
-    let acked: Vec<String> = (0..N).map(|i| format!("m{i}")).collect();
-    got.assert_none_lost(&acked);
+    slow_subscriber_resumed(persistent4(a.first_addr(), "slow", "alice").await).await;
 }
