@@ -244,6 +244,12 @@ async fn install(
 ) -> Received {
     let buckets = &claim.buckets;
     let cut = handoff.cut.take();
+    // A park holds what its node queued up to its last round, which may be past what
+    // that node acknowledged on its transfer consumer: read again on its behalf below.
+    let mut in_park = match (&handoff.session, parked_through) {
+        (Some((_, messages)), Some(_)) => ReadOnBehalf::of(messages.iter().map(|(m, _)| m)),
+        _ => ReadOnBehalf::default(),
+    };
     // Stored here before it leaves the bucket: a crash in between loses nothing.
     let adopted = match (handoff.session.take(), &shared.durable) {
         (Some((meta, messages)), Some(book)) => {
@@ -282,7 +288,7 @@ async fn install(
     {
         // Subscribed here now: what the stream gets from here on comes through this
         // node's own consumer.
-        let unread = super::unread::read(super::unread::ReadFor {
+        let mut unread = super::unread::read(super::unread::ReadFor {
             seal: cluster.owners.seal(),
             buckets,
             prefix: &cluster.prefix,
@@ -293,6 +299,10 @@ async fn install(
             max_topic_levels: shared.config.limits.max_topic_levels,
         })
         .await;
+        // What the park brought already is not queued twice (one equal message left
+        // out per message parked): duplicates would count against the session's
+        // queue limit and push out the newest.
+        unread.retain(|(m, _)| !in_park.take(m));
         if !unread.is_empty() {
             tracing::info!(
                 client_id = %key.client_id,
