@@ -80,7 +80,7 @@ const NATS_DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;
 
 /// Messages waiting for the NATS connection: past this, new ones are not forwarded
 /// (counted) rather than holding up the publishers' gateways.
-const FORWARD_QUEUE: usize = 16_384;
+pub(super) const FORWARD_QUEUE: usize = 16_384;
 
 /// Retained changes waiting for the KV bucket, on their way to its task and, once
 /// there, topics whose latest change JetStream has not taken yet (`state.rs`); past
@@ -294,14 +294,16 @@ impl Cluster {
                 None
             }
         };
+        // The server's, once connected (`watch_connection`).
+        let max_payload = Arc::new(AtomicUsize::new(NATS_DEFAULT_MAX_PAYLOAD));
         let (forward, output, queue) = xfer::output(
             client.clone(),
             transfer_seal.clone(),
             &cluster.subject_prefix,
             &cluster.node_name,
             keeping,
-            FORWARD_QUEUE,
             Arc::downgrade(&metrics),
+            max_payload.clone(),
         );
         tokio::spawn(output.run(queue));
         let (changes, queue) = mpsc::channel(STATE_QUEUE);
@@ -340,7 +342,6 @@ impl Cluster {
             handoff_tx,
         );
         let stopped = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let max_payload = Arc::new(AtomicUsize::new(NATS_DEFAULT_MAX_PAYLOAD));
         tokio::spawn(watch_connection(
             client.clone(),
             connected.clone(),

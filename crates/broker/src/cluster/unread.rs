@@ -150,7 +150,7 @@ async fn read_from(
             .and_then(|(origin, first)| Some((origin.to_string(), first.parse::<u64>().ok()?)));
         if let Some((origin, first)) = origin {
             found.extend(
-                matching(r, stream_name, &message, |i| {
+                matching(r, stream_name, &message, id.as_deref(), |i| {
                     wanted(&origin, first + i as u64, sequence)
                 })
                 .into_iter()
@@ -197,20 +197,16 @@ async fn stream_from(
     Ok(Some((messages, last)))
 }
 
-/// What of `message` (one MQTT message, or a batch of them) the session's
-/// subscriptions take, as queued for it, in order.
+/// What of `message` (one MQTT message, or a batch of them; message id `id`) the
+/// session's subscriptions take, as queued for it, in order.
 fn matching(
     r: &ReadFor<'_>,
     stream_name: &str,
     message: &async_nats::jetstream::Message,
+    id: Option<&str>,
     wanted: impl Fn(usize) -> bool,
 ) -> Vec<QueuedMessage> {
-    let id = xfer::message_id(message);
-    let opened = xfer::open_any(
-        r.seal,
-        stream_name,
-        xfer::Sealed::of(message, id.as_deref()),
-    );
+    let opened = xfer::open_any(r.seal, stream_name, xfer::Sealed::of(message, id));
     let opened = match opened {
         Ok(opened) => opened,
         Err(e) => {

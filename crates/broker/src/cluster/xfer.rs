@@ -34,6 +34,7 @@ use futures_util::StreamExt;
 use moatmq_store::ClusterSeal;
 use serde::{Deserialize, Serialize};
 use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
@@ -551,6 +552,8 @@ pub struct Output {
     in_flight: usize,
     /// Taken from the queue for a batch it did not fit in: the next batch's first.
     carry: Option<Outgoing>,
+    /// The NATS server's `max_payload` (`Cluster::max_payload`).
+    max_payload: Arc<AtomicUsize>,
     acks: FuturesOrdered<BoxFuture<'static, Result<(), String>>>,
 }
 
@@ -561,10 +564,10 @@ pub fn output(
     prefix: &str,
     node: &str,
     keeping: Keeping,
-    capacity: usize,
     metrics: Weak<Metrics>,
+    max_payload: Arc<AtomicUsize>,
 ) -> (Sequencer, Output, mpsc::Receiver<Outgoing>) {
-    let (tx, rx) = mpsc::channel(capacity);
+    let (tx, rx) = mpsc::channel(super::FORWARD_QUEUE);
     let (acked, watching) = watch::channel(0);
     // A restarted node numbers from 1 again: the epoch keeps its ids new.
     let epoch = std::time::SystemTime::now()
@@ -589,6 +592,7 @@ pub fn output(
         pending: VecDeque::new(),
         in_flight: 0,
         carry: None,
+        max_payload,
         acks: FuturesOrdered::new(),
     };
     let sequencer = Sequencer {
@@ -685,9 +689,8 @@ impl Output {
         queue: &mut mpsc::Receiver<Outgoing>,
     ) -> (Batch, u64) {
         let room = self
-            .client
-            .server_info()
             .max_payload
+            .load(Ordering::Relaxed)
             .saturating_sub(BATCH_OVERHEAD);
         let most = self.keeping.transfer_batch;
         let mut batch = Batch::new();

@@ -118,7 +118,9 @@ impl Gateway {
                     Source::Publish,
                     inbound,
                 );
-                if let Some(cluster) = &self.shared.cluster {
+                if let (Some(cluster), QoS::AtLeastOnce | QoS::ExactlyOnce) =
+                    (&self.shared.cluster, qos)
+                {
                     let held =
                         matches!(admitted, Ok(Admitted::AfterSave | Admitted::AfterTransfer));
                     if !held && !self.to_router.waits_for_save() {
