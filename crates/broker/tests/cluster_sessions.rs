@@ -880,6 +880,19 @@ async fn a_slow_subscriber_taken_over_brings_everything_its_router_held() {
     slow_subscriber_resumed(persistent4(b.first_addr(), "slow", "alice").await).await;
 }
 
+/// The slow subscriber gone from node A and back later on node B: what A's router held
+/// for it (past its in-flight limit) comes along with the session (200 of 300 were lost).
+#[tokio::test]
+async fn a_slow_subscriber_gone_and_back_on_another_node_finds_everything() {
+    let nats = Nats::start().await;
+    let a = node(&nats, "node-a").await;
+    let b = node(&nats, "node-b").await;
+    let mut slow = slow_subscriber(a.first_addr()).await;
+    slow.client.disconnect().await.unwrap();
+    slow.closed_within(WAIT).await;
+    slow_subscriber_resumed(persistent4(b.first_addr(), "slow", "alice").await).await;
+}
+
 /// The same client gone and back on node A itself: what the router held for it, the
 /// messages it was sent unacknowledged included, comes again.
 #[tokio::test]

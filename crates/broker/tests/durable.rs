@@ -301,6 +301,38 @@ async fn an_unacknowledged_message_is_not_duplicated_by_a_reconnect_without_rest
     assert_quiet4(&mut sub).await;
 }
 
+/// A persistent subscriber that fell behind (past the router's in-flight limit) goes
+/// and comes back to the same broker: what it was sent comes again with DUP, what the
+/// router still held follows, then what was published while it was away: each once, in
+/// order (the connection's end takes the router's backlog into the store).
+#[tokio::test]
+async fn a_slow_subscriber_back_gets_its_backlog_once_in_order() {
+    let broker = broker_with_store(1).await;
+    let addr = broker.first_addr();
+    let mut sub = unacking(addr, "laggard").await;
+    sub.subscribe_acked("feed/#").await;
+    publish_n(addr, "feed/a", 300).await;
+    let mut sent = 0;
+    while sub.publish_within(QUIET).await.is_some() {
+        sent += 1;
+    }
+    assert!(sent < 300, "the router held some back ({sent} sent)");
+    sub.client.disconnect().await.unwrap();
+    assert!(sub.closed_within(WAIT).await.is_some());
+    let mut publ = v4::connected(addr, "late-publisher").await;
+    publ.publish_acked("feed/b", false, "away").await;
+
+    let mut sub = v4::connect(persistent4(addr, "laggard")).await.unwrap();
+    assert!(sub.connack.session_present);
+    let mut got = Vec::new();
+    while let Some(p) = sub.publish_within(QUIET).await {
+        got.push((String::from_utf8(p.payload.to_vec()).unwrap(), p.dup));
+    }
+    let mut expected: Vec<(String, bool)> = (0..300).map(|i| (format!("m{i}"), i < sent)).collect();
+    expected.push(("away".into(), false));
+    assert_eq!(got, expected);
+}
+
 #[tokio::test]
 async fn a_full_queue_drops_the_newest_counted_and_audited() {
     let broker = TestBroker::builder()

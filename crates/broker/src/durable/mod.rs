@@ -111,6 +111,7 @@ enum Job {
     Remove(SessionKey),
     Enqueue(Vec<(Arc<SessionKey>, u8)>, QueuedMessage),
     Hold(SessionKey, Vec<QueuedMessage>),
+    Collected(SessionKey, Vec<QueuedMessage>),
     Sent(SessionKey, u16, QueuedMessage),
     Acked(SessionKey, u16),
     Resume(SessionKey, oneshot::Sender<Resumed>),
@@ -399,6 +400,17 @@ impl SessionBook {
         if !messages.is_empty() {
             self.send(Job::Hold(key.clone(), messages));
         }
+    }
+
+    /// What the router still held for the session of `key` as its connection ended,
+    /// oldest first, collected and acknowledged to the router
+    /// (`Gateway::router_settled`), which forgets them: from now on the store alone
+    /// has them, carried over like what a restart loads, so the next resume replays
+    /// them, on this node or on another one, and a crash before it loses none. The
+    /// forwards the client had not acknowledged are carried over too (the router was
+    /// told they were). Call after [`SessionBook::offline`].
+    pub fn collected(&self, key: &SessionKey, messages: Vec<QueuedMessage>) {
+        self.send(Job::Collected(key.clone(), messages));
     }
 
     /// A router forward was written to the connected client of `key` with packet id
@@ -716,6 +728,10 @@ impl Writer {
                 }
                 Ok(())
             }
+            Job::Collected(key, messages) => {
+                self.collected(&key, messages);
+                Ok(())
+            }
             Job::Sent(key, pkid, message) => {
                 let stored = match self.take_backlog(&key, &message) {
                     Some(id) => self.store.mark_sent(&key, id, pkid).map(|_| Some(id)),
@@ -897,6 +913,67 @@ impl Writer {
             }
         }
         Resumed { replay, qos2_in }
+    }
+
+    /// [`SessionBook::collected`]. A collected message may be stored already: queued
+    /// since the session went offline (the router forwarded it too) or left of the
+    /// backlog of an earlier resume. It is queued again in the router's order, so the
+    /// replay keeps the order the router had.
+    fn collected(&mut self, key: &SessionKey, messages: Vec<QueuedMessage>) {
+        let unacked: Vec<u64> = self
+            .inflight
+            .remove(key)
+            .map(|m| m.into_values().collect())
+            .unwrap_or_default();
+        if messages.is_empty() && unacked.is_empty() {
+            return;
+        }
+        let Some(session) = self.store.session(key) else {
+            return;
+        };
+        let carried = self.carried.get(key).cloned().unwrap_or_default();
+        let mut stored = Backlog::default();
+        for (&id, held) in &session.messages {
+            if held.delivery == Delivery::Queued && !carried.holds(id) {
+                stored.push(id, &held.message);
+            }
+        }
+        let mut again = Vec::new();
+        for message in &messages {
+            let (id, _) = stored.take(message, |id| {
+                session.messages.get(&id).map(|held| &held.message)
+            });
+            again.extend(id);
+        }
+        // A cluster node parks the session afresh once, below, rather than a copy of
+        // each message here.
+        let park = self.park.take();
+        let mut late = unacked;
+        let result = (|| {
+            for id in again {
+                self.store.complete(key, id)?;
+            }
+            for message in messages {
+                if let Some(id) = self.queue(key, message)? {
+                    late.push(id);
+                }
+            }
+            Ok::<(), moatmq_store::StoreError>(())
+        })();
+        self.park = park;
+        if let Err(e) = result {
+            warn!(error = %e, "messages the router held for a session not stored");
+        }
+        self.carried
+            .entry(key.clone())
+            .or_default()
+            .late
+            .extend(late);
+        if self.is_offline(key) {
+            if let Some(taken) = self.store.session(key).map(Taken::of) {
+                self.tell_park(ParkEvent::Offline(key.clone(), taken));
+            }
+        }
     }
 
     /// The stored id of `forward` if it is in the backlog of the session of `key`, taken

@@ -372,24 +372,24 @@ impl Gateway {
             .as_ref()
             .is_some_and(|m| m.load(std::sync::atomic::Ordering::Acquire) != 0);
         let shared = self.shared.clone();
-        if let (Close::Replaced, true, Some(cluster), Some(book), Some(key)) = (
-            &close,
-            moved,
-            &shared.cluster,
+        if let (false, Some(book), Some(key)) = (
+            matches!(close, Close::TakenOver | Close::Shutdown),
             &shared.durable,
             self.session.key.clone(),
         ) {
-            // Another node took the session over: it goes there, and this router's copy
-            // of it is discarded. What was admitted before the line above (from then
-            // on it is queued in the store) and the router has not forwarded yet is
-            // collected and stored, so it goes along. (Not at other ends: a client
-            // back on this node gets what the router held from the router.)
-            // Publishes this node admitted and had not handed to its router yet are
-            // not collected: the handoff's cut is before them.
-            cluster.closing_moved(&self.router_id);
+            // What was admitted before the line above (from then on it is queued in
+            // the store) and the router has not forwarded yet (a slow client's backlog)
+            // is collected and stored: the session may resume on another node (taken
+            // over now, or later), and a crash before it comes back must not lose it.
+            // (Not when the router dropped the link: nothing to ask.)
+            if let (Close::Replaced, true, Some(cluster)) = (&close, moved, &shared.cluster) {
+                // Publishes this node admitted and had not handed to its router yet
+                // are not collected: the handoff's cut is before them.
+                cluster.closing_moved(&self.router_id);
+            }
             let forwards = self.router_settled().await;
             let held = self.as_queued(forwards);
-            book.hold(&key, held);
+            book.collected(&key, held);
         }
         if !matches!(close, Close::TakenOver) {
             // What a lazy connection sent just before it ended (a QoS 0 PUBLISH and
