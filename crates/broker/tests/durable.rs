@@ -763,3 +763,109 @@ async fn subscription_identifiers_and_no_local_survive_a_restart() {
     let p = dev.publish5_within(WAIT).await.expect("PUBLISH");
     assert_eq!(&p.topic[..], b"cmd/other");
 }
+
+/// A QoS 2 PUBLISH read off a raw 3.1.1 connection: (payload, packet id, DUP).
+async fn qos2_publish(raw: &mut Raw) -> (Vec<u8>, u16, bool) {
+    let f = raw.frame_within(WAIT).await.expect("PUBLISH");
+    assert_eq!(f.first & 0xF6, wire::first::PUBLISH | 4, "a QoS 2 PUBLISH");
+    let topic_len = u16::from_be_bytes([f.body[0], f.body[1]]) as usize;
+    let at = 2 + topic_len;
+    let pkid = u16::from_be_bytes([f.body[at], f.body[at + 1]]);
+    (f.body[at + 2..].to_vec(), pkid, f.first & 0x08 != 0)
+}
+
+/// Publishes `payload` at QoS 2 from a raw client, the whole exchange.
+async fn publish_qos2(addr: SocketAddr, payload: &[u8]) {
+    let mut publ = raw_persistent(addr, "ledger-writer").await;
+    let p = wire::Publish::new(Version::V4, b"ledger/x", payload).qos(2, 9);
+    publ.send(&p.encode()).await;
+    assert_eq!(
+        publ.frame_within(WAIT).await.expect("PUBREC").first,
+        wire::first::PUBREC
+    );
+    publ.send(&wire::ack(wire::first::PUBREL, 9)).await;
+    assert_eq!(
+        publ.frame_within(WAIT).await.expect("PUBCOMP").first,
+        wire::first::PUBCOMP
+    );
+}
+
+/// MQTT-4.4.0-1: a QoS 2 message the client was sent and had not acknowledged comes
+/// again after a reconnect, and after a restart, with DUP and its original packet id,
+/// so the client tells it from a new message (exactly once); the exchange then
+/// completes and nothing comes a third time.
+#[tokio::test]
+async fn an_unacknowledged_qos_2_message_comes_again_under_its_packet_id() {
+    let broker = broker_with_store(0).await;
+    let addr = broker.first_addr();
+    let mut sub = raw_persistent(addr, "ledger").await;
+    sub.send(&wire::subscribe(Version::V4, 1, &[(b"ledger/#", 2)]))
+        .await;
+    assert_eq!(
+        sub.frame_within(WAIT).await.expect("SUBACK").first,
+        wire::first::SUBACK
+    );
+    // Two messages acknowledged in full first: the packet ids of the next ones are
+    // not the ones a new connection would start with.
+    for done in [b"d0", b"d1"] {
+        publish_qos2(addr, done).await;
+        let (_, pkid, _) = qos2_publish(&mut sub).await;
+        sub.send(&wire::ack(wire::first::PUBREC, pkid)).await;
+        assert_eq!(
+            sub.frame_within(WAIT).await.expect("PUBREL").first,
+            wire::first::PUBREL
+        );
+        sub.send(&wire::ack(wire::first::PUBCOMP, pkid)).await;
+    }
+    for m in [b"m0", b"m1", b"m2"] {
+        publish_qos2(addr, m).await;
+    }
+    let mut first = Vec::new();
+    for _ in 0..3 {
+        let (payload, pkid, dup) = qos2_publish(&mut sub).await;
+        assert!(!dup);
+        first.push((payload, pkid));
+    }
+    drop(sub);
+
+    let expect_again = |raw_frames: Vec<(Vec<u8>, u16, bool)>| {
+        let again: Vec<(Vec<u8>, u16)> = raw_frames
+            .iter()
+            .map(|(payload, pkid, dup)| {
+                assert!(dup, "sent again with DUP");
+                (payload.clone(), *pkid)
+            })
+            .collect();
+        assert_eq!(again, first, "the same messages under the same packet ids");
+    };
+    let mut sub = raw_persistent(addr, "ledger").await;
+    let mut frames = Vec::new();
+    for _ in 0..3 {
+        frames.push(qos2_publish(&mut sub).await);
+    }
+    expect_again(frames);
+    drop(sub);
+
+    let broker = broker.restart().await;
+    let addr = broker.first_addr();
+    let mut sub = raw_persistent(addr, "ledger").await;
+    let mut frames = Vec::new();
+    for _ in 0..3 {
+        frames.push(qos2_publish(&mut sub).await);
+    }
+    expect_again(frames);
+    for (_, pkid) in &first {
+        sub.send(&wire::ack(wire::first::PUBREC, *pkid)).await;
+        let rel = sub.frame_within(WAIT).await.expect("PUBREL");
+        assert_eq!(
+            (rel.first, &rel.body[..2]),
+            (wire::first::PUBREL, &pkid.to_be_bytes()[..])
+        );
+        sub.send(&wire::ack(wire::first::PUBCOMP, *pkid)).await;
+    }
+    // Completed: a new message comes, nothing of the old ones.
+    publish_qos2(addr, b"after").await;
+    let (payload, _, dup) = qos2_publish(&mut sub).await;
+    assert_eq!((payload.as_slice(), dup), (&b"after"[..], false));
+    assert!(sub.frame_within(QUIET).await.is_none());
+}

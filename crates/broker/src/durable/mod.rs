@@ -59,6 +59,9 @@ pub struct Replay {
     pub message: QueuedMessage,
     /// Sent before without an acknowledgement: sent again with DUP.
     pub dup: bool,
+    /// The packet id it was sent with, when known: sent again under it
+    /// (MQTT-4.4.0-1), so the client tells it from a new message.
+    pub pkid: Option<u16>,
 }
 
 /// What a resumed session brings back from the store.
@@ -114,6 +117,7 @@ enum Job {
     Collected(SessionKey, Vec<QueuedMessage>),
     Sent(SessionKey, u16, QueuedMessage),
     Acked(SessionKey, u16),
+    Resent(SessionKey, u64, u16),
     Resume(SessionKey, oneshot::Sender<Resumed>),
     Qos2In(SessionKey, u16),
     Will(SessionKey, Option<PendingWill>),
@@ -418,6 +422,12 @@ impl SessionBook {
     /// redelivers it with DUP.
     pub fn sent(&self, key: &SessionKey, pkid: u16, message: QueuedMessage) {
         self.send(Job::Sent(key.clone(), pkid, message));
+    }
+
+    /// The stored message `id` of `key`, replayed, was written to the client under a
+    /// packet id other than the one stored with it: `pkid` from now on.
+    pub fn resent(&self, key: &SessionKey, id: u64, pkid: u16) {
+        self.send(Job::Resent(key.clone(), id, pkid));
     }
 
     /// The client acknowledged the forward `pkid` (PUBACK, or PUBREC for QoS 2).
@@ -746,6 +756,7 @@ impl Writer {
                     }
                 })
             }
+            Job::Resent(key, id, pkid) => self.store.mark_sent(&key, id, pkid).map(drop),
             Job::Acked(key, pkid) => {
                 let id = self.inflight.get_mut(&key).and_then(|m| m.remove(&pkid));
                 match id {
@@ -883,6 +894,10 @@ impl Writer {
                     id,
                     message: held.message.clone(),
                     dup: held.delivery != Delivery::Queued,
+                    pkid: match held.delivery {
+                        Delivery::Sent { pkid } if pkid != 0 => Some(pkid),
+                        _ => None,
+                    },
                 });
             } else if held.message.qos == 0 || matches!(held.delivery, Delivery::Released { .. }) {
                 // QoS 0 (`queue_qos0_messages`): forwarded once, never acknowledged, so
@@ -1014,7 +1029,7 @@ impl Writer {
             }
             for r in replay {
                 let id = match r.dup {
-                    true => self.queue_sent(key, 0, r.message.clone())?,
+                    true => self.queue_sent(key, r.pkid.unwrap_or(0), r.message.clone())?,
                     false => self.queue(key, r.message.clone())?,
                 };
                 if let Some(id) = id {
@@ -1048,7 +1063,12 @@ impl Writer {
             match queued {
                 Ok(Some(id)) => {
                     self.carried.entry(key.clone()).or_default().late.insert(id);
-                    replay.push(Replay { id, message, dup });
+                    replay.push(Replay {
+                        id,
+                        message,
+                        dup,
+                        pkid: None,
+                    });
                 }
                 Ok(None) => {}
                 Err(e) => warn!(error = %e, "message handed over late not stored"),

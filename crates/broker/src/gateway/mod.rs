@@ -549,7 +549,7 @@ impl Gateway {
                     others_first = self.to_router.has_publish();
                 }
                 // A resumed session's stored messages go first (`retained.rs`).
-                notification = self.link.next(), if !self.retained.replaying() => {
+                notification = self.link.next(), if !self.retained.router_waits() => {
                     idle_at = Some(Instant::now() + IDLE_TRIM);
                     if let Err(close) = self.on_router(notification) {
                         return close;

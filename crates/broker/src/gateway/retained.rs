@@ -72,6 +72,9 @@ pub(super) struct RetainedFeed {
     /// Our own QoS 1/2 deliveries in flight, by packet id, with the session store's id
     /// of a stored one.
     inflight: HashMap<u16, (OwnState, Option<u64>)>,
+    /// How many of them are under a packet id in the router's range (stored messages
+    /// sent again under their original ids): the router's forwards wait meanwhile.
+    in_router_range: usize,
     next_pkid: u16,
 }
 
@@ -136,6 +139,13 @@ impl RetainedFeed {
         !self.stored.is_empty()
     }
 
+    /// Whether the router's forwards wait: stored messages are still to be sent, or
+    /// some went under packet ids the router numbers its own with (1..=100), and are
+    /// not acknowledged yet.
+    pub(super) fn router_waits(&self) -> bool {
+        self.replaying() || self.in_router_range > 0
+    }
+
     fn window_open(&self) -> bool {
         self.inflight.len() < OWN_WINDOW
     }
@@ -192,9 +202,25 @@ impl RetainedFeed {
         }
     }
 
+    /// The packet id a stored message is sent again under: its original one if it
+    /// had one and it is free, else one of our own.
+    fn pkid_for(&mut self, original: Option<u16>) -> u16 {
+        match original {
+            Some(p) if p != 0 && !self.inflight.contains_key(&p) => p,
+            _ => self.next_pkid(),
+        }
+    }
+
     /// Our QoS 1/2 delivery `pkid` is written.
     fn sent(&mut self, pkid: u16, stored: Option<u64>) {
-        self.inflight.insert(pkid, (OwnState::Sent, stored));
+        if self
+            .inflight
+            .insert(pkid, (OwnState::Sent, stored))
+            .is_none()
+            && pkid <= ROUTER_MAX_PKID
+        {
+            self.in_router_range += 1;
+        }
     }
 
     /// The client's PUBACK/PUBREC/PUBCOMP, if it is for one of our own deliveries.
@@ -219,6 +245,9 @@ impl RetainedFeed {
             return OwnAck::Release(pkid);
         }
         self.inflight.remove(&pkid);
+        if pkid <= ROUTER_MAX_PKID {
+            self.in_router_range -= 1;
+        }
         OwnAck::Done(stored)
     }
 }
@@ -319,7 +348,7 @@ impl Gateway {
             }
             let pkid = match qos {
                 QoS::AtMostOnce => 0,
-                _ => self.retained.next_pkid(),
+                _ => self.retained.pkid_for(r.pkid),
             };
             let properties = match self.version {
                 Version::V5 => {
@@ -344,7 +373,13 @@ impl Gateway {
             );
             match self.deliver(publish, properties, Origin::Gateway)? {
                 Delivery::Sent { qos, pkid } if qos != QoS::AtMostOnce => {
-                    self.retained.sent(pkid, Some(r.id))
+                    self.retained.sent(pkid, Some(r.id));
+                    if r.pkid != Some(pkid) {
+                        // Stored with the id it went under: the next replay uses it.
+                        if let (Some(book), Some(key)) = (&self.shared.durable, &self.session.key) {
+                            book.resent(key, r.id, pkid);
+                        }
+                    }
                 }
                 _ => self.stored_done(r.id),
             }
@@ -423,6 +458,32 @@ mod tests {
             let id = feed.next_pkid();
             assert!(id > ROUTER_MAX_PKID && id != first, "{id}");
         }
+    }
+
+    #[test]
+    fn a_stored_message_goes_again_under_its_id_and_the_router_waits_for_its_ack() {
+        let mut feed = RetainedFeed::default();
+        assert_eq!(feed.pkid_for(Some(7)), 7);
+        feed.sent(7, Some(1));
+        assert!(feed.router_waits(), "7 is in the router's range");
+        // Taken already: one of our own instead; none known: one of our own.
+        assert_eq!(feed.pkid_for(Some(7)), ROUTER_MAX_PKID + 1);
+        assert_eq!(feed.pkid_for(None), ROUTER_MAX_PKID + 2);
+        feed.sent(ROUTER_MAX_PKID + 2, Some(2));
+        let ack = |pkid| {
+            Packet::PubAck(
+                PubAck {
+                    pkid,
+                    reason: PubAckReason::Success,
+                },
+                None,
+            )
+        };
+        assert_eq!(feed.client_ack(&ack(7)), OwnAck::Done(Some(1)));
+        assert!(
+            !feed.router_waits(),
+            "ours above the router's range do not hold it"
+        );
     }
 
     #[test]
