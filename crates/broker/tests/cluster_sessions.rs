@@ -8,7 +8,8 @@ mod cluster_support;
 
 use cluster_support::{cluster_seal, node, node_at, node_with, password, Nats, NatsLink, ACL};
 use futures_util::StreamExt;
-use moatmq_testkit::{v4, v5, QUIET, WAIT};
+use moatmq_testkit::wire::{self, Version};
+use moatmq_testkit::{v4, v5, Raw, QUIET, WAIT};
 use rumqttc::QoS;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -903,4 +904,67 @@ async fn a_slow_subscriber_back_on_the_same_node_finds_everything() {
     slow.client.disconnect().await.unwrap();
     slow.closed_within(WAIT).await;
     slow_subscriber_resumed(persistent4(a.first_addr(), "slow", "alice").await).await;
+}
+
+/// A raw 3.1.1 login of `user` keeping its session (clean session 0).
+async fn raw_persistent(addr: SocketAddr, id: &str, user: &str) -> Raw {
+    let mut raw = Raw::tcp(addr).await;
+    let mut connect = wire::Connect::new(Version::V4, id).login(user, password(user));
+    connect.clean = false;
+    raw.send(&connect.encode()).await;
+    let connack = raw.frame_within(WAIT).await.expect("CONNACK");
+    assert_eq!(connack.first, wire::first::CONNACK);
+    raw
+}
+
+/// Reads `n` QoS 1 PUBLISHes off `raw`: (payload, packet id, DUP) each.
+async fn publishes(raw: &mut Raw, n: usize) -> Vec<(Vec<u8>, u16, bool)> {
+    let mut got = Vec::new();
+    for _ in 0..n {
+        let f = raw.frame_within(WAIT).await.expect("PUBLISH");
+        assert_eq!(f.first & 0xF6, wire::first::PUBLISH | 2, "a QoS 1 PUBLISH");
+        let at = 2 + u16::from_be_bytes([f.body[0], f.body[1]]) as usize;
+        let pkid = u16::from_be_bytes([f.body[at], f.body[at + 1]]);
+        got.push((f.body[at + 2..].to_vec(), pkid, f.first & 0x08 != 0));
+    }
+    got
+}
+
+/// MQTT-4.4.0-1 across nodes: messages node A sent its client and had no
+/// acknowledgement for come again from node B, after the session moved there (taken
+/// over while connected, or resumed after the client went away), with DUP and under
+/// the packet ids A sent them with (they came under new ones before).
+#[tokio::test]
+async fn unacknowledged_messages_come_from_the_new_node_under_their_packet_ids() {
+    let nats = Nats::start().await;
+    let a = node(&nats, "node-a").await;
+    let b = node(&nats, "node-b").await;
+    for (round, taken_over) in [(0, true), (1, false)] {
+        let id = format!("ledger-{round}");
+        let mut sub = raw_persistent(a.first_addr(), &id, "alice").await;
+        sub.send(&wire::subscribe(Version::V4, 1, &[(b"alice/ledger", 1)]))
+            .await;
+        assert_eq!(
+            sub.frame_within(WAIT).await.expect("SUBACK").first,
+            wire::first::SUBACK
+        );
+        let mut publ = login4(a.first_addr(), &format!("writer-{round}"), "admin").await;
+        for i in 0..3 {
+            publ.publish_acked("alice/ledger", false, format!("m{i}"))
+                .await;
+        }
+        let first = publishes(&mut sub, 3).await;
+        assert!(first.iter().all(|(_, _, dup)| !dup));
+        if !taken_over {
+            drop(sub);
+            tokio::time::sleep(QUIET).await;
+        }
+        let mut again = raw_persistent(b.first_addr(), &id, "alice").await;
+        let got = publishes(&mut again, 3).await;
+        let expected: Vec<(Vec<u8>, u16, bool)> = first
+            .into_iter()
+            .map(|(payload, pkid, _)| (payload, pkid, true))
+            .collect();
+        assert_eq!(got, expected, "round {round}: the same ids, with DUP");
+    }
 }

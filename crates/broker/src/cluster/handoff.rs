@@ -66,12 +66,12 @@ pub async fn give(
     // Read before the session leaves the offline sessions `admit` queues for: what it
     // names is in what is taken; the taking node reads what came after (`unread.rs`).
     let cut = shared.cluster.as_ref().map(|c| c.cut_for(router_id));
-    let (session, ids) = match &shared.durable {
+    let (session, ids, pkids) = match &shared.durable {
         Some(book) => match book.take(key).await {
-            Some(t) => (Some((t.meta, t.messages)), t.ids),
-            None => (None, Vec::new()),
+            Some(t) => (Some((t.meta, t.messages)), t.ids, t.pkids),
+            None => (None, Vec::new(), Vec::new()),
         },
-        None => (None, Vec::new()),
+        None => (None, Vec::new(), Vec::new()),
     };
     if let Some(book) = &shared.durable {
         // What the park task still had to write of the session is written before this
@@ -86,6 +86,7 @@ pub async fn give(
         ids,
         live: false,
         cut,
+        pkids,
     };
     let max_payload = shared.cluster.as_ref().map(|c| c.max_payload());
     let kv_key = seal.session_key_of(router_id);
@@ -96,6 +97,7 @@ pub async fn give(
     let Some(e) = failed else {
         return;
     };
+    let pkids = handoff.pkids_in_order();
     match (&shared.durable, &shared.cluster, handoff.session) {
         (Some(book), Some(cluster), Some((meta, messages))) => {
             tracing::warn!(
@@ -104,7 +106,7 @@ pub async fn give(
             );
             // Nothing more is queued for it here (its router state is gone); what it
             // held waits, stored, for the next try.
-            book.adopt(key, meta, messages);
+            book.adopt(key, meta, messages, pkids);
             cluster.kept_offline(router_id, key.clone());
             cluster.owners.recheck_later(router_id, RETRY_WAIT);
         }
@@ -251,9 +253,10 @@ async fn install(
         _ => ReadOnBehalf::default(),
     };
     // Stored here before it leaves the bucket: a crash in between loses nothing.
+    let pkids = handoff.pkids_in_order();
     let adopted = match (handoff.session.take(), &shared.durable) {
         (Some((meta, messages)), Some(book)) => {
-            book.adopt(key, meta.clone(), messages);
+            book.adopt(key, meta.clone(), messages, pkids);
             Some((meta, book.commit().await))
         }
         _ => None,

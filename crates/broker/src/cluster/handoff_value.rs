@@ -33,6 +33,37 @@ pub(super) struct Handoff {
     /// for there: the taking node reads what came after from the transfer stream
     /// (`unread.rs`). `None` from releases before it, and in parks.
     pub(super) cut: Option<super::Cut>,
+    /// The packet id each message sent before went under, by its id in `ids`: sent
+    /// again under it (MQTT-4.4.0-1). Empty from releases before it.
+    pub(super) pkids: Vec<(u64, u16)>,
+}
+
+impl Handoff {
+    /// The packet id of each message in order (0: none known), for
+    /// [`SessionBook::adopt`](crate::durable::SessionBook::adopt).
+    pub(super) fn pkids_in_order(&self) -> Vec<u16> {
+        if self.pkids.is_empty() {
+            return Vec::new();
+        }
+        let by_id: std::collections::HashMap<u64, u16> = self.pkids.iter().copied().collect();
+        self.ids
+            .iter()
+            .map(|id| by_id.get(id).copied().unwrap_or(0))
+            .collect()
+    }
+}
+
+/// A handoff as releases before packet ids wrote it (a release reading a newer one
+/// leaves the trailing ids unread).
+#[derive(Deserialize)]
+struct HandoffV3 {
+    revision: u64,
+    key: SessionKey,
+    session: Option<(SessionMeta, Messages)>,
+    parts: u32,
+    ids: Vec<u64>,
+    live: bool,
+    cut: Option<super::Cut>,
 }
 
 /// A handoff as releases before the cut wrote it.
@@ -90,27 +121,41 @@ pub(super) async fn open(
         .map_err(|e| e.to_string())?;
     let mut handoff = match postcard::from_bytes::<Handoff>(&plain) {
         Ok(h) => h,
-        Err(e) => match postcard::from_bytes::<HandoffV2>(&plain) {
-            Ok(v2) => Handoff {
-                revision: v2.revision,
-                key: v2.key,
-                session: v2.session,
-                parts: v2.parts,
-                ids: v2.ids,
-                live: v2.live,
-                cut: None,
+        Err(e) => match postcard::from_bytes::<HandoffV3>(&plain) {
+            Ok(v3) => Handoff {
+                revision: v3.revision,
+                key: v3.key,
+                session: v3.session,
+                parts: v3.parts,
+                ids: v3.ids,
+                live: v3.live,
+                cut: v3.cut,
+                pkids: Vec::new(),
             },
-            Err(_) => match postcard::from_bytes::<HandoffV1>(&plain) {
-                Ok(v1) => Handoff {
-                    revision: v1.revision,
-                    key: v1.key,
-                    session: v1.session,
-                    parts: 0,
-                    ids: Vec::new(),
-                    live: false,
+            Err(_) => match postcard::from_bytes::<HandoffV2>(&plain) {
+                Ok(v2) => Handoff {
+                    revision: v2.revision,
+                    key: v2.key,
+                    session: v2.session,
+                    parts: v2.parts,
+                    ids: v2.ids,
+                    live: v2.live,
                     cut: None,
+                    pkids: Vec::new(),
                 },
-                Err(_) => return Err(e.to_string()),
+                Err(_) => match postcard::from_bytes::<HandoffV1>(&plain) {
+                    Ok(v1) => Handoff {
+                        revision: v1.revision,
+                        key: v1.key,
+                        session: v1.session,
+                        parts: 0,
+                        ids: Vec::new(),
+                        live: false,
+                        cut: None,
+                        pkids: Vec::new(),
+                    },
+                    Err(_) => return Err(e.to_string()),
+                },
             },
         },
     };
@@ -200,6 +245,7 @@ fn split(handoff: &Handoff, budget: usize) -> Result<(Handoff, Vec<Part>), Strin
         ids: Vec::new(),
         live: handoff.live,
         cut: handoff.cut.clone(),
+        pkids: handoff.pkids.clone(),
     };
     let room = budget
         .checked_sub(encoded_len(&head)?)
@@ -342,6 +388,11 @@ mod tests {
                 forwarded: 9,
                 own_from: 40,
             }),
+            // Those sent before (even positions): ids 100, 102, ...
+            pkids: (0..sizes.len() as u64)
+                .step_by(2)
+                .map(|i| (100 + i, 40 + i as u16))
+                .collect(),
         }
     }
 
@@ -425,5 +476,49 @@ mod tests {
         let read = postcard::from_bytes::<HandoffV2>(&plain).unwrap();
         assert!(read.live);
         assert_eq!(read.ids, now.ids);
+    }
+
+    #[test]
+    fn handoffs_with_and_without_packet_ids_read_both_ways() {
+        let now = handoff(&[3, 4, 5]);
+        assert_eq!(now.pkids_in_order(), vec![40, 0, 42]);
+        let plain = postcard::to_allocvec(&now).unwrap();
+        let read = postcard::from_bytes::<Handoff>(&plain).unwrap();
+        assert_eq!(read.pkids, now.pkids);
+        // A release before packet ids reads the new value (they are left over at its end).
+        let old = postcard::from_bytes::<HandoffV3>(&plain).unwrap();
+        assert_eq!((old.ids, old.cut), (now.ids.clone(), now.cut.clone()));
+        // And its values read here, without packet ids: sent again under new ones.
+        let before = HandoffV3Out {
+            revision: now.revision,
+            key: &now.key,
+            session: &now.session,
+            parts: 0,
+            ids: &now.ids,
+            live: false,
+            cut: &now.cut,
+        };
+        let plain = postcard::to_allocvec(&before).unwrap();
+        assert!(postcard::from_bytes::<Handoff>(&plain).is_err());
+        assert!(postcard::from_bytes::<HandoffV3>(&plain).is_ok());
+    }
+
+    /// A handoff as releases before packet ids write it.
+    #[derive(Serialize)]
+    struct HandoffV3Out<'a> {
+        revision: u64,
+        key: &'a SessionKey,
+        session: &'a Option<(SessionMeta, Messages)>,
+        parts: u32,
+        ids: &'a Vec<u64>,
+        live: bool,
+        cut: &'a Option<crate::cluster::Cut>,
+    }
+
+    #[test]
+    fn a_split_handoff_keeps_its_packet_ids_in_the_head() {
+        let whole = handoff(&[300, 10, 700, 500, 900, 5, 5, 800]);
+        let (head, _) = split(&whole, 1000).expect("split");
+        assert_eq!(head.pkids, whole.pkids);
     }
 }

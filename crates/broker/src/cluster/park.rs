@@ -45,13 +45,15 @@ struct Parked {
     parts: u32,
     /// The revision of the value last written.
     written: u64,
+    /// The packet ids of its messages sent before, by id (`Taken::pkids`).
+    pkids: Vec<(u64, u16)>,
 }
 
 /// What is left to write of one session.
 #[derive(Default)]
 struct Pending {
     /// Park it anew with these.
-    fresh: Option<(SessionMeta, Messages, Vec<u64>)>,
+    fresh: Option<Taken>,
     /// Add these messages (with their ids).
     append: Vec<(u64, QueuedMessage)>,
     /// It left this node's offline sessions: remove its park.
@@ -63,15 +65,15 @@ impl Pending {
         match event {
             Change::Offline(taken) => {
                 *self = Pending {
-                    fresh: Some((taken.meta, taken.messages, taken.ids)),
+                    fresh: Some(taken),
                     ..Pending::default()
                 };
             }
             Change::Queued(messages) => match &mut self.fresh {
-                Some((_, fresh, ids)) => {
+                Some(fresh) => {
                     for (id, m) in messages {
-                        fresh.push((m, false));
-                        ids.push(id);
+                        fresh.messages.push((m, false));
+                        fresh.ids.push(id);
                     }
                 }
                 None => self.append.extend(messages),
@@ -256,7 +258,13 @@ async fn write(
         return Ok(None);
     }
     let mut now = was;
-    if let Some((meta, messages, ids)) = p.fresh.take() {
+    if let Some(Taken {
+        meta,
+        messages,
+        ids,
+        pkids,
+    }) = p.fresh.take()
+    {
         let router_id = router_client_id(key.owner.as_deref(), &key.client_id);
         // Parked at this node's claim; a session another node claimed meanwhile is
         // handed over (`handoff.rs`), not parked.
@@ -270,11 +278,17 @@ async fn write(
             meta,
             parts: 0,
             written: 0,
+            pkids,
         };
         match extend(shared, buckets, budget, fresh, messages, ids).await {
             Ok(parked) => now = Some(parked),
             Err((parked, messages, ids)) => {
-                p.fresh = Some((parked.meta, messages, ids));
+                p.fresh = Some(Taken {
+                    meta: parked.meta,
+                    messages,
+                    ids,
+                    pkids: parked.pkids,
+                });
                 return Err((p, None));
             }
         }
@@ -390,6 +404,7 @@ fn head(parked: &Parked, parts: u32, live: bool) -> Handoff {
         ids: Vec::new(),
         live,
         cut: None,
+        pkids: parked.pkids.clone(),
     }
 }
 

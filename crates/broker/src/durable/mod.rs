@@ -124,7 +124,14 @@ enum Job {
     Qos2InDone(SessionKey, u16),
     Complete(SessionKey, u64),
     Take(SessionKey, oneshot::Sender<Option<Taken>>),
-    Adopt(SessionKey, SessionMeta, Vec<(QueuedMessage, bool)>),
+    /// The packet ids the messages were sent under, in the same order (0: none
+    /// known); may be empty.
+    Adopt(
+        SessionKey,
+        SessionMeta,
+        Vec<(QueuedMessage, bool)>,
+        Vec<u16>,
+    ),
     Late(
         SessionKey,
         Vec<(QueuedMessage, bool)>,
@@ -146,6 +153,9 @@ pub struct Taken {
     pub messages: Vec<(QueuedMessage, bool)>,
     /// Each message's id in this node's store (they only grow), in the same order.
     pub ids: Vec<u64>,
+    /// The packet id each message sent before went under, by its id: sent again under
+    /// it (MQTT-4.4.0-1).
+    pub pkids: Vec<(u64, u16)>,
 }
 
 impl Taken {
@@ -161,10 +171,19 @@ impl Taken {
                 Delivery::Released { .. } => None,
             })
             .unzip();
+        let pkids = session
+            .messages
+            .iter()
+            .filter_map(|(&id, held)| match held.delivery {
+                Delivery::Sent { pkid } if pkid != 0 => Some((id, pkid)),
+                _ => None,
+            })
+            .collect();
         Taken {
             meta: session.meta.clone(),
             messages,
             ids,
+            pkids,
         }
     }
 }
@@ -459,9 +478,17 @@ impl SessionBook {
     }
 
     /// Stores a session handed over by another node as offline, its messages carried
-    /// over (replayed by the next [`SessionBook::resume`], as after a restart).
-    pub fn adopt(&self, key: &SessionKey, meta: SessionMeta, messages: Vec<(QueuedMessage, bool)>) {
-        self.send(Job::Adopt(key.clone(), meta, messages));
+    /// over (replayed by the next [`SessionBook::resume`], as after a restart); `pkids`:
+    /// the packet id each was sent under, in the same order (0: none known), so it goes
+    /// again under it.
+    pub fn adopt(
+        &self,
+        key: &SessionKey,
+        meta: SessionMeta,
+        messages: Vec<(QueuedMessage, bool)>,
+        pkids: Vec<u16>,
+    ) {
+        self.send(Job::Adopt(key.clone(), meta, messages, pkids));
     }
 
     /// Adds messages another node handed over late (after this node started the session
@@ -787,7 +814,7 @@ impl Writer {
                 self.tell_park(ParkEvent::Taken(key.clone()));
                 self.store.remove_session(&key).map(drop)
             }
-            Job::Adopt(key, meta, messages) => {
+            Job::Adopt(key, meta, messages, pkids) => {
                 self.carried.remove(&key);
                 self.backlogs.remove(&key);
                 let _ = self.store.remove_session(&key);
@@ -796,10 +823,13 @@ impl Writer {
                         // Every message of the adopted session is carried over: the
                         // router here never saw them.
                         let mut below = 0;
+                        let mut pkids = pkids.into_iter();
                         for (m, sent) in messages {
-                            // Packet id 0: a stored `Sent` is only ever resent with DUP.
+                            // Packet id 0 (none known): a stored `Sent` is only ever
+                            // resent, with DUP, under an id of the gateway's.
+                            let pkid = pkids.next().unwrap_or(0);
                             let queued = if sent {
-                                self.queue_sent(&key, 0, m)
+                                self.queue_sent(&key, pkid, m)
                             } else {
                                 self.queue(&key, m)
                             };
