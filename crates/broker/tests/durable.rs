@@ -869,3 +869,59 @@ async fn an_unacknowledged_qos_2_message_comes_again_under_its_packet_id() {
     assert_eq!((payload.as_slice(), dup), (&b"after"[..], false));
     assert!(sub.frame_within(QUIET).await.is_none());
 }
+
+/// A QoS 2 message whose PUBREC reached the broker and whose PUBCOMP did not: the
+/// PUBREL comes again under the same packet id (not the message: the client has it),
+/// after a reconnect and after a restart (MQTT-4.4.0-1); the PUBCOMP ends the exchange
+/// for good.
+#[tokio::test]
+async fn a_pubrel_owed_comes_again_after_a_reconnect_and_a_restart() {
+    let broker = broker_with_store(0).await;
+    let addr = broker.first_addr();
+    let mut sub = raw_persistent(addr, "ledger").await;
+    sub.send(&wire::subscribe(Version::V4, 1, &[(b"ledger/#", 2)]))
+        .await;
+    assert_eq!(
+        sub.frame_within(WAIT).await.expect("SUBACK").first,
+        wire::first::SUBACK
+    );
+    publish_qos2(addr, b"once").await;
+    let (payload, pkid, _) = qos2_publish(&mut sub).await;
+    assert_eq!(payload, b"once");
+    let pubrel = (wire::first::PUBREL, pkid.to_be_bytes().to_vec());
+    let next = |f: Option<moatmq_testkit::Frame>| {
+        let f = f.expect("a packet");
+        (f.first, f.body[..2].to_vec())
+    };
+    sub.send(&wire::ack(wire::first::PUBREC, pkid)).await;
+    assert_eq!(next(sub.frame_within(WAIT).await), pubrel);
+    drop(sub);
+
+    let mut sub = raw_persistent(addr, "ledger").await;
+    assert_eq!(
+        next(sub.frame_within(WAIT).await),
+        pubrel,
+        "after a reconnect"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let broker = broker.restart().await;
+    drop(sub);
+    let addr = broker.first_addr();
+    let mut sub = raw_persistent(addr, "ledger").await;
+    assert_eq!(
+        next(sub.frame_within(WAIT).await),
+        pubrel,
+        "after a restart"
+    );
+    sub.send(&wire::ack(wire::first::PUBCOMP, pkid)).await;
+    assert!(sub.frame_within(QUIET).await.is_none(), "nothing else");
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+
+    let broker = broker.restart().await;
+    drop(sub);
+    let mut sub = raw_persistent(broker.first_addr(), "ledger").await;
+    assert!(
+        sub.frame_within(QUIET).await.is_none(),
+        "completed for good"
+    );
+}

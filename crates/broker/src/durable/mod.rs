@@ -62,6 +62,8 @@ pub struct Replay {
     /// The packet id it was sent with, when known: sent again under it
     /// (MQTT-4.4.0-1), so the client tells it from a new message.
     pub pkid: Option<u16>,
+    /// QoS 2 whose PUBREC came: only its PUBREL goes again, under `pkid`.
+    pub release: bool,
 }
 
 /// What a resumed session brings back from the store.
@@ -117,6 +119,8 @@ enum Job {
     Collected(SessionKey, Vec<QueuedMessage>),
     Sent(SessionKey, u16, QueuedMessage),
     Acked(SessionKey, u16),
+    Received(SessionKey, u16),
+    Completed(SessionKey, u16),
     Resent(SessionKey, u64, u16),
     Resume(SessionKey, oneshot::Sender<Resumed>),
     Qos2In(SessionKey, u16),
@@ -254,6 +258,7 @@ impl SessionBook {
                 store,
                 carried,
                 inflight: HashMap::new(),
+                released: HashMap::new(),
                 backlogs: HashMap::new(),
                 rx,
                 interval: autosave_interval,
@@ -449,9 +454,21 @@ impl SessionBook {
         self.send(Job::Resent(key.clone(), id, pkid));
     }
 
-    /// The client acknowledged the forward `pkid` (PUBACK, or PUBREC for QoS 2).
+    /// The client is done with the forward `pkid`: its PUBACK, or a PUBREC refusing
+    /// the message.
     pub fn acked(&self, key: &SessionKey, pkid: u16) {
         self.send(Job::Acked(key.clone(), pkid));
+    }
+
+    /// The client's PUBREC for the QoS 2 forward `pkid`: it has the message; until its
+    /// PUBCOMP ([`SessionBook::completed`]) the PUBREL is sent again after a restart.
+    pub fn received(&self, key: &SessionKey, pkid: u16) {
+        self.send(Job::Received(key.clone(), pkid));
+    }
+
+    /// The client's PUBCOMP for the router's PUBREL `pkid`.
+    pub fn completed(&self, key: &SessionKey, pkid: u16) {
+        self.send(Job::Completed(key.clone(), pkid));
     }
 
     /// The client of `key` went away: from now on its messages are queued here. Call
@@ -569,6 +586,9 @@ struct Writer {
     carried: HashMap<SessionKey, Carried>,
     /// Per connected session, the store id of each forward in flight, by packet id.
     inflight: HashMap<SessionKey, HashMap<u16, u64>>,
+    /// Per session, the store id of each QoS 2 forward whose PUBREC came, by packet id,
+    /// until its PUBCOMP (the router may number a new forward with the same id before).
+    released: HashMap<SessionKey, HashMap<u16, u64>>,
     /// Per resumed session, what was queued for it in this run and the router has not
     /// forwarded yet: kept stored until acknowledged (`backlog.rs`).
     backlogs: HashMap<SessionKey, Backlog>,
@@ -733,6 +753,8 @@ impl Writer {
             Job::Remove(key) => {
                 self.carried.remove(&key);
                 self.backlogs.remove(&key);
+                self.inflight.remove(&key);
+                self.released.remove(&key);
                 self.tell_park(ParkEvent::Gone(key.clone()));
                 self.store.remove_session(&key).map(drop)
             }
@@ -784,6 +806,24 @@ impl Writer {
                 })
             }
             Job::Resent(key, id, pkid) => self.store.mark_sent(&key, id, pkid).map(drop),
+            Job::Received(key, pkid) => {
+                match self.inflight.get_mut(&key).and_then(|m| m.remove(&pkid)) {
+                    Some(id) => {
+                        self.released
+                            .entry(key.clone())
+                            .or_default()
+                            .insert(pkid, id);
+                        self.store.mark_released(&key, id).map(drop)
+                    }
+                    None => Ok(()),
+                }
+            }
+            Job::Completed(key, pkid) => {
+                match self.released.get_mut(&key).and_then(|m| m.remove(&pkid)) {
+                    Some(id) => self.store.complete(&key, id).map(drop),
+                    None => Ok(()),
+                }
+            }
             Job::Acked(key, pkid) => {
                 let id = self.inflight.get_mut(&key).and_then(|m| m.remove(&pkid));
                 match id {
@@ -808,6 +848,7 @@ impl Writer {
             Job::Take(key, reply) => {
                 self.carried.remove(&key);
                 self.inflight.remove(&key);
+                self.released.remove(&key);
                 self.backlogs.remove(&key);
                 let taken = self.store.session(&key).map(Taken::of);
                 let _ = reply.send(taken);
@@ -916,6 +957,10 @@ impl Writer {
         let mut replay = Vec::new();
         let mut backlog = Backlog::default();
         let mut done = Vec::new();
+        // PUBREC'd here in this run: the router sends the PUBREL again, the client's
+        // PUBCOMP completes them (`Job::Completed`).
+        let released = self.released.get(key);
+        let mut awaiting_pubcomp = 0;
         for (&id, held) in &session.messages {
             if held.message.is_expired(now) {
                 done.push(id);
@@ -925,10 +970,17 @@ impl Writer {
                     message: held.message.clone(),
                     dup: held.delivery != Delivery::Queued,
                     pkid: match held.delivery {
-                        Delivery::Sent { pkid } if pkid != 0 => Some(pkid),
+                        Delivery::Sent { pkid } | Delivery::Released { pkid } if pkid != 0 => {
+                            Some(pkid)
+                        }
                         _ => None,
                     },
+                    release: matches!(held.delivery, Delivery::Released { pkid } if pkid != 0),
                 });
+            } else if matches!(held.delivery, Delivery::Released { pkid }
+                if released.is_some_and(|r| r.get(&pkid) == Some(&id)))
+            {
+                awaiting_pubcomp += 1;
             } else if held.message.qos == 0 || matches!(held.delivery, Delivery::Released { .. }) {
                 // QoS 0 (`queue_qos0_messages`): forwarded once, never acknowledged, so
                 // not kept for a crash (at most once). Released: the client has it
@@ -938,7 +990,10 @@ impl Writer {
                 backlog.push(id, &held.message);
             }
         }
-        if backlog.is_empty() && done.len() > replay.len() + qos2_in.len() + 2 {
+        if backlog.is_empty()
+            && awaiting_pubcomp == 0
+            && done.len() > replay.len() + qos2_in.len() + 2
+        {
             // Mostly expired messages: writing the session afresh with what it keeps
             // costs less than one record per dropped message.
             replay = self.rebuild(key, meta, replay, &qos2_in);
@@ -965,6 +1020,8 @@ impl Writer {
     /// backlog of an earlier resume. It is queued again in the router's order, so the
     /// replay keeps the order the router had.
     fn collected(&mut self, key: &SessionKey, messages: Vec<QueuedMessage>) {
+        // (A PUBREL the router owes the client, it sends again itself on a resume here:
+        // those stay in `released`.)
         let unacked: Vec<u64> = self
             .inflight
             .remove(key)
@@ -1062,6 +1119,9 @@ impl Writer {
                     true => self.queue_sent(key, r.pkid.unwrap_or(0), r.message.clone())?,
                     false => self.queue(key, r.message.clone())?,
                 };
+                if let (Some(id), true) = (id, r.release) {
+                    self.store.mark_released(key, id)?;
+                }
                 if let Some(id) = id {
                     carried = id + 1;
                     kept.push(Replay { id, ..r });
@@ -1098,6 +1158,7 @@ impl Writer {
                         message,
                         dup,
                         pkid: None,
+                        release: false,
                     });
                 }
                 Ok(None) => {}

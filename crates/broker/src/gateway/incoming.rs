@@ -414,7 +414,16 @@ impl Gateway {
                     if let (Some(book), Some(key)) = (&self.shared.durable, &self.session.key) {
                         match &p {
                             Packet::PubAck(a, _) => book.acked(key, a.pkid),
+                            Packet::PubRec(r, _)
+                                if matches!(
+                                    r.reason,
+                                    PubRecReason::Success | PubRecReason::NoMatchingSubscribers
+                                ) =>
+                            {
+                                book.received(key, r.pkid)
+                            }
                             Packet::PubRec(r, _) => book.acked(key, r.pkid),
+                            Packet::PubComp(c, _) => book.completed(key, c.pkid),
                             _ => {}
                         }
                     }

@@ -442,6 +442,16 @@ impl Gateway {
         tokio::pin!(late_mail);
         let shutting_down = shutdown.changed();
         tokio::pin!(shutting_down);
+        if self.session.persistent && self.link.is_open() {
+            // rumqttd's link build takes the router's first wake-up, with the CONNACK;
+            // what the router queued in the same pass (the PUBRELs a resumed session is
+            // owed) would wait for the next one. A PINGREQ brings it now.
+            self.to_router
+                .send(Packet::PingReq(rumqttd::protocol::PingReq));
+            if let Err(close) = self.link.commit(&mut self.to_router) {
+                return close;
+            }
+        }
         // Bytes already buffered after the CONNECT are packets too.
         if let Err(close) = self.decode_all(buf, max_packet) {
             return close;

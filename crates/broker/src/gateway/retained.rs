@@ -213,12 +213,17 @@ impl RetainedFeed {
 
     /// Our QoS 1/2 delivery `pkid` is written.
     fn sent(&mut self, pkid: u16, stored: Option<u64>) {
-        if self
-            .inflight
-            .insert(pkid, (OwnState::Sent, stored))
-            .is_none()
-            && pkid <= ROUTER_MAX_PKID
-        {
+        self.own(pkid, OwnState::Sent, stored);
+    }
+
+    /// The PUBREL of the stored message `stored`, whose PUBREC came before, is written
+    /// again under `pkid`.
+    fn released(&mut self, pkid: u16, stored: u64) {
+        self.own(pkid, OwnState::Released, Some(stored));
+    }
+
+    fn own(&mut self, pkid: u16, state: OwnState, stored: Option<u64>) {
+        if self.inflight.insert(pkid, (state, stored)).is_none() && pkid <= ROUTER_MAX_PKID {
             self.in_router_range += 1;
         }
     }
@@ -342,6 +347,22 @@ impl Gateway {
             let Some(r) = self.retained.stored.pop_front() else {
                 break;
             };
+            if r.release {
+                // The client has the message (its PUBREC came): only the PUBREL goes
+                // again, under the exchange's id (MQTT-4.4.0-1).
+                match r.pkid.filter(|p| !self.retained.inflight.contains_key(p)) {
+                    Some(pkid) => {
+                        let rel = PubRel {
+                            pkid,
+                            reason: PubRelReason::Success,
+                        };
+                        self.write(Packet::PubRel(rel, None))?;
+                        self.retained.released(pkid, r.id);
+                    }
+                    None => self.stored_done(r.id),
+                }
+                continue;
+            }
             if r.message.is_expired(now) {
                 self.stored_done(r.id);
                 continue;
