@@ -16,12 +16,16 @@ pub struct Nats {
     children: Vec<Child>,
 }
 
-/// A port the system had free a moment ago.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
+/// `n` distinct ports the system had free a moment ago: each is held until all are
+/// picked, so one is never given twice (a server's client port equal to another's
+/// route port made a client reach a route: "attempted to connect to route port").
+fn free_ports(n: usize) -> Vec<u16> {
+    let held: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("a free port"))
+        .collect();
+    held.iter()
+        .map(|l| l.local_addr().expect("a bound port").port())
+        .collect()
 }
 
 impl Nats {
@@ -33,8 +37,8 @@ impl Nats {
     /// `n` servers with JetStream, each with a store under `dir`; with `n > 1` they form
     /// the NATS cluster `moatmq-test`, every server with a route to every other.
     pub fn cluster(dir: &Path, n: usize) -> Nats {
-        let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
-        let routes: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let mut ports = free_ports(2 * n);
+        let routes = ports.split_off(n);
         let mut children = Vec::new();
         for i in 0..n {
             let store = dir.join(format!("nats-{i}"));
