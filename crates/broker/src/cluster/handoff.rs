@@ -291,17 +291,8 @@ async fn install(
     {
         // Subscribed here now: what the stream gets from here on comes through this
         // node's own consumer.
-        let mut unread = super::unread::read(super::unread::ReadFor {
-            seal: cluster.owners.seal(),
-            buckets,
-            prefix: &cluster.prefix,
-            node,
-            key,
-            meta: &meta,
-            queue_qos0: book.queues_qos0(),
-            max_topic_levels: shared.config.limits.max_topic_levels,
-        })
-        .await;
+        let read_for = super::unread::ReadFor::of(shared, cluster, buckets, node, key, &meta);
+        let mut unread = super::unread::read(read_for).await;
         // What the park brought already is not queued twice (one equal message left
         // out per message parked): duplicates would count against the session's
         // queue limit and push out the newest.
@@ -348,21 +339,8 @@ async fn read_after_cut(
         );
     }
     let node = claim.previous.as_deref().unwrap_or(cut.origin.as_str());
-    let missed = super::unread::after_cut(
-        super::unread::ReadFor {
-            seal: cluster.owners.seal(),
-            buckets: &claim.buckets,
-            prefix: &cluster.prefix,
-            node,
-            key,
-            meta,
-            queue_qos0: book.queues_qos0(),
-            max_topic_levels: shared.config.limits.max_topic_levels,
-        },
-        cut,
-        &here,
-    )
-    .await;
+    let read_for = super::unread::ReadFor::of(shared, cluster, &claim.buckets, node, key, meta);
+    let missed = super::unread::after_cut(read_for, cut, &here).await;
     if !missed.is_empty() {
         tracing::debug!(
             client_id = %key.client_id,

@@ -31,6 +31,29 @@ pub struct ReadFor<'a> {
     pub max_topic_levels: usize,
 }
 
+impl<'a> ReadFor<'a> {
+    /// A read of `node`'s traffic for the session `key` (`meta`) by this node.
+    pub(super) fn of(
+        shared: &'a crate::shared::Shared,
+        cluster: &'a super::Cluster,
+        buckets: &'a Buckets,
+        node: &'a str,
+        key: &'a SessionKey,
+        meta: &'a SessionMeta,
+    ) -> ReadFor<'a> {
+        ReadFor {
+            seal: cluster.owners.seal(),
+            buckets,
+            prefix: &cluster.prefix,
+            node,
+            key,
+            meta,
+            queue_qos0: shared.durable.as_ref().is_some_and(|b| b.queues_qos0()),
+            max_topic_levels: shared.config.limits.max_topic_levels,
+        }
+    }
+}
+
 /// The messages of other nodes in the transfer stream after `node`'s acknowledgement
 /// floor that match the session's subscriptions (shared ones aside: their groups have
 /// consumers of their own), at the QoS granted, their expiry counted down by their time
