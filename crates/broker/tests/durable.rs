@@ -774,6 +774,19 @@ async fn qos2_publish(raw: &mut Raw) -> (Vec<u8>, u16, bool) {
     (f.body[at + 2..].to_vec(), pkid, f.first & 0x08 != 0)
 }
 
+/// The persistent session `ledger` on a raw 3.1.1 connection, subscribed to
+/// `ledger/#` at QoS 2.
+async fn ledger_subscriber(addr: SocketAddr) -> Raw {
+    let mut sub = raw_persistent(addr, "ledger").await;
+    sub.send(&wire::subscribe(Version::V4, 1, &[(b"ledger/#", 2)]))
+        .await;
+    assert_eq!(
+        sub.frame_within(WAIT).await.expect("SUBACK").first,
+        wire::first::SUBACK
+    );
+    sub
+}
+
 /// Publishes `payload` at QoS 2 from a raw client, the whole exchange.
 async fn publish_qos2(addr: SocketAddr, payload: &[u8]) {
     let mut publ = raw_persistent(addr, "ledger-writer").await;
@@ -798,13 +811,7 @@ async fn publish_qos2(addr: SocketAddr, payload: &[u8]) {
 async fn an_unacknowledged_qos_2_message_comes_again_under_its_packet_id() {
     let broker = broker_with_store(0).await;
     let addr = broker.first_addr();
-    let mut sub = raw_persistent(addr, "ledger").await;
-    sub.send(&wire::subscribe(Version::V4, 1, &[(b"ledger/#", 2)]))
-        .await;
-    assert_eq!(
-        sub.frame_within(WAIT).await.expect("SUBACK").first,
-        wire::first::SUBACK
-    );
+    let mut sub = ledger_subscriber(addr).await;
     // Two messages acknowledged in full first: the packet ids of the next ones are
     // not the ones a new connection would start with.
     for done in [b"d0", b"d1"] {
@@ -878,13 +885,7 @@ async fn an_unacknowledged_qos_2_message_comes_again_under_its_packet_id() {
 async fn a_pubrel_owed_comes_again_after_a_reconnect_and_a_restart() {
     let broker = broker_with_store(0).await;
     let addr = broker.first_addr();
-    let mut sub = raw_persistent(addr, "ledger").await;
-    sub.send(&wire::subscribe(Version::V4, 1, &[(b"ledger/#", 2)]))
-        .await;
-    assert_eq!(
-        sub.frame_within(WAIT).await.expect("SUBACK").first,
-        wire::first::SUBACK
-    );
+    let mut sub = ledger_subscriber(addr).await;
     publish_qos2(addr, b"once").await;
     let (payload, pkid, _) = qos2_publish(&mut sub).await;
     assert_eq!(payload, b"once");
