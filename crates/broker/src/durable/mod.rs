@@ -165,30 +165,28 @@ pub struct Taken {
 impl Taken {
     /// What of `session` goes to another node.
     fn of(session: &moatmq_store::Session) -> Taken {
-        let (ids, messages) = session
-            .messages
-            .iter()
-            .filter_map(|(&id, held)| match held.delivery {
-                Delivery::Queued => Some((id, (held.message.clone(), false))),
-                Delivery::Sent { .. } => Some((id, (held.message.clone(), true))),
-                // The client has it (PUBREC): only the PUBREL was left.
-                Delivery::Released { .. } => None,
-            })
-            .unzip();
-        let pkids = session
-            .messages
-            .iter()
-            .filter_map(|(&id, held)| match held.delivery {
-                Delivery::Sent { pkid } if pkid != 0 => Some((id, pkid)),
-                _ => None,
-            })
-            .collect();
-        Taken {
+        let mut taken = Taken {
             meta: session.meta.clone(),
-            messages,
-            ids,
-            pkids,
+            messages: Vec::with_capacity(session.messages.len()),
+            ids: Vec::with_capacity(session.messages.len()),
+            pkids: Vec::new(),
+        };
+        for (&id, held) in &session.messages {
+            let sent = match held.delivery {
+                Delivery::Queued => false,
+                Delivery::Sent { pkid } => {
+                    if pkid != 0 {
+                        taken.pkids.push((id, pkid));
+                    }
+                    true
+                }
+                // The client has it (PUBREC): only the PUBREL was left.
+                Delivery::Released { .. } => continue,
+            };
+            taken.messages.push((held.message.clone(), sent));
+            taken.ids.push(id);
         }
+        taken
     }
 }
 
@@ -1022,17 +1020,17 @@ impl Writer {
     fn collected(&mut self, key: &SessionKey, messages: Vec<QueuedMessage>) {
         // (A PUBREL the router owes the client, it sends again itself on a resume here:
         // those stay in `released`.)
-        let unacked: Vec<u64> = self
-            .inflight
-            .remove(key)
-            .map(|m| m.into_values().collect())
-            .unwrap_or_default();
-        if messages.is_empty() && unacked.is_empty() {
-            return;
-        }
+        let unacked = self.inflight.remove(key).unwrap_or_default();
         let Some(session) = self.store.session(key) else {
             return;
         };
+        if !unacked.is_empty() {
+            let carried = self.carried.entry(key.clone()).or_default();
+            carried.late.extend(unacked.into_values());
+        }
+        if messages.is_empty() {
+            return;
+        }
         let carried = self.carried.get(key).cloned().unwrap_or_default();
         let mut stored = Backlog::default();
         for (&id, held) in &session.messages {
@@ -1050,7 +1048,7 @@ impl Writer {
         // A cluster node parks the session afresh once, below, rather than a copy of
         // each message here.
         let park = self.park.take();
-        let mut late = unacked;
+        let mut late = Vec::with_capacity(messages.len());
         let result = (|| {
             for id in again {
                 self.store.complete(key, id)?;

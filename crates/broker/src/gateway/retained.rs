@@ -72,9 +72,6 @@ pub(super) struct RetainedFeed {
     /// Our own QoS 1/2 deliveries in flight, by packet id, with the session store's id
     /// of a stored one.
     inflight: HashMap<u16, (OwnState, Option<u64>)>,
-    /// How many of them are under a packet id in the router's range (stored messages
-    /// sent again under their original ids): the router's forwards wait meanwhile.
-    in_router_range: usize,
     next_pkid: u16,
 }
 
@@ -143,7 +140,7 @@ impl RetainedFeed {
     /// some went under packet ids the router numbers its own with (1..=100), and are
     /// not acknowledged yet.
     pub(super) fn router_waits(&self) -> bool {
-        self.replaying() || self.in_router_range > 0
+        self.replaying() || self.inflight.keys().any(|&p| p <= ROUTER_MAX_PKID)
     }
 
     fn window_open(&self) -> bool {
@@ -213,19 +210,14 @@ impl RetainedFeed {
 
     /// Our QoS 1/2 delivery `pkid` is written.
     fn sent(&mut self, pkid: u16, stored: Option<u64>) {
-        self.own(pkid, OwnState::Sent, stored);
+        self.inflight.insert(pkid, (OwnState::Sent, stored));
     }
 
     /// The PUBREL of the stored message `stored`, whose PUBREC came before, is written
     /// again under `pkid`.
     fn released(&mut self, pkid: u16, stored: u64) {
-        self.own(pkid, OwnState::Released, Some(stored));
-    }
-
-    fn own(&mut self, pkid: u16, state: OwnState, stored: Option<u64>) {
-        if self.inflight.insert(pkid, (state, stored)).is_none() && pkid <= ROUTER_MAX_PKID {
-            self.in_router_range += 1;
-        }
+        self.inflight
+            .insert(pkid, (OwnState::Released, Some(stored)));
     }
 
     /// The client's PUBACK/PUBREC/PUBCOMP, if it is for one of our own deliveries.
@@ -250,9 +242,6 @@ impl RetainedFeed {
             return OwnAck::Release(pkid);
         }
         self.inflight.remove(&pkid);
-        if pkid <= ROUTER_MAX_PKID {
-            self.in_router_range -= 1;
-        }
         OwnAck::Done(stored)
     }
 }
