@@ -86,6 +86,65 @@ struct HandoffV1 {
     session: Option<(SessionMeta, Messages)>,
 }
 
+/// `plain` as a handoff of this release or of an older one (each older form read as
+/// the next newer one, its missing fields empty).
+fn decode(plain: &[u8]) -> Result<Handoff, String> {
+    let newest = |e: postcard::Error| e.to_string();
+    postcard::from_bytes::<Handoff>(plain).or_else(|e| {
+        postcard::from_bytes::<HandoffV3>(plain)
+            .or_else(|_| postcard::from_bytes::<HandoffV2>(plain).map(HandoffV3::from))
+            .or_else(|_| {
+                postcard::from_bytes::<HandoffV1>(plain)
+                    .map(HandoffV2::from)
+                    .map(HandoffV3::from)
+            })
+            .map(Handoff::from)
+            .map_err(|_| newest(e))
+    })
+}
+
+impl From<HandoffV3> for Handoff {
+    fn from(v3: HandoffV3) -> Handoff {
+        Handoff {
+            revision: v3.revision,
+            key: v3.key,
+            session: v3.session,
+            parts: v3.parts,
+            ids: v3.ids,
+            live: v3.live,
+            cut: v3.cut,
+            pkids: Vec::new(),
+        }
+    }
+}
+
+impl From<HandoffV2> for HandoffV3 {
+    fn from(v2: HandoffV2) -> HandoffV3 {
+        HandoffV3 {
+            revision: v2.revision,
+            key: v2.key,
+            session: v2.session,
+            parts: v2.parts,
+            ids: v2.ids,
+            live: v2.live,
+            cut: None,
+        }
+    }
+}
+
+impl From<HandoffV1> for HandoffV2 {
+    fn from(v1: HandoffV1) -> HandoffV2 {
+        HandoffV2 {
+            revision: v1.revision,
+            key: v1.key,
+            session: v1.session,
+            parts: 0,
+            ids: Vec::new(),
+            live: false,
+        }
+    }
+}
+
 /// More of a handoff's messages, at `<key>.<index>`, sealed for that key.
 #[derive(Serialize, Deserialize)]
 pub(super) struct Part {
@@ -119,46 +178,7 @@ pub(super) async fn open(
     let plain = seal
         .open_handoff(&buckets.handoff_name, kv_key, value)
         .map_err(|e| e.to_string())?;
-    let mut handoff = match postcard::from_bytes::<Handoff>(&plain) {
-        Ok(h) => h,
-        Err(e) => match postcard::from_bytes::<HandoffV3>(&plain) {
-            Ok(v3) => Handoff {
-                revision: v3.revision,
-                key: v3.key,
-                session: v3.session,
-                parts: v3.parts,
-                ids: v3.ids,
-                live: v3.live,
-                cut: v3.cut,
-                pkids: Vec::new(),
-            },
-            Err(_) => match postcard::from_bytes::<HandoffV2>(&plain) {
-                Ok(v2) => Handoff {
-                    revision: v2.revision,
-                    key: v2.key,
-                    session: v2.session,
-                    parts: v2.parts,
-                    ids: v2.ids,
-                    live: v2.live,
-                    cut: None,
-                    pkids: Vec::new(),
-                },
-                Err(_) => match postcard::from_bytes::<HandoffV1>(&plain) {
-                    Ok(v1) => Handoff {
-                        revision: v1.revision,
-                        key: v1.key,
-                        session: v1.session,
-                        parts: 0,
-                        ids: Vec::new(),
-                        live: false,
-                        cut: None,
-                        pkids: Vec::new(),
-                    },
-                    Err(_) => return Err(e.to_string()),
-                },
-            },
-        },
-    };
+    let mut handoff = decode(&plain)?;
     if handoff.key != *key {
         return Err("it holds another session".to_string());
     }
@@ -513,6 +533,41 @@ mod tests {
         ids: &'a Vec<u64>,
         live: bool,
         cut: &'a Option<crate::cluster::Cut>,
+    }
+
+    #[test]
+    fn every_older_form_decodes_as_a_handoff() {
+        let now = handoff(&[3, 4]);
+        let v3 = HandoffV3Out {
+            revision: now.revision,
+            key: &now.key,
+            session: &now.session,
+            parts: 0,
+            ids: &now.ids,
+            live: true,
+            cut: &now.cut,
+        };
+        let read = decode(&postcard::to_allocvec(&v3).unwrap()).unwrap();
+        assert_eq!(
+            (read.live, read.ids, read.cut),
+            (true, now.ids.clone(), now.cut.clone())
+        );
+        assert!(read.pkids.is_empty());
+        #[derive(Serialize)]
+        struct V1<'a> {
+            revision: u64,
+            key: &'a SessionKey,
+            session: &'a Option<(SessionMeta, Messages)>,
+        }
+        let v1 = V1 {
+            revision: now.revision,
+            key: &now.key,
+            session: &now.session,
+        };
+        let read = decode(&postcard::to_allocvec(&v1).unwrap()).unwrap();
+        assert_eq!((read.revision, read.parts, read.live), (7, 0, false));
+        assert_eq!(read.session, now.session);
+        assert!(decode(b"\xff").is_err());
     }
 
     #[test]
