@@ -908,13 +908,18 @@ async fn a_slow_subscriber_back_on_the_same_node_finds_everything() {
 
 /// A raw 3.1.1 login of `user` keeping its session (clean session 0).
 async fn raw_persistent(addr: SocketAddr, id: &str, user: &str) -> Raw {
+    raw_resumed(addr, id, user).await.0
+}
+
+/// [`raw_persistent`], and whether the CONNACK says session present.
+async fn raw_resumed(addr: SocketAddr, id: &str, user: &str) -> (Raw, bool) {
     let mut raw = Raw::tcp(addr).await;
     let mut connect = wire::Connect::new(Version::V4, id).login(user, password(user));
     connect.clean = false;
     raw.send(&connect.encode()).await;
     let connack = raw.frame_within(WAIT).await.expect("CONNACK");
-    assert_eq!(connack.first, wire::first::CONNACK);
-    raw
+    assert_eq!((connack.first, connack.body[1]), (wire::first::CONNACK, 0));
+    (raw, connack.body[0] & 1 == 1)
 }
 
 /// Reads `n` QoS 1 PUBLISHes off `raw`: (payload, packet id, DUP) each.
@@ -966,5 +971,97 @@ async fn unacknowledged_messages_come_from_the_new_node_under_their_packet_ids()
             .map(|(payload, pkid, _)| (payload, pkid, true))
             .collect();
         assert_eq!(got, expected, "round {round}: the same ids, with DUP");
+    }
+}
+
+/// The frame `raw` gets next as (first byte, packet id); `what` is expected.
+async fn acked(raw: &mut Raw, what: &str) -> (u8, u16) {
+    let f = raw
+        .frame_within(WAIT)
+        .await
+        .unwrap_or_else(|| panic!("{what} expected"));
+    (f.first, u16::from_be_bytes([f.body[0], f.body[1]]))
+}
+
+/// QoS 2 exchanges in progress move with a persistent session (MQTT-4.3.3): a PUBREL
+/// node A owed its client (PUBREC received, no PUBCOMP) comes from node B, and a QoS 2
+/// PUBLISH the client made on A (PUBREC'd there) and sends B again with DUP is not
+/// delivered twice, its PUBREL completed. Taken over while connected, resumed after the
+/// client went away (A hands it over), and after A stopped (A's final park). (B sent
+/// no PUBREL, and delivered the payment twice, before.)
+#[tokio::test]
+async fn qos_2_exchanges_in_progress_move_with_the_session() {
+    let nats = Nats::start().await;
+    let mut a = Some(node(&nats, "node-a").await);
+    let b = node(&nats, "node-b").await;
+    let mut watcher = login4(b.first_addr(), "watcher", "alice").await;
+    watcher.subscribe_acked("alice/pay/#").await;
+    for (round, how) in ["taken over", "left", "node stopped"]
+        .into_iter()
+        .enumerate()
+    {
+        let id = format!("ledger-{round}");
+        let a_addr = a.as_ref().expect("node A").first_addr();
+        let mut c = raw_persistent(a_addr, &id, "alice").await;
+        c.send(&wire::subscribe(Version::V4, 1, &[(b"alice/ledger/#", 2)]))
+            .await;
+        assert_eq!(acked(&mut c, "SUBACK").await.0, wire::first::SUBACK);
+        // The client pays on A; A has it (PUBREC), the client has not released it yet.
+        let topic = format!("alice/pay/{round}");
+        let payment = wire::Publish::new(Version::V4, topic.as_bytes(), b"100 EUR")
+            .qos(2, 7)
+            .encode();
+        c.send(&payment).await;
+        assert_eq!(acked(&mut c, "PUBREC").await, (wire::first::PUBREC, 7));
+        assert_eq!(&watcher.next_publish().await.payload[..], b"100 EUR");
+        // A sends it a QoS 2 message; it has it (PUBREC), A owes the PUBCOMP's PUBREL.
+        let mut writer = raw_persistent(a_addr, &format!("writer-{round}"), "admin").await;
+        writer
+            .send(
+                &wire::Publish::new(Version::V4, b"alice/ledger/x", b"once")
+                    .qos(2, 9)
+                    .encode(),
+            )
+            .await;
+        assert_eq!(acked(&mut writer, "PUBREC").await, (wire::first::PUBREC, 9));
+        writer.send(&wire::ack(wire::first::PUBREL, 9)).await;
+        assert_eq!(
+            acked(&mut writer, "PUBCOMP").await,
+            (wire::first::PUBCOMP, 9)
+        );
+        let f = c.frame_within(WAIT).await.expect("PUBLISH");
+        assert_eq!(f.first & 0xF6, wire::first::PUBLISH | 4, "a QoS 2 PUBLISH");
+        let at = 2 + u16::from_be_bytes([f.body[0], f.body[1]]) as usize;
+        let pkid = u16::from_be_bytes([f.body[at], f.body[at + 1]]);
+        c.send(&wire::ack(wire::first::PUBREC, pkid)).await;
+        assert_eq!(acked(&mut c, "PUBREL").await, (wire::first::PUBREL, pkid));
+        if how != "taken over" {
+            drop(c);
+            tokio::time::sleep(QUIET).await;
+        }
+        if how == "node stopped" {
+            a.take().expect("node A").stop().await;
+        }
+
+        let (mut c, present) = raw_resumed(b.first_addr(), &id, "alice").await;
+        assert!(present, "{how}: session present");
+        assert_eq!(
+            acked(&mut c, "PUBREL from B").await,
+            (wire::first::PUBREL, pkid),
+            "{how}: the PUBREL A owed comes from B"
+        );
+        // The client never saw A's PUBREC (as far as it knows): it pays again, with DUP.
+        let mut again = payment.clone();
+        again[0] |= 0x08;
+        c.send(&again).await;
+        assert_eq!(acked(&mut c, "PUBREC").await, (wire::first::PUBREC, 7));
+        c.send(&wire::ack(wire::first::PUBREL, 7)).await;
+        assert_eq!(acked(&mut c, "PUBCOMP").await, (wire::first::PUBCOMP, 7));
+        c.send(&wire::ack(wire::first::PUBCOMP, pkid)).await;
+        assert!(
+            watcher.publish_within(QUIET).await.is_none(),
+            "{how}: paid twice, the resent PUBLISH was admitted again on B"
+        );
+        assert!(c.frame_within(QUIET).await.is_none(), "{how}: nothing else");
     }
 }

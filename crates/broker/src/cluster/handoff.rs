@@ -66,12 +66,12 @@ pub async fn give(
     // Read before the session leaves the offline sessions `admit` queues for: what it
     // names is in what is taken; the taking node reads what came after (`unread.rs`).
     let cut = shared.cluster.as_ref().map(|c| c.cut_for(router_id));
-    let (session, ids, pkids) = match &shared.durable {
+    let (session, ids, open) = match &shared.durable {
         Some(book) => match book.take(key).await {
-            Some(t) => (Some((t.meta, t.messages)), t.ids, t.pkids),
-            None => (None, Vec::new(), Vec::new()),
+            Some(t) => (Some((t.meta, t.messages)), t.ids, t.open),
+            None => (None, Vec::new(), Default::default()),
         },
-        None => (None, Vec::new(), Vec::new()),
+        None => (None, Vec::new(), Default::default()),
     };
     if let Some(book) = &shared.durable {
         // What the park task still had to write of the session is written before this
@@ -86,7 +86,7 @@ pub async fn give(
         ids,
         live: false,
         cut,
-        pkids,
+        open,
     };
     let max_payload = shared.cluster.as_ref().map(|c| c.max_payload());
     let kv_key = seal.session_key_of(router_id);
@@ -97,7 +97,6 @@ pub async fn give(
     let Some(e) = failed else {
         return;
     };
-    let pkids = handoff.pkids_in_order();
     match (&shared.durable, &shared.cluster, handoff.session) {
         (Some(book), Some(cluster), Some((meta, messages))) => {
             tracing::warn!(
@@ -106,7 +105,7 @@ pub async fn give(
             );
             // Nothing more is queued for it here (its router state is gone); what it
             // held waits, stored, for the next try.
-            book.adopt(key, meta, messages, pkids);
+            book.adopt(key, meta, messages, &handoff.ids, &handoff.open);
             cluster.kept_offline(router_id, key.clone());
             cluster.owners.recheck_later(router_id, RETRY_WAIT);
         }
@@ -253,10 +252,9 @@ async fn install(
         _ => ReadOnBehalf::default(),
     };
     // Stored here before it leaves the bucket: a crash in between loses nothing.
-    let pkids = handoff.pkids_in_order();
     let adopted = match (handoff.session.take(), &shared.durable) {
         (Some((meta, messages)), Some(book)) => {
-            book.adopt(key, meta.clone(), messages, pkids);
+            book.adopt(key, meta.clone(), messages, &handoff.ids, &handoff.open);
             Some((meta, book.commit().await))
         }
         _ => None,

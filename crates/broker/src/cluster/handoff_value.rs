@@ -5,6 +5,7 @@
 //! and naming the value's revision and its index, put before the value that names them.
 
 use super::owner::Buckets;
+use crate::durable::Exchanges;
 use async_nats::jetstream::kv;
 use moatmq_store::{ClusterSeal, QueuedMessage, SessionKey, SessionMeta};
 use serde::{Deserialize, Serialize};
@@ -33,24 +34,24 @@ pub(super) struct Handoff {
     /// for there: the taking node reads what came after from the transfer stream
     /// (`unread.rs`). `None` from releases before it, and in parks.
     pub(super) cut: Option<super::Cut>,
-    /// The packet id each message sent before went under, by its id in `ids`: sent
-    /// again under it (MQTT-4.4.0-1). Empty from releases before it.
-    pub(super) pkids: Vec<(u64, u16)>,
+    /// The session's exchanges with its client still open, by the messages' ids in
+    /// `ids` (packet ids: MQTT-4.4.0-1; PUBRELs owed and incoming QoS 2 exchanges:
+    /// MQTT-4.3.3). Empty from releases before it; only packet ids from the one before.
+    pub(super) open: Exchanges,
 }
 
-impl Handoff {
-    /// The packet id of each message in order (0: none known), for
-    /// [`SessionBook::adopt`](crate::durable::SessionBook::adopt).
-    pub(super) fn pkids_in_order(&self) -> Vec<u16> {
-        if self.pkids.is_empty() {
-            return Vec::new();
-        }
-        let by_id: std::collections::HashMap<u64, u16> = self.pkids.iter().copied().collect();
-        self.ids
-            .iter()
-            .map(|id| by_id.get(id).copied().unwrap_or(0))
-            .collect()
-    }
+/// A handoff as releases before the QoS 2 exchanges wrote it (a release reading a
+/// newer one leaves the trailing ones unread).
+#[derive(Deserialize)]
+struct HandoffV4 {
+    revision: u64,
+    key: SessionKey,
+    session: Option<(SessionMeta, Messages)>,
+    parts: u32,
+    ids: Vec<u64>,
+    live: bool,
+    cut: Option<super::Cut>,
+    pkids: Vec<(u64, u16)>,
 }
 
 /// A handoff as releases before packet ids wrote it (a release reading a newer one
@@ -91,21 +92,45 @@ struct HandoffV1 {
 fn decode(plain: &[u8]) -> Result<Handoff, String> {
     let newest = |e: postcard::Error| e.to_string();
     postcard::from_bytes::<Handoff>(plain).or_else(|e| {
-        postcard::from_bytes::<HandoffV3>(plain)
-            .or_else(|_| postcard::from_bytes::<HandoffV2>(plain).map(HandoffV3::from))
+        postcard::from_bytes::<HandoffV4>(plain)
+            .or_else(|_| postcard::from_bytes::<HandoffV3>(plain).map(HandoffV4::from))
+            .or_else(|_| {
+                postcard::from_bytes::<HandoffV2>(plain)
+                    .map(HandoffV3::from)
+                    .map(HandoffV4::from)
+            })
             .or_else(|_| {
                 postcard::from_bytes::<HandoffV1>(plain)
                     .map(HandoffV2::from)
                     .map(HandoffV3::from)
+                    .map(HandoffV4::from)
             })
             .map(Handoff::from)
             .map_err(|_| newest(e))
     })
 }
 
-impl From<HandoffV3> for Handoff {
-    fn from(v3: HandoffV3) -> Handoff {
+impl From<HandoffV4> for Handoff {
+    fn from(v4: HandoffV4) -> Handoff {
         Handoff {
+            revision: v4.revision,
+            key: v4.key,
+            session: v4.session,
+            parts: v4.parts,
+            ids: v4.ids,
+            live: v4.live,
+            cut: v4.cut,
+            open: Exchanges {
+                pkids: v4.pkids,
+                ..Exchanges::default()
+            },
+        }
+    }
+}
+
+impl From<HandoffV3> for HandoffV4 {
+    fn from(v3: HandoffV3) -> HandoffV4 {
+        HandoffV4 {
             revision: v3.revision,
             key: v3.key,
             session: v3.session,
@@ -265,7 +290,7 @@ fn split(handoff: &Handoff, budget: usize) -> Result<(Handoff, Vec<Part>), Strin
         ids: Vec::new(),
         live: handoff.live,
         cut: handoff.cut.clone(),
-        pkids: handoff.pkids.clone(),
+        open: handoff.open.clone(),
     };
     let room = budget
         .checked_sub(encoded_len(&head)?)
@@ -408,11 +433,16 @@ mod tests {
                 forwarded: 9,
                 own_from: 40,
             }),
-            // Those sent before (even positions): ids 100, 102, ...
-            pkids: (0..sizes.len() as u64)
-                .step_by(2)
-                .map(|i| (100 + i, 40 + i as u16))
-                .collect(),
+            open: Exchanges {
+                // Those sent before (even positions): ids 100, 102, ...
+                pkids: (0..sizes.len() as u64)
+                    .step_by(2)
+                    .map(|i| (100 + i, 40 + i as u16))
+                    .collect(),
+                // The client has the one of id 102 (PUBREC): its PUBREL is owed.
+                released: vec![102],
+                qos2_in: vec![7, 9],
+            },
         }
     }
 
@@ -501,10 +531,13 @@ mod tests {
     #[test]
     fn handoffs_with_and_without_packet_ids_read_both_ways() {
         let now = handoff(&[3, 4, 5]);
-        assert_eq!(now.pkids_in_order(), vec![40, 0, 42]);
+        assert_eq!(
+            now.open.in_order(&now.ids),
+            vec![(40, false), (0, false), (42, true)]
+        );
         let plain = postcard::to_allocvec(&now).unwrap();
         let read = postcard::from_bytes::<Handoff>(&plain).unwrap();
-        assert_eq!(read.pkids, now.pkids);
+        assert_eq!(read.open, now.open);
         // A release before packet ids reads the new value (they are left over at its end).
         let old = postcard::from_bytes::<HandoffV3>(&plain).unwrap();
         assert_eq!((old.ids, old.cut), (now.ids.clone(), now.cut.clone()));
@@ -521,6 +554,39 @@ mod tests {
         let plain = postcard::to_allocvec(&before).unwrap();
         assert!(postcard::from_bytes::<Handoff>(&plain).is_err());
         assert!(postcard::from_bytes::<HandoffV3>(&plain).is_ok());
+    }
+
+    #[test]
+    fn handoffs_with_and_without_qos_2_exchanges_read_both_ways() {
+        let now = handoff(&[3, 4, 5]);
+        let plain = postcard::to_allocvec(&now).unwrap();
+        // A release before the QoS 2 exchanges reads the new value's packet ids (the
+        // exchanges are left over at its end).
+        let old = postcard::from_bytes::<HandoffV4>(&plain).unwrap();
+        assert_eq!(old.pkids, now.open.pkids);
+        // And its values read here with their packet ids, no exchanges.
+        #[derive(Serialize)]
+        struct V4Out<'a> {
+            v3: HandoffV3Out<'a>,
+            pkids: &'a Vec<(u64, u16)>,
+        }
+        let before = V4Out {
+            v3: HandoffV3Out {
+                revision: now.revision,
+                key: &now.key,
+                session: &now.session,
+                parts: 0,
+                ids: &now.ids,
+                live: false,
+                cut: &now.cut,
+            },
+            pkids: &now.open.pkids,
+        };
+        let plain = postcard::to_allocvec(&before).unwrap();
+        assert!(postcard::from_bytes::<Handoff>(&plain).is_err());
+        let read = decode(&plain).unwrap();
+        assert_eq!(read.open.pkids, now.open.pkids);
+        assert!(read.open.released.is_empty() && read.open.qos2_in.is_empty());
     }
 
     /// A handoff as releases before packet ids write it.
@@ -552,7 +618,7 @@ mod tests {
             (read.live, read.ids, read.cut),
             (true, now.ids.clone(), now.cut.clone())
         );
-        assert!(read.pkids.is_empty());
+        assert_eq!(read.open, Exchanges::default());
         #[derive(Serialize)]
         struct V1<'a> {
             revision: u64,
@@ -571,9 +637,9 @@ mod tests {
     }
 
     #[test]
-    fn a_split_handoff_keeps_its_packet_ids_in_the_head() {
+    fn a_split_handoff_keeps_its_open_exchanges_in_the_head() {
         let whole = handoff(&[300, 10, 700, 500, 900, 5, 5, 800]);
         let (head, _) = split(&whole, 1000).expect("split");
-        assert_eq!(head.pkids, whole.pkids);
+        assert_eq!(head.open, whole.open);
     }
 }

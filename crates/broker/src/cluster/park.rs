@@ -45,8 +45,8 @@ struct Parked {
     parts: u32,
     /// The revision of the value last written.
     written: u64,
-    /// The packet ids of its messages sent before, by id (`Taken::pkids`).
-    pkids: Vec<(u64, u16)>,
+    /// Its exchanges with the client still open (`Taken::open`).
+    open: crate::durable::Exchanges,
 }
 
 /// What is left to write of one session.
@@ -262,7 +262,7 @@ async fn write(
         meta,
         messages,
         ids,
-        pkids,
+        open,
     }) = p.fresh.take()
     {
         let router_id = router_client_id(key.owner.as_deref(), &key.client_id);
@@ -278,7 +278,7 @@ async fn write(
             meta,
             parts: 0,
             written: 0,
-            pkids,
+            open,
         };
         match extend(shared, buckets, budget, fresh, messages, ids).await {
             Ok(parked) => now = Some(parked),
@@ -287,7 +287,7 @@ async fn write(
                     meta: parked.meta,
                     messages,
                     ids,
-                    pkids: parked.pkids,
+                    open: parked.open,
                 });
                 return Err((p, None));
             }
@@ -404,7 +404,7 @@ fn head(parked: &Parked, parts: u32, live: bool) -> Handoff {
         ids: Vec::new(),
         live,
         cut: None,
-        pkids: parked.pkids.clone(),
+        open: parked.open.clone(),
     }
 }
 

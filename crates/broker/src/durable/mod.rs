@@ -128,14 +128,7 @@ enum Job {
     Qos2InDone(SessionKey, u16),
     Complete(SessionKey, u64),
     Take(SessionKey, oneshot::Sender<Option<Taken>>),
-    /// The packet ids the messages were sent under, in the same order (0: none
-    /// known); may be empty.
-    Adopt(
-        SessionKey,
-        SessionMeta,
-        Vec<(QueuedMessage, bool)>,
-        Vec<u16>,
-    ),
+    Adopt(SessionKey, Box<Adopted>),
     Late(
         SessionKey,
         Vec<(QueuedMessage, bool)>,
@@ -145,6 +138,15 @@ enum Job {
     ParkBarrier(oneshot::Sender<()>),
     ParkFinal(oneshot::Sender<usize>),
     Stop(oneshot::Sender<()>),
+}
+
+/// A session another node handed over ([`SessionBook::adopt`]).
+struct Adopted {
+    meta: SessionMeta,
+    messages: Vec<(QueuedMessage, bool)>,
+    /// [`Exchanges::in_order`] of the messages; may be empty.
+    sent_as: Vec<(u16, bool)>,
+    qos2_in: Vec<u16>,
 }
 
 /// A session taken out of this node's store to be handed to another node
@@ -157,9 +159,41 @@ pub struct Taken {
     pub messages: Vec<(QueuedMessage, bool)>,
     /// Each message's id in this node's store (they only grow), in the same order.
     pub ids: Vec<u64>,
-    /// The packet id each message sent before went under, by its id: sent again under
-    /// it (MQTT-4.4.0-1).
+    /// Its exchanges with the client still open.
+    pub open: Exchanges,
+}
+
+/// A session's exchanges with its client still open, which move with it to another
+/// node: the messages' by their ids in the store that gave them ([`Taken::ids`]).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Exchanges {
+    /// The packet id each message sent before went under: sent again under it
+    /// (MQTT-4.4.0-1).
     pub pkids: Vec<(u64, u16)>,
+    /// QoS 2 messages whose PUBREC came: only their PUBREL is owed, under their
+    /// packet id.
+    pub released: Vec<u64>,
+    /// Incoming QoS 2 exchanges admitted whose PUBREL has not come: a PUBLISH sent
+    /// again under one of these ids is not admitted twice (MQTT-4.3.3).
+    pub qos2_in: Vec<u16>,
+}
+
+impl Exchanges {
+    /// How each message of `ids` went to the client, in order: its packet id (0: none
+    /// known) and whether only its PUBREL is owed.
+    pub fn in_order(&self, ids: &[u64]) -> Vec<(u16, bool)> {
+        if self.pkids.is_empty() {
+            return Vec::new();
+        }
+        let pkids: HashMap<u64, u16> = self.pkids.iter().copied().collect();
+        let released: BTreeSet<u64> = self.released.iter().copied().collect();
+        ids.iter()
+            .map(|id| {
+                let pkid = pkids.get(id).copied().unwrap_or(0);
+                (pkid, pkid != 0 && released.contains(id))
+            })
+            .collect()
+    }
 }
 
 impl Taken {
@@ -169,18 +203,29 @@ impl Taken {
             meta: session.meta.clone(),
             messages: Vec::with_capacity(session.messages.len()),
             ids: Vec::with_capacity(session.messages.len()),
-            pkids: Vec::new(),
+            open: Exchanges {
+                qos2_in: session.qos2_in.iter().copied().collect(),
+                ..Exchanges::default()
+            },
         };
         for (&id, held) in &session.messages {
             let sent = match held.delivery {
                 Delivery::Queued => false,
                 Delivery::Sent { pkid } => {
                     if pkid != 0 {
-                        taken.pkids.push((id, pkid));
+                        taken.open.pkids.push((id, pkid));
                     }
                     true
                 }
-                // The client has it (PUBREC): only the PUBREL was left.
+                // The client has it (PUBREC): its PUBREL goes again. (A release before
+                // this one sends the message again, with DUP under the same id, which
+                // the client knows as one it has.)
+                Delivery::Released { pkid } if pkid != 0 => {
+                    taken.open.pkids.push((id, pkid));
+                    taken.open.released.push(id);
+                    true
+                }
+                // Released under an id not known: nothing can be sent again.
                 Delivery::Released { .. } => continue,
             };
             taken.messages.push((held.message.clone(), sent));
@@ -493,17 +538,29 @@ impl SessionBook {
     }
 
     /// Stores a session handed over by another node as offline, its messages carried
-    /// over (replayed by the next [`SessionBook::resume`], as after a restart); `pkids`:
-    /// the packet id each was sent under, in the same order (0: none known), so it goes
-    /// again under it.
+    /// over (replayed by the next [`SessionBook::resume`], as after a restart), with its
+    /// exchanges still open (`ids`: the messages' ids in the giving node's store, which
+    /// `open` names): each message sent before goes again under its packet id, a
+    /// PUBREL owed goes again, and a QoS 2 PUBLISH the client sends again is not
+    /// admitted twice.
     pub fn adopt(
         &self,
         key: &SessionKey,
         meta: SessionMeta,
         messages: Vec<(QueuedMessage, bool)>,
-        pkids: Vec<u16>,
+        ids: &[u64],
+        open: &Exchanges,
     ) {
-        self.send(Job::Adopt(key.clone(), meta, messages, pkids));
+        let sent_as = open.in_order(ids);
+        self.send(Job::Adopt(
+            key.clone(),
+            Box::new(Adopted {
+                meta,
+                messages,
+                sent_as,
+                qos2_in: open.qos2_in.clone(),
+            }),
+        ));
     }
 
     /// Adds messages another node handed over late (after this node started the session
@@ -853,24 +910,36 @@ impl Writer {
                 self.tell_park(ParkEvent::Taken(key.clone()));
                 self.store.remove_session(&key).map(drop)
             }
-            Job::Adopt(key, meta, messages, pkids) => {
+            Job::Adopt(key, adopted) => {
                 self.carried.remove(&key);
                 self.backlogs.remove(&key);
                 let _ = self.store.remove_session(&key);
+                let Adopted {
+                    meta,
+                    messages,
+                    sent_as,
+                    qos2_in,
+                } = *adopted;
                 match self.store.put_session(&key, meta) {
                     Ok(_) => {
                         // Every message of the adopted session is carried over: the
                         // router here never saw them.
                         let mut below = 0;
-                        let mut pkids = pkids.into_iter();
+                        let mut sent_as = sent_as.into_iter();
                         for (m, sent) in messages {
                             // Packet id 0 (none known): a stored `Sent` is only ever
                             // resent, with DUP, under an id of the gateway's.
-                            let pkid = pkids.next().unwrap_or(0);
+                            let (pkid, released) = sent_as.next().unwrap_or((0, false));
                             let queued = if sent {
                                 self.queue_sent(&key, pkid, m)
                             } else {
                                 self.queue(&key, m)
+                            };
+                            let queued = match queued {
+                                Ok(Some(id)) if released => {
+                                    self.store.mark_released(&key, id).map(|_| Some(id))
+                                }
+                                other => other,
                             };
                             match queued {
                                 Ok(Some(id)) => below = id + 1,
@@ -878,7 +947,12 @@ impl Writer {
                                 Err(e) => warn!(error = %e, "handed-over message not stored"),
                             }
                         }
-                        self.carried.insert(key, Carried::below(below));
+                        self.carried.insert(key.clone(), Carried::below(below));
+                        for pkid in qos2_in {
+                            if let Err(e) = self.store.qos2_in(&key, pkid) {
+                                warn!(error = %e, "handed-over QoS 2 exchange not stored");
+                            }
+                        }
                         Ok(())
                     }
                     Err(e) => Err(e),
