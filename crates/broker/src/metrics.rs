@@ -99,6 +99,9 @@ pub struct Metrics {
     /// stream refused (not authenticating under this node's key at their bucket and key,
     /// or stream and message id: altered, moved or foreign).
     pub cluster_state_rejected: Counter,
+    /// `[cluster]`: passes over the transfer stream for sessions moving in (each one
+    /// ordered consumer), shared by the moves asked at once.
+    pub cluster_transfer_reads: Counter,
     /// Persistent sessions whose client is away, and their subscriptions.
     pub sessions_offline: Gauge,
     pub sessions_offline_subscriptions: Gauge,
@@ -171,6 +174,7 @@ impl Metrics {
             cluster_received: Counter::default(),
             cluster_dropped: Counter::default(),
             cluster_state_rejected: Counter::default(),
+            cluster_transfer_reads: Counter::default(),
             sessions_offline: Gauge::default(),
             sessions_offline_subscriptions: Gauge::default(),
             sessions_stored: Gauge::default(),
@@ -298,6 +302,11 @@ impl Metrics {
                 "cluster_state_rejected",
                 "Values of the cluster's shared state and transfer messages in NATS refused (tampered, moved or sealed under another key)",
                 m.cluster_state_rejected.clone(),
+            );
+            r.register(
+                "cluster_transfer_reads",
+                "Passes over the transfer stream for sessions moving to this node (one ordered consumer each)",
+                m.cluster_transfer_reads.clone(),
             );
             r.register(
                 "sessions_offline",

@@ -1065,3 +1065,69 @@ async fn qos_2_exchanges_in_progress_move_with_the_session() {
         assert!(c.frame_within(QUIET).await.is_none(), "{how}: nothing else");
     }
 }
+
+/// Sessions moving to a node at once (clients reconnecting there together, as in a
+/// rolling restart) share their reads of the transfer stream: a few passes, one ordered
+/// consumer each, not one per session (each read every message published since its
+/// cut, opened it and matched it, before), and each session still gets its messages.
+#[tokio::test]
+async fn sessions_moving_at_once_share_their_reads_of_the_transfer_stream() {
+    const SESSIONS: usize = 24;
+    let nats = Nats::start().await;
+    let room = |b: moatmq_testkit::TestBrokerBuilder| b.limit("max_sessions_per_user", 100);
+    let a = node_with(&nats, "node-a", room).await;
+    let b = node_with(&nats, "node-b", room).await;
+    for i in 0..SESSIONS {
+        offline4(
+            a.first_addr(),
+            &format!("dev-{i}"),
+            "alice",
+            &format!("alice/dev/{i}"),
+        )
+        .await;
+        publish_acked(a.first_addr(), "alice", &format!("alice/dev/{i}"), 1).await;
+    }
+    // Traffic meanwhile: each read has messages to go through.
+    let noise = login4(a.first_addr(), "noise", "admin").await;
+    let traffic = tokio::spawn(async move {
+        loop {
+            if noise
+                .client
+                .publish("alice/noise", QoS::AtLeastOnce, false, "x")
+                .await
+                .is_err()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    });
+    // One password check on B first: the others find it in the credential cache
+    // rather than queue for the hashing pool all at once.
+    login4(b.first_addr(), "warm", "alice").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let addr = b.first_addr();
+    let moved = futures_util::future::join_all(
+        (0..SESSIONS).map(|i| async move { persistent4(addr, &format!("dev-{i}"), "alice").await }),
+    )
+    .await;
+    let got = futures_util::future::join_all(
+        moved
+            .into_iter()
+            .map(|mut c| async move { (c.connack.session_present, drain(&mut c).await) }),
+    )
+    .await;
+    for (i, got) in got.into_iter().enumerate() {
+        assert_eq!(
+            got,
+            (true, vec!["m0".to_string()]),
+            "dev-{i}: session present, its message once"
+        );
+    }
+    traffic.abort();
+    let reads = b.metric("moatmq_cluster_transfer_reads_total").await;
+    assert!(
+        (1.0..SESSIONS as f64 / 2.0).contains(&reads),
+        "{reads} passes over the stream for {SESSIONS} sessions moving at once"
+    );
+}

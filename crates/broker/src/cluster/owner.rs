@@ -395,6 +395,11 @@ impl Owners {
         &self.inner.seal
     }
 
+    /// [`Owners::seal`], for a task of its own.
+    pub(crate) fn seal_shared(&self) -> Arc<ClusterSeal> {
+        Arc::clone(&self.inner.seal)
+    }
+
     /// The buckets, once set up.
     pub fn buckets(&self) -> Option<Buckets> {
         self.inner.store.borrow().clone()

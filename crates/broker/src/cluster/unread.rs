@@ -13,16 +13,17 @@ use super::Cut;
 use crate::retained::from_router_properties;
 use futures_util::StreamExt;
 use moatmq_store::{ClusterSeal, QueuedMessage, SessionKey, SessionMeta};
+use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::oneshot;
 
 /// How long a resume reads on a dead node's behalf, at most.
 pub(super) const READ_WAIT: Duration = Duration::from_secs(10);
 
 /// Where to read and what for.
 pub struct ReadFor<'a> {
-    pub seal: &'a ClusterSeal,
+    pub cluster: &'a super::Cluster,
     pub buckets: &'a Buckets,
-    pub prefix: &'a str,
     /// The node that did not answer (its consumer is named after it).
     pub node: &'a str,
     pub key: &'a SessionKey,
@@ -42,9 +43,8 @@ impl<'a> ReadFor<'a> {
         meta: &'a SessionMeta,
     ) -> ReadFor<'a> {
         ReadFor {
-            seal: cluster.owners.seal(),
+            cluster,
             buckets,
-            prefix: &cluster.prefix,
             node,
             key,
             meta,
@@ -60,7 +60,7 @@ impl<'a> ReadFor<'a> {
 /// in the stream, in order. Empty if the node's consumer is gone (removed after the
 /// stream's `transfer_max_age` without the node) or cannot be read.
 pub async fn read(r: ReadFor<'_>) -> Vec<(QueuedMessage, bool)> {
-    let stream_name = xfer::stream_name(r.prefix);
+    let stream_name = xfer::stream_name(&r.cluster.prefix);
     let js = &r.buckets.js;
     let consumer: Result<async_nats::jetstream::consumer::PullConsumer, _> =
         js.get_consumer_from_stream(r.node, &stream_name).await;
@@ -81,10 +81,7 @@ pub async fn read(r: ReadFor<'_>) -> Vec<(QueuedMessage, bool)> {
     // Its own publishes it matched itself, before forwarding: in its park if it
     // acknowledged them.
     let dead = r.node.to_string();
-    read_from(&r, &stream_name, from, |origin, _, _| {
-        node_of(origin) != dead
-    })
-    .await
+    read_from(&r, from, move |origin, _, _| node_of(origin) != dead).await
 }
 
 /// What a session handed over with `cut` (where its old node's traffic stood when the
@@ -95,11 +92,11 @@ pub async fn read(r: ReadFor<'_>) -> Vec<(QueuedMessage, bool)> {
 /// reached the session through the router). Matched as [`read`] matches; empty if the
 /// stream cannot be read (logged).
 pub async fn after_cut(r: ReadFor<'_>, cut: &Cut, here: &Cut) -> Vec<(QueuedMessage, bool)> {
-    let stream_name = xfer::stream_name(r.prefix);
     let old_node = node_of(&cut.origin).to_string();
     let this_node = node_of(&here.origin).to_string();
     let from = cut.stream.min(cut.own_from) + 1;
-    read_from(&r, &stream_name, from, |origin, number, sequence| {
+    let (cut, here) = (cut.clone(), here.clone());
+    read_from(&r, from, move |origin, number, sequence| {
         if origin == cut.origin {
             // The old node's own, not in its router when the session left.
             number > cut.forwarded && sequence <= here.stream
@@ -123,26 +120,120 @@ fn node_of(origin: &str) -> &str {
     origin.split(':').next().unwrap_or(origin)
 }
 
-/// The stream from sequence `from` to its last message now, each MQTT message taken if
-/// `wanted(origin, number, stream sequence)` (origin `<node>:<epoch>` and number from
-/// its id) and the session's subscriptions take it, in order, for at most
-/// [`READ_WAIT`].
+/// Which messages one read takes: `(origin, number, stream sequence)` (origin
+/// `<node>:<epoch>` and number from its id).
+type Wanted = Box<dyn Fn(&str, u64, u64) -> bool + Send + Sync>;
+
+/// One session's read, waiting for a pass over the stream.
+struct Want {
+    from: u64,
+    wanted: Wanted,
+    session: Session,
+    reply: oneshot::Sender<Vec<(QueuedMessage, bool)>>,
+}
+
+/// What a read matches messages against: the session's subscriptions.
+struct Session {
+    key: SessionKey,
+    meta: SessionMeta,
+    queue_qos0: bool,
+    max_topic_levels: usize,
+}
+
+/// The reads of the transfer stream this node makes for sessions moving in, combined:
+/// a read asked while another pass runs waits for it, then goes with every other read
+/// asked meanwhile as one pass (one ordered consumer, each stream message opened once).
+/// A rolling restart moving thousands of sessions here then reads the stream a few
+/// times, not once per session.
+#[derive(Default)]
+pub(crate) struct Reads {
+    asked: std::sync::Mutex<Vec<Want>>,
+    turn: tokio::sync::Mutex<()>,
+}
+
+/// The stream from sequence `from` to its last message when the pass starts, each MQTT
+/// message taken if `wanted` and the session's subscriptions take it, in order, for at
+/// most [`READ_WAIT`].
 async fn read_from(
     r: &ReadFor<'_>,
-    stream_name: &str,
     from: u64,
-    wanted: impl Fn(&str, u64, u64) -> bool,
+    wanted: impl Fn(&str, u64, u64) -> bool + Send + Sync + 'static,
 ) -> Vec<(QueuedMessage, bool)> {
-    let (mut messages, last) = match stream_from(&r.buckets.js, stream_name, from).await {
-        Ok(Some(read)) => read,
-        Ok(None) => return Vec::new(),
-        Err(e) => {
-            tracing::warn!("cluster: transfer stream not read for {}: {e}", r.node);
-            return Vec::new();
-        }
+    let cluster = r.cluster;
+    let (reply, found) = oneshot::channel();
+    let want = Want {
+        from,
+        wanted: Box::new(wanted),
+        session: Session {
+            key: r.key.clone(),
+            meta: r.meta.clone(),
+            queue_qos0: r.queue_qos0,
+            max_topic_levels: r.max_topic_levels,
+        },
+        reply,
     };
+    lock(&cluster.reads.asked).push(want);
+    {
+        let _turn = cluster.reads.turn.lock().await;
+        let wants = std::mem::take(&mut *lock(&cluster.reads.asked));
+        if !wants.is_empty() {
+            // A task of its own: the reads of others are answered even if this one's
+            // caller goes away meanwhile.
+            let pass = pass(
+                r.buckets.js.clone(),
+                cluster.owners.seal_shared(),
+                xfer::stream_name(&cluster.prefix),
+                Arc::clone(&cluster.metrics),
+                wants,
+            );
+            let _ = tokio::spawn(pass).await;
+        }
+    }
+    found.await.unwrap_or_default()
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One pass over the stream for `wants`, from the lowest sequence one asks to the
+/// stream's last now; each is answered at the end.
+async fn pass(
+    js: async_nats::jetstream::Context,
+    seal: Arc<ClusterSeal>,
+    stream_name: String,
+    metrics: Arc<crate::metrics::Metrics>,
+    wants: Vec<Want>,
+) {
+    let mut found: Vec<Vec<(QueuedMessage, bool)>> = wants.iter().map(|_| Vec::new()).collect();
+    let from = wants.iter().map(|w| w.from).min().unwrap_or(u64::MAX);
+    let read = stream_from(&js, &stream_name, from).await;
+    if let Ok(Some(_)) = &read {
+        metrics.cluster_transfer_reads.inc();
+    }
+    match read {
+        Ok(Some((messages, last))) => {
+            take(&seal, &stream_name, messages, last, &wants, &mut found).await;
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!("cluster: transfer stream not read for moving sessions: {e}"),
+    }
+    for (want, found) in wants.into_iter().zip(found) {
+        let _ = want.reply.send(found);
+    }
+}
+
+/// Reads `messages` up to stream sequence `last`, each opened once, adding to
+/// `found[i]` what `wants[i]` takes.
+async fn take(
+    seal: &ClusterSeal,
+    stream_name: &str,
+    mut messages: async_nats::jetstream::consumer::pull::Ordered,
+    last: u64,
+    wants: &[Want],
+    found: &mut [Vec<(QueuedMessage, bool)>],
+) {
     let deadline = tokio::time::Instant::now() + READ_WAIT;
-    let mut found = Vec::new();
     loop {
         let message = match tokio::time::timeout_at(deadline, messages.next()).await {
             Ok(Some(Ok(m))) => m,
@@ -153,8 +244,8 @@ async fn read_from(
             Ok(None) => break,
             Err(_) => {
                 tracing::warn!(
-                    node = r.node,
-                    "cluster: reading the transfer stream for a session took too long; the rest is lost for the session"
+                    sessions = wants.len(),
+                    "cluster: reading the transfer stream for moving sessions took too long; the rest is lost for them"
                 );
                 break;
             }
@@ -171,20 +262,40 @@ async fn read_from(
             .as_deref()
             .and_then(|id| id.rsplit_once(':'))
             .and_then(|(origin, first)| Some((origin.to_string(), first.parse::<u64>().ok()?)));
-        if let Some((origin, first)) = origin {
-            found.extend(
-                matching(r, stream_name, &message, id.as_deref(), |i| {
-                    wanted(&origin, first + i as u64, sequence)
-                })
-                .into_iter()
-                .map(|m| (m, false)),
-            );
+        let readers: Vec<usize> = (0..wants.len())
+            .filter(|&i| wants[i].from <= sequence)
+            .collect();
+        if let (Some((origin, first)), false) = (origin, readers.is_empty()) {
+            match xfer::open_any(seal, stream_name, xfer::Sealed::of(&message, id.as_deref())) {
+                Ok(opened) => {
+                    let waited = xfer::time_in_stream(&message);
+                    for i in readers {
+                        let want = &wants[i];
+                        found[i].extend(
+                            opened
+                                .iter()
+                                .enumerate()
+                                .filter(|(n, _)| {
+                                    (want.wanted)(&origin, first + *n as u64, sequence)
+                                })
+                                .filter_map(|(_, (envelope, payload))| {
+                                    queued_for(&want.session, envelope, payload, waited)
+                                })
+                                .map(|m| (m, false)),
+                        );
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(
+                        "cluster: transfer message not taken for a moving session: {e:?}"
+                    );
+                }
+            }
         }
         if sequence == last {
             break;
         }
     }
-    found
 }
 
 /// The stream from sequence `from` on, read by an ordered consumer of its own, and the
@@ -220,37 +331,11 @@ async fn stream_from(
     Ok(Some((messages, last)))
 }
 
-/// What of `message` (one MQTT message, or a batch of them; message id `id`) the
-/// session's subscriptions take, as queued for it, in order.
-fn matching(
-    r: &ReadFor<'_>,
-    stream_name: &str,
-    message: &async_nats::jetstream::Message,
-    id: Option<&str>,
-    wanted: impl Fn(usize) -> bool,
-) -> Vec<QueuedMessage> {
-    let opened = xfer::open_any(r.seal, stream_name, xfer::Sealed::of(message, id));
-    let opened = match opened {
-        Ok(opened) => opened,
-        Err(e) => {
-            tracing::debug!("cluster: transfer message not taken on a dead node's behalf: {e:?}");
-            return Vec::new();
-        }
-    };
-    let waited = xfer::time_in_stream(message);
-    opened
-        .into_iter()
-        .enumerate()
-        .filter(|(i, _)| wanted(*i))
-        .filter_map(|(_, (envelope, payload))| queued_for(r, envelope, payload, waited))
-        .collect()
-}
-
 /// One message as queued for the session, if one of its subscriptions takes it.
 fn queued_for(
-    r: &ReadFor<'_>,
-    envelope: xfer::Envelope,
-    payload: bytes::Bytes,
+    r: &Session,
+    envelope: &xfer::Envelope,
+    payload: &bytes::Bytes,
     waited: Duration,
 ) -> Option<QueuedMessage> {
     let topic = envelope.topic.as_str();
@@ -279,7 +364,7 @@ fn queued_for(
         .map(|secs| moatmq_store::now_unix() + u64::from(secs));
     Some(QueuedMessage {
         topic: envelope.topic.clone(),
-        payload,
+        payload: payload.clone(),
         qos: granted,
         retain: false,
         properties: props.map(|p| Box::new(from_router_properties(Some(&p)))),
