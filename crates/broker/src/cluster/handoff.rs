@@ -326,7 +326,7 @@ async fn read_after_cut(
     let here = cluster.cut();
     // This node's own messages up to `here` are read from the stream: once it has them.
     let stored = tokio::time::timeout(
-        super::unread::READ_WAIT,
+        super::reads::READ_WAIT,
         cluster.transferred_through(here.forwarded),
     )
     .await;

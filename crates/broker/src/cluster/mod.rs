@@ -28,6 +28,7 @@ mod markers;
 mod owner;
 pub(crate) mod park;
 mod properties;
+mod reads;
 mod state;
 mod subject;
 mod sweep;
@@ -110,8 +111,8 @@ pub struct Cluster {
     /// Sessions started new after their old node did not hand them over in time, still
     /// taking what it hands over late (`late.rs`).
     pub(crate) late: late_waits::LateWaits,
-    /// Reads of the transfer stream for sessions moving here, combined (`unread.rs`).
-    pub(crate) reads: unread::Reads,
+    /// Reads of the transfer stream for sessions moving here, combined (`reads.rs`).
+    pub(crate) reads: reads::Reads,
     /// Becomes `true` once this node's transfer consumer has read what waited for it at
     /// start-up and after each loss of NATS (what was published while the node was away
     /// or cut off): only then are offline sessions handed over, with those messages
@@ -363,7 +364,7 @@ impl Cluster {
                 owners,
                 groups,
                 late: late_waits::LateWaits::default(),
-                reads: unread::Reads::default(),
+                reads: reads::Reads::default(),
                 input_caught_up,
                 handoffs: std::sync::Mutex::new(Some(handoffs)),
                 key_check,

@@ -8,17 +8,11 @@
 //! what matches to the session.
 
 use super::owner::Buckets;
+use super::reads::{Session, Stream, Want};
 use super::xfer;
 use super::Cut;
-use crate::retained::from_router_properties;
-use futures_util::StreamExt;
-use moatmq_store::{ClusterSeal, QueuedMessage, SessionKey, SessionMeta};
+use moatmq_store::{QueuedMessage, SessionKey, SessionMeta};
 use std::sync::Arc;
-use std::time::Duration;
-use tokio::sync::oneshot;
-
-/// How long a resume reads on a dead node's behalf, at most.
-pub(super) const READ_WAIT: Duration = Duration::from_secs(10);
 
 /// Where to read and what for.
 pub struct ReadFor<'a> {
@@ -120,47 +114,16 @@ fn node_of(origin: &str) -> &str {
     origin.split(':').next().unwrap_or(origin)
 }
 
-/// Which messages one read takes: `(origin, number, stream sequence)` (origin
-/// `<node>:<epoch>` and number from its id).
-type Wanted = Box<dyn Fn(&str, u64, u64) -> bool + Send + Sync>;
-
-/// One session's read, waiting for a pass over the stream.
-struct Want {
-    from: u64,
-    wanted: Wanted,
-    session: Session,
-    reply: oneshot::Sender<Vec<(QueuedMessage, bool)>>,
-}
-
-/// What a read matches messages against: the session's subscriptions.
-struct Session {
-    key: SessionKey,
-    meta: SessionMeta,
-    queue_qos0: bool,
-    max_topic_levels: usize,
-}
-
-/// The reads of the transfer stream this node makes for sessions moving in, combined:
-/// a read asked while another pass runs waits for it, then goes with every other read
-/// asked meanwhile as one pass (one ordered consumer, each stream message opened once).
-/// A rolling restart moving thousands of sessions here then reads the stream a few
-/// times, not once per session.
-#[derive(Default)]
-pub(crate) struct Reads {
-    asked: std::sync::Mutex<Vec<Want>>,
-    turn: tokio::sync::Mutex<()>,
-}
-
 /// The stream from sequence `from` to its last message when the pass starts, each MQTT
-/// message taken if `wanted` and the session's subscriptions take it, in order, for at
-/// most [`READ_WAIT`].
+/// message taken if `wanted` (origin `<node>:<epoch>`, number, stream sequence) and the
+/// session's subscriptions take it, in order, for at most `reads::READ_WAIT`: in a pass
+/// shared with the other sessions reading at the same time (`reads.rs`).
 async fn read_from(
     r: &ReadFor<'_>,
     from: u64,
     wanted: impl Fn(&str, u64, u64) -> bool + Send + Sync + 'static,
 ) -> Vec<(QueuedMessage, bool)> {
     let cluster = r.cluster;
-    let (reply, found) = oneshot::channel();
     let want = Want {
         from,
         wanted: Box::new(wanted),
@@ -170,204 +133,12 @@ async fn read_from(
             queue_qos0: r.queue_qos0,
             max_topic_levels: r.max_topic_levels,
         },
-        reply,
     };
-    lock(&cluster.reads.asked).push(want);
-    {
-        let _turn = cluster.reads.turn.lock().await;
-        let wants = std::mem::take(&mut *lock(&cluster.reads.asked));
-        if !wants.is_empty() {
-            // A task of its own: the reads of others are answered even if this one's
-            // caller goes away meanwhile.
-            let pass = pass(
-                r.buckets.js.clone(),
-                cluster.owners.seal_shared(),
-                xfer::stream_name(&cluster.prefix),
-                Arc::clone(&cluster.metrics),
-                wants,
-            );
-            let _ = tokio::spawn(pass).await;
-        }
-    }
-    found.await.unwrap_or_default()
-}
-
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// One pass over the stream for `wants`, from the lowest sequence one asks to the
-/// stream's last now; each is answered at the end.
-async fn pass(
-    js: async_nats::jetstream::Context,
-    seal: Arc<ClusterSeal>,
-    stream_name: String,
-    metrics: Arc<crate::metrics::Metrics>,
-    wants: Vec<Want>,
-) {
-    let mut found: Vec<Vec<(QueuedMessage, bool)>> = wants.iter().map(|_| Vec::new()).collect();
-    let from = wants.iter().map(|w| w.from).min().unwrap_or(u64::MAX);
-    let read = stream_from(&js, &stream_name, from).await;
-    if let Ok(Some(_)) = &read {
-        metrics.cluster_transfer_reads.inc();
-    }
-    match read {
-        Ok(Some((messages, last))) => {
-            take(&seal, &stream_name, messages, last, &wants, &mut found).await;
-        }
-        Ok(None) => {}
-        Err(e) => tracing::warn!("cluster: transfer stream not read for moving sessions: {e}"),
-    }
-    for (want, found) in wants.into_iter().zip(found) {
-        let _ = want.reply.send(found);
-    }
-}
-
-/// Reads `messages` up to stream sequence `last`, each opened once, adding to
-/// `found[i]` what `wants[i]` takes.
-async fn take(
-    seal: &ClusterSeal,
-    stream_name: &str,
-    mut messages: async_nats::jetstream::consumer::pull::Ordered,
-    last: u64,
-    wants: &[Want],
-    found: &mut [Vec<(QueuedMessage, bool)>],
-) {
-    let deadline = tokio::time::Instant::now() + READ_WAIT;
-    loop {
-        let message = match tokio::time::timeout_at(deadline, messages.next()).await {
-            Ok(Some(Ok(m))) => m,
-            Ok(Some(Err(e))) => {
-                tracing::warn!("cluster: transfer stream read cut short: {e}");
-                break;
-            }
-            Ok(None) => break,
-            Err(_) => {
-                tracing::warn!(
-                    sessions = wants.len(),
-                    "cluster: reading the transfer stream for moving sessions took too long; the rest is lost for them"
-                );
-                break;
-            }
-        };
-        let Ok(info) = message.info() else {
-            continue;
-        };
-        let sequence = info.stream_sequence;
-        if sequence > last {
-            break;
-        }
-        let id = xfer::message_id(&message);
-        let origin = id
-            .as_deref()
-            .and_then(|id| id.rsplit_once(':'))
-            .and_then(|(origin, first)| Some((origin.to_string(), first.parse::<u64>().ok()?)));
-        let readers: Vec<usize> = (0..wants.len())
-            .filter(|&i| wants[i].from <= sequence)
-            .collect();
-        if let (Some((origin, first)), false) = (origin, readers.is_empty()) {
-            match xfer::open_any(seal, stream_name, xfer::Sealed::of(&message, id.as_deref())) {
-                Ok(opened) => {
-                    let waited = xfer::time_in_stream(&message);
-                    for i in readers {
-                        let want = &wants[i];
-                        found[i].extend(
-                            opened
-                                .iter()
-                                .enumerate()
-                                .filter(|(n, _)| {
-                                    (want.wanted)(&origin, first + *n as u64, sequence)
-                                })
-                                .filter_map(|(_, (envelope, payload))| {
-                                    queued_for(&want.session, envelope, payload, waited)
-                                })
-                                .map(|m| (m, false)),
-                        );
-                    }
-                }
-                Err(e) => {
-                    tracing::debug!(
-                        "cluster: transfer message not taken for a moving session: {e:?}"
-                    );
-                }
-            }
-        }
-        if sequence == last {
-            break;
-        }
-    }
-}
-
-/// The stream from sequence `from` on, read by an ordered consumer of its own, and the
-/// stream's last sequence now; `None` when nothing is there.
-async fn stream_from(
-    js: &async_nats::jetstream::Context,
-    stream_name: &str,
-    from: u64,
-) -> Result<Option<(async_nats::jetstream::consumer::pull::Ordered, u64)>, String> {
-    let mut stream = js
-        .get_stream(stream_name)
-        .await
-        .map_err(|e| e.to_string())?;
-    let last = stream
-        .info()
-        .await
-        .map_err(|e| e.to_string())?
-        .state
-        .last_sequence;
-    if from > last {
-        return Ok(None);
-    }
-    let reader = stream
-        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
-            deliver_policy: async_nats::jetstream::consumer::DeliverPolicy::ByStartSequence {
-                start_sequence: from,
-            },
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| e.to_string())?;
-    let messages = reader.messages().await.map_err(|e| e.to_string())?;
-    Ok(Some((messages, last)))
-}
-
-/// One message as queued for the session, if one of its subscriptions takes it.
-fn queued_for(
-    r: &Session,
-    envelope: &xfer::Envelope,
-    payload: &bytes::Bytes,
-    waited: Duration,
-) -> Option<QueuedMessage> {
-    let topic = envelope.topic.as_str();
-    if !crate::topic::valid_topic_name(topic, r.max_topic_levels) || topic.starts_with('$') {
-        return None;
-    }
-    let own = envelope.client == r.key.client_id && envelope.user == r.key.owner;
-    let granted = r
-        .meta
-        .subscriptions
-        .iter()
-        .filter(|(filter, options)| {
-            let shared = filter.starts_with("$share/");
-            let skipped = options.no_local && own;
-            !shared && !skipped && moatmq_acl::topic_matches_filter(filter, topic)
-        })
-        .map(|(_, options)| options.qos.min(envelope.qos))
-        .max()?;
-    if granted == 0 && !r.queue_qos0 {
-        return None;
-    }
-    let props = xfer::properties_now(envelope.properties.as_deref(), waited).ok()?;
-    let expires_at = props
-        .as_ref()
-        .and_then(|p| p.message_expiry_interval)
-        .map(|secs| moatmq_store::now_unix() + u64::from(secs));
-    Some(QueuedMessage {
-        topic: envelope.topic.clone(),
-        payload: payload.clone(),
-        qos: granted,
-        retain: false,
-        properties: props.map(|p| Box::new(from_router_properties(Some(&p)))),
-        expires_at,
-    })
+    let stream = Stream {
+        js: r.buckets.js.clone(),
+        seal: cluster.owners.seal_shared(),
+        name: xfer::stream_name(&cluster.prefix),
+        metrics: Arc::clone(&cluster.metrics),
+    };
+    cluster.reads.read(stream, want).await
 }

@@ -1,0 +1,253 @@
+//! Passes over the transfer stream for sessions moving to this node
+//! (`unread.rs`), combined: what each session needs from the stream is read in one pass
+//! with the others asking at the same time.
+
+use super::xfer;
+use crate::metrics::Metrics;
+use crate::retained::from_router_properties;
+use futures_util::StreamExt;
+use moatmq_store::{ClusterSeal, QueuedMessage, SessionKey, SessionMeta};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::oneshot;
+
+/// How long a pass reads, at most.
+pub(super) const READ_WAIT: Duration = Duration::from_secs(10);
+
+/// Which messages one read takes: `(origin, number, stream sequence)` (origin
+/// `<node>:<epoch>` and number from its id).
+pub(super) type Wanted = Box<dyn Fn(&str, u64, u64) -> bool + Send + Sync>;
+
+/// One session's read: from which stream sequence, which messages.
+pub(super) struct Want {
+    pub(super) from: u64,
+    pub(super) wanted: Wanted,
+    pub(super) session: Session,
+}
+
+/// What a read matches messages against: the session's subscriptions.
+pub(super) struct Session {
+    pub(super) key: SessionKey,
+    pub(super) meta: SessionMeta,
+    pub(super) queue_qos0: bool,
+    pub(super) max_topic_levels: usize,
+}
+
+/// The transfer stream, and what a pass over it needs.
+pub(super) struct Stream {
+    pub(super) js: async_nats::jetstream::Context,
+    pub(super) seal: Arc<ClusterSeal>,
+    pub(super) name: String,
+    pub(super) metrics: Arc<Metrics>,
+}
+
+/// A read waiting for its pass.
+struct Asked {
+    want: Want,
+    reply: oneshot::Sender<Vec<(QueuedMessage, bool)>>,
+}
+
+/// The reads of the transfer stream this node makes for sessions moving in, combined:
+/// a read asked while another pass runs waits for it, then goes with every other read
+/// asked meanwhile as one pass (one ordered consumer, each stream message opened once).
+/// A rolling restart moving thousands of sessions here then reads the stream a few
+/// times, not once per session.
+#[derive(Default)]
+pub(crate) struct Reads {
+    asked: std::sync::Mutex<Vec<Asked>>,
+    turn: tokio::sync::Mutex<()>,
+}
+
+impl Reads {
+    /// The stream from `want.from` to its last message when the pass starts, each MQTT
+    /// message taken if `want.wanted` and the session's subscriptions take it, at the
+    /// QoS granted, its expiry counted down by its time in the stream, in order, for at
+    /// most [`READ_WAIT`]; empty if the stream cannot be read (logged).
+    pub(super) async fn read(&self, stream: Stream, want: Want) -> Vec<(QueuedMessage, bool)> {
+        let (reply, found) = oneshot::channel();
+        lock(&self.asked).push(Asked { want, reply });
+        {
+            let _turn = self.turn.lock().await;
+            let asked = std::mem::take(&mut *lock(&self.asked));
+            if !asked.is_empty() {
+                // A task of its own: the reads of others are answered even if this
+                // one's caller goes away meanwhile.
+                let _ = tokio::spawn(pass(stream, asked)).await;
+            }
+        }
+        found.await.unwrap_or_default()
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One pass over the stream for `asked`, from the lowest sequence one asks to the
+/// stream's last now; each is answered at the end.
+async fn pass(stream: Stream, asked: Vec<Asked>) {
+    let (wants, replies): (Vec<Want>, Vec<_>) =
+        asked.into_iter().map(|a| (a.want, a.reply)).unzip();
+    let mut found: Vec<Vec<(QueuedMessage, bool)>> = wants.iter().map(|_| Vec::new()).collect();
+    let from = wants.iter().map(|w| w.from).min().unwrap_or(u64::MAX);
+    match stream_from(&stream.js, &stream.name, from).await {
+        Ok(Some((messages, last))) => {
+            stream.metrics.cluster_transfer_reads.inc();
+            take(&stream, messages, last, &wants, &mut found).await;
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!("cluster: transfer stream not read for moving sessions: {e}"),
+    }
+    for (reply, found) in replies.into_iter().zip(found) {
+        let _ = reply.send(found);
+    }
+}
+
+/// Reads `messages` up to stream sequence `last`, each opened once, adding to
+/// `found[i]` what `wants[i]` takes.
+async fn take(
+    stream: &Stream,
+    mut messages: async_nats::jetstream::consumer::pull::Ordered,
+    last: u64,
+    wants: &[Want],
+    found: &mut [Vec<(QueuedMessage, bool)>],
+) {
+    let deadline = tokio::time::Instant::now() + READ_WAIT;
+    loop {
+        let message = match tokio::time::timeout_at(deadline, messages.next()).await {
+            Ok(Some(Ok(m))) => m,
+            Ok(Some(Err(e))) => {
+                tracing::warn!("cluster: transfer stream read cut short: {e}");
+                break;
+            }
+            Ok(None) => break,
+            Err(_) => {
+                tracing::warn!(
+                    sessions = wants.len(),
+                    "cluster: reading the transfer stream for moving sessions took too long; the rest is lost for them"
+                );
+                break;
+            }
+        };
+        let Ok(info) = message.info() else {
+            continue;
+        };
+        let sequence = info.stream_sequence;
+        if sequence > last {
+            break;
+        }
+        let id = xfer::message_id(&message);
+        let origin = id
+            .as_deref()
+            .and_then(|id| id.rsplit_once(':'))
+            .and_then(|(origin, first)| Some((origin.to_string(), first.parse::<u64>().ok()?)));
+        let readers: Vec<usize> = (0..wants.len())
+            .filter(|&i| wants[i].from <= sequence)
+            .collect();
+        if let (Some((origin, first)), false) = (origin, readers.is_empty()) {
+            let sealed = xfer::Sealed::of(&message, id.as_deref());
+            match xfer::open_any(&stream.seal, &stream.name, sealed) {
+                Ok(opened) => {
+                    let waited = xfer::time_in_stream(&message);
+                    for i in readers {
+                        let want = &wants[i];
+                        found[i].extend(
+                            opened
+                                .iter()
+                                .enumerate()
+                                .filter(|(n, _)| {
+                                    (want.wanted)(&origin, first + *n as u64, sequence)
+                                })
+                                .filter_map(|(_, (envelope, payload))| {
+                                    queued_for(&want.session, envelope, payload, waited)
+                                })
+                                .map(|m| (m, false)),
+                        );
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(
+                        "cluster: transfer message not taken for a moving session: {e:?}"
+                    );
+                }
+            }
+        }
+        if sequence == last {
+            break;
+        }
+    }
+}
+
+/// The stream from sequence `from` on, read by an ordered consumer of its own, and the
+/// stream's last sequence now; `None` when nothing is there.
+async fn stream_from(
+    js: &async_nats::jetstream::Context,
+    stream_name: &str,
+    from: u64,
+) -> Result<Option<(async_nats::jetstream::consumer::pull::Ordered, u64)>, String> {
+    let mut stream = js
+        .get_stream(stream_name)
+        .await
+        .map_err(|e| e.to_string())?;
+    let last = stream
+        .info()
+        .await
+        .map_err(|e| e.to_string())?
+        .state
+        .last_sequence;
+    if from > last {
+        return Ok(None);
+    }
+    let reader = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+            deliver_policy: async_nats::jetstream::consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: from,
+            },
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    let messages = reader.messages().await.map_err(|e| e.to_string())?;
+    Ok(Some((messages, last)))
+}
+
+/// One message as queued for the session, if one of its subscriptions takes it.
+fn queued_for(
+    r: &Session,
+    envelope: &xfer::Envelope,
+    payload: &bytes::Bytes,
+    waited: Duration,
+) -> Option<QueuedMessage> {
+    let topic = envelope.topic.as_str();
+    if !crate::topic::valid_topic_name(topic, r.max_topic_levels) || topic.starts_with('$') {
+        return None;
+    }
+    let own = envelope.client == r.key.client_id && envelope.user == r.key.owner;
+    let granted = r
+        .meta
+        .subscriptions
+        .iter()
+        .filter(|(filter, options)| {
+            let shared = filter.starts_with("$share/");
+            let skipped = options.no_local && own;
+            !shared && !skipped && moatmq_acl::topic_matches_filter(filter, topic)
+        })
+        .map(|(_, options)| options.qos.min(envelope.qos))
+        .max()?;
+    if granted == 0 && !r.queue_qos0 {
+        return None;
+    }
+    let props = xfer::properties_now(envelope.properties.as_deref(), waited).ok()?;
+    let expires_at = props
+        .as_ref()
+        .and_then(|p| p.message_expiry_interval)
+        .map(|secs| moatmq_store::now_unix() + u64::from(secs));
+    Some(QueuedMessage {
+        topic: envelope.topic.clone(),
+        payload: payload.clone(),
+        qos: granted,
+        retain: false,
+        properties: props.map(|p| Box::new(from_router_properties(Some(&p)))),
+        expires_at,
+    })
+}
