@@ -1131,3 +1131,50 @@ async fn sessions_moving_at_once_share_their_reads_of_the_transfer_stream() {
         "{reads} passes over the stream for {SESSIONS} sessions moving at once"
     );
 }
+
+/// A session that expired while its node was cut off from NATS is not brought back
+/// from that node's live park (MQTT-3.1.2-23: discarded once its expiry interval has
+/// passed): the client reconnecting to another node after it gets a new session
+/// (session present 0) and none of what was queued for the old one. (The park was
+/// taken as it was, session present 1 and the queued message, before.) One that had
+/// not expired still moves.
+#[tokio::test]
+async fn a_session_expired_while_its_node_was_cut_off_does_not_come_back_from_its_park() {
+    use rumqttc::v5::mqttbytes::v5::ConnectProperties;
+    let nats = Nats::start().await;
+    let mut link = NatsLink::start(&nats).await;
+    let a = node_at(&link.url(), "node-a", ACL, "", |b| b).await;
+    let b = node(&nats, "node-b").await;
+    for (id, expiry) in [("lasting", 600), ("brief", 3)] {
+        let mut o = persistent5(a.first_addr(), id, "alice");
+        o.set_connect_properties(ConnectProperties {
+            session_expiry_interval: Some(expiry),
+            ..ConnectProperties::new()
+        });
+        let mut c = v5::connect(o).await.expect("login");
+        cluster_support::subscribed5(&mut c, &format!("alice/{id}")).await;
+        c.client.disconnect().await.unwrap();
+        c.closed_within(WAIT).await;
+        publish_acked(a.first_addr(), "alice", &format!("alice/{id}"), 1).await;
+    }
+    // Both parked with their message (a value and a part each), then node A is cut off.
+    parked_values(&nats, 4).await;
+    link.cut().await;
+    cluster_support::wait_ready(&a, false).await;
+    // Past "brief"'s expiry, well within "lasting"'s.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+
+    let mut brief = v5::connect(persistent5(b.first_addr(), "brief", "alice"))
+        .await
+        .expect("login");
+    assert!(
+        !brief.connack.session_present,
+        "an expired session came back from the park"
+    );
+    assert!(brief.publish_within(QUIET).await.is_none(), "nothing of it");
+    let mut lasting = v5::connect(persistent5(b.first_addr(), "lasting", "alice"))
+        .await
+        .expect("login");
+    assert!(lasting.connack.session_present);
+    assert_eq!(&lasting.next_publish().await.payload[..], b"m0");
+}

@@ -138,12 +138,23 @@ pub struct Session {
     pub qos2_in: BTreeSet<u16>,
 }
 
+impl SessionMeta {
+    /// When the session expires (unix seconds); `None` while connected.
+    pub fn expires_at(&self) -> Option<u64> {
+        self.disconnected_at
+            .map(|t| t.saturating_add(self.expiry_interval))
+    }
+
+    /// Whether its client has been away longer than its expiry interval at `now`.
+    pub fn is_expired(&self, now: u64) -> bool {
+        self.expires_at().is_some_and(|t| t <= now)
+    }
+}
+
 impl Session {
     /// When the session expires (unix seconds); `None` while connected.
     pub fn expires_at(&self) -> Option<u64> {
-        self.meta
-            .disconnected_at
-            .map(|t| t.saturating_add(self.meta.expiry_interval))
+        self.meta.expires_at()
     }
 
     /// Messages not sent yet.

@@ -244,6 +244,22 @@ async fn install(
     parked_through: Option<u64>,
 ) -> Received {
     let buckets = &claim.buckets;
+    if let Some((meta, _)) = handoff
+        .session
+        .as_ref()
+        .filter(|(meta, _)| meta.is_expired(moatmq_store::now_unix()))
+    {
+        // Its client was away longer than its expiry interval (the node that parked it
+        // was cut off or stopped, and could not discard it itself): it is gone, as
+        // after a restart on one node. Nobody takes it again.
+        tracing::info!(
+            client_id = %key.client_id,
+            expired_at = meta.expires_at(),
+            "cluster: the session handed over had expired; starting it new"
+        );
+        value::remove(buckets, &claim.key, revision).await;
+        return Received::Nothing;
+    }
     let cut = handoff.cut.take();
     // A park holds what its node queued up to its last round, which may be past what
     // that node acknowledged on its transfer consumer: read again on its behalf below.
