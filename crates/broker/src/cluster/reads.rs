@@ -49,11 +49,28 @@ struct Asked {
 
 /// The reads of the transfer stream this node makes for sessions moving in, combined:
 /// a read asked while another pass runs waits for it, then goes with every other read
-/// asked meanwhile as one pass (one ordered consumer, each stream message opened once).
-/// A rolling restart moving thousands of sessions here then reads the stream a few
-/// times, not once per session.
+/// of its kind asked meanwhile as one pass (one ordered consumer, each stream message
+/// opened once). A rolling restart moving thousands of sessions here then reads the
+/// stream a few times, not once per session. The two kinds combine apart: reads after
+/// a cut start near the stream's end, reads on a dead node's behalf where its consumer
+/// stopped, possibly minutes back, which the first kind must not wait through.
 #[derive(Default)]
 pub(crate) struct Reads {
+    after_cut: Passes,
+    on_behalf: Passes,
+}
+
+/// What a read is for.
+pub(super) enum Kind {
+    /// What was published while a session moved (`unread::after_cut`).
+    AfterCut,
+    /// What a dead node left unread for a session (`unread::read`).
+    OnBehalf,
+}
+
+/// Reads of one kind, waiting for their pass.
+#[derive(Default)]
+struct Passes {
     asked: std::sync::Mutex<Vec<Asked>>,
     turn: tokio::sync::Mutex<()>,
 }
@@ -63,12 +80,21 @@ impl Reads {
     /// message taken if `want.wanted` and the session's subscriptions take it, at the
     /// QoS granted, its expiry counted down by its time in the stream, in order, for at
     /// most [`READ_WAIT`]; empty if the stream cannot be read (logged).
-    pub(super) async fn read(&self, stream: Stream, want: Want) -> Vec<(QueuedMessage, bool)> {
+    pub(super) async fn read(
+        &self,
+        kind: Kind,
+        stream: Stream,
+        want: Want,
+    ) -> Vec<(QueuedMessage, bool)> {
+        let passes = match kind {
+            Kind::AfterCut => &self.after_cut,
+            Kind::OnBehalf => &self.on_behalf,
+        };
         let (reply, found) = oneshot::channel();
-        lock(&self.asked).push(Asked { want, reply });
+        lock(&passes.asked).push(Asked { want, reply });
         {
-            let _turn = self.turn.lock().await;
-            let asked = std::mem::take(&mut *lock(&self.asked));
+            let _turn = passes.turn.lock().await;
+            let asked = std::mem::take(&mut *lock(&passes.asked));
             if !asked.is_empty() {
                 // A task of its own: the reads of others are answered even if this
                 // one's caller goes away meanwhile.

@@ -8,7 +8,7 @@
 //! what matches to the session.
 
 use super::owner::Buckets;
-use super::reads::{Session, Stream, Want};
+use super::reads::{Kind, Session, Stream, Want};
 use super::xfer;
 use super::Cut;
 use moatmq_store::{QueuedMessage, SessionKey, SessionMeta};
@@ -75,7 +75,10 @@ pub async fn read(r: ReadFor<'_>) -> Vec<(QueuedMessage, bool)> {
     // Its own publishes it matched itself, before forwarding: in its park if it
     // acknowledged them.
     let dead = r.node.to_string();
-    read_from(&r, from, move |origin, _, _| node_of(origin) != dead).await
+    read_from(&r, Kind::OnBehalf, from, move |origin, _, _| {
+        node_of(origin) != dead
+    })
+    .await
 }
 
 /// What a session handed over with `cut` (where its old node's traffic stood when the
@@ -90,7 +93,7 @@ pub async fn after_cut(r: ReadFor<'_>, cut: &Cut, here: &Cut) -> Vec<(QueuedMess
     let this_node = node_of(&here.origin).to_string();
     let from = cut.stream.min(cut.own_from) + 1;
     let (cut, here) = (cut.clone(), here.clone());
-    read_from(&r, from, move |origin, number, sequence| {
+    read_from(&r, Kind::AfterCut, from, move |origin, number, sequence| {
         if origin == cut.origin {
             // The old node's own, not in its router when the session left.
             number > cut.forwarded && sequence <= here.stream
@@ -120,6 +123,7 @@ fn node_of(origin: &str) -> &str {
 /// shared with the other sessions reading at the same time (`reads.rs`).
 async fn read_from(
     r: &ReadFor<'_>,
+    kind: Kind,
     from: u64,
     wanted: impl Fn(&str, u64, u64) -> bool + Send + Sync + 'static,
 ) -> Vec<(QueuedMessage, bool)> {
@@ -140,5 +144,5 @@ async fn read_from(
         name: xfer::stream_name(&cluster.prefix),
         metrics: Arc::clone(&cluster.metrics),
     };
-    cluster.reads.read(stream, want).await
+    cluster.reads.read(kind, stream, want).await
 }
