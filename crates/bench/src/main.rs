@@ -46,6 +46,9 @@ enum Command {
     Startup(retained::StartupArgs),
     /// Leave persistent sessions (clean session 0) subscribed and offline.
     SessionSetup(sessions::SetupArgs),
+    /// Bring persistent sessions back at once (another cluster node: they move there);
+    /// time until every CONNACK, session present, CONNACK p50/p99/max.
+    SessionResume(sessions::ResumeArgs),
     /// Reconnect one persistent session (optionally starting the broker first) and take
     /// its queue: CONNACK time, session present, drain rate.
     SessionDrain(sessions::DrainArgs),
@@ -76,6 +79,7 @@ fn main() -> anyhow::Result<()> {
         Command::Startup(args) => runtime.block_on(retained::startup(args))?,
         Command::SessionSetup(args) => runtime.block_on(sessions::setup(args))?,
         Command::SessionDrain(args) => runtime.block_on(sessions::drain(args))?,
+        Command::SessionResume(args) => runtime.block_on(sessions::resume(args))?,
         Command::Latency(args) => runtime.block_on(latency::run(args))?,
     };
     println!("{report}");

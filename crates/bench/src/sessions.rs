@@ -5,6 +5,12 @@
 //! `<prefix>/<i / 1000>/<i % 1000>` as `retained-pub --retain false` publishes them) and
 //! disconnect, leaving that many offline sessions. Reported: sessions per second.
 //!
+//! `session-resume`: the `--sessions` clients `<id>-<i>` come back at once (clean
+//! session 0, `--parallel` at a time; on another cluster node, the sessions move
+//! there), each disconnecting again once its CONNACK came, leaving the session offline.
+//! Reported: how long until every CONNACK, how many said session present, how many
+//! failed (no CONNACK within 10 s, or refused), and the answered CONNACKs' p50/p99/max.
+//!
 //! `session-drain`: one client reconnects with clean session 0 and takes its queue,
 //! acknowledging every QoS 1 message (the PUBACKs of one read go out in one write),
 //! until `--expect` messages arrived, `--idle` seconds pass without one or `--timeout`
@@ -88,6 +94,79 @@ pub async fn setup(args: SetupArgs) -> anyhow::Result<String> {
         args.sessions,
         secs,
         args.sessions as f64 / secs
+    ))
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ResumeArgs {
+    /// host:port of the broker's MQTT listener (plain TCP, anonymous).
+    #[arg(long)]
+    mqtt: String,
+    #[arg(long, default_value_t = 1)]
+    sessions: u64,
+    /// Client ids are `<id>-<i>`.
+    #[arg(long, default_value = "bench-session")]
+    id: String,
+    /// Sessions coming back at the same time.
+    #[arg(long, default_value_t = 256)]
+    parallel: u64,
+    #[arg(long, default_value = "-")]
+    label: String,
+}
+
+pub async fn resume(args: ResumeArgs) -> anyhow::Result<String> {
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for worker in 0..args.parallel.min(args.sessions).max(1) {
+        let (mqtt, id, sessions, parallel) =
+            (args.mqtt.clone(), args.id.clone(), args.sessions, args.parallel);
+        tasks.push(tokio::spawn(async move {
+            let mut times = Vec::new();
+            let (mut present, mut failed) = (0u64, 0u64);
+            let mut i = worker;
+            while i < sessions {
+                let asked = Instant::now();
+                let client_id = format!("{id}-{i}");
+                let back = async {
+                    let mut conn = Conn::open(&mqtt).await?;
+                    let (code, was_present) = conn.connect(&client_id, false).await?;
+                    if code != 0 {
+                        bail!("refused: {code}");
+                    }
+                    conn.write(&wire::DISCONNECT).await?;
+                    anyhow::Ok(was_present)
+                };
+                match back.await {
+                    Ok(was_present) => {
+                        times.push(asked.elapsed().as_nanos() as u64);
+                        present += u64::from(was_present);
+                    }
+                    // No CONNACK in time, or refused: counted, and the others go on.
+                    Err(e) => {
+                        eprintln!("session-resume: {client_id}: {e:#}");
+                        failed += 1;
+                    }
+                }
+                i += parallel;
+            }
+            anyhow::Ok((times, present, failed))
+        }));
+    }
+    let (mut times, mut present, mut failed) = (Vec::new(), 0, 0);
+    for t in tasks {
+        let (more, p, f) = t.await??;
+        times.extend(more);
+        present += p;
+        failed += f;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let ms = |d: Option<Duration>| d.map_or(0.0, |d| d.as_secs_f64() * 1000.0);
+    let p50 = ms(crate::stats::percentile(&mut times, 50.0));
+    let p99 = ms(crate::stats::percentile(&mut times, 99.0));
+    let max = ms(crate::stats::percentile(&mut times, 100.0));
+    Ok(format!(
+        "session-resume label={} target={} sessions={} present={} failed={} secs={:.2} connack_p50_ms={:.1} connack_p99_ms={:.1} connack_max_ms={:.1}",
+        args.label, args.mqtt, args.sessions, present, failed, secs, p50, p99, max
     ))
 }
 
