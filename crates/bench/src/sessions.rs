@@ -28,8 +28,9 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+/// Which sessions, on which broker.
 #[derive(clap::Args, Debug)]
-pub struct SetupArgs {
+pub struct Sessions {
     /// host:port of the broker's MQTT listener (plain TCP, anonymous).
     #[arg(long)]
     mqtt: String,
@@ -38,6 +39,12 @@ pub struct SetupArgs {
     /// Client ids are `<id>-<i>`.
     #[arg(long, default_value = "bench-session")]
     id: String,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct SetupArgs {
+    #[command(flatten)]
+    on: Sessions,
     /// One filter for every session; without it, session i subscribes to
     /// `<prefix>/<i / 1000>/<i % 1000>`.
     #[arg(long)]
@@ -53,13 +60,15 @@ pub struct SetupArgs {
 
 pub async fn setup(args: SetupArgs) -> anyhow::Result<String> {
     let started = Instant::now();
-    let mut tasks = Vec::new();
-    for worker in 0..args.parallel.min(args.sessions).max(1) {
-        let (mqtt, id, prefix) = (args.mqtt.clone(), args.id.clone(), args.prefix.clone());
-        let (filter, sessions, parallel) = (args.filter.clone(), args.sessions, args.parallel);
-        tasks.push(tokio::spawn(async move {
-            let mut i = worker;
-            while i < sessions {
+    workers(args.on.sessions, args.parallel, |mine| {
+        let (mqtt, id, prefix) = (
+            args.on.mqtt.clone(),
+            args.on.id.clone(),
+            args.prefix.clone(),
+        );
+        let filter = args.filter.clone();
+        async move {
+            for i in mine {
                 let filter = filter.clone().unwrap_or_else(|| topic(&prefix, i));
                 let mut conn = Conn::open(&mqtt).await?;
                 let (code, _) = conn.connect(&format!("{id}-{i}"), false).await?;
@@ -78,35 +87,26 @@ pub async fn setup(args: SetupArgs) -> anyhow::Result<String> {
                     }
                 }
                 conn.write(&wire::DISCONNECT).await?;
-                i += parallel;
             }
             anyhow::Ok(())
-        }));
-    }
-    for t in tasks {
-        t.await??;
-    }
+        }
+    })
+    .await?;
     let secs = started.elapsed().as_secs_f64();
     Ok(format!(
         "session-setup label={} target={} sessions={} secs={:.2} sessions_per_s={:.0}",
         args.label,
-        args.mqtt,
-        args.sessions,
+        args.on.mqtt,
+        args.on.sessions,
         secs,
-        args.sessions as f64 / secs
+        args.on.sessions as f64 / secs
     ))
 }
 
 #[derive(clap::Args, Debug)]
 pub struct ResumeArgs {
-    /// host:port of the broker's MQTT listener (plain TCP, anonymous).
-    #[arg(long)]
-    mqtt: String,
-    #[arg(long, default_value_t = 1)]
-    sessions: u64,
-    /// Client ids are `<id>-<i>`.
-    #[arg(long, default_value = "bench-session")]
-    id: String,
+    #[command(flatten)]
+    on: Sessions,
     /// Sessions coming back at the same time.
     #[arg(long, default_value_t = 256)]
     parallel: u64,
@@ -116,15 +116,12 @@ pub struct ResumeArgs {
 
 pub async fn resume(args: ResumeArgs) -> anyhow::Result<String> {
     let started = Instant::now();
-    let mut tasks = Vec::new();
-    for worker in 0..args.parallel.min(args.sessions).max(1) {
-        let (mqtt, id, sessions, parallel) =
-            (args.mqtt.clone(), args.id.clone(), args.sessions, args.parallel);
-        tasks.push(tokio::spawn(async move {
+    let done = workers(args.on.sessions, args.parallel, |mine| {
+        let (mqtt, id) = (args.on.mqtt.clone(), args.on.id.clone());
+        async move {
             let mut times = Vec::new();
             let (mut present, mut failed) = (0u64, 0u64);
-            let mut i = worker;
-            while i < sessions {
+            for i in mine {
                 let asked = Instant::now();
                 let client_id = format!("{id}-{i}");
                 let back = async {
@@ -147,14 +144,13 @@ pub async fn resume(args: ResumeArgs) -> anyhow::Result<String> {
                         failed += 1;
                     }
                 }
-                i += parallel;
             }
             anyhow::Ok((times, present, failed))
-        }));
-    }
+        }
+    })
+    .await?;
     let (mut times, mut present, mut failed) = (Vec::new(), 0, 0);
-    for t in tasks {
-        let (more, p, f) = t.await??;
+    for (more, p, f) in done {
         times.extend(more);
         present += p;
         failed += f;
@@ -166,8 +162,30 @@ pub async fn resume(args: ResumeArgs) -> anyhow::Result<String> {
     let max = ms(crate::stats::percentile(&mut times, 100.0));
     Ok(format!(
         "session-resume label={} target={} sessions={} present={} failed={} secs={:.2} connack_p50_ms={:.1} connack_p99_ms={:.1} connack_max_ms={:.1}",
-        args.label, args.mqtt, args.sessions, present, failed, secs, p50, p99, max
+        args.label, args.on.mqtt, args.on.sessions, present, failed, secs, p50, p99, max
     ))
+}
+
+/// Runs `work` on at most `parallel` tasks (at least one), task `w` given sessions `w`,
+/// `w + n`, `w + 2n`, ... below `sessions` (`n` tasks); their results in task order.
+async fn workers<T, F>(
+    sessions: u64,
+    parallel: u64,
+    work: impl Fn(Vec<u64>) -> F,
+) -> anyhow::Result<Vec<T>>
+where
+    F: std::future::Future<Output = anyhow::Result<T>> + Send + 'static,
+    T: Send + 'static,
+{
+    let n = parallel.min(sessions).max(1);
+    let tasks: Vec<_> = (0..n)
+        .map(|w| tokio::spawn(work((w..sessions).step_by(n as usize).collect())))
+        .collect();
+    let mut done = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        done.push(t.await??);
+    }
+    Ok(done)
 }
 
 #[derive(clap::Args, Debug)]
