@@ -261,6 +261,7 @@ impl Broker {
         if let Some(handoffs) = self.shared.cluster.as_ref().and_then(|c| c.take_handoffs()) {
             tasks.spawn(crate::cluster::handoff::run(self.shared.clone(), handoffs));
             tasks.spawn(crate::cluster::late::run(self.shared.clone()));
+            tasks.spawn(crate::cluster::handoff::sweep_expired(self.shared.clone()));
         }
         // Not ready if the router already failed (the monitor cleared both flags).
         let router_ok = self

@@ -1178,3 +1178,42 @@ async fn a_session_expired_while_its_node_was_cut_off_does_not_come_back_from_it
     assert!(lasting.connack.session_present);
     assert_eq!(&lasting.next_publish().await.payload[..], b"m0");
 }
+
+/// The parks of a node stopped for good (a scale-down) whose sessions expired without
+/// their clients coming back do not stay in NATS: a node starting removes them, value
+/// and parts, and leaves the parks of sessions that have not expired. (They stayed
+/// until their clients came back, for good if they never did, before.)
+#[tokio::test]
+async fn a_node_starting_removes_expired_parks_from_nats() {
+    use rumqttc::v5::mqttbytes::v5::ConnectProperties;
+    let nats = Nats::start().await;
+    let a = node(&nats, "node-a").await;
+    for (id, expiry) in [("lasting", 600), ("brief", 2)] {
+        let mut o = persistent5(a.first_addr(), id, "alice");
+        o.set_connect_properties(ConnectProperties {
+            session_expiry_interval: Some(expiry),
+            ..ConnectProperties::new()
+        });
+        let mut c = v5::connect(o).await.expect("login");
+        cluster_support::subscribed5(&mut c, &format!("alice/{id}")).await;
+        c.client.disconnect().await.unwrap();
+        c.closed_within(WAIT).await;
+        publish_acked(a.first_addr(), "alice", &format!("alice/{id}"), 1).await;
+    }
+    // A value and a part for each session.
+    parked_values(&nats, 4).await;
+    let _gone = a.stop().await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    parked_values(&nats, 4).await;
+
+    let b = node(&nats, "node-b").await;
+    handoff_keys(&nats, |n| n == 2).await;
+    let mut lasting = v5::connect(persistent5(b.first_addr(), "lasting", "alice"))
+        .await
+        .expect("login");
+    assert!(
+        lasting.connack.session_present,
+        "the live session's park kept"
+    );
+    assert_eq!(&lasting.next_publish().await.payload[..], b"m0");
+}

@@ -365,6 +365,59 @@ async fn read_after_cut(
     }
 }
 
+/// Once NATS is reached at start-up: removes from the handoff bucket every session
+/// whose expiry has passed (the parks of a node stopped or removed for good, whose
+/// clients never came back), with its parts. Nobody may take those any more
+/// ([`install`] discards them too), and without this they would stay in NATS for good.
+pub async fn sweep_expired(shared: Arc<Shared>) {
+    let Some(cluster) = &shared.cluster else {
+        return;
+    };
+    let mut changes = cluster.owners.buckets_changes();
+    let buckets = loop {
+        if let Some(b) = changes.borrow_and_update().clone() {
+            break b;
+        }
+        if changes.changed().await.is_err() {
+            return;
+        }
+    };
+    let keys: Vec<String> = match buckets.handoff.keys().await {
+        Ok(keys) => keys.filter_map(|k| async move { k.ok() }).collect().await,
+        Err(e) => {
+            tracing::debug!("cluster: expired sessions not swept: {e}");
+            return;
+        }
+    };
+    let now = moatmq_store::now_unix();
+    let mut swept = 0;
+    // A part (`<key>.<n>`) goes with its session's value.
+    for kv_key in keys.iter().filter(|k| !k.contains('.')) {
+        let Ok(Some(entry)) = buckets.handoff.entry(kv_key).await else {
+            continue;
+        };
+        if entry.operation != kv::Operation::Put {
+            continue;
+        }
+        let expired = value::open_head(cluster.owners.seal(), &buckets, kv_key, &entry.value)
+            .is_ok_and(|h| {
+                h.session
+                    .as_ref()
+                    .is_some_and(|(meta, _)| meta.is_expired(now))
+            });
+        if expired {
+            value::remove(&buckets, kv_key, entry.revision).await;
+            swept += 1;
+        }
+    }
+    if swept > 0 {
+        tracing::info!(
+            sessions = swept,
+            "cluster: expired sessions removed from the handoff bucket"
+        );
+    }
+}
+
 /// A connection of the persistent session `key` ended on this node (the caller still
 /// holds `router_id`): if another node claimed the session meanwhile it is handed over
 /// now (`true`); otherwise it stays here, offline, to be handed over at a later claim.

@@ -189,6 +189,19 @@ pub(super) fn part_key(kv_key: &str, index: u32) -> String {
     format!("{kv_key}.{index}")
 }
 
+/// Opens the handoff value at `kv_key` alone: what it holds, its parts not read.
+pub(super) fn open_head(
+    seal: &ClusterSeal,
+    buckets: &Buckets,
+    kv_key: &str,
+    value: &[u8],
+) -> Result<Handoff, String> {
+    let plain = seal
+        .open_handoff(&buckets.handoff_name, kv_key, value)
+        .map_err(|e| e.to_string())?;
+    decode(&plain)
+}
+
 /// Opens the handoff value at `kv_key` for the session `key`: it must open there (not
 /// altered, not moved from another key, this cluster's key) and hold that session. Its
 /// parts, if any, are read and checked the same way and their messages appended in
@@ -200,10 +213,7 @@ pub(super) async fn open(
     value: &[u8],
     key: &SessionKey,
 ) -> Result<Handoff, String> {
-    let plain = seal
-        .open_handoff(&buckets.handoff_name, kv_key, value)
-        .map_err(|e| e.to_string())?;
-    let mut handoff = decode(&plain)?;
+    let mut handoff = open_head(seal, buckets, kv_key, value)?;
     if handoff.key != *key {
         return Err("it holds another session".to_string());
     }
