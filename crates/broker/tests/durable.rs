@@ -333,6 +333,73 @@ async fn a_slow_subscriber_back_gets_its_backlog_once_in_order() {
     assert_eq!(got, expected);
 }
 
+/// Persistent subscribers that fell behind go away while more is published for them,
+/// and the broker restarts before they are back: everything comes in publish order.
+/// (What the router still held was stored after what was queued while the
+/// connection's end collected it, so the restart replayed newer messages first: e2e
+/// `acknowledged_messages_for_an_offline_session_survive_kill_9` saw it in CI. A race:
+/// four subscribers, so that it shows without the fix more often.)
+#[tokio::test]
+async fn slow_subscribers_gone_while_more_comes_get_everything_in_order_after_a_restart() {
+    const ROUNDS: usize = 4;
+    let broker = TestBroker::builder()
+        .anonymous()
+        .retained_store()
+        .set("retained", "autosave_interval", 0)
+        .metrics()
+        .start()
+        .await;
+    let addr = broker.first_addr();
+    let mut sent = Vec::new();
+    for round in 0..ROUNDS {
+        let mut sub = unacking(addr, &format!("laggard-{round}")).await;
+        sub.subscribe_acked(&format!("feed/{round}/#")).await;
+        publish_n(addr, &format!("feed/{round}/a"), 300).await;
+        let mut n = 0;
+        while sub.publish_within(QUIET).await.is_some() {
+            n += 1;
+        }
+        assert!(n < 300, "the router held some back ({n} sent)");
+        sent.push(n);
+        sub.client.disconnect().await.unwrap();
+        assert!(sub.closed_within(WAIT).await.is_some());
+        // Published once the session is offline (queued in the store from then on),
+        // while its connection's end may still collect the router's backlog.
+        while broker.metric("moatmq_sessions_offline").await < (round + 1) as f64 {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        let publishing = tokio::spawn(async move {
+            let mut publ = v4::connected(addr, &format!("late-publisher-{round}")).await;
+            for i in 0..100 {
+                publ.publish_acked(&format!("feed/{round}/b"), false, format!("n{i}"))
+                    .await;
+            }
+        });
+        publishing.await.unwrap();
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+
+    let broker = broker.restart().await;
+    for (round, sent) in sent.iter().enumerate() {
+        let mut sub = v4::connect(persistent4(
+            broker.first_addr(),
+            &format!("laggard-{round}"),
+        ))
+        .await
+        .unwrap();
+        assert!(sub.connack.session_present);
+        let mut got = Vec::new();
+        while let Some(p) = sub.publish_within(QUIET).await {
+            got.push(String::from_utf8(p.payload.to_vec()).unwrap());
+        }
+        let expected: Vec<String> = (0..300)
+            .map(|i| format!("m{i}"))
+            .chain((0..100).map(|i| format!("n{i}")))
+            .collect();
+        assert_eq!(got, expected, "laggard-{round} ({} sent before)", sent);
+    }
+}
+
 #[tokio::test]
 async fn a_full_queue_drops_the_newest_counted_and_audited() {
     let broker = TestBroker::builder()

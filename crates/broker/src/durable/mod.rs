@@ -1089,8 +1089,9 @@ impl Writer {
 
     /// [`SessionBook::collected`]. A collected message may be stored already: queued
     /// since the session went offline (the router forwarded it too) or left of the
-    /// backlog of an earlier resume. It is queued again in the router's order, so the
-    /// replay keeps the order the router had.
+    /// backlog of an earlier resume. It is queued again in the router's order, and what
+    /// was queued since the disconnect that the router had not forwarded yet goes after
+    /// it again, so the replay (after a restart too) keeps the order the router had.
     fn collected(&mut self, key: &SessionKey, messages: Vec<QueuedMessage>) {
         // (A PUBREL the router owes the client, it sends again itself on a resume here:
         // those stay in `released`.)
@@ -1107,9 +1108,11 @@ impl Writer {
         }
         let carried = self.carried.get(key).cloned().unwrap_or_default();
         let mut stored = Backlog::default();
+        let mut since = Vec::new();
         for (&id, held) in &session.messages {
             if held.delivery == Delivery::Queued && !carried.holds(id) {
                 stored.push(id, &held.message);
+                since.push(id);
             }
         }
         let mut again = Vec::new();
@@ -1119,18 +1122,30 @@ impl Writer {
             });
             again.extend(id);
         }
+        // Queued since the disconnect and not among what the router held: published
+        // after all of it (the router still holds these and forwards them after the
+        // replay), so they go after it again, or a restart would replay them first.
+        let matched: BTreeSet<u64> = again.iter().copied().collect();
+        let after: Vec<(u64, QueuedMessage)> = since
+            .into_iter()
+            .filter(|id| !matched.contains(id))
+            .filter_map(|id| session.messages.get(&id).map(|h| (id, h.message.clone())))
+            .collect();
         // A cluster node parks the session afresh once, below, rather than a copy of
         // each message here.
         let park = self.park.take();
         let mut late = Vec::with_capacity(messages.len());
         let result = (|| {
-            for id in again {
+            for id in again.into_iter().chain(after.iter().map(|(id, _)| *id)) {
                 self.store.complete(key, id)?;
             }
             for message in messages {
                 if let Some(id) = self.queue(key, message)? {
                     late.push(id);
                 }
+            }
+            for (_, message) in after {
+                self.queue(key, message)?;
             }
             Ok::<(), moatmq_store::StoreError>(())
         })();
