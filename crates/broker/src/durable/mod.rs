@@ -40,7 +40,7 @@ use moatmq_store::{
     SessionLimits, SessionLog, SessionMeta, SessionStore, SubscriptionOptions,
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -109,6 +109,39 @@ pub struct SessionBook {
     writer: Mutex<Option<Writer>>,
     metrics: Arc<Metrics>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    admissions: Arc<Admissions>,
+}
+
+/// Publishes being admitted and handed to the router ([`SessionBook::admitting`]). A
+/// publish admitted while a session was still online is not queued in the store for
+/// it; if its connection hands it to the router only after that session's connection
+/// ended and collected what the router held, the router alone has it, and a restart
+/// loses it. So a connection's end first waits for those that began before its session
+/// went offline ([`SessionBook::admitted_before_now`]).
+#[derive(Default)]
+struct Admissions {
+    /// Publishes still on their way to the router, by the stamp they began under.
+    open: Mutex<BTreeMap<u64, usize>>,
+    next: AtomicU64,
+}
+
+/// A connection's publishes admitted and not all handed to the router yet; dropped
+/// once they are (or the connection ends).
+pub struct Admitting {
+    admissions: Arc<Admissions>,
+    stamp: u64,
+}
+
+impl Drop for Admitting {
+    fn drop(&mut self) {
+        let mut open = lock(&self.admissions.open);
+        if let Some(n) = open.get_mut(&self.stamp) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.stamp);
+            }
+        }
+    }
 }
 
 enum Job {
@@ -292,6 +325,7 @@ impl SessionBook {
         store.commit()?;
         let (tx, rx) = mpsc::channel();
         let book = SessionBook {
+            admissions: Arc::default(),
             jobs: tx,
             offline: Mutex::new(offline),
             offline_sessions: AtomicUsize::new(0),
@@ -423,6 +457,41 @@ impl SessionBook {
         };
         self.send(Job::Enqueue(targets, message));
         true
+    }
+
+    /// Call before admitting a publish (`admit`) that is not handed to the router yet;
+    /// drop what it returns once the connection has handed the router everything it
+    /// admitted.
+    pub fn admitting(&self) -> Admitting {
+        let mut open = lock(&self.admissions.open);
+        let stamp = self.admissions.next.fetch_add(1, Ordering::Relaxed);
+        *open.entry(stamp).or_default() += 1;
+        Admitting {
+            admissions: Arc::clone(&self.admissions),
+            stamp,
+        }
+    }
+
+    /// Call after [`SessionBook::offline`], before collecting what the router holds
+    /// for the session: waits (at most `wait`) until every publish whose admission
+    /// began before now has reached the router. What began later found the session
+    /// offline and is queued in the store.
+    pub async fn admitted_before_now(&self, wait: Duration) {
+        let barrier = {
+            let _open = lock(&self.admissions.open);
+            self.admissions.next.fetch_add(1, Ordering::Relaxed)
+        };
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let pending = lock(&self.admissions.open)
+                .keys()
+                .next()
+                .is_some_and(|&stamp| stamp < barrier);
+            if !pending || tokio::time::Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
     }
 
     /// Waits until every change sent so far is durable; `false` if the commit failed.

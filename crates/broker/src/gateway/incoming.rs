@@ -111,6 +111,10 @@ impl Gateway {
                     // transfer stream has it.
                     cluster.hold_back(self.hold_id);
                 }
+                if let (None, Some(book)) = (&self.admitting, &self.shared.durable) {
+                    // Before `admit` decides which offline sessions to queue it for.
+                    self.admitting = Some(book.admitting());
+                }
                 let admitted = admit(
                     &self.shared,
                     &self.info,

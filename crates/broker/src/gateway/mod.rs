@@ -41,6 +41,10 @@ use tracing::debug;
 /// How long a connection whose session moved to another node waits for each of the
 /// router's answers while collecting what it had not forwarded yet.
 const ROUTER_SETTLE_WAIT: Duration = Duration::from_millis(200);
+/// How long a durable session's end waits for publishes admitted while it was online
+/// to reach the router, at most (a publish held for the cluster's transfer stream
+/// while NATS is away may take longer; it is then missed by the collection).
+const ADMITTED_WAIT: Duration = Duration::from_secs(1);
 
 mod close;
 mod deliver;
@@ -145,6 +149,9 @@ impl SessionPart {
 /// that carry its traffic. Each part owns its state; this loop composes them.
 pub struct Gateway {
     shared: Arc<Shared>,
+    /// Publishes admitted and not all handed to the router yet (durable sessions:
+    /// `SessionBook::admitting`).
+    admitting: Option<crate::durable::Admitting>,
     /// This connection's number in the cluster's record of publishes held back from
     /// the router (`Cluster::hold_back`).
     hold_id: u64,
@@ -263,6 +270,7 @@ impl Gateway {
             .is_some()
             .then(|| shared.sys.subscribe());
         Gateway {
+            admitting: None,
             hold_id: crate::origin::next_connection(),
             shared,
             info,
@@ -362,6 +370,9 @@ impl Gateway {
             }
             _ => Vec::new(),
         };
+        // This connection's own publishes not handed to the router yet go at its close,
+        // below: its end does not wait for itself.
+        self.admitting = None;
         if let (Some(book), Some(key)) = (&self.shared.durable, &self.session.key) {
             book.hold(key, held);
             book.offline(key, self.session.meta(self.version));
@@ -387,6 +398,8 @@ impl Gateway {
                 // are not collected: the handoff's cut is before them.
                 cluster.closing_moved(&self.router_id);
             }
+            // Publishes admitted while the session was online reach the router first.
+            book.admitted_before_now(ADMITTED_WAIT).await;
             let forwards = self.router_settled().await;
             let held = self.as_queued(forwards);
             book.collected(&key, held);
@@ -523,6 +536,10 @@ impl Gateway {
             }
             if let Err(close) = self.link.commit(&mut self.to_router) {
                 return close;
+            }
+            if !self.to_router.has_ready() && !self.to_router.waits_for_save() {
+                // Every publish admitted so far is with the router.
+                self.admitting = None;
             }
             match self.out.flush(writer, replaced.as_mut()).await {
                 Ok(n) => self.shared.metrics.bytes_out.inc_by(n as u64),
