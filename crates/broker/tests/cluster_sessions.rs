@@ -1132,21 +1132,12 @@ async fn sessions_moving_at_once_share_their_reads_of_the_transfer_stream() {
     );
 }
 
-/// A session that expired while its node was cut off from NATS is not brought back
-/// from that node's live park (MQTT-3.1.2-23: discarded once its expiry interval has
-/// passed): the client reconnecting to another node after it gets a new session
-/// (session present 0) and none of what was queued for the old one. (The park was
-/// taken as it was, session present 1 and the queued message, before.) One that had
-/// not expired still moves.
-#[tokio::test]
-async fn a_session_expired_while_its_node_was_cut_off_does_not_come_back_from_its_park() {
+/// MQTT 5 sessions of alice on `addr`, each `(client id, session expiry s)`
+/// subscribed to `alice/<id>` and left offline with one message (`m0`) queued.
+async fn offline_with_expiry(addr: SocketAddr, sessions: &[(&str, u32)]) {
     use rumqttc::v5::mqttbytes::v5::ConnectProperties;
-    let nats = Nats::start().await;
-    let mut link = NatsLink::start(&nats).await;
-    let a = node_at(&link.url(), "node-a", ACL, "", |b| b).await;
-    let b = node(&nats, "node-b").await;
-    for (id, expiry) in [("lasting", 600), ("brief", 3)] {
-        let mut o = persistent5(a.first_addr(), id, "alice");
+    for &(id, expiry) in sessions {
+        let mut o = persistent5(addr, id, "alice");
         o.set_connect_properties(ConnectProperties {
             session_expiry_interval: Some(expiry),
             ..ConnectProperties::new()
@@ -1155,8 +1146,23 @@ async fn a_session_expired_while_its_node_was_cut_off_does_not_come_back_from_it
         cluster_support::subscribed5(&mut c, &format!("alice/{id}")).await;
         c.client.disconnect().await.unwrap();
         c.closed_within(WAIT).await;
-        publish_acked(a.first_addr(), "alice", &format!("alice/{id}"), 1).await;
+        publish_acked(addr, "alice", &format!("alice/{id}"), 1).await;
     }
+}
+
+/// A session that expired while its node was cut off from NATS is not brought back
+/// from that node's live park (MQTT-3.1.2-23: discarded once its expiry interval has
+/// passed): the client reconnecting to another node after it gets a new session
+/// (session present 0) and none of what was queued for the old one. (The park was
+/// taken as it was, session present 1 and the queued message, before.) One that had
+/// not expired still moves.
+#[tokio::test]
+async fn a_session_expired_while_its_node_was_cut_off_does_not_come_back_from_its_park() {
+    let nats = Nats::start().await;
+    let mut link = NatsLink::start(&nats).await;
+    let a = node_at(&link.url(), "node-a", ACL, "", |b| b).await;
+    let b = node(&nats, "node-b").await;
+    offline_with_expiry(a.first_addr(), &[("lasting", 600), ("brief", 3)]).await;
     // Both parked with their message (a value and a part each), then node A is cut off.
     parked_values(&nats, 4).await;
     link.cut().await;
@@ -1185,21 +1191,9 @@ async fn a_session_expired_while_its_node_was_cut_off_does_not_come_back_from_it
 /// until their clients came back, for good if they never did, before.)
 #[tokio::test]
 async fn a_node_starting_removes_expired_parks_from_nats() {
-    use rumqttc::v5::mqttbytes::v5::ConnectProperties;
     let nats = Nats::start().await;
     let a = node(&nats, "node-a").await;
-    for (id, expiry) in [("lasting", 600), ("brief", 2)] {
-        let mut o = persistent5(a.first_addr(), id, "alice");
-        o.set_connect_properties(ConnectProperties {
-            session_expiry_interval: Some(expiry),
-            ..ConnectProperties::new()
-        });
-        let mut c = v5::connect(o).await.expect("login");
-        cluster_support::subscribed5(&mut c, &format!("alice/{id}")).await;
-        c.client.disconnect().await.unwrap();
-        c.closed_within(WAIT).await;
-        publish_acked(a.first_addr(), "alice", &format!("alice/{id}"), 1).await;
-    }
+    offline_with_expiry(a.first_addr(), &[("lasting", 600), ("brief", 2)]).await;
     // A value and a part for each session.
     parked_values(&nats, 4).await;
     let _gone = a.stop().await;
