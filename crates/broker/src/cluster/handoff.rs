@@ -374,13 +374,13 @@ pub async fn sweep_expired(shared: Arc<Shared>) {
         return;
     };
     let mut changes = cluster.owners.buckets_changes();
-    let buckets = loop {
-        if let Some(b) = changes.borrow_and_update().clone() {
-            break b;
-        }
-        if changes.changed().await.is_err() {
-            return;
-        }
+    let Some(buckets) = changes
+        .wait_for(Option::is_some)
+        .await
+        .ok()
+        .and_then(|b| b.clone())
+    else {
+        return;
     };
     let keys: Vec<String> = match buckets.handoff.keys().await {
         Ok(keys) => keys.filter_map(|k| async move { k.ok() }).collect().await,

@@ -97,6 +97,16 @@ struct Offline {
     sessions: HashMap<Arc<SessionKey>, Vec<String>>,
 }
 
+/// The delivery state of a message sent before (`sent`) under `pkid`, `released` if
+/// only its PUBREL was owed.
+fn delivery(sent: bool, pkid: u16, released: bool) -> Delivery {
+    match (sent, released) {
+        (false, _) => Delivery::Queued,
+        (true, false) => Delivery::Sent { pkid },
+        (true, true) => Delivery::Released { pkid },
+    }
+}
+
 /// The broker's side of the session store.
 pub struct SessionBook {
     jobs: mpsc::Sender<Job>,
@@ -999,18 +1009,7 @@ impl Writer {
                             // Packet id 0 (none known): a stored `Sent` is only ever
                             // resent, with DUP, under an id of the gateway's.
                             let (pkid, released) = sent_as.next().unwrap_or((0, false));
-                            let queued = if sent {
-                                self.queue_sent(&key, pkid, m)
-                            } else {
-                                self.queue(&key, m)
-                            };
-                            let queued = match queued {
-                                Ok(Some(id)) if released => {
-                                    self.store.mark_released(&key, id).map(|_| Some(id))
-                                }
-                                other => other,
-                            };
-                            match queued {
+                            match self.queue_in(&key, m, delivery(sent, pkid, released)) {
                                 Ok(Some(id)) => below = id + 1,
                                 Ok(None) => {}
                                 Err(e) => warn!(error = %e, "handed-over message not stored"),
@@ -1075,6 +1074,28 @@ impl Writer {
         let id = self.queue(key, message)?;
         if let Some(id) = id {
             self.store.mark_sent(key, id, pkid)?;
+        }
+        Ok(id)
+    }
+
+    /// [`Writer::queue`] for a message in the state it had elsewhere (on another node,
+    /// or before the session was written afresh): sent before, it goes again with DUP
+    /// under its packet id (0: one of the gateway's); released, only its PUBREL goes
+    /// again.
+    fn queue_in(
+        &mut self,
+        key: &SessionKey,
+        message: QueuedMessage,
+        state: Delivery,
+    ) -> Result<Option<u64>, moatmq_store::StoreError> {
+        let (pkid, released) = match state {
+            Delivery::Queued => return self.queue(key, message),
+            Delivery::Sent { pkid } => (pkid, false),
+            Delivery::Released { pkid } => (pkid, true),
+        };
+        let id = self.queue_sent(key, pkid, message)?;
+        if let (Some(id), true) = (id, released) {
+            self.store.mark_released(key, id)?;
         }
         Ok(id)
     }
@@ -1271,14 +1292,8 @@ impl Writer {
                 self.store.qos2_in(key, pkid)?;
             }
             for r in replay {
-                let id = match r.dup {
-                    true => self.queue_sent(key, r.pkid.unwrap_or(0), r.message.clone())?,
-                    false => self.queue(key, r.message.clone())?,
-                };
-                if let (Some(id), true) = (id, r.release) {
-                    self.store.mark_released(key, id)?;
-                }
-                if let Some(id) = id {
+                let state = delivery(r.dup, r.pkid.unwrap_or(0), r.release);
+                if let Some(id) = self.queue_in(key, r.message.clone(), state)? {
                     carried = id + 1;
                     kept.push(Replay { id, ..r });
                 }
