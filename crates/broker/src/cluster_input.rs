@@ -346,6 +346,8 @@ fn take_in(
     };
     // Nothing waits for the transfer of a NATS-native message: core NATS gave it at
     // most once, and nobody is owed an acknowledgement.
+    // Until the router has it (`SessionBook::admitting`), as for a client's publish.
+    let _routing = shared.durable.as_ref().map(|book| book.admitting());
     match admit(shared, info, who, source, inbound) {
         Ok(admitted @ (Admitted::Now | Admitted::AfterSave | Admitted::AfterTransfer)) => {
             shared.metrics.cluster_received.inc();

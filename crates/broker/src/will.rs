@@ -113,6 +113,8 @@ fn publish_now(shared: &Shared, will: Will) {
         properties: properties.as_ref(),
         v5,
     };
+    // Until the router has it (`SessionBook::admitting`), as for a client's publish.
+    let _routing = shared.durable.as_ref().map(|book| book.admitting());
     match admit(shared, &info, &owner, Source::Will, inbound) {
         // A will has no client waiting for an acknowledgement: the saver persists a
         // retained one on its next round, also with autosave_interval = 0.

@@ -469,9 +469,9 @@ impl SessionBook {
         true
     }
 
-    /// Call before admitting a publish (`admit`) that is not handed to the router yet;
-    /// drop what it returns once the connection has handed the router everything it
-    /// admitted.
+    /// Call before admitting a message (`admit`: a client's publish, a will, one from
+    /// another cluster node); drop what it returns once the router has it (a
+    /// connection: everything it admitted).
     pub fn admitting(&self) -> Admitting {
         let mut open = lock(&self.admissions.open);
         let stamp = self.admissions.next.fetch_add(1, Ordering::Relaxed);
