@@ -453,3 +453,68 @@ async fn kill_9_of_an_offline_subscribers_node_loses_nothing_even_if_it_never_co
     killed.assert_none_lost(&got, &[&killed.b]);
     eprintln!("{} received ({twice} twice)", got.len());
 }
+
+/// The issue's failure case with the persistent subscriber *connected* to the node that
+/// dies: a subscriber of `kill/#` on node A (clean session 0, QoS 1), a publisher on
+/// node B sending `0..N`, node A killed (SIGKILL) a third of the way and never started
+/// again. The subscriber comes back on node B: its session resumes from what node A had
+/// parked of it while it was connected (session present 1, its subscription), and node B
+/// reads on node A's behalf what node A's transfer consumer had not taken, so every
+/// message published after node A died reaches it. (Before, node A parked only offline
+/// sessions: the session started new on node B, without its subscription, and all of
+/// those were lost.) What node A's router had taken and not yet delivered when it died
+/// is lost, as on one node killed (docs/cluster.md, "What each failure costs").
+#[tokio::test]
+async fn kill_9_of_a_connected_subscribers_node_keeps_its_session_on_another_node() {
+    const N: usize = 900;
+    const AT: usize = N / 3;
+    // rumqttc's in-flight limit: published after the kill, the indices from here on.
+    const AFTER: usize = AT + 100;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("cluster.key");
+    moatmq_store::RetainedKey::write_new(&key).unwrap();
+    let nats = Nats::single(dir.path());
+    let node = |name: &str| {
+        start_node_in(
+            dir.path(),
+            &key,
+            name,
+            &[nats.url(0)],
+            "autosave_interval = 0\n",
+            "",
+        )
+    };
+    let a = node("node-a");
+    let b = node("node-b");
+    let mut sub = persistent_ready(&a, "sink").await;
+    sub.subscribe_acked("kill/#").await;
+    let mut publ = connect_ready(&b, "source").await;
+    let acked = publish_killing(&mut publ, N, AT, a).await;
+    assert_eq!(acked.len(), N, "node B acknowledged every message");
+    let (before, _) = receive_until(&mut sub, &acked, Duration::from_secs(1)).await;
+
+    let mut sub = persistent_ready(&b, "sink").await;
+    assert!(
+        sub.connack.session_present,
+        "resumed from node A's park\n{}",
+        b.log()
+    );
+    let after: BTreeSet<usize> = (AFTER..N).collect();
+    let (got, twice) = receive_until(&mut sub, &after, Duration::from_secs(10)).await;
+    let lost: Vec<usize> = after.difference(&got).copied().collect();
+    assert!(
+        lost.is_empty(),
+        "{} messages published after node A died lost (first {:?})\n{}",
+        lost.len(),
+        &lost[..lost.len().min(10)],
+        b.log()
+    );
+    let all: BTreeSet<usize> = before.union(&got).copied().collect();
+    eprintln!(
+        "{} received on node A before it died, {} on node B ({twice} twice); {} of {N} \
+         acknowledged never received",
+        before.len(),
+        got.len(),
+        N - all.len()
+    );
+}

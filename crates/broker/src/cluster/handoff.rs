@@ -260,6 +260,13 @@ async fn install(
         value::remove(buckets, &claim.key, revision).await;
         return Received::Nothing;
     }
+    if let Some((meta, _)) = handoff.session.as_mut() {
+        // Parked while its client was connected to a node that died: offline here
+        // until the resume that follows, counted from now (when that node lost the
+        // connection is not known).
+        meta.disconnected_at
+            .get_or_insert_with(moatmq_store::now_unix);
+    }
     let cut = handoff.cut.take();
     // A park holds what its node queued up to its last round, which may be past what
     // that node acknowledged on its transfer consumer: read again on its behalf below.

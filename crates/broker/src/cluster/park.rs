@@ -1,5 +1,7 @@
 //! Live parks (docs/cluster.md, "Session handoff"): while this node keeps a persistent
-//! session offline, it keeps the session parked in the handoff bucket too, at the
+//! session offline, or its client is connected here (parked as it was at the connect
+//! and at each change of its subscriptions), it keeps the session parked in the
+//! handoff bucket too, at the
 //! revision of its own claim, marked live: the value at the session's key holds the
 //! session's meta and names its parts; the parts hold its messages, the first ones
 //! written when the session went offline here (or was restored at start-up), one more
@@ -63,7 +65,7 @@ struct Pending {
 impl Pending {
     fn apply(&mut self, event: Change) {
         match event {
-            Change::Offline(taken) => {
+            Change::Fresh(taken) => {
                 *self = Pending {
                     fresh: Some(taken),
                     ..Pending::default()
@@ -89,7 +91,8 @@ impl Pending {
 }
 
 enum Change {
-    Offline(Taken),
+    /// Parked anew with this (offline, or connected).
+    Fresh(Taken),
     Queued(Vec<(u64, QueuedMessage)>),
     Gone,
 }
@@ -127,8 +130,8 @@ pub async fn run(shared: Weak<Shared>, mut feed: mpsc::UnboundedReceiver<ParkEve
         while let Some(event) = next.take() {
             taken += 1;
             match event {
-                ParkEvent::Offline(key, t) => {
-                    pending.entry(key).or_default().apply(Change::Offline(t));
+                ParkEvent::Offline(key, t) | ParkEvent::Connected(key, t) => {
+                    pending.entry(key).or_default().apply(Change::Fresh(t));
                 }
                 ParkEvent::Queued(key, m) => {
                     pending.entry(key).or_default().apply(Change::Queued(m));

@@ -285,6 +285,11 @@ impl Taken {
 pub enum ParkEvent {
     /// The session is offline here now (its connection ended, or restored at start-up).
     Offline(SessionKey, Taken),
+    /// The session's client is connected here (it resumed or started, or changed its
+    /// subscriptions): what it is now, for a node that claims it if this one dies.
+    /// Its exchanges of incoming QoS 2 messages are left out (they change with every
+    /// packet; a park holding them would refuse a new message under a freed id).
+    Connected(SessionKey, Taken),
     /// Messages queued for an offline session: `(id, message)`.
     Queued(SessionKey, Vec<(u64, QueuedMessage)>),
     /// The session is no longer offline here (resumed, removed or expired).
@@ -879,8 +884,11 @@ impl Writer {
                     if let Some(taken) = self.store.session(&key).map(Taken::of) {
                         self.tell_park(ParkEvent::Offline(key, taken));
                     }
-                } else if !offline && was_offline {
-                    self.tell_park(ParkEvent::Gone(key));
+                } else if !offline && self.park.is_some() {
+                    if let Some(mut taken) = self.store.session(&key).map(Taken::of) {
+                        taken.open.qos2_in.clear();
+                        self.tell_park(ParkEvent::Connected(key, taken));
+                    }
                 }
                 put
             }
