@@ -24,16 +24,26 @@ struct Slot {
 /// One sequence the router checks, oldest first. Its acknowledgements come from the
 /// client or from the gateway, and leave in order.
 #[derive(Default)]
-struct Sequence(VecDeque<Slot>);
+struct Sequence(VecDeque<Slot>, Counts);
+
+/// How many messages entered a sequence, and how many of them left it acknowledged,
+/// since the connection began: the first `left` to enter are done with.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    pub entered: u64,
+    pub left: u64,
+}
 
 impl Sequence {
     /// `pkid` went to the client: its acknowledgement comes from it.
     fn sent(&mut self, pkid: u16) {
+        self.1.entered += 1;
         self.0.push_back(Slot { pkid, ack: None });
     }
 
     /// `pkid` was withheld from the client: `ack` is ours, to send in its turn.
     fn ours(&mut self, pkid: u16, ack: Packet, out: &mut Vec<Packet>) {
+        self.1.entered += 1;
         self.0.push_back(Slot {
             pkid,
             ack: Some(ack),
@@ -58,6 +68,7 @@ impl Sequence {
     fn release(&mut self, out: &mut Vec<Packet>) {
         while self.0.front().is_some_and(|s| s.ack.is_some()) {
             if let Some(Slot { ack: Some(ack), .. }) = self.0.pop_front() {
+                self.1.left += 1;
                 out.push(ack);
             }
         }
@@ -108,8 +119,15 @@ impl AckOrder {
     /// is one, a PUBACK otherwise, which frees the router's slot whatever the QoS.
     pub fn settle_all(&mut self, out: &mut Vec<Packet>) {
         for slot in self.inflight.0.drain(..) {
+            self.inflight.1.left += 1;
             out.push(slot.ack.unwrap_or_else(|| puback(slot.pkid)));
         }
+    }
+
+    /// The messages in flight to the client (PUBLISHes, not PUBRELs) so far: a QoS 2
+    /// one leaves at its PUBREC, when the client has it.
+    pub fn inflight_counts(&self) -> Counts {
+        self.inflight.1
     }
 }
 
@@ -146,6 +164,49 @@ mod tests {
                 _ => 0,
             })
             .collect()
+    }
+
+    #[test]
+    fn counts_say_how_many_of_the_first_forwards_are_done_with() {
+        let mut q = AckOrder::default();
+        let mut out = Vec::new();
+        q.delivered(1);
+        q.withheld(2, ack(2), &mut out);
+        q.delivered(3);
+        let c = q.inflight_counts();
+        assert_eq!((c.entered, c.left), (3, 0));
+        // 3 answered first: nothing leaves before 1 does.
+        q.client_ack(3, ack(3), &mut out);
+        assert_eq!(q.inflight_counts().left, 0);
+        q.client_ack(1, ack(1), &mut out);
+        assert_eq!(q.inflight_counts().left, 3);
+        // A made-up id changes nothing.
+        q.client_ack(9, ack(9), &mut out);
+        assert_eq!(
+            q.inflight_counts(),
+            Counts {
+                entered: 3,
+                left: 3
+            }
+        );
+        // PUBRELs are another sequence.
+        q.pubrel_forwarded(1);
+        assert_eq!(
+            q.inflight_counts(),
+            Counts {
+                entered: 3,
+                left: 3
+            }
+        );
+        q.delivered(4);
+        q.settle_all(&mut out);
+        assert_eq!(
+            q.inflight_counts(),
+            Counts {
+                entered: 4,
+                left: 4
+            }
+        );
     }
 
     #[test]

@@ -16,6 +16,7 @@ mod cluster_input;
 #[doc(hidden)] // reachable for the fuzz harness (fuzz/): not a stable API
 pub mod codec;
 mod connect;
+mod cut;
 mod durable;
 mod error;
 mod event;

@@ -306,6 +306,14 @@ async fn install(
         }
         return Received::Installed;
     };
+    if let Some(cut) = cut {
+        // The live park of a session whose client was connected to that node, which
+        // had everything up to `cut` (`gateway/checkpoint.rs`): what came after,
+        // delivered there or not, is read from the stream. (Its transfer consumer took
+        // and acknowledged what its router then held for the client.)
+        let read = read_after_cut(shared, claim, key, &meta, &cut).await;
+        return Received::Parked(ParkedResume { through, read });
+    }
     let mut read = ReadOnBehalf::default();
     if let (Some(node), Some(cluster), Some(book)) =
         (claim.previous.as_deref(), &shared.cluster, &shared.durable)
@@ -335,16 +343,17 @@ async fn install(
 
 /// What was published for the session `key` (subscribed here now) between its old node
 /// letting it go (`cut`) and this node subscribing it, read from the transfer stream and
-/// added to it (`unread.rs`), replayed by the resume that follows as carried over.
+/// added to it (`unread.rs`), replayed by the resume that follows as carried over; what
+/// was added.
 async fn read_after_cut(
     shared: &Shared,
     claim: &OwnerClaim,
     key: &SessionKey,
     meta: &moatmq_store::SessionMeta,
     cut: &super::Cut,
-) {
+) -> ReadOnBehalf {
     let (Some(cluster), Some(book)) = (&shared.cluster, &shared.durable) else {
-        return;
+        return ReadOnBehalf::default();
     };
     let here = cluster.cut();
     // This node's own messages up to `here` are read from the stream: once it has them.
@@ -362,14 +371,17 @@ async fn read_after_cut(
     let node = claim.previous.as_deref().unwrap_or(cut.origin.as_str());
     let read_for = super::unread::ReadFor::of(shared, cluster, &claim.buckets, node, key, meta);
     let missed = super::unread::after_cut(read_for, cut, &here).await;
-    if !missed.is_empty() {
-        tracing::debug!(
-            client_id = %key.client_id,
-            messages = missed.len(),
-            "cluster: messages published while the session moved added to it"
-        );
-        let _ = book.late(key, missed).await;
+    if missed.is_empty() {
+        return ReadOnBehalf::default();
     }
+    tracing::debug!(
+        client_id = %key.client_id,
+        messages = missed.len(),
+        "cluster: messages published while the session moved added to it"
+    );
+    let read = ReadOnBehalf::of(missed.iter().map(|(m, _)| m));
+    let _ = book.late(key, missed).await;
+    read
 }
 
 /// Once NATS is reached at start-up: removes from the handoff bucket every session

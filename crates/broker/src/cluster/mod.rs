@@ -35,6 +35,7 @@ mod sweep;
 mod unread;
 pub(crate) mod xfer;
 
+pub use crate::cut::Cut;
 pub(crate) use groups::Groups;
 pub use owner::{ClaimFailed, OwnerClaim};
 pub(crate) use properties::decode as decode_properties;
@@ -683,19 +684,6 @@ impl Cluster {
         }
         to_subject(topic).map(|s| format!("{}.{s}", self.prefix))
     }
-}
-
-/// Where a node's traffic stood at one moment, to find in the transfer stream what
-/// came after: every message of other nodes up to stream sequence `stream` had been
-/// admitted on the node, and its own messages numbered up to `forwarded` (ids
-/// `<origin>:<number>`, `origin` being `<node>:<epoch>`) were in its router; its own
-/// numbered later are in the stream after `own_from`.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Cut {
-    pub stream: u64,
-    pub origin: String,
-    pub forwarded: u64,
-    pub own_from: u64,
 }
 
 /// The queue group of the nodes taking NATS-native messages in. NATS makes one group of

@@ -49,6 +49,8 @@ struct Parked {
     written: u64,
     /// Its exchanges with the client still open (`Taken::open`).
     open: crate::durable::Exchanges,
+    /// Connected: everything up to here its client has (`gateway/checkpoint.rs`).
+    cut: Option<super::Cut>,
 }
 
 /// What is left to write of one session.
@@ -60,6 +62,8 @@ struct Pending {
     append: Vec<(u64, QueuedMessage)>,
     /// It left this node's offline sessions: remove its park.
     gone: bool,
+    /// Its connected client has everything up to here: the park names it.
+    cut: Option<super::Cut>,
 }
 
 impl Pending {
@@ -86,6 +90,11 @@ impl Pending {
                     ..Pending::default()
                 };
             }
+            Change::Checkpoint(cut) => {
+                if !self.gone {
+                    self.cut = Some(cut);
+                }
+            }
         }
     }
 }
@@ -95,6 +104,7 @@ enum Change {
     Fresh(Taken),
     Queued(Vec<(u64, QueuedMessage)>),
     Gone,
+    Checkpoint(super::Cut),
 }
 
 /// Writes the live parks of this node's offline sessions from `feed` until it closes
@@ -137,6 +147,12 @@ pub async fn run(shared: Weak<Shared>, mut feed: mpsc::UnboundedReceiver<ParkEve
                     pending.entry(key).or_default().apply(Change::Queued(m));
                 }
                 ParkEvent::Gone(key) => pending.entry(key).or_default().apply(Change::Gone),
+                ParkEvent::Checkpoint(key, cut) => {
+                    pending
+                        .entry(key)
+                        .or_default()
+                        .apply(Change::Checkpoint(cut));
+                }
                 ParkEvent::Taken(key) => {
                     // Handed over by `handoff::give`, which writes over the park.
                     pending.remove(&key);
@@ -282,6 +298,7 @@ async fn write(
             parts: 0,
             written: 0,
             open,
+            cut: None,
         };
         match extend(shared, buckets, budget, fresh, messages, ids).await {
             Ok(parked) => now = Some(parked),
@@ -321,7 +338,48 @@ async fn write(
             }
         }
     }
+    if let Some(cut) = p.cut.take() {
+        let Some(mut parked) = now else {
+            return Ok(None);
+        };
+        if parked.written != 0 && !still_there(buckets, &parked).await {
+            return Ok(None);
+        }
+        let was = parked.cut.replace(cut);
+        match write_head(shared, buckets, budget, &parked, parked.parts).await {
+            Ok(written) => now = Some(Parked { written, ..parked }),
+            Err(e) => {
+                tracing::debug!("cluster: session park not written: {e}");
+                p.cut = parked.cut.take();
+                parked.cut = was;
+                return Err((p, Some(parked)));
+            }
+        }
+    }
     Ok(now)
+}
+
+/// Writes the value of `parked` naming `parts` parts; the revision written.
+async fn write_head(
+    shared: &Shared,
+    buckets: &Buckets,
+    budget: usize,
+    parked: &Parked,
+    parts: u32,
+) -> Result<u64, String> {
+    let Some(cluster) = &shared.cluster else {
+        return Err("not in a cluster".to_string());
+    };
+    let seal = cluster.owners.seal();
+    let head = head(parked, parts, true);
+    match postcard::to_allocvec(&head) {
+        // Only over the value this node wrote last: a park taken meanwhile stays taken.
+        Ok(plain) if parked.written != 0 && plain.len() <= budget => {
+            value::update_value(seal, buckets, &parked.kv_key, &plain, parked.written).await
+        }
+        _ => value::put(seal, buckets, &parked.kv_key, &head, cluster.max_payload()).await,
+    }
+    .map_err(|e| e.to_string())
 }
 
 /// Adds `messages` to the park in new parts, then writes the value naming them. On a
@@ -362,15 +420,7 @@ async fn extend(
     if parts == parked.parts && parked.written != 0 {
         return Ok(parked);
     }
-    let head = head(&parked, parts, true);
-    let written = match postcard::to_allocvec(&head) {
-        // Only over the value this node wrote last: a park taken meanwhile stays taken.
-        Ok(plain) if parked.written != 0 && plain.len() <= budget => {
-            value::update_value(seal, buckets, &parked.kv_key, &plain, parked.written).await
-        }
-        _ => value::put(seal, buckets, &parked.kv_key, &head, cluster.max_payload()).await,
-    };
-    match written {
+    match write_head(shared, buckets, budget, &parked, parts).await {
         Ok(written) => Ok(Parked {
             parts,
             written,
@@ -406,7 +456,7 @@ fn head(parked: &Parked, parts: u32, live: bool) -> Handoff {
         parts,
         ids: Vec::new(),
         live,
-        cut: None,
+        cut: if live { parked.cut.clone() } else { None },
         open: parked.open.clone(),
     }
 }

@@ -169,6 +169,7 @@ enum Job {
     Qos2In(SessionKey, u16),
     Will(SessionKey, Option<PendingWill>),
     Qos2InDone(SessionKey, u16),
+    Checkpoint(SessionKey, crate::cut::Cut),
     Complete(SessionKey, u64),
     Take(SessionKey, oneshot::Sender<Option<Taken>>),
     Adopt(SessionKey, Box<Adopted>),
@@ -290,6 +291,8 @@ pub enum ParkEvent {
     /// Its exchanges of incoming QoS 2 messages are left out (they change with every
     /// packet; a park holding them would refuse a new message under a freed id).
     Connected(SessionKey, Taken),
+    /// The connected client has everything up to this cut (`SessionBook::checkpoint`).
+    Checkpoint(SessionKey, crate::cut::Cut),
     /// Messages queued for an offline session: `(id, message)`.
     Queued(SessionKey, Vec<(u64, QueuedMessage)>),
     /// The session is no longer offline here (resumed, removed or expired).
@@ -492,21 +495,33 @@ impl SessionBook {
     /// began before now has reached the router. What began later found the session
     /// offline and is queued in the store.
     pub async fn admitted_before_now(&self, wait: Duration) {
-        let barrier = {
-            let _open = lock(&self.admissions.open);
-            self.admissions.next.fetch_add(1, Ordering::Relaxed)
-        };
+        let barrier = self.admission_barrier();
         let deadline = tokio::time::Instant::now() + wait;
-        loop {
-            let pending = lock(&self.admissions.open)
-                .keys()
-                .next()
-                .is_some_and(|&stamp| stamp < barrier);
-            if !pending || tokio::time::Instant::now() >= deadline {
-                return;
-            }
+        while !self.admitted_before(barrier) && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
+    }
+
+    /// A mark for [`SessionBook::admitted_before`]: the admissions begun before now.
+    pub fn admission_barrier(&self) -> u64 {
+        let _open = lock(&self.admissions.open);
+        self.admissions.next.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Whether every publish whose admission began before `barrier` was taken has
+    /// reached the router.
+    pub fn admitted_before(&self, barrier: u64) -> bool {
+        !lock(&self.admissions.open)
+            .keys()
+            .next()
+            .is_some_and(|&stamp| stamp < barrier)
+    }
+
+    /// The connected client of `key` has acknowledged everything its router had for it
+    /// up to `cut` (`gateway/checkpoint.rs`): its live park names it, so a node that
+    /// takes the park reads what came after from the transfer stream.
+    pub fn checkpoint(&self, key: &SessionKey, cut: crate::cut::Cut) {
+        self.send(Job::Checkpoint(key.clone(), cut));
     }
 
     /// Waits until every change sent so far is durable; `false` if the commit failed.
@@ -981,6 +996,12 @@ impl Writer {
             Job::Qos2In(key, pkid) => self.store.qos2_in(&key, pkid).map(drop),
             Job::Will(key, will) => self.store.set_will(&key, will).map(drop),
             Job::Qos2InDone(key, pkid) => self.store.qos2_in_done(&key, pkid).map(drop),
+            Job::Checkpoint(key, cut) => {
+                if !self.is_offline(&key) {
+                    self.tell_park(ParkEvent::Checkpoint(key, cut));
+                }
+                Ok(())
+            }
             Job::Complete(key, id) => {
                 if let Some(carried) = self.carried.get_mut(&key) {
                     carried.late.remove(&id);

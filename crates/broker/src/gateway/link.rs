@@ -182,6 +182,11 @@ impl ToRouter {
         }
     }
 
+    /// The forwards in flight to the client so far (`AckOrder::inflight_counts`).
+    pub(super) fn inflight_counts(&self) -> crate::acks::Counts {
+        self.acks.inflight_counts()
+    }
+
     /// The session leaves this router: every forward in flight to the client is
     /// acknowledged to the router now, so it forwards what it still holds.
     pub(super) fn settle_all(&mut self) {

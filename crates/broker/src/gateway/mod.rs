@@ -46,6 +46,7 @@ const ROUTER_SETTLE_WAIT: Duration = Duration::from_millis(200);
 /// while NATS is away may take longer; it is then missed by the collection).
 const ADMITTED_WAIT: Duration = Duration::from_secs(1);
 
+mod checkpoint;
 mod close;
 mod deliver;
 mod held;
@@ -208,6 +209,9 @@ pub struct Gateway {
     group_waits: Vec<tokio::sync::watch::Receiver<bool>>,
     /// SUBACKs the router owes for the group members' SUBSCRIBEs ([`GROUP_SUBSCRIBE`]).
     group_subacks: u32,
+    /// A durable persistent session of a cluster node: its checkpoints
+    /// (`checkpoint.rs`); boxed, as most connections have none.
+    checkpoints: Option<Box<checkpoint::Checkpoints>>,
 }
 
 impl Gateway {
@@ -265,6 +269,11 @@ impl Gateway {
             }
             Box::new(m)
         });
+        let checkpoints = (session.persistent
+            && session.key.is_some()
+            && shared.cluster.is_some()
+            && shared.durable.is_some())
+        .then(|| Box::new(checkpoint::Checkpoints::new()));
         let sys = sys::sys_filters(&session.subscriptions)
             .next()
             .is_some()
@@ -303,6 +312,7 @@ impl Gateway {
             groups,
             group_waits: Vec::new(),
             group_subacks: 0,
+            checkpoints,
         }
     }
 
@@ -459,8 +469,7 @@ impl Gateway {
             // rumqttd's link build takes the router's first wake-up, with the CONNACK;
             // what the router queued in the same pass (the PUBRELs a resumed session is
             // owed) would wait for the next one. A PINGREQ brings it now.
-            self.to_router
-                .send(Packet::PingReq(rumqttd::protocol::PingReq));
+            self.ping_router();
             if let Err(close) = self.link.commit(&mut self.to_router) {
                 return close;
             }
@@ -534,6 +543,7 @@ impl Gateway {
                 Ok(false) => {}
                 Err(close) => return close,
             }
+            self.checkpoint_turn();
             if let Err(close) = self.link.commit(&mut self.to_router) {
                 return close;
             }
@@ -548,8 +558,12 @@ impl Gateway {
             // Over its publish rate the client is read more slowly: its own TCP window
             // then slows it down (back-pressure) while deliveries to it continue.
             let paused_until = self.paused_until;
-            // One timer for the keep-alive and for trimming an idle connection.
-            let wake = idle_at.map_or(deadline, |t| t.min(deadline));
+            // One timer for the keep-alive, for trimming an idle connection and for
+            // checkpoints.
+            let mut wake = idle_at.map_or(deadline, |t| t.min(deadline));
+            if let Some(c) = &self.checkpoints {
+                wake = wake.min(c.wake_at());
+            }
             tokio::select! {
                 _ = tokio::time::sleep_until(paused_until.unwrap_or_else(Instant::now)), if paused_until.is_some() => {
                     self.paused_until = None;
@@ -583,11 +597,14 @@ impl Gateway {
                     }
                 }
                 _ = tokio::time::sleep_until(wake) => {
-                    if Instant::now() >= deadline {
+                    let now = Instant::now();
+                    if now >= deadline {
                         return Close::Protocol(DisconnectReasonCode::KeepAliveTimeout, "keep alive timeout");
                     }
-                    self.trim(buf);
-                    idle_at = None;
+                    if idle_at.is_some_and(|t| now >= t) {
+                        self.trim(buf);
+                        idle_at = None;
+                    }
                 }
                 update = sys::next_update(&mut self.sys), if self.sys.is_some() => {
                     if let Err(close) = self.on_sys(update) {
@@ -694,8 +711,7 @@ impl Gateway {
             for _ in 0..2 {
                 // Whatever paused the link (its buffer read or not), it is read now.
                 self.link.ready();
-                self.to_router
-                    .send(Packet::PingReq(rumqttd::protocol::PingReq));
+                let mine = self.ping_router();
                 if self.link.commit(&mut self.to_router).is_err() {
                     break 'rounds;
                 }
@@ -713,7 +729,10 @@ impl Gateway {
                         }
                         Ok(Ok(Some(n @ rumqttd::Notification::DeviceAck(_)))) => {
                             let packet: Option<Packet> = n.into();
-                            if matches!(packet, Some(Packet::PingResp(_))) {
+                            // Not an answer to an earlier PINGREQ (`checkpoint.rs`).
+                            if matches!(packet, Some(Packet::PingResp(_)))
+                                && self.ping_answered(mine)
+                            {
                                 break;
                             }
                         }

@@ -107,6 +107,9 @@ impl Gateway {
     pub(super) fn outgoing(&mut self, notification: Notification) -> Result<(), Close> {
         match notification {
             Notification::Forward(forward) => {
+                if let Some(c) = self.checkpoints.as_mut() {
+                    c.forwarded();
+                }
                 // With the client's Receive Maximum reached, forwards wait (`window.rs`),
                 // in order (QoS 0 ones too: reading their QoS costs a copy here).
                 if self.window.is_holding() || !self.window.has_room(self.retained.in_flight()) {
@@ -151,7 +154,11 @@ impl Gateway {
                     }
                     self.write(Packet::PubRel(rel, props))
                 }
-                Packet::PingResp(_) => Ok(()),
+                // Ours (the gateway answers the client's PINGREQs itself).
+                Packet::PingResp(_) => {
+                    self.on_ping_answer();
+                    Ok(())
+                }
                 // A durable session's QoS 2 PUBLISH went to the router as QoS 1: its
                 // PUBACK is the client's PUBREC (`incoming.rs`).
                 Packet::PubAck(ack, _) if self.ledger.is_ours(ack.pkid) => {
@@ -166,6 +173,9 @@ impl Gateway {
             },
             Notification::Unschedule => {
                 // The router paused this link until we have drained its buffer.
+                if let Some(c) = self.checkpoints.as_mut() {
+                    c.unscheduled();
+                }
                 self.link.ready();
                 Ok(())
             }
