@@ -92,10 +92,22 @@ async fn persistent_ready(node: &Moatmq, id: &str) -> v4::Client {
 }
 
 async fn connect_ready_as(node: &Moatmq, id: &str, clean: bool) -> v4::Client {
+    connect_ready_with(node, id, |o| {
+        o.set_clean_session(clean);
+    })
+    .await
+}
+
+/// A client of `node` with options `set`, once the node accepts it.
+async fn connect_ready_with(
+    node: &Moatmq,
+    id: &str,
+    set: impl Fn(&mut rumqttc::MqttOptions),
+) -> v4::Client {
     let deadline = Instant::now() + READY;
     loop {
         let mut o = v4::options(addr(node), id);
-        o.set_clean_session(clean);
+        set(&mut o);
         match v4::connect(o).await {
             Ok(c) => return c,
             Err(e) => {
@@ -487,19 +499,11 @@ async fn kill_9_of_a_connected_subscribers_node_loses_nothing_it_acknowledged() 
     };
     let a = node("node-a");
     let b = node("node-b");
-    let mut sub = {
-        let deadline = Instant::now() + READY;
-        loop {
-            let mut o = v4::options(addr(&a), "sink");
-            o.set_clean_session(false);
-            o.set_manual_acks(true);
-            match v4::connect(o).await {
-                Ok(c) => break c,
-                Err(e) => assert!(Instant::now() < deadline, "node A not ready: {e}"),
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    };
+    let mut sub = connect_ready_with(&a, "sink", |o| {
+        o.set_clean_session(false);
+        o.set_manual_acks(true);
+    })
+    .await;
     sub.subscribe_acked("kill/#").await;
     let mut publ = connect_ready(&b, "source").await;
     // A first stream, received and acknowledged; node A takes a checkpoint of the
