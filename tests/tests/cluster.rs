@@ -545,3 +545,72 @@ async fn kill_9_of_a_connected_subscribers_node_loses_nothing_it_acknowledged() 
     );
     eprintln!("{} received on node B ({twice} twice)", got.len());
 }
+
+/// A delayed will of a node that dies is not lost with it, nor published for a client
+/// that came back: two MQTT 5 devices on node A (session kept 10 minutes, a will with a
+/// 5 s delay) leave with DISCONNECT 0x80 (their wills wait), node A is killed (SIGKILL)
+/// and never comes back; one device reconnects to node B at once, the other never
+/// does. Node B publishes the second device's will once it is overdue (its node did
+/// not), once, and never the first's. (Before, both wills were lost with node A.)
+#[tokio::test]
+async fn a_delayed_will_outlives_its_node_and_not_its_clients_return() {
+    use moatmq_testkit::Raw;
+    use rumqttc::v5::mqttbytes::v5 as m5;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("cluster.key");
+    moatmq_store::RetainedKey::write_new(&key).unwrap();
+    let nats = Nats::single(dir.path());
+    let a = start_node(dir.path(), &key, "node-a", &nats.url(0));
+    let b = start_node(dir.path(), &key, "node-b", &nats.url(0));
+    let mut watcher = connect_ready(&b, "watcher").await;
+    watcher.subscribe_acked("will/#").await;
+    let _a_ready = connect_ready(&a, "probe").await;
+    let persistent = |id: &str| {
+        let mut c = moatmq_testkit::connect5(id);
+        c.clean_start = false;
+        c.properties = Some(m5::ConnectProperties {
+            session_expiry_interval: Some(600),
+            ..Default::default()
+        });
+        c
+    };
+    for id in ["gone-dev", "back-dev"] {
+        let will = m5::LastWill::new(
+            format!("will/{id}"),
+            id,
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            false,
+            Some(m5::LastWillProperties {
+                delay_interval: Some(5),
+                payload_format_indicator: None,
+                message_expiry_interval: None,
+                content_type: None,
+                response_topic: None,
+                correlation_data: None,
+                user_properties: Vec::new(),
+            }),
+        );
+        let (mut raw, code) = Raw::connect5(addr(&a), persistent(id), Some(will), None).await;
+        assert_eq!(code, Some(m5::ConnectReturnCode::Success));
+        // Not a normal DISCONNECT (0x80): the will waits for its delay.
+        raw.send(&[0xE0, 0x01, 0x80]).await;
+    }
+    // Parked (within the autosave interval), the wills not yet due.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    a.kill();
+    let (_back, ack) = Raw::connack5(addr(&b), persistent("back-dev")).await;
+    assert_eq!(ack.code, m5::ConnectReturnCode::Success);
+    assert!(ack.session_present, "back-dev resumed on node B");
+
+    let will = watcher
+        .publish_within(Duration::from_secs(40))
+        .await
+        .unwrap_or_else(|| panic!("no will published\n{}", b.log()));
+    assert_eq!(will.topic, "will/gone-dev");
+    assert_eq!(&will.payload[..], b"gone-dev");
+    let more = watcher.publish_within(Duration::from_secs(15)).await;
+    assert!(
+        more.is_none(),
+        "published again, or the will of a client that came back: {more:?}"
+    );
+}

@@ -365,7 +365,14 @@ async fn login(
             }
         },
     };
-    shared.delayed_wills.cancel(&router_id);
+    let will_waited = shared.delayed_wills.cancel(&router_id);
+    if let Some(claim) = &owner {
+        // A will of the session waiting in the cluster (here or on the node it came
+        // from) is not published: the client is back (cluster/wills.rs).
+        if will_waited || claim.from_elsewhere {
+            crate::cluster::wills::cancel(&shared, &router_id).await;
+        }
+    }
     session_expiry::cancel(&shared, &router_id);
     let session_key = SessionKey {
         owner: identity.username.clone(),

@@ -262,6 +262,7 @@ impl Broker {
             tasks.spawn(crate::cluster::handoff::run(self.shared.clone(), handoffs));
             tasks.spawn(crate::cluster::late::run(self.shared.clone()));
             tasks.spawn(crate::cluster::handoff::sweep_expired(self.shared.clone()));
+            tasks.spawn(crate::cluster::wills::keep(Arc::downgrade(&self.shared)));
         }
         // Not ready if the router already failed (the monitor cleared both flags).
         let router_ok = self

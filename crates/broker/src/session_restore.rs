@@ -77,7 +77,7 @@ async fn restore_one(shared: &Arc<Shared>, book: &SessionBook, loaded: Loaded) {
                 client_id: key.client_id.clone(),
             };
             let w = crate::will::restored(w, identity, restored_connection());
-            crate::will::publish_will(shared, &router_id, Some(&key), w);
+            crate::will::publish_will(shared, &router_id, Some(&key), w, true);
         }
         if let Err(e) = resubscribe(shared, &router_id, owner, &meta.subscriptions).await {
             warn!(client_id = %key.client_id, error = %e, "stored session not restored in the router");
@@ -105,7 +105,7 @@ async fn restore_one(shared: &Arc<Shared>, book: &SessionBook, loaded: Loaded) {
 
 /// The connection a restored session's will is audited as coming from: none, the
 /// session store.
-fn restored_connection() -> ConnInfo {
+pub(crate) fn restored_connection() -> ConnInfo {
     ConnInfo::internal("session-store")
 }
 

@@ -43,12 +43,17 @@ impl Timers {
             .unwrap_or(false)
     }
 
-    /// Cancels the timer for `id`, if any.
-    pub fn cancel(&self, id: &str) {
-        if let Ok(mut timers) = self.0.lock() {
-            if let Some(task) = timers.remove(id) {
+    /// Cancels the timer for `id`, if any: `true` if there was one.
+    pub fn cancel(&self, id: &str) -> bool {
+        let Ok(mut timers) = self.0.lock() else {
+            return false;
+        };
+        match timers.remove(id) {
+            Some(task) => {
                 task.abort();
+                true
             }
+            None => false,
         }
     }
 }

@@ -30,28 +30,65 @@ pub struct Will {
 
 /// Publishes a will now or after its delay (MQTT 5 will delay interval); a client
 /// that reconnects first cancels it (`shared.delayed_wills`). The will of a durable
-/// session (`key`) waits in the session store, so a restart does not lose it.
-pub fn publish_will(shared: &Arc<Shared>, router_id: &str, key: Option<&SessionKey>, will: Will) {
-    if will.delay.is_zero() {
+/// session (`key`) waits in the session store, so a restart does not lose it; in a
+/// cluster it waits in NATS too (`cluster/wills.rs`), so the loss of this node does
+/// not either. `restored`: it comes from the session store at start-up.
+pub fn publish_will(
+    shared: &Arc<Shared>,
+    router_id: &str,
+    key: Option<&SessionKey>,
+    will: Will,
+    restored: bool,
+) {
+    if will.delay.is_zero() && !restored {
         publish_now(shared, will);
         return;
     }
-    let book = shared.durable.as_ref().zip(key);
-    if let Some((book, key)) = book {
-        let publish_at = now_unix().saturating_add(will.delay.as_secs());
-        book.set_will(key, Some(pending(&will, publish_at)));
+    let publish_at = now_unix().saturating_add(will.delay.as_secs());
+    let pending = pending(&will, publish_at);
+    if let (Some(book), Some(key), false) = (&shared.durable, key, restored) {
+        book.set_will(key, Some(pending.clone()));
     }
+    let at = tokio::time::Instant::now() + will.delay;
     let (s, id, key) = (shared.clone(), router_id.to_string(), key.cloned());
+    // Cancelled (aborted) by the client coming back, at any point.
     shared
         .delayed_wills
-        .start(router_id, will.delay, move || async move {
-            if s.delayed_wills.fire(&id) {
-                if let (Some(book), Some(key)) = (&s.durable, &key) {
-                    book.set_will(key, None);
+        .start(router_id, Duration::ZERO, move || async move {
+            let held = match (&s.cluster, &key) {
+                (Some(_), Some(key)) => {
+                    crate::cluster::wills::hold(&s, &id, key, &pending, restored).await
                 }
+                _ => Held::Here,
+            };
+            if !matches!(held, Held::Taken) {
+                tokio::time::sleep_until(at).await;
+            }
+            if !s.delayed_wills.fire(&id) {
+                return;
+            }
+            let publish = match held {
+                Held::Here => true,
+                Held::Taken => false,
+                Held::Nats(revision) => crate::cluster::wills::take(&s, &id, revision).await,
+            };
+            if let (Some(book), Some(key)) = (&s.durable, &key) {
+                book.set_will(key, None);
+            }
+            if publish {
                 publish_now(&s, will);
             }
         });
+}
+
+/// Where a delayed will waits besides this node (`cluster/wills.rs`).
+pub enum Held {
+    /// Here only (no cluster, or NATS did not take it): published here.
+    Here,
+    /// In the cluster's wills bucket at this revision: published by whoever takes it.
+    Nats(u64),
+    /// Taken already (published by another node, or its client came back there).
+    Taken,
 }
 
 /// A will as the session store keeps it.
@@ -93,7 +130,7 @@ pub fn restored(stored: PendingWill, owner: Identity, info: ConnInfo) -> Will {
 }
 
 /// Publishes a will if [`admit`] lets it in.
-fn publish_now(shared: &Shared, will: Will) {
+pub(crate) fn publish_now(shared: &Shared, will: Will) {
     let Will {
         will,
         v5,

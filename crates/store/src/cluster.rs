@@ -55,6 +55,9 @@ const OWNER_TAG: &[u8] = b"owner1";
 /// First bytes of a session handoff value's plaintext.
 const HANDOFF_TAG: &[u8] = b"handoff1";
 
+/// First bytes of a pending will's plaintext.
+const WILL_TAG: &[u8] = b"will1";
+
 /// The keys a cluster node seals and hashes its shared state with.
 pub struct ClusterSeal {
     cipher: Aes256Gcm,
@@ -171,6 +174,30 @@ impl ClusterSeal {
         match plain.strip_prefix(HANDOFF_TAG) {
             Some(rest) => Ok(Zeroizing::new(rest.to_vec())),
             None => Err(refused("authenticated but not a handoff value")),
+        }
+    }
+
+    /// A pending will (`plain`, the broker's encoding), sealed at `bucket`/`key` (its
+    /// session's key).
+    pub fn seal_will(&self, bucket: &str, key: &str, plain: &[u8]) -> Result<Vec<u8>, StoreError> {
+        let mut tagged = Zeroizing::new(Vec::with_capacity(WILL_TAG.len() + plain.len()));
+        tagged.extend_from_slice(WILL_TAG);
+        tagged.extend_from_slice(plain);
+        self.seal(bucket, key, &tagged)
+    }
+
+    /// The pending will sealed at `bucket`/`key`; an error if it does not authenticate
+    /// there or is no will.
+    pub fn open_will(
+        &self,
+        bucket: &str,
+        key: &str,
+        value: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, StoreError> {
+        let plain = self.open(bucket, key, value)?;
+        match plain.strip_prefix(WILL_TAG) {
+            Some(rest) => Ok(Zeroizing::new(rest.to_vec())),
+            None => Err(refused(bucket, key, "authenticated but not a will")),
         }
     }
 
@@ -457,6 +484,26 @@ mod tests {
         // The key marker is no ownership value, even where it authenticates.
         let marker = s.seal_marker("p_owner", &key).unwrap();
         refused(s.open_owner("p_owner", &key, &marker));
+    }
+
+    #[test]
+    fn wills_open_only_where_they_were_sealed() {
+        let s = seal(1);
+        let key = s.session_key_of("ualice:dev1");
+        let value = s.seal_will("p_wills", &key, b"will").unwrap();
+        assert_eq!(
+            s.open_will("p_wills", &key, &value).unwrap().as_slice(),
+            b"will"
+        );
+        let refused = |r: Result<Zeroizing<Vec<u8>>, StoreError>| {
+            assert!(matches!(r, Err(StoreError::SealedValue { .. })))
+        };
+        refused(s.open_will("p_wills", &s.session_key_of("ubob:dev1"), &value));
+        refused(s.open_will("p_handoff", &key, &value));
+        refused(seal(2).open_will("p_wills", &key, &value));
+        let handoff = s.seal_handoff("p_wills", &key, b"will").unwrap();
+        refused(s.open_will("p_wills", &key, &handoff));
+        refused(s.open_handoff("p_wills", &key, &value));
     }
 
     #[test]

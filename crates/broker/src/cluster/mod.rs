@@ -33,6 +33,7 @@ mod state;
 mod subject;
 mod sweep;
 mod unread;
+pub(crate) mod wills;
 pub(crate) mod xfer;
 
 pub use crate::cut::Cut;

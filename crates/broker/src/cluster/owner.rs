@@ -90,6 +90,10 @@ pub struct Buckets {
     pub handoff: kv::Store,
     /// The handoff bucket's name (bound into its values).
     pub handoff_name: String,
+    /// Pending wills (`wills.rs`).
+    pub wills: kv::Store,
+    /// The wills bucket's name (bound into its values).
+    pub wills_name: String,
     /// JetStream, as the buckets were set up with.
     pub js: jetstream::Context,
 }
@@ -192,6 +196,7 @@ impl Owners {
             client,
             Arc::downgrade(&inner),
             format!("{base}_handoff"),
+            format!("{base}_wills"),
             set_store,
             key_check,
         ));
@@ -481,6 +486,7 @@ async fn run(
     client: async_nats::Client,
     inner: Weak<Inner>,
     handoff_name: String,
+    wills_name: String,
     set_store: watch::Sender<Option<Buckets>>,
     mut key_check: watch::Receiver<KeyCheck>,
 ) {
@@ -507,14 +513,17 @@ async fn run(
         let buckets = match (
             bucket(&js, &name, replicas).await,
             bucket(&js, &handoff_name, replicas).await,
+            bucket(&js, &wills_name, replicas).await,
         ) {
-            (Ok(owner), Ok(handoff)) => Ok(Buckets {
+            (Ok(owner), Ok(handoff), Ok(wills)) => Ok(Buckets {
                 owner,
                 handoff,
                 handoff_name: handoff_name.clone(),
+                wills,
+                wills_name: wills_name.clone(),
                 js: js.clone(),
             }),
-            (Err(why), _) | (_, Err(why)) => Err(why),
+            (Err(why), _, _) | (_, Err(why), _) | (_, _, Err(why)) => Err(why),
         };
         let why = match buckets {
             Err(why) => why,

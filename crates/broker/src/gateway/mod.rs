@@ -368,7 +368,13 @@ impl Gateway {
                 _ => Duration::from_secs(self.session.expiry),
             };
             w.delay = w.delay.min(session_ends);
-            will::publish_will(&self.shared, &self.router_id, self.session.key.as_ref(), *w);
+            will::publish_will(
+                &self.shared,
+                &self.router_id,
+                self.session.key.as_ref(),
+                *w,
+                false,
+            );
         }
         // A durable session: at shutdown what the router has ready for it is stored
         // first (older than anything queued from now on; what it was sent is stored
