@@ -273,8 +273,12 @@ async fn kill_9_of_a_node_loses_no_message_any_node_acknowledged() {
     );
 }
 
+/// Two nodes on different servers of a three-server NATS cluster (JetStream's streams
+/// and buckets on whichever server holds them): a QoS 1 message crosses, and a
+/// persistent session moves from node to node (resumed offline, with what was queued
+/// for it, then taken over while connected) through the buckets.
 #[tokio::test]
-async fn a_qos_1_message_crosses_nodes_on_different_servers_of_a_nats_cluster() {
+async fn a_qos_1_message_and_a_session_cross_nodes_on_different_servers_of_a_nats_cluster() {
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("cluster.key");
     moatmq_store::RetainedKey::write_new(&key).unwrap();
@@ -292,6 +296,35 @@ async fn a_qos_1_message_crosses_nodes_on_different_servers_of_a_nats_cluster() 
         ("far/away", &b"hello"[..], QoS::AtLeastOnce)
     );
     assert!(sub.publish_within(Duration::from_secs(1)).await.is_none());
+
+    // A persistent session moves between the two nodes through the handoff bucket:
+    // left offline on node B, a message queued for it there, resumed on node A.
+    let mut mover = persistent_ready(&b, "mover").await;
+    mover.subscribe_acked("far/#").await;
+    mover.client.disconnect().await.unwrap();
+    mover.closed_within(READY).await;
+    publ.publish_acked("far/queued", false, "while away").await;
+    let mut mover = persistent_ready(&a, "mover").await;
+    assert!(
+        mover.connack.session_present,
+        "moved from node B\n{}",
+        a.log()
+    );
+    let p = mover.next_publish().await;
+    assert_eq!(
+        (p.topic.as_str(), &p.payload[..]),
+        ("far/queued", &b"while away"[..])
+    );
+    // And back, taken over while connected: node B gets what node A is sent from now.
+    let mut back = persistent_ready(&b, "mover").await;
+    assert!(back.connack.session_present, "moved back from node A");
+    mover.closed_within(READY).await;
+    publ.publish_acked("far/again", false, "on b").await;
+    let p = back.next_publish().await;
+    assert_eq!(
+        (p.topic.as_str(), &p.payload[..]),
+        ("far/again", &b"on b"[..])
+    );
 }
 
 /// With `replicas = 3` on a NATS cluster of three, the server leading the transfer
