@@ -69,6 +69,9 @@ async fn run_transfer(
     let stream = xfer::stream_name(&cluster.prefix);
     let info = cluster_connection();
     let mut seen = Seen::default();
+    // Messages put back in their nodes' order, and the highest stream sequence read.
+    let mut order: Order<(async_nats::jetstream::Message, Vec<xfer::Arrived>)> = Order::default();
+    let mut taken = 0;
     let set_ok = |ok: bool| shared.metrics.cluster_xfer_ok.store(ok, Ordering::Release);
     // Ends with this task (the JoinHandle is dropped, the task aborted).
     let _catching_up = AbortOnDrop(tokio::spawn(catch_up(
@@ -101,37 +104,63 @@ async fn run_transfer(
             }
         };
         set_ok(true);
-        while let Some(message) = messages.next().await {
+        loop {
+            let message = match order.deadline() {
+                Some(at) => tokio::select! {
+                    m = messages.next() => m,
+                    () = tokio::time::sleep_until(at) => {
+                        for (_, (m, arrived)) in order.due(tokio::time::Instant::now()) {
+                            go_on(shared, &info, m, arrived).await;
+                        }
+                        took_in(cluster, &order, taken);
+                        continue;
+                    }
+                },
+                None => messages.next().await,
+            };
+            let Some(message) = message else {
+                break;
+            };
             match message {
                 Ok(message) => {
+                    let seq = message.info().map_or(0, |i| i.stream_sequence);
                     let own = Some(cluster.node.as_str());
-                    let save = match xfer::take_in(&seal, &stream, own, &mut seen, &message) {
-                        // Each of a batch's messages in order; one acknowledgement.
-                        Ok(arrived) => {
-                            let mut save = false;
-                            for m in arrived {
-                                save |= transferred(shared, &info, m.envelope, m.payload, m.waited);
+                    match xfer::take_in(&seal, &stream, own, &mut seen, &message) {
+                        // In its node's order (`cluster/order.rs`), then each of a
+                        // batch's messages in order; one acknowledgement.
+                        Ok(arrived) if !arrived.is_empty() => {
+                            let id = xfer::message_id(&message);
+                            match id.as_deref().and_then(numbered) {
+                                Some((node, epoch, first)) => {
+                                    let count = arrived.len() as u64;
+                                    let now = tokio::time::Instant::now();
+                                    let place = order::Place {
+                                        node,
+                                        epoch,
+                                        first,
+                                        count,
+                                        seq,
+                                    };
+                                    let ready = order.arrive(place, (message, arrived), now);
+                                    for (_, (m, arrived)) in ready {
+                                        go_on(shared, &info, m, arrived).await;
+                                    }
+                                }
+                                None => go_on(shared, &info, message, arrived).await,
                             }
-                            save
                         }
-                        Err(Rejected::Own) => false,
+                        Ok(_) | Err(Rejected::Own) => ack(&message).await,
                         Err(Rejected::Refused(why)) => {
                             tracing::error!(
                                 subject = message.subject.as_str(),
                                 "cluster: transfer message refused: {why}"
                             );
                             shared.metrics.cluster_state_rejected.inc();
-                            false
+                            ack(&message).await;
                         }
-                    };
-                    if let Ok(info) = message.info() {
-                        cluster.took_in(info.stream_sequence);
                     }
-                    if save {
-                        ack_once_saved(shared.clone(), message);
-                    } else if let Err(e) = message.ack().await {
-                        tracing::debug!("cluster: transfer message not acknowledged: {e}");
-                    }
+                    taken = taken.max(seq);
+                    took_in(cluster, &order, taken);
                 }
                 Err(e) => {
                     tracing::debug!("cluster: transfer stream: {e}");
@@ -143,6 +172,51 @@ async fn run_transfer(
         }
         set_ok(false);
     }
+}
+
+/// Admits the messages of one stream message, in order, and acknowledges it (once what
+/// it queued for offline sessions is saved, if it must wait for that).
+async fn go_on(
+    shared: &Arc<Shared>,
+    info: &ConnInfo,
+    message: async_nats::jetstream::Message,
+    arrived: Vec<xfer::Arrived>,
+) {
+    // Counted down by the time it spent in the stream until now (it may have waited
+    // for its node's earlier messages).
+    let waited = xfer::time_in_stream(&message);
+    let mut save = false;
+    for m in arrived {
+        save |= transferred(shared, info, m.envelope, m.payload, waited.max(m.waited));
+    }
+    if save {
+        ack_once_saved(shared.clone(), message);
+    } else {
+        ack(&message).await;
+    }
+}
+
+async fn ack(message: &async_nats::jetstream::Message) {
+    if let Err(e) = message.ack().await {
+        tracing::debug!("cluster: transfer message not acknowledged: {e}");
+    }
+}
+
+/// The stream is taken in up to `taken`, below what is held.
+fn took_in(cluster: &Cluster, order: &Order<impl Sized>, taken: u64) {
+    let through = order
+        .lowest_held()
+        .map_or(taken, |held| taken.min(held.saturating_sub(1)));
+    cluster.took_in(through);
+}
+
+/// `(node, epoch, number)` of a message id `<node>:<epoch>:<number>`.
+fn numbered(id: &str) -> Option<(&str, &str, u64)> {
+    let mut parts = id.rsplitn(3, ':');
+    let number = parts.next()?.parse().ok()?;
+    let epoch = parts.next()?;
+    let node = parts.next()?;
+    Some((node, epoch, number))
 }
 
 /// Marks the transfer input caught up whenever it is behind (at start-up, after each

@@ -25,6 +25,7 @@ mod handoff_value;
 pub(crate) mod late;
 mod late_waits;
 mod markers;
+pub(crate) mod order;
 mod owner;
 pub(crate) mod park;
 mod properties;
@@ -38,6 +39,7 @@ pub(crate) mod xfer;
 
 pub use crate::cut::Cut;
 pub(crate) use groups::Groups;
+pub(crate) use order::Order;
 pub use owner::{ClaimFailed, OwnerClaim};
 pub(crate) use properties::decode as decode_properties;
 pub use state::{bucket_base, Keeping, KeyCheck, MARKER_KEY};
