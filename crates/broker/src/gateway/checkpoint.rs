@@ -33,6 +33,9 @@ const EVERY_BUSY: Duration = Duration::from_secs(5);
 const EVERY_IDLE: Duration = Duration::from_secs(60);
 /// A checkpoint not reached within this is given up (and tried again).
 const GIVE_UP: Duration = Duration::from_secs(10);
+/// How often the admissions before a cut are looked at (they reach the router within
+/// microseconds, unless held for the transfer stream: NATS slow or away).
+const ADMIT_POLL: Duration = Duration::from_millis(20);
 /// rumqttd's limit of forwards in flight to one client (`MAX_INFLIGHT` in 0.20).
 const ROUTER_INFLIGHT: u64 = 100;
 
@@ -92,7 +95,7 @@ impl Checkpoints {
     pub(super) fn wake_at(&self) -> Instant {
         match &self.state {
             State::Idle => self.next_at,
-            State::Admitting { .. } => Instant::now() + Duration::from_millis(1),
+            State::Admitting { .. } => Instant::now() + ADMIT_POLL,
             State::Pinging { since, .. } | State::Acks { since, .. } => *since + GIVE_UP,
         }
     }
@@ -109,9 +112,11 @@ impl Checkpoints {
         }
     }
 
+    /// Tried again later: a busy link, or NATS slow, lets none be taken for a while.
     fn give_up(&mut self) {
         self.state = State::Idle;
-        self.next_at = Instant::now() + Duration::from_secs(1);
+        self.busy = true;
+        self.next_at = Instant::now() + EVERY_BUSY;
     }
 }
 
