@@ -514,6 +514,19 @@ async fn kill_9_of_an_offline_subscribers_node_loses_nothing_even_if_it_never_co
 /// consumer had not taken, and what node A's router held was lost.)
 #[tokio::test]
 async fn kill_9_of_a_connected_subscribers_node_loses_nothing_it_acknowledged() {
+    connected_subscriber_killed(false).await;
+}
+
+/// The same with node A restarted on its store once the subscriber is back on node B
+/// (a StatefulSet pod): node A finds the session held by node B and hands over late
+/// what it kept of it (node B leaves out what it read after the checkpoint already);
+/// the session stays on node B and gets what is published afterwards.
+#[tokio::test]
+async fn kill_9_of_a_connected_subscribers_node_then_its_return_loses_nothing() {
+    connected_subscriber_killed(true).await;
+}
+
+async fn connected_subscriber_killed(come_back: bool) {
     const N: usize = 900;
     const FIRST: usize = 100;
     let dir = tempfile::tempdir().unwrap();
@@ -577,6 +590,29 @@ async fn kill_9_of_a_connected_subscribers_node_loses_nothing_it_acknowledged() 
         b.log()
     );
     eprintln!("{} received on node B ({twice} twice)", got.len());
+    if !come_back {
+        return;
+    }
+    let a_again = node("node-a");
+    // Node A hands the session over after its consumer's ack wait (30 s).
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let mut late = 0;
+    while let Some(_again) = sub
+        .publish_within(deadline.saturating_duration_since(Instant::now()))
+        .await
+    {
+        late += 1;
+    }
+    let last = publish_tracked(&mut publ, "kill/t", vec![N], |_| {}).await;
+    assert_eq!(last.len(), 1);
+    let (got, _) = receive_until(&mut sub, &last, Duration::from_secs(10)).await;
+    assert!(
+        got.contains(&N),
+        "the session stays on node B after node A is back\n{}\n----\n{}",
+        a_again.log(),
+        b.log()
+    );
+    eprintln!("{late} more came while node A came back");
 }
 
 /// A delayed will of a node that dies is not lost with it, nor published for a client
