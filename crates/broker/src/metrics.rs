@@ -102,6 +102,9 @@ pub struct Metrics {
     /// `[cluster]`: passes over the transfer stream for sessions moving in (each one
     /// ordered consumer), shared by the moves asked at once.
     pub cluster_transfer_reads: Counter,
+    /// `[cluster]`: delayed wills of other nodes published here (overdue: their node
+    /// did not publish them, dead or cut off).
+    pub cluster_wills_taken_over: Counter,
     /// Persistent sessions whose client is away, and their subscriptions.
     pub sessions_offline: Gauge,
     pub sessions_offline_subscriptions: Gauge,
@@ -175,6 +178,7 @@ impl Metrics {
             cluster_dropped: Counter::default(),
             cluster_state_rejected: Counter::default(),
             cluster_transfer_reads: Counter::default(),
+            cluster_wills_taken_over: Counter::default(),
             sessions_offline: Gauge::default(),
             sessions_offline_subscriptions: Gauge::default(),
             sessions_stored: Gauge::default(),
@@ -307,6 +311,11 @@ impl Metrics {
                 "cluster_transfer_reads",
                 "Passes over the transfer stream for sessions moving to this node (one ordered consumer each)",
                 m.cluster_transfer_reads.clone(),
+            );
+            r.register(
+                "cluster_wills_taken_over",
+                "Delayed wills of other nodes published by this node once overdue (their node did not publish them)",
+                m.cluster_wills_taken_over.clone(),
             );
             r.register(
                 "sessions_offline",

@@ -217,6 +217,7 @@ async fn keep_once(shared: &Arc<Shared>, buckets: &Buckets) {
             node = %stored.node,
             "cluster: a delayed will its node did not publish is published here"
         );
+        shared.metrics.cluster_wills_taken_over.inc();
         let identity = Identity {
             username: stored.key.owner.clone(),
             client_id: stored.key.client_id.clone(),
