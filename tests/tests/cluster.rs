@@ -540,7 +540,7 @@ async fn connected_subscriber_killed(come_back: bool) {
             name,
             &[nats.url(0)],
             "autosave_interval = 0\n",
-            "",
+            "checkpoint_interval = 2\n",
         )
     };
     let a = node("node-a");
@@ -553,7 +553,7 @@ async fn connected_subscriber_killed(come_back: bool) {
     sub.subscribe_acked("kill/#").await;
     let mut publ = connect_ready(&b, "source").await;
     // A first stream, received and acknowledged; node A takes a checkpoint of the
-    // session within 5 s of the connect once it had forwards.
+    // session within 2 s (`checkpoint_interval`) once it had forwards.
     let first = publish_tracked(&mut publ, "kill/t", (0..FIRST).collect(), |_| {}).await;
     assert_eq!(first.len(), FIRST);
     for _ in 0..FIRST {

@@ -236,6 +236,12 @@ pub struct Cluster {
     /// transfer messages": a rolling upgrade from a release that does not read batches).
     #[serde(default = "default_transfer_batch")]
     pub transfer_batch: usize,
+    /// Seconds between the checkpoints of a connected persistent session that receives
+    /// messages (0 to 3600; 0 = none): where its client had acknowledged everything, in
+    /// its park in NATS, so a node taking it after its node died reads from there
+    /// (docs/cluster.md, "Connected sessions are parked too, with checkpoints").
+    #[serde(default = "default_checkpoint_interval")]
+    pub checkpoint_interval: u64,
 }
 
 /// The transfer stream's duplicate window, which its max age may not be under.
@@ -259,6 +265,10 @@ fn default_retained_marker_age() -> u64 {
 
 fn default_transfer_batch() -> usize {
     128
+}
+
+fn default_checkpoint_interval() -> u64 {
+    10
 }
 
 /// `[cluster.tls]`.
@@ -362,6 +372,12 @@ impl Cluster {
             return Err(Invalid::new(
                 "cluster.transfer_batch",
                 "must be 1 to 4096 (1 = one message per transfer stream message)",
+            ));
+        }
+        if self.checkpoint_interval > 3600 {
+            return Err(Invalid::new(
+                "cluster.checkpoint_interval",
+                "must be 0 to 3600 seconds (0 = no checkpoints)",
             ));
         }
         if self.retained_marker_age == 0 {

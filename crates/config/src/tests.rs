@@ -469,6 +469,10 @@ fn cluster_rejections_name_key_and_line() {
             "broker.toml:7: cluster.retained_marker_age: must be at least 1 second (a delete marker younger than that is never compacted)",
         ),
         (
+            "[cluster]\nservers = [\"nats://x:4222\"]\nnode_name = \"a\"\ncheckpoint_interval = 3601\n",
+            "broker.toml:7: cluster.checkpoint_interval: must be 0 to 3600 seconds (0 = no checkpoints)",
+        ),
+        (
             "[cluster]\nservers = [\"nats://x:4222\"]\nnode_name = \"a\"\ntransfer_batch = 0\n",
             "broker.toml:7: cluster.transfer_batch: must be 1 to 4096 (1 = one message per transfer stream message)",
         ),

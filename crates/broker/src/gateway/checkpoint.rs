@@ -26,11 +26,6 @@ use rumqttd::protocol::{Packet, PingReq};
 use std::time::Duration;
 use tokio::time::Instant;
 
-/// How often a session that received forwards since its last checkpoint takes one.
-const EVERY_BUSY: Duration = Duration::from_secs(5);
-/// How often one that received none does (its cut moves on with the stream, and what a
-/// node reads after it is bounded by this).
-const EVERY_IDLE: Duration = Duration::from_secs(60);
 /// A checkpoint not reached within this is given up (and tried again).
 const GIVE_UP: Duration = Duration::from_secs(10);
 /// How often the admissions before a cut are looked at (they reach the router within
@@ -41,10 +36,11 @@ const ROUTER_INFLIGHT: u64 = 100;
 
 /// The checkpoints of one connection, and the count of its PINGREQs to the router.
 pub(super) struct Checkpoints {
+    /// `[cluster] checkpoint_interval`: one at most this often, while forwards come (a
+    /// session that receives nothing keeps its last one: nothing after it is its).
+    every: Duration,
     /// When the next one may start.
     next_at: Instant,
-    /// When the last one was reached (or the connection began).
-    reached: Instant,
     /// Forwards arrived since the last checkpoint began.
     busy: bool,
     state: State,
@@ -79,11 +75,10 @@ enum State {
 }
 
 impl Checkpoints {
-    pub(super) fn new() -> Checkpoints {
-        let now = Instant::now();
+    pub(super) fn new(every: Duration) -> Checkpoints {
         Checkpoints {
-            next_at: now + EVERY_BUSY,
-            reached: now,
+            every,
+            next_at: Instant::now() + every,
             busy: false,
             state: State::Idle,
             pings_sent: 0,
@@ -116,7 +111,7 @@ impl Checkpoints {
     fn give_up(&mut self) {
         self.state = State::Idle;
         self.busy = true;
-        self.next_at = Instant::now() + EVERY_BUSY;
+        self.next_at = Instant::now() + self.every;
     }
 }
 
@@ -203,8 +198,8 @@ impl Gateway {
                 if now < c.next_at {
                     return;
                 }
-                if !c.busy && now < c.reached + EVERY_IDLE {
-                    c.next_at = now + EVERY_BUSY;
+                if !c.busy {
+                    c.next_at = now + c.every;
                     return;
                 }
                 c.busy = false;
@@ -261,8 +256,7 @@ impl Gateway {
                 let State::Acks { cut, .. } = std::mem::replace(&mut c.state, State::Idle) else {
                     return;
                 };
-                c.reached = Instant::now();
-                c.next_at = c.reached + EVERY_BUSY;
+                c.next_at = Instant::now() + c.every;
                 if let (Some(book), Some(key)) = (&self.shared.durable, &self.session.key) {
                     book.checkpoint(key, cut);
                 }

@@ -269,11 +269,17 @@ impl Gateway {
             }
             Box::new(m)
         });
+        let every = shared
+            .config
+            .cluster
+            .as_ref()
+            .map_or(0, |c| c.checkpoint_interval);
         let checkpoints = (session.persistent
             && session.key.is_some()
+            && every > 0
             && shared.cluster.is_some()
             && shared.durable.is_some())
-        .then(|| Box::new(checkpoint::Checkpoints::new()));
+        .then(|| Box::new(checkpoint::Checkpoints::new(Duration::from_secs(every))));
         let sys = sys::sys_filters(&session.subscriptions)
             .next()
             .is_some()
