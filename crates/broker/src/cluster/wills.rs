@@ -6,7 +6,8 @@
 //! - its node, when the delay is over (a will the bucket does not hold any more was
 //!   taken by another node, or cancelled by the client coming back there);
 //! - any node, once it is [`OVERDUE`] (its node is dead or cut off from NATS): every
-//!   node looks at the bucket every [`KEEP_EVERY`] ([`keep`]);
+//!   node watches the bucket and looks for overdue wills every [`KEEP_EVERY`]
+//!   ([`keep`]);
 //! - nobody, when its client comes back: the node it connects to removes it.
 
 use super::owner::Buckets;
@@ -16,13 +17,17 @@ use crate::will::Held;
 use async_nats::jetstream::kv;
 use futures_util::StreamExt;
 use moatmq_store::{now_unix, PendingWill, SessionKey};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 /// How long after its time a will in the bucket is taken to be its node's no more.
 pub const OVERDUE: Duration = Duration::from_secs(10);
-/// How often each node looks for overdue wills.
+/// How often each node looks for overdue wills among those it watches.
 const KEEP_EVERY: Duration = Duration::from_secs(5);
+/// How long a `taken` marker stays: a node restoring a will from its store after a
+/// shorter stop finds it taken; after a longer one the will is overdue and dropped.
+const TAKEN_KEPT: Duration = Duration::from_secs(3600);
 
 /// A pending will as the bucket holds it.
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -61,6 +66,11 @@ pub async fn hold(
                         return Held::Taken;
                     }
                     return Held::Nats(entry.revision);
+                }
+                // Not there: taken longer than `TAKEN_KEPT` ago if it is overdue by now
+                // (another node published it, or its client came back); put otherwise.
+                Ok(_) if will.publish_at + OVERDUE.as_secs() <= now_unix() => {
+                    return Held::Taken;
                 }
                 Ok(_) => {}
                 // NATS cannot say: this node's alone, as when it cannot put it.
@@ -157,79 +167,150 @@ pub async fn cancel(shared: &Shared, router_id: &str) {
     }
 }
 
-/// Every [`KEEP_EVERY`] while the broker runs: publishes the wills of the bucket that are
-/// [`OVERDUE`] (their nodes did not), each taken first so that one node publishes it.
+/// While the broker runs: watches the bucket and publishes each will that becomes
+/// [`OVERDUE`] (its node did not), taken first so that one node publishes it; removes
+/// `taken` markers once they are [`TAKEN_KEPT`] old.
 pub async fn keep(shared: std::sync::Weak<Shared>) {
     loop {
-        tokio::time::sleep(KEEP_EVERY).await;
-        let Some(shared) = shared.upgrade() else {
+        let Some(mut changes) = shared
+            .upgrade()
+            .and_then(|s| s.cluster.as_ref().map(|c| c.owners.buckets_changes()))
+        else {
             return;
         };
-        let Some(buckets) = shared.cluster.as_ref().and_then(|c| c.owners.buckets()) else {
-            continue;
+        let Ok(Some(buckets)) = changes.wait_for(Option::is_some).await.map(|b| b.clone()) else {
+            return;
         };
-        keep_once(&shared, &buckets).await;
+        let why = watch(&shared, &buckets).await;
+        tracing::debug!("cluster: wills bucket: {why}; watching again");
+        tokio::time::sleep(KEEP_EVERY).await;
     }
 }
 
-async fn keep_once(shared: &Arc<Shared>, buckets: &Buckets) {
+/// What the keeper knows of one key of the bucket.
+enum Known {
+    /// A will, due at `publish_at` (its node's clock), at `revision`.
+    Will(Box<Stored>, u64),
+    /// A `taken` marker written at `revision`, at `created`.
+    Taken(u64, std::time::SystemTime),
+}
+
+/// Watches the bucket until the watch fails; why it ended.
+async fn watch(shared: &std::sync::Weak<Shared>, buckets: &Buckets) -> String {
+    let mut entries = match buckets.wills.watch_with_history(">").await {
+        Ok(w) => w,
+        Err(e) => return e.to_string(),
+    };
+    let mut known: HashMap<String, Known> = HashMap::new();
+    loop {
+        let tick = tokio::time::sleep(KEEP_EVERY);
+        tokio::select! {
+            entry = entries.next() => match entry {
+                Some(Ok(entry)) => {
+                    let Some(shared) = shared.upgrade() else {
+                        return "stopped".into();
+                    };
+                    note(&shared, buckets, &mut known, entry);
+                }
+                Some(Err(e)) => return e.to_string(),
+                None => return "watch ended".into(),
+            },
+            () = tick => {
+                let Some(shared) = shared.upgrade() else {
+                    return "stopped".into();
+                };
+                keep_due(&shared, buckets, &mut known).await;
+            }
+        }
+    }
+}
+
+/// Records what `entry` says of its key.
+fn note(shared: &Shared, buckets: &Buckets, known: &mut HashMap<String, Known>, entry: kv::Entry) {
     let Some(cluster) = &shared.cluster else {
         return;
     };
-    let keys: Vec<String> = match buckets.wills.keys().await {
-        Ok(keys) => keys.filter_map(|k| async move { k.ok() }).collect().await,
-        Err(_) => return,
-    };
-    let due = now_unix().saturating_sub(OVERDUE.as_secs());
-    for kv_key in keys {
-        let Ok(Some(entry)) = buckets.wills.entry(&kv_key).await else {
-            continue;
-        };
-        if entry.operation != kv::Operation::Put || &entry.value[..] == TAKEN {
-            continue;
-        }
-        let stored = cluster
-            .owners
-            .seal()
-            .open_will(&buckets.wills_name, &kv_key, &entry.value)
-            .map_err(|e| e.to_string())
-            .and_then(|plain| postcard::from_bytes::<Stored>(&plain).map_err(|e| e.to_string()));
-        let stored = match stored {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(error = %e, "cluster: pending will refused");
-                shared.metrics.cluster_state_rejected.inc();
-                continue;
-            }
-        };
-        let router_id =
-            crate::router::router_client_id(stored.key.owner.as_deref(), &stored.key.client_id);
-        if kv_key != cluster.owners.seal().session_key_of(&router_id) {
-            // Sealed for this key but naming another session.
-            shared.metrics.cluster_state_rejected.inc();
-            continue;
-        }
-        if stored.will.publish_at > due || !take_at(buckets, &kv_key, entry.revision).await {
-            continue;
-        }
-        tracing::warn!(
-            client_id = %stored.key.client_id,
-            node = %stored.node,
-            "cluster: a delayed will its node did not publish is published here"
-        );
-        shared.metrics.cluster_wills_taken_over.inc();
-        let identity = Identity {
-            username: stored.key.owner.clone(),
-            client_id: stored.key.client_id.clone(),
-        };
-        let mut will = stored.will;
-        // Its time has passed: now.
-        will.publish_at = 0;
-        let will = crate::will::restored(
-            will,
-            identity,
-            crate::session_restore::restored_connection(),
-        );
-        crate::will::publish_now(shared, will);
+    if entry.operation != kv::Operation::Put {
+        known.remove(&entry.key);
+        return;
     }
+    if &entry.value[..] == TAKEN {
+        let created = std::time::SystemTime::from(entry.created);
+        known.insert(entry.key, Known::Taken(entry.revision, created));
+        return;
+    }
+    let seal = cluster.owners.seal();
+    let stored = seal
+        .open_will(&buckets.wills_name, &entry.key, &entry.value)
+        .map_err(|e| e.to_string())
+        .and_then(|plain| postcard::from_bytes::<Stored>(&plain).map_err(|e| e.to_string()))
+        .and_then(|s| {
+            let router_id =
+                crate::router::router_client_id(s.key.owner.as_deref(), &s.key.client_id);
+            if seal.session_key_of(&router_id) == entry.key {
+                Ok(s)
+            } else {
+                Err("sealed at its key but naming another session".to_string())
+            }
+        });
+    match stored {
+        Ok(s) => {
+            known.insert(entry.key, Known::Will(Box::new(s), entry.revision));
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cluster: pending will refused");
+            shared.metrics.cluster_state_rejected.inc();
+            known.remove(&entry.key);
+        }
+    }
+}
+
+/// Publishes the overdue wills (each taken first) and removes old `taken` markers.
+async fn keep_due(shared: &Arc<Shared>, buckets: &Buckets, known: &mut HashMap<String, Known>) {
+    let due = now_unix().saturating_sub(OVERDUE.as_secs());
+    let now = std::time::SystemTime::now();
+    let ready: Vec<String> = known
+        .iter()
+        .filter(|(_, k)| match k {
+            Known::Will(s, _) => s.will.publish_at <= due,
+            Known::Taken(_, created) => now
+                .duration_since(*created)
+                .is_ok_and(|age| age >= TAKEN_KEPT),
+        })
+        .map(|(key, _)| key.clone())
+        .collect();
+    for kv_key in ready {
+        match known.remove(&kv_key) {
+            Some(Known::Taken(revision, _)) => {
+                super::state::remove_up_to(&buckets.wills, &kv_key, revision).await;
+            }
+            // Another node may take it first: then the watch brings its marker.
+            Some(Known::Will(stored, revision)) if take_at(buckets, &kv_key, revision).await => {
+                publish_overdue(shared, *stored);
+            }
+            _ => {}
+        }
+    }
+}
+
+fn publish_overdue(shared: &Shared, stored: Stored) {
+    tracing::warn!(
+        client_id = %stored.key.client_id,
+        node = %stored.node,
+        "cluster: a delayed will its node did not publish is published here"
+    );
+    shared.metrics.cluster_wills_taken_over.inc();
+    let identity = Identity {
+        username: stored.key.owner.clone(),
+        client_id: stored.key.client_id.clone(),
+    };
+    let mut will = stored.will;
+    // Its time has passed: now.
+    will.publish_at = 0;
+    let will = crate::will::restored(
+        will,
+        identity,
+        crate::session_restore::restored_connection(),
+    );
+    crate::will::publish_now(shared, will);
 }
