@@ -105,6 +105,9 @@ pub struct Metrics {
     /// `[cluster]`: delayed wills of other nodes published here (overdue: their node
     /// did not publish them, dead or cut off).
     pub cluster_wills_taken_over: Counter,
+    /// `[cluster]`: sessions this node resumed without their old node's answer, still
+    /// taking what that node may hand over late (`cluster/late.rs`).
+    pub cluster_late_waits: Gauge,
     /// Persistent sessions whose client is away, and their subscriptions.
     pub sessions_offline: Gauge,
     pub sessions_offline_subscriptions: Gauge,
@@ -179,6 +182,7 @@ impl Metrics {
             cluster_state_rejected: Counter::default(),
             cluster_transfer_reads: Counter::default(),
             cluster_wills_taken_over: Counter::default(),
+            cluster_late_waits: Gauge::default(),
             sessions_offline: Gauge::default(),
             sessions_offline_subscriptions: Gauge::default(),
             sessions_stored: Gauge::default(),
@@ -311,6 +315,11 @@ impl Metrics {
                 "cluster_transfer_reads",
                 "Passes over the transfer stream for sessions moving to this node (one ordered consumer each)",
                 m.cluster_transfer_reads.clone(),
+            );
+            r.register(
+                "cluster_late_waits",
+                "Sessions resumed without their old node's answer, still taking what it may hand over late (up to 10 minutes each)",
+                m.cluster_late_waits.clone(),
             );
             r.register(
                 "cluster_wills_taken_over",

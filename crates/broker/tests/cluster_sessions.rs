@@ -493,8 +493,15 @@ async fn a_node_back_after_its_clients_moved_hands_their_sessions_over_late() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    // ... and node B took both handoffs.
-    handoffs_taken(&nats).await;
+    // ... and node B took both handoffs (its own parks of them stay in the bucket).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while b.metric("moatmq_cluster_late_waits").await != 0.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node B still waits for a late handoff"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     let again: Vec<_> = drain(&mut mover).await;
     assert!(again.is_empty(), "delivered twice: {again:?}");
     let mut back = persistent4(b.first_addr(), "sleeper", "alice").await;
@@ -663,11 +670,6 @@ async fn parked_values(nats: &Nats, want: usize) {
     handoff_keys(nats, |n| n >= want).await
 }
 
-/// Waits until the handoff bucket holds no value (every handoff taken).
-async fn handoffs_taken(nats: &Nats) {
-    handoff_keys(nats, |n| n == 0).await
-}
-
 async fn handoff_keys(nats: &Nats, enough: impl Fn(usize) -> bool) {
     let js = async_nats::jetstream::new(nats.client().await);
     let bucket = js
@@ -676,13 +678,18 @@ async fn handoff_keys(nats: &Nats, enough: impl Fn(usize) -> bool) {
         .expect("the bucket");
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        let keys: Vec<String> = bucket
-            .keys()
-            .await
-            .expect("keys")
-            .filter_map(|k| async move { k.ok() })
-            .collect()
-            .await;
+        // Listing may stall while nodes write the bucket: asked again then.
+        let listed = tokio::time::timeout(Duration::from_secs(2), async {
+            bucket
+                .keys()
+                .await
+                .expect("keys")
+                .filter_map(|k| async move { k.ok() })
+                .collect::<Vec<String>>()
+                .await
+        })
+        .await;
+        let keys = listed.unwrap_or_default();
         if enough(keys.len()) {
             return;
         }

@@ -143,6 +143,9 @@ async fn take(shared: &Shared, buckets: &Buckets, entry: async_nats::jetstream::
     // could not be saved, the bucket keeps the only durable copy.
     if replay.is_none() || book.commit().await {
         value::remove(buckets, &entry.key, entry.revision).await;
+        // The handoff was written over this node's own park of the session: parked
+        // again, so the session is not without one if this node dies.
+        book.repark(&waiting.key);
     }
     match replay {
         Some(replay) => {

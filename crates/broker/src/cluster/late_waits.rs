@@ -2,6 +2,7 @@
 //! the task that takes them, which needs the broker's shared state.
 
 use moatmq_store::{QueuedMessage, SessionKey};
+use prometheus_client::metrics::gauge::Gauge;
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::{Mutex, MutexGuard};
@@ -14,9 +15,10 @@ use tokio::time::Instant;
 pub const LATE_WAIT: Duration = Duration::from_secs(600);
 
 /// Sessions waiting for a late handoff, by KV key.
-#[derive(Default)]
 pub struct LateWaits {
     waiting: Mutex<HashMap<String, Waiting>>,
+    /// `moatmq_cluster_late_waits`.
+    gauge: Gauge,
 }
 
 pub(super) struct Waiting {
@@ -79,6 +81,13 @@ fn digest(m: &QueuedMessage) -> u64 {
 }
 
 impl LateWaits {
+    pub fn new(gauge: Gauge) -> LateWaits {
+        LateWaits {
+            waiting: Mutex::new(HashMap::new()),
+            gauge,
+        }
+    }
+
     /// The session `key` (KV key `kv_key`) was started new (or resumed from the old
     /// node's live park: `parked`) for the claim at `revision` after the old node did
     /// not answer.
@@ -103,24 +112,32 @@ impl LateWaits {
                 until: now + LATE_WAIT,
             },
         );
+        self.gauge.set(waiting.len() as i64);
     }
 
     /// Takes the wait for `kv_key` if it is still on.
     pub(super) fn take(&self, kv_key: &str) -> Option<Waiting> {
         let mut waiting = lock(&self.waiting);
-        let w = waiting.remove(kv_key)?;
-        (w.until > Instant::now()).then_some(w)
+        let w = waiting.remove(kv_key);
+        self.gauge.set(waiting.len() as i64);
+        w.filter(|w| w.until > Instant::now())
     }
 
     pub(super) fn keys(&self) -> Vec<String> {
-        lock(&self.waiting).keys().cloned().collect()
+        let now = Instant::now();
+        let mut waiting = lock(&self.waiting);
+        waiting.retain(|_, w| w.until > now);
+        self.gauge.set(waiting.len() as i64);
+        waiting.keys().cloned().collect()
     }
 }
 
 impl LateWaits {
     /// A wait taken for a value that was not the right one goes on.
     pub(super) fn put_back(&self, kv_key: &str, waiting: Waiting) {
-        lock(&self.waiting).insert(kv_key.to_string(), waiting);
+        let mut all = lock(&self.waiting);
+        all.insert(kv_key.to_string(), waiting);
+        self.gauge.set(all.len() as i64);
     }
 }
 

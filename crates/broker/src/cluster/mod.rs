@@ -367,7 +367,7 @@ impl Cluster {
                 changes,
                 owners,
                 groups,
-                late: late_waits::LateWaits::default(),
+                late: late_waits::LateWaits::new(metrics.cluster_late_waits.clone()),
                 reads: reads::Reads::default(),
                 input_caught_up,
                 handoffs: std::sync::Mutex::new(Some(handoffs)),

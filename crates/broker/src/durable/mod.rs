@@ -170,6 +170,7 @@ enum Job {
     Will(SessionKey, Option<PendingWill>),
     Qos2InDone(SessionKey, u16),
     Checkpoint(SessionKey, crate::cut::Cut),
+    Repark(SessionKey),
     Complete(SessionKey, u64),
     Take(SessionKey, oneshot::Sender<Option<Taken>>),
     Adopt(SessionKey, Box<Adopted>),
@@ -515,6 +516,12 @@ impl SessionBook {
             .keys()
             .next()
             .is_some_and(|&stamp| stamp < barrier)
+    }
+
+    /// The session of `key` is parked anew as it is now (offline, or connected): a late
+    /// handoff taken here removed the value its park had written.
+    pub fn repark(&self, key: &SessionKey) {
+        self.send(Job::Repark(key.clone()));
     }
 
     /// The connected client of `key` has acknowledged everything its router had for it
@@ -900,10 +907,7 @@ impl Writer {
                         self.tell_park(ParkEvent::Offline(key, taken));
                     }
                 } else if !offline && self.park.is_some() {
-                    if let Some(mut taken) = self.store.session(&key).map(Taken::of) {
-                        taken.open.qos2_in.clear();
-                        self.tell_park(ParkEvent::Connected(key, taken));
-                    }
+                    self.park_as_is(key);
                 }
                 put
             }
@@ -996,6 +1000,10 @@ impl Writer {
             Job::Qos2In(key, pkid) => self.store.qos2_in(&key, pkid).map(drop),
             Job::Will(key, will) => self.store.set_will(&key, will).map(drop),
             Job::Qos2InDone(key, pkid) => self.store.qos2_in_done(&key, pkid).map(drop),
+            Job::Repark(key) => {
+                self.park_as_is(key);
+                Ok(())
+            }
             Job::Checkpoint(key, cut) => {
                 if !self.is_offline(&key) {
                     self.tell_park(ParkEvent::Checkpoint(key, cut));
@@ -1377,6 +1385,20 @@ impl Writer {
         self.store
             .session(key)
             .is_some_and(|s| s.meta.disconnected_at.is_some())
+    }
+
+    /// Parks the session of `key` anew as it is: offline, or connected (without its
+    /// incoming QoS 2 exchanges, `ParkEvent::Connected`).
+    fn park_as_is(&mut self, key: SessionKey) {
+        let offline = self.is_offline(&key);
+        if let Some(mut taken) = self.store.session(&key).map(Taken::of) {
+            if offline {
+                self.tell_park(ParkEvent::Offline(key, taken));
+            } else {
+                taken.open.qos2_in.clear();
+                self.tell_park(ParkEvent::Connected(key, taken));
+            }
+        }
     }
 
     /// Reports `event` to the park task after the next successful commit.
