@@ -105,7 +105,7 @@ async fn restore_one(shared: &Arc<Shared>, book: &SessionBook, loaded: Loaded) {
 
 /// The connection a restored session's will is audited as coming from: none, the
 /// session store.
-pub(crate) fn restored_connection() -> ConnInfo {
+fn restored_connection() -> ConnInfo {
     ConnInfo::internal("session-store")
 }
 

@@ -4,6 +4,7 @@
 //! message (the ACL in force then, the payload limit, the retained quota).
 
 use crate::admit::{admit, Admitted, Inbound, Source};
+use crate::cluster::wills::Held;
 use crate::policy::Identity;
 use crate::retained::from_router_properties;
 use crate::retained_index::{qos_from, stored_properties};
@@ -81,14 +82,18 @@ pub fn publish_will(
         });
 }
 
-/// Where a delayed will waits besides this node (`cluster/wills.rs`).
-pub enum Held {
-    /// Here only (no cluster, or NATS did not take it): published here.
-    Here,
-    /// In the cluster's wills bucket at this revision: published by whoever takes it.
-    Nats(u64),
-    /// Taken already (published by another node, or its client came back there).
-    Taken,
+/// Publishes now a pending will of session `key` that another node held and did not
+/// publish in time (`cluster/wills.rs`), as the session's identity.
+pub fn publish_overdue(shared: &Shared, key: SessionKey, mut will: PendingWill) {
+    let identity = Identity {
+        username: key.owner,
+        client_id: key.client_id,
+    };
+    // Its time has passed: now.
+    will.publish_at = 0;
+    // Audited as from the cluster: the connection it came with was another node's.
+    let will = restored(will, identity, ConnInfo::internal("cluster"));
+    publish_now(shared, will);
 }
 
 /// A will as the session store keeps it.

@@ -11,9 +11,7 @@
 //! - nobody, when its client comes back: the node it connects to removes it.
 
 use super::owner::Buckets;
-use crate::policy::Identity;
 use crate::shared::Shared;
-use crate::will::Held;
 use async_nats::jetstream::kv;
 use futures_util::StreamExt;
 use moatmq_store::{now_unix, PendingWill, SessionKey};
@@ -28,6 +26,19 @@ const KEEP_EVERY: Duration = Duration::from_secs(5);
 /// How long a `taken` marker stays: a node restoring a will from its store after a
 /// shorter stop finds it taken; after a longer one the will is overdue and dropped.
 const TAKEN_KEPT: Duration = Duration::from_secs(3600);
+
+/// Publishes a will now, as its session's identity (`will::publish_overdue`).
+pub type Publish = fn(&Shared, SessionKey, PendingWill);
+
+/// Where a delayed will waits besides its node's memory and store.
+pub enum Held {
+    /// Here only (no cluster, or NATS did not take it): published here.
+    Here,
+    /// In the cluster's wills bucket at this revision: published by whoever takes it.
+    Nats(u64),
+    /// Taken already (published by another node, or its client came back there).
+    Taken,
+}
 
 /// A pending will as the bucket holds it.
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -170,7 +181,7 @@ pub async fn cancel(shared: &Shared, router_id: &str) {
 /// While the broker runs: watches the bucket and publishes each will that becomes
 /// [`OVERDUE`] (its node did not), taken first so that one node publishes it; removes
 /// `taken` markers once they are [`TAKEN_KEPT`] old.
-pub async fn keep(shared: std::sync::Weak<Shared>) {
+pub async fn keep(shared: std::sync::Weak<Shared>, publish: Publish) {
     loop {
         let Some(mut changes) = shared
             .upgrade()
@@ -181,7 +192,7 @@ pub async fn keep(shared: std::sync::Weak<Shared>) {
         let Ok(Some(buckets)) = changes.wait_for(Option::is_some).await.map(|b| b.clone()) else {
             return;
         };
-        let why = watch(&shared, &buckets).await;
+        let why = watch(&shared, &buckets, publish).await;
         tracing::debug!("cluster: wills bucket: {why}; watching again");
         tokio::time::sleep(KEEP_EVERY).await;
     }
@@ -196,7 +207,7 @@ enum Known {
 }
 
 /// Watches the bucket until the watch fails; why it ended.
-async fn watch(shared: &std::sync::Weak<Shared>, buckets: &Buckets) -> String {
+async fn watch(shared: &std::sync::Weak<Shared>, buckets: &Buckets, publish: Publish) -> String {
     let mut entries = match buckets.wills.watch_with_history(">").await {
         Ok(w) => w,
         Err(e) => return e.to_string(),
@@ -219,7 +230,7 @@ async fn watch(shared: &std::sync::Weak<Shared>, buckets: &Buckets) -> String {
                 let Some(shared) = shared.upgrade() else {
                     return "stopped".into();
                 };
-                keep_due(&shared, buckets, &mut known).await;
+                keep_due(&shared, buckets, &mut known, publish).await;
             }
         }
     }
@@ -266,7 +277,12 @@ fn note(shared: &Shared, buckets: &Buckets, known: &mut HashMap<String, Known>, 
 }
 
 /// Publishes the overdue wills (each taken first) and removes old `taken` markers.
-async fn keep_due(shared: &Arc<Shared>, buckets: &Buckets, known: &mut HashMap<String, Known>) {
+async fn keep_due(
+    shared: &Arc<Shared>,
+    buckets: &Buckets,
+    known: &mut HashMap<String, Known>,
+    publish: Publish,
+) {
     let due = now_unix().saturating_sub(OVERDUE.as_secs());
     let now = std::time::SystemTime::now();
     let ready: Vec<String> = known
@@ -286,31 +302,19 @@ async fn keep_due(shared: &Arc<Shared>, buckets: &Buckets, known: &mut HashMap<S
             }
             // Another node may take it first: then the watch brings its marker.
             Some(Known::Will(stored, revision)) if take_at(buckets, &kv_key, revision).await => {
-                publish_overdue(shared, *stored);
+                publish_overdue(shared, publish, *stored);
             }
             _ => {}
         }
     }
 }
 
-fn publish_overdue(shared: &Shared, stored: Stored) {
+fn publish_overdue(shared: &Shared, publish: Publish, stored: Stored) {
     tracing::warn!(
         client_id = %stored.key.client_id,
         node = %stored.node,
         "cluster: a delayed will its node did not publish is published here"
     );
     shared.metrics.cluster_wills_taken_over.inc();
-    let identity = Identity {
-        username: stored.key.owner.clone(),
-        client_id: stored.key.client_id.clone(),
-    };
-    let mut will = stored.will;
-    // Its time has passed: now.
-    will.publish_at = 0;
-    let will = crate::will::restored(
-        will,
-        identity,
-        crate::session_restore::restored_connection(),
-    );
-    crate::will::publish_now(shared, will);
+    publish(shared, stored.key, stored.will);
 }
