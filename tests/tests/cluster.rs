@@ -448,16 +448,21 @@ impl OfflineSubscriberKilled {
 
     /// `got` holds every index node B acknowledged (`logs` shown otherwise).
     fn assert_none_lost(&self, got: &BTreeSet<usize>, logs: &[&Moatmq]) {
-        let lost: Vec<usize> = self.acked.difference(got).copied().collect();
-        let logs: Vec<String> = logs.iter().map(|n| n.log()).collect();
-        assert!(
-            lost.is_empty(),
-            "{} acknowledged messages lost (first {:?})\n{}",
-            lost.len(),
-            &lost[..lost.len().min(10)],
-            logs.join("\n----\n")
-        );
+        assert_none_lost(&self.acked, got, logs);
     }
+}
+
+/// `got` holds every index of `acked` (`logs` shown otherwise).
+fn assert_none_lost(acked: &BTreeSet<usize>, got: &BTreeSet<usize>, logs: &[&Moatmq]) {
+    let lost: Vec<usize> = acked.difference(got).copied().collect();
+    let logs: Vec<String> = logs.iter().map(|n| n.log()).collect();
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged messages lost (first {:?})\n{}",
+        lost.len(),
+        &lost[..lost.len().min(10)],
+        logs.join("\n----\n")
+    );
 }
 
 /// The failure case from a persistent subscriber's side
@@ -581,14 +586,7 @@ async fn connected_subscriber_killed(come_back: bool) {
         b.log()
     );
     let (got, twice) = receive_until(&mut sub, &rest, Duration::from_secs(10)).await;
-    let lost: Vec<usize> = rest.difference(&got).copied().collect();
-    assert!(
-        lost.is_empty(),
-        "{} acknowledged messages lost (first {:?})\n{}",
-        lost.len(),
-        &lost[..lost.len().min(10)],
-        b.log()
-    );
+    assert_none_lost(&rest, &got, &[&b]);
     eprintln!("{} received on node B ({twice} twice)", got.len());
     if !come_back {
         return;

@@ -38,6 +38,9 @@ use tokio::sync::{mpsc, watch, Notify};
 
 /// How often a claim retries after losing the compare-and-set to another node.
 const CLAIM_TRIES: usize = 5;
+/// How long a claim waits for the buckets to be set up again after NATS came back (a
+/// node is ready once its transfer input is, which can be a little before).
+const BUCKETS_WAIT: Duration = Duration::from_secs(3);
 
 /// How long to wait before setting the bucket up again after a failure.
 const RETRY: Duration = Duration::from_secs(1);
@@ -213,7 +216,9 @@ impl Owners {
         kick: Arc<Notify>,
     ) -> Result<OwnerClaim, ClaimFailed> {
         let inner = &self.inner;
-        let Some(buckets) = inner.store.borrow().clone() else {
+        let mut setup = inner.store.clone();
+        let set_up = tokio::time::timeout(BUCKETS_WAIT, setup.wait_for(Option::is_some)).await;
+        let Some(buckets) = set_up.ok().and_then(|b| b.ok()).and_then(|b| b.clone()) else {
             return Err(ClaimFailed(
                 "ownership bucket not set up (NATS away?)".into(),
             ));
