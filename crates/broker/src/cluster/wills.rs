@@ -11,6 +11,7 @@
 //! - nobody, when its client comes back: the node it connects to removes it.
 
 use super::owner::Buckets;
+use super::Cluster;
 use crate::shared::Shared;
 use async_nats::jetstream::kv;
 use futures_util::StreamExt;
@@ -65,12 +66,7 @@ pub async fn hold(
     restored: bool,
 ) -> Held {
     if restored {
-        let found = shared.cluster.as_ref().and_then(|c| {
-            c.owners
-                .buckets()
-                .map(|b| (b, c.owners.seal().session_key_of(router_id)))
-        });
-        if let Some((buckets, kv_key)) = found {
+        if let Some((_, buckets, kv_key)) = at(shared, router_id) {
             match buckets.wills.entry(&kv_key).await {
                 Ok(Some(entry)) if entry.operation == kv::Operation::Put => {
                     if &entry.value[..] == TAKEN {
@@ -104,10 +100,8 @@ async fn put(
     key: &SessionKey,
     will: &PendingWill,
 ) -> Option<u64> {
-    let cluster = shared.cluster.as_ref()?;
-    let buckets = cluster.owners.buckets()?;
+    let (cluster, buckets, kv_key) = at(shared, router_id)?;
     let seal = cluster.owners.seal();
-    let kv_key = seal.session_key_of(router_id);
     let stored = Stored {
         key: key.clone(),
         will: will.clone(),
@@ -140,15 +134,19 @@ async fn put(
 /// if this node took it (and publishes it), `false` if it was taken or cancelled
 /// meanwhile, or NATS cannot say (then it stays for its node, or another, to take).
 pub async fn take(shared: &Shared, router_id: &str, revision: u64) -> bool {
-    let Some((cluster, buckets)) = shared
-        .cluster
-        .as_ref()
-        .and_then(|c| c.owners.buckets().map(|b| (c, b)))
-    else {
-        return false;
-    };
+    match at(shared, router_id) {
+        Some((_, buckets, kv_key)) => take_at(&buckets, &kv_key, revision).await,
+        None => false,
+    }
+}
+
+/// The cluster, its buckets (while they are set up) and the bucket key of session
+/// `router_id`.
+fn at<'s>(shared: &'s Shared, router_id: &str) -> Option<(&'s Cluster, Buckets, String)> {
+    let cluster = shared.cluster.as_ref()?;
+    let buckets = cluster.owners.buckets()?;
     let kv_key = cluster.owners.seal().session_key_of(router_id);
-    take_at(&buckets, &kv_key, revision).await
+    Some((cluster, buckets, kv_key))
 }
 
 async fn take_at(buckets: &Buckets, kv_key: &str, revision: u64) -> bool {
@@ -162,14 +160,9 @@ async fn take_at(buckets: &Buckets, kv_key: &str, revision: u64) -> bool {
 /// The client of session `router_id` is back on this node: a will of its session that
 /// waits in the bucket (on whichever node) is removed. Returns once it is.
 pub async fn cancel(shared: &Shared, router_id: &str) {
-    let Some((cluster, buckets)) = shared
-        .cluster
-        .as_ref()
-        .and_then(|c| c.owners.buckets().map(|b| (c, b)))
-    else {
+    let Some((_, buckets, kv_key)) = at(shared, router_id) else {
         return;
     };
-    let kv_key = cluster.owners.seal().session_key_of(router_id);
     if let Ok(Some(entry)) = buckets.wills.entry(&kv_key).await {
         if entry.operation == kv::Operation::Put && &entry.value[..] != TAKEN {
             // Taken like a publisher would, so a node publishing it now cannot as well.
