@@ -1252,26 +1252,25 @@ async fn retained_changes_jetstream_refused_are_written_once_it_takes_them() {
     bucket_values(&kv, 1).await;
 
     // The bucket full (an account or stream limit reached): JetStream refuses a new
-    // topic and a clear; NATS itself answers, so the node stays ready.
+    // topic and a clear; NATS itself answers, so the node stays ready. The QoS 1
+    // publisher waits for its PUBACK meanwhile; QoS 0 changes from another client
+    // replace its waiting one.
     cap_retained_stream(&nats, 1).await;
     publish(&publ, "alice/kept", QoS::AtLeastOnce, true, "first").await;
-    assert!(puback_within(&mut publ, WAIT).await);
-    publish(&publ, "alice/kept", QoS::AtLeastOnce, true, "second").await;
-    assert!(puback_within(&mut publ, WAIT).await);
-    publish(&publ, "alice/cleared", QoS::AtLeastOnce, true, "").await;
-    assert!(puback_within(&mut publ, WAIT).await);
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let other = login(a.first_addr(), "alice-pub0", "alice").await;
+    publish(&other, "alice/kept", QoS::AtMostOnce, true, "second").await;
+    publish(&other, "alice/cleared", QoS::AtMostOnce, true, "").await;
+    assert!(!puback_within(&mut publ, Duration::from_secs(2)).await);
+    // The clear replaces its topic's value (one per subject: the count stays within
+    // the cap) and is written beside the refused put: only the new topic waits.
     let seal = cluster_seal(CLUSTER_KEY);
-    let values = bucket_values(&kv, 1).await;
-    assert_eq!(
-        values[0].0,
-        seal.key_of("alice/cleared"),
-        "nothing taken yet"
-    );
+    assert!(bucket_values(&kv, 0).await.is_empty());
     assert!(ready(&a).await);
 
-    // Room again: the last change of each topic is written, nothing older after it.
+    // Room again: the last change of each topic is written, nothing older after it,
+    // and the publisher of the replaced one gets its PUBACK.
     cap_retained_stream(&nats, -1).await;
+    assert!(puback_within(&mut publ, WAIT).await);
     let deadline = tokio::time::Instant::now() + WAIT;
     while bucket_values(&kv, 1).await[0].0 != seal.key_of("alice/kept") {
         assert!(

@@ -348,6 +348,83 @@ async fn cap_retained_stream(nats: &Nats, max: i64) {
     js.update_stream(config).await.expect("stream updated");
 }
 
+/// Publishes a retained QoS 1 message without waiting for its PUBACK.
+async fn publish_unacked(c: &mut v4::Client, topic: &str, payload: &str) {
+    c.client
+        .publish(topic, rumqttc::QoS::AtLeastOnce, true, payload)
+        .await
+        .expect("publish queued");
+}
+
+/// Whether `c` receives a PUBACK within `wait`.
+async fn acked_within(c: &mut v4::Client, wait: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match tokio::time::timeout_at(deadline, c.rx.recv()).await {
+            Ok(Some(rumqttc::Event::Incoming(rumqttc::Incoming::PubAck(_)))) => return true,
+            Ok(Some(_)) => continue,
+            Ok(None) | Err(_) => return false,
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_retained_publish_is_acknowledged_only_once_the_bucket_holds_it() {
+    let nats = Nats::start().await;
+    let a = node_joined(&nats, "node-a", AGE, |b| b).await;
+    let mut publ = login(a.first_addr(), "pub").await;
+    publ.publish_acked("alice/base", true, "in the bucket")
+        .await;
+    assert!(stream_holds(&nats, 1, WAIT).await);
+
+    // JetStream refuses the bucket's puts (the transfer stream takes the message): no
+    // PUBACK, so the publisher still has it to send again should node A die now
+    // (before: acknowledged at once, then lost with A for every node starting later).
+    cap_retained_stream(&nats, 1).await;
+    publish_unacked(&mut publ, "alice/held", "acknowledged means stored").await;
+    assert!(!acked_within(&mut publ, Duration::from_secs(2)).await);
+    assert_eq!(bucket_payload(&nats, "alice/held").await, None);
+
+    // Room again: the PUBACK comes, and by then the bucket holds the message.
+    cap_retained_stream(&nats, -1).await;
+    assert!(acked_within(&mut publ, WAIT).await);
+    assert_eq!(
+        bucket_payload(&nats, "alice/held").await.as_deref(),
+        Some("acknowledged means stored")
+    );
+
+    // A topic set and cleared while the bucket refuses: both wait for the delete that
+    // replaced the put (the only write).
+    cap_retained_stream(&nats, 2).await;
+    publish_unacked(&mut publ, "alice/gone", "set").await;
+    publish_unacked(&mut publ, "alice/gone", "").await;
+    assert!(!acked_within(&mut publ, Duration::from_secs(2)).await);
+    cap_retained_stream(&nats, -1).await;
+    assert!(acked_within(&mut publ, WAIT).await);
+    assert!(acked_within(&mut publ, WAIT).await);
+    assert_eq!(
+        stream_messages(&nats).await,
+        3,
+        "base, held, a marker for gone"
+    );
+    assert_eq!(bucket_payload(&nats, "alice/gone").await, None);
+
+    // A node starting after A is gone serves what A acknowledged.
+    drop(publ);
+    a.shutdown().await;
+    let c = node_joined(&nats, "node-c", AGE, |b| b).await;
+    assert_eq!(
+        served(c.first_addr(), "c", "alice/#").await,
+        vec![
+            ("alice/base".to_string(), "in the bucket".to_string()),
+            (
+                "alice/held".to_string(),
+                "acknowledged means stored".to_string()
+            ),
+        ]
+    );
+}
+
 #[tokio::test]
 async fn a_reload_leaves_a_topic_set_through_the_transfer_stream_whose_put_is_held_up() {
     // Relayed topics are left for half the marker age at most (120 s by default).
@@ -360,10 +437,10 @@ async fn a_reload_leaves_a_topic_set_through_the_transfer_stream_whose_put_is_he
     publ.publish_acked("alice/base", true, "in the bucket")
         .await;
     assert!(stream_holds(&nats, 1, WAIT).await);
-    // The bucket full: A's put of a new topic waits, B has it from the transfer stream.
+    // The bucket full: A's put of a new topic waits (and so does its PUBACK), B has it
+    // from the transfer stream.
     cap_retained_stream(&nats, 1).await;
-    publ.publish_acked("alice/waiting", true, "put held up")
-        .await;
+    publish_unacked(&mut publ, "alice/waiting", "put held up").await;
     let both = vec![
         ("alice/base".to_string(), "in the bucket".to_string()),
         ("alice/waiting".to_string(), "put held up".to_string()),
@@ -381,6 +458,7 @@ async fn a_reload_leaves_a_topic_set_through_the_transfer_stream_whose_put_is_he
 
     // Room again: the put lands and everything agrees.
     cap_retained_stream(&nats, -1).await;
+    assert!(acked_within(&mut publ, WAIT).await);
     assert!(stream_holds(&nats, 2, WAIT).await);
     assert_eq!(served(b.first_addr(), "b-last", "alice/#").await, both);
 }

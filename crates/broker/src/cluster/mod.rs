@@ -30,10 +30,12 @@ mod owner;
 pub(crate) mod park;
 mod properties;
 mod reads;
+mod sequencer;
 mod state;
 mod subject;
 mod sweep;
 mod unread;
+mod waiting;
 pub(crate) mod wills;
 pub(crate) mod xfer;
 
@@ -53,11 +55,13 @@ use crate::retained_index::{owner_of, RetainedIndex};
 use async_nats::{HeaderMap, Subscriber};
 use bytes::Bytes;
 use moatmq_config::{Cluster as ClusterConfig, Config};
+use sequencer::Sequencer;
 use state::{Change, StateSync};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch, Notify};
+use waiting::Numbered;
 
 /// How long sessions restored at start-up wait at most, before they are handed over,
 /// for this node's transfer consumer to read what was published while the node was
@@ -105,9 +109,12 @@ pub struct Cluster {
     pub(crate) keeping: Keeping,
     pub(crate) native_user: Option<String>,
     forward: xfer::Sequencer,
-    /// This node's retained changes for the KV bucket (`state.rs`); dropping it ends
-    /// that task.
-    changes: mpsc::Sender<Change>,
+    /// `<node>:<epoch>`: the ids of this process's transfer messages are
+    /// `<origin>:<number>`.
+    origin: String,
+    /// This node's retained changes for the KV bucket, numbered (`state.rs`); dropping
+    /// it ends that task.
+    changes: Sequencer<Numbered>,
     /// Session ownership across nodes (`owner.rs`).
     pub(crate) owners: owner::Owners,
     /// Shared subscriptions with members on this node (`groups.rs`).
@@ -303,7 +310,7 @@ impl Cluster {
         };
         // The server's, once connected (`watch_connection`).
         let max_payload = Arc::new(AtomicUsize::new(NATS_DEFAULT_MAX_PAYLOAD));
-        let (forward, output, queue) = xfer::output(
+        let (forward, origin, output, queue) = xfer::output(
             client.clone(),
             transfer_seal.clone(),
             &cluster.subject_prefix,
@@ -313,7 +320,7 @@ impl Cluster {
             max_payload.clone(),
         );
         tokio::spawn(output.run(queue));
-        let (changes, queue) = mpsc::channel(STATE_QUEUE);
+        let (changes, stored, queue) = sequencer::sequencer(STATE_QUEUE);
         let (checked, key_check) = watch::channel(KeyCheck::Pending);
         let relayed = sweep::Relayed::default();
         let sync = StateSync::new(
@@ -332,6 +339,7 @@ impl Cluster {
                 marker_age: keeping.retained_marker_age,
                 relayed: relayed.clone(),
                 lost,
+                stored,
             },
         );
         tokio::spawn(sync.run());
@@ -364,6 +372,7 @@ impl Cluster {
                 keeping,
                 native_user: cluster.native_user.clone(),
                 forward,
+                origin,
                 changes,
                 owners,
                 groups,
@@ -472,10 +481,12 @@ impl Cluster {
             self.kept_local(msg);
             return Forwarded::Sent;
         };
-        let sent = self.queue(subject, who, msg, live);
-        if msg.retain {
-            self.store_retained(who, msg);
+        let awaited = msg.qos != rumqttd::protocol::QoS::AtMostOnce;
+        if msg.retain && !self.store_retained(who, msg) && awaited {
+            // Its PUBACK would wait for a change the bucket never gets.
+            return Forwarded::Full;
         }
+        let sent = self.queue(subject, who, msg, live);
         match (sent, msg.qos) {
             (Forwarded::Full, rumqttd::protocol::QoS::AtMostOnce) => {
                 self.metrics.cluster_dropped.inc();
@@ -540,7 +551,7 @@ impl Cluster {
         let own_from = held.values().map(|&(_, from)| from).fold(stream, u64::min);
         Cut {
             stream,
-            origin: self.forward.id_prefix().to_string(),
+            origin: self.origin.clone(),
             forwarded,
             own_from,
         }
@@ -605,7 +616,7 @@ impl Cluster {
     /// Waits until JetStream holds every message this node forwarded up to number
     /// `seq`; `false` if it never will.
     pub async fn transferred_through(&self, seq: u64) -> bool {
-        self.forward.acked_through(seq).await
+        self.forward.done_through(seq).await
     }
 
     fn queue(&self, subject: String, who: &Identity, msg: &Inbound<'_>, live: bool) -> Forwarded {
@@ -658,8 +669,8 @@ impl Cluster {
     }
 
     /// Queues a retained publish for the cluster's bucket: set, or cleared by an empty
-    /// payload.
-    fn store_retained(&self, who: &Identity, msg: &Inbound<'_>) {
+    /// payload; `false` when the queue is full (a QoS 0 change is dropped, counted).
+    fn store_retained(&self, who: &Identity, msg: &Inbound<'_>) -> bool {
         let change = if msg.payload.is_empty() {
             Change::Delete(msg.topic.to_string())
         } else {
@@ -673,10 +684,29 @@ impl Cluster {
                 owner_of(who.username.as_deref()),
             ))
         };
-        if self.changes.try_send(change).is_err() {
+        let awaited = msg.qos != rumqttd::protocol::QoS::AtMostOnce;
+        let queued = self.changes.send(|number| Numbered {
+            number,
+            change,
+            awaited,
+        });
+        if queued.is_none() && !awaited {
             self.metrics.cluster_dropped.inc();
             tracing::debug!("cluster: retained queue full; change not stored in NATS");
         }
+        queued.is_some()
+    }
+
+    /// The number of the last retained change this node queued for the bucket: a QoS
+    /// 1/2 retained publish admitted waits for [`Cluster::retained_stored_through`] it.
+    pub fn last_retained(&self) -> u64 {
+        self.changes.last()
+    }
+
+    /// Waits until the retained bucket holds every change this node numbered up to
+    /// `number` (or a later change of its topic); `false` if it never will.
+    pub async fn retained_stored_through(&self, number: u64) -> bool {
+        self.changes.done_through(number).await
     }
 
     /// `<prefix>.<subject of topic>`; `None` for `$` topics (per node) and topics

@@ -7,14 +7,19 @@
 //!   not open it never loads or writes the cluster's state: start fails, or, if NATS
 //!   was away at start, the node stays unready and logs why.
 //! - Out: every retained publish `admit` lets in from this node ([`Change`]) is put
-//!   into `<base>_retained` at the keyed hash of its topic by one task, in admit order;
-//!   an empty payload deletes the key. A change JetStream does not take (NATS away, a
-//!   leader election, a limit) waits in [`Pending`] and is written again every
-//!   [`RETRY`] (and after each reconnection) until it is: one change per topic, the
-//!   latest (a later change of a topic replaces the waiting one in place, so an older
-//!   one is never written after it), at most `STATE_QUEUE` topics; past that a change
-//!   of another topic is lost for nodes that start later (counted). While a topic's
-//!   change waits, the bucket's values of it are not applied here: they are older.
+//!   into `<base>_retained` at the keyed hash of its topic by one task, numbered in
+//!   admit order; an empty payload deletes the key. Changes of different topics are
+//!   written side by side ([`WINDOW`] at most, each awaiting JetStream's
+//!   acknowledgement). A change JetStream does not take (NATS away, a leader
+//!   election, a limit) waits in [`Waiting`] and is written again every [`RETRY`]
+//!   (and after each reconnection) until it is: one change per topic, the latest (a
+//!   later change of a topic replaces the waiting one in place, so an older one is
+//!   never written after it), at most `STATE_QUEUE` topics; past that a QoS 0 change
+//!   of another topic is lost for nodes that start later (counted). A QoS 1/2 change
+//!   is always kept: its publisher's PUBACK (PUBREC) waits until the bucket holds it
+//!   (or a later change of its topic), as it waits for the transfer stream, so an
+//!   acknowledged retained message outlives its node. While a topic's change waits,
+//!   the bucket's values of it are not applied here: they are older.
 //! - In: the same task watches the whole bucket from the last value of each key on and
 //!   applies every value to the local retained set (which the local store persists),
 //!   never through `admit`, so nothing applied is put back; values older than one this
@@ -30,13 +35,16 @@
 //!   `sweep.rs`).
 
 use super::markers::{unix_nanos, until, Markers};
+use super::sequencer::Done;
 use super::sweep::{JoinRecord, Relayed, Unnamed};
+use super::waiting::{Numbered, Waiting};
 use crate::metrics::Metrics;
 use crate::retained_index::RetainedIndex;
 use async_nats::jetstream::{self, kv};
+use futures_util::stream::FuturesOrdered;
 use futures_util::StreamExt;
 use moatmq_store::{now_unix, ClusterSeal, RetainedMessage};
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Weak;
 use std::time::Duration;
@@ -50,6 +58,10 @@ const RETRY: Duration = Duration::from_secs(1);
 
 /// Markers compacted in one go before the task turns to its watch and changes again.
 const COMPACT_BATCH: usize = 64;
+
+/// Changes written side by side at most (each a KV put or delete awaiting JetStream's
+/// acknowledgement).
+const WINDOW: usize = 64;
 
 /// A retained change `admit` let in on this node, on its way to the bucket.
 pub enum Change {
@@ -97,7 +109,11 @@ pub struct StateSync {
     key_source: String,
     index: RetainedIndex,
     metrics: Weak<Metrics>,
-    changes: mpsc::Receiver<Change>,
+    changes: mpsc::Receiver<Numbered>,
+    /// How far this node's changes are stored (or dropped): every number up to it.
+    stored: Done,
+    /// The number of the last change received.
+    received: u64,
     checked: watch::Sender<KeyCheck>,
     /// The topic of every KV key applied or written, to apply deletes (which carry
     /// the key only).
@@ -106,7 +122,7 @@ pub struct StateSync {
     /// older values of it still on their way are not applied over this node's newer one.
     written: HashMap<String, u64>,
     /// This node's changes not stored in the bucket yet.
-    pending: Pending,
+    pending: Waiting,
     /// Whether the last write failed (warn once per run of failures, not per retry).
     failing: bool,
     /// Delete markers seen in the bucket, compacted once `retained_marker_age` old.
@@ -131,65 +147,6 @@ pub struct StateSync {
     lost: watch::Receiver<u64>,
 }
 
-/// Changes waiting for the bucket: the latest one of each KV key, in the order their
-/// keys first waited, at most `cap` keys.
-struct Pending {
-    order: VecDeque<String>,
-    changes: HashMap<String, Change>,
-    cap: usize,
-}
-
-impl Pending {
-    fn new(cap: usize) -> Pending {
-        Pending {
-            order: VecDeque::new(),
-            changes: HashMap::new(),
-            cap,
-        }
-    }
-
-    /// Keeps `change` for `key`, replacing an older change of it in place; `false`
-    /// (not kept) when `cap` other keys wait already.
-    fn push(&mut self, key: String, change: Change) -> bool {
-        if let Some(waiting) = self.changes.get_mut(&key) {
-            *waiting = change;
-            return true;
-        }
-        if self.changes.len() >= self.cap {
-            return false;
-        }
-        self.order.push_back(key.clone());
-        self.changes.insert(key, change);
-        true
-    }
-
-    /// The change waiting longest, with its key, left in place until [`Pending::done`].
-    fn first(&self) -> Option<(&String, &Change)> {
-        let key = self.order.front()?;
-        self.changes.get(key).map(|c| (key, c))
-    }
-
-    /// The first change is stored.
-    fn done(&mut self) {
-        if let Some(key) = self.order.pop_front() {
-            self.changes.remove(&key);
-        }
-    }
-
-    fn holds(&self, key: &str) -> bool {
-        self.changes.contains_key(key)
-    }
-
-    fn is_empty(&self) -> bool {
-        self.order.is_empty()
-    }
-
-    /// Whether a change of another key would be kept.
-    fn has_room(&self) -> bool {
-        self.changes.len() < self.cap
-    }
-}
-
 /// What [`StateSync`] needs beside NATS, the seal and its queues, from the config.
 pub(super) struct Local {
     /// Where the join record lives: the `[retained]` store's folder.
@@ -200,6 +157,8 @@ pub(super) struct Local {
     pub(super) relayed: Relayed,
     /// Changes with every lost NATS connection.
     pub(super) lost: watch::Receiver<u64>,
+    /// Where to say how far this node's changes are stored.
+    pub(super) stored: Done,
 }
 
 /// How one round of [`StateSync::sync`] ended.
@@ -221,7 +180,7 @@ impl StateSync {
         key_source: String,
         index: RetainedIndex,
         metrics: Weak<Metrics>,
-        changes: mpsc::Receiver<Change>,
+        changes: mpsc::Receiver<Numbered>,
         checked: watch::Sender<KeyCheck>,
         replicas: usize,
         queue: usize,
@@ -237,10 +196,12 @@ impl StateSync {
             index,
             metrics,
             changes,
+            stored: local.stored,
+            received: 0,
             checked,
             topics: HashMap::new(),
             written: HashMap::new(),
-            pending: Pending::new(queue),
+            pending: Waiting::new(queue),
             failing: false,
             markers: Markers::new(local.marker_age),
             marker_age: local.marker_age,
@@ -380,7 +341,13 @@ impl StateSync {
                     None => return Ended::Retry("watch ended".into()),
                 },
                 change = self.changes.recv() => match change {
-                    Some(change) => self.keep(change),
+                    Some(change) => {
+                        self.keep(change);
+                        // What came meanwhile is written side by side with it.
+                        while let Ok(change) = self.changes.try_recv() {
+                            self.keep(change);
+                        }
+                    }
                     None => return Ended::Stopped,
                 },
                 () = retry => retry_at = None,
@@ -579,7 +546,7 @@ impl StateSync {
             }
             self.topics.insert(key.clone(), topic);
             self.pending
-                .push(key, Change::Put(RetainedMessage::clone(&msg)));
+                .push(key, Change::Put(RetainedMessage::clone(&msg)), None, false);
         }
     }
 
@@ -637,8 +604,14 @@ impl StateSync {
         );
     }
 
-    /// Queues one change of this node for the bucket (see [`Pending`]).
-    fn keep(&mut self, change: Change) {
+    /// Queues one change of this node for the bucket (see [`Waiting`]).
+    fn keep(&mut self, numbered: Numbered) {
+        let Numbered {
+            number,
+            change,
+            awaited,
+        } = numbered;
+        self.received = number;
         let key = match &change {
             Change::Put(msg) => {
                 let key = self.seal.key_of(&msg.topic);
@@ -647,60 +620,108 @@ impl StateSync {
             }
             Change::Delete(topic) => self.seal.key_of(topic),
         };
-        if !self.pending.push(key, change) {
+        if !self.pending.push(key, change, Some(number), awaited) {
             tracing::debug!("cluster: retained changes waiting for NATS full; change not stored");
             if let Some(m) = self.metrics.upgrade() {
                 m.cluster_dropped.inc();
             }
         }
+        self.report_stored();
     }
 
-    /// Writes the waiting changes in order; `false` when one failed (it stays first).
+    /// Tells the publishers waiting how far this node's changes are stored.
+    fn report_stored(&self) {
+        let through = self
+            .pending
+            .lowest()
+            .map_or(self.received, |lowest| lowest - 1);
+        self.stored.send_if_modified(|stored| {
+            let moved = through > *stored;
+            *stored = (*stored).max(through);
+            moved
+        });
+    }
+
+    /// Writes the waiting changes, up to [`WINDOW`] side by side (different keys: their
+    /// order does not matter), the oldest first; `false` when one failed (it and the
+    /// others not written stay, in their places).
     async fn flush(&mut self, store: &kv::Store) -> bool {
-        while let Some((key, change)) = self.pending.first() {
-            let key = key.clone();
-            let written = match change {
-                Change::Put(msg) => match self.seal.seal_retained(&self.retained_bucket(), msg) {
-                    Ok((_, value)) => match store.put(&key, value.into()).await {
-                        Ok(revision) => {
-                            self.written.insert(key, revision);
-                            Ok(())
-                        }
-                        Err(e) => Err(e.to_string()),
-                    },
-                    Err(e) => {
+        while !self.pending.is_empty() {
+            let bucket = self.retained_bucket();
+            let writes: FuturesOrdered<_> = self
+                .pending
+                .oldest(WINDOW)
+                .map(|(key, change)| {
+                    let key = key.clone();
+                    let sealed = match change {
+                        Change::Put(msg) => Some(self.seal.seal_retained(&bucket, msg)),
+                        Change::Delete(_) => None,
+                    };
+                    async move {
+                        let written = match sealed {
+                            Some(Ok((_, value))) => match store.put(&key, value.into()).await {
+                                Ok(revision) => Written::Put(revision),
+                                Err(e) => Written::Failed(e.to_string()),
+                            },
+                            Some(Err(e)) => Written::Unsealable(e.to_string()),
+                            None => match store.delete(&key).await {
+                                Ok(()) => Written::Deleted,
+                                Err(e) => Written::Failed(e.to_string()),
+                            },
+                        };
+                        (key, written)
+                    }
+                })
+                .collect();
+            let mut failed = None;
+            for (key, written) in writes.collect::<Vec<_>>().await {
+                match written {
+                    Written::Put(revision) => {
+                        self.written.insert(key.clone(), revision);
+                    }
+                    Written::Deleted => {}
+                    Written::Unsealable(e) => {
                         // Never sealable: not kept (counted, as before the retries).
                         tracing::warn!("cluster: retained change not stored in NATS: {e}");
                         if let Some(m) = self.metrics.upgrade() {
                             m.cluster_dropped.inc();
                         }
-                        Ok(())
                     }
-                },
-                Change::Delete(_) => store.delete(&key).await.map_err(|e| e.to_string()),
-            };
-            match written {
-                Ok(()) => {
-                    self.pending.done();
-                    if self.failing {
-                        self.failing = false;
-                        tracing::info!("cluster: retained changes stored in NATS again");
+                    Written::Failed(e) => {
+                        failed.get_or_insert(e);
+                        continue;
                     }
                 }
-                Err(e) => {
-                    if !self.failing {
-                        self.failing = true;
-                        tracing::warn!(
-                            "cluster: retained change not stored in NATS yet: {e}; kept, \
-                             written again when JetStream takes it"
-                        );
-                    }
-                    return false;
+                self.pending.done(&key);
+            }
+            self.report_stored();
+            if let Some(e) = failed {
+                if !self.failing {
+                    self.failing = true;
+                    tracing::warn!(
+                        "cluster: retained change not stored in NATS yet: {e}; kept, \
+                         written again when JetStream takes it"
+                    );
                 }
+                return false;
+            }
+            if self.failing {
+                self.failing = false;
+                tracing::info!("cluster: retained changes stored in NATS again");
             }
         }
         true
     }
+}
+
+/// How one write of [`StateSync::flush`] went.
+enum Written {
+    Put(u64),
+    Deleted,
+    /// Never sealable: dropped.
+    Unsealable(String),
+    /// JetStream did not take it (yet).
+    Failed(String),
 }
 
 /// Whether the bucket's stream holds nothing after `revision`: what the watch has
@@ -811,33 +832,7 @@ pub(super) async fn bucket(
 
 #[cfg(test)]
 mod tests {
-    use super::{bucket_base, Change, Pending};
-
-    fn deleted(p: &Pending, key: &str) -> Option<String> {
-        match p.changes.get(key) {
-            Some(Change::Delete(topic)) => Some(topic.clone()),
-            _ => None,
-        }
-    }
-
-    #[test]
-    fn a_later_change_of_a_key_replaces_the_waiting_one_in_place_within_the_cap() {
-        let mut p = Pending::new(2);
-        assert!(p.push("k1".into(), Change::Delete("first".into())));
-        assert!(p.push("k2".into(), Change::Delete("other".into())));
-        // Replacing never counts against the cap nor moves the key back.
-        assert!(p.push("k1".into(), Change::Delete("second".into())));
-        assert!(!p.push("k3".into(), Change::Delete("over".into())));
-        assert!(p.holds("k1") && p.holds("k2") && !p.holds("k3"));
-        assert_eq!(p.first().map(|(k, _)| k.as_str()), Some("k1"));
-        assert_eq!(deleted(&p, "k1").as_deref(), Some("second"));
-        p.done();
-        assert_eq!(p.first().map(|(k, _)| k.as_str()), Some("k2"));
-        assert!(!p.holds("k1"));
-        p.done();
-        assert!(p.is_empty() && p.first().is_none());
-        assert!(p.push("k3".into(), Change::Delete("room again".into())));
-    }
+    use super::bucket_base;
 
     #[test]
     fn bucket_names_hold_only_what_jetstream_allows() {

@@ -10,7 +10,7 @@
 //! duplicate window drops a republish; with `transfer_batch = 1`, one message each
 //! (no header), as releases before batching read. It does not wait for one
 //! acknowledgement before sending the next (at most [`WINDOW`] messages
-//! unacknowledged) and advances [`Sequencer::acked`] over the acknowledgements in
+//! unacknowledged) and advances the sequencer's done number over the acknowledgements in
 //! order, each to its batch's last number. A failed acknowledgement (timeout, NATS
 //! away, stream missing) sends every unacknowledged batch again, byte for byte, once
 //! NATS is back: a gateway holding a QoS 1/2 PUBACK until its number is acknowledged
@@ -35,9 +35,9 @@ use moatmq_store::ClusterSeal;
 use serde::{Deserialize, Serialize};
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
 /// Republishes of one id within this are dropped by the stream (the stream's max age,
 /// `[cluster] transfer_max_age`, is never under it).
@@ -470,14 +470,7 @@ pub fn message_id(message: &jetstream::Message) -> Option<String> {
 
 /// Numbers forwarded messages in admit order and tells how far JetStream has
 /// acknowledged them.
-pub struct Sequencer {
-    /// The last number handed out, and the queue it went into under the same lock, so
-    /// queue order is number order.
-    last: Mutex<(u64, mpsc::Sender<Outgoing>)>,
-    acked: watch::Receiver<u64>,
-    /// `<node>:<epoch>`: the ids of this process's messages are `<id_prefix>:<number>`.
-    id_prefix: String,
-}
+pub type Sequencer = super::sequencer::Sequencer<Outgoing>;
 
 /// A message on its way to NATS: plaintext on its live subject, sealed in the stream.
 pub struct Outgoing {
@@ -486,36 +479,6 @@ pub struct Outgoing {
     pub live: Option<(String, async_nats::HeaderMap)>,
     pub payload: Bytes,
     pub envelope: Envelope,
-}
-
-impl Sequencer {
-    /// Queues `make(sequence)`; `None` when the queue is full.
-    pub fn send(&self, make: impl FnOnce(u64) -> Outgoing) -> Option<u64> {
-        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        let seq = last.0 + 1;
-        last.1.try_send(make(seq)).ok()?;
-        last.0 = seq;
-        Some(seq)
-    }
-
-    /// `<node>:<epoch>` of this process's message ids.
-    pub fn id_prefix(&self) -> &str {
-        &self.id_prefix
-    }
-
-    /// The last number handed out.
-    pub fn last(&self) -> u64 {
-        self.last.lock().unwrap_or_else(|e| e.into_inner()).0
-    }
-
-    /// Waits until JetStream has acknowledged every message numbered up to `target`
-    /// (acknowledgements come in number order); `false` if it never will (the broker is
-    /// stopping).
-    pub async fn acked_through(&self, target: u64) -> bool {
-        let mut acked = self.acked.clone();
-        let done = acked.wait_for(|&a| a >= target).await.is_ok();
-        done
-    }
 }
 
 /// One published stream message (one MQTT message, or a batch of them) waiting for its
@@ -546,7 +509,7 @@ pub struct Output {
     subject: String,
     id_prefix: String,
     metrics: Weak<Metrics>,
-    acked: watch::Sender<u64>,
+    acked: super::sequencer::Done,
     pending: VecDeque<Pending>,
     /// Messages in `pending`.
     in_flight: usize,
@@ -557,7 +520,8 @@ pub struct Output {
     acks: FuturesOrdered<BoxFuture<'static, Result<(), String>>>,
 }
 
-/// The sequencer `Cluster::forward` uses and the task that publishes its messages.
+/// The sequencer `Cluster::forward` uses, the `<node>:<epoch>` prefix of this
+/// process's message ids, and the task that publishes its messages.
 pub fn output(
     client: async_nats::Client,
     seal: Arc<ClusterSeal>,
@@ -566,9 +530,8 @@ pub fn output(
     keeping: Keeping,
     metrics: Weak<Metrics>,
     max_payload: Arc<AtomicUsize>,
-) -> (Sequencer, Output, mpsc::Receiver<Outgoing>) {
-    let (tx, rx) = mpsc::channel(super::FORWARD_QUEUE);
-    let (acked, watching) = watch::channel(0);
+) -> (Sequencer, String, Output, mpsc::Receiver<Outgoing>) {
+    let (sequencer, acked, rx) = super::sequencer::sequencer(super::FORWARD_QUEUE);
     // A restarted node numbers from 1 again: the epoch keeps its ids new.
     let epoch = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -595,12 +558,7 @@ pub fn output(
         max_payload,
         acks: FuturesOrdered::new(),
     };
-    let sequencer = Sequencer {
-        last: Mutex::new((0, tx)),
-        acked: watching,
-        id_prefix,
-    };
-    (sequencer, output, rx)
+    (sequencer, id_prefix, output, rx)
 }
 
 impl Output {

@@ -138,7 +138,7 @@ impl Gateway {
                         .published(&self.session.subscriptions, topic, qos, publish.retain);
                 crate::origin::mark(&mut props, &published);
                 // The router keeps no retained messages: moatmq serves them itself.
-                publish.retain = false;
+                let retained = std::mem::replace(&mut publish.retain, false);
                 let admitted = match admitted {
                     Ok(a) if qos == QoS::ExactlyOnce && self.session.key.is_some() => {
                         // A durable session's QoS 2 PUBLISH goes in now, exactly once:
@@ -150,7 +150,7 @@ impl Gateway {
                         publish = make_router_publish(topic, payload, QoS::AtLeastOnce, pkid);
                         self.ledger.restore(pkid);
                         let a = self.qos2_in(pkid, a);
-                        self.note_transfer(a);
+                        self.note_transfer(a, retained);
                         match a {
                             Admitted::Now => self.to_router.send(Packet::Publish(publish, props)),
                             Admitted::AfterSave => {
@@ -169,7 +169,7 @@ impl Gateway {
                     Ok(a @ (Admitted::AfterSave | Admitted::AfterTransfer)) => {
                         // It and everything after it wait for one save of this read
                         // (and the cluster's transfer stream).
-                        self.note_transfer(a);
+                        self.note_transfer(a, retained);
                         if qos == QoS::ExactlyOnce {
                             self.ledger.held_by_router(pkid);
                         }
@@ -608,12 +608,16 @@ impl Gateway {
 
     /// A publish that waits was admitted: with `[cluster]`, what waits must also be in
     /// the transfer stream up to the last message this node forwarded (its own, or a
-    /// later one of another connection: never an earlier one).
-    fn note_transfer(&mut self, admitted: Admitted) {
+    /// later one of another connection: never an earlier one), and a retained one in
+    /// the retained bucket likewise.
+    fn note_transfer(&mut self, admitted: Admitted, retained: bool) {
         if let (Some(cluster), Admitted::AfterSave | Admitted::AfterTransfer) =
             (&self.shared.cluster, admitted)
         {
             self.to_router.transfer_through(cluster.last_forwarded());
+            if retained {
+                self.to_router.retained_through(cluster.last_retained());
+            }
         }
     }
 
@@ -658,6 +662,17 @@ impl Gateway {
                 return Err(Close::Protocol(
                     DisconnectReasonCode::UnspecifiedError,
                     "cluster transfer stopped",
+                ));
+            }
+            // A retained one once the cluster's retained bucket holds it too, so a node
+            // starting after this one died still serves it.
+            if !cluster
+                .retained_stored_through(self.to_router.retained_target())
+                .await
+            {
+                return Err(Close::Protocol(
+                    DisconnectReasonCode::UnspecifiedError,
+                    "cluster retained state stopped",
                 ));
             }
         }

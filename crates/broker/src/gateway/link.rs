@@ -43,6 +43,9 @@ pub(super) struct ToRouter {
     /// The cluster's number of the last message among them forwarded to the other
     /// nodes: they wait until the transfer stream holds it (0: none).
     transfer_through: u64,
+    /// The cluster's number of the last retained change among them: they wait until
+    /// the retained bucket holds it (0: none).
+    retained_through: u64,
     /// Ready for the router, oldest first.
     ready: Vec<Packet>,
 }
@@ -99,6 +102,7 @@ impl ToRouter {
         let waiting = std::mem::take(&mut self.awaiting_save);
         self.needs_save = false;
         self.transfer_through = 0;
+        self.retained_through = 0;
         self.ready.extend(waiting);
     }
 
@@ -110,6 +114,16 @@ impl ToRouter {
     /// The number the transfer stream must hold before what waits goes on.
     pub(super) fn transfer_target(&self) -> u64 {
         self.transfer_through
+    }
+
+    /// What waits includes the cluster's retained change `number` (or earlier ones).
+    pub(super) fn retained_through(&mut self, number: u64) {
+        self.retained_through = self.retained_through.max(number);
+    }
+
+    /// The retained change the cluster's bucket must hold before what waits goes on.
+    pub(super) fn retained_target(&self) -> u64 {
+        self.retained_through
     }
 
     /// A router forward (QoS 1/2) was written to the client: the client acknowledges it.
