@@ -16,17 +16,22 @@
 # - fan-out: 1 publisher -> SUBSCRIBERS subscribers, QoS 0 and 1, 64 B (the rate is
 #   deliveries per second);
 # - latency: one QoS 1 publisher at RATE msgs/s for LATENCY_SECS s to one QoS 1
-#   subscriber (on another node for moatmq-3nodes).
+#   subscriber (on another node for moatmq-3nodes);
+# - retained: 8 publishers set RETAINED retained QoS 1 messages of 100 B on as many
+#   topics (`moatmq-bench retained-pub`, 100 unacknowledged each): on a cluster node
+#   each PUBACK waits for the transfer stream and the retained bucket (moatmq-3nodes:
+#   the same, published on node A, with B and C taking every change in).
 #
 # Knobs (environment): PUBLISHERS (4), SUBSCRIBERS (4), MESSAGES per run (200000),
 # TIMEOUT per run in seconds (30), REPEATS (3), WINDOW (2000), RATE (1000),
-# LATENCY_SECS (6), SKIP_BUILD=1 to reuse binaries. Installs nats-server (Debian) if it
+# LATENCY_SECS (6), RETAINED (20000), PARTS ("fanin fanout latency retained": which
+# to run), SKIP_BUILD=1 to reuse binaries. Installs nats-server (Debian) if it
 # is missing. Not a test: nothing runs this from `cargo test` or CI.
 set -euo pipefail
 # shellcheck source=common.sh
 source "$(dirname "$0")/common.sh"
 knobs PUBLISHERS=4 SUBSCRIBERS=4 MESSAGES=200000 TIMEOUT=30 REPEATS=3 WINDOW=2000 \
-    RATE=1000 LATENCY_SECS=6
+    RATE=1000 LATENCY_SECS=6 RETAINED=20000 PARTS="fanin fanout latency retained"
 
 build
 if ! command -v nats-server >/dev/null; then
@@ -108,7 +113,7 @@ ports() {
     case "$1:$2" in
         moatmq:*) echo "--port $SINGLE" ;;
         nats-mqtt:*) echo "--port $REF_MQTT" ;;
-        moatmq-1node:*) echo "--port $A" ;;
+        moatmq-1node:* | moatmq-3nodes:retained) echo "--port $A" ;;
         moatmq-3nodes:fanin) echo "--port $A --pub-ports $A,$BB --sub-ports $C" ;;
         moatmq-3nodes:fanout) echo "--port $A --pub-ports $A --sub-ports $BB,$C" ;;
     esac
@@ -124,8 +129,12 @@ latency_addrs() {
 }
 
 # --- runs ----------------------------------------------------------------------------
+# part NAME: whether PARTS names it.
+part() { [[ " $PARTS " == *" $1 "* ]]; }
+touch "$RESULTS" "$WORK/latency" "$WORK/retained"
 for round in $(seq 1 "$REPEATS"); do
     for kind in fanin fanout; do
+        part "$kind" || continue
         for qos in 0 1; do
             for broker in "${BROKERS[@]}"; do
                 if [[ $kind == fanin ]]; then
@@ -144,12 +153,23 @@ for round in $(seq 1 "$REPEATS"); do
         done
     done
     for broker in "${BROKERS[@]}"; do
+        part latency || break
         # shellcheck disable=SC2046
         line=$("$B" latency $(latency_addrs "$broker") --rate "$RATE" --secs "$LATENCY_SECS" \
             --topic "bench/latency/$round" --label "$broker") || line="latency failed"
         log "round $round latency: $line"
         echo "latency 1 $broker $(f p50_us "$line") $(f p99_us "$line")" \
             "$(f received "$line")/$(f sent "$line")" >>"$WORK/latency"
+    done
+    for broker in "${BROKERS[@]}"; do
+        part retained || break
+        # shellcheck disable=SC2046
+        line=$("$B" retained-pub $(ports "$broker" retained) --publishers 8 \
+            --topics "$RETAINED" --messages "$RETAINED" --payload 100 --qos 1 \
+            --prefix "bench/retained/$round" --label "$broker") || line="retained failed"
+        log "round $round retained: $line"
+        echo "retained 1 $broker $(f msgs_per_s "$line") $(f ack_p50_ms "$line")" \
+            "$(f ack_p99_ms "$line")" >>"$WORK/retained"
     done
 done
 
@@ -182,3 +202,9 @@ echo
 echo "| broker | p50 µs | p99 µs | received/sent |"
 echo "|---|---:|---:|---:|"
 median_table 3 <"$WORK/latency" | awk '{ printf "| %s | %s | %s | %s |\n", $3, $4, $5, $6 }'
+echo
+echo "Retained QoS 1 publishes: 8 publishers, $RETAINED topics of 100 B, median of $REPEATS rounds:"
+echo
+echo "| broker | msgs/s | PUBACK p50 ms | PUBACK p99 ms |"
+echo "|---|---:|---:|---:|"
+median_table 3 <"$WORK/retained" | awk '{ printf "| %s | %s | %s | %s |\n", $3, $4, $5, $6 }'

@@ -183,7 +183,8 @@ async fn go_on(
     arrived: Vec<xfer::Arrived>,
 ) {
     // Counted down by the time it spent in the stream until now (it may have waited
-    // for its node's earlier messages).
+    // for its node's earlier messages); never less than at its arrival, should the
+    // wall clock step back meanwhile.
     let waited = xfer::time_in_stream(&message);
     let mut save = false;
     for m in arrived {

@@ -147,19 +147,15 @@ impl<T> Order<T> {
         let mut out = Vec::new();
         let oldest = self
             .origins
-            .values()
-            .filter_map(|o| o.held.values().next().map(|h| h.since))
-            .min();
-        if let Some(since) = oldest {
-            for origin in self.origins.values_mut() {
-                if let Some((&first, h)) = origin.held.iter().next() {
-                    if h.since == since {
-                        origin.next = first;
-                        self.held -= drain(origin, &mut out);
-                        break;
-                    }
-                }
-            }
+            .values_mut()
+            .filter_map(|o| {
+                let (&first, h) = o.held.iter().next()?;
+                Some((h.since, first, o))
+            })
+            .min_by_key(|(since, ..)| *since);
+        if let Some((_, first, origin)) = oldest {
+            origin.next = first;
+            self.held -= drain(origin, &mut out);
         }
         out
     }

@@ -22,8 +22,8 @@
 //!   the bucket's values of it are not applied here: they are older.
 //! - In: the same task watches the whole bucket from the last value of each key on and
 //!   applies every value to the local retained set (which the local store persists),
-//!   never through `admit`, so nothing applied is put back; values older than one this
-//!   node put itself since are skipped. A value that does not open is refused (logged
+//!   never through `admit`, so nothing applied is put back; a value this node put
+//!   itself, and older ones still on their way, are skipped. A value that does not open is refused (logged
 //!   at error, counted in `moatmq_cluster_state_rejected_total`) and the local copy of
 //!   its key, if any, is dropped: the cluster's current value of that topic is not one
 //!   this node can trust.
@@ -61,7 +61,7 @@ const COMPACT_BATCH: usize = 64;
 
 /// Changes written side by side at most (each a KV put or delete awaiting JetStream's
 /// acknowledgement).
-const WINDOW: usize = 64;
+const WINDOW: usize = 256;
 
 /// A retained change `admit` let in on this node, on its way to the bucket.
 pub enum Change {
@@ -415,6 +415,11 @@ impl StateSync {
                 return;
             }
             self.written.remove(&entry.key);
+            if entry.revision == written {
+                // This node's own put come back: the local set has it (or a later
+                // change of it waiting) already.
+                return;
+            }
         }
         match entry.operation {
             kv::Operation::Put => {
