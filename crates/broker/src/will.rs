@@ -58,7 +58,7 @@ pub fn publish_will(
         .start(router_id, Duration::ZERO, move || async move {
             let held = match (&s.cluster, &key) {
                 (Some(_), Some(key)) => {
-                    crate::cluster::wills::hold(&s, &id, key, &pending, restored).await
+                    crate::cluster::wills::hold(&s, &id, key, &pending, restored, at).await
                 }
                 _ => Held::Here,
             };

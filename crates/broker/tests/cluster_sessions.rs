@@ -1218,3 +1218,64 @@ async fn a_node_starting_removes_expired_parks_from_nats() {
     );
     assert_eq!(&lasting.next_publish().await.payload[..], b"m0");
 }
+
+/// A delayed will left while its node was cut off from NATS for longer than a put
+/// waits (5 s) is put in the wills bucket once NATS is back, and published once. (Before,
+/// the node kept it as its own alone and published it when due, while async-nats still
+/// sent the put it had buffered once reconnected: another node found that copy overdue
+/// and published the will a second time.)
+#[tokio::test]
+async fn a_delayed_will_left_while_nats_was_away_is_published_once() {
+    use rumqttc::v5::mqttbytes::v5 as m5;
+    let nats = Nats::start().await;
+    let mut link = NatsLink::start(&nats).await;
+    let a = node_at(&link.url(), "node-a", ACL, "", |b| b).await;
+    let b = node(&nats, "node-b").await;
+    let mut watcher = login5(b.first_addr(), "watcher", "alice").await;
+    cluster_support::subscribed5(&mut watcher, "alice/will/#").await;
+
+    let mut connect = moatmq_testkit::connect5("device");
+    connect.clean_start = false;
+    connect.properties = Some(m5::ConnectProperties {
+        session_expiry_interval: Some(600),
+        ..m5::ConnectProperties::new()
+    });
+    let will = m5::LastWill::new(
+        "alice/will/device",
+        "gone",
+        rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+        false,
+        Some(m5::LastWillProperties {
+            delay_interval: Some(12),
+            payload_format_indicator: None,
+            message_expiry_interval: None,
+            content_type: None,
+            response_topic: None,
+            correlation_data: None,
+            user_properties: Vec::new(),
+        }),
+    );
+    let login = m5::Login::new("alice", password("alice"));
+    let (mut device, code) = Raw::connect5(a.first_addr(), connect, Some(will), Some(login)).await;
+    assert_eq!(code, Some(m5::ConnectReturnCode::Success));
+
+    // Node A cut off from NATS; the device leaves with its will (DISCONNECT 0x04), and
+    // NATS stays away for longer than the will's put waits.
+    link.cut().await;
+    cluster_support::wait_ready(&a, false).await;
+    device.send(&[0xE0, 0x01, 0x04]).await;
+    tokio::time::sleep(Duration::from_millis(6500)).await;
+    link.restore().await;
+
+    let got = watcher
+        .publish_within(Duration::from_secs(20))
+        .await
+        .expect("the will");
+    assert_eq!(
+        (&got.topic[..], &got.payload[..]),
+        (&b"alice/will/device"[..], &b"gone"[..])
+    );
+    // Past the time another node would take it as overdue.
+    let again = watcher.publish_within(Duration::from_secs(18)).await;
+    assert!(again.is_none(), "the will published twice: {again:?}");
+}

@@ -24,6 +24,8 @@ use std::time::Duration;
 pub const OVERDUE: Duration = Duration::from_secs(10);
 /// How often each node looks for overdue wills among those it watches.
 const KEEP_EVERY: Duration = Duration::from_secs(5);
+/// How often a will NATS did not take is put again, until its time.
+const PUT_RETRY: Duration = Duration::from_secs(1);
 /// How long a `taken` marker stays: a node restoring a will from its store after a
 /// shorter stop finds it taken; after a longer one the will is overdue and dropped.
 const TAKEN_KEPT: Duration = Duration::from_secs(3600);
@@ -57,8 +59,55 @@ const TAKEN: &[u8] = b"taken";
 
 /// Where the pending will of session `key` (router client id `router_id`) waits besides
 /// this node: put in the bucket now, or, for a will restored from the store at start-up
-/// (`restored`), found there (or taken meanwhile) if this node put it before.
+/// (`restored`), found there (or taken meanwhile) if this node put it before. While
+/// NATS does not take it, it is tried again every [`PUT_RETRY`] until it does or the
+/// will is `due`: a will left while this node was cut off from NATS is not lost with
+/// this node once NATS is back.
 pub async fn hold(
+    shared: &Shared,
+    router_id: &str,
+    key: &SessionKey,
+    will: &PendingWill,
+    restored: bool,
+    due: tokio::time::Instant,
+) -> Held {
+    let mut tried_before = false;
+    loop {
+        match hold_once(shared, router_id, key, will, restored).await {
+            Held::Nats(revision) if tried_before => {
+                tracing::info!("cluster: delayed will put in NATS after all");
+                // Put late: its client may have come back on another node meanwhile,
+                // whose cancel found nothing in the bucket then.
+                return match shared.cluster.as_ref() {
+                    Some(c) if c.owners.claimed_elsewhere(router_id).await.is_some() => {
+                        take(shared, router_id, revision).await;
+                        Held::Taken
+                    }
+                    _ => Held::Nats(revision),
+                };
+            }
+            Held::Here if tokio::time::Instant::now() + PUT_RETRY < due => {
+                if !tried_before {
+                    tracing::warn!(
+                        "cluster: delayed will kept on this node only until NATS takes it"
+                    );
+                }
+                tried_before = true;
+                tokio::time::sleep(PUT_RETRY).await;
+            }
+            Held::Here => {
+                tracing::warn!(
+                    "cluster: delayed will kept on this node only (NATS did not take it)"
+                );
+                return Held::Here;
+            }
+            held => return held,
+        }
+    }
+}
+
+/// [`hold`], one attempt.
+async fn hold_once(
     shared: &Shared,
     router_id: &str,
     key: &SessionKey,
@@ -124,7 +173,7 @@ async fn put(
     match written {
         Ok(revision) => Some(revision),
         Err(e) => {
-            tracing::warn!(error = %e, "cluster: delayed will kept on this node only");
+            tracing::debug!(error = %e, "cluster: delayed will not put in NATS");
             None
         }
     }
