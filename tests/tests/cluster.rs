@@ -642,21 +642,7 @@ async fn a_delayed_will_outlives_its_node_and_not_its_clients_return() {
         c
     };
     for id in ["gone-dev", "back-dev"] {
-        let will = m5::LastWill::new(
-            format!("will/{id}"),
-            id,
-            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
-            false,
-            Some(m5::LastWillProperties {
-                delay_interval: Some(5),
-                payload_format_indicator: None,
-                message_expiry_interval: None,
-                content_type: None,
-                response_topic: None,
-                correlation_data: None,
-                user_properties: Vec::new(),
-            }),
-        );
+        let will = moatmq_testkit::delayed_will5(&format!("will/{id}"), id, 5);
         let (mut raw, code) = Raw::connect5(addr(&a), persistent(id), Some(will), None).await;
         assert_eq!(code, Some(m5::ConnectReturnCode::Success));
         // Not a normal DISCONNECT (0x80): the will waits for its delay.

@@ -1240,21 +1240,7 @@ async fn a_delayed_will_left_while_nats_was_away_is_published_once() {
         session_expiry_interval: Some(600),
         ..m5::ConnectProperties::new()
     });
-    let will = m5::LastWill::new(
-        "alice/will/device",
-        "gone",
-        rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
-        false,
-        Some(m5::LastWillProperties {
-            delay_interval: Some(12),
-            payload_format_indicator: None,
-            message_expiry_interval: None,
-            content_type: None,
-            response_topic: None,
-            correlation_data: None,
-            user_properties: Vec::new(),
-        }),
-    );
+    let will = moatmq_testkit::delayed_will5("alice/will/device", "gone", 12);
     let login = m5::Login::new("alice", password("alice"));
     let (mut device, code) = Raw::connect5(a.first_addr(), connect, Some(will), Some(login)).await;
     assert_eq!(code, Some(m5::ConnectReturnCode::Success));

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 #[cfg(feature = "raw")]
 mod raw;
 #[cfg(feature = "raw")]
-pub use raw::{connect4, connect5, Frame, Raw};
+pub use raw::{connect4, connect5, delayed_will5, Frame, Raw};
 
 #[cfg(feature = "broker")]
 mod broker;

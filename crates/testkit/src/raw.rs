@@ -307,6 +307,27 @@ pub fn connect5(id: &str) -> m5::Connect {
     }
 }
 
+/// An MQTT 5 will (rumqttc's type) at QoS 1, not retained, published `delay` seconds
+/// after its client leaves (will delay interval).
+pub fn delayed_will5(topic: &str, payload: &str, delay: u32) -> m5::LastWill {
+    let props = m5::LastWillProperties {
+        delay_interval: Some(delay),
+        payload_format_indicator: None,
+        message_expiry_interval: None,
+        content_type: None,
+        response_topic: None,
+        correlation_data: None,
+        user_properties: Vec::new(),
+    };
+    m5::LastWill::new(
+        topic,
+        payload.to_string(),
+        rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+        false,
+        Some(props),
+    )
+}
+
 /// An MQTT 3.1.1 CONNECT (rumqttc's type) with a clean session and a 30 s keep alive.
 pub fn connect4(id: &str) -> rumqttc::mqttbytes::v4::Connect {
     let mut c = rumqttc::mqttbytes::v4::Connect::new(id);

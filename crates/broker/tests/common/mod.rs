@@ -100,22 +100,7 @@ pub async fn with_delayed_will(addr: SocketAddr, id: &str, delay: u32, expiry: u
         session_expiry_interval: Some(expiry),
         ..m5::ConnectProperties::new()
     });
-    let props = m5::LastWillProperties {
-        delay_interval: Some(delay),
-        payload_format_indicator: None,
-        message_expiry_interval: None,
-        content_type: None,
-        response_topic: None,
-        correlation_data: None,
-        user_properties: Vec::new(),
-    };
-    let will = m5::LastWill::new(
-        format!("wills/{id}"),
-        "gone",
-        Q5::AtLeastOnce,
-        false,
-        Some(props),
-    );
+    let will = moatmq_testkit::delayed_will5(&format!("wills/{id}"), "gone", delay);
     let (raw, code) = Raw::connect5(addr, connect, Some(will), None).await;
     assert_eq!(code, Some(m5::ConnectReturnCode::Success));
     raw
