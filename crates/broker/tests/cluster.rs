@@ -7,7 +7,8 @@
 mod cluster_support;
 
 use cluster_support::{
-    node_with_acl, password, ready, wait_ready, with_key, Nats, CLUSTER_KEY, USERS,
+    forge_transfer, node_with_acl, password, ready, transfer_plaintext, wait_ready, with_key, Nats,
+    CLUSTER_KEY, USERS,
 };
 use futures_util::StreamExt;
 use moatmq_testkit::{v4, TestBroker, QUIET, WAIT};
@@ -434,17 +435,6 @@ async fn a_qos_1_puback_waits_for_the_transfer_stream_across_a_nats_restart() {
     assert!(!find(b"alice"), "the topic is sealed in the stream");
 }
 
-/// `len u32 BE | header JSON | payload`, as nodes put it in the transfer stream.
-fn transfer_plaintext(topic: &str, payload: &[u8]) -> Vec<u8> {
-    let header = format!(
-        "{{\"topic\":\"{topic}\",\"qos\":1,\"retain\":false,\"user\":\"alice\",\"client\":\"x\"}}"
-    );
-    let mut out = (header.len() as u32).to_be_bytes().to_vec();
-    out.extend_from_slice(header.as_bytes());
-    out.extend_from_slice(payload);
-    out
-}
-
 #[tokio::test]
 async fn tampered_moved_or_foreign_transfer_messages_are_refused_and_counted() {
     let nats = Nats::start().await;
@@ -526,21 +516,9 @@ async fn a_nodes_messages_stored_out_of_its_order_are_delivered_in_its_order() {
     let mut sub = login(b.first_addr(), "alice-sub", "alice").await;
     assert!(subscribe(&mut sub, "alice/#", QoS::AtLeastOnce).await);
     let js = async_nats::jetstream::new(nats.client().await);
-    let seal = cluster_seal(CLUSTER_KEY);
     let put = |n: u64| {
-        let (js, id) = (js.clone(), format!("node-x:9:{n}"));
-        let plain = transfer_plaintext("alice/t", n.to_string().as_bytes());
-        let value = seal.seal_transfer("moatmq_xfer", &id, &plain).unwrap();
-        async move {
-            let message = async_nats::jetstream::message::PublishMessage::build()
-                .message_id(id)
-                .payload(value.into());
-            js.send_publish("moatmq_xfer.node-x", message)
-                .await
-                .expect("published")
-                .await
-                .expect("stored");
-        }
+        let js = js.clone();
+        async move { forge_transfer(&js, "node-x", n, "alice/t", n.to_string().as_bytes()).await }
     };
     for n in [1, 3, 4] {
         put(n).await;

@@ -1265,3 +1265,30 @@ async fn a_delayed_will_left_while_nats_was_away_is_published_once() {
     let again = watcher.publish_within(Duration::from_secs(18)).await;
     assert!(again.is_none(), "the will published twice: {again:?}");
 }
+
+/// What a node cut off from NATS left unread for a session, read on its behalf by the
+/// node the session's client resumes on, comes in each publishing node's order even
+/// where the transfer stream stored it out of that order: node X's messages 1, 3, 4 and
+/// then 2 (one lost with X's NATS connection and sent again; written here with a NATS
+/// client, sealed as node X would) reach the resumed session as 1, 2, 3, 4. (Before:
+/// in the stream's order, 1, 3, 4, 2.)
+#[tokio::test]
+async fn a_moving_sessions_read_puts_each_nodes_messages_back_in_its_order() {
+    let nats = Nats::start().await;
+    let mut link = NatsLink::start(&nats).await;
+    let a = node_at(&link.url(), "node-a", ACL, "", |b| b).await;
+    let b = node(&nats, "node-b").await;
+    offline4(a.first_addr(), "mover", "alice", "alice/q").await;
+    parked_values(&nats, 1).await;
+    link.cut().await;
+    cluster_support::wait_ready(&a, false).await;
+
+    let js = async_nats::jetstream::new(nats.client().await);
+    for n in [1, 3, 4, 2] {
+        cluster_support::forge_transfer(&js, "node-x", n, "alice/q", n.to_string().as_bytes())
+            .await;
+    }
+    let mut mover = persistent4(b.first_addr(), "mover", "alice").await;
+    assert!(mover.connack.session_present, "resumed from node A's park");
+    assert_eq!(drain(&mut mover).await, ["1", "2", "3", "4"]);
+}

@@ -114,7 +114,7 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 async fn pass(stream: Stream, asked: Vec<Asked>) {
     let (wants, replies): (Vec<Want>, Vec<_>) =
         asked.into_iter().map(|a| (a.want, a.reply)).unzip();
-    let mut found: Vec<Vec<(QueuedMessage, bool)>> = wants.iter().map(|_| Vec::new()).collect();
+    let mut found: Vec<Vec<Found>> = wants.iter().map(|_| Vec::new()).collect();
     let from = wants.iter().map(|w| w.from).min().unwrap_or(u64::MAX);
     match stream_from(&stream.js, &stream.name, from).await {
         Ok(Some((messages, last))) => {
@@ -125,8 +125,39 @@ async fn pass(stream: Stream, asked: Vec<Asked>) {
         Err(e) => tracing::warn!("cluster: transfer stream not read for moving sessions: {e}"),
     }
     for (reply, found) in replies.into_iter().zip(found) {
-        let _ = reply.send(found);
+        let _ = reply.send(in_node_order(found));
     }
+}
+
+/// A message a read took, with its node's number for it.
+struct Found {
+    /// `<node>:<epoch>` of its id.
+    origin: Arc<str>,
+    number: u64,
+    message: QueuedMessage,
+}
+
+/// Puts each node's messages back in that node's order, in the places its messages
+/// take among the others': one stored late (lost with its node's NATS connection and
+/// sent again after later ones went out) comes where its node sent it, as this node's
+/// own consumer orders them (`order.rs`); one stored twice (sent again after the
+/// stream's duplicate window) comes once.
+fn in_node_order(found: Vec<Found>) -> Vec<(QueuedMessage, bool)> {
+    let mut places: std::collections::HashMap<Arc<str>, Vec<usize>> = Default::default();
+    for (i, f) in found.iter().enumerate() {
+        places.entry(f.origin.clone()).or_default().push(i);
+    }
+    let mut found: Vec<Option<Found>> = found.into_iter().map(Some).collect();
+    let mut out: Vec<Option<QueuedMessage>> = found.iter().map(|_| None).collect();
+    for places in places.values() {
+        let mut mine: Vec<Found> = places.iter().filter_map(|&i| found[i].take()).collect();
+        mine.sort_by_key(|f| f.number);
+        mine.dedup_by_key(|f| f.number);
+        for (&i, f) in places.iter().zip(mine) {
+            out[i] = Some(f.message);
+        }
+    }
+    out.into_iter().flatten().map(|m| (m, false)).collect()
 }
 
 /// Reads `messages` up to stream sequence `last`, each opened once, adding to
@@ -136,7 +167,7 @@ async fn take(
     mut messages: async_nats::jetstream::consumer::pull::Ordered,
     last: u64,
     wants: &[Want],
-    found: &mut [Vec<(QueuedMessage, bool)>],
+    found: &mut [Vec<Found>],
 ) {
     let deadline = tokio::time::Instant::now() + READ_WAIT;
     loop {
@@ -163,10 +194,12 @@ async fn take(
             break;
         }
         let id = xfer::message_id(&message);
-        let origin = id
-            .as_deref()
-            .and_then(|id| id.rsplit_once(':'))
-            .and_then(|(origin, first)| Some((origin.to_string(), first.parse::<u64>().ok()?)));
+        let origin =
+            id.as_deref()
+                .and_then(|id| id.rsplit_once(':'))
+                .and_then(|(origin, first)| {
+                    Some((Arc::<str>::from(origin), first.parse::<u64>().ok()?))
+                });
         let readers: Vec<usize> = (0..wants.len())
             .filter(|&i| wants[i].from <= sequence)
             .collect();
@@ -181,13 +214,17 @@ async fn take(
                             opened
                                 .iter()
                                 .enumerate()
-                                .filter(|(n, _)| {
-                                    (want.wanted)(&origin, first + *n as u64, sequence)
-                                })
-                                .filter_map(|(_, (envelope, payload))| {
-                                    queued_for(&want.session, envelope, payload, waited)
-                                })
-                                .map(|m| (m, false)),
+                                .map(|(n, m)| (first + n as u64, m))
+                                .filter(|(number, _)| (want.wanted)(&origin, *number, sequence))
+                                .filter_map(|(number, (envelope, payload))| {
+                                    let message =
+                                        queued_for(&want.session, envelope, payload, waited)?;
+                                    Some(Found {
+                                        origin: origin.clone(),
+                                        number,
+                                        message,
+                                    })
+                                }),
                         );
                     }
                 }
@@ -276,4 +313,46 @@ fn queued_for(
         properties: props.map(|p| Box::new(from_router_properties(Some(&p)))),
         expires_at,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{in_node_order, Found};
+    use moatmq_store::QueuedMessage;
+
+    fn found(origin: &str, number: u64) -> Found {
+        Found {
+            origin: origin.into(),
+            number,
+            message: QueuedMessage {
+                topic: format!("{origin}/{number}"),
+                payload: Default::default(),
+                qos: 1,
+                retain: false,
+                properties: None,
+                expires_at: None,
+            },
+        }
+    }
+
+    #[test]
+    fn each_nodes_messages_go_back_in_its_order_in_its_places_and_once() {
+        let read = vec![
+            found("x:1", 1),
+            found("y:1", 7),
+            found("x:1", 3),
+            found("x:1", 4),
+            found("y:1", 8),
+            found("x:1", 2),
+            found("x:1", 3),
+        ];
+        let topics: Vec<String> = in_node_order(read)
+            .into_iter()
+            .map(|(m, _)| m.topic)
+            .collect();
+        assert_eq!(
+            topics,
+            ["x:1/1", "y:1/7", "x:1/2", "x:1/3", "y:1/8", "x:1/4"]
+        );
+    }
 }

@@ -304,6 +304,42 @@ pub fn cluster_seal() -> moatmq_store::ClusterSeal {
     )
 }
 
+/// One transfer message's plaintext as a node writes it before sealing: alice's QoS 1
+/// publish of `payload` to `topic` (client "x").
+pub fn transfer_plaintext(topic: &str, payload: &[u8]) -> Vec<u8> {
+    let header = format!(
+        "{{\"topic\":\"{topic}\",\"qos\":1,\"retain\":false,\"user\":\"alice\",\"client\":\"x\"}}"
+    );
+    let mut out = (header.len() as u32).to_be_bytes().to_vec();
+    out.extend_from_slice(header.as_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Stores in the transfer stream, with a plain NATS client, node `node`'s (epoch 9)
+/// message number `n`: [`transfer_plaintext`] sealed with the cluster's key, as that
+/// node would.
+pub async fn forge_transfer(
+    js: &async_nats::jetstream::Context,
+    node: &str,
+    n: u64,
+    topic: &str,
+    payload: &[u8],
+) {
+    let id = format!("{node}:9:{n}");
+    let value = cluster_seal()
+        .seal_transfer("moatmq_xfer", &id, &transfer_plaintext(topic, payload))
+        .expect("sealed");
+    let message = async_nats::jetstream::message::PublishMessage::build()
+        .message_id(id)
+        .payload(value.into());
+    js.send_publish(format!("moatmq_xfer.{node}"), message)
+        .await
+        .expect("published")
+        .await
+        .expect("stored");
+}
+
 /// Subscribes an MQTT 5 client at QoS 1 and waits for the SUBACK.
 pub async fn subscribed5(c: &mut moatmq_testkit::v5::Client, filter: &str) {
     use rumqttc::v5::mqttbytes::v5::Packet;
