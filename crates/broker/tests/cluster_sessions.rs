@@ -1292,3 +1292,45 @@ async fn a_moving_sessions_read_puts_each_nodes_messages_back_in_its_order() {
     assert!(mover.connack.session_present, "resumed from node A's park");
     assert_eq!(drain(&mut mover).await, ["1", "2", "3", "4"]);
 }
+
+/// A node that queues for a parked session while it is cut off from NATS (longer than
+/// a KV write waits) parks it once NATS is back and goes on parking it: what it queued
+/// meanwhile and afterwards is in its park when it is cut off for good, and the
+/// session's client resuming on another node gets both, in order.
+#[tokio::test]
+async fn a_park_written_while_nats_was_away_goes_on_once_it_is_back() {
+    let nats = Nats::start().await;
+    let mut link = NatsLink::start(&nats).await;
+    let a = node_at(&link.url(), "node-a", ACL, "", |b| b).await;
+    let b = node(&nats, "node-b").await;
+    offline4(a.first_addr(), "parked", "alice", "alice/p").await;
+    parked_values(&nats, 1).await;
+    let publ = login4(a.first_addr(), "alice-pub", "alice").await;
+
+    // Cut off: queued here, its park writes fail (longer than a write waits).
+    link.cut().await;
+    cluster_support::wait_ready(&a, false).await;
+    publ.client
+        .publish("alice/p", QoS::AtLeastOnce, false, "while away")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    link.restore().await;
+    cluster_support::wait_ready(&a, true).await;
+
+    // Back: queued and parked.
+    publ.client
+        .publish("alice/p", QoS::AtLeastOnce, false, "once back")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    link.cut().await;
+
+    let mut back = persistent4(b.first_addr(), "parked", "alice").await;
+    assert!(back.connack.session_present, "resumed from node A's park");
+    assert_eq!(
+        drain(&mut back).await,
+        ["while away", "once back"],
+        "what node A queued while cut off and after was parked"
+    );
+}
