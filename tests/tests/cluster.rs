@@ -273,6 +273,54 @@ async fn kill_9_of_a_node_loses_no_message_any_node_acknowledged() {
     );
 }
 
+/// A retained message a node acknowledged is served by a node started after that node
+/// was killed (SIGKILL right after the last PUBACK): 2,000 retained QoS 1 messages on as
+/// many topics, published on node A as fast as its PUBACKs come (100 unacknowledged),
+/// all served by node B started afterwards. (Before, the PUBACK waited for the transfer
+/// stream only; the retained bucket's puts, one round trip each, lagged behind, and what
+/// was not written yet was lost with node A.)
+#[tokio::test]
+async fn kill_9_right_after_retained_publishes_loses_none_of_them() {
+    const N: usize = 2000;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("cluster.key");
+    moatmq_store::RetainedKey::write_new(&key).unwrap();
+    let nats = Nats::single(dir.path());
+    let a = start_node(dir.path(), &key, "node-a", &nats.url(0));
+    let mut publ = connect_ready(&a, "source").await;
+    for i in 0..N {
+        publ.client
+            .publish(format!("ret/{i}"), QoS::AtLeastOnce, true, i.to_string())
+            .await
+            .expect("publish queued");
+    }
+    for acked in 0..N {
+        let ack = publ
+            .incoming(|p| matches!(p, Packet::PubAck(_)).then_some(()))
+            .await;
+        assert!(
+            ack.is_some(),
+            "node A acknowledged {acked} of {N}\n{}",
+            a.log()
+        );
+    }
+    a.kill();
+
+    let b = start_node(dir.path(), &key, "node-b", &nats.url(0));
+    let mut sub = connect_ready(&b, "reader").await;
+    sub.subscribe_acked("ret/#").await;
+    let mut served = BTreeSet::new();
+    while let Some(p) = sub.publish_within(Duration::from_secs(3)).await {
+        served.insert(p.topic);
+    }
+    assert_eq!(
+        served.len(),
+        N,
+        "retained messages node A acknowledged and node B does not serve: {}",
+        N - served.len()
+    );
+}
+
 /// Two nodes on different servers of a three-server NATS cluster (JetStream's streams
 /// and buckets on whichever server holds them): a QoS 1 message crosses, and a
 /// persistent session moves from node to node (resumed offline, with what was queued
