@@ -56,12 +56,12 @@ use async_nats::{HeaderMap, Subscriber};
 use bytes::Bytes;
 use moatmq_config::{Cluster as ClusterConfig, Config};
 use sequencer::Sequencer;
-use state::{Change, StateSync};
+use state::StateSync;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch, Notify};
-use waiting::Numbered;
+use waiting::{Change, Numbered};
 
 /// How long sessions restored at start-up wait at most, before they are handed over,
 /// for this node's transfer consumer to read what was published while the node was

@@ -37,7 +37,7 @@
 use super::markers::{unix_nanos, until, Markers};
 use super::sequencer::Done;
 use super::sweep::{JoinRecord, Relayed, Unnamed};
-use super::waiting::{Numbered, Waiting};
+use super::waiting::{Change, Numbered, Waiting};
 use crate::metrics::Metrics;
 use crate::retained_index::RetainedIndex;
 use async_nats::jetstream::{self, kv};
@@ -62,14 +62,6 @@ const COMPACT_BATCH: usize = 64;
 /// Changes written side by side at most (each a KV put or delete awaiting JetStream's
 /// acknowledgement).
 const WINDOW: usize = 256;
-
-/// A retained change `admit` let in on this node, on its way to the bucket.
-pub enum Change {
-    /// Set or replace the message of its topic.
-    Put(RetainedMessage),
-    /// Clear the message of this topic.
-    Delete(String),
-}
 
 /// What the key marker said, for `Broker::start`.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -3,8 +3,16 @@
 //! of the changes not stored yet, which QoS 1/2 publishers' acknowledgements wait for
 //! (`Cluster::retained_stored_through`).
 
-use super::state::Change;
+use moatmq_store::RetainedMessage;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+/// A retained change `admit` let in on this node, on its way to the bucket.
+pub enum Change {
+    /// Set or replace the message of its topic.
+    Put(RetainedMessage),
+    /// Clear the message of this topic.
+    Delete(String),
+}
 
 /// A retained change numbered in admit order, on its way to the bucket's task.
 pub struct Numbered {
