@@ -10,13 +10,21 @@ use moatmq_testkit::v4;
 use rumqttc::{Event, Outgoing, Packet, QoS};
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::time::Instant;
 
 /// How long a node may take to become ready (a NATS cluster elects its JetStream
 /// leader first).
 const READY: Duration = Duration::from_secs(30);
+
+/// A test's folder with a new cluster key in it (`cluster.key`), for [`start_node`].
+fn cluster_dir() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("cluster.key");
+    moatmq_store::RetainedKey::write_new(&key).unwrap();
+    (dir, key)
+}
 
 /// `moatmq serve` as cluster node `name` of `nats_url`, in `dir/name`, with the key at
 /// `key` (copied, mode kept).
@@ -219,9 +227,7 @@ async fn receive_until(
 #[tokio::test]
 async fn kill_9_of_a_node_loses_no_message_any_node_acknowledged() {
     const N: usize = 2000;
-    let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("cluster.key");
-    moatmq_store::RetainedKey::write_new(&key).unwrap();
+    let (dir, key) = cluster_dir();
     let nats = Nats::single(dir.path());
     let a = start_node(dir.path(), &key, "node-a", &nats.url(0));
     let b = start_node(dir.path(), &key, "node-b", &nats.url(0));
@@ -282,9 +288,7 @@ async fn kill_9_of_a_node_loses_no_message_any_node_acknowledged() {
 #[tokio::test]
 async fn kill_9_right_after_retained_publishes_loses_none_of_them() {
     const N: usize = 2000;
-    let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("cluster.key");
-    moatmq_store::RetainedKey::write_new(&key).unwrap();
+    let (dir, key) = cluster_dir();
     let nats = Nats::single(dir.path());
     let a = start_node(dir.path(), &key, "node-a", &nats.url(0));
     let mut publ = connect_ready(&a, "source").await;
@@ -327,9 +331,7 @@ async fn kill_9_right_after_retained_publishes_loses_none_of_them() {
 /// for it, then taken over while connected) through the buckets.
 #[tokio::test]
 async fn a_qos_1_message_and_a_session_cross_nodes_on_different_servers_of_a_nats_cluster() {
-    let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("cluster.key");
-    moatmq_store::RetainedKey::write_new(&key).unwrap();
+    let (dir, key) = cluster_dir();
     let nats = Nats::cluster(dir.path(), 3);
     jetstream_ready(&nats, 1).await;
     let a = start_node(dir.path(), &key, "node-a", &nats.url(0));
@@ -382,9 +384,7 @@ async fn a_qos_1_message_and_a_session_cross_nodes_on_different_servers_of_a_nat
 /// the publisher is held).
 #[tokio::test]
 async fn losing_a_nats_server_loses_nothing_with_three_replicas() {
-    let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("cluster.key");
-    moatmq_store::RetainedKey::write_new(&key).unwrap();
+    let (dir, key) = cluster_dir();
     let mut nats = Nats::cluster(dir.path(), 3);
     jetstream_ready(&nats, 3).await;
     let servers = nats.urls();
@@ -463,9 +463,7 @@ impl OfflineSubscriberKilled {
     const N: usize = 900;
 
     async fn run() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let key = dir.path().join("cluster.key");
-        moatmq_store::RetainedKey::write_new(&key).unwrap();
+        let (dir, key) = cluster_dir();
         let nats = Nats::single(dir.path());
         let a = Self::node_in(dir.path(), &key, &nats, "node-a");
         let b = Self::node_in(dir.path(), &key, &nats, "node-b");
@@ -582,9 +580,7 @@ async fn kill_9_of_a_connected_subscribers_node_then_its_return_loses_nothing() 
 async fn connected_subscriber_killed(come_back: bool) {
     const N: usize = 900;
     const FIRST: usize = 100;
-    let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("cluster.key");
-    moatmq_store::RetainedKey::write_new(&key).unwrap();
+    let (dir, key) = cluster_dir();
     let nats = Nats::single(dir.path());
     let node = |name: &str| {
         start_node_in(
@@ -671,9 +667,7 @@ async fn connected_subscriber_killed(come_back: bool) {
 async fn a_delayed_will_outlives_its_node_and_not_its_clients_return() {
     use moatmq_testkit::Raw;
     use rumqttc::v5::mqttbytes::v5 as m5;
-    let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("cluster.key");
-    moatmq_store::RetainedKey::write_new(&key).unwrap();
+    let (dir, key) = cluster_dir();
     let nats = Nats::single(dir.path());
     let a = start_node(dir.path(), &key, "node-a", &nats.url(0));
     let b = start_node(dir.path(), &key, "node-b", &nats.url(0));
