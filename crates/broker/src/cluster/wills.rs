@@ -150,6 +150,12 @@ async fn put(
     will: &PendingWill,
 ) -> Option<u64> {
     let (cluster, buckets, kv_key) = at(shared, router_id)?;
+    if buckets.js.client().connection_state() != async_nats::connection::State::Connected {
+        // Not handed to async-nats, which would keep it and send it once reconnected,
+        // after its timeout: maybe after this node published the will itself.
+        tracing::debug!("cluster: delayed will not put in NATS: not connected");
+        return None;
+    }
     let seal = cluster.owners.seal();
     let stored = Stored {
         key: key.clone(),
