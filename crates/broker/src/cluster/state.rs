@@ -227,12 +227,8 @@ impl StateSync {
         loop {
             while self.client.connection_state() != async_nats::connection::State::Connected {
                 // Kept (and coalesced) meanwhile, so the queue stays free for more.
-                loop {
-                    match self.changes.try_recv() {
-                        Ok(change) => self.keep(change),
-                        Err(mpsc::error::TryRecvError::Empty) => break,
-                        Err(mpsc::error::TryRecvError::Disconnected) => return,
-                    }
+                if !self.keep_queued() {
+                    return;
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
@@ -336,9 +332,7 @@ impl StateSync {
                     Some(change) => {
                         self.keep(change);
                         // What came meanwhile is written side by side with it.
-                        while let Ok(change) = self.changes.try_recv() {
-                            self.keep(change);
-                        }
+                        self.keep_queued();
                     }
                     None => return Ended::Stopped,
                 },
@@ -490,9 +484,7 @@ impl StateSync {
     /// cleared, or put into the bucket at the first load of it (`sweep.rs`).
     fn after_load(&mut self, delivered: &HashSet<String>) {
         // Changes admitted so far are newer than the load: keep them from the sweep.
-        while let Ok(change) = self.changes.try_recv() {
-            self.keep(change);
-        }
+        self.keep_queued();
         let held = self.index.messages();
         let window = super::sweep::relayed_window(self.marker_age);
         let unnamed = super::sweep::unnamed(
@@ -623,7 +615,21 @@ impl StateSync {
                 m.cluster_dropped.inc();
             }
         }
+    }
+
+    /// Keeps every change queued now, then tells the publishers waiting how far the
+    /// changes are stored (a change dropped over the cap is done); `false` once the
+    /// broker dropped the queue.
+    fn keep_queued(&mut self) -> bool {
+        let open = loop {
+            match self.changes.try_recv() {
+                Ok(change) => self.keep(change),
+                Err(mpsc::error::TryRecvError::Empty) => break true,
+                Err(mpsc::error::TryRecvError::Disconnected) => break false,
+            }
+        };
         self.report_stored();
+        open
     }
 
     /// Tells the publishers waiting how far this node's changes are stored.
