@@ -17,6 +17,7 @@
 use crate::cluster::Forwarded;
 use crate::event::Event;
 pub use crate::inbound::Inbound;
+use crate::origin::Transfer;
 use crate::policy::Identity;
 use crate::retained::{from_router_properties, Recorded};
 use crate::retained_index::{owner_of, Refusal};
@@ -90,6 +91,18 @@ pub fn admit(
     source: Source,
     msg: Inbound<'_>,
 ) -> Result<Admitted, Refused> {
+    admit_numbered(shared, info, who, source, msg).map(|(admitted, _)| admitted)
+}
+
+/// [`admit`], with the message's place in the cluster's transfer stream when this node
+/// forwarded it there: it goes to the router with it (`origin.rs`).
+pub fn admit_numbered(
+    shared: &Shared,
+    info: &ConnInfo,
+    who: &Identity,
+    source: Source,
+    msg: Inbound<'_>,
+) -> Result<(Admitted, Option<Transfer>), Refused> {
     let limits = &shared.config.limits;
     if limits
         .max_payload_size
@@ -140,6 +153,14 @@ pub fn admit(
             }
         }
     }
+    // Queued for offline sessions and numbered for the transfer stream in one step: a
+    // session leaving for another node reads its cut between two (`Cluster::cut_for`).
+    // Messages taken in from the stream hold it from their input (`cluster_input`).
+    let _step = shared
+        .cluster
+        .as_ref()
+        .filter(|_| source != Source::Cluster && shared.durable.is_some())
+        .map(|c| c.admission());
     if let Some(book) = &shared.durable {
         let queued = book.enqueue(
             msg.topic,
@@ -159,17 +180,20 @@ pub fn admit(
         .as_ref()
         .filter(|_| source != Source::Cluster)
     {
-        match cluster.forward(who, &msg, source != Source::Native) {
-            Forwarded::Sent => {}
+        let number = match cluster.forward(who, &msg, source != Source::Native) {
+            Forwarded::Sent(number) => number,
             // Acknowledged once the transfer stream holds it (docs/cluster.md).
-            Forwarded::Awaiting if admitted == Admitted::Now => {
-                admitted = Admitted::AfterTransfer;
+            Forwarded::Awaiting(number) => {
+                if admitted == Admitted::Now {
+                    admitted = Admitted::AfterTransfer;
+                }
+                number
             }
-            Forwarded::Awaiting => {}
             Forwarded::Full => return Err(Refused::Unavailable),
-        }
+        };
+        return Ok((admitted, number.map(|n| cluster.transfer_id(n))));
     }
-    Ok(admitted)
+    Ok((admitted, None))
 }
 
 /// The write ACL in force now; a refusal is counted and audited. [`admit`] asks it of

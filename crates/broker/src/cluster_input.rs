@@ -12,10 +12,11 @@
 //! ignored (for NATS services). Apart from `cluster/` (the way out, which `Shared`
 //! holds) so that the way in can use `admit` and `Shared` freely.
 
-use crate::admit::{admit, Admitted, Refused, Source};
+use crate::admit::{admit_numbered, Admitted, Refused, Source};
 use crate::cluster::xfer::{self, Rejected, Seen};
 use crate::cluster::*;
 use crate::inbound::Inbound;
+use crate::origin::Transfer;
 use crate::policy::Identity;
 use crate::shared::{ConnInfo, Shared};
 use bytes::Bytes;
@@ -109,9 +110,8 @@ async fn run_transfer(
                 Some(at) => tokio::select! {
                     m = messages.next() => m,
                     () = tokio::time::sleep_until(at) => {
-                        for (_, (m, arrived)) in order.due(tokio::time::Instant::now()) {
-                            go_on(shared, &info, m, arrived).await;
-                        }
+                        let due = order.due(tokio::time::Instant::now());
+                        go_on_all(shared, &info, due, through(&order, taken)).await;
                         took_in(cluster, &order, taken);
                         continue;
                     }
@@ -123,7 +123,7 @@ async fn run_transfer(
             };
             match message {
                 Ok(message) => {
-                    let seq = message.info().map_or(0, |i| i.stream_sequence);
+                    let seq = sequence(&message);
                     let own = Some(cluster.node.as_str());
                     match xfer::take_in(&seal, &stream, own, &mut seen, &message) {
                         // In its node's order (`cluster/order.rs`), then each of a
@@ -142,11 +142,13 @@ async fn run_transfer(
                                         seq,
                                     };
                                     let ready = order.arrive(place, (message, arrived), now);
-                                    for (_, (m, arrived)) in ready {
-                                        go_on(shared, &info, m, arrived).await;
-                                    }
+                                    let through = through(&order, taken.max(seq));
+                                    go_on_all(shared, &info, ready, through).await;
                                 }
-                                None => go_on(shared, &info, message, arrived).await,
+                                None => {
+                                    let through = through(&order, taken.max(seq));
+                                    go_on(shared, &info, message, arrived, through).await;
+                                }
                             }
                         }
                         Ok(_) | Err(Rejected::Own) => ack(&message).await,
@@ -174,21 +176,57 @@ async fn run_transfer(
     }
 }
 
-/// Admits the messages of one stream message, in order, and acknowledges it (once what
-/// it queued for offline sessions is saved, if it must wait for that).
+/// [`go_on`] with each of `ready`, in order, the stream counted as taken in up to
+/// `through` at most and below each one not yet admitted.
+async fn go_on_all<K>(
+    shared: &Arc<Shared>,
+    info: &ConnInfo,
+    ready: Vec<(K, (async_nats::jetstream::Message, Vec<xfer::Arrived>))>,
+    through: u64,
+) {
+    let mut rest: Vec<u64> = ready.iter().map(|(_, (m, _))| sequence(m)).collect();
+    for (_, (m, arrived)) in ready {
+        rest.remove(0);
+        let below = rest
+            .iter()
+            .min()
+            .map_or(through, |s| through.min(s.saturating_sub(1)));
+        go_on(shared, info, m, arrived, below).await;
+    }
+}
+
+/// Admits the messages of one stream message, in order, counts the stream as taken in
+/// up to `through` in the same step (see `Cluster::cut_for`), and acknowledges it
+/// (once what it queued for offline sessions is saved, if it must wait for that).
 async fn go_on(
     shared: &Arc<Shared>,
     info: &ConnInfo,
     message: async_nats::jetstream::Message,
     arrived: Vec<xfer::Arrived>,
+    through: u64,
 ) {
     // Counted down by the time it spent in the stream until now (it may have waited
     // for its node's earlier messages); never less than at its arrival, should the
     // wall clock step back meanwhile.
     let waited = xfer::time_in_stream(&message);
+    // Each message's place: its node's origin and number (a batch's are consecutive).
+    let id = xfer::message_id(&message);
+    let first = id.as_deref().and_then(numbered);
     let mut save = false;
-    for m in arrived {
-        save |= transferred(shared, info, m.envelope, m.payload, waited.max(m.waited));
+    // The input runs only with a cluster.
+    if let Some(cluster) = &shared.cluster {
+        let first =
+            first.map(|(node, epoch, first)| Transfer::new(&format!("{node}:{epoch}"), first));
+        let _step = cluster.admission();
+        for (i, m) in arrived.into_iter().enumerate() {
+            let id = first.map(|f| Transfer {
+                origin: f.origin,
+                number: f.number + i as u64,
+            });
+            let waited = waited.max(m.waited);
+            save |= transferred(shared, info, m.envelope, m.payload, waited, id);
+        }
+        cluster.took_in(through);
     }
     if save {
         ack_once_saved(shared.clone(), message);
@@ -205,10 +243,19 @@ async fn ack(message: &async_nats::jetstream::Message) {
 
 /// The stream is taken in up to `taken`, below what is held.
 fn took_in(cluster: &Cluster, order: &Order<impl Sized>, taken: u64) {
-    let through = order
+    cluster.took_in(through(order, taken));
+}
+
+/// `taken`, or below the lowest stream sequence `order` holds.
+fn through(order: &Order<impl Sized>, taken: u64) -> u64 {
+    order
         .lowest_held()
-        .map_or(taken, |held| taken.min(held.saturating_sub(1)));
-    cluster.took_in(through);
+        .map_or(taken, |held| taken.min(held.saturating_sub(1)))
+}
+
+/// The stream sequence of `message` (0 if not a JetStream message).
+fn sequence(message: &async_nats::jetstream::Message) -> u64 {
+    message.info().map_or(0, |i| i.stream_sequence)
 }
 
 /// `(node, epoch, number)` of a message id `<node>:<epoch>:<number>`.
@@ -303,6 +350,7 @@ fn transferred(
     envelope: xfer::Envelope,
     payload: Bytes,
     waited: Duration,
+    id: Option<Transfer>,
 ) -> bool {
     let topic = envelope.topic;
     if !crate::topic::valid_topic_name(&topic, shared.config.limits.max_topic_levels)
@@ -327,12 +375,26 @@ fn transferred(
         info,
         &who,
         Source::Cluster,
-        topic,
-        payload,
-        xfer::qos_of(envelope.qos),
-        envelope.retain,
-        props,
+        Message {
+            topic,
+            payload,
+            qos: xfer::qos_of(envelope.qos),
+            retain: envelope.retain,
+            props,
+            id,
+        },
     )
+}
+
+/// A message taken in from NATS, with its place in the transfer stream when it comes
+/// from there (a NATS-native one gets its place as this node forwards it).
+struct Message {
+    topic: String,
+    payload: Bytes,
+    qos: QoS,
+    retain: bool,
+    props: Option<rumqttd::protocol::PublishProperties>,
+    id: Option<Transfer>,
 }
 
 /// One message from NATS on a live subject, which the queue gave to this node alone: a
@@ -382,34 +444,29 @@ fn receive(shared: &Shared, cluster: &Cluster, info: &ConnInfo, message: async_n
     // Admitted as this node's own client's would be: forwarded through the transfer
     // stream, which brings it to the other nodes and to the shared groups' consumers.
     // Nobody waits for its acknowledgement (core NATS gave it at most once).
-    let _ = take_in(
-        shared,
-        info,
-        &who,
-        Source::Native,
+    let message = Message {
         topic,
-        message.payload,
+        payload: message.payload,
         qos,
         retain,
         props,
-    );
+        id: None,
+    };
+    let _ = take_in(shared, info, &who, Source::Native, message);
 }
 
 /// Admits a message from the cluster and hands it to the router; `true` if what it
 /// queued for offline sessions (or the retained store) is to be saved before the
 /// message is acknowledged.
-#[allow(clippy::too_many_arguments)] // reason: the fields of one message, each named once
-fn take_in(
-    shared: &Shared,
-    info: &ConnInfo,
-    who: &Identity,
-    source: Source,
-    topic: String,
-    payload: Bytes,
-    qos: QoS,
-    retain: bool,
-    props: Option<rumqttd::protocol::PublishProperties>,
-) -> bool {
+fn take_in(shared: &Shared, info: &ConnInfo, who: &Identity, source: Source, m: Message) -> bool {
+    let Message {
+        topic,
+        payload,
+        qos,
+        retain,
+        props,
+        id,
+    } = m;
     // Properties mean an MQTT 5 publisher: a retained copy keeps them, as on one node.
     let inbound = Inbound {
         topic: &topic,
@@ -423,12 +480,14 @@ fn take_in(
     // most once, and nobody is owed an acknowledgement.
     // Until the router has it (`SessionBook::admitting`), as for a client's publish.
     let _routing = shared.durable.as_ref().map(|book| book.admitting());
-    match admit(shared, info, who, source, inbound) {
-        Ok(admitted @ (Admitted::Now | Admitted::AfterSave | Admitted::AfterTransfer)) => {
+    match admit_numbered(shared, info, who, source, inbound) {
+        Ok((admitted, forwarded)) => {
             shared.metrics.cluster_received.inc();
+            let topic = Bytes::from(topic.into_bytes());
+            let id = id.or(forwarded);
             shared
                 .router
-                .publish(Bytes::from(topic.into_bytes()), payload, qos, retain, props);
+                .publish_as(topic, payload, qos, retain, props, id);
             admitted == Admitted::AfterSave
         }
         Err(Refused::Unavailable) => {

@@ -18,6 +18,12 @@
 //! publishes pay for it: a user property naming the connection ([`ORIGIN_KEY`]),
 //! flagged in the byte so other gateways look for it only then. A client cannot forge
 //! it: the publisher's gateway removes any property of that name the client sent.
+//!
+//! With `[cluster]`, each message also names its place in the cluster's transfer stream
+//! ([`Transfer`]: its node's origin and number there), in a user property of its own
+//! ([`ID_KEY`], flagged likewise): a session that moved to this node got what was
+//! published while it moved from the stream (`cluster/unread.rs`), and its gateway
+//! skips the router's copy of each message it got that way (exactly once for QoS 2).
 
 use rumqttd::protocol::{PublishProperties, QoS};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,9 +35,14 @@ const CLIENT_SET: u8 = 0x02;
 const QOS_SHIFT: u8 = 2;
 const RETAIN: u8 = 0x10;
 const TAGGED: u8 = 0x20;
+const IDENTIFIED: u8 = 0x40;
 
 /// The user property naming the publishing connection (see the module notes).
 pub const ORIGIN_KEY: &str = "$moatmq-origin";
+
+/// The user property naming a message's place in the transfer stream (see the module
+/// notes).
+pub const ID_KEY: &str = "$moatmq-id";
 
 /// What the publisher sent, as its gateway recorded it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,6 +51,36 @@ pub struct Published {
     pub retain: bool,
     /// The publishing connection, when it holds a matching No Local subscription.
     pub connection: Option<u64>,
+    /// Its place in the cluster's transfer stream, with `[cluster]`.
+    pub id: Option<Transfer>,
+}
+
+/// A message's identity in the cluster's transfer stream: the origin (`<node>:<epoch>`)
+/// of the node that admitted it, hashed (within this process), and its number there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Transfer {
+    pub origin: u64,
+    pub number: u64,
+}
+
+impl Transfer {
+    pub fn new(origin: &str, number: u64) -> Transfer {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        origin.hash(&mut h);
+        Transfer {
+            origin: h.finish(),
+            number,
+        }
+    }
+
+    fn parse(value: &str) -> Option<Transfer> {
+        let (origin, number) = value.split_once(':')?;
+        Some(Transfer {
+            origin: u64::from_str_radix(origin, 16).ok()?,
+            number: number.parse().ok()?,
+        })
+    }
 }
 
 /// A number for each connection of this process, for No Local.
@@ -53,7 +94,8 @@ pub fn mark(props: &mut Option<PublishProperties>, published: &Published) {
     let p = props.get_or_insert_with(PublishProperties::default);
     // A client's own property of our name never travels (it could silence others).
     if !p.user_properties.is_empty() {
-        p.user_properties.retain(|(k, _)| k != ORIGIN_KEY);
+        p.user_properties
+            .retain(|(k, _)| k != ORIGIN_KEY && k != ID_KEY);
     }
     let mut byte = MARKED | ((published.qos as u8) << QOS_SHIFT);
     if let Some(v) = p.payload_format_indicator {
@@ -66,6 +108,11 @@ pub fn mark(props: &mut Option<PublishProperties>, published: &Published) {
         byte |= TAGGED;
         p.user_properties
             .push((ORIGIN_KEY.to_owned(), c.to_string()));
+    }
+    if let Some(id) = published.id {
+        byte |= IDENTIFIED;
+        p.user_properties
+            .push((ID_KEY.to_owned(), format!("{:x}:{}", id.origin, id.number)));
     }
     p.payload_format_indicator = Some(byte);
 }
@@ -88,6 +135,12 @@ pub fn take(props: &mut Option<PublishProperties>) -> Option<Published> {
             connection = p.user_properties.remove(i).1.parse().ok();
         }
     }
+    let mut id = None;
+    if byte & IDENTIFIED != 0 {
+        if let Some(i) = p.user_properties.iter().position(|(k, _)| k == ID_KEY) {
+            id = Transfer::parse(&p.user_properties.remove(i).1);
+        }
+    }
     if *p == PublishProperties::default() {
         *props = None;
     }
@@ -95,6 +148,7 @@ pub fn take(props: &mut Option<PublishProperties>) -> Option<Published> {
         qos,
         retain: byte & RETAIN != 0,
         connection,
+        id,
     })
 }
 
@@ -106,12 +160,18 @@ mod tests {
     fn a_marked_message_gives_back_what_was_published_and_the_clients_properties() {
         for qos in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce] {
             for retain in [false, true] {
-                for connection in [None, Some(7u64)] {
+                for (connection, id) in [
+                    (None, None),
+                    (Some(7u64), None),
+                    (None, Some(Transfer::new("n:1", 9))),
+                    (Some(7), Some(Transfer::new("n:2", u64::MAX))),
+                ] {
                     for client_pfi in [None, Some(0u8), Some(1)] {
                         let published = Published {
                             qos,
                             retain,
                             connection,
+                            id,
                         };
                         let sent = client_pfi.map(|v| PublishProperties {
                             payload_format_indicator: Some(v),
@@ -131,7 +191,11 @@ mod tests {
     #[test]
     fn a_clients_origin_property_is_dropped_and_unmarked_messages_are_left_alone() {
         let forged = PublishProperties {
-            user_properties: vec![(ORIGIN_KEY.into(), "3".into()), ("k".into(), "v".into())],
+            user_properties: vec![
+                (ORIGIN_KEY.into(), "3".into()),
+                (ID_KEY.into(), "1:2".into()),
+                ("k".into(), "v".into()),
+            ],
             ..Default::default()
         };
         let mut props = Some(forged.clone());
@@ -139,9 +203,11 @@ mod tests {
             qos: QoS::AtLeastOnce,
             retain: false,
             connection: None,
+            id: None,
         };
         mark(&mut props, &published);
-        assert_eq!(take(&mut props).unwrap().connection, None);
+        let taken = take(&mut props).unwrap();
+        assert_eq!((taken.connection, taken.id), (None, None));
         assert_eq!(
             props.unwrap().user_properties,
             vec![("k".into(), "v".into())]

@@ -260,12 +260,27 @@ impl RouterHandle {
         payload: Bytes,
         qos: QoS,
         retain: bool,
+        properties: Option<PublishProperties>,
+    ) {
+        self.publish_as(topic, payload, qos, retain, properties, None);
+    }
+
+    /// [`Router::publish`] of a message with its place `id` in the cluster's transfer
+    /// stream (`origin.rs`).
+    pub fn publish_as(
+        &self,
+        topic: Bytes,
+        payload: Bytes,
+        qos: QoS,
+        retain: bool,
         mut properties: Option<PublishProperties>,
+        id: Option<crate::origin::Transfer>,
     ) {
         let published = crate::origin::Published {
             qos,
             retain,
             connection: None,
+            id,
         };
         crate::origin::mark(&mut properties, &published);
         let Ok(mut link) = self.internal.lock() else {

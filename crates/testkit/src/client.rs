@@ -98,28 +98,50 @@ macro_rules! client_module {
                     retain: bool,
                     payload: impl AsRef<[u8]>,
                 ) {
+                    self.publish_at(mq::mqttbytes::QoS::AtLeastOnce, topic, retain, payload)
+                        .await;
+                }
+
+                /// Publishes at QoS 1 or 2 and waits for the broker's PUBACK, or for
+                /// its PUBCOMP (rumqttc answers the PUBREC itself).
+                pub async fn publish_at(
+                    &mut self,
+                    qos: mq::mqttbytes::QoS,
+                    topic: impl Into<String>,
+                    retain: bool,
+                    payload: impl AsRef<[u8]>,
+                ) {
                     let topic = topic.into();
                     self.client
-                        .publish(
-                            topic.clone(),
-                            mq::mqttbytes::QoS::AtLeastOnce,
-                            retain,
-                            payload.as_ref().to_vec(),
-                        )
+                        .publish(topic.clone(), qos, retain, payload.as_ref().to_vec())
                         .await
                         .expect("publish queued");
+                    let two = qos == mq::mqttbytes::QoS::ExactlyOnce;
                     let acked = self
-                        .incoming(|p| matches!(p, Incoming::PubAck(..)).then_some(()))
+                        .incoming(|p| match p {
+                            Incoming::PubAck(..) => (!two).then_some(()),
+                            Incoming::PubComp(..) => two.then_some(()),
+                            _ => None,
+                        })
                         .await;
-                    assert!(acked.is_some(), "no PUBACK for {topic} within {WAIT:?}");
+                    assert!(
+                        acked.is_some(),
+                        "no acknowledgement for {topic} within {WAIT:?}"
+                    );
                 }
 
                 /// Subscribes at QoS 1 and waits for the SUBACK, so what is published
                 /// from then on is routed to this client (granted or not: check the
                 /// codes with a raw client where that matters).
                 pub async fn subscribe_acked(&mut self, filter: &str) {
+                    self.subscribe_at(filter, mq::mqttbytes::QoS::AtLeastOnce)
+                        .await;
+                }
+
+                /// [`Self::subscribe_acked`] at `qos`.
+                pub async fn subscribe_at(&mut self, filter: &str, qos: mq::mqttbytes::QoS) {
                     self.client
-                        .subscribe(filter, mq::mqttbytes::QoS::AtLeastOnce)
+                        .subscribe(filter, qos)
                         .await
                         .expect("subscribe queued");
                     let acked = self

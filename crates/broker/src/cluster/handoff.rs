@@ -63,9 +63,15 @@ pub async fn give(
     crate::session_expiry::cancel(shared, router_id);
     // The session goes on elsewhere: its client is not gone for good.
     shared.delayed_wills.cancel(router_id);
-    // Read before the session leaves the offline sessions `admit` queues for: what it
+    // Read as the session leaves the offline sessions `admit` queues for: what it
     // names is in what is taken; the taking node reads what came after (`unread.rs`).
-    let cut = shared.cluster.as_ref().map(|c| c.cut_for(router_id));
+    let cut = shared.cluster.as_ref().map(|c| {
+        c.cut_for(router_id, || {
+            if let Some(book) = &shared.durable {
+                book.stop_queueing(key);
+            }
+        })
+    });
     let (session, ids, open) = match &shared.durable {
         Some(book) => match book.take(key).await {
             Some(t) => (Some((t.meta, t.messages)), t.ids, t.open),
@@ -302,7 +308,7 @@ async fn install(
     }
     let Some(through) = parked_through else {
         if let Some(cut) = cut {
-            read_after_cut(shared, claim, key, &meta, &cut).await;
+            read_after_cut(shared, claim, router_id, key, &meta, &cut).await;
         }
         return Received::Installed;
     };
@@ -311,7 +317,7 @@ async fn install(
         // had everything up to `cut` (`gateway/checkpoint.rs`): what came after,
         // delivered there or not, is read from the stream. (Its transfer consumer took
         // and acknowledged what its router then held for the client.)
-        let read = read_after_cut(shared, claim, key, &meta, &cut).await;
+        let read = read_after_cut(shared, claim, router_id, key, &meta, &cut).await;
         return Received::Parked(ParkedResume { through, read });
     }
     let mut read = ReadOnBehalf::default();
@@ -321,7 +327,12 @@ async fn install(
         // Subscribed here now: what the stream gets from here on comes through this
         // node's own consumer.
         let read_for = super::unread::ReadFor::of(shared, cluster, buckets, node, key, &meta);
-        let mut unread = super::unread::read(read_for).await;
+        let found = super::unread::read(read_for).await;
+        // Some may reach this node's router too, through its own consumer: skipped
+        // there (`origin.rs`).
+        cluster.moved_in(router_id, found.iter().map(|r| r.id).collect());
+        let mut unread: Vec<(moatmq_store::QueuedMessage, bool)> =
+            found.into_iter().map(|r| (r.message, false)).collect();
         // What the park brought already is not queued twice (one equal message left
         // out per message parked): duplicates would count against the session's
         // queue limit and push out the newest.
@@ -348,6 +359,7 @@ async fn install(
 async fn read_after_cut(
     shared: &Shared,
     claim: &OwnerClaim,
+    router_id: &str,
     key: &SessionKey,
     meta: &moatmq_store::SessionMeta,
     cut: &super::Cut,
@@ -370,7 +382,13 @@ async fn read_after_cut(
     }
     let node = claim.previous.as_deref().unwrap_or(cut.origin.as_str());
     let read_for = super::unread::ReadFor::of(shared, cluster, &claim.buckets, node, key, meta);
-    let missed = super::unread::after_cut(read_for, cut, &here).await;
+    let read = super::unread::after_cut(read_for, cut, &here).await;
+    // The router may forward some of these to the session's connection too (this
+    // node's own held back for the transfer stream, or any that reached the router
+    // after the session's subscriptions): it skips those (`origin.rs`).
+    cluster.moved_in(router_id, read.iter().map(|r| r.id).collect());
+    let missed: Vec<(moatmq_store::QueuedMessage, bool)> =
+        read.into_iter().map(|r| (r.message, false)).collect();
     if missed.is_empty() {
         return ReadOnBehalf::default();
     }

@@ -50,6 +50,7 @@ pub use subject::{to_subject, to_topic};
 use crate::error::BrokerError;
 use crate::inbound::Inbound;
 use crate::metrics::Metrics;
+use crate::origin::Transfer;
 use crate::policy::Identity;
 use crate::retained_index::{owner_of, RetainedIndex};
 use async_nats::{HeaderMap, Subscriber};
@@ -57,6 +58,7 @@ use bytes::Bytes;
 use moatmq_config::{Cluster as ClusterConfig, Config};
 use sequencer::Sequencer;
 use state::StateSync;
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -155,6 +157,18 @@ pub struct Cluster {
     /// another node collected what the router had for it, by router client id: the
     /// handoff's cut is never later (`handoff::give`).
     closed_cuts: std::sync::Mutex<std::collections::HashMap<String, Cut>>,
+    /// Held shared by each admission from before it queues a message for offline
+    /// sessions until the message is numbered (or counted in [`Cluster::took_in`]), and
+    /// alone by a session leaving the offline sessions for another node while it reads
+    /// its cut ([`Cluster::cut_for`]): every message is then on one side of the cut,
+    /// queued for the session here or read by the new node, never both.
+    admissions: std::sync::RwLock<()>,
+    /// The places in the transfer stream of what sessions moving here got from it
+    /// (`handoff::read_after_cut`), by router client id, until their connection takes
+    /// them: it skips the router's copies of those (`origin.rs`).
+    moving_in: std::sync::Mutex<std::collections::HashMap<String, HashSet<Transfer>>>,
+    /// This node's origin hashed, for [`Transfer`]s of its own messages.
+    origin_id: u64,
 }
 
 impl Drop for Cluster {
@@ -178,10 +192,11 @@ pub struct Input {
 /// Whether a message `admit` let in waits for the transfer stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Forwarded {
-    /// Queued (or kept local): nothing to wait for.
-    Sent,
-    /// Queued: its QoS 1/2 acknowledgement waits for [`Cluster::transferred`].
-    Awaiting,
+    /// Queued with this number (or kept local: `None`): nothing to wait for.
+    Sent(Option<u64>),
+    /// Queued with this number: its QoS 1/2 acknowledgement waits for
+    /// [`Cluster::transferred_through`] it.
+    Awaiting(Option<u64>),
     /// The queue is full: a QoS 1/2 message must not be acknowledged.
     Full,
 }
@@ -319,6 +334,7 @@ impl Cluster {
             Arc::downgrade(&metrics),
             max_payload.clone(),
         );
+        let origin_id = Transfer::new(&origin, 0).origin;
         tokio::spawn(output.run(queue));
         let (changes, stored, queue) = sequencer::sequencer(STATE_QUEUE);
         let (checked, key_check) = watch::channel(KeyCheck::Pending);
@@ -390,6 +406,9 @@ impl Cluster {
                 final_cut: std::sync::Mutex::new(None),
                 held_back: std::sync::Mutex::new(std::collections::HashMap::new()),
                 closed_cuts: std::sync::Mutex::new(std::collections::HashMap::new()),
+                admissions: std::sync::RwLock::new(()),
+                moving_in: std::sync::Mutex::new(std::collections::HashMap::new()),
+                origin_id,
             },
             Input {
                 live: subscriber,
@@ -479,7 +498,7 @@ impl Cluster {
                 "cluster: topic has no NATS subject; kept local"
             );
             self.kept_local(msg);
-            return Forwarded::Sent;
+            return Forwarded::Sent(None);
         };
         let awaited = msg.qos != rumqttd::protocol::QoS::AtMostOnce;
         if msg.retain && !self.store_retained(who, msg) && awaited {
@@ -492,10 +511,10 @@ impl Cluster {
                 self.metrics.cluster_dropped.inc();
                 tracing::debug!("cluster: forwarding queue full; message kept local");
                 self.kept_local(msg);
-                Forwarded::Sent
+                Forwarded::Sent(None)
             }
-            (Forwarded::Sent, rumqttd::protocol::QoS::AtMostOnce) => Forwarded::Sent,
-            (Forwarded::Sent, _) => Forwarded::Awaiting,
+            (sent @ Forwarded::Sent(_), rumqttd::protocol::QoS::AtMostOnce) => sent,
+            (Forwarded::Sent(number), _) => Forwarded::Awaiting(number),
             (other, _) => other,
         }
     }
@@ -539,15 +558,17 @@ impl Cluster {
     /// the offline sessions `admit` queues for: what it names was queued for it here.
     pub(crate) fn cut(&self) -> Cut {
         let held = self.held_back.lock().unwrap_or_else(|e| e.into_inner());
-        let stream = self.input_through.load(Ordering::Acquire);
         // This node's own messages are in its router once no connection holds them
         // back: the cut names only those. One held back may be anywhere in the stream
         // after where this node's input stood when it was numbered.
-        let last = self.forward.last();
-        let forwarded = held
-            .values()
-            .map(|&(lowest, _)| lowest.saturating_sub(1))
-            .fold(last, u64::min);
+        let lowest = held.values().map(|&(lowest, _)| lowest.saturating_sub(1));
+        self.cut_below(&held, lowest.fold(u64::MAX, u64::min))
+    }
+
+    /// [`Cluster::cut`] naming this node's own messages up to `forwarded` at most.
+    fn cut_below(&self, held: &std::collections::HashMap<u64, (u64, u64)>, below: u64) -> Cut {
+        let stream = self.input_through.load(Ordering::Acquire);
+        let forwarded = self.forward.last().min(below);
         let own_from = held.values().map(|&(_, from)| from).fold(stream, u64::min);
         Cut {
             stream,
@@ -555,6 +576,40 @@ impl Cluster {
             forwarded,
             own_from,
         }
+    }
+
+    /// The place of this node's own message `number` in the transfer stream.
+    pub fn transfer_id(&self, number: u64) -> Transfer {
+        Transfer {
+            origin: self.origin_id,
+            number,
+        }
+    }
+
+    /// What the session `router_id` moving here got from the transfer stream
+    /// (`ids`, added to what it got before): its next connection skips the router's
+    /// copies of those.
+    pub(crate) fn moved_in(&self, router_id: &str, ids: HashSet<Transfer>) {
+        if ids.is_empty() {
+            return;
+        }
+        let mut moved = self.moving_in.lock().unwrap_or_else(|e| e.into_inner());
+        moved.entry(router_id.to_string()).or_default().extend(ids);
+    }
+
+    /// For the connection of `router_id`: what [`Cluster::moved_in`] noted for it.
+    pub(crate) fn take_moved_in(&self, router_id: &str) -> Option<HashSet<Transfer>> {
+        self.moving_in
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(router_id)
+    }
+
+    /// An admission that may queue a message for offline sessions (`admit`): held
+    /// until the message is numbered for the transfer stream, or, for one taken in
+    /// from it, until [`Cluster::took_in`] counts it.
+    pub(crate) fn admission(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.admissions.read().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The connection of session `router_id`, which moved to another node, collects
@@ -567,10 +622,20 @@ impl Cluster {
             .insert(router_id.to_string(), cut);
     }
 
-    /// [`Cluster::cut`] for the handoff of session `router_id`: not later than where
-    /// its moved connection collected the router's messages.
-    pub(crate) fn cut_for(&self, router_id: &str) -> Cut {
-        let mut cut = self.cut();
+    /// Where this node's traffic stands as the session `router_id` leaves the offline
+    /// sessions for another node (`leave` takes it out): between two admissions, so each
+    /// message this node numbered or took in up to the cut was queued for the session
+    /// if it matched, and none after it. Messages held back from the router count as
+    /// numbered: an offline session has its copies in the store, not from the router.
+    /// Not later than where its moved connection collected the router's messages
+    /// ([`Cluster::closing_moved`]).
+    pub(crate) fn cut_for(&self, router_id: &str, leave: impl FnOnce()) -> Cut {
+        let mut cut = {
+            let _alone = self.admissions.write().unwrap_or_else(|e| e.into_inner());
+            leave();
+            let held = self.held_back.lock().unwrap_or_else(|e| e.into_inner());
+            self.cut_below(&held, u64::MAX)
+        };
         let closed = self
             .closed_cuts
             .lock()
@@ -629,13 +694,13 @@ impl Cluster {
         if let Some(user) = &who.username {
             if !printable(user) {
                 self.kept_local(msg);
-                return Forwarded::Sent;
+                return Forwarded::Sent(None);
             }
             headers.insert(USER, user.as_str());
         }
         if !printable(&who.client_id) {
             self.kept_local(msg);
-            return Forwarded::Sent;
+            return Forwarded::Sent(None);
         }
         headers.insert(CLIENT, who.client_id.as_str());
         let props = msg.properties.and_then(properties::encode);
@@ -657,7 +722,7 @@ impl Cluster {
             envelope,
         });
         match sent {
-            Some(_) => Forwarded::Sent,
+            Some(number) => Forwarded::Sent(Some(number)),
             None => Forwarded::Full,
         }
     }

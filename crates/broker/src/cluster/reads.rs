@@ -4,6 +4,7 @@
 
 use super::xfer;
 use crate::metrics::Metrics;
+use crate::origin::Transfer;
 use crate::retained::from_router_properties;
 use futures_util::StreamExt;
 use moatmq_store::{ClusterSeal, QueuedMessage, SessionKey, SessionMeta};
@@ -44,7 +45,13 @@ pub(super) struct Stream {
 /// A read waiting for its pass.
 struct Asked {
     want: Want,
-    reply: oneshot::Sender<Vec<(QueuedMessage, bool)>>,
+    reply: oneshot::Sender<Vec<Read>>,
+}
+
+/// A message a read took for a session, as queued for it, and its place in the stream.
+pub(super) struct Read {
+    pub(super) message: QueuedMessage,
+    pub(super) id: Transfer,
 }
 
 /// The reads of the transfer stream this node makes for sessions moving in, combined:
@@ -80,12 +87,7 @@ impl Reads {
     /// message taken if `want.wanted` and the session's subscriptions take it, at the
     /// QoS granted, its expiry counted down by its time in the stream, in order, for at
     /// most [`READ_WAIT`]; empty if the stream cannot be read (logged).
-    pub(super) async fn read(
-        &self,
-        kind: Kind,
-        stream: Stream,
-        want: Want,
-    ) -> Vec<(QueuedMessage, bool)> {
+    pub(super) async fn read(&self, kind: Kind, stream: Stream, want: Want) -> Vec<Read> {
         let passes = match kind {
             Kind::AfterCut => &self.after_cut,
             Kind::OnBehalf => &self.on_behalf,
@@ -142,22 +144,30 @@ struct Found {
 /// sent again after later ones went out) comes where its node sent it, as this node's
 /// own consumer orders them (`order.rs`); one stored twice (sent again after the
 /// stream's duplicate window) comes once.
-fn in_node_order(found: Vec<Found>) -> Vec<(QueuedMessage, bool)> {
+fn in_node_order(found: Vec<Found>) -> Vec<Read> {
     let mut places: std::collections::HashMap<Arc<str>, Vec<usize>> = Default::default();
     for (i, f) in found.iter().enumerate() {
         places.entry(f.origin.clone()).or_default().push(i);
     }
     let mut found: Vec<Option<Found>> = found.into_iter().map(Some).collect();
-    let mut out: Vec<Option<QueuedMessage>> = found.iter().map(|_| None).collect();
-    for places in places.values() {
+    let mut out: Vec<Option<Read>> = found.iter().map(|_| None).collect();
+    for (origin, places) in &places {
+        let origin = Transfer::new(origin, 0).origin;
         let mut mine: Vec<Found> = places.iter().filter_map(|&i| found[i].take()).collect();
         mine.sort_by_key(|f| f.number);
         mine.dedup_by_key(|f| f.number);
         for (&i, f) in places.iter().zip(mine) {
-            out[i] = Some(f.message);
+            let id = Transfer {
+                origin,
+                number: f.number,
+            };
+            out[i] = Some(Read {
+                message: f.message,
+                id,
+            });
         }
     }
-    out.into_iter().flatten().map(|m| (m, false)).collect()
+    out.into_iter().flatten().collect()
 }
 
 /// Reads `messages` up to stream sequence `last`, each opened once, adding to
@@ -348,7 +358,7 @@ mod tests {
         ];
         let topics: Vec<String> = in_node_order(read)
             .into_iter()
-            .map(|(m, _)| m.topic)
+            .map(|r| r.message.topic)
             .collect();
         assert_eq!(
             topics,

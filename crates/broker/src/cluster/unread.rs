@@ -8,10 +8,11 @@
 //! what matches to the session.
 
 use super::owner::Buckets;
+pub(super) use super::reads::Read;
 use super::reads::{Kind, Session, Stream, Want};
 use super::xfer;
 use super::Cut;
-use moatmq_store::{QueuedMessage, SessionKey, SessionMeta};
+use moatmq_store::{SessionKey, SessionMeta};
 use std::sync::Arc;
 
 /// Where to read and what for.
@@ -53,7 +54,7 @@ impl<'a> ReadFor<'a> {
 /// consumers of their own), at the QoS granted, their expiry counted down by their time
 /// in the stream, in order. Empty if the node's consumer is gone (removed after the
 /// stream's `transfer_max_age` without the node) or cannot be read.
-pub async fn read(r: ReadFor<'_>) -> Vec<(QueuedMessage, bool)> {
+pub async fn read(r: ReadFor<'_>) -> Vec<Read> {
     let stream_name = xfer::stream_name(&r.cluster.prefix);
     let js = &r.buckets.js;
     let consumer: Result<async_nats::jetstream::consumer::PullConsumer, _> =
@@ -88,7 +89,7 @@ pub async fn read(r: ReadFor<'_>) -> Vec<(QueuedMessage, bool)> {
 /// had taken in or sent itself before the session was subscribed here (what came later
 /// reached the session through the router). Matched as [`read`] matches; empty if the
 /// stream cannot be read (logged).
-pub async fn after_cut(r: ReadFor<'_>, cut: &Cut, here: &Cut) -> Vec<(QueuedMessage, bool)> {
+pub async fn after_cut(r: ReadFor<'_>, cut: &Cut, here: &Cut) -> Vec<Read> {
     let old_node = node_of(&cut.origin).to_string();
     let this_node = node_of(&here.origin).to_string();
     let from = cut.stream.min(cut.own_from) + 1;
@@ -126,7 +127,7 @@ async fn read_from(
     kind: Kind,
     from: u64,
     wanted: impl Fn(&str, u64, u64) -> bool + Send + Sync + 'static,
-) -> Vec<(QueuedMessage, bool)> {
+) -> Vec<Read> {
     let cluster = r.cluster;
     let want = Want {
         from,

@@ -634,10 +634,16 @@ impl SessionBook {
         self.send(Job::Remove(key.clone()));
     }
 
+    /// No message is queued for the session of `key` from now on (it leaves for
+    /// another node: [`SessionBook::take`] follows).
+    pub fn stop_queueing(&self, key: &SessionKey) {
+        self.offline_changed(|o| o.remove(key));
+    }
+
     /// Takes the session of `key` out of the store (another node holds it now): no
     /// message is queued for it here from now on. `None` if there is none.
     pub async fn take(&self, key: &SessionKey) -> Option<Taken> {
-        self.offline_changed(|o| o.remove(key));
+        self.stop_queueing(key);
         let (tx, rx) = oneshot::channel();
         self.send(Job::Take(key.clone(), tx));
         rx.await.ok().flatten()

@@ -5,7 +5,7 @@
 use super::ledger::Release;
 use super::retained::RetainedJob;
 use super::{Close, Gateway};
-use crate::admit::{admit, Admitted, Inbound, Refused, Source};
+use crate::admit::{admit_numbered, Admitted, Inbound, Refused, Source};
 use crate::codec::{make_router_publish, Version};
 use crate::event::Event;
 use crate::policy::unshare;
@@ -115,13 +115,15 @@ impl Gateway {
                     // Before `admit` decides which offline sessions to queue it for.
                     self.admitting = Some(book.admitting());
                 }
-                let admitted = admit(
+                let admitted = admit_numbered(
                     &self.shared,
                     &self.info,
                     &self.identity,
                     Source::Publish,
                     inbound,
                 );
+                let id = admitted.as_ref().ok().and_then(|&(_, id)| id);
+                let admitted = admitted.map(|(a, _)| a);
                 if let (Some(cluster), QoS::AtLeastOnce | QoS::ExactlyOnce) =
                     (&self.shared.cluster, qos)
                 {
@@ -133,9 +135,10 @@ impl Gateway {
                     }
                 }
                 // What the subscribers' gateways need of this publish (`origin.rs`).
-                let published =
+                let mut published =
                     self.options
                         .published(&self.session.subscriptions, topic, qos, publish.retain);
+                published.id = id;
                 crate::origin::mark(&mut props, &published);
                 // The router keeps no retained messages: moatmq serves them itself.
                 let retained = std::mem::replace(&mut publish.retain, false);

@@ -212,6 +212,11 @@ pub struct Gateway {
     /// A durable persistent session of a cluster node: its checkpoints
     /// (`checkpoint.rs`); boxed, as most connections have none.
     checkpoints: Option<Box<checkpoint::Checkpoints>>,
+    /// A session that moved to this node got what was published while it moved from
+    /// the transfer stream (`cluster/unread.rs`): the places of those messages, whose
+    /// router copies are not delivered again; boxed, as most connections have none.
+    #[allow(clippy::box_collection)] // reason: 8 bytes per idle connection, not 48
+    moved_in: Option<Box<std::collections::HashSet<crate::origin::Transfer>>>,
 }
 
 impl Gateway {
@@ -284,6 +289,11 @@ impl Gateway {
             .next()
             .is_some()
             .then(|| shared.sys.subscribe());
+        let moved_in = shared
+            .cluster
+            .as_ref()
+            .and_then(|c| c.take_moved_in(&router_id))
+            .map(Box::new);
         Gateway {
             admitting: None,
             hold_id: crate::origin::next_connection(),
@@ -319,7 +329,22 @@ impl Gateway {
             group_waits: Vec::new(),
             group_subacks: 0,
             checkpoints,
+            moved_in,
         }
+    }
+
+    /// Whether a router forward `published` is a message this session got from the
+    /// transfer stream as it moved here, and replayed already (each such is skipped
+    /// once).
+    fn read_as_moved(&mut self, published: Option<&crate::origin::Published>) -> bool {
+        let (Some(ids), Some(id)) = (self.moved_in.as_mut(), published.and_then(|p| p.id)) else {
+            return false;
+        };
+        let skipped = ids.remove(&id);
+        if ids.is_empty() {
+            self.moved_in = None;
+        }
+        skipped
     }
 
     /// Serves the connection until it ends, then tears down the link. Returns how long
@@ -776,7 +801,12 @@ impl Gateway {
                 // At the lower of the published and the forwarded QoS; QoS 0 is not kept.
                 let (mut qos, _) = crate::codec::qos_and_pkid(&f.publish);
                 let p = &f.publish;
-                if let Some(from) = crate::origin::take(&mut f.properties) {
+                let from = crate::origin::take(&mut f.properties);
+                if self.read_as_moved(from.as_ref()) {
+                    // Stored with the session already.
+                    return None;
+                }
+                if let Some(from) = from {
                     let topic = std::str::from_utf8(&p.topic).unwrap_or("");
                     if self
                         .options

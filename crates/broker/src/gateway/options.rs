@@ -60,6 +60,7 @@ impl SubOptions {
             qos,
             retain,
             connection: own.then_some(self.connection),
+            id: None,
         }
     }
 

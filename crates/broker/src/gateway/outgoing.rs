@@ -68,7 +68,9 @@ impl Gateway {
     fn forward(&mut self, mut forward: rumqttd::Forward) -> Result<(), Close> {
         // What the publisher sent, out of the properties before anything copies them.
         let published = crate::origin::take(&mut forward.properties);
-        if !self.group_copy(&mut forward.publish, &mut forward.properties) {
+        if self.read_as_moved(published.as_ref())
+            || !self.group_copy(&mut forward.publish, &mut forward.properties)
+        {
             let (qos, pkid) = crate::codec::qos_and_pkid(&forward.publish);
             self.to_router.withhold(qos, pkid);
             return Ok(());
