@@ -143,12 +143,15 @@ impl Gateway {
                 // The router keeps no retained messages: moatmq serves them itself.
                 let retained = std::mem::replace(&mut publish.retain, false);
                 let admitted = match admitted {
-                    Ok(a) if qos == QoS::ExactlyOnce && self.session.key.is_some() => {
-                        // A durable session's QoS 2 PUBLISH goes in now, exactly once:
-                        // the router gets it as QoS 1 (rumqttd would hold it in memory
-                        // until the PUBREL, and a restart would lose it), its PUBACK
-                        // becomes our PUBREC, the PUBREL is answered here, and the
-                        // session store remembers the packet id until then.
+                    Ok(a) if qos == QoS::ExactlyOnce => {
+                        // A QoS 2 PUBLISH goes in now, exactly once: the router gets it
+                        // as QoS 1 (rumqttd would hold it in memory until the PUBREL,
+                        // outside its log: a persistent subscriber leaving meanwhile
+                        // would miss it, its session moved to another node or stored
+                        // for a restart without it), its PUBACK becomes our PUBREC, the
+                        // PUBREL is answered here, and a durable session's store
+                        // remembers the packet id until then (`qos2_in`). Subscribers
+                        // get it at QoS 2 all the same (`origin.rs`).
                         let (topic, payload) = (publish.topic, publish.payload);
                         publish = make_router_publish(topic, payload, QoS::AtLeastOnce, pkid);
                         self.ledger.restore(pkid);
@@ -173,9 +176,6 @@ impl Gateway {
                         // It and everything after it wait for one save of this read
                         // (and the cluster's transfer stream).
                         self.note_transfer(a, retained);
-                        if qos == QoS::ExactlyOnce {
-                            self.ledger.held_by_router(pkid);
-                        }
                         let packet = Packet::Publish(publish, props);
                         if a == Admitted::AfterSave {
                             self.to_router.after_save(packet);
@@ -202,9 +202,6 @@ impl Gateway {
                         ));
                     }
                     Err(why) => return self.refuse_publish(qos, pkid, why),
-                }
-                if qos == QoS::ExactlyOnce {
-                    self.ledger.held_by_router(pkid);
                 }
                 self.to_router.send(Packet::Publish(publish, props));
                 Ok(())
@@ -377,15 +374,11 @@ impl Gateway {
                 self.to_router.send(Packet::Unsubscribe(unsubscribe, props));
                 Ok(())
             }
-            Packet::PubRel(rel, props) => {
+            Packet::PubRel(rel, _) => {
                 if let (Some(book), Some(key)) = (&self.shared.durable, &self.session.key) {
                     book.qos2_in_done(key, rel.pkid);
                 }
                 let reason = match self.ledger.release(rel.pkid) {
-                    Release::Router => {
-                        self.to_router.send(Packet::PubRel(rel, props));
-                        return Ok(());
-                    }
                     Release::Ours => PubCompReason::Success,
                     // A PUBREL for nothing the router holds (a resend after a reconnect,
                     // or a made-up id): the router would drop the link, so it is

@@ -1,8 +1,8 @@
 //! The client's QoS 1/2 publishes on their way in: the receive maximum we announced
-//! (MQTT-3.3.4-7/8), QoS 2 exchanges the router holds until their PUBREL (a resend is
-//! not delivered twice, MQTT-4.3.3-10), and QoS 2 publishes we refused, or that went in
-//! before a reconnect or restart (the session store remembers them), whose PUBCOMP we
-//! owe ourselves.
+//! (MQTT-3.3.4-7/8), and QoS 2 exchanges until their PUBREL (a resend is not delivered
+//! twice, MQTT-4.3.3-10): those admitted (the router has them as QoS 1 at once), those
+//! we refused, and those that went in before a reconnect or restart (the session store
+//! remembers them); we owe the PUBCOMP of each.
 
 use rumqttd::protocol::{Packet, PubRecReason, QoS};
 use std::collections::HashSet;
@@ -14,10 +14,8 @@ pub(super) struct ReceiveMaximumExceeded;
 /// Who answers a client's PUBREL.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Release {
-    /// The router holds the message: the PUBREL goes to it.
-    Router,
-    /// We refused the message, or it went in before a reconnect or restart: our PUBCOMP
-    /// ends the exchange.
+    /// We admitted or refused the message, or it went in before a reconnect or restart:
+    /// our PUBCOMP ends the exchange.
     Ours,
     /// Nothing is held under that id (a resend after a reconnect, a made-up id): we
     /// answer, without bothering the router (which would drop the link).
@@ -30,13 +28,11 @@ pub(super) struct Ledger {
     max: Option<u16>,
     /// Packet ids received and not yet acknowledged to the end (MQTT 5 only).
     open: HashSet<u16>,
-    /// QoS 2 publishes the router holds until their PUBREL.
-    at_router: HashSet<u16>,
     /// QoS 2 publishes we refused (3.1.1, which cannot say no in its PUBREC).
     refused: HashSet<u16>,
-    /// QoS 2 publishes of a durable session, given to the router at once (as QoS 1) so
-    /// that none waits in the router's memory for its PUBREL, or admitted before a
-    /// reconnect or restart: PUBREL not yet received, our PUBCOMP owed.
+    /// QoS 2 publishes admitted, given to the router at once (as QoS 1) so that none
+    /// waits in the router's memory for its PUBREL, or admitted before a reconnect or
+    /// restart: PUBREL not yet received, our PUBCOMP owed.
     restored: HashSet<u16>,
 }
 
@@ -46,16 +42,15 @@ impl Ledger {
         Ledger {
             max: receive_max,
             open: HashSet::new(),
-            at_router: HashSet::new(),
             refused: HashSet::new(),
             restored: HashSet::new(),
         }
     }
 
-    /// A QoS 2 PUBLISH the router already holds, sent again before its PUBREL: its
-    /// PUBREC is ours to repeat, and it must not reach the router twice.
+    /// A QoS 2 PUBLISH admitted already, sent again before its PUBREL: its PUBREC is
+    /// ours to repeat, and it must not reach the router twice.
     pub(super) fn is_resend(&self, qos: QoS, pkid: u16) -> bool {
-        qos == QoS::ExactlyOnce && (self.at_router.contains(&pkid) || self.restored.contains(&pkid))
+        qos == QoS::ExactlyOnce && self.restored.contains(&pkid)
     }
 
     /// The QoS 2 PUBLISH `pkid` of this session went in (now, or before it reconnected
@@ -86,11 +81,6 @@ impl Ledger {
         Ok(())
     }
 
-    /// The QoS 2 PUBLISH `pkid` went (or will go) to the router.
-    pub(super) fn held_by_router(&mut self, pkid: u16) {
-        self.at_router.insert(pkid);
-    }
-
     /// We refused the QoS 2 PUBLISH `pkid` but acknowledged it with success (3.1.1).
     pub(super) fn refuse(&mut self, pkid: u16) {
         self.refused.insert(pkid);
@@ -100,8 +90,6 @@ impl Ledger {
     pub(super) fn release(&mut self, pkid: u16) -> Release {
         if self.refused.remove(&pkid) || self.restored.remove(&pkid) {
             Release::Ours
-        } else if self.at_router.remove(&pkid) {
-            Release::Router
         } else {
             Release::Unknown
         }
@@ -173,16 +161,16 @@ mod tests {
     }
 
     #[test]
-    fn a_pubrel_goes_where_its_publish_went() {
+    fn a_pubrel_is_answered_once() {
         let mut l = Ledger::new(Some(10));
-        l.held_by_router(1);
+        l.restore(1);
         l.refuse(2);
         assert!(l.is_resend(QoS::ExactlyOnce, 1));
         assert!(
             !l.is_resend(QoS::AtLeastOnce, 1),
             "QoS 1 resends are delivered"
         );
-        assert_eq!(l.release(1), Release::Router);
+        assert_eq!(l.release(1), Release::Ours);
         assert!(!l.is_resend(QoS::ExactlyOnce, 1), "released");
         assert_eq!(l.release(1), Release::Unknown, "a second PUBREL");
         assert_eq!(l.release(2), Release::Ours);
