@@ -22,7 +22,7 @@ use crate::spare_links::{LinkName, SpareLinks};
 use bytes::Bytes;
 use futures_util::FutureExt;
 use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
-use rumqttd::protocol::{Packet, PingReq, PubRel, PubRelReason, PublishProperties, QoS};
+use rumqttd::protocol::{Packet, PingReq, PublishProperties, QoS};
 use rumqttd::{Notification, Router, RouterConfig};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -135,24 +135,11 @@ impl RouterHandle {
                 which: "the broker's own link",
                 source,
             })?;
-        // Drain the internal link's acks and finish QoS 2 handshakes it started.
+        // Drains the internal link's acks (it publishes QoS 2 as QoS 1: no handshake).
         let internal = Arc::new(Mutex::new(InternalLink { tx, next_pkid: 0 }));
-        let drain = internal.clone();
         std::thread::Builder::new()
             .name("moatmq-internal-link".into())
-            .spawn(move || {
-                while let Ok(Some(n)) = rx.recv() {
-                    if let Some(Packet::PubRec(rec, _)) = Option::<Packet>::from(n) {
-                        if let Ok(mut link) = drain.lock() {
-                            let rel = PubRel {
-                                pkid: rec.pkid,
-                                reason: PubRelReason::Success,
-                            };
-                            let _ = link.tx.send(Packet::PubRel(rel, None)).now_or_never();
-                        }
-                    }
-                }
-            })
+            .spawn(move || while let Ok(Some(_)) = rx.recv() {})
             .map_err(|source| RouterError::Thread {
                 which: "the internal link thread",
                 source,
@@ -292,6 +279,14 @@ impl RouterHandle {
                 link.next_pkid = link.next_pkid.checked_add(1).unwrap_or(1);
                 link.next_pkid
             }
+        };
+        // QoS 2 goes in as QoS 1: rumqttd would keep it out of its log until our PUBREL,
+        // and a persistent subscriber's connection ending meanwhile would miss it in
+        // what it collects from the router. Subscribers get the published QoS
+        // (`origin.rs`).
+        let qos = match qos {
+            QoS::ExactlyOnce => QoS::AtLeastOnce,
+            other => other,
         };
         let publish = make_router_publish(topic, payload, qos, pkid);
         let _ = link

@@ -612,10 +612,19 @@ impl Cluster {
         self.admissions.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The connection of session `router_id`, which moved to another node, collects
-    /// what the router has for it now: what came later is the handoff's to read.
-    pub(crate) fn closing_moved(&self, router_id: &str) {
-        let cut = self.cut();
+    /// [`Cluster::cut`], read as `f` runs between two admissions (see
+    /// [`Cluster::cut_for`]): a connection's end puts its session in the offline
+    /// sessions so.
+    pub(crate) fn cut_while(&self, f: impl FnOnce()) -> Cut {
+        let _alone = self.admissions.write().unwrap_or_else(|e| e.into_inner());
+        f();
+        self.cut()
+    }
+
+    /// The connection of session `router_id`, which moved to another node, could not
+    /// collect everything admitted before its `cut` from the router: the handoff's cut
+    /// is not later.
+    pub(crate) fn closing_moved(&self, router_id: &str, cut: Cut) {
         self.closed_cuts
             .lock()
             .unwrap_or_else(|e| e.into_inner())

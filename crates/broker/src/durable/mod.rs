@@ -495,10 +495,17 @@ impl SessionBook {
     /// for the session: waits (at most `wait`) until every publish whose admission
     /// began before now has reached the router. What began later found the session
     /// offline and is queued in the store.
-    pub async fn admitted_before_now(&self, wait: Duration) {
+    /// `false` if some had not when the wait ended.
+    pub async fn admitted_before_now(&self, wait: Duration) -> bool {
         let barrier = self.admission_barrier();
         let deadline = tokio::time::Instant::now() + wait;
-        while !self.admitted_before(barrier) && tokio::time::Instant::now() < deadline {
+        loop {
+            if self.admitted_before(barrier) {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }

@@ -420,9 +420,16 @@ impl Gateway {
         // This connection's own publishes not handed to the router yet go at its close,
         // below: its end does not wait for itself.
         self.admitting = None;
+        let mut offline_cut = None;
         if let (Some(book), Some(key)) = (&self.shared.durable, &self.session.key) {
             book.hold(key, held);
-            book.offline(key, self.session.meta(self.version));
+            let meta = self.session.meta(self.version);
+            // With [cluster], between two admissions (`Cluster::cut_for`): a message is
+            // in the router before it (collected below) or queued in the store after.
+            match &self.shared.cluster {
+                Some(cluster) => offline_cut = Some(cluster.cut_while(|| book.offline(key, meta))),
+                None => book.offline(key, meta),
+            }
         }
         let moved = self
             .session
@@ -440,13 +447,16 @@ impl Gateway {
             // is collected and stored: the session may resume on another node (taken
             // over now, or later), and a crash before it comes back must not lose it.
             // (Not when the router dropped the link: nothing to ask.)
-            if let (Close::Replaced, true, Some(cluster)) = (&close, moved, &shared.cluster) {
-                // Publishes this node admitted and had not handed to its router yet
-                // are not collected: the handoff's cut is before them.
-                cluster.closing_moved(&self.router_id);
-            }
             // Publishes admitted while the session was online reach the router first.
-            book.admitted_before_now(ADMITTED_WAIT).await;
+            let complete = book.admitted_before_now(ADMITTED_WAIT).await;
+            if let (Close::Replaced, true, Some(cluster), Some(cut), false) =
+                (&close, moved, &shared.cluster, offline_cut, complete)
+            {
+                // Some did not in time: they are not collected, so the handoff's cut
+                // goes back before them (the new node reads them from the stream, and
+                // may deliver some of what is collected twice).
+                cluster.closing_moved(&self.router_id, cut);
+            }
             let forwards = self.router_settled().await;
             let held = self.as_queued(forwards);
             book.collected(&key, held);
