@@ -191,7 +191,7 @@ pub fn admit_numbered(
             }
             Forwarded::Full => return Err(Refused::Unavailable),
         };
-        return Ok((admitted, number.map(|n| cluster.transfer_id(n))));
+        return Ok((admitted, number.and_then(|n| cluster.transfer_id(n))));
     }
     Ok((admitted, None))
 }

@@ -484,7 +484,10 @@ fn take_in(shared: &Shared, info: &ConnInfo, who: &Identity, source: Source, m: 
         Ok((admitted, forwarded)) => {
             shared.metrics.cluster_received.inc();
             let topic = Bytes::from(topic.into_bytes());
-            let id = id.or(forwarded);
+            // Only while a session moves in (`Cluster::tags`).
+            let id = id
+                .or(forwarded)
+                .filter(|_| shared.cluster.as_ref().is_some_and(|c| c.tags()));
             shared
                 .router
                 .publish_as(topic, payload, qos, retain, props, id);

@@ -152,6 +152,12 @@ pub async fn receive(
     router_id: &str,
     key: &SessionKey,
 ) -> Received {
+    // Until its reads of the stream are done, the router's copies of messages carry
+    // their place in the stream, so the connection skips those it got from the reads.
+    let _tagging = match &shared.cluster {
+        Some(c) => Some(c.tagging(shared.durable.as_ref(), TAG_WAIT).await),
+        None => None,
+    };
     let buckets = &claim.buckets;
     let deadline = tokio::time::Instant::now() + HANDOFF_WAIT;
     let mut values = match buckets.handoff.watch_with_history(&claim.key).await {
@@ -486,6 +492,10 @@ pub async fn settle(
     .await;
     true
 }
+
+/// How long a session moving in waits for what was admitted before it to reach the
+/// router, untagged (`Cluster::tagging`).
+const TAG_WAIT: Duration = Duration::from_secs(1);
 
 /// How long an offline session claimed elsewhere waits for the connection that last
 /// held it here to let its client id go.

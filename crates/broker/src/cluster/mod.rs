@@ -169,6 +169,18 @@ pub struct Cluster {
     moving_in: std::sync::Mutex<std::collections::HashMap<String, HashSet<Transfer>>>,
     /// This node's origin hashed, for [`Transfer`]s of its own messages.
     origin_id: u64,
+    /// Sessions moving in now ([`Cluster::tagging`]).
+    moving: AtomicUsize,
+}
+
+/// Messages carry their place in the transfer stream while one is held
+/// ([`Cluster::tagging`]).
+pub(crate) struct Tagging<'a>(&'a Cluster);
+
+impl Drop for Tagging<'_> {
+    fn drop(&mut self) {
+        self.0.moving.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Drop for Cluster {
@@ -409,6 +421,7 @@ impl Cluster {
                 admissions: std::sync::RwLock::new(()),
                 moving_in: std::sync::Mutex::new(std::collections::HashMap::new()),
                 origin_id,
+                moving: AtomicUsize::new(0),
             },
             Input {
                 live: subscriber,
@@ -578,12 +591,38 @@ impl Cluster {
         }
     }
 
-    /// The place of this node's own message `number` in the transfer stream.
-    pub fn transfer_id(&self, number: u64) -> Transfer {
-        Transfer {
+    /// The place of this node's own message `number` in the transfer stream, while a
+    /// session moves in (see [`Cluster::tagging`]).
+    pub fn transfer_id(&self, number: u64) -> Option<Transfer> {
+        self.tags().then_some(Transfer {
             origin: self.origin_id,
             number,
+        })
+    }
+
+    /// Whether messages carry their place in the transfer stream through the router
+    /// now: only while a session moves in (it costs a quarter of the cluster's QoS 0
+    /// rate), which is when a connection needs them (`origin.rs`).
+    pub fn tags(&self) -> bool {
+        self.moving.load(Ordering::Acquire) > 0
+    }
+
+    /// Messages carry their place through the router until the returned guard goes:
+    /// a session moving in holds it from before it is subscribed here until its reads
+    /// of the stream are done. What was admitted before this reached the router first
+    /// (waited for, at most `wait`), so no message the router forwards to the session
+    /// comes untagged from before.
+    pub(crate) async fn tagging(
+        &self,
+        book: Option<&crate::durable::SessionBook>,
+        wait: Duration,
+    ) -> Tagging<'_> {
+        self.moving.fetch_add(1, Ordering::AcqRel);
+        let tagging = Tagging(self);
+        if let Some(book) = book {
+            book.admitted_before_now(wait).await;
         }
+        tagging
     }
 
     /// What the session `router_id` moving here got from the transfer stream
