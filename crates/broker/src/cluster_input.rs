@@ -209,14 +209,16 @@ async fn go_on(
     // for its node's earlier messages); never less than at its arrival, should the
     // wall clock step back meanwhile.
     let waited = xfer::time_in_stream(&message);
-    // Each message's place: its node's origin and number (a batch's are consecutive).
-    let id = xfer::message_id(&message);
-    let first = id.as_deref().and_then(numbered);
     let mut save = false;
     // The input runs only with a cluster.
     if let Some(cluster) = &shared.cluster {
-        let first =
-            first.map(|(node, epoch, first)| Transfer::new(&format!("{node}:{epoch}"), first));
+        // Each message's place, while a session moves in (`Cluster::tags`): its node's
+        // origin and number (a batch's are consecutive).
+        let id = cluster.tags().then(|| xfer::message_id(&message)).flatten();
+        let first = id
+            .as_deref()
+            .and_then(numbered)
+            .map(|(node, epoch, first)| Transfer::new(&format!("{node}:{epoch}"), first));
         let _step = cluster.admission();
         for (i, m) in arrived.into_iter().enumerate() {
             let id = first.map(|f| Transfer {
