@@ -657,6 +657,49 @@ async fn connected_subscriber_killed(come_back: bool) {
     eprintln!("{late} more came while node A came back");
 }
 
+/// A node killed (SIGKILL) while its member of a shared group holds copies it has not
+/// acknowledged loses none of them for the group: the node acknowledged none of those
+/// stream messages to JetStream, which hands them to node B's member after the group
+/// consumer's ack wait (10 s). Before, the node acknowledged each once its copies were
+/// in its router, and every copy its member held was lost.
+#[tokio::test]
+async fn kill_9_of_a_node_whose_group_member_holds_copies_loses_none_of_them() {
+    const N: usize = 60;
+    let (dir, key) = cluster_dir();
+    let nats = Nats::single(dir.path());
+    let a = start_node(dir.path(), &key, "node-a", &nats.url(0));
+    let b = start_node(dir.path(), &key, "node-b", &nats.url(0));
+    let filter = "$share/workers/jobs/#";
+    let mut holding = connect_ready_with(&a, "w-a", |o| {
+        o.set_manual_acks(true);
+    })
+    .await;
+    holding.subscribe_acked(filter).await;
+    let mut on_b = connect_ready(&b, "w-b").await;
+    on_b.subscribe_acked(filter).await;
+    let mut publ = connect_ready(&b, "source").await;
+    // One at a time: each its own stream message (a batch goes to one node whole).
+    for i in 0..N {
+        publ.publish_acked("jobs/t", false, i.to_string()).await;
+    }
+    let sent: BTreeSet<usize> = (0..N).collect();
+    let mut held = BTreeSet::new();
+    while let Some(p) = holding.publish_within(Duration::from_secs(2)).await {
+        held.insert(String::from_utf8_lossy(&p.payload).into_owned());
+    }
+    assert!(!held.is_empty(), "node A's member got its share");
+    eprintln!("node A's member holds {} of {N}", held.len());
+    a.kill();
+    let (got, _) = receive_until(&mut on_b, &sent, Duration::from_secs(25)).await;
+    let lost: Vec<&usize> = sent.difference(&got).collect();
+    assert!(
+        lost.is_empty(),
+        "lost for the group: {lost:?} (node A's member held {} of them)\n{}",
+        held.len(),
+        b.log()
+    );
+}
+
 /// A delayed will of a node that dies is not lost with it, nor published for a client
 /// that came back: two MQTT 5 devices on node A (session kept 10 minutes, a will with a
 /// 5 s delay) leave with DISCONNECT 0x80 (their wills wait), node A is killed (SIGKILL)

@@ -170,6 +170,51 @@ async fn members_leaving_leave_the_rest_of_the_group_everything() {
     assert_eq!(per_member, vec![0, 10], "all on node C");
 }
 
+/// A member that leaves holding copies it never acknowledged gives them back
+/// to the group at once (MQTT 5 4.8.2): the other node's member gets them, none lost.
+/// (Before, the node acknowledged each stream message to JetStream once its copies were
+/// in the router, so what the member held was lost for the group.)
+#[tokio::test]
+async fn copies_a_member_never_acknowledged_go_to_the_rest_of_the_group_when_it_leaves() {
+    let nats = Nats::start().await;
+    let a = node(&nats, "node-a").await;
+    let b = node(&nats, "node-b").await;
+    let c = node(&nats, "node-c").await;
+    let filter = "$share/workers/alice/jobs";
+    let mut o = v4::options(b.first_addr(), "w-b");
+    o.set_credentials("alice", password("alice"));
+    o.set_manual_acks(true);
+    let mut holding = v4::connect(o).await.expect("login");
+    holding.subscribe_acked(filter).await;
+    let mut on_c = member(c.first_addr(), "w-c", "alice", filter).await;
+    let mut publisher = login(a.first_addr(), "pub", "alice").await;
+    publish_n(&mut publisher, "alice/jobs", "j", 40).await;
+    let held = drain(&mut holding).await;
+    assert!(!held.is_empty(), "node B's member got its share");
+    // It leaves, none of them acknowledged.
+    holding.client.disconnect().await.unwrap();
+    holding.closed_within(moatmq_testkit::WAIT).await;
+    let mut got = BTreeMap::new();
+    while let Some(p) = on_c
+        .publish_within(std::time::Duration::from_secs(15))
+        .await
+    {
+        *got.entry(String::from_utf8_lossy(&p.payload).into_owned())
+            .or_insert(0) += 1;
+        if got.len() == 40 {
+            break;
+        }
+    }
+    let missing: Vec<String> = (0..40)
+        .map(|i| format!("j{i}"))
+        .filter(|p| !got.contains_key(p))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "lost for the group: {missing:?} (node B's member held {held:?})"
+    );
+}
+
 #[tokio::test]
 async fn two_tenants_same_named_groups_on_the_same_filter_stay_apart() {
     let nats = Nats::start().await;

@@ -15,12 +15,21 @@
 //! dropped at the gateway, told apart from the group's own by [`MARK`]: the router
 //! subscription of a group member carries that subscription identifier, which the
 //! router adds to every forward through it, and which no client can use.
+//!
+//! A QoS 1/2 copy pulled from the stream carries a ticket ([`TICKET_KEY`]): the puller
+//! acknowledges the stream message only once every copy it made of it was settled by
+//! the member that got it (its PUBACK or PUBREC, or written at QoS 0, or withheld by
+//! the deliver step), and gives it back to the group (NAK) when that member's
+//! connection ends first. A node dying with copies in its members' hands loses none of
+//! them: JetStream hands them to another node after the ack wait. [`Membership`] holds
+//! the connection's tickets and reports to the group's puller ([`Report`]).
 
 use crate::router::{namespaced_group, split_shared, GroupFilters, RouterHandle};
 use bytes::Bytes;
 use moatmq_store::ClusterSeal;
 use rumqttd::protocol::{PublishProperties, QoS};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::{mpsc, watch};
 
@@ -35,6 +44,30 @@ pub const MARK: usize = 0x1000_0000;
 /// Hex characters of a gid: 128 bits of the keyed hash.
 const GID_LEN: usize = 32;
 
+/// The user property of a copy naming its ticket (see the module notes). Only copies
+/// carry one, and [`Groups::publish_copy`] drops a publisher's own property of that
+/// name, so no client can settle another's ticket.
+pub const TICKET_KEY: &str = "$moatmq-ticket";
+
+/// What a member's connection tells its group's puller about the copies of one ticket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Report {
+    /// A copy reached a member's connection on this node.
+    Arrived(u64),
+    /// A copy was settled: the member has it (or the deliver step withheld it).
+    Settled(u64),
+    /// A copy that arrived will not be settled: its member's connection ended first.
+    Failed(u64),
+    /// A member left: copies on their way to it through the router are lost.
+    Left,
+}
+
+/// A new ticket, unique in this process.
+pub fn next_ticket() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
 /// A group this node now has a member of: its puller starts (`cluster_groups.rs`).
 pub struct Start {
     pub gid: String,
@@ -44,6 +77,8 @@ pub struct Start {
     pub ready: watch::Sender<bool>,
     /// Set when the last member on this node left.
     pub stop: watch::Receiver<bool>,
+    /// What the members' connections report of the copies' tickets.
+    pub reports: mpsc::UnboundedReceiver<Report>,
 }
 
 /// A group with members on this node.
@@ -52,6 +87,7 @@ struct Local {
     members: usize,
     ready: watch::Receiver<bool>,
     stop: watch::Sender<bool>,
+    reports: mpsc::UnboundedSender<Report>,
 }
 
 /// This node's groups.
@@ -99,6 +135,7 @@ impl Groups {
             groups: self.clone(),
             username: username.map(str::to_string),
             held: HashMap::new(),
+            tickets: HashMap::new(),
         }
     }
 
@@ -123,12 +160,14 @@ impl Groups {
             .map(|(gid, _)| gid.clone())
             .collect();
         for gid in matching {
-            self.publish_copy(&gid, topic, payload.clone(), qos, retain, props.cloned());
+            let props = props.cloned();
+            self.publish_copy(&gid, topic, payload.clone(), qos, retain, props, None);
         }
     }
 
     /// Publishes the copy of a message for group `gid` into this node's router: one of
-    /// the node's members gets it.
+    /// the node's members gets it, and settles `ticket` (if any) with it.
+    #[allow(clippy::too_many_arguments)]
     pub fn publish_copy(
         &self,
         gid: &str,
@@ -136,12 +175,30 @@ impl Groups {
         payload: Bytes,
         qos: QoS,
         retain: bool,
-        props: Option<PublishProperties>,
+        mut props: Option<PublishProperties>,
+        ticket: Option<u64>,
     ) {
+        if let Some(p) = props.as_mut() {
+            p.user_properties.retain(|(k, _)| k != TICKET_KEY);
+        }
+        if let Some(ticket) = ticket {
+            props
+                .get_or_insert_with(PublishProperties::default)
+                .user_properties
+                .push((TICKET_KEY.to_owned(), ticket.to_string()));
+        }
         let topic = Bytes::from(format!("{TOPIC_PREFIX}{gid}/{topic}"));
         self.inner
             .router
             .publish(topic, payload, qos, retain, props);
+    }
+
+    /// Tells the puller of `gid` on this node what became of a copy (nobody listens
+    /// once the group's last member here left: its puller gave back what it held).
+    fn report(&self, gid: &str, report: Report) {
+        if let Some(group) = self.local().get(gid) {
+            let _ = group.reports.send(report);
+        }
     }
 
     /// Whether this node still has a member of `gid`.
@@ -165,11 +222,13 @@ impl Groups {
         }
         let (ready_tx, ready) = watch::channel(false);
         let (stop, stop_rx) = watch::channel(false);
+        let (reports, reports_rx) = mpsc::unbounded_channel();
         let start = Start {
             gid: gid.to_string(),
             filter: filter.to_string(),
             ready: ready_tx,
             stop: stop_rx,
+            reports: reports_rx,
         };
         // The receiver lives as long as the cluster input; after it, nothing pulls.
         let _ = self.inner.starts.send(start);
@@ -180,6 +239,7 @@ impl Groups {
                 members: 1,
                 ready: ready.clone(),
                 stop,
+                reports,
             },
         );
         ready
@@ -192,6 +252,7 @@ impl Groups {
             return;
         };
         group.members = group.members.saturating_sub(1);
+        let _ = group.reports.send(Report::Left);
         if group.members == 0 {
             if let Some(group) = local.remove(gid) {
                 group.stop.send_replace(true);
@@ -207,6 +268,9 @@ pub struct Membership {
     username: Option<String>,
     /// The client's filter (`$share/<group>/<filter>`) and its gid.
     held: HashMap<String, String>,
+    /// Copies with a ticket that reached this connection at QoS 1/2, by the router's
+    /// packet id: their gid and ticket, until settled.
+    tickets: HashMap<u16, (String, u64)>,
 }
 
 impl Membership {
@@ -243,12 +307,79 @@ impl Membership {
     }
 }
 
+impl Membership {
+    /// A router forward reached this connection: if it is a copy of a group this
+    /// connection is a member of (through the group's subscription: [`MARK`]) with a
+    /// ticket, the ticket is taken out of its properties and reported; a copy
+    /// forwarded at QoS 0 is settled at once, one at QoS 1/2 when [`Membership::settle`]
+    /// is called with its packet id.
+    pub fn arrived(
+        &mut self,
+        topic: &[u8],
+        props: &mut Option<PublishProperties>,
+        qos: QoS,
+        pkid: u16,
+    ) {
+        if self.held.is_empty() || !is_copy(topic) {
+            return;
+        }
+        let Some(p) = props.as_mut() else {
+            return;
+        };
+        if !p.subscription_identifiers.contains(&MARK) {
+            return;
+        }
+        let Some(at) = p.user_properties.iter().position(|(k, _)| k == TICKET_KEY) else {
+            return;
+        };
+        let (_, value) = p.user_properties.remove(at);
+        let (Ok(ticket), Some(gid)) = (value.parse::<u64>(), copy_gid(topic)) else {
+            return;
+        };
+        if !self.held.values().any(|g| g.as_bytes() == gid) {
+            return;
+        }
+        let gid = String::from_utf8_lossy(gid).into_owned();
+        self.groups.report(&gid, Report::Arrived(ticket));
+        if qos == QoS::AtMostOnce {
+            self.groups.report(&gid, Report::Settled(ticket));
+        } else if let Some((gid, old)) = self.tickets.insert(pkid, (gid, ticket)) {
+            // The router reuses a packet id only once it was acknowledged.
+            self.groups.report(&gid, Report::Settled(old));
+        }
+    }
+
+    /// The router forward `pkid` was settled: the client acknowledged it (PUBACK or
+    /// PUBREC, whatever the reason code: MQTT-4.8.2-6), or the deliver step withheld
+    /// it, or it went out at QoS 0. Its copy's ticket, if any, is settled.
+    pub fn settle(&mut self, pkid: u16) {
+        if self.tickets.is_empty() {
+            return;
+        }
+        if let Some((gid, ticket)) = self.tickets.remove(&pkid) {
+            self.groups.report(&gid, Report::Settled(ticket));
+        }
+    }
+}
+
 impl Drop for Membership {
     fn drop(&mut self) {
+        // The copies this client never settled go back to the group (MQTT 5 4.8.2: a
+        // member's connection lost, another member may get them at once).
+        for (_, (gid, ticket)) in self.tickets.drain() {
+            self.groups.report(&gid, Report::Failed(ticket));
+        }
         for gid in self.held.values() {
             self.groups.leave(gid);
         }
     }
+}
+
+/// The gid of the group copy `topic`.
+fn copy_gid(topic: &[u8]) -> Option<&[u8]> {
+    let rest = topic.strip_prefix(TOPIC_PREFIX.as_bytes())?;
+    let at = rest.iter().position(|&b| b == b'/')?;
+    Some(&rest[..at])
 }
 
 /// Whether `topic` is a group copy: never one of a client's messages.
@@ -276,11 +407,9 @@ fn copy_topic<'a, 'h>(
     mut held: impl Iterator<Item = (&'h str, &'h str)>,
     topic: &'a [u8],
 ) -> Option<(&'h str, &'a [u8])> {
-    let rest = topic.strip_prefix(TOPIC_PREFIX.as_bytes())?;
-    let at = rest.iter().position(|&b| b == b'/')?;
-    let gid = &rest[..at];
+    let gid = copy_gid(topic)?;
     let (filter, _) = held.find(|(_, g)| g.as_bytes() == gid)?;
-    Some((filter, &rest[at + 1..]))
+    Some((filter, &topic[TOPIC_PREFIX.len() + gid.len() + 1..]))
 }
 
 impl GroupFilters for Groups {

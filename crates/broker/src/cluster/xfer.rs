@@ -346,6 +346,13 @@ impl Seen {
         self.ids.insert(id.to_string());
         true
     }
+
+    /// `id` was given back to JetStream: its redelivery is taken in again.
+    pub fn forget(&mut self, id: &str) {
+        if self.ids.remove(id) {
+            self.order.retain(|o| o != id);
+        }
+    }
 }
 
 /// The stream, created as nats-server 2.9 accepts it (limits retention, file storage),

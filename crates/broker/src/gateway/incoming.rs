@@ -411,6 +411,11 @@ impl Gateway {
                     _ => {}
                 }
                 if !self.own_ack(&p)? {
+                    if let Packet::PubAck(PubAck { pkid, .. }, _)
+                    | Packet::PubRec(PubRec { pkid, .. }, _) = &p
+                    {
+                        self.settle_copy(*pkid);
+                    }
                     if let (Some(book), Some(key)) = (&self.shared.durable, &self.session.key) {
                         match &p {
                             Packet::PubAck(a, _) => book.acked(key, a.pkid),

@@ -68,11 +68,12 @@ impl Gateway {
     fn forward(&mut self, mut forward: rumqttd::Forward) -> Result<(), Close> {
         // What the publisher sent, out of the properties before anything copies them.
         let published = crate::origin::take(&mut forward.properties);
+        let (router_qos, router_pkid) = crate::codec::qos_and_pkid(&forward.publish);
         if self.read_as_moved(published.as_ref())
             || !self.group_copy(&mut forward.publish, &mut forward.properties)
         {
-            let (qos, pkid) = crate::codec::qos_and_pkid(&forward.publish);
-            self.to_router.withhold(qos, pkid);
+            self.settle_copy(router_pkid);
+            self.to_router.withhold(router_qos, router_pkid);
             return Ok(());
         }
         // A durable session stores what it was sent until the client acknowledges it.
@@ -98,19 +99,36 @@ impl Gateway {
                 }
                 self.to_router.delivered(pkid)
             }
-            Delivery::Sent { .. } => {}
+            Delivery::Sent { .. } => self.settle_copy(router_pkid),
             // The router's copy is acknowledged here, in its turn.
-            Delivery::Settled { qos, pkid } => self.to_router.withhold(qos, pkid),
+            Delivery::Settled { qos, pkid } => {
+                self.settle_copy(router_pkid);
+                self.to_router.withhold(qos, pkid)
+            }
         }
         Ok(())
+    }
+
+    /// The router forward `pkid` needs nothing more from the client: a shared group's
+    /// copy of it is settled (`cluster/groups.rs`).
+    pub(super) fn settle_copy(&mut self, pkid: u16) {
+        if let Some(m) = self.groups.as_mut() {
+            m.settle(pkid);
+        }
     }
 
     /// Router to client: the one place every notification passes.
     pub(super) fn outgoing(&mut self, notification: Notification) -> Result<(), Close> {
         match notification {
-            Notification::Forward(forward) => {
+            Notification::Forward(mut forward) => {
                 if let Some(c) = self.checkpoints.as_mut() {
                     c.forwarded();
+                }
+                if let Some(m) = self.groups.as_mut() {
+                    // A shared group's copy with a ticket: the group's puller learns
+                    // where it is, and what becomes of it (`cluster/groups.rs`).
+                    let (qos, pkid) = crate::codec::qos_and_pkid(&forward.publish);
+                    m.arrived(&forward.publish.topic, &mut forward.properties, qos, pkid);
                 }
                 // With the client's Receive Maximum reached, forwards wait (`window.rs`),
                 // in order (QoS 0 ones too: reading their QoS costs a copy here).
