@@ -219,7 +219,10 @@ async fn go_on(
             .as_deref()
             .and_then(numbered)
             .map(|(node, epoch, first)| Transfer::new(&format!("{node}:{epoch}"), first));
-        let _step = cluster.admission();
+        // Queued for offline sessions and counted taken in, in one step (as `admit`
+        // does for this node's own: without durable sessions nothing is queued, and
+        // no cut is taken under the lock).
+        let _step = shared.durable.is_some().then(|| cluster.admission());
         for (i, m) in arrived.into_iter().enumerate() {
             let id = first.map(|f| Transfer {
                 origin: f.origin,

@@ -336,9 +336,7 @@ async fn install(
         let found = super::unread::read(read_for).await;
         // Some may reach this node's router too, through its own consumer: skipped
         // there (`origin.rs`).
-        cluster.moved_in(router_id, found.iter().map(|r| r.id).collect());
-        let mut unread: Vec<(moatmq_store::QueuedMessage, bool)> =
-            found.into_iter().map(|r| (r.message, false)).collect();
+        let mut unread = moved_in(cluster, router_id, found);
         // What the park brought already is not queued twice (one equal message left
         // out per message parked): duplicates would count against the session's
         // queue limit and push out the newest.
@@ -356,6 +354,18 @@ async fn install(
         }
     }
     Received::Parked(ParkedResume { through, read })
+}
+
+/// The messages of `read` for the session `router_id` moving here, as carried over to
+/// it; its connection skips its router's copies of them (noted by their ids,
+/// [`super::Cluster::moved_in`]).
+fn moved_in(
+    cluster: &super::Cluster,
+    router_id: &str,
+    read: Vec<super::reads::Read>,
+) -> Vec<(moatmq_store::QueuedMessage, bool)> {
+    cluster.moved_in(router_id, read.iter().map(|r| r.id).collect());
+    read.into_iter().map(|r| (r.message, false)).collect()
 }
 
 /// What was published for the session `key` (subscribed here now) between its old node
@@ -392,9 +402,7 @@ async fn read_after_cut(
     // The router may forward some of these to the session's connection too (this
     // node's own held back for the transfer stream, or any that reached the router
     // after the session's subscriptions): it skips those (`origin.rs`).
-    cluster.moved_in(router_id, read.iter().map(|r| r.id).collect());
-    let missed: Vec<(moatmq_store::QueuedMessage, bool)> =
-        read.into_iter().map(|r| (r.message, false)).collect();
+    let missed = moved_in(cluster, router_id, read);
     if missed.is_empty() {
         return ReadOnBehalf::default();
     }
