@@ -215,6 +215,36 @@ async fn copies_a_member_never_acknowledged_go_to_the_rest_of_the_group_when_it_
     );
 }
 
+/// A member that takes its copies and never acknowledges them (a stuck worker) does
+/// not take the group's messages for ever: its node holds at most 100 of the group's
+/// stream messages unsettled and then pulls no more, so the other node's member gets
+/// the rest. (Before, the stuck member got its node's turns, about half of them.)
+#[tokio::test]
+async fn a_stuck_member_holds_a_bounded_share_and_the_group_gets_the_rest() {
+    const N: usize = 400;
+    let nats = Nats::start().await;
+    let a = node(&nats, "node-a").await;
+    let b = node(&nats, "node-b").await;
+    let c = node(&nats, "node-c").await;
+    let filter = "$share/workers/alice/jobs";
+    let mut o = v4::options(b.first_addr(), "w-b");
+    o.set_credentials("alice", password("alice"));
+    o.set_manual_acks(true);
+    let mut stuck = v4::connect(o).await.expect("login");
+    stuck.subscribe_acked(filter).await;
+    let mut on_c = member(c.first_addr(), "w-c", "alice", filter).await;
+    let mut publisher = login(a.first_addr(), "pub", "alice").await;
+    // One at a time: each its own stream message.
+    publish_n(&mut publisher, "alice/jobs", "j", N).await;
+    let (seen, per_member) = tally(&mut [&mut stuck, &mut on_c]).await;
+    assert_once(&seen, "j", N);
+    eprintln!("per member: {per_member:?}");
+    assert!(
+        per_member[0] <= 110,
+        "the stuck member holds at most its node's 100 (and one pull): {per_member:?}"
+    );
+}
+
 #[tokio::test]
 async fn two_tenants_same_named_groups_on_the_same_filter_stay_apart() {
     let nats = Nats::start().await;

@@ -33,7 +33,7 @@ use futures_util::stream::FuturesOrdered;
 use futures_util::StreamExt;
 use moatmq_store::ClusterSeal;
 use serde::{Deserialize, Serialize};
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -327,31 +327,36 @@ pub fn expiry_left(interval: u32, waited: Duration) -> Option<u32> {
 /// Message ids already taken in, the latest [`SEEN`].
 #[derive(Default)]
 pub struct Seen {
-    order: VecDeque<String>,
-    ids: HashSet<String>,
+    /// Oldest first, each with the number it was taken in under.
+    order: VecDeque<(String, u64)>,
+    /// The ids held, with that number (a forgotten one taken in again has a new one).
+    ids: HashMap<String, u64>,
+    next: u64,
 }
 
 impl Seen {
     /// `true` the first time `id` is seen.
     pub fn first(&mut self, id: &str) -> bool {
-        if self.ids.contains(id) {
+        if self.ids.contains_key(id) {
             return false;
         }
-        if self.order.len() == SEEN {
-            if let Some(old) = self.order.pop_front() {
-                self.ids.remove(&old);
+        if self.order.len() >= SEEN {
+            if let Some((old, n)) = self.order.pop_front() {
+                if self.ids.get(&old) == Some(&n) {
+                    self.ids.remove(&old);
+                }
             }
         }
-        self.order.push_back(id.to_string());
-        self.ids.insert(id.to_string());
+        self.next += 1;
+        self.order.push_back((id.to_string(), self.next));
+        self.ids.insert(id.to_string(), self.next);
         true
     }
 
-    /// `id` was given back to JetStream: its redelivery is taken in again.
+    /// `id` was given back to JetStream: its redelivery is taken in again. (Its place
+    /// in the order stays until it comes round, and then drops nothing.)
     pub fn forget(&mut self, id: &str) {
-        if self.ids.remove(id) {
-            self.order.retain(|o| o != id);
-        }
+        self.ids.remove(id);
     }
 }
 
@@ -785,6 +790,28 @@ mod tests {
             client: "c1".into(),
             properties: Some("{\"content_type\":\"x\"}".into()),
         }
+    }
+
+    #[test]
+    fn seen_ids_are_taken_once_until_forgotten_and_the_oldest_go_first() {
+        let mut seen = Seen::default();
+        assert!(seen.first("n:1:1"));
+        assert!(!seen.first("n:1:1"), "a redelivery");
+        seen.forget("n:1:1");
+        assert!(seen.first("n:1:1"), "given back, taken in again");
+        assert!(!seen.first("n:1:1"));
+        // The first entry of the id comes round first: it does not drop the second.
+        for i in 0..SEEN - 2 {
+            assert!(seen.first(&format!("m:{i}")));
+        }
+        assert!(seen.first("x"));
+        assert!(!seen.first("n:1:1"), "still held under its second number");
+        assert!(seen.first("y"));
+        assert!(
+            seen.first("n:1:1"),
+            "its second number came round: forgotten"
+        );
+        assert!(seen.order.len() <= SEEN && seen.ids.len() <= SEEN);
     }
 
     #[test]
