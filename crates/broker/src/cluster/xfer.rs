@@ -33,7 +33,7 @@ use futures_util::stream::FuturesOrdered;
 use futures_util::StreamExt;
 use moatmq_store::ClusterSeal;
 use serde::{Deserialize, Serialize};
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
