@@ -15,6 +15,10 @@
 #   fanin`, window WINDOW);
 # - fan-out: 1 publisher -> SUBSCRIBERS subscribers, QoS 0 and 1, 64 B (the rate is
 #   deliveries per second);
+# - shared: PUBLISHERS publishers -> SUBSCRIBERS members of one shared subscription
+#   group (`--shared`), QoS 0 and 1, 64 B: each message delivered once in all
+#   (moatmq-3nodes: publishers on A, members on B and C; nats-server's MQTT has no
+#   shared subscriptions, so no reference);
 # - latency: one QoS 1 publisher at RATE msgs/s for LATENCY_SECS s to one QoS 1
 #   subscriber (on another node for moatmq-3nodes);
 # - retained: 8 publishers set RETAINED retained QoS 1 messages of 100 B on as many
@@ -24,7 +28,8 @@
 #
 # Knobs (environment): PUBLISHERS (4), SUBSCRIBERS (4), MESSAGES per run (200000),
 # TIMEOUT per run in seconds (30), REPEATS (3), WINDOW (2000), RATE (1000),
-# LATENCY_SECS (6), RETAINED (20000), PARTS ("fanin fanout latency retained": which
+# LATENCY_SECS (6), RETAINED (20000), PARTS ("fanin fanout latency retained"; also
+# "shared": which
 # to run), SKIP_BUILD=1 to reuse binaries. Installs nats-server (Debian) if it
 # is missing. Not a test: nothing runs this from `cargo test` or CI.
 set -euo pipefail
@@ -115,7 +120,7 @@ ports() {
         nats-mqtt:*) echo "--port $REF_MQTT" ;;
         moatmq-1node:* | moatmq-3nodes:retained) echo "--port $A" ;;
         moatmq-3nodes:fanin) echo "--port $A --pub-ports $A,$BB --sub-ports $C" ;;
-        moatmq-3nodes:fanout) echo "--port $A --pub-ports $A --sub-ports $BB,$C" ;;
+        moatmq-3nodes:fanout | moatmq-3nodes:shared) echo "--port $A --pub-ports $A --sub-ports $BB,$C" ;;
     esac
 }
 # latency_addrs BROKER: "--mqtt ADDR [--sub-mqtt ADDR]".
@@ -133,15 +138,19 @@ latency_addrs() {
 part() { [[ " $PARTS " == *" $1 "* ]]; }
 touch "$RESULTS" "$WORK/latency" "$WORK/retained"
 for round in $(seq 1 "$REPEATS"); do
-    for kind in fanin fanout; do
+    for kind in fanin fanout shared; do
         part "$kind" || continue
         for qos in 0 1; do
             for broker in "${BROKERS[@]}"; do
-                if [[ $kind == fanin ]]; then
-                    shape=(--publishers "$PUBLISHERS" --subscribers 1)
-                else
-                    shape=(--publishers 1 --subscribers "$SUBSCRIBERS")
-                fi
+                case $kind in
+                    fanin) shape=(--publishers "$PUBLISHERS" --subscribers 1) ;;
+                    fanout) shape=(--publishers 1 --subscribers "$SUBSCRIBERS") ;;
+                    shared)
+                        [[ $broker == nats-mqtt ]] && continue
+                        shape=(--publishers "$PUBLISHERS" --subscribers "$SUBSCRIBERS"
+                            --shared bench)
+                        ;;
+                esac
                 # shellcheck disable=SC2046 # ports are words on purpose
                 line=$("$B" fanin $(ports "$broker" "$kind") "${shape[@]}" --qos "$qos" \
                     --payload 64 --messages "$MESSAGES" --window "$WINDOW" \

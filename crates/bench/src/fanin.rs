@@ -3,7 +3,9 @@
 //!
 //! Every publisher sends `messages / publishers` messages to its own topic under a
 //! per-run prefix; every subscriber holds `<prefix>/+`, so each message is delivered M
-//! times. `--pub-ports` and `--sub-ports` spread the clients over several brokers (the
+//! times; with `--shared GROUP` they hold `$share/GROUP/<prefix>/+` instead, one shared
+//! subscription, so each message is delivered once, to one of them. `--pub-ports` and
+//! `--sub-ports` spread the clients over several brokers (the
 //! nodes of a cluster), round robin. The first 8 payload bytes are the
 //! send time (nanoseconds since the run started, little endian), stamped just before
 //! the message is handed to rumqttc, so latency covers client queueing, both hops
@@ -32,6 +34,9 @@ const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Once every publisher is done, a subscriber that hears nothing for this long stops:
 /// the rest was dropped by the broker.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a subscriber waits for its connection before it looks at the others'
+/// progress again.
+const POLL_SLICE: Duration = Duration::from_millis(100);
 /// No delivery at all for this long while the window is full means messages were lost;
 /// publishers then go on regardless (and the report shows them as lost).
 const WINDOW_STALL: Duration = Duration::from_secs(1);
@@ -54,6 +59,10 @@ pub struct FaninArgs {
     /// store, every message forwarded to them is in the store until acknowledged.
     #[arg(long)]
     persistent_subscribers: bool,
+    /// The subscribers are the members of this shared subscription group (each message
+    /// delivered once in all).
+    #[arg(long)]
+    shared: Option<String>,
     /// Number of subscribing clients, each holding every publisher's topic.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1_000))]
     subscribers: u64,
@@ -89,6 +98,17 @@ pub struct FaninArgs {
     label: String,
 }
 
+impl FaninArgs {
+    /// How many times each message is delivered.
+    fn copies(&self) -> u64 {
+        if self.shared.is_some() {
+            1
+        } else {
+            self.subscribers
+        }
+    }
+}
+
 /// One run's result.
 pub struct Report {
     args: FaninArgs,
@@ -114,7 +134,7 @@ impl fmt::Display for Report {
         let us = |d: Option<Duration>| d.map_or("-".to_string(), |d| d.as_micros().to_string());
         write!(
             f,
-            "fanin label={} target={}:{} qos={} payload={} publishers={} subscribers={} window={} \
+            "fanin label={} target={}:{} qos={} payload={} publishers={} subscribers={}{} window={} \
              complete={} sent={} received={} lost={} secs={:.3} msgs_per_s={:.0} p50_us={} p99_us={} \
              max_us={}",
             a.label,
@@ -124,6 +144,7 @@ impl fmt::Display for Report {
             a.payload,
             a.publishers,
             a.subscribers,
+            if a.shared.is_some() { "(shared)" } else { "" },
             a.window,
             if self.timed_out { "no(timeout)" } else { "yes" },
             self.sent,
@@ -132,7 +153,7 @@ impl fmt::Display for Report {
             if self.timed_out {
                 "-".to_string()
             } else {
-                (self.sent * a.subscribers)
+                (self.sent * a.copies())
                     .saturating_sub(self.received)
                     .to_string()
             },
@@ -179,7 +200,11 @@ pub async fn run(args: FaninArgs) -> anyhow::Result<Report> {
         connect(&mut sub_loop)
             .await
             .with_context(|| format!("subscriber {j}"))?;
-        sub.subscribe(format!("{prefix}/+"), qos).await?;
+        let filter = match &args.shared {
+            Some(group) => format!("$share/{group}/{prefix}/+"),
+            None => format!("{prefix}/+"),
+        };
+        sub.subscribe(filter, qos).await?;
         wait_for(&mut sub_loop, |e| {
             matches!(e, Event::Incoming(Packet::SubAck(_)))
         })
@@ -214,7 +239,7 @@ pub async fn run(args: FaninArgs) -> anyhow::Result<Report> {
         let mut start = start_rx.clone();
         let progress = progress.clone();
         let (payload_len, window, subscribers) =
-            (args.payload as usize, args.window, args.subscribers);
+            (args.payload as usize, args.window, args.copies());
         tasks.push(tokio::spawn(async move {
             start.wait_for(|s| *s).await?;
             for _ in 0..per_publisher {
@@ -239,6 +264,7 @@ pub async fn run(args: FaninArgs) -> anyhow::Result<Report> {
         receivers.push(tokio::spawn(receive(
             sub_loop,
             total,
+            total * args.copies(),
             args.publishers,
             t0,
             deadline,
@@ -284,10 +310,12 @@ pub async fn run(args: FaninArgs) -> anyhow::Result<Report> {
     })
 }
 
-/// The subscriber's loop: latencies, time of the last delivery, deliveries.
+/// The subscriber's loop: latencies, time of the last delivery, deliveries (`all`:
+/// the copies every subscriber together gets).
 async fn receive(
     mut eventloop: EventLoop,
     total: u64,
+    all: u64,
     publishers: u64,
     t0: Instant,
     deadline: Instant,
@@ -297,16 +325,22 @@ async fn receive(
     let mut latencies = Vec::with_capacity(total as usize);
     let mut received = 0u64;
     let mut last = None;
-    while received < total {
+    let mut heard = Instant::now();
+    // Its own share (every message, or with a shared group some), until all subscribers
+    // together have every copy.
+    while received < total && progress.received.load(Ordering::Relaxed) < all {
         let all_sent = *publishers_done.borrow() >= publishers;
-        let wait = if all_sent {
-            IDLE_TIMEOUT
-        } else {
-            deadline.saturating_duration_since(Instant::now())
-        };
+        // In slices, so a subscriber that has its share sees the others finish.
+        let wait = deadline
+            .saturating_duration_since(Instant::now())
+            .min(POLL_SLICE);
         let event = match tokio::time::timeout(wait, eventloop.poll()).await {
-            Ok(event) => event.context("subscriber connection")?,
-            Err(_) if all_sent || Instant::now() >= deadline => break,
+            Ok(event) => {
+                heard = Instant::now();
+                event.context("subscriber connection")?
+            }
+            Err(_) if Instant::now() >= deadline => break,
+            Err(_) if all_sent && heard.elapsed() >= IDLE_TIMEOUT => break,
             Err(_) => continue,
         };
         if let Event::Incoming(Packet::Publish(p)) = event {

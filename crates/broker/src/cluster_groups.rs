@@ -89,6 +89,7 @@ async fn pull(
     let stream = xfer::stream_name(&cluster.prefix);
     let mut held = Held::default();
     let mut progress = tokio::time::interval(PROGRESS);
+    progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     while !*stop.borrow() {
         if client.connection_state() != async_nats::connection::State::Connected {
             tokio::select! {

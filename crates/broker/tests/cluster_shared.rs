@@ -170,26 +170,51 @@ async fn members_leaving_leave_the_rest_of_the_group_everything() {
     assert_eq!(per_member, vec![0, 10], "all on node C");
 }
 
+/// Group `workers` of alice on `alice/jobs` across three nodes: a member on node B
+/// that acknowledges nothing (manual acks, never sent), one on node C that acknowledges
+/// everything, and a publisher on node A.
+struct HoldingGroup {
+    holding: v4::Client,
+    on_c: v4::Client,
+    publisher: v4::Client,
+    _nodes: Vec<moatmq_testkit::TestBroker>,
+    _nats: Nats,
+}
+
+impl HoldingGroup {
+    async fn start() -> HoldingGroup {
+        let nats = Nats::start().await;
+        let a = node(&nats, "node-a").await;
+        let b = node(&nats, "node-b").await;
+        let c = node(&nats, "node-c").await;
+        let filter = "$share/workers/alice/jobs";
+        let mut o = v4::options(b.first_addr(), "w-b");
+        o.set_credentials("alice", password("alice"));
+        o.set_manual_acks(true);
+        let mut holding = v4::connect(o).await.expect("login");
+        holding.subscribe_acked(filter).await;
+        let on_c = member(c.first_addr(), "w-c", "alice", filter).await;
+        let publisher = login(a.first_addr(), "pub", "alice").await;
+        HoldingGroup {
+            holding,
+            on_c,
+            publisher,
+            _nodes: vec![a, b, c],
+            _nats: nats,
+        }
+    }
+}
+
 /// A member that leaves holding copies it never acknowledged gives them back
 /// to the group at once (MQTT 5 4.8.2): the other node's member gets them, none lost.
 /// (Before, the node acknowledged each stream message to JetStream once its copies were
 /// in the router, so what the member held was lost for the group.)
 #[tokio::test]
 async fn copies_a_member_never_acknowledged_go_to_the_rest_of_the_group_when_it_leaves() {
-    let nats = Nats::start().await;
-    let a = node(&nats, "node-a").await;
-    let b = node(&nats, "node-b").await;
-    let c = node(&nats, "node-c").await;
-    let filter = "$share/workers/alice/jobs";
-    let mut o = v4::options(b.first_addr(), "w-b");
-    o.set_credentials("alice", password("alice"));
-    o.set_manual_acks(true);
-    let mut holding = v4::connect(o).await.expect("login");
-    holding.subscribe_acked(filter).await;
-    let mut on_c = member(c.first_addr(), "w-c", "alice", filter).await;
-    let mut publisher = login(a.first_addr(), "pub", "alice").await;
-    publish_n(&mut publisher, "alice/jobs", "j", 40).await;
-    let held = drain(&mut holding).await;
+    let mut group = HoldingGroup::start().await;
+    let (holding, on_c) = (&mut group.holding, &mut group.on_c);
+    publish_n(&mut group.publisher, "alice/jobs", "j", 40).await;
+    let held = drain(holding).await;
     assert!(!held.is_empty(), "node B's member got its share");
     // It leaves, none of them acknowledged.
     holding.client.disconnect().await.unwrap();
@@ -222,23 +247,11 @@ async fn copies_a_member_never_acknowledged_go_to_the_rest_of_the_group_when_it_
 #[tokio::test]
 async fn a_stuck_member_holds_a_bounded_share_and_the_group_gets_the_rest() {
     const N: usize = 400;
-    let nats = Nats::start().await;
-    let a = node(&nats, "node-a").await;
-    let b = node(&nats, "node-b").await;
-    let c = node(&nats, "node-c").await;
-    let filter = "$share/workers/alice/jobs";
-    let mut o = v4::options(b.first_addr(), "w-b");
-    o.set_credentials("alice", password("alice"));
-    o.set_manual_acks(true);
-    let mut stuck = v4::connect(o).await.expect("login");
-    stuck.subscribe_acked(filter).await;
-    let mut on_c = member(c.first_addr(), "w-c", "alice", filter).await;
-    let mut publisher = login(a.first_addr(), "pub", "alice").await;
+    let mut group = HoldingGroup::start().await;
     // One at a time: each its own stream message.
-    publish_n(&mut publisher, "alice/jobs", "j", N).await;
-    let (seen, per_member) = tally(&mut [&mut stuck, &mut on_c]).await;
+    publish_n(&mut group.publisher, "alice/jobs", "j", N).await;
+    let (seen, per_member) = tally(&mut [&mut group.holding, &mut group.on_c]).await;
     assert_once(&seen, "j", N);
-    eprintln!("per member: {per_member:?}");
     assert!(
         per_member[0] <= 110,
         "the stuck member holds at most its node's 100 (and one pull): {per_member:?}"
