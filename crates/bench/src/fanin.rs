@@ -263,8 +263,10 @@ pub async fn run(args: FaninArgs) -> anyhow::Result<Report> {
         clients.push(sub);
         receivers.push(tokio::spawn(receive(
             sub_loop,
-            total,
-            total * args.copies(),
+            Expect {
+                own: total,
+                all: total * args.copies(),
+            },
             args.publishers,
             t0,
             deadline,
@@ -310,25 +312,29 @@ pub async fn run(args: FaninArgs) -> anyhow::Result<Report> {
     })
 }
 
-/// The subscriber's loop: latencies, time of the last delivery, deliveries (`all`:
-/// the copies every subscriber together gets).
+/// How many messages a subscriber may get at most, and all subscribers together.
+struct Expect {
+    own: u64,
+    all: u64,
+}
+
+/// The subscriber's loop: latencies, time of the last delivery, deliveries.
 async fn receive(
     mut eventloop: EventLoop,
-    total: u64,
-    all: u64,
+    expect: Expect,
     publishers: u64,
     t0: Instant,
     deadline: Instant,
     progress: Arc<Progress>,
     publishers_done: watch::Receiver<u64>,
 ) -> anyhow::Result<(Vec<u64>, Option<Instant>, u64)> {
-    let mut latencies = Vec::with_capacity(total as usize);
+    let mut latencies = Vec::with_capacity(expect.own as usize);
     let mut received = 0u64;
     let mut last = None;
     let mut heard = Instant::now();
     // Its own share (every message, or with a shared group some), until all subscribers
     // together have every copy.
-    while received < total && progress.received.load(Ordering::Relaxed) < all {
+    while received < expect.own && progress.received.load(Ordering::Relaxed) < expect.all {
         let all_sent = *publishers_done.borrow() >= publishers;
         // In slices, so a subscriber that has its share sees the others finish.
         let wait = deadline
