@@ -411,6 +411,19 @@ async fn a_full_queue_drops_the_newest_counted_and_audited() {
         .await;
     let addr = broker.first_addr();
     leave_subscribed(addr, "small-queue", "q/#").await;
+    // The broker is done with the connection's end (what the router still held for it
+    // collected) before anything is published: a publish racing it is counted again
+    // when the router's copies are collected (a known gap, docs/sessions.md).
+    for _ in 0..250 {
+        let audit = std::fs::read_to_string(broker.path("audit.log")).unwrap_or_default();
+        if audit
+            .lines()
+            .any(|l| l.contains("\"disconnect\"") && l.contains("\"small-queue\""))
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     publish_n(addr, "q/x", 5).await;
     // The publisher is never held up by a full queue; the drops are counted.
     let mut dropped = 0.0;
