@@ -356,6 +356,7 @@ impl SessionBook {
                 inflight: HashMap::new(),
                 released: HashMap::new(),
                 backlogs: HashMap::new(),
+                dropped_offline: HashMap::new(),
                 rx,
                 interval: autosave_interval,
                 on_drop: Box::new(|_, _| {}),
@@ -766,6 +767,11 @@ struct Writer {
     /// Per resumed session, what was queued for it in this run and the router has not
     /// forwarded yet: kept stored until acknowledged (`backlog.rs`).
     backlogs: HashMap<SessionKey, Backlog>,
+    /// Per session whose connection ended and whose router copies are not collected
+    /// yet, what its offline queue dropped meanwhile (counted and audited then), by
+    /// content: the collection holds the router's copies of the same messages, and
+    /// does not count them again ([`Writer::collected`]).
+    dropped_offline: HashMap<SessionKey, HashMap<u64, u32>>,
     rx: mpsc::Receiver<Job>,
     interval: Duration,
     on_drop: OnDrop,
@@ -912,6 +918,8 @@ impl Writer {
                     // Offline again: what is left of its backlog is queued, as stored,
                     // and found again at the next resume.
                     self.backlogs.remove(&key);
+                    // Its connection's end collects the router's copies next.
+                    self.dropped_offline.insert(key.clone(), HashMap::new());
                 }
                 let was_offline = self.is_offline(&key);
                 let put = self.store.put_session(&key, meta).map(drop);
@@ -925,6 +933,7 @@ impl Writer {
                 put
             }
             Job::Remove(key) => {
+                self.dropped_offline.remove(&key);
                 self.carried.remove(&key);
                 self.backlogs.remove(&key);
                 self.inflight.remove(&key);
@@ -1006,6 +1015,7 @@ impl Writer {
                 }
             }
             Job::Resume(key, reply) => {
+                self.dropped_offline.remove(&key);
                 let replay = self.resume(&key);
                 let _ = reply.send(replay);
                 Ok(())
@@ -1030,6 +1040,7 @@ impl Writer {
                 self.store.complete(&key, id).map(drop)
             }
             Job::Take(key, reply) => {
+                self.dropped_offline.remove(&key);
                 self.carried.remove(&key);
                 self.inflight.remove(&key);
                 self.released.remove(&key);
@@ -1094,6 +1105,29 @@ impl Writer {
         key: &SessionKey,
         message: QueuedMessage,
     ) -> Result<Option<u64>, moatmq_store::StoreError> {
+        let noted = self
+            .dropped_offline
+            .get(key)
+            .is_some_and(|d| d.len() < DROPPED_NOTED)
+            .then(|| content_hash(&message));
+        Ok(match self.try_queue(key, message)? {
+            Ok(id) => Some(id),
+            Err(limit) => {
+                if let (Some(hash), Some(noted_here)) = (noted, self.dropped_offline.get_mut(key)) {
+                    *noted_here.entry(hash).or_default() += 1;
+                }
+                self.dropped(key, limit);
+                None
+            }
+        })
+    }
+
+    /// [`Writer::queue`] without the report: the id, or the limit that dropped it.
+    fn try_queue(
+        &mut self,
+        key: &SessionKey,
+        message: QueuedMessage,
+    ) -> Result<Result<u64, &'static str>, moatmq_store::StoreError> {
         let parked = self.park.is_some() && self.is_offline(key);
         let copy = parked.then(|| message.clone());
         Ok(match self.store.enqueue(key, message)? {
@@ -1101,16 +1135,10 @@ impl Writer {
                 if let Some(copy) = copy {
                     self.tell_park(ParkEvent::Queued(key.clone(), vec![(id, copy)]));
                 }
-                Some(id)
+                Ok(id)
             }
-            Enqueued::DroppedMessages => {
-                self.dropped(key, "max_queued_messages");
-                None
-            }
-            Enqueued::DroppedBytes => {
-                self.dropped(key, "max_queued_bytes");
-                None
-            }
+            Enqueued::DroppedMessages => Err("max_queued_messages"),
+            Enqueued::DroppedBytes => Err("max_queued_bytes"),
         })
     }
 
@@ -1236,6 +1264,7 @@ impl Writer {
         // (A PUBREL the router owes the client, it sends again itself on a resume here:
         // those stay in `released`.)
         let unacked = self.inflight.remove(key).unwrap_or_default();
+        let mut dropped_before = self.dropped_offline.remove(key).unwrap_or_default();
         let Some(session) = self.store.session(key) else {
             return;
         };
@@ -1280,8 +1309,12 @@ impl Writer {
                 self.store.complete(key, id)?;
             }
             for message in messages {
-                if let Some(id) = self.queue(key, message)? {
-                    late.push(id);
+                let hash = (!dropped_before.is_empty()).then(|| content_hash(&message));
+                match self.try_queue(key, message)? {
+                    Ok(id) => late.push(id),
+                    // The offline queue dropped this one already, and said so.
+                    Err(_) if hash.is_some_and(|h| take_one(&mut dropped_before, h)) => {}
+                    Err(limit) => self.dropped(key, limit),
                 }
             }
             for (_, message) in after {
@@ -1448,6 +1481,37 @@ impl Carried {
 /// Nothing waits on it but a resuming client (its CONNACK), which this delays at most
 /// once by as much.
 const GATHER: Duration = Duration::from_millis(1);
+
+/// What an offline queue drops while its session's connection is ending, noted at most
+/// (per session) so the collection does not count it again; past it, a drop may be
+/// counted twice.
+const DROPPED_NOTED: usize = 4096;
+
+/// A message's topic and payload, hashed within this process: the router's copy of a
+/// message and the one queued offline are equal in these (two messages equal in them
+/// are one as far as counting goes).
+fn content_hash(m: &QueuedMessage) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    m.topic.hash(&mut h);
+    m.payload.hash(&mut h);
+    h.finish()
+}
+
+/// Takes one `hash` out of `counts`; `false` if there was none.
+fn take_one(counts: &mut HashMap<u64, u32>, hash: u64) -> bool {
+    match counts.get_mut(&hash) {
+        Some(n) if *n > 1 => {
+            *n -= 1;
+            true
+        }
+        Some(_) => {
+            counts.remove(&hash);
+            true
+        }
+        None => false,
+    }
+}
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
