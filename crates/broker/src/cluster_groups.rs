@@ -121,9 +121,10 @@ async fn pull(
                 }
                 continue;
             }
+            // No more than there is room for: the members hold at most `MAX_HELD`.
             let batch = consumer
                 .batch()
-                .max_messages(BATCH)
+                .max_messages(BATCH.min(held.room()))
                 .expires(PULL_EXPIRES)
                 .messages()
                 .await;
@@ -212,7 +213,12 @@ struct HeldMessage {
 
 impl Held {
     fn is_full(&self) -> bool {
-        self.messages.len() >= MAX_HELD
+        self.room() == 0
+    }
+
+    /// How many more stream messages the members may hold.
+    fn room(&self) -> usize {
+        MAX_HELD.saturating_sub(self.messages.len())
     }
 
     /// `message`, unless it is one held here already (JetStream sent it again: a
