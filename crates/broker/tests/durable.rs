@@ -399,16 +399,22 @@ async fn slow_subscribers_gone_while_more_comes_get_everything_in_order_after_a_
     }
 }
 
-#[tokio::test]
-async fn a_full_queue_drops_the_newest_counted_and_audited() {
-    let broker = TestBroker::builder()
+/// A broker with a session store that queues 3 messages per session, with metrics and
+/// an audit log.
+async fn three_queued() -> TestBroker {
+    TestBroker::builder()
         .anonymous()
         .retained_store()
         .limit("max_queued_messages", 3)
         .metrics()
         .audit()
         .start()
-        .await;
+        .await
+}
+
+#[tokio::test]
+async fn a_full_queue_drops_the_newest_counted_and_audited() {
+    let broker = three_queued().await;
     let addr = broker.first_addr();
     leave_subscribed(addr, "small-queue", "q/#").await;
     // The broker is done with the connection's end (what the router still held for it
@@ -461,14 +467,7 @@ async fn a_full_queue_drops_the_newest_counted_and_audited() {
 #[tokio::test]
 async fn a_full_queue_counts_each_drop_once_when_publishes_race_the_disconnect() {
     const N: usize = 200;
-    let broker = TestBroker::builder()
-        .anonymous()
-        .retained_store()
-        .limit("max_queued_messages", 3)
-        .metrics()
-        .audit()
-        .start()
-        .await;
+    let broker = three_queued().await;
     let addr = broker.first_addr();
     let mut sub = v4::connect(persistent4(addr, "racing")).await.unwrap();
     assert_eq!(suback4(&mut sub, &["q/#"]).await, vec![V4_OK]);
