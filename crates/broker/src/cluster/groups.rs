@@ -27,7 +27,7 @@
 use crate::router::{namespaced_group, split_shared, GroupFilters, RouterHandle};
 use bytes::Bytes;
 use moatmq_store::ClusterSeal;
-use rumqttd::protocol::{PublishProperties, QoS};
+use rumqttd::protocol::{Publish, PublishProperties, QoS};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -313,13 +313,8 @@ impl Membership {
     /// ticket, the ticket is taken out of its properties and reported; a copy
     /// forwarded at QoS 0 is settled at once, one at QoS 1/2 when [`Membership::settle`]
     /// is called with its packet id.
-    pub fn arrived(
-        &mut self,
-        topic: &[u8],
-        props: &mut Option<PublishProperties>,
-        qos: QoS,
-        pkid: u16,
-    ) {
+    pub fn arrived(&mut self, publish: &Publish, props: &mut Option<PublishProperties>) {
+        let topic = &publish.topic[..];
         if self.held.is_empty() || !is_copy(topic) {
             return;
         }
@@ -340,6 +335,8 @@ impl Membership {
             return;
         }
         let gid = String::from_utf8_lossy(gid).into_owned();
+        // Read from the encoded packet: only for a member's copy with a ticket.
+        let (qos, pkid) = crate::codec::qos_and_pkid(publish);
         self.groups.report(&gid, Report::Arrived(ticket));
         if qos == QoS::AtMostOnce {
             self.groups.report(&gid, Report::Settled(ticket));

@@ -68,12 +68,12 @@ impl Gateway {
     fn forward(&mut self, mut forward: rumqttd::Forward) -> Result<(), Close> {
         // What the publisher sent, out of the properties before anything copies them.
         let published = crate::origin::take(&mut forward.properties);
-        let (router_qos, router_pkid) = crate::codec::qos_and_pkid(&forward.publish);
         if self.read_as_moved(published.as_ref())
             || !self.group_copy(&mut forward.publish, &mut forward.properties)
         {
-            self.settle_copy(router_pkid);
-            self.to_router.withhold(router_qos, router_pkid);
+            let (qos, pkid) = crate::codec::qos_and_pkid(&forward.publish);
+            self.settle_copy(pkid);
+            self.to_router.withhold(qos, pkid);
             return Ok(());
         }
         // A durable session stores what it was sent until the client acknowledges it.
@@ -99,10 +99,11 @@ impl Gateway {
                 }
                 self.to_router.delivered(pkid)
             }
-            Delivery::Sent { .. } => self.settle_copy(router_pkid),
+            // Forwarded at QoS 0: a group's copy was settled as it arrived.
+            Delivery::Sent { .. } => {}
             // The router's copy is acknowledged here, in its turn.
             Delivery::Settled { qos, pkid } => {
-                self.settle_copy(router_pkid);
+                self.settle_copy(pkid);
                 self.to_router.withhold(qos, pkid)
             }
         }
@@ -127,8 +128,7 @@ impl Gateway {
                 if let Some(m) = self.groups.as_mut() {
                     // A shared group's copy with a ticket: the group's puller learns
                     // where it is, and what becomes of it (`cluster/groups.rs`).
-                    let (qos, pkid) = crate::codec::qos_and_pkid(&forward.publish);
-                    m.arrived(&forward.publish.topic, &mut forward.properties, qos, pkid);
+                    m.arrived(&forward.publish, &mut forward.properties);
                 }
                 // With the client's Receive Maximum reached, forwards wait (`window.rs`),
                 // in order (QoS 0 ones too: reading their QoS costs a copy here).
