@@ -161,7 +161,8 @@ async fn pull(
                     let _ = message.ack_with(AckKind::Nak(None)).await;
                     continue;
                 }
-                let Some(message) = held.redelivered(message) else {
+                let id = xfer::message_id(&message);
+                let Some(message) = held.redelivered(id.as_deref(), message) else {
                     // Still held here: the members work on it.
                     continue;
                 };
@@ -180,7 +181,7 @@ async fn pull(
                     Err(why) => tracing::debug!("cluster: shared group: {why:?}"),
                 }
                 if copies > 0 {
-                    held.hold(ticket, message, copies);
+                    held.hold(ticket, id, message, copies);
                 } else if let Err(e) = message.ack().await {
                     tracing::debug!("cluster: shared group message not acknowledged: {e}");
                 }
@@ -189,7 +190,7 @@ async fn pull(
     }
     // The last member left (or the node stops): what the members did not settle goes
     // to another node's members now.
-    held.give_back_all().await;
+    held.give_back_where(|_| true).await;
 }
 
 /// The stream messages whose QoS 1/2 copies this node's members hold, by ticket.
@@ -223,10 +224,13 @@ impl Held {
 
     /// `message`, unless it is one held here already (JetStream sent it again: a
     /// progress note came late); then it replaces the held one's handle.
-    fn redelivered(&mut self, message: jetstream::Message) -> Option<jetstream::Message> {
-        let id = xfer::message_id(&message);
+    fn redelivered(
+        &mut self,
+        id: Option<&str>,
+        message: jetstream::Message,
+    ) -> Option<jetstream::Message> {
         let Some(held) = id
-            .and_then(|id| self.tickets.get(&id))
+            .and_then(|id| self.tickets.get(id))
             .and_then(|t| self.messages.get_mut(t))
         else {
             return Some(message);
@@ -235,8 +239,14 @@ impl Held {
         None
     }
 
-    fn hold(&mut self, ticket: u64, message: jetstream::Message, copies: usize) {
-        let id = xfer::message_id(&message);
+    /// Holds `message` (message id `id`) until its `copies` are settled.
+    fn hold(
+        &mut self,
+        ticket: u64,
+        id: Option<String>,
+        message: jetstream::Message,
+        copies: usize,
+    ) {
         if let Some(id) = &id {
             self.tickets.insert(id.clone(), ticket);
         }
@@ -281,33 +291,16 @@ impl Held {
                 }
             }
             Report::Failed(ticket) => self.give_back(ticket).await,
-            Report::Left => {
-                // Copies on their way to the member that left are lost in the router.
-                let lost: Vec<u64> = self
-                    .messages
-                    .iter()
-                    .filter(|(_, h)| h.arrived < h.copies)
-                    .map(|(t, _)| *t)
-                    .collect();
-                for ticket in lost {
-                    self.give_back(ticket).await;
-                }
-            }
+            // Copies on their way to the member that left are lost in the router.
+            Report::Left => self.give_back_where(|h| h.arrived < h.copies).await,
         }
     }
 
     /// JetStream keeps waiting for what the members hold; what never reached one is
     /// given back.
     async fn progress(&mut self) {
-        let lost: Vec<u64> = self
-            .messages
-            .iter()
-            .filter(|(_, h)| h.arrived < h.copies && h.since.elapsed() > ARRIVAL)
-            .map(|(t, _)| *t)
-            .collect();
-        for ticket in lost {
-            self.give_back(ticket).await;
-        }
+        self.give_back_where(|h| h.arrived < h.copies && h.since.elapsed() > ARRIVAL)
+            .await;
         for held in self.messages.values() {
             let _ = held.message.ack_with(AckKind::Progress).await;
         }
@@ -326,8 +319,14 @@ impl Held {
         let _ = held.message.ack_with(AckKind::Nak(None)).await;
     }
 
-    async fn give_back_all(&mut self) {
-        let tickets: Vec<u64> = self.messages.keys().copied().collect();
+    /// [`Held::give_back`] of every held message `which` picks.
+    async fn give_back_where(&mut self, which: impl Fn(&HeldMessage) -> bool) {
+        let tickets: Vec<u64> = self
+            .messages
+            .iter()
+            .filter(|(_, h)| which(h))
+            .map(|(t, _)| *t)
+            .collect();
         for ticket in tickets {
             self.give_back(ticket).await;
         }
