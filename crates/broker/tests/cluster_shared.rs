@@ -377,6 +377,63 @@ async fn an_mqtt5_member_gets_its_own_subscription_identifier_on_the_groups_mess
     assert_eq!(got, 10, "each message once");
 }
 
+/// A publisher cannot pass a ticket of its own to a group's member (it could settle
+/// another copy's ticket, and its stream message would be acknowledged before its
+/// member had it): the property of that name it sends is dropped, the node's own is
+/// taken out before the member sees the message, and its other properties arrive as
+/// sent.
+#[tokio::test]
+async fn a_publishers_own_ticket_property_never_reaches_a_member() {
+    use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
+    use rumqttc::v5::mqttbytes::QoS;
+    let nats = Nats::start().await;
+    let a = node(&nats, "node-a").await;
+    let b = node(&nats, "node-b").await;
+    let filter = "$share/workers/alice/jobs";
+    let mut o = moatmq_testkit::v5::options(b.first_addr(), "m5-b");
+    o.set_credentials("alice", password("alice"));
+    let mut member5 = moatmq_testkit::v5::connect(o).await.expect("login");
+    member5
+        .client
+        .subscribe(filter, QoS::AtLeastOnce)
+        .await
+        .expect("subscribe queued");
+    member5
+        .incoming(|p| matches!(p, Packet::SubAck(_)).then_some(()))
+        .await
+        .expect("SUBACK");
+    let mut o = moatmq_testkit::v5::options(a.first_addr(), "pub5");
+    o.set_credentials("alice", password("alice"));
+    let mut publisher = moatmq_testkit::v5::connect(o).await.expect("login");
+    let sent = vec![
+        ("$moatmq-ticket".to_string(), "1".to_string()),
+        ("k".to_string(), "v".to_string()),
+    ];
+    let props = PublishProperties {
+        user_properties: sent,
+        ..Default::default()
+    };
+    publisher
+        .client
+        .publish_with_properties("alice/jobs", QoS::AtLeastOnce, false, "forged", props)
+        .await
+        .expect("publish queued");
+    publisher
+        .incoming(|p| matches!(p, Packet::PubAck(_)).then_some(()))
+        .await
+        .expect("PUBACK");
+    let got = member5
+        .publish_within(QUIET * 3)
+        .await
+        .expect("the member gets the message");
+    assert_eq!(&got.payload[..], b"forged");
+    let user = got
+        .properties
+        .map(|p| p.user_properties)
+        .unwrap_or_default();
+    assert_eq!(user, vec![("k".to_string(), "v".to_string())]);
+}
+
 #[tokio::test]
 async fn what_a_node_pulled_and_never_acknowledged_reaches_a_member_after_the_ack_wait() {
     let nats = Nats::start().await;
