@@ -87,6 +87,7 @@ async fn pull(
     } = start;
     let js = jetstream::new(client.clone());
     let stream = xfer::stream_name(&cluster.prefix);
+    let untimed = cluster.keeping.untimed;
     let mut held = Held::default();
     let mut progress = tokio::time::interval(PROGRESS);
     progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -168,7 +169,7 @@ async fn pull(
                 };
                 let ticket = next_ticket();
                 let mut copies = 0;
-                match xfer::take_in(&seal, &stream, None, &mut held.seen, &message) {
+                match xfer::take_in(&seal, &stream, None, untimed, &mut held.seen, &message) {
                     // A batch goes to this node's members whole (balance per batch).
                     Ok(arrived) => {
                         for m in arrived {

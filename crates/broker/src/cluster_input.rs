@@ -68,6 +68,7 @@ async fn run_transfer(
     };
     let js = async_nats::jetstream::new(client.clone());
     let stream = xfer::stream_name(&cluster.prefix);
+    let untimed = cluster.keeping.untimed;
     let info = cluster_connection();
     let mut seen = Seen::default();
     // Messages put back in their nodes' order, and the highest stream sequence read.
@@ -125,7 +126,7 @@ async fn run_transfer(
                 Ok(message) => {
                     let seq = sequence(&message);
                     let own = Some(cluster.node.as_str());
-                    match xfer::take_in(&seal, &stream, own, &mut seen, &message) {
+                    match xfer::take_in(&seal, &stream, own, untimed, &mut seen, &message) {
                         // In its node's order (`cluster/order.rs`), then each of a
                         // batch's messages in order; one acknowledgement.
                         Ok(arrived) if !arrived.is_empty() => {

@@ -242,6 +242,12 @@ pub struct Cluster {
     /// (docs/cluster.md, "Connected sessions are parked too, with checkpoints").
     #[serde(default = "default_checkpoint_interval")]
     pub checkpoint_interval: u64,
+    /// Takes transfer stream messages that do not carry the time they were sealed
+    /// (sent by releases before it), which cannot be told from replays of captured
+    /// ones: only while upgrading a cluster from such a release (docs/cluster.md,
+    /// "Replays").
+    #[serde(default)]
+    pub accept_untimed_transfer: bool,
 }
 
 /// The transfer stream's duplicate window, which its max age may not be under.

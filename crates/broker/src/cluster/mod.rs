@@ -762,6 +762,7 @@ impl Cluster {
             user: who.username.clone(),
             client: who.client_id.clone(),
             properties: props,
+            sealed: None,
         };
         let sent = self.forward.send(|seq| xfer::Outgoing {
             seq,

@@ -39,6 +39,7 @@ pub(super) struct Stream {
     pub(super) js: async_nats::jetstream::Context,
     pub(super) seal: Arc<ClusterSeal>,
     pub(super) name: String,
+    pub(super) untimed: xfer::Untimed,
     pub(super) metrics: Arc<Metrics>,
 }
 
@@ -215,7 +216,7 @@ async fn take(
             .collect();
         if let (Some((origin, first)), false) = (origin, readers.is_empty()) {
             let sealed = xfer::Sealed::of(&message, id.as_deref());
-            match xfer::open_any(&stream.seal, &stream.name, sealed) {
+            match xfer::open_any(&stream.seal, &stream.name, sealed, stream.untimed) {
                 Ok(opened) => {
                     let waited = xfer::time_in_stream(&message);
                     for i in readers {

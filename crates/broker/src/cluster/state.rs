@@ -748,6 +748,8 @@ pub struct Keeping {
     pub retained_marker_age: Duration,
     /// Messages in one transfer stream message at most.
     pub transfer_batch: usize,
+    /// How transfer stream messages without their sealing time are taken.
+    pub untimed: super::xfer::Untimed,
 }
 
 impl Keeping {
@@ -758,6 +760,11 @@ impl Keeping {
             transfer_max_bytes: i64::try_from(cluster.transfer_max_bytes).unwrap_or(i64::MAX),
             retained_marker_age: Duration::from_secs(cluster.retained_marker_age),
             transfer_batch: cluster.transfer_batch,
+            untimed: if cluster.accept_untimed_transfer {
+                super::xfer::Untimed::Accept
+            } else {
+                super::xfer::Untimed::Refuse
+            },
         }
     }
 }

@@ -143,6 +143,7 @@ async fn read_from(
         js: r.buckets.js.clone(),
         seal: cluster.owners.seal_shared(),
         name: xfer::stream_name(&cluster.prefix),
+        untimed: cluster.keeping.untimed,
         metrics: Arc::clone(&cluster.metrics),
     };
     cluster.reads.read(kind, stream, want).await

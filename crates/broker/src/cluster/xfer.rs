@@ -12,17 +12,27 @@
 //! acknowledgement before sending the next (at most [`WINDOW`] messages
 //! unacknowledged) and advances the sequencer's done number over the acknowledgements in
 //! order, each to its batch's last number. A failed acknowledgement (timeout, NATS
-//! away, stream missing) sends every unacknowledged batch again, byte for byte, once
-//! NATS is back: a gateway holding a QoS 1/2 PUBACK until its number is acknowledged
+//! away, stream missing) sends every unacknowledged batch again, sealed again with the
+//! time now, once NATS is back: a gateway holding a QoS 1/2 PUBACK until its number is acknowledged
 //! never acknowledges what JetStream does not hold.
 //! In: [`open`] authenticates a message of the stream (its AAD names the stream, the
 //! message id, whose node must be the subject's, and whether it is a batch) and decodes
 //! it into its messages; [`Seen`] drops a message id already handed to the router (a
 //! redelivery after a lost ack).
 //!
+//! Replays: the first message of each stream message carries the time it was sealed
+//! (sealed again, with a new time, each time it is sent), and a stream message JetStream
+//! stored more than [`REPLAY_SLACK`] after that is refused. A captured message sent
+//! again within the stream's duplicate window is dropped by the stream; later, it is
+//! stored at least that window after it was sealed, so it is refused here, by every
+//! node, also by one that never saw it (a node started since, a group's consumer).
+//! Messages without the time (releases before it) are refused unless `[cluster]
+//! accept_untimed_transfer` is set (a rolling upgrade from one of those).
+//!
 //! A message is `len u32 BE | header JSON | payload` before sealing; the header holds
-//! the topic, QoS, retain flag, publisher and MQTT 5 properties (`properties.rs`). A
-//! batch is `count u32 BE | (len u32 BE | message)*`.
+//! the topic, QoS, retain flag, publisher, MQTT 5 properties (`properties.rs`) and, in
+//! a stream message's first, the time it was sealed. A batch is `count u32 BE | (len
+//! u32 BE | message)*`.
 
 use super::state::{check_replicas, Keeping};
 use crate::metrics::Metrics;
@@ -43,6 +53,12 @@ use tokio::sync::mpsc;
 /// `[cluster] transfer_max_age`, is never under it).
 const DUPLICATE_WINDOW: Duration =
     Duration::from_secs(moatmq_config::TRANSFER_DUPLICATE_WINDOW_SECS);
+/// A stream message stored later than this after it was sealed is a replay. Under the
+/// duplicate window, so that a replay the stream lets through (after the window) is
+/// always refused; the rest is room for the clocks of a node and its NATS server to
+/// differ.
+const REPLAY_SLACK: Duration = Duration::from_secs(60);
+const _: () = assert!(REPLAY_SLACK.as_secs() < DUPLICATE_WINDOW.as_secs());
 /// Messages (not batches) published and not yet acknowledged, at most.
 const WINDOW: usize = 4096;
 /// How long to wait for one acknowledgement before sending again.
@@ -69,6 +85,68 @@ pub struct Envelope {
     /// The `Moatmq-Properties` JSON, when the message has MQTT 5 properties.
     #[serde(default)]
     pub properties: Option<String>,
+    /// When its stream message was sealed (Unix milliseconds, the sending node's
+    /// clock): in a stream message's first message only. Releases before it ignore it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed: Option<u64>,
+}
+
+/// Now, in Unix milliseconds.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// How stream messages without the time they were sealed (from releases before it)
+/// are taken (`[cluster] accept_untimed_transfer`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Untimed {
+    Refuse,
+    Accept,
+}
+
+/// How long a replayed message may trail its sealing ([`REPLAY_SLACK`]; tests of the
+/// replay refusal shorten it with `MOATMQ_TEST_REPLAY_SLACK_MS`, `test-hooks` only).
+fn replay_slack() -> Duration {
+    #[cfg(feature = "test-hooks")]
+    {
+        static SLACK: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+        *SLACK.get_or_init(|| {
+            std::env::var("MOATMQ_TEST_REPLAY_SLACK_MS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .map_or(REPLAY_SLACK, Duration::from_millis)
+        })
+    }
+    #[cfg(not(feature = "test-hooks"))]
+    REPLAY_SLACK
+}
+
+/// Refuses a stream message JetStream stored more than [`replay_slack`] after it was
+/// `sealed` (a replay), or one without the time unless `untimed` accepts it.
+fn fresh(sealed: Option<u64>, stored_ms: Option<i128>, untimed: Untimed) -> Result<(), Rejected> {
+    let Some(sealed) = sealed else {
+        return match untimed {
+            Untimed::Accept => Ok(()),
+            Untimed::Refuse => Err(Rejected::Refused(
+                "no sealing time (a release before it, or a replay of one of its messages; \
+                 [cluster] accept_untimed_transfer takes them during an upgrade)"
+                    .into(),
+            )),
+        };
+    };
+    let Some(stored) = stored_ms else {
+        return Err(Rejected::Refused("no time JetStream stored it".into()));
+    };
+    let late = stored.saturating_sub(i128::from(sealed));
+    if late > replay_slack().as_millis() as i128 {
+        return Err(Rejected::Refused(format!(
+            "replayed: stored {} s after it was sealed",
+            late / 1000
+        )));
+    }
+    Ok(())
 }
 
 /// `len u32 BE | header JSON | payload`.
@@ -119,11 +197,7 @@ impl Batch {
         self.plain[..4].copy_from_slice(&self.count.to_be_bytes());
     }
 
-    /// Bytes so far.
-    pub fn len(&self) -> usize {
-        self.plain.len()
-    }
-
+    #[cfg(test)]
     pub fn count(&self) -> u32 {
         self.count
     }
@@ -170,12 +244,13 @@ pub fn open(
     stream: &str,
     node: &str,
     at: Sealed<'_>,
+    untimed: Untimed,
 ) -> Result<Vec<(Envelope, Bytes)>, Rejected> {
     let origin = origin(stream, at.subject)?;
     if origin == node {
         return Err(Rejected::Own);
     }
-    open_from(seal, stream, origin, at)
+    open_from(seal, stream, origin, at, untimed)
 }
 
 /// A message as read from the stream.
@@ -186,6 +261,8 @@ pub struct Sealed<'a> {
     /// It names itself a batch ([`BATCH`]).
     pub batch: bool,
     pub value: &'a [u8],
+    /// When JetStream stored it (Unix milliseconds, the NATS server's clock).
+    pub stored_ms: Option<i128>,
 }
 
 impl<'a> Sealed<'a> {
@@ -199,6 +276,10 @@ impl<'a> Sealed<'a> {
                 .as_ref()
                 .is_some_and(|h| h.get(BATCH).is_some()),
             value: &message.payload,
+            stored_ms: message
+                .info()
+                .ok()
+                .map(|i| i.published.unix_timestamp_nanos() / 1_000_000),
         }
     }
 }
@@ -217,8 +298,9 @@ pub fn open_any(
     seal: &ClusterSeal,
     stream: &str,
     at: Sealed<'_>,
+    untimed: Untimed,
 ) -> Result<Vec<(Envelope, Bytes)>, Rejected> {
-    open_from(seal, stream, origin(stream, at.subject)?, at)
+    open_from(seal, stream, origin(stream, at.subject)?, at, untimed)
 }
 
 fn open_from(
@@ -226,6 +308,7 @@ fn open_from(
     stream: &str,
     origin: &str,
     at: Sealed<'_>,
+    untimed: Untimed,
 ) -> Result<Vec<(Envelope, Bytes)>, Rejected> {
     let msg_id = at
         .msg_id
@@ -242,12 +325,15 @@ fn open_from(
             .open_transfer(stream, msg_id, at.value)
             .map_err(refused)?;
         let (envelope, payload) = decode(&plain).ok_or_else(malformed)?;
+        fresh(envelope.sealed, at.stored_ms, untimed)?;
         return Ok(vec![(envelope, Bytes::copy_from_slice(payload))]);
     }
     let plain = seal
         .open_transfer_batch(stream, msg_id, at.value)
         .map_err(refused)?;
     let messages = decode_batch(&plain).ok_or_else(malformed)?;
+    let sealed = messages.first().and_then(|(e, _)| e.sealed);
+    fresh(sealed, at.stored_ms, untimed)?;
     // One copy of the batch; each payload a slice of it.
     let all = Bytes::copy_from_slice(&plain);
     Ok(messages
@@ -271,14 +357,15 @@ pub fn take_in(
     seal: &ClusterSeal,
     stream: &str,
     own: Option<&str>,
+    untimed: Untimed,
     seen: &mut Seen,
     message: &jetstream::Message,
 ) -> Result<Vec<Arrived>, Rejected> {
     let id = message_id(message);
     let at = Sealed::of(message, id.as_deref());
     let opened = match own {
-        Some(node) => open(seal, stream, node, at)?,
-        None => open_any(seal, stream, at)?,
+        Some(node) => open(seal, stream, node, at, untimed)?,
+        None => open_any(seal, stream, at, untimed)?,
     };
     if !id.as_deref().is_some_and(|id| seen.first(id)) {
         return Ok(Vec::new());
@@ -501,6 +588,11 @@ struct Pending {
     /// How many messages it holds.
     count: usize,
     msg_id: String,
+    /// Its first message, encoded with the time at each sealing ([`Output::seal_now`]:
+    /// sealed again, with a new time, when it is sent again).
+    first: (Envelope, Bytes),
+    /// The rest of a batch's messages, as [`encode`] made them.
+    rest: Vec<zeroize::Zeroizing<Vec<u8>>>,
     /// `None`: it could not be sealed or sent (counted); it is not waited for.
     sealed: Option<Bytes>,
     batch: bool,
@@ -509,6 +601,8 @@ struct Pending {
 /// What a batch leaves of the server's `max_payload` for its messages: the seal,
 /// the headers and the protocol line.
 const BATCH_OVERHEAD: usize = 512;
+/// What the time adds to a first message (`,"sealed":` and 13 digits, until 2286).
+const SEALED_FIELD: usize = 24;
 
 /// The output task's state.
 pub struct Output {
@@ -617,31 +711,20 @@ impl Output {
     async fn send(&mut self, first: Outgoing, queue: &mut mpsc::Receiver<Outgoing>) {
         let msg_id = format!("{}:{}", self.id_prefix, first.seq);
         let batch = self.keeping.transfer_batch > 1;
-        let (count, last, sealed) = if batch {
-            let (gathered, last) = self.gather(first, queue).await;
-            let sealed = self
-                .seal
-                .seal_transfer_batch(&self.stream, &msg_id, gathered.plain());
-            (gathered.count() as usize, last, sealed)
+        self.live(&first).await;
+        let (rest, last) = if batch {
+            self.gather(&first, queue).await
         } else {
-            self.live(&first).await;
-            let plain = zeroize::Zeroizing::new(encode(&first.envelope, &first.payload));
-            let sealed = self.seal.seal_transfer(&self.stream, &msg_id, &plain);
-            (1, first.seq, sealed)
+            (Vec::new(), first.seq)
         };
-        let sealed = match sealed {
-            Ok(v) => Some(Bytes::from(v)),
-            Err(e) => {
-                tracing::warn!("cluster: transfer message not sealed: {e}");
-                self.dropped();
-                None
-            }
-        };
+        let count = 1 + rest.len();
         let mut pending = Pending {
             last,
             count,
             msg_id,
-            sealed,
+            first: (first.envelope, first.payload),
+            rest,
+            sealed: None,
             batch,
         };
         let ack = self.publish(&mut pending).await;
@@ -650,37 +733,63 @@ impl Output {
         self.acks.push_back(ack);
     }
 
-    /// `first` and what follows it in the queue now, as one batch, with the number of
-    /// its last message; a message that would take the batch past `max_payload` is
-    /// kept for the next one.
+    /// `p` sealed now: its first message carries the time (a replay is refused by it).
+    fn seal_now(&self, p: &mut Pending) -> Option<Bytes> {
+        let (envelope, payload) = &mut p.first;
+        envelope.sealed = Some(now_ms());
+        let first = zeroize::Zeroizing::new(encode(envelope, payload));
+        let sealed = if p.batch {
+            let mut batch = Batch::new();
+            batch.push(&first);
+            for message in &p.rest {
+                batch.push(message);
+            }
+            self.seal
+                .seal_transfer_batch(&self.stream, &p.msg_id, batch.plain())
+        } else {
+            self.seal.seal_transfer(&self.stream, &p.msg_id, &first)
+        };
+        match sealed {
+            Ok(v) => Some(Bytes::from(v)),
+            Err(e) => {
+                tracing::warn!("cluster: transfer message not sealed: {e}");
+                self.dropped();
+                None
+            }
+        }
+    }
+
+    /// What follows `first` in the queue now, for one batch with it, each encoded, and
+    /// the number of the batch's last message; a message that would take the batch
+    /// past `max_payload` is kept for the next one.
     async fn gather(
         &mut self,
-        first: Outgoing,
+        first: &Outgoing,
         queue: &mut mpsc::Receiver<Outgoing>,
-    ) -> (Batch, u64) {
+    ) -> (Vec<zeroize::Zeroizing<Vec<u8>>>, u64) {
         let room = self
             .max_payload
             .load(Ordering::Relaxed)
             .saturating_sub(BATCH_OVERHEAD);
         let most = self.keeping.transfer_batch;
-        let mut batch = Batch::new();
+        // As `Batch::len` will be: the count, then each message with its length; the
+        // first always goes (`Cluster::fits` let it in alone), with its time.
+        let mut len = 4 + 4 + encode(&first.envelope, &first.payload).len() + SEALED_FIELD;
+        let mut rest = Vec::new();
         let mut last = first.seq;
-        let mut next = Some(first);
-        while let Some(out) = next.take() {
+        while rest.len() + 1 < most {
+            let Ok(out) = queue.try_recv() else { break };
             let message = zeroize::Zeroizing::new(encode(&out.envelope, &out.payload));
-            // The first always goes: `Cluster::fits` let it in alone.
-            if batch.count() > 0 && batch.len() + 4 + message.len() > room {
+            if len + 4 + message.len() > room {
                 self.carry = Some(out);
                 break;
             }
             self.live(&out).await;
-            batch.push(&message);
+            len += 4 + message.len();
             last = out.seq;
-            if (batch.count() as usize) < most {
-                next = queue.try_recv().ok();
-            }
+            rest.push(message);
         }
-        (batch, last)
+        (rest, last)
     }
 
     /// Publishes `out` on its live subject (core NATS, at most once), if it has one.
@@ -698,6 +807,7 @@ impl Output {
 
     /// Sends one message to the stream; its acknowledgement as a future.
     async fn publish(&mut self, p: &mut Pending) -> BoxFuture<'static, Result<(), String>> {
+        p.sealed = self.seal_now(p);
         let Some(sealed) = p.sealed.clone() else {
             return Box::pin(async { Ok(()) });
         };
@@ -720,8 +830,8 @@ impl Output {
         }
     }
 
-    /// Every unacknowledged stream message again, byte for byte (the same ids: the
-    /// stream drops what it has), in order, once NATS is back.
+    /// Every unacknowledged stream message again (the same ids: the stream drops what
+    /// it has; sealed again with the time now), in order, once NATS is back.
     async fn resend(&mut self) {
         self.acks = FuturesOrdered::new();
         tokio::time::sleep(RETRY).await;
@@ -733,7 +843,11 @@ impl Output {
         }
         let mut pending = std::mem::take(&mut self.pending);
         for p in pending.iter_mut() {
-            let ack = self.publish(p).await;
+            let ack = match p.sealed {
+                Some(_) => self.publish(p).await,
+                // It could not be sealed or sent before: not sent again (counted).
+                None => Box::pin(async { Ok(()) }),
+            };
             self.acks.push_back(ack);
         }
         self.pending = pending;
@@ -789,8 +903,13 @@ mod tests {
             user: Some("alice".into()),
             client: "c1".into(),
             properties: Some("{\"content_type\":\"x\"}".into()),
+            sealed: Some(SEALED),
         }
     }
+
+    /// When the test messages were sealed, and stored (half a second later).
+    const SEALED: u64 = 1_765_000_000_000;
+    const STORED: i128 = SEALED as i128 + 500;
 
     #[test]
     fn seen_ids_are_taken_once_until_forgotten_and_the_oldest_go_first() {
@@ -829,6 +948,7 @@ mod tests {
             msg_id,
             batch: false,
             value,
+            stored_ms: Some(STORED),
         }
     }
 
@@ -839,9 +959,12 @@ mod tests {
         let plain = encode(&envelope(), b"p");
         let value = seal.seal_transfer("m_xfer", "a:1:1", &plain).unwrap();
         let at = sealed("m_xfer.a", Some("a:1:1"), &value);
-        let opened = open(&seal, "m_xfer", "b", at);
+        let opened = open(&seal, "m_xfer", "b", at, Untimed::Refuse);
         assert_eq!(opened, Ok(vec![(envelope(), Bytes::from_static(b"p"))]));
-        assert_eq!(open(&seal, "m_xfer", "a", at), Err(Rejected::Own));
+        assert_eq!(
+            open(&seal, "m_xfer", "a", at, Untimed::Refuse),
+            Err(Rejected::Own)
+        );
         for (subject, id) in [
             ("m_xfer.c", Some("a:1:1")),
             ("m_xfer.a", Some("a:1:2")),
@@ -850,7 +973,13 @@ mod tests {
         ] {
             assert!(
                 matches!(
-                    open(&seal, "m_xfer", "b", sealed(subject, id, &value)),
+                    open(
+                        &seal,
+                        "m_xfer",
+                        "b",
+                        sealed(subject, id, &value),
+                        Untimed::Refuse
+                    ),
                     Err(Rejected::Refused(_))
                 ),
                 "{subject} {id:?}"
@@ -859,7 +988,7 @@ mod tests {
         // Named a batch, a single message does not open.
         let as_batch = Sealed { batch: true, ..at };
         assert!(matches!(
-            open(&seal, "m_xfer", "b", as_batch),
+            open(&seal, "m_xfer", "b", as_batch, Untimed::Refuse),
             Err(Rejected::Refused(_))
         ));
     }
@@ -871,11 +1000,17 @@ mod tests {
         let value = seal
             .seal_transfer("m_xfer", "a:1:1", &encode(&envelope(), b"p"))
             .unwrap();
-        let opened = open_any(&seal, "m_xfer", sealed("m_xfer.a", Some("a:1:1"), &value));
+        let at = sealed("m_xfer.a", Some("a:1:1"), &value);
+        let opened = open_any(&seal, "m_xfer", at, Untimed::Refuse);
         assert_eq!(opened, Ok(vec![(envelope(), Bytes::from_static(b"p"))]));
         for (subject, id) in [("m_xfer.c", Some("a:1:1")), ("m_xfer.a", None)] {
             assert!(matches!(
-                open_any(&seal, "m_xfer", sealed(subject, id, &value)),
+                open_any(
+                    &seal,
+                    "m_xfer",
+                    sealed(subject, id, &value),
+                    Untimed::Refuse
+                ),
                 Err(Rejected::Refused(_))
             ));
         }
@@ -903,20 +1038,108 @@ mod tests {
             ..sealed("m_xfer.a", Some("a:1:5"), &value)
         };
         assert_eq!(
-            open(&seal, "m_xfer", "b", at),
+            open(&seal, "m_xfer", "b", at, Untimed::Refuse),
             Ok(vec![
                 (envelope(), Bytes::from_static(b"one")),
                 (second, Bytes::new()),
                 (envelope(), Bytes::from_static(b"three")),
             ])
         );
-        assert_eq!(open(&seal, "m_xfer", "a", at), Err(Rejected::Own));
+        assert_eq!(
+            open(&seal, "m_xfer", "a", at, Untimed::Refuse),
+            Err(Rejected::Own)
+        );
         // Not named a batch (what a node before batching does), it does not open.
         let single = Sealed { batch: false, ..at };
         assert!(matches!(
-            open(&seal, "m_xfer", "b", single),
+            open(&seal, "m_xfer", "b", single, Untimed::Refuse),
             Err(Rejected::Refused(_))
         ));
+    }
+
+    #[test]
+    fn a_message_stored_long_after_it_was_sealed_is_refused_as_a_replay() {
+        let key = moatmq_store::RetainedKey::from_hex(&"01".repeat(32)).unwrap();
+        let seal = ClusterSeal::new(&key);
+        let value = seal
+            .seal_transfer("m_xfer", "a:1:1", &encode(&envelope(), b"p"))
+            .unwrap();
+        let at = |stored_ms| Sealed {
+            stored_ms,
+            ..sealed("m_xfer.a", Some("a:1:1"), &value)
+        };
+        let slack = REPLAY_SLACK.as_millis() as i128;
+        let opens = |stored_ms| open(&seal, "m_xfer", "b", at(stored_ms), Untimed::Refuse).is_ok();
+        assert!(opens(Some(STORED)));
+        assert!(opens(Some(SEALED as i128 + slack)), "at the slack");
+        assert!(
+            opens(Some(SEALED as i128 - 5_000)),
+            "the node's clock ahead"
+        );
+        assert!(
+            !opens(Some(SEALED as i128 + slack + 1)),
+            "stored after the slack"
+        );
+        assert!(
+            !opens(Some(SEALED as i128 + DUPLICATE_WINDOW.as_millis() as i128)),
+            "a replay past the stream's duplicate window"
+        );
+        assert!(!opens(None), "no time JetStream stored it");
+
+        // A batch is as fresh as its first message's time.
+        let mut batch = Batch::new();
+        batch.push(&encode(&envelope(), b"one"));
+        batch.push(&encode(
+            &Envelope {
+                sealed: None,
+                ..envelope()
+            },
+            b"two",
+        ));
+        let value = seal
+            .seal_transfer_batch("m_xfer", "a:1:5", batch.plain())
+            .unwrap();
+        let at = |stored_ms| Sealed {
+            batch: true,
+            stored_ms,
+            ..sealed("m_xfer.a", Some("a:1:5"), &value)
+        };
+        let batch_opens =
+            |stored_ms| open(&seal, "m_xfer", "b", at(stored_ms), Untimed::Refuse).is_ok();
+        assert!(batch_opens(Some(STORED)));
+        assert!(!batch_opens(Some(SEALED as i128 + slack + 1)));
+    }
+
+    #[test]
+    fn untimed_messages_open_only_when_the_cluster_accepts_them() {
+        let key = moatmq_store::RetainedKey::from_hex(&"01".repeat(32)).unwrap();
+        let seal = ClusterSeal::new(&key);
+        let untimed = Envelope {
+            sealed: None,
+            ..envelope()
+        };
+        let plain = encode(&untimed, b"p");
+        // As a release before the time wrote it: no field at all.
+        assert!(!String::from_utf8_lossy(&plain).contains("sealed"));
+        let value = seal.seal_transfer("m_xfer", "a:1:1", &plain).unwrap();
+        let at = sealed("m_xfer.a", Some("a:1:1"), &value);
+        assert!(matches!(
+            open(&seal, "m_xfer", "b", at, Untimed::Refuse),
+            Err(Rejected::Refused(_))
+        ));
+        assert_eq!(
+            open(&seal, "m_xfer", "b", at, Untimed::Accept),
+            Ok(vec![(untimed, Bytes::from_static(b"p"))])
+        );
+        // A timed message is checked either way.
+        let value = seal
+            .seal_transfer("m_xfer", "a:1:2", &encode(&envelope(), b"p"))
+            .unwrap();
+        let late = Sealed {
+            stored_ms: Some(STORED + DUPLICATE_WINDOW.as_millis() as i128),
+            ..sealed("m_xfer.a", Some("a:1:2"), &value)
+        };
+        assert!(open(&seal, "m_xfer", "b", late, Untimed::Accept).is_err());
     }
 
     #[test]

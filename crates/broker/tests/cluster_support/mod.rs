@@ -305,10 +305,21 @@ pub fn cluster_seal() -> moatmq_store::ClusterSeal {
 }
 
 /// One transfer message's plaintext as a node writes it before sealing: alice's QoS 1
-/// publish of `payload` to `topic` (client "x").
+/// publish of `payload` to `topic` (client "x"), sealed now.
 pub fn transfer_plaintext(topic: &str, payload: &[u8]) -> Vec<u8> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_millis();
+    transfer_plaintext_at(topic, payload, Some(now))
+}
+
+/// [`transfer_plaintext`] sealed at `sealed` (Unix milliseconds); `None`: without the
+/// time, as releases before it wrote messages.
+pub fn transfer_plaintext_at(topic: &str, payload: &[u8], sealed: Option<u128>) -> Vec<u8> {
+    let time = sealed.map_or(String::new(), |t| format!(",\"sealed\":{t}"));
     let header = format!(
-        "{{\"topic\":\"{topic}\",\"qos\":1,\"retain\":false,\"user\":\"alice\",\"client\":\"x\"}}"
+        "{{\"topic\":\"{topic}\",\"qos\":1,\"retain\":false,\"user\":\"alice\",\"client\":\"x\"{time}}}"
     );
     let mut out = (header.len() as u32).to_be_bytes().to_vec();
     out.extend_from_slice(header.as_bytes());
