@@ -1041,7 +1041,13 @@ async fn altered_moved_or_foreign_values_in_the_bucket_are_refused() {
         expires_at: None,
         owner: Some("alice".into()),
     };
-    let (_, forged) = foreign.seal_retained("moatmq_retained", &msg).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let (_, forged) = foreign
+        .seal_retained("moatmq_retained", &msg, Some(now))
+        .unwrap();
     kv.put(seal.key_of("alice/foreign"), forged.into())
         .await
         .unwrap();

@@ -105,7 +105,7 @@ async fn untimed_transfer_messages_are_taken_only_where_the_upgrade_setting_allo
     shorten_slack();
     let nats = Nats::start().await;
     let strict = node(&nats, "node-a").await;
-    let upgrading = node_joined(&nats, "node-b", "accept_untimed_transfer = true\n", |b| b).await;
+    let upgrading = node_joined(&nats, "node-b", "accept_untimed = true\n", |b| b).await;
     let mut on_strict = alice(&strict, "watch-a").await;
     on_strict.subscribe_acked("alice/door").await;
     let mut on_upgrading = alice(&upgrading, "watch-b").await;
@@ -125,4 +125,117 @@ async fn untimed_transfer_messages_are_taken_only_where_the_upgrade_setting_allo
             .await,
         0.0
     );
+}
+
+/// Whoever may write the retained bucket puts back a value it read there earlier (the
+/// door's old state) after the topic moved on: no node serves it. (Before: every node
+/// applied it and new subscribers got the old state as the current one.)
+#[tokio::test]
+async fn an_old_retained_value_put_back_in_the_bucket_is_not_served() {
+    shorten_slack();
+    let nats = Nats::start().await;
+    let a = node(&nats, "node-a").await;
+    let b = node(&nats, "node-b").await;
+    let mut publ = alice(&a, "keypad").await;
+    publ.publish_acked("alice/state", true, "open").await;
+    let kv = async_nats::jetstream::new(nats.client().await)
+        .get_key_value("moatmq_retained")
+        .await
+        .expect("the retained bucket");
+    let key = cluster_support::cluster_seal().key_of("alice/state");
+    let captured = kv.get(&key).await.expect("get").expect("the value");
+    publ.publish_acked("alice/state", true, "locked").await;
+    tokio::time::sleep(SLACK + Duration::from_millis(500)).await;
+    kv.put(&key, captured).await.expect("put back");
+
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while b.metric("moatmq_cluster_state_rejected_total").await < 1.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node B never refused the old value"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let late = node(&nats, "node-c").await;
+    // The running nodes keep the current value; a node loading the bucket now finds
+    // only the refused one and serves none.
+    for (n, id, want) in [
+        (&a, "sub-a", Some("locked")),
+        (&b, "sub-b", Some("locked")),
+        (&late, "sub-c", None),
+    ] {
+        let mut sub = alice(n, id).await;
+        sub.subscribe_acked("alice/state").await;
+        let got = sub.publish_within(QUIET).await;
+        let got = got.as_ref().map(|p| String::from_utf8_lossy(&p.payload));
+        assert_eq!(got.as_deref(), want, "{id}");
+    }
+    assert!(late.metric("moatmq_cluster_state_rejected_total").await >= 1.0);
+    // The topic's next value is served again.
+    publ.publish_acked("alice/state", true, "closed").await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    for round in 0.. {
+        let mut sub = alice(&late, &format!("sub-c-{round}")).await;
+        sub.subscribe_acked("alice/state").await;
+        if let Some(p) = sub.publish_within(QUIET).await {
+            assert_eq!(&p.payload[..], b"closed");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the next value never served"
+        );
+    }
+}
+
+/// Whoever may write the wills bucket puts a taken will's value back: once overdue, no
+/// node publishes it again. (Before: a node took it as its node's overdue will and
+/// published it a second time.)
+#[tokio::test]
+async fn a_published_will_put_back_in_the_bucket_is_not_published_again() {
+    use moatmq_testkit::Raw;
+    use rumqttc::v5::mqttbytes::v5 as m5;
+    shorten_slack();
+    let nats = Nats::start().await;
+    let a = node(&nats, "node-a").await;
+    let b = node(&nats, "node-b").await;
+    let mut watcher = alice(&b, "watcher").await;
+    watcher.subscribe_acked("alice/will/#").await;
+    let mut connect = moatmq_testkit::connect5("device");
+    connect.clean_start = false;
+    connect.properties = Some(m5::ConnectProperties {
+        session_expiry_interval: Some(600),
+        ..m5::ConnectProperties::new()
+    });
+    let will = moatmq_testkit::delayed_will5("alice/will/device", "gone", 1);
+    let login = m5::Login::new("alice", password("alice"));
+    let (mut device, code) = Raw::connect5(a.first_addr(), connect, Some(will), Some(login)).await;
+    assert_eq!(code, Some(m5::ConnectReturnCode::Success));
+    // The attacker watches the wills bucket (it keeps one value per key).
+    let kv = async_nats::jetstream::new(nats.client().await)
+        .get_key_value("moatmq_wills")
+        .await
+        .expect("the wills bucket");
+    let mut watch = kv.watch_all().await.expect("watch");
+    // Gone without a DISCONNECT 0x00: the will waits for its delay, in the bucket too.
+    device.send(&[0xE0, 0x01, 0x04]).await;
+    let first = watcher.publish_within(WAIT).await.expect("the will");
+    assert_eq!(&first.payload[..], b"gone");
+    let captured = loop {
+        let entry = tokio::time::timeout(WAIT, futures_util::StreamExt::next(&mut watch))
+            .await
+            .expect("the will in the bucket")
+            .expect("watching")
+            .expect("an entry");
+        if &entry.value[..] != b"taken" && !entry.value.is_empty() {
+            break entry;
+        }
+    };
+    let keys = [captured.key.clone()];
+    tokio::time::sleep(SLACK + Duration::from_millis(500)).await;
+    kv.put(&keys[0], captured.value).await.expect("put back");
+    // Overdue 10 s after its time, and the nodes look every 5 s.
+    let again = watcher.publish_within(Duration::from_secs(16)).await;
+    assert!(again.is_none(), "the will published again: {again:?}");
+    assert!(b.metric("moatmq_cluster_state_rejected_total").await >= 1.0);
 }

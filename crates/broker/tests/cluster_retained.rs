@@ -83,7 +83,7 @@ async fn bucket_payload(nats: &Nats, topic: &str) -> Option<String> {
     let seal = cluster_seal();
     let key = seal.key_of(topic);
     let value = kv.get(&key).await.expect("get")?;
-    let msg = seal
+    let (msg, _) = seal
         .open_retained("moatmq_retained", &key, &value)
         .expect("a value the cluster sealed");
     Some(String::from_utf8_lossy(&msg.payload).into_owned())

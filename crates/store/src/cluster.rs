@@ -8,8 +8,10 @@
 //! (64 hex characters, a valid NATS subject token). The retained key is 32 random bytes,
 //! so one HMAC block each is a sound key derivation (HKDF's expand step with one block).
 //!
-//! A value is `version 1 | nonce [12] | ciphertext+tag`; its associated data names the
-//! version, the bucket and the KV key, so a value only opens under the key it was put
+//! A value is `version 1 | nonce [12] | ciphertext+tag`, or, for retained values and
+//! wills, `2 | sealed at (Unix ms) u64 BE | nonce | ciphertext+tag` (the broker refuses
+//! one JetStream stored long after that: a replay); its associated data names the
+//! version, the bucket and the KV key (and the time), so a value only opens under the key it was put
 //! at in the bucket it was put in: copied to another topic's key, or into another bucket
 //! or cluster prefix, it fails. Retained values hold one record of the store's log
 //! encoding (`SetOwned`: topic, payload, QoS, properties, expiry, owner), and a value
@@ -33,6 +35,11 @@ use crate::{RetainedKey, RetainedMessage, StoreError};
 
 /// First byte of every sealed value (also bound into its associated data).
 const VERSION: u8 = 1;
+/// First byte of a KV value that carries the time it was sealed, bound into its
+/// associated data: `2 | sealed at (Unix ms) u64 BE | nonce | ciphertext+tag`
+/// (retained values and wills; a node compares it with the time JetStream stored the
+/// value to refuse replays, docs/cluster.md "Replays").
+const TIMED: u8 = 2;
 /// What the key marker holds: any node with the cluster's key opens it.
 const MARKER_TEXT: &[u8] = b"moatmq cluster key check v1";
 
@@ -178,25 +185,32 @@ impl ClusterSeal {
     }
 
     /// A pending will (`plain`, the broker's encoding), sealed at `bucket`/`key` (its
-    /// session's key).
-    pub fn seal_will(&self, bucket: &str, key: &str, plain: &[u8]) -> Result<Vec<u8>, StoreError> {
+    /// session's key) at `sealed_at` (Unix ms; `None`: without it, as releases before
+    /// it wrote wills).
+    pub fn seal_will(
+        &self,
+        bucket: &str,
+        key: &str,
+        plain: &[u8],
+        sealed_at: Option<u64>,
+    ) -> Result<Vec<u8>, StoreError> {
         let mut tagged = Zeroizing::new(Vec::with_capacity(WILL_TAG.len() + plain.len()));
         tagged.extend_from_slice(WILL_TAG);
         tagged.extend_from_slice(plain);
-        self.seal(bucket, key, &tagged)
+        self.seal_at(bucket, key, &tagged, sealed_at)
     }
 
-    /// The pending will sealed at `bucket`/`key`; an error if it does not authenticate
-    /// there or is no will.
+    /// The pending will sealed at `bucket`/`key`, and when it was sealed (if it says);
+    /// an error if it does not authenticate there or is no will.
     pub fn open_will(
         &self,
         bucket: &str,
         key: &str,
         value: &[u8],
-    ) -> Result<Zeroizing<Vec<u8>>, StoreError> {
-        let plain = self.open(bucket, key, value)?;
+    ) -> Result<(Zeroizing<Vec<u8>>, Option<u64>), StoreError> {
+        let (plain, sealed_at) = self.open_at(bucket, key, value)?;
         match plain.strip_prefix(WILL_TAG) {
-            Some(rest) => Ok(Zeroizing::new(rest.to_vec())),
+            Some(rest) => Ok((Zeroizing::new(rest.to_vec()), sealed_at)),
             None => Err(refused(bucket, key, "authenticated but not a will")),
         }
     }
@@ -212,28 +226,31 @@ impl ClusterSeal {
             .is_ok_and(|plain| plain.as_slice() == MARKER_TEXT)
     }
 
-    /// The KV key and sealed value of a retained message in `bucket`.
+    /// The KV key and sealed value of a retained message in `bucket`, sealed at
+    /// `sealed_at` (Unix ms; `None`: without it, as releases before it wrote them).
     pub fn seal_retained(
         &self,
         bucket: &str,
         msg: &RetainedMessage,
+        sealed_at: Option<u64>,
     ) -> Result<(String, Vec<u8>), StoreError> {
         let key = self.key_of(&msg.topic);
         let plain = record::encode(&RecordRef::set(msg))?;
-        Ok((key.clone(), self.seal(bucket, &key, &plain)?))
+        Ok((key.clone(), self.seal_at(bucket, &key, &plain, sealed_at)?))
     }
 
-    /// The retained message sealed at `bucket`/`key`; an error if the value does not
-    /// authenticate there (altered, moved from another key or bucket, another key) or
-    /// does not hold a message of the topic `key` is the hash of.
+    /// The retained message sealed at `bucket`/`key`, and when it was sealed (if it
+    /// says); an error if the value does not authenticate there (altered, moved from
+    /// another key or bucket, another key, its time changed) or does not hold a message
+    /// of the topic `key` is the hash of.
     pub fn open_retained(
         &self,
         bucket: &str,
         key: &str,
         value: &[u8],
-    ) -> Result<RetainedMessage, StoreError> {
+    ) -> Result<(RetainedMessage, Option<u64>), StoreError> {
         let refused = |reason: &str| refused(bucket, key, reason);
-        let plain = self.open(bucket, key, value)?;
+        let (plain, sealed_at) = self.open_at(bucket, key, value)?;
         let msg = record::decode_record(&plain)
             .map_err(|_| refused("authenticated but not a retained record"))?
             .into_change()
@@ -241,7 +258,7 @@ impl ClusterSeal {
         if msg.payload.is_empty() || self.key_of(&msg.topic) != key {
             return Err(refused("its topic does not belong at this key"));
         }
-        Ok(msg)
+        Ok((msg, sealed_at))
     }
 
     /// A message forwarded to other nodes, sealed for the transfer stream `stream` under
@@ -296,6 +313,52 @@ impl ClusterSeal {
         self.seal_with(&aad(bucket, key), plain)
     }
 
+    /// [`ClusterSeal::seal`] with the time it is sealed at bound in ([`TIMED`]).
+    fn seal_at(
+        &self,
+        bucket: &str,
+        key: &str,
+        plain: &[u8],
+        sealed_at: Option<u64>,
+    ) -> Result<Vec<u8>, StoreError> {
+        let Some(at) = sealed_at else {
+            return self.seal(bucket, key, plain);
+        };
+        let untimed = self.seal_with(&timed_aad(bucket, key, at), plain)?;
+        // `VERSION | nonce | sealed` as `TIMED | time | nonce | sealed`.
+        let mut out = Vec::with_capacity(8 + untimed.len());
+        out.push(TIMED);
+        out.extend_from_slice(&at.to_be_bytes());
+        out.extend_from_slice(&untimed[1..]);
+        Ok(out)
+    }
+
+    /// [`ClusterSeal::open`] of a value with or without its sealing time, and the time.
+    fn open_at(
+        &self,
+        bucket: &str,
+        key: &str,
+        value: &[u8],
+    ) -> Result<(Zeroizing<Vec<u8>>, Option<u64>), StoreError> {
+        let Some((&TIMED, rest)) = value.split_first() else {
+            return self.open(bucket, key, value).map(|plain| (plain, None));
+        };
+        let at = rest
+            .get(..8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_be_bytes)
+            .ok_or_else(|| refused(bucket, key, "too short"))?;
+        self.decrypt(&timed_aad(bucket, key, at), &rest[8..])
+            .map(|plain| (plain, Some(at)))
+            .map_err(|()| {
+                refused(
+                    bucket,
+                    key,
+                    "failed authentication (altered, moved from another key, its time changed, or sealed under another key)",
+                )
+            })
+    }
+
     fn seal_with(&self, aad: &[u8], plain: &[u8]) -> Result<Vec<u8>, StoreError> {
         let nonce = record::fresh_nonce();
         let sealed = self
@@ -330,6 +393,11 @@ impl ClusterSeal {
         let Some((&VERSION, rest)) = value.split_first() else {
             return Err(());
         };
+        self.decrypt(aad, rest)
+    }
+
+    /// `nonce | ciphertext+tag` opened under `aad`.
+    fn decrypt(&self, aad: &[u8], rest: &[u8]) -> Result<Zeroizing<Vec<u8>>, ()> {
         if rest.len() < NONCE_LEN + TAG_LEN {
             return Err(());
         }
@@ -367,6 +435,20 @@ fn aad(bucket: &str, key: &str) -> Vec<u8> {
     aad.extend_from_slice(&(bucket.len() as u32).to_le_bytes());
     aad.extend_from_slice(bucket.as_bytes());
     aad.extend_from_slice(key.as_bytes());
+    aad
+}
+
+/// `moatmq-cluster-kv | 2 | len(bucket) u32 LE | bucket | len(key) u32 LE | key |
+/// sealed at u64 BE`.
+fn timed_aad(bucket: &str, key: &str, at: u64) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(40 + bucket.len() + key.len());
+    aad.extend_from_slice(b"moatmq-cluster-kv");
+    aad.push(TIMED);
+    aad.extend_from_slice(&(bucket.len() as u32).to_le_bytes());
+    aad.extend_from_slice(bucket.as_bytes());
+    aad.extend_from_slice(&(key.len() as u32).to_le_bytes());
+    aad.extend_from_slice(key.as_bytes());
+    aad.extend_from_slice(&at.to_be_bytes());
     aad
 }
 
@@ -410,10 +492,14 @@ mod tests {
         }
     }
 
+    const AT: u64 = 1_765_000_000_000;
+
     #[test]
     fn retained_values_round_trip_without_plaintext() {
         let s = seal(1);
-        let (key, value) = s.seal_retained("p_retained", &message("alice/x")).unwrap();
+        let (key, value) = s
+            .seal_retained("p_retained", &message("alice/x"), Some(AT))
+            .unwrap();
         assert_eq!(key.len(), 64);
         assert!(key.bytes().all(|b| b.is_ascii_hexdigit()));
         assert_ne!(key, seal(2).key_of("alice/x"), "the hash is keyed");
@@ -421,23 +507,38 @@ mod tests {
         assert!(!find(b"alice") && !find(b"payload"));
         assert_eq!(
             s.open_retained("p_retained", &key, &value).unwrap(),
-            message("alice/x")
+            (message("alice/x"), Some(AT))
+        );
+        // As releases before the time wrote them: opens, saying so.
+        let (_, untimed) = s
+            .seal_retained("p_retained", &message("alice/x"), None)
+            .unwrap();
+        assert_eq!(
+            s.open_retained("p_retained", &key, &untimed).unwrap(),
+            (message("alice/x"), None)
         );
     }
 
     #[test]
     fn altered_moved_or_foreign_values_are_refused() {
         let s = seal(1);
-        let (key, value) = s.seal_retained("p_retained", &message("alice/x")).unwrap();
+        let (key, value) = s
+            .seal_retained("p_retained", &message("alice/x"), Some(AT))
+            .unwrap();
         let other = s.key_of("alice/y");
-        let refused = |r: Result<RetainedMessage, StoreError>| {
+        let refused = |r: Result<(RetainedMessage, Option<u64>), StoreError>| {
             assert!(matches!(r, Err(StoreError::SealedValue { .. })), "{r:?}")
         };
-        for i in [0, 5, value.len() - 1] {
+        // The version, the time (an old value passed off as new), the nonce, the tag.
+        for i in [0, 5, 12, value.len() - 1] {
             let mut bad = value.clone();
             bad[i] ^= 1;
             refused(s.open_retained("p_retained", &key, &bad));
         }
+        // Nor as an untimed value.
+        let mut untimed = vec![VERSION];
+        untimed.extend_from_slice(&value[9..]);
+        refused(s.open_retained("p_retained", &key, &untimed));
         refused(s.open_retained("p_retained", &other, &value));
         refused(s.open_retained("q_retained", &key, &value));
         refused(seal(2).open_retained("p_retained", &key, &value));
@@ -490,17 +591,20 @@ mod tests {
     fn wills_open_only_where_they_were_sealed() {
         let s = seal(1);
         let key = s.session_key_of("ualice:dev1");
-        let value = s.seal_will("p_wills", &key, b"will").unwrap();
-        assert_eq!(
-            s.open_will("p_wills", &key, &value).unwrap().as_slice(),
-            b"will"
-        );
-        let refused = |r: Result<Zeroizing<Vec<u8>>, StoreError>| {
+        let value = s.seal_will("p_wills", &key, b"will", Some(AT)).unwrap();
+        let (plain, at) = s.open_will("p_wills", &key, &value).unwrap();
+        assert_eq!((plain.as_slice(), at), (&b"will"[..], Some(AT)));
+        let untimed = s.seal_will("p_wills", &key, b"will", None).unwrap();
+        assert_eq!(s.open_will("p_wills", &key, &untimed).unwrap().1, None);
+        fn refused<T>(r: Result<T, StoreError>) {
             assert!(matches!(r, Err(StoreError::SealedValue { .. })))
-        };
+        }
         refused(s.open_will("p_wills", &s.session_key_of("ubob:dev1"), &value));
         refused(s.open_will("p_handoff", &key, &value));
         refused(seal(2).open_will("p_wills", &key, &value));
+        let mut later = value.clone();
+        later[8] ^= 1;
+        refused(s.open_will("p_wills", &key, &later));
         let handoff = s.seal_handoff("p_wills", &key, b"will").unwrap();
         refused(s.open_will("p_wills", &key, &handoff));
         refused(s.open_handoff("p_wills", &key, &value));

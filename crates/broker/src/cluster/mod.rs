@@ -30,6 +30,7 @@ mod owner;
 pub(crate) mod park;
 mod properties;
 mod reads;
+pub(crate) mod replay;
 mod sequencer;
 mod state;
 mod subject;
@@ -368,6 +369,7 @@ impl Cluster {
                 relayed: relayed.clone(),
                 lost,
                 stored,
+                untimed: keeping.untimed,
             },
         );
         tokio::spawn(sync.run());

@@ -39,7 +39,7 @@ pub(super) struct Stream {
     pub(super) js: async_nats::jetstream::Context,
     pub(super) seal: Arc<ClusterSeal>,
     pub(super) name: String,
-    pub(super) untimed: xfer::Untimed,
+    pub(super) untimed: super::replay::Untimed,
     pub(super) metrics: Arc<Metrics>,
 }
 

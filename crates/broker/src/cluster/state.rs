@@ -128,6 +128,8 @@ pub struct StateSync {
     joined: Option<(String, i128)>,
     /// The stream and creation time of the bucket loaded now.
     loading: Option<(String, i128)>,
+    /// Whether values without their sealing time are taken, and values written with it.
+    untimed: super::replay::Untimed,
     /// What the current load does with the local topics it did not name.
     unnamed: Unnamed,
     /// Topics held before joining still to be put into the bucket.
@@ -151,6 +153,8 @@ pub(super) struct Local {
     pub(super) lost: watch::Receiver<u64>,
     /// Where to say how far this node's changes are stored.
     pub(super) stored: Done,
+    /// `[cluster] accept_untimed`.
+    pub(super) untimed: super::replay::Untimed,
 }
 
 /// How one round of [`StateSync::sync`] ended.
@@ -204,6 +208,7 @@ impl StateSync {
             seed: Vec::new(),
             relayed: local.relayed,
             lost: local.lost,
+            untimed: local.untimed,
         }
     }
 
@@ -410,20 +415,39 @@ impl StateSync {
         match entry.operation {
             kv::Operation::Put => {
                 let bucket = self.retained_bucket();
+                let refused = |reason: String| moatmq_store::StoreError::SealedValue {
+                    bucket: bucket.clone(),
+                    key: entry.key.clone(),
+                    reason,
+                };
                 let opened = self
                     .seal
                     .open_retained(&bucket, &entry.key, &entry.value)
-                    .and_then(|msg| {
+                    .and_then(|(msg, sealed)| {
                         if msg.topic.starts_with('$') {
-                            Err(moatmq_store::StoreError::SealedValue {
-                                bucket: bucket.clone(),
-                                key: entry.key.clone(),
-                                reason: "a $ topic is never shared".into(),
-                            })
+                            Err(refused("a $ topic is never shared".into()))
                         } else {
-                            Ok(msg)
+                            Ok((msg, sealed))
                         }
                     });
+                let stored = Some(super::replay::stored_ms(entry.created));
+                if let Ok((_, sealed)) = &opened {
+                    if let Err(why) = super::replay::check(*sealed, stored, self.untimed) {
+                        // An authentic value stored again later (or an untimed one):
+                        // not the topic's current value, but no reason to distrust the
+                        // copy this node holds (its own put, sent late after NATS came
+                        // back, is one too, and its retry follows).
+                        tracing::error!(
+                            error = %refused(why),
+                            "cluster: shared retained value refused; not applied"
+                        );
+                        if let Some(m) = self.metrics.upgrade() {
+                            m.cluster_state_rejected.inc();
+                        }
+                        return;
+                    }
+                }
+                let opened = opened.map(|(msg, _)| msg);
                 match opened {
                     Ok(msg) => {
                         self.topics.insert(entry.key, msg.topic.clone());
@@ -657,7 +681,11 @@ impl StateSync {
                 .map(|(key, change)| {
                     let key = key.clone();
                     let sealed = match change {
-                        Change::Put(msg) => Some(self.seal.seal_retained(&bucket, msg)),
+                        Change::Put(msg) => Some(self.seal.seal_retained(
+                            &bucket,
+                            msg,
+                            self.untimed.seal_time(),
+                        )),
                         Change::Delete(_) => None,
                     };
                     async move {
@@ -749,7 +777,7 @@ pub struct Keeping {
     /// Messages in one transfer stream message at most.
     pub transfer_batch: usize,
     /// How transfer stream messages without their sealing time are taken.
-    pub untimed: super::xfer::Untimed,
+    pub untimed: super::replay::Untimed,
 }
 
 impl Keeping {
@@ -760,11 +788,7 @@ impl Keeping {
             transfer_max_bytes: i64::try_from(cluster.transfer_max_bytes).unwrap_or(i64::MAX),
             retained_marker_age: Duration::from_secs(cluster.retained_marker_age),
             transfer_batch: cluster.transfer_batch,
-            untimed: if cluster.accept_untimed_transfer {
-                super::xfer::Untimed::Accept
-            } else {
-                super::xfer::Untimed::Refuse
-            },
+            untimed: super::replay::Untimed::of(cluster.accept_untimed),
         }
     }
 }

@@ -165,7 +165,8 @@ async fn put(
     let sealed = postcard::to_allocvec(&stored)
         .map_err(|e| e.to_string())
         .and_then(|plain| {
-            seal.seal_will(&buckets.wills_name, &kv_key, &plain)
+            let sealed_at = cluster.keeping.untimed.seal_time();
+            seal.seal_will(&buckets.wills_name, &kv_key, &plain, sealed_at)
                 .map_err(|e| e.to_string())
         });
     let written = match sealed {
@@ -299,10 +300,14 @@ fn note(shared: &Shared, buckets: &Buckets, known: &mut HashMap<String, Known>, 
         return;
     }
     let seal = cluster.owners.seal();
+    let stored_at = Some(super::replay::stored_ms(entry.created));
     let stored = seal
         .open_will(&buckets.wills_name, &entry.key, &entry.value)
         .map_err(|e| e.to_string())
-        .and_then(|plain| postcard::from_bytes::<Stored>(&plain).map_err(|e| e.to_string()))
+        .and_then(|(plain, sealed_at)| {
+            super::replay::check(sealed_at, stored_at, cluster.keeping.untimed)?;
+            postcard::from_bytes::<Stored>(&plain).map_err(|e| e.to_string())
+        })
         .and_then(|s| {
             let router_id =
                 crate::router::router_client_id(s.key.owner.as_deref(), &s.key.client_id);

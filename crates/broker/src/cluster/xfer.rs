@@ -22,18 +22,19 @@
 //!
 //! Replays: the first message of each stream message carries the time it was sealed
 //! (sealed again, with a new time, each time it is sent), and a stream message JetStream
-//! stored more than [`REPLAY_SLACK`] after that is refused. A captured message sent
+//! stored more than `replay::REPLAY_SLACK` after that is refused. A captured message sent
 //! again within the stream's duplicate window is dropped by the stream; later, it is
 //! stored at least that window after it was sealed, so it is refused here, by every
 //! node, also by one that never saw it (a node started since, a group's consumer).
 //! Messages without the time (releases before it) are refused unless `[cluster]
-//! accept_untimed_transfer` is set (a rolling upgrade from one of those).
+//! accept_untimed` is set (a rolling upgrade from one of those).
 //!
 //! A message is `len u32 BE | header JSON | payload` before sealing; the header holds
 //! the topic, QoS, retain flag, publisher, MQTT 5 properties (`properties.rs`) and, in
 //! a stream message's first, the time it was sealed. A batch is `count u32 BE | (len
 //! u32 BE | message)*`.
 
+use super::replay::{now_ms, Untimed};
 use super::state::{check_replicas, Keeping};
 use crate::metrics::Metrics;
 use async_nats::jetstream::{self, message::PublishMessage};
@@ -53,12 +54,6 @@ use tokio::sync::mpsc;
 /// `[cluster] transfer_max_age`, is never under it).
 const DUPLICATE_WINDOW: Duration =
     Duration::from_secs(moatmq_config::TRANSFER_DUPLICATE_WINDOW_SECS);
-/// A stream message stored later than this after it was sealed is a replay. Under the
-/// duplicate window, so that a replay the stream lets through (after the window) is
-/// always refused; the rest is room for the clocks of a node and its NATS server to
-/// differ.
-const REPLAY_SLACK: Duration = Duration::from_secs(60);
-const _: () = assert!(REPLAY_SLACK.as_secs() < DUPLICATE_WINDOW.as_secs());
 /// Messages (not batches) published and not yet acknowledged, at most.
 const WINDOW: usize = 4096;
 /// How long to wait for one acknowledgement before sending again.
@@ -91,62 +86,10 @@ pub struct Envelope {
     pub sealed: Option<u64>,
 }
 
-/// Now, in Unix milliseconds.
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
-/// How stream messages without the time they were sealed (from releases before it)
-/// are taken (`[cluster] accept_untimed_transfer`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Untimed {
-    Refuse,
-    Accept,
-}
-
-/// How long a replayed message may trail its sealing ([`REPLAY_SLACK`]; tests of the
-/// replay refusal shorten it with `MOATMQ_TEST_REPLAY_SLACK_MS`, `test-hooks` only).
-fn replay_slack() -> Duration {
-    #[cfg(feature = "test-hooks")]
-    {
-        static SLACK: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
-        *SLACK.get_or_init(|| {
-            std::env::var("MOATMQ_TEST_REPLAY_SLACK_MS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .map_or(REPLAY_SLACK, Duration::from_millis)
-        })
-    }
-    #[cfg(not(feature = "test-hooks"))]
-    REPLAY_SLACK
-}
-
-/// Refuses a stream message JetStream stored more than [`replay_slack`] after it was
-/// `sealed` (a replay), or one without the time unless `untimed` accepts it.
+/// Refuses a stream message JetStream stored long after it was `sealed` (a replay),
+/// or one without the time unless `untimed` accepts it (`replay.rs`).
 fn fresh(sealed: Option<u64>, stored_ms: Option<i128>, untimed: Untimed) -> Result<(), Rejected> {
-    let Some(sealed) = sealed else {
-        return match untimed {
-            Untimed::Accept => Ok(()),
-            Untimed::Refuse => Err(Rejected::Refused(
-                "no sealing time (a release before it, or a replay of one of its messages; \
-                 [cluster] accept_untimed_transfer takes them during an upgrade)"
-                    .into(),
-            )),
-        };
-    };
-    let Some(stored) = stored_ms else {
-        return Err(Rejected::Refused("no time JetStream stored it".into()));
-    };
-    let late = stored.saturating_sub(i128::from(sealed));
-    if late > replay_slack().as_millis() as i128 {
-        return Err(Rejected::Refused(format!(
-            "replayed: stored {} s after it was sealed",
-            late / 1000
-        )));
-    }
-    Ok(())
+    super::replay::check(sealed, stored_ms, untimed).map_err(Rejected::Refused)
 }
 
 /// `len u32 BE | header JSON | payload`.
@@ -279,7 +222,7 @@ impl<'a> Sealed<'a> {
             stored_ms: message
                 .info()
                 .ok()
-                .map(|i| i.published.unix_timestamp_nanos() / 1_000_000),
+                .map(|i| super::replay::stored_ms(i.published)),
         }
     }
 }
@@ -772,13 +715,17 @@ impl Output {
             .load(Ordering::Relaxed)
             .saturating_sub(BATCH_OVERHEAD);
         let most = self.keeping.transfer_batch;
-        // As `Batch::len` will be: the count, then each message with its length; the
-        // first always goes (`Cluster::fits` let it in alone), with its time.
-        let mut len = 4 + 4 + encode(&first.envelope, &first.payload).len() + SEALED_FIELD;
         let mut rest = Vec::new();
         let mut last = first.seq;
+        // The batch's plaintext so far, as `Batch` will hold it: the count, then each
+        // message with its length; the first always goes (`Cluster::fits` let it in
+        // alone), with its time. Worked out only once a second message comes.
+        let mut len = 0;
         while rest.len() + 1 < most {
             let Ok(out) = queue.try_recv() else { break };
+            if len == 0 {
+                len = 4 + 4 + encode(&first.envelope, &first.payload).len() + SEALED_FIELD;
+            }
             let message = zeroize::Zeroizing::new(encode(&out.envelope, &out.payload));
             if len + 4 + message.len() > room {
                 self.carry = Some(out);
@@ -1068,7 +1015,7 @@ mod tests {
             stored_ms,
             ..sealed("m_xfer.a", Some("a:1:1"), &value)
         };
-        let slack = REPLAY_SLACK.as_millis() as i128;
+        let slack = super::super::replay::REPLAY_SLACK.as_millis() as i128;
         let opens = |stored_ms| open(&seal, "m_xfer", "b", at(stored_ms), Untimed::Refuse).is_ok();
         assert!(opens(Some(STORED)));
         assert!(opens(Some(SEALED as i128 + slack)), "at the slack");
