@@ -69,6 +69,7 @@ async fn run_transfer(
     let js = async_nats::jetstream::new(client.clone());
     let stream = xfer::stream_name(&cluster.prefix);
     let untimed = cluster.keeping.untimed;
+    let mut clock = ClockCheck::default();
     let info = cluster_connection();
     let mut seen = Seen::default();
     // Messages put back in their nodes' order, and the highest stream sequence read.
@@ -152,7 +153,13 @@ async fn run_transfer(
                                 }
                             }
                         }
-                        Ok(_) | Err(Rejected::Own) => ack(&message).await,
+                        Err(Rejected::Own) => {
+                            if clock.due() {
+                                clock.check(xfer::own_lag(&seal, &stream, &message));
+                            }
+                            ack(&message).await;
+                        }
+                        Ok(_) => ack(&message).await,
                         Err(Rejected::Refused(why)) => {
                             tracing::error!(
                                 subject = message.subject.as_str(),
@@ -519,4 +526,82 @@ fn take_in(shared: &Shared, info: &ConnInfo, who: &Identity, source: Source, m: 
 /// The connection cluster input is audited as coming from.
 fn cluster_connection() -> ConnInfo {
     ConnInfo::internal("cluster")
+}
+
+/// How far behind its NATS server's clock this node's is, from its own messages in the
+/// transfer stream (the time it sealed one against the time JetStream stored it), at
+/// most once a minute: other nodes refuse its messages as replays once that passes
+/// `replay::REPLAY_SLACK` (docs/cluster.md, "Replays"), so it says so before.
+#[derive(Default)]
+struct ClockCheck {
+    last: Option<tokio::time::Instant>,
+}
+
+impl ClockCheck {
+    const EVERY: Duration = Duration::from_secs(60);
+
+    fn due(&mut self) -> bool {
+        let now = tokio::time::Instant::now();
+        if self.last.is_some_and(|t| now < t + Self::EVERY) {
+            return false;
+        }
+        self.last = Some(now);
+        true
+    }
+
+    fn check(&self, lag_ms: Option<i128>) {
+        match lag_ms.map(Behind::of) {
+            Some(Behind::Refused(s)) => tracing::error!(
+                behind_s = s,
+                "cluster: this node's clock is behind its NATS server's by more than the \
+                 replay slack: the other nodes refuse its messages as replays; keep the \
+                 clocks in step (NTP)"
+            ),
+            Some(Behind::Near(s)) => tracing::warn!(
+                behind_s = s,
+                "cluster: this node's clock is behind its NATS server's: past 60 s the \
+                 other nodes refuse its messages as replays; keep the clocks in step (NTP)"
+            ),
+            Some(Behind::Fine) | None => {}
+        }
+    }
+}
+
+/// How far behind its NATS server a node's own message was stored (seconds).
+#[derive(Debug, PartialEq, Eq)]
+enum Behind {
+    Fine,
+    /// Past half the replay slack.
+    Near(i128),
+    /// Past the slack: refused by the other nodes.
+    Refused(i128),
+}
+
+impl Behind {
+    fn of(lag_ms: i128) -> Behind {
+        let slack = crate::cluster::replay::REPLAY_SLACK.as_millis() as i128;
+        if lag_ms > slack {
+            Behind::Refused(lag_ms / 1000)
+        } else if lag_ms > slack / 2 {
+            Behind::Near(lag_ms / 1000)
+        } else {
+            Behind::Fine
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_clock_behind_is_told_before_the_other_nodes_refuse_its_messages() {
+        assert_eq!(Behind::of(-5_000), Behind::Fine, "ahead of NATS");
+        assert_eq!(Behind::of(200), Behind::Fine);
+        assert_eq!(Behind::of(31_000), Behind::Near(31));
+        assert_eq!(Behind::of(61_000), Behind::Refused(61));
+        let mut clock = ClockCheck::default();
+        assert!(clock.due());
+        assert!(!clock.due(), "once a minute");
+    }
 }

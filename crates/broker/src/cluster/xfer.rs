@@ -86,12 +86,6 @@ pub struct Envelope {
     pub sealed: Option<u64>,
 }
 
-/// Refuses a stream message JetStream stored long after it was `sealed` (a replay),
-/// or one without the time unless `untimed` accepts it (`replay.rs`).
-fn fresh(sealed: Option<u64>, stored_ms: Option<i128>, untimed: Untimed) -> Result<(), Rejected> {
-    super::replay::check(sealed, stored_ms, untimed).map_err(Rejected::Refused)
-}
-
 /// `len u32 BE | header JSON | payload`.
 pub fn encode(envelope: &Envelope, payload: &[u8]) -> Vec<u8> {
     // Serialising a struct of strings and integers cannot fail.
@@ -193,7 +187,31 @@ pub fn open(
     if origin == node {
         return Err(Rejected::Own);
     }
-    open_from(seal, stream, origin, at, untimed)
+    fresh(open_from(seal, stream, origin, at)?, at, untimed)
+}
+
+/// `opened` unless stored long after it was sealed (a replay), or without the time
+/// unless `untimed` accepts it (`replay.rs`); a stream message's first message carries
+/// the time.
+fn fresh(
+    opened: Vec<(Envelope, Bytes)>,
+    at: Sealed<'_>,
+    untimed: Untimed,
+) -> Result<Vec<(Envelope, Bytes)>, Rejected> {
+    let sealed = opened.first().and_then(|(e, _)| e.sealed);
+    super::replay::check(sealed, at.stored_ms, untimed).map_err(Rejected::Refused)?;
+    Ok(opened)
+}
+
+/// How long after this node sealed it JetStream stored `message`, one of this node's
+/// own (its send, and how far its clock is behind the NATS server's), in
+/// milliseconds; `None` if it does not open or says no time.
+pub fn own_lag(seal: &ClusterSeal, stream: &str, message: &jetstream::Message) -> Option<i128> {
+    let id = message_id(message);
+    let at = Sealed::of(message, id.as_deref());
+    let opened = open_from(seal, stream, origin(stream, at.subject).ok()?, at).ok()?;
+    let sealed = opened.first()?.0.sealed?;
+    Some(at.stored_ms? - i128::from(sealed))
 }
 
 /// A message as read from the stream.
@@ -243,7 +261,11 @@ pub fn open_any(
     at: Sealed<'_>,
     untimed: Untimed,
 ) -> Result<Vec<(Envelope, Bytes)>, Rejected> {
-    open_from(seal, stream, origin(stream, at.subject)?, at, untimed)
+    fresh(
+        open_from(seal, stream, origin(stream, at.subject)?, at)?,
+        at,
+        untimed,
+    )
 }
 
 fn open_from(
@@ -251,7 +273,6 @@ fn open_from(
     stream: &str,
     origin: &str,
     at: Sealed<'_>,
-    untimed: Untimed,
 ) -> Result<Vec<(Envelope, Bytes)>, Rejected> {
     let msg_id = at
         .msg_id
@@ -268,15 +289,12 @@ fn open_from(
             .open_transfer(stream, msg_id, at.value)
             .map_err(refused)?;
         let (envelope, payload) = decode(&plain).ok_or_else(malformed)?;
-        fresh(envelope.sealed, at.stored_ms, untimed)?;
         return Ok(vec![(envelope, Bytes::copy_from_slice(payload))]);
     }
     let plain = seal
         .open_transfer_batch(stream, msg_id, at.value)
         .map_err(refused)?;
     let messages = decode_batch(&plain).ok_or_else(malformed)?;
-    let sealed = messages.first().and_then(|(e, _)| e.sealed);
-    fresh(sealed, at.stored_ms, untimed)?;
     // One copy of the batch; each payload a slice of it.
     let all = Bytes::copy_from_slice(&plain);
     Ok(messages
