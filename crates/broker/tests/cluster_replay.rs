@@ -11,7 +11,9 @@
 
 mod cluster_support;
 
-use cluster_support::{node, node_joined, password, transfer_plaintext_at, Nats};
+use cluster_support::{
+    forge_transfer_plain, node, node_joined, password, transfer_plaintext_at, Nats,
+};
 use moatmq_testkit::{v4, TestBroker, QUIET, WAIT};
 use std::time::Duration;
 
@@ -82,24 +84,6 @@ async fn a_transfer_message_stored_again_after_the_duplicate_window_reaches_no_o
     assert_eq!(c.metric("moatmq_cluster_state_rejected_total").await, 1.0);
 }
 
-/// Stores, with a plain NATS client, node X's message `n` as a release before the
-/// sealing time wrote it (no time in it), sealed with the cluster's key.
-async fn untimed_from_node_x(js: &async_nats::jetstream::Context, n: u64, payload: &[u8]) {
-    let id = format!("node-x:9:{n}");
-    let plain = transfer_plaintext_at("alice/door", payload, None);
-    let value = cluster_support::cluster_seal()
-        .seal_transfer("moatmq_xfer", &id, &plain)
-        .expect("sealed");
-    let message = async_nats::jetstream::message::PublishMessage::build()
-        .message_id(id)
-        .payload(value.into());
-    js.send_publish("moatmq_xfer.node-x", message)
-        .await
-        .expect("published")
-        .await
-        .expect("stored");
-}
-
 #[tokio::test]
 async fn untimed_transfer_messages_are_taken_only_where_the_upgrade_setting_allows() {
     shorten_slack();
@@ -111,7 +95,9 @@ async fn untimed_transfer_messages_are_taken_only_where_the_upgrade_setting_allo
     let mut on_upgrading = alice(&upgrading, "watch-b").await;
     on_upgrading.subscribe_acked("alice/door").await;
     let js = async_nats::jetstream::new(nats.client().await);
-    untimed_from_node_x(&js, 1, b"from an old release").await;
+    // Node X's message as a release before the sealing time wrote it.
+    let untimed = transfer_plaintext_at("alice/door", b"from an old release", None);
+    forge_transfer_plain(&js, "node-x", 1, &untimed).await;
     let got = on_upgrading.publish_within(WAIT).await.expect("taken in");
     assert_eq!(&got.payload[..], b"from an old release");
     assert!(on_strict.publish_within(QUIET).await.is_none());

@@ -337,9 +337,19 @@ pub async fn forge_transfer(
     topic: &str,
     payload: &[u8],
 ) {
+    forge_transfer_plain(js, node, n, &transfer_plaintext(topic, payload)).await;
+}
+
+/// [`forge_transfer`] of the plaintext `plain` (as [`transfer_plaintext_at`] makes it).
+pub async fn forge_transfer_plain(
+    js: &async_nats::jetstream::Context,
+    node: &str,
+    n: u64,
+    plain: &[u8],
+) {
     let id = format!("{node}:9:{n}");
     let value = cluster_seal()
-        .seal_transfer("moatmq_xfer", &id, &transfer_plaintext(topic, payload))
+        .seal_transfer("moatmq_xfer", &id, plain)
         .expect("sealed");
     let message = async_nats::jetstream::message::PublishMessage::build()
         .message_id(id)
