@@ -225,3 +225,45 @@ async fn a_published_will_put_back_in_the_bucket_is_not_published_again() {
     assert!(again.is_none(), "the will published again: {again:?}");
     assert!(b.metric("moatmq_cluster_state_rejected_total").await >= 1.0);
 }
+
+/// Retained values of a release before the sealing time (version 1, no time) stay the
+/// current values of their topics after an upgrade: a node without `accept_untimed`
+/// serves one it finds in the bucket; a node with it writes such values (for the old
+/// nodes), one without it timed ones.
+#[tokio::test]
+async fn untimed_retained_values_are_served_after_an_upgrade_and_written_only_during_one() {
+    shorten_slack();
+    let nats = Nats::start().await;
+    let upgrading = node_joined(&nats, "node-a", "accept_untimed = true\n", |b| b).await;
+    let mut publ = alice(&upgrading, "publisher").await;
+    publ.publish_acked("alice/old", true, "from before").await;
+    let kv = async_nats::jetstream::new(nats.client().await)
+        .get_key_value("moatmq_retained")
+        .await
+        .expect("the retained bucket");
+    let seal = cluster_support::cluster_seal();
+    let old = kv
+        .get(seal.key_of("alice/old"))
+        .await
+        .expect("get")
+        .expect("the value");
+    assert_eq!(old[0], 1, "written as releases before the time read it");
+    tokio::time::sleep(SLACK + Duration::from_millis(500)).await;
+
+    let strict = node(&nats, "node-b").await;
+    let mut sub = alice(&strict, "reader").await;
+    sub.subscribe_acked("alice/old").await;
+    let got = sub
+        .publish_within(WAIT)
+        .await
+        .expect("the old value served");
+    assert_eq!(&got.payload[..], b"from before");
+    let mut publ_b = alice(&strict, "publisher-b").await;
+    publ_b.publish_acked("alice/new", true, "timed").await;
+    let new = kv
+        .get(seal.key_of("alice/new"))
+        .await
+        .expect("get")
+        .expect("the value");
+    assert_eq!(new[0], 2, "written with its sealing time");
+}

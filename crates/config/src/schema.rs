@@ -242,11 +242,10 @@ pub struct Cluster {
     /// (docs/cluster.md, "Connected sessions are parked too, with checkpoints").
     #[serde(default = "default_checkpoint_interval")]
     pub checkpoint_interval: u64,
-    /// Takes transfer stream messages, retained values and wills that do not carry the
-    /// time they were sealed (written by releases before it), which cannot be told from
-    /// replays of captured ones, and writes retained values and wills without it (so
-    /// that such releases open them): only while upgrading a cluster from such a
-    /// release (docs/cluster.md, "Replays").
+    /// Takes transfer stream messages that do not carry the time they were sealed (sent
+    /// by releases before it), which cannot be told from replays of captured ones, and
+    /// writes retained values and wills without it (so that such releases open them):
+    /// only while upgrading a cluster from such a release (docs/cluster.md, "Replays").
     #[serde(default)]
     pub accept_untimed: bool,
 }

@@ -2,9 +2,10 @@
 //! message, a retained value or a pending will carries, sealed, the time its node sealed
 //! it (sealed again at each send or put); one JetStream stored more than
 //! [`REPLAY_SLACK`] after that is a copy stored again by someone with access to NATS,
-//! and is refused. State without the time (written by releases before it) cannot be
-//! told from replays of it and is refused too, unless `[cluster] accept_untimed` is set
-//! for a rolling upgrade from such a release.
+//! and is refused. Transfer messages without the time (written by releases before it)
+//! cannot be told from replays of them and are refused too, unless `[cluster]
+//! accept_untimed` is set for a rolling upgrade from such a release; KV values without
+//! it are taken ([`check_kv`]).
 
 use std::time::Duration;
 
@@ -98,6 +99,15 @@ pub fn check(sealed: Option<u64>, stored_ms: Option<i128>, untimed: Untimed) -> 
         ));
     }
     Ok(())
+}
+
+/// [`check`] for a KV value (a retained value, a will). One without the time, of
+/// version one, is a value of a release before it or of a node with `accept_untimed`,
+/// and may be the current value of its key long after an upgrade (a retained topic not
+/// written since): taken, whatever `accept_untimed` says. Only timed values are
+/// protected from being put back (docs/cluster.md, "Replays").
+pub fn check_kv(sealed: Option<u64>, stored_ms: Option<i128>) -> Result<(), String> {
+    check(sealed, stored_ms, Untimed::Accept)
 }
 
 #[cfg(test)]

@@ -128,7 +128,8 @@ pub struct StateSync {
     joined: Option<(String, i128)>,
     /// The stream and creation time of the bucket loaded now.
     loading: Option<(String, i128)>,
-    /// Whether values without their sealing time are taken, and values written with it.
+    /// Whether values are written with their sealing time (without it while nodes of a
+    /// release before it must open them, `accept_untimed`).
     untimed: super::replay::Untimed,
     /// What the current load does with the local topics it did not name.
     unnamed: Unnamed,
@@ -432,8 +433,8 @@ impl StateSync {
                     });
                 let stored = Some(super::replay::stored_ms(entry.created));
                 if let Ok((_, sealed)) = &opened {
-                    if let Err(why) = super::replay::check(*sealed, stored, self.untimed) {
-                        // An authentic value stored again later (or an untimed one):
+                    if let Err(why) = super::replay::check_kv(*sealed, stored) {
+                        // An authentic value stored again later:
                         // not the topic's current value, but no reason to distrust the
                         // copy this node holds (its own put, sent late after NATS came
                         // back, is one too, and its retry follows).

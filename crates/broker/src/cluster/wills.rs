@@ -305,7 +305,7 @@ fn note(shared: &Shared, buckets: &Buckets, known: &mut HashMap<String, Known>, 
         .open_will(&buckets.wills_name, &entry.key, &entry.value)
         .map_err(|e| e.to_string())
         .and_then(|(plain, sealed_at)| {
-            super::replay::check(sealed_at, stored_at, cluster.keeping.untimed)?;
+            super::replay::check_kv(sealed_at, stored_at)?;
             postcard::from_bytes::<Stored>(&plain).map_err(|e| e.to_string())
         })
         .and_then(|s| {
