@@ -1055,14 +1055,12 @@ async fn altered_moved_or_foreign_values_in_the_bucket_are_refused() {
     // A node joining now, and node A (which dropped its copy of alice/t), serve none.
     let b = node(&nats, "node-b", "").await;
     for (n, id) in [(&a, "alice-a"), (&b, "alice-b")] {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        while n.metric("moatmq_cluster_state_rejected_total").await < 3.0 {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{id}: three values refused"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        n.metric_reaches(
+            "moatmq_cluster_state_rejected_total",
+            3.0,
+            &format!("{id}: three values refused"),
+        )
+        .await;
         let mut sub = login(n.first_addr(), id, "alice").await;
         assert!(subscribe(&mut sub, "alice/#", QoS::AtLeastOnce).await);
         assert!(

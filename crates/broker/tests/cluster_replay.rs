@@ -134,14 +134,12 @@ async fn an_old_retained_value_put_back_in_the_bucket_is_not_served() {
     tokio::time::sleep(SLACK + Duration::from_millis(500)).await;
     kv.put(&key, captured).await.expect("put back");
 
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while b.metric("moatmq_cluster_state_rejected_total").await < 1.0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "node B never refused the old value"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    b.metric_reaches(
+        "moatmq_cluster_state_rejected_total",
+        1.0,
+        "node B never refused the old value",
+    )
+    .await;
     let late = node(&nats, "node-c").await;
     // The running nodes keep the current value; a node loading the bucket now finds
     // only the refused one and serves none.

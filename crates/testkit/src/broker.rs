@@ -88,6 +88,16 @@ impl TestBroker {
             .map_or(0.0, |v| v.parse().expect("a number"))
     }
 
+    /// Waits (at most [`crate::WAIT`]) until the metric `name` is `at_least`; panics
+    /// naming `what` if it is not by then.
+    pub async fn metric_reaches(&self, name: &str, at_least: f64, what: &str) {
+        let deadline = tokio::time::Instant::now() + crate::WAIT;
+        while self.metric(name).await < at_least {
+            assert!(tokio::time::Instant::now() < deadline, "{what}");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
     /// Does what SIGHUP does; returns the reload errors.
     pub fn reload(&self) -> Vec<String> {
         self.reloader.reload()

@@ -218,7 +218,7 @@ async fn take(
             let sealed = xfer::Sealed::of(&message, id.as_deref());
             match xfer::open_any(&stream.seal, &stream.name, sealed, stream.untimed) {
                 Ok(opened) => {
-                    let waited = xfer::time_in_stream(&message);
+                    let waited = sealed.time_in_stream();
                     for i in readers {
                         let want = &wants[i];
                         found[i].extend(

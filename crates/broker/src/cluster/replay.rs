@@ -16,14 +16,15 @@ use std::time::Duration;
 pub const REPLAY_SLACK: Duration = Duration::from_secs(60);
 const _: () = assert!(REPLAY_SLACK.as_secs() < moatmq_config::TRANSFER_DUPLICATE_WINDOW_SECS);
 
-/// How state without the time it was sealed is taken, and whether this node writes
-/// the time into the KV values it seals (`[cluster] accept_untimed`).
+/// How transfer messages without the time they were sealed are taken, and whether this
+/// node writes the time into the KV values it seals (`[cluster] accept_untimed`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Untimed {
-    /// Refused: only timed state is taken; KV values written with their time.
+    /// Transfer messages without the time refused; KV values written with it.
     Refuse,
-    /// Taken (a rolling upgrade from a release before the time); retained values and
-    /// wills written without it, so that nodes of that release can open them.
+    /// Transfer messages without the time taken (a rolling upgrade from a release
+    /// before it); retained values and wills written without it, so that nodes of that
+    /// release can open them. (KV values without it are taken either way, `check_kv`.)
     Accept,
 }
 

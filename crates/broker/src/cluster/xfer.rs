@@ -199,7 +199,7 @@ fn fresh(
     untimed: Untimed,
 ) -> Result<Vec<(Envelope, Bytes)>, Rejected> {
     let sealed = opened.first().and_then(|(e, _)| e.sealed);
-    super::replay::check(sealed, at.stored_ms, untimed).map_err(Rejected::Refused)?;
+    super::replay::check(sealed, at.stored_ms(), untimed).map_err(Rejected::Refused)?;
     Ok(opened)
 }
 
@@ -211,7 +211,7 @@ pub fn own_lag(seal: &ClusterSeal, stream: &str, message: &jetstream::Message) -
     let at = Sealed::of(message, id.as_deref());
     let opened = open_from(seal, stream, origin(stream, at.subject).ok()?, at).ok()?;
     let sealed = opened.first()?.0.sealed?;
-    Some(at.stored_ms? - i128::from(sealed))
+    Some(at.stored_ms()? - i128::from(sealed))
 }
 
 /// A message as read from the stream.
@@ -222,8 +222,8 @@ pub struct Sealed<'a> {
     /// It names itself a batch ([`BATCH`]).
     pub batch: bool,
     pub value: &'a [u8],
-    /// When JetStream stored it (Unix milliseconds, the NATS server's clock).
-    pub stored_ms: Option<i128>,
+    /// When JetStream stored it (Unix nanoseconds, the NATS server's clock).
+    pub stored_ns: Option<i128>,
 }
 
 impl<'a> Sealed<'a> {
@@ -237,11 +237,31 @@ impl<'a> Sealed<'a> {
                 .as_ref()
                 .is_some_and(|h| h.get(BATCH).is_some()),
             value: &message.payload,
-            stored_ms: message
+            stored_ns: message
                 .info()
                 .ok()
-                .map(|i| super::replay::stored_ms(i.published)),
+                .map(|i| i.published.unix_timestamp_nanos()),
         }
+    }
+
+    /// When JetStream stored it, in Unix milliseconds.
+    pub fn stored_ms(&self) -> Option<i128> {
+        self.stored_ns.map(|ns| ns / 1_000_000)
+    }
+
+    /// How long ago JetStream stored it, by the NATS server's own timestamp (not the
+    /// sending node's clock); zero if the message names none or the local clock is
+    /// behind.
+    pub fn time_in_stream(&self) -> Duration {
+        let Some(stored) = self.stored_ns else {
+            return Duration::ZERO;
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let now = i128::try_from(now).unwrap_or(i128::MAX);
+        let waited = now.saturating_sub(stored).max(0);
+        Duration::from_nanos(u64::try_from(waited).unwrap_or(u64::MAX))
     }
 }
 
@@ -331,7 +351,7 @@ pub fn take_in(
     if !id.as_deref().is_some_and(|id| seen.first(id)) {
         return Ok(Vec::new());
     }
-    let waited = time_in_stream(message);
+    let waited = at.time_in_stream();
     Ok(opened
         .into_iter()
         .map(|(envelope, payload)| Arrived {
@@ -342,19 +362,9 @@ pub fn take_in(
         .collect())
 }
 
-/// How long ago JetStream stored `message`, by the NATS server's own timestamp (not the
-/// sending node's clock); zero if the message names none or the local clock is behind.
+/// How long ago JetStream stored `message` ([`Sealed::time_in_stream`]).
 pub fn time_in_stream(message: &jetstream::Message) -> Duration {
-    let Ok(info) = message.info() else {
-        return Duration::ZERO;
-    };
-    let stored = info.published.unix_timestamp_nanos();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    let now = i128::try_from(now).unwrap_or(i128::MAX);
-    let waited = now.saturating_sub(stored).max(0);
-    Duration::from_nanos(u64::try_from(waited).unwrap_or(u64::MAX))
+    Sealed::of(message, None).time_in_stream()
 }
 
 /// What is left of a message expiry interval of `interval` seconds after `waited`, in
@@ -913,7 +923,7 @@ mod tests {
             msg_id,
             batch: false,
             value,
-            stored_ms: Some(STORED),
+            stored_ns: Some(STORED * 1_000_000),
         }
     }
 
@@ -1029,8 +1039,8 @@ mod tests {
         let value = seal
             .seal_transfer("m_xfer", "a:1:1", &encode(&envelope(), b"p"))
             .unwrap();
-        let at = |stored_ms| Sealed {
-            stored_ms,
+        let at = |stored_ms: Option<i128>| Sealed {
+            stored_ns: stored_ms.map(|ms| ms * 1_000_000),
             ..sealed("m_xfer.a", Some("a:1:1"), &value)
         };
         let slack = super::super::replay::REPLAY_SLACK.as_millis() as i128;
@@ -1064,9 +1074,9 @@ mod tests {
         let value = seal
             .seal_transfer_batch("m_xfer", "a:1:5", batch.plain())
             .unwrap();
-        let at = |stored_ms| Sealed {
+        let at = |stored_ms: Option<i128>| Sealed {
             batch: true,
-            stored_ms,
+            stored_ns: stored_ms.map(|ms| ms * 1_000_000),
             ..sealed("m_xfer.a", Some("a:1:5"), &value)
         };
         let batch_opens =
@@ -1101,7 +1111,7 @@ mod tests {
             .seal_transfer("m_xfer", "a:1:2", &encode(&envelope(), b"p"))
             .unwrap();
         let late = Sealed {
-            stored_ms: Some(STORED + DUPLICATE_WINDOW.as_millis() as i128),
+            stored_ns: Some((STORED + DUPLICATE_WINDOW.as_millis() as i128) * 1_000_000),
             ..sealed("m_xfer.a", Some("a:1:2"), &value)
         };
         assert!(open(&seal, "m_xfer", "b", late, Untimed::Accept).is_err());
