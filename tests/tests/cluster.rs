@@ -424,6 +424,7 @@ async fn losing_a_nats_server_loses_nothing_with_three_replicas() {
         "KV_moatmq_meta",
         "KV_moatmq_retained",
         "KV_moatmq_owner",
+        "KV_moatmq_nodes",
     ] {
         assert_eq!(info(name).await.config.num_replicas, 3, "{name}");
     }

@@ -7,6 +7,7 @@
 //! line is the first matching deny, else the first matching grant, in file order.
 //! Topics are matched level by level; subscriptions must be covered entirely by one rule.
 
+use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -20,6 +21,8 @@ use crate::{Access, AclError, Decision, Identity};
 pub struct Acl {
     file: Option<PathBuf>,
     builtin: bool,
+    /// SHA-256 of the text the rules were parsed from (`None`: the built-in rules).
+    digest: Option<[u8; 32]>,
     anonymous: Vec<Rule>,
     users: HashMap<Box<str>, Vec<Rule>>,
     patterns: Vec<Rule>,
@@ -36,6 +39,7 @@ impl Acl {
         Ok(Acl {
             file: Some(file_name.to_path_buf()),
             builtin: false,
+            digest: Some(Sha256::digest(text.as_bytes()).into()),
             anonymous,
             users,
             patterns,
@@ -69,10 +73,18 @@ impl Acl {
         Acl {
             file: None,
             builtin: true,
+            digest: None,
             anonymous: vec![Rule::new(Grant::ReadWrite, 1, "#", false)],
             users: HashMap::new(),
             patterns: vec![Rule::new(Grant::ReadWrite, 2, "%u/#", true)],
         }
+    }
+
+    /// SHA-256 of the text these rules were parsed from; `None` for
+    /// [`Acl::builtin_default`]. Two nodes of a cluster with the same digest enforce
+    /// the same rules.
+    pub fn digest(&self) -> Option<[u8; 32]> {
+        self.digest
     }
 
     /// The file these rules came from; `None` for [`Acl::builtin_default`].

@@ -298,3 +298,15 @@ fn invalid_corpus_is_rejected() {
     }
     assert!(seen >= 10);
 }
+
+#[test]
+fn digest_is_of_the_text_parsed() {
+    let a = parse("user alice\ntopic read a/#\n");
+    assert_eq!(a.digest(), parse("user alice\ntopic read a/#\n").digest());
+    assert_ne!(
+        a.digest(),
+        parse("user alice\ntopic readwrite a/#\n").digest()
+    );
+    assert!(a.digest().is_some());
+    assert_eq!(Acl::builtin_default().digest(), None);
+}

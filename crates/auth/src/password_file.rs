@@ -77,7 +77,23 @@ pub struct PasswordFile {
     /// SHA-256 of each user's hash text: what the credential cache binds an entry to, so
     /// a changed or deleted entry never matches what was cached for the old one.
     stamps: HashMap<String, [u8; 32]>,
+    /// SHA-256 over every user and stamp in username order: equal for two files with
+    /// the same users and hashes, whatever their comments or line order.
+    digest: [u8; 32],
     pad: Padding,
+}
+
+/// SHA-256 over each username (length-prefixed) and its stamp, in username order.
+fn digest_of(stamps: &HashMap<String, [u8; 32]>) -> [u8; 32] {
+    let mut users: Vec<_> = stamps.iter().collect();
+    users.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    let mut hasher = sha2::Sha256::new();
+    for (name, stamp) in users {
+        hasher.update((name.len() as u64).to_be_bytes());
+        hasher.update(name.as_bytes());
+        hasher.update(stamp);
+    }
+    hasher.finalize().into()
 }
 
 /// What one check costs in this file: the most expensive entry's work.
@@ -149,10 +165,12 @@ impl PasswordFile {
             users.insert(username.to_owned(), stored);
         }
         let pad = Padding::of(&users);
+        let digest = digest_of(&stamps);
         Ok(PasswordFile {
             source: file_name.to_path_buf(),
             users,
             stamps,
+            digest,
             pad,
         })
     }
@@ -233,6 +251,12 @@ impl PasswordFile {
     /// The stamp of `username`'s entry (a digest of its hash text), if the user exists.
     pub(crate) fn stamp(&self, username: &str) -> Option<&[u8; 32]> {
         self.stamps.get(username)
+    }
+
+    /// A digest of the users and their hashes (not of comments or line order): two
+    /// files with the same digest accept the same logins.
+    pub fn digest(&self) -> [u8; 32] {
+        self.digest
     }
 
     /// Number of users whose entry is a mosquitto `$7$` / `$6$` hash and should be

@@ -108,6 +108,11 @@ pub struct Metrics {
     /// `[cluster]`: sessions this node resumed without their old node's answer, still
     /// taking what that node may hand over late (`cluster/late.rs`).
     pub cluster_late_waits: Gauge,
+    /// `[cluster]`: nodes heard from lately, this one included (`cluster/nodes.rs`).
+    pub cluster_nodes: Gauge,
+    /// `[cluster]`: of those, the other nodes whose security settings (ACL, password
+    /// file, anonymous access, client CAs, `native_user`) differ from this node's.
+    pub cluster_nodes_differing: Gauge,
     /// Persistent sessions whose client is away, and their subscriptions.
     pub sessions_offline: Gauge,
     pub sessions_offline_subscriptions: Gauge,
@@ -183,6 +188,8 @@ impl Metrics {
             cluster_transfer_reads: Counter::default(),
             cluster_wills_taken_over: Counter::default(),
             cluster_late_waits: Gauge::default(),
+            cluster_nodes: Gauge::default(),
+            cluster_nodes_differing: Gauge::default(),
             sessions_offline: Gauge::default(),
             sessions_offline_subscriptions: Gauge::default(),
             sessions_stored: Gauge::default(),
@@ -320,6 +327,16 @@ impl Metrics {
                 "cluster_late_waits",
                 "Sessions resumed without their old node's answer, still taking what it may hand over late (up to 10 minutes each)",
                 m.cluster_late_waits.clone(),
+            );
+            r.register(
+                "cluster_nodes",
+                "Nodes of the cluster heard from in the last 90 s, this one included",
+                m.cluster_nodes.clone(),
+            );
+            r.register(
+                "cluster_nodes_differing",
+                "Other nodes enforcing different security settings than this one (ACL, password file, anonymous access, client CAs, native_user): a client's rights depend on the node it reaches",
+                m.cluster_nodes_differing.clone(),
             );
             r.register(
                 "cluster_wills_taken_over",

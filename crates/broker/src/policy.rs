@@ -206,6 +206,16 @@ impl Policy {
         errors
     }
 
+    /// Digests of the ACL and the password file in force (`None`: the built-in rules,
+    /// no password file), for comparing with other cluster nodes (`cluster::nodes`).
+    pub fn digests(&self) -> (Option<[u8; 32]>, Option<[u8; 32]>) {
+        let passwords = match self.passwords.read() {
+            Ok(p) => p.as_ref().map(|f| f.digest()),
+            Err(poisoned) => poisoned.into_inner().as_ref().map(|f| f.digest()),
+        };
+        (self.current_acl().digest(), passwords)
+    }
+
     fn current_acl(&self) -> Arc<Acl> {
         match self.acl.read() {
             Ok(a) => a.clone(),

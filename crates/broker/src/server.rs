@@ -250,6 +250,17 @@ impl Broker {
             self.shared.config.limits.max_connections,
         ));
         let mut tasks = tokio::task::JoinSet::new();
+        if self.shared.cluster.is_some() {
+            let tls = self
+                .listeners
+                .iter()
+                .filter_map(|l| l.tls().map(|t| (l.name().to_string(), t)))
+                .collect();
+            tasks.spawn(crate::cluster::nodes::run(
+                Arc::downgrade(&self.shared),
+                tls,
+            ));
+        }
         for l in self.listeners {
             info!(listener = l.name(), addr = %l.local_addr(), "listening");
             tasks.spawn(l.accept_loop(self.shared.clone(), slots.clone()));
@@ -407,6 +418,10 @@ impl Reloader {
             if let Err(e) = tls.reload() {
                 errors.push(format!("{e} (previous certificates stay in force)"));
             }
+        }
+        if let Some(cluster) = &self.shared.cluster {
+            // The other nodes compare what this one enforces now.
+            cluster.settings_changed.notify_one();
         }
         self.shared
             .emit_global(Event::ConfigReload { errors: &errors });

@@ -9,6 +9,7 @@ use moatmq_config::{CertIdentity, Config, Tls};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ServerConnection, WebPkiClientVerifier};
 use rustls::{RootCertStore, ServerConfig};
+use sha2::{Digest, Sha256};
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -60,6 +61,8 @@ pub struct TlsSetup {
     require_client_cert: bool,
     identity: CertIdentity,
     acceptor: RwLock<TlsAcceptor>,
+    /// SHA-256 over the client CA certificates in force (DER, each length-prefixed).
+    client_ca_digest: RwLock<Option<[u8; 32]>>,
 }
 
 impl TlsSetup {
@@ -68,7 +71,7 @@ impl TlsSetup {
         let cert = config.resolve(&tls.cert);
         let key = config.resolve(&tls.key);
         let client_ca = tls.client_ca.as_ref().map(|p| config.resolve(p));
-        let acceptor = build(&cert, &key, client_ca.as_deref(), tls.require_client_cert)?;
+        let (acceptor, digest) = build(&cert, &key, client_ca.as_deref(), tls.require_client_cert)?;
         Ok(TlsSetup {
             cert,
             key,
@@ -76,12 +79,13 @@ impl TlsSetup {
             require_client_cert: tls.require_client_cert,
             identity: tls.identity,
             acceptor: RwLock::new(acceptor),
+            client_ca_digest: RwLock::new(digest),
         })
     }
 
     /// Re-reads certificate, key and CA (SIGHUP); on error the old ones stay in force.
     pub fn reload(&self) -> Result<(), TlsError> {
-        let fresh = build(
+        let (fresh, digest) = build(
             &self.cert,
             &self.key,
             self.client_ca.as_deref(),
@@ -90,7 +94,26 @@ impl TlsSetup {
         if let Ok(mut acceptor) = self.acceptor.write() {
             *acceptor = fresh;
         }
+        if let Ok(mut slot) = self.client_ca_digest.write() {
+            *slot = digest;
+        }
         Ok(())
+    }
+
+    /// Whom this listener trusts, as one line to compare with other nodes': whether a
+    /// client certificate is required, how it names the client and a digest of the
+    /// client CAs in force (not the server's own certificate, which may differ).
+    pub fn trust(&self) -> String {
+        let digest = match self.client_ca_digest.read() {
+            Ok(d) => *d,
+            Err(poisoned) => *poisoned.into_inner(),
+        };
+        format!(
+            "require_client_cert={} identity={:?} client_ca={}",
+            self.require_client_cert,
+            self.identity,
+            digest.map_or_else(|| "none".to_owned(), hex::encode)
+        )
     }
 
     pub fn acceptor(&self) -> TlsAcceptor {
@@ -119,7 +142,7 @@ fn build(
     key: &Path,
     client_ca: Option<&Path>,
     require_client_cert: bool,
-) -> Result<TlsAcceptor, TlsError> {
+) -> Result<(TlsAcceptor, Option<[u8; 32]>), TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let chain = read_certs(cert, "certificate")?;
     let key = read_key(key)?;
@@ -129,16 +152,21 @@ fn build(
             what: "TLS versions",
             source,
         })?;
+    let mut ca_digest = None;
     let builder = match client_ca {
         None => builder.with_no_client_auth(),
         Some(ca) => {
             let mut roots = RootCertStore::empty();
+            let mut hasher = Sha256::new();
             for c in read_certs(ca, "client CA")? {
+                hasher.update((c.len() as u64).to_be_bytes());
+                hasher.update(c.as_ref());
                 roots.add(c).map_err(|source| TlsError::BadCa {
                     path: ca.to_path_buf(),
                     source,
                 })?;
             }
+            ca_digest = Some(hasher.finalize().into());
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
             let verifier = if require_client_cert {
                 verifier
@@ -154,7 +182,7 @@ fn build(
             what: "certificate and key do not fit together",
             source,
         })?;
-    Ok(TlsAcceptor::from(Arc::new(config)))
+    Ok((TlsAcceptor::from(Arc::new(config)), ca_digest))
 }
 
 /// `what` names the file in errors: "certificate" or "client CA".

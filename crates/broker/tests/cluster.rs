@@ -1280,3 +1280,32 @@ async fn retained_changes_jetstream_refused_are_written_once_it_takes_them() {
         .collect();
     assert_eq!(got, vec!["alice/kept".to_string()]);
 }
+
+/// Two nodes enforcing different ACLs: a client's rights would depend on which node the
+/// Service sends it to. Both say so (warning, `moatmq_cluster_nodes_differing`) until
+/// the files agree after a SIGHUP; a third node with the same files is not reported.
+#[tokio::test]
+async fn nodes_enforcing_different_acls_say_so_until_the_files_agree() {
+    let nats = Nats::start().await;
+    let a = node(&nats, "moatmq-0", "").await;
+    let wider = format!("{ACL}\nuser bob\ntopic readwrite alice/#\n");
+    let b = node_with_acl(&nats, "moatmq-1", &wider, "", |b| b).await;
+    let c = node(&nats, "moatmq-2", "").await;
+    a.metric_reaches("moatmq_cluster_nodes", 3.0, "node A hears of B and C")
+        .await;
+    a.metric_is("moatmq_cluster_nodes_differing", 1.0, "A reports B (only)")
+        .await;
+    b.metric_is("moatmq_cluster_nodes_differing", 2.0, "B reports A and C")
+        .await;
+    c.metric_is("moatmq_cluster_nodes_differing", 1.0, "C reports B (only)")
+        .await;
+
+    // B gets the same file and reloads it: nobody differs any more.
+    std::fs::write(b.path("aclfile"), ACL).unwrap();
+    assert!(b.reload().is_empty());
+    for n in [&a, &b, &c] {
+        n.metric_is("moatmq_cluster_nodes_differing", 0.0, "the files agree")
+            .await;
+    }
+    assert_eq!(a.metric("moatmq_cluster_nodes").await, 3.0);
+}

@@ -65,6 +65,9 @@ const HANDOFF_TAG: &[u8] = b"handoff1";
 /// First bytes of a pending will's plaintext.
 const WILL_TAG: &[u8] = b"will1";
 
+/// First bytes of a node's entry (`<prefix>_nodes`).
+const NODE_TAG: &[u8] = b"node1";
+
 /// The keys a cluster node seals and hashes its shared state with.
 pub struct ClusterSeal {
     cipher: Aes256Gcm,
@@ -109,6 +112,42 @@ impl ClusterSeal {
     /// its identity, one string per identity and client id), kept apart from topics.
     pub fn session_key_of(&self, session: &str) -> String {
         self.key_of(&format!("session\0{session}"))
+    }
+
+    /// The KV key of node `name`'s entry, kept apart from topics and sessions.
+    pub fn node_key_of(&self, name: &str) -> String {
+        self.key_of(&format!("node\0{name}"))
+    }
+
+    /// A node's entry (`plain`, the broker's encoding) sealed at `bucket`/`key` at
+    /// `sealed_at` (Unix ms).
+    pub fn seal_node(
+        &self,
+        bucket: &str,
+        key: &str,
+        plain: &[u8],
+        sealed_at: u64,
+    ) -> Result<Vec<u8>, StoreError> {
+        let mut tagged = Zeroizing::new(Vec::with_capacity(NODE_TAG.len() + plain.len()));
+        tagged.extend_from_slice(NODE_TAG);
+        tagged.extend_from_slice(plain);
+        self.seal_at(bucket, key, &tagged, Some(sealed_at))
+    }
+
+    /// The node entry sealed at `bucket`/`key` and when it was sealed; an error if it
+    /// does not authenticate there, is no node entry or carries no time.
+    pub fn open_node(
+        &self,
+        bucket: &str,
+        key: &str,
+        value: &[u8],
+    ) -> Result<(Zeroizing<Vec<u8>>, u64), StoreError> {
+        let (plain, sealed_at) = self.open_at(bucket, key, value)?;
+        let at = sealed_at.ok_or_else(|| refused(bucket, key, "a node entry without its time"))?;
+        match plain.strip_prefix(NODE_TAG) {
+            Some(rest) => Ok((Zeroizing::new(rest.to_vec()), at)),
+            None => Err(refused(bucket, key, "authenticated but not a node entry")),
+        }
     }
 
     /// The sealed ownership value at `bucket`/`key`.
@@ -553,6 +592,30 @@ mod tests {
             )
             .unwrap();
         refused(s.open_retained("p_retained", &other, &moved));
+    }
+
+    #[test]
+    fn node_entries_round_trip_timed_and_refuse_other_values() {
+        let s = seal(1);
+        let key = s.node_key_of("moatmq-0");
+        assert_ne!(key, s.key_of("moatmq-0"), "apart from topics");
+        assert_ne!(key, s.session_key_of("moatmq-0"), "apart from sessions");
+        let value = s.seal_node("p_nodes", &key, b"{}", AT).unwrap();
+        let (plain, at) = s.open_node("p_nodes", &key, &value).unwrap();
+        assert_eq!((plain.as_slice(), at), (&b"{}"[..], AT));
+        let refused = |r: Result<(Zeroizing<Vec<u8>>, u64), StoreError>| {
+            assert!(matches!(r, Err(StoreError::SealedValue { .. })), "{r:?}")
+        };
+        refused(s.open_node("p_nodes", &s.node_key_of("moatmq-1"), &value));
+        refused(seal(2).open_node("p_nodes", &key, &value));
+        // Without a time, or another kind of value sealed at the same key.
+        refused(s.open_node(
+            "p_nodes",
+            &key,
+            &s.seal("p_nodes", &key, b"node1{}").unwrap(),
+        ));
+        let will = s.seal_will("p_nodes", &key, b"{}", Some(AT)).unwrap();
+        refused(s.open_node("p_nodes", &key, &will));
     }
 
     #[test]

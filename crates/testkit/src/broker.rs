@@ -98,6 +98,23 @@ impl TestBroker {
         }
     }
 
+    /// Waits (at most [`crate::WAIT`]) until the metric `name` is `value`; panics
+    /// naming `what` if it is not by then.
+    pub async fn metric_is(&self, name: &str, value: f64, what: &str) {
+        let deadline = tokio::time::Instant::now() + crate::WAIT;
+        loop {
+            let now = self.metric(name).await;
+            if now == value {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{what} ({name} {now})"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
     /// Does what SIGHUP does; returns the reload errors.
     pub fn reload(&self) -> Vec<String> {
         self.reloader.reload()

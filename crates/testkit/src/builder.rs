@@ -244,12 +244,32 @@ impl TestBrokerBuilder {
 
 /// Writes the password file `dir/passwd` with these `(user, password)` pairs, hashed
 /// with Argon2id (also to change it under a running broker before a reload).
+///
+/// The same users get the same file (hashes and salts) within one test process, as the
+/// nodes of a cluster share one password file in a deployment.
 pub fn write_password_file(dir: &Path, users: &[(&str, &str)]) -> PathBuf {
-    let mut text = String::from("# test users\n");
-    for (user, pass) in users {
-        let hash = moatmq_auth::hash_password(pass.as_bytes()).expect("hash");
-        text.push_str(&format!("{user}:{hash}\n"));
-    }
+    type Files = std::collections::HashMap<Vec<(String, String)>, String>;
+    static FILES: std::sync::Mutex<Option<Files>> = std::sync::Mutex::new(None);
+    let wanted: Vec<(String, String)> = users
+        .iter()
+        .map(|(u, p)| ((*u).to_owned(), (*p).to_owned()))
+        .collect();
+    let mut files = FILES
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let text = files
+        .get_or_insert_with(Files::new)
+        .entry(wanted)
+        .or_insert_with(|| {
+            let mut text = String::from("# test users\n");
+            for (user, pass) in users {
+                let hash = moatmq_auth::hash_password(pass.as_bytes()).expect("hash");
+                text.push_str(&format!("{user}:{hash}\n"));
+            }
+            text
+        })
+        .clone();
+    drop(files);
     write_file(dir, "passwd", &text)
 }
 

@@ -319,3 +319,19 @@ fn corpus_of_bad_files_is_refused() {
     }
     assert!(count >= 10);
 }
+
+#[test]
+fn digest_follows_users_and_hashes_not_comments_or_order() {
+    let alice = pbkdf2_line("alice", b"alice-pw");
+    let bob = pbkdf2_line("bob", b"bob-pw");
+    let digest = |text: &str| PasswordFile::parse(file(), text).unwrap().digest();
+    let base = digest(&format!("{alice}\n{bob}\n"));
+    assert_eq!(base, digest(&format!("# users\n{bob}\n\n{alice}\n")));
+    assert_ne!(base, digest(&format!("{alice}\n")), "a user removed");
+    let bob_changed = pbkdf2_line("bob", b"other-pw");
+    assert_ne!(
+        base,
+        digest(&format!("{alice}\n{bob_changed}\n")),
+        "a password changed"
+    );
+}

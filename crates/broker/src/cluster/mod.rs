@@ -25,6 +25,7 @@ mod handoff_value;
 pub(crate) mod late;
 mod late_waits;
 mod markers;
+pub(crate) mod nodes;
 pub(crate) mod order;
 mod owner;
 pub(crate) mod park;
@@ -132,6 +133,9 @@ pub struct Cluster {
     /// or cut off): only then are offline sessions handed over, with those messages
     /// (`handoff.rs`).
     input_caught_up: Arc<watch::Sender<bool>>,
+    /// Notified when SIGHUP reloaded files: `nodes::run` tells the other nodes what
+    /// this one enforces now.
+    pub(crate) settings_changed: Arc<Notify>,
     /// Offline sessions other nodes claimed, for `handoff::run` (taken by `serve`).
     handoffs: std::sync::Mutex<Option<mpsc::UnboundedReceiver<(moatmq_store::SessionKey, u64)>>>,
     key_check: watch::Receiver<KeyCheck>,
@@ -418,6 +422,7 @@ impl Cluster {
                 max_payload,
                 input_through: std::sync::atomic::AtomicU64::new(0),
                 final_cut: std::sync::Mutex::new(None),
+                settings_changed: Arc::new(Notify::new()),
                 held_back: std::sync::Mutex::new(std::collections::HashMap::new()),
                 closed_cuts: std::sync::Mutex::new(std::collections::HashMap::new()),
                 admissions: std::sync::RwLock::new(()),

@@ -837,6 +837,16 @@ pub(super) async fn bucket(
     name: &str,
     replicas: usize,
 ) -> Result<kv::Store, String> {
+    bucket_aged(js, name, replicas, Duration::ZERO).await
+}
+
+/// [`bucket`] whose values leave it `max_age` after they were written (zero: never).
+pub(super) async fn bucket_aged(
+    js: &jetstream::Context,
+    name: &str,
+    replicas: usize,
+    max_age: Duration,
+) -> Result<kv::Store, String> {
     if let Ok(mut stream) = js.get_stream(format!("KV_{name}")).await {
         if let Ok(info) = stream.info().await {
             check_replicas(&info.config.name, info.config.num_replicas, replicas);
@@ -854,6 +864,7 @@ pub(super) async fn bucket(
         allow_direct: true,
         discard: jetstream::stream::DiscardPolicy::New,
         num_replicas: replicas,
+        max_age,
         ..Default::default()
     };
     // Another node may create it meanwhile: the same config is no error.
