@@ -184,13 +184,7 @@ impl View {
 /// others' with it.
 pub async fn run(shared: Weak<Shared>, tls: Listeners) {
     loop {
-        let Some(mut changes) = shared
-            .upgrade()
-            .and_then(|s| s.cluster.as_ref().map(|c| c.owners.buckets_changes()))
-        else {
-            return;
-        };
-        let Ok(Some(buckets)) = changes.wait_for(Option::is_some).await.map(|b| b.clone()) else {
+        let Some(buckets) = super::buckets_set(&shared).await else {
             return;
         };
         let why = keep(&shared, &buckets, &tls).await;

@@ -232,13 +232,7 @@ pub async fn cancel(shared: &Shared, router_id: &str) {
 /// `taken` markers once they are [`TAKEN_KEPT`] old.
 pub async fn keep(shared: std::sync::Weak<Shared>, publish: Publish) {
     loop {
-        let Some(mut changes) = shared
-            .upgrade()
-            .and_then(|s| s.cluster.as_ref().map(|c| c.owners.buckets_changes()))
-        else {
-            return;
-        };
-        let Ok(Some(buckets)) = changes.wait_for(Option::is_some).await.map(|b| b.clone()) else {
+        let Some(buckets) = super::buckets_set(&shared).await else {
             return;
         };
         let why = watch(&shared, &buckets, publish).await;
