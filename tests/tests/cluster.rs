@@ -46,6 +46,19 @@ fn start_node_in(
     retained: &str,
     extra: &str,
 ) -> Moatmq {
+    start_node_env(dir, key, name, servers, retained, extra, &[])
+}
+
+/// [`start_node_in`] with `env` set for the process (test hooks).
+fn start_node_env(
+    dir: &Path,
+    key: &Path,
+    name: &str,
+    servers: &[String],
+    retained: &str,
+    extra: &str,
+    env: &[(&str, &str)],
+) -> Moatmq {
     let home = dir.join(name);
     std::fs::create_dir_all(&home).unwrap();
     std::fs::copy(key, home.join("store.key")).unwrap();
@@ -53,7 +66,7 @@ fn start_node_in(
         &home,
         &format!("{retained}[cluster]\nservers = {servers:?}\nnode_name = \"{name}\"\n{extra}"),
     );
-    Moatmq::serve(&config, &[])
+    Moatmq::serve(&config, env)
 }
 
 /// Waits until the NATS cluster's JetStream places a stream of `replicas` copies (its
@@ -752,4 +765,116 @@ async fn a_delayed_will_outlives_its_node_and_not_its_clients_return() {
         more.is_none(),
         "published again, or the will of a client that came back: {more:?}"
     );
+}
+
+/// Liveness shortened for the tests of nodes gone: a node not heard from for 3 s is
+/// gone, and the sweep of what it left runs every 2 s (`test-hooks`).
+const SHORT_LIVENESS: &[(&str, &str)] = &[
+    ("MOATMQ_TEST_NODE_GONE_MS", "3000"),
+    ("MOATMQ_TEST_DEAD_SWEEP_MS", "2000"),
+    ("RUST_LOG", "info,moatmq_broker::cluster::dead=debug"),
+];
+
+fn short_lived_node(dir: &Path, key: &Path, name: &str, nats: &Nats) -> Moatmq {
+    start_node_env(dir, key, name, &[nats.url(0)], "", "", SHORT_LIVENESS)
+}
+
+/// Whether `store` holds a value at `key`.
+async fn holds(store: &async_nats::jetstream::kv::Store, key: &str) -> bool {
+    matches!(
+        store.entry(key).await,
+        Ok(Some(e)) if e.operation == async_nats::jetstream::kv::Operation::Put
+    )
+}
+
+/// A node killed for good leaves its clients' state in NATS: the ownership entries of
+/// its clean sessions and the live parks of its connected persistent sessions, which
+/// name no disconnect time. Once it is gone they go too: clean ones at once, persistent
+/// ones when they expire counted from the node's last sign of life. A persistent
+/// session that has not expired stays, and its client resumes it on another node.
+#[tokio::test]
+async fn what_a_node_killed_for_good_leaves_in_nats_goes_once_nobody_can_need_it() {
+    use moatmq_testkit::Raw;
+    use rumqttc::v5::mqttbytes::v5 as m5;
+    let (dir, key) = cluster_dir();
+    let nats = Nats::single(dir.path());
+    let a = short_lived_node(dir.path(), &key, "node-a", &nats);
+    let b = short_lived_node(dir.path(), &key, "node-b", &nats);
+    let _b_ready = connect_ready(&b, "probe-b").await;
+    let _clean = connect_ready(&a, "gone-clean").await;
+    let persistent = |id: &str, expiry: u32| {
+        let mut c = moatmq_testkit::connect5(id);
+        c.clean_start = false;
+        c.properties = Some(m5::ConnectProperties {
+            session_expiry_interval: Some(expiry),
+            ..Default::default()
+        });
+        c
+    };
+    let mut held = Vec::new();
+    for (id, expiry) in [("gone-short", 4), ("gone-long", 600)] {
+        let (raw, code) = Raw::connect5(addr(&a), persistent(id, expiry), None, None).await;
+        assert_eq!(code, Some(m5::ConnectReturnCode::Success));
+        held.push(raw);
+    }
+    // Anonymous clients: their router client ids are `-:<client id>`.
+    let seal = moatmq_store::ClusterSeal::new(&moatmq_store::RetainedKey::load(&key).unwrap());
+    let kv_key = |id: &str| seal.session_key_of(&format!("-:{id}"));
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url(0)).await.unwrap());
+    let owner = js.get_key_value("moatmq_owner").await.unwrap();
+    let handoff = js.get_key_value("moatmq_handoff").await.unwrap();
+    // The live parks are written after the CONNACK.
+    let deadline = Instant::now() + READY;
+    while !(holds(&handoff, &kv_key("gone-short")).await
+        && holds(&handoff, &kv_key("gone-long")).await)
+    {
+        assert!(Instant::now() < deadline, "no live parks\n{}", a.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(holds(&owner, &kv_key("gone-clean")).await);
+
+    a.kill();
+    // Gone after 3 s, swept every 2 s, the short session expired 4 s after the node's
+    // last entry.
+    let deadline = Instant::now() + READY;
+    loop {
+        let left = [
+            holds(&owner, &kv_key("gone-clean")).await,
+            holds(&owner, &kv_key("gone-short")).await,
+            holds(&handoff, &kv_key("gone-short")).await,
+        ];
+        if left == [false; 3] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still in NATS (clean entry, short entry, short park): {left:?}\n{}",
+            b.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        holds(&owner, &kv_key("gone-long")).await,
+        "an unexpired session's entry went"
+    );
+    assert!(
+        holds(&handoff, &kv_key("gone-long")).await,
+        "an unexpired session's park went"
+    );
+    b.wait_for("sessions of nodes gone removed");
+    let (_back, ack) = Raw::connack5(addr(&b), persistent("gone-long", 600)).await;
+    assert_eq!(ack.code, m5::ConnectReturnCode::Success);
+    assert!(ack.session_present, "gone-long resumed on node B");
+}
+
+/// Two processes started with one `node_name` (a copied config): both say so.
+#[tokio::test]
+async fn a_second_process_under_one_node_name_is_named_in_the_log() {
+    let (dir, key) = cluster_dir();
+    let nats = Nats::single(dir.path());
+    let a = short_lived_node(dir.path(), &key, "node-a", &nats);
+    let _a_ready = connect_ready(&a, "probe-a").await;
+    let twin = short_lived_node(&dir.path().join("twin"), &key, "node-a", &nats);
+    let _twin_ready = connect_ready(&twin, "probe-twin").await;
+    a.wait_for("another moatmq process runs with this node_name");
 }

@@ -273,6 +273,7 @@ impl Broker {
             tasks.spawn(crate::cluster::handoff::run(self.shared.clone(), handoffs));
             tasks.spawn(crate::cluster::late::run(self.shared.clone()));
             tasks.spawn(crate::cluster::handoff::sweep_expired(self.shared.clone()));
+            tasks.spawn(crate::cluster::dead::run(Arc::downgrade(&self.shared)));
             tasks.spawn(crate::cluster::wills::keep(
                 Arc::downgrade(&self.shared),
                 crate::will::publish_overdue,

@@ -7,8 +7,8 @@
 mod cluster_support;
 
 use cluster_support::{
-    forge_transfer, node_with_acl, password, ready, transfer_plaintext, wait_ready, with_key, Nats,
-    CLUSTER_KEY, USERS,
+    forge_transfer, node_at, node_with_acl, password, ready, transfer_plaintext, wait_ready,
+    with_key, Nats, NatsLink, CLUSTER_KEY, USERS,
 };
 use futures_util::StreamExt;
 use moatmq_testkit::{v4, TestBroker, QUIET, WAIT};
@@ -1308,4 +1308,75 @@ async fn nodes_enforcing_different_acls_say_so_until_the_files_agree() {
             .await;
     }
     assert_eq!(a.metric("moatmq_cluster_nodes").await, 3.0);
+}
+
+/// Counts the PUBLISHes `c` receives until none comes for a second.
+async fn count_received(c: &mut v4::Client) -> usize {
+    let mut n = 0;
+    while c.publish_within(Duration::from_secs(1)).await.is_some() {
+        n += 1;
+    }
+    n
+}
+
+/// `[cluster] forward_queue` bounds what a node cut off from NATS holds for the other
+/// nodes: past it QoS 0 messages stay local and are counted as dropped, while the
+/// node's own subscriber gets every one; back, the others get what it held.
+#[tokio::test]
+async fn forward_queue_bounds_what_a_node_cut_off_holds_for_the_others() {
+    const SENT: usize = 3000;
+    const QUEUE: usize = 256;
+    let nats = Nats::start().await;
+    let b = node(&nats, "node-b", "").await;
+    let mut link = NatsLink::start(&nats).await;
+    let a = node_at(
+        &link.url(),
+        "node-a",
+        ACL,
+        &format!("forward_queue = {QUEUE}\n"),
+        |b| b,
+    )
+    .await;
+    let mut local = login(a.first_addr(), "local", "bob").await;
+    assert!(subscribe(&mut local, "feed/#", QoS::AtMostOnce).await);
+    let mut remote = login(b.first_addr(), "remote", "bob").await;
+    assert!(subscribe(&mut remote, "feed/#", QoS::AtMostOnce).await);
+    let publ = login(a.first_addr(), "pub", "alice").await;
+    // Crossing before the cut.
+    publ.client
+        .publish("feed/q", QoS::AtMostOnce, false, "first")
+        .await
+        .unwrap();
+    assert!(remote.publish_within(WAIT).await.is_some(), "crossed");
+    assert!(local.publish_within(WAIT).await.is_some());
+
+    link.cut().await;
+    wait_ready(&a, false).await;
+    for i in 0..SENT {
+        publ.client
+            .publish("feed/q", QoS::AtMostOnce, false, i.to_string())
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        count_received(&mut local).await,
+        SENT,
+        "the local subscriber"
+    );
+    let dropped = a.metric("moatmq_cluster_messages_dropped_total").await;
+    link.restore().await;
+    wait_ready(&a, true).await;
+    let crossed = count_received(&mut remote).await;
+    // Besides the queue, what the node had handed to its NATS client before it noticed
+    // the cut (up to 4,096 unacknowledged) crosses too; every other one is counted.
+    let dropped = dropped as usize;
+    assert!(dropped > 0, "nothing dropped: the queue held all {SENT}");
+    assert!(
+        crossed >= QUEUE,
+        "held only {crossed} of the queue's {QUEUE}"
+    );
+    assert!(
+        dropped + crossed >= SENT,
+        "lost without being counted: dropped {dropped}, crossed {crossed} of {SENT}"
+    );
 }

@@ -248,6 +248,17 @@ pub struct Cluster {
     /// only while upgrading a cluster from such a release (docs/cluster.md, "Replays").
     #[serde(default)]
     pub accept_untimed: bool,
+    /// Messages waiting for NATS at most (256 to 1,048,576), besides up to 4,096 already
+    /// handed to the NATS client unacknowledged: past it a QoS 0 message is
+    /// not forwarded (counted) and a QoS 1/2 publisher is disconnected unacknowledged,
+    /// rather than the node holding more in memory while NATS is slow or away.
+    #[serde(default = "default_cluster_queue")]
+    pub forward_queue: usize,
+    /// Retained topics whose latest change waits for the retained bucket at most (256 to
+    /// 1,048,576): past it a QoS 0 change is not stored in NATS (counted), a QoS 1/2 one
+    /// is not acknowledged.
+    #[serde(default = "default_cluster_queue")]
+    pub retained_queue: usize,
 }
 
 /// The transfer stream's duplicate window, which its max age may not be under.
@@ -275,6 +286,10 @@ fn default_transfer_batch() -> usize {
 
 fn default_checkpoint_interval() -> u64 {
     10
+}
+
+fn default_cluster_queue() -> usize {
+    16_384
 }
 
 /// `[cluster.tls]`.
@@ -379,6 +394,14 @@ impl Cluster {
                 "cluster.transfer_batch",
                 "must be 1 to 4096 (1 = one message per transfer stream message)",
             ));
+        }
+        for (key, value) in [
+            ("cluster.forward_queue", self.forward_queue),
+            ("cluster.retained_queue", self.retained_queue),
+        ] {
+            if !(256..=1 << 20).contains(&value) {
+                return Err(Invalid::new(key, "must be 256 to 1048576"));
+            }
         }
         if self.checkpoint_interval > 3600 {
             return Err(Invalid::new(

@@ -473,6 +473,14 @@ fn cluster_rejections_name_key_and_line() {
             "broker.toml:7: cluster.checkpoint_interval: must be 0 to 3600 seconds (0 = no checkpoints)",
         ),
         (
+            "[cluster]\nservers = [\"nats://x:4222\"]\nnode_name = \"a\"\nforward_queue = 100\n",
+            "broker.toml:7: cluster.forward_queue: must be 256 to 1048576",
+        ),
+        (
+            "[cluster]\nservers = [\"nats://x:4222\"]\nnode_name = \"a\"\nretained_queue = 2000000\n",
+            "broker.toml:7: cluster.retained_queue: must be 256 to 1048576",
+        ),
+        (
             "[cluster]\nservers = [\"nats://x:4222\"]\nnode_name = \"a\"\ntransfer_batch = 0\n",
             "broker.toml:7: cluster.transfer_batch: must be 1 to 4096 (1 = one message per transfer stream message)",
         ),

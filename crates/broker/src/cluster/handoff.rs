@@ -433,8 +433,8 @@ pub async fn sweep_expired(shared: Arc<Shared>) {
     else {
         return;
     };
-    let keys: Vec<String> = match buckets.handoff.keys().await {
-        Ok(keys) => keys.filter_map(|k| async move { k.ok() }).collect().await,
+    let keys = match super::state::list_keys(&buckets.handoff).await {
+        Ok(keys) => keys,
         Err(e) => {
             tracing::debug!("cluster: expired sessions not swept: {e}");
             return;

@@ -19,6 +19,7 @@
 //! Retained messages are also kept, sealed, in a JetStream KV bucket (`state.rs`), so
 //! a node that joins late serves them too.
 
+pub(crate) mod dead;
 pub(crate) mod groups;
 pub(crate) mod handoff;
 mod handoff_value;
@@ -100,15 +101,6 @@ pub const NATIVE_CLIENT_ID: &str = "nats";
 
 /// nats-server's `max_payload` unless configured otherwise (1 MiB).
 const NATS_DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;
-
-/// Messages waiting for the NATS connection: past this, new ones are not forwarded
-/// (counted) rather than holding up the publishers' gateways.
-pub(super) const FORWARD_QUEUE: usize = 16_384;
-
-/// Retained changes waiting for the KV bucket, on their way to its task and, once
-/// there, topics whose latest change JetStream has not taken yet (`state.rs`); past
-/// this they are not stored in NATS (counted with the messages not forwarded).
-const STATE_QUEUE: usize = 16_384;
 
 /// What a message adds to its payload on the transfer stream at most, besides its
 /// topic, identity and properties: the envelope's JSON framing, the seal (version,
@@ -363,7 +355,7 @@ impl Cluster {
         );
         let origin_id = Transfer::new(&origin, 0).origin;
         tokio::spawn(output.run(queue));
-        let (changes, stored, queue) = sequencer::sequencer(STATE_QUEUE);
+        let (changes, stored, queue) = sequencer::sequencer(keeping.retained_queue);
         let (checked, key_check) = watch::channel(KeyCheck::Pending);
         let relayed = sweep::Relayed::default();
         let sync = StateSync::new(
@@ -376,7 +368,7 @@ impl Cluster {
             queue,
             checked,
             keeping.replicas,
-            STATE_QUEUE,
+            keeping.retained_queue,
             state::Local {
                 store_dir: config.resolve(&retained.path),
                 marker_age: keeping.retained_marker_age,

@@ -3,10 +3,11 @@
 //! Every node puts an entry in the bucket `<base>_nodes` when the buckets are set up,
 //! every [`EVERY`] and after each SIGHUP reload: its name, this process and a digest of
 //! each security setting in force (ACL, password file, anonymous access per listener,
-//! client CAs of its TLS listeners, `native_user`). The bucket keeps a value
-//! [`GONE`] after it was written, so a node that died leaves it by itself. The key is the
-//! keyed hash of the node name, the value sealed with its time like other KV state
-//! (`seal_node`), so NATS learns nothing from it and an old entry put back is refused.
+//! client CAs of its TLS listeners, `native_user`). The key is the keyed hash of the
+//! node name, the value sealed with its time like other KV state (`seal_node`), so NATS
+//! learns nothing from it and an old entry put back is refused. A node not heard from
+//! for [`GONE`] is gone; its last entry stays, saying when it was last heard from,
+//! until `dead.rs` has removed what it left in the other buckets.
 //!
 //! Every node watches the bucket and compares: another node whose settings differ means
 //! that a client's rights depend on which node the Service sends it to. That is logged
@@ -30,8 +31,34 @@ use tokio::time::Instant;
 /// How often a node puts its entry again.
 const EVERY: Duration = Duration::from_secs(20);
 
-/// How long after its last entry a node counts as gone (the bucket's `max_age`).
+/// How long after its last entry a node counts as gone.
 pub const GONE: Duration = Duration::from_secs(90);
+
+/// [`GONE`] (tests shorten it with `MOATMQ_TEST_NODE_GONE_MS`, `test-hooks` only).
+pub fn gone() -> Duration {
+    #[cfg(feature = "test-hooks")]
+    {
+        static HOOKED: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+        *HOOKED.get_or_init(|| {
+            std::env::var("MOATMQ_TEST_NODE_GONE_MS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .map_or(GONE, Duration::from_millis)
+        })
+    }
+    #[cfg(not(feature = "test-hooks"))]
+    GONE
+}
+
+/// [`EVERY`], shortened with [`gone`] in the same proportion.
+fn every() -> Duration {
+    EVERY.mul_f64(gone().as_secs_f64() / GONE.as_secs_f64())
+}
+
+/// The nodes bucket's name.
+pub fn bucket_name(prefix: &str) -> String {
+    format!("{}_nodes", super::bucket_base(prefix))
+}
 
 /// A node's entry: who, which process, and a digest or value per setting.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -119,7 +146,9 @@ impl View {
 
     /// An entry at `key`, written `age` ago; entries of this process are not others.
     pub fn note(&mut self, key: String, entry: Entry, age: Duration) {
-        if entry.process == self.process {
+        if entry.process == self.process || age >= gone() {
+            // Its own, or the last entry of a node gone (kept for `dead.rs`).
+            self.others.remove(&key);
             return;
         }
         let at = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
@@ -129,18 +158,19 @@ impl View {
     /// Drops the nodes not heard from for [`GONE`]; their names.
     pub fn prune(&mut self) -> Vec<String> {
         let now = Instant::now();
-        let mut gone = Vec::new();
+        let after = gone();
+        let mut left = Vec::new();
         self.others.retain(|_, (entry, at)| {
-            let live = now.duration_since(*at) < GONE;
+            let live = now.duration_since(*at) < after;
             if !live {
-                gone.push(entry.node.clone());
+                left.push(entry.node.clone());
             }
             live
         });
-        for node in &gone {
+        for node in &left {
             self.reported.remove(node);
         }
-        gone
+        left
     }
 
     /// Nodes heard from (this one included), and the others whose settings differ.
@@ -193,11 +223,6 @@ pub async fn run(shared: Weak<Shared>, tls: Listeners) {
     }
 }
 
-/// The nodes bucket's name.
-fn bucket_name(prefix: &str) -> String {
-    format!("{}_nodes", super::bucket_base(prefix))
-}
-
 /// Puts, watches and compares until the bucket fails; why it ended.
 async fn keep(shared: &Weak<Shared>, buckets: &Buckets, tls: &Listeners) -> String {
     let Some((name, replicas, node, process, changed)) = shared.upgrade().and_then(|s| {
@@ -213,7 +238,7 @@ async fn keep(shared: &Weak<Shared>, buckets: &Buckets, tls: &Listeners) -> Stri
     }) else {
         return "stopped".into();
     };
-    let store = match super::state::bucket_aged(&buckets.js, &name, replicas, GONE).await {
+    let store = match super::state::bucket(&buckets.js, &name, replicas).await {
         Ok(s) => s,
         Err(e) => return e,
     };
@@ -223,7 +248,7 @@ async fn keep(shared: &Weak<Shared>, buckets: &Buckets, tls: &Listeners) -> Stri
     };
     let started = now_ms();
     let mut view = View::new(process.clone());
-    let mut tick = tokio::time::interval(EVERY);
+    let mut tick = tokio::time::interval(every());
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -256,8 +281,12 @@ async fn keep(shared: &Weak<Shared>, buckets: &Buckets, tls: &Listeners) -> Stri
         if let Err(e) = put(&shared, &store, &name, &own).await {
             return e;
         }
-        for gone in view.prune() {
-            tracing::info!(node = %gone, "cluster: node not heard from for 90 s, counted as gone");
+        for node_gone in view.prune() {
+            tracing::info!(
+                node = %node_gone,
+                seconds = gone().as_secs(),
+                "cluster: node not heard from, counted as gone"
+            );
         }
         report(&shared, &mut view);
     }

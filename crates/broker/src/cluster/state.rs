@@ -14,7 +14,7 @@
 //!   election, a limit) waits in [`Waiting`] and is written again every [`RETRY`]
 //!   (and after each reconnection) until it is: one change per topic, the latest (a
 //!   later change of a topic replaces the waiting one in place, so an older one is
-//!   never written after it), at most `STATE_QUEUE` topics; past that a QoS 0 change
+//!   never written after it), at most `[cluster] retained_queue` topics; past that a QoS 0 change
 //!   of another topic is lost for nodes that start later (counted). A QoS 1/2 change
 //!   is always kept: its publisher's PUBACK (PUBREC) waits until the bucket holds it
 //!   (or a later change of its topic), as it waits for the transfer stream, so an
@@ -779,6 +779,10 @@ pub struct Keeping {
     pub transfer_batch: usize,
     /// How transfer stream messages without their sealing time are taken.
     pub untimed: super::replay::Untimed,
+    /// Messages waiting for NATS at most (`[cluster] forward_queue`).
+    pub forward_queue: usize,
+    /// Retained topics waiting for the bucket at most (`[cluster] retained_queue`).
+    pub retained_queue: usize,
 }
 
 impl Keeping {
@@ -790,6 +794,8 @@ impl Keeping {
             retained_marker_age: Duration::from_secs(cluster.retained_marker_age),
             transfer_batch: cluster.transfer_batch,
             untimed: super::replay::Untimed::of(cluster.accept_untimed),
+            forward_queue: cluster.forward_queue,
+            retained_queue: cluster.retained_queue,
         }
     }
 }
@@ -828,6 +834,29 @@ pub(super) async fn remove_up_to(bucket: &kv::Store, key: &str, revision: u64) -
     }
 }
 
+/// How long a listing of a bucket's keys waits for the next key before it takes what it
+/// has as all of them.
+const KEYS_IDLE: Duration = Duration::from_secs(2);
+
+/// Every key of `store`, for sweeps. async-nats's listing ends when the server says
+/// nothing is pending, which never comes if a key's message is replaced or purged while
+/// it lists (nats.go has the same, fixed there the same way): a pause of [`KEYS_IDLE`]
+/// ends it too, with what was listed (a sweep finds the rest next time).
+pub(super) async fn list_keys(store: &kv::Store) -> Result<Vec<String>, String> {
+    let mut keys = store
+        .keys()
+        .await
+        .map_err(|e| format!("listing {}: {e}", store.name))?;
+    let mut out = Vec::new();
+    loop {
+        match tokio::time::timeout(KEYS_IDLE, keys.next()).await {
+            Ok(Some(Ok(key))) => out.push(key),
+            Ok(Some(Err(e))) => return Err(format!("listing {}: {e}", store.name)),
+            Ok(None) | Err(_) => return Ok(out),
+        }
+    }
+}
+
 /// The bucket `name` (history 1, `replicas` copies), created by the first node that
 /// needs it. Its stream is created here as async-nats's `create_key_value` would,
 /// without that call's account-info request: the reply of nats-server 2.9 lacks fields
@@ -836,16 +865,6 @@ pub(super) async fn bucket(
     js: &jetstream::Context,
     name: &str,
     replicas: usize,
-) -> Result<kv::Store, String> {
-    bucket_aged(js, name, replicas, Duration::ZERO).await
-}
-
-/// [`bucket`] whose values leave it `max_age` after they were written (zero: never).
-pub(super) async fn bucket_aged(
-    js: &jetstream::Context,
-    name: &str,
-    replicas: usize,
-    max_age: Duration,
 ) -> Result<kv::Store, String> {
     if let Ok(mut stream) = js.get_stream(format!("KV_{name}")).await {
         if let Ok(info) = stream.info().await {
@@ -864,7 +883,6 @@ pub(super) async fn bucket_aged(
         allow_direct: true,
         discard: jetstream::stream::DiscardPolicy::New,
         num_replicas: replicas,
-        max_age,
         ..Default::default()
     };
     // Another node may create it meanwhile: the same config is no error.

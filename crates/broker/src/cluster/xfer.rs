@@ -608,7 +608,7 @@ pub fn output(
     metrics: Weak<Metrics>,
     max_payload: Arc<AtomicUsize>,
 ) -> (Sequencer, String, Output, mpsc::Receiver<Outgoing>) {
-    let (sequencer, acked, rx) = super::sequencer::sequencer(super::FORWARD_QUEUE);
+    let (sequencer, acked, rx) = super::sequencer::sequencer(keeping.forward_queue);
     // A restarted node numbers from 1 again: the epoch keeps its ids new.
     let epoch = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

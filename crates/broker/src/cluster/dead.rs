@@ -1,0 +1,210 @@
+//! What a node that died leaves in NATS, removed once nobody can need it.
+//!
+//! A node stopped gracefully releases its clean sessions and parks its persistent ones
+//! offline (with their disconnect time: the start-up sweep in `handoff.rs` removes them
+//! once expired). A node killed for good leaves the ownership entries of its clean
+//! sessions and the live parks of its connected persistent sessions, which name no
+//! disconnect time, so nothing would ever remove them. Every [`SWEEP_EVERY`] the live
+//! node with the smallest name (one node, so the work is not done N times) looks for
+//! nodes gone ([`nodes::gone`] without an entry, on NATS's clock, so a node's own clock
+//! does not matter) and removes, for each session whose ownership entry names one:
+//! - a clean session's entry (its connection died with the node);
+//! - a persistent session's entry and park once the session has expired: counted from
+//!   its disconnect time if it was offline, else from when its node was last heard from
+//!   (the moment its connection can have ended at the latest).
+//!
+//! Each removal purges up to the revision read, so a claim or park written meanwhile
+//! (the client came back) survives. A node gone is forgotten (its entry removed) once
+//! nothing names it; a node that never wrote an entry (a release before it) is never
+//! taken for gone. Removing a clean session's entry of a node that is only cut off
+//! costs nothing: a newer claim is what closes an old connection, and it is written
+//! either way.
+
+use super::handoff_value as value;
+use super::nodes;
+use super::owner::Buckets;
+use super::replay::stored_ms;
+use super::state::{bucket, list_keys, remove_up_to};
+use crate::shared::Shared;
+use async_nats::jetstream::kv;
+use std::collections::HashMap;
+use std::sync::Weak;
+use std::time::Duration;
+
+/// How often the sweep runs.
+const SWEEP_EVERY: Duration = Duration::from_secs(600);
+
+/// [`SWEEP_EVERY`] (tests shorten it with `MOATMQ_TEST_DEAD_SWEEP_MS`, `test-hooks`
+/// only).
+fn sweep_every() -> Duration {
+    #[cfg(feature = "test-hooks")]
+    {
+        static HOOKED: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+        *HOOKED.get_or_init(|| {
+            std::env::var("MOATMQ_TEST_DEAD_SWEEP_MS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .map_or(SWEEP_EVERY, Duration::from_millis)
+        })
+    }
+    #[cfg(not(feature = "test-hooks"))]
+    SWEEP_EVERY
+}
+
+/// While the broker runs: sweeps every [`SWEEP_EVERY`].
+pub async fn run(shared: Weak<Shared>) {
+    loop {
+        tokio::time::sleep(sweep_every()).await;
+        let Some(buckets) = super::buckets_set(&shared).await else {
+            return;
+        };
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        if let Err(e) = sweep(&shared, &buckets).await {
+            tracing::debug!("cluster: sessions of nodes gone not swept: {e}");
+        }
+    }
+}
+
+/// A node's last entry.
+struct Seen {
+    key: String,
+    revision: u64,
+    /// When NATS stored it (Unix ms).
+    at: i128,
+}
+
+/// What one sweep removed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Swept {
+    pub clean: usize,
+    pub persistent: usize,
+    pub nodes: usize,
+}
+
+async fn sweep(shared: &Shared, buckets: &Buckets) -> Result<Swept, String> {
+    let Some(cluster) = &shared.cluster else {
+        return Ok(Swept::default());
+    };
+    let seal = cluster.owners.seal();
+    let name = nodes::bucket_name(&cluster.prefix);
+    let store = bucket(&buckets.js, &name, cluster.keeping.replicas).await?;
+    let mut seen: HashMap<String, Seen> = HashMap::new();
+    for key in list_keys(&store).await? {
+        let Ok(Some(entry)) = store.entry(&key).await else {
+            continue;
+        };
+        if entry.operation != kv::Operation::Put {
+            continue;
+        }
+        // One that does not open is refused and counted by `nodes.rs`.
+        let Ok((plain, _)) = seal.open_node(&name, &key, &entry.value) else {
+            continue;
+        };
+        let Ok(node) = serde_json::from_slice::<nodes::Entry>(&plain) else {
+            continue;
+        };
+        if seal.node_key_of(&node.node) != key {
+            continue;
+        }
+        seen.insert(
+            node.node,
+            Seen {
+                key,
+                revision: entry.revision,
+                at: stored_ms(entry.created),
+            },
+        );
+    }
+    // NATS's clock: this node's own entry is at most one interval old.
+    let Some(now) = seen.values().map(|s| s.at).max() else {
+        tracing::debug!("cluster: no node entries");
+        return Ok(Swept::default());
+    };
+    let gone_ms = i128::try_from(nodes::gone().as_millis()).unwrap_or(i128::MAX);
+    let (dead, live): (HashMap<_, _>, HashMap<_, _>) =
+        seen.into_iter().partition(|(_, s)| now - s.at >= gone_ms);
+    if dead.is_empty() || live.keys().min() != Some(&cluster.node) {
+        tracing::debug!(
+            live = live.len(),
+            dead = dead.len(),
+            "cluster: no node gone, or another node sweeps"
+        );
+        return Ok(Swept::default());
+    }
+    let now_s = u64::try_from(now / 1000).unwrap_or(0);
+    let mut swept = Swept::default();
+    let mut named: HashMap<&str, usize> = HashMap::new();
+    for key in list_keys(&buckets.owner).await? {
+        let Ok(Some(entry)) = buckets.owner.entry(&key).await else {
+            continue;
+        };
+        if entry.operation != kv::Operation::Put {
+            continue;
+        }
+        let Ok(owner) = seal.open_owner(&buckets.owner.name, &key, &entry.value) else {
+            continue;
+        };
+        let Some((node, last)) = dead.get_key_value(&owner.node) else {
+            continue;
+        };
+        if !owner.persistent {
+            remove_up_to(&buckets.owner, &key, entry.revision).await;
+            swept.clean += 1;
+            continue;
+        }
+        let last_s = u64::try_from(last.at / 1000).unwrap_or(0);
+        if park_expired(buckets, seal, &key, last_s, now_s).await {
+            remove_up_to(&buckets.owner, &key, entry.revision).await;
+            swept.persistent += 1;
+        } else {
+            *named.entry(node.as_str()).or_default() += 1;
+        }
+    }
+    for (node, s) in &dead {
+        if !named.contains_key(node.as_str()) && remove_up_to(&store, &s.key, s.revision).await {
+            swept.nodes += 1;
+        }
+    }
+    tracing::debug!(?swept, "cluster: sweep of nodes gone");
+    if swept != Swept::default() {
+        tracing::info!(
+            clean = swept.clean,
+            persistent = swept.persistent,
+            nodes = swept.nodes,
+            "cluster: sessions of nodes gone removed (clean sessions, expired persistent sessions), and nodes gone that nothing names any more"
+        );
+    }
+    Ok(swept)
+}
+
+/// Whether the park at `key` is of a session that has expired at `now` (its disconnect
+/// time, or its node's last entry at `last` for a connected one); removes it if so.
+/// A park missing or unreadable is left (and its ownership entry with it).
+async fn park_expired(
+    buckets: &Buckets,
+    seal: &moatmq_store::ClusterSeal,
+    key: &str,
+    last: u64,
+    now: u64,
+) -> bool {
+    let Ok(Some(entry)) = buckets.handoff.entry(key).await else {
+        return false;
+    };
+    if entry.operation != kv::Operation::Put {
+        return false;
+    }
+    let Ok(head) = value::open_head(seal, buckets, key, &entry.value) else {
+        return false;
+    };
+    let Some((meta, _)) = &head.session else {
+        return false;
+    };
+    let ended = meta.disconnected_at.unwrap_or(last);
+    if ended.saturating_add(meta.expiry_interval) > now {
+        return false;
+    }
+    value::remove(buckets, key, entry.revision).await;
+    true
+}
