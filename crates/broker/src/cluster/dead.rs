@@ -37,18 +37,8 @@ const SWEEP_EVERY: Duration = Duration::from_secs(600);
 /// [`SWEEP_EVERY`] (tests shorten it with `MOATMQ_TEST_DEAD_SWEEP_MS`, `test-hooks`
 /// only).
 fn sweep_every() -> Duration {
-    #[cfg(feature = "test-hooks")]
-    {
-        static HOOKED: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
-        *HOOKED.get_or_init(|| {
-            std::env::var("MOATMQ_TEST_DEAD_SWEEP_MS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .map_or(SWEEP_EVERY, Duration::from_millis)
-        })
-    }
-    #[cfg(not(feature = "test-hooks"))]
-    SWEEP_EVERY
+    static HOOKED: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    super::hooked(&HOOKED, "MOATMQ_TEST_DEAD_SWEEP_MS", SWEEP_EVERY)
 }
 
 /// While the broker runs: sweeps every [`SWEEP_EVERY`].

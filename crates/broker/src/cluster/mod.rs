@@ -68,6 +68,29 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch, Notify};
 use waiting::{Change, Numbered};
 
+/// `default`, or with the `test-hooks` feature the milliseconds in the environment
+/// variable `name` if set (read once, into `slot`): tests shorten the cluster's waits.
+pub(crate) fn hooked(
+    slot: &'static std::sync::OnceLock<Duration>,
+    name: &str,
+    default: Duration,
+) -> Duration {
+    #[cfg(feature = "test-hooks")]
+    {
+        *slot.get_or_init(|| {
+            std::env::var(name)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .map_or(default, Duration::from_millis)
+        })
+    }
+    #[cfg(not(feature = "test-hooks"))]
+    {
+        let _ = (slot, name);
+        default
+    }
+}
+
 /// The cluster's buckets once they are set up (at once if they are); `None` once the
 /// broker is gone.
 pub(crate) async fn buckets_set(shared: &Weak<crate::shared::Shared>) -> Option<owner::Buckets> {

@@ -36,18 +36,8 @@ pub const GONE: Duration = Duration::from_secs(90);
 
 /// [`GONE`] (tests shorten it with `MOATMQ_TEST_NODE_GONE_MS`, `test-hooks` only).
 pub fn gone() -> Duration {
-    #[cfg(feature = "test-hooks")]
-    {
-        static HOOKED: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
-        *HOOKED.get_or_init(|| {
-            std::env::var("MOATMQ_TEST_NODE_GONE_MS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .map_or(GONE, Duration::from_millis)
-        })
-    }
-    #[cfg(not(feature = "test-hooks"))]
-    GONE
+    static HOOKED: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    super::hooked(&HOOKED, "MOATMQ_TEST_NODE_GONE_MS", GONE)
 }
 
 /// [`EVERY`], shortened with [`gone`] in the same proportion.

@@ -62,18 +62,8 @@ pub fn stored_ms(at: time::OffsetDateTime) -> i128 {
 /// How long a replayed value may trail its sealing ([`REPLAY_SLACK`]; tests of the
 /// refusal shorten it with `MOATMQ_TEST_REPLAY_SLACK_MS`, `test-hooks` only).
 fn slack() -> Duration {
-    #[cfg(feature = "test-hooks")]
-    {
-        static SLACK: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
-        *SLACK.get_or_init(|| {
-            std::env::var("MOATMQ_TEST_REPLAY_SLACK_MS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .map_or(REPLAY_SLACK, Duration::from_millis)
-        })
-    }
-    #[cfg(not(feature = "test-hooks"))]
-    REPLAY_SLACK
+    static HOOKED: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    super::hooked(&HOOKED, "MOATMQ_TEST_REPLAY_SLACK_MS", REPLAY_SLACK)
 }
 
 /// Why a value JetStream stored at `stored_ms` (Unix ms, the NATS server's clock; `None`
