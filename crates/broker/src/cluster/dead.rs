@@ -45,7 +45,7 @@ fn sweep_every() -> Duration {
 pub async fn run(shared: Weak<Shared>) {
     loop {
         tokio::time::sleep(sweep_every()).await;
-        let Some(buckets) = super::buckets_set(&shared).await else {
+        let Some(buckets) = super::nodes::buckets_set(&shared).await else {
             return;
         };
         let Some(shared) = shared.upgrade() else {

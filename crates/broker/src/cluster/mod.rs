@@ -91,16 +91,6 @@ pub(crate) fn hooked(
     }
 }
 
-/// The cluster's buckets once they are set up (at once if they are); `None` once the
-/// broker is gone.
-pub(crate) async fn buckets_set(shared: &Weak<crate::shared::Shared>) -> Option<owner::Buckets> {
-    let mut changes = shared
-        .upgrade()
-        .and_then(|s| s.cluster.as_ref().map(|c| c.owners.buckets_changes()))?;
-    let set = changes.wait_for(Option::is_some).await.ok()?.clone();
-    set
-}
-
 /// How long sessions restored at start-up wait at most, before they are handed over,
 /// for this node's transfer consumer to read what was published while the node was
 /// away: longer than the consumer's ack wait (30 s), after which what the server had

@@ -200,11 +200,21 @@ impl View {
     }
 }
 
+/// The cluster's buckets once they are set up (at once if they are); `None` once the
+/// broker is gone.
+pub(super) async fn buckets_set(shared: &Weak<Shared>) -> Option<Buckets> {
+    let mut changes = shared
+        .upgrade()
+        .and_then(|s| s.cluster.as_ref().map(|c| c.owners.buckets_changes()))?;
+    let set = changes.wait_for(Option::is_some).await.ok()?.clone();
+    set
+}
+
 /// While the broker runs: keeps this node's entry in the bucket and compares the
 /// others' with it.
 pub async fn run(shared: Weak<Shared>, tls: Listeners) {
     loop {
-        let Some(buckets) = super::buckets_set(&shared).await else {
+        let Some(buckets) = buckets_set(&shared).await else {
             return;
         };
         let why = keep(&shared, &buckets, &tls).await;

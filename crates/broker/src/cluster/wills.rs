@@ -232,7 +232,7 @@ pub async fn cancel(shared: &Shared, router_id: &str) {
 /// `taken` markers once they are [`TAKEN_KEPT`] old.
 pub async fn keep(shared: std::sync::Weak<Shared>, publish: Publish) {
     loop {
-        let Some(buckets) = super::buckets_set(&shared).await else {
+        let Some(buckets) = super::nodes::buckets_set(&shared).await else {
             return;
         };
         let why = watch(&shared, &buckets, publish).await;
