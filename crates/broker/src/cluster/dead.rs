@@ -15,8 +15,8 @@
 //!
 //! Each removal purges up to the revision read, so a claim or park written meanwhile
 //! (the client came back) survives. A node gone is forgotten (its entry removed) once
-//! nothing names it; a node that never wrote an entry (a release before it) is never
-//! taken for gone. Removing a clean session's entry of a node that is only cut off
+//! a complete listing of the ownership bucket finds nothing naming it; a node that
+//! never wrote an entry (a release before it) is never taken for gone. Removing a clean session's entry of a node that is only cut off
 //! costs nothing: a newer claim is what closes an old connection, and it is written
 //! either way.
 
@@ -81,7 +81,7 @@ async fn sweep(shared: &Shared, buckets: &Buckets) -> Result<Swept, String> {
     let name = nodes::bucket_name(&cluster.prefix);
     let store = bucket(&buckets.js, &name, cluster.keeping.replicas).await?;
     let mut seen: HashMap<String, Seen> = HashMap::new();
-    for key in list_keys(&store).await? {
+    for key in list_keys(&store).await?.keys {
         let Ok(Some(entry)) = store.entry(&key).await else {
             continue;
         };
@@ -126,7 +126,8 @@ async fn sweep(shared: &Shared, buckets: &Buckets) -> Result<Swept, String> {
     let now_s = u64::try_from(now / 1000).unwrap_or(0);
     let mut swept = Swept::default();
     let mut named: HashMap<&str, usize> = HashMap::new();
-    for key in list_keys(&buckets.owner).await? {
+    let owners = list_keys(&buckets.owner).await?;
+    for key in owners.keys {
         let Ok(Some(entry)) = buckets.owner.entry(&key).await else {
             continue;
         };
@@ -152,7 +153,9 @@ async fn sweep(shared: &Shared, buckets: &Buckets) -> Result<Swept, String> {
             *named.entry(node.as_str()).or_default() += 1;
         }
     }
-    for (node, s) in &dead {
+    // A node gone is forgotten only after a listing that saw every key: one cut short
+    // by a pause may have missed what it still left.
+    for (node, s) in dead.iter().filter(|_| owners.complete) {
         if !named.contains_key(node.as_str()) && remove_up_to(&store, &s.key, s.revision).await {
             swept.nodes += 1;
         }

@@ -434,7 +434,7 @@ pub async fn sweep_expired(shared: Arc<Shared>) {
         return;
     };
     let keys = match super::state::list_keys(&buckets.handoff).await {
-        Ok(keys) => keys,
+        Ok(listing) => listing.keys,
         Err(e) => {
             tracing::debug!("cluster: expired sessions not swept: {e}");
             return;

@@ -842,7 +842,7 @@ const KEYS_IDLE: Duration = Duration::from_secs(2);
 /// nothing is pending, which never comes if a key's message is replaced or purged while
 /// it lists (nats.go has the same, fixed there the same way): a pause of [`KEYS_IDLE`]
 /// ends it too, with what was listed (a sweep finds the rest next time).
-pub(super) async fn list_keys(store: &kv::Store) -> Result<Vec<String>, String> {
+pub(super) async fn list_keys(store: &kv::Store) -> Result<Listing, String> {
     let mut keys = store
         .keys()
         .await
@@ -852,9 +852,26 @@ pub(super) async fn list_keys(store: &kv::Store) -> Result<Vec<String>, String> 
         match tokio::time::timeout(KEYS_IDLE, keys.next()).await {
             Ok(Some(Ok(key))) => out.push(key),
             Ok(Some(Err(e))) => return Err(format!("listing {}: {e}", store.name)),
-            Ok(None) | Err(_) => return Ok(out),
+            Ok(None) => {
+                return Ok(Listing {
+                    keys: out,
+                    complete: true,
+                })
+            }
+            Err(_) => {
+                return Ok(Listing {
+                    keys: out,
+                    complete: false,
+                })
+            }
         }
     }
+}
+
+/// The keys [`list_keys`] found, and whether it saw the end of them (not only a pause).
+pub(super) struct Listing {
+    pub keys: Vec<String>,
+    pub complete: bool,
 }
 
 /// The bucket `name` (history 1, `replicas` copies), created by the first node that
