@@ -309,6 +309,24 @@ async fn put(shared: &Shared, store: &kv::Store, bucket: &str, own: &Entry) -> R
         .map_err(|e| format!("putting this node's entry: {e}"))
 }
 
+/// The node entry `entry` holds and when it was sealed, if it opens at its key in
+/// `bucket` and names the node of that key (not yet checked for a replay).
+pub fn open_entry(
+    seal: &moatmq_store::ClusterSeal,
+    bucket: &str,
+    entry: &kv::Entry,
+) -> Result<(Entry, u64), String> {
+    let (plain, sealed_at) = seal
+        .open_node(bucket, &entry.key, &entry.value)
+        .map_err(|e| e.to_string())?;
+    let e = serde_json::from_slice::<Entry>(&plain).map_err(|e| e.to_string())?;
+    if seal.node_key_of(&e.node) == entry.key {
+        Ok((e, sealed_at))
+    } else {
+        Err("sealed at its key but naming another node".to_owned())
+    }
+}
+
 /// Takes `entry` into `view` if it opens, is fresh and names the node of its key.
 fn note(
     shared: &Shared,
@@ -325,22 +343,11 @@ fn note(
     if entry.operation != kv::Operation::Put {
         return;
     }
-    let seal = cluster.owners.seal();
     let stored = stored_ms(entry.created);
-    let opened = seal
-        .open_node(bucket, &entry.key, &entry.value)
-        .map_err(|e| e.to_string())
-        .and_then(|(plain, sealed_at)| {
-            check_kv(Some(sealed_at), Some(stored))?;
-            serde_json::from_slice::<Entry>(&plain).map_err(|e| e.to_string())
-        })
-        .and_then(|e| {
-            if seal.node_key_of(&e.node) == entry.key {
-                Ok(e)
-            } else {
-                Err("sealed at its key but naming another node".to_owned())
-            }
-        });
+    let opened = open_entry(cluster.owners.seal(), bucket, &entry).and_then(|(e, sealed_at)| {
+        check_kv(Some(sealed_at), Some(stored))?;
+        Ok(e)
+    });
     let e = match opened {
         Ok(e) => e,
         Err(e) => {
