@@ -88,23 +88,25 @@ impl TestBroker {
             .map_or(0.0, |v| v.parse().expect("a number"))
     }
 
-    /// Waits (at most [`crate::WAIT`]) until the metric `name` is `at_least`; panics
-    /// naming `what` if it is not by then.
+    /// Waits (at most [`crate::WAIT`]) until the metric `name` is at least `at_least`;
+    /// panics naming `what` if it is not by then.
     pub async fn metric_reaches(&self, name: &str, at_least: f64, what: &str) {
-        let deadline = tokio::time::Instant::now() + crate::WAIT;
-        while self.metric(name).await < at_least {
-            assert!(tokio::time::Instant::now() < deadline, "{what}");
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
+        self.metric_until(name, |v| v >= at_least, what).await
     }
 
     /// Waits (at most [`crate::WAIT`]) until the metric `name` is `value`; panics
     /// naming `what` if it is not by then.
     pub async fn metric_is(&self, name: &str, value: f64, what: &str) {
+        self.metric_until(name, |v| v == value, what).await
+    }
+
+    /// Waits (at most [`crate::WAIT`]) until the metric `name` satisfies `done`;
+    /// panics naming `what` and the last value if it does not by then.
+    pub async fn metric_until(&self, name: &str, done: impl Fn(f64) -> bool, what: &str) {
         let deadline = tokio::time::Instant::now() + crate::WAIT;
         loop {
             let now = self.metric(name).await;
-            if now == value {
+            if done(now) {
                 return;
             }
             assert!(
