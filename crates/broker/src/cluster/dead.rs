@@ -16,7 +16,10 @@
 //! Each removal purges up to the revision read, so a claim or park written meanwhile
 //! (the client came back) survives. A node gone is forgotten (its entry removed) once
 //! a complete listing of the ownership bucket finds nothing naming it; a node that
-//! never wrote an entry (a release before it) is never taken for gone. Removing a clean session's entry of a node that is only cut off
+//! never wrote an entry (a release before it) is never taken for gone. A node sweeps
+//! only once its own NATS connection has been up for [`nodes::gone`]: right after a
+//! NATS restart or a partition healed, every node's entry is as old as the break until
+//! it puts a new one, and live nodes would be taken for gone. Removing a clean session's entry of a node that is only cut off
 //! costs nothing: a newer claim is what closes an old connection, and it is written
 //! either way.
 
@@ -51,6 +54,18 @@ pub async fn run(shared: Weak<Shared>) {
         let Some(shared) = shared.upgrade() else {
             return;
         };
+        // After a loss of NATS (a NATS restart, a partition) every other node's entry is
+        // as old as the loss until it puts one again, within an interval of its own
+        // reconnection: not having heard from a node says it is gone only over
+        // [`nodes::gone`] of listening.
+        let listening = shared.cluster.as_ref().and_then(|c| c.up_for());
+        if !listening.is_some_and(|up| up >= nodes::gone()) {
+            tracing::debug!(
+                ?listening,
+                "cluster: connected to NATS for less than a node takes to count as gone; no sweep yet"
+            );
+            continue;
+        }
         if let Err(e) = sweep(&shared, &buckets).await {
             tracing::debug!("cluster: sessions of nodes gone not swept: {e}");
         }

@@ -68,6 +68,14 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch, Notify};
 use waiting::{Change, Numbered};
 
+/// Records since when the NATS connection is up (`None`: lost).
+fn set_up_since(
+    up: &std::sync::Mutex<Option<std::time::Instant>>,
+    since: Option<std::time::Instant>,
+) {
+    *up.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = since;
+}
+
 /// `default`, or with the `test-hooks` feature the milliseconds in the environment
 /// variable `name` if set (read once, into `slot`): tests shorten the cluster's waits.
 pub(crate) fn hooked(
@@ -160,6 +168,10 @@ pub struct Cluster {
     pub(crate) metrics: Arc<Metrics>,
     /// Wakes `watch_connection`; with `stopped`, ends it (and its NATS client) on drop.
     connected: Arc<Notify>,
+    /// Since when the NATS connection is up (`None` while it is lost): what this node
+    /// has not heard from other nodes over a shorter time says nothing about them
+    /// (`dead.rs`).
+    pub(crate) up_since: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
     stopped: Arc<std::sync::atomic::AtomicBool>,
     /// The NATS server's `max_payload` (its default until connected).
     max_payload: Arc<AtomicUsize>,
@@ -234,6 +246,14 @@ pub enum Forwarded {
 }
 
 impl Cluster {
+    /// How long the NATS connection has been up without a break (`None`: it is lost).
+    pub(crate) fn up_for(&self) -> Option<Duration> {
+        self.up_since
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .map(|since| since.elapsed())
+    }
+
     /// Connects to NATS (in the background: the broker starts while NATS is away, not
     /// ready until it is reachable), subscribes to the cluster's subjects and starts
     /// keeping `index` and the cluster's retained bucket in step.
@@ -297,11 +317,14 @@ impl Cluster {
         // Counts lost connections, for the retained task to load the bucket again.
         let (lost_tx, lost) = watch::channel(0u64);
         let lost_tx = Arc::new(lost_tx);
+        let up_since = Arc::new(std::sync::Mutex::new(None));
+        let up = Arc::clone(&up_since);
         options = options.event_callback(move |event| {
             let events: Weak<Metrics> = events.clone();
             let on_connect = on_connect.clone();
             let behind = behind.clone();
             let lost_tx = lost_tx.clone();
+            let up = up.clone();
             async move {
                 let Some(metrics) = events.upgrade() else {
                     return;
@@ -309,11 +332,13 @@ impl Cluster {
                 match event {
                     async_nats::Event::Connected => {
                         tracing::info!("cluster: connected to NATS");
+                        set_up_since(&up, Some(std::time::Instant::now()));
                         on_connect.notify_one();
                     }
                     async_nats::Event::Disconnected | async_nats::Event::Closed => {
                         tracing::warn!("cluster: NATS connection lost; reconnecting");
                         metrics.cluster_ok.store(false, Ordering::Release);
+                        set_up_since(&up, None);
                         // What is published meanwhile waits in the transfer consumer:
                         // sessions claimed elsewhere are handed over once it is read.
                         behind.send_replace(false);
@@ -433,6 +458,7 @@ impl Cluster {
                 relayed,
                 metrics,
                 connected,
+                up_since,
                 stopped,
                 max_payload,
                 input_through: std::sync::atomic::AtomicU64::new(0),
