@@ -106,13 +106,25 @@ pub enum Delivery {
 }
 
 /// A message held for a session and its delivery state.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct HeldMessage {
     /// The message.
     pub message: QueuedMessage,
     /// How far its delivery got.
     pub delivery: Delivery,
+    /// Bytes its `Message` record takes in the log (0 without one): the store's
+    /// bookkeeping for compaction, kept here so that queueing a message searches the
+    /// session's messages once. Not part of what the message is (`==` ignores it).
+    pub(crate) frame: u64,
 }
+
+impl PartialEq for HeldMessage {
+    fn eq(&self, other: &Self) -> bool {
+        self.message == other.message && self.delivery == other.delivery
+    }
+}
+
+impl Eq for HeldMessage {}
 
 /// A will waiting for its delay interval (MQTT 5 will delay).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

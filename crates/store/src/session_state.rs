@@ -75,9 +75,9 @@ pub(crate) struct Slot {
     pub(crate) queued: usize,
     pub(crate) queued_bytes: u64,
     /// Frame bytes of the live records of this session, by what they hold.
+    /// (Each held message keeps its own, [`HeldMessage::frame`].)
     put_frame: u64,
     will_frame: u64,
-    message_frames: BTreeMap<u64, u64>,
     qos2_frames: HashMap<u16, u64>,
 }
 
@@ -85,7 +85,7 @@ impl Slot {
     fn frames(&self) -> u64 {
         self.put_frame
             + self.will_frame
-            + self.message_frames.values().sum::<u64>()
+            + self.session.messages.values().map(|m| m.frame).sum::<u64>()
             + self.qos2_frames.values().sum::<u64>()
     }
 }
@@ -112,24 +112,6 @@ impl State {
     /// The slot of the session of `key`.
     pub(crate) fn get(&self, key: &SessionKey) -> Option<&Slot> {
         self.slots.get(self.by_key.get(key)?)
-    }
-
-    /// The slot of session `sid` that holds message `id`, with the message's delivery
-    /// state and queued bytes; `what` names the record in the error.
-    fn held(
-        &mut self,
-        sid: u64,
-        id: u64,
-        what: &str,
-    ) -> Result<(&mut Slot, Delivery, u64), String> {
-        let slot = self.slot(sid)?;
-        let held = slot
-            .session
-            .messages
-            .get(&id)
-            .ok_or_else(|| format!("{what} unknown message {id} of session {sid}"))?;
-        let (delivery, bytes) = (held.delivery, held.message.queued_bytes());
-        Ok((slot, delivery, bytes))
     }
 
     /// Applies one change; `frame` is the size of the frame holding it.
@@ -173,7 +155,6 @@ impl State {
                         queued_bytes: 0,
                         put_frame: frame,
                         will_frame: 0,
-                        message_frames: BTreeMap::new(),
                         qos2_frames: HashMap::new(),
                     },
                 );
@@ -204,31 +185,31 @@ impl State {
                     Entry::Occupied(_) => {
                         return Err(format!("message {id} of session {sid} queued twice"))
                     }
-                    Entry::Vacant(v) => v.insert(HeldMessage { message, delivery }),
+                    Entry::Vacant(v) => v.insert(HeldMessage {
+                        message,
+                        delivery,
+                        frame,
+                    }),
                 };
                 if delivery == Delivery::Queued {
                     slot.queued += 1;
                     slot.queued_bytes += bytes;
                 }
                 slot.next_id = slot.next_id.max(id + 1);
-                slot.message_frames.insert(id, frame);
                 self.live_frame_bytes += frame;
             }
             Rec::Sent { sid, id, pkid } => {
-                let (slot, delivery, bytes) = self.held(sid, id, "sends")?;
-                if delivery == Delivery::Queued {
+                let slot = self.slot(sid)?;
+                let held = held_mut(&mut slot.session.messages, sid, id, "sends")?;
+                if held.delivery == Delivery::Queued {
                     slot.queued -= 1;
-                    slot.queued_bytes -= bytes;
+                    slot.queued_bytes -= held.message.queued_bytes();
                 }
-                if let Some(held) = slot.session.messages.get_mut(&id) {
-                    held.delivery = Delivery::Sent { pkid };
-                }
+                held.delivery = Delivery::Sent { pkid };
             }
             Rec::Released { sid, id } => {
-                let (slot, _, _) = self.held(sid, id, "releases")?;
-                let Some(held) = slot.session.messages.get_mut(&id) else {
-                    return Ok(());
-                };
+                let slot = self.slot(sid)?;
+                let held = held_mut(&mut slot.session.messages, sid, id, "releases")?;
                 held.delivery = match held.delivery {
                     Delivery::Sent { pkid } | Delivery::Released { pkid } => {
                         Delivery::Released { pkid }
@@ -248,8 +229,7 @@ impl State {
                     slot.queued -= 1;
                     slot.queued_bytes -= held.message.queued_bytes();
                 }
-                let f = slot.message_frames.remove(&id).unwrap_or(0);
-                self.live_frame_bytes -= f;
+                self.live_frame_bytes -= held.frame;
             }
             Rec::Qos2In { sid, pkid } => {
                 let slot = self.slot(sid)?;
@@ -338,4 +318,16 @@ pub(crate) fn replayer(state: &mut State) -> impl FnMut(&[u8], u64) -> Result<()
         let rec: Rec<'static> = record::decode_exact(plain)?;
         state.apply(rec, frame).map_err(OpenError::Decode)
     }
+}
+
+/// Message `id` of session `sid` among `messages`; `what` names the record in the error.
+fn held_mut<'a>(
+    messages: &'a mut BTreeMap<u64, HeldMessage>,
+    sid: u64,
+    id: u64,
+    what: &str,
+) -> Result<&'a mut HeldMessage, String> {
+    messages
+        .get_mut(&id)
+        .ok_or_else(|| format!("{what} unknown message {id} of session {sid}"))
 }
