@@ -27,7 +27,7 @@ use super::handoff_value as value;
 use super::nodes;
 use super::owner::Buckets;
 use super::replay::stored_ms;
-use super::state::{bucket, list_keys, remove_up_to};
+use super::state::{bucket, list_entries, remove_up_to};
 use crate::shared::Shared;
 use async_nats::jetstream::kv;
 use std::collections::HashMap;
@@ -96,10 +96,7 @@ async fn sweep(shared: &Shared, buckets: &Buckets) -> Result<Swept, String> {
     let name = nodes::bucket_name(&cluster.prefix);
     let store = bucket(&buckets.js, &name, cluster.keeping.replicas).await?;
     let mut seen: HashMap<String, Seen> = HashMap::new();
-    for key in list_keys(&store).await?.keys {
-        let Ok(Some(entry)) = store.entry(&key).await else {
-            continue;
-        };
+    for entry in list_entries(&store, ">").await?.entries {
         if entry.operation != kv::Operation::Put {
             continue;
         }
@@ -111,7 +108,7 @@ async fn sweep(shared: &Shared, buckets: &Buckets) -> Result<Swept, String> {
         seen.insert(
             node.node,
             Seen {
-                key,
+                key: entry.key,
                 revision: entry.revision,
                 at: stored_ms(entry.created),
             },
@@ -136,28 +133,26 @@ async fn sweep(shared: &Shared, buckets: &Buckets) -> Result<Swept, String> {
     let now_s = u64::try_from(now / 1000).unwrap_or(0);
     let mut swept = Swept::default();
     let mut named: HashMap<&str, usize> = HashMap::new();
-    let owners = list_keys(&buckets.owner).await?;
-    for key in owners.keys {
-        let Ok(Some(entry)) = buckets.owner.entry(&key).await else {
-            continue;
-        };
+    let owners = list_entries(&buckets.owner, ">").await?;
+    for entry in owners.entries {
+        let key = entry.key.as_str();
         if entry.operation != kv::Operation::Put {
             continue;
         }
-        let Ok(owner) = seal.open_owner(&buckets.owner.name, &key, &entry.value) else {
+        let Ok(owner) = seal.open_owner(&buckets.owner.name, key, &entry.value) else {
             continue;
         };
         let Some((node, last)) = dead.get_key_value(&owner.node) else {
             continue;
         };
         if !owner.persistent {
-            remove_up_to(&buckets.owner, &key, entry.revision).await;
+            remove_up_to(&buckets.owner, key, entry.revision).await;
             swept.clean += 1;
             continue;
         }
         let last_s = u64::try_from(last.at / 1000).unwrap_or(0);
-        if park_expired(buckets, seal, &key, last_s, now_s).await {
-            remove_up_to(&buckets.owner, &key, entry.revision).await;
+        if park_expired(buckets, seal, key, last_s, now_s).await {
+            remove_up_to(&buckets.owner, key, entry.revision).await;
             swept.persistent += 1;
         } else {
             *named.entry(node.as_str()).or_default() += 1;

@@ -433,8 +433,10 @@ pub async fn sweep_expired(shared: Arc<Shared>) {
     else {
         return;
     };
-    let keys = match super::state::list_keys(&buckets.handoff).await {
-        Ok(listing) => listing.keys,
+    // Session values only (keys of one token): a part (`<key>.<n>`) goes with its
+    // session's value.
+    let entries = match super::state::list_entries(&buckets.handoff, "*").await {
+        Ok(listing) => listing.entries,
         Err(e) => {
             tracing::debug!("cluster: expired sessions not swept: {e}");
             return;
@@ -442,11 +444,8 @@ pub async fn sweep_expired(shared: Arc<Shared>) {
     };
     let now = moatmq_store::now_unix();
     let mut swept = 0;
-    // A part (`<key>.<n>`) goes with its session's value.
-    for kv_key in keys.iter().filter(|k| !k.contains('.')) {
-        let Ok(Some(entry)) = buckets.handoff.entry(kv_key).await else {
-            continue;
-        };
+    for entry in entries {
+        let kv_key = entry.key.as_str();
         if entry.operation != kv::Operation::Put {
             continue;
         }

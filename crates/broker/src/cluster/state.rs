@@ -834,43 +834,56 @@ pub(super) async fn remove_up_to(bucket: &kv::Store, key: &str, revision: u64) -
     }
 }
 
-/// How long a listing of a bucket's keys waits for the next key before it takes what it
-/// has as all of them.
-const KEYS_IDLE: Duration = Duration::from_secs(2);
+/// How long a listing of a bucket waits for the next entry before it takes what it has
+/// as all of them.
+const LIST_IDLE: Duration = Duration::from_secs(2);
 
-/// Every key of `store`, for sweeps. async-nats's listing ends when the server says
-/// nothing is pending, which never comes if a key's message is replaced or purged while
-/// it lists (nats.go has the same, fixed there the same way): a pause of [`KEYS_IDLE`]
-/// ends it too, with what was listed (a sweep finds the rest next time).
-pub(super) async fn list_keys(store: &kv::Store) -> Result<Listing, String> {
-    let mut keys = store
-        .keys()
-        .await
-        .map_err(|e| format!("listing {}: {e}", store.name))?;
-    let mut out = Vec::new();
-    loop {
-        match tokio::time::timeout(KEYS_IDLE, keys.next()).await {
-            Ok(Some(Ok(key))) => out.push(key),
-            Ok(Some(Err(e))) => return Err(format!("listing {}: {e}", store.name)),
-            Ok(None) => {
-                return Ok(Listing {
-                    keys: out,
-                    complete: true,
-                })
-            }
-            Err(_) => {
-                return Ok(Listing {
-                    keys: out,
-                    complete: false,
-                })
-            }
-        }
+/// The current entry of every key of `store` matching `filter` (`>`: every key, `*`:
+/// keys of one token), for sweeps: one pass over the bucket (a watch from each key's
+/// last value), not a listing of the keys and a read per key. Ends with the last entry
+/// stored when it began (`complete`). async-nats's listings end when the server says
+/// nothing is pending, which never comes if a key's message is replaced or purged
+/// meanwhile (nats.go has the same, fixed there the same way): a pause of
+/// [`LIST_IDLE`] ends this one too, with what it has (a sweep finds the rest next
+/// time). A key replaced while it lists is there with its newer entry.
+pub(super) async fn list_entries(store: &kv::Store, filter: &str) -> Result<Listing, String> {
+    let failed = |e: &dyn std::fmt::Display| format!("listing {}: {e}", store.name);
+    let mut stream = store.stream.clone();
+    let stored = stream.info().await.map_err(|e| failed(&e))?.state.messages;
+    let mut entries = std::collections::BTreeMap::new();
+    if stored == 0 {
+        return Ok(Listing {
+            entries: Vec::new(),
+            complete: true,
+        });
     }
+    let mut watch = store
+        .watch_with_history(filter)
+        .await
+        .map_err(|e| failed(&e))?;
+    let complete = loop {
+        match tokio::time::timeout(LIST_IDLE, watch.next()).await {
+            Ok(Some(Ok(entry))) => {
+                let last = entry.seen_current;
+                entries.insert(entry.key.clone(), entry);
+                if last {
+                    break true;
+                }
+            }
+            Ok(Some(Err(e))) => return Err(failed(&e)),
+            Ok(None) | Err(_) => break false,
+        }
+    };
+    Ok(Listing {
+        entries: entries.into_values().collect(),
+        complete,
+    })
 }
 
-/// The keys [`list_keys`] found, and whether it saw the end of them (not only a pause).
+/// The entries [`list_entries`] found, and whether it saw the end of them (not only a
+/// pause).
 pub(super) struct Listing {
-    pub keys: Vec<String>,
+    pub entries: Vec<kv::Entry>,
     pub complete: bool,
 }
 
