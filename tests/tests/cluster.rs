@@ -768,10 +768,13 @@ async fn a_delayed_will_outlives_its_node_and_not_its_clients_return() {
 }
 
 /// Liveness shortened for the tests of nodes gone: a node not heard from for 3 s is
-/// gone, and the sweep of what it left runs every 2 s (`test-hooks`).
+/// gone, the sweep of what it left runs every 2 s, and a connected persistent session
+/// of a node gone is kept 2 s at least (a day otherwise) past its node's last entry
+/// (`test-hooks`).
 const SHORT_LIVENESS: &[(&str, &str)] = &[
     ("MOATMQ_TEST_NODE_GONE_MS", "3000"),
     ("MOATMQ_TEST_DEAD_SWEEP_MS", "2000"),
+    ("MOATMQ_TEST_CONNECTED_KEPT_MS", "2000"),
     ("RUST_LOG", "info,moatmq_broker::cluster::dead=debug"),
 ];
 
@@ -790,7 +793,8 @@ async fn holds(store: &async_nats::jetstream::kv::Store, key: &str) -> bool {
 /// A node killed for good leaves its clients' state in NATS: the ownership entries of
 /// its clean sessions and the live parks of its connected persistent sessions, which
 /// name no disconnect time. Once it is gone they go too: clean ones at once, persistent
-/// ones when they expire counted from the node's last sign of life. A persistent
+/// ones when they expire counted from the node's last sign of life (and, shortened
+/// here, a day at least). A persistent
 /// session that has not expired stays, and its client resumes it on another node.
 #[tokio::test]
 async fn what_a_node_killed_for_good_leaves_in_nats_goes_once_nobody_can_need_it() {

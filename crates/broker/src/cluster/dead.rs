@@ -9,9 +9,12 @@
 //! nodes gone ([`nodes::gone`] without an entry, on NATS's clock, so a node's own clock
 //! does not matter) and removes, for each session whose ownership entry names one:
 //! - a clean session's entry (its connection died with the node);
-//! - a persistent session's entry and park once the session has expired: counted from
-//!   its disconnect time if it was offline, else from when its node was last heard from
-//!   (the moment its connection can have ended at the latest).
+//! - a persistent session's entry and park once the session has expired, counted from
+//!   its disconnect time if it was offline; if it was connected, once
+//!   [`CONNECTED_KEPT`] (a day) or its expiry, the longer, has passed since its node was
+//!   last heard from (the moment its connection can have ended at the latest). A node
+//!   cut off from NATS alone looks gone too, and still serves those clients: what it
+//!   left for them in NATS is theirs until the partition is longer than a day.
 //!
 //! Each removal purges up to the revision read, so a claim or park written meanwhile
 //! (the client came back) survives. A node gone is forgotten (its entry removed) once
@@ -36,6 +39,17 @@ use std::time::Duration;
 
 /// How often the sweep runs.
 const SWEEP_EVERY: Duration = Duration::from_secs(600);
+
+/// How long after its node was last heard from a connected persistent session's
+/// ownership entry and park are kept at least (more if its expiry is longer).
+const CONNECTED_KEPT: Duration = Duration::from_secs(24 * 3600);
+
+/// [`CONNECTED_KEPT`] (tests shorten it with `MOATMQ_TEST_CONNECTED_KEPT_MS`,
+/// `test-hooks` only).
+fn connected_kept() -> Duration {
+    static HOOKED: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    super::hooked(&HOOKED, "MOATMQ_TEST_CONNECTED_KEPT_MS", CONNECTED_KEPT)
+}
 
 /// [`SWEEP_EVERY`] (tests shorten it with `MOATMQ_TEST_DEAD_SWEEP_MS`, `test-hooks`
 /// only).
@@ -177,8 +191,9 @@ async fn sweep(shared: &Shared, buckets: &Buckets) -> Result<Swept, String> {
     Ok(swept)
 }
 
-/// Whether the park at `key` is of a session that has expired at `now` (its disconnect
-/// time, or its node's last entry at `last` for a connected one); removes it if so.
+/// Whether the park at `key` is of a session that has expired at `now` (from its
+/// disconnect time; for a connected one, [`connected_kept`] at least, from its node's
+/// last entry at `last`); removes it if so.
 /// A park missing or unreadable is left (and its ownership entry with it).
 async fn park_expired(
     buckets: &Buckets,
@@ -199,8 +214,11 @@ async fn park_expired(
     let Some((meta, _)) = &head.session else {
         return false;
     };
-    let ended = meta.disconnected_at.unwrap_or(last);
-    if ended.saturating_add(meta.expiry_interval) > now {
+    let (ended, kept) = match meta.disconnected_at {
+        Some(at) => (at, meta.expiry_interval),
+        None => (last, meta.expiry_interval.max(connected_kept().as_secs())),
+    };
+    if ended.saturating_add(kept) > now {
         return false;
     }
     value::remove(buckets, key, entry.revision).await;
