@@ -110,7 +110,8 @@ async fn sweep(shared: &Shared, buckets: &Buckets) -> Result<Swept, String> {
     let name = nodes::bucket_name(&cluster.prefix);
     let store = bucket(&buckets.js, &name, cluster.keeping.replicas).await?;
     let mut seen: HashMap<String, Seen> = HashMap::new();
-    for entry in list_entries(&store, ">").await?.entries {
+    let mut nodes = list_entries(&store, ">").await?;
+    while let Some(entry) = nodes.next().await? {
         if entry.operation != kv::Operation::Put {
             continue;
         }
@@ -147,8 +148,8 @@ async fn sweep(shared: &Shared, buckets: &Buckets) -> Result<Swept, String> {
     let now_s = u64::try_from(now / 1000).unwrap_or(0);
     let mut swept = Swept::default();
     let mut named: HashMap<&str, usize> = HashMap::new();
-    let owners = list_entries(&buckets.owner, ">").await?;
-    for entry in owners.entries {
+    let mut owners = list_entries(&buckets.owner, ">").await?;
+    while let Some(entry) = owners.next().await? {
         let key = entry.key.as_str();
         if entry.operation != kv::Operation::Put {
             continue;
@@ -174,7 +175,9 @@ async fn sweep(shared: &Shared, buckets: &Buckets) -> Result<Swept, String> {
     }
     // A node gone is forgotten only after a listing that saw every key: one cut short
     // by a pause may have missed what it still left.
-    for (node, s) in dead.iter().filter(|_| owners.complete) {
+    let complete = owners.complete();
+    drop(owners);
+    for (node, s) in dead.iter().filter(|_| complete) {
         if !named.contains_key(node.as_str()) && remove_up_to(&store, &s.key, s.revision).await {
             swept.nodes += 1;
         }

@@ -435,8 +435,8 @@ pub async fn sweep_expired(shared: Arc<Shared>) {
     };
     // Session values only (keys of one token): a part (`<key>.<n>`) goes with its
     // session's value.
-    let entries = match super::state::list_entries(&buckets.handoff, "*").await {
-        Ok(listing) => listing.entries,
+    let mut entries = match super::state::list_entries(&buckets.handoff, "*").await {
+        Ok(entries) => entries,
         Err(e) => {
             tracing::debug!("cluster: expired sessions not swept: {e}");
             return;
@@ -444,7 +444,15 @@ pub async fn sweep_expired(shared: Arc<Shared>) {
     };
     let now = moatmq_store::now_unix();
     let mut swept = 0;
-    for entry in entries {
+    loop {
+        let entry = match entries.next().await {
+            Ok(Some(entry)) => entry,
+            Ok(None) => break,
+            Err(e) => {
+                tracing::debug!("cluster: expired sessions not all swept: {e}");
+                break;
+            }
+        };
         let kv_key = entry.key.as_str();
         if entry.operation != kv::Operation::Put {
             continue;

@@ -840,51 +840,84 @@ const LIST_IDLE: Duration = Duration::from_secs(2);
 
 /// The current entry of every key of `store` matching `filter` (`>`: every key, `*`:
 /// keys of one token), for sweeps: one pass over the bucket (a watch from each key's
-/// last value), not a listing of the keys and a read per key. Ends with the last entry
-/// stored when it began (`complete`). async-nats's listings end when the server says
-/// nothing is pending, which never comes if a key's message is replaced or purged
-/// meanwhile (nats.go has the same, fixed there the same way): a pause of
-/// [`LIST_IDLE`] ends this one too, with what it has (a sweep finds the rest next
-/// time). A key replaced while it lists is there with its newer entry.
-pub(super) async fn list_entries(store: &kv::Store, filter: &str) -> Result<Listing, String> {
+/// last value), not a listing of the keys and a read per key, taken one at a time
+/// ([`Entries::next`]) so that a bucket of a million sessions is never in memory at
+/// once.
+pub(super) async fn list_entries(store: &kv::Store, filter: &str) -> Result<Entries, String> {
     let failed = |e: &dyn std::fmt::Display| format!("listing {}: {e}", store.name);
     let mut stream = store.stream.clone();
-    let stored = stream.info().await.map_err(|e| failed(&e))?.state.messages;
-    let mut entries = std::collections::BTreeMap::new();
-    if stored == 0 {
-        return Ok(Listing {
-            entries: Vec::new(),
+    let stored = stream.info().await.map_err(|e| failed(&e))?.state.clone();
+    if stored.messages == 0 {
+        return Ok(Entries {
+            name: store.name.clone(),
+            watch: None,
+            through: 0,
             complete: true,
         });
     }
-    let mut watch = store
+    let watch = store
         .watch_with_history(filter)
         .await
         .map_err(|e| failed(&e))?;
-    let complete = loop {
-        match tokio::time::timeout(LIST_IDLE, watch.next()).await {
-            Ok(Some(Ok(entry))) => {
-                let last = entry.seen_current;
-                entries.insert(entry.key.clone(), entry);
-                if last {
-                    break true;
-                }
-            }
-            Ok(Some(Err(e))) => return Err(failed(&e)),
-            Ok(None) | Err(_) => break false,
-        }
-    };
-    Ok(Listing {
-        entries: entries.into_values().collect(),
-        complete,
+    Ok(Entries {
+        name: store.name.clone(),
+        watch: Some(watch),
+        through: stored.last_sequence,
+        complete: false,
     })
 }
 
-/// The entries [`list_entries`] found, and whether it saw the end of them (not only a
-/// pause).
-pub(super) struct Listing {
-    pub entries: Vec<kv::Entry>,
-    pub complete: bool,
+/// What [`list_entries`] reads. It ends ([`Entries::complete`]) with the last entry
+/// stored when it began, or before the first stored after (entries come in the
+/// stream's order, so every key's entry from before has come by then; a key written
+/// meanwhile is left out, being new). async-nats says which one is the last from the
+/// server's count of what is pending, which never comes out right if a key's message
+/// is replaced or purged meanwhile (nats.go has the same), hence the second rule; a
+/// pause of [`LIST_IDLE`] ends it too, not complete (a sweep finds what it missed next
+/// time).
+pub(super) struct Entries {
+    name: String,
+    watch: Option<kv::Watch>,
+    /// The stream's last sequence when the listing began.
+    through: u64,
+    complete: bool,
+}
+
+impl Entries {
+    /// The next entry; `None` at the end.
+    pub async fn next(&mut self) -> Result<Option<kv::Entry>, String> {
+        let Some(watch) = &mut self.watch else {
+            return Ok(None);
+        };
+        match tokio::time::timeout(LIST_IDLE, watch.next()).await {
+            Ok(Some(Ok(entry))) if entry.revision > self.through => {
+                self.watch = None;
+                self.complete = true;
+                Ok(None)
+            }
+            Ok(Some(Ok(entry))) => {
+                if entry.seen_current || entry.revision == self.through {
+                    self.watch = None;
+                    self.complete = true;
+                }
+                Ok(Some(entry))
+            }
+            Ok(Some(Err(e))) => {
+                self.watch = None;
+                Err(format!("listing {}: {e}", self.name))
+            }
+            Ok(None) | Err(_) => {
+                self.watch = None;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Whether it ended with the last entry (not on a pause); once [`Entries::next`]
+    /// said `None`.
+    pub fn complete(&self) -> bool {
+        self.complete
+    }
 }
 
 /// The bucket `name` (history 1, `replicas` copies), created by the first node that
