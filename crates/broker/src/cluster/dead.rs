@@ -22,9 +22,9 @@
 //! never wrote an entry (a release before it) is never taken for gone. A node sweeps
 //! only once its own NATS connection has been up for [`nodes::gone`]: right after a
 //! NATS restart or a partition healed, every node's entry is as old as the break until
-//! it puts a new one, and live nodes would be taken for gone. Removing a clean session's entry of a node that is only cut off
-//! costs nothing: a newer claim is what closes an old connection, and it is written
-//! either way.
+//! it puts a new one, and live nodes would be taken for gone. Removing a clean
+//! session's entry of a node that is only cut off costs nothing: a newer claim is what
+//! closes an old connection, and it is written either way.
 
 use super::handoff_value as value;
 use super::nodes;
