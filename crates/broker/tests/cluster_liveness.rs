@@ -13,7 +13,7 @@ use tokio::time::Instant;
 /// How long after its last entry a node counts as gone, in this binary. Longer than a
 /// node takes to reconnect to NATS once it can (async-nats waits up to 4 s between
 /// attempts) and put its entry again.
-const GONE: Duration = Duration::from_secs(15);
+const GONE: Duration = Duration::from_secs(20);
 
 fn shorten_liveness() {
     std::env::set_var("MOATMQ_TEST_NODE_GONE_MS", GONE.as_millis().to_string());
