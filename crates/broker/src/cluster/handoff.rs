@@ -424,13 +424,7 @@ pub async fn sweep_expired(shared: Arc<Shared>) {
     let Some(cluster) = &shared.cluster else {
         return;
     };
-    let mut changes = cluster.owners.buckets_changes();
-    let Some(buckets) = changes
-        .wait_for(Option::is_some)
-        .await
-        .ok()
-        .and_then(|b| b.clone())
-    else {
+    let Some(buckets) = super::nodes::buckets_set(&Arc::downgrade(&shared)).await else {
         return;
     };
     // Session values only (keys of one token): a part (`<key>.<n>`) goes with its
