@@ -13,6 +13,12 @@ pub(crate) struct Format {
     pub(crate) version: u32,
     /// Oldest format version still read.
     pub(crate) min_version: u32,
+    /// First version always paired with a high-water mark: a log of an older version
+    /// without one was written before marks existed and is accepted once.
+    pub(crate) marked_since: u32,
+    /// First version whose frames hold a batch of records (each with its length before
+    /// it) rather than one; `None` if every version seals each record alone.
+    pub(crate) batched_since: Option<u32>,
     /// Domain string at the start of each record's associated data.
     pub(crate) record_domain: &'static [u8],
     /// Domain string at the start of each mark slot's associated data.
@@ -34,6 +40,8 @@ pub(crate) const RETAINED: Format = Format {
     magic: b"MOATMQRS",
     version: 2,
     min_version: 1,
+    marked_since: 2,
+    batched_since: None,
     record_domain: b"moatmq-store-record",
     mark_domain: b"moatmq-store-hwm",
     log_name: "retained.log",
@@ -43,11 +51,15 @@ pub(crate) const RETAINED: Format = Format {
     accept: "moatmq retained accept",
 };
 
-/// The session store. Version 1 is always paired with a high-water mark.
+/// The session store. Every version is paired with a high-water mark; from version 2 a
+/// frame holds the records of one commit (up to [`BATCH_PLAIN`](crate::record::BATCH_PLAIN)
+/// bytes of them), sealed together.
 pub(crate) const SESSIONS: Format = Format {
     magic: b"MOATMQSS",
-    version: 1,
+    version: 2,
     min_version: 1,
+    marked_since: 1,
+    batched_since: Some(2),
     record_domain: b"moatmq-session-record",
     mark_domain: b"moatmq-session-hwm",
     log_name: "sessions.log",
@@ -56,6 +68,13 @@ pub(crate) const SESSIONS: Format = Format {
     what: "session store",
     accept: "moatmq sessions accept",
 };
+
+impl Format {
+    /// Whether frames of a `version` file hold batches of records.
+    pub(crate) fn batches(&self, version: u32) -> bool {
+        self.batched_since.is_some_and(|v| version >= v)
+    }
+}
 
 /// The format whose log or mark `file` is, by its name (for error messages).
 pub(crate) fn of_file(file: &std::path::Path) -> &'static Format {

@@ -133,7 +133,9 @@ pub(crate) fn read_log(
 }
 
 /// Reads and verifies a whole `fmt` log of `file_len` bytes, handing each record's
-/// plaintext (and its frame's length) to `on_record` in order. `file` only names the file
+/// plaintext and the bytes it takes (its frame's length; in a batch, its length prefix
+/// and itself) to `on_record` in order. Errors name the frame (`record N`, counted from
+/// 0), which in a batching format holds several records. `file` only names the file
 /// in errors. Once the header is verified, `required` is asked (with the file id and
 /// version) how many records must be present; it may refuse the file instead.
 pub(crate) fn read_frames(
@@ -218,8 +220,14 @@ pub(crate) fn read_frames(
             end(seq, offset, "a torn record")?;
             break;
         }
-        let opened = record::open_plain(cipher, fmt, &file_id, seq, len, &body)
-            .and_then(|plain| on_record(&plain, frame_len));
+        let batched = fmt.batches(version);
+        let opened = record::open_plain(cipher, fmt, &file_id, seq, len, &body).and_then(|plain| {
+            if batched {
+                record::split_batch(&plain, &mut on_record)
+            } else {
+                on_record(&plain, frame_len)
+            }
+        });
         match opened {
             Ok(()) => {}
             Err(OpenError::Auth) => {
@@ -261,9 +269,12 @@ pub(crate) struct Written {
     pub(crate) file_id: FileId,
     pub(crate) next_seq: u64,
     pub(crate) len: u64,
-    /// Frame length of each message written, in input order.
-    pub(crate) frame_lens: Vec<u64>,
+    /// Records written (more than frames in a batching format).
+    pub(crate) records: usize,
 }
+
+/// A fresh log is sealed and written in chunks of about this size.
+const WRITE_CHUNK: usize = 1 << 20;
 
 /// Writes `tmp_path` (replacing a stale one) as a retained log with a new file id and
 /// one `Set` per message, then fsyncs it.
@@ -295,15 +306,22 @@ pub(crate) fn write_fresh_plain(
     let header = record::seal_header(cipher, fmt, &file_id)?;
     w.write_all(&header).map_err(io)?;
     let mut len = header.len() as u64;
-    let mut seq = 0u64;
-    let mut frame_lens = Vec::new();
+    let mut framer = record::Framer::new(cipher, fmt, fmt.version, &file_id, 0);
+    let mut buf = Vec::new();
+    let mut count = 0usize;
     for plain in records {
-        let frame = record::seal_plain(cipher, fmt, &file_id, seq, &plain?)?;
-        w.write_all(&frame).map_err(io)?;
-        len += frame.len() as u64;
-        frame_lens.push(frame.len() as u64);
-        seq += 1;
+        framer.push(&plain?, &mut buf)?;
+        count += 1;
+        if buf.len() >= WRITE_CHUNK {
+            framer.finish(&mut buf)?;
+            w.write_all(&buf).map_err(io)?;
+            len += buf.len() as u64;
+            buf.clear();
+        }
     }
+    framer.finish(&mut buf)?;
+    w.write_all(&buf).map_err(io)?;
+    len += buf.len() as u64;
     w.flush().map_err(io)?;
     drop(w);
     file.sync_all().map_err(io)?;
@@ -311,9 +329,9 @@ pub(crate) fn write_fresh_plain(
         file,
         tmp_path: tmp_path.to_owned(),
         file_id,
-        next_seq: seq,
+        next_seq: framer.seq,
         len,
-        frame_lens,
+        records: count,
     })
 }
 

@@ -96,7 +96,7 @@ fn required(
             }),
         },
         // Written before marks existed: the first start after an upgrade.
-        Found::Nothing if version < fmt.version => Ok(None),
+        Found::Nothing if version < fmt.marked_since => Ok(None),
         Found::Nothing => Err(StoreError::MarkMissing {
             file: log_path.to_owned(),
             mark: mark_path.to_owned(),
@@ -340,13 +340,13 @@ impl LogFile {
         }
     }
 
-    /// Seals `records` at the end of the log, fsyncs, then updates the mark; returns the
-    /// frame length of each. On error nothing counts as written and the next append
-    /// first cuts the file back to its last good length.
+    /// Seals `records` at the end of the log (in a batching format, together), fsyncs,
+    /// then updates the mark; returns the bytes added. On error nothing counts as written
+    /// and the next append first cuts the file back to its last good length.
     pub(crate) fn append<'r>(
         &mut self,
         records: impl ExactSizeIterator<Item = &'r [u8]>,
-    ) -> Result<Vec<u64>, StoreError> {
+    ) -> Result<u64, StoreError> {
         if self.needs_dir_sync {
             log::sync_dir(&self.dir)?;
             self.needs_dir_sync = false;
@@ -354,7 +354,7 @@ impl LogFile {
             self.update_mark();
         }
         if records.len() == 0 {
-            return Ok(Vec::new());
+            return Ok(0);
         }
         let io = |e| StoreError::io(&self.log_path, e);
         if self.needs_truncate {
@@ -365,14 +365,18 @@ impl LogFile {
         // costs page faults and mprotect calls per commit.
         let mut buf = std::mem::take(&mut self.write_buf);
         buf.clear();
-        let mut lens = Vec::with_capacity(records.len());
-        let mut seq = self.next_seq;
+        let mut framer = record::Framer::new(
+            &self.cipher,
+            self.fmt,
+            self.version,
+            &self.file_id,
+            self.next_seq,
+        );
         for plain in records {
-            let before = buf.len();
-            record::seal_plain_into(&self.cipher, self.fmt, &self.file_id, seq, plain, &mut buf)?;
-            lens.push((buf.len() - before) as u64);
-            seq += 1;
+            framer.push(plain, &mut buf)?;
         }
+        framer.finish(&mut buf)?;
+        let seq = framer.seq;
         let res = self
             .file
             .write_all_at(&buf, self.committed_len)
@@ -381,13 +385,14 @@ impl LogFile {
             self.needs_truncate = true;
             return Err(io(e));
         }
-        self.committed_len += buf.len() as u64;
+        let added = buf.len() as u64;
+        self.committed_len += added;
         self.next_seq = seq;
         self.update_mark();
         if buf.capacity() <= KEEP_WRITE_BUF {
             self.write_buf = buf;
         }
-        Ok(lens)
+        Ok(added)
     }
 
     /// A temporary file name of this log's kind (`{tmp_prefix}-{what}`): removed on open
@@ -401,7 +406,7 @@ impl LogFile {
     pub(crate) fn rewrite(
         &mut self,
         records: impl Iterator<Item = Result<Zeroizing<Vec<u8>>, StoreError>>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<usize, StoreError> {
         let tmp = self.tmp_path("compact");
         let w = match log::write_fresh_plain(&tmp, &self.cipher, self.fmt, records) {
             Ok(w) => w,
@@ -410,12 +415,13 @@ impl LogFile {
                 return Err(e);
             }
         };
+        let records = w.records;
         let res = self.install(w, &[]);
         if res.is_err() {
             // Gone already if the rename happened.
             let _ = std::fs::remove_file(&tmp);
         }
-        res
+        res.map(|()| records)
     }
 
     /// Puts `w` (a fresh log written by [`log::write_fresh_plain`], possibly on another
@@ -437,11 +443,18 @@ impl LogFile {
             self.prev = None;
         }
         let mut buf = Vec::new();
+        let mut framer = record::Framer::new(
+            &self.cipher,
+            self.fmt,
+            self.fmt.version,
+            &w.file_id,
+            w.next_seq,
+        );
         for plain in since {
-            let frame = record::seal_plain(&self.cipher, self.fmt, &w.file_id, w.next_seq, plain)?;
-            buf.extend_from_slice(&frame);
-            w.next_seq += 1;
+            framer.push(plain, &mut buf)?;
         }
+        framer.finish(&mut buf)?;
+        w.next_seq = framer.seq;
         if !buf.is_empty() {
             w.file
                 .write_all_at(&buf, w.len)
@@ -466,6 +479,7 @@ impl LogFile {
         self.prev = Some(old);
         self.file = w.file;
         self.file_id = w.file_id;
+        self.version = self.fmt.version;
         self.next_seq = w.next_seq;
         self.committed_len = w.len;
         self.needs_truncate = false;
@@ -513,7 +527,7 @@ impl LogFile {
             return Err(e);
         }
         self.mark.write(new, &mark, true)?;
-        Ok(w.frame_lens.len())
+        Ok(w.records)
     }
 }
 

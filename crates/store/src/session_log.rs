@@ -20,6 +20,17 @@ use crate::{RetainedKey, StoreError};
 /// Bytes a frame adds to its plaintext.
 const FRAME_OVERHEAD: u64 = (PREFIX_LEN + NONCE_LEN + TAG_LEN) as u64;
 
+/// Bytes a record of `plain` bytes takes in a log of `version`: in a batch, its length
+/// prefix and itself (the batch's frame overhead is shared by all of its records and
+/// left out); alone, its whole frame.
+fn record_cost(version: u32, plain: usize) -> u64 {
+    if SESSIONS.batches(version) {
+        record::batched_len(plain)
+    } else {
+        plain as u64 + FRAME_OVERHEAD
+    }
+}
+
 /// The journal of [`SessionLog`]: the encrypted log and the changes not yet in it.
 pub struct LogJournal {
     pub(crate) log: LogFile,
@@ -91,9 +102,9 @@ impl LogJournal {
         }
         self.clear_pending();
         state.live_frame_bytes = self.log.committed_len - HEADER_LEN as u64;
-        res?;
+        let records = res?;
         Ok(CommitStats {
-            records: self.log.next_seq as usize,
+            records,
             bytes: self.log.committed_len,
             compacted: true,
         })
@@ -145,7 +156,7 @@ impl LogJournal {
 impl Journal for LogJournal {
     fn record(&mut self, rec: &Rec<'_>) -> Result<u64, StoreError> {
         let index = self.pending.next_index();
-        let frame = self.pending.push(rec)? as u64 + FRAME_OVERHEAD;
+        let frame = record_cost(self.log.version, self.pending.push(rec)?);
         self.pending_bytes += frame;
         self.track(rec, index);
         Ok(frame)
@@ -154,7 +165,7 @@ impl Journal for LogJournal {
     fn unrecord(&mut self) {
         let index = self.pending.next_index().checked_sub(1);
         if let Some(len) = self.pending.pop() {
-            self.pending_bytes -= len as u64 + FRAME_OVERHEAD;
+            self.pending_bytes -= record_cost(self.log.version, len);
         }
         if self.last_message.is_some_and(|m| Some(m.2) == index) {
             self.last_message = None;
@@ -177,7 +188,7 @@ impl Journal for LogJournal {
         };
         for &i in u.indexes() {
             if let Some(len) = self.pending.kill(i) {
-                self.pending_bytes -= len as u64 + FRAME_OVERHEAD;
+                self.pending_bytes -= record_cost(self.log.version, len);
             }
         }
         if self.last_message.is_some_and(|m| (m.0, m.1) == (sid, id)) {
@@ -193,11 +204,12 @@ impl Journal for LogJournal {
         if self.needs_compaction(state) {
             return self.compact(state);
         }
-        let lens = self.log.append(self.pending.records())?;
+        let records = self.pending.len();
+        let bytes = self.log.append(self.pending.records())?;
         self.clear_pending();
         Ok(CommitStats {
-            records: lens.len(),
-            bytes: lens.iter().sum(),
+            records,
+            bytes,
             compacted: false,
         })
     }
@@ -239,7 +251,14 @@ impl SessionLog {
             last_message: None,
             last_tracked: None,
         };
-        Ok(Sessions::with(state, limits, journal))
+        let mut store = Sessions::with(state, limits, journal);
+        if store.journal.log.version < SESSIONS.version {
+            // Records appended to an older log must be sealed as its version says, and
+            // that framing is the slower one: rewrite it in the current version now.
+            tracing::info!(file = %store.journal.log.log_path.display(), "rewriting session store in format version {}", SESSIONS.version);
+            store.compact()?;
+        }
+        Ok(store)
     }
 
     /// Whether folder `dir` holds a session store (its log or its high-water mark):

@@ -130,9 +130,9 @@ impl Store {
         let res = encode_changes(&changes)
             .and_then(|records| self.log.append(records.iter().map(|r| r.as_slice())));
         match res {
-            Ok(lens) => Ok(FlushStats {
-                records: lens.len(),
-                bytes: lens.iter().sum(),
+            Ok(bytes) => Ok(FlushStats {
+                records: changes.len(),
+                bytes,
             }),
             Err(e) => {
                 self.set
