@@ -273,8 +273,8 @@ pub(crate) struct Written {
     pub(crate) records: usize,
 }
 
-/// A fresh log is sealed and written in chunks of about this size.
-const WRITE_CHUNK: usize = 1 << 20;
+/// Logs are sealed and written in chunks of about this size.
+pub(crate) const WRITE_CHUNK: usize = 1 << 20;
 
 /// Writes `tmp_path` (replacing a stale one) as a retained log with a new file id and
 /// one `Set` per message, then fsyncs it.

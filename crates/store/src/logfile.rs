@@ -52,12 +52,9 @@ pub(crate) struct LogFile {
     pub(crate) mark: MarkFile,
     /// The log a rewrite replaced, while the rename's directory fsync is pending.
     pub(crate) prev: Option<Vouch>,
-    /// The last commit's buffer, kept for the next one (up to [`KEEP_WRITE_BUF`]).
+    /// The last commit's buffer (about [`log::WRITE_CHUNK`] at most), kept for the next.
     pub(crate) write_buf: Vec<u8>,
 }
-
-/// A commit buffer larger than this (a burst) is given back after the commit.
-const KEEP_WRITE_BUF: usize = 4 << 20;
 
 impl std::fmt::Debug for LogFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -361,8 +358,9 @@ impl LogFile {
             self.file.set_len(self.committed_len).map_err(io)?;
             self.needs_truncate = false;
         }
-        // One buffer for every commit (ciphertext only): growing a fresh one each time
-        // costs page faults and mprotect calls per commit.
+        // One buffer for every commit (ciphertext only), written out a chunk at a time:
+        // a burst of records (an autosave interval's worth) is never sealed into one
+        // buffer as large as itself, which would be allocated and faulted in each time.
         let mut buf = std::mem::take(&mut self.write_buf);
         buf.clear();
         let mut framer = record::Framer::new(
@@ -372,27 +370,48 @@ impl LogFile {
             &self.file_id,
             self.next_seq,
         );
+        let mut end = self.committed_len;
+        let mut res = Ok(());
         for plain in records {
-            framer.push(plain, &mut buf)?;
+            res = framer.push(plain, &mut buf);
+            if res.is_ok() && buf.len() >= log::WRITE_CHUNK {
+                res = self.write_out(&mut framer, &mut buf, &mut end);
+            }
+            if res.is_err() {
+                break;
+            }
         }
-        framer.finish(&mut buf)?;
-        let seq = framer.seq;
-        let res = self
-            .file
-            .write_all_at(&buf, self.committed_len)
-            .and_then(|()| self.file.sync_data());
+        let res = res
+            .and_then(|()| self.write_out(&mut framer, &mut buf, &mut end))
+            .and_then(|()| self.file.sync_data().map_err(io));
         if let Err(e) = res {
+            // A batch being filled when a record failed is plaintext.
+            zeroize::Zeroize::zeroize(&mut buf[..]);
             self.needs_truncate = true;
-            return Err(io(e));
+            return Err(e);
         }
-        let added = buf.len() as u64;
-        self.committed_len += added;
-        self.next_seq = seq;
+        let added = end - self.committed_len;
+        self.committed_len = end;
+        self.next_seq = framer.seq;
         self.update_mark();
-        if buf.capacity() <= KEEP_WRITE_BUF {
-            self.write_buf = buf;
-        }
+        self.write_buf = buf;
         Ok(added)
+    }
+
+    /// Seals what `buf` holds and writes it at `*end` (not fsynced), then empties it.
+    fn write_out(
+        &self,
+        framer: &mut record::Framer<'_>,
+        buf: &mut Vec<u8>,
+        end: &mut u64,
+    ) -> Result<(), StoreError> {
+        framer.finish(buf)?;
+        self.file
+            .write_all_at(buf, *end)
+            .map_err(|e| StoreError::io(&self.log_path, e))?;
+        *end += buf.len() as u64;
+        buf.clear();
+        Ok(())
     }
 
     /// A temporary file name of this log's kind (`{tmp_prefix}-{what}`): removed on open

@@ -117,6 +117,30 @@ fn a_forward_acknowledged_before_the_commit_is_never_written() {
 }
 
 #[test]
+fn a_commit_of_several_megabytes_is_written_in_chunks_and_reads_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = SessionLog::open(dir.path(), key(), SessionLimits::UNLIMITED).unwrap();
+    let k = skey(Some("a"), "big");
+    s.put_session(&k, meta(&["a/#"])).unwrap();
+    let payload = "p".repeat(10_000);
+    for i in 0..400 {
+        s.enqueue(&k, qmsg(&format!("a/{i}"), &payload)).unwrap();
+    }
+    let stats = s.commit().unwrap();
+    assert_eq!(stats.records, 401);
+    assert!(stats.bytes > 4_000_000, "{}", stats.bytes);
+    assert_eq!(
+        s.file_bytes(),
+        std::fs::metadata(log_path(dir.path())).unwrap().len()
+    );
+    let expect = all(&s);
+    drop(s);
+    let s = SessionLog::open(dir.path(), key(), SessionLimits::UNLIMITED).unwrap();
+    assert_eq!(all(&s), expect);
+    assert_eq!(all(&s)[0].messages.len(), 400);
+}
+
+#[test]
 fn uncommitted_changes_are_lost_committed_ones_kept() {
     let dir = tempfile::tempdir().unwrap();
     let k = skey(Some("u"), "c");
