@@ -187,11 +187,7 @@ impl LogFile {
             let w = log::write_fresh_plain(&tmp, &cipher, fmt, std::iter::empty())?;
             // The mark names the new file before it is renamed into place, so a crash in
             // between leaves no log without a mark.
-            let next = Vouch {
-                file_id: w.file_id,
-                records: w.next_seq,
-                len: w.len,
-            };
+            let next = w.vouch();
             let mark = Mark {
                 current: None,
                 next: Some(next),
@@ -482,11 +478,7 @@ impl LogFile {
             w.len += buf.len() as u64;
         }
         let old = self.vouch();
-        let new = Vouch {
-            file_id: w.file_id,
-            records: w.next_seq,
-            len: w.len,
-        };
+        let new = w.vouch();
         let both = Mark {
             current: Some(old),
             next: Some(new),
@@ -530,11 +522,7 @@ impl LogFile {
             return Err(StoreError::io(&self.log_path, e));
         }
         let mark = Mark {
-            current: Some(Vouch {
-                file_id: w.file_id,
-                records: w.next_seq,
-                len: w.len,
-            }),
+            current: Some(w.vouch()),
             next: None,
         };
         let res = self

@@ -7,7 +7,7 @@
 
 use super::*;
 use crate::format::{Format, SESSIONS};
-use crate::mark::{Mark, MarkFile, Vouch};
+use crate::mark::{Mark, MarkFile};
 use crate::record::{self, HEADER_LEN};
 use crate::tests::frames;
 use crate::{log, Enqueued, PendingWill};
@@ -188,11 +188,7 @@ fn crash_inside_a_compaction_loads_either_file() {
     // 2. The mark names both files, the rename not done.
     let both = Mark {
         current: Some(s.journal.log.vouch()),
-        next: Some(Vouch {
-            file_id: w.file_id,
-            records: w.next_seq,
-            len: w.len,
-        }),
+        next: Some(w.vouch()),
     };
     s.journal
         .log
@@ -231,11 +227,7 @@ fn crash_inside_a_rekey_keeps_the_old_key_working() {
         .write(
             &new,
             &Mark {
-                current: Some(Vouch {
-                    file_id: w.file_id,
-                    records: w.next_seq,
-                    len: w.len,
-                }),
+                current: Some(w.vouch()),
                 next: None,
             },
             true,
@@ -317,13 +309,8 @@ fn a_version_1_log_is_read_and_rewritten_in_the_current_version() {
             w.next_seq as usize, w.records,
             "version 1: a frame per record"
         );
-        let vouch = Vouch {
-            file_id: w.file_id,
-            records: w.next_seq,
-            len: w.len,
-        };
         let mark = Mark {
-            current: Some(vouch),
+            current: Some(w.vouch()),
             next: None,
         };
         MarkFile::create(dir.path(), &cipher, &V1, &mark).unwrap();
