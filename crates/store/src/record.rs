@@ -408,10 +408,10 @@ pub(crate) fn seal_plain_into(
     Ok(())
 }
 
-/// Plaintext bytes after which a batch frame is sealed and a new one begun (a record
-/// larger than this is sealed alone). Sealing is cheaper per byte in long runs than per
-/// record (AES-GCM's per-call cost is about that of 150 bytes here), and a frame's
-/// length prefix, nonce and tag are paid once per batch.
+/// Plaintext bytes after which a batch frame is sealed and the next record begins a new
+/// one (so a batch ends within one record past this). Sealing is cheaper per byte in
+/// long runs than per record (AES-GCM's per-call cost is about that of 150 bytes here),
+/// and a frame's length prefix, nonce and tag are paid once per batch.
 pub(crate) const BATCH_PLAIN: usize = 64 << 10;
 
 /// Seals record plaintexts as frames appended to a buffer: each as its own frame, or for
