@@ -242,7 +242,14 @@ impl SessionLog {
         trust: Trust,
     ) -> Result<SessionLog, StoreError> {
         let mut state = State::default();
-        let log = LogFile::open(dir, key, &SESSIONS, trust, replayer(&mut state))?;
+        let mut replay = replayer(&mut state);
+        // Each record counted as the current format counts it, whatever the log's
+        // version: an older log is rewritten in the current one below, and a record's
+        // size from the old log would then be more than it takes (the sizes are what
+        // is subtracted when the record goes).
+        let log = LogFile::open(dir, key, &SESSIONS, trust, move |plain, _| {
+            replay(plain, record_cost(SESSIONS.version, plain.len()))
+        })?;
         let journal = LogJournal {
             log,
             pending: Pending::default(),

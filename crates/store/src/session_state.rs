@@ -98,7 +98,9 @@ pub struct State {
     pub(crate) slots: HashMap<u64, Slot>,
     by_key: HashMap<SessionKey, u64>,
     pub(crate) next_sid: u64,
-    /// Frame bytes of all live records: what a compacted log would hold.
+    /// Frame bytes of all live records: what a compacted log would hold. An estimate
+    /// (a record compacted may take a few bytes more than when it was written), so
+    /// what a record gives back never takes it below zero.
     pub(crate) live_frame_bytes: u64,
 }
 
@@ -128,7 +130,8 @@ impl State {
                         .slots
                         .get_mut(&sid)
                         .ok_or_else(|| format!("session {sid} has a key but no slot"))?;
-                    self.live_frame_bytes = self.live_frame_bytes - slot.put_frame + frame;
+                    self.live_frame_bytes =
+                        self.live_frame_bytes.saturating_sub(slot.put_frame) + frame;
                     slot.put_frame = frame;
                     slot.session.meta = meta;
                     return Ok(());
@@ -165,7 +168,7 @@ impl State {
                     .remove(&sid)
                     .ok_or_else(|| format!("removes unknown session {sid}"))?;
                 self.by_key.remove(&slot.session.key);
-                self.live_frame_bytes -= slot.frames();
+                self.live_frame_bytes = self.live_frame_bytes.saturating_sub(slot.frames());
             }
             Rec::Message {
                 sid,
@@ -229,7 +232,7 @@ impl State {
                     slot.queued -= 1;
                     slot.queued_bytes -= held.message.queued_bytes();
                 }
-                self.live_frame_bytes -= held.frame;
+                self.live_frame_bytes = self.live_frame_bytes.saturating_sub(held.frame);
             }
             Rec::Qos2In { sid, pkid } => {
                 let slot = self.slot(sid)?;
@@ -245,7 +248,7 @@ impl State {
                     return Err(format!("releases unknown pkid {pkid} of session {sid}"));
                 }
                 let f = slot.qos2_frames.remove(&pkid).unwrap_or(0);
-                self.live_frame_bytes -= f;
+                self.live_frame_bytes = self.live_frame_bytes.saturating_sub(f);
             }
             Rec::Will { sid, will } => {
                 let slot = self.slot(sid)?;
@@ -254,7 +257,7 @@ impl State {
                 slot.will_frame = if will.is_some() { frame } else { 0 };
                 let new = slot.will_frame;
                 slot.session.will = will;
-                self.live_frame_bytes = self.live_frame_bytes - old + new;
+                self.live_frame_bytes = self.live_frame_bytes.saturating_sub(old) + new;
             }
         }
         Ok(())
