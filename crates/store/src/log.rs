@@ -273,17 +273,6 @@ pub(crate) struct Written {
     pub(crate) records: usize,
 }
 
-impl Written {
-    /// What a mark says of this file.
-    pub(crate) fn vouch(&self) -> crate::mark::Vouch {
-        crate::mark::Vouch {
-            file_id: self.file_id,
-            records: self.next_seq,
-            len: self.len,
-        }
-    }
-}
-
 /// Logs are sealed and written in chunks of about this size.
 pub(crate) const WRITE_CHUNK: usize = 1 << 20;
 

@@ -187,7 +187,7 @@ impl LogFile {
             let w = log::write_fresh_plain(&tmp, &cipher, fmt, std::iter::empty())?;
             // The mark names the new file before it is renamed into place, so a crash in
             // between leaves no log without a mark.
-            let next = w.vouch();
+            let next = Vouch::of(&w);
             let mark = Mark {
                 current: None,
                 next: Some(next),
@@ -478,7 +478,7 @@ impl LogFile {
             w.len += buf.len() as u64;
         }
         let old = self.vouch();
-        let new = w.vouch();
+        let new = Vouch::of(&w);
         let both = Mark {
             current: Some(old),
             next: Some(new),
@@ -522,7 +522,7 @@ impl LogFile {
             return Err(StoreError::io(&self.log_path, e));
         }
         let mark = Mark {
-            current: Some(w.vouch()),
+            current: Some(Vouch::of(&w)),
             next: None,
         };
         let res = self

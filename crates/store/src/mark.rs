@@ -61,6 +61,17 @@ pub(crate) struct Vouch {
     pub(crate) len: u64,
 }
 
+impl Vouch {
+    /// What a mark says of a freshly written log.
+    pub(crate) fn of(w: &log::Written) -> Vouch {
+        Vouch {
+            file_id: w.file_id,
+            records: w.next_seq,
+            len: w.len,
+        }
+    }
+}
+
 /// What the mark says: the log in place, and during a compaction the one replacing it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub(crate) struct Mark {

@@ -7,7 +7,7 @@
 
 use super::*;
 use crate::format::{Format, SESSIONS};
-use crate::mark::{Mark, MarkFile};
+use crate::mark::{Mark, MarkFile, Vouch};
 use crate::record::{self, HEADER_LEN};
 use crate::tests::frames;
 use crate::{log, Enqueued, PendingWill};
@@ -188,7 +188,7 @@ fn crash_inside_a_compaction_loads_either_file() {
     // 2. The mark names both files, the rename not done.
     let both = Mark {
         current: Some(s.journal.log.vouch()),
-        next: Some(w.vouch()),
+        next: Some(Vouch::of(&w)),
     };
     s.journal
         .log
@@ -227,7 +227,7 @@ fn crash_inside_a_rekey_keeps_the_old_key_working() {
         .write(
             &new,
             &Mark {
-                current: Some(w.vouch()),
+                current: Some(Vouch::of(&w)),
                 next: None,
             },
             true,
@@ -310,7 +310,7 @@ fn a_version_1_log_is_read_and_rewritten_in_the_current_version() {
             "version 1: a frame per record"
         );
         let mark = Mark {
-            current: Some(w.vouch()),
+            current: Some(Vouch::of(&w)),
             next: None,
         };
         MarkFile::create(dir.path(), &cipher, &V1, &mark).unwrap();
