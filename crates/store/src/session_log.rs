@@ -10,26 +10,12 @@ use std::path::Path;
 
 use crate::format::SESSIONS;
 use crate::logfile::{LogFile, Trust};
-use crate::record::{self, Pending, HEADER_LEN, NONCE_LEN, PREFIX_LEN, TAG_LEN};
+use crate::record::{self, Pending, HEADER_LEN};
 use crate::session::{CommitStats, Session, SessionLimits};
 use crate::session_state::{replayer, Rec, State};
 use crate::sessions::{Journal, Sessions};
 use crate::store::COMPACT_SLACK_BYTES;
 use crate::{RetainedKey, StoreError};
-
-/// Bytes a frame adds to its plaintext.
-const FRAME_OVERHEAD: u64 = (PREFIX_LEN + NONCE_LEN + TAG_LEN) as u64;
-
-/// Bytes a record of `plain` bytes takes in a log of `version`: in a batch, its length
-/// prefix and itself (the batch's frame overhead is shared by all of its records and
-/// left out); alone, its whole frame.
-fn record_cost(version: u32, plain: usize) -> u64 {
-    if SESSIONS.batches(version) {
-        record::batched_len(plain)
-    } else {
-        plain as u64 + FRAME_OVERHEAD
-    }
-}
 
 /// The journal of [`SessionLog`]: the encrypted log and the changes not yet in it.
 pub struct LogJournal {
@@ -156,7 +142,7 @@ impl LogJournal {
 impl Journal for LogJournal {
     fn record(&mut self, rec: &Rec<'_>) -> Result<u64, StoreError> {
         let index = self.pending.next_index();
-        let frame = record_cost(self.log.version, self.pending.push(rec)?);
+        let frame = record::batched_len(self.pending.push(rec)?);
         self.pending_bytes += frame;
         self.track(rec, index);
         Ok(frame)
@@ -165,7 +151,7 @@ impl Journal for LogJournal {
     fn unrecord(&mut self) {
         let index = self.pending.next_index().checked_sub(1);
         if let Some(len) = self.pending.pop() {
-            self.pending_bytes -= record_cost(self.log.version, len);
+            self.pending_bytes -= record::batched_len(len);
         }
         if self.last_message.is_some_and(|m| Some(m.2) == index) {
             self.last_message = None;
@@ -188,7 +174,7 @@ impl Journal for LogJournal {
         };
         for &i in u.indexes() {
             if let Some(len) = self.pending.kill(i) {
-                self.pending_bytes -= record_cost(self.log.version, len);
+                self.pending_bytes -= record::batched_len(len);
             }
         }
         if self.last_message.is_some_and(|m| (m.0, m.1) == (sid, id)) {
@@ -248,7 +234,7 @@ impl SessionLog {
         // size from the old log would then be more than it takes (the sizes are what
         // is subtracted when the record goes).
         let log = LogFile::open(dir, key, &SESSIONS, trust, move |plain, _| {
-            replay(plain, record_cost(SESSIONS.version, plain.len()))
+            replay(plain, record::batched_len(plain.len()))
         })?;
         let journal = LogJournal {
             log,
