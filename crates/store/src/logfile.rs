@@ -358,7 +358,6 @@ impl LogFile {
         // a burst of records (an autosave interval's worth) is never sealed into one
         // buffer as large as itself, which would be allocated and faulted in each time.
         let mut buf = std::mem::take(&mut self.write_buf);
-        buf.clear();
         let mut framer = record::Framer::new(
             &self.cipher,
             self.fmt,
@@ -366,48 +365,29 @@ impl LogFile {
             &self.file_id,
             self.next_seq,
         );
-        let mut end = self.committed_len;
-        let mut res = Ok(());
-        for plain in records {
-            res = framer.push(plain, &mut buf);
-            if res.is_ok() && buf.len() >= log::WRITE_CHUNK {
-                res = self.write_out(&mut framer, &mut buf, &mut end);
+        let res = write_sealed(
+            &self.file,
+            &self.log_path,
+            &mut framer,
+            records,
+            &mut buf,
+            self.committed_len,
+        )
+        .and_then(|end| self.file.sync_data().map(|()| end).map_err(io));
+        let seq = framer.seq;
+        self.write_buf = buf;
+        let end = match res {
+            Ok(end) => end,
+            Err(e) => {
+                self.needs_truncate = true;
+                return Err(e);
             }
-            if res.is_err() {
-                break;
-            }
-        }
-        let res = res
-            .and_then(|()| self.write_out(&mut framer, &mut buf, &mut end))
-            .and_then(|()| self.file.sync_data().map_err(io));
-        if let Err(e) = res {
-            // A batch being filled when a record failed is plaintext.
-            zeroize::Zeroize::zeroize(&mut buf[..]);
-            self.needs_truncate = true;
-            return Err(e);
-        }
+        };
         let added = end - self.committed_len;
         self.committed_len = end;
-        self.next_seq = framer.seq;
+        self.next_seq = seq;
         self.update_mark();
-        self.write_buf = buf;
         Ok(added)
-    }
-
-    /// Seals what `buf` holds and writes it at `*end` (not fsynced), then empties it.
-    fn write_out(
-        &self,
-        framer: &mut record::Framer<'_>,
-        buf: &mut Vec<u8>,
-        end: &mut u64,
-    ) -> Result<(), StoreError> {
-        framer.finish(buf)?;
-        self.file
-            .write_all_at(buf, *end)
-            .map_err(|e| StoreError::io(&self.log_path, e))?;
-        *end += buf.len() as u64;
-        buf.clear();
-        Ok(())
     }
 
     /// A temporary file name of this log's kind (`{tmp_prefix}-{what}`): removed on open
@@ -457,25 +437,28 @@ impl LogFile {
             self.needs_dir_sync = false;
             self.prev = None;
         }
-        let mut buf = Vec::new();
-        let mut framer = record::Framer::new(
-            &self.cipher,
-            self.fmt,
-            self.fmt.version,
-            &w.file_id,
-            w.next_seq,
-        );
-        for plain in since {
-            framer.push(plain, &mut buf)?;
-        }
-        framer.finish(&mut buf)?;
-        w.next_seq = framer.seq;
-        if !buf.is_empty() {
+        if !since.is_empty() {
+            let mut framer = record::Framer::new(
+                &self.cipher,
+                self.fmt,
+                self.fmt.version,
+                &w.file_id,
+                w.next_seq,
+            );
+            let plain = since.iter().map(|p| p.as_slice());
+            let end = write_sealed(
+                &w.file,
+                &w.tmp_path,
+                &mut framer,
+                plain,
+                &mut Vec::new(),
+                w.len,
+            )?;
             w.file
-                .write_all_at(&buf, w.len)
-                .and_then(|()| w.file.sync_data())
+                .sync_data()
                 .map_err(|e| StoreError::io(&w.tmp_path, e))?;
-            w.len += buf.len() as u64;
+            w.next_seq = framer.seq;
+            w.len = end;
         }
         let old = self.vouch();
         let new = Vouch::of(&w);
@@ -535,6 +518,46 @@ impl LogFile {
         }
         self.mark.write(new, &mark, true)?;
         Ok(w.records)
+    }
+}
+
+/// Seals `records` with `framer` and writes them into `file` (`path` names it in errors)
+/// from offset `at`, about [`log::WRITE_CHUNK`] at a time through `buf`, without an
+/// fsync; returns where they end. `buf` is left empty, and zeroed if a record failed
+/// while a batch (plaintext until sealed) was being filled.
+fn write_sealed<'r>(
+    file: &File,
+    path: &Path,
+    framer: &mut record::Framer<'_>,
+    records: impl Iterator<Item = &'r [u8]>,
+    buf: &mut Vec<u8>,
+    mut at: u64,
+) -> Result<u64, StoreError> {
+    let mut chunk = |framer: &mut record::Framer<'_>, buf: &mut Vec<u8>| {
+        framer.finish(buf)?;
+        file.write_all_at(buf, at)
+            .map_err(|e| StoreError::io(path, e))?;
+        at += buf.len() as u64;
+        buf.clear();
+        Ok::<(), StoreError>(())
+    };
+    buf.clear();
+    let res = (|| {
+        for plain in records {
+            framer.push(plain, buf)?;
+            if buf.len() >= log::WRITE_CHUNK {
+                chunk(framer, buf)?;
+            }
+        }
+        chunk(framer, buf)
+    })();
+    match res {
+        Ok(()) => Ok(at),
+        Err(e) => {
+            zeroize::Zeroize::zeroize(&mut buf[..]);
+            buf.clear();
+            Err(e)
+        }
     }
 }
 
