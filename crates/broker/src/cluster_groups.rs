@@ -347,6 +347,8 @@ fn hand_on(shared: &Shared, gid: &str, filter: &str, arrived: xfer::Arrived, tic
         payload,
         waited,
     } = arrived;
+    // Counted down by the time it waited, before the envelope is taken apart.
+    let props = xfer::properties_now(&envelope, waited);
     let topic = envelope.topic;
     if !crate::topic::valid_topic_name(&topic, shared.config.limits.max_topic_levels)
         || topic.starts_with('$')
@@ -363,7 +365,7 @@ fn hand_on(shared: &Shared, gid: &str, filter: &str, arrived: xfer::Arrived, tic
         return false;
     }
     let qos = xfer::qos_of(envelope.qos);
-    let Ok(props) = xfer::properties_now(envelope.properties.as_deref(), waited) else {
+    let Ok(props) = props else {
         tracing::debug!(
             topic,
             "cluster: shared group message expired in the stream dropped"

@@ -271,12 +271,10 @@ fn sequence(message: &async_nats::jetstream::Message) -> u64 {
     message.info().map_or(0, |i| i.stream_sequence)
 }
 
-/// `(node, epoch, number)` of a message id `<node>:<epoch>:<number>`.
+/// `(node, epoch, number)` of a message id ([`xfer::place_of`]).
 fn numbered(id: &str) -> Option<(&str, &str, u64)> {
-    let mut parts = id.rsplitn(3, ':');
-    let number = parts.next()?.parse().ok()?;
-    let epoch = parts.next()?;
-    let node = parts.next()?;
+    let (origin, number) = xfer::place_of(id)?;
+    let (node, epoch) = origin.split_once(':')?;
     Some((node, epoch, number))
 }
 
@@ -365,6 +363,8 @@ fn transferred(
     waited: Duration,
     id: Option<Transfer>,
 ) -> bool {
+    // Counted down by the time it waited, before the envelope is taken apart.
+    let props = xfer::properties_now(&envelope, waited);
     let topic = envelope.topic;
     if !crate::topic::valid_topic_name(&topic, shared.config.limits.max_topic_levels)
         || topic.starts_with('$')
@@ -376,7 +376,7 @@ fn transferred(
         username: envelope.user,
         client_id: envelope.client,
     };
-    let Ok(props) = xfer::properties_now(envelope.properties.as_deref(), waited) else {
+    let Ok(props) = props else {
         tracing::debug!(
             topic,
             "cluster: transfer message expired in the stream dropped"

@@ -265,3 +265,46 @@ async fn untimed_retained_values_are_served_after_an_upgrade_and_written_only_du
         .expect("the value");
     assert_eq!(new[0], 2, "written with its sealing time");
 }
+
+/// A node's path to NATS stalls (the connection stays up, nothing arrives) for longer
+/// than the slack while it sends a QoS 1 publish: its acknowledgement times out, the node
+/// sends it again, and when the path clears NATS stores the first copy, now older than
+/// the slack, and drops the second as a duplicate. Every node refuses that copy as a
+/// replay, so the node must store the message again under a new id: the publish is
+/// acknowledged and reaches the other node once. (It was acknowledged and reached no
+/// one.)
+#[tokio::test]
+async fn a_publish_stored_late_through_a_stalled_path_to_nats_is_sent_again_and_delivered() {
+    shorten_slack();
+    let nats = Nats::start().await;
+    let link = cluster_support::NatsLink::start(&nats).await;
+    let a = cluster_support::node_at(&link.url(), "node-a", cluster_support::ACL, "", |b| b).await;
+    let b = node(&nats, "node-b").await;
+    let mut seen_on_b = alice(&b, "watch-b").await;
+    seen_on_b.subscribe_acked("alice/door").await;
+    let mut publ = alice(&a, "keypad").await;
+    publ.publish_acked("alice/door", false, "before").await;
+    assert_eq!(&seen_on_b.next_publish().await.payload[..], b"before");
+
+    link.stall();
+    publ.client
+        .publish("alice/door", rumqttc::QoS::AtLeastOnce, false, "open")
+        .await
+        .expect("publish queued");
+    // Past the node's acknowledgement timeout (3 s: it sends again, into the stall) and
+    // well past the slack.
+    tokio::time::sleep(Duration::from_secs(4) + SLACK).await;
+    link.resume();
+    let got = seen_on_b
+        .publish_within(Duration::from_secs(20))
+        .await
+        .expect("the publish reached node B");
+    assert_eq!(&got.payload[..], b"open");
+    assert!(
+        publ.incoming(|p| matches!(p, rumqttc::Packet::PubAck(_)).then_some(()))
+            .await
+            .is_some(),
+        "no PUBACK once NATS had it"
+    );
+    assert!(seen_on_b.publish_within(QUIET).await.is_none(), "twice");
+}

@@ -670,6 +670,62 @@ async fn a_node_reading_the_transfer_stream_late_drops_expired_messages_and_coun
     cluster_support::only_the_long_one_counted_down(&got);
 }
 
+/// NATS away while a node's clients publish: what waits on that node for NATS has its
+/// MQTT 5 message expiry interval counted down by that wait too, not only by its time
+/// in the stream, so a message with 2 s that waited 3 s for NATS is never delivered on
+/// another node, and one with 60 s arrives with what is left of it. (Both arrived there
+/// with their whole interval before: the stream's timestamp is when NATS was back.)
+#[tokio::test]
+async fn messages_waiting_on_their_node_for_nats_count_that_wait_against_their_expiry() {
+    use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
+    let mut nats = Nats::start().await;
+    let a = node(&nats, "node-a").await;
+    let b = node(&nats, "node-b").await;
+    let mut sub = login5(b.first_addr(), "sub5", "alice").await;
+    cluster_support::subscribed5(&mut sub, "alice/exp").await;
+    let mut publisher = login5(a.first_addr(), "pub5", "alice").await;
+
+    nats.kill();
+    cluster_support::wait_ready(&a, false).await;
+    for (payload, qos, secs) in [
+        ("short", rumqttc::v5::mqttbytes::QoS::AtMostOnce, 2),
+        ("long", rumqttc::v5::mqttbytes::QoS::AtLeastOnce, 60),
+    ] {
+        let props = PublishProperties {
+            message_expiry_interval: Some(secs),
+            ..PublishProperties::default()
+        };
+        publisher
+            .client
+            .publish_with_properties("alice/exp", qos, false, payload, props)
+            .await
+            .expect("publish queued");
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    nats.restart().await;
+
+    // The QoS 1 one is acknowledged once JetStream has it, and B delivers it.
+    publisher
+        .incoming(|p| matches!(p, Packet::PubAck(_)).then_some(()))
+        .await
+        .expect("PUBACK once NATS is back");
+    let first = sub
+        .publish_within(Duration::from_secs(20))
+        .await
+        .expect("delivered on B");
+    assert_eq!(&first.payload[..], b"long", "the expired one was delivered");
+    let left = first
+        .properties
+        .and_then(|p| p.message_expiry_interval)
+        .expect("an expiry interval");
+    assert!(
+        (20..=57).contains(&left),
+        "3 s and more waiting for NATS counted: {left}"
+    );
+    let rest = cluster_support::expiring5(&mut sub, QUIET * 3).await;
+    assert!(rest.is_empty(), "more delivered: {rest:?}");
+}
+
 /// Waits until the handoff bucket holds `want` values (sessions' values and parts).
 async fn parked_values(nats: &Nats, want: usize) {
     handoff_keys(nats, |n| n >= want).await

@@ -811,12 +811,17 @@ impl Cluster {
             client: who.client_id.clone(),
             properties: props,
             sealed: None,
+            held_ms: None,
         };
+        let expires = msg
+            .properties
+            .is_some_and(|p| p.message_expiry_interval.is_some());
         let sent = self.forward.send(|seq| xfer::Outgoing {
             seq,
             live: live.then_some((subject, headers)),
             payload: msg.payload.clone(),
             envelope,
+            expiring_since: expires.then(std::time::Instant::now),
         });
         match sent {
             Some(number) => Forwarded::Sent(Some(number)),

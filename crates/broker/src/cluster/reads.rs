@@ -205,12 +205,10 @@ async fn take(
             break;
         }
         let id = xfer::message_id(&message);
-        let origin =
-            id.as_deref()
-                .and_then(|id| id.rsplit_once(':'))
-                .and_then(|(origin, first)| {
-                    Some((Arc::<str>::from(origin), first.parse::<u64>().ok()?))
-                });
+        let origin = id
+            .as_deref()
+            .and_then(xfer::place_of)
+            .map(|(origin, first)| (Arc::<str>::from(origin), first));
         let readers: Vec<usize> = (0..wants.len())
             .filter(|&i| wants[i].from <= sequence)
             .collect();
@@ -311,7 +309,7 @@ fn queued_for(
     if granted == 0 && !r.queue_qos0 {
         return None;
     }
-    let props = xfer::properties_now(envelope.properties.as_deref(), waited).ok()?;
+    let props = xfer::properties_now(envelope, waited).ok()?;
     let expires_at = props
         .as_ref()
         .and_then(|p| p.message_expiry_interval)

@@ -61,7 +61,7 @@ pub fn stored_ms(at: time::OffsetDateTime) -> i128 {
 
 /// How long a replayed value may trail its sealing ([`REPLAY_SLACK`]; tests of the
 /// refusal shorten it with `MOATMQ_TEST_REPLAY_SLACK_MS`, `test-hooks` only).
-fn slack() -> Duration {
+pub(super) fn slack() -> Duration {
     static HOOKED: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
     super::hooked(&HOOKED, "MOATMQ_TEST_REPLAY_SLACK_MS", REPLAY_SLACK)
 }

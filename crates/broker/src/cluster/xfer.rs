@@ -47,7 +47,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 /// Republishes of one id within this are dropped by the stream (the stream's max age,
@@ -84,6 +84,26 @@ pub struct Envelope {
     /// clock): in a stream message's first message only. Releases before it ignore it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sealed: Option<u64>,
+    /// How long the message had waited on its node when its stream message was sealed
+    /// (milliseconds, that node's monotonic clock), for a message with an MQTT 5
+    /// message expiry interval: one that waited for NATS (away, or slow) has it counted
+    /// down by that wait too, not only by its time in the stream. Releases before it
+    /// ignore it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_ms: Option<u64>,
+}
+
+impl Envelope {
+    /// How long the message has been on its way: `in_stream` (since JetStream stored
+    /// it) and what it waited on its node before that.
+    pub fn waited(&self, in_stream: Duration) -> Duration {
+        in_stream.saturating_add(Duration::from_millis(self.held_ms.unwrap_or(0)))
+    }
+}
+
+/// Milliseconds since `since`, for [`Envelope::held_ms`].
+fn held_ms(since: Instant) -> u64 {
+    u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
 /// `len u32 BE | header JSON | payload`.
@@ -529,6 +549,15 @@ impl Durable {
     }
 }
 
+/// Where a stream message's id places it: `<node>:<epoch>` and the number of its first
+/// message, from `<node>:<epoch>:<number>`, or `<node>:<epoch>:<number>~<n>` for one
+/// its node stored again under a new id ([`Output::store_again`]).
+pub fn place_of(id: &str) -> Option<(&str, u64)> {
+    let base = id.split('~').next()?;
+    let (origin, number) = base.rsplit_once(':')?;
+    Some((origin, number.parse().ok()?))
+}
+
 /// The `Nats-Msg-Id` of a message read from the stream.
 pub fn message_id(message: &jetstream::Message) -> Option<String> {
     message
@@ -549,6 +578,16 @@ pub struct Outgoing {
     pub live: Option<(String, async_nats::HeaderMap)>,
     pub payload: Bytes,
     pub envelope: Envelope,
+    /// When it was queued, if it has an MQTT 5 message expiry interval: the time it
+    /// waits here for NATS counts ([`Envelope::held_ms`]).
+    pub expiring_since: Option<Instant>,
+}
+
+/// A message of a batch after its first, encoded when it was gathered; one with an
+/// expiry interval is encoded at each sealing instead, with how long it had waited.
+enum Gathered {
+    Encoded(zeroize::Zeroizing<Vec<u8>>),
+    Expiring(Envelope, Bytes, Instant),
 }
 
 /// One published stream message (one MQTT message, or a batch of them) waiting for its
@@ -558,12 +597,21 @@ struct Pending {
     last: u64,
     /// How many messages it holds.
     count: usize,
+    /// `<node>:<epoch>:<number of its first message>`, then `~<n>` once it was stored
+    /// again under a new id ([`Output::store_again`]).
     msg_id: String,
+    /// Sent again after a failed acknowledgement: the stream may hold an earlier copy.
+    resent: bool,
+    /// When it was first sealed.
+    since: Instant,
+    /// How often it was stored again under a new id.
+    renamed: u32,
     /// Its first message, encoded with the time at each sealing ([`Output::seal_now`]:
-    /// sealed again, with a new time, when it is sent again).
-    first: (Envelope, Bytes),
-    /// The rest of a batch's messages, as [`encode`] made them.
-    rest: Vec<zeroize::Zeroizing<Vec<u8>>>,
+    /// sealed again, with a new time, when it is sent again), and since when it
+    /// waits if it expires.
+    first: (Envelope, Bytes, Option<Instant>),
+    /// The rest of a batch's messages.
+    rest: Vec<Gathered>,
     /// `None`: it could not be sealed or sent (counted); it is not waited for.
     sealed: Option<Bytes>,
     batch: bool,
@@ -574,6 +622,8 @@ struct Pending {
 const BATCH_OVERHEAD: usize = 512;
 /// What the time adds to a first message (`,"sealed":` and 13 digits, until 2286).
 const SEALED_FIELD: usize = 24;
+/// What the wait adds to an expiring message (`,"held_ms":` and 20 digits at most).
+const HELD_FIELD: usize = 31;
 
 /// The output task's state.
 pub struct Output {
@@ -594,7 +644,69 @@ pub struct Output {
     carry: Option<Outgoing>,
     /// The NATS server's `max_payload` (`Cluster::max_payload`).
     max_payload: Arc<AtomicUsize>,
-    acks: FuturesOrdered<BoxFuture<'static, Result<(), String>>>,
+    acks: FuturesOrdered<Ack>,
+}
+
+/// What JetStream answered for a stream message: whether it held one with the same id
+/// already (a copy sent before), and the stream sequence of the one it holds.
+struct Stored {
+    duplicate: bool,
+    sequence: u64,
+}
+
+/// A stream message's acknowledgement to come.
+type Ack = BoxFuture<'static, Result<Stored, String>>;
+
+/// [`Output::stored_copy_taken`].
+async fn stored_copy_taken(
+    js: jetstream::Context,
+    seal: Arc<ClusterSeal>,
+    stream_name: String,
+    sequence: u64,
+) -> bool {
+    let read = async {
+        let stream = js
+            .get_stream_no_info(&stream_name)
+            .await
+            .map_err(|e| e.to_string())?;
+        stream
+            .get_raw_message(sequence)
+            .await
+            .map_err(|e| e.to_string())
+    };
+    let raw = match read.await {
+        Ok(raw) => raw,
+        Err(e) => {
+            tracing::debug!("cluster: transfer stream: copy {sequence} not read: {e}");
+            return false;
+        }
+    };
+    let id = raw
+        .headers
+        .get(async_nats::header::NATS_MESSAGE_ID)
+        .map(|v| v.as_str());
+    let at = Sealed {
+        subject: raw.subject.as_str(),
+        msg_id: id,
+        batch: raw.headers.get(BATCH).is_some(),
+        value: &raw.payload,
+        stored_ns: Some(raw.time.unix_timestamp_nanos()),
+    };
+    origin(&stream_name, at.subject)
+        .and_then(|node| open_from(&seal, &stream_name, node, at))
+        .and_then(|opened| fresh(opened, at, Untimed::Refuse))
+        .is_ok()
+}
+
+/// The acknowledgement of a message that was not sent (it could not be sealed or sent:
+/// counted, not waited for).
+fn not_sent() -> Ack {
+    Box::pin(async {
+        Ok(Stored {
+            duplicate: false,
+            sequence: 0,
+        })
+    })
 }
 
 /// The sequencer `Cluster::forward` uses, the `<node>:<epoch>` prefix of this
@@ -657,7 +769,21 @@ impl Output {
                     None => return,
                 },
                 Some(acked) = self.acks.next(), if !self.acks.is_empty() => match acked {
-                    Ok(()) => {
+                    Ok(stored) => {
+                        // A copy sent before was stored: it is taken unless it may have
+                        // been stored later than the replay slack after its sealing
+                        // (half of it: room for the clocks of the node and NATS).
+                        let late = self.pending.front().is_some_and(|p| {
+                            p.resent && p.since.elapsed() > super::replay::slack() / 2
+                        });
+                        if stored.duplicate
+                            && late
+                            && !self.stored_copy_taken(stored.sequence).await
+                            && !self.store_again().await
+                        {
+                            self.resend().await;
+                            continue;
+                        }
                         if let Some(done) = self.pending.pop_front() {
                             self.in_flight -= done.count;
                             self.acked.send_replace(done.last);
@@ -680,6 +806,13 @@ impl Output {
     /// live subject (core NATS, once) and together, sealed, as one message of the
     /// stream with the first one's number in its id.
     async fn send(&mut self, first: Outgoing, queue: &mut mpsc::Receiver<Outgoing>) {
+        // Not handed to the NATS client while NATS is away: it would keep the message
+        // and send it once back, sealed now, maybe too late for the nodes to take it
+        // (the replay slack); sealed when it goes, its wait here counts against its
+        // expiry instead ([`Envelope::held_ms`]).
+        while self.client.connection_state() != async_nats::connection::State::Connected {
+            tokio::time::sleep(RETRY).await;
+        }
         let msg_id = format!("{}:{}", self.id_prefix, first.seq);
         let batch = self.keeping.transfer_batch > 1;
         self.live(&first).await;
@@ -693,7 +826,10 @@ impl Output {
             last,
             count,
             msg_id,
-            first: (first.envelope, first.payload),
+            resent: false,
+            since: Instant::now(),
+            renamed: 0,
+            first: (first.envelope, first.payload, first.expiring_since),
             rest,
             sealed: None,
             batch,
@@ -706,14 +842,24 @@ impl Output {
 
     /// `p` sealed now: its first message carries the time (a replay is refused by it).
     fn seal_now(&self, p: &mut Pending) -> Option<Bytes> {
-        let (envelope, payload) = &mut p.first;
+        let (envelope, payload, since) = &mut p.first;
         envelope.sealed = Some(now_ms());
+        envelope.held_ms = since.map(held_ms);
         let first = zeroize::Zeroizing::new(encode(envelope, payload));
         let sealed = if p.batch {
             let mut batch = Batch::new();
             batch.push(&first);
             for message in &p.rest {
-                batch.push(message);
+                match message {
+                    Gathered::Encoded(m) => batch.push(m),
+                    Gathered::Expiring(envelope, payload, since) => {
+                        let envelope = Envelope {
+                            held_ms: Some(held_ms(*since)),
+                            ..envelope.clone()
+                        };
+                        batch.push(&zeroize::Zeroizing::new(encode(&envelope, payload)));
+                    }
+                }
             }
             self.seal
                 .seal_transfer_batch(&self.stream, &p.msg_id, batch.plain())
@@ -737,7 +883,7 @@ impl Output {
         &mut self,
         first: &Outgoing,
         queue: &mut mpsc::Receiver<Outgoing>,
-    ) -> (Vec<zeroize::Zeroizing<Vec<u8>>>, u64) {
+    ) -> (Vec<Gathered>, u64) {
         let room = self
             .max_payload
             .load(Ordering::Relaxed)
@@ -753,26 +899,41 @@ impl Output {
             let Ok(out) = queue.try_recv() else { break };
             if len == 0 {
                 len = 4 + 4 + encode(&first.envelope, &first.payload).len() + SEALED_FIELD;
+                if first.expiring_since.is_some() {
+                    len += HELD_FIELD;
+                }
             }
             let message = zeroize::Zeroizing::new(encode(&out.envelope, &out.payload));
-            if len + 4 + message.len() > room {
+            let size = match out.expiring_since {
+                Some(_) => message.len() + HELD_FIELD,
+                None => message.len(),
+            };
+            if len + 4 + size > room {
                 self.carry = Some(out);
                 break;
             }
             self.live(&out).await;
-            len += 4 + message.len();
+            len += 4 + size;
             last = out.seq;
-            rest.push(message);
+            rest.push(match out.expiring_since {
+                Some(since) => Gathered::Expiring(out.envelope, out.payload, since),
+                None => Gathered::Encoded(message),
+            });
         }
         (rest, last)
     }
 
-    /// Publishes `out` on its live subject (core NATS, at most once), if it has one.
+    /// Publishes `out` on its live subject (core NATS, at most once), if it has one;
+    /// one that waited here has its expiry interval counted down, and is not published
+    /// once it ran out.
     async fn live(&mut self, out: &Outgoing) {
         if let Some((subject, headers)) = &out.live {
+            let Some(headers) = live_headers(headers, out.expiring_since) else {
+                return;
+            };
             if let Err(e) = self
                 .client
-                .publish_with_headers(subject.clone(), headers.clone(), out.payload.clone())
+                .publish_with_headers(subject.clone(), headers, out.payload.clone())
                 .await
             {
                 tracing::debug!("cluster: publish to NATS failed: {e}");
@@ -780,11 +941,53 @@ impl Output {
         }
     }
 
+    /// Whether the nodes take the copy of the first unacknowledged message that the
+    /// stream holds at `sequence`, an earlier sending of it (the one sent again was a
+    /// duplicate). Not if JetStream stored it longer after its sealing than the replay
+    /// slack (`replay.rs`): it waited through an outage in the NATS client or on a
+    /// stalled network path, and every node refuses it as a replay. Not known (the
+    /// stream cannot be read now) counts as not taken.
+    fn stored_copy_taken(&self, sequence: u64) -> impl std::future::Future<Output = bool> {
+        // Not `self` across the reads: the output's futures are not `Sync`.
+        stored_copy_taken(
+            self.js.clone(),
+            Arc::clone(&self.seal),
+            self.stream.clone(),
+            sequence,
+        )
+    }
+
+    /// Stores the first unacknowledged message again, sealed now, under a new id (its
+    /// own with `~<n>`: the stream would drop it as a duplicate under the old one), and
+    /// waits until JetStream has it; `false` if it did not take it.
+    async fn store_again(&mut self) -> bool {
+        let Some(mut p) = self.pending.pop_front() else {
+            return true;
+        };
+        p.renamed += 1;
+        let base = p.msg_id.split('~').next().unwrap_or_default().to_string();
+        p.msg_id = format!("{base}~{}", p.renamed);
+        tracing::warn!(
+            id = p.msg_id.as_str(),
+            "cluster: the transfer stream stored a message too late for the nodes to \
+             take it (NATS was out of reach meanwhile); storing it again"
+        );
+        let stored = self.publish(&mut p).await.await;
+        self.pending.push_front(p);
+        match stored {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::warn!("cluster: transfer stream: {e}; sending again");
+                false
+            }
+        }
+    }
+
     /// Sends one message to the stream; its acknowledgement as a future.
-    async fn publish(&mut self, p: &mut Pending) -> BoxFuture<'static, Result<(), String>> {
+    async fn publish(&mut self, p: &mut Pending) -> Ack {
         p.sealed = self.seal_now(p);
         let Some(sealed) = p.sealed.clone() else {
-            return Box::pin(async { Ok(()) });
+            return not_sent();
         };
         let mut message = PublishMessage::build()
             .message_id(&p.msg_id)
@@ -793,14 +996,21 @@ impl Output {
             message = message.header(BATCH, p.count.to_string().as_str());
         }
         match self.js.send_publish(self.subject.clone(), message).await {
-            Ok(ack) => Box::pin(async move { ack.await.map(|_| ()).map_err(|e| e.to_string()) }),
+            Ok(ack) => Box::pin(async move {
+                ack.await
+                    .map(|a| Stored {
+                        duplicate: a.duplicate,
+                        sequence: a.sequence,
+                    })
+                    .map_err(|e| e.to_string())
+            }),
             Err(e) => {
                 // Refused by the client itself (over the server's max_payload) or the
                 // client is gone: sending again would not help.
                 tracing::warn!("cluster: transfer message not sent: {e}");
                 self.dropped();
                 p.sealed = None;
-                Box::pin(async { Ok(()) })
+                not_sent()
             }
         }
     }
@@ -819,9 +1029,12 @@ impl Output {
         let mut pending = std::mem::take(&mut self.pending);
         for p in pending.iter_mut() {
             let ack = match p.sealed {
-                Some(_) => self.publish(p).await,
+                Some(_) => {
+                    p.resent = true;
+                    self.publish(p).await
+                }
                 // It could not be sealed or sent before: not sent again (counted).
-                None => Box::pin(async { Ok(()) }),
+                None => not_sent(),
             };
             self.acks.push_back(ack);
         }
@@ -835,11 +1048,43 @@ impl Output {
     }
 }
 
-/// The MQTT 5 properties of a transfer message (its `Moatmq-Properties` JSON) as they
-/// are `waited` after JetStream stored it: the message expiry interval counts down by
-/// the time spent in the stream (whole seconds left, rounded up, as a retained copy's
-/// does). `Err` if it ran out: the message is not delivered.
+/// The headers of a live copy that has waited here since `since` (if it expires): its
+/// `Moatmq-Properties` with the expiry interval counted down once it waited a second
+/// or more; `None` once it ran out.
+fn live_headers(
+    headers: &async_nats::HeaderMap,
+    since: Option<Instant>,
+) -> Option<async_nats::HeaderMap> {
+    let held = since.map_or(Duration::ZERO, |s| s.elapsed());
+    if held < Duration::from_secs(1) {
+        return Some(headers.clone());
+    }
+    let Some(json) = headers.get(super::PROPERTIES) else {
+        return Some(headers.clone());
+    };
+    let Ok(Some(props)) = counted_down(Some(json.as_str()), held) else {
+        return None;
+    };
+    let mut headers = headers.clone();
+    if let Some(json) = super::properties::encode(&props) {
+        headers.insert(super::PROPERTIES, json.as_str());
+    }
+    Some(headers)
+}
+
+/// The MQTT 5 properties of a transfer message `in_stream` after JetStream stored it:
+/// the message expiry interval counts down by the time it spent in the stream and
+/// waited on its node before ([`Envelope::waited`]; whole seconds left, rounded up, as
+/// a retained copy's does). `Err` if it ran out: the message is not delivered.
 pub fn properties_now(
+    envelope: &Envelope,
+    in_stream: Duration,
+) -> Result<Option<rumqttd::protocol::PublishProperties>, Expired> {
+    counted_down(envelope.properties.as_deref(), envelope.waited(in_stream))
+}
+
+/// `Moatmq-Properties` JSON as it is `waited` after the message was admitted.
+fn counted_down(
     json: Option<&str>,
     waited: Duration,
 ) -> Result<Option<rumqttd::protocol::PublishProperties>, Expired> {
@@ -879,6 +1124,7 @@ mod tests {
             client: "c1".into(),
             properties: Some("{\"content_type\":\"x\"}".into()),
             sealed: Some(SEALED),
+            held_ms: None,
         }
     }
 
@@ -1151,6 +1397,61 @@ mod tests {
         assert_eq!(expiry_left(2, ms(3_000)), None);
         assert_eq!(expiry_left(0, ms(5_000)), Some(0), "as published");
         assert_eq!(expiry_left(u32::MAX, ms(1)), Some(u32::MAX));
+    }
+
+    #[test]
+    fn the_expiry_interval_counts_down_by_the_wait_on_the_node_too() {
+        let ms = Duration::from_millis;
+        let expiring = |held_ms| Envelope {
+            properties: Some("{\"message_expiry\":60}".into()),
+            held_ms,
+            ..envelope()
+        };
+        let left = |e: &Envelope, in_stream| {
+            properties_now(e, in_stream)
+                .ok()
+                .map(|p| p.and_then(|p| p.message_expiry_interval))
+        };
+        assert_eq!(left(&expiring(None), ms(3_000)), Some(Some(57)));
+        assert_eq!(left(&expiring(Some(10_000)), ms(3_000)), Some(Some(47)));
+        assert_eq!(left(&expiring(Some(58_000)), ms(2_500)), None, "ran out");
+        // A release before `held_ms` reads the envelope as before (unknown fields are
+        // ignored), and one without it reads as no wait.
+        let json = serde_json::to_string(&expiring(Some(1_234))).unwrap();
+        assert!(json.contains("\"held_ms\":1234"), "{json}");
+        assert!(!serde_json::to_string(&envelope())
+            .unwrap()
+            .contains("held_ms"));
+        let old: Envelope =
+            serde_json::from_str("{\"topic\":\"a\",\"qos\":1,\"retain\":false,\"client\":\"c\"}")
+                .unwrap();
+        assert_eq!(old.waited(ms(5)), ms(5));
+    }
+
+    #[test]
+    fn a_live_copy_that_waited_has_its_expiry_counted_down_or_is_not_sent() {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(super::super::PROPERTIES, "{\"message_expiry\":60}");
+        let since = |secs| Some(Instant::now() - Duration::from_secs(secs));
+        let expiry = |h: &async_nats::HeaderMap| {
+            h.get(super::super::PROPERTIES)
+                .and_then(|v| super::super::properties::decode(v.as_str()))
+                .and_then(|p| p.message_expiry_interval)
+        };
+        let now = live_headers(&headers, None).expect("sent");
+        assert_eq!(expiry(&now), Some(60));
+        let waited = live_headers(&headers, since(5)).expect("sent");
+        assert_eq!(expiry(&waited), Some(55));
+        assert!(live_headers(&headers, since(61)).is_none(), "ran out");
+    }
+
+    #[test]
+    fn a_message_stored_again_under_a_new_id_keeps_its_place() {
+        assert_eq!(place_of("node-a:17:42"), Some(("node-a:17", 42)));
+        assert_eq!(place_of("node-a:17:42~1"), Some(("node-a:17", 42)));
+        assert_eq!(place_of("node-a:17:42~12"), Some(("node-a:17", 42)));
+        assert_eq!(place_of("node-a:17:x"), None);
+        assert_eq!(place_of("none"), None);
     }
 
     #[test]

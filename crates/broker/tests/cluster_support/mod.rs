@@ -222,19 +222,39 @@ pub struct NatsLink {
     port: u16,
     nats: u16,
     relay: Option<tokio::task::JoinHandle<()>>,
+    /// While true, what the node sends is held in the link (its connection stays
+    /// open), and goes on to NATS, in order, once it is false again.
+    stalled: tokio::sync::watch::Sender<bool>,
 }
 
 impl NatsLink {
     pub async fn start(nats: &Nats) -> NatsLink {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
+        let (stalled, _) = tokio::sync::watch::channel(false);
         let mut link = NatsLink {
             port,
             nats: nats.port,
             relay: None,
+            stalled,
         };
-        link.relay = Some(tokio::spawn(relay(listener, nats.port)));
+        link.relay = Some(tokio::spawn(relay(
+            listener,
+            nats.port,
+            link.stalled.subscribe(),
+        )));
         link
+    }
+
+    /// Holds what the node sends to NATS from now on (a congested or stalled network
+    /// path: the connection stays up, nothing arrives) until [`NatsLink::resume`].
+    pub fn stall(&self) {
+        self.stalled.send_replace(true);
+    }
+
+    /// Lets what was held, and what follows, reach NATS.
+    pub fn resume(&self) {
+        self.stalled.send_replace(false);
     }
 
     pub fn url(&self) -> String {
@@ -254,19 +274,77 @@ impl NatsLink {
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port))
             .await
             .unwrap();
-        self.relay = Some(tokio::spawn(relay(listener, self.nats)));
+        self.relay = Some(tokio::spawn(relay(
+            listener,
+            self.nats,
+            self.stalled.subscribe(),
+        )));
     }
 }
 
-/// Relays each connection to `listener` to NATS on `nats`; aborted, all of them end.
-async fn relay(listener: tokio::net::TcpListener, nats: u16) {
+/// Relays each connection to `listener` to NATS on `nats`, what the node sends held
+/// while `stalled`; aborted, all of them end.
+async fn relay(
+    listener: tokio::net::TcpListener,
+    nats: u16,
+    stalled: tokio::sync::watch::Receiver<bool>,
+) {
     let mut pipes = tokio::task::JoinSet::new();
-    while let Ok((mut inbound, _)) = listener.accept().await {
+    while let Ok((inbound, _)) = listener.accept().await {
+        let stalled = stalled.clone();
         pipes.spawn(async move {
-            if let Ok(mut out) = tokio::net::TcpStream::connect(("127.0.0.1", nats)).await {
-                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+            if let Ok(out) = tokio::net::TcpStream::connect(("127.0.0.1", nats)).await {
+                let (node_read, mut node_write) = inbound.into_split();
+                let (mut nats_read, nats_write) = out.into_split();
+                // NATS closing closes the node's side too.
+                let to_node = async {
+                    let _ = tokio::io::copy(&mut nats_read, &mut node_write).await;
+                    let _ = tokio::io::AsyncWriteExt::shutdown(&mut node_write).await;
+                };
+                tokio::join!(pump(node_read, nats_write, stalled), to_node);
             }
         });
+    }
+}
+
+/// Copies what the node sends to NATS, holding it while `stalled`; what was held when
+/// the node closed its side still goes once the stall ends.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut stalled: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut held = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut open = true;
+    loop {
+        if !*stalled.borrow() && !held.is_empty() {
+            if to.write_all(&held).await.is_err() {
+                return;
+            }
+            held.clear();
+        }
+        if !open {
+            if held.is_empty() {
+                return;
+            }
+            if stalled.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
+        tokio::select! {
+            n = from.read(&mut buf) => match n {
+                Ok(0) | Err(_) => open = false,
+                Ok(n) => held.extend_from_slice(&buf[..n]),
+            },
+            changed = stalled.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+        }
     }
 }
 
