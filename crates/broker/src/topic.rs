@@ -9,6 +9,18 @@ pub fn is_sys(topic: &str) -> bool {
     topic.starts_with(SYS_PREFIX)
 }
 
+/// Where a publish held back until its MQTT 5 message expiry interval ran out goes
+/// (`gateway/link.rs`): the router answers it in its turn, and no client gets it.
+pub const EXPIRED: &str = "\0expired";
+
+/// Whether `topic` is one of moatmq's own router topics, which start with NUL: no
+/// client's topic or filter holds one (`valid_topic_name`), so no client may get a
+/// message on one (a shared group's copies across nodes, `cluster/groups.rs`, go only
+/// to that group's members; [`EXPIRED`] to no one).
+pub fn is_internal(topic: &[u8]) -> bool {
+    topic.first() == Some(&0)
+}
+
 /// A PUBLISH topic: valid MQTT topic name with at most `max_levels` levels.
 pub fn valid_topic_name(topic: &str, max_levels: usize) -> bool {
     moatmq_acl::valid_topic_name(topic) && topic.split('/').count() <= max_levels

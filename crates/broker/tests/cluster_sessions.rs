@@ -672,24 +672,31 @@ async fn a_node_reading_the_transfer_stream_late_drops_expired_messages_and_coun
 
 /// NATS away while a node's clients publish: what waits on that node for NATS has its
 /// MQTT 5 message expiry interval counted down by that wait too, not only by its time
-/// in the stream, so a message with 2 s that waited 3 s for NATS is never delivered on
-/// another node, and one with 60 s arrives with what is left of it. (Both arrived there
-/// with their whole interval before: the stream's timestamp is when NATS was back.)
+/// in the stream, on the other nodes and on its own. A message with 2 s that waited
+/// 3 s for NATS is never delivered anywhere after that, and one with 60 s arrives with
+/// what is left of it. (The held ones arrived everywhere with their whole interval
+/// before: the stream's timestamp is when NATS was back, and rumqttd's router counts
+/// nothing.) A QoS 0 message is not held on its own node: its subscribers there get it
+/// at once.
 #[tokio::test]
 async fn messages_waiting_on_their_node_for_nats_count_that_wait_against_their_expiry() {
     use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
+    use rumqttc::v5::mqttbytes::QoS as QoS5;
     let mut nats = Nats::start().await;
     let a = node(&nats, "node-a").await;
     let b = node(&nats, "node-b").await;
-    let mut sub = login5(b.first_addr(), "sub5", "alice").await;
-    cluster_support::subscribed5(&mut sub, "alice/exp").await;
+    let mut on_b = login5(b.first_addr(), "sub-b", "alice").await;
+    cluster_support::subscribed5(&mut on_b, "alice/exp").await;
+    let mut on_a = login5(a.first_addr(), "sub-a", "alice").await;
+    cluster_support::subscribed5(&mut on_a, "alice/exp").await;
     let mut publisher = login5(a.first_addr(), "pub5", "alice").await;
 
     nats.kill();
     cluster_support::wait_ready(&a, false).await;
     for (payload, qos, secs) in [
-        ("short", rumqttc::v5::mqttbytes::QoS::AtMostOnce, 2),
-        ("long", rumqttc::v5::mqttbytes::QoS::AtLeastOnce, 60),
+        ("short0", QoS5::AtMostOnce, 2),
+        ("short1", QoS5::AtLeastOnce, 2),
+        ("long", QoS5::AtLeastOnce, 60),
     ] {
         let props = PublishProperties {
             message_expiry_interval: Some(secs),
@@ -701,29 +708,33 @@ async fn messages_waiting_on_their_node_for_nats_count_that_wait_against_their_e
             .await
             .expect("publish queued");
     }
+    let first_on_a = on_a.publish_within(WAIT).await.expect("QoS 0 at once on A");
+    assert_eq!(&first_on_a.payload[..], b"short0");
     tokio::time::sleep(Duration::from_secs(3)).await;
     nats.restart().await;
 
-    // The QoS 1 one is acknowledged once JetStream has it, and B delivers it.
+    // The QoS 1 ones are acknowledged once JetStream has them, and delivered.
     publisher
         .incoming(|p| matches!(p, Packet::PubAck(_)).then_some(()))
         .await
         .expect("PUBACK once NATS is back");
-    let first = sub
-        .publish_within(Duration::from_secs(20))
-        .await
-        .expect("delivered on B");
-    assert_eq!(&first.payload[..], b"long", "the expired one was delivered");
-    let left = first
-        .properties
-        .and_then(|p| p.message_expiry_interval)
-        .expect("an expiry interval");
-    assert!(
-        (20..=57).contains(&left),
-        "3 s and more waiting for NATS counted: {left}"
-    );
-    let rest = cluster_support::expiring5(&mut sub, QUIET * 3).await;
-    assert!(rest.is_empty(), "more delivered: {rest:?}");
+    for (node, sub) in [("B", &mut on_b), ("A", &mut on_a)] {
+        let first = sub
+            .publish_within(Duration::from_secs(20))
+            .await
+            .unwrap_or_else(|| panic!("delivered on {node}"));
+        assert_eq!(&first.payload[..], b"long", "an expired one delivered on {node}");
+        let left = first
+            .properties
+            .and_then(|p| p.message_expiry_interval)
+            .expect("an expiry interval");
+        assert!(
+            (20..=57).contains(&left),
+            "3 s and more waiting for NATS counted on {node}: {left}"
+        );
+        let rest = cluster_support::expiring5(sub, QUIET * 3).await;
+        assert!(rest.is_empty(), "more delivered on {node}: {rest:?}");
+    }
 }
 
 /// Waits until the handoff bucket holds `want` values (sessions' values and parts).

@@ -387,21 +387,6 @@ pub fn time_in_stream(message: &jetstream::Message) -> Duration {
     Sealed::of(message, None).time_in_stream()
 }
 
-/// What is left of a message expiry interval of `interval` seconds after `waited`, in
-/// whole seconds rounded up (so at least 1); `None` once it ran out. An interval of 0
-/// stays 0, as the publishing node's own subscribers get it.
-pub fn expiry_left(interval: u32, waited: Duration) -> Option<u32> {
-    if interval == 0 {
-        return Some(0);
-    }
-    let left = Duration::from_secs(u64::from(interval)).checked_sub(waited)?;
-    if left.is_zero() {
-        return None;
-    }
-    let secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
-    Some(u32::try_from(secs).unwrap_or(interval))
-}
-
 /// Message ids already taken in, the latest [`SEEN`].
 #[derive(Default)]
 pub struct Seen {
@@ -1092,7 +1077,8 @@ fn counted_down(
         return Ok(None);
     };
     if let Some(interval) = props.message_expiry_interval {
-        props.message_expiry_interval = Some(expiry_left(interval, waited).ok_or(Expired)?);
+        props.message_expiry_interval =
+            Some(crate::inbound::expiry_left(interval, waited).ok_or(Expired)?);
     }
     Ok(Some(props))
 }
@@ -1384,19 +1370,6 @@ mod tests {
         assert_eq!(decode_batch(&overlong), None, "length past the end");
         assert_eq!(decode_batch(&[]), None);
         assert_eq!(decode_batch(&[0, 0, 0, 0]), Some(vec![]));
-    }
-
-    #[test]
-    fn the_expiry_interval_counts_down_by_the_time_in_the_stream() {
-        let ms = Duration::from_millis;
-        assert_eq!(expiry_left(60, Duration::ZERO), Some(60));
-        assert_eq!(expiry_left(60, ms(100)), Some(60), "rounded up");
-        assert_eq!(expiry_left(60, ms(3_100)), Some(57));
-        assert_eq!(expiry_left(60, ms(59_001)), Some(1));
-        assert_eq!(expiry_left(2, ms(2_000)), None, "ran out");
-        assert_eq!(expiry_left(2, ms(3_000)), None);
-        assert_eq!(expiry_left(0, ms(5_000)), Some(0), "as published");
-        assert_eq!(expiry_left(u32::MAX, ms(1)), Some(u32::MAX));
     }
 
     #[test]

@@ -25,6 +25,23 @@ use rumqttd::protocol::{
 };
 use rumqttd::Notification;
 use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+/// A publish that waited `held` before the router: its message expiry interval less
+/// the wait; one that ran out goes to [`crate::topic::EXPIRED`] instead (no client gets
+/// it, MQTT-3.3.2-5; the router still answers it in its turn).
+fn count_down(packet: &mut Packet, held: Duration) {
+    let Packet::Publish(publish, Some(props)) = packet else {
+        return;
+    };
+    let Some(interval) = props.message_expiry_interval else {
+        return;
+    };
+    match crate::inbound::expiry_left(interval, held) {
+        Some(left) => props.message_expiry_interval = Some(left),
+        None => publish.topic = bytes::Bytes::from_static(crate::topic::EXPIRED.as_bytes()),
+    }
+}
 
 /// What goes to the router, in the order it must see it.
 #[derive(Default)]
@@ -38,6 +55,8 @@ pub(super) struct ToRouter {
     /// Waiting for the retained store's save (or only the cluster's transfer stream);
     /// everything after them waits too.
     awaiting_save: Vec<Packet>,
+    /// Since when the oldest of them waits.
+    held_since: Option<Instant>,
     /// Some of `awaiting_save` wait for the stores' save, not only for the transfer.
     needs_save: bool,
     /// The cluster's number of the last message among them forwarded to the other
@@ -63,12 +82,17 @@ impl ToRouter {
     /// Queues a packet that may reach the router only after the next save.
     pub(super) fn after_save(&mut self, packet: Packet) {
         self.needs_save = true;
-        self.awaiting_save.push(packet);
+        self.hold(packet);
     }
 
     /// Queues a packet that may reach the router only once the cluster's transfer
     /// stream holds what this node forwarded so far (no store save needed for it).
     pub(super) fn after_transfer(&mut self, packet: Packet) {
+        self.hold(packet);
+    }
+
+    fn hold(&mut self, packet: Packet) {
+        self.held_since.get_or_insert_with(Instant::now);
         self.awaiting_save.push(packet);
     }
 
@@ -97,9 +121,20 @@ impl ToRouter {
         !self.awaiting_save.is_empty()
     }
 
-    /// The save is done: what waited for it is ready.
+    /// The save is done: what waited for it is ready, a publish's MQTT 5 message
+    /// expiry interval counted down by the wait (rumqttd's router counts none; the
+    /// transfer stream can hold a publish for as long as NATS is away).
     pub(super) fn saved(&mut self) {
-        let waiting = std::mem::take(&mut self.awaiting_save);
+        let held = self.held_since.map_or(Duration::ZERO, |s| s.elapsed());
+        self.saved_after(held);
+    }
+
+    fn saved_after(&mut self, held: Duration) {
+        let mut waiting = std::mem::take(&mut self.awaiting_save);
+        self.held_since = None;
+        if held >= Duration::from_secs(1) {
+            waiting.iter_mut().for_each(|p| count_down(p, held));
+        }
         self.needs_save = false;
         self.transfer_through = 0;
         self.retained_through = 0;
@@ -403,6 +438,49 @@ mod tests {
         q.saved();
         assert!(!q.waits_for_save());
         assert_eq!(kinds(&mut q), ["publish", "subscribe"]);
+    }
+
+    #[test]
+    fn a_held_publish_has_its_expiry_counted_down_by_the_wait_or_goes_to_no_one() {
+        use rumqttd::protocol::PublishProperties;
+        let expiring = |topic: &'static str, secs| {
+            let props = PublishProperties {
+                message_expiry_interval: Some(secs),
+                ..PublishProperties::default()
+            };
+            Packet::Publish(Publish::new(topic, "x", false), Some(props))
+        };
+        let mut q = ToRouter::default();
+        q.after_transfer(expiring("short", 2));
+        q.after_transfer(expiring("long", 60));
+        q.after_transfer(Packet::Publish(Publish::new("plain", "x", false), None));
+        q.saved_after(Duration::from_millis(3_200));
+        let topics: Vec<(Vec<u8>, Option<u32>)> = q
+            .ready
+            .iter()
+            .map(|p| match p {
+                Packet::Publish(p, props) => (
+                    p.topic.to_vec(),
+                    props.as_ref().and_then(|p| p.message_expiry_interval),
+                ),
+                _ => panic!("not a publish"),
+            })
+            .collect();
+        assert_eq!(
+            topics,
+            [
+                (crate::topic::EXPIRED.as_bytes().to_vec(), Some(2)),
+                (b"long".to_vec(), Some(57)),
+                (b"plain".to_vec(), None),
+            ]
+        );
+        // A short wait (a store's save) changes nothing.
+        let mut q = ToRouter::default();
+        q.after_save(expiring("t", 60));
+        q.saved_after(Duration::from_millis(400));
+        assert!(
+            matches!(&q.ready[0], Packet::Publish(_, Some(p)) if p.message_expiry_interval == Some(60))
+        );
     }
 
     #[test]

@@ -25,7 +25,8 @@ impl Gateway {
     /// topic back, and the client's own subscription identifier for the group in place
     /// of the group's mark, if it reached this connection through its membership of
     /// that group; `false` if not (a `#` subscription matches every copy): it is never
-    /// written.
+    /// written. Nor is a message on another of moatmq's own topics (a publish that
+    /// expired while held back, `link.rs`).
     pub(super) fn group_copy(
         &self,
         publish: &mut Publish,
@@ -33,7 +34,7 @@ impl Gateway {
     ) -> bool {
         use crate::cluster::groups::{is_copy, MARK};
         if !is_copy(&publish.topic) {
-            return true;
+            return !crate::topic::is_internal(&publish.topic);
         }
         let Some(p) = props.as_mut() else {
             return false;
