@@ -1380,3 +1380,53 @@ async fn forward_queue_bounds_what_a_node_cut_off_holds_for_the_others() {
         "lost without being counted: dropped {dropped}, crossed {crossed} of {SENT}"
     );
 }
+
+/// A node's path to NATS stalls: the connection looks up (nothing closes it) and
+/// nothing arrives. The NATS client pings only an idle connection, and this node's
+/// traffic keeps its connection busy: the node must find out itself, go unready and
+/// refuse new clients it cannot route, and come back once the path clears, crossing
+/// what it held. (It stayed ready, accepting clients, for as long as the stall.)
+#[tokio::test]
+async fn a_node_whose_path_to_nats_stalls_goes_unready_and_comes_back() {
+    let nats = Nats::start().await;
+    let b = node(&nats, "node-b", "").await;
+    let link = NatsLink::start(&nats).await;
+    let a = node_at(&link.url(), "node-a", ACL, "", |b| b).await;
+    let mut remote = login(b.first_addr(), "remote", "alice").await;
+    assert!(subscribe(&mut remote, "alice/#", QoS::AtLeastOnce).await);
+    let publ = login(a.first_addr(), "pub", "alice").await;
+
+    link.stall();
+    // Traffic through the stall, as a busy node has.
+    let traffic = {
+        let client = publ.client.clone();
+        tokio::spawn(async move {
+            for i in 0..60 {
+                let _ = client
+                    .publish("alice/t", QoS::AtMostOnce, false, i.to_string())
+                    .await;
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        })
+    };
+    wait_ready(&a, false).await;
+    // A new client is refused rather than accepted by a node that cannot route it.
+    assert_refused(a.first_addr()).await;
+    link.resume();
+    wait_ready(&a, true).await;
+    traffic.abort();
+    publ.client
+        .publish("alice/after", QoS::AtLeastOnce, false, "x")
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let p = remote
+            .publish_within(deadline - tokio::time::Instant::now())
+            .await
+            .expect("the node's traffic crosses again");
+        if p.topic == "alice/after" {
+            break;
+        }
+    }
+}

@@ -723,7 +723,11 @@ async fn messages_waiting_on_their_node_for_nats_count_that_wait_against_their_e
             .publish_within(Duration::from_secs(20))
             .await
             .unwrap_or_else(|| panic!("delivered on {node}"));
-        assert_eq!(&first.payload[..], b"long", "an expired one delivered on {node}");
+        assert_eq!(
+            &first.payload[..],
+            b"long",
+            "an expired one delivered on {node}"
+        );
         let left = first
             .properties
             .and_then(|p| p.message_expiry_interval)

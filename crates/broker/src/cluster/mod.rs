@@ -30,6 +30,7 @@ pub(crate) mod nodes;
 pub(crate) mod order;
 mod owner;
 pub(crate) mod park;
+mod probe;
 mod properties;
 mod reads;
 pub(crate) mod replay;
@@ -393,6 +394,11 @@ impl Cluster {
         );
         let origin_id = Transfer::new(&origin, 0).origin;
         tokio::spawn(output.run(queue));
+        tokio::spawn(probe::run(
+            client.clone(),
+            xfer::stream_name(&cluster.subject_prefix),
+            Arc::downgrade(&metrics),
+        ));
         let (changes, stored, queue) = sequencer::sequencer(keeping.retained_queue);
         let (checked, key_check) = watch::channel(KeyCheck::Pending);
         let relayed = sweep::Relayed::default();
