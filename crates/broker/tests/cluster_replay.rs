@@ -308,3 +308,57 @@ async fn a_publish_stored_late_through_a_stalled_path_to_nats_is_sent_again_and_
     );
     assert!(seen_on_b.publish_within(QUIET).await.is_none(), "twice");
 }
+
+/// Whoever may write to the stream stores something under the id a node's next message
+/// will have (ids are `<node>:<epoch>:<number>`, readable from the node's earlier
+/// messages): the stream then drops the node's own message as a duplicate. The node
+/// sees the duplicate, finds that the stored copy does not open, and stores its message
+/// again under a new id: it still reaches the other node. (It was acknowledged and
+/// reached no one.)
+#[tokio::test]
+async fn a_message_id_taken_first_by_someone_else_does_not_suppress_the_nodes_message() {
+    shorten_slack();
+    let nats = Nats::start().await;
+    let a = node(&nats, "node-a").await;
+    let b = node(&nats, "node-b").await;
+    let mut seen_on_b = alice(&b, "watch-b").await;
+    seen_on_b.subscribe_acked("alice/door").await;
+    let mut publ = alice(&a, "keypad").await;
+    publ.publish_acked("alice/door", false, "before").await;
+    assert_eq!(&seen_on_b.next_publish().await.payload[..], b"before");
+
+    // The id of node A's next stream message.
+    let js = async_nats::jetstream::new(nats.client().await);
+    let mut stream = js.get_stream("moatmq_xfer").await.expect("the stream");
+    let last = stream
+        .info()
+        .await
+        .expect("stream info")
+        .state
+        .last_sequence;
+    let last = stream.get_raw_message(last).await.expect("the message");
+    let id = last
+        .headers
+        .get(async_nats::header::NATS_MESSAGE_ID)
+        .expect("an id")
+        .as_str()
+        .to_string();
+    let (origin, number) = id.rsplit_once(':').expect("<node>:<epoch>:<number>");
+    let next = format!("{origin}:{}", number.parse::<u64>().unwrap() + 1);
+    let squat = async_nats::jetstream::message::PublishMessage::build()
+        .message_id(next)
+        .payload(bytes::Bytes::from_static(b"not sealed"));
+    js.send_publish("moatmq_xfer.node-a", squat)
+        .await
+        .expect("published")
+        .await
+        .expect("stored");
+
+    publ.publish_acked("alice/door", false, "open").await;
+    let got = seen_on_b
+        .publish_within(WAIT)
+        .await
+        .expect("node A's message reached node B");
+    assert_eq!(&got.payload[..], b"open");
+    assert!(seen_on_b.publish_within(QUIET).await.is_none(), "twice");
+}

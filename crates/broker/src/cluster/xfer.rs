@@ -755,14 +755,16 @@ impl Output {
                 },
                 Some(acked) = self.acks.next(), if !self.acks.is_empty() => match acked {
                     Ok(stored) => {
-                        // A copy sent before was stored: it is taken unless it may have
-                        // been stored later than the replay slack after its sealing
-                        // (half of it: room for the clocks of the node and NATS).
-                        let late = self.pending.front().is_some_and(|p| {
-                            p.resent && p.since.elapsed() > super::replay::slack() / 2
+                        // The stream holds a message of this id already. Sent again,
+                        // the copy sent before is taken unless it may have been stored
+                        // later than the replay slack after its sealing (half of it:
+                        // room for the clocks of the node and NATS). Sent once, it is
+                        // someone else's (ids are never reused): it does not open.
+                        let suspect = self.pending.front().is_some_and(|p| {
+                            !p.resent || p.since.elapsed() > super::replay::slack() / 2
                         });
                         if stored.duplicate
-                            && late
+                            && suspect
                             && !self.stored_copy_taken(stored.sequence).await
                             && !self.store_again().await
                         {
@@ -927,11 +929,12 @@ impl Output {
     }
 
     /// Whether the nodes take the copy of the first unacknowledged message that the
-    /// stream holds at `sequence`, an earlier sending of it (the one sent again was a
-    /// duplicate). Not if JetStream stored it longer after its sealing than the replay
-    /// slack (`replay.rs`): it waited through an outage in the NATS client or on a
-    /// stalled network path, and every node refuses it as a replay. Not known (the
-    /// stream cannot be read now) counts as not taken.
+    /// stream holds at `sequence` under its id (the one sent was a duplicate). Not if
+    /// JetStream stored it longer after its sealing than the replay slack
+    /// (`replay.rs`): it waited through an outage in the NATS client or on a stalled
+    /// network path, and every node refuses it as a replay; nor if it does not open
+    /// (someone with access to the stream stored a message under the id first). Not
+    /// known (the stream cannot be read now) counts as not taken.
     fn stored_copy_taken(&self, sequence: u64) -> impl std::future::Future<Output = bool> {
         // Not `self` across the reads: the output's futures are not `Sync`.
         stored_copy_taken(
@@ -954,8 +957,9 @@ impl Output {
         p.msg_id = format!("{base}~{}", p.renamed);
         tracing::warn!(
             id = p.msg_id.as_str(),
-            "cluster: the transfer stream stored a message too late for the nodes to \
-             take it (NATS was out of reach meanwhile); storing it again"
+            "cluster: the transfer stream holds a copy of a message that the nodes do \
+             not take (stored too late, NATS out of reach meanwhile, or not this \
+             node's); storing it again"
         );
         let stored = self.publish(&mut p).await.await;
         self.pending.push_front(p);
