@@ -535,8 +535,8 @@ impl Durable {
 }
 
 /// Where a stream message's id places it: `<node>:<epoch>` and the number of its first
-/// message, from `<node>:<epoch>:<number>`, or `<node>:<epoch>:<number>~<n>` for one
-/// its node stored again under a new id ([`Output::store_again`]).
+/// message, from `<node>:<epoch>:<number>`, or `<node>:<epoch>:<number>~<random>` for
+/// one its node stored again under a new id ([`Output::store_again`]).
 pub fn place_of(id: &str) -> Option<(&str, u64)> {
     let base = id.split('~').next()?;
     let (origin, number) = base.rsplit_once(':')?;
@@ -582,15 +582,13 @@ struct Pending {
     last: u64,
     /// How many messages it holds.
     count: usize,
-    /// `<node>:<epoch>:<number of its first message>`, then `~<n>` once it was stored
-    /// again under a new id ([`Output::store_again`]).
+    /// `<node>:<epoch>:<number of its first message>`, then `~<random>` once it was
+    /// stored again under a new id ([`Output::store_again`]).
     msg_id: String,
     /// Sent again after a failed acknowledgement: the stream may hold an earlier copy.
     resent: bool,
     /// When it was first sealed.
     since: Instant,
-    /// How often it was stored again under a new id.
-    renamed: u32,
     /// Its first message, encoded with the time at each sealing ([`Output::seal_now`]:
     /// sealed again, with a new time, when it is sent again), and since when it
     /// waits if it expires.
@@ -815,7 +813,6 @@ impl Output {
             msg_id,
             resent: false,
             since: Instant::now(),
-            renamed: 0,
             first: (first.envelope, first.payload, first.expiring_since),
             rest,
             sealed: None,
@@ -946,25 +943,44 @@ impl Output {
     }
 
     /// Stores the first unacknowledged message again, sealed now, under a new id (its
-    /// own with `~<n>`: the stream would drop it as a duplicate under the old one), and
-    /// waits until JetStream has it; `false` if it did not take it.
+    /// own with `~<random>`: the stream would drop it as a duplicate under the old
+    /// one), and waits until JetStream has it; `false` if it did not take it.
     async fn store_again(&mut self) -> bool {
         let Some(mut p) = self.pending.pop_front() else {
             return true;
         };
-        p.renamed += 1;
         let base = p.msg_id.split('~').next().unwrap_or_default().to_string();
-        p.msg_id = format!("{base}~{}", p.renamed);
-        tracing::warn!(
-            id = p.msg_id.as_str(),
-            "cluster: the transfer stream holds a copy of a message that the nodes do \
-             not take (stored too late, NATS out of reach meanwhile, or not this \
-             node's); storing it again"
-        );
-        let stored = self.publish(&mut p).await.await;
+        let mut stored = Err(String::new());
+        // A random id each time, so that whoever took the old one cannot take the new
+        // one first too (a duplicate again is tried again, a few times).
+        for _ in 0..3 {
+            p.msg_id = format!("{base}~{:016x}", rand::random::<u64>());
+            tracing::warn!(
+                id = p.msg_id.as_str(),
+                "cluster: the transfer stream holds a copy of a message that the nodes \
+                 do not take (stored too late, NATS out of reach meanwhile, or not this \
+                 node's); storing it again"
+            );
+            stored = self.publish(&mut p).await.await;
+            if !matches!(
+                stored,
+                Ok(Stored {
+                    duplicate: true,
+                    ..
+                })
+            ) {
+                break;
+            }
+        }
         self.pending.push_front(p);
         match stored {
-            Ok(_) => true,
+            Ok(Stored {
+                duplicate: false, ..
+            }) => true,
+            Ok(_) => {
+                tracing::error!("cluster: transfer stream: every new id was taken first");
+                false
+            }
             Err(e) => {
                 tracing::warn!("cluster: transfer stream: {e}; sending again");
                 false
@@ -1426,7 +1442,10 @@ mod tests {
     fn a_message_stored_again_under_a_new_id_keeps_its_place() {
         assert_eq!(place_of("node-a:17:42"), Some(("node-a:17", 42)));
         assert_eq!(place_of("node-a:17:42~1"), Some(("node-a:17", 42)));
-        assert_eq!(place_of("node-a:17:42~12"), Some(("node-a:17", 42)));
+        assert_eq!(
+            place_of("node-a:17:42~00ab12cd34ef5678"),
+            Some(("node-a:17", 42))
+        );
         assert_eq!(place_of("node-a:17:x"), None);
         assert_eq!(place_of("none"), None);
     }
