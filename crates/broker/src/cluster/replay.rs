@@ -85,7 +85,8 @@ pub fn check(sealed: Option<u64>, stored_ms: Option<i128>, untimed: Untimed) -> 
     let late = stored.saturating_sub(i128::from(sealed));
     if late > slack().as_millis() as i128 {
         return Err(format!(
-            "replayed: stored {} s after it was sealed",
+            "stored {} s after it was sealed: replayed, or its node's own copy that NATS \
+             stored late (a stalled or lost connection; that node sends it again)",
             late / 1000
         ));
     }
