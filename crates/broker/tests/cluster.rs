@@ -7,8 +7,8 @@
 mod cluster_support;
 
 use cluster_support::{
-    forge_transfer, node_at, node_with_acl, password, ready, transfer_plaintext, wait_ready,
-    with_key, Nats, NatsLink, CLUSTER_KEY, USERS,
+    forge_transfer, node_at, node_with_acl, password, ready, transfer_plaintext, transfer_stream,
+    wait_ready, with_key, Nats, NatsLink, CLUSTER_KEY, USERS,
 };
 use futures_util::StreamExt;
 use moatmq_testkit::{v4, TestBroker, QUIET, WAIT};
@@ -373,14 +373,6 @@ async fn puback_within(c: &mut v4::Client, wait: Duration) -> bool {
             Ok(None) | Err(_) => return false,
         }
     }
-}
-
-/// The transfer stream of the default prefix, as a NATS client sees it.
-async fn transfer_stream(nats: &Nats) -> async_nats::jetstream::stream::Stream {
-    async_nats::jetstream::new(nats.client().await)
-        .get_stream("moatmq_xfer")
-        .await
-        .expect("the transfer stream exists")
 }
 
 #[tokio::test]

@@ -12,7 +12,8 @@
 mod cluster_support;
 
 use cluster_support::{
-    forge_transfer_plain, node, node_joined, password, transfer_plaintext_at, Nats,
+    forge_transfer_plain, last_transfer_message, node, node_joined, password,
+    transfer_plaintext_at, transfer_stream, Nats,
 };
 use moatmq_testkit::{v4, TestBroker, QUIET, WAIT};
 use std::time::Duration;
@@ -30,30 +31,51 @@ async fn alice(node: &TestBroker, id: &str) -> v4::Client {
     v4::connect(o).await.expect("login")
 }
 
+/// Nodes A and B on `nats`, alice's `keypad` on A and `watch-b` on B (subscribed to
+/// `alice/door`), after `first` went from one to the other.
+struct Door {
+    a: TestBroker,
+    b: TestBroker,
+    publ: v4::Client,
+    seen_on_b: v4::Client,
+}
+
+async fn door(nats: &Nats, first: &str) -> Door {
+    let a = node(nats, "node-a").await;
+    let b = node(nats, "node-b").await;
+    let mut seen_on_b = alice(&b, "watch-b").await;
+    seen_on_b.subscribe_acked("alice/door").await;
+    let mut publ = alice(&a, "keypad").await;
+    publ.publish_acked("alice/door", false, first).await;
+    assert_eq!(
+        &seen_on_b.next_publish().await.payload[..],
+        first.as_bytes()
+    );
+    Door {
+        a,
+        b,
+        publ,
+        seen_on_b,
+    }
+}
+
 #[tokio::test]
 async fn a_transfer_message_stored_again_after_the_duplicate_window_reaches_no_one() {
     shorten_slack();
     let nats = Nats::start().await;
-    let a = node(&nats, "node-a").await;
-    let b = node(&nats, "node-b").await;
-    let mut seen_on_b = alice(&b, "watch-b").await;
-    seen_on_b.subscribe_acked("alice/door").await;
-    let mut publ = alice(&a, "keypad").await;
-    publ.publish_acked("alice/door", false, "open").await;
-    assert_eq!(&seen_on_b.next_publish().await.payload[..], b"open");
+    let Door {
+        a: _a,
+        b: _b,
+        mut publ,
+        mut seen_on_b,
+    } = door(&nats, "open").await;
 
     // The attacker copies the stream message that carried it...
     let js = async_nats::jetstream::new(nats.client().await);
-    let mut stream = js.get_stream("moatmq_xfer").await.expect("the stream");
-    let last = stream
-        .info()
-        .await
-        .expect("stream info")
-        .state
-        .last_sequence;
-    let captured = stream.get_raw_message(last).await.expect("the message");
+    let captured = last_transfer_message(&nats).await;
     assert_eq!(captured.subject.as_str(), "moatmq_xfer.node-a");
     // ...lets the duplicate window pass (shortened here rather than waited out)...
+    let mut stream = transfer_stream(&nats).await;
     let mut config = stream.info().await.expect("stream info").config.clone();
     config.duplicate_window = Duration::from_millis(500);
     js.update_stream(config).await.expect("window shortened");
@@ -319,25 +341,17 @@ async fn a_publish_stored_late_through_a_stalled_path_to_nats_is_sent_again_and_
 async fn a_message_id_taken_first_by_someone_else_does_not_suppress_the_nodes_message() {
     shorten_slack();
     let nats = Nats::start().await;
-    let a = node(&nats, "node-a").await;
-    let b = node(&nats, "node-b").await;
-    let mut seen_on_b = alice(&b, "watch-b").await;
-    seen_on_b.subscribe_acked("alice/door").await;
-    let mut publ = alice(&a, "keypad").await;
-    publ.publish_acked("alice/door", false, "before").await;
-    assert_eq!(&seen_on_b.next_publish().await.payload[..], b"before");
+    let Door {
+        a: _a,
+        b: _b,
+        mut publ,
+        mut seen_on_b,
+    } = door(&nats, "before").await;
 
     // The id of node A's next stream message.
     let js = async_nats::jetstream::new(nats.client().await);
-    let mut stream = js.get_stream("moatmq_xfer").await.expect("the stream");
-    let last = stream
-        .info()
+    let id = last_transfer_message(&nats)
         .await
-        .expect("stream info")
-        .state
-        .last_sequence;
-    let last = stream.get_raw_message(last).await.expect("the message");
-    let id = last
         .headers
         .get(async_nats::header::NATS_MESSAGE_ID)
         .expect("an id")

@@ -375,6 +375,26 @@ pub async fn wait_ready(broker: &TestBroker, want: bool) {
     }
 }
 
+/// The transfer stream of the default prefix, as a NATS client sees it.
+pub async fn transfer_stream(nats: &Nats) -> async_nats::jetstream::stream::Stream {
+    async_nats::jetstream::new(nats.client().await)
+        .get_stream("moatmq_xfer")
+        .await
+        .expect("the transfer stream exists")
+}
+
+/// The transfer stream's last message.
+pub async fn last_transfer_message(nats: &Nats) -> async_nats::jetstream::message::StreamMessage {
+    let mut stream = transfer_stream(nats).await;
+    let last = stream
+        .info()
+        .await
+        .expect("stream info")
+        .state
+        .last_sequence;
+    stream.get_raw_message(last).await.expect("the message")
+}
+
 /// The cluster's seal, as the nodes derive it, to read and forge bucket values.
 pub fn cluster_seal() -> moatmq_store::ClusterSeal {
     moatmq_store::ClusterSeal::new(
