@@ -833,15 +833,12 @@ impl Output {
         let sealed = if p.batch {
             let mut batch = Batch::new();
             batch.push(&first);
-            for message in &p.rest {
+            for message in &mut p.rest {
                 match message {
                     Gathered::Encoded(m) => batch.push(m),
                     Gathered::Expiring(envelope, payload, since) => {
-                        let envelope = Envelope {
-                            held_ms: Some(held_ms(*since)),
-                            ..envelope.clone()
-                        };
-                        batch.push(&zeroize::Zeroizing::new(encode(&envelope, payload)));
+                        envelope.held_ms = Some(held_ms(*since));
+                        batch.push(&zeroize::Zeroizing::new(encode(envelope, payload)));
                     }
                 }
             }
