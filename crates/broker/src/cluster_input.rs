@@ -13,6 +13,7 @@
 //! holds) so that the way in can use `admit` and `Shared` freely.
 
 use crate::admit::{admit_numbered, Admitted, Refused, Source};
+use crate::cluster::late_copies::{LateCopies, Refusal};
 use crate::cluster::xfer::{self, Rejected, Seen};
 use crate::cluster::*;
 use crate::inbound::Inbound;
@@ -75,6 +76,8 @@ async fn run_transfer(
     // Messages put back in their nodes' order, and the highest stream sequence read.
     let mut order: Order<(async_nats::jetstream::Message, Vec<xfer::Arrived>)> = Order::default();
     let mut taken = 0;
+    // Late refusals waiting for their nodes' replacements.
+    let mut late = LateCopies::default();
     let set_ok = |ok: bool| shared.metrics.cluster_xfer_ok.store(ok, Ordering::Release);
     // Ends with this task (the JoinHandle is dropped, the task aborted).
     let _catching_up = AbortOnDrop(tokio::spawn(catch_up(
@@ -108,13 +111,23 @@ async fn run_transfer(
         };
         set_ok(true);
         loop {
-            let message = match order.deadline() {
+            let wake = [order.deadline(), late.deadline()]
+                .into_iter()
+                .flatten()
+                .min();
+            let message = match wake {
                 Some(at) => tokio::select! {
                     m = messages.next() => m,
                     () = tokio::time::sleep_until(at) => {
-                        let due = order.due(tokio::time::Instant::now());
-                        go_on_all(shared, &info, due, through(&order, taken)).await;
-                        took_in(cluster, &order, taken);
+                        let now = tokio::time::Instant::now();
+                        for refusal in late.due(now) {
+                            refused(shared, &refusal.subject, &refusal.why);
+                        }
+                        if order.deadline().is_some_and(|d| d <= now) {
+                            let due = order.due(now);
+                            go_on_all(shared, &info, due, through(&order, taken)).await;
+                            took_in(cluster, &order, taken);
+                        }
                         continue;
                     }
                 },
@@ -127,7 +140,11 @@ async fn run_transfer(
                 Ok(message) => {
                     let seq = sequence(&message);
                     let own = Some(cluster.node.as_str());
-                    match xfer::take_in(&seal, &stream, own, untimed, &mut seen, &message) {
+                    let took = xfer::take_in(&seal, &stream, own, untimed, &mut seen, &message);
+                    if took.is_ok() {
+                        settle(shared, &mut late, &message);
+                    }
+                    match took {
                         // In its node's order (`cluster/order.rs`), then each of a
                         // batch's messages in order; one acknowledgement.
                         Ok(arrived) if !arrived.is_empty() => {
@@ -161,11 +178,19 @@ async fn run_transfer(
                         }
                         Ok(_) => ack(&message).await,
                         Err(Rejected::Refused(why)) => {
-                            tracing::error!(
-                                subject = message.subject.as_str(),
-                                "cluster: transfer message refused: {why}"
-                            );
-                            shared.metrics.cluster_state_rejected.inc();
+                            refused(shared, message.subject.as_str(), &why);
+                            ack(&message).await;
+                        }
+                        Err(Rejected::Late(why)) => {
+                            // Reported once its node had the time to store it again.
+                            let refusal = Refusal {
+                                id: xfer::message_id(&message).unwrap_or_default(),
+                                subject: message.subject.to_string(),
+                                why: why.to_string(),
+                            };
+                            if let Some(now) = late.refused(refusal, tokio::time::Instant::now()) {
+                                refused(shared, &now.subject, &now.why);
+                            }
                             ack(&message).await;
                         }
                     }
@@ -181,6 +206,34 @@ async fn run_transfer(
             }
         }
         set_ok(false);
+    }
+}
+
+/// A transfer message refused: logged and counted.
+fn refused(shared: &Shared, subject: &str, why: &str) {
+    tracing::error!(subject, "cluster: transfer message refused: {why}");
+    shared.metrics.cluster_state_rejected.inc();
+}
+
+/// `message` opened: if its node stored it again under a new id, the late copy refused
+/// before is not reported as a replay (`cluster/late_copies.rs`).
+fn settle(shared: &Shared, late: &mut LateCopies, message: &async_nats::jetstream::Message) {
+    if late.is_empty() {
+        return;
+    }
+    let Some(id) = xfer::message_id(message) else {
+        return;
+    };
+    if let Some(copy) = late.replaced(&id) {
+        tracing::warn!(
+            subject = copy.subject.as_str(),
+            late = copy.id.as_str(),
+            again = id.as_str(),
+            "cluster: a transfer message refused as stored too late was its node's own \
+             copy, stored again since and taken (the path between that node and NATS \
+             stalled)"
+        );
+        shared.metrics.cluster_late_copies_replaced.inc();
     }
 }
 

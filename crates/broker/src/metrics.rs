@@ -99,6 +99,10 @@ pub struct Metrics {
     /// stream refused (not authenticating under this node's key at their bucket and key,
     /// or stream and message id: altered, moved or foreign).
     pub cluster_state_rejected: Counter,
+    /// `[cluster]`: transfer messages refused as stored too late that their node then
+    /// stored again, each settled by its replacement rather than counted as refused
+    /// (`cluster/late_copies.rs`).
+    pub cluster_late_copies_replaced: Counter,
     /// `[cluster]`: passes over the transfer stream for sessions moving in (each one
     /// ordered consumer), shared by the moves asked at once.
     pub cluster_transfer_reads: Counter,
@@ -185,6 +189,7 @@ impl Metrics {
             cluster_received: Counter::default(),
             cluster_dropped: Counter::default(),
             cluster_state_rejected: Counter::default(),
+            cluster_late_copies_replaced: Counter::default(),
             cluster_transfer_reads: Counter::default(),
             cluster_wills_taken_over: Counter::default(),
             cluster_late_waits: Gauge::default(),
@@ -317,6 +322,11 @@ impl Metrics {
                 "cluster_state_rejected",
                 "Values of the cluster's shared state and transfer messages in NATS refused (tampered, moved or sealed under another key)",
                 m.cluster_state_rejected.clone(),
+            );
+            r.register(
+                "cluster_late_copies_replaced",
+                "Transfer messages NATS stored too late (a stalled path from their node) that their node stored again: refused, and not counted in cluster_state_rejected",
+                m.cluster_late_copies_replaced.clone(),
             );
             r.register(
                 "cluster_transfer_reads",

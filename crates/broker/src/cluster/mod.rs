@@ -24,6 +24,7 @@ pub(crate) mod groups;
 pub(crate) mod handoff;
 mod handoff_value;
 pub(crate) mod late;
+pub(crate) mod late_copies;
 mod late_waits;
 mod markers;
 pub(crate) mod nodes;

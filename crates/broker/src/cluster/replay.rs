@@ -70,27 +70,49 @@ pub(super) fn slack() -> Duration {
 /// if unknown) and sealed at `sealed` (the sealing node's clock) is not taken: stored
 /// more than the slack after it was sealed (a replay), or without the time unless
 /// `untimed` accepts that.
-pub fn check(sealed: Option<u64>, stored_ms: Option<i128>, untimed: Untimed) -> Result<(), String> {
+pub fn check(sealed: Option<u64>, stored_ms: Option<i128>, untimed: Untimed) -> Result<(), Stale> {
     let Some(sealed) = sealed else {
         return match untimed {
             Untimed::Accept => Ok(()),
-            Untimed::Refuse => Err("no sealing time (from a release before it, or a replay of \
-                 such a value; [cluster] accept_untimed takes them during an upgrade)"
-                .into()),
+            Untimed::Refuse => Err(Stale::Untimed(
+                "no sealing time (from a release before it, or a replay of such a value; \
+                 [cluster] accept_untimed takes them during an upgrade)",
+            )),
         };
     };
     let Some(stored) = stored_ms else {
-        return Err("no time JetStream stored it".into());
+        return Err(Stale::Untimed("no time JetStream stored it"));
     };
     let late = stored.saturating_sub(i128::from(sealed));
     if late > slack().as_millis() as i128 {
-        return Err(format!(
-            "stored {} s after it was sealed: replayed, or its node's own copy that NATS \
-             stored late (a stalled or lost connection; that node sends it again)",
-            late / 1000
-        ));
+        return Err(Stale::Late { ms: late });
     }
     Ok(())
+}
+
+/// Why [`check`] refused a value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stale {
+    /// Stored this many milliseconds after it was sealed, more than the slack: a
+    /// replay, or (a transfer message) its node's own copy that NATS stored late, which
+    /// that node then stores again under a new id (`xfer::Output::store_again`).
+    Late { ms: i128 },
+    /// Without the time it was sealed, or JetStream stored it.
+    Untimed(&'static str),
+}
+
+impl std::fmt::Display for Stale {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Stale::Late { ms } => write!(
+                f,
+                "stored {} s after it was sealed: replayed, or a copy that NATS stored late \
+                 (a stalled or lost connection) and its node did not replace",
+                ms / 1000
+            ),
+            Stale::Untimed(why) => f.write_str(why),
+        }
+    }
 }
 
 /// [`check`] for a KV value (a retained value, a will). One without the time, of
@@ -99,7 +121,7 @@ pub fn check(sealed: Option<u64>, stored_ms: Option<i128>, untimed: Untimed) -> 
 /// written since): taken, whatever `accept_untimed` says. Only timed values are
 /// protected from being put back (docs/cluster.md, "Replays").
 pub fn check_kv(sealed: Option<u64>, stored_ms: Option<i128>) -> Result<(), String> {
-    check(sealed, stored_ms, Untimed::Accept)
+    check(sealed, stored_ms, Untimed::Accept).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
@@ -118,6 +140,11 @@ mod tests {
         assert!(taken(at(slack)), "at the slack");
         assert!(taken(at(-5_000)), "the node's clock ahead of NATS");
         assert!(!taken(at(slack + 1)), "after the slack");
+        assert_eq!(
+            check(Some(SEALED), at(slack + 1), Untimed::Refuse),
+            Err(Stale::Late { ms: slack + 1 }),
+            "told from a value without the time"
+        );
         assert!(!taken(at(window)), "a replay past the duplicate window");
         assert!(!taken(None), "no time JetStream stored it");
         // A timed value is checked whatever `untimed` says.

@@ -192,6 +192,10 @@ pub enum Rejected {
     Own,
     /// Not sealed by a node of this cluster for this stream and id, or malformed.
     Refused(String),
+    /// Stored longer after its sealing than the replay slack (`replay.rs`): a replay,
+    /// or its node's own copy that NATS stored late, which that node then stores again
+    /// under `<its id>~<random>` ([`Output::store_again`]).
+    Late(super::replay::Stale),
 }
 
 /// The messages of the stream message on `subject` with message id `msg_id` (one, or
@@ -219,7 +223,10 @@ fn fresh(
     untimed: Untimed,
 ) -> Result<Vec<(Envelope, Bytes)>, Rejected> {
     let sealed = opened.first().and_then(|(e, _)| e.sealed);
-    super::replay::check(sealed, at.stored_ms(), untimed).map_err(Rejected::Refused)?;
+    super::replay::check(sealed, at.stored_ms(), untimed).map_err(|stale| match stale {
+        super::replay::Stale::Late { .. } => Rejected::Late(stale),
+        super::replay::Stale::Untimed(_) => Rejected::Refused(stale.to_string()),
+    })?;
     Ok(opened)
 }
 
@@ -1300,15 +1307,27 @@ mod tests {
             opens(Some(SEALED as i128 - 5_000)),
             "the node's clock ahead"
         );
+        let late = |stored_ms| {
+            matches!(
+                open(&seal, "m_xfer", "b", at(stored_ms), Untimed::Refuse),
+                Err(Rejected::Late(_))
+            )
+        };
         assert!(
-            !opens(Some(SEALED as i128 + slack + 1)),
+            late(Some(SEALED as i128 + slack + 1)),
             "stored after the slack"
         );
         assert!(
-            !opens(Some(SEALED as i128 + DUPLICATE_WINDOW.as_millis() as i128)),
+            late(Some(SEALED as i128 + DUPLICATE_WINDOW.as_millis() as i128)),
             "a replay past the stream's duplicate window"
         );
-        assert!(!opens(None), "no time JetStream stored it");
+        assert!(
+            matches!(
+                open(&seal, "m_xfer", "b", at(None), Untimed::Refuse),
+                Err(Rejected::Refused(_))
+            ),
+            "no time JetStream stored it"
+        );
 
         // A batch is as fresh as its first message's time.
         let mut batch = Batch::new();
