@@ -1068,3 +1068,38 @@ async fn a_pubrel_owed_comes_again_after_a_reconnect_and_a_restart() {
         "completed for good"
     );
 }
+
+/// A QoS 2 message stored while its session was offline and replayed after a restart
+/// (the gateway's own delivery, not the router's), whose PUBREC came and whose PUBCOMP
+/// did not: after another restart the PUBREL comes again under its packet id, not the
+/// message (the client may have completed the exchange, and would take a PUBLISH under
+/// that id as a new message: delivered twice).
+#[tokio::test]
+async fn a_pubrel_owed_for_a_replayed_message_comes_again_after_a_restart() {
+    let broker = broker_with_store(0).await;
+    let addr = broker.first_addr();
+    let mut sub = ledger_subscriber(addr).await;
+    sub.send(&wire::frame(0xE0, &[])).await;
+    assert!(sub.frame_within(WAIT).await.is_none(), "closed");
+    publish_qos2(addr, b"queued").await;
+    let broker = broker.restart().await;
+    let mut sub = raw_persistent(broker.first_addr(), "ledger").await;
+    let (payload, pkid, _) = qos2_publish(&mut sub).await;
+    assert_eq!(payload, b"queued");
+    sub.send(&wire::ack(wire::first::PUBREC, pkid)).await;
+    let rel = sub.frame_within(WAIT).await.expect("PUBREL");
+    let pubrel = (wire::first::PUBREL, pkid.to_be_bytes().to_vec());
+    assert_eq!((rel.first, rel.body[..2].to_vec()), pubrel);
+
+    let broker = broker.restart().await;
+    drop(sub);
+    let mut sub = raw_persistent(broker.first_addr(), "ledger").await;
+    let f = sub.frame_within(WAIT).await.expect("a packet");
+    assert_eq!(
+        (f.first, f.body[..2].to_vec()),
+        pubrel,
+        "the PUBREL owed, not the message again"
+    );
+    sub.send(&wire::ack(wire::first::PUBCOMP, pkid)).await;
+    assert!(sub.frame_within(QUIET).await.is_none(), "nothing else");
+}

@@ -163,6 +163,7 @@ enum Job {
     Sent(SessionKey, u16, QueuedMessage),
     Acked(SessionKey, u16),
     Received(SessionKey, u16),
+    Released(SessionKey, u64),
     Completed(SessionKey, u16),
     Resent(SessionKey, u64, u16),
     Resume(SessionKey, oneshot::Sender<Resumed>),
@@ -363,6 +364,7 @@ impl SessionBook {
                 metrics: metrics.clone(),
                 fail_commits: cfg!(feature = "test-hooks")
                     && std::env::var_os("MOATMQ_TEST_SESSION_COMMIT_FAIL").is_some(),
+                commit_delay: commit_delay(),
                 park: None,
                 unparked: Vec::new(),
             })),
@@ -623,6 +625,13 @@ impl SessionBook {
         self.send(Job::Received(key.clone(), pkid));
     }
 
+    /// The client's PUBREC for the stored message `id` of `key`, replayed by the
+    /// gateway: its PUBREL is sent again after a restart, not the message, until the
+    /// PUBCOMP completes it ([`SessionBook::complete`]).
+    pub fn released(&self, key: &SessionKey, id: u64) {
+        self.send(Job::Released(key.clone(), id));
+    }
+
     /// The client's PUBCOMP for the router's PUBREL `pkid`.
     pub fn completed(&self, key: &SessionKey, pkid: u16) {
         self.send(Job::Completed(key.clone(), pkid));
@@ -779,6 +788,9 @@ struct Writer {
     /// Test hook (`test-hooks` and `MOATMQ_TEST_SESSION_COMMIT_FAIL`): every commit fails,
     /// as on a full or read-only disk.
     fail_commits: bool,
+    /// Test hook (`test-hooks` and `MOATMQ_TEST_SESSION_COMMIT_DELAY_MS`): every commit
+    /// takes this much longer, as on a slow disk.
+    commit_delay: Duration,
     /// A cluster node's park task ([`SessionBook::park_feed`]).
     park: Option<tokio::sync::mpsc::UnboundedSender<ParkEvent>>,
     /// Changes for the park task waiting for the commit that makes them durable.
@@ -894,6 +906,7 @@ impl Writer {
             error!("session store commit failed (test hook)");
             return false;
         }
+        std::thread::sleep(self.commit_delay);
         match self.store.commit() {
             Ok(_) => {
                 let stats = self.store.stats();
@@ -1001,6 +1014,7 @@ impl Writer {
                     None => Ok(()),
                 }
             }
+            Job::Released(key, id) => self.store.mark_released(&key, id).map(drop),
             Job::Completed(key, pkid) => {
                 match self.released.get_mut(&key).and_then(|m| m.remove(&pkid)) {
                     Some(id) => self.store.complete(&key, id).map(drop),
@@ -1511,6 +1525,17 @@ fn take_one(counts: &mut HashMap<u64, u32>, hash: u64) -> bool {
         }
         None => false,
     }
+}
+
+/// [`Writer::commit_delay`]: none unless a test asks for it.
+fn commit_delay() -> Duration {
+    if !cfg!(feature = "test-hooks") {
+        return Duration::ZERO;
+    }
+    std::env::var("MOATMQ_TEST_SESSION_COMMIT_DELAY_MS")
+        .ok()
+        .and_then(|ms| ms.parse().ok())
+        .map_or(Duration::ZERO, Duration::from_millis)
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -425,7 +425,10 @@ impl Gateway {
                                     PubRecReason::Success | PubRecReason::NoMatchingSubscribers
                                 ) =>
                             {
-                                book.received(key, r.pkid)
+                                // The router's PUBREL follows: written once this is
+                                // committed (autosave_interval = 0).
+                                book.received(key, r.pkid);
+                                self.qos2_state_changed();
                             }
                             Packet::PubRec(r, _) => book.acked(key, r.pkid),
                             Packet::PubComp(c, _) => book.completed(key, c.pkid),

@@ -183,6 +183,10 @@ pub struct Gateway {
     session: SessionPart,
     /// Packets for the client, until the next socket write.
     out: Output,
+    /// With `autosave_interval = 0`, a persistent session's QoS 2 delivery state
+    /// changed (a forward sent under a packet id, or released) and is not committed
+    /// yet: the next write to the client waits for the commit ([`Gateway::saved_qos2`]).
+    unsaved_qos2: bool,
     /// The router link.
     link: RouterLink,
     /// Packets for the router, in the order it must see them.
@@ -316,6 +320,7 @@ impl Gateway {
             acl,
             session,
             out: Output::new(version),
+            unsaved_qos2: false,
             link,
             to_router,
             ledger,
@@ -598,6 +603,7 @@ impl Gateway {
                 // Every publish admitted so far is with the router.
                 self.admitting = None;
             }
+            self.saved_qos2().await;
             match self.out.flush(writer, replaced.as_mut()).await {
                 Ok(n) => self.shared.metrics.bytes_out.inc_by(n as u64),
                 Err(close) => return close,
@@ -670,6 +676,30 @@ impl Gateway {
                     }
                 }
             }
+        }
+    }
+
+    /// A persistent session's QoS 2 delivery state changed in the session store:
+    /// with `autosave_interval = 0` it is committed before the next write to the
+    /// client, so that a crash after the client got the PUBLISH (or the PUBREL) cannot
+    /// make the broker send it again as a new message (or the message again under a
+    /// packet id the client has completed and reuses for new ones): exactly once.
+    pub(super) fn qos2_state_changed(&mut self) {
+        if self.shared.durable.as_ref().is_some_and(|b| b.is_sync()) {
+            self.unsaved_qos2 = true;
+        }
+    }
+
+    /// Waits for the commit [`Gateway::qos2_state_changed`] asked for, if any (one
+    /// commit for everything a turn wrote; grouped with every other change waiting).
+    async fn saved_qos2(&mut self) {
+        if !std::mem::take(&mut self.unsaved_qos2) {
+            return;
+        }
+        if let Some(book) = &self.shared.durable {
+            // A failed commit is logged by the store's writer; the client still gets
+            // its messages (at least once, then).
+            let _ = book.commit().await;
         }
     }
 

@@ -97,6 +97,9 @@ impl Gateway {
                     (copy, &self.shared.durable, &self.session.key)
                 {
                     book.sent(key, pkid, as_queued(&topic, &payload, qos, props.as_ref()));
+                    if qos == QoS::ExactlyOnce {
+                        self.qos2_state_changed();
+                    }
                 }
                 self.to_router.delivered(pkid)
             }

@@ -82,8 +82,9 @@ pub(super) enum OwnAck {
     NotOurs,
     /// Ours, and done with (a stored message: this id in the session store).
     Done(Option<u64>),
-    /// Ours: a PUBREC, to be answered with this PUBREL.
-    Release(u16),
+    /// Ours: a PUBREC, to be answered with this PUBREL (of a stored message: this id
+    /// in the session store, which records it released first).
+    Release(u16, Option<u64>),
 }
 
 impl RetainedFeed {
@@ -239,7 +240,7 @@ impl RetainedFeed {
         };
         if let (Some(true), OwnState::Sent) = (rec_success, state) {
             self.inflight.insert(pkid, (OwnState::Released, stored));
-            return OwnAck::Release(pkid);
+            return OwnAck::Release(pkid, stored);
         }
         self.inflight.remove(&pkid);
         OwnAck::Done(stored)
@@ -388,6 +389,9 @@ impl Gateway {
                         // Stored with the id it went under: the next replay uses it.
                         if let (Some(book), Some(key)) = (&self.shared.durable, &self.session.key) {
                             book.resent(key, r.id, pkid);
+                            if qos == QoS::ExactlyOnce {
+                                self.qos2_state_changed();
+                            }
                         }
                     }
                 }
@@ -416,7 +420,15 @@ impl Gateway {
                 self.release_held()?;
                 Ok(true)
             }
-            OwnAck::Release(pkid) => {
+            OwnAck::Release(pkid, stored) => {
+                // The client has the message: after a restart it gets this PUBREL
+                // again, not the message (it may have completed the exchange).
+                if let (Some(id), Some(book), Some(key)) =
+                    (stored, &self.shared.durable, &self.session.key)
+                {
+                    book.released(key, id);
+                    self.qos2_state_changed();
+                }
                 let rel = PubRel {
                     pkid,
                     reason: PubRelReason::Success,
@@ -536,7 +548,7 @@ mod tests {
         };
         assert_eq!(
             feed.client_ack(&Packet::PubRec(rec, None)),
-            OwnAck::Release(id)
+            OwnAck::Release(id, None)
         );
         let comp = || {
             let reason = PubCompReason::Success;
