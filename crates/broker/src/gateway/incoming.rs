@@ -377,6 +377,10 @@ impl Gateway {
             Packet::PubRel(rel, _) => {
                 if let (Some(book), Some(key)) = (&self.shared.durable, &self.session.key) {
                     book.qos2_in_done(key, rel.pkid);
+                    // Its PUBCOMP goes out once that is stored: a crash before would
+                    // leave the packet id pending, and the client's next message under
+                    // it (its exchange complete) would be taken for a resend and lost.
+                    self.qos2_state_changed();
                 }
                 let reason = match self.ledger.release(rel.pkid) {
                     Release::Ours => PubCompReason::Success,
