@@ -112,3 +112,36 @@ async fn the_pubcomp_of_an_incoming_qos_2_exchange_goes_out_once_it_is_stored() 
         "the PUBCOMP went out while the store still had the exchange pending"
     );
 }
+
+/// Told its session is present, a client does not subscribe again: a SUBACK given
+/// before the subscription is stored, then a crash, would leave it subscribed to
+/// nothing.
+#[tokio::test]
+async fn a_persistent_sessions_suback_and_unsuback_go_out_once_stored() {
+    let broker = broker().await;
+    let mut sub = persistent(broker.first_addr(), "alarm-panel").await;
+    let filters = || {
+        stored_session(&broker, "alarm-panel")
+            .meta
+            .subscriptions
+            .into_keys()
+            .collect::<Vec<_>>()
+    };
+    sub.send(&wire::subscribe(Version::V4, 1, &[(b"alarm/#", 1)]))
+        .await;
+    let f = sub.frame_within(WAIT).await.expect("SUBACK");
+    assert_eq!(f.first, wire::first::SUBACK);
+    assert_eq!(
+        filters(),
+        vec!["alarm/#".to_string()],
+        "the SUBACK went out before the subscription was stored"
+    );
+    sub.send(&wire::unsubscribe(Version::V4, 2, &[b"alarm/#"]))
+        .await;
+    let f = sub.frame_within(WAIT).await.expect("UNSUBACK");
+    assert_eq!(f.first, wire::first::UNSUBACK);
+    assert!(
+        filters().is_empty(),
+        "the UNSUBACK went out before it was stored"
+    );
+}

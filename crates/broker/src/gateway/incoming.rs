@@ -380,7 +380,7 @@ impl Gateway {
                     // Its PUBCOMP goes out once that is stored: a crash before would
                     // leave the packet id pending, and the client's next message under
                     // it (its exchange complete) would be taken for a resend and lost.
-                    self.qos2_state_changed();
+                    self.save_before_writing();
                 }
                 let reason = match self.ledger.release(rel.pkid) {
                     Release::Ours => PubCompReason::Success,
@@ -432,7 +432,7 @@ impl Gateway {
                                 // The router's PUBREL follows: written once this is
                                 // committed (autosave_interval = 0).
                                 book.received(key, r.pkid);
-                                self.qos2_state_changed();
+                                self.save_before_writing();
                             }
                             Packet::PubRec(r, _) => book.acked(key, r.pkid),
                             Packet::PubComp(c, _) => book.completed(key, c.pkid),
@@ -572,6 +572,8 @@ impl Gateway {
         self.options.refresh(&self.session.subscriptions);
         if let (Some(book), Some(key)) = (&self.shared.durable, &self.session.key) {
             book.update(key, self.session.meta(self.version));
+            // Its SUBACK or UNSUBACK goes out once that is stored.
+            self.save_before_writing();
         }
     }
 

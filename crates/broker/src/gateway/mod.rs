@@ -183,10 +183,10 @@ pub struct Gateway {
     session: SessionPart,
     /// Packets for the client, until the next socket write.
     out: Output,
-    /// With `autosave_interval = 0`, a persistent session's QoS 2 delivery state
-    /// changed (a forward sent under a packet id, or released) and is not committed
-    /// yet: the next write to the client waits for the commit ([`Gateway::saved_qos2`]).
-    unsaved_qos2: bool,
+    /// With `autosave_interval = 0`, a persistent session's state that the next
+    /// packets to the client depend on changed and is not committed yet: the next write
+    /// to the client waits for the commit ([`Gateway::save_before_writing`]).
+    unsaved: bool,
     /// The router link.
     link: RouterLink,
     /// Packets for the router, in the order it must see them.
@@ -320,7 +320,7 @@ impl Gateway {
             acl,
             session,
             out: Output::new(version),
-            unsaved_qos2: false,
+            unsaved: false,
             link,
             to_router,
             ledger,
@@ -603,7 +603,7 @@ impl Gateway {
                 // Every publish admitted so far is with the router.
                 self.admitting = None;
             }
-            self.saved_qos2().await;
+            self.saved_first().await;
             match self.out.flush(writer, replaced.as_mut()).await {
                 Ok(n) => self.shared.metrics.bytes_out.inc_by(n as u64),
                 Err(close) => return close,
@@ -679,21 +679,26 @@ impl Gateway {
         }
     }
 
-    /// A persistent session's QoS 2 delivery state changed in the session store:
-    /// with `autosave_interval = 0` it is committed before the next write to the
-    /// client, so that a crash after the client got the PUBLISH (or the PUBREL) cannot
-    /// make the broker send it again as a new message (or the message again under a
-    /// packet id the client has completed and reuses for new ones): exactly once.
-    pub(super) fn qos2_state_changed(&mut self) {
+    /// A persistent session's state changed in the session store in a way the next
+    /// packets to the client tell it about: with `autosave_interval = 0` it is committed
+    /// before the next write to the client, so that a crash after the client got them
+    /// cannot undo what they said. A QoS 2 forward sent (or replayed under a new packet
+    /// id) or released: else sent again as a new message, or the message again under a
+    /// packet id the client has completed (exactly once). An incoming exchange
+    /// completed (its PUBCOMP): else its packet id stays pending and the client's next
+    /// message under it is taken for a resend and lost. Subscriptions changed (their
+    /// SUBACK/UNSUBACK): else the client, told its session is present, never
+    /// subscribes again and gets nothing.
+    pub(super) fn save_before_writing(&mut self) {
         if self.shared.durable.as_ref().is_some_and(|b| b.is_sync()) {
-            self.unsaved_qos2 = true;
+            self.unsaved = true;
         }
     }
 
-    /// Waits for the commit [`Gateway::qos2_state_changed`] asked for, if any (one
+    /// Waits for the commit [`Gateway::save_before_writing`] asked for, if any (one
     /// commit for everything a turn wrote; grouped with every other change waiting).
-    async fn saved_qos2(&mut self) {
-        if !std::mem::take(&mut self.unsaved_qos2) {
+    async fn saved_first(&mut self) {
+        if !std::mem::take(&mut self.unsaved) {
             return;
         }
         if let Some(book) = &self.shared.durable {

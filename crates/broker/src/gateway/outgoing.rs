@@ -98,7 +98,7 @@ impl Gateway {
                 {
                     book.sent(key, pkid, as_queued(&topic, &payload, qos, props.as_ref()));
                     if qos == QoS::ExactlyOnce {
-                        self.qos2_state_changed();
+                        self.save_before_writing();
                     }
                 }
                 self.to_router.delivered(pkid)

@@ -390,7 +390,7 @@ impl Gateway {
                         if let (Some(book), Some(key)) = (&self.shared.durable, &self.session.key) {
                             book.resent(key, r.id, pkid);
                             if qos == QoS::ExactlyOnce {
-                                self.qos2_state_changed();
+                                self.save_before_writing();
                             }
                         }
                     }
@@ -427,7 +427,7 @@ impl Gateway {
                     (stored, &self.shared.durable, &self.session.key)
                 {
                     book.released(key, id);
-                    self.qos2_state_changed();
+                    self.save_before_writing();
                 }
                 let rel = PubRel {
                     pkid,
