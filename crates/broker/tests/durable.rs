@@ -622,6 +622,65 @@ async fn an_incoming_qos_2_exchange_completes_exactly_once_across_a_restart() {
     );
 }
 
+/// The session store can be behind the client: with `autosave_interval` above 0 a
+/// crash after a QoS 2 exchange's PUBCOMP and before the next save leaves its packet id
+/// pending (here: a restart between PUBREC and PUBREL, the client then behaving as one
+/// that completed the exchange). The client's next message under that id, sent as new
+/// (no DUP: a resend always has it, MQTT-3.3.1-1), is a new message: delivered, not
+/// answered as a resend and lost (it was, before).
+#[tokio::test]
+async fn a_new_message_under_a_packet_id_the_store_still_holds_is_delivered() {
+    let broker = broker_with_store(0).await;
+    let addr = broker.first_addr();
+    let mut payer = raw_persistent(addr, "payer").await;
+    let first = wire::Publish::new(Version::V4, b"pay/1", b"100 EUR").qos(2, 7);
+    payer.send(&first.encode()).await;
+    assert_eq!(
+        payer.frame_within(WAIT).await.expect("PUBREC").first,
+        wire::first::PUBREC
+    );
+
+    let broker = broker.restart().await;
+    let addr = broker.first_addr();
+    let mut watcher = v4::connected(addr, "watcher").await;
+    watcher.subscribe_acked("pay/#").await;
+    let mut payer = raw_persistent(addr, "payer").await;
+    let next = wire::Publish::new(Version::V4, b"pay/2", b"5 EUR").qos(2, 7);
+    payer.send(&next.encode()).await;
+    let rec = payer.frame_within(WAIT).await.expect("PUBREC");
+    assert_eq!(
+        (rec.first, &rec.body[..2]),
+        (wire::first::PUBREC, &[0, 7][..])
+    );
+    let got = watcher
+        .publish_within(WAIT)
+        .await
+        .expect("the new message under packet id 7 was taken for a resend");
+    assert_eq!(&got.payload[..], b"5 EUR");
+    payer.send(&wire::ack(wire::first::PUBREL, 7)).await;
+    assert_eq!(
+        payer.frame_within(WAIT).await.expect("PUBCOMP").first,
+        wire::first::PUBCOMP
+    );
+    // Resent with DUP (its PUBREC lost), the new one is not delivered twice.
+    let mut again = wire::Publish::new(Version::V4, b"pay/3", b"1 EUR")
+        .qos(2, 8)
+        .encode();
+    payer.send(&again).await;
+    assert_eq!(
+        payer.frame_within(WAIT).await.expect("PUBREC").first,
+        wire::first::PUBREC
+    );
+    again[0] |= 0x08;
+    payer.send(&again).await;
+    assert_eq!(
+        payer.frame_within(WAIT).await.expect("PUBREC").first,
+        wire::first::PUBREC
+    );
+    assert_eq!(&watcher.next_publish().await.payload[..], b"1 EUR");
+    assert!(watcher.publish_within(QUIET).await.is_none(), "twice");
+}
+
 #[tokio::test]
 async fn a_delayed_will_survives_a_restart_unless_its_client_comes_back() {
     let broker = broker_with_store(0).await;

@@ -30,12 +30,12 @@ impl Gateway {
     pub(super) fn incoming(
         &mut self,
         packet: Packet,
-        header: Option<(QoS, u16)>,
+        header: Option<(QoS, u16, bool)>,
     ) -> Result<(), Close> {
         let limits = &self.shared.config.limits;
         match packet {
             Packet::Publish(mut publish, mut props) => {
-                let (qos, pkid) = header.unwrap_or((QoS::AtMostOnce, 0));
+                let (qos, pkid, dup) = header.unwrap_or((QoS::AtMostOnce, 0, false));
                 self.resolve_alias(&mut publish, &mut props)?;
                 let limits = &self.shared.config.limits;
                 let Ok(topic) = std::str::from_utf8(&publish.topic) else {
@@ -55,7 +55,7 @@ impl Gateway {
                         "subscription identifier in PUBLISH",
                     ));
                 }
-                if self.ledger.is_resend(qos, pkid) {
+                if self.ledger.is_resend(qos, pkid, dup) {
                     // A resend before PUBREL: the router has it already (MQTT-4.3.3-10:
                     // not delivered twice). Its PUBREC is ours to repeat.
                     let rec = PubRec {

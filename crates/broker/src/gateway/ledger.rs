@@ -34,6 +34,10 @@ pub(super) struct Ledger {
     /// waits in the router's memory for its PUBREL, or admitted before a reconnect or
     /// restart: PUBREL not yet received, our PUBCOMP owed.
     restored: HashSet<u16>,
+    /// Those of `restored` from before this connection (the session store's, after a
+    /// reconnect, a restart or a move), until the client sends them again with DUP:
+    /// the store may be behind the client ([`Ledger::is_resend`]).
+    carried: HashSet<u16>,
 }
 
 impl Ledger {
@@ -44,13 +48,33 @@ impl Ledger {
             open: HashSet::new(),
             refused: HashSet::new(),
             restored: HashSet::new(),
+            carried: HashSet::new(),
         }
     }
 
     /// A QoS 2 PUBLISH admitted already, sent again before its PUBREL: its PUBREC is
-    /// ours to repeat, and it must not reach the router twice.
-    pub(super) fn is_resend(&self, qos: QoS, pkid: u16) -> bool {
-        qos == QoS::ExactlyOnce && self.restored.contains(&pkid)
+    /// ours to repeat, and it must not reach the router twice. One under the id of an
+    /// exchange carried from before this connection is a resend only with DUP (as a
+    /// client sets it on every resend, MQTT-3.3.1-1): without, the client completed
+    /// that exchange where the session store did not record it (a crash with
+    /// `autosave_interval` above 0 after the PUBCOMP, before the next save), and this
+    /// is a new message, which taken for a resend would be acknowledged and lost.
+    pub(super) fn is_resend(&mut self, qos: QoS, pkid: u16, dup: bool) -> bool {
+        if qos != QoS::ExactlyOnce || !self.restored.contains(&pkid) {
+            return false;
+        }
+        if self.carried.remove(&pkid) && !dup {
+            self.restored.remove(&pkid);
+            return false;
+        }
+        true
+    }
+
+    /// The QoS 2 PUBLISH `pkid` of this session went in before this connection (the
+    /// session store remembers it): [`Ledger::restore`], until the client confirms it.
+    pub(super) fn carry(&mut self, pkid: u16) {
+        self.restored.insert(pkid);
+        self.carried.insert(pkid);
     }
 
     /// The QoS 2 PUBLISH `pkid` of this session went in (now, or before it reconnected
@@ -88,6 +112,7 @@ impl Ledger {
 
     /// The client's PUBREL for `pkid`: who answers it.
     pub(super) fn release(&mut self, pkid: u16) -> Release {
+        self.carried.remove(&pkid);
         if self.refused.remove(&pkid) || self.restored.remove(&pkid) {
             Release::Ours
         } else {
@@ -165,13 +190,13 @@ mod tests {
         let mut l = Ledger::new(Some(10));
         l.restore(1);
         l.refuse(2);
-        assert!(l.is_resend(QoS::ExactlyOnce, 1));
+        assert!(l.is_resend(QoS::ExactlyOnce, 1, true));
         assert!(
-            !l.is_resend(QoS::AtLeastOnce, 1),
+            !l.is_resend(QoS::AtLeastOnce, 1, true),
             "QoS 1 resends are delivered"
         );
         assert_eq!(l.release(1), Release::Ours);
-        assert!(!l.is_resend(QoS::ExactlyOnce, 1), "released");
+        assert!(!l.is_resend(QoS::ExactlyOnce, 1, true), "released");
         assert_eq!(l.release(1), Release::Unknown, "a second PUBREL");
         assert_eq!(l.release(2), Release::Ours);
         assert_eq!(l.release(3), Release::Unknown);
@@ -182,11 +207,37 @@ mod tests {
         let mut l = Ledger::new(None);
         l.restore(9);
         assert!(
-            l.is_resend(QoS::ExactlyOnce, 9),
+            l.is_resend(QoS::ExactlyOnce, 9, true),
             "a resent PUBLISH gets PUBREC only"
         );
         assert_eq!(l.release(9), Release::Ours);
-        assert!(!l.is_resend(QoS::ExactlyOnce, 9));
+        assert!(!l.is_resend(QoS::ExactlyOnce, 9, true));
         assert_eq!(l.release(9), Release::Unknown);
+    }
+
+    #[test]
+    fn a_carried_exchange_is_resent_only_with_dup() {
+        let mut l = Ledger::new(None);
+        l.carry(7);
+        l.carry(8);
+        l.restore(9);
+        // A resend of a carried exchange comes with DUP: not admitted again.
+        assert!(l.is_resend(QoS::ExactlyOnce, 7, true));
+        assert!(
+            l.is_resend(QoS::ExactlyOnce, 7, false),
+            "confirmed: live now"
+        );
+        // Without DUP under a carried id: a new message, the old exchange gone.
+        assert!(!l.is_resend(QoS::ExactlyOnce, 8, false));
+        assert!(!l.is_ours(8));
+        assert_eq!(l.release(8), Release::Unknown);
+        // Admitted in this connection: a resend with or without DUP.
+        assert!(l.is_resend(QoS::ExactlyOnce, 9, false));
+        assert!(
+            !l.is_resend(QoS::AtLeastOnce, 9, true),
+            "QoS 1 is never one"
+        );
+        assert_eq!(l.release(7), Release::Ours);
+        assert!(!l.is_resend(QoS::ExactlyOnce, 7, true), "completed");
     }
 }

@@ -17,7 +17,7 @@
 //! client's QoS 2 publish it completes the PUBREC/PUBREL/PUBCOMP exchange itself.
 
 use crate::codec::{
-    clear_dup, codec_for, publish_header, refuse_before_decode, short_v5_disconnect, Version,
+    clear_dup, codec_for, publish_header, refuse_before_decode, short_v5_disconnect, Version, DUP,
 };
 use crate::durable::Resumed;
 use crate::event::Event;
@@ -247,7 +247,7 @@ impl Gateway {
         retained.replay(resumed.replay);
         let mut ledger = Ledger::new(receive_max);
         for pkid in resumed.qos2_in {
-            ledger.restore(pkid);
+            ledger.carry(pkid);
         }
         let counted = sys::Counted::new(
             shared.metrics.subscriptions.clone(),
@@ -884,8 +884,10 @@ impl Gateway {
                 return Ok(());
             }
             // QoS and packet id are private in rumqttd's Publish: read them off the wire.
-            let header = publish_header(buf);
-            // A client's DUP stays with it (codec.rs).
+            // A client's DUP stays with it (codec.rs), told only to the ledger (a
+            // resend of an exchange from before this connection, `ledger.rs`).
+            let dup = buf.first().is_some_and(|&b| b & DUP != 0);
+            let header = publish_header(buf).map(|(qos, pkid)| (qos, pkid, dup));
             clear_dup(&mut buf[..]);
             if let Some(kind) = refuse_before_decode(buf) {
                 // rumqttd's v5 decoder panics on these; a client never sends them.
