@@ -603,7 +603,16 @@ impl Gateway {
                 // Every publish admitted so far is with the router.
                 self.admitting = None;
             }
-            self.saved_first().await;
+            // What the session store must hold first; a disk slow to commit does not
+            // hold up a takeover or a shutdown (nothing of it was written yet).
+            if self.unsaved {
+                tokio::select! {
+                    biased;
+                    () = self.saved_first() => {}
+                    _ = &mut shutting_down => return Close::Shutdown,
+                    _ = &mut replaced => return Close::Replaced,
+                }
+            }
             match self.out.flush(writer, replaced.as_mut()).await {
                 Ok(n) => self.shared.metrics.bytes_out.inc_by(n as u64),
                 Err(close) => return close,
