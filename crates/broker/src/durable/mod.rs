@@ -181,6 +181,7 @@ enum Job {
         oneshot::Sender<Option<Vec<Replay>>>,
     ),
     Commit(oneshot::Sender<bool>),
+    CommitHere(oneshot::Sender<bool>),
     ParkBarrier(oneshot::Sender<()>),
     ParkFinal(oneshot::Sender<usize>),
     Stop(oneshot::Sender<()>),
@@ -541,10 +542,20 @@ impl SessionBook {
         self.send(Job::Checkpoint(key.clone(), cut));
     }
 
-    /// Waits until every change sent so far is durable; `false` if the commit failed.
+    /// Waits until every change sent so far is durable (on a cluster node, parked in
+    /// NATS too: `cluster/park.rs`); `false` if the commit failed.
     pub async fn commit(&self) -> bool {
         let (tx, rx) = oneshot::channel();
         self.send(Job::Commit(tx));
+        rx.await.unwrap_or(false)
+    }
+
+    /// Waits until every change sent so far is in this node's store, not waiting for
+    /// its park in NATS (which waits for NATS while it is away); `false` if the commit
+    /// failed.
+    pub async fn commit_here(&self) -> bool {
+        let (tx, rx) = oneshot::channel();
+        self.send(Job::CommitHere(tx));
         rx.await.unwrap_or(false)
     }
 
@@ -812,6 +823,7 @@ impl Writer {
         let sync = self.interval.is_zero();
         let mut next_save = Instant::now() + self.interval;
         let mut waiters = Vec::new();
+        let mut here = Vec::new();
         let mut barriers: Vec<oneshot::Sender<()>> = Vec::new();
         let mut last_park: Option<oneshot::Sender<usize>> = None;
         loop {
@@ -830,6 +842,7 @@ impl Writer {
                     while let Some(job) = next.take().or_else(|| self.rx.try_recv().ok()) {
                         match job {
                             Job::Commit(w) => waiters.push(w),
+                            Job::CommitHere(w) => here.push(w),
                             Job::ParkBarrier(b) => barriers.push(b),
                             Job::ParkFinal(f) => last_park = Some(f),
                             Job::Stop(s) => stop = Some(s),
@@ -837,7 +850,12 @@ impl Writer {
                         }
                     }
                     let park_asks = !barriers.is_empty() || last_park.is_some();
-                    if !sync && stop.is_none() && waiters.is_empty() && !park_asks {
+                    if !sync
+                        && stop.is_none()
+                        && waiters.is_empty()
+                        && here.is_empty()
+                        && !park_asks
+                    {
                         // Let the next changes gather rather than be woken for each:
                         // a sender wakes the writer only while it waits in `recv`.
                         std::thread::sleep(GATHER);
@@ -853,10 +871,14 @@ impl Writer {
                 || Instant::now() >= next_save
                 || stop.is_some()
                 || !waiters.is_empty()
+                || !here.is_empty()
                 || !barriers.is_empty()
                 || last_park.is_some();
             if due {
                 let ok = self.commit();
+                for w in here.drain(..) {
+                    let _ = w.send(ok);
+                }
                 match &self.park {
                     Some(park) => {
                         // Parked only once committed: the ids a park names are never
@@ -1105,7 +1127,11 @@ impl Writer {
                 let _ = reply.send(self.add_late(&key, messages));
                 Ok(())
             }
-            Job::Commit(_) | Job::ParkBarrier(_) | Job::ParkFinal(_) | Job::Stop(_) => Ok(()),
+            Job::Commit(_)
+            | Job::CommitHere(_)
+            | Job::ParkBarrier(_)
+            | Job::ParkFinal(_)
+            | Job::Stop(_) => Ok(()),
         };
         if let Err(e) = result {
             warn!(error = %e, "session store change failed");

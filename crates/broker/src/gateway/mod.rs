@@ -712,8 +712,10 @@ impl Gateway {
         }
         if let Some(book) = &self.shared.durable {
             // A failed commit is logged by the store's writer; the client still gets
-            // its messages (at least once, then).
-            let _ = book.commit().await;
+            // its messages (at least once, then). On a cluster node not waiting for
+            // the park in NATS (parks follow commits, docs/cluster.md), which would
+            // hold this connection, unread, while NATS is away.
+            let _ = book.commit_here().await;
         }
     }
 
