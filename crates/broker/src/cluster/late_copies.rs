@@ -33,23 +33,36 @@ pub struct Refusal {
 /// The late refusals of the transfer stream waiting for their node's replacements.
 #[derive(Default)]
 pub struct LateCopies {
-    /// By message id: the refusal and how many times it was refused.
-    waiting: HashMap<String, (Refusal, u32)>,
-    /// Ids by when they are due, oldest first (an id refused again has a later entry).
+    /// By message id: its refusals not due yet.
+    waiting: HashMap<String, Waiting>,
+    /// Ids by when they are due, oldest first (one entry per refusal).
     due: VecDeque<(Instant, String)>,
+}
+
+/// The refusals of one message id not due yet.
+struct Waiting {
+    refusal: Refusal,
+    /// How many (its entries in [`LateCopies::due`]).
+    refused: u32,
+    /// How many of them replacements settled: the oldest ones.
+    settled: u32,
 }
 
 impl LateCopies {
     /// `refusal` waits for its replacement until `now` + [`grace`]; returned to be
     /// reported at once if too many wait.
     pub fn refused(&mut self, refusal: Refusal, now: Instant) -> Option<Refusal> {
-        if let Some((_, times)) = self.waiting.get_mut(&refusal.id) {
-            *times += 1;
+        if let Some(w) = self.waiting.get_mut(&refusal.id) {
+            w.refused += 1;
         } else if self.waiting.len() >= MOST {
             return Some(refusal);
         } else {
-            self.waiting
-                .insert(refusal.id.clone(), (refusal.clone(), 1));
+            let w = Waiting {
+                refusal: refusal.clone(),
+                refused: 1,
+                settled: 0,
+            };
+            self.waiting.insert(refusal.id.clone(), w);
         }
         self.due.push_back((now + grace(), refusal.id));
         None
@@ -61,16 +74,15 @@ impl LateCopies {
     }
 
     /// A message stored again under `id` (`<base>~<random>`) opened: the refusal of
-    /// its late copy (`base`) it settles, if one waits.
+    /// its late copy (`base`) it settles, if one waits unsettled.
     pub fn replaced(&mut self, id: &str) -> Option<Refusal> {
         let (base, _) = id.split_once('~')?;
-        let (refusal, times) = self.waiting.get_mut(base)?;
-        let refusal = refusal.clone();
-        *times -= 1;
-        if *times == 0 {
-            self.waiting.remove(base);
-        }
-        Some(refusal)
+        let w = self
+            .waiting
+            .get_mut(base)
+            .filter(|w| w.settled < w.refused)?;
+        w.settled += 1;
+        Some(w.refusal.clone())
     }
 
     /// When the next refusal is due, if one waits.
@@ -81,19 +93,21 @@ impl LateCopies {
     /// The refusals due by `now` that no replacement settled, one per refusal.
     pub fn due(&mut self, now: Instant) -> Vec<Refusal> {
         let mut out = Vec::new();
-        while let Some((_, id)) = self.due.front().filter(|(at, _)| *at <= now) {
-            let id = id.clone();
-            self.due.pop_front();
-            // Settled meanwhile (each replacement settles the oldest refusal of its id).
-            let Some((refusal, times)) = self.waiting.get_mut(&id) else {
+        while self.due.front().is_some_and(|(at, _)| *at <= now) {
+            let Some((_, id)) = self.due.pop_front() else {
+                break;
+            };
+            let Some(w) = self.waiting.get_mut(&id) else {
                 continue;
             };
-            let still = self.due.iter().filter(|(_, i)| *i == id).count() as u32;
-            if *times > still {
-                out.push(refusal.clone());
-                *times -= 1;
+            // The oldest refusals are the settled ones.
+            if w.settled > 0 {
+                w.settled -= 1;
+            } else {
+                out.push(w.refusal.clone());
             }
-            if *times == 0 {
+            w.refused -= 1;
+            if w.refused == 0 {
                 self.waiting.remove(&id);
             }
         }
