@@ -24,6 +24,7 @@ mod forwarded;
 mod gateway;
 mod handshake_log;
 mod hashing;
+mod hooks;
 mod inbound;
 mod listener;
 mod login_gate;

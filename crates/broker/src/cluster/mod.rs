@@ -78,28 +78,8 @@ fn set_up_since(
     *up.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = since;
 }
 
-/// `default`, or with the `test-hooks` feature the milliseconds in the environment
-/// variable `name` if set (read once, into `slot`): tests shorten the cluster's waits.
-pub(crate) fn hooked(
-    slot: &'static std::sync::OnceLock<Duration>,
-    name: &str,
-    default: Duration,
-) -> Duration {
-    #[cfg(feature = "test-hooks")]
-    {
-        *slot.get_or_init(|| {
-            std::env::var(name)
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .map_or(default, Duration::from_millis)
-        })
-    }
-    #[cfg(not(feature = "test-hooks"))]
-    {
-        let _ = (slot, name);
-        default
-    }
-}
+/// The cluster's waits, shortened by tests (`crate::hooks`).
+pub(crate) use crate::hooks::hooked;
 
 /// How long sessions restored at start-up wait at most, before they are handed over,
 /// for this node's transfer consumer to read what was published while the node was

@@ -1555,13 +1555,12 @@ fn take_one(counts: &mut HashMap<u64, u32>, hash: u64) -> bool {
 
 /// [`Writer::commit_delay`]: none unless a test asks for it.
 fn commit_delay() -> Duration {
-    if !cfg!(feature = "test-hooks") {
-        return Duration::ZERO;
-    }
-    std::env::var("MOATMQ_TEST_SESSION_COMMIT_DELAY_MS")
-        .ok()
-        .and_then(|ms| ms.parse().ok())
-        .map_or(Duration::ZERO, Duration::from_millis)
+    static HOOKED: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    crate::hooks::hooked(
+        &HOOKED,
+        "MOATMQ_TEST_SESSION_COMMIT_DELAY_MS",
+        Duration::ZERO,
+    )
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

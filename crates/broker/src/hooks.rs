@@ -1,0 +1,27 @@
+//! Durations that tests change through the environment (`test-hooks` only).
+
+use std::time::Duration;
+
+/// `default`, or with the `test-hooks` feature the milliseconds in the environment
+/// variable `name` if set (read once, into `slot`): tests shorten the broker's waits,
+/// or slow its disk, with them.
+pub(crate) fn hooked(
+    slot: &'static std::sync::OnceLock<Duration>,
+    name: &str,
+    default: Duration,
+) -> Duration {
+    #[cfg(feature = "test-hooks")]
+    {
+        *slot.get_or_init(|| {
+            std::env::var(name)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .map_or(default, Duration::from_millis)
+        })
+    }
+    #[cfg(not(feature = "test-hooks"))]
+    {
+        let _ = (slot, name);
+        default
+    }
+}
