@@ -7,8 +7,8 @@
 mod cluster_support;
 
 use cluster_support::{
-    forge_transfer, node_at, node_with_acl, password, ready, transfer_plaintext, transfer_stream,
-    wait_ready, with_key, Nats, NatsLink, CLUSTER_KEY, USERS,
+    forge_transfer, last_sequence, node_at, node_with_acl, password, ready, transfer_plaintext,
+    transfer_stream, wait_ready, with_key, Nats, NatsLink, CLUSTER_KEY, USERS,
 };
 use futures_util::StreamExt;
 use moatmq_testkit::{v4, TestBroker, QUIET, WAIT};
@@ -638,12 +638,7 @@ async fn transfer_batches_deliver_their_messages_in_order_and_open_only_as_seale
 /// message, in order.
 async fn stream_messages(nats: &Nats) -> Vec<(String, bool)> {
     let mut stream = transfer_stream(nats).await;
-    let last = stream
-        .info()
-        .await
-        .expect("stream info")
-        .state
-        .last_sequence;
+    let last = last_sequence(&mut stream).await;
     let mut out = Vec::new();
     for seq in 1..=last {
         let m = stream.get_raw_message(seq).await.expect("stream message");

@@ -383,15 +383,20 @@ pub async fn transfer_stream(nats: &Nats) -> async_nats::jetstream::stream::Stre
         .expect("the transfer stream exists")
 }
 
-/// The transfer stream's last message.
-pub async fn last_transfer_message(nats: &Nats) -> async_nats::jetstream::message::StreamMessage {
-    let mut stream = transfer_stream(nats).await;
-    let last = stream
+/// The sequence of `stream`'s last message.
+pub async fn last_sequence(stream: &mut async_nats::jetstream::stream::Stream) -> u64 {
+    stream
         .info()
         .await
         .expect("stream info")
         .state
-        .last_sequence;
+        .last_sequence
+}
+
+/// The transfer stream's last message.
+pub async fn last_transfer_message(nats: &Nats) -> async_nats::jetstream::message::StreamMessage {
+    let mut stream = transfer_stream(nats).await;
+    let last = last_sequence(&mut stream).await;
     stream.get_raw_message(last).await.expect("the message")
 }
 
