@@ -232,15 +232,12 @@ async fn raw_persistent(port: u16, id: &str) -> Raw {
     raw
 }
 
-/// The next packet: (first byte, packet id). A PUBLISH's packet id follows its topic.
+/// The next packet: (first byte, packet id).
 async fn next_packet(raw: &mut Raw) -> (u8, u16) {
     let f = raw.frame_within(WAIT).await.expect("a packet");
-    let at = if f.first & 0xF0 == wire::first::PUBLISH {
-        2 + u16::from_be_bytes([f.body[0], f.body[1]]) as usize
-    } else {
-        0
-    };
-    (f.first, u16::from_be_bytes([f.body[at], f.body[at + 1]]))
+    let pkid = wire::publish_pkid(f.first, &f.body)
+        .unwrap_or_else(|| u16::from_be_bytes([f.body[0], f.body[1]]));
+    (f.first, pkid)
 }
 
 /// MQTT-4.3.3 across a crash, with `autosave_interval = 0`: a QoS 2 message the client

@@ -1152,9 +1152,9 @@ async fn publishes(raw: &mut Raw, n: usize) -> Vec<(Vec<u8>, u16, bool)> {
     for _ in 0..n {
         let f = raw.frame_within(WAIT).await.expect("PUBLISH");
         assert_eq!(f.first & 0xF6, wire::first::PUBLISH | 2, "a QoS 1 PUBLISH");
-        let at = 2 + u16::from_be_bytes([f.body[0], f.body[1]]) as usize;
-        let pkid = u16::from_be_bytes([f.body[at], f.body[at + 1]]);
-        got.push((f.body[at + 2..].to_vec(), pkid, f.first & 0x08 != 0));
+        let pkid = wire::publish_pkid(f.first, &f.body).expect("a packet id");
+        let (_, payload) = wire::publish_parts(f.first, &f.body).expect("a PUBLISH");
+        got.push((payload.to_vec(), pkid, f.first & 0x08 != 0));
     }
     got
 }
@@ -1255,8 +1255,7 @@ async fn qos_2_exchanges_in_progress_move_with_the_session() {
         );
         let f = c.frame_within(WAIT).await.expect("PUBLISH");
         assert_eq!(f.first & 0xF6, wire::first::PUBLISH | 4, "a QoS 2 PUBLISH");
-        let at = 2 + u16::from_be_bytes([f.body[0], f.body[1]]) as usize;
-        let pkid = u16::from_be_bytes([f.body[at], f.body[at + 1]]);
+        let pkid = wire::publish_pkid(f.first, &f.body).expect("a packet id");
         c.send(&wire::ack(wire::first::PUBREC, pkid)).await;
         assert_eq!(acked(&mut c, "PUBREL").await, (wire::first::PUBREL, pkid));
         if how != "taken over" {

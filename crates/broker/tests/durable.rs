@@ -969,10 +969,9 @@ async fn subscription_identifiers_and_no_local_survive_a_restart() {
 async fn qos2_publish(raw: &mut Raw) -> (Vec<u8>, u16, bool) {
     let f = raw.frame_within(WAIT).await.expect("PUBLISH");
     assert_eq!(f.first & 0xF6, wire::first::PUBLISH | 4, "a QoS 2 PUBLISH");
-    let topic_len = u16::from_be_bytes([f.body[0], f.body[1]]) as usize;
-    let at = 2 + topic_len;
-    let pkid = u16::from_be_bytes([f.body[at], f.body[at + 1]]);
-    (f.body[at + 2..].to_vec(), pkid, f.first & 0x08 != 0)
+    let pkid = wire::publish_pkid(f.first, &f.body).expect("a packet id");
+    let (_, payload) = wire::publish_parts(f.first, &f.body).expect("a PUBLISH");
+    (payload.to_vec(), pkid, f.first & 0x08 != 0)
 }
 
 /// The persistent session `ledger` on a raw 3.1.1 connection, subscribed to

@@ -74,8 +74,7 @@ async fn qos_2_packets_reach_a_persistent_client_only_once_their_state_is_stored
         .unwrap();
     let f = sub.frame_within(WAIT).await.expect("PUBLISH");
     assert_eq!(f.first, wire::first::PUBLISH | 4);
-    let at = 2 + u16::from_be_bytes([f.body[0], f.body[1]]) as usize;
-    let pkid = u16::from_be_bytes([f.body[at], f.body[at + 1]]);
+    let pkid = wire::publish_pkid(f.first, &f.body).expect("a packet id");
     assert_eq!(
         stored(&broker),
         vec![Delivery::Sent { pkid }],

@@ -288,6 +288,16 @@ impl std::fmt::Display for Malformed {
 
 impl std::error::Error for Malformed {}
 
+/// The packet id of a QoS 1/2 PUBLISH (`first` its first byte), which follows its
+/// topic; `None` for another packet or QoS 0.
+pub fn publish_pkid(first: u8, body: &[u8]) -> Option<u16> {
+    if first >> 4 != 3 || (first >> 1) & 3 == 0 || body.len() < 2 {
+        return None;
+    }
+    let at = 2 + usize::from(u16::from_be_bytes([body[0], body[1]]));
+    Some(u16::from_be_bytes([*body.get(at)?, *body.get(at + 1)?]))
+}
+
 /// The topic and payload of an MQTT 3.1.1 PUBLISH (`first` its first byte).
 pub fn publish_parts(first: u8, body: &[u8]) -> Option<(&[u8], &[u8])> {
     if first >> 4 != 3 || body.len() < 2 {
@@ -373,5 +383,14 @@ mod tests {
         let body = &p[header..header + len];
         assert_eq!(publish_parts(first, body), Some((&b"t/1"[..], &b"pay"[..])));
         assert_eq!(publish_parts(0x40, body), None);
+        assert_eq!(publish_pkid(first, body), Some(9));
+        assert_eq!(publish_pkid(0x40, body), None, "not a PUBLISH");
+        let q0 = Publish::new(Version::V4, b"t/1", b"pay").encode();
+        let (first, header, len) = cut(&q0).unwrap().unwrap();
+        assert_eq!(
+            publish_pkid(first, &q0[header..header + len]),
+            None,
+            "QoS 0"
+        );
     }
 }
