@@ -223,13 +223,9 @@ async fn a_slow_subscribers_backlog_survives_kill_9_after_it_disconnects() {
 
 /// A raw 3.1.1 client resuming the persistent session `id`.
 async fn raw_persistent(port: u16, id: &str) -> Raw {
-    let mut raw = Raw::tcp(addr(port)).await;
     let mut connect = wire::Connect::new(Version::V4, id);
     connect.clean = false;
-    raw.send(&connect.encode()).await;
-    let connack = raw.frame_within(WAIT).await.expect("CONNACK");
-    assert_eq!(connack.first, wire::first::CONNACK);
-    raw
+    Raw::accepted(addr(port), &connect).await.0
 }
 
 /// The next packet: (first byte, packet id).

@@ -1137,13 +1137,9 @@ async fn raw_persistent(addr: SocketAddr, id: &str, user: &str) -> Raw {
 
 /// [`raw_persistent`], and whether the CONNACK says session present.
 async fn raw_resumed(addr: SocketAddr, id: &str, user: &str) -> (Raw, bool) {
-    let mut raw = Raw::tcp(addr).await;
     let mut connect = wire::Connect::new(Version::V4, id).login(user, password(user));
     connect.clean = false;
-    raw.send(&connect.encode()).await;
-    let connack = raw.frame_within(WAIT).await.expect("CONNACK");
-    assert_eq!((connack.first, connack.body[1]), (wire::first::CONNACK, 0));
-    (raw, connack.body[0] & 1 == 1)
+    Raw::accepted(addr, &connect).await
 }
 
 /// Reads `n` QoS 1 PUBLISHes off `raw`: (payload, packet id, DUP) each.

@@ -569,13 +569,9 @@ async fn sessions_enabled_false_keeps_them_in_memory() {
 
 /// A raw 3.1.1 client resuming a persistent session.
 async fn raw_persistent(addr: SocketAddr, id: &str) -> Raw {
-    let mut raw = Raw::tcp(addr).await;
     let mut connect = wire::Connect::new(Version::V4, id);
     connect.clean = false;
-    raw.send(&connect.encode()).await;
-    let connack = raw.frame_within(WAIT).await.expect("CONNACK");
-    assert_eq!((connack.first, connack.body[1]), (wire::first::CONNACK, 0));
-    raw
+    Raw::accepted(addr, &connect).await.0
 }
 
 #[tokio::test]

@@ -44,15 +44,9 @@ async fn broker() -> TestBroker {
 
 /// A raw 3.1.1 client with the persistent session `id`.
 async fn persistent(addr: std::net::SocketAddr, id: &str) -> Raw {
-    let mut raw = Raw::tcp(addr).await;
     let mut connect = wire::Connect::new(Version::V4, id);
     connect.clean = false;
-    raw.send(&connect.encode()).await;
-    assert_eq!(
-        raw.frame_within(WAIT).await.expect("CONNACK").first,
-        wire::first::CONNACK
-    );
-    raw
+    Raw::accepted(addr, &connect).await.0
 }
 
 #[tokio::test]

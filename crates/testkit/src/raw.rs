@@ -45,12 +45,20 @@ impl Raw<TcpStream> {
     /// A connection accepted with a hand-written CONNECT (clean session, keep alive
     /// 30 s); panics unless the CONNACK accepts it.
     pub async fn connected(addr: SocketAddr, version: Version, id: &str) -> Raw {
+        Raw::accepted(addr, &wire::Connect::new(version, id))
+            .await
+            .0
+    }
+
+    /// A connection accepted with `connect`, and whether its CONNACK says session
+    /// present; panics unless the CONNACK accepts it.
+    pub async fn accepted(addr: SocketAddr, connect: &wire::Connect) -> (Raw, bool) {
         let mut raw = Raw::tcp(addr).await;
-        raw.send(&wire::Connect::new(version, id).encode()).await;
+        raw.send(&connect.encode()).await;
         let connack = raw.frame_within(ANSWER).await.expect("CONNACK");
         assert_eq!(connack.first, wire::first::CONNACK);
         assert_eq!(connack.body[1], 0, "CONNACK refused");
-        raw
+        (raw, connack.body[0] & 1 == 1)
     }
 
     /// Sends an MQTT 3.1.1 CONNECT and returns the CONNACK code (`None`: no CONNACK).
