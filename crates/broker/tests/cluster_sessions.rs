@@ -1546,3 +1546,55 @@ async fn a_park_written_while_nats_was_away_goes_on_once_it_is_back() {
         "what node A queued while cut off and after was parked"
     );
 }
+
+/// At `autosave_interval = 0` a persistent session's SUBACK goes out once its node has
+/// the subscription parked in NATS (as a PUBACK waits for what it queued): told its
+/// session is present by the node that resumes it after its node died, a client does
+/// not subscribe again. The SUBACK came while node A could not write the park before
+/// (its path to NATS stalled), and node B resumed the session without the
+/// subscription.
+#[tokio::test]
+async fn a_suback_at_interval_0_waits_until_the_subscription_is_parked() {
+    let nats = Nats::start().await;
+    let mut link = NatsLink::start(&nats).await;
+    let a = node_at(&link.url(), "node-a", ACL, "", |b| {
+        b.set("retained", "autosave_interval", 0)
+    })
+    .await;
+    let b = node(&nats, "node-b").await;
+    let mut c = raw_persistent(a.first_addr(), "watcher", "alice").await;
+    // The new session's park, without subscriptions.
+    parked_values(&nats, 1).await;
+
+    link.stall();
+    c.send(&wire::subscribe(Version::V4, 1, &[(b"alice/s", 1)]))
+        .await;
+    assert!(
+        c.frame_within(Duration::from_secs(1)).await.is_none(),
+        "SUBACK sent while the subscription could not be parked"
+    );
+    link.resume();
+    assert_eq!(
+        c.frame_within(WAIT)
+            .await
+            .expect("SUBACK once parked")
+            .first,
+        wire::first::SUBACK
+    );
+
+    // Node A dies for the cluster: node B resumes the session from its park.
+    link.cut().await;
+    drop(c);
+    let (mut c, present) = raw_resumed(b.first_addr(), "watcher", "alice").await;
+    assert!(present, "resumed from node A's park");
+    let publ = login4(b.first_addr(), "alice-pub", "alice").await;
+    publ.client
+        .publish("alice/s", QoS::AtLeastOnce, false, "subscribed")
+        .await
+        .unwrap();
+    let got = publishes(&mut c, 1).await;
+    assert_eq!(
+        got[0].0, b"subscribed",
+        "the subscription came with the park"
+    );
+}

@@ -572,8 +572,8 @@ impl Gateway {
         self.options.refresh(&self.session.subscriptions);
         if let (Some(book), Some(key)) = (&self.shared.durable, &self.session.key) {
             book.update(key, self.session.meta(self.version));
-            // Its SUBACK or UNSUBACK goes out once that is stored.
-            self.save_before_writing();
+            // Its SUBACK or UNSUBACK goes out once that is stored (and parked).
+            self.park_before_writing();
         }
     }
 

@@ -146,6 +146,17 @@ impl SessionPart {
     }
 }
 
+/// What the next write to the client waits for (`autosave_interval = 0`), the most
+/// any packet of the turn asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Unsaved {
+    No,
+    /// This node's commit of the session store.
+    Here,
+    /// The commit and, on a cluster node, the session's park in NATS.
+    Parked,
+}
+
 /// One connection after its CONNACK: who it is, its session's view, and the parts
 /// that carry its traffic. Each part owns its state; this loop composes them.
 pub struct Gateway {
@@ -185,8 +196,10 @@ pub struct Gateway {
     out: Output,
     /// With `autosave_interval = 0`, a persistent session's state that the next
     /// packets to the client depend on changed and is not committed yet: the next write
-    /// to the client waits for the commit ([`Gateway::save_before_writing`]).
-    unsaved: bool,
+    /// to the client waits for the commit ([`Gateway::save_before_writing`]), and on a
+    /// cluster node for the session's park too if the change is in it
+    /// ([`Gateway::park_before_writing`]).
+    unsaved: Unsaved,
     /// The router link.
     link: RouterLink,
     /// Packets for the router, in the order it must see them.
@@ -320,7 +333,7 @@ impl Gateway {
             acl,
             session,
             out: Output::new(version),
-            unsaved: false,
+            unsaved: Unsaved::No,
             link,
             to_router,
             ledger,
@@ -605,7 +618,7 @@ impl Gateway {
             }
             // What the session store must hold first; a disk slow to commit does not
             // hold up a takeover or a shutdown (nothing of it was written yet).
-            if self.unsaved {
+            if self.unsaved != Unsaved::No {
                 tokio::select! {
                     biased;
                     () = self.saved_first() => {}
@@ -700,22 +713,41 @@ impl Gateway {
     /// subscribes again and gets nothing.
     pub(super) fn save_before_writing(&mut self) {
         if self.shared.durable.as_ref().is_some_and(|b| b.is_sync()) {
-            self.unsaved = true;
+            self.unsaved = self.unsaved.max(Unsaved::Here);
+        }
+    }
+
+    /// [`Gateway::save_before_writing`] for a change a cluster node's park of the
+    /// session holds (its subscriptions: `ParkEvent::Connected`): the next write waits
+    /// for the park in NATS as well, as a publisher's PUBACK does, so that another node
+    /// resuming the session after this one died has what the client was told.
+    pub(super) fn park_before_writing(&mut self) {
+        if self.shared.durable.as_ref().is_some_and(|b| b.is_sync()) {
+            self.unsaved = Unsaved::Parked;
         }
     }
 
     /// Waits for the commit [`Gateway::save_before_writing`] asked for, if any (one
     /// commit for everything a turn wrote; grouped with every other change waiting).
     async fn saved_first(&mut self) {
-        if !std::mem::take(&mut self.unsaved) {
+        let unsaved = std::mem::replace(&mut self.unsaved, Unsaved::No);
+        let Some(book) = &self.shared.durable else {
             return;
-        }
-        if let Some(book) = &self.shared.durable {
-            // A failed commit is logged by the store's writer; the client still gets
-            // its messages (at least once, then). On a cluster node not waiting for
-            // the park in NATS (parks follow commits, docs/cluster.md), which would
-            // hold this connection, unread, while NATS is away.
-            let _ = book.commit_here().await;
+        };
+        // A failed commit (or park) is logged where it failed; the client still gets
+        // its packets (its messages at least once, then).
+        match unsaved {
+            Unsaved::No => {}
+            // Not waiting for the park in NATS (parks follow commits,
+            // docs/cluster.md): it would hold this connection, unread, while NATS is
+            // away, for state the park does not hold.
+            Unsaved::Here => {
+                let _ = book.commit_here().await;
+            }
+            // Held while NATS is away, as a QoS 1 publish is.
+            Unsaved::Parked => {
+                let _ = book.commit().await;
+            }
         }
     }
 
