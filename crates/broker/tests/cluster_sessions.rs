@@ -1552,7 +1552,7 @@ async fn a_park_written_while_nats_was_away_goes_on_once_it_is_back() {
 /// session is present by the node that resumes it after its node died, a client does
 /// not subscribe again. The SUBACK came while node A could not write the park before
 /// (its path to NATS stalled), and node B resumed the session without the
-/// subscription.
+/// subscription. Held meanwhile, the connection answers PINGREQs.
 #[tokio::test]
 async fn a_suback_at_interval_0_waits_until_the_subscription_is_parked() {
     let nats = Nats::start().await;
@@ -1573,14 +1573,19 @@ async fn a_suback_at_interval_0_waits_until_the_subscription_is_parked() {
         c.frame_within(Duration::from_secs(1)).await.is_none(),
         "SUBACK sent while the subscription could not be parked"
     );
+    // Held, the connection still answers its PINGREQs (a client with a short
+    // keep-alive would close it otherwise); what else comes waits its turn.
+    c.send(&wire::subscribe(Version::V4, 2, &[(b"alice/t", 1)]))
+        .await;
+    c.send(&[0xC0, 0x00]).await;
+    let pong = c.frame_within(WAIT).await.expect("PINGRESP while held");
+    assert_eq!(pong.first, 0xD0, "only the PINGRESP while held");
     link.resume();
-    assert_eq!(
-        c.frame_within(WAIT)
-            .await
-            .expect("SUBACK once parked")
-            .first,
-        wire::first::SUBACK
-    );
+    for pkid in [1u16, 2] {
+        let f = c.frame_within(WAIT).await.expect("SUBACK once parked");
+        assert_eq!(f.first, wire::first::SUBACK);
+        assert_eq!(u16::from_be_bytes([f.body[0], f.body[1]]), pkid);
+    }
 
     // Node A dies for the cluster: node B resumes the session from its park.
     link.cut().await;

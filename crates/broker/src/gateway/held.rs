@@ -1,12 +1,19 @@
 //! A connection held while its publishes wait (the retained store's save, the session
 //! store's commit at `autosave_interval = 0`, the cluster's transfer stream, which may
-//! wait for as long as NATS is away) is still read, up to [`HELD_READ`] bytes, and its
+//! wait for as long as NATS is away), or while the packets it is owed wait for the
+//! session store (`Gateway::saved_first`: on a cluster node a SUBACK waits for the
+//! session's park in NATS), is still read, up to [`HELD_READ`] bytes, and its
 //! PINGREQs answered: otherwise a client whose keep-alive is shorter than the wait
 //! closes the connection itself (no PINGRESP) although nothing is wrong with it. What
 //! else it sends stays in the buffer, undecoded, in order, until the wait is over
 //! (decoding a SUBSCRIBE or a PUBLISH then would pass the held publishes).
 
+use super::Close;
+use crate::metrics::Metrics;
+use crate::transport::{Reader, Writer};
 use bytes::{Buf, BytesMut};
+use std::future::Future;
+use std::pin::Pin;
 
 /// What a held connection reads at most before the wait ends: past it the client's
 /// own TCP window holds it back (and a PINGREQ behind that is not seen).
@@ -14,6 +21,44 @@ pub(super) const HELD_READ: usize = 64 * 1024;
 
 /// The PINGRESP packet.
 pub(super) const PINGRESP: [u8; 2] = [0xD0, 0x00];
+
+/// Waits for `wait`, reading the client meanwhile for its PINGREQs (answered at
+/// once; the rest stays in `buf`, undecoded). A shutdown or a takeover ends the wait
+/// first: nothing the wait was for has been written to the client yet.
+pub(super) async fn read_while<T>(
+    wait: impl Future<Output = T>,
+    reader: &mut Reader,
+    writer: &mut Writer,
+    buf: &mut BytesMut,
+    metrics: &Metrics,
+    mut shutting_down: Pin<&mut impl Future>,
+    mut replaced: Pin<&mut impl Future>,
+) -> Result<T, Close> {
+    tokio::pin!(wait);
+    let mut scanned = 0;
+    loop {
+        tokio::select! {
+            biased;
+            done = &mut wait => return Ok(done),
+            _ = &mut shutting_down => return Err(Close::Shutdown),
+            _ = &mut replaced => return Err(Close::Replaced),
+            read = reader.read(buf), if buf.len() < HELD_READ => {
+                match read {
+                    Ok(0) => return Err(Close::ClientClosed),
+                    Ok(n) => {
+                        metrics.bytes_in.inc_by(n as u64);
+                    }
+                    Err(e) => return Err(Close::Network(e.to_string())),
+                }
+                for _ in 0..take_pingreqs(buf, &mut scanned) {
+                    if let Err(e) = writer.write_all(&PINGRESP).await {
+                        return Err(Close::Network(e.to_string()));
+                    }
+                }
+            }
+        }
+    }
+}
 
 /// Takes every complete PINGREQ out of `buf` and says how many there were. The packets
 /// before `*scanned` are known complete and not PINGREQs; it moves past those it reads.

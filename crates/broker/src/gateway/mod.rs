@@ -562,32 +562,17 @@ impl Gateway {
                 // Read meanwhile, for its PINGREQs only (`held.rs`).
                 let metrics = self.shared.metrics.clone();
                 let read_before = buf.len();
-                let mut scanned = 0;
-                let saved = {
-                    let save = self.save_then_forward();
-                    tokio::pin!(save);
-                    loop {
-                        tokio::select! {
-                            saved = &mut save => break saved,
-                            _ = &mut shutting_down => return Close::Shutdown,
-                            _ = &mut replaced => return Close::Replaced,
-                            read = reader.read(buf), if buf.len() < held::HELD_READ => {
-                                match read {
-                                    Ok(0) => return Close::ClientClosed,
-                                    Ok(n) => {
-                                        metrics.bytes_in.inc_by(n as u64);
-                                    }
-                                    Err(e) => return Close::Network(e.to_string()),
-                                }
-                                for _ in 0..held::take_pingreqs(buf, &mut scanned) {
-                                    if let Err(e) = writer.write_all(&held::PINGRESP).await {
-                                        return Close::Network(e.to_string());
-                                    }
-                                }
-                            }
-                        }
-                    }
-                };
+                let saved = held::read_while(
+                    self.save_then_forward(),
+                    reader,
+                    writer,
+                    buf,
+                    &metrics,
+                    shutting_down.as_mut(),
+                    replaced.as_mut(),
+                )
+                .await
+                .and_then(|saved| saved);
                 if let Err(close) = saved {
                     return close;
                 }
@@ -617,19 +602,41 @@ impl Gateway {
                 self.admitting = None;
             }
             // What the session store must hold first; a disk slow to commit does not
-            // hold up a takeover or a shutdown (nothing of it was written yet).
+            // hold up a takeover or a shutdown (nothing of it was written yet). A wait
+            // for the cluster's park lasts as long as NATS is away: the client is read
+            // for its PINGREQs meanwhile, as during a publish's wait (`held.rs`).
+            let mut read_while_held = false;
             if self.unsaved != Unsaved::No {
-                tokio::select! {
-                    biased;
-                    () = self.saved_first() => {}
-                    _ = &mut shutting_down => return Close::Shutdown,
-                    _ = &mut replaced => return Close::Replaced,
+                let metrics = self.shared.metrics.clone();
+                let read_before = buf.len();
+                if let Err(close) = held::read_while(
+                    self.saved_first(),
+                    reader,
+                    writer,
+                    buf,
+                    &metrics,
+                    shutting_down.as_mut(),
+                    replaced.as_mut(),
+                )
+                .await
+                {
+                    return close;
                 }
+                read_while_held = buf.len() != read_before;
             }
             match self.out.flush(writer, replaced.as_mut()).await {
                 Ok(n) => self.shared.metrics.bytes_out.inc_by(n as u64),
                 Err(close) => return close,
             };
+            if read_while_held {
+                // What the client sent meanwhile, in order, now; the wait did not count
+                // against its keep-alive.
+                deadline = Instant::now() + self.keep_alive.unwrap_or(far_future);
+                if let Err(close) = self.decode_all(buf, max_packet) {
+                    return close;
+                }
+                continue;
+            }
             // Over its publish rate the client is read more slowly: its own TCP window
             // then slows it down (back-pressure) while deliveries to it continue.
             let paused_until = self.paused_until;
