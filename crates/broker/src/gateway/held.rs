@@ -23,8 +23,9 @@ pub(super) const HELD_READ: usize = 64 * 1024;
 pub(super) const PINGRESP: [u8; 2] = [0xD0, 0x00];
 
 /// Waits for `wait`, reading the client meanwhile for its PINGREQs (answered at
-/// once; the rest stays in `buf`, undecoded). A shutdown or a takeover ends the wait
-/// first: nothing the wait was for has been written to the client yet.
+/// once; the rest stays in `buf`, undecoded): what `wait` gave, and whether anything
+/// else was read (to decode once the wait is over). A shutdown or a takeover ends the
+/// wait first: nothing the wait was for has been written to the client yet.
 pub(super) async fn read_while<T>(
     wait: impl Future<Output = T>,
     reader: &mut Reader,
@@ -33,13 +34,14 @@ pub(super) async fn read_while<T>(
     metrics: &Metrics,
     mut shutting_down: Pin<&mut impl Future>,
     mut replaced: Pin<&mut impl Future>,
-) -> Result<T, Close> {
+) -> Result<(T, bool), Close> {
     tokio::pin!(wait);
+    let read_before = buf.len();
     let mut scanned = 0;
     loop {
         tokio::select! {
             biased;
-            done = &mut wait => return Ok(done),
+            done = &mut wait => return Ok((done, buf.len() != read_before)),
             _ = &mut shutting_down => return Err(Close::Shutdown),
             _ = &mut replaced => return Err(Close::Replaced),
             read = reader.read(buf), if buf.len() < HELD_READ => {

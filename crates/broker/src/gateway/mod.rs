@@ -561,8 +561,7 @@ impl Gateway {
             if self.to_router.waits_for_save() {
                 // Read meanwhile, for its PINGREQs only (`held.rs`).
                 let metrics = self.shared.metrics.clone();
-                let read_before = buf.len();
-                let saved = held::read_while(
+                let read = match held::read_while(
                     self.save_then_forward(),
                     reader,
                     writer,
@@ -572,13 +571,13 @@ impl Gateway {
                     replaced.as_mut(),
                 )
                 .await
-                .and_then(|saved| saved);
-                if let Err(close) = saved {
-                    return close;
-                }
+                {
+                    Ok((Ok(()), read)) => read,
+                    Ok((Err(close), _)) | Err(close) => return close,
+                };
                 // The wait does not count against the client's keep-alive.
                 deadline = Instant::now() + self.keep_alive.unwrap_or(far_future);
-                if buf.len() != read_before {
+                if read {
                     // What it sent meanwhile, in order, now.
                     if let Err(close) = self.decode_all(buf, max_packet) {
                         return close;
@@ -608,8 +607,7 @@ impl Gateway {
             let mut read_while_held = false;
             if self.unsaved != Unsaved::No {
                 let metrics = self.shared.metrics.clone();
-                let read_before = buf.len();
-                if let Err(close) = held::read_while(
+                match held::read_while(
                     self.saved_first(),
                     reader,
                     writer,
@@ -620,9 +618,9 @@ impl Gateway {
                 )
                 .await
                 {
-                    return close;
+                    Ok(((), read)) => read_while_held = read,
+                    Err(close) => return close,
                 }
-                read_while_held = buf.len() != read_before;
             }
             match self.out.flush(writer, replaced.as_mut()).await {
                 Ok(n) => self.shared.metrics.bytes_out.inc_by(n as u64),
