@@ -331,6 +331,50 @@ async fn retained_survive_kill_9_list_and_rekey() {
     assert!(!err.contains("listening"), "{err}");
 }
 
+/// A cluster node's stores are not rekeyed: the cluster's key marker in NATS would
+/// refuse the node at its next start, and what the cluster keeps in NATS is sealed with
+/// the old key. The rekey re-encrypted the node's stores and told the operator to use
+/// the new key before.
+#[tokio::test]
+async fn store_rekey_refuses_a_cluster_nodes_config_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    ok(&["keygen", "--out", path_str(&dir.path().join("old.key"))]);
+    ok(&["keygen", "--out", path_str(&dir.path().join("new.key"))]);
+    let config = retained_config(dir.path(), "old.key");
+    let broker = Moatmq::serve(&config, &[]);
+    let mut c = v4::connected(addr(broker.port("tcp")), "device").await;
+    publish_retained_acked(&mut c, &[("door/front", "locked")]).await;
+    drop(broker);
+
+    let node = dir.path().join("node.toml");
+    let mut toml = std::fs::read_to_string(&config).unwrap();
+    toml.push_str("[cluster]\nservers = [\"nats://127.0.0.1:4222\"]\nnode_name = \"node-a\"\n");
+    std::fs::write(&node, toml).unwrap();
+    for command in ["store", "retained"] {
+        let new_key = dir.path().join("new.key");
+        let o = moatmq(&[
+            command,
+            "rekey",
+            "-c",
+            path_str(&node),
+            "--new-key",
+            path_str(&new_key),
+        ]);
+        let err = stderr(&o);
+        assert!(
+            !o.status.success(),
+            "{command} rekey of a cluster node: {err}"
+        );
+        assert!(
+            err.contains("[cluster]") && err.contains("not supported"),
+            "{err}"
+        );
+    }
+    // Still under the old key.
+    let listed = ok(&["retained", "list", "-c", path_str(&config)]);
+    assert!(listed.contains("door/front"), "{listed}");
+}
+
 /// `moatmq serve -c CONFIG` that should fail to start: its exit status and stderr.
 /// Panics (after killing it) if it is still running after 5 s.
 #[tokio::test]

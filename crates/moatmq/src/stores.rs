@@ -185,12 +185,22 @@ fn accept_damaged(
     Ok(())
 }
 
-/// Re-encrypts the retained store and the session log under the new key. Each rekey is
-/// crash-safe on its own; if one fails after the other succeeded, running the command
+/// Re-encrypts the retained store and the session log under the new key (refused for
+/// a cluster node). Each rekey is crash-safe on its own; if one fails after the other succeeded, running the command
 /// again finishes the job: a store whose header opens under the new key (and not the
 /// old) is already done and left as it is.
 fn rekey(args: RekeyArgs) -> anyhow::Result<()> {
     let (config, r) = retained_config(&args.config)?;
+    // A node under another key than the cluster's refuses to start (the key marker in
+    // NATS), and what the cluster keeps in NATS is sealed with the old one.
+    anyhow::ensure!(
+        config.cluster.is_none(),
+        "{} has a [cluster] section: every node of the cluster and what it keeps in NATS \
+         are sealed with this key, and a node under another key refuses to start; \
+         rotating a cluster's key is not supported (docs/security.md, \
+         \"Clusters: what NATS access grants\")",
+        args.config.display()
+    );
     let old = load_key(&config, &r)?;
     let new = RetainedKey::load(&args.new_key)?;
     let retained_dir = config.resolve(&r.path);
