@@ -744,7 +744,7 @@ impl Gateway {
         match unsaved {
             Unsaved::No => {}
             // Not waiting for the park in NATS (parks follow commits,
-            // docs/cluster.md): it would hold this connection, unread, while NATS is
+            // docs/cluster.md): it would hold the client's messages while NATS is
             // away, for state the park does not hold.
             Unsaved::Here => {
                 let _ = book.commit_here().await;
