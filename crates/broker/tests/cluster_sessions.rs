@@ -1552,7 +1552,8 @@ async fn a_park_written_while_nats_was_away_goes_on_once_it_is_back() {
 /// session is present by the node that resumes it after its node died, a client does
 /// not subscribe again. The SUBACK came while node A could not write the park before
 /// (its path to NATS stalled), and node B resumed the session without the
-/// subscription. Held meanwhile, the connection answers PINGREQs.
+/// subscription. Held meanwhile, the connection answers PINGREQs. An UNSUBACK waits
+/// likewise.
 #[tokio::test]
 async fn a_suback_at_interval_0_waits_until_the_subscription_is_parked() {
     let nats = Nats::start().await;
@@ -1586,6 +1587,22 @@ async fn a_suback_at_interval_0_waits_until_the_subscription_is_parked() {
         assert_eq!(f.first, wire::first::SUBACK);
         assert_eq!(u16::from_be_bytes([f.body[0], f.body[1]]), pkid);
     }
+    // An UNSUBACK likewise.
+    link.stall();
+    c.send(&wire::unsubscribe(Version::V4, 3, &[b"alice/t"]))
+        .await;
+    assert!(
+        c.frame_within(Duration::from_secs(1)).await.is_none(),
+        "UNSUBACK sent while the change could not be parked"
+    );
+    link.resume();
+    assert_eq!(
+        c.frame_within(WAIT)
+            .await
+            .expect("UNSUBACK once parked")
+            .first,
+        wire::first::UNSUBACK
+    );
 
     // Node A dies for the cluster: node B resumes the session from its park.
     link.cut().await;
@@ -1593,13 +1610,16 @@ async fn a_suback_at_interval_0_waits_until_the_subscription_is_parked() {
     let (mut c, present) = raw_resumed(b.first_addr(), "watcher", "alice").await;
     assert!(present, "resumed from node A's park");
     let publ = login4(b.first_addr(), "alice-pub", "alice").await;
-    publ.client
-        .publish("alice/s", QoS::AtLeastOnce, false, "subscribed")
-        .await
-        .unwrap();
+    for topic in ["alice/t", "alice/s"] {
+        publ.client
+            .publish(topic, QoS::AtLeastOnce, false, topic)
+            .await
+            .unwrap();
+    }
     let got = publishes(&mut c, 1).await;
     assert_eq!(
-        got[0].0, b"subscribed",
-        "the subscription came with the park"
+        got[0].0, b"alice/s",
+        "the subscription came with the park, the one taken back did not"
     );
+    assert!(c.frame_within(QUIET).await.is_none(), "nothing more");
 }
