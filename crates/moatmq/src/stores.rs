@@ -186,9 +186,9 @@ fn accept_damaged(
 }
 
 /// Re-encrypts the retained store and the session log under the new key (refused for
-/// a cluster node). Each rekey is crash-safe on its own; if one fails after the other succeeded, running the command
-/// again finishes the job: a store whose header opens under the new key (and not the
-/// old) is already done and left as it is.
+/// a cluster node). Each rekey is crash-safe on its own; if one fails after the other
+/// succeeded, running the command again finishes the job: a store whose header opens
+/// under the new key (and not the old) is already done and left as it is.
 fn rekey(args: RekeyArgs) -> anyhow::Result<()> {
     let (config, r) = retained_config(&args.config)?;
     // A node under another key than the cluster's refuses to start (the key marker in
