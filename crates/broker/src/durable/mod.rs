@@ -27,12 +27,14 @@
 //! and at shutdown.
 
 mod backlog;
+mod jobs;
 mod matcher;
 
 use crate::metrics::Metrics;
 use crate::retained::{load_key, RetainedError};
 use backlog::Backlog;
 use bytes::Bytes;
+use jobs::{Jobs, Taken as JobsTaken};
 use matcher::Matcher;
 use moatmq_config::Config;
 use moatmq_store::{
@@ -41,7 +43,6 @@ use moatmq_store::{
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
@@ -97,6 +98,46 @@ struct Offline {
     sessions: HashMap<Arc<SessionKey>, Vec<String>>,
 }
 
+/// The offline sessions one admitted message is queued for, each at its QoS. Most
+/// messages reach one: that one takes no allocation.
+#[derive(Default)]
+struct Targets {
+    first: Option<(Arc<SessionKey>, u8)>,
+    more: Vec<(Arc<SessionKey>, u8)>,
+}
+
+impl Targets {
+    /// A session subscribed by two matching filters gets one copy, at the higher QoS
+    /// (MQTT-3.3.4-2 allows either).
+    fn add(&mut self, key: &Arc<SessionKey>, qos: u8) {
+        let known = self
+            .first
+            .iter_mut()
+            .chain(self.more.iter_mut())
+            .find(|(k, _)| Arc::ptr_eq(k, key));
+        if let Some(t) = known {
+            t.1 = t.1.max(qos);
+        } else if self.first.is_none() {
+            self.first = Some((Arc::clone(key), qos));
+        } else {
+            self.more.push((Arc::clone(key), qos));
+        }
+    }
+
+    fn retain(&mut self, keep: impl Fn(u8) -> bool) {
+        self.first = self.first.take().filter(|&(_, q)| keep(q));
+        self.more.retain(|&(_, q)| keep(q));
+    }
+
+    fn is_empty(&self) -> bool {
+        self.first.is_none() && self.more.is_empty()
+    }
+
+    fn sessions(self) -> impl Iterator<Item = (Arc<SessionKey>, u8)> {
+        self.first.into_iter().chain(self.more)
+    }
+}
+
 /// The delivery state of a message sent before (`sent`) under `pkid`, `released` if
 /// only its PUBREL was owed.
 fn delivery(sent: bool, pkid: u16, released: bool) -> Delivery {
@@ -109,7 +150,7 @@ fn delivery(sent: bool, pkid: u16, released: bool) -> Delivery {
 
 /// The broker's side of the session store.
 pub struct SessionBook {
-    jobs: mpsc::Sender<Job>,
+    jobs: Arc<Jobs<Job>>,
     offline: Mutex<Offline>,
     /// How many sessions are offline: with none, admitting a message takes no lock.
     offline_sessions: AtomicUsize,
@@ -157,7 +198,7 @@ impl Drop for Admitting {
 enum Job {
     Put(SessionKey, SessionMeta),
     Remove(SessionKey),
-    Enqueue(Vec<(Arc<SessionKey>, u8)>, QueuedMessage),
+    Enqueue(Targets, QueuedMessage),
     Hold(SessionKey, Vec<QueuedMessage>),
     Collected(SessionKey, Vec<QueuedMessage>),
     Sent(SessionKey, u16, QueuedMessage),
@@ -344,10 +385,10 @@ impl SessionBook {
             });
         }
         store.commit()?;
-        let (tx, rx) = mpsc::channel();
+        let jobs = Arc::new(Jobs::new());
         let book = SessionBook {
             admissions: Arc::default(),
-            jobs: tx,
+            jobs: Arc::clone(&jobs),
             offline: Mutex::new(offline),
             offline_sessions: AtomicUsize::new(0),
             sync: autosave_interval.is_zero(),
@@ -359,7 +400,7 @@ impl SessionBook {
                 released: HashMap::new(),
                 backlogs: HashMap::new(),
                 dropped_offline: HashMap::new(),
-                rx,
+                jobs,
                 interval: autosave_interval,
                 on_drop: Box::new(|_, _| {}),
                 metrics: metrics.clone(),
@@ -449,23 +490,17 @@ impl SessionBook {
         if (qos == 0 && !self.queue_qos0) || self.offline_sessions.load(Ordering::Relaxed) == 0 {
             return false;
         }
-        let mut targets: Vec<(Arc<SessionKey>, u8)> = Vec::new();
+        let mut targets = Targets::default();
         {
             let offline = lock(&self.offline);
             if offline.sessions.is_empty() {
                 return false;
             }
-            offline.tree.for_each_match(topic, |sub| {
-                let q = qos.min(sub.qos);
-                // A session subscribed by two matching filters gets one copy, at the
-                // higher QoS (MQTT-3.3.4-2 allows either).
-                match targets.iter_mut().find(|(k, _)| Arc::ptr_eq(k, &sub.key)) {
-                    Some(t) => t.1 = t.1.max(q),
-                    None => targets.push((sub.key.clone(), q)),
-                }
-            });
+            offline
+                .tree
+                .for_each_match(topic, |sub| targets.add(&sub.key, qos.min(sub.qos)));
         }
-        targets.retain(|&(_, q)| q > 0 || self.queue_qos0);
+        targets.retain(|q| q > 0 || self.queue_qos0);
         if targets.is_empty() {
             return false;
         }
@@ -792,7 +827,7 @@ struct Writer {
     /// content: the collection holds the router's copies of the same messages, and
     /// does not count them again ([`Writer::collected`]).
     dropped_offline: HashMap<SessionKey, HashMap<u64, u32>>,
-    rx: mpsc::Receiver<Job>,
+    jobs: Arc<Jobs<Job>>,
     interval: Duration,
     on_drop: OnDrop,
     metrics: Arc<Metrics>,
@@ -806,6 +841,20 @@ struct Writer {
     park: Option<tokio::sync::mpsc::UnboundedSender<ParkEvent>>,
     /// Changes for the park task waiting for the commit that makes them durable.
     unparked: Vec<ParkEvent>,
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        // Stopped (or panicked): a change sent from now on is refused, and one waiting
+        // for a reply (a commit, a resume) hears that none comes.
+        self.jobs.abandon();
+    }
+}
+
+impl Drop for SessionBook {
+    fn drop(&mut self) {
+        self.jobs.close();
+    }
 }
 
 impl Writer {
@@ -826,27 +875,25 @@ impl Writer {
         let mut here = Vec::new();
         let mut barriers: Vec<oneshot::Sender<()>> = Vec::new();
         let mut last_park: Option<oneshot::Sender<usize>> = None;
+        let mut batch = Vec::new();
         loop {
-            let first = if sync {
-                self.rx
-                    .recv()
-                    .map_err(|_| mpsc::RecvTimeoutError::Disconnected)
-            } else {
-                self.rx
-                    .recv_timeout(next_save.saturating_duration_since(Instant::now()))
-            };
             let mut stop = None;
-            match first {
-                Ok(first) => {
-                    let mut next = Some(first);
-                    while let Some(job) = next.take().or_else(|| self.rx.try_recv().ok()) {
-                        match job {
-                            Job::Commit(w) => waiters.push(w),
-                            Job::CommitHere(w) => here.push(w),
-                            Job::ParkBarrier(b) => barriers.push(b),
-                            Job::ParkFinal(f) => last_park = Some(f),
-                            Job::Stop(s) => stop = Some(s),
-                            job => self.apply(job),
+            match self.jobs.take(&mut batch, (!sync).then_some(next_save)) {
+                JobsTaken::Some => {
+                    loop {
+                        for job in batch.drain(..) {
+                            match job {
+                                Job::Commit(w) => waiters.push(w),
+                                Job::CommitHere(w) => here.push(w),
+                                Job::ParkBarrier(b) => barriers.push(b),
+                                Job::ParkFinal(f) => last_park = Some(f),
+                                Job::Stop(s) => stop = Some(s),
+                                job => self.apply(job),
+                            }
+                        }
+                        // What came meanwhile goes into the same commit.
+                        if self.jobs.take(&mut batch, Some(Instant::now())) != JobsTaken::Some {
+                            break;
                         }
                     }
                     let park_asks = !barriers.is_empty() || last_park.is_some();
@@ -857,12 +904,12 @@ impl Writer {
                         && !park_asks
                     {
                         // Let the next changes gather rather than be woken for each:
-                        // a sender wakes the writer only while it waits in `recv`.
+                        // a sender wakes the writer only while it waits in `take`.
                         std::thread::sleep(GATHER);
                     }
                 }
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                JobsTaken::Timeout => {}
+                JobsTaken::Closed => {
                     self.commit();
                     return;
                 }
@@ -979,7 +1026,7 @@ impl Writer {
             Job::Enqueue(targets, message) => {
                 // The last one takes the message itself: no copy for the common case.
                 let mut message = Some(message);
-                let mut targets = targets.into_iter().peekable();
+                let mut targets = targets.sessions().peekable();
                 while let Some((key, qos)) = targets.next() {
                     let next = match targets.peek() {
                         Some(_) => message.clone(),

@@ -1,0 +1,193 @@
+//! The session writer's queue of changes: every sender appends under one lock, in one
+//! order, and the writer takes all that gathered at once by swapping vectors, so a
+//! change costs a push into memory the queue already has (no per-message allocation,
+//! freed later on the writer's thread, as a channel's blocks are) and a wake-up only
+//! when the writer sleeps.
+
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::Instant;
+
+pub(super) struct Jobs<T> {
+    queue: Mutex<Queue<T>>,
+    ready: Condvar,
+}
+
+struct Queue<T> {
+    items: Vec<T>,
+    /// The writer sleeps in [`Jobs::take`]: the next sender wakes it.
+    waiting: bool,
+    /// No sender is left ([`Jobs::close`]).
+    closed: bool,
+}
+
+/// What [`Jobs::take`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Taken {
+    /// Changes were moved into the caller's vector.
+    Some,
+    /// The deadline passed with nothing queued.
+    Timeout,
+    /// Nothing queued and nothing will be.
+    Closed,
+}
+
+impl<T> Jobs<T> {
+    pub(super) fn new() -> Jobs<T> {
+        Jobs {
+            queue: Mutex::new(Queue {
+                items: Vec::new(),
+                waiting: false,
+                closed: false,
+            }),
+            ready: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Queue<T>> {
+        self.queue
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Appends `job`; gives it back once the queue is closed.
+    pub(super) fn send(&self, job: T) -> Result<(), T> {
+        let mut queue = self.lock();
+        if queue.closed {
+            return Err(job);
+        }
+        queue.items.push(job);
+        let wake = std::mem::take(&mut queue.waiting);
+        drop(queue);
+        if wake {
+            self.ready.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Moves everything queued into `into` (empty when called), waiting for something
+    /// until `deadline` (`None`: as long as it takes; a deadline passed: not at all).
+    pub(super) fn take(&self, into: &mut Vec<T>, deadline: Option<Instant>) -> Taken {
+        let mut queue = self.lock();
+        loop {
+            if !queue.items.is_empty() {
+                std::mem::swap(&mut queue.items, into);
+                return Taken::Some;
+            }
+            if queue.closed {
+                return Taken::Closed;
+            }
+            queue.waiting = true;
+            queue = match deadline {
+                None => self
+                    .ready
+                    .wait(queue)
+                    .unwrap_or_else(|poisoned| poisoned.into_inner()),
+                Some(deadline) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        queue.waiting = false;
+                        return Taken::Timeout;
+                    }
+                    self.ready
+                        .wait_timeout(queue, left)
+                        .unwrap_or_else(|poisoned| poisoned.into_inner())
+                        .0
+                }
+            };
+        }
+    }
+
+    /// No more changes will come: the writer takes what is left, then sees it closed.
+    pub(super) fn close(&self) {
+        self.lock().closed = true;
+        self.ready.notify_one();
+    }
+
+    /// The writer is gone: what is queued is dropped (a sender waiting for a reply
+    /// hears that none comes) and later changes are given back to their senders.
+    pub(super) fn abandon(&self) {
+        let left = {
+            let mut queue = self.lock();
+            queue.closed = true;
+            std::mem::take(&mut queue.items)
+        };
+        drop(left);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    #[test]
+    fn jobs_come_out_in_the_order_they_went_in_across_threads() {
+        let jobs = Arc::new(Jobs::new());
+        let senders: Vec<_> = (0..4u64)
+            .map(|t| {
+                let jobs = Arc::clone(&jobs);
+                std::thread::spawn(move || {
+                    for i in 0..10_000u64 {
+                        jobs.send((t, i)).unwrap();
+                    }
+                })
+            })
+            .collect();
+        let mut next = [0u64; 4];
+        let mut batch = Vec::new();
+        while next.iter().sum::<u64>() < 40_000 {
+            assert_eq!(jobs.take(&mut batch, None), Taken::Some);
+            for (t, i) in batch.drain(..) {
+                assert_eq!(i, next[t as usize], "each sender's order is kept");
+                next[t as usize] += 1;
+            }
+        }
+        for s in senders {
+            s.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn a_deadline_ends_the_wait_and_a_close_ends_it_after_what_is_left() {
+        let jobs = Jobs::new();
+        let mut batch = Vec::new();
+        let deadline = Instant::now() + Duration::from_millis(20);
+        assert_eq!(jobs.take(&mut batch, Some(deadline)), Taken::Timeout);
+        assert!(Instant::now() >= deadline);
+        jobs.send(1).unwrap();
+        jobs.close();
+        assert_eq!(jobs.send(2), Err(2), "closed: nothing more goes in");
+        assert_eq!(jobs.take(&mut batch, None), Taken::Some);
+        assert_eq!(batch, [1], "what was queued before the close is taken");
+        batch.clear();
+        assert_eq!(jobs.take(&mut batch, None), Taken::Closed);
+    }
+
+    #[test]
+    fn an_abandoned_queue_drops_what_waits_so_its_senders_hear_no_reply_comes() {
+        let jobs = Jobs::new();
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        jobs.send(tx).unwrap();
+        jobs.abandon();
+        assert!(rx.recv().is_err(), "the reply's sender was dropped");
+        let (tx, _rx) = std::sync::mpsc::channel::<()>();
+        assert!(jobs.send(tx).is_err());
+    }
+
+    #[test]
+    fn a_sleeping_writer_is_woken_by_a_sender() {
+        let jobs = Arc::new(Jobs::new());
+        let sender = {
+            let jobs = Arc::clone(&jobs);
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(30));
+                jobs.send(7).unwrap();
+            })
+        };
+        let mut batch = Vec::new();
+        assert_eq!(jobs.take(&mut batch, None), Taken::Some);
+        assert_eq!(batch, [7]);
+        sender.join().unwrap();
+    }
+}
