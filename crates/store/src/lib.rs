@@ -40,6 +40,7 @@ mod cluster;
 mod compact;
 mod error;
 mod format;
+mod held;
 mod key;
 mod log;
 mod logfile;
@@ -58,6 +59,7 @@ mod tests;
 pub use cluster::{ClusterSeal, Owner};
 pub use compact::{accept, rekey, CompactionJob};
 pub use error::StoreError;
+pub use held::HeldMessages;
 pub use key::{RetainedKey, KEY_LEN};
 pub use session::{
     CommitStats, Delivery, Enqueued, HeldMessage, PendingWill, Purged, QueuedMessage, Session,

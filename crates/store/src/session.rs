@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::{MessageProperties, StoreError};
+use crate::{HeldMessages, MessageProperties, StoreError};
 
 /// Whose session it is: the identity (username or certificate CN; `None` for anonymous
 /// clients) and the client id. Two identities with one client id are two sessions.
@@ -145,7 +145,7 @@ pub struct Session {
     /// A will waiting for its delay.
     pub will: Option<PendingWill>,
     /// Held messages by id, oldest first (ids increase as messages are queued).
-    pub messages: BTreeMap<u64, HeldMessage>,
+    pub messages: HeldMessages,
     /// Packet ids of incoming QoS 2 PUBLISHes admitted whose PUBREL has not come yet.
     pub qos2_in: BTreeSet<u16>,
 }

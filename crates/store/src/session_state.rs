@@ -7,8 +7,7 @@
 //! holder could have written it.
 
 use std::borrow::Cow;
-use std::collections::btree_map::Entry;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
@@ -18,7 +17,7 @@ use crate::session::{
     Delivery, HeldMessage, PendingWill, QueuedMessage, Session, SessionKey, SessionMeta,
     SessionStats,
 };
-use crate::StoreError;
+use crate::{HeldMessages, StoreError};
 
 /// One change. Encoded by position (postcard): new kinds go at the end only. `sid` is the
 /// session's number in this log, given by its first `Put`.
@@ -150,7 +149,7 @@ impl State {
                             key,
                             meta,
                             will: None,
-                            messages: BTreeMap::new(),
+                            messages: HeldMessages::default(),
                             qos2_in: Default::default(),
                         },
                         next_id: 0,
@@ -184,16 +183,14 @@ impl State {
                 let bytes = message.queued_bytes();
                 // One search of the session's messages, not two: replaying a log is
                 // mostly this, and each session's map is a cache miss away.
-                match slot.session.messages.entry(id) {
-                    Entry::Occupied(_) => {
-                        return Err(format!("message {id} of session {sid} queued twice"))
-                    }
-                    Entry::Vacant(v) => v.insert(HeldMessage {
-                        message,
-                        delivery,
-                        frame,
-                    }),
+                let held = HeldMessage {
+                    message,
+                    delivery,
+                    frame,
                 };
+                if slot.session.messages.insert_new(id, held).is_err() {
+                    return Err(format!("message {id} of session {sid} queued twice"));
+                }
                 if delivery == Delivery::Queued {
                     slot.queued += 1;
                     slot.queued_bytes += bytes;
@@ -325,7 +322,7 @@ pub(crate) fn replayer(state: &mut State) -> impl FnMut(&[u8], u64) -> Result<()
 
 /// Message `id` of session `sid` among `messages`; `what` names the record in the error.
 fn held_mut<'a>(
-    messages: &'a mut BTreeMap<u64, HeldMessage>,
+    messages: &'a mut HeldMessages,
     sid: u64,
     id: u64,
     what: &str,

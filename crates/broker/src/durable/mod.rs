@@ -296,7 +296,7 @@ impl Taken {
                 ..Exchanges::default()
             },
         };
-        for (&id, held) in &session.messages {
+        for (&id, held) in session.messages.iter() {
             let sent = match held.delivery {
                 Delivery::Queued => false,
                 Delivery::Sent { pkid } => {
@@ -1288,7 +1288,7 @@ impl Writer {
         // PUBCOMP completes them (`Job::Completed`).
         let released = self.released.get(key);
         let mut awaiting_pubcomp = 0;
-        for (&id, held) in &session.messages {
+        for (&id, held) in session.messages.iter() {
             if held.message.is_expired(now) {
                 done.push(id);
             } else if carried.holds(id) {
@@ -1365,7 +1365,7 @@ impl Writer {
         let carried = self.carried.get(key).cloned().unwrap_or_default();
         let mut stored = Backlog::default();
         let mut since = Vec::new();
-        for (&id, held) in &session.messages {
+        for (&id, held) in session.messages.iter() {
             if held.delivery == Delivery::Queued && !carried.holds(id) {
                 stored.push(id, &held.message);
                 since.push(id);
