@@ -18,7 +18,8 @@ pub struct HeldMessages {
     len: usize,
 }
 
-/// Holes are swept once there are more of them than this and than messages.
+/// Holes are swept once there are more of them than this and than messages; and the
+/// ring gives back half its room once a quarter of it is used, above this much.
 const SWEEP_AFTER: usize = 64;
 
 impl HeldMessages {
@@ -79,6 +80,11 @@ impl HeldMessages {
         let holes = self.slots.len() - self.len;
         if holes > SWEEP_AFTER && holes > self.len {
             self.slots.retain(|(_, m)| m.is_some());
+        }
+        // A drained burst does not keep its memory.
+        let room = self.slots.capacity();
+        if room > SWEEP_AFTER && self.slots.len() < room / 4 {
+            self.slots.shrink_to(room / 2);
         }
         Some(held)
     }
@@ -208,6 +214,10 @@ mod tests {
         }
         assert_eq!(m.len(), 10);
         assert_eq!(m.slots.len(), 10, "the front's holes are dropped");
+        assert!(
+            m.slots.capacity() <= 4 * SWEEP_AFTER,
+            "the drained room is given back"
+        );
         // Taken out of order (every other one): the holes are swept.
         for id in (10_000..20_000).step_by(1) {
             m.insert_new(id, held(id)).unwrap();

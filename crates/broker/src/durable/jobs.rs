@@ -7,6 +7,10 @@
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
+/// Jobs' worth of room a vector keeps once empty: a burst (a writer held up by a slow
+/// disk) does not leave its memory with the queue for good.
+const KEEP: usize = 1024;
+
 pub(super) struct Jobs<T> {
     queue: Mutex<Queue<T>>,
     ready: Condvar,
@@ -71,6 +75,8 @@ impl<T> Jobs<T> {
         loop {
             if !queue.items.is_empty() {
                 std::mem::swap(&mut queue.items, into);
+                // The writer's emptied vector, in the queue now.
+                queue.items.shrink_to(KEEP);
                 return Taken::Some;
             }
             if queue.closed {
@@ -146,6 +152,28 @@ mod tests {
         for s in senders {
             s.join().unwrap();
         }
+    }
+
+    #[test]
+    fn a_burst_leaves_no_more_room_behind_than_a_vector_keeps() {
+        let jobs = Jobs::new();
+        let mut batch = Vec::new();
+        for round in 0..3 {
+            for i in 0..100_000 {
+                jobs.send(i).unwrap();
+            }
+            assert_eq!(jobs.take(&mut batch, None), Taken::Some);
+            assert_eq!(batch.len(), 100_000, "round {round}");
+            batch.clear();
+        }
+        // Quiet again: each of the two vectors passes through the queue once more.
+        for _ in 0..2 {
+            jobs.send(0).unwrap();
+            assert_eq!(jobs.take(&mut batch, None), Taken::Some);
+            batch.clear();
+        }
+        assert!(jobs.lock().items.capacity() <= KEEP);
+        assert!(batch.capacity() <= KEEP);
     }
 
     #[test]
