@@ -228,6 +228,24 @@ if [[ -s "$THROUGHPUT" ]]; then
             "$(pick "$b" "$lasts") | $(pick "$b" "$drains") | $recv | $dup |"
     done < <(median_table 1 <"$THROUGHPUT")
     echo
+    # Issue 14's figure: interval 1 against in-memory sessions, on the publish rate, on
+    # the drain, and end to end (each round's publish time plus its drain time).
+    awk -v n="$MESSAGES" '
+        function median(a, m,   i, j, t) {
+            for (i = 1; i <= m; i++) for (j = i + 1; j <= m; j++)
+                if (a[j] < a[i]) { t = a[i]; a[i] = a[j]; a[j] = t }
+            return a[int((m + 1) / 2)]
+        }
+        $1 == "moatmq-autosave-1" { k = ++a; ap[k] = $2; ad[k] = $3; ae[k] = n / $2 + n / $3 }
+        $1 == "moatmq-in-memory" { k = ++m; mp[k] = $2; md[k] = $3; me[k] = n / $2 + n / $3 }
+        END {
+            if (a == 0 || m == 0) exit
+            printf "Interval 1 / in memory: publish %.2f, drain %.2f, end to end %.2f" \
+                " (%.2f s against %.2f s).\n", median(ap, a) / median(mp, m),
+                median(ad, a) / median(md, m), median(me, m) / median(ae, a),
+                median(ae, a), median(me, m)
+        }' "$THROUGHPUT"
+    echo
     echo "All rounds (broker publish drain p50 p99 max drained dup cpu_us_per_msg connack_ms last_ms):"
     sed 's/^/    /' "$THROUGHPUT"
 fi
