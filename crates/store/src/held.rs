@@ -115,10 +115,12 @@ impl PartialEq for HeldMessages {
 
 impl Eq for HeldMessages {}
 
+/// For tests, which read ids they know are held: panics otherwise, as a map's index
+/// does. The broker uses [`HeldMessages::get`].
+#[cfg(test)]
 impl std::ops::Index<&u64> for HeldMessages {
     type Output = HeldMessage;
 
-    /// Panics if `id` is not held, as a map's index does (tests only read known ids).
     fn index(&self, id: &u64) -> &HeldMessage {
         self.get(id).expect("no held message with that id")
     }
