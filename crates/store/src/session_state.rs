@@ -181,8 +181,8 @@ impl State {
                 }
                 let slot = self.slot(sid)?;
                 let bytes = message.queued_bytes();
-                // One search of the session's messages, not two: replaying a log is
-                // mostly this, and each session's map is a cache miss away.
+                // Held and checked for a duplicate id in one step: ids grow, so this
+                // appends without a search (replaying a log is mostly this).
                 let held = HeldMessage {
                     message,
                     delivery,
