@@ -33,7 +33,7 @@ pub async fn restore(shared: &Arc<Shared>, loaded: Vec<Loaded>) {
             tokio::spawn(crate::cluster::park::run(weak.clone(), feed));
         }
     }
-    book.run(Box::new(move |key, limit| {
+    book.run(Arc::new(move |key, limit| {
         if let Some(shared) = weak.upgrade() {
             shared.emit_global(Event::SessionQueueFull {
                 owner: key.owner.as_deref(),

@@ -50,7 +50,8 @@ use tracing::{error, info, warn};
 
 /// Told of each message dropped because a session's queue was full, and why
 /// (`max_queued_messages` or `max_queued_bytes`): the broker counts and audits it.
-pub type OnDrop = Box<dyn Fn(&SessionKey, &'static str) + Send>;
+/// Called on the writer's thread and, for a writer that is behind, on a gateway's.
+pub type OnDrop = Arc<dyn Fn(&SessionKey, &'static str) + Send + Sync>;
 
 /// A message the gateway replays to a resumed session, in id order.
 #[derive(Debug, Clone)]
@@ -87,53 +88,117 @@ pub struct Loaded {
 
 /// One offline subscription in the filter tree.
 struct Sub {
-    key: Arc<SessionKey>,
+    session: Arc<OfflineSession>,
     qos: u8,
+}
+
+/// An offline session as admitting sees it. What is on its way to the writer for it
+/// counts against its queue's limits already, so a writer held up (a slow disk, a long
+/// commit, a large resume) does not let messages pile up in memory for it past them:
+/// past `max_queued_messages` (or `max_queued_bytes`) of them, the newest is dropped
+/// here, as the writer would drop it once it caught up.
+struct OfflineSession {
+    key: SessionKey,
+    /// Messages sent to the writer for it and not yet taken by it, and their bytes
+    /// ([`QueuedMessage::queued_bytes`]).
+    unwritten: AtomicUsize,
+    unwritten_bytes: AtomicU64,
+    /// While the end of its connection is collected ([`SessionBook::collected`]): what
+    /// admitting dropped for it, by content, so the collection (which holds the
+    /// router's copies of the same messages) does not count those again.
+    dropped: Mutex<Option<HashMap<u64, u32>>>,
+}
+
+impl OfflineSession {
+    fn new(key: &SessionKey, collecting: bool) -> OfflineSession {
+        OfflineSession {
+            key: key.clone(),
+            unwritten: AtomicUsize::new(0),
+            unwritten_bytes: AtomicU64::new(0),
+            dropped: Mutex::new(collecting.then(HashMap::new)),
+        }
+    }
+
+    /// Counts a message of `bytes` as on its way to the writer; or the limit that
+    /// those already on their way leave no room under.
+    fn reserve(&self, bytes: u64, limits: &SessionLimits) -> Result<(), &'static str> {
+        if self.unwritten.fetch_add(1, Ordering::Relaxed) >= limits.max_queued_messages {
+            self.unwritten.fetch_sub(1, Ordering::Relaxed);
+            return Err("max_queued_messages");
+        }
+        let before = self.unwritten_bytes.fetch_add(bytes, Ordering::Relaxed);
+        if before.saturating_add(bytes) > limits.max_queued_bytes {
+            self.unwritten_bytes.fetch_sub(bytes, Ordering::Relaxed);
+            self.unwritten.fetch_sub(1, Ordering::Relaxed);
+            return Err("max_queued_bytes");
+        }
+        Ok(())
+    }
+
+    /// The writer took a message of `bytes` counted by [`OfflineSession::reserve`].
+    fn written(&self, bytes: u64) {
+        self.unwritten.fetch_sub(1, Ordering::Relaxed);
+        self.unwritten_bytes.fetch_sub(bytes, Ordering::Relaxed);
+    }
+
+    /// Notes a message admitting dropped, while its connection's end is collected.
+    fn note_dropped(&self, hash: u64) {
+        if let Some(noted) = lock(&self.dropped).as_mut() {
+            if noted.len() < DROPPED_NOTED || noted.contains_key(&hash) {
+                *noted.entry(hash).or_default() += 1;
+            }
+        }
+    }
+
+    /// What admitting dropped until now; nothing is noted from now on.
+    fn take_dropped(&self) -> HashMap<u64, u32> {
+        lock(&self.dropped).take().unwrap_or_default()
+    }
 }
 
 #[derive(Default)]
 struct Offline {
     tree: Matcher<Sub>,
-    /// Each offline session's filters, to take them out again.
-    sessions: HashMap<Arc<SessionKey>, Vec<String>>,
+    /// Each offline session, with its filters to take them out again.
+    sessions: HashMap<SessionKey, (Arc<OfflineSession>, Vec<String>)>,
 }
 
 /// The offline sessions one admitted message is queued for, each at its QoS. Most
 /// messages reach one: that one takes no allocation.
 #[derive(Default)]
 struct Targets {
-    first: Option<(Arc<SessionKey>, u8)>,
-    more: Vec<(Arc<SessionKey>, u8)>,
+    first: Option<(Arc<OfflineSession>, u8)>,
+    more: Vec<(Arc<OfflineSession>, u8)>,
 }
 
 impl Targets {
     /// A session subscribed by two matching filters gets one copy, at the higher QoS
     /// (MQTT-3.3.4-2 allows either).
-    fn add(&mut self, key: &Arc<SessionKey>, qos: u8) {
+    fn add(&mut self, session: &Arc<OfflineSession>, qos: u8) {
         let known = self
             .first
             .iter_mut()
             .chain(self.more.iter_mut())
-            .find(|(k, _)| Arc::ptr_eq(k, key));
+            .find(|(s, _)| Arc::ptr_eq(s, session));
         if let Some(t) = known {
             t.1 = t.1.max(qos);
         } else if self.first.is_none() {
-            self.first = Some((Arc::clone(key), qos));
+            self.first = Some((Arc::clone(session), qos));
         } else {
-            self.more.push((Arc::clone(key), qos));
+            self.more.push((Arc::clone(session), qos));
         }
     }
 
-    fn retain(&mut self, keep: impl Fn(u8) -> bool) {
-        self.first = self.first.take().filter(|&(_, q)| keep(q));
-        self.more.retain(|&(_, q)| keep(q));
+    fn retain(&mut self, mut keep: impl FnMut(&Arc<OfflineSession>, u8) -> bool) {
+        self.first = self.first.take().filter(|(s, q)| keep(s, *q));
+        self.more.retain(|(s, q)| keep(s, *q));
     }
 
     fn is_empty(&self) -> bool {
         self.first.is_none() && self.more.is_empty()
     }
 
-    fn sessions(self) -> impl Iterator<Item = (Arc<SessionKey>, u8)> {
+    fn sessions(self) -> impl Iterator<Item = (Arc<OfflineSession>, u8)> {
         self.first.into_iter().chain(self.more)
     }
 }
@@ -157,6 +222,11 @@ pub struct SessionBook {
     /// `autosave_interval = 0`: publishes wait for their commit.
     sync: bool,
     queue_qos0: bool,
+    /// The store's bounds on a session's queue, which admitting applies to what is on
+    /// its way to the writer ([`OfflineSession`]).
+    limits: SessionLimits,
+    /// Set by [`SessionBook::run`].
+    on_drop: std::sync::OnceLock<OnDrop>,
     writer: Mutex<Option<Writer>>,
     metrics: Arc<Metrics>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -200,7 +270,7 @@ enum Job {
     Remove(SessionKey),
     Enqueue(Targets, QueuedMessage),
     Hold(SessionKey, Vec<QueuedMessage>),
-    Collected(SessionKey, Vec<QueuedMessage>),
+    Collected(SessionKey, Vec<QueuedMessage>, Option<Arc<OfflineSession>>),
     Sent(SessionKey, u16, QueuedMessage),
     Acked(SessionKey, u16),
     Received(SessionKey, u16),
@@ -360,6 +430,7 @@ impl SessionBook {
         mut store: Box<dyn SessionStore>,
         autosave_interval: Duration,
         queue_qos0: bool,
+        limits: SessionLimits,
         metrics: Arc<Metrics>,
     ) -> Result<(SessionBook, Vec<Loaded>), moatmq_store::StoreError> {
         let purged = store.purge_expired(now_unix())?;
@@ -377,7 +448,7 @@ impl SessionBook {
             // Every message held now is from the last run; ids only grow.
             let below = s.messages.keys().next_back().map_or(0, |id| id + 1);
             carried.insert(s.key.clone(), Carried::below(below));
-            offline.add(&s.key, &s.meta.subscriptions);
+            offline.add(&s.key, &s.meta.subscriptions, false);
             loaded.push(Loaded {
                 key: s.key.clone(),
                 meta: s.meta.clone(),
@@ -393,6 +464,8 @@ impl SessionBook {
             offline_sessions: AtomicUsize::new(0),
             sync: autosave_interval.is_zero(),
             queue_qos0,
+            limits,
+            on_drop: std::sync::OnceLock::new(),
             writer: Mutex::new(Some(Writer {
                 store,
                 carried,
@@ -402,7 +475,7 @@ impl SessionBook {
                 dropped_offline: HashMap::new(),
                 jobs,
                 interval: autosave_interval,
-                on_drop: Box::new(|_, _| {}),
+                on_drop: Arc::new(|_, _| {}),
                 metrics: metrics.clone(),
                 fail_commits: cfg!(feature = "test-hooks")
                     && std::env::var_os("MOATMQ_TEST_SESSION_COMMIT_FAIL").is_some(),
@@ -422,7 +495,8 @@ impl SessionBook {
         let Some(mut writer) = lock(&self.writer).take() else {
             return;
         };
-        writer.on_drop = on_drop;
+        writer.on_drop = Arc::clone(&on_drop);
+        let _ = self.on_drop.set(on_drop);
         let thread = std::thread::Builder::new()
             .name("moatmq-sessions".into())
             .spawn(move || writer.run());
@@ -498,9 +572,28 @@ impl SessionBook {
             }
             offline
                 .tree
-                .for_each_match(topic, |sub| targets.add(&sub.key, qos.min(sub.qos)));
+                .for_each_match(topic, |sub| targets.add(&sub.session, qos.min(sub.qos)));
         }
-        targets.retain(|q| q > 0 || self.queue_qos0);
+        let bytes = (topic.len() + payload.len()) as u64;
+        let mut full = Vec::new();
+        targets.retain(|session, q| {
+            if q == 0 && !self.queue_qos0 {
+                return false;
+            }
+            match session.reserve(bytes, &self.limits) {
+                Ok(()) => true,
+                Err(limit) => {
+                    full.push((Arc::clone(session), limit));
+                    false
+                }
+            }
+        });
+        for (session, limit) in full {
+            session.note_dropped(content_hash_of(topic, payload));
+            if let Some(on_drop) = self.on_drop.get() {
+                on_drop(&session.key, limit);
+            }
+        }
         if targets.is_empty() {
             return false;
         }
@@ -643,7 +736,11 @@ impl SessionBook {
     /// forwards the client had not acknowledged are carried over too (the router was
     /// told they were). Call after [`SessionBook::offline`].
     pub fn collected(&self, key: &SessionKey, messages: Vec<QueuedMessage>) {
-        self.send(Job::Collected(key.clone(), messages));
+        let session = lock(&self.offline)
+            .sessions
+            .get(key)
+            .map(|(s, _)| Arc::clone(s));
+        self.send(Job::Collected(key.clone(), messages, session));
     }
 
     /// A router forward was written to the connected client of `key` with packet id
@@ -687,7 +784,7 @@ impl SessionBook {
     /// before the router link is closed.
     pub fn offline(&self, key: &SessionKey, mut meta: SessionMeta) {
         meta.disconnected_at = Some(now_unix());
-        self.offline_changed(|o| o.add(key, &meta.subscriptions));
+        self.offline_changed(|o| o.add(key, &meta.subscriptions, true));
         self.send(Job::Put(key.clone(), meta));
     }
 
@@ -784,25 +881,32 @@ impl SessionBook {
 }
 
 impl Offline {
-    fn add(&mut self, key: &SessionKey, subs: &BTreeMap<String, SubscriptionOptions>) {
+    /// `collecting`: its connection just ended ([`OfflineSession::dropped`]).
+    fn add(
+        &mut self,
+        key: &SessionKey,
+        subs: &BTreeMap<String, SubscriptionOptions>,
+        collecting: bool,
+    ) {
         self.remove(key);
-        let key = Arc::new(key.clone());
+        let session = Arc::new(OfflineSession::new(key, collecting));
         for (filter, opts) in subs {
             self.tree.insert(
                 filter,
                 Sub {
-                    key: key.clone(),
+                    session: Arc::clone(&session),
                     qos: opts.qos,
                 },
             );
         }
-        self.sessions.insert(key, subs.keys().cloned().collect());
+        self.sessions
+            .insert(key.clone(), (session, subs.keys().cloned().collect()));
     }
 
     fn remove(&mut self, key: &SessionKey) {
-        if let Some(filters) = self.sessions.remove(key) {
+        if let Some((_, filters)) = self.sessions.remove(key) {
             for f in filters {
-                self.tree.remove(&f, |sub| *sub.key == *key);
+                self.tree.remove(&f, |sub| sub.session.key == *key);
             }
         }
     }
@@ -1024,17 +1128,19 @@ impl Writer {
                 self.store.remove_session(&key).map(drop)
             }
             Job::Enqueue(targets, message) => {
+                let bytes = message.queued_bytes();
                 // The last one takes the message itself: no copy for the common case.
                 let mut message = Some(message);
                 let mut targets = targets.sessions().peekable();
-                while let Some((key, qos)) = targets.next() {
+                while let Some((session, qos)) = targets.next() {
+                    session.written(bytes);
                     let next = match targets.peek() {
                         Some(_) => message.clone(),
                         None => message.take(),
                     };
                     let Some(mut m) = next else { break };
                     m.qos = qos;
-                    if let Err(e) = self.queue(&key, m) {
+                    if let Err(e) = self.queue(&session.key, m) {
                         warn!(error = %e, "message not queued for an offline session");
                     }
                 }
@@ -1052,8 +1158,9 @@ impl Writer {
                 }
                 Ok(())
             }
-            Job::Collected(key, messages) => {
-                self.collected(&key, messages);
+            Job::Collected(key, messages, session) => {
+                let dropped = session.map(|s| s.take_dropped()).unwrap_or_default();
+                self.collected(&key, messages, dropped);
                 Ok(())
             }
             Job::Sent(key, pkid, message) => {
@@ -1347,11 +1454,20 @@ impl Writer {
     /// backlog of an earlier resume. It is queued again in the router's order, and what
     /// was queued since the disconnect that the router had not forwarded yet goes after
     /// it again, so the replay (after a restart too) keeps the order the router had.
-    fn collected(&mut self, key: &SessionKey, messages: Vec<QueuedMessage>) {
+    /// `dropped_admitting`: what admitting dropped for it meanwhile, by content.
+    fn collected(
+        &mut self,
+        key: &SessionKey,
+        messages: Vec<QueuedMessage>,
+        dropped_admitting: HashMap<u64, u32>,
+    ) {
         // (A PUBREL the router owes the client, it sends again itself on a resume here:
         // those stay in `released`.)
         let unacked = self.inflight.remove(key).unwrap_or_default();
         let mut dropped_before = self.dropped_offline.remove(key).unwrap_or_default();
+        for (hash, n) in dropped_admitting {
+            *dropped_before.entry(hash).or_default() += n;
+        }
         let Some(session) = self.store.session(key) else {
             return;
         };
@@ -1578,10 +1694,15 @@ const DROPPED_NOTED: usize = 4096;
 /// message and the one queued offline are equal in these (two messages equal in them
 /// are one as far as counting goes).
 fn content_hash(m: &QueuedMessage) -> u64 {
+    content_hash_of(&m.topic, &m.payload)
+}
+
+/// [`content_hash`] of a message not built yet.
+fn content_hash_of(topic: &str, payload: &Bytes) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    m.topic.hash(&mut h);
-    m.payload.hash(&mut h);
+    topic.hash(&mut h);
+    payload.hash(&mut h);
     h.finish()
 }
 
@@ -1634,6 +1755,7 @@ pub fn open(
         Box::new(store),
         Duration::from_secs(sessions.autosave_interval),
         sessions.queue_qos0_messages,
+        limits,
         metrics.clone(),
     )?;
     info!(sessions = loaded.len(), "session store loaded");
