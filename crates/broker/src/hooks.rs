@@ -1,4 +1,4 @@
-//! Durations that tests change through the environment (`test-hooks` only).
+//! Durations and counts that tests change through the environment (`test-hooks` only).
 
 use std::time::Duration;
 
@@ -17,6 +17,28 @@ pub(crate) fn hooked(
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .map_or(default, Duration::from_millis)
+        })
+    }
+    #[cfg(not(feature = "test-hooks"))]
+    {
+        let _ = (slot, name);
+        default
+    }
+}
+
+/// [`hooked`] for a count.
+pub(crate) fn hooked_count(
+    slot: &'static std::sync::OnceLock<usize>,
+    name: &str,
+    default: usize,
+) -> usize {
+    #[cfg(feature = "test-hooks")]
+    {
+        *slot.get_or_init(|| {
+            std::env::var(name)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(default)
         })
     }
     #[cfg(not(feature = "test-hooks"))]

@@ -1,10 +1,12 @@
 //! A session writer held up (a slow disk, a long commit, a large resume) must not let
-//! messages for an offline session pile up in memory past its queue's limits: what is
+//! what it has to record pile up in memory. For an offline session: what is
 //! on its way to the writer counts against `max_queued_messages` already, and past it
 //! the newest is dropped (counted and audited) at once, as the writer would drop it
 //! once it caught up. Before, the limits applied only when the writer took each
 //! message, so at `autosave_interval = 1` (the default; nothing waits for a commit)
-//! everything published meanwhile waited for the writer in memory, however much. Here
+//! everything published meanwhile waited for the writer in memory, however much. For a
+//! connected persistent session, each delivery records changes (sent, acknowledged):
+//! its deliveries wait while the writer is behind, as for a full client window. Here
 //! a test hook makes every commit take 3 s longer, so the commit of one message holds
 //! the writer while the next ones arrive. Its own process: the hook is an environment
 //! variable.
@@ -19,6 +21,20 @@ const STALL: Duration = Duration::from_secs(3);
 /// `autosave_interval`.
 const INTERVAL: Duration = Duration::from_secs(1);
 const QUEUE: usize = 5;
+/// Changes waiting past which the writer is behind (test hook; 65,536 otherwise).
+const BEHIND_AT: usize = 40;
+
+/// The hooks, read once per process; both tests set the same.
+fn hooks() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        std::env::set_var(
+            "MOATMQ_TEST_SESSION_COMMIT_DELAY_MS",
+            STALL.as_millis().to_string(),
+        );
+        std::env::set_var("MOATMQ_TEST_SESSION_WRITER_BEHIND", BEHIND_AT.to_string());
+    });
+}
 
 fn persistent(addr: SocketAddr, id: &str) -> v4::MqttOptions {
     let mut o = v4::options(addr, id);
@@ -115,7 +131,7 @@ async fn an_offline_queue_stays_within_its_limit_while_the_writer_is_held_up() {
     // m0 is stored; of the 60 on their way to the held-up writer, QUEUE may wait for it:
     // the other 55 are dropped now, not once the writer gets to them.
     let mut dropped = 0.0;
-    while first.elapsed() < INTERVAL + STALL - Duration::from_millis(300) {
+    while first.elapsed() < STALL - Duration::from_millis(300) {
         dropped = broker.metric("moatmq_session_messages_dropped_total").await;
         if dropped == 55.0 {
             break;
@@ -151,4 +167,72 @@ async fn an_offline_queue_stays_within_its_limit_while_the_writer_is_held_up() {
     let expected: Vec<String> = (0..QUEUE).map(|i| format!("m{i}")).collect();
     assert_eq!(drained(addr, "slow-disk").await, expected);
     assert_eq!(drained(addr, "roomy").await, vec!["r0", "r1", "r2"]);
+}
+
+#[tokio::test]
+async fn a_persistent_subscribers_deliveries_wait_for_a_writer_that_is_behind() {
+    hooks();
+    let broker = TestBroker::builder()
+        .anonymous()
+        .retained_store()
+        .set("retained", "autosave_interval", 1)
+        .start()
+        .await;
+    let addr = broker.first_addr();
+    leave_subscribed(addr, "parked", "p/#").await;
+    let mut live = v4::connect(persistent(addr, "live")).await.unwrap();
+    live.subscribe_acked("l/#").await;
+    tokio::time::sleep((INTERVAL + STALL) * 2 + Duration::from_millis(500)).await;
+
+    let mut publ = v4::connected(addr, "publisher").await;
+    // Queued for the offline session, it is written by the next commit (a delivery
+    // acknowledged within the interval is not): that commit holds the writer for STALL.
+    publ.client
+        .publish("p/x", QoS::AtLeastOnce, false, "parked")
+        .await
+        .unwrap();
+    publ.client
+        .publish("l/x", QoS::AtLeastOnce, false, "m0")
+        .await
+        .unwrap();
+    let first = Instant::now();
+    tokio::time::sleep(INTERVAL + Duration::from_millis(200)).await;
+    const N: usize = 300;
+    for i in 1..=N {
+        publ.client
+            .publish("l/x", QoS::AtLeastOnce, false, format!("m{i}"))
+            .await
+            .unwrap();
+    }
+    // While the writer is held up: the publisher is not, the subscriber's deliveries
+    // (each recording a send and an acknowledgement) stop once BEHIND_AT changes wait.
+    // (The commit began within INTERVAL of m0, before the burst: it lasts at least
+    // until STALL after m0.)
+    let stall_ends = first + STALL - Duration::from_millis(300);
+    let mut got = Vec::new();
+    while let Ok(Some(p)) =
+        tokio::time::timeout_at(stall_ends.into(), live.publish_within(WAIT)).await
+    {
+        got.push(String::from_utf8(p.payload.to_vec()).unwrap());
+    }
+    let mut acked = 0;
+    while let Ok(Some(event)) = tokio::time::timeout(Duration::ZERO, publ.rx.recv()).await {
+        if let rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) = event {
+            acked += 1;
+        }
+    }
+    assert_eq!(acked, N + 2, "the publisher was held up");
+    assert!(
+        got.len() < 2 * BEHIND_AT,
+        "{} of {} delivered while the writer was held up: their records piled up",
+        got.len(),
+        N + 1
+    );
+    // Then the rest, in order.
+    while got.len() < N + 1 {
+        let p = live.next_publish().await;
+        got.push(String::from_utf8(p.payload.to_vec()).unwrap());
+    }
+    let expected: Vec<String> = (0..=N).map(|i| format!("m{i}")).collect();
+    assert_eq!(got, expected);
 }

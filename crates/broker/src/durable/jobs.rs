@@ -2,8 +2,11 @@
 //! order, and the writer takes all that gathered at once by swapping vectors, so a
 //! change costs a push into memory the queue already has (no per-message allocation,
 //! freed later on the writer's thread, as a channel's blocks are) and a wake-up only
-//! when the writer sleeps.
+//! when the writer sleeps. Past a number of changes waiting the writer is *behind*
+//! ([`Jobs::is_behind`]) until it takes them: the gateways of connected persistent
+//! sessions hold their deliveries meanwhile, so what they record cannot pile up.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -14,6 +17,11 @@ const KEEP: usize = 1024;
 pub(super) struct Jobs<T> {
     queue: Mutex<Queue<T>>,
     ready: Condvar,
+    /// More than `behind_at` changes wait for the writer.
+    behind: AtomicBool,
+    behind_at: usize,
+    /// The writer took what was waiting, or is gone.
+    caught_up: tokio::sync::Notify,
 }
 
 struct Queue<T> {
@@ -36,7 +44,8 @@ pub(super) enum Taken {
 }
 
 impl<T> Jobs<T> {
-    pub(super) fn new() -> Jobs<T> {
+    /// The writer is behind once more than `behind_at` changes wait for it.
+    pub(super) fn new(behind_at: usize) -> Jobs<T> {
         Jobs {
             queue: Mutex::new(Queue {
                 items: Vec::new(),
@@ -44,6 +53,31 @@ impl<T> Jobs<T> {
                 closed: false,
             }),
             ready: Condvar::new(),
+            behind: AtomicBool::new(false),
+            behind_at,
+            caught_up: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Whether more changes wait than the writer should be behind by.
+    pub(super) fn is_behind(&self) -> bool {
+        self.behind.load(Ordering::Relaxed)
+    }
+
+    /// Returns once the writer is not behind (at once if it is not now).
+    pub(super) async fn caught_up(&self) {
+        let notified = self.caught_up.notified();
+        tokio::pin!(notified);
+        // Registered before the check: a catching up in between still wakes it.
+        notified.as_mut().enable();
+        if self.is_behind() {
+            notified.await;
+        }
+    }
+
+    fn not_behind(&self) {
+        if self.behind.swap(false, Ordering::Relaxed) {
+            self.caught_up.notify_waiters();
         }
     }
 
@@ -60,6 +94,9 @@ impl<T> Jobs<T> {
             return Err(job);
         }
         queue.items.push(job);
+        if queue.items.len() > self.behind_at {
+            self.behind.store(true, Ordering::Relaxed);
+        }
         let wake = std::mem::take(&mut queue.waiting);
         drop(queue);
         if wake {
@@ -77,6 +114,8 @@ impl<T> Jobs<T> {
                 std::mem::swap(&mut queue.items, into);
                 // The writer's emptied vector, in the queue now.
                 queue.items.shrink_to(KEEP);
+                drop(queue);
+                self.not_behind();
                 return Taken::Some;
             }
             if queue.closed {
@@ -118,6 +157,8 @@ impl<T> Jobs<T> {
             std::mem::take(&mut queue.items)
         };
         drop(left);
+        // Nothing will be taken: nobody waits for it.
+        self.not_behind();
     }
 }
 
@@ -129,7 +170,7 @@ mod tests {
 
     #[test]
     fn jobs_come_out_in_the_order_they_went_in_across_threads() {
-        let jobs = Arc::new(Jobs::new());
+        let jobs = Arc::new(Jobs::new(usize::MAX));
         let senders: Vec<_> = (0..4u64)
             .map(|t| {
                 let jobs = Arc::clone(&jobs);
@@ -156,7 +197,7 @@ mod tests {
 
     #[test]
     fn a_burst_leaves_no_more_room_behind_than_a_vector_keeps() {
-        let jobs = Jobs::new();
+        let jobs = Jobs::new(usize::MAX);
         let mut batch = Vec::new();
         for round in 0..3 {
             for i in 0..100_000 {
@@ -178,7 +219,7 @@ mod tests {
 
     #[test]
     fn a_deadline_ends_the_wait_and_a_close_ends_it_after_what_is_left() {
-        let jobs = Jobs::new();
+        let jobs = Jobs::new(usize::MAX);
         let mut batch = Vec::new();
         let deadline = Instant::now() + Duration::from_millis(20);
         assert_eq!(jobs.take(&mut batch, Some(deadline)), Taken::Timeout);
@@ -194,7 +235,7 @@ mod tests {
 
     #[test]
     fn an_abandoned_queue_drops_what_waits_so_its_senders_hear_no_reply_comes() {
-        let jobs = Jobs::new();
+        let jobs = Jobs::new(usize::MAX);
         let (tx, rx) = std::sync::mpsc::channel::<()>();
         jobs.send(tx).unwrap();
         jobs.abandon();
@@ -203,9 +244,41 @@ mod tests {
         assert!(jobs.send(tx).is_err());
     }
 
+    #[tokio::test]
+    async fn past_its_mark_the_writer_is_behind_until_it_takes_what_waits() {
+        let jobs = Arc::new(Jobs::new(3));
+        for i in 0..3 {
+            jobs.send(i).unwrap();
+        }
+        assert!(!jobs.is_behind(), "3 waiting is not past 3");
+        jobs.caught_up().await;
+        jobs.send(3).unwrap();
+        assert!(jobs.is_behind());
+        let waiter = tokio::spawn({
+            let jobs = Arc::clone(&jobs);
+            async move { jobs.caught_up().await }
+        });
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert!(!waiter.is_finished(), "waits while the writer is behind");
+        let mut batch = Vec::new();
+        assert_eq!(jobs.take(&mut batch, None), Taken::Some);
+        assert!(!jobs.is_behind());
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("woken once the writer took what waited")
+            .unwrap();
+        // A writer gone leaves nobody waiting for it.
+        for i in 0..4 {
+            jobs.send(i).unwrap();
+        }
+        assert!(jobs.is_behind());
+        jobs.abandon();
+        assert!(!jobs.is_behind());
+    }
+
     #[test]
     fn a_sleeping_writer_is_woken_by_a_sender() {
-        let jobs = Arc::new(Jobs::new());
+        let jobs = Arc::new(Jobs::new(usize::MAX));
         let sender = {
             let jobs = Arc::clone(&jobs);
             std::thread::spawn(move || {

@@ -456,7 +456,7 @@ impl SessionBook {
             });
         }
         store.commit()?;
-        let jobs = Arc::new(Jobs::new());
+        let jobs = Arc::new(Jobs::new(writer_behind_at()));
         let book = SessionBook {
             admissions: Arc::default(),
             jobs: Arc::clone(&jobs),
@@ -537,6 +537,19 @@ impl SessionBook {
         if self.jobs.send(job).is_err() {
             warn!("session writer is gone; change not stored");
         }
+    }
+
+    /// Whether the writer is behind: more changes wait for it than it should have (a
+    /// slow disk, a commit or resume held up). A connected persistent session's
+    /// deliveries wait meanwhile ([`SessionBook::writer_caught_up`]): each records
+    /// changes, which would otherwise pile up in memory for as long as it lasts.
+    pub fn writer_behind(&self) -> bool {
+        self.jobs.is_behind()
+    }
+
+    /// Returns once the writer is not behind.
+    pub async fn writer_caught_up(&self) {
+        self.jobs.caught_up().await
     }
 
     /// Whether QoS 0 messages are queued for offline sessions (`queue_qos0_messages`).
@@ -1719,6 +1732,17 @@ fn take_one(counts: &mut HashMap<u64, u32>, hash: u64) -> bool {
         }
         None => false,
     }
+}
+
+/// Changes waiting for the writer past which it is behind: the gateways of connected
+/// persistent sessions hold their deliveries until it takes them
+/// ([`SessionBook::writer_behind`]). Each is a few hundred bytes (a delivery's record
+/// shares its payload with the router's copy): some 64 MiB, a quarter of a second of
+/// the fastest drain measured here (docs/benchmarks.md), so an ordinary commit does not
+/// reach it. A test sets `MOATMQ_TEST_SESSION_WRITER_BEHIND`.
+fn writer_behind_at() -> usize {
+    static HOOKED: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    crate::hooks::hooked_count(&HOOKED, "MOATMQ_TEST_SESSION_WRITER_BEHIND", 262_144)
 }
 
 /// [`Writer::commit_delay`]: none unless a test asks for it.

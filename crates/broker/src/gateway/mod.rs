@@ -644,6 +644,8 @@ impl Gateway {
             if let Some(c) = &self.checkpoints {
                 wake = wake.min(c.wake_at());
             }
+            // Forwards held for the session store's writer go once it caught up.
+            let held_for_writer = self.window.is_holding() && self.writer_behind();
             tokio::select! {
                 _ = tokio::time::sleep_until(paused_until.unwrap_or_else(Instant::now)), if paused_until.is_some() => {
                     self.paused_until = None;
@@ -673,6 +675,11 @@ impl Gateway {
                 notification = self.link.next(), if !self.retained.router_waits() => {
                     idle_at = Some(Instant::now() + IDLE_TRIM);
                     if let Err(close) = self.on_router(notification) {
+                        return close;
+                    }
+                }
+                _ = writer_caught_up(&self.shared), if held_for_writer => {
+                    if let Err(close) = self.release_held() {
                         return close;
                     }
                 }
@@ -997,5 +1004,12 @@ impl Gateway {
     fn write(&mut self, packet: Packet) -> Result<(), Close> {
         self.ledger.answered(&packet);
         self.out.write(packet)
+    }
+}
+
+/// Returns once the session store's writer is not behind (at once without a store).
+async fn writer_caught_up(shared: &Shared) {
+    if let Some(book) = &shared.durable {
+        book.writer_caught_up().await;
     }
 }

@@ -13,12 +13,29 @@ use rumqttd::Notification;
 use tracing::warn;
 
 impl Gateway {
-    /// Sends the forwards that waited for the client's window, as far as it has room.
+    /// Sends the forwards that waited for the client's window, as far as it has room
+    /// (and the session store's writer is not behind).
     pub(super) fn release_held(&mut self) -> Result<(), Close> {
-        while let Some(f) = self.window.next_held(self.retained.in_flight()) {
+        while !self.writer_behind() {
+            let Some(f) = self.window.next_held(self.retained.in_flight()) else {
+                break;
+            };
             self.forward(f)?;
         }
         Ok(())
+    }
+
+    /// Whether this connection's deliveries wait for the session store's writer: it is
+    /// behind, and each delivery to a persistent session records changes for it
+    /// ([`crate::durable::SessionBook::writer_behind`]). They wait as for the client's
+    /// window: the router stops at its in-flight limit for the link meanwhile.
+    pub(super) fn writer_behind(&self) -> bool {
+        self.session.key.is_some()
+            && self
+                .shared
+                .durable
+                .as_ref()
+                .is_some_and(|book| book.writer_behind())
     }
 
     /// A copy for a shared group across nodes (`cluster/groups.rs`) gets its real
@@ -135,8 +152,12 @@ impl Gateway {
                     m.arrived(&forward.publish, &mut forward.properties);
                 }
                 // With the client's Receive Maximum reached, forwards wait (`window.rs`),
-                // in order (QoS 0 ones too: reading their QoS costs a copy here).
-                if self.window.is_holding() || !self.window.has_room(self.retained.in_flight()) {
+                // in order (QoS 0 ones too: reading their QoS costs a copy here); so
+                // they do while the session store's writer is behind.
+                if self.window.is_holding()
+                    || !self.window.has_room(self.retained.in_flight())
+                    || self.writer_behind()
+                {
                     self.window.hold(forward);
                     return Ok(());
                 }
