@@ -123,6 +123,8 @@ pub struct Metrics {
     /// Persistent sessions in the session store, and the messages it holds for them.
     pub sessions_stored: Gauge,
     pub session_messages_held: Gauge,
+    /// 1 while the session store's writer is behind (`durable/jobs.rs`).
+    pub session_writer_behind: Gauge,
     /// Subscriptions of connected clients (changed on SUBSCRIBE, UNSUBSCRIBE and when a
     /// connection ends, never per message).
     pub subscriptions: Gauge,
@@ -199,6 +201,7 @@ impl Metrics {
             sessions_offline_subscriptions: Gauge::default(),
             sessions_stored: Gauge::default(),
             session_messages_held: Gauge::default(),
+            session_writer_behind: Gauge::default(),
             subscriptions: Gauge::default(),
             router_links: Gauge::default(),
             retained_store_bytes: Gauge::default(),
@@ -372,6 +375,11 @@ impl Metrics {
                 "session_messages_held",
                 "Messages the session store holds for persistent sessions, queued or in flight",
                 m.session_messages_held.clone(),
+            );
+            r.register(
+                "session_writer_behind",
+                "1 while more changes wait for the session store's writer than it may be behind by (a slow disk): connected persistent sessions' deliveries wait meanwhile",
+                m.session_writer_behind.clone(),
             );
             r.register(
                 "subscriptions",

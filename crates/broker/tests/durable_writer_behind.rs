@@ -176,6 +176,7 @@ async fn a_persistent_subscribers_deliveries_wait_for_a_writer_that_is_behind() 
         .anonymous()
         .retained_store()
         .set("retained", "autosave_interval", 1)
+        .metrics()
         .start()
         .await;
     let addr = broker.first_addr();
@@ -209,6 +210,11 @@ async fn a_persistent_subscribers_deliveries_wait_for_a_writer_that_is_behind() 
     // (The commit began within INTERVAL of m0, before the burst: it lasts at least
     // until STALL after m0.)
     let stall_ends = first + STALL - Duration::from_millis(300);
+    let mut behind = 0.0;
+    while behind != 1.0 && Instant::now() < stall_ends {
+        behind = broker.metric("moatmq_session_writer_behind").await;
+    }
+    assert_eq!(behind, 1.0, "the metric shows the writer behind");
     let mut got = Vec::new();
     while let Ok(Some(p)) =
         tokio::time::timeout_at(stall_ends.into(), live.publish_within(WAIT)).await
@@ -235,4 +241,7 @@ async fn a_persistent_subscribers_deliveries_wait_for_a_writer_that_is_behind() 
     }
     let expected: Vec<String> = (0..=N).map(|i| format!("m{i}")).collect();
     assert_eq!(got, expected);
+    broker
+        .metric_is("moatmq_session_writer_behind", 0.0, "the writer caught up")
+        .await;
 }

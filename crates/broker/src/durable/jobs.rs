@@ -6,6 +6,7 @@
 //! ([`Jobs::is_behind`]) until it takes them: the gateways of connected persistent
 //! sessions hold their deliveries meanwhile, so what they record cannot pile up.
 
+use prometheus_client::metrics::gauge::Gauge;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Instant;
@@ -17,9 +18,11 @@ const KEEP: usize = 1024;
 pub(super) struct Jobs<T> {
     queue: Mutex<Queue<T>>,
     ready: Condvar,
-    /// More than `behind_at` changes wait for the writer.
+    /// More than `behind_at` changes wait for the writer (changed under the queue's
+    /// lock, as is `behind_gauge`, the metric showing it).
     behind: AtomicBool,
     behind_at: usize,
+    behind_gauge: Gauge,
     /// The writer took what was waiting, or is gone.
     caught_up: tokio::sync::Notify,
 }
@@ -44,8 +47,9 @@ pub(super) enum Taken {
 }
 
 impl<T> Jobs<T> {
-    /// The writer is behind once more than `behind_at` changes wait for it.
-    pub(super) fn new(behind_at: usize) -> Jobs<T> {
+    /// The writer is behind once more than `behind_at` changes wait for it; `gauge` is
+    /// 1 meanwhile.
+    pub(super) fn new(behind_at: usize, gauge: Gauge) -> Jobs<T> {
         Jobs {
             queue: Mutex::new(Queue {
                 items: Vec::new(),
@@ -55,6 +59,7 @@ impl<T> Jobs<T> {
             ready: Condvar::new(),
             behind: AtomicBool::new(false),
             behind_at,
+            behind_gauge: gauge,
             caught_up: tokio::sync::Notify::new(),
         }
     }
@@ -75,10 +80,14 @@ impl<T> Jobs<T> {
         }
     }
 
-    fn not_behind(&self) {
-        if self.behind.swap(false, Ordering::Relaxed) {
-            self.caught_up.notify_waiters();
+    /// Under the queue's lock: nothing waits now. Whether the writer was behind: its
+    /// waiters are to be told ([`Jobs::caught_up`]).
+    fn not_behind(&self) -> bool {
+        let was = self.behind.swap(false, Ordering::Relaxed);
+        if was {
+            self.behind_gauge.set(0);
         }
+        was
     }
 
     fn lock(&self) -> MutexGuard<'_, Queue<T>> {
@@ -94,8 +103,9 @@ impl<T> Jobs<T> {
             return Err(job);
         }
         queue.items.push(job);
-        if queue.items.len() > self.behind_at {
+        if queue.items.len() > self.behind_at && !self.behind.load(Ordering::Relaxed) {
             self.behind.store(true, Ordering::Relaxed);
+            self.behind_gauge.set(1);
         }
         let wake = std::mem::take(&mut queue.waiting);
         drop(queue);
@@ -114,8 +124,11 @@ impl<T> Jobs<T> {
                 std::mem::swap(&mut queue.items, into);
                 // The writer's emptied vector, in the queue now.
                 queue.items.shrink_to(KEEP);
+                let caught_up = self.not_behind();
                 drop(queue);
-                self.not_behind();
+                if caught_up {
+                    self.caught_up.notify_waiters();
+                }
                 return Taken::Some;
             }
             if queue.closed {
@@ -151,14 +164,16 @@ impl<T> Jobs<T> {
     /// The writer is gone: what is queued is dropped (a sender waiting for a reply
     /// hears that none comes) and later changes are given back to their senders.
     pub(super) fn abandon(&self) {
-        let left = {
+        let (left, caught_up) = {
             let mut queue = self.lock();
             queue.closed = true;
-            std::mem::take(&mut queue.items)
+            // Nothing will be taken: nobody waits for it.
+            (std::mem::take(&mut queue.items), self.not_behind())
         };
         drop(left);
-        // Nothing will be taken: nobody waits for it.
-        self.not_behind();
+        if caught_up {
+            self.caught_up.notify_waiters();
+        }
     }
 }
 
@@ -170,7 +185,7 @@ mod tests {
 
     #[test]
     fn jobs_come_out_in_the_order_they_went_in_across_threads() {
-        let jobs = Arc::new(Jobs::new(usize::MAX));
+        let jobs = Arc::new(Jobs::new(usize::MAX, Gauge::default()));
         let senders: Vec<_> = (0..4u64)
             .map(|t| {
                 let jobs = Arc::clone(&jobs);
@@ -197,7 +212,7 @@ mod tests {
 
     #[test]
     fn a_burst_leaves_no_more_room_behind_than_a_vector_keeps() {
-        let jobs = Jobs::new(usize::MAX);
+        let jobs = Jobs::new(usize::MAX, Gauge::default());
         let mut batch = Vec::new();
         for round in 0..3 {
             for i in 0..100_000 {
@@ -219,7 +234,7 @@ mod tests {
 
     #[test]
     fn a_deadline_ends_the_wait_and_a_close_ends_it_after_what_is_left() {
-        let jobs = Jobs::new(usize::MAX);
+        let jobs = Jobs::new(usize::MAX, Gauge::default());
         let mut batch = Vec::new();
         let deadline = Instant::now() + Duration::from_millis(20);
         assert_eq!(jobs.take(&mut batch, Some(deadline)), Taken::Timeout);
@@ -235,7 +250,7 @@ mod tests {
 
     #[test]
     fn an_abandoned_queue_drops_what_waits_so_its_senders_hear_no_reply_comes() {
-        let jobs = Jobs::new(usize::MAX);
+        let jobs = Jobs::new(usize::MAX, Gauge::default());
         let (tx, rx) = std::sync::mpsc::channel::<()>();
         jobs.send(tx).unwrap();
         jobs.abandon();
@@ -246,7 +261,8 @@ mod tests {
 
     #[tokio::test]
     async fn past_its_mark_the_writer_is_behind_until_it_takes_what_waits() {
-        let jobs = Arc::new(Jobs::new(3));
+        let gauge = Gauge::default();
+        let jobs = Arc::new(Jobs::new(3, gauge.clone()));
         for i in 0..3 {
             jobs.send(i).unwrap();
         }
@@ -254,6 +270,7 @@ mod tests {
         jobs.caught_up().await;
         jobs.send(3).unwrap();
         assert!(jobs.is_behind());
+        assert_eq!(gauge.get(), 1, "the metric shows it");
         let waiter = tokio::spawn({
             let jobs = Arc::clone(&jobs);
             async move { jobs.caught_up().await }
@@ -263,6 +280,7 @@ mod tests {
         let mut batch = Vec::new();
         assert_eq!(jobs.take(&mut batch, None), Taken::Some);
         assert!(!jobs.is_behind());
+        assert_eq!(gauge.get(), 0);
         tokio::time::timeout(Duration::from_secs(5), waiter)
             .await
             .expect("woken once the writer took what waited")
@@ -278,7 +296,7 @@ mod tests {
 
     #[test]
     fn a_sleeping_writer_is_woken_by_a_sender() {
-        let jobs = Arc::new(Jobs::new(usize::MAX));
+        let jobs = Arc::new(Jobs::new(usize::MAX, Gauge::default()));
         let sender = {
             let jobs = Arc::clone(&jobs);
             std::thread::spawn(move || {

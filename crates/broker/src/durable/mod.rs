@@ -456,7 +456,10 @@ impl SessionBook {
             });
         }
         store.commit()?;
-        let jobs = Arc::new(Jobs::new(writer_behind_at()));
+        let jobs = Arc::new(Jobs::new(
+            writer_behind_at(),
+            metrics.session_writer_behind.clone(),
+        ));
         let book = SessionBook {
             admissions: Arc::default(),
             jobs: Arc::clone(&jobs),
