@@ -593,6 +593,13 @@ impl Gateway {
                 Err(close) => return close,
             }
             self.checkpoint_turn();
+            // Forwards held while the session store's writer was behind go once it is
+            // not: with none in flight to the client, no acknowledgement would.
+            if self.window.is_holding() && !self.writer_behind() {
+                if let Err(close) = self.release_held() {
+                    return close;
+                }
+            }
             if let Err(close) = self.link.commit(&mut self.to_router) {
                 return close;
             }
