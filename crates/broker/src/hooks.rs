@@ -10,20 +10,9 @@ pub(crate) fn hooked(
     name: &str,
     default: Duration,
 ) -> Duration {
-    #[cfg(feature = "test-hooks")]
-    {
-        *slot.get_or_init(|| {
-            std::env::var(name)
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .map_or(default, Duration::from_millis)
-        })
-    }
-    #[cfg(not(feature = "test-hooks"))]
-    {
-        let _ = (slot, name);
-        default
-    }
+    hooked_with(slot, name, default, |v| {
+        v.parse().ok().map(Duration::from_millis)
+    })
 }
 
 /// [`hooked`] for a count.
@@ -32,18 +21,27 @@ pub(crate) fn hooked_count(
     name: &str,
     default: usize,
 ) -> usize {
+    hooked_with(slot, name, default, |v| v.parse().ok())
+}
+
+fn hooked_with<T: Copy + Send + Sync>(
+    slot: &'static std::sync::OnceLock<T>,
+    name: &str,
+    default: T,
+    parse: impl FnOnce(&str) -> Option<T>,
+) -> T {
     #[cfg(feature = "test-hooks")]
     {
         *slot.get_or_init(|| {
             std::env::var(name)
                 .ok()
-                .and_then(|v| v.parse().ok())
+                .and_then(|v| parse(&v))
                 .unwrap_or(default)
         })
     }
     #[cfg(not(feature = "test-hooks"))]
     {
-        let _ = (slot, name);
+        let _ = (slot, name, parse);
         default
     }
 }
