@@ -21,7 +21,7 @@ const STALL: Duration = Duration::from_secs(3);
 /// `autosave_interval`.
 const INTERVAL: Duration = Duration::from_secs(1);
 const QUEUE: usize = 5;
-/// Changes waiting past which the writer is behind (test hook; 65,536 otherwise).
+/// Changes waiting past which the writer is behind (test hook; 262,144 otherwise).
 const BEHIND_AT: usize = 40;
 
 /// The hooks, read once per process; both tests set the same.
