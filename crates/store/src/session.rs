@@ -79,7 +79,12 @@ pub struct QueuedMessage {
 impl QueuedMessage {
     /// Bytes of topic and payload: what `max_queued_bytes` counts.
     pub fn queued_bytes(&self) -> u64 {
-        (self.topic.len() + self.payload.len()) as u64
+        QueuedMessage::queued_bytes_of(&self.topic, &self.payload)
+    }
+
+    /// [`QueuedMessage::queued_bytes`] of a message not built yet.
+    pub fn queued_bytes_of(topic: &str, payload: &[u8]) -> u64 {
+        (topic.len() + payload.len()) as u64
     }
 
     /// Whether it has expired at `now` (unix seconds).

@@ -590,7 +590,7 @@ impl SessionBook {
                 .tree
                 .for_each_match(topic, |sub| targets.add(&sub.session, qos.min(sub.qos)));
         }
-        let bytes = (topic.len() + payload.len()) as u64;
+        let bytes = QueuedMessage::queued_bytes_of(topic, payload);
         let mut full = Vec::new();
         targets.retain(|session, q| {
             if q == 0 && !self.queue_qos0 {
