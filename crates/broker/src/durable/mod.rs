@@ -604,10 +604,14 @@ impl SessionBook {
                 }
             }
         });
-        for (session, limit) in full {
-            session.note_dropped(content_hash_of(topic, payload));
-            if let Some(on_drop) = self.on_drop.get() {
-                on_drop(&session.key, limit);
+        if !full.is_empty() {
+            // One hash for every session it was dropped for.
+            let hash = content_hash_of(topic, payload);
+            for (session, limit) in full {
+                session.note_dropped(hash);
+                if let Some(on_drop) = self.on_drop.get() {
+                    on_drop(&session.key, limit);
+                }
             }
         }
         if targets.is_empty() {
