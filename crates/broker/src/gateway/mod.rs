@@ -594,9 +594,8 @@ impl Gateway {
             }
             self.checkpoint_turn();
             // Forwards held while the session store's writer was behind go once it is
-            // not (`release_held` asks): with none in flight to the client, no
-            // acknowledgement would release them.
-            if self.window.is_holding() {
+            // not: with none in flight to the client, no acknowledgement would.
+            if self.window.is_holding() && !self.writer_behind() {
                 if let Err(close) = self.release_held() {
                     return close;
                 }
