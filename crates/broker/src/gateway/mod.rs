@@ -892,7 +892,19 @@ impl Gateway {
                 break;
             }
         }
-        forwards.extend(self.router_ready());
+        let pause = collect_last_pause();
+        if !pause.is_zero() {
+            tokio::time::sleep(pause).await;
+        }
+        // Forwarded after the last answer: collected and acknowledged like the rest.
+        // Unacknowledged, the router would send them again to the next connection,
+        // after the store's replay of them (a second delivery).
+        let last = self.router_ready();
+        for f in &last {
+            self.to_router.settle(&f.publish);
+        }
+        let _ = self.link.commit(&mut self.to_router);
+        forwards.extend(last);
         forwards
     }
 
@@ -1015,6 +1027,15 @@ impl Gateway {
 }
 
 /// Returns once the session store's writer is not behind (at once without a store).
+/// A pause before the collection of a session's end takes the link's last forwards
+/// (`Gateway::router_settled`): none, or with the `test-hooks` feature the
+/// milliseconds in `MOATMQ_TEST_COLLECT_LAST_PAUSE_MS`, so that a test can have the
+/// router forward one more then.
+fn collect_last_pause() -> Duration {
+    static HOOKED: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    crate::hooks::hooked(&HOOKED, "MOATMQ_TEST_COLLECT_LAST_PAUSE_MS", Duration::ZERO)
+}
+
 async fn writer_caught_up(shared: &Shared) {
     if let Some(book) = &shared.durable {
         book.writer_caught_up().await;
