@@ -13,10 +13,12 @@ use rumqttd::Notification;
 use tracing::warn;
 
 impl Gateway {
-    /// Sends the forwards that waited for the client's window, as far as it has room
-    /// (and the session store's writer is not behind).
+    /// Sends the forwards that waited for the client's window, as far as it has room,
+    /// the session store's writer is not behind and no stored message goes first (a
+    /// resumed session's replay, or one in flight under an id the router also uses:
+    /// [`super::retained::RetainedFeed::router_waits`]).
     pub(super) fn release_held(&mut self) -> Result<(), Close> {
-        while !self.writer_behind() {
+        while !self.writer_behind() && !self.retained.router_waits() {
             let Some(f) = self.window.next_held(self.retained.in_flight()) else {
                 break;
             };
