@@ -1157,3 +1157,77 @@ async fn a_pubrel_owed_for_a_replayed_message_comes_again_after_a_restart() {
     sub.send(&wire::ack(wire::first::PUBCOMP, pkid)).await;
     assert!(sub.frame_within(QUIET).await.is_none(), "nothing else");
 }
+
+/// rumqttd numbers its forwards 1..=100 and takes an id again once the client's PUBREC
+/// came, before the PUBCOMP. Here the client has PUBREC'd 100 QoS 2 messages (ids
+/// 1..=100, their PUBRELs owed) and goes away before reading the 101st, sent under id
+/// 1 again. On the reconnect that one came first, with DUP under id 1, while the client
+/// still held its exchange 1 open: a client keeps one message per open id, so the
+/// newcomer took the place of m0 and m0 was never delivered (paho-mqtt lost 100 of
+/// 2,000 QoS 2 messages this way in a reconnect loop). Now it goes under an id of its
+/// own; each PUBREL releases the message the client holds under it.
+#[tokio::test]
+async fn a_message_resent_after_a_reconnect_does_not_take_the_id_of_an_exchange_still_open() {
+    let broker = broker_with_store(1).await;
+    let addr = broker.first_addr();
+    let mut sub = ledger_subscriber(addr).await;
+    let publishing = tokio::spawn(async move {
+        let mut publ = v4::connected(addr, "ledger-writer").await;
+        for i in 0..=100 {
+            publ.publish_at(QoS::ExactlyOnce, "ledger/x", false, format!("m{i}"))
+                .await;
+        }
+    });
+    // The client's side of each exchange: the message it holds under each open id.
+    let mut open: std::collections::HashMap<u16, Vec<u8>> = std::collections::HashMap::new();
+    loop {
+        let f = sub.frame_within(WAIT).await.expect("PUBLISH or PUBREL");
+        if f.first == wire::first::PUBREL {
+            // Not read: the client goes away before it.
+            continue;
+        }
+        assert_eq!(f.first & 0xF6, wire::first::PUBLISH | 4, "a QoS 2 PUBLISH");
+        let pkid = wire::publish_pkid(f.first, &f.body).expect("a packet id");
+        let (_, payload) = wire::publish_parts(f.first, &f.body).expect("a PUBLISH");
+        if payload == b"m100" {
+            // Written, never read.
+            break;
+        }
+        open.insert(pkid, payload.to_vec());
+        sub.send(&wire::ack(wire::first::PUBREC, pkid)).await;
+    }
+    publishing.await.unwrap();
+    assert_eq!(open.len(), 100);
+    drop(sub);
+
+    let mut sub = raw_persistent(addr, "ledger").await;
+    let mut delivered = Vec::new();
+    while let Some(f) = sub.frame_within(QUIET).await {
+        let pkid = u16::from_be_bytes([f.body[0], f.body[1]]);
+        if f.first == wire::first::PUBREL {
+            delivered.extend(open.remove(&pkid));
+            sub.send(&wire::ack(wire::first::PUBCOMP, pkid)).await;
+            continue;
+        }
+        assert_eq!(f.first & 0xF6, wire::first::PUBLISH | 4, "a QoS 2 PUBLISH");
+        let pkid = wire::publish_pkid(f.first, &f.body).expect("a packet id");
+        let (_, payload) = wire::publish_parts(f.first, &f.body).expect("a PUBLISH");
+        if let Some(held) = open.get(&pkid) {
+            assert_eq!(
+                String::from_utf8_lossy(held),
+                String::from_utf8_lossy(payload),
+                "a PUBLISH under id {pkid}, whose exchange is still open for another message"
+            );
+        }
+        open.insert(pkid, payload.to_vec());
+        sub.send(&wire::ack(wire::first::PUBREC, pkid)).await;
+    }
+    let mut delivered: Vec<String> = delivered
+        .into_iter()
+        .map(|p| String::from_utf8(p).unwrap())
+        .collect();
+    delivered.sort_by_key(|m| m[1..].parse::<u32>().unwrap());
+    let expected: Vec<String> = (0..=100).map(|i| format!("m{i}")).collect();
+    assert_eq!(delivered, expected, "each delivered once");
+    assert!(open.is_empty(), "exchanges left open: {open:?}");
+}

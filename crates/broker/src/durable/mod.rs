@@ -1424,6 +1424,15 @@ impl Writer {
                     message: held.message.clone(),
                     dup: held.delivery != Delivery::Queued,
                     pkid: match held.delivery {
+                        // Not under an id whose PUBREL the router owes the client: the
+                        // router reused it after the PUBREC, and the client still holds
+                        // that exchange open (sent under it, this would replace the
+                        // message the PUBREL releases: lost).
+                        Delivery::Sent { pkid }
+                            if released.is_some_and(|r| r.contains_key(&pkid)) =>
+                        {
+                            None
+                        }
                         Delivery::Sent { pkid } | Delivery::Released { pkid } if pkid != 0 => {
                             Some(pkid)
                         }
