@@ -146,6 +146,13 @@ pub fn qos_and_pkid(publish: &Publish) -> (QoS, u16) {
     (qos, u16::from_be_bytes([bytes[1], bytes[2]]))
 }
 
+/// [`qos_and_pkid`] without copying the payload (a copy of the header only).
+pub fn qos_and_pkid_of_header(publish: &Publish) -> (QoS, u16) {
+    let mut head = publish.clone();
+    head.payload = Bytes::new();
+    qos_and_pkid(&head)
+}
+
 /// The QoS bits of a PUBLISH's first byte; `None` for the invalid value 3.
 fn qos_bits(first: u8) -> Option<QoS> {
     match (first >> 1) & 0b11 {

@@ -1160,12 +1160,14 @@ async fn a_pubrel_owed_for_a_replayed_message_comes_again_after_a_restart() {
 
 /// rumqttd numbers its forwards 1..=100 and takes an id again once the client's PUBREC
 /// came, before the PUBCOMP. Here the client has PUBREC'd 100 QoS 2 messages (ids
-/// 1..=100, their PUBRELs owed) and goes away before reading the 101st, sent under id
-/// 1 again. On the reconnect that one came first, with DUP under id 1, while the client
-/// still held its exchange 1 open: a client keeps one message per open id, so the
-/// newcomer took the place of m0 and m0 was never delivered (paho-mqtt lost 100 of
-/// 2,000 QoS 2 messages this way in a reconnect loop). Now it goes under an id of its
-/// own; each PUBREL releases the message the client holds under it.
+/// 1..=100, their PUBRELs owed) and goes away without reading further. The 101st was
+/// sent under id 1 again; on the reconnect it came first, with DUP under id 1, while
+/// the client still held its exchange 1 open: a client keeps one message per open id,
+/// so the newcomer took the place of m0 and m0 was never delivered (paho-mqtt lost 100
+/// of 2,000 QoS 2 messages this way in a reconnect loop). Now it waits in the broker
+/// for id 1's PUBCOMP, and a stored message under an id whose PUBREL is owed is
+/// replayed under an id of its own; each PUBREL releases the message the client holds
+/// under it.
 #[tokio::test]
 async fn a_message_resent_after_a_reconnect_does_not_take_the_id_of_an_exchange_still_open() {
     let broker = broker_with_store(1).await;
@@ -1180,7 +1182,7 @@ async fn a_message_resent_after_a_reconnect_does_not_take_the_id_of_an_exchange_
     });
     // The client's side of each exchange: the message it holds under each open id.
     let mut open: std::collections::HashMap<u16, Vec<u8>> = std::collections::HashMap::new();
-    loop {
+    while open.len() < 100 {
         let f = sub.frame_within(WAIT).await.expect("PUBLISH or PUBREL");
         if f.first == wire::first::PUBREL {
             // Not read: the client goes away before it.
@@ -1190,13 +1192,15 @@ async fn a_message_resent_after_a_reconnect_does_not_take_the_id_of_an_exchange_
         let pkid = wire::publish_pkid(f.first, &f.body).expect("a packet id");
         let (_, payload) = wire::publish_parts(f.first, &f.body).expect("a PUBLISH");
         if payload == b"m100" {
-            // Written, never read.
+            // Written under a reused id, never read (before the broker held it for
+            // that id's PUBCOMP: `a_packet_id_is_not_used_again_before_its_pubcomp`).
             break;
         }
         open.insert(pkid, payload.to_vec());
         sub.send(&wire::ack(wire::first::PUBREC, pkid)).await;
     }
     publishing.await.unwrap();
+    tokio::time::sleep(QUIET).await;
     assert_eq!(open.len(), 100);
     drop(sub);
 
@@ -1230,4 +1234,50 @@ async fn a_message_resent_after_a_reconnect_does_not_take_the_id_of_an_exchange_
     let expected: Vec<String> = (0..=100).map(|i| format!("m{i}")).collect();
     assert_eq!(delivered, expected, "each delivered once");
     assert!(open.is_empty(), "exchanges left open: {open:?}");
+}
+
+/// The same reuse while the client stays connected: with 100 QoS 2 messages at their
+/// PUBREL (the client has not sent its PUBCOMPs yet), the 101st does not come under an
+/// id whose exchange is still open; it comes once the PUBCOMP for that id frees it
+/// (MQTT 5 2.2.1, 3.1.1 2.3.1). Before, it came at once under id 1, between that id's
+/// PUBREL and its PUBCOMP: a PUBREL owed after a reconnect then released it instead of
+/// the message it was for.
+#[tokio::test]
+async fn a_packet_id_is_not_used_again_before_its_pubcomp() {
+    let broker = broker_with_store(1).await;
+    let addr = broker.first_addr();
+    let mut sub = ledger_subscriber(addr).await;
+    let publishing = tokio::spawn(async move {
+        let mut publ = v4::connected(addr, "ledger-writer").await;
+        for i in 0..=100 {
+            publ.publish_at(QoS::ExactlyOnce, "ledger/x", false, format!("m{i}"))
+                .await;
+        }
+    });
+    let mut at_pubrel = std::collections::BTreeSet::new();
+    let mut published = 0;
+    while let Some(f) = sub.frame_within(QUIET).await {
+        if f.first == wire::first::PUBREL {
+            at_pubrel.insert(u16::from_be_bytes([f.body[0], f.body[1]]));
+            continue;
+        }
+        assert_eq!(f.first & 0xF6, wire::first::PUBLISH | 4, "a QoS 2 PUBLISH");
+        let pkid = wire::publish_pkid(f.first, &f.body).expect("a packet id");
+        assert!(
+            !at_pubrel.contains(&pkid),
+            "a PUBLISH under id {pkid} before its PUBCOMP (after {published})"
+        );
+        published += 1;
+        sub.send(&wire::ack(wire::first::PUBREC, pkid)).await;
+    }
+    publishing.await.unwrap();
+    assert_eq!(published, 100, "the router's 100 in flight");
+    assert_eq!(at_pubrel.len(), 100);
+    // Each PUBCOMP frees its id: the last message comes under one of them.
+    for pkid in at_pubrel {
+        sub.send(&wire::ack(wire::first::PUBCOMP, pkid)).await;
+    }
+    let (payload, pkid, _) = qos2_publish(&mut sub).await;
+    assert_eq!(payload, b"m100");
+    assert!((1..=100).contains(&pkid));
 }

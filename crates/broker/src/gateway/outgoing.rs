@@ -155,9 +155,11 @@ impl Gateway {
                 }
                 // With the client's Receive Maximum reached, forwards wait (`window.rs`),
                 // in order (QoS 0 ones too: reading their QoS costs a copy here); so
-                // they do while the session store's writer is behind.
+                // they do while the client's exchange under their packet id is at its
+                // PUBREL, and while the session store's writer is behind.
                 if self.window.is_holding()
                     || !self.window.has_room(self.retained.in_flight())
+                    || self.window.must_wait(&forward)
                     || self.writer_behind()
                 {
                     self.window.hold(forward);
@@ -199,6 +201,7 @@ impl Gateway {
                         // Withheld from the client: we have answered it.
                         return Ok(());
                     }
+                    self.window.released(rel.pkid);
                     self.write(Packet::PubRel(rel, props))
                 }
                 // Ours (the gateway answers the client's PINGREQs itself).
