@@ -1026,7 +1026,6 @@ impl Gateway {
     }
 }
 
-/// Returns once the session store's writer is not behind (at once without a store).
 /// A pause before the collection of a session's end takes the link's last forwards
 /// (`Gateway::router_settled`): none, or with the `test-hooks` feature the
 /// milliseconds in `MOATMQ_TEST_COLLECT_LAST_PAUSE_MS`, so that a test can have the
@@ -1036,6 +1035,7 @@ fn collect_last_pause() -> Duration {
     crate::hooks::hooked(&HOOKED, "MOATMQ_TEST_COLLECT_LAST_PAUSE_MS", Duration::ZERO)
 }
 
+/// Returns once the session store's writer is not behind (at once without a store).
 async fn writer_caught_up(shared: &Shared) {
     if let Some(book) = &shared.durable {
         book.writer_caught_up().await;
