@@ -139,18 +139,13 @@ pub fn publish_header(frame: &[u8]) -> Option<(QoS, u16)> {
 }
 
 /// QoS and packet id of a decoded publish (rumqttd keeps them crate-private).
-/// Costs a copy of the publish: use only off the hot path.
+/// Serializes a copy of the header only: the payload is left out.
 pub fn qos_and_pkid(publish: &Publish) -> (QoS, u16) {
-    let bytes = publish.serialize();
-    let qos = qos_bits(bytes[0]).unwrap_or(QoS::AtMostOnce);
-    (qos, u16::from_be_bytes([bytes[1], bytes[2]]))
-}
-
-/// [`qos_and_pkid`] without copying the payload (a copy of the header only).
-pub fn qos_and_pkid_of_header(publish: &Publish) -> (QoS, u16) {
     let mut head = publish.clone();
     head.payload = Bytes::new();
-    qos_and_pkid(&head)
+    let bytes = head.serialize();
+    let qos = qos_bits(bytes[0]).unwrap_or(QoS::AtMostOnce);
+    (qos, u16::from_be_bytes([bytes[1], bytes[2]]))
 }
 
 /// The QoS bits of a PUBLISH's first byte; `None` for the invalid value 3.

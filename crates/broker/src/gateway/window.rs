@@ -59,8 +59,7 @@ impl OutWindow {
     /// Whether `forward` must wait for [`OutWindow::is_open`] (its packet id read only
     /// while some exchange is at its PUBREL: reading it costs a copy of the header).
     pub(super) fn must_wait(&self, forward: &Forward) -> bool {
-        !self.pubrels.is_empty()
-            && self.is_open(crate::codec::qos_and_pkid_of_header(&forward.publish).1)
+        !self.pubrels.is_empty() && self.is_open(crate::codec::qos_and_pkid(&forward.publish).1)
     }
 
     /// The client is done with router forward `pkid` (PUBACK, PUBCOMP, or a PUBREC
