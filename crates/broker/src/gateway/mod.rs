@@ -594,8 +594,9 @@ impl Gateway {
             }
             self.checkpoint_turn();
             // Forwards held while the session store's writer was behind go once it is
-            // not: with none in flight to the client, no acknowledgement would.
-            if self.window.is_holding() && !self.writer_behind() {
+            // not (`release_held` checks): with none in flight to the client, no
+            // acknowledgement would release them.
+            if self.window.is_holding() {
                 if let Err(close) = self.release_held() {
                     return close;
                 }
