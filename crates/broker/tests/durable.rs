@@ -420,16 +420,7 @@ async fn a_full_queue_drops_the_newest_counted_and_audited() {
     // The broker is done with the connection's end (what the router still held for it
     // collected) before anything is published, so which messages are kept is known
     // (racing it: the next test).
-    for _ in 0..250 {
-        let audit = std::fs::read_to_string(broker.path("audit.log")).unwrap_or_default();
-        if audit
-            .lines()
-            .any(|l| l.contains("\"disconnect\"") && l.contains("\"small-queue\""))
-        {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    broker.disconnect_audited("small-queue").await;
     publish_n(addr, "q/x", 5).await;
     // The publisher is never held up by a full queue; the drops are counted.
     let mut dropped = 0.0;
@@ -1158,6 +1149,15 @@ async fn a_pubrel_owed_for_a_replayed_message_comes_again_after_a_restart() {
     assert!(sub.frame_within(QUIET).await.is_none(), "nothing else");
 }
 
+/// Publishes `m0`, `m1`, ... (`n` of them) at QoS 2 to `ledger/x`.
+async fn publish_qos2_ledger(addr: SocketAddr, n: usize) {
+    let mut publ = v4::connected(addr, "ledger-writer").await;
+    for i in 0..n {
+        publ.publish_at(QoS::ExactlyOnce, "ledger/x", false, format!("m{i}"))
+            .await;
+    }
+}
+
 /// rumqttd numbers its forwards 1..=100 and takes an id again once the client's PUBREC
 /// came, before the PUBCOMP. Here the client has PUBREC'd 100 QoS 2 messages (ids
 /// 1..=100, their PUBRELs owed) and goes away without reading further. The 101st was
@@ -1173,13 +1173,7 @@ async fn a_message_resent_after_a_reconnect_does_not_take_the_id_of_an_exchange_
     let broker = broker_with_store(1).await;
     let addr = broker.first_addr();
     let mut sub = ledger_subscriber(addr).await;
-    let publishing = tokio::spawn(async move {
-        let mut publ = v4::connected(addr, "ledger-writer").await;
-        for i in 0..=100 {
-            publ.publish_at(QoS::ExactlyOnce, "ledger/x", false, format!("m{i}"))
-                .await;
-        }
-    });
+    let publishing = tokio::spawn(publish_qos2_ledger(addr, 101));
     // The client's side of each exchange: the message it holds under each open id.
     let mut open: std::collections::HashMap<u16, Vec<u8>> = std::collections::HashMap::new();
     while open.len() < 100 {
@@ -1247,13 +1241,7 @@ async fn a_packet_id_is_not_used_again_before_its_pubcomp() {
     let broker = broker_with_store(1).await;
     let addr = broker.first_addr();
     let mut sub = ledger_subscriber(addr).await;
-    let publishing = tokio::spawn(async move {
-        let mut publ = v4::connected(addr, "ledger-writer").await;
-        for i in 0..=100 {
-            publ.publish_at(QoS::ExactlyOnce, "ledger/x", false, format!("m{i}"))
-                .await;
-        }
-    });
+    let publishing = tokio::spawn(publish_qos2_ledger(addr, 101));
     let mut at_pubrel = std::collections::BTreeSet::new();
     let mut published = 0;
     while let Some(f) = sub.frame_within(QUIET).await {

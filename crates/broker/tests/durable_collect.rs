@@ -8,7 +8,7 @@
 //! takes those last forwards, so the message lands there every time. Its own process:
 //! the hook is an environment variable.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use moatmq_testkit::{v4, TestBroker, WAIT};
 
@@ -19,24 +19,6 @@ fn persistent(addr: std::net::SocketAddr, id: &str) -> v4::MqttOptions {
     let mut o = v4::options(addr, id);
     o.set_clean_session(false);
     o
-}
-
-/// Waits until the audit log has the end of the connection of `id` (the broker is
-/// done collecting what the router held for it).
-async fn disconnected(broker: &TestBroker, id: &str) {
-    let deadline = Instant::now() + WAIT;
-    let quoted = format!("\"{id}\"");
-    while Instant::now() < deadline {
-        let audit = std::fs::read_to_string(broker.path("audit.log")).unwrap_or_default();
-        if audit
-            .lines()
-            .any(|l| l.contains("\"disconnect\"") && l.contains(&quoted))
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("no disconnect of {id} audited");
 }
 
 #[tokio::test]
@@ -62,7 +44,7 @@ async fn a_message_forwarded_as_the_collection_ends_is_delivered_once() {
     tokio::time::sleep(PAUSE / 5).await;
     let mut publ = v4::connected(addr, "publisher").await;
     publ.publish_acked("feed/x", false, "away").await;
-    disconnected(&broker, "leaving").await;
+    broker.disconnect_audited("leaving").await;
 
     let mut sub = v4::connect(persistent(addr, "leaving")).await.unwrap();
     assert!(sub.connack.session_present);

@@ -50,24 +50,6 @@ async fn leave_subscribed(addr: SocketAddr, id: &str, filter: &str) {
     assert!(sub.closed_within(WAIT).await.is_some());
 }
 
-/// Waits until the audit log has the end of the connection of `id` (the broker is
-/// done collecting what the router held for it).
-async fn disconnected(broker: &TestBroker, id: &str) {
-    let deadline = Instant::now() + WAIT;
-    let quoted = format!("\"{id}\"");
-    while Instant::now() < deadline {
-        let audit = std::fs::read_to_string(broker.path("audit.log")).unwrap_or_default();
-        if audit
-            .lines()
-            .any(|l| l.contains("\"disconnect\"") && l.contains(&quoted))
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("no disconnect of {id} audited");
-}
-
 /// The payloads a persistent session gets on reconnecting, until it is quiet.
 async fn drained(addr: SocketAddr, id: &str) -> Vec<String> {
     let mut sub = v4::connect(persistent(addr, id)).await.unwrap();
@@ -97,8 +79,8 @@ async fn an_offline_queue_stays_within_its_limit_while_the_writer_is_held_up() {
     let addr = broker.first_addr();
     leave_subscribed(addr, "slow-disk", "q/#").await;
     leave_subscribed(addr, "roomy", "r/#").await;
-    disconnected(&broker, "slow-disk").await;
-    disconnected(&broker, "roomy").await;
+    broker.disconnect_audited("slow-disk").await;
+    broker.disconnect_audited("roomy").await;
     // The commits of the setup's changes are over (at most two, each after the
     // interval): the writer waits for work.
     tokio::time::sleep((INTERVAL + STALL) * 2 + Duration::from_millis(500)).await;

@@ -131,6 +131,25 @@ impl TestBroker {
         self.dir.path().join(file)
     }
 
+    /// Waits (up to [`crate::WAIT`]) until `audit.log` has the end of the connection of
+    /// client `id`: the broker is done with it, e.g. done collecting what the router
+    /// still held for a persistent session. Needs the builder's `audit()`.
+    pub async fn disconnect_audited(&self, id: &str) {
+        let deadline = std::time::Instant::now() + crate::WAIT;
+        let quoted = format!("\"{id}\"");
+        while std::time::Instant::now() < deadline {
+            let audit = std::fs::read_to_string(self.path("audit.log")).unwrap_or_default();
+            if audit
+                .lines()
+                .any(|l| l.contains("\"disconnect\"") && l.contains(&quoted))
+            {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        panic!("no disconnect of {id} audited");
+    }
+
     /// Stops the broker as SIGTERM would, then starts it again on the same folder and
     /// config (listener ports are new).
     pub async fn restart(self) -> TestBroker {
