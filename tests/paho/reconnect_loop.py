@@ -64,6 +64,9 @@ def main():
     ap.add_argument("--messages", type=int, default=1000)
     ap.add_argument("--mode", choices=["mix", "clean", "abrupt", "stay", "away"], default="mix")
     ap.add_argument("--protocol", type=int, choices=[4, 5], default=4)
+    ap.add_argument("--port2", type=int,
+                    help="a second cluster node: the subscriber alternates between the two")
+    ap.add_argument("--settle", type=float, default=3, help="seconds to wait for the last")
     ap.add_argument("--qos", type=int, choices=[1, 2], default=2)
     a = ap.parse_args()
 
@@ -113,6 +116,9 @@ def main():
         return props
 
     def reconnect():
+        if a.port2:
+            # paho reconnects to where it connected last: move it to the other node.
+            sub._port = a.port2 if sub._port == a.port else a.port
         while True:
             try:
                 sub.reconnect()
@@ -173,7 +179,7 @@ def main():
     if a.mode == "away":
         reconnect()
         sub.loop_start()
-    time.sleep(3)
+    time.sleep(a.settle)
     sub.loop_stop()
 
     seen = collections.Counter(p for p, _, _ in got)
@@ -183,6 +189,11 @@ def main():
              and (a.qos == 2 or not all([dup for p, dup, _ in got if p == k][1:]))]
     print(f"reconnects {rounds} delivered {len(got)} missing {len(missing)} twice {len(twice)} "
           f"clobbered {len(Watched.clobbered)}")
+    if missing:
+        print("  missing", missing[:20])
+        # A message the client holds at its PUBREC, never released: a PUBREL not sent.
+        held = {m.payload.decode(): mid for mid, m in sub._in_messages.items()}
+        print("  held open by the client (id):", {k: held[k] for k in missing if k in held})
     for k in twice[:10]:
         print("  twice", k, [(dup, mid) for p, dup, mid in got if p == k])
     for c in Watched.clobbered[:10]:

@@ -70,7 +70,7 @@ pub struct FaninArgs {
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     publishers: u64,
     /// QoS of publishes and of the subscription.
-    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=2))]
     qos: u8,
     /// Payload size in bytes (at least 8: the send timestamp).
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(8..=262_144))]
@@ -177,7 +177,8 @@ struct Progress {
 pub async fn run(args: FaninArgs) -> anyhow::Result<Report> {
     let qos = match args.qos {
         0 => rumqttc::QoS::AtMostOnce,
-        _ => rumqttc::QoS::AtLeastOnce,
+        1 => rumqttc::QoS::AtLeastOnce,
+        _ => rumqttc::QoS::ExactlyOnce,
     };
     let per_publisher = args.messages.div_ceil(args.publishers);
     let total = per_publisher * args.publishers;
@@ -367,7 +368,8 @@ async fn receive(
 }
 
 /// Runs a publisher's event loop; counts it done after `count` publishes went out (QoS 0)
-/// or were acknowledged (QoS 1), then keeps it open so nothing in flight is cut off.
+/// or were acknowledged (QoS 1: PUBACK; QoS 2: PUBCOMP), then keeps it open so nothing
+/// in flight is cut off.
 async fn drive_publisher(
     mut eventloop: EventLoop,
     qos: u8,
@@ -379,6 +381,7 @@ async fn drive_publisher(
         match eventloop.poll().await {
             Ok(Event::Outgoing(Outgoing::Publish(_))) if qos == 0 => finished += 1,
             Ok(Event::Incoming(Packet::PubAck(_))) if qos == 1 => finished += 1,
+            Ok(Event::Incoming(Packet::PubComp(_))) if qos == 2 => finished += 1,
             Ok(_) => continue,
             Err(e) => {
                 eprintln!("publisher connection: {e}");
