@@ -292,6 +292,10 @@ async fn go_on(
             let waited = waited.max(m.waited);
             save |= transferred(shared, info, m.envelope, m.payload, waited, id);
         }
+        let pause = taken_pause();
+        if !pause.is_zero() {
+            std::thread::sleep(pause);
+        }
         cluster.took_in(through);
     }
     if save {
@@ -299,6 +303,15 @@ async fn go_on(
     } else {
         ack(&message).await;
     }
+}
+
+/// A pause between handing a stream message's messages to the router and counting it
+/// taken in, within the admission step: none, or with the `test-hooks` feature the
+/// milliseconds in `MOATMQ_TEST_INPUT_TAKEN_PAUSE_MS`, so that a test can take a cut
+/// in between (a cut must wait for the step, `handoff::read_after_cut`).
+fn taken_pause() -> Duration {
+    static HOOKED: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    crate::hooks::hooked(&HOOKED, "MOATMQ_TEST_INPUT_TAKEN_PAUSE_MS", Duration::ZERO)
 }
 
 async fn ack(message: &async_nats::jetstream::Message) {

@@ -303,6 +303,10 @@ async fn install(
         return Received::Nothing;
     };
     let owner = key.owner.as_deref();
+    let pause = subscribe_pause();
+    if !pause.is_zero() {
+        tokio::time::sleep(pause).await;
+    }
     if let Err(e) =
         crate::session_restore::resubscribe(shared, router_id, owner, &meta.subscriptions).await
     {
@@ -368,6 +372,19 @@ fn moved_in(
     read.into_iter().map(|r| (r.message, false)).collect()
 }
 
+/// A pause between storing a session handed over and subscribing it in the router:
+/// none, or with the `test-hooks` feature the milliseconds in
+/// `MOATMQ_TEST_HANDOFF_SUBSCRIBE_PAUSE_MS`, so that a test can publish while the
+/// session is on neither node.
+fn subscribe_pause() -> Duration {
+    static HOOKED: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    super::hooked(
+        &HOOKED,
+        "MOATMQ_TEST_HANDOFF_SUBSCRIBE_PAUSE_MS",
+        Duration::ZERO,
+    )
+}
+
 /// What was published for the session `key` (subscribed here now) between its old node
 /// letting it go (`cut`) and this node subscribing it, read from the transfer stream and
 /// added to it (`unread.rs`), replayed by the resume that follows as carried over; what
@@ -383,7 +400,7 @@ async fn read_after_cut(
     let (Some(cluster), Some(book)) = (&shared.cluster, &shared.durable) else {
         return ReadOnBehalf::default();
     };
-    let here = cluster.cut();
+    let here = cluster.cut_here();
     // This node's own messages up to `here` are read from the stream: once it has them.
     let stored = tokio::time::timeout(
         super::reads::READ_WAIT,

@@ -695,6 +695,22 @@ impl Cluster {
         self.cut()
     }
 
+    /// Where this node's traffic stands once a session moving in is subscribed in its
+    /// router, for the read of what the session lacks (`unread::after_cut`): what it
+    /// names the router may have had before the subscriptions, so only the read gives
+    /// it to the session; what came after, the router forwards. So it is read between
+    /// two admissions (the input counts a stream message taken in only after handing
+    /// it to the router), and it names every message of this node's own numbered so
+    /// far, held back from the router or not (another connection's later one may be in
+    /// the router already): the router's copies of those that reach it after the
+    /// subscriptions carry their place and are skipped (`Cluster::moved_in`). Before,
+    /// either gap lost a message for the session now and then.
+    pub(crate) fn cut_here(&self) -> Cut {
+        let _alone = self.admissions.write().unwrap_or_else(|e| e.into_inner());
+        let held = self.held_back.lock().unwrap_or_else(|e| e.into_inner());
+        self.cut_below(&held, u64::MAX)
+    }
+
     /// The connection of session `router_id`, which moved to another node, could not
     /// collect everything admitted before its `cut` from the router: the handoff's cut
     /// is not later.

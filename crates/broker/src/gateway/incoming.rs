@@ -692,6 +692,10 @@ impl Gateway {
                 warn!("cluster: a shared group's consumer is not in place; subscribed anyway");
             }
         }
+        let pause = held_pause(&self.identity.client_id);
+        if !pause.is_zero() {
+            tokio::time::sleep(pause).await;
+        }
         self.to_router.saved();
         if self.shared.cluster.is_some() {
             // In the router now (a lazy connection opens its link for it), before
@@ -703,5 +707,23 @@ impl Gateway {
             }
         }
         Ok(())
+    }
+}
+
+/// A pause before a connection hands what it held back to the router, once stored:
+/// none, or with the `test-hooks` feature the milliseconds in
+/// `MOATMQ_TEST_HELD_PAUSE_MS` for clients whose id starts with `held-`, so that a test
+/// can keep one connection's publish held back while another's reaches the router.
+fn held_pause(client_id: &str) -> std::time::Duration {
+    static HOOKED: std::sync::OnceLock<std::time::Duration> = std::sync::OnceLock::new();
+    let pause = crate::hooks::hooked(
+        &HOOKED,
+        "MOATMQ_TEST_HELD_PAUSE_MS",
+        std::time::Duration::ZERO,
+    );
+    if client_id.starts_with("held-") {
+        pause
+    } else {
+        std::time::Duration::ZERO
     }
 }
