@@ -110,6 +110,10 @@ impl LoggedIn {
                 claim.release().await;
             }
         }
+        let pause = settled_pause();
+        if !pause.is_zero() {
+            tokio::time::sleep(pause).await;
+        }
         drop(self.owner);
         drop(self.hold);
         // After the session is settled (a returning client need not wait), before the
@@ -118,6 +122,19 @@ impl LoggedIn {
             crate::gateway::linger(reader).await;
         }
     }
+}
+
+/// A pause between a connection's session being settled and the connection letting
+/// its claim and client id go: none, or with the `test-hooks` feature the milliseconds
+/// in `MOATMQ_TEST_SETTLED_PAUSE_MS`, so that a test can have another node claim the
+/// session then.
+fn settled_pause() -> std::time::Duration {
+    static HOOKED: std::sync::OnceLock<std::time::Duration> = std::sync::OnceLock::new();
+    crate::hooks::hooked(
+        &HOOKED,
+        "MOATMQ_TEST_SETTLED_PAUSE_MS",
+        std::time::Duration::ZERO,
+    )
 }
 
 /// Everything up to and including the CONNACK.

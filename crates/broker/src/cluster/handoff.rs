@@ -499,10 +499,13 @@ pub async fn settle(
     let Some(cluster) = &shared.cluster else {
         return false;
     };
-    if claim.moved().is_none() {
-        cluster.kept_offline(router_id, key.clone());
+    if cluster
+        .owners
+        .keep_offline_after(claim, router_id, key.clone())
+    {
+        return false;
     }
-    // A claim that reached the watch before the line above went to this connection.
+    // A claim that reached the watch before went to this connection.
     let Some(revision) = claim.moved() else {
         return false;
     };
