@@ -9,22 +9,14 @@
 
 mod cluster_support;
 
-use cluster_support::{node, password, Nats};
-use moatmq_testkit::{v4, WAIT};
+use cluster_support::{login4, node, offline4_at, persistent4, Nats};
+use moatmq_testkit::WAIT;
 use rumqttc::QoS;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 /// How long a connection that ended keeps its claim and client id after its session
 /// was settled.
 const SETTLED_PAUSE: Duration = Duration::from_millis(1500);
-
-async fn login(addr: SocketAddr, id: &str, clean: bool) -> v4::Client {
-    let mut o = v4::options(addr, id);
-    o.set_credentials("alice", password("alice"));
-    o.set_clean_session(clean);
-    v4::connect(o).await.expect("login")
-}
 
 /// The subscriber leaves node B, which keeps its session offline; while B's connection
 /// is still ending, the client connects to node A: A gets the session from B (session
@@ -38,11 +30,15 @@ async fn a_claim_as_the_connection_ends_hands_the_session_over() {
     let nats = Nats::start().await;
     let a = node(&nats, "node-a").await;
     let b = node(&nats, "node-b").await;
-    let mut sub = login(b.first_addr(), "mover", false).await;
-    sub.subscribe_at("alice/flow/#", QoS::AtLeastOnce).await;
-    let mut publisher = login(b.first_addr(), "publisher", true).await;
-    sub.client.disconnect().await.unwrap();
-    sub.closed_within(WAIT).await;
+    offline4_at(
+        b.first_addr(),
+        "mover",
+        "alice",
+        "alice/flow/#",
+        QoS::AtLeastOnce,
+    )
+    .await;
+    let mut publisher = login4(b.first_addr(), "publisher", "alice").await;
     // B's connection settled the session as kept offline, and still holds on.
     tokio::time::sleep(SETTLED_PAUSE / 3).await;
     publisher
@@ -50,7 +46,7 @@ async fn a_claim_as_the_connection_ends_hands_the_session_over() {
         .await;
 
     let started = tokio::time::Instant::now();
-    let mut moved = login(a.first_addr(), "mover", false).await;
+    let mut moved = persistent4(a.first_addr(), "mover", "alice").await;
     assert!(
         moved.connack.session_present,
         "the session came along (after {:?})",

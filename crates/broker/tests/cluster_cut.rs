@@ -13,10 +13,9 @@
 
 mod cluster_support;
 
-use cluster_support::{node, password, Nats};
-use moatmq_testkit::{v4, WAIT};
+use cluster_support::{login4, node, offline4_at, persistent4, Nats};
+use moatmq_testkit::WAIT;
 use rumqttc::QoS;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 /// How long the new node waits between storing the session handed over and
@@ -40,19 +39,6 @@ fn widen_windows() {
     }
 }
 
-async fn login(addr: SocketAddr, id: &str) -> v4::Client {
-    let mut o = v4::options(addr, id);
-    o.set_credentials("alice", password("alice"));
-    v4::connect(o).await.expect("login")
-}
-
-async fn persistent(addr: SocketAddr, id: &str) -> v4::Client {
-    let mut o = v4::options(addr, id);
-    o.set_credentials("alice", password("alice"));
-    o.set_clean_session(false);
-    v4::connect(o).await.expect("login")
-}
-
 /// A persistent subscriber offline on node A resumes on node B. A message published on
 /// A after A handed the session over, which B's input hands to B's router before the
 /// session's subscriptions there, is still delivered: B's cut, read once subscribed,
@@ -64,20 +50,24 @@ async fn a_message_in_the_routers_hands_as_the_session_subscribes_is_not_lost() 
     let nats = Nats::start().await;
     let a = node(&nats, "node-a").await;
     let b = node(&nats, "node-b").await;
-    let mut sub = persistent(a.first_addr(), "mover").await;
-    sub.subscribe_at("alice/flow/#", QoS::AtLeastOnce).await;
-    sub.client.disconnect().await.unwrap();
-    sub.closed_within(WAIT).await;
+    offline4_at(
+        a.first_addr(),
+        "mover",
+        "alice",
+        "alice/flow/#",
+        QoS::AtLeastOnce,
+    )
+    .await;
 
     // The session moves to B; B's CONNACK waits for the handoff, the pause, the
     // subscriptions and B's read of the stream.
     let b_addr = b.first_addr();
-    let moving = tokio::spawn(async move { persistent(b_addr, "mover").await });
+    let moving = tokio::spawn(async move { persistent4(b_addr, "mover", "alice").await });
     // A has handed the session over by now; B has not subscribed it yet. B's input
     // hands the message to its router at once and counts it taken in a pause later,
     // after B subscribed the session.
     tokio::time::sleep(SUBSCRIBE_PAUSE / 2).await;
-    let mut publisher = login(a.first_addr(), "publisher").await;
+    let mut publisher = login4(a.first_addr(), "publisher", "alice").await;
     publisher
         .publish_acked("alice/flow/1", false, "while moving")
         .await;
@@ -105,22 +95,26 @@ async fn a_message_numbered_after_one_held_back_reaches_the_session_moving_in() 
     let nats = Nats::start().await;
     let a = node(&nats, "node-a").await;
     let b = node(&nats, "node-b").await;
-    let mut sub = persistent(b.first_addr(), "mover").await;
-    sub.subscribe_at("alice/flow/#", QoS::AtLeastOnce).await;
-    sub.client.disconnect().await.unwrap();
-    sub.closed_within(WAIT).await;
+    offline4_at(
+        b.first_addr(),
+        "mover",
+        "alice",
+        "alice/flow/#",
+        QoS::AtLeastOnce,
+    )
+    .await;
 
     let a_addr = a.first_addr();
-    let moving = tokio::spawn(async move { persistent(a_addr, "mover").await });
+    let moving = tokio::spawn(async move { persistent4(a_addr, "mover", "alice").await });
     // B has handed the session over by now; A has not subscribed it yet.
     tokio::time::sleep(SUBSCRIBE_PAUSE / 4).await;
-    let held = login(a.first_addr(), "held-publisher").await;
+    let held = login4(a.first_addr(), "held-publisher", "alice").await;
     held.client
         .publish("alice/flow/held", QoS::AtLeastOnce, false, "held back")
         .await
         .expect("publish queued");
     tokio::time::sleep(SUBSCRIBE_PAUSE / 4).await;
-    let mut publisher = login(a.first_addr(), "publisher").await;
+    let mut publisher = login4(a.first_addr(), "publisher", "alice").await;
     publisher
         .publish_acked("alice/flow/after", false, "numbered after")
         .await;

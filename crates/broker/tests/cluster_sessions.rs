@@ -6,7 +6,10 @@
 
 mod cluster_support;
 
-use cluster_support::{cluster_seal, node, node_at, node_with, password, Nats, NatsLink, ACL};
+use cluster_support::{
+    cluster_seal, login4, node, node_at, node_with, offline4_at, password, persistent4, Nats,
+    NatsLink, ACL,
+};
 use futures_util::StreamExt;
 use moatmq_testkit::wire::{self, Version};
 use moatmq_testkit::{v4, v5, Raw, QUIET, WAIT};
@@ -14,32 +17,10 @@ use rumqttc::QoS;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-async fn login4(addr: SocketAddr, id: &str, user: &str) -> v4::Client {
-    let mut o = v4::options(addr, id);
-    o.set_credentials(user, password(user));
-    v4::connect(o).await.expect("login")
-}
-
-/// A 3.1.1 login keeping its session (clean session 0).
-async fn persistent4(addr: SocketAddr, id: &str, user: &str) -> v4::Client {
-    let mut o = v4::options(addr, id);
-    o.set_credentials(user, password(user));
-    o.set_clean_session(false);
-    v4::connect(o).await.expect("login")
-}
-
 /// A persistent 3.1.1 session of `user` with client id `id` on `addr`, subscribed to
 /// `topic` at QoS 1, its client gone: what is published there is queued for it.
 async fn offline4(addr: SocketAddr, id: &str, user: &str, topic: &str) {
     offline4_at(addr, id, user, topic, QoS::AtLeastOnce).await;
-}
-
-/// [`offline4`] subscribed at `qos`.
-async fn offline4_at(addr: SocketAddr, id: &str, user: &str, topic: &str, qos: QoS) {
-    let mut c = persistent4(addr, id, user).await;
-    c.subscribe_at(topic, qos).await;
-    c.client.disconnect().await.unwrap();
-    c.closed_within(WAIT).await;
 }
 
 async fn login5(addr: SocketAddr, id: &str, user: &str) -> v5::Client {

@@ -531,3 +531,41 @@ pub fn only_the_long_one_counted_down(got: &[(String, Option<u32>)]) {
         "3 s in the stream counted: {left}"
     );
 }
+
+/// A 3.1.1 login of the test user `user` with client id `id` on `addr`.
+pub async fn login4(
+    addr: std::net::SocketAddr,
+    id: &str,
+    user: &str,
+) -> moatmq_testkit::v4::Client {
+    let mut o = moatmq_testkit::v4::options(addr, id);
+    o.set_credentials(user, password(user));
+    moatmq_testkit::v4::connect(o).await.expect("login")
+}
+
+/// A 3.1.1 login keeping its session (clean session 0).
+pub async fn persistent4(
+    addr: std::net::SocketAddr,
+    id: &str,
+    user: &str,
+) -> moatmq_testkit::v4::Client {
+    let mut o = moatmq_testkit::v4::options(addr, id);
+    o.set_credentials(user, password(user));
+    o.set_clean_session(false);
+    moatmq_testkit::v4::connect(o).await.expect("login")
+}
+
+/// A persistent 3.1.1 session of `user` with client id `id` on `addr`, subscribed to
+/// `topic` at `qos`, its client gone: what is published there is queued for it.
+pub async fn offline4_at(
+    addr: std::net::SocketAddr,
+    id: &str,
+    user: &str,
+    topic: &str,
+    qos: rumqttc::QoS,
+) {
+    let mut c = persistent4(addr, id, user).await;
+    c.subscribe_at(topic, qos).await;
+    c.client.disconnect().await.unwrap();
+    c.closed_within(WAIT).await;
+}
