@@ -40,6 +40,13 @@ pub async fn discard(shared: &Shared, router_id: &str, key: &SessionKey) {
         cluster.owners.release(router_id).await;
         cluster.owners.forget_offline(router_id);
     }
+    clear_router(shared, router_id).await;
+}
+
+/// Drops what the router keeps under `router_id` (subscriptions, queue, messages in
+/// flight): a clean link under that id, closed at once. The caller holds the router
+/// client id.
+pub(crate) async fn clear_router(shared: &Shared, router_id: &str) {
     if let Ok((mut tx, _rx, _ack)) = shared.router.connect(router_id.to_string(), true).await {
         let bye = Packet::Disconnect(
             Disconnect {

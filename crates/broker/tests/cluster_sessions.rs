@@ -1604,3 +1604,70 @@ async fn a_suback_at_interval_0_waits_until_the_subscription_is_parked() {
     );
     assert!(c.frame_within(QUIET).await.is_none(), "nothing more");
 }
+
+/// A node that stopped holding a persistent session comes back after the session moved
+/// to another node, and its client resumes the session there at once: the node's router
+/// still keeps the copy of the session restored at start-up, with what the node's input
+/// queued for that copy meanwhile (the messages published while the node was away).
+/// The session handed back is made again in the router from scratch, so it gets its
+/// subscriptions and every message (before: with more than 100 of those in flight on
+/// the link, the router paused it and never answered the subscriptions; the session
+/// lost its subscription on that node, found with a node killed and back under
+/// tests/paho/reconnect_loop.py).
+#[tokio::test]
+async fn a_session_resumed_on_a_node_just_back_is_made_again_in_its_router() {
+    const MESSAGES: usize = 150;
+    let nats = Nats::start().await;
+    let a = node(&nats, "node-a").await;
+    let b = node(&nats, "node-b").await;
+    offline4_at(
+        b.first_addr(),
+        "back",
+        "alice",
+        "alice/back/#",
+        QoS::AtLeastOnce,
+    )
+    .await;
+    let dir = b.stop().await;
+    // On A now (B's final park), offline again.
+    let moved = persistent4(a.first_addr(), "back", "alice").await;
+    assert!(moved.connack.session_present, "the session moved to A");
+    moved.client.disconnect().await.unwrap();
+    let mut moved = moved;
+    moved.closed_within(WAIT).await;
+    let mut publisher = login4(a.first_addr(), "pub-back", "alice").await;
+    for i in 0..MESSAGES {
+        publisher
+            .publish_acked(format!("alice/back/{i}"), false, format!("m{i}"))
+            .await;
+    }
+    // B comes back: its input takes those in, for its stale copy too.
+    let b = moatmq_testkit::TestBroker::start_in(dir).await;
+    cluster_support::wait_ready(&b, true).await;
+    let mut o = v4::options(b.first_addr(), "back");
+    o.set_credentials("alice", password("alice"));
+    o.set_clean_session(false);
+    let mut back = v4::connect(o)
+        .await
+        .expect("B resumes the session (before: refused, the router never answered)");
+    assert!(back.connack.session_present, "the session came back from A");
+    let mut got = std::collections::BTreeSet::new();
+    while let Some(p) = back.publish_within(QUIET * 3).await {
+        got.insert(String::from_utf8_lossy(&p.payload).into_owned());
+    }
+    let missing: Vec<_> = (0..MESSAGES)
+        .map(|i| format!("m{i}"))
+        .filter(|m| !got.contains(m))
+        .collect();
+    assert!(missing.is_empty(), "missing on B: {missing:?}");
+    // And it is subscribed there: a new message arrives.
+    publisher
+        .publish_acked("alice/back/new", false, "after")
+        .await;
+    let next = back.publish_within(WAIT).await;
+    assert_eq!(
+        next.as_ref().map(|p| &p.payload[..]),
+        Some(&b"after"[..]),
+        "the session is subscribed on B"
+    );
+}

@@ -303,6 +303,13 @@ async fn install(
         return Received::Nothing;
     };
     let owner = key.owner.as_deref();
+    // What this node's router still keeps under the id is stale: a copy of the session
+    // this node restored at start-up (it held the session before it stopped) and has not
+    // handed over yet, with what its input queued for that copy since. Made again
+    // from the session handed over: with more than 100 of those messages in flight on
+    // the link, the router would not answer the subscriptions (rumqttd pauses a link at
+    // its in-flight limit, acknowledgements included).
+    crate::session_expiry::clear_router(shared, router_id).await;
     let pause = subscribe_pause();
     if !pause.is_zero() {
         tokio::time::sleep(pause).await;
