@@ -53,7 +53,11 @@ under the same CPU load: abrupt 12 of 12, publishers on C 6 of 6, clean with
 A node killed -9 and started again (a refused reconnect goes to the other node):
 three nodes at autosave 0, publishers on C, node B killed 4 s in and back 3 s later:
 2,000-6,600 of 8,000 missing in 3 of 4 runs; the restarted node's handed-over session
-got no SUBACK from its router (docs/cluster.md, "Not yet"). Not fixed yet.
+got no SUBACK from its router (fixed in 1a7e1e8). After: still 2 of 4 runs with 5,700
+and 7,000 missing; the session grows with every move until its handoff is over 170
+parts (docs/cluster.md, "Not yet"). Setup: /tmp-style script starting nats-server
+-js and three nodes at autosave 0, running this with --port A --port2 B --pub-port C,
+kill -9 of B 4 s in, B started again 3 s later.
 """
 
 import argparse
