@@ -7,8 +7,8 @@
 mod cluster_support;
 
 use cluster_support::{
-    cluster_seal, login4, node, node_at, node_with, offline4_at, password, persistent4, Nats,
-    NatsLink, ACL,
+    cluster_seal, connect4, login4, node, node_at, node_with, offline4_at, password, persistent4,
+    Nats, NatsLink, ACL,
 };
 use futures_util::StreamExt;
 use moatmq_testkit::wire::{self, Version};
@@ -1644,10 +1644,7 @@ async fn a_session_resumed_on_a_node_just_back_is_made_again_in_its_router() {
     // B comes back: its input takes those in, for its stale copy too.
     let b = moatmq_testkit::TestBroker::start_in(dir).await;
     cluster_support::wait_ready(&b, true).await;
-    let mut o = v4::options(b.first_addr(), "back");
-    o.set_credentials("alice", password("alice"));
-    o.set_clean_session(false);
-    let mut back = v4::connect(o)
+    let mut back = connect4(b.first_addr(), "back", "alice", false)
         .await
         .expect("B resumes the session (before: refused, the router never answered)");
     assert!(back.connack.session_present, "the session came back from A");

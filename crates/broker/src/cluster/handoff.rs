@@ -506,14 +506,11 @@ pub async fn settle(
     let Some(cluster) = &shared.cluster else {
         return false;
     };
-    if cluster
+    // Or a claim that reached the watch before went to this connection.
+    let Err(revision) = cluster
         .owners
         .keep_offline_after(claim, router_id, key.clone())
-    {
-        return false;
-    }
-    // A claim that reached the watch before went to this connection.
-    let Some(revision) = claim.moved() else {
+    else {
         return false;
     };
     cluster.owners.forget_offline(router_id);

@@ -706,7 +706,14 @@ impl Cluster {
     /// subscriptions carry their place and are skipped (`Cluster::moved_in`). Before,
     /// either gap lost a message for the session now and then.
     pub(crate) fn cut_here(&self) -> Cut {
+        self.cut_numbered(|| ())
+    }
+
+    /// Where this node's traffic stands, read as `f` runs between two admissions, naming
+    /// every message of its own numbered so far (held back from the router or not).
+    fn cut_numbered(&self, f: impl FnOnce()) -> Cut {
         let _alone = self.admissions.write().unwrap_or_else(|e| e.into_inner());
+        f();
         let held = self.held_back.lock().unwrap_or_else(|e| e.into_inner());
         self.cut_below(&held, u64::MAX)
     }
@@ -729,12 +736,7 @@ impl Cluster {
     /// Not later than where its moved connection collected the router's messages
     /// ([`Cluster::closing_moved`]).
     pub(crate) fn cut_for(&self, router_id: &str, leave: impl FnOnce()) -> Cut {
-        let mut cut = {
-            let _alone = self.admissions.write().unwrap_or_else(|e| e.into_inner());
-            leave();
-            let held = self.held_back.lock().unwrap_or_else(|e| e.into_inner());
-            self.cut_below(&held, u64::MAX)
-        };
+        let mut cut = self.cut_numbered(leave);
         let closed = self
             .closed_cuts
             .lock()

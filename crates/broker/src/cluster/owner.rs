@@ -329,19 +329,25 @@ impl Owners {
     /// as for any session kept offline, not through the connection, which is gone. In
     /// one step with the watch's look at the claims: a claim seen in between found the
     /// connection still registered, told it (nobody listened any more) and the session
-    /// was never handed over (the other node waited 3 s and started it new). `false`
-    /// if another node's claim reached the connection first: hand the session over now.
-    pub fn keep_offline_after(&self, claim: &OwnerClaim, session: &str, key: SessionKey) -> bool {
+    /// was never handed over (the other node waited 3 s and started it new). If another
+    /// node's claim reached the connection first, its revision instead: hand the session
+    /// over now.
+    pub fn keep_offline_after(
+        &self,
+        claim: &OwnerClaim,
+        session: &str,
+        key: SessionKey,
+    ) -> Result<(), u64> {
         let mut claims = lock(&self.inner.claims);
-        if claim.moved().is_some() {
-            return false;
+        if let Some(revision) = claim.moved() {
+            return Err(revision);
         }
         if claims.get(&claim.key).is_some_and(|c| c.id == claim.id) {
             claims.remove(&claim.key);
         }
         let kv_key = self.inner.seal.session_key_of(session);
         lock(&self.inner.offline).insert(kv_key, key);
-        true
+        Ok(())
     }
 
     /// Looks at the claim of `session` (a router client id) again after `after`: if

@@ -532,15 +532,27 @@ pub fn only_the_long_one_counted_down(got: &[(String, Option<u32>)]) {
     );
 }
 
+/// A 3.1.1 login of the test user `user` with client id `id` on `addr`, with a clean
+/// session or one kept (`clean` false); `Err` if refused.
+pub async fn connect4(
+    addr: std::net::SocketAddr,
+    id: &str,
+    user: &str,
+    clean: bool,
+) -> Result<moatmq_testkit::v4::Client, moatmq_testkit::v4::ConnectionError> {
+    let mut o = moatmq_testkit::v4::options(addr, id);
+    o.set_credentials(user, password(user));
+    o.set_clean_session(clean);
+    moatmq_testkit::v4::connect(o).await
+}
+
 /// A 3.1.1 login of the test user `user` with client id `id` on `addr`.
 pub async fn login4(
     addr: std::net::SocketAddr,
     id: &str,
     user: &str,
 ) -> moatmq_testkit::v4::Client {
-    let mut o = moatmq_testkit::v4::options(addr, id);
-    o.set_credentials(user, password(user));
-    moatmq_testkit::v4::connect(o).await.expect("login")
+    connect4(addr, id, user, true).await.expect("login")
 }
 
 /// A 3.1.1 login keeping its session (clean session 0).
@@ -549,10 +561,7 @@ pub async fn persistent4(
     id: &str,
     user: &str,
 ) -> moatmq_testkit::v4::Client {
-    let mut o = moatmq_testkit::v4::options(addr, id);
-    o.set_credentials(user, password(user));
-    o.set_clean_session(false);
-    moatmq_testkit::v4::connect(o).await.expect("login")
+    connect4(addr, id, user, false).await.expect("login")
 }
 
 /// A persistent 3.1.1 session of `user` with client id `id` on `addr`, subscribed to
