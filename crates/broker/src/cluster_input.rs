@@ -79,13 +79,11 @@ async fn run_transfer(
     // Late refusals waiting for their nodes' replacements.
     let mut late = LateCopies::default();
     let set_ok = |ok: bool| shared.metrics.cluster_xfer_ok.store(ok, Ordering::Release);
-    // Ends with this task (the JoinHandle is dropped, the task aborted).
-    let _catching_up = AbortOnDrop(tokio::spawn(catch_up(
-        shared.clone(),
-        js.clone(),
-        stream.clone(),
-    )));
+    // Follows the NATS connection: a loss marks the input behind (`Cluster::new`).
+    let mut progress = cluster.input_progress();
     loop {
+        // Whether this consumer's holes are read (and the input marked caught up).
+        let mut caught_up = false;
         if client.connection_state() != async_nats::connection::State::Connected {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
@@ -100,6 +98,22 @@ async fn run_transfer(
                     continue;
                 }
             };
+        // What the server sent this node's previous process (or this process before a
+        // loss of NATS) without an acknowledgement, it sends again only after the
+        // consumer's ack wait (30 s), and newer messages at once: read first, in
+        // order, so that what this node took in has no holes (`Cluster::cut_for`).
+        let mut again = match unacknowledged(consumer.cached_info()) {
+            Some((from, through)) => match Again::read(&js, &stream, from, through).await {
+                Ok(again) => again,
+                Err(e) => {
+                    set_ok(false);
+                    tracing::warn!("cluster: transfer stream: {e}; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            },
+            None => None,
+        };
         let mut messages = match consumer.messages().await {
             Ok(m) => m,
             Err(e) => {
@@ -110,14 +124,34 @@ async fn run_transfer(
             }
         };
         set_ok(true);
+        // Sent again by the consumer later: read already.
+        let read_through = again.as_ref().map_or(0, |a| a.through);
+        if again.is_none() {
+            caught_up = true;
+            cluster.input_caught_up();
+        }
         loop {
             let wake = [order.deadline(), late.deadline()]
                 .into_iter()
                 .flatten()
                 .min();
+            let next = async {
+                match again.as_mut() {
+                    Some(a) => a.next().await,
+                    None => messages.next().await.map(|m| m.map_err(|e| e.to_string())),
+                }
+            };
+            // NATS lost once caught up: read again from the consumer, holes first.
+            let lost = async {
+                match caught_up {
+                    true => drop(progress.wait_for(|caught_up| !*caught_up).await),
+                    false => std::future::pending::<()>().await,
+                }
+            };
             let message = match wake {
                 Some(at) => tokio::select! {
-                    m = messages.next() => m,
+                    m = next => m,
+                    () = lost => break,
                     () = tokio::time::sleep_until(at) => {
                         let now = tokio::time::Instant::now();
                         for refusal in late.due(now) {
@@ -131,14 +165,24 @@ async fn run_transfer(
                         continue;
                     }
                 },
-                None => messages.next().await,
+                None => tokio::select! {
+                    m = next => m,
+                    () = lost => break,
+                },
             };
             let Some(message) = message else {
                 break;
             };
             match message {
+                Ok(message) if again.is_none() && sequence(&message) <= read_through => {
+                    ack(&message).await;
+                }
                 Ok(message) => {
                     let seq = sequence(&message);
+                    if again.as_ref().is_some_and(|a| seq >= a.through) {
+                        // The holes are read: what comes next is new.
+                        again = None;
+                    }
                     let own = Some(cluster.node.as_str());
                     let took = xfer::take_in(&seal, &stream, own, untimed, &mut seen, &message);
                     if took.is_ok() {
@@ -196,6 +240,10 @@ async fn run_transfer(
                     }
                     taken = taken.max(seq);
                     took_in(cluster, &order, taken);
+                    if again.is_none() && !caught_up {
+                        caught_up = true;
+                        cluster.input_caught_up();
+                    }
                 }
                 Err(e) => {
                     tracing::debug!("cluster: transfer stream: {e}");
@@ -344,55 +392,44 @@ fn numbered(id: &str) -> Option<(&str, &str, u64)> {
     Some((node, epoch, number))
 }
 
-/// Marks the transfer input caught up whenever it is behind (at start-up, after each
-/// loss of NATS) and this node's consumer has nothing left that waited for it: nothing
-/// undelivered, nothing delivered and unacknowledged (what the server had sent to this
-/// node's previous process comes again after the consumer's ack wait). Gives up
-/// waiting [`CATCH_UP_WAIT`] after the consumer is first read (nobody waits longer:
-/// under steady traffic something is always pending).
-async fn catch_up(shared: Arc<Shared>, js: async_nats::jetstream::Context, stream: String) {
-    let Some(cluster) = shared.cluster.as_ref() else {
-        return;
-    };
-    let mut behind = cluster.input_progress();
-    loop {
-        if behind.wait_for(|caught_up| !*caught_up).await.is_err() {
-            return;
-        }
-        let mut deadline = None;
-        while !cluster.is_input_caught_up() {
-            let consumer = js
-                .get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>(
-                    cluster.node.as_str(),
-                    stream.as_str(),
-                )
-                .await;
-            // The lookup is itself a consumer info request: its answer is current.
-            let info = consumer.ok().map(|c| {
-                let i = c.cached_info();
-                (i.num_pending, i.num_ack_pending)
-            });
-            let now = tokio::time::Instant::now();
-            match info {
-                Some((0, 0)) => cluster.input_caught_up(),
-                // NATS away, or the consumer not made yet: the wait starts once it reads.
-                None => deadline = None,
-                Some(_) if *deadline.get_or_insert(now + CATCH_UP_WAIT) <= now => {
-                    cluster.input_caught_up()
-                }
-                Some(_) => {}
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-    }
+/// The stream sequences `(from, through)` a consumer delivered without their
+/// acknowledgement, if any: from above its acknowledgement floor to the last it
+/// delivered (some in between may be acknowledged: taken in again, or dropped as seen).
+fn unacknowledged(consumer: &async_nats::jetstream::consumer::Info) -> Option<(u64, u64)> {
+    let floor = consumer.ack_floor.stream_sequence;
+    let through = consumer.delivered.stream_sequence;
+    (consumer.num_ack_pending > 0 && through > floor).then_some((floor + 1, through))
 }
 
-/// Aborts the task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+/// The transfer stream from the first message the consumer delivered without an
+/// acknowledgement through the last it delivered, read by an ordered consumer of its own.
+struct Again {
+    messages: async_nats::jetstream::consumer::pull::Ordered,
+    through: u64,
+}
 
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
+impl Again {
+    /// `None` when nothing of it is left in the stream.
+    async fn read(
+        js: &async_nats::jetstream::Context,
+        stream: &str,
+        from: u64,
+        through: u64,
+    ) -> Result<Option<Again>, String> {
+        tracing::info!(
+            from,
+            through,
+            "cluster: reading the transfer messages sent before without an acknowledgement"
+        );
+        let read = crate::cluster::reads::stream_from(js, stream, from).await?;
+        Ok(read.map(|(messages, _)| Again { messages, through }))
+    }
+
+    async fn next(&mut self) -> Option<Result<async_nats::jetstream::Message, String>> {
+        self.messages
+            .next()
+            .await
+            .map(|m| m.map_err(|e| e.to_string()))
     }
 }
 

@@ -1668,3 +1668,86 @@ async fn a_session_resumed_on_a_node_just_back_is_made_again_in_its_router() {
         "the session is subscribed on B"
     );
 }
+
+/// A node back after a stop holds a persistent session offline (its client was back
+/// there for a moment), and its transfer consumer still has messages the server sent
+/// before without an acknowledgement (a process that died before acknowledging them:
+/// here a NATS client fetches two and never acknowledges). The server sends those again
+/// only after the consumer's ack wait (30 s). When the client resumes the session on
+/// another node, the node back hands it over at once, with every message queued for
+/// it once: it read those messages from the stream first instead of waiting for them. Before, its handover
+/// waited for its input to catch up (up to 45 s), the claim gave up after 3 s and
+/// resumed from the node's park, waiting late for the rest; with a client moving
+/// between nodes the two nodes then waited on each other and thousands of messages
+/// were lost (tests/paho/reconnect_loop.py, a node killed and back).
+#[tokio::test]
+async fn a_node_back_with_messages_sent_before_unacknowledged_hands_a_session_over_at_once() {
+    let nats = Nats::start().await;
+    let a = node(&nats, "node-a").await;
+    let b = node(&nats, "node-b").await;
+    offline4_at(
+        b.first_addr(),
+        "mover",
+        "alice",
+        "alice/moved/#",
+        QoS::AtLeastOnce,
+    )
+    .await;
+    let mut publisher = login4(a.first_addr(), "pub-moved", "alice").await;
+    for i in 0..3 {
+        publisher
+            .publish_acked(format!("alice/moved/{i}"), false, format!("m{i}"))
+            .await;
+    }
+    let dir = b.stop().await;
+    for i in 3..8 {
+        publisher
+            .publish_acked(format!("alice/moved/{i}"), false, format!("m{i}"))
+            .await;
+    }
+    // Two of what B missed are sent on its consumer and never acknowledged.
+    let consumer: async_nats::jetstream::consumer::PullConsumer =
+        cluster_support::transfer_stream(&nats)
+            .await
+            .get_consumer("node-b")
+            .await
+            .expect("node B's consumer");
+    let mut fetched = consumer
+        .fetch()
+        .max_messages(2)
+        .messages()
+        .await
+        .expect("fetch");
+    let mut unacknowledged = Vec::new();
+    while let Some(m) = fetched.next().await {
+        unacknowledged.push(m.expect("a message"));
+    }
+    assert_eq!(unacknowledged.len(), 2, "two sent, not acknowledged");
+    let b = moatmq_testkit::TestBroker::start_in(dir).await;
+    cluster_support::wait_ready(&b, true).await;
+    // The client is back on B for a moment: the session is B's, offline again.
+    let mut got = Vec::new();
+    let mut back = persistent4(b.first_addr(), "mover", "alice").await;
+    assert!(back.connack.session_present, "B kept the session");
+    while let Some(p) = back.publish_within(QUIET * 3).await {
+        got.push(String::from_utf8_lossy(&p.payload).into_owned());
+    }
+    back.client.disconnect().await.unwrap();
+    back.closed_within(WAIT).await;
+
+    let mut moved = persistent4(a.first_addr(), "mover", "alice").await;
+    assert!(moved.connack.session_present, "the session came from B");
+    while let Some(p) = moved.publish_within(QUIET * 3).await {
+        got.push(String::from_utf8_lossy(&p.payload).into_owned());
+    }
+    got.sort();
+    let want: Vec<_> = (0..8).map(|i| format!("m{i}")).collect();
+    assert_eq!(got, want, "every message once");
+    assert_eq!(
+        a.metric("moatmq_cluster_late_waits").await,
+        0.0,
+        "B handed the session over itself (before: A gave up waiting for it after 3 s, \
+         resumed from B's park and waited for the rest late)"
+    );
+    drop(unacknowledged);
+}

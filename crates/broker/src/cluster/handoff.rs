@@ -550,8 +550,10 @@ async fn hand_over(shared: Arc<Shared>, key: SessionKey, revision: u64) {
     let Some(cluster) = &shared.cluster else {
         return;
     };
-    // The session takes along what was published for it while this node was away
-    // (restarted) or cut off from NATS, which its transfer consumer may still be reading.
+    // Once what this node's transfer input took in has no holes (after a restart or
+    // a loss of NATS, what the server had sent before without an acknowledgement is
+    // read again first): the cut then names it all, and the taking node reads the
+    // rest from the stream.
     cluster.input_ready().await;
     let router_id = router_client_id(key.owner.as_deref(), &key.client_id);
     let deadline = tokio::time::Instant::now() + RELEASE_WAIT;

@@ -33,7 +33,7 @@ mod owner;
 pub(crate) mod park;
 mod probe;
 mod properties;
-mod reads;
+pub(crate) mod reads;
 pub(crate) mod replay;
 mod sequencer;
 mod state;
@@ -81,10 +81,10 @@ fn set_up_since(
 /// The cluster's waits, shortened by tests (`crate::hooks`).
 pub(crate) use crate::hooks::hooked;
 
-/// How long sessions restored at start-up wait at most, before they are handed over,
-/// for this node's transfer consumer to read what was published while the node was
-/// away: longer than the consumer's ack wait (30 s), after which what the server had
-/// sent to the node's previous process comes again.
+/// How long a session claimed elsewhere waits at most, before it is handed over, for
+/// this node's transfer input to have no holes: what the server had sent the node's
+/// previous process (or this process before a loss of NATS) without an acknowledgement
+/// read again (`cluster_input`), so that the handoff's cut names what was taken in.
 pub(crate) const CATCH_UP_WAIT: Duration = Duration::from_secs(45);
 
 /// Header naming the node that admitted the message; absent on NATS-native messages.
@@ -505,19 +505,14 @@ impl Cluster {
         self.input_caught_up.subscribe()
     }
 
-    /// Whether [`Cluster::input_caught_up`] was called.
-    pub(crate) fn is_input_caught_up(&self) -> bool {
-        *self.input_caught_up.borrow()
-    }
-
-    /// The transfer consumer has read everything that waited for it at start-up.
+    /// The transfer input has no holes: what its consumer had delivered without an
+    /// acknowledgement before it was (again) read is taken in (`cluster_input`).
     pub(crate) fn input_caught_up(&self) {
         self.input_caught_up
             .send_if_modified(|c| !std::mem::replace(c, true));
     }
 
-    /// Waits (at most [`CATCH_UP_WAIT`]) until the transfer consumer has read what
-    /// waited for it at start-up.
+    /// Waits (at most [`CATCH_UP_WAIT`]) until the transfer input has no holes.
     pub(crate) async fn input_ready(&self) {
         let mut caught_up = self.input_caught_up.subscribe();
         let _ = tokio::time::timeout(CATCH_UP_WAIT, caught_up.wait_for(|c| *c)).await;

@@ -252,7 +252,7 @@ async fn take(
 
 /// The stream from sequence `from` on, read by an ordered consumer of its own, and the
 /// stream's last sequence now; `None` when nothing is there.
-async fn stream_from(
+pub(crate) async fn stream_from(
     js: &async_nats::jetstream::Context,
     stream_name: &str,
     from: u64,
