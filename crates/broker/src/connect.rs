@@ -481,8 +481,19 @@ async fn login(
         moved: owner.as_ref().map(|claim| claim.moved_flag()),
     };
     // A persistent session's stored messages from before a restart are replayed first.
+    // On a cluster node its live park (`cluster/park.rs`) names where the node's traffic
+    // stood before it resumed: what came after, the router's and not in the park, is
+    // read from the transfer stream by a node that takes the park (this one dead)
+    // before the connection's first checkpoint (`gateway/checkpoint.rs`).
     let resumed = match (&shared.durable, &session.key) {
-        (Some(book), Some(key)) => book.resume(key, session.meta(version)).await,
+        (Some(book), Some(key)) => {
+            let cut = shared.cluster.as_ref().map(|c| c.cut_here());
+            let resumed = book.resume(key, session.meta(version)).await;
+            if let Some(cut) = cut {
+                book.checkpoint(key, cut);
+            }
+            resumed
+        }
         _ => Default::default(),
     };
     let connack_props = match version {

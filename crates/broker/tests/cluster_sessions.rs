@@ -1751,3 +1751,74 @@ async fn a_node_back_with_messages_sent_before_unacknowledged_hands_a_session_ov
     );
     drop(unacknowledged);
 }
+
+/// A persistent session's client connected to node A moments ago, before A took any
+/// checkpoint of it (`checkpoint_interval = 0`: none at all; `autosave_interval = 0`,
+/// so its subscription is parked before the SUBACK): A's router forwarded it
+/// five messages it has not acknowledged, and A's transfer consumer acknowledged them.
+/// A dies for the cluster (cut off from NATS). Node B resumes the session from A's live
+/// park and reads the transfer stream after the cut A named as the client connected,
+/// so the five come from B. Before, that park had no cut: B read on A's behalf from
+/// A's consumer's acknowledgement floor, past the five, and they were lost (found with
+/// tests/paho/reconnect_loop.py: 49 lost when a node was killed just after the
+/// subscriber connected there).
+#[tokio::test]
+async fn messages_forwarded_before_a_connections_first_checkpoint_are_not_lost_with_its_node() {
+    let nats = Nats::start().await;
+    let mut link = NatsLink::start(&nats).await;
+    // At interval 0 the SUBACK waits until the subscription is parked.
+    let a = node_at(
+        &link.url(),
+        "node-a",
+        ACL,
+        "checkpoint_interval = 0\n",
+        |b| b.set("retained", "autosave_interval", 0),
+    )
+    .await;
+    let b = node(&nats, "node-b").await;
+    let mut c = raw_persistent(a.first_addr(), "early", "alice").await;
+    c.send(&wire::subscribe(Version::V4, 1, &[(b"alice/early", 1)]))
+        .await;
+    let suback = c.frame_within(WAIT).await.expect("SUBACK");
+    assert_eq!(suback.first, wire::first::SUBACK);
+    let mut publisher = login4(b.first_addr(), "pub-early", "alice").await;
+    for i in 0..5 {
+        publisher
+            .publish_acked("alice/early", false, format!("e{i}"))
+            .await;
+    }
+    let forwarded = publishes(&mut c, 5).await;
+    assert_eq!(forwarded.len(), 5, "A forwarded all five");
+    // A's consumer acknowledged them: reading on A's behalf starts after them.
+    let consumer: async_nats::jetstream::consumer::PullConsumer =
+        cluster_support::transfer_stream(&nats)
+            .await
+            .get_consumer("node-a")
+            .await
+            .expect("node A's consumer");
+    let mut consumer = consumer;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let info = consumer.info().await.expect("consumer info");
+        if info.num_ack_pending == 0 && info.num_pending == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "A acknowledged them"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    link.cut().await;
+    drop(c);
+    let (mut c, present) = raw_resumed(b.first_addr(), "early", "alice").await;
+    assert!(present, "resumed from node A's park");
+    let mut got: Vec<String> = publishes(&mut c, 5)
+        .await
+        .into_iter()
+        .map(|(payload, _, _)| String::from_utf8_lossy(&payload).into_owned())
+        .collect();
+    got.sort();
+    assert_eq!(got, ["e0", "e1", "e2", "e3", "e4"], "none lost with node A");
+}

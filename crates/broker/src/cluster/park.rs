@@ -70,8 +70,13 @@ impl Pending {
     fn apply(&mut self, event: Change) {
         match event {
             Change::Fresh(taken) => {
+                // A connected session's cut still holds (its client has, or the park
+                // holds, everything up to it); an offline one's park needs none.
+                let connected = taken.meta.disconnected_at.is_none();
+                let cut = self.cut.take().filter(|_| connected);
                 *self = Pending {
                     fresh: Some(taken),
+                    cut,
                     ..Pending::default()
                 };
             }
@@ -276,6 +281,8 @@ async fn write(
         }
         return Ok(None);
     }
+    // Parked anew while connected: the cut it had still holds.
+    let kept_cut = was.as_ref().and_then(|w| w.cut.clone());
     let mut now = was;
     if let Some(Taken {
         meta,
@@ -290,6 +297,7 @@ async fn write(
         let Some(revision) = cluster.owners.claimed_here(&router_id).await else {
             return Ok(None);
         };
+        let connected = meta.disconnected_at.is_none();
         let fresh = Parked {
             key: key.clone(),
             kv_key: seal.session_key_of(&router_id),
@@ -298,7 +306,9 @@ async fn write(
             parts: 0,
             written: 0,
             open,
-            cut: None,
+            // A cut reported since (the connection's first, as it resumed) is
+            // written with it.
+            cut: p.cut.take().or(kept_cut).filter(|_| connected),
         };
         match extend(shared, buckets, budget, fresh, messages, ids).await {
             Ok(parked) => now = Some(parked),
