@@ -102,6 +102,10 @@ async fn run_transfer(
         // loss of NATS) without an acknowledgement, it sends again only after the
         // consumer's ack wait (30 s), and newer messages at once: read first, in
         // order, so that what this node took in has no holes (`Cluster::cut_for`).
+        // Everything up to the consumer's acknowledgement floor was taken in, by this
+        // process or the one before (a cut names it: a process just started has taken
+        // nothing in itself until more traffic comes).
+        cluster.took_in(consumer.cached_info().ack_floor.stream_sequence);
         let mut again = match unacknowledged(consumer.cached_info()) {
             Some((from, through)) => match Again::read(&js, &stream, from, through).await {
                 Ok(again) => again,

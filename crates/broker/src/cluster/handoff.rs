@@ -169,6 +169,9 @@ pub async fn receive(
     };
     // The old node's live park of the session, taken if it does not answer.
     let mut parked = false;
+    // The cut of the previous holder's live park, named while its client was connected
+    // there (`gateway/checkpoint.rs`, `connect.rs`).
+    let mut parked_cut = None;
     loop {
         let entry = match tokio::time::timeout_at(deadline, values.next()).await {
             Ok(Some(Ok(entry))) => entry,
@@ -197,9 +200,27 @@ pub async fn receive(
         if handoff.live {
             // That node may still be running: it hands over what it has now.
             parked = true;
+            if Some(handoff.revision) == claim.replaced {
+                parked_cut = handoff.cut.clone().or(parked_cut);
+            }
             continue;
         }
-        return install(shared, claim, router_id, key, handoff, entry.revision, None).await;
+        let restarted = parked_cut.filter(|p| {
+            handoff
+                .cut
+                .as_ref()
+                .is_some_and(|cut| cut.origin != p.origin)
+        });
+        return install(
+            shared,
+            claim,
+            router_id,
+            key,
+            handoff,
+            entry.revision,
+            Held::Handed { restarted },
+        )
+        .await;
     }
     if parked {
         // Read again: the park may have grown since the watch delivered it.
@@ -225,7 +246,7 @@ pub async fn receive(
                         key,
                         handoff,
                         revision,
-                        Some(through),
+                        Held::Parked { through },
                     )
                     .await;
                 }
@@ -241,11 +262,23 @@ pub async fn receive(
     Received::TimedOut
 }
 
+/// Where a session being installed comes from.
+enum Held {
+    /// Handed over by the node that held it. `restarted`: the cut that node named in its
+    /// live park while the client was connected there, from a process before the one
+    /// that handed the session over (killed, and started again within the claim's
+    /// wait). What its router held for the client after that cut was in no store: read
+    /// from the stream after that cut instead of the handoff's.
+    Handed { restarted: Option<super::Cut> },
+    /// The live park of a node that did not answer, holding its messages up to its
+    /// store id `through`.
+    Parked { through: u64 },
+}
+
 /// Installs the session `handoff` brought (value at revision `revision`): stored here
 /// and committed, then removed from the bucket, subscribed in the router. From the
-/// live park of a node that did not answer (holding its messages up to id
-/// `parked_through`), what that node left unread in the transfer stream for the
-/// session is added (`unread.rs`): [`Received::Parked`].
+/// live park of a node that did not answer, what that node left unread in the transfer
+/// stream for the session is added (`unread.rs`): [`Received::Parked`].
 async fn install(
     shared: &Shared,
     claim: &OwnerClaim,
@@ -253,7 +286,7 @@ async fn install(
     key: &SessionKey,
     mut handoff: Handoff,
     revision: u64,
-    parked_through: Option<u64>,
+    held: Held,
 ) -> Received {
     let buckets = &claim.buckets;
     if let Some((meta, _)) = handoff
@@ -279,11 +312,21 @@ async fn install(
         meta.disconnected_at
             .get_or_insert_with(moatmq_store::now_unix);
     }
-    let cut = handoff.cut.take();
+    let (cut, restarted, parked_through) = match held {
+        Held::Handed {
+            restarted: Some(earlier),
+        } => (Some(earlier), true, None),
+        Held::Handed { restarted: None } => (handoff.cut.take(), false, None),
+        Held::Parked { through } => (handoff.cut.take(), false, Some(through)),
+    };
     // A park holds what its node queued up to its last round, which may be past what
     // that node acknowledged on its transfer consumer: read again on its behalf below.
-    let mut in_park = match (&handoff.session, parked_through) {
-        (Some((_, messages)), Some(_)) => ReadOnBehalf::of(messages.iter().map(|(m, _)| m)),
+    // Likewise what a restarted node handed over from its store, read again after the
+    // earlier cut.
+    let mut in_park = match &handoff.session {
+        Some((_, messages)) if restarted || parked_through.is_some() => {
+            ReadOnBehalf::of(messages.iter().map(|(m, _)| m))
+        }
         _ => ReadOnBehalf::default(),
     };
     // Stored here before it leaves the bucket: a crash in between loses nothing.
@@ -325,7 +368,7 @@ async fn install(
     }
     let Some(through) = parked_through else {
         if let Some(cut) = cut {
-            read_after_cut(shared, claim, router_id, key, &meta, &cut).await;
+            read_after_cut(shared, claim, router_id, key, &meta, &cut, &mut in_park).await;
         }
         return Received::Installed;
     };
@@ -334,7 +377,16 @@ async fn install(
         // had everything up to `cut` (`gateway/checkpoint.rs`): what came after,
         // delivered there or not, is read from the stream. (Its transfer consumer took
         // and acknowledged what its router then held for the client.)
-        let read = read_after_cut(shared, claim, router_id, key, &meta, &cut).await;
+        let read = read_after_cut(
+            shared,
+            claim,
+            router_id,
+            key,
+            &meta,
+            &cut,
+            &mut ReadOnBehalf::default(),
+        )
+        .await;
         return Received::Parked(ParkedResume { through, read });
     }
     let mut read = ReadOnBehalf::default();
@@ -394,8 +446,8 @@ fn subscribe_pause() -> Duration {
 
 /// What was published for the session `key` (subscribed here now) between its old node
 /// letting it go (`cut`) and this node subscribing it, read from the transfer stream and
-/// added to it (`unread.rs`), replayed by the resume that follows as carried over; what
-/// was added.
+/// added to it (`unread.rs`), but for one equal message per message in `handed`;
+/// replayed by the resume that follows as carried over; what was added.
 async fn read_after_cut(
     shared: &Shared,
     claim: &OwnerClaim,
@@ -403,6 +455,7 @@ async fn read_after_cut(
     key: &SessionKey,
     meta: &moatmq_store::SessionMeta,
     cut: &super::Cut,
+    handed: &mut ReadOnBehalf,
 ) -> ReadOnBehalf {
     let (Some(cluster), Some(book)) = (&shared.cluster, &shared.durable) else {
         return ReadOnBehalf::default();
@@ -426,7 +479,10 @@ async fn read_after_cut(
     // The router may forward some of these to the session's connection too (this
     // node's own held back for the transfer stream, or any that reached the router
     // after the session's subscriptions): it skips those (`origin.rs`).
-    let missed = moved_in(cluster, router_id, read);
+    let mut missed = moved_in(cluster, router_id, read);
+    // What the session brought already is not added twice (one equal message left
+    // out per message brought).
+    missed.retain(|(m, _)| !handed.take(m));
     if missed.is_empty() {
         return ReadOnBehalf::default();
     }
