@@ -57,9 +57,10 @@ got no SUBACK from its router (fixed in 1a7e1e8). After: still 2 of 4 runs with 
 and 7,000 missing, 3 of 3 with 6,600-7,500 on 2026-12-08: the node back waited up to
 45 s for its consumer's redelivery before handing the session over (fixed in 4951b71),
 and what its router forwarded before the connection's first checkpoint was lost with
-it (fixed in 0d69b58). Since: 7 of 8 runs with nothing missing, one with 17 missing
-(cause not found; docs/cluster.md, "Not yet"), some twice (what the subscriber got on
-the killed node since it connected). Setup: a script starting nats-server -js and
+it (fixed in 0d69b58), and a node back within the claim's wait handed over a store
+copy without what its router had held (fixed in 900f974). Since: 9 of 9 runs with
+nothing missing, some twice (what the subscriber got on the killed node since it
+connected; docs/cluster.md, "Not yet"). Setup: a script starting nats-server -js and
 three nodes at autosave 0 (a shared [retained] key, max_queued_messages 100000, rate
 limits off), running this with --port A --port2 B --pub-port C, kill -9 of B 4 s in,
 B started again 3 s later.
