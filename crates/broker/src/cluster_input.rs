@@ -88,38 +88,8 @@ async fn run_transfer(
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         }
-        let consumer =
-            match xfer::consumer(&js, &cluster.prefix, &cluster.node, &cluster.keeping).await {
-                Ok(c) => c,
-                Err(e) => {
-                    set_ok(false);
-                    tracing::warn!("cluster: transfer stream: {e}; retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    continue;
-                }
-            };
-        // What the server sent this node's previous process (or this process before a
-        // loss of NATS) without an acknowledgement, it sends again only after the
-        // consumer's ack wait (30 s), and newer messages at once: read first, in
-        // order, so that what this node took in has no holes (`Cluster::cut_for`).
-        // Everything up to the consumer's acknowledgement floor was taken in, by this
-        // process or the one before (a cut names it: a process just started has taken
-        // nothing in itself until more traffic comes).
-        cluster.took_in(consumer.cached_info().ack_floor.stream_sequence);
-        let mut again = match unacknowledged(consumer.cached_info()) {
-            Some((from, through)) => match Again::read(&js, &stream, from, through).await {
-                Ok(again) => again,
-                Err(e) => {
-                    set_ok(false);
-                    tracing::warn!("cluster: transfer stream: {e}; retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    continue;
-                }
-            },
-            None => None,
-        };
-        let mut messages = match consumer.messages().await {
-            Ok(m) => m,
+        let (mut again, mut messages) = match open_input(cluster, &js, &stream).await {
+            Ok(opened) => opened,
             Err(e) => {
                 set_ok(false);
                 tracing::warn!("cluster: transfer stream: {e}; retrying");
@@ -394,6 +364,30 @@ fn numbered(id: &str) -> Option<(&str, &str, u64)> {
     let (origin, number) = xfer::place_of(id)?;
     let (node, epoch) = origin.split_once(':')?;
     Some((node, epoch, number))
+}
+
+/// This node's consumer of the transfer stream, ready to be read: what it delivered
+/// before without an acknowledgement first ([`Again`]), then its own messages.
+async fn open_input(
+    cluster: &Cluster,
+    js: &async_nats::jetstream::Context,
+    stream: &str,
+) -> Result<(Option<Again>, async_nats::jetstream::consumer::pull::Stream), String> {
+    let consumer = xfer::consumer(js, &cluster.prefix, &cluster.node, &cluster.keeping).await?;
+    // Everything up to the consumer's acknowledgement floor was taken in, by this
+    // process or the one before (a cut names it: a process just started has taken
+    // nothing in itself until more traffic comes).
+    cluster.took_in(consumer.cached_info().ack_floor.stream_sequence);
+    // What the server sent this node's previous process (or this process before a loss
+    // of NATS) without an acknowledgement, it sends again only after the consumer's ack
+    // wait (30 s), and newer messages at once: read first, in order, so that what this
+    // node took in has no holes (`Cluster::cut_for`).
+    let again = match unacknowledged(consumer.cached_info()) {
+        Some((from, through)) => Again::read(js, stream, from, through).await?,
+        None => None,
+    };
+    let messages = consumer.messages().await.map_err(|e| e.to_string())?;
+    Ok((again, messages))
 }
 
 /// The stream sequences `(from, through)` a consumer delivered without their

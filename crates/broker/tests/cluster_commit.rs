@@ -41,11 +41,7 @@ async fn no_transfer_acknowledgement_before_the_offline_copy_is_durable() {
         .await;
     tokio::time::sleep(QUIET).await;
 
-    let js = async_nats::jetstream::new(nats.client().await);
-    let mut consumer: async_nats::jetstream::consumer::PullConsumer = js
-        .get_consumer_from_stream("node-a", "moatmq_xfer")
-        .await
-        .expect("node A's consumer");
+    let mut consumer = cluster_support::transfer_consumer(&nats, "node-a").await;
     let info = consumer.info().await.expect("consumer info");
     assert_eq!(info.num_pending, 0, "node A took the message in");
     assert_eq!(

@@ -1675,8 +1675,9 @@ async fn a_session_resumed_on_a_node_just_back_is_made_again_in_its_router() {
 /// here a NATS client fetches two and never acknowledges). The server sends those again
 /// only after the consumer's ack wait (30 s). When the client resumes the session on
 /// another node, the node back hands it over at once, with every message queued for
-/// it once: it read those messages from the stream first instead of waiting for them. Before, its handover
-/// waited for its input to catch up (up to 45 s), the claim gave up after 3 s and
+/// it once: it read those messages from the stream first instead of waiting for them.
+/// Before, its handover waited for its input to catch up (up to 45 s), the claim gave
+/// up after 3 s and
 /// resumed from the node's park, waiting late for the rest; with a client moving
 /// between nodes the two nodes then waited on each other and thousands of messages
 /// were lost (tests/paho/reconnect_loop.py, a node killed and back).
@@ -1706,12 +1707,7 @@ async fn a_node_back_with_messages_sent_before_unacknowledged_hands_a_session_ov
             .await;
     }
     // Two of what B missed are sent on its consumer and never acknowledged.
-    let consumer: async_nats::jetstream::consumer::PullConsumer =
-        cluster_support::transfer_stream(&nats)
-            .await
-            .get_consumer("node-b")
-            .await
-            .expect("node B's consumer");
+    let consumer = cluster_support::transfer_consumer(&nats, "node-b").await;
     let mut fetched = consumer
         .fetch()
         .max_messages(2)
@@ -1790,13 +1786,7 @@ async fn messages_forwarded_before_a_connections_first_checkpoint_are_not_lost_w
     let forwarded = publishes(&mut c, 5).await;
     assert_eq!(forwarded.len(), 5, "A forwarded all five");
     // A's consumer acknowledged them: reading on A's behalf starts after them.
-    let consumer: async_nats::jetstream::consumer::PullConsumer =
-        cluster_support::transfer_stream(&nats)
-            .await
-            .get_consumer("node-a")
-            .await
-            .expect("node A's consumer");
-    let mut consumer = consumer;
+    let mut consumer = cluster_support::transfer_consumer(&nats, "node-a").await;
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         let info = consumer.info().await.expect("consumer info");

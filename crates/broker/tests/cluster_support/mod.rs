@@ -383,6 +383,18 @@ pub async fn transfer_stream(nats: &Nats) -> async_nats::jetstream::stream::Stre
         .expect("the transfer stream exists")
 }
 
+/// Node `node`'s durable consumer of the transfer stream, as a NATS client sees it.
+pub async fn transfer_consumer(
+    nats: &Nats,
+    node: &str,
+) -> async_nats::jetstream::consumer::PullConsumer {
+    transfer_stream(nats)
+        .await
+        .get_consumer(node)
+        .await
+        .expect("the node's consumer")
+}
+
 /// The sequence of `stream`'s last message.
 pub async fn last_sequence(stream: &mut async_nats::jetstream::stream::Stream) -> u64 {
     stream
